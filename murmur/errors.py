@@ -1,0 +1,89 @@
+"""Typed errors shared by every layer.
+
+Every failure caused by a remote peer is a :class:`PeerFault`. It carries a
+``penalty`` (score points taken from the peer) and ``drop`` (close the
+connection now). Callers catch ``PeerFault`` at one place per connection,
+apply the penalty, and keep the node running; nothing in here ever escapes as a
+crash of the daemon.
+"""
+
+from __future__ import annotations
+
+
+class MurmurError(Exception):
+    """Base class of all murmur errors."""
+
+
+class ConfigError(MurmurError):
+    """Bad configuration: reported as one line, exit code 2."""
+
+
+class StateError(MurmurError):
+    """A persistent state file is missing, unreadable or inconsistent."""
+
+
+class PeerFault(MurmurError):
+    """Something a remote peer sent or did was wrong.
+
+    ``penalty`` is subtracted from the peer's score; ``drop`` asks the caller to
+    close the connection at once.
+    """
+
+    penalty: int = 10
+    drop: bool = True
+
+
+class FrameError(PeerFault):
+    """A transport frame was malformed (bad length, truncated)."""
+
+
+class FrameTooLarge(FrameError):
+    """A length prefix exceeded the hard maximum; nothing was allocated."""
+
+    penalty = 50
+
+
+class HandshakeError(PeerFault):
+    """The Noise handshake failed or timed out."""
+
+
+class IdentityMismatch(HandshakeError):
+    """The peer proved an identity other than the one we dialled, or its
+    static key signature does not verify."""
+
+    penalty = 100
+
+
+class DecryptError(PeerFault):
+    """An AEAD frame failed authentication."""
+
+    penalty = 100
+
+
+class DecodeError(PeerFault):
+    """A message could not be decoded (msgpack, schema, kind, dtype, shape)."""
+
+
+class SignatureError(PeerFault):
+    """A signed object (delta, record) did not verify."""
+
+    penalty = 100
+
+
+class ReplayError(PeerFault):
+    """A signed object was seen before or addressed to somebody else."""
+
+    penalty = 50
+
+
+class LimitExceeded(PeerFault):
+    """A peer exceeded a rate, size or memory limit."""
+
+    penalty = 5
+    drop = False
+
+
+class TimeoutFault(PeerFault):
+    """A peer did not answer in time (handshake, idle, slow sender)."""
+
+    penalty = 5
