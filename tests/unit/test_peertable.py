@@ -1,0 +1,199 @@
+"""Peer table: scores, bans, bounded eviction, crash-safe persistence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from murmur.errors import DecodeError, LimitExceeded, StateError
+from murmur.protocol.identity import Identity, PeerId
+from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.peertable import PeerTable, PeerTableConfig, parse_peer_entry
+
+
+def pid(i: int) -> PeerId:
+    return Identity.from_seed(i.to_bytes(32, "big")).peer_id
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def addr(i: int, host: str = "10.0.0.1") -> Multiaddr:
+    return Multiaddr(host, 4000 + i)
+
+
+def test_add_observe_merge_addresses_and_ignore_self():
+    clock = FakeClock()
+    table = PeerTable(PeerTableConfig(max_addrs_per_peer=2), clock, self_id=pid(0))
+    assert table.add(pid(0), [addr(0)]) is None and len(table) == 0
+    rec = table.add(pid(1), [addr(1)])
+    assert rec is not None and rec.last_seen == 0.0  # hearing of a peer is not seeing it
+    clock.t = 1500.0
+    table.observe(pid(1), [addr(9, "192.0.2.7")])
+    rec = table.get(pid(1))
+    assert rec is not None and rec.last_seen == 1500.0
+    assert rec.addrs == [addr(9, "192.0.2.7"), addr(1)]  # observed address first
+    table.add(pid(1), [addr(2), addr(3)])
+    assert len(rec.addrs) == 2  # capped
+
+
+def test_scores_decay_toward_zero_with_half_life():
+    clock = FakeClock()
+    table = PeerTable(PeerTableConfig(score_half_life_s=100.0), clock)
+    table.penalise(pid(1), 40)
+    for _ in range(8):
+        table.mark_alive(pid(2))
+    assert table.score(pid(1)) == pytest.approx(-40)
+    clock.t += 100
+    assert table.score(pid(1)) == pytest.approx(-20)
+    assert table.score(pid(2)) == pytest.approx(4)
+    clock.t += 1000
+    assert abs(table.score(pid(1))) < 0.1 and 0 < table.score(pid(2)) < 0.01
+
+
+def test_penalty_below_threshold_bans_for_a_while_then_expires():
+    clock = FakeClock()
+    table = PeerTable(PeerTableConfig(ban_threshold=-50, ban_duration_s=600, score_half_life_s=60), clock)
+    table.add(pid(1), [addr(1)])
+    assert not table.penalise(pid(1), 30)
+    assert table.penalise(pid(1), 30)
+    assert table.is_banned(pid(1)) and pid(1) not in {r.peer_id for r in table.usable()}
+    clock.t += 599
+    assert table.is_banned(pid(1))
+    clock.t += 2
+    assert not table.is_banned(pid(1)) and pid(1) in {r.peer_id for r in table.usable()}
+
+
+def test_failures_count_penalise_and_alive_resets():
+    clock = FakeClock()
+    table = PeerTable(PeerTableConfig(failure_penalty=30, ban_threshold=-80), clock)
+    assert not table.mark_failure(pid(1))
+    assert not table.mark_failure(pid(1))
+    assert table.get(pid(1)).failures == 2  # type: ignore[union-attr]
+    table.mark_alive(pid(1))
+    assert table.get(pid(1)).failures == 0  # type: ignore[union-attr]
+    assert table.score(pid(1)) == pytest.approx(-59)
+    assert table.mark_failure(pid(1)) is True  # -89 < -80: banned
+    assert table.get(pid(1)).failures == 1  # type: ignore[union-attr]
+
+
+def test_bounded_size_evicts_worst_and_keeps_reputable_peers_under_flood():
+    clock = FakeClock()
+    table = PeerTable(PeerTableConfig(max_peers=20), clock)
+    good = [pid(i) for i in range(1, 6)]
+    for p in good:
+        table.observe(p, [addr(1)])
+        table.mark_alive(p)
+    bad = pid(6)
+    table.penalise(bad, 10)
+    for i in range(100, 400):  # a flood of fresh Sybil ids
+        clock.t += 1
+        table.add(pid(i), [addr(i % 50)])
+        assert len(table) <= 20
+    assert all(p in table for p in good)
+    assert bad not in table  # the penalised one went first
+    assert pid(100) not in table and pid(399) in table  # then the oldest of equal score
+
+
+def test_save_load_roundtrip(tmp_path: Path):
+    clock = FakeClock()
+    table = PeerTable(PeerTableConfig(), clock)
+    for i in range(1, 30):
+        table.observe(pid(i), [addr(i), Multiaddr("::1", 5000 + i)])
+    table.penalise(pid(3), 500)
+    path = tmp_path / "peers.json"
+    table.save(path)
+    fresh = PeerTable(PeerTableConfig(), clock)
+    assert fresh.load(path) is None
+    assert len(fresh) == 29
+    assert fresh.is_banned(pid(3))
+    assert fresh.get(pid(5)).addrs == table.get(pid(5)).addrs  # type: ignore[union-attr]
+    assert fresh.score(pid(3)) == pytest.approx(table.score(pid(3)))
+
+
+def test_load_missing_file_is_empty_not_error(tmp_path: Path):
+    table = PeerTable()
+    assert table.load(tmp_path / "nope.json") is None and len(table) == 0
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"[]", b'{"version": 99, "peers": []}', b'{"version": 1, "peers": [{"peer_id": "x"}]}',
+     b'{"version": 1, "peers": [{"peer_id": "12D3KooWbad", "addrs": [], "score": 0, "score_time": 0,'
+     b' "last_seen": 0, "failures": 0, "banned_until": 0}]}'],
+)
+def test_corrupt_file_is_reported_moved_aside_and_table_starts_empty(tmp_path: Path, content: bytes):
+    path = tmp_path / "peers.json"
+    good = PeerTable()
+    good.observe(pid(1), [addr(1)])
+    good.save(path)
+    table = PeerTable()
+    assert table.load(path) is None and len(table) == 1
+    path.write_bytes(content)
+    err = table.load(path)
+    assert isinstance(err, StateError) and "corrupt" in str(err)
+    assert len(table) == 0
+    assert not path.exists()
+    assert (tmp_path / "peers.json.corrupt").read_bytes() == content
+
+
+_WRITER = """
+import sys
+from murmur.protocol.identity import Identity
+from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.peertable import PeerTable
+table = PeerTable()
+n = 0
+while True:
+    n += 1
+    for i in range(50):
+        table.observe(Identity.from_seed((n * 1000 + i).to_bytes(32, "big")).peer_id, [Multiaddr("10.1.0.1", 1000 + i)])
+    table.save(sys.argv[1])
+    print(n, flush=True)
+"""
+
+
+def test_save_survives_kill_9_mid_write(tmp_path: Path):
+    path = tmp_path / "peers.json"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout is not None
+        for _ in range(3):  # a few complete saves, then kill while it keeps writing
+            assert proc.stdout.readline()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    table = PeerTable()
+    assert table.load(path) is None  # never a torn file
+    assert len(table) >= 50 and len(table) % 50 == 0
+    assert json.loads(path.read_text())["version"] == 1
+
+
+def test_parse_peer_entry_validates_network_input():
+    peer = pid(1)
+    got_peer, addrs = parse_peer_entry(peer.raw, ["/ip4/10.0.0.1/tcp/4001", f"/ip4/10.0.0.2/tcp/4002/p2p/{peer}"], 4)
+    assert got_peer == peer and addrs == (Multiaddr("10.0.0.1", 4001), Multiaddr("10.0.0.2", 4002))
+    with pytest.raises(DecodeError):
+        parse_peer_entry(b"\x00\x01junk", ["/ip4/10.0.0.1/tcp/1"], 4)
+    with pytest.raises(DecodeError):
+        parse_peer_entry(peer.raw, ["/dns/evil/tcp/1"], 4)
+    with pytest.raises(DecodeError):
+        parse_peer_entry(peer.raw, [f"/ip4/10.0.0.1/tcp/1/p2p/{pid(2)}"], 4)
+    with pytest.raises(DecodeError):
+        parse_peer_entry(peer.raw, [], 4)
+    with pytest.raises(DecodeError):
+        parse_peer_entry("text", ["/ip4/10.0.0.1/tcp/1"], 4)
+    with pytest.raises(LimitExceeded):
+        parse_peer_entry(peer.raw, [f"/ip4/10.0.0.1/tcp/{i}" for i in range(1, 6)], 4)
