@@ -1,0 +1,542 @@
+"""Typed node configuration: nested frozen dataclasses loaded from TOML.
+
+Why generic: every option is declared exactly once, as a dataclass field with a
+type and a default. Parsing and type checking are driven by those field types,
+range checks by the small :data:`CONSTRAINTS` table, so adding an option is one
+line here plus its documented line in ``default_node.toml`` (a test keeps the
+two in sync). Every mistake in a config file becomes one :class:`ConfigError`
+line of the form ``<file>:<line>: <dotted.key>: <problem>``, which is what an
+operator needs to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import math
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from murmur.errors import ConfigError
+from murmur.protocol.multiaddr import Multiaddr
+
+DEFAULT_DATA_DIR = Path.home() / ".murmur"
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4731"
+DEFAULT_CONFIG_RESOURCE = "default_node.toml"
+OVERRIDE_SOURCE = "<command line>"
+
+
+# --------------------------------------------------------------------------- enums
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogFormat(enum.StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+class LearningMode(enum.StrEnum):
+    DSGD = "dsgd"  # synchronous rounds with deadline/quorum
+    GOSSIP = "gossip"  # asynchronous gossip learning
+
+
+class Partition(enum.StrEnum):
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    SHARDS = "shards"
+
+
+class Attack(enum.StrEnum):
+    NONE = "none"
+    LABEL_FLIP = "label_flip"
+    BACKDOOR = "backdoor"
+
+
+class PrivacyScheme(enum.StrEnum):
+    DECOR = "decor"  # pairwise correlated noise (SPECS §4)
+    CORN = "corn"  # optimised per-edge correlated noise
+    LDP = "ldp"  # independent local Gaussian noise only
+    NONE = "none"
+
+
+class PrivacyLevel(enum.StrEnum):
+    USER = "user"
+    EXAMPLE = "example"
+
+
+class Codec(enum.StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
+# ------------------------------------------------------------------------ sections
+
+
+def _frozen_map() -> Mapping[str, Any]:
+    return types.MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    data_dir: Path = DEFAULT_DATA_DIR
+    listen: tuple[Multiaddr, ...] = (Multiaddr.parse(DEFAULT_LISTEN),)
+    log_level: LogLevel = LogLevel.INFO
+    log_format: LogFormat = LogFormat.TEXT
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    bootstrap: tuple[Multiaddr, ...] = ()
+    mdns: bool = False
+    neighbours: int = 4
+    view_size: int = 20
+    shuffle_interval_s: float = 10.0
+    subnet_bucket_size: int = 4
+    allow_loopback: bool = False
+
+
+@dataclass(frozen=True)
+class TransportSection:
+    """Same field names and defaults as ``protocol.transport.TransportLimits``."""
+
+    max_frame: int = 4 * 1024 * 1024
+    connect_timeout_s: float = 5.0
+    handshake_timeout_s: float = 5.0
+    idle_timeout_s: float = 60.0
+    ping_interval_s: float = 15.0
+    max_inbound: int = 256
+    max_inbound_per_subnet: int = 16
+    max_peer_rate_bytes_s: float = 512 * 1024 * 1024
+    max_peer_buffered_bytes: int = 64 * 1024 * 1024
+
+    def limits(self) -> Any:
+        """The equivalent ``TransportLimits`` (imported late: config must load
+        without pulling in the transport stack)."""
+        from murmur.protocol.transport import TransportLimits
+
+        return TransportLimits(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class ApiSection:
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclass(frozen=True)
+class LearningSection:
+    trainer: str = "digits-mlp"
+    trainer_options: Mapping[str, Any] = field(default_factory=_frozen_map)
+    device: str = "auto"
+    seed: int = 0
+    node_index: int = 0
+    num_nodes: int = 1
+    partition: Partition = Partition.IID
+    alpha: float = 0.5
+    shards: int = 2
+    attack: Attack = Attack.NONE
+    rounds: int = 100
+    local_steps: int = 10
+    round_deadline_s: float = 30.0
+    quorum: float = 1.0
+    aggregator: str = "mean"
+    aggregator_options: Mapping[str, Any] = field(default_factory=_frozen_map)
+    mode: LearningMode = LearningMode.DSGD
+    codec: Codec = Codec.FP32
+
+    @property
+    def device_or_none(self) -> str | None:
+        """``TrainerContext.device``: None lets the trainer pick cuda > mps > cpu."""
+        return None if self.device == "auto" else self.device
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    enabled: bool = False
+    scheme: PrivacyScheme = PrivacyScheme.DECOR
+    level: PrivacyLevel = PrivacyLevel.USER
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    clip: float = 1.0
+    rounds: int = 1000
+    budget: float = 0.0
+
+    @property
+    def effective_budget(self) -> float:
+        """The ε at which the node stops contributing; 0 in the file means ``epsilon``."""
+        return self.budget or self.epsilon
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node: NodeSection = field(default_factory=NodeSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    transport: TransportSection = field(default_factory=TransportSection)
+    api: ApiSection = field(default_factory=ApiSection)
+    learning: LearningSection = field(default_factory=LearningSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+
+
+# --------------------------------------------------------------------- constraints
+
+
+class _Invalid(Exception):
+    """A value failed a check; the message is the problem, the key is added later."""
+
+
+Check = Callable[[Any], None]
+
+
+def at_least(lo: float) -> Check:
+    def check(v: Any) -> None:
+        if v < lo:
+            raise _Invalid(f"must be >= {lo}, got {v}")
+
+    return check
+
+
+def between(lo: float, hi: float, *, lo_open: bool = False) -> Check:
+    def check(v: Any) -> None:
+        if v > hi or v < lo or (lo_open and v == lo):
+            left = "(" if lo_open else "["
+            raise _Invalid(f"must be in {left}{lo}, {hi}], got {v}")
+
+    return check
+
+
+def positive(v: Any) -> None:
+    if not v > 0:
+        raise _Invalid(f"must be > 0, got {v}")
+
+
+def finite_positive(v: Any) -> None:
+    if not (v > 0 and math.isfinite(v)):
+        raise _Invalid(f"must be a finite number > 0, got {v}")
+
+
+def non_empty(v: Any) -> None:
+    if not v:
+        raise _Invalid("must not be empty")
+
+
+def loopback_ip(v: Any) -> None:
+    """The status API is unauthenticated: it may only listen on loopback."""
+    try:
+        ip = ipaddress.ip_address(v)
+    except ValueError:
+        raise _Invalid(f"must be an IP address, got {v!r}") from None
+    if not ip.is_loopback:
+        raise _Invalid(f"must be a loopback address (the API has no authentication), got {v}")
+
+
+#: Per-field range checks, by dotted key. Types are checked from the dataclass
+#: annotations; only what a type cannot express lives here.
+CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
+    {
+        "node.listen": non_empty,
+        "network.neighbours": at_least(1),
+        "network.view_size": at_least(1),
+        "network.shuffle_interval_s": finite_positive,
+        "network.subnet_bucket_size": at_least(1),
+        "transport.max_frame": between(1024, 1 << 30),
+        "transport.connect_timeout_s": finite_positive,
+        "transport.handshake_timeout_s": finite_positive,
+        "transport.idle_timeout_s": finite_positive,
+        "transport.ping_interval_s": finite_positive,
+        "transport.max_inbound": at_least(1),
+        "transport.max_inbound_per_subnet": at_least(1),
+        "transport.max_peer_rate_bytes_s": positive,
+        "transport.max_peer_buffered_bytes": at_least(1024),
+        "api.host": loopback_ip,
+        "api.port": between(0, 65535),
+        "learning.trainer": non_empty,
+        "learning.device": non_empty,
+        "learning.node_index": at_least(0),
+        "learning.num_nodes": at_least(1),
+        "learning.alpha": finite_positive,
+        "learning.shards": at_least(1),
+        "learning.rounds": at_least(0),
+        "learning.local_steps": at_least(1),
+        "learning.round_deadline_s": finite_positive,
+        "learning.quorum": between(0.0, 1.0, lo_open=True),
+        "learning.aggregator": non_empty,
+        "privacy.epsilon": finite_positive,
+        "privacy.delta": between(0.0, 1.0, lo_open=True),
+        "privacy.clip": finite_positive,
+        "privacy.rounds": at_least(1),
+        "privacy.budget": at_least(0.0),
+    }
+)
+
+
+def _cross_checks(cfg: NodeConfig) -> list[tuple[str, str]]:
+    """Rules that relate two fields: (dotted key blamed, problem)."""
+    problems = []
+    if cfg.network.neighbours > cfg.network.view_size:
+        problems.append(("network.neighbours", f"must be <= network.view_size ({cfg.network.view_size})"))
+    if cfg.transport.ping_interval_s >= cfg.transport.idle_timeout_s:
+        problems.append(
+            ("transport.ping_interval_s", "must be < transport.idle_timeout_s, or idle healthy connections get closed")
+        )
+    if cfg.transport.max_inbound_per_subnet > cfg.transport.max_inbound:
+        problems.append(("transport.max_inbound_per_subnet", "must be <= transport.max_inbound"))
+    if cfg.learning.node_index >= cfg.learning.num_nodes:
+        problems.append(("learning.node_index", f"must be < learning.num_nodes ({cfg.learning.num_nodes})"))
+    return problems
+
+
+# ------------------------------------------------------------ generic conversion
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", Path: "a path",
+            Multiaddr: "a multiaddr string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(tp: Any, value: Any, key: str, base_dir: Path) -> Any:
+    """Convert one TOML value to field type ``tp``; raise ``_Invalid`` on mismatch."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and tp is not Multiaddr:
+        if not isinstance(value, dict):
+            raise _Invalid(f"must be a table, got {type(value).__name__}")
+        return _build(tp, value, key, base_dir)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise _Invalid(f"must be a list, got {type(value).__name__}")
+        return tuple(_convert_keyed(item_tp, v, f"{key}[{i}]", base_dir) for i, v in enumerate(value))
+    if origin is Mapping:
+        if not isinstance(value, dict):
+            raise _Invalid(f"must be a table, got {type(value).__name__}")
+        return types.MappingProxyType(dict(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _Invalid(f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Invalid(f"must be a number, got {value!r}")
+        if math.isnan(value):
+            raise _Invalid("must be a number, got nan")
+        return float(value)
+    if not isinstance(value, str):
+        raise _Invalid(f"must be {_type_name(tp)}, got {value!r}")
+    if tp is str:
+        return value
+    if tp is Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base_dir / path).resolve()
+    if tp is Multiaddr:
+        try:
+            return Multiaddr.parse(value)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise _Invalid(f"must be {_type_name(tp)}, got {value!r}") from None
+    raise TypeError(f"config field {key} has unsupported type {tp!r}")  # programming error
+
+
+class _KeyedError(Exception):
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+def _convert_keyed(tp: Any, value: Any, key: str, base_dir: Path) -> Any:
+    try:
+        result = _convert(tp, value, key, base_dir)
+        check = CONSTRAINTS.get(key)
+        if check is not None:
+            check(result)
+        return result
+    except _Invalid as exc:
+        raise _KeyedError(key, str(exc)) from None
+
+
+def _build(cls: type, table: Mapping[str, Any], prefix: str, base_dir: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in table:
+        if name not in names:
+            where = f"{prefix}.{name}" if prefix else name
+            raise _KeyedError(where, f"unknown option (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in table.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert_keyed(hints[name], value, key, base_dir)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------- loading
+
+
+def config_keys(cls: type = NodeConfig, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config schema, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]) and hints[f.name] is not Multiaddr:
+            keys.extend(config_keys(hints[f.name], key))
+        else:
+            keys.append(key)
+    return keys
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` from ``--set``: the value is read as a TOML value when it
+    parses as one (numbers, booleans, lists), otherwise as a bare string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{OVERRIDE_SOURCE}: --set expects KEY=VALUE, got {text!r}")
+    try:
+        return key, tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, raw.strip()
+
+
+def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    table = raw
+    for part in parts[:-1]:
+        nxt = table.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise _KeyedError(dotted, f"{part} is not a table")
+        table = nxt
+    table[parts[-1]] = value
+
+
+def find_key_line(text: str, dotted: str) -> int | None:
+    """Best-effort line number (1-based) of ``dotted`` in TOML source ``text``.
+
+    tomllib does not report positions of values, so we scan the text: track
+    the current ``[table]`` header and match ``key =`` lines (including dotted
+    and quoted keys). Good enough to point an operator at the right line.
+    """
+    target = re.sub(r"\[\d+\]", "", dotted)  # list element -> the list's key
+    table = ""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.split("#", 1)[0].strip()
+        if not stripped:
+            continue
+        header = re.fullmatch(r"\[\[?\s*([^\]]+?)\s*\]\]?", stripped)
+        if header:
+            table = _norm_key(header.group(1))
+            if table == target:
+                return lineno
+            continue
+        if "=" in stripped:
+            key = _norm_key(stripped.split("=", 1)[0])
+            full = f"{table}.{key}" if table else key
+            if full == target or target.startswith(full + "."):
+                return lineno
+    return None
+
+
+def _norm_key(key: str) -> str:
+    return ".".join(part.strip().strip("\"'") for part in key.split("."))
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
+    """Load ``path`` (None: built-in defaults) and apply ``overrides``
+    (dotted key -> value, e.g. from CLI flags). Raises :class:`ConfigError`
+    with one line naming the file, line and dotted key."""
+    raw: dict[str, Any] = {}
+    text = ""
+    source = OVERRIDE_SOURCE
+    base_dir = Path.cwd()
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: not UTF-8 text") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+        # relative paths in a file are relative to the file, not to wherever the daemon was started
+        base_dir = Path(path).resolve().parent
+        try:
+            from_file = _build(NodeConfig, raw, "", base_dir)
+        except _KeyedError as exc:
+            raise ConfigError(_locate(source, text, exc)) from None
+    else:
+        from_file = NodeConfig()
+    if not overrides:
+        return _checked(from_file, source, text)
+    # overrides are checked through the same converter, against the file's values merged in
+    try:
+        merged = _to_raw(from_file)
+        for key, value in overrides.items():
+            _apply_override(merged, key, value)
+        cfg = _build(NodeConfig, merged, "", Path.cwd())
+    except _KeyedError as exc:  # the file alone was valid, so an override is to blame
+        raise ConfigError(f"{OVERRIDE_SOURCE}: {exc}") from None
+    return _checked(cfg, source, text, overrides)
+
+
+def _checked(cfg: NodeConfig, source: str, text: str, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
+    for key, problem in _cross_checks(cfg):
+        if overrides and key in overrides:
+            raise ConfigError(f"{OVERRIDE_SOURCE}: {key}: {problem}")
+        raise ConfigError(_locate(source, text, _KeyedError(key, problem)))
+    return cfg
+
+
+def _locate(source: str, text: str, exc: _KeyedError) -> str:
+    line = find_key_line(text, exc.key) if text else None
+    return f"{source}:{line}: {exc}" if line else f"{source}: {exc}"
+
+
+def _to_raw(obj: Any) -> Any:
+    """Back to TOML-like plain values (the inverse of :func:`_convert`)."""
+    if isinstance(obj, (Path, Multiaddr)):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_raw(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_raw(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj
+
+
+def config_to_dict(cfg: NodeConfig) -> dict[str, Any]:
+    """JSON-serialisable view of a config (for logs and the status API)."""
+    return _to_raw(cfg)
+
+
+def default_config_text() -> str:
+    """The documented example config shipped with the package."""
+    return Path(__file__).with_name(DEFAULT_CONFIG_RESOURCE).read_text(encoding="utf-8")

@@ -1,0 +1,178 @@
+"""Typed TOML config: defaults, documentation coverage, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from murmur.errors import ConfigError
+from murmur.node.config import (
+    CONSTRAINTS,
+    Codec,
+    LogFormat,
+    NodeConfig,
+    PrivacyScheme,
+    TransportSection,
+    config_keys,
+    config_to_dict,
+    default_config_text,
+    find_key_line,
+    load_config,
+    parse_override,
+)
+from murmur.protocol.multiaddr import Multiaddr
+
+DEFAULT_TOML = Path(__import__("murmur.node.config").node.config.__file__).with_name("default_node.toml")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_default_file_loads_to_the_dataclass_defaults():
+    assert load_config(DEFAULT_TOML) == NodeConfig()
+    assert load_config(None) == NodeConfig()
+
+
+def test_every_option_is_documented_in_default_file():
+    text = default_config_text()
+    lines = text.splitlines()
+    for key in config_keys():
+        lineno = find_key_line(text, key)
+        assert lineno is not None, f"{key} missing from default_node.toml"
+        above = lines[lineno - 2].strip()
+        assert above.startswith("#"), f"{key} (line {lineno}) has no comment above it"
+
+
+def test_constraint_table_names_only_real_fields():
+    assert set(CONSTRAINTS) <= set(config_keys())
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "fragment"),
+    [
+        ("[transport]\nmax_frame = 12\n", 2, "transport.max_frame", "must be in [1024"),
+        ("[transport]\n\n# c\nmax_frame = \"big\"\n", 4, "transport.max_frame", "must be an integer"),
+        ("[transport]\nmax_fram = 4096\n", 2, "transport.max_fram", "unknown option"),
+        ("[node]\nlog_level = 'info'\n[transprt]\nmax_frame = 1\n", 3, "transprt", "unknown option"),
+        ("[node]\nlog_format = 'xml'\n", 2, "node.log_format", "'json', 'text'"),
+        ("[network]\nmdns = 1\n", 2, "network.mdns", "true or false"),
+        ("[network]\nbootstrap = ['/ip4/10.0.0.1/tcp/1', '/dns/x/tcp/2']\n", 2, "network.bootstrap[1]", "multiaddr"),
+        ("[learning]\nquorum = 0.0\n", 2, "learning.quorum", "(0.0, 1.0]"),
+        ("[learning]\nquorum = nan\n", 2, "learning.quorum", "nan"),
+        ("[api]\nhost = '0.0.0.0'\n", 2, "api.host", "loopback"),
+        ("[privacy]\nscheme = 'magic'\n", 2, "privacy.scheme", "'decor'"),
+        ("transport.max_frame = 10\n", 1, "transport.max_frame", "must be in [1024"),
+        ("[network]\nneighbours = 30\nview_size = 20\n", 2, "network.neighbours", "view_size"),
+        ("[learning]\nnum_nodes = 4\nnode_index = 4\n", 3, "learning.node_index", "num_nodes"),
+        ("[transport]\nping_interval_s = 90.0\n", 2, "transport.ping_interval_s", "idle_timeout_s"),
+    ],
+)
+def test_bad_config_is_one_line_with_file_line_and_key(tmp_path, text, line, key, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}:{line}: {key}: "), message
+    assert fragment in message
+
+
+def test_invalid_toml_reports_position(tmp_path):
+    path = write(tmp_path, "[node]\nlog_level = \n")
+    with pytest.raises(ConfigError, match=r"node\.toml: invalid TOML: .*line 2"):
+        load_config(path)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_values_are_typed(tmp_path):
+    peer = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
+    path = write(
+        tmp_path,
+        f"""
+[node]
+data_dir = "state"
+listen = ["/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0"]
+log_format = "json"
+[network]
+bootstrap = ["/ip4/10.1.2.3/tcp/4731/p2p/{peer}"]
+[transport]
+idle_timeout_s = 30          # an int where a float is expected is fine
+[learning]
+codec = "int8"
+[learning.trainer_options]
+lr = 0.05
+hidden = [64, 32]
+[privacy]
+enabled = true
+scheme = "ldp"
+""",
+    )
+    cfg = load_config(path)
+    assert cfg.node.data_dir == (tmp_path / "state").resolve()  # relative to the file
+    assert cfg.node.listen == (Multiaddr("127.0.0.1", 0), Multiaddr("::1", 0))
+    assert cfg.node.log_format is LogFormat.JSON
+    assert str(cfg.network.bootstrap[0].peer_id) == peer
+    assert cfg.transport.idle_timeout_s == 30.0 and isinstance(cfg.transport.idle_timeout_s, float)
+    assert cfg.learning.codec is Codec.INT8
+    assert dict(cfg.learning.trainer_options) == {"lr": 0.05, "hidden": [64, 32]}
+    assert cfg.privacy.scheme is PrivacyScheme.LDP and cfg.privacy.enabled
+    with pytest.raises(TypeError):
+        cfg.learning.trainer_options["lr"] = 1.0  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.api.port = 1  # type: ignore[misc]
+
+
+def test_overrides_win_over_file_and_are_validated(tmp_path):
+    path = write(tmp_path, "[api]\nport = 8000\n[learning]\nrounds = 5\n")
+    cfg = load_config(path, {"api.port": 0, "node.listen": ["/ip4/127.0.0.1/tcp/0"]})
+    assert cfg.api.port == 0
+    assert cfg.learning.rounds == 5  # untouched file value kept
+    assert cfg.node.listen == (Multiaddr("127.0.0.1", 0),)
+    with pytest.raises(ConfigError, match=r"^<command line>: api\.port: must be in \[0, 65535\], got 70000$"):
+        load_config(path, {"api.port": 70000})
+    with pytest.raises(ConfigError, match=r"^<command line>: api\.prot: unknown option"):
+        load_config(None, {"api.prot": 1})
+    with pytest.raises(ConfigError, match=r"^<command line>: network\.neighbours: must be <= network\.view_size"):
+        load_config(None, {"network.neighbours": 99})
+
+
+def test_parse_override_reads_toml_values():
+    assert parse_override("learning.rounds=7") == ("learning.rounds", 7)
+    assert parse_override("privacy.enabled=true") == ("privacy.enabled", True)
+    assert parse_override("network.bootstrap=[]") == ("network.bootstrap", [])
+    assert parse_override("learning.trainer=mnist-cnn") == ("learning.trainer", "mnist-cnn")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("learning.rounds")
+
+
+def test_config_to_dict_roundtrips_through_overrides(tmp_path):
+    cfg = load_config(None, {"learning.codec": "bf16", "network.bootstrap": ["/ip4/10.0.0.1/tcp/9"]})
+    flat = config_to_dict(cfg)
+    assert flat["learning"]["codec"] == "bf16"
+    again = load_config(None, {f"{section}.{k}": v for section, table in flat.items() for k, v in table.items()})
+    assert again == cfg
+
+
+def test_transport_section_mirrors_transport_limits():
+    transport = pytest.importorskip("murmur.protocol.transport")
+    limits_fields = {f.name: f.default for f in dataclasses.fields(transport.TransportLimits)}
+    ours = {f.name: f.default for f in dataclasses.fields(TransportSection)}
+    assert ours == limits_fields
+    assert TransportSection().limits() == transport.TransportLimits()
+
+
+def test_error_lines_never_leak_python_reprs_of_types(tmp_path):
+    path = write(tmp_path, "[node]\nlisten = '/ip4/127.0.0.1/tcp/0'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert re.search(r"node\.listen: must be a list, got str$", str(info.value))
