@@ -1,0 +1,345 @@
+"""The node's state directory: layout, single-daemon lock, checkpoints.
+
+Layout (all under one directory, mode 0700)::
+
+    identity.key      Ed25519 seed (protocol.identity.Identity.load_or_create)
+    node.lock         flock()ed by the running daemon; never deleted
+    node.pid          pid of the daemon holding the lock
+    api.json          where the local HTTP API listens (for `murmur status`)
+    peers.json        peer table (protocol.peertable)
+    checkpoint.bin    model checkpoint, checkpoint.bin.prev the one before
+    history.bin       SybilWall histories (same container as checkpoints)
+    metrics.jsonl     one JSON object per round, appended
+
+Why flock and not just a pid file: the kernel drops a flock when its process
+dies, even on kill -9, so a crashed daemon never leaves a stale lock behind
+and two live daemons can never share keys, peer table or checkpoints.
+
+Array files are never pickled. Container format (``ARRAY_FILE_MAGIC``)::
+
+    magic (8 bytes) | BLAKE2b-256 of body (32 bytes) | body
+
+where body is msgpack ``{"meta": {...}, "arrays": {name: [dtype str, shape, raw bytes]}}``
+with only plain numeric dtypes accepted. The checksum detects torn or
+bit-rotted files; writes go through :func:`murmur.fsutil.atomic_write_bytes`
+and the previous good file is kept as ``*.prev`` to fall back to.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import msgpack
+import numpy as np
+
+from murmur.errors import StateError
+from murmur.fsutil import atomic_write_bytes, atomic_write_json
+from murmur.protocol.identity import KEY_FILE_NAME, Identity
+
+log = logging.getLogger(__name__)
+
+STATE_DIR_MODE = 0o700
+LOCK_FILE = "node.lock"
+PID_FILE = "node.pid"
+API_FILE = "api.json"
+PEERS_FILE = "peers.json"
+CHECKPOINT_FILE = "checkpoint.bin"
+HISTORY_FILE = "history.bin"
+METRICS_FILE = "metrics.jsonl"
+PREV_SUFFIX = ".prev"
+
+ARRAY_FILE_MAGIC = b"MURMARR1"
+_DIGEST_LEN = 32
+_HEADER_LEN = len(ARRAY_FILE_MAGIC) + _DIGEST_LEN
+#: dtype kinds allowed in array files: bool, signed/unsigned int, float, complex.
+#: Object, string and void dtypes could smuggle in anything; refuse them.
+_SAFE_DTYPE_KINDS = frozenset("biufc")
+
+
+@dataclass(frozen=True)
+class ArrayBundle:
+    """What an array file holds, and which file it actually came from."""
+
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+    source: Path
+
+
+@dataclass(frozen=True)
+class ApiInfo:
+    """Contents of ``api.json``."""
+
+    host: str
+    port: int
+    pid: int
+    peer_id: str
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+# ---------------------------------------------------------------- array files
+
+
+def _safe_dtype(text: str) -> np.dtype[Any]:
+    try:
+        dtype = np.dtype(text)
+    except TypeError as exc:
+        raise StateError(f"bad dtype {text!r}") from exc
+    if dtype.kind not in _SAFE_DTYPE_KINDS or dtype.hasobject:
+        raise StateError(f"refusing dtype {text!r}: only plain numeric arrays are stored")
+    return dtype
+
+
+def encode_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
+    """Serialise arrays + JSON-like metadata into the checksummed container."""
+    packed_arrays = {}
+    for name, array in arrays.items():
+        arr = np.asarray(array)  # (not ascontiguousarray: it turns 0-d into 1-d); tobytes() is C order
+        dtype = _safe_dtype(arr.dtype.str)
+        packed_arrays[name] = [dtype.str, list(arr.shape), arr.tobytes()]
+    try:
+        body = msgpack.packb({"meta": dict(meta), "arrays": packed_arrays}, use_bin_type=True)
+    except TypeError as exc:
+        raise StateError(f"metadata is not serialisable: {exc}") from exc
+    return ARRAY_FILE_MAGIC + hashlib.blake2b(body, digest_size=_DIGEST_LEN).digest() + body
+
+
+def decode_arrays(data: bytes, source: Path) -> ArrayBundle:
+    """Verify and decode a container; any damage raises :class:`StateError`."""
+    if len(data) < _HEADER_LEN or not data.startswith(ARRAY_FILE_MAGIC):
+        raise StateError(f"{source}: not a murmur array file (bad magic or truncated)")
+    digest, body = data[len(ARRAY_FILE_MAGIC) : _HEADER_LEN], memoryview(data)[_HEADER_LEN:]
+    if hashlib.blake2b(body, digest_size=_DIGEST_LEN).digest() != digest:
+        raise StateError(f"{source}: checksum mismatch (torn or corrupted file)")
+    try:
+        doc = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        meta, packed = doc["meta"], doc["arrays"]
+        arrays = {}
+        for name, (dtype_text, shape, raw) in packed.items():
+            dtype = _safe_dtype(dtype_text)
+            shape = tuple(shape)
+            if not all(isinstance(n, int) and n >= 0 for n in shape):
+                raise StateError(f"{source}: array {name!r} has a bad shape {shape!r}")
+            count = int(np.prod(shape, dtype=np.int64))
+            if count * dtype.itemsize != len(raw):
+                raise StateError(f"{source}: array {name!r} has {len(raw)} bytes, expected {count * dtype.itemsize}")
+            # copy: the bundle must not pin the whole file buffer, and callers may write to it
+            arrays[name] = np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+    except StateError:
+        raise
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+        raise StateError(f"{source}: malformed array file: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise StateError(f"{source}: metadata is not a map")
+    return ArrayBundle(arrays, meta, source)
+
+
+def write_array_file(path: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    """Atomically replace ``path``, keeping the current file as ``path.prev``
+    if (and only if) it is intact — a corrupt current file must never push out
+    the last good one."""
+    data = encode_arrays(arrays, meta)
+    prev = path.with_name(path.name + PREV_SUFFIX)
+    if path.exists():
+        try:
+            decode_arrays(path.read_bytes(), path)
+        except StateError as exc:
+            log.warning("not keeping damaged file as fallback", extra={"path": str(path), "error": str(exc)})
+        else:
+            os.replace(path, prev)
+    atomic_write_bytes(path, data, mode=0o600)
+
+
+def read_array_file(path: Path) -> ArrayBundle | None:
+    """Load ``path``, falling back to ``path.prev`` if it is missing or
+    damaged. None if neither exists; :class:`StateError` if nothing usable."""
+    prev = path.with_name(path.name + PREV_SUFFIX)
+    errors = []
+    for candidate in (path, prev):
+        try:
+            data = candidate.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            errors.append(f"{candidate}: {exc.strerror}")
+            continue
+        try:
+            bundle = decode_arrays(data, candidate)
+        except StateError as exc:
+            log.warning("damaged state file, trying the previous one", extra={"path": str(candidate), "error": str(exc)})
+            errors.append(str(exc))
+            continue
+        return bundle
+    if errors:
+        raise StateError("no usable file: " + "; ".join(errors))
+    return None
+
+
+# ------------------------------------------------------------------ state dir
+
+
+class StateDir:
+    """One node's state directory. ``with StateDir(p) as state:`` takes the lock."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # -- layout
+    @property
+    def identity_path(self) -> Path:
+        return self.path / KEY_FILE_NAME
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_FILE
+
+    @property
+    def pid_path(self) -> Path:
+        return self.path / PID_FILE
+
+    @property
+    def api_path(self) -> Path:
+        return self.path / API_FILE
+
+    @property
+    def peers_path(self) -> Path:
+        return self.path / PEERS_FILE
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    @property
+    def history_path(self) -> Path:
+        return self.path / HISTORY_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    def create(self) -> StateDir:
+        """Create the directory (0700: it holds the private key) if missing."""
+        try:
+            self.path.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create state dir {self.path}: {exc.strerror}") from exc
+        if not self.path.is_dir():
+            raise StateError(f"state dir {self.path} is not a directory")
+        return self
+
+    def identity(self) -> Identity:
+        self.create()
+        return Identity.load_or_create(self.path)
+
+    # -- single-daemon lock
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+    def acquire(self) -> None:
+        """Take the exclusive lock and write ``node.pid``; raises
+        :class:`StateError` at once if another daemon holds it."""
+        if self._lock_fd is not None:
+            raise StateError(f"state dir {self.path} is already locked by this object")
+        self.create()
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = self.read_pid()
+                who = f" (pid {holder})" if holder else ""
+                raise StateError(
+                    f"state dir {self.path} is in use by another murmur daemon{who}; "
+                    "stop it or choose another --data-dir"
+                ) from None
+            raise StateError(f"cannot lock {self.lock_path}: {exc.strerror}") from exc
+        self._lock_fd = fd
+        self.api_path.unlink(missing_ok=True)  # left by a daemon that died: stale by definition
+        atomic_write_bytes(self.pid_path, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._lock_fd is None:
+            return
+        self.pid_path.unlink(missing_ok=True)
+        self.api_path.unlink(missing_ok=True)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def __enter__(self) -> StateDir:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def read_pid(self) -> int | None:
+        try:
+            return int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    # -- api.json
+    def write_api_info(self, info: ApiInfo) -> None:
+        atomic_write_json(self.api_path, {"host": info.host, "port": info.port, "pid": info.pid,
+                                          "peer_id": info.peer_id, "url": info.url})
+
+    def read_api_info(self) -> ApiInfo:
+        try:
+            doc = json.loads(self.api_path.read_text())
+            return ApiInfo(host=str(doc["host"]), port=int(doc["port"]), pid=int(doc["pid"]), peer_id=str(doc["peer_id"]))
+        except FileNotFoundError:
+            raise StateError(f"no running node found: {self.api_path} does not exist") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"{self.api_path} is unreadable: {exc}") from exc
+
+    # -- checkpoints and histories
+    def save_checkpoint(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        write_array_file(self.checkpoint_path, arrays, meta)
+
+    def load_checkpoint(self) -> ArrayBundle | None:
+        """The newest intact checkpoint (falls back to ``checkpoint.bin.prev``), or None."""
+        return read_array_file(self.checkpoint_path)
+
+    def save_history(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        write_array_file(self.history_path, arrays, meta)
+
+    def load_history(self) -> ArrayBundle | None:
+        return read_array_file(self.history_path)
+
+    # -- metrics log
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one JSON line. A crash can at worst leave a partial last
+        line, which :meth:`read_metrics` skips."""
+        line = json.dumps(record, sort_keys=True, default=str) + "\n"
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        records = []
+        try:
+            fh: IO[str] = open(self.metrics_path, encoding="utf-8")
+        except FileNotFoundError:
+            return records
+        with fh:
+            for line in fh:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    log.warning("skipping damaged metrics line", extra={"path": str(self.metrics_path)})
+        return records

@@ -1,0 +1,178 @@
+"""State directory: layout, exclusive lock, checksummed checkpoints with fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import msgpack
+import numpy as np
+import pytest
+
+from murmur.errors import StateError
+from murmur.node.state import (
+    ARRAY_FILE_MAGIC,
+    ApiInfo,
+    StateDir,
+    decode_arrays,
+    encode_arrays,
+)
+
+
+def arrays(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "model": rng.standard_normal(1000).astype(np.float32),
+        "momentum": rng.standard_normal((10, 7)).astype(np.float64),
+        "counts": np.arange(5, dtype=np.int64),
+        "flag": np.array(True),
+    }
+
+
+def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    state = StateDir(tmp_path / "s").create()
+    assert state.load_checkpoint() is None
+    state.save_checkpoint(arrays(1), {"round": 3, "peer": "12D3KooW", "acc": 0.5})
+    bundle = state.load_checkpoint()
+    assert bundle is not None and bundle.source == state.checkpoint_path
+    assert_same(bundle.arrays, arrays(1))
+    assert bundle.meta == {"round": 3, "peer": "12D3KooW", "acc": 0.5}
+    assert (state.checkpoint_path.stat().st_mode & 0o777) == 0o600
+    assert (state.path.stat().st_mode & 0o777) == 0o700
+
+
+def test_corrupt_checkpoint_is_detected_and_previous_one_used(tmp_path):
+    state = StateDir(tmp_path).create()
+    state.save_checkpoint(arrays(1), {"round": 1})
+    state.save_checkpoint(arrays(2), {"round": 2})
+    data = bytearray(state.checkpoint_path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the tensor bytes
+    state.checkpoint_path.write_bytes(bytes(data))
+    with pytest.raises(StateError, match="checksum mismatch"):
+        decode_arrays(bytes(data), state.checkpoint_path)
+    bundle = state.load_checkpoint()
+    assert bundle is not None
+    assert bundle.source.name == "checkpoint.bin.prev"
+    assert bundle.meta == {"round": 1}
+    assert_same(bundle.arrays, arrays(1))
+
+
+def test_torn_checkpoint_falls_back_and_does_not_evict_good_prev(tmp_path):
+    state = StateDir(tmp_path).create()
+    state.save_checkpoint(arrays(1), {"round": 1})
+    state.save_checkpoint(arrays(2), {"round": 2})
+    full = state.checkpoint_path.read_bytes()
+    state.checkpoint_path.write_bytes(full[: len(full) // 3])  # torn write
+    assert state.load_checkpoint().meta == {"round": 1}
+    # saving over a damaged current file must keep the good .prev
+    state.save_checkpoint(arrays(3), {"round": 3})
+    assert state.load_checkpoint().meta == {"round": 3}
+    state.checkpoint_path.write_bytes(b"")
+    assert state.load_checkpoint().meta == {"round": 1}
+
+
+def test_both_checkpoints_damaged_is_a_state_error(tmp_path):
+    state = StateDir(tmp_path).create()
+    state.save_checkpoint(arrays(1), {"round": 1})
+    state.save_checkpoint(arrays(2), {"round": 2})
+    state.checkpoint_path.write_bytes(b"garbage")
+    state.checkpoint_path.with_name("checkpoint.bin.prev").write_bytes(ARRAY_FILE_MAGIC)
+    with pytest.raises(StateError, match="no usable file"):
+        state.load_checkpoint()
+
+
+def test_checksummed_but_hostile_content_is_refused(tmp_path):
+    """A file with a valid checksum but an object dtype or lying length must
+    still be rejected: the checksum protects against damage, not malice."""
+    import hashlib
+
+    def container(body: dict) -> bytes:
+        packed = msgpack.packb(body, use_bin_type=True)
+        return ARRAY_FILE_MAGIC + hashlib.blake2b(packed, digest_size=32).digest() + packed
+
+    hostile_dtype = container({"meta": {}, "arrays": {"x": ["|O", [1], b"\0" * 8]}})
+    with pytest.raises(StateError, match="refusing dtype"):
+        decode_arrays(hostile_dtype, tmp_path / "x")
+    short = container({"meta": {}, "arrays": {"x": ["<f4", [1000], b"\0" * 8]}})
+    with pytest.raises(StateError, match="expected 4000"):
+        decode_arrays(short, tmp_path / "x")
+    with pytest.raises(StateError, match="refusing dtype"):
+        encode_arrays({"x": np.array([object()])}, {})
+
+
+def test_history_uses_same_safe_container(tmp_path):
+    state = StateDir(tmp_path).create()
+    state.save_history({"12D3KooWa": np.ones(4, np.float32)}, {"round": 9})
+    assert state.load_history().meta == {"round": 9}
+    assert state.history_path.read_bytes().startswith(ARRAY_FILE_MAGIC)
+
+
+def test_lock_excludes_second_daemon_and_is_released(tmp_path):
+    first = StateDir(tmp_path)
+    second = StateDir(tmp_path)
+    with first:
+        assert first.read_pid() == os.getpid()
+        with pytest.raises(StateError, match=rf"in use by another murmur daemon \(pid {os.getpid()}\)"):
+            second.acquire()
+        assert not second.locked
+    assert not first.pid_path.exists()
+    with second:  # free again
+        assert second.locked
+
+
+def test_lock_held_by_another_process(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from murmur.node.state import StateDir
+            s = StateDir({str(tmp_path)!r}); s.acquire()
+            print("locked", flush=True)
+            sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StateError, match=rf"pid {holder.pid}"):
+            StateDir(tmp_path).acquire()
+    finally:
+        holder.kill()  # kill -9 semantics: the kernel drops the flock
+        holder.wait()
+    with StateDir(tmp_path) as state:
+        assert state.read_pid() == os.getpid()
+
+
+def test_api_info_roundtrip_and_missing(tmp_path):
+    state = StateDir(tmp_path).create()
+    with pytest.raises(StateError, match="no running node"):
+        state.read_api_info()
+    info = ApiInfo(host="127.0.0.1", port=45123, pid=77, peer_id="12D3KooWx")
+    state.write_api_info(info)
+    assert state.read_api_info() == info
+    assert info.url == "http://127.0.0.1:45123"
+    assert ApiInfo("::1", 1, 1, "p").url == "http://[::1]:1"
+
+
+def test_metrics_log_skips_partial_last_line(tmp_path):
+    state = StateDir(tmp_path).create()
+    state.append_metrics({"round": 1, "acc": 0.5})
+    state.append_metrics({"round": 2, "acc": 0.6})
+    with open(state.metrics_path, "a") as fh:
+        fh.write('{"round": 3, "ac')  # crash mid-write
+    assert [r["round"] for r in state.read_metrics()] == [1, 2]
+
+
+def test_identity_created_once_in_state_dir(tmp_path):
+    state = StateDir(tmp_path / "new")
+    first = state.identity()
+    assert state.identity_path.exists()
+    assert state.identity().peer_id == first.peer_id
