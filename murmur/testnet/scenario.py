@@ -1,0 +1,611 @@
+"""Testnet scenarios: what network to start and what to do to it.
+
+A scenario is a TOML file parsed into nested frozen dataclasses. Parsing is
+driven by the field types (one generic converter, range checks declared next to
+each field as ``metadata={"check": ...}``), so adding an option is one line.
+Every mistake becomes one :class:`ConfigError` line naming the file, the line
+and the dotted field, e.g.::
+
+    scenario.toml:14: churn[2].action: unknown action 'crashh' (expected one of crash, stop, ...)
+
+tomllib reports no positions, so :func:`find_line` recovers line numbers by
+scanning the text, counting ``[[array]]`` headers to resolve ``churn[2]``.
+
+Node numbering: honest nodes are ``0 .. nodes-1`` (``node0`` ...); the Sybil
+identities of attacker ``a`` follow in order (``sybil{a}-{s}``). Churn events
+address nodes by these global indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib.resources
+import math
+import random
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from murmur.errors import ConfigError
+from murmur.node.config import Codec, Partition, PrivacyScheme
+
+DEFAULT_SCENARIO_RESOURCE = "default_scenario.toml"
+LOOPBACK = "127.0.0.1"
+#: learning.rounds for runs bounded by wall-clock seconds: the controller stops
+#: the nodes at T; the nodes themselves must not stop earlier.
+UNBOUNDED_ROUNDS = 1_000_000
+
+
+# --------------------------------------------------------------------- enums
+
+
+class Action(enum.StrEnum):
+    """What a churn event does. The controller dispatches on this enum."""
+
+    CRASH = "crash"  # SIGKILL: no goodbye, no checkpoint flush
+    STOP = "stop"  # SIGTERM: graceful shutdown
+    RESTART = "restart"  # start a crashed/stopped node again (same data_dir, same identity)
+    PARTITION = "partition"  # split: `nodes` on one side, everybody else on the other
+    HEAL = "heal"  # undo every partition
+    LATENCY = "latency"  # add `ms` one-way delay on `nodes` (all when empty)
+    LOSS = "loss"  # drop `percent` % of packets on `nodes` (all when empty)
+    JOIN = "join"  # start a late node for the first time
+
+
+class AttackKind(enum.StrEnum):
+    LABEL_FLIP = "label_flip"
+    BACKDOOR = "backdoor"
+
+
+class Role(enum.StrEnum):
+    HONEST = "honest"
+    ATTACKER = "attacker"
+
+
+#: Actions that address specific nodes and need at least one.
+NODE_ACTIONS = frozenset({Action.CRASH, Action.STOP, Action.RESTART, Action.PARTITION, Action.JOIN})
+#: Actions that bring a node down (a later RESTART must follow one of them).
+DOWN_ACTIONS = frozenset({Action.CRASH, Action.STOP})
+
+
+# -------------------------------------------------------------------- checks
+
+
+class _Invalid(Exception):
+    """A value failed a check; the field path is added by the caller."""
+
+
+Check = Callable[[Any], None]
+
+
+def _at_least(lo: float) -> Check:
+    def check(v: Any) -> None:
+        if v is not None and v < lo:
+            raise _Invalid(f"must be >= {lo}, got {v}")
+
+    return check
+
+
+def _in_range(lo: float, hi: float, *, lo_open: bool = False) -> Check:
+    def check(v: Any) -> None:
+        if v is not None and (v > hi or v < lo or (lo_open and v == lo)):
+            raise _Invalid(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
+
+    return check
+
+
+def _finite_positive(v: Any) -> None:
+    if v is not None and not (v > 0 and math.isfinite(v)):
+        raise _Invalid(f"must be a finite number > 0, got {v}")
+
+
+def _non_empty(v: Any) -> None:
+    if not v:
+        raise _Invalid("must not be empty")
+
+
+def _checked(default: Any, check: Check) -> Any:
+    """A dataclass field with a range check run at parse time."""
+    return field(default=default, metadata={"check": check})
+
+
+def _empty_map() -> Mapping[str, Any]:
+    return types.MappingProxyType({})
+
+
+# ------------------------------------------------------------------ sections
+
+
+@dataclass(frozen=True)
+class Topology:
+    degree: int = _checked(3, _at_least(1))  # neighbours per honest node
+
+
+@dataclass(frozen=True)
+class Duration:
+    """Exactly one of ``rounds`` (R) or ``seconds`` (T) bounds the run."""
+
+    rounds: int | None = _checked(None, _at_least(1))
+    seconds: float | None = _checked(None, _finite_positive)
+    round_deadline_s: float = _checked(3.0, _finite_positive)
+    quorum: float = _checked(1.0, _in_range(0.0, 1.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    spec: str = _checked("digits-mlp", _non_empty)  # built-in name, module:Class or entry point
+    local_steps: int = _checked(10, _at_least(1))
+    device: str = "cpu"
+    options: Mapping[str, Any] = field(default_factory=_empty_map)
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    kind: Partition = Partition.IID
+    alpha: float = _checked(0.5, _finite_positive)
+    shards: int = _checked(2, _at_least(1))
+
+
+@dataclass(frozen=True)
+class AggregatorSpec:
+    name: str = _checked("mean", _non_empty)
+    options: Mapping[str, Any] = field(default_factory=_empty_map)
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    enabled: bool = False
+    scheme: PrivacyScheme = PrivacyScheme.DECOR
+    epsilon: float = _checked(10.0, _finite_positive)
+    delta: float = _checked(1e-5, _in_range(0.0, 1.0, lo_open=True))
+    clip: float = _checked(1.0, _finite_positive)
+    rounds: int | None = _checked(None, _at_least(1))  # accounting horizon; default: duration.rounds
+
+
+@dataclass(frozen=True)
+class AttackerSpec:
+    """One attacker controlling ``sybils`` identities, each with
+    ``edges_per_sybil`` attack edges to honest nodes."""
+
+    kind: AttackKind = AttackKind.LABEL_FLIP
+    sybils: int = _checked(1, _at_least(1))
+    edges_per_sybil: int = _checked(1, _at_least(1))
+
+
+@dataclass(frozen=True)
+class ChurnEvent:
+    action: Action
+    at_round: int | None = _checked(None, _at_least(0))
+    at_s: float | None = _checked(None, _at_least(0.0))
+    nodes: tuple[int, ...] = ()
+    ms: float | None = _checked(None, _at_least(0.0))  # latency
+    percent: float | None = _checked(None, _in_range(0.0, 100.0, lo_open=True))  # loss
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str = "scenario"
+    nodes: int = _checked(8, _at_least(1))  # honest nodes
+    nodes_per_process: int = _checked(1, _at_least(1))
+    seed: int = 0
+    codec: Codec = Codec.FP32
+    topology: Topology = field(default_factory=Topology)
+    duration: Duration = field(default_factory=lambda: Duration(rounds=30))
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    partition: PartitionSpec = field(default_factory=PartitionSpec)
+    aggregator: AggregatorSpec = field(default_factory=AggregatorSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    attackers: tuple[AttackerSpec, ...] = ()
+    churn: tuple[ChurnEvent, ...] = ()
+
+    @property
+    def total_nodes(self) -> int:
+        return self.nodes + sum(a.sybils for a in self.attackers)
+
+    def node_specs(self) -> list[NodeSpec]:
+        """Every node of the run, honest first, then Sybils attacker by attacker."""
+        late = {i for ev in self.churn if ev.action is Action.JOIN for i in ev.nodes}
+        specs = [NodeSpec(i, f"node{i}", Role.HONEST, None, None, i, i in late) for i in range(self.nodes)]
+        for a, attacker in enumerate(self.attackers):
+            for s in range(attacker.sybils):
+                index = len(specs)
+                # all Sybils of one attacker share one data partition: they send the same model
+                specs.append(NodeSpec(index, f"sybil{a}-{s}", Role.ATTACKER, attacker.kind, a,
+                                      self.nodes + a, index in late))
+        return specs
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    index: int  # global index used by churn events
+    name: str
+    role: Role
+    attack: AttackKind | None
+    attacker: int | None  # which attacker owns this Sybil
+    data_index: int  # partition index (learning.node_index)
+    late: bool  # started by a JOIN event, not at t=0
+
+
+# ------------------------------------------------------------ line locating
+
+_HEADER = re.compile(r"\[(\[)?\s*([^\]]+?)\s*\]\]?")
+
+
+def _split_key(key: str) -> tuple[str, ...]:
+    return tuple(part.strip().strip("\"'") for part in key.split("."))
+
+
+def find_line(text: str, path: tuple[str | int, ...]) -> int | None:
+    """1-based line of the TOML key at ``path`` (e.g. ``("churn", 2, "action")``).
+
+    Tracks ``[table]`` and ``[[array]]`` headers (counting array elements) and
+    matches ``key =`` lines. When the exact key is absent (a missing field, or a
+    value inside an inline table) the line of the longest matching prefix is
+    returned, which is where the operator must look.
+    """
+    counts: dict[tuple[str | int, ...], int] = {}
+    table: tuple[str | int, ...] = ()
+    best: tuple[int, int] | None = None  # (matched length, line)
+
+    def consider(candidate: tuple[str | int, ...], lineno: int) -> int | None:
+        nonlocal best
+        if candidate == path:
+            return lineno
+        if path[: len(candidate)] == candidate and (best is None or len(candidate) > best[0]):
+            best = (len(candidate), lineno)
+        return None
+
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.split("#", 1)[0].strip()
+        if not stripped:
+            continue
+        header = _HEADER.fullmatch(stripped) if stripped.startswith("[") else None
+        if header:
+            keys: tuple[str | int, ...] = _split_key(header.group(2))
+            if header.group(1):  # [[array]]: element index = how many we saw so far
+                index = counts.get(keys, 0)
+                counts[keys] = index + 1
+                keys = (*keys, index)
+            table = keys
+            if (hit := consider(table, lineno)) is not None:
+                return hit
+            continue
+        if "=" in stripped:
+            if (hit := consider((*table, *_split_key(stripped.split("=", 1)[0])), lineno)) is not None:
+                return hit
+    return best[1] if best else None
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+class _FieldError(Exception):
+    def __init__(self, path: tuple[str | int, ...], problem: str) -> None:
+        super().__init__(f"{_dotted(path)}: {problem}")
+        self.path = path
+
+
+# ---------------------------------------------------------- generic parsing
+
+
+def _describe_enum(tp: type[enum.Enum]) -> str:
+    return ", ".join(str(m.value) for m in tp)
+
+
+def _convert(tp: Any, value: Any, path: tuple[str | int, ...]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # X | None: TOML has no null, so a value is an X
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(inner, value, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _FieldError(path, f"must be a table, got {type(value).__name__}")
+        return _build(tp, value, path)
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            raise _FieldError(path, f"must be a list, got {type(value).__name__}")
+        return tuple(_convert(item_tp, v, (*path, i)) for i, v in enumerate(value))
+    if origin is Mapping:
+        if not isinstance(value, dict):
+            raise _FieldError(path, f"must be a table, got {type(value).__name__}")
+        return types.MappingProxyType(dict(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _FieldError(path, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _FieldError(path, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise _FieldError(path, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _FieldError(path, f"must be a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            name = next((p for p in reversed(path) if isinstance(p, str)), "value")
+            raise _FieldError(path, f"unknown {name} {value!r} (expected one of {_describe_enum(tp)})") from None
+    raise TypeError(f"scenario field {_dotted(path)} has unsupported type {tp!r}")  # programming error
+
+
+def _build(cls: type, table: Mapping[str, Any], path: tuple[str | int, ...]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in table:
+        if name not in fields:
+            raise _FieldError((*path, name), f"unknown field (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise _FieldError((*path, name), "is required")
+            continue
+        value = _convert(hints[name], table[name], (*path, name))
+        check = f.metadata.get("check")
+        if check is not None:
+            try:
+                check(value)
+            except _Invalid as exc:
+                raise _FieldError((*path, name), str(exc)) from None
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+# -------------------------------------------------------------- cross checks
+
+
+def _cross_checks(sc: Scenario) -> Iterable[tuple[tuple[str | int, ...], str]]:
+    """Rules relating several fields: yields (path blamed, problem)."""
+    d = sc.duration
+    if (d.rounds is None) == (d.seconds is None):
+        yield ("duration",), "give exactly one of rounds (R) or seconds (T)"
+    if sc.privacy.enabled and sc.privacy.rounds is None and d.rounds is None:
+        yield ("privacy", "rounds"), "required when the duration is given in seconds (accounting horizon)"
+    if sc.topology.degree >= sc.nodes:
+        yield ("topology", "degree"), f"must be < nodes ({sc.nodes})"
+    for a, attacker in enumerate(sc.attackers):
+        if attacker.edges_per_sybil > sc.nodes:
+            yield ("attackers", a, "edges_per_sybil"), f"must be <= nodes ({sc.nodes})"
+    total = sc.total_nodes
+    down: set[int] = set()
+    joined: set[int] = set()
+    for e, ev in enumerate(sc.churn):
+        if (ev.at_round is None) == (ev.at_s is None):
+            yield ("churn", e), "give exactly one of at_round or at_s"
+        if d.rounds is not None and ev.at_round is not None and ev.at_round >= d.rounds:
+            yield ("churn", e, "at_round"), f"must be < duration.rounds ({d.rounds})"
+        if d.seconds is not None and ev.at_s is not None and ev.at_s >= d.seconds:
+            yield ("churn", e, "at_s"), f"must be < duration.seconds ({d.seconds})"
+        for i in ev.nodes:
+            if not 0 <= i < total:
+                yield ("churn", e, "nodes"), f"node index {i} out of range (0..{total - 1})"
+        if len(set(ev.nodes)) != len(ev.nodes):
+            yield ("churn", e, "nodes"), "lists a node twice"
+        if ev.action in NODE_ACTIONS and not ev.nodes:
+            yield ("churn", e, "nodes"), f"{ev.action} needs at least one node"
+        if ev.action is Action.HEAL and ev.nodes:
+            yield ("churn", e, "nodes"), "heal takes no nodes (it removes every partition)"
+        if ev.action is Action.PARTITION and len(set(ev.nodes)) >= total:
+            yield ("churn", e, "nodes"), "a partition needs nodes on both sides"
+        if ev.action is Action.LATENCY and ev.ms is None:
+            yield ("churn", e, "ms"), "is required for latency"
+        if ev.action is Action.LOSS and ev.percent is None:
+            yield ("churn", e, "percent"), "is required for loss"
+        if ev.ms is not None and ev.action is not Action.LATENCY:
+            yield ("churn", e, "ms"), f"only applies to latency, not {ev.action}"
+        if ev.percent is not None and ev.action is not Action.LOSS:
+            yield ("churn", e, "percent"), f"only applies to loss, not {ev.action}"
+        # events are applied in file order: a restart must follow a crash/stop of that node
+        if ev.action in DOWN_ACTIONS:
+            down.update(ev.nodes)
+        elif ev.action is Action.RESTART:
+            for i in ev.nodes:
+                if i not in down:
+                    yield ("churn", e, "nodes"), f"restart of node {i}, which no earlier event crashed or stopped"
+            down.difference_update(ev.nodes)
+        elif ev.action is Action.JOIN:
+            for i in ev.nodes:
+                if i in joined:
+                    yield ("churn", e, "nodes"), f"node {i} joins twice"
+            joined.update(ev.nodes)
+
+
+# ------------------------------------------------------------------- loading
+
+
+def parse_scenario(text: str, source: str = "scenario.toml") -> Scenario:
+    """Parse scenario TOML ``text``; errors name ``source``, line and field."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+
+    def locate(path: tuple[str | int, ...], message: str) -> ConfigError:
+        line = find_line(text, path)
+        return ConfigError(f"{source}:{line}: {message}" if line else f"{source}: {message}")
+
+    try:
+        scenario = _build(Scenario, raw, ())
+    except _FieldError as exc:
+        raise locate(exc.path, str(exc)) from None
+    for path, problem in _cross_checks(scenario):
+        raise locate(path, f"{_dotted(path)}: {problem}")
+    return scenario
+
+
+def default_scenario_text() -> str:
+    return importlib.resources.files(__package__).joinpath(DEFAULT_SCENARIO_RESOURCE).read_text(encoding="utf-8")
+
+
+def load_scenario(path: str | Path | None = None) -> Scenario:
+    """Load a scenario file; ``None`` loads the embedded default scenario."""
+    if path is None:
+        return parse_scenario(default_scenario_text(), DEFAULT_SCENARIO_RESOURCE)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_scenario(text, str(path))
+
+
+# --------------------------------------------------------- per-node configs
+
+
+def honest_bootstrap(scenario: Scenario) -> list[list[int]]:
+    """For each honest node, which honest nodes it dials first.
+
+    A ring (so the honest graph is connected from the start) plus
+    ``degree - 2`` extra random peers drawn deterministically from the seed;
+    the peer sampler refines the neighbourhood from there.
+    """
+    n, rng = scenario.nodes, random.Random(scenario.seed)
+    out = []
+    for i in range(n):
+        chosen = {(i + 1) % n, (i - 1) % n} - {i}
+        others = [j for j in range(n) if j != i and j not in chosen]
+        chosen.update(rng.sample(others, min(len(others), max(0, scenario.topology.degree - 2))))
+        out.append(sorted(chosen))
+    return out
+
+
+def sybil_targets(scenario: Scenario) -> dict[int, list[int]]:
+    """Global Sybil index -> the honest nodes it attacks (its attack edges)."""
+    rng = random.Random(scenario.seed + 1)
+    targets = {}
+    for spec in scenario.node_specs():
+        if spec.attacker is not None:
+            edges = scenario.attackers[spec.attacker].edges_per_sybil
+            targets[spec.index] = sorted(rng.sample(range(scenario.nodes), edges))
+    return targets
+
+
+def provision_identities(scenario: Scenario, workdir: Path) -> dict[str, str]:
+    """Create (or load) every node's identity in its data_dir; name -> peer id.
+
+    Done by the controller before any node starts, so bootstrap addresses can
+    carry ``/p2p/<peer id>`` (dials are authenticated) and the dashboard can map
+    peer ids to names. A node restarted later loads the same key.
+    """
+    from murmur.protocol.identity import Identity
+
+    return {s.name: str(Identity.load_or_create(workdir / s.name).peer_id) for s in scenario.node_specs()}
+
+
+def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> list[dict[str, Any]]:
+    """One TOML-ready dict per node (see :func:`dump_toml`), in global index order.
+
+    This is the one place where scenario fields map to ``murmur.node.config``
+    sections (``node``, ``network``, ``transport``, ``api``, ``learning``,
+    ``privacy``); keep it aligned with that module.
+    """
+    workdir = Path(workdir)
+    specs = scenario.node_specs()
+    peer_ids = provision_identities(scenario, workdir)
+    total = len(specs)
+
+    def addr(i: int) -> str:
+        return f"/ip4/{LOOPBACK}/tcp/{base_port + i}/p2p/{peer_ids[specs[i].name]}"
+
+    boot = honest_bootstrap(scenario)
+    targets = sybil_targets(scenario)
+    rounds = scenario.duration.rounds or UNBOUNDED_ROUNDS
+    priv = scenario.privacy
+    configs = []
+    for s in specs:
+        dial = targets[s.index] if s.role is Role.ATTACKER else boot[s.index]
+        neighbours = (scenario.attackers[s.attacker].edges_per_sybil if s.attacker is not None
+                      else scenario.topology.degree)
+        configs.append({
+            "node": {"data_dir": str(workdir / s.name), "listen": [f"/ip4/{LOOPBACK}/tcp/{base_port + s.index}"],
+                     "log_level": "info", "log_format": "json"},
+            "network": {
+                "bootstrap": [addr(j) for j in dial], "mdns": False, "neighbours": neighbours,
+                "view_size": max(total, neighbours), "allow_loopback": True,
+                # every node shares 127.0.0.0/24: subnet limits would cap the view at a few peers
+                "subnet_bucket_size": total,
+            },
+            "transport": {"max_inbound_per_subnet": max(16, total)},
+            "api": {"host": LOOPBACK, "port": 0},
+            "learning": {
+                "trainer": scenario.trainer.spec, "trainer_options": dict(scenario.trainer.options),
+                "device": scenario.trainer.device, "seed": scenario.seed,
+                "node_index": s.data_index, "num_nodes": scenario.nodes + len(scenario.attackers),
+                "partition": scenario.partition.kind.value, "alpha": scenario.partition.alpha,
+                "shards": scenario.partition.shards,
+                "attack": s.attack.value if s.attack is not None else "none",
+                "rounds": rounds, "local_steps": scenario.trainer.local_steps,
+                "round_deadline_s": scenario.duration.round_deadline_s, "quorum": scenario.duration.quorum,
+                "aggregator": scenario.aggregator.name, "aggregator_options": dict(scenario.aggregator.options),
+                "codec": scenario.codec.value,
+            },
+            "privacy": {
+                "enabled": priv.enabled, "scheme": priv.scheme.value, "epsilon": priv.epsilon,
+                "delta": priv.delta, "clip": priv.clip, "rounds": priv.rounds or rounds,
+            },
+        })
+    return configs
+
+
+def process_groups(scenario: Scenario) -> list[list[int]]:
+    """Node indices grouped into worker processes of ``nodes_per_process``.
+
+    A node named by a crash/stop/restart/join event gets a process of its own:
+    kill -9 takes down a whole process, and the event must hit only its nodes.
+    """
+    churned = {i for ev in scenario.churn if ev.action in NODE_ACTIONS - {Action.PARTITION} for i in ev.nodes}
+    solo = [[s.index] for s in scenario.node_specs() if s.index in churned]
+    rest = [s.index for s in scenario.node_specs() if s.index not in churned]
+    k = scenario.nodes_per_process
+    return sorted(solo + [rest[i:i + k] for i in range(0, len(rest), k)])
+
+
+# ----------------------------------------------------------------- TOML out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"cannot write {value} to TOML")
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def dump_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    """Write a two-level dict (section -> key -> scalar/list/inline table) as TOML."""
+    parts = []
+    for section, body in sections.items():
+        parts.append(f"[{_toml_key(section)}]")
+        parts.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in body.items())
+        parts.append("")
+    return "\n".join(parts)

@@ -1,0 +1,210 @@
+"""Scenario parsing: the embedded default, per-node configs and error lines."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from murmur.errors import ConfigError
+from murmur.node.config import load_config
+from murmur.protocol.multiaddr import Multiaddr
+from murmur.testnet.scenario import (
+    Action,
+    AttackKind,
+    Role,
+    dump_toml,
+    find_line,
+    load_scenario,
+    node_configs,
+    parse_scenario,
+    process_groups,
+)
+
+BASE = """\
+nodes = 4
+
+[topology]
+degree = 2
+
+[duration]
+rounds = 20
+"""
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "scenario.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_default_scenario_matches_the_issue() -> None:
+    sc = load_scenario(None)
+    assert sc.nodes == 8
+    assert sc.trainer.spec == "digits-mlp"
+    assert sc.aggregator.name == "sybilwall"
+    assert sc.privacy.enabled
+    assert len(sc.attackers) == 1
+    assert sc.attackers[0].kind is AttackKind.LABEL_FLIP and sc.attackers[0].sybils == 2
+    assert [ev.action for ev in sc.churn] == [Action.CRASH, Action.RESTART]
+    assert sc.churn[0].nodes == sc.churn[1].nodes
+    # sized for < 3 minutes on 2 cores: the round deadline bounds the round phase
+    assert sc.duration.rounds is not None
+    assert sc.duration.rounds * sc.duration.round_deadline_s <= 120
+
+
+def test_node_specs_number_honest_then_sybils() -> None:
+    sc = load_scenario(None)
+    specs = sc.node_specs()
+    assert [s.name for s in specs] == [f"node{i}" for i in range(8)] + ["sybil0-0", "sybil0-1"]
+    assert [s.role for s in specs].count(Role.ATTACKER) == 2
+    # both Sybils share one data partition so they send the same model
+    assert specs[8].data_index == specs[9].data_index == 8
+
+
+def test_node_configs_load_as_real_node_configs(tmp_path: Path) -> None:
+    sc = load_scenario(None)
+    configs = node_configs(sc, tmp_path, base_port=42000)
+    assert len(configs) == 10
+    peer_ids = set()
+    for i, cfg in enumerate(configs):
+        path = tmp_path / f"n{i}.toml"
+        path.write_text(dump_toml(cfg))
+        loaded = load_config(path)  # the node's own parser accepts what we generate
+        assert loaded.node.listen[0].port == 42000 + i
+        assert loaded.learning.num_nodes == 9 and loaded.learning.rounds == 30
+        assert loaded.privacy.enabled and loaded.learning.aggregator == "sybilwall"
+        assert (tmp_path / specs_name(i) / "identity.key").exists()
+        peer_ids.add(str(loaded.node.data_dir))
+        for boot in loaded.network.bootstrap:
+            assert boot.peer_id is not None  # authenticated dials
+    assert len(peer_ids) == 10
+    sybil = load_config(_dump(tmp_path, configs[8]))
+    assert sybil.learning.attack.value == "label_flip"
+    assert len(sybil.network.bootstrap) == sc.attackers[0].edges_per_sybil
+    # Sybils dial honest nodes only; honest nodes never bootstrap to a Sybil
+    honest_ports = {42000 + i for i in range(8)}
+    assert {b.port for b in sybil.network.bootstrap} <= honest_ports
+    for cfg in configs[:8]:
+        assert {Multiaddr.parse(b).port for b in cfg["network"]["bootstrap"]} <= honest_ports
+
+
+def specs_name(i: int) -> str:
+    return f"node{i}" if i < 8 else f"sybil0-{i - 8}"
+
+
+def _dump(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "one.toml"
+    path.write_text(dump_toml(cfg))
+    return path
+
+
+def test_identities_are_stable_across_calls(tmp_path: Path) -> None:
+    sc = load_scenario(None)
+    first = node_configs(sc, tmp_path, 43000)
+    again = node_configs(sc, tmp_path, 43000)
+    assert first[0]["network"]["bootstrap"] == again[0]["network"]["bootstrap"]
+
+
+def test_honest_graph_is_connected_from_bootstrap(tmp_path: Path) -> None:
+    sc = parse_scenario(BASE.replace("nodes = 4", "nodes = 12").replace("degree = 2", "degree = 4"))
+    configs = node_configs(sc, tmp_path, 44000)
+    adj = {i: {Multiaddr.parse(b).port - 44000 for b in c["network"]["bootstrap"]} for i, c in enumerate(configs)}
+    seen, todo = {0}, [0]
+    while todo:
+        i = todo.pop()
+        for j in adj[i] | {k for k, v in adj.items() if i in v}:
+            if j not in seen:
+                seen.add(j)
+                todo.append(j)
+    assert seen == set(range(12))
+    assert all(len(v) >= 2 for v in adj.values())
+
+
+def test_churned_nodes_get_their_own_process() -> None:
+    sc = parse_scenario(BASE.replace("nodes = 4", "nodes = 6\nnodes_per_process = 3") + """
+[[churn]]
+at_round = 2
+action = "crash"
+nodes = [4]
+""")
+    groups = process_groups(sc)
+    assert [4] in groups
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert max(len(g) for g in groups) <= 3
+
+
+def test_unknown_action_names_line_and_field(tmp_path: Path) -> None:
+    path = _write(tmp_path, BASE + """
+[[churn]]
+at_round = 1
+action = "stop"
+nodes = [1]
+
+[[churn]]
+at_round = 2
+action = "restart"
+nodes = [1]
+
+[[churn]]
+at_round = 3
+action = "crashh"
+nodes = [2]
+""")
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "crashh" in text)
+    assert str(info.value) == (
+        f"{path}:{line}: churn[2].action: unknown action 'crashh' "
+        "(expected one of crash, stop, restart, partition, heal, latency, loss, join)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("snippet", "needle", "message"),
+    [
+        ("[trainer]\nlocal_steps = 0\n", "local_steps", "trainer.local_steps: must be >= 1, got 0"),
+        ("[privacy]\nepsilon = \"big\"\n", "epsilon", "privacy.epsilon: must be a number, got 'big'"),
+        ("[partition]\nkind = \"zipf\"\n", "kind", "partition.kind: unknown kind 'zipf' (expected one of iid, dirichlet, shards)"),
+        ("[aggregator]\nnam = \"krum\"\n", "nam", "aggregator.nam: unknown field (known: name, options)"),
+        ("[[attackers]]\nkind = \"label_flip\"\nsybils = 0\n", "sybils", "attackers[0].sybils: must be >= 1, got 0"),
+        ("[[attackers]]\nkind = \"poison\"\n", "poison", "attackers[0].kind: unknown kind 'poison' (expected one of label_flip, backdoor)"),
+        ("[[churn]]\nat_round = 3\naction = \"loss\"\n", "[[churn]]", "churn[0].percent: is required for loss"),
+        ("[[churn]]\nat_round = 30\naction = \"heal\"\n", "at_round = 30", "churn[0].at_round: must be < duration.rounds (20)"),
+        ("[[churn]]\nat_round = 3\naction = \"crash\"\nnodes = [9]\n", "nodes = [9]", "churn[0].nodes: node index 9 out of range (0..3)"),
+        ("[[churn]]\nat_round = 3\naction = \"restart\"\nnodes = [1]\n", "nodes = [1]",
+         "churn[0].nodes: restart of node 1, which no earlier event crashed or stopped"),
+        ("[[churn]]\nat_round = 3\nat_s = 2.0\naction = \"heal\"\n", "[[churn]]", "churn[0]: give exactly one of at_round or at_s"),
+        ("[[churn]]\nat_round = 3\naction = \"partition\"\nnodes = [0, 1, 2, 3]\n", "nodes = [0, 1, 2, 3]",
+         "churn[0].nodes: a partition needs nodes on both sides"),
+    ],
+)
+def test_errors_name_line_and_field(tmp_path: Path, snippet: str, needle: str, message: str) -> None:
+    path = _write(tmp_path, BASE + "\n" + snippet)
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if needle in text)
+    assert str(info.value) == f"{path}:{line}: {message}"
+
+
+def test_duration_needs_exactly_one_bound() -> None:
+    with pytest.raises(ConfigError, match=r"scenario.toml:6: duration: give exactly one of rounds"):
+        parse_scenario(BASE.replace("rounds = 20", "rounds = 20\nseconds = 60.0"))
+    timed = parse_scenario(BASE.replace("rounds = 20", "seconds = 60.0"))
+    assert timed.duration.seconds == 60.0 and timed.duration.rounds is None
+
+
+def test_find_line_resolves_array_elements_and_inline_tables() -> None:
+    text = "[trainer]\noptions = { lr = 0.1 }\n[[churn]]\naction = 'a'\n[[churn]]\n# c\naction = 'b'\n"
+    assert find_line(text, ("churn", 1, "action")) == 7
+    assert find_line(text, ("churn", 0, "action")) == 4
+    assert find_line(text, ("trainer", "options", "lr")) == 2
+    assert find_line(text, ("nowhere",)) is None
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        parse_scenario("nodes = = 3")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_scenario(tmp_path / "absent.toml")
