@@ -1,0 +1,214 @@
+"""Aggregator contract, shared input checks and the name -> class registry.
+
+An aggregator turns the own delta plus the neighbours' deltas of one round into
+the delta the node adds to its model, and reports the weight it gave to every
+contributor (peer ids and ``"self"``) so the node can log and export them.
+
+Everything works on flat float32 vectors on the tensors' own device. Inputs are
+stacked once into an ``(n, d)`` matrix (row 0 is the own delta) so that every
+aggregator does its heavy math as a handful of vectorised torch ops instead of
+Python loops over peers.
+
+Options are typed, frozen dataclasses (one per aggregator, ``Aggregator.Options``);
+:func:`get_aggregator` builds them from keyword arguments and turns unknown names
+or bad option values into :class:`murmur.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from murmur.errors import ConfigError
+
+SELF = "self"
+"""Key of the own contribution in :attr:`AggregationResult.weights`."""
+
+DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class PeerUpdate:
+    peer: str  # peer id text
+    delta: torch.Tensor  # flat float32, same device as own
+    degree: int = 1  # sender's degree (for Metropolis-Hastings)
+
+
+@dataclass
+class AggregationResult:
+    delta: torch.Tensor  # what to add to the own model
+    weights: dict[str, float]  # weight given to each peer (and "self")
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of an aggregator that has none."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for an out-of-range value (overridden by option classes)."""
+
+
+class Aggregator(ABC):
+    """Combine the own delta with the neighbours' deltas of one round.
+
+    Subclasses set ``name`` (registry key) and ``Options`` (a frozen dataclass with
+    a ``validate()`` method). Stateless aggregators inherit the empty
+    ``state_dict``/``load_state_dict``; stateful ones (FoolsGold, SybilWall)
+    override them so the node can checkpoint histories.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Any]] = NoOptions
+
+    def __init__(self, options: Any | None = None) -> None:
+        opts = self.Options() if options is None else options
+        if not isinstance(opts, self.Options):
+            raise ConfigError(f"aggregator {self.name!r}: options must be {self.Options.__name__}")
+        opts.validate()
+        self.options = opts
+
+    @abstractmethod
+    def aggregate(
+        self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int
+    ) -> AggregationResult:
+        """Return the delta to add to the own model and the weight per contributor."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"aggregator {self.name!r} is stateless; got keys {sorted(state)}")
+
+
+# ---------------------------------------------------------------------------
+# Shared input handling
+
+
+def check_inputs(own: torch.Tensor, updates: Sequence[PeerUpdate]) -> None:
+    """Reject contract violations by the caller (the node validates network input
+    into this shape before calling; a mismatch here is a programming error)."""
+    if not isinstance(own, torch.Tensor) or own.dim() != 1 or own.dtype != DTYPE:
+        raise ValueError("own delta must be a 1-D float32 tensor")
+    seen: set[str] = set()
+    for u in updates:
+        if u.peer == SELF or u.peer in seen:
+            raise ValueError(f"peer id {u.peer!r} is reserved or duplicated")
+        seen.add(u.peer)
+        d = u.delta
+        if d.dtype != DTYPE or d.shape != own.shape or d.device != own.device:
+            raise ValueError(
+                f"delta of {u.peer!r}: expected float32 {tuple(own.shape)} on {own.device}, "
+                f"got {d.dtype} {tuple(d.shape)} on {d.device}"
+            )
+
+
+def stack_rows(
+    tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Stack 1-D tensors into one ``(n, d)`` matrix in a single copy.
+
+    ``out``, when given, is a preallocated contiguous buffer with at least ``n``
+    rows; its first ``n`` rows are filled and returned, avoiding a fresh
+    allocation (and its page faults) every round.
+    """
+    if out is None:
+        return torch.stack(list(tensors))
+    view = out[: len(tensors)]
+    torch.stack(list(tensors), out=view)
+    return view
+
+
+def stack_candidates(own: torch.Tensor, updates: Sequence[PeerUpdate]) -> torch.Tensor:
+    """``(1 + len(updates), d)`` matrix: row 0 is the own delta, then the peers in order."""
+    return stack_rows([own, *(u.delta for u in updates)])
+
+
+def candidate_ids(updates: Sequence[PeerUpdate]) -> list[str]:
+    return [SELF, *(u.peer for u in updates)]
+
+
+def weights_dict(ids: Sequence[str], weights: torch.Tensor) -> dict[str, float]:
+    return dict(zip(ids, (float(x) for x in weights.tolist()), strict=True))
+
+
+def metropolis_hastings(
+    own_degree: int, updates: Sequence[PeerUpdate], device: torch.device
+) -> torch.Tensor:
+    """W_ij = 1 / (max(deg_i, deg_j) + 1) for each sender j (float64).
+
+    The self weight 1 - sum is left to the caller. A node that hears from more
+    peers than its own degree would get a negative self weight, so that is a
+    caller error.
+    """
+    if own_degree < len(updates):
+        raise ValueError(f"own_degree {own_degree} < number of updates {len(updates)}")
+    degrees = torch.tensor([u.degree for u in updates], dtype=torch.float64, device=device)
+    if bool((degrees < 1).any()):
+        raise ValueError("peer degrees must be >= 1")
+    return 1.0 / (torch.clamp(degrees, min=float(own_degree)) + 1.0)
+
+
+# ---------------------------------------------------------------------------
+# Registry
+
+_REGISTRY: dict[str, type[Aggregator]] = {}
+A = TypeVar("A", bound=type[Aggregator])
+
+
+def register_aggregator(name: str) -> Callable[[A], A]:
+    """Class decorator: make ``cls`` available as ``get_aggregator(name)``.
+
+    One name per class: variants that differ only in option defaults (``krum``
+    and ``multi-krum``) are separate subclasses, so ``instance.name`` is always
+    the registered name.
+    """
+
+    def deco(cls: A) -> A:
+        if name in _REGISTRY:
+            raise RuntimeError(f"aggregator {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_aggregators() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_aggregator(name: str, **options: Any) -> Aggregator:
+    """Build the aggregator registered as ``name`` with typed options.
+
+    Raises ConfigError for an unknown name, an unknown option or a bad value.
+    """
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ConfigError(
+            f"unknown aggregator {name!r}; known: {', '.join(available_aggregators())}"
+        )
+    fields = {f.name for f in dataclasses.fields(cls.Options)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(
+            f"aggregator {name!r}: unknown option(s) {unknown}; known: {sorted(fields)}"
+        )
+    try:
+        opts = cls.Options(**options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"aggregator {name!r}: {exc}") from exc
+    return cls(opts)
+
+
+def require(condition: bool, message: str) -> None:
+    """Option validation helper: one line per rule in each Options.validate()."""
+    if not condition:
+        raise ConfigError(message)

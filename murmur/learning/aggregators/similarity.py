@@ -1,0 +1,81 @@
+"""FoolsGold similarity core (SPECS section 2, steps 1-5), shared by FoolsGold and SybilWall.
+
+Input is a set of accumulated update histories, one per row. Sybils controlled by
+one attacker push the model in the same direction every round, so their
+histories are nearly parallel; honest peers with different data are not. The
+core turns pairwise cosine similarity into a weight in [0, 1] per history:
+
+1. cs_ab = cos(H_a, H_b), diagonal set to 0 (a history is not its own witness).
+2. v_a = max_b cs_ab + 1e-5 (always > 0 because the zeroed diagonal is in the max).
+3. Pardoning: if v_a < v_b then cs_ab <- cs_ab * v_a / v_b, so an honest peer that
+   merely resembles a suspicious cluster is not punished as hard as the cluster.
+4. w_a = clip(1 - max_b cs_ab, 0, 1); w <- w / max(w); w == 1 -> 0.99.
+5. w_a = clip(kappa * (logit(w_a) + 0.5), 0, 1).
+
+The cosine matrix comes from ONE matmul: the Gram matrix G = H H^T is computed
+once and normalised by sqrt(diag(G)) afterwards. That equals the matmul of the
+row-normalised histories without materialising a normalised copy of an
+(n, d) matrix with d in the millions. The O(n^2) tail runs in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PARDON_EPS = 1e-5
+WEIGHT_CAP = 0.99
+LOGIT_SHIFT = 0.5
+DEFAULT_KAPPA = 1.0
+
+
+def gram_matrix(rows: torch.Tensor, feature_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """G = rows @ rows^T (float64 result of one float32 matmul).
+
+    ``feature_weights`` (length d, >= 0) gives the weighted inner product
+    sum_k m_k a_k b_k used by FoolsGold's importance mask.
+    """
+    if feature_weights is None:
+        g = rows @ rows.T
+    else:
+        g = (rows * feature_weights) @ rows.T
+    return g.to(torch.float64)
+
+
+def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity matrix from a Gram matrix; rows with zero norm get 0."""
+    g = gram.to(torch.float64)
+    norms = g.diagonal().clamp_min(0.0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    cs = torch.where(denom > 0, g / torch.where(denom > 0, denom, 1.0), 0.0)
+    return cs.clamp_(-1.0, 1.0)
+
+
+def cosine_matrix(rows: torch.Tensor, feature_weights: torch.Tensor | None = None) -> torch.Tensor:
+    return cosine_from_gram(gram_matrix(rows, feature_weights))
+
+
+def foolsgold_weights(cs: torch.Tensor, kappa: float = DEFAULT_KAPPA) -> torch.Tensor:
+    """Steps 1-5 on a cosine matrix (its diagonal is ignored). Returns float64 weights in [0, 1].
+
+    Edge cases: fewer than two histories -> weight 1 (nothing to compare with);
+    every history identical -> every weight 0 (max(w) == 0, no division);
+    NaN similarities (from non-finite input) count as 0; the output is NaN-free.
+    """
+    n = cs.shape[0]
+    if cs.dim() != 2 or cs.shape[1] != n:
+        raise ValueError(f"cosine matrix must be square, got {tuple(cs.shape)}")
+    if n < 2:
+        return torch.ones(n, dtype=torch.float64, device=cs.device)
+    cs = torch.nan_to_num(cs.to(torch.float64), nan=0.0, posinf=1.0, neginf=-1.0).clone()
+    cs.fill_diagonal_(0.0)
+    v = cs.max(dim=1).values + PARDON_EPS
+    pardon = v[:, None] < v[None, :]
+    cs = torch.where(pardon, cs * (v[:, None] / v[None, :]), cs)
+    w = (1.0 - cs.max(dim=1).values).clamp(0.0, 1.0)
+    top = w.max()
+    if not bool(top > 0):
+        return torch.zeros(n, dtype=torch.float64, device=cs.device)
+    w = w / top
+    w = torch.where(w >= 1.0, WEIGHT_CAP, w)
+    w = (kappa * (torch.logit(w) + LOGIT_SHIFT)).clamp(0.0, 1.0)
+    return torch.nan_to_num(w, nan=0.0)
