@@ -38,6 +38,12 @@ FRAME_LENGTH = struct.Struct(">I")
 TYPE_LEN = 1
 FRAME_OVERHEAD = TYPE_LEN + TAG_LEN  # ciphertext bytes beyond the payload
 DEFAULT_SCRATCH_BYTES = 256 * 1024  # frames up to this size are parsed in place
+# Handshake messages travel as in libp2p-noise: u16 big-endian length, then the
+# Noise message. XX messages with our payload are 32/200/168 bytes; anything
+# far beyond that is an attack, so the cap is much tighter than Noise's 65535.
+HANDSHAKE_LENGTH = struct.Struct(">H")
+MAX_HANDSHAKE_MESSAGE = 1024
+HANDSHAKE_SCRATCH_BYTES = 16 * 1024
 
 
 class FrameType(enum.IntEnum):
@@ -58,10 +64,10 @@ class Frame:
 class LengthPrefixedReader:
     """Incremental splitter of ``prefix | body`` records, sans-IO.
 
-    ``buffer_updated`` returns the bodies completed by the last read as
-    memoryviews that stay valid only until the next ``get_buffer`` call: the
-    caller must consume (decrypt, copy) them at once. That contract is what
-    lets small records be read without any intermediate copy.
+    ``next_body`` returns a completed body as a memoryview that stays valid
+    only until the next ``get_buffer`` call: the caller must consume (decrypt,
+    copy) it at once. That contract is what lets small records be read
+    without any intermediate copy.
     """
 
     def __init__(
@@ -105,37 +111,52 @@ class LengthPrefixedReader:
             self._view[:live] = bytes(self._view[self._start : self._end])
         self._start, self._end = 0, live
 
-    def buffer_updated(self, nbytes: int) -> list[memoryview]:
-        bodies: list[memoryview] = []
+    def buffer_updated(self, nbytes: int) -> None:
+        """Account for ``nbytes`` written into the last ``get_buffer`` view."""
         if self._big is not None:
             self._big_filled += nbytes
+        else:
+            self._end += nbytes
+
+    def next_body(self) -> memoryview | None:
+        """The next complete body, or ``None`` until more bytes arrive.
+
+        Parsing is one record at a time so a caller can stop between records
+        (the handshake hands the rest to the frame decoder).
+        """
+        if self._big is not None:
             if self._big_filled < len(self._big):
-                return bodies
-            bodies.append(memoryview(self._big))
+                return None
+            body = memoryview(self._big)
             self._big = None
-            return bodies
-        self._end += nbytes
+            return body
         psize = self._prefix.size
-        while self._end - self._start >= psize:
-            (length,) = self._prefix.unpack_from(self._scratch, self._start)
-            if length > self.max_body:
-                raise FrameTooLarge(f"length prefix {length} exceeds the maximum {self.max_body}")
-            if length < self.min_body:
-                raise FrameError(f"record of {length} bytes is shorter than the minimum {self.min_body}")
-            body_start = self._start + psize
-            available = self._end - body_start
-            if available >= length:
-                bodies.append(self._view[body_start : body_start + length])
-                self._start = body_start + length
-                continue
-            if psize + length > len(self._scratch):
-                # Large record: give it its own buffer, sized by the (checked) prefix.
-                self._big = bytearray(length)
-                self._big[:available] = self._view[body_start : self._end]
-                self._big_filled = available
-                self._start = self._end = 0
-            break
-        return bodies
+        if self._end - self._start < psize:
+            return None
+        (length,) = self._prefix.unpack_from(self._scratch, self._start)
+        if length > self.max_body:
+            raise FrameTooLarge(f"length prefix {length} exceeds the maximum {self.max_body}")
+        if length < self.min_body:
+            raise FrameError(f"record of {length} bytes is shorter than the minimum {self.min_body}")
+        body_start = self._start + psize
+        available = self._end - body_start
+        if available >= length:
+            self._start = body_start + length
+            return self._view[body_start : self._start]
+        if psize + length > len(self._scratch):
+            # Large record: its own buffer, sized by the (already checked) prefix,
+            # which the socket then fills directly.
+            self._big = bytearray(length)
+            self._big[:available] = self._view[body_start : self._end]
+            self._big_filled = available
+            self._start = self._end = 0
+        return None
+
+    def bodies(self) -> list[memoryview]:
+        out = []
+        while (body := self.next_body()) is not None:
+            out.append(body)
+        return out
 
     def take_pending(self) -> bytes:
         """Hand the unparsed tail to another reader (handshake -> frames)."""
@@ -171,7 +192,8 @@ class FrameDecoder:
         if self._failed is not None:
             raise self._failed
         try:
-            return [self._open(body) for body in self._reader.buffer_updated(nbytes)]
+            self._reader.buffer_updated(nbytes)
+            return [self._open(body) for body in self._reader.bodies()]
         except (FrameError, DecryptError) as exc:
             self._failed = exc
             raise

@@ -433,11 +433,22 @@ class Libp2pNoiseHandshake:
     that arrives; both return the next message to send (or ``None``). When
     ``complete`` is true, ``remote_peer`` is the proved identity and ``split()``
     gives the transport CipherStates.
+
+    ``expected`` (a dialler's target) is checked the moment the responder's
+    identity is proved, *before* message 3 reveals our own identity to a peer
+    we did not mean to talk to.
     """
 
-    def __init__(self, identity: Identity, initiator: bool, static: X25519PrivateKey | None = None) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        initiator: bool,
+        static: X25519PrivateKey | None = None,
+        expected: PeerId | None = None,
+    ) -> None:
         self.identity = identity
         self.initiator = initiator
+        self.expected = expected
         self._hs = HandshakeState(initiator, static or X25519PrivateKey.generate())
         self.remote_peer: PeerId | None = None
 
@@ -467,7 +478,10 @@ class Libp2pNoiseHandshake:
 
     def _prove(self, payload: bytes) -> None:
         assert self._hs.rs is not None
-        self.remote_peer = HandshakePayload.decode(payload).verify(self._hs.rs)
+        peer = HandshakePayload.decode(payload).verify(self._hs.rs)
+        if self.expected is not None and peer != self.expected:
+            raise IdentityMismatch(f"expected {self.expected.short()}, peer proved {peer.short()}")
+        self.remote_peer = peer
 
     def split(self) -> tuple[CipherState, CipherState]:
         """``(send, receive)`` CipherStates; only after the peer's identity is proved."""

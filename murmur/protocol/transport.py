@@ -1,0 +1,611 @@
+"""Encrypted, mutually authenticated TCP connections between murmur nodes.
+
+One :class:`asyncio.BufferedProtocol` per TCP connection runs the libp2p-noise
+XX handshake (:mod:`murmur.protocol.noise`) and then the AEAD frame codec
+(:mod:`murmur.protocol.framing`). The event loop (uvloop in the daemon)
+receives straight into the frame buffers, so a 4 MiB frame costs one socket
+copy and one decryption, no reassembly.
+
+Everything a stranger can make us spend is bounded:
+
+* connect / handshake / idle timeouts (a slowloris peer is cut by the first
+  that applies; idle means "no complete frame", so dribbling bytes does not
+  count as activity);
+* inbound connections overall and per /24 (IPv4) or /48 (IPv6), counted from
+  TCP accept, i.e. half-open handshakes count too;
+* per-peer receive rate (token bucket) and unread backlog: both pause reading
+  on the socket, so TCP flow control pushes back on the sender and nothing is
+  dropped;
+* send-side buffered memory: ``send()`` waits while the socket's write buffer
+  is above ``max_peer_buffered_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import itertools
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from murmur.errors import (
+    FrameError,
+    HandshakeError,
+    MurmurError,
+    PeerFault,
+    TimeoutFault,
+)
+from murmur.protocol.framing import (
+    FRAME_OVERHEAD,
+    HANDSHAKE_LENGTH,
+    HANDSHAKE_SCRATCH_BYTES,
+    MAX_HANDSHAKE_MESSAGE,
+    Frame,
+    FrameDecoder,
+    FrameEncoder,
+    FrameType,
+    LengthPrefixedReader,
+)
+from murmur.protocol.identity import Identity, PeerId
+from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.noise import Libp2pNoiseHandshake
+from murmur.tasks import TaskManager
+
+log = logging.getLogger(__name__)
+
+IPV4_SUBNET_PREFIX = 24
+IPV6_SUBNET_PREFIX = 48
+RATE_BURST_S = 0.1  # token-bucket depth, in seconds of the allowed rate
+MAX_PING_PAYLOAD = 64
+CLOSE_WAIT_S = 1.0  # how long close() waits for the socket to finish flushing
+
+
+class ConnectionClosed(MurmurError):
+    """The connection is closed (by us, by the peer, or after a fault).
+
+    Not a :class:`PeerFault`: a peer hanging up is normal. When a fault caused
+    the close, ``recv()`` raises that fault once and this afterwards.
+    """
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    """Every transport bound, named once; all overridable from config."""
+
+    max_frame: int = 4 * 1024 * 1024  # plaintext bytes per frame (one message)
+    connect_timeout_s: float = 5.0
+    handshake_timeout_s: float = 5.0
+    idle_timeout_s: float = 60.0  # no frame at all (pings count) -> close
+    ping_interval_s: float = 15.0
+    max_inbound: int = 256
+    max_inbound_per_subnet: int = 16  # /24 IPv4, /48 IPv6
+    max_peer_rate_bytes_s: float = 512 * 1024 * 1024
+    max_peer_buffered_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_frame <= 0 or self.max_peer_buffered_bytes <= 0 or self.max_peer_rate_bytes_s <= 0:
+            raise ValueError("transport sizes and rates must be positive")
+        if self.ping_interval_s >= self.idle_timeout_s:
+            raise ValueError("ping_interval_s must be shorter than idle_timeout_s, or live peers time out")
+
+
+def subnet_of(host: str) -> str:
+    """The /24 (IPv4) or /48 (IPv6) an address belongs to; IPv4-mapped IPv6 counts as IPv4."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = IPV4_SUBNET_PREFIX if ip.version == 4 else IPV6_SUBNET_PREFIX
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+class TokenBucket:
+    """Byte budget refilled at ``rate`` up to ``burst``; may go into debt.
+
+    Debt is how backpressure works here: the bytes already arrived (we never
+    drop authenticated data), and reading pauses until the debt is repaid.
+    """
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._stamp = clock()
+
+    def consume(self, nbytes: int) -> float:
+        """Take ``nbytes``; return seconds to wait before reading more (0 if none)."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= nbytes
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+class _ReadPause(enum.Enum):
+    RATE = "rate"
+    BACKLOG = "backlog"
+
+
+class SecureConnection:
+    """An authenticated, encrypted connection to ``peer_id``.
+
+    ``send`` and ``recv`` carry whole messages (one frame each). Ping, pong and
+    close frames are handled here and never reach ``recv``. ``bytes_sent`` /
+    ``bytes_received`` count DATA payload bytes.
+    """
+
+    def __init__(
+        self,
+        tr: asyncio.Transport,
+        encoder: FrameEncoder,
+        peer_id: PeerId,
+        remote: tuple[str, int],
+        outbound: bool,
+        limits: TransportLimits,
+        conn_no: int,
+    ) -> None:
+        self.peer_id = peer_id
+        self.remote = remote
+        self.outbound = outbound
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.name = f"conn-{conn_no}"
+        self._tr = tr
+        self._encoder = encoder
+        self._limits = limits
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closed = False
+        self._fault: PeerFault | None = None
+        self._lost = asyncio.get_running_loop().create_future()
+        self._paused: set[_ReadPause] = set()
+        self._resume_timer: asyncio.TimerHandle | None = None
+        self._bucket = TokenBucket(
+            limits.max_peer_rate_bytes_s,
+            max(limits.max_peer_rate_bytes_s * RATE_BURST_S, limits.max_frame + FRAME_OVERHEAD),
+        )
+        now = time.monotonic()
+        self._last_rx = now
+        self._last_ping = now
+        self._tasks = TaskManager(f"{self.name} {peer_id.short()}")
+        tick = min(limits.ping_interval_s, limits.idle_timeout_s / 4)
+        self._tasks.periodic("keepalive", tick, self._keepalive, delay_s=tick)
+
+    # --- public API -----------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def send(self, payload: bytes | bytearray | memoryview) -> None:
+        """Send one message (<= ``max_frame`` bytes, else ``ValueError``).
+
+        Waits while the socket's write buffer is over ``max_peer_buffered_bytes``.
+        """
+        while not self._writable.is_set() and not self._closed:
+            await self._writable.wait()
+        if self._closed:
+            raise ConnectionClosed(f"connection to {self.peer_id.short()} is closed") from self._fault
+        self._tr.write(self._encoder.encode(FrameType.DATA, payload))
+        self.bytes_sent += len(payload)
+
+    async def recv(self) -> bytes:
+        """Next message. Raises the fault that closed the connection once, then ConnectionClosed."""
+        while not self._queue:
+            if self._closed:
+                fault, self._fault = self._fault, None
+                if fault is not None:
+                    raise fault
+                raise ConnectionClosed(f"connection to {self.peer_id.short()} is closed")
+            self._readable.clear()
+            await self._readable.wait()
+        payload = self._queue.popleft()
+        self._queued_bytes -= len(payload)
+        if _ReadPause.BACKLOG in self._paused and self._queued_bytes <= self._limits.max_peer_buffered_bytes // 2:
+            self._resume(_ReadPause.BACKLOG)
+        return payload
+
+    async def close(self) -> None:
+        """Say goodbye (CLOSE frame), flush, and stop the connection's tasks."""
+        self._shutdown(None, say_goodbye=True)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._lost), CLOSE_WAIT_S)
+        except TimeoutError:
+            self._tr.abort()
+        await self._tasks.shutdown()
+
+    def __repr__(self) -> str:
+        direction = "out" if self.outbound else "in"
+        return f"<SecureConnection {self.name} {direction} {self.peer_id.short()} {self.remote[0]}:{self.remote[1]}>"
+
+    # --- called by the protocol ---------------------------------------------------
+
+    def _on_frames(self, frames: list[Frame]) -> None:
+        if not frames or self._closed:
+            return
+        self._last_rx = time.monotonic()
+        wire_bytes = 0
+        for frame in frames:
+            wire_bytes += len(frame.payload) + FRAME_OVERHEAD
+            if frame.type is FrameType.DATA:
+                self._queue.append(frame.payload)
+                self._queued_bytes += len(frame.payload)
+                self.bytes_received += len(frame.payload)
+            elif frame.type is FrameType.PING:
+                if len(frame.payload) > MAX_PING_PAYLOAD:
+                    self._fail(FrameError(f"ping payload of {len(frame.payload)} bytes"))
+                    return
+                self._tr.write(self._encoder.encode(FrameType.PONG, frame.payload))
+            elif frame.type is FrameType.CLOSE:
+                log.debug("peer closed", extra=self._log_fields(event="peer_close"))
+                self._shutdown(None, say_goodbye=False)
+                break
+            # PONG: liveness only, already recorded in _last_rx
+        if self._queue:
+            self._readable.set()
+        if self._closed:
+            return
+        if self._queued_bytes > self._limits.max_peer_buffered_bytes:
+            self._pause(_ReadPause.BACKLOG)
+        delay = self._bucket.consume(wire_bytes)
+        if delay > 0 and _ReadPause.RATE not in self._paused:
+            self._pause(_ReadPause.RATE)
+            self._resume_timer = asyncio.get_running_loop().call_later(delay, self._resume, _ReadPause.RATE)
+
+    def _fail(self, fault: PeerFault) -> None:
+        log.warning(
+            "connection fault", extra=self._log_fields(event="fault", fault=type(fault).__name__, detail=str(fault))
+        )
+        self._shutdown(fault, say_goodbye=False)
+
+    def _on_eof(self) -> None:
+        self._shutdown(None, say_goodbye=False)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self._shutdown(None, say_goodbye=False)
+
+    def _set_writable(self, writable: bool) -> None:
+        if writable:
+            self._writable.set()
+        else:
+            self._writable.clear()
+
+    # --- internals --------------------------------------------------------------
+
+    def _shutdown(self, fault: PeerFault | None, say_goodbye: bool) -> None:
+        """Synchronous core of every close path (safe from callbacks and from our own tasks)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fault = fault
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+        self._tasks.cancel("keepalive")
+        if fault is not None:
+            self._tr.abort()
+        else:
+            if say_goodbye and not self._tr.is_closing():
+                self._tr.write(self._encoder.encode(FrameType.CLOSE))
+            self._tr.close()
+        self._readable.set()
+        self._writable.set()
+
+    def _pause(self, reason: _ReadPause) -> None:
+        if not self._paused:
+            self._tr.pause_reading()
+        self._paused.add(reason)
+
+    def _resume(self, reason: _ReadPause) -> None:
+        if reason is _ReadPause.RATE:
+            self._resume_timer = None
+        self._paused.discard(reason)
+        if not self._paused and not self._closed:
+            self._tr.resume_reading()
+
+    async def _keepalive(self) -> None:
+        now = time.monotonic()
+        if now - self._last_rx >= self._limits.idle_timeout_s:
+            self._fail(TimeoutFault(f"no frame for {now - self._last_rx:.1f}s"))
+        elif now - self._last_ping >= self._limits.ping_interval_s:
+            self._last_ping = now
+            self._tr.write(self._encoder.encode(FrameType.PING, now.hex().encode()[:MAX_PING_PAYLOAD]))
+
+    def _log_fields(self, **fields: object) -> dict[str, object]:
+        return {"conn": self.name, "peer": str(self.peer_id), "remote": f"{self.remote[0]}:{self.remote[1]}", **fields}
+
+
+class _SecureProtocol(asyncio.BufferedProtocol):
+    """One TCP connection: handshake, then frames handed to its SecureConnection."""
+
+    def __init__(self, owner: Transport, outbound: bool, conn_no: int, expected: PeerId | None = None) -> None:
+        self._owner = owner
+        self.outbound = outbound
+        self.conn_no = conn_no
+        self._limits = owner.limits
+        self._hs = Libp2pNoiseHandshake(owner.identity, initiator=outbound, expected=expected)
+        self._hs_reader = LengthPrefixedReader(HANDSHAKE_LENGTH, MAX_HANDSHAKE_MESSAGE, 1, HANDSHAKE_SCRATCH_BYTES)
+        self._decoder: FrameDecoder | None = None
+        self.conn: SecureConnection | None = None
+        self.handshake_done: asyncio.Future[SecureConnection] = asyncio.get_running_loop().create_future()
+        self.tr: asyncio.Transport | None = None
+        self.remote: tuple[str, int] = ("?", 0)
+        self.subnet: str | None = None
+
+    # --- asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.tr = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not an asyncio.Transport subclass
+        peername = transport.get_extra_info("peername")
+        self.remote = (str(peername[0]), int(peername[1])) if peername else ("?", 0)
+        transport.set_write_buffer_limits(high=self._limits.max_peer_buffered_bytes)
+        if not self._owner._admit(self):
+            transport.abort()
+            return
+        try:
+            self._write_handshake(self._hs.start())
+        except PeerFault as exc:
+            self.fail(exc)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._decoder is not None:
+            return self._decoder.get_buffer(sizehint)
+        return self._hs_reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self._decoder is not None:
+                frames = self._decoder.buffer_updated(nbytes)
+                assert self.conn is not None
+                self.conn._on_frames(frames)
+            else:
+                self._hs_reader.buffer_updated(nbytes)
+                self._advance_handshake()
+        except PeerFault as exc:
+            self.fail(exc)
+
+    def eof_received(self) -> bool:
+        try:
+            if self._decoder is not None:
+                self._decoder.at_eof()
+                assert self.conn is not None
+                self.conn._on_eof()
+            else:
+                self._hs_reader.at_eof()
+                raise HandshakeError("peer closed the connection during the handshake")
+        except PeerFault as exc:
+            self.fail(exc)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner._forget(self)
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(ConnectionClosed(f"connection lost during handshake: {exc}"))
+            self.handshake_done.exception()  # retrieved: the waiter may already have timed out
+        if self.conn is not None:
+            self.conn._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.conn is not None:
+            self.conn._set_writable(False)
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn._set_writable(True)
+
+    # --- handshake -----------------------------------------------------------------
+
+    def _write_handshake(self, message: bytes | None) -> None:
+        if message is not None:
+            assert self.tr is not None
+            self.tr.write(HANDSHAKE_LENGTH.pack(len(message)) + message)
+
+    def _advance_handshake(self) -> None:
+        while not self._hs.complete:
+            body = self._hs_reader.next_body()
+            if body is None:
+                return
+            self._write_handshake(self._hs.receive(bytes(body)))
+        self._open_session()
+
+    def _open_session(self) -> None:
+        assert self.tr is not None and self._hs.remote_peer is not None
+        send, receive = self._hs.split()
+        self._decoder = FrameDecoder(receive, self._limits.max_frame)
+        self.conn = SecureConnection(
+            self.tr,
+            FrameEncoder(send, self._limits.max_frame),
+            self._hs.remote_peer,
+            self.remote,
+            self.outbound,
+            self._limits,
+            self.conn_no,
+        )
+        if not self.handshake_done.done():
+            self.handshake_done.set_result(self.conn)
+        tail = self._hs_reader.take_pending()
+        if tail:
+            self.conn._on_frames(self._decoder.feed(tail))
+
+    # --- failure ------------------------------------------------------------------
+
+    def fail(self, fault: PeerFault) -> None:
+        """Record ``fault`` and drop the connection (no goodbye to a misbehaving peer)."""
+        if self.conn is not None:
+            self.conn._fail(fault)
+            return
+        log.warning(
+            "handshake failed",
+            extra={
+                "event": "handshake_failed",
+                "conn": f"conn-{self.conn_no}",
+                "remote": f"{self.remote[0]}:{self.remote[1]}",
+                "outbound": self.outbound,
+                "fault": type(fault).__name__,
+                "detail": str(fault),
+            },
+        )
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(fault)
+            self.handshake_done.exception()
+        if self.tr is not None:
+            self.tr.abort()
+
+
+class Transport:
+    """Listens and dials; hands every authenticated connection to ``on_connection``.
+
+    ``on_connection(conn)`` runs once per connection (inbound and outbound) as
+    its own named task and owns the ``recv()`` loop; the connection stays
+    open when it returns. ``dial`` raises ``OSError`` when the TCP connect
+    fails, :class:`TimeoutFault`, :class:`HandshakeError` or
+    :class:`IdentityMismatch`.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        on_connection: Callable[[SecureConnection], Awaitable[None]],
+        limits: TransportLimits = TransportLimits(),
+    ) -> None:
+        self.identity = identity
+        self.limits = limits
+        self._on_connection = on_connection
+        self._tasks = TaskManager(f"transport {identity.peer_id.short()}")
+        self._servers: list[asyncio.AbstractServer] = []
+        self._protocols: set[_SecureProtocol] = set()
+        self._inbound_total = 0
+        self._inbound_by_subnet: Counter[str] = Counter()
+        self._conn_numbers = itertools.count(1)
+        self._closing = False
+
+    async def __aenter__(self) -> Transport:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def connections(self) -> list[SecureConnection]:
+        return [p.conn for p in self._protocols if p.conn is not None and not p.conn.closed]
+
+    async def listen(self, host: str, port: int) -> list[Multiaddr]:
+        """Start accepting on ``host:port`` (0 = any free port); returns the bound addresses."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _SecureProtocol(self, outbound=False, conn_no=next(self._conn_numbers)),
+            host,
+            port,
+            reuse_address=True,
+        )
+        self._servers.append(server)
+        addrs = []
+        for sock in server.sockets:
+            bound_host, bound_port = sock.getsockname()[:2]
+            addrs.append(Multiaddr(bound_host, bound_port, self.identity.peer_id))
+        log.info("listening", extra={"event": "listen", "addrs": [str(a) for a in addrs]})
+        return addrs
+
+    async def dial(self, addr: Multiaddr) -> SecureConnection:
+        """Connect, handshake, and prove ``addr.peer_id`` if set (else :class:`IdentityMismatch`)."""
+        if self._closing:
+            raise ConnectionClosed("transport is closed")
+        loop = asyncio.get_running_loop()
+        conn_no = next(self._conn_numbers)
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _SecureProtocol(self, outbound=True, conn_no=conn_no, expected=addr.peer_id),
+                    addr.host,
+                    addr.port,
+                ),
+                self.limits.connect_timeout_s,
+            )
+        except TimeoutError:
+            raise TimeoutFault(f"connect to {addr} timed out after {self.limits.connect_timeout_s}s") from None
+        conn = await self._await_handshake(proto)
+        self._start_session(conn)
+        return conn
+
+    async def close(self) -> None:
+        """Stop listening, close every connection, cancel every task."""
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        conns = [p.conn for p in self._protocols if p.conn is not None]
+        for proto in list(self._protocols):
+            if proto.conn is None and proto.tr is not None:
+                proto.tr.abort()
+        await asyncio.gather(*(conn.close() for conn in conns), return_exceptions=True)
+        await self._tasks.shutdown()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    # --- internals --------------------------------------------------------------
+
+    async def _await_handshake(self, proto: _SecureProtocol) -> SecureConnection:
+        try:
+            return await asyncio.wait_for(asyncio.shield(proto.handshake_done), self.limits.handshake_timeout_s)
+        except TimeoutError:
+            fault = TimeoutFault(f"handshake not finished within {self.limits.handshake_timeout_s}s")
+            proto.fail(fault)
+            raise fault from None
+
+    def _admit(self, proto: _SecureProtocol) -> bool:
+        """Track every live TCP connection; enforce the inbound caps at accept time."""
+        if self._closing:
+            return False
+        if not proto.outbound:
+            subnet = subnet_of(proto.remote[0])
+            reason = None
+            if self._inbound_total >= self.limits.max_inbound:
+                reason = "max_inbound"
+            elif self._inbound_by_subnet[subnet] >= self.limits.max_inbound_per_subnet:
+                reason = "max_inbound_per_subnet"
+            if reason is not None:
+                log.warning(
+                    "inbound connection refused",
+                    extra={"event": "inbound_refused", "remote": f"{proto.remote[0]}:{proto.remote[1]}",
+                           "subnet": subnet, "limit": reason},
+                )
+                return False
+            proto.subnet = subnet
+            self._inbound_total += 1
+            self._inbound_by_subnet[subnet] += 1
+            self._tasks.spawn(f"accept-{proto.conn_no}", lambda: self._accept(proto))
+        self._protocols.add(proto)
+        return True
+
+    def _forget(self, proto: _SecureProtocol) -> None:
+        if proto not in self._protocols:
+            return
+        self._protocols.discard(proto)
+        if proto.subnet is not None:
+            self._inbound_total -= 1
+            self._inbound_by_subnet[proto.subnet] -= 1
+            if not self._inbound_by_subnet[proto.subnet]:
+                del self._inbound_by_subnet[proto.subnet]
+
+    async def _accept(self, proto: _SecureProtocol) -> None:
+        try:
+            conn = await self._await_handshake(proto)
+        except (PeerFault, ConnectionClosed):
+            return  # already logged and dropped by the protocol
+        self._start_session(conn)
+
+    def _start_session(self, conn: SecureConnection) -> None:
+        log.info(
+            "connection open",
+            extra={"event": "connected", "conn": conn.name, "peer": str(conn.peer_id),
+                   "remote": f"{conn.remote[0]}:{conn.remote[1]}", "outbound": conn.outbound},
+        )
+        self._tasks.spawn(f"on_connection-{conn.name}", lambda: self._on_connection(conn))
