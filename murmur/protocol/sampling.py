@@ -1,0 +1,347 @@
+"""Sans-IO peer sampling: Cyclon shuffles, a stable neighbour set, subnet limits.
+
+Two sets of peers live here, with different jobs:
+
+* the **view** (Cyclon's cache, at most ``view_size`` = c descriptors with
+  ages) is a constantly shuffled, near-uniform random sample of the live
+  network. ``sample(n)`` draws from it (gossip-learning partners, MoDeST
+  candidates), and it is the reservoir neighbours are taken from.
+* the **neighbours** (``neighbours(k)``) are the peers this node learns with in
+  D-SGD. They must be *stable*: averaging weights are computed from degrees and
+  pairwise privacy noise needs both ends of an edge to persist. Policy: a
+  neighbour is kept for as long as it is alive; when one is reported failed it
+  is replaced *immediately* by the freshest (lowest-age, i.e. most recently
+  heard from) view entry that is not already a neighbour and keeps the subnet
+  limit. Optionally (``neighbour_rotation_rounds > 0``) the longest-held
+  neighbour is swapped for a fresh one every that many shuffle rounds; this
+  is off by default and exists for networks started from one bootstrap peer,
+  where nodes that fill their neighbour set at once all pick the bootstrap
+  node and make it a hub (see the tests for measured in-degrees).
+
+Cyclon (Voulgaris et al., 2005), as implemented:
+
+* ``start_shuffle()``: age every entry by one, pick the *oldest* entry Q as the
+  target and remove it from the view, send Q up to l-1 other random entries
+  plus our own descriptor with age 0. Picking the oldest makes every link be
+  refreshed or found dead in bounded time, which is what evicts dead peers.
+* ``on_shuffle_request(sender, entries)``: reply with up to l random entries
+  (never the sender), then merge what was received.
+* ``on_shuffle_response(sent, received)``: merge.
+* merge: ignore our own id, failed/blocked peers and peers already in the view
+  (for those only the younger age is kept; addresses are *not* replaced, so
+  nobody can redirect an entry we hold to another address); fill empty slots
+  first, then replace entries we sent to the other side.
+
+Failure detection is the caller's: it reports ``on_failure(peer)`` when a dial,
+shuffle or ping fails. The peer leaves the view and the neighbour set and is
+remembered as failed for ``failed_memory_s`` so that copies of its descriptor
+still circulating in other views are not taken back; ``on_alive(peer)`` clears
+that. Since everyone shuffles with their oldest entry, a dead descriptor is
+dialled — and dropped — within a few rounds wherever it is held.
+
+Subnet buckets (Sybil limit). At most ``max_per_subnet`` (b) entries of the
+view, and at most b neighbours, may share a /24 (IPv4) or /48 (IPv6) subnet,
+judged by an entry's first (dialled) address. One host cannot fill a view with
+identities it minted; addresses it makes up elsewhere fail on dial and are
+evicted. On a local testnet every node is 127.0.0.1, so loopback is exempted
+only by the explicit ``allow_loopback_flood=True`` (or raise b) — never by
+default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from murmur.errors import DecodeError, LimitExceeded
+from murmur.protocol.identity import PeerId
+from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.peertable import parse_peer_entry
+
+IPV4_SUBNET_PREFIX = 24
+IPV6_SUBNET_PREFIX = 48
+MAX_WIRE_AGE = 1 << 20  # ages are shuffle-round counts; anything larger is nonsense
+
+SubnetKey = ipaddress.IPv4Network | ipaddress.IPv6Network
+WireDescriptor = tuple[bytes, list[str], int]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    view_size: int = 20                  # c: Cyclon cache size
+    shuffle_length: int = 8              # l: entries exchanged per shuffle (incl. own)
+    neighbours: int = 6                  # k: default neighbour count
+    max_per_subnet: int = 2              # b: per /24 or /48, in view and neighbour set
+    allow_loopback_flood: bool = False   # exempt 127.0.0.0/8 and ::1 from b (local testnets)
+    neighbour_rotation_rounds: int = 0   # 0 = keep neighbours while alive
+    failed_memory_s: float = 300.0       # how long a failed peer is refused back
+    max_failed_memory: int = 4096        # bound on that memory
+    max_entry_addrs: int = 4             # addresses kept per descriptor
+
+    def __post_init__(self) -> None:
+        if self.view_size < 1 or self.shuffle_length < 1 or self.shuffle_length > self.view_size:
+            raise ValueError("need 1 <= shuffle_length <= view_size")
+        if self.neighbours < 0 or self.max_per_subnet < 1 or self.neighbour_rotation_rounds < 0:
+            raise ValueError("neighbours >= 0, max_per_subnet >= 1, neighbour_rotation_rounds >= 0")
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A Cyclon entry: a peer, where to reach it, and how old this news is."""
+
+    peer: PeerId
+    addrs: tuple[Multiaddr, ...]
+    age: int = 0
+
+    def to_wire(self) -> WireDescriptor:
+        """The ``(peer_raw, [addr str], age)`` form of ShuffleRequest/Response."""
+        return (self.peer.raw, [str(a) for a in self.addrs], self.age)
+
+
+def decode_descriptors(raw: Any, max_entries: int, max_addrs: int) -> list[Descriptor]:
+    """Validate shuffle entries received from the network.
+
+    Raises :class:`LimitExceeded` for more than ``max_entries`` entries or too
+    many addresses, :class:`DecodeError` for anything malformed. Duplicate
+    peers keep their first entry.
+    """
+    if not isinstance(raw, (list, tuple)):
+        raise DecodeError("shuffle entries must be a list")
+    if len(raw) > max_entries:
+        raise LimitExceeded(f"{len(raw)} shuffle entries (max {max_entries})")
+    out: dict[PeerId, Descriptor] = {}
+    for item in raw:
+        if not isinstance(item, (list, tuple)) or len(item) != 3:
+            raise DecodeError("shuffle entry must be (peer, addrs, age)")
+        peer_raw, addr_texts, age = item
+        if isinstance(age, bool) or not isinstance(age, int) or not 0 <= age <= MAX_WIRE_AGE:
+            raise DecodeError(f"bad shuffle entry age {age!r}")
+        peer, addrs = parse_peer_entry(peer_raw, addr_texts, max_addrs)
+        out.setdefault(peer, Descriptor(peer, addrs, age))
+    return list(out.values())
+
+
+def subnet_of(addr: Multiaddr) -> SubnetKey:
+    """The /24 (IPv4) or /48 (IPv6) an address belongs to."""
+    ip = ipaddress.ip_address(addr.host)
+    prefix = IPV4_SUBNET_PREFIX if ip.version == 4 else IPV6_SUBNET_PREFIX
+    return ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+
+
+class CyclonSampler:
+    """Cyclon view + stable neighbour set of one node (sans-IO).
+
+    ``rng`` drives every random choice (seed it for reproducible simulations);
+    ``clock`` only times the failed-peer memory; ``is_blocked`` (e.g.
+    ``PeerTable.is_banned``) keeps peers out of view and neighbours.
+    """
+
+    def __init__(
+        self,
+        self_id: PeerId,
+        self_addrs: Sequence[Multiaddr],
+        config: SamplerConfig | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        is_blocked: Callable[[PeerId], bool] = lambda _peer: False,
+    ) -> None:
+        self.self_id = self_id
+        self.config = config or SamplerConfig()
+        self.self_addrs = tuple(a.without_peer() for a in self_addrs)[: self.config.max_entry_addrs]
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._is_blocked = is_blocked
+        self._view: dict[PeerId, Descriptor] = {}
+        self._neighbours: dict[PeerId, Descriptor] = {}  # insertion order = tenure order
+        self._target_k = self.config.neighbours
+        self._failed: OrderedDict[PeerId, float] = OrderedDict()  # peer -> refuse until
+        self.rounds = 0
+
+    # -- view ----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._view
+
+    def view(self) -> list[Descriptor]:
+        return list(self._view.values())
+
+    def descriptor(self, peer: PeerId) -> Descriptor | None:
+        """Where to reach ``peer`` if it is in the view or a neighbour."""
+        return self._view.get(peer) or self._neighbours.get(peer)
+
+    def self_descriptor(self) -> Descriptor:
+        return Descriptor(self.self_id, self.self_addrs, 0)
+
+    def add(self, peer: PeerId, addrs: Iterable[Multiaddr], age: int = 0) -> bool:
+        """Insert a peer learnt outside Cyclon (bootstrap, peer exchange, mDNS,
+        an inbound connection) if there is room and the subnet limit allows.
+        Returns True iff it is in the view afterwards."""
+        if peer in self._view:
+            return True
+        addr_tuple = tuple(a.without_peer() for a in addrs)[: self.config.max_entry_addrs]
+        desc = Descriptor(peer, addr_tuple, age)
+        if not addr_tuple or len(self._view) >= self.config.view_size or not self._admissible(desc.peer):
+            return False
+        if not self._subnet_ok(desc, self._view.values(), replacing=None):
+            return False
+        self._view[peer] = desc
+        return True
+
+    def sample(self, n: int, rng: random.Random | None = None) -> list[PeerId]:
+        """Up to ``n`` distinct peers drawn uniformly from the view."""
+        peers = list(self._view)
+        return (rng or self._rng).sample(peers, min(n, len(peers)))
+
+    # -- neighbours ----------------------------------------------------------
+    def neighbours(self, k: int | None = None) -> list[PeerId]:
+        """The current k neighbours (filled from the view if short); see module doc."""
+        if k is not None:
+            self._target_k = k
+            for peer in list(self._neighbours)[k:]:  # shrink: drop the most recent
+                del self._neighbours[peer]
+        self._fill_neighbours()
+        return list(self._neighbours)
+
+    def neighbour_descriptors(self) -> list[Descriptor]:
+        return list(self._neighbours.values())
+
+    def _fill_neighbours(self, exclude: frozenset[PeerId] = frozenset()) -> list[PeerId]:
+        added: list[PeerId] = []
+        if len(self._neighbours) >= self._target_k:
+            return added
+        # Freshest first: the lowest age is the most recent sign of life.
+        for desc in sorted(self._view.values(), key=lambda d: d.age):
+            if len(self._neighbours) >= self._target_k:
+                break
+            if desc.peer in self._neighbours or desc.peer in exclude or not self._admissible(desc.peer):
+                continue
+            if not self._subnet_ok(desc, self._neighbours.values(), replacing=None):
+                continue
+            self._neighbours[desc.peer] = desc
+            added.append(desc.peer)
+        return added
+
+    def _rotate_neighbour(self) -> None:
+        """Swap the longest-held neighbour for the freshest candidate, if any."""
+        if not self._neighbours or len(self._neighbours) < self._target_k:
+            return
+        oldest = next(iter(self._neighbours))
+        desc = self._neighbours.pop(oldest)
+        if not self._fill_neighbours(exclude=frozenset({oldest})):
+            self._neighbours[oldest] = desc  # nobody to swap with: keep it
+
+    # -- failure detection ---------------------------------------------------
+    def on_failure(self, peer: PeerId) -> list[PeerId]:
+        """``peer`` did not answer: drop it everywhere, refuse it back for a
+        while, and return the neighbours added in its place (connect to them)."""
+        self._view.pop(peer, None)
+        was_neighbour = self._neighbours.pop(peer, None) is not None
+        self._failed[peer] = self._clock() + self.config.failed_memory_s
+        self._failed.move_to_end(peer)
+        while len(self._failed) > self.config.max_failed_memory:
+            self._failed.popitem(last=False)
+        return self._fill_neighbours() if was_neighbour else []
+
+    def on_alive(self, peer: PeerId) -> None:
+        """Direct evidence ``peer`` is up (it connected, answered): forget a failure."""
+        self._failed.pop(peer, None)
+
+    def _admissible(self, peer: PeerId) -> bool:
+        if peer == self.self_id or self._is_blocked(peer):
+            return False
+        until = self._failed.get(peer)
+        if until is None:
+            return True
+        if until <= self._clock():
+            del self._failed[peer]
+            return True
+        return False
+
+    # -- Cyclon shuffle --------------------------------------------------------
+    def start_shuffle(self) -> tuple[Descriptor, list[Descriptor]] | None:
+        """Begin one shuffle round. Returns ``(target, entries)`` to send to
+        ``target`` in a ShuffleRequest, or None if the view is empty. If the
+        target turns out dead, report ``on_failure(target.peer)``."""
+        if not self._view:
+            return None
+        self.rounds += 1
+        self._view = {p: replace(d, age=d.age + 1) for p, d in self._view.items()}
+        target = max(self._view.values(), key=lambda d: d.age)
+        del self._view[target.peer]
+        others = self._rng.sample(list(self._view.values()), min(self.config.shuffle_length - 1, len(self._view)))
+        rotation = self.config.neighbour_rotation_rounds
+        if rotation and self.rounds % rotation == 0:
+            self._rotate_neighbour()
+        return target, [self.self_descriptor(), *others]
+
+    def on_shuffle_request(self, sender: PeerId, entries: Sequence[Descriptor]) -> list[Descriptor]:
+        """Answer a shuffle from ``sender``: up to l random entries of ours
+        (never the sender itself), then merge what it sent."""
+        pool = [d for d in self._view.values() if d.peer != sender]
+        reply = self._rng.sample(pool, min(self.config.shuffle_length, len(pool)))
+        self._merge(entries, reply)
+        return reply
+
+    def on_shuffle_response(self, entries_sent: Sequence[Descriptor], entries_received: Sequence[Descriptor]) -> None:
+        """Merge the reply to our shuffle; slots of what we sent are reused."""
+        self._merge(entries_received, entries_sent)
+
+    def _merge(self, received: Sequence[Descriptor], sent: Sequence[Descriptor]) -> None:
+        replaceable = [d.peer for d in sent if d.peer != self.self_id]
+        for entry in received:
+            if not entry.addrs or not self._admissible(entry.peer):
+                continue
+            held = self._view.get(entry.peer)
+            if held is not None:
+                if entry.age < held.age:
+                    self._view[entry.peer] = replace(held, age=entry.age)
+                continue
+            victim: PeerId | None = None
+            if len(self._view) >= self.config.view_size:
+                while replaceable and victim is None:
+                    candidate = replaceable.pop(0)
+                    if candidate in self._view:
+                        victim = candidate
+                if victim is None:
+                    continue
+            entry = replace(entry, addrs=entry.addrs[: self.config.max_entry_addrs])
+            if not self._subnet_ok(entry, self._view.values(), replacing=victim):
+                if victim is not None:
+                    replaceable.insert(0, victim)
+                continue
+            if victim is not None:
+                del self._view[victim]
+            self._view[entry.peer] = entry
+
+    # -- subnet buckets ------------------------------------------------------
+    def _bucket(self, desc: Descriptor) -> SubnetKey | None:
+        """The subnet an entry counts against, or None if exempt."""
+        addr = desc.addrs[0] if desc.addrs else None
+        if addr is None:
+            return None
+        if self.config.allow_loopback_flood and ipaddress.ip_address(addr.host).is_loopback:
+            return None
+        return subnet_of(addr)
+
+    def _subnet_ok(self, desc: Descriptor, held: Iterable[Descriptor], replacing: PeerId | None) -> bool:
+        bucket = self._bucket(desc)
+        if bucket is None:
+            return True
+        used = sum(1 for d in held if d.peer != replacing and self._bucket(d) == bucket)
+        return used < self.config.max_per_subnet
+
+
+__all__ = [
+    "CyclonSampler",
+    "Descriptor",
+    "SamplerConfig",
+    "decode_descriptors",
+    "subnet_of",
+]

@@ -1,0 +1,338 @@
+"""Cyclon peer sampling: mechanics, 50-node convergence, churn, Sybil subnet limits.
+
+The simulations drive real ``CyclonSampler`` state machines and carry every
+shuffle through the real wire path (``to_wire`` -> msgpack -> ``decode_descriptors``).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+
+import msgpack
+import pytest
+
+from murmur.errors import DecodeError, LimitExceeded
+from murmur.protocol.identity import Identity, PeerId
+from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.sampling import CyclonSampler, Descriptor, SamplerConfig, decode_descriptors, subnet_of
+
+_IDS: dict[int, PeerId] = {}
+
+
+def pid(i: int) -> PeerId:
+    if i not in _IDS:
+        _IDS[i] = Identity.from_seed(i.to_bytes(32, "big")).peer_id
+    return _IDS[i]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def wire(entries: Sequence[Descriptor], config: SamplerConfig) -> list[Descriptor]:
+    """What the other side decodes after msgpack transport."""
+    raw = msgpack.unpackb(msgpack.packb([d.to_wire() for d in entries]))
+    return decode_descriptors(raw, config.shuffle_length, config.max_entry_addrs)
+
+
+class Network:
+    """n samplers exchanging shuffles synchronously; node 0 is the only bootstrap."""
+
+    def __init__(self, n: int, config: SamplerConfig, host_of: Callable[[int], str] = lambda i: "127.0.0.1",
+                 seed: int = 7) -> None:
+        self.config = config
+        self.rng = random.Random(seed)
+        self.clock = FakeClock()
+        self.ids = [pid(i) for i in range(n)]
+        self.nodes = {
+            p: CyclonSampler(p, [Multiaddr(host_of(i), 4000 + i)], config, random.Random(seed * 1000 + i), self.clock)
+            for i, p in enumerate(self.ids)
+        }
+        self.alive = set(self.ids)
+        boot = self.nodes[self.ids[0]]
+        for p in self.ids[1:]:
+            assert self.nodes[p].add(boot.self_id, boot.self_addrs)
+
+    def live(self) -> list[PeerId]:
+        return [p for p in self.ids if p in self.alive]
+
+    def shuffle_round(self) -> None:
+        self.clock.t += 1.0
+        order = self.live()
+        self.rng.shuffle(order)
+        for p in order:
+            node = self.nodes[p]
+            started = node.start_shuffle()
+            if started is None:
+                continue
+            target, sent = started
+            if target.peer not in self.alive:
+                node.on_failure(target.peer)  # dial/timeout failed
+                continue
+            reply = self.nodes[target.peer].on_shuffle_request(p, wire(sent, self.config))
+            node.on_shuffle_response(sent, wire(reply, self.config))
+            node.on_alive(target.peer)
+
+    def ping_neighbours(self, k: int) -> None:
+        for p in self.live():
+            node = self.nodes[p]
+            for q in node.neighbours(k):
+                if q not in self.alive:
+                    node.on_failure(q)
+
+    def neighbour_graph(self, k: int) -> dict[PeerId, list[PeerId]]:
+        return {p: self.nodes[p].neighbours(k) for p in self.live()}
+
+    def view_graph(self) -> dict[PeerId, list[PeerId]]:
+        return {p: [d.peer for d in self.nodes[p].view()] for p in self.live()}
+
+
+def reachable(graph: dict[PeerId, list[PeerId]], start: PeerId) -> set[PeerId]:
+    seen = {start}
+    queue = deque([start])
+    while queue:
+        for q in graph.get(queue.popleft(), []):
+            if q not in seen:
+                seen.add(q)
+                queue.append(q)
+    return seen
+
+
+def undirected(graph: dict[PeerId, list[PeerId]]) -> dict[PeerId, list[PeerId]]:
+    out: dict[PeerId, list[PeerId]] = {p: [] for p in graph}
+    for p, qs in graph.items():
+        for q in qs:
+            out[p].append(q)
+            out.setdefault(q, []).append(p)
+    return out
+
+
+SMALL = SamplerConfig(view_size=10, shuffle_length=5, neighbours=4, max_per_subnet=2, allow_loopback_flood=True)
+
+
+# -- mechanics ----------------------------------------------------------------
+
+def make_node(config: SamplerConfig = SMALL, host: str = "127.0.0.1") -> CyclonSampler:
+    return CyclonSampler(pid(0), [Multiaddr(host, 4000)], config, random.Random(1), FakeClock())
+
+
+def test_start_shuffle_ages_picks_oldest_and_sends_self_fresh():
+    node = make_node()
+    for i in range(1, 8):
+        assert node.add(pid(i), [Multiaddr("127.0.0.1", 4000 + i)], age=i)
+    target, sent = node.start_shuffle()  # type: ignore[misc]
+    assert target.peer == pid(7) and target.age == 8
+    assert pid(7) not in node
+    assert sent[0] == node.self_descriptor() and sent[0].age == 0
+    assert len(sent) == SMALL.shuffle_length
+    assert {d.peer for d in sent[1:]} <= {pid(i) for i in range(1, 7)}
+    assert all(d.age >= 2 for d in sent[1:])  # others were aged too
+    assert sorted(d.age for d in node.view()) == [2, 3, 4, 5, 6, 7]
+    assert make_node().start_shuffle() is None
+
+
+def test_merge_fills_empty_slots_then_replaces_sent_entries_and_ignores_self():
+    config = SamplerConfig(view_size=4, shuffle_length=3, allow_loopback_flood=True)
+    node = make_node(config)
+    for i in range(1, 5):
+        node.add(pid(i), [Multiaddr("127.0.0.1", 4000 + i)], age=5)
+    target, sent = node.start_shuffle()  # type: ignore[misc]
+    assert len(node) == 3
+    addr = [Multiaddr("127.0.0.1", 5000)]
+    received = [Descriptor(pid(0), addr, 0), Descriptor(pid(10), addr, 1), Descriptor(pid(11), addr, 2),
+                Descriptor(pid(12), addr, 3), Descriptor(pid(13), addr, 4)]
+    sent_others = {d.peer for d in sent[1:]}
+    assert len(sent_others) == 2
+    node.on_shuffle_response(sent, received)
+    peers = {d.peer for d in node.view()}
+    assert pid(0) not in peers  # never self
+    assert peers == {pid(10), pid(11), pid(12)} | ({pid(i) for i in range(1, 5)} - sent_others - {target.peer})
+    # one empty slot, then both sent entries replaced; nothing left to replace for pid(13)
+    assert len(node) == 4
+
+
+def test_duplicate_keeps_younger_age_but_never_new_address():
+    node = make_node()
+    node.add(pid(1), [Multiaddr("127.0.0.1", 4001)], age=9)
+    node.on_shuffle_request(pid(2), [Descriptor(pid(1), (Multiaddr("6.6.6.6", 1),), 0)])
+    held = node.descriptor(pid(1))
+    assert held is not None and held.age == 0 and held.addrs == (Multiaddr("127.0.0.1", 4001),)
+
+
+def test_decode_descriptors_rejects_bad_input():
+    good = Descriptor(pid(1), (Multiaddr("10.0.0.1", 1),), 3).to_wire()
+    assert decode_descriptors([good, good], 2, 4) == [Descriptor(pid(1), (Multiaddr("10.0.0.1", 1),), 3)]
+    with pytest.raises(LimitExceeded):
+        decode_descriptors([good] * 3, 2, 4)
+    for bad in ([(good[0], good[1], -1)], [(good[0], good[1], True)], [(good[0], good[1])], "x",
+                [(b"junk", good[1], 1)], [(good[0], ["/ip4/1.2.3.4/udp/1"], 1)]):
+        with pytest.raises(DecodeError):
+            decode_descriptors(bad, 8, 4)
+
+
+def test_failed_peer_is_refused_back_until_memory_expires_or_alive():
+    clock = FakeClock()
+    node = CyclonSampler(pid(0), [Multiaddr("127.0.0.1", 1)], SamplerConfig(failed_memory_s=10), random.Random(1),
+                         clock)
+    addrs = [Multiaddr("10.0.0.1", 1)]
+    node.add(pid(1), addrs)
+    node.on_failure(pid(1))
+    assert pid(1) not in node
+    node.on_shuffle_request(pid(2), [Descriptor(pid(1), tuple(addrs), 0)])
+    assert pid(1) not in node and not node.add(pid(1), addrs)
+    clock.t = 11
+    assert node.add(pid(1), addrs)
+    node.on_failure(pid(1))
+    node.on_alive(pid(1))
+    assert node.add(pid(1), addrs)
+
+
+def test_subnet_buckets_ipv4_24_and_ipv6_48():
+    assert subnet_of(Multiaddr("10.1.2.3", 1)) == subnet_of(Multiaddr("10.1.2.200", 1))
+    assert subnet_of(Multiaddr("10.1.2.3", 1)) != subnet_of(Multiaddr("10.1.3.3", 1))
+    assert subnet_of(Multiaddr("2001:db8:1::1", 1)) == subnet_of(Multiaddr("2001:db8:1:ffff::2", 1))
+    assert subnet_of(Multiaddr("2001:db8:1::1", 1)) != subnet_of(Multiaddr("2001:db8:2::1", 1))
+    node = make_node(SamplerConfig(max_per_subnet=2))
+    v6 = [node.add(pid(i), [Multiaddr(f"2001:db8:1:{i}::1", 1)]) for i in range(1, 6)]
+    assert v6 == [True, True, False, False, False]
+
+
+def test_loopback_is_limited_unless_explicitly_exempted():
+    strict = SamplerConfig(view_size=10, shuffle_length=5, max_per_subnet=2)
+    net = Network(20, strict)
+    for _ in range(20):
+        net.shuffle_round()
+    assert max(len(net.nodes[p]) for p in net.ids) == 2  # everyone is 127.0.0.1: one /24
+    net = Network(20, SMALL)
+    for _ in range(20):
+        net.shuffle_round()
+    assert min(len(net.nodes[p]) for p in net.ids) == SMALL.view_size
+
+
+# -- 50-node simulations ------------------------------------------------------
+
+def converged_network(rounds: int = 40, config: SamplerConfig = SMALL) -> Network:
+    net = Network(50, config)
+    for _ in range(rounds):
+        net.shuffle_round()
+    return net
+
+
+def test_50_nodes_converge_from_one_bootstrap_peer():
+    k = SMALL.neighbours
+    net = converged_network()
+    views = net.view_graph()
+    assert all(len(v) == SMALL.view_size for v in views.values())
+    # the directed view graph is strongly connected
+    assert reachable(views, net.ids[0]) == set(net.ids)
+    reverse: dict[PeerId, list[PeerId]] = {p: [] for p in net.ids}
+    for p, qs in views.items():
+        for q in qs:
+            reverse[q].append(p)
+    assert reachable(reverse, net.ids[0]) == set(net.ids)
+    view_in = Counter(q for qs in views.values() for q in qs)
+    in_degrees = [view_in[p] for p in net.ids]
+    # Cyclon keeps in-degrees close to c (mean is exactly c); no hub, nobody forgotten
+    assert statistics.mean(in_degrees) == SMALL.view_size
+    assert min(in_degrees) >= 4 and max(in_degrees) <= 2 * SMALL.view_size
+    assert statistics.pstdev(in_degrees) < 4
+    # the bootstrap node is not a hub any more
+    assert view_in[net.ids[0]] <= 2 * SMALL.view_size
+
+    nbrs = net.neighbour_graph(k)
+    assert all(len(qs) == k and len(set(qs)) == k and p not in qs for p, qs in nbrs.items())
+    assert reachable(undirected(nbrs), net.ids[0]) == set(net.ids)
+    nbr_in = Counter(q for qs in nbrs.values() for q in qs)
+    assert max(nbr_in.values()) <= 3 * k
+
+
+def test_neighbours_are_stable_while_alive_and_replaced_immediately_on_failure():
+    k = SMALL.neighbours
+    net = converged_network()
+    before = net.neighbour_graph(k)
+    for _ in range(20):
+        net.shuffle_round()
+        assert net.neighbour_graph(k) == before  # views churn, neighbours do not
+    node = net.nodes[net.ids[5]]
+    lost = before[net.ids[5]][1]
+    added = node.on_failure(lost)
+    after = node.neighbours()
+    assert len(added) == 1 and len(after) == k and lost not in after
+    assert [p for p in after if p != added[0]] == [p for p in before[net.ids[5]] if p != lost]  # others kept
+
+
+def test_killed_nodes_vanish_from_all_views_within_bounded_rounds():
+    k = SMALL.neighbours
+    net = converged_network()
+    net.neighbour_graph(k)
+    victims = [net.ids[0], *net.rng.sample(net.ids[1:], 9)]  # the bootstrap dies too
+    net.alive -= set(victims)
+    dead = set(victims)
+    rounds_needed = None
+    bound = 3 * SMALL.view_size
+    for r in range(1, bound + 1):
+        net.shuffle_round()
+        net.ping_neighbours(k)
+        polluted = [p for p in net.live() if dead & ({d.peer for d in net.nodes[p].view()} | set(net.nodes[p].neighbours()))]
+        if not polluted:
+            rounds_needed = r
+            break
+    assert rounds_needed is not None, f"dead peers still in {len(polluted)} views after {bound} rounds"
+    print(f"dead ids gone from all 40 views after {rounds_needed} shuffle rounds")
+    nbrs = net.neighbour_graph(k)
+    assert all(len(qs) == k and not dead & set(qs) for qs in nbrs.values())
+    assert reachable(undirected(nbrs), net.live()[0]) == set(net.live())
+    # and the survivors' views stay full after more rounds
+    for _ in range(5):
+        net.shuffle_round()
+    assert all(len(net.nodes[p]) == SMALL.view_size for p in net.live())
+
+
+def test_attacker_with_100_ids_in_one_24_cannot_exceed_bucket():
+    """Honest nodes on distinct /24s; an attacker host owns 100 ids in 6.6.6.0/24
+    and pushes them at every honest node, every round, in requests and replies."""
+    config = SamplerConfig(view_size=10, shuffle_length=5, neighbours=4, max_per_subnet=2)
+    net = Network(50, config, host_of=lambda i: f"10.{i // 256}.{i % 256}.1")
+    sybils = [Descriptor(pid(10_000 + j), (Multiaddr(f"6.6.6.{j + 1}", 4000),), 0) for j in range(100)]
+    attacker_net = subnet_of(sybils[0].addrs[0])
+    rng = random.Random(3)
+    for _ in range(30):
+        net.shuffle_round()
+        for p in net.ids:
+            node = net.nodes[p]
+            node.on_shuffle_request(sybils[0].peer, wire(rng.sample(sybils, config.shuffle_length), config))
+            for d in rng.sample(sybils, 5):
+                node.add(d.peer, d.addrs)
+    for p in net.ids:
+        node = net.nodes[p]
+        in_view = [d for d in node.view() if subnet_of(d.addrs[0]) == attacker_net]
+        node.neighbours()
+        in_nbrs = [d for d in node.neighbour_descriptors() if subnet_of(d.addrs[0]) == attacker_net]
+        assert len(in_view) <= 2 and len(in_nbrs) <= 2
+        assert len(node) >= config.view_size - 1  # honest peers fill the rest (-1: shuffle in flight)
+
+
+def test_bootstrap_hub_without_rotation_and_its_dissolution_with_rotation():
+    """A daemon asks for neighbours from its first round on. Measured here: with
+    neighbours kept for ever the bootstrap node is a hub; with rotation it is not."""
+    k = SMALL.neighbours
+
+    def run(config: SamplerConfig) -> int:
+        net = Network(50, config)
+        for _ in range(60):
+            net.neighbour_graph(k)
+            net.shuffle_round()
+        return max(Counter(q for qs in net.neighbour_graph(k).values() for q in qs).values())
+
+    sticky = run(SMALL)
+    rotating = run(SamplerConfig(**{**SMALL.__dict__, "neighbour_rotation_rounds": 3}))
+    print(f"max neighbour in-degree after 60 rounds: sticky={sticky} rotating={rotating}")
+    assert sticky >= 40  # everyone kept the bootstrap node
+    assert rotating <= 3 * k
