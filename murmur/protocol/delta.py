@@ -1,0 +1,382 @@
+"""Signed, chunked, streamed deltas with bounded receiver memory.
+
+A delta travels as ``DeltaStart``, ``DeltaChunk``…, ``DeltaEnd``. The payload
+is the codec's encoding of a flat float32 vector; its BLAKE2b-256 is computed
+incrementally chunk by chunk on both sides, and the Ed25519 signature over
+
+    b"murmur-delta-v1" || content_hash || u64be(round) || sender.raw || recipient.raw
+
+goes in ``DeltaEnd``, so hashing overlaps with sending and the sender never
+holds the whole encoded message set in memory.
+
+The receiver (:class:`DeltaAssembler`) checks every bound in ``DeltaStart``
+*before* allocating (size limit, codec/shape/nbytes consistency, per-peer and
+total concurrency), then preallocates exactly ``nbytes`` and writes chunks at
+their offset. Only after hash, signature and replay checks does it decode; the
+FP32 decode is a zero-copy view of the assembly buffer.
+
+Binding: the signature covers the payload, round, sender and recipient, as
+ARCHITECTURE.md specifies. ``codec``, ``shape`` and ``meta`` are protected by
+the authenticated (AEAD) connection, not by the signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import secrets
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from murmur.errors import DecodeError, LimitExceeded, PeerFault, ReplayError, SignatureError
+from murmur.protocol import codecs
+from murmur.protocol.codecs import CodecParams, DeltaCodec
+from murmur.protocol.identity import Identity, PeerId
+from murmur.protocol.messages import (
+    MAX_CHUNK_BYTES,
+    DeltaChunk,
+    DeltaEnd,
+    DeltaStart,
+    encode,
+)
+
+__all__ = [
+    "DELTA_DOMAIN",
+    "DEFAULT_CHUNK_BYTES",
+    "AssemblerLimits",
+    "CompletedDelta",
+    "DeltaAssembler",
+    "DeltaSender",
+    "ReplayGuard",
+    "SenderMismatch",
+    "Misaddressed",
+    "StaleRound",
+    "signing_input",
+]
+
+DELTA_DOMAIN = b"murmur-delta-v1"
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+HASH_DIGEST_SIZE = 32
+DELTA_DTYPE = "float32"  # what every codec decodes to
+_U64 = struct.Struct(">Q")
+
+TransferKey = tuple[PeerId, int]
+
+
+class SenderMismatch(SignatureError):
+    """``DeltaStart.sender`` is not the authenticated peer on the connection."""
+
+
+class Misaddressed(ReplayError):
+    """The delta is addressed to another node (a redirected replay)."""
+
+
+class StaleRound(ReplayError):
+    """The delta's round is below the replay guard's floor."""
+
+
+def _hasher() -> Any:
+    return hashlib.blake2b(digest_size=HASH_DIGEST_SIZE)
+
+
+def signing_input(content_hash: bytes, round: int, sender: PeerId, recipient: PeerId) -> bytes:
+    """The exact bytes the sender signs (domain-separated, fixed layout)."""
+    return b"".join([DELTA_DOMAIN, content_hash, _U64.pack(round), sender.raw, recipient.raw])
+
+
+# --------------------------------------------------------------------------- sender
+
+
+class DeltaSender:
+    """Iterable of encoded messages for one delta: Start, Chunk…, End.
+
+    The codec runs at construction (so a NaN or an fp16 overflow raises
+    ``ValueError`` before anything is sent); iteration slices the payload
+    through memoryviews, hashes each slice, and signs at the end.
+    ``content_hash`` is set once the iteration has finished.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        recipient: PeerId,
+        round: int,
+        array: np.ndarray,
+        codec: DeltaCodec = DeltaCodec.FP32,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        meta: Mapping[str, Any] | None = None,
+        transfer_id: int | None = None,
+    ) -> None:
+        if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in [1, {MAX_CHUNK_BYTES}]")
+        payload, params = codecs.encode(array, codec)
+        self._identity = identity
+        self._payload = payload
+        self._chunk_bytes = chunk_bytes
+        self.recipient = recipient
+        self.round = round
+        self.codec = params.codec
+        self.transfer_id = secrets.randbits(64) if transfer_id is None else transfer_id
+        self.nbytes = payload.nbytes
+        self.content_hash: bytes | None = None
+        self._start = DeltaStart(
+            transfer_id=self.transfer_id,
+            round=round,
+            sender=identity.peer_id,
+            recipient=recipient,
+            codec=params.codec,
+            dtype=DELTA_DTYPE,
+            shape=tuple(array.shape),
+            nbytes=self.nbytes,
+            meta=dict(meta or {}),
+        )
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield encode(self._start)
+        hasher = _hasher()
+        payload, step, tid = self._payload, self._chunk_bytes, self.transfer_id
+        for seq, offset in enumerate(range(0, self.nbytes, step)):
+            piece = payload[offset : offset + step]
+            hasher.update(piece)
+            yield encode(DeltaChunk(transfer_id=tid, seq=seq, data=piece))
+        digest = hasher.digest()
+        signature = self._identity.sign(signing_input(digest, self.round, self._identity.peer_id, self.recipient))
+        self.content_hash = digest
+        yield encode(DeltaEnd(transfer_id=tid, content_hash=digest, signature=signature))
+
+
+# --------------------------------------------------------------------------- replay guard
+
+
+class ReplayGuard:
+    """Remembers accepted ``(sender, round, content_hash)`` in a bounded FIFO
+    window and refuses to accept one twice; also refuses rounds below a
+    monotonically raised floor (so the window only needs to cover the rounds
+    still in play, not all history)."""
+
+    def __init__(self, window: int = 65536, round_floor: int = 0) -> None:
+        if window < 1:
+            raise ValueError("window must be positive")
+        self._window = window
+        self._floor = round_floor
+        self._seen: OrderedDict[tuple[PeerId, int, bytes], None] = OrderedDict()
+
+    @property
+    def round_floor(self) -> int:
+        return self._floor
+
+    def raise_floor(self, round: int) -> None:
+        """Reject rounds below ``round`` from now on; forget entries below it."""
+        if round <= self._floor:
+            return
+        self._floor = round
+        for key in [k for k in self._seen if k[1] < round]:
+            del self._seen[key]
+
+    def check_round(self, round: int) -> None:
+        if round < self._floor:
+            raise StaleRound(f"round {round} below floor {self._floor}")
+
+    def check(self, sender: PeerId, round: int, content_hash: bytes) -> None:
+        self.check_round(round)
+        if (sender, round, content_hash) in self._seen:
+            raise ReplayError(f"delta for round {round} from {sender.short()} already accepted")
+
+    def remember(self, sender: PeerId, round: int, content_hash: bytes) -> None:
+        self._seen[(sender, round, content_hash)] = None
+        while len(self._seen) > self._window:
+            self._seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+# --------------------------------------------------------------------------- assembler
+
+
+@dataclass(frozen=True)
+class AssemblerLimits:
+    """Receiver-side bounds; memory held is at most ``max_total_buffered_bytes``."""
+
+    max_delta_bytes: int = 256 * 1024 * 1024
+    max_concurrent_per_peer: int = 2
+    max_total_buffered_bytes: int = 1024 * 1024 * 1024
+    transfer_timeout_s: float = 60.0  # no message for a transfer this long -> expire()
+    replay_window: int = 65536
+
+
+@dataclass(frozen=True)
+class CompletedDelta:
+    sender: PeerId
+    round: int
+    array: np.ndarray  # float32, shaped as announced; FP32: a view of the assembly buffer
+    meta: Mapping[str, Any]
+    content_hash: bytes
+    codec: DeltaCodec
+    transfer_id: int
+
+
+@dataclass
+class _Transfer:
+    start: DeltaStart
+    buffer: bytearray
+    last_activity: float
+    hasher: Any = field(default_factory=_hasher)
+    received: int = 0
+    next_seq: int = 0
+
+
+DeltaMessage = DeltaStart | DeltaChunk | DeltaEnd
+
+
+class DeltaAssembler:
+    """Reassembles deltas addressed to ``own_peer_id`` from any number of
+    peers. Sans-IO: the connection loop calls :meth:`feed` with the
+    authenticated peer id and each decoded delta message, and :meth:`expire`
+    periodically. Any :class:`PeerFault` raised for a transfer also drops it,
+    so a misbehaving transfer never keeps its buffer."""
+
+    def __init__(
+        self,
+        own_peer_id: PeerId,
+        limits: AssemblerLimits = AssemblerLimits(),
+        replay_guard: ReplayGuard | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.own_peer_id = own_peer_id
+        self.limits = limits
+        self.replay_guard = replay_guard if replay_guard is not None else ReplayGuard(limits.replay_window)
+        self._clock = clock
+        self._transfers: dict[TransferKey, _Transfer] = {}
+        self._buffered = 0
+        self._handlers: Mapping[type, Callable[[PeerId, Any], CompletedDelta | None]] = MappingProxyType(
+            {DeltaStart: self._on_start, DeltaChunk: self._on_chunk, DeltaEnd: self._on_end}
+        )
+
+    # -- public ----------------------------------------------------------------
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered
+
+    def active(self, sender: PeerId | None = None) -> int:
+        return sum(1 for peer, _ in self._transfers if sender is None or peer == sender)
+
+    def buffer_view(self, sender: PeerId, transfer_id: int) -> memoryview:
+        """Read-only view of a transfer's assembly buffer (diagnostics, benches:
+        lets a caller prove the FP32 result aliases it instead of copying)."""
+        return memoryview(self._transfer(sender, transfer_id).buffer).toreadonly()
+
+    def feed(self, sender: PeerId, msg: DeltaMessage) -> CompletedDelta | None:
+        """Process one message from the authenticated ``sender``; returns the
+        completed delta on a valid ``DeltaEnd``, else None. Raises PeerFault."""
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            raise TypeError(f"not a delta message: {type(msg).__name__}")
+        try:
+            return handler(sender, msg)
+        except PeerFault:
+            if not isinstance(msg, DeltaStart):  # a bad Start never got a slot
+                self.abandon(sender, msg.transfer_id)
+            raise
+
+    def abandon(self, sender: PeerId, transfer_id: int) -> bool:
+        """Drop a transfer and free its buffer (abort, timeout, disconnect)."""
+        transfer = self._transfers.pop((sender, transfer_id), None)
+        if transfer is None:
+            return False
+        self._buffered -= len(transfer.buffer)
+        return True
+
+    def abandon_peer(self, sender: PeerId) -> int:
+        """Drop every transfer from ``sender`` (its connection closed)."""
+        keys = [key for key in self._transfers if key[0] == sender]
+        for peer, tid in keys:
+            self.abandon(peer, tid)
+        return len(keys)
+
+    def expire(self) -> list[TransferKey]:
+        """Abandon transfers idle longer than ``transfer_timeout_s``."""
+        deadline = self._clock() - self.limits.transfer_timeout_s
+        stale = [key for key, t in self._transfers.items() if t.last_activity < deadline]
+        for peer, tid in stale:
+            self.abandon(peer, tid)
+        return stale
+
+    # -- handlers --------------------------------------------------------------
+
+    def _on_start(self, sender: PeerId, msg: DeltaStart) -> None:
+        if msg.sender != sender:
+            raise SenderMismatch(f"DeltaStart claims sender {msg.sender.short()} on {sender.short()}'s connection")
+        if msg.recipient != self.own_peer_id:
+            raise Misaddressed(f"delta addressed to {msg.recipient.short()}, not to us")
+        self.replay_guard.check_round(msg.round)
+        limits = self.limits
+        if msg.nbytes > limits.max_delta_bytes:
+            raise LimitExceeded(f"delta of {msg.nbytes} bytes > {limits.max_delta_bytes}")
+        if msg.dtype != DELTA_DTYPE:
+            raise DecodeError(f"delta dtype must be {DELTA_DTYPE}, got {msg.dtype}")
+        expected = codecs.encoded_nbytes(msg.codec, math.prod(msg.shape))
+        if msg.nbytes != expected:
+            raise DecodeError(f"{msg.codec.name} of shape {msg.shape} is {expected} bytes, not {msg.nbytes}")
+        key = (sender, msg.transfer_id)
+        if key in self._transfers:
+            raise DecodeError(f"transfer {msg.transfer_id} already in progress")
+        if self.active(sender) >= limits.max_concurrent_per_peer:
+            raise LimitExceeded(f"{sender.short()} has {limits.max_concurrent_per_peer} transfers in flight")
+        if self._buffered + msg.nbytes > limits.max_total_buffered_bytes:
+            raise LimitExceeded("total delta buffer budget exhausted")
+        self._transfers[key] = _Transfer(start=msg, buffer=bytearray(msg.nbytes), last_activity=self._clock())
+        self._buffered += msg.nbytes
+        return None
+
+    def _transfer(self, sender: PeerId, transfer_id: int) -> _Transfer:
+        transfer = self._transfers.get((sender, transfer_id))
+        if transfer is None:
+            raise DecodeError(f"no transfer {transfer_id} in progress from {sender.short()}")
+        return transfer
+
+    def _on_chunk(self, sender: PeerId, msg: DeltaChunk) -> None:
+        transfer = self._transfer(sender, msg.transfer_id)
+        if msg.seq != transfer.next_seq:
+            raise DecodeError(f"chunk {msg.seq} out of order (expected {transfer.next_seq})")
+        end = transfer.received + len(msg.data)
+        if end > len(transfer.buffer):
+            raise DecodeError(f"chunk overruns the announced {len(transfer.buffer)} bytes")
+        transfer.buffer[transfer.received : end] = msg.data
+        transfer.hasher.update(msg.data)
+        transfer.received = end
+        transfer.next_seq += 1
+        transfer.last_activity = self._clock()
+        return None
+
+    def _on_end(self, sender: PeerId, msg: DeltaEnd) -> CompletedDelta:
+        transfer = self._transfer(sender, msg.transfer_id)
+        self.abandon(sender, msg.transfer_id)  # whatever happens next, the slot is done
+        start = transfer.start
+        if transfer.received != start.nbytes:
+            raise DecodeError(f"transfer ended after {transfer.received} of {start.nbytes} bytes")
+        digest = transfer.hasher.digest()
+        if not hmac.compare_digest(digest, msg.content_hash):
+            raise SignatureError("content hash does not match the received bytes")
+        sender.verify(msg.signature, signing_input(digest, start.round, sender, self.own_peer_id))
+        self.replay_guard.check(sender, start.round, digest)
+        flat = codecs.decode(transfer.buffer, CodecParams(start.codec, math.prod(start.shape)))
+        self.replay_guard.remember(sender, start.round, digest)
+        return CompletedDelta(
+            sender=sender,
+            round=start.round,
+            array=flat.reshape(start.shape),
+            meta=start.meta,
+            content_hash=digest,
+            codec=start.codec,
+            transfer_id=start.transfer_id,
+        )
