@@ -1,0 +1,222 @@
+"""Process supervision for the testnet controller.
+
+The controller runs many node processes and must never leave one behind:
+
+* every child starts in its own session/process group (``start_new_session``),
+  so a terminal Ctrl-C reaches only the controller, which then stops the
+  children in order, and signals reach a child's own helpers too (``killpg``);
+* on Linux every child asks the kernel for ``PR_SET_PDEATHSIG = SIGKILL``: if the
+  controller dies without cleaning up (SIGKILL, OOM), its children die with it;
+* :class:`Supervisor` is a context manager that stops every child on exit,
+  including exit by exception or KeyboardInterrupt.
+
+Exits are observed without polling through a pidfd (``os.pidfd_open``, Linux
+5.3+) registered with the event loop; elsewhere a thread waits on the child.
+Stdout and stderr go, interleaved, to one append-mode log file per node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import suppress
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STOP_GRACE_S = 5.0  # SIGTERM -> SIGKILL; nodes promise a graceful exit "within a few seconds"
+KILL_WAIT_S = 5.0  # a SIGKILLed process is gone once the kernel reaps it; bound the wait anyway
+
+
+def _load_prctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return libc.prctl
+
+
+_PRCTL = _load_prctl()
+
+
+def _make_preexec(parent_pid: int):  # noqa: ANN202 - returns the preexec callable
+    """Runs in the child between fork and exec: only async-signal-safe work."""
+
+    def preexec() -> None:
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            # the parent may have died between fork and prctl: then nobody would signal us
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    return preexec
+
+
+class ChildProcess:
+    """One supervised child: a process group led by ``pid``."""
+
+    def __init__(self, name: str, popen: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running; negative signal number if killed by a signal."""
+        return self._popen.poll()
+
+    def alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def _signal_group(self, sig: int) -> None:
+        # pgid == pid (own session). While the leader is unreaped its pid cannot be reused.
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def crash(self) -> int:
+        """kill -9 the whole process group (no graceful shutdown) and reap it."""
+        self._signal_group(signal.SIGKILL)
+        return self._popen.wait(KILL_WAIT_S)
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> int:
+        """SIGTERM the group, wait up to ``grace_s``, then SIGKILL; returns the exit code."""
+        if self._popen.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self._popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("child did not stop in time; killing", extra={"child": self.name, "grace_s": grace_s})
+        self._signal_group(signal.SIGKILL)  # leftovers of the group (helpers) go too
+        return self._popen.wait(KILL_WAIT_S)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the child exits; raises ``subprocess.TimeoutExpired``."""
+        return self._popen.wait(timeout)
+
+    async def wait_async(self) -> int:
+        """Await the child's exit without polling (pidfd) or blocking the loop."""
+        if self._popen.poll() is not None:
+            return self._popen.returncode
+        pidfd_open = getattr(os, "pidfd_open", None)
+        try:
+            fd = pidfd_open(self.pid) if pidfd_open else -1
+        except OSError:
+            fd = -1  # kernel without pidfd support, or already reaped
+        if fd < 0:
+            return await asyncio.to_thread(self._popen.wait)
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+        try:
+            await exited
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        return self._popen.wait()
+
+    def __repr__(self) -> str:
+        return f"ChildProcess({self.name!r}, pid={self.pid}, returncode={self.returncode})"
+
+
+class Supervisor:
+    """Starts children and guarantees none outlives the ``with`` block.
+
+    Names are unique among live children; starting a name again after its
+    process exited (a restart) appends to the same log file.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str], *, grace_s: float = STOP_GRACE_S) -> None:
+        self.log_dir = Path(log_dir)
+        self.grace_s = grace_s
+        self._children: dict[str, ChildProcess] = {}
+        self._closed = False
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> ChildProcess:
+        if self._closed:
+            raise RuntimeError("supervisor is closed")
+        current = self._children.get(name)
+        if current is not None and current.alive():
+            raise RuntimeError(f"child {name!r} is already running (pid {current.pid})")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "ab") as out:  # the child holds its own copy of the fd
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else dict(env),
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_make_preexec(os.getpid()),  # noqa: PLW1509 - no threads fork concurrently here
+            )
+        child = ChildProcess(name, popen, log_path)
+        self._children[name] = child
+        log.info("child started", extra={"child": name, "pid": child.pid})
+        return child
+
+    def __getitem__(self, name: str) -> ChildProcess:
+        return self._children[name]
+
+    def __iter__(self) -> Iterator[ChildProcess]:
+        return iter(list(self._children.values()))
+
+    def alive(self) -> list[str]:
+        return [name for name, child in self._children.items() if child.alive()]
+
+    def stop_all(self) -> dict[str, int]:
+        """SIGTERM every live child at once, give them one shared grace period,
+        then SIGKILL what is left. Returns name -> exit code."""
+        live = [c for c in self._children.values() if c.alive()]
+        for child in live:
+            child._signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        codes = {}
+        for child in live:
+            codes[child.name] = child.stop(grace_s=max(0.0, deadline - time.monotonic()))
+        for child in self._children.values():  # already-dead ones: sweep their groups' leftovers
+            child._signal_group(signal.SIGKILL)
+            codes.setdefault(child.name, child.wait(KILL_WAIT_S))
+        return codes
+
+    def close(self) -> None:
+        """Stop everything. A second Ctrl-C during cleanup is held back (SIGINT
+        blocked) and delivered after the children are gone, so impatience cannot
+        create orphans."""
+        if self._closed:
+            return
+        self._closed = True
+        blocked = {signal.SIGINT}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            self.stop_all()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
