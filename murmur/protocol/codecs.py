@@ -209,8 +209,9 @@ class _Int8:
             raise DecodeError("int8 scales must be finite and non-negative")
         q = np.frombuffer(payload, dtype=np.int8, count=count, offset=4 * nblocks)
         out = np.empty(count, dtype=_F32)
-        for block_q, block_scales, block_out in _block_views(q, scales, out):
-            np.multiply(block_q, block_scales[:, None], out=block_out)
+        with np.errstate(over="ignore"):  # a hostile scale may overflow; caught just below
+            for block_q, block_scales, block_out in _block_views(q, scales, out):
+                np.multiply(block_q, block_scales[:, None], out=block_out)
         return _require_finite_output(out)
 
 
