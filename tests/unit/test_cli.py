@@ -1,0 +1,228 @@
+"""The murmur CLI: real processes for id/status/bad config; flag wiring; logging."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from murmur.node import cli
+from murmur.node.api import StatusApi
+from murmur.node.config import LogLevel, NodeConfig, load_config
+from murmur.node.logs import configure_logging
+from murmur.node.metrics import NodeMetrics
+from murmur.node.state import ApiInfo, StateDir
+from murmur.protocol.identity import PeerId
+from murmur.protocol.multiaddr import Multiaddr
+
+MURMUR = Path(sys.executable).with_name("murmur")
+CLI_TIMEOUT_S = 60
+
+
+def murmur(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(MURMUR), *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+
+
+async def amurmur(*args: str) -> tuple[int, str, str]:
+    """The CLI as a real process, without blocking the loop serving the API."""
+    proc = await asyncio.create_subprocess_exec(
+        str(MURMUR), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT_S)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_murmur_id_creates_identity_and_is_stable(tmp_path):
+    data_dir = tmp_path / "state"
+    listen = 'node.listen=["/ip4/127.0.0.1/tcp/4999"]'
+    first = murmur("id", "--data-dir", str(data_dir), "--set", listen)
+    assert first.returncode == 0, first.stderr
+    doc = json.loads(first.stdout)
+    peer = PeerId.from_string(doc["ID"])
+    assert doc["ID"].startswith("12D3KooW")
+    assert doc["Addresses"] == [f"/ip4/127.0.0.1/tcp/4999/p2p/{doc['ID']}"]
+    assert doc["PublicKey"].startswith("CAESI")  # base64 of protobuf {Ed25519, 32 bytes}, as ipfs prints
+    assert (data_dir / "identity.key").stat().st_mode & 0o777 == 0o600
+    second = murmur("id", "--data-dir", str(data_dir))
+    assert second.returncode == 0
+    assert PeerId.from_string(json.loads(second.stdout)["ID"]) == peer
+    other = murmur("id", "--data-dir", str(tmp_path / "other"))
+    assert json.loads(other.stdout)["ID"] != doc["ID"]
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text("[node]\nlog_level = 'info'\n\n[transport]\nmax_frame = 12\n")
+    proc = murmur("node", "start", "--config", str(config))
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"murmur: config error: {config}:5: transport.max_frame: must be in [1024")
+
+
+def test_bad_flag_value_exits_2(capsys):
+    assert cli.main(["id", "--set", "api.port=-1"]) == 2
+    assert capsys.readouterr().err == "murmur: config error: <command line>: api.port: must be in [0, 65535], got -1\n"
+
+
+async def test_status_and_peers_against_real_api_server(tmp_path):
+    from tests.unit.test_api import TinyNode
+
+    node = TinyNode()
+    state = StateDir(tmp_path).create()
+    async with StatusApi(node, NodeMetrics()) as api:
+        state.write_api_info(ApiInfo(api.host, api.port, os.getpid(), str(node.identity.peer_id)))
+        node.round = 42
+        rc, out, err = await amurmur("status", "--data-dir", str(tmp_path))
+        assert rc == 0, err
+        status = json.loads(out)
+        assert status["id"] == str(node.identity.peer_id)
+        assert status["round"] == 42
+        rc, out, err = await amurmur("peers", "--api", api.url)
+        assert rc == 0, err
+        assert [p["id"] for p in json.loads(out)] == [str(p.peer_id) for p in node.known]
+        # `murmur id` asks the running node for its real addresses
+        state.identity_path.write_bytes(node.identity.private_bytes())
+        state.identity_path.chmod(0o600)
+        rc, out, err = await amurmur("id", "--data-dir", str(tmp_path))
+        assert rc == 0, err
+        assert json.loads(out)["Addresses"] == [str(a) for a in node.addrs]
+    rc, _, err = await amurmur("status", "--data-dir", str(tmp_path))
+    assert rc == 1
+    assert err.startswith("murmur: cannot reach the node API at http://127.0.0.1:") and err.count("\n") == 1
+
+
+def test_status_without_node_or_with_stale_api_file(tmp_path, capsys):
+    assert cli.main(["status", "--data-dir", str(tmp_path)]) == 1
+    assert "no running node found" in capsys.readouterr().err
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    StateDir(tmp_path).write_api_info(ApiInfo("127.0.0.1", 9, dead.pid, "12D3KooWx"))
+    assert cli.main(["status", "--data-dir", str(tmp_path)]) == 1
+    assert f"(pid {dead.pid})" in capsys.readouterr().err
+
+
+def _fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: Any) -> None:
+    """Install a stand-in for a module written elsewhere (daemon, testnet) to
+    test only the CLI's side of the contract."""
+    module = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_node_start_passes_flags_as_typed_config(tmp_path, monkeypatch, restore_logging):
+    seen: list[NodeConfig] = []
+
+    def run_node(config: NodeConfig) -> int:
+        seen.append(config)
+        return 0
+
+    _fake_module(monkeypatch, "murmur.node.daemon", run_node=run_node)
+    config = tmp_path / "node.toml"
+    config.write_text("[learning]\nrounds = 3\n[api]\nport = 8000\n")
+    peer = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
+    rc = cli.main([
+        "node", "start", "--config", str(config), "--data-dir", str(tmp_path / "d"),
+        "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip6/::1/tcp/0",
+        "--bootstrap", f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}", "--api-port", "0",
+        "--trainer", "mnist-cnn", "--log-level", "debug", "--set", "learning.seed=9",
+    ])
+    assert rc == 0
+    (cfg,) = seen
+    assert cfg.node.data_dir == tmp_path / "d"
+    assert cfg.node.listen == (Multiaddr("127.0.0.1", 0), Multiaddr("::1", 0))
+    assert str(cfg.network.bootstrap[0].peer_id) == peer
+    assert (cfg.api.port, cfg.learning.trainer, cfg.learning.seed, cfg.learning.rounds) == (0, "mnist-cnn", 9, 3)
+    assert cfg.node.log_level is LogLevel.DEBUG
+    assert logging.getLogger().level == logging.DEBUG
+
+
+def test_async_run_node_runs_on_uvloop(monkeypatch, restore_logging):
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def run_node(config: NodeConfig) -> int:
+        loops.append(asyncio.get_running_loop())
+        return 3
+
+    _fake_module(monkeypatch, "murmur.node.daemon", run_node=run_node)
+    assert cli.main(["node", "start"]) == 3
+    assert isinstance(loops[0], uvloop.Loop)
+
+
+def test_missing_daemon_or_testnet_is_a_clear_error(monkeypatch, capsys, restore_logging):
+    monkeypatch.setitem(sys.modules, "murmur.node.daemon", None)  # import fails as if absent
+    assert cli.main(["node", "start"]) == 1
+    assert capsys.readouterr().err == "murmur: cannot start the node: murmur.node.daemon is not available\n"
+    monkeypatch.setitem(sys.modules, "murmur.testnet.cli", None)
+    assert cli.main(["testnet", "run", "ring"]) == 1
+    assert "cannot run the testnet: murmur.testnet.cli is not available" in capsys.readouterr().err
+    _fake_module(monkeypatch, "murmur.node.daemon")  # present but without run_node
+    assert cli.main(["node", "start"]) == 1
+    assert "murmur.node.daemon has no run_node()" in capsys.readouterr().err
+
+
+def test_testnet_run_passes_scenario(monkeypatch):
+    got: list[Any] = []
+    _fake_module(monkeypatch, "murmur.testnet.cli", run_testnet=lambda args: got.append(args) or 0)
+    assert cli.main(["testnet", "run", "sybil", "--nodes", "8"]) == 0
+    assert got[0].scenario == "sybil" and got[0].args == ["--nodes", "8"]
+
+
+def test_config_default_prints_loadable_defaults(tmp_path, capsys):
+    assert cli.main(["config", "default"]) == 0
+    path = tmp_path / "node.toml"
+    path.write_text(capsys.readouterr().out)
+    assert load_config(path) == NodeConfig()
+    assert cli.main(["config", "check", "--config", str(path), "--set", "learning.codec=int8"]) == 0
+    assert json.loads(capsys.readouterr().out)["learning"]["codec"] == "int8"
+
+
+def test_json_logs_carry_extra_fields(restore_logging):
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream)
+    configure_logging("debug", "json", stream)  # a second call replaces, never duplicates
+    log = logging.getLogger("murmur.test")
+    log.info("delta accepted from %s", "peer", extra={"peer": "12D3KooWx", "round": 4, "path": Path("/x")})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("round failed", extra={"round": 5})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["msg"] == "delta accepted from peer" and first["level"] == "info"
+    assert (first["logger"], first["peer"], first["round"], first["path"]) == ("murmur.test", "12D3KooWx", 4, "/x")
+    assert first["ts"].endswith("Z")
+    assert second["level"] == "error" and "ValueError: boom" in second["exc"]
+
+
+def test_text_logs_are_readable_and_respect_level(restore_logging):
+    stream = io.StringIO()
+    configure_logging(LogLevel.WARNING, "text", stream)
+    log = logging.getLogger("murmur.test")
+    log.info("hidden")
+    log.warning("peer dropped", extra={"peer": "12D3KooWx", "reason": "bad frame"})
+    (line,) = stream.getvalue().splitlines()
+    assert line.split(" ", 1)[1] == 'WARNING murmur.test: peer dropped peer=12D3KooWx reason="bad frame"'
