@@ -27,7 +27,6 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 import uvloop
 
 from murmur.errors import ConfigError, MurmurError, StateError
@@ -193,6 +192,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 async def _get_json(base: str, path: str, timeout_s: float = HTTP_TIMEOUT_S) -> Any:
+    import aiohttp  # late: half of the CLI's start-up time, and only the API clients need it
+
     url = f"{base}{path}"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:

@@ -103,11 +103,24 @@ class NodeSection:
 class NetworkSection:
     bootstrap: tuple[Multiaddr, ...] = ()
     mdns: bool = False
-    neighbours: int = 4
+    neighbours: int = 6
     view_size: int = 20
+    shuffle_length: int = 8
     shuffle_interval_s: float = 10.0
-    subnet_bucket_size: int = 4
+    subnet_bucket_size: int = 2
     allow_loopback: bool = False
+
+    def sampler_config(self) -> Any:
+        """The equivalent ``protocol.sampling.SamplerConfig`` (imported late)."""
+        from murmur.protocol.sampling import SamplerConfig
+
+        return SamplerConfig(
+            view_size=self.view_size,
+            shuffle_length=self.shuffle_length,
+            neighbours=self.neighbours,
+            max_per_subnet=self.subnet_bucket_size,
+            allow_loopback_flood=self.allow_loopback,
+        )
 
 
 @dataclass(frozen=True)
@@ -251,6 +264,7 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "node.listen": non_empty,
         "network.neighbours": at_least(1),
         "network.view_size": at_least(1),
+        "network.shuffle_length": at_least(1),
         "network.shuffle_interval_s": finite_positive,
         "network.subnet_bucket_size": at_least(1),
         "transport.max_frame": between(1024, 1 << 30),
@@ -289,6 +303,8 @@ def _cross_checks(cfg: NodeConfig) -> list[tuple[str, str]]:
     problems = []
     if cfg.network.neighbours > cfg.network.view_size:
         problems.append(("network.neighbours", f"must be <= network.view_size ({cfg.network.view_size})"))
+    if cfg.network.shuffle_length > cfg.network.view_size:
+        problems.append(("network.shuffle_length", f"must be <= network.view_size ({cfg.network.view_size})"))
     if cfg.transport.ping_interval_s >= cfg.transport.idle_timeout_s:
         problems.append(
             ("transport.ping_interval_s", "must be < transport.idle_timeout_s, or idle healthy connections get closed")

@@ -176,3 +176,15 @@ def test_error_lines_never_leak_python_reprs_of_types(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert re.search(r"node\.listen: must be a list, got str$", str(info.value))
+
+
+def test_network_section_maps_onto_sampler_config():
+    sampling = pytest.importorskip("murmur.protocol.sampling")
+    cfg = load_config(None, {"network.view_size": 12, "network.subnet_bucket_size": 3, "network.allow_loopback": True})
+    sampler = cfg.network.sampler_config()
+    assert isinstance(sampler, sampling.SamplerConfig)
+    assert (sampler.view_size, sampler.max_per_subnet, sampler.allow_loopback_flood) == (12, 3, True)
+    defaults = sampling.SamplerConfig()
+    ours = NodeConfig().network
+    assert (ours.view_size, ours.shuffle_length, ours.neighbours, ours.subnet_bucket_size) == (
+        defaults.view_size, defaults.shuffle_length, defaults.neighbours, defaults.max_per_subnet)
