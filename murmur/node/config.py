@@ -83,6 +83,12 @@ class Codec(enum.StrEnum):
     BF16 = "bf16"
     INT8 = "int8"
 
+    def wire(self) -> Any:
+        """The protocol's ``DeltaCodec`` of the same name."""
+        from murmur.protocol.codecs import DeltaCodec
+
+        return DeltaCodec[self.name]
+
 
 # ------------------------------------------------------------------------ sections
 
@@ -164,7 +170,7 @@ class LearningSection:
     shards: int = 2
     attack: Attack = Attack.NONE
     rounds: int = 100
-    local_steps: int = 10
+    local_steps: int = 0
     round_deadline_s: float = 30.0
     quorum: float = 1.0
     aggregator: str = "mean"
@@ -176,6 +182,27 @@ class LearningSection:
     def device_or_none(self) -> str | None:
         """``TrainerContext.device``: None lets the trainer pick cuda > mps > cpu."""
         return None if self.device == "auto" else self.device
+
+    @property
+    def local_steps_or_none(self) -> int | None:
+        """``RoundConfig.local_steps``: None (0 in the file) is the trainer's default."""
+        return self.local_steps or None
+
+    def trainer_context(self) -> Any:
+        """The ``TrainerContext`` these options describe (imported late: torch)."""
+        from murmur.learning.trainers.base import TrainerContext
+
+        return TrainerContext(
+            node_index=self.node_index,
+            num_nodes=self.num_nodes,
+            seed=self.seed,
+            partition=self.partition.value,
+            alpha=self.alpha,
+            shards=self.shards,
+            device=self.device_or_none,
+            options=self.trainer_options,
+            attack=None if self.attack is Attack.NONE else self.attack.value,
+        )
 
 
 @dataclass(frozen=True)
@@ -285,7 +312,7 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "learning.alpha": finite_positive,
         "learning.shards": at_least(1),
         "learning.rounds": at_least(0),
-        "learning.local_steps": at_least(1),
+        "learning.local_steps": at_least(0),
         "learning.round_deadline_s": finite_positive,
         "learning.quorum": between(0.0, 1.0, lo_open=True),
         "learning.aggregator": non_empty,

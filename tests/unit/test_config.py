@@ -188,3 +188,16 @@ def test_network_section_maps_onto_sampler_config():
     ours = NodeConfig().network
     assert (ours.view_size, ours.shuffle_length, ours.neighbours, ours.subnet_bucket_size) == (
         defaults.view_size, defaults.shuffle_length, defaults.neighbours, defaults.max_per_subnet)
+
+
+def test_learning_section_maps_onto_trainer_context_and_codec():
+    base = pytest.importorskip("murmur.learning.trainers.base")
+    codecs = pytest.importorskip("murmur.protocol.codecs")
+    cfg = load_config(None, {"learning.attack": "backdoor", "learning.num_nodes": 8, "learning.node_index": 3,
+                             "learning.trainer_options": {"lr": 0.1}, "learning.codec": "bf16"})
+    ctx = cfg.learning.trainer_context()
+    assert isinstance(ctx, base.TrainerContext)
+    assert (ctx.node_index, ctx.num_nodes, ctx.attack, ctx.device, dict(ctx.options)) == (3, 8, "backdoor", None, {"lr": 0.1})
+    assert NodeConfig().learning.trainer_context().attack is None
+    assert cfg.learning.codec.wire() is codecs.DeltaCodec.BF16
+    assert {c.wire().name for c in Codec} == {c.name for c in codecs.DeltaCodec}
