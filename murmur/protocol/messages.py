@@ -55,6 +55,7 @@ __all__ = [
     "HistoryRecord",
     "KeyShare",
     "RoundCommit",
+    "Link",
 ]
 
 WIRE_VERSION = 1
@@ -402,6 +403,7 @@ class MessageKind(IntEnum):
     HISTORY_RECORD = 12
     KEY_SHARE = 13
     ROUND_COMMIT = 14
+    LINK = 15
 
 
 @dataclass(frozen=True)
@@ -457,7 +459,7 @@ class MessageRegistry:
         if not isinstance(envelope, tuple) or len(envelope) != 3:
             raise SchemaError("envelope must be [version, kind, body]")
         version, kind, body = envelope
-        if isinstance(version, bool) or version != WIRE_VERSION or not isinstance(version, int):
+        if isinstance(version, bool) or not isinstance(version, int) or version != WIRE_VERSION:
             raise WrongVersion(f"wire version {version!r}, expected {WIRE_VERSION}")
         if isinstance(kind, bool) or not isinstance(kind, int) or kind not in self._schemas:
             raise UnknownKind(f"unknown message kind {kind!r}")
@@ -616,6 +618,20 @@ class RoundCommit:
     signature: Signature
 
 
+@message
+@dataclass(frozen=True)
+class Link:
+    """``active=1``: the sender now counts the receiver as a learning
+    neighbour; ``0``: no longer. D-SGD edges must be symmetric (Metropolis–
+    Hastings weights, pairwise noise), while Cyclon neighbour choice is not, so
+    each side announces its choice and both treat the union as the edge set.
+    ``degree`` keeps the receiver's view of the sender's degree current."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.LINK
+    active: Annotated[int, IntSpec(0, 1)]
+    degree: Annotated[int, IntSpec(0, MAX_DEGREE)]
+
+
 REGISTRY.freeze()
 
 Message = (
@@ -633,6 +649,7 @@ Message = (
     | HistoryRecord
     | KeyShare
     | RoundCommit
+    | Link
 )
 
 
