@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 
-from murmur.errors import DecryptError, FrameError, FrameTooLarge
+from murmur.errors import DecryptError, FrameError, FrameTooLarge, PeerFault
 from murmur.protocol.noise import TAG_LEN, CipherState
 
 FRAME_LENGTH = struct.Struct(">I")
@@ -183,34 +183,62 @@ class FrameDecoder:
         self._reader = LengthPrefixedReader(
             FRAME_LENGTH, max_frame + FRAME_OVERHEAD, FRAME_OVERHEAD, scratch_bytes
         )
-        self._failed: Exception | None = None
+        self._failed: PeerFault | None = None
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         return self._reader.get_buffer(sizehint)
 
+    @property
+    def error(self) -> PeerFault | None:
+        """The fault that stopped decoding, if any (see :meth:`buffer_updated`)."""
+        return self._failed
+
     def buffer_updated(self, nbytes: int) -> list[Frame]:
+        """Frames completed by the last read.
+
+        Authenticated frames that precede a bad one in the same read are not
+        thrown away: they are returned, the fault is kept in :attr:`error` and
+        raised by the next call. With no frame before it, it is raised at once.
+        """
         if self._failed is not None:
             raise self._failed
+        self._reader.buffer_updated(nbytes)
+        return self._drain()
+
+    def _drain(self) -> list[Frame]:
+        frames: list[Frame] = []
         try:
-            self._reader.buffer_updated(nbytes)
-            return [self._open(body) for body in self._reader.bodies()]
+            while (body := self._reader.next_body()) is not None:
+                frames.append(self._open(body))
         except (FrameError, DecryptError) as exc:
             self._failed = exc
-            raise
+            if not frames:
+                raise
+        return frames
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        """Push bytes that did not come through ``get_buffer`` (tests, handshake tail)."""
+        """Push bytes that did not come through ``get_buffer`` (tests, handshake tail).
+        Same error contract as :meth:`buffer_updated`."""
         frames: list[Frame] = []
         view = memoryview(data)
-        while view:
+        while view and self._failed is None:
             buf = self.get_buffer()
             n = min(len(buf), len(view))
             buf[:n] = view[:n]
             view = view[n:]
-            frames.extend(self.buffer_updated(n))
+            self._reader.buffer_updated(n)
+            try:
+                frames.extend(self._drain())
+            except (FrameError, DecryptError):
+                if not frames:
+                    raise
+        if self._failed is not None and not frames:
+            raise self._failed
         return frames
 
     def at_eof(self) -> None:
+        if self._failed is not None:
+            raise self._failed
         self._reader.at_eof()
 
     def _open(self, body: memoryview) -> Frame:

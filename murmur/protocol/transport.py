@@ -365,7 +365,9 @@ class _SecureProtocol(asyncio.BufferedProtocol):
             if self._decoder is not None:
                 frames = self._decoder.buffer_updated(nbytes)
                 assert self.conn is not None
-                self.conn._on_frames(frames)
+                self.conn._on_frames(frames)  # good frames before a bad one still count
+                if self._decoder.error is not None:
+                    raise self._decoder.error
             else:
                 self._hs_reader.buffer_updated(nbytes)
                 self._advance_handshake()
@@ -434,6 +436,8 @@ class _SecureProtocol(asyncio.BufferedProtocol):
         tail = self._hs_reader.take_pending()
         if tail:
             self.conn._on_frames(self._decoder.feed(tail))
+            if self._decoder.error is not None:
+                raise self._decoder.error
 
     # --- failure ------------------------------------------------------------------
 
