@@ -26,6 +26,11 @@ PARDON_EPS = 1e-5
 WEIGHT_CAP = 0.99
 LOGIT_SHIFT = 0.5
 DEFAULT_KAPPA = 1.0
+SIMILARITY_TOLERANCE = 1e-6
+"""1 - max cs below this counts as 0. The Gram is a float32 matmul, so parallel
+histories come out at cs = 1 - O(1e-7); without the snap, w / max(w) would blow
+that rounding noise up to weight 1 when *every* history is identical (e.g. all
+neighbours are one attacker's Sybils)."""
 
 
 def gram_matrix(rows: torch.Tensor, feature_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,7 +63,8 @@ def foolsgold_weights(cs: torch.Tensor, kappa: float = DEFAULT_KAPPA) -> torch.T
     """Steps 1-5 on a cosine matrix (its diagonal is ignored). Returns float64 weights in [0, 1].
 
     Edge cases: fewer than two histories -> weight 1 (nothing to compare with);
-    every history identical -> every weight 0 (max(w) == 0, no division);
+    every history identical -> every weight 0 (max(w) == 0, no division;
+    see SIMILARITY_TOLERANCE);
     NaN similarities (from non-finite input) count as 0; the output is NaN-free.
     """
     n = cs.shape[0]
@@ -72,6 +78,7 @@ def foolsgold_weights(cs: torch.Tensor, kappa: float = DEFAULT_KAPPA) -> torch.T
     pardon = v[:, None] < v[None, :]
     cs = torch.where(pardon, cs * (v[:, None] / v[None, :]), cs)
     w = (1.0 - cs.max(dim=1).values).clamp(0.0, 1.0)
+    w = torch.where(w < SIMILARITY_TOLERANCE, 0.0, w)
     top = w.max()
     if not bool(top > 0):
         return torch.zeros(n, dtype=torch.float64, device=cs.device)
