@@ -1,0 +1,422 @@
+"""The trainer contract (``Trainer``) and a torch implementation helper (``TorchTrainer``).
+
+A trainer owns one node's model and local data. The rest of murmur sees only
+flat float32 parameter vectors (``get_flat``/``set_flat``), so aggregation,
+privacy noise and the wire format never depend on a model's layer structure.
+
+Reproducibility rules, and why:
+
+* The initial model is built from ``ctx.seed`` alone (the seed the whole
+  network shares), never from the node index: deltas of different nodes are
+  only comparable if they start from the same point in round 0.
+* Data shuffling is seeded from ``(ctx.seed, ctx.node_index)``: nodes draw
+  different batch orders, yet a rerun of the same network is identical.
+* Model construction happens inside :func:`torch.random.fork_rng`, so building
+  a trainer never disturbs another trainer's (or the caller's) RNG state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from murmur.errors import ConfigError
+from murmur.learning import attacks, partition
+from murmur.learning.data import ArrayDataset
+
+#: Stream tag for the per-node shuffling seed (kept apart from other uses of
+#: the network seed, e.g. the partition's).
+_SHUFFLE_STREAM = 0x5F1E
+#: Seed of the fixed subsample used when ``max_test_samples`` caps the test set.
+_TEST_SUBSAMPLE_SEED = 7
+
+
+@dataclass(frozen=True)
+class TrainerContext:
+    """Everything a trainer needs from the node; see ARCHITECTURE.md."""
+
+    node_index: int
+    num_nodes: int
+    seed: int  # shared by the whole network
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards: int = 2
+    device: str | None = None  # None: cuda > mps > cpu
+    options: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+    attack: str | None = None  # "label_flip" | "backdoor": poison this node's data
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float  # mean training loss over the steps
+    examples: int  # samples processed (steps x batch size)
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    loss: float  # mean cross-entropy on the test set
+    accuracy: float
+    n: int  # number of test samples
+
+
+def resolve_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given (and usable), else cuda > mps > cpu."""
+    if requested is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise ConfigError(f"invalid device {requested!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {requested!r} requested but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {requested!r} requested but MPS is not available")
+    return device
+
+
+class Trainer(ABC):
+    """One node's model and data. Implementations may use any framework
+    internally; the interface is torch tensors of flat float32 parameters."""
+
+    name: ClassVar[str] = "trainer"
+    device: torch.device
+
+    def __init__(self, ctx: TrainerContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    def num_params(self) -> int: ...
+
+    @abstractmethod
+    def get_flat(self) -> torch.Tensor:
+        """A float32 1-D *copy* of the parameters on ``self.device``."""
+
+    @abstractmethod
+    def set_flat(self, flat: torch.Tensor) -> None:
+        """Overwrite the parameters from a flat vector of ``num_params()`` values."""
+
+    @abstractmethod
+    def train(self, steps: int | None = None) -> TrainStats:
+        """Run ``steps`` local optimisation steps (None: the options' default)."""
+
+    @abstractmethod
+    def evaluate(self) -> EvalStats:
+        """Loss and accuracy on the held-out test set."""
+
+    @abstractmethod
+    def attack_success_rate(self, attack: str) -> float:
+        """Accuracy on the flipped / backdoored test set (see ``attacks``)."""
+
+
+# ---------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """Options every :class:`TorchTrainer` understands. Trainers subclass this
+    to change defaults or add fields; :func:`parse_options` does the checking."""
+
+    lr: float = 0.05
+    batch_size: int = 32
+    local_steps: int = 10
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    eval_batch_size: int = 1024
+    max_test_samples: int = 0  # 0: the whole test set
+    amp: bool = True  # autocast + GradScaler, only ever on CUDA
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for values that type-check but make no sense."""
+        checks = {
+            "lr": self.lr > 0,
+            "batch_size": self.batch_size >= 1,
+            "local_steps": self.local_steps >= 1,
+            "momentum": 0 <= self.momentum < 1,
+            "weight_decay": self.weight_decay >= 0,
+            "eval_batch_size": self.eval_batch_size >= 1,
+            "max_test_samples": self.max_test_samples >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(
+                "invalid trainer option(s): "
+                + ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            )
+
+
+O = TypeVar("O", bound=TorchOptions)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against a simple annotation (int, float, bool, str, X | None)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                return _coerce(name, value, arg)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a trainer declared an unsupported option type
+        raise TypeError(f"option {name}: unsupported annotation {tp!r}")
+    if not ok:
+        raise ConfigError(
+            f"trainer option {name} must be {getattr(tp, '__name__', tp)}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def parse_options(cls: type[O], raw: Mapping[str, Any]) -> O:
+    """Build ``cls`` from a config mapping: unknown keys, wrong types and
+    invalid values are :class:`ConfigError`\\ s naming the option."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown trainer option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+        )
+    values = {key: _coerce(key, value, hints[key]) for key, value in raw.items()}
+    options = cls(**values)
+    options.validate()
+    return options
+
+
+# ---------------------------------------------------------------- torch trainer
+
+
+@dataclass(frozen=True)
+class Batch:
+    x: torch.Tensor  # inputs on the trainer's device
+    y: torch.Tensor  # int64 class labels on the trainer's device
+
+
+class _BatchSampler:
+    """Endless epochs of seeded random batches over ``n`` samples."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self._n = n
+        self._batch = min(batch_size, n)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._order = torch.randperm(n, generator=self._gen)
+        self._pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self._pos + self._batch > self._n:
+            self._order = torch.randperm(self._n, generator=self._gen)
+            self._pos = 0
+        idx = self._order[self._pos : self._pos + self._batch]
+        self._pos += self._batch
+        return idx
+
+
+def _shuffle_seed(seed: int, node_index: int) -> int:
+    state = np.random.SeedSequence([_SHUFFLE_STREAM, seed, node_index]).generate_state(2)
+    return int(state[0]) << 32 | int(state[1])
+
+
+class TorchTrainer(Trainer):
+    """Classification trainer on in-memory tensors: SGD, seeded batches, AMP.
+
+    Subclasses provide :meth:`load_dataset` (a cached :class:`ArrayDataset`)
+    and :meth:`build_model`, and may set ``Options`` to their own
+    :class:`TorchOptions` subclass. The base partitions the pool
+    (``ctx.partition``; whole groups when the data set has ``train_groups``),
+    poisons it when ``ctx.attack`` is set, and moves this node's share to the
+    device once.
+
+    **Gradient hook.** Each step calls :meth:`compute_gradients`, which must
+    leave the gradient of the batch loss in every parameter's ``.grad`` and
+    return the (detached) mean loss; the base then runs the optimiser step.
+    The default is a plain mean cross-entropy backward, with autocast and
+    GradScaler loss scaling on CUDA. An override — e.g. DP-SGD per-example
+    clipping with ``torch.func`` (``privacy/dpsgd.py``) — must write *true,
+    unscaled* fp32 gradients; the base notices the override and then steps the
+    optimiser directly, without the GradScaler. ``self.model`` and
+    ``self.loss_fn`` are available to it.
+    """
+
+    Options: ClassVar[type[TorchOptions]] = TorchOptions
+    #: False for trainers whose inputs are not images (see ``attacks``).
+    supports_attacks: ClassVar[bool] = True
+
+    def __init__(self, ctx: TrainerContext) -> None:
+        super().__init__(ctx)
+        self.options = parse_options(self.Options, ctx.options)
+        self.device = resolve_device(ctx.device)
+        self._attack = self._parse_attack(ctx.attack) if ctx.attack is not None else None
+        spec = partition.PartitionSpec(
+            partition.PartitionKind.parse(ctx.partition), ctx.alpha, ctx.shards
+        )
+
+        dataset = self.load_dataset()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            model = self.build_model(dataset)
+        self.model: nn.Module = model.to(self.device)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self.loss_fn: nn.Module = nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.SGD(
+            self._params,
+            lr=self.options.lr,
+            momentum=self.options.momentum,
+            weight_decay=self.options.weight_decay,
+        )
+        self._amp = self.options.amp and self.device.type == "cuda"
+        self._scaler = torch.amp.GradScaler("cuda", enabled=self._amp)
+        self._default_gradients = type(self).compute_gradients is TorchTrainer.compute_gradients
+
+        own = partition.node_indices(
+            dataset.y_train, ctx.node_index, ctx.num_nodes, ctx.seed, spec, dataset.train_groups
+        )
+        if self._attack is not None:
+            poisoned = attacks.poison_training_set(
+                self._attack, dataset.x_train, dataset.y_train, own
+            )
+            x_train, y_train = poisoned.x, poisoned.y
+        else:
+            x_train, y_train = dataset.x_train[own], dataset.y_train[own]
+        self._x_train = self._to_device(x_train)
+        self._y_train = self._to_device(y_train)
+        self._x_test_np, self._y_test_np = self._test_subset(dataset)
+        self._x_test = self._to_device(self._x_test_np)
+        self._y_test = self._to_device(self._y_test_np)
+        self._batches = _BatchSampler(
+            len(y_train), self.options.batch_size, _shuffle_seed(ctx.seed, ctx.node_index)
+        )
+
+    # -- subclass interface
+
+    @abstractmethod
+    def load_dataset(self) -> ArrayDataset:
+        """The full training pool and test set (cache it: many nodes share a process)."""
+
+    @abstractmethod
+    def build_model(self, dataset: ArrayDataset) -> nn.Module:
+        """A fresh model; called under ``torch.manual_seed(ctx.seed)``."""
+
+    def compute_gradients(self, batch: Batch) -> torch.Tensor:
+        """Fill ``.grad`` for one batch and return the detached mean loss (the hook)."""
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self._amp):
+            loss = self.loss_fn(self.model(batch.x), batch.y)
+        self._scaler.scale(loss).backward()
+        return loss.detach()
+
+    # -- Trainer
+
+    @property
+    def train_size(self) -> int:
+        """Number of samples in this node's (possibly poisoned) training set."""
+        return len(self._y_train)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self._params)
+
+    def get_flat(self) -> torch.Tensor:
+        return nn.utils.parameters_to_vector(self._params).detach().to(torch.float32).clone()
+
+    def set_flat(self, flat: torch.Tensor) -> None:
+        if flat.dim() != 1 or flat.numel() != self.num_params():
+            raise ValueError(
+                f"flat vector of shape {tuple(flat.shape)} does not fit {self.num_params()} parameters"
+            )
+        with torch.no_grad():
+            nn.utils.vector_to_parameters(flat.to(self.device, torch.float32), self._params)
+
+    def train(self, steps: int | None = None) -> TrainStats:
+        steps = self.options.local_steps if steps is None else steps
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        examples = 0
+        for _ in range(steps):
+            idx = self._batches.next().to(self.device, non_blocking=True)
+            batch = Batch(self._x_train[idx], self._y_train[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            total += self.compute_gradients(batch).float()
+            if self._default_gradients:
+                self._scaler.step(self.optimizer)
+                self._scaler.update()
+            else:
+                self.optimizer.step()
+            examples += len(idx)
+        mean_loss = float(total.item()) / steps if steps else 0.0
+        return TrainStats(loss=mean_loss, examples=examples, steps=steps)
+
+    def evaluate(self) -> EvalStats:
+        loss_sum, correct = 0.0, 0
+        for logits, y in self._logits(self._x_test, self._y_test):
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum").item())
+            correct += int((logits.argmax(dim=1) == y).sum().item())
+        n = len(self._y_test)
+        return EvalStats(loss=loss_sum / n, accuracy=correct / n, n=n)
+
+    def attack_success_rate(self, attack: str) -> float:
+        kind = self._parse_attack(attack)
+        target = attacks.attack_test_set(kind, self._x_test_np, self._y_test_np)
+        x, y = self._to_device(target.x), self._to_device(target.y)
+        predictions = [logits.argmax(dim=1).cpu() for logits, _ in self._logits(x, y)]
+        if not predictions:
+            return 0.0
+        return attacks.success_rate(torch.cat(predictions).numpy(), target)
+
+    # -- helpers
+
+    def _parse_attack(self, attack: str) -> attacks.AttackKind:
+        kind = attacks.AttackKind.parse(attack)
+        if not self.supports_attacks:
+            raise ConfigError(f"trainer {self.name} does not support the {kind.value} attack")
+        return kind
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """Tensor on the device. On CPU a read-only cached array is aliased, not
+        copied (many nodes share one test set); nothing here writes inputs."""
+        array = np.ascontiguousarray(array)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(array).to(self.device)
+
+    def _test_subset(self, dataset: ArrayDataset) -> tuple[np.ndarray, np.ndarray]:
+        cap = self.options.max_test_samples
+        if cap == 0 or cap >= len(dataset.y_test):
+            return dataset.x_test, dataset.y_test
+        pick = np.sort(
+            np.random.default_rng(_TEST_SUBSAMPLE_SEED).choice(len(dataset.y_test), cap, replace=False)
+        )
+        return dataset.x_test[pick], dataset.y_test[pick]
+
+    def _logits(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield fp32 logits and labels per evaluation batch (eval mode, no grad)."""
+        self.model.eval()
+        step = self.options.eval_batch_size
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self._amp):
+            for start in range(0, len(y), step):
+                yield self.model(x[start : start + step]).float(), y[start : start + step]
