@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from murmur.errors import DecodeError, LimitExceeded
 from murmur.protocol.identity import Identity, PeerId
@@ -336,3 +338,60 @@ def test_bootstrap_hub_without_rotation_and_its_dissolution_with_rotation():
     print(f"max neighbour in-degree after 60 rounds: sticky={sticky} rotating={rotating}")
     assert sticky >= 40  # everyone kept the bootstrap node
     assert rotating <= 3 * k
+
+
+# -- invariants under arbitrary operation sequences ----------------------------
+
+_peer_ix = st.integers(1, 40)
+_entry = st.tuples(_peer_ix, st.integers(0, 5), st.integers(0, 30))  # peer, subnet, age
+_op = st.one_of(
+    st.tuples(st.just("add"), _entry),
+    st.tuples(st.just("request"), _peer_ix, st.lists(_entry, max_size=5)),
+    st.tuples(st.just("shuffle"), st.lists(_entry, max_size=5)),
+    st.tuples(st.just("fail"), _peer_ix),
+    st.tuples(st.just("alive"), _peer_ix),
+    st.tuples(st.just("neighbours"), st.integers(0, 6)),
+)
+
+
+def _desc(entry: tuple[int, int, int]) -> Descriptor:
+    i, subnet, age = entry
+    return Descriptor(pid(i), (Multiaddr(f"10.0.{subnet}.{i}", 4000),), age)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_op, max_size=60))
+def test_sampler_invariants_hold_for_any_operation_sequence(ops):
+    config = SamplerConfig(view_size=6, shuffle_length=3, neighbours=3, max_per_subnet=2)
+    clock = FakeClock()
+    node = CyclonSampler(pid(0), [Multiaddr("10.9.9.9", 1)], config, random.Random(0), clock)
+    failed: set[PeerId] = set()
+    for op in ops:
+        clock.t += 1
+        if op[0] == "add":
+            d = _desc(op[1])
+            node.add(d.peer, d.addrs, d.age)
+        elif op[0] == "request":
+            reply = node.on_shuffle_request(pid(op[1]), [_desc(e) for e in op[2]])
+            assert pid(op[1]) not in {d.peer for d in reply} and len(reply) <= config.shuffle_length
+        elif op[0] == "shuffle":
+            started = node.start_shuffle()
+            if started is not None:
+                target, sent = started
+                assert target.peer not in node and len(sent) <= config.shuffle_length
+                node.on_shuffle_response(sent, [_desc(e) for e in op[1]])
+        elif op[0] == "fail":
+            node.on_failure(pid(op[1]))
+            failed.add(pid(op[1]))
+        elif op[0] == "alive":
+            node.on_alive(pid(op[1]))
+            failed.discard(pid(op[1]))
+        else:
+            node.neighbours(op[1])
+        view = node.view()
+        nbrs = node.neighbour_descriptors()
+        assert len(view) <= config.view_size and len({d.peer for d in view}) == len(view)
+        assert pid(0) not in {d.peer for d in view} | {d.peer for d in nbrs}
+        assert not failed & ({d.peer for d in view} | {d.peer for d in nbrs})
+        for group in (view, nbrs):
+            assert max(Counter(subnet_of(d.addrs[0]) for d in group).values(), default=0) <= 2
