@@ -130,6 +130,16 @@ def _write_node_metrics(out: Path, name: str, rows: Sequence[Row]) -> None:
             )
 
 
+def _with_gaps(pts: Sequence[tuple[Any, Any]]) -> list[tuple[float, float]]:
+    """Break a per-round line where rounds are missing (a node was down)."""
+    out: list[tuple[float, float]] = []
+    for rnd, value in pts:
+        if out and rnd - out[-1][0] > 1:
+            out.append((out[-1][0] + 1, math.nan))
+        out.append((rnd, value))
+    return out
+
+
 def _event_rounds(events: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
     return [(int(e["round"]), str(e.get("action", ""))) for e in events if isinstance(e.get("round"), int)]
 
@@ -163,7 +173,7 @@ def _plot_accuracy(path: Path, rows_by_node: Mapping[str, Sequence[Row]], role_o
                    events: Sequence[Mapping[str, Any]]) -> None:
     fig, ax = _figure(PLOTS[0].title, "round", "accuracy")
     for name, rows in sorted(rows_by_node.items()):
-        pts = [(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
+        pts = _with_gaps([(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None])
         if pts:
             attacker = role_of.get(name) is Role.ATTACKER
             ax.plot(*zip(*pts), label=name, linestyle="--" if attacker else "-", linewidth=1)
@@ -174,7 +184,7 @@ def _plot_accuracy(path: Path, rows_by_node: Mapping[str, Sequence[Row]], role_o
 def _plot_attack_rate(path: Path, honest: Mapping[str, Sequence[Row]], events: Sequence[Mapping[str, Any]]) -> None:
     fig, ax = _figure(PLOTS[1].title, "round", "attack success rate")
     for name, rows in sorted(honest.items()):
-        pts = [(r["round"], r["attack_rate"]) for r in rows if r.get("attack_rate") is not None]
+        pts = _with_gaps([(r["round"], r["attack_rate"]) for r in rows if r.get("attack_rate") is not None])
         if pts:
             ax.plot(*zip(*pts), linewidth=0.8, alpha=0.5, label=name)
     xs, ys = _by_round(honest, lambda r: r.get("attack_rate"))

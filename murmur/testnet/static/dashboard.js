@@ -93,10 +93,13 @@ function renderAccuracy(state, colours) {
   svg.appendChild(svgEl("text", { x: L, y: H - 8, class: "tick" }, "0"));
   const legend = document.getElementById("accuracy-legend");
   legend.replaceChildren();
+  const attackers = new Set(state.nodes.filter((n) => n.role === "attacker").map((n) => n.name));
   for (const [name, pts] of Object.entries(series)) {
     if (pts.length === 0) continue;
     const points = pts.map(([rnd, acc]) => sx(rnd).toFixed(1) + "," + sy(acc).toFixed(1)).join(" ");
-    svg.appendChild(svgEl("polyline", { points: points, class: "series", stroke: colours[name], "data-node": name }));
+    const attrs = { points: points, class: "series", stroke: colours[name], "data-node": name };
+    if (attackers.has(name)) attrs["stroke-dasharray"] = "5 3";  // attackers dashed, as in the report
+    svg.appendChild(svgEl("polyline", attrs));
     const item = document.createElement("span");
     item.style.color = colours[name];
     item.textContent = "\u25A0 " + name;
