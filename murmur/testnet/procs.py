@@ -88,6 +88,8 @@ class ChildProcess:
 
     def crash(self) -> int:
         """kill -9 the whole process group (no graceful shutdown) and reap it."""
+        if self._popen.poll() is not None:
+            return self._popen.returncode  # already gone: never signal a reaped (reusable) pid
         self._signal_group(signal.SIGKILL)
         return self._popen.wait(KILL_WAIT_S)
 
