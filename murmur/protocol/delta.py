@@ -101,7 +101,9 @@ class DeltaSender:
     The codec runs at construction (so a NaN or an fp16 overflow raises
     ``ValueError`` before anything is sent); iteration slices the payload
     through memoryviews, hashes each slice, and signs at the end.
-    ``content_hash`` is set once the iteration has finished.
+    ``content_hash`` is set once the iteration has finished. With FP32 the
+    chunks are views of ``array`` itself (no codec copy): do not modify it
+    until the iteration is done.
     """
 
     def __init__(
