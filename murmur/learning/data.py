@@ -306,8 +306,10 @@ def load_roles(plays_dir: Path | None = None) -> tuple[Role, ...]:
 
 def encode_text(text: str) -> np.ndarray:
     """Characters -> ids of :data:`SHAKESPEARE_ALPHABET` (0 for anything else)."""
-    raw = np.frombuffer(text.encode("ascii", errors="replace"), dtype=np.uint8)
-    return _CHAR_TO_ID[raw]
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    ids = _CHAR_TO_ID[np.minimum(codes, 255)]
+    ids[codes > 255] = 0
+    return ids
 
 
 @functools.lru_cache(maxsize=4)
