@@ -159,6 +159,7 @@ class ApiSection:
 
 @dataclass(frozen=True)
 class LearningSection:
+    enabled: bool = False
     trainer: str = "digits-mlp"
     trainer_options: Mapping[str, Any] = field(default_factory=_frozen_map)
     device: str = "auto"

@@ -1,0 +1,420 @@
+"""The murmur node daemon: wires transport, membership, gossip, learning and the API.
+
+Lifetime is explicit: ``async with Node(config) as node:`` starts everything
+(state-dir lock, identity, listeners, API, background tasks) and, on exit,
+stops it in reverse order within a few seconds: the learner persists its
+checkpoint, peers get a Goodbye, connections close, the peer table is saved
+and the state-dir lock is released. :func:`run_node` wraps that for the CLI
+with SIGINT/SIGTERM handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from murmur import __version__
+from murmur.errors import MurmurError, PeerFault, StateError
+from murmur.node.api import StatusApi
+from murmur.node.config import NodeConfig
+from murmur.node.membership import Membership, MembershipConfig
+from murmur.node.metrics import NodeMetrics
+from murmur.node.session import Dispatcher, Handler, PeerSession
+from murmur.node.state import ApiInfo, StateDir
+from murmur.protocol.gossip import FloodGossip, GossipMessage
+from murmur.protocol.identity import Identity, PeerId
+from murmur.protocol.messages import Gossip, Goodbye, Hello
+from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.peertable import PeerTable
+from murmur.protocol.sampling import CyclonSampler
+from murmur.protocol.transport import ConnectionClosed, SecureConnection, Transport
+from murmur.tasks import TaskManager
+
+log = logging.getLogger(__name__)
+
+AGENT = f"murmur/{__version__}"
+GOODBYE_TIMEOUT_S = 1.0
+WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+"""A wildcard listener is advertised on loopback; operators who want to be
+reachable from elsewhere listen on (or configure) a concrete address."""
+
+GossipSubscriber = Callable[[PeerId, bytes], None]
+
+
+class Node:
+    """One murmur peer."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.state = StateDir(config.node.data_dir)
+        self.metrics = NodeMetrics()
+        self.tasks = TaskManager("node")
+        self.dispatcher = Dispatcher()
+        self.addrs: list[Multiaddr] = []
+        self.started_at = time.monotonic()
+        self._sessions: dict[PeerId, PeerSession] = {}
+        self._by_conn: dict[SecureConnection, PeerSession] = {}
+        self._dials: dict[PeerId, asyncio.Future[PeerSession]] = {}
+        self._subscribers: dict[str, list[GossipSubscriber]] = {}
+        self._faults: dict[str, int] = {}
+        self._api: StatusApi | None = None
+        self.learner: Any = None  # murmur.node.learner.NodeLearner when learning is on
+        self._started = False
+
+    # -- lifetime ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.state.acquire()
+        try:
+            await self._start(cfg)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, cfg: NodeConfig) -> None:
+        self._started = True
+        self.identity: Identity = self.state.identity()
+        self.peer_id = self.identity.peer_id
+        self.table = PeerTable(self_id=self.peer_id)
+        problem = self.table.load(self.state.peers_path)
+        if problem is not None:
+            log.warning("peer table unreadable; starting empty", extra={"error": str(problem)})
+        self.transport = Transport(self.identity, self._on_connection, cfg.transport.limits())
+        for listen in cfg.node.listen:
+            for addr in await self.transport.listen(listen.host, listen.port):
+                host = WILDCARD_HOSTS.get(addr.host, addr.host)
+                self.addrs.append(Multiaddr(host, addr.port, self.peer_id))
+        net = cfg.network
+        self.sampler = CyclonSampler(
+            self.peer_id,
+            self.addrs,
+            net.sampler_config(),
+            is_blocked=self.table.is_banned,
+        )
+        for record in self.table.usable():  # what we knew before a restart
+            if record.addrs:
+                self.sampler.add(record.peer_id, record.addrs, age=1)
+        self.gossip = FloodGossip(self.peer_id)
+        self.membership = Membership(
+            self,
+            self.sampler,
+            self.table,
+            MembershipConfig(
+                neighbours=net.neighbours,
+                shuffle_interval_s=net.shuffle_interval_s,
+                bootstrap=tuple(a for a in net.bootstrap if a.peer_id != self.peer_id),
+            ),
+            self.tasks,
+            rng=random.Random(),
+        )
+        self.dispatcher.register(self.membership.handlers())
+        self.dispatcher.register({Gossip: self._on_gossip, Goodbye: self._on_goodbye})
+        if cfg.learning.enabled:
+            from murmur.node.learner import NodeLearner  # torch is only loaded by learning nodes
+
+            self.learner = NodeLearner(self)
+            self.dispatcher.register(self.learner.handlers())
+        self._api = StatusApi(self, self.metrics, cfg.api.host, cfg.api.port)
+        await self._api.__aenter__()
+        self.state.write_api_info(ApiInfo(cfg.api.host, self._api.port, _pid(), str(self.peer_id)))
+        self.membership.start()
+        if self.learner is not None:
+            await self.learner.start()
+        log.info(
+            "node started",
+            extra={"event": "started", "peer": str(self.peer_id), "addrs": [str(a) for a in self.addrs], "api": self._api.url},
+        )
+
+    async def stop(self) -> None:
+        """Graceful shutdown; safe to call twice and after a failed start."""
+        if not self._started:
+            self.state.release()
+            return
+        self._started = False
+        if self.learner is not None:
+            try:
+                await self.learner.stop()
+            except Exception:
+                log.exception("learner did not stop cleanly")
+        await self.tasks.shutdown()
+        sessions = list(self._sessions.values())
+        await asyncio.gather(*(self._say_goodbye(s) for s in sessions), return_exceptions=True)
+        transport = getattr(self, "transport", None)
+        if transport is not None:
+            await transport.close()
+        if self._api is not None:
+            await self._api.__aexit__(None, None, None)
+            self._api = None
+        if hasattr(self, "table"):
+            self.save_peers()
+        self.state.release()
+        log.info("node stopped", extra={"event": "stopped"})
+
+    async def _say_goodbye(self, session: PeerSession) -> None:
+        try:
+            await asyncio.wait_for(session.send(Goodbye(reason="shutdown")), GOODBYE_TIMEOUT_S)
+        except (ConnectionClosed, TimeoutError):
+            pass
+
+    def save_peers(self) -> None:
+        try:
+            self.table.save(self.state.peers_path)
+        except OSError as exc:
+            log.error("could not save peer table", extra={"error": str(exc)})
+
+    # -- sessions ------------------------------------------------------------------
+
+    def session(self, peer: PeerId) -> PeerSession | None:
+        session = self._sessions.get(peer)
+        return session if session is not None and not session.closed else None
+
+    def sessions(self) -> list[PeerSession]:
+        return [s for s in self._sessions.values() if not s.closed]
+
+    async def connect(self, addrs: Sequence[Multiaddr], peer: PeerId | None = None) -> PeerSession:
+        """A session with ``peer`` (at one of ``addrs``), dialling if needed.
+        Concurrent calls for one peer share one dial."""
+        if peer is not None:
+            existing = self.session(peer)
+            if existing is not None:
+                return existing
+            pending = self._dials.get(peer)
+            if pending is not None:
+                return await asyncio.shield(pending)
+        fut: asyncio.Future[PeerSession] = asyncio.get_running_loop().create_future()
+        if peer is not None:
+            self._dials[peer] = fut
+        try:
+            session = await self._dial_any(addrs, peer)
+            fut.set_result(session)
+            return session
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: no "never retrieved" warning if nobody else waits
+            raise
+        finally:
+            if peer is not None and self._dials.get(peer) is fut:
+                del self._dials[peer]
+
+    async def _dial_any(self, addrs: Sequence[Multiaddr], peer: PeerId | None) -> PeerSession:
+        if not addrs:
+            raise ConnectionClosed(f"no address for {peer}")
+        last: Exception | None = None
+        for addr in addrs:
+            try:
+                conn = await self.transport.dial(Multiaddr(addr.host, addr.port, peer))
+            except (OSError, PeerFault, ConnectionClosed) as exc:
+                last = exc
+                continue
+            session = self._register(conn)
+            if session.closed:
+                raise ConnectionClosed(f"connection to {conn.peer_id.short()} closed at once")
+            return session
+        assert last is not None
+        raise last
+
+    def _register(self, conn: SecureConnection) -> PeerSession:
+        """The session for ``conn``; resolves simultaneous dials deterministically:
+        of two connections between the same pair, both ends keep the one dialled
+        by the smaller peer id (a redial by the same side replaces the old one)."""
+        session = self._by_conn.get(conn)
+        if session is not None:
+            return session
+        peer = conn.peer_id
+        old = self.session(peer)
+        if old is not None:
+            old_dialer = self.peer_id if old.conn.outbound else peer
+            new_dialer = self.peer_id if conn.outbound else peer
+            if old_dialer != new_dialer and new_dialer != min(self.peer_id, peer):
+                self.tasks.spawn(f"close-dup-{conn.name}", conn.close)
+                self._by_conn[conn] = old
+                return old
+        session = PeerSession(conn, self.dispatcher, self.metrics, self)
+        if old is not None:
+            session.link_in, session.link_out = old.link_in, old.link_out
+            session.hello, session.addrs, session.peer_degree = old.hello, old.addrs, old.peer_degree
+            self._sessions[peer] = session
+            self.tasks.spawn(f"close-old-{old.conn.name}", old.close)
+        self._sessions[peer] = session
+        self._by_conn[conn] = session
+        self.metrics.peers_connected.set(len(self.sessions()))
+        return session
+
+    async def _on_connection(self, conn: SecureConnection) -> None:
+        """Transport callback: one task per authenticated connection."""
+        if conn.peer_id == self.peer_id or self.table.is_banned(conn.peer_id):
+            await conn.close()
+            return
+        session = self._register(conn)
+        if session.conn is not conn:
+            return  # a duplicate, being closed
+        try:
+            await session.send(
+                Hello(
+                    listen_addrs=tuple(str(a.without_peer()) for a in self.addrs),
+                    agent=AGENT,
+                    round=self.learner.round if self.learner is not None else 0,
+                    degree=self.membership.degree(),
+                )
+            )
+            await session.run()
+        except ConnectionClosed:
+            pass
+        finally:
+            await session.close()
+            self._by_conn.pop(conn, None)
+            if self._sessions.get(conn.peer_id) is session:
+                del self._sessions[conn.peer_id]
+                self.metrics.peers_connected.set(len(self.sessions()))
+                if self.learner is not None:
+                    self.learner.on_session_closed(session)
+                if self._started:
+                    if getattr(session, "said_goodbye", False):
+                        self.membership.report_failure(session.peer, reason="left (goodbye)")
+                    else:
+                        await self.membership.on_session_closed(session)
+
+    # -- faults (FaultSink) ----------------------------------------------------------
+
+    def on_fault(self, peer: PeerId, fault: PeerFault) -> None:
+        name = type(fault).__name__
+        self._faults[name] = self._faults.get(name, 0) + 1
+        self.metrics.fault(fault)
+        banned = self.table.penalise(peer, fault.penalty)
+        log.warning(
+            "peer fault",
+            extra={"event": "fault", "peer": str(peer), "fault": name, "detail": str(fault), "banned": banned},
+        )
+
+    # -- gossip ----------------------------------------------------------------------
+
+    def subscribe(self, topic: str, callback: GossipSubscriber) -> None:
+        self._subscribers.setdefault(topic, []).append(callback)
+
+    async def publish(self, topic: str, payload: bytes) -> int:
+        """Flood ``payload`` to the network; returns the number of first-hop sends."""
+        action = self.gossip.publish(topic, payload, [s.peer for s in self.sessions()])
+        return await self._forward(action.forward, action.targets)
+
+    async def _forward(self, msg: GossipMessage | None, targets: Sequence[PeerId]) -> int:
+        if msg is None:
+            return 0
+        wire = Gossip(msg_id=msg.msg_id, origin=msg.origin, ttl=msg.ttl, topic=msg.topic, payload=msg.payload)
+        sent = 0
+        for peer in targets:
+            session = self.session(peer)
+            if session is None:
+                continue
+            try:
+                await session.send(wire)
+                sent += 1
+            except ConnectionClosed:
+                pass
+        return sent
+
+    async def _on_gossip(self, session: PeerSession, msg: Gossip) -> None:
+        gm = GossipMessage(msg.msg_id, msg.origin, msg.ttl, msg.topic, msg.payload)
+        action = self.gossip.on_message(gm, session.peer, [s.peer for s in self.sessions()])
+        if action.deliver:
+            for callback in self._subscribers.get(msg.topic, ()):
+                try:
+                    callback(msg.origin, msg.payload)
+                except Exception:
+                    log.exception("gossip subscriber failed", extra={"topic": msg.topic})
+        await self._forward(action.forward, action.targets)
+
+    async def _on_goodbye(self, session: PeerSession, msg: Goodbye) -> None:
+        session.said_goodbye = True  # type: ignore[attr-defined]
+        log.info("peer said goodbye", extra={"peer": str(session.peer), "reason": msg.reason})
+        await session.close()
+
+    # -- status (NodeStatusSource) ------------------------------------------------------
+
+    def status(self) -> Mapping[str, Any]:
+        sessions = self.sessions()
+        return {
+            "peer_id": str(self.peer_id),
+            "addrs": [str(a) for a in self.addrs],
+            "agent": AGENT,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "connections": len(sessions),
+            "neighbours": [str(s.peer) for s in self.membership.learning_neighbours()],
+            "view": len(self.sampler),
+            "evictions": self.membership.evictions,
+            "bytes_in": sum(s.conn.bytes_received for s in sessions) + self._closed_bytes()[0],
+            "bytes_out": sum(s.conn.bytes_sent for s in sessions) + self._closed_bytes()[1],
+            "faults": dict(self._faults),
+            "learning": self.learner.status() if self.learner is not None else None,
+        }
+
+    def _closed_bytes(self) -> tuple[int, int]:
+        received = self.metrics.value("murmur_bytes_total", direction="in") or 0.0
+        sent = self.metrics.value("murmur_bytes_total", direction="out") or 0.0
+        live_in = sum(s.conn.bytes_received for s in self.sessions())
+        live_out = sum(s.conn.bytes_sent for s in self.sessions())
+        return max(0, int(received) - live_in), max(0, int(sent) - live_out)
+
+    def peers(self) -> Sequence[Mapping[str, Any]]:
+        connected = {s.peer: s for s in self.sessions()}
+        out = []
+        for record in self.table:
+            session = connected.get(record.peer_id)
+            out.append(
+                {
+                    "peer_id": str(record.peer_id),
+                    "addrs": [str(a) for a in record.addrs],
+                    "score": round(self.table.score(record.peer_id), 3),
+                    "connected": session is not None,
+                    "neighbour": bool(session and session.linked),
+                }
+            )
+        return out
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
+    """Run one node until ``stop`` is set (or SIGINT/SIGTERM)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Node(config):
+            await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def run_node(config: NodeConfig) -> int:
+    """CLI entry: run the daemon in the foreground on uvloop; 0 after a clean stop."""
+    import uvloop
+
+    try:
+        uvloop.run(serve(config))
+    except StateError as exc:
+        log.error("cannot start: %s", exc)
+        print(f"murmur: {exc}", flush=True)
+        return 1
+    except MurmurError as exc:
+        print(f"murmur: {exc}", flush=True)
+        return 1
+    return 0

@@ -1,0 +1,327 @@
+"""Membership: bootstrap, peer exchange, Cyclon shuffles, neighbour links, failures.
+
+Drives the sans-IO :class:`~murmur.protocol.sampling.CyclonSampler` with real
+connections. The node's *learning neighbours* are the sessions with a link in
+either direction (see :class:`~murmur.protocol.messages.Link`): we announce the
+k peers the sampler picked; a peer that picked us announces itself.
+
+Failure policy: a neighbour whose connection drops is redialled once; if that
+fails it is reported to the sampler, which replaces it at once from its view.
+A peer that cannot be dialled for a shuffle is reported the same way. So a
+killed node is evicted by its neighbours within one redial timeout, and by
+everyone else the next time its descriptor (the oldest in a view) is shuffled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from murmur.errors import DecodeError, LimitExceeded, PeerFault
+from murmur.protocol.identity import PeerId
+from murmur.protocol.messages import (
+    Hello,
+    Link,
+    PeerExchangeRequest,
+    PeerExchangeResponse,
+    ShuffleRequest,
+    ShuffleResponse,
+)
+from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.peertable import PeerTable, parse_peer_entry
+from murmur.protocol.sampling import CyclonSampler, Descriptor
+from murmur.protocol.transport import ConnectionClosed
+from murmur.tasks import TaskManager
+
+if TYPE_CHECKING:
+    from murmur.node.session import Handler, PeerSession
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+PEX_MAX_PEERS = 32
+MAX_CONCURRENT_DIALS = 8
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    neighbours: int = 4
+    shuffle_interval_s: float = 10.0
+    maintain_interval_s: float = 1.0
+    transient_ttl_s: float = 15.0  # unlinked connections (shuffles, PEX) close after this
+    save_interval_s: float = 30.0
+    bootstrap: tuple[Multiaddr, ...] = ()
+
+
+class MembershipHost(Protocol):
+    """What membership needs from the node."""
+
+    peer_id: PeerId
+    addrs: list[Multiaddr]
+
+    def session(self, peer: PeerId) -> PeerSession | None: ...
+    def sessions(self) -> list[PeerSession]: ...
+    async def connect(self, addrs: Sequence[Multiaddr], peer: PeerId | None = None) -> PeerSession: ...
+    def save_peers(self) -> None: ...
+
+
+class Membership:
+    def __init__(
+        self,
+        host: MembershipHost,
+        sampler: CyclonSampler,
+        table: PeerTable,
+        config: MembershipConfig,
+        tasks: TaskManager,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.host = host
+        self.sampler = sampler
+        self.table = table
+        self.config = config
+        self._tasks = tasks
+        self._rng = rng or random.Random()
+        self._shuffles: dict[PeerId, list[Descriptor]] = {}  # awaiting a ShuffleResponse
+        self._pex_asked: set[PeerId] = set()
+        self._dialling: set[PeerId] = set()
+        self._dial_slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
+        self.evictions = 0
+
+    # -- wiring ------------------------------------------------------------------
+
+    def handlers(self) -> Mapping[type, Handler]:
+        return {
+            Hello: self._on_hello,
+            Link: self._on_link,
+            ShuffleRequest: self._on_shuffle_request,
+            ShuffleResponse: self._on_shuffle_response,
+            PeerExchangeRequest: self._on_pex_request,
+            PeerExchangeResponse: self._on_pex_response,
+        }
+
+    def start(self) -> None:
+        self._tasks.spawn("bootstrap", self._bootstrap)
+        self._tasks.periodic("maintain-neighbours", self.config.maintain_interval_s, self.maintain)
+        self._tasks.periodic(
+            "shuffle", self.config.shuffle_interval_s, self.shuffle, delay_s=self.config.shuffle_interval_s * self._rng.random()
+        )
+        self._tasks.periodic("save-peers", self.config.save_interval_s, self._save, delay_s=self.config.save_interval_s)
+
+    async def _save(self) -> None:
+        self.host.save_peers()
+
+    # -- neighbours --------------------------------------------------------------
+
+    def learning_neighbours(self) -> list[PeerSession]:
+        """Connected peers on a learning edge (linked in either direction)."""
+        return [s for s in self.host.sessions() if s.linked and not s.closed]
+
+    def degree(self) -> int:
+        return len(self.learning_neighbours())
+
+    async def maintain(self) -> None:
+        """Keep a link to each of the sampler's k neighbours; drop stale links
+        and idle transient connections."""
+        targets = self.sampler.neighbours(self.config.neighbours)
+        target_set = set(targets)
+        for peer in targets:
+            session = self.host.session(peer)
+            if session is None:
+                desc = self.sampler.descriptor(peer) or self._neighbour_descriptor(peer)
+                if desc is not None and peer not in self._dialling:
+                    self._tasks.spawn(f"link-{peer.short()}", lambda d=desc: self._dial_neighbour(d), replace=True)
+            elif not session.link_out:
+                await self._set_link(session, True)
+        now = time.monotonic()
+        for session in self.host.sessions():
+            if session.link_out and session.peer not in target_set:
+                await self._set_link(session, False)
+            idle = now - session.last_message_at
+            if not session.linked and session.peer not in self._shuffles and idle > self.config.transient_ttl_s:
+                await session.close()
+
+    def _neighbour_descriptor(self, peer: PeerId) -> Descriptor | None:
+        for desc in self.sampler.neighbour_descriptors():
+            if desc.peer == peer:
+                return desc
+        return None
+
+    async def _set_link(self, session: PeerSession, active: bool) -> None:
+        session.link_out = active
+        try:
+            await session.send(Link(active=int(active), degree=self.degree()))
+        except ConnectionClosed:
+            pass
+
+    async def _dial_neighbour(self, desc: Descriptor) -> None:
+        self._dialling.add(desc.peer)
+        try:
+            session = await self._dial(desc.addrs, desc.peer)
+            if session is not None:
+                await self._set_link(session, True)
+        finally:
+            self._dialling.discard(desc.peer)
+
+    async def _dial(self, addrs: Sequence[Multiaddr], peer: PeerId) -> PeerSession | None:
+        """Dial ``peer``; on failure report it to the sampler and the table."""
+        async with self._dial_slots:
+            try:
+                return await self.host.connect(addrs, peer)
+            except (OSError, PeerFault, ConnectionClosed) as exc:
+                self.report_failure(peer, reason=f"{type(exc).__name__}: {exc}")
+                return None
+
+    def report_failure(self, peer: PeerId, reason: str) -> None:
+        replacements = self.sampler.on_failure(peer)
+        self.table.mark_failure(peer)
+        self.evictions += 1
+        log.info(
+            "peer evicted",
+            extra={"event": "evicted", "peer": str(peer), "reason": reason, "replacements": [str(p) for p in replacements]},
+        )
+
+    async def on_session_closed(self, session: PeerSession) -> None:
+        """A connection ended. A neighbour gets one redial before it is evicted."""
+        self._shuffles.pop(session.peer, None)
+        if not session.link_out:
+            return
+        desc = self._neighbour_descriptor(session.peer) or self.sampler.descriptor(session.peer)
+        addrs = desc.addrs if desc is not None else session.addrs
+        if not addrs:
+            self.report_failure(session.peer, reason="connection lost, no address to redial")
+            return
+        self._tasks.spawn(f"link-{session.peer.short()}", lambda: self._dial_neighbour_addrs(session.peer, addrs), replace=True)
+
+    async def _dial_neighbour_addrs(self, peer: PeerId, addrs: Sequence[Multiaddr]) -> None:
+        await self._dial_neighbour(Descriptor(peer, tuple(addrs)))
+
+    # -- hello / link ------------------------------------------------------------
+
+    def observed_addrs(self, session: PeerSession, claimed: Iterable[str]) -> tuple[Multiaddr, ...]:
+        """The peer's listen addresses, rewritten to the host we actually see it
+        connect from (libp2p's "observed address"): a peer cannot make us file
+        it under another subnet than the one it really talks from."""
+        host = session.conn.remote[0]
+        out: list[Multiaddr] = []
+        for text in claimed:
+            try:
+                addr = Multiaddr.parse(text)
+            except ValueError as exc:
+                raise DecodeError(f"bad listen address in Hello: {exc}") from None
+            if addr.port == 0:
+                continue
+            fixed = Multiaddr(host, addr.port)
+            if fixed not in out:
+                out.append(fixed)
+        return tuple(out)
+
+    async def _on_hello(self, session: PeerSession, msg: Hello) -> None:
+        if session.hello is not None:
+            raise DecodeError("second Hello on one connection")
+        session.hello = msg
+        session.peer_degree = max(1, msg.degree)
+        addrs = self.observed_addrs(session, msg.listen_addrs)
+        session.addrs = addrs
+        self.sampler.on_alive(session.peer)
+        self.table.observe(session.peer, addrs)
+        self.table.mark_alive(session.peer)
+        if addrs:
+            self.sampler.add(session.peer, addrs)
+
+    async def _on_link(self, session: PeerSession, msg: Link) -> None:
+        session.link_in = bool(msg.active)
+        session.peer_degree = max(1, msg.degree)
+
+    # -- bootstrap and peer exchange ----------------------------------------------
+
+    async def _bootstrap(self) -> None:
+        """Dial bootstrap peers (with back-off) until we know somebody."""
+        if not self.config.bootstrap:
+            return
+        attempt = 0
+        while True:
+            for addr in self.config.bootstrap:
+                if addr.peer_id == self.host.peer_id:
+                    continue
+                try:
+                    session = await self.host.connect([addr.without_peer()], addr.peer_id)
+                except (OSError, PeerFault, ConnectionClosed) as exc:
+                    log.info("bootstrap dial failed", extra={"addr": str(addr), "error": str(exc)})
+                    continue
+                await self.request_peers(session)
+            if len(self.sampler) > 0 or self.host.sessions():
+                return
+            await asyncio.sleep(BOOTSTRAP_BACKOFF_S[min(attempt, len(BOOTSTRAP_BACKOFF_S) - 1)])
+            attempt += 1
+
+    async def request_peers(self, session: PeerSession) -> None:
+        self._pex_asked.add(session.peer)
+        await session.send(PeerExchangeRequest(max_peers=PEX_MAX_PEERS))
+
+    async def _on_pex_request(self, session: PeerSession, msg: PeerExchangeRequest) -> None:
+        view = [d for d in self.sampler.view() if d.peer != session.peer]
+        chosen = self._rng.sample(view, min(msg.max_peers, len(view)))
+        peers = [(d.peer, tuple(str(a) for a in d.addrs)) for d in chosen]
+        await session.send(PeerExchangeResponse(peers=tuple(peers)))
+
+    async def _on_pex_response(self, session: PeerSession, msg: PeerExchangeResponse) -> None:
+        if session.peer not in self._pex_asked:
+            raise LimitExceeded("unsolicited peer exchange response")
+        self._pex_asked.discard(session.peer)
+        for peer, addr_texts in msg.peers:
+            peer_id, addrs = parse_peer_entry(peer.raw, list(addr_texts), self.sampler.config.max_entry_addrs)
+            if peer_id == self.host.peer_id or self.table.is_banned(peer_id):
+                continue
+            self.table.add(peer_id, addrs)
+            self.sampler.add(peer_id, addrs)
+
+    # -- Cyclon shuffles -----------------------------------------------------------
+
+    async def shuffle(self) -> None:
+        started = self.sampler.start_shuffle()
+        if started is None:
+            return
+        target, entries = started
+        session = self.host.session(target.peer) or await self._dial(target.addrs, target.peer)
+        if session is None:
+            return
+        self._shuffles[target.peer] = entries
+        try:
+            await session.send(ShuffleRequest(entries=tuple(self._wire(entries))))
+        except ConnectionClosed:
+            self._shuffles.pop(target.peer, None)
+            self.report_failure(target.peer, reason="closed during shuffle")
+
+    @staticmethod
+    def _wire(entries: Iterable[Descriptor]) -> list[tuple[PeerId, tuple[str, ...], int]]:
+        return [(d.peer, tuple(str(a) for a in d.addrs), d.age) for d in entries]
+
+    def _descriptors(self, entries: Iterable[tuple[PeerId, tuple[str, ...], int]]) -> list[Descriptor]:
+        out: dict[PeerId, Descriptor] = {}
+        for peer, addr_texts, age in entries:
+            peer_id, addrs = parse_peer_entry(peer.raw, list(addr_texts), self.sampler.config.max_entry_addrs)
+            out.setdefault(peer_id, Descriptor(peer_id, addrs, age))
+        return list(out.values())
+
+    async def _on_shuffle_request(self, session: PeerSession, msg: ShuffleRequest) -> None:
+        received = self._descriptors(msg.entries)
+        reply = self.sampler.on_shuffle_request(session.peer, received)
+        await session.send(ShuffleResponse(entries=tuple(self._wire(reply))))
+
+    async def _on_shuffle_response(self, session: PeerSession, msg: ShuffleResponse) -> None:
+        sent = self._shuffles.pop(session.peer, None)
+        if sent is None:
+            raise LimitExceeded("unsolicited shuffle response")
+        self.sampler.on_shuffle_response(sent, self._descriptors(msg.entries))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "view": len(self.sampler),
+            "neighbours": [str(s.peer) for s in self.learning_neighbours()],
+            "evictions": self.evictions,
+        }

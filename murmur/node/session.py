@@ -1,0 +1,127 @@
+"""One authenticated connection to one peer, and the message dispatch for it.
+
+A :class:`PeerSession` owns the receive loop of its connection. Every decoded
+message goes to the handler registered for its class in a :class:`Dispatcher`
+(one table, filled by the node's components at start). Every
+:class:`~murmur.errors.PeerFault` raised while decoding or handling is caught
+here, in one place: the peer is penalised, the fault is counted, and the
+connection is dropped when the fault says so. Nothing a peer sends can take
+the node down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from murmur.errors import PeerFault
+from murmur.node.metrics import Direction, NodeMetrics
+from murmur.protocol.identity import PeerId
+from murmur.protocol.messages import Message, decode, encode
+from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.transport import ConnectionClosed, SecureConnection
+
+if TYPE_CHECKING:
+    from murmur.protocol.messages import Hello
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["PeerSession", Any], Awaitable[None]]
+
+
+class FaultSink(Protocol):
+    """Where a session reports a misbehaving peer (the node's peer table)."""
+
+    def on_fault(self, peer: PeerId, fault: PeerFault) -> None: ...
+
+
+class Dispatcher:
+    """Message class → handler. Registering a class twice is a bug."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[type, Handler] = {}
+
+    def register(self, handlers: Mapping[type, Handler]) -> None:
+        for cls, handler in handlers.items():
+            if cls in self._handlers:
+                raise RuntimeError(f"a handler for {cls.__name__} is already registered")
+            self._handlers[cls] = handler
+
+    def handler_for(self, msg: Message) -> Handler | None:
+        return self._handlers.get(type(msg))
+
+
+class PeerSession:
+    """State we keep about a connected peer."""
+
+    def __init__(self, conn: SecureConnection, dispatcher: Dispatcher, metrics: NodeMetrics, faults: FaultSink) -> None:
+        self.conn = conn
+        self.peer = conn.peer_id
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._faults = faults
+        self.hello: Hello | None = None
+        self.addrs: tuple[Multiaddr, ...] = ()  # its listen addresses, as observed (see Membership)
+        self.link_in = False  # the peer counts us as a learning neighbour
+        self.link_out = False  # we count the peer as a learning neighbour
+        self.peer_degree = 1
+        self.opened_at = time.monotonic()
+        self.last_message_at = self.opened_at
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
+    @property
+    def linked(self) -> bool:
+        return self.link_in or self.link_out
+
+    async def send(self, msg: Message) -> None:
+        """Encode and send one message; raises ConnectionClosed if the peer is gone."""
+        await self.send_encoded(encode(msg), type(msg).__name__)
+
+    async def send_encoded(self, data: bytes | memoryview, kind: str) -> None:
+        await self.conn.send(data)
+        self._metrics.add_bytes(Direction.OUT, len(data))
+        self._metrics.message(Direction.OUT, kind)
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    async def run(self) -> None:
+        """Receive and dispatch until the connection closes or a fault drops it."""
+        while True:
+            try:
+                data = await self.conn.recv()
+            except ConnectionClosed:
+                return
+            except PeerFault as fault:  # the transport already closed the connection
+                self._faults.on_fault(self.peer, fault)
+                return
+            self.last_message_at = time.monotonic()
+            self._metrics.add_bytes(Direction.IN, len(data))
+            try:
+                msg = decode(data)
+                self._metrics.message(Direction.IN, type(msg).__name__)
+                handler = self._dispatcher.handler_for(msg)
+                if handler is None:
+                    log.debug("no handler", extra={"peer": self.peer.short(), "kind": type(msg).__name__})
+                    continue
+                await handler(self, msg)
+            except PeerFault as fault:
+                self._faults.on_fault(self.peer, fault)
+                if fault.drop:
+                    await self.close()
+                    return
+            except ConnectionClosed:
+                return
+            except Exception:
+                # A bug in a handler must cost this connection, not the node.
+                log.exception("handler failed; closing connection", extra={"peer": self.peer.short()})
+                await self.close()
+                return
+
+    def __repr__(self) -> str:
+        return f"<PeerSession {self.peer.short()} {'out' if self.conn.outbound else 'in'}>"
