@@ -22,7 +22,7 @@ from murmur.protocol.delta import (
     signing_input,
 )
 from murmur.protocol.identity import Identity
-from murmur.protocol.messages import DeltaChunk, DeltaEnd, DeltaStart, decode, encode
+from murmur.protocol.messages import DeltaChunk, DeltaEnd, DeltaStart, decode
 
 ALICE = Identity.from_seed(b"a" * 32)
 BOB = Identity.from_seed(b"b" * 32)
