@@ -17,12 +17,12 @@ Usage: python bench/wire.py [--elements N] [--repeats R] [--all-codecs]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from collections.abc import Callable
 from typing import Any
 
+import blake3
 import numpy as np
 
 from murmur.protocol.codecs import DeltaCodec
@@ -73,14 +73,14 @@ def run(elements: int = DEFAULT_ELEMENTS, repeats: int = 5, codecs: tuple[DeltaC
     t_copyto, _ = _best(lambda: np.copyto(dst, delta), repeats)
     raw = memoryview(delta).cast("B")
     t_bytes, _ = _best(lambda: bytes(raw), repeats)
-    t_hash, _ = _best(lambda: hashlib.blake2b(raw, digest_size=32).digest(), repeats)
+    t_hash, _ = _best(lambda: blake3.blake3(raw).digest(), repeats)
 
     out: dict[str, Any] = {
         "elements": elements,
         "payload_mib": round(nbytes / MIB, 2),
         "memcpy_copyto_mib_s": _mib_s(nbytes, t_copyto),
         "memcpy_bytes_mib_s": _mib_s(nbytes, t_bytes),
-        "blake2b_mib_s": _mib_s(nbytes, t_hash),
+        "blake3_mib_s": _mib_s(nbytes, t_hash),
     }
     for codec in codecs:
         t_send, messages = _best(lambda: list(DeltaSender(sender, receiver.peer_id, 1, delta, codec)), repeats)
@@ -95,7 +95,7 @@ def run(elements: int = DEFAULT_ELEMENTS, repeats: int = 5, codecs: tuple[DeltaC
                 f"{prefix}_recv_mib_s": _mib_s(nbytes, t_recv),
                 f"{prefix}_send_vs_copyto": round(t_copyto / t_send, 3),
                 f"{prefix}_send_vs_bytes_copy": round(t_bytes / t_send, 3),
-                f"{prefix}_send_vs_blake2b": round(t_hash / t_send, 3),
+                f"{prefix}_send_vs_blake3": round(t_hash / t_send, 3),
                 f"{prefix}_recv_zero_copy": zero_copy,
                 f"{prefix}_max_abs_error": max_err,
             }
@@ -113,12 +113,12 @@ def main() -> None:
     result = run(args.elements, args.repeats, codecs)
     print(f"payload {result['payload_mib']} MiB ({args.elements} float32)")
     print(f"(a) memcpy   np.copyto {result['memcpy_copyto_mib_s']:>9} MiB/s   bytes() {result['memcpy_bytes_mib_s']} MiB/s")
-    print(f"    blake2b-256 alone  {result['blake2b_mib_s']:>9} MiB/s  (upper bound for send and receive)")
+    print(f"    blake3-256 alone  {result['blake3_mib_s']:>9} MiB/s  (upper bound for send and receive)")
     for codec in codecs:
         p = codec.name.lower()
         print(
             f"(b) send {codec.name:<4} {result[f'{p}_send_mib_s']:>9} MiB/s  b/a = {result[f'{p}_send_vs_copyto']}"
-            f" (vs bytes copy {result[f'{p}_send_vs_bytes_copy']}, vs blake2b {result[f'{p}_send_vs_blake2b']})"
+            f" (vs bytes copy {result[f'{p}_send_vs_bytes_copy']}, vs blake3 {result[f'{p}_send_vs_blake3']})"
         )
         print(
             f"(c) recv {codec.name:<4} {result[f'{p}_recv_mib_s']:>9} MiB/s  zero-copy decode: "

@@ -1,7 +1,7 @@
 """Signed, chunked, streamed deltas with bounded receiver memory.
 
 A delta travels as ``DeltaStart``, ``DeltaChunk``…, ``DeltaEnd``. The payload
-is the codec's encoding of a flat float32 vector; its BLAKE2b-256 is computed
+is the codec's encoding of a flat float32 vector; its BLAKE3-256 is computed
 incrementally chunk by chunk on both sides, and the Ed25519 signature over
 
     b"murmur-delta-v1" || content_hash || u64be(round) || sender.raw || recipient.raw
@@ -22,7 +22,6 @@ the authenticated (AEAD) connection, not by the signature.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import math
 import secrets
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import blake3
 import numpy as np
 
 from murmur.errors import DecodeError, LimitExceeded, PeerFault, ReplayError, SignatureError
@@ -84,7 +84,10 @@ class StaleRound(ReplayError):
 
 
 def _hasher() -> Any:
-    return hashlib.blake2b(digest_size=HASH_DIGEST_SIZE)
+    # BLAKE3, not BLAKE2b: at ~2-3 GiB/s on one core it keeps the content hash
+    # off the critical path of a 50 MiB transfer (BLAKE2b's ~0.5 GiB/s was
+    # slower than the encrypted socket itself).
+    return blake3.blake3()
 
 
 def signing_input(content_hash: bytes, round: int, sender: PeerId, recipient: PeerId) -> bytes:

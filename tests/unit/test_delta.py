@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import replace
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 
@@ -58,7 +58,7 @@ def feed_all(assembler: DeltaAssembler, msgs: list[Any], sender: Identity = ALIC
 def forge(payload: bytes, shape: tuple[int, ...], codec: DeltaCodec = DeltaCodec.FP32, round: int = 5) -> list[Any]:
     """Build a correctly signed transfer by hand (independent of DeltaSender),
     so the receiver's value checks can be tested on payloads a sender refuses."""
-    digest = hashlib.blake2b(payload, digest_size=32).digest()
+    digest = blake3.blake3(payload).digest()
     signed = b"murmur-delta-v1" + digest + struct.pack(">Q", round) + ALICE.peer_id.raw + BOB.peer_id.raw
     return [
         DeltaStart(77, round, ALICE.peer_id, BOB.peer_id, codec, "float32", shape, len(payload), {}),
@@ -84,7 +84,7 @@ def test_round_trip_every_codec(codec: DeltaCodec) -> None:
     assert done.array.shape == x.shape and done.array.dtype == np.float32
     assert dict(done.meta) == {"kind": "model", "age": 3}
     payload, _ = codecs.encode(x, codec)
-    assert done.content_hash == sender.content_hash == hashlib.blake2b(payload, digest_size=32).digest()
+    assert done.content_hash == sender.content_hash == blake3.blake3(payload).digest()
     expected = codecs.decode(bytes(payload), codecs.CodecParams(codec, x.size)).reshape(x.shape)
     np.testing.assert_array_equal(done.array, expected)
     if codec is DeltaCodec.FP32:
@@ -139,7 +139,7 @@ def test_tampered_hash_and_chunk_together_fail_the_signature() -> None:
     forged = bytearray(payload)
     forged[0] ^= 1
     msgs[1:-1] = [DeltaChunk(msgs[0].transfer_id, 0, bytes(forged))]
-    msgs[-1] = replace(msgs[-1], content_hash=hashlib.blake2b(forged, digest_size=32).digest())
+    msgs[-1] = replace(msgs[-1], content_hash=blake3.blake3(forged).digest())
     with pytest.raises(SignatureError):
         feed_all(DeltaAssembler(BOB.peer_id), msgs)
 
