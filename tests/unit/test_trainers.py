@@ -351,7 +351,7 @@ USER_TRAINER = textwrap.dedent(
 
 
 @pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     name = f"user_trainer_{tmp_path.name.replace('-', '_')}"
     (tmp_path / f"{name}.py").write_text(USER_TRAINER)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -256,9 +256,10 @@ class TorchTrainer(Trainer):
     The default is a plain mean cross-entropy backward, with autocast and
     GradScaler loss scaling on CUDA. An override — e.g. DP-SGD per-example
     clipping with ``torch.func`` (``privacy/dpsgd.py``) — must write *true,
-    unscaled* fp32 gradients; the base notices the override and then steps the
-    optimiser directly, without the GradScaler. ``self.model`` and
-    ``self.loss_fn`` are available to it.
+    unscaled* fp32 gradients; the base notices the override and then turns the
+    GradScaler off and steps the optimiser directly (autocast in the forward
+    pass stays the override's choice). ``self.model``, ``self.loss_fn`` and
+    ``self.device`` are available to it; the batch is a :class:`Batch`.
     """
 
     Options: ClassVar[type[TorchOptions]] = TorchOptions
@@ -288,8 +289,10 @@ class TorchTrainer(Trainer):
             weight_decay=self.options.weight_decay,
         )
         self._amp = self.options.amp and self.device.type == "cuda"
-        self._scaler = torch.amp.GradScaler("cuda", enabled=self._amp)
+        # An overridden gradient hook writes true gradients, so loss scaling is
+        # off for it (also when it calls super().compute_gradients()).
         self._default_gradients = type(self).compute_gradients is TorchTrainer.compute_gradients
+        self._scaler = torch.amp.GradScaler("cuda", enabled=self._amp and self._default_gradients)
 
         own = partition.node_indices(
             dataset.y_train, ctx.node_index, ctx.num_nodes, ctx.seed, spec, dataset.train_groups
@@ -360,11 +363,10 @@ class TorchTrainer(Trainer):
             batch = Batch(self._x_train[idx], self._y_train[idx])
             self.optimizer.zero_grad(set_to_none=True)
             total += self.compute_gradients(batch).float()
-            if self._default_gradients:
-                self._scaler.step(self.optimizer)
-                self._scaler.update()
-            else:
-                self.optimizer.step()
+            # With the scaler disabled (CPU, MPS, or a custom hook) step() is a
+            # plain optimizer.step(); with it, steps with inf/NaN gradients are skipped.
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
             examples += len(idx)
         mean_loss = float(total.item()) / steps if steps else 0.0
         return TrainStats(loss=mean_loss, examples=examples, steps=steps)
