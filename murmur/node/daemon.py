@@ -244,8 +244,10 @@ class Node:
                 return old
         session = PeerSession(conn, self.dispatcher, self.metrics, self)
         if old is not None:
+            # Edge state carries over; the Hello does not: the peer sends one on
+            # every connection, and the new one must not read as a second Hello.
             session.link_in, session.link_out = old.link_in, old.link_out
-            session.hello, session.addrs, session.peer_degree = old.hello, old.addrs, old.peer_degree
+            session.addrs, session.peer_degree = old.addrs, old.peer_degree
             self._sessions[peer] = session
             self.tasks.spawn(f"close-old-{old.conn.name}", old.close)
         self._sessions[peer] = session
