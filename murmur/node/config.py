@@ -170,6 +170,7 @@ class LearningSection:
     alpha: float = 0.5
     shards: int = 2
     attack: Attack = Attack.NONE
+    eval_attack: Attack = Attack.NONE
     rounds: int = 100
     local_steps: int = 0
     round_deadline_s: float = 30.0

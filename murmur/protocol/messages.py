@@ -589,10 +589,13 @@ class ModelRequest:
 @dataclass(frozen=True)
 class HistoryRecord:
     """SybilWall history gossip: ``peer``'s accumulated update history as
-    observed ``distance`` hops away, signed by its origin."""
+    observed directly by ``observer`` and relayed ``distance`` hops.
+    ``origin_sig`` is the observer's signature over (peer, round, history);
+    the hop count is not signed because every relay increments it."""
 
     KIND: ClassVar[MessageKind] = MessageKind.HISTORY_RECORD
     peer: Peer
+    observer: Peer
     round: U64
     distance: U16
     history: Annotated[np.ndarray, NdarraySpec(frozenset({"float32", "float16", "uint16"}), MAX_HISTORY_ELEMENTS)]
