@@ -127,11 +127,12 @@ def verify_round_commit(commit: RoundCommit, signer: PeerId) -> frozenset[PeerId
         raise DecodeError(f"round commit lists {len(commit.peers)} peers (max {MAX_COMMIT_PEERS})")
     if list(commit.peers) != sorted(set(commit.peers)):
         raise DecodeError("round commit peers must be sorted and unique")
-    signer.verify(commit.signature, _commit_input(commit.round, signer, commit.peers))
     try:
-        return frozenset(PeerId.from_bytes(p) for p in commit.peers)
+        peers = frozenset(PeerId.from_bytes(p) for p in commit.peers)
     except ValueError as exc:
         raise DecodeError("round commit lists a malformed peer id") from exc
+    signer.verify(commit.signature, _commit_input(commit.round, signer, commit.peers))
+    return peers
 
 
 def edge_active(me: PeerId, my_commit: RoundCommit, peer: PeerId, peer_commit: RoundCommit | None) -> bool:
