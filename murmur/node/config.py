@@ -171,6 +171,7 @@ class LearningSection:
     shards: int = 2
     attack: Attack = Attack.NONE
     eval_attack: Attack = Attack.NONE
+    threads: int = 0
     rounds: int = 100
     local_steps: int = 0
     round_deadline_s: float = 30.0

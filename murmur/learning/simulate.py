@@ -1,0 +1,209 @@
+"""Many nodes' rounds in one process, without a network.
+
+The benches that sweep attacks and privacy budgets (bench/sybil.py,
+bench/privacy.py) need hundreds of node-rounds per table cell; running real
+daemons for each would measure the machine, not the algorithms. This driver
+runs the very same :class:`~murmur.learning.rounds.RoundEngine`, aggregators
+and privacy stage as the daemon, and delivers deltas in memory along a fixed
+graph. The integration tests check the daemon separately on real sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from murmur.learning.aggregators.base import get_aggregator
+from murmur.learning.rounds import Perturber, RoundConfig, RoundEngine
+from murmur.learning.topology import Graph, random_regularish
+from murmur.learning.trainers.base import TrainerContext
+from murmur.learning.trainers.registry import load_trainer
+
+log = logging.getLogger(__name__)
+
+ATTACKER_AGGREGATOR = "mean"
+"""The attacker keeps its model near the honest ones by averaging what its
+Sybils receive; otherwise its poisoned delta would be trivially far off."""
+
+
+@dataclass(frozen=True)
+class SybilAttack:
+    """One attacker running ``sybils`` identities that all send its one model."""
+
+    kind: str  # "label_flip" | "backdoor"
+    sybils: int
+    edges_per_sybil: int = 2
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    trainer: str = "digits-mlp"
+    trainer_options: Mapping[str, Any] = field(default_factory=dict)
+    nodes: int = 8
+    degree: int = 3
+    graph: Graph | None = None  # overrides degree
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    aggregator: str = "mean"
+    aggregator_options: Mapping[str, Any] = field(default_factory=dict)
+    rounds: int = 30
+    local_steps: int | None = None
+    seed: int = 0
+    eval_every: int = 5
+    attack: SybilAttack | None = None
+    device: str | None = "cpu"
+
+
+@dataclass
+class RoundRow:
+    round: int
+    mean_accuracy: float
+    min_accuracy: float
+    attack_rate: float | None
+    sybil_weight: float | None  # mean weight an honest node gave a Sybil it heard from
+    honest_weight: float  # mean weight an honest node gave an honest peer
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    rows: list[RoundRow]
+
+    @property
+    def final(self) -> RoundRow:
+        return self.rows[-1]
+
+
+PerturberFactory = Callable[[int, Sequence[str]], Perturber | None]
+
+
+def node_name(i: int) -> str:
+    return f"n{i}"
+
+
+def sybil_name(i: int) -> str:
+    return f"sybil{i}"
+
+
+def run_simulation(
+    cfg: SimConfig,
+    perturber_factory: PerturberFactory | None = None,
+    progress: Callable[[RoundRow], None] | None = None,
+) -> SimResult:
+    """Run ``cfg.rounds`` synchronous rounds; evaluate every ``eval_every``."""
+    torch.manual_seed(cfg.seed)
+    graph = cfg.graph if cfg.graph is not None else random_regularish(cfg.nodes, cfg.degree, cfg.seed)
+    n = len(graph)
+    trainer_cls = load_trainer(cfg.trainer)
+    total_nodes = n + (1 if cfg.attack else 0)
+
+    def ctx(i: int, attack: str | None = None) -> TrainerContext:
+        return TrainerContext(
+            node_index=i,
+            num_nodes=total_nodes,
+            seed=cfg.seed,
+            partition=cfg.partition,
+            alpha=cfg.alpha,
+            device=cfg.device,
+            options=dict(cfg.trainer_options),
+            attack=attack,
+        )
+
+    names = [node_name(i) for i in range(n)]
+    neighbours: list[dict[str, int]] = [{names[j]: len(graph[j]) for j in graph[i]} for i in range(n)]
+
+    # Attack edges: each Sybil gets edges_per_sybil distinct honest neighbours.
+    rng = random.Random(cfg.seed + 7919)
+    sybil_links: dict[str, list[int]] = {}
+    if cfg.attack:
+        for s in range(cfg.attack.sybils):
+            targets = rng.sample(range(n), min(cfg.attack.edges_per_sybil, n))
+            sybil_links[sybil_name(s)] = targets
+            for t in targets:
+                neighbours[t][sybil_name(s)] = len(targets)
+
+    round_cfg = RoundConfig(local_steps=cfg.local_steps, quorum=1.0)
+    engines = []
+    for i in range(n):
+        perturber = perturber_factory(i, list(neighbours[i])) if perturber_factory else None
+        engines.append(
+            RoundEngine(
+                trainer_cls(ctx(i)),
+                get_aggregator(cfg.aggregator, **dict(cfg.aggregator_options)),
+                round_cfg,
+                perturber=perturber,
+            )
+        )
+
+    attacker: RoundEngine | None = None
+    attacker_neighbours: dict[str, int] = {}
+    if cfg.attack and cfg.attack.sybils > 0:
+        attacker = RoundEngine(trainer_cls(ctx(n, cfg.attack.kind)), get_aggregator(ATTACKER_AGGREGATOR), round_cfg)
+        for targets in sybil_links.values():
+            for t in targets:
+                attacker_neighbours[names[t]] = len(graph[t])
+
+    record_rng = random.Random(cfg.seed + 104729)
+    rows: list[RoundRow] = []
+    for r in range(cfg.rounds):
+        sent = {names[i]: engines[i].begin_round(neighbours[i]) for i in range(n)}
+        if attacker is not None:
+            poisoned = attacker.begin_round(attacker_neighbours)
+            for sybil, targets in sybil_links.items():
+                for t in targets:
+                    engines[t].offer(sybil, r, poisoned)
+            for peer in attacker_neighbours:
+                attacker.offer(peer, r, sent[peer])
+        for i in range(n):
+            for j in graph[i]:
+                engines[j].offer(names[i], r, sent[names[i]])
+        _gossip_history_records(engines, names, graph, record_rng)
+        evaluate = (r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1
+        reports = [engine.finish_round(evaluate=evaluate) for engine in engines]
+        if attacker is not None:
+            attacker.finish_round()
+        if evaluate:
+            row = _row(r, engines, reports, cfg, set(sybil_links))
+            rows.append(row)
+            if progress:
+                progress(row)
+    return SimResult(cfg, rows)
+
+
+def _gossip_history_records(engines: list[RoundEngine], names: list[str], graph: Graph, rng: random.Random) -> None:
+    """SybilWall's probabilistic history gossip between honest neighbours."""
+    for i, engine in enumerate(engines):
+        send = getattr(engine.aggregator, "records_to_send", None)
+        if send is None:
+            continue
+        for j in graph[i]:
+            record = send(names[j], rng)
+            if record is not None:
+                engines[j].aggregator.receive_record(names[i], record)
+
+
+def _row(r: int, engines: list[RoundEngine], reports: list[Any], cfg: SimConfig, sybils: set[str]) -> RoundRow:
+    accs = [rep.eval.accuracy for rep in reports]
+    attack_rate = None
+    if cfg.attack:
+        attack_rate = sum(e.trainer.attack_success_rate(cfg.attack.kind) for e in engines) / len(engines)
+    sybil_w: list[float] = []
+    honest_w: list[float] = []
+    for rep in reports:
+        for peer, w in rep.weights.items():
+            if peer == "self":
+                continue
+            (sybil_w if peer in sybils else honest_w).append(w)
+    return RoundRow(
+        round=r,
+        mean_accuracy=sum(accs) / len(accs),
+        min_accuracy=min(accs),
+        attack_rate=attack_rate,
+        sybil_weight=(sum(sybil_w) / len(sybil_w)) if sybil_w else (0.0 if sybils else None),
+        honest_weight=(sum(honest_w) / len(honest_w)) if honest_w else 0.0,
+    )

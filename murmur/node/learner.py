@@ -1,0 +1,421 @@
+"""Learning inside the daemon: D-SGD rounds over the node's learning neighbours.
+
+:class:`NodeLearner` drives the sans-IO :class:`~murmur.learning.rounds.RoundEngine`
+with real connections:
+
+* heavy work (local training, evaluation) runs in a worker thread; every
+  touch of the engine's round state happens on the event loop, so deltas that
+  arrive while we train are filed safely (buffered for the round they name);
+* each delta goes out as a signed, chunked stream (:mod:`murmur.protocol.delta`)
+  to each neighbour; what arrives is verified and offered to the engine;
+* a round closes once a quorum of this round's neighbours delivered, or at
+  the deadline; absent peers never stall it;
+* a node behind its neighbours (late join, restart) asks one of them for its
+  model and adopts it (catch-up);
+* SybilWall history records are gossiped signed by their direct observer;
+* model, round and aggregator histories are checkpointed atomically every
+  round, and restored at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import blake3
+import numpy as np
+import torch
+
+from murmur.errors import DecodeError, LimitExceeded
+from murmur.learning.aggregators.base import get_aggregator
+from murmur.learning.aggregators.sybilwall import HistoryRecordData, SybilWallAggregator
+from murmur.learning.rounds import LocalUpdate, Offer, RoundConfig, RoundEngine, RoundReport
+from murmur.learning.trainers.registry import load_trainer
+from murmur.node.config import Attack
+from murmur.node.metrics import Split
+from murmur.protocol.codecs import DeltaCodec
+from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender
+from murmur.protocol.identity import PeerId
+from murmur.protocol.messages import DeltaChunk, DeltaEnd, DeltaStart, HistoryRecord, ModelRequest
+from murmur.protocol.transport import ConnectionClosed
+
+if TYPE_CHECKING:
+    from murmur.node.daemon import Node
+    from murmur.node.session import Handler, PeerSession
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_GAP = 2
+"""Rounds a neighbour may be ahead before we fetch its model instead of
+trying to keep up: beyond this its deltas are no longer buffered for us."""
+MODEL_KIND = "model"
+MODEL_REQUEST_INTERVAL_S = 5.0  # per peer; serving a model costs a full transfer
+NEIGHBOUR_WAIT_S = 2.0  # how long round 0 waits for a first neighbour
+HISTORY_DOMAIN = b"murmur-history-v1"
+_U64 = struct.Struct(">Q")
+
+
+def history_signing_input(peer: PeerId, round_: int, history: np.ndarray) -> bytes:
+    """What the direct observer of ``peer`` signs for a SybilWall record."""
+    digest = blake3.blake3(memoryview(np.ascontiguousarray(history, dtype=np.float32)).cast("B")).digest()
+    return b"".join([HISTORY_DOMAIN, peer.raw, _U64.pack(round_), digest])
+
+
+class NodeLearner:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        cfg = node.config.learning
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.trainer = load_trainer(cfg.trainer)(cfg.trainer_context())
+        options = dict(cfg.aggregator_options)
+        if cfg.aggregator == "sybilwall":
+            options.setdefault("self_id", str(node.peer_id))
+        self.aggregator = get_aggregator(cfg.aggregator, **options)
+        self.engine = RoundEngine(
+            self.trainer,
+            self.aggregator,
+            RoundConfig(local_steps=cfg.local_steps or None, quorum=cfg.quorum),
+        )
+        self.codec: DeltaCodec = cfg.codec.wire()
+        payload = self.engine.num_params * 4
+        self.assembler = DeltaAssembler(
+            node.peer_id, AssemblerLimits(max_delta_bytes=payload + 64 * 1024, max_total_buffered_bytes=max(64 * payload, 1 << 26))
+        )
+        self._peers: dict[str, PeerId] = {}
+        self._arrived = asyncio.Event()
+        self._model_wait: tuple[PeerId, asyncio.Future[CompletedDelta]] | None = None
+        self._model_served: dict[PeerId, float] = {}
+        self._catch_up_from: PeerId | None = None
+        self._record_sigs: dict[tuple[str, int, str], bytes] = {}
+        self.last_report: RoundReport | None = None
+        self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
+        self.attack_rate: float | None = None
+        self.catch_ups = 0
+        self.privacy: Any = None  # murmur.node.privacy.NodePrivacy when privacy is on
+        self._restore()
+
+    # -- wiring --------------------------------------------------------------------
+
+    @property
+    def round(self) -> int:
+        return self.engine.round
+
+    def handlers(self) -> Mapping[type, Handler]:
+        handlers: dict[type, Handler] = {
+            DeltaStart: self._on_delta_message,
+            DeltaChunk: self._on_delta_message,
+            DeltaEnd: self._on_delta_message,
+            ModelRequest: self._on_model_request,
+            HistoryRecord: self._on_history_record,
+        }
+        return handlers
+
+    async def start(self) -> None:
+        self.node.tasks.spawn("rounds", self._run)
+        self.node.tasks.periodic("expire-transfers", 10.0, self._expire)
+
+    async def stop(self) -> None:
+        self.node.tasks.cancel("rounds")
+        self._checkpoint()
+
+    async def _expire(self) -> None:
+        self.assembler.expire()
+
+    def on_session_closed(self, session: PeerSession) -> None:
+        self.assembler.abandon_peer(session.peer)
+
+    # -- the round loop ------------------------------------------------------------
+
+    def _neighbours(self) -> dict[str, int]:
+        out = {}
+        for session in self.node.membership.learning_neighbours():
+            key = str(session.peer)
+            self._peers[key] = session.peer
+            out[key] = max(1, session.peer_degree)
+        return out
+
+    async def _run(self) -> None:
+        deadline_s = self.cfg.round_deadline_s
+        if not self._neighbours():
+            await self._wait_for(lambda: bool(self._neighbours()), NEIGHBOUR_WAIT_S)
+        while self.engine.round < self.cfg.rounds:
+            if self.privacy is not None and self.privacy.budget_exhausted():
+                log.warning(
+                    "privacy budget spent; no longer sending deltas",
+                    extra={"event": "budget_exhausted", "epsilon": self.privacy.epsilon_spent()},
+                )
+                return
+            await self._maybe_catch_up()
+            started = time.monotonic()
+            update: LocalUpdate = await asyncio.to_thread(self.engine.local_update)
+            neighbours = self._neighbours()
+            round_ = self.engine.round
+            committed = None
+            if self.privacy is not None:
+                committed = await self.privacy.commit(round_, neighbours)
+            sent = self.engine.open_round(neighbours, update, committed)
+            await self._send_round(round_, sent, neighbours)
+            remaining = deadline_s - (time.monotonic() - started)
+            await self._wait_for(self.engine.quorum_reached, max(0.0, remaining))
+            missing = self.engine.missing()
+            report = self.engine.finish_round()
+            if self.privacy is not None:
+                self.privacy.after_round(round_, committed or [], missing)
+            await self._after_round(report)
+
+    async def _wait_for(self, predicate: Any, timeout_s: float) -> bool:
+        """Wait until ``predicate()`` or timeout; woken by every arriving delta."""
+        end = time.monotonic() + timeout_s
+        while not predicate():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), min(left, 0.5))
+            except TimeoutError:
+                pass
+        return True
+
+    async def _send_round(self, round_: int, sent: torch.Tensor, neighbours: Mapping[str, int]) -> None:
+        array = sent.detach().to("cpu", torch.float32).contiguous().numpy()
+        meta = {"degree": len(neighbours)}
+        sends = [self._send_delta(self._peers[p], round_, array, meta) for p in neighbours]
+        sends += [self._send_record(self._peers[p]) for p in neighbours]
+        await asyncio.gather(*sends)
+
+    async def _send_delta(self, peer: PeerId, round_: int, array: np.ndarray, meta: Mapping[str, Any]) -> None:
+        session = self.node.session(peer)
+        if session is None:
+            return
+        try:
+            for data in DeltaSender(self.node.identity, peer, round_, array, self.codec, meta=meta):
+                await session.send_encoded(data, "Delta")
+        except ConnectionClosed:
+            pass
+
+    async def _after_round(self, report: RoundReport) -> None:
+        self.last_report = report
+        loss, accuracy = await asyncio.to_thread(self._evaluate)
+        self.last_eval = (loss, accuracy)
+        metrics = self.node.metrics
+        metrics.round.set(self.engine.round)
+        metrics.set_eval(Split.TRAIN, loss=report.train_loss, accuracy=float("nan"))
+        metrics.set_eval(Split.TEST, loss=loss, accuracy=accuracy)
+        metrics.set_aggregation_weights(report.weights)
+        epsilon = self.privacy.epsilon_spent() if self.privacy is not None else 0.0
+        metrics.epsilon_spent.set(epsilon)
+        status = self.node.status()
+        self.node.state.append_metrics(
+            {
+                "ts": time.time(),
+                "round": report.round,
+                "accuracy": accuracy,
+                "loss": loss,
+                "train_loss": report.train_loss,
+                "attack_rate": self.attack_rate,
+                "weights": report.weights,
+                "neighbours": sorted(k for k in report.weights if k != "self"),
+                "received": report.received,
+                "late_dropped": report.late_dropped,
+                "bytes_in": status["bytes_in"],
+                "bytes_out": status["bytes_out"],
+                "epsilon": epsilon,
+            }
+        )
+        self._checkpoint()
+        log.info(
+            "round done",
+            extra={"event": "round", "round": report.round, "accuracy": round(accuracy, 4),
+                   "received": report.received, "neighbours": report.neighbours},
+        )
+
+    def _evaluate(self) -> tuple[float, float]:
+        stats = self.trainer.evaluate()
+        if self.cfg.eval_attack is not Attack.NONE:
+            self.attack_rate = self.trainer.attack_success_rate(self.cfg.eval_attack.value)
+        return stats.loss, stats.accuracy
+
+    # -- receiving deltas ------------------------------------------------------------
+
+    async def _on_delta_message(self, session: PeerSession, msg: DeltaStart | DeltaChunk | DeltaEnd) -> None:
+        done = self.assembler.feed(session.peer, msg)
+        if done is None:
+            return
+        if done.meta.get("kind") == MODEL_KIND:
+            self._on_model(session.peer, done)
+            return
+        degree = done.meta.get("degree")
+        if isinstance(degree, int) and degree > 0:
+            session.peer_degree = degree
+        array = done.array if done.array.flags.writeable else done.array.copy()
+        key = str(session.peer)
+        self._peers[key] = session.peer
+        outcome = self.engine.offer(key, done.round, torch.from_numpy(array))
+        if outcome is Offer.BAD_SHAPE:
+            raise DecodeError(f"delta of wrong shape or with non-finite values for round {done.round}")
+        if outcome is Offer.TOO_EARLY:
+            self._catch_up_from = session.peer
+        if isinstance(self.aggregator, SybilWallAggregator) and outcome in (Offer.ACCEPTED, Offer.BUFFERED):
+            pass  # histories are folded in by the aggregator when the round closes
+        self._arrived.set()
+
+    # -- catch-up --------------------------------------------------------------------
+
+    async def _maybe_catch_up(self) -> None:
+        peer = self._catch_up_from
+        if peer is None:
+            ahead = [
+                s for s in self.node.membership.learning_neighbours()
+                if s.hello is not None and s.hello.round > self.engine.round + CATCH_UP_GAP
+            ]
+            if not ahead:
+                return
+            peer = max(ahead, key=lambda s: s.hello.round).peer  # type: ignore[union-attr]
+        self._catch_up_from = None
+        session = self.node.session(peer)
+        if session is None:
+            return
+        fut: asyncio.Future[CompletedDelta] = asyncio.get_running_loop().create_future()
+        self._model_wait = (peer, fut)
+        try:
+            await session.send(ModelRequest(round=self.engine.round))
+            done = await asyncio.wait_for(fut, self.cfg.round_deadline_s)
+        except (TimeoutError, ConnectionClosed):
+            log.info("catch-up failed", extra={"peer": str(peer)})
+            return
+        finally:
+            self._model_wait = None
+        array = done.array if done.array.flags.writeable else done.array.copy()
+        if array.size != self.engine.num_params:
+            return
+        self.engine.adopt(torch.from_numpy(array), done.round)
+        self.catch_ups += 1
+        log.info("caught up", extra={"event": "catch_up", "peer": str(peer), "round": done.round})
+
+    def _on_model(self, sender: PeerId, done: CompletedDelta) -> None:
+        waiting = self._model_wait
+        if waiting is None or waiting[0] != sender or waiting[1].done():
+            raise LimitExceeded("unsolicited model transfer")
+        waiting[1].set_result(done)
+
+    async def _on_model_request(self, session: PeerSession, msg: ModelRequest) -> None:
+        now = time.monotonic()
+        last = self._model_served.get(session.peer)
+        if last is not None and now - last < MODEL_REQUEST_INTERVAL_S:
+            raise LimitExceeded("model requested too often")
+        self._model_served[session.peer] = now
+        model = self.trainer.get_flat().detach().to("cpu").numpy()
+        sender = DeltaSender(self.node.identity, session.peer, self.engine.round, model, DeltaCodec.FP32, meta={"kind": MODEL_KIND})
+        for data in sender:
+            await session.send_encoded(data, "Model")
+
+    # -- SybilWall history gossip ---------------------------------------------------------
+
+    async def _send_record(self, peer: PeerId) -> None:
+        if not isinstance(self.aggregator, SybilWallAggregator):
+            return
+        record = self.aggregator.records_to_send(str(peer))
+        session = self.node.session(peer)
+        if record is None or session is None:
+            return
+        history = record.history.detach().to("cpu", torch.float32).contiguous().numpy()
+        subject = PeerId.from_string(record.peer)
+        observer = PeerId.from_string(record.observer)
+        if observer == self.node.peer_id:
+            signature = self.node.identity.sign(history_signing_input(subject, record.round, history))
+        else:
+            signature = self._record_sigs.get((record.peer, record.round, record.observer))
+            if signature is None:
+                return  # we cannot vouch for a record whose signature we no longer hold
+        try:
+            await session.send(
+                HistoryRecord(peer=subject, observer=observer, round=record.round, distance=record.distance,
+                              history=history, origin_sig=signature)
+            )
+        except ConnectionClosed:
+            pass
+
+    async def _on_history_record(self, session: PeerSession, msg: HistoryRecord) -> None:
+        if not isinstance(self.aggregator, SybilWallAggregator):
+            return
+        if msg.history.size != self.engine.num_params:
+            raise DecodeError("history record of the wrong size")
+        history = np.asarray(msg.history, dtype=np.float32)
+        msg.observer.verify(msg.origin_sig, history_signing_input(msg.peer, msg.round, history))
+        if msg.peer == self.node.peer_id:
+            return
+        record = HistoryRecordData(
+            peer=str(msg.peer), round=msg.round, distance=msg.distance,
+            history=torch.from_numpy(history.copy()), observer=str(msg.observer),
+        )
+        if self.aggregator.receive_record(str(session.peer), record):
+            key = (record.peer, record.round, record.observer)
+            self._record_sigs[key] = msg.origin_sig
+            self._prune_record_sigs()
+
+    def _prune_record_sigs(self) -> None:
+        """Keep signatures only for records the aggregator still stores."""
+        live = set()
+        for peer in self.aggregator.known_peers():
+            info = self.aggregator.record_info(peer)
+            if info is not None:
+                live.add((peer, info.round, info.observer))
+        for key in [k for k in self._record_sigs if k not in live]:
+            del self._record_sigs[key]
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        model = self.trainer.get_flat().detach().to("cpu").numpy()
+        self.node.state.save_checkpoint(
+            {"model": model}, {"round": self.engine.round, "trainer": self.cfg.trainer, "num_params": int(model.size)}
+        )
+        state = self.aggregator.state_dict()
+        if state:
+            arrays = {k: v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
+            meta = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+            self.node.state.save_history(arrays, meta)
+
+    def _restore(self) -> None:
+        bundle = self.node.state.load_checkpoint()
+        if bundle is None:
+            return
+        model = bundle.arrays.get("model")
+        if model is None or bundle.meta.get("trainer") != self.cfg.trainer or model.size != self.engine.num_params:
+            log.warning("checkpoint does not match this trainer; starting fresh", extra={"source": str(bundle.source)})
+            return
+        self.engine.adopt(torch.from_numpy(np.array(model, dtype=np.float32)), int(bundle.meta["round"]))
+        history = self.node.state.load_history()
+        if history is not None:
+            state: dict[str, Any] = dict(history.meta)
+            state.update({k: torch.from_numpy(np.array(v)) for k, v in history.arrays.items()})
+            try:
+                self.aggregator.load_state_dict(state)
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("aggregator history unreadable; starting without it", extra={"error": str(exc)})
+        log.info("restored checkpoint", extra={"event": "restored", "round": self.engine.round})
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        loss, accuracy = self.last_eval if self.last_eval is not None else (None, None)
+        return {
+            "mode": self.cfg.mode.value,
+            "round": self.engine.round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "attack_rate": self.attack_rate,
+            "weights": dict(self.last_report.weights) if self.last_report else {},
+            "epsilon": self.privacy.epsilon_spent() if self.privacy is not None else 0.0,
+            "budget_exhausted": bool(self.privacy is not None and self.privacy.budget_exhausted()),
+            "role": "attacker" if self.cfg.attack is not Attack.NONE else "honest",
+            "catch_ups": self.catch_ups,
+            "late_dropped": self.engine.late_dropped,
+        }
