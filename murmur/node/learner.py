@@ -23,7 +23,7 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import blake3
@@ -66,8 +66,18 @@ def history_signing_input(peer: PeerId, round_: int, history: np.ndarray) -> byt
 
 
 class NodeLearner:
-    def __init__(self, node: Node) -> None:
+    """Learning for one node, or for one attacker behind several identities.
+
+    ``node`` owns the state dir, metrics and tasks. ``fronts`` are the nodes
+    (identities) whose connections carry this learner's deltas: just ``node``
+    for an honest peer; every Sybil identity for an attacker, which then sends
+    its one model under each identity to each identity's neighbours.
+    """
+
+    def __init__(self, node: Node, fronts: Sequence[Node] | None = None) -> None:
         self.node = node
+        self.fronts = list(fronts) if fronts else [node]
+        self._front_ids = {front.peer_id for front in self.fronts}
         cfg = node.config.learning
         self.cfg = cfg
         if cfg.threads:
@@ -84,10 +94,12 @@ class NodeLearner:
         )
         self.codec: DeltaCodec = cfg.codec.wire()
         payload = self.engine.num_params * 4
-        self.assembler = DeltaAssembler(
-            node.peer_id, AssemblerLimits(max_delta_bytes=payload + 64 * 1024, max_total_buffered_bytes=max(64 * payload, 1 << 26))
-        )
-        self._peers: dict[str, PeerId] = {}
+        limits = AssemblerLimits(max_delta_bytes=payload + 64 * 1024, max_total_buffered_bytes=max(64 * payload, 1 << 26))
+        self._assemblers = {front.peer_id: DeltaAssembler(front.peer_id, limits) for front in self.fronts}
+        # neighbour key -> (front, peer) for every front linked to it: an
+        # attacker may reach one honest peer through several identities.
+        self._routes: dict[str, list[tuple[Node, PeerId]]] = {}
+        self._stopped = False
         self._arrived = asyncio.Event()
         self._model_wait: tuple[PeerId, asyncio.Future[CompletedDelta]] | None = None
         self._model_served: dict[PeerId, float] = {}
@@ -106,39 +118,56 @@ class NodeLearner:
     def round(self) -> int:
         return self.engine.round
 
-    def handlers(self) -> Mapping[type, Handler]:
-        handlers: dict[type, Handler] = {
-            DeltaStart: self._on_delta_message,
-            DeltaChunk: self._on_delta_message,
-            DeltaEnd: self._on_delta_message,
-            ModelRequest: self._on_model_request,
-            HistoryRecord: self._on_history_record,
-        }
-        return handlers
+    def handlers_for(self, front: Node) -> Mapping[type, Handler]:
+        """The message handlers for one front, bound to it."""
+
+        async def on_delta(session: PeerSession, msg: DeltaStart | DeltaChunk | DeltaEnd) -> None:
+            await self._on_delta_message(front, session, msg)
+
+        async def on_model_request(session: PeerSession, msg: ModelRequest) -> None:
+            await self._on_model_request(front, session, msg)
+
+        async def on_record(session: PeerSession, msg: HistoryRecord) -> None:
+            await self._on_history_record(session, msg)
+
+        return {DeltaStart: on_delta, DeltaChunk: on_delta, DeltaEnd: on_delta,
+                ModelRequest: on_model_request, HistoryRecord: on_record}
 
     async def start(self) -> None:
         self.node.tasks.spawn("rounds", self._run)
         self.node.tasks.periodic("expire-transfers", 10.0, self._expire)
 
     async def stop(self) -> None:
+        if self._stopped:  # every front of an attacker calls this
+            return
+        self._stopped = True
         self.node.tasks.cancel("rounds")
         self._checkpoint()
 
     async def _expire(self) -> None:
-        self.assembler.expire()
+        for assembler in self._assemblers.values():
+            assembler.expire()
 
-    def on_session_closed(self, session: PeerSession) -> None:
-        self.assembler.abandon_peer(session.peer)
+    def on_session_closed(self, front: Node, session: PeerSession) -> None:
+        self._assemblers[front.peer_id].abandon_peer(session.peer)
 
     # -- the round loop ------------------------------------------------------------
 
     def _neighbours(self) -> dict[str, int]:
-        out = {}
-        for session in self.node.membership.learning_neighbours():
-            key = str(session.peer)
-            self._peers[key] = session.peer
-            out[key] = max(1, session.peer_degree)
+        out: dict[str, int] = {}
+        routes: dict[str, list[tuple[Node, PeerId]]] = {}
+        for front in self.fronts:
+            for session in front.membership.learning_neighbours():
+                if session.peer in self._front_ids:
+                    continue  # an attacker's identities do not learn from each other
+                key = str(session.peer)
+                routes.setdefault(key, []).append((front, session.peer))
+                out[key] = max(1, session.peer_degree)
+        self._routes = routes
         return out
+
+    def _sessions(self) -> list[PeerSession]:
+        return [s for front in self.fronts for s in front.membership.learning_neighbours() if s.peer not in self._front_ids]
 
     async def _run(self) -> None:
         deadline_s = self.cfg.round_deadline_s
@@ -186,16 +215,17 @@ class NodeLearner:
     async def _send_round(self, round_: int, sent: torch.Tensor, neighbours: Mapping[str, int]) -> None:
         array = sent.detach().to("cpu", torch.float32).contiguous().numpy()
         meta = {"degree": len(neighbours)}
-        sends = [self._send_delta(self._peers[p], round_, array, meta) for p in neighbours]
-        sends += [self._send_record(self._peers[p]) for p in neighbours]
+        routes = [route for p in neighbours for route in self._routes.get(p, ())]
+        sends = [self._send_delta(front, peer, round_, array, meta) for front, peer in routes]
+        sends += [self._send_record(front, peer) for front, peer in routes]
         await asyncio.gather(*sends)
 
-    async def _send_delta(self, peer: PeerId, round_: int, array: np.ndarray, meta: Mapping[str, Any]) -> None:
-        session = self.node.session(peer)
+    async def _send_delta(self, front: Node, peer: PeerId, round_: int, array: np.ndarray, meta: Mapping[str, Any]) -> None:
+        session = front.session(peer)
         if session is None:
             return
         try:
-            for data in DeltaSender(self.node.identity, peer, round_, array, self.codec, meta=meta):
+            for data in DeltaSender(front.identity, peer, round_, array, self.codec, meta=meta):
                 await session.send_encoded(data, "Delta")
         except ConnectionClosed:
             pass
@@ -244,8 +274,8 @@ class NodeLearner:
 
     # -- receiving deltas ------------------------------------------------------------
 
-    async def _on_delta_message(self, session: PeerSession, msg: DeltaStart | DeltaChunk | DeltaEnd) -> None:
-        done = self.assembler.feed(session.peer, msg)
+    async def _on_delta_message(self, front: Node, session: PeerSession, msg: DeltaStart | DeltaChunk | DeltaEnd) -> None:
+        done = self._assemblers[front.peer_id].feed(session.peer, msg)
         if done is None:
             return
         if done.meta.get("kind") == MODEL_KIND:
@@ -256,14 +286,11 @@ class NodeLearner:
             session.peer_degree = degree
         array = done.array if done.array.flags.writeable else done.array.copy()
         key = str(session.peer)
-        self._peers[key] = session.peer
         outcome = self.engine.offer(key, done.round, torch.from_numpy(array))
         if outcome is Offer.BAD_SHAPE:
             raise DecodeError(f"delta of wrong shape or with non-finite values for round {done.round}")
         if outcome is Offer.TOO_EARLY:
             self._catch_up_from = session.peer
-        if isinstance(self.aggregator, SybilWallAggregator) and outcome in (Offer.ACCEPTED, Offer.BUFFERED):
-            pass  # histories are folded in by the aggregator when the round closes
         self._arrived.set()
 
     # -- catch-up --------------------------------------------------------------------
@@ -272,14 +299,15 @@ class NodeLearner:
         peer = self._catch_up_from
         if peer is None:
             ahead = [
-                s for s in self.node.membership.learning_neighbours()
+                s for s in self._sessions()
                 if s.hello is not None and s.hello.round > self.engine.round + CATCH_UP_GAP
             ]
             if not ahead:
                 return
             peer = max(ahead, key=lambda s: s.hello.round).peer  # type: ignore[union-attr]
         self._catch_up_from = None
-        session = self.node.session(peer)
+        routes = self._routes.get(str(peer)) or [(self.node, peer)]
+        session = routes[0][0].session(peer)
         if session is None:
             return
         fut: asyncio.Future[CompletedDelta] = asyncio.get_running_loop().create_future()
@@ -305,31 +333,31 @@ class NodeLearner:
             raise LimitExceeded("unsolicited model transfer")
         waiting[1].set_result(done)
 
-    async def _on_model_request(self, session: PeerSession, msg: ModelRequest) -> None:
+    async def _on_model_request(self, front: Node, session: PeerSession, msg: ModelRequest) -> None:
         now = time.monotonic()
         last = self._model_served.get(session.peer)
         if last is not None and now - last < MODEL_REQUEST_INTERVAL_S:
             raise LimitExceeded("model requested too often")
         self._model_served[session.peer] = now
         model = self.trainer.get_flat().detach().to("cpu").numpy()
-        sender = DeltaSender(self.node.identity, session.peer, self.engine.round, model, DeltaCodec.FP32, meta={"kind": MODEL_KIND})
+        sender = DeltaSender(front.identity, session.peer, self.engine.round, model, DeltaCodec.FP32, meta={"kind": MODEL_KIND})
         for data in sender:
             await session.send_encoded(data, "Model")
 
     # -- SybilWall history gossip ---------------------------------------------------------
 
-    async def _send_record(self, peer: PeerId) -> None:
+    async def _send_record(self, front: Node, peer: PeerId) -> None:
         if not isinstance(self.aggregator, SybilWallAggregator):
             return
         record = self.aggregator.records_to_send(str(peer))
-        session = self.node.session(peer)
+        session = front.session(peer)
         if record is None or session is None:
             return
         history = record.history.detach().to("cpu", torch.float32).contiguous().numpy()
         subject = PeerId.from_string(record.peer)
         observer = PeerId.from_string(record.observer)
-        if observer == self.node.peer_id:
-            signature = self.node.identity.sign(history_signing_input(subject, record.round, history))
+        if observer == front.peer_id:
+            signature = front.identity.sign(history_signing_input(subject, record.round, history))
         else:
             signature = self._record_sigs.get((record.peer, record.round, record.observer))
             if signature is None:
@@ -349,7 +377,7 @@ class NodeLearner:
             raise DecodeError("history record of the wrong size")
         history = np.asarray(msg.history, dtype=np.float32)
         msg.observer.verify(msg.origin_sig, history_signing_input(msg.peer, msg.round, history))
-        if msg.peer == self.node.peer_id:
+        if msg.peer in self._front_ids:
             return
         record = HistoryRecordData(
             peer=str(msg.peer), round=msg.round, distance=msg.distance,

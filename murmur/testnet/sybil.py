@@ -1,0 +1,66 @@
+"""A Sybil attacker for evaluation: s identities, one poisoned model.
+
+Each identity is a full :class:`~murmur.node.daemon.Node` with its own key,
+listener and connections: it bootstraps, shuffles and links to honest peers
+like anyone else, which is how a real attacker gets its attack edges. One
+:class:`~murmur.node.learner.NodeLearner` trains on poisoned data (the
+``learning.attack`` of the first identity's config) and sends the same model
+delta under every identity (SPECS §2: all Sybils of one attacker send the same
+model). It averages whatever its identities receive (``mean``), so its model
+stays close enough to the honest ones to be worth attacking with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from murmur.node.config import NodeConfig
+from murmur.node.daemon import Node
+from murmur.node.learner import NodeLearner
+
+ATTACKER_AGGREGATOR = "mean"
+
+
+class SybilAttacker:
+    """``async with SybilAttacker(configs) as attacker:`` one identity per config."""
+
+    def __init__(self, configs: Sequence[NodeConfig]) -> None:
+        if not configs:
+            raise ValueError("a Sybil attacker needs at least one identity")
+        self.configs = [self._front_config(cfg) for cfg in configs]
+        self.fronts: list[Node] = []
+        self.learner: NodeLearner | None = None
+
+    @staticmethod
+    def _front_config(cfg: NodeConfig) -> NodeConfig:
+        # The identities must not build learners of their own: they share one.
+        learning = dataclasses.replace(cfg.learning, enabled=False, aggregator=ATTACKER_AGGREGATOR, aggregator_options={})
+        return dataclasses.replace(cfg, learning=learning)
+
+    async def __aenter__(self) -> SybilAttacker:
+        try:
+            for cfg in self.configs:
+                front = Node(cfg)
+                await front.start()
+                self.fronts.append(front)
+            self.learner = NodeLearner(self.fronts[0], fronts=self.fronts)
+            for front in self.fronts:
+                front.attach_learner(self.learner)
+            await self.learner.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for front in reversed(self.fronts):
+            await front.stop()
+        self.fronts.clear()
+
+    @property
+    def peer_ids(self) -> list[str]:
+        return [str(front.peer_id) for front in self.fronts]
