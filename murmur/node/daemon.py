@@ -208,6 +208,13 @@ class Node:
             session = await self._dial_any(addrs, peer)
             fut.set_result(session)
             return session
+        except asyncio.CancelledError:
+            # Only this caller was cancelled: the others sharing the dial get an
+            # ordinary failure, not a CancelledError that would end their own
+            # (periodic) tasks for good.
+            fut.set_exception(ConnectionClosed(f"dial to {peer} was cancelled"))
+            fut.exception()
+            raise
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # retrieved: no "never retrieved" warning if nobody else waits

@@ -34,7 +34,11 @@ Handler = Callable[["PeerSession", Any], Awaitable[None]]
 class FaultSink(Protocol):
     """Where a session reports a misbehaving peer (the node's peer table)."""
 
-    def on_fault(self, peer: PeerId, fault: PeerFault) -> None: ...
+    def on_fault(self, peer: PeerId, fault: PeerFault) -> bool:
+        """Record ``fault``; True if the connection must close now: the fault
+        says so, or the faults added up to a ban (small ``drop=False`` faults
+        must not let a banned peer stay connected)."""
+        ...
 
 
 class Dispatcher:
@@ -111,8 +115,7 @@ class PeerSession:
                     continue
                 await handler(self, msg)
             except PeerFault as fault:
-                self._faults.on_fault(self.peer, fault)
-                if fault.drop:
+                if self._faults.on_fault(self.peer, fault):
                     await self.close()
                     return
             except ConnectionClosed:

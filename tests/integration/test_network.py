@@ -24,7 +24,8 @@ async def test_discovery_gossip_crash_and_restart(tmp_path: Path) -> None:
     async with Cluster(N, tmp_path) as cluster:
         k = cluster.k
         # 1. One bootstrap address is enough for everyone to find k live neighbours.
-        await cluster.wait_until(cluster.all_healthy, CONVERGE_S, "every node with k live neighbours")
+        took = await cluster.wait_until(cluster.all_healthy, CONVERGE_S, "every node with k live neighbours")
+        print(f"converged in {took:.2f}s")
         for node in cluster:
             assert len(node.sampler) >= k, "the Cyclon view holds at least k peers"
             assert node.peer_id not in cluster.neighbours(node)
@@ -56,6 +57,7 @@ async def test_discovery_gossip_crash_and_restart(tmp_path: Path) -> None:
             "survivors back to k live neighbours",
         )
         assert took < RECOVER_S
+        print(f"crash repair took {took:.2f}s")
         for node in cluster:
             assert not dead & set(node.sampler.neighbours(k)), "a dead peer is still a sampler neighbour"
             assert node.membership.evictions >= 0
