@@ -134,7 +134,7 @@ def run_simulation(
         engines.append(
             RoundEngine(
                 trainer_cls(ctx(i)),
-                get_aggregator(cfg.aggregator, **dict(cfg.aggregator_options)),
+                get_aggregator(cfg.aggregator, self_id=names[i], **dict(cfg.aggregator_options)),
                 round_cfg,
                 perturber=perturber,
             )

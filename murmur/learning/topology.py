@@ -26,7 +26,7 @@ def complete(n: int) -> Graph:
 
 
 def grid(rows: int, cols: int | None = None) -> Graph:
-    """A rows×cols 2-D grid (no wrap-around), as in the DECOR experiments."""
+    """A rows×cols 2-D grid without wrap-around (see :func:`torus` for DECOR's)."""
     cols = rows if cols is None else cols
     g: Graph = [set() for _ in range(rows * cols)]
     for r in range(rows):
@@ -38,6 +38,22 @@ def grid(rows: int, cols: int | None = None) -> Graph:
             if r + 1 < rows:
                 g[i].add(i + cols)
                 g[i + cols].add(i)
+    return g
+
+
+def torus(rows: int, cols: int | None = None) -> Graph:
+    """A rows×cols grid with wrap-around: every node has degree 4 (for sides >= 3).
+    This is the "grid" of the DECOR experiments (networkx grid_2d_graph(periodic=True))."""
+    cols = rows if cols is None else cols
+    if rows < 3 or cols < 3:
+        raise ValueError("a torus needs sides of at least 3")
+    g: Graph = [set() for _ in range(rows * cols)]
+    for r in range(rows):
+        for c in range(cols):
+            i = r * cols + c
+            for j in (r * cols + (c + 1) % cols, ((r + 1) % rows) * cols + c):
+                g[i].add(j)
+                g[j].add(i)
     return g
 
 

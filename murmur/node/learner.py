@@ -83,10 +83,7 @@ class NodeLearner:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.trainer = load_trainer(cfg.trainer)(cfg.trainer_context())
-        options = dict(cfg.aggregator_options)
-        if cfg.aggregator == "sybilwall":
-            options.setdefault("self_id", str(node.peer_id))
-        self.aggregator = get_aggregator(cfg.aggregator, **options)
+        self.aggregator = get_aggregator(cfg.aggregator, self_id=str(node.peer_id), **dict(cfg.aggregator_options))
         self.engine = RoundEngine(
             self.trainer,
             self.aggregator,

@@ -45,3 +45,10 @@ def test_generators_are_deterministic_in_seed():
     assert topo.erdos_renyi(20, 0.2, seed=3) == topo.erdos_renyi(20, 0.2, seed=3)
     assert topo.random_regularish(12, 4, seed=9) == topo.random_regularish(12, 4, seed=9)
     assert topo.is_connected(topo.random_regularish(30, 3, seed=2))
+
+
+def test_torus_is_4_regular():
+    g = topo.torus(4)
+    assert all(len(s) == 4 for s in g)
+    assert len(topo.edges(g)) == 32
+    assert topo.is_connected(g)

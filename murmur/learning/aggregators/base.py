@@ -189,9 +189,12 @@ def available_aggregators() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_aggregator(name: str, **options: Any) -> Aggregator:
+def get_aggregator(name: str, *, self_id: str | None = None, **options: Any) -> Aggregator:
     """Build the aggregator registered as ``name`` with typed options.
 
+    ``self_id`` (the node's peer id) is passed to aggregators whose options
+    have a ``self_id`` field (those that gossip about peers) unless the
+    options already set it, and ignored by the others.
     Raises ConfigError for an unknown name, an unknown option or a bad value.
     """
     cls = _REGISTRY.get(name)
@@ -200,6 +203,8 @@ def get_aggregator(name: str, **options: Any) -> Aggregator:
             f"unknown aggregator {name!r}; known: {', '.join(available_aggregators())}"
         )
     fields = {f.name for f in dataclasses.fields(cls.Options)}
+    if self_id is not None and "self_id" in fields:
+        options.setdefault("self_id", self_id)
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ConfigError(
