@@ -32,7 +32,7 @@ K = 3
 START_S = 20.0  # eight interpreters starting on a shared 2-core box
 CONVERGE_S = 20.0
 RECOVER_S = 10.0
-GRACEFUL_EXIT_S = 5.0
+GRACEFUL_EXIT_S = 6.0  # from the signal, for all of them; a task stuck in shutdown costs the TaskManager's 5 s
 HTTP_TIMEOUT_S = 2.0
 MURMUR = [sys.executable, "-m", "murmur.node.cli"]
 
@@ -250,7 +250,7 @@ async def test_daemons_converge_survive_kill9_restart_and_stop(pool: DaemonPool,
     exit_s = {}
     for daemon in alive:
         assert daemon.proc is not None
-        rc = daemon.proc.wait(GRACEFUL_EXIT_S)
+        rc = daemon.proc.wait(max(0.0, start + GRACEFUL_EXIT_S - time.monotonic()))
         exit_s[daemon.index] = round(time.monotonic() - start, 2)
         assert rc == 0, f"node {daemon.index} exited {rc}: {daemon.log[-1].read_text()[-2000:]}"
     print(f"{len(alive)} daemons exited 0 on SIGTERM; seconds after the signal: {exit_s}")
