@@ -17,6 +17,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (0.1, 0.5, 2.0, 5.0)
+RECANCEL_INTERVAL_S = 0.2
 
 
 class TaskManager:
@@ -66,7 +67,7 @@ class TaskManager:
         async def loop() -> None:
             if delay_s:
                 await asyncio.sleep(delay_s)
-            while True:
+            while not self._closing:
                 try:
                     await fn()
                 except asyncio.CancelledError:
@@ -99,11 +100,18 @@ class TaskManager:
     async def shutdown(self, timeout_s: float = 5.0) -> None:
         """Cancel every task and wait (bounded) for them to finish."""
         self._closing = True
-        tasks = [t for t in self._tasks.values() if not t.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        pending = {t for t in self._tasks.values() if not t.done()}
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        # Cancel again until they are gone: on Python 3.11 asyncio.wait_for can
+        # swallow a cancellation that races with its inner future completing,
+        # and a task that lost its cancel would otherwise run on to the timeout.
+        while pending:
             for task in pending:
-                log.error("task did not stop in time", extra={"task": task.get_name(), "owner": self.owner})
+                task.cancel()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(left, RECANCEL_INTERVAL_S))
+        for task in pending:
+            log.error("task did not stop in time", extra={"task": task.get_name(), "owner": self.owner})
         self._tasks.clear()
