@@ -15,7 +15,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from murmur import __version__
@@ -65,6 +65,7 @@ class Node:
         self._api: StatusApi | None = None
         self.learner: Any = None  # murmur.node.learner.NodeLearner when learning is on
         self._started = False
+        self._reachable: frozenset[PeerId] | None = None  # None: no partition (see set_partition)
 
     # -- lifetime ------------------------------------------------------------------
 
@@ -102,7 +103,7 @@ class Node:
             self.peer_id,
             self.addrs,
             net.sampler_config(),
-            is_blocked=self.table.is_banned,
+            is_blocked=lambda peer: self.table.is_banned(peer) or self.partitioned_off(peer),
         )
         for record in self.table.usable():  # what we knew before a restart
             if record.addrs:
@@ -194,6 +195,8 @@ class Node:
         Concurrent calls for one peer share one dial; a banned peer is never dialled."""
         if peer is not None and self.table.is_banned(peer):
             raise ConnectionClosed(f"{peer.short()} is banned")
+        if peer is not None and self.partitioned_off(peer):
+            raise ConnectionClosed(f"{peer.short()} is on the other side of a partition")
         if peer is not None:
             existing = self.session(peer)
             if existing is not None:
@@ -272,7 +275,7 @@ class Node:
 
     async def _on_connection(self, conn: SecureConnection) -> None:
         """Transport callback: one task per authenticated connection."""
-        if conn.peer_id == self.peer_id or self.table.is_banned(conn.peer_id):
+        if conn.peer_id == self.peer_id or self.table.is_banned(conn.peer_id) or self.partitioned_off(conn.peer_id):
             await conn.close()
             return
         session = self._register(conn)
@@ -303,6 +306,35 @@ class Node:
                         self.membership.report_failure(session.peer, reason="left (goodbye)")
                     else:
                         await self.membership.on_session_closed(session)
+
+    # -- partitions (testnet) ---------------------------------------------------------
+
+    def partitioned_off(self, peer: PeerId) -> bool:
+        return self._reachable is not None and peer not in self._reachable
+
+    async def set_partition(self, reachable: Iterable[PeerId] | None) -> None:
+        """An application-level network partition, for the loopback testnet
+        (where nodes share one interface and cannot be cut apart with routes).
+
+        With a set, only those peers are reachable: connections to everyone
+        else are closed without a redial and new ones, in and out, refused.
+        A partition is not a fault: nobody is penalised or banned, so once
+        healed (``None``) the peers we knew are put back in the sampler's view
+        and Cyclon mixes the two sides again.
+        """
+        self._reachable = None if reachable is None else frozenset(reachable)
+        if self._reachable is None:
+            for record in self.table.usable():
+                self.sampler.on_alive(record.peer_id)
+                self.sampler.add(record.peer_id, record.addrs, age=1)
+            return
+        for desc in [*self.sampler.view(), *self.sampler.neighbour_descriptors()]:
+            if self.partitioned_off(desc.peer):
+                self.sampler.on_failure(desc.peer)
+        cut = [s for s in self.sessions() if self.partitioned_off(s.peer)]
+        for session in cut:
+            session.link_out = False  # no redial: the close is ours, not the peer's failure
+        await asyncio.gather(*(s.close() for s in cut), return_exceptions=True)
 
     # -- faults (FaultSink) ----------------------------------------------------------
 
