@@ -40,6 +40,11 @@ LOOPBACK = "127.0.0.1"
 #: learning.rounds for runs bounded by wall-clock seconds: the controller stops
 #: the nodes at T; the nodes themselves must not stop earlier.
 UNBOUNDED_ROUNDS = 1_000_000
+#: torch threads per node: a testnet packs many nodes onto few cores.
+NODE_TORCH_THREADS = 1
+#: Cyclon shuffles every 2 s (default 10 s): a testnet run lasts minutes, and
+#: restarts, joins and healed partitions must be mixed in within a few rounds.
+SHUFFLE_INTERVAL_S = 2.0
 
 
 # --------------------------------------------------------------------- enums
@@ -529,6 +534,8 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> lis
     targets = sybil_targets(scenario)
     rounds = scenario.duration.rounds or UNBOUNDED_ROUNDS
     priv = scenario.privacy
+    # honest nodes measure the success rate of the (first) attack in the scenario
+    eval_attack = scenario.attackers[0].kind.value if scenario.attackers else "none"
     configs = []
     for s in specs:
         dial = targets[s.index] if s.role is Role.ATTACKER else boot[s.index]
@@ -541,11 +548,12 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> lis
                 "bootstrap": [addr(j) for j in dial], "mdns": False, "neighbours": neighbours,
                 "view_size": max(total, neighbours), "allow_loopback": True,
                 # every node shares 127.0.0.0/24: subnet limits would cap the view at a few peers
-                "subnet_bucket_size": total,
+                "subnet_bucket_size": total, "shuffle_interval_s": SHUFFLE_INTERVAL_S,
             },
             "transport": {"max_inbound_per_subnet": max(16, total)},
             "api": {"host": LOOPBACK, "port": 0},
             "learning": {
+                "enabled": True, "threads": NODE_TORCH_THREADS, "eval_attack": eval_attack,
                 "trainer": scenario.trainer.spec, "trainer_options": dict(scenario.trainer.options),
                 "device": scenario.trainer.device, "seed": scenario.seed,
                 "node_index": s.data_index, "num_nodes": scenario.nodes + len(scenario.attackers),
@@ -565,17 +573,25 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> lis
     return configs
 
 
-def process_groups(scenario: Scenario) -> list[list[int]]:
-    """Node indices grouped into worker processes of ``nodes_per_process``.
+def process_groups(scenario: Scenario, nodes_per_process: int | None = None) -> list[list[int]]:
+    """Node indices grouped into worker processes of ``nodes_per_process``
+    (default: the scenario's).
 
     A node named by a crash/stop/restart/join event gets a process of its own:
     kill -9 takes down a whole process, and the event must hit only its nodes.
+    The Sybils of one attacker share one process (one poisoned learner behind
+    all its identities, see murmur.testnet.sybil); churn on a Sybil hits them all.
     """
     churned = {i for ev in scenario.churn if ev.action in NODE_ACTIONS - {Action.PARTITION} for i in ev.nodes}
-    solo = [[s.index] for s in scenario.node_specs() if s.index in churned]
-    rest = [s.index for s in scenario.node_specs() if s.index not in churned]
-    k = scenario.nodes_per_process
-    return sorted(solo + [rest[i:i + k] for i in range(0, len(rest), k)])
+    honest = [s.index for s in scenario.node_specs() if s.attacker is None]
+    solo = [[i] for i in honest if i in churned]
+    rest = [i for i in honest if i not in churned]
+    k = nodes_per_process or scenario.nodes_per_process
+    attackers: dict[int, list[int]] = {}
+    for s in scenario.node_specs():
+        if s.attacker is not None:
+            attackers.setdefault(s.attacker, []).append(s.index)
+    return sorted(solo + [rest[i:i + k] for i in range(0, len(rest), k)] + list(attackers.values()))
 
 
 # ----------------------------------------------------------------- TOML out
