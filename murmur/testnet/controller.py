@@ -1,0 +1,531 @@
+"""The testnet controller: start a scenario's nodes, drive its churn, report.
+
+One :class:`Testnet` run:
+
+1. writes one node config (TOML) per node from the scenario
+   (:func:`~murmur.testnet.scenario.node_configs`) under ``<out>/configs``,
+   data dirs under ``<out>/nodes``, process logs under ``<out>/logs``;
+2. starts the worker processes (:mod:`murmur.testnet.worker`, K nodes or one
+   Sybil attacker each) under a :class:`~murmur.testnet.procs.Supervisor`, so
+   no process outlives the run, whatever ends it (Ctrl-C included);
+3. polls every node's ``/status`` (the only view of a node the controller has:
+   it never reaches into a node's memory), feeds the live dashboard, prints a
+   progress line and fires churn events when their round or time comes;
+4. stops when every live honest node finished ``duration.rounds`` (or after
+   ``duration.seconds``, or when training stalls), stops the nodes gracefully
+   and writes the report from each node's own ``metrics.jsonl`` and last status.
+
+Partitions are application-level (a control command to each worker, which
+calls ``Node.set_partition``): the nodes share the loopback interface, which
+routes cannot split. Latency and loss need per-node interfaces (network
+namespaces and tc netem); on a loopback testnet they are skipped with a
+warning and recorded as skipped in the report's event list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import math
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+from murmur.errors import StateError
+from murmur.node.state import METRICS_FILE, StateDir
+from murmur.testnet.churn import ChurnSchedule, network_round, partition_groups
+from murmur.testnet.dashboard import DashboardServer, DashboardState, fill_from_specs
+from murmur.testnet.procs import Supervisor
+from murmur.testnet.report import write_report
+from murmur.testnet.scenario import (
+    Action,
+    ChurnEvent,
+    NodeSpec,
+    Role,
+    Scenario,
+    dump_toml,
+    node_configs,
+    process_groups,
+    provision_identities,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.5
+PROGRESS_INTERVAL_S = 3.0
+STATUS_TIMEOUT_S = 2.0
+CONTROL_TIMEOUT_S = 5.0
+MIN_STALL_S = 60.0  # no new round for this long (or 10 round deadlines) ends the run
+STALL_DEADLINES = 10
+PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range, where API ports (port 0) land
+PORT_ATTEMPTS = 50
+MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
+WORKER_MODULE = "murmur.testnet.worker"
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class RunEnd(enum.StrEnum):
+    """Why a run ended."""
+
+    COMPLETED = "completed"
+    TIME_UP = "time_up"
+    STALLED = "stalled"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    out: Path
+    nodes_per_process: int | None = None  # None: the scenario's
+    dashboard: bool = True
+    dashboard_port: int = 0
+    progress: TextIO | None = field(default_factory=lambda: sys.stdout)
+    poll_interval_s: float = POLL_INTERVAL_S
+    progress_interval_s: float = PROGRESS_INTERVAL_S
+    stall_s: float | None = None  # None: max(MIN_STALL_S, STALL_DEADLINES round deadlines)
+    write_report: bool = True
+
+
+@dataclass
+class WorkerProc:
+    """One worker process of the plan and the nodes it hosts."""
+
+    name: str
+    indices: list[int]
+    argv: list[str]
+    control: Path
+    wanted_up: bool = False  # what the schedule says; the process may disagree (crash)
+    sync_partition: bool = False  # the current partition must still be sent to it
+
+
+@dataclass
+class NodeHandle:
+    spec: NodeSpec
+    data_dir: Path
+    peer_id: str
+    proc: str
+    status: dict[str, Any] | None = None
+    last_seen: dict[str, Any] | None = None  # last answer, kept after it goes down
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    report_dir: Path | None
+    end: RunEnd
+    wall_s: float
+    network_round: int | None
+    events: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    dashboard_url: str | None
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def find_free_port_block(count: int, rng: random.Random | None = None) -> int:
+    """A base port such that ``base .. base+count-1`` can all be bound now.
+
+    Node listen ports must be known before any node starts (bootstrap
+    addresses name them), so port 0 will not do; another process may still
+    take one in the meantime, which then shows as a node failing to start.
+    """
+    rng = rng or random.Random()
+    for _ in range(PORT_ATTEMPTS):
+        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - count)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {count} free ports in {PORT_RANGE}")
+
+
+def read_metrics(data_dir: Path) -> list[dict[str, Any]]:
+    """A node's metrics.jsonl rows; a torn last line (kill -9 mid-append) is skipped."""
+    path = data_dir / METRICS_FILE
+    rows: list[dict[str, Any]] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+async def send_control(path: Path, request: Mapping[str, Any], timeout_s: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
+    """One request/reply on a worker's control socket; raises OSError/TimeoutError."""
+    async def exchange() -> dict[str, Any]:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            line = await reader.readline()
+        finally:
+            writer.close()
+        if not line:
+            raise ConnectionResetError("worker closed the control connection")
+        return dict(json.loads(line))
+
+    return await asyncio.wait_for(exchange(), timeout_s)
+
+
+def _finite(values: Sequence[Any]) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+# --------------------------------------------------------------- controller
+
+
+class Testnet:
+    """One run of ``scenario``; see the module docstring."""
+
+    def __init__(self, scenario: Scenario, options: RunOptions) -> None:
+        self.scenario = scenario
+        self.options = options
+        self.run_dir = Path(options.out).resolve()
+        self.events: list[dict[str, Any]] = []
+        self.nodes: dict[int, NodeHandle] = {}
+        self.procs: dict[str, WorkerProc] = {}
+        self.schedule = ChurnSchedule(scenario.churn)
+        self.dashboard = DashboardState()
+        self.dashboard_url: str | None = None
+        self._partition: list[list[str]] | None = None  # peer-id groups while partitioned
+        self._supervisor: Supervisor | None = None
+        self._t0 = time.monotonic()
+        self._front: int | None = None
+        self._front_at = time.monotonic()
+        self._last_progress = -math.inf
+        self._actions: dict[Action, Callable[[ChurnEvent], Coroutine[Any, Any, str | None]]] = {
+            Action.CRASH: self._crash, Action.STOP: self._stop, Action.RESTART: self._start_nodes,
+            Action.JOIN: self._start_nodes, Action.PARTITION: self._partition_nodes, Action.HEAL: self._heal,
+            Action.LATENCY: self._impair, Action.LOSS: self._impair,
+        }
+
+    # -- plan ----------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Write configs and identities; plan the worker processes."""
+        sc = self.scenario
+        specs = sc.node_specs()
+        for sub in ("configs", "nodes", "logs"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        peer_ids = provision_identities(sc, self.run_dir / "nodes")
+        configs = node_configs(sc, self.run_dir / "nodes", find_free_port_block(len(specs)))
+        paths = {}
+        for spec, cfg in zip(specs, configs, strict=True):
+            paths[spec.index] = self.run_dir / "configs" / f"{spec.name}.toml"
+            paths[spec.index].write_text(dump_toml(cfg), encoding="utf-8")
+        ctl_dir = self.run_dir / "ctl"
+        if len(str(ctl_dir)) + 16 > MAX_UNIX_PATH:
+            ctl_dir = Path(tempfile.mkdtemp(prefix="murmur-ctl-"))
+        ctl_dir.mkdir(exist_ok=True)
+        for n, group in enumerate(process_groups(sc, self.options.nodes_per_process)):
+            first = specs[group[0]]
+            attacker = first.attacker is not None
+            name = (f"attacker{first.attacker}" if attacker else
+                    first.name if len(group) == 1 else f"nodes-{'-'.join(map(str, group))}")
+            argv = [sys.executable, "-m", WORKER_MODULE, "--control", str(ctl_dir / f"w{n}.sock")]
+            argv += (["--attacker"] if attacker else []) + [str(paths[i]) for i in group]
+            self.procs[name] = WorkerProc(name, group, argv, ctl_dir / f"w{n}.sock")
+            for i in group:
+                self.nodes[i] = NodeHandle(specs[i], self.run_dir / "nodes" / specs[i].name,
+                                           peer_ids[specs[i].name], name)
+        fill_from_specs(self.dashboard, specs, peer_ids)
+
+    def _proc_of(self, index: int) -> WorkerProc:
+        return self.procs[self.nodes[index].proc]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ) | WORKER_ENV
+        root = str(Path(__file__).resolve().parents[2])  # so workers import this murmur, installed or not
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        return env
+
+    def _launch(self, proc: WorkerProc) -> None:
+        assert self._supervisor is not None
+        self._supervisor.start(proc.name, proc.argv, env=self._env())
+        proc.wanted_up = True
+        proc.sync_partition = self._partition is not None
+
+    # -- run -------------------------------------------------------------------------
+
+    async def run(self) -> RunResult:
+        if not self.procs:
+            self.prepare()
+        end = RunEnd.INTERRUPTED
+        final: dict[str, dict[str, Any] | None] = {}
+        server: DashboardServer | None = None
+        self._supervisor = Supervisor(self.run_dir / "logs")
+        try:
+            if self.options.dashboard:
+                server = DashboardServer(self.dashboard, self.options.dashboard_port)
+                self.dashboard_url = await server.start()
+                self._say(f"dashboard: {self.dashboard_url}")
+            self._say(f"run dir: {self.run_dir}  ({len(self.nodes)} nodes in {len(self.procs)} processes)")
+            self._t0 = self._front_at = time.monotonic()
+            for proc in self.procs.values():
+                if not all(self.nodes[i].spec.late for i in proc.indices):
+                    self._launch(proc)
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)) as http:
+                end = await self._loop(http)
+                final = await self._poll(http)
+        finally:
+            self._end_progress()
+            # graceful stop (checkpoints, peers.json) before reading metrics; on
+            # cancellation (Ctrl-C) too: Supervisor.close holds back a second SIGINT
+            await asyncio.shield(asyncio.to_thread(self._supervisor.close))
+            if server is not None:
+                await server.stop()
+        wall = time.monotonic() - self._t0
+        report_dir, summary = None, None
+        if self.options.write_report:
+            report_dir, summary = await asyncio.to_thread(self.write_report, final)
+        return RunResult(self.run_dir, report_dir, end, wall, self._front, self.events, summary, self.dashboard_url)
+
+    async def _loop(self, http: aiohttp.ClientSession) -> RunEnd:
+        sc = self.scenario
+        stall_s = self.options.stall_s or max(MIN_STALL_S, STALL_DEADLINES * sc.duration.round_deadline_s)
+        while True:
+            await self._poll(http)
+            await self._sync_partitions()
+            elapsed = time.monotonic() - self._t0
+            for ev in self.schedule.due(self._front, elapsed):
+                await self._apply(ev)
+            self._progress()
+            if sc.duration.seconds is not None and elapsed >= sc.duration.seconds:
+                return RunEnd.TIME_UP
+            if sc.duration.rounds is not None and self._all_done(sc.duration.rounds):
+                return RunEnd.COMPLETED
+            if time.monotonic() - self._front_at > stall_s:
+                self._say(f"\nno round completed for {stall_s:.0f} s: stopping (see {self.run_dir / 'logs'})")
+                return RunEnd.STALLED
+            await asyncio.sleep(self.options.poll_interval_s)  # the polling period, not synchronisation
+
+    def _expected_up(self) -> list[NodeHandle]:
+        return [h for h in self.nodes.values() if self.procs[h.proc].wanted_up]
+
+    def _all_done(self, rounds: int) -> bool:
+        honest = [h for h in self._expected_up() if h.spec.role is Role.HONEST]
+        if self.schedule.pending or not honest:
+            return False
+        return all(h.status is not None and _round(h.status) is not None and _round(h.status) >= rounds  # type: ignore[operator]
+                   for h in honest)
+
+    # -- polling ---------------------------------------------------------------------
+
+    async def _poll(self, http: aiohttp.ClientSession) -> dict[str, dict[str, Any] | None]:
+        handles = list(self.nodes.values())
+        answers = await asyncio.gather(*(self._status(http, h) for h in handles))
+        for handle, status in zip(handles, answers, strict=True):
+            handle.status = status
+            if status is not None:
+                handle.last_seen = status
+            self.dashboard.update_from_status(handle.spec.name, status)
+        self._check_exits()
+        front = network_round({h.spec.name: _round(h.status) for h in handles
+                               if h.spec.role is Role.HONEST and h.status is not None})
+        if front is not None and (self._front is None or front > self._front):
+            self._front, self._front_at = front, time.monotonic()
+        return {h.spec.name: h.status for h in handles}
+
+    async def _status(self, http: aiohttp.ClientSession, handle: NodeHandle) -> dict[str, Any] | None:
+        if not self.procs[handle.proc].wanted_up:
+            return None
+        try:
+            info = StateDir(handle.data_dir).read_api_info()  # re-read: a restarted node has a new port
+            async with http.get(f"{info.url}/status") as resp:
+                if resp.status != 200:
+                    return None
+                status = await resp.json()
+        except (StateError, OSError, aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, ValueError):
+            return None
+        if not isinstance(status, dict) or status.get("peer_id") != handle.peer_id:
+            return None  # a stale api.json pointing at somebody else's port
+        return status
+
+    def _check_exits(self) -> None:
+        """A process the schedule wants up has exited on its own: say so once."""
+        assert self._supervisor is not None
+        for proc in self.procs.values():
+            if proc.wanted_up and not self._supervisor[proc.name].alive():
+                code = self._supervisor[proc.name].returncode
+                proc.wanted_up = False
+                self._say(f"\nprocess {proc.name} exited unexpectedly (code {code}); see {self._supervisor[proc.name].log_path}")
+                self._record({"action": "exited", "process": proc.name, "code": code})
+
+    # -- churn -----------------------------------------------------------------------
+
+    async def _apply(self, ev: ChurnEvent) -> None:
+        skipped = await self._actions[ev.action](ev)
+        names = [self.nodes[i].spec.name for i in ev.nodes]
+        record: dict[str, Any] = {"action": ev.action.value, "nodes": names}
+        if ev.ms is not None:
+            record["ms"] = ev.ms
+        if ev.percent is not None:
+            record["percent"] = ev.percent
+        if skipped:
+            record["skipped"] = skipped
+        self._record(record)
+        what = f"{ev.action.value} {' '.join(names)}".strip()
+        self._say(f"\nevent at round {self._front}: {what}" + (f" (skipped: {skipped})" if skipped else ""))
+
+    def _record(self, record: dict[str, Any]) -> None:
+        record = {"round": self._front, "t": round(time.monotonic() - self._t0, 2)} | record
+        self.events.append(record)
+        self.dashboard.add_event(record)
+
+    def _procs_for(self, ev: ChurnEvent) -> list[WorkerProc]:
+        out: dict[str, WorkerProc] = {}
+        for i in ev.nodes:
+            out.setdefault(self.nodes[i].proc, self._proc_of(i))
+        return list(out.values())
+
+    async def _crash(self, ev: ChurnEvent) -> str | None:
+        assert self._supervisor is not None
+        for proc in self._procs_for(ev):
+            proc.wanted_up = False
+            await asyncio.to_thread(self._supervisor[proc.name].crash)
+        return None
+
+    async def _stop(self, ev: ChurnEvent) -> str | None:
+        assert self._supervisor is not None
+        procs = self._procs_for(ev)
+        for proc in procs:
+            proc.wanted_up = False
+        await asyncio.gather(*(asyncio.to_thread(self._supervisor[p.name].stop) for p in procs))
+        return None
+
+    async def _start_nodes(self, ev: ChurnEvent) -> str | None:
+        for proc in self._procs_for(ev):
+            if not proc.wanted_up:
+                self._launch(proc)
+        return None
+
+    async def _partition_nodes(self, ev: ChurnEvent) -> str | None:
+        groups = partition_groups(ev.nodes, len(self.nodes))
+        self._partition = [[self.nodes[i].peer_id for i in g] for g in groups]
+        for proc in self.procs.values():
+            proc.sync_partition = proc.wanted_up
+        await self._sync_partitions()
+        return None
+
+    async def _heal(self, _ev: ChurnEvent) -> str | None:
+        self._partition = None
+        for proc in self.procs.values():
+            proc.sync_partition = proc.wanted_up
+        await self._sync_partitions()
+        return None
+
+    async def _sync_partitions(self) -> None:
+        """Tell every live worker the current partition (or heal). A worker that
+        is still starting (no control socket yet) is retried on the next poll."""
+        request = {"cmd": "heal"} if self._partition is None else {"cmd": "partition", "groups": self._partition}
+        pending = [p for p in self.procs.values() if p.sync_partition and p.wanted_up]
+
+        async def one(proc: WorkerProc) -> None:
+            try:
+                reply = await send_control(proc.control, request)
+            except (OSError, asyncio.TimeoutError, json.JSONDecodeError):
+                return
+            if reply.get("ok"):
+                proc.sync_partition = False
+            else:
+                log.warning("worker refused control request", extra={"proc": proc.name, "reply": reply})
+
+        await asyncio.gather(*(one(p) for p in pending))
+
+    async def _impair(self, ev: ChurnEvent) -> str | None:
+        from murmur.testnet import netem
+
+        caps = await asyncio.to_thread(netem.probe)
+        reason = getattr(caps, "netem", None) or "nodes share the loopback interface (no per-node netns)"
+        netem.skipped(f"{ev.action.value} on {list(ev.nodes) or 'all nodes'}", reason)
+        return reason
+
+    # -- output ----------------------------------------------------------------------
+
+    def progress_line(self) -> str:
+        sc = self.scenario
+        honest = [h for h in self.nodes.values() if h.spec.role is Role.HONEST and h.status is not None]
+        acc = _finite([(h.status.get("learning") or {}).get("accuracy") for h in honest if h.status])
+        attack = _finite([(h.status.get("learning") or {}).get("attack_rate") for h in honest if h.status])
+        alive = sum(1 for h in self.nodes.values() if h.status is not None)
+        target = f"/{sc.duration.rounds}" if sc.duration.rounds else ""
+        parts = [
+            f"[{time.monotonic() - self._t0:6.1f}s]",
+            f"round {self._front if self._front is not None else '-'}{target}",
+            f"acc mean {statistics.fmean(acc):.3f} min {min(acc):.3f}" if acc else "acc -",
+            f"alive {alive}/{len(self.nodes)}",
+            f"attack {statistics.fmean(attack):.3f}" if attack else "attack -",
+        ]
+        return " | ".join(parts)
+
+    def _progress(self) -> None:
+        out = self.options.progress
+        now = time.monotonic()
+        if out is None:
+            return
+        if out.isatty():
+            out.write("\r\x1b[K" + self.progress_line())
+        elif now - self._last_progress >= self.options.progress_interval_s:
+            out.write(self.progress_line() + "\n")
+        else:
+            return
+        self._last_progress = now
+        out.flush()
+
+    def _end_progress(self) -> None:
+        out = self.options.progress
+        if out is not None and out.isatty():
+            out.write("\n")
+            out.flush()
+
+    def _say(self, text: str) -> None:
+        out = self.options.progress
+        if out is not None:
+            if not out.isatty():
+                text = text.lstrip("\n")
+            out.write(text + "\n")
+            out.flush()
+
+    # -- report ----------------------------------------------------------------------
+
+    def write_report(self, final: Mapping[str, dict[str, Any] | None]) -> tuple[Path, dict[str, Any]]:
+        """Report from each node's own metrics.jsonl and its last /status
+        (None for nodes that were down at the end)."""
+        metrics = {h.spec.name: read_metrics(h.data_dir) for h in self.nodes.values()}
+        report_dir = write_report(self.run_dir, metrics, dict(final), self.scenario, self.events)
+        summary = json.loads((report_dir / "summary.json").read_text(encoding="utf-8"))
+        return report_dir, summary
+
+
+def _round(status: Mapping[str, Any] | None) -> int | None:
+    learning = (status or {}).get("learning") or {}
+    value = learning.get("round")
+    return value if isinstance(value, int) else None

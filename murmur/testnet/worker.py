@@ -1,0 +1,174 @@
+"""One testnet worker process: K nodes (or one Sybil attacker) on one uvloop.
+
+``python -m murmur.testnet.worker [--attacker] [--control SOCK] a.toml b.toml ...``
+
+Why pack nodes: a Python interpreter with torch costs ~2 s of CPU to start and
+a few hundred MB; on a 2-core box a 100-node testnet only fits when several
+nodes share one interpreter and one event loop. Training runs in worker
+threads (``asyncio.to_thread``), one torch thread per node.
+
+With ``--attacker`` every config is one identity of a single
+:class:`~murmur.testnet.sybil.SybilAttacker` (one poisoned learner).
+
+The controller steers a running worker through a Unix control socket: one JSON
+object per line in, one JSON reply per line out (see :class:`Command`).
+Partitions are applied at the application level (``Node.set_partition``): all
+testnet nodes share the loopback interface, where routes cannot cut them apart.
+
+SIGTERM/SIGINT stop every node gracefully (checkpoints, Goodbyes, peers.json)
+and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from murmur.errors import ConfigError, MurmurError
+from murmur.node.config import NodeConfig, load_config
+from murmur.node.daemon import Node
+from murmur.node.logs import configure_logging
+from murmur.protocol.identity import PeerId
+
+log = logging.getLogger(__name__)
+
+MAX_CONTROL_LINE = 1 << 20  # a partition lists every peer id: ~60 bytes each
+
+
+class Command(enum.StrEnum):
+    """Control requests. ``partition`` carries ``groups``: lists of peer ids;
+    each node may then reach only the peers of its own group (a node in no
+    group reaches nobody). ``heal`` removes the partition."""
+
+    PARTITION = "partition"
+    HEAL = "heal"
+    PING = "ping"
+
+
+class ControlError(MurmurError):
+    """A malformed control request (answered with an error, never fatal)."""
+
+
+@dataclass
+class Worker:
+    """The nodes of this process (for an attacker: its identities)."""
+
+    nodes: list[Node]
+
+    async def partition(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        groups = request.get("groups")
+        if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+            raise ControlError("partition needs 'groups': a list of lists of peer ids")
+        try:
+            sides = [frozenset(PeerId.from_string(str(p)) for p in g) for g in groups]
+        except ValueError as exc:
+            raise ControlError(f"bad peer id in partition: {exc}") from None
+        for node in self.nodes:
+            side = next((s for s in sides if node.peer_id in s), frozenset())
+            await node.set_partition(side)
+        return {"ok": True, "nodes": len(self.nodes)}
+
+    async def heal(self, _request: Mapping[str, Any]) -> dict[str, Any]:
+        for node in self.nodes:
+            await node.set_partition(None)
+        return {"ok": True, "nodes": len(self.nodes)}
+
+    async def ping(self, _request: Mapping[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "peers": [str(n.peer_id) for n in self.nodes]}
+
+    def handlers(self) -> dict[Command, Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]]:
+        return {Command.PARTITION: self.partition, Command.HEAL: self.heal, Command.PING: self.ping}
+
+    async def handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ControlError("a control request is a JSON object")
+            try:
+                command = Command(request.get("cmd"))
+            except ValueError:
+                raise ControlError(f"unknown command {request.get('cmd')!r}") from None
+            return await self.handlers()[command](request)
+        except (ControlError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return {"ok": False, "error": str(exc)}
+
+    async def serve_control(self, path: Path) -> asyncio.AbstractServer:
+        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while line := await reader.readline():
+                    writer.write(json.dumps(await self.handle(line)).encode() + b"\n")
+                    await writer.drain()
+            except (ConnectionError, ValueError):  # ValueError: line over the limit
+                pass
+            finally:
+                writer.close()
+
+        path.unlink(missing_ok=True)  # a stale socket of a crashed predecessor
+        return await asyncio.start_unix_server(on_client, path=str(path), limit=MAX_CONTROL_LINE)
+
+
+@contextlib.asynccontextmanager
+async def _running(configs: Sequence[NodeConfig], attacker: bool) -> AsyncIterator[Worker]:
+    """Start the nodes (all or none) and stop them on exit, in reverse order."""
+    if attacker:
+        from murmur.testnet.sybil import SybilAttacker
+
+        async with SybilAttacker(configs) as sybils:
+            yield Worker(list(sybils.fronts))
+        return
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [await stack.enter_async_context(Node(cfg)) for cfg in configs]
+        yield Worker(nodes)
+
+
+async def serve(configs: Sequence[NodeConfig], *, attacker: bool, control: Path | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with _running(configs, attacker) as worker:
+        server = await worker.serve_control(control) if control is not None else None
+        log.info("worker ready", extra={"event": "worker_ready", "peers": [str(n.peer_id) for n in worker.nodes]})
+        try:
+            await stop.wait()
+        finally:
+            if server is not None:
+                server.close()
+                if control is not None:
+                    control.unlink(missing_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m murmur.testnet.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="+", type=Path, help="node config files (TOML), one per node")
+    parser.add_argument("--attacker", action="store_true", help="run the configs as the identities of one Sybil attacker")
+    parser.add_argument("--control", type=Path, help="Unix socket for control commands (partition/heal)")
+    args = parser.parse_args(argv)
+    try:
+        configs = [load_config(path) for path in args.configs]
+    except ConfigError as exc:
+        print(f"murmur worker: config error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(configs[0].node.log_level, configs[0].node.log_format)
+    import uvloop
+
+    try:
+        uvloop.run(serve(configs, attacker=args.attacker, control=args.control))
+    except MurmurError as exc:
+        print(f"murmur worker: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
