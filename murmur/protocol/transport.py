@@ -17,7 +17,8 @@ Everything a stranger can make us spend is bounded:
   on the socket, so TCP flow control pushes back on the sender and nothing is
   dropped;
 * send-side buffered memory: ``send()`` waits while the socket's write buffer
-  is above ``max_peer_buffered_bytes``.
+  holds more than one frame (never more than ``max_peer_buffered_bytes``),
+  see :func:`send_high_water`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from murmur.errors import (
     TimeoutFault,
 )
 from murmur.protocol.framing import (
+    FRAME_LENGTH,
     FRAME_OVERHEAD,
     HANDSHAKE_LENGTH,
     HANDSHAKE_SCRATCH_BYTES,
@@ -91,6 +93,22 @@ class TransportLimits:
             raise ValueError("transport sizes and rates must be positive")
         if self.ping_interval_s >= self.idle_timeout_s:
             raise ValueError("ping_interval_s must be shorter than idle_timeout_s, or live peers time out")
+
+
+def send_high_water(limits: TransportLimits) -> int:
+    """Write-buffer level above which ``send()`` waits: one largest frame.
+
+    Not ``max_peer_buffered_bytes`` itself. uvloop only flushes its user-space
+    buffer when the loop runs, and ``send()`` does not yield while the buffer
+    is under the mark, so a sender looping over a 50 MiB delta under a 64 MiB
+    mark encoded and encrypted *every* frame before the first one left, and
+    the receiver idled meanwhile: transfer time was sender time + receiver
+    time instead of the larger of the two. Waiting once one frame is queued
+    keeps the socket busy while the next frame is encoded (the kernel's send
+    and receive buffers hold the rest), and bounds queued memory per
+    connection by one frame instead of 64 MiB.
+    """
+    return min(limits.max_peer_buffered_bytes, FRAME_LENGTH.size + limits.max_frame + FRAME_OVERHEAD)
 
 
 def subnet_of(host: str) -> str:
@@ -187,7 +205,7 @@ class SecureConnection:
     async def send(self, payload: bytes | bytearray | memoryview) -> None:
         """Send one message (<= ``max_frame`` bytes, else ``ValueError``).
 
-        Waits while the socket's write buffer is over ``max_peer_buffered_bytes``.
+        Waits while the socket's write buffer is over :func:`send_high_water`.
         """
         while not self._writable.is_set() and not self._closed:
             await self._writable.wait()
@@ -346,7 +364,7 @@ class _SecureProtocol(asyncio.BufferedProtocol):
         self.tr = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not an asyncio.Transport subclass
         peername = transport.get_extra_info("peername")
         self.remote = (str(peername[0]), int(peername[1])) if peername else ("?", 0)
-        transport.set_write_buffer_limits(high=self._limits.max_peer_buffered_bytes)
+        transport.set_write_buffer_limits(high=send_high_water(self._limits))
         if not self._owner._admit(self):
             transport.abort()
             return
