@@ -258,6 +258,13 @@ class Testnet:
                                            peer_ids[specs[i].name], name)
         fill_from_specs(self.dashboard, specs, peer_ids)
 
+    def worker_pids(self) -> dict[str, int]:
+        """Live worker processes by name (for benchmarks sampling their CPU time)."""
+        sup = self._supervisor
+        if sup is None:
+            return {}
+        return {name: sup[name].pid for name in sup.alive()}
+
     def _proc_of(self, index: int) -> WorkerProc:
         return self.procs[self.nodes[index].proc]
 
@@ -396,7 +403,7 @@ class Testnet:
         self._say(f"\nevent at round {self._front}: {what}" + (f" (skipped: {skipped})" if skipped else ""))
 
     def _record(self, record: dict[str, Any]) -> None:
-        record = {"round": self._front, "t": round(time.monotonic() - self._t0, 2)} | record
+        record = {"round": self._front, "t": round(time.monotonic() - self._t0, 2), "ts": time.time()} | record
         self.events.append(record)
         self.dashboard.add_event(record)
 
