@@ -126,9 +126,17 @@ async def _running(configs: Sequence[NodeConfig], attacker: bool) -> AsyncIterat
         async with SybilAttacker(configs) as sybils:
             yield Worker(list(sybils.fronts))
         return
-    async with contextlib.AsyncExitStack() as stack:
-        nodes = [await stack.enter_async_context(Node(cfg)) for cfg in configs]
+    nodes: list[Node] = []
+    try:
+        for cfg in configs:
+            node = Node(cfg)
+            await node.start()
+            nodes.append(node)
         yield Worker(nodes)
+    finally:
+        # all at once: K nodes stopping one after the other would overrun the
+        # controller's SIGTERM grace period (each stop may wait for a training step)
+        await asyncio.gather(*(node.stop() for node in reversed(nodes)), return_exceptions=True)
 
 
 async def serve(configs: Sequence[NodeConfig], *, attacker: bool, control: Path | None) -> None:

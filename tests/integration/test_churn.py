@@ -1,0 +1,218 @@
+"""Churn on a real testnet: crashes, restarts, a graceful leave, a late join, a partition.
+
+Driven through :class:`murmur.testnet.controller.Testnet` in this process
+(the worker processes are real: own interpreters, loopback sockets, torch),
+then checked from the outside: each node's metrics.jsonl, logs and state files
+read with the node's own loaders; /proc for leftover processes and file
+descriptors; binding the node ports for leftover listeners.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from murmur.node.config import load_config
+from murmur.node.state import StateDir, decode_arrays
+from murmur.protocol.peertable import PeerTable
+from murmur.testnet.controller import RunEnd, RunOptions, RunResult, read_metrics
+from murmur.testnet.controller import Testnet as Run  # not a pytest class
+from murmur.testnet.scenario import parse_scenario
+from tests.integration.test_testnet import processes_mentioning
+
+ACCURACY = 0.8  # digits-mlp, iid, plain averaging: ~0.9 after 20 rounds
+
+CHURN = """
+name = "churn"
+nodes = 12
+nodes_per_process = 3
+seed = 3
+
+[topology]
+degree = 3
+
+[duration]
+rounds = 22
+round_deadline_s = 2.0
+quorum = 0.67
+
+[trainer]
+spec = "digits-mlp"
+local_steps = 10
+options = { lr = 0.05, batch_size = 32 }
+
+[aggregator]
+name = "mean"
+
+# 30 % of the 12 nodes crash (kill -9) and come back on the same data dir
+[[churn]]
+at_round = 4
+action = "crash"
+nodes = [1, 4, 7, 9]
+
+# a node that was never started joins late
+[[churn]]
+at_round = 6
+action = "join"
+nodes = [11]
+
+[[churn]]
+at_round = 8
+action = "restart"
+nodes = [1, 4, 7, 9]
+
+# a graceful leave (SIGTERM), never back
+[[churn]]
+at_round = 10
+action = "stop"
+nodes = [10]
+"""
+
+PARTITION = """
+name = "partition"
+nodes = 8
+nodes_per_process = 4
+seed = 5
+
+[topology]
+degree = 3
+
+[duration]
+rounds = 24
+round_deadline_s = 1.5
+quorum = 0.67
+
+[trainer]
+spec = "digits-mlp"
+local_steps = 5
+
+[aggregator]
+name = "mean"
+
+[[churn]]
+at_round = 3
+action = "partition"
+nodes = [0, 1, 2, 3]
+
+[[churn]]
+at_round = 11
+action = "heal"
+
+[[churn]]
+at_round = 12
+action = "latency"
+ms = 50.0
+"""
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def node_ports(run_dir: Path, names: list[str]) -> list[int]:
+    return [load_config(run_dir / "configs" / f"{n}.toml").node.listen[0].port for n in names]
+
+
+def assert_nothing_left(result: RunResult, names: list[str], fds_before: int) -> None:
+    assert not processes_mentioning(str(result.run_dir)), "a node process outlived the run"
+    for port in node_ports(result.run_dir, names):  # no listener left on any node port
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
+    assert open_fds() <= fds_before + 2, "the controller leaked file descriptors"
+
+
+def assert_state_intact(data_dir: Path) -> None:
+    """Every state file loads with the node's own (strict) loaders."""
+    state = StateDir(data_dir)
+    for path in (state.checkpoint_path, state.history_path):
+        if path.exists():
+            decode_arrays(path.read_bytes(), path)  # raises StateError on a torn or altered file
+    table = PeerTable(self_id=state.identity().peer_id)
+    assert table.load(state.peers_path) is None, f"{state.peers_path} unreadable"
+    assert len(table) > 0
+    assert not list(data_dir.glob("*.corrupt"))
+    checkpoint = state.load_checkpoint()
+    assert checkpoint is not None and checkpoint.meta["round"] > 0
+
+
+def restored_rounds(log_path: Path) -> list[int]:
+    """Rounds at which nodes in this process restored a checkpoint (json log lines)."""
+    out = []
+    for line in log_path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("event") == "restored":
+            out.append(int(rec["round"]))
+    return out
+
+
+async def test_crash_restart_leave_join(tmp_path: Path) -> None:
+    scenario = parse_scenario(CHURN, "churn.toml")
+    fds_before = open_fds()
+    testnet = Run(scenario, RunOptions(out=tmp_path / "run", dashboard=False, progress=None))
+    result = await testnet.run()
+    assert result.end is RunEnd.COMPLETED, result.events
+    names = [f"node{i}" for i in range(12)]
+    assert [(e["action"], e["nodes"]) for e in result.events] == [
+        ("crash", ["node1", "node4", "node7", "node9"]), ("join", ["node11"]),
+        ("restart", ["node1", "node4", "node7", "node9"]), ("stop", ["node10"]),
+    ]
+    metrics = {n: read_metrics(result.run_dir / "nodes" / n) for n in names}
+    for i, name in enumerate(names):  # every node alive at the end finished and converged
+        if name == "node10":
+            continue
+        status = testnet.nodes[i].last_seen or {}
+        assert status["learning"]["round"] >= 22, name  # /status of the live node at the end
+        # a node that rejoined late may have adopted its neighbours' model instead of writing rows
+        accuracy = status["learning"]["accuracy"] if status["learning"]["accuracy"] is not None \
+            else metrics[name][-1]["accuracy"]
+        assert accuracy >= ACCURACY, (name, status["learning"])
+    for i in (1, 4, 7, 9):  # restarted: same identity, resumed where its checkpoint was
+        name = f"node{i}"
+        rounds = [r["round"] for r in metrics[name]]
+        assert rounds == sorted(set(rounds)), f"{name} went back in rounds: {rounds}"
+        assert rounds and rounds[0] == 0
+        assert any(r > 0 for r in restored_rounds(result.run_dir / "logs" / f"{name}.log")), name
+        assert result.summary is not None
+        status_id = result.summary["nodes"][name]["peer_id"]
+        assert status_id == testnet.nodes[i].peer_id  # /status after the restart: the provisioned id
+    assert all(r["round"] > 0 for r in metrics["node11"])  # the late node caught up instead of starting at 0
+    assert len(metrics["node10"]) >= 10  # left after round 10, gracefully
+    for name in names:
+        assert_state_intact(result.run_dir / "nodes" / name)
+    assert_nothing_left(result, names, fds_before)
+
+
+async def test_partition_and_heal(tmp_path: Path) -> None:
+    scenario = parse_scenario(PARTITION, "partition.toml")
+    fds_before = open_fds()
+    testnet = Run(scenario, RunOptions(out=tmp_path / "run", dashboard=False, progress=None))
+    result = await testnet.run()
+    assert result.end is RunEnd.COMPLETED, result.events
+    part, heal, latency = result.events
+    assert part["action"] == "partition" and heal["action"] == "heal"
+    assert latency["action"] == "latency" and latency["skipped"]  # no per-node netem on loopback
+    side_of = {h.peer_id: (0 if h.spec.index < 4 else 1) for h in testnet.nodes.values()}
+    names = [h.spec.name for h in testnet.nodes.values()]
+    settle = scenario.duration.round_deadline_s
+    during, after = 0, 0
+    crossing_after = 0
+    for h in testnet.nodes.values():
+        for row in read_metrics(result.run_dir / "nodes" / h.spec.name):
+            sides = {side_of[p] for p in row["neighbours"]}
+            if part["ts"] + settle < row["ts"] < heal["ts"]:
+                during += 1
+                assert sides <= {side_of[h.peer_id]}, f"{h.spec.name} learnt across the partition in round {row['round']}"
+            elif row["ts"] > heal["ts"] + settle:
+                after += 1
+                crossing_after += bool(sides - {side_of[h.peer_id]})
+        assert (h.last_seen or {})["learning"]["round"] >= 24 and row["accuracy"] >= ACCURACY, (h.spec.name, row)
+    assert during >= 8 and after >= 8  # both phases really ran rounds
+    assert crossing_after > 0, "the sides never learnt from each other again after the heal"
+    assert_nothing_left(result, names, fds_before)

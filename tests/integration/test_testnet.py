@@ -1,0 +1,132 @@
+"""``murmur testnet run`` end to end: real worker processes, real sockets, real torch.
+
+The run goes through the real CLI entry (``python -m murmur.node.cli testnet
+run``), on a shortened copy of the embedded default scenario (8 honest nodes,
+SybilWall, privacy section, one attacker with 2 Sybils, a crash and a restart).
+The report's numbers are checked against each node's own metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from murmur.testnet.controller import read_metrics
+from murmur.testnet.report import CSV_COLUMNS, PLOTS
+from murmur.testnet.scenario import default_scenario_text, load_scenario
+
+MURMUR = [sys.executable, "-m", "murmur.node.cli"]
+RUN_TIMEOUT_S = 240
+INTERRUPT_EXIT_S = 15.0
+
+
+def shortened_default(tmp_path: Path) -> Path:
+    text = (default_scenario_text()
+            .replace("rounds = 30", "rounds = 20")
+            .replace("at_round = 10", "at_round = 6")
+            .replace("at_round = 14", "at_round = 9"))
+    path = tmp_path / "short.toml"
+    path.write_text(text, encoding="utf-8")
+    load_scenario(path)  # still a valid scenario
+    return path
+
+
+def processes_mentioning(needle: str) -> list[int]:
+    """Live processes whose command line contains ``needle`` (no psutil: /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle.encode() in cmdline and int(entry) != os.getpid():
+            out.append(int(entry))
+    return out
+
+
+def test_default_scenario_end_to_end(tmp_path: Path) -> None:
+    scenario = shortened_default(tmp_path)
+    out = tmp_path / "run"
+    started = time.monotonic()
+    proc = subprocess.run([*MURMUR, "testnet", "run", str(scenario), "--out", str(out)],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    wall = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "dashboard: http://127.0.0.1:" in proc.stdout
+    assert "round " in proc.stdout and "alive " in proc.stdout  # live progress lines
+    report = out / "report"
+    assert f"report: {report / 'index.html'}" in proc.stdout
+    assert not processes_mentioning(str(out)), "a node process outlived the run"
+
+    for name in ("index.html", "summary.json", *(p.file for p in PLOTS)):
+        assert (report / name).stat().st_size > 0, name
+    summary = json.loads((report / "summary.json").read_text())
+    names = [f"node{i}" for i in range(8)] + ["sybil0-0", "sybil0-1"]
+    assert sorted(summary["nodes"]) == sorted(names)
+
+    # the report is the nodes' own metrics, unchanged
+    own = {n: read_metrics(out / "nodes" / n) for n in names}
+    for name in names:
+        assert json.loads((report / "metrics" / f"{name}.json").read_text()) == own[name], name
+        with (report / "metrics" / f"{name}.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        assert tuple(rows[0].keys()) == CSV_COLUMNS if rows else True
+        assert [float(r["accuracy"]) for r in rows] == [r["accuracy"] for r in own[name]]
+    honest = [n for n in names if n.startswith("node")]
+    assert max(own[n][-1]["round"] for n in honest) == 19
+    for name in honest:  # a lagging node may skip rounds by adopting a neighbour's model, never go back
+        rounds = [r["round"] for r in own[name]]
+        assert rounds == sorted(set(rounds)) and len(rounds) >= 10, (name, rounds)
+        assert summary["nodes"][name]["accuracy"] == own[name][-1]["accuracy"]
+        assert own[name][-1]["attack_rate"] is not None  # honest nodes measure the attack
+    finals = [own[n][-1]["accuracy"] for n in honest]
+    assert math.isclose(summary["final_mean_accuracy"], statistics.fmean(finals))
+    assert summary["final_min_accuracy"] == min(finals)
+    assert summary["final_mean_accuracy"] > 0.75  # digits learns through a crash and 2 Sybils
+    assert summary["rounds"] == 20
+
+    # churn happened as scheduled, on the right node, and node3 resumed (no round 0 after the restart)
+    actions = [(e["action"], e["nodes"]) for e in summary["events"]]
+    assert actions == [("crash", ["node3"]), ("restart", ["node3"])]
+    crash, restart = summary["events"]
+    assert 6 <= crash["round"] <= restart["round"]
+    rounds3 = [r["round"] for r in own["node3"]]
+    assert rounds3 == sorted(set(rounds3)), rounds3
+    # the privacy section reached every node's config
+    cfg = (out / "configs" / "node0.toml").read_text()
+    assert "[privacy]" in cfg and "enabled = true" in cfg
+    print(f"default-scenario (20 rounds) wall time {wall:.1f} s")
+
+
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*MURMUR, "testnet", "run", str(shortened_default(tmp_path)), "--out", str(out),
+                             "--no-dashboard"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait until every node answers /status
+            if "alive 10/10" in line:
+                break
+        else:
+            pytest.fail(f"testnet never came up (exit {proc.wait()})")
+        workers = processes_mentioning(str(out))
+        assert len(workers) >= 4  # the controller and its worker processes
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(INTERRUPT_EXIT_S) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not processes_mentioning(str(out)), "Ctrl-C left a node process behind"
