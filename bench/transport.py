@@ -47,12 +47,26 @@ from murmur.protocol.transport import SecureConnection, Transport, TransportLimi
 SIZES_MIB = (1, 10, 50)
 REPEATS = 7
 HANDSHAKES = 50
-ACK = b"k"
+ACK = struct.Struct(">d")  # the receiver's CPU seconds spent on the transfer it acknowledges
 MIB = 1024 * 1024
 SIZE_HEADER = struct.Struct(">Q")
 DISCARD_BUFFER = 256 * 1024
 RECEIVER_SEED = bytes(range(32))
 LIMITS = TransportLimits()  # the node's defaults, on both ends
+
+
+class CpuMeter:
+    """Process CPU (user + sys) since the previous acknowledgement. Transfers
+    run one at a time, so that is the receiver's cost of the one acknowledged:
+    a figure load from other processes does not inflate, unlike wall time."""
+
+    def __init__(self) -> None:
+        self._last = time.process_time()
+
+    def ack(self) -> bytes:
+        now = time.process_time()
+        spent, self._last = now - self._last, now
+        return ACK.pack(spent)
 
 
 @dataclass(frozen=True)
@@ -69,8 +83,9 @@ class _RawSink(asyncio.BufferedProtocol):
     transfer like the delta assembler's. ``keep=False``: through one small
     reused buffer, thrown away (the cheapest possible receiver)."""
 
-    def __init__(self, keep: bool) -> None:
+    def __init__(self, keep: bool, meter: CpuMeter) -> None:
         self.keep = keep
+        self.meter = meter
         self.scratch = memoryview(bytearray(DISCARD_BUFFER))
         self.header = bytearray(SIZE_HEADER.size)
         self.size = -1  # -1: reading the header
@@ -95,13 +110,14 @@ class _RawSink(asyncio.BufferedProtocol):
                 self.body = memoryview(bytearray(self.size)) if self.keep else self.scratch
                 self.filled = 0
         elif self.filled == self.size:
-            self.tr.write(ACK)  # type: ignore[attr-defined]
+            self.tr.write(self.meter.ack())  # type: ignore[attr-defined]
             self.size, self.filled = -1, 0
 
 
 async def _receiver_main(conn_end: mp.connection.Connection) -> None:
     identity = Identity.from_seed(RECEIVER_SEED)
     assembler = DeltaAssembler(identity.peer_id)
+    meter = CpuMeter()
 
     async def on_connection(conn: SecureConnection) -> None:
         while True:
@@ -110,11 +126,11 @@ async def _receiver_main(conn_end: mp.connection.Connection) -> None:
             except Exception:
                 return
             if assembler.feed(conn.peer_id, decode(message)) is not None:  # type: ignore[arg-type]
-                await conn.send(ACK)
+                await conn.send(meter.ack())
 
     loop = asyncio.get_running_loop()
-    raw_server = await loop.create_server(lambda: _RawSink(keep=True), "127.0.0.1", 0)
-    discard_server = await loop.create_server(lambda: _RawSink(keep=False), "127.0.0.1", 0)
+    raw_server = await loop.create_server(lambda: _RawSink(keep=True, meter=meter), "127.0.0.1", 0)
+    discard_server = await loop.create_server(lambda: _RawSink(keep=False, meter=meter), "127.0.0.1", 0)
     async with Transport(identity, on_connection, LIMITS) as transport:
         (addr,) = await transport.listen("127.0.0.1", 0)
         conn_end.send(
@@ -133,13 +149,16 @@ def receiver(conn_end: mp.connection.Connection) -> None:
 
 class _RawSource(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.acked: asyncio.Queue[None] = asyncio.Queue()
+        self.acked: asyncio.Queue[float] = asyncio.Queue()
+        self.pending = b""
         self.can_write = asyncio.Event()
         self.can_write.set()
 
     def data_received(self, data: bytes) -> None:
-        for _ in data:
-            self.acked.put_nowait(None)
+        self.pending += data
+        while len(self.pending) >= ACK.size:
+            self.acked.put_nowait(ACK.unpack_from(self.pending)[0])
+            self.pending = self.pending[ACK.size :]
 
     def pause_writing(self) -> None:
         self.can_write.clear()
@@ -160,24 +179,33 @@ class RawLink:
         tr, proto = await asyncio.get_running_loop().create_connection(_RawSource, "127.0.0.1", port)
         return cls(tr, proto)  # type: ignore[arg-type]
 
-    async def transfer(self, payload: memoryview) -> float:
-        start = time.perf_counter()
+    async def transfer(self, payload: memoryview) -> Sample:
+        start, cpu = time.perf_counter(), time.process_time()
         self.tr.write(SIZE_HEADER.pack(len(payload)))
         for offset in range(0, len(payload), DEFAULT_CHUNK_BYTES):
             await self.proto.can_write.wait()
             self.tr.write(payload[offset : offset + DEFAULT_CHUNK_BYTES])
-        await self.proto.acked.get()
-        return time.perf_counter() - start
+        receiver_cpu = await self.proto.acked.get()
+        return Sample(time.perf_counter() - start, time.process_time() - cpu, receiver_cpu)
 
 
-async def murmur_transfer(conn: SecureConnection, identity: Identity, array: np.ndarray, round_: int) -> float:
+@dataclass(frozen=True)
+class Sample:
+    wall_s: float
+    sender_cpu_s: float
+    receiver_cpu_s: float
+
+
+async def murmur_transfer(conn: SecureConnection, identity: Identity, array: np.ndarray, round_: int) -> Sample:
     assert conn.peer_id is not None
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for message in DeltaSender(identity, conn.peer_id, round_, array):
         await conn.send(message)
-    if await conn.recv() != ACK:
+    ack = await conn.recv()
+    if len(ack) != ACK.size:
         raise RuntimeError("receiver did not acknowledge the delta")
-    return time.perf_counter() - start
+    (receiver_cpu,) = ACK.unpack(ack)
+    return Sample(time.perf_counter() - start, time.process_time() - cpu, receiver_cpu)
 
 
 async def _ignore(conn: SecureConnection) -> None:
@@ -222,17 +250,21 @@ async def sender_main(endpoints: Endpoints) -> dict[str, object]:
         for size in SIZES_MIB:
             array = rng.standard_normal(size * MIB // 4, dtype=np.float32)
             payload = memoryview(array).cast("B")
-            times: dict[str, list[float]] = {"raw": [], "discard": [], "murmur": []}
-            variants: dict[str, Callable[[], Awaitable[float]]] = {
+            samples: dict[str, list[Sample]] = {"raw": [], "discard": [], "murmur": []}
+            variants: dict[str, Callable[[], Awaitable[Sample]]] = {
                 "raw": lambda: raw.transfer(payload),
                 "discard": lambda: discard.transfer(payload),
                 "murmur": lambda: murmur_transfer(conn, identity, array, round_),
             }
             for _ in range(REPEATS):
                 for name, run in variants.items():
-                    times[name].append(await run())
+                    samples[name].append(await run())
                 round_ += 1
-            rate = {name: size / statistics.median(t) for name, t in times.items()}
+            rate = {name: size / statistics.median(x.wall_s for x in xs) for name, xs in samples.items()}
+            for name, xs in samples.items():
+                for side in ("sender", "receiver"):
+                    ms = 1000 * statistics.median(getattr(x, f"{side}_cpu_s") for x in xs) / size
+                    results[f"{name}_{side}_cpu_ms_per_mib_{size}"] = round(ms, 3)
             results[f"raw_mib_s_{size}"] = round(rate["raw"], 1)
             results[f"raw_discard_mib_s_{size}"] = round(rate["discard"], 1)
             results[f"murmur_mib_s_{size}"] = round(rate["murmur"], 1)
