@@ -1,18 +1,35 @@
 """The D-SGD round engine and the asynchronous gossip-learning merge (SPECS §1).
 
-The engine is *sans-IO*: it never waits, sleeps or opens a socket. The node
-daemon (real network) and :mod:`murmur.learning.simulate` (many nodes in one
-process, for benchmarks) drive the same code:
+Deltas on the wire, models in the mix. Averaging neighbours' *deltas* alone
+never brings models together: each delta was computed at another model, the
+models drift apart and the average of their steps stops being a descent
+direction (measured: 8 nodes, degree 6, non-IID digits, accuracy falls to 0.5
+while a complete graph reaches 0.94). So each node also keeps a **public
+model** s_i, built only from what it sent, and exact **replicas** of its
+neighbours' public models (as CHOCO-SGD does with exact communication):
 
-1. ``begin_round(neighbours)`` trains locally, computes the delta and returns
-   the vector to send (clipped and noised by the privacy stage when one is
-   configured; the kept delta is never noised).
-2. ``offer(peer, round, delta)`` files what arrives. Deltas for past rounds are
-   refused as LATE, deltas for a near-future round are buffered (bounded), the
-   rest are refused; nothing ever blocks on a peer.
-3. ``quorum_reached()`` tells the driver it may close the round early; the
-   driver closes it anyway at its deadline.
-4. ``finish_round()`` aggregates what arrived and applies it to the model.
+* round t: train from the private model x_i, giving Δ_i; send
+  ``Message(update=Δ̃_i, consensus=c_i^{t-1})`` where Δ̃_i is Δ_i clipped and
+  noised by the privacy stage (the kept Δ_i never is) and c_i^{t-1} the
+  consensus step we took last round. Sender and receivers both advance the
+  public model: s_i += c_i^{t-1} + Δ̃_i.
+* aggregate: the aggregator scores the peers' updates Δ̃_j (SybilWall and
+  FoolsGold histories are sums of updates, as SPECS §2 intends) and the engine
+  averages public models with those weights, or (for median, trimmed mean,
+  clipped gossip) the aggregator combines the models directly. The consensus
+  step is c_i^t = agg(ŝ_j) − s_i; the private model moves by x_i += Δ_i + c_i^t.
+
+With privacy off, x_i = s_i and this is exactly D-SGD with Metropolis–Hastings
+mixing. With privacy on, what crosses the wire (Δ̃, and c which is a function
+of public models only) is post-processing of noisy updates; the private model
+differs from the public one by the node's own accumulated noise.
+
+The engine is *sans-IO*: it never waits, sleeps or opens a socket. The node
+daemon and :mod:`murmur.learning.simulate` drive the same code: ``open_round``
+returns the message, ``offer`` files what arrives (late rounds dropped, near
+future buffered, a replica gap answered with NEEDS_SYNC so the driver fetches
+that peer's public model), ``quorum_reached`` allows an early close, and
+``finish_round`` aggregates and applies.
 """
 
 from __future__ import annotations
@@ -22,11 +39,11 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from murmur.learning.aggregators.base import AggregationResult, Aggregator, PeerUpdate
+from murmur.learning.aggregators.base import Aggregator, Combine, PeerUpdate
 from murmur.learning.trainers.base import EvalStats, Trainer
 
 log = logging.getLogger(__name__)
@@ -38,15 +55,16 @@ further ahead is either broken or lying about rounds."""
 
 
 class Offer(enum.Enum):
-    """What the engine did with an offered delta."""
+    """What the engine did with an offered message."""
 
     ACCEPTED = "accepted"
     BUFFERED = "buffered"  # for a future round, kept until that round begins
-    LATE = "late"  # for a round already closed: dropped
-    DUPLICATE = "duplicate"  # second delta from the same peer for the same round
-    TOO_EARLY = "too_early"  # further ahead than MAX_FUTURE_ROUNDS
+    LATE = "late"  # for a round already closed: replica advanced, not aggregated
+    DUPLICATE = "duplicate"  # a round we already have from this peer
+    TOO_EARLY = "too_early"  # further ahead than max_future_rounds: we are behind
     NOT_NEIGHBOUR = "not_neighbour"  # sender is not a neighbour this round
     BAD_SHAPE = "bad_shape"  # wrong length or dtype, or non-finite values
+    NEEDS_SYNC = "needs_sync"  # no replica of this peer or a gap: fetch its public model
 
 
 @runtime_checkable
@@ -62,6 +80,18 @@ class LocalUpdate:
     loss: float
 
 
+@dataclass(frozen=True)
+class Message:
+    """What a node sends each round: its (noised) update and last consensus step."""
+
+    update: torch.Tensor
+    consensus: torch.Tensor
+
+    def stacked(self) -> torch.Tensor:
+        """One (2, d) tensor, the wire layout."""
+        return torch.stack([self.update, self.consensus])
+
+
 class Perturber(Protocol):
     """The privacy stage: turns the kept delta into what is sent."""
 
@@ -71,7 +101,7 @@ class Perturber(Protocol):
 @dataclass(frozen=True)
 class RoundConfig:
     local_steps: int | None = None  # None: the trainer's own default
-    quorum: float = 1.0  # fraction of this round's neighbours whose deltas close the round early
+    quorum: float = 1.0  # fraction of this round's neighbours whose messages close the round early
     max_future_rounds: int = MAX_FUTURE_ROUNDS
 
     def __post_init__(self) -> None:
@@ -88,15 +118,29 @@ class RoundReport:
     late_dropped: int
     weights: dict[str, float]
     delta_norm: float
+    consensus_norm: float
     eval: EvalStats | None = None
+
+
+@dataclass
+class _Replica:
+    model: torch.Tensor  # the peer's public model as of its message ``round``
+    round: int  # -1: the network's shared initial model
+
+
+@dataclass
+class _Contribution:
+    update: torch.Tensor  # the peer's Δ̃ for the round
+    model: torch.Tensor  # snapshot of its public half-step model for the round
 
 
 @dataclass
 class _Pending:
     neighbours: dict[str, int]  # peer -> its degree
-    own_delta: torch.Tensor
+    own_delta: torch.Tensor  # clean Δ_i (kept)
+    sent_update: torch.Tensor  # Δ̃_i (what neighbours got)
     train_loss: float
-    received: dict[str, torch.Tensor] = field(default_factory=dict)
+    received: dict[str, _Contribution] = field(default_factory=dict)
 
 
 class RoundEngine:
@@ -117,8 +161,14 @@ class RoundEngine:
         self.round = start_round
         self.num_params = trainer.num_params()
         self.late_dropped = 0
+        initial = trainer.get_flat()
+        self._initial = initial.clone()  # every node starts here (seeded), so round-0 replicas need no sync
+        self.public = initial.clone()  # s_i, as of our last message
+        self.last_sent_round = -1
+        self._consensus = torch.zeros_like(initial)  # c_i of the last closed round, not yet published
+        self._replicas: dict[str, _Replica] = {}
         self._pending: _Pending | None = None
-        self._future: dict[int, dict[str, torch.Tensor]] = {}
+        self._future: dict[int, dict[str, _Contribution]] = {}
         self._late_this_round = 0
 
     # -- the round --------------------------------------------------------------
@@ -131,19 +181,19 @@ class RoundEngine:
         """Train E local steps from x^t and return Δ, leaving the model at x^t.
 
         Touches only the trainer, never the engine's round state, so the node
-        runs it in a worker thread while deltas keep arriving on the loop.
+        runs it in a worker thread while messages keep arriving on the loop.
         """
         before = self.trainer.get_flat()
         stats = self.trainer.train(self.config.local_steps)
         delta = self.trainer.get_flat() - before
-        # Rewind to x^t: the aggregate is applied to x^t, not to x^{t+1/2}.
+        # Rewind to x^t: the round's step is applied in finish_round().
         self.trainer.set_flat(before)
         return LocalUpdate(delta, float(stats.loss))
 
     def open_round(
         self, neighbours: Mapping[str, int], update: LocalUpdate, committed: Sequence[str] | None = None
-    ) -> torch.Tensor:
-        """Open round ``self.round`` with ``update``; return what to send to every neighbour.
+    ) -> Message:
+        """Open round ``self.round`` with ``update``; return the message for every neighbour.
 
         ``neighbours`` maps each neighbour of this round to its degree (for
         Metropolis–Hastings weights). ``committed`` are the neighbours that
@@ -153,45 +203,76 @@ class RoundEngine:
             raise RuntimeError(f"round {self.round} is still open")
         if isinstance(self.aggregator, RoundAware):
             self.aggregator.begin_round(self.round)
-        self._pending = _Pending(dict(neighbours), update.delta, update.loss)
-        for peer, delta in self._future.pop(self.round, {}).items():
-            if peer in self._pending.neighbours:
-                self._pending.received[peer] = delta.to(update.delta.device)
         if self.perturber is None:
-            return update.delta
-        peers = list(committed if committed is not None else neighbours)
-        return self.perturber.perturb(update.delta, self.round, peers)
+            sent = update.delta
+        else:
+            peers = list(committed if committed is not None else neighbours)
+            sent = self.perturber.perturb(update.delta, self.round, peers)
+        message = Message(sent, self._consensus)
+        self.public = self.public + self._consensus + sent
+        self._consensus = torch.zeros_like(self._consensus)
+        self.last_sent_round = self.round
+        self._pending = _Pending(dict(neighbours), update.delta, sent, update.loss)
+        for peer, contribution in self._future.pop(self.round, {}).items():
+            if peer in self._pending.neighbours:
+                self._pending.received[peer] = contribution
+        return message
 
-    def begin_round(self, neighbours: Mapping[str, int], committed: Sequence[str] | None = None) -> torch.Tensor:
+    def begin_round(self, neighbours: Mapping[str, int], committed: Sequence[str] | None = None) -> Message:
         """:meth:`local_update` then :meth:`open_round` (single-threaded drivers)."""
         return self.open_round(neighbours, self.local_update(), committed)
 
-    def offer(self, peer: str, round: int, delta: torch.Tensor) -> Offer:
-        """File a neighbour's delta. Never raises for bad peer input."""
-        if delta.dtype != torch.float32 or delta.ndim != 1 or delta.numel() != self.num_params:
-            return Offer.BAD_SHAPE
-        if not bool(torch.isfinite(delta).all()):
-            return Offer.BAD_SHAPE
+    def offer(self, peer: str, round: int, update: torch.Tensor, consensus: torch.Tensor) -> Offer:
+        """File a neighbour's round message. Never raises for bad peer input."""
+        for vec in (update, consensus):
+            if vec.dtype != torch.float32 or vec.ndim != 1 or vec.numel() != self.num_params:
+                return Offer.BAD_SHAPE
+            if not bool(torch.isfinite(vec).all()):
+                return Offer.BAD_SHAPE
+        replica = self._replicas.get(peer)
+        if replica is None:
+            if round != 0:
+                return Offer.NEEDS_SYNC
+            replica = self._replicas[peer] = _Replica(self._initial.clone(), -1)
+        if round <= replica.round:
+            return Offer.DUPLICATE
+        if round > replica.round + 1:
+            return Offer.NEEDS_SYNC
+        device = replica.model.device
+        replica.model += consensus.to(device) + update.to(device)
+        replica.round = round
+        return self._file(peer, round, _Contribution(update.to(device), replica.model.clone()))
+
+    def _file(self, peer: str, round: int, contribution: _Contribution) -> Offer:
         pending = self._pending
-        current = self.round
-        if round < current:
+        if round < self.round:
             self.late_dropped += 1
             self._late_this_round += 1
             return Offer.LATE
-        if round > current + self.config.max_future_rounds:
+        if round > self.round + self.config.max_future_rounds:
             return Offer.TOO_EARLY
-        if round > current or pending is None:  # not begun yet: keep it for begin_round()
-            bucket = self._future.setdefault(round, {})
-            if peer in bucket:
-                return Offer.DUPLICATE
-            bucket[peer] = delta
+        if round > self.round or pending is None:  # not begun yet: keep it for open_round()
+            self._future.setdefault(round, {})[peer] = contribution
             return Offer.BUFFERED
         if peer not in pending.neighbours:
             return Offer.NOT_NEIGHBOUR
-        if peer in pending.received:
-            return Offer.DUPLICATE
-        pending.received[peer] = delta.to(pending.own_delta.device)
+        pending.received[peer] = contribution
         return Offer.ACCEPTED
+
+    def set_replica(self, peer: str, model: torch.Tensor, round: int) -> None:
+        """Install ``peer``'s public model as of its message ``round`` (after NEEDS_SYNC)."""
+        if model.numel() != self.num_params or not bool(torch.isfinite(model).all()):
+            raise ValueError("replica has the wrong size or non-finite values")
+        self._replicas[peer] = _Replica(model.to(self._initial.device, torch.float32).clone(), round)
+
+    def forget(self, peer: str) -> None:
+        """Drop a departed neighbour's replica (memory)."""
+        self._replicas.pop(peer, None)
+
+    def public_state(self) -> tuple[torch.Tensor, int]:
+        """Our public model and the round of the message it reflects (what a
+        neighbour's replica of us must be set to)."""
+        return self.public.clone(), self.last_sent_round
 
     def quorum_reached(self) -> bool:
         pending = self._pending
@@ -203,7 +284,7 @@ class RoundEngine:
         return len(pending.received) >= need
 
     def missing(self) -> list[str]:
-        """Neighbours whose delta for the open round has not arrived."""
+        """Neighbours whose message for the open round has not arrived."""
         pending = self._pending
         return [] if pending is None else [p for p in pending.neighbours if p not in pending.received]
 
@@ -212,17 +293,26 @@ class RoundEngine:
         pending = self._pending
         if pending is None:
             raise RuntimeError("no round is open")
-        updates = [
-            PeerUpdate(peer=peer, delta=delta, degree=pending.neighbours[peer])
-            for peer, delta in pending.received.items()
-        ]
-        result: AggregationResult = self.aggregator.aggregate(pending.own_delta, updates, len(pending.neighbours))
-        applied = result.delta
-        if not bool(torch.isfinite(applied).all()):
+        peers = list(pending.received)
+        offsets = [pending.received[p].model - self.public for p in peers]  # ŝ_j − s_i, both half-step
+        if self.aggregator.combine is Combine.VALUES:
+            updates = [PeerUpdate(p, off, pending.neighbours[p]) for p, off in zip(peers, offsets, strict=True)]
+            result = self.aggregator.aggregate(torch.zeros_like(self.public), updates, len(pending.neighbours))
+            consensus = result.delta
+        else:
+            updates = [PeerUpdate(p, pending.received[p].update, pending.neighbours[p]) for p in peers]
+            result = self.aggregator.aggregate(pending.sent_update, updates, len(pending.neighbours))
+            consensus = torch.zeros_like(self.public)
+            for peer, offset in zip(peers, offsets, strict=True):
+                weight = result.weights.get(peer, 0.0)
+                if weight:
+                    consensus.add_(offset, alpha=weight)
+        if not bool(torch.isfinite(consensus).all()):
             # An aggregator must never poison the model; keep our own step instead.
-            log.error("aggregate is not finite; applying own delta only", extra={"round": self.round})
-            applied = pending.own_delta
-        self.trainer.set_flat(self.trainer.get_flat() + applied)
+            log.error("consensus step is not finite; skipping it", extra={"round": self.round})
+            consensus = torch.zeros_like(self.public)
+        self.trainer.set_flat(self.trainer.get_flat() + pending.own_delta + consensus)
+        self._consensus = consensus
         report = RoundReport(
             round=self.round,
             train_loss=pending.train_loss,
@@ -230,7 +320,8 @@ class RoundEngine:
             neighbours=len(pending.neighbours),
             late_dropped=self._late_this_round,
             weights=dict(result.weights),
-            delta_norm=float(applied.norm()),
+            delta_norm=float(pending.own_delta.norm()),
+            consensus_norm=float(consensus.norm()),
             eval=self.trainer.evaluate() if evaluate else None,
         )
         self._pending = None
@@ -241,18 +332,41 @@ class RoundEngine:
             self.late_dropped += len(self._future.pop(stale))
         return report
 
-    # -- catch-up ---------------------------------------------------------------
+    # -- catch-up and persistence --------------------------------------------------
 
     def adopt(self, model: torch.Tensor, round: int) -> None:
-        """Take a neighbour's model and round (a late joiner or restarted node
-        catching up). Anything buffered for older rounds is discarded."""
+        """Take a neighbour's public model and move to ``round`` (a late joiner
+        or restarted node catching up). Our own public model restarts from it;
+        neighbours' replicas of us will see a gap and re-sync."""
         if model.numel() != self.num_params:
             raise ValueError(f"model has {model.numel()} parameters, expected {self.num_params}")
         self._pending = None
-        self.trainer.set_flat(model.to(torch.float32))
+        model = model.to(torch.float32)
+        self.trainer.set_flat(model)
+        self.public = self.trainer.get_flat()
+        self._consensus = torch.zeros_like(self.public)
+        self.last_sent_round = round - 1
         self.round = round
         for stale in [r for r in self._future if r < round]:
             del self._future[stale]
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the private model."""
+        return {
+            "round": self.round,
+            "public": self.public.clone(),
+            "consensus": self._consensus.clone(),
+            "last_sent_round": self.last_sent_round,
+        }
+
+    def restore(self, model: torch.Tensor, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state` plus the private model."""
+        self._pending = None
+        self.trainer.set_flat(model.to(torch.float32))
+        self.public = state["public"].to(self._initial.device, torch.float32).clone()
+        self._consensus = state["consensus"].to(self._initial.device, torch.float32).clone()
+        self.last_sent_round = int(state["last_sent_round"])
+        self.round = int(state["round"])
 
 
 @dataclass

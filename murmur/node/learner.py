@@ -33,7 +33,7 @@ import torch
 from murmur.errors import DecodeError, LimitExceeded
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, SybilWallAggregator
-from murmur.learning.rounds import LocalUpdate, Offer, RoundConfig, RoundEngine, RoundReport
+from murmur.learning.rounds import LocalUpdate, Message, Offer, RoundConfig, RoundEngine, RoundReport
 from murmur.learning.trainers.registry import load_trainer
 from murmur.node.config import Attack
 from murmur.node.metrics import Split
@@ -41,7 +41,7 @@ from murmur.protocol.codecs import DeltaCodec
 from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender
 from murmur.protocol.identity import PeerId
 from murmur.protocol.messages import DeltaChunk, DeltaEnd, DeltaStart, HistoryRecord, ModelRequest
-from murmur.protocol.transport import ConnectionClosed
+from murmur.protocol.transport import ConnectionClosed, TokenBucket
 
 if TYPE_CHECKING:
     from murmur.node.daemon import Node
@@ -53,7 +53,9 @@ CATCH_UP_GAP = 2
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
 MODEL_KIND = "model"
-MODEL_REQUEST_INTERVAL_S = 5.0  # per peer; serving a model costs a full transfer
+MODEL_SERVE_BURST = 3  # public models served to one peer before rate limiting
+MODEL_SERVE_REFILL_S = 2.0  # one more allowed per this many seconds
+MODEL_REQUEST_TIMEOUT_S = 5.0  # an unanswered re-sync request may be repeated after this
 NEIGHBOUR_WAIT_S = 2.0  # how long round 0 waits for a first neighbour
 HISTORY_DOMAIN = b"murmur-history-v1"
 _U64 = struct.Struct(">Q")
@@ -98,8 +100,11 @@ class NodeLearner:
         self._routes: dict[str, list[tuple[Node, PeerId]]] = {}
         self._stopped = False
         self._arrived = asyncio.Event()
-        self._model_wait: tuple[PeerId, asyncio.Future[CompletedDelta]] | None = None
-        self._model_served: dict[PeerId, float] = {}
+        # Public-model requests in flight: peer -> future for a catch-up we
+        # await, or None for a replica re-sync installed on arrival.
+        self._model_requests: dict[PeerId, asyncio.Future[CompletedDelta] | None] = {}
+        self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
+        self._model_buckets: dict[PeerId, TokenBucket] = {}
         self._catch_up_from: PeerId | None = None
         self._record_sigs: dict[tuple[str, int, str], bytes] = {}
         self.last_report: RoundReport | None = None
@@ -107,6 +112,11 @@ class NodeLearner:
         self.attack_rate: float | None = None
         self.catch_ups = 0
         self.privacy: Any = None  # murmur.node.privacy.NodePrivacy when privacy is on
+        if node.config.privacy.enabled and len(self.fronts) == 1:  # an attacker does not privatise
+            from murmur.node.privacy import NodePrivacy
+
+            self.privacy = NodePrivacy.for_node(node, self.trainer)
+            self.engine.perturber = self.privacy
         self._restore()
 
     # -- wiring --------------------------------------------------------------------
@@ -127,8 +137,11 @@ class NodeLearner:
         async def on_record(session: PeerSession, msg: HistoryRecord) -> None:
             await self._on_history_record(session, msg)
 
-        return {DeltaStart: on_delta, DeltaChunk: on_delta, DeltaEnd: on_delta,
-                ModelRequest: on_model_request, HistoryRecord: on_record}
+        handlers: dict[type, Handler] = {DeltaStart: on_delta, DeltaChunk: on_delta, DeltaEnd: on_delta,
+                                         ModelRequest: on_model_request, HistoryRecord: on_record}
+        if self.privacy is not None and front is self.node:
+            handlers.update(self.privacy.handlers())
+        return handlers
 
     async def start(self) -> None:
         self.node.tasks.spawn("rounds", self._run)
@@ -147,6 +160,10 @@ class NodeLearner:
 
     def on_session_closed(self, front: Node, session: PeerSession) -> None:
         self._assemblers[front.peer_id].abandon_peer(session.peer)
+        self._model_requests.pop(session.peer, None)
+        self._model_buckets.pop(session.peer, None)
+        if not any(f.session(session.peer) for f in self.fronts):
+            self.engine.forget(str(session.peer))  # a returning peer re-syncs its replica
 
     # -- the round loop ------------------------------------------------------------
 
@@ -209,8 +226,8 @@ class NodeLearner:
                 pass
         return True
 
-    async def _send_round(self, round_: int, sent: torch.Tensor, neighbours: Mapping[str, int]) -> None:
-        array = sent.detach().to("cpu", torch.float32).contiguous().numpy()
+    async def _send_round(self, round_: int, sent: Message, neighbours: Mapping[str, int]) -> None:
+        array = sent.stacked().detach().to("cpu", torch.float32).contiguous().numpy()
         meta = {"degree": len(neighbours)}
         routes = [route for p in neighbours for route in self._routes.get(p, ())]
         sends = [self._send_delta(front, peer, round_, array, meta) for front, peer in routes]
@@ -281,14 +298,34 @@ class NodeLearner:
         degree = done.meta.get("degree")
         if isinstance(degree, int) and degree > 0:
             session.peer_degree = degree
+        if done.array.shape != (2, self.engine.num_params):
+            raise DecodeError(f"round message of shape {done.array.shape}, expected (2, {self.engine.num_params})")
         array = done.array if done.array.flags.writeable else done.array.copy()
-        key = str(session.peer)
-        outcome = self.engine.offer(key, done.round, torch.from_numpy(array))
+        tensor = torch.from_numpy(array)
+        outcome = self.engine.offer(str(session.peer), done.round, tensor[0], tensor[1])
         if outcome is Offer.BAD_SHAPE:
-            raise DecodeError(f"delta of wrong shape or with non-finite values for round {done.round}")
+            raise DecodeError(f"round message with non-finite values for round {done.round}")
         if outcome is Offer.TOO_EARLY:
             self._catch_up_from = session.peer
+        elif outcome is Offer.NEEDS_SYNC:
+            await self._request_resync(session)
         self._arrived.set()
+
+    async def _request_resync(self, session: PeerSession) -> None:
+        """Ask ``session.peer`` for its public model (our replica of it has a gap).
+        One request in flight per peer; an unanswered one is repeated after a timeout."""
+        peer = session.peer
+        now = time.monotonic()
+        if peer in self._model_requests and now - self._resync_sent.get(peer, 0.0) < MODEL_REQUEST_TIMEOUT_S:
+            return
+        if self._model_requests.get(peer) is not None:
+            return  # a catch-up from this peer is in flight; it installs the replica too
+        self._model_requests[peer] = None
+        self._resync_sent[peer] = now
+        try:
+            await session.send(ModelRequest(round=self.engine.round))
+        except ConnectionClosed:
+            self._model_requests.pop(peer, None)
 
     # -- catch-up --------------------------------------------------------------------
 
@@ -308,7 +345,7 @@ class NodeLearner:
         if session is None:
             return
         fut: asyncio.Future[CompletedDelta] = asyncio.get_running_loop().create_future()
-        self._model_wait = (peer, fut)
+        self._model_requests[peer] = fut
         try:
             await session.send(ModelRequest(round=self.engine.round))
             done = await asyncio.wait_for(fut, self.cfg.round_deadline_s)
@@ -316,28 +353,49 @@ class NodeLearner:
             log.info("catch-up failed", extra={"peer": str(peer)})
             return
         finally:
-            self._model_wait = None
-        array = done.array if done.array.flags.writeable else done.array.copy()
-        if array.size != self.engine.num_params:
-            return
-        self.engine.adopt(torch.from_numpy(array), done.round)
+            self._model_requests.pop(peer, None)
+        model, state_round = self._public_model(done)
+        # Its public model reflects its message ``state_round``: we run the next
+        # round, and our replica of it starts from exactly that model.
+        self.engine.adopt(model, state_round + 1)
+        self.engine.set_replica(str(peer), model, state_round)
         self.catch_ups += 1
-        log.info("caught up", extra={"event": "catch_up", "peer": str(peer), "round": done.round})
+        log.info("caught up", extra={"event": "catch_up", "peer": str(peer), "round": state_round + 1})
+
+    def _public_model(self, done: CompletedDelta) -> tuple[torch.Tensor, int]:
+        state_round = done.meta.get("state_round")
+        if not isinstance(state_round, int) or state_round < -1 or done.array.shape != (self.engine.num_params,):
+            raise DecodeError("model transfer without a valid state_round or of the wrong shape")
+        array = done.array if done.array.flags.writeable else done.array.copy()
+        return torch.from_numpy(array), state_round
 
     def _on_model(self, sender: PeerId, done: CompletedDelta) -> None:
-        waiting = self._model_wait
-        if waiting is None or waiting[0] != sender or waiting[1].done():
+        if sender not in self._model_requests:
             raise LimitExceeded("unsolicited model transfer")
-        waiting[1].set_result(done)
+        waiting = self._model_requests[sender]
+        if waiting is not None:  # a catch-up: _maybe_catch_up adopts it
+            if not waiting.done():
+                waiting.set_result(done)
+            return
+        del self._model_requests[sender]
+        model, state_round = self._public_model(done)
+        try:
+            self.engine.set_replica(str(sender), model, state_round)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
 
     async def _on_model_request(self, front: Node, session: PeerSession, msg: ModelRequest) -> None:
-        now = time.monotonic()
-        last = self._model_served.get(session.peer)
-        if last is not None and now - last < MODEL_REQUEST_INTERVAL_S:
-            raise LimitExceeded("model requested too often")
-        self._model_served[session.peer] = now
-        model = self.trainer.get_flat().detach().to("cpu").numpy()
-        sender = DeltaSender(front.identity, session.peer, self.engine.round, model, DeltaCodec.FP32, meta={"kind": MODEL_KIND})
+        bucket = self._model_buckets.setdefault(
+            session.peer, TokenBucket(rate=1.0 / MODEL_SERVE_REFILL_S, burst=float(MODEL_SERVE_BURST))
+        )
+        if bucket.consume(1) > 0:
+            raise LimitExceeded("public model requested too often")
+        # The public model only: it is built from what we already sent (noisy
+        # updates and consensus steps), so serving it reveals nothing new.
+        public, state_round = self.engine.public_state()
+        model = public.detach().to("cpu").numpy()
+        meta = {"kind": MODEL_KIND, "state_round": state_round}
+        sender = DeltaSender(front.identity, session.peer, max(state_round, 0), model, DeltaCodec.FP32, meta=meta)
         for data in sender:
             await session.send_encoded(data, "Model")
 
@@ -399,8 +457,19 @@ class NodeLearner:
 
     def _checkpoint(self) -> None:
         model = self.trainer.get_flat().detach().to("cpu").numpy()
+        engine = self.engine.state()
         self.node.state.save_checkpoint(
-            {"model": model}, {"round": self.engine.round, "trainer": self.cfg.trainer, "num_params": int(model.size)}
+            {
+                "model": model,
+                "public": engine["public"].detach().cpu().numpy(),
+                "consensus": engine["consensus"].detach().cpu().numpy(),
+            },
+            {
+                "round": engine["round"],
+                "last_sent_round": engine["last_sent_round"],
+                "trainer": self.cfg.trainer,
+                "num_params": int(model.size),
+            },
         )
         state = self.aggregator.state_dict()
         if state:
@@ -412,11 +481,23 @@ class NodeLearner:
         bundle = self.node.state.load_checkpoint()
         if bundle is None:
             return
-        model = bundle.arrays.get("model")
-        if model is None or bundle.meta.get("trainer") != self.cfg.trainer or model.size != self.engine.num_params:
+        arrays = bundle.arrays
+        n = self.engine.num_params
+        if (
+            bundle.meta.get("trainer") != self.cfg.trainer
+            or any(arrays.get(k) is None or arrays[k].size != n for k in ("model", "public", "consensus"))
+        ):
             log.warning("checkpoint does not match this trainer; starting fresh", extra={"source": str(bundle.source)})
             return
-        self.engine.adopt(torch.from_numpy(np.array(model, dtype=np.float32)), int(bundle.meta["round"]))
+
+        def tensor(key: str) -> torch.Tensor:
+            return torch.from_numpy(np.array(arrays[key], dtype=np.float32))
+
+        self.engine.restore(
+            tensor("model"),
+            {"public": tensor("public"), "consensus": tensor("consensus"),
+             "round": int(bundle.meta["round"]), "last_sent_round": int(bundle.meta["last_sent_round"])},
+        )
         history = self.node.state.load_history()
         if history is not None:
             state: dict[str, Any] = dict(history.meta)
@@ -440,6 +521,7 @@ class NodeLearner:
             "weights": dict(self.last_report.weights) if self.last_report else {},
             "epsilon": self.privacy.epsilon_spent() if self.privacy is not None else 0.0,
             "budget_exhausted": bool(self.privacy is not None and self.privacy.budget_exhausted()),
+            "privacy": self.privacy.status() if self.privacy is not None else None,
             "role": "attacker" if self.cfg.attack is not Attack.NONE else "honest",
             "catch_ups": self.catch_ups,
             "late_dropped": self.engine.late_dropped,

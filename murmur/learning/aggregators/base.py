@@ -17,6 +17,7 @@ or bad option values into :class:`murmur.errors.ConfigError`.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,20 @@ class NoOptions:
         """Raise ConfigError for an out-of-range value (overridden by option classes)."""
 
 
+class Combine(enum.Enum):
+    """How the round engine turns an aggregator's output into a model update.
+
+    WEIGHTS: the aggregator scores the peers' *updates* (deltas, histories) and
+    the engine averages the peers' *models* with the returned weights (mean,
+    SybilWall, FoolsGold, Krum). VALUES: the aggregator is handed the peers'
+    models relative to our own and its ``delta`` is the step itself
+    (coordinate-wise median, trimmed mean, clipped gossip).
+    """
+
+    WEIGHTS = "weights"
+    VALUES = "values"
+
+
 class Aggregator(ABC):
     """Combine the own delta with the neighbours' deltas of one round.
 
@@ -64,6 +79,7 @@ class Aggregator(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[Any]] = NoOptions
+    combine: ClassVar[Combine] = Combine.WEIGHTS
 
     def __init__(self, options: Any | None = None) -> None:
         opts = self.Options() if options is None else options

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from murmur.learning.aggregators.base import (
+    Combine,
+    Combine,
     AggregationResult,
     Aggregator,
     PeerUpdate,
@@ -51,6 +53,7 @@ class ClippedGossipOptions:
 
 @register_aggregator("clipped_gossip")
 class ClippedGossipAggregator(Aggregator):
+    combine = Combine.VALUES
     Options = ClippedGossipOptions
 
     def aggregate(
@@ -85,6 +88,7 @@ class CenteredClippingOptions:
 
 @register_aggregator("centered_clipping")
 class CenteredClippingAggregator(Aggregator):
+    combine = Combine.VALUES
     Options = CenteredClippingOptions
 
     def aggregate(

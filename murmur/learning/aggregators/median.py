@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from murmur.learning.aggregators.base import (
+    Combine,
     AggregationResult,
     Aggregator,
     PeerUpdate,
@@ -43,6 +44,7 @@ def sorted_band_mean(rows: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor
 
 @register_aggregator("median")
 class MedianAggregator(Aggregator):
+    combine = Combine.VALUES
     def aggregate(
         self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int
     ) -> AggregationResult:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from murmur.learning.aggregators.base import (
+    Combine,
     AggregationResult,
     Aggregator,
     PeerUpdate,
@@ -39,6 +40,7 @@ class TrimmedMeanOptions:
 
 @register_aggregator("trimmed_mean")
 class TrimmedMeanAggregator(Aggregator):
+    combine = Combine.VALUES
     Options = TrimmedMeanOptions
 
     def aggregate(
