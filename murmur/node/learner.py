@@ -20,10 +20,11 @@ with real connections:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import blake3
@@ -59,6 +60,25 @@ MODEL_REQUEST_TIMEOUT_S = 5.0  # an unanswered re-sync request may be repeated a
 NEIGHBOUR_WAIT_S = 2.0  # how long round 0 waits for a first neighbour
 HISTORY_DOMAIN = b"murmur-history-v1"
 _U64 = struct.Struct(">Q")
+
+
+class PhaseTimer:
+    """Wall time per phase of one round, for the metrics row (bench/scale.py
+    derives communication + aggregation as a share of round time from it)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 5) for k, v in self.seconds.items()}
 
 
 def history_signing_input(peer: PeerId, round_: int, history: np.ndarray) -> bytes:
@@ -195,22 +215,28 @@ class NodeLearner:
                 )
                 return
             await self._maybe_catch_up()
+            timer = PhaseTimer()
             started = time.monotonic()
-            update: LocalUpdate = await asyncio.to_thread(self.engine.local_update)
+            with timer.phase("train_s"):
+                update: LocalUpdate = await asyncio.to_thread(self.engine.local_update)
             neighbours = self._neighbours()
             round_ = self.engine.round
             committed = None
-            if self.privacy is not None:
-                committed = await self.privacy.commit(round_, neighbours)
-            sent = self.engine.open_round(neighbours, update, committed)
-            await self._send_round(round_, sent, neighbours)
-            remaining = deadline_s - (time.monotonic() - started)
-            await self._wait_for(self.engine.quorum_reached, max(0.0, remaining))
+            with timer.phase("commit_s"):
+                if self.privacy is not None:
+                    committed = await self.privacy.commit(round_, neighbours)
+            with timer.phase("send_s"):
+                sent = self.engine.open_round(neighbours, update, committed)
+                await self._send_round(round_, sent, neighbours)
+            with timer.phase("wait_s"):
+                remaining = deadline_s - (time.monotonic() - started)
+                await self._wait_for(self.engine.quorum_reached, max(0.0, remaining))
             missing = self.engine.missing()
-            report = self.engine.finish_round()
+            with timer.phase("aggregate_s"):
+                report = self.engine.finish_round()
             if self.privacy is not None:
                 self.privacy.after_round(round_, committed or [], missing)
-            await self._after_round(report)
+            await self._after_round(report, timer)
 
     async def _wait_for(self, predicate: Any, timeout_s: float) -> bool:
         """Wait until ``predicate()`` or timeout; woken by every arriving delta."""
@@ -244,9 +270,10 @@ class NodeLearner:
         except ConnectionClosed:
             pass
 
-    async def _after_round(self, report: RoundReport) -> None:
+    async def _after_round(self, report: RoundReport, timer: PhaseTimer) -> None:
         self.last_report = report
-        loss, accuracy = await asyncio.to_thread(self._evaluate)
+        with timer.phase("eval_s"):
+            loss, accuracy = await asyncio.to_thread(self._evaluate)
         self.last_eval = (loss, accuracy)
         metrics = self.node.metrics
         metrics.round.set(self.engine.round)
@@ -271,6 +298,7 @@ class NodeLearner:
                 "bytes_in": status["bytes_in"],
                 "bytes_out": status["bytes_out"],
                 "epsilon": epsilon,
+                **timer.rounded(),
             }
         )
         self._checkpoint()
