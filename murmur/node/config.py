@@ -218,6 +218,7 @@ class PrivacySection:
     clip: float = 1.0
     rounds: int = 1000
     budget: float = 0.0
+    assumed_degree: int = 0
 
     @property
     def effective_budget(self) -> float:
@@ -324,6 +325,7 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "privacy.clip": finite_positive,
         "privacy.rounds": at_least(1),
         "privacy.budget": at_least(0.0),
+        "privacy.assumed_degree": at_least(0),
     }
 )
 

@@ -1,0 +1,181 @@
+"""Privacy on a real network: 8 in-process nodes, real sockets, real X25519/Ed25519.
+
+Each test states what must hold of what the nodes actually did (the noise
+they added, the secrets they derived, the rounds they sent), read from the
+privacy stage's kept state, never from a mock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from murmur.learning.privacy.accountant import epsilon_from_rdp_coef
+from murmur.learning.privacy.seeds import edge_noise_np
+from murmur.node.daemon import Node
+from murmur.node.privacy import NodePrivacy
+from tests.integration.cluster import Cluster, wait_until
+
+N = 8
+ROUNDS_S = 60.0  # bound for a few rounds of 8 nodes training on a shared 2-core box
+
+BASE: dict[str, Any] = {
+    "learning.enabled": True,
+    "learning.trainer": "digits-mlp",
+    "learning.num_nodes": N,
+    "learning.threads": 1,
+    "learning.local_steps": 2,
+    "learning.round_deadline_s": 6.0,
+    "learning.device": "cpu",
+    "network.shuffle_interval_s": 5.0,
+    "privacy.enabled": True,
+    "privacy.epsilon": 10.0,
+    "privacy.rounds": 1000,
+    "privacy.clip": 1.0,
+}
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def privacy(node: Node) -> NodePrivacy:
+    p = node.learner.privacy
+    assert isinstance(p, NodePrivacy)
+    return p
+
+
+def rounds_done(cluster: Cluster, r: int) -> bool:
+    return all(node.learner.round > r for node in cluster)
+
+
+def one_sided(active: dict[Any, set[Any]]) -> set[tuple[Any, Any]]:
+    return {(a, b) for a, peers in active.items() for b in peers if a not in active[b]}
+
+
+async def test_pairwise_noise_cancels_and_both_ends_agree(tmp_path: Path) -> None:
+    async with Cluster(N, tmp_path, overrides={**BASE, "learning.rounds": 5, "privacy.scheme": "decor"}) as cluster:
+        await wait_until(lambda: rounds_done(cluster, 4), ROUNDS_S, "5 rounds at every node")
+        stages = {node.peer_id: privacy(node).stage for node in cluster}
+        # Commits close on a bounded wait; while rounds are still misaligned after
+        # start-up an edge can be active at one end only. Each such edge is seen
+        # by the other end as a late commit: it is detected, not silent.
+        by_round = {r: {me: set(st.active[r]) for me, st in stages.items()} for r in range(2, 5)}
+        late = sum(privacy(n).late_commits for n in cluster)
+        assert late >= min(len(one_sided(a)) for a in by_round.values())
+        aligned = [r for r, a in by_round.items() if not one_sided(a)]
+        assert aligned, {r: len(one_sided(a)) for r, a in by_round.items()}
+        r = aligned[-1]
+        active = by_round[r]
+        edges = {frozenset((a, b)) for a, peers in active.items() for b in peers}
+        assert len(edges) >= N, f"too few active edges in round {r}: {len(edges)}"
+        total = torch.stack([stage.pairwise_sums[r] for stage in stages.values()]).sum(dim=0)
+        scale = sum(float(stage.pairwise_sums[r].norm()) for stage in stages.values())
+        assert scale > 100.0, "pairwise noise was actually added"
+        assert float(total.norm()) <= 1e-5 * scale, (float(total.norm()), scale)
+
+        # Both ends of every active edge regenerate exactly opposite noise from their own secrets.
+        a_node = cluster.node(0)
+        dim = a_node.learner.engine.num_params
+        std = privacy(a_node).stage.plan.noise.edge_scale.std(a_node.peer_id, a_node.peer_id)
+        secrets = []
+        for b in active[a_node.peer_id]:
+            b_node = next(n for n in cluster if n.peer_id == b)
+            mine, theirs = privacy(a_node).seeds.secret(b), privacy(b_node).seeds.secret(a_node.peer_id)
+            v_ab = edge_noise_np(mine, r, dim, std, a_node.peer_id, b)
+            v_ba = edge_noise_np(theirs, r, dim, std, b, a_node.peer_id)
+            assert np.array_equal(v_ab, -v_ba)
+            assert np.linalg.norm(v_ab) > 0.5 * std * math.sqrt(dim)
+            assert "hidden" in repr(mine)
+            secrets.append(mine)
+        assert len(set(secrets)) == len(secrets), "each edge has its own secret"
+        # Accounting and status: one step per round sent, reported by the API.
+        status = a_node.status()["learning"]
+        assert status["privacy"]["rounds_sent"] == 5
+        assert status["epsilon"] == pytest.approx(privacy(a_node).stage.accountant.epsilon_at(5))
+        assert a_node.metrics.value("murmur_privacy_epsilon_spent") == pytest.approx(status["epsilon"])
+
+
+async def test_without_seeds_sent_noise_has_the_accounted_variance(tmp_path: Path) -> None:
+    overrides = {**BASE, "learning.rounds": 2, "privacy.scheme": "ldp"}
+    async with Cluster(N, tmp_path, overrides=overrides) as cluster:
+        await wait_until(lambda: rounds_done(cluster, 1), ROUNDS_S, "2 rounds at every node")
+        for node in cluster:
+            stage = privacy(node).stage
+            noise = (stage.last_sent - stage.last_clipped).double()
+            assert float(stage.last_clipped.norm()) <= 1.0 + 1e-5
+            var = float(noise.var())
+            sigma = stage.plan.sigma_ldp
+            assert var == pytest.approx(sigma**2, rel=0.12)  # d = 4810: sd of the estimate ~2%
+            # The accountant charges exactly the ρ of that variance: 2C²/σ² per round.
+            assert stage.accountant.epsilon_spent() == pytest.approx(
+                epsilon_from_rdp_coef(2 * 1.0**2 / sigma**2, 2, stage.plan.delta), rel=1e-9
+            )
+            assert not any(stage.active.values()), "no pairwise terms without seeds"
+
+
+async def test_neighbour_dying_after_commit_leaves_reported_noise(tmp_path: Path) -> None:
+    overrides = {**BASE, "learning.rounds": 20, "learning.round_deadline_s": 4.0, "privacy.scheme": "decor"}
+    async with Cluster(N, tmp_path, overrides=overrides) as cluster:
+        await wait_until(lambda: rounds_done(cluster, 1), ROUNDS_S, "2 rounds at every node")
+        victim_i = 5
+        victim = cluster.node(victim_i)
+        target = victim.learner.round + 1
+        seen: dict[str, Any] = {}
+
+        async def die_after_commit(round_: int) -> None:
+            if round_ < target or "partners" in seen:
+                return
+            seen["round"] = round_
+            # Die once the peers we committed to hold our commit: they will add their terms.
+            listed = set(privacy(victim)._my_commits[round_].peers)
+            partners = [n for n in cluster if n.peer_id.raw in listed]
+            try:
+                await wait_until(lambda: all(victim.peer_id in privacy(n)._commits.get(round_) for n in partners),
+                                 3.0, "the victim's commit delivered")
+            finally:
+                seen["partners"] = partners
+            asyncio.get_running_loop().create_task(cluster.crash(victim_i))
+            await asyncio.Event().wait()  # never send the delta: cancelled by the crash
+
+        privacy(victim).commit_listeners.append(die_after_commit)
+        await wait_until(lambda: "partners" in seen, ROUNDS_S, "victim committed and died")
+        target = seen["round"]
+        hit = [n for n in seen["partners"]
+               if victim.peer_id in privacy(n).stage.active.get(target, ())]
+        assert hit, "some neighbour had the victim's edge active"
+        await wait_until(lambda: all(n.learner.round > target for n in hit), ROUNDS_S, "partners closed the round")
+        for node in hit:
+            stage = privacy(node).stage
+            report = stage.last_report
+            assert report is not None and report.round == target and victim.peer_id in report.missing
+            expected = math.sqrt(report.variance)
+            # ‖Σ v‖ for a d-dim Gaussian concentrates at √(d·Σs²): bounded and reported.
+            assert 0.9 * expected <= report.norm <= 1.1 * expected
+            status = node.status()["learning"]["privacy"]
+            assert status["uncancelled_edges"] >= 1
+            assert status["last_uncancelled_norm"] == pytest.approx(report.norm)
+            assert node.metrics.value("murmur_privacy_uncancelled_edges_total") >= 1
+
+
+async def test_node_stops_sending_when_budget_is_spent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    overrides = {**BASE, "learning.rounds": 8, "privacy.scheme": "decor", "privacy.rounds": 3,
+                 "privacy.epsilon": 1.0}
+    caplog.set_level(logging.WARNING, logger="murmur.node.learner")
+    async with Cluster(N, tmp_path, overrides=overrides) as cluster:
+        await wait_until(lambda: all(n.status()["learning"]["budget_exhausted"] for n in cluster), ROUNDS_S,
+                         "every budget spent")
+        await wait_until(lambda: not any("rounds" in n.tasks for n in cluster), 10.0, "round loops ended")
+        for node in cluster:
+            stage = privacy(node).stage
+            assert stage.counters.rounds_sent == 3
+            assert node.learner.round == 3
+            eps = stage.epsilon_spent()
+            assert 0.9 <= eps <= 1.0 + 1e-9
+        lines = [r for r in caplog.records if "privacy budget spent" in r.getMessage()]
+        assert len(lines) == N
