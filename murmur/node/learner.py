@@ -214,7 +214,8 @@ class NodeLearner:
                     extra={"event": "budget_exhausted", "epsilon": self.privacy.epsilon_spent()},
                 )
                 return
-            await self._maybe_catch_up()
+            if await self._maybe_catch_up() and self.engine.round >= self.cfg.rounds:
+                return  # the adopted model already finished training: nothing left to run
             timer = PhaseTimer()
             started = time.monotonic()
             with timer.phase("train_s"):
@@ -357,7 +358,8 @@ class NodeLearner:
 
     # -- catch-up --------------------------------------------------------------------
 
-    async def _maybe_catch_up(self) -> None:
+    async def _maybe_catch_up(self) -> bool:
+        """Adopt the model of a neighbour far ahead of us; True iff we did."""
         peer = self._catch_up_from
         if peer is None:
             ahead = [
@@ -365,13 +367,13 @@ class NodeLearner:
                 if s.hello is not None and s.hello.round > self.engine.round + CATCH_UP_GAP
             ]
             if not ahead:
-                return
+                return False
             peer = max(ahead, key=lambda s: s.hello.round).peer  # type: ignore[union-attr]
         self._catch_up_from = None
         routes = self._routes.get(str(peer)) or [(self.node, peer)]
         session = routes[0][0].session(peer)
         if session is None:
-            return
+            return False
         fut: asyncio.Future[CompletedDelta] = asyncio.get_running_loop().create_future()
         self._model_requests[peer] = fut
         try:
@@ -379,7 +381,7 @@ class NodeLearner:
             done = await asyncio.wait_for(fut, self.cfg.round_deadline_s)
         except (TimeoutError, ConnectionClosed):
             log.info("catch-up failed", extra={"peer": str(peer)})
-            return
+            return False
         finally:
             self._model_requests.pop(peer, None)
         model, state_round = self._public_model(done)
@@ -388,7 +390,12 @@ class NodeLearner:
         self.engine.adopt(model, state_round + 1)
         self.engine.set_replica(str(peer), model, state_round)
         self.catch_ups += 1
-        log.info("caught up", extra={"event": "catch_up", "peer": str(peer), "round": state_round + 1})
+        # /status must describe the model we now hold, not the one we dropped
+        # (no metrics row: we did not run the rounds we skipped).
+        self.last_eval = await asyncio.to_thread(self._evaluate)
+        log.info("caught up", extra={"event": "catch_up", "peer": str(peer), "round": state_round + 1,
+                                     "accuracy": round(self.last_eval[1], 4)})
+        return True
 
     def _public_model(self, done: CompletedDelta) -> tuple[torch.Tensor, int]:
         state_round = done.meta.get("state_round")
