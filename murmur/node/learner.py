@@ -283,6 +283,9 @@ class NodeLearner:
         metrics.set_aggregation_weights(report.weights)
         epsilon = self.privacy.epsilon_spent() if self.privacy is not None else 0.0
         metrics.epsilon_spent.set(epsilon)
+        # Checkpoint first: a kill -9 between the two then loses this round's
+        # row, never records the round twice (a restart resumes after it).
+        self._checkpoint()
         status = self.node.status()
         self.node.state.append_metrics(
             {
@@ -302,7 +305,6 @@ class NodeLearner:
                 **timer.rounded(),
             }
         )
-        self._checkpoint()
         log.info(
             "round done",
             extra={"event": "round", "round": report.round, "accuracy": round(accuracy, 4),
