@@ -1,0 +1,616 @@
+"""Known-answer tests of the D-SGD round engine and the gossip-learning merge.
+
+The trainer is a real (tiny) one: least squares on a fixed per-node data set,
+full-batch gradient descent through torch autograd and ``torch.optim.SGD`` -
+deterministic, so every expected model can be computed independently, in
+float64 numpy, from the formulas of SPECS section 1:
+
+    x_i^{t+1/2} = x_i^t - lr * E steps of grad,   x_i^{t+1} = sum_j W_ij x_j^{t+1/2}
+
+with Metropolis-Hastings W_ij = 1 / (max(deg_i, deg_j) + 1), W_ii = 1 - sum.
+A node that did not hear from j in a round leaves W_ij on its own weight.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from murmur.learning.aggregators import PeerUpdate, get_aggregator
+from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine
+from murmur.learning.aggregators.median import MedianAggregator
+from murmur.learning.rounds import GossipModel, Message, Offer, RoundConfig, RoundEngine
+from murmur.learning.trainers.base import EvalStats, Trainer, TrainerContext, TrainStats
+
+DIM = 5
+SAMPLES = 12
+LR = 0.1
+STEPS = 3
+SEED = 42
+ATOL = 1e-5
+
+# 0 - 1 - 2, 1 - 3, 2 - 3: degrees 1, 3, 2, 2 (MH weights differ per edge).
+GRAPH: dict[int, list[int]] = {0: [1], 1: [0, 2, 3], 2: [1, 3], 3: [1, 2]}
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+def _node_data(index: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1000 + index)
+    x = rng.standard_normal((SAMPLES, DIM))
+    y = rng.standard_normal(SAMPLES) + index  # node-specific optimum: the nodes disagree
+    return x, y
+
+
+def _initial_model(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(DIM)
+
+
+class LinearTrainer(Trainer):
+    """Least squares 0.5 * mean((X w - y)^2), full-batch SGD: no randomness at all."""
+
+    name = "linear-test"
+
+    def __init__(self, ctx: TrainerContext) -> None:
+        super().__init__(ctx)
+        self.device = torch.device("cpu")
+        x, y = _node_data(ctx.node_index)
+        self._x = torch.tensor(x, dtype=torch.float32)
+        self._y = torch.tensor(y, dtype=torch.float32)
+        self._w = torch.tensor(_initial_model(ctx.seed), dtype=torch.float32, requires_grad=True)
+        self._opt = torch.optim.SGD([self._w], lr=LR)
+
+    def _loss(self) -> torch.Tensor:
+        return 0.5 * ((self._x @ self._w - self._y) ** 2).mean()
+
+    def num_params(self) -> int:
+        return DIM
+
+    def get_flat(self) -> torch.Tensor:
+        return self._w.detach().clone()
+
+    def set_flat(self, flat: torch.Tensor) -> None:
+        if flat.shape != (DIM,):
+            raise ValueError("wrong size")
+        with torch.no_grad():
+            self._w.copy_(flat)
+
+    def train(self, steps: int | None = None) -> TrainStats:
+        steps = STEPS if steps is None else steps
+        total = 0.0
+        for _ in range(steps):
+            self._opt.zero_grad()
+            loss = self._loss()
+            loss.backward()
+            self._opt.step()
+            total += float(loss.detach())
+        return TrainStats(loss=total / max(steps, 1), examples=steps * SAMPLES, steps=steps)
+
+    def evaluate(self) -> EvalStats:
+        with torch.no_grad():
+            return EvalStats(loss=float(self._loss()), accuracy=0.0, n=SAMPLES)
+
+    def attack_success_rate(self, attack: str) -> float:
+        return 0.0
+
+
+def _ctx(index: int, seed: int = SEED) -> TrainerContext:
+    return TrainerContext(node_index=index, num_nodes=len(GRAPH), seed=seed, device="cpu")
+
+
+# ------------------------------------------------------------------ the reference
+
+
+def _half_step(index: int, w: np.ndarray, steps: int = STEPS) -> np.ndarray:
+    """E gradient steps in float64: w - lr * X^T (X w - y) / m, repeated."""
+    x, y = _node_data(index)
+    for _ in range(steps):
+        w = w - LR * x.T @ (x @ w - y) / SAMPLES
+    return w
+
+
+def _mh_matrix(graph: Mapping[int, Sequence[int]], heard: Mapping[int, Iterable[int]] | None = None) -> np.ndarray:
+    """W with W_ij = 1/(max(deg_i, deg_j)+1) for the j that i heard from; rest on W_ii."""
+    n = len(graph)
+    w = np.zeros((n, n))
+    for i in range(n):
+        senders = graph[i] if heard is None else heard[i]
+        for j in senders:
+            w[i, j] = 1.0 / (max(len(graph[i]), len(graph[j])) + 1)
+        w[i, i] = 1.0 - w[i].sum()
+    return w
+
+
+def _reference(rounds: int, heard: Sequence[Mapping[int, Iterable[int]] | None] | None = None) -> np.ndarray:
+    """Rows: every node's model after ``rounds`` rounds of D-SGD (privacy off)."""
+    n = len(GRAPH)
+    x = np.tile(_initial_model(SEED), (n, 1))
+    for r in range(rounds):
+        half = np.stack([_half_step(i, x[i]) for i in range(n)])
+        x = _mh_matrix(GRAPH, None if heard is None else heard[r]) @ half
+    return x
+
+
+# ------------------------------------------------------------------ drivers
+
+
+def _name(i: int) -> str:
+    return f"n{i}"
+
+
+def _neighbours(i: int) -> dict[str, int]:
+    return {_name(j): len(GRAPH[j]) for j in GRAPH[i]}
+
+
+def _engines(aggregator: str = "mean", config: RoundConfig | None = None) -> list[RoundEngine]:
+    cfg = config or RoundConfig(local_steps=STEPS)
+    return [RoundEngine(LinearTrainer(_ctx(i)), get_aggregator(aggregator), cfg) for i in GRAPH]
+
+
+def _open_all(engines: Sequence[RoundEngine]) -> list[Message]:
+    return [engine.begin_round(_neighbours(i)) for i, engine in enumerate(engines)]
+
+
+def _deliver(engines: Sequence[RoundEngine], messages: Sequence[Message], round_: int,
+             skip: set[tuple[int, int]] = frozenset()) -> None:  # type: ignore[assignment]
+    """Every sender's message to every neighbour except (sender, receiver) in ``skip``."""
+    for i in GRAPH:
+        for j in GRAPH[i]:
+            if (i, j) not in skip:
+                outcome = engines[j].offer(_name(i), round_, messages[i].update, messages[i].consensus)
+                assert outcome is Offer.ACCEPTED, (i, j, outcome)
+
+
+def _sync_round(engines: Sequence[RoundEngine], skip: set[tuple[int, int]] = frozenset()) -> None:  # type: ignore[assignment]
+    round_ = engines[0].round
+    messages = _open_all(engines)
+    _deliver(engines, messages, round_, skip)
+    for engine in engines:
+        engine.finish_round()
+
+
+def _models(engines: Sequence[RoundEngine]) -> np.ndarray:
+    return np.stack([engine.trainer.get_flat().double().numpy() for engine in engines])
+
+
+def _message(engine: RoundEngine, index: int) -> tuple[Message, int]:
+    """Open the engine's round alone and return its message (no neighbours needed)."""
+    round_ = engine.round
+    return engine.begin_round(_neighbours(index)), round_
+
+
+# ------------------------------------------------------------------ known answers
+
+
+def test_reference_trainer_matches_closed_form_gradient_descent() -> None:
+    trainer = LinearTrainer(_ctx(2))
+    trainer.train(STEPS)
+    np.testing.assert_allclose(trainer.get_flat().numpy(), _half_step(2, _initial_model(SEED)), atol=ATOL)
+
+
+def test_one_round_is_dsgd_with_metropolis_hastings() -> None:
+    engines = _engines()
+    reports = []
+    messages = _open_all(engines)
+    _deliver(engines, messages, 0)
+    reports = [engine.finish_round() for engine in engines]
+    np.testing.assert_allclose(_models(engines), _reference(1), atol=ATOL)
+    # Node 1 (degree 3) weights its degree-1 and degree-2 neighbours 1/4 each.
+    assert reports[1].weights == pytest.approx({"self": 0.25, "n0": 0.25, "n2": 0.25, "n3": 0.25})
+    assert reports[0].weights == pytest.approx({"self": 0.75, "n1": 0.25})
+    assert all(engine.round == 1 for engine in engines)
+
+
+def test_several_rounds_stay_exact_dsgd() -> None:
+    """Rounds after the first go through the consensus term and the replicas."""
+    engines = _engines()
+    for _ in range(4):
+        _sync_round(engines)
+    np.testing.assert_allclose(_models(engines), _reference(4), atol=ATOL)
+
+
+def test_the_network_average_moves_only_by_the_average_step() -> None:
+    """W is doubly stochastic: mixing preserves the mean of the half-step models."""
+    engines = _engines()
+    before = _models(engines)
+    _sync_round(engines)
+    half = np.stack([_half_step(i, before[i]) for i in GRAPH])
+    np.testing.assert_allclose(_models(engines).mean(axis=0), half.mean(axis=0), atol=ATOL)
+
+
+# ------------------------------------------------------------------ timing of messages
+
+
+def test_late_message_is_dropped_and_changes_nothing() -> None:
+    engines = _engines()
+    messages = _open_all(engines)
+    _deliver(engines, messages, 0, skip={(1, 0)})  # node 0 closes round 0 without node 1
+    for engine in engines:
+        engine.finish_round()
+    before = engines[0].trainer.get_flat()
+    assert engines[0].offer("n1", 0, messages[1].update, messages[1].consensus) is Offer.LATE
+    assert torch.equal(engines[0].trainer.get_flat(), before)
+    assert engines[0].late_dropped == 1
+    # Round 0 for node 0: its own half-step only. The late message still
+    # advanced the replica, so round 1 uses node 1's true public model.
+    _sync_round(engines)
+    heard0 = {i: GRAPH[i] for i in GRAPH} | {0: []}
+    np.testing.assert_allclose(_models(engines), _reference(2, [heard0, None]), atol=ATOL)
+
+
+def test_late_message_counts_in_the_next_report() -> None:
+    engines = _engines()
+    messages = _open_all(engines)
+    _deliver(engines, messages, 0, skip={(1, 0)})
+    for engine in engines:
+        engine.finish_round()
+    engines[0].offer("n1", 0, messages[1].update, messages[1].consensus)
+    messages = _open_all(engines)
+    _deliver(engines, messages, 1)
+    assert engines[0].finish_round().late_dropped == 1
+
+
+def test_future_messages_are_buffered_and_used_when_their_round_opens() -> None:
+    engines = _engines()
+    # Node 0 sends and receives round 0 but is slow to close it ...
+    messages = _open_all(engines)
+    _deliver(engines, messages, 0)
+    for engine in engines[1:]:
+        engine.finish_round()
+    # ... so node 1's round-1 message reaches it while round 0 is still open.
+    ahead = engines[1].begin_round(_neighbours(1))
+    assert engines[0].offer("n1", 1, ahead.update, ahead.consensus) is Offer.BUFFERED
+    engines[0].finish_round()
+    own = engines[0].begin_round(_neighbours(0))
+    assert engines[0].quorum_reached()  # the buffered message counts at once
+    assert engines[0].missing() == []
+    others = [own, ahead] + [engines[i].begin_round(_neighbours(i)) for i in (2, 3)]
+    for i in GRAPH:
+        for j in GRAPH[i]:
+            if (i, j) != (1, 0):
+                assert engines[j].offer(_name(i), 1, others[i].update, others[i].consensus) is Offer.ACCEPTED
+    for engine in engines:
+        engine.finish_round()
+    np.testing.assert_allclose(_models(engines), _reference(2), atol=ATOL)
+
+
+def test_message_before_the_round_opens_is_buffered() -> None:
+    engines = _engines()
+    message, _ = _message(engines[1], 1)
+    assert engines[0].offer("n1", 0, message.update, message.consensus) is Offer.BUFFERED
+    engines[0].begin_round(_neighbours(0))
+    assert engines[0].quorum_reached()
+    report = engines[0].finish_round()
+    assert report.received == 1 and report.weights["n1"] == pytest.approx(0.25)
+
+
+def test_too_early_beyond_max_future_rounds() -> None:
+    receiver = RoundEngine(LinearTrainer(_ctx(0)), get_aggregator("mean"), RoundConfig(local_steps=STEPS))
+    sender = RoundEngine(LinearTrainer(_ctx(1)), get_aggregator("mean"), RoundConfig(local_steps=STEPS))
+    receiver.begin_round(_neighbours(0))
+    outcomes = []
+    for _ in range(4):  # the sender runs rounds 0..3 alone
+        message, round_ = _message(sender, 1)
+        sender.finish_round()
+        outcomes.append(receiver.offer("n1", round_, message.update, message.consensus))
+    assert outcomes == [Offer.ACCEPTED, Offer.BUFFERED, Offer.BUFFERED, Offer.TOO_EARLY]
+
+
+def test_max_future_rounds_zero_buffers_nothing_ahead() -> None:
+    cfg = RoundConfig(local_steps=STEPS, max_future_rounds=0)
+    receiver = RoundEngine(LinearTrainer(_ctx(0)), get_aggregator("mean"), cfg)
+    sender = RoundEngine(LinearTrainer(_ctx(1)), get_aggregator("mean"), cfg)
+    receiver.begin_round(_neighbours(0))
+    first, _ = _message(sender, 1)
+    sender.finish_round()
+    second, _ = _message(sender, 1)
+    assert receiver.offer("n1", 0, first.update, first.consensus) is Offer.ACCEPTED
+    assert receiver.offer("n1", 1, second.update, second.consensus) is Offer.TOO_EARLY
+
+
+def test_duplicate_and_not_neighbour() -> None:
+    engines = _engines()
+    messages = _open_all(engines)
+    assert engines[0].offer("n1", 0, messages[1].update, messages[1].consensus) is Offer.ACCEPTED
+    assert engines[0].offer("n1", 0, messages[1].update, messages[1].consensus) is Offer.DUPLICATE
+    # Node 2 is no neighbour of node 0 this round.
+    assert engines[0].offer("n2", 0, messages[2].update, messages[2].consensus) is Offer.NOT_NEIGHBOUR
+    report = engines[0].finish_round()
+    assert set(report.weights) == {"self", "n1"}
+
+
+# ------------------------------------------------------------------ replicas
+
+
+def test_replica_gap_needs_sync_and_set_replica_fixes_it() -> None:
+    engines = _engines()
+    # Rounds 0 and 1: node 0 hears nothing from node 1 (it is cut off one way).
+    _sync_round(engines, skip={(1, 0)})
+    messages = _open_all(engines)
+    assert engines[0].offer("n1", 1, messages[1].update, messages[1].consensus) is Offer.NEEDS_SYNC
+    _deliver(engines, messages, 1, skip={(1, 0)})
+    for engine in engines:
+        engine.finish_round()
+    # The driver fetches node 1's public model (as of its round-1 message).
+    public, state_round = engines[1].public_state()
+    assert state_round == 1
+    engines[0].set_replica("n1", public, state_round)
+    _sync_round(engines)  # round 2: every message accepted (asserted in _deliver)
+    heard = {i: GRAPH[i] for i in GRAPH} | {0: []}
+    np.testing.assert_allclose(_models(engines), _reference(3, [heard, heard, None]), atol=ATOL)
+
+
+def test_gap_after_a_known_round_needs_sync() -> None:
+    engines = _engines()
+    sender = engines[1]
+    first, _ = _message(sender, 1)
+    sender.finish_round()
+    _message(sender, 1)  # round 1, lost
+    sender.finish_round()
+    third, _ = _message(sender, 1)
+    receiver = engines[0]
+    receiver.begin_round(_neighbours(0))
+    assert receiver.offer("n1", 0, first.update, first.consensus) is Offer.ACCEPTED
+    assert receiver.offer("n1", 2, third.update, third.consensus) is Offer.NEEDS_SYNC
+
+
+def test_set_replica_refuses_bad_models() -> None:
+    engine = _engines()[0]
+    with pytest.raises(ValueError):
+        engine.set_replica("n1", torch.zeros(DIM + 1), 0)
+    with pytest.raises(ValueError):
+        engine.set_replica("n1", torch.full((DIM,), math.nan), 0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(DIM + 1),
+        torch.zeros(DIM - 1),
+        torch.zeros(DIM, dtype=torch.float64),
+        torch.zeros(1, DIM),
+        torch.tensor([0.0, math.nan, 0.0, 0.0, 0.0]),
+        torch.tensor([0.0, 0.0, math.inf, 0.0, 0.0]),
+    ],
+    ids=["long", "short", "float64", "2d", "nan", "inf"],
+)
+@pytest.mark.parametrize("field", ["update", "consensus"])
+def test_bad_shape_leaves_no_trace(bad: torch.Tensor, field: str) -> None:
+    engines = _engines()
+    messages = _open_all(engines)
+    good = messages[1]
+    update, consensus = (bad, good.consensus) if field == "update" else (good.update, bad)
+    assert engines[0].offer("n1", 0, update, consensus) is Offer.BAD_SHAPE
+    # Neither the replica nor the round saw it: the good message is still accepted.
+    assert engines[0].offer("n1", 0, good.update, good.consensus) is Offer.ACCEPTED
+    engines[0].finish_round()
+    for engine in engines[1:]:
+        engine.finish_round()
+
+
+# ------------------------------------------------------------------ quorum
+
+
+def test_quorum_closes_early_at_the_configured_fraction() -> None:
+    engines = _engines(config=RoundConfig(local_steps=STEPS, quorum=0.5))
+    messages = _open_all(engines)
+    hub = engines[1]  # three neighbours: ceil(0.5 * 3) = 2 messages close it
+    assert not hub.quorum_reached()
+    assert hub.offer("n0", 0, messages[0].update, messages[0].consensus) is Offer.ACCEPTED
+    assert not hub.quorum_reached()
+    assert sorted(hub.missing()) == ["n2", "n3"]
+    assert hub.offer("n2", 0, messages[2].update, messages[2].consensus) is Offer.ACCEPTED
+    assert hub.quorum_reached()
+    assert hub.missing() == ["n3"]
+    report = hub.finish_round()
+    assert (report.received, report.neighbours) == (2, 3)
+    # The missing neighbour's MH share stays on the own model.
+    assert report.weights == pytest.approx({"self": 0.5, "n0": 0.25, "n2": 0.25})
+
+
+def test_full_quorum_needs_everyone_and_no_round_no_quorum() -> None:
+    engines = _engines()
+    assert not engines[1].quorum_reached()  # no round open
+    messages = _open_all(engines)
+    for j in (0, 2):
+        engines[1].offer(_name(j), 0, messages[j].update, messages[j].consensus)
+    assert not engines[1].quorum_reached()
+    engines[1].offer("n3", 0, messages[3].update, messages[3].consensus)
+    assert engines[1].quorum_reached()
+
+
+def test_a_round_without_neighbours_is_complete_and_trains_alone() -> None:
+    engine = _engines()[2]
+    engine.begin_round({})
+    assert engine.quorum_reached()
+    engine.finish_round()
+    np.testing.assert_allclose(engine.trainer.get_flat().numpy(), _half_step(2, _initial_model(SEED)), atol=ATOL)
+
+
+@pytest.mark.parametrize("quorum", [0.0, -0.1, 1.5])
+def test_quorum_out_of_range_is_refused(quorum: float) -> None:
+    with pytest.raises(ValueError):
+        RoundConfig(quorum=quorum)
+
+
+def test_round_state_machine_misuse_raises() -> None:
+    engine = _engines()[0]
+    with pytest.raises(RuntimeError):
+        engine.finish_round()
+    engine.begin_round(_neighbours(0))
+    with pytest.raises(RuntimeError):
+        engine.begin_round(_neighbours(0))
+
+
+# ------------------------------------------------------------------ adopt, state, restore
+
+
+def test_adopt_moves_to_the_round_and_model() -> None:
+    engines = _engines()
+    _sync_round(engines)
+    engine = engines[0]
+    assert torch.count_nonzero(engine.state()["consensus"]) > 0  # a step is pending ...
+    model = torch.arange(DIM, dtype=torch.float32)
+    engine.adopt(model, 5)
+    assert engine.round == 5
+    assert torch.equal(engine.trainer.get_flat(), model)
+    public, state_round = engine.public_state()
+    assert torch.equal(public, model) and state_round == 4
+    message = engine.begin_round(_neighbours(0))
+    assert torch.count_nonzero(message.consensus) == 0  # ... and adopt() dropped it
+    expected = _half_step(0, model.double().numpy()) - model.double().numpy()
+    np.testing.assert_allclose(message.update.numpy(), expected, atol=ATOL)
+    with pytest.raises(ValueError):
+        engine.adopt(torch.zeros(DIM + 1), 6)
+
+
+def test_adopt_drops_buffered_rounds_it_skips() -> None:
+    engines = _engines()
+    receiver, sender = engines[0], engines[1]
+    first, _ = _message(sender, 1)
+    assert receiver.offer("n1", 0, first.update, first.consensus) is Offer.BUFFERED
+    receiver.adopt(sender.trainer.get_flat(), 3)
+    receiver.begin_round(_neighbours(0))
+    assert receiver.finish_round().received == 0
+
+
+def test_a_neighbour_resyncs_after_we_adopt() -> None:
+    engines = _engines()
+    _sync_round(engines)
+    joiner, peer = engines[0], engines[1]
+    joiner.adopt(torch.ones(DIM), 4)
+    message = joiner.begin_round(_neighbours(0))
+    assert peer.offer("n0", 4, message.update, message.consensus) is Offer.NEEDS_SYNC
+    peer.set_replica("n0", *joiner.public_state())
+    joiner.finish_round()
+    message = joiner.begin_round(_neighbours(0))
+    for _ in range(peer.round, 5):
+        peer.begin_round(_neighbours(1))
+        peer.finish_round()
+    peer.begin_round(_neighbours(1))
+    assert peer.offer("n0", 5, message.update, message.consensus) is Offer.ACCEPTED
+
+
+def test_state_restore_round_trip_through_a_checkpoint() -> None:
+    engines = _engines()
+    for _ in range(2):
+        _sync_round(engines)
+    original = engines[1]
+    buffer = io.BytesIO()
+    torch.save({"model": original.trainer.get_flat(), "engine": original.state()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    restored = RoundEngine(LinearTrainer(_ctx(1)), get_aggregator("mean"), RoundConfig(local_steps=STEPS))
+    restored.restore(saved["model"], saved["engine"])
+    assert restored.round == original.round == 2
+    assert restored.last_sent_round == original.last_sent_round == 1
+    assert torch.equal(restored.trainer.get_flat(), original.trainer.get_flat())
+    assert torch.equal(restored.public_state()[0], original.public_state()[0])
+    # The next message (update and the pending consensus step) is identical.
+    a = original.begin_round(_neighbours(1))
+    b = restored.begin_round(_neighbours(1))
+    assert torch.equal(a.update, b.update) and torch.equal(a.consensus, b.consensus)
+    assert torch.count_nonzero(a.consensus) > 0  # the round-1 consensus step is carried
+
+
+# ------------------------------------------------------------------ Combine.VALUES
+
+
+class RecordingMedian(MedianAggregator):
+    """The real median; also keeps what the engine handed it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, list[PeerUpdate]]] = []
+
+    def aggregate(self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int) -> AggregationResult:
+        self.calls.append((own.clone(), list(updates)))
+        return super().aggregate(own, updates, own_degree)
+
+
+def test_values_aggregator_gets_models_not_updates() -> None:
+    assert MedianAggregator.combine is Combine.VALUES
+    triangle = {0: [1, 2], 1: [0, 2], 2: [0, 1]}
+    neighbours = {i: {_name(j): 2 for j in triangle[i]} for i in triangle}
+    median = RecordingMedian()
+    aggregators: list[Aggregator] = [median, get_aggregator("mean"), get_aggregator("mean")]
+    engines = [RoundEngine(LinearTrainer(_ctx(i)), aggregators[i], RoundConfig(local_steps=STEPS)) for i in triangle]
+    x = np.tile(_initial_model(SEED), (3, 1))
+    w_mean = np.full((3, 3), 1.0 / 3.0)
+    for round_ in range(3):
+        messages = [engine.begin_round(neighbours[i]) for i, engine in enumerate(engines)]
+        for i in triangle:
+            for j in triangle[i]:
+                assert engines[j].offer(_name(i), round_, messages[i].update, messages[i].consensus) is Offer.ACCEPTED
+        for engine in engines:
+            engine.finish_round()
+        half = np.stack([_half_step(i, x[i]) for i in triangle])
+        # The engine handed the median the peers' half-step models relative to
+        # ours (own row zero), not their updates ...
+        own, updates = median.calls[-1]
+        assert torch.count_nonzero(own) == 0
+        for update in updates:
+            j = int(update.peer[1:])
+            np.testing.assert_allclose(update.delta.numpy(), half[j] - half[0], atol=ATOL)
+        # ... so node 0 lands on the coordinate-wise median of the three models.
+        x = np.stack([np.median(half, axis=0), *(w_mean @ half)[1:]])
+        np.testing.assert_allclose(_models(engines), x, atol=ATOL)
+
+
+# ------------------------------------------------------------------ gossip learning
+
+
+def _gossip(index: int, age: int) -> GossipModel:
+    return GossipModel(LinearTrainer(_ctx(index, seed=SEED + index)), age=age)
+
+
+def test_gossip_merge_is_age_weighted() -> None:
+    shares: list[tuple[str, float]] = []
+    ours = _gossip(0, age=3)
+    ours.merge_hook = lambda peer, share: shares.append((peer, share))
+    w1 = ours.trainer.get_flat()
+    w2 = torch.tensor(_initial_model(SEED + 1), dtype=torch.float32)
+    ours.merge("n1", w2, peer_age=1)
+    np.testing.assert_allclose(ours.trainer.get_flat().numpy(), ((3 * w1 + 1 * w2) / 4).numpy(), atol=1e-6)
+    assert ours.age == 3
+    assert shares == [("n1", pytest.approx(0.25))]
+    # Merging with an older model: age becomes the max, the move is larger.
+    before = ours.trainer.get_flat()
+    ours.merge("n2", w2, peer_age=9)
+    np.testing.assert_allclose(ours.trainer.get_flat().numpy(), ((3 * before + 9 * w2) / 12).numpy(), atol=1e-6)
+    assert ours.age == 9
+
+
+def test_gossip_merge_of_two_fresh_models_is_the_midpoint() -> None:
+    ours = _gossip(0, age=0)
+    w1 = ours.trainer.get_flat()
+    w2 = torch.tensor(_initial_model(SEED + 1), dtype=torch.float32)
+    ours.merge("n1", w2, peer_age=0)
+    np.testing.assert_allclose(ours.trainer.get_flat().numpy(), ((w1 + w2) / 2).numpy(), atol=1e-6)
+    assert ours.age == 0
+
+
+def test_gossip_step_ages_by_local_steps() -> None:
+    ours = _gossip(0, age=2)
+    ours.step(4)
+    assert ours.age == 6
+
+
+@pytest.mark.parametrize(
+    ("model", "age"),
+    [(torch.zeros(DIM + 1), 1), (torch.full((DIM,), math.nan), 1), (torch.zeros(DIM), -1)],
+    ids=["size", "nan", "negative-age"],
+)
+def test_gossip_merge_refuses_bad_input(model: torch.Tensor, age: int) -> None:
+    ours = _gossip(0, age=1)
+    before = ours.trainer.get_flat()
+    with pytest.raises(ValueError):
+        ours.merge("n1", model, peer_age=age)
+    assert torch.equal(ours.trainer.get_flat(), before) and ours.age == 1
