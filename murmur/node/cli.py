@@ -42,6 +42,7 @@ from murmur.node.config import (
 from murmur.node.logs import configure_logging
 from murmur.node.state import StateDir
 from murmur.protocol.multiaddr import Multiaddr
+from murmur.testnet.options import add_run_arguments as add_testnet_run_arguments
 
 PROG = "murmur"
 DIST_NAME = "murmur"
@@ -286,8 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     testnet = sub.add_parser("testnet", help="local testnets").add_subparsers(dest="testnet_command", required=True, metavar="ACTION")
     p = testnet.add_parser("run", help="run a testnet scenario")
-    p.add_argument("scenario", nargs="?", help="scenario name or file")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="scenario arguments")
+    add_testnet_run_arguments(p)  # declared once, for `python -m murmur.testnet.cli` too
     p.set_defaults(handler=cmd_testnet_run)
     return parser
 

@@ -1,9 +1,10 @@
 """``murmur testnet run [SCENARIO.toml] [--nodes-per-process K] [--out DIR] [--no-dashboard]``.
 
-Called lazily by ``murmur.node.cli`` with ``args.scenario`` (the optional
-scenario path) and ``args.args`` (the remaining words); also runnable as
-``python -m murmur.testnet.cli ...``. Exit codes: 0 the run completed (or ran
-its time), 1 training stalled, 2 bad scenario or usage, 130 interrupted.
+Called lazily by ``murmur.node.cli`` with the namespace its ``testnet run``
+subparser parsed (options declared once, in :mod:`murmur.testnet.options`);
+also runnable as ``python -m murmur.testnet.cli ...``. Exit codes: 0 the run
+completed (or ran its time), 1 training stalled, 2 bad scenario or usage, 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -12,39 +13,25 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from murmur.errors import ConfigError
 from murmur.testnet.controller import RunEnd, RunOptions, RunResult, Testnet
+from murmur.testnet.options import DEFAULT_OUT_ROOT, add_run_arguments
 from murmur.testnet.scenario import load_scenario
 
 EXIT_OK = 0
 EXIT_STALLED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-DEFAULT_OUT_ROOT = Path("reports") / "testnet"
 EXIT_CODES = {RunEnd.COMPLETED: EXIT_OK, RunEnd.TIME_UP: EXIT_OK, RunEnd.STALLED: EXIT_STALLED,
               RunEnd.INTERRUPTED: EXIT_INTERRUPTED}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="murmur testnet run", description="run a local testnet scenario")
-    p.add_argument("scenario", nargs="?", type=Path, help="scenario file (TOML); default: the embedded default scenario")
-    p.add_argument("--nodes-per-process", type=int, metavar="K", help="pack K nodes into one process (default: the scenario's)")
-    p.add_argument("--out", type=Path, metavar="DIR", help=f"run directory (default: {DEFAULT_OUT_ROOT}/<scenario>-<time>)")
-    p.add_argument("--no-dashboard", action="store_true", help="do not serve the live dashboard")
-    p.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="dashboard port on 127.0.0.1 (0: any)")
+    add_run_arguments(p)
     return p
-
-
-def parse_args(scenario: str | Path | None, rest: Sequence[str]) -> argparse.Namespace:
-    """``murmur.node.cli`` hands over an optional first word and the rest."""
-    words = ([str(scenario)] if scenario is not None else []) + list(rest)
-    args = build_parser().parse_args(words)
-    if args.nodes_per_process is not None and args.nodes_per_process < 1:
-        raise ConfigError("--nodes-per-process must be >= 1")
-    return args
 
 
 def print_result(result: RunResult) -> None:
@@ -61,8 +48,8 @@ def print_result(result: RunResult) -> None:
 
 def run_testnet(ns: argparse.Namespace) -> int:
     """Entry point for ``murmur testnet run``."""
+    args = ns
     try:
-        args = parse_args(getattr(ns, "scenario", None), getattr(ns, "args", None) or [])
         scenario = load_scenario(args.scenario)
     except ConfigError as exc:
         print(f"murmur: config error: {exc}", file=sys.stderr)
@@ -84,8 +71,7 @@ def run_testnet(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = argparse.Namespace(scenario=None, args=list(sys.argv[1:] if argv is None else argv))
-    return run_testnet(ns)
+    return run_testnet(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""The options of ``murmur testnet run``, declared once.
+
+Both ``murmur.node.cli`` (the ``murmur`` command) and ``murmur.testnet.cli``
+(``python -m murmur.testnet.cli``) build their ``testnet run`` parser from
+:func:`add_run_arguments`, so a flag given without a scenario path
+(``murmur testnet run --no-dashboard``) parses the same in both. This module
+imports nothing heavy: ``murmur id`` must not pay for the testnet's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_OUT_ROOT = Path("reports") / "testnet"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", nargs="?", type=Path, help="scenario file (TOML); default: the embedded default scenario")
+    p.add_argument("--nodes-per-process", type=positive_int, metavar="K",
+                   help="pack K nodes into one process (default: the scenario's)")
+    p.add_argument("--out", type=Path, metavar="DIR", help=f"run directory (default: {DEFAULT_OUT_ROOT}/<scenario>-<time>)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not serve the live dashboard")
+    p.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="dashboard port on 127.0.0.1 (0: any)")
