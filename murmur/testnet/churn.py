@@ -39,6 +39,10 @@ class ChurnSchedule:
     def pending(self) -> int:
         return len(self.events) - self._next
 
+    def upcoming(self) -> Sequence[ChurnEvent]:
+        """Events not fired yet, in order."""
+        return self.events[self._next:]
+
 
 def partition_groups(side: Iterable[int], total: int) -> list[list[int]]:
     """A partition event names one side; everybody else is the other."""

@@ -7,7 +7,9 @@ One :class:`Testnet` run:
    data dirs under ``<out>/nodes``, process logs under ``<out>/logs``;
 2. starts the worker processes (:mod:`murmur.testnet.worker`, K nodes or one
    Sybil attacker each) under a :class:`~murmur.testnet.procs.Supervisor`, so
-   no process outlives the run, whatever ends it (Ctrl-C included);
+   no process outlives the run, whatever ends it (Ctrl-C included); a node
+   that a churn event will (re)start gets a ``--standby`` process ahead of
+   time, so the event costs the node's start-up, not interpreter imports;
 3. polls every node's ``/status`` (the only view of a node the controller has:
    it never reaches into a node's memory), feeds the live dashboard, prints a
    progress line and fires churn events when their round or time comes;
@@ -74,6 +76,8 @@ PORT_ATTEMPTS = 50
 MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
 WORKER_MODULE = "murmur.testnet.worker"
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+STARTING = frozenset({Action.RESTART, Action.JOIN})  # events that (re)start nodes
+STANDBY_START_TIMEOUT_S = 120.0  # a standby still importing after this is replaced by a cold start
 
 
 class RunEnd(enum.StrEnum):
@@ -108,6 +112,7 @@ class WorkerProc:
     control: Path
     wanted_up: bool = False  # what the schedule says; the process may disagree (crash)
     sync_partition: bool = False  # the current partition must still be sent to it
+    standby: bool = False  # a --standby process is waiting for "start" (see worker.py)
 
 
 @dataclass
@@ -221,6 +226,7 @@ class Testnet:
         self._front: int | None = None
         self._front_at = time.monotonic()
         self._last_progress = -math.inf
+        self._background: set[asyncio.Task[None]] = set()  # standby start-ups in flight
         self._actions: dict[Action, Callable[[ChurnEvent], Coroutine[Any, Any, str | None]]] = {
             Action.CRASH: self._crash, Action.STOP: self._stop, Action.RESTART: self._start_nodes,
             Action.JOIN: self._start_nodes, Action.PARTITION: self._partition_nodes, Action.HEAL: self._heal,
@@ -280,6 +286,50 @@ class Testnet:
         proc.wanted_up = True
         proc.sync_partition = self._partition is not None
 
+    def _will_start(self, proc: WorkerProc) -> bool:
+        """Whether a churn event still to come (re)starts a node of ``proc``."""
+        return any(ev.action in STARTING and set(ev.nodes) & set(proc.indices) for ev in self.schedule.upcoming())
+
+    def _prespawn(self, proc: WorkerProc) -> None:
+        """Start ``proc`` as a standby process, so its (re)start event only
+        costs the node's own start-up (see worker.py's docstring)."""
+        assert self._supervisor is not None
+        self._supervisor.start(proc.name, [*proc.argv, "--standby"], env=self._env())
+        proc.standby = True
+
+    async def _wake(self, proc: WorkerProc) -> None:
+        """Start ``proc``'s nodes: through its standby process when it has one
+        (which may still be importing: told in the background), else cold."""
+        if not proc.standby:
+            self._launch(proc)
+            return
+        proc.standby = False
+        proc.wanted_up = True  # the process is alive and about to bring its nodes up
+        proc.sync_partition = self._partition is not None
+        task = asyncio.create_task(self._start_standby(proc, self._supervisor[proc.name]))  # type: ignore[index]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _start_standby(self, proc: WorkerProc, child: Any) -> None:
+        """Send ``start`` once the standby serves its control socket; launch
+        cold if it died or never answered (and the schedule still wants it)."""
+        deadline = time.monotonic() + STANDBY_START_TIMEOUT_S
+        while child.alive() and time.monotonic() < deadline:
+            try:
+                reply = await send_control(proc.control, {"cmd": "start"})
+            except (OSError, asyncio.TimeoutError, json.JSONDecodeError):
+                await asyncio.sleep(self.options.poll_interval_s)  # polling for the socket to appear
+                continue
+            if reply.get("ok"):
+                return
+            break
+        if not proc.wanted_up or self._supervisor is None or self._supervisor[proc.name] is not child:
+            return  # crashed or stopped by the schedule meanwhile
+        log.warning("standby did not start; launching cold", extra={"proc": proc.name})
+        proc.wanted_up = False  # not an unexpected exit: ours
+        await asyncio.to_thread(child.crash)
+        self._launch(proc)
+
     # -- run -------------------------------------------------------------------------
 
     async def run(self) -> RunResult:
@@ -299,10 +349,15 @@ class Testnet:
             for proc in self.procs.values():
                 if not all(self.nodes[i].spec.late for i in proc.indices):
                     self._launch(proc)
+                elif self._will_start(proc):
+                    self._prespawn(proc)
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)) as http:
                 end = await self._loop(http)
                 final = await self._poll(http)
         finally:
+            for task in self._background:
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
             self._end_progress()
             # graceful stop (checkpoints, peers.json) before reading metrics; on
             # cancellation (Ctrl-C) too: Supervisor.close holds back a second SIGINT
@@ -322,7 +377,11 @@ class Testnet:
             await self._poll(http)
             await self._sync_partitions()
             elapsed = time.monotonic() - self._t0
-            for ev in self.schedule.due(self._front, elapsed):
+            # "at round r" counts once every started node answered: on a loaded
+            # box start-up skews by many rounds, and a crash must hit a node
+            # that has run, not one still importing torch
+            front = self._front if self._all_answered() else None
+            for ev in self.schedule.due(front, elapsed):
                 await self._apply(ev)
             self._progress()
             if sc.duration.seconds is not None and elapsed >= sc.duration.seconds:
@@ -336,6 +395,9 @@ class Testnet:
 
     def _expected_up(self) -> list[NodeHandle]:
         return [h for h in self.nodes.values() if self.procs[h.proc].wanted_up]
+
+    def _all_answered(self) -> bool:
+        return all(h.last_seen is not None for h in self._expected_up())
 
     def _all_done(self, rounds: int) -> bool:
         honest = [h for h in self._expected_up() if h.spec.role is Role.HONEST]
@@ -418,7 +480,13 @@ class Testnet:
         for proc in self._procs_for(ev):
             proc.wanted_up = False
             await asyncio.to_thread(self._supervisor[proc.name].crash)
+        self._prespawn_restarts(ev)
         return None
+
+    def _prespawn_restarts(self, ev: ChurnEvent) -> None:
+        for proc in self._procs_for(ev):
+            if self._will_start(proc):
+                self._prespawn(proc)
 
     async def _stop(self, ev: ChurnEvent) -> str | None:
         assert self._supervisor is not None
@@ -426,12 +494,11 @@ class Testnet:
         for proc in procs:
             proc.wanted_up = False
         await asyncio.gather(*(asyncio.to_thread(self._supervisor[p.name].stop) for p in procs))
+        self._prespawn_restarts(ev)
         return None
 
     async def _start_nodes(self, ev: ChurnEvent) -> str | None:
-        for proc in self._procs_for(ev):
-            if not proc.wanted_up:
-                self._launch(proc)
+        await asyncio.gather(*(self._wake(p) for p in self._procs_for(ev) if not p.wanted_up))
         return None
 
     async def _partition_nodes(self, ev: ChurnEvent) -> str | None:

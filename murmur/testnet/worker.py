@@ -12,6 +12,17 @@ With ``--attacker`` every config is one identity of a single
 
 The controller steers a running worker through a Unix control socket: one JSON
 object per line in, one JSON reply per line out (see :class:`Command`).
+
+``--standby``: import everything (torch, the trainer, privacy), serve the
+control socket and wait for ``start`` before opening any node. The controller
+pre-spawns a standby process for a node that a churn event will (re)start, so
+that a restart at round r costs the node's own start-up (state dir,
+checkpoint, data) instead of ~10-30 s of interpreter imports on a loaded
+2-core box, during which a fast network would finish its remaining rounds.
+A standby process has not touched the node's state: what comes up on
+``start`` is a fresh process reading its data dir, as after any restart.
+Without ``--standby`` the same imports happen before the first node listens,
+so a node never accepts connections while its loop is blocked importing.
 Partitions are applied at the application level (``Node.set_partition``): all
 testnet nodes share the loopback interface, where routes cannot cut them apart.
 
@@ -30,7 +41,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +64,7 @@ class Command(enum.StrEnum):
     PARTITION = "partition"
     HEAL = "heal"
     PING = "ping"
+    START = "start"  # a --standby worker starts its nodes (replies at once)
 
 
 class ControlError(MurmurError):
@@ -63,9 +75,21 @@ class ControlError(MurmurError):
 class Worker:
     """The nodes of this process (for an attacker: its identities)."""
 
-    nodes: list[Node]
+    nodes: list[Node] = field(default_factory=list)
+    go: asyncio.Event = field(default_factory=asyncio.Event)  # start the nodes (standby ends)
+    ready: bool = False  # the nodes are up: partition commands can be applied
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            # not ok: the controller keeps the partition pending and resends it
+            raise ControlError("nodes not started yet")
+
+    async def start(self, _request: Mapping[str, Any]) -> dict[str, Any]:
+        self.go.set()
+        return {"ok": True}
 
     async def partition(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        self._require_ready()
         groups = request.get("groups")
         if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
             raise ControlError("partition needs 'groups': a list of lists of peer ids")
@@ -79,6 +103,7 @@ class Worker:
         return {"ok": True, "nodes": len(self.nodes)}
 
     async def heal(self, _request: Mapping[str, Any]) -> dict[str, Any]:
+        self._require_ready()
         for node in self.nodes:
             await node.set_partition(None)
         return {"ok": True, "nodes": len(self.nodes)}
@@ -87,7 +112,8 @@ class Worker:
         return {"ok": True, "peers": [str(n.peer_id) for n in self.nodes]}
 
     def handlers(self) -> dict[Command, Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]]:
-        return {Command.PARTITION: self.partition, Command.HEAL: self.heal, Command.PING: self.ping}
+        return {Command.PARTITION: self.partition, Command.HEAL: self.heal, Command.PING: self.ping,
+                Command.START: self.start}
 
     async def handle(self, line: bytes) -> dict[str, Any]:
         try:
@@ -118,13 +144,13 @@ class Worker:
 
 
 @contextlib.asynccontextmanager
-async def _running(configs: Sequence[NodeConfig], attacker: bool) -> AsyncIterator[Worker]:
+async def _running(configs: Sequence[NodeConfig], attacker: bool) -> AsyncIterator[list[Node]]:
     """Start the nodes (all or none) and stop them on exit, in reverse order."""
     if attacker:
         from murmur.testnet.sybil import SybilAttacker
 
         async with SybilAttacker(configs) as sybils:
-            yield Worker(list(sybils.fronts))
+            yield list(sybils.fronts)
         return
     nodes: list[Node] = []
     try:
@@ -132,46 +158,83 @@ async def _running(configs: Sequence[NodeConfig], attacker: bool) -> AsyncIterat
             node = Node(cfg)
             await node.start()
             nodes.append(node)
-        yield Worker(nodes)
+        yield nodes
     finally:
         # all at once: K nodes stopping one after the other would overrun the
         # controller's SIGTERM grace period (each stop may wait for a training step)
         await asyncio.gather(*(node.stop() for node in reversed(nodes)), return_exceptions=True)
 
 
-async def serve(configs: Sequence[NodeConfig], *, attacker: bool, control: Path | None) -> None:
+def preload(configs: Sequence[NodeConfig]) -> None:
+    """Import what the nodes will need (see the module docstring)."""
+    learning = {cfg.learning.trainer: cfg.learning for cfg in configs if cfg.learning.enabled}
+    if learning:
+        from murmur.learning.trainers.registry import load_trainer
+        from murmur.node import learner  # noqa: F401 - torch and the round engine
+
+        for spec, section in learning.items():
+            # A throwaway trainer: datasets import their loaders (sklearn: ~5 s) lazily.
+            load_trainer(spec)(section.trainer_context())
+    if any(cfg.privacy.enabled for cfg in configs):
+        from murmur.node import privacy  # noqa: F401 - accountant, noise, cvxpy
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def serve(configs: Sequence[NodeConfig], *, attacker: bool, control: Path | None, standby: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with _running(configs, attacker) as worker:
-        server = await worker.serve_control(control) if control is not None else None
-        log.info("worker ready", extra={"event": "worker_ready", "peers": [str(n.peer_id) for n in worker.nodes]})
-        try:
+    worker = Worker()
+    if not standby:
+        worker.go.set()
+    server = await worker.serve_control(control) if control is not None else None
+    try:
+        if standby:
+            log.info("worker standing by", extra={"event": "worker_standby"})
+            await _first(worker.go, stop)
+            if stop.is_set():
+                return
+        async with _running(configs, attacker) as nodes:
+            worker.nodes, worker.ready = nodes, True
+            log.info("worker ready", extra={"event": "worker_ready", "peers": [str(n.peer_id) for n in nodes]})
             await stop.wait()
-        finally:
-            if server is not None:
-                server.close()
-                if control is not None:
-                    control.unlink(missing_ok=True)
+            worker.ready = False
+    finally:
+        if server is not None:
+            server.close()
+            if control is not None:
+                control.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m murmur.testnet.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", type=Path, help="node config files (TOML), one per node")
     parser.add_argument("--attacker", action="store_true", help="run the configs as the identities of one Sybil attacker")
-    parser.add_argument("--control", type=Path, help="Unix socket for control commands (partition/heal)")
+    parser.add_argument("--control", type=Path, help="Unix socket for control commands (partition/heal/start)")
+    parser.add_argument("--standby", action="store_true", help="import everything, then wait for 'start' on the control socket")
     args = parser.parse_args(argv)
     try:
         configs = [load_config(path) for path in args.configs]
     except ConfigError as exc:
         print(f"murmur worker: config error: {exc}", file=sys.stderr)
         return 2
+    if args.standby and args.control is None:
+        parser.error("--standby needs --control (the start command arrives there)")
     configure_logging(configs[0].node.log_level, configs[0].node.log_format)
+    preload(configs)
     import uvloop
 
     try:
-        uvloop.run(serve(configs, attacker=args.attacker, control=args.control))
+        uvloop.run(serve(configs, attacker=args.attacker, control=args.control, standby=args.standby))
     except MurmurError as exc:
         print(f"murmur worker: {exc}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from murmur.testnet.scenario import default_scenario_text, load_scenario
 
 MURMUR = [sys.executable, "-m", "murmur.node.cli"]
 RUN_TIMEOUT_S = 240
+LIVE_ROUNDS_AFTER_RESTART = 5  # rounds node3 must train itself after it is back
 INTERRUPT_EXIT_S = 15.0
 
 
@@ -86,9 +87,13 @@ def test_default_scenario_end_to_end(tmp_path: Path) -> None:
         assert [float(r["accuracy"]) for r in rows] == [r["accuracy"] for r in own[name]]
     honest = [n for n in names if n.startswith("node")]
     assert max(own[n][-1]["round"] for n in honest) == 19
+    crash, restart = summary["events"]
     for name in honest:  # a lagging node may skip rounds by adopting a neighbour's model, never go back
         rounds = [r["round"] for r in own[name]]
-        assert rounds == sorted(set(rounds)) and len(rounds) >= 10, (name, rounds)
+        assert rounds == sorted(set(rounds)), (name, rounds)
+        # node3 is down between crash and restart; everyone trains most rounds themselves
+        live = [r for r in own[name] if r["ts"] > restart["ts"]] if name == "node3" else own[name]
+        assert len(live) >= (LIVE_ROUNDS_AFTER_RESTART if name == "node3" else 10), (name, rounds)
         assert summary["nodes"][name]["accuracy"] == own[name][-1]["accuracy"]
         assert own[name][-1]["attack_rate"] is not None  # honest nodes measure the attack
     finals = [own[n][-1]["accuracy"] for n in honest]
@@ -100,7 +105,6 @@ def test_default_scenario_end_to_end(tmp_path: Path) -> None:
     # churn happened as scheduled, on the right node, and node3 resumed (no round 0 after the restart)
     actions = [(e["action"], e["nodes"]) for e in summary["events"]]
     assert actions == [("crash", ["node3"]), ("restart", ["node3"])]
-    crash, restart = summary["events"]
     assert 6 <= crash["round"] <= restart["round"]
     rounds3 = [r["round"] for r in own["node3"]]
     assert rounds3 == sorted(set(rounds3)), rounds3
@@ -108,6 +112,19 @@ def test_default_scenario_end_to_end(tmp_path: Path) -> None:
     cfg = (out / "configs" / "node0.toml").read_text()
     assert "[privacy]" in cfg and "enabled = true" in cfg
     print(f"default-scenario (20 rounds) wall time {wall:.1f} s")
+
+
+def test_cli_declares_testnet_options_without_a_scenario() -> None:
+    """`murmur testnet run --no-dashboard` (no scenario path) parses: the
+    options are declared on the subparser, not swallowed as a remainder."""
+    from murmur.node.cli import build_parser
+
+    args = build_parser().parse_args(["testnet", "run", "--no-dashboard", "--nodes-per-process", "3"])
+    assert args.scenario is None and args.no_dashboard and args.nodes_per_process == 3
+    args = build_parser().parse_args(["testnet", "run", "s.toml", "--out", "o"])
+    assert args.scenario == Path("s.toml") and args.out == Path("o") and not args.no_dashboard
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["testnet", "run", "--nodes-per-process", "0"])
 
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
