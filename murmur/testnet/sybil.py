@@ -15,19 +15,37 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import torch
+
 from murmur.node.config import NodeConfig
 from murmur.node.daemon import Node
 from murmur.node.learner import NodeLearner
 
 ATTACKER_AGGREGATOR = "mean"
+DEFAULT_BOOST = 1.0
+
+
+class BoostedUpdate:
+    """The attacker's "privacy stage": it scales its update instead of noising
+    it (model-poisoning boosting, Bhagoji et al. 2019), so that its one model
+    weighs more in every honest average it reaches."""
+
+    def __init__(self, factor: float) -> None:
+        if not factor > 0:
+            raise ValueError("boost factor must be positive")
+        self.factor = factor
+
+    def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
+        return delta * self.factor
 
 
 class SybilAttacker:
     """``async with SybilAttacker(configs) as attacker:`` one identity per config."""
 
-    def __init__(self, configs: Sequence[NodeConfig]) -> None:
+    def __init__(self, configs: Sequence[NodeConfig], boost: float = DEFAULT_BOOST) -> None:
         if not configs:
             raise ValueError("a Sybil attacker needs at least one identity")
+        self.boost = boost
         self.configs = [self._front_config(cfg) for cfg in configs]
         self.fronts: list[Node] = []
         self.learner: NodeLearner | None = None
@@ -45,6 +63,8 @@ class SybilAttacker:
                 await front.start()
                 self.fronts.append(front)
             self.learner = NodeLearner(self.fronts[0], fronts=self.fronts)
+            if self.boost != 1.0:
+                self.learner.engine.perturber = BoostedUpdate(self.boost)
             for front in self.fronts:
                 front.attach_learner(self.learner)
             await self.learner.start()
