@@ -26,6 +26,7 @@ from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
 from murmur.node.session import Dispatcher, Handler, PeerSession
 from murmur.node.state import ApiInfo, StateDir
+from murmur.protocol.discovery import MdnsConfig, MdnsDiscovery
 from murmur.protocol.gossip import FloodGossip, GossipMessage
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.messages import Gossip, Goodbye, Hello
@@ -63,6 +64,7 @@ class Node:
         self._subscribers: dict[str, list[GossipSubscriber]] = {}
         self._faults: dict[str, int] = {}
         self._api: StatusApi | None = None
+        self._mdns: MdnsDiscovery | None = None
         self.learner: Any = None  # murmur.node.learner.NodeLearner when learning is on
         self._started = False
         self._reachable: frozenset[PeerId] | None = None  # None: no partition (see set_partition)
@@ -131,6 +133,9 @@ class Node:
         await self._api.__aenter__()
         self.state.write_api_info(ApiInfo(cfg.api.host, self._api.port, _pid(), str(self.peer_id)))
         self.membership.start()
+        if net.mdns:
+            self._mdns = MdnsDiscovery(self.peer_id, self.addrs, self._on_mdns_found, MdnsConfig(enabled=True))
+            await self._mdns.__aenter__()
         if self.learner is not None:
             await self.learner.start()
         log.info(
@@ -161,6 +166,9 @@ class Node:
         transport = getattr(self, "transport", None)
         if transport is not None:
             await transport.close()
+        if self._mdns is not None:
+            await self._mdns.__aexit__(None, None, None)
+            self._mdns = None
         if self._api is not None:
             await self._api.__aexit__(None, None, None)
             self._api = None
@@ -335,6 +343,15 @@ class Node:
         for session in cut:
             session.link_out = False  # no redial: the close is ours, not the peer's failure
         await asyncio.gather(*(s.close() for s in cut), return_exceptions=True)
+
+    def _on_mdns_found(self, peer: PeerId, addrs: Sequence[Multiaddr]) -> None:
+        """A murmur node announced itself on the LAN. mDNS is unauthenticated:
+        the entry only becomes a connection after a Noise handshake proves
+        the peer id, and it competes for view slots under the subnet limit."""
+        if peer == self.peer_id or self.table.is_banned(peer) or not addrs:
+            return
+        self.table.add(peer, addrs)
+        self.sampler.add(peer, addrs)
 
     # -- faults (FaultSink) ----------------------------------------------------------
 

@@ -179,3 +179,24 @@ async def test_late_duplicate_dial_replaces_cleanly(tmp_path: Path) -> None:
         await wait_until(lambda: got == [b"y"], 2.0, "message over the new connection")
         assert small.status()["faults"] == {} and large.status()["faults"] == {}
         assert small.session(large.peer_id).hello is not None
+
+
+async def test_mdns_finds_peers_without_bootstrap(tmp_path) -> None:
+    """Two nodes with mDNS on and no bootstrap address connect to each other."""
+    from murmur.node.daemon import Node
+    from tests.integration.cluster import node_config, wait_until
+
+    nodes = []
+    try:
+        for i in range(2):
+            node = Node(node_config(tmp_path / f"m{i}", overrides={"network.mdns": True, "network.neighbours": 1}))
+            try:
+                await node.start()
+            except OSError as exc:  # no multicast on this host
+                pytest.skip(f"mDNS sockets unavailable: {exc}")
+            nodes.append(node)
+        await wait_until(lambda: all(n.sessions() for n in nodes), 15.0, "mDNS discovery")
+        assert nodes[1].peer_id in {s.peer for s in nodes[0].sessions()}
+    finally:
+        for node in nodes:
+            await node.stop()
