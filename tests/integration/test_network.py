@@ -10,8 +10,11 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from murmur.protocol.identity import PeerId
-from tests.integration.cluster import Cluster, wait_until
+from murmur.node.daemon import Node
+from tests.integration.cluster import Cluster, node_config, wait_until
 
 N = 8
 CONVERGE_S = 10.0
@@ -183,10 +186,7 @@ async def test_late_duplicate_dial_replaces_cleanly(tmp_path: Path) -> None:
 
 async def test_mdns_finds_peers_without_bootstrap(tmp_path) -> None:
     """Two nodes with mDNS on and no bootstrap address connect to each other."""
-    from murmur.node.daemon import Node
-    from tests.integration.cluster import node_config, wait_until
-
-    nodes = []
+    nodes: list[Node] = []
     try:
         for i in range(2):
             node = Node(node_config(tmp_path / f"m{i}", overrides={"network.mdns": True, "network.neighbours": 1}))
