@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from murmur.errors import ConfigError
 from murmur.learning.aggregators import available_aggregators
 from murmur.learning.attacks import AttackKind
 from murmur.learning.simulate import SimConfig, SimResult, SybilAttack, run_simulation
@@ -208,7 +209,10 @@ def parse_rows(spec: str | None, default_counts: Sequence[int]) -> list[Row]:
             continue
         name, sep, count = item.rpartition(":")
         if sep:
-            sticky = [AttackKind.parse(name)]
+            try:
+                sticky = [AttackKind.parse(name)]
+            except ConfigError as exc:
+                raise SystemExit(f"--rows: {exc}") from None
         try:
             sybils = int(count)
         except ValueError:
