@@ -25,11 +25,11 @@ Backdoor (3×3 patch → class 1)
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import numpy as np
 
+from murmur.enums import ParsedEnum
 from murmur.errors import ConfigError
 
 FLIP_CLASSES = (0, 1)
@@ -39,19 +39,9 @@ PATCH_SIZE = 3
 PATCH_VALUE = 1.0
 
 
-class AttackKind(enum.Enum):
+class AttackKind(ParsedEnum):
     LABEL_FLIP = "label_flip"
     BACKDOOR = "backdoor"
-
-    @classmethod
-    def parse(cls, value: str | AttackKind) -> AttackKind:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(k.value for k in cls)
-            raise ConfigError(f"unknown attack {value!r} (valid: {valid})") from None
 
 
 @dataclass(frozen=True)

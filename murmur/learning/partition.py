@@ -22,12 +22,12 @@ most frequent label.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from murmur.enums import ParsedEnum
 from murmur.errors import ConfigError
 
 #: Stream tag mixed into the seed so the partition's random numbers never
@@ -35,20 +35,10 @@ from murmur.errors import ConfigError
 _PARTITION_STREAM = 0x5A17
 
 
-class PartitionKind(enum.Enum):
+class PartitionKind(ParsedEnum):
     IID = "iid"
     DIRICHLET = "dirichlet"
     SHARDS = "shards"
-
-    @classmethod
-    def parse(cls, value: str | PartitionKind) -> PartitionKind:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(k.value for k in cls)
-            raise ConfigError(f"unknown partition {value!r} (valid: {valid})") from None
 
 
 @dataclass(frozen=True)
