@@ -29,4 +29,4 @@ class FashionCNNTrainer(TorchTrainer):
         return data.load_idx_dir(directory, missing_hint=FASHION_HINT)
 
     def build_model(self, dataset: ArrayDataset) -> nn.Module:
-        return build_small_cnn(dataset)
+        return build_small_cnn(dataset, self.options.width, self.options.hidden)
