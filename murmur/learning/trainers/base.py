@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from murmur.errors import ConfigError
 from murmur.learning import attacks, partition
 from murmur.learning.data import ArrayDataset
+from murmur.learning.privacy import dpsgd
 
 #: Stream tag for the per-node shuffling seed (kept apart from other uses of
 #: the network seed, e.g. the partition's).
@@ -140,6 +141,13 @@ class TorchOptions:
     eval_batch_size: int = 1024
     max_test_samples: int = 0  # 0: the whole test set
     amp: bool = True  # autocast + GradScaler, only ever on CUDA
+    #: Example-level DP-SGD: clip every example's gradient to this L2 norm
+    #: before the batch mean (0: off). One step's mean gradient then moves by
+    #: at most dp_clip/batch_size per example; the trainer adds no noise — the
+    #: node's privacy stage adds it to the round delta. With local_steps=1 and
+    #: momentum=0 the delta is −lr·(clipped mean gradient), so noise on the
+    #: delta is DP-SGD noise on the gradient (SPECS §4, example level).
+    dp_clip: float = 0.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values that type-check but make no sense."""
@@ -151,6 +159,7 @@ class TorchOptions:
             "weight_decay": self.weight_decay >= 0,
             "eval_batch_size": self.eval_batch_size >= 1,
             "max_test_samples": self.max_test_samples >= 0,
+            "dp_clip": self.dp_clip >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -289,9 +298,12 @@ class TorchTrainer(Trainer):
             weight_decay=self.options.weight_decay,
         )
         self._amp = self.options.amp and self.device.type == "cuda"
-        # An overridden gradient hook writes true gradients, so loss scaling is
-        # off for it (also when it calls super().compute_gradients()).
-        self._default_gradients = type(self).compute_gradients is TorchTrainer.compute_gradients
+        # An overridden gradient hook, or dp_clip, writes true gradients, so loss
+        # scaling is off for it (also when it calls super().compute_gradients()).
+        self._default_gradients = (
+            type(self).compute_gradients is TorchTrainer.compute_gradients and self.options.dp_clip == 0
+        )
+        self._dp_linear = dpsgd.linear_only(self.model)
         self._scaler = torch.amp.GradScaler("cuda", enabled=self._amp and self._default_gradients)
 
         own = partition.node_indices(
@@ -324,10 +336,28 @@ class TorchTrainer(Trainer):
         """A fresh model; called under ``torch.manual_seed(ctx.seed)``."""
 
     def compute_gradients(self, batch: Batch) -> torch.Tensor:
-        """Fill ``.grad`` for one batch and return the detached mean loss (the hook)."""
+        """Fill ``.grad`` for one batch and return the detached mean loss (the hook).
+
+        With ``options.dp_clip`` > 0: the mean of per-example gradients each
+        clipped to ``dp_clip`` (fp32, no autocast), by the exact Linear-layer
+        fast path when the model allows it, else ``vmap`` per-example grads.
+        """
+        if self.options.dp_clip > 0:
+            return self._dp_clipped_gradients(batch)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self._amp):
             loss = self.loss_fn(self.model(batch.x), batch.y)
         self._scaler.scale(loss).backward()
+        return loss.detach()
+
+    def _dp_clipped_gradients(self, batch: Batch) -> torch.Tensor:
+        clip = self.options.dp_clip
+        if self._dp_linear:
+            grads, loss = dpsgd.linear_clipped_mean_grad(self.model, self.loss_fn, batch.x, batch.y, clip)
+        else:
+            grads = dpsgd.clipped_mean_grad(self.model, self.loss_fn, batch.x, batch.y, clip)
+            with torch.no_grad():
+                loss = self.loss_fn(self.model(batch.x), batch.y)
+        dpsgd.apply_grads(self.model, grads)
         return loss.detach()
 
     # -- Trainer
