@@ -298,13 +298,13 @@ class RoundEngine:
         if self.aggregator.combine is Combine.VALUES:
             updates = [PeerUpdate(p, off, pending.neighbours[p]) for p, off in zip(peers, offsets, strict=True)]
             result = self.aggregator.aggregate(torch.zeros_like(self.public), updates, len(pending.neighbours))
-            consensus = result.delta
+            consensus, weights = result.delta, result.weights
         else:
             updates = [PeerUpdate(p, pending.received[p].update, pending.neighbours[p]) for p in peers]
-            result = self.aggregator.aggregate(pending.sent_update, updates, len(pending.neighbours))
+            weights = self.aggregator.weigh(pending.sent_update, updates, len(pending.neighbours))
             consensus = torch.zeros_like(self.public)
             for peer, offset in zip(peers, offsets, strict=True):
-                weight = result.weights.get(peer, 0.0)
+                weight = weights.get(peer, 0.0)
                 if weight:
                     consensus.add_(offset, alpha=weight)
         if not bool(torch.isfinite(consensus).all()):
@@ -319,7 +319,7 @@ class RoundEngine:
             received=len(updates),
             neighbours=len(pending.neighbours),
             late_dropped=self._late_this_round,
-            weights=dict(result.weights),
+            weights=dict(weights),
             delta_norm=float(pending.own_delta.norm()),
             consensus_norm=float(consensus.norm()),
             eval=self.trainer.evaluate() if evaluate else None,

@@ -94,6 +94,13 @@ class Aggregator(ABC):
     ) -> AggregationResult:
         """Return the delta to add to the own model and the weight per contributor."""
 
+    def weigh(self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int) -> dict[str, float]:
+        """Only the weight per contributor (and ``"self"``), with the same side
+        effects on state as :meth:`aggregate` (e.g. histories). The round engine
+        averages *models* with these weights, so aggregators whose weighted
+        update sum is costly override this to skip it."""
+        return self.aggregate(own, updates, own_degree).weights
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``)."""
         return {}

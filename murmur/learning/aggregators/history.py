@@ -97,6 +97,10 @@ class HistoryMatrix:
             self._ids[row] = moved
             self._rows[moved] = row
 
+    def add_to_row(self, row: int, delta: torch.Tensor) -> None:
+        """H[row] += delta, in place."""
+        self._data[row].add_(delta)
+
     def accumulate(self, rows: torch.Tensor, deltas: torch.Tensor) -> None:
         """H[rows[i]] += deltas[i] for all i in one kernel (rows must be distinct)."""
         self._data.index_add_(0, rows, deltas)

@@ -59,7 +59,6 @@ from murmur.learning.aggregators.base import (
     check_inputs,
     register_aggregator,
     require,
-    stack_rows,
 )
 from murmur.learning.aggregators.history import HistoryMatrix
 from murmur.learning.aggregators.similarity import (
@@ -129,7 +128,6 @@ class SybilWallAggregator(Aggregator):
         self._own_round: int | None = None  # None until the own history has content
         self._round = 0
         self._sent: set[str] = set()  # neighbours served a record this round
-        self._stack: torch.Tensor | None = None  # reused (n, d) buffer for this round's deltas
         self._rng = random.Random(self.options.seed)
 
     # rounds ----------------------------------------------------------------
@@ -151,6 +149,18 @@ class SybilWallAggregator(Aggregator):
     def aggregate(
         self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int
     ) -> AggregationResult:
+        weights = self.weigh(own, updates, own_degree)
+        delta = own * weights[SELF]
+        for u in updates:
+            delta.add_(u.delta, alpha=weights[u.peer])
+        return AggregationResult(delta, weights)
+
+    def weigh(self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int) -> dict[str, float]:
+        """Fold this round's updates into the histories and score them.
+
+        Each update is added to its history row in place (no (n, d) stacking:
+        at 64 peers x 1M parameters the stack alone cost as much as the Gram
+        matmul), then one Gram matmul over all stored histories scores them."""
         check_inputs(own, updates)
         hist = self._histories(own)
         peers = [u.peer for u in updates]
@@ -162,20 +172,18 @@ class SybilWallAggregator(Aggregator):
         self._own_round = self._round
         if not updates:
             self._advance()
-            return AggregationResult(own.clone(), {SELF: 1.0})
-
-        deltas = stack_rows([u.delta for u in updates], out=self._stack_buffer(len(updates), own))
+            return {SELF: 1.0}
         rows = hist.rows_of(peers)
-        hist.accumulate(rows, deltas)
+        for row, u in zip(rows.tolist(), updates, strict=True):
+            hist.add_to_row(row, u.delta)
         self._advance()
 
         scores = self.scores()  # over rows 1.. of the history matrix
         w = scores[rows - 1]
         total = 1.0 + float(w.sum())
-        delta = own.add(w.to(DTYPE) @ deltas).div_(total)
         weights = {SELF: 1.0 / total}
         weights.update(zip(peers, (float(x) / total for x in w.tolist()), strict=True))
-        return AggregationResult(delta, weights)
+        return weights
 
     def scores(self) -> torch.Tensor:
         """FoolsGold-core weight of every stored non-own history, in row order (rows 1..)."""
@@ -293,14 +301,6 @@ class SybilWallAggregator(Aggregator):
         if self._hist.dim != own.numel() or self._hist.device != own.device:
             raise ValueError("sybilwall: model dimension or device changed")
         return self._hist
-
-    def _stack_buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        buf = self._stack
-        if buf is None or buf.shape[0] < n or buf.shape[1] != like.numel() or buf.device != like.device:
-            rows = max(n, 2 * buf.shape[0] if buf is not None else n)
-            buf = torch.empty((rows, like.numel()), dtype=DTYPE, device=like.device)
-            self._stack = buf
-        return buf
 
     def _observe_directly(self, peer: str, protect: Sequence[str]) -> None:
         """Make ``peer``'s record a direct one (a gossiped history is discarded)."""
