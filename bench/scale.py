@@ -15,8 +15,11 @@ Two measurements on real testnets (worker processes, loopback sockets, torch):
    process on the same trainer with one torch thread. On a box with fewer
    cores than nodes, wall time per round is dominated by nodes queueing for
    CPU, so the CPU-time share is the meaningful figure; the wall-time split is
-   printed too. (The nodes' metrics rows carry no per-phase timings; with
-   ``train_s``/``aggregate_s`` fields in them this could be read directly.)
+   printed too. From the nodes' own per-phase timings (metrics rows:
+   ``train_s commit_s send_s wait_s aggregate_s eval_s``) the wall-time
+   share of communication + aggregation (``send_s + aggregate_s + commit_s``)
+   in a round is reported, target <= 10 %; ``wait_s`` (idle until quorum or
+   the deadline: waiting for slower peers, not work) is reported separately.
 
 The last line printed is one JSON object with every figure.
 """
@@ -146,6 +149,26 @@ def round_wall_s(testnet: Testnet) -> float | None:
     return statistics.median(gaps) if gaps else None
 
 
+PHASES = ("train_s", "commit_s", "send_s", "wait_s", "aggregate_s", "eval_s")
+COMM_AGG = ("send_s", "aggregate_s", "commit_s")
+
+
+def phase_shares(testnet: Testnet) -> dict[str, float] | None:
+    """Wall-time shares of a round's phases, summed over every node-round that has them."""
+    totals = dict.fromkeys(PHASES, 0.0)
+    for handle in testnet.nodes.values():
+        for row in read_metrics(handle.data_dir):
+            for k in PHASES:
+                totals[k] += float(row.get(k) or 0.0)
+    round_s = sum(totals.values())
+    if round_s <= 0:
+        return None
+    out = {f"{k[:-2]}_share": round(v / round_s, 4) for k, v in totals.items()}
+    out["comm_agg_share"] = round(sum(totals[k] for k in COMM_AGG) / round_s, 4)
+    out["comm_agg_share_excl_wait"] = round(sum(totals[k] for k in COMM_AGG) / (round_s - totals["wait_s"]), 4)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", default="16,32,64,100,128,160,200", help="node counts to try, in order")
@@ -179,6 +202,7 @@ def main() -> int:
         "non_learning_cpu_fraction": round(1 - learn / per_node_round, 3) if node_rounds else None,
         "round_wall_s": round(wall, 3) if wall else None,
         "round_wall_if_cpu_bound_s": round(args.overhead_nodes * per_node_round / (os.cpu_count() or 1), 3),
+        "phases": phase_shares(testnet),
     }
     print(f"overhead at {args.overhead_nodes} nodes: {json.dumps(out['overhead'])}", flush=True)
 
