@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import logging
 import struct
 import time
@@ -31,12 +32,12 @@ import blake3
 import numpy as np
 import torch
 
-from murmur.errors import DecodeError, LimitExceeded
+from murmur.errors import ConfigError, DecodeError, LimitExceeded, PeerFault
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, SybilWallAggregator
-from murmur.learning.rounds import LocalUpdate, Message, Offer, RoundConfig, RoundEngine, RoundReport
+from murmur.learning.rounds import GossipModel, LocalUpdate, Message, Offer, RoundConfig, RoundEngine, RoundReport
 from murmur.learning.trainers.registry import load_trainer
-from murmur.node.config import Attack
+from murmur.node.config import Attack, LearningMode
 from murmur.node.metrics import Split
 from murmur.protocol.codecs import DeltaCodec
 from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender
@@ -54,6 +55,8 @@ CATCH_UP_GAP = 2
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
 MODEL_KIND = "model"
+GOSSIP_KIND = "gossip"  # a whole model in asynchronous gossip-learning mode
+GOSSIP_INBOX_MAX = 16  # models waiting to be merged; more in one period are dropped
 MODEL_SERVE_BURST = 3  # public models served to one peer before rate limiting
 MODEL_SERVE_REFILL_S = 2.0  # one more allowed per this many seconds
 MODEL_REQUEST_TIMEOUT_S = 5.0  # an unanswered re-sync request may be repeated after this
@@ -137,13 +140,24 @@ class NodeLearner:
 
             self.privacy = NodePrivacy.for_node(node, self.trainer)
             self.engine.perturber = self.privacy
+        self.gossip: GossipModel | None = None
+        self._gossip_inbox: list[tuple[str, torch.Tensor, int]] = []
+        self._cycle = 0
+        self.gossip_merges = 0
+        if cfg.mode is LearningMode.GOSSIP:
+            if node.config.privacy.enabled:
+                raise ConfigError(
+                    'privacy needs learning.mode = "dsgd": gossip learning sends whole models, '
+                    "which pairwise noise on deltas does not protect"
+                )
+            self.gossip = GossipModel(self.trainer)
         self._restore()
 
     # -- wiring --------------------------------------------------------------------
 
     @property
     def round(self) -> int:
-        return self.engine.round
+        return self._cycle if self.gossip is not None else self.engine.round
 
     def handlers_for(self, front: Node) -> Mapping[type, Handler]:
         """The message handlers for one front, bound to it."""
@@ -164,7 +178,7 @@ class NodeLearner:
         return handlers
 
     async def start(self) -> None:
-        self.node.tasks.spawn("rounds", self._run)
+        self.node.tasks.spawn("rounds", self._run_gossip if self.gossip is not None else self._run)
         self.node.tasks.periodic("expire-transfers", 10.0, self._expire)
 
     async def stop(self) -> None:
@@ -238,6 +252,65 @@ class NodeLearner:
             if self.privacy is not None:
                 self.privacy.after_round(round_, committed or [], missing)
             await self._after_round(report, timer)
+
+    async def _run_gossip(self) -> None:
+        """Asynchronous gossip learning (SPECS §1): every period, merge what
+        arrived (age-weighted), train, and push the model to one peer drawn
+        uniformly from the Cyclon view. No rounds to agree on, no quorum."""
+        assert self.gossip is not None
+        rng = random.Random()
+        while self._cycle < self.cfg.rounds:
+            started = time.monotonic()
+            timer = PhaseTimer()
+            inbox, self._gossip_inbox = self._gossip_inbox, []
+            weights: dict[str, float] = {}
+            with timer.phase("aggregate_s"):
+                for peer, model, age in inbox:
+                    total = self.gossip.age + age
+                    weights[peer] = age / total if total else 0.5  # the share merge() gives it
+                    self.gossip.merge(peer, model, age)
+                    self.gossip_merges += 1
+            with timer.phase("train_s"):
+                loss = await asyncio.to_thread(self.gossip.step, self.cfg.local_steps or None)
+            with timer.phase("send_s"):
+                for peer in self.node.sampler.sample(1, rng):
+                    await self._gossip_to(peer)
+            report = RoundReport(
+                round=self._cycle, train_loss=loss, received=len(inbox), neighbours=len(inbox),
+                late_dropped=0, weights=weights, delta_norm=0.0, consensus_norm=0.0,
+            )
+            self._cycle += 1
+            await self._after_round(report, timer)
+            await asyncio.sleep(max(0.0, self.cfg.round_deadline_s - (time.monotonic() - started)))
+
+    async def _gossip_to(self, peer: PeerId) -> None:
+        assert self.gossip is not None
+        desc = self.node.sampler.descriptor(peer)
+        try:
+            session = self.node.session(peer) or await self.node.connect(desc.addrs if desc else (), peer)
+        except (OSError, PeerFault, ConnectionClosed) as exc:
+            self.node.membership.report_failure(peer, reason=f"gossip dial: {exc}")
+            return
+        model = self.trainer.get_flat().detach().to("cpu").numpy()
+        meta = {"kind": GOSSIP_KIND, "age": self.gossip.age}
+        try:
+            for data in DeltaSender(self.node.identity, peer, self._cycle, model, self.codec, meta=meta):
+                await session.send_encoded(data, "GossipModel")
+        except ConnectionClosed:
+            pass
+
+    def _on_gossip_model(self, sender: PeerId, done: CompletedDelta) -> None:
+        if self.gossip is None:
+            raise LimitExceeded("gossip-learning model sent to a D-SGD node")
+        age = done.meta.get("age")
+        if not isinstance(age, int) or age < 0 or done.array.shape != (self.engine.num_params,):
+            raise DecodeError("gossip model without a valid age or of the wrong shape")
+        array = done.array if done.array.flags.writeable else done.array.copy()
+        if not np.isfinite(array).all():
+            raise DecodeError("gossip model with non-finite values")
+        if len(self._gossip_inbox) < GOSSIP_INBOX_MAX:  # merged on the loop between training steps
+            self._gossip_inbox.append((str(sender), torch.from_numpy(array), age))
+        self._arrived.set()
 
     async def _wait_for(self, predicate: Any, timeout_s: float) -> bool:
         """Wait until ``predicate()`` or timeout; woken by every arriving delta."""
@@ -325,6 +398,9 @@ class NodeLearner:
             return
         if done.meta.get("kind") == MODEL_KIND:
             self._on_model(session.peer, done)
+            return
+        if done.meta.get("kind") == GOSSIP_KIND:
+            self._on_gossip_model(session.peer, done)
             return
         degree = done.meta.get("degree")
         if isinstance(degree, int) and degree > 0:
@@ -551,7 +627,7 @@ class NodeLearner:
         loss, accuracy = self.last_eval if self.last_eval is not None else (None, None)
         return {
             "mode": self.cfg.mode.value,
-            "round": self.engine.round,
+            "round": self.round,
             "accuracy": accuracy,
             "loss": loss,
             "attack_rate": self.attack_rate,

@@ -99,3 +99,33 @@ async def test_accuracy_and_sybil_resilience(tmp_path: Path) -> None:
     assert attacked_wall.sybil_weight <= 0.01, attacked_wall
     assert attacked_wall.attack_rate <= 0.10, attacked_wall
     assert clean.accuracy - attacked_wall.accuracy <= 0.03, (clean, attacked_wall)
+
+
+async def test_gossip_learning_mode(tmp_path: Path) -> None:
+    """Asynchronous gossip learning: models pushed to random peers and merged by age."""
+    cycles = 40
+    nodes: list[Node] = []
+    try:
+        bootstrap: tuple = ()
+        for i in range(6):
+            overrides = {**LEARNING, "learning.node_index": i, "learning.num_nodes": 6, "learning.mode": "gossip",
+                         "learning.rounds": cycles, "learning.round_deadline_s": 0.2}
+            node = Node(node_config(tmp_path / f"g{i}", bootstrap=bootstrap, overrides=overrides))
+            await node.start()
+            nodes.append(node)
+            bootstrap = bootstrap or (node.addrs[0],)
+        await wait_until(lambda: all(n.learner.round >= cycles for n in nodes), RUN_TIMEOUT_S, "gossip cycles")
+        statuses = [n.learner.status() for n in nodes]
+        assert all(s["mode"] == "gossip" for s in statuses)
+        assert all(n.learner.gossip_merges >= cycles // 4 for n in nodes)  # merged others' models, not just trained
+        assert sum(s["accuracy"] for s in statuses) / len(statuses) >= 0.8, statuses
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes))
+
+
+async def test_privacy_refuses_gossip_mode(tmp_path: Path) -> None:
+    from murmur.errors import ConfigError
+
+    node = Node(node_config(tmp_path / "p", overrides={**LEARNING, "learning.mode": "gossip", "privacy.enabled": True}))
+    with pytest.raises(ConfigError, match="dsgd"):
+        await node.start()
