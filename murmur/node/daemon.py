@@ -272,7 +272,9 @@ class Node:
         if old is not None:
             # Edge state carries over; the Hello does not: the peer sends one on
             # every connection, and the new one must not read as a second Hello.
-            session.link_in, session.link_out = old.link_in, old.link_out
+            # Links are not inherited: the peer may have seen our Link only on
+            # the connection being replaced. maintain() re-announces on this one
+            # within a second, and so does the peer.
             session.addrs, session.peer_degree = old.addrs, old.peer_degree
             self._sessions[peer] = session
             self.tasks.spawn(f"close-old-{old.conn.name}", old.close)
