@@ -63,7 +63,7 @@ async def run_network(tmp_path: Path, aggregator: str, sybils: int) -> Outcome:
                     tmp_path / f"sybil{j}",
                     bootstrap=bootstrap,
                     overrides={**LEARNING, "learning.node_index": HONEST, "learning.attack": "label_flip",
-                               "network.neighbours": 2},
+                               "network.neighbours": 4},
                 )
                 for j in range(sybils)
             ]
