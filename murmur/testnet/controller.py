@@ -104,15 +104,34 @@ class RunOptions:
 
 @dataclass
 class WorkerProc:
-    """One worker process of the plan and the nodes it hosts."""
+    """One worker process of the plan and the nodes it hosts.
+
+    ``child``/``control`` name the process that runs (or ran) the nodes;
+    ``spare``/``spare_control`` a ``--standby`` process waiting to take over
+    at the next (re)start event. Each has its own control socket: a standby
+    must not take the socket of the worker it will replace."""
 
     name: str
     indices: list[int]
-    argv: list[str]
-    control: Path
+    args: list[str]  # worker arguments after --control
+    ctl_dir: Path
+    child: str = ""
+    control: Path = Path()
+    spare: str | None = None
+    spare_control: Path = Path()
+    generation: int = 0
     wanted_up: bool = False  # what the schedule says; the process may disagree (crash)
     sync_partition: bool = False  # the current partition must still be sent to it
-    standby: bool = False  # a --standby process is waiting for "start" (see worker.py)
+
+    def __post_init__(self) -> None:
+        self.child = self.child or self.name
+        self.control = self.control if self.control != Path() else self.socket(0)
+
+    def socket(self, generation: int) -> Path:
+        return self.ctl_dir / f"{self.name[:24]}.{generation}.sock"
+
+    def argv(self, control: Path) -> list[str]:
+        return [sys.executable, "-m", WORKER_MODULE, "--control", str(control), *self.args]
 
 
 @dataclass
@@ -248,17 +267,16 @@ class Testnet:
             paths[spec.index] = self.run_dir / "configs" / f"{spec.name}.toml"
             paths[spec.index].write_text(dump_toml(cfg), encoding="utf-8")
         ctl_dir = self.run_dir / "ctl"
-        if len(str(ctl_dir)) + 16 > MAX_UNIX_PATH:
+        if len(str(ctl_dir)) + 40 > MAX_UNIX_PATH:  # + "/<name[:24]>.<gen>.sock"
             ctl_dir = Path(tempfile.mkdtemp(prefix="murmur-ctl-"))
         ctl_dir.mkdir(exist_ok=True)
-        for n, group in enumerate(process_groups(sc, self.options.nodes_per_process)):
+        for group in process_groups(sc, self.options.nodes_per_process):
             first = specs[group[0]]
             attacker = first.attacker is not None
             name = (f"attacker{first.attacker}" if attacker else
                     first.name if len(group) == 1 else f"nodes-{'-'.join(map(str, group))}")
-            argv = [sys.executable, "-m", WORKER_MODULE, "--control", str(ctl_dir / f"w{n}.sock")]
-            argv += (["--attacker"] if attacker else []) + [str(paths[i]) for i in group]
-            self.procs[name] = WorkerProc(name, group, argv, ctl_dir / f"w{n}.sock")
+            args = (["--attacker"] if attacker else []) + [str(paths[i]) for i in group]
+            self.procs[name] = WorkerProc(name, group, args, ctl_dir)
             for i in group:
                 self.nodes[i] = NodeHandle(specs[i], self.run_dir / "nodes" / specs[i].name,
                                            peer_ids[specs[i].name], name)
@@ -282,7 +300,7 @@ class Testnet:
 
     def _launch(self, proc: WorkerProc) -> None:
         assert self._supervisor is not None
-        self._supervisor.start(proc.name, proc.argv, env=self._env())
+        self._supervisor.start(proc.child, proc.argv(proc.control), env=self._env(), log_name=proc.name)
         proc.wanted_up = True
         proc.sync_partition = self._partition is not None
 
@@ -291,22 +309,29 @@ class Testnet:
         return any(ev.action in STARTING and set(ev.nodes) & set(proc.indices) for ev in self.schedule.upcoming())
 
     def _prespawn(self, proc: WorkerProc) -> None:
-        """Start ``proc`` as a standby process, so its (re)start event only
-        costs the node's own start-up (see worker.py's docstring)."""
+        """Give ``proc`` a standby process for its next (re)start event, so
+        the event costs the nodes' own start-up (see worker.py's docstring).
+        Started ahead of time: importing torch takes tens of seconds on a
+        loaded box, longer than a fast network needs for the rest of its run."""
         assert self._supervisor is not None
-        self._supervisor.start(proc.name, [*proc.argv, "--standby"], env=self._env())
-        proc.standby = True
+        if proc.spare is not None and self._supervisor[proc.spare].alive():
+            return
+        proc.generation += 1
+        proc.spare, proc.spare_control = f"{proc.name}~{proc.generation}", proc.socket(proc.generation)
+        self._supervisor.start(proc.spare, [*proc.argv(proc.spare_control), "--standby"], env=self._env(),
+                               log_name=proc.name)
 
     async def _wake(self, proc: WorkerProc) -> None:
         """Start ``proc``'s nodes: through its standby process when it has one
         (which may still be importing: told in the background), else cold."""
-        if not proc.standby:
+        assert self._supervisor is not None
+        if proc.spare is None:
             self._launch(proc)
             return
-        proc.standby = False
+        proc.child, proc.control, proc.spare = proc.spare, proc.spare_control, None
         proc.wanted_up = True  # the process is alive and about to bring its nodes up
         proc.sync_partition = self._partition is not None
-        task = asyncio.create_task(self._start_standby(proc, self._supervisor[proc.name]))  # type: ignore[index]
+        task = asyncio.create_task(self._start_standby(proc, self._supervisor[proc.child]))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -323,7 +348,7 @@ class Testnet:
             if reply.get("ok"):
                 return
             break
-        if not proc.wanted_up or self._supervisor is None or self._supervisor[proc.name] is not child:
+        if not proc.wanted_up or self._supervisor is None or self._supervisor[proc.child] is not child:
             return  # crashed or stopped by the schedule meanwhile
         log.warning("standby did not start; launching cold", extra={"proc": proc.name})
         proc.wanted_up = False  # not an unexpected exit: ours
@@ -349,7 +374,7 @@ class Testnet:
             for proc in self.procs.values():
                 if not all(self.nodes[i].spec.late for i in proc.indices):
                     self._launch(proc)
-                elif self._will_start(proc):
+                if self._will_start(proc):
                     self._prespawn(proc)
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)) as http:
                 end = await self._loop(http)
@@ -442,10 +467,11 @@ class Testnet:
         """A process the schedule wants up has exited on its own: say so once."""
         assert self._supervisor is not None
         for proc in self.procs.values():
-            if proc.wanted_up and not self._supervisor[proc.name].alive():
-                code = self._supervisor[proc.name].returncode
+            child = self._supervisor[proc.child] if proc.wanted_up else None
+            if child is not None and not child.alive():
+                code = child.returncode
                 proc.wanted_up = False
-                self._say(f"\nprocess {proc.name} exited unexpectedly (code {code}); see {self._supervisor[proc.name].log_path}")
+                self._say(f"\nprocess {proc.name} exited unexpectedly (code {code}); see {child.log_path}")
                 self._record({"action": "exited", "process": proc.name, "code": code})
 
     # -- churn -----------------------------------------------------------------------
@@ -479,7 +505,7 @@ class Testnet:
         assert self._supervisor is not None
         for proc in self._procs_for(ev):
             proc.wanted_up = False
-            await asyncio.to_thread(self._supervisor[proc.name].crash)
+            await asyncio.to_thread(self._supervisor[proc.child].crash)
         self._prespawn_restarts(ev)
         return None
 
@@ -493,7 +519,7 @@ class Testnet:
         procs = self._procs_for(ev)
         for proc in procs:
             proc.wanted_up = False
-        await asyncio.gather(*(asyncio.to_thread(self._supervisor[p.name].stop) for p in procs))
+        await asyncio.gather(*(asyncio.to_thread(self._supervisor[p.child].stop) for p in procs))
         self._prespawn_restarts(ev)
         return None
 

@@ -153,14 +153,17 @@ class Supervisor:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        log_name: str | None = None,
     ) -> ChildProcess:
+        """Start ``argv`` as child ``name``, output appended to ``<log_name or name>.log``
+        (two children may share a log: a standby process and the one it replaces)."""
         if self._closed:
             raise RuntimeError("supervisor is closed")
         current = self._children.get(name)
         if current is not None and current.alive():
             raise RuntimeError(f"child {name!r} is already running (pid {current.pid})")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{name}.log"
+        log_path = self.log_dir / f"{log_name or name}.log"
         with open(log_path, "ab") as out:  # the child holds its own copy of the fd
             popen = subprocess.Popen(
                 list(argv),
