@@ -312,7 +312,7 @@ class Node:
                 if self.learner is not None:
                     self.learner.on_session_closed(self, session)
                 if self._started:
-                    if getattr(session, "said_goodbye", False):
+                    if session.said_goodbye:
                         self.membership.report_failure(session.peer, reason="left (goodbye)")
                     else:
                         await self.membership.on_session_closed(session)
@@ -408,7 +408,7 @@ class Node:
         await self._forward(action.forward, action.targets)
 
     async def _on_goodbye(self, session: PeerSession, msg: Goodbye) -> None:
-        session.said_goodbye = True  # type: ignore[attr-defined]
+        session.said_goodbye = True
         log.info("peer said goodbye", extra={"peer": str(session.peer), "reason": msg.reason})
         await session.close()
 

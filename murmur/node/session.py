@@ -70,6 +70,7 @@ class PeerSession:
         self.addrs: tuple[Multiaddr, ...] = ()  # its listen addresses, as observed (see Membership)
         self.link_in = False  # the peer counts us as a learning neighbour
         self.link_out = False  # we count the peer as a learning neighbour
+        self.said_goodbye = False  # it is leaving: evict at once, do not redial
         self.peer_degree = 1
         self.opened_at = time.monotonic()
         self.last_message_at = self.opened_at
