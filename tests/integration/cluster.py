@@ -166,14 +166,8 @@ class Cluster:
         member = self.members[i]
         node, member.node = member.node, None
         assert node is not None, f"node {i} is not running"
-        transport = node.transport
-        transport._closing = True  # no new dials or accepts from here on
-        for server in transport._servers:
-            server.close()
-        for proto in list(transport._protocols):
-            if proto.tr is not None:
-                proto.tr.abort()
-        await wait_until(lambda: not transport._protocols, 2.0, f"node {i}'s sockets reset")
+        await node.transport.abort()
+        assert not node.transport.connections, f"node {i}'s sockets were not reset"
         await node.stop()  # its sessions are all closed: no Goodbye can reach anyone
         member.history.append("crashed")
 
