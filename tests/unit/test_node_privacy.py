@@ -1,0 +1,183 @@
+"""The node privacy layer: calibration, the stage's fallback, and commit/key-share
+checks on a real (started, loopback) node with real Ed25519/X25519 keys.
+
+The handlers are driven directly with the peer a session would carry: the
+wire and the session are tested in tests/integration/test_privacy_network.py;
+here what is under test is what the layer does with a verified peer's bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+from absl import logging as absl_logging
+
+from murmur.errors import ReplayError, SignatureError
+from murmur.learning.privacy.accountant import example_level_epsilon
+from murmur.learning.privacy.noise import make_round_commit
+from murmur.learning.privacy.seeds import PairwiseSeeds
+from murmur.learning.topology import complete, ring, torus
+from murmur.node.config import PrivacyLevel, PrivacyScheme
+from murmur.node.daemon import Node
+from murmur.node.privacy import NodePrivacy, PrivacyStage, calibrate
+from murmur.protocol.identity import Identity, PeerId
+from murmur.protocol.messages import KeyShare, RoundCommit
+from tests.integration.cluster import node_config
+
+absl_logging.set_verbosity(absl_logging.ERROR)
+
+# SPECS §4 anchor: n = 16, C = 1, T = 3500, δ = 1e-5, ε = 10 (user level).
+ANCHOR = {"epsilon": 10.0, "delta": 1e-5, "rounds": 3500, "clip": 1.0}
+SIGMA_LDP_ANCHOR = 67.2
+SIGMA_CENTRAL_ANCHOR = 16.8
+DIM = 4096
+
+
+def test_ldp_anchor_through_calibrate() -> None:
+    plan = calibrate(PrivacyScheme.LDP, graph=torus(4), **ANCHOR)
+    assert plan.sigma_ldp == pytest.approx(SIGMA_LDP_ANCHOR, rel=5e-3)
+    assert plan.noise is not None and plan.noise.sigma_cdp == pytest.approx(plan.sigma_ldp)
+    assert plan.sigma_ldp / math.sqrt(16) == pytest.approx(SIGMA_CENTRAL_ANCHOR, rel=5e-3)
+    assert plan.min_edges == 0 and not plan.uses_edges
+
+
+@pytest.mark.parametrize("graph", [ring(16), torus(4), complete(16)], ids=["ring", "torus", "complete"])
+def test_decor_lies_between_central_and_ldp(graph: list[set[int]]) -> None:
+    plan = calibrate(PrivacyScheme.DECOR, graph=graph, **ANCHOR)
+    assert plan.noise is not None
+    sigma_cdp = plan.noise.sigma_cdp
+    assert SIGMA_CENTRAL_ANCHOR * 0.995 <= sigma_cdp < plan.sigma_ldp
+    assert 0 < plan.residual_ratio < 1
+    assert plan.min_edges == min(len(n) for n in graph)
+
+
+def test_complete_graph_decor_reaches_central() -> None:
+    # With every pair sharing a seed, the correlated part can absorb all but the mean.
+    plan = calibrate(PrivacyScheme.DECOR, graph=complete(16), **ANCHOR)
+    assert plan.noise is not None
+    assert plan.noise.sigma_cdp == pytest.approx(SIGMA_CENTRAL_ANCHOR, rel=0.02)
+
+
+def test_corn_no_worse_than_decor_on_torus() -> None:
+    decor = calibrate(PrivacyScheme.DECOR, graph=torus(4), **ANCHOR)
+    corn = calibrate(PrivacyScheme.CORN, graph=torus(4), **ANCHOR)
+    assert corn.residual_ratio <= decor.residual_ratio + 1e-3
+
+
+def test_example_level_spends_exactly_the_budget() -> None:
+    q, batch, rounds, eps = 64 / 3750, 64, 500, 1.0
+    plan = calibrate(PrivacyScheme.LDP, epsilon=eps, delta=1e-5, rounds=rounds, clip=0.2, graph=torus(4),
+                     level=PrivacyLevel.EXAMPLE, sampling_rate=q, batch_size=batch)
+    assert plan.sensitivity == pytest.approx(0.2 / batch)
+    assert plan.sampling_rate == q
+    assert example_level_epsilon(plan.rdp_coef, q, rounds, 1e-5) == pytest.approx(eps, rel=1e-3)
+    tighter = calibrate(PrivacyScheme.LDP, epsilon=eps / 10, delta=1e-5, rounds=rounds, clip=0.2, graph=torus(4),
+                        level=PrivacyLevel.EXAMPLE, sampling_rate=q, batch_size=batch)
+    assert tighter.sigma_ldp > plan.sigma_ldp
+
+
+# --------------------------------------------------------------------------- stage fallback
+
+
+def _edge_network(n: int) -> list[PairwiseSeeds]:
+    seeds = [PairwiseSeeds(Identity.generate()) for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                seeds[j].accept_share(seeds[i].me, seeds[i].share_for(seeds[j].me))
+    return seeds
+
+
+def test_stage_falls_back_to_sigma_ldp_when_edges_are_missing() -> None:
+    graph = complete(5)  # node 0 has 4 neighbours
+    seeds = _edge_network(5)
+    peers = [s.me for s in seeds]
+    plan = calibrate(PrivacyScheme.DECOR, graph=graph, peers=peers, **ANCHOR)
+    assert plan.noise is not None and plan.min_edges == 4 and plan.noise.sigma_cdp < plan.sigma_ldp
+    secrets = {p: seeds[0].secret(p) for p in seeds[0].peers()}
+    stage = PrivacyStage(peers[0], plan, secrets, resolve=PeerId.from_string)
+    zero = torch.zeros(DIM)
+
+    all_four = [str(p) for p in peers[1:]]
+    stage.perturb(zero, 0, all_four)
+    assert stage.last_local_std == plan.noise.sigma_cdp
+    assert stage.counters.fallback_rounds == 0
+
+    stage.perturb(zero, 1, all_four[:2])  # two edges missing this round
+    assert stage.last_local_std == plan.sigma_ldp
+    assert stage.counters.fallback_rounds == 1
+    # The noise really is σ_ldp-strong locally plus the two active pairwise terms.
+    local = stage.last_noise - stage.pairwise_sums[1]  # type: ignore[operator]
+    assert float(local.std()) == pytest.approx(plan.sigma_ldp, rel=0.05)
+    assert stage.active[1] == tuple(sorted(peers[1:3]))
+
+
+# --------------------------------------------------------------------------- on a real node
+
+
+@dataclass(frozen=True)
+class _From:
+    """What a handler reads of a session: the authenticated peer id."""
+
+    peer: PeerId
+
+
+@pytest.fixture
+async def node_privacy(tmp_path: Path) -> AsyncIterator[NodePrivacy]:
+    node = Node(node_config(tmp_path / "n"))
+    await node.start()
+    try:
+        plan = calibrate(PrivacyScheme.DECOR, graph=torus(4), **ANCHOR)
+        seeds = PairwiseSeeds(node.identity)
+        stage = PrivacyStage(node.peer_id, plan, {})
+        yield NodePrivacy(node, stage, seeds, commit_wait_s=0.2)
+    finally:
+        await node.stop()
+
+
+async def test_forged_keyshare_raises_signature_error(node_privacy: NodePrivacy) -> None:
+    alice, mallory = Identity.generate(), Identity.generate()
+    forged = PairwiseSeeds(mallory).share_for(node_privacy.node.peer_id)  # signed by mallory
+    with pytest.raises(SignatureError):
+        await node_privacy._on_keyshare(_From(alice.peer_id), KeyShare(forged.x25519_pub, forged.signature))
+    assert not node_privacy.seeds.has(alice.peer_id)
+    honest = PairwiseSeeds(alice).share_for(node_privacy.node.peer_id)
+    await node_privacy._on_keyshare(_From(alice.peer_id), KeyShare(honest.x25519_pub, honest.signature))
+    assert node_privacy.seeds.has(alice.peer_id)
+
+
+def _wire(commit_round: int, signer: Identity, peers: list[PeerId]) -> RoundCommit:
+    data = make_round_commit(signer, commit_round, peers)
+    return RoundCommit(round=data.round, peers=tuple(PeerId.from_bytes(p) for p in data.peers),
+                       signature=data.signature)
+
+
+async def test_forged_round_commit_raises_signature_error(node_privacy: NodePrivacy) -> None:
+    alice, mallory = Identity.generate(), Identity.generate()
+    me = node_privacy.node.peer_id
+    with pytest.raises(SignatureError):
+        await node_privacy._on_commit(_From(alice.peer_id), _wire(0, mallory, [me]))
+    # A genuine commit with its peer list altered after signing is forged too.
+    genuine = _wire(0, alice, [me])
+    altered = RoundCommit(round=0, peers=(), signature=genuine.signature)
+    with pytest.raises(SignatureError):
+        await node_privacy._on_commit(_From(alice.peer_id), altered)
+    assert alice.peer_id not in node_privacy._commits.get(0)
+    await node_privacy._on_commit(_From(alice.peer_id), genuine)
+    assert alice.peer_id in node_privacy._commits.get(0)
+
+
+async def test_two_different_commits_for_one_round_is_replay(node_privacy: NodePrivacy) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    me = node_privacy.node.peer_id
+    first = _wire(1, alice, [me])
+    await node_privacy._on_commit(_From(alice.peer_id), first)
+    await node_privacy._on_commit(_From(alice.peer_id), first)  # the same bytes again: idempotent
+    with pytest.raises(ReplayError):
+        await node_privacy._on_commit(_From(alice.peer_id), _wire(1, alice, [me, bob.peer_id]))
+    assert node_privacy._commits.get(1)[alice.peer_id].peers == (me.raw,)
