@@ -37,6 +37,17 @@ partner's wait expired makes the edge active at one end only; the partner
 counts such late commits (``late_commits``) — that noise does not cancel, it
 is extra noise (privacy unharmed, utility hit), like a neighbour that dies
 after committing, which :meth:`PrivacyStage.after_round` measures.
+
+Decision (accepted, not fixed): no finite exchange of messages over a lossy,
+asynchronous link makes both ends agree on "active" (two generals); a
+"confirm" bit only moves the one-sided case from the commit to the confirm.
+Agreement could only be restored *after* sending (carry the active set with
+the delta and have the receiver subtract the partner's term), but the
+receiver cannot remove noise from a model it has already mixed, and the
+sender's term cannot be withdrawn. So the protocol keeps the safe direction:
+an asymmetric edge only ever adds noise, the wait is bounded (min(1 s,
+deadline/3)), and the cost is observable (``late_commits``; un-cancelled
+variance d·s_ij² per such edge).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ here what is under test is what the layer does with a verified peer's bytes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
