@@ -181,3 +181,31 @@ async def test_two_different_commits_for_one_round_is_replay(node_privacy: NodeP
     with pytest.raises(ReplayError):
         await node_privacy._on_commit(_From(alice.peer_id), _wire(1, alice, [me, bob.peer_id]))
     assert node_privacy._commits.get(1)[alice.peer_id].peers == (me.raw,)
+
+
+# --------------------------------------------------------------------------- the DP-SGD step calibration assumes
+
+
+def test_dp_clip_step_moves_at_most_lr_times_clip_and_matches_vmap() -> None:
+    """Example-level sensitivity lr·C/B rests on this: one dp_clip step is
+    −lr·(mean of per-example gradients clipped to C), computed exactly."""
+    from murmur.learning.privacy import dpsgd
+    from murmur.learning.trainers.base import Batch, TrainerContext
+    from murmur.learning.trainers.digits import DigitsMLPTrainer
+
+    lr, clip = 0.5, 0.01  # a clip far below the gradients' norms: every example is clipped
+    trainer = DigitsMLPTrainer(TrainerContext(0, 4, 0, device="cpu", options={
+        "lr": lr, "batch_size": 16, "momentum": 0.0, "local_steps": 1, "dp_clip": clip}))
+    before = trainer.get_flat()
+    trainer.train(1)
+    step = trainer.get_flat() - before
+    assert 0 < float(step.norm()) <= lr * clip * (1 + 1e-5)
+
+    x, y = trainer._x_train[:16], trainer._y_train[:16]
+    reference = dpsgd.clipped_mean_grad(trainer.model, trainer.loss_fn, x, y, clip)
+    fast, _ = dpsgd.linear_clipped_mean_grad(trainer.model, trainer.loss_fn, x, y, clip)
+    for name, g in reference.items():
+        torch.testing.assert_close(fast[name], g, rtol=1e-4, atol=1e-7)
+    trainer.compute_gradients(Batch(x, y))
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.grad, reference[name], rtol=1e-4, atol=1e-7)
