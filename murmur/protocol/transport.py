@@ -297,21 +297,6 @@ class SecureConnection:
         else:
             self._writable.clear()
 
-    async def abort(self, timeout_s: float = 2.0) -> None:
-        """Die like ``kill -9`` would: stop listening and dialling, reset every
-        TCP connection (authenticated or half-open) with no CLOSE frame, and
-        wait (bounded) until the sockets are gone. For fault injection in
-        tests and testnets; a daemon shuts down with :meth:`close`."""
-        self._closing = True
-        for server in self._servers:
-            server.close()
-        for proto in list(self._protocols):
-            if proto.tr is not None:
-                proto.tr.abort()
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while self._protocols and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)  # connection_lost() runs on the next loop iterations
-
     # --- internals --------------------------------------------------------------
 
     def _shutdown(self, fault: PeerFault | None, say_goodbye: bool) -> None:
@@ -586,6 +571,21 @@ class Transport:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+
+    async def abort(self, timeout_s: float = 2.0) -> None:
+        """Die like ``kill -9`` would: stop listening and dialling, reset every
+        TCP connection (authenticated or half-open) with no CLOSE frame, and
+        wait (bounded) until the sockets are gone. For fault injection in
+        tests and testnets; a daemon shuts down with :meth:`close`."""
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        for proto in list(self._protocols):
+            if proto.tr is not None:
+                proto.tr.abort()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._protocols and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)  # connection_lost() runs on the next loop iterations
 
     # --- internals --------------------------------------------------------------
 
