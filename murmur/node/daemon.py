@@ -24,7 +24,7 @@ from murmur.node.api import StatusApi
 from murmur.node.config import NodeConfig
 from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
-from murmur.node.session import Dispatcher, Handler, PeerSession
+from murmur.node.session import Dispatcher, PeerSession
 from murmur.node.state import ApiInfo, StateDir
 from murmur.protocol.discovery import MdnsConfig, MdnsDiscovery
 from murmur.protocol.gossip import FloodGossip, GossipMessage

@@ -23,7 +23,6 @@ import torch
 
 from murmur.learning.aggregators.base import (
     Combine,
-    Combine,
     AggregationResult,
     Aggregator,
     PeerUpdate,

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from murmur.errors import DecodeError, SignatureError
+from murmur.errors import DecodeError
 from murmur.protocol.identity import Identity, PeerId
 
 KEYSHARE_DOMAIN = b"murmur-keyshare-v1"
