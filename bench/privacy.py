@@ -24,7 +24,10 @@ what the bench measures. Batches are shuffled fixed-size batches, accounted as
 Poisson at q = B/N (the usual DP-SGD practice; a strict reading needs
 Poisson sampling).
 
-Schemes: central DP is simulated as every node adding σ_ldp/√n local noise
+Schemes: DECOR and CorN are calibrated with ``NoiseObjective.RUN`` (the split
+between local and pairwise noise that minimises the noise left after T rounds
+of mixing); ``decor-1step`` is DECOR with the one-step objective, the node's
+default, for comparison. Central DP is simulated as every node adding σ_ldp/√n local noise
 (the same noise in the network mean as a trusted curator's; it protects no
 single message — the reference only). Residual ratios are tr(WΣWᵀ) relative
 to LDP for the noise each scheme injects on the torus (SPECS §4).
@@ -72,7 +75,13 @@ from murmur.learning.simulate import (  # noqa: E402
 from murmur.learning.topology import Graph, random_regularish, torus  # noqa: E402
 from murmur.learning.trainers.base import TorchOptions, TorchTrainer, TrainerContext  # noqa: E402
 from murmur.node.config import PrivacyLevel, PrivacyScheme  # noqa: E402
-from murmur.node.privacy import PrivacyPlan, PrivacyStage, calibrate, residual_ratio_of  # noqa: E402
+from murmur.node.privacy import (  # noqa: E402
+    NoiseObjective,
+    PrivacyPlan,
+    PrivacyStage,
+    calibrate,
+    residual_ratio_of,
+)
 from murmur.protocol.identity import Identity, PeerId  # noqa: E402
 
 C_EX = 1.0  # per-example gradient clip
@@ -97,6 +106,16 @@ class Scheme(enum.Enum):
     LDP = "ldp"
     DECOR = "decor"
     CORN = "corn"
+    DECOR_ONE_STEP = "decor-1step"
+
+
+#: Node scheme and calibration objective of each noised row (CENTRAL is built from LDP).
+NODE_SCHEME: dict[Scheme, tuple[PrivacyScheme, NoiseObjective]] = {
+    Scheme.LDP: (PrivacyScheme.LDP, NoiseObjective.RUN),
+    Scheme.DECOR: (PrivacyScheme.DECOR, NoiseObjective.RUN),
+    Scheme.CORN: (PrivacyScheme.CORN, NoiseObjective.RUN),
+    Scheme.DECOR_ONE_STEP: (PrivacyScheme.DECOR, NoiseObjective.ONE_STEP),
+}
 
 
 class FashionLinearTrainer(TorchTrainer):
@@ -137,29 +156,42 @@ class PublicModelEngine(RoundEngine):
     """
 
     privates: ClassVar[list[float]] = []
+    publics: ClassVar[list[torch.Tensor]] = []
 
     def finish_round(self, evaluate: bool = False) -> RoundReport:
         report = super().finish_round(evaluate=evaluate)
         if evaluate and report.eval is not None:
             type(self).privates.append(report.eval.accuracy)
             private = self.trainer.get_flat()
-            self.trainer.set_flat(self.public + self._consensus)  # s_i after this round's mixing
+            public = self.public + self._consensus  # s_i after this round's mixing
+            type(self).publics.append(public)
+            self.trainer.set_flat(public)
             report.eval = self.trainer.evaluate()
             self.trainer.set_flat(private)
         return report
 
 
-def run_both(cfg: SimConfig, perturbers: PerturberFactory) -> tuple[float, float]:
-    """(mean public-model accuracy, mean private-model accuracy) at the end of ``cfg``."""
+@dataclass(frozen=True)
+class Accuracies:
+    public: float  # mean over nodes of the public model s_i (what DECOR reports)
+    private: float  # mean over nodes of the engine's private model x_i
+    average: float  # the network-average public model (pairwise noise cancels exactly)
+
+
+def run_all(cfg: SimConfig, perturbers: PerturberFactory, evaluator: TorchTrainer) -> Accuracies:
+    """Accuracies at the end of ``cfg``; ``evaluator`` scores the average model."""
     PublicModelEngine.privates.clear()
+    PublicModelEngine.publics.clear()
     original = simulate.RoundEngine
     simulate.RoundEngine = PublicModelEngine  # type: ignore[misc]  # the simulator has no engine hook (yet)
     try:
         public = run_simulation(cfg, perturber_factory=perturbers).final.mean_accuracy
     finally:
         simulate.RoundEngine = original  # type: ignore[misc]
-    last = PublicModelEngine.privates[-len(cfg.graph or ()):]
-    return public, sum(last) / len(last)
+    n = len(cfg.graph or ())
+    privates, publics = PublicModelEngine.privates[-n:], PublicModelEngine.publics[-n:]
+    evaluator.set_flat(torch.stack(publics).mean(dim=0))
+    return Accuracies(public, sum(privates) / n, evaluator.evaluate().accuracy)
 
 
 class AllCommitted:
@@ -195,7 +227,8 @@ def plan_for(scheme: Scheme, eps: float, graph: Graph, peers: Sequence[PeerId], 
         ldp = calibrate(PrivacyScheme.LDP, **common)  # type: ignore[arg-type]
         central = NoiseConfig(clip, ldp.sigma_ldp / math.sqrt(len(graph)), UniformEdgeScale(0.0))
         return dataclasses.replace(ldp, noise=central, min_edges=0)
-    return calibrate(PrivacyScheme(scheme.value), **common)  # type: ignore[arg-type]
+    node_scheme, objective = NODE_SCHEME[scheme]
+    return calibrate(node_scheme, objective=objective, **common)  # type: ignore[arg-type]
 
 
 def factory(plan: PrivacyPlan | None, peers: Sequence[PeerId], seeds: list[PairwiseSeeds]) -> PerturberFactory:
@@ -221,40 +254,45 @@ def noise_multiplier(plan: PrivacyPlan | None) -> tuple[float, float]:
 
 
 Table = dict[str, dict[str, float]]
+MODEL_KINDS = ("public", "private", "average")
 
 
-def accuracy_table(setup: Setup) -> tuple[Table, Table, Table, float]:
+def accuracy_table(setup: Setup) -> tuple[dict[str, Table], Table, float]:
+    """Tables keyed by model kind (public, private, average), the residual ratios, and q."""
     graph = torus(TORUS_SIDE)
     seeds = identities(len(graph))
     exchange(graph, seeds)
     peers = [s.me for s in seeds]
-    probe = FashionLinearTrainer(TrainerContext(0, len(graph), 0, partition="iid", options=setup.trainer_options()))
-    q = BATCH / probe.train_size
+    evaluator = FashionLinearTrainer(TrainerContext(0, len(graph), 0, partition="iid",
+                                                    options=setup.trainer_options()))
+    q = BATCH / evaluator.train_size
     cfg = SimConfig(trainer=TRAINER_SPEC, trainer_options=setup.trainer_options(), graph=graph, partition="iid",
                     rounds=setup.rounds, local_steps=1, eval_every=setup.rounds, seed=0)
     t0 = time.time()
-    table: Table = {}
-    private: Table = {}
+    tables: dict[str, Table] = {kind: {} for kind in MODEL_KINDS}
     ratios: Table = {}
-    none_acc: tuple[float, float] | None = None
+    none_acc: Accuracies | None = None
     for scheme in Scheme:
-        table[scheme.value], private[scheme.value], ratios[scheme.value] = {}, {}, {}
+        ratios[scheme.value] = {}
+        for table in tables.values():
+            table[scheme.value] = {}
         for eps in setup.epsilons:
             plan = plan_for(scheme, eps, graph, peers, setup, q)
             if plan is not None:
                 ratios[scheme.value][str(eps)] = residual_ratio_of(plan, graph, peers)
             if scheme is Scheme.NONE and none_acc is not None:
-                acc, acc_private = none_acc  # no noise: ε does not matter
+                acc = none_acc  # no noise: ε does not matter
             else:
-                acc, acc_private = run_both(cfg, factory(plan, peers, seeds))
+                acc = run_all(cfg, factory(plan, peers, seeds), evaluator)
             if scheme is Scheme.NONE:
-                none_acc = (acc, acc_private)
-            table[scheme.value][str(eps)] = acc
-            private[scheme.value][str(eps)] = acc_private
+                none_acc = acc
+            for kind, table in tables.items():
+                table[scheme.value][str(eps)] = getattr(acc, kind)
             z_local, z_edge = noise_multiplier(plan)
-            print(f"{scheme.value:8s} eps={eps:<5} public={acc:.4f} private={acc_private:.4f} "
-                  f"z_local={z_local:.3g} z_edge={z_edge:.3g} ({time.time() - t0:.0f}s)", flush=True)
-    return table, private, ratios, q
+            print(f"{scheme.value:11s} eps={eps:<5} public={acc.public:.4f} private={acc.private:.4f} "
+                  f"average={acc.average:.4f} z_local={z_local:.3g} z_edge={z_edge:.3g} ({time.time() - t0:.0f}s)",
+                  flush=True)
+    return tables, ratios, q
 
 
 def sybil_check(quick: bool) -> dict[str, float | None]:
@@ -304,23 +342,24 @@ def main() -> None:
         max_test_samples=QUICK_TEST_SAMPLES if args.quick else 0,
     )
     t0 = time.time()
-    table, private, ratios, q = accuracy_table(setup)
+    tables, ratios, q = accuracy_table(setup)
     print(f"\nexample-level ε, δ={DELTA}, T={setup.rounds}, B={BATCH}, q={q:.4f}, C_ex={C_EX}, lr={setup.lr}; "
           f"16 nodes torus(4), Fashion-MNIST logistic regression, 1 DP-SGD step per round")
     header = "".join(f"{'ε=' + str(e):>9s}" for e in setup.epsilons)
-    print(f"{'public':9s}{header}   {'private':9s}{header}   residual/LDP at each ε")
+    for kind in MODEL_KINDS:
+        print(f"\n{kind + ' model':13s}{header}")
+        for scheme in Scheme:
+            print(f"{scheme.value:13s}" + "".join(f"{tables[kind][scheme.value][str(e)]:9.4f}" for e in setup.epsilons))
+    print(f"\n{'residual/LDP':13s}{header}")
     for scheme in Scheme:
-        row = "".join(f"{table[scheme.value][str(e)]:9.4f}" for e in setup.epsilons)
-        prow = "".join(f"{private[scheme.value][str(e)]:9.4f}" for e in setup.epsilons)
-        res = " ".join(f"{ratios[scheme.value][str(e)]:.3f}" for e in setup.epsilons if str(e) in ratios[scheme.value])
-        print(f"{scheme.value:9s}{row}   {scheme.value:9s}{prow}   {res}")
-    met = verdict(table, setup.epsilons)
+        if ratios[scheme.value]:
+            print(f"{scheme.value:13s}" + "".join(f"{ratios[scheme.value][str(e)]:9.3f}" for e in setup.epsilons))
+    met = {kind: verdict(tables[kind], setup.epsilons) for kind in ("public", "average")}
     print(f"target (within 2 points of central at ε≥0.1 and above LDP): {met}")
     sybil = None if args.no_sybil else sybil_check(args.quick)
     print(json.dumps({"bench": "privacy", "level": "example", "rounds": setup.rounds, "batch": BATCH, "q": q,
                       "lr": setup.lr, "clip_example": C_EX, "delta": DELTA, "trainer": "fashion-linear",
-                      "topology": "torus(4)", "accuracy": table, "accuracy_private_model": private,
-                      "residual_ratio": ratios, "target_met": met,
+                      "topology": "torus(4)", "accuracy": tables, "residual_ratio": ratios, "target_met": met,
                       "sybilwall": sybil, "seconds": round(time.time() - t0, 1)}))
 
 

@@ -53,6 +53,7 @@ variance d·s_ij² per such edge).
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import os
@@ -64,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from prometheus_client import Counter, Gauge
+from scipy.optimize import brentq, minimize_scalar
 
 from murmur.errors import ConfigError, ReplayError
 from murmur.learning.privacy.accountant import (
@@ -72,6 +74,7 @@ from murmur.learning.privacy.accountant import (
     epsilon_from_rdp_coef,
     example_level_epsilon,
     rdp_coef_from_epsilon,
+    rdp_coef_of_covariance,
     residual_noise,
 )
 from murmur.learning.privacy.corn import CovarianceKind, corn_mu, solve_covariance
@@ -109,10 +112,33 @@ rest of the deadline is for the deltas themselves."""
 KEPT_ROUNDS = 4
 """Rounds whose pairwise sums and commits are kept (inspection, late arrivals)."""
 _EXAMPLE_RHO_ITERS = 100
+_RUN_SCALE_GRID = 80  # log grid of edge-variance scales swept by the RUN objective
+_RUN_SCALE_SPAN = (1e-4, 1e3)  # edge variance relative to σ_ldp², low and high end
 _NAMESPACE = "murmur"
 
 
 # --------------------------------------------------------------------------- calibration
+
+
+class NoiseObjective(enum.Enum):
+    """What the split between local and pairwise noise minimises (the privacy
+    constraint max_i [Σ⁻¹]_ii is the same for both).
+
+    ONE_STEP: tr(WΣWᵀ), the noise left after one mixing step (CorN's objective,
+    SPECS §4). It prices pairwise noise as if it were left in the models, so on
+    sparse graphs it keeps σ_cor small and σ_cdp far above central DP (torus:
+    σ_cdp ≈ 0.65·σ_ldp vs central 0.25·σ_ldp).
+
+    RUN: the noise left in the models after all T rounds of D-SGD mixing,
+    (1/n)·Σ_{k=1..T} tr(W^k Σ W^k) (the gradient's own contraction ignored).
+    The network mean carries only the local part and keeps all T rounds of it
+    (weight T·σ_cdp²/n), while pairwise noise lives where mixing contracts it
+    every round (a geometric sum), so over a run it is far cheaper; this picks
+    large σ_cor and σ_cdp near central DP — the regime of DECOR's anchors.
+    """
+
+    ONE_STEP = "one_step"
+    RUN = "run"
 
 
 @dataclass(frozen=True)
@@ -176,6 +202,7 @@ def calibrate(
     budget: float | None = None,
     min_edges: int | None = None,
     peers: Sequence[PeerId] | None = None,
+    objective: NoiseObjective = NoiseObjective.ONE_STEP,
 ) -> PrivacyPlan:
     """Choose the noise for a budget of (ε, δ) over ``rounds`` rounds.
 
@@ -190,6 +217,10 @@ def calibrate(
       then LDP). With ``peers`` (node index → id of ``graph``'s nodes) each
       edge gets its own variance; without, every edge gets the largest c_e —
       Σ only grows in the Loewner order, so the constraint still holds.
+
+    ``objective`` RUN (see :class:`NoiseObjective`) keeps the pairwise *shape*
+    (DECOR: the unweighted Laplacian; CorN: its solved per-edge variances) and
+    re-chooses its magnitude, binding σ_cdp to the same ρ.
     """
     if level is PrivacyLevel.EXAMPLE:
         if sampling_rate is None or not 0 < sampling_rate <= 1:
@@ -220,6 +251,8 @@ def calibrate(
         noise = _corn_noise(sol, clip, s_ldp, graph, peers)
     else:  # pragma: no cover - the enum is exhaustive
         raise ConfigError(f"unknown privacy scheme {scheme}")
+    if objective is NoiseObjective.RUN and noise is not None and scheme in (PrivacyScheme.DECOR, PrivacyScheme.CORN):
+        noise, ratio = _rescale_for_run(noise, graph, peers, rho, sens, s_ldp, rounds)
     if noise is None or noise.sigma_cdp >= s_ldp:
         degree_need = 0  # no correlated part: nothing to fall back from
     return PrivacyPlan(
@@ -228,6 +261,97 @@ def calibrate(
         budget=budget if budget is not None else epsilon, min_edges=degree_need if n > 1 else 0,
         residual_ratio=ratio,
     )
+
+
+def _edge_laplacian(noise: NoiseConfig, graph: Graph, peers: Sequence[PeerId] | None) -> np.ndarray:
+    """Σ_e s_e² L_e for the pairwise terms ``noise`` adds on ``graph`` (peers: node index → id)."""
+    n = len(graph)
+    lap = np.zeros((n, n))
+    for i, j in edges(graph):
+        var = noise.edge_scale.std(peers[i], peers[j]) ** 2 if peers is not None else _uniform_var(noise)
+        lap[i, i] += var
+        lap[j, j] += var
+        lap[i, j] -= var
+        lap[j, i] -= var
+    return lap
+
+
+def _uniform_var(noise: NoiseConfig) -> float:
+    scale = noise.edge_scale
+    if isinstance(scale, UniformEdgeScale):
+        return scale.sigma_cor**2
+    return float(getattr(scale, "default_std", 0.0)) ** 2
+
+
+def _bind_local_std(edge_lap: np.ndarray, rho: float, sens: float, s_ldp: float) -> float:
+    """Smallest σ with 2·sens²·max_i [(σ²I + edge_lap)⁻¹]_ii ≤ ρ (σ_ldp always suffices)."""
+    eye = np.eye(edge_lap.shape[0])
+
+    def gap(log_s: float) -> float:
+        return math.log(rdp_coef_of_covariance(math.exp(2 * log_s) * eye + edge_lap, sens)) - math.log(rho)
+
+    lower = s_ldp * 1e-6
+    if gap(math.log(lower)) <= 0:
+        return lower
+    return math.exp(brentq(gap, math.log(lower), math.log(s_ldp) + 1e-9, xtol=1e-12, rtol=1e-10))
+
+
+def run_residual(sigma: np.ndarray, mixing: np.ndarray, rounds: int) -> float:
+    """(1/n)·Σ_{k=1..T} tr(W^k Σ W^k): per-node noise variance left after T
+    rounds of mixing the noise of every round (W symmetric)."""
+    lam, vec = np.linalg.eigh(mixing)
+    lam2 = np.clip(lam**2, 0.0, 1.0)
+    near_one = lam2 > 1 - 1e-12
+    safe = np.where(near_one, 0.5, lam2)
+    geometric = np.where(near_one, float(rounds), safe * (1 - safe**rounds) / (1 - safe))
+    proj = np.einsum("im,ij,jm->m", vec, sigma, vec)
+    return float(geometric @ proj) / sigma.shape[0]
+
+
+def _rescale_for_run(
+    noise: NoiseConfig, graph: Graph, peers: Sequence[PeerId] | None, rho: float, sens: float, s_ldp: float,
+    rounds: int,
+) -> tuple[NoiseConfig, float]:
+    """Scale the pairwise shape of ``noise`` by k ≥ 0 (σ_cdp bound to ρ) to
+    minimise :func:`run_residual`; returns the noise and its one-step ratio."""
+    n = len(graph)
+    mixing = metropolis_hastings(graph)
+    shape = _edge_laplacian(noise, graph, peers)
+    top = float(np.max(np.diag(shape))) if n else 0.0
+    if top <= 0:  # no pairwise part to scale (the solver fell back to LDP)
+        return noise, 1.0
+    shape = shape / top  # unit: the largest node's total edge variance
+    eye = np.eye(n)
+
+    def score(log_k: float) -> float:
+        k = math.exp(log_k)
+        local = _bind_local_std(k * shape, rho, sens, s_ldp)
+        return run_residual(local**2 * eye + k * shape, mixing, rounds)
+
+    lo, hi = (math.log(f * s_ldp**2) for f in _RUN_SCALE_SPAN)
+    grid = np.linspace(lo, hi, _RUN_SCALE_GRID)
+    values = [score(g) for g in grid]
+    best = int(np.argmin(values))
+    best_log = float(grid[best])
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    if b > a:
+        res = minimize_scalar(score, bounds=(a, b), method="bounded")
+        if res.success and res.fun <= values[best]:
+            best_log = float(res.x)
+    k = math.exp(best_log)
+    if run_residual(s_ldp**2 * eye, mixing, rounds) <= score(best_log):
+        return NoiseConfig(noise.clip, s_ldp, UniformEdgeScale(0.0)), 1.0
+    local = _bind_local_std(k * shape, rho, sens, s_ldp)
+    factor = math.sqrt(k / top)  # every edge std scales by this
+    scale: EdgeScale
+    if isinstance(noise.edge_scale, PerEdgeScale):
+        old = noise.edge_scale
+        scale = PerEdgeScale({e: v * factor**2 for e, v in old.variances.items()}, old.default_std * factor)
+    else:
+        scale = UniformEdgeScale(math.sqrt(_uniform_var(noise)) * factor)
+    out = NoiseConfig(noise.clip, local, scale)
+    one_step = residual_noise(local**2 * eye + k * shape, mixing) / residual_noise(s_ldp**2 * eye, mixing)
+    return out, one_step
 
 
 def _corn_noise(sol: Any, clip: float, s_ldp: float, graph: Graph, peers: Sequence[PeerId] | None) -> NoiseConfig:
