@@ -249,6 +249,11 @@ def calibrate(
         sol = solve_covariance(CovarianceKind.EDGE, graph, corn_mu(eps_equiv, delta, rounds, sens))
         ratio = sol.ratio
         noise = _corn_noise(sol, clip, s_ldp, graph, peers)
+        # The SDP meets the constraint only to solver tolerance (and the pairwise
+        # read-back rounds): re-bind the local std so ρ is never exceeded.
+        bound = _bind_local_std(_edge_laplacian(noise, graph, peers), rho, sens, s_ldp)
+        if bound > noise.sigma_cdp:
+            noise = NoiseConfig(clip, bound, noise.edge_scale)
     else:  # pragma: no cover - the enum is exhaustive
         raise ConfigError(f"unknown privacy scheme {scheme}")
     if objective is NoiseObjective.RUN and noise is not None and scheme in (PrivacyScheme.DECOR, PrivacyScheme.CORN):
