@@ -35,10 +35,13 @@ seed = 3
 [topology]
 degree = 3
 
+# quorum 1: a round waits for every neighbour (or the deadline), so the network
+# moves at the pace of its members and a node back from a crash is not left
+# behind by neighbours closing 0.1 s rounds on a 2 s deadline it cannot meet
 [duration]
 rounds = 34
-round_deadline_s = 2.0
-quorum = 0.67
+round_deadline_s = 1.5
+quorum = 1.0
 
 [trainer]
 spec = "digits-mlp"
@@ -195,7 +198,8 @@ async def test_crash_restart_leave_join(tmp_path: Path) -> None:
         status_id = result.summary["nodes"][name]["peer_id"]
         assert status_id == testnet.nodes[i].peer_id  # /status after the restart: the provisioned id
     assert resumed >= 2, "too few crashed nodes had a checkpoint to resume from"
-    assert metrics["node11"][0]["round"] > 0  # the late node caught up instead of starting at 0
+    # the late node adopted the network's model instead of training from scratch all the way
+    assert (testnet.nodes[11].last_seen or {})["learning"]["catch_ups"] >= 1
     # node10 left gracefully: its last checkpoint is after its last recorded round
     rows10 = metrics["node10"]
     assert rows10 and rows10[-1]["ts"] < result.events[3]["ts"] + 5.0
