@@ -186,8 +186,9 @@ def test_missing_daemon_or_testnet_is_a_clear_error(monkeypatch, capsys, restore
 def test_testnet_run_passes_scenario(monkeypatch):
     got: list[Any] = []
     _fake_module(monkeypatch, "murmur.testnet.cli", run_testnet=lambda args: got.append(args) or 0)
-    assert cli.main(["testnet", "run", "sybil", "--nodes", "8"]) == 0
-    assert got[0].scenario == "sybil" and got[0].args == ["--nodes", "8"]
+    assert cli.main(["testnet", "run", "s.toml", "--nodes-per-process", "8", "--no-dashboard"]) == 0
+    assert Path(got[0].scenario) == Path("s.toml")
+    assert got[0].nodes_per_process == 8 and got[0].no_dashboard is True
 
 
 def test_config_default_prints_loadable_defaults(tmp_path, capsys):
