@@ -43,7 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from murmur.learning.aggregators.base import Aggregator, Combine, PeerUpdate
+from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine, PeerUpdate
 from murmur.learning.trainers.base import EvalStats, Trainer
 
 log = logging.getLogger(__name__)
@@ -294,29 +294,37 @@ class RoundEngine:
         if pending is None:
             raise RuntimeError("no round is open")
         peers = list(pending.received)
-        offsets = [pending.received[p].model - self.public for p in peers]  # ŝ_j − s_i, both half-step
+        models = [pending.received[p].model for p in peers]  # ŝ_j, public half-step models
+        private_half = self.trainer.get_flat() + pending.own_delta  # x_i + Δ_i, never noised
+        noised = self.perturber is not None
         if self.aggregator.combine is Combine.VALUES:
-            updates = [PeerUpdate(p, off, pending.neighbours[p]) for p, off in zip(peers, offsets, strict=True)]
-            result = self.aggregator.aggregate(torch.zeros_like(self.public), updates, len(pending.neighbours))
-            consensus, weights = result.delta, result.weights
+            def combine(base: torch.Tensor) -> AggregationResult:
+                offsets = [PeerUpdate(p, m - base, pending.neighbours[p]) for p, m in zip(peers, models, strict=True)]
+                return self.aggregator.aggregate(torch.zeros_like(base), offsets, len(pending.neighbours))
+
+            public_result = combine(self.public)
+            consensus, weights = public_result.delta, public_result.weights
+            private_step = combine(private_half).delta if noised else consensus
         else:
             updates = [PeerUpdate(p, pending.received[p].update, pending.neighbours[p]) for p in peers]
             weights = self.aggregator.weigh(pending.sent_update, updates, len(pending.neighbours))
-            consensus = torch.zeros_like(self.public)
-            for peer, offset in zip(peers, offsets, strict=True):
-                weight = weights.get(peer, 0.0)
-                if weight:
-                    consensus.add_(offset, alpha=weight)
-        if not bool(torch.isfinite(consensus).all()):
+            consensus = _weighted_offsets(models, peers, weights, self.public)
+            private_step = _weighted_offsets(models, peers, weights, private_half) if noised else consensus
+        if not (bool(torch.isfinite(consensus).all()) and bool(torch.isfinite(private_step).all())):
             # An aggregator must never poison the model; keep our own step instead.
             log.error("consensus step is not finite; skipping it", extra={"round": self.round})
             consensus = torch.zeros_like(self.public)
-        self.trainer.set_flat(self.trainer.get_flat() + pending.own_delta + consensus)
+            private_step = consensus
+        # The private model mixes *itself* (own update clean) with the neighbours'
+        # public models, so its gap to our public model shrinks by W_ii every
+        # round instead of accumulating our own noise; the public model takes
+        # the same weights over public models only (what receivers can replay).
+        self.trainer.set_flat(private_half + private_step)
         self._consensus = consensus
         report = RoundReport(
             round=self.round,
             train_loss=pending.train_loss,
-            received=len(updates),
+            received=len(peers),
             neighbours=len(pending.neighbours),
             late_dropped=self._late_this_round,
             weights=dict(weights),
@@ -367,6 +375,18 @@ class RoundEngine:
         self._consensus = state["consensus"].to(self._initial.device, torch.float32).clone()
         self.last_sent_round = int(state["last_sent_round"])
         self.round = int(state["round"])
+
+
+def _weighted_offsets(
+    models: Sequence[torch.Tensor], peers: Sequence[str], weights: Mapping[str, float], base: torch.Tensor
+) -> torch.Tensor:
+    """Σ_j w_j (model_j − base): the step that moves ``base`` to the weighted average."""
+    step = torch.zeros_like(base)
+    for peer, model in zip(peers, models, strict=True):
+        weight = weights.get(peer, 0.0)
+        if weight:
+            step.add_(model - base, alpha=weight)
+    return step
 
 
 @dataclass

@@ -40,6 +40,7 @@ __all__ = [
 
 FP16_MAX = 65504.0
 INT8_BLOCK = 4096  # values per absmax scale; part of the INT8 codec's definition
+INT8_FLUSH = 127 * float(np.finfo(np.float32).tiny)  # blocks below this encode as zeros
 _INT8_QMAX = 127
 _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
@@ -177,7 +178,10 @@ class _Int8:
     Payload: ``scales (float32 × nblocks) || q (int8 × count)``; the scales are
     inside the payload so the signature covers them. Error: absolute
     ≤ blockmax / 254 per value (half a quantisation step), plus float32
-    rounding of the order 2^-22 · blockmax.
+    rounding of the order 2^-22 · blockmax. A block whose blockmax is below
+    :data:`INT8_FLUSH` (127 × the smallest normal float32, ~1.5e-36) encodes
+    as zeros: its scale would be subnormal and lose the precision the bound
+    needs; such a block's error is its blockmax.
     """
 
     def nbytes(self, count: int) -> int:
@@ -192,6 +196,7 @@ class _Int8:
         q = out[4 * nblocks :].view(np.int8)
         for values, block_scales, block_q in _block_views(flat, scales, q):
             absmax = np.maximum(values.max(axis=1), -values.min(axis=1))
+            absmax[absmax < INT8_FLUSH] = 0.0  # flush blocks whose scale would be subnormal
             np.divide(absmax, _INT8_QMAX, out=block_scales)
             inverse = np.zeros_like(block_scales)
             np.divide(_INT8_QMAX, absmax, out=inverse, where=absmax > 0)

@@ -65,7 +65,10 @@ async def test_pairwise_noise_cancels_and_both_ends_agree(tmp_path: Path) -> Non
         # Commits close on a bounded wait; while rounds are still misaligned after
         # start-up an edge can be active at one end only. Each such edge is seen
         # by the other end as a late commit: it is detected, not silent.
-        by_round = {r: {me: set(st.active[r]) for me, st in stages.items()} for r in range(2, 5)}
+        # Rounds every stage still holds (a node that caught up skipped some).
+        common = sorted(set.intersection(*(set(st.active) for st in stages.values())) - {0})
+        assert common, {str(me)[-6:]: sorted(st.active) for me, st in stages.items()}
+        by_round = {r: {me: set(st.active[r]) for me, st in stages.items()} for r in common}
         late = sum(privacy(n).late_commits for n in cluster)
         assert late >= min(len(one_sided(a)) for a in by_round.values())
         aligned = [r for r, a in by_round.items() if not one_sided(a)]
