@@ -59,26 +59,33 @@ def one_sided(active: dict[Any, set[Any]]) -> set[tuple[Any, Any]]:
 
 
 async def test_pairwise_noise_cancels_and_both_ends_agree(tmp_path: Path) -> None:
-    async with Cluster(N, tmp_path, overrides={**BASE, "learning.rounds": 5, "privacy.scheme": "decor"}) as cluster:
-        await wait_until(lambda: rounds_done(cluster, 4), ROUNDS_S, "5 rounds at every node")
+    # Enough rounds, slow enough, that nodes which started late (and caught up
+    # by adopting a model) run the last kept rounds together with everyone.
+    overrides = {**BASE, "learning.rounds": 20, "learning.local_steps": 10, "privacy.scheme": "decor"}
+    async with Cluster(N, tmp_path, overrides=overrides) as cluster:
+        await wait_until(lambda: rounds_done(cluster, 19), ROUNDS_S, "20 rounds at every node")
         stages = {node.peer_id: privacy(node).stage for node in cluster}
         # Commits close on a bounded wait; while rounds are still misaligned after
         # start-up an edge can be active at one end only. Each such edge is seen
         # by the other end as a late commit: it is detected, not silent.
-        # Rounds every stage still holds (a node that caught up skipped some).
-        common = sorted(set.intersection(*(set(st.active) for st in stages.values())) - {0})
-        assert common, {str(me)[-6:]: sorted(st.active) for me, st in stages.items()}
-        by_round = {r: {me: set(st.active[r]) for me, st in stages.items()} for r in common}
+        # A node that caught up by adopting a model skipped some rounds: it adds
+        # no pairwise terms there (an empty active set), which the check covers.
+        rounds = sorted(set().union(*(set(st.active) for st in stages.values())) - {0})
+        by_round = {r: {me: set(st.active.get(r, ())) for me, st in stages.items()} for r in rounds}
         late = sum(privacy(n).late_commits for n in cluster)
         assert late >= min(len(one_sided(a)) for a in by_round.values())
         aligned = [r for r, a in by_round.items() if not one_sided(a)]
         assert aligned, {r: len(one_sided(a)) for r, a in by_round.items()}
-        r = aligned[-1]
+        def edges_of(r: int) -> set[frozenset[Any]]:
+            return {frozenset((a, b)) for a, peers in by_round[r].items() for b in peers}
+
+        r = max(aligned, key=lambda r: len(edges_of(r)))  # the round most of the network ran together
         active = by_round[r]
-        edges = {frozenset((a, b)) for a, peers in active.items() for b in peers}
+        edges = edges_of(r)
         assert len(edges) >= N, f"too few active edges in round {r}: {len(edges)}"
-        total = torch.stack([stage.pairwise_sums[r] for stage in stages.values()]).sum(dim=0)
-        scale = sum(float(stage.pairwise_sums[r].norm()) for stage in stages.values())
+        sums = [stage.pairwise_sums[r] for stage in stages.values() if r in stage.pairwise_sums]
+        total = torch.stack(sums).sum(dim=0)
+        scale = sum(float(s.norm()) for s in sums)
         assert scale > 100.0, "pairwise noise was actually added"
         assert float(total.norm()) <= 1e-5 * scale, (float(total.norm()), scale)
 
@@ -99,8 +106,9 @@ async def test_pairwise_noise_cancels_and_both_ends_agree(tmp_path: Path) -> Non
         assert len(set(secrets)) == len(secrets), "each edge has its own secret"
         # Accounting and status: one step per round sent, reported by the API.
         status = a_node.status()["learning"]
-        assert status["privacy"]["rounds_sent"] == 5
-        assert status["epsilon"] == pytest.approx(privacy(a_node).stage.accountant.epsilon_at(5))
+        sent = status["privacy"]["rounds_sent"]  # fewer than configured if it caught up by adoption
+        assert 4 <= sent <= overrides["learning.rounds"]
+        assert status["epsilon"] == pytest.approx(privacy(a_node).stage.accountant.epsilon_at(sent))
         assert a_node.metrics.value("murmur_privacy_epsilon_spent") == pytest.approx(status["epsilon"])
 
 
