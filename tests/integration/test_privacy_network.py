@@ -131,9 +131,11 @@ async def test_without_seeds_sent_noise_has_the_accounted_variance(tmp_path: Pat
 
 
 async def test_neighbour_dying_after_commit_leaves_reported_noise(tmp_path: Path) -> None:
-    overrides = {**BASE, "learning.rounds": 20, "learning.round_deadline_s": 4.0, "privacy.scheme": "decor"}
+    overrides = {**BASE, "learning.rounds": 30, "learning.local_steps": 10, "learning.round_deadline_s": 4.0,
+                 "privacy.scheme": "decor"}
     async with Cluster(N, tmp_path, overrides=overrides) as cluster:
-        await wait_until(lambda: rounds_done(cluster, 1), ROUNDS_S, "2 rounds at every node")
+        # Past start-up skew (late starters catch up by adoption): rounds run in lockstep.
+        await wait_until(lambda: rounds_done(cluster, 7), ROUNDS_S, "8 rounds at every node")
         victim_i = 5
         victim = cluster.node(victim_i)
         target = victim.learner.round + 1
@@ -157,10 +159,11 @@ async def test_neighbour_dying_after_commit_leaves_reported_noise(tmp_path: Path
         privacy(victim).commit_listeners.append(die_after_commit)
         await wait_until(lambda: "partners" in seen, ROUNDS_S, "victim committed and died")
         target = seen["round"]
-        hit = [n for n in seen["partners"]
-               if victim.peer_id in privacy(n).stage.active.get(target, ())]
+        # A partner behind the victim opens that round only now: judge after it closed.
+        partners = seen["partners"]
+        await wait_until(lambda: all(n.learner.round > target for n in partners), ROUNDS_S, "partners closed the round")
+        hit = [n for n in partners if victim.peer_id in privacy(n).stage.active.get(target, ())]
         assert hit, "some neighbour had the victim's edge active"
-        await wait_until(lambda: all(n.learner.round > target for n in hit), ROUNDS_S, "partners closed the round")
         for node in hit:
             stage = privacy(node).stage
             report = stage.last_report
