@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from murmur.errors import ConfigError
-from murmur.node.config import Codec, Partition, PrivacyScheme
+from murmur.node.config import Codec, Partition, PrivacyLevel, PrivacyScheme
 
 DEFAULT_SCENARIO_RESOURCE = "default_scenario.toml"
 LOOPBACK = "127.0.0.1"
@@ -171,6 +171,7 @@ class PrivacySpec:
     delta: float = _checked(1e-5, _in_range(0.0, 1.0, lo_open=True))
     clip: float = _checked(1.0, _finite_positive)
     rounds: int | None = _checked(None, _at_least(1))  # accounting horizon; default: duration.rounds
+    level: PrivacyLevel = PrivacyLevel.USER  # "example": DP-SGD guarantee (needs the trainer's dp_clip)
 
 
 @dataclass(frozen=True)
@@ -568,6 +569,7 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> lis
             "privacy": {
                 "enabled": priv.enabled, "scheme": priv.scheme.value, "epsilon": priv.epsilon,
                 "delta": priv.delta, "clip": priv.clip, "rounds": priv.rounds or rounds,
+                "level": priv.level.value,
             },
         })
     return configs
