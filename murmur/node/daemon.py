@@ -416,6 +416,7 @@ class Node:
 
     def status(self) -> Mapping[str, Any]:
         sessions = self.sessions()
+        traffic = self.traffic()
         return {
             "peer_id": str(self.peer_id),
             "addrs": [str(a) for a in self.addrs],
@@ -425,18 +426,18 @@ class Node:
             "neighbours": [str(s.peer) for s in self.membership.learning_neighbours()],
             "view": len(self.sampler),
             "evictions": self.membership.evictions,
-            "bytes_in": sum(s.conn.bytes_received for s in sessions) + self._closed_bytes()[0],
-            "bytes_out": sum(s.conn.bytes_sent for s in sessions) + self._closed_bytes()[1],
+            "bytes_in": traffic[0],
+            "bytes_out": traffic[1],
             "faults": dict(self._faults),
             "learning": self.learner.status() if self.learner is not None else None,
         }
 
-    def _closed_bytes(self) -> tuple[int, int]:
+    def traffic(self) -> tuple[int, int]:
+        """(bytes in, bytes out) of messages over all sessions since start, as
+        counted by the sessions (closed ones included)."""
         received = self.metrics.value("murmur_bytes_total", direction="in") or 0.0
         sent = self.metrics.value("murmur_bytes_total", direction="out") or 0.0
-        live_in = sum(s.conn.bytes_received for s in self.sessions())
-        live_out = sum(s.conn.bytes_sent for s in self.sessions())
-        return max(0, int(received) - live_in), max(0, int(sent) - live_out)
+        return int(received), int(sent)
 
     def peers(self) -> Sequence[Mapping[str, Any]]:
         connected = {s.peer: s for s in self.sessions()}

@@ -359,7 +359,7 @@ class NodeLearner:
         # Checkpoint first: a kill -9 between the two then loses this round's
         # row, never records the round twice (a restart resumes after it).
         self._checkpoint()
-        status = self.node.status()
+        bytes_in, bytes_out = self.node.traffic()
         self.node.state.append_metrics(
             {
                 "ts": time.time(),
@@ -372,8 +372,8 @@ class NodeLearner:
                 "neighbours": sorted(k for k in report.weights if k != "self"),
                 "received": report.received,
                 "late_dropped": report.late_dropped,
-                "bytes_in": status["bytes_in"],
-                "bytes_out": status["bytes_out"],
+                "bytes_in": bytes_in,
+                "bytes_out": bytes_out,
                 "epsilon": epsilon,
                 **timer.rounded(),
             }
