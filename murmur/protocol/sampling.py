@@ -61,13 +61,12 @@ from typing import Any
 from murmur.errors import DecodeError, LimitExceeded
 from murmur.protocol.identity import PeerId
 from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol import subnets
 from murmur.protocol.peertable import parse_peer_entry
+from murmur.protocol.subnets import SubnetKey
 
-IPV4_SUBNET_PREFIX = 24
-IPV6_SUBNET_PREFIX = 48
 MAX_WIRE_AGE = 1 << 20  # ages are shuffle-round counts; anything larger is nonsense
 
-SubnetKey = ipaddress.IPv4Network | ipaddress.IPv6Network
 WireDescriptor = tuple[bytes, list[str], int]
 
 
@@ -127,10 +126,8 @@ def decode_descriptors(raw: Any, max_entries: int, max_addrs: int) -> list[Descr
 
 
 def subnet_of(addr: Multiaddr) -> SubnetKey:
-    """The /24 (IPv4) or /48 (IPv6) an address belongs to."""
-    ip = ipaddress.ip_address(addr.host)
-    prefix = IPV4_SUBNET_PREFIX if ip.version == 4 else IPV6_SUBNET_PREFIX
-    return ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+    """The /24 (IPv4) or /48 (IPv6) an address belongs to (see :mod:`murmur.protocol.subnets`)."""
+    return subnets.subnet_of(addr.host)
 
 
 class CyclonSampler:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import ipaddress
 import itertools
 import logging
 import time
@@ -55,12 +54,11 @@ from murmur.protocol.framing import (
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.noise import Libp2pNoiseHandshake
+from murmur.protocol.subnets import SubnetKey, subnet_of
 from murmur.tasks import TaskManager
 
 log = logging.getLogger(__name__)
 
-IPV4_SUBNET_PREFIX = 24
-IPV6_SUBNET_PREFIX = 48
 RATE_BURST_S = 0.1  # token-bucket depth, in seconds of the allowed rate
 MAX_PING_PAYLOAD = 64
 CLOSE_WAIT_S = 1.0  # how long close() waits for the socket to finish flushing
@@ -109,15 +107,6 @@ def send_high_water(limits: TransportLimits) -> int:
     connection by one frame instead of 64 MiB.
     """
     return min(limits.max_peer_buffered_bytes, FRAME_LENGTH.size + limits.max_frame + FRAME_OVERHEAD)
-
-
-def subnet_of(host: str) -> str:
-    """The /24 (IPv4) or /48 (IPv6) an address belongs to; IPv4-mapped IPv6 counts as IPv4."""
-    ip = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    prefix = IPV4_SUBNET_PREFIX if ip.version == 4 else IPV6_SUBNET_PREFIX
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 class TokenBucket:
@@ -356,7 +345,7 @@ class _SecureProtocol(asyncio.BufferedProtocol):
         self.handshake_done: asyncio.Future[SecureConnection] = asyncio.get_running_loop().create_future()
         self.tr: asyncio.Transport | None = None
         self.remote: tuple[str, int] = ("?", 0)
-        self.subnet: str | None = None
+        self.subnet: SubnetKey | None = None
 
     # --- asyncio callbacks ---------------------------------------------------------
 
@@ -505,7 +494,7 @@ class Transport:
         self._servers: list[asyncio.AbstractServer] = []
         self._protocols: set[_SecureProtocol] = set()
         self._inbound_total = 0
-        self._inbound_by_subnet: Counter[str] = Counter()
+        self._inbound_by_subnet: Counter[SubnetKey] = Counter()
         self._conn_numbers = itertools.count(1)
         self._closing = False
 
@@ -612,7 +601,7 @@ class Transport:
                 log.warning(
                     "inbound connection refused",
                     extra={"event": "inbound_refused", "remote": f"{proto.remote[0]}:{proto.remote[1]}",
-                           "subnet": subnet, "limit": reason},
+                           "subnet": str(subnet), "limit": reason},
                 )
                 return False
             proto.subnet = subnet

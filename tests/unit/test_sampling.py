@@ -201,6 +201,8 @@ def test_subnet_buckets_ipv4_24_and_ipv6_48():
     assert subnet_of(Multiaddr("10.1.2.3", 1)) != subnet_of(Multiaddr("10.1.3.3", 1))
     assert subnet_of(Multiaddr("2001:db8:1::1", 1)) == subnet_of(Multiaddr("2001:db8:1:ffff::2", 1))
     assert subnet_of(Multiaddr("2001:db8:1::1", 1)) != subnet_of(Multiaddr("2001:db8:2::1", 1))
+    # an IPv4-mapped IPv6 address counts against its IPv4 /24, not a /48 of its own
+    assert subnet_of(Multiaddr("::ffff:10.1.2.3", 1)) == subnet_of(Multiaddr("10.1.2.77", 1))
     node = make_node(SamplerConfig(max_per_subnet=2))
     v6 = [node.add(pid(i), [Multiaddr(f"2001:db8:1:{i}::1", 1)]) for i in range(1, 6)]
     assert v6 == [True, True, False, False, False]
