@@ -188,7 +188,9 @@ async def test_node_stops_sending_when_budget_is_spent(tmp_path: Path, caplog: p
         for node in cluster:
             stage = privacy(node).stage
             assert stage.counters.rounds_sent == 3
-            assert node.learner.round == 3
+            # Exactly the budget's rounds were sent; a late starter that caught up by
+            # adoption sent them from a later round index.
+            assert node.learner.round >= 3
             eps = stage.epsilon_spent()
             assert 0.9 <= eps <= 1.0 + 1e-9
         lines = [r for r in caplog.records if "privacy budget spent" in r.getMessage()]
