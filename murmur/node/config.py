@@ -77,6 +77,27 @@ class PrivacyLevel(enum.StrEnum):
     EXAMPLE = "example"
 
 
+class NoiseObjective(enum.StrEnum):
+    """What the split between local and pairwise noise minimises (the privacy
+    constraint max_i [Σ⁻¹]_ii is the same for both).
+
+    ONE_STEP: tr(WΣWᵀ), the noise left after one mixing step (CorN's objective,
+    SPECS §4). It prices pairwise noise as if it were left in the models, so on
+    sparse graphs it keeps σ_cor small and σ_cdp far above central DP (torus:
+    σ_cdp ≈ 0.65·σ_ldp vs central 0.25·σ_ldp).
+
+    RUN: the noise left in the models after all T rounds of D-SGD mixing,
+    (1/n)·Σ_{k=1..T} tr(W^k Σ W^k) (the gradient's own contraction ignored).
+    The network mean carries only the local part and keeps all T rounds of it
+    (weight T·σ_cdp²/n), while pairwise noise lives where mixing contracts it
+    every round (a geometric sum), so over a run it is far cheaper; this picks
+    large σ_cor and σ_cdp near central DP — the regime of DECOR's anchors.
+    """
+
+    ONE_STEP = "one_step"
+    RUN = "run"
+
+
 class Codec(enum.StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
@@ -219,6 +240,7 @@ class PrivacySection:
     rounds: int = 1000
     budget: float = 0.0
     assumed_degree: int = 0
+    objective: NoiseObjective = NoiseObjective.RUN
 
     @property
     def effective_budget(self) -> float:

@@ -53,7 +53,6 @@ variance d·s_ij² per such edge).
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import math
 import os
@@ -94,7 +93,7 @@ from murmur.learning.privacy.noise import (
 from murmur.learning.privacy.seeds import EdgeSecret, PairwiseSeeds, SignedKeyShare
 from murmur.learning.rounds import MAX_FUTURE_ROUNDS
 from murmur.learning.topology import Graph, complete, edges, metropolis_hastings, random_regularish
-from murmur.node.config import PrivacyLevel, PrivacyScheme, PrivacySection
+from murmur.node.config import NoiseObjective, PrivacyLevel, PrivacyScheme, PrivacySection
 from murmur.protocol.identity import PeerId
 from murmur.protocol.messages import KeyShare, RoundCommit
 from murmur.protocol.transport import ConnectionClosed
@@ -118,27 +117,6 @@ _NAMESPACE = "murmur"
 
 
 # --------------------------------------------------------------------------- calibration
-
-
-class NoiseObjective(enum.Enum):
-    """What the split between local and pairwise noise minimises (the privacy
-    constraint max_i [Σ⁻¹]_ii is the same for both).
-
-    ONE_STEP: tr(WΣWᵀ), the noise left after one mixing step (CorN's objective,
-    SPECS §4). It prices pairwise noise as if it were left in the models, so on
-    sparse graphs it keeps σ_cor small and σ_cdp far above central DP (torus:
-    σ_cdp ≈ 0.65·σ_ldp vs central 0.25·σ_ldp).
-
-    RUN: the noise left in the models after all T rounds of D-SGD mixing,
-    (1/n)·Σ_{k=1..T} tr(W^k Σ W^k) (the gradient's own contraction ignored).
-    The network mean carries only the local part and keeps all T rounds of it
-    (weight T·σ_cdp²/n), while pairwise noise lives where mixing contracts it
-    every round (a geometric sum), so over a run it is far cheaper; this picks
-    large σ_cor and σ_cdp near central DP — the regime of DECOR's anchors.
-    """
-
-    ONE_STEP = "one_step"
-    RUN = "run"
 
 
 @dataclass(frozen=True)
@@ -623,6 +601,7 @@ class NodePrivacy:
             section.scheme, epsilon=section.epsilon, delta=section.delta, rounds=section.rounds,
             clip=section.clip, graph=graph, level=section.level, sampling_rate=q, batch_size=batch,
             budget=section.effective_budget, min_edges=min(degree, learning.num_nodes - 1),
+            objective=section.objective,
         )
         seeds = PairwiseSeeds(node.identity)
         stage = PrivacyStage(node.peer_id, plan, SeedView(seeds), device=getattr(trainer, "device", "cpu"))
@@ -632,7 +611,7 @@ class NodePrivacy:
             "privacy calibrated",
             extra={"event": "privacy_plan", "scheme": plan.scheme.value, "level": plan.level.value,
                    "sigma_cdp": noise.sigma_cdp if noise else 0.0, "sigma_ldp": plan.sigma_ldp,
-                   "rdp_coef": plan.rdp_coef, "min_edges": plan.min_edges, "residual_ratio": plan.residual_ratio},
+                   "rdp_coef": plan.rdp_coef, "objective": section.objective.value, "min_edges": plan.min_edges, "residual_ratio": plan.residual_ratio},
         )
         return cls(node, stage, seeds, wait)
 

@@ -9,6 +9,7 @@ here what is under test is what the layer does with a verified peer's bytes.
 from __future__ import annotations
 
 import math
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,15 @@ from murmur.learning.privacy.seeds import PairwiseSeeds
 from murmur.learning.topology import Graph, complete, edges, metropolis_hastings, ring, torus
 from murmur.node.config import PrivacyLevel, PrivacyScheme
 from murmur.node.daemon import Node
-from murmur.node.privacy import NodePrivacy, NoiseObjective, PrivacyPlan, PrivacyStage, calibrate, run_residual
+from murmur.node.privacy import (
+    NodePrivacy,
+    NoiseObjective,
+    PrivacyPlan,
+    PrivacyStage,
+    assumed_graph,
+    calibrate,
+    run_residual,
+)
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.messages import KeyShare, RoundCommit
 from tests.integration.cluster import node_config
@@ -254,3 +263,31 @@ def test_dp_clip_step_moves_at_most_lr_times_clip_and_matches_vmap() -> None:
     trainer.compute_gradients(Batch(x, y))
     for name, p in trainer.model.named_parameters():
         torch.testing.assert_close(p.grad, reference[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("objective", list(NoiseObjective))
+async def test_node_calibrates_with_the_configured_objective(tmp_path: Path, objective: NoiseObjective) -> None:
+    """``privacy.objective`` reaches the node's plan: the node's σ_cdp is the
+    one ``calibrate`` gives on the same assumed graph with that objective."""
+    base = node_config(tmp_path / "n")
+    cfg = dataclasses.replace(
+        base,
+        learning=dataclasses.replace(base.learning, num_nodes=16),
+        privacy=dataclasses.replace(base.privacy, enabled=True, objective=objective, epsilon=10.0, rounds=100,
+                                    assumed_degree=4),
+    )
+    node = Node(cfg)
+    await node.start()
+    try:
+        privacy = NodePrivacy.for_node(node, trainer=None)
+    finally:
+        await node.stop()
+    degree = cfg.privacy.assumed_degree or cfg.network.neighbours
+    graph = assumed_graph(cfg.learning.num_nodes, degree, cfg.learning.seed)
+    kwargs = dict(epsilon=10.0, delta=cfg.privacy.delta, rounds=100, clip=cfg.privacy.clip, graph=graph)
+    expected = calibrate(PrivacyScheme.DECOR, objective=objective, **kwargs)
+    other = calibrate(PrivacyScheme.DECOR, objective=next(o for o in NoiseObjective if o is not objective), **kwargs)
+    plan = privacy.stage.plan
+    assert plan.noise is not None and expected.noise is not None and other.noise is not None
+    assert plan.noise.sigma_cdp == pytest.approx(expected.noise.sigma_cdp)
+    assert abs(expected.noise.sigma_cdp - other.noise.sigma_cdp) > 0.05 * expected.noise.sigma_cdp
