@@ -183,12 +183,19 @@ class FrameDecoder:
     :class:`FrameError` (bad length, truncation, unknown type) or
     :class:`DecryptError` (authentication failure); after one error it stays failed."""
 
-    def __init__(self, cipher: CipherState, max_frame: int, scratch_bytes: int = DEFAULT_SCRATCH_BYTES) -> None:
+    def __init__(
+        self,
+        cipher: CipherState,
+        max_frame: int,
+        scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+        plaintext: PlaintextScratch | None = None,
+    ) -> None:
         self._cipher = cipher
         self.max_frame = max_frame
         self._reader = LengthPrefixedReader(
             FRAME_LENGTH, max_frame + FRAME_OVERHEAD, FRAME_OVERHEAD, scratch_bytes
         )
+        self._plaintext = plaintext if plaintext is not None else PlaintextScratch(max_frame)
         self._failed: PeerFault | None = None
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -248,30 +255,38 @@ class FrameDecoder:
         self._reader.at_eof()
 
     def _open(self, body: memoryview) -> Frame:
-        try:
-            plaintext = self._cipher.open(body)
-        except InvalidTag:
-            raise DecryptError("frame failed authentication") from None
-        try:
-            ftype = FrameType(plaintext[0])
-        except ValueError:
-            raise FrameError(f"unknown frame type {plaintext[0]}") from None
-        return Frame(ftype, plaintext[TYPE_LEN:])
+        # Decrypt into the reused scratch, then copy the payload out once: the
+        # AEAD's own output (a fresh buffer) followed by slicing the type byte
+        # off cost two fresh multi-MiB buffers (page faults) per frame.
+        with self._plaintext.view(len(body) - TAG_LEN) as plaintext:
+            try:
+                self._cipher.open_into(body, plaintext)
+            except InvalidTag:
+                raise DecryptError("frame failed authentication") from None
+            try:
+                ftype = FrameType(plaintext[0])
+            except ValueError:
+                raise FrameError(f"unknown frame type {plaintext[0]}") from None
+            return Frame(ftype, bytes(plaintext[TYPE_LEN:]))
 
 
 class FrameEncoder:
     """Payload in, ``length | ciphertext`` out, in one buffer ready for ``transport.write``.
 
-    The output is a fresh buffer per frame (the transport may still hold it
-    after ``write`` returns); the ``type || payload`` plaintext the AEAD needs
-    is assembled in one scratch buffer reused across frames, grown to the
-    largest frame sent so far (at most ``max_frame + 1`` bytes).
+    The ``type || payload`` plaintext the AEAD needs is assembled in a
+    :class:`PlaintextScratch` (shared with the decoders of the same transport:
+    both use it synchronously). The output buffer may still be held by the
+    socket transport after ``write`` returns, so it is fresh per frame unless
+    the caller hands it back with :meth:`recycle` once the transport has
+    flushed it; a fresh multi-MiB buffer costs a zero-fill and a page fault
+    per 4 KiB, a recycled one neither.
     """
 
-    def __init__(self, cipher: CipherState, max_frame: int) -> None:
+    def __init__(self, cipher: CipherState, max_frame: int, plaintext: PlaintextScratch | None = None) -> None:
         self._cipher = cipher
         self.max_frame = max_frame
-        self._plaintext = bytearray()
+        self._plaintext = plaintext if plaintext is not None else PlaintextScratch(max_frame)
+        self._spare: bytearray | None = None  # one flushed output buffer, at most max_frame + overhead
 
     def encode(self, ftype: FrameType, payload: bytes | bytearray | memoryview = b"") -> bytearray:
         """Raises ``ValueError`` for a payload over ``max_frame``: that is a local
@@ -279,15 +294,44 @@ class FrameEncoder:
         size = len(payload)
         if size > self.max_frame:
             raise ValueError(f"payload of {size} bytes exceeds max_frame {self.max_frame}")
-        if len(self._plaintext) < TYPE_LEN + size:
-            self._plaintext = bytearray(max(TYPE_LEN + size, DEFAULT_SCRATCH_BYTES))
         wire_len = size + FRAME_OVERHEAD
-        out = bytearray(FRAME_LENGTH.size + wire_len)
+        total = FRAME_LENGTH.size + wire_len
+        out, self._spare = self._spare, None
+        if out is None or len(out) != total:  # a stream's frames are mostly one size
+            out = bytearray(total)
         FRAME_LENGTH.pack_into(out, 0, wire_len)
-        with memoryview(self._plaintext) as scratch:
-            plaintext = scratch[: TYPE_LEN + size]
+        with self._plaintext.view(TYPE_LEN + size) as plaintext, memoryview(out) as out_view:
             plaintext[0] = ftype
             plaintext[TYPE_LEN:] = payload
-            self._cipher.seal_into(plaintext, memoryview(out)[FRAME_LENGTH.size :])
-            plaintext.release()
+            self._cipher.seal_into(plaintext, out_view[FRAME_LENGTH.size :])
         return out
+
+    def recycle(self, frame: bytearray) -> None:
+        """Give back a frame :meth:`encode` returned, once nothing holds it for
+        writing any more (the transport's write buffer is empty). Only frames
+        above the scratch size are worth keeping."""
+        if len(frame) > DEFAULT_SCRATCH_BYTES:
+            self._spare = frame
+
+
+class PlaintextScratch:
+    """One reusable buffer for frame plaintext, at most ``max_frame + 1`` bytes.
+
+    Encoding and decoding use it synchronously (fill, seal or open, copy out)
+    and never across an ``await``, so every encoder and decoder of one event
+    loop may share one: memory for plaintext staging is then one largest
+    frame per transport, not one per connection. It grows to the largest
+    frame seen, never beyond the cap.
+    """
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_bytes = TYPE_LEN + max_frame
+        self._buf = bytearray()
+
+    def view(self, nbytes: int) -> memoryview:
+        """A view of exactly ``nbytes``; release it (``with``) before the next call."""
+        if nbytes > self.max_bytes:
+            raise ValueError(f"{nbytes} plaintext bytes exceed the scratch cap {self.max_bytes}")
+        if len(self._buf) < nbytes:
+            self._buf = bytearray(min(self.max_bytes, max(nbytes, DEFAULT_SCRATCH_BYTES)))
+        return memoryview(self._buf)[:nbytes]

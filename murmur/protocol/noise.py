@@ -128,6 +128,18 @@ class CipherState:
         self.n += 1
         return plaintext
 
+    def open_into(self, ciphertext: bytes | bytearray | memoryview, out: bytearray | memoryview) -> None:
+        """Decrypt (no associated data) into ``out`` (len(ciphertext) - 16).
+
+        Raises ``InvalidTag`` on failure. The AEAD writes before it checks the
+        tag, so after a failure ``out`` holds unauthenticated bytes: callers
+        must treat it as garbage (the frame decoder never reads it then)."""
+        assert self._aead is not None, "open_into needs a keyed CipherState"
+        if self.n >= MAX_NONCE:
+            raise HandshakeError("Noise nonce space exhausted")
+        self._aead.decrypt_into(_NONCE.pack(self.n), ciphertext, None, out)
+        self.n += 1
+
 
 class SymmetricState:
     """Noise section 5.2: chaining key, handshake hash and the current cipher."""

@@ -50,6 +50,7 @@ from murmur.protocol.framing import (
     FrameEncoder,
     FrameType,
     LengthPrefixedReader,
+    PlaintextScratch,
 )
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.multiaddr import Multiaddr
@@ -200,7 +201,10 @@ class SecureConnection:
             await self._writable.wait()
         if self._closed:
             raise ConnectionClosed(f"connection to {self.peer_id.short()} is closed") from self._fault
-        self._tr.write(self._encoder.encode(FrameType.DATA, payload))
+        frame = self._encoder.encode(FrameType.DATA, payload)
+        self._tr.write(frame)
+        if not self._tr.get_write_buffer_size():  # all of it is in the kernel already
+            self._encoder.recycle(frame)
         self.bytes_sent += len(payload)
 
     async def recv(self) -> bytes:
@@ -428,10 +432,11 @@ class _SecureProtocol(asyncio.BufferedProtocol):
     def _open_session(self) -> None:
         assert self.tr is not None and self._hs.remote_peer is not None
         send, receive = self._hs.split()
-        self._decoder = FrameDecoder(receive, self._limits.max_frame)
+        plaintext = self._owner.plaintext_scratch
+        self._decoder = FrameDecoder(receive, self._limits.max_frame, plaintext=plaintext)
         self.conn = SecureConnection(
             self.tr,
-            FrameEncoder(send, self._limits.max_frame),
+            FrameEncoder(send, self._limits.max_frame, plaintext),
             self._hs.remote_peer,
             self.remote,
             self.outbound,
@@ -497,6 +502,9 @@ class Transport:
         self._inbound_by_subnet: Counter[SubnetKey] = Counter()
         self._conn_numbers = itertools.count(1)
         self._closing = False
+        # Plaintext staging for every connection's frames (see PlaintextScratch):
+        # one largest frame per transport instead of one per connection.
+        self.plaintext_scratch = PlaintextScratch(limits.max_frame)
 
     async def __aenter__(self) -> Transport:
         return self

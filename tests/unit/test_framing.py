@@ -17,6 +17,7 @@ from murmur.protocol.framing import (
     FrameEncoder,
     FrameType,
     LengthPrefixedReader,
+    PlaintextScratch,
 )
 from murmur.protocol.noise import CipherState
 
@@ -152,3 +153,47 @@ def test_reader_hands_over_unparsed_tail() -> None:
     assert bytes(reader.next_body()) == b"abc"  # type: ignore[arg-type]
     assert reader.take_pending() == b"tail-bytes"
     assert reader.pending == 0
+
+
+def test_connections_sharing_one_plaintext_scratch_stay_independent() -> None:
+    """Two links interleaved over one scratch (as a Transport's connections
+    share it): every payload comes out intact and owned, not a scratch view."""
+    shared = PlaintextScratch(MAX_FRAME)
+    links = [
+        (FrameEncoder(CipherState(bytes([i]) * 32), MAX_FRAME, shared),
+         FrameDecoder(CipherState(bytes([i]) * 32), MAX_FRAME, SCRATCH, shared))
+        for i in (1, 2)
+    ]
+    received: list[bytes] = []
+    sent = [os.urandom(n) for n in (MAX_FRAME, 10, 5000, MAX_FRAME - 1)]
+    for i, payload in enumerate(sent):
+        enc, dec = links[i % 2]
+        (frame,) = dec.feed(enc.encode(FrameType.DATA, payload))
+        assert isinstance(frame.payload, bytes)
+        received.append(frame.payload)
+    assert received == sent  # earlier payloads were not overwritten by later frames
+
+
+def test_recycled_output_buffer_is_reused_and_others_are_not() -> None:
+    enc, dec = pair()
+    big = os.urandom(MAX_FRAME)
+    first = enc.encode(FrameType.DATA, big)
+    held = enc.encode(FrameType.DATA, big[::-1])
+    assert held is not first
+    assert dec.feed(first)[0].payload == big  # "flushed" ...
+    enc.recycle(first)  # ... and handed back
+    third = enc.encode(FrameType.DATA, big[:: 2] * 2)
+    assert third is first  # reused: no fresh multi-MiB buffer
+    assert [f.payload for f in dec.feed(held) + dec.feed(third)] == [big[::-1], big[::2] * 2]  # held kept intact
+    small = enc.encode(FrameType.DATA, b"x")  # a different size never takes the spare
+    assert len(small) == 4 + 1 + FRAME_OVERHEAD
+
+
+def test_failed_frame_exposes_no_plaintext() -> None:
+    enc, dec = pair()
+    wire = bytearray(enc.encode(FrameType.DATA, b"secret payload"))
+    wire[-1] ^= 1
+    with pytest.raises(DecryptError):
+        dec.feed(wire)
+    with pytest.raises(DecryptError):  # stays failed; nothing is ever returned
+        dec.feed(b"")
