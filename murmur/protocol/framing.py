@@ -308,10 +308,9 @@ class FrameEncoder:
 
     def recycle(self, frame: bytearray) -> None:
         """Give back a frame :meth:`encode` returned, once nothing holds it for
-        writing any more (the transport's write buffer is empty). Only frames
-        above the scratch size are worth keeping."""
-        if len(frame) > DEFAULT_SCRATCH_BYTES:
-            self._spare = frame
+        writing any more (the transport's write buffer is empty). One spare
+        per encoder, at most one largest frame."""
+        self._spare = frame
 
 
 class PlaintextScratch:
