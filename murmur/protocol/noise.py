@@ -25,19 +25,19 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import platform
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from murmur.errors import HandshakeError, IdentityMismatch, SignatureError
 from murmur.protocol.identity import Identity, PeerId
 
-PROTOCOL_NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
 HASH_LEN = 32
 DH_LEN = 32
 KEY_LEN = 32
@@ -49,7 +49,44 @@ ED25519_KEY_LEN = 32
 ED25519_SIG_LEN = 64
 LIBP2P_KEY_TYPE_ED25519 = 1
 
-_NONCE = struct.Struct("<4xQ")  # ChaChaPoly nonce: 32 zero bits + 64-bit little-endian counter
+
+
+class NoiseCipher(enum.Enum):
+    """The Noise cipher functions murmur speaks; the value is the wire id in
+    the negotiation (see :class:`Libp2pNoiseHandshake`).
+
+    ChaChaPoly is what libp2p-noise fixes; AESGCM is the other cipher the
+    Noise spec defines (section 12.4) and runs about twice as fast where the
+    CPU has AES instructions, which matters when the AEAD is a third of the
+    per-byte cost of a model-delta stream.
+    """
+
+    CHACHAPOLY = 1
+    AESGCM = 2
+
+    @property
+    def protocol_name(self) -> bytes:
+        return b"Noise_XX_25519_" + _CIPHER_NAMES[self] + b"_SHA256"
+
+
+_CIPHER_NAMES = {NoiseCipher.CHACHAPOLY: b"ChaChaPoly", NoiseCipher.AESGCM: b"AESGCM"}
+# Noise section 12: ChaChaPoly's nonce is 32 zero bits + the 64-bit counter
+# little-endian, AESGCM's the same counter big-endian.
+_NONCES = {NoiseCipher.CHACHAPOLY: struct.Struct("<4xQ"), NoiseCipher.AESGCM: struct.Struct(">4xQ")}
+_AEADS: dict[NoiseCipher, type[ChaCha20Poly1305] | type[AESGCM]] = {
+    NoiseCipher.CHACHAPOLY: ChaCha20Poly1305,
+    NoiseCipher.AESGCM: AESGCM,
+}
+PROTOCOL_NAME = NoiseCipher.CHACHAPOLY.protocol_name  # libp2p-noise's, kept for reference tests
+# CPUs where AES-GCM has hardware support as a rule (AES-NI + CLMUL, ARMv8 crypto).
+_AES_MACHINES = frozenset({"x86_64", "amd64", "aarch64", "arm64"})
+
+
+def default_ciphers() -> tuple[NoiseCipher, ...]:
+    """Preference order for this machine: AESGCM first where AES is in hardware."""
+    if platform.machine().lower() in _AES_MACHINES:
+        return (NoiseCipher.AESGCM, NoiseCipher.CHACHAPOLY)
+    return (NoiseCipher.CHACHAPOLY, NoiseCipher.AESGCM)
 
 
 def _raw_public(key: X25519PrivateKey | X25519PublicKey) -> bytes:
@@ -76,17 +113,19 @@ def hkdf(chaining_key: bytes, ikm: bytes, outputs: int) -> tuple[bytes, ...]:
 
 
 class CipherState:
-    """A ChaCha20-Poly1305 key with its 64-bit message counter (Noise section 5.1).
+    """An AEAD key (ChaChaPoly or AESGCM) with its 64-bit message counter (Noise section 5.1).
 
     After :meth:`HandshakeState.split` these carry the transport traffic; the
     frame layer uses :meth:`seal_into` / :meth:`open` so a multi-megabyte frame
     is encrypted straight into the buffer that goes to the socket.
     """
 
-    __slots__ = ("_aead", "n")
+    __slots__ = ("_aead", "_nonce", "cipher", "n")
 
-    def __init__(self, key: bytes | None = None) -> None:
-        self._aead: ChaCha20Poly1305 | None = ChaCha20Poly1305(key) if key is not None else None
+    def __init__(self, key: bytes | None = None, cipher: NoiseCipher = NoiseCipher.CHACHAPOLY) -> None:
+        self.cipher = cipher
+        self._aead: ChaCha20Poly1305 | AESGCM | None = _AEADS[cipher](key) if key is not None else None
+        self._nonce = _NONCES[cipher]
         self.n = 0
 
     def has_key(self) -> bool:
@@ -95,7 +134,7 @@ class CipherState:
     def _next_nonce(self) -> bytes:
         if self.n >= MAX_NONCE:
             raise HandshakeError("Noise nonce space exhausted")  # 2^64 messages: unreachable in practice
-        nonce = _NONCE.pack(self.n)
+        nonce = self._nonce.pack(self.n)
         self.n += 1
         return nonce
 
@@ -110,7 +149,7 @@ class CipherState:
             return bytes(ciphertext)
         if self.n >= MAX_NONCE:
             raise HandshakeError("Noise nonce space exhausted")
-        plaintext = self._aead.decrypt(_NONCE.pack(self.n), ciphertext, ad)
+        plaintext = self._aead.decrypt(self._nonce.pack(self.n), ciphertext, ad)
         self.n += 1
         return plaintext
 
@@ -124,7 +163,7 @@ class CipherState:
         assert self._aead is not None, "open needs a keyed CipherState"
         if self.n >= MAX_NONCE:
             raise HandshakeError("Noise nonce space exhausted")
-        plaintext = self._aead.decrypt(_NONCE.pack(self.n), ciphertext, None)
+        plaintext = self._aead.decrypt(self._nonce.pack(self.n), ciphertext, None)
         self.n += 1
         return plaintext
 
@@ -137,14 +176,16 @@ class CipherState:
         assert self._aead is not None, "open_into needs a keyed CipherState"
         if self.n >= MAX_NONCE:
             raise HandshakeError("Noise nonce space exhausted")
-        self._aead.decrypt_into(_NONCE.pack(self.n), ciphertext, None, out)
+        self._aead.decrypt_into(self._nonce.pack(self.n), ciphertext, None, out)
         self.n += 1
 
 
 class SymmetricState:
     """Noise section 5.2: chaining key, handshake hash and the current cipher."""
 
-    def __init__(self, protocol_name: bytes) -> None:
+    def __init__(self, cipher: NoiseCipher) -> None:
+        protocol_name = cipher.protocol_name
+        self.cipher_fn = cipher
         if len(protocol_name) <= HASH_LEN:
             self.h = protocol_name.ljust(HASH_LEN, b"\0")
         else:
@@ -154,7 +195,7 @@ class SymmetricState:
 
     def mix_key(self, ikm: bytes) -> None:
         self.ck, temp_k = hkdf(self.ck, ikm, 2)
-        self.cipher = CipherState(temp_k[:KEY_LEN])
+        self.cipher = CipherState(temp_k[:KEY_LEN], self.cipher_fn)
 
     def mix_hash(self, data: bytes) -> None:
         self.h = _sha256(self.h + data)
@@ -174,7 +215,7 @@ class SymmetricState:
 
     def split(self) -> tuple[CipherState, CipherState]:
         k1, k2 = hkdf(self.ck, b"", 2)
-        return CipherState(k1[:KEY_LEN]), CipherState(k2[:KEY_LEN])
+        return CipherState(k1[:KEY_LEN], self.cipher_fn), CipherState(k2[:KEY_LEN], self.cipher_fn)
 
 
 class Token(enum.Enum):
@@ -214,14 +255,16 @@ class HandshakeState:
         static: X25519PrivateKey,
         prologue: bytes = b"",
         ephemeral: X25519PrivateKey | None = None,
+        cipher: NoiseCipher = NoiseCipher.CHACHAPOLY,
     ) -> None:
         self.initiator = initiator
+        self.cipher = cipher
         self.s = static
         self.s_pub = _raw_public(static)
         self.e = ephemeral
         self.rs: bytes | None = None
         self.re: bytes | None = None
-        self._sym = SymmetricState(PROTOCOL_NAME)
+        self._sym = SymmetricState(cipher)
         self._sym.mix_hash(prologue)
         self._index = 0
 
@@ -438,17 +481,60 @@ class HandshakePayload:
         return peer
 
 
+# --- cipher negotiation ----------------------------------------------------------
+
+NEGOTIATION_DOMAIN = b"murmur-noise-negotiation-v1"
+MAX_OFFERED_CIPHERS = 8
+
+
+def negotiation_prologue(offer: bytes, choice: NoiseCipher) -> bytes:
+    """The Noise prologue both sides mix in: the initiator's offer (as sent)
+    and the responder's choice. An attacker who rewrites either makes the two
+    handshake hashes differ, so message 2 fails authentication: no silent
+    downgrade."""
+    return NEGOTIATION_DOMAIN + bytes([len(offer)]) + offer + bytes([choice.value])
+
+
+def _encode_offer(ciphers: Sequence[NoiseCipher]) -> bytes:
+    if not 1 <= len(ciphers) <= MAX_OFFERED_CIPHERS or len(set(ciphers)) != len(ciphers):
+        raise ValueError("offer 1 to 8 distinct ciphers")
+    return bytes(c.value for c in ciphers)
+
+
+def _split_offer(record: bytes) -> tuple[bytes, bytes]:
+    """Record 1 is ``n:u8 | n cipher ids | Noise message 1``."""
+    if not record:
+        raise HandshakeError("empty handshake record")
+    n = record[0]
+    if not 1 <= n <= MAX_OFFERED_CIPHERS or len(record) < 1 + n:
+        raise HandshakeError(f"bad cipher offer of {n} entries")
+    offer = record[1 : 1 + n]
+    if len(set(offer)) != n:
+        raise HandshakeError("cipher offer repeats an entry")
+    return offer, record[1 + n :]
+
+
 class Libp2pNoiseHandshake:
-    """The libp2p-noise XX handshake as a sans-IO state machine.
+    """The libp2p-noise XX handshake, with Noise cipher negotiation, as a sans-IO state machine.
 
     Drive it with ``start()`` then ``receive(msg)`` for every handshake message
     that arrives; both return the next message to send (or ``None``). When
-    ``complete`` is true, ``remote_peer`` is the proved identity and ``split()``
-    gives the transport CipherStates.
+    ``complete`` is true, ``remote_peer`` is the proved identity, ``cipher``
+    the negotiated cipher and ``split()`` gives the transport CipherStates.
 
     ``expected`` (a dialler's target) is checked the moment the responder's
     identity is proved, *before* message 3 reveals our own identity to a peer
     we did not mean to talk to.
+
+    Negotiation costs no round trip. The initiator prefixes message 1 with
+    its offer (``ciphers``, most preferred first); the responder takes the
+    first offered cipher it also allows and prefixes message 2 with it. Both
+    then run ``Noise_XX_25519_<cipher>_SHA256`` with the offer and the choice
+    in the prologue (:func:`negotiation_prologue`). XX message 1 is just the
+    ephemeral key with an empty, unencrypted payload, so its bytes do not
+    depend on the cipher: the initiator sends it before it knows the choice
+    and replays it under the chosen protocol when message 2 arrives, with the
+    same ephemeral key (checked to give the same bytes).
     """
 
     def __init__(
@@ -457,39 +543,85 @@ class Libp2pNoiseHandshake:
         initiator: bool,
         static: X25519PrivateKey | None = None,
         expected: PeerId | None = None,
+        ciphers: Sequence[NoiseCipher] | None = None,
     ) -> None:
         self.identity = identity
         self.initiator = initiator
         self.expected = expected
-        self._hs = HandshakeState(initiator, static or X25519PrivateKey.generate())
+        self.ciphers = tuple(ciphers) if ciphers is not None else default_ciphers()
+        self._offer = _encode_offer(self.ciphers)
+        self._static = static or X25519PrivateKey.generate()
+        self._hs: HandshakeState | None = None  # exists once the cipher is settled
+        self._ephemeral: X25519PrivateKey | None = None
+        self._message1: bytes | None = None
         self.remote_peer: PeerId | None = None
 
     @property
+    def cipher(self) -> NoiseCipher | None:
+        return self._hs.cipher if self._hs is not None else None
+
+    @property
     def complete(self) -> bool:
-        return self._hs.complete and self.remote_peer is not None
+        return self._hs is not None and self._hs.complete and self.remote_peer is not None
 
     def _payload(self) -> bytes:
-        return HandshakePayload.sign(self.identity, self._hs.s_pub).encode()
+        return HandshakePayload.sign(self.identity, _raw_public(self._static)).encode()
+
+    def _state(self, offer: bytes, choice: NoiseCipher) -> HandshakeState:
+        return HandshakeState(
+            self.initiator, self._static, negotiation_prologue(offer, choice), self._ephemeral, choice
+        )
 
     def start(self) -> bytes | None:
-        """Message 1 (initiator, empty payload) or ``None`` (responder waits)."""
-        return self._hs.write_message(b"") if self.initiator else None
+        """Record 1 (initiator: offer + message 1) or ``None`` (responder waits)."""
+        if not self.initiator:
+            return None
+        if self._message1 is not None:
+            raise HandshakeError("handshake already started")
+        self._ephemeral = X25519PrivateKey.generate()
+        # Any cipher gives the same message 1; it is rebuilt under the chosen one.
+        self._message1 = self._state(self._offer, self.ciphers[0]).write_message(b"")
+        return bytes([len(self._offer)]) + self._offer + self._message1
 
     def receive(self, message: bytes) -> bytes | None:
-        hs = self._hs
-        payload = hs.read_message(message)
-        if self.initiator:  # got message 2: verify the responder, answer with message 3
-            self._prove(payload)
-            return hs.write_message(self._payload())
-        if not hs.complete:  # got message 1: its payload must be empty
-            if payload:
+        if self.initiator:
+            return self._initiator_receive(message)
+        return self._responder_receive(message)
+
+    def _initiator_receive(self, record: bytes) -> bytes | None:
+        if self._message1 is None or self._hs is not None:
+            raise HandshakeError("unexpected handshake message")
+        if not record:
+            raise HandshakeError("empty handshake record")
+        try:
+            choice = NoiseCipher(record[0])
+        except ValueError:
+            raise HandshakeError(f"responder chose unknown cipher {record[0]}") from None
+        if choice not in self.ciphers:
+            raise HandshakeError(f"responder chose {choice.name}, which we did not offer")
+        hs = self._hs = self._state(self._offer, choice)
+        if hs.write_message(b"") != self._message1:  # same ephemeral key: cannot differ
+            raise HandshakeError("message 1 does not replay under the chosen cipher")
+        self._prove(hs.read_message(record[1:]))  # got message 2: verify the responder
+        return hs.write_message(self._payload())  # answer with message 3
+
+    def _responder_receive(self, record: bytes) -> bytes | None:
+        if self._hs is None:  # record 1: offer + message 1, whose payload must be empty
+            offer, message1 = _split_offer(record)
+            allowed = {c.value for c in self.ciphers}
+            chosen = next((c for c in offer if c in allowed), None)
+            if chosen is None:
+                raise HandshakeError(f"no common cipher: offered {list(offer)}, allowed {sorted(allowed)}")
+            choice = NoiseCipher(chosen)
+            hs = self._hs = self._state(offer, choice)
+            if hs.read_message(message1):
                 raise HandshakeError("message 1 carries a payload")
-            return hs.write_message(self._payload())
-        self._prove(payload)  # got message 3
+            return bytes([choice.value]) + hs.write_message(self._payload())
+        self._prove(self._hs.read_message(record))  # got message 3
         return None
 
     def _prove(self, payload: bytes) -> None:
-        assert self._hs.rs is not None
+        assert self._hs is not None and self._hs.rs is not None
         peer = HandshakePayload.decode(payload).verify(self._hs.rs)
         if self.expected is not None and peer != self.expected:
             raise IdentityMismatch(f"expected {self.expected.short()}, peer proved {peer.short()}")
@@ -499,4 +631,5 @@ class Libp2pNoiseHandshake:
         """``(send, receive)`` CipherStates; only after the peer's identity is proved."""
         if not self.complete:
             raise HandshakeError("handshake is not complete")
+        assert self._hs is not None
         return self._hs.split()

@@ -30,7 +30,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from murmur.errors import (
     FrameError,
@@ -54,7 +54,7 @@ from murmur.protocol.framing import (
 )
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.multiaddr import Multiaddr
-from murmur.protocol.noise import Libp2pNoiseHandshake
+from murmur.protocol.noise import Libp2pNoiseHandshake, NoiseCipher, default_ciphers
 from murmur.protocol.subnets import SubnetKey, subnet_of
 from murmur.tasks import TaskManager
 
@@ -86,8 +86,13 @@ class TransportLimits:
     max_inbound_per_subnet: int = 16  # /24 IPv4, /48 IPv6
     max_peer_rate_bytes_s: float = 512 * 1024 * 1024
     max_peer_buffered_bytes: int = 64 * 1024 * 1024
+    # Noise ciphers, most preferred first: offered in this order when dialling,
+    # the set allowed when accepting. AESGCM leads where AES is in hardware.
+    ciphers: tuple[NoiseCipher, ...] = field(default_factory=default_ciphers)
 
     def __post_init__(self) -> None:
+        if not self.ciphers or len(set(self.ciphers)) != len(self.ciphers):
+            raise ValueError("ciphers must name at least one cipher, each once")
         if self.max_frame <= 0 or self.max_peer_buffered_bytes <= 0 or self.max_peer_rate_bytes_s <= 0:
             raise ValueError("transport sizes and rates must be positive")
         if self.ping_interval_s >= self.idle_timeout_s:
@@ -155,8 +160,10 @@ class SecureConnection:
         outbound: bool,
         limits: TransportLimits,
         conn_no: int,
+        cipher: NoiseCipher = NoiseCipher.CHACHAPOLY,
     ) -> None:
         self.peer_id = peer_id
+        self.cipher = cipher  # negotiated in the handshake
         self.remote = remote
         self.outbound = outbound
         self.bytes_sent = 0
@@ -342,7 +349,9 @@ class _SecureProtocol(asyncio.BufferedProtocol):
         self.outbound = outbound
         self.conn_no = conn_no
         self._limits = owner.limits
-        self._hs = Libp2pNoiseHandshake(owner.identity, initiator=outbound, expected=expected)
+        self._hs = Libp2pNoiseHandshake(
+            owner.identity, initiator=outbound, expected=expected, ciphers=self._limits.ciphers
+        )
         self._hs_reader = LengthPrefixedReader(HANDSHAKE_LENGTH, MAX_HANDSHAKE_MESSAGE, 1, HANDSHAKE_SCRATCH_BYTES)
         self._decoder: FrameDecoder | None = None
         self.conn: SecureConnection | None = None
@@ -442,6 +451,7 @@ class _SecureProtocol(asyncio.BufferedProtocol):
             self.outbound,
             self._limits,
             self.conn_no,
+            send.cipher,
         )
         if not self.handshake_done.done():
             self.handshake_done.set_result(self.conn)
@@ -640,6 +650,7 @@ class Transport:
         log.info(
             "connection open",
             extra={"event": "connected", "conn": conn.name, "peer": str(conn.peer_id),
-                   "remote": f"{conn.remote[0]}:{conn.remote[1]}", "outbound": conn.outbound},
+                   "remote": f"{conn.remote[0]}:{conn.remote[1]}", "outbound": conn.outbound,
+                   "cipher": conn.cipher.name},
         )
         self._tasks.spawn(f"on_connection-{conn.name}", lambda: self._on_connection(conn))

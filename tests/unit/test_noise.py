@@ -15,8 +15,11 @@ from murmur.protocol.noise import (
     HandshakePayload,
     HandshakeState,
     Libp2pNoiseHandshake,
+    NoiseCipher,
     decode_public_key,
+    default_ciphers,
     encode_public_key,
+    negotiation_prologue,
 )
 
 
@@ -28,8 +31,16 @@ def _raw(key: X25519PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
 
-def _reference(initiator: bool, static: X25519PrivateKey, ephemeral: X25519PrivateKey | None = None) -> NoiseConnection:
-    ref = NoiseConnection.from_name(PROTOCOL_NAME)
+def _reference(
+    initiator: bool,
+    static: X25519PrivateKey,
+    ephemeral: X25519PrivateKey | None = None,
+    cipher: NoiseCipher = NoiseCipher.CHACHAPOLY,
+    prologue: bytes | None = None,
+) -> NoiseConnection:
+    ref = NoiseConnection.from_name(cipher.protocol_name)
+    if prologue is not None:
+        ref.set_prologue(prologue)
     ref.set_keypair_from_private_bytes(Keypair.STATIC, _raw(static))
     if ephemeral is not None:
         ref.set_keypair_from_private_bytes(Keypair.EPHEMERAL, _raw(ephemeral))
@@ -62,10 +73,11 @@ def test_known_answer_transcript_matches_reference_byte_for_byte() -> None:
     assert ours.handshake_hash == ref.get_handshake_hash() == responder.get_handshake_hash()
 
 
+@pytest.mark.parametrize("cipher", list(NoiseCipher))
 @pytest.mark.parametrize("ours_initiates", [True, False])
-def test_interop_with_reference_both_roles(ours_initiates: bool) -> None:
-    ours = HandshakeState(ours_initiates, X25519PrivateKey.generate())
-    ref = _reference(not ours_initiates, X25519PrivateKey.generate())
+def test_interop_with_reference_both_roles(ours_initiates: bool, cipher: NoiseCipher) -> None:
+    ours = HandshakeState(ours_initiates, X25519PrivateKey.generate(), cipher=cipher)
+    ref = _reference(not ours_initiates, X25519PrivateKey.generate(), cipher=cipher)
     writer_is_ours = ours_initiates
     for payload in PAYLOADS:
         if writer_is_ours:
@@ -83,16 +95,23 @@ def test_interop_with_reference_both_roles(ours_initiates: bool) -> None:
         assert recv.decrypt_with_ad(b"", ref.encrypt(back)) == back
 
 
-def test_libp2p_payload_travels_through_reference_responder() -> None:
-    """Our libp2p initiator against a reference-Noise responder carrying a libp2p payload."""
+@pytest.mark.parametrize("cipher", list(NoiseCipher))
+def test_libp2p_payload_travels_through_reference_responder(cipher: NoiseCipher) -> None:
+    """Our libp2p initiator against a reference-Noise responder carrying a libp2p
+    payload, under each cipher: the negotiated handshake is that cipher's
+    standard Noise protocol with the offer and choice as its prologue."""
     alice, bob = Identity.generate(), Identity.generate()
     bob_static = X25519PrivateKey.generate()
-    ref = _reference(False, bob_static)
     alice_static = X25519PrivateKey.generate()
-    ours = Libp2pNoiseHandshake(alice, initiator=True, static=alice_static, expected=bob.peer_id)
-    ref.read_message(ours.start())
+    ours = Libp2pNoiseHandshake(alice, initiator=True, static=alice_static, expected=bob.peer_id, ciphers=[cipher])
+    record1 = ours.start()
+    assert record1 is not None and record1[:2] == bytes([1, cipher.value])
+    offer = record1[1:2]
+    ref = _reference(False, bob_static, cipher=cipher, prologue=negotiation_prologue(offer, cipher))
+    ref.read_message(record1[2:])
     bob_payload = HandshakePayload.sign(bob, bob_static.public_key().public_bytes_raw()).encode()
-    m3 = ours.receive(ref.write_message(bob_payload))
+    m3 = ours.receive(bytes([cipher.value]) + ref.write_message(bob_payload))
+    assert ours.cipher is cipher
     assert ours.remote_peer == bob.peer_id
     alice_payload = HandshakePayload.decode(ref.read_message(m3))  # type: ignore[arg-type]
     assert ref.handshake_finished
@@ -167,8 +186,9 @@ def test_tampered_handshake_message_fails_authentication() -> None:
 
 def test_message_one_with_payload_and_out_of_turn_messages_rejected() -> None:
     resp = Libp2pNoiseHandshake(Identity.generate(), False)
-    with pytest.raises(HandshakeError):
-        resp.receive(bytes(32) + b"early data")
+    offer = bytes([1, NoiseCipher.CHACHAPOLY.value])
+    with pytest.raises(HandshakeError, match="payload"):
+        resp.receive(offer + bytes(range(1, 33)) + b"early data")
     init = Libp2pNoiseHandshake(Identity.generate(), True)
     init.start()
     with pytest.raises(HandshakeError):
@@ -217,3 +237,76 @@ def test_public_key_parser_accepts_only_canonical_ed25519() -> None:
     ):
         with pytest.raises(HandshakeError):
             decode_public_key(bad)
+
+
+# --- cipher negotiation ------------------------------------------------------------
+
+
+def _pair(init_ciphers=None, resp_ciphers=None):  # type: ignore[no-untyped-def]
+    return (Libp2pNoiseHandshake(Identity.generate(), True, ciphers=init_ciphers),
+            Libp2pNoiseHandshake(Identity.generate(), False, ciphers=resp_ciphers))
+
+
+@pytest.mark.parametrize(
+    ("init_ciphers", "resp_ciphers", "agreed"),
+    [
+        (None, None, default_ciphers()[0]),
+        ([NoiseCipher.AESGCM, NoiseCipher.CHACHAPOLY], [NoiseCipher.CHACHAPOLY], NoiseCipher.CHACHAPOLY),
+        ([NoiseCipher.CHACHAPOLY, NoiseCipher.AESGCM], [NoiseCipher.AESGCM, NoiseCipher.CHACHAPOLY],
+         NoiseCipher.CHACHAPOLY),  # the initiator's preference wins among allowed ones
+        ([NoiseCipher.AESGCM], None, NoiseCipher.AESGCM),
+    ],
+)
+def test_negotiated_cipher_keys_both_directions(init_ciphers, resp_ciphers, agreed) -> None:  # type: ignore[no-untyped-def]
+    init, resp = _pair(init_ciphers, resp_ciphers)
+    _run(init, resp)
+    assert init.cipher is resp.cipher is agreed
+    (i_send, i_recv), (r_send, r_recv) = init.split(), resp.split()
+    assert i_send.cipher is r_recv.cipher is agreed
+    assert r_recv.open(_seal(i_send, b"x")) == b"x"
+    assert i_recv.open(_seal(r_send, b"y")) == b"y"
+
+
+def test_no_common_cipher_is_refused() -> None:
+    init, resp = _pair([NoiseCipher.CHACHAPOLY], [NoiseCipher.AESGCM])
+    with pytest.raises(HandshakeError, match="no common cipher"):
+        resp.receive(init.start())  # type: ignore[arg-type]
+
+
+def test_rewritten_offer_is_a_detected_downgrade() -> None:
+    """An attacker strips AESGCM from the offer: the responder picks ChaChaPoly
+    honestly, but the initiator's prologue holds the real offer, so message 2
+    fails authentication instead of a silent downgrade."""
+    init, resp = _pair([NoiseCipher.AESGCM, NoiseCipher.CHACHAPOLY], None)
+    record1 = init.start()
+    assert record1 is not None
+    forged = bytes([1, NoiseCipher.CHACHAPOLY.value]) + record1[3:]
+    record2 = resp.receive(forged)
+    assert record2 is not None and record2[0] == NoiseCipher.CHACHAPOLY.value
+    with pytest.raises(HandshakeError, match="authentication"):
+        init.receive(record2)
+    assert init.remote_peer is None
+
+
+def test_rewritten_choice_is_detected() -> None:
+    init, resp = _pair([NoiseCipher.AESGCM, NoiseCipher.CHACHAPOLY], None)
+    record2 = bytearray(resp.receive(init.start()))  # type: ignore[arg-type]
+    record2[0] = NoiseCipher.CHACHAPOLY.value if record2[0] == NoiseCipher.AESGCM.value else NoiseCipher.AESGCM.value
+    with pytest.raises(HandshakeError, match="authentication"):
+        init.receive(bytes(record2))
+
+
+@pytest.mark.parametrize("choice", [0, 9, NoiseCipher.CHACHAPOLY.value])
+def test_choice_outside_the_offer_is_refused(choice: int) -> None:
+    init, resp = _pair([NoiseCipher.AESGCM], None)
+    record2 = bytearray(resp.receive(init.start()))  # type: ignore[arg-type]
+    record2[0] = choice
+    with pytest.raises(HandshakeError):
+        init.receive(bytes(record2))
+
+
+@pytest.mark.parametrize("offer", [b"", b"\x00", b"\x09" + bytes(9), b"\x02\x01\x01", b"\x03\x01\x02"])
+def test_malformed_offer_is_a_handshake_error(offer: bytes) -> None:
+    _, resp = _pair()
+    with pytest.raises(HandshakeError):
+        resp.receive(offer + bytes(range(1, 33)))
