@@ -16,6 +16,7 @@ from murmur.protocol.delta import (
     DeltaAssembler,
     DeltaSender,
     Misaddressed,
+    PREFAULT_MIN_BYTES,
     ReplayGuard,
     SenderMismatch,
     StaleRound,
@@ -105,6 +106,19 @@ def test_fp32_result_is_a_view_of_the_assembly_buffer() -> None:
     buffer = np.frombuffer(assembler.buffer_view(ALICE.peer_id, msgs[0].transfer_id), np.uint8)
     done = assembler.feed(ALICE.peer_id, msgs[-1])
     assert np.shares_memory(done.array, buffer)
+
+
+def test_large_delta_lands_in_a_prefaulted_mapping_that_outlives_the_assembler() -> None:
+    array = delta(PREFAULT_MIN_BYTES // 4 * 3 + 5)  # several MiB: the mmap path
+    _, msgs = send(array, chunk_bytes=256 * 1024)
+    assembler = DeltaAssembler(BOB.peer_id)
+    feed_all(assembler, msgs[:-1])
+    assert assembler.buffered_bytes == array.nbytes
+    done = assembler.feed(ALICE.peer_id, msgs[-1])
+    del assembler, msgs
+    assert done.array.flags.writeable and np.array_equal(done.array, array)
+    done.array[0] += 1.0  # the node may update it in place
+    assert done.array[0] == array[0] + 1.0
 
 
 def test_empty_delta_is_fine() -> None:
