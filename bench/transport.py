@@ -1,30 +1,37 @@
 """Transport throughput and handshake latency, sender and receiver in separate OS processes.
 
 (a) raw uvloop TCP, no framing, no crypto: the ceiling on this machine. The
-    receiver lands the bytes in one buffer of the announced size, received
-    into directly (``BufferedProtocol``), as the delta assembler does; the
-    figure where it only counts bytes through one small reused buffer is
-    reported too (``raw_discard_*``) but it is not delivery: nothing of the
-    payload is left in the receiving process.
+    receiver lands the bytes in one ``bytearray`` of the announced size,
+    received into directly (``BufferedProtocol``); this is the baseline of
+    ``ratio_*``. Two more raw figures, for transparency, not as the baseline:
+    ``raw_prefault_*`` lands in the same kind of buffer the delta assembler
+    uses (:func:`~murmur.protocol.delta.landing_buffer`, kernel-prefaulted),
+    so ``ratio_vs_prefault_*`` is murmur against a baseline given the same
+    allocation trick; ``raw_discard_*`` only counts bytes through one small
+    reused buffer, which is not delivery (nothing of the payload is left in
+    the receiving process).
 (b) murmur: Noise-authenticated, AEAD-framed SecureConnection carrying a real
     signed FP32 delta (DeltaSender -> messages -> DeltaAssembler, which checks
     hash, signature and replay before the receiver acknowledges), chunked as
-    the node chunks it (``DEFAULT_CHUNK_BYTES``).
+    the node chunks it (``DEFAULT_CHUNK_BYTES``), with the cipher the node's
+    default limits negotiate (``--cipher`` restricts both ends to one).
 
 Every transfer is timed at the sender from the first byte until the
 receiver's one-byte acknowledgement, i.e. until the other process holds all
 of it. The variants run interleaved (raw, discard, murmur, raw, ...) over
 ``REPEATS`` rounds so load from other processes on a shared box hits all
-three alike; each figure is the median. The last output line is one JSON
+variants alike; each figure is the median. The last output line is one JSON
 object with every figure.
 
-    .venv/bin/python bench/transport.py
+    .venv/bin/python bench/transport.py [--sizes 1,10,50] [--repeats 7] [--cipher AESGCM|CHACHAPOLY]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
+import enum
 import json
 import multiprocessing as mp
 import os
@@ -38,10 +45,11 @@ from dataclasses import dataclass
 import numpy as np
 import uvloop
 
-from murmur.protocol.delta import DEFAULT_CHUNK_BYTES, DeltaAssembler, DeltaSender
+from murmur.protocol.delta import DEFAULT_CHUNK_BYTES, DeltaAssembler, DeltaSender, landing_buffer
 from murmur.protocol.identity import Identity
 from murmur.protocol.messages import decode
 from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.noise import NoiseCipher
 from murmur.protocol.transport import SecureConnection, Transport, TransportLimits
 
 SIZES_MIB = (1, 10, 50)
@@ -52,7 +60,22 @@ MIB = 1024 * 1024
 SIZE_HEADER = struct.Struct(">Q")
 DISCARD_BUFFER = 256 * 1024
 RECEIVER_SEED = bytes(range(32))
-LIMITS = TransportLimits()  # the node's defaults, on both ends
+LIMITS = TransportLimits()  # the node's defaults, on both ends (``--cipher`` narrows ``ciphers``)
+
+
+class Landing(enum.Enum):
+    """Where a raw receiver puts the bytes."""
+
+    BYTEARRAY = "bytearray"  # the baseline: one fresh bytearray of the announced size
+    PREFAULTED = "prefaulted"  # the delta assembler's landing_buffer()
+    DISCARD = "discard"  # one small reused buffer, nothing kept
+
+
+@dataclass(frozen=True)
+class Options:
+    sizes_mib: tuple[int, ...] = SIZES_MIB
+    repeats: int = REPEATS
+    limits: TransportLimits = LIMITS
 
 
 class CpuMeter:
@@ -71,20 +94,17 @@ class CpuMeter:
 
 @dataclass(frozen=True)
 class Endpoints:
-    raw_port: int
-    discard_port: int
+    raw_ports: dict[Landing, int]
     murmur_addr: str
 
 
 class _RawSink(asyncio.BufferedProtocol):
-    """Receives one announced-size transfer at a time and acknowledges it.
+    """Receives one announced-size transfer at a time and acknowledges it,
+    landing it as ``landing`` says (fresh per transfer unless discarded)."""
 
-    ``keep=True``: straight into a buffer of the announced size, fresh per
-    transfer like the delta assembler's. ``keep=False``: through one small
-    reused buffer, thrown away (the cheapest possible receiver)."""
-
-    def __init__(self, keep: bool, meter: CpuMeter) -> None:
-        self.keep = keep
+    def __init__(self, landing: Landing, meter: CpuMeter) -> None:
+        self.keep = landing is not Landing.DISCARD
+        self.allocate = bytearray if landing is Landing.BYTEARRAY else landing_buffer
         self.meter = meter
         self.scratch = memoryview(bytearray(DISCARD_BUFFER))
         self.header = bytearray(SIZE_HEADER.size)
@@ -107,14 +127,14 @@ class _RawSink(asyncio.BufferedProtocol):
         if self.size < 0:
             if self.filled == SIZE_HEADER.size:
                 (self.size,) = SIZE_HEADER.unpack(self.header)
-                self.body = memoryview(bytearray(self.size)) if self.keep else self.scratch
+                self.body = memoryview(self.allocate(self.size)) if self.keep else self.scratch
                 self.filled = 0
         elif self.filled == self.size:
             self.tr.write(self.meter.ack())  # type: ignore[attr-defined]
             self.size, self.filled = -1, 0
 
 
-async def _receiver_main(conn_end: mp.connection.Connection) -> None:
+async def _receiver_main(conn_end: mp.connection.Connection, limits: TransportLimits) -> None:
     identity = Identity.from_seed(RECEIVER_SEED)
     assembler = DeltaAssembler(identity.peer_id)
     meter = CpuMeter()
@@ -129,22 +149,21 @@ async def _receiver_main(conn_end: mp.connection.Connection) -> None:
                 await conn.send(meter.ack())
 
     loop = asyncio.get_running_loop()
-    raw_server = await loop.create_server(lambda: _RawSink(keep=True, meter=meter), "127.0.0.1", 0)
-    discard_server = await loop.create_server(lambda: _RawSink(keep=False, meter=meter), "127.0.0.1", 0)
-    async with Transport(identity, on_connection, LIMITS) as transport:
+    servers = {
+        landing: await loop.create_server(lambda landing=landing: _RawSink(landing, meter), "127.0.0.1", 0)
+        for landing in Landing
+    }
+    async with Transport(identity, on_connection, limits) as transport:
         (addr,) = await transport.listen("127.0.0.1", 0)
-        conn_end.send(
-            Endpoints(
-                raw_server.sockets[0].getsockname()[1], discard_server.sockets[0].getsockname()[1], str(addr)
-            )
-        )
+        ports = {landing: server.sockets[0].getsockname()[1] for landing, server in servers.items()}
+        conn_end.send(Endpoints(ports, str(addr)))
         await loop.run_in_executor(None, conn_end.recv)  # until the sender says stop
-    raw_server.close()
-    discard_server.close()
+    for server in servers.values():
+        server.close()
 
 
-def receiver(conn_end: mp.connection.Connection) -> None:
-    uvloop.run(_receiver_main(conn_end))
+def receiver(conn_end: mp.connection.Connection, limits: TransportLimits) -> None:
+    uvloop.run(_receiver_main(conn_end, limits))
 
 
 class _RawSource(asyncio.Protocol):
@@ -227,36 +246,40 @@ async def handshake_figures(transport: Transport, addr: Multiaddr) -> dict[str, 
     }
 
 
-async def sender_main(endpoints: Endpoints) -> dict[str, object]:
+async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, object]:
     identity = Identity.generate()
     addr = Multiaddr.parse(endpoints.murmur_addr)
+    limits = options.limits
     results: dict[str, object] = {
         "delta_stream": True,
-        "repeats": REPEATS,
-        "sizes_mib": list(SIZES_MIB),
+        "repeats": options.repeats,
+        "sizes_mib": list(options.sizes_mib),
         "chunk_bytes": DEFAULT_CHUNK_BYTES,
-        "limits": {k: v for k, v in dataclasses.asdict(LIMITS).items() if "bytes" in k or k == "max_frame"},
+        "limits": {k: v for k, v in dataclasses.asdict(limits).items() if "bytes" in k or k == "max_frame"},
     }
-    async with Transport(identity, _ignore, LIMITS) as transport:
+    async with Transport(identity, _ignore, limits) as transport:
         results.update(await handshake_figures(transport, addr))
         print(f"connect+handshake: median {results['connect_handshake_ms_median']} ms, "
               f"p90 {results['connect_handshake_ms_p90']} ms over {HANDSHAKES}")
 
         conn = await transport.dial(addr)
-        raw = await RawLink.open(endpoints.raw_port)
-        discard = await RawLink.open(endpoints.discard_port)
+        results["cipher"] = conn.cipher.protocol_name.decode()
+        raw = await RawLink.open(endpoints.raw_ports[Landing.BYTEARRAY])
+        prefault = await RawLink.open(endpoints.raw_ports[Landing.PREFAULTED])
+        discard = await RawLink.open(endpoints.raw_ports[Landing.DISCARD])
         rng = np.random.default_rng(0)
         round_ = 0
-        for size in SIZES_MIB:
+        for size in options.sizes_mib:
             array = rng.standard_normal(size * MIB // 4, dtype=np.float32)
             payload = memoryview(array).cast("B")
-            samples: dict[str, list[Sample]] = {"raw": [], "discard": [], "murmur": []}
+            samples: dict[str, list[Sample]] = {"raw": [], "prefault": [], "discard": [], "murmur": []}
             variants: dict[str, Callable[[], Awaitable[Sample]]] = {
                 "raw": lambda: raw.transfer(payload),
+                "prefault": lambda: prefault.transfer(payload),
                 "discard": lambda: discard.transfer(payload),
                 "murmur": lambda: murmur_transfer(conn, identity, array, round_),
             }
-            for _ in range(REPEATS):
+            for _ in range(options.repeats):
                 for name, run in variants.items():
                     samples[name].append(await run())
                 round_ += 1
@@ -266,26 +289,40 @@ async def sender_main(endpoints: Endpoints) -> dict[str, object]:
                     ms = 1000 * statistics.median(getattr(x, f"{side}_cpu_s") for x in xs) / size
                     results[f"{name}_{side}_cpu_ms_per_mib_{size}"] = round(ms, 3)
             results[f"raw_mib_s_{size}"] = round(rate["raw"], 1)
+            results[f"raw_prefault_mib_s_{size}"] = round(rate["prefault"], 1)
             results[f"raw_discard_mib_s_{size}"] = round(rate["discard"], 1)
             results[f"murmur_mib_s_{size}"] = round(rate["murmur"], 1)
             results[f"ratio_{size}"] = round(rate["murmur"] / rate["raw"], 3)
+            results[f"ratio_vs_prefault_{size}"] = round(rate["murmur"] / rate["prefault"], 3)
             results[f"ratio_vs_discard_{size}"] = round(rate["murmur"] / rate["discard"], 3)
-            print(f"{size:>3} MiB: raw TCP {rate['raw']:7.1f} MiB/s (discarding {rate['discard']:7.1f}) | "
-                  f"murmur (signed delta) {rate['murmur']:7.1f} MiB/s | ratio {rate['murmur'] / rate['raw']:.2f}")
-        raw.tr.close()
-        discard.tr.close()
+            print(f"{size:>3} MiB: raw TCP {rate['raw']:7.1f} MiB/s (prefaulted {rate['prefault']:7.1f}, "
+                  f"discarding {rate['discard']:7.1f}) | murmur (signed delta) {rate['murmur']:7.1f} MiB/s | "
+                  f"ratio {rate['murmur'] / rate['raw']:.2f}")
+        for link in (raw, prefault, discard):
+            link.tr.close()
         await conn.close()
     return results
 
 
+def parse_options(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES_MIB)), help="MiB, comma-separated")
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--cipher", choices=[c.name for c in NoiseCipher], help="only this cipher, both ends")
+    args = parser.parse_args(argv)
+    limits = LIMITS if args.cipher is None else dataclasses.replace(LIMITS, ciphers=(NoiseCipher[args.cipher],))
+    return Options(tuple(int(x) for x in args.sizes.split(",")), args.repeats, limits)
+
+
 def main() -> None:
+    options = parse_options()
     ctx = mp.get_context("spawn")
     parent_end, child_end = ctx.Pipe()
-    proc = ctx.Process(target=receiver, args=(child_end,), name="bench-receiver")
+    proc = ctx.Process(target=receiver, args=(child_end, options.limits), name="bench-receiver")
     proc.start()
     try:
         endpoints: Endpoints = parent_end.recv()
-        results = uvloop.run(sender_main(endpoints))
+        results = uvloop.run(sender_main(endpoints, options))
     finally:
         parent_end.send("stop")
         proc.join(10)
