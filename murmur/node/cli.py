@@ -25,11 +25,12 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import uvloop
 
 from murmur.errors import ConfigError, MurmurError, StateError
+from murmur.fastexit import exit_after_shutdown
 from murmur.node.config import (
     NodeConfig,
     LogFormat,
@@ -306,5 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def run() -> NoReturn:
+    """The ``murmur`` console entry: :func:`main`, then leave without the
+    interpreter's teardown (see :mod:`murmur.fastexit`): a stopped daemon has
+    persisted everything, and a slow exit only eats a supervisor's grace period."""
+    exit_after_shutdown(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

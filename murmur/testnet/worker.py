@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from murmur.errors import ConfigError, MurmurError
+from murmur.fastexit import exit_after_shutdown
 from murmur.node.config import NodeConfig, load_config
 from murmur.node.daemon import Node
 from murmur.node.logs import configure_logging
@@ -242,4 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The nodes have stopped and persisted when main returns: skip the slow
+    # interpreter teardown that ate the controller's SIGTERM grace (murmur.fastexit).
+    exit_after_shutdown(main())
