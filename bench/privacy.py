@@ -26,22 +26,21 @@ Poisson sampling).
 
 Schemes: DECOR and CorN are calibrated with ``NoiseObjective.RUN`` (the split
 between local and pairwise noise that minimises the noise left after T rounds
-of mixing); ``decor-1step`` is DECOR with the one-step objective, the node's
-default, for comparison. Central DP is simulated as every node adding σ_ldp/√n local noise
-(the same noise in the network mean as a trusted curator's; it protects no
-single message — the reference only). Residual ratios are tr(WΣWᵀ) relative
-to LDP for the noise each scheme injects on the torus (SPECS §4).
+of mixing; the node's default); ``decor-1step`` is DECOR with the one-step
+objective, for comparison. Central DP is simulated as every node adding
+σ_ldp/√n local noise (the same noise in the network mean as a trusted
+curator's; it protects no single message — the reference only). Residual
+ratios are tr(WΣWᵀ) relative to LDP for the noise each scheme injects on the
+torus (SPECS §4).
 
-Finding (T=500, this file's full run): with the engine as is, DECOR/CorN do
-not reach central DP (ε=0.1: central 0.674, DECOR 0.569, LDP 0.496) although
-the average public model carries only σ_cdp ≈ 1.14·σ_central of local noise:
-the engine takes each gradient at the private model x_i = s_i − Σ_t noise_i^t,
-which keeps the node's own pairwise terms un-cancelled forever (private-model
-accuracy 0.16). ``--train-from public`` takes the gradient at s_i (DECOR's
-algorithm); measured (T=150, ε=0.1): central 0.652, DECOR 0.641, LDP 0.589.
+Every run trains from the public model (``TrainFrom.PUBLIC``, DECOR's
+algorithm): example-level accounting holds only for gradients taken at a point
+that is a function of released messages (see ``murmur.learning.rounds``).
+Rows report the mean accuracy of the models the nodes hold and of the network
+average.
 
-Also: SybilWall with DECOR on, 8 nodes, label-flip attacker with 4 Sybils
-(digits-mlp, user level).
+Also: SybilWall with example-level DECOR in the 8-node Sybil scenario
+(:func:`sybil_check`).
 
 Usage: python bench/privacy.py [--quick] [--rounds T] [--lr LR] [--no-sybil | --sybil-only]; last line is JSON.
 """
@@ -72,7 +71,7 @@ from murmur.learning.privacy.noise import NoiseConfig, UniformEdgeScale  # noqa:
 from murmur.learning.privacy.seeds import PairwiseSeeds  # noqa: E402
 from murmur.learning.rounds import Perturber  # noqa: E402
 from murmur.learning import simulate  # noqa: E402
-from murmur.learning.rounds import RoundEngine, RoundReport  # noqa: E402
+from murmur.learning.rounds import RoundEngine, RoundReport, TrainFrom  # noqa: E402
 from murmur.learning.simulate import (  # noqa: E402
     PerturberFactory,
     SimConfig,
@@ -145,74 +144,48 @@ class Setup:
     lr: float
     epsilons: tuple[float, ...]
     max_test_samples: int  # 0: the whole test set
-    train_from_public: bool = False  # PublicTrainingEngine instead of PublicModelEngine
 
     def trainer_options(self) -> dict[str, object]:
         return {"lr": self.lr, "batch_size": BATCH, "momentum": 0.0, "local_steps": 1, "dp_clip": C_EX,
                 "max_test_samples": self.max_test_samples}
 
 
-class PublicModelEngine(RoundEngine):
-    """Evaluates the *public* model s_i (what neighbours mix: DECOR's x_i,
-    D-SGD on noisy updates) next to the engine's private model.
+class CollectingEngine(RoundEngine):
+    """Keeps every node's model at its last evaluation, to score the network average.
 
-    Why: the engine keeps x_i = s_i − (the node's own noise summed over all
-    rounds) — the kept model never adds the node's own noise, but the mixing
-    step c_i = agg(ŝ_j) − s_i is taken against the noisy s_i, so x_i carries
-    its own cumulative noise *un-averaged* (variance T·σ² per coordinate,
-    pairwise terms included). DECOR and the SPECS anchors evaluate s_i.
-    ``privates`` collects the private accuracies of the last evaluation.
+    The runs train from the public model (``TrainFrom.PUBLIC``, required for
+    example-level accounting), so the model a node holds *is* its public model
+    s_i — what DECOR evaluates. The network average is reported too: there
+    every pairwise term cancels and only the local noise is left.
     """
 
-    privates: ClassVar[list[float]] = []
-    publics: ClassVar[list[torch.Tensor]] = []
+    models: ClassVar[list[torch.Tensor]] = []
 
     def finish_round(self, evaluate: bool = False) -> RoundReport:
         report = super().finish_round(evaluate=evaluate)
-        if evaluate and report.eval is not None:
-            type(self).privates.append(report.eval.accuracy)
-            private = self.trainer.get_flat()
-            public = self.public + self._consensus  # s_i after this round's mixing
-            type(self).publics.append(public)
-            self.trainer.set_flat(public)
-            report.eval = self.trainer.evaluate()
-            self.trainer.set_flat(private)
-        return report
-
-
-class PublicTrainingEngine(PublicModelEngine):
-    """DECOR's algorithm: each round's gradient is taken at the public model
-    (x_i := s_i after mixing), so no node keeps its own cumulative noise.
-    ``--train-from public``: what the engine would do with that change."""
-
-    def finish_round(self, evaluate: bool = False) -> RoundReport:
-        report = super().finish_round(evaluate=evaluate)
-        self.trainer.set_flat(self.public + self._consensus)
+        if evaluate:
+            type(self).models.append(self.trainer.get_flat())
         return report
 
 
 @dataclass(frozen=True)
 class Accuracies:
-    public: float  # mean over nodes of the public model s_i (what DECOR reports)
-    private: float  # mean over nodes of the engine's private model x_i
-    average: float  # the network-average public model (pairwise noise cancels exactly)
+    node: float  # mean over nodes of the model each node holds (its public model)
+    average: float  # the network-average model (pairwise noise cancels exactly)
 
 
-def run_all(cfg: SimConfig, perturbers: PerturberFactory, evaluator: TorchTrainer,
-            engine: type[PublicModelEngine] = PublicModelEngine) -> Accuracies:
+def run_all(cfg: SimConfig, perturbers: PerturberFactory, evaluator: TorchTrainer) -> Accuracies:
     """Accuracies at the end of ``cfg``; ``evaluator`` scores the average model."""
-    PublicModelEngine.privates.clear()
-    PublicModelEngine.publics.clear()
+    CollectingEngine.models.clear()
     original = simulate.RoundEngine
-    simulate.RoundEngine = engine  # type: ignore[misc]  # the simulator has no engine hook (yet)
+    simulate.RoundEngine = CollectingEngine  # type: ignore[misc]  # the simulator has no engine hook (yet)
     try:
-        public = run_simulation(cfg, perturber_factory=perturbers).final.mean_accuracy
+        node = run_simulation(cfg, perturber_factory=perturbers).final.mean_accuracy
     finally:
         simulate.RoundEngine = original  # type: ignore[misc]
     n = len(cfg.graph or ())
-    privates, publics = PublicModelEngine.privates[-n:], PublicModelEngine.publics[-n:]
-    evaluator.set_flat(torch.stack(publics).mean(dim=0))
-    return Accuracies(public, sum(privates) / n, evaluator.evaluate().accuracy)
+    evaluator.set_flat(torch.stack(CollectingEngine.models[-n:]).mean(dim=0))
+    return Accuracies(node, evaluator.evaluate().accuracy)
 
 
 class AllCommitted:
@@ -275,11 +248,11 @@ def noise_multiplier(plan: PrivacyPlan | None) -> tuple[float, float]:
 
 
 Table = dict[str, dict[str, float]]
-MODEL_KINDS = ("public", "private", "average")
+MODEL_KINDS = ("node", "average")
 
 
 def accuracy_table(setup: Setup) -> tuple[dict[str, Table], Table, float]:
-    """Tables keyed by model kind (public, private, average), the residual ratios, and q."""
+    """Tables keyed by model kind (node, average), the residual ratios, and q."""
     graph = torus(TORUS_SIDE)
     seeds = identities(len(graph))
     exchange(graph, seeds)
@@ -288,7 +261,7 @@ def accuracy_table(setup: Setup) -> tuple[dict[str, Table], Table, float]:
                                                     options=setup.trainer_options()))
     q = BATCH / evaluator.train_size
     cfg = SimConfig(trainer=TRAINER_SPEC, trainer_options=setup.trainer_options(), graph=graph, partition="iid",
-                    rounds=setup.rounds, local_steps=1, eval_every=setup.rounds, seed=0)
+                    rounds=setup.rounds, local_steps=1, eval_every=setup.rounds, seed=0, train_from=TrainFrom.PUBLIC)
     t0 = time.time()
     tables: dict[str, Table] = {kind: {} for kind in MODEL_KINDS}
     ratios: Table = {}
@@ -304,14 +277,13 @@ def accuracy_table(setup: Setup) -> tuple[dict[str, Table], Table, float]:
             if scheme is Scheme.NONE and none_acc is not None:
                 acc = none_acc  # no noise: ε does not matter
             else:
-                engine = PublicTrainingEngine if setup.train_from_public else PublicModelEngine
-                acc = run_all(cfg, factory(plan, peers, seeds), evaluator, engine)
+                acc = run_all(cfg, factory(plan, peers, seeds), evaluator)
             if scheme is Scheme.NONE:
                 none_acc = acc
             for kind, table in tables.items():
                 table[scheme.value][str(eps)] = getattr(acc, kind)
             z_local, z_edge = noise_multiplier(plan)
-            print(f"{scheme.value:11s} eps={eps:<5} public={acc.public:.4f} private={acc.private:.4f} "
+            print(f"{scheme.value:11s} eps={eps:<5} node={acc.node:.4f} "
                   f"average={acc.average:.4f} z_local={z_local:.3g} z_edge={z_edge:.3g} ({time.time() - t0:.0f}s)",
                   flush=True)
     return tables, ratios, q
@@ -337,7 +309,7 @@ def sybil_check(quick: bool) -> list[dict[str, object]]:
     Sybils' histories stay identical while honest histories carry noise — the
     case SybilWall has to survive. q is the largest node's rate (the smallest
     local dataset: Dirichlet leaves some nodes ~40 examples), so every node is
-    accounted at ≤ ε. Rows: aggregator × privacy, final private-model accuracy,
+    accounted at ≤ ε. Rows: aggregator × privacy, final mean node accuracy,
     attack success rate, and the weight an honest node gave a Sybil.
     """
     rounds = QUICK_SYBIL_ROUNDS if quick else SYBIL_ROUNDS
@@ -348,7 +320,7 @@ def sybil_check(quick: bool) -> list[dict[str, object]]:
     peers = [s.me for s in seeds]
     options = {"lr": SYBIL_LR, "batch_size": SYBIL_BATCH, "momentum": 0.0, "local_steps": 1, "dp_clip": C_EX}
     base = SimConfig(attack=SYBIL_ATTACK, nodes=SYBIL_NODES, graph=graph, rounds=rounds, eval_every=rounds, seed=0,
-                     trainer_options=options, local_steps=1)
+                     trainer_options=options, local_steps=1, train_from=TrainFrom.PUBLIC)
     trainer_cls = load_trainer(base.trainer)
     smallest = min(trainer_cls(TrainerContext(i, SYBIL_NODES + 1, base.seed, partition=base.partition,
                                               alpha=base.alpha, options=options)).train_size
@@ -392,8 +364,6 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--no-sybil", action="store_true")
     ap.add_argument("--sybil-only", action="store_true", help="only the SybilWall-with-privacy rows")
-    ap.add_argument("--train-from", choices=("private", "public"), default="private",
-                    help="private: the engine as is; public: gradients at the public model (DECOR)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     absl_logging.set_verbosity(absl_logging.ERROR)  # dp_accounting: non-converging low orders are skipped
@@ -402,7 +372,6 @@ def main() -> None:
         lr=args.lr,
         epsilons=QUICK_EPSILONS if args.quick else EPSILONS,
         max_test_samples=QUICK_TEST_SAMPLES if args.quick else 0,
-        train_from_public=args.train_from == "public",
     )
     t0 = time.time()
     if args.sybil_only:
@@ -425,7 +394,7 @@ def main() -> None:
     print(f"target (within 2 points of central at ε≥0.1 and above LDP): {met}")
     sybil = None if args.no_sybil else sybil_check(args.quick)
     print(json.dumps({"bench": "privacy", "level": "example", "rounds": setup.rounds, "batch": BATCH, "q": q,
-                      "lr": setup.lr, "clip_example": C_EX, "train_from": args.train_from, "delta": DELTA, "trainer": "fashion-linear",
+                      "lr": setup.lr, "clip_example": C_EX, "delta": DELTA, "trainer": "fashion-linear",
                       "topology": "torus(4)", "accuracy": tables, "residual_ratio": ratios, "target_met": met,
                       "sybilwall": sybil, "seconds": round(time.time() - t0, 1)}))
 

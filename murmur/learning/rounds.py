@@ -27,7 +27,8 @@ of public models only) is post-processing of noisy updates. The private model
 never contains the node's own noise; its gap to s_i shrinks by W_ii each
 round rather than accumulating (an earlier x_i = s_i − Σ own noise kept a
 random walk of the node's own uncancelled pairwise terms: DECOR private
-accuracy 0.16 at ε = 0.1, bench/privacy.py).
+accuracy 0.16 at ε = 0.1, bench/privacy.py). Example-level DP-SGD must train
+from the public model instead (``RoundConfig.train_from``, :class:`TrainFrom`).
 
 The engine is *sans-IO*: it never waits, sleeps or opens a socket. The node
 daemon and :mod:`murmur.learning.simulate` drive the same code: ``open_round``
@@ -103,11 +104,33 @@ class Perturber(Protocol):
     def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor: ...
 
 
+class TrainFrom(enum.Enum):
+    """Which model the next round's local training starts from.
+
+    PRIVATE: the node's own model x_i (its clean update mixed with the
+    neighbours' public models). Fine when privacy comes from clipping the
+    whole round delta (user level): the clip bounds what is sent whatever
+    point it was computed at, so adaptive composition holds.
+
+    PUBLIC: the public model s_i, a function of released (noised) messages
+    only. Required for example-level DP-SGD: the per-example sensitivity
+    lr·C/B holds only when the gradient is taken at a point that does not
+    itself depend on the data beyond what was released; x_i does (it keeps
+    the node's un-noised updates), so two datasets differing in one example
+    would train from different points and every gradient could differ.
+    This is DECOR's algorithm.
+    """
+
+    PRIVATE = "private"
+    PUBLIC = "public"
+
+
 @dataclass(frozen=True)
 class RoundConfig:
     local_steps: int | None = None  # None: the trainer's own default
     quorum: float = 1.0  # fraction of this round's neighbours whose messages close the round early
     max_future_rounds: int = MAX_FUTURE_ROUNDS
+    train_from: TrainFrom = TrainFrom.PRIVATE
 
     def __post_init__(self) -> None:
         if not 0.0 < self.quorum <= 1.0:
@@ -301,7 +324,8 @@ class RoundEngine:
         peers = list(pending.received)
         models = [pending.received[p].model for p in peers]  # ŝ_j, public half-step models
         private_half = self.trainer.get_flat() + pending.own_delta  # x_i + Δ_i, never noised
-        noised = self.perturber is not None
+        # A separate private model exists only when what we send is noised and we train from our own model.
+        separate_private = self.perturber is not None and self.config.train_from is TrainFrom.PRIVATE
         if self.aggregator.combine is Combine.VALUES:
             def combine(base: torch.Tensor) -> AggregationResult:
                 offsets = [PeerUpdate(p, m - base, pending.neighbours[p]) for p, m in zip(peers, models, strict=True)]
@@ -309,12 +333,12 @@ class RoundEngine:
 
             public_result = combine(self.public)
             consensus, weights = public_result.delta, public_result.weights
-            private_step = combine(private_half).delta if noised else consensus
+            private_step = combine(private_half).delta if separate_private else consensus
         else:
             updates = [PeerUpdate(p, pending.received[p].update, pending.neighbours[p]) for p in peers]
             weights = self.aggregator.weigh(pending.sent_update, updates, len(pending.neighbours))
             consensus = _weighted_offsets(models, peers, weights, self.public)
-            private_step = _weighted_offsets(models, peers, weights, private_half) if noised else consensus
+            private_step = _weighted_offsets(models, peers, weights, private_half) if separate_private else consensus
         if not (bool(torch.isfinite(consensus).all()) and bool(torch.isfinite(private_step).all())):
             # An aggregator must never poison the model; keep our own step instead.
             log.error("consensus step is not finite; skipping it", extra={"round": self.round})
@@ -324,7 +348,10 @@ class RoundEngine:
         # public models, so its gap to our public model shrinks by W_ii every
         # round instead of accumulating our own noise; the public model takes
         # the same weights over public models only (what receivers can replay).
-        self.trainer.set_flat(private_half + private_step)
+        if self.config.train_from is TrainFrom.PUBLIC:
+            self.trainer.set_flat(self.public + consensus)  # s_i after this round (public is the half step ŝ_i)
+        else:
+            self.trainer.set_flat(private_half + private_step)
         self._consensus = consensus
         report = RoundReport(
             round=self.round,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from murmur.learning.aggregators.base import get_aggregator
-from murmur.learning.rounds import Perturber, RoundConfig, RoundEngine
+from murmur.learning.rounds import Perturber, RoundConfig, RoundEngine, TrainFrom
 from murmur.learning.topology import Graph, random_regularish
 from murmur.learning.trainers.base import TrainerContext
 from murmur.learning.trainers.registry import load_trainer
@@ -57,6 +57,7 @@ class SimConfig:
     eval_every: int = 5
     attack: SybilAttack | None = None
     device: str | None = "cpu"
+    train_from: TrainFrom = TrainFrom.PRIVATE  # PUBLIC for example-level DP-SGD (see TrainFrom)
 
 
 @dataclass
@@ -127,7 +128,7 @@ def run_simulation(
             for t in targets:
                 neighbours[t][sybil_name(s)] = len(targets)
 
-    round_cfg = RoundConfig(local_steps=cfg.local_steps, quorum=1.0)
+    round_cfg = RoundConfig(local_steps=cfg.local_steps, quorum=1.0, train_from=cfg.train_from)
     engines = []
     for i in range(n):
         perturber = perturber_factory(i, list(neighbours[i])) if perturber_factory else None

@@ -35,9 +35,18 @@ import torch
 from murmur.errors import ConfigError, DecodeError, LimitExceeded, PeerFault
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, SybilWallAggregator
-from murmur.learning.rounds import GossipModel, LocalUpdate, Message, Offer, RoundConfig, RoundEngine, RoundReport
+from murmur.learning.rounds import (
+    GossipModel,
+    LocalUpdate,
+    Message,
+    Offer,
+    RoundConfig,
+    RoundEngine,
+    RoundReport,
+    TrainFrom,
+)
 from murmur.learning.trainers.registry import load_trainer
-from murmur.node.config import Attack, LearningMode
+from murmur.node.config import Attack, LearningMode, PrivacyLevel
 from murmur.node.metrics import Split
 from murmur.protocol.codecs import DeltaCodec
 from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender
@@ -109,10 +118,19 @@ class NodeLearner:
             torch.set_num_threads(cfg.threads)
         self.trainer = load_trainer(cfg.trainer)(cfg.trainer_context())
         self.aggregator = get_aggregator(cfg.aggregator, self_id=str(node.peer_id), **dict(cfg.aggregator_options))
+        self.privacy: Any = None  # murmur.node.privacy.NodePrivacy when privacy is on
+        if node.config.privacy.enabled and len(self.fronts) == 1:  # an attacker does not privatise
+            from murmur.node.privacy import NodePrivacy
+
+            self.privacy = NodePrivacy.for_node(node, self.trainer)
+        # Example-level DP-SGD is accounted for gradients at the public model only (see TrainFrom).
+        example_level = self.privacy is not None and node.config.privacy.level is PrivacyLevel.EXAMPLE
         self.engine = RoundEngine(
             self.trainer,
             self.aggregator,
-            RoundConfig(local_steps=cfg.local_steps or None, quorum=cfg.quorum),
+            RoundConfig(local_steps=cfg.local_steps or None, quorum=cfg.quorum,
+                        train_from=TrainFrom.PUBLIC if example_level else TrainFrom.PRIVATE),
+            perturber=self.privacy,
         )
         self.codec: DeltaCodec = cfg.codec.wire()
         payload = self.engine.num_params * 4
@@ -134,12 +152,6 @@ class NodeLearner:
         self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
         self.attack_rate: float | None = None
         self.catch_ups = 0
-        self.privacy: Any = None  # murmur.node.privacy.NodePrivacy when privacy is on
-        if node.config.privacy.enabled and len(self.fronts) == 1:  # an attacker does not privatise
-            from murmur.node.privacy import NodePrivacy
-
-            self.privacy = NodePrivacy.for_node(node, self.trainer)
-            self.engine.perturber = self.privacy
         self.gossip: GossipModel | None = None
         self._gossip_inbox: list[tuple[str, torch.Tensor, int]] = []
         self._cycle = 0

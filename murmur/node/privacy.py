@@ -177,6 +177,7 @@ def calibrate(
     level: PrivacyLevel = PrivacyLevel.USER,
     sampling_rate: float | None = None,
     batch_size: int = 1,
+    sensitivity: float | None = None,
     budget: float | None = None,
     min_edges: int | None = None,
     peers: Sequence[PeerId] | None = None,
@@ -186,8 +187,9 @@ def calibrate(
 
     User level: ρ = ε₁ (SecLDP closed form), sensitivity C. Example level:
     ρ from dp_accounting's subsampled RDP at rate ``sampling_rate``,
-    sensitivity C / ``batch_size`` (a DP-SGD trainer bounds one example's
-    influence on a step's mean gradient by that). Then
+    sensitivity ``sensitivity`` if given (the daemon passes lr·dp_clip/B, see
+    :func:`dp_sgd_step`), else C / ``batch_size`` (right when C = lr·dp_clip).
+    Then
 
     * LDP: σ_ldp = s·√(2/ρ), no edges;
     * DECOR: (σ_cdp, σ_cor) from :func:`calibrate_decor` on ``graph``;
@@ -204,7 +206,7 @@ def calibrate(
         if sampling_rate is None or not 0 < sampling_rate <= 1:
             raise ConfigError("example-level privacy needs a sampling rate in (0, 1]")
         rho = example_rdp_coef(epsilon, delta, rounds, sampling_rate)
-        sens = clip / batch_size
+        sens = sensitivity if sensitivity is not None else clip / batch_size
     else:
         sampling_rate = None
         rho = rdp_coef_from_epsilon(epsilon, rounds, delta)
@@ -594,12 +596,11 @@ class NodePrivacy:
         learning = cfg.learning
         degree = section.assumed_degree or cfg.network.neighbours
         graph = assumed_graph(learning.num_nodes, degree, learning.seed)
-        q, batch = None, 1
-        if section.level is PrivacyLevel.EXAMPLE:
-            q, batch = _sampling_rate(trainer, learning.local_steps)
+        step = dp_sgd_step(trainer, learning.local_steps) if section.level is PrivacyLevel.EXAMPLE else None
         plan = calibrate(
             section.scheme, epsilon=section.epsilon, delta=section.delta, rounds=section.rounds,
-            clip=section.clip, graph=graph, level=section.level, sampling_rate=q, batch_size=batch,
+            clip=section.clip, graph=graph, level=section.level,
+            sampling_rate=step.sampling_rate if step else None, sensitivity=step.sensitivity if step else None,
             budget=section.effective_budget, min_edges=min(degree, learning.num_nodes - 1),
             objective=section.objective,
         )
@@ -759,12 +760,38 @@ class NodePrivacy:
         await self._notify()
 
 
-def _sampling_rate(trainer: Any, local_steps: int) -> tuple[float, int]:
-    """q = min(1, batch · E / local dataset size) for a round of E local steps."""
+@dataclass(frozen=True)
+class DpSgdStep:
+    """What example-level accounting needs to know of the trainer's one step per round."""
+
+    sampling_rate: float  # q = batch / local dataset size
+    batch_size: int
+    sensitivity: float  # lr · dp_clip / batch: one example's reach into the round delta
+
+
+def dp_sgd_step(trainer: Any, local_steps: int) -> DpSgdStep:
+    """Check that a round is exactly one DP-SGD step and return its accounting terms.
+
+    Example-level ε holds only if the round delta is −lr·(mean of per-example
+    clipped gradients): one local step (E steps would each be taken at a point
+    that already depends on the data), momentum 0 (the buffer carries
+    un-noised earlier gradients) and ``dp_clip`` > 0. Then one example moves
+    the delta by at most lr·dp_clip/batch, and the delta clip C, a projection,
+    cannot increase that. The engine must also train from the public model
+    (:class:`~murmur.learning.rounds.TrainFrom`); the learner sees to that.
+    """
     options = getattr(trainer, "options", None)
     batch = getattr(options, "batch_size", None)
     size = getattr(trainer, "train_size", None)
     if not isinstance(batch, int) or not isinstance(size, int) or size <= 0:
         raise ConfigError("example-level privacy needs a trainer with options.batch_size and train_size")
     steps = local_steps or getattr(options, "local_steps", 1)
-    return min(1.0, batch * steps / size), batch
+    dp_clip = float(getattr(options, "dp_clip", 0.0) or 0.0)
+    momentum = float(getattr(options, "momentum", 0.0) or 0.0)
+    lr = float(getattr(options, "lr", 0.0) or 0.0)
+    if steps != 1 or momentum != 0.0 or dp_clip <= 0.0 or lr <= 0.0:
+        raise ConfigError(
+            'privacy.level = "example" needs one DP-SGD step per round: learning.local_steps = 1 and trainer '
+            f"options momentum = 0, dp_clip > 0 (got local_steps={steps}, momentum={momentum}, dp_clip={dp_clip})"
+        )
+    return DpSgdStep(min(1.0, batch / size), batch, lr * dp_clip / batch)

@@ -19,12 +19,13 @@ import pytest
 import torch
 from absl import logging as absl_logging
 
-from murmur.errors import ReplayError, SignatureError
+from murmur.errors import ConfigError, ReplayError, SignatureError
 from murmur.learning.privacy.accountant import example_level_epsilon, rdp_coef_of_covariance, residual_noise
 from murmur.learning.privacy.noise import make_round_commit
 from murmur.learning.privacy.seeds import PairwiseSeeds
+from murmur.learning.rounds import TrainFrom
 from murmur.learning.topology import Graph, complete, edges, metropolis_hastings, ring, torus
-from murmur.node.config import PrivacyLevel, PrivacyScheme
+from murmur.node.config import NodeConfig, PrivacyLevel, PrivacyScheme
 from murmur.node.daemon import Node
 from murmur.node.privacy import (
     NodePrivacy,
@@ -291,3 +292,47 @@ async def test_node_calibrates_with_the_configured_objective(tmp_path: Path, obj
     assert plan.noise is not None and expected.noise is not None and other.noise is not None
     assert plan.noise.sigma_cdp == pytest.approx(expected.noise.sigma_cdp)
     assert abs(expected.noise.sigma_cdp - other.noise.sigma_cdp) > 0.05 * expected.noise.sigma_cdp
+
+
+# --------------------------------------------------------------------------- example level on a node
+
+
+def _example_level_config(tmp_path: Path, **trainer_options: object) -> NodeConfig:
+    base = node_config(tmp_path / "n")
+    options = {"lr": 0.2, "batch_size": 16, "momentum": 0.0, "dp_clip": 1.0, **trainer_options}
+    return dataclasses.replace(
+        base,
+        learning=dataclasses.replace(base.learning, enabled=True, trainer="digits-mlp", num_nodes=8, local_steps=1,
+                                     trainer_options=options),
+        privacy=dataclasses.replace(base.privacy, enabled=True, level=PrivacyLevel.EXAMPLE, epsilon=1.0, rounds=50,
+                                    assumed_degree=3),
+    )
+
+
+async def test_example_level_node_trains_from_the_public_model(tmp_path: Path) -> None:
+    """The node accounts one example as lr·dp_clip/B and trains from the public model."""
+    node = Node(_example_level_config(tmp_path))
+    await node.start()
+    try:
+        learner = node.learner
+        assert learner is not None and learner.privacy is not None
+        assert learner.engine.config.train_from is TrainFrom.PUBLIC
+        plan = learner.privacy.stage.plan
+        assert plan.sensitivity == pytest.approx(0.2 * 1.0 / 16)
+        assert plan.sampling_rate == pytest.approx(16 / learner.trainer.train_size)
+    finally:
+        await node.stop()
+
+
+@pytest.mark.parametrize(("options", "word"), [({"momentum": 0.9}, "momentum=0.9"), ({"dp_clip": 0.0}, "dp_clip=0.0"),
+                                                ({"local_steps": 5}, "local_steps=5")])
+async def test_example_level_refuses_training_it_cannot_account(tmp_path: Path, options: dict[str, object],
+                                                                word: str) -> None:
+    cfg = _example_level_config(tmp_path, **options)
+    if "local_steps" in options:
+        cfg = dataclasses.replace(cfg, learning=dataclasses.replace(cfg.learning, local_steps=5))
+    with pytest.raises(ConfigError, match="one DP-SGD step per round") as info:
+        node = Node(cfg)
+        await node.start()
+        await node.stop()
+    assert word in str(info.value)

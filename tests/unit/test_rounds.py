@@ -24,7 +24,7 @@ import torch
 from murmur.learning.aggregators import PeerUpdate, get_aggregator
 from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine
 from murmur.learning.aggregators.median import MedianAggregator
-from murmur.learning.rounds import GossipModel, Message, Offer, RoundConfig, RoundEngine
+from murmur.learning.rounds import GossipModel, Message, Offer, RoundConfig, RoundEngine, TrainFrom
 from murmur.learning.trainers.base import EvalStats, Trainer, TrainerContext, TrainStats
 
 DIM = 5
@@ -614,3 +614,55 @@ def test_gossip_merge_refuses_bad_input(model: torch.Tensor, age: int) -> None:
     with pytest.raises(ValueError):
         ours.merge("n1", model, peer_age=age)
     assert torch.equal(ours.trainer.get_flat(), before) and ours.age == 1
+
+
+# ------------------------------------------------------------------ where training starts (TrainFrom)
+
+
+class _FixedNoise:
+    """A perturber adding a fixed, node- and round-specific vector (no randomness to average)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1000 * self.index + round)
+        return delta + torch.randn(delta.shape, generator=g, dtype=delta.dtype)
+
+
+def _noised_engines(train_from: TrainFrom) -> list[RoundEngine]:
+    engines = _engines(config=RoundConfig(local_steps=STEPS, train_from=train_from))
+    for i, engine in enumerate(engines):
+        engine.perturber = _FixedNoise(i)
+    return engines
+
+
+def test_train_from_public_is_dsgd_on_what_was_sent() -> None:
+    """PUBLIC: every model after a round is W·(model + sent update) — a
+    function of released messages only, as example-level DP-SGD needs."""
+    engines = _noised_engines(TrainFrom.PUBLIC)
+    w = _mh_matrix(GRAPH)
+    for _ in range(3):
+        before = _models(engines)
+        round_ = engines[0].round
+        messages = _open_all(engines)
+        _deliver(engines, messages, round_)
+        for engine in engines:
+            engine.finish_round()
+        sent = np.stack([m.update.double().numpy() for m in messages])
+        np.testing.assert_allclose(_models(engines), w @ (before + sent), atol=1e-4)
+        np.testing.assert_allclose(_models(engines)[1], (engines[1].public + engines[1]._consensus).numpy(), atol=1e-5)
+
+
+def test_train_from_private_keeps_the_clean_own_update() -> None:
+    """PRIVATE (the default) mixes the node's clean half step instead, so it differs from the public model."""
+    engines = _noised_engines(TrainFrom.PRIVATE)
+    w = _mh_matrix(GRAPH)
+    before = _models(engines)
+    _sync_round(engines)
+    clean = np.stack([_half_step(i, before[i]) for i in GRAPH])
+    half = np.stack([e.public.double().numpy() for e in engines])  # ŝ_i: the noised half steps
+    public = np.stack([(e.public + e._consensus).double().numpy() for e in engines])
+    # x_i = W_ii·(clean own half step) + Σ_j W_ij·(neighbours' noised half steps)
+    np.testing.assert_allclose(_models(engines), w @ half + np.diag(w)[:, None] * (clean - half), atol=1e-4)
+    assert np.abs(_models(engines) - public).max() > 0.1
