@@ -2,11 +2,13 @@
 
 Wire format of one frame::
 
-    u32 big-endian L | ChaCha20-Poly1305( type:u8 || payload )   (L = 1 + len(payload) + 16)
+    u32 big-endian L | AEAD( type:u8 || payload )   (L = 1 + len(payload) + 16)
 
-The nonce of each frame is the message counter of the sending side's split
-Noise :class:`~murmur.protocol.noise.CipherState`; frames are never sent in
-the clear, so there is nothing to fall back to.
+The AEAD is the cipher the handshake negotiated (AES-256-GCM or
+ChaCha20-Poly1305, see :class:`~murmur.protocol.noise.NoiseCipher`); the nonce
+of each frame is the message counter of the sending side's split Noise
+:class:`~murmur.protocol.noise.CipherState`. Frames are never sent in the
+clear, so there is nothing to fall back to.
 
 Deviation from Noise / libp2p-noise, on purpose: Noise caps a transport
 message at 65535 bytes and libp2p-noise uses a 2-byte length prefix. murmur

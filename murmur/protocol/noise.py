@@ -1,4 +1,4 @@
-"""Noise_XX_25519_ChaChaPoly_SHA256 with the libp2p-noise identity payload, sans-IO.
+"""Noise_XX_25519_{AESGCM,ChaChaPoly}_SHA256 with the libp2p-noise identity payload, sans-IO.
 
 Two layers, each usable on its own:
 
@@ -12,7 +12,9 @@ Two layers, each usable on its own:
   carry a ``NoiseHandshakePayload`` protobuf with the sender's Ed25519 identity
   key and its signature over ``b"noise-libp2p-static-key:" + static_pub``. A
   peer's identity is therefore proved by the same handshake that creates the
-  session keys; there is no unauthenticated window.
+  session keys; there is no unauthenticated window. Unlike libp2p-noise
+  (ChaChaPoly only) it negotiates the cipher inside the handshake, bound
+  into the prologue, at no extra round trip (see the class docstring).
 
 Why by hand: the handshake is the attack surface every stranger on the
 internet can reach, so the parser accepts exactly the canonical encoding of
