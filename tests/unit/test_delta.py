@@ -15,6 +15,7 @@ from murmur.protocol.delta import (
     AssemblerLimits,
     DeltaAssembler,
     DeltaSender,
+    LandingPool,
     Misaddressed,
     PREFAULT_MIN_BYTES,
     ReplayGuard,
@@ -119,6 +120,32 @@ def test_large_delta_lands_in_a_prefaulted_mapping_that_outlives_the_assembler()
     assert done.array.flags.writeable and np.array_equal(done.array, array)
     done.array[0] += 1.0  # the node may update it in place
     assert done.array[0] == array[0] + 1.0
+
+
+def test_landing_buffers_are_reused_only_once_results_are_dropped() -> None:
+    """A held result is never overwritten by a later delta; a dropped one's
+    memory is reused (warm) for the next delta of the same size."""
+    assembler = DeltaAssembler(BOB.peer_id)
+    first_array, second_array = delta(5000, seed=1), delta(5000, seed=2)
+    held = feed_all(assembler, send(first_array, round=1)[1])
+    second = feed_all(assembler, send(second_array, round=2)[1])
+    assert not np.shares_memory(held.array, second.array)
+    assert np.array_equal(held.array, first_array) and np.array_equal(second.array, second_array)
+    address = second.array.__array_interface__["data"][0]
+    del second
+    third_array = delta(5000, seed=3)
+    third = feed_all(assembler, send(third_array, round=3)[1])
+    assert third.array.__array_interface__["data"][0] == address  # the dropped one's buffer
+    assert np.array_equal(third.array, third_array) and np.array_equal(held.array, first_array)
+
+
+def test_landing_pool_tracks_at_most_its_budget() -> None:
+    pool = LandingPool(max_bytes=3000)
+    views = [pool.take(1000) for _ in range(5)]  # all in use: only three tracked
+    assert pool.tracked_bytes == 3000
+    del views
+    pool.take(2000)  # free ones are dropped to make room
+    assert pool.tracked_bytes <= 3000
 
 
 def test_empty_delta_is_fine() -> None:
