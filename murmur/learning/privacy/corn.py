@@ -119,9 +119,9 @@ def _solve(problem: cp.Problem) -> bool:
     return False
 
 
-def _sdp(kind: CovarianceKind, graph: Graph, mu: float, mixing: np.ndarray, per_node_local: bool) -> tuple[
-    np.ndarray, np.ndarray | None, dict[tuple[int, int], float] | None
-] | None:
+def _sdp(
+    kind: CovarianceKind, graph: Graph, mu: float, mixing: np.ndarray, per_node_local: bool
+) -> tuple[np.ndarray, np.ndarray | None, dict[tuple[int, int], float] | None] | None:
     """Solve ``kind`` at μ = 1 and return (Σ, s, c) scaled to the real μ."""
     n = len(graph)
     lap = laplacian(graph)
