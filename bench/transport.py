@@ -1,18 +1,18 @@
 """Transport throughput and handshake latency, sender and receiver in separate OS processes.
 
 (a) raw uvloop TCP, no framing, no crypto: the ceiling on this machine. The
-    receiver lands the bytes in one ``bytearray`` of the announced size,
-    received into directly (``BufferedProtocol``); this is the baseline of
-    ``ratio_*``. Two more raw figures, for transparency, not as the baseline:
-    ``raw_pooled_*`` lands where the delta assembler does (a
+    receiver lands the bytes in one fresh ``bytearray`` of the announced
+    size, received into directly (``BufferedProtocol``); this is the
+    baseline of ``ratio_*``. Two more raw figures, for transparency, not as
+    the baseline: ``raw_pooled_*`` lands where the delta assembler does (a
     :class:`~murmur.protocol.delta.LandingPool`: a buffer of the announced
     size, reused once the previous transfer's is dropped, which in this loop
     is always), so ``ratio_vs_pooled_*`` is murmur against a baseline given
-    the same allocation policy (both processes also run ``tune_allocator``,
-    as a daemon would: it changes nothing for buffers above two frames, i.e.
-    the 10 and 50 MiB raw landing buffers); ``raw_discard_*`` only counts bytes through one small
-    reused buffer, which is not delivery (nothing of the payload is left in
-    the receiving process).
+    the same allocation policy; ``raw_discard_*`` only counts bytes through
+    one small reused buffer, which is not delivery (nothing of the payload
+    is left in the receiving process). Both processes run
+    ``tune_allocator`` first, as a daemon would; it changes nothing for
+    buffers above two frames (8 MiB), i.e. the 10 and 50 MiB raw buffers.
 (b) murmur: Noise-authenticated, AEAD-framed SecureConnection carrying a real
     signed FP32 delta (DeltaSender -> messages -> DeltaAssembler, which checks
     hash, signature and replay before the receiver acknowledges), chunked as
@@ -21,7 +21,7 @@
 
 Every transfer is timed at the sender from the first byte until the
 receiver's one-byte acknowledgement, i.e. until the other process holds all
-of it. The variants run interleaved (raw, discard, murmur, raw, ...) over
+of it. The variants run interleaved (raw, pooled, discard, murmur, raw, ...) over
 ``REPEATS`` rounds so load from other processes on a shared box hits all
 variants alike; each figure is the median. The last output line is one JSON
 object with every figure.
