@@ -139,7 +139,7 @@ def _load_bench_generator() -> ModuleType:
 
 
 def test_fixture_is_the_reference_generators_output() -> None:
-    pytest.importorskip("igraph")  # optional: not a murmur dependency
+    pytest.importorskip("igraph")  # a dev extra (pyproject), not a runtime dependency
     gen = _load_bench_generator()
     stored = json.loads(FIXTURE.read_text())["graphs"]
     for p in ("0.4", "0.8"):
