@@ -10,9 +10,10 @@
     is always), so ``ratio_vs_pooled_*`` is murmur against a baseline given
     the same allocation policy; ``raw_discard_*`` only counts bytes through
     one small reused buffer, which is not delivery (nothing of the payload
-    is left in the receiving process). Both processes run
-    ``tune_allocator`` first, as a daemon would; it changes nothing for
-    buffers above two frames (8 MiB), i.e. the 10 and 50 MiB raw buffers.
+    is left in the receiving process). The raw receivers run in their own
+    process with glibc as it comes; murmur's receiver runs in another, which
+    calls ``tune_allocator`` first as a daemon does (that tuning also keeps
+    a 10 MiB bytearray on a warm heap, which would flatter the baseline).
 (b) murmur: Noise-authenticated, AEAD-framed SecureConnection carrying a real
     signed FP32 delta (DeltaSender -> messages -> DeltaAssembler, which checks
     hash, signature and replay before the receiver acknowledges), chunked as
@@ -136,10 +137,27 @@ class _RawSink(asyncio.BufferedProtocol):
         elif self.filled == self.size:
             self.tr.write(self.meter.ack())  # type: ignore[attr-defined]
             self.size, self.filled = -1, 0
-            self.body = self.scratch  # drop the transfer, as the node drops a used delta
 
 
-async def _receiver_main(conn_end: mp.connection.Connection, limits: TransportLimits) -> None:
+async def _raw_receiver_main(conn_end: mp.connection.Connection) -> None:
+    meter = CpuMeter()
+    loop = asyncio.get_running_loop()
+    servers = {
+        landing: await loop.create_server(lambda landing=landing: _RawSink(landing, meter), "127.0.0.1", 0)
+        for landing in Landing
+    }
+    conn_end.send({landing: server.sockets[0].getsockname()[1] for landing, server in servers.items()})
+    await loop.run_in_executor(None, conn_end.recv)  # until the sender says stop
+    for server in servers.values():
+        server.close()
+
+
+def raw_receiver(conn_end: mp.connection.Connection) -> None:
+    """The baseline's receiving process: a plain uvloop program, glibc as it comes."""
+    uvloop.run(_raw_receiver_main(conn_end))
+
+
+async def _murmur_receiver_main(conn_end: mp.connection.Connection, limits: TransportLimits) -> None:
     identity = Identity.from_seed(RECEIVER_SEED)
     assembler = DeltaAssembler(identity.peer_id)
     meter = CpuMeter()
@@ -153,23 +171,16 @@ async def _receiver_main(conn_end: mp.connection.Connection, limits: TransportLi
             if assembler.feed(conn.peer_id, decode(message)) is not None:  # type: ignore[arg-type]
                 await conn.send(meter.ack())
 
-    loop = asyncio.get_running_loop()
-    servers = {
-        landing: await loop.create_server(lambda landing=landing: _RawSink(landing, meter), "127.0.0.1", 0)
-        for landing in Landing
-    }
     async with Transport(identity, on_connection, limits) as transport:
         (addr,) = await transport.listen("127.0.0.1", 0)
-        ports = {landing: server.sockets[0].getsockname()[1] for landing, server in servers.items()}
-        conn_end.send(Endpoints(ports, str(addr)))
-        await loop.run_in_executor(None, conn_end.recv)  # until the sender says stop
-    for server in servers.values():
-        server.close()
+        conn_end.send(str(addr))
+        await asyncio.get_running_loop().run_in_executor(None, conn_end.recv)  # until the sender says stop
 
 
-def receiver(conn_end: mp.connection.Connection, limits: TransportLimits) -> None:
-    tune_allocator(limits)  # as a daemon does at start-up; both processes, all variants alike
-    uvloop.run(_receiver_main(conn_end, limits))
+def murmur_receiver(conn_end: mp.connection.Connection, limits: TransportLimits) -> None:
+    """murmur's receiving process, started as a daemon starts (allocator tuned)."""
+    tune_allocator()
+    uvloop.run(_murmur_receiver_main(conn_end, limits))
 
 
 class _RawSource(asyncio.Protocol):
@@ -322,19 +333,26 @@ def parse_options(argv: list[str] | None = None) -> Options:
 
 def main() -> None:
     options = parse_options()
-    tuned = tune_allocator(options.limits)
+    tuned = tune_allocator()  # the sender process: murmur's sender allocates per frame, raw's does not
     ctx = mp.get_context("spawn")
-    parent_end, child_end = ctx.Pipe()
-    proc = ctx.Process(target=receiver, args=(child_end, options.limits), name="bench-receiver")
-    proc.start()
+    raw_end, raw_child = ctx.Pipe()
+    murmur_end, murmur_child = ctx.Pipe()
+    procs = [
+        ctx.Process(target=raw_receiver, args=(raw_child,), name="bench-raw-receiver"),
+        ctx.Process(target=murmur_receiver, args=(murmur_child, options.limits), name="bench-murmur-receiver"),
+    ]
+    for proc in procs:
+        proc.start()
     try:
-        endpoints: Endpoints = parent_end.recv()
+        endpoints = Endpoints(raw_end.recv(), murmur_end.recv())
         results = uvloop.run(sender_main(endpoints, options))
     finally:
-        parent_end.send("stop")
-        proc.join(10)
-        if proc.is_alive():
-            proc.terminate()
+        for end in (raw_end, murmur_end):
+            end.send("stop")
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
     results["allocator_tuned"] = tuned
     results["cpus"] = os.cpu_count()
     results["loadavg_1m"] = round(os.getloadavg()[0], 2)

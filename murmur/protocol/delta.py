@@ -68,10 +68,10 @@ DELTA_DOMAIN = b"murmur-delta-v1"
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 HASH_DIGEST_SIZE = 32
 DELTA_DTYPE = "float32"  # what every codec decodes to
-# Below this a bytearray comes from a warm heap (see transport.tune_allocator,
-# which keeps buffers up to two 4 MiB frames there): 0.07 ms/MiB against 0.5
-# for a fresh prefaulted mapping. Above it glibc maps every buffer anyway.
-PREFAULT_MIN_BYTES = 8 * 1024 * 1024
+# Below this a bytearray likely comes from a warm heap (see
+# transport.tune_allocator): 0.07 ms/MiB against 0.5 for a fresh prefaulted
+# mapping. Above it glibc maps every buffer (its mmap threshold ceiling).
+PREFAULT_MIN_BYTES = 32 * 1024 * 1024
 _U64 = struct.Struct(">Q")
 
 TransferKey = tuple[PeerId, int]

@@ -117,24 +117,27 @@ def send_high_water(limits: TransportLimits) -> int:
     return min(limits.max_peer_buffered_bytes, FRAME_LENGTH.size + limits.max_frame + FRAME_OVERHEAD)
 
 
-# glibc mallopt parameters (malloc.h)
+# glibc mallopt parameters (malloc.h) and the ceiling glibc's own heuristic
+# raises the mmap threshold to (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-ALLOCATOR_TRIM_FRAMES = 8  # free heap kept, in largest frames
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 
 
-def tune_allocator(limits: TransportLimits) -> bool:
-    """Keep frame-sized buffers on the heap instead of mapping one per frame.
+def tune_allocator() -> bool:
+    """Keep frame-sized buffers on a warm heap instead of mapping one per frame.
 
     Every DATA frame still makes a few fresh frame-sized objects that are not
     ours to pool: the ``bytes`` that ``recv()`` returns, the message codec's
-    copy of a chunk on both sides. glibc maps each one above its mmap
-    threshold, or returns the heap top to the kernel once more than twice
-    that is free, so every frame paid a page fault per 4 KiB (measured on the
-    2-core bench box: 10 MiB deltas at 2.4/3.0 ms per MiB of sender/receiver
-    CPU, 1.8/2.2 with this). Raising both thresholds above the frame size
-    keeps that memory warm; buffers larger than two frames (whole-delta
-    buffers) are still mapped and returned as before.
+    copy of a chunk on both sides. glibc's heuristic raises its mmap
+    threshold as it sees such buffers freed, but keeps the trim threshold at
+    twice that, so with a few 1 MiB objects alive per frame it returned the
+    heap top to the kernel and re-faulted it every frame: a page fault per
+    4 KiB (measured on the 2-core bench box: 10 MiB deltas at 2.4/3.0 ms per
+    MiB of sender/receiver CPU, 1.8/2.2 with this). This fixes the mmap
+    threshold at the ceiling that heuristic would reach (32 MiB) and the
+    trim threshold at twice it, so the steady state is what glibc converges
+    to minus the trim churn; larger buffers are still mapped and unmapped.
 
     Process-wide, so it is the entry point's call (daemon, bench), made once
     at start-up, not something the transport does behind its back. Returns
@@ -146,10 +149,9 @@ def tune_allocator(limits: TransportLimits) -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    frame = FRAME_LENGTH.size + limits.max_frame + FRAME_OVERHEAD
     return bool(
-        mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(2 * frame))
-        and mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(ALLOCATOR_TRIM_FRAMES * frame))
+        mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(GLIBC_MMAP_THRESHOLD_MAX))
+        and mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 * GLIBC_MMAP_THRESHOLD_MAX))
     )
 
 

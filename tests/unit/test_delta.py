@@ -110,8 +110,8 @@ def test_fp32_result_is_a_view_of_the_assembly_buffer() -> None:
 
 
 def test_large_delta_lands_in_a_prefaulted_mapping_that_outlives_the_assembler() -> None:
-    array = delta(PREFAULT_MIN_BYTES // 4 * 3 + 5)  # several MiB: the mmap path
-    _, msgs = send(array, chunk_bytes=256 * 1024)
+    array = delta(PREFAULT_MIN_BYTES // 4 + 5)  # just above the threshold: the mmap path
+    _, msgs = send(array, chunk_bytes=1024 * 1024)
     assembler = DeltaAssembler(BOB.peer_id)
     feed_all(assembler, msgs[:-1])
     assert assembler.buffered_bytes == array.nbytes

@@ -13,9 +13,9 @@ import pytest
 
 CHURN = """
 import resource, sys
-from murmur.protocol.transport import TransportLimits, tune_allocator
+from murmur.protocol.transport import tune_allocator
 if sys.argv[1] == "tuned":
-    assert tune_allocator(TransportLimits())
+    assert tune_allocator()
 frame = 1024 * 1024 + 21
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
