@@ -37,7 +37,12 @@ Every run trains from the public model (``TrainFrom.PUBLIC``, DECOR's
 algorithm): example-level accounting holds only for gradients taken at a point
 that is a function of released messages (see ``murmur.learning.rounds``).
 Rows report the mean accuracy of the models the nodes hold and of the network
-average.
+average. After the T training rounds every scheme runs ``--mixing-rounds``
+(default 20) rounds that only mix public models: pairwise noise cancels in the
+network mean but each node's model still holds the last rounds' terms, and
+mixing — post-processing of released models, so free in privacy — moves every
+node toward that mean. ``--mixing-rounds 0`` shows the nodes straight after
+training.
 
 Also: SybilWall with example-level DECOR in the 8-node Sybil scenario
 (:func:`sybil_check`).
@@ -100,6 +105,7 @@ QUICK_EPSILONS = (0.1, 1.0)
 FULL_ROUNDS = 500
 QUICK_ROUNDS = 150
 DEFAULT_LR = 0.2
+DEFAULT_MIXING_ROUNDS = 20
 QUICK_TEST_SAMPLES = 2000
 SYBIL_NODES = 8
 TRAINER_SPEC = "bench.privacy:FashionLinearTrainer"
@@ -144,6 +150,7 @@ class Setup:
     lr: float
     epsilons: tuple[float, ...]
     max_test_samples: int  # 0: the whole test set
+    mixing_rounds: int = 0  # after training, rounds that only mix public models (free: no data, no noise)
 
     def trainer_options(self) -> dict[str, object]:
         return {"lr": self.lr, "batch_size": BATCH, "momentum": 0.0, "local_steps": 1, "dp_clip": C_EX,
@@ -261,7 +268,8 @@ def accuracy_table(setup: Setup) -> tuple[dict[str, Table], Table, float]:
                                                     options=setup.trainer_options()))
     q = BATCH / evaluator.train_size
     cfg = SimConfig(trainer=TRAINER_SPEC, trainer_options=setup.trainer_options(), graph=graph, partition="iid",
-                    rounds=setup.rounds, local_steps=1, eval_every=setup.rounds, seed=0, train_from=TrainFrom.PUBLIC)
+                    rounds=setup.rounds, local_steps=1, eval_every=setup.rounds + setup.mixing_rounds, seed=0,
+                    train_from=TrainFrom.PUBLIC, mixing_rounds=setup.mixing_rounds)
     t0 = time.time()
     tables: dict[str, Table] = {kind: {} for kind in MODEL_KINDS}
     ratios: Table = {}
@@ -362,6 +370,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
+    ap.add_argument("--mixing-rounds", type=int, default=DEFAULT_MIXING_ROUNDS,
+                    help="rounds after training that only mix public models (every scheme alike)")
     ap.add_argument("--no-sybil", action="store_true")
     ap.add_argument("--sybil-only", action="store_true", help="only the SybilWall-with-privacy rows")
     args = ap.parse_args()
@@ -372,6 +382,7 @@ def main() -> None:
         lr=args.lr,
         epsilons=QUICK_EPSILONS if args.quick else EPSILONS,
         max_test_samples=QUICK_TEST_SAMPLES if args.quick else 0,
+        mixing_rounds=args.mixing_rounds,
     )
     t0 = time.time()
     if args.sybil_only:
@@ -380,7 +391,8 @@ def main() -> None:
         return
     tables, ratios, q = accuracy_table(setup)
     print(f"\nexample-level ε, δ={DELTA}, T={setup.rounds}, B={BATCH}, q={q:.4f}, C_ex={C_EX}, lr={setup.lr}; "
-          f"16 nodes torus(4), Fashion-MNIST logistic regression, 1 DP-SGD step per round")
+          f"16 nodes torus(4), Fashion-MNIST logistic regression, 1 DP-SGD step per round, "
+          f"then {setup.mixing_rounds} mixing-only rounds")
     header = "".join(f"{'ε=' + str(e):>9s}" for e in setup.epsilons)
     for kind in MODEL_KINDS:
         print(f"\n{kind + ' model':13s}{header}")
@@ -393,7 +405,7 @@ def main() -> None:
     met = {kind: verdict(tables[kind], setup.epsilons) for kind in MODEL_KINDS}
     print(f"target (within 2 points of central at ε≥0.1 and above LDP): {met}")
     sybil = None if args.no_sybil else sybil_check(args.quick)
-    print(json.dumps({"bench": "privacy", "level": "example", "rounds": setup.rounds, "batch": BATCH, "q": q,
+    print(json.dumps({"bench": "privacy", "level": "example", "rounds": setup.rounds, "mixing_rounds": setup.mixing_rounds, "batch": BATCH, "q": q,
                       "lr": setup.lr, "clip_example": C_EX, "delta": DELTA, "trainer": "fashion-linear",
                       "topology": "torus(4)", "accuracy": tables, "residual_ratio": ratios, "target_met": met,
                       "sybilwall": sybil, "seconds": round(time.time() - t0, 1)}))

@@ -84,6 +84,12 @@ class RoundAware(Protocol):
 class LocalUpdate:
     delta: torch.Tensor
     loss: float
+    from_data: bool = True  # False: a mixing-only round's zero step, which reveals nothing
+
+    @classmethod
+    def mixing_only(cls, num_params: int, device: torch.device | str = "cpu") -> LocalUpdate:
+        """No training: the round only mixes public models (see :meth:`RoundEngine.begin_mixing_round`)."""
+        return cls(torch.zeros(num_params, device=device), math.nan, from_data=False)
 
 
 @dataclass(frozen=True)
@@ -231,7 +237,7 @@ class RoundEngine:
             raise RuntimeError(f"round {self.round} is still open")
         if isinstance(self.aggregator, RoundAware):
             self.aggregator.begin_round(self.round)
-        if self.perturber is None:
+        if self.perturber is None or not update.from_data:
             sent = update.delta
         else:
             peers = list(committed if committed is not None else neighbours)
@@ -249,6 +255,16 @@ class RoundEngine:
     def begin_round(self, neighbours: Mapping[str, int], committed: Sequence[str] | None = None) -> Message:
         """:meth:`local_update` then :meth:`open_round` (single-threaded drivers)."""
         return self.open_round(neighbours, self.local_update(), committed)
+
+    def begin_mixing_round(self, neighbours: Mapping[str, int]) -> Message:
+        """A round that sends a zero update and only mixes public models.
+
+        Why: after the last training round each node's model still holds the
+        pairwise noise of the last rounds, which cancels only in the network
+        mean. Mixing-only rounds move every node toward that mean; they use
+        nothing but public models, so they cost no privacy and add no noise.
+        """
+        return self.open_round(neighbours, LocalUpdate.mixing_only(self.num_params, self.public.device))
 
     def offer(self, peer: str, round: int, update: torch.Tensor, consensus: torch.Tensor) -> Offer:
         """File a neighbour's round message. Never raises for bad peer input."""

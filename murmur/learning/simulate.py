@@ -58,6 +58,7 @@ class SimConfig:
     attack: SybilAttack | None = None
     device: str | None = "cpu"
     train_from: TrainFrom = TrainFrom.PRIVATE  # PUBLIC for example-level DP-SGD (see TrainFrom)
+    mixing_rounds: int = 0  # after `rounds`, rounds that only mix public models (no training, no noise)
 
 
 @dataclass
@@ -96,7 +97,8 @@ def run_simulation(
     perturber_factory: PerturberFactory | None = None,
     progress: Callable[[RoundRow], None] | None = None,
 ) -> SimResult:
-    """Run ``cfg.rounds`` synchronous rounds; evaluate every ``eval_every``."""
+    """Run ``cfg.rounds`` synchronous rounds, then ``cfg.mixing_rounds``
+    mixing-only ones; evaluate every ``eval_every`` and after the last."""
     torch.manual_seed(cfg.seed)
     graph = cfg.graph if cfg.graph is not None else random_regularish(cfg.nodes, cfg.degree, cfg.seed)
     n = len(graph)
@@ -151,8 +153,11 @@ def run_simulation(
 
     record_rng = random.Random(cfg.seed + 104729)
     rows: list[RoundRow] = []
-    for r in range(cfg.rounds):
-        sent = {names[i]: engines[i].begin_round(neighbours[i]) for i in range(n)}
+    total = cfg.rounds + cfg.mixing_rounds
+    for r in range(total):
+        training = r < cfg.rounds
+        sent = {names[i]: engines[i].begin_round(neighbours[i]) if training else
+                engines[i].begin_mixing_round(neighbours[i]) for i in range(n)}
         if attacker is not None:
             poisoned = attacker.begin_round(attacker_neighbours)
             for sybil, targets in sybil_links.items():
@@ -164,7 +169,7 @@ def run_simulation(
             for j in graph[i]:
                 engines[j].offer(names[i], r, sent[names[i]].update, sent[names[i]].consensus)
         _gossip_history_records(engines, names, graph, record_rng)
-        evaluate = (r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1
+        evaluate = (r + 1) % cfg.eval_every == 0 or r == total - 1
         reports = [engine.finish_round(evaluate=evaluate) for engine in engines]
         if attacker is not None:
             attacker.finish_round()

@@ -666,3 +666,27 @@ def test_train_from_private_keeps_the_clean_own_update() -> None:
     # x_i = W_ii·(clean own half step) + Σ_j W_ij·(neighbours' noised half steps)
     np.testing.assert_allclose(_models(engines), w @ half + np.diag(w)[:, None] * (clean - half), atol=1e-4)
     assert np.abs(_models(engines) - public).max() > 0.1
+
+
+def test_mixing_rounds_send_nothing_private_and_reach_the_network_mean() -> None:
+    """Mixing-only rounds send a zero update, never call the privacy stage,
+    keep the network mean and contract every model toward it."""
+    engines = _noised_engines(TrainFrom.PUBLIC)
+    _sync_round(engines)  # one noised training round: models now differ by the noise
+    start = _models(engines)
+    calls = []
+    for engine in engines:
+        engine.perturber.perturb = lambda *a, **k: calls.append(a)  # type: ignore[method-assign, union-attr]
+    spread = []
+    for _ in range(30):
+        round_ = engines[0].round
+        messages = [engine.begin_mixing_round(_neighbours(i)) for i, engine in enumerate(engines)]
+        assert all(float(m.update.abs().max()) == 0.0 for m in messages)
+        _deliver(engines, messages, round_)
+        for engine in engines:
+            engine.finish_round()
+        spread.append(float(np.abs(_models(engines) - start.mean(axis=0)).max()))
+    assert calls == []
+    np.testing.assert_allclose(_models(engines).mean(axis=0), start.mean(axis=0), atol=1e-4)
+    assert spread[-1] < 0.05 * np.abs(start - start.mean(axis=0)).max()
+    assert all(b <= a + 1e-6 for a, b in zip(spread, spread[1:]))
