@@ -310,3 +310,8 @@ def test_malformed_offer_is_a_handshake_error(offer: bytes) -> None:
     _, resp = _pair()
     with pytest.raises(HandshakeError):
         resp.receive(offer + bytes(range(1, 33)))
+
+
+def test_protocol_names_are_the_spec_names() -> None:
+    assert PROTOCOL_NAME == NoiseCipher.CHACHAPOLY.protocol_name == b"Noise_XX_25519_ChaChaPoly_SHA256"
+    assert NoiseCipher.AESGCM.protocol_name == b"Noise_XX_25519_AESGCM_SHA256"
