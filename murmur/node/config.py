@@ -194,6 +194,7 @@ class LearningSection:
     eval_attack: Attack = Attack.NONE
     threads: int = 0
     rounds: int = 100
+    mixing_rounds: int = 0
     local_steps: int = 0
     round_deadline_s: float = 30.0
     quorum: float = 1.0
@@ -340,6 +341,7 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "learning.rounds": at_least(0),
         "learning.local_steps": at_least(0),
         "learning.round_deadline_s": finite_positive,
+        "learning.mixing_rounds": at_least(0),
         "learning.quorum": between(0.0, 1.0, lo_open=True),
         "learning.aggregator": non_empty,
         "privacy.epsilon": finite_positive,

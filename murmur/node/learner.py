@@ -233,24 +233,30 @@ class NodeLearner:
         deadline_s = self.cfg.round_deadline_s
         if not self._neighbours():
             await self._wait_for(lambda: bool(self._neighbours()), NEIGHBOUR_WAIT_S)
-        while self.engine.round < self.cfg.rounds:
-            if self.privacy is not None and self.privacy.budget_exhausted():
+        total = self.cfg.rounds + self.cfg.mixing_rounds
+        while self.engine.round < total:
+            training = self.engine.round < self.cfg.rounds
+            if training and self.privacy is not None and self.privacy.budget_exhausted():
                 log.warning(
                     "privacy budget spent; no longer sending deltas",
                     extra={"event": "budget_exhausted", "epsilon": self.privacy.epsilon_spent()},
                 )
                 return
-            if await self._maybe_catch_up() and self.engine.round >= self.cfg.rounds:
-                return  # the adopted model already finished training: nothing left to run
+            if await self._maybe_catch_up() and self.engine.round >= total:
+                return  # the adopted model already finished: nothing left to run
+            training = self.engine.round < self.cfg.rounds
             timer = PhaseTimer()
             started = time.monotonic()
             with timer.phase("train_s"):
-                update: LocalUpdate = await asyncio.to_thread(self.engine.local_update)
+                update: LocalUpdate = (
+                    await asyncio.to_thread(self.engine.local_update) if training
+                    else LocalUpdate.mixing_only(self.engine.num_params, self.engine.public.device)
+                )
             neighbours = self._neighbours()
             round_ = self.engine.round
             committed = None
             with timer.phase("commit_s"):
-                if self.privacy is not None:
+                if training and self.privacy is not None:  # a zero update adds no noise: nothing to commit
                     committed = await self.privacy.commit(round_, neighbours)
             with timer.phase("send_s"):
                 sent = self.engine.open_round(neighbours, update, committed)
@@ -261,7 +267,7 @@ class NodeLearner:
             missing = self.engine.missing()
             with timer.phase("aggregate_s"):
                 report = self.engine.finish_round()
-            if self.privacy is not None:
+            if training and self.privacy is not None:
                 self.privacy.after_round(round_, committed or [], missing)
             await self._after_round(report, timer)
 

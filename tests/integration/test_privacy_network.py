@@ -195,3 +195,21 @@ async def test_node_stops_sending_when_budget_is_spent(tmp_path: Path, caplog: p
             assert 0.9 <= eps <= 1.0 + 1e-9
         lines = [r for r in caplog.records if "privacy budget spent" in r.getMessage()]
         assert len(lines) == N
+
+
+async def test_mixing_rounds_after_training_cost_no_privacy(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """learning.mixing_rounds: the nodes go on mixing after the last training
+    round, but those rounds add no noise and spend no epsilon."""
+    overrides = {**BASE, "learning.rounds": 3, "learning.mixing_rounds": 3, "privacy.scheme": "decor",
+                 "privacy.rounds": 3, "privacy.epsilon": 1.0}
+    caplog.set_level(logging.WARNING, logger="murmur.node.learner")
+    async with Cluster(N, tmp_path, overrides=overrides) as cluster:
+        await wait_until(lambda: all(n.learner.round >= 6 for n in cluster), ROUNDS_S, "training and mixing done")
+        await wait_until(lambda: not any("rounds" in n.tasks for n in cluster), 10.0, "round loops ended")
+        for node in cluster:
+            stage = privacy(node).stage
+            assert 1 <= stage.counters.rounds_sent <= 3  # a late starter may have adopted past a round
+            assert stage.epsilon_spent() <= 1.0 + 1e-9
+            assert node.learner.round == 6
+    assert not [r for r in caplog.records if "privacy budget spent" in r.getMessage()]
