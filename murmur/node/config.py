@@ -98,6 +98,19 @@ class NoiseObjective(enum.StrEnum):
     RUN = "run"
 
 
+class Cipher(enum.StrEnum):
+    """A Noise cipher by its config name (``protocol.noise.NoiseCipher``)."""
+
+    AESGCM = "aesgcm"
+    CHACHAPOLY = "chachapoly"
+
+    def wire(self) -> Any:
+        """The protocol's ``NoiseCipher`` of the same name."""
+        from murmur.protocol.noise import NoiseCipher
+
+        return NoiseCipher[self.name]
+
+
 class Codec(enum.StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
@@ -163,13 +176,18 @@ class TransportSection:
     max_inbound_per_subnet: int = 16
     max_peer_rate_bytes_s: float = 512 * 1024 * 1024
     max_peer_buffered_bytes: int = 64 * 1024 * 1024
+    ciphers: tuple[Cipher, ...] = ()  # empty: the machine's default order (AES-GCM first where AES is in hardware)
 
     def limits(self) -> Any:
         """The equivalent ``TransportLimits`` (imported late: config must load
         without pulling in the transport stack)."""
         from murmur.protocol.transport import TransportLimits
 
-        return TransportLimits(**dataclasses.asdict(self))
+        fields = dataclasses.asdict(self)
+        ciphers = fields.pop("ciphers")
+        if ciphers:
+            fields["ciphers"] = tuple(Cipher(c).wire() for c in ciphers)
+        return TransportLimits(**fields)
 
 
 @dataclass(frozen=True)

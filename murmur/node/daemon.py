@@ -33,7 +33,7 @@ from murmur.protocol.messages import Gossip, Goodbye, Hello
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.peertable import PeerTable
 from murmur.protocol.sampling import CyclonSampler
-from murmur.protocol.transport import ConnectionClosed, SecureConnection, Transport
+from murmur.protocol.transport import ConnectionClosed, SecureConnection, Transport, tune_allocator
 from murmur.tasks import TaskManager
 
 log = logging.getLogger(__name__)
@@ -496,6 +496,7 @@ def run_node(config: NodeConfig) -> int:
     """CLI entry: run the daemon in the foreground on uvloop; 0 after a clean stop."""
     import uvloop
 
+    tune_allocator()  # process-wide, so the entry point's call (see its docstring)
     try:
         uvloop.run(serve(config))
     except StateError as exc:

@@ -234,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     preload(configs)
     import uvloop
 
+    from murmur.protocol.transport import tune_allocator
+
+    tune_allocator()  # process-wide, as in `murmur node start`
+
     try:
         uvloop.run(serve(configs, attacker=args.attacker, control=args.control, standby=args.standby))
     except MurmurError as exc:

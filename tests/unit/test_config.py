@@ -167,8 +167,19 @@ def test_transport_section_mirrors_transport_limits():
     transport = pytest.importorskip("murmur.protocol.transport")
     limits_fields = {f.name: f.default for f in dataclasses.fields(transport.TransportLimits)}
     ours = {f.name: f.default for f in dataclasses.fields(TransportSection)}
+    # ciphers: the limits' default is machine-dependent (a factory); the config's () means "that default"
+    assert ours.pop("ciphers") == () and "ciphers" in limits_fields
+    limits_fields.pop("ciphers")
     assert ours == limits_fields
     assert TransportSection().limits() == transport.TransportLimits()
+
+
+def test_transport_ciphers_from_config_reach_the_limits(tmp_path):
+    noise = pytest.importorskip("murmur.protocol.noise")
+    cfg = load_config(write(tmp_path, '[transport]\nciphers = ["chachapoly"]\n'))
+    assert cfg.transport.limits().ciphers == (noise.NoiseCipher.CHACHAPOLY,)
+    with pytest.raises(ConfigError, match="transport.ciphers"):
+        load_config(write(tmp_path, '[transport]\nciphers = ["rot13"]\n'))
 
 
 def test_error_lines_never_leak_python_reprs_of_types(tmp_path):
