@@ -13,7 +13,8 @@ One :class:`Testnet` run:
 3. polls every node's ``/status`` (the only view of a node the controller has:
    it never reaches into a node's memory), feeds the live dashboard, prints a
    progress line and fires churn events when their round or time comes;
-4. stops when every live honest node finished ``duration.rounds`` (or after
+4. stops when every live honest node finished ``duration.rounds`` plus
+   ``duration.mixing_rounds`` (or after
    ``duration.seconds``, or when training stalls), stops the nodes gracefully
    and writes the report from each node's own ``metrics.jsonl`` and last status.
 
@@ -411,7 +412,7 @@ class Testnet:
             self._progress()
             if sc.duration.seconds is not None and elapsed >= sc.duration.seconds:
                 return RunEnd.TIME_UP
-            if sc.duration.rounds is not None and self._all_done(sc.duration.rounds):
+            if sc.duration.last_round is not None and self._all_done(sc.duration.last_round):
                 return RunEnd.COMPLETED
             if time.monotonic() - self._front_at > stall_s:
                 self._say(f"\nno round completed for {stall_s:.0f} s: stopping (see {self.run_dir / 'logs'})")
@@ -576,7 +577,7 @@ class Testnet:
         acc = _finite([(h.status.get("learning") or {}).get("accuracy") for h in honest if h.status])
         attack = _finite([(h.status.get("learning") or {}).get("attack_rate") for h in honest if h.status])
         alive = sum(1 for h in self.nodes.values() if h.status is not None)
-        target = f"/{sc.duration.rounds}" if sc.duration.rounds else ""
+        target = f"/{sc.duration.last_round}" if sc.duration.last_round else ""
         parts = [
             f"[{time.monotonic() - self._t0:6.1f}s]",
             f"round {self._front if self._front is not None else '-'}{target}",

@@ -140,6 +140,13 @@ class Duration:
     seconds: float | None = _checked(None, _finite_positive)
     round_deadline_s: float = _checked(3.0, _finite_positive)
     quorum: float = _checked(1.0, _in_range(0.0, 1.0, lo_open=True))
+    # after `rounds`, rounds that only mix public models (learning.mixing_rounds): free noise cancellation
+    mixing_rounds: int = _checked(0, _at_least(0))
+
+    @property
+    def last_round(self) -> int | None:
+        """The round count at which every honest node is done (None: bounded by seconds)."""
+        return None if self.rounds is None else self.rounds + self.mixing_rounds
 
 
 @dataclass(frozen=True)
@@ -382,6 +389,8 @@ def _cross_checks(sc: Scenario) -> Iterable[tuple[tuple[str | int, ...], str]]:
     d = sc.duration
     if (d.rounds is None) == (d.seconds is None):
         yield ("duration",), "give exactly one of rounds (R) or seconds (T)"
+    if d.mixing_rounds and d.rounds is None:
+        yield ("duration", "mixing_rounds"), "needs duration.rounds (mixing follows the training rounds)"
     if sc.privacy.enabled and sc.privacy.rounds is None and d.rounds is None:
         yield ("privacy", "rounds"), "required when the duration is given in seconds (accounting horizon)"
     if sc.topology.degree >= sc.nodes:
@@ -561,7 +570,8 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> lis
                 "partition": scenario.partition.kind.value, "alpha": scenario.partition.alpha,
                 "shards": scenario.partition.shards,
                 "attack": s.attack.value if s.attack is not None else "none",
-                "rounds": rounds, "local_steps": scenario.trainer.local_steps,
+                "rounds": rounds, "mixing_rounds": scenario.duration.mixing_rounds,
+                "local_steps": scenario.trainer.local_steps,
                 "round_deadline_s": scenario.duration.round_deadline_s, "quorum": scenario.duration.quorum,
                 "aggregator": scenario.aggregator.name, "aggregator_options": dict(scenario.aggregator.options),
                 "codec": scenario.codec.value,

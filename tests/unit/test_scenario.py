@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -208,3 +209,13 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         parse_scenario("nodes = = 3")
     with pytest.raises(ConfigError, match="cannot read"):
         load_scenario(tmp_path / "absent.toml")
+
+
+def test_mixing_rounds_reach_the_nodes_and_need_a_round_bound(tmp_path: Path) -> None:
+    assert parse_scenario(BASE.replace("rounds = 20", "rounds = 20\nmixing_rounds = 5")).duration.last_round == 25
+    default = load_scenario(None)
+    sc = dataclasses.replace(default, duration=dataclasses.replace(default.duration, mixing_rounds=5))
+    loaded = load_config(_dump(tmp_path, node_configs(sc, tmp_path, base_port=45000)[0]))
+    assert loaded.learning.rounds == 30 and loaded.learning.mixing_rounds == 5
+    with pytest.raises(ConfigError, match="mixing_rounds: needs duration.rounds"):
+        parse_scenario(BASE.replace("rounds = 20", "seconds = 60.0\nmixing_rounds = 5"))
