@@ -104,6 +104,15 @@ class Message:
         return torch.stack([self.update, self.consensus])
 
 
+Wire = Callable[[torch.Tensor], torch.Tensor]
+"""What receivers decode of a stacked (2, d) message (a lossy codec's round trip).
+
+The public model is mirrored by every neighbour's replica, so the sender must
+advance it by exactly the decoded values; advancing by the exact ones lets
+sender and replicas drift apart by the accumulated rounding (with fp16 and
+large pairwise noise, by more than the model's own scale over a run)."""
+
+
 class Perturber(Protocol):
     """The privacy stage: turns the kept delta into what is sent."""
 
@@ -187,11 +196,13 @@ class RoundEngine:
         config: RoundConfig = RoundConfig(),
         perturber: Perturber | None = None,
         start_round: int = 0,
+        wire: Wire | None = None,
     ) -> None:
         self.trainer = trainer
         self.aggregator = aggregator
         self.config = config
         self.perturber = perturber
+        self.wire = wire
         self.round = start_round
         self.num_params = trainer.num_params()
         self.late_dropped = 0
@@ -243,7 +254,11 @@ class RoundEngine:
             peers = list(committed if committed is not None else neighbours)
             sent = self.perturber.perturb(update.delta, self.round, peers)
         message = Message(sent, self._consensus)
-        self.public = self.public + self._consensus + sent
+        if self.wire is not None:  # a lossy codec: advance by what the receivers' replicas will hold
+            decoded = self.wire(message.stacked())
+            message = Message(decoded[0], decoded[1])
+        sent = message.update
+        self.public = self.public + message.consensus + sent
         self._consensus = torch.zeros_like(self._consensus)
         self.last_sent_round = self.round
         self._pending = _Pending(dict(neighbours), update.delta, sent, update.loss)

@@ -44,10 +44,12 @@ from murmur.learning.rounds import (
     RoundEngine,
     RoundReport,
     TrainFrom,
+    Wire,
 )
 from murmur.learning.trainers.registry import load_trainer
 from murmur.node.config import Attack, LearningMode, PrivacyLevel
 from murmur.node.metrics import Split
+from murmur.protocol import codecs
 from murmur.protocol.codecs import DeltaCodec
 from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender
 from murmur.protocol.identity import PeerId
@@ -118,6 +120,7 @@ class NodeLearner:
             torch.set_num_threads(cfg.threads)
         self.trainer = load_trainer(cfg.trainer)(cfg.trainer_context())
         self.aggregator = get_aggregator(cfg.aggregator, self_id=str(node.peer_id), **dict(cfg.aggregator_options))
+        self.codec: DeltaCodec = cfg.codec.wire()
         self.privacy: Any = None  # murmur.node.privacy.NodePrivacy when privacy is on
         if node.config.privacy.enabled and len(self.fronts) == 1:  # an attacker does not privatise
             from murmur.node.privacy import NodePrivacy
@@ -131,8 +134,8 @@ class NodeLearner:
             RoundConfig(local_steps=cfg.local_steps or None, quorum=cfg.quorum,
                         train_from=TrainFrom.PUBLIC if example_level else TrainFrom.PRIVATE),
             perturber=self.privacy,
+            wire=_codec_wire(self.codec),
         )
-        self.codec: DeltaCodec = cfg.codec.wire()
         payload = self.engine.num_params * 4
         limits = AssemblerLimits(max_delta_bytes=payload + 64 * 1024, max_total_buffered_bytes=max(64 * payload, 1 << 26))
         self._assemblers = {front.peer_id: DeltaAssembler(front.peer_id, limits) for front in self.fronts}
@@ -657,3 +660,18 @@ class NodeLearner:
             "catch_ups": self.catch_ups,
             "late_dropped": self.engine.late_dropped,
         }
+
+
+def _codec_wire(codec: DeltaCodec) -> Wire | None:
+    """The engine's :data:`~murmur.learning.rounds.Wire` for ``codec``: None
+    for FP32 (exact), else encode + decode exactly as the neighbours will."""
+    if codec is DeltaCodec.FP32:
+        return None
+
+    def wire(stacked: torch.Tensor) -> torch.Tensor:
+        array = stacked.detach().to("cpu", torch.float32).contiguous().numpy()
+        decoded = codecs.roundtrip(array, codec)
+        return torch.from_numpy(np.array(decoded, copy=True)).to(stacked.device)
+
+    return wire
+

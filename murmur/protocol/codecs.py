@@ -276,3 +276,19 @@ def decode(payload: Payload, params: CodecParams) -> np.ndarray:
     if size != expected:
         raise DecodeError(f"{params.codec.name} payload of {size} bytes, expected {expected}")
     return impl.decode(payload, params.count)
+
+
+def roundtrip(array: np.ndarray, codec: DeltaCodec) -> np.ndarray:
+    """What a receiver decodes of ``array`` sent with ``codec`` (same shape).
+
+    Why: a node that keeps state mirrored by its receivers (the round
+    engine's public model) must advance it by these values, not by the exact
+    ones, or sender and replicas drift apart by the accumulated rounding.
+    Every codec is idempotent on its own output (tested), so re-encoding the
+    result for the wire sends exactly these values. FP32 returns ``array``.
+    """
+    if DeltaCodec(codec) is DeltaCodec.FP32:
+        return array
+    payload, params = encode(array, codec)
+    return decode(payload, params).reshape(array.shape)
+

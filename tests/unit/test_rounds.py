@@ -690,3 +690,38 @@ def test_mixing_rounds_send_nothing_private_and_reach_the_network_mean() -> None
     np.testing.assert_allclose(_models(engines).mean(axis=0), start.mean(axis=0), atol=1e-4)
     assert spread[-1] < 0.05 * np.abs(start - start.mean(axis=0)).max()
     assert all(b <= a + 1e-6 for a, b in zip(spread, spread[1:]))
+
+
+def _fp16(stacked: torch.Tensor) -> torch.Tensor:
+    return stacked.to(torch.float16).to(torch.float32)
+
+
+def _round_with_lossy_link(engines: Sequence[RoundEngine]) -> None:
+    """One round where every message crosses an fp16 wire, as a lossy codec does."""
+    round_ = engines[0].round
+    messages = [_fp16(m.stacked()) for m in _open_all(engines)]
+    for i in GRAPH:
+        for j in GRAPH[i]:
+            assert engines[j].offer(_name(i), round_, messages[i][0], messages[i][1]) is Offer.ACCEPTED
+    for engine in engines:
+        engine.finish_round()
+
+
+def _replica_gap(engines: Sequence[RoundEngine]) -> float:
+    return max(float((engines[j]._replicas[_name(i)].model - engines[i].public).abs().max())
+               for i in GRAPH for j in GRAPH[i])
+
+
+@pytest.mark.parametrize("wired", [True, False])
+def test_a_lossy_wire_keeps_replicas_exact_only_when_the_engine_knows_it(wired: bool) -> None:
+    """With ``wire`` the sender advances its public model by the decoded
+    values, so every neighbour's replica equals it exactly; without, they drift."""
+    engines = _noised_engines(TrainFrom.PRIVATE)
+    for engine in engines:
+        engine.wire = _fp16 if wired else None
+    for _ in range(3):
+        _round_with_lossy_link(engines)
+    if wired:
+        assert _replica_gap(engines) == 0.0
+    else:
+        assert _replica_gap(engines) > 1e-4
