@@ -202,6 +202,7 @@ def calibrate(
     (DECOR: the unweighted Laplacian; CorN: its solved per-edge variances) and
     re-chooses its magnitude, binding σ_cdp to the same ρ.
     """
+    objective = objective.resolve(level)
     if level is PrivacyLevel.EXAMPLE:
         if sampling_rate is None or not 0 < sampling_rate <= 1:
             raise ConfigError("example-level privacy needs a sampling rate in (0, 1]")
@@ -602,7 +603,7 @@ class NodePrivacy:
             clip=section.clip, graph=graph, level=section.level,
             sampling_rate=step.sampling_rate if step else None, sensitivity=step.sensitivity if step else None,
             budget=section.effective_budget, min_edges=min(degree, learning.num_nodes - 1),
-            objective=section.objective,
+            objective=section.objective.resolve(section.level),
         )
         seeds = PairwiseSeeds(node.identity)
         stage = PrivacyStage(node.peer_id, plan, SeedView(seeds), device=getattr(trainer, "device", "cpu"))
@@ -612,7 +613,7 @@ class NodePrivacy:
             "privacy calibrated",
             extra={"event": "privacy_plan", "scheme": plan.scheme.value, "level": plan.level.value,
                    "sigma_cdp": noise.sigma_cdp if noise else 0.0, "sigma_ldp": plan.sigma_ldp,
-                   "rdp_coef": plan.rdp_coef, "objective": section.objective.value, "min_edges": plan.min_edges, "residual_ratio": plan.residual_ratio},
+                   "rdp_coef": plan.rdp_coef, "objective": section.objective.resolve(section.level).value, "min_edges": plan.min_edges, "residual_ratio": plan.residual_ratio},
         )
         return cls(node, stage, seeds, wait)
 

@@ -266,7 +266,16 @@ def test_dp_clip_step_moves_at_most_lr_times_clip_and_matches_vmap() -> None:
         torch.testing.assert_close(p.grad, reference[name], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("objective", list(NoiseObjective))
+def test_auto_objective_follows_the_privacy_level() -> None:
+    assert NoiseObjective.AUTO.resolve(PrivacyLevel.USER) is NoiseObjective.ONE_STEP
+    assert NoiseObjective.AUTO.resolve(PrivacyLevel.EXAMPLE) is NoiseObjective.RUN
+    assert NoiseObjective.RUN.resolve(PrivacyLevel.USER) is NoiseObjective.RUN
+    auto = calibrate(PrivacyScheme.DECOR, graph=torus(4), objective=NoiseObjective.AUTO, **ANCHOR)
+    one_step = calibrate(PrivacyScheme.DECOR, graph=torus(4), objective=NoiseObjective.ONE_STEP, **ANCHOR)
+    assert auto == one_step
+
+
+@pytest.mark.parametrize("objective", [NoiseObjective.ONE_STEP, NoiseObjective.RUN])
 async def test_node_calibrates_with_the_configured_objective(tmp_path: Path, objective: NoiseObjective) -> None:
     """``privacy.objective`` reaches the node's plan: the node's σ_cdp is the
     one ``calibrate`` gives on the same assumed graph with that objective."""
@@ -287,7 +296,8 @@ async def test_node_calibrates_with_the_configured_objective(tmp_path: Path, obj
     graph = assumed_graph(cfg.learning.num_nodes, degree, cfg.learning.seed)
     kwargs = dict(epsilon=10.0, delta=cfg.privacy.delta, rounds=100, clip=cfg.privacy.clip, graph=graph)
     expected = calibrate(PrivacyScheme.DECOR, objective=objective, **kwargs)
-    other = calibrate(PrivacyScheme.DECOR, objective=next(o for o in NoiseObjective if o is not objective), **kwargs)
+    other = calibrate(PrivacyScheme.DECOR, objective=next(o for o in (NoiseObjective.ONE_STEP, NoiseObjective.RUN)
+                                                          if o is not objective), **kwargs)
     plan = privacy.stage.plan
     assert plan.noise is not None and expected.noise is not None and other.noise is not None
     assert plan.noise.sigma_cdp == pytest.approx(expected.noise.sigma_cdp)
