@@ -25,18 +25,6 @@ from murmur.learning.privacy.accountant import (
 N, CLIP, T, DELTA, EPS = 16, 1.0, 3500, 1e-5, 10.0
 
 
-def torus(side: int) -> tp.Graph:
-    """DECOR's "grid" is networkx grid_2d_graph(periodic=True): a 4×4 torus."""
-    g: tp.Graph = [set() for _ in range(side * side)]
-    for r in range(side):
-        for c in range(side):
-            i = r * side + c
-            for j in (r * side + (c + 1) % side, ((r + 1) % side) * side + c):
-                g[i].add(j)
-                g[j].add(i)
-    return g
-
-
 def test_ldp_and_central_anchor() -> None:
     assert sigma_ldp(EPS, DELTA, T, CLIP) == pytest.approx(67.2, rel=0.01)
     assert sigma_central(EPS, DELTA, T, CLIP, N) == pytest.approx(16.8, rel=0.01)
@@ -72,14 +60,14 @@ def test_reference_pairs_reproduce_their_epsilon(graph, sigma_cdp, sigma_cor, re
 )
 def test_reference_grid_rows(sigma_cor, ref_rho) -> None:
     sigma_cdp = {63.0: 27.815351645527457, 47.0: 35.63841929583205, 94.0: 23.90381782037516}[sigma_cor]
-    assert decor_rdp_coef(sigma_cdp, sigma_cor, 1.5, torus(4)) == pytest.approx(ref_rho, rel=1e-6)
+    assert decor_rdp_coef(sigma_cdp, sigma_cor, 1.5, tp.torus(4)) == pytest.approx(ref_rho, rel=1e-6)
 
 
 @pytest.mark.parametrize(
     ("graph", "sigma_cor", "lo", "hi"),
     [
-        (torus(4), 47.0, 17.8, 23.0),
-        (torus(4), 63.0, 17.8, 23.0),
+        (tp.torus(4), 47.0, 17.8, 23.0),
+        (tp.torus(4), 63.0, 17.8, 23.0),
         (tp.complete(N), 32.0, 17.8, 23.0),
         # ring at σ_cor = 94 needs σ_cdp = 24.6 for ε = 10 exactly; the anchor's 23
         # is the reference's pair, which spends ε = 10.46 (see test above).
@@ -110,7 +98,7 @@ def test_colluders_remove_their_edges() -> None:
 
 
 def test_calibration_is_private_and_beats_ldp() -> None:
-    for g in (tp.ring(N), torus(4), tp.complete(N)):
+    for g in (tp.ring(N), tp.torus(4), tp.complete(N)):
         cal = calibrate_decor(EPS, DELTA, T, CLIP, g)
         assert decor_epsilon(cal.sigma_cdp, cal.sigma_cor, CLIP, g, T, DELTA) <= EPS * (1 + 1e-6)
         assert cal.sigma_central <= cal.sigma_cdp < cal.sigma_ldp
