@@ -149,7 +149,7 @@ class NodeLearner:
         self._model_requests: dict[PeerId, asyncio.Future[CompletedDelta] | None] = {}
         self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
         self._model_buckets: dict[PeerId, TokenBucket] = {}
-        self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
+        self._catch_up_from: PeerId | None = None
         self._record_sigs: dict[tuple[str, int, str], bytes] = {}
         self.last_report: RoundReport | None = None
         self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
@@ -433,8 +433,9 @@ class NodeLearner:
         outcome = self.engine.offer(str(session.peer), done.round, tensor[0], tensor[1])
         if outcome is Offer.BAD_SHAPE:
             raise DecodeError(f"round message with non-finite values for round {done.round}")
-        self._peer_rounds[session.peer] = max(self._peer_rounds.get(session.peer, -1), done.round)
-        if outcome is Offer.NEEDS_SYNC:
+        if outcome is Offer.TOO_EARLY:
+            self._catch_up_from = session.peer
+        elif outcome is Offer.NEEDS_SYNC:
             await self._request_resync(session)
         self._arrived.set()
 
@@ -458,14 +459,16 @@ class NodeLearner:
 
     async def _maybe_catch_up(self) -> bool:
         """Adopt the model of a neighbour far ahead of us; True iff we did."""
-        claimed = {
-            s.peer: max(self._peer_rounds.get(s.peer, -1), s.hello.round if s.hello is not None else -1)
-            for s in self._sessions()
-        }
-        weights = self.last_report.weights if self.last_report is not None else {}
-        peer = catch_up_target(claimed, self.engine.round, {p: weights.get(str(p), 0.0) for p in claimed})
+        peer = self._catch_up_from
         if peer is None:
-            return False
+            ahead = [
+                s for s in self._sessions()
+                if s.hello is not None and s.hello.round > self.engine.round + CATCH_UP_GAP
+            ]
+            if not ahead:
+                return False
+            peer = max(ahead, key=lambda s: s.hello.round).peer  # type: ignore[union-attr]
+        self._catch_up_from = None
         routes = self._routes.get(str(peer)) or [(self.node, peer)]
         session = routes[0][0].session(peer)
         if session is None:
@@ -671,25 +674,4 @@ def _codec_wire(codec: DeltaCodec) -> Wire | None:
         return torch.from_numpy(np.array(decoded, copy=True)).to(stacked.device)
 
     return wire
-
-
-def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mapping[PeerId, float]) -> PeerId | None:
-    """Whom to adopt a model from, or None: the majority rule.
-
-    A neighbour's round is only its claim, and the model it would hand us is
-    whatever it says: adopting from the neighbour claiming the highest round
-    let one Sybil (or one racing attacker) replace an honest node's model
-    outright. So the round to catch up to is one that more than half of our
-    neighbours have reached, and it must be more than CATCH_UP_GAP ahead of
-    ours; among the neighbours there, the one our aggregator trusts most
-    (SybilWall gives Sybils ~0), then the least extreme claim.
-    """
-    if not claimed:
-        return None
-    rounds = sorted(claimed.values(), reverse=True)
-    majority_round = rounds[len(rounds) // 2]  # reached by more than half of them
-    if majority_round <= own_round + CATCH_UP_GAP:
-        return None
-    candidates = [p for p, r in claimed.items() if r >= majority_round]
-    return max(candidates, key=lambda p: (trust.get(p, 0.0), -claimed[p]))
 
