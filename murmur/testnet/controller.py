@@ -244,6 +244,7 @@ class Testnet:
         self._supervisor: Supervisor | None = None
         self._t0 = time.monotonic()
         self._front: int | None = None
+        self._rounds_done = 0  # sum of honest nodes' rounds: grows while any of them trains
         self._front_at = time.monotonic()
         self._last_progress = -math.inf
         self._background: set[asyncio.Task[None]] = set()  # standby start-ups in flight
@@ -443,10 +444,15 @@ class Testnet:
                 handle.last_seen = status
             self.dashboard.update_from_status(handle.spec.name, status)
         self._check_exits()
-        front = network_round({h.spec.name: _round(h.status) for h in handles
-                               if h.spec.role is Role.HONEST and h.status is not None})
+        honest = {h.spec.name: _round(h.status) for h in handles if h.spec.role is Role.HONEST and h.status is not None}
+        front = network_round(honest)
         if front is not None and (self._front is None or front > self._front):
-            self._front, self._front_at = front, time.monotonic()
+            self._front = front
+        # Stalled means no honest node completed a round, not that the front
+        # did not move: one node that caught up far ahead must not hide the rest.
+        progress = sum(r + 1 for r in honest.values() if r is not None)
+        if progress > self._rounds_done:
+            self._rounds_done, self._front_at = progress, time.monotonic()
         return {h.spec.name: h.status for h in handles}
 
     async def _status(self, http: aiohttp.ClientSession, handle: NodeHandle) -> dict[str, Any] | None:
