@@ -235,7 +235,7 @@ async def murmur_transfer(conn: SecureConnection, identity: Identity, array: np.
     assert conn.peer_id is not None
     start, cpu = time.perf_counter(), time.process_time()
     for message in DeltaSender(identity, conn.peer_id, round_, array):
-        await conn.send(message)
+        await conn.send(*message)
     ack = await conn.recv()
     if len(ack) != ACK.size:
         raise RuntimeError("receiver did not acknowledge the delta")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from murmur.errors import PeerFault
 from murmur.node.metrics import Direction, NodeMetrics
 from murmur.protocol.identity import PeerId
-from murmur.protocol.messages import Message, decode, encode
+from murmur.protocol.messages import Encoded, Message, decode, encode_parts
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.transport import ConnectionClosed, SecureConnection
 
@@ -85,11 +85,11 @@ class PeerSession:
 
     async def send(self, msg: Message) -> None:
         """Encode and send one message; raises ConnectionClosed if the peer is gone."""
-        await self.send_encoded(encode(msg), type(msg).__name__)
+        await self.send_encoded(encode_parts(msg), type(msg).__name__)
 
-    async def send_encoded(self, data: bytes | memoryview, kind: str) -> None:
-        await self.conn.send(data)
-        self._metrics.add_bytes(Direction.OUT, len(data))
+    async def send_encoded(self, parts: Encoded, kind: str) -> None:
+        await self.conn.send(*parts)
+        self._metrics.add_bytes(Direction.OUT, sum(memoryview(part).nbytes for part in parts))
         self._metrics.message(Direction.OUT, kind)
 
     async def close(self) -> None:

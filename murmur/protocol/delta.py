@@ -47,7 +47,8 @@ from murmur.protocol.messages import (
     DeltaChunk,
     DeltaEnd,
     DeltaStart,
-    encode,
+    Encoded,
+    encode_parts,
 )
 
 __all__ = [
@@ -111,7 +112,10 @@ def signing_input(content_hash: bytes, round: int, sender: PeerId, recipient: Pe
 
 
 class DeltaSender:
-    """Iterable of encoded messages for one delta: Start, Chunk…, End.
+    """Iterable of encoded messages for one delta: Start, Chunk…, End, each
+    as :func:`~murmur.protocol.messages.encode_parts` gives it (send one with
+    ``conn.send(*parts)``; a chunk's parts are its envelope and a view of the
+    payload).
 
     The codec runs at construction (so a NaN or an fp16 overflow raises
     ``ValueError`` before anything is sent); iteration slices the payload
@@ -156,18 +160,18 @@ class DeltaSender:
             meta=dict(meta or {}),
         )
 
-    def __iter__(self) -> Iterator[bytes]:
-        yield encode(self._start)
+    def __iter__(self) -> Iterator[Encoded]:
+        yield encode_parts(self._start)
         hasher = _hasher()
         payload, step, tid = self._payload, self._chunk_bytes, self.transfer_id
         for seq, offset in enumerate(range(0, self.nbytes, step)):
             piece = payload[offset : offset + step]
             hasher.update(piece)
-            yield encode(DeltaChunk(transfer_id=tid, seq=seq, data=piece))
+            yield encode_parts(DeltaChunk(transfer_id=tid, seq=seq, data=piece))
         digest = hasher.digest()
         signature = self._identity.sign(signing_input(digest, self.round, self._identity.peer_id, self.recipient))
         self.content_hash = digest
-        yield encode(DeltaEnd(transfer_id=tid, content_hash=digest, signature=signature))
+        yield encode_parts(DeltaEnd(transfer_id=tid, content_hash=digest, signature=signature))
 
 
 # --------------------------------------------------------------------------- replay guard

@@ -290,10 +290,14 @@ class FrameEncoder:
         self._plaintext = plaintext if plaintext is not None else PlaintextScratch(max_frame)
         self._spare: bytearray | None = None  # one flushed output buffer, at most max_frame + overhead
 
-    def encode(self, ftype: FrameType, payload: bytes | bytearray | memoryview = b"") -> bytearray:
-        """Raises ``ValueError`` for a payload over ``max_frame``: that is a local
-        bug (callers chunk large objects), not something to put on the wire."""
-        size = len(payload)
+    def encode(self, ftype: FrameType, *parts: bytes | bytearray | memoryview) -> bytearray:
+        """One frame whose payload is ``parts`` concatenated (gathered straight
+        into the plaintext scratch: a message's envelope and its tail need no
+        joining first). Raises ``ValueError`` for a payload over ``max_frame``:
+        that is a local bug (callers chunk large objects), not something to
+        put on the wire."""
+        views = [memoryview(part).cast("B") for part in parts]
+        size = sum(view.nbytes for view in views)
         if size > self.max_frame:
             raise ValueError(f"payload of {size} bytes exceeds max_frame {self.max_frame}")
         wire_len = size + FRAME_OVERHEAD
@@ -304,7 +308,10 @@ class FrameEncoder:
         FRAME_LENGTH.pack_into(out, 0, wire_len)
         with self._plaintext.view(TYPE_LEN + size) as plaintext, memoryview(out) as out_view:
             plaintext[0] = ftype
-            plaintext[TYPE_LEN:] = payload
+            offset = TYPE_LEN
+            for view in views:
+                plaintext[offset : offset + view.nbytes] = view
+                offset += view.nbytes
             self._cipher.seal_into(plaintext, out_view[FRAME_LENGTH.size :])
         return out
 

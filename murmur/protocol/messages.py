@@ -1,7 +1,11 @@
 """Application messages: one frozen dataclass per kind, one schema each.
 
 Wire envelope: msgpack array ``[WIRE_VERSION, kind, body]`` where ``body`` is a
-map from field name to value. A message class declares its schema *once*, in
+map from field name to value. A kind may declare one :class:`TailSpec` field
+(a delta chunk's payload): it travels as raw bytes right after the envelope,
+to the end of the message, so neither side runs megabytes through msgpack
+(which copies a ``bin`` on both packing and unpacking) and the decoded field
+is a view of the received message. A message class declares its schema *once*, in
 its annotations: every field is ``Annotated[<python type>, <Spec>]`` and the
 :class:`MessageRegistry` decorator reads those specs when the class is
 registered. Encoding and decoding are generic walks over the specs, so adding
@@ -28,7 +32,7 @@ import numpy as np
 from murmur.errors import DecodeError
 from murmur.protocol.codecs import DeltaCodec
 from murmur.protocol.identity import PeerId
-from murmur.protocol.serializer import ALLOWED_DTYPES, UnpackLimits, pack, unpack
+from murmur.protocol.serializer import ALLOWED_DTYPES, UnpackLimits, pack, unpack, unpack_head
 
 __all__ = [
     "WIRE_VERSION",
@@ -37,7 +41,10 @@ __all__ = [
     "MessageRegistry",
     "REGISTRY",
     "encode",
+    "encode_parts",
+    "Encoded",
     "decode",
+    "TailSpec",
     "UnknownKind",
     "WrongVersion",
     "SchemaError",
@@ -58,7 +65,7 @@ __all__ = [
     "Link",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: DeltaChunk.data moved out of the map into the message tail
 
 # --------------------------------------------------------------------------- bounds (named once)
 
@@ -78,6 +85,12 @@ MAX_META_VALUE_LEN = 1024
 MAX_SHAPE_DIMS = 8
 MAX_DIM = 1 << 40
 MAX_COMMIT_PEERS = 256
+# A tailed kind's envelope holds only small fields (ids, counters); this
+# bounds what msgpack sees of a message with a tail.
+MAX_TAILED_HEAD = 256
+Encoded = tuple[bytes] | tuple[bytes, memoryview]  # a message as envelope [, tail]
+_FIXARRAY_3 = 0x93  # how every envelope starts; then the version and kind as positive fixints
+_POSITIVE_FIXINT_MAX = 0x7F
 MAX_HISTORY_ELEMENTS = 1_000_000  # float32 history must fit one frame
 MAX_DEGREE = 1 << 16
 PEER_ID_LEN = 38  # identity multihash of an Ed25519 protobuf key
@@ -215,6 +228,23 @@ class BytesSpec(Spec):
             raise _fail(where, f"expected bytes, got {type(raw).__name__}")
         if not self.min_len <= len(raw) <= self.max_len:
             raise _fail(where, f"{len(raw)} bytes outside [{self.min_len}, {self.max_len}]")
+        return raw
+
+
+@dataclass(frozen=True)
+class TailSpec(BytesSpec):
+    """Raw bytes after the envelope, to the end of the message (at most one
+    per kind). ``load`` gets and returns a read-only view of the received
+    message, never a copy: it lives as long as the message does."""
+
+    def dump(self, value: Any) -> Any:
+        return memoryview(super().dump(value)).cast("B")
+
+    def load(self, raw: Any, where: str) -> Any:
+        if not isinstance(raw, memoryview):
+            raise _fail(where, f"expected a message tail, got {type(raw).__name__}")
+        if not self.min_len <= raw.nbytes <= self.max_len:
+            raise _fail(where, f"{raw.nbytes} bytes outside [{self.min_len}, {self.max_len}]")
         return raw
 
 
@@ -410,6 +440,10 @@ class MessageKind(IntEnum):
 class _Schema:
     cls: type
     specs: Mapping[str, Spec]
+    tail: str | None  # the TailSpec field, if any
+
+    def body_specs(self) -> Mapping[str, Spec]:
+        return {name: spec for name, spec in self.specs.items() if name != self.tail}
 
 
 class MessageRegistry:
@@ -434,7 +468,12 @@ class MessageRegistry:
             if len(found) != 1:
                 raise TypeError(f"{cls.__name__}.{f.name} needs exactly one Spec in Annotated[...]")
             specs[f.name] = found[0]
-        self._schemas[kind] = _Schema(cls, MappingProxyType(specs))
+        tails = [name for name, spec in specs.items() if isinstance(spec, TailSpec)]
+        if len(tails) > 1:
+            raise TypeError(f"{cls.__name__} has {len(tails)} TailSpec fields; at most one")
+        if tails and kind > _POSITIVE_FIXINT_MAX:
+            raise TypeError(f"{cls.__name__}: a tailed kind must be a msgpack fixint (<= {_POSITIVE_FIXINT_MAX})")
+        self._schemas[kind] = _Schema(cls, MappingProxyType(specs), tails[0] if tails else None)
         return cls
 
     def freeze(self) -> None:
@@ -449,13 +488,32 @@ class MessageRegistry:
     def message_class(self, kind: MessageKind) -> type:
         return self._schemas[kind].cls
 
-    def encode(self, msg: Message) -> bytes:
+    def encode_parts(self, msg: Message) -> Encoded:
+        """The message as the envelope and, for a tailed kind, the tail (a view
+        of the caller's buffer): the transport gathers them into one frame."""
         schema = self._schemas[msg.KIND]
-        body = {name: spec.dump(getattr(msg, name)) for name, spec in schema.specs.items()}
-        return pack((WIRE_VERSION, int(msg.KIND), body))
+        body = {name: spec.dump(getattr(msg, name)) for name, spec in schema.body_specs().items()}
+        head = pack((WIRE_VERSION, int(msg.KIND), body))
+        if schema.tail is None:
+            return (head,)
+        return head, schema.specs[schema.tail].dump(getattr(msg, schema.tail))
+
+    def encode(self, msg: Message) -> bytes:
+        return b"".join(self.encode_parts(msg))
+
+    def _tailed(self, buf: bytes | bytearray | memoryview) -> bool:
+        """Whether ``buf`` claims a tailed kind (only a hint for which parser
+        runs: what that parser finds is validated like everything else)."""
+        if len(buf) < 3 or buf[0] != _FIXARRAY_3 or buf[1] != WIRE_VERSION:
+            return False
+        schema = self._schemas.get(buf[2])  # type: ignore[call-overload]
+        return schema is not None and schema.tail is not None
 
     def decode(self, buf: bytes | bytearray | memoryview) -> Message:
-        envelope = unpack(buf, MESSAGE_LIMITS)
+        if self._tailed(buf):
+            envelope, head_len = unpack_head(buf, MAX_TAILED_HEAD, MESSAGE_LIMITS)
+        else:
+            envelope, head_len = unpack(buf, MESSAGE_LIMITS), len(buf)
         if not isinstance(envelope, tuple) or len(envelope) != 3:
             raise SchemaError("envelope must be [version, kind, body]")
         version, kind, body = envelope
@@ -466,12 +524,18 @@ class MessageRegistry:
         schema = self._schemas[MessageKind(kind)]
         if not isinstance(body, dict):
             raise SchemaError("body must be a map")
-        if body.keys() != schema.specs.keys():
-            missing = sorted(schema.specs.keys() - body.keys())
-            extra = sorted(map(repr, body.keys() - schema.specs.keys()))
+        specs = schema.body_specs()
+        if body.keys() != specs.keys():
+            missing = sorted(specs.keys() - body.keys())
+            extra = sorted(map(repr, body.keys() - specs.keys()))
             raise SchemaError(f"{schema.cls.__name__}: missing {missing}, unexpected {extra}")
         name = schema.cls.__name__
-        values = {field: spec.load(body[field], f"{name}.{field}") for field, spec in schema.specs.items()}
+        values = {field: spec.load(body[field], f"{name}.{field}") for field, spec in specs.items()}
+        if schema.tail is not None:
+            tail = memoryview(buf).cast("B")[head_len:].toreadonly()
+            values[schema.tail] = schema.specs[schema.tail].load(tail, f"{name}.{schema.tail}")
+        elif head_len != len(buf):
+            raise SchemaError(f"{name} takes no tail, got {len(buf) - head_len} bytes after the envelope")
         return schema.cls(**values)
 
 
@@ -566,7 +630,7 @@ class DeltaChunk:
     KIND: ClassVar[MessageKind] = MessageKind.DELTA_CHUNK
     transfer_id: U64
     seq: U32
-    data: Annotated[bytes, BytesSpec(1, MAX_CHUNK_BYTES)]
+    data: Annotated[bytes | memoryview, TailSpec(1, MAX_CHUNK_BYTES)]
 
 
 @message
@@ -657,8 +721,14 @@ Message = (
 
 
 def encode(msg: Message) -> bytes:
-    """Serialize one message (envelope included)."""
+    """Serialize one message (envelope included) into one buffer."""
     return REGISTRY.encode(msg)
+
+
+def encode_parts(msg: Message) -> Encoded:
+    """Serialize one message as envelope and tail, for a gathering send
+    (``SecureConnection.send(*parts)``): a chunk's payload is not copied."""
+    return REGISTRY.encode_parts(msg)
 
 
 def decode(buf: bytes | bytearray | memoryview) -> Message:

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "pack",
     "unpack",
+    "unpack_head",
 ]
 
 # --------------------------------------------------------------------------- limits
@@ -190,31 +191,66 @@ def _reject_timestamps(obj: Any) -> None:
             stack.extend(v for v in item if isinstance(v, _SCAN))
 
 
+def _unpack_options(limits: UnpackLimits) -> dict[str, Any]:
+    return {
+        "raw": False,
+        "use_list": False,
+        "strict_map_key": True,
+        "ext_hook": _ext_hook,
+        "max_bin_len": limits.max_bin_len,
+        "max_str_len": limits.max_str_len,
+        "max_array_len": limits.max_array_len,
+        "max_map_len": limits.max_map_len,
+        "max_ext_len": limits.max_ext_len,
+    }
+
+
+# ValueError covers FormatError, StackError (nesting), ExtraData, UnicodeDecodeError,
+# incomplete input and exceeded limits; TypeError covers unhashable map keys.
+_MALFORMED = (ValueError, TypeError, msgpack.UnpackException, OverflowError)
+
+
+def _check_size(buf: bytes | bytearray | memoryview, limits: UnpackLimits) -> None:
+    if len(buf) > limits.max_buffer_size:
+        raise DecodeError(f"message of {len(buf)} bytes > {limits.max_buffer_size}")
+
+
 def unpack(buf: bytes | bytearray | memoryview, limits: UnpackLimits = DEFAULT_LIMITS) -> Any:
     """Decode one msgpack object; arrays decode to tuples (immutable).
 
     Raises :class:`DecodeError` for any malformed, oversized or trailing input.
     """
-    if len(buf) > limits.max_buffer_size:
-        raise DecodeError(f"message of {len(buf)} bytes > {limits.max_buffer_size}")
+    _check_size(buf, limits)
     try:
-        obj = msgpack.unpackb(
-            buf,
-            raw=False,
-            use_list=False,
-            strict_map_key=True,
-            ext_hook=_ext_hook,
-            max_bin_len=limits.max_bin_len,
-            max_str_len=limits.max_str_len,
-            max_array_len=limits.max_array_len,
-            max_map_len=limits.max_map_len,
-            max_ext_len=limits.max_ext_len,
-        )
+        obj = msgpack.unpackb(buf, **_unpack_options(limits))
     except DecodeError:
         raise
-    # ValueError covers FormatError, StackError (nesting), ExtraData, UnicodeDecodeError,
-    # incomplete input and exceeded limits; TypeError covers unhashable map keys.
-    except (ValueError, TypeError, msgpack.UnpackException, OverflowError) as exc:
+    except _MALFORMED as exc:
         raise DecodeError(f"malformed msgpack: {exc}") from exc
     _reject_timestamps(obj)
     return obj
+
+
+def unpack_head(
+    buf: bytes | bytearray | memoryview, max_head: int, limits: UnpackLimits = DEFAULT_LIMITS
+) -> tuple[Any, int]:
+    """Decode the msgpack object at the start of ``buf``, which must end within
+    its first ``max_head`` bytes, and return it with its length: what follows
+    is raw bytes the caller takes as a view (a message tail), which is why only
+    the bounded head is ever handed to msgpack (``Unpacker.feed`` copies).
+
+    Raises :class:`DecodeError` for a malformed or over-long head.
+    """
+    _check_size(buf, limits)
+    unpacker = msgpack.Unpacker(max_buffer_size=max_head, **_unpack_options(limits))
+    try:
+        unpacker.feed(buf[:max_head])
+        obj = unpacker.unpack()
+    except DecodeError:
+        raise
+    except msgpack.OutOfData:
+        raise DecodeError(f"message head does not end within {max_head} bytes") from None
+    except _MALFORMED as exc:
+        raise DecodeError(f"malformed msgpack: {exc}") from exc
+    _reject_timestamps(obj)
+    return obj, unpacker.tell()

@@ -239,8 +239,10 @@ class SecureConnection:
     def closed(self) -> bool:
         return self._closed
 
-    async def send(self, payload: bytes | bytearray | memoryview) -> None:
-        """Send one message (<= ``max_frame`` bytes, else ``ValueError``).
+    async def send(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Send one message, ``parts`` concatenated (<= ``max_frame`` bytes, else
+        ``ValueError``): ``send(*encode_parts(msg))`` frames a chunk's envelope
+        and payload without joining them first.
 
         Waits while the socket's write buffer is over :func:`send_high_water`.
         """
@@ -248,11 +250,11 @@ class SecureConnection:
             await self._writable.wait()
         if self._closed:
             raise ConnectionClosed(f"connection to {self.peer_id.short()} is closed") from self._fault
-        frame = self._encoder.encode(FrameType.DATA, payload)
+        frame = self._encoder.encode(FrameType.DATA, *parts)
         self._tr.write(frame)
         if not self._tr.get_write_buffer_size():  # all of it is in the kernel already
             self._encoder.recycle(frame)
-        self.bytes_sent += len(payload)
+        self.bytes_sent += len(frame) - FRAME_LENGTH.size - FRAME_OVERHEAD
 
     async def recv(self) -> bytes:
         """Next message. Raises the fault that closed the connection once, then ConnectionClosed."""

@@ -125,6 +125,24 @@ def test_non_finite_input_is_an_encode_error(codec: DeltaCodec, bad: float) -> N
         encode(x, codec)
 
 
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.float32, st.integers(0, 300), elements=st.floats(width=32)))
+def test_fp32_accepts_exactly_the_finite_arrays(x: np.ndarray) -> None:
+    """The finiteness check is a sum of squares (one pass), which overflows on
+    huge finite values: those must still pass, and every NaN/Inf must not."""
+    if np.isfinite(x).all():
+        back = decode(*encode(x, DeltaCodec.FP32))
+        np.testing.assert_array_equal(back, x)
+    else:
+        with pytest.raises(ValueError):
+            encode(x, DeltaCodec.FP32)
+
+
+def test_huge_finite_values_overflow_the_fast_check_but_pass() -> None:
+    x = np.full(1000, 3e38, dtype=np.float32)  # x·x overflows float32
+    np.testing.assert_array_equal(decode(*encode(x, DeltaCodec.FP32)), x)
+
+
 def test_encode_requires_float32() -> None:
     with pytest.raises(TypeError):
         encode(np.ones(3, dtype=np.float64), DeltaCodec.FP32)

@@ -47,7 +47,7 @@ def send(
     array: np.ndarray, codec: DeltaCodec = DeltaCodec.FP32, round: int = 5, chunk_bytes: int = 4096, **kw: Any
 ) -> tuple[DeltaSender, list[Any]]:
     sender = DeltaSender(ALICE, BOB.peer_id, round, array, codec, chunk_bytes=chunk_bytes, **kw)
-    return sender, [decode(raw) for raw in sender]
+    return sender, [decode(b"".join(parts)) for parts in sender]
 
 
 def feed_all(assembler: DeltaAssembler, msgs: list[Any], sender: Identity = ALICE) -> Any:
@@ -321,7 +321,7 @@ def test_duplicated_chunk_is_decode_error() -> None:
 
 def test_chunk_overrunning_nbytes_is_decode_error() -> None:
     _, msgs = send(delta(10), chunk_bytes=1024)
-    msgs[1] = replace(msgs[1], data=msgs[1].data + b"\x00\x00\x00\x00")
+    msgs[1] = replace(msgs[1], data=bytes(msgs[1].data) + b"\x00\x00\x00\x00")
     with pytest.raises(DecodeError, match="overrun"):
         feed_all(DeltaAssembler(BOB.peer_id), msgs)
 
@@ -362,7 +362,7 @@ def test_total_buffer_budget_across_peers() -> None:
     assembler.feed(ALICE.peer_id, send(delta(100))[1][0])  # 400 bytes
     carol = DeltaSender(CAROL, BOB.peer_id, 5, delta(100), DeltaCodec.FP32)
     with pytest.raises(LimitExceeded):
-        assembler.feed(CAROL.peer_id, decode(next(iter(carol))))
+        assembler.feed(CAROL.peer_id, decode(b"".join(next(iter(carol)))))
     assert assembler.buffered_bytes == 400
 
 

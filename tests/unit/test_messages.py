@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields, replace
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Annotated, Any, ClassVar
 
 import msgpack
 import numpy as np
@@ -124,10 +124,46 @@ def test_envelope_layout_matches_architecture() -> None:
     assert body["codec"] == 3 and body["meta"] == {"kind": "model"}
 
 
-def test_chunk_accepts_a_memoryview_without_copying_first() -> None:
+def test_chunk_payload_is_a_tail_never_copied_by_either_side() -> None:
     data = np.arange(1000, dtype=np.float32)
-    wire = m.encode(m.DeltaChunk(transfer_id=5, seq=0, data=memoryview(data).cast("B")))
-    assert m.decode(wire).data == data.tobytes()
+    head, tail = m.encode_parts(m.DeltaChunk(transfer_id=5, seq=0, data=memoryview(data).cast("B")))
+    assert np.shares_memory(np.frombuffer(tail, np.float32), data)  # the sender gathers a view
+    assert len(head) < m.MAX_TAILED_HEAD and msgpack.unpackb(head)[2] == {"transfer_id": 5, "seq": 0}
+    wire = head + bytes(tail)
+    back = m.decode(wire)
+    assert back.data == data.tobytes() and back.data.readonly
+    assert back.data.obj is wire  # a view of the received message, not a copy
+
+
+def test_a_tail_on_an_untailed_kind_is_refused() -> None:
+    with pytest.raises(DecodeError, match="extra data"):
+        m.decode(m.encode_parts(GOSSIP)[0] + b"extra")  # the tail parser runs only where the kind has one
+    gossip_with_faked_kind = bytearray(m.encode(GOSSIP))
+    gossip_with_faked_kind[2] = m.MessageKind.DELTA_CHUNK  # claims a tailed kind, carries a Gossip body
+    with pytest.raises(DecodeError):
+        m.decode(bytes(gossip_with_faked_kind))
+
+
+def test_a_tailed_kind_needs_its_tail_and_a_short_head() -> None:
+    head, _ = m.encode_parts(m.DeltaChunk(transfer_id=5, seq=0, data=b"x"))
+    with pytest.raises(m.SchemaError, match="outside"):
+        m.decode(head)  # no payload at all
+    padded = raw_envelope(int(m.MessageKind.DELTA_CHUNK), {"transfer_id": 5, "seq": 0, "pad": "y" * 300})
+    with pytest.raises(DecodeError, match="does not end within"):
+        m.decode(padded + b"payload")
+    with pytest.raises(DecodeError):
+        m.decode(head[:-1])  # a head cut short
+
+
+def test_a_kind_with_two_tails_is_refused_at_registration() -> None:
+    @dataclass(frozen=True)
+    class TwoTails:
+        KIND: ClassVar[m.MessageKind] = m.MessageKind.DELTA_CHUNK
+        a: Annotated[bytes, m.TailSpec(0, 8)]
+        b: Annotated[bytes, m.TailSpec(0, 8)]
+
+    with pytest.raises(TypeError, match="at most one"):
+        m.MessageRegistry().register(TwoTails)
 
 
 # --------------------------------------------------------------------------- hostile input
@@ -138,7 +174,7 @@ def raw_envelope(kind: int, body: Any, version: Any = m.WIRE_VERSION) -> bytes:
 
 
 def body_of(msg: Any) -> dict[str, Any]:
-    return dict(msgpack.unpackb(m.encode(msg), ext_hook=lambda c, d: msgpack.ExtType(c, d))[2])
+    return dict(msgpack.unpackb(m.encode_parts(msg)[0], ext_hook=lambda c, d: msgpack.ExtType(c, d))[2])
 
 
 GOSSIP = m.Gossip(msg_id=b"id", origin=P, ttl=3, topic="t", payload=b"x")
@@ -147,7 +183,7 @@ GOSSIP = m.Gossip(msg_id=b"id", origin=P, ttl=3, topic="t", payload=b"x")
 def test_wrong_version_and_unknown_kind() -> None:
     body = body_of(GOSSIP)
     with pytest.raises(m.WrongVersion):
-        m.decode(raw_envelope(int(m.MessageKind.GOSSIP), body, version=2))
+        m.decode(raw_envelope(int(m.MessageKind.GOSSIP), body, version=m.WIRE_VERSION + 1))
     with pytest.raises(m.WrongVersion):
         m.decode(raw_envelope(int(m.MessageKind.GOSSIP), body, version=True))
     with pytest.raises(m.WrongVersion):  # an array where an int belongs must not reach ==
