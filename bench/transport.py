@@ -19,6 +19,15 @@
     the node chunks it (``DEFAULT_CHUNK_BYTES``), with the cipher the node's
     default limits negotiate (``--cipher`` restricts both ends to one).
 
+(c) the ceiling: what any implementation of (b) could reach on this
+    machine. Its per-byte work is the raw transfer's (the pooled variant's
+    sender + receiver CPU) plus the crypto the protocol requires on every
+    byte: BLAKE3 and the AEAD seal on the sender, the AEAD open and BLAKE3
+    on the receiver, timed here with the negotiated cipher on the same
+    256 KiB pieces. Even spread perfectly over every core, that work takes
+    ``(raw CPU + crypto CPU) / cores`` per MiB, so ``ratio_ceiling_*`` =
+    raw wall / that bound (capped at 1) is an upper bound on ``ratio_*``.
+
 Every transfer is timed at the sender from the first byte until the
 receiver's one-byte acknowledgement, i.e. until the other process holds all
 of it. The variants run interleaved (fresh, pooled, discard, murmur, fresh, ...) over
@@ -45,6 +54,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import blake3
 import numpy as np
 import uvloop
 
@@ -52,10 +62,12 @@ from murmur.protocol.delta import DEFAULT_CHUNK_BYTES, AssemblerLimits, DeltaAss
 from murmur.protocol.identity import Identity
 from murmur.protocol.messages import decode
 from murmur.protocol.multiaddr import Multiaddr
-from murmur.protocol.noise import NoiseCipher
+from murmur.protocol.noise import TAG_LEN, CipherState, NoiseCipher
 from murmur.protocol.transport import SecureConnection, Transport, TransportLimits, tune_allocator
 
 SIZES_MIB = (1, 10, 50)
+CRYPTO_PASSES = 3
+CORES = len(os.sched_getaffinity(0))
 REPEATS = 7
 HANDSHAKES = 50
 ACK = struct.Struct(">d")  # the receiver's CPU seconds spent on the transfer it acknowledges
@@ -243,6 +255,30 @@ async def murmur_transfer(conn: SecureConnection, identity: Identity, array: np.
     return Sample(time.perf_counter() - start, time.process_time() - cpu, receiver_cpu)
 
 
+def crypto_cpu_ms_per_mib(payload: memoryview, cipher: NoiseCipher) -> float:
+    """CPU per MiB of the crypto both ends must do on every byte (hash and
+    seal, open and hash), single-threaded on ``DEFAULT_CHUNK_BYTES`` pieces
+    as the stream does it; the best of a few passes."""
+    seal, open_ = CipherState(bytes(32), cipher), CipherState(bytes(32), cipher)
+    sealed = bytearray(DEFAULT_CHUNK_BYTES + TAG_LEN)
+    opened = bytearray(DEFAULT_CHUNK_BYTES)
+    best = float("inf")
+    for _ in range(CRYPTO_PASSES):
+        start = time.process_time()
+        send_hash, recv_hash = blake3.blake3(), blake3.blake3()
+        for offset in range(0, len(payload), DEFAULT_CHUNK_BYTES):
+            piece = payload[offset : offset + DEFAULT_CHUNK_BYTES]
+            n = len(piece)
+            send_hash.update(piece)
+            seal.seal_into(piece, memoryview(sealed)[: n + TAG_LEN])
+            open_.open_into(memoryview(sealed)[: n + TAG_LEN], memoryview(opened)[:n])
+            recv_hash.update(memoryview(opened)[:n])
+        if send_hash.digest() != recv_hash.digest():
+            raise RuntimeError("crypto round trip changed the payload")
+        best = min(best, time.process_time() - start)
+    return 1000 * best * MIB / len(payload)
+
+
 async def _ignore(conn: SecureConnection) -> None:
     return None
 
@@ -311,9 +347,16 @@ async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, objec
             results[f"ratio_{size}"] = round(rate["murmur"] / rate["pooled"], 3)
             results[f"ratio_vs_fresh_{size}"] = round(rate["murmur"] / rate["fresh"], 3)
             results[f"ratio_vs_discard_{size}"] = round(rate["murmur"] / rate["discard"], 3)
+            crypto_ms = crypto_cpu_ms_per_mib(payload, conn.cipher)
+            raw_cpu_ms = results[f"pooled_sender_cpu_ms_per_mib_{size}"] + results[f"pooled_receiver_cpu_ms_per_mib_{size}"]
+            floor_ms = (raw_cpu_ms + crypto_ms) / CORES
+            ceiling = min(1.0, (1000 / rate["pooled"]) / floor_ms)
+            results[f"crypto_cpu_ms_per_mib_{size}"] = round(crypto_ms, 3)
+            results[f"ratio_ceiling_{size}"] = round(ceiling, 3)
             print(f"{size:>3} MiB: raw TCP {rate['pooled']:7.1f} MiB/s (fresh buffer {rate['fresh']:7.1f}, "
                   f"discarding {rate['discard']:7.1f}) | murmur (signed delta) {rate['murmur']:7.1f} MiB/s | "
-                  f"ratio {rate['murmur'] / rate['pooled']:.2f} (vs fresh {rate['murmur'] / rate['fresh']:.2f})")
+                  f"ratio {rate['murmur'] / rate['pooled']:.2f} (vs fresh {rate['murmur'] / rate['fresh']:.2f}) | "
+                  f"ceiling {ceiling:.2f} (crypto {crypto_ms:.2f} + raw {raw_cpu_ms:.2f} CPU ms/MiB on {CORES} cores)")
         for link in (raw, pooled, discard):
             link.tr.close()
         await conn.close()
@@ -353,7 +396,7 @@ def main() -> None:
             if proc.is_alive():
                 proc.terminate()
     results["allocator_tuned"] = tuned
-    results["cpus"] = os.cpu_count()
+    results["cpus"] = CORES
     results["loadavg_1m"] = round(os.getloadavg()[0], 2)
     results["python"] = sys.version.split()[0]
     print(json.dumps(results))
