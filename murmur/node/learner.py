@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CATCH_UP_GAP = 2
+MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
 MODEL_KIND = "model"
@@ -149,7 +150,10 @@ class NodeLearner:
         self._model_requests: dict[PeerId, asyncio.Future[CompletedDelta] | None] = {}
         self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
         self._model_buckets: dict[PeerId, TokenBucket] = {}
-        self._catch_up_from: PeerId | None = None
+        self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
+        # Each neighbour's weight in the latest of our aggregations it took part
+        # in: what vouches for a lone neighbour ahead of us (catch_up_target).
+        self._trust: dict[PeerId, float] = {}
         self._record_sigs: dict[tuple[str, int, str], bytes] = {}
         self.last_report: RoundReport | None = None
         self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
@@ -367,6 +371,15 @@ class NodeLearner:
 
     async def _after_round(self, report: RoundReport, timer: PhaseTimer) -> None:
         self.last_report = report
+        current = {session.peer for session in self._sessions()}
+        for peer in current:
+            weight = report.weights.get(str(peer))
+            if weight is not None:
+                self._trust.pop(peer, None)  # re-inserted last: the dict is oldest-first
+                self._trust[peer] = weight
+        while len(self._trust) > MAX_TRUSTED_PEERS:
+            del self._trust[next(iter(self._trust))]
+        self._peer_rounds = {peer: r for peer, r in self._peer_rounds.items() if peer in current}
         with timer.phase("eval_s"):
             loss, accuracy = await asyncio.to_thread(self._evaluate)
         self.last_eval = (loss, accuracy)
@@ -433,9 +446,8 @@ class NodeLearner:
         outcome = self.engine.offer(str(session.peer), done.round, tensor[0], tensor[1])
         if outcome is Offer.BAD_SHAPE:
             raise DecodeError(f"round message with non-finite values for round {done.round}")
-        if outcome is Offer.TOO_EARLY:
-            self._catch_up_from = session.peer
-        elif outcome is Offer.NEEDS_SYNC:
+        self._peer_rounds[session.peer] = max(self._peer_rounds.get(session.peer, -1), done.round)
+        if outcome is Offer.NEEDS_SYNC:
             await self._request_resync(session)
         self._arrived.set()
 
@@ -459,16 +471,13 @@ class NodeLearner:
 
     async def _maybe_catch_up(self) -> bool:
         """Adopt the model of a neighbour far ahead of us; True iff we did."""
-        peer = self._catch_up_from
+        claimed = {
+            s.peer: max(self._peer_rounds.get(s.peer, -1), s.hello.round if s.hello is not None else -1)
+            for s in self._sessions()
+        }
+        peer = catch_up_target(claimed, self.engine.round, self._trust)
         if peer is None:
-            ahead = [
-                s for s in self._sessions()
-                if s.hello is not None and s.hello.round > self.engine.round + CATCH_UP_GAP
-            ]
-            if not ahead:
-                return False
-            peer = max(ahead, key=lambda s: s.hello.round).peer  # type: ignore[union-attr]
-        self._catch_up_from = None
+            return False
         routes = self._routes.get(str(peer)) or [(self.node, peer)]
         session = routes[0][0].session(peer)
         if session is None:
@@ -674,4 +683,35 @@ def _codec_wire(codec: DeltaCodec) -> Wire | None:
         return torch.from_numpy(np.array(decoded, copy=True)).to(stacked.device)
 
     return wire
+
+
+def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mapping[PeerId, float]) -> PeerId | None:
+    """Whom to adopt a model from, or None.
+
+    A neighbour's round is only its claim and the model it would hand us is
+    whatever it says, so following the highest claim let one Sybil (or an
+    attacker racing ahead while honest nodes start up) replace an honest
+    model outright. Only neighbours more than ``CATCH_UP_GAP`` rounds ahead
+    count, and then:
+
+    * when more than half of our neighbours are ahead, any of them but those
+      our aggregator gave no weight the last time they took part (SybilWall
+      gives Sybils 0), unless that leaves none: a late joiner or a restarted
+      node, whose neighbours all moved on;
+    * otherwise only those it gave positive weight: a lone claim ahead must
+      be vouched for by past rounds (the two sides of a healed partition
+      learnt from each other before it), or anyone could claim it.
+
+    Among those, the most trusted, then the least extreme claim.
+    """
+    ahead = {peer: r for peer, r in claimed.items() if r > own_round + CATCH_UP_GAP}
+    eligible = [peer for peer in ahead if trust.get(peer, 0.0) > 0.0]
+    if 2 * len(ahead) > len(claimed):
+        # Krum, say, gives most honest peers 0 in any one round: when every
+        # neighbour ahead has 0, a node left behind must still move.
+        eligible += [peer for peer in ahead if peer not in trust]
+        eligible = eligible or list(ahead)
+    if not eligible:
+        return None
+    return max(eligible, key=lambda peer: (trust.get(peer, 0.0), -ahead[peer]))
 

@@ -42,10 +42,13 @@ class BoostedUpdate:
 class SybilAttacker:
     """``async with SybilAttacker(configs) as attacker:`` one identity per config."""
 
-    def __init__(self, configs: Sequence[NodeConfig], boost: float = DEFAULT_BOOST) -> None:
+    def __init__(self, configs: Sequence[NodeConfig], boost: float = DEFAULT_BOOST, lead_rounds: int = 0) -> None:
         if not configs:
             raise ValueError("a Sybil attacker needs at least one identity")
+        if not 0 <= lead_rounds < configs[0].learning.rounds:
+            raise ValueError("lead_rounds must be in [0, learning.rounds)")
         self.boost = boost
+        self.lead_rounds = lead_rounds
         self.configs = [self._front_config(cfg) for cfg in configs]
         self.fronts: list[Node] = []
         self.learner: NodeLearner | None = None
@@ -65,6 +68,10 @@ class SybilAttacker:
             self.learner = NodeLearner(self.fronts[0], fronts=self.fronts)
             if self.boost != 1.0:
                 self.learner.engine.perturber = BoostedUpdate(self.boost)
+            if self.lead_rounds:
+                # A racing attacker: it claims (hello, round numbers of its
+                # deltas) to be far ahead, so that nodes catching up adopt its model.
+                self.learner.engine.adopt(self.learner.engine.public.clone(), self.lead_rounds)
             for front in self.fronts:
                 front.attach_learner(self.learner)
             await self.learner.start()

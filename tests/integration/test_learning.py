@@ -44,15 +44,19 @@ class Outcome:
     attack_rate: float
     sybil_weight: float  # mean weight honest nodes gave a Sybil they aggregated
     rounds: list[int]
+    catch_ups: int  # models honest nodes adopted from a neighbour ahead
 
 
-async def run_network(tmp_path: Path, aggregator: str, sybils: int) -> Outcome:
+async def run_network(
+    tmp_path: Path, aggregator: str, sybils: int, rounds: int = ROUNDS, lead_rounds: int = 0, deadline_s: float = LEARNING["learning.round_deadline_s"]
+) -> Outcome:
     nodes: list[Node] = []
     attacker: SybilAttacker | None = None
     try:
         bootstrap: tuple = ()
         for i in range(HONEST):
-            overrides = {**LEARNING, "learning.node_index": i, "learning.aggregator": aggregator}
+            overrides = {**LEARNING, "learning.node_index": i, "learning.aggregator": aggregator,
+                         "learning.rounds": rounds, "learning.round_deadline_s": deadline_s}
             node = Node(node_config(tmp_path / f"n{i}", bootstrap=bootstrap, overrides=overrides))
             await node.start()
             nodes.append(node)
@@ -63,13 +67,13 @@ async def run_network(tmp_path: Path, aggregator: str, sybils: int) -> Outcome:
                     tmp_path / f"sybil{j}",
                     bootstrap=bootstrap,
                     overrides={**LEARNING, "learning.node_index": HONEST, "learning.attack": "label_flip",
-                               "network.neighbours": 4},
+                               "network.neighbours": 4, "learning.rounds": lead_rounds + rounds},
                 )
                 for j in range(sybils)
             ]
-            attacker = SybilAttacker(configs)
+            attacker = SybilAttacker(configs, lead_rounds=lead_rounds)
             await attacker.__aenter__()
-        await wait_until(lambda: all(n.learner.round >= ROUNDS for n in nodes), RUN_TIMEOUT_S, "all rounds done")
+        await wait_until(lambda: all(n.learner.round >= rounds for n in nodes), RUN_TIMEOUT_S, "all rounds done")
         statuses = [n.learner.status() for n in nodes]
         sybil_ids = set(attacker.peer_ids) if attacker else set()
         sybil_w = [w for s in statuses for p, w in s["weights"].items() if p in sybil_ids]
@@ -78,6 +82,7 @@ async def run_network(tmp_path: Path, aggregator: str, sybils: int) -> Outcome:
             attack_rate=sum(s["attack_rate"] for s in statuses) / len(statuses),
             sybil_weight=sum(sybil_w) / len(sybil_w) if sybil_w else 0.0,
             rounds=[s["round"] for s in statuses],
+            catch_ups=sum(n.learner.catch_ups for n in nodes),
         )
     finally:
         if attacker is not None:
@@ -99,6 +104,19 @@ async def test_accuracy_and_sybil_resilience(tmp_path: Path) -> None:
     assert attacked_wall.sybil_weight <= 0.01, attacked_wall
     assert attacked_wall.attack_rate <= 0.10, attacked_wall
     assert clean.accuracy - attacked_wall.accuracy <= 0.03, (clean, attacked_wall)
+
+
+async def test_sybils_claiming_a_far_round_capture_no_one(tmp_path: Path) -> None:
+    """Sybils that claim to be 1000 rounds ahead (in their hellos and in the
+    round of every delta they send) are a minority no past round vouches for:
+    no honest node adopts their model, and the honest nodes learn as usual.
+    (A node used to adopt the model of whoever claimed the highest round.)"""
+    rounds = 15
+    # Every round waits out its deadline for the Sybils' never-current deltas: keep it short.
+    outcome = await run_network(tmp_path, "mean", sybils=2, rounds=rounds, lead_rounds=1000, deadline_s=1.0)
+    assert outcome.catch_ups == 0, outcome
+    assert all(r == rounds for r in outcome.rounds), outcome
+    assert outcome.accuracy >= 0.8, outcome
 
 
 async def test_gossip_learning_mode(tmp_path: Path) -> None:

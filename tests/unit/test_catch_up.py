@@ -1,0 +1,41 @@
+"""catch_up_target: whom a node behind its neighbours may adopt a model from."""
+
+from __future__ import annotations
+
+from murmur.node.learner import CATCH_UP_GAP, catch_up_target
+from murmur.protocol.identity import Identity
+
+A, B, C, SYBIL = (Identity.generate().peer_id for _ in range(4))
+FAR = 10_000
+
+
+def test_a_lone_unvouched_claim_ahead_is_not_followed() -> None:
+    """One Sybil (or an attacker racing ahead while honest nodes start) claiming
+    a far round among neighbours at our round moves nothing, trusted or not yet."""
+    assert catch_up_target({A: 5, B: 5, C: 6, SYBIL: FAR}, 5, {}) is None
+    assert catch_up_target({A: 5, B: 5, C: 6, SYBIL: FAR}, 5, {A: 0.3, B: 0.3, C: 0.3, SYBIL: 0.0}) is None
+
+
+def test_a_lone_claim_vouched_by_past_rounds_is_followed() -> None:
+    """A healed partition: the one neighbour from the other side is ahead, and
+    it had weight in our aggregations before the split."""
+    assert catch_up_target({A: 5, B: 5, C: 30}, 5, {A: 0.3, B: 0.3, C: 0.2}) is C
+
+
+def test_majority_ahead_is_followed_from_the_most_trusted_least_extreme() -> None:
+    claimed = {A: 20, B: 21, C: 4, SYBIL: FAR}
+    assert catch_up_target(claimed, 4, {A: 0.2, B: 0.3, C: 0.3, SYBIL: 0.0}) is B
+    assert catch_up_target(claimed, 4, {}) is A  # a restarted node knows no weights: least extreme claim
+    assert catch_up_target(claimed, 4, {SYBIL: 0.0}) is A  # never the one given no weight
+
+
+def test_majority_of_zero_weights_still_moves_a_node_left_behind() -> None:
+    """Krum gives most honest neighbours 0 in a round: a node whose neighbours
+    all moved on must still catch up."""
+    assert catch_up_target({A: 20, B: 20}, 4, {A: 0.0, B: 0.0}) in {A, B}
+
+
+def test_gap_and_empty() -> None:
+    assert catch_up_target({}, 0, {}) is None
+    assert catch_up_target({A: CATCH_UP_GAP, B: CATCH_UP_GAP}, 0, {}) is None
+    assert catch_up_target({A: CATCH_UP_GAP + 1}, 0, {}) is A  # the only neighbour, and ahead
