@@ -108,6 +108,11 @@ COMMIT_WAIT_MAX_S = 1.0
 COMMIT_WAIT_DEADLINE_FRACTION = 1.0 / 3.0
 """The commit exchange may take at most min(1 s, deadline/3) of a round: the
 rest of the deadline is for the deltas themselves."""
+SHARE_GRACE_ROUNDS = 1
+"""A neighbour that has not answered our KeyShare this many rounds after it
+went out is not waited for: a node with privacy answers the moment it gets
+one, so it is not running the protocol (privacy off, or a Sybil), and
+waiting for it would cost every round half the commit budget."""
 KEPT_ROUNDS = 4
 """Rounds whose pairwise sums and commits are kept (inspection, late arrivals)."""
 _EXAMPLE_RHO_ITERS = 100
@@ -560,6 +565,10 @@ class _PrivacyMetrics:
             "privacy_fallback_rounds", "Rounds sent with LDP-strength local noise (too few active edges)",
             namespace=_NAMESPACE, registry=registry,
         )
+        self.share_timeouts = Counter(
+            "privacy_share_timeouts", "Rounds whose wait for neighbours' key shares ran out its budget",
+            namespace=_NAMESPACE, registry=registry,
+        )
         self.active_edges = Gauge(
             "privacy_active_edges", "Edges that add pairwise noise this round", namespace=_NAMESPACE, registry=registry,
         )
@@ -581,10 +590,12 @@ class NodePrivacy:
         self.commit_wait_s = commit_wait_s
         self._commits = _Commits()
         self._shared: dict[PeerId, PeerSession] = {}  # the session our KeyShare went out on
+        self._shared_round: dict[PeerId, int] = {}  # the round it went out in
         self._changed = asyncio.Condition()
         self._my_commits: dict[int, CommitData] = {}
         self._current = 0
         self.late_commits = 0
+        self.share_timeouts = 0  # rounds whose wait for neighbours' KeyShares ran out
         self.commit_listeners: list[Callable[[int], Awaitable[None]]] = []
         self._closed_round = -1  # last round whose commit wait is over
         self._metrics = _PrivacyMetrics(node.metrics.registry)
@@ -645,7 +656,10 @@ class NodePrivacy:
         end = time.monotonic() + self.commit_wait_s
         peers = [PeerId.from_string(p) for p in neighbours]
         await asyncio.gather(*(self._share_with(p) for p in peers))
-        await self._wait(lambda: all(self.seeds.has(p) for p in peers), end - self.commit_wait_s / 2)
+        awaited = [p for p in peers if self._shared_round.get(p, round_) >= round_ - SHARE_GRACE_ROUNDS]
+        if not await self._wait(lambda: all(self.seeds.has(p) for p in awaited), end - self.commit_wait_s / 2):
+            self.share_timeouts += 1
+            self._metrics.share_timeouts.inc()
         mine = [p for p in peers if self.seeds.has(p)]
         my_commit = make_round_commit(self.node.identity, round_, mine)
         self._my_commits[round_] = my_commit
@@ -700,6 +714,7 @@ class NodePrivacy:
             "uncancelled_edges": c.uncancelled_edges,
             "last_uncancelled_norm": c.last_uncancelled_norm,
             "late_commits": self.late_commits,
+            "share_timeouts": self.share_timeouts,
             "edges_with_secret": len(self.seeds.peers()),
         }
 
@@ -711,8 +726,10 @@ class NodePrivacy:
             return
         share = self.seeds.share_for(peer)
         self._shared[peer] = session
+        self._shared_round[peer] = self._current
         if not await self._send(peer, KeyShare(x25519_pub=share.x25519_pub, signature=share.signature)):
             self._shared.pop(peer, None)
+            self._shared_round.pop(peer, None)
 
     async def _send(self, peer: PeerId, msg: KeyShare | RoundCommit) -> bool:
         session = self.node.session(peer)

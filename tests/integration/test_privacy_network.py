@@ -20,7 +20,7 @@ import torch
 from murmur.learning.privacy.accountant import epsilon_from_rdp_coef
 from murmur.learning.privacy.seeds import edge_noise_np
 from murmur.node.daemon import Node
-from murmur.node.privacy import NodePrivacy
+from murmur.node.privacy import SHARE_GRACE_ROUNDS, NodePrivacy
 from tests.integration.cluster import Cluster, wait_until
 
 N = 8
@@ -220,3 +220,22 @@ async def test_mixing_rounds_after_training_cost_no_privacy(tmp_path: Path,
         # adopt past some (or, rounds being short, all) of them.
         assert max(sent) == 3 and all(0 <= k <= 3 for k in sent)
     assert not [r for r in caplog.records if "privacy budget spent" in r.getMessage()]
+
+
+async def test_a_neighbour_without_privacy_is_not_waited_for_every_round(tmp_path: Path) -> None:
+    """A neighbour that never answers our KeyShare (privacy off here; a Sybil
+    in the wild) costs the commit at most the rounds of grace after our share
+    went out, not half the commit budget in every round it stays a neighbour."""
+    rounds = 8
+    overrides = {**BASE, "learning.rounds": rounds, "privacy.scheme": "decor", "network.neighbours": 3}
+    async with Cluster(4, tmp_path, overrides=overrides) as cluster:
+        silent = await cluster.add_node(bootstrap=True, privacy__enabled=False, learning__rounds=rounds)
+        await wait_until(lambda: all(n.learner.round >= rounds for n in cluster), ROUNDS_S, "all rounds done")
+        private = [n for n in cluster if n is not silent]
+        shared_with_silent = [n for n in private if silent.peer_id in privacy(n)._shared_round]
+        assert shared_with_silent, "the silent node was nobody's neighbour: the test shows nothing"
+        for node in private:
+            timeouts = privacy(node).share_timeouts
+            # the round the share went out, the grace, one more for a session
+            # re-established under load; waiting every round gave 7 of 8 here
+            assert timeouts <= SHARE_GRACE_ROUNDS + 2, (str(node.peer_id), timeouts)
