@@ -51,26 +51,28 @@ options = { lr = 0.05, batch_size = 32 }
 [aggregator]
 name = "mean"
 
-# 30 % of the 12 nodes crash (kill -9) and come back on the same data dir
+# 30 % of the 12 nodes crash (kill -9) and come back on the same data dir;
+# at round 9 of the front, so that on a loaded box the workers that were
+# slowest to start (importing torch) have checkpointed a round of their own
 [[churn]]
-at_round = 6
+at_round = 9
 action = "crash"
 nodes = [1, 4, 7, 9]
 
 # a node that was never started joins late
 [[churn]]
-at_round = 8
+at_round = 11
 action = "join"
 nodes = [11]
 
 [[churn]]
-at_round = 10
+at_round = 13
 action = "restart"
 nodes = [1, 4, 7, 9]
 
 # a graceful leave (SIGTERM), never back
 [[churn]]
-at_round = 12
+at_round = 15
 action = "stop"
 nodes = [10]
 """
