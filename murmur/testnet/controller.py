@@ -300,9 +300,10 @@ class Testnet:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         return env
 
-    def _launch(self, proc: WorkerProc) -> None:
+    def _launch(self, proc: WorkerProc, standby: bool = False) -> None:
         assert self._supervisor is not None
-        self._supervisor.start(proc.child, proc.argv(proc.control), env=self._env(), log_name=proc.name)
+        argv = [*proc.argv(proc.control), "--standby"] if standby else proc.argv(proc.control)
+        self._supervisor.start(proc.child, argv, env=self._env(), log_name=proc.name)
         proc.wanted_up = True
         proc.sync_partition = self._partition is not None
 
@@ -337,6 +338,41 @@ class Testnet:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def _start_together(self, procs: list[WorkerProc]) -> None:
+        """Bring the first workers up as standbys and start their nodes at once.
+
+        Importing torch takes 10-30 s per process on a loaded 2-core box and
+        varies by as much: workers started cold joined a network already many
+        rounds in, so a churn event at round r could hit a node that had never
+        checkpointed, and an attacker's learner, alone on the network, raced
+        to the last round and handed its model to the first honest node to
+        come up (the catch-up of a node whose neighbours are all ahead). A
+        standby has done its imports once its control socket answers; the
+        nodes then start within one control round trip of each other."""
+        for proc in procs:
+            self._launch(proc, standby=True)
+        started = time.monotonic()
+        self._say(f"starting {len(procs)} worker processes (imports first, then every node at once)")
+        await asyncio.gather(*(self._await_control(proc) for proc in procs))
+        self._say(f"workers ready in {time.monotonic() - started:.1f} s; starting the nodes")
+        assert self._supervisor is not None
+        await asyncio.gather(*(self._start_standby(proc, self._supervisor[proc.child]) for proc in procs))
+
+    async def _await_control(self, proc: WorkerProc) -> None:
+        """Until ``proc``'s control socket answers (its imports are done), it
+        died, or STANDBY_START_TIMEOUT_S passed (``_start_standby`` then
+        replaces it by a cold start)."""
+        assert self._supervisor is not None
+        child = self._supervisor[proc.child]
+        deadline = time.monotonic() + STANDBY_START_TIMEOUT_S
+        while child.alive() and time.monotonic() < deadline:
+            try:
+                if (await send_control(proc.control, {"cmd": "ping"})).get("ok"):
+                    return
+            except (OSError, asyncio.TimeoutError, json.JSONDecodeError):
+                pass
+            await asyncio.sleep(self.options.poll_interval_s)  # polling for the socket to appear
+
     async def _start_standby(self, proc: WorkerProc, child: Any) -> None:
         """Send ``start`` once the standby serves its control socket; launch
         cold if it died or never answered (and the schedule still wants it)."""
@@ -366,16 +402,18 @@ class Testnet:
         final: dict[str, dict[str, Any] | None] = {}
         server: DashboardServer | None = None
         self._supervisor = Supervisor(self.run_dir / "logs")
+        launched = time.monotonic()
         try:
             if self.options.dashboard:
                 server = DashboardServer(self.dashboard, self.options.dashboard_port)
                 self.dashboard_url = await server.start()
                 self._say(f"dashboard: {self.dashboard_url}")
             self._say(f"run dir: {self.run_dir}  ({len(self.nodes)} nodes in {len(self.procs)} processes)")
-            self._t0 = self._front_at = time.monotonic()
+            await self._start_together(
+                [proc for proc in self.procs.values() if not all(self.nodes[i].spec.late for i in proc.indices)]
+            )
+            self._t0 = self._front_at = time.monotonic()  # at_s counts from here: the nodes' start
             for proc in self.procs.values():
-                if not all(self.nodes[i].spec.late for i in proc.indices):
-                    self._launch(proc)
                 if self._will_start(proc):
                     self._prespawn(proc)
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)) as http:
@@ -391,7 +429,7 @@ class Testnet:
             await asyncio.shield(asyncio.to_thread(self._supervisor.close))
             if server is not None:
                 await server.stop()
-        wall = time.monotonic() - self._t0
+        wall = time.monotonic() - launched  # imports included: what the user waited
         report_dir, summary = None, None
         if self.options.write_report:
             report_dir, summary = await asyncio.to_thread(self.write_report, final)

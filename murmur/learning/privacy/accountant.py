@@ -233,6 +233,18 @@ def calibrate_decor(
 # --------------------------------------------------------------------------- example level
 
 
+RDP_ORDERS = tuple(sorted(
+    (1.75, 2.25, 2.5, 2.75, 3.25, 3.5, 4.5, 5.5, 6.5, 7.5) + tuple(range(2, 65)) + (80, 96, 128, 256, 512)
+))
+"""The Rényi orders of the example-level accountant. dp_accounting's default
+list starts at 1.1 in steps of 0.1: at sampling rates near 0.2 each of those
+fractional orders below 1.75 runs its series 1000 terms, fails to converge
+and is dropped with a warning, which made one ε cost ~0.3 s and a node's
+start-up calibration (a bisection of ~30 of them) ~10 s. These orders give ε
+within 3 % of the default list (sometimes below it: 80 and 96 are not in it)
+over q in [0.017, 0.74], at 3-6x less cost."""
+
+
 def example_level_epsilon(rdp_coef: float, sampling_rate: float, steps: int, delta: float) -> float:
     """ε of ``steps`` Poisson-subsampled rounds whose unsampled per-round RDP is α·ρ.
 
@@ -244,7 +256,7 @@ def example_level_epsilon(rdp_coef: float, sampling_rate: float, steps: int, del
     if not 0 < sampling_rate <= 1:
         raise ValueError("sampling rate must be in (0, 1]")
     z = 1.0 / math.sqrt(2.0 * rdp_coef)
-    acc = RdpAccountant()
+    acc = RdpAccountant(orders=list(RDP_ORDERS))
     event = dp_accounting.GaussianDpEvent(z)
     if sampling_rate < 1:
         event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
