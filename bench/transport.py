@@ -19,6 +19,10 @@
     the node chunks it (``DEFAULT_CHUNK_BYTES``), with the cipher the node's
     default limits negotiate (``--cipher`` restricts both ends to one).
 
+(b') the same with the delta prepared (encoded and hashed) beforehand, as a
+    node does once per round for all its neighbours: what each neighbour
+    after the first costs (``ratio_fanout_*``; the sender then hashes
+    nothing, the receiver still checks everything).
 (c) the ceiling: what any implementation of (b) could reach on this
     machine. Its per-byte work is the raw transfer's (the pooled variant's
     sender + receiver CPU) plus the crypto the protocol requires on every
@@ -58,7 +62,14 @@ import blake3
 import numpy as np
 import uvloop
 
-from murmur.protocol.delta import DEFAULT_CHUNK_BYTES, AssemblerLimits, DeltaAssembler, DeltaSender, LandingPool
+from murmur.protocol.delta import (
+    DEFAULT_CHUNK_BYTES,
+    AssemblerLimits,
+    DeltaAssembler,
+    DeltaSender,
+    LandingPool,
+    PreparedDelta,
+)
 from murmur.protocol.identity import Identity
 from murmur.protocol.messages import decode
 from murmur.protocol.multiaddr import Multiaddr
@@ -243,7 +254,9 @@ class Sample:
     receiver_cpu_s: float
 
 
-async def murmur_transfer(conn: SecureConnection, identity: Identity, array: np.ndarray, round_: int) -> Sample:
+async def murmur_transfer(
+    conn: SecureConnection, identity: Identity, array: np.ndarray | PreparedDelta, round_: int
+) -> Sample:
     assert conn.peer_id is not None
     start, cpu = time.perf_counter(), time.process_time()
     for message in DeltaSender(identity, conn.peer_id, round_, array):
@@ -324,12 +337,14 @@ async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, objec
         for size in options.sizes_mib:
             array = rng.standard_normal(size * MIB // 4, dtype=np.float32)
             payload = memoryview(array).cast("B")
-            samples: dict[str, list[Sample]] = {"fresh": [], "pooled": [], "discard": [], "murmur": []}
+            prepared = PreparedDelta.prepare(array)
+            samples: dict[str, list[Sample]] = {"fresh": [], "pooled": [], "discard": [], "murmur": [], "fanout": []}
             variants: dict[str, Callable[[], Awaitable[Sample]]] = {
                 "fresh": lambda: raw.transfer(payload),
                 "pooled": lambda: pooled.transfer(payload),
                 "discard": lambda: discard.transfer(payload),
                 "murmur": lambda: murmur_transfer(conn, identity, array, round_),
+                "fanout": lambda: murmur_transfer(conn, identity, prepared, round_),
             }
             for _ in range(options.repeats):
                 for name, run in variants.items():
@@ -347,6 +362,8 @@ async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, objec
             results[f"ratio_{size}"] = round(rate["murmur"] / rate["pooled"], 3)
             results[f"ratio_vs_fresh_{size}"] = round(rate["murmur"] / rate["fresh"], 3)
             results[f"ratio_vs_discard_{size}"] = round(rate["murmur"] / rate["discard"], 3)
+            results[f"murmur_fanout_mib_s_{size}"] = round(rate["fanout"], 1)
+            results[f"ratio_fanout_{size}"] = round(rate["fanout"] / rate["pooled"], 3)
             crypto_ms = crypto_cpu_ms_per_mib(payload, conn.cipher)
             raw_cpu_ms = results[f"pooled_sender_cpu_ms_per_mib_{size}"] + results[f"pooled_receiver_cpu_ms_per_mib_{size}"]
             floor_ms = (raw_cpu_ms + crypto_ms) / CORES
@@ -356,7 +373,8 @@ async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, objec
             print(f"{size:>3} MiB: raw TCP {rate['pooled']:7.1f} MiB/s (fresh buffer {rate['fresh']:7.1f}, "
                   f"discarding {rate['discard']:7.1f}) | murmur (signed delta) {rate['murmur']:7.1f} MiB/s | "
                   f"ratio {rate['murmur'] / rate['pooled']:.2f} (vs fresh {rate['murmur'] / rate['fresh']:.2f}) | "
-                  f"ceiling {ceiling:.2f} (crypto {crypto_ms:.2f} + raw {raw_cpu_ms:.2f} CPU ms/MiB on {CORES} cores)")
+                  f"ceiling {ceiling:.2f} (crypto {crypto_ms:.2f} + raw {raw_cpu_ms:.2f} CPU ms/MiB on {CORES} cores) | "
+                  f"each further neighbour {rate['fanout']:7.1f} MiB/s, ratio {rate['fanout'] / rate['pooled']:.2f}")
         for link in (raw, pooled, discard):
             link.tr.close()
         await conn.close()

@@ -9,7 +9,8 @@ with real connections:
 * each delta goes out as a signed, chunked stream (:mod:`murmur.protocol.delta`)
   to each neighbour; what arrives is verified and offered to the engine;
 * a round closes once a quorum of this round's neighbours delivered, or at
-  the deadline; absent peers never stall it;
+  the deadline; absent peers never stall it, and a round without any
+  neighbour lasts its deadline;
 * a node behind its neighbours (late join, restart) asks one of them for its
   model and adopts it (catch-up);
 * SybilWall history records are gossiped signed by their direct observer;
@@ -51,7 +52,7 @@ from murmur.node.config import Attack, LearningMode, PrivacyLevel
 from murmur.node.metrics import Split
 from murmur.protocol import codecs
 from murmur.protocol.codecs import DeltaCodec
-from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender
+from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender, PreparedDelta
 from murmur.protocol.identity import PeerId
 from murmur.protocol.messages import DeltaChunk, DeltaEnd, DeltaStart, HistoryRecord, ModelRequest
 from murmur.protocol.transport import ConnectionClosed, TokenBucket
@@ -270,7 +271,11 @@ class NodeLearner:
                 await self._send_round(round_, sent, neighbours)
             with timer.phase("wait_s"):
                 remaining = deadline_s - (time.monotonic() - started)
-                await self._wait_for(self.engine.quorum_reached, max(0.0, remaining))
+                # Alone, a round takes its whole deadline: the network's pace is
+                # set by the neighbours, and a node without any (isolated,
+                # or an attacker up before everyone) must not race to the last
+                # round, where nodes catching up would then find it.
+                await self._wait_for(lambda: bool(neighbours) and self.engine.quorum_reached(), max(0.0, remaining))
             missing = self.engine.missing()
             with timer.phase("aggregate_s"):
                 report = self.engine.finish_round()
@@ -355,16 +360,19 @@ class NodeLearner:
         array = sent.stacked().detach().to("cpu", torch.float32).contiguous().numpy()
         meta = {"degree": len(neighbours)}
         routes = [route for p in neighbours for route in self._routes.get(p, ())]
-        sends = [self._send_delta(front, peer, round_, array, meta) for front, peer in routes]
+        if not routes:
+            return
+        delta = PreparedDelta.prepare(array, self.codec)  # encoded and hashed once, signed per neighbour
+        sends = [self._send_delta(front, peer, round_, delta, meta) for front, peer in routes]
         sends += [self._send_record(front, peer) for front, peer in routes]
         await asyncio.gather(*sends)
 
-    async def _send_delta(self, front: Node, peer: PeerId, round_: int, array: np.ndarray, meta: Mapping[str, Any]) -> None:
+    async def _send_delta(self, front: Node, peer: PeerId, round_: int, delta: PreparedDelta, meta: Mapping[str, Any]) -> None:
         session = front.session(peer)
         if session is None:
             return
         try:
-            for data in DeltaSender(front.identity, peer, round_, array, self.codec, meta=meta):
+            for data in DeltaSender(front.identity, peer, round_, delta, meta=meta):
                 await session.send_encoded(data, "Delta")
         except ConnectionClosed:
             pass

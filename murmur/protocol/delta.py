@@ -58,6 +58,7 @@ __all__ = [
     "CompletedDelta",
     "DeltaAssembler",
     "DeltaSender",
+    "PreparedDelta",
     "ReplayGuard",
     "SenderMismatch",
     "Misaddressed",
@@ -111,6 +112,29 @@ def signing_input(content_hash: bytes, round: int, sender: PeerId, recipient: Pe
 # --------------------------------------------------------------------------- sender
 
 
+@dataclass(frozen=True)
+class PreparedDelta:
+    """A delta encoded and hashed once, for :class:`DeltaSender` to sign per
+    recipient. A node sends the same round message to every neighbour, so
+    the codec (with its finiteness check) and BLAKE3 run once a round, not
+    once a neighbour.
+
+    With FP32 ``payload`` is a view of the array: do not modify the array
+    while senders built on it are still iterating."""
+
+    payload: memoryview
+    codec: DeltaCodec
+    shape: tuple[int, ...]
+    content_hash: bytes
+
+    @classmethod
+    def prepare(cls, array: np.ndarray, codec: DeltaCodec = DeltaCodec.FP32) -> PreparedDelta:
+        payload, params = codecs.encode(array, codec)
+        hasher = _hasher()
+        hasher.update(payload)
+        return cls(payload, params.codec, tuple(array.shape), hasher.digest())
+
+
 class DeltaSender:
     """Iterable of encoded messages for one delta: Start, Chunk…, End, each
     as :func:`~murmur.protocol.messages.encode_parts` gives it (send one with
@@ -122,7 +146,8 @@ class DeltaSender:
     through memoryviews, hashes each slice, and signs at the end.
     ``content_hash`` is set once the iteration has finished. With FP32 the
     chunks are views of ``array`` itself (no codec copy): do not modify it
-    until the iteration is done.
+    until the iteration is done. Given a :class:`PreparedDelta` instead of an
+    array, it neither encodes nor hashes (``codec`` is the prepared one's).
     """
 
     def __init__(
@@ -130,7 +155,7 @@ class DeltaSender:
         identity: Identity,
         recipient: PeerId,
         round: int,
-        array: np.ndarray,
+        array: np.ndarray | PreparedDelta,
         codec: DeltaCodec = DeltaCodec.FP32,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         meta: Mapping[str, Any] | None = None,
@@ -138,13 +163,19 @@ class DeltaSender:
     ) -> None:
         if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in [1, {MAX_CHUNK_BYTES}]")
-        payload, params = codecs.encode(array, codec)
+        self._prepared_hash: bytes | None = None
+        if isinstance(array, PreparedDelta):
+            payload, codec, shape = array.payload, array.codec, array.shape
+            self._prepared_hash = array.content_hash
+        else:
+            payload, params = codecs.encode(array, codec)
+            codec, shape = params.codec, tuple(array.shape)
         self._identity = identity
         self._payload = payload
         self._chunk_bytes = chunk_bytes
         self.recipient = recipient
         self.round = round
-        self.codec = params.codec
+        self.codec = codec
         self.transfer_id = secrets.randbits(64) if transfer_id is None else transfer_id
         self.nbytes = payload.nbytes
         self.content_hash: bytes | None = None
@@ -153,22 +184,24 @@ class DeltaSender:
             round=round,
             sender=identity.peer_id,
             recipient=recipient,
-            codec=params.codec,
+            codec=codec,
             dtype=DELTA_DTYPE,
-            shape=tuple(array.shape),
+            shape=shape,
             nbytes=self.nbytes,
             meta=dict(meta or {}),
         )
 
     def __iter__(self) -> Iterator[Encoded]:
         yield encode_parts(self._start)
-        hasher = _hasher()
+        hasher = _hasher() if self._prepared_hash is None else None
         payload, step, tid = self._payload, self._chunk_bytes, self.transfer_id
         for seq, offset in enumerate(range(0, self.nbytes, step)):
             piece = payload[offset : offset + step]
-            hasher.update(piece)
+            if hasher is not None:
+                hasher.update(piece)
             yield encode_parts(DeltaChunk(transfer_id=tid, seq=seq, data=piece))
-        digest = hasher.digest()
+        digest = hasher.digest() if hasher is not None else self._prepared_hash
+        assert digest is not None
         signature = self._identity.sign(signing_input(digest, self.round, self._identity.peer_id, self.recipient))
         self.content_hash = digest
         yield encode_parts(DeltaEnd(transfer_id=tid, content_hash=digest, signature=signature))

@@ -339,7 +339,7 @@ class Testnet:
         task.add_done_callback(self._background.discard)
 
     async def _start_together(self, procs: list[WorkerProc]) -> None:
-        """Bring the first workers up as standbys and start their nodes at once.
+        """Start the nodes of the first workers, launched as standbys, at once.
 
         Importing torch takes 10-30 s per process on a loaded 2-core box and
         varies by as much: workers started cold joined a network already many
@@ -349,8 +349,6 @@ class Testnet:
         come up (the catch-up of a node whose neighbours are all ahead). A
         standby has done its imports once its control socket answers; the
         nodes then start within one control round trip of each other."""
-        for proc in procs:
-            self._launch(proc, standby=True)
         started = time.monotonic()
         self._say(f"starting {len(procs)} worker processes (imports first, then every node at once)")
         await asyncio.gather(*(self._await_control(proc) for proc in procs))
@@ -409,13 +407,14 @@ class Testnet:
                 self.dashboard_url = await server.start()
                 self._say(f"dashboard: {self.dashboard_url}")
             self._say(f"run dir: {self.run_dir}  ({len(self.nodes)} nodes in {len(self.procs)} processes)")
-            await self._start_together(
-                [proc for proc in self.procs.values() if not all(self.nodes[i].spec.late for i in proc.indices)]
-            )
-            self._t0 = self._front_at = time.monotonic()  # at_s counts from here: the nodes' start
-            for proc in self.procs.values():
+            initial = [proc for proc in self.procs.values() if not all(self.nodes[i].spec.late for i in proc.indices)]
+            for proc in initial:
+                self._launch(proc, standby=True)
+            for proc in self.procs.values():  # standbys for later (re)starts import meanwhile
                 if self._will_start(proc):
                     self._prespawn(proc)
+            await self._start_together(initial)
+            self._t0 = self._front_at = time.monotonic()  # at_s counts from here: the nodes' start
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)) as http:
                 end = await self._loop(http)
                 final = await self._poll(http)

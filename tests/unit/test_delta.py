@@ -18,6 +18,7 @@ from murmur.protocol.delta import (
     LandingPool,
     Misaddressed,
     PREFAULT_MIN_BYTES,
+    PreparedDelta,
     ReplayGuard,
     SenderMismatch,
     StaleRound,
@@ -423,3 +424,31 @@ def test_idle_transfers_expire() -> None:
     assert assembler.expire() == [(ALICE.peer_id, 1)]
     assert assembler.active() == 1 and assembler.buffered_bytes == 400
     assert feed_all(assembler, fast[2:]) is not None
+
+
+@pytest.mark.parametrize("codec", list(DeltaCodec))
+def test_a_prepared_delta_is_signed_per_recipient_and_equals_the_streamed_one(codec: DeltaCodec) -> None:
+    """A node sends one round message to every neighbour: encoded and hashed
+    once, then signed for each. What each recipient assembles is exactly what
+    a sender given the array would have delivered, and the signature binds the
+    recipient: Bob's copy is refused by Carol."""
+    x = delta()
+    prepared = PreparedDelta.prepare(x, codec)
+    streamed, streamed_msgs = send(x, codec)
+    for recipient in (BOB, CAROL):
+        sender = DeltaSender(ALICE, recipient.peer_id, 5, prepared, chunk_bytes=4096)
+        msgs = [decode(b"".join(parts)) for parts in sender]
+        done = feed_all(DeltaAssembler(recipient.peer_id), msgs)
+        assert done is not None and done.codec is codec
+        assert sender.content_hash == prepared.content_hash == streamed.content_hash == done.content_hash
+        np.testing.assert_array_equal(done.array, feed_all(DeltaAssembler(BOB.peer_id), streamed_msgs).array)
+    bobs = [decode(b"".join(parts)) for parts in DeltaSender(ALICE, BOB.peer_id, 5, prepared)]
+    with pytest.raises(Misaddressed):
+        feed_all(DeltaAssembler(CAROL.peer_id), bobs)
+
+
+def test_preparing_a_non_finite_delta_fails_before_any_message() -> None:
+    x = delta()
+    x[7] = np.nan
+    with pytest.raises(ValueError):
+        PreparedDelta.prepare(x, DeltaCodec.FP32)

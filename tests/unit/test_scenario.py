@@ -219,3 +219,22 @@ def test_mixing_rounds_reach_the_nodes_and_need_a_round_bound(tmp_path: Path) ->
     assert loaded.learning.rounds == 30 and loaded.learning.mixing_rounds == 5
     with pytest.raises(ConfigError, match="mixing_rounds: needs duration.rounds"):
         parse_scenario(BASE.replace("rounds = 20", "seconds = 60.0\nmixing_rounds = 5"))
+
+
+SHIPPED_SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "murmur" / "testnet" / "scenarios").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_SCENARIOS, ids=lambda p: p.name)
+def test_shipped_scenarios_give_configs_the_node_accepts(tmp_path: Path, path: Path) -> None:
+    """Every example scenario parses, and each node config it generates loads
+    with the node's own parser."""
+    sc = load_scenario(path)
+    for i, cfg in enumerate(node_configs(sc, tmp_path, base_port=43000)):
+        loaded = load_config(_dump(tmp_path, cfg))
+        assert loaded.learning.rounds == sc.duration.rounds, i
+
+
+def test_the_dpsgd_example_is_one_dp_sgd_step_per_round() -> None:
+    sc = load_scenario(next(p for p in SHIPPED_SCENARIOS if p.name == "dpsgd.toml"))
+    assert sc.privacy.level.value == "example" and sc.trainer.local_steps == 1
+    assert sc.trainer.options["dp_clip"] > 0 and sc.trainer.options["momentum"] == 0
