@@ -64,9 +64,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CATCH_UP_GAP = 2
-MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
+MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
 MODEL_KIND = "model"
 GOSSIP_KIND = "gossip"  # a whole model in asynchronous gossip-learning mode
 GOSSIP_INBOX_MAX = 16  # models waiting to be merged; more in one period are dropped
