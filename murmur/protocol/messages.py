@@ -441,9 +441,7 @@ class _Schema:
     cls: type
     specs: Mapping[str, Spec]
     tail: str | None  # the TailSpec field, if any
-
-    def body_specs(self) -> Mapping[str, Spec]:
-        return {name: spec for name, spec in self.specs.items() if name != self.tail}
+    body: Mapping[str, Spec]  # the fields inside the envelope's map: all but the tail
 
 
 class MessageRegistry:
@@ -473,7 +471,9 @@ class MessageRegistry:
             raise TypeError(f"{cls.__name__} has {len(tails)} TailSpec fields; at most one")
         if tails and kind > _POSITIVE_FIXINT_MAX:
             raise TypeError(f"{cls.__name__}: a tailed kind must be a msgpack fixint (<= {_POSITIVE_FIXINT_MAX})")
-        self._schemas[kind] = _Schema(cls, MappingProxyType(specs), tails[0] if tails else None)
+        tail = tails[0] if tails else None
+        body = MappingProxyType({name: spec for name, spec in specs.items() if name != tail})
+        self._schemas[kind] = _Schema(cls, MappingProxyType(specs), tail, body)
         return cls
 
     def freeze(self) -> None:
@@ -492,7 +492,7 @@ class MessageRegistry:
         """The message as the envelope and, for a tailed kind, the tail (a view
         of the caller's buffer): the transport gathers them into one frame."""
         schema = self._schemas[msg.KIND]
-        body = {name: spec.dump(getattr(msg, name)) for name, spec in schema.body_specs().items()}
+        body = {name: spec.dump(getattr(msg, name)) for name, spec in schema.body.items()}
         head = pack((WIRE_VERSION, int(msg.KIND), body))
         if schema.tail is None:
             return (head,)
@@ -510,6 +510,7 @@ class MessageRegistry:
         return schema is not None and schema.tail is not None
 
     def decode(self, buf: bytes | bytearray | memoryview) -> Message:
+        # A kind without a tail goes through unpack, which refuses trailing bytes.
         if self._tailed(buf):
             envelope, head_len = unpack_head(buf, MAX_TAILED_HEAD, MESSAGE_LIMITS)
         else:
@@ -524,7 +525,7 @@ class MessageRegistry:
         schema = self._schemas[MessageKind(kind)]
         if not isinstance(body, dict):
             raise SchemaError("body must be a map")
-        specs = schema.body_specs()
+        specs = schema.body
         if body.keys() != specs.keys():
             missing = sorted(specs.keys() - body.keys())
             extra = sorted(map(repr, body.keys() - specs.keys()))
@@ -534,8 +535,6 @@ class MessageRegistry:
         if schema.tail is not None:
             tail = memoryview(buf).cast("B")[head_len:].toreadonly()
             values[schema.tail] = schema.specs[schema.tail].load(tail, f"{name}.{schema.tail}")
-        elif head_len != len(buf):
-            raise SchemaError(f"{name} takes no tail, got {len(buf) - head_len} bytes after the envelope")
         return schema.cls(**values)
 
 
