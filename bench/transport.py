@@ -23,6 +23,14 @@
     node does once per round for all its neighbours: what each neighbour
     after the first costs (``ratio_fanout_*``; the sender then hashes
     nothing, the receiver still checks everything).
+(b'') "sealed": the protocol's per-byte crypto and nothing else over the
+    same raw uvloop TCP: the sender hashes (BLAKE3) and seals each piece
+    into a length-prefixed frame, the receiver opens it into the pooled
+    landing buffer and hashes it. No messages, no signature, no limits:
+    the least code that does what (b) must do to every byte, measured, so
+    ``ratio_sealed_*`` is what a single-threaded asyncio implementation can
+    reach at best in this run, and ``murmur_vs_sealed_*`` how much of that
+    murmur's own framing, messages and checks leave.
 (c) the ceiling: what any implementation of (b) could reach on this
     machine. Its per-byte work is the raw transfer's (the pooled variant's
     sender + receiver CPU) plus the crypto the protocol requires on every
@@ -57,6 +65,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Self
 
 import blake3
 import numpy as np
@@ -74,6 +83,7 @@ from murmur.errors import PeerFault
 from murmur.protocol.identity import Identity
 from murmur.protocol.messages import decode
 from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.framing import FRAME_LENGTH
 from murmur.protocol.noise import TAG_LEN, CipherState, NoiseCipher
 from murmur.protocol.transport import SecureConnection, Transport, TransportLimits, tune_allocator
 
@@ -88,6 +98,8 @@ MIB = 1024 * 1024
 SIZE_HEADER = struct.Struct(">Q")
 DISCARD_BUFFER = 256 * 1024
 RECEIVER_SEED = bytes(range(32))
+SEALED_KEY = bytes(32)  # variant (b''): both ends' AEAD key (speed, not secrecy)
+SEALED_CIPHER = NoiseCipher.AESGCM  # what two default nodes negotiate (printed as "cipher")
 LIMITS = TransportLimits()  # the node's defaults, on both ends (``--cipher`` narrows ``ciphers``)
 
 
@@ -123,6 +135,7 @@ class CpuMeter:
 @dataclass(frozen=True)
 class Endpoints:
     raw_ports: dict[Landing, int]
+    sealed_port: int
     murmur_addr: str
 
 
@@ -163,6 +176,55 @@ class _RawSink(asyncio.BufferedProtocol):
             self.size, self.filled = -1, 0
 
 
+class _SealedSink(asyncio.BufferedProtocol):
+    """Variant (b'')'s receiver: a size header, then frames (4-byte length,
+    AEAD ciphertext of one piece) each read into one reused frame buffer,
+    opened into the pooled landing buffer and hashed."""
+
+    def __init__(self, meter: CpuMeter) -> None:
+        self.meter = meter
+        self.pool = LandingPool(AssemblerLimits().landing_pool_bytes)
+        self.cipher = CipherState(SEALED_KEY, SEALED_CIPHER)
+        self.frame = memoryview(bytearray(DEFAULT_CHUNK_BYTES + TAG_LEN))
+        self.size_header = memoryview(bytearray(SIZE_HEADER.size))
+        self.frame_header = memoryview(bytearray(FRAME_LENGTH.size))
+        self.target = self.size_header  # what is being filled now
+        self.filled = 0
+        self.landing = memoryview(b"")
+        self.landed = 0
+        self.hasher = blake3.blake3()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.tr = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.target[self.filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.filled += nbytes
+        if self.filled < len(self.target):
+            return
+        self.filled = 0
+        if self.target is self.size_header:
+            (size,) = SIZE_HEADER.unpack(self.size_header)
+            self.landing, self.landed, self.hasher = self.pool.take(size), 0, blake3.blake3()
+            self.target = self.frame_header
+        elif self.target is self.frame_header:
+            (length,) = FRAME_LENGTH.unpack(self.frame_header)
+            self.target = self.frame[:length]
+        else:
+            plain = self.landing[self.landed : self.landed + len(self.target) - TAG_LEN]
+            self.cipher.open_into(self.target, plain)
+            self.hasher.update(plain)
+            self.landed += len(plain)
+            if self.landed < len(self.landing):
+                self.target = self.frame_header
+            else:
+                self.hasher.digest()
+                self.tr.write(self.meter.ack())  # type: ignore[attr-defined]
+                self.target = self.size_header
+
+
 async def _raw_receiver_main(conn_end: mp.connection.Connection) -> None:
     meter = CpuMeter()
     loop = asyncio.get_running_loop()
@@ -170,9 +232,11 @@ async def _raw_receiver_main(conn_end: mp.connection.Connection) -> None:
         landing: await loop.create_server(lambda landing=landing: _RawSink(landing, meter), "127.0.0.1", 0)
         for landing in Landing
     }
-    conn_end.send({landing: server.sockets[0].getsockname()[1] for landing, server in servers.items()})
+    sealed = await loop.create_server(lambda: _SealedSink(meter), "127.0.0.1", 0)
+    conn_end.send(({landing: server.sockets[0].getsockname()[1] for landing, server in servers.items()},
+                   sealed.sockets[0].getsockname()[1]))
     await loop.run_in_executor(None, conn_end.recv)  # until the sender says stop
-    for server in servers.values():
+    for server in (*servers.values(), sealed):
         server.close()
 
 
@@ -240,7 +304,7 @@ class RawLink:
         self.tr, self.proto = tr, proto
 
     @classmethod
-    async def open(cls, port: int) -> RawLink:
+    async def open(cls, port: int) -> Self:
         tr, proto = await asyncio.get_running_loop().create_connection(_RawSource, "127.0.0.1", port)
         return cls(tr, proto)  # type: ignore[arg-type]
 
@@ -250,6 +314,31 @@ class RawLink:
         for offset in range(0, len(payload), DEFAULT_CHUNK_BYTES):
             await self.proto.can_write.wait()
             self.tr.write(payload[offset : offset + DEFAULT_CHUNK_BYTES])
+        receiver_cpu = await self.proto.acked.get()
+        return Sample(time.perf_counter() - start, time.process_time() - cpu, receiver_cpu)
+
+
+class SealedLink(RawLink):
+    """Variant (b'')'s sender: hash and seal each piece into its own frame
+    (a fresh buffer: the transport may hold it until the socket drains)."""
+
+    def __init__(self, tr: asyncio.Transport, proto: _RawSource) -> None:
+        super().__init__(tr, proto)
+        self.cipher = CipherState(SEALED_KEY, SEALED_CIPHER)
+
+    async def transfer(self, payload: memoryview) -> Sample:
+        start, cpu = time.perf_counter(), time.process_time()
+        self.tr.write(SIZE_HEADER.pack(len(payload)))
+        hasher = blake3.blake3()
+        for offset in range(0, len(payload), DEFAULT_CHUNK_BYTES):
+            await self.proto.can_write.wait()
+            piece = payload[offset : offset + DEFAULT_CHUNK_BYTES]
+            hasher.update(piece)
+            frame = bytearray(FRAME_LENGTH.size + len(piece) + TAG_LEN)
+            FRAME_LENGTH.pack_into(frame, 0, len(piece) + TAG_LEN)
+            self.cipher.seal_into(piece, memoryview(frame)[FRAME_LENGTH.size :])
+            self.tr.write(frame)
+        hasher.digest()
         receiver_cpu = await self.proto.acked.get()
         return Sample(time.perf_counter() - start, time.process_time() - cpu, receiver_cpu)
 
@@ -341,17 +430,19 @@ async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, objec
         raw = await RawLink.open(endpoints.raw_ports[Landing.BYTEARRAY])
         pooled = await RawLink.open(endpoints.raw_ports[Landing.POOLED])
         discard = await RawLink.open(endpoints.raw_ports[Landing.DISCARD])
+        sealed = await SealedLink.open(endpoints.sealed_port)
         rng = np.random.default_rng(0)
         round_ = 0
         for size in options.sizes_mib:
             array = rng.standard_normal(size * MIB // 4, dtype=np.float32)
             payload = memoryview(array).cast("B")
             prepared = PreparedDelta.prepare(array)
-            samples: dict[str, list[Sample]] = {"fresh": [], "pooled": [], "discard": [], "murmur": [], "fanout": []}
+            samples: dict[str, list[Sample]] = {n: [] for n in ("fresh", "pooled", "discard", "sealed", "murmur", "fanout")}
             variants: dict[str, Callable[[], Awaitable[Sample]]] = {
                 "fresh": lambda: raw.transfer(payload),
                 "pooled": lambda: pooled.transfer(payload),
                 "discard": lambda: discard.transfer(payload),
+                "sealed": lambda: sealed.transfer(payload),
                 # distinct rounds: the receiver's replay guard refuses one (round, content) twice
                 "murmur": lambda: murmur_transfer(conn, identity, array, 2 * round_),
                 "fanout": lambda: murmur_transfer(conn, identity, prepared, 2 * round_ + 1),
@@ -372,6 +463,9 @@ async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, objec
             results[f"ratio_{size}"] = round(rate["murmur"] / rate["pooled"], 3)
             results[f"ratio_vs_fresh_{size}"] = round(rate["murmur"] / rate["fresh"], 3)
             results[f"ratio_vs_discard_{size}"] = round(rate["murmur"] / rate["discard"], 3)
+            results[f"sealed_mib_s_{size}"] = round(rate["sealed"], 1)
+            results[f"ratio_sealed_{size}"] = round(rate["sealed"] / rate["pooled"], 3)
+            results[f"murmur_vs_sealed_{size}"] = round(rate["murmur"] / rate["sealed"], 3)
             results[f"murmur_fanout_mib_s_{size}"] = round(rate["fanout"], 1)
             results[f"ratio_fanout_{size}"] = round(rate["fanout"] / rate["pooled"], 3)
             crypto_ms = crypto_cpu_ms_per_mib(payload, conn.cipher)
@@ -383,9 +477,10 @@ async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, objec
             print(f"{size:>3} MiB: raw TCP {rate['pooled']:7.1f} MiB/s (fresh buffer {rate['fresh']:7.1f}, "
                   f"discarding {rate['discard']:7.1f}) | murmur (signed delta) {rate['murmur']:7.1f} MiB/s | "
                   f"ratio {rate['murmur'] / rate['pooled']:.2f} (vs fresh {rate['murmur'] / rate['fresh']:.2f}) | "
+                  f"crypto alone {rate['sealed']:7.1f} MiB/s, ratio {rate['sealed'] / rate['pooled']:.2f} | "
                   f"ceiling {ceiling:.2f} (crypto {crypto_ms:.2f} + raw {raw_cpu_ms:.2f} CPU ms/MiB on {CORES} cores) | "
                   f"each further neighbour {rate['fanout']:7.1f} MiB/s, ratio {rate['fanout'] / rate['pooled']:.2f}")
-        for link in (raw, pooled, discard):
+        for link in (raw, pooled, discard, sealed):
             link.tr.close()
         await conn.close()
     return results
@@ -414,7 +509,7 @@ def main() -> None:
     for proc in procs:
         proc.start()
     try:
-        endpoints = Endpoints(raw_end.recv(), murmur_end.recv())
+        endpoints = Endpoints(*raw_end.recv(), murmur_end.recv())
         results = uvloop.run(sender_main(endpoints, options))
     finally:
         for end in (raw_end, murmur_end):

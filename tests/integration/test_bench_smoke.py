@@ -1,0 +1,40 @@
+"""The transport benches still run and end with their JSON line (the issue's
+contract for every bench script), at the smallest size so this stays a few
+seconds: real processes, sockets and crypto, figures only sanity-checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _last_json(script: str, *args: str) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(150)
+def test_transport_bench_reports_every_variant() -> None:
+    out = _last_json("transport.py", "--sizes", "1", "--repeats", "1")
+    for key in ("raw_mib_s_1", "murmur_mib_s_1", "sealed_mib_s_1", "murmur_fanout_mib_s_1"):
+        assert isinstance(out[key], float) and out[key] > 0, key
+    assert 0 < out["ratio_ceiling_1"] <= 1
+    assert out["connect_handshake_ms_median"] > 0
+    assert out["cipher"] == "Noise_XX_25519_AESGCM_SHA256"
+
+
+@pytest.mark.timeout(150)
+def test_crypto_pipeline_bench_reports_every_mode() -> None:
+    out = _last_json("crypto_pipeline.py", "--sizes", "1", "--repeats", "1", "--rounds", "1")
+    for mode in ("raw", "inline", "threaded"):
+        assert out[f"{mode}_mib_s_1"] > 0, mode
