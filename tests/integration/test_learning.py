@@ -90,6 +90,10 @@ async def run_network(
         await asyncio.gather(*(n.stop() for n in nodes))
 
 
+# Three networks in one test, each bounded by RUN_TIMEOUT_S: a stalled one fails
+# with run_network's own message, not pytest-timeout's kill (the default 300 s
+# is less than three of those bounds; a typical run of all three takes ~60 s).
+@pytest.mark.timeout(3 * RUN_TIMEOUT_S + 60)
 async def test_accuracy_and_sybil_resilience(tmp_path: Path) -> None:
     """One clean run and two attacked ones (network runs are the expensive part)."""
     clean = await run_network(tmp_path / "clean", "mean", sybils=0)
