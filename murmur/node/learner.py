@@ -140,7 +140,9 @@ class NodeLearner:
         )
         payload = self.engine.num_params * 4
         limits = AssemblerLimits(max_delta_bytes=payload + 64 * 1024, max_total_buffered_bytes=max(64 * payload, 1 << 26))
-        self._assemblers = {front.peer_id: DeltaAssembler(front.peer_id, limits) for front in self.fronts}
+        self._assemblers = {
+            front.peer_id: DeltaAssembler(front.peer_id, limits, solicited=self._answers_our_request) for front in self.fronts
+        }
         # neighbour key -> (front, peer) for every front linked to it: an
         # attacker may reach one honest peer through several identities.
         self._routes: dict[str, list[tuple[Node, PeerId]]] = {}
@@ -519,6 +521,14 @@ class NodeLearner:
             raise DecodeError("model transfer without a valid state_round or of the wrong shape")
         array = done.array if done.array.flags.writeable else done.array.copy()
         return torch.from_numpy(array), state_round
+
+    def _answers_our_request(self, start: DeltaStart) -> bool:
+        """A model transfer from a peer we asked for one (see DeltaAssembler's
+        ``solicited``): asked twice while its model stands still, a peer
+        answers twice with the same signed bytes, which the replay guard
+        would take for a replay, dropping and penalising an honest peer.
+        :meth:`_on_model` refuses model transfers nobody asked for."""
+        return start.meta.get("kind") == MODEL_KIND and start.sender in self._model_requests
 
     def _on_model(self, sender: PeerId, done: CompletedDelta) -> None:
         if sender not in self._model_requests:

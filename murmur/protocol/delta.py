@@ -357,9 +357,15 @@ class _Transfer:
     hasher: Any = field(default_factory=_hasher)
     received: int = 0
     next_seq: int = 0
+    solicited: bool = False  # answers a request of ours: not subject to the replay guard
 
 
 DeltaMessage = DeltaStart | DeltaChunk | DeltaEnd
+Solicited = Callable[[DeltaStart], bool]
+
+
+def _unsolicited(start: DeltaStart) -> bool:
+    return False
 
 
 class DeltaAssembler:
@@ -367,7 +373,16 @@ class DeltaAssembler:
     peers. Sans-IO: the connection loop calls :meth:`feed` with the
     authenticated peer id and each decoded delta message, and :meth:`expire`
     periodically. Any :class:`PeerFault` raised for a transfer also drops it,
-    so a misbehaving transfer never keeps its buffer."""
+    so a misbehaving transfer never keeps its buffer.
+
+    ``solicited`` tells, from its ``DeltaStart``, whether a transfer answers
+    a request of ours (a model we asked the sender for). Such a transfer is
+    fresh because we asked for it, not because its (round, content) is new:
+    a peer whose model has not moved answers two requests with the same
+    bytes, and the model of a peer behind us is below our round floor. So it
+    skips the replay guard (neither checked nor remembered); hash, signature,
+    sender and recipient are checked as for any delta. Whoever passes
+    ``solicited`` must also refuse answers it did not ask for."""
 
     def __init__(
         self,
@@ -375,8 +390,10 @@ class DeltaAssembler:
         limits: AssemblerLimits = AssemblerLimits(),
         replay_guard: ReplayGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
+        solicited: Solicited = _unsolicited,
     ) -> None:
         self.own_peer_id = own_peer_id
+        self._solicited = solicited
         self.limits = limits
         self.replay_guard = replay_guard if replay_guard is not None else ReplayGuard(limits.replay_window)
         self._clock = clock
@@ -444,7 +461,9 @@ class DeltaAssembler:
             raise SenderMismatch(f"DeltaStart claims sender {msg.sender.short()} on {sender.short()}'s connection")
         if msg.recipient != self.own_peer_id:
             raise Misaddressed(f"delta addressed to {msg.recipient.short()}, not to us")
-        self.replay_guard.check_round(msg.round)
+        solicited = self._solicited(msg)
+        if not solicited:
+            self.replay_guard.check_round(msg.round)
         limits = self.limits
         if msg.nbytes > limits.max_delta_bytes:
             raise LimitExceeded(f"delta of {msg.nbytes} bytes > {limits.max_delta_bytes}")
@@ -461,7 +480,7 @@ class DeltaAssembler:
         if self._buffered + msg.nbytes > limits.max_total_buffered_bytes:
             raise LimitExceeded("total delta buffer budget exhausted")
         self._transfers[key] = _Transfer(
-            start=msg, buffer=self._landing.take(msg.nbytes), last_activity=self._clock()
+            start=msg, buffer=self._landing.take(msg.nbytes), last_activity=self._clock(), solicited=solicited
         )
         self._buffered += msg.nbytes
         return None
@@ -496,9 +515,11 @@ class DeltaAssembler:
         if not hmac.compare_digest(digest, msg.content_hash):
             raise SignatureError("content hash does not match the received bytes")
         sender.verify(msg.signature, signing_input(digest, start.round, sender, self.own_peer_id))
-        self.replay_guard.check(sender, start.round, digest)
+        if not transfer.solicited:
+            self.replay_guard.check(sender, start.round, digest)
         flat = codecs.decode(transfer.buffer, CodecParams(start.codec, math.prod(start.shape)))
-        self.replay_guard.remember(sender, start.round, digest)
+        if not transfer.solicited:
+            self.replay_guard.remember(sender, start.round, digest)
         return CompletedDelta(
             sender=sender,
             round=start.round,

@@ -151,3 +151,31 @@ async def test_privacy_refuses_gossip_mode(tmp_path: Path) -> None:
     node = Node(node_config(tmp_path / "p", overrides={**LEARNING, "learning.mode": "gossip", "privacy.enabled": True}))
     with pytest.raises(ConfigError, match="dsgd"):
         await node.start()
+
+
+async def test_asking_a_neighbour_twice_for_its_model_is_not_a_replay(tmp_path: Path) -> None:
+    """A node asks a neighbour for its public model (a re-sync, a catch-up)
+    and asks again while that model stands still: the neighbour answers with
+    the same signed bytes. The second answer used to be taken for a replay,
+    so the honest neighbour was dropped and penalised (ReplayError)."""
+    nodes: list[Node] = []
+    try:
+        bootstrap: tuple = ()
+        for i in range(2):
+            overrides = {**LEARNING, "learning.node_index": i, "learning.num_nodes": 2, "learning.rounds": 2,
+                         "learning.round_deadline_s": 1.0}
+            node = Node(node_config(tmp_path / f"m{i}", bootstrap=bootstrap, overrides=overrides))
+            await node.start()
+            nodes.append(node)
+            bootstrap = bootstrap or (node.addrs[0],)
+        asker, neighbour = nodes
+        await wait_until(lambda: all(n.learner.round >= 2 for n in nodes), RUN_TIMEOUT_S, "both nodes done")
+        session = asker.session(neighbour.peer_id)
+        assert session is not None
+        for attempt in range(2):
+            await asker.learner._request_resync(session)  # the path a replica gap takes
+            await wait_until(lambda: neighbour.peer_id not in asker.learner._model_requests, 10.0, f"answer {attempt}")
+        assert asker.status()["faults"] == {}, asker.status()["faults"]
+        assert asker.session(neighbour.peer_id) is session and not session.closed
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes))

@@ -250,6 +250,34 @@ def test_rounds_below_the_floor_are_rejected_before_allocation() -> None:
     assert feed_all(assembler, send(delta(), round=10)[1]) is not None
 
 
+def test_a_solicited_answer_skips_the_replay_guard_and_nothing_else() -> None:
+    """A peer asked twice for a model that has not moved answers twice with the
+    same signed bytes, and its round may be below our floor: both answers are
+    accepted. Unsolicited transfers still meet the guard, and a solicited one
+    still needs a valid signature."""
+    guard = ReplayGuard(window=16, round_floor=10)
+    asked = {"model"}
+    assembler = DeltaAssembler(BOB.peer_id, replay_guard=guard, solicited=lambda start: start.meta.get("kind") in asked)
+    answer = send(delta(), round=7, meta={"kind": "model"})[1]
+    assert feed_all(assembler, answer) is not None
+    assert feed_all(assembler, answer) is not None  # the same bytes again: no ReplayError
+    assert len(guard) == 0  # nor remembered
+    with pytest.raises(StaleRound):
+        assembler.feed(ALICE.peer_id, send(delta(), round=7, meta={"kind": "round"})[1][0])
+    round_msgs = send(delta(), round=11, meta={"kind": "round"})[1]
+    feed_all(assembler, round_msgs)
+    with pytest.raises(ReplayError):
+        feed_all(assembler, round_msgs)
+    forged = send(delta(), round=7, meta={"kind": "model"})[1]
+    forged[-1] = replace(forged[-1], signature=bytes(64))
+    with pytest.raises(SignatureError):
+        feed_all(assembler, forged)
+    asked.clear()  # the request was answered: the same answer is now a replay below the floor
+    with pytest.raises(StaleRound):
+        assembler.feed(ALICE.peer_id, answer[0])
+    assert assembler.buffered_bytes == 0
+
+
 def test_replay_guard_window_is_bounded_and_floor_forgets() -> None:
     guard = ReplayGuard(window=3)
     for r in range(5):
