@@ -214,6 +214,10 @@ class RoundEngine:
         self._replicas: dict[str, _Replica] = {}
         self._pending: _Pending | None = None
         self._future: dict[int, dict[str, _Contribution]] = {}
+        # The highest round each peer sent us a well-formed message for, filed
+        # or not: a neighbour heard from at or past the open round has sent
+        # all it will send for it (see quorum_reached).
+        self._heard: dict[str, int] = {}
         self._late_this_round = 0
 
     # -- the round --------------------------------------------------------------
@@ -288,6 +292,7 @@ class RoundEngine:
                 return Offer.BAD_SHAPE
             if not bool(torch.isfinite(vec).all()):
                 return Offer.BAD_SHAPE
+        self._heard[peer] = max(self._heard.get(peer, -1), round)
         replica = self._replicas.get(peer)
         if replica is None:
             if round != 0:
@@ -327,6 +332,7 @@ class RoundEngine:
     def forget(self, peer: str) -> None:
         """Drop a departed neighbour's replica (memory)."""
         self._replicas.pop(peer, None)
+        self._heard.pop(peer, None)
 
     def public_state(self) -> tuple[torch.Tensor, int]:
         """Our public model and the round of the message it reflects (what a
@@ -334,13 +340,28 @@ class RoundEngine:
         return self.public.clone(), self.last_sent_round
 
     def quorum_reached(self) -> bool:
+        """Whether enough neighbours are done with the open round: those whose
+        message for it we hold, and those we heard from for it or a later
+        round without holding it. A neighbour's messages arrive in order, so
+        the second kind sent theirs and we could not use it (no replica yet,
+        too far ahead of us), or they did not count us as a neighbour then:
+        nothing more will come for this round, and waiting for it would only
+        stretch the round to its deadline. A node that fell behind its
+        neighbours would otherwise spend a full deadline on every round and,
+        through its own late messages, hold them to that pace too.
+
+        At least one message must be held, as before: a round that heard
+        only from neighbours it cannot use is a round alone, and lasts its
+        deadline (Sybils claiming far-ahead rounds must not make a node race
+        through rounds, and on to their model, while its honest links form)."""
         pending = self._pending
         if pending is None:
             return False
         if not pending.neighbours:
             return True
         need = math.ceil(self.config.quorum * len(pending.neighbours))
-        return len(pending.received) >= need
+        done = sum(1 for p in pending.neighbours if p in pending.received or self._heard.get(p, -1) >= self.round)
+        return done >= need and bool(pending.received)
 
     def missing(self) -> list[str]:
         """Neighbours whose message for the open round has not arrived."""

@@ -425,6 +425,68 @@ def test_full_quorum_needs_everyone_and_no_round_no_quorum() -> None:
     assert engines[1].quorum_reached()
 
 
+def test_a_neighbour_heard_at_or_past_the_open_round_is_not_waited_for() -> None:
+    """Node 1 (neighbours n0, n2, n3, full quorum) fell behind. n0 is three
+    rounds ahead (we re-synced its replica at its round 2): its round-3
+    message is refused as too early, and its round-0 one will never come.
+    n2's round-1 message came before we held a replica of it (a gap:
+    re-sync needed) and was not filed. Neither is waited for; n3, not heard
+    from yet, still is. Nothing of n0 or n2 is aggregated."""
+    engines = _engines()
+    hub = engines[1]
+    hub.begin_round(_neighbours(1))
+    ahead = engines[0]
+    for _ in range(3):
+        _message(ahead, 0)
+        ahead.finish_round()
+    hub.set_replica("n0", ahead.public_state()[0], ahead.public_state()[1])
+    far, far_round = _message(ahead, 0)
+    assert far_round == 3
+    assert hub.offer("n0", far_round, far.update, far.consensus) is Offer.TOO_EARLY
+    assert not hub.quorum_reached()
+    gap_sender = engines[2]
+    _message(gap_sender, 2)
+    gap_sender.finish_round()
+    gap, gap_round = _message(gap_sender, 2)
+    assert hub.offer("n2", gap_round, gap.update, gap.consensus) is Offer.NEEDS_SYNC
+    assert gap_round == 1  # past our round 0: n2 is ahead and done with it
+    assert not hub.quorum_reached()
+    assert sorted(hub.missing()) == ["n0", "n2", "n3"]
+    last, _ = _message(engines[3], 3)
+    assert hub.offer("n3", 0, last.update, last.consensus) is Offer.ACCEPTED
+    assert hub.quorum_reached()
+    report = hub.finish_round()
+    assert set(report.weights) == {"self", "n3"}
+
+
+def test_neighbours_heard_only_past_the_round_do_not_close_it_alone() -> None:
+    engines = _engines(config=RoundConfig(local_steps=STEPS, quorum=0.5))
+    hub = engines[1]
+    hub.begin_round(_neighbours(1))
+    for j in (0, 2):  # both a round ahead, before we hold replicas of them: not filed
+        _message(engines[j], j)
+        engines[j].finish_round()
+        message, round_ = _message(engines[j], j)
+        assert hub.offer(_name(j), round_, message.update, message.consensus) is Offer.NEEDS_SYNC
+    assert not hub.quorum_reached()  # two of three are done, but nothing is held: a round alone
+    message, _ = _message(engines[3], 3)
+    assert hub.offer("n3", 0, message.update, message.consensus) is Offer.ACCEPTED
+    assert hub.quorum_reached()
+
+
+def test_a_neighbour_heard_only_for_past_rounds_is_still_waited_for() -> None:
+    engines = _engines()
+    _sync_round(engines, skip={(0, 1)})  # n0's round-0 message to node 1 is lost
+    hub = engines[1]
+    hub.begin_round(_neighbours(1))
+    for j in (2, 3):
+        message, _ = _message(engines[j], j)
+        hub.offer(_name(j), 1, message.update, message.consensus)
+    assert not hub.quorum_reached()  # n0: never heard from for round 1 or later
+    hub.forget("n0")
+    assert not hub.quorum_reached()
+
+
 def test_a_round_without_neighbours_is_complete_and_trains_alone() -> None:
     engine = _engines()[2]
     engine.begin_round({})
