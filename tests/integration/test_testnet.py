@@ -141,7 +141,13 @@ def test_cli_declares_testnet_options_without_a_scenario() -> None:
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen([*MURMUR, "testnet", "run", str(shortened_default(tmp_path)), "--out", str(out),
+    # far more rounds than the interrupt leaves time for: a run must never end on
+    # its own before the Ctrl-C (the default's ~0.3 s rounds finish 30 in ~10 s)
+    scenario = shortened_default(tmp_path)
+    scenario.write_text(scenario.read_text(encoding="utf-8").replace(f"rounds = {ROUNDS}", "rounds = 1000"),
+                        encoding="utf-8")
+    load_scenario(scenario)
+    proc = subprocess.Popen([*MURMUR, "testnet", "run", str(scenario), "--out", str(out),
                              "--no-dashboard"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None

@@ -156,10 +156,27 @@ def _controller(tmp_path: Path) -> tuple[subprocess.Popen[str], int, str]:
     return proc, pid, _starttime(pid)
 
 
+def _signal_masks(pid: int) -> str:
+    """The signal lines of /proc/<pid>/status (blocked, ignored, caught): what
+    a child inherited from us is the first suspect when a signal has no effect."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as exc:
+        return f"no status: {exc}"
+    return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def test_ctrl_c_of_the_controller_stops_children(tmp_path: Path) -> None:
     proc, pid, start = _controller(tmp_path)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(EXIT_WAIT_S) != 0  # KeyboardInterrupt propagated after cleanup
+    try:
+        code = proc.wait(EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        masks = _signal_masks(proc.pid)
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the controller ignored Ctrl-C for {EXIT_WAIT_S} s ({masks}; ours: {_signal_masks(os.getpid())})")
+    assert code != 0  # KeyboardInterrupt propagated after cleanup
     assert not _exists(pid, start)
 
 
