@@ -24,6 +24,7 @@ import pytest
 from murmur.testnet.controller import read_metrics
 from murmur.testnet.report import CSV_COLUMNS, PLOTS
 from murmur.testnet.scenario import default_scenario_text, load_scenario
+from tests.signals import default_sigint
 
 MURMUR = [sys.executable, "-m", "murmur.node.cli"]
 RUN_TIMEOUT_S = 240
@@ -147,8 +148,8 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     scenario.write_text(scenario.read_text(encoding="utf-8").replace(f"rounds = {ROUNDS}", "rounds = 1000"),
                         encoding="utf-8")
     load_scenario(scenario)
-    proc = subprocess.Popen([*MURMUR, "testnet", "run", str(scenario), "--out", str(out),
-                             "--no-dashboard"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([*MURMUR, "testnet", "run", str(scenario), "--out", str(out), "--no-dashboard"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # wait until every node answers /status

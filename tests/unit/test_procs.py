@@ -16,6 +16,7 @@ import pytest
 
 from murmur.testnet import netem
 from murmur.testnet.procs import Supervisor
+from tests.signals import default_sigint
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 EXIT_WAIT_S = 10.0
@@ -150,7 +151,7 @@ CONTROLLER = textwrap.dedent("""
 
 def _controller(tmp_path: Path) -> tuple[subprocess.Popen[str], int, str]:
     proc = subprocess.Popen([sys.executable, "-c", CONTROLLER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+                            cwd=Path(__file__).resolve().parents[2], preexec_fn=default_sigint)
     assert proc.stdout is not None
     pid = int(proc.stdout.readline())
     return proc, pid, _starttime(pid)
