@@ -101,12 +101,16 @@ async def test_accuracy_and_sybil_resilience(tmp_path: Path) -> None:
     attacked_wall = await run_network(tmp_path / "wall", "sybilwall", sybils=4)
 
     assert clean.accuracy >= 0.85, clean
-    # Plain averaging lets the Sybils' flipped model in: a high attack rate.
+    # Plain averaging lets the Sybils' flipped model in. Their weight is steady
+    # (0.11-0.13 in 10 runs); the attack rate of the final models is not, since
+    # it hangs on which neighbours the last rounds drew: 0.12-0.56 in the same
+    # 10 runs on an idle machine, 0.077 once under CI load. Clean and SybilWall
+    # runs score 0.000, so the two bounds below still separate the two cases.
     assert attacked_mean.sybil_weight > 0.05, attacked_mean
-    assert attacked_mean.attack_rate >= 0.10, attacked_mean
+    assert attacked_mean.attack_rate >= 0.05, attacked_mean
     # SybilWall finds the identical histories and gives them no weight.
     assert attacked_wall.sybil_weight <= 0.01, attacked_wall
-    assert attacked_wall.attack_rate <= 0.10, attacked_wall
+    assert attacked_wall.attack_rate <= 0.03, attacked_wall
     assert clean.accuracy - attacked_wall.accuracy <= 0.03, (clean, attacked_wall)
 
 
