@@ -51,8 +51,8 @@ def test_default_scenario_matches_the_issue() -> None:
     assert [ev.action for ev in sc.churn] == [Action.CRASH, Action.RESTART]
     assert sc.churn[0].nodes == sc.churn[1].nodes
     # sized for < 3 minutes on 2 cores: the round deadline bounds the round phase
-    assert sc.duration.rounds is not None
-    assert sc.duration.rounds * sc.duration.round_deadline_s <= 120
+    assert sc.duration.last_round is not None
+    assert sc.duration.last_round * sc.duration.round_deadline_s <= 120
 
 
 def test_node_specs_number_honest_then_sybils() -> None:
@@ -74,7 +74,8 @@ def test_node_configs_load_as_real_node_configs(tmp_path: Path) -> None:
         path.write_text(dump_toml(cfg))
         loaded = load_config(path)  # the node's own parser accepts what we generate
         assert loaded.node.listen[0].port == 42000 + i
-        assert loaded.learning.num_nodes == 9 and loaded.learning.rounds == 30
+        assert loaded.learning.num_nodes == 9 and loaded.learning.rounds == sc.duration.rounds == 40
+        assert loaded.learning.mixing_rounds == sc.duration.mixing_rounds == 5
         assert loaded.privacy.enabled and loaded.learning.aggregator == "sybilwall"
         assert (tmp_path / specs_name(i) / "identity.key").exists()
         peer_ids.add(str(loaded.node.data_dir))
@@ -214,9 +215,9 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
 def test_mixing_rounds_reach_the_nodes_and_need_a_round_bound(tmp_path: Path) -> None:
     assert parse_scenario(BASE.replace("rounds = 20", "rounds = 20\nmixing_rounds = 5")).duration.last_round == 25
     default = load_scenario(None)
-    sc = dataclasses.replace(default, duration=dataclasses.replace(default.duration, mixing_rounds=5))
+    sc = dataclasses.replace(default, duration=dataclasses.replace(default.duration, mixing_rounds=7))
     loaded = load_config(_dump(tmp_path, node_configs(sc, tmp_path, base_port=45000)[0]))
-    assert loaded.learning.rounds == 30 and loaded.learning.mixing_rounds == 5
+    assert loaded.learning.rounds == default.duration.rounds and loaded.learning.mixing_rounds == 7
     with pytest.raises(ConfigError, match="mixing_rounds: needs duration.rounds"):
         parse_scenario(BASE.replace("rounds = 20", "seconds = 60.0\nmixing_rounds = 5"))
 
