@@ -56,7 +56,7 @@ def run_testnet(ns: argparse.Namespace) -> int:
         return EXIT_USAGE
     out = args.out or DEFAULT_OUT_ROOT / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     options = RunOptions(out=out, nodes_per_process=args.nodes_per_process, dashboard=not args.no_dashboard,
-                         dashboard_port=args.dashboard_port)
+                         dashboard_port=args.dashboard_port, fork_server=not args.no_fork_server)
     testnet = Testnet(scenario, options)
     import uvloop
 

@@ -7,7 +7,9 @@ One :class:`Testnet` run:
    data dirs under ``<out>/nodes``, process logs under ``<out>/logs``;
 2. starts the worker processes (:mod:`murmur.testnet.worker`, K nodes or one
    Sybil attacker each) under a :class:`~murmur.testnet.procs.Supervisor`, so
-   no process outlives the run, whatever ends it (Ctrl-C included); a node
+   no process outlives the run, whatever ends it (Ctrl-C included); workers
+   are forked from a :mod:`~murmur.testnet.forkserver` that imported torch and
+   the node stack once, instead of each importing them anew; a node
    that a churn event will (re)start gets a ``--standby`` process ahead of
    time, so the event costs the node's start-up, not interpreter imports;
 3. polls every node's ``/status`` (the only view of a node the controller has:
@@ -50,6 +52,7 @@ from murmur.errors import StateError
 from murmur.node.state import METRICS_FILE, StateDir
 from murmur.testnet.churn import ChurnSchedule, network_round, partition_groups
 from murmur.testnet.dashboard import DashboardServer, DashboardState, fill_from_specs
+from murmur.testnet.forkserver import ForkServer, ForkServerError
 from murmur.testnet.procs import Supervisor
 from murmur.testnet.report import write_report
 from murmur.testnet.scenario import (
@@ -101,6 +104,7 @@ class RunOptions:
     progress_interval_s: float = PROGRESS_INTERVAL_S
     stall_s: float | None = None  # None: max(MIN_STALL_S, STALL_DEADLINES round deadlines)
     write_report: bool = True
+    fork_server: bool = True  # fork workers from one process that imported once (False: a fresh interpreter each)
 
 
 @dataclass
@@ -248,6 +252,7 @@ class Testnet:
         self._front_at = time.monotonic()
         self._last_progress = -math.inf
         self._background: set[asyncio.Task[None]] = set()  # standby start-ups in flight
+        self._worker_env: dict[str, str] | None = None
         self._actions: dict[Action, Callable[[ChurnEvent], Coroutine[Any, Any, str | None]]] = {
             Action.CRASH: self._crash, Action.STOP: self._stop, Action.RESTART: self._start_nodes,
             Action.JOIN: self._start_nodes, Action.PARTITION: self._partition_nodes, Action.HEAL: self._heal,
@@ -295,10 +300,30 @@ class Testnet:
         return self.procs[self.nodes[index].proc]
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ) | WORKER_ENV
-        root = str(Path(__file__).resolve().parents[2])  # so workers import this murmur, installed or not
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        return env
+        """The workers' environment, taken once per run: the fork server
+        forks only for the environment it was started in."""
+        if self._worker_env is None:
+            env = dict(os.environ) | WORKER_ENV
+            root = str(Path(__file__).resolve().parents[2])  # so workers import this murmur, installed or not
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+            self._worker_env = env
+        return self._worker_env
+
+    async def _start_fork_server(self) -> None:
+        """Import torch & co once, in the fork server (off the event loop: it
+        takes seconds); workers are then forked from it. Without it, each
+        worker is a fresh interpreter: slower, never wrong."""
+        assert self._supervisor is not None and self._supervisor.fork_server is not None
+        self._say("importing torch and the node stack once (fork server)")
+        started = time.monotonic()
+        try:
+            self._supervisor.fork_server.launch()
+            await asyncio.to_thread(self._supervisor.fork_server.wait_ready)
+        except (ForkServerError, OSError) as exc:
+            log.warning("no fork server; workers start as fresh interpreters", extra={"error": str(exc)})
+            self._say(f"fork server unavailable ({exc}); starting workers as fresh interpreters")
+            return
+        log.info("fork server ready", extra={"seconds": round(time.monotonic() - started, 2)})
 
     def _launch(self, proc: WorkerProc, standby: bool = False) -> None:
         assert self._supervisor is not None
@@ -399,7 +424,9 @@ class Testnet:
         end = RunEnd.INTERRUPTED
         final: dict[str, dict[str, Any] | None] = {}
         server: DashboardServer | None = None
-        self._supervisor = Supervisor(self.run_dir / "logs")
+        fork_server = (ForkServer(WORKER_MODULE, env=self._env(), log_path=self.run_dir / "logs" / "forkserver.log",
+                                  tag=str(self.run_dir)) if self.options.fork_server else None)
+        self._supervisor = Supervisor(self.run_dir / "logs", fork_server=fork_server)
         launched = time.monotonic()
         try:
             if self.options.dashboard:
@@ -407,6 +434,8 @@ class Testnet:
                 self.dashboard_url = await server.start()
                 self._say(f"dashboard: {self.dashboard_url}")
             self._say(f"run dir: {self.run_dir}  ({len(self.nodes)} nodes in {len(self.procs)} processes)")
+            if fork_server is not None:
+                await self._start_fork_server()
             initial = [proc for proc in self.procs.values() if not all(self.nodes[i].spec.late for i in proc.indices)]
             for proc in initial:
                 self._launch(proc, standby=True)

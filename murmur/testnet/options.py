@@ -29,3 +29,5 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, metavar="DIR", help=f"run directory (default: {DEFAULT_OUT_ROOT}/<scenario>-<time>)")
     p.add_argument("--no-dashboard", action="store_true", help="do not serve the live dashboard")
     p.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="dashboard port on 127.0.0.1 (0: any)")
+    p.add_argument("--no-fork-server", action="store_true",
+                   help="start every worker as a fresh interpreter instead of forking it from one that imported once")

@@ -10,6 +10,10 @@ The controller runs many node processes and must never leave one behind:
 * :class:`Supervisor` is a context manager that stops every child on exit,
   including exit by exception or KeyboardInterrupt.
 
+A :class:`~murmur.testnet.forkserver.ForkServer` given to the supervisor
+runs the commands it serves by forking from one process that has done the
+imports, with the same three guarantees (see that module).
+
 Exits are observed without polling through a pidfd (``os.pidfd_open``, Linux
 5.3+) registered with the event loop; elsewhere a thread waits on the child.
 Stdout and stderr go, interleaved, to one append-mode log file per node.
@@ -18,53 +22,45 @@ Stdout and stderr go, interleaved, to one append-mode log file per node.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Protocol
+
+from murmur.testnet.forkserver import ForkServerError
+from murmur.testnet.spawn import popen_supervised
+
+if TYPE_CHECKING:
+    from murmur.testnet.forkserver import ForkServer
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STOP_GRACE_S = 5.0  # SIGTERM -> SIGKILL; nodes promise a graceful exit "within a few seconds"
 KILL_WAIT_S = 5.0  # a SIGKILLed process is gone once the kernel reaps it; bound the wait anyway
 
 
-def _load_prctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return libc.prctl
+class _Process(Protocol):
+    """What :class:`ChildProcess` needs of its process: ``subprocess.Popen``,
+    or a fork server's :class:`~murmur.testnet.forkserver.ForkedProcess`."""
 
+    pid: int
+    returncode: int | None
 
-_PRCTL = _load_prctl()
+    def poll(self) -> int | None: ...
 
-
-def _make_preexec(parent_pid: int):  # noqa: ANN202 - returns the preexec callable
-    """Runs in the child between fork and exec: only async-signal-safe work."""
-
-    def preexec() -> None:
-        if _PRCTL is not None:
-            _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            # the parent may have died between fork and prctl: then nobody would signal us
-            if os.getppid() != parent_pid:
-                os._exit(1)
-
-    return preexec
+    def wait(self, timeout: float | None = None) -> int: ...
 
 
 class ChildProcess:
     """One supervised child: a process group led by ``pid``."""
 
-    def __init__(self, name: str, popen: subprocess.Popen[bytes], log_path: Path) -> None:
+    def __init__(self, name: str, popen: _Process, log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
         self._popen = popen
@@ -140,9 +136,13 @@ class Supervisor:
     process exited (a restart) appends to the same log file.
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str], *, grace_s: float = STOP_GRACE_S) -> None:
+    def __init__(
+        self, log_dir: str | os.PathLike[str], *, grace_s: float = STOP_GRACE_S, fork_server: ForkServer | None = None
+    ) -> None:
         self.log_dir = Path(log_dir)
         self.grace_s = grace_s
+        #: Runs the commands it serves (see ForkServer.serves) once started; stopped after the children.
+        self.fork_server = fork_server
         self._children: dict[str, ChildProcess] = {}
         self._closed = False
 
@@ -164,17 +164,15 @@ class Supervisor:
             raise RuntimeError(f"child {name!r} is already running (pid {current.pid})")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{log_name or name}.log"
-        with open(log_path, "ab") as out:  # the child holds its own copy of the fd
-            popen = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=None if env is None else dict(env),
-                cwd=cwd,
-                start_new_session=True,
-                preexec_fn=_make_preexec(os.getpid()),  # noqa: PLW1509 - no threads fork concurrently here
-            )
+        popen: _Process | None = None
+        if self.fork_server is not None and self.fork_server.serves(argv, env, cwd):
+            try:
+                popen = self.fork_server.spawn(argv[3:], log_path)
+            except ForkServerError as exc:  # it died (its children with it): carry on without it
+                log.warning("fork server failed; starting a fresh interpreter", extra={"child": name, "error": str(exc)})
+                self.fork_server.close()
+        if popen is None:
+            popen = popen_supervised(argv, log_path=log_path, env=env, cwd=cwd)
         child = ChildProcess(name, popen, log_path)
         self._children[name] = child
         log.info("child started", extra={"child": name, "pid": child.pid})
@@ -215,6 +213,8 @@ class Supervisor:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
             self.stop_all()
+            if self.fork_server is not None:  # last: its children die with it, ungracefully
+                self.fork_server.close()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 

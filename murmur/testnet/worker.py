@@ -166,6 +166,17 @@ async def _running(configs: Sequence[NodeConfig], attacker: bool) -> AsyncIterat
         await asyncio.gather(*(node.stop() for node in reversed(nodes)), return_exceptions=True)
 
 
+#: What the fork server imports before forking workers (murmur.testnet.forkserver):
+#: the heavy part of ``preload`` that does not depend on the configs.
+FORK_PRELOAD = (
+    "torch._dynamo",  # every torch.optim call imports it (~1.5 s)
+    "murmur.node.learner",
+    "murmur.node.privacy",
+    "murmur.learning.trainers.registry",
+    "uvloop",
+)
+
+
 def preload(configs: Sequence[NodeConfig]) -> None:
     """Import what the nodes will need (see the module docstring)."""
     learning = {cfg.learning.trainer: cfg.learning for cfg in configs if cfg.learning.enabled}

@@ -219,7 +219,8 @@ async def test_crash_restart_leave_join(tmp_path: Path) -> None:
 async def test_partition_and_heal(tmp_path: Path) -> None:
     scenario = parse_scenario(PARTITION, "partition.toml")
     fds_before = open_fds()
-    testnet = Run(scenario, RunOptions(out=tmp_path / "run", dashboard=False, progress=None))
+    # fresh interpreters, not the fork server: the fallback path runs a real network too
+    testnet = Run(scenario, RunOptions(out=tmp_path / "run", dashboard=False, progress=None, fork_server=False))
     result = await testnet.run()
     assert result.end is RunEnd.COMPLETED, result.events
     part, heal, latency = result.events

@@ -76,6 +76,7 @@ def test_default_scenario_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "dashboard: http://127.0.0.1:" in proc.stdout
     assert "round " in proc.stdout and "alive " in proc.stdout  # live progress lines
+    assert "(fork server)" in proc.stdout and "fork server unavailable" not in proc.stdout
     report = out / "report"
     assert f"report: {report / 'index.html'}" in proc.stdout
     assert not processes_mentioning(str(out)), "a node process outlived the run"
@@ -134,7 +135,8 @@ def test_cli_declares_testnet_options_without_a_scenario() -> None:
     from murmur.node.cli import build_parser
 
     args = build_parser().parse_args(["testnet", "run", "--no-dashboard", "--nodes-per-process", "3"])
-    assert args.scenario is None and args.no_dashboard and args.nodes_per_process == 3
+    assert args.scenario is None and args.no_dashboard and args.nodes_per_process == 3 and not args.no_fork_server
+    assert build_parser().parse_args(["testnet", "run", "--no-fork-server"]).no_fork_server
     args = build_parser().parse_args(["testnet", "run", "s.toml", "--out", "o"])
     assert args.scenario == Path("s.toml") and args.out == Path("o") and not args.no_dashboard
     with pytest.raises(SystemExit):
