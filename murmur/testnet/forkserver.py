@@ -128,7 +128,11 @@ def _spawn(sock: socket.socket, request: Mapping[str, Any], fds: list[int]) -> d
 
 
 def _reap(request: Mapping[str, Any]) -> dict[str, Any]:
-    _, status = os.waitpid(int(request["pid"]), 0)
+    """Collect a child that has exited (the parent asks once its pidfd says
+    so); one still running is an error, never a wait that wedges the server."""
+    pid, status = os.waitpid(int(request["pid"]), os.WNOHANG)
+    if pid == 0:
+        raise ForkServerError(f"pid {request['pid']} has not exited")
     return {"returncode": os.waitstatus_to_exitcode(status)}
 
 

@@ -188,3 +188,10 @@ def test_a_dead_server_takes_its_children_and_the_supervisor_carries_on(tmp_path
         again = sup.start("n", _argv("exit", "0"), env=ENV)  # the restart still happens
         assert _ppid(again.pid) == os.getpid() and again.wait(EXIT_WAIT_S) == 0
         assert not server.ready
+
+
+def test_reaping_a_running_child_is_refused_not_waited_for(sup: Supervisor, started_server: ForkServer) -> None:
+    child = sup.start("n", _argv("sleep"), env=ENV)
+    with pytest.raises(ForkServerError, match="has not exited"):
+        started_server.reap(child.pid)
+    assert child.alive() and child.crash() == -signal.SIGKILL
