@@ -25,6 +25,7 @@ import contextlib
 import random
 import logging
 import struct
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -147,6 +148,7 @@ class NodeLearner:
         # attacker may reach one honest peer through several identities.
         self._routes: dict[str, list[tuple[Node, PeerId]]] = {}
         self._stopped = False
+        self._write_lock = threading.Lock()  # see _write_snapshot
         self._arrived = asyncio.Event()
         # Public-model requests in flight: peer -> future for a catch-up we
         # await, or None for a replica re-sync installed on arrival.
@@ -208,7 +210,7 @@ class NodeLearner:
             return
         self._stopped = True
         self.node.tasks.cancel("rounds")
-        self._checkpoint()
+        await self._checkpoint()
 
     async def _expire(self) -> None:
         for assembler in self._assemblers.values():
@@ -402,7 +404,7 @@ class NodeLearner:
         metrics.epsilon_spent.set(epsilon)
         # Checkpoint first: a kill -9 between the two then loses this round's
         # row, never records the round twice (a restart resumes after it).
-        self._checkpoint()
+        await self._checkpoint()
         bytes_in, bytes_out = self.node.traffic()
         self.node.state.append_metrics(
             {
@@ -616,27 +618,45 @@ class NodeLearner:
 
     # -- persistence ----------------------------------------------------------------------
 
-    def _checkpoint(self) -> None:
-        model = self.trainer.get_flat().detach().to("cpu").numpy()
+    async def _checkpoint(self) -> None:
+        """Persist model, replicas and aggregator history. The snapshot is
+        taken here, on the loop, between rounds; the writing (two atomic
+        files, each checked, written and fsynced) runs in a thread, so a slow
+        disk does not stall the connections and rounds of the nodes sharing
+        this event loop (in a busy 8-node testnet worker, checkpointing took
+        28% of the loop thread's samples)."""
+        snapshot = self._snapshot()
+        await asyncio.to_thread(self._write_snapshot, *snapshot)
+
+    def _snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+        """Copies, not views: the next round must not change what is being written."""
+        model = self.trainer.get_flat().detach().to("cpu").numpy().copy()
         engine = self.engine.state()
-        self.node.state.save_checkpoint(
-            {
-                "model": model,
-                "public": engine["public"].detach().cpu().numpy(),
-                "consensus": engine["consensus"].detach().cpu().numpy(),
-            },
-            {
-                "round": engine["round"],
-                "last_sent_round": engine["last_sent_round"],
-                "trainer": self.cfg.trainer,
-                "num_params": int(model.size),
-            },
-        )
+        arrays = {
+            "model": model,
+            "public": engine["public"].detach().cpu().numpy().copy(),
+            "consensus": engine["consensus"].detach().cpu().numpy().copy(),
+        }
+        meta = {
+            "round": engine["round"],
+            "last_sent_round": engine["last_sent_round"],
+            "trainer": self.cfg.trainer,
+            "num_params": int(model.size),
+        }
         state = self.aggregator.state_dict()
-        if state:
-            arrays = {k: v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
-            meta = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-            self.node.state.save_history(arrays, meta)
+        history = {k: v.detach().cpu().numpy().copy() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        history_meta = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+        return arrays, meta, history, history_meta
+
+    def _write_snapshot(
+        self, arrays: dict[str, np.ndarray], meta: dict[str, Any], history: dict[str, np.ndarray], history_meta: dict[str, Any]
+    ) -> None:
+        # One writer at a time, in snapshot order: a round's write still in its
+        # thread when stop() cancels the round task must finish before the final one.
+        with self._write_lock:
+            self.node.state.save_checkpoint(arrays, meta)
+            if history or history_meta:
+                self.node.state.save_history(history, history_meta)
 
     def _restore(self) -> None:
         bundle = self.node.state.load_checkpoint()
