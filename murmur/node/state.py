@@ -146,20 +146,40 @@ def decode_arrays(data: bytes, source: Path) -> ArrayBundle:
     return ArrayBundle(arrays, meta, source)
 
 
-def write_array_file(path: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+FileIdentity = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
+
+
+def file_identity(path: Path) -> FileIdentity | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def write_array_file(
+    path: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], *, written: FileIdentity | None = None
+) -> FileIdentity | None:
     """Atomically replace ``path``, keeping the current file as ``path.prev``
     if (and only if) it is intact — a corrupt current file must never push out
-    the last good one."""
+    the last good one. ``written``: the identity this function returned when
+    it last wrote ``path``; a current file still bearing it is the one that
+    write completed (renamed into place whole), so it is not read back and
+    re-hashed — for a real model that was the whole checkpoint, every round.
+    Returns the new file's identity."""
     data = encode_arrays(arrays, meta)
     prev = path.with_name(path.name + PREV_SUFFIX)
-    if path.exists():
+    current = file_identity(path)
+    if current is not None:
         try:
-            decode_arrays(path.read_bytes(), path)
+            if written is None or current != written:
+                decode_arrays(path.read_bytes(), path)
         except StateError as exc:
             log.warning("not keeping damaged file as fallback", extra={"path": str(path), "error": str(exc)})
         else:
             os.replace(path, prev)
     atomic_write_bytes(path, data, mode=0o600)
+    return file_identity(path)
 
 
 def read_array_file(path: Path) -> ArrayBundle | None:
@@ -196,6 +216,7 @@ class StateDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._written: dict[Path, FileIdentity | None] = {}  # array files as this process last wrote them
 
     # -- layout
     @property
@@ -310,14 +331,17 @@ class StateDir:
 
     # -- checkpoints and histories
     def save_checkpoint(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        write_array_file(self.checkpoint_path, arrays, meta)
+        self._write_arrays(self.checkpoint_path, arrays, meta)
+
+    def _write_arrays(self, path: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        self._written[path] = write_array_file(path, arrays, meta, written=self._written.get(path))
 
     def load_checkpoint(self) -> ArrayBundle | None:
         """The newest intact checkpoint (falls back to ``checkpoint.bin.prev``), or None."""
         return read_array_file(self.checkpoint_path)
 
     def save_history(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        write_array_file(self.history_path, arrays, meta)
+        self._write_arrays(self.history_path, arrays, meta)
 
     def load_history(self) -> ArrayBundle | None:
         return read_array_file(self.history_path)

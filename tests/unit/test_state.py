@@ -176,3 +176,31 @@ def test_identity_created_once_in_state_dir(tmp_path):
     first = state.identity()
     assert state.identity_path.exists()
     assert state.identity().peer_id == first.peer_id
+
+
+def test_a_file_this_process_wrote_is_not_read_back_before_it_becomes_prev(tmp_path, monkeypatch):
+    """Keeping the current checkpoint as .prev needs it intact; one this
+    StateDir wrote itself (same inode, size and times) is, and is not re-hashed.
+    Anything else — another process's file, one rewritten in place — is checked."""
+    from murmur.node import state as state_mod
+
+    checked = []
+    real = state_mod.decode_arrays
+    monkeypatch.setattr(state_mod, "decode_arrays", lambda data, source: checked.append(source) or real(data, source))
+    prev = tmp_path / "checkpoint.bin.prev"
+    state = StateDir(tmp_path).create()
+    state.save_checkpoint(arrays(1), {"round": 1})
+    state.save_checkpoint(arrays(2), {"round": 2})
+    assert checked == []  # nothing there the first time; our own file the second
+    assert decode_arrays(prev.read_bytes(), prev).meta == {"round": 1}
+    # our own file, torn in place afterwards (same inode, new size and times): checked, and not kept
+    full = state.checkpoint_path.read_bytes()
+    state.checkpoint_path.write_bytes(full[: len(full) // 2])
+    state.save_checkpoint(arrays(3), {"round": 3})
+    assert checked == [state.checkpoint_path]
+    assert decode_arrays(prev.read_bytes(), prev).meta == {"round": 1}
+    # a restarted process knows nothing it wrote: it checks before keeping
+    StateDir(tmp_path).save_checkpoint(arrays(4), {"round": 4})
+    assert checked == [state.checkpoint_path] * 2
+    assert decode_arrays(prev.read_bytes(), prev).meta == {"round": 3}
+    assert state.load_checkpoint().meta == {"round": 4}
