@@ -227,7 +227,10 @@ async def test_a_neighbour_without_privacy_is_not_waited_for_every_round(tmp_pat
     in the wild) costs the commit at most the rounds of grace after our share
     went out, not half the commit budget in every round it stays a neighbour."""
     rounds = 8
-    overrides = {**BASE, "learning.rounds": rounds, "privacy.scheme": "decor", "network.neighbours": 3}
+    # k = 4 with 5 nodes: every view has room for the silent node the moment it
+    # dials in. With k = 3 the views were full, it could only enter through a
+    # shuffle (every 5 s), and fast rounds sometimes ended before one did.
+    overrides = {**BASE, "learning.rounds": rounds, "privacy.scheme": "decor", "network.neighbours": 4}
     async with Cluster(4, tmp_path, overrides=overrides) as cluster:
         silent = await cluster.add_node(bootstrap=True, privacy__enabled=False, learning__rounds=rounds)
         await wait_until(lambda: all(n.learner.round >= rounds for n in cluster), ROUNDS_S, "all rounds done")
