@@ -443,7 +443,8 @@ class RoundEngine:
             del self._future[stale]
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint needs besides the private model."""
+        """What a checkpoint needs besides the private model (copies: the
+        node writes them in a thread while the next round runs)."""
         return {
             "round": self.round,
             "public": self.public.clone(),

@@ -629,13 +629,16 @@ class NodeLearner:
         await asyncio.to_thread(self._write_snapshot, *snapshot)
 
     def _snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
-        """Copies, not views: the next round must not change what is being written."""
-        model = self.trainer.get_flat().detach().to("cpu").numpy().copy()
+        """Copies, not views, so the next round cannot change what is being
+        written — made by the sources, whose contracts promise them
+        (``Trainer.get_flat``, ``RoundEngine.state``, ``Aggregator.state_dict``):
+        copying again here would copy the model twice more every round."""
+        model = self.trainer.get_flat().detach().to("cpu").numpy()
         engine = self.engine.state()
         arrays = {
             "model": model,
-            "public": engine["public"].detach().cpu().numpy().copy(),
-            "consensus": engine["consensus"].detach().cpu().numpy().copy(),
+            "public": engine["public"].detach().cpu().numpy(),
+            "consensus": engine["consensus"].detach().cpu().numpy(),
         }
         meta = {
             "round": engine["round"],
@@ -644,7 +647,7 @@ class NodeLearner:
             "num_params": int(model.size),
         }
         state = self.aggregator.state_dict()
-        history = {k: v.detach().cpu().numpy().copy() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        history = {k: v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
         history_meta = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
         return arrays, meta, history, history_meta
 

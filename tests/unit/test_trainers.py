@@ -82,6 +82,18 @@ def test_initial_model_depends_on_seed_only() -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_get_flat_is_a_copy() -> None:
+    """The node writes checkpoints from get_flat() in a thread while the next
+    round trains: the vector must not share memory with the parameters."""
+    trainer = _digits()
+    flat = trainer.get_flat()
+    before = flat.clone()
+    trainer.train(3)
+    assert torch.equal(flat, before)
+    flat.add_(1.0)
+    assert not torch.equal(trainer.get_flat(), flat)
+
+
 def test_training_is_reproducible_and_nodes_get_disjoint_data() -> None:
     runs = [_digits(1, 3, seed=5) for _ in range(2)]
     for t in runs:

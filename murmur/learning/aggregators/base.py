@@ -102,7 +102,9 @@ class Aggregator(ABC):
         return self.aggregate(own, updates, own_degree).weights
 
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``)."""
+        """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``),
+        fresh ones, never views of live state: the node writes them to disk in
+        a thread while the next round runs."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -371,7 +371,8 @@ class TorchTrainer(Trainer):
         return sum(p.numel() for p in self._params)
 
     def get_flat(self) -> torch.Tensor:
-        return nn.utils.parameters_to_vector(self._params).detach().to(torch.float32).clone()
+        # torch.cat inside allocates a new vector: no clone on top (every round reads it)
+        return nn.utils.parameters_to_vector(self._params).detach().to(torch.float32)
 
     def set_flat(self, flat: torch.Tensor) -> None:
         if flat.dim() != 1 or flat.numel() != self.num_params():
