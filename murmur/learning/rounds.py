@@ -45,7 +45,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -96,11 +96,12 @@ class LocalUpdate:
 class Message:
     """What a node sends each round: its (noised) update and last consensus step."""
 
+    ROWS: ClassVar[int] = 2  # vectors in the wire layout: what a receiver sizes its buffers for
     update: torch.Tensor
     consensus: torch.Tensor
 
     def stacked(self) -> torch.Tensor:
-        """One (2, d) tensor, the wire layout."""
+        """One (ROWS, d) tensor, the wire layout."""
         return torch.stack([self.update, self.consensus])
 
 
@@ -163,6 +164,12 @@ class RoundReport:
     delta_norm: float
     consensus_norm: float
     eval: EvalStats | None = None
+    # Neighbours without a message in the round: ``missed`` were still
+    # expected when it closed (it ran to its deadline for them), ``excused``
+    # had said or shown they send nothing for it (linked after their own
+    # round, finished, already past it). received + missed + excused = neighbours.
+    missed: int = 0
+    excused: int = 0
 
 
 @dataclass
@@ -184,6 +191,7 @@ class _Pending:
     sent_update: torch.Tensor  # Δ̃_i (what neighbours got)
     train_loss: float
     received: dict[str, _Contribution] = field(default_factory=dict)
+    departed: list[str] = field(default_factory=list)  # left mid-round without delivering (see forget)
 
 
 class RoundEngine:
@@ -218,6 +226,13 @@ class RoundEngine:
         # or not: a neighbour heard from at or past the open round has sent
         # all it will send for it (see quorum_reached).
         self._heard: dict[str, int] = {}
+        # The latest message of each peer that needed a replica sync, kept to
+        # be filed once its public model arrives (see set_replica): a
+        # neighbour linked mid-run then counts in the round it first sends
+        # for, instead of a round later. One (update, consensus) per peer.
+        self._held: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        # The first round each peer said it will send us (see note_next_round).
+        self._next: dict[str, int] = {}
         self._late_this_round = 0
 
     # -- the round --------------------------------------------------------------
@@ -296,12 +311,12 @@ class RoundEngine:
         replica = self._replicas.get(peer)
         if replica is None:
             if round != 0:
-                return Offer.NEEDS_SYNC
+                return self._hold(peer, round, update, consensus)
             replica = self._replicas[peer] = _Replica(self._initial.clone(), -1)
         if round <= replica.round:
             return Offer.DUPLICATE
         if round > replica.round + 1:
-            return Offer.NEEDS_SYNC
+            return self._hold(peer, round, update, consensus)
         device = replica.model.device
         replica.model += consensus.to(device) + update.to(device)
         replica.round = round
@@ -319,20 +334,69 @@ class RoundEngine:
             self._future.setdefault(round, {})[peer] = contribution
             return Offer.BUFFERED
         if peer not in pending.neighbours:
+            # Kept in case its link reaches us after its message (add_neighbour
+            # files it); dropped as late with the round otherwise.
+            self._future.setdefault(round, {})[peer] = contribution
             return Offer.NOT_NEIGHBOUR
         pending.received[peer] = contribution
         return Offer.ACCEPTED
 
-    def set_replica(self, peer: str, model: torch.Tensor, round: int) -> None:
-        """Install ``peer``'s public model as of its message ``round`` (after NEEDS_SYNC)."""
+    def _hold(self, peer: str, round: int, update: torch.Tensor, consensus: torch.Tensor) -> Offer:
+        """Keep the newest message of a peer we cannot replay yet (NEEDS_SYNC)."""
+        held = self._held.get(peer)
+        if held is None or round > held[0]:
+            self._held[peer] = (round, update, consensus)
+        return Offer.NEEDS_SYNC
+
+    def set_replica(self, peer: str, model: torch.Tensor, round: int) -> Offer | None:
+        """Install ``peer``'s public model as of its message ``round`` (after
+        NEEDS_SYNC), then file the message held back for want of it: the
+        model either precedes that message (replayed now, as :meth:`offer`
+        would) or already contains it (filed with this model). Returns what
+        filing it did, or None when nothing held was usable."""
         if model.numel() != self.num_params or not bool(torch.isfinite(model).all()):
             raise ValueError("replica has the wrong size or non-finite values")
-        self._replicas[peer] = _Replica(model.to(self._initial.device, torch.float32).clone(), round)
+        replica = self._replicas[peer] = _Replica(model.to(self._initial.device, torch.float32).clone(), round)
+        held = self._held.pop(peer, None)
+        if held is None:
+            return None
+        held_round, update, consensus = held
+        if held_round == round + 1:
+            return self.offer(peer, held_round, update, consensus)
+        if held_round == round:
+            device = replica.model.device
+            return self._file(peer, held_round, _Contribution(update.to(device), replica.model.clone()))
+        return None  # older than the model (it moved on) or still a gap
 
     def forget(self, peer: str) -> None:
-        """Drop a departed neighbour's replica (memory)."""
+        """A neighbour left: drop its replica (memory), and stop waiting for
+        it in the open round unless its message is already in."""
         self._replicas.pop(peer, None)
         self._heard.pop(peer, None)
+        self._held.pop(peer, None)
+        self._next.pop(peer, None)
+        pending = self._pending
+        if pending is not None and peer not in pending.received and pending.neighbours.pop(peer, None) is not None:
+            pending.departed.append(peer)  # still missing (the privacy stage reports its noise)
+
+    def note_next_round(self, peer: str, round: int) -> None:
+        """``peer`` says the first round whose message it will send us from
+        now on is ``round``: it linked to us after opening an earlier one, or
+        its rounds are over. Rounds before that are never waited for."""
+        self._next[peer] = round
+
+    def add_neighbour(self, peer: str, degree: int) -> None:
+        """A neighbour linked while our round is open. Both ends of a new
+        link add each other to the round they have open and send each other
+        that round's message (the node does the sending), so the edge counts
+        at once and symmetrically, instead of from the next round on."""
+        pending = self._pending
+        if pending is None or peer in pending.neighbours:
+            return
+        pending.neighbours[peer] = degree
+        contribution = self._future.get(self.round, {}).pop(peer, None)
+        if contribution is not None:
+            pending.received[peer] = contribution
 
     def public_state(self) -> tuple[torch.Tensor, int]:
         """Our public model and the round of the message it reflects (what a
@@ -360,13 +424,34 @@ class RoundEngine:
         if not pending.neighbours:
             return True
         need = math.ceil(self.config.quorum * len(pending.neighbours))
-        done = sum(1 for p in pending.neighbours if p in pending.received or self._heard.get(p, -1) >= self.round)
+        done = sum(1 for p in pending.neighbours if self._done_with_round(p))
         return done >= need and bool(pending.received)
 
-    def missing(self) -> list[str]:
-        """Neighbours whose message for the open round has not arrived."""
+    def _done_with_round(self, peer: str) -> bool:
+        """Nothing more will come from ``peer`` for the open round: its
+        message is in, it sent for this round or a later one already, or it
+        said it sends nothing for this round (linked after opening its own,
+        or finished)."""
         pending = self._pending
-        return [] if pending is None else [p for p in pending.neighbours if p not in pending.received]
+        assert pending is not None
+        if peer in pending.received:
+            return True
+        held = self._held.get(peer)
+        if held is not None and held[0] == self.round:
+            return False  # its message is here, waiting for the replica it needs (being fetched)
+        return self._heard.get(peer, -1) >= self.round or self._next.get(peer, -1) > self.round
+
+    def has_neighbours(self) -> bool:
+        """Whether the open round has any neighbour (linked at open or since)."""
+        return self._pending is not None and bool(self._pending.neighbours)
+
+    def missing(self) -> list[str]:
+        """Neighbours whose message for the open round has not arrived, those
+        that left since it opened included."""
+        pending = self._pending
+        if pending is None:
+            return []
+        return [p for p in pending.neighbours if p not in pending.received] + pending.departed
 
     def finish_round(self, evaluate: bool = False) -> RoundReport:
         """Aggregate what arrived, apply it, advance to the next round."""
@@ -405,11 +490,14 @@ class RoundEngine:
         else:
             self.trainer.set_flat(private_half + private_step)
         self._consensus = consensus
+        missed = sum(1 for p in pending.neighbours if not self._done_with_round(p))
         report = RoundReport(
             round=self.round,
             train_loss=pending.train_loss,
             received=len(peers),
             neighbours=len(pending.neighbours),
+            missed=missed,
+            excused=len(pending.neighbours) - len(peers) - missed,
             late_dropped=self._late_this_round,
             weights=dict(weights),
             delta_norm=float(pending.own_delta.norm()),

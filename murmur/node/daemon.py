@@ -44,6 +44,7 @@ WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 """A wildcard listener is advertised on loopback; operators who want to be
 reachable from elsewhere listen on (or configure) a concrete address."""
 
+MAX_INCOMPATIBLE_PEERS = 4096  # peers remembered as running another model
 GossipSubscriber = Callable[[PeerId, bytes], None]
 
 
@@ -68,6 +69,8 @@ class Node:
         self.learner: Any = None  # murmur.node.learner.NodeLearner when learning is on
         self._started = False
         self._reachable: frozenset[PeerId] | None = None  # None: no partition (see set_partition)
+        # Peers that run another model (see refuse_learning), oldest first, bounded.
+        self._incompatible: dict[PeerId, str] = {}
 
     # -- lifetime ------------------------------------------------------------------
 
@@ -105,7 +108,7 @@ class Node:
             self.peer_id,
             self.addrs,
             net.sampler_config(),
-            is_blocked=lambda peer: self.table.is_banned(peer) or self.partitioned_off(peer),
+            is_blocked=lambda peer: self.table.is_banned(peer) or self.partitioned_off(peer) or peer in self._incompatible,
         )
         for record in self.table.usable():  # what we knew before a restart
             if record.addrs:
@@ -145,9 +148,30 @@ class Node:
 
     def attach_learner(self, learner: Any) -> None:
         """Route learning messages to ``learner``. A Sybil attacker attaches one
-        learner to several nodes (its identities); see murmur.testnet.sybil."""
+        learner to several nodes (its identities); see murmur.testnet.sybil.
+        From then on only peers that told the learner a compatible model
+        (``LearnerInfo``) are learning neighbours."""
         self.learner = learner
         self.dispatcher.register(learner.handlers_for(self))
+        self.membership.learning_peer = lambda session: session.learner_info is not None
+
+        async def on_linked(session: PeerSession) -> None:
+            await learner.on_linked(self, session)
+
+        self.membership.on_linked = on_linked
+
+    def refuse_learning(self, peer: PeerId, reason: str) -> None:
+        """``peer`` runs another model: never a learning neighbour, and out of
+        the sampler's view so it is not picked (and refused) again and again.
+        Not a fault: nobody is penalised for running a different model."""
+        if peer in self._incompatible:
+            return
+        self._incompatible[peer] = reason
+        while len(self._incompatible) > MAX_INCOMPATIBLE_PEERS:
+            del self._incompatible[next(iter(self._incompatible))]
+        self.sampler.on_failure(peer)
+        log.warning("peer runs a different model; not learning with it",
+                    extra={"event": "incompatible_peer", "peer": str(peer), "reason": reason})
 
     async def stop(self) -> None:
         """Graceful shutdown; safe to call twice and after a failed start."""
@@ -300,6 +324,8 @@ class Node:
                     degree=self.membership.degree(),
                 )
             )
+            if self.learner is not None:
+                await self.learner.greet(self, session)
             await session.run()
         except ConnectionClosed:
             pass

@@ -28,6 +28,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import blake3
@@ -37,6 +38,7 @@ import torch
 from murmur.errors import ConfigError, DecodeError, LimitExceeded, PeerFault
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, SybilWallAggregator
+from murmur.learning.fingerprint import ModelFingerprint
 from murmur.learning.rounds import (
     GossipModel,
     LocalUpdate,
@@ -51,11 +53,21 @@ from murmur.learning.rounds import (
 from murmur.learning.trainers.registry import load_trainer
 from murmur.node.config import Attack, LearningMode, PrivacyLevel
 from murmur.node.metrics import Split
+from murmur.node.stalls import StallMonitor
 from murmur.protocol import codecs
 from murmur.protocol.codecs import DeltaCodec
 from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender, PreparedDelta
+from murmur.protocol.layout import TransferKind, TransferLayout
 from murmur.protocol.identity import PeerId
-from murmur.protocol.messages import DeltaChunk, DeltaEnd, DeltaStart, HistoryRecord, ModelRequest
+from murmur.protocol.messages import (
+    NO_MORE_ROUNDS,
+    DeltaChunk,
+    DeltaEnd,
+    DeltaStart,
+    HistoryRecord,
+    LearnerInfo,
+    ModelRequest,
+)
 from murmur.protocol.transport import ConnectionClosed, TokenBucket
 
 if TYPE_CHECKING:
@@ -68,13 +80,14 @@ CATCH_UP_GAP = 2
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
 MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
-MODEL_KIND = "model"
-GOSSIP_KIND = "gossip"  # a whole model in asynchronous gossip-learning mode
+LINK_FAN_IN = 2
+"""Learning neighbours per configured k: each side links the k its sampler
+chose and the edge set is the union, so a node can have up to ~2k."""
 GOSSIP_INBOX_MAX = 16  # models waiting to be merged; more in one period are dropped
 MODEL_SERVE_BURST = 3  # public models served to one peer before rate limiting
 MODEL_SERVE_REFILL_S = 2.0  # one more allowed per this many seconds
 MODEL_REQUEST_TIMEOUT_S = 5.0  # an unanswered re-sync request may be repeated after this
-NEIGHBOUR_WAIT_S = 2.0  # how long round 0 waits for a first neighbour
+NEIGHBOUR_WAIT_S = 2.0  # how long a starting node waits for its k neighbours before its first round
 HISTORY_DOMAIN = b"murmur-history-v1"
 _U64 = struct.Struct(">Q")
 
@@ -85,13 +98,16 @@ class PhaseTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.current: str | None = None  # the phase running now (the stall reason names it)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
+        self.current = name
         try:
             yield
         finally:
+            self.current = None
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def rounded(self) -> dict[str, float]:
@@ -139,11 +155,19 @@ class NodeLearner:
             perturber=self.privacy,
             wire=_codec_wire(self.codec),
         )
-        payload = self.engine.num_params * 4
-        limits = AssemblerLimits(max_delta_bytes=payload + 64 * 1024, max_total_buffered_bytes=max(64 * payload, 1 << 26))
+        # What every transfer of ours looks like, for this model: what we send
+        # is built from it and what we accept is checked and sized by it.
+        self.layout = TransferLayout.for_model(self.engine.num_params, Message.ROWS)
+        limits = AssemblerLimits.for_layout(self.layout, peers=LINK_FAN_IN * node.config.network.neighbours + 1)
         self._assemblers = {
-            front.peer_id: DeltaAssembler(front.peer_id, limits, solicited=self._answers_our_request) for front in self.fronts
+            front.peer_id: DeltaAssembler(front.peer_id, limits, solicited=self._answers_our_request, layout=self.layout)
+            for front in self.fronts
         }
+        self.stalls = StallMonitor()
+        self.fingerprint = ModelFingerprint(cfg.trainer, self.trainer.param_shapes(), cfg.codec.value)
+        self._finished = False  # our rounds are over: we send no more round messages
+        self._open: _OpenRound | None = None  # the open round's message, for neighbours linked mid-round
+        self._timer: PhaseTimer | None = None  # the open round's, for the stall reason
         # neighbour key -> (front, peer) for every front linked to it: an
         # attacker may reach one honest peer through several identities.
         self._routes: dict[str, list[tuple[Node, PeerId]]] = {}
@@ -187,7 +211,11 @@ class NodeLearner:
         """The message handlers for one front, bound to it."""
 
         async def on_delta(session: PeerSession, msg: DeltaStart | DeltaChunk | DeltaEnd) -> None:
-            await self._on_delta_message(front, session, msg)
+            try:
+                await self._on_delta_message(front, session, msg)
+            except PeerFault as fault:  # penalised by the session; remembered for the stall reason
+                self.stalls.on_refused(session.peer.short(), fault)
+                raise
 
         async def on_model_request(session: PeerSession, msg: ModelRequest) -> None:
             await self._on_model_request(front, session, msg)
@@ -195,15 +223,20 @@ class NodeLearner:
         async def on_record(session: PeerSession, msg: HistoryRecord) -> None:
             await self._on_history_record(session, msg)
 
+        async def on_info(session: PeerSession, msg: LearnerInfo) -> None:
+            self._on_learner_info(front, session, msg)
+
         handlers: dict[type, Handler] = {DeltaStart: on_delta, DeltaChunk: on_delta, DeltaEnd: on_delta,
-                                         ModelRequest: on_model_request, HistoryRecord: on_record}
+                                         ModelRequest: on_model_request, HistoryRecord: on_record,
+                                         LearnerInfo: on_info}
         if self.privacy is not None and front is self.node:
             handlers.update(self.privacy.handlers())
         return handlers
 
     async def start(self) -> None:
-        self.node.tasks.spawn("rounds", self._run_gossip if self.gossip is not None else self._run)
+        self.node.tasks.spawn("rounds", self._run_gossip if self.gossip is not None else self._run_rounds)
         self.node.tasks.periodic("expire-transfers", 10.0, self._expire)
+        self.node.tasks.periodic("stall-watch", max(1.0, self.cfg.round_deadline_s / 2), self._watch_stalls)
 
     async def stop(self) -> None:
         if self._stopped:  # every front of an attacker calls this
@@ -216,12 +249,74 @@ class NodeLearner:
         for assembler in self._assemblers.values():
             assembler.expire()
 
+    async def _watch_stalls(self) -> None:
+        if self.gossip is None:
+            phase = self._timer.current if self._timer is not None else None
+            self.stalls.watch(self.cfg.round_deadline_s, len(self._sessions()), phase)
+            self._export_stalls()
+
+    def _export_stalls(self) -> None:
+        self.node.metrics.rounds_stalled.set(self.stalls.rounds_stalled)
+        self.node.metrics.learning_stalled.set(int(self.stalls.stalled))
+
+    # -- learner info: fingerprint and progress --------------------------------------
+
+    def _info(self) -> LearnerInfo:
+        return LearnerInfo(
+            fingerprint=self.fingerprint.digest,
+            model=self.fingerprint.describe(),
+            next_round=NO_MORE_ROUNDS if self._finished else self.engine.round,
+        )
+
+    async def greet(self, front: Node, session: PeerSession) -> None:
+        """Our model and progress, first thing on every connection."""
+        with contextlib.suppress(ConnectionClosed):
+            await session.send(self._info())
+
+    def _on_learner_info(self, front: Node, session: PeerSession, msg: LearnerInfo) -> None:
+        if msg.fingerprint != self.fingerprint.digest:
+            session.learner_info = None
+            front.refuse_learning(session.peer, f"theirs: {msg.model}; ours: {self.fingerprint.describe()}")
+            return
+        session.learner_info = msg
+        self.engine.note_next_round(str(session.peer), msg.next_round)
+        self._arrived.set()  # may complete the open round's quorum
+
+    async def on_linked(self, front: Node, session: PeerSession) -> None:
+        """``session`` became a learning edge. Tell it from which round on we
+        send it our messages and, if our round is open, add it to the round
+        and send it the round's message now: the link counts from this
+        round at both ends, and neither end waits for a message the other
+        will never send."""
+        if session.learner_info is None or self.gossip is not None:
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await session.send(self._info())
+        if session.peer in self._front_ids:
+            return
+        self.engine.add_neighbour(str(session.peer), max(1, session.peer_degree))
+        self._arrived.set()
+        opened = self._open
+        if opened is not None and opened.round == self.engine.round and (front.peer_id, session.peer) not in opened.sent:
+            opened.sent.add((front.peer_id, session.peer))
+            await self._send_delta(front, session.peer, opened.round, opened.delta, opened.meta)
+
+    async def _announce_finished(self) -> None:
+        """Our rounds are over: neighbours still in theirs must not wait for us."""
+        self._finished = True
+        info = self._info()
+        for front in self.fronts:
+            for session in front.sessions():
+                with contextlib.suppress(ConnectionClosed):
+                    await session.send(info)
+
     def on_session_closed(self, front: Node, session: PeerSession) -> None:
         self._assemblers[front.peer_id].abandon_peer(session.peer)
         self._model_requests.pop(session.peer, None)
         self._model_buckets.pop(session.peer, None)
         if not any(f.session(session.peer) for f in self.fronts):
             self.engine.forget(str(session.peer))  # a returning peer re-syncs its replica
+            self._arrived.set()  # the open round no longer waits for it
 
     # -- the round loop ------------------------------------------------------------
 
@@ -241,10 +336,18 @@ class NodeLearner:
     def _sessions(self) -> list[PeerSession]:
         return [s for front in self.fronts for s in front.membership.learning_neighbours() if s.peer not in self._front_ids]
 
+    async def _run_rounds(self) -> None:
+        await self._run()
+        await self._announce_finished()
+
     async def _run(self) -> None:
         deadline_s = self.cfg.round_deadline_s
-        if not self._neighbours():
-            await self._wait_for(lambda: bool(self._neighbours()), NEIGHBOUR_WAIT_S)
+        # Let the first links form before the first round, so that nodes
+        # started together begin together (a link made later still joins the
+        # open round, see on_linked, but a node that trains a round alone
+        # meanwhile can get ahead of the others).
+        wanted = self.node.config.network.neighbours
+        await self._wait_for(lambda: len(self._neighbours()) >= wanted, NEIGHBOUR_WAIT_S)
         total = self.cfg.rounds + self.cfg.mixing_rounds
         while self.engine.round < total:
             training = self.engine.round < self.cfg.rounds
@@ -257,7 +360,7 @@ class NodeLearner:
             if await self._maybe_catch_up() and self.engine.round >= total:
                 return  # the adopted model already finished: nothing left to run
             training = self.engine.round < self.cfg.rounds
-            timer = PhaseTimer()
+            timer = self._timer = PhaseTimer()
             started = time.monotonic()
             with timer.phase("train_s"):
                 update: LocalUpdate = (
@@ -279,10 +382,12 @@ class NodeLearner:
                 # set by the neighbours, and a node without any (isolated,
                 # or an attacker up before everyone) must not race to the last
                 # round, where nodes catching up would then find it.
-                await self._wait_for(lambda: bool(neighbours) and self.engine.quorum_reached(), max(0.0, remaining))
+                await self._wait_for(lambda: self.engine.has_neighbours() and self.engine.quorum_reached(),
+                                     max(0.0, remaining))
             missing = self.engine.missing()
             with timer.phase("aggregate_s"):
                 report = self.engine.finish_round()
+            self._open = None
             if training and self.privacy is not None:
                 self.privacy.after_round(round_, committed or [], missing)
             await self._after_round(report, timer)
@@ -326,7 +431,7 @@ class NodeLearner:
             self.node.membership.report_failure(peer, reason=f"gossip dial: {exc}")
             return
         model = self.trainer.get_flat().detach().to("cpu").numpy()
-        meta = {"kind": GOSSIP_KIND, "age": self.gossip.age}
+        meta = self.layout.meta(TransferKind.GOSSIP, age=self.gossip.age)
         try:
             for data in DeltaSender(self.node.identity, peer, self._cycle, model, self.codec, meta=meta):
                 await session.send_encoded(data, "GossipModel")
@@ -362,11 +467,14 @@ class NodeLearner:
 
     async def _send_round(self, round_: int, sent: Message, neighbours: Mapping[str, int]) -> None:
         array = sent.stacked().detach().to("cpu", torch.float32).contiguous().numpy()
-        meta = {"degree": len(neighbours)}
+        self.layout.check_outgoing(TransferKind.ROUND, array.shape)
+        meta = self.layout.meta(TransferKind.ROUND, degree=len(neighbours))
         routes = [route for p in neighbours for route in self._routes.get(p, ())]
+        delta = PreparedDelta.prepare(array, self.codec)  # encoded and hashed once, signed per neighbour
+        # Kept while the round is open: a neighbour that links meanwhile gets it too (on_linked).
+        self._open = _OpenRound(round_, delta, meta, {(front.peer_id, peer) for front, peer in routes})
         if not routes:
             return
-        delta = PreparedDelta.prepare(array, self.codec)  # encoded and hashed once, signed per neighbour
         sends = [self._send_delta(front, peer, round_, delta, meta) for front, peer in routes]
         sends += [self._send_record(front, peer) for front, peer in routes]
         await asyncio.gather(*sends)
@@ -383,6 +491,9 @@ class NodeLearner:
 
     async def _after_round(self, report: RoundReport, timer: PhaseTimer) -> None:
         self.last_report = report
+        if self.gossip is None:
+            self.stalls.on_round(report.round, report.neighbours, report.received)
+            self._export_stalls()
         current = {session.peer for session in self._sessions()}
         for peer in current:
             weight = report.weights.get(str(peer))
@@ -416,7 +527,10 @@ class NodeLearner:
                 "attack_rate": self.attack_rate,
                 "weights": report.weights,
                 "neighbours": sorted(k for k in report.weights if k != "self"),
+                "neighbour_count": report.neighbours,  # the round's neighbours, whether they delivered or not
                 "received": report.received,
+                "missed": report.missed,  # neighbours still expected at the deadline
+                "excused": report.excused,  # neighbours that said they send nothing for this round
                 "late_dropped": report.late_dropped,
                 "bytes_in": bytes_in,
                 "bytes_out": bytes_out,
@@ -442,20 +556,21 @@ class NodeLearner:
         done = self._assemblers[front.peer_id].feed(session.peer, msg)
         if done is None:
             return
-        if done.meta.get("kind") == MODEL_KIND:
+        kind = self.layout.kind_of(done.meta)  # the assembler checked its shape against our layout
+        if kind is TransferKind.MODEL:
             self._on_model(session.peer, done)
             return
-        if done.meta.get("kind") == GOSSIP_KIND:
+        if kind is TransferKind.GOSSIP:
             self._on_gossip_model(session.peer, done)
             return
         degree = done.meta.get("degree")
         if isinstance(degree, int) and degree > 0:
             session.peer_degree = degree
-        if done.array.shape != (2, self.engine.num_params):
-            raise DecodeError(f"round message of shape {done.array.shape}, expected (2, {self.engine.num_params})")
         array = done.array if done.array.flags.writeable else done.array.copy()
         tensor = torch.from_numpy(array)
         outcome = self.engine.offer(str(session.peer), done.round, tensor[0], tensor[1])
+        log.debug("round message", extra={"event": "offer", "peer": str(session.peer), "round": done.round,
+                                           "outcome": outcome.value, "own_round": self.engine.round})
         if outcome is Offer.BAD_SHAPE:
             raise DecodeError(f"round message with non-finite values for round {done.round}")
         self._peer_rounds[session.peer] = max(self._peer_rounds.get(session.peer, -1), done.round)
@@ -530,7 +645,7 @@ class NodeLearner:
         answers twice with the same signed bytes, which the replay guard
         would take for a replay, dropping and penalising an honest peer.
         :meth:`_on_model` refuses model transfers nobody asked for."""
-        return start.meta.get("kind") == MODEL_KIND and start.sender in self._model_requests
+        return self.layout.kind_of(start.meta) is TransferKind.MODEL and start.sender in self._model_requests
 
     def _on_model(self, sender: PeerId, done: CompletedDelta) -> None:
         if sender not in self._model_requests:
@@ -543,9 +658,10 @@ class NodeLearner:
         del self._model_requests[sender]
         model, state_round = self._public_model(done)
         try:
-            self.engine.set_replica(str(sender), model, state_round)
+            self.engine.set_replica(str(sender), model, state_round)  # files the message that needed it
         except ValueError as exc:
             raise DecodeError(str(exc)) from None
+        self._arrived.set()
 
     async def _on_model_request(self, front: Node, session: PeerSession, msg: ModelRequest) -> None:
         bucket = self._model_buckets.setdefault(
@@ -557,7 +673,8 @@ class NodeLearner:
         # updates and consensus steps), so serving it reveals nothing new.
         public, state_round = self.engine.public_state()
         model = public.detach().to("cpu").numpy()
-        meta = {"kind": MODEL_KIND, "state_round": state_round}
+        self.layout.check_outgoing(TransferKind.MODEL, model.shape)
+        meta = self.layout.meta(TransferKind.MODEL, state_round=state_round)
         sender = DeltaSender(front.identity, session.peer, max(state_round, 0), model, DeltaCodec.FP32, meta=meta)
         for data in sender:
             await session.send_encoded(data, "Model")
@@ -709,7 +826,19 @@ class NodeLearner:
             "role": "attacker" if self.cfg.attack is not Attack.NONE else "honest",
             "catch_ups": self.catch_ups,
             "late_dropped": self.engine.late_dropped,
+            **self.stalls.status(),
         }
+
+
+@dataclass
+class _OpenRound:
+    """The message of the round we have open, kept until it closes so that a
+    neighbour linked meanwhile gets it too (signed for it, same bytes)."""
+
+    round: int
+    delta: PreparedDelta
+    meta: Mapping[str, Any]
+    sent: set[tuple[PeerId, PeerId]]  # (front, neighbour) it went to
 
 
 def _codec_wire(codec: DeltaCodec) -> Wire | None:

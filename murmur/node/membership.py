@@ -18,7 +18,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -70,7 +70,20 @@ class MembershipHost(Protocol):
     def save_peers(self) -> None: ...
 
 
+SessionPredicate = Callable[["PeerSession"], bool]
+LinkListener = Callable[["PeerSession"], Awaitable[None]]
+
+
+async def _no_listener(session: PeerSession) -> None:
+    return None
+
+
 class Membership:
+    """``learning_peer`` says whether a session may be a learning edge at all
+    (a learning node: the peer told it a compatible model); ``on_linked``
+    runs each time a session becomes linked, in either direction (the
+    learner brings a new neighbour into its open round)."""
+
     def __init__(
         self,
         host: MembershipHost,
@@ -79,8 +92,12 @@ class Membership:
         config: MembershipConfig,
         tasks: TaskManager,
         rng: random.Random | None = None,
+        learning_peer: SessionPredicate = lambda session: True,
+        on_linked: LinkListener = _no_listener,
     ) -> None:
         self.host = host
+        self.learning_peer = learning_peer
+        self.on_linked = on_linked
         self.sampler = sampler
         self.table = table
         self.config = config
@@ -119,7 +136,7 @@ class Membership:
 
     def learning_neighbours(self) -> list[PeerSession]:
         """Connected peers on a learning edge (linked in either direction)."""
-        return [s for s in self.host.sessions() if s.linked and not s.closed]
+        return [s for s in self.host.sessions() if s.linked and not s.closed and self.learning_peer(s)]
 
     def degree(self) -> int:
         return len(self.learning_neighbours())
@@ -152,11 +169,14 @@ class Membership:
         return None
 
     async def _set_link(self, session: PeerSession, active: bool) -> None:
+        was = session.linked
         session.link_out = active
         try:
             await session.send(Link(active=int(active), degree=self.degree()))
         except ConnectionClosed:
-            pass
+            return
+        if session.linked and not was:
+            await self.on_linked(session)
 
     async def _dial_neighbour(self, desc: Descriptor) -> None:
         self._dialling.add(desc.peer)
@@ -234,8 +254,11 @@ class Membership:
             self.sampler.add(session.peer, addrs)
 
     async def _on_link(self, session: PeerSession, msg: Link) -> None:
+        was = session.linked
         session.link_in = bool(msg.active)
         session.peer_degree = max(1, msg.degree)
+        if session.linked and not was:
+            await self.on_linked(session)
 
     # -- bootstrap and peer exchange ----------------------------------------------
 

@@ -55,6 +55,12 @@ class NodeMetrics:
             "aggregation_weight", "Weight given to each peer (and 'self') in the last aggregation", ["peer"],
             namespace=NAMESPACE, registry=r,
         )
+        self.rounds_stalled = Gauge(
+            "rounds_stalled", "Consecutive rounds with neighbours that used none of their messages", namespace=NAMESPACE, registry=r
+        )
+        self.learning_stalled = Gauge(
+            "learning_stalled", "1 while the node learns alone although neighbours are connected", namespace=NAMESPACE, registry=r
+        )
         self.epsilon_spent = Gauge("privacy_epsilon_spent", "Differential privacy epsilon spent so far", namespace=NAMESPACE, registry=r)
         self.faults = Counter("peer_faults", "Peer faults by type (PeerFault subclass)", ["type"], namespace=NAMESPACE, registry=r)
         self._weight_peers: set[str] = set()

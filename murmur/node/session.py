@@ -24,7 +24,7 @@ from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.transport import ConnectionClosed, SecureConnection
 
 if TYPE_CHECKING:
-    from murmur.protocol.messages import Hello
+    from murmur.protocol.messages import Hello, LearnerInfo
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class PeerSession:
         self.link_in = False  # the peer counts us as a learning neighbour
         self.link_out = False  # we count the peer as a learning neighbour
         self.said_goodbye = False  # it is leaving: evict at once, do not redial
+        self.learner_info: LearnerInfo | None = None  # its LearnerInfo, once it proved a compatible model
         self.peer_degree = 1
         self.opened_at = time.monotonic()
         self.last_message_at = self.opened_at

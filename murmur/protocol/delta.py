@@ -31,7 +31,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -42,6 +42,7 @@ from murmur.errors import DecodeError, LimitExceeded, PeerFault, ReplayError, Si
 from murmur.protocol import codecs
 from murmur.protocol.codecs import CodecParams, DeltaCodec
 from murmur.protocol.identity import Identity, PeerId
+from murmur.protocol.layout import TransferLayout
 from murmur.protocol.messages import (
     MAX_CHUNK_BYTES,
     DeltaChunk,
@@ -324,11 +325,17 @@ class LandingPool:
         return self._bytes
 
 
+MIN_TOTAL_BUFFERED_BYTES = 64 * 1024 * 1024
+"""Floor of a layout-sized in-flight budget: small models still get room for many peers."""
+
+
 @dataclass(frozen=True)
 class AssemblerLimits:
     """Receiver-side bounds. Transfers in flight hold at most
     ``max_total_buffered_bytes``; idle landing buffers kept for reuse at most
-    ``landing_pool_bytes`` more."""
+    ``landing_pool_bytes`` more. A node sizes them from its
+    :class:`~murmur.protocol.layout.TransferLayout` (:meth:`for_layout`),
+    never by hand."""
 
     max_delta_bytes: int = 256 * 1024 * 1024
     max_concurrent_per_peer: int = 2
@@ -336,6 +343,17 @@ class AssemblerLimits:
     transfer_timeout_s: float = 60.0  # no message for a transfer this long -> expire()
     replay_window: int = 65536
     landing_pool_bytes: int = 256 * 1024 * 1024  # landing buffers kept for reuse (LandingPool)
+
+    @classmethod
+    def for_layout(cls, layout: TransferLayout, peers: int, **overrides: Any) -> AssemblerLimits:
+        """Bounds for a node whose transfers follow ``layout``, receiving from
+        up to ``peers`` peers at once: one transfer up to the largest payload
+        an honest peer can send (any kind, any codec), each peer
+        ``max_concurrent_per_peer`` of them in flight."""
+        base = cls(**overrides)
+        largest = layout.max_payload_bytes()
+        total = max(peers * base.max_concurrent_per_peer * largest, MIN_TOTAL_BUFFERED_BYTES)
+        return replace(base, max_delta_bytes=largest, max_total_buffered_bytes=total)
 
 
 @dataclass(frozen=True)
@@ -382,7 +400,11 @@ class DeltaAssembler:
     bytes, and the model of a peer behind us is below our round floor. So it
     skips the replay guard (neither checked nor remembered); hash, signature,
     sender and recipient are checked as for any delta. Whoever passes
-    ``solicited`` must also refuse answers it did not ask for."""
+    ``solicited`` must also refuse answers it did not ask for.
+
+    With a ``layout`` (what a node's own model implies for each transfer
+    kind), every ``DeltaStart`` must announce exactly its kind's shape, and a
+    refusal names the expected and the announced shape or size."""
 
     def __init__(
         self,
@@ -391,9 +413,11 @@ class DeltaAssembler:
         replay_guard: ReplayGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
         solicited: Solicited = _unsolicited,
+        layout: TransferLayout | None = None,
     ) -> None:
         self.own_peer_id = own_peer_id
         self._solicited = solicited
+        self.layout = layout
         self.limits = limits
         self.replay_guard = replay_guard if replay_guard is not None else ReplayGuard(limits.replay_window)
         self._clock = clock
@@ -465,8 +489,10 @@ class DeltaAssembler:
         if not solicited:
             self.replay_guard.check_round(msg.round)
         limits = self.limits
+        if self.layout is not None:  # names the kind and the shape it expected
+            self.layout.check_incoming(msg.meta, msg.shape, msg.nbytes, limits.max_delta_bytes)
         if msg.nbytes > limits.max_delta_bytes:
-            raise LimitExceeded(f"delta of {msg.nbytes} bytes > {limits.max_delta_bytes}")
+            raise LimitExceeded(f"delta of {msg.nbytes} bytes, limit {limits.max_delta_bytes} (shape {msg.shape})")
         if msg.dtype != DELTA_DTYPE:
             raise DecodeError(f"delta dtype must be {DELTA_DTYPE}, got {msg.dtype}")
         expected = codecs.encoded_nbytes(msg.codec, math.prod(msg.shape))

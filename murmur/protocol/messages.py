@@ -63,6 +63,8 @@ __all__ = [
     "KeyShare",
     "RoundCommit",
     "Link",
+    "LearnerInfo",
+    "NO_MORE_ROUNDS",
 ]
 
 WIRE_VERSION = 2  # 2: DeltaChunk.data moved out of the map into the message tail
@@ -434,6 +436,7 @@ class MessageKind(IntEnum):
     KEY_SHARE = 13
     ROUND_COMMIT = 14
     LINK = 15
+    LEARNER_INFO = 16
 
 
 @dataclass(frozen=True)
@@ -696,6 +699,32 @@ class Link:
     KIND: ClassVar[MessageKind] = MessageKind.LINK
     active: Annotated[int, IntSpec(0, 1)]
     degree: Annotated[int, IntSpec(0, MAX_DEGREE)]
+
+
+NO_MORE_ROUNDS = U64_MAX
+"""``LearnerInfo.next_round`` of a node that sends no more round messages."""
+MAX_MODEL_DESCRIPTION = 256
+
+
+@message
+@dataclass(frozen=True)
+class LearnerInfo:
+    """What a learning node tells each peer about its learning, on every
+    connection (after ``Hello``), again whenever either side links the
+    other, and once its rounds are over.
+
+    ``fingerprint`` is a hash of the model and wire format (trainer,
+    parameter shapes, codec); peers whose fingerprints differ never learn
+    together, and ``model`` (readable) lets each side say why in one line.
+    ``next_round`` is the first round whose message the sender will send
+    the receiver from now on (``NO_MORE_ROUNDS`` when it sends none): a
+    neighbour linked after the sender opened its round, or one whose rounds
+    are over, is then never waited for."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.LEARNER_INFO
+    fingerprint: Annotated[bytes, BytesSpec(HASH_LEN, HASH_LEN)]
+    model: Annotated[str, StrSpec(MAX_MODEL_DESCRIPTION)]
+    next_round: U64
 
 
 REGISTRY.freeze()

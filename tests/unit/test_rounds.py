@@ -483,8 +483,70 @@ def test_a_neighbour_heard_only_for_past_rounds_is_still_waited_for() -> None:
         message, _ = _message(engines[j], j)
         hub.offer(_name(j), 1, message.update, message.consensus)
     assert not hub.quorum_reached()  # n0: never heard from for round 1 or later
-    hub.forget("n0")
+
+
+def test_a_neighbour_that_left_is_not_waited_for() -> None:
+    engines = _engines()
+    hub = engines[1]
+    hub.begin_round(_neighbours(1))
+    for j in (2, 3):
+        message, _ = _message(engines[j], j)
+        assert hub.offer(_name(j), 0, message.update, message.consensus) is Offer.ACCEPTED
     assert not hub.quorum_reached()
+    hub.forget("n0")  # its connection closed: nothing more will come
+    assert hub.quorum_reached()
+    assert set(hub.finish_round().weights) == {"self", "n2", "n3"}
+
+
+def test_a_neighbour_linked_after_opening_its_round_is_not_waited_for() -> None:
+    engines = _engines()
+    hub = engines[1]
+    hub.begin_round(_neighbours(1))
+    for j in (2, 3):
+        message, _ = _message(engines[j], j)
+        hub.offer(_name(j), 0, message.update, message.consensus)
+    assert not hub.quorum_reached()
+    hub.note_next_round("n0", 1)  # its round 0 went out before it linked us
+    assert hub.quorum_reached()
+    hub.note_next_round("n0", 0)
+    assert not hub.quorum_reached()
+
+
+def test_a_link_made_mid_round_counts_in_that_round_at_both_ends() -> None:
+    """Two nodes open round 0 before linking each other; at the link each
+    adds the other and files the message it already got (sent before the
+    link reached it) or gets next: both rounds use the new edge."""
+    engines = _engines()
+    a, b = engines[0], engines[3]  # not neighbours in GRAPH
+    a_msg = a.begin_round({})
+    b_msg = b.begin_round({})
+    assert a.offer("n3", 0, b_msg.update, b_msg.consensus) is Offer.NOT_NEIGHBOUR  # ahead of the link
+    a.add_neighbour("n3", 1)
+    b.add_neighbour("n0", 1)
+    assert b.offer("n0", 0, a_msg.update, a_msg.consensus) is Offer.ACCEPTED
+    assert a.quorum_reached() and b.quorum_reached()
+    assert set(a.finish_round().weights) == {"self", "n3"}
+    assert set(b.finish_round().weights) == {"self", "n0"}
+
+
+def test_a_message_that_needed_a_replica_is_filed_when_the_replica_arrives() -> None:
+    """A neighbour first heard from in round 1 (linked late): its message is
+    held, and the public model fetched for it files it in the same round."""
+    engines = _engines()
+    sender, hub = engines[1], engines[0]
+    _message(sender, 1)
+    sender.finish_round()
+    hub.begin_round({})
+    hub.finish_round()
+    hub.begin_round({"n1": 2})
+    message, round_ = _message(sender, 1)
+    assert round_ == 1
+    assert hub.offer("n1", 1, message.update, message.consensus) is Offer.NEEDS_SYNC
+    public, state_round = sender.public_state()
+    assert state_round == 1  # its model already contains the held message
+    assert hub.set_replica("n1", public, state_round) is Offer.ACCEPTED
+    assert hub.quorum_reached()
+    assert set(hub.finish_round().weights) == {"self", "n1"}
 
 
 def test_a_round_without_neighbours_is_complete_and_trains_alone() -> None:

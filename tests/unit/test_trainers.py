@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import statistics
-import struct
 import sys
 import textwrap
 import time
@@ -25,6 +23,7 @@ from murmur.learning.trainers.base import (
 )
 from murmur.learning.trainers.digits import DigitsMLPTrainer
 from murmur.learning.trainers.registry import BUILTIN_TRAINERS, ENTRY_POINT_GROUP, load_trainer
+from tests.idx import write_idx_dir
 
 
 @pytest.fixture(autouse=True)
@@ -240,23 +239,9 @@ def test_unknown_attack_is_a_config_error() -> None:
 # ---------------------------------------------------------------- image trainers on files
 
 
-def _idx(array: np.ndarray) -> bytes:
-    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-
-
-def _write_idx_dir(directory: Path, size: int = 8) -> None:
-    rng = np.random.default_rng(1)
-    directory.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", 40), ("t10k", 12)):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        images = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
-        (directory / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
-        (directory / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels)))
-
-
 @pytest.mark.parametrize("name", ["mnist-cnn", "fashion-mnist-cnn"])
 def test_cnn_trainers_read_idx_from_data_dir(tmp_path: Path, name: str) -> None:
-    _write_idx_dir(tmp_path)
+    write_idx_dir(tmp_path)
     trainer = load_trainer(name)(
         TrainerContext(1, 2, 0, device="cpu", options={"data_dir": str(tmp_path)}, attack="backdoor")
     )

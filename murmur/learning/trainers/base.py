@@ -104,6 +104,12 @@ class Trainer(ABC):
     @abstractmethod
     def num_params(self) -> int: ...
 
+    def param_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shapes of the tensors the flat vector concatenates, for the
+        model fingerprint peers compare before learning together. One flat
+        vector unless a trainer knows better (TorchTrainer does)."""
+        return ((self.num_params(),),)
+
     @abstractmethod
     def get_flat(self) -> torch.Tensor:
         """A float32 1-D *copy* of the parameters on ``self.device``."""
@@ -369,6 +375,9 @@ class TorchTrainer(Trainer):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self._params)
+
+    def param_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(p.shape) for p in self._params)
 
     def get_flat(self) -> torch.Tensor:
         # torch.cat inside allocates a new vector: no clone on top (every round reads it)

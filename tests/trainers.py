@@ -1,0 +1,73 @@
+"""Plug-in trainers for tests, named in configs as ``tests.trainers:Class``
+(the way a user plugs in their own model).
+
+:class:`VectorTrainer` is one flat vector of any size with a quadratic loss:
+node i pulls it toward its own target, so the network optimum is the mean
+of the targets. Its cost per step is a few vector operations, which is what
+lets a test exchange a 10-million-parameter model on a 2-core machine and
+measure the wire and the node, not a network's forward pass. Every number
+is real torch, and "accuracy" rises as the model nears the network optimum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from murmur.learning.trainers.base import EvalStats, Trainer, TrainerContext, TrainStats
+
+DEFAULT_SIZE = 100_000
+TARGET_SCALE = 1.0
+
+
+def _targets(seed: int, node_index: int, size: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + node_index)
+    return torch.randn(size, generator=generator) * TARGET_SCALE
+
+
+class VectorTrainer(Trainer):
+    """``size`` float32 parameters (option ``size``), all starting at zero;
+    loss = mean squared distance to this node's target; one step of
+    gradient descent with rate ``lr`` per local step."""
+
+    name = "vector"
+
+    def __init__(self, ctx: TrainerContext) -> None:
+        super().__init__(ctx)
+        self.device = torch.device("cpu")
+        self.size = int(ctx.options.get("size", DEFAULT_SIZE))
+        self.lr = float(ctx.options.get("lr", 0.2))
+        self.local_steps = int(ctx.options.get("local_steps", 1))
+        self.model = torch.zeros(self.size)
+        self.target = _targets(ctx.seed, ctx.node_index, self.size)
+        # The network optimum is the mean of every node's target; accuracy
+        # is 1 there and falls toward 0 with the distance from it.
+        self.optimum = torch.zeros(self.size)
+        for i in range(ctx.num_nodes):  # one target at a time: a 10M model must not cost n copies
+            self.optimum.add_(_targets(ctx.seed, i, self.size), alpha=1.0 / ctx.num_nodes)
+
+    def num_params(self) -> int:
+        return self.size
+
+    def get_flat(self) -> torch.Tensor:
+        return self.model.clone()
+
+    def set_flat(self, flat: torch.Tensor) -> None:
+        self.model.copy_(flat)
+
+    def train(self, steps: int | None = None) -> TrainStats:
+        steps = steps or self.local_steps
+        loss = 0.0
+        for _ in range(steps):
+            diff = self.model - self.target
+            loss += float(diff.square().mean())
+            self.model.sub_(diff, alpha=self.lr)
+        return TrainStats(loss=loss / steps, examples=steps, steps=steps)
+
+    def evaluate(self) -> EvalStats:
+        distance = float((self.model - self.optimum).square().mean())
+        return EvalStats(loss=distance, accuracy=math.exp(-distance), n=self.size)
+
+    def attack_success_rate(self, attack: str) -> float:
+        return 0.0
