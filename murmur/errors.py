@@ -28,6 +28,11 @@ class TrainerError(MurmurError):
     (see ``murmur.learning.trainers.checked``)."""
 
 
+class TaskCrashed(MurmurError):
+    """A supervised task of the node ended with an exception; the daemon shut
+    down (exit code 1) because ``node.keep_serving_after_crash`` is off."""
+
+
 class PeerFault(MurmurError):
     """Something a remote peer sent or did was wrong.
 
