@@ -47,7 +47,7 @@ class CheckedTrainer(Trainer):
 
     def __init__(self, inner: Trainer) -> None:  # no Trainer.__init__: ``ctx`` is the inner trainer's
         self._inner = inner
-        self._label = type(inner).__qualname__
+        self._label = type(inner).__name__
         self._num_params: int | None = None
 
     @property
