@@ -22,6 +22,17 @@ class StateError(MurmurError):
     """A persistent state file is missing, unreadable or inconsistent."""
 
 
+class TrainerError(MurmurError):
+    """A trainer broke its contract: a method returned a value of the wrong
+    type, shape or range. The message names the method and what was expected
+    (see ``murmur.learning.trainers.checked``)."""
+
+
+class TaskCrashed(MurmurError):
+    """A supervised task of the node ended with an exception; the daemon shut
+    down (exit code 1) because ``node.keep_serving_after_crash`` is off."""
+
+
 class PeerFault(MurmurError):
     """Something a remote peer sent or did was wrong.
 

@@ -5,26 +5,77 @@ name. A task that dies with an exception is logged with its name and, if it
 was registered with ``restart=True``, started again after a back-off; a clean
 return is simply forgotten. ``shutdown()`` cancels everything and waits for it,
 so a component owning a TaskManager leaves no orphan tasks behind.
+
+Failures are also *recorded*, because a log line alone let a node whose round
+loop had died keep answering "healthy" (issue 13). What counts:
+
+* a **crash** is a task that ended with an exception and will not run again
+  (not registered with ``restart=True``, or the manager is closing). It is
+  kept in :meth:`TaskManager.crashes` and reported to ``on_crash``, which is
+  how the daemon turns it into a failed health check and a non-zero exit;
+* a **periodic** task's call that raises is not a crash: the next call runs
+  on schedule (a dial or a disk write may fail once and work again). Its
+  errors are counted, and a task whose last :data:`FAILING_AFTER` calls in a
+  row all raised is reported as *failing* (:meth:`TaskManager.failing`) until
+  a call succeeds again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (0.1, 0.5, 2.0, 5.0)
 RECANCEL_INTERVAL_S = 0.2
+FAILING_AFTER = 3
+"""Consecutive failed calls after which a periodic task counts as failing:
+one or two in a row are the transient errors the retry is there for."""
+MAX_RECORDED = 32
+"""Crash and periodic-error records kept per manager (the newest): a node
+kept serving after crashes must not grow without bound."""
+MAX_ERROR_CHARS = 500
+
+
+def describe(exc: BaseException) -> str:
+    """``"TypeName: message"`` on one line, bounded: what status and logs show."""
+    text = " ".join(str(exc).split())
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+@dataclass(frozen=True)
+class TaskFailure:
+    """A task that ended with an exception, or a periodic task that is failing."""
+
+    task: str
+    error: str  # see describe(): the latest exception
+    since: float  # unix time of the crash, or of the first failed call in the current run of failures
+    errors: int = 1  # exceptions counted for this task (a periodic task's failed calls in a row)
+
+
+@dataclass
+class _PeriodicErrors:
+    errors: int = 0  # failed calls in total
+    consecutive: int = 0  # failed calls since the last success
+    since: float = 0.0  # when the current run of failures began
+    last: str = ""
 
 
 class TaskManager:
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, on_crash: Callable[[TaskFailure], None] | None = None) -> None:
         self.owner = owner
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._closing = False
+        self._on_crash = on_crash
+        self._crashes: dict[str, TaskFailure] = {}  # oldest first
+        self._periodic: dict[str, _PeriodicErrors] = {}
+        self.error_count = 0  # every exception a task raised: crashes, restarts and failed periodic calls
 
     def __contains__(self, name: str) -> bool:
         task = self._tasks.get(name)
@@ -72,8 +123,13 @@ class TaskManager:
                     await fn()
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except Exception as exc:
                     log.exception("periodic task failed", extra={"task": name, "owner": self.owner})
+                    self._periodic_failed(name, exc)
+                else:
+                    record = self._periodic.get(name)
+                    if record is not None:
+                        record.consecutive = 0
                 await asyncio.sleep(interval_s)
 
         return self.spawn(name, loop)
@@ -85,12 +141,53 @@ class TaskManager:
                 return await factory()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 log.exception("task crashed", extra={"task": name, "owner": self.owner})
+                self.error_count += 1
                 if not restart or self._closing:
+                    self._crashed(name, exc)
                     return None
                 await asyncio.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
                 attempt += 1
+
+    # -- failure records ---------------------------------------------------------------
+
+    def _crashed(self, name: str, exc: BaseException) -> None:
+        failure = TaskFailure(name, describe(exc), time.time())
+        self._crashes.pop(name, None)  # re-inserted last: newest at the end
+        self._crashes[name] = failure
+        while len(self._crashes) > MAX_RECORDED:
+            del self._crashes[next(iter(self._crashes))]
+        if self._on_crash is not None:
+            try:
+                self._on_crash(failure)
+            except Exception:
+                log.exception("crash listener failed", extra={"task": name, "owner": self.owner})
+
+    def _periodic_failed(self, name: str, exc: BaseException) -> None:
+        self.error_count += 1
+        record = self._periodic.get(name)
+        if record is None:
+            record = self._periodic[name] = _PeriodicErrors()
+            while len(self._periodic) > MAX_RECORDED:
+                del self._periodic[next(iter(self._periodic))]
+        if record.consecutive == 0:
+            record.since = time.time()
+        record.errors += 1
+        record.consecutive += 1
+        record.last = describe(exc)
+
+    def crashes(self) -> list[TaskFailure]:
+        """Tasks that ended with an exception and were not restarted, oldest first."""
+        return list(self._crashes.values())
+
+    def failing(self) -> list[TaskFailure]:
+        """Periodic tasks whose last :data:`FAILING_AFTER` or more calls all raised."""
+        return [
+            TaskFailure(name, record.last, record.since, record.consecutive)
+            for name, record in self._periodic.items()
+            if record.consecutive >= FAILING_AFTER
+        ]
 
     def cancel(self, name: str) -> None:
         task = self._tasks.pop(name, None)

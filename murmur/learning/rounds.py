@@ -51,6 +51,7 @@ import torch
 
 from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine, PeerUpdate
 from murmur.learning.trainers.base import EvalStats, Trainer
+from murmur.learning.trainers.checked import checked
 
 log = logging.getLogger(__name__)
 
@@ -206,15 +207,15 @@ class RoundEngine:
         start_round: int = 0,
         wire: Wire | None = None,
     ) -> None:
-        self.trainer = trainer
+        self.trainer = checked(trainer)  # every driver gets the contract checks (trainers/checked.py)
         self.aggregator = aggregator
         self.config = config
         self.perturber = perturber
         self.wire = wire
         self.round = start_round
-        self.num_params = trainer.num_params()
+        self.num_params = self.trainer.num_params()
         self.late_dropped = 0
-        initial = trainer.get_flat()
+        initial = self.trainer.get_flat()
         self._initial = initial.clone()  # every node starts here (seeded), so round-0 replicas need no sync
         self.public = initial.clone()  # s_i, as of our last message
         self.last_sent_round = -1
@@ -574,6 +575,9 @@ class GossipModel:
     trainer: Trainer
     age: int = 0
     merge_hook: Callable[[str, float], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.trainer = checked(self.trainer)
 
     def merge(self, peer: str, model: torch.Tensor, peer_age: int) -> None:
         if model.numel() != self.trainer.num_params() or not bool(torch.isfinite(model).all()):

@@ -32,7 +32,7 @@ LOCAL_HOST_NAMES = frozenset({"localhost"})
 
 @runtime_checkable
 class NodeStatusSource(Protocol):
-    """What the API reads. Both calls are cheap, synchronous snapshots of
+    """What the API reads. All calls are cheap, synchronous snapshots of
     in-memory state, returning JSON-serialisable values (anything else is
     rendered with ``str``)."""
 
@@ -43,6 +43,11 @@ class NodeStatusSource(Protocol):
 
     def peers(self) -> Sequence[Mapping[str, Any]]:
         """One entry per known/connected peer (id, addrs, score, ...)."""
+        ...
+
+    def health(self) -> Mapping[str, Any]:
+        """``{"ok": bool, ...}``: ``GET /healthz`` answers 200 when ok, else
+        503, with this as the body (the node adds what failed)."""
         ...
 
 
@@ -129,7 +134,8 @@ class StatusApi:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        return _json({"ok": True})
+        health = self.source.health()
+        return _json(health, status=200 if health.get("ok") is True else 503)
 
     async def start(self) -> None:
         runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)

@@ -151,6 +151,7 @@ class NodeSection:
     listen: tuple[Multiaddr, ...] = (Multiaddr.parse(DEFAULT_LISTEN),)
     log_level: LogLevel = LogLevel.INFO
     log_format: LogFormat = LogFormat.TEXT
+    keep_serving_after_crash: bool = False  # see Node.serve_until: a crashed task stops the node (exit 1)
 
 
 @dataclass(frozen=True)

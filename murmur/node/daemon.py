@@ -6,6 +6,14 @@ stops it in reverse order within a few seconds: the learner persists its
 checkpoint, peers get a Goodbye, connections close, the peer table is saved
 and the state-dir lock is released. :func:`run_node` wraps that for the CLI
 with SIGINT/SIGTERM handling.
+
+Health: a supervised task of the node (the learner's rounds, membership's
+maintenance, ...) that crashes makes :meth:`Node.health` report it, so
+``GET /healthz`` answers 503 and ``/status`` carries the error; the daemon
+then shuts down and exits 1 (:meth:`Node.serve_until`), unless
+``node.keep_serving_after_crash``. Per-connection tasks (transport, sessions)
+are not part of it: what a remote peer sends may cost its connection, never
+the node's health.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from murmur import __version__
-from murmur.errors import MurmurError, PeerFault, StateError
+from murmur.errors import MurmurError, PeerFault, StateError, TaskCrashed
 from murmur.node.api import StatusApi
 from murmur.node.config import NodeConfig
 from murmur.node.membership import Membership, MembershipConfig
@@ -34,7 +42,7 @@ from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.peertable import PeerTable
 from murmur.protocol.sampling import CyclonSampler
 from murmur.protocol.transport import ConnectionClosed, SecureConnection, Transport, tune_allocator
-from murmur.tasks import TaskManager
+from murmur.tasks import TaskFailure, TaskManager
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,10 @@ class Node:
         self.config = config
         self.state = StateDir(config.node.data_dir)
         self.metrics = NodeMetrics()
-        self.tasks = TaskManager("node")
+        self.tasks = TaskManager("node", on_crash=self._on_task_crash)
+        self._crashed = asyncio.Event()
+        self.metrics.healthy.set_function(lambda: float(self.healthy()))
+        self.metrics.failed_tasks.set_function(lambda: float(len(self._failed_tasks())))
         self.dispatcher = Dispatcher()
         self.addrs: list[Multiaddr] = []
         self.started_at = time.monotonic()
@@ -145,6 +156,36 @@ class Node:
             "node started",
             extra={"event": "started", "peer": str(self.peer_id), "addrs": [str(a) for a in self.addrs], "api": self._api.url},
         )
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set. A crashed supervised task ends it
+        early with :class:`TaskCrashed` (the caller's ``async with`` then
+        stops the node gracefully, and the CLI exits 1): a daemon whose round
+        loop died must not sit there looking alive. With
+        ``node.keep_serving_after_crash`` it serves on, unhealthy."""
+        if self.config.node.keep_serving_after_crash:
+            await stop.wait()
+            return
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._crashed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        crashes = self.tasks.crashes()
+        if crashes:
+            more = f" (and {len(crashes) - 1} more)" if len(crashes) > 1 else ""
+            raise TaskCrashed(
+                f"task {crashes[0].task!r} crashed: {crashes[0].error}{more}; node stopped "
+                "(node.keep_serving_after_crash = true keeps it serving)"
+            )
+
+    def _on_task_crash(self, failure: TaskFailure) -> None:
+        log.error(
+            "node unhealthy: a supervised task crashed",
+            extra={"event": "unhealthy", "task": failure.task, "error": failure.error},
+        )
+        self._crashed.set()
 
     def attach_learner(self, learner: Any) -> None:
         """Route learning messages to ``learner``. A Sybil attacker attaches one
@@ -455,8 +496,26 @@ class Node:
             "bytes_in": traffic[0],
             "bytes_out": traffic[1],
             "faults": dict(self._faults),
+            "health": self.health(),
             "learning": self.learner.status() if self.learner is not None else None,
         }
+
+    def _failed_tasks(self) -> list[dict[str, Any]]:
+        return [
+            {"task": f.task, "state": state, "error": f.error, "since": round(f.since, 3), "errors": f.errors}
+            for state, failures in (("crashed", self.tasks.crashes()), ("failing", self.tasks.failing()))
+            for f in failures
+        ]
+
+    def healthy(self) -> bool:
+        return not self.tasks.crashes() and not self.tasks.failing()
+
+    def health(self) -> Mapping[str, Any]:
+        """``{"ok", "failed_tasks", "task_errors"}`` (ARCHITECTURE.md, status
+        contract): not ok while a supervised task has crashed (ended with an
+        exception, not restarted) or a periodic one keeps failing."""
+        failed = self._failed_tasks()
+        return {"ok": not failed, "failed_tasks": failed, "task_errors": self.tasks.error_count}
 
     def traffic(self) -> tuple[int, int]:
         """(bytes in, bytes out) of messages over all sessions since start, as
@@ -511,8 +570,8 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with Node(config):
-            await stop.wait()
+        async with Node(config) as node:
+            await node.serve_until(stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -50,7 +50,7 @@ from murmur.learning.rounds import (
     TrainFrom,
     Wire,
 )
-from murmur.learning.trainers.registry import load_trainer
+from murmur.learning.trainers.registry import create_trainer
 from murmur.node.config import Attack, LearningMode, PrivacyLevel
 from murmur.node.metrics import Split
 from murmur.node.stalls import StallMonitor
@@ -137,7 +137,7 @@ class NodeLearner:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.trainer = load_trainer(cfg.trainer)(cfg.trainer_context())
+        self.trainer = create_trainer(cfg.trainer, cfg.trainer_context())
         self.aggregator = get_aggregator(cfg.aggregator, self_id=str(node.peer_id), **dict(cfg.aggregator_options))
         self.codec: DeltaCodec = cfg.codec.wire()
         self.privacy: Any = None  # murmur.node.privacy.NodePrivacy when privacy is on

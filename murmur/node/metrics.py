@@ -63,6 +63,16 @@ class NodeMetrics:
         )
         self.epsilon_spent = Gauge("privacy_epsilon_spent", "Differential privacy epsilon spent so far", namespace=NAMESPACE, registry=r)
         self.faults = Counter("peer_faults", "Peer faults by type (PeerFault subclass)", ["type"], namespace=NAMESPACE, registry=r)
+        # The node binds these two to its health (set_function); /healthz answers 503 while healthy is 0.
+        self.healthy = Gauge(
+            "healthy", "1 while no supervised task of the node has crashed or keeps failing, else 0",
+            namespace=NAMESPACE, registry=r,
+        )
+        self.failed_tasks = Gauge(
+            "failed_tasks", "Supervised tasks of the node that crashed or keep failing (status health.failed_tasks)",
+            namespace=NAMESPACE, registry=r,
+        )
+        self.healthy.set(1)
         self._weight_peers: set[str] = set()
         for direction in Direction:  # export zeros from the start, not only after the first byte
             self.bytes.labels(direction=direction.value)

@@ -29,6 +29,7 @@ class TinyNode:
         self.accuracy: float = math.nan  # not evaluated yet
         self.known: list[Identity] = [Identity.from_seed(bytes([seed + 1 + i]) * 32) for i in range(2)]
         self.fail = False
+        self.failed_tasks: list[dict[str, Any]] = []
 
     def status(self) -> Mapping[str, Any]:
         if self.fail:
@@ -46,6 +47,11 @@ class TinyNode:
 
     def peers(self) -> Sequence[Mapping[str, Any]]:
         return [{"id": p.peer_id, "score": 10.0} for p in self.known]
+
+    def health(self) -> Mapping[str, Any]:
+        if not self.failed_tasks:
+            return {"ok": True}
+        return {"ok": False, "failed_tasks": self.failed_tasks}
 
 
 async def get(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, Any, str]:
@@ -81,6 +87,12 @@ async def test_status_peers_and_health_over_real_http():
 
         status, health, _ = await get(session, f"{api.url}/healthz")
         assert (status, health) == (200, {"ok": True})
+
+        # a crashed task: 503 (what load balancers and probes act on), and the body says what failed
+        node.failed_tasks = [{"task": "rounds", "state": "crashed", "error": "TrainerError: X.train() returned dict"}]
+        status, health, ctype = await get(session, f"{api.url}/healthz")
+        assert status == 503 and ctype.startswith("application/json")
+        assert health == {"ok": False, "failed_tasks": node.failed_tasks}
 
         status, _, _ = await get(session, f"{api.url}/nope")
         assert status == 404

@@ -9,6 +9,9 @@ A spec is tried as, in order:
 
 Built-ins are listed as import paths, not imported classes, so naming
 ``digits-mlp`` never imports the Shakespeare code (and vice versa).
+
+Drivers build their trainer with :func:`create_trainer`, which puts it behind
+the contract checks of :mod:`murmur.learning.trainers.checked`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from murmur.errors import ConfigError
-from murmur.learning.trainers.base import Trainer
+from murmur.learning.trainers.base import Trainer, TrainerContext
+from murmur.learning.trainers.checked import checked
 
 ENTRY_POINT_GROUP = "murmur.trainers"
 
@@ -73,3 +77,9 @@ def load_trainer(spec: str) -> type[Trainer]:
         f"not of the form package.module:Class, and no entry point named {spec!r} "
         f"in group {ENTRY_POINT_GROUP!r}"
     )
+
+
+def create_trainer(spec: str, ctx: TrainerContext) -> Trainer:
+    """A trainer named by ``spec`` for ``ctx``, its return values checked
+    (a contract violation is a ``TrainerError`` naming the method)."""
+    return checked(load_trainer(spec)(ctx))
