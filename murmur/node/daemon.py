@@ -72,6 +72,7 @@ class Node:
         self._mdns: MdnsDiscovery | None = None
         self.learner: Any = None  # murmur.node.learner.NodeLearner when learning is on
         self._started = False
+        self._announced = False  # "node started" was logged: a start that failed says only why
         self._reachable: frozenset[PeerId] | None = None  # None: no partition (see set_partition)
 
     # -- lifetime ------------------------------------------------------------------
@@ -156,6 +157,7 @@ class Node:
             await self._mdns.__aenter__()
         if self.learner is not None:
             await self.learner.start()
+        self._announced = True
         log.info(
             "node started",
             extra={"event": "started", "peer": str(self.peer_id), "addrs": [str(a) for a in self.addrs], "api": self._api.url},
@@ -193,7 +195,9 @@ class Node:
         if hasattr(self, "table"):
             self.save_peers()
         self.state.release()
-        log.info("node stopped", extra={"event": "stopped"})
+        if self._announced:
+            self._announced = False
+            log.info("node stopped", extra={"event": "stopped"})
 
     async def _say_goodbye(self, session: PeerSession) -> None:
         try:

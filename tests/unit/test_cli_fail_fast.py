@@ -125,6 +125,15 @@ def test_port_in_use_is_one_line(tmp_path: Path, listener: int) -> None:
     refused(proc, "<command line>: node.listen: ", "already in use")
 
 
+def test_trainer_that_cannot_load_its_data_is_one_line(tmp_path: Path) -> None:
+    """Past the checks, the node builds its trainer before it listens: a data
+    set that is not there is still one line, and no log of a node that never ran."""
+    missing = tmp_path / "no-mnist"
+    proc = murmur("node", "start", "--data-dir", str(tmp_path / "state"), "--listen", "/ip4/127.0.0.1/tcp/0",
+                  *_sets("learning.trainer=mnist-cnn", f'learning.trainer_options.data_dir="{missing}"'))
+    refused(proc, f"{missing}: missing train-images-idx3-ubyte")
+
+
 def _without_root_override() -> None:
     """``preexec_fn``: a root test process would write anywhere; drop the
     capabilities that let it ignore permission bits (the child then obeys
