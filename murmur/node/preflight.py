@@ -142,7 +142,9 @@ def _check_bindable(key: str, host: str, port: int, shown: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the node's own listeners
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the node's own listeners,
+            if family == socket.AF_INET6:  # which asyncio makes IPv6-only
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
     except OSError as exc:
         raise OptionError(key, f"cannot listen on {shown}: {bind_problem(exc, port)}") from None
