@@ -18,6 +18,20 @@ class ConfigError(MurmurError):
     """Bad configuration: reported as one line, exit code 2."""
 
 
+class OptionError(ConfigError):
+    """A :class:`ConfigError` blamed on one dotted option (``learning.trainer``).
+
+    Raised by checks that see a loaded config but not where its values came
+    from; whoever loaded it (the CLI, the testnet) prefixes the file and line,
+    or ``<command line>``, so the user is pointed at what to edit.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
 class StateError(MurmurError):
     """A persistent state file is missing, unreadable or inconsistent."""
 

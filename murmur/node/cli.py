@@ -7,10 +7,14 @@
 ``murmur config check``    validate a config file, print it resolved
 ``murmur testnet run``     run a local testnet scenario (``murmur.testnet.cli``)
 
-Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage. Every
-failure is one ``murmur: ...`` line on stderr. The daemon and testnet are
-imported lazily so that ``murmur id`` and ``murmur status`` start fast and work
-without torch.
+Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage, 141 (as
+if killed by SIGPIPE) when stdout's reader went away (``murmur config check |
+head``). Every failure is one ``murmur: ...`` line on stderr. ``node start``
+and ``config check`` run :mod:`murmur.node.preflight` after loading the
+config, so what the schema cannot see (trainer, aggregator, their options,
+device, data dir, ports) fails the same way, before a port is bound. The
+daemon and testnet are imported lazily so that ``murmur id`` and ``murmur
+status`` start fast and work without torch.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import importlib
 import inspect
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -29,15 +34,16 @@ from typing import Any, NoReturn, TypeVar
 
 import uvloop
 
-from murmur.errors import ConfigError, MurmurError, StateError
+from murmur.errors import ConfigError, MurmurError, OptionError, StateError
 from murmur.fastexit import exit_after_shutdown
+from murmur.node import preflight
 from murmur.node.config import (
     NodeConfig,
     LogFormat,
     LogLevel,
     config_to_dict,
     default_config_text,
-    load_config,
+    load_config_with_source,
     parse_override,
 )
 from murmur.node.logs import configure_logging
@@ -51,6 +57,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 HTTP_TIMEOUT_S = 5.0
 DAEMON_ENTRY = ("murmur.node.daemon", "run_node")
 TESTNET_ENTRY = ("murmur.testnet.cli", "run_testnet")
@@ -60,6 +67,10 @@ T = TypeVar("T")
 
 class CliError(MurmurError):
     """A command failed in a way the user can act on; printed as one line."""
+
+
+class OutputClosed(Exception):
+    """Whoever read our stdout went away (``murmur config check | head``)."""
 
 
 def _agent_version() -> str:
@@ -121,19 +132,40 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _config(args: argparse.Namespace) -> NodeConfig:
-    return load_config(getattr(args, "config", None), _overrides(args))
+def _config(args: argparse.Namespace, *checks: Callable[[NodeConfig], None]) -> NodeConfig:
+    """The config the arguments describe, after ``checks`` (see
+    :mod:`murmur.node.preflight`); what they find is located in the file (line
+    and key) or on the command line, like the schema's own errors."""
+    cfg, source = load_config_with_source(getattr(args, "config", None), _overrides(args))
+    try:
+        for check in checks:
+            check(cfg)
+    except OptionError as exc:
+        raise source.located(exc) from None
+    return cfg
+
+
+def _write(text: str) -> None:
+    """Write to stdout now, so that a closed pipe shows here and not in the
+    interpreter's last flush, as a traceback."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # what is still buffered must not fail again on the way out
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OutputClosed from None
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=False))
+    _write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 # ------------------------------------------------------------------ commands
 
 
 def cmd_id(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = _config(args, preflight.check_identity_dir)
     state = StateDir(cfg.node.data_dir)
     identity = state.identity()
     peer = identity.peer_id
@@ -166,7 +198,7 @@ def _running_node_addrs(state: StateDir) -> list[str] | None:
 
 
 def cmd_node_start(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = _config(args, preflight.check_node)
     configure_logging(cfg.node.log_level, cfg.node.log_format)
     run_node = load_entry(*DAEMON_ENTRY, what="start the node")
     return _call_entry(run_node, cfg)
@@ -222,12 +254,14 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def cmd_config_default(_args: argparse.Namespace) -> int:
-    sys.stdout.write(default_config_text())
+    _write(default_config_text())
     return EXIT_OK
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    _print_json(config_to_dict(_config(args)))
+    """What ``node start`` would refuse, refused here (the ports included:
+    a port in use now is one the node could not listen on now)."""
+    _print_json(config_to_dict(_config(args, preflight.check_node)))
     return EXIT_OK
 
 
@@ -282,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="config_command", required=True, metavar="ACTION")
     p = config.add_parser("default", help="print the documented default config")
     p.set_defaults(handler=cmd_config_default)
-    p = config.add_parser("check", help="validate a config and print it fully resolved (JSON)")
+    p = config.add_parser("check", help="validate a config as node start would (trainer, options, device, data dir, ports) and print it resolved (JSON)")
     _add_config_args(p)
     p.set_defaults(handler=cmd_config_check)
 
@@ -305,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except OutputClosed:
+        return EXIT_BROKEN_PIPE
 
 
 def run() -> NoReturn:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import ipaddress
 import math
 import re
@@ -22,15 +23,24 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from murmur.errors import ConfigError
+from murmur.errors import ConfigError, OptionError
 from murmur.protocol.multiaddr import Multiaddr
+
+if TYPE_CHECKING:
+    from murmur.protocol.identity import PeerId
 
 DEFAULT_DATA_DIR = Path.home() / ".murmur"
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4731"
 DEFAULT_CONFIG_RESOURCE = "default_node.toml"
 OVERRIDE_SOURCE = "<command line>"
+#: ``learning.node_index = "auto"``: the node picks its data share from its peer id.
+AUTO = "auto"
+#: Data shares a network splits its training data into unless told otherwise:
+#: with automatic indices, nodes draw one of these from their peer ids.
+DEFAULT_NUM_NODES = 10
+_AUTO_INDEX_DOMAIN = b"murmur-data-index-v1"
 
 
 # --------------------------------------------------------------------------- enums
@@ -211,15 +221,27 @@ class ApiSection:
     port: int = 0
 
 
+def auto_node_index(peer: PeerId, num_nodes: int) -> int:
+    """The data share of ``peer`` when ``learning.node_index = "auto"``.
+
+    A hash of the peer id, so it is the same after every restart (the identity
+    is persistent) and needs no coordination between the people starting
+    nodes. Two nodes may draw the same share, as when sampling data at random;
+    a fixed, collision-free partition takes explicit indices.
+    """
+    digest = hashlib.blake2b(_AUTO_INDEX_DOMAIN + peer.raw, digest_size=8).digest()
+    return int.from_bytes(digest, "big") % num_nodes
+
+
 @dataclass(frozen=True)
 class LearningSection:
-    enabled: bool = False
+    enabled: bool = True
     trainer: str = "digits-mlp"
     trainer_options: Mapping[str, Any] = field(default_factory=_frozen_map)
     device: str = "auto"
     seed: int = 0
-    node_index: int = 0
-    num_nodes: int = 1
+    node_index: int | Literal["auto"] = AUTO
+    num_nodes: int = DEFAULT_NUM_NODES
     partition: Partition = Partition.IID
     alpha: float = 0.5
     shards: int = 2
@@ -246,10 +268,19 @@ class LearningSection:
         """``RoundConfig.local_steps``: None (0 in the file) is the trainer's default."""
         return self.local_steps or None
 
+    def for_peer(self, peer: PeerId) -> LearningSection:
+        """These options with an ``"auto"`` node_index resolved for ``peer``
+        (see :func:`auto_node_index`); an explicit index is kept."""
+        if self.node_index != AUTO:
+            return self
+        return dataclasses.replace(self, node_index=auto_node_index(peer, self.num_nodes))
+
     def trainer_context(self) -> Any:
         """The ``TrainerContext`` these options describe (imported late: torch)."""
         from murmur.learning.trainers.base import TrainerContext
 
+        if not isinstance(self.node_index, int):
+            raise ValueError('node_index "auto" names no data share yet: resolve it with for_peer() first')
         return TrainerContext(
             node_index=self.node_index,
             num_nodes=self.num_nodes,
@@ -334,6 +365,11 @@ def non_empty(v: Any) -> None:
         raise _Invalid("must not be empty")
 
 
+def index_or_auto(v: Any) -> None:
+    if v != AUTO:
+        at_least(0)(v)
+
+
 def loopback_ip(v: Any) -> None:
     """The status API is unauthenticated: it may only listen on loopback."""
     try:
@@ -367,7 +403,7 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "api.port": between(0, 65535),
         "learning.trainer": non_empty,
         "learning.device": non_empty,
-        "learning.node_index": at_least(0),
+        "learning.node_index": index_or_auto,
         "learning.num_nodes": at_least(1),
         "learning.alpha": finite_positive,
         "learning.shards": at_least(1),
@@ -398,9 +434,12 @@ def _cross_checks(cfg: NodeConfig) -> list[tuple[str, str]]:
         problems.append(
             ("transport.ping_interval_s", "must be < transport.idle_timeout_s, or idle healthy connections get closed")
         )
+    if cfg.learning.enabled and cfg.privacy.enabled and cfg.learning.mode is LearningMode.GOSSIP:
+        problems.append(("privacy.enabled", 'needs learning.mode = "dsgd": gossip learning sends whole models, '
+                                            "which pairwise noise on deltas does not protect"))
     if cfg.transport.max_inbound_per_subnet > cfg.transport.max_inbound:
         problems.append(("transport.max_inbound_per_subnet", "must be <= transport.max_inbound"))
-    if cfg.learning.node_index >= cfg.learning.num_nodes:
+    if isinstance(cfg.learning.node_index, int) and cfg.learning.node_index >= cfg.learning.num_nodes:
         problems.append(("learning.node_index", f"must be < learning.num_nodes ({cfg.learning.num_nodes})"))
     return problems
 
@@ -411,6 +450,10 @@ def _cross_checks(cfg: NodeConfig) -> list[tuple[str, str]]:
 def _type_name(tp: Any) -> str:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in tp)
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arm) for arm in typing.get_args(tp))
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", Path: "a path",
             Multiaddr: "a multiaddr string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -418,6 +461,17 @@ def _type_name(tp: Any) -> str:
 def _convert(tp: Any, value: Any, key: str, base_dir: Path) -> Any:
     """Convert one TOML value to field type ``tp``; raise ``_Invalid`` on mismatch."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # the first arm that takes the value
+        for arm in typing.get_args(tp):
+            try:
+                return _convert(arm, value, key, base_dir)
+            except _Invalid:
+                continue
+        raise _Invalid(f"must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(tp):
+            return value
+        raise _Invalid(f"must be {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp) and tp is not Multiaddr:
         if not isinstance(value, dict):
             raise _Invalid(f"must be a table, got {type(value).__name__}")
@@ -568,14 +622,43 @@ def _norm_key(key: str) -> str:
     return ".".join(part.strip().strip("\"'") for part in key.split("."))
 
 
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where a loaded config's values came from: what turns a problem found
+    later (an unknown trainer, a port in use) into a line naming the file,
+    line and key to edit, or the command-line override to change."""
+
+    path: str | None = None  # the config file; None: built-in defaults
+    text: str = ""  # the file's text, to find a key's line
+    overridden: frozenset[str] = frozenset()  # dotted keys set by flags or --set
+
+    def locate(self, key: str, problem: str) -> ConfigError:
+        """One ``ConfigError`` line for ``problem`` with ``key``."""
+        if any(o == key or o.startswith(key + ".") or key.startswith(o + ".") for o in self.overridden):
+            return ConfigError(f"{OVERRIDE_SOURCE}: {key}: {problem}")
+        if self.path is None:  # no file: the command line, or else a built-in default, is to blame
+            return ConfigError(f"{OVERRIDE_SOURCE}: {key}: {problem}" if self.overridden else f"{key}: {problem}")
+        line = find_key_line(self.text, key) if self.text else None
+        return ConfigError(f"{self.path}:{line}: {key}: {problem}" if line else f"{self.path}: {key}: {problem}")
+
+    def located(self, error: OptionError) -> ConfigError:
+        return self.locate(error.key, error.problem)
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
     """Load ``path`` (None: built-in defaults) and apply ``overrides``
     (dotted key -> value, e.g. from CLI flags). Raises :class:`ConfigError`
     with one line naming the file, line and dotted key."""
+    return load_config_with_source(path, overrides)[0]
+
+
+def load_config_with_source(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> tuple[NodeConfig, ConfigSource]:
+    """:func:`load_config`, and where each value came from (see :class:`ConfigSource`)."""
     raw: dict[str, Any] = {}
     text = ""
     source = OVERRIDE_SOURCE
-    base_dir = Path.cwd()
     if path is not None:
         source = str(path)
         try:
@@ -596,8 +679,9 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise ConfigError(_locate(source, text, exc)) from None
     else:
         from_file = NodeConfig()
+    where = ConfigSource(None if path is None else str(path), text, frozenset(overrides or ()))
     if not overrides:
-        return _checked(from_file, source, text)
+        return _checked(from_file, where), where
     # overrides are checked through the same converter, against the file's values merged in
     try:
         merged = _to_raw(from_file)
@@ -606,14 +690,12 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         cfg = _build(NodeConfig, merged, "", Path.cwd())
     except _KeyedError as exc:  # the file alone was valid, so an override is to blame
         raise ConfigError(f"{OVERRIDE_SOURCE}: {exc}") from None
-    return _checked(cfg, source, text, overrides)
+    return _checked(cfg, where), where
 
 
-def _checked(cfg: NodeConfig, source: str, text: str, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
+def _checked(cfg: NodeConfig, where: ConfigSource) -> NodeConfig:
     for key, problem in _cross_checks(cfg):
-        if overrides and key in overrides:
-            raise ConfigError(f"{OVERRIDE_SOURCE}: {key}: {problem}")
-        raise ConfigError(_locate(source, text, _KeyedError(key, problem)))
+        raise where.locate(key, problem)
     return cfg
 
 

@@ -19,6 +19,7 @@ the node's health.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import signal
@@ -27,11 +28,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from murmur import __version__
-from murmur.errors import MurmurError, PeerFault, StateError, TaskCrashed
+from murmur.errors import OptionError, PeerFault, TaskCrashed
 from murmur.node.api import StatusApi
-from murmur.node.config import NodeConfig
+from murmur.node.config import AUTO, NodeConfig
 from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
+from murmur.node.preflight import bind_problem
 from murmur.node.session import Dispatcher, PeerSession
 from murmur.node.state import ApiInfo, StateDir
 from murmur.protocol.discovery import MdnsConfig, MdnsDiscovery
@@ -53,6 +55,9 @@ WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 reachable from elsewhere listen on (or configure) a concrete address."""
 
 MAX_INCOMPATIBLE_PEERS = 4096  # peers remembered as running another model
+LEARNING_OFF = "learning.enabled = false: this node only relays (membership, gossip) and trains nothing"
+"""Why a node has no learner, in its WARNING at start and in its status."""
+
 GossipSubscriber = Callable[[PeerId, bytes], None]
 
 
@@ -79,6 +84,7 @@ class Node:
         self._mdns: MdnsDiscovery | None = None
         self.learner: Any = None  # murmur.node.learner.NodeLearner when learning is on
         self._started = False
+        self._announced = False  # "node started" was logged: a start that failed says only why
         self._reachable: frozenset[PeerId] | None = None  # None: no partition (see set_partition)
         # Peers that run another model (see refuse_learning), oldest first, bounded.
         self._incompatible: dict[PeerId, str] = {}
@@ -105,13 +111,25 @@ class Node:
         self._started = True
         self.identity: Identity = self.state.identity()
         self.peer_id = self.identity.peer_id
+        # learning.node_index = "auto": this node's data share, from its (persistent) peer id
+        self.config = cfg = dataclasses.replace(cfg, learning=cfg.learning.for_peer(self.peer_id))
         self.table = PeerTable(self_id=self.peer_id)
         problem = self.table.load(self.state.peers_path)
         if problem is not None:
             log.warning("peer table unreadable; starting empty", extra={"error": str(problem)})
+        if cfg.learning.enabled:
+            # Before any port is bound: a trainer that cannot load its data, a
+            # privacy setting it cannot meet, fail while nobody can connect yet.
+            from murmur.node.learner import NodeLearner  # torch is only loaded by learning nodes
+
+            self.attach_learner(NodeLearner(self))
         self.transport = Transport(self.identity, self._on_connection, cfg.transport.limits())
         for listen in cfg.node.listen:
-            for addr in await self.transport.listen(listen.host, listen.port):
+            try:
+                bound = await self.transport.listen(listen.host, listen.port)
+            except OSError as exc:
+                raise OptionError("node.listen", f"cannot listen on {listen}: {bind_problem(exc, listen.port)}") from None
+            for addr in bound:
                 host = WILDCARD_HOSTS.get(addr.host, addr.host)
                 self.addrs.append(Multiaddr(host, addr.port, self.peer_id))
         net = cfg.network
@@ -139,12 +157,15 @@ class Node:
         )
         self.dispatcher.register(self.membership.handlers())
         self.dispatcher.register({Gossip: self._on_gossip, Goodbye: self._on_goodbye})
-        if cfg.learning.enabled:
-            from murmur.node.learner import NodeLearner  # torch is only loaded by learning nodes
-
-            self.attach_learner(NodeLearner(self))
-        self._api = StatusApi(self, self.metrics, cfg.api.host, cfg.api.port)
-        await self._api.__aenter__()
+        if self.learner is not None:
+            self._wire_learner()
+        api = StatusApi(self, self.metrics, cfg.api.host, cfg.api.port)
+        try:
+            await api.__aenter__()
+        except OSError as exc:
+            raise OptionError("api.port", f"cannot listen on {cfg.api.host}:{cfg.api.port}: "
+                                          f"{bind_problem(exc, cfg.api.port)}") from None
+        self._api = api
         self.state.write_api_info(ApiInfo(cfg.api.host, self._api.port, _pid(), str(self.peer_id)))
         self.membership.start()
         if net.mdns:
@@ -152,6 +173,7 @@ class Node:
             await self._mdns.__aenter__()
         if self.learner is not None:
             await self.learner.start()
+        self._announced = True
         log.info(
             "node started",
             extra={"event": "started", "peer": str(self.peer_id), "addrs": [str(a) for a in self.addrs], "api": self._api.url},
@@ -194,6 +216,11 @@ class Node:
         (``LearnerInfo``) are learning neighbours."""
         self.learner = learner
         self.dispatcher.register(learner.handlers_for(self))
+        if hasattr(self, "membership"):  # else _start wires it when it builds membership
+            self._wire_learner()
+
+    def _wire_learner(self) -> None:
+        learner = self.learner
         self.membership.learning_peer = lambda session: session.learner_info is not None
 
         async def on_linked(session: PeerSession) -> None:
@@ -240,7 +267,9 @@ class Node:
         if hasattr(self, "table"):
             self.save_peers()
         self.state.release()
-        log.info("node stopped", extra={"event": "stopped"})
+        if self._announced:
+            self._announced = False
+            log.info("node stopped", extra={"event": "stopped"})
 
     async def _say_goodbye(self, session: PeerSession) -> None:
         try:
@@ -498,6 +527,7 @@ class Node:
             "faults": dict(self._faults),
             "health": self.health(),
             "learning": self.learner.status() if self.learner is not None else None,
+            "learning_off": self.learning_off,
         }
 
     def _failed_tasks(self) -> list[dict[str, Any]]:
@@ -516,6 +546,11 @@ class Node:
         exception, not restarted) or a periodic one keeps failing."""
         failed = self._failed_tasks()
         return {"ok": not failed, "failed_tasks": failed, "task_errors": self.tasks.error_count}
+
+    @property
+    def learning_off(self) -> str | None:
+        """Why this node trains nothing (None when it learns)."""
+        return LEARNING_OFF if self.learner is None else None
 
     def traffic(self) -> tuple[int, int]:
         """(bytes in, bytes out) of messages over all sessions since start, as
@@ -571,6 +606,16 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with Node(config) as node:
+            if node.learning_off:
+                log.warning(f"learning is off ({node.learning_off})", extra={"event": "learning_off"})
+            else:
+                learning, auto = node.config.learning, config.learning.node_index == AUTO
+                log.info(
+                    f"learning {learning.trainer} on data share {learning.node_index} of {learning.num_nodes}"
+                    + (" (node_index auto: from the peer id)" if auto else ""),
+                    extra={"event": "learning", "trainer": learning.trainer, "node_index": learning.node_index,
+                           "num_nodes": learning.num_nodes, "auto_index": auto},
+                )
             await node.serve_until(stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -578,17 +623,11 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
 
 
 def run_node(config: NodeConfig) -> int:
-    """CLI entry: run the daemon in the foreground on uvloop; 0 after a clean stop."""
+    """CLI entry: run the daemon in the foreground on uvloop; 0 after a clean stop.
+    Errors propagate: the CLI prints them as one line (exit 2 for a
+    :class:`~murmur.errors.ConfigError`, such as a port in use)."""
     import uvloop
 
     tune_allocator()  # process-wide, so the entry point's call (see its docstring)
-    try:
-        uvloop.run(serve(config))
-    except StateError as exc:
-        log.error("cannot start: %s", exc)
-        print(f"murmur: {exc}", flush=True)
-        return 1
-    except MurmurError as exc:
-        print(f"murmur: {exc}", flush=True)
-        return 1
+    uvloop.run(serve(config))  # a MurmurError is the CLI's to report: one line on stderr, exit 2 or 1
     return 0

@@ -263,7 +263,10 @@ class StateDir:
 
     def identity(self) -> Identity:
         self.create()
-        return Identity.load_or_create(self.path)
+        try:
+            return Identity.load_or_create(self.path)
+        except OSError as exc:  # unreadable key, read-only dir: one line, not a traceback
+            raise StateError(f"cannot load or create {self.identity_path}: {exc.strerror or exc}") from None
 
     # -- single-daemon lock
     @property
@@ -276,7 +279,10 @@ class StateDir:
         if self._lock_fd is not None:
             raise StateError(f"state dir {self.path} is already locked by this object")
         self.create()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot open {self.lock_path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -290,8 +296,13 @@ class StateDir:
                 ) from None
             raise StateError(f"cannot lock {self.lock_path}: {exc.strerror}") from exc
         self._lock_fd = fd
-        self.api_path.unlink(missing_ok=True)  # left by a daemon that died: stale by definition
-        atomic_write_bytes(self.pid_path, f"{os.getpid()}\n".encode())
+        try:
+            self.api_path.unlink(missing_ok=True)  # left by a daemon that died: stale by definition
+            atomic_write_bytes(self.pid_path, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            self._lock_fd = None
+            os.close(fd)  # drops the flock
+            raise StateError(f"cannot write to state dir {self.path}: {exc.strerror or exc}") from None
 
     def release(self) -> None:
         if self._lock_fd is None:

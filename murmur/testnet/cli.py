@@ -3,8 +3,9 @@
 Called lazily by ``murmur.node.cli`` with the namespace its ``testnet run``
 subparser parsed (options declared once, in :mod:`murmur.testnet.options`);
 also runnable as ``python -m murmur.testnet.cli ...``. Exit codes: 0 the run
-completed (or ran its time), 1 training stalled, 2 bad scenario or usage, 130
-interrupted.
+completed (or ran its time), 1 training stalled or no node could start, 2 bad
+scenario or usage (also when every worker refused its config), 130
+interrupted. Errors are one ``murmur: ...`` line on stderr.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from typing import Any
 from murmur.errors import ConfigError
 from murmur.testnet.controller import RunEnd, RunOptions, RunResult, Testnet
 from murmur.testnet.options import DEFAULT_OUT_ROOT, add_run_arguments
-from murmur.testnet.scenario import load_scenario
+from murmur.testnet.scenario import load_runnable_scenario
 
 EXIT_OK = 0
 EXIT_STALLED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_FAILED = 1
 EXIT_CODES = {RunEnd.COMPLETED: EXIT_OK, RunEnd.TIME_UP: EXIT_OK, RunEnd.STALLED: EXIT_STALLED,
-              RunEnd.INTERRUPTED: EXIT_INTERRUPTED}
+              RunEnd.INTERRUPTED: EXIT_INTERRUPTED, RunEnd.FAILED: EXIT_FAILED}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +52,7 @@ def run_testnet(ns: argparse.Namespace) -> int:
     """Entry point for ``murmur testnet run``."""
     args = ns
     try:
-        scenario = load_scenario(args.scenario)
+        scenario = load_runnable_scenario(args.scenario)
     except ConfigError as exc:
         print(f"murmur: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -67,6 +69,10 @@ def run_testnet(ns: argparse.Namespace) -> int:
         print(f"\ninterrupted; every node stopped. Run dir: {testnet.run_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print_result(result)
+    failure = result.failure
+    if failure is not None:
+        print(f"murmur: {failure.message} (worker {failure.proc}, log {failure.log})", file=sys.stderr)
+        return EXIT_USAGE if failure.code == EXIT_USAGE else EXIT_FAILED
     return EXIT_CODES[result.end]
 
 

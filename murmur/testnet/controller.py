@@ -53,7 +53,7 @@ from murmur.node.state import METRICS_FILE, StateDir
 from murmur.testnet.churn import ChurnSchedule, network_round, partition_groups
 from murmur.testnet.dashboard import DashboardServer, DashboardState, fill_from_specs
 from murmur.testnet.forkserver import ForkServer, ForkServerError
-from murmur.testnet.procs import Supervisor
+from murmur.testnet.procs import Supervisor, last_error
 from murmur.testnet.report import write_report
 from murmur.testnet.scenario import (
     Action,
@@ -91,6 +91,7 @@ class RunEnd(enum.StrEnum):
     TIME_UP = "time_up"
     STALLED = "stalled"
     INTERRUPTED = "interrupted"
+    FAILED = "failed"  # every worker exited before any of its nodes answered: see RunResult.failure
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,16 @@ class NodeHandle:
     last_seen: dict[str, Any] | None = None  # last answer, kept after it goes down
 
 
+@dataclass(frozen=True)
+class WorkerFailure:
+    """Why a worker process gave up: its exit code and last word (see ``procs.last_error``)."""
+
+    proc: str
+    code: int | None
+    message: str
+    log: Path
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -159,6 +170,7 @@ class RunResult:
     events: list[dict[str, Any]]
     summary: dict[str, Any] | None
     dashboard_url: str | None
+    failure: WorkerFailure | None = None  # with RunEnd.FAILED: the first worker's error
 
 
 # ------------------------------------------------------------------- helpers
@@ -252,6 +264,8 @@ class Testnet:
         self._front_at = time.monotonic()
         self._last_progress = -math.inf
         self._background: set[asyncio.Task[None]] = set()  # standby start-ups in flight
+        self._exited: list[WorkerProc] = []  # processes that exited on their own, in the order seen
+        self.failure: WorkerFailure | None = None
         self._worker_env: dict[str, str] | None = None
         self._actions: dict[Action, Callable[[ChurnEvent], Coroutine[Any, Any, str | None]]] = {
             Action.CRASH: self._crash, Action.STOP: self._stop, Action.RESTART: self._start_nodes,
@@ -363,7 +377,7 @@ class Testnet:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _start_together(self, procs: list[WorkerProc]) -> None:
+    async def _start_together(self, procs: list[WorkerProc]) -> bool:
         """Start the nodes of the first workers, launched as standbys, at once.
 
         Importing torch takes 10-30 s per process on a loaded 2-core box and
@@ -373,13 +387,28 @@ class Testnet:
         to the last round and handed its model to the first honest node to
         come up (the catch-up of a node whose neighbours are all ahead). A
         standby has done its imports once its control socket answers; the
-        nodes then start within one control round trip of each other."""
+        nodes then start within one control round trip of each other.
+
+        False when every one of them exited first (a config it refused, a
+        data set it could not load): they would all fail the same way again,
+        so the run ends at once with the first one's error (``failure``)."""
         started = time.monotonic()
         self._say(f"starting {len(procs)} worker processes (imports first, then every node at once)")
         await asyncio.gather(*(self._await_control(proc) for proc in procs))
-        self._say(f"workers ready in {time.monotonic() - started:.1f} s; starting the nodes")
         assert self._supervisor is not None
+        dead = [proc for proc in procs if not self._supervisor[proc.child].alive()]
+        if procs and len(dead) == len(procs):
+            self._fail(dead[0])
+            return False
+        self._say(f"workers ready in {time.monotonic() - started:.1f} s; starting the nodes")
         await asyncio.gather(*(self._start_standby(proc, self._supervisor[proc.child]) for proc in procs))
+        return True
+
+    def _fail(self, proc: WorkerProc) -> None:
+        assert self._supervisor is not None
+        child = self._supervisor[proc.child]
+        self.failure = WorkerFailure(proc.name, child.returncode, last_error(child.log_path), child.log_path)
+        self._say(f"\nno worker could start; {proc.name} (exit {child.returncode}): {self.failure.message}")
 
     async def _await_control(self, proc: WorkerProc) -> None:
         """Until ``proc``'s control socket answers (its imports are done), it
@@ -442,11 +471,13 @@ class Testnet:
             for proc in self.procs.values():  # standbys for later (re)starts import meanwhile
                 if self._will_start(proc):
                     self._prespawn(proc)
-            await self._start_together(initial)
-            self._t0 = self._front_at = time.monotonic()  # at_s counts from here: the nodes' start
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)) as http:
-                end = await self._loop(http)
-                final = await self._poll(http)
+            if not await self._start_together(initial):
+                end = RunEnd.FAILED
+            else:
+                self._t0 = self._front_at = time.monotonic()  # at_s counts from here: the nodes' start
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)) as http:
+                    end = await self._loop(http)
+                    final = await self._poll(http)
         finally:
             for task in self._background:
                 task.cancel()
@@ -459,15 +490,19 @@ class Testnet:
                 await server.stop()
         wall = time.monotonic() - launched  # imports included: what the user waited
         report_dir, summary = None, None
-        if self.options.write_report:
+        if self.options.write_report and end is not RunEnd.FAILED:  # no node ran: nothing to report
             report_dir, summary = await asyncio.to_thread(self.write_report, final)
-        return RunResult(self.run_dir, report_dir, end, wall, self._front, self.events, summary, self.dashboard_url)
+        return RunResult(self.run_dir, report_dir, end, wall, self._front, self.events, summary, self.dashboard_url,
+                         self.failure)
 
     async def _loop(self, http: aiohttp.ClientSession) -> RunEnd:
         sc = self.scenario
         stall_s = self.options.stall_s or max(MIN_STALL_S, STALL_DEADLINES * sc.duration.round_deadline_s)
         while True:
             await self._poll(http)
+            if self._nobody_started():
+                self._fail(self._exited[0])
+                return RunEnd.FAILED
             await self._sync_partitions()
             elapsed = time.monotonic() - self._t0
             # "at round r" counts once every started node answered: on a loaded
@@ -485,6 +520,11 @@ class Testnet:
                 self._say(f"\nno round completed for {stall_s:.0f} s: stopping (see {self.run_dir / 'logs'})")
                 return RunEnd.STALLED
             await asyncio.sleep(self.options.poll_interval_s)  # the polling period, not synchronisation
+
+    def _nobody_started(self) -> bool:
+        """Every worker exited on its own and none of their nodes ever answered."""
+        return (bool(self._exited) and not any(p.wanted_up for p in self.procs.values())
+                and not any(h.last_seen is not None for h in self.nodes.values()))
 
     def _expected_up(self) -> list[NodeHandle]:
         return [h for h in self.nodes.values() if self.procs[h.proc].wanted_up]
@@ -544,6 +584,7 @@ class Testnet:
             if child is not None and not child.alive():
                 code = child.returncode
                 proc.wanted_up = False
+                self._exited.append(proc)
                 self._say(f"\nprocess {proc.name} exited unexpectedly (code {code}); see {child.log_path}")
                 self._record({"action": "exited", "process": proc.name, "code": code})
 

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0  # SIGTERM -> SIGKILL; nodes promise a graceful exit "within a few seconds"
 KILL_WAIT_S = 5.0  # a SIGKILLed process is gone once the kernel reaps it; bound the wait anyway
+FATAL_PREFIX = "murmur worker: "
+"""Starts the one line a worker that gives up writes last on stderr (its log),
+so that the controller can tell the user why (:func:`last_error`)."""
+LOG_TAIL_BYTES = 64 * 1024
 
 
 class _Process(Protocol):
@@ -127,6 +131,22 @@ class ChildProcess:
 
     def __repr__(self) -> str:
         return f"ChildProcess({self.name!r}, pid={self.pid}, returncode={self.returncode})"
+
+
+def last_error(log_path: Path) -> str:
+    """Why a child gave up: its last :data:`FATAL_PREFIX` line (prefix
+    removed), else its last line (a traceback's last line names the exception)."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            tail = fh.read().decode("utf-8", errors="replace")
+    except OSError as exc:
+        return f"no log ({exc.strerror})"
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith(FATAL_PREFIX):
+            return line[len(FATAL_PREFIX):]
+    return lines[-1] if lines else "exited without a word"
 
 
 class Supervisor:

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from murmur.errors import ConfigError
-from murmur.node.config import Codec, Partition, PrivacyLevel, PrivacyScheme
+from murmur.errors import ConfigError, OptionError
+from murmur.node.config import Codec, NetworkSection, Partition, PrivacyLevel, PrivacyScheme
 
 DEFAULT_SCENARIO_RESOURCE = "default_scenario.toml"
 LOOPBACK = "127.0.0.1"
@@ -445,23 +445,23 @@ def _cross_checks(sc: Scenario) -> Iterable[tuple[tuple[str | int, ...], str]]:
 # ------------------------------------------------------------------- loading
 
 
+def _locate(text: str, source: str, path: tuple[str | int, ...], message: str) -> ConfigError:
+    line = find_line(text, path)
+    return ConfigError(f"{source}:{line}: {message}" if line else f"{source}: {message}")
+
+
 def parse_scenario(text: str, source: str = "scenario.toml") -> Scenario:
     """Parse scenario TOML ``text``; errors name ``source``, line and field."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-
-    def locate(path: tuple[str | int, ...], message: str) -> ConfigError:
-        line = find_line(text, path)
-        return ConfigError(f"{source}:{line}: {message}" if line else f"{source}: {message}")
-
     try:
         scenario = _build(Scenario, raw, ())
     except _FieldError as exc:
-        raise locate(exc.path, str(exc)) from None
+        raise _locate(text, source, exc.path, str(exc)) from None
     for path, problem in _cross_checks(scenario):
-        raise locate(path, f"{_dotted(path)}: {problem}")
+        raise _locate(text, source, path, f"{_dotted(path)}: {problem}")
     return scenario
 
 
@@ -469,17 +469,36 @@ def default_scenario_text() -> str:
     return importlib.resources.files(__package__).joinpath(DEFAULT_SCENARIO_RESOURCE).read_text(encoding="utf-8")
 
 
-def load_scenario(path: str | Path | None = None) -> Scenario:
-    """Load a scenario file; ``None`` loads the embedded default scenario."""
+def read_scenario(path: str | Path | None = None) -> tuple[str, str]:
+    """A scenario's text and the name its errors go by; ``None``: the embedded default."""
     if path is None:
-        return parse_scenario(default_scenario_text(), DEFAULT_SCENARIO_RESOURCE)
+        return default_scenario_text(), DEFAULT_SCENARIO_RESOURCE
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8"), str(path)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_scenario(text, str(path))
+
+
+def load_scenario(path: str | Path | None = None) -> Scenario:
+    """Load a scenario file; ``None`` loads the embedded default scenario."""
+    return parse_scenario(*read_scenario(path))
+
+
+def load_runnable_scenario(path: str | Path | None = None) -> Scenario:
+    """:func:`load_scenario`, then :func:`check_scenario`: what ``murmur
+    testnet run`` does before it starts any process, so that a typo in a
+    trainer's name is one line naming the scenario's line, not a run of
+    nodes that never start."""
+    text, source = read_scenario(path)
+    scenario = parse_scenario(text, source)
+    try:
+        check_scenario(scenario)
+    except OptionError as exc:
+        field_path = SCENARIO_FIELDS.get(exc.key, ())
+        raise _locate(text, source, field_path, f"{_dotted(field_path) or exc.key}: {exc.problem}") from None
+    return scenario
 
 
 # --------------------------------------------------------- per-node configs
@@ -544,38 +563,26 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> lis
     targets = sybil_targets(scenario)
     rounds = scenario.duration.rounds or UNBOUNDED_ROUNDS
     priv = scenario.privacy
-    # honest nodes measure the success rate of the (first) attack in the scenario
-    eval_attack = scenario.attackers[0].kind.value if scenario.attackers else "none"
     configs = []
     for s in specs:
         dial = targets[s.index] if s.role is Role.ATTACKER else boot[s.index]
         neighbours = (scenario.attackers[s.attacker].edges_per_sybil if s.attacker is not None
                       else scenario.topology.degree)
+        view_size = max(total, neighbours)
         configs.append({
             "node": {"data_dir": str(workdir / s.name), "listen": [f"/ip4/{LOOPBACK}/tcp/{base_port + s.index}"],
                      "log_level": "info", "log_format": "json"},
             "network": {
                 "bootstrap": [addr(j) for j in dial], "mdns": False, "neighbours": neighbours,
-                "view_size": max(total, neighbours), "allow_loopback": True,
+                # a shuffle cannot send more of the view than there is (networks under 8 nodes)
+                "view_size": view_size, "shuffle_length": min(NetworkSection.shuffle_length, view_size),
+                "allow_loopback": True,
                 # every node shares 127.0.0.0/24: subnet limits would cap the view at a few peers
                 "subnet_bucket_size": total, "shuffle_interval_s": SHUFFLE_INTERVAL_S,
             },
             "transport": {"max_inbound_per_subnet": max(16, total)},
             "api": {"host": LOOPBACK, "port": 0},
-            "learning": {
-                "enabled": True, "threads": NODE_TORCH_THREADS, "eval_attack": eval_attack,
-                "trainer": scenario.trainer.spec, "trainer_options": dict(scenario.trainer.options),
-                "device": scenario.trainer.device, "seed": scenario.seed,
-                "node_index": s.data_index, "num_nodes": scenario.nodes + len(scenario.attackers),
-                "partition": scenario.partition.kind.value, "alpha": scenario.partition.alpha,
-                "shards": scenario.partition.shards,
-                "attack": s.attack.value if s.attack is not None else "none",
-                "rounds": rounds, "mixing_rounds": scenario.duration.mixing_rounds,
-                "local_steps": scenario.trainer.local_steps,
-                "round_deadline_s": scenario.duration.round_deadline_s, "quorum": scenario.duration.quorum,
-                "aggregator": scenario.aggregator.name, "aggregator_options": dict(scenario.aggregator.options),
-                "codec": scenario.codec.value,
-            },
+            "learning": learning_table(scenario, s),
             "privacy": {
                 "enabled": priv.enabled, "scheme": priv.scheme.value, "epsilon": priv.epsilon,
                 "delta": priv.delta, "clip": priv.clip, "rounds": priv.rounds or rounds,
@@ -583,6 +590,53 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> lis
             },
         })
     return configs
+
+
+def learning_table(scenario: Scenario, spec: NodeSpec) -> dict[str, Any]:
+    """The ``[learning]`` section of node ``spec``'s config."""
+    return {
+        "enabled": True, "threads": NODE_TORCH_THREADS,
+        # honest nodes measure the success rate of the (first) attack in the scenario
+        "eval_attack": scenario.attackers[0].kind.value if scenario.attackers else "none",
+        "trainer": scenario.trainer.spec, "trainer_options": dict(scenario.trainer.options),
+        "device": scenario.trainer.device, "seed": scenario.seed,
+        "node_index": spec.data_index, "num_nodes": scenario.nodes + len(scenario.attackers),
+        "partition": scenario.partition.kind.value, "alpha": scenario.partition.alpha,
+        "shards": scenario.partition.shards,
+        "attack": spec.attack.value if spec.attack is not None else "none",
+        "rounds": scenario.duration.rounds or UNBOUNDED_ROUNDS, "mixing_rounds": scenario.duration.mixing_rounds,
+        "local_steps": scenario.trainer.local_steps,
+        "round_deadline_s": scenario.duration.round_deadline_s, "quorum": scenario.duration.quorum,
+        "aggregator": scenario.aggregator.name, "aggregator_options": dict(scenario.aggregator.options),
+        "codec": scenario.codec.value,
+    }
+
+
+#: Where the node options a scenario sets come from: a node-config check's
+#: complaint about the key is reported at the scenario field's line.
+SCENARIO_FIELDS: Mapping[str, tuple[str | int, ...]] = types.MappingProxyType({
+    "learning.trainer": ("trainer", "spec"),
+    "learning.trainer_options": ("trainer", "options"),
+    "learning.device": ("trainer", "device"),
+    "learning.attack": ("attackers", 0, "kind"),
+    "learning.eval_attack": ("attackers", 0, "kind"),
+    "learning.aggregator": ("aggregator", "name"),
+    "learning.aggregator_options": ("aggregator", "options"),
+})
+
+
+def check_scenario(scenario: Scenario) -> None:
+    """What the machine decides about a scenario's nodes (trainer, its options
+    and attacks, device, aggregator and its options), checked on one honest
+    node and one Sybil as :mod:`murmur.node.preflight` checks a node: raises
+    :class:`OptionError` keyed by the node option (see :data:`SCENARIO_FIELDS`)."""
+    from murmur.node.config import load_config
+    from murmur.node.preflight import check_learning
+
+    specs = scenario.node_specs()
+    for spec in [specs[0], *(s for s in specs if s.role is Role.ATTACKER)][:2]:
+        table = learning_table(scenario, spec)
+        check_learning(load_config(None, {f"learning.{key}": value for key, value in table.items()}).learning)
 
 
 def process_groups(scenario: Scenario, nodes_per_process: int | None = None) -> list[list[int]]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import logging
@@ -45,16 +46,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from murmur.errors import ConfigError, MurmurError
+from murmur.errors import ConfigError, MurmurError, OptionError
 from murmur.fastexit import exit_after_shutdown
-from murmur.node.config import NodeConfig, load_config
+from murmur.node import preflight as node_preflight
+from murmur.node.config import NodeConfig, load_config_with_source
 from murmur.node.daemon import Node
 from murmur.node.logs import configure_logging
 from murmur.protocol.identity import PeerId
+from murmur.testnet.procs import FATAL_PREFIX
 
 log = logging.getLogger(__name__)
 
 MAX_CONTROL_LINE = 1 << 20  # a partition lists every peer id: ~60 bytes each
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
 
 
 class Command(enum.StrEnum):
@@ -177,6 +182,19 @@ FORK_PRELOAD = (
 )
 
 
+def load_checked(path: Path) -> NodeConfig:
+    """A node config, with what :mod:`murmur.node.preflight` finds in it
+    located in the file. Not its ports: a standby worker checks long before its
+    node restarts, while the process it replaces may still hold them."""
+    cfg, source = load_config_with_source(path)
+    try:
+        node_preflight.check_data_dir(cfg.node.data_dir)
+        node_preflight.check_learning(cfg.learning)
+    except OptionError as exc:
+        raise source.located(exc) from None
+    return cfg
+
+
 def preload(configs: Sequence[NodeConfig]) -> None:
     """Import what the nodes will need (see the module docstring)."""
     learning = {cfg.learning.trainer: cfg.learning for cfg in configs if cfg.learning.enabled}
@@ -185,7 +203,9 @@ def preload(configs: Sequence[NodeConfig]) -> None:
         from murmur.node import learner  # noqa: F401 - torch and the round engine
 
         for spec, section in learning.items():
-            # A throwaway trainer: datasets import their loaders (sklearn: ~5 s) lazily.
+            # A throwaway trainer (any data share will do): datasets import their loaders lazily.
+            if not isinstance(section.node_index, int):
+                section = dataclasses.replace(section, node_index=0)
             load_trainer(spec)(section.trainer_context())
     if any(cfg.privacy.enabled for cfg in configs):
         from murmur.node import privacy  # noqa: F401 - accountant, noise, cvxpy
@@ -234,26 +254,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--control", type=Path, help="Unix socket for control commands (partition/heal/start)")
     parser.add_argument("--standby", action="store_true", help="import everything, then wait for 'start' on the control socket")
     args = parser.parse_args(argv)
-    try:
-        configs = [load_config(path) for path in args.configs]
-    except ConfigError as exc:
-        print(f"murmur worker: config error: {exc}", file=sys.stderr)
-        return 2
     if args.standby and args.control is None:
         parser.error("--standby needs --control (the start command arrives there)")
-    configure_logging(configs[0].node.log_level, configs[0].node.log_format)
-    preload(configs)
-    import uvloop
-
-    from murmur.protocol.transport import tune_allocator
-
-    tune_allocator()  # process-wide, as in `murmur node start`
-
     try:
+        configs = [load_checked(path) for path in args.configs]
+        configure_logging(configs[0].node.log_level, configs[0].node.log_format)
+        preload(configs)  # builds a trainer: a data set that is missing fails here, before any port is bound
+        import uvloop
+
+        from murmur.protocol.transport import tune_allocator
+
+        tune_allocator()  # process-wide, as in `murmur node start`
         uvloop.run(serve(configs, attacker=args.attacker, control=args.control, standby=args.standby))
+    except ConfigError as exc:
+        print(f"{FATAL_PREFIX}config error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     except MurmurError as exc:
-        print(f"murmur worker: {exc}", file=sys.stderr)
-        return 1
+        print(f"{FATAL_PREFIX}{exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     return 0
 
 

@@ -58,6 +58,8 @@ def write_config(path: Path, data_dir: Path, port: int, bootstrap: str | None) -
         "allow_loopback = true",
         "[api]",
         "port = 0",
+        "[learning]",
+        "enabled = false",  # membership, transport and the CLI; eight trainers would crowd 2 cores
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -28,6 +28,9 @@ from murmur.protocol.multiaddr import Multiaddr
 
 MURMUR = Path(sys.executable).with_name("murmur")
 CLI_TIMEOUT_S = 60
+#: `node start` checks its ports before it starts: in-process tests must not
+#: depend on whether something on this machine holds the default 4731
+_NO_DEFAULT_PORTS = ("--listen", "/ip4/127.0.0.1/tcp/0")
 
 
 def murmur(*args: str) -> subprocess.CompletedProcess[str]:
@@ -167,19 +170,19 @@ def test_async_run_node_runs_on_uvloop(monkeypatch, restore_logging):
         return 3
 
     _fake_module(monkeypatch, "murmur.node.daemon", run_node=run_node)
-    assert cli.main(["node", "start"]) == 3
+    assert cli.main(["node", "start", *_NO_DEFAULT_PORTS]) == 3
     assert isinstance(loops[0], uvloop.Loop)
 
 
 def test_missing_daemon_or_testnet_is_a_clear_error(monkeypatch, capsys, restore_logging):
     monkeypatch.setitem(sys.modules, "murmur.node.daemon", None)  # import fails as if absent
-    assert cli.main(["node", "start"]) == 1
+    assert cli.main(["node", "start", *_NO_DEFAULT_PORTS]) == 1
     assert capsys.readouterr().err == "murmur: cannot start the node: murmur.node.daemon is not available\n"
     monkeypatch.setitem(sys.modules, "murmur.testnet.cli", None)
     assert cli.main(["testnet", "run", "ring"]) == 1
     assert "cannot run the testnet: murmur.testnet.cli is not available" in capsys.readouterr().err
     _fake_module(monkeypatch, "murmur.node.daemon")  # present but without run_node
-    assert cli.main(["node", "start"]) == 1
+    assert cli.main(["node", "start", *_NO_DEFAULT_PORTS]) == 1
     assert "murmur.node.daemon has no run_node()" in capsys.readouterr().err
 
 

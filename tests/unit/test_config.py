@@ -10,12 +10,15 @@ import pytest
 
 from murmur.errors import ConfigError
 from murmur.node.config import (
+    AUTO,
     CONSTRAINTS,
+    DEFAULT_NUM_NODES,
     Codec,
     LogFormat,
     NodeConfig,
     PrivacyScheme,
     TransportSection,
+    auto_node_index,
     config_keys,
     config_to_dict,
     default_config_text,
@@ -23,6 +26,7 @@ from murmur.node.config import (
     load_config,
     parse_override,
 )
+from murmur.protocol.identity import Identity
 from murmur.protocol.multiaddr import Multiaddr
 
 DEFAULT_TOML = Path(__import__("murmur.node.config").node.config.__file__).with_name("default_node.toml")
@@ -70,6 +74,9 @@ def test_constraint_table_names_only_real_fields():
         ("transport.max_frame = 10\n", 1, "transport.max_frame", "must be in [1024"),
         ("[network]\nneighbours = 30\nview_size = 20\n", 2, "network.neighbours", "view_size"),
         ("[learning]\nnum_nodes = 4\nnode_index = 4\n", 3, "learning.node_index", "num_nodes"),
+        ("[learning]\nnode_index = 'first'\n", 2, "learning.node_index", "must be an integer or 'auto', got 'first'"),
+        ("[learning]\nnode_index = -1\n", 2, "learning.node_index", "must be >= 0"),
+        ("[learning]\nmode = 'gossip'\n[privacy]\nenabled = true\n", 4, "privacy.enabled", "dsgd"),
         ("[transport]\nping_interval_s = 90.0\n", 2, "transport.ping_interval_s", "idle_timeout_s"),
     ],
 )
@@ -209,6 +216,26 @@ def test_learning_section_maps_onto_trainer_context_and_codec():
     ctx = cfg.learning.trainer_context()
     assert isinstance(ctx, base.TrainerContext)
     assert (ctx.node_index, ctx.num_nodes, ctx.attack, ctx.device, dict(ctx.options)) == (3, 8, "backdoor", None, {"lr": 0.1})
-    assert NodeConfig().learning.trainer_context().attack is None
+    with pytest.raises(ValueError, match="for_peer"):
+        NodeConfig().learning.trainer_context()  # "auto" names no share until the peer id is known
+    peer = Identity.generate().peer_id
+    auto = NodeConfig().learning.for_peer(peer).trainer_context()
+    assert auto.attack is None and 0 <= auto.node_index < auto.num_nodes == DEFAULT_NUM_NODES
     assert cfg.learning.codec.wire() is codecs.DeltaCodec.BF16
     assert {c.wire().name for c in Codec} == {c.name for c in codecs.DeltaCodec}
+
+
+def test_learning_is_on_with_a_data_share_drawn_from_the_peer_id():
+    """A node from the defaults learns, and needs nobody to hand it an index."""
+    learning = NodeConfig().learning
+    assert learning.enabled and learning.trainer == "digits-mlp"
+    assert learning.node_index == AUTO and learning.num_nodes == DEFAULT_NUM_NODES
+    peers = [Identity.generate().peer_id for _ in range(200)]
+    shares = [auto_node_index(p, DEFAULT_NUM_NODES) for p in peers]
+    assert shares == [auto_node_index(p, DEFAULT_NUM_NODES) for p in peers]  # stable: a restart keeps it
+    assert set(shares) == set(range(DEFAULT_NUM_NODES))  # spread over every share
+    assert learning.for_peer(peers[0]).node_index == shares[0]
+    fixed = load_config(None, {"learning.node_index": 3, "learning.num_nodes": 4}).learning
+    assert fixed.for_peer(peers[0]) is fixed  # an explicit index is the user's partition
+    assert load_config(None, {"learning.node_index": "auto"}).learning.node_index == AUTO
+    assert config_to_dict(NodeConfig())["learning"]["node_index"] == "auto"

@@ -17,6 +17,7 @@ from murmur.testnet.scenario import (
     Role,
     dump_toml,
     find_line,
+    load_runnable_scenario,
     load_scenario,
     node_configs,
     parse_scenario,
@@ -239,3 +240,38 @@ def test_the_dpsgd_example_is_one_dp_sgd_step_per_round() -> None:
     sc = load_scenario(next(p for p in SHIPPED_SCENARIOS if p.name == "dpsgd.toml"))
     assert sc.privacy.level.value == "example" and sc.trainer.local_steps == 1
     assert sc.trainer.options["dp_clip"] > 0 and sc.trainer.options["momentum"] == 0
+
+
+@pytest.mark.parametrize("nodes", [3, 4, 7])
+def test_small_networks_get_configs_their_nodes_accept(tmp_path: Path, nodes: int) -> None:
+    """Under 8 nodes the view is smaller than the default shuffle length: the
+    nodes refused their own configs (network.shuffle_length) and never started."""
+    sc = parse_scenario(BASE.replace("nodes = 4", f"nodes = {nodes}"))
+    for cfg in node_configs(sc, tmp_path, base_port=46000):
+        network = load_config(_dump(tmp_path, cfg)).network
+        assert network.shuffle_length <= network.view_size == nodes
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "message"),
+    [
+        ('[trainer]\nspec = "digits-mpl"\n', "trainer.spec", "unknown trainer 'digits-mpl'"),
+        ('[trainer]\nspec = "nomod:Trainer"\n', "trainer.spec", "cannot import module 'nomod'"),
+        ('[trainer]\noptions = { lr = "fast" }\n', "trainer.options", "option lr must be float"),
+        ('[trainer]\ndevice = "cuda:99"\n', "trainer.device", "device 'cuda:99' requested but"),
+        ('[aggregator]\nname = "sybilwal"\n', "aggregator.name", "unknown aggregator 'sybilwal'"),
+        ('[aggregator]\nname = "krum"\noptions = { f = "1" }\n', "aggregator.options", "option f must be int"),
+    ],
+)
+def test_runnable_scenario_names_the_line_of_what_its_nodes_would_refuse(
+    tmp_path: Path, section: str, field: str, message: str
+) -> None:
+    path = _write(tmp_path, BASE + section)
+    load_scenario(path)  # the scenario's own schema has no objection: only the nodes would have
+    line = find_line(path.read_text(), tuple(field.split(".")))
+    assert line is not None
+    with pytest.raises(ConfigError) as info:
+        load_runnable_scenario(path)
+    assert str(info.value).startswith(f"{path}:{line}: {field}: "), str(info.value)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert load_runnable_scenario(_write(tmp_path, BASE)).nodes == 4

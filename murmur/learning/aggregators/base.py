@@ -10,8 +10,10 @@ aggregator does its heavy math as a handful of vectorised torch ops instead of
 Python loops over peers.
 
 Options are typed, frozen dataclasses (one per aggregator, ``Aggregator.Options``);
-:func:`get_aggregator` builds them from keyword arguments and turns unknown names
-or bad option values into :class:`murmur.errors.ConfigError`.
+:func:`get_aggregator` builds them from keyword arguments (or a config table)
+with :func:`murmur.learning.options.parse_options` and turns unknown names,
+unknown options, ill-typed or bad option values into
+:class:`murmur.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from murmur.errors import ConfigError
+from murmur.learning.options import parse_options
 
 SELF = "self"
 """Key of the own contribution in :attr:`AggregationResult.weights`."""
@@ -214,32 +217,36 @@ def available_aggregators() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_aggregator(name: str, *, self_id: str | None = None, **options: Any) -> Aggregator:
-    """Build the aggregator registered as ``name`` with typed options.
-
-    ``self_id`` (the node's peer id) is passed to aggregators whose options
-    have a ``self_id`` field (those that gossip about peers) unless the
-    options already set it, and ignored by the others.
-    Raises ConfigError for an unknown name, an unknown option or a bad value.
-    """
+def aggregator_class(name: str) -> type[Aggregator]:
+    """The class registered as ``name``; ConfigError lists the known names."""
     cls = _REGISTRY.get(name)
     if cls is None:
         raise ConfigError(
             f"unknown aggregator {name!r}; known: {', '.join(available_aggregators())}"
         )
-    fields = {f.name for f in dataclasses.fields(cls.Options)}
-    if self_id is not None and "self_id" in fields:
+    return cls
+
+
+def aggregator_options(name: str, *, self_id: str | None = None, **options: Any) -> Any:
+    """The typed, validated options of aggregator ``name``: what
+    :func:`get_aggregator` builds it with, checked without building it.
+
+    ``self_id`` (the node's peer id) is filled in for aggregators whose options
+    have a ``self_id`` field (those that gossip about peers) unless the
+    options already set it, and ignored by the others.
+    Raises ConfigError for an unknown name, an unknown option, a value of the
+    wrong type or out of range.
+    """
+    cls = aggregator_class(name)
+    if self_id is not None and any(f.name == "self_id" for f in dataclasses.fields(cls.Options)):
         options.setdefault("self_id", self_id)
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ConfigError(
-            f"aggregator {name!r}: unknown option(s) {unknown}; known: {sorted(fields)}"
-        )
-    try:
-        opts = cls.Options(**options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"aggregator {name!r}: {exc}") from exc
-    return cls(opts)
+    return parse_options(cls.Options, options, f"aggregator {name!r}")
+
+
+def get_aggregator(name: str, *, self_id: str | None = None, **options: Any) -> Aggregator:
+    """Build the aggregator registered as ``name`` with typed options (see
+    :func:`aggregator_options`)."""
+    return aggregator_class(name)(aggregator_options(name, self_id=self_id, **options))
 
 
 def require(condition: bool, message: str) -> None:

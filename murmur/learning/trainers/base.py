@@ -17,9 +17,7 @@ Reproducibility rules, and why:
 
 from __future__ import annotations
 
-import dataclasses
 import types
-import typing
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -34,6 +32,7 @@ from torch.nn import functional as F
 from murmur.errors import ConfigError
 from murmur.learning import attacks, partition
 from murmur.learning.data import ArrayDataset
+from murmur.learning.options import parse_options as _parse_options
 from murmur.learning.privacy import dpsgd
 
 #: Stream tag for the per-node shuffling seed (kept apart from other uses of
@@ -86,6 +85,9 @@ def resolve_device(requested: str | None = None) -> torch.device:
         raise ConfigError(f"invalid device {requested!r}: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {requested!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {requested!r} requested but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {requested!r} requested but MPS is not available")
     return device
@@ -178,48 +180,10 @@ class TorchOptions:
 O = TypeVar("O", bound=TorchOptions)
 
 
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against a simple annotation (int, float, bool, str, X | None)."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is not type(None):
-                return _coerce(name, value, arg)
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif tp is str:
-        ok = isinstance(value, str)
-    else:  # pragma: no cover - a trainer declared an unsupported option type
-        raise TypeError(f"option {name}: unsupported annotation {tp!r}")
-    if not ok:
-        raise ConfigError(
-            f"trainer option {name} must be {getattr(tp, '__name__', tp)}, "
-            f"got {type(value).__name__} {value!r}"
-        )
-    return value
-
-
 def parse_options(cls: type[O], raw: Mapping[str, Any]) -> O:
     """Build ``cls`` from a config mapping: unknown keys, wrong types and
     invalid values are :class:`ConfigError`\\ s naming the option."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown trainer option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-        )
-    values = {key: _coerce(key, value, hints[key]) for key, value in raw.items()}
-    options = cls(**values)
-    options.validate()
-    return options
+    return _parse_options(cls, raw, "trainer")
 
 
 # ---------------------------------------------------------------- torch trainer

@@ -8,22 +8,34 @@ A spec is tried as, in order:
    installed package contributes a trainer without touching murmur.
 
 Built-ins are listed as import paths, not imported classes, so naming
-``digits-mlp`` never imports the Shakespeare code (and vice versa).
+``digits-mlp`` never imports the Shakespeare code (and vice versa), and this
+module imports no torch: :func:`check_trainer_name` vets a spec for a node
+that does not learn without loading anything.
 
 Drivers build their trainer with :func:`create_trainer`, which puts it behind
 the contract checks of :mod:`murmur.learning.trainers.checked`.
+
+The directory murmur was started from is importable for ``module:Class``
+(as with ``python -m``): a user's ``mymod.py`` next to their config is found
+without ``PYTHONPATH=.``. It is searched after the installed packages, so it
+cannot shadow one.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
+import os
+import sys
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from murmur.errors import ConfigError
-from murmur.learning.trainers.base import Trainer, TrainerContext
-from murmur.learning.trainers.checked import checked
+
+if TYPE_CHECKING:
+    from murmur.learning.trainers.base import Trainer, TrainerContext
 
 ENTRY_POINT_GROUP = "murmur.trainers"
 
@@ -37,14 +49,34 @@ BUILTIN_TRAINERS: Mapping[str, str] = MappingProxyType(
 )
 
 
-def _import_object(path: str) -> object:
+def _working_directory_importable() -> None:
+    """Append the working directory to ``sys.path`` unless it is already there
+    (``python -m`` puts it first; a console script does not)."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path):
+        sys.path.append(cwd)
+
+
+def _split(path: str) -> tuple[str, str]:
     module_name, _, attr_path = path.partition(":")
     if not module_name or not attr_path:
         raise ConfigError(f"{path!r} is not of the form package.module:Class")
+    return module_name, attr_path
+
+
+def _import_object(path: str) -> object:
+    module_name, attr_path = _split(path)
+    _working_directory_importable()
     try:
         obj: object = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import module {module_name!r} for trainer {path!r}: {exc}") from exc
+        raise ConfigError(
+            f"cannot import module {module_name!r} for trainer {path!r}: {exc} "
+            f"(searched the Python path and the working directory {os.getcwd()})"
+        ) from None
+    except Exception as exc:  # the plug-in's own code failed: SyntaxError, NameError, ...
+        raise ConfigError(f"importing module {module_name!r} for trainer {path!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from None
     for attr in attr_path.split("."):
         try:
             obj = getattr(obj, attr)
@@ -54,9 +86,23 @@ def _import_object(path: str) -> object:
 
 
 def _check_trainer(obj: object, origin: str) -> type[Trainer]:
+    from murmur.learning.trainers.base import Trainer  # late: torch
+
     if not (isinstance(obj, type) and issubclass(obj, Trainer)):
         raise ConfigError(f"{origin} is {obj!r}, not a subclass of murmur Trainer")
     return obj
+
+
+def _entry_points(spec: str) -> list[importlib.metadata.EntryPoint]:
+    return [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == spec]
+
+
+def _unknown(spec: str) -> ConfigError:
+    return ConfigError(
+        f"unknown trainer {spec!r}: not a built-in ({', '.join(BUILTIN_TRAINERS)}), "
+        f"not of the form package.module:Class, and no entry point named {spec!r} "
+        f"in group {ENTRY_POINT_GROUP!r}"
+    )
 
 
 def load_trainer(spec: str) -> type[Trainer]:
@@ -65,21 +111,38 @@ def load_trainer(spec: str) -> type[Trainer]:
         return _check_trainer(_import_object(BUILTIN_TRAINERS[spec]), f"built-in {spec!r}")
     if ":" in spec:
         return _check_trainer(_import_object(spec), f"trainer {spec!r}")
-    matches = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == spec]
+    matches = _entry_points(spec)
     if matches:
         try:
             loaded = matches[0].load()
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"entry point {spec!r} ({matches[0].value}) failed to load: {exc}") from exc
+        except Exception as exc:
+            raise ConfigError(f"entry point {spec!r} ({matches[0].value}) failed to load: {exc}") from None
         return _check_trainer(loaded, f"entry point {spec!r} ({matches[0].value})")
-    raise ConfigError(
-        f"unknown trainer {spec!r}: not a built-in ({', '.join(BUILTIN_TRAINERS)}), "
-        f"not of the form package.module:Class, and no entry point named {spec!r} "
-        f"in group {ENTRY_POINT_GROUP!r}"
-    )
+    raise _unknown(spec)
 
 
 def create_trainer(spec: str, ctx: TrainerContext) -> Trainer:
     """A trainer named by ``spec`` for ``ctx``, its return values checked
     (a contract violation is a ``TrainerError`` naming the method)."""
+    from murmur.learning.trainers.checked import checked  # torch: only where a trainer is built
+
     return checked(load_trainer(spec)(ctx))
+
+
+def check_trainer_name(spec: str) -> None:
+    """Whether ``spec`` names a trainer that :func:`load_trainer` could find,
+    without importing it (no torch): a built-in name, an entry point, or a
+    ``module:Class`` whose module exists. For a node that does not learn."""
+    if spec in BUILTIN_TRAINERS or _entry_points(spec):
+        return
+    if ":" not in spec:
+        raise _unknown(spec)
+    module_name, _ = _split(spec)
+    _working_directory_importable()
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as exc:  # a parent package that is missing or fails
+        raise ConfigError(f"cannot find module {module_name!r} for trainer {spec!r}: {exc}") from None
+    if found is None:
+        raise ConfigError(f"cannot find module {module_name!r} for trainer {spec!r} "
+                          f"(searched the Python path and the working directory {os.getcwd()})")

@@ -32,6 +32,8 @@ def test_krum_and_multi_krum_are_distinct_registrations() -> None:
         ("krum", {"f": -1}),
         ("sybilwall", {"gossip_lambda": 0.0}),
         ("foolsgold", {"memory": 0}),
+        ("krum", {"f": "1"}),  # ill-typed: refused by name, not a TypeError inside validate()
+        ("trimmed_mean", {"beta": True}),
     ],
 )
 def test_bad_names_and_options_are_config_errors(name: str, opts: dict[str, object]) -> None:
@@ -74,3 +76,9 @@ def test_weights_sum_to_one_and_delta_is_fresh(name: str) -> None:
     assert set(res.weights) == {"self", "p0", "p1", "p2", "p3"}
     torch.testing.assert_close(own, before)  # inputs are never mutated
     assert res.delta.dtype == torch.float32 and res.delta.shape == own.shape
+
+
+def test_the_torch_free_catalog_lists_every_registered_aggregator() -> None:
+    from murmur.learning.catalog import AGGREGATORS
+
+    assert AGGREGATORS == set(available_aggregators())

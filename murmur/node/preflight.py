@@ -1,0 +1,161 @@
+"""What a config cannot say about itself, checked before a node binds a port.
+
+The schema (:mod:`murmur.node.config`) checks types, ranges and how options
+relate. Whether the trainer a config names can be imported, whether its
+options fit the trainer's ``Options``, whether the device exists, whether the
+aggregator and its options are known, whether the data dir is writable and
+the listen ports are free depends on the machine and the code installed on
+it. Left to the daemon, each of these surfaced after the ports were bound, as
+a traceback or a line on stdout with exit code 1.
+
+Every check raises :class:`~murmur.errors.OptionError` naming the option to
+change; :meth:`~murmur.node.config.ConfigSource.located` adds the file and
+line. ``murmur node start`` and ``murmur config check`` run
+:func:`check_node`; the testnet runs :func:`check_learning` on every scenario
+before it starts a process. No data set is loaded and no model built: the
+checks take milliseconds, plus importing torch and the trainer's module for a
+node that learns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from murmur.errors import ConfigError, OptionError
+from murmur.node.config import Attack, LearningSection, NodeConfig
+
+T = TypeVar("T")
+
+
+def check_node(cfg: NodeConfig) -> None:
+    """Everything below, cheapest first."""
+    check_data_dir(cfg.node.data_dir)
+    check_ports(cfg)
+    check_learning(cfg.learning)
+
+
+# ---------------------------------------------------------------- learning
+
+
+def check_learning(section: LearningSection) -> None:
+    """Trainer and aggregator names always (a typo must not wait until
+    learning is switched on); with learning on, also what resolving them
+    needs: the trainer's module, its options, the attacks it supports, the
+    device, and the aggregator's options."""
+    if not section.enabled:
+        _check_names(section)
+        return
+    trainer = _blame("learning.trainer", _load_trainer, section.trainer)
+    options_cls = getattr(trainer, "Options", None)
+    if dataclasses.is_dataclass(options_cls) and isinstance(options_cls, type):
+        from murmur.learning.options import parse_options
+
+        _blame("learning.trainer_options", parse_options, options_cls, section.trainer_options,
+               f"trainer {section.trainer!r}")
+    for key, attack in (("learning.attack", section.attack), ("learning.eval_attack", section.eval_attack)):
+        if attack is not Attack.NONE and not getattr(trainer, "supports_attacks", True):
+            raise OptionError(key, f"trainer {section.trainer!r} does not support the {attack.value} attack")
+    from murmur.learning.trainers.base import resolve_device
+
+    _blame("learning.device", resolve_device, section.device_or_none)
+    from murmur.learning.aggregators import base as aggregators
+
+    _blame("learning.aggregator", aggregators.aggregator_class, section.aggregator)
+    _blame("learning.aggregator_options", lambda: aggregators.aggregator_options(
+        section.aggregator, **dict(section.aggregator_options)))
+
+
+def _check_names(section: LearningSection) -> None:
+    from murmur.learning.catalog import check_aggregator_name
+    from murmur.learning.trainers.registry import check_trainer_name
+
+    _blame("learning.trainer", check_trainer_name, section.trainer)
+    _blame("learning.aggregator", check_aggregator_name, section.aggregator)
+
+
+def _load_trainer(spec: str) -> type:
+    from murmur.learning.trainers.registry import load_trainer
+
+    return load_trainer(spec)
+
+
+def _blame(key: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, its ConfigError blamed on option ``key``."""
+    try:
+        return fn(*args)
+    except OptionError:
+        raise
+    except ConfigError as exc:
+        raise OptionError(key, str(exc)) from None
+
+
+# ---------------------------------------------------------------- machine
+
+
+def check_data_dir(path: Path) -> None:
+    """The state dir is a writable directory, or can be created as one.
+    Looks only: ``config check`` creates nothing."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is not a directory" if existing == path else f"cannot be created: {existing} is not a directory"
+        raise OptionError("node.data_dir", f"{path} {where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only_fs(existing) else "permission denied"
+        where = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise OptionError("node.data_dir", f"{path} {where} ({why})")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_identity_dir(cfg: NodeConfig) -> None:
+    """What ``murmur id`` needs: an identity to read, or a dir to create one in."""
+    from murmur.protocol.identity import KEY_FILE_NAME
+
+    if not (cfg.node.data_dir / KEY_FILE_NAME).is_file():
+        check_data_dir(cfg.node.data_dir)
+
+
+def check_ports(cfg: NodeConfig) -> None:
+    """Every fixed port the node will listen on (the peer listeners and the
+    API) is free now. Port 0 always is."""
+    for addr in cfg.node.listen:
+        _check_bindable("node.listen", addr.host, addr.port, str(addr))
+    _check_bindable("api.port", cfg.api.host, cfg.api.port, f"{cfg.api.host}:{cfg.api.port}")
+
+
+def _check_bindable(key: str, host: str, port: int, shown: str) -> None:
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the node's own listeners,
+            if family == socket.AF_INET6:  # which asyncio makes IPv6-only
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise OptionError(key, f"cannot listen on {shown}: {bind_problem(exc, port)}") from None
+
+
+def bind_problem(exc: OSError, port: int) -> str:
+    """What a failed bind means to the person who chose the address."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is already in use (another murmur node?); stop it or choose another port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "no such address on this machine"
+    if exc.errno == errno.EACCES:
+        return f"permission denied (port {port} needs privileges)"
+    return exc.strerror or str(exc)

@@ -1,0 +1,93 @@
+"""``murmur testnet run`` on a user's own small scenarios: it runs, or it says why at once.
+
+Through the real CLI entry, with real worker processes: networks of 3, 4 and
+7 nodes (under 8 the nodes used to refuse their own configs and the run
+stalled for a minute), a scenario with a typo (refused before any process
+starts), and one whose every worker fails to start (the run stops at once
+with the worker's error instead of waiting out the stall bound).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from murmur.testnet.controller import MIN_STALL_S, read_metrics
+
+MURMUR = [sys.executable, "-m", "murmur.node.cli"]
+RUN_TIMEOUT_S = 120
+REFUSE_TIMEOUT_S = 30  # a refusal is a config parse and a torch import: seconds
+FAIL_FAST_S = MIN_STALL_S / 2  # a failed start must not wait for the stall bound
+ROUNDS = 4
+SPEC_LINE = 13  # of `spec = ...` in scenario()'s text
+
+
+def scenario(tmp_path: Path, nodes: int, trainer: str = 'spec = "digits-mlp"\nlocal_steps = 5') -> Path:
+    path = tmp_path / f"n{nodes}.toml"
+    path.write_text(textwrap.dedent(f"""\
+        name = "small{nodes}"
+        nodes = {nodes}
+        nodes_per_process = {nodes}
+
+        [topology]
+        degree = 2
+
+        [duration]
+        rounds = {ROUNDS}
+        round_deadline_s = 1.0
+
+        [trainer]
+        """) + trainer + "\n", encoding="utf-8")
+    return path
+
+
+def run_testnet(path: Path, out: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MURMUR, "testnet", "run", str(path), "--out", str(out), "--no-dashboard"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("nodes", [3, 4, 7])
+def test_small_testnets_run(tmp_path: Path, nodes: int) -> None:
+    out = tmp_path / "run"
+    proc = run_testnet(scenario(tmp_path, nodes), out, RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["rounds"] == ROUNDS
+    names = [f"node{i}" for i in range(nodes)]
+    assert sorted(summary["nodes"]) == names
+    for name in names:
+        rows = read_metrics(out / "nodes" / name)
+        assert rows and rows[-1]["round"] == ROUNDS - 1, (name, rows)
+
+
+def test_scenario_typo_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+    path = scenario(tmp_path, 4, 'spec = "digits-mpl"')
+    out = tmp_path / "run"
+    proc = run_testnet(path, out, REFUSE_TIMEOUT_S)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"murmur: config error: {path}:{SPEC_LINE}: trainer.spec: unknown trainer 'digits-mpl'"), line
+    assert not out.exists()  # no process, no run dir
+
+
+def test_testnet_whose_nodes_cannot_start_stops_at_once(tmp_path: Path) -> None:
+    """Every worker fails building its trainer (a data set that is not
+    there): the run ends with that error, not a stall and a report of None."""
+    missing = tmp_path / "no-mnist"
+    path = scenario(tmp_path, 3, f'spec = "mnist-cnn"\noptions = {{ data_dir = "{missing}" }}')
+    out = tmp_path / "run"
+    started = time.monotonic()
+    proc = run_testnet(path, out, RUN_TIMEOUT_S)
+    took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"murmur: config error: {missing}: missing train-images-idx3-ubyte"), line
+    assert "(worker nodes-0-1-2, log " in line
+    assert took < FAIL_FAST_S, f"took {took:.1f} s"
+    assert not (out / "report").exists()
