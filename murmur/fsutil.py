@@ -11,22 +11,33 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically, with permission bits ``mode``."""
+    atomic_write_parts(path, (data,), mode)
+
+
+def atomic_write_parts(
+    path: str | os.PathLike[str], parts: Sequence[bytes | bytearray | memoryview], mode: int = 0o644
+) -> None:
+    """Replace ``path`` with the concatenation of ``parts`` atomically (temp
+    file, fsync, rename, fsync of the directory), never joining them in
+    memory: a large checkpoint is written straight from its arrays."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.fchmod(fd, mode)  # umask must not widen or narrow what was asked
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        for part in parts:
+            view = memoryview(part).cast("B")
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -12,6 +12,7 @@ is real torch, and "accuracy" rises as the model nears the network optimum.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -39,6 +40,7 @@ class VectorTrainer(Trainer):
         self.size = int(ctx.options.get("size", DEFAULT_SIZE))
         self.lr = float(ctx.options.get("lr", 0.2))
         self.local_steps = int(ctx.options.get("local_steps", 1))
+        self.sleep_s = float(ctx.options.get("sleep_s", 0.0))  # a slow trainer (stall tests)
         self.model = torch.zeros(self.size)
         self.target = _targets(ctx.seed, ctx.node_index, self.size)
         # The network optimum is the mean of every node's target; accuracy
@@ -58,6 +60,7 @@ class VectorTrainer(Trainer):
 
     def train(self, steps: int | None = None) -> TrainStats:
         steps = steps or self.local_steps
+        time.sleep(self.sleep_s)  # runs in the learner's worker thread, like real training
         loss = 0.0
         for _ in range(steps):
             diff = self.model - self.target

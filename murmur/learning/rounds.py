@@ -177,12 +177,26 @@ class RoundReport:
 class _Replica:
     model: torch.Tensor  # the peer's public model as of its message ``round``
     round: int  # -1: the network's shared initial model
+    # ``model`` is also a filed contribution's snapshot: copy it before the
+    # next advance instead of at every filing (copy on write). Neighbours
+    # usually send round r+1 after we aggregated round r, so most rounds
+    # copy nothing: one model-sized vector per neighbour less at real sizes.
+    lent: bool = False
+
+    def snapshot(self) -> torch.Tensor:
+        self.lent = True
+        return self.model
+
+    def advance(self, message: Message) -> None:
+        if self.lent:
+            self.model, self.lent = self.model.clone(), False
+        _advance(self.model, message)
 
 
 @dataclass
 class _Contribution:
-    update: torch.Tensor  # the peer's Δ̃ for the round
-    model: torch.Tensor  # snapshot of its public half-step model for the round
+    update: torch.Tensor  # the peer's Δ̃ for the round (its own memory, not the received message's buffer)
+    model: torch.Tensor  # snapshot of its public half-step model for the round (see _Replica.lent)
 
 
 @dataclass
@@ -250,7 +264,8 @@ class RoundEngine:
         """
         before = self.trainer.get_flat()
         stats = self.trainer.train(self.config.local_steps)
-        delta = self.trainer.get_flat() - before
+        delta = self.trainer.get_flat()
+        delta -= before  # in place: one model-sized vector less at real sizes
         # Rewind to x^t: the round's step is applied in finish_round().
         self.trainer.set_flat(before)
         return LocalUpdate(delta, float(stats.loss))
@@ -278,7 +293,7 @@ class RoundEngine:
             decoded = self.wire(message.stacked())
             message = Message(decoded[0], decoded[1])
         sent = message.update
-        self.public = self.public + message.consensus + sent
+        _advance(self.public, message)  # exactly as every neighbour's replica of it (offer)
         self._consensus = torch.zeros_like(self._consensus)
         self.last_sent_round = self.round
         self._pending = _Pending(dict(neighbours), update.delta, sent, update.loss)
@@ -319,9 +334,11 @@ class RoundEngine:
         if round > replica.round + 1:
             return self._hold(peer, round, update, consensus)
         device = replica.model.device
-        replica.model += consensus.to(device) + update.to(device)
+        replica.advance(Message(update.to(device), consensus.to(device)))
         replica.round = round
-        return self._file(peer, round, _Contribution(update.to(device), replica.model.clone()))
+        # The update is copied so the received message (both vectors) can be
+        # released now: a landing buffer goes back to the pool for the next transfer.
+        return self._file(peer, round, _Contribution(update.to(device, copy=True), replica.snapshot()))
 
     def _file(self, peer: str, round: int, contribution: _Contribution) -> Offer:
         pending = self._pending
@@ -366,7 +383,7 @@ class RoundEngine:
             return self.offer(peer, held_round, update, consensus)
         if held_round == round:
             device = replica.model.device
-            return self._file(peer, held_round, _Contribution(update.to(device), replica.model.clone()))
+            return self._file(peer, held_round, _Contribution(update.to(device, copy=True), replica.snapshot()))
         return None  # older than the model (it moved on) or still a gap
 
     def forget(self, peer: str) -> None:
@@ -461,7 +478,8 @@ class RoundEngine:
             raise RuntimeError("no round is open")
         peers = list(pending.received)
         models = [pending.received[p].model for p in peers]  # ŝ_j, public half-step models
-        private_half = self.trainer.get_flat() + pending.own_delta  # x_i + Δ_i, never noised
+        private_half = self.trainer.get_flat()
+        private_half += pending.own_delta  # x_i + Δ_i, never noised
         # A separate private model exists only when what we send is noised and we train from our own model.
         separate_private = self.perturber is not None and self.config.train_from is TrainFrom.PRIVATE
         if self.aggregator.combine is Combine.VALUES:
@@ -508,10 +526,19 @@ class RoundEngine:
         self._pending = None
         self._late_this_round = 0
         self.round += 1
+        self._return_snapshots()
         # Anything buffered for rounds we will never run again is late now.
         for stale in [r for r in self._future if r < self.round]:
             self.late_dropped += len(self._future.pop(stale))
         return report
+
+    def _return_snapshots(self) -> None:
+        """The closed round's contributions are gone: a replica whose model no
+        buffered contribution still holds may be advanced in place again."""
+        held = {id(c.model) for contributions in self._future.values() for c in contributions.values()}
+        for replica in self._replicas.values():
+            if replica.lent and id(replica.model) not in held:
+                replica.lent = False
 
     # -- catch-up and persistence --------------------------------------------------
 
@@ -551,15 +578,25 @@ class RoundEngine:
         self.round = int(state["round"])
 
 
+def _advance(public: torch.Tensor, message: Message) -> None:
+    """s += c + Δ̃, in place, as ((s + c) + Δ̃): the one order of float32
+    additions that sender and receivers all use. The old ``s + c + Δ̃`` on one
+    side and ``s += c + Δ̃`` on the other rounded differently, so replicas
+    drifted from the models they mirror by float32 rounding every round."""
+    public.add_(message.consensus).add_(message.update)
+
+
 def _weighted_offsets(
     models: Sequence[torch.Tensor], peers: Sequence[str], weights: Mapping[str, float], base: torch.Tensor
 ) -> torch.Tensor:
     """Σ_j w_j (model_j − base): the step that moves ``base`` to the weighted average."""
     step = torch.zeros_like(base)
+    offset = torch.empty_like(base)  # one scratch vector, not a temporary per neighbour
     for peer, model in zip(peers, models, strict=True):
         weight = weights.get(peer, 0.0)
         if weight:
-            step.add_(model - base, alpha=weight)
+            torch.sub(model, base, out=offset)
+            step.add_(offset, alpha=weight)
     return step
 
 

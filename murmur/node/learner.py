@@ -60,6 +60,7 @@ from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssemble
 from murmur.protocol.layout import TransferKind, TransferLayout
 from murmur.protocol.identity import PeerId
 from murmur.protocol.messages import (
+    MAX_HISTORY_ELEMENTS,
     NO_MORE_ROUNDS,
     DeltaChunk,
     DeltaEnd,
@@ -165,6 +166,16 @@ class NodeLearner:
         }
         self.stalls = StallMonitor()
         self.fingerprint = ModelFingerprint(cfg.trainer, self.trainer.param_shapes(), cfg.codec.value)
+        # A SybilWall history record carries a whole history in one message:
+        # for a model larger than a message holds, direct observations only.
+        self._gossips_records = isinstance(self.aggregator, SybilWallAggregator)
+        if self._gossips_records and self.engine.num_params > MAX_HISTORY_ELEMENTS:
+            self._gossips_records = False
+            log.warning(
+                "SybilWall history gossip is off: a history of this model does not fit one message",
+                extra={"event": "history_gossip_off", "num_params": self.engine.num_params,
+                       "max": MAX_HISTORY_ELEMENTS},
+            )
         self._finished = False  # our rounds are over: we send no more round messages
         self._open: _OpenRound | None = None  # the open round's message, for neighbours linked mid-round
         self._timer: PhaseTimer | None = None  # the open round's, for the stall reason
@@ -682,7 +693,7 @@ class NodeLearner:
     # -- SybilWall history gossip ---------------------------------------------------------
 
     async def _send_record(self, front: Node, peer: PeerId) -> None:
-        if not isinstance(self.aggregator, SybilWallAggregator):
+        if not self._gossips_records:
             return
         record = self.aggregator.records_to_send(str(peer))
         session = front.session(peer)

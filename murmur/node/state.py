@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ import msgpack
 import numpy as np
 
 from murmur.errors import StateError
-from murmur.fsutil import atomic_write_bytes, atomic_write_json
+from murmur.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_parts
 from murmur.protocol.identity import KEY_FILE_NAME, Identity
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ _HEADER_LEN = len(ARRAY_FILE_MAGIC) + _DIGEST_LEN
 #: dtype kinds allowed in array files: bool, signed/unsigned int, float, complex.
 #: Object, string and void dtypes could smuggle in anything; refuse them.
 _SAFE_DTYPE_KINDS = frozenset("biufc")
+_BIN32 = b"\xc6"  # msgpack's bin 32 marker; a big-endian u32 length follows
 
 
 @dataclass(frozen=True)
@@ -102,18 +104,40 @@ def _safe_dtype(text: str) -> np.dtype[Any]:
     return dtype
 
 
-def encode_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
-    """Serialise arrays + JSON-like metadata into the checksummed container."""
-    packed_arrays = {}
+def encode_array_parts(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> list[bytes | memoryview]:
+    """The checksummed container as pieces to write one after another, each
+    array's bytes a view of the array itself: a 10M-parameter checkpoint
+    (three 40 MB arrays) used to be copied three times over (``tobytes``,
+    msgpack's body, the header join), 360 MB of transient memory every round.
+
+    Same bytes as msgpack would write, except that every array payload is a
+    bin 32 (any msgpack reader takes it; msgpack picks the shortest form)."""
+    views = []
     for name, array in arrays.items():
-        arr = np.asarray(array)  # (not ascontiguousarray: it turns 0-d into 1-d); tobytes() is C order
+        arr = np.asarray(array)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)  # (a 0-d array is contiguous: its shape () is kept)
         dtype = _safe_dtype(arr.dtype.str)
-        packed_arrays[name] = [dtype.str, list(arr.shape), arr.tobytes()]
+        views.append((name, dtype.str, list(arr.shape), memoryview(arr.reshape(-1)).cast("B")))
+    packer = msgpack.Packer(use_bin_type=True)
     try:
-        body = msgpack.packb({"meta": dict(meta), "arrays": packed_arrays}, use_bin_type=True)
+        head = packer.pack_map_header(2) + packer.pack("meta") + packer.pack(dict(meta))
     except TypeError as exc:
         raise StateError(f"metadata is not serialisable: {exc}") from exc
-    return ARRAY_FILE_MAGIC + hashlib.blake2b(body, digest_size=_DIGEST_LEN).digest() + body
+    body: list[bytes | memoryview] = [head + packer.pack("arrays") + packer.pack_map_header(len(views))]
+    for name, dtype_text, shape, payload in views:
+        body.append(packer.pack(name) + packer.pack_array_header(3) + packer.pack(dtype_text) + packer.pack(shape)
+                    + _BIN32 + struct.pack(">I", payload.nbytes))
+        body.append(payload)
+    digest = hashlib.blake2b(digest_size=_DIGEST_LEN)
+    for piece in body:
+        digest.update(piece)
+    return [ARRAY_FILE_MAGIC + digest.digest(), *body]
+
+
+def encode_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
+    """Serialise arrays + JSON-like metadata into the checksummed container."""
+    return b"".join(encode_array_parts(arrays, meta))
 
 
 def decode_arrays(data: bytes, source: Path) -> ArrayBundle:
@@ -167,7 +191,7 @@ def write_array_file(
     write completed (renamed into place whole), so it is not read back and
     re-hashed — for a real model that was the whole checkpoint, every round.
     Returns the new file's identity."""
-    data = encode_arrays(arrays, meta)
+    parts = encode_array_parts(arrays, meta)
     prev = path.with_name(path.name + PREV_SUFFIX)
     current = file_identity(path)
     if current is not None:
@@ -178,7 +202,7 @@ def write_array_file(
             log.warning("not keeping damaged file as fallback", extra={"path": str(path), "error": str(exc)})
         else:
             os.replace(path, prev)
-    atomic_write_bytes(path, data, mode=0o600)
+    atomic_write_parts(path, parts, mode=0o600)
     return file_identity(path)
 
 

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -26,6 +21,7 @@ import pytest
 from murmur.node.state import StateDir
 from murmur.protocol.multiaddr import Multiaddr
 from tests.integration.cluster import wait_until
+from tests.integration.daemons import MURMUR, Daemon, DaemonPool, free_port
 
 N = 8
 K = 3
@@ -34,96 +30,16 @@ CONVERGE_S = 20.0
 RECOVER_S = 10.0
 GRACEFUL_EXIT_S = 6.0  # from the signal, for all of them; a task stuck in shutdown costs the TaskManager's 5 s
 HTTP_TIMEOUT_S = 2.0
-MURMUR = [sys.executable, "-m", "murmur.node.cli"]
 
 
-def free_port() -> int:
-    """A port nobody listens on now (node 0's, which the others bootstrap from)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_config(path: Path, data_dir: Path, port: int, bootstrap: str | None) -> None:
-    lines = [
-        "[node]",
-        f'data_dir = "{data_dir}"',
-        f'listen = ["/ip4/127.0.0.1/tcp/{port}"]',
-        'log_level = "info"',
-        'log_format = "json"',
-        "[network]",
-        f"bootstrap = [{json.dumps(bootstrap)}]" if bootstrap else "bootstrap = []",
-        f"neighbours = {K}",
-        "shuffle_interval_s = 0.5",
-        "allow_loopback = true",
-        "[api]",
-        "port = 0",
-        "[learning]",
-        "enabled = false",  # membership, transport and the CLI; eight trainers would crowd 2 cores
-    ]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-@dataclass
-class Daemon:
-    index: int
-    data_dir: Path
-    config: Path
-    proc: subprocess.Popen[bytes] | None = None
-    peer_id: str = ""
-    api: str = ""
-    log: list[Path] = field(default_factory=list)
-
-
-class DaemonPool:
-    """Starts daemons; owns every child process it started."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.daemons: list[Daemon] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def add(self, port: int, bootstrap: str | None) -> Daemon:
-        i = len(self.daemons)
-        data_dir = self.root / f"node{i}"
-        config = self.root / f"node{i}.toml"
-        write_config(config, data_dir, port, bootstrap)
-        daemon = Daemon(i, data_dir, config)
-        self.daemons.append(daemon)
-        return daemon
-
-    def spawn(self, daemon: Daemon) -> None:
-        StateDir(daemon.data_dir).api_path.unlink(missing_ok=True)  # never read a previous run's api.json
-        log = self.root / f"node{daemon.index}.{len(daemon.log)}.log"
-        daemon.log.append(log)
-        with open(log, "wb") as out:
-            daemon.proc = subprocess.Popen(
-                [*MURMUR, "node", "start", "--config", str(daemon.config)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            )
-        self.procs.append(daemon.proc)
-
-    def kill9(self, daemon: Daemon) -> None:
-        assert daemon.proc is not None
-        daemon.proc.send_signal(signal.SIGKILL)
-        assert daemon.proc.wait(5) == -signal.SIGKILL
-
-    def teardown(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-        for proc in self.procs:
-            proc.wait(10)
-
-
-@pytest.fixture
-def pool(tmp_path: Path) -> Iterator[DaemonPool]:
-    pool = DaemonPool(tmp_path)
-    try:
-        yield pool
-    finally:
-        pool.teardown()
-        assert _children_of(os.getpid()) == [], "a daemon outlived the test"
+def node_sections(port: int, bootstrap: str | None) -> dict[str, dict[str, Any]]:
+    return {
+        "node": {"listen": [f"/ip4/127.0.0.1/tcp/{port}"], "log_level": "info", "log_format": "json"},
+        "network": {"bootstrap": [bootstrap] if bootstrap else [], "neighbours": K, "shuffle_interval_s": 0.5,
+                    "allow_loopback": True},
+        "api": {"port": 0},
+        "learning": {"enabled": False},  # membership, transport and the CLI; eight trainers would crowd 2 cores
+    }
 
 
 @pytest.fixture
@@ -132,45 +48,12 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def _children_of(pid: int) -> list[int]:
-    """Live (non-zombie) processes whose parent is ``pid``, from /proc."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        state, ppid = fields[0], int(fields[1])
-        if ppid == pid and state != "Z":
-            out.append(int(entry.name))
-    return out
-
-
 async def _get(http: aiohttp.ClientSession, daemon: Daemon, path: str) -> Any:
     async with http.get(f"{daemon.api}{path}") as resp:
         assert resp.status == 200, f"{path}: HTTP {resp.status}"
         if path == "/metrics":
             return await resp.text()
         return await resp.json()
-
-
-async def _wait_api(daemon: Daemon) -> None:
-    """Until the daemon wrote api.json; records its API URL and peer id."""
-    state = StateDir(daemon.data_dir)
-
-    def ready() -> bool:
-        assert daemon.proc is not None and daemon.proc.poll() is None, (
-            f"node {daemon.index} exited: {daemon.log[-1].read_text()[-2000:]}"
-        )
-        return state.api_path.exists()
-
-    await wait_until(ready, START_S, f"node {daemon.index} api.json")
-    info = state.read_api_info()
-    assert info.pid == daemon.proc.pid  # type: ignore[union-attr]
-    daemon.api, daemon.peer_id = info.url, info.peer_id
 
 
 async def _statuses(http: aiohttp.ClientSession, daemons: list[Daemon]) -> list[dict[str, Any]]:
@@ -195,14 +78,14 @@ async def test_daemons_converge_survive_kill9_restart_and_stop(pool: DaemonPool,
     t0 = time.monotonic()
     # Node 0 has a fixed port (everyone's bootstrap) and a known identity.
     boot_port = free_port()
-    boot = pool.add(boot_port, None)
+    boot = pool.add(node_sections(boot_port, None))
     boot_id = StateDir(boot.data_dir).identity().peer_id
     boot_addr = str(Multiaddr("127.0.0.1", boot_port, boot_id))
     for _ in range(N - 1):
-        pool.add(0, boot_addr)
+        pool.add(node_sections(0, boot_addr))
     for daemon in pool.daemons:
         pool.spawn(daemon)
-    await asyncio.gather(*(_wait_api(d) for d in pool.daemons))
+    await asyncio.gather(*(pool.wait_api(d, START_S) for d in pool.daemons))
     assert boot.peer_id == str(boot_id)
     assert len({d.peer_id for d in pool.daemons}) == N
 
@@ -227,7 +110,7 @@ async def test_daemons_converge_survive_kill9_restart_and_stop(pool: DaemonPool,
     # A killed daemon restarted on its data dir keeps its identity and rejoins.
     back = victims[1]
     pool.spawn(back)
-    await _wait_api(back)
+    await pool.wait_api(back, START_S)
     assert back.peer_id in dead
     status = await _get(http, back, "/status")
     assert status["peer_id"] == back.peer_id

@@ -11,6 +11,7 @@ closed with a message from every neighbour it had.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import pytest
 
 from murmur.learning import data
 from murmur.node.daemon import Node
-from tests.integration.cluster import Cluster
+from tests.integration.cluster import Cluster, wait_until
+from tests.integration.daemons import DaemonPool, free_port, peak_rss_bytes
 from tests.idx import write_idx_dir
 
 TRAINERS = ["digits-mlp", "mnist-cnn", "fashion-mnist-cnn", "shakespeare-lstm"]
@@ -105,3 +107,56 @@ async def test_every_trainer_and_codec_learns_with_its_neighbours(
         if privacy:
             for node in cluster:
                 assert node.learner.status()["epsilon"] > 0, "the privacy stage did not run"
+
+
+# ---------------------------------------------------------------- 10 million parameters, real processes
+
+BIG = 10_000_000
+BIG_ROUNDS = 3
+BIG_RUN_S = 300.0
+MODEL_MIB = BIG * 4 / 2**20  # one float32 copy of the model: 38 MiB
+BASE_MIB = 400  # interpreter, torch, murmur, the daemon (258 MiB measured with a 1,000-parameter model)
+# Model-sized vectors a node holds at its peak (1 = MODEL_MIB):
+OWN_COPIES = 16  # trainer: model, target, optimum (3); engine: initial, public, consensus (3); local update:
+#                  start point, delta (2); outgoing round message, 2 rows (2); aggregation: private half step,
+#                  step, scratch (3); checkpoint snapshot written by a thread: model, public, consensus (3)
+#                  (a node alone peaked at 801 MiB = base + 14.2 copies)
+PER_NEIGHBOUR = 7  # replica (1); filed contribution: update, model snapshot (2); landing buffers: the
+#                    assembler's max_concurrent_per_peer (2) transfers of the layout's largest payload, a
+#                    2-row round message (4)
+
+
+def big_node(port: int, bootstrap: str | None) -> dict[str, dict[str, Any]]:
+    return {
+        "node": {"listen": [f"/ip4/127.0.0.1/tcp/{port}"], "log_format": "json"},
+        "network": {"bootstrap": [bootstrap] if bootstrap else [], "neighbours": 3, "shuffle_interval_s": 1.0,
+                    "allow_loopback": True},
+        "api": {"port": 0},
+        "learning": {"trainer": "tests.trainers:VectorTrainer", "codec": "fp32", "num_nodes": 4,
+                     "rounds": BIG_ROUNDS, "round_deadline_s": 120.0, "threads": 1, "device": "cpu",
+                     "trainer_options": {"size": BIG}},
+    }
+
+
+async def test_four_daemons_exchange_a_10m_parameter_fp32_model(pool: DaemonPool) -> None:
+    """Four ``murmur node start`` processes, a complete graph, a model of 10
+    million float32 parameters (an 80 MB round message to each neighbour).
+    Every round uses every neighbour's message, and no process's peak RSS
+    passes what the model's copies explain."""
+    boot_port = free_port()
+    boot = pool.add(big_node(boot_port, None))
+    for _ in range(3):
+        pool.add(big_node(0, boot.addr(boot_port)))
+    for daemon in pool.daemons:
+        pool.spawn(daemon)
+    await asyncio.gather(*(pool.wait_api(d) for d in pool.daemons))
+    await wait_until(lambda: all(len(d.state.read_metrics()) >= BIG_ROUNDS for d in pool.daemons), BIG_RUN_S,
+                     f"{BIG_ROUNDS} rounds of the 10M model")
+    peaks = {d.index: peak_rss_bytes(d.proc.pid) / 2**20 for d in pool.daemons}  # type: ignore[union-attr]
+    for daemon in pool.daemons:
+        rows = daemon.state.read_metrics()
+        for row in rows:
+            assert row["missed"] == 0 and row["received"] == row["neighbour_count"] == 3, (daemon.index, row)
+    bound = BASE_MIB + MODEL_MIB * (OWN_COPIES + 3 * PER_NEIGHBOUR)
+    print(f"peak RSS MiB: {[round(p) for p in peaks.values()]}, bound {bound:.0f}")
+    assert max(peaks.values()) <= bound, (peaks, bound)

@@ -849,3 +849,13 @@ def test_a_lossy_wire_keeps_replicas_exact_only_when_the_engine_knows_it(wired: 
         assert _replica_gap(engines) == 0.0
     else:
         assert _replica_gap(engines) > 1e-4
+
+
+def test_replicas_equal_the_senders_public_models_bit_for_bit() -> None:
+    """Sender and receivers advance a public model by the same float32
+    operations in the same order, so a replica never drifts from the model
+    it mirrors (the basis of exchanging differences at all)."""
+    engines = _noised_engines(TrainFrom.PRIVATE)
+    for _ in range(4):
+        _sync_round(engines)
+    assert _replica_gap(engines) == 0.0

@@ -1,0 +1,22 @@
+"""Fixtures shared by the integration tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.daemons import DaemonPool, children_of
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[DaemonPool]:
+    """Real daemon processes, all killed after the test; none may outlive it."""
+    pool = DaemonPool(tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.teardown()
+        assert children_of(os.getpid()) == [], "a daemon outlived the test"
