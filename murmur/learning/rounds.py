@@ -446,10 +446,11 @@ class RoundEngine:
         return done >= need and bool(pending.received)
 
     def _done_with_round(self, peer: str) -> bool:
-        """Nothing more will come from ``peer`` for the open round: its
-        message is in, it sent for this round or a later one already, or it
+        """Nothing more will come from ``peer`` for the open round in time:
+        its message is in, it sent for this round or a later one already, it
         said it sends nothing for this round (linked after opening its own,
-        or finished)."""
+        or finished), or it is further behind us than we buffer ahead of it
+        (a restarted node far behind adopts a model and skips our round)."""
         pending = self._pending
         assert pending is not None
         if peer in pending.received:
@@ -457,7 +458,13 @@ class RoundEngine:
         held = self._held.get(peer)
         if held is not None and held[0] == self.round:
             return False  # its message is here, waiting for the replica it needs (being fetched)
-        return self._heard.get(peer, -1) >= self.round or self._next.get(peer, -1) > self.round
+        heard = self._heard.get(peer, -1)
+        if heard >= self.round or self._next.get(peer, -1) > self.round:
+            return True
+        if peer not in self._next:
+            return False  # nothing known of its progress: a new neighbour still sends
+        latest = max(heard, self._next[peer] - 1)  # the last round it is known to have reached
+        return latest < self.round - self.config.max_future_rounds
 
     def has_neighbours(self) -> bool:
         """Whether the open round has any neighbour (linked at open or since)."""

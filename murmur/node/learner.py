@@ -261,7 +261,7 @@ class NodeLearner:
             assembler.expire()
 
     async def _watch_stalls(self) -> None:
-        if self.gossip is None:
+        if self.gossip is None and not self._finished:  # rounds over: nothing left to stall
             phase = self._timer.current if self._timer is not None else None
             self.stalls.watch(self.cfg.round_deadline_s, len(self._sessions()), phase)
             self._export_stalls()
@@ -315,6 +315,11 @@ class NodeLearner:
     async def _announce_finished(self) -> None:
         """Our rounds are over: neighbours still in theirs must not wait for us."""
         self._finished = True
+        await self._announce_progress()
+
+    async def _announce_progress(self) -> None:
+        """Tell every peer from which round on we send (after a jump: a
+        catch-up skipped rounds neighbours may be waiting in, or the end)."""
         info = self._info()
         for front in self.fronts:
             for session in front.sessions():
@@ -636,6 +641,7 @@ class NodeLearner:
         self.engine.adopt(model, state_round + 1)
         self.engine.set_replica(str(peer), model, state_round)
         self.catch_ups += 1
+        await self._announce_progress()  # neighbours in the rounds we skipped stop waiting for us
         # /status must describe the model we now hold, not the one we dropped
         # (no metrics row: we did not run the rounds we skipped).
         self.last_eval = await asyncio.to_thread(self._evaluate)

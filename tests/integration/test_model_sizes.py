@@ -156,7 +156,10 @@ async def test_four_daemons_exchange_a_10m_parameter_fp32_model(pool: DaemonPool
     for daemon in pool.daemons:
         rows = daemon.state.read_metrics()
         for row in rows:
-            assert row["missed"] == 0 and row["received"] == row["neighbour_count"] == 3, (daemon.index, row)
+            # Round 0 may excuse a neighbour whose process came up after its own
+            # round 0 (it says so); from round 1 on, every round has all three.
+            assert row["missed"] == 0 and row["received"] + row["excused"] == row["neighbour_count"] == 3, row
+            assert row["round"] == 0 or row["received"] == 3, (daemon.index, row)
     bound = BASE_MIB + MODEL_MIB * (OWN_COPIES + 3 * PER_NEIGHBOUR)
     print(f"peak RSS MiB: {[round(p) for p in peaks.values()]}, bound {bound:.0f}")
     assert max(peaks.values()) <= bound, (peaks, bound)
