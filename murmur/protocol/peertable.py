@@ -258,7 +258,8 @@ class PeerTable:
         self._set_score(record, self._decayed(record, now) - points, now)
         if record.score < self.config.ban_threshold:
             record.banned_until = max(record.banned_until, now + self.config.ban_duration_s)
-            log.info("banned peer %s until %.0f (score %.1f)", peer.short(), record.banned_until, record.score)
+            # debug: the node's (rate-limited) fault line says banned=True
+            log.debug("banned peer %s until %.0f (score %.1f)", peer.short(), record.banned_until, record.score)
         return record.banned(now)
 
     def mark_failure(self, peer: PeerId) -> bool:
