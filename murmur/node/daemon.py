@@ -41,7 +41,7 @@ from murmur.protocol.gossip import FloodGossip, GossipMessage
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.messages import Gossip, Goodbye, Hello
 from murmur.protocol.multiaddr import Multiaddr
-from murmur.protocol.peertable import PeerTable
+from murmur.protocol.peertable import PeerTable, PeerTableConfig
 from murmur.protocol.sampling import CyclonSampler
 from murmur.protocol.transport import ConnectionClosed, SecureConnection, Transport, tune_allocator
 from murmur.ratelog import LogBudget, RateLimitedLog
@@ -120,7 +120,8 @@ class Node:
         self.peer_id = self.identity.peer_id
         # learning.node_index = "auto": this node's data share, from its (persistent) peer id
         self.config = cfg = dataclasses.replace(cfg, learning=cfg.learning.for_peer(self.peer_id))
-        self.table = PeerTable(self_id=self.peer_id)
+        # network.allow_loopback: nodes sharing 127.0.0.1 are not one subnet here either
+        self.table = PeerTable(PeerTableConfig(exempt_loopback=cfg.network.allow_loopback), self_id=self.peer_id)
         problem = self.table.load(self.state.peers_path)
         if problem is not None:
             log.warning("peer table unreadable; starting empty", extra={"error": str(problem)})

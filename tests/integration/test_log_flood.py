@@ -11,7 +11,6 @@ counts the rest.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -20,49 +19,19 @@ from pathlib import Path
 import pytest
 
 from murmur.node.daemon import PEER_LOG_BUDGET, Node
-from murmur.protocol.framing import FrameEncoder, FrameType
 from murmur.protocol.identity import Identity
-from murmur.protocol.messages import LearnerInfo, Message, PeerExchangeResponse, ShuffleResponse, encode
-from murmur.protocol.noise import Libp2pNoiseHandshake
+from murmur.protocol.messages import LearnerInfo, Message, PeerExchangeResponse, ShuffleResponse
 from tests.integration.cluster import Cluster, wait_until
-from tests.integration.test_transport import closed_within, raw_handshake
+from tests.integration.handpeer import CLOSED_S, HandPeer
 
 IDENTITIES = 50
 MESSAGES = 10_000
-CLOSED_S = 5.0  # the victim drops a banned peer as it reads its frames
 
 
 @pytest.fixture
 async def victim(tmp_path: Path) -> AsyncIterator[Node]:
     async with Cluster(1, tmp_path) as cluster:
         yield cluster.node(0)
-
-
-class Peer:
-    """One authenticated connection driven by hand (Noise by hand, frames by hand)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, enc: FrameEncoder) -> None:
-        self.reader, self.writer, self.enc = reader, writer, enc
-
-    @classmethod
-    async def connect(cls, node: Node, identity: Identity) -> Peer:
-        addr = node.addrs[0]
-        reader, writer = await asyncio.open_connection(addr.host, addr.port)
-        hs = Libp2pNoiseHandshake(identity, initiator=True, expected=node.peer_id)
-        enc, _dec = await raw_handshake(reader, writer, hs, node.config.transport.max_frame)
-        return cls(reader, writer, enc)
-
-    async def send(self, messages: list[Message]) -> None:
-        for msg in messages:
-            self.writer.write(bytes(self.enc.encode(FrameType.DATA, encode(msg))))
-        try:
-            await self.writer.drain()
-        except ConnectionError:
-            pass  # dropped mid-way: what is left was never read
-
-    async def closed(self) -> None:
-        await closed_within(self.reader, CLOSED_S)
-        self.writer.close()
 
 
 def _records(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
@@ -84,7 +53,7 @@ async def test_ten_thousand_refused_messages_from_50_identities_write_a_bounded_
                            for i in range(per_identity)]
     identities = [Identity.generate() for _ in range(IDENTITIES)]
     for identity in identities:
-        peer = await Peer.connect(victim, identity)
+        peer = await HandPeer.connect(victim, identity)
         await peer.send(spam)
         await peer.closed()
     assert all(victim.table.is_banned(i.peer_id) for i in identities)  # every one was penalised to a ban
@@ -122,7 +91,7 @@ async def test_a_handler_bug_reached_again_and_again_by_one_peer_logs_few_traceb
     identity = Identity.generate()
     tries = 40
     for _ in range(tries):
-        peer = await Peer.connect(victim, identity)
+        peer = await HandPeer.connect(victim, identity)
         await peer.send([LearnerInfo(fingerprint=bytes(32), model="m", next_round=0)])
         await peer.closed()
     await wait_until(lambda: victim.session(identity.peer_id) is None, CLOSED_S, "last connection gone")
