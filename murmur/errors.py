@@ -36,6 +36,13 @@ class StateError(MurmurError):
     """A persistent state file is missing, unreadable or inconsistent."""
 
 
+class StateDamaged(StateError):
+    """A state file the node cannot run without failed its integrity check
+    (the identity key): the node refuses to start rather than run as
+    something else. Reported like a config error, one line and exit code 2:
+    the operator must restore or remove the file."""
+
+
 class TrainerError(MurmurError):
     """A trainer broke its contract: a method returned a value of the wrong
     type, shape or range. The message names the method and what was expected

@@ -7,7 +7,8 @@
 ``murmur config check``    validate a config file, print it resolved
 ``murmur testnet run``     run a local testnet scenario (``murmur.testnet.cli``)
 
-Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage, 141 (as
+Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage or a
+damaged identity key (:class:`~murmur.errors.StateDamaged`), 141 (as
 if killed by SIGPIPE) when stdout's reader went away (``murmur config check |
 head``). Every failure is one ``murmur: ...`` line on stderr. ``node start``
 and ``config check`` run :mod:`murmur.node.preflight` after loading the
@@ -34,7 +35,7 @@ from typing import Any, NoReturn, TypeVar
 
 import uvloop
 
-from murmur.errors import ConfigError, MurmurError, OptionError, StateError
+from murmur.errors import ConfigError, MurmurError, OptionError, StateDamaged, StateError
 from murmur.fastexit import exit_after_shutdown
 from murmur.node import preflight
 from murmur.node.config import (
@@ -333,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StateDamaged as exc:  # the operator must restore or remove a file, as with a bad config
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except MurmurError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

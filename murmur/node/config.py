@@ -233,6 +233,10 @@ def auto_node_index(peer: PeerId, num_nodes: int) -> int:
     return int.from_bytes(digest, "big") % num_nodes
 
 
+UNTIL_STOPPED = 0
+"""``learning.rounds`` of a node that trains until it is stopped."""
+
+
 @dataclass(frozen=True)
 class LearningSection:
     enabled: bool = True
@@ -257,6 +261,20 @@ class LearningSection:
     aggregator_options: Mapping[str, Any] = field(default_factory=_frozen_map)
     mode: LearningMode = LearningMode.DSGD
     codec: Codec = Codec.FP32
+
+    @property
+    def until_stopped(self) -> bool:
+        """``rounds = 0``: train until the node is stopped (or, with privacy
+        on, until its budget is spent), with no mixing-only rounds after."""
+        return self.rounds == UNTIL_STOPPED
+
+    def runs_round(self, round_: int) -> bool:
+        """Whether the node runs round ``round_`` at all (training or mixing)."""
+        return self.until_stopped or round_ < self.rounds + self.mixing_rounds
+
+    def trains_in(self, round_: int) -> bool:
+        """Whether round ``round_`` trains (else it only mixes, see ``mixing_rounds``)."""
+        return self.until_stopped or round_ < self.rounds
 
     @property
     def device_or_none(self) -> str | None:
@@ -437,6 +455,9 @@ def _cross_checks(cfg: NodeConfig) -> list[tuple[str, str]]:
     if cfg.learning.enabled and cfg.privacy.enabled and cfg.learning.mode is LearningMode.GOSSIP:
         problems.append(("privacy.enabled", 'needs learning.mode = "dsgd": gossip learning sends whole models, '
                                             "which pairwise noise on deltas does not protect"))
+    if cfg.learning.until_stopped and cfg.learning.mixing_rounds:
+        problems.append(("learning.mixing_rounds", "needs learning.rounds > 0: mixing rounds follow the training "
+                                                   "rounds, and learning.rounds = 0 trains until stopped"))
     if cfg.transport.max_inbound_per_subnet > cfg.transport.max_inbound:
         problems.append(("transport.max_inbound_per_subnet", "must be <= transport.max_inbound"))
     if isinstance(cfg.learning.node_index, int) and cfg.learning.node_index >= cfg.learning.num_nodes:

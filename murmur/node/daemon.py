@@ -41,9 +41,10 @@ from murmur.protocol.gossip import FloodGossip, GossipMessage
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.messages import Gossip, Goodbye, Hello
 from murmur.protocol.multiaddr import Multiaddr
-from murmur.protocol.peertable import PeerTable
+from murmur.protocol.peertable import PeerTable, PeerTableConfig
 from murmur.protocol.sampling import CyclonSampler
 from murmur.protocol.transport import ConnectionClosed, SecureConnection, Transport, tune_allocator
+from murmur.ratelog import LogBudget, RateLimitedLog
 from murmur.tasks import TaskFailure, TaskManager
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ reachable from elsewhere listen on (or configure) a concrete address."""
 MAX_INCOMPATIBLE_PEERS = 4096  # peers remembered as running another model
 LEARNING_OFF = "learning.enabled = false: this node only relays (membership, gossip) and trains nothing"
 """Why a node has no learner, in its WARNING at start and in its status."""
+
+PEER_LOG_BUDGET = LogBudget(per_key=3, total=30, window_s=60.0)
+"""Lines a peer's faults and the handler failures it causes may write (per
+peer, and all peers together, per minute); the rest are counted, and one
+summary line per minute says how many and from whom."""
 
 GossipSubscriber = Callable[[PeerId, bytes], None]
 
@@ -80,6 +86,7 @@ class Node:
         self._dials: dict[PeerId, asyncio.Future[PeerSession]] = {}
         self._subscribers: dict[str, list[GossipSubscriber]] = {}
         self._faults: dict[str, int] = {}
+        self.peer_log = RateLimitedLog("peer faults", log, PEER_LOG_BUDGET)
         self._api: StatusApi | None = None
         self._mdns: MdnsDiscovery | None = None
         self.learner: Any = None  # murmur.node.learner.NodeLearner when learning is on
@@ -113,7 +120,8 @@ class Node:
         self.peer_id = self.identity.peer_id
         # learning.node_index = "auto": this node's data share, from its (persistent) peer id
         self.config = cfg = dataclasses.replace(cfg, learning=cfg.learning.for_peer(self.peer_id))
-        self.table = PeerTable(self_id=self.peer_id)
+        # network.allow_loopback: nodes sharing 127.0.0.1 are not one subnet here either
+        self.table = PeerTable(PeerTableConfig(exempt_loopback=cfg.network.allow_loopback), self_id=self.peer_id)
         problem = self.table.load(self.state.peers_path)
         if problem is not None:
             log.warning("peer table unreadable; starting empty", extra={"error": str(problem)})
@@ -168,6 +176,8 @@ class Node:
         self._api = api
         self.state.write_api_info(ApiInfo(cfg.api.host, self._api.port, _pid(), str(self.peer_id)))
         self.membership.start()
+        self.tasks.periodic("log-summary", PEER_LOG_BUDGET.window_s, self._summarise_peer_log,
+                            delay_s=PEER_LOG_BUDGET.window_s)
         if net.mdns:
             self._mdns = MdnsDiscovery(self.peer_id, self.addrs, self._on_mdns_found, MdnsConfig(enabled=True))
             await self._mdns.__aenter__()
@@ -267,6 +277,7 @@ class Node:
         if hasattr(self, "table"):
             self.save_peers()
         self.state.release()
+        self.peer_log.close()
         if self._announced:
             self._announced = False
             log.info("node stopped", extra={"event": "stopped"})
@@ -458,13 +469,20 @@ class Node:
         self._faults[name] = self._faults.get(name, 0) + 1
         self.metrics.fault(fault)
         banned = self.table.penalise(peer, fault.penalty)
-        log.warning(
-            "peer fault",
+        self.peer_log.warning(
+            log, peer, "peer fault",
             extra={"event": "fault", "peer": str(peer), "fault": name, "detail": str(fault), "banned": banned},
         )
         if banned:
             self.sampler.on_failure(peer)  # out of the view and the neighbour set, replaced at once
         return fault.drop or banned
+
+    def on_handler_failure(self, peer: PeerId, error: Exception) -> None:
+        self.peer_log.log(log, logging.ERROR, peer, "handler failed; closing connection",
+                          extra={"event": "handler_failed", "peer": str(peer)}, exc_info=error)
+
+    async def _summarise_peer_log(self) -> None:
+        self.peer_log.flush()
 
     # -- gossip ----------------------------------------------------------------------
 

@@ -364,18 +364,17 @@ class NodeLearner:
         # meanwhile can get ahead of the others).
         wanted = self.node.config.network.neighbours
         await self._wait_for(lambda: len(self._neighbours()) >= wanted, NEIGHBOUR_WAIT_S)
-        total = self.cfg.rounds + self.cfg.mixing_rounds
-        while self.engine.round < total:
-            training = self.engine.round < self.cfg.rounds
+        while self.cfg.runs_round(self.engine.round):  # learning.rounds = 0: until stopped
+            training = self.cfg.trains_in(self.engine.round)
             if training and self.privacy is not None and self.privacy.budget_exhausted():
                 log.warning(
                     "privacy budget spent; no longer sending deltas",
                     extra={"event": "budget_exhausted", "epsilon": self.privacy.epsilon_spent()},
                 )
                 return
-            if await self._maybe_catch_up() and self.engine.round >= total:
+            if await self._maybe_catch_up() and not self.cfg.runs_round(self.engine.round):
                 return  # the adopted model already finished: nothing left to run
-            training = self.engine.round < self.cfg.rounds
+            training = self.cfg.trains_in(self.engine.round)
             timer = self._timer = PhaseTimer()
             started = time.monotonic()
             with timer.phase("train_s"):
@@ -414,7 +413,7 @@ class NodeLearner:
         uniformly from the Cyclon view. No rounds to agree on, no quorum."""
         assert self.gossip is not None
         rng = random.Random()
-        while self._cycle < self.cfg.rounds:
+        while self.cfg.trains_in(self._cycle):
             started = time.monotonic()
             timer = PhaseTimer()
             inbox, self._gossip_inbox = self._gossip_inbox, []

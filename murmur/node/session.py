@@ -32,12 +32,20 @@ Handler = Callable[["PeerSession", Any], Awaitable[None]]
 
 
 class FaultSink(Protocol):
-    """Where a session reports a misbehaving peer (the node's peer table)."""
+    """Where a session reports a misbehaving peer (the node's peer table),
+    and the one place that logs what a peer caused, within a budget per peer
+    (:mod:`murmur.ratelog`): a peer spraying bad messages must not write the
+    node's log."""
 
     def on_fault(self, peer: PeerId, fault: PeerFault) -> bool:
         """Record ``fault``; True if the connection must close now: the fault
         says so, or the faults added up to a ban (small ``drop=False`` faults
         must not let a banned peer stay connected)."""
+        ...
+
+    def on_handler_failure(self, peer: PeerId, error: Exception) -> None:
+        """A handler raised something that is not a :class:`PeerFault` (a bug,
+        reached by what ``peer`` sent); the session closes the connection."""
         ...
 
 
@@ -122,9 +130,9 @@ class PeerSession:
                     return
             except ConnectionClosed:
                 return
-            except Exception:
+            except Exception as error:
                 # A bug in a handler must cost this connection, not the node.
-                log.exception("handler failed; closing connection", extra={"peer": self.peer.short()})
+                self._faults.on_handler_failure(self.peer, error)
                 await self.close()
                 return
 

@@ -2,7 +2,7 @@
 
 Layout (all under one directory, mode 0700)::
 
-    identity.key      Ed25519 seed (protocol.identity.Identity.load_or_create)
+    identity.key      Ed25519 seed, peer id, checksum (protocol.identity.Identity.load_or_create)
     node.lock         flock()ed by the running daemon; never deleted
     node.pid          pid of the daemon holding the lock
     api.json          where the local HTTP API listens (for `murmur status`)

@@ -5,10 +5,24 @@ The peer id is the libp2p encoding: the public key as the libp2p protobuf
 multihash (the key is short enough to be inlined), then base58btc. For Ed25519
 keys that always renders as ``12D3KooW...``, which is what users of ipfs and
 libp2p recognise.
+
+Key file (``identity.key``, mode 0600), format 2, 110 bytes::
+
+    b"MURMKEY" | version u8 (2) | Ed25519 seed (32) | peer id raw (38) | BLAKE2b-256 of all before (32)
+
+Why a checksum and the peer id: any 32 bytes are a valid Ed25519 seed, so a
+bare seed (format 1, what murmur wrote before) with one flipped bit loads
+fine and the node silently comes up as a different peer, losing its
+reputation, its data share and its neighbours' trust. A damaged file is now a
+:class:`~murmur.errors.StateDamaged` naming the file; the node stops instead
+of becoming someone else. A format-1 file is read once and rewritten
+atomically in format 2.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,14 +32,24 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from murmur.errors import SignatureError, StateError
+from murmur.errors import SignatureError, StateDamaged, StateError
 from murmur.fsutil import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 KEY_FILE_NAME = "identity.key"
 KEY_FILE_MODE = 0o600
+KEY_FILE_MAGIC = b"MURMKEY"
+KEY_FILE_VERSION = 2
+KEY_SEED_LEN = 32
+LEGACY_KEY_FILE_LEN = KEY_SEED_LEN  # format 1: the bare seed, no check
+_KEY_DIGEST_LEN = 32
 _PROTOBUF_ED25519_PREFIX = bytes([0x08, 0x01, 0x12, 0x20])  # field1=KeyType.Ed25519, field2 len 32
 _MULTIHASH_IDENTITY = 0x00
 _PEER_ID_LEN = 2 + len(_PROTOBUF_ED25519_PREFIX) + 32
+KEY_HEADER_LEN = len(KEY_FILE_MAGIC) + 1
+KEY_FILE_LEN = KEY_HEADER_LEN + KEY_SEED_LEN + _PEER_ID_LEN + _KEY_DIGEST_LEN
+KEY_DAMAGED_ADVICE = "refusing to run as a different peer; restore it from a backup, or move it away to start as a new peer"
 _B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _B58_INDEX = {c: i for i, c in enumerate(_B58_ALPHABET)}
 
@@ -150,16 +174,57 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, state_dir: str | os.PathLike[str]) -> Identity:
-        """Load ``identity.key`` from ``state_dir``, creating it (mode 0600) on first start."""
+        """Load ``identity.key`` from ``state_dir``, creating it (mode 0600) on
+        first start. A damaged file raises :class:`StateDamaged`; a format-1
+        file (bare seed) is rewritten in the checked format."""
         path = Path(state_dir) / KEY_FILE_NAME
         if path.exists():
             mode = path.stat().st_mode & 0o777
             if mode & 0o077:
                 raise StateError(f"{path} has mode {mode:o}; it must not be readable by others (chmod 600)")
             data = path.read_bytes()
-            if len(data) != 32:
-                raise StateError(f"{path} is not a 32-byte Ed25519 seed ({len(data)} bytes)")
-            return cls.from_seed(data)
+            if len(data) == LEGACY_KEY_FILE_LEN:
+                identity = cls.from_seed(data)
+                atomic_write_bytes(path, encode_key_file(identity), mode=KEY_FILE_MODE)
+                log.info("identity key rewritten with an integrity check",
+                         extra={"event": "key_upgraded", "path": str(path), "peer": identity.peer_id.text})
+                return identity
+            return decode_key_file(data, path)
         identity = cls.generate()
-        atomic_write_bytes(path, identity.private_bytes(), mode=KEY_FILE_MODE)
+        atomic_write_bytes(path, encode_key_file(identity), mode=KEY_FILE_MODE)
         return identity
+
+
+def _key_digest(covered: bytes) -> bytes:
+    return hashlib.blake2b(covered, digest_size=_KEY_DIGEST_LEN).digest()
+
+
+def encode_key_file(identity: Identity) -> bytes:
+    """``identity`` as a format-2 key file (see the module docstring)."""
+    covered = KEY_FILE_MAGIC + bytes([KEY_FILE_VERSION]) + identity.private_bytes() + identity.peer_id.raw
+    return covered + _key_digest(covered)
+
+
+def decode_key_file(data: bytes, path: Path) -> Identity:
+    """The identity in a format-2 key file; :class:`StateDamaged` (one line
+    naming ``path`` and what is wrong) unless every byte checks out."""
+
+    def damaged(problem: str) -> StateDamaged:
+        return StateDamaged(f"identity key {path} is damaged ({problem}); {KEY_DAMAGED_ADVICE}")
+
+    if len(data) != KEY_FILE_LEN:
+        raise damaged(f"{len(data)} bytes, expected {KEY_FILE_LEN}")
+    if not data.startswith(KEY_FILE_MAGIC):
+        raise damaged("bad header: not a murmur key file")
+    covered, digest = data[:-_KEY_DIGEST_LEN], data[-_KEY_DIGEST_LEN:]
+    if _key_digest(covered) != digest:
+        raise damaged("checksum mismatch")
+    version = data[len(KEY_FILE_MAGIC)]
+    if version != KEY_FILE_VERSION:
+        raise damaged(f"format version {version}, this murmur reads {KEY_FILE_VERSION}")
+    seed = data[KEY_HEADER_LEN : KEY_HEADER_LEN + KEY_SEED_LEN]
+    stored = data[KEY_HEADER_LEN + KEY_SEED_LEN : -_KEY_DIGEST_LEN]
+    identity = Identity.from_seed(seed)
+    if identity.peer_id.raw != stored:
+        raise damaged("the stored peer id is not the key's")
+    return identity

@@ -14,7 +14,7 @@ import pytest
 from murmur.errors import DecodeError, LimitExceeded, StateError
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.multiaddr import Multiaddr
-from murmur.protocol.peertable import PeerTable, PeerTableConfig, parse_peer_entry
+from murmur.protocol.peertable import FILE_VERSION, PeerTable, PeerTableConfig, parse_peer_entry
 
 
 def pid(i: int) -> PeerId:
@@ -152,8 +152,8 @@ _WRITER = """
 import sys
 from murmur.protocol.identity import Identity
 from murmur.protocol.multiaddr import Multiaddr
-from murmur.protocol.peertable import PeerTable
-table = PeerTable()
+from murmur.protocol.peertable import PeerTable, PeerTableConfig
+table = PeerTable(PeerTableConfig(max_new_per_subnet=1024))  # one /24 for all
 n = 0
 while True:
     n += 1
@@ -175,10 +175,10 @@ def test_save_survives_kill_9_mid_write(tmp_path: Path):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    table = PeerTable()
+    table = PeerTable(PeerTableConfig(max_new_per_subnet=1024))
     assert table.load(path) is None  # never a torn file
     assert len(table) >= 50 and len(table) % 50 == 0
-    assert json.loads(path.read_text())["version"] == 1
+    assert json.loads(path.read_text())["version"] == FILE_VERSION
 
 
 def test_parse_peer_entry_validates_network_input():
@@ -197,3 +197,139 @@ def test_parse_peer_entry_validates_network_input():
         parse_peer_entry("text", ["/ip4/10.0.0.1/tcp/1"], 4)
     with pytest.raises(LimitExceeded):
         parse_peer_entry(peer.raw, [f"/ip4/10.0.0.1/tcp/{i}" for i in range(1, 6)], 4)
+
+
+# -- standing and tiers ------------------------------------------------------------
+
+DAY = 86400.0
+
+
+def _earn_standing(table: PeerTable, clock: FakeClock, peer: PeerId, host: str = "10.9.9.9",
+                   visits: int = 10, every_s: float = 3 * 3600) -> None:
+    """``visits`` Hellos ``every_s`` apart: known for a while, seen again and again."""
+    for _ in range(visits):
+        table.observe(peer, [Multiaddr(host, 4001)])
+        table.mark_alive(peer)
+        clock.t += every_s
+
+
+def _hello(table: PeerTable, peer: PeerId, host: str) -> None:
+    """What the node does with a Hello (membership: observe, then mark_alive)."""
+    table.observe(peer, [Multiaddr(host, 4001)])
+    table.mark_alive(peer)
+
+
+def test_a_reputed_peer_survives_a_hello_flood_of_fresh_ids_in_memory_and_on_disk(tmp_path: Path):
+    clock = FakeClock()
+    config = PeerTableConfig(max_peers=64, max_new_per_subnet=64)
+    table = PeerTable(config, clock)
+    honest = pid(1)
+    _earn_standing(table, clock, honest)
+    assert table.is_reputed(honest)
+    clock.t += DAY  # away for a day: its score has decayed to nothing
+    assert table.score(honest) < 0.01
+    for i in range(1000, 1000 + 5 * config.max_peers):  # each fresh id says Hello (score 1, seen now)
+        clock.t += 0.01
+        _hello(table, pid(i), f"10.{i % 200}.{i // 200}.1")
+        assert len(table) <= config.max_peers
+    assert honest in table and table.is_reputed(honest)
+    table.save(tmp_path / "peers.json")
+    again = PeerTable(config, clock)
+    assert again.load(tmp_path / "peers.json") is None
+    assert again.is_reputed(honest) and len(again) == config.max_peers
+
+
+def test_standing_takes_time_reconnecting_in_a_loop_earns_nothing():
+    clock = FakeClock()
+    table = PeerTable(PeerTableConfig(repute_successes=3, repute_age_s=3600, success_interval_s=60), clock)
+    for _ in range(100):  # a hundred Hellos in ten seconds
+        _hello(table, pid(1), "10.0.0.1")
+        clock.t += 0.1
+    assert table.get(pid(1)).successes == 1 and not table.is_reputed(pid(1))  # type: ignore[union-attr]
+    for _ in range(5):  # five more minutes apart: enough successes, not enough time
+        clock.t += 61
+        _hello(table, pid(1), "10.0.0.1")
+    assert not table.is_reputed(pid(1))
+    clock.t += 3600
+    _hello(table, pid(1), "10.0.0.1")
+    assert table.is_reputed(pid(1))
+
+
+def test_one_subnet_cannot_flush_the_new_peers_of_others():
+    clock = FakeClock()
+    table = PeerTable(PeerTableConfig(max_peers=100, max_new_per_subnet=10), clock)
+    others = [pid(i) for i in range(1, 21)]
+    for i, peer in enumerate(others):
+        _hello(table, peer, f"192.0.{i}.1")  # twenty subnets, one peer each
+    for i in range(1000, 1500):  # 500 ids from one /24
+        clock.t += 1
+        _hello(table, pid(i), f"198.51.100.{i % 250}")
+    assert all(p in table for p in others)
+    assert len(table) == 20 + 10
+    assert pid(1499) in table and pid(1000) not in table  # the subnet's oldest went first
+
+
+def test_loopback_can_be_exempt_for_local_testnets():
+    table = PeerTable(PeerTableConfig(max_peers=100, max_new_per_subnet=10, exempt_loopback=True), FakeClock())
+    for i in range(1, 51):
+        _hello(table, pid(i), "127.0.0.1")
+    assert len(table) == 50
+
+
+def test_a_full_reputed_tier_admits_only_more_standing_and_demotes_the_weakest():
+    clock = FakeClock()
+    table = PeerTable(PeerTableConfig(max_peers=10, max_reputed=2, max_new_per_subnet=10), clock)
+    _earn_standing(table, clock, pid(1), visits=5)
+    _earn_standing(table, clock, pid(2), visits=8)
+    _earn_standing(table, clock, pid(3), visits=4)  # qualifies, but has less than both
+    assert {p for p in (pid(1), pid(2), pid(3)) if table.is_reputed(p)} == {pid(1), pid(2)}
+    assert pid(3) in table  # kept, in the new tier
+    _earn_standing(table, clock, pid(3), visits=4)  # now 8 > pid(1)'s 5
+    assert table.is_reputed(pid(3)) and not table.is_reputed(pid(1)) and pid(1) in table
+    assert table.reputed_count == 2
+
+
+def test_a_ban_costs_the_standing():
+    clock = FakeClock()
+    table = PeerTable(PeerTableConfig(max_peers=10, max_new_per_subnet=10), clock)
+    _earn_standing(table, clock, pid(1))
+    assert table.is_reputed(pid(1))
+    assert table.penalise(pid(1), 500)
+    assert not table.is_reputed(pid(1)) and table.get(pid(1)).successes == 0  # type: ignore[union-attr]
+    for i in range(100, 120):
+        _hello(table, pid(i), f"10.{i}.0.1")
+    assert pid(1) not in table  # banned and new: the first to go
+
+
+def test_a_version_1_file_loads_and_is_saved_as_version_2(tmp_path: Path):
+    path = tmp_path / "peers.json"
+    record = {"peer_id": pid(1).text, "addrs": ["/ip4/10.0.0.1/tcp/4001"], "score": 3.0, "score_time": 900.0,
+              "last_seen": 950.0, "failures": 0, "banned_until": 0.0}
+    path.write_text(json.dumps({"version": 1, "peers": [record]}))
+    table = PeerTable(PeerTableConfig(), FakeClock())
+    assert table.load(path) is None and pid(1) in table and not table.is_reputed(pid(1))
+    table.save(path)
+    doc = json.loads(path.read_text())
+    assert doc["version"] == FILE_VERSION and doc["peers"][0]["successes"] == 0
+
+
+def test_eviction_rank_orders_as_the_decayed_score_at_any_time():
+    import random
+
+    rng = random.Random(7)
+    clock = FakeClock(1.7e9)  # wall-clock magnitudes, as in the daemon
+    table = PeerTable(PeerTableConfig(max_peers=400, max_new_per_subnet=400, score_half_life_s=3600), clock)
+    for i in range(1, 300):
+        clock.t += rng.uniform(0, 600)
+        table.add(pid(i), [addr(i)])
+        points = rng.choice([0.0, 0.5, 3.0, 40.0, -2.0, -60.0])
+        if points > 0:
+            table.mark_alive(pid(i))
+        elif points < 0:
+            table.penalise(pid(i), -points)
+    for later in (0.0, 3600.0, 30 * DAY):
+        now = clock.t + later
+        records = list(table)
+        by_decay = sorted(records, key=lambda r: (table._decayed(r, now), r.successes, r.last_seen))
+        by_rank = sorted(records, key=lambda r: table._rank[r.peer_id])
+        assert [round(table._decayed(r, now), 9) for r in by_rank] == [round(table._decayed(r, now), 9) for r in by_decay]

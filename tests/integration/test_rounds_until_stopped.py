@@ -1,0 +1,89 @@
+"""``learning.rounds = 0`` trains until the node is stopped, as the docs say.
+
+It used to mean "no rounds at all": the round loop ran while ``round <
+rounds + mixing_rounds``, i.e. never, and the node sat at round 0. Real
+in-process daemons on loopback (Noise, Cyclon, signed deltas), digits-mlp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+
+from murmur.errors import ConfigError
+from murmur.node.daemon import Node
+from tests.integration.cluster import node_config, wait_until
+
+PAST = 6  # more rounds than any count the loop could have stopped at by mistake (0, or mixing_rounds)
+RUN_TIMEOUT_S = 90.0
+LEARNING = {
+    "learning.enabled": True,
+    "learning.rounds": 0,
+    "learning.num_nodes": 2,
+    "learning.local_steps": 2,
+    "learning.round_deadline_s": 1.0,
+    "learning.threads": 1,
+    "learning.device": "cpu",
+    "network.neighbours": 1,
+}
+
+
+@pytest.mark.parametrize("mode", ["dsgd", "gossip"])
+async def test_rounds_zero_trains_until_stopped(tmp_path: Path, mode: str) -> None:
+    nodes: list[Node] = []
+    try:
+        bootstrap: tuple = ()
+        for i in range(2):
+            overrides = {**LEARNING, "learning.node_index": i, "learning.mode": mode}
+            if mode == "gossip":
+                overrides["learning.round_deadline_s"] = 0.2  # a gossip cycle's period
+            node = Node(node_config(tmp_path / f"n{i}", bootstrap=bootstrap, overrides=overrides))
+            await node.start()
+            nodes.append(node)
+            bootstrap = bootstrap or (node.addrs[0],)
+        # (a round's metrics row is written just after its number moves on)
+        await wait_until(lambda: all(len(n.state.read_metrics()) >= PAST for n in nodes), RUN_TIMEOUT_S,
+                         f"{PAST} rounds")
+        for node in nodes:
+            rows = node.state.read_metrics()
+            assert node.learner.round >= PAST
+            assert all(math.isfinite(row["train_loss"]) for row in rows), rows  # trained, not mixing-only
+            assert not node.learner._finished  # still telling its neighbours it has rounds to come
+            assert node.health()["ok"], node.health()
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes))
+
+
+async def test_rounds_zero_with_privacy_stops_when_the_budget_is_spent(tmp_path: Path) -> None:
+    """Privacy has a horizon of its own (privacy.rounds, the budget): with
+    rounds = 0 a node trains until it has spent the budget, then sends nothing."""
+    budget_rounds = 3
+    overrides = {**LEARNING, "privacy.enabled": True, "privacy.scheme": "decor", "privacy.rounds": budget_rounds,
+                 "privacy.epsilon": 1.0}
+    nodes: list[Node] = []
+    try:
+        bootstrap: tuple = ()
+        for i in range(2):
+            node = Node(node_config(tmp_path / f"p{i}", bootstrap=bootstrap,
+                                    overrides={**overrides, "learning.node_index": i}))
+            await node.start()
+            nodes.append(node)
+            bootstrap = bootstrap or (node.addrs[0],)
+        await wait_until(lambda: all(n.status()["learning"]["budget_exhausted"] for n in nodes), RUN_TIMEOUT_S,
+                         "every budget spent")
+        await wait_until(lambda: not any("rounds" in n.tasks for n in nodes), 10.0, "round loops ended")
+        for node in nodes:
+            stage = node.learner.privacy.stage
+            assert stage.counters.rounds_sent == budget_rounds
+            assert stage.epsilon_spent() <= 1.0 + 1e-9
+            assert node.learner._finished  # told its neighbours not to wait for it
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes))
+
+
+def test_mixing_rounds_need_a_last_training_round(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="learning.mixing_rounds: needs learning.rounds > 0"):
+        node_config(tmp_path, overrides={**LEARNING, "learning.mixing_rounds": 5})
