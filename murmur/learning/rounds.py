@@ -171,6 +171,7 @@ class RoundReport:
     # round, finished, already past it). received + missed + excused = neighbours.
     missed: int = 0
     excused: int = 0
+    absent: tuple[str, ...] = ()  # the neighbours counted in missed and excused
 
 
 @dataclass
@@ -248,6 +249,10 @@ class RoundEngine:
         self._held: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
         # The first round each peer said it will send us (see note_next_round).
         self._next: dict[str, int] = {}
+        # Peers whose message a closed round used: until then a neighbour is
+        # on probation and never holds a round that a proven neighbour's
+        # message already makes (see _done_with_round).
+        self._proven: set[str] = set()
         self._late_this_round = 0
 
     # -- the round --------------------------------------------------------------
@@ -393,6 +398,13 @@ class RoundEngine:
         self._heard.pop(peer, None)
         self._held.pop(peer, None)
         self._next.pop(peer, None)
+        self._proven.discard(peer)
+        self.drop_neighbour(peer)
+
+    def drop_neighbour(self, peer: str) -> None:
+        """``peer`` is no longer a neighbour (unlinked, muted, gone): the open
+        round stops waiting for it unless its message is already in. Its
+        replica stays (it may link again)."""
         pending = self._pending
         if pending is not None and peer not in pending.received and pending.neighbours.pop(peer, None) is not None:
             pending.departed.append(peer)  # still missing (the privacy stage reports its noise)
@@ -449,8 +461,9 @@ class RoundEngine:
         """Nothing more will come from ``peer`` for the open round in time:
         its message is in, it sent for this round or a later one already, it
         said it sends nothing for this round (linked after opening its own,
-        or finished), or it is further behind us than we buffer ahead of it
-        (a restarted node far behind adopts a model and skips our round)."""
+        or finished), it is further behind us than we buffer ahead of it
+        (a restarted node far behind adopts a model and skips our round), or
+        it never delivered anything and a proven neighbour's message is in."""
         pending = self._pending
         assert pending is not None
         if peer in pending.received:
@@ -460,6 +473,11 @@ class RoundEngine:
             return False  # its message is here, waiting for the replica it needs (being fetched)
         heard = self._heard.get(peer, -1)
         if heard >= self.round or self._next.get(peer, -1) > self.round:
+            return True
+        if peer not in self._proven and any(p in self._proven for p in pending.received):
+            # On probation (it never delivered): used if it comes in time, but
+            # a stranger that links and stays silent must not hold rounds a
+            # proven neighbour already makes.
             return True
         if peer not in self._next:
             return False  # nothing known of its progress: a new neighbour still sends
@@ -517,6 +535,7 @@ class RoundEngine:
             self.trainer.set_flat(private_half + private_step)
         self._consensus = consensus
         missed = sum(1 for p in pending.neighbours if not self._done_with_round(p))
+        absent = tuple(p for p in pending.neighbours if p not in pending.received)
         report = RoundReport(
             round=self.round,
             train_loss=pending.train_loss,
@@ -524,6 +543,7 @@ class RoundEngine:
             neighbours=len(pending.neighbours),
             missed=missed,
             excused=len(pending.neighbours) - len(peers) - missed,
+            absent=absent,
             late_dropped=self._late_this_round,
             weights=dict(weights),
             delta_norm=float(pending.own_delta.norm()),
@@ -533,6 +553,7 @@ class RoundEngine:
         self._pending = None
         self._late_this_round = 0
         self.round += 1
+        self._proven.update(peers)
         self._return_snapshots()
         # Anything buffered for rounds we will never run again is late now.
         for stale in [r for r in self._future if r < self.round]:

@@ -157,6 +157,7 @@ class Node:
             self.table,
             MembershipConfig(
                 neighbours=net.neighbours,
+                links_per_subnet=net.subnet_bucket_size,
                 shuffle_interval_s=net.shuffle_interval_s,
                 bootstrap=tuple(a for a in net.bootstrap if a.peer_id != self.peer_id),
             ),
@@ -236,7 +237,11 @@ class Node:
         async def on_linked(session: PeerSession) -> None:
             await learner.on_linked(self, session)
 
+        async def on_unlinked(session: PeerSession) -> None:
+            learner.on_unlinked(self, session)
+
         self.membership.on_linked = on_linked
+        self.membership.on_unlinked = on_unlinked
 
     def refuse_learning(self, peer: PeerId, reason: str) -> None:
         """``peer`` runs another model: never a learning neighbour, and out of

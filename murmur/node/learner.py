@@ -52,7 +52,10 @@ from murmur.learning.rounds import (
 )
 from murmur.learning.trainers.registry import create_trainer
 from murmur.node.config import Attack, LearningMode, PrivacyLevel
+from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
+from murmur.node.outbox import Outbox
+from murmur.node.silence import SilenceTracker
 from murmur.node.stalls import StallMonitor
 from murmur.protocol import codecs
 from murmur.protocol.codecs import DeltaCodec
@@ -81,12 +84,11 @@ CATCH_UP_GAP = 2
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
 MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
-LINK_FAN_IN = 2
-"""Learning neighbours per configured k: each side links the k its sampler
-chose and the edge set is the union, so a node can have up to ~2k."""
 GOSSIP_INBOX_MAX = 16  # models waiting to be merged; more in one period are dropped
 MODEL_SERVE_BURST = 3  # public models served to one peer before rate limiting
 MODEL_SERVE_REFILL_S = 2.0  # one more allowed per this many seconds
+MODEL_SERVE_NODE_BURST = 8  # public models served to all peers together before the node-wide limit
+MODEL_SERVE_NODE_RATE = 2.0  # per second, all peers together: a flood of requesters cannot multiply our upload
 MODEL_REQUEST_TIMEOUT_S = 5.0  # an unanswered re-sync request may be repeated after this
 NEIGHBOUR_WAIT_S = 2.0  # how long a starting node waits for its k neighbours before its first round
 HISTORY_DOMAIN = b"murmur-history-v1"
@@ -165,6 +167,9 @@ class NodeLearner:
             for front in self.fronts
         }
         self.stalls = StallMonitor()
+        self.silence = SilenceTracker()
+        self.outbox = Outbox()
+        self._model_serving = TokenBucket(rate=MODEL_SERVE_NODE_RATE, burst=float(MODEL_SERVE_NODE_BURST))
         self.fingerprint = ModelFingerprint(cfg.trainer, self.trainer.param_shapes(), cfg.codec.value)
         # A SybilWall history record carries a whole history in one message:
         # for a model larger than a message holds, direct observations only.
@@ -254,6 +259,7 @@ class NodeLearner:
             return
         self._stopped = True
         self.node.tasks.cancel("rounds")
+        await self.outbox.close()
         await self._checkpoint()
 
     async def _expire(self) -> None:
@@ -303,14 +309,21 @@ class NodeLearner:
             return
         with contextlib.suppress(ConnectionClosed):
             await session.send(self._info())
-        if session.peer in self._front_ids:
+        if session.peer in self._front_ids or self.silence.muted(str(session.peer)):
             return
         self.engine.add_neighbour(str(session.peer), max(1, session.peer_degree))
         self._arrived.set()
         opened = self._open
         if opened is not None and opened.round == self.engine.round and (front.peer_id, session.peer) not in opened.sent:
             opened.sent.add((front.peer_id, session.peer))
-            await self._send_delta(front, session.peer, opened.round, opened.delta, opened.meta)
+            self.outbox.start((front.peer_id, session.peer, TransferKind.ROUND),
+                              self._send_delta(front, session.peer, opened.round, opened.delta, opened.meta))
+
+    def on_unlinked(self, front: Node, session: PeerSession) -> None:
+        """``session`` is no longer a learning edge: the open round stops waiting for it."""
+        if not any(s.peer == session.peer for f in self.fronts for s in f.membership.learning_neighbours()):
+            self.engine.drop_neighbour(str(session.peer))
+            self._arrived.set()
 
     async def _announce_finished(self) -> None:
         """Our rounds are over: neighbours still in theirs must not wait for us."""
@@ -332,6 +345,7 @@ class NodeLearner:
         self._model_buckets.pop(session.peer, None)
         if not any(f.session(session.peer) for f in self.fronts):
             self.engine.forget(str(session.peer))  # a returning peer re-syncs its replica
+            self.silence.forget(str(session.peer))
             self._arrived.set()  # the open round no longer waits for it
 
     # -- the round loop ------------------------------------------------------------
@@ -344,13 +358,16 @@ class NodeLearner:
                 if session.peer in self._front_ids:
                     continue  # an attacker's identities do not learn from each other
                 key = str(session.peer)
+                if self.silence.muted(key):
+                    continue  # silent: not waited for, not sent to, until it sends again
                 routes.setdefault(key, []).append((front, session.peer))
                 out[key] = max(1, session.peer_degree)
         self._routes = routes
         return out
 
     def _sessions(self) -> list[PeerSession]:
-        return [s for front in self.fronts for s in front.membership.learning_neighbours() if s.peer not in self._front_ids]
+        return [s for front in self.fronts for s in front.membership.learning_neighbours()
+                if s.peer not in self._front_ids and not self.silence.muted(str(s.peer))]
 
     async def _run_rounds(self) -> None:
         await self._run()
@@ -390,7 +407,7 @@ class NodeLearner:
                     committed = await self.privacy.commit(round_, neighbours)
             with timer.phase("send_s"):
                 sent = self.engine.open_round(neighbours, update, committed)
-                await self._send_round(round_, sent, neighbours)
+                await self._send_round(round_, sent, neighbours, started + deadline_s)
             with timer.phase("wait_s"):
                 remaining = deadline_s - (time.monotonic() - started)
                 # Alone, a round takes its whole deadline: the network's pace is
@@ -480,7 +497,10 @@ class NodeLearner:
                 pass
         return True
 
-    async def _send_round(self, round_: int, sent: Message, neighbours: Mapping[str, int]) -> None:
+    async def _send_round(self, round_: int, sent: Message, neighbours: Mapping[str, int], deadline: float) -> None:
+        """Send the round's message to every neighbour, each transfer its own
+        task (:class:`Outbox`), waiting for them only until ``deadline``: a
+        neighbour that reads slowly delays only its own copy."""
         array = sent.stacked().detach().to("cpu", torch.float32).contiguous().numpy()
         self.layout.check_outgoing(TransferKind.ROUND, array.shape)
         meta = self.layout.meta(TransferKind.ROUND, degree=len(neighbours))
@@ -490,9 +510,13 @@ class NodeLearner:
         self._open = _OpenRound(round_, delta, meta, {(front.peer_id, peer) for front, peer in routes})
         if not routes:
             return
-        sends = [self._send_delta(front, peer, round_, delta, meta) for front, peer in routes]
-        sends += [self._send_record(front, peer) for front, peer in routes]
-        await asyncio.gather(*sends)
+        sends = [self.outbox.start((front.peer_id, peer, TransferKind.ROUND), self._send_to(front, peer, round_, delta, meta))
+                 for front, peer in routes]
+        await self.outbox.wait(sends, deadline - time.monotonic())
+
+    async def _send_to(self, front: Node, peer: PeerId, round_: int, delta: PreparedDelta, meta: Mapping[str, Any]) -> None:
+        await self._send_delta(front, peer, round_, delta, meta)
+        await self._send_record(front, peer)
 
     async def _send_delta(self, front: Node, peer: PeerId, round_: int, delta: PreparedDelta, meta: Mapping[str, Any]) -> None:
         session = front.session(peer)
@@ -509,6 +533,7 @@ class NodeLearner:
         if self.gossip is None:
             self.stalls.on_round(report.round, report.neighbours, report.received)
             self._export_stalls()
+            await self._track_silence(report)
         current = {session.peer for session in self._sessions()}
         for peer in current:
             weight = report.weights.get(str(peer))
@@ -559,6 +584,22 @@ class NodeLearner:
                    "received": report.received, "neighbours": report.neighbours},
         )
 
+    async def _track_silence(self, report: RoundReport) -> None:
+        delivered = [p for p in report.weights if p != "self"]
+        for peer in self.silence.on_round(delivered, report.absent):
+            log.info("neighbour muted: nothing usable from it for several rounds",
+                     extra={"event": "muted", "peer": peer, "round": report.round})
+        for peer in self.silence.to_evict():
+            self.silence.forget(peer)
+            for front, target in self._routes_to(peer):
+                session = front.session(target)
+                if session is not None:
+                    await front.membership.unlink(session, front.membership.config.link_cooldown_s, reason="silent")
+
+    def _routes_to(self, key: str) -> list[tuple[Node, PeerId]]:
+        return [(front, s.peer) for front in self.fronts for s in front.membership.learning_neighbours()
+                if str(s.peer) == key]
+
     def _evaluate(self) -> tuple[float, float]:
         stats = self.trainer.evaluate()
         if self.cfg.eval_attack is not Attack.NONE:
@@ -584,6 +625,8 @@ class NodeLearner:
         array = done.array if done.array.flags.writeable else done.array.copy()
         tensor = torch.from_numpy(array)
         outcome = self.engine.offer(str(session.peer), done.round, tensor[0], tensor[1])
+        if outcome is not Offer.BAD_SHAPE and self.silence.on_usable(str(session.peer)):
+            log.info("neighbour unmuted: it sends again", extra={"event": "unmuted", "peer": str(session.peer)})
         log.debug("round message", extra={"event": "offer", "peer": str(session.peer), "round": done.round,
                                            "outcome": outcome.value, "own_round": self.engine.round})
         if outcome is Offer.BAD_SHAPE:
@@ -680,11 +723,25 @@ class NodeLearner:
         self._arrived.set()
 
     async def _on_model_request(self, front: Node, session: PeerSession, msg: ModelRequest) -> None:
+        """Serve our public model to a learning neighbour (a re-sync, a
+        catch-up): never to strangers (a request is a few bytes, the answer
+        the whole model), at most one transfer in flight per peer, under a
+        per-peer and a node-wide rate. A request over the node-wide rate is
+        dropped without penalty: the asker retries after its timeout."""
+        if not session.linked or session.learner_info is None:
+            log.debug("model request from a non-neighbour ignored", extra={"peer": str(session.peer)})
+            return
         bucket = self._model_buckets.setdefault(
             session.peer, TokenBucket(rate=1.0 / MODEL_SERVE_REFILL_S, burst=float(MODEL_SERVE_BURST))
         )
         if bucket.consume(1) > 0:
             raise LimitExceeded("public model requested too often")
+        key = (front.peer_id, session.peer, TransferKind.MODEL)
+        if self.outbox.busy(key) or self._model_serving.consume(1) > 0:
+            return
+        self.outbox.start(key, self._serve_model(front, session))
+
+    async def _serve_model(self, front: Node, session: PeerSession) -> None:
         # The public model only: it is built from what we already sent (noisy
         # updates and consensus steps), so serving it reveals nothing new.
         public, state_round = self.engine.public_state()
@@ -692,8 +749,9 @@ class NodeLearner:
         self.layout.check_outgoing(TransferKind.MODEL, model.shape)
         meta = self.layout.meta(TransferKind.MODEL, state_round=state_round)
         sender = DeltaSender(front.identity, session.peer, max(state_round, 0), model, DeltaCodec.FP32, meta=meta)
-        for data in sender:
-            await session.send_encoded(data, "Model")
+        with contextlib.suppress(ConnectionClosed):
+            for data in sender:
+                await session.send_encoded(data, "Model")
 
     # -- SybilWall history gossip ---------------------------------------------------------
 

@@ -1,9 +1,13 @@
 """Membership: bootstrap, peer exchange, Cyclon shuffles, neighbour links, failures.
 
 Drives the sans-IO :class:`~murmur.protocol.sampling.CyclonSampler` with real
-connections. The node's *learning neighbours* are the sessions with a link in
-either direction (see :class:`~murmur.protocol.messages.Link`): we announce the
-k peers the sampler picked; a peer that picked us announces itself.
+connections. The node's *learning neighbours* are the sessions linked both
+ways (see :class:`~murmur.protocol.messages.Link`): we ask the k peers our
+sampler picked, and accept a peer that asks us only while we have room
+(``max_links``, and ``links_per_subnet`` per /24 or /48), so a stranger's
+``Link`` alone never makes it a neighbour, and a flood of them cannot take
+more than the room we keep. A refused or withdrawn request is answered with
+``Link(active=0)``; whoever chose a peer that refused picks another.
 
 Failure policy: a neighbour whose connection drops is redialled once; if that
 fails it is reported to the sampler, which replaces it at once from its view.
@@ -35,6 +39,7 @@ from murmur.protocol.messages import (
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.peertable import PeerTable, parse_peer_entry
 from murmur.protocol.sampling import CyclonSampler, Descriptor
+from murmur.protocol.subnets import is_loopback, subnet_of
 from murmur.protocol.transport import ConnectionClosed
 from murmur.tasks import TaskManager
 
@@ -44,6 +49,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+LINK_FAN_IN = 2
+"""Learning neighbours per configured k, at most: the k we chose plus as many
+that chose us (an edge set built from everyone's choices is ~2k per node)."""
+MAX_COOLDOWNS = 4096  # peers remembered as not to be re-linked for a while
 PEX_MAX_PEERS = 32
 MAX_CONCURRENT_DIALS = 8
 
@@ -51,6 +60,9 @@ MAX_CONCURRENT_DIALS = 8
 @dataclass(frozen=True)
 class MembershipConfig:
     neighbours: int = 4
+    max_links: int = 0  # learning neighbours at most, chosen and accepted; 0: 2 x neighbours
+    links_per_subnet: int = 0  # learning neighbours per /24 (IPv4) or /48 (IPv6); 0: no limit
+    link_cooldown_s: float = 60.0  # a peer we unlinked for silence is not accepted again for this long
     shuffle_interval_s: float = 10.0
     maintain_interval_s: float = 1.0
     transient_ttl_s: float = 15.0  # unlinked connections (shuffles, PEX) close after this
@@ -81,8 +93,8 @@ async def _no_listener(session: PeerSession) -> None:
 class Membership:
     """``learning_peer`` says whether a session may be a learning edge at all
     (a learning node: the peer told it a compatible model); ``on_linked``
-    runs each time a session becomes linked, in either direction (the
-    learner brings a new neighbour into its open round)."""
+    runs each time a session becomes a learning edge (the learner brings a
+    new neighbour into its open round), ``on_unlinked`` when it stops being one."""
 
     def __init__(
         self,
@@ -94,10 +106,12 @@ class Membership:
         rng: random.Random | None = None,
         learning_peer: SessionPredicate = lambda session: True,
         on_linked: LinkListener = _no_listener,
+        on_unlinked: LinkListener = _no_listener,
     ) -> None:
         self.host = host
         self.learning_peer = learning_peer
         self.on_linked = on_linked
+        self.on_unlinked = on_unlinked
         self.sampler = sampler
         self.table = table
         self.config = config
@@ -108,6 +122,8 @@ class Membership:
         self._dialling: set[PeerId] = set()
         self._dial_slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
         self.evictions = 0
+        self.links_refused = 0  # inbound link requests we had no room for
+        self._cooldown: dict[PeerId, float] = {}  # peer -> refuse its link requests until (monotonic)
 
     # -- wiring ------------------------------------------------------------------
 
@@ -134,9 +150,44 @@ class Membership:
 
     # -- neighbours --------------------------------------------------------------
 
+    @property
+    def max_links(self) -> int:
+        return self.config.max_links or LINK_FAN_IN * self.config.neighbours
+
     def learning_neighbours(self) -> list[PeerSession]:
-        """Connected peers on a learning edge (linked in either direction)."""
+        """Connected peers on a learning edge (linked both ways)."""
         return [s for s in self.host.sessions() if s.linked and not s.closed and self.learning_peer(s)]
+
+    def _room_for(self, session: PeerSession) -> bool:
+        """Whether we accept ``session``'s link request: a learning peer, not
+        cooling off, within the link budget and its subnet's share of it."""
+        if not self.learning_peer(session) or self._cooldown.get(session.peer, 0.0) > time.monotonic():
+            return False
+        linked = [s for s in self.learning_neighbours() if s is not session]
+        # Our own k choices keep their slots: accepted requests fill the rest.
+        if sum(1 for s in linked if not s.chosen) >= self.max_links - self.config.neighbours:
+            return False
+        limit = self.config.links_per_subnet
+        if limit and not self._subnet_exempt(session):
+            subnet = subnet_of(session.conn.remote[0])
+            if sum(1 for s in linked if subnet_of(s.conn.remote[0]) == subnet) >= limit:
+                return False
+        return True
+
+    def _subnet_exempt(self, session: PeerSession) -> bool:
+        return self.sampler.config.allow_loopback_flood and is_loopback(session.conn.remote[0])
+
+    async def unlink(self, session: PeerSession, cooldown_s: float | None = None, reason: str = "") -> None:
+        """End a learning edge from our side (a neighbour that sends nothing
+        usable); with ``cooldown_s`` its requests are refused for that long."""
+        if cooldown_s:
+            self._cooldown[session.peer] = time.monotonic() + cooldown_s
+            while len(self._cooldown) > MAX_COOLDOWNS:
+                del self._cooldown[next(iter(self._cooldown))]
+            if session.chosen:
+                self.sampler.on_failure(session.peer)  # the sampler picks someone else
+        log.info("unlinked", extra={"event": "unlinked", "peer": str(session.peer), "reason": reason})
+        await self._set_link(session, False)
 
     def degree(self) -> int:
         return len(self.learning_neighbours())
@@ -153,11 +204,11 @@ class Membership:
                 if desc is not None and peer not in self._dialling:
                     self._tasks.spawn(f"link-{peer.short()}", lambda d=desc: self._dial_neighbour(d), replace=True)
             elif not session.link_out:
-                await self._set_link(session, True)
+                await self._set_link(session, True, chosen=True)
         now = time.monotonic()
         for session in self.host.sessions():
-            if session.link_out and session.peer not in target_set:
-                await self._set_link(session, False)
+            if session.link_out and session.chosen and session.peer not in target_set:
+                await self._set_link(session, False)  # the sampler moved on (a link we accepted stays)
             idle = now - session.last_message_at
             if not session.linked and session.peer not in self._shuffles and idle > self.config.transient_ttl_s:
                 await session.close()
@@ -168,22 +219,22 @@ class Membership:
                 return desc
         return None
 
-    async def _set_link(self, session: PeerSession, active: bool) -> None:
+    async def _set_link(self, session: PeerSession, active: bool, chosen: bool = False) -> None:
         was = session.linked
         session.link_out = active
+        session.chosen = active and chosen
         try:
             await session.send(Link(active=int(active), degree=self.degree()))
         except ConnectionClosed:
             return
-        if session.linked and not was:
-            await self.on_linked(session)
+        await self._notify(session, was)
 
     async def _dial_neighbour(self, desc: Descriptor) -> None:
         self._dialling.add(desc.peer)
         try:
             session = await self._dial(desc.addrs, desc.peer)
             if session is not None:
-                await self._set_link(session, True)
+                await self._set_link(session, True, chosen=True)
         finally:
             self._dialling.discard(desc.peer)
 
@@ -254,11 +305,33 @@ class Membership:
             self.sampler.add(session.peer, addrs)
 
     async def _on_link(self, session: PeerSession, msg: Link) -> None:
+        """A request (or its acceptance) when ``active``, else a refusal or a
+        withdrawal. Only an edge both sides asked for counts."""
         was = session.linked
-        session.link_in = bool(msg.active)
         session.peer_degree = max(1, msg.degree)
+        if msg.active:
+            session.link_in = True
+            if not session.link_out:
+                if self._room_for(session):
+                    await self._set_link(session, True)  # accept: the edge is mutual from here
+                else:
+                    self.links_refused += 1
+                    await self._set_link(session, False)  # refuse, once per request
+                return
+        else:
+            session.link_in = False
+            if session.link_out and session.chosen:
+                # It refused our request or left the edge: the sampler picks
+                # someone else for a while (no penalty: a full node is no fault).
+                self.sampler.on_failure(session.peer)
+            session.link_out = session.chosen = False
+        await self._notify(session, was)
+
+    async def _notify(self, session: PeerSession, was: bool) -> None:
         if session.linked and not was:
             await self.on_linked(session)
+        elif was and not session.linked:
+            await self.on_unlinked(session)
 
     # -- bootstrap and peer exchange ----------------------------------------------
 
@@ -347,4 +420,5 @@ class Membership:
             "view": len(self.sampler),
             "neighbours": [str(s.peer) for s in self.learning_neighbours()],
             "evictions": self.evictions,
+            "links_refused": self.links_refused,
         }

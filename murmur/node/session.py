@@ -76,8 +76,9 @@ class PeerSession:
         self._faults = faults
         self.hello: Hello | None = None
         self.addrs: tuple[Multiaddr, ...] = ()  # its listen addresses, as observed (see Membership)
-        self.link_in = False  # the peer counts us as a learning neighbour
-        self.link_out = False  # we count the peer as a learning neighbour
+        self.link_in = False  # the peer asked for (or accepted) a learning edge with us
+        self.link_out = False  # we asked for (or accepted) a learning edge with the peer
+        self.chosen = False  # our link_out is our sampler's choice, not an accepted request
         self.said_goodbye = False  # it is leaving: evict at once, do not redial
         self.learner_info: LearnerInfo | None = None  # its LearnerInfo, once it proved a compatible model
         self.peer_degree = 1
@@ -90,7 +91,8 @@ class PeerSession:
 
     @property
     def linked(self) -> bool:
-        return self.link_in or self.link_out
+        """A learning edge: both sides asked for it (or accepted the other's request)."""
+        return self.link_in and self.link_out
 
     async def send(self, msg: Message) -> None:
         """Encode and send one message; raises ConnectionClosed if the peer is gone."""

@@ -22,3 +22,14 @@ def subnet_of(host: str) -> SubnetKey:
         ip = ip.ipv4_mapped
     prefix = IPV4_SUBNET_PREFIX if ip.version == 4 else IPV6_SUBNET_PREFIX
     return ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1, or mapped)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback

@@ -476,13 +476,35 @@ def test_neighbours_heard_only_past_the_round_do_not_close_it_alone() -> None:
 
 def test_a_neighbour_heard_only_for_past_rounds_is_still_waited_for() -> None:
     engines = _engines()
-    _sync_round(engines, skip={(0, 1)})  # n0's round-0 message to node 1 is lost
+    _sync_round(engines)  # round 0: every neighbour delivered (proven)
     hub = engines[1]
     hub.begin_round(_neighbours(1))
     for j in (2, 3):
         message, _ = _message(engines[j], j)
         hub.offer(_name(j), 1, message.update, message.consensus)
     assert not hub.quorum_reached()  # n0: never heard from for round 1 or later
+
+
+def test_a_neighbour_that_never_delivered_does_not_hold_a_round_proven_ones_make() -> None:
+    """n0's round-0 message to node 1 was lost, so node 1 never used one:
+    on probation, it is not waited for once proven neighbours delivered
+    (a stranger that links and stays silent cannot hold rounds), but its
+    message is still used when it comes in time."""
+    engines = _engines()
+    _sync_round(engines, skip={(0, 1)})
+    hub = engines[1]
+    hub.begin_round(_neighbours(1))
+    assert not hub.quorum_reached()
+    message, _ = _message(engines[2], 2)
+    hub.offer("n2", 1, message.update, message.consensus)
+    assert not hub.quorum_reached()  # n3, proven, is still waited for
+    message, _ = _message(engines[3], 3)
+    hub.offer("n3", 1, message.update, message.consensus)
+    assert hub.quorum_reached()
+    late, _ = _message(engines[0], 0)
+    assert hub.offer("n0", 1, late.update, late.consensus) is Offer.NEEDS_SYNC  # (its round-0 was lost: a gap)
+    hub.set_replica("n0", *engines[0].public_state())
+    assert set(hub.finish_round().weights) == {"self", "n0", "n2", "n3"}
 
 
 def test_a_neighbour_that_left_is_not_waited_for() -> None:
