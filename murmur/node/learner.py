@@ -53,6 +53,7 @@ from murmur.learning.rounds import (
 from murmur.learning.trainers.registry import create_trainer
 from murmur.node.config import Attack, LearningMode, PrivacyLevel
 from murmur.node.metrics import Split
+from murmur.node.ratelimit import RequestBudget
 from murmur.node.stalls import StallMonitor
 from murmur.protocol import codecs
 from murmur.protocol.codecs import DeltaCodec
@@ -69,7 +70,7 @@ from murmur.protocol.messages import (
     LearnerInfo,
     ModelRequest,
 )
-from murmur.protocol.transport import ConnectionClosed, TokenBucket
+from murmur.protocol.transport import ConnectionClosed
 
 if TYPE_CHECKING:
     from murmur.node.daemon import Node
@@ -189,7 +190,7 @@ class NodeLearner:
         # await, or None for a replica re-sync installed on arrival.
         self._model_requests: dict[PeerId, asyncio.Future[CompletedDelta] | None] = {}
         self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
-        self._model_buckets: dict[PeerId, TokenBucket] = {}
+        self._model_budgets: dict[PeerId, RequestBudget] = {}
         self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
         # Each neighbour's weight in the latest of our aggregations it took part
         # in: what vouches for a lone neighbour ahead of us (catch_up_target).
@@ -324,7 +325,7 @@ class NodeLearner:
     def on_session_closed(self, front: Node, session: PeerSession) -> None:
         self._assemblers[front.peer_id].abandon_peer(session.peer)
         self._model_requests.pop(session.peer, None)
-        self._model_buckets.pop(session.peer, None)
+        self._model_budgets.pop(session.peer, None)
         if not any(f.session(session.peer) for f in self.fronts):
             self.engine.forget(str(session.peer))  # a returning peer re-syncs its replica
             self._arrived.set()  # the open round no longer waits for it
@@ -675,10 +676,8 @@ class NodeLearner:
         self._arrived.set()
 
     async def _on_model_request(self, front: Node, session: PeerSession, msg: ModelRequest) -> None:
-        bucket = self._model_buckets.setdefault(
-            session.peer, TokenBucket(rate=1.0 / MODEL_SERVE_REFILL_S, burst=float(MODEL_SERVE_BURST))
-        )
-        if bucket.consume(1) > 0:
+        budget = self._model_budgets.setdefault(session.peer, RequestBudget(MODEL_SERVE_BURST, MODEL_SERVE_REFILL_S))
+        if not budget.take():
             raise LimitExceeded("public model requested too often")
         # The public model only: it is built from what we already sent (noisy
         # updates and consensus steps), so serving it reveals nothing new.
