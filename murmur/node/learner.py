@@ -27,7 +27,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -200,6 +200,10 @@ class NodeLearner:
         self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
         self.attack_rate: float | None = None
         self.catch_ups = 0
+        # Called with the new round each time ours moves (a round closed, a
+        # catch-up): the testnet worker pushes node rounds to its controller
+        # from here, so churn events fire at the round they name.
+        self._round_listeners: list[Callable[[int], None]] = []
         self.gossip: GossipModel | None = None
         self._gossip_inbox: list[tuple[str, torch.Tensor, int]] = []
         self._cycle = 0
@@ -218,6 +222,15 @@ class NodeLearner:
     @property
     def round(self) -> int:
         return self._cycle if self.gossip is not None else self.engine.round
+
+    def add_round_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(round)`` on the event loop each time :attr:`round` moves."""
+        if listener not in self._round_listeners:
+            self._round_listeners.append(listener)
+
+    def _round_moved(self) -> None:
+        for listener in self._round_listeners:
+            listener(self.round)
 
     def handlers_for(self, front: Node) -> Mapping[type, Handler]:
         """The message handlers for one front, bound to it."""
@@ -400,6 +413,7 @@ class NodeLearner:
             with timer.phase("aggregate_s"):
                 report = self.engine.finish_round()
             self._open = None
+            self._round_moved()
             if training and self.privacy is not None:
                 self.privacy.after_round(round_, committed or [], missing)
             await self._after_round(report, timer)
@@ -431,6 +445,7 @@ class NodeLearner:
                 late_dropped=0, weights=weights, delta_norm=0.0, consensus_norm=0.0,
             )
             self._cycle += 1
+            self._round_moved()
             await self._after_round(report, timer)
             await asyncio.sleep(max(0.0, self.cfg.round_deadline_s - (time.monotonic() - started)))
 
@@ -637,6 +652,7 @@ class NodeLearner:
         self.engine.adopt(model, state_round + 1)
         self.engine.set_replica(str(peer), model, state_round)
         self.catch_ups += 1
+        self._round_moved()
         # /status must describe the model we now hold, not the one we dropped
         # (no metrics row: we did not run the rounds we skipped).
         self.last_eval = await asyncio.to_thread(self._evaluate)
