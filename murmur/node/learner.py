@@ -27,7 +27,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ from murmur.node.config import Attack, LearningMode, PrivacyLevel
 from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
 from murmur.node.outbox import Outbox
+from murmur.node.ratelimit import RequestBudget
 from murmur.node.silence import SilenceTracker
 from murmur.node.stalls import StallMonitor
 from murmur.protocol import codecs
@@ -72,7 +73,7 @@ from murmur.protocol.messages import (
     LearnerInfo,
     ModelRequest,
 )
-from murmur.protocol.transport import ConnectionClosed, TokenBucket
+from murmur.protocol.transport import ConnectionClosed
 
 if TYPE_CHECKING:
     from murmur.node.daemon import Node
@@ -169,7 +170,7 @@ class NodeLearner:
         self.stalls = StallMonitor()
         self.silence = SilenceTracker()
         self.outbox = Outbox()
-        self._model_serving = TokenBucket(rate=MODEL_SERVE_NODE_RATE, burst=float(MODEL_SERVE_NODE_BURST))
+        self._model_serving = RequestBudget(MODEL_SERVE_NODE_BURST, 1.0 / MODEL_SERVE_NODE_RATE)
         self.fingerprint = ModelFingerprint(cfg.trainer, self.trainer.param_shapes(), cfg.codec.value)
         # A SybilWall history record carries a whole history in one message:
         # for a model larger than a message holds, direct observations only.
@@ -194,7 +195,7 @@ class NodeLearner:
         # await, or None for a replica re-sync installed on arrival.
         self._model_requests: dict[PeerId, asyncio.Future[CompletedDelta] | None] = {}
         self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
-        self._model_buckets: dict[PeerId, TokenBucket] = {}
+        self._model_budgets: dict[PeerId, RequestBudget] = {}
         self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
         # Each neighbour's weight in the latest of our aggregations it took part
         # in: what vouches for a lone neighbour ahead of us (catch_up_target).
@@ -204,6 +205,10 @@ class NodeLearner:
         self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
         self.attack_rate: float | None = None
         self.catch_ups = 0
+        # Called with the new round each time ours moves (a round closed, a
+        # catch-up): the testnet worker pushes node rounds to its controller
+        # from here, so churn events fire at the round they name.
+        self._round_listeners: list[Callable[[int], None]] = []
         self.gossip: GossipModel | None = None
         self._gossip_inbox: list[tuple[str, torch.Tensor, int]] = []
         self._cycle = 0
@@ -222,6 +227,15 @@ class NodeLearner:
     @property
     def round(self) -> int:
         return self._cycle if self.gossip is not None else self.engine.round
+
+    def add_round_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(round)`` on the event loop each time :attr:`round` moves."""
+        if listener not in self._round_listeners:
+            self._round_listeners.append(listener)
+
+    def _round_moved(self) -> None:
+        for listener in self._round_listeners:
+            listener(self.round)
 
     def handlers_for(self, front: Node) -> Mapping[type, Handler]:
         """The message handlers for one front, bound to it."""
@@ -342,7 +356,7 @@ class NodeLearner:
     def on_session_closed(self, front: Node, session: PeerSession) -> None:
         self._assemblers[front.peer_id].abandon_peer(session.peer)
         self._model_requests.pop(session.peer, None)
-        self._model_buckets.pop(session.peer, None)
+        self._model_budgets.pop(session.peer, None)
         if not any(f.session(session.peer) for f in self.fronts):
             self.engine.forget(str(session.peer))  # a returning peer re-syncs its replica
             self.silence.forget(str(session.peer))
@@ -420,6 +434,7 @@ class NodeLearner:
             with timer.phase("aggregate_s"):
                 report = self.engine.finish_round()
             self._open = None
+            self._round_moved()
             if training and self.privacy is not None:
                 self.privacy.after_round(round_, committed or [], missing)
             await self._after_round(report, timer)
@@ -451,6 +466,7 @@ class NodeLearner:
                 late_dropped=0, weights=weights, delta_norm=0.0, consensus_norm=0.0,
             )
             self._cycle += 1
+            self._round_moved()
             await self._after_round(report, timer)
             await asyncio.sleep(max(0.0, self.cfg.round_deadline_s - (time.monotonic() - started)))
 
@@ -683,6 +699,7 @@ class NodeLearner:
         self.engine.adopt(model, state_round + 1)
         self.engine.set_replica(str(peer), model, state_round)
         self.catch_ups += 1
+        self._round_moved()
         await self._announce_progress()  # neighbours in the rounds we skipped stop waiting for us
         # /status must describe the model we now hold, not the one we dropped
         # (no metrics row: we did not run the rounds we skipped).
@@ -731,13 +748,11 @@ class NodeLearner:
         if not session.linked or session.learner_info is None:
             log.debug("model request from a non-neighbour ignored", extra={"peer": str(session.peer)})
             return
-        bucket = self._model_buckets.setdefault(
-            session.peer, TokenBucket(rate=1.0 / MODEL_SERVE_REFILL_S, burst=float(MODEL_SERVE_BURST))
-        )
-        if bucket.consume(1) > 0:
+        budget = self._model_budgets.setdefault(session.peer, RequestBudget(MODEL_SERVE_BURST, MODEL_SERVE_REFILL_S))
+        if not budget.take():
             raise LimitExceeded("public model requested too often")
         key = (front.peer_id, session.peer, TransferKind.MODEL)
-        if self.outbox.busy(key) or self._model_serving.consume(1) > 0:
+        if self.outbox.busy(key) or not self._model_serving.take():
             return
         self.outbox.start(key, self._serve_model(front, session))
 

@@ -2,11 +2,16 @@
 
 Events fire in file order (the scenario checker validates them in that order:
 a restart follows its crash), each once its trigger is met: ``at_round`` when
-the *network round* reaches it, ``at_s`` when that many seconds have passed
-since the nodes were started. The network round is the highest round that a
-live honest node reports in ``/status``: the front of training, which is what
-"at round 10" means to someone watching the run; a node that lags behind
-(restarting, catching up) does not hold the schedule back.
+the round of the event's ``round_of`` reaches it, ``at_s`` when that many
+seconds have passed since the nodes were started.
+
+``round_of`` (:class:`~murmur.testnet.scenario.RoundOf`) says whose round
+counts, among the live honest nodes that reported one: ``front`` (the
+fastest), ``slowest``, one named node, or by default ``median``: the highest
+round that more than half of them have reached (the lower median), which is
+what "at round 8" means to someone watching a run. One node racing ahead (it
+adopted a model, or trained alone) does not pull the schedule forward, and
+one restarting or catching up does not hold it back.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from murmur.testnet.scenario import ChurnEvent
+from murmur.testnet.scenario import ChurnEvent, Reference, RoundOf
 
 
 @dataclass
@@ -22,13 +27,18 @@ class ChurnSchedule:
     events: Sequence[ChurnEvent]
     _next: int = 0
 
-    def due(self, network_round: int | None, elapsed_s: float) -> list[ChurnEvent]:
-        """Events whose trigger is met now, in order; each is returned once."""
+    def due(self, rounds: Mapping[int, int], elapsed_s: float) -> list[ChurnEvent]:
+        """Events whose trigger is met now, in order; each is returned once.
+
+        ``rounds``: the round of every live honest node that reported one, by
+        node index (empty while the run is not ready to count rounds)."""
         out = []
         while self._next < len(self.events):
             ev = self.events[self._next]
-            if ev.at_round is not None and (network_round is None or network_round < ev.at_round):
-                break
+            if ev.at_round is not None:
+                now = reference_round(ev.reference, rounds)
+                if now is None or now < ev.at_round:
+                    break
             if ev.at_s is not None and elapsed_s < ev.at_s:
                 break
             out.append(ev)
@@ -44,13 +54,24 @@ class ChurnSchedule:
         return self.events[self._next:]
 
 
+def reference_round(of: RoundOf, rounds: Mapping[int, int]) -> int | None:
+    """The round ``of`` names, given each live honest node's (by index);
+    None when nobody (or not the named node) reported one."""
+    if of.reference is Reference.NODE:
+        assert of.node is not None
+        return rounds.get(of.node)
+    if not rounds:
+        return None
+    ordered = sorted(rounds.values())
+    if of.reference is Reference.FRONT:
+        return ordered[-1]
+    if of.reference is Reference.SLOWEST:
+        return ordered[0]
+    # the lower median: more than half of the nodes are at it or past it
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def partition_groups(side: Iterable[int], total: int) -> list[list[int]]:
     """A partition event names one side; everybody else is the other."""
     inside = sorted(set(side))
     return [inside, [i for i in range(total) if i not in set(inside)]]
-
-
-def network_round(rounds: Mapping[str, int | None]) -> int | None:
-    """The front of training: the highest round a live node reports."""
-    known = [r for r in rounds.values() if r is not None]
-    return max(known) if known else None

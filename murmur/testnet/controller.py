@@ -13,8 +13,12 @@ One :class:`Testnet` run:
    that a churn event will (re)start gets a ``--standby`` process ahead of
    time, so the event costs the node's start-up, not interpreter imports;
 3. polls every node's ``/status`` (the only view of a node the controller has:
-   it never reaches into a node's memory), feeds the live dashboard, prints a
-   progress line and fires churn events when their round or time comes;
+   it never reaches into a node's memory), feeds the live dashboard and prints
+   a progress line; keeps a ``rounds`` long poll open on every worker's control
+   socket, which answers as soon as a node reaches the round the next churn
+   event names, and fires each event when its round (whose round: the event's
+   ``round_of``, see :mod:`~murmur.testnet.churn`) or time comes, recording
+   every node's round at that moment;
 4. stops when every live honest node finished ``duration.rounds`` plus
    ``duration.mixing_rounds`` (or after
    ``duration.seconds``, or when training stalls), stops the nodes gracefully
@@ -30,6 +34,7 @@ warning and recorded as skipped in the report's event list.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
@@ -50,7 +55,7 @@ import aiohttp
 
 from murmur.errors import StateError
 from murmur.node.state import METRICS_FILE, StateDir
-from murmur.testnet.churn import ChurnSchedule, network_round, partition_groups
+from murmur.testnet.churn import ChurnSchedule, partition_groups, reference_round
 from murmur.testnet.dashboard import DashboardServer, DashboardState, fill_from_specs
 from murmur.testnet.forkserver import ForkServer, ForkServerError
 from murmur.testnet.procs import Supervisor, last_error
@@ -70,6 +75,8 @@ from murmur.testnet.scenario import (
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.5
+ROUNDS_WAIT_S = 5.0  # how long a worker holds a rounds request when no round moves that matters
+SNAPSHOT_TIMEOUT_S = 1.0  # the rounds read from every worker as an event fires
 PROGRESS_INTERVAL_S = 3.0
 STATUS_TIMEOUT_S = 2.0
 CONTROL_TIMEOUT_S = 5.0
@@ -126,6 +133,7 @@ class WorkerProc:
     spare: str | None = None
     spare_control: Path = Path()
     generation: int = 0
+    incarnation: int = 0  # counts the processes that ran (or run) the nodes: what a rounds reply is from
     wanted_up: bool = False  # what the schedule says; the process may disagree (crash)
     sync_partition: bool = False  # the current partition must still be sent to it
 
@@ -148,6 +156,10 @@ class NodeHandle:
     proc: str
     status: dict[str, Any] | None = None
     last_seen: dict[str, Any] | None = None  # last answer, kept after it goes down
+    # The freshest round of the node's current process (status poll or the
+    # worker's rounds reply, whichever is newer); None while it is down or
+    # has not reported since it (re)started.
+    round: int | None = None
 
 
 @dataclass(frozen=True)
@@ -263,7 +275,10 @@ class Testnet:
         self._rounds_done = 0  # sum of honest nodes' rounds: grows while any of them trains
         self._front_at = time.monotonic()
         self._last_progress = -math.inf
-        self._background: set[asyncio.Task[None]] = set()  # standby start-ups in flight
+        self._background: set[asyncio.Task[None]] = set()  # standby start-ups and rounds watches
+        self._watches: dict[str, tuple[int, asyncio.Task[None]]] = {}  # proc -> (incarnation, its rounds watch)
+        self._by_peer: dict[str, int] = {}  # peer id -> node index
+        self._moved = asyncio.Event()  # set (and replaced) when a round or status arrives: see _wake_loop
         self._exited: list[WorkerProc] = []  # processes that exited on their own, in the order seen
         self.failure: WorkerFailure | None = None
         self._worker_env: dict[str, str] | None = None
@@ -301,6 +316,7 @@ class Testnet:
             for i in group:
                 self.nodes[i] = NodeHandle(specs[i], self.run_dir / "nodes" / specs[i].name,
                                            peer_ids[specs[i].name], name)
+                self._by_peer[peer_ids[specs[i].name]] = i
         fill_from_specs(self.dashboard, specs, peer_ids)
 
     def worker_pids(self) -> dict[str, int]:
@@ -344,6 +360,7 @@ class Testnet:
         argv = [*proc.argv(proc.control), "--standby"] if standby else proc.argv(proc.control)
         self._supervisor.start(proc.child, argv, env=self._env(), log_name=proc.name)
         proc.wanted_up = True
+        proc.incarnation += 1
         proc.sync_partition = self._partition is not None
 
     def _will_start(self, proc: WorkerProc) -> bool:
@@ -372,6 +389,7 @@ class Testnet:
             return
         proc.child, proc.control, proc.spare = proc.spare, proc.spare_control, None
         proc.wanted_up = True  # the process is alive and about to bring its nodes up
+        proc.incarnation += 1
         proc.sync_partition = self._partition is not None
         task = asyncio.create_task(self._start_standby(proc, self._supervisor[proc.child]))
         self._background.add(task)
@@ -441,7 +459,7 @@ class Testnet:
         if not proc.wanted_up or self._supervisor is None or self._supervisor[proc.child] is not child:
             return  # crashed or stopped by the schedule meanwhile
         log.warning("standby did not start; launching cold", extra={"proc": proc.name})
-        proc.wanted_up = False  # not an unexpected exit: ours
+        self._down(proc)  # not an unexpected exit: ours
         await asyncio.to_thread(child.crash)
         self._launch(proc)
 
@@ -476,7 +494,12 @@ class Testnet:
             else:
                 self._t0 = self._front_at = time.monotonic()  # at_s counts from here: the nodes' start
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)) as http:
-                    end = await self._loop(http)
+                    poller = asyncio.create_task(self._poll_forever(http), name="status-poll")
+                    try:
+                        end = await self._loop()
+                    finally:
+                        poller.cancel()
+                        await asyncio.gather(poller, return_exceptions=True)
                     final = await self._poll(http)
         finally:
             for task in self._background:
@@ -495,21 +518,20 @@ class Testnet:
         return RunResult(self.run_dir, report_dir, end, wall, self._front, self.events, summary, self.dashboard_url,
                          self.failure)
 
-    async def _loop(self, http: aiohttp.ClientSession) -> RunEnd:
+    async def _loop(self) -> RunEnd:
+        """Decide, each time a round or a status poll comes in (and at least
+        every poll interval): fire due churn events, print progress, end the run."""
         sc = self.scenario
         stall_s = self.options.stall_s or max(MIN_STALL_S, STALL_DEADLINES * sc.duration.round_deadline_s)
         while True:
-            await self._poll(http)
+            moved = self._moved  # taken before deciding: what arrives meanwhile wakes the wait below
             if self._nobody_started():
                 self._fail(self._exited[0])
                 return RunEnd.FAILED
             await self._sync_partitions()
+            self._watch_rounds()
             elapsed = time.monotonic() - self._t0
-            # "at round r" counts once every started node answered: on a loaded
-            # box start-up skews by many rounds, and a crash must hit a node
-            # that has run, not one still importing torch
-            front = self._front if self._all_answered() else None
-            for ev in self.schedule.due(front, elapsed):
+            for ev in self.schedule.due(self._schedule_rounds(), elapsed):
                 await self._apply(ev)
             self._progress()
             if sc.duration.seconds is not None and elapsed >= sc.duration.seconds:
@@ -519,7 +541,31 @@ class Testnet:
             if time.monotonic() - self._front_at > stall_s:
                 self._say(f"\nno round completed for {stall_s:.0f} s: stopping (see {self.run_dir / 'logs'})")
                 return RunEnd.STALLED
+            # woken by the next round reply or status poll; the timeout runs at_s events on time
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(moved.wait(), self.options.poll_interval_s)
+
+    async def _poll_forever(self, http: aiohttp.ClientSession) -> None:
+        """Every node's /status each poll interval (dashboard, progress, exits, the end)."""
+        while True:
+            await self._poll(http)
+            self._wake_loop()
             await asyncio.sleep(self.options.poll_interval_s)  # the polling period, not synchronisation
+
+    def _wake_loop(self) -> None:
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+    def _schedule_rounds(self) -> dict[int, int]:
+        """The live honest nodes' rounds the schedule counts, by node index.
+        None counted until every started node answered: on a loaded box
+        start-up skews by many rounds, and a crash must hit a node that has
+        run, not one still importing torch."""
+        return self._honest_rounds() if self._all_answered() else {}
+
+    def _honest_rounds(self) -> dict[int, int]:
+        return {i: h.round for i, h in self.nodes.items()
+                if h.spec.role is Role.HONEST and h.round is not None and self.procs[h.proc].wanted_up}
 
     def _nobody_started(self) -> bool:
         """Every worker exited on its own and none of their nodes ever answered."""
@@ -530,7 +576,7 @@ class Testnet:
         return [h for h in self.nodes.values() if self.procs[h.proc].wanted_up]
 
     def _all_answered(self) -> bool:
-        return all(h.last_seen is not None for h in self._expected_up())
+        return all(h.last_seen is not None or h.round is not None for h in self._expected_up())
 
     def _all_done(self, rounds: int) -> bool:
         honest = [h for h in self._expected_up() if h.spec.role is Role.HONEST]
@@ -543,23 +589,126 @@ class Testnet:
 
     async def _poll(self, http: aiohttp.ClientSession) -> dict[str, dict[str, Any] | None]:
         handles = list(self.nodes.values())
+        asked = [self.procs[h.proc].incarnation for h in handles]
         answers = await asyncio.gather(*(self._status(http, h) for h in handles))
-        for handle, status in zip(handles, answers, strict=True):
+        for handle, status, incarnation in zip(handles, answers, asked, strict=True):
+            proc = self.procs[handle.proc]
+            if not proc.wanted_up or proc.incarnation != incarnation:
+                status = None  # the process that answered was taken down meanwhile
             handle.status = status
             if status is not None:
                 handle.last_seen = status
+                self._saw_round(handle, _round(status))
             self.dashboard.update_from_status(handle.spec.name, status)
         self._check_exits()
-        honest = {h.spec.name: _round(h.status) for h in handles if h.spec.role is Role.HONEST and h.status is not None}
-        front = network_round(honest)
+        self._note_progress()
+        return {h.spec.name: h.status for h in handles}
+
+    def _saw_round(self, handle: NodeHandle, round_: int | None) -> None:
+        """A node's process reported ``round_``. Rounds only move forward in
+        one process (a restart restores, a catch-up adopts a later round), so
+        the later of two reports that crossed is the larger."""
+        if round_ is not None and (handle.round is None or round_ > handle.round):
+            handle.round = round_
+
+    def _note_progress(self) -> None:
+        honest = self._honest_rounds()
+        front = max(honest.values(), default=None)
         if front is not None and (self._front is None or front > self._front):
             self._front = front
         # Stalled means no honest node completed a round, not that the front
         # did not move: one node that caught up far ahead must not hide the rest.
-        progress = sum(r + 1 for r in honest.values() if r is not None)
+        progress = sum(r + 1 for r in honest.values())
         if progress > self._rounds_done:
             self._rounds_done, self._front_at = progress, time.monotonic()
-        return {h.spec.name: h.status for h in handles}
+
+    # -- rounds, pushed by the workers ----------------------------------------------
+
+    def _watch_rounds(self) -> None:
+        """One rounds watch per live worker process (see :meth:`_watch`)."""
+        for proc in self.procs.values():
+            if not proc.wanted_up:
+                continue
+            current = self._watches.get(proc.name)
+            if current is not None and current[0] == proc.incarnation and not current[1].done():
+                continue
+            if current is not None:
+                current[1].cancel()
+            task = asyncio.create_task(self._watch(proc, proc.incarnation), name=f"rounds-{proc.name}")
+            self._watches[proc.name] = (proc.incarnation, task)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _watch(self, proc: WorkerProc, incarnation: int) -> None:
+        """Keep a ``rounds`` request open on ``proc``'s control socket while
+        that process runs its nodes: the worker answers as soon as one of its
+        nodes reaches the round the next churn event names (``from_round``),
+        and the loop decides at once. Between events it answers only when
+        its nodes come up or go, or every ROUNDS_WAIT_S."""
+        def current() -> bool:
+            return proc.wanted_up and proc.incarnation == incarnation
+
+        while current():
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(proc.control))
+            except OSError:
+                await asyncio.sleep(self.options.poll_interval_s)  # polling for the socket (a standby starting)
+                continue
+            try:
+                known: dict[str, Any] = {}
+                while current():
+                    request = {"cmd": "rounds", "known": known, "wait_s": ROUNDS_WAIT_S,
+                               "from_round": self._next_round_trigger()}
+                    writer.write(json.dumps(request).encode() + b"\n")
+                    await writer.drain()
+                    line = await asyncio.wait_for(reader.readline(), ROUNDS_WAIT_S + CONTROL_TIMEOUT_S)
+                    reply = json.loads(line) if line else {}
+                    if not reply.get("ok") or not isinstance(reply.get("rounds"), dict):
+                        break
+                    known = reply["rounds"]
+                    if current():
+                        self._saw_rounds(known)
+            except (OSError, asyncio.TimeoutError, json.JSONDecodeError, ValueError):
+                pass
+            finally:
+                writer.close()
+            await asyncio.sleep(self.options.poll_interval_s)  # the worker went away or refused: retry while wanted
+
+    def _next_round_trigger(self) -> int | None:
+        """The round the next churn event waits for (None: it waits for a time, or none is left)."""
+        upcoming = self.schedule.upcoming()
+        return upcoming[0].at_round if upcoming else None
+
+    def _saw_rounds(self, rounds: Mapping[str, Any]) -> None:
+        for peer, round_ in rounds.items():
+            index = self._by_peer.get(peer)
+            if index is not None and isinstance(round_, int):
+                self._saw_round(self.nodes[index], round_)
+        self._note_progress()
+        self._wake_loop()
+
+    async def _snapshot_rounds(self) -> dict[int, int]:
+        """Every live node's round, read from the workers now (for an event's
+        record: between events the workers only report rounds that matter)."""
+        procs = [p for p in self.procs.values() if p.wanted_up]
+
+        async def one(proc: WorkerProc) -> None:
+            incarnation = proc.incarnation
+            try:
+                reply = await send_control(proc.control, {"cmd": "rounds"}, SNAPSHOT_TIMEOUT_S)
+            except (OSError, asyncio.TimeoutError, json.JSONDecodeError, ValueError):
+                return
+            if proc.wanted_up and proc.incarnation == incarnation and isinstance(reply.get("rounds"), dict):
+                self._saw_rounds(reply["rounds"])
+
+        await asyncio.gather(*(one(p) for p in procs))
+        return {i: h.round for i, h in self.nodes.items() if h.round is not None and self.procs[h.proc].wanted_up}
+
+    def _down(self, proc: WorkerProc) -> None:
+        """``proc`` no longer runs its nodes (taken down, or exited): their rounds are unknown."""
+        proc.wanted_up = False
+        for i in proc.indices:
+            self.nodes[i].round = None
 
     async def _status(self, http: aiohttp.ClientSession, handle: NodeHandle) -> dict[str, Any] | None:
         if not self.procs[handle.proc].wanted_up:
@@ -583,7 +732,7 @@ class Testnet:
             child = self._supervisor[proc.child] if proc.wanted_up else None
             if child is not None and not child.alive():
                 code = child.returncode
-                proc.wanted_up = False
+                self._down(proc)
                 self._exited.append(proc)
                 self._say(f"\nprocess {proc.name} exited unexpectedly (code {code}); see {child.log_path}")
                 self._record({"action": "exited", "process": proc.name, "code": code})
@@ -591,9 +740,10 @@ class Testnet:
     # -- churn -----------------------------------------------------------------------
 
     async def _apply(self, ev: ChurnEvent) -> None:
+        fired = await self._fired(ev)
         skipped = await self._actions[ev.action](ev)
         names = [self.nodes[i].spec.name for i in ev.nodes]
-        record: dict[str, Any] = {"action": ev.action.value, "nodes": names}
+        record: dict[str, Any] = fired | {"action": ev.action.value, "nodes": names}
         if ev.ms is not None:
             record["ms"] = ev.ms
         if ev.percent is not None:
@@ -602,10 +752,32 @@ class Testnet:
             record["skipped"] = skipped
         self._record(record)
         what = f"{ev.action.value} {' '.join(names)}".strip()
-        self._say(f"\nevent at round {self._front}: {what}" + (f" (skipped: {skipped})" if skipped else ""))
+        self._say(f"\nevent at round {fired['round']} of {fired['round_of']} (front {fired['front']}, slowest "
+                  f"{fired['slowest']}): {what}" + (f" (skipped: {skipped})" if skipped else ""))
+
+    async def _fired(self, ev: ChurnEvent) -> dict[str, Any]:
+        """What an event's record says of the moment it fired: its trigger;
+        ``round``, the round of ``round_of`` that fired it (as the controller
+        saw it then: at_round, or later by what it saw late); then, read from
+        the workers right after, every live node's round (``rounds``) and
+        the front and slowest live honest node; ``fired_t``, when it fired
+        (seconds since the start; ``t``/``ts`` are once it was applied)."""
+        decided = reference_round(ev.reference, self._honest_rounds())
+        fired_t = round(time.monotonic() - self._t0, 3)
+        rounds = await self._snapshot_rounds()
+        honest = {i: r for i, r in rounds.items() if self.nodes[i].spec.role is Role.HONEST}
+        trigger = {"at_round": ev.at_round} if ev.at_round is not None else {"at_s": ev.at_s}
+        return trigger | {
+            "round": decided,
+            "round_of": str(ev.reference),
+            "front": max(honest.values(), default=None),
+            "slowest": min(honest.values(), default=None),
+            "rounds": {self.nodes[i].spec.name: r for i, r in sorted(rounds.items())},
+            "fired_t": fired_t,
+        }
 
     def _record(self, record: dict[str, Any]) -> None:
-        record = {"round": self._front, "t": round(time.monotonic() - self._t0, 2), "ts": time.time()} | record
+        record = {"round": self._front, "t": round(time.monotonic() - self._t0, 3), "ts": time.time()} | record
         self.events.append(record)
         self.dashboard.add_event(record)
 
@@ -617,9 +789,12 @@ class Testnet:
 
     async def _crash(self, ev: ChurnEvent) -> str | None:
         assert self._supervisor is not None
-        for proc in self._procs_for(ev):
-            proc.wanted_up = False
-            await asyncio.to_thread(self._supervisor[proc.child].crash)
+        procs = self._procs_for(ev)
+        for proc in procs:
+            self._down(proc)
+        # all at once: killing and reaping one process after the other let the
+        # network run rounds between the first kill and the last
+        await asyncio.gather(*(asyncio.to_thread(self._supervisor[p.child].crash) for p in procs))
         self._prespawn_restarts(ev)
         return None
 
@@ -632,7 +807,7 @@ class Testnet:
         assert self._supervisor is not None
         procs = self._procs_for(ev)
         for proc in procs:
-            proc.wanted_up = False
+            self._down(proc)
         await asyncio.gather(*(asyncio.to_thread(self._supervisor[p.child].stop) for p in procs))
         self._prespawn_restarts(ev)
         return None

@@ -18,6 +18,7 @@ address nodes by these global indices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import importlib.resources
@@ -61,6 +62,48 @@ class Action(enum.StrEnum):
     LATENCY = "latency"  # add `ms` one-way delay on `nodes` (all when empty)
     LOSS = "loss"  # drop `percent` % of packets on `nodes` (all when empty)
     JOIN = "join"  # start a late node for the first time
+
+
+class Reference(enum.StrEnum):
+    """Whose round an ``at_round`` churn event counts (see :class:`RoundOf`)."""
+
+    FRONT = "front"  # the fastest live honest node
+    MEDIAN = "median"  # the round more than half of the live honest nodes have reached
+    SLOWEST = "slowest"  # the slowest live honest node
+    NODE = "node"  # one named honest node (``node3``)
+
+
+@dataclass(frozen=True)
+class RoundOf:
+    """A churn event's ``round_of``: ``"front"``, ``"median"``, ``"slowest"``
+    or an honest node's name (``"node3"``). Parsed once from the scenario, so
+    the controller dispatches on :class:`Reference`, never on the string."""
+
+    reference: Reference
+    node: int | None = None  # with Reference.NODE: the honest node's index
+
+    @classmethod
+    def from_toml(cls, value: Any) -> RoundOf:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {value!r}")
+        named = re.fullmatch(r"node(\d+)", value)
+        if named:
+            return cls(Reference.NODE, int(named.group(1)))
+        if value != Reference.NODE.value:
+            with contextlib.suppress(ValueError):
+                return cls(Reference(value))
+        choices = ", ".join(r.value for r in Reference if r is not Reference.NODE)
+        raise ValueError(f"unknown round_of {value!r} (expected one of {choices}, or an honest node's name: node0, node1, ...)")
+
+    def __str__(self) -> str:
+        return f"node{self.node}" if self.reference is Reference.NODE else self.reference.value
+
+
+#: What "at round 8" means when an event does not say whose round: the round
+#: more than half of the live honest nodes have reached. Not the front, which
+#: one node racing ahead (alone, or just after adopting a model) would move,
+#: nor the slowest, which one node restarting or catching up would hold back.
+DEFAULT_ROUND_OF = RoundOf(Reference.MEDIAN)
 
 
 class AttackKind(enum.StrEnum):
@@ -196,9 +239,15 @@ class ChurnEvent:
     action: Action
     at_round: int | None = _checked(None, _at_least(0))
     at_s: float | None = _checked(None, _at_least(0.0))
+    round_of: RoundOf | None = None  # whose round at_round counts; None: DEFAULT_ROUND_OF
     nodes: tuple[int, ...] = ()
     ms: float | None = _checked(None, _at_least(0.0))  # latency
     percent: float | None = _checked(None, _in_range(0.0, 100.0, lo_open=True))  # loss
+
+    @property
+    def reference(self) -> RoundOf:
+        """Whose round this event counts (for an ``at_s`` event: the round its record reports)."""
+        return self.round_of or DEFAULT_ROUND_OF
 
 
 @dataclass(frozen=True)
@@ -320,6 +369,12 @@ def _convert(tp: Any, value: Any, path: tuple[str | int, ...]) -> Any:
     if origin in (typing.Union, types.UnionType):  # X | None: TOML has no null, so a value is an X
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
         return _convert(inner, value, path)
+    parse = getattr(tp, "from_toml", None)
+    if parse is not None:  # a value type with its own syntax (RoundOf)
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise _FieldError(path, str(exc)) from None
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _FieldError(path, f"must be a table, got {type(value).__name__}")
@@ -408,6 +463,10 @@ def _cross_checks(sc: Scenario) -> Iterable[tuple[tuple[str | int, ...], str]]:
             yield ("churn", e, "at_round"), f"must be < duration.rounds ({d.rounds})"
         if d.seconds is not None and ev.at_s is not None and ev.at_s >= d.seconds:
             yield ("churn", e, "at_s"), f"must be < duration.seconds ({d.seconds})"
+        if ev.round_of is not None and ev.at_round is None:
+            yield ("churn", e, "round_of"), "only applies to at_round"
+        if ev.round_of is not None and ev.round_of.node is not None and not 0 <= ev.round_of.node < sc.nodes:
+            yield ("churn", e, "round_of"), f"names no honest node (node0..node{sc.nodes - 1})"
         for i in ev.nodes:
             if not 0 <= i < total:
                 yield ("churn", e, "nodes"), f"node index {i} out of range (0..{total - 1})"

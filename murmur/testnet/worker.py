@@ -39,6 +39,7 @@ import dataclasses
 import enum
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -65,12 +66,17 @@ EXIT_FAILURE = 1
 class Command(enum.StrEnum):
     """Control requests. ``partition`` carries ``groups``: lists of peer ids;
     each node may then reach only the peers of its own group (a node in no
-    group reaches nobody). ``heal`` removes the partition."""
+    group reaches nobody). ``heal`` removes the partition. ``rounds`` is a
+    long poll of the nodes' rounds (see :meth:`Worker.rounds`)."""
 
     PARTITION = "partition"
     HEAL = "heal"
     PING = "ping"
     START = "start"  # a --standby worker starts its nodes (replies at once)
+    ROUNDS = "rounds"
+
+
+MAX_ROUNDS_WAIT_S = 30.0  # the longest a rounds request may ask to be held
 
 
 class ControlError(MurmurError):
@@ -84,6 +90,30 @@ class Worker:
     nodes: list[Node] = field(default_factory=list)
     go: asyncio.Event = field(default_factory=asyncio.Event)  # start the nodes (standby ends)
     ready: bool = False  # the nodes are up: partition commands can be applied
+    # Set (and replaced) whenever a node's round moves or the nodes come up:
+    # a rounds request waits on the one it saw, so no move is missed.
+    moved: asyncio.Event = field(default_factory=asyncio.Event)
+    closing: bool = False  # the worker is stopping: held requests answer now
+    _clients: dict[asyncio.Task[None], asyncio.StreamWriter] = field(default_factory=dict)  # control connections
+    _idle: set[asyncio.StreamWriter] = field(default_factory=set)  # those waiting for their next request
+
+    def bring_up(self, nodes: list[Node]) -> None:
+        """The nodes are up: control commands apply to them, their rounds are reported."""
+        self.nodes, self.ready = nodes, True
+        for node in nodes:
+            if node.learner is not None:  # an attacker's identities share one learner (added once)
+                node.learner.add_round_listener(self._round_moved)
+        self._round_moved()
+
+    def _round_moved(self, _round: int | None = None) -> None:
+        self.moved.set()
+        self.moved = asyncio.Event()
+
+    def current_rounds(self) -> dict[str, int]:
+        """Each up node's learning round, by peer id."""
+        if not self.ready:
+            return {}
+        return {str(n.peer_id): n.learner.round for n in self.nodes if n.learner is not None}
 
     def _require_ready(self) -> None:
         if not self.ready:
@@ -114,12 +144,61 @@ class Worker:
             await node.set_partition(None)
         return {"ok": True, "nodes": len(self.nodes)}
 
+    async def rounds(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The nodes' rounds, ``{"ok": true, "rounds": {peer id: round}}``,
+        as soon as they differ from ``known`` (the rounds of the last reply)
+        in a way that matters: a node reached ``from_round`` or moved past it,
+        or one appeared or vanished; else after ``wait_s`` (0, the default:
+        at once). Without ``from_round`` no move is worth a reply. The controller
+        keeps one such request open per worker, so it learns that a node
+        reached the round a churn event names within a control round trip,
+        instead of at its next status poll (rounds take ~0.05 s on a small
+        testnet; the poll is every 0.5 s). Rounds below ``from_round`` (the
+        next event's) are not worth a reply: they wait for the poll."""
+        known = request.get("known") or {}
+        wait_s = request.get("wait_s", 0.0)
+        from_round = request.get("from_round")
+        if not isinstance(known, dict) or not isinstance(wait_s, (int, float)) or not (
+                from_round is None or isinstance(from_round, int)):
+            raise ControlError("rounds takes 'known' (peer id -> round), 'wait_s' (seconds) and 'from_round' (int)")
+        floor = from_round if from_round is not None else math.inf  # None: no move is worth a reply
+        loop = asyncio.get_running_loop()
+        end = loop.time() + min(max(0.0, float(wait_s)), MAX_ROUNDS_WAIT_S)
+        while True:
+            moved = self.moved  # before reading the rounds: a move after this sets it
+            now = self.current_rounds()
+            if now.keys() != known.keys() or any(r >= floor and r != known[p] for p, r in now.items()):
+                return {"ok": True, "rounds": now}
+            left = 0.0 if self.closing else end - loop.time()
+            if left <= 0:
+                return {"ok": True, "rounds": now}
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(moved.wait(), left)
+
     async def ping(self, _request: Mapping[str, Any]) -> dict[str, Any]:
         return {"ok": True, "peers": [str(n.peer_id) for n in self.nodes]}
 
+    @property
+    def requests_in_progress(self) -> int:
+        """Control requests read and not answered yet (a held rounds request)."""
+        return len(self._clients) - len(self._idle)
+
+    async def close_clients(self, timeout_s: float = 1.0) -> None:
+        """End every control connection (the controller keeps a rounds request
+        open on one): a held request is answered, then its connection ends;
+        an idle one sees its end at once. Ended, not cancelled: a cancelled
+        connection task is logged as an error by asyncio's stream callback
+        (Python 3.11)."""
+        self.closing = True
+        self._round_moved()  # held requests answer, and their connections end after the reply
+        for writer in self._idle:
+            writer.close()
+        if self._clients:
+            await asyncio.wait(list(self._clients), timeout=timeout_s)
+
     def handlers(self) -> dict[Command, Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]]:
         return {Command.PARTITION: self.partition, Command.HEAL: self.heal, Command.PING: self.ping,
-                Command.START: self.start}
+                Command.START: self.start, Command.ROUNDS: self.rounds}
 
     async def handle(self, line: bytes) -> dict[str, Any]:
         try:
@@ -136,14 +215,27 @@ class Worker:
 
     async def serve_control(self, path: Path) -> asyncio.AbstractServer:
         async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._clients[task] = writer
             try:
-                while line := await reader.readline():
-                    writer.write(json.dumps(await self.handle(line)).encode() + b"\n")
+                while not self.closing:
+                    self._idle.add(writer)
+                    line = await reader.readline()
+                    self._idle.discard(writer)
+                    if not line:
+                        break
+                    reply = await self.handle(line)
+                    if writer.is_closing():  # the controller hung up meanwhile
+                        break
+                    writer.write(json.dumps(reply).encode() + b"\n")
                     await writer.drain()
             except (ConnectionError, ValueError):  # ValueError: line over the limit
                 pass
             finally:
+                self._idle.discard(writer)
                 writer.close()
+                self._clients.pop(task, None)
 
         path.unlink(missing_ok=True)  # a stale socket of a crashed predecessor
         return await asyncio.start_unix_server(on_client, path=str(path), limit=MAX_CONTROL_LINE)
@@ -236,13 +328,14 @@ async def serve(configs: Sequence[NodeConfig], *, attacker: bool, control: Path 
             if stop.is_set():
                 return
         async with _running(configs, attacker) as nodes:
-            worker.nodes, worker.ready = nodes, True
+            worker.bring_up(nodes)
             log.info("worker ready", extra={"event": "worker_ready", "peers": [str(n.peer_id) for n in nodes]})
             await stop.wait()
             worker.ready = False
     finally:
         if server is not None:
             server.close()
+            await worker.close_clients()
             if control is not None:
                 control.unlink(missing_ok=True)
 

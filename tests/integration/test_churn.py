@@ -1,4 +1,5 @@
-"""Churn on a real testnet: crashes, restarts, a graceful leave, a late join, a partition.
+"""Churn on a real testnet: crashes, restarts, a graceful leave, a late join, a
+partition, and events that fire at the round they name.
 
 Driven through :class:`murmur.testnet.controller.Testnet` in this process
 (the worker processes are real: own interpreters, loopback sockets, torch),
@@ -13,6 +14,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from murmur.node.config import load_config
 from murmur.node.state import StateDir, decode_arrays
@@ -23,8 +25,20 @@ from murmur.testnet.scenario import parse_scenario
 from tests.integration.test_testnet import processes_mentioning
 
 ACCURACY = 0.8  # digits-mlp, iid, plain averaging: ~0.9 after 20 rounds
-LIVE_ROUNDS_AFTER_CHURN = 5
-PHASES = ("train_s", "commit_s", "send_s", "wait_s", "aggregate_s", "eval_s")  # a metrics row's round, split  # rounds a (re)started node must run itself before the end
+LIVE_ROUNDS_AFTER_CHURN = 5  # rounds a (re)started node must run itself before the end
+PHASES = ("train_s", "commit_s", "send_s", "wait_s", "aggregate_s", "eval_s")  # a metrics row's round, split
+# An event fires within this many rounds of the round it names, on a steady
+# network (FIRING): the workers report a node reaching the next event's round
+# within a control round trip; rounds take ~0.1 s there, so this allows the
+# controller ~0.3 s on a loaded box. Decided on the 0.5 s status poll, as
+# before, events fired 3-13 rounds late. (Under churn the round an event
+# counts may jump past it: a node that catches up adopts a later round.)
+FIRING_SLACK = 3
+# Rounds of a node that waited (nearly) the whole deadline: a node (re)joining
+# costs its neighbours one or two while it links and catches up (quorum 1:
+# they wait for it), not more. A node refused its catch-up model round after
+# round ran every remaining round alone, its neighbours every one at the deadline.
+MAX_DEADLINE_ROUNDS = 5
 
 CHURN = """
 name = "churn"
@@ -37,9 +51,11 @@ degree = 3
 
 # quorum 1: a round waits for every neighbour (or the deadline), so the network
 # moves at the pace of its members and a node back from a crash is not left
-# behind by neighbours closing 0.1 s rounds on a 2 s deadline it cannot meet
+# behind by neighbours closing 0.1 s rounds on a 2 s deadline it cannot meet.
+# Rounds take ~0.05 s: the 47 rounds after the restart leave the restarted
+# nodes (~1 s to link and catch up) the seconds they need to train themselves.
 [duration]
-rounds = 34
+rounds = 60
 round_deadline_s = 1.5
 quorum = 1.0
 
@@ -52,8 +68,8 @@ options = { lr = 0.05, batch_size = 32 }
 name = "mean"
 
 # 30 % of the 12 nodes crash (kill -9) and come back on the same data dir;
-# at round 9 of the front, so that on a loaded box the workers that were
-# slowest to start (importing torch) have checkpointed a round of their own
+# at round 9 (of the median node, the default round_of), so that every node
+# has checkpointed rounds of its own
 [[churn]]
 at_round = 9
 action = "crash"
@@ -88,8 +104,10 @@ seed = 5
 [topology]
 degree = 4
 
+# ~0.03 s rounds: the 80 after the heal give membership (links made every
+# second) time to link the sides again
 [duration]
-rounds = 40
+rounds = 100
 round_deadline_s = 1.5
 quorum = 0.67
 
@@ -100,20 +118,107 @@ local_steps = 5
 [aggregator]
 name = "mean"
 
+# when node5 reaches round 3; the heal at round 20 of the median node; then
+# the slowest's round (never ahead of the median: the heal never holds it back)
 [[churn]]
 at_round = 3
+round_of = "node5"
 action = "partition"
 nodes = [0, 1, 2, 3]
 
 [[churn]]
-at_round = 15
+at_round = 20
+action = "heal"
+
+[[churn]]
+at_round = 21
+round_of = "slowest"
+action = "latency"
+ms = 50.0
+"""
+
+# Events that change nothing (heal without a partition) on a steady network,
+# each counting another node's round: they must fire at the round they name.
+FIRING = """
+name = "firing"
+nodes = 6
+nodes_per_process = 3
+seed = 11
+
+[topology]
+degree = 2
+
+[duration]
+rounds = 30
+round_deadline_s = 2.0
+quorum = 1.0
+
+[trainer]
+spec = "digits-mlp"
+local_steps = 20
+
+[aggregator]
+name = "mean"
+
+[[churn]]
+at_round = 4
+round_of = "node2"
+action = "heal"
+
+[[churn]]
+at_round = 8
+action = "heal"
+
+[[churn]]
+at_round = 12
+round_of = "front"
 action = "heal"
 
 [[churn]]
 at_round = 16
-action = "latency"
-ms = 50.0
+round_of = "slowest"
+action = "heal"
+
+[[churn]]
+at_s = 0.5
+action = "heal"
 """
+
+
+def assert_recorded(events: list[dict[str, Any]]) -> None:
+    """Each event's record says what fired it and when: the round of its
+    round_of (at_round or past it), every live node's round read as it fired,
+    the front and the slowest, the time it fired and the time it was applied."""
+    for e in events:
+        if e["action"] == "exited":
+            continue
+        assert e["rounds"] and e["slowest"] <= e["front"] and e["fired_t"] <= e["t"], e
+        assert e["slowest"] == min(e["rounds"].values()) and e["front"] == max(e["rounds"].values()), e
+        if "at_round" in e:
+            assert e["round"] >= e["at_round"], e
+
+
+def assert_fired_on_time(events: list[dict[str, Any]]) -> None:
+    """Each at_round event fired within FIRING_SLACK rounds of the round it
+    names, counted as it says: by the controller when it decided (``round``)
+    and in every node's round read right after (``rounds``)."""
+    for e in (e for e in events if "at_round" in e):
+        assert e["at_round"] <= e["round"] <= e["at_round"] + FIRING_SLACK, e
+        rounds = e["rounds"]
+        if e["round_of"].startswith("node"):
+            now = rounds[e["round_of"]]
+        elif e["round_of"] in ("front", "slowest"):
+            now = e[e["round_of"]]
+        else:
+            assert e["round_of"] == "median", e
+            now = sorted(rounds.values())[(len(rounds) - 1) // 2]
+        assert e["at_round"] <= now <= e["at_round"] + FIRING_SLACK, e
+
+
+def assert_few_deadline_rounds(metrics: dict[str, list[dict[str, Any]]], deadline_s: float) -> None:
+    for name, rows in metrics.items():
+        slow = [r["round"] for r in rows if r["wait_s"] > 0.8 * deadline_s]
+        assert len(slow) <= MAX_DEADLINE_ROUNDS, f"{name} waited the deadline in rounds {slow}"
 
 
 def open_fds() -> int:
@@ -172,13 +277,15 @@ async def test_crash_restart_leave_join(tmp_path: Path) -> None:
         ("crash", ["node1", "node4", "node7", "node9"]), ("join", ["node11"]),
         ("restart", ["node1", "node4", "node7", "node9"]), ("stop", ["node10"]),
     ]
+    assert_recorded(result.events)
     metrics = {n: read_metrics(result.run_dir / "nodes" / n) for n in names}
+    assert_few_deadline_rounds(metrics, scenario.duration.round_deadline_s)
     restart_ts = result.events[2]["ts"]
     for i, name in enumerate(names):  # every node alive at the end finished and converged
         if name == "node10":
             continue
         status = (testnet.nodes[i].last_seen or {})["learning"]  # /status of the live node at the end
-        assert status["round"] == 34, (name, status)  # finished, and never ran past the last round
+        assert status["round"] == scenario.duration.rounds, (name, status)  # finished, never ran past the last round
         assert status["accuracy"] >= ACCURACY, (name, status)  # the model it holds (adopted or trained)
     for name in ("node1", "node4", "node7", "node9", "node11"):  # came back and kept training
         rows = metrics[name]
@@ -226,16 +333,24 @@ async def test_partition_and_heal(tmp_path: Path) -> None:
     part, heal, latency = result.events
     assert part["action"] == "partition" and heal["action"] == "heal"
     assert latency["action"] == "latency" and latency["skipped"]  # no per-node netem on loopback
+    assert [e["round_of"] for e in result.events] == ["node5", "median", "slowest"]
+    assert_recorded(result.events)
     side_of = {h.peer_id: (0 if h.spec.index < 4 else 1) for h in testnet.nodes.values()}
     names = [h.spec.name for h in testnet.nodes.values()]
     during, after = 0, 0
     crossing_after = 0
     for h in testnet.nodes.values():
+        previous = None
         for row in read_metrics(result.run_dir / "nodes" / h.spec.name):
             sides = {side_of[p] for p in row["neighbours"]}
-            # a round counts for a phase when it ran entirely inside it (the event
-            # ts is taken once every worker applied it); rounds are ~0.1 s here
-            started = row["ts"] - sum(row[k] for k in PHASES)
+            # A round counts for a phase when it ran entirely inside it (the
+            # event ts is taken once every worker applied it). It began after
+            # the previous round's row was written: its phases leave out the
+            # checkpoint written before that row, a few ms, which at ~0.03 s
+            # rounds and an event fired just as rounds begin is enough to put
+            # a round begun before the partition inside it.
+            started = previous["ts"] if previous is not None else row["ts"] - sum(row[k] for k in PHASES)
+            previous = row
             if part["ts"] < started and row["ts"] < heal["ts"]:
                 during += 1
                 assert sides <= {side_of[h.peer_id]}, f"{h.spec.name} learnt across the partition in round {row['round']}"
@@ -243,7 +358,21 @@ async def test_partition_and_heal(tmp_path: Path) -> None:
                 after += 1
                 crossing_after += bool(sides - {side_of[h.peer_id]})
         status = (h.last_seen or {})["learning"]
-        assert status["round"] == 40 and status["accuracy"] >= ACCURACY, (h.spec.name, status)
+        assert status["round"] == scenario.duration.rounds and status["accuracy"] >= ACCURACY, (h.spec.name, status)
     assert during >= 8 and after >= 8  # both phases really ran rounds
     assert crossing_after > 0, "the sides never learnt from each other again after the heal"
     assert_nothing_left(result, names, fds_before)
+
+
+async def test_events_fire_at_the_round_they_name(tmp_path: Path) -> None:
+    scenario = parse_scenario(FIRING, "firing.toml")
+    testnet = Run(scenario, RunOptions(out=tmp_path / "run", dashboard=False, progress=None))
+    result = await testnet.run()
+    assert result.end is RunEnd.COMPLETED, result.events
+    assert [(e.get("at_round"), e["round_of"]) for e in result.events] == [
+        (4, "node2"), (8, "median"), (12, "front"), (16, "slowest"), (None, "median"),
+    ]  # the at_s event after them: events fire in file order
+    assert_recorded(result.events)
+    assert_fired_on_time(result.events)
+    assert result.events[-1]["at_s"] == 0.5 and result.events[-1]["fired_t"] >= 0.5
+    assert [e["fired_t"] for e in result.events] == sorted(e["fired_t"] for e in result.events)

@@ -12,9 +12,12 @@ from murmur.errors import ConfigError
 from murmur.node.config import load_config
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.testnet.scenario import (
+    DEFAULT_ROUND_OF,
     Action,
     AttackKind,
+    Reference,
     Role,
+    RoundOf,
     dump_toml,
     find_line,
     load_runnable_scenario,
@@ -181,6 +184,18 @@ nodes = [2]
         ("[[churn]]\nat_round = 3\nat_s = 2.0\naction = \"heal\"\n", "[[churn]]", "churn[0]: give exactly one of at_round or at_s"),
         ("[[churn]]\nat_round = 3\naction = \"partition\"\nnodes = [0, 1, 2, 3]\n", "nodes = [0, 1, 2, 3]",
          "churn[0].nodes: a partition needs nodes on both sides"),
+        ("[[churn]]\nat_round = 3\nround_of = \"mean\"\naction = \"heal\"\n", "round_of",
+         "churn[0].round_of: unknown round_of 'mean' (expected one of front, median, slowest, "
+         "or an honest node's name: node0, node1, ...)"),
+        ("[[churn]]\nat_round = 3\nround_of = \"node\"\naction = \"heal\"\n", "round_of",
+         "churn[0].round_of: unknown round_of 'node' (expected one of front, median, slowest, "
+         "or an honest node's name: node0, node1, ...)"),
+        ("[[churn]]\nat_round = 3\nround_of = 3\naction = \"heal\"\n", "round_of",
+         "churn[0].round_of: must be a string, got 3"),
+        ("[[churn]]\nat_round = 3\nround_of = \"node4\"\naction = \"heal\"\n", "round_of",
+         "churn[0].round_of: names no honest node (node0..node3)"),
+        ("[[churn]]\nat_s = 3.0\nround_of = \"front\"\naction = \"heal\"\n", "round_of",
+         "churn[0].round_of: only applies to at_round"),
     ],
 )
 def test_errors_name_line_and_field(tmp_path: Path, snippet: str, needle: str, message: str) -> None:
@@ -189,6 +204,31 @@ def test_errors_name_line_and_field(tmp_path: Path, snippet: str, needle: str, m
         load_scenario(path)
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if needle in text)
     assert str(info.value) == f"{path}:{line}: {message}"
+
+
+def test_round_of_names_whose_round_an_event_counts() -> None:
+    sc = parse_scenario(BASE + textwrap.dedent("""
+        [[churn]]
+        at_round = 3
+        action = "heal"
+
+        [[churn]]
+        at_round = 4
+        round_of = "slowest"
+        action = "heal"
+
+        [[churn]]
+        at_round = 5
+        round_of = "node2"
+        action = "heal"
+
+        [[churn]]
+        at_s = 1.0
+        action = "heal"
+    """))
+    assert [ev.round_of for ev in sc.churn] == [None, RoundOf(Reference.SLOWEST), RoundOf(Reference.NODE, 2), None]
+    assert [str(ev.reference) for ev in sc.churn] == ["median", "slowest", "node2", "median"]  # the default: median
+    assert DEFAULT_ROUND_OF == RoundOf(Reference.MEDIAN)
 
 
 def test_duration_needs_exactly_one_bound() -> None:
