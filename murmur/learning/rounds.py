@@ -447,7 +447,12 @@ class RoundEngine:
         At least one message must be held, as before: a round that heard
         only from neighbours it cannot use is a round alone, and lasts its
         deadline (Sybils claiming far-ahead rounds must not make a node race
-        through rounds, and on to their model, while its honest links form)."""
+        through rounds, and on to their model, while its honest links form).
+        One exception: every neighbour is already in a later round, at most
+        as far ahead as we buffer (a node that just caught up, whose
+        neighbours sent this round before it could file their messages). The
+        round is lost; it closes now, and the next ones catch the train
+        within a few rounds instead of one deadline each."""
         pending = self._pending
         if pending is None:
             return False
@@ -455,7 +460,11 @@ class RoundEngine:
             return True
         need = math.ceil(self.config.quorum * len(pending.neighbours))
         done = sum(1 for p in pending.neighbours if self._done_with_round(p))
-        return done >= need and bool(pending.received)
+        if done >= need and pending.received:
+            return True
+        return not pending.received and all(
+            self.round < self._heard.get(p, -1) <= self.round + self.config.max_future_rounds for p in pending.neighbours
+        )
 
     def _done_with_round(self, peer: str) -> bool:
         """Nothing more will come from ``peer`` for the open round in time:

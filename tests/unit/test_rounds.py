@@ -24,7 +24,7 @@ import torch
 from murmur.learning.aggregators import PeerUpdate, get_aggregator
 from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine
 from murmur.learning.aggregators.median import MedianAggregator
-from murmur.learning.rounds import GossipModel, Message, Offer, RoundConfig, RoundEngine, TrainFrom
+from murmur.learning.rounds import MAX_FUTURE_ROUNDS, GossipModel, Message, Offer, RoundConfig, RoundEngine, TrainFrom
 from murmur.learning.trainers.base import EvalStats, Trainer, TrainerContext, TrainStats
 
 DIM = 5
@@ -881,3 +881,26 @@ def test_replicas_equal_the_senders_public_models_bit_for_bit() -> None:
     for _ in range(4):
         _sync_round(engines)
     assert _replica_gap(engines) == 0.0
+
+
+def test_a_round_every_neighbour_has_just_left_behind_closes_at_once() -> None:
+    """A node that caught up finds its neighbours a round ahead: their
+    messages for its round went out before it could file them. It does not
+    wait a deadline for nothing; a claim from far ahead still does not rush it."""
+    engines = _engines()
+    _sync_round(engines)
+    hub = engines[1]
+    hub.begin_round(_neighbours(1))
+    for j in (0, 2, 3):
+        engines[j].begin_round(_neighbours(j))  # round 1 everywhere else
+        engines[j].finish_round()
+    for j in (0, 2, 3):
+        message, round_ = _message(engines[j], j)
+        assert round_ == 2 and hub.offer(_name(j), 2, message.update, message.consensus) is Offer.NEEDS_SYNC
+    assert hub.quorum_reached()
+    others = _engines()
+    far = others[1]
+    far.begin_round({"n0": 1})
+    message, _ = _message(others[0], 0)
+    far.offer("n0", 1 + MAX_FUTURE_ROUNDS + 5, message.update, message.consensus)
+    assert not far.quorum_reached()
