@@ -119,3 +119,17 @@ class TimeoutFault(PeerFault):
     """A peer did not answer in time (handshake, idle, slow sender)."""
 
     penalty = 5
+
+
+class WriteStalled(TimeoutFault):
+    """A peer left what we sent it unread: nothing left our send buffer for
+    ``transport.drain_timeout_s``. The transport cuts the connection."""
+
+
+class SendTimeout(TimeoutFault):
+    """``send(..., deadline=...)``: the peer had not made room for the
+    message by the deadline. Nothing of it was sent and the connection stays
+    open (the caller decides; one that stays stalled is cut as
+    :class:`WriteStalled`)."""
+
+    drop = False

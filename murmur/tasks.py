@@ -109,7 +109,15 @@ class TaskManager:
             self._supervise(name, factory, restart), name=f"{self.owner}:{name}"
         )
         self._tasks[name] = task
+        task.add_done_callback(lambda done: self._forget(name, done))
         return task
+
+    def _forget(self, name: str, task: asyncio.Task[Any]) -> None:
+        """A finished task leaves the registry (its crash, if any, is recorded
+        apart): a transport spawns one per accepted connection, and keeping
+        each done one grew memory with every connection ever made."""
+        if self._tasks.get(name) is task:
+            del self._tasks[name]
 
     def periodic(self, name: str, interval_s: float, fn: Callable[[], Awaitable[Any]], *, delay_s: float = 0.0) -> asyncio.Task[Any]:
         """Call ``fn`` every ``interval_s`` seconds; an exception in one call is

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from murmur.errors import ConfigError, OptionError
+from murmur.protocol.budget import least_peer_limit
 from murmur.protocol.multiaddr import Multiaddr
 
 if TYPE_CHECKING:
@@ -197,10 +198,17 @@ class TransportSection:
     handshake_timeout_s: float = 5.0
     idle_timeout_s: float = 60.0
     ping_interval_s: float = 15.0
+    drain_timeout_s: float = 20.0
     max_inbound: int = 256
     max_inbound_per_subnet: int = 16
+    useful_ttl_s: float = 600.0
     max_peer_rate_bytes_s: float = 512 * 1024 * 1024
     max_peer_buffered_bytes: int = 64 * 1024 * 1024
+    peer_reserve_bytes: int = 256 * 1024
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    warning_interval_s: float = 10.0
+    warnings_per_interval: int = 10
+    warnings_per_subnet: int = 3
     ciphers: tuple[Cipher, ...] = ()  # empty: the machine's default order (AES-GCM first where AES is in hardware)
 
     def limits(self) -> Any:
@@ -413,10 +421,17 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "transport.handshake_timeout_s": finite_positive,
         "transport.idle_timeout_s": finite_positive,
         "transport.ping_interval_s": finite_positive,
+        "transport.drain_timeout_s": finite_positive,
         "transport.max_inbound": at_least(1),
         "transport.max_inbound_per_subnet": at_least(1),
+        "transport.useful_ttl_s": at_least(0.0),
         "transport.max_peer_rate_bytes_s": positive,
         "transport.max_peer_buffered_bytes": at_least(1024),
+        "transport.peer_reserve_bytes": at_least(0),
+        "transport.max_buffered_bytes": at_least(1024),
+        "transport.warning_interval_s": finite_positive,
+        "transport.warnings_per_interval": at_least(0),
+        "transport.warnings_per_subnet": at_least(0),
         "api.host": loopback_ip,
         "api.port": between(0, 65535),
         "learning.trainer": non_empty,
@@ -460,6 +475,12 @@ def _cross_checks(cfg: NodeConfig) -> list[tuple[str, str]]:
                                                    "rounds, and learning.rounds = 0 trains until stopped"))
     if cfg.transport.max_inbound_per_subnet > cfg.transport.max_inbound:
         problems.append(("transport.max_inbound_per_subnet", "must be <= transport.max_inbound"))
+    least_buffered = least_peer_limit(cfg.transport.max_frame)
+    if cfg.transport.max_peer_buffered_bytes < least_buffered:
+        problems.append(("transport.max_peer_buffered_bytes",
+                         f"must be >= {least_buffered} (two frames of transport.max_frame)"))
+    if cfg.transport.peer_reserve_bytes > cfg.transport.max_peer_buffered_bytes:
+        problems.append(("transport.peer_reserve_bytes", "must be <= transport.max_peer_buffered_bytes"))
     if isinstance(cfg.learning.node_index, int) and cfg.learning.node_index >= cfg.learning.num_nodes:
         problems.append(("learning.node_index", f"must be < learning.num_nodes ({cfg.learning.num_nodes})"))
     return problems

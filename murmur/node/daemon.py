@@ -417,6 +417,12 @@ class Node:
             pass
         finally:
             await session.close()
+            # A fault the receive loop never saw (a bad frame that came with
+            # the handshake, a peer cut while we were sending to it) still
+            # costs the peer: penalties apply from its first authenticated byte.
+            fault = conn.take_fault()
+            if fault is not None:
+                self.on_fault(conn.peer_id, fault)
             self._by_conn.pop(conn, None)
             if self._sessions.get(conn.peer_id) is session:
                 del self._sessions[conn.peer_id]

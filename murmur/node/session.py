@@ -7,6 +7,14 @@ message goes to the handler registered for its class in a :class:`Dispatcher`
 here, in one place: the peer is penalised, the fault is counted, and the
 connection is dropped when the fault says so. Nothing a peer sends can take
 the node down.
+
+Usefulness: the transport protects the inbound slots of connections the node
+marks useful (:meth:`PeerSession.mark_useful`) from eviction by newcomers.
+The session marks one whenever a message of a kind in :data:`USEFUL_MESSAGES`
+was handled without a fault (a signed delta or model, verified, addressed to
+us); a component that knows better (the learner, about the neighbours it
+chose) may call ``mark_useful`` itself. Pings, ``Hello`` and ``Link`` cost a
+stranger nothing and never count.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from murmur.errors import PeerFault
 from murmur.node.metrics import Direction, NodeMetrics
 from murmur.protocol.identity import PeerId
-from murmur.protocol.messages import Encoded, Message, decode, encode_parts
+from murmur.protocol.messages import DeltaEnd, Encoded, Message, decode, encode_parts
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.transport import ConnectionClosed, SecureConnection
 
@@ -29,6 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[["PeerSession", Any], Awaitable[None]]
+
+USEFUL_MESSAGES: tuple[type[Message], ...] = (DeltaEnd,)
+"""Kinds whose fault-free handling marks the connection useful: the end of
+a delta transfer, which the assembler only completes once hash, signature,
+recipient and replay window all checked out."""
 
 
 class FaultSink(Protocol):
@@ -94,14 +107,21 @@ class PeerSession:
         """A learning edge: both sides asked for it (or accepted the other's request)."""
         return self.link_in and self.link_out
 
-    async def send(self, msg: Message) -> None:
-        """Encode and send one message; raises ConnectionClosed if the peer is gone."""
-        await self.send_encoded(encode_parts(msg), type(msg).__name__)
+    async def send(self, msg: Message, deadline: float | None = None) -> None:
+        """Encode and send one message; raises ConnectionClosed if the peer is
+        gone, SendTimeout if it has not made room by ``deadline``
+        (``time.monotonic()`` seconds; see ``SecureConnection.send``)."""
+        await self.send_encoded(encode_parts(msg), type(msg).__name__, deadline)
 
-    async def send_encoded(self, parts: Encoded, kind: str) -> None:
-        await self.conn.send(*parts)
+    async def send_encoded(self, parts: Encoded, kind: str, deadline: float | None = None) -> None:
+        await self.conn.send(*parts, deadline=deadline)
         self._metrics.add_bytes(Direction.OUT, sum(memoryview(part).nbytes for part in parts))
         self._metrics.message(Direction.OUT, kind)
+
+    def mark_useful(self) -> None:
+        """The peer just delivered something of value: its inbound slot is
+        protected from eviction for ``transport.useful_ttl_s``."""
+        self.conn.mark_useful()
 
     async def close(self) -> None:
         await self.conn.close()
@@ -126,6 +146,8 @@ class PeerSession:
                     log.debug("no handler", extra={"peer": self.peer.short(), "kind": type(msg).__name__})
                     continue
                 await handler(self, msg)
+                if isinstance(msg, USEFUL_MESSAGES):
+                    self.mark_useful()
             except PeerFault as fault:
                 if self._faults.on_fault(self.peer, fault):
                     await self.close()

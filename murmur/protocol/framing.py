@@ -23,17 +23,32 @@ Reading is shaped like :class:`asyncio.BufferedProtocol` (``get_buffer`` /
 ``buffer_updated``) so the event loop receives straight into our buffers:
 small frames are parsed out of one fixed scratch buffer, and a large frame
 gets exactly one buffer of its announced size that the socket fills directly.
+
+Memory follows the bytes, not the announcement. Both buffers are anonymous
+mappings (:func:`lazy_buffer`): the kernel commits a page when the socket
+first writes it, so a peer that announces a 4 MiB frame and sends 10 bytes
+costs one page, not 4 MiB (240 such headers used to pin 1 GiB), and an
+unmapped buffer goes straight back to the system instead of fragmenting the
+heap. With a :class:`~murmur.protocol.budget.PeerBudget`, a large frame's
+buffer is also paid for from the peer's budget before its body is read
+(:attr:`LengthPrefixedReader.blocked` until the budget has room), so what one
+peer, and all peers together, can make the node hold is bounded by the
+budget, not by ``max_frame`` times the connections. Paying up front rather
+than per byte means a frame once started always completes: no two peers can
+each hold half the pool waiting for the other's half.
 """
 
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 
 from murmur.errors import DecryptError, FrameError, FrameTooLarge, PeerFault
+from murmur.protocol.budget import PeerBudget
 from murmur.protocol.noise import TAG_LEN, CipherState
 
 FRAME_LENGTH = struct.Struct(">I")
@@ -46,6 +61,19 @@ DEFAULT_SCRATCH_BYTES = 256 * 1024  # frames up to this size are parsed in place
 HANDSHAKE_LENGTH = struct.Struct(">H")
 MAX_HANDSHAKE_MESSAGE = 1024
 HANDSHAKE_SCRATCH_BYTES = 16 * 1024
+
+
+def lazy_buffer(nbytes: int) -> mmap.mmap:
+    """``nbytes`` of zeroed, writable memory that the kernel commits page by
+    page as it is written, and returns whole when the object is freed."""
+    return mmap.mmap(-1, nbytes)
+
+
+def _unmap(buf: mmap.mmap) -> None:
+    try:
+        buf.close()
+    except BufferError:  # a view of it is still alive somewhere: freed with it
+        pass
 
 
 class FrameType(enum.IntEnum):
@@ -78,23 +106,28 @@ class LengthPrefixedReader:
         max_body: int,
         min_body: int = 0,
         scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+        budget: PeerBudget | None = None,
     ) -> None:
         if scratch_bytes < prefix.size:
             raise ValueError("scratch buffer smaller than the length prefix")
         self._prefix = prefix
         self.max_body = max_body
         self.min_body = min_body
-        self._scratch = bytearray(scratch_bytes)
+        self._scratch = lazy_buffer(scratch_bytes)
         self._view = memoryview(self._scratch)
         self._start = 0  # first unparsed byte in scratch
         self._end = 0  # end of valid data in scratch
         self._big: memoryview | None = None  # body of one large record being filled
         self._big_filled = 0
-        # Backing store of ``_big``, kept for the next large record: a fresh
-        # multi-MiB buffer per record cost a zero-fill and a page fault per
-        # 4 KiB (about a third of the receiver's CPU on a delta stream).
-        # Bounded by ``max_body``; allocated only once a large record arrives.
-        self._spare: bytearray | None = None
+        # Backing store of ``_big``, kept for the next large record while
+        # records keep coming: a fresh multi-MiB buffer per record cost a
+        # page fault per 4 KiB (about a third of the receiver's CPU on a
+        # delta stream). Its whole size is charged to the budget while it
+        # exists; :meth:`release_spare` gives it back once the stream pauses.
+        self._spare: mmap.mmap | None = None
+        self._budget = budget
+        self.blocked = False  # a large record waits for budget (see next_body)
+        self.large_records = 0  # large records started so far (the owner's idleness check)
 
     @property
     def pending(self) -> int:
@@ -129,7 +162,9 @@ class LengthPrefixedReader:
         """The next complete body, or ``None`` until more bytes arrive.
 
         Parsing is one record at a time so a caller can stop between records
-        (the handshake hands the rest to the frame decoder).
+        (the handshake hands the rest to the frame decoder). ``None`` with
+        :attr:`blocked` set means a large record's buffer does not fit in the
+        budget: the owner stops reading and calls again once it may fit.
         """
         if self._big is not None:
             if self._big_filled < len(self._big):
@@ -150,15 +185,48 @@ class LengthPrefixedReader:
             self._start = body_start + length
             return self._view[body_start : self._start]
         if psize + length > len(self._scratch):
-            # Large record: its own buffer, sized by the (already checked) prefix,
-            # which the socket then fills directly.
-            if self._spare is None or len(self._spare) < length:
-                self._spare = bytearray(length)
-            self._big = memoryview(self._spare)[:length]
+            # Large record: its own buffer, sized by the (already checked)
+            # prefix, paid for from the budget, committed by the kernel only
+            # as the socket fills it directly.
+            self.blocked = not self._spare_for(length)
+            if self.blocked:
+                return None
+            self.large_records += 1
+            self._big = memoryview(self._spare)[:length]  # type: ignore[arg-type]
             self._big[:available] = self._view[body_start : self._end]
             self._big_filled = available
             self._start = self._end = 0
         return None
+
+    def _spare_for(self, length: int) -> bool:
+        """Make the spare at least ``length`` bytes, if the budget pays the difference."""
+        held = len(self._spare) if self._spare is not None else 0
+        if held >= length:
+            return True
+        if self._budget is not None and not self._budget.try_acquire(length - held):
+            return False
+        if self._spare is not None:
+            _unmap(self._spare)
+        self._spare = lazy_buffer(length)
+        return True
+
+    def release_spare(self) -> int:
+        """Unmap the kept large-record buffer, unless a record is being filled
+        into it; returns the bytes given back (to the system and the budget)."""
+        if self._spare is None or self._big is not None:
+            return 0
+        spare, self._spare = self._spare, None
+        freed = len(spare)
+        _unmap(spare)
+        if self._budget is not None:
+            self._budget.release(freed)
+        return freed
+
+    def close(self) -> None:
+        """Drop every buffer (the owner's connection is gone). The budget is
+        the owner's to close."""
+        self._big = None
+        self.release_spare()
 
     def bodies(self) -> list[memoryview]:
         out = []
@@ -191,11 +259,12 @@ class FrameDecoder:
         max_frame: int,
         scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
         plaintext: PlaintextScratch | None = None,
+        budget: PeerBudget | None = None,
     ) -> None:
         self._cipher = cipher
         self.max_frame = max_frame
         self._reader = LengthPrefixedReader(
-            FRAME_LENGTH, max_frame + FRAME_OVERHEAD, FRAME_OVERHEAD, scratch_bytes
+            FRAME_LENGTH, max_frame + FRAME_OVERHEAD, FRAME_OVERHEAD, scratch_bytes, budget
         )
         self._plaintext = plaintext if plaintext is not None else PlaintextScratch(max_frame)
         self._failed: PeerFault | None = None
@@ -236,7 +305,7 @@ class FrameDecoder:
         Same error contract as :meth:`buffer_updated`."""
         frames: list[Frame] = []
         view = memoryview(data)
-        while view and self._failed is None:
+        while view and self._failed is None and not self.blocked:
             buf = self.get_buffer()
             n = min(len(buf), len(view))
             buf[:n] = view[:n]
@@ -247,6 +316,8 @@ class FrameDecoder:
             except (FrameError, DecryptError):
                 if not frames:
                     raise
+        if view and self.blocked:
+            raise BufferError(f"{len(view)} bytes not fed: a large frame waits for budget")
         if self._failed is not None and not frames:
             raise self._failed
         return frames
@@ -255,6 +326,31 @@ class FrameDecoder:
         if self._failed is not None:
             raise self._failed
         self._reader.at_eof()
+
+    @property
+    def blocked(self) -> bool:
+        """A large frame waits for budget (see :meth:`poll`)."""
+        return self._reader.blocked
+
+    def poll(self) -> list[Frame]:
+        """Frames the bytes already received complete now (after
+        :attr:`blocked`: the budget may have room). Same error contract as
+        :meth:`buffer_updated`."""
+        if self._failed is not None:
+            raise self._failed
+        return self._drain()
+
+    @property
+    def large_frames(self) -> int:
+        """Large frames started so far (see :meth:`release_spare`)."""
+        return self._reader.large_records
+
+    def release_spare(self) -> int:
+        """Give back the buffer kept for the next large frame (a stream paused)."""
+        return self._reader.release_spare()
+
+    def close(self) -> None:
+        self._reader.close()
 
     def _open(self, body: memoryview) -> Frame:
         # Decrypt into the reused scratch, then copy the payload out once: the
@@ -289,6 +385,7 @@ class FrameEncoder:
         self.max_frame = max_frame
         self._plaintext = plaintext if plaintext is not None else PlaintextScratch(max_frame)
         self._spare: bytearray | None = None  # one flushed output buffer, at most max_frame + overhead
+        self.frames = 0  # frames encoded so far (the owner's idleness check)
 
     def encode(self, ftype: FrameType, *parts: bytes | bytearray | memoryview) -> bytearray:
         """One frame whose payload is ``parts`` concatenated (gathered straight
@@ -297,6 +394,7 @@ class FrameEncoder:
         that is a local bug (callers chunk large objects), not something to
         put on the wire."""
         views = [memoryview(part).cast("B") for part in parts]
+        self.frames += 1
         size = sum(view.nbytes for view in views)
         if size > self.max_frame:
             raise ValueError(f"payload of {size} bytes exceeds max_frame {self.max_frame}")
@@ -320,6 +418,10 @@ class FrameEncoder:
         writing any more (the transport's write buffer is empty). One spare
         per encoder, at most one largest frame."""
         self._spare = frame
+
+    def release_spare(self) -> None:
+        """Drop the recycled frame (sending paused: keep no frame-sized buffer)."""
+        self._spare = None
 
 
 class PlaintextScratch:

@@ -203,7 +203,9 @@ def test_slowloris_after_handshake_cut_by_idle_timeout() -> None:
     run(scenario)
 
 
-def test_inbound_caps_per_subnet_and_overall(caplog: pytest.LogCaptureFixture) -> None:
+def test_inbound_caps_per_subnet_and_eviction_when_full(caplog: pytest.LogCaptureFixture) -> None:
+    """A full subnet refuses; a full node evicts for a newcomer, from the most
+    crowded subnet and the oldest there, instead of refusing it."""
     limits = TransportLimits(
         connect_timeout_s=1.0, handshake_timeout_s=5.0, idle_timeout_s=5.0, ping_interval_s=1.0,
         max_inbound=3, max_inbound_per_subnet=2,
@@ -218,23 +220,25 @@ def test_inbound_caps_per_subnet_and_overall(caplog: pytest.LogCaptureFixture) -
             async def raw_from(local_host: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
                 return await asyncio.open_connection(addr.host, addr.port, local_addr=(local_host, 0))
 
-            held = [await raw_from("127.0.0.1"), await raw_from("127.0.0.2")]  # both in 127.0.0.0/24
-            await eventually(lambda: node.transport._inbound_total == 2)
+            held = [await raw_from("127.0.0.1")]
+            await eventually(lambda: node.transport.inbound == 1)
+            held.append(await raw_from("127.0.0.2"))  # both in 127.0.0.0/24
+            await eventually(lambda: node.transport.inbound == 2)
             refused_reader, refused_writer = await raw_from("127.0.0.3")  # third in the /24
             await closed_within(refused_reader, QUICK_CLOSE_S)
             refused_writer.close()
             other_subnet = await raw_from("127.0.1.1")  # a different /24 is still welcome
-            await eventually(lambda: node.transport._inbound_total == 3)
-            over_total_reader, over_total_writer = await raw_from("127.0.2.1")  # overall cap of 3
-            await closed_within(over_total_reader, QUICK_CLOSE_S)
-            over_total_writer.close()
+            await eventually(lambda: node.transport.inbound == 3)
+            newcomer = await raw_from("127.0.2.1")  # over the overall cap of 3: somebody gives way
+            await closed_within(held[0][0], QUICK_CLOSE_S)  # the oldest of the crowded /24
+            assert node.transport.inbound == 3 and node.transport.evictions == {"admission": 1}
             refusals = [getattr(r, "limit", "") for r in caplog.records if getattr(r, "event", "") == "inbound_refused"]
-            assert refusals == ["max_inbound_per_subnet", "max_inbound"]
-            assert not other_subnet[0].at_eof() and not held[0][0].at_eof()
+            assert refusals == ["max_inbound_per_subnet"]
+            assert not other_subnet[0].at_eof() and not held[1][0].at_eof() and not newcomer[0].at_eof()
 
-            for _, writer in [*held, other_subnet]:
+            for _, writer in [*held, other_subnet, newcomer]:
                 writer.close()
-            await eventually(lambda: node.transport._inbound_total == 0)
+            await eventually(lambda: node.transport.inbound == 0)
             await assert_serves_good_peer(node)
 
     run(scenario)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from murmur.errors import DecryptError, FrameError, FrameTooLarge
+from murmur.protocol.budget import BytePool
 from murmur.protocol.framing import (
     FRAME_OVERHEAD,
     FrameDecoder,
@@ -197,3 +198,53 @@ def test_failed_frame_exposes_no_plaintext() -> None:
         dec.feed(wire)
     with pytest.raises(DecryptError):  # stays failed; nothing is ever returned
         dec.feed(b"")
+
+
+def _resident_kib() -> int:
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident set from /proc")
+def test_a_large_frame_costs_what_arrived_not_what_was_announced() -> None:
+    """Forty 4 MiB headers with a page behind each: forty pages resident, not
+    160 MiB (the buffers are mappings the kernel commits as they are written)."""
+    max_frame = 4 * 1024 * 1024
+    decoders = [FrameDecoder(CipherState(KEY), max_frame) for _ in range(40)]
+    before = _resident_kib()
+    for dec in decoders:
+        assert dec.feed(struct.pack(">I", max_frame + FRAME_OVERHEAD) + os.urandom(4096)) == []
+    grown_kib = _resident_kib() - before
+    assert grown_kib < 8 * 1024, f"{grown_kib} KiB resident for 40 headers"
+    for dec in decoders:
+        dec.close()
+
+
+def test_a_large_frame_waits_for_its_budget_then_completes() -> None:
+    """Its buffer is paid for before the body is read; without room the
+    decoder is blocked (nothing charged, the bytes wait), and once room comes
+    back the same bytes complete the frame."""
+    pool = BytePool(10 * MAX_FRAME)
+    hog = pool.budget(limit=20 * MAX_FRAME)
+    budget = pool.budget(limit=4 * MAX_FRAME, reserve=0)
+    enc = FrameEncoder(CipherState(KEY), MAX_FRAME)
+    dec = FrameDecoder(CipherState(KEY), MAX_FRAME, SCRATCH, budget=budget)
+    payload = os.urandom(MAX_FRAME)
+    wire = bytes(enc.encode(FrameType.DATA, payload))
+    hog.charge(10 * MAX_FRAME)  # the pool is dry
+    assert dec.feed(wire[:SCRATCH]) == [] and dec.blocked and budget.used == 0
+    with pytest.raises(BufferError):  # feeding cannot wait: the caller must stop reading
+        dec.feed(wire[SCRATCH:])
+    hog.release(MAX_FRAME + FRAME_OVERHEAD)
+    assert dec.poll() == [] and not dec.blocked
+    assert budget.used == MAX_FRAME + FRAME_OVERHEAD  # the whole buffer, paid up front
+    frames = dec.feed(wire[SCRATCH:])
+    assert [f.payload for f in frames] == [payload]
+    # The buffer is kept for the next large frame until the stream pauses.
+    assert dec.large_frames == 1 and budget.used == MAX_FRAME + FRAME_OVERHEAD
+    assert dec.release_spare() == MAX_FRAME + FRAME_OVERHEAD and budget.used == 0
+    assert [f.payload for f in dec.feed(enc.encode(FrameType.DATA, payload))] == [payload]
+    dec.close()
+    assert budget.used == 0

@@ -110,3 +110,22 @@ async def test_crash_records_are_bounded_and_newest_kept(n):
     names = [f.task for f in tasks.crashes()]
     assert names == [f"link-{i}" for i in range(max(0, n - 32), n)]
     assert tasks.error_count == n
+
+
+async def test_finished_tasks_leave_the_registry():
+    """One task per accepted connection must not mean one record per connection ever made."""
+    tasks = TaskManager("test")
+
+    async def done() -> None:
+        return None
+
+    for i in range(100):
+        await asyncio.wait_for(tasks.spawn(f"accept-{i}", done), BOUND_S)
+    await asyncio.sleep(0)  # done callbacks run on the next loop iteration
+    assert len(tasks._tasks) == 0 and tasks.names() == []
+    replaced = tasks.spawn("same", done)
+    current = tasks.spawn("same", done, replace=True)
+    await asyncio.wait({replaced, current}, timeout=BOUND_S)  # the replaced one was cancelled
+    await asyncio.sleep(0)
+    assert "same" not in tasks._tasks
+    await tasks.shutdown()
