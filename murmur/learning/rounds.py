@@ -8,22 +8,23 @@ while a complete graph reaches 0.94). So each node also keeps a **public
 model** s_i, built only from what it sent, and exact **replicas** of its
 neighbours' public models (as CHOCO-SGD does with exact communication):
 
-* round t: train from the private model x_i, giving Δ_i; send
-  ``Message(update=Δ̃_i, consensus=c_i^{t-1})`` where Δ̃_i is Δ_i clipped and
-  noised by the privacy stage (the kept Δ_i never is) and c_i^{t-1} the
-  consensus step we took last round. Sender and receivers both advance the
-  public model: s_i += c_i^{t-1} + Δ̃_i.
-* aggregate: the aggregator scores the peers' updates Δ̃_j (SybilWall and
-  FoolsGold histories are sums of updates, as SPECS §2 intends) and the engine
-  averages public models with those weights, or (for median, trimmed mean,
-  clipped gossip) the aggregator combines the models directly. The consensus
-  step is c_i^t = agg(ŝ_j) − s_i. The private model takes the same weights
-  with *itself* (own update clean) in place of s_i:
+* round t: train from the private model x_i, giving Δ_i; send one vector,
+  ``Message(increment=q_i)`` with q_i = c_i^{t-1} + Δ̃_i, where Δ̃_i is Δ_i
+  clipped and noised by the privacy stage (the kept Δ_i never is) and
+  c_i^{t-1} the consensus step we took last round. Sender and receivers both
+  advance the public model: s_i += q_i.
+* aggregate: the aggregator scores the peers' increments q_j, everything that
+  reached their public models this round, relative to our own (q_j − q_i:
+  SybilWall and FoolsGold histories are sums of them), and the engine
+  averages public models with those weights, or (for median, trimmed mean, clipped gossip) the aggregator
+  combines the models directly. Nothing a peer sends is mixed unscored. The
+  consensus step is c_i^t = agg(ŝ_j) − s_i. The private model takes the same
+  weights with *itself* (own update clean) in place of s_i:
   x_i ← (x_i + Δ_i) + Σ_j w_ij (ŝ_j − (x_i + Δ_i)).
 
 With privacy off, x_i = s_i and this is exactly D-SGD with Metropolis–Hastings
-mixing. With privacy on, what crosses the wire (Δ̃, and c which is a function
-of public models only) is post-processing of noisy updates. The private model
+mixing. With privacy on, what crosses the wire (Δ̃ plus c, a function of
+public models only) is post-processing of noisy updates. The private model
 never contains the node's own noise; its gap to s_i shrinks by W_ii each
 round rather than accumulating (an earlier x_i = s_i − Σ own noise kept a
 random walk of the node's own uncancelled pairwise terms: DECOR private
@@ -95,19 +96,25 @@ class LocalUpdate:
 
 @dataclass(frozen=True)
 class Message:
-    """What a node sends each round: its (noised) update and last consensus step."""
+    """What a node sends each round: the increment of its public model,
+    q_i = c_i^{t-1} + Δ̃_i (the consensus step it took last round plus its
+    noised update), as the receivers decode it.
 
-    ROWS: ClassVar[int] = 2  # vectors in the wire layout: what a receiver sizes its buffers for
-    update: torch.Tensor
-    consensus: torch.Tensor
+    One vector, and the only way anything of a peer reaches our models: the
+    replica of its public model advances by it, and the aggregators score it.
+    An earlier layout sent (Δ̃, c) and scored only Δ̃, so Sybils could send
+    clean updates and carry their poison in the unscored consensus step."""
+
+    ROWS: ClassVar[int] = 1  # vectors in the wire layout: what a receiver sizes its buffers for
+    increment: torch.Tensor
 
     def stacked(self) -> torch.Tensor:
         """One (ROWS, d) tensor, the wire layout."""
-        return torch.stack([self.update, self.consensus])
+        return self.increment.unsqueeze(0)
 
 
 Wire = Callable[[torch.Tensor], torch.Tensor]
-"""What receivers decode of a stacked (2, d) message (a lossy codec's round trip).
+"""What receivers decode of a stacked (ROWS, d) message (a lossy codec's round trip).
 
 The public model is mirrored by every neighbour's replica, so the sender must
 advance it by exactly the decoded values; advancing by the exact ones lets
@@ -188,15 +195,15 @@ class _Replica:
         self.lent = True
         return self.model
 
-    def advance(self, message: Message) -> None:
+    def advance(self, increment: torch.Tensor) -> None:
         if self.lent:
             self.model, self.lent = self.model.clone(), False
-        _advance(self.model, message)
+        _advance(self.model, increment)
 
 
 @dataclass
 class _Contribution:
-    update: torch.Tensor  # the peer's Δ̃ for the round (its own memory, not the received message's buffer)
+    increment: torch.Tensor  # the peer's public increment for the round (what its aggregator scores)
     model: torch.Tensor  # snapshot of its public half-step model for the round (see _Replica.lent)
 
 
@@ -204,7 +211,7 @@ class _Contribution:
 class _Pending:
     neighbours: dict[str, int]  # peer -> its degree
     own_delta: torch.Tensor  # clean Δ_i (kept)
-    sent_update: torch.Tensor  # Δ̃_i (what neighbours got)
+    sent: torch.Tensor  # q_i, our public increment (what neighbours got and score)
     train_loss: float
     received: dict[str, _Contribution] = field(default_factory=dict)
     departed: list[str] = field(default_factory=list)  # left mid-round without delivering (see forget)
@@ -246,7 +253,7 @@ class RoundEngine:
         # be filed once its public model arrives (see set_replica): a
         # neighbour linked mid-run then counts in the round it first sends
         # for, instead of a round later. One (update, consensus) per peer.
-        self._held: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._held: dict[str, tuple[int, torch.Tensor]] = {}
         # The first round each peer said it will send us (see note_next_round).
         self._next: dict[str, int] = {}
         # Peers whose message a closed round used: until then a neighbour is
@@ -293,15 +300,13 @@ class RoundEngine:
         else:
             peers = list(committed if committed is not None else neighbours)
             sent = self.perturber.perturb(update.delta, self.round, peers)
-        message = Message(sent, self._consensus)
+        message = Message(self._consensus + sent)
         if self.wire is not None:  # a lossy codec: advance by what the receivers' replicas will hold
-            decoded = self.wire(message.stacked())
-            message = Message(decoded[0], decoded[1])
-        sent = message.update
-        _advance(self.public, message)  # exactly as every neighbour's replica of it (offer)
+            message = Message(self.wire(message.stacked())[0])
+        _advance(self.public, message.increment)  # exactly as every neighbour's replica of it (offer)
         self._consensus = torch.zeros_like(self._consensus)
         self.last_sent_round = self.round
-        self._pending = _Pending(dict(neighbours), update.delta, sent, update.loss)
+        self._pending = _Pending(dict(neighbours), update.delta, message.increment, update.loss)
         for peer, contribution in self._future.pop(self.round, {}).items():
             if peer in self._pending.neighbours:
                 self._pending.received[peer] = contribution
@@ -321,29 +326,28 @@ class RoundEngine:
         """
         return self.open_round(neighbours, LocalUpdate.mixing_only(self.num_params, self.public.device))
 
-    def offer(self, peer: str, round: int, update: torch.Tensor, consensus: torch.Tensor) -> Offer:
-        """File a neighbour's round message. Never raises for bad peer input."""
-        for vec in (update, consensus):
-            if vec.dtype != torch.float32 or vec.ndim != 1 or vec.numel() != self.num_params:
-                return Offer.BAD_SHAPE
-            if not bool(torch.isfinite(vec).all()):
-                return Offer.BAD_SHAPE
+    def offer(self, peer: str, round: int, increment: torch.Tensor) -> Offer:
+        """File a neighbour's round message (its public model's increment).
+        Never raises for bad peer input."""
+        if increment.dtype != torch.float32 or increment.ndim != 1 or increment.numel() != self.num_params:
+            return Offer.BAD_SHAPE
+        if not bool(torch.isfinite(increment).all()):
+            return Offer.BAD_SHAPE
         self._heard[peer] = max(self._heard.get(peer, -1), round)
         replica = self._replicas.get(peer)
         if replica is None:
             if round != 0:
-                return self._hold(peer, round, update, consensus)
+                return self._hold(peer, round, increment)
             replica = self._replicas[peer] = _Replica(self._initial.clone(), -1)
         if round <= replica.round:
             return Offer.DUPLICATE
         if round > replica.round + 1:
-            return self._hold(peer, round, update, consensus)
+            return self._hold(peer, round, increment)
         device = replica.model.device
-        replica.advance(Message(update.to(device), consensus.to(device)))
+        increment = increment.to(device, copy=True)  # its own memory: the received buffer is released now
+        replica.advance(increment)
         replica.round = round
-        # The update is copied so the received message (both vectors) can be
-        # released now: a landing buffer goes back to the pool for the next transfer.
-        return self._file(peer, round, _Contribution(update.to(device, copy=True), replica.snapshot()))
+        return self._file(peer, round, _Contribution(increment, replica.snapshot()))
 
     def _file(self, peer: str, round: int, contribution: _Contribution) -> Offer:
         pending = self._pending
@@ -364,11 +368,11 @@ class RoundEngine:
         pending.received[peer] = contribution
         return Offer.ACCEPTED
 
-    def _hold(self, peer: str, round: int, update: torch.Tensor, consensus: torch.Tensor) -> Offer:
+    def _hold(self, peer: str, round: int, increment: torch.Tensor) -> Offer:
         """Keep the newest message of a peer we cannot replay yet (NEEDS_SYNC)."""
         held = self._held.get(peer)
         if held is None or round > held[0]:
-            self._held[peer] = (round, update, consensus)
+            self._held[peer] = (round, increment)
         return Offer.NEEDS_SYNC
 
     def set_replica(self, peer: str, model: torch.Tensor, round: int) -> Offer | None:
@@ -383,12 +387,12 @@ class RoundEngine:
         held = self._held.pop(peer, None)
         if held is None:
             return None
-        held_round, update, consensus = held
+        held_round, increment = held
         if held_round == round + 1:
-            return self.offer(peer, held_round, update, consensus)
+            return self.offer(peer, held_round, increment)
         if held_round == round:
             device = replica.model.device
-            return self._file(peer, held_round, _Contribution(update.to(device, copy=True), replica.snapshot()))
+            return self._file(peer, held_round, _Contribution(increment.to(device, copy=True), replica.snapshot()))
         return None  # older than the model (it moved on) or still a gap
 
     def forget(self, peer: str) -> None:
@@ -525,8 +529,14 @@ class RoundEngine:
             consensus, weights = public_result.delta, public_result.weights
             private_step = combine(private_half).delta if separate_private else consensus
         else:
-            updates = [PeerUpdate(p, pending.received[p].update, pending.neighbours[p]) for p in peers]
-            weights = self.aggregator.weigh(pending.sent_update, updates, len(pending.neighbours))
+            # Scored relative to our own increment (ours is then 0): the consensus drift every
+            # neighbour shares cancels, what a peer adds beyond it stays (raw
+            # increments made honest histories alike: SybilWall gave honest
+            # peers 0.07 of the weight and the simulator's accuracy fell from
+            # 0.84 to 0.69; relative, 0.23 and 0.81, attack rate 0 either way).
+            updates = [PeerUpdate(p, pending.received[p].increment - pending.sent, pending.neighbours[p])
+                       for p in peers]
+            weights = self.aggregator.weigh(torch.zeros_like(pending.sent), updates, len(pending.neighbours))
             consensus = _weighted_offsets(models, peers, weights, self.public)
             private_step = _weighted_offsets(models, peers, weights, private_half) if separate_private else consensus
         if not (bool(torch.isfinite(consensus).all()) and bool(torch.isfinite(private_step).all())):
@@ -615,12 +625,11 @@ class RoundEngine:
         self.round = int(state["round"])
 
 
-def _advance(public: torch.Tensor, message: Message) -> None:
-    """s += c + Δ̃, in place, as ((s + c) + Δ̃): the one order of float32
-    additions that sender and receivers all use. The old ``s + c + Δ̃`` on one
-    side and ``s += c + Δ̃`` on the other rounded differently, so replicas
-    drifted from the models they mirror by float32 rounding every round."""
-    public.add_(message.consensus).add_(message.update)
+def _advance(public: torch.Tensor, increment: torch.Tensor) -> None:
+    """s += q, in place: the one float32 operation sender and receivers all
+    use (sender and replicas once rounded differently, ``s + c + Δ̃`` against
+    ``s += c + Δ̃``, and drifted apart by float32 rounding every round)."""
+    public.add_(increment)
 
 
 def _weighted_offsets(

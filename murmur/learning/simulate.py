@@ -162,12 +162,12 @@ def run_simulation(
             poisoned = attacker.begin_round(attacker_neighbours)
             for sybil, targets in sybil_links.items():
                 for t in targets:
-                    engines[t].offer(sybil, r, poisoned.update, poisoned.consensus)
+                    engines[t].offer(sybil, r, poisoned.increment)
             for peer in attacker_neighbours:
-                attacker.offer(peer, r, sent[peer].update, sent[peer].consensus)
+                attacker.offer(peer, r, sent[peer].increment)
         for i in range(n):
             for j in graph[i]:
-                engines[j].offer(names[i], r, sent[names[i]].update, sent[names[i]].consensus)
+                engines[j].offer(names[i], r, sent[names[i]].increment)
         _gossip_history_records(engines, names, graph, record_rng)
         evaluate = (r + 1) % cfg.eval_every == 0 or r == total - 1
         reports = [engine.finish_round(evaluate=evaluate) for engine in engines]

@@ -640,7 +640,7 @@ class NodeLearner:
             session.peer_degree = degree
         array = done.array if done.array.flags.writeable else done.array.copy()
         tensor = torch.from_numpy(array)
-        outcome = self.engine.offer(str(session.peer), done.round, tensor[0], tensor[1])
+        outcome = self.engine.offer(str(session.peer), done.round, tensor[0])
         if outcome is not Offer.BAD_SHAPE and self.silence.on_usable(str(session.peer)):
             log.info("neighbour unmuted: it sends again", extra={"event": "unmuted", "peer": str(session.peer)})
         log.debug("round message", extra={"event": "offer", "peer": str(session.peer), "round": done.round,

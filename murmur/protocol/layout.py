@@ -41,7 +41,7 @@ class TransferKind(enum.StrEnum):
     """``DeltaStart.meta["kind"]``. A transfer without one is a round message
     (what nodes sent before the kind was written on every transfer)."""
 
-    ROUND = "round"  # (update, consensus step) of one D-SGD round
+    ROUND = "round"  # the public model's increment in one D-SGD round (Message.ROWS rows)
     MODEL = "model"  # a public model, asked for with ModelRequest
     GOSSIP = "gossip"  # a whole model, gossip-learning mode
 
