@@ -131,9 +131,16 @@ class PreparedDelta:
     @classmethod
     def prepare(cls, array: np.ndarray, codec: DeltaCodec = DeltaCodec.FP32) -> PreparedDelta:
         payload, params = codecs.encode(array, codec)
+        return cls.of_payload(payload, params.codec, tuple(array.shape))
+
+    @classmethod
+    def of_payload(cls, payload: memoryview, codec: DeltaCodec, shape: tuple[int, ...]) -> PreparedDelta:
+        """A payload already encoded (a compressed round message, whose bytes
+        the sender's round engine produced and advanced its public model by):
+        hashed here, sent as is. ``shape`` is the decoded shape."""
         hasher = _hasher()
         hasher.update(payload)
-        return cls(payload, params.codec, tuple(array.shape), hasher.digest())
+        return cls(memoryview(payload).cast("B"), DeltaCodec(codec), tuple(shape), hasher.digest())
 
 
 class DeltaSender:
@@ -490,12 +497,14 @@ class DeltaAssembler:
             self.replay_guard.check_round(msg.round)
         limits = self.limits
         if self.layout is not None:  # names the kind and the shape it expected
-            self.layout.check_incoming(msg.meta, msg.shape, msg.nbytes, limits.max_delta_bytes)
+            kind = self.layout.check_incoming(msg.meta, msg.shape, msg.nbytes, limits.max_delta_bytes)
+            expected = self.layout.payload_bytes(kind, msg.codec)  # a compressed round payload has its format's size
+        else:
+            expected = codecs.encoded_nbytes(msg.codec, math.prod(msg.shape))
         if msg.nbytes > limits.max_delta_bytes:
             raise LimitExceeded(f"delta of {msg.nbytes} bytes, limit {limits.max_delta_bytes} (shape {msg.shape})")
         if msg.dtype != DELTA_DTYPE:
             raise DecodeError(f"delta dtype must be {DELTA_DTYPE}, got {msg.dtype}")
-        expected = codecs.encoded_nbytes(msg.codec, math.prod(msg.shape))
         if msg.nbytes != expected:
             raise DecodeError(f"{msg.codec.name} of shape {msg.shape} is {expected} bytes, not {msg.nbytes}")
         key = (sender, msg.transfer_id)
@@ -543,13 +552,17 @@ class DeltaAssembler:
         sender.verify(msg.signature, signing_input(digest, start.round, sender, self.own_peer_id))
         if not transfer.solicited:
             self.replay_guard.check(sender, start.round, digest)
-        flat = codecs.decode(transfer.buffer, CodecParams(start.codec, math.prod(start.shape)))
+        if self.layout is not None:
+            array = self.layout.decode(self.layout.kind_of(start.meta), transfer.buffer, start.codec,
+                                       start.round, sender.raw)
+        else:
+            array = codecs.decode(transfer.buffer, CodecParams(start.codec, math.prod(start.shape))).reshape(start.shape)
         if not transfer.solicited:
             self.replay_guard.remember(sender, start.round, digest)
         return CompletedDelta(
             sender=sender,
             round=start.round,
-            array=flat.reshape(start.shape),
+            array=array,
             meta=start.meta,
             content_hash=digest,
             codec=start.codec,
