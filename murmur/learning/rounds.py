@@ -31,6 +31,19 @@ random walk of the node's own uncancelled pairwise terms: DECOR private
 accuracy 0.16 at ε = 0.1, bench/privacy.py). Example-level DP-SGD must train
 from the public model instead (``RoundConfig.train_from``, :class:`TrainFrom`).
 
+Compressed gossip (CHOCO-SGD, SPECS §8; :mod:`murmur.learning.compression`):
+with a compressor the message is q_i = C(e_i + c_i^{t-1} + Δ̃_i) and the
+node keeps the residual e_i ← e_i + c_i^{t-1} + Δ̃_i − q_i, so what was not
+sent goes out in later rounds; both ends still advance by exactly q_i. With
+privacy and a random-k mask, the privacy stage clips and noises only the
+coordinates sent (the pairwise terms cancel on them when every node draws
+the same mask), and the clean remainder it did not send is carried to the
+next round (user level; example level drops it, see :meth:`open_round`).
+``RoundConfig.consensus_step`` (CHOCO's γ) scales the consensus step, which
+harsh compression needs below 1. An outer optimizer
+(:mod:`murmur.learning.outer`, DiLoCo) turns each round's total move into
+the step actually taken.
+
 The engine is *sans-IO*: it never waits, sleeps or opens a socket. The node
 daemon and :mod:`murmur.learning.simulate` drive the same code: ``open_round``
 returns the message, ``offer`` files what arrives (late rounds dropped, near
@@ -51,6 +64,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine, PeerUpdate
+from murmur.learning.compression import Compressed, Compressor
+from murmur.learning.outer import OuterOptimizer
 from murmur.learning.trainers.base import EvalStats, Trainer
 from murmur.learning.trainers.checked import checked
 
@@ -107,6 +122,9 @@ class Message:
 
     ROWS: ClassVar[int] = 1  # vectors in the wire layout: what a receiver sizes its buffers for
     increment: torch.Tensor
+    # With a compressor: the increment's wire bytes, exactly what receivers
+    # decode to ``increment`` (the node sends these, never a re-encoding).
+    compressed: Compressed | None = None
 
     def stacked(self) -> torch.Tensor:
         """One (ROWS, d) tensor, the wire layout."""
@@ -123,9 +141,16 @@ large pairwise noise, by more than the model's own scale over a run)."""
 
 
 class Perturber(Protocol):
-    """The privacy stage: turns the kept delta into what is sent."""
+    """The privacy stage: turns the kept delta into what is sent.
+
+    ``perturb`` works on any vector, the whole delta or the coordinates a
+    random-k message carries (then its pairwise terms are drawn for those
+    coordinates only); ``clip`` is the clipping it applies, alone (the
+    engine carries the clipped-off rest of a compressed round to the next)."""
 
     def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor: ...
+
+    def clip(self, delta: torch.Tensor) -> torch.Tensor: ...
 
 
 class TrainFrom(enum.Enum):
@@ -155,10 +180,15 @@ class RoundConfig:
     quorum: float = 1.0  # fraction of this round's neighbours whose messages close the round early
     max_future_rounds: int = MAX_FUTURE_ROUNDS
     train_from: TrainFrom = TrainFrom.PRIVATE
+    # CHOCO-SGD's γ: the fraction of the step toward the neighbours' average
+    # taken each round (1: plain D-SGD; harsher compression wants less).
+    consensus_step: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.quorum <= 1.0:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
+        if not 0.0 < self.consensus_step <= 1.0:
+            raise ValueError(f"consensus_step must be in (0, 1], got {self.consensus_step}")
 
 
 @dataclass
@@ -228,12 +258,20 @@ class RoundEngine:
         perturber: Perturber | None = None,
         start_round: int = 0,
         wire: Wire | None = None,
+        compressor: Compressor | None = None,
+        outer: OuterOptimizer | None = None,
     ) -> None:
+        if wire is not None and compressor is not None:
+            raise ValueError("a compressor encodes the message itself: give it the codec, not a wire")
+        if compressor is not None and perturber is not None and compressor.data_dependent:
+            raise ValueError("top-k chooses coordinates by their values, which privacy cannot allow")
         self.trainer = checked(trainer)  # every driver gets the contract checks (trainers/checked.py)
         self.aggregator = aggregator
         self.config = config
         self.perturber = perturber
         self.wire = wire
+        self.compressor = compressor
+        self.outer = outer
         self.round = start_round
         self.num_params = self.trainer.num_params()
         self.late_dropped = 0
@@ -242,6 +280,12 @@ class RoundEngine:
         self.public = initial.clone()  # s_i, as of our last message
         self.last_sent_round = -1
         self._consensus = torch.zeros_like(initial)  # c_i of the last closed round, not yet published
+        # With a compressor: e_i, what the messages so far left unsent (a
+        # function of what was published: public models and noised updates).
+        self._residual = torch.zeros_like(initial) if compressor is not None else None
+        # With privacy and a random-k mask, user level: the clean update not
+        # yet sent (it never leaves the node except clipped and noised).
+        self._carry: torch.Tensor | None = None
         self._replicas: dict[str, _Replica] = {}
         self._pending: _Pending | None = None
         self._future: dict[int, dict[str, _Contribution]] = {}
@@ -295,14 +339,17 @@ class RoundEngine:
             raise RuntimeError(f"round {self.round} is still open")
         if isinstance(self.aggregator, RoundAware):
             self.aggregator.begin_round(self.round)
-        if self.perturber is None or not update.from_data:
-            sent = update.delta
+        peers = list(committed if committed is not None else neighbours)
+        if self.compressor is not None:
+            message = self._compress(update, peers)
         else:
-            peers = list(committed if committed is not None else neighbours)
-            sent = self.perturber.perturb(update.delta, self.round, peers)
-        message = Message(self._consensus + sent)
-        if self.wire is not None:  # a lossy codec: advance by what the receivers' replicas will hold
-            message = Message(self.wire(message.stacked())[0])
+            if self.perturber is None or not update.from_data:
+                sent = update.delta
+            else:
+                sent = self.perturber.perturb(update.delta, self.round, peers)
+            message = Message(self._consensus + sent)
+            if self.wire is not None:  # a lossy codec: advance by what the receivers' replicas will hold
+                message = Message(self.wire(message.stacked())[0])
         _advance(self.public, message.increment)  # exactly as every neighbour's replica of it (offer)
         self._consensus = torch.zeros_like(self._consensus)
         self.last_sent_round = self.round
@@ -311,6 +358,40 @@ class RoundEngine:
             if peer in self._pending.neighbours:
                 self._pending.received[peer] = contribution
         return message
+
+    def _compress(self, update: LocalUpdate, peers: Sequence[str]) -> Message:
+        """q = C(e + c + Δ̃) and e ← e + c + Δ̃ − q: the message.
+
+        With privacy, Δ̃ is built on the coordinates the message carries:
+        random-k's mask is drawn before the data is looked at, the stage
+        clips and noises just those values (what is sent is what is
+        accounted; with a network-wide mask the pairwise terms of an edge
+        land on the same coordinates at both ends and cancel), and at user
+        level the clean rest (other coordinates, the clipped-off part) is
+        carried to the next round. Example level drops it: a round's message
+        must depend only on that round's sampled batch, at a public point.
+        """
+        compressor = self.compressor
+        assert compressor is not None and self._residual is not None
+        mask = compressor.mask(self.round, self.num_params, self.public.device)
+        if self.perturber is None or not update.from_data:
+            published = update.delta
+        elif mask is None:
+            published = self.perturber.perturb(update.delta, self.round, peers)
+        else:
+            clean = update.delta if self._carry is None else update.delta + self._carry
+            values = clean[mask]
+            published = torch.zeros_like(clean)
+            published[mask] = self.perturber.perturb(values, self.round, peers)
+            if self.config.train_from is TrainFrom.PRIVATE:
+                clean = clean.clone() if clean is update.delta else clean
+                clean[mask] -= self.perturber.clip(values)
+                self._carry = clean
+        v = self._residual + self._consensus
+        v += published
+        compressed = compressor.compress(v, self.round, mask)
+        self._residual = v.sub_(compressed.dense)  # exactly what did not go out
+        return Message(compressed.dense, compressed)
 
     def begin_round(self, neighbours: Mapping[str, int], committed: Sequence[str] | None = None) -> Message:
         """:meth:`local_update` then :meth:`open_round` (single-threaded drivers)."""
@@ -544,15 +625,7 @@ class RoundEngine:
             log.error("consensus step is not finite; skipping it", extra={"round": self.round})
             consensus = torch.zeros_like(self.public)
             private_step = consensus
-        # The private model mixes *itself* (own update clean) with the neighbours'
-        # public models, so its gap to our public model shrinks by W_ii every
-        # round instead of accumulating our own noise; the public model takes
-        # the same weights over public models only (what receivers can replay).
-        if self.config.train_from is TrainFrom.PUBLIC:
-            self.trainer.set_flat(self.public + consensus)  # s_i after this round (public is the half step ŝ_i)
-        else:
-            self.trainer.set_flat(private_half + private_step)
-        self._consensus = consensus
+        self._consensus = self._apply_round(pending, private_half, consensus, private_step, separate_private)
         missed = sum(1 for p in pending.neighbours if not self._done_with_round(p))
         absent = tuple(p for p in pending.neighbours if p not in pending.received)
         report = RoundReport(
@@ -579,6 +652,41 @@ class RoundEngine:
             self.late_dropped += len(self._future.pop(stale))
         return report
 
+    def _apply_round(
+        self, pending: _Pending, private_half: torch.Tensor, consensus: torch.Tensor, private_step: torch.Tensor,
+        separate_private: bool,
+    ) -> torch.Tensor:
+        """Move the trained model to its next round; return the consensus
+        step the next message publishes.
+
+        The private model mixes *itself* (own update clean) with the
+        neighbours' public models, so its gap to our public model shrinks by
+        W_ii every round instead of accumulating our own noise; the public
+        model takes the same weights over public models only (what receivers
+        can replay). Training from the public model, the model is s_i (+ e_i,
+        what a compressed message left unsent) after this round. Both steps
+        are scaled by ``consensus_step``; an outer optimizer turns the
+        round's whole move into the step taken, and whatever the model moved
+        beyond its half step is what the next message must publish (for the
+        separate private model, the public side keeps the plain step)."""
+        gamma = self.config.consensus_step
+        if gamma != 1.0:
+            consensus = consensus * gamma
+            private_step = private_step * gamma if separate_private else consensus
+        if self.config.train_from is TrainFrom.PUBLIC:
+            half = self.public if self._residual is None else self.public + self._residual
+            target = half + consensus
+        else:
+            half = private_half
+            target = half + private_step
+        if self.outer is None:
+            self.trainer.set_flat(target)
+            return consensus
+        start = self.trainer.get_flat()  # the model this round began from (local_update rewound to it)
+        model = self.outer.step(start, target)
+        self.trainer.set_flat(model)
+        return consensus if separate_private else model - half
+
     def _return_snapshots(self) -> None:
         """The closed round's contributions are gone: a replica whose model no
         buffered contribution still holds may be advanced in place again."""
@@ -600,6 +708,11 @@ class RoundEngine:
         self.trainer.set_flat(model)
         self.public = self.trainer.get_flat()
         self._consensus = torch.zeros_like(self.public)
+        if self._residual is not None:
+            self._residual = torch.zeros_like(self.public)
+        self._carry = None
+        if self.outer is not None:
+            self.outer.reset()
         self.last_sent_round = round - 1
         self.round = round
         for stale in [r for r in self._future if r < round]:
@@ -608,12 +721,19 @@ class RoundEngine:
     def state(self) -> dict[str, Any]:
         """What a checkpoint needs besides the private model (copies: the
         node writes them in a thread while the next round runs)."""
-        return {
+        state: dict[str, Any] = {
             "round": self.round,
             "public": self.public.clone(),
             "consensus": self._consensus.clone(),
             "last_sent_round": self.last_sent_round,
         }
+        if self._residual is not None:
+            state["residual"] = self._residual.clone()
+        if self._carry is not None:
+            state["carry"] = self._carry.clone()
+        if self.outer is not None:
+            state.update(self.outer.state())
+        return state
 
     def restore(self, model: torch.Tensor, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state` plus the private model."""
@@ -623,6 +743,15 @@ class RoundEngine:
         self._consensus = state["consensus"].to(self._initial.device, torch.float32).clone()
         self.last_sent_round = int(state["last_sent_round"])
         self.round = int(state["round"])
+        device = self._initial.device
+        if self._residual is not None:
+            residual = state.get("residual")
+            self._residual = (torch.zeros_like(self.public) if residual is None
+                              else residual.to(device, torch.float32).clone())
+        carry = state.get("carry")
+        self._carry = None if carry is None else carry.to(device, torch.float32).clone()
+        if self.outer is not None:
+            self.outer.restore(dict(state), device)
 
 
 def _advance(public: torch.Tensor, increment: torch.Tensor) -> None:

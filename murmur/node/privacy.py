@@ -444,6 +444,10 @@ class PrivacyStage:
 
     # -- Perturber
 
+    def clip(self, delta: torch.Tensor) -> torch.Tensor:
+        """The clipping :meth:`perturb` applies, alone (min(1, C/‖Δ‖)·Δ)."""
+        return clip_to_norm(delta.detach().to(self.device, torch.float32), self.plan.clip).to(delta.device)
+
     def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
         flat = delta.detach().to(self.device, torch.float32).reshape(-1)
         clipped = clip_to_norm(flat, self.plan.clip)
@@ -638,6 +642,9 @@ class NodePrivacy:
 
     def handlers(self) -> Mapping[type, Handler]:
         return {KeyShare: self._on_keyshare, RoundCommit: self._on_commit}
+
+    def clip(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.stage.clip(delta)
 
     def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
         before = self.stage.counters.fallback_rounds
