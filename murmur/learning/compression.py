@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from murmur.protocol.codecs import DeltaCodec, Rounding
-from murmur.protocol.sparse import RoundFormat, Sparsifier
+from murmur.protocol.sparse import MaskScope, RoundFormat, Sparsifier
 
 __all__ = ["Compressed", "Compressor"]
 
@@ -76,9 +76,25 @@ class Compressor:
         return self.format.sparse or self.codec is not DeltaCodec.FP32
 
     def describe(self) -> str:
-        """The wire format in one line (enters the model fingerprint)."""
-        rounding = "" if self.rounding is Rounding.NEAREST else "~"
-        return f"{self.codec.name.lower()}{rounding}" + ("" if not self.format.sparse else f"+{self.format.describe()}")
+        """The wire format in one line (enters the model fingerprint; the
+        rounding is the sender's business and not part of it)."""
+        return self.codec.name.lower() + ("" if not self.format.sparse else f"+{self.format.describe()}")
+
+    @property
+    def per_sender(self) -> bool:
+        """Whether a payload is tied to its sender (random-k with per-sender masks)."""
+        return self.format.sparsifier is Sparsifier.RANDK and self.format.scope is MaskScope.SENDER
+
+    def payload_as(self, dense: torch.Tensor, round: int, sender: bytes) -> memoryview:
+        """A message's payload as ``sender`` would send it: for per-sender
+        masks, ``dense`` (a message this compressor made) gathered at that
+        sender's mask and encoded again (an attacker sends one model under
+        several identities; what each receiver decodes is what it gets)."""
+        d = dense.numel()
+        indices = self.format.mask(d, round, sender)
+        values = dense.detach().to("cpu", torch.float32, copy=True).numpy()[indices]
+        payload, _ = self.format.encode(indices, values, self.codec, d, self.rounding, self._rng)
+        return payload
 
     def mask(self, round: int, d: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The coordinates of this round's message when they are known before

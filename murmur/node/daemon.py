@@ -34,6 +34,7 @@ from murmur.node.config import AUTO, NodeConfig
 from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
 from murmur.node.preflight import bind_problem
+from murmur.node.links import LinkPacer
 from murmur.node.session import Dispatcher, PeerSession
 from murmur.node.state import ApiInfo, StateDir
 from murmur.protocol.discovery import MdnsConfig, MdnsDiscovery
@@ -74,6 +75,8 @@ class Node:
         self.config = config
         self.state = StateDir(config.node.data_dir)
         self.metrics = NodeMetrics()
+        # Emulated link rates ([link]): every session paces through these node-wide buckets.
+        self.link_pacer = LinkPacer(config.link.upload_bytes_s, config.link.download_bytes_s)
         self.tasks = TaskManager("node", on_crash=self._on_task_crash)
         self._crashed = asyncio.Event()
         self.metrics.healthy.set_function(lambda: float(self.healthy()))
@@ -378,7 +381,7 @@ class Node:
                 self.tasks.spawn(f"close-dup-{conn.name}", conn.close)
                 self._by_conn[conn] = old
                 return old
-        session = PeerSession(conn, self.dispatcher, self.metrics, self)
+        session = PeerSession(conn, self.dispatcher, self.metrics, self, self.link_pacer)
         if old is not None:
             # Edge state carries over; the Hello does not: the peer sends one on
             # every connection, and the new one must not read as a second Hello.
@@ -553,6 +556,7 @@ class Node:
             "evictions": self.membership.evictions,
             "bytes_in": traffic[0],
             "bytes_out": traffic[1],
+            "link": self.link_pacer.describe(),  # None, or the emulated rates (labelled as emulated)
             "faults": dict(self._faults),
             "health": self.health(),
             "learning": self.learner.status() if self.learner is not None else None,

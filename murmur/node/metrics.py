@@ -51,6 +51,10 @@ class NodeMetrics:
         self.round = Gauge("round", "Current learning round", namespace=NAMESPACE, registry=r)
         self.loss = Gauge("loss", "Model loss (train: last local steps; test: held-out set)", ["split"], namespace=NAMESPACE, registry=r)
         self.accuracy = Gauge("accuracy", "Model accuracy", ["split"], namespace=NAMESPACE, registry=r)
+        self.perplexity = Gauge(
+            "perplexity", "Per-token perplexity of a language model (exp of the test loss)", ["split"],
+            namespace=NAMESPACE, registry=r,
+        )
         self.aggregation_weight = Gauge(
             "aggregation_weight", "Weight given to each peer (and 'self') in the last aggregation", ["peer"],
             namespace=NAMESPACE, registry=r,
@@ -89,9 +93,11 @@ class NodeMetrics:
         cls = fault if isinstance(fault, type) else type(fault)
         self.faults.labels(type=cls.__name__).inc()
 
-    def set_eval(self, split: Split, *, loss: float, accuracy: float) -> None:
+    def set_eval(self, split: Split, *, loss: float, accuracy: float, perplexity: float | None = None) -> None:
         self.loss.labels(split=split.value).set(loss)
         self.accuracy.labels(split=split.value).set(accuracy)
+        if perplexity is not None:
+            self.perplexity.labels(split=split.value).set(perplexity)
 
     def set_aggregation_weights(self, weights: Mapping[str, float]) -> None:
         """Replace the per-peer weights with those of the latest aggregation."""

@@ -820,9 +820,11 @@ def dp_sgd_step(trainer: Any, local_steps: int) -> DpSgdStep:
     dp_clip = float(getattr(options, "dp_clip", 0.0) or 0.0)
     momentum = float(getattr(options, "momentum", 0.0) or 0.0)
     lr = float(getattr(options, "lr", 0.0) or 0.0)
-    if steps != 1 or momentum != 0.0 or dp_clip <= 0.0 or lr <= 0.0:
+    optimizer = getattr(options, "optimizer", "sgd")
+    if steps != 1 or momentum != 0.0 or dp_clip <= 0.0 or lr <= 0.0 or optimizer != "sgd":
         raise ConfigError(
             'privacy.level = "example" needs one DP-SGD step per round: learning.local_steps = 1 and trainer '
-            f"options momentum = 0, dp_clip > 0 (got local_steps={steps}, momentum={momentum}, dp_clip={dp_clip})"
+            f'options optimizer = "sgd", momentum = 0, dp_clip > 0 (got local_steps={steps}, '
+            f"optimizer={optimizer}, momentum={momentum}, dp_clip={dp_clip})"
         )
     return DpSgdStep(min(1.0, batch / size), batch, lr * dp_clip / batch)

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from murmur.errors import PeerFault
+from murmur.node.links import LinkPacer
 from murmur.node.metrics import Direction, NodeMetrics
 from murmur.protocol.identity import PeerId
 from murmur.protocol.messages import DeltaEnd, Encoded, Message, decode, encode_parts
@@ -81,8 +82,10 @@ class Dispatcher:
 class PeerSession:
     """State we keep about a connected peer."""
 
-    def __init__(self, conn: SecureConnection, dispatcher: Dispatcher, metrics: NodeMetrics, faults: FaultSink) -> None:
+    def __init__(self, conn: SecureConnection, dispatcher: Dispatcher, metrics: NodeMetrics, faults: FaultSink,
+                 pacer: LinkPacer | None = None) -> None:
         self.conn = conn
+        self._pacer = pacer  # emulated link rates of the node ([link]), shared by its sessions
         self.peer = conn.peer_id
         self._dispatcher = dispatcher
         self._metrics = metrics
@@ -114,8 +117,11 @@ class PeerSession:
         await self.send_encoded(encode_parts(msg), type(msg).__name__, deadline)
 
     async def send_encoded(self, parts: Encoded, kind: str, deadline: float | None = None) -> None:
+        nbytes = sum(memoryview(part).nbytes for part in parts)
+        if self._pacer is not None:
+            await self._pacer.before_send(nbytes)
         await self.conn.send(*parts, deadline=deadline)
-        self._metrics.add_bytes(Direction.OUT, sum(memoryview(part).nbytes for part in parts))
+        self._metrics.add_bytes(Direction.OUT, nbytes)
         self._metrics.message(Direction.OUT, kind)
 
     def mark_useful(self) -> None:
@@ -138,6 +144,8 @@ class PeerSession:
                 return
             self.last_message_at = time.monotonic()
             self._metrics.add_bytes(Direction.IN, len(data))
+            if self._pacer is not None:  # hold this reader until the emulated download link carried it
+                await self._pacer.after_receive(len(data))
             try:
                 msg = decode(data)
                 self._metrics.message(Direction.IN, type(msg).__name__)

@@ -28,7 +28,7 @@ from murmur.testnet.scenario import Role, Scenario
 REPORT_DIR = "report"
 METRICS_DIR = "metrics"
 #: CSV columns in order; list/map fields are written as JSON text.
-CSV_COLUMNS = ("ts", "round", "accuracy", "loss", "attack_rate", "bytes_in", "bytes_out", "epsilon",
+CSV_COLUMNS = ("ts", "round", "accuracy", "perplexity", "loss", "attack_rate", "bytes_in", "bytes_out", "epsilon",
                "neighbours", "weights")
 JSON_COLUMNS = frozenset({"neighbours", "weights"})
 FIG_SIZE = (8.0, 4.5)
@@ -49,7 +49,9 @@ PLOTS = (
     Plot("attack_rate.png", "Attack success rate (honest nodes)"),
     Plot("sybil_weight.png", "Aggregation weight honest nodes give to Sybils vs honest peers"),
     Plot("bytes.png", "Bytes in / out per node"),
+    Plot("metric_bytes.png", "Test metric against bytes sent (honest nodes)"),
 )
+DEFAULT_METRIC = "accuracy"  # rows of nodes that predate the metric field measured accuracy
 
 
 # ------------------------------------------------------------------ helpers
@@ -217,6 +219,32 @@ def _plot_bytes(path: Path, rows_by_node: Mapping[str, Sequence[Row]], events: S
     _finish(fig, ax, path, ())  # events are placed by round; this axis is time
 
 
+def run_metric(rows_by_node: Mapping[str, Sequence[Row]]) -> str:
+    """The metric the run's trainer reports (``accuracy`` or ``perplexity``, each row's ``metric``)."""
+    for rows in rows_by_node.values():
+        for row in rows:
+            if isinstance(row.get("metric"), str):
+                return str(row["metric"])
+    return DEFAULT_METRIC
+
+
+def _plot_metric_bytes(path: Path, honest: Mapping[str, Sequence[Row]], metric: str) -> None:
+    """Each honest node's test metric against the bytes it had sent by then:
+    what compressing the gossip buys, on one axis."""
+    fig, ax = _figure(PLOTS[4].title, "MiB sent (cumulative, messages with their envelopes)", metric)
+    for name, rows in sorted(honest.items()):
+        pts = [(r["bytes_out"] / 2**20, r[metric]) for r in rows
+               if isinstance(r.get("bytes_out"), (int, float)) and isinstance(r.get(metric), (int, float))
+               and math.isfinite(r[metric])]
+        if pts:
+            ax.plot(*zip(*pts), linewidth=1, label=name)
+    if metric == "perplexity":
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(0, 1)
+    _finish(fig, ax, path, ())  # events are placed by round; this axis is bytes
+
+
 # ---------------------------------------------------------------- summary
 
 
@@ -227,6 +255,8 @@ def summarize(node_metrics: Mapping[str, Sequence[Row]], node_status: Mapping[st
     honest = {n: rows for n, rows in node_metrics.items() if role_of.get(n, Role.HONEST) is Role.HONEST}
     finals = {n: rows[-1] for n, rows in honest.items() if rows}
     final_acc = _finite([r.get("accuracy") for r in finals.values()])
+    metric = run_metric(node_metrics)
+    final_metric = _finite([r.get(metric) for r in finals.values()])
     final_attack = _finite([r.get("attack_rate") for r in finals.values()])
     splits = [weight_split(r, sybils) for r in finals.values() if r.get("weights")]
     per_node = {}
@@ -236,7 +266,8 @@ def summarize(node_metrics: Mapping[str, Sequence[Row]], node_status: Mapping[st
         per_node[name] = {
             "role": role_of.get(name, Role.HONEST).value, "peer_id": status.get("peer_id"),
             "alive": bool(status), "rows": len(rows), "round": last.get("round"),
-            "accuracy": last.get("accuracy"), "attack_rate": last.get("attack_rate"),
+            "accuracy": last.get("accuracy"), "perplexity": last.get("perplexity"),
+            "attack_rate": last.get("attack_rate"),
             "bytes_in": last.get("bytes_in"), "bytes_out": last.get("bytes_out"), "epsilon": last.get("epsilon"),
         }
     all_rounds = [int(r["round"]) for rows in node_metrics.values() for r in rows if "round" in r]
@@ -247,6 +278,11 @@ def summarize(node_metrics: Mapping[str, Sequence[Row]], node_status: Mapping[st
         "rounds": max(all_rounds) + 1 if all_rounds else 0,
         "final_mean_accuracy": statistics.fmean(final_acc) if final_acc else None,
         "final_min_accuracy": min(final_acc) if final_acc else None,
+        "metric": metric,
+        "final_mean_metric": statistics.fmean(final_metric) if final_metric else None,
+        "final_worst_metric": (min(final_metric) if metric == DEFAULT_METRIC else max(final_metric)) if final_metric else None,
+        "final_mean_bytes_out": statistics.fmean(b) if (b := _finite([r.get("bytes_out") for r in finals.values()])) else None,
+        "links": _links(scenario),
         "final_attack_rate": statistics.fmean(final_attack) if final_attack else None,
         "final_weight_to_sybils": statistics.fmean(s for s, _ in splits) if splits else None,
         "final_weight_to_honest": statistics.fmean(h for _, h in splits) if splits else None,
@@ -254,6 +290,15 @@ def summarize(node_metrics: Mapping[str, Sequence[Row]], node_status: Mapping[st
         "nodes": per_node,
         "scenario_config": _plain(scenario),
     }
+
+
+def _links(scenario: Scenario) -> str | None:
+    """How the run's link rates were made, in words (None: not limited)."""
+    links = getattr(scenario, "links", None)
+    if links is None or not links.limited:
+        return None
+    return (f"emulated by each node's token buckets (not a network emulator): upload {links.upload_mbit:g} Mbit/s, "
+            f"download {links.download_mbit:g} Mbit/s per node")
 
 
 def _fmt(value: Any) -> str:
@@ -264,11 +309,13 @@ def _fmt(value: Any) -> str:
 
 SUMMARY_ROWS = (
     ("Scenario", "scenario"), ("Honest nodes", "honest_nodes"), ("Attacker identities", "attacker_nodes"),
-    ("Rounds", "rounds"), ("Final mean accuracy (honest)", "final_mean_accuracy"),
+    ("Rounds", "rounds"), ("Metric", "metric"), ("Final mean metric (honest)", "final_mean_metric"),
+    ("Final worst metric (honest)", "final_worst_metric"), ("Final mean bytes sent (honest)", "final_mean_bytes_out"),
+    ("Links", "links"), ("Final mean accuracy (honest)", "final_mean_accuracy"),
     ("Final min accuracy (honest)", "final_min_accuracy"), ("Final attack rate (honest mean)", "final_attack_rate"),
     ("Final weight to Sybils", "final_weight_to_sybils"), ("Final weight to honest peers", "final_weight_to_honest"),
 )
-NODE_COLUMNS = ("role", "alive", "round", "accuracy", "attack_rate", "bytes_in", "bytes_out", "epsilon")
+NODE_COLUMNS = ("role", "alive", "round", "accuracy", "perplexity", "attack_rate", "bytes_in", "bytes_out", "epsilon")
 
 
 def _index_html(summary: Mapping[str, Any], node_names: Sequence[str]) -> str:
@@ -321,6 +368,7 @@ def write_report(
     _plot_attack_rate(out / PLOTS[1].file, honest, events)
     _plot_weights(out / PLOTS[2].file, honest, sybils, events)
     _plot_bytes(out / PLOTS[3].file, node_metrics, events)
+    _plot_metric_bytes(out / PLOTS[4].file, honest, run_metric(node_metrics))
     summary = summarize(node_metrics, node_status, scenario, events)
     atomic_write_json(out / "summary.json", summary)
     atomic_write_bytes(out / "index.html", _index_html(summary, sorted(node_metrics)).encode())

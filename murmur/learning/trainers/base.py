@@ -17,6 +17,8 @@ Reproducibility rules, and why:
 
 from __future__ import annotations
 
+import enum
+import math
 import types
 import warnings
 from abc import ABC, abstractmethod
@@ -71,6 +73,27 @@ class EvalStats:
     n: int  # number of test samples
 
 
+class Metric(enum.StrEnum):
+    """The quality a trainer reports (status, metrics rows, testnet report),
+    computed from its :class:`EvalStats`: a classifier's test accuracy, or
+    a language model's perplexity, exp(mean cross-entropy per token)."""
+
+    ACCURACY = "accuracy"
+    PERPLEXITY = "perplexity"
+
+    def of(self, stats: EvalStats) -> float:
+        return self.from_loss_and_accuracy(stats.loss, stats.accuracy)
+
+    def from_loss_and_accuracy(self, loss: float, accuracy: float) -> float:
+        if self is Metric.PERPLEXITY:
+            return math.exp(min(loss, 700.0))  # a diverged model is inf-like, not an overflow
+        return accuracy
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self is Metric.ACCURACY
+
+
 def resolve_device(requested: str | None = None) -> torch.device:
     """``requested`` if given (and usable), else cuda > mps > cpu."""
     if requested is None:
@@ -98,6 +121,8 @@ class Trainer(ABC):
     internally; the interface is torch tensors of flat float32 parameters."""
 
     name: ClassVar[str] = "trainer"
+    #: What :meth:`evaluate` is judged by (accuracy unless a trainer says otherwise).
+    metric: ClassVar[Metric] = Metric.ACCURACY
     device: torch.device
 
     def __init__(self, ctx: TrainerContext) -> None:
@@ -149,6 +174,10 @@ class TorchOptions:
     eval_batch_size: int = 1024
     max_test_samples: int = 0  # 0: the whole test set
     amp: bool = True  # autocast + GradScaler, only ever on CUDA
+    #: The inner optimizer: "sgd" (with ``momentum``) or "adamw" (betas 0.9,
+    #: 0.95 as DiLoCo's inner AdamW; ``weight_decay`` decoupled). Its state
+    #: lives in the trainer across rounds (not checkpointed).
+    optimizer: str = "sgd"
     #: Example-level DP-SGD: clip every example's gradient to this L2 norm
     #: before the batch mean (0: off). One step's mean gradient then moves by
     #: at most dp_clip/batch_size per example; the trainer adds no noise — the
@@ -168,6 +197,7 @@ class TorchOptions:
             "eval_batch_size": self.eval_batch_size >= 1,
             "max_test_samples": self.max_test_samples >= 0,
             "dp_clip": self.dp_clip >= 0,
+            "optimizer": self.optimizer in INNER_OPTIMIZERS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -176,6 +206,9 @@ class TorchOptions:
                 + ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             )
 
+
+INNER_OPTIMIZERS = ("sgd", "adamw")
+ADAMW_BETAS = (0.9, 0.95)
 
 O = TypeVar("O", bound=TorchOptions)
 
@@ -261,12 +294,18 @@ class TorchTrainer(Trainer):
         self.model: nn.Module = model.to(self.device)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.loss_fn: nn.Module = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.SGD(
-            self._params,
-            lr=self.options.lr,
-            momentum=self.options.momentum,
-            weight_decay=self.options.weight_decay,
-        )
+        self.optimizer: torch.optim.Optimizer
+        if self.options.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(
+                self._params, lr=self.options.lr, betas=ADAMW_BETAS, weight_decay=self.options.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                self._params,
+                lr=self.options.lr,
+                momentum=self.options.momentum,
+                weight_decay=self.options.weight_decay,
+            )
         self._amp = self.options.amp and self.device.type == "cuda"
         # An overridden gradient hook, or dp_clip, writes true gradients, so loss
         # scaling is off for it (also when it calls super().compute_gradients()).

@@ -58,6 +58,10 @@ class CheckedTrainer(Trainer):
     def name(self) -> str:  # Trainer.name is a class attribute: report the wrapped trainer's
         return self._inner.name
 
+    @property
+    def metric(self) -> Any:  # a class attribute too: the wrapped trainer's, not Trainer's default
+        return self._inner.metric
+
     def __getattr__(self, attr: str) -> Any:
         if attr == "_inner":  # not set yet (copy, unpickling): no recursion
             raise AttributeError(attr)
