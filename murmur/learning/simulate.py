@@ -6,12 +6,19 @@ daemons for each would measure the machine, not the algorithms. This driver
 runs the very same :class:`~murmur.learning.rounds.RoundEngine`, aggregators
 and privacy stage as the daemon, and delivers deltas in memory along a fixed
 graph. The integration tests check the daemon separately on real sockets.
+
+With compression (:class:`SimCompression`) every node's engine compresses as
+a daemon's does, and the bytes its round messages would take on a
+connection are counted exactly: the payload size is a pure function of the
+format, and the messages around it (DeltaStart, chunk envelopes, DeltaEnd)
+are encoded once per run as the node would (:func:`transfer_bytes`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,10 +26,16 @@ from typing import Any
 import torch
 
 from murmur.learning.aggregators.base import get_aggregator
-from murmur.learning.rounds import Perturber, RoundConfig, RoundEngine, TrainFrom
+from murmur.learning.compression import Compressor
+from murmur.learning.outer import OuterConfig, OuterOptimizer
+from murmur.learning.rounds import Message, Perturber, RoundConfig, RoundEngine, TrainFrom
 from murmur.learning.topology import Graph, random_regularish
 from murmur.learning.trainers.base import TrainerContext
 from murmur.learning.trainers.registry import load_trainer
+from murmur.protocol.codecs import DeltaCodec, Rounding
+from murmur.protocol.delta import transfer_bytes
+from murmur.protocol.layout import TransferKind, TransferLayout
+from murmur.protocol.sparse import RoundFormat
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +51,16 @@ class SybilAttack:
     kind: str  # "label_flip" | "backdoor"
     sybils: int
     edges_per_sybil: int = 2
+
+
+@dataclass(frozen=True)
+class SimCompression:
+    """How every node compresses its round messages (as ``[compression]`` and
+    ``learning.codec`` configure a daemon)."""
+
+    format: RoundFormat = RoundFormat()
+    codec: DeltaCodec = DeltaCodec.FP32
+    rounding: Rounding = Rounding.NEAREST
 
 
 @dataclass(frozen=True)
@@ -59,6 +82,10 @@ class SimConfig:
     device: str | None = "cpu"
     train_from: TrainFrom = TrainFrom.PRIVATE  # PUBLIC for example-level DP-SGD (see TrainFrom)
     mixing_rounds: int = 0  # after `rounds`, rounds that only mix public models (no training, no noise)
+    compression: SimCompression | None = None  # None: exact fp32 messages, as a daemon without [compression]
+    consensus_step: float = 1.0
+    outer: OuterConfig | None = None
+    eval_nodes: int | None = None  # evaluate only the first this many honest nodes (None: all)
 
 
 @dataclass
@@ -69,12 +96,18 @@ class RoundRow:
     attack_rate: float | None
     sybil_weight: float | None  # mean weight an honest node gave a Sybil it heard from
     honest_weight: float  # mean weight an honest node gave an honest peer
+    mean_metric: float = float("nan")  # the trainer's metric (accuracy or perplexity), mean over nodes
+    bytes: int = 0  # round-message bytes all nodes sent up to this round (envelopes included)
 
 
 @dataclass
 class SimResult:
     config: SimConfig
     rows: list[RoundRow]
+    metric: str = "accuracy"
+    message_bytes: int = 0  # one round message on one connection, envelopes included
+    round_bytes: list[int] = field(default_factory=list)  # every node's round messages, per round
+    compute_s: list[float] = field(default_factory=list)  # per round: the slowest node's local steps + compression
 
     @property
     def final(self) -> RoundRow:
@@ -130,7 +163,8 @@ def run_simulation(
             for t in targets:
                 neighbours[t][sybil_name(s)] = len(targets)
 
-    round_cfg = RoundConfig(local_steps=cfg.local_steps, quorum=1.0, train_from=cfg.train_from)
+    round_cfg = RoundConfig(local_steps=cfg.local_steps, quorum=1.0, train_from=cfg.train_from,
+                            consensus_step=cfg.consensus_step)
     engines = []
     for i in range(n):
         perturber = perturber_factory(i, list(neighbours[i])) if perturber_factory else None
@@ -140,13 +174,16 @@ def run_simulation(
                 get_aggregator(cfg.aggregator, self_id=names[i], **dict(cfg.aggregator_options)),
                 round_cfg,
                 perturber=perturber,
+                compressor=_compressor(cfg, names[i], i),
+                outer=OuterOptimizer(cfg.outer) if cfg.outer is not None else None,
             )
         )
 
     attacker: RoundEngine | None = None
     attacker_neighbours: dict[str, int] = {}
     if cfg.attack and cfg.attack.sybils > 0:
-        attacker = RoundEngine(trainer_cls(ctx(n, cfg.attack.kind)), get_aggregator(ATTACKER_AGGREGATOR), round_cfg)
+        attacker = RoundEngine(trainer_cls(ctx(n, cfg.attack.kind)), get_aggregator(ATTACKER_AGGREGATOR), round_cfg,
+                               compressor=_compressor(cfg, "attacker", n))
         for targets in sybil_links.values():
             for t in targets:
                 attacker_neighbours[names[t]] = len(graph[t])
@@ -154,31 +191,68 @@ def run_simulation(
     record_rng = random.Random(cfg.seed + 104729)
     rows: list[RoundRow] = []
     total = cfg.rounds + cfg.mixing_rounds
+    layout = TransferLayout.for_model(engines[0].num_params, Message.ROWS,
+                                      cfg.compression.format if cfg.compression else RoundFormat())
+    codec = cfg.compression.codec if cfg.compression else DeltaCodec.FP32
+    message_bytes = transfer_bytes(layout.payload_bytes(TransferKind.ROUND, codec), layout.shape(TransferKind.ROUND),
+                                   layout.meta(TransferKind.ROUND, degree=cfg.degree), codec)
+    connections = sum(len(graph[i]) for i in range(n)) + sum(len(t) for t in sybil_links.values())
+    result = SimResult(cfg, rows, engines[0].trainer.metric.value, message_bytes)
+    sent_bytes = 0
     for r in range(total):
         training = r < cfg.rounds
-        sent = {names[i]: engines[i].begin_round(neighbours[i]) if training else
-                engines[i].begin_mixing_round(neighbours[i]) for i in range(n)}
+        sent = {}
+        slowest = 0.0
+        for i in range(n):
+            started = time.perf_counter()
+            sent[names[i]] = (engines[i].begin_round(neighbours[i]) if training
+                              else engines[i].begin_mixing_round(neighbours[i]))
+            slowest = max(slowest, time.perf_counter() - started)
+        result.compute_s.append(slowest)
         if attacker is not None:
             poisoned = attacker.begin_round(attacker_neighbours)
             for sybil, targets in sybil_links.items():
+                increment = _as_sent_by(attacker, poisoned, r, sybil, layout)
                 for t in targets:
-                    engines[t].offer(sybil, r, poisoned.increment)
+                    engines[t].offer(sybil, r, increment)
             for peer in attacker_neighbours:
                 attacker.offer(peer, r, sent[peer].increment)
         for i in range(n):
             for j in graph[i]:
                 engines[j].offer(names[i], r, sent[names[i]].increment)
+        sent_bytes += connections * message_bytes
+        result.round_bytes.append(connections * message_bytes)
         _gossip_history_records(engines, names, graph, record_rng)
         evaluate = (r + 1) % cfg.eval_every == 0 or r == total - 1
-        reports = [engine.finish_round(evaluate=evaluate) for engine in engines]
+        judged = cfg.eval_nodes if cfg.eval_nodes is not None else n
+        reports = [engine.finish_round(evaluate=evaluate and i < judged) for i, engine in enumerate(engines)]
         if attacker is not None:
             attacker.finish_round()
         if evaluate:
-            row = _row(r, engines, reports, cfg, set(sybil_links))
+            row = _row(r, engines[:judged], reports[:judged], cfg, set(sybil_links))
+            row.bytes = sent_bytes
             rows.append(row)
             if progress:
                 progress(row)
-    return SimResult(cfg, rows)
+    return result
+
+
+def _compressor(cfg: SimConfig, name: str, index: int) -> Compressor | None:
+    if cfg.compression is None:
+        return None
+    c = cfg.compression
+    return Compressor(c.format, c.codec, name.encode(), c.rounding, rng_seed=cfg.seed * 100_003 + index)
+
+
+def _as_sent_by(attacker: RoundEngine, message: Message, round_: int, sybil: str, layout: TransferLayout):  # noqa: ANN202
+    """What a receiver decodes of the attacker's message sent under ``sybil``'s
+    identity: with per-sender masks, the values at that identity's mask."""
+    compressor = attacker.compressor
+    if compressor is None or not compressor.per_sender or message.compressed is None:
+        return message.increment
+    payload = compressor.payload_as(message.increment, round_, sybil.encode())
+    array = layout.decode(TransferKind.ROUND, payload, message.compressed.codec, round_, sybil.encode())
+    return torch.from_numpy(array[0].copy()).to(message.increment.device)
 
 
 def _gossip_history_records(engines: list[RoundEngine], names: list[str], graph: Graph, rng: random.Random) -> None:
@@ -195,6 +269,8 @@ def _gossip_history_records(engines: list[RoundEngine], names: list[str], graph:
 
 def _row(r: int, engines: list[RoundEngine], reports: list[Any], cfg: SimConfig, sybils: set[str]) -> RoundRow:
     accs = [rep.eval.accuracy for rep in reports]
+    metric = engines[0].trainer.metric
+    values = [metric.of(rep.eval) for rep in reports]
     attack_rate = None
     if cfg.attack:
         attack_rate = sum(e.trainer.attack_success_rate(cfg.attack.kind) for e in engines) / len(engines)
@@ -212,4 +288,5 @@ def _row(r: int, engines: list[RoundEngine], reports: list[Any], cfg: SimConfig,
         attack_rate=attack_rate,
         sybil_weight=(sum(sybil_w) / len(sybil_w)) if sybil_w else (0.0 if sybils else None),
         honest_weight=(sum(honest_w) / len(honest_w)) if honest_w else 0.0,
+        mean_metric=sum(values) / len(values),
     )

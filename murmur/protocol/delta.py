@@ -65,6 +65,7 @@ __all__ = [
     "Misaddressed",
     "StaleRound",
     "signing_input",
+    "transfer_bytes",
 ]
 
 DELTA_DOMAIN = b"murmur-delta-v1"
@@ -213,6 +214,25 @@ class DeltaSender:
         signature = self._identity.sign(signing_input(digest, self.round, self._identity.peer_id, self.recipient))
         self.content_hash = digest
         yield encode_parts(DeltaEnd(transfer_id=tid, content_hash=digest, signature=signature))
+
+
+def transfer_bytes(
+    nbytes: int,
+    shape: tuple[int, ...],
+    meta: Mapping[str, Any],
+    codec: DeltaCodec = DeltaCodec.FP32,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> int:
+    """The message bytes a :class:`DeltaSender` of an ``nbytes`` payload puts
+    on one connection: DeltaStart, every chunk's envelope and tail, DeltaEnd
+    (what the transport counts as sent; framing adds its length prefix and
+    AEAD tag per message). Encoded for real with two fixed identities; ids
+    and round take their widest msgpack form, so this is exact to a few bytes."""
+    sender, recipient = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x02" * 32)
+    prepared = PreparedDelta(memoryview(bytes(nbytes)), DeltaCodec(codec), tuple(shape), bytes(HASH_DIGEST_SIZE))
+    messages = DeltaSender(sender, recipient.peer_id, 1 << 40, prepared, chunk_bytes=chunk_bytes, meta=meta,
+                           transfer_id=(1 << 64) - 1)
+    return sum(memoryview(part).nbytes for parts in messages for part in parts)
 
 
 # --------------------------------------------------------------------------- replay guard

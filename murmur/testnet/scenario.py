@@ -34,7 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from murmur.errors import ConfigError, OptionError
-from murmur.node.config import Codec, NetworkSection, Partition, PrivacyLevel, PrivacyScheme
+from murmur.node.config import (
+    Codec,
+    MaskName,
+    NetworkSection,
+    OuterName,
+    Partition,
+    PrivacyLevel,
+    PrivacyScheme,
+    RoundingName,
+    SparsifierName,
+)
 
 DEFAULT_SCENARIO_RESOURCE = "default_scenario.toml"
 LOOPBACK = "127.0.0.1"
@@ -46,6 +56,8 @@ NODE_TORCH_THREADS = 1
 #: Cyclon shuffles every 2 s (default 10 s): a testnet run lasts minutes, and
 #: restarts, joins and healed partitions must be mixed in within a few rounds.
 SHUFFLE_INTERVAL_S = 2.0
+#: Bytes per second in one Mbit/s (link rates are given in Mbit/s, as ISPs sell them).
+MBIT_BYTES_S = 1e6 / 8
 
 
 # --------------------------------------------------------------------- enums
@@ -225,6 +237,59 @@ class PrivacySpec:
 
 
 @dataclass(frozen=True)
+class CompressionSpec:
+    """Every node's ``[compression]`` (the network must agree on it)."""
+
+    sparsifier: SparsifierName = SparsifierName.NONE
+    ratio: float = _checked(0.01, _in_range(0.0, 1.0, lo_open=True))
+    mask: MaskName = MaskName.SENDER
+    rounding: RoundingName = RoundingName.NEAREST
+    consensus_step: float = _checked(1.0, _in_range(0.0, 1.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class OuterSpec:
+    """Every node's ``[outer]`` optimizer (DiLoCo with many local steps)."""
+
+    optimizer: OuterName = OuterName.NONE
+    lr: float = _checked(0.7, _finite_positive)
+    momentum: float = _checked(0.9, _in_range(0.0, 0.999))
+
+
+@dataclass(frozen=True)
+class LinkOverride:
+    """Other link rates for some nodes (a slow uplink, say)."""
+
+    nodes: tuple[int, ...] = ()
+    upload_mbit: float = _checked(0.0, _at_least(0.0))
+    download_mbit: float = _checked(0.0, _at_least(0.0))
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """Per-node link rates in Mbit/s (0: unlimited), emulated by each node's
+    own token buckets (``[link]``): nodes share one loopback interface here,
+    so this paces messages rather than shaping packets (no queueing delay or
+    loss). The report says so wherever it shows them."""
+
+    upload_mbit: float = _checked(0.0, _at_least(0.0))
+    download_mbit: float = _checked(0.0, _at_least(0.0))
+    overrides: tuple[LinkOverride, ...] = ()
+
+    @property
+    def limited(self) -> bool:
+        return self.upload_mbit > 0 or self.download_mbit > 0 or bool(self.overrides)
+
+    def for_node(self, index: int) -> tuple[float, float]:
+        """(upload, download) in Mbit/s of node ``index``: the last override naming it wins."""
+        up, down = self.upload_mbit, self.download_mbit
+        for override in self.overrides:
+            if index in override.nodes:
+                up, down = override.upload_mbit, override.download_mbit
+        return up, down
+
+
+@dataclass(frozen=True)
 class AttackerSpec:
     """One attacker controlling ``sybils`` identities, each with
     ``edges_per_sybil`` attack edges to honest nodes."""
@@ -263,6 +328,12 @@ class Scenario:
     partition: PartitionSpec = field(default_factory=PartitionSpec)
     aggregator: AggregatorSpec = field(default_factory=AggregatorSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
+    outer: OuterSpec = field(default_factory=OuterSpec)
+    links: LinkSpec = field(default_factory=LinkSpec)
+    # Testnets kill nodes: a checkpoint every round keeps what a kill -9 loses
+    # to one round (a node's own default is every 10 rounds or 60 s).
+    checkpoint_every_rounds: int = _checked(1, _at_least(0))
     attackers: tuple[AttackerSpec, ...] = ()
     churn: tuple[ChurnEvent, ...] = ()
 
@@ -454,6 +525,10 @@ def _cross_checks(sc: Scenario) -> Iterable[tuple[tuple[str | int, ...], str]]:
         if attacker.edges_per_sybil > sc.nodes:
             yield ("attackers", a, "edges_per_sybil"), f"must be <= nodes ({sc.nodes})"
     total = sc.total_nodes
+    for o, override in enumerate(sc.links.overrides):
+        for i in override.nodes:
+            if not 0 <= i < total:
+                yield ("links", "overrides", o, "nodes"), f"node index {i} out of range (0..{total - 1})"
     down: set[int] = set()
     joined: set[int] = set()
     for e, ev in enumerate(sc.churn):
@@ -620,8 +695,6 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> lis
 
     boot = honest_bootstrap(scenario)
     targets = sybil_targets(scenario)
-    rounds = scenario.duration.rounds or UNBOUNDED_ROUNDS
-    priv = scenario.privacy
     configs = []
     for s in specs:
         dial = targets[s.index] if s.role is Role.ATTACKER else boot[s.index]
@@ -642,13 +715,37 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> lis
             "transport": {"max_inbound_per_subnet": max(16, total)},
             "api": {"host": LOOPBACK, "port": 0},
             "learning": learning_table(scenario, s),
-            "privacy": {
-                "enabled": priv.enabled, "scheme": priv.scheme.value, "epsilon": priv.epsilon,
-                "delta": priv.delta, "clip": priv.clip, "rounds": priv.rounds or rounds,
-                "level": priv.level.value,
-            },
+            "privacy": privacy_table(scenario),
+            "compression": compression_table(scenario),
+            "outer": outer_table(scenario),
+            "link": link_table(scenario, s.index),
         })
     return configs
+
+
+def privacy_table(scenario: Scenario) -> dict[str, Any]:
+    priv = scenario.privacy
+    return {
+        "enabled": priv.enabled, "scheme": priv.scheme.value, "epsilon": priv.epsilon,
+        "delta": priv.delta, "clip": priv.clip, "rounds": priv.rounds or scenario.duration.rounds or UNBOUNDED_ROUNDS,
+        "level": priv.level.value,
+    }
+
+
+def compression_table(scenario: Scenario) -> dict[str, Any]:
+    c = scenario.compression
+    return {"sparsifier": c.sparsifier.value, "ratio": c.ratio, "mask": c.mask.value, "rounding": c.rounding.value,
+            "consensus_step": c.consensus_step}
+
+
+def outer_table(scenario: Scenario) -> dict[str, Any]:
+    o = scenario.outer
+    return {"optimizer": o.optimizer.value, "lr": o.lr, "momentum": o.momentum}
+
+
+def link_table(scenario: Scenario, index: int) -> dict[str, Any]:
+    up, down = scenario.links.for_node(index)
+    return {"upload_bytes_s": up * MBIT_BYTES_S, "download_bytes_s": down * MBIT_BYTES_S}
 
 
 def learning_table(scenario: Scenario, spec: NodeSpec) -> dict[str, Any]:
@@ -668,6 +765,7 @@ def learning_table(scenario: Scenario, spec: NodeSpec) -> dict[str, Any]:
         "round_deadline_s": scenario.duration.round_deadline_s, "quorum": scenario.duration.quorum,
         "aggregator": scenario.aggregator.name, "aggregator_options": dict(scenario.aggregator.options),
         "codec": scenario.codec.value,
+        "checkpoint_every_rounds": scenario.checkpoint_every_rounds, "checkpoint_every_s": 0.0,
     }
 
 
@@ -681,6 +779,8 @@ SCENARIO_FIELDS: Mapping[str, tuple[str | int, ...]] = types.MappingProxyType({
     "learning.eval_attack": ("attackers", 0, "kind"),
     "learning.aggregator": ("aggregator", "name"),
     "learning.aggregator_options": ("aggregator", "options"),
+    "compression.sparsifier": ("compression", "sparsifier"),
+    "compression.mask": ("compression", "mask"),
 })
 
 
@@ -695,7 +795,17 @@ def check_scenario(scenario: Scenario) -> None:
     specs = scenario.node_specs()
     for spec in [specs[0], *(s for s in specs if s.role is Role.ATTACKER)][:2]:
         table = learning_table(scenario, spec)
-        check_learning(load_config(None, {f"learning.{key}": value for key, value in table.items()}).learning)
+        keys = {f"learning.{key}": value for key, value in table.items()}
+        keys.update({f"privacy.{key}": value for key, value in privacy_table(scenario).items()})
+        keys.update({f"compression.{key}": value for key, value in compression_table(scenario).items()})
+        try:
+            config = load_config(None, keys)
+        except ConfigError as exc:  # a cross-field rule (compression x privacy): name the scenario's field
+            key = next((k for k in SCENARIO_FIELDS if f" {k}: " in f" {exc}"), None)
+            if key is None:
+                raise
+            raise OptionError(key, str(exc).split(f"{key}: ", 1)[1]) from None
+        check_learning(config.learning)
 
 
 def process_groups(scenario: Scenario, nodes_per_process: int | None = None) -> list[list[int]]:
