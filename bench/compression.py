@@ -38,7 +38,7 @@ label-flip Sybils under SybilWall; the sound compressed configurations
 
 Sizes: --size full is the issue's models (fashion-resnet 0.94 M parameters,
 shakespeare-transformer 3.2 M); --size small (the default here) narrows them
-(38 k and 0.2 M) so a run fits a shared 2-core CPU in about an hour. Rounds,
+(38 k and 0.12 M) so a run fits a shared 2-core CPU in about an hour. Rounds,
 nodes, rows and models are all selectable:
 
     .venv/bin/python bench/compression.py --models fashion --rounds 200
@@ -157,7 +157,7 @@ def models(size: str, quick: bool) -> dict[str, Model]:
     transformer = {"lr": 2e-3, "batch_size": 16, "max_test_samples": 64, "eval_batch_size": 64}
     if size == "small":
         fashion |= {"width": 8}
-        transformer |= {"width": 96, "layers": 2, "heads": 2}
+        transformer |= {"width": 64, "layers": 2, "heads": 2}
     return {
         "fashion": Model("fashion", "fashion-resnet", fashion, 300, 20),
         # Whole roles per node (the LSTM's LEAF split): the data is naturally non-IID.
