@@ -68,7 +68,7 @@ def _victims_past(peers_path: Path, honest: PeerId, honest_addr: Multiaddr) -> N
 async def _say_hello(victim: Node, identities: list[Identity]) -> None:
     hello = Hello(listen_addrs=("/ip4/127.0.0.1/tcp/9",), agent="flood", round=0, degree=1)
     for identity in identities:
-        peer = await HandPeer.connect(victim, identity)
+        peer = await HandPeer.connect_to(victim, identity)
         await peer.send([hello])
         # the victim greets first: hanging up before it read our Hello would cut that short
         await wait_until(lambda: identity.peer_id in victim.table, HELLO_S, "Hello handled")
