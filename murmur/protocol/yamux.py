@@ -21,8 +21,9 @@ What a peer can make it hold is bounded, and every violation is typed:
 * **receive memory** is the stream windows, drawn from the peer's
   :class:`~murmur.protocol.budget.PeerBudget` (shared with everything else
   the node holds for that peer): a stream's window is acquired
-  (``try_acquire``) before it is granted, at open and by every window update,
-  and released as the application reads. Data beyond the window is a
+  (``try_acquire``) before it is granted, at open (256 KiB) and by every
+  window update (growing while the stream is read promptly, see
+  ``_regrant``), and released as the application reads. Data beyond the window is a
   :class:`~murmur.errors.MuxerError`: nothing beyond it is ever buffered;
 * **streams**: at most ``max_streams`` live and ``max_ack_backlog`` opened by
   the peer but not yet taken by the application; a stream past either, or
@@ -96,13 +97,13 @@ class YamuxLimits:
 
     max_streams: int = 512  # live streams on one connection, both directions
     max_ack_backlog: int = 256  # streams the peer opened that the application has not taken yet (spec: 256)
-    stream_window: int = 1024 * 1024  # receive window aimed for per stream (>= 256 KiB), paid from the budget
+    max_stream_window: int = 4 * 1024 * 1024  # a stream's receive window grows up to this while read promptly
     max_refused_streams: int = 256  # refusals in a row (no stream accepted between) before the peer is dropped
     max_frame_payload: int = 256 * 1024  # bytes of one DATA frame we send
 
     def __post_init__(self) -> None:
-        if self.stream_window < INITIAL_WINDOW or self.stream_window > MAX_WINDOW:
-            raise ValueError(f"stream_window must be in [{INITIAL_WINDOW}, {MAX_WINDOW}]")
+        if self.max_stream_window < INITIAL_WINDOW or self.max_stream_window > MAX_WINDOW:
+            raise ValueError(f"max_stream_window must be in [{INITIAL_WINDOW}, {MAX_WINDOW}]")
         if min(self.max_streams, self.max_ack_backlog, self.max_refused_streams, self.max_frame_payload) <= 0:
             raise ValueError("yamux limits must be positive")
 
@@ -285,9 +286,8 @@ class YamuxSession:
             raise StreamError("receive budget exhausted")
         stream_id = self._next_id
         self._next_id += 2
-        stream = _Stream(stream_id, recv_window=window, target_window=window)
-        self._streams[stream_id] = stream
-        self._frame(FrameType.WINDOW_UPDATE, Flag.SYN, stream_id, window - INITIAL_WINDOW)
+        self._streams[stream_id] = _Stream(stream_id, recv_window=window)
+        self._frame(FrameType.WINDOW_UPDATE, Flag.SYN, stream_id, 0)
         return stream_id
 
     def accept(self, stream_id: int) -> None:
@@ -512,12 +512,10 @@ class YamuxSession:
             events.append(Refused(stream_id, StreamRefused(f"stream {stream_id} refused: {reason}")))
             return None
         self._refused_in_a_row = 0
-        stream = _Stream(stream_id, recv_window=window, target_window=window)
-        self._streams[stream_id] = stream
+        stream = self._streams[stream_id] = _Stream(stream_id, recv_window=window)
         self._backlog += 1
-        # Accepted at once (ACK with the window beyond the initial one): the
-        # backlog bound, not a delayed ACK, is what holds an opener back.
-        self._frame(FrameType.WINDOW_UPDATE, Flag.ACK, stream_id, window - INITIAL_WINDOW)
+        # Accepted at once: the backlog bound, not a delayed ACK, is what holds an opener back.
+        self._frame(FrameType.WINDOW_UPDATE, Flag.ACK, stream_id, 0)
         events.append(StreamOpened(stream_id))
         return stream
 
@@ -571,28 +569,36 @@ class YamuxSession:
     # --- windows and the budget ---------------------------------------------------------
 
     def _acquire_window(self) -> int | None:
-        """The receive window a new stream gets: ``stream_window`` if the budget
-        pays it, else the protocol's initial window if it pays that, else None."""
-        for window in (self.limits.stream_window, INITIAL_WINDOW):
-            if self.budget.try_acquire(window):
-                return window
-        return None
+        """A new stream's receive window, the protocol's initial 256 KiB, if the budget pays it."""
+        return INITIAL_WINDOW if self.budget.try_acquire(INITIAL_WINDOW) else None
 
     def _regrant(self, stream: _Stream) -> None:
-        """Grant read bytes back as window once half the target is used up (as
-        other yamux implementations do: fewer, larger updates)."""
+        """Grant read bytes back as window once half the target is read (fewer,
+        larger updates, as other yamux implementations do). A stream read as
+        fast as it arrives (nothing left buffered) doubles its window, up to
+        ``max_stream_window`` and only while a quarter of the peer's budget
+        stays free: a fast link is then not held to 256 KiB per round trip,
+        and a slow reader never gets more than it cannot keep up with."""
         if stream.remote_fin:
             stream.consumed = 0
             return
         if stream.consumed == 0 or stream.consumed < stream.target_window // 2:
             return
         delta = stream.consumed
-        if not self.budget.try_acquire(delta):
-            self._starved.add(stream.id)
-            return
+        grow = 0
+        if not stream.buffered and stream.target_window < self.limits.max_stream_window:
+            grow = min(stream.target_window, self.limits.max_stream_window - stream.target_window)
+            if self.budget.headroom() - delta - grow < self.budget.limit // 4:
+                grow = 0
+        if not self.budget.try_acquire(delta + grow):
+            if not grow or not self.budget.try_acquire(delta):
+                self._starved.add(stream.id)
+                return
+            grow = 0
         stream.consumed = 0
-        stream.recv_window += delta
-        self._frame(FrameType.WINDOW_UPDATE, 0, stream.id, delta)
+        stream.target_window += grow
+        stream.recv_window += delta + grow
+        self._frame(FrameType.WINDOW_UPDATE, 0, stream.id, delta + grow)
 
     # --- stream lifetime ---------------------------------------------------------------
 

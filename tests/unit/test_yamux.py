@@ -65,7 +65,7 @@ def _frame(ftype: int, flags: int, stream_id: int, length: int, payload: bytes =
 
 
 def test_header_layout_known_bytes() -> None:
-    client = YamuxSession(True, _budget(), YamuxLimits(stream_window=INITIAL_WINDOW))
+    client = YamuxSession(True, _budget(), YamuxLimits())
     assert client.open_stream() == 1
     # version 0, WINDOW_UPDATE, SYN, stream 1, delta 0: the initial 256 KiB window is implicit
     assert client.data_to_send() == bytes.fromhex("00 01 0001 00000001 00000000")
@@ -79,18 +79,17 @@ def test_header_layout_known_bytes() -> None:
     assert client.data_to_send() == bytes.fromhex("00 03 0000 00000000 00000000")
 
 
-def test_client_odd_server_even_and_larger_windows_announced_with_syn_ack() -> None:
+def test_client_odd_server_even_and_the_implicit_initial_window() -> None:
     client, server = _pair()
     assert [client.open_stream(), client.open_stream()] == [1, 3]
     syn = client.data_to_send()[:12]
-    assert HEADER.unpack(syn) == (0, FrameType.WINDOW_UPDATE, Flag.SYN, 1, MIB - INITIAL_WINDOW)
-    events = server.receive(syn)
-    assert events == [StreamOpened(1), WindowOpened(1)]
+    assert HEADER.unpack(syn) == (0, FrameType.WINDOW_UPDATE, Flag.SYN, 1, 0)
+    assert server.receive(syn) == [StreamOpened(1)]
     ack = server.data_to_send()
-    assert HEADER.unpack(ack) == (0, FrameType.WINDOW_UPDATE, Flag.ACK, 1, MIB - INITIAL_WINDOW)
+    assert HEADER.unpack(ack) == (0, FrameType.WINDOW_UPDATE, Flag.ACK, 1, 0)
     assert server.open_stream() == 2
-    assert client.receive(ack) == [StreamAcked(1), WindowOpened(1)]
-    assert client.send_window(1) == MIB
+    assert client.receive(ack) == [StreamAcked(1)]
+    assert client.send_window(1) == INITIAL_WINDOW
 
 
 def test_data_both_ways_half_close_and_stream_forgotten_with_budget_back() -> None:
@@ -113,42 +112,58 @@ def test_data_both_ways_half_close_and_stream_forgotten_with_budget_back() -> No
 def test_windows_are_drawn_from_the_budget_and_regranted_as_read() -> None:
     client, server = _pair()
     sid = client.open_stream()
-    assert client.budget.used == MIB
+    assert client.budget.used == INITIAL_WINDOW
     _pump(client, server)
-    assert server.budget.used == MIB
-    sent = client.send(sid, bytes(3 * MIB))
-    assert sent == MIB  # the window, no more
+    assert server.budget.used == INITIAL_WINDOW
+    assert client.send(sid, bytes(3 * MIB)) == INITIAL_WINDOW  # the window, no more
     assert client.send(sid, b"x") == 0
     _pump(client, server)
-    assert server.buffered(sid) == MIB and server.budget.used == MIB  # buffered bytes are the window's
-    server.read(sid, MIB // 4)
-    assert server.budget.used == MIB - MIB // 4  # released, not yet granted back (under half)
-    server.read(sid, MIB // 4)
-    assert server.budget.used == MIB  # half consumed: granted back, paid again
+    quarter = INITIAL_WINDOW // 4
+    assert server.buffered(sid) == INITIAL_WINDOW and server.budget.used == INITIAL_WINDOW
+    server.read(sid, quarter)
+    assert server.budget.used == INITIAL_WINDOW - quarter  # released, not yet granted back (under half)
+    server.read(sid, quarter)
+    assert server.budget.used == INITIAL_WINDOW  # half read: granted back, paid again; half still buffered: no growth
     ec, _ = _pump(client, server)
-    assert WindowOpened(sid) in ec and client.send_window(sid) == MIB // 2
+    assert WindowOpened(sid) in ec and client.send_window(sid) == 2 * quarter
+
+
+def test_a_promptly_read_stream_grows_its_window_up_to_the_maximum() -> None:
+    client, server = _pair(YamuxLimits(max_stream_window=4 * INITIAL_WINDOW))
+    sid = client.open_stream()
+    _pump(client, server)
+    windows = []
+    for _ in range(4):
+        client.send(sid, bytes(client.send_window(sid)))
+        _pump(client, server)
+        server.read(sid)  # everything, at once
+        _pump(client, server)
+        windows.append(client.send_window(sid))
+    assert windows == [2 * INITIAL_WINDOW, 4 * INITIAL_WINDOW, 4 * INITIAL_WINDOW, 4 * INITIAL_WINDOW]
+    assert server.budget.used == 4 * INITIAL_WINDOW
 
 
 def test_starved_window_update_waits_for_budget() -> None:
     """Read bytes go back to the budget at once; the window update that grants
     them to the peer again must be paid anew, and waits if someone else took them."""
     pool = BytePool(1024 * MIB)
-    tight = pool.budget(2 * MIB, 0)
+    tight = pool.budget(2 * INITIAL_WINDOW, 0)
     client, server = _pair(server_budget=tight)
     a, b = client.open_stream(), client.open_stream()
     _pump(client, server)
-    assert tight.used == 2 * MIB
-    client.send(a, bytes(MIB))
+    assert tight.used == 2 * INITIAL_WINDOW
+    client.send(a, bytes(INITIAL_WINDOW))
     _pump(client, server)
-    server.read(a, MIB // 4)
-    assert tight.try_acquire(MIB // 4)  # another holder of this peer's memory takes what was released
-    server.read(a, MIB // 4)  # half consumed: an update of MIB/2 is due, only MIB/4 is free
+    quarter = INITIAL_WINDOW // 4
+    server.read(a, quarter)
+    assert tight.try_acquire(quarter)  # another holder of this peer's memory takes what was released
+    server.read(a, quarter)  # half read: an update of half the window is due, a quarter is free
     assert server.starved and client.send_window(a) == 0
-    tight.release(MIB // 4)
+    tight.release(quarter)
     server.regrant_starved()
     assert not server.starved
     ec, _ = _pump(client, server)
-    assert WindowOpened(a) in ec and client.send_window(a) == MIB // 2 and b in server.stream_ids()
+    assert WindowOpened(a) in ec and client.send_window(a) == 2 * quarter and b in server.stream_ids()
 
 
 def test_reset_mid_transfer_leaves_other_streams_alone() -> None:
@@ -161,8 +176,8 @@ def test_reset_mid_transfer_leaves_other_streams_alone() -> None:
     _, ev = _pump(client, server)
     assert StreamReset(a) in ev and not server.is_live(a)
     assert server.read(b) == b"keep going"
-    assert server.budget.used == server.held() == MIB - 10  # b's 10 read bytes released, not yet regranted
-    assert client.budget.used == MIB  # a's window went back at once
+    assert server.budget.used == server.held() == INITIAL_WINDOW - 10  # b's 10 read bytes released, not regranted
+    assert client.budget.used == INITIAL_WINDOW  # a's window went back at once
 
 
 def test_frames_for_a_stream_reset_in_flight_are_tolerated_within_its_window() -> None:
@@ -302,7 +317,7 @@ def test_budget_exhaustion_refuses_streams_and_releases_on_reset() -> None:
     server = YamuxSession(False, small)
     events = server.receive(b"".join(_frame(FrameType.WINDOW_UPDATE, Flag.SYN, 2 * i + 1, 0) for i in range(3)))
     assert [type(e) for e in events] == [StreamOpened, StreamOpened, Refused]
-    assert small.used == 2 * INITIAL_WINDOW  # the 1 MiB target did not fit: the initial window did
+    assert small.used == 2 * INITIAL_WINDOW
     server.receive(_frame(FrameType.WINDOW_UPDATE, Flag.RST, 1, 0))
     assert small.used == INITIAL_WINDOW
     client = YamuxSession(True, pool.budget(INITIAL_WINDOW - 1, 0))
@@ -347,7 +362,7 @@ def test_fuzz_only_typed_errors_and_bounded_memory(parts: list[bytes], split: in
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 300_000)), min_size=1, max_size=12),
        st.integers(1, 70_000))
 def test_fuzz_honest_pair_delivers_every_byte_in_order(writes: list[tuple[int, int]], chunk: int) -> None:
-    client, server = _pair(YamuxLimits(stream_window=INITIAL_WINDOW))
+    client, server = _pair(YamuxLimits())
     ids = [client.open_stream() for _ in range(3)]
     expected = {sid: bytearray() for sid in ids}
     got = {sid: bytearray() for sid in ids}
