@@ -48,8 +48,12 @@ def encode_message(text: str) -> bytes:
 
 
 def check_protocol_id(protocol: str) -> str:
-    """A protocol id we may send: non-empty, one line, within the bound, not a keyword."""
-    if not protocol or "\n" in protocol or protocol in (NA, LS) or len(protocol.encode()) + 1 > MAX_MESSAGE:
+    """A protocol id we may send: UTF-8, non-empty, one line, within the bound, not a keyword."""
+    try:
+        size = len(protocol.encode())
+    except UnicodeEncodeError:
+        raise ValueError(f"protocol id {protocol!r} is not encodable as UTF-8") from None
+    if not protocol or "\n" in protocol or protocol in (NA, LS) or size + 1 > MAX_MESSAGE:
         raise ValueError(f"invalid protocol id {protocol!r}")
     return protocol
 
