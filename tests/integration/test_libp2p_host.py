@@ -170,7 +170,7 @@ async def test_yamux_violations_drop_the_offender_only(hostile) -> None:  # type
         await server.close()
 
 
-async def test_stream_flood_refused_then_dropped() -> None:
+async def test_stream_flood_refused_then_dropped(caplog: pytest.LogCaptureFixture) -> None:
     config = HostConfig(yamux=YamuxLimits(max_streams=8, max_ack_backlog=8, max_refused_streams=20))
     server, client, conn, faults, addr = await _pair(config)
     good = await client.dial(addr)
@@ -189,6 +189,9 @@ async def test_stream_flood_refused_then_dropped() -> None:
         await wait_until(lambda: faults.of(MuxerError), 5, "the flood is cut")
         await wait_until(lambda: conn.closed, 5, "the flooder is dropped")
         assert await _echo(good, b"served") == b"served"
+        # 20+ faults from one peer, at most warnings_per_subnet lines in the log
+        lines = [r for r in caplog.records if getattr(r, "event", None) == "libp2p_fault"]
+        assert len(faults.seen) > 20 and len(lines) <= config.warnings_per_subnet
     finally:
         await client.close()
         await server.close()

@@ -37,7 +37,9 @@ from murmur.protocol.budget import BytePool
 from murmur.protocol.identity import Identity
 from murmur.protocol.libp2p.connection import ConnectionClosed, Handler, Libp2pConnection, Stream, _Wire
 from murmur.protocol.multiaddr import AnyMultiaddr, Multiaddr, Proto
+from murmur.protocol.subnets import subnet_of
 from murmur.protocol.yamux import YamuxLimits
+from murmur.ratelog import LogBudget, RateLimitedLog
 from murmur.tasks import TaskManager
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,9 @@ class HostConfig:
     max_buffered_bytes: int = 256 * 1024 * 1024  # the pool, when the host makes its own
     yamux: YamuxLimits = field(default_factory=YamuxLimits)
     identify_on_connect: bool = True
+    warning_interval_s: float = 10.0  # fault warnings peers cause: per interval in all,
+    warnings_per_interval: int = 10
+    warnings_per_subnet: int = 3  # and per /24 or /48; one summary line counts the rest
 
 
 class Libp2pHost:
@@ -93,6 +98,9 @@ class Libp2pHost:
         self.listen_addrs: list[Multiaddr] = []
         self.observed_addrs: Counter[AnyMultiaddr] = Counter()  # how peers saw us, by how many said so
         self.faults: Counter[str] = Counter()
+        self._warnings = RateLimitedLog("libp2p warnings", log, LogBudget(
+            per_key=config.warnings_per_subnet, total=config.warnings_per_interval,
+            window_s=config.warning_interval_s))
         self.set_handler(idp.IDENTIFY, self._serve_identify)
         self.set_handler(idp.IDENTIFY_PUSH, self._serve_identify_push)
         self.set_handler(idp.PING, self._serve_ping)
@@ -125,6 +133,9 @@ class Libp2pHost:
         server = await loop.create_server(lambda: _Wire(self, False, next(self._numbers)), host, port,
                                           reuse_address=True)
         self._servers.append(server)
+        if "warning-summaries" not in self._tasks:
+            self._tasks.periodic("warning-summaries", self.config.warning_interval_s, self._flush_warnings,
+                                 delay_s=self.config.warning_interval_s)
         addrs = [Multiaddr(s.getsockname()[0], s.getsockname()[1], self.peer_id) for s in server.sockets]
         self.listen_addrs += addrs
         log.info("libp2p listening", extra={"event": "libp2p_listen", "addrs": [str(a) for a in addrs]})
@@ -180,6 +191,10 @@ class Libp2pHost:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        self._warnings.close()
+
+    async def _flush_warnings(self) -> None:
+        self._warnings.flush()
 
     async def __aenter__(self) -> Libp2pHost:
         return self
@@ -312,8 +327,14 @@ class Libp2pHost:
         self._ping_streams.pop(conn, None)
 
     def _report(self, conn: Libp2pConnection | None, fault: PeerFault, remote: tuple[str, int] | None = None) -> None:
+        """Count, log (rate-limited per subnet: a peer causes these) and hand on a peer fault."""
         self.faults[type(fault).__name__] += 1
-        log.warning("libp2p peer fault", extra={
+        remote = remote or (conn.remote if conn is not None else None)
+        try:
+            key: object = subnet_of(remote[0]) if remote else None
+        except ValueError:
+            key = remote[0] if remote else None
+        self._warnings.warning(log, key, "libp2p peer fault", extra={
             "event": "libp2p_fault", "fault": type(fault).__name__, "detail": str(fault),
             "conn": conn.name if conn else None,
             "peer": str(conn.peer_id) if conn is not None and conn.peer_id is not None else None,
