@@ -220,6 +220,7 @@ class YamuxSession:
         self.local_goaway = False
         self.remote_goaway: int | None = None
         self.failed: PeerFault | None = None
+        self.unreported: list[Event] = []  # events of the receive() call that raised ``failed``
 
     # --- queries ------------------------------------------------------------------
 
@@ -419,6 +420,7 @@ class YamuxSession:
                 self._on_header(*header, events=events)
         except PeerFault as fault:
             self.failed = fault
+            self.unreported = events  # what the same bytes caused before the violation (e.g. refusals)
             if fault.drop:
                 self.go_away(GoAwayCode.PROTOCOL_ERROR)
             raise

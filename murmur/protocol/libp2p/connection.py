@@ -586,7 +586,13 @@ class _Wire(asyncio.BufferedProtocol):
     def _on_plaintext(self, plaintext: memoryview) -> None:
         if self.phase is _Phase.MUXED:
             assert self.conn is not None and self.conn._session is not None
-            self.conn._on_events(self.conn._session.receive(plaintext))
+            session = self.conn._session
+            try:
+                events = session.receive(plaintext)
+            except PeerFault:
+                self.conn._on_events(session.unreported)  # refusals that came before the violation count too
+                raise
+            self.conn._on_events(events)
             return
         if self.phase is not _Phase.MUXER:
             return
