@@ -102,12 +102,13 @@ def js_libp2p_dir() -> tuple[Path, float]:
     npm = shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("js-libp2p needs node and npm on the PATH")
-    manifest = (HERE / "js" / "package.json").read_bytes()
-    digest = hashlib.sha256(manifest).hexdigest()[:12]
+    manifests = ("package.json", "package-lock.json")  # the lock pins every transitive version too
+    digest = hashlib.sha256(b"".join((HERE / "js" / m).read_bytes() for m in manifests)).hexdigest()[:12]
 
     def install(target: Path) -> None:
-        shutil.copy(HERE / "js" / "package.json", target / "package.json")
-        _run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=target)
+        for manifest in manifests:
+            shutil.copy(HERE / "js" / manifest, target / manifest)
+        _run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=target)
 
     target, seconds = _installed(f"js-libp2p-{digest}", install)
     for script in ("peer.mjs", "polyfill.mjs"):  # the scripts are ours: always the current ones
