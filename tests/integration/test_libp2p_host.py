@@ -211,3 +211,43 @@ async def test_wrong_peer_id_is_refused_before_streams() -> None:
     finally:
         await client.close()
         await server.close()
+
+
+async def test_window_update_starved_by_the_pool_goes_out_when_the_pool_frees() -> None:
+    """A stream reads its window while someone else takes the node's pool: the
+    window update cannot be paid, the sender stops, the reader waits. When the
+    pool gets bytes back the update goes out by itself, no further read needed."""
+    from murmur.protocol.budget import BytePool, PeerBudget
+
+    pool = BytePool(64 * MIB)
+    squeeze: list[PeerBudget] = []
+    received: list[int] = []
+
+    async def squeezed_sink(stream) -> None:  # type: ignore[no-untyped-def]
+        total = len(await stream.read(64 * 1024))  # under half a window: no update due yet
+        other = pool.budget(pool.capacity, 0)  # another holder takes everything the pool has left
+        other.try_acquire(other.headroom())
+        squeeze.append(other)
+        while data := await stream.read():
+            total += len(data)
+        received.append(total)
+        await stream.close_write()
+
+    config = HostConfig(peer_reserve_bytes=0, identify_on_connect=False)
+    server = Libp2pHost(Identity.generate(), config, pool=pool)
+    server.set_handler("/sink", squeezed_sink)
+    client = Libp2pHost(Identity.generate(), config)
+    try:
+        conn = await client.dial((await server.listen("127.0.0.1", 0))[0])
+        stream = await conn.open_stream("/sink")
+        sender = asyncio.create_task(stream.write(bytes(2 * MIB)))
+        await wait_until(lambda: server.connections and server.connections[0]._session is not None
+                         and server.connections[0]._session.starved, 5, "the window update starves")
+        assert not sender.done()
+        squeeze[0].close()  # the pool gets its bytes back
+        await asyncio.wait_for(sender, 10)
+        await stream.close_write()
+        await wait_until(lambda: received == [2 * MIB], 10, "all of it arrives")
+    finally:
+        await client.close()
+        await server.close()

@@ -421,6 +421,11 @@ class Libp2pConnection:
             if self._session is None or not self._session.is_live(stream.id):
                 self._streams.pop(stream.id, None)
 
+    def _budget_freed(self) -> None:
+        """The pool got bytes back: retry on the next loop turn, not inside the release."""
+        if not self.closed:
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _forget_finished(self) -> None:
         session = self._session
         if session is None or len(self._streams) <= session.streams:
@@ -434,6 +439,10 @@ class Libp2pConnection:
         wire = self._wire
         if self._session is None or wire is None or wire.channel is None or wire.tr is None or wire.tr.is_closing():
             return
+        if self._session.starved:  # window updates that waited for budget: retry, else wait for the pool
+            self._session.regrant_starved()
+            if self._session.starved:
+                self.budget.wait(self._budget_freed)
         data = self._session.data_to_send(control=wire.tr.get_write_buffer_size() < CONTROL_WRITE_MARK)
         if data:
             wire.write_encrypted(data)
