@@ -299,16 +299,17 @@ async def requests(target: Target, stop: asyncio.Event, connections: int = 4, pe
     stats = AttackStats("requests")
     peers: list[RawPeer] = []
     try:
-        for i in range(connections):
-            try:
-                peer = await RawPeer.connect(target.addr, source=attacker_host(i, 0, base=70))
-                await peer.send(_claims(target))
-                peers.append(peer)
-                stats.connects += 1
-            except (OSError, asyncio.IncompleteReadError) as exc:
-                stats.failed(exc)
-        while peers and not await _until(stop, 1.0 / per_second):
-            peers = [p for p in peers if not p.writer.is_closing()]
+        while not await _until(stop, 1.0 / per_second):
+            peers = [p for p in peers if not p.writer.is_closing() and not p.reader.at_eof()]
+            while len(peers) < connections:  # dropped for the garbage: come back as someone new
+                try:
+                    peer = await RawPeer.connect(target.addr, source=attacker_host(stats.connects % 64, 0, base=70))
+                    await peer.send(_claims(target))
+                    peers.append(peer)
+                    stats.connects += 1
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    stats.failed(exc)
+                    break
             for peer in peers:
                 peer.write(peer.frame(FrameType.DATA, encode(ModelRequest(round=0))))
                 peer.write(peer.frame(FrameType.DATA, b"\x93\x02\x7f\x80"))  # an unknown message kind
