@@ -401,6 +401,9 @@ class Node:
         session = self._register(conn)
         if session.conn is not conn:
             return  # a duplicate, being closed
+        if self.table.is_reputed(conn.peer_id):
+            # Earned over hours: a flood of fresh identities cannot evict it.
+            session.mark_useful()
         try:
             await session.send(
                 Hello(
