@@ -45,7 +45,7 @@ from murmur.node.config import (
     config_to_dict,
     default_config_text,
     load_config_with_source,
-    parse_override,
+    collect_overrides,
 )
 from murmur.node.logs import configure_logging
 from murmur.node.state import StateDir
@@ -127,10 +127,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "learning.trainer": getattr(args, "trainer", None),
     }
     out: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
-    for item in getattr(args, "set", None) or ():
-        key, value = parse_override(item)
-        out[key] = value
-    return out
+    return out | collect_overrides(getattr(args, "set", None) or ())
 
 
 def _config(args: argparse.Namespace, *checks: Callable[[NodeConfig], None]) -> NodeConfig:

@@ -84,6 +84,24 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     assert lines[0].startswith(f"murmur: config error: {config}:5: transport.max_frame: must be in [1024")
 
 
+def test_set_takes_list_options_one_item_at_a_time(tmp_path, capsys):
+    """`--set node.listen=/ip4/...` used to fail with "must be a list, got str"."""
+    one, two = "/ip4/127.0.0.1/tcp/4999", "/ip4/127.0.0.1/tcp/5001"
+    assert cli.main(["id", "--data-dir", str(tmp_path), "--set", f"node.listen={one}"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["Addresses"] == [f"{one}/p2p/{doc['ID']}"]
+    assert cli.main(["id", "--data-dir", str(tmp_path), "--set", f"node.listen={one}",
+                     "--set", f"node.listen={two}"]) == 0
+    assert json.loads(capsys.readouterr().out)["Addresses"] == [f"{a}/p2p/{doc['ID']}" for a in (one, two)]
+    # a TOML list still replaces whatever came before it
+    assert cli.main(["id", "--data-dir", str(tmp_path), "--set", f"node.listen={one}",
+                     "--set", f'node.listen=["{two}"]']) == 0
+    assert json.loads(capsys.readouterr().out)["Addresses"] == [f"{two}/p2p/{doc['ID']}"]
+    # a bad item is still one line naming it
+    assert cli.main(["id", "--data-dir", str(tmp_path), "--set", "node.listen=nowhere"]) == 2
+    assert capsys.readouterr().err.startswith("murmur: config error: <command line>: node.listen[0]: ")
+
+
 def test_bad_flag_value_exits_2(capsys):
     assert cli.main(["id", "--set", "api.port=-1"]) == 2
     assert capsys.readouterr().err == "murmur: config error: <command line>: api.port: must be in [0, 65535], got -1\n"
