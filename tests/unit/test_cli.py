@@ -248,3 +248,27 @@ def test_text_logs_are_readable_and_respect_level(restore_logging):
     log.warning("peer dropped", extra={"peer": "12D3KooWx", "reason": "bad frame"})
     (line,) = stream.getvalue().splitlines()
     assert line.split(" ", 1)[1] == 'WARNING murmur.test: peer dropped peer=12D3KooWx reason="bad frame"'
+
+
+def _leaf_commands(parser: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [(path, parser)]
+    return [leaf for name, sub in subs[0].choices.items() for leaf in _leaf_commands(sub, (*path, name))]
+
+
+def test_every_command_has_a_description_an_example_and_its_defaults():
+    leaves = _leaf_commands(cli.build_parser())
+    assert {" ".join(p) for p, _ in leaves} >= {"id", "node start", "node stop", "status", "peers", "logs",
+                                                "config default", "config check", "testnet run",
+                                                "testnet compare", "completion"}
+    for path, parser in leaves:
+        text = parser.format_help()
+        assert parser.description and len(parser.description) > 40, path
+        assert "examples:\n  murmur " in text or "examples:\n  eval " in text, path
+        for action in parser._actions:
+            if action.option_strings and action.default is not None and action.default is not False \
+                    and action.dest != "help":
+                assert f"(default: {action.default})" in " ".join(text.split()), (path, action.dest)
