@@ -266,7 +266,7 @@ class Testnet:
         self.nodes: dict[int, NodeHandle] = {}
         self.procs: dict[str, WorkerProc] = {}
         self.schedule = ChurnSchedule(scenario.churn)
-        self.dashboard = DashboardState()
+        self.dashboard = DashboardState(clock=lambda: time.monotonic() - self._t0)  # the events' time axis
         self.dashboard_url: str | None = None
         self._partition: list[list[str]] | None = None  # peer-id groups while partitioned
         self._supervisor: Supervisor | None = None

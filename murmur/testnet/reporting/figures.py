@@ -21,6 +21,7 @@ FIG_SIZE = (9.0, 4.8)
 FIG_DPI = 100
 MAX_LEGEND_NODES = 12  # more nodes than this: the lines stay, their legend entries go
 EVENT_COLOUR = "#666666"
+MAX_MARK = 40  # characters of an event's label on a plot
 MEAN_STYLE: Mapping[str, Any] = {"color": "black", "linewidth": 2.2}
 NODE_ALPHA = 0.75
 
@@ -70,7 +71,9 @@ def mark_events(ax: Any, events: Sequence[PlacedEvent], axis: Axis) -> None:
             at.setdefault(float(x), []).append(event.label)
     for x, labels in sorted(at.items()):
         ax.axvline(x, color=EVENT_COLOUR, linestyle=":", linewidth=1.2)
-        ax.annotate("; ".join(labels), (x, 0.98), xycoords=("data", "axes fraction"), fontsize=8, rotation=90,
+        text = "; ".join(labels)
+        text = text if len(text) <= MAX_MARK else text[:MAX_MARK - 1] + "…"  # the events table has all of it
+        ax.annotate(text, (x, 0.98), xycoords=("data", "axes fraction"), fontsize=8, rotation=90,
                     va="top", ha="right", color=EVENT_COLOUR)
 
 
