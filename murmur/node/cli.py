@@ -3,6 +3,7 @@
 ``murmur id``              peer id and addresses (like ``ipfs id``), JSON
 ``murmur node start``      run the daemon (``murmur.node.daemon.run_node``)
 ``murmur node stop``       stop it gracefully (SIGTERM to the pid in the state dir)
+``murmur node health``     exit 0 while its /healthz says healthy (container health checks)
 ``murmur status|peers``    query a running node's local HTTP API (human or JSON)
 ``murmur logs [-f]``       the daemon's log in its state dir
 ``murmur config default``  print the documented default config
@@ -75,6 +76,7 @@ DAEMON_ENTRY = ("murmur.node.daemon", "run_node")
 TESTNET_ENTRY = ("murmur.testnet.cli", "run_testnet")
 COMPARE_ENTRY = ("murmur.testnet.compare", "run_compare")
 LOG_LINES = 50
+HEALTH_TIMEOUT_S = 3.0
 
 
 class Output(enum.StrEnum):
@@ -270,15 +272,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 async def _get_json(base: str, path: str, timeout_s: float = HTTP_TIMEOUT_S) -> Any:
+    return (await _request(base, path, timeout_s))[1]
+
+
+async def _request(base: str, path: str, timeout_s: float = HTTP_TIMEOUT_S,
+                   accept: tuple[int, ...] = (200,)) -> tuple[int, Any]:
+    """(HTTP status, JSON body) of ``GET base+path``; a status not in ``accept`` is a CliError."""
     import aiohttp  # late: half of the CLI's start-up time, and only the API clients need it
 
     url = f"{base}{path}"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
             async with session.get(url) as resp:
-                if resp.status != 200:
+                if resp.status not in accept:
                     raise CliError(f"{url}: HTTP {resp.status}")
-                return await resp.json()
+                return resp.status, await resp.json()
     except aiohttp.ClientConnectionError as exc:
         raise CliError(f"cannot reach the node API at {base} ({exc}); is the node running?") from exc
     except (aiohttp.ContentTypeError, json.JSONDecodeError) as exc:
@@ -310,6 +318,18 @@ def cmd_peers(args: argparse.Namespace) -> int:
     else:
         _print_json(peers)
     return EXIT_OK
+
+
+def cmd_node_health(args: argparse.Namespace) -> int:
+    """Exit 0 while the node answers /healthz 200, else 1, with one line
+    either way: what a container HEALTHCHECK or a monitor runs (no curl needed)."""
+    code, health = run_async(_request(_api_url(args), "/healthz", args.timeout, accept=(200, 503)))
+    if code == 200:
+        _write("healthy\n")
+        return EXIT_OK
+    failed = health.get("failed_tasks") if isinstance(health, dict) else None
+    detail = "; ".join(f"{f.get('task')} {f.get('state')}: {f.get('error')}" for f in failed or [] if isinstance(f, dict))
+    raise CliError(f"unhealthy: {detail or health}")
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
@@ -386,11 +406,13 @@ def _add_state_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="state dir of the node (default: the config's node.data_dir)")
 
 
-def _add_api_args(p: argparse.ArgumentParser) -> None:
+def _add_api_args(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument("--config", "-c", type=Path, metavar="FILE", help="node config file, to find its data dir")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--data-dir", metavar="DIR", help="state dir of the running node (its api.json says where the API is)")
     where.add_argument("--api", metavar="URL", help="API base URL, e.g. http://127.0.0.1:5001")
+    if not output:
+        return
     p.add_argument("--output", "-o", choices=[o.value for o in Output],
                    help="human: labelled lines with units; json: the API's answer as is "
                         "(default: human on a terminal, json otherwise)")
@@ -440,6 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=STOP_TIMEOUT_S, metavar="SECONDS",
                    help="how long to wait for the daemon to exit")
     p.set_defaults(handler=cmd_node_stop)
+
+    p = _command(node, "health", "exit 0 if the running node is healthy, else 1",
+                 "Ask the node's /healthz: exit 0 and print `healthy` while every supervised task runs, else exit "
+                 "1 with what failed (also when the node does not answer). For container health checks and "
+                 "monitors; needs no curl.",
+                 [f"{PROG} node health --data-dir /var/lib/murmur"])
+    _add_api_args(p, output=False)
+    p.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT_S, metavar="SECONDS", help="how long to wait for an answer")
+    p.set_defaults(handler=cmd_node_health)
 
     p = _command(sub, "status", "status of a running node",
                  "Ask a running node's local API for its status: peers, rounds against the target, accuracy, "

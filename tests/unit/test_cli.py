@@ -272,3 +272,17 @@ def test_every_command_has_a_description_an_example_and_its_defaults():
             if action.option_strings and action.default is not None and action.default is not False \
                     and action.dest != "help":
                 assert f"(default: {action.default})" in " ".join(text.split()), (path, action.dest)
+
+
+async def test_node_health_exit_code_follows_healthz():
+    from tests.unit.test_api import TinyNode
+
+    node = TinyNode()
+    async with StatusApi(node, NodeMetrics()) as api:
+        rc, out, err = await amurmur("node", "health", "--api", api.url)
+        assert (rc, out, err) == (0, "healthy\n", "")
+        node.failed_tasks = [{"task": "rounds", "state": "crashed", "error": "TrainerError: boom"}]
+        rc, out, err = await amurmur("node", "health", "--api", api.url)
+        assert (rc, out) == (1, "") and err == "murmur: unhealthy: rounds crashed: TrainerError: boom\n"
+    rc, _, err = await amurmur("node", "health", "--api", api.url, "--timeout", "1")
+    assert rc == 1 and err.startswith("murmur: cannot reach the node API")
