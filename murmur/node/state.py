@@ -57,6 +57,8 @@ PEERS_FILE = "peers.json"
 CHECKPOINT_FILE = "checkpoint.bin"
 HISTORY_FILE = "history.bin"
 METRICS_FILE = "metrics.jsonl"
+PRIVACY_FILE = "privacy.json"  # the privacy ledger: what this node's ε was spent on, across restarts
+PRIVACY_FORMAT = 1
 METRICS_TAIL_BYTES = 64 * 1024  # more than any one metrics row
 LOG_FILE = "murmur.log"  # `murmur node start` logs here too (rotated: murmur.log.1, ...)
 PREV_SUFFIX = ".prev"
@@ -281,6 +283,31 @@ class StateDir:
     @property
     def log_path(self) -> Path:
         return self.path / LOG_FILE
+
+    @property
+    def privacy_path(self) -> Path:
+        return self.path / PRIVACY_FILE
+
+    # -- privacy ledger
+    def save_privacy_ledger(self, ledger: list[list[Any]]) -> None:
+        """Atomically, before the round's noised message leaves (a crash
+        right after must not forget the round it spent)."""
+        atomic_write_json(self.privacy_path, {"format": PRIVACY_FORMAT, "ledger": ledger}, mode=0o600)
+
+    def load_privacy_ledger(self) -> list[list[Any]]:
+        """The saved ledger entries, [] for a node that never spent any. A
+        damaged file is a :class:`StateError`: starting again from ε = 0
+        would break the node's privacy promise."""
+        try:
+            doc = json.loads(self.privacy_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise StateError(f"privacy ledger {self.privacy_path} is unreadable ({exc}); "
+                             "refusing to start from epsilon 0") from None
+        if not isinstance(doc, dict) or doc.get("format") != PRIVACY_FORMAT or not isinstance(doc.get("ledger"), list):
+            raise StateError(f"privacy ledger {self.privacy_path} is not a format-{PRIVACY_FORMAT} ledger")
+        return doc["ledger"]
 
     def create(self) -> StateDir:
         """Create the directory (0700: it holds the private key) if missing."""
