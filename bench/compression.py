@@ -307,17 +307,17 @@ def robustness(quick: bool) -> list[dict[str, Any]]:
             return _Committed(stage, [n for n in neighbour_names if n in names])
         return make
 
-    configs = [
-        ("fp32", None),
-        ("int4", _sc(DENSE, DeltaCodec.INT4, Rounding.STOCHASTIC)),
-        ("randk10-network-int8", _sc(RoundFormat(Sparsifier.RANDK, 0.1, MaskScope.NETWORK), DeltaCodec.INT8)),
+    configs = [  # (name, compressor, consensus step: random-k's about its ratio, as CHOCO-SGD needs)
+        ("fp32", None, 1.0),
+        ("int4", _sc(DENSE, DeltaCodec.INT4, Rounding.STOCHASTIC), 1.0),
+        ("randk10-network-int8", _sc(RoundFormat(Sparsifier.RANDK, 0.1, MaskScope.NETWORK), DeltaCodec.INT8), 0.1),
     ]
     print(f"\nprivacy x Sybils: {nodes} digits-mlp nodes, example-level DECOR eps={eps:g}, {rounds} rounds, "
           f"label flip x{attack.sybils} Sybils under SybilWall")
     out = []
-    for name, compression in configs:
+    for name, compression, gamma in configs:
         for private in (False, True):
-            cfg = dataclasses.replace(base, compression=compression)
+            cfg = dataclasses.replace(base, compression=compression, consensus_step=gamma)
             result = run_simulation(cfg, perturber_factory=perturbers() if private else None)
             final = result.final
             row = {"compression": name, "privacy": f"example eps={eps:g}" if private else "off",
