@@ -379,9 +379,10 @@ class NodeLearner:
         self._routes = routes
         return out
 
-    def _sessions(self) -> list[PeerSession]:
+    def _sessions(self, muted: bool = False) -> list[PeerSession]:
+        """Learning neighbours (not our own fronts), muted ones only if asked."""
         return [s for front in self.fronts for s in front.membership.learning_neighbours()
-                if s.peer not in self._front_ids and not self.silence.muted(str(s.peer))]
+                if s.peer not in self._front_ids and (muted or not self.silence.muted(str(s.peer)))]
 
     async def _run_rounds(self) -> None:
         await self._run()
@@ -393,8 +394,12 @@ class NodeLearner:
         # started together begin together (a link made later still joins the
         # open round, see on_linked, but a node that trains a round alone
         # meanwhile can get ahead of the others).
+        # A node restored mid-run does not wait: its network is running, and
+        # it catches up with it (2 s of waiting left a restarted node of a
+        # fast testnet to find the run over).
         wanted = self.node.config.network.neighbours
-        await self._wait_for(lambda: len(self._neighbours()) >= wanted, NEIGHBOUR_WAIT_S)
+        if self.engine.round == 0:
+            await self._wait_for(lambda: len(self._neighbours()) >= wanted, NEIGHBOUR_WAIT_S)
         while self.cfg.runs_round(self.engine.round):  # learning.rounds = 0: until stopped
             training = self.cfg.trains_in(self.engine.round)
             if training and self.privacy is not None and self.privacy.budget_exhausted():
@@ -428,8 +433,11 @@ class NodeLearner:
                 # set by the neighbours, and a node without any (isolated,
                 # or an attacker up before everyone) must not race to the last
                 # round, where nodes catching up would then find it.
-                await self._wait_for(lambda: self.engine.has_neighbours() and self.engine.quorum_reached(),
-                                     max(0.0, remaining))
+                # A catch-up that became due (a restarted node learning how far
+                # ahead its neighbours are) ends the wait: no message of theirs
+                # can still come for this round, the next one adopts a model.
+                await self._wait_for(lambda: (self.engine.has_neighbours() and self.engine.quorum_reached())
+                                     or self._catch_up_target() is not None, max(0.0, remaining))
             missing = self.engine.missing()
             with timer.phase("aggregate_s"):
                 report = self.engine.finish_round()
@@ -550,7 +558,7 @@ class NodeLearner:
             self.stalls.on_round(report.round, report.neighbours, report.received)
             self._export_stalls()
             await self._track_silence(report)
-        current = {session.peer for session in self._sessions()}
+        current = {session.peer for session in self._sessions(muted=True)}
         for peer in current:
             weight = report.weights.get(str(peer))
             if weight is not None:
@@ -670,13 +678,18 @@ class NodeLearner:
 
     # -- catch-up --------------------------------------------------------------------
 
-    async def _maybe_catch_up(self) -> bool:
-        """Adopt the model of a neighbour far ahead of us; True iff we did."""
+    def _catch_up_target(self) -> PeerId | None:
+        # Every neighbour votes, muted ones too: silence must not hand the
+        # majority to Sybils that claim rounds far ahead.
         claimed = {
             s.peer: max(self._peer_rounds.get(s.peer, -1), s.hello.round if s.hello is not None else -1)
-            for s in self._sessions()
+            for s in self._sessions(muted=True)
         }
-        peer = catch_up_target(claimed, self.engine.round, self._trust)
+        return catch_up_target(claimed, self.engine.round, self._trust)
+
+    async def _maybe_catch_up(self) -> bool:
+        """Adopt the model of a neighbour far ahead of us; True iff we did."""
+        peer = self._catch_up_target()
         if peer is None:
             return False
         routes = self._routes.get(str(peer)) or [(self.node, peer)]

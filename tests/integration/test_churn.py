@@ -52,8 +52,10 @@ degree = 3
 # quorum 1: a round waits for every neighbour (or the deadline), so the network
 # moves at the pace of its members and a node back from a crash is not left
 # behind by neighbours closing 0.1 s rounds on a 2 s deadline it cannot meet.
-# Rounds take ~0.05 s: the 47 rounds after the restart leave the restarted
-# nodes (~1 s to link and catch up) the seconds they need to train themselves.
+# 40 local steps make rounds ~0.15 s (10 made them ~0.04 s once rounds stopped
+# waiting for peers that cannot send: a restarted node, ~2 s to start, found
+# the run over): the 47 rounds after the restart leave the restarted nodes
+# (~1 s to link and catch up) the seconds they need to train themselves.
 [duration]
 rounds = 60
 round_deadline_s = 1.5
@@ -61,7 +63,7 @@ quorum = 1.0
 
 [trainer]
 spec = "digits-mlp"
-local_steps = 10
+local_steps = 40
 options = { lr = 0.05, batch_size = 32 }
 
 [aggregator]
@@ -104,8 +106,8 @@ seed = 5
 [topology]
 degree = 4
 
-# ~0.03 s rounds: the 80 after the heal give membership (links made every
-# second) time to link the sides again
+# ~0.1 s rounds (20 local steps): the 80 after the heal give membership (links
+# made every second) time to link the sides again
 [duration]
 rounds = 100
 round_deadline_s = 1.5
@@ -113,7 +115,7 @@ quorum = 0.67
 
 [trainer]
 spec = "digits-mlp"
-local_steps = 5
+local_steps = 20
 
 [aggregator]
 name = "mean"
