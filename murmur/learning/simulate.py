@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from murmur.learning.aggregators.base import get_aggregator
+from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdict, SybilWallAggregator
 from murmur.learning.rounds import Perturber, RoundConfig, RoundEngine, TrainFrom
 from murmur.learning.topology import Graph, random_regularish
 from murmur.learning.trainers.base import TrainerContext
@@ -152,6 +153,7 @@ def run_simulation(
                 attacker_neighbours[names[t]] = len(graph[t])
 
     record_rng = random.Random(cfg.seed + 104729)
+    payloads: Payloads = [{} for _ in range(n)]
     rows: list[RoundRow] = []
     total = cfg.rounds + cfg.mixing_rounds
     for r in range(total):
@@ -168,7 +170,7 @@ def run_simulation(
         for i in range(n):
             for j in graph[i]:
                 engines[j].offer(names[i], r, sent[names[i]].increment)
-        _gossip_history_records(engines, names, graph, record_rng)
+        _gossip_history_records(engines, names, graph, record_rng, payloads)
         evaluate = (r + 1) % cfg.eval_every == 0 or r == total - 1
         reports = [engine.finish_round(evaluate=evaluate) for engine in engines]
         if attacker is not None:
@@ -181,16 +183,64 @@ def run_simulation(
     return SimResult(cfg, rows)
 
 
-def _gossip_history_records(engines: list[RoundEngine], names: list[str], graph: Graph, rng: random.Random) -> None:
-    """SybilWall's probabilistic history gossip between honest neighbours."""
+@dataclass
+class _RecordPayload:
+    """What a node holds to relay a record: the subject's public model (its
+    signed statement, in the daemon) as of ``round``, and who observed it."""
+
+    model: torch.Tensor
+    round: int
+    observer: str
+
+
+Payloads = list[dict[str, _RecordPayload]]
+
+
+def _gossip_history_records(
+    engines: list[RoundEngine], names: list[str], graph: Graph, rng: random.Random, payloads: Payloads
+) -> None:
+    """SybilWall's history gossip between honest neighbours: each sends each
+    neighbour one record, a public model it observes (its replica) or one it
+    was told of (kept to relay, as the daemon keeps the signed statement)."""
     for i, engine in enumerate(engines):
-        send = getattr(engine.aggregator, "records_to_send", None)
-        if send is None:
+        aggregator = engine.aggregator
+        if not isinstance(aggregator, SybilWallAggregator):
             continue
         for j in graph[i]:
-            record = send(names[j], rng)
-            if record is not None:
-                engines[j].aggregator.receive_record(names[i], record)
+            choice = aggregator.records_to_send(names[j], rng)
+            if choice is None:
+                continue
+            if choice.distance == 1:
+                replica = engine.replica(choice.subject)
+                if replica is None:
+                    continue
+                payload = _RecordPayload(replica[0], replica[1], names[i])
+            elif choice.subject in payloads[i]:
+                payload = payloads[i][choice.subject]
+            else:
+                continue
+            deliver_record(engines[j], payloads[j], names[i], choice.subject, payload, choice.distance)
+
+
+def deliver_record(
+    receiver: RoundEngine, store: dict[str, _RecordPayload], sender: str, subject: str, payload: _RecordPayload,
+    distance: int,
+) -> RecordVerdict | None:
+    """Hand ``receiver`` a record as its node would after checking signatures."""
+    aggregator = receiver.aggregator
+    if not isinstance(aggregator, SybilWallAggregator):
+        return None
+    offset = receiver.relative_to_reference(payload.model, payload.round)
+    if offset is None:
+        return None
+    verdict = aggregator.receive_record(
+        sender, HistoryRecordData(subject, payload.round, offset, payload.observer, distance))
+    if verdict is RecordVerdict.KEPT:
+        store[subject] = payload
+    known = set(aggregator.known_peers())
+    for gone in [p for p in store if p not in known]:
+        del store[gone]
+    return verdict
 
 
 def _row(r: int, engines: list[RoundEngine], reports: list[Any], cfg: SimConfig, sybils: set[str]) -> RoundRow:

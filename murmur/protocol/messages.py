@@ -654,18 +654,23 @@ class ModelRequest:
 @message
 @dataclass(frozen=True)
 class HistoryRecord:
-    """SybilWall history gossip: ``peer``'s accumulated update history as
-    observed directly by ``observer`` and relayed ``distance`` hops.
-    ``origin_sig`` is the observer's signature over (peer, round, history);
-    the hop count is not signed because every relay increments it."""
+    """SybilWall history gossip: ``subject``'s public model as of its message
+    ``round``, told by a neighbour that observes it (``observer``) or relays
+    the observer's record (``distance`` is the sender's hop count; 1 when the
+    sender is the observer). ``subject_sig`` is the subject's own signed
+    statement of that model (it signs BLAKE3 of its public model with every
+    round message), so no one can put another model in its mouth;
+    ``observer_sig`` is the observer's signature over the same (what a relay
+    cannot forge, so a relayed record is never taken for a first-hand one)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.HISTORY_RECORD
-    peer: Peer
+    subject: Peer
     observer: Peer
     round: U64
     distance: U16
-    history: Annotated[np.ndarray, NdarraySpec(frozenset({"float32", "float16", "uint16"}), MAX_HISTORY_ELEMENTS)]
-    origin_sig: Signature
+    model: Annotated[np.ndarray, NdarraySpec(frozenset({"float32"}), MAX_HISTORY_ELEMENTS)]
+    subject_sig: Signature
+    observer_sig: Signature
 
 
 @message

@@ -255,8 +255,8 @@ def test_bad_field_values_are_schema_errors(msg: Any, field: str, value: Any) ->
     ],
 )
 def test_bad_history_arrays_are_schema_errors(history: np.ndarray) -> None:
-    record = m.HistoryRecord(P, P, 1, 1, np.zeros(2, np.float32), b"s" * 64)
-    body = {**body_of(record), "history": history}
+    record = m.HistoryRecord(P, P, 1, 1, np.zeros(2, np.float32), b"s" * 64, b"o" * 64)
+    body = {**body_of(record), "model": history}
     with pytest.raises(DecodeError):
         m.decode(raw_envelope(int(m.MessageKind.HISTORY_RECORD), body))
 
