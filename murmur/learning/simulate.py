@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
+from murmur.learning.adversary import AttackPlan, SybilShaper, Tactic
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdict, SybilWallAggregator
 from murmur.learning.rounds import Perturber, RoundConfig, RoundEngine, TrainFrom
 from murmur.learning.topology import Graph, random_regularish
 from murmur.learning.trainers.base import TrainerContext
+from murmur.learning.trainers.checked import checked
 from murmur.learning.trainers.registry import load_trainer
 
 log = logging.getLogger(__name__)
@@ -34,11 +36,13 @@ Sybils receive; otherwise its poisoned delta would be trivially far off."""
 
 @dataclass(frozen=True)
 class SybilAttack:
-    """One attacker running ``sybils`` identities that all send its one model."""
+    """One attacker running ``sybils`` identities; ``plan`` says what each
+    identity sends (default: all send its one model, SPECS section 2)."""
 
     kind: str  # "label_flip" | "backdoor"
     sybils: int
     edges_per_sybil: int = 2
+    plan: AttackPlan = AttackPlan()
 
 
 @dataclass(frozen=True)
@@ -144,13 +148,13 @@ def run_simulation(
             )
         )
 
-    attacker: RoundEngine | None = None
-    attacker_neighbours: dict[str, int] = {}
+    attacker: _SimAttacker | None = None
     if cfg.attack and cfg.attack.sybils > 0:
-        attacker = RoundEngine(trainer_cls(ctx(n, cfg.attack.kind)), get_aggregator(ATTACKER_AGGREGATOR), round_cfg)
-        for targets in sybil_links.values():
-            for t in targets:
-                attacker_neighbours[names[t]] = len(graph[t])
+        attack = cfg.attack
+        attacker = _SimAttacker(
+            attack, sybil_links, names, graph,
+            lambda sleeping: trainer_cls(ctx(n, None if sleeping else attack.kind)), round_cfg, cfg.seed,
+        )
 
     record_rng = random.Random(cfg.seed + 104729)
     payloads: Payloads = [{} for _ in range(n)]
@@ -161,12 +165,7 @@ def run_simulation(
         sent = {names[i]: engines[i].begin_round(neighbours[i]) if training else
                 engines[i].begin_mixing_round(neighbours[i]) for i in range(n)}
         if attacker is not None:
-            poisoned = attacker.begin_round(attacker_neighbours)
-            for sybil, targets in sybil_links.items():
-                for t in targets:
-                    engines[t].offer(sybil, r, poisoned.increment)
-            for peer in attacker_neighbours:
-                attacker.offer(peer, r, sent[peer].increment)
+            attacker.play(r, sent, engines, payloads)
         for i in range(n):
             for j in graph[i]:
                 engines[j].offer(names[i], r, sent[names[i]].increment)
@@ -174,13 +173,73 @@ def run_simulation(
         evaluate = (r + 1) % cfg.eval_every == 0 or r == total - 1
         reports = [engine.finish_round(evaluate=evaluate) for engine in engines]
         if attacker is not None:
-            attacker.finish_round()
+            attacker.engine.finish_round()
         if evaluate:
             row = _row(r, engines, reports, cfg, set(sybil_links))
             rows.append(row)
             if progress:
                 progress(row)
     return SimResult(cfg, rows)
+
+
+class _SimAttacker:
+    """One attacker behind its Sybils: a round engine that trains on its
+    poisoned data and averages what its Sybils receive (``mean``), and a
+    :class:`~murmur.learning.adversary.SybilShaper` that turns its model into
+    what each Sybil sends (see :mod:`murmur.learning.adversary`)."""
+
+    def __init__(
+        self, attack: SybilAttack, links: Mapping[str, list[int]], names: Sequence[str], graph: Graph,
+        trainer: Callable[[bool], Any], config: RoundConfig, seed: int,
+    ) -> None:
+        self.attack, self.plan, self.links, self.names, self.graph = attack, attack.plan, links, names, graph
+        self._trainer = trainer
+        self.engine = RoundEngine(trainer(self.plan.sleeping(0)), get_aggregator(ATTACKER_AGGREGATOR), config)
+        self.neighbours = {names[t]: len(graph[t]) for targets in links.values() for t in targets}
+        self.shaper = SybilShaper(self.plan, list(links), seed)
+        self._initial = self.engine.public.clone()
+
+    def play(self, r: int, sent: Mapping[str, Any], engines: list[RoundEngine], payloads: Payloads) -> None:
+        """The attacker's round ``r``: it hears its neighbours first (a rushing
+        adversary), then every Sybil's message (or re-sync) and records go out."""
+        if self.plan.tactic is Tactic.SLEEPER and r == self.plan.sleep_rounds:
+            awake = checked(self._trainer(False))  # the attack starts: poisoned data from now on
+            awake.set_flat(self.engine.trainer.get_flat())
+            self.engine.trainer = awake
+        own = self.engine.begin_round(self.neighbours)
+        for peer in self.neighbours:
+            self.engine.offer(peer, r, sent[peer].increment)
+        if self.plan.tactic is Tactic.IDENTICAL:
+            for sybil, targets in self.links.items():
+                for t in targets:
+                    engines[t].offer(sybil, r, own.increment)
+            return
+        honest = [replica[0] for peer in self.neighbours if (replica := self.engine.replica(peer)) is not None]
+        targets_of = self.shaper.targets(self.engine.public, honest)
+        increments = self.shaper.increments(targets_of, self._initial)
+        mimic = torch.stack([sent[p].increment for p in self.neighbours]).mean(dim=0)
+        for sybil, targets in self.links.items():
+            for t in targets:
+                if self.plan.tactic is Tactic.UNSCORED:
+                    # a clean-looking increment; the model comes by re-sync, as the receiver asks after a gap
+                    engines[t].set_replica(sybil, self.shaper.publics[sybil] - mimic, r - 1)
+                    engines[t].offer(sybil, r, mimic)
+                else:
+                    engines[t].offer(sybil, r, increments[sybil])
+        if self.plan.tactic is Tactic.FORGED_RECORDS:
+            self._forge(r, engines, payloads)
+
+    def _forge(self, r: int, engines: list[RoundEngine], payloads: Payloads) -> None:
+        """Each Sybil tells each honest neighbour of made-up identities whose
+        public models copy those of that neighbour's honest neighbours (it
+        signs as their observer, and as them: the keys are its own)."""
+        for sybil, targets in self.links.items():
+            for t in targets:
+                honest = sorted(self.graph[t])
+                for k in range(self.plan.forged_per_round):
+                    h = honest[(r * self.plan.forged_per_round + k) % len(honest)]
+                    twin = _RecordPayload(engines[h].public.clone(), r, sybil)
+                    deliver_record(engines[t], payloads[t], sybil, f"{sybil}-twin-{self.names[h]}", twin, 1)
 
 
 @dataclass

@@ -92,6 +92,7 @@ from murmur.learning.aggregators.base import (
 )
 from murmur.learning.aggregators.similarity import DEFAULT_KAPPA, distance_similarity, foolsgold_weights, gram_matrix
 
+DEFAULT_MEMORY = 0.9  # ~10 rounds
 DEFAULT_CLIP = 1.0  # radius = this x the median distance of the peers the similarity test passed
 DEFAULT_RECOVERY_ROUNDS = 10  # rounds a muted peer needs to climb back to full trust
 DEFAULT_INITIAL_TRUST = 1.0
@@ -174,6 +175,8 @@ class SybilWallOptions:
     max_records: int = DEFAULT_MAX_RECORDS
     records_per_observer: int = DEFAULT_RECORDS_PER_OBSERVER
     flags_per_observer: int = DEFAULT_FLAGS_PER_OBSERVER
+    accuser_pays: bool = True
+    memory: float = DEFAULT_MEMORY  # weight of the past in each neighbour's moving average of offsets (0: off)
     gossip_lambda: float = GOSSIP_LAMBDA
     max_distance: int = DEFAULT_MAX_DISTANCE
     seed: int = 0  # default rng of records_to_send
@@ -182,6 +185,7 @@ class SybilWallOptions:
         require(self.self_id is None or (self.self_id != "" and self.self_id != SELF),
                 "sybilwall: self_id must be a peer id")
         require(self.kappa > 0, "sybilwall: kappa must be > 0")
+        require(0.0 <= self.memory < 1.0, "sybilwall: memory must be in [0, 1)")
         require(self.clip is None or self.clip > 0, "sybilwall: clip must be > 0")
         require(self.probe_margin is None or self.probe_margin > 0, "sybilwall: probe_margin must be > 0")
         require(self.recovery_rounds >= 1, "sybilwall: recovery_rounds must be >= 1")
@@ -228,6 +232,7 @@ class SybilWallAggregator(Aggregator):
         super().__init__(options)
         self._standing: dict[str, _Standing] = {}
         self._held: dict[int, dict[str, _Held]] = {}  # round -> subject -> its model of that round
+        self._memory: dict[str, torch.Tensor] = {}  # neighbour -> moving average of its offsets
         # observer -> our neighbours its records resembled -> round first seen (flags_per_observer)
         self._flags: dict[str, dict[str, int]] = {}
         self._dim: int | None = None
@@ -276,6 +281,7 @@ class SybilWallAggregator(Aggregator):
         held = self._held.setdefault(now, {})
         for u in updates:
             held[u.peer] = _Held(u.delta, RecordInfo(now, DIRECT, self.options.self_id or SELF))
+        self._fold_memory(updates)
         scores = self._score(peers)
         trust = self._update_trust(peers, scores, now)
         self._round = _Round(now + 1)
@@ -313,8 +319,63 @@ class SybilWallAggregator(Aggregator):
             sim = sim * worth[:, None] * worth[None, :]
             idx = torch.tensor([index[s] for s in names])
             cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], sim)
+            if self.options.accuser_pays:
+                self._implicate(cs, index, held, names, sim)
+        for rows, names in self._direct_signals(peers):
+            sim = distance_similarity(gram_matrix(rows)).cpu()
+            idx = torch.tensor([index[s] for s in names])
+            cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], sim)
         weights = foolsgold_weights(cs, self.options.kappa)
         return weights[torch.tensor([index[p] for p in peers])]
+
+    def _fold_memory(self, updates: Sequence[PeerUpdate]) -> None:
+        """Each neighbour's moving average of its offsets (``memory``)."""
+        beta = self.options.memory
+        if beta <= 0:
+            return
+        for u in updates:
+            row = self._memory.get(u.peer)
+            if row is None:
+                self._memory[u.peer] = u.delta.clone()
+            else:
+                row.mul_(beta).add_(u.delta, alpha=1.0 - beta)
+
+    def _direct_signals(self, peers: Sequence[str]) -> list[tuple[torch.Tensor, list[str]]]:
+        """Two more views of this round's neighbours, each compared by distance:
+        their steps (how far each model moved since last round: a Sybil with a
+        fixed offset of its own moves exactly as its twins do) and their
+        moving averages (fresh noise each round averages out there, a
+        direction they all share does not). An attacker must dodge all three."""
+        out: list[tuple[torch.Tensor, list[str]]] = []
+        now = self._round.round
+        current, last = self._held.get(now, {}), self._held.get(now - 1, {})
+        stepped = [p for p in peers if p in last and last[p].info.distance == DIRECT]
+        if len(stepped) >= 2:
+            out.append((torch.stack([current[p].offset - last[p].offset for p in stepped]), stepped))
+        remembered = [p for p in peers if p in self._memory]
+        if self.options.memory > 0 and len(remembered) >= 2:
+            out.append((torch.stack([self._memory[p] for p in remembered]), remembered))
+        return out
+
+    @staticmethod
+    def _implicate(cs: torch.Tensor, index: Mapping[str, int], held: Mapping[str, _Held], names: Sequence[str],
+                   sim: torch.Tensor) -> None:
+        """A record that makes one of our neighbours look like a clone
+        implicates the neighbour who told it as much as the accused: either
+        the accused is one of an attacker's clones, or the teller made the
+        twin up. A gossiped record never weighs more than the direct
+        observation of the peer who brought it."""
+        for i, subject in enumerate(names):
+            info = held[subject].info
+            teller = info.received_from
+            if info.distance == DIRECT or teller is None or teller not in index:
+                continue
+            for j, other in enumerate(names):
+                if held[other].info.distance == DIRECT and other != teller:
+                    a, b = index[teller], index[other]
+                    value = float(sim[i, j])
+                    if value > cs[a, b]:
+                        cs[a, b] = cs[b, a] = value
 
     def _note_flags(self, groups: Sequence[tuple[Mapping[str, _Held], list[str], torch.Tensor]]) -> set[str]:
         """Observers whose records resembled more than flags_per_observer of

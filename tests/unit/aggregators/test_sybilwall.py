@@ -34,6 +34,14 @@ def record(subject: str, round_: int, offset: torch.Tensor | float = 1.0, observ
     return HistoryRecordData(subject, round_, offset, observer, distance)
 
 
+def moving(offsets: dict[str, torch.Tensor], round_: int) -> dict[str, torch.Tensor]:
+    """``offsets`` as peers that keep training: each moves a little, its own
+    way, every round (peers that stand still would move alike, and the step
+    signal would take them for clones)."""
+    g = torch.Generator().manual_seed(1000 + round_)
+    return {p: o + 0.05 * torch.randn(DIM, generator=g) for p, o in sorted(offsets.items())}
+
+
 def with_neighbours(*names: str, **opts: object) -> SybilWallAggregator:
     """An aggregator that aggregated ``names`` in round 0 and is in round 1."""
     agg = make(**opts)
@@ -88,25 +96,28 @@ def test_a_lone_sybil_is_caught_by_its_twins_record_of_the_same_round() -> None:
     dirs = orthogonalish(4, DIM, 4)
     sybil = dirs[3]
     neighbours = {"h0": dirs[0], "h1": dirs[1], "s": sybil}
-    agg = make(clip=None)
-    agg.aggregate(torch.zeros(DIM), updates(neighbours), 3)  # round 0: nothing to compare s with
+    agg = make(clip=None, accuser_pays=False)
+    agg.aggregate(torch.zeros(DIM), updates(moving(neighbours, 0)), 3)  # round 0: nothing to compare s with
     assert agg.trust("s") == 1.0
-    assert agg.receive_record("h0", record("far-twin", 1, sybil.clone(), observer="h0")) is RecordVerdict.KEPT
-    res = agg.aggregate(torch.zeros(DIM), updates(neighbours), 3)
+    now = moving(neighbours, 1)
+    assert agg.receive_record("h0", record("far-twin", 1, now["s"].clone(), observer="h0")) is RecordVerdict.KEPT
+    res = agg.aggregate(torch.zeros(DIM), updates(now), 3)
     assert "far-twin" not in res.weights  # a record shapes scores, it is never averaged
     assert res.weights["s"] == 0.0 and res.weights["h0"] == pytest.approx(1 / 3)
 
 
 def test_trust_drops_at_once_climbs_back_slowly_and_starts_at_initial_trust() -> None:
     dirs = orthogonalish(4, DIM, 5)
-    agg = make(clip=None, recovery_rounds=4, initial_trust=0.5)
-    agg.aggregate(torch.zeros(DIM), updates({"a": dirs[0], "b": dirs[1]}), 2)
+    agg = make(clip=None, recovery_rounds=4, initial_trust=0.5, memory=0.0)
+    agg.aggregate(torch.zeros(DIM), updates(moving({"a": dirs[0], "b": dirs[1], "c": dirs[2]}, 0)), 3)
     assert agg.trust("a") == 0.5  # new: earns the rest
-    agg.aggregate(torch.zeros(DIM), updates({"a": dirs[0], "b": dirs[0].clone()}), 2)  # a and b clones now
+    clones = moving({"a": dirs[0], "b": dirs[1], "c": dirs[2]}, 1)
+    clones["b"] = clones["a"].clone()
+    agg.aggregate(torch.zeros(DIM), updates(clones), 3)  # a and b clones this round
     assert agg.trust("a") == 0.0
     seen = []
-    for _ in range(6):
-        agg.aggregate(torch.zeros(DIM), updates({"a": dirs[0], "b": dirs[1]}), 2)
+    for r in range(2, 8):
+        agg.aggregate(torch.zeros(DIM), updates(moving({"a": dirs[0], "b": dirs[1], "c": dirs[2]}, r)), 3)
         seen.append(agg.trust("a"))
     # the clone round is compared once more (records of it may still come), then 1/4 a round
     assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
@@ -210,23 +221,55 @@ def test_an_observer_whose_records_twin_many_of_our_neighbours_counts_for_nothin
     neighbours, its records are no evidence at all."""
     dirs = orthogonalish(5, DIM, 7)
     honest = {f"h{i}": dirs[i] for i in range(4)}
-    agg = make(clip=None, flags_per_observer=2)
-    agg.aggregate(torch.zeros(DIM), updates({**honest, "sybil": dirs[4]}), 5)
+    agg = make(clip=None, flags_per_observer=2, accuser_pays=False)
+    agg.aggregate(torch.zeros(DIM), updates(moving({**honest, "sybil": dirs[4]}, 0)), 5)
     for i in range(3):  # three twins over three rounds, each within the compared window
-        agg.begin_round(1 + i)
-        assert agg.receive_record("sybil", record(f"twin{i}", 1 + i, honest[f"h{i}"].clone(), observer="sybil")) \
+        now = moving({**honest, "sybil": dirs[4]}, 1 + i)
+        assert agg.receive_record("sybil", record(f"twin{i}", 1 + i, now[f"h{i}"].clone(), observer="sybil")) \
             is RecordVerdict.KEPT
-        res = agg.aggregate(torch.zeros(DIM), updates({**honest, "sybil": dirs[4]}), 5)
+        res = agg.aggregate(torch.zeros(DIM), updates(now), 5)
     # the first two twins count (within the bound, a record is evidence as for a real twin); the third
     # takes the observer over its bound, and none of its records counts any more
     # (muted ones climb back by 1/recovery_rounds a round)
     assert res.weights["h0"] < 0.05 and res.weights["h1"] < 0.05, res.weights
     assert res.weights["h2"] > 0.15 and res.weights["h3"] > 0.15, res.weights
-    two = make(clip=None, flags_per_observer=2)
-    two.aggregate(torch.zeros(DIM), updates({**honest, "sybil": dirs[4]}), 5)
-    assert two.receive_record("sybil", record("twin", 1, honest["h0"].clone(), observer="sybil")) is RecordVerdict.KEPT
-    res = two.aggregate(torch.zeros(DIM), updates({**honest, "sybil": dirs[4]}), 5)
+    two = make(clip=None, flags_per_observer=2, accuser_pays=False)
+    two.aggregate(torch.zeros(DIM), updates(moving({**honest, "sybil": dirs[4]}, 0)), 5)
+    now = moving({**honest, "sybil": dirs[4]}, 1)
+    assert two.receive_record("sybil", record("twin", 1, now["h0"].clone(), observer="sybil")) is RecordVerdict.KEPT
+    res = two.aggregate(torch.zeros(DIM), updates(now), 5)
     assert res.weights["h0"] == 0.0  # within the bound a record is evidence, as for a real twin
+
+
+def test_the_neighbour_who_brings_a_twin_of_another_is_implicated_as_much_as_the_accused() -> None:
+    """A record that makes our neighbour h look like a clone costs the
+    neighbour who told it as much: a Sybil forging a twin of an honest peer
+    mutes itself along with it, and no longer gains by it."""
+    dirs = orthogonalish(5, DIM, 8)
+    honest = {f"h{i}": dirs[i] for i in range(4)}
+    agg = make(clip=None)
+    agg.aggregate(torch.zeros(DIM), updates(moving({**honest, "teller": dirs[4]}, 0)), 5)
+    now = moving({**honest, "teller": dirs[4]}, 1)
+    assert agg.receive_record("teller", record("twin", 1, now["h0"].clone(), observer="teller")) is RecordVerdict.KEPT
+    res = agg.aggregate(torch.zeros(DIM), updates(now), 5)
+    assert res.weights["h0"] == 0.0 and res.weights["teller"] == 0.0
+    assert res.weights["h1"] > 0.2
+
+
+def test_sybils_with_fixed_offsets_of_their_own_still_move_alike() -> None:
+    """Each Sybil adds its own fixed offset, so their models are as far apart
+    as honest peers'; but each round they all move by the attacker's step."""
+    dirs = orthogonalish(8, DIM, 9)
+    agg = make(clip=None, memory=0.0)
+    attacker = torch.zeros(DIM)
+    g = torch.Generator().manual_seed(3)
+    for r in range(3):
+        attacker = attacker + 0.05 * torch.randn(DIM, generator=g)
+        offsets = moving({f"h{i}": dirs[i] for i in range(4)}, r)
+        offsets.update({f"s{i}": attacker + dirs[4 + i] for i in range(3)})  # ~ as far apart as honest ones
+        res = agg.aggregate(torch.zeros(DIM), updates(offsets), 7)
+    assert [res.weights[f"s{i}"] for i in range(3)] == [0.0] * 3
+    assert all(res.weights[f"h{i}"] > 0.1 for i in range(4))
 
 
 @pytest.mark.parametrize(
