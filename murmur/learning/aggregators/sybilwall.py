@@ -435,15 +435,17 @@ class SybilWallAggregator(Aggregator):
         return torch.where(distances > tau, tau / distances.clamp_min(1e-300), 1.0)
 
     def _probe_scales(self, own: torch.Tensor, updates: Sequence[PeerUpdate]) -> torch.Tensor:
-        """1 - excess / margin, clipped to [0, 1], where excess is how much
-        worse a peer's model does on our own data than our own model does."""
+        """Full weight while a peer's model does at most ``probe_margin`` worse
+        (mean cross-entropy) on our own data than our own model, none from
+        twice that on, linear between: honest neighbours trained on other
+        data do somewhat worse on ours, a flipped label does much worse."""
         assert self.probe is not None and self.options.probe_margin is not None
         losses = self.probe([own, *(u.delta for u in updates)])
         if losses is None:
             return torch.ones(len(updates), dtype=torch.float64)
         ours, theirs = losses[0], torch.tensor(losses[1:], dtype=torch.float64)
-        excess = (theirs - ours).clamp_min(0.0)
-        return (1.0 - excess / self.options.probe_margin).clamp(0.0, 1.0)
+        excess = theirs - ours
+        return (2.0 - excess / self.options.probe_margin).clamp(0.0, 1.0)
 
     def score_of(self) -> dict[str, float]:
         """Neighbour id -> current trust (diagnostics)."""

@@ -44,7 +44,7 @@ _TEST_SUBSAMPLE_SEED = 7
 #: Stream tag of the probe sample's seed (see ``probe_losses``).
 _PROBE_STREAM = 0x9B0BE
 #: Training examples ``probe_losses`` evaluates models on.
-PROBE_SAMPLES = 256
+PROBE_SAMPLES = 128
 
 
 @dataclass(frozen=True)

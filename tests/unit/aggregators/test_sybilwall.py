@@ -145,10 +145,12 @@ def test_influence_bound_one_peer_moves_us_at_most_its_weight_times_the_round_ra
 def test_probe_takes_weight_from_a_peer_that_does_worse_on_our_data() -> None:
     dirs = orthogonalish(3, DIM, 6)
     agg = make(clip=None, probe_margin=1.0)
-    losses = {0: 0.3, 1: 0.5, 2: 0.8, 3: 5.0}  # own, then a, b, c
+    losses = {0: 0.3, 1: 1.2, 2: 1.8, 3: 5.0}  # own, then a, b, c
     agg.probe = lambda offsets: [losses[i] for i in range(len(offsets))]
     res = agg.aggregate(torch.zeros(DIM), updates({"a": dirs[0], "b": dirs[1], "c": dirs[2]}), 3)
-    raw = {"a": 0.8, "b": 0.5, "c": 0.0}  # 1 - (loss - 0.3) / 1, at least 0
+    # full weight up to the margin (an honest peer trained on other data does
+    # somewhat worse on ours), none from twice the margin: 2 - (loss - 0.3) / 1 in [0, 1]
+    raw = {"a": 1.0, "b": 0.5, "c": 0.0}
     total = 1 + sum(raw.values())
     assert res.weights == pytest.approx({"self": 1 / total, **{p: w / total for p, w in raw.items()}})
 
