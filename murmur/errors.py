@@ -115,6 +115,32 @@ class LimitExceeded(PeerFault):
     drop = False
 
 
+class NegotiationError(PeerFault):
+    """multistream-select went wrong: a malformed, oversized or unexpected
+    message, or more proposals than the bound allows (an endless ``na`` loop)."""
+
+
+class NoCommonProtocol(NegotiationError):
+    """The peer speaks none of the protocols offered (every proposal got
+    ``na``). Not misbehaviour, so no penalty; the channel closes."""
+
+    penalty = 0
+
+
+class MuxerError(PeerFault):
+    """A yamux protocol violation: a bad header, data beyond the receive
+    window, a window update past 2^32 - 1, a frame for a stream never opened,
+    or a stream flood that went on past the refusals allowed. The session
+    sends GoAway (protocol error) and the connection closes."""
+
+    penalty = 20
+
+
+class StreamRefused(LimitExceeded):
+    """The peer opened a stream past the per-connection limits (streams,
+    accept backlog, receive memory): the stream is reset, the connection stays."""
+
+
 class TimeoutFault(PeerFault):
     """A peer did not answer in time (handshake, idle, slow sender)."""
 

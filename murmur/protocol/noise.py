@@ -7,19 +7,23 @@ Two layers, each usable on its own:
   identities; it turns payloads into handshake messages and back. The interop
   tests run it against the ``noiseprotocol`` package byte for byte, which is
   how we know it is standard Noise rather than something Noise-shaped.
-* :class:`Libp2pNoiseHandshake` drives a ``HandshakeState`` the way
-  libp2p-noise does: the responder's message 2 and the initiator's message 3
-  carry a ``NoiseHandshakePayload`` protobuf with the sender's Ed25519 identity
-  key and its signature over ``b"noise-libp2p-static-key:" + static_pub``. A
+* Two handshakes drive a ``HandshakeState`` the way libp2p-noise does: the
+  responder's message 2 and the initiator's message 3 carry a
+  ``NoiseHandshakePayload`` protobuf with the sender's Ed25519 identity key
+  and its signature over ``b"noise-libp2p-static-key:" + static_pub``. A
   peer's identity is therefore proved by the same handshake that creates the
-  session keys; there is no unauthenticated window. Unlike libp2p-noise
-  (ChaChaPoly only) it negotiates the cipher inside the handshake, bound
-  into the prologue, at no extra round trip (see the class docstring).
+  session keys; there is no unauthenticated window.
 
-Why by hand: the handshake is the attack surface every stranger on the
-internet can reach, so the parser accepts exactly the canonical encoding of
-two fields and nothing else (no unknown fields, no duplicates, no overlong
-varints), and every failure is a typed :class:`~murmur.errors.HandshakeError`.
+  - :class:`StandardNoiseHandshake` is ``/noise`` exactly per the spec
+    (ChaChaPoly, empty prologue), what any libp2p peer speaks;
+  - :class:`Libp2pNoiseHandshake` is murmur's fast path: it negotiates the
+    cipher inside the handshake, bound into the prologue, at no extra round
+    trip (see the class docstring), and accepts only the canonical encoding
+    of the payload's two identity fields.
+
+The protobuf messages are encoded and parsed by Google's runtime
+(:mod:`murmur.protocol.pb`); strictness is a re-encoding check on top, and
+every failure is a typed :class:`~murmur.errors.HandshakeError`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import hashlib
 import hmac
 import platform
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -38,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from murmur.errors import HandshakeError, IdentityMismatch, SignatureError
+from murmur.protocol import pb
 from murmur.protocol.identity import Identity, PeerId
 
 HASH_LEN = 32
@@ -49,7 +54,7 @@ NOISE_MAX_MESSAGE = 65535
 STATIC_KEY_SIGNATURE_PREFIX = b"noise-libp2p-static-key:"
 ED25519_KEY_LEN = 32
 ED25519_SIG_LEN = 64
-LIBP2P_KEY_TYPE_ED25519 = 1
+LIBP2P_KEY_TYPE_ED25519 = pb.KeyType.ED25519
 
 
 
@@ -359,118 +364,68 @@ class HandshakeState:
 
 # --- libp2p NoiseHandshakePayload -------------------------------------------------
 
-_WIRE_VARINT = 0
-_WIRE_LEN = 2
-_MAX_VARINT_BYTES = 10
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = 0
-    for i in range(_MAX_VARINT_BYTES):
-        if pos + i >= len(buf):
-            raise HandshakeError("truncated varint in handshake payload")
-        byte = buf[pos + i]
-        value |= (byte & 0x7F) << (7 * i)
-        if not byte & 0x80:
-            if byte == 0 and i > 0:
-                raise HandshakeError("non-minimal varint in handshake payload")
-            return value, pos + i + 1
-    raise HandshakeError("varint too long in handshake payload")
-
-
-def _iter_fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
-    """Yield ``(field, wire_type, value)``; only varint and length-delimited fields exist here."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _decode_varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == _WIRE_VARINT:
-            value, pos = _decode_varint(buf, pos)
-            yield field, wire, value
-        elif wire == _WIRE_LEN:
-            length, pos = _decode_varint(buf, pos)
-            if length > len(buf) - pos:
-                raise HandshakeError("truncated field in handshake payload")
-            yield field, wire, bytes(buf[pos : pos + length])
-            pos += length
-        else:
-            raise HandshakeError(f"unsupported protobuf wire type {wire} in handshake payload")
-
-
-def _bytes_field(field: int, value: bytes) -> bytes:
-    return _encode_varint(field << 3 | _WIRE_LEN) + _encode_varint(len(value)) + value
-
-
-def _strict_fields(buf: bytes, expected: dict[int, int]) -> dict[int, int | bytes]:
-    """Parse ``buf`` requiring each field of ``expected`` (field -> wire type) exactly once."""
-    seen: dict[int, int | bytes] = {}
-    for field, wire, value in _iter_fields(buf):
-        if field not in expected or expected[field] != wire:
-            raise HandshakeError(f"unexpected protobuf field {field} (wire type {wire}) in handshake payload")
-        if field in seen:
-            raise HandshakeError(f"duplicate protobuf field {field} in handshake payload")
-        seen[field] = value
-    missing = set(expected) - set(seen)
-    if missing:
-        raise HandshakeError(f"handshake payload lacks field(s) {sorted(missing)}")
-    return seen
-
 
 def encode_public_key(ed25519_raw: bytes) -> bytes:
     """libp2p ``PublicKey{Type=Ed25519, Data=key}`` (deterministic encoding)."""
-    return _encode_varint(1 << 3 | _WIRE_VARINT) + _encode_varint(LIBP2P_KEY_TYPE_ED25519) + _bytes_field(2, ed25519_raw)
+    return pb.serialize(pb.PublicKey(Type=pb.KeyType.ED25519, Data=ed25519_raw))
 
 
 def decode_public_key(buf: bytes) -> bytes:
-    """Parse a libp2p ``PublicKey``; only Ed25519 is accepted. Returns the raw 32 bytes."""
-    fields = _strict_fields(buf, {1: _WIRE_VARINT, 2: _WIRE_LEN})
-    if fields[1] != LIBP2P_KEY_TYPE_ED25519:
-        raise HandshakeError(f"identity key type {fields[1]} is not Ed25519")
-    data = fields[2]
-    assert isinstance(data, bytes)
-    if len(data) != ED25519_KEY_LEN:
+    """Parse a libp2p ``PublicKey``; only Ed25519 is accepted. Returns the raw 32 bytes.
+
+    The peer-ids spec requires the deterministic encoding (it is hashed into
+    the peer id), so anything that does not re-encode to the same bytes
+    (unknown or repeated fields, other field order, padded varints) is refused."""
+    key = pb.parse(pb.PublicKey, buf, HandshakeError, "identity key")
+    if key.Type != pb.KeyType.ED25519:
+        name = pb.KeyType(key.Type).name if key.Type in pb.KeyType._value2member_map_ else str(key.Type)
+        raise HandshakeError(f"identity key type {name} is not supported (Ed25519 only)")
+    if len(key.Data) != ED25519_KEY_LEN:
         raise HandshakeError("Ed25519 identity key must be 32 bytes")
-    if encode_public_key(data) != bytes(buf):
+    if encode_public_key(key.Data) != bytes(buf):
         raise HandshakeError("identity key is not deterministically encoded")
-    return data
+    return bytes(key.Data)
 
 
 @dataclass(frozen=True)
 class HandshakePayload:
-    """libp2p ``NoiseHandshakePayload``: field 1 identity_key, field 2 identity_sig."""
+    """libp2p ``NoiseHandshakePayload``: identity_key (1), identity_sig (2),
+    and the extensions (4) the libp2p-noise spec defines; of those murmur
+    reads ``stream_muxers`` (early muxer negotiation, not used yet)."""
 
     identity_key: bytes  # libp2p PublicKey protobuf
     identity_sig: bytes
+    stream_muxers: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
-        return _bytes_field(1, self.identity_key) + _bytes_field(2, self.identity_sig)
+        msg = pb.NoiseHandshakePayload(identity_key=self.identity_key, identity_sig=self.identity_sig)
+        if self.stream_muxers:
+            msg.extensions.stream_muxers.extend(self.stream_muxers)
+        return pb.serialize(msg)
 
     @classmethod
-    def decode(cls, buf: bytes) -> HandshakePayload:
-        fields = _strict_fields(buf, {1: _WIRE_LEN, 2: _WIRE_LEN})
-        key, sig = fields[1], fields[2]
-        assert isinstance(key, bytes) and isinstance(sig, bytes)
-        if len(sig) != ED25519_SIG_LEN:
+    def decode(cls, buf: bytes, strict: bool = True) -> HandshakePayload:
+        """Parse a payload. ``strict`` (murmur's own handshake) accepts only
+        the canonical encoding of the two identity fields; otherwise (the
+        standard ``/noise``) any well-formed payload with both fields, its
+        extensions read and unknown fields ignored, as proto2 parsers do."""
+        msg = pb.parse(pb.NoiseHandshakePayload, buf, HandshakeError, "handshake payload")
+        if not (msg.HasField("identity_key") and msg.HasField("identity_sig")):
+            raise HandshakeError("handshake payload lacks the identity key or its signature")
+        if len(msg.identity_sig) != ED25519_SIG_LEN:
             raise HandshakeError("identity signature must be 64 bytes")
-        return cls(key, sig)
+        muxers = tuple(pb.text(m, HandshakeError, "a stream muxer name") for m in msg.extensions.stream_muxers)
+        payload = cls(bytes(msg.identity_key), bytes(msg.identity_sig), muxers)
+        if strict and cls(payload.identity_key, payload.identity_sig).encode() != bytes(buf):
+            raise HandshakeError("handshake payload is not the canonical encoding of its two fields")
+        return payload
 
     @classmethod
-    def sign(cls, identity: Identity, static_pub: bytes) -> HandshakePayload:
+    def sign(cls, identity: Identity, static_pub: bytes, stream_muxers: Sequence[str] = ()) -> HandshakePayload:
         return cls(
             encode_public_key(identity.peer_id.public_key_bytes),
             identity.sign(STATIC_KEY_SIGNATURE_PREFIX + static_pub),
+            tuple(stream_muxers),
         )
 
     def verify(self, static_pub: bytes) -> PeerId:
@@ -481,6 +436,101 @@ class HandshakePayload:
         except SignatureError:
             raise IdentityMismatch(f"{peer.short()} did not sign its Noise static key") from None
         return peer
+
+
+class _IdentityHandshake:
+    """What every libp2p-noise handshake shares: a fresh static key, the
+    signed identity payload, proving the peer's payload against its static
+    key (and against the dialled peer id before we reveal ourselves), and the
+    split. Subclasses drive the three XX messages their own way."""
+
+    strict_payload = True
+
+    def __init__(
+        self,
+        identity: Identity,
+        initiator: bool,
+        static: X25519PrivateKey | None = None,
+        expected: PeerId | None = None,
+    ) -> None:
+        self.identity = identity
+        self.initiator = initiator
+        self.expected = expected
+        self._static = static or X25519PrivateKey.generate()
+        self._hs: HandshakeState | None = None
+        self.remote_peer: PeerId | None = None
+        self.remote_payload: HandshakePayload | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self._hs is not None and self._hs.complete and self.remote_peer is not None
+
+    def _payload(self) -> bytes:
+        return HandshakePayload.sign(self.identity, _raw_public(self._static)).encode()
+
+    def _prove(self, payload: bytes) -> None:
+        assert self._hs is not None and self._hs.rs is not None
+        decoded = HandshakePayload.decode(payload, strict=self.strict_payload)
+        peer = decoded.verify(self._hs.rs)
+        if self.expected is not None and peer != self.expected:
+            raise IdentityMismatch(f"expected {self.expected.short()}, peer proved {peer.short()}")
+        self.remote_payload = decoded
+        self.remote_peer = peer
+
+    def split(self) -> tuple[CipherState, CipherState]:
+        """``(send, receive)`` CipherStates; only after the peer's identity is proved."""
+        if not self.complete:
+            raise HandshakeError("handshake is not complete")
+        assert self._hs is not None
+        return self._hs.split()
+
+
+class StandardNoiseHandshake(_IdentityHandshake):
+    """``/noise`` exactly as the libp2p-noise spec has it, sans-IO:
+    ``Noise_XX_25519_ChaChaPoly_SHA256``, empty prologue, an empty message 1,
+    the signed ``NoiseHandshakePayload`` in messages 2 and 3 (extensions
+    parsed, unknown fields ignored). Messages are bare Noise messages; the
+    caller frames them with a 2-byte big-endian length. Same driving as
+    :class:`Libp2pNoiseHandshake`: ``start()``, then ``receive(msg)``.
+    """
+
+    strict_payload = False
+
+    def __init__(
+        self,
+        identity: Identity,
+        initiator: bool,
+        static: X25519PrivateKey | None = None,
+        expected: PeerId | None = None,
+        ephemeral: X25519PrivateKey | None = None,  # fixed only in known-answer tests
+    ) -> None:
+        super().__init__(identity, initiator, static, expected)
+        self._hs = HandshakeState(initiator, self._static, b"", ephemeral, NoiseCipher.CHACHAPOLY)
+        self._started = False
+
+    def start(self) -> bytes | None:
+        if not self.initiator:
+            return None
+        if self._started:
+            raise HandshakeError("handshake already started")
+        self._started = True
+        assert self._hs is not None
+        return self._hs.write_message(b"")
+
+    def receive(self, message: bytes) -> bytes | None:
+        hs = self._hs
+        assert hs is not None
+        if self.initiator:
+            if not self._started or hs.complete:
+                raise HandshakeError("unexpected handshake message")
+            self._prove(hs.read_message(message))  # message 2
+            return hs.write_message(self._payload())  # message 3
+        if hs.re is None:  # message 1: the ephemeral key, no payload
+            if hs.read_message(message):
+                raise HandshakeError("message 1 carries a payload")
+            return hs.write_message(self._payload())
+        self._prove(hs.read_message(message))  # message 3
+        return None
 
 
 # --- cipher negotiation ----------------------------------------------------------
@@ -516,8 +566,8 @@ def _split_offer(record: bytes) -> tuple[bytes, bytes]:
     return offer, record[1 + n :]
 
 
-class Libp2pNoiseHandshake:
-    """The libp2p-noise XX handshake, with Noise cipher negotiation, as a sans-IO state machine.
+class Libp2pNoiseHandshake(_IdentityHandshake):
+    """murmur's fast-path variant of the libp2p-noise XX handshake, with Noise cipher negotiation, as a sans-IO state machine.
 
     Drive it with ``start()`` then ``receive(msg)`` for every handshake message
     that arrives; both return the next message to send (or ``None``). When
@@ -547,27 +597,15 @@ class Libp2pNoiseHandshake:
         expected: PeerId | None = None,
         ciphers: Sequence[NoiseCipher] | None = None,
     ) -> None:
-        self.identity = identity
-        self.initiator = initiator
-        self.expected = expected
+        super().__init__(identity, initiator, static, expected)
         self.ciphers = tuple(ciphers) if ciphers is not None else default_ciphers()
         self._offer = _encode_offer(self.ciphers)
-        self._static = static or X25519PrivateKey.generate()
-        self._hs: HandshakeState | None = None  # exists once the cipher is settled
         self._ephemeral: X25519PrivateKey | None = None
         self._message1: bytes | None = None
-        self.remote_peer: PeerId | None = None
 
     @property
     def cipher(self) -> NoiseCipher | None:
         return self._hs.cipher if self._hs is not None else None
-
-    @property
-    def complete(self) -> bool:
-        return self._hs is not None and self._hs.complete and self.remote_peer is not None
-
-    def _payload(self) -> bytes:
-        return HandshakePayload.sign(self.identity, _raw_public(self._static)).encode()
 
     def _state(self, offer: bytes, choice: NoiseCipher) -> HandshakeState:
         return HandshakeState(
@@ -621,17 +659,3 @@ class Libp2pNoiseHandshake:
             return bytes([choice.value]) + hs.write_message(self._payload())
         self._prove(self._hs.read_message(record))  # got message 3
         return None
-
-    def _prove(self, payload: bytes) -> None:
-        assert self._hs is not None and self._hs.rs is not None
-        peer = HandshakePayload.decode(payload).verify(self._hs.rs)
-        if self.expected is not None and peer != self.expected:
-            raise IdentityMismatch(f"expected {self.expected.short()}, peer proved {peer.short()}")
-        self.remote_peer = peer
-
-    def split(self) -> tuple[CipherState, CipherState]:
-        """``(send, receive)`` CipherStates; only after the peer's identity is proved."""
-        if not self.complete:
-            raise HandshakeError("handshake is not complete")
-        assert self._hs is not None
-        return self._hs.split()

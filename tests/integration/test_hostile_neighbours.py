@@ -43,7 +43,7 @@ LEARNING: dict[str, Any] = {
 
 async def _stranger(victim: Node, *messages: Any) -> HandPeer:
     identity = Identity.generate()
-    peer = await HandPeer.connect(victim, identity)
+    peer = await HandPeer.connect_to(victim, identity)
     info = victim.learner._info()  # the victim's own fingerprint: the stranger claims the same model
     hello = Hello(listen_addrs=("/ip4/127.0.0.1/tcp/9",), agent="stranger", round=victim.learner.round, degree=1)
     await peer.send([hello, LearnerInfo(fingerprint=info.fingerprint, model=info.model, next_round=0), *messages])

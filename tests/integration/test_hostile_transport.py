@@ -27,81 +27,23 @@ import uvloop
 
 from murmur.errors import DecryptError, PeerFault, SendTimeout, WriteStalled
 from murmur.node.daemon import Node
-from murmur.protocol.framing import FRAME_LENGTH, FRAME_OVERHEAD, HANDSHAKE_LENGTH, FrameEncoder, FrameType
+from murmur.protocol.framing import FRAME_LENGTH, FRAME_OVERHEAD, HANDSHAKE_LENGTH, FrameType
 from murmur.protocol.identity import Identity
 from murmur.protocol.messages import Hello, Link, encode
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.noise import Libp2pNoiseHandshake
 from murmur.protocol.transport import Transport, TransportLimits
 from tests.integration.cluster import Cluster, node_config, wait_until
-from tests.integration.daemons import Daemon, DaemonPool, peak_rss_bytes
+from tests.integration.daemons import Daemon, DaemonPool, api_get, peak_rss_bytes
 from tests.integration.test_node_faults import QUICK_CLOSE_S, Victim, _victim_saw
-from tests.integration.test_transport import closed_within, raw_handshake
+from murmur.testnet.hostile import RawPeer, attacker_host, noise_handshake, open_from
+from tests.integration.test_transport import closed_within
 
 MIB = 1024 * 1024
-HTTP_TIMEOUT_S = 2.0
 MAX_FRAME = 4 * MIB  # the default transport.max_frame: the largest *legal* frame
 
 
-# --- attackers' sockets ---------------------------------------------------------------
-
-
-def attacker_host(subnet: int, host: int) -> str:
-    """Host ``host`` of attacker /24 number ``subnet`` (127.20.0.0/16 is not the nodes' 127.0.0.0/24)."""
-    return f"127.20.{subnet}.{host + 1}"
-
-
-async def open_from(addr: Multiaddr, source: str, rcvbuf: int | None = None
-                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A TCP connection to ``addr`` from ``source`` (optionally with a small receive buffer)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.bind((source, 0))
-    sock.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, (addr.host, addr.port))
-    except BaseException:
-        sock.close()
-        raise
-    return await asyncio.open_connection(sock=sock)
-
-
-class RawAuthenticated:
-    """An authenticated connection driven by hand: frames are written, never read."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity,
-                 enc: FrameEncoder) -> None:
-        self.reader, self.writer, self.identity, self.enc = reader, writer, identity, enc
-
-    @classmethod
-    async def connect(cls, addr: Multiaddr, source: str = "127.0.0.1", rcvbuf: int | None = None) -> RawAuthenticated:
-        reader, writer = await open_from(addr, source, rcvbuf)
-        identity = Identity.generate()
-        hs = Libp2pNoiseHandshake(identity, initiator=True, expected=addr.peer_id)
-        enc, _ = await raw_handshake(reader, writer, hs, MAX_FRAME)
-        return cls(reader, writer, identity, enc)
-
-    def frame(self, ftype: FrameType, payload: bytes = b"") -> bytes:
-        return bytes(self.enc.encode(ftype, payload))
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 # --- the victim as a daemon process -----------------------------------------------------
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as session:
-        yield session
-
-
-async def _get(http: aiohttp.ClientSession, daemon: Daemon, path: str) -> Any:
-    async with http.get(f"{daemon.api}{path}") as resp:
-        assert resp.status == 200, f"{path}: HTTP {resp.status}"
-        return await resp.json()
 
 
 async def start_victim(pool: DaemonPool, http: aiohttp.ClientSession, **transport: Any) -> tuple[Daemon, Multiaddr]:
@@ -114,7 +56,7 @@ async def start_victim(pool: DaemonPool, http: aiohttp.ClientSession, **transpor
     })
     pool.spawn(daemon)
     await pool.wait_api(daemon)
-    status = await _get(http, daemon, "/status")
+    status = await api_get(http, daemon, "/status")
     return daemon, Multiaddr.parse(status["addrs"][0])
 
 
@@ -156,7 +98,7 @@ async def test_a_peer_that_never_reads_costs_bounded_memory_and_is_cut_and_penal
 ) -> None:
     daemon, addr = await start_victim(pool, http, drain_timeout_s=DRAIN_TIMEOUT_S)
     before = peak_rss_bytes(_pid(daemon))
-    peer = await RawAuthenticated.connect(addr, rcvbuf=4096)  # and never reads a byte
+    peer = await RawPeer.connect(addr, rcvbuf=4096)  # and never reads a byte
     ping = b"p" * 64
     cut_at = None
     started = time.monotonic()
@@ -175,9 +117,9 @@ async def test_a_peer_that_never_reads_costs_bounded_memory_and_is_cut_and_penal
     grown = peak_rss_bytes(_pid(daemon)) - before
     assert grown <= NON_READER_RSS_BOUND, f"victim RSS grew {grown / MIB:.0f} MiB"
     assert cut_at is not None, "the victim never cut a peer that reads nothing"
-    status = await _get(http, daemon, "/status")
+    status = await api_get(http, daemon, "/status")
     assert status["faults"].get("WriteStalled") == 1, status["faults"]
-    peers = {p["peer_id"]: p for p in await _get(http, daemon, "/peers")}
+    peers = {p["peer_id"]: p for p in await api_get(http, daemon, "/peers")}
     assert peers[str(peer.identity.peer_id)]["score"] < 0
 
 
@@ -196,7 +138,7 @@ def test_send_with_a_deadline_gives_up_on_a_peer_that_does_not_read() -> None:
             (addr,) = await server.listen("127.0.0.1", 0)
             reader, writer = await open_from(addr, "127.0.0.1", rcvbuf=4096)
             hs = Libp2pNoiseHandshake(Identity.generate(), initiator=True, expected=addr.peer_id)
-            await raw_handshake(reader, writer, hs, limits.max_frame)  # then never reads again
+            await noise_handshake(reader, writer, hs, limits.max_frame)  # then never reads again
             conn = await asyncio.wait_for(accepted.get(), 2.0)
             chunk = os.urandom(limits.max_frame)
             deadline_s = 0.5
@@ -230,7 +172,7 @@ async def test_largest_legal_frame_headers_on_many_connections_cost_what_arrived
     pid = _pid(daemon)
     baseline = rss_bytes(pid)
     per_subnet = 16  # transport.max_inbound_per_subnet
-    peers = [await RawAuthenticated.connect(addr, attacker_host(i // per_subnet, i % per_subnet))
+    peers = [await RawPeer.connect(addr, source=attacker_host(i // per_subnet, i % per_subnet))
              for i in range(HEADER_CONNECTIONS)]
     header = FRAME_LENGTH.pack(MAX_FRAME + FRAME_OVERHEAD)
     for peer in peers:
@@ -258,14 +200,14 @@ async def test_almost_complete_large_frames_are_bounded_by_the_node_pool(
     daemon, addr = await start_victim(pool, http, max_buffered_bytes=POOL_BYTES)
     pid = _pid(daemon)
     before = peak_rss_bytes(pid)
-    peers = [await RawAuthenticated.connect(addr, attacker_host(i // 16, i % 16)) for i in range(FULL_FRAME_CONNECTIONS)]
+    peers = [await RawPeer.connect(addr, source=attacker_host(i // 16, i % 16)) for i in range(FULL_FRAME_CONNECTIONS)]
     body = os.urandom(MAX_FRAME + FRAME_OVERHEAD - 1)
     for peer in peers:
         peer.writer.write(FRAME_LENGTH.pack(MAX_FRAME + FRAME_OVERHEAD) + body)
     await wait_until(lambda: unread_bytes(addr.port) == 0, 10.0, "every byte read or its connection evicted")
     grown = peak_rss_bytes(pid) - before
     assert grown <= POOL_RSS_BOUND, f"victim peak RSS grew {grown / MIB:.0f} MiB"
-    status = await _get(http, daemon, "/status")
+    status = await api_get(http, daemon, "/status")
     assert status["connections"] <= POOL_BYTES // (MAX_FRAME // 2), "holders beyond the pool were evicted"
     async with Transport(Identity.generate(), _ignore) as client:
         conn = await asyncio.wait_for(client.dial(addr), 3.0)
@@ -279,7 +221,7 @@ async def _ignore(conn: Any) -> None:
 
 
 async def _connections(http: aiohttp.ClientSession, daemon: Daemon, n: int) -> bool:
-    return int((await _get(http, daemon, "/status"))["connections"]) == n
+    return int((await api_get(http, daemon, "/status"))["connections"]) == n
 
 
 # --- must have 3: slots that cannot be squatted ------------------------------------------------
@@ -374,8 +316,8 @@ async def test_authenticated_idle_identities_cannot_squat_the_slots(slotted: Vic
     connection alive, are evicted for newcomers; the newcomer keeps its slot."""
     victim_addr = slotted.node.addrs[0]
 
-    async def identity(addr: Multiaddr, source: str) -> RawAuthenticated:
-        peer = await RawAuthenticated.connect(addr, source)
+    async def identity(addr: Multiaddr, source: str) -> RawPeer:
+        peer = await RawPeer.connect(addr, source=source)
         hello = Hello(listen_addrs=(), agent="squatter", round=0, degree=1)
         peer.writer.write(peer.frame(FrameType.DATA, encode(hello)) +
                           peer.frame(FrameType.DATA, encode(Link(active=1, degree=1))))
@@ -400,7 +342,7 @@ async def test_a_useful_connection_is_never_evicted(slotted: Victim) -> None:
     """The node protects what it marks useful: a full set of useful inbound
     connections refuses a newcomer rather than dropping one of them."""
     addr = slotted.node.addrs[0]
-    peers = [await RawAuthenticated.connect(addr, attacker_host(i // PER_SUBNET, i % PER_SUBNET))
+    peers = [await RawPeer.connect(addr, source=attacker_host(i // PER_SUBNET, i % PER_SUBNET))
              for i in range(MAX_INBOUND)]
     await wait_until(lambda: len(slotted.node.sessions()) == MAX_INBOUND, 5.0, "every slot authenticated")
     for session in slotted.node.sessions():

@@ -53,7 +53,7 @@ async def test_ten_thousand_refused_messages_from_50_identities_write_a_bounded_
                            for i in range(per_identity)]
     identities = [Identity.generate() for _ in range(IDENTITIES)]
     for identity in identities:
-        peer = await HandPeer.connect(victim, identity)
+        peer = await HandPeer.connect_to(victim, identity)
         await peer.send(spam)
         await peer.closed()
     assert all(victim.table.is_banned(i.peer_id) for i in identities)  # every one was penalised to a ban
@@ -91,7 +91,7 @@ async def test_a_handler_bug_reached_again_and_again_by_one_peer_logs_few_traceb
     identity = Identity.generate()
     tries = 40
     for _ in range(tries):
-        peer = await HandPeer.connect(victim, identity)
+        peer = await HandPeer.connect_to(victim, identity)
         await peer.send([LearnerInfo(fingerprint=bytes(32), model="m", next_round=0)])
         await peer.closed()
     await wait_until(lambda: victim.session(identity.peer_id) is None, CLOSED_S, "last connection gone")

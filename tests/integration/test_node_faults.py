@@ -24,7 +24,8 @@ from murmur.protocol.gossip import message_id
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.transport import ConnectionClosed
 from tests.integration.cluster import Cluster, wait_until
-from tests.integration.test_transport import closed_within, raw_handshake
+from murmur.testnet.hostile import noise_handshake
+from tests.integration.test_transport import closed_within
 
 HANDSHAKE_TIMEOUT_S = 0.5
 IDLE_TIMEOUT_S = 1.5
@@ -93,7 +94,7 @@ class RawPeer:
         reader, writer = await asyncio.open_connection(addr.host, addr.port)
         identity = Identity.generate()
         hs = Libp2pNoiseHandshake(identity, initiator=True, expected=node.peer_id)
-        enc, dec = await raw_handshake(reader, writer, hs, node.config.transport.max_frame)
+        enc, dec = await noise_handshake(reader, writer, hs, node.config.transport.max_frame)
         return cls(reader, writer, identity, enc, dec)
 
     def send(self, msg: Message) -> None:
@@ -151,7 +152,7 @@ async def test_wrong_identity_both_directions(victim: Victim) -> None:
     reader, writer = await asyncio.open_connection(addr.host, addr.port)
     impostor_target = Identity.generate().peer_id
     with pytest.raises(IdentityMismatch):
-        await raw_handshake(reader, writer, Libp2pNoiseHandshake(Identity.generate(), True, expected=impostor_target))
+        await noise_handshake(reader, writer, Libp2pNoiseHandshake(Identity.generate(), True, expected=impostor_target))
     writer.close()
     await wait_until(lambda: not victim.node.transport._protocols, 2.0, "half-done handshake cleaned up")
     assert victim.node.sessions() == []
@@ -277,7 +278,7 @@ async def test_repeated_small_faults_end_in_a_ban_and_a_drop(victim: Victim) -> 
     # A banned identity that comes back is turned away at once.
     addr = victim.node.addrs[0]
     reader, writer = await asyncio.open_connection(addr.host, addr.port)
-    await raw_handshake(reader, writer, Libp2pNoiseHandshake(peer.identity, True, expected=victim.node.peer_id))
+    await noise_handshake(reader, writer, Libp2pNoiseHandshake(peer.identity, True, expected=victim.node.peer_id))
     await closed_within(reader, QUICK_CLOSE_S)
     writer.close()
     assert victim.node.session(peer.peer_id) is None

@@ -15,10 +15,8 @@ import pytest
 import uvloop
 
 from murmur.errors import IdentityMismatch, PeerFault
-from murmur.protocol.framing import HANDSHAKE_LENGTH, FrameDecoder, FrameEncoder
 from murmur.protocol.identity import Identity
 from murmur.protocol.multiaddr import Multiaddr
-from murmur.protocol.noise import Libp2pNoiseHandshake
 from murmur.protocol.transport import ConnectionClosed, SecureConnection, Transport, TransportLimits
 
 FAST = TransportLimits(
@@ -83,25 +81,6 @@ async def assert_serves_good_peer(node: EchoNode, size: int = 1000) -> None:
         payload = os.urandom(size)
         await conn.send(payload)
         assert await conn.recv() == payload
-
-
-async def raw_handshake(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    hs: Libp2pNoiseHandshake,
-    max_frame: int = FAST.max_frame,
-) -> tuple[FrameEncoder, FrameDecoder]:
-    """Drive a libp2p-noise handshake by hand over plain streams (for misbehaving clients)."""
-    outgoing = hs.start()
-    while True:
-        if outgoing is not None:
-            writer.write(HANDSHAKE_LENGTH.pack(len(outgoing)) + outgoing)
-            await writer.drain()
-        if hs.complete:
-            send, recv = hs.split()
-            return FrameEncoder(send, max_frame), FrameDecoder(recv, max_frame)
-        (length,) = HANDSHAKE_LENGTH.unpack(await reader.readexactly(HANDSHAKE_LENGTH.size))
-        outgoing = hs.receive(await reader.readexactly(length))
 
 
 async def closed_within(reader: asyncio.StreamReader, within_s: float) -> float:

@@ -1,0 +1,124 @@
+"""The libp2p protobuf messages murmur speaks, built from descriptors in code.
+
+Google's ``protobuf`` runtime does the encoding and parsing; only the
+schemas are written here, as the ``FileDescriptorProto`` that ``protoc``
+would have produced from this file (proto2, as the specs define them)::
+
+    package murmur.libp2p;
+    enum KeyType { RSA = 0; Ed25519 = 1; Secp256k1 = 2; ECDSA = 3; }
+    message PublicKey { required KeyType Type = 1; required bytes Data = 2; }       // peer-ids spec
+    message NoiseExtensions {                                                     // noise spec
+      repeated bytes webtransport_certhashes = 1; repeated string stream_muxers = 2; }
+    message NoiseHandshakePayload {
+      optional bytes identity_key = 1; optional bytes identity_sig = 2; optional NoiseExtensions extensions = 4; }
+    message Identify {                                                            // identify spec
+      optional string protocolVersion = 5; optional string agentVersion = 6; optional bytes publicKey = 1;
+      repeated bytes listenAddrs = 2; optional bytes observedAddr = 4; repeated string protocols = 3;
+      optional bytes signedPeerRecord = 8; }
+
+Why descriptors in code rather than generated ``*_pb2.py`` files: there is
+no ``protoc`` to regenerate them with on the machines murmur is built on, and
+generated modules are tied to the runtime version that generated them.
+
+:func:`parse` is the one way bytes off the wire become a message: any
+failure of the runtime (truncation, a wrong wire type, a missing required
+field, invalid UTF-8 in a string) is the caller's typed fault.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError as _PbDecodeError
+from google.protobuf.message import Message
+
+from murmur.errors import PeerFault
+
+_F = descriptor_pb2.FieldDescriptorProto
+_PACKAGE = "murmur.libp2p"
+
+
+class KeyType(enum.IntEnum):
+    RSA = 0
+    ED25519 = 1
+    SECP256K1 = 2
+    ECDSA = 3
+
+
+def _field(name: str, number: int, ftype: int, label: int = _F.LABEL_OPTIONAL, type_name: str = "") -> _F:
+    field = _F(name=name, number=number, type=ftype, label=label)  # type: ignore[arg-type]
+    if type_name:
+        field.type_name = f".{_PACKAGE}.{type_name}"
+    return field
+
+
+def _build() -> dict[str, type[Message]]:
+    proto = descriptor_pb2.FileDescriptorProto(name="murmur/libp2p.proto", package=_PACKAGE, syntax="proto2")
+    key_type = proto.enum_type.add(name="KeyType")
+    for member, number in (("RSA", 0), ("Ed25519", 1), ("Secp256k1", 2), ("ECDSA", 3)):
+        key_type.value.add(name=member, number=number)
+    schemas: dict[str, list[_F]] = {
+        "PublicKey": [
+            _field("Type", 1, _F.TYPE_ENUM, _F.LABEL_REQUIRED, "KeyType"),
+            _field("Data", 2, _F.TYPE_BYTES, _F.LABEL_REQUIRED),
+        ],
+        "NoiseExtensions": [
+            _field("webtransport_certhashes", 1, _F.TYPE_BYTES, _F.LABEL_REPEATED),
+            _field("stream_muxers", 2, _F.TYPE_STRING, _F.LABEL_REPEATED),
+        ],
+        "NoiseHandshakePayload": [
+            _field("identity_key", 1, _F.TYPE_BYTES),
+            _field("identity_sig", 2, _F.TYPE_BYTES),
+            _field("extensions", 4, _F.TYPE_MESSAGE, type_name="NoiseExtensions"),
+        ],
+        "Identify": [
+            _field("protocolVersion", 5, _F.TYPE_STRING),
+            _field("agentVersion", 6, _F.TYPE_STRING),
+            _field("publicKey", 1, _F.TYPE_BYTES),
+            _field("listenAddrs", 2, _F.TYPE_BYTES, _F.LABEL_REPEATED),
+            _field("observedAddr", 4, _F.TYPE_BYTES),
+            _field("protocols", 3, _F.TYPE_STRING, _F.LABEL_REPEATED),
+            _field("signedPeerRecord", 8, _F.TYPE_BYTES),
+        ],
+    }
+    for name, fields in schemas.items():
+        proto.message_type.add(name=name, field=fields)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
+            for name in schemas}
+
+
+_CLASSES = _build()
+PublicKey: Any = _CLASSES["PublicKey"]
+NoiseExtensions: Any = _CLASSES["NoiseExtensions"]
+NoiseHandshakePayload: Any = _CLASSES["NoiseHandshakePayload"]
+Identify: Any = _CLASSES["Identify"]
+
+
+def parse(cls: Any, data: bytes | bytearray | memoryview, fault: type[PeerFault], what: str) -> Any:
+    """``cls`` parsed from ``data``; ``fault`` naming ``what`` if it does not parse."""
+    msg = cls()
+    try:
+        msg.ParseFromString(bytes(data))
+    except (_PbDecodeError, ValueError, UnicodeDecodeError, RuntimeError) as exc:
+        raise fault(f"malformed {what}: {exc}") from None
+    if not msg.IsInitialized():  # the runtime parses a proto2 message with required fields missing
+        raise fault(f"malformed {what}: required field missing")
+    return msg
+
+
+def text(value: object, fault: type[PeerFault], what: str) -> str:
+    """A proto2 string field's value: the runtime hands invalid UTF-8 back as
+    ``bytes`` instead of refusing it, so every string read off the wire goes through here."""
+    if not isinstance(value, str):
+        raise fault(f"{what} is not UTF-8")
+    return value
+
+
+def serialize(msg: Message) -> bytes:
+    """Deterministic encoding: fields in number order, minimal varints (what
+    libp2p requires of keys, and what makes re-encoding a strictness check)."""
+    return msg.SerializeToString(deterministic=True)

@@ -1,0 +1,253 @@
+"""Two libp2p hosts over real TCP on 127.0.0.1: the upgrade, streams, identify,
+ping, and hostile peers that get typed faults while a good peer is served."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from murmur.errors import MuxerError, NegotiationError, NoCommonProtocol, PeerFault, StreamRefused
+from murmur.protocol import multistream
+from murmur.protocol.identity import Identity
+from murmur.protocol.libp2p import ConnectionClosed, Libp2pConnection, Libp2pHost, StreamResetError, echo_handler
+from murmur.protocol.libp2p.host import HostConfig
+from murmur.protocol.yamux import HEADER, FrameType, YamuxLimits
+from tests.integration.cluster import wait_until
+
+ECHO = "/murmur-test/echo/1.0.0"
+MIB = 1024 * 1024
+
+
+class Faults:
+    def __init__(self) -> None:
+        self.seen: list[PeerFault] = []
+
+    def __call__(self, conn: Libp2pConnection | None, fault: PeerFault) -> None:
+        self.seen.append(fault)
+
+    def of(self, kind: type[PeerFault]) -> list[PeerFault]:
+        return [f for f in self.seen if isinstance(f, kind)]
+
+
+async def _pair(server_config: HostConfig = HostConfig()):  # type: ignore[no-untyped-def]
+    faults = Faults()
+    server = Libp2pHost(Identity.generate(), server_config, on_fault=faults)
+    server.set_handler(ECHO, echo_handler)
+    client = Libp2pHost(Identity.generate())
+    client.set_handler(ECHO, echo_handler)
+    addrs = await server.listen("127.0.0.1", 0)
+    conn = await client.dial(addrs[0])
+    return server, client, conn, faults, addrs[0]
+
+
+async def _echo(conn: Libp2pConnection, data: bytes) -> bytes:
+    stream = await conn.open_stream(ECHO)
+
+    async def send() -> None:
+        await stream.write(data)
+        await stream.close_write()
+
+    sender = asyncio.create_task(send())
+    got = await stream.read_all(len(data) + 1)
+    await sender
+    return got
+
+
+async def test_upgrade_identify_both_ways_ping_and_clean_close() -> None:
+    server, client, conn, faults, addr = await _pair()
+    try:
+        assert conn.peer_id == server.peer_id
+        await asyncio.wait_for(conn.identified.wait(), 5)
+        assert conn.identify is not None and ECHO in conn.identify.protocols
+        assert conn.identify.agent_version.startswith("murmur/")
+        assert [str(a) for a in conn.identify.listen_addrs] == [str(addr.without_peer())]
+        # the server saw our ephemeral port: that is what it tells us
+        assert str(conn.identify.observed_addr) == f"/ip4/127.0.0.1/tcp/{conn.local[1]}"
+        assert len(client.observed_addrs) == 1
+        await wait_until(lambda: server.connections and server.connections[0].identify is not None, 5, "identify back")
+        back = server.connections[0]
+        assert back.peer_id == client.peer_id and "/ipfs/ping/1.0.0" in back.identify.protocols  # type: ignore[union-attr]
+        rtts = await client.ping(conn, 3)
+        assert len(rtts) == 3 and all(0 < r < 1 for r in rtts)
+        assert 0 < await conn.yamux_ping() < 1
+        await conn.close()
+        await wait_until(lambda: not server.connections, 5, "server sees the close")
+        assert faults.seen == []
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_four_mib_echo_hundred_concurrent_streams_and_a_reset() -> None:
+    server, client, conn, faults, _ = await _pair()
+    try:
+        data = os.urandom(4 * MIB)
+        assert await _echo(conn, data) == data
+        payloads = [os.urandom(10_000 + i) for i in range(100)]
+        results = await asyncio.gather(*(_echo(conn, p) for p in payloads))
+        assert results == payloads
+        # a stream reset mid-transfer: the others and the connection carry on
+        victim = await conn.open_stream(ECHO)
+        await victim.write(os.urandom(300_000))
+        others = [asyncio.create_task(_echo(conn, p)) for p in payloads[:10]]
+        victim.reset()
+        with pytest.raises(StreamResetError):
+            await victim.read()
+        assert await asyncio.gather(*others) == payloads[:10]
+        assert await _echo(conn, b"after") == b"after"
+        await wait_until(lambda: conn.budget.used <= 2 * MIB, 5, "windows given back")
+        assert faults.seen == [] and not conn.closed
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_unknown_protocol_is_no_common_protocol() -> None:
+    server, client, conn, _, _ = await _pair()
+    try:
+        with pytest.raises(NoCommonProtocol):
+            await conn.open_stream(["/nobody/1.0.0", "/plaintext/2.0.0"])
+        assert await _echo(conn, b"still here") == b"still here"
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def _raw(addr, data: bytes) -> bytes:  # type: ignore[no-untyped-def]
+    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    writer.write(data)
+    out = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+    writer.close()
+    return out
+
+
+async def test_endless_na_loop_and_plaintext_are_cut_while_a_good_peer_is_served() -> None:
+    server, client, conn, faults, addr = await _pair(HostConfig(max_negotiation_attempts=4))
+    try:
+        proposals = multistream.encode_message(multistream.PROTOCOL_ID) + b"".join(
+            multistream.encode_message(p) for p in ["/plaintext/2.0.0", "/tls/1.0.0", "/x", "/y", "/z"])
+        answer = await _raw(addr, proposals)  # returns once the server hung up
+        assert answer.startswith(multistream.encode_message(multistream.PROTOCOL_ID))
+        assert b"/plaintext" not in answer and b"/tls" not in answer  # nothing was ever echoed
+        assert faults.of(NegotiationError)
+        garbage = await _raw(addr, b"\xff" * 20)  # a malformed varint
+        assert garbage == multistream.encode_message(multistream.PROTOCOL_ID)
+        assert await _echo(conn, b"good") == b"good"
+    finally:
+        await client.close()
+        await server.close()
+
+
+def _frame(ftype: int, flags: int, stream_id: int, length: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(0, ftype, flags, stream_id, length) + payload
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        lambda sid: _frame(FrameType.WINDOW_UPDATE, 0, sid, 2**32 - 1),  # window overflow
+        lambda sid: _frame(FrameType.DATA, 0, sid + 1000, 4, b"junk"),  # a stream never opened
+        lambda sid: _frame(FrameType.DATA, 0, sid, 2 * MIB, bytes(100)),  # beyond the window
+    ],
+    ids=["window-overflow", "unknown-stream", "beyond-window"],
+)
+async def test_yamux_violations_drop_the_offender_only(hostile) -> None:  # type: ignore[no-untyped-def]
+    server, client, conn, faults, addr = await _pair()
+    good = await client.dial(addr)
+    try:
+        stream = await conn.open_stream(ECHO)
+        await stream.write(b"x")
+        assert await stream.read() == b"x"
+        assert conn._wire is not None
+        conn._wire.write_encrypted(hostile(stream.id))
+        await wait_until(lambda: faults.of(MuxerError), 5, "the violation is reported")
+        await wait_until(lambda: conn.closed, 5, "the offender is dropped")
+        assert await _echo(good, b"served") == b"served"
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_stream_flood_refused_then_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    config = HostConfig(yamux=YamuxLimits(max_streams=8, max_ack_backlog=8, max_refused_streams=20))
+    server, client, conn, faults, addr = await _pair(config)
+    good = await client.dial(addr)
+    try:
+        session = conn._session
+        assert session is not None
+        # bare SYNs the client never negotiates on: 8 fill the server's limit, the rest are refused
+        for _ in range(12):
+            session.open_stream()
+        conn._flush()
+        await wait_until(lambda: len(faults.of(StreamRefused)) >= 4, 5, "refusals")
+        assert not faults.of(MuxerError)
+        for _ in range(30):
+            session.open_stream()
+        conn._flush()
+        await wait_until(lambda: faults.of(MuxerError), 5, "the flood is cut")
+        await wait_until(lambda: conn.closed, 5, "the flooder is dropped")
+        assert await _echo(good, b"served") == b"served"
+        # 20+ faults from one peer, at most warnings_per_subnet lines in the log
+        lines = [r for r in caplog.records if getattr(r, "event", None) == "libp2p_fault"]
+        assert len(faults.seen) > 20 and len(lines) <= config.warnings_per_subnet
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_wrong_peer_id_is_refused_before_streams() -> None:
+    server = Libp2pHost(Identity.generate())
+    client = Libp2pHost(Identity.generate())
+    try:
+        addr = (await server.listen("127.0.0.1", 0))[0]
+        with pytest.raises(PeerFault):
+            await client.dial(addr.with_peer(Identity.generate().peer_id))
+        conn = await client.dial(addr)
+        await conn.close()
+        with pytest.raises(ConnectionClosed):
+            await conn.open_stream(ECHO)
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_window_update_starved_by_the_pool_goes_out_when_the_pool_frees() -> None:
+    """A stream reads its window while someone else takes the node's pool: the
+    window update cannot be paid, the sender stops, the reader waits. When the
+    pool gets bytes back the update goes out by itself, no further read needed."""
+    from murmur.protocol.budget import BytePool, PeerBudget
+
+    pool = BytePool(64 * MIB)
+    squeeze: list[PeerBudget] = []
+    received: list[int] = []
+
+    async def squeezed_sink(stream) -> None:  # type: ignore[no-untyped-def]
+        total = len(await stream.read(64 * 1024))  # under half a window: no update due yet
+        other = pool.budget(pool.capacity, 0)  # another holder takes everything the pool has left
+        other.try_acquire(other.headroom())
+        squeeze.append(other)
+        while data := await stream.read():
+            total += len(data)
+        received.append(total)
+        await stream.close_write()
+
+    config = HostConfig(peer_reserve_bytes=0, identify_on_connect=False)
+    server = Libp2pHost(Identity.generate(), config, pool=pool)
+    server.set_handler("/sink", squeezed_sink)
+    client = Libp2pHost(Identity.generate(), config)
+    try:
+        conn = await client.dial((await server.listen("127.0.0.1", 0))[0])
+        stream = await conn.open_stream("/sink")
+        sender = asyncio.create_task(stream.write(bytes(2 * MIB)))
+        await wait_until(lambda: server.connections and server.connections[0]._session is not None
+                         and server.connections[0]._session.starved, 5, "the window update starves")
+        assert not sender.done()
+        squeeze[0].close()  # the pool gets its bytes back
+        await asyncio.wait_for(sender, 10)
+        await stream.close_write()
+        await wait_until(lambda: received == [2 * MIB], 10, "all of it arrives")
+    finally:
+        await client.close()
+        await server.close()
