@@ -833,6 +833,9 @@ class NodeLearner:
         if not session.linked:
             log.debug("history record from a non-neighbour ignored", extra={"peer": str(session.peer)})
             return
+        if not self._records.take_intake(session.peer, self.aggregator.round):
+            log.debug("history record over the sender's budget ignored", extra={"peer": str(session.peer)})
+            return
         if msg.model.size != self.engine.num_params:
             raise DecodeError("history record of the wrong size")
         model = check_record(msg)

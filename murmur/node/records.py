@@ -16,7 +16,11 @@ signatures make it hard to forge:
 
 :class:`RecordBook` keeps the statements of our neighbours (to describe them)
 and the records our aggregator holds (to relay them), bounded by what the
-aggregator holds.
+aggregator holds, and bounds what a sender may make us check: checking a
+record costs two signature checks and a hash of a whole model, and the
+aggregator's one-record-per-sender-per-round rule counts only records it
+keeps, so records it refuses (a future round, a peer we observe) would
+otherwise cost us without limit.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from murmur.protocol.messages import HistoryRecord
 STATEMENT_DOMAIN = b"murmur-public-model-v1"
 OBSERVATION_DOMAIN = b"murmur-observed-model-v1"
 STATEMENT_META_KEY = "statement"
+RECORDS_CHECKED_PER_SENDER_PER_ROUND = 2
+"""Records of one sender we check in one of our rounds: an honest neighbour
+sends one a round, two when its round is one ahead of ours."""
 _U64 = struct.Struct(">Q")
 
 
@@ -109,6 +116,19 @@ class RecordBook:
     def __init__(self) -> None:
         self._statements: dict[PeerId, Statement] = {}
         self._records: dict[str, HeldRecord] = {}
+        self._intake: dict[PeerId, tuple[int, int]] = {}  # sender -> (our round, records taken in it)
+
+    def take_intake(self, sender: PeerId, round_: int) -> bool:
+        """Whether to check one more record from ``sender`` in our round
+        ``round_`` (at most RECORDS_CHECKED_PER_SENDER_PER_ROUND); the rest is
+        dropped unread. Counts the record when it says yes."""
+        held_round, count = self._intake.get(sender, (round_, 0))
+        if held_round != round_:
+            count = 0
+        if count >= RECORDS_CHECKED_PER_SENDER_PER_ROUND:
+            return False
+        self._intake[sender] = (round_, count + 1)
+        return True
 
     def note_statement(self, peer: PeerId, round_: int, signature: bytes) -> None:
         """Keep ``peer``'s newest statement (checked when it is used)."""
@@ -122,6 +142,7 @@ class RecordBook:
 
     def forget(self, peer: PeerId) -> None:
         self._statements.pop(peer, None)
+        self._intake.pop(peer, None)
 
     def keep(self, record: HeldRecord) -> None:
         self._records[str(record.subject)] = record

@@ -78,3 +78,16 @@ def test_record_book_keeps_newest_statements_and_prunes_records() -> None:
     assert book.record(str(SUBJECT.peer_id)) is not None and len(book) == 1
     book.prune(set())
     assert book.record(str(SUBJECT.peer_id)) is None and len(book) == 0
+
+
+def test_a_flood_from_one_sender_is_dropped_unchecked_beyond_two_a_round() -> None:
+    """The aggregator counts only records it keeps, one per sender per round;
+    refused ones (future rounds, peers we observe) would cost two signature
+    checks and a model hash each without end. Known answer: two a round."""
+    book = RecordBook()
+    flooder, other = SYBIL.peer_id, OBSERVER.peer_id
+    assert [book.take_intake(flooder, 5) for _ in range(4)] == [True, True, False, False]
+    assert book.take_intake(other, 5)  # another sender has its own budget
+    assert [book.take_intake(flooder, 6) for _ in range(3)] == [True, True, False]  # a new round, a new budget
+    book.forget(flooder)
+    assert book.take_intake(flooder, 6)
