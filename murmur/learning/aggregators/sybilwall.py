@@ -144,7 +144,7 @@ class RecordVerdict(enum.Enum):
 
     KEPT = "kept"
     NOT_NEIGHBOUR = "not_neighbour"  # the sender is not a peer we learn from
-    FLOOD = "flood"  # the sender already gave us its record this round
+    FLOOD = "flood"  # the sender already gave us its record this round (refused, not penalised: see misbehaviour)
     ABOUT_US = "about_us"  # about ourselves, or the sender about itself
     FUTURE = "future"  # a round after ours
     STALE = "stale"  # a round too old to compare, or not newer than what we hold
@@ -155,8 +155,11 @@ class RecordVerdict(enum.Enum):
 
     @property
     def misbehaviour(self) -> bool:
-        """Whether an honest node never sends this (the node penalises it)."""
-        return self in (RecordVerdict.FLOOD, RecordVerdict.ABOUT_US)
+        """Whether an honest node never sends this (the node penalises it).
+        Not FLOOD: a neighbour whose round is one ahead of ours honestly sends
+        two records within one of our rounds (the node drops any more unread,
+        :class:`murmur.node.records.RecordBook`)."""
+        return self is RecordVerdict.ABOUT_US
 
 
 @dataclass(frozen=True)
