@@ -850,11 +850,11 @@ class Testnet:
         await asyncio.gather(*(one(p) for p in pending))
 
     async def _impair(self, ev: ChurnEvent) -> str | None:
-        from murmur.testnet import netem
+        from murmur.testnet import internet
 
-        caps = await asyncio.to_thread(netem.probe)
-        reason = getattr(caps, "netem", None) or "nodes share the loopback interface (no per-node netns)"
-        netem.skipped(f"{ev.action.value} on {list(ev.nodes) or 'all nodes'}", reason)
+        caps = await asyncio.to_thread(internet.probe)
+        reason = caps.netem or "nodes share the loopback interface (no per-node netns)"
+        internet.skipped(f"{ev.action.value} on {list(ev.nodes) or 'all nodes'}", reason)
         return reason
 
     # -- output ----------------------------------------------------------------------
