@@ -14,10 +14,12 @@ cannot grow the exposition without limit.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
+
+from murmur.protocol.reachability import Reachability
 
 __all__ = ["NodeMetrics", "Direction", "Split", "PROMETHEUS_CONTENT_TYPE"]
 
@@ -72,6 +74,10 @@ class NodeMetrics:
             "failed_tasks", "Supervised tasks of the node that crashed or keep failing (status health.failed_tasks)",
             namespace=NAMESPACE, registry=r,
         )
+        self.reachability = Gauge(
+            "reachability", "1 for the node's reachability now (status reachability.state), 0 for the others",
+            ["state"], namespace=NAMESPACE, registry=r,
+        )
         self.healthy.set(1)
         self._weight_peers: set[str] = set()
         for direction in Direction:  # export zeros from the start, not only after the first byte
@@ -100,6 +106,11 @@ class NodeMetrics:
         for peer, weight in weights.items():
             self.aggregation_weight.labels(peer=peer).set(weight)
         self._weight_peers = set(weights)
+
+    def bind_reachability(self, current: Callable[[], Reachability]) -> None:
+        """Export ``current()`` (read at every scrape) as one 1 among the states."""
+        for state in Reachability:
+            self.reachability.labels(state=state.value).set_function(lambda s=state: float(current() is s))
 
     # -- reading back
     def value(self, name: str, **labels: str) -> float | None:
