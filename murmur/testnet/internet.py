@@ -574,6 +574,16 @@ def socket_in(ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STR
     return out[0]
 
 
+def socket_factory(ns: str) -> Callable[[tuple[int, int, int, str, tuple[str, int]]], socket.socket]:
+    """For ``aiohttp.TCPConnector(socket_factory=...)``: an HTTP client whose
+    connections start inside ``ns``."""
+    def make(addr_info: tuple[int, int, int, str, tuple[str, int]]) -> socket.socket:
+        family, kind, proto = addr_info[:3]
+        return socket_in(ns, family, kind, proto)
+
+    return make
+
+
 # -------------------------------------------------------------------- probe
 
 
