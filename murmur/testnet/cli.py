@@ -18,6 +18,7 @@ from typing import Any
 
 from murmur.errors import ConfigError
 from murmur.testnet.controller import RunEnd, RunOptions, RunResult, Testnet
+from murmur.testnet.internet import InternetError
 from murmur.testnet.options import DEFAULT_OUT_ROOT, add_run_arguments
 from murmur.testnet.scenario import load_runnable_scenario
 
@@ -64,6 +65,9 @@ def run_testnet(ns: argparse.Namespace) -> int:
 
     try:
         result = uvloop.run(testnet.run())
+    except InternetError as exc:  # building the emulated internet failed (everything it made is gone)
+        print(f"murmur: emulated internet: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         # the supervisor stopped every process on the way out; say what is left behind
         print(f"\ninterrupted; every node stopped. Run dir: {testnet.run_dir}", file=sys.stderr)

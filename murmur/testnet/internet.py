@@ -550,7 +550,10 @@ def enter_namespace(ns: str) -> None:
     threads started later inherit its namespace."""
     if threading.active_count() != 1:
         raise InternetError(f"cannot enter {ns}: the process already runs {threading.active_count()} threads")
-    _enter(ns)
+    try:
+        _enter(ns)
+    except OSError as exc:
+        raise InternetError(f"cannot enter network namespace {ns}: {exc}") from None
 
 
 def socket_in(ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
