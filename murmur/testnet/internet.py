@@ -102,6 +102,13 @@ class NatKind(enum.StrEnum):
     SYMMETRIC = "symmetric"  # endpoint-dependent mapping: masquerade random
 
 
+class Unsolicited(enum.StrEnum):
+    """What a router does with a connection nobody on its LAN asked for."""
+
+    DROP = "drop"  # silence: the dialler waits for its connect timeout (most home routers)
+    REJECT = "reject"  # a TCP reset (ICMP for the rest): the dial fails at once
+
+
 # ------------------------------------------------------------------ topology
 
 
@@ -122,12 +129,14 @@ class LinkRate:
 class Router:
     """A home router: ``nat`` in front of the private ``lan`` (default
     10.<j>.0.0/24 for the j-th router); ``address``: its public one (default:
-    the next free /24 of the public segment)."""
+    the next free /24 of the public segment); ``unsolicited``: what it does
+    with connections from outside that nobody inside asked for."""
 
     name: str
     nat: NatKind = NatKind.EIM
     lan: str | None = None
     address: str | None = None
+    unsolicited: Unsolicited = Unsolicited.DROP
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,7 @@ class RouterPlan:
     wan_address: str
     lan: ipaddress.IPv4Network
     far_iface: str  # its WAN cable's port on the public segment
+    unsolicited: Unsolicited = Unsolicited.DROP
 
 
 @dataclass(frozen=True)
@@ -268,7 +278,8 @@ def plan(topology: Topology, owner: str | None = None) -> Plan:
             raise InternetError(f"router {r.name}: lan {lan} must be a /29 or larger inside {ranges}")
         lans.append(lan)
         address, port = public(r.address)
-        routers[r.name] = RouterPlan(r.name, f"{base}r-{r.name}", NatKind(r.nat), address, lan, port)
+        routers[r.name] = RouterPlan(r.name, f"{base}r-{r.name}", NatKind(r.nat), address, lan, port,
+                                     Unsolicited(r.unsolicited))
     hosts: dict[str, HostPlan] = {}
     on_lan: dict[str, int] = {}
     for h in topology.hosts:
@@ -323,9 +334,12 @@ def _cable(ns: str, iface: str, far_ns: str, far_iface: str, bridge: str) -> lis
 
 def nat_commands(router: RouterPlan) -> list[Command]:
     """The router's nftables: masquerade (``random`` for symmetric) out of
-    the WAN side; nothing unsolicited in from it (dropped, no answer)."""
+    the WAN side; nothing unsolicited in from it (dropped without an answer,
+    or rejected: a TCP reset, ICMP for other protocols)."""
     nft = ["ip", "netns", "exec", router.ns, "nft"]
     masquerade = ["masquerade", "random"] if router.nat is NatKind.SYMMETRIC else ["masquerade"]
+    refuse = [["drop"]] if router.unsolicited is Unsolicited.DROP else [
+        ["meta", "l4proto", "tcp", "reject", "with", "tcp", "reset"], ["reject"]]
     cmds = [
         [*nft, "add", "table", "ip", NFT_TABLE],
         [*nft, "add", "chain", "ip", NFT_TABLE, "postrouting",
@@ -338,8 +352,7 @@ def nat_commands(router: RouterPlan) -> list[Command]:
              f"{{ type filter hook {chain} priority filter ; policy accept ; }}"],
             [*nft, "add", "rule", "ip", NFT_TABLE, chain, "iifname", WAN_IFACE, "ct", "state",
              "established,related", "accept"],
-            [*nft, "add", "rule", "ip", NFT_TABLE, chain, "iifname", WAN_IFACE, "drop"],
-        ]
+        ] + [[*nft, "add", "rule", "ip", NFT_TABLE, chain, "iifname", WAN_IFACE, *verdict] for verdict in refuse]
     return cmds
 
 
@@ -502,17 +515,21 @@ class Internet:
         try:
             run(setup_commands(self.plan), self._runner)
         except BaseException:
-            self.close()
+            self.close(quiet=True)
             raise
         log.info("emulated internet up", extra={"hosts": len(self.plan.hosts), "routers": len(self.plan.routers),
                                                 "owner": self.plan.owner})
 
-    def close(self) -> None:
+    def close(self, *, quiet: bool = False) -> None:
+        """Remove everything; a namespace that would not go raises
+        :class:`InternetError` after the others went (``quiet``: logged)."""
         if not self._up:
             return
         self._up = False
         problems = remove_namespaces(self.plan.namespaces, self._runner)
-        if problems:
+        if problems and quiet:
+            log.error("emulated internet not fully removed", extra={"problems": problems})
+        elif problems:
             raise InternetError("; ".join(problems))
 
     def __enter__(self) -> Internet:
@@ -521,7 +538,7 @@ class Internet:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close()
+        self.close(quiet=exc is not None)  # never hide what ended the block
 
 
 # ------------------------------------------------------------ namespace entry

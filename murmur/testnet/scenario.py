@@ -259,6 +259,7 @@ class RouterSpec:
 
     nodes: tuple[int, ...] = ()
     nat: internet.NatKind = internet.NatKind.EIM
+    unsolicited: internet.Unsolicited = internet.Unsolicited.DROP
 
 
 @dataclass(frozen=True)
@@ -862,14 +863,17 @@ def network_topology(scenario: Scenario) -> internet.Topology:
         router = router_of.get(spec.index)
         hosts[name] = internet.Host(name, router=None if router is None else router_name(router),
                                     rate=internet.LinkRate(up, down))
-    routers = tuple(internet.Router(router_name(r), nat=router.nat) for r, router in enumerate(net.routers))
+    routers = tuple(internet.Router(router_name(r), nat=router.nat, unsolicited=router.unsolicited)
+                    for r, router in enumerate(net.routers))
     return internet.Topology(tuple(hosts.values()), routers)
 
 
 def network_dials(scenario: Scenario) -> dict[int, list[int]]:
-    """Whom each node dials first on the emulated internet: its loopback
-    bootstrap (or attack edges) that it can reach, else the honest nodes it
-    can reach nearest after it in index order, as many as it wanted."""
+    """Whom each node dials first on the emulated internet: of its loopback
+    bootstrap (or attack edges) those it can reach, topped up to as many as
+    it wanted with the other honest nodes it can reach, nearest after it in
+    index order first (a node behind NAT whose ring neighbours are behind
+    other NATs still starts with a full set of peers it can reach)."""
     assert scenario.network is not None
     router_of = routers_of(scenario.network)
     boot, targets = honest_bootstrap(scenario), sybil_targets(scenario)
@@ -878,10 +882,9 @@ def network_dials(scenario: Scenario) -> dict[int, list[int]]:
         i = spec.index
         wanted = targets[i] if spec.attacker is not None else boot[i]
         chosen = [j for j in wanted if can_dial(router_of, i, j)]
-        if not chosen:
-            reachable = [j for j in range(scenario.nodes) if j != i and can_dial(router_of, i, j)]
-            chosen = sorted(reachable, key=lambda j: (j - i) % scenario.nodes)[:max(1, len(wanted))]
-        out[i] = chosen
+        others = sorted((j for j in range(scenario.nodes) if j != i and j not in chosen and can_dial(router_of, i, j)),
+                        key=lambda j: (j - i) % scenario.nodes)
+        out[i] = chosen + others[:max(0, len(wanted) - len(chosen))]
     return out
 
 

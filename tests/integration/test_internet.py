@@ -12,7 +12,16 @@ from collections.abc import Iterator
 import pytest
 
 from murmur.testnet import internet
-from murmur.testnet.internet import Host, Internet, InternetError, LinkRate, NatKind, Router, Topology
+from murmur.testnet.internet import (
+    Host,
+    Internet,
+    InternetError,
+    LinkRate,
+    NatKind,
+    Router,
+    Topology,
+    Unsolicited,
+)
 from tests.integration.emulation import IO_TIMEOUT_S, dial, listen, require_internet, seen_from, transfer
 
 PORT = 7000
@@ -100,19 +109,25 @@ def test_symmetric_nat_maps_each_destination_to_another_port(symmetric: Internet
 
 
 @pytest.mark.parametrize("nat", list(NatKind))
-def test_routers_drop_what_nobody_inside_asked_for(nat: NatKind) -> None:
-    """Unsolicited inbound dials vanish (no RST, as from a home router), even
-    to a port that is mapped for a connection to somebody else."""
-    with Internet(_homes(nat)) as net:
+@pytest.mark.parametrize("unsolicited", list(Unsolicited))
+def test_routers_refuse_what_nobody_inside_asked_for(nat: NatKind, unsolicited: Unsolicited) -> None:
+    """Unsolicited inbound dials vanish (no answer, as from most home
+    routers) or are reset at once, even to a port that is mapped for a
+    connection to somebody else; nothing reaches the LAN."""
+    topology = _homes(nat)
+    topology = Topology(topology.hosts, (Router("home", nat=nat, unsolicited=unsolicited),))
+    with Internet(topology) as net:
         wan = net.plan.public_address("a")
         with listen(net, "s1", PORT) as server, listen(net, "a", PORT) as inside:
             with dial(net, "a", (net.address("s1"), PORT), SRC_PORT):
                 _, mapped = seen_from(server)
                 for target in ((wan, mapped), (wan, PORT)):
                     started = time.monotonic()
-                    with pytest.raises(TimeoutError):
+                    expected = TimeoutError if unsolicited is Unsolicited.DROP else ConnectionRefusedError
+                    with pytest.raises(expected):
                         dial(net, "s2", target, timeout_s=DROPPED_S).close()
-                    assert time.monotonic() - started >= DROPPED_S * 0.9
+                    took = time.monotonic() - started
+                    assert took >= DROPPED_S * 0.9 if unsolicited is Unsolicited.DROP else took < DROPPED_S / 2
             inside.settimeout(0.0)
             with pytest.raises(BlockingIOError):
                 inside.accept()

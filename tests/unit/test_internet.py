@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from murmur.testnet import internet
-from murmur.testnet.internet import Host, InternetError, LinkRate, NatKind, Router, Topology
+from murmur.testnet.internet import Host, InternetError, LinkRate, NatKind, Router, Topology, Unsolicited
 
 OWNER = "4242.17.0"
 NS = f"murmur-net-{OWNER}-"
@@ -93,6 +93,10 @@ def test_nat_rules_masquerade_out_and_drop_unsolicited_in() -> None:
     assert [*nft, "add", "rule", "ip", "murmur", "input", "iifname", "wan0", "drop"] in eim
     symmetric = internet.nat_commands(p.routers["cgn"])
     assert symmetric[2][-3:] == ["wan0", "masquerade", "random"]
+    rejecting = internet.plan(Topology(hosts=(), routers=(Router("r", unsolicited=Unsolicited.REJECT),)),
+                              owner=OWNER).routers["r"]
+    rules = [c[c.index("wan0") + 1:] for c in internet.nat_commands(rejecting) if c[-1] != "accept" and "iifname" in c]
+    assert rules == [["meta", "l4proto", "tcp", "reject", "with", "tcp", "reset"], ["reject"]] * 2
 
 
 def test_rates_shape_upload_at_the_host_and_download_at_the_far_end() -> None:
