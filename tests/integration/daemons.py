@@ -25,6 +25,7 @@ from tests.integration.cluster import wait_until
 
 MURMUR = [sys.executable, "-m", "murmur.node.cli"]
 START_S = 30.0  # interpreters importing torch on a shared 2-core box
+HTTP_TIMEOUT_S = 2.0
 
 Sections = Mapping[str, Mapping[str, Any]]
 
@@ -168,3 +169,11 @@ def peak_rss_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+async def api_get(http: Any, daemon: Daemon, path: str) -> Any:
+    """GET ``path`` from a daemon's status API (``http``: an aiohttp session);
+    JSON, or text for /metrics. Anything but 200 fails."""
+    async with http.get(f"{daemon.api}{path}") as resp:
+        assert resp.status == 200, f"{path}: HTTP {resp.status}"
+        return await resp.text() if path == "/metrics" else await resp.json()

@@ -12,16 +12,14 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 
 from murmur.node.state import StateDir
 from murmur.protocol.multiaddr import Multiaddr
 from tests.integration.cluster import wait_until
-from tests.integration.daemons import MURMUR, Daemon, DaemonPool, free_port
+from tests.integration.daemons import MURMUR, Daemon, DaemonPool, api_get, free_port
 
 N = 8
 K = 3
@@ -29,7 +27,6 @@ START_S = 20.0  # eight interpreters starting on a shared 2-core box
 CONVERGE_S = 20.0
 RECOVER_S = 10.0
 GRACEFUL_EXIT_S = 6.0  # from the signal, for all of them; a task stuck in shutdown costs the TaskManager's 5 s
-HTTP_TIMEOUT_S = 2.0
 
 
 def node_sections(port: int, bootstrap: str | None) -> dict[str, dict[str, Any]]:
@@ -42,22 +39,8 @@ def node_sections(port: int, bootstrap: str | None) -> dict[str, dict[str, Any]]
     }
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as session:
-        yield session
-
-
-async def _get(http: aiohttp.ClientSession, daemon: Daemon, path: str) -> Any:
-    async with http.get(f"{daemon.api}{path}") as resp:
-        assert resp.status == 200, f"{path}: HTTP {resp.status}"
-        if path == "/metrics":
-            return await resp.text()
-        return await resp.json()
-
-
 async def _statuses(http: aiohttp.ClientSession, daemons: list[Daemon]) -> list[dict[str, Any]]:
-    return list(await asyncio.gather(*(_get(http, d, "/status") for d in daemons)))
+    return list(await asyncio.gather(*(api_get(http, d, "/status") for d in daemons)))
 
 
 async def _healthy(http: aiohttp.ClientSession, daemons: list[Daemon], dead: set[str]) -> bool:
@@ -91,7 +74,7 @@ async def test_daemons_converge_survive_kill9_restart_and_stop(pool: DaemonPool,
 
     took = await wait_until(lambda: _healthy(http, pool.daemons, set()), CONVERGE_S, f"every daemon with >= {K} neighbours")
     print(f"{N} daemons up and converged {time.monotonic() - t0:.1f}s after spawn (converge wait {took:.1f}s)")
-    metrics = await _get(http, pool.daemons[2], "/metrics")
+    metrics = await api_get(http, pool.daemons[2], "/metrics")
     assert "murmur_bytes_total" in metrics
     assert any(line.startswith('murmur_bytes_total{direction="in"}') and float(line.split()[-1]) > 0
                for line in metrics.splitlines())
@@ -112,7 +95,7 @@ async def test_daemons_converge_survive_kill9_restart_and_stop(pool: DaemonPool,
     pool.spawn(back)
     await pool.wait_api(back, START_S)
     assert back.peer_id in dead
-    status = await _get(http, back, "/status")
+    status = await api_get(http, back, "/status")
     assert status["peer_id"] == back.peer_id
     alive = [*survivors, back]
     took = await wait_until(lambda: _healthy(http, alive, dead - {back.peer_id}), CONVERGE_S, "restarted daemon rejoined")
@@ -123,7 +106,7 @@ async def test_daemons_converge_survive_kill9_restart_and_stop(pool: DaemonPool,
     assert cli_status["peer_id"] == back.peer_id
     assert cli_status["addrs"] == status["addrs"]
     cli_peers = _cli("peers", "--data-dir", str(back.data_dir))
-    api_peers = await _get(http, back, "/peers")
+    api_peers = await api_get(http, back, "/peers")
     assert {p["peer_id"] for p in cli_peers} == {p["peer_id"] for p in api_peers}
     assert all(set(p) >= {"peer_id", "addrs", "score", "connected", "neighbour"} for p in cli_peers)
 

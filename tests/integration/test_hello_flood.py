@@ -112,3 +112,23 @@ async def test_a_long_known_peer_survives_a_hello_flood_in_the_table_and_on_disk
     on_disk = PeerTable(PeerTableConfig(exempt_loopback=True))  # as the victim reads it (network.allow_loopback)
     assert on_disk.load(state.peers_path) is None
     assert honest in on_disk and on_disk.is_reputed(honest) and len(on_disk) == capacity
+
+
+async def test_a_reputed_peer_s_connection_is_protected_from_eviction(tmp_path: Path) -> None:
+    """A peer the table has known for weeks holds a protected slot the moment
+    it connects: the admission policy never evicts it for a newcomer."""
+    state = StateDir(tmp_path / "victim").create()
+    honest = Identity.generate()
+    _victims_past(state.peers_path, honest.peer_id, Multiaddr("127.0.0.1", 9))
+    stranger = Identity.generate()
+    victim = Node(node_config(state.path))
+    await victim.start()
+    try:
+        peers = [await HandPeer.connect_to(victim, identity) for identity in (honest, stranger)]
+        await wait_until(lambda: all(victim.session(i.peer_id) for i in (honest, stranger)), HELLO_S, "both sessions")
+        assert victim.session(honest.peer_id).conn.useful_at is not None  # type: ignore[union-attr]
+        assert victim.session(stranger.peer_id).conn.useful_at is None  # type: ignore[union-attr]
+        for peer in peers:
+            await peer.hang_up()
+    finally:
+        await victim.stop()

@@ -34,32 +34,16 @@ from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.noise import Libp2pNoiseHandshake
 from murmur.protocol.transport import Transport, TransportLimits
 from tests.integration.cluster import Cluster, node_config, wait_until
-from tests.integration.daemons import Daemon, DaemonPool, peak_rss_bytes
+from tests.integration.daemons import Daemon, DaemonPool, api_get, peak_rss_bytes
 from tests.integration.test_node_faults import QUICK_CLOSE_S, Victim, _victim_saw
 from murmur.testnet.hostile import RawPeer, attacker_host, noise_handshake, open_from
 from tests.integration.test_transport import closed_within
 
 MIB = 1024 * 1024
-HTTP_TIMEOUT_S = 2.0
 MAX_FRAME = 4 * MIB  # the default transport.max_frame: the largest *legal* frame
 
 
-# --- attackers' sockets ---------------------------------------------------------------
-
-
 # --- the victim as a daemon process -----------------------------------------------------
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as session:
-        yield session
-
-
-async def _get(http: aiohttp.ClientSession, daemon: Daemon, path: str) -> Any:
-    async with http.get(f"{daemon.api}{path}") as resp:
-        assert resp.status == 200, f"{path}: HTTP {resp.status}"
-        return await resp.json()
 
 
 async def start_victim(pool: DaemonPool, http: aiohttp.ClientSession, **transport: Any) -> tuple[Daemon, Multiaddr]:
@@ -72,7 +56,7 @@ async def start_victim(pool: DaemonPool, http: aiohttp.ClientSession, **transpor
     })
     pool.spawn(daemon)
     await pool.wait_api(daemon)
-    status = await _get(http, daemon, "/status")
+    status = await api_get(http, daemon, "/status")
     return daemon, Multiaddr.parse(status["addrs"][0])
 
 
@@ -133,9 +117,9 @@ async def test_a_peer_that_never_reads_costs_bounded_memory_and_is_cut_and_penal
     grown = peak_rss_bytes(_pid(daemon)) - before
     assert grown <= NON_READER_RSS_BOUND, f"victim RSS grew {grown / MIB:.0f} MiB"
     assert cut_at is not None, "the victim never cut a peer that reads nothing"
-    status = await _get(http, daemon, "/status")
+    status = await api_get(http, daemon, "/status")
     assert status["faults"].get("WriteStalled") == 1, status["faults"]
-    peers = {p["peer_id"]: p for p in await _get(http, daemon, "/peers")}
+    peers = {p["peer_id"]: p for p in await api_get(http, daemon, "/peers")}
     assert peers[str(peer.identity.peer_id)]["score"] < 0
 
 
@@ -223,7 +207,7 @@ async def test_almost_complete_large_frames_are_bounded_by_the_node_pool(
     await wait_until(lambda: unread_bytes(addr.port) == 0, 10.0, "every byte read or its connection evicted")
     grown = peak_rss_bytes(pid) - before
     assert grown <= POOL_RSS_BOUND, f"victim peak RSS grew {grown / MIB:.0f} MiB"
-    status = await _get(http, daemon, "/status")
+    status = await api_get(http, daemon, "/status")
     assert status["connections"] <= POOL_BYTES // (MAX_FRAME // 2), "holders beyond the pool were evicted"
     async with Transport(Identity.generate(), _ignore) as client:
         conn = await asyncio.wait_for(client.dial(addr), 3.0)
@@ -237,7 +221,7 @@ async def _ignore(conn: Any) -> None:
 
 
 async def _connections(http: aiohttp.ClientSession, daemon: Daemon, n: int) -> bool:
-    return int((await _get(http, daemon, "/status"))["connections"]) == n
+    return int((await api_get(http, daemon, "/status"))["connections"]) == n
 
 
 # --- must have 3: slots that cannot be squatted ------------------------------------------------

@@ -15,6 +15,7 @@ from murmur.protocol.identity import Identity
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.noise import HandshakePayload, Libp2pNoiseHandshake
 from murmur.protocol.transport import Transport, TransportLimits
+from murmur.testnet.hostile import noise_handshake
 from tests.integration.test_transport import (
     FAST,
     EchoNode,
@@ -22,7 +23,6 @@ from tests.integration.test_transport import (
     assert_serves_good_peer,
     closed_within,
     eventually,
-    raw_handshake,
     run,
 )
 
@@ -71,7 +71,7 @@ def test_garbage_before_handshake(wire: bytes, eof: bool, fault: type, caplog: p
 async def _authenticated_raw(addr: Multiaddr) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, object]:
     reader, writer = await asyncio.open_connection(addr.host, addr.port)
     hs = Libp2pNoiseHandshake(Identity.generate(), initiator=True, expected=addr.peer_id)
-    enc, _ = await raw_handshake(reader, writer, hs)
+    enc, _ = await noise_handshake(reader, writer, hs)
     return reader, writer, enc
 
 
@@ -114,7 +114,7 @@ def test_forged_static_key_signature_inbound(caplog: pytest.LogCaptureFixture) -
             addr = await node.start()
             reader, writer = await asyncio.open_connection(addr.host, addr.port)
             with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
-                enc, _ = await raw_handshake(reader, writer, ForgingHandshake(Identity.generate(), True))
+                enc, _ = await noise_handshake(reader, writer, ForgingHandshake(Identity.generate(), True))
                 await reader.readexactly(1)  # the node must have hung up instead of talking
             await closed_within(reader, QUICK_CLOSE_S)
             writer.close()
@@ -133,7 +133,7 @@ def test_forged_static_key_signature_outbound() -> None:
 
         async def forging_responder(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                await raw_handshake(reader, writer, ForgingHandshake(mallory, False))
+                await noise_handshake(reader, writer, ForgingHandshake(mallory, False))
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
             finally:
