@@ -27,6 +27,7 @@ from tests.integration.emulation import IO_TIMEOUT_S, dial, listen, require_inte
 
 PORT = 7000
 SRC_PORT = 40000
+PUNCH_TRIES = 20  # the issue's bar: direct in >= 95% of 20 tries; every one of them connects here
 DROPPED_S = 0.5  # how long a dial into a router waits before we call it dropped
 RATE_TOLERANCE = (0.8, 1.05)  # TCP goodput against the tbf rate: 0.96-0.98 measured (headers), less under load
 
@@ -178,7 +179,7 @@ def test_tcp_hole_punching_crosses_two_eim_nats_and_no_symmetric_one() -> None:
     punch unless both SYNs pass the routers at the same instant: 0 of 25
     measured, so that is left out of an assertion.)"""
     with Internet(_two_homes(Router("ra"), Router("rb"))) as net:
-        outcomes = [_punch(net, SRC_PORT + i, PORT + i, timeout_s=5.0) for i in range(5)]
+        outcomes = [_punch(net, SRC_PORT + i, PORT + i, timeout_s=5.0) for i in range(PUNCH_TRIES)]
         assert all(isinstance(v, tuple) for o in outcomes for v in o.values()), outcomes
         assert outcomes[0]["a"] == (net.plan.public_address("b"), SRC_PORT)  # the mapping, port kept
     with Internet(_two_homes(Router("ra", nat=NatKind.SYMMETRIC), Router("rb"))) as net:
