@@ -273,13 +273,16 @@ def test_a_failing_block_or_setup_still_removes_everything() -> None:
 
 def test_cleanup_stale_removes_a_crashed_runs_leftovers_and_nothing_alive() -> None:
     crashed = internet.plan(Topology(hosts=(Host("x", router="r"),), routers=(Router("r"),)), owner="1.1.0")
-    internet.run(internet.setup_commands(crashed))  # built, never torn down: as if its owner died
-    with Internet(_homes(NatKind.EIM)) as alive:  # starting sweeps what dead owners left
-        owned = set(internet.owned_namespaces())
-        assert not set(crashed.namespaces) & owned and set(alive.plan.namespaces) <= owned
-        internet.run(internet.setup_commands(crashed))
-        removed = internet.cleanup_stale()
-        assert set(crashed.namespaces) <= set(removed)
-        assert not set(alive.plan.namespaces) & set(removed)  # a live owner's stay
-        assert set(alive.plan.namespaces) <= set(internet.owned_namespaces())
-    assert not set(crashed.namespaces) & set(internet.owned_namespaces())
+    try:
+        internet.run(internet.setup_commands(crashed))  # built, never torn down: as if its owner died
+        with Internet(_homes(NatKind.EIM)) as alive:  # starting sweeps what dead owners left
+            owned = set(internet.owned_namespaces())
+            assert not set(crashed.namespaces) & owned and set(alive.plan.namespaces) <= owned
+            internet.run(internet.setup_commands(crashed))
+            removed = internet.cleanup_stale()
+            assert set(crashed.namespaces) <= set(removed)
+            assert not set(alive.plan.namespaces) & set(removed)  # a live owner's stay
+            assert set(alive.plan.namespaces) <= set(internet.owned_namespaces())
+        assert not set(crashed.namespaces) & set(internet.owned_namespaces())
+    finally:  # a failing assertion above leaves nothing either
+        internet.remove_namespaces(crashed.namespaces)
