@@ -210,6 +210,12 @@ class TransportSection:
     warnings_per_interval: int = 10
     warnings_per_subnet: int = 3
     ciphers: tuple[Cipher, ...] = ()  # empty: the machine's default order (AES-GCM first where AES is in hardware)
+    fast_path: bool = True  # offer/accept murmur's fast path ahead of /noise + /yamux/1.0.0
+    negotiate_timeout_s: float = 10.0
+    identify_timeout_s: float = 10.0
+    max_negotiation_attempts: int = 16
+    max_streams: int = 256
+    max_refused_streams: int = 256
 
     def limits(self) -> Any:
         """The equivalent ``TransportLimits`` (imported late: config must load
@@ -432,6 +438,11 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "transport.warning_interval_s": finite_positive,
         "transport.warnings_per_interval": at_least(0),
         "transport.warnings_per_subnet": at_least(0),
+        "transport.negotiate_timeout_s": finite_positive,
+        "transport.identify_timeout_s": finite_positive,
+        "transport.max_negotiation_attempts": between(1, 1024),
+        "transport.max_streams": between(8, 65536),
+        "transport.max_refused_streams": at_least(1),
         "api.host": loopback_ip,
         "api.port": between(0, 65535),
         "learning.trainer": non_empty,
