@@ -379,16 +379,25 @@ class Node:
                 last = exc
                 continue
             _raise_if_cancelling()
-            session = self._by_conn.get(conn)
-            if session is None:  # refused on arrival (banned, partitioned, ourselves)
-                raise ConnectionClosed(f"connection to {conn.peer_id.short()} closed at once")
-            if not await session.speaks_murmur():
-                raise ProtocolNotSupported(f"{conn.peer_id.short()} speaks no murmur protocol")
-            if session.closed:
-                raise ConnectionClosed(f"connection to {conn.peer_id.short()} closed at once")
-            return session
+            return await self._greeted(conn)
         assert last is not None
         raise last
+
+    async def _greeted(self, conn: Libp2pConnection) -> PeerSession:
+        """The murmur session a dial ended with, once our greeting is on it:
+        ``conn``'s, or the one that took its place (a simultaneous dial the
+        other way won, see :meth:`_register`)."""
+        session = self._by_conn.get(conn)
+        for _ in range(2):
+            if session is None:  # refused on arrival (banned, partitioned, ourselves)
+                break
+            if await session.speaks_murmur() and not session.closed:
+                return session
+            if session.foreign:
+                raise ProtocolNotSupported(f"{conn.peer_id.short()} speaks no murmur protocol")
+            replacement = self.session(conn.peer_id)
+            session = replacement if replacement is not session else None
+        raise ConnectionClosed(f"connection to {conn.peer_id.short()} closed at once")
 
     def _register(self, conn: Libp2pConnection) -> PeerSession:
         """The session for ``conn``; resolves simultaneous dials deterministically:
@@ -454,6 +463,7 @@ class Node:
             session.murmur_peer(True)  # from here a dialler may send: Link comes after Hello and LearnerInfo
             await conn.wait_closed()
         except ProtocolNotSupported:
+            session.foreign = True
             session.murmur_peer(False)
             self._forget_session(session)
             await self._keep_foreign(conn)

@@ -121,6 +121,7 @@ class PeerSession:
         self._out: dict[MurmurProtocol, Stream] = {}  # the stream we send each protocol's messages on
         self._opening: dict[MurmurProtocol, asyncio.Lock] = {}
         self._murmur: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.foreign = False  # the peer refused murmur's hello protocol: a plain libp2p peer
 
     def murmur_peer(self, speaks: bool) -> None:
         """Settle :meth:`speaks_murmur` (once): the peer took our greeting on

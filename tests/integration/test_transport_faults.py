@@ -24,6 +24,7 @@ from murmur.errors import (
     IdentityMismatch,
     MuxerError,
     NegotiationError,
+    NoCommonProtocol,
     PeerFault,
     TimeoutFault,
 )
@@ -327,5 +328,45 @@ def test_inbound_caps_per_subnet_and_eviction_when_full(caplog: pytest.LogCaptur
                 writer.close()
             await eventually(lambda: node.host.inbound == 0)
             await assert_serves_good_peer(node)
+
+    run(scenario)
+
+
+def test_a_fast_path_listener_that_refuses_the_muxer_is_dropped_after_the_lazy_dial() -> None:
+    """The dialler takes ``/murmur/mux/1.0.0`` as agreed with handshake message 3
+    (no round trip for the echo); a listener that answers ``na`` instead, or
+    sends anything but the echo first, costs it the connection."""
+
+    async def scenario() -> None:
+        mallory = Identity.generate()
+        refusals = [b"na", b"other"]
+
+        async def refusing_listener(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await _accept_security(reader, writer)
+                enc, dec = await noise_handshake(reader, writer, Libp2pNoiseHandshake(mallory, False))
+                answer = refusals.pop(0)
+                header = multistream.encode_message(multistream.PROTOCOL_ID)
+                if answer == b"na":
+                    writer.write(_record(enc, FrameType.DATA, 0, header + multistream.encode_message("na")))
+                else:  # a stream opened before the muxer was agreed
+                    writer.write(_record(enc, FrameType.OPEN, 2))
+                await reader.read()  # until the dialler hangs up
+            except (asyncio.IncompleteReadError, ConnectionError, PeerFault):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(refusing_listener, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        faults: list[PeerFault] = []
+        async with host(on_fault=lambda peer, fault: faults.append(fault)) as client:
+            for expected in (NoCommonProtocol, NegotiationError):
+                conn = await client.dial(Multiaddr("127.0.0.1", port, mallory.peer_id))
+                assert conn.muxer == "/murmur/mux/1.0.0"  # lazily: before the listener said anything
+                await asyncio.wait_for(conn.wait_closed(), 2.0)
+                assert type(conn.fault) is expected and faults[-1] is conn.fault
+        server.close()
+        await server.wait_closed()
 
     run(scenario)

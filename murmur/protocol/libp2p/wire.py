@@ -15,6 +15,13 @@ listener (``TransportLimits.fast_path`` off leaves only the second):
 * ``/noise``: :class:`~murmur.protocol.noise.StandardNoiseHandshake` and the
   libp2p-noise channel; its muxer is ``/yamux/1.0.0``.
 
+On the fast path the dialler proposes its one muxer with handshake message 3
+and takes it as agreed at once (multistream-select's lazy form, for a single
+proposal): its first streams follow the proposal without waiting a round trip
+for the echo, which it checks when it arrives (no other record may come
+before it). A peer that speaks ``/murmur/noise-fast/1.0.0`` speaks
+``/murmur/mux/1.0.0``; one that answers ``na`` is dropped.
+
 No plaintext protocol is offered or accepted, ever: an unknown or plaintext
 proposal gets ``na``, and after ``max_negotiation_attempts`` of them the
 connection is closed (:class:`~murmur.errors.NegotiationError`). The whole
@@ -317,6 +324,8 @@ class Wire(asyncio.BufferedProtocol):
         else:
             self._muxer_mss = multistream.Listener({murmux.PROTOCOL_ID}, self.limits.max_negotiation_attempts)
         self._write_record(self._muxer_mss.start())  # the dialler's rides with handshake message 3
+        if self.outbound:
+            self._muxed()  # lazily: the echo is checked when it comes (see the module docstring)
         # Records that came with the handshake's last message are the peer's
         # first authenticated bytes: they count (and are judged) like any other.
         tail = reader.take_pending()
@@ -336,6 +345,20 @@ class Wire(asyncio.BufferedProtocol):
         assert decoder is not None
         if self.conn is not None:
             assert isinstance(self.conn, FastConnection)
+            mss = self._muxer_mss
+            if mss is not None and not mss.done:  # the dialler's lazy agreement: the echo comes first
+                taken = 0
+                for frame in frames:
+                    if mss.done:
+                        break
+                    if frame.type is not FrameType.DATA or frame.stream != 0:
+                        raise NegotiationError(f"{frame.type.name} record on stream {frame.stream} before the "
+                                               "muxer's echo")
+                    mss.feed(frame.payload)  # NoCommonProtocol if the peer refuses it
+                    taken += 1
+                if mss.done and mss.leftover:
+                    raise NegotiationError("bytes behind the muxer agreement in the same record")
+                frames = frames[taken:]
             self.conn._on_frames(frames)
         else:
             for i, frame in enumerate(frames):
