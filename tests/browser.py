@@ -9,11 +9,14 @@ anywhere else the caller gets a reason string to ``pytest.skip`` with.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 APT_TIMEOUT_S = 900
@@ -88,3 +91,127 @@ def dump_dom(url: str, *, budget_ms: int = VIRTUAL_TIME_BUDGET_MS) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"chromium exited {result.returncode}: {result.stderr[-2000:]}")
     return result.stdout
+
+
+DEVTOOLS_START_S = 30.0
+DEVTOOLS_CALL_S = 60.0
+
+
+class BrowserPage:
+    """One headless Chromium tab, driven over the DevTools protocol.
+
+    ``--dump-dom`` shows what a page contains, not how it is laid out; this
+    lets a test measure the page as a person sees it (does a table overflow
+    its panel, did every image load) and take a screenshot of it::
+
+        async with BrowserPage(1280, 900) as page:
+            await page.goto(url)
+            assert await page.evaluate("document.images.length") == 3
+            await page.screenshot(path)
+    """
+
+    def __init__(self, width: int = 1280, height: int = 900) -> None:
+        self.width, self.height = width, height
+        self._profile: tempfile.TemporaryDirectory[str] | None = None
+        self._proc: Any = None
+        self._http: Any = None
+        self._ws: Any = None
+        self._next_id = 0
+        self._events: list[dict[str, Any]] = []
+
+    async def __aenter__(self) -> BrowserPage:
+        import aiohttp
+
+        binary = await asyncio.to_thread(ensure_chromium)
+        self._profile = tempfile.TemporaryDirectory(prefix="murmur-chromium-")
+        profile = Path(self._profile.name)
+        self._proc = await asyncio.create_subprocess_exec(
+            str(binary), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage", "--remote-debugging-port=0", f"--user-data-dir={profile}",
+            f"--window-size={self.width},{self.height}", "about:blank",
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + DEVTOOLS_START_S
+        while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
+            if self._proc.returncode is not None or time.monotonic() > deadline:
+                raise BrowserUnavailable("chromium did not open its DevTools port")
+            await asyncio.sleep(0.05)  # polling a file the browser writes, bounded by the deadline
+        port = int(port_file.read_text().split()[0])
+        self._http = aiohttp.ClientSession()
+        async with self._http.get(f"http://127.0.0.1:{port}/json/list") as resp:
+            targets = await resp.json()
+        page = next(t for t in targets if t.get("type") == "page")
+        self._ws = await self._http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+        await self.call("Page.enable")
+        await self.call("Emulation.setDeviceMetricsOverride",
+                        width=self.width, height=self.height, deviceScaleFactor=1, mobile=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._http is not None:
+            await self._http.close()
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.terminate()
+            await self._proc.wait()
+        if self._profile is not None:
+            self._profile.cleanup()
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._next_id += 1
+        ident = self._next_id
+        await self._ws.send_json({"id": ident, "method": method, "params": params})
+        while True:
+            message = await asyncio.wait_for(self._ws.receive_json(), DEVTOOLS_CALL_S)
+            if message.get("id") == ident:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return dict(message.get("result") or {})
+            if "method" in message:
+                self._events.append(message)
+
+    async def goto(self, url: str) -> None:
+        self._events.clear()
+        await self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + DEVTOOLS_CALL_S
+        while not any(e["method"] == "Page.loadEventFired" for e in self._events):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{url} did not load")
+            message = await asyncio.wait_for(self._ws.receive_json(), remaining)
+            if "method" in message:
+                self._events.append(message)
+
+    async def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression (a promise is awaited)."""
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression[:80]}...: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, condition: str, timeout_s: float = 20.0) -> bool:
+        """Whether the JavaScript ``condition`` became true within ``timeout_s``
+        (polled in the page: the dashboard renders what its own poll fetched)."""
+        return bool(await self.evaluate(
+            "new Promise(done => { const end = Date.now() + %d; (function tick() {"
+            " let ok = false; try { ok = Boolean(%s); } catch (e) {}"
+            " if (ok || Date.now() > end) done(ok); else setTimeout(tick, 50); })(); })"
+            % (int(timeout_s * 1000), condition)))
+
+    async def screenshot(self, path: Path, full_page: bool = True) -> tuple[int, int]:
+        """Write a PNG of the page (all of it with ``full_page``); returns its size in pixels."""
+        import base64
+
+        params: dict[str, Any] = {"format": "png"}
+        if full_page:
+            width, height = await self.evaluate(
+                "[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+            params |= {"captureBeyondViewport": True,
+                       "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}}
+        else:
+            width, height = self.width, self.height
+        data = base64.b64decode((await self.call("Page.captureScreenshot", **params))["data"])
+        path.write_bytes(data)
+        return int(width), int(height)

@@ -2,10 +2,16 @@
 
 ``murmur id``              peer id and addresses (like ``ipfs id``), JSON
 ``murmur node start``      run the daemon (``murmur.node.daemon.run_node``)
-``murmur status|peers``    query a running node's local HTTP API
+``murmur node stop``       stop it gracefully (SIGTERM to the pid in the state dir)
+``murmur node health``     exit 0 while its /healthz says healthy (container health checks)
+``murmur status|peers``    query a running node's local HTTP API (human or JSON)
+``murmur logs [-f]``       the daemon's log in its state dir
 ``murmur config default``  print the documented default config
 ``murmur config check``    validate a config file, print it resolved
 ``murmur testnet run``     run a local testnet scenario (``murmur.testnet.cli``)
+``murmur testnet compare`` overlay several runs' reports (``murmur.testnet.compare``)
+``murmur completion SHELL`` a bash or zsh completion script
+``murmur --version``
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage or a
 damaged identity key (:class:`~murmur.errors.StateDamaged`), 141 (as
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import enum
 import importlib
 import inspect
 import json
@@ -35,6 +42,7 @@ from typing import Any, NoReturn, TypeVar
 
 import uvloop
 
+from murmur import __version__
 from murmur.errors import ConfigError, MurmurError, OptionError, StateDamaged, StateError
 from murmur.fastexit import exit_after_shutdown
 from murmur.node import preflight
@@ -45,9 +53,13 @@ from murmur.node.config import (
     config_to_dict,
     default_config_text,
     load_config_with_source,
-    parse_override,
+    collect_overrides,
 )
+from murmur.node.completion import Shell
+from murmur.node.completion import script as completion_script
 from murmur.node.logs import configure_logging
+from murmur.node.operate import STOP_TIMEOUT_S, follow, stop_node, tail_lines
+from murmur.node.render import render_peers, render_status
 from murmur.node.state import StateDir
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.testnet.options import add_run_arguments as add_testnet_run_arguments
@@ -62,6 +74,14 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 HTTP_TIMEOUT_S = 5.0
 DAEMON_ENTRY = ("murmur.node.daemon", "run_node")
 TESTNET_ENTRY = ("murmur.testnet.cli", "run_testnet")
+COMPARE_ENTRY = ("murmur.testnet.compare", "run_compare")
+LOG_LINES = 50
+HEALTH_TIMEOUT_S = 3.0
+
+
+class Output(enum.StrEnum):
+    HUMAN = "human"
+    JSON = "json"
 
 T = TypeVar("T")
 
@@ -127,10 +147,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "learning.trainer": getattr(args, "trainer", None),
     }
     out: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
-    for item in getattr(args, "set", None) or ():
-        key, value = parse_override(item)
-        out[key] = value
-    return out
+    return out | collect_overrides(getattr(args, "set", None) or ())
 
 
 def _config(args: argparse.Namespace, *checks: Callable[[NodeConfig], None]) -> NodeConfig:
@@ -200,9 +217,37 @@ def _running_node_addrs(state: StateDir) -> list[str] | None:
 
 def cmd_node_start(args: argparse.Namespace) -> int:
     cfg = _config(args, preflight.check_node)
-    configure_logging(cfg.node.log_level, cfg.node.log_format)
+    state = StateDir(cfg.node.data_dir).create()  # preflight found it writable
+    configure_logging(cfg.node.log_level, cfg.node.log_format, log_file=state.log_path)
     run_node = load_entry(*DAEMON_ENTRY, what="start the node")
     return _call_entry(run_node, cfg)
+
+
+def _state_dir(args: argparse.Namespace) -> StateDir:
+    """The state dir ``--data-dir`` names, else the config's."""
+    return StateDir(Path(args.data_dir).expanduser() if args.data_dir else _config(args).node.data_dir)
+
+
+def cmd_node_stop(args: argparse.Namespace) -> int:
+    state = _state_dir(args)
+    stopped = stop_node(state, args.timeout)
+    _write(f"stopped the node in {state.path} (pid {stopped.pid}) in {stopped.seconds:.2f} s\n")
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    state = _state_dir(args)
+    path = state.log_path
+    if not path.exists():
+        raise CliError(f"no log in {state.path}: `murmur node start` writes {path.name} there")
+    with open(path, "rb") as fh:
+        _write("".join(line + "\n" for line in tail_lines(fh, args.lines)))
+        if args.follow:
+            try:
+                follow(fh, path, _write)
+            except KeyboardInterrupt:
+                return EXIT_OK  # Ctrl-C is how one stops following
+    return EXIT_OK
 
 
 def _api_url(args: argparse.Namespace) -> str:
@@ -227,15 +272,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 async def _get_json(base: str, path: str, timeout_s: float = HTTP_TIMEOUT_S) -> Any:
+    return (await _request(base, path, timeout_s))[1]
+
+
+async def _request(base: str, path: str, timeout_s: float = HTTP_TIMEOUT_S,
+                   accept: tuple[int, ...] = (200,)) -> tuple[int, Any]:
+    """(HTTP status, JSON body) of ``GET base+path``; a status not in ``accept`` is a CliError."""
     import aiohttp  # late: half of the CLI's start-up time, and only the API clients need it
 
     url = f"{base}{path}"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
             async with session.get(url) as resp:
-                if resp.status != 200:
+                if resp.status not in accept:
                     raise CliError(f"{url}: HTTP {resp.status}")
-                return await resp.json()
+                return resp.status, await resp.json()
     except aiohttp.ClientConnectionError as exc:
         raise CliError(f"cannot reach the node API at {base} ({exc}); is the node running?") from exc
     except (aiohttp.ContentTypeError, json.JSONDecodeError) as exc:
@@ -244,13 +295,45 @@ async def _get_json(base: str, path: str, timeout_s: float = HTTP_TIMEOUT_S) -> 
         raise CliError(f"{url}: no answer within {timeout_s:g}s") from exc
 
 
+def _output(args: argparse.Namespace) -> Output:
+    """``--output``, else human on a terminal and JSON into a pipe or file."""
+    if args.output is not None:
+        return Output(args.output)
+    return Output.HUMAN if sys.stdout.isatty() else Output.JSON
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    _print_json(run_async(_get_json(_api_url(args), "/status")))
+    status = run_async(_get_json(_api_url(args), "/status"))
+    if _output(args) is Output.HUMAN and isinstance(status, dict):
+        _write(render_status(status))
+    else:
+        _print_json(status)
     return EXIT_OK
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    _print_json(run_async(_get_json(_api_url(args), "/peers")))
+    peers = run_async(_get_json(_api_url(args), "/peers"))
+    if _output(args) is Output.HUMAN and isinstance(peers, list):
+        _write(render_peers(peers))
+    else:
+        _print_json(peers)
+    return EXIT_OK
+
+
+def cmd_node_health(args: argparse.Namespace) -> int:
+    """Exit 0 while the node answers /healthz 200, else 1, with one line
+    either way: what a container HEALTHCHECK or a monitor runs (no curl needed)."""
+    code, health = run_async(_request(_api_url(args), "/healthz", args.timeout, accept=(200, 503)))
+    if code == 200:
+        _write("healthy\n")
+        return EXIT_OK
+    failed = health.get("failed_tasks") if isinstance(health, dict) else None
+    detail = "; ".join(f"{f.get('task')} {f.get('state')}: {f.get('error')}" for f in failed or [] if isinstance(f, dict))
+    raise CliError(f"unhealthy: {detail or health}")
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    _write(completion_script(Shell(args.shell), build_parser(), PROG))
     return EXIT_OK
 
 
@@ -271,60 +354,184 @@ def cmd_testnet_run(args: argparse.Namespace) -> int:
     return _call_entry(run_testnet, args)
 
 
+def cmd_testnet_compare(args: argparse.Namespace) -> int:
+    run_compare = load_entry(*COMPARE_ENTRY, what="compare testnet runs")
+    return _call_entry(run_compare, args)
+
+
 # -------------------------------------------------------------------- parser
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped, examples (text with line breaks) as written;
+    every option with a default names it (flags that default to off, and
+    options without one, do not)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is not None and default is not False and default is not argparse.SUPPRESS
+                and "default" not in text and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str, description: str,
+             examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand whose help has a description and examples."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog, formatter_class=HelpFormatter)
+
+
+def _group(sub: argparse._SubParsersAction, name: str, summary: str, dest: str) -> argparse._SubParsersAction:
+    p = sub.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
+    return p.add_subparsers(dest=dest, required=True, metavar="ACTION")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", type=Path, help="node config file (TOML); defaults apply without one")
-    p.add_argument("--data-dir", help="state directory (overrides node.data_dir)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any option, e.g. learning.rounds=5")
+    p.add_argument("--config", "-c", type=Path, metavar="FILE", help="node config file (TOML); defaults apply without one")
+    p.add_argument("--data-dir", metavar="DIR", help="state directory (overrides node.data_dir, default ~/.murmur)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any option, e.g. learning.rounds=5; a list option takes one item per --set "
+                        "(--set node.listen=/ip4/0.0.0.0/tcp/4731) or a TOML list")
 
 
-def _add_api_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", type=Path, help="node config file, to find its data dir")
+def _add_state_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, metavar="FILE", help="node config file, to find its data dir")
+    p.add_argument("--data-dir", metavar="DIR", help="state dir of the node (default: the config's node.data_dir)")
+
+
+def _add_api_args(p: argparse.ArgumentParser, output: bool = True) -> None:
+    p.add_argument("--config", "-c", type=Path, metavar="FILE", help="node config file, to find its data dir")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--data-dir", help="state dir of the running node (its api.json says where the API is)")
+    where.add_argument("--data-dir", metavar="DIR", help="state dir of the running node (its api.json says where the API is)")
     where.add_argument("--api", metavar="URL", help="API base URL, e.g. http://127.0.0.1:5001")
+    if not output:
+        return
+    p.add_argument("--output", "-o", choices=[o.value for o in Output],
+                   help="human: labelled lines with units; json: the API's answer as is "
+                        "(default: human on a terminal, json otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="murmur: peer-to-peer decentralized learning node")
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=HelpFormatter,
+        description="murmur: peer-to-peer decentralized learning node",
+        epilog=f"`{PROG} COMMAND --help` describes each command, with examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("id", help="print this node's peer id and addresses (creates the identity if missing)")
+    p = _command(sub, "id", "print this node's peer id and addresses (creates the identity if missing)",
+                 "Print the node's peer id, public key and addresses as JSON (like `ipfs id`). Creates the "
+                 "identity in the data dir if there is none; asks a running node for its actual addresses.",
+                 [f"{PROG} id --data-dir ~/.murmur"])
     _add_config_args(p)
     p.set_defaults(handler=cmd_id)
 
-    node = sub.add_parser("node", help="run the node daemon").add_subparsers(dest="node_command", required=True, metavar="ACTION")
-    p = node.add_parser("start", help="start the daemon in the foreground")
+    node = _group(sub, "node", "run or stop the node daemon", "node_command")
+    p = _command(node, "start", "start the daemon in the foreground",
+                 "Run the node daemon in the foreground until SIGINT/SIGTERM (`murmur node stop`). It logs to "
+                 "stderr and to murmur.log in its data dir (`murmur logs`). Any problem with the config is one "
+                 "line and exit code 2 before a port is bound.",
+                 [f"{PROG} node start --config node.toml",
+                  f"{PROG} node start --listen /ip4/0.0.0.0/tcp/4731 --bootstrap /ip4/192.0.2.7/tcp/4731/p2p/12D3KooW...",
+                  f"{PROG} node start --set learning.rounds=0 --set privacy.enabled=true"])
     _add_config_args(p)
-    p.add_argument("--listen", action="append", metavar="MULTIADDR", help="listen address (repeatable), e.g. /ip4/0.0.0.0/tcp/4731")
+    p.add_argument("--listen", action="append", metavar="MULTIADDR",
+                   help="listen address (repeatable), e.g. /ip4/0.0.0.0/tcp/4731 (default: node.listen)")
     p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="bootstrap peer (repeatable)")
-    p.add_argument("--api-port", type=int, metavar="PORT", help="status API port (0 = any)")
-    p.add_argument("--trainer", metavar="SPEC", help="trainer name or package.module:Class")
-    p.add_argument("--log-level", choices=[v.value for v in LogLevel])
-    p.add_argument("--log-format", choices=[v.value for v in LogFormat])
+    p.add_argument("--api-port", type=int, metavar="PORT", help="status API port on 127.0.0.1 (default: api.port, 0 = any)")
+    p.add_argument("--trainer", metavar="SPEC", help="trainer name or package.module:Class (default: learning.trainer)")
+    p.add_argument("--log-level", choices=[v.value for v in LogLevel], help="log level (default: node.log_level)")
+    p.add_argument("--log-format", choices=[v.value for v in LogFormat],
+                   help="log lines as text or JSON, on stderr and in murmur.log (default: node.log_format)")
     p.set_defaults(handler=cmd_node_start)
 
-    p = sub.add_parser("status", help="status of a running node (JSON)")
+    p = _command(node, "stop", "stop a running daemon gracefully",
+                 "Send SIGTERM to the daemon whose state dir this is (the pid in node.pid, checked against the "
+                 "state dir's lock) and wait until it has said goodbye to its peers, written its checkpoint and "
+                 "exited. Exit code 1 when no node runs there or it does not stop in time.",
+                 [f"{PROG} node stop --data-dir ~/.murmur", f"{PROG} node stop --config node.toml --timeout 60"])
+    _add_state_args(p)
+    p.add_argument("--timeout", type=float, default=STOP_TIMEOUT_S, metavar="SECONDS",
+                   help="how long to wait for the daemon to exit")
+    p.set_defaults(handler=cmd_node_stop)
+
+    p = _command(node, "health", "exit 0 if the running node is healthy, else 1",
+                 "Ask the node's /healthz: exit 0 and print `healthy` while every supervised task runs, else exit "
+                 "1 with what failed (also when the node does not answer). For container health checks and "
+                 "monitors; needs no curl.",
+                 [f"{PROG} node health --data-dir /var/lib/murmur"])
+    _add_api_args(p, output=False)
+    p.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT_S, metavar="SECONDS", help="how long to wait for an answer")
+    p.set_defaults(handler=cmd_node_health)
+
+    p = _command(sub, "status", "status of a running node",
+                 "Ask a running node's local API for its status: peers, rounds against the target, accuracy, "
+                 "ε spent against the budget, traffic, health.",
+                 [f"{PROG} status --data-dir ~/.murmur", f"{PROG} status --api http://127.0.0.1:5001 --output json"])
     _add_api_args(p)
     p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("peers", help="peers of a running node (JSON)")
+    p = _command(sub, "peers", "peers of a running node",
+                 "Every peer the node knows: whether it is connected, a learning neighbour, and its score.",
+                 [f"{PROG} peers --data-dir ~/.murmur", f"{PROG} peers --data-dir ~/.murmur -o json"])
     _add_api_args(p)
     p.set_defaults(handler=cmd_peers)
 
-    config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    p = config.add_parser("default", help="print the documented default config")
+    p = _command(sub, "logs", "print (and follow) the daemon's log",
+                 "Print the end of murmur.log in the node's state dir; with --follow, keep printing what it "
+                 "writes, across log rotations, until Ctrl-C.",
+                 [f"{PROG} logs --data-dir ~/.murmur", f"{PROG} logs -f -n 0 --config node.toml"])
+    _add_state_args(p)
+    p.add_argument("--lines", "-n", type=int, default=LOG_LINES, metavar="N", help="last N lines (0: all)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    p.set_defaults(handler=cmd_logs)
+
+    config = _group(sub, "config", "inspect configuration", "config_command")
+    p = _command(config, "default", "print the documented default config",
+                 "Print every option with its default and what it does, as a TOML file to start from.",
+                 [f"{PROG} config default > node.toml"])
     p.set_defaults(handler=cmd_config_default)
-    p = config.add_parser("check", help="validate a config as node start would (trainer, options, device, data dir, ports) and print it resolved (JSON)")
+    p = _command(config, "check", "validate a config as node start would and print it resolved (JSON)",
+                 "Check a config as `node start` would (schema, trainer, options, device, data dir, ports) "
+                 "and print it resolved as JSON; a problem is one line naming the file, line and key.",
+                 [f"{PROG} config check --config node.toml", f"{PROG} config check --set learning.codec=int8"])
     _add_config_args(p)
     p.set_defaults(handler=cmd_config_check)
 
-    testnet = sub.add_parser("testnet", help="local testnets").add_subparsers(dest="testnet_command", required=True, metavar="ACTION")
-    p = testnet.add_parser("run", help="run a testnet scenario")
+    testnet = _group(sub, "testnet", "local testnets", "testnet_command")
+    p = _command(testnet, "run", "run a testnet scenario",
+                 "Start a scenario's nodes on this machine, drive its churn, serve a live dashboard, and write "
+                 "a report (index.html, PNG plots and the CSV behind each) to the run directory.",
+                 [f"{PROG} testnet run", f"{PROG} testnet run my.toml --nodes-per-process 8 --out runs/mine"])
     add_testnet_run_arguments(p)  # declared once, for `python -m murmur.testnet.cli` too
     p.set_defaults(handler=cmd_testnet_run)
+    p = _command(testnet, "compare", "overlay the reports of several runs on one page",
+                 "Overlay the metric over rounds, over bytes on the wire and over time of several testnet runs "
+                 "(their network means), and tabulate their summaries: a codec, an aggregator or a privacy "
+                 "setting judged side by side.",
+                 [f"{PROG} testnet compare runs/fp32 runs/fp16 --out runs/fp32-vs-fp16"])
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="run directories of `murmur testnet run` (each has report/summary.json)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where to write the comparison (default: reports/compare-<time>)")
+    p.add_argument("--label", action="append", metavar="NAME",
+                   help="a name per run, in order (default: each run directory's name)")
+    p.set_defaults(handler=cmd_testnet_compare)
+
+    p = _command(sub, "completion", "print a shell completion script",
+                 "Print a completion script for bash or zsh, generated from this command's own options.",
+                 [f'eval "$({PROG} completion bash)"   # in ~/.bashrc',
+                  f'eval "$({PROG} completion zsh)"    # in ~/.zshrc'])
+    p.add_argument("shell", choices=[sh.value for sh in Shell])
+    p.set_defaults(handler=cmd_completion)
     return parser
 
 

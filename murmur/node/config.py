@@ -20,7 +20,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -620,6 +620,18 @@ def config_keys(cls: type = NodeConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+def is_list_key(dotted: str) -> bool:
+    """Whether option ``dotted`` (``node.listen``) holds a list; False for unknown keys."""
+    tp: Any = NodeConfig
+    for part in dotted.split("."):
+        if not (dataclasses.is_dataclass(tp) and tp is not Multiaddr):
+            return False
+        tp = typing.get_type_hints(tp).get(part)
+        if tp is None:
+            return False
+    return typing.get_origin(tp) is tuple
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` from ``--set``: the value is read as a TOML value when it
     parses as one (numbers, booleans, lists), otherwise as a bare string."""
@@ -631,6 +643,25 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return key, raw.strip()
+
+
+def collect_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``--set`` arguments as dotted-key overrides, later ones winning.
+
+    A list option takes one item per ``--set`` (``--set
+    node.listen=/ip4/0.0.0.0/tcp/4731`` twice listens on both; a bare
+    multiaddr is no TOML value, and "must be a list, got str" helped nobody)
+    or a whole TOML list (``--set 'node.listen=["/ip4/...", "/ip6/..."]'``),
+    which replaces what came before."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, value = parse_override(item)
+        if is_list_key(key) and not isinstance(value, list):
+            previous = out.get(key)
+            out[key] = [*(previous if isinstance(previous, list) else ()), value]
+        else:
+            out[key] = value
+    return out
 
 
 def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:

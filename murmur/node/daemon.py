@@ -42,6 +42,7 @@ from murmur.node.config import AUTO, NodeConfig
 from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
 from murmur.node.preflight import bind_problem
+from murmur.node.progress import progress, resumed_eval
 from murmur.node.session import Dispatcher, PeerSession, ProtocolNotSupported
 from murmur.node.state import ApiInfo, StateDir
 from murmur.protocol.discovery import MdnsConfig, MdnsDiscovery
@@ -105,6 +106,7 @@ class Node:
         self._reachable: frozenset[PeerId] | None = None  # None: no partition (see set_partition)
         # Peers that run another model (see refuse_learning), oldest first, bounded.
         self._incompatible: dict[PeerId, str] = {}
+        self._resumed: dict[str, Any] | None = None  # the last metrics row before this start (see status)
 
     # -- lifetime ------------------------------------------------------------------
 
@@ -141,6 +143,8 @@ class Node:
             from murmur.node.learner import NodeLearner  # torch is only loaded by learning nodes
 
             self.attach_learner(NodeLearner(self))
+            self._resumed = self.state.last_metrics()
+            self.metrics.resume(self._resumed)
         self.host = Libp2pHost(
             self.identity, HostConfig(limits=cfg.transport.limits(), agent_version=AGENT),
             on_connection=self._on_connection, on_fault=self._on_host_fault, on_identified=self._on_identified,
@@ -658,9 +662,20 @@ class Node:
             "bytes_out": traffic[1],
             "faults": dict(self._faults),
             "health": self.health(),
-            "learning": self.learner.status() if self.learner is not None else None,
+            "learning": self._learning_status(),
             "learning_off": self.learning_off,
         }
+
+    def _learning_status(self) -> dict[str, Any] | None:
+        """The learner's snapshot, plus where its rounds stand (target, done,
+        ε against the budget) and, until a round back has evaluated the
+        restored model, the accuracy recorded before a restart."""
+        if self.learner is None:
+            return None
+        learning = dict(self.learner.status())
+        learning |= resumed_eval(learning, self._resumed)
+        learning["last_round_s"] = dict(self.metrics.last_phases)  # phase -> seconds of the last round
+        return learning | progress(learning, self.config.learning, self.config.privacy)
 
     def _failed_tasks(self) -> list[dict[str, Any]]:
         return [

@@ -602,6 +602,7 @@ class NodeLearner:
                 **timer.rounded(),
             }
         )
+        metrics.observe_round(timer.seconds)
         log.info(
             "round done",
             extra={"event": "round", "round": report.round, "accuracy": round(accuracy, 4),

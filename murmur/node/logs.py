@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import logging.handlers
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, TextIO
 
 from murmur.node.config import LogFormat, LogLevel
@@ -20,6 +22,8 @@ from murmur.node.config import LogFormat, LogLevel
 #: Attributes every LogRecord has; anything else on a record came from ``extra``.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime", "taskName"}
 _HANDLER_MARK = "_murmur_handler"
+LOG_FILE_BYTES = 10 * 1024 * 1024  # murmur.log rotates to murmur.log.1 at this size
+LOG_FILE_BACKUPS = 3  # murmur.log.1 .. .3 kept: at most 40 MiB of log per node
 
 
 def record_extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -74,21 +78,32 @@ def configure_logging(
     level: LogLevel | str = LogLevel.INFO,
     fmt: LogFormat | str = LogFormat.TEXT,
     stream: TextIO | None = None,
+    log_file: Path | None = None,
 ) -> logging.Handler:
-    """Send all logging to ``stream`` (default stderr) in format ``fmt``.
+    """Send all logging to ``stream`` (default stderr) in format ``fmt``, and
+    to ``log_file`` too when given (rotated at LOG_FILE_BYTES, LOG_FILE_BACKUPS
+    kept: ``murmur logs`` reads it; a daemon under systemd or in a container
+    still has its stderr, and an operator who started it by hand has the file).
 
-    Replaces a handler installed by an earlier call instead of stacking a
-    second one, so calling it twice never duplicates lines. Returns the
-    handler (tests remove it with ``logging.getLogger().removeHandler``).
+    Replaces handlers installed by an earlier call instead of stacking more,
+    so calling it twice never duplicates lines. Returns the stream handler
+    (tests remove it with ``logging.getLogger().removeHandler``).
     """
     level = LogLevel(level)
     fmt = LogFormat(fmt)
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
         root.removeHandler(old)
+        if isinstance(old, logging.FileHandler):
+            old.close()
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    setattr(handler, _HANDLER_MARK, True)
-    handler.setFormatter(_FORMATTERS[fmt]())
-    root.addHandler(handler)
+    handlers: list[logging.Handler] = [handler]
+    if log_file is not None:
+        handlers.append(logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"))
+    for h in handlers:
+        setattr(h, _HANDLER_MARK, True)
+        h.setFormatter(_FORMATTERS[fmt]())
+        root.addHandler(h)
     root.setLevel(level.value.upper())
     return handler

@@ -14,14 +14,22 @@ cannot grow the exposition without limit.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+import math
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
+from prometheus_client.metrics_core import Metric
 
-__all__ = ["NodeMetrics", "Direction", "Split", "PROMETHEUS_CONTENT_TYPE"]
+__all__ = ["NodeMetrics", "Direction", "Split", "PROMETHEUS_CONTENT_TYPE", "PHASE_SUFFIX"]
 
 NAMESPACE = "murmur"
+#: Round durations from a few ms (a testnet's tiny model) to minutes (a large
+#: model under a long deadline).
+ROUND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+PHASE_SUFFIX = "_s"  # metrics rows name a round's phases train_s, commit_s, ...
+CREATED_SUFFIX = "_created"
 
 
 class Direction(enum.StrEnum):
@@ -72,6 +80,15 @@ class NodeMetrics:
             "failed_tasks", "Supervised tasks of the node that crashed or keep failing (status health.failed_tasks)",
             namespace=NAMESPACE, registry=r,
         )
+        self.round_seconds = Histogram(
+            "round_seconds", "Wall time of a learning round, all phases", namespace=NAMESPACE, registry=r,
+            buckets=ROUND_BUCKETS,
+        )
+        self.phase_seconds = Histogram(
+            "round_phase_seconds", "Wall time of each phase of a learning round (train, commit, send, wait, "
+            "aggregate, eval)", ["phase"], namespace=NAMESPACE, registry=r, buckets=ROUND_BUCKETS,
+        )
+        self.last_phases: dict[str, float] = {}  # the last round's, for /status
         self.healthy.set(1)
         self._weight_peers: set[str] = set()
         for direction in Direction:  # export zeros from the start, not only after the first byte
@@ -89,9 +106,34 @@ class NodeMetrics:
         cls = fault if isinstance(fault, type) else type(fault)
         self.faults.labels(type=cls.__name__).inc()
 
-    def set_eval(self, split: Split, *, loss: float, accuracy: float) -> None:
-        self.loss.labels(split=split.value).set(loss)
-        self.accuracy.labels(split=split.value).set(accuracy)
+    def set_eval(self, split: Split, *, loss: float | None, accuracy: float | None) -> None:
+        """Export what was measured; a value that was not (None, NaN: training
+        measures no accuracy) is left out, never exported as NaN."""
+        for gauge, value in ((self.loss, loss), (self.accuracy, accuracy)):
+            if value is not None and math.isfinite(value):
+                gauge.labels(split=split.value).set(value)
+
+    def observe_round(self, phases: Mapping[str, float]) -> None:
+        """One finished round's phase times (``{"train_s": 0.05, ...}``, the metrics row's)."""
+        seconds = {name.removesuffix(PHASE_SUFFIX): float(v) for name, v in phases.items()
+                   if name.endswith(PHASE_SUFFIX) and math.isfinite(v) and v >= 0}
+        for phase, value in seconds.items():
+            self.phase_seconds.labels(phase=phase).observe(value)
+        self.round_seconds.observe(sum(seconds.values()))
+        self.last_phases = seconds
+
+    def resume(self, row: Mapping[str, object] | None) -> None:
+        """After a restart, what the last metrics row recorded (round, test
+        accuracy and loss, ε), until the first round back replaces it."""
+        if row is None:
+            return
+        if isinstance(row.get("round"), int):
+            self.round.set(int(row["round"]) + 1)  # the round the node resumes at
+        loss, accuracy, epsilon = row.get("loss"), row.get("accuracy"), row.get("epsilon")
+        self.set_eval(Split.TEST, loss=loss if isinstance(loss, (int, float)) else None,
+                      accuracy=accuracy if isinstance(accuracy, (int, float)) else None)
+        if isinstance(epsilon, (int, float)) and math.isfinite(epsilon):
+            self.epsilon_spent.set(epsilon)
 
     def set_aggregation_weights(self, weights: Mapping[str, float]) -> None:
         """Replace the per-peer weights with those of the latest aggregation."""
@@ -107,5 +149,21 @@ class NodeMetrics:
         return self.registry.get_sample_value(name, labels)
 
     def exposition(self) -> bytes:
-        """Prometheus text format of this node's registry."""
-        return generate_latest(self.registry)
+        """Prometheus text format of this node's registry, without the
+        ``*_created`` samples prometheus_client adds to every counter and
+        histogram (a second series per series that says when the process
+        started; scrapers have ``process_start_time_seconds`` for that)."""
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated:
+    """A registry view whose metrics carry no ``*_created`` sample (per node,
+    not the library's process-wide ``disable_created_metrics()``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():  # fresh Metric objects on every collect
+            metric.samples = [s for s in metric.samples if not s.name.endswith(CREATED_SUFFIX)]
+            yield metric

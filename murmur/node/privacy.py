@@ -66,9 +66,10 @@ import torch
 from prometheus_client import Counter, Gauge
 from scipy.optimize import brentq, minimize_scalar
 
-from murmur.errors import ConfigError, ReplayError
+from murmur.errors import ConfigError, ReplayError, StateError
 from murmur.learning.privacy.accountant import (
     Accountant,
+    Spent,
     calibrate_decor,
     epsilon_from_rdp_coef,
     example_level_epsilon,
@@ -511,6 +512,18 @@ class PrivacyStage:
 # --------------------------------------------------------------------------- on the network
 
 
+def _merged(ledger: Sequence[Spent]) -> list[Spent]:
+    """Consecutive entries of one calibration as one (restarts under an
+    unchanged config keep the ledger one line long)."""
+    out: list[Spent] = []
+    for entry in ledger:
+        if out and (out[-1].rdp_coef, out[-1].sampling_rate) == (entry.rdp_coef, entry.sampling_rate):
+            out[-1] = Spent(entry.rdp_coef, entry.sampling_rate, out[-1].steps + entry.steps)
+        elif entry.steps:
+            out.append(entry)
+    return out
+
+
 class SeedView(Mapping[PeerId, EdgeSecret]):
     """Read-only mapping view of a :class:`PairwiseSeeds` (what PrivacyNoise reads):
     a secret derived after the stage was built is visible at once."""
@@ -624,6 +637,12 @@ class NodePrivacy:
         )
         seeds = PairwiseSeeds(node.identity)
         stage = PrivacyStage(node.peer_id, plan, SeedView(seeds), device=getattr(trainer, "device", "cpu"))
+        if stage.accountant is not None:  # what earlier runs of this node already spent
+            try:
+                stage.accountant.prior = tuple(Spent.from_json(e) for e in node.state.load_privacy_ledger())
+            except (ValueError, TypeError) as exc:
+                raise StateError(f"privacy ledger {node.state.privacy_path} is damaged ({exc}); "
+                                 "refusing to start from epsilon 0") from None
         wait = min(COMMIT_WAIT_MAX_S, learning.round_deadline_s * COMMIT_WAIT_DEADLINE_FRACTION)
         noise = plan.noise
         log.info(
@@ -642,6 +661,9 @@ class NodePrivacy:
     def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
         before = self.stage.counters.fallback_rounds
         sent = self.stage.perturb(delta, round, committed)
+        accountant = self.stage.accountant
+        if accountant is not None:  # on disk before the message leaves
+            self.node.state.save_privacy_ledger([e.to_json() for e in _merged(accountant.ledger())])
         self._metrics.active_edges.set(len(committed))
         if self.stage.counters.fallback_rounds > before:
             self._metrics.fallback.inc()

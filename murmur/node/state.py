@@ -10,6 +10,7 @@ Layout (all under one directory, mode 0700)::
     checkpoint.bin    model checkpoint, checkpoint.bin.prev the one before
     history.bin       SybilWall histories (same container as checkpoints)
     metrics.jsonl     one JSON object per round, appended
+    murmur.log        the daemon's log (`murmur node start`), rotated to murmur.log.1 ...
 
 Why flock and not just a pid file: the kernel drops a flock when its process
 dies, even on kill -9, so a crashed daemon never leaves a stale lock behind
@@ -56,6 +57,10 @@ PEERS_FILE = "peers.json"
 CHECKPOINT_FILE = "checkpoint.bin"
 HISTORY_FILE = "history.bin"
 METRICS_FILE = "metrics.jsonl"
+PRIVACY_FILE = "privacy.json"  # the privacy ledger: what this node's ε was spent on, across restarts
+PRIVACY_FORMAT = 1
+METRICS_TAIL_BYTES = 64 * 1024  # more than any one metrics row
+LOG_FILE = "murmur.log"  # `murmur node start` logs here too (rotated: murmur.log.1, ...)
 PREV_SUFFIX = ".prev"
 
 ARRAY_FILE_MAGIC = b"MURMARR1"
@@ -275,6 +280,35 @@ class StateDir:
     def metrics_path(self) -> Path:
         return self.path / METRICS_FILE
 
+    @property
+    def log_path(self) -> Path:
+        return self.path / LOG_FILE
+
+    @property
+    def privacy_path(self) -> Path:
+        return self.path / PRIVACY_FILE
+
+    # -- privacy ledger
+    def save_privacy_ledger(self, ledger: list[list[Any]]) -> None:
+        """Atomically, before the round's noised message leaves (a crash
+        right after must not forget the round it spent)."""
+        atomic_write_json(self.privacy_path, {"format": PRIVACY_FORMAT, "ledger": ledger}, mode=0o600)
+
+    def load_privacy_ledger(self) -> list[list[Any]]:
+        """The saved ledger entries, [] for a node that never spent any. A
+        damaged file is a :class:`StateError`: starting again from ε = 0
+        would break the node's privacy promise."""
+        try:
+            doc = json.loads(self.privacy_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise StateError(f"privacy ledger {self.privacy_path} is unreadable ({exc}); "
+                             "refusing to start from epsilon 0") from None
+        if not isinstance(doc, dict) or doc.get("format") != PRIVACY_FORMAT or not isinstance(doc.get("ledger"), list):
+            raise StateError(f"privacy ledger {self.privacy_path} is not a format-{PRIVACY_FORMAT} ledger")
+        return doc["ledger"]
+
     def create(self) -> StateDir:
         """Create the directory (0700: it holds the private key) if missing."""
         try:
@@ -388,6 +422,25 @@ class StateDir:
         line = json.dumps(record, sort_keys=True, default=str) + "\n"
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(line)
+
+    def last_metrics(self) -> dict[str, Any] | None:
+        """The last intact metrics row, read from the end of the file (a
+        long run's file is not read whole for one row); None if there is none."""
+        try:
+            with open(self.metrics_path, "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, size - METRICS_TAIL_BYTES))
+                tail = fh.read()
+        except FileNotFoundError:
+            return None
+        for line in reversed(tail.splitlines()):
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # a torn last line, or the cut first one
+            if isinstance(row, dict):
+                return row
+        return None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         records = []

@@ -14,12 +14,12 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from murmur.errors import ConfigError
 from murmur.testnet.controller import RunEnd, RunOptions, RunResult, Testnet
 from murmur.testnet.options import DEFAULT_OUT_ROOT, add_run_arguments
 from murmur.testnet.scenario import load_runnable_scenario
+from murmur.units import fmt_bytes, fmt_number
 
 EXIT_OK = 0
 EXIT_STALLED = 1
@@ -40,10 +40,15 @@ def print_result(result: RunResult) -> None:
     s = result.summary or {}
     print(f"run {result.end.value} in {result.wall_s:.1f} s; network round {result.network_round}")
     if s:
-        def fmt(v: Any) -> str:
-            return f"{v:.3f}" if isinstance(v, float) else str(v)
-        print(f"final honest accuracy: mean {fmt(s.get('final_mean_accuracy'))}, min {fmt(s.get('final_min_accuracy'))}; "
-              f"attack rate {fmt(s.get('final_attack_rate'))}; weight to Sybils {fmt(s.get('final_weight_to_sybils'))}")
+        metric = (s.get("metric") or {}).get("name", "accuracy")
+        line = (f"final honest {metric}: mean {fmt_number(s.get('final_mean_metric'))}, "
+                f"worst {fmt_number(s.get('final_worst_metric'))}; sent {fmt_bytes(s.get('bytes_sent_total'))}")
+        if s.get("epsilon_budget") is not None:
+            line += f"; ε {fmt_number(s.get('final_epsilon'), 2)} of {s['epsilon_budget']:g}"
+        if s.get("attacker_nodes"):
+            line += (f"; attack rate {fmt_number(s.get('final_attack_rate'))}; "
+                     f"weight to Sybils {fmt_number(s.get('final_weight_to_sybils'))}")
+        print(line)
     if result.report_dir is not None:
         print(f"report: {result.report_dir / 'index.html'}")
 

@@ -266,7 +266,7 @@ class Testnet:
         self.nodes: dict[int, NodeHandle] = {}
         self.procs: dict[str, WorkerProc] = {}
         self.schedule = ChurnSchedule(scenario.churn)
-        self.dashboard = DashboardState()
+        self.dashboard = DashboardState(clock=lambda: time.monotonic() - self._t0)  # the events' time axis
         self.dashboard_url: str | None = None
         self._partition: list[list[str]] | None = None  # peer-id groups while partitioned
         self._supervisor: Supervisor | None = None
@@ -909,7 +909,8 @@ class Testnet:
         """Report from each node's own metrics.jsonl and its last /status
         (None for nodes that were down at the end)."""
         metrics = {h.spec.name: read_metrics(h.data_dir) for h in self.nodes.values()}
-        report_dir = write_report(self.run_dir, metrics, dict(final), self.scenario, self.events)
+        peer_ids = {h.spec.name: h.peer_id for h in self.nodes.values()}
+        report_dir = write_report(self.run_dir, metrics, dict(final), self.scenario, self.events, peer_ids)
         summary = json.loads((report_dir / "summary.json").read_text(encoding="utf-8"))
         return report_dir, summary
 

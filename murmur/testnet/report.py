@@ -2,299 +2,200 @@
 
 ``write_report`` turns what the controller collected (each node's
 ``metrics.jsonl`` rows, its last ``/status``, the scenario and the applied
-events) into a folder a person can open: per-node metrics as JSON and CSV,
-PNG plots, ``summary.json`` and an ``index.html`` tying them together.
-
-Plots use matplotlib's object API with the Agg canvas directly (no pyplot), so
-writing a report never touches global backend state of the calling process.
+events) into a folder a person can open: ``index.html`` with the run's
+summary, its settings, a table of nodes and a timeline of events; one PNG
+per plot next to the CSV it was drawn from; per-node metrics as JSON and
+CSV; ``summary.json``. The plots (``reporting/panels.py``) show the run's
+metric per node and against bytes sent, ε against the budget, time per round
+by phase, the spread of the nodes' metric (consensus), traffic rates with
+restarts handled, the peer graph with partitions, and, when the scenario has
+attackers, the attack's success and the weight given to Sybils.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import enum
-import html
 import json
-import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from murmur.fsutil import atomic_write_bytes, atomic_write_json
+from murmur.testnet.reporting import page
+from murmur.testnet.reporting.panels import PANELS, Panel, Table
+from murmur.testnet.reporting.run import (
+    PHASES,
+    Row,
+    RunData,
+    cumulative_bytes,
+    finite,
+    make_run,
+    phase_times,
+    place_events,
+    plain,
+    roles,
+    weight_split,
+)
 from murmur.testnet.scenario import Role, Scenario
+from murmur.units import fmt_bytes, fmt_number, fmt_seconds
+
+__all__ = ["write_report", "summarize", "CSV_COLUMNS", "PLOTS", "REPORT_DIR", "METRICS_DIR", "weight_split", "roles"]
 
 REPORT_DIR = "report"
 METRICS_DIR = "metrics"
-#: CSV columns in order; list/map fields are written as JSON text.
-CSV_COLUMNS = ("ts", "round", "accuracy", "loss", "attack_rate", "bytes_in", "bytes_out", "epsilon",
-               "neighbours", "weights")
+SUMMARY_FILE = "summary.json"
+#: Per-node CSV columns first in this order; any other scalar field of the
+#: rows (a trainer's own metric, say) follows, sorted. List and map fields
+#: are written as JSON text.
+CSV_COLUMNS = ("ts", "round", "accuracy", "loss", "train_loss", "attack_rate", "bytes_in", "bytes_out", "epsilon",
+               "neighbour_count", "received", "missed", "excused", "late_dropped", *PHASES, "neighbours", "weights")
 JSON_COLUMNS = frozenset({"neighbours", "weights"})
-FIG_SIZE = (8.0, 4.5)
-FIG_DPI = 100
-SELF_WEIGHT_KEY = "self"
-
-Row = Mapping[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Plot:
-    file: str
-    title: str
-
-
-PLOTS = (
-    Plot("accuracy.png", "Test accuracy per node"),
-    Plot("attack_rate.png", "Attack success rate (honest nodes)"),
-    Plot("sybil_weight.png", "Aggregation weight honest nodes give to Sybils vs honest peers"),
-    Plot("bytes.png", "Bytes in / out per node"),
-)
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def _plain(obj: Any) -> Any:
-    """Dataclasses, enums and mappings -> JSON-ready values."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def roles(scenario: Scenario, node_status: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Role]:
-    """Node name -> role. The scenario is authoritative; a node's own
-    ``learning.role`` fills in names the scenario does not know."""
-    from_status = {
-        name: Role((status.get("learning") or {}).get("role", Role.HONEST.value))
-        for name, status in node_status.items() if status
-    }
-    return from_status | {s.name: s.role for s in scenario.node_specs()}
-
-
-def sybil_peer_ids(node_status: Mapping[str, Mapping[str, Any] | None], role_of: Mapping[str, Role]) -> set[str]:
-    return {
-        str(status["peer_id"])
-        for name, status in node_status.items()
-        if status and status.get("peer_id") and role_of.get(name) is Role.ATTACKER
-    }
-
-
-def weight_split(row: Row, sybils: set[str]) -> tuple[float, float]:
-    """(weight on Sybil peers, weight on honest peers) in one aggregation; own weight excluded."""
-    weights = row.get("weights") or {}
-    to_sybil = sum(float(w) for p, w in weights.items() if p in sybils)
-    to_honest = sum(float(w) for p, w in weights.items() if p not in sybils and p != SELF_WEIGHT_KEY)
-    return to_sybil, to_honest
-
-
-def _finite(values: Sequence[Any]) -> list[float]:
-    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-
-
-def _by_round(rows_by_node: Mapping[str, Sequence[Row]], value: Callable[[Row], float | None]) -> tuple[list[int], list[float]]:
-    """Mean of ``value(row)`` over nodes, per round."""
-    buckets: dict[int, list[float]] = {}
-    for rows in rows_by_node.values():
-        for row in rows:
-            v = value(row)
-            if v is not None and math.isfinite(v):
-                buckets.setdefault(int(row["round"]), []).append(v)
-    xs = sorted(buckets)
-    return xs, [statistics.fmean(buckets[x]) for x in xs]
+PLOTS: tuple[Panel, ...] = PANELS  # every plot a report can have (a run gets those that apply)
 
 
 # ---------------------------------------------------------------- writers
 
 
+def _csv_columns(rows: Sequence[Row]) -> list[str]:
+    extra = sorted({k for r in rows for k, v in r.items() if k not in CSV_COLUMNS and not isinstance(v, (dict, list))})
+    return [*CSV_COLUMNS, *extra]
+
+
+def _cell(value: Any, as_json: bool = False) -> Any:
+    # str(float) round-trips exactly; None (e.g. no attack rate) is an empty cell
+    if as_json:
+        return json.dumps(value, sort_keys=True)
+    return "" if value is None else value
+
+
 def _write_node_metrics(out: Path, name: str, rows: Sequence[Row]) -> None:
     atomic_write_json(out / f"{name}.json", [dict(r) for r in rows])
-    path = out / f"{name}.csv"
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    columns = _csv_columns(rows)
+    with (out / f"{name}.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
         for row in rows:
-            # str(float) round-trips exactly; None (e.g. no attack rate) is an empty cell
-            writer.writerow(
-                json.dumps(row.get(col), sort_keys=True) if col in JSON_COLUMNS
-                else ("" if row.get(col) is None else row[col])
-                for col in CSV_COLUMNS
-            )
-
-
-def _with_gaps(pts: Sequence[tuple[Any, Any]]) -> list[tuple[float, float]]:
-    """Break a per-round line where rounds are missing (a node was down)."""
-    out: list[tuple[float, float]] = []
-    for rnd, value in pts:
-        if out and rnd - out[-1][0] > 1:
-            out.append((out[-1][0] + 1, math.nan))
-        out.append((rnd, value))
-    return out
-
-
-def _event_rounds(events: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
-    return [(int(e["round"]), str(e.get("action", ""))) for e in events if isinstance(e.get("round"), int)]
-
-
-def _figure(title: str, xlabel: str, ylabel: str):  # noqa: ANN202 - matplotlib types
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=FIG_SIZE, dpi=FIG_DPI)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    return fig, ax
-
-
-def _finish(fig: Any, ax: Any, path: Path, events: Sequence[Mapping[str, Any]]) -> None:
-    for rnd, action in _event_rounds(events):
-        ax.axvline(rnd, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(action, (rnd, 1.0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
-                    va="top", ha="right", color="grey")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-
-
-def _plot_accuracy(path: Path, rows_by_node: Mapping[str, Sequence[Row]], role_of: Mapping[str, Role],
-                   events: Sequence[Mapping[str, Any]]) -> None:
-    fig, ax = _figure(PLOTS[0].title, "round", "accuracy")
-    for name, rows in sorted(rows_by_node.items()):
-        pts = _with_gaps([(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None])
-        if pts:
-            attacker = role_of.get(name) is Role.ATTACKER
-            ax.plot(*zip(*pts), label=name, linestyle="--" if attacker else "-", linewidth=1)
-    ax.set_ylim(0, 1)
-    _finish(fig, ax, path, events)
-
-
-def _plot_attack_rate(path: Path, honest: Mapping[str, Sequence[Row]], events: Sequence[Mapping[str, Any]]) -> None:
-    fig, ax = _figure(PLOTS[1].title, "round", "attack success rate")
-    for name, rows in sorted(honest.items()):
-        pts = _with_gaps([(r["round"], r["attack_rate"]) for r in rows if r.get("attack_rate") is not None])
-        if pts:
-            ax.plot(*zip(*pts), linewidth=0.8, alpha=0.5, label=name)
-    xs, ys = _by_round(honest, lambda r: r.get("attack_rate"))
-    if xs:
-        ax.plot(xs, ys, color="black", linewidth=2, label="honest mean")
-    ax.set_ylim(0, 1)
-    _finish(fig, ax, path, events)
-
-
-def _plot_weights(path: Path, honest: Mapping[str, Sequence[Row]], sybils: set[str],
-                  events: Sequence[Mapping[str, Any]]) -> None:
-    fig, ax = _figure(PLOTS[2].title, "round", "mean weight per aggregation")
-    for index, label, color in ((0, "to Sybils", "tab:red"), (1, "to honest peers", "tab:green")):
-        xs, ys = _by_round(honest, lambda r, i=index: weight_split(r, sybils)[i] if r.get("weights") else None)
-        if xs:
-            ax.plot(xs, ys, color=color, linewidth=2, label=label)
-    ax.set_ylim(0, 1)
-    _finish(fig, ax, path, events)
-
-
-def _plot_bytes(path: Path, rows_by_node: Mapping[str, Sequence[Row]], events: Sequence[Mapping[str, Any]]) -> None:
-    fig, ax = _figure(PLOTS[3].title, "seconds since start", "MiB (cumulative)")
-    starts = _finite([rows[0].get("ts") for rows in rows_by_node.values() if rows])
-    t0 = min(starts) if starts else 0.0
-    for name, rows in sorted(rows_by_node.items()):
-        for key, style in (("bytes_in", "-"), ("bytes_out", "--")):
-            pts = [(r["ts"] - t0, r[key] / 2**20) for r in rows if r.get(key) is not None and r.get("ts") is not None]
-            if pts:
-                ax.plot(*zip(*pts), linestyle=style, linewidth=1, label=f"{name} {key[6:]}")
-    _finish(fig, ax, path, ())  # events are placed by round; this axis is time
+            writer.writerow(_cell(row.get(col), col in JSON_COLUMNS) for col in columns)
 
 
 # ---------------------------------------------------------------- summary
 
 
-def summarize(node_metrics: Mapping[str, Sequence[Row]], node_status: Mapping[str, Mapping[str, Any] | None],
-              scenario: Scenario, events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    role_of = roles(scenario, node_status)
-    sybils = sybil_peer_ids(node_status, role_of)
-    honest = {n: rows for n, rows in node_metrics.items() if role_of.get(n, Role.HONEST) is Role.HONEST}
-    finals = {n: rows[-1] for n, rows in honest.items() if rows}
-    final_acc = _finite([r.get("accuracy") for r in finals.values()])
-    final_attack = _finite([r.get("attack_rate") for r in finals.values()])
-    splits = [weight_split(r, sybils) for r in finals.values() if r.get("weights")]
-    per_node = {}
-    for name, rows in sorted(node_metrics.items()):
-        last = rows[-1] if rows else {}
-        status = node_status.get(name) or {}
-        per_node[name] = {
-            "role": role_of.get(name, Role.HONEST).value, "peer_id": status.get("peer_id"),
-            "alive": bool(status), "rows": len(rows), "round": last.get("round"),
-            "accuracy": last.get("accuracy"), "attack_rate": last.get("attack_rate"),
-            "bytes_in": last.get("bytes_in"), "bytes_out": last.get("bytes_out"), "epsilon": last.get("epsilon"),
-        }
-    all_rounds = [int(r["round"]) for rows in node_metrics.values() for r in rows if "round" in r]
+def _node_summary(run: RunData, name: str, rows: Sequence[Row]) -> dict[str, Any]:
+    last = rows[-1] if rows else {}
+    status = run.status.get(name) or {}
+    traffic = cumulative_bytes(rows, run.t0)
+    totals = [sum(phase_times(r).values()) for r in rows]
     return {
-        "scenario": scenario.name,
-        "honest_nodes": len(honest),
-        "attacker_nodes": len(node_metrics) - len(honest),
-        "rounds": max(all_rounds) + 1 if all_rounds else 0,
-        "final_mean_accuracy": statistics.fmean(final_acc) if final_acc else None,
-        "final_min_accuracy": min(final_acc) if final_acc else None,
-        "final_attack_rate": statistics.fmean(final_attack) if final_attack else None,
-        "final_weight_to_sybils": statistics.fmean(s for s, _ in splits) if splits else None,
-        "final_weight_to_honest": statistics.fmean(h for _, h in splits) if splits else None,
-        "events": [_plain(e) for e in events],
-        "nodes": per_node,
-        "scenario_config": _plain(scenario),
+        "role": run.roles.get(name, Role.HONEST).value, "peer_id": run.peer_ids.get(name) or status.get("peer_id"),
+        "alive": bool(status), "rows": len(rows), "round": last.get("round"),
+        run.metric.name: run.metric.value(last) if last else None,
+        "accuracy": last.get("accuracy"), "attack_rate": last.get("attack_rate"),
+        "bytes_in": last.get("bytes_in"), "bytes_out": last.get("bytes_out"), "epsilon": last.get("epsilon"),
+        "bytes_received": traffic[-1].bytes_in if traffic else None,
+        "bytes_sent": traffic[-1].bytes_out if traffic else None,
+        "restarts": sum(t.restarted for t in traffic),
+        "mean_round_s": statistics.fmean(totals) if totals else None,
     }
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "–" if value is None else str(value)
+def summarize(run: RunData) -> dict[str, Any]:
+    """summary.json: the run's outcome in numbers (the page's summary table)."""
+    honest = run.honest
+    sybils = run.sybil_peers
+    finals = {n: rows[-1] for n, rows in honest.items() if rows}
+    final_metric = finite([run.metric.value(r) for r in finals.values()])
+    final_acc = finite([r.get("accuracy") for r in finals.values()])
+    final_attack = finite([r.get("attack_rate") for r in finals.values()])
+    final_eps = finite([r.get("epsilon") for r in finals.values()])
+    splits = [weight_split(r, sybils) for r in finals.values() if r.get("weights")]
+    nodes = {name: _node_summary(run, name, rows) for name, rows in run.rows.items()}
+    honest_rows = [r for rows in honest.values() for r in rows]
+    phase_means = {p: statistics.fmean(phase_times(r)[p] for r in honest_rows) for p in PHASES} if honest_rows else {}
+    sent = [nodes[n]["bytes_sent"] for n in honest if nodes[n]["bytes_sent"] is not None]
+    all_rounds = [int(r["round"]) for rows in run.rows.values() for r in rows if isinstance(r.get("round"), int)]
+    last_ts = max((float(r["ts"]) for rows in run.rows.values() for r in rows if isinstance(r.get("ts"), (int, float))),
+                  default=run.t0)
+    best = max if run.metric.higher_is_better else min
+    return {
+        "scenario": run.scenario.name,
+        "honest_nodes": len(honest),
+        "attacker_nodes": len(run.rows) - len(honest),
+        "rounds": max(all_rounds) + 1 if all_rounds else 0,
+        "wall_s": last_ts - run.t0,
+        "metric": {"name": run.metric.name, "higher_is_better": run.metric.higher_is_better},
+        "final_mean_metric": statistics.fmean(final_metric) if final_metric else None,
+        "final_worst_metric": (min if run.metric.higher_is_better else max)(final_metric) if final_metric else None,
+        "final_best_metric": best(final_metric) if final_metric else None,
+        "final_mean_accuracy": statistics.fmean(final_acc) if final_acc else None,
+        "final_min_accuracy": min(final_acc) if final_acc else None,
+        "final_metric_spread": max(final_metric) - min(final_metric) if len(final_metric) > 1 else None,
+        "final_epsilon": max(final_eps) if final_eps else None,
+        "epsilon_budget": run.epsilon_budget,
+        "bytes_sent_total": sum(nodes[n]["bytes_sent"] or 0 for n in run.rows),
+        "bytes_sent_mean": statistics.fmean(sent) if sent else None,
+        "mean_round_s": sum(phase_means.values()) if phase_means else None,
+        "phase_means_s": phase_means,
+        "final_attack_rate": statistics.fmean(final_attack) if final_attack else None,
+        "final_weight_to_sybils": statistics.fmean(s for s, _ in splits) if splits else None,
+        "final_weight_to_honest": statistics.fmean(h for _, h in splits) if splits else None,
+        "events": [plain(e) for e in run.events],
+        "nodes": nodes,
+        "scenario_config": plain(run.scenario),
+    }
 
 
-SUMMARY_ROWS = (
-    ("Scenario", "scenario"), ("Honest nodes", "honest_nodes"), ("Attacker identities", "attacker_nodes"),
-    ("Rounds", "rounds"), ("Final mean accuracy (honest)", "final_mean_accuracy"),
-    ("Final min accuracy (honest)", "final_min_accuracy"), ("Final attack rate (honest mean)", "final_attack_rate"),
-    ("Final weight to Sybils", "final_weight_to_sybils"), ("Final weight to honest peers", "final_weight_to_honest"),
-)
-NODE_COLUMNS = ("role", "alive", "round", "accuracy", "attack_rate", "bytes_in", "bytes_out", "epsilon")
+def summary_rows(summary: Mapping[str, Any], attackers: bool) -> list[tuple[str, str]]:
+    """The summary as the page shows it: labelled, with units."""
+    metric = summary["metric"]["name"]
+    phases = summary.get("phase_means_s") or {}
+    slowest = max(phases.items(), key=lambda kv: kv[1], default=None)
+    rows = [
+        ("Scenario", str(summary["scenario"])),
+        ("Nodes", f"{summary['honest_nodes']} honest" + (f", {summary['attacker_nodes']} attacker identities"
+                                                         if summary["attacker_nodes"] else "")),
+        ("Rounds", fmt_number(summary["rounds"])),
+        ("Duration", fmt_seconds(summary["wall_s"])),
+        (f"Final {metric} (honest mean)", fmt_number(summary["final_mean_metric"])),
+        (f"Final {metric} (worst honest node)", fmt_number(summary["final_worst_metric"])),
+        (f"Final spread of {metric} (max − min)", fmt_number(summary["final_metric_spread"])),
+        ("ε spent (most of any honest node)", fmt_number(summary["final_epsilon"], 2)
+         + (f" of budget {summary['epsilon_budget']:g}" if summary["epsilon_budget"] is not None else " (privacy off)")),
+        ("Bytes sent (all nodes)", fmt_bytes(summary["bytes_sent_total"])),
+        ("Bytes sent per honest node (mean)", fmt_bytes(summary["bytes_sent_mean"])),
+        ("Time per round (honest mean)", fmt_seconds(summary["mean_round_s"])
+         + (f"; longest phase: {slowest[0].removesuffix('_s')} {fmt_seconds(slowest[1])}" if slowest else "")),
+    ]
+    if attackers:
+        rows += [("Final attack success rate (honest mean)", fmt_number(summary["final_attack_rate"])),
+                 ("Final weight to Sybils", fmt_number(summary["final_weight_to_sybils"])),
+                 ("Final weight to honest peers", fmt_number(summary["final_weight_to_honest"]))]
+    return rows
 
 
-def _index_html(summary: Mapping[str, Any], node_names: Sequence[str]) -> str:
-    esc = html.escape
-    rows = "".join(f"<tr><th>{esc(label)}</th><td>{esc(_fmt(summary[key]))}</td></tr>" for label, key in SUMMARY_ROWS)
-    head = "".join(f"<th>{esc(c)}</th>" for c in ("node", *NODE_COLUMNS, "metrics"))
-    nodes = "".join(
-        f"<tr><td>{esc(n)}</td>"
-        + "".join(f"<td>{esc(_fmt(summary['nodes'][n][c]))}</td>" for c in NODE_COLUMNS)
-        + f'<td><a href="{METRICS_DIR}/{esc(n)}.csv">csv</a> <a href="{METRICS_DIR}/{esc(n)}.json">json</a></td></tr>'
-        for n in node_names
-    )
-    events = "".join(f"<li><code>{esc(json.dumps(e, sort_keys=True))}</code></li>" for e in summary["events"])
-    plots = "".join(f'<figure><img src="{p.file}" alt="{esc(p.title)}"><figcaption>{esc(p.title)}</figcaption></figure>'
-                    for p in PLOTS)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>murmur testnet report: {esc(str(summary['scenario']))}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:left}}img{{max-width:100%}}</style></head>
-<body><h1>murmur testnet report: {esc(str(summary['scenario']))}</h1>
-<h2>Summary</h2><table id="summary">{rows}</table>
-<h2>Nodes</h2><table id="nodes"><tr>{head}</tr>{nodes}</table>
-<h2>Events</h2><ul id="events">{events}</ul>
-<h2>Plots</h2>{plots}
-<p><a href="summary.json">summary.json</a></p></body></html>
-"""
+NODE_HEADER = ("node", "role", "alive", "last round", "{metric}", "ε", "sent", "received", "time per round",
+               "restarts", "metrics")
+
+
+def _index_html(run: RunData, summary: Mapping[str, Any], written: Sequence[Panel]) -> str:
+    metric = run.metric.name
+    events = place_events(run.events, run.t0)
+    plots = "".join(page.figure_html(p.stem, p.file, p.title_for(run), p.caption.format(metric=metric), p.csv)
+                    for p in written)
+    sections = [
+        ("summary-section", "Summary", page.key_value_table("summary", summary_rows(summary, bool(run.attackers)))),
+        ("settings-section", "Settings", page.key_value_table("settings", page.settings_rows(summary["scenario_config"]))),
+        ("nodes-section", "Nodes", page.table("nodes", [h.format(metric=metric) for h in NODE_HEADER],
+                                               page.node_rows(summary["nodes"], metric, METRICS_DIR),
+                                               (False, False, False, True, True, True, True, True, True, True))),
+        ("events-section", "Events", page.table("events", ("time", "round", "event", "detail"), page.event_rows(events))
+         if events else '<p class="muted" id="events">No events.</p>'),
+        ("plots", "Plots", plots),
+        ("files", "Files", '<p><a href="summary.json">summary.json</a> · per-node metrics in '
+                           f'<a href="{METRICS_DIR}/">{METRICS_DIR}/</a></p>'),
+    ]
+    return page.page(f"murmur testnet report: {run.scenario.name}", sections)
 
 
 def write_report(
@@ -303,25 +204,33 @@ def write_report(
     node_status: Mapping[str, Mapping[str, Any] | None],
     scenario: Scenario,
     events: Sequence[Mapping[str, Any]],
+    peer_ids: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``<run_dir>/report/`` and return its path.
 
     ``node_metrics``: node name -> its metrics.jsonl rows (ARCHITECTURE.md);
     ``node_status``: node name -> last ``GET /status`` JSON (None: dead/unknown);
-    ``events``: applied churn events, each a JSON-ready dict (``round`` places it on plots).
+    ``events``: applied churn events, each a JSON-ready dict (``round`` and
+    ``ts`` place it on the plots); ``peer_ids``: node name -> peer id, for
+    nodes that were down at the end (their status says nothing).
     """
     out = Path(run_dir) / REPORT_DIR
     (out / METRICS_DIR).mkdir(parents=True, exist_ok=True)
-    role_of = roles(scenario, node_status)
-    sybils = sybil_peer_ids(node_status, role_of)
-    honest = {n: r for n, r in node_metrics.items() if role_of.get(n, Role.HONEST) is Role.HONEST}
-    for name, rows in node_metrics.items():
+    run = make_run(scenario, node_metrics, node_status, events, peer_ids)
+    for name, rows in run.rows.items():
         _write_node_metrics(out / METRICS_DIR, name, rows)
-    _plot_accuracy(out / PLOTS[0].file, node_metrics, role_of, events)
-    _plot_attack_rate(out / PLOTS[1].file, honest, events)
-    _plot_weights(out / PLOTS[2].file, honest, sybils, events)
-    _plot_bytes(out / PLOTS[3].file, node_metrics, events)
-    summary = summarize(node_metrics, node_status, scenario, events)
-    atomic_write_json(out / "summary.json", summary)
-    atomic_write_bytes(out / "index.html", _index_html(summary, sorted(node_metrics)).encode())
+    written = []
+    for panel in PANELS:
+        if not panel.applies(run):
+            continue
+        data: Table = panel.table(run)
+        data.write_csv(out / panel.csv)
+        panel.draw(run, data, out / panel.file)
+        written.append(panel)
+    Table(("t_s", "round", "event"), [(e.t, e.round, e.label) for e in place_events(run.events, run.t0)]
+          ).write_csv(out / "events.csv")
+    Table(("setting", "value"), page.settings_rows(plain(run.scenario))).write_csv(out / "settings.csv")
+    summary = summarize(run) | {"plots": [{"file": p.file, "csv": p.csv, "title": p.title_for(run)} for p in written]}
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    atomic_write_bytes(out / "index.html", _index_html(run, summary, written).encode())
     return out

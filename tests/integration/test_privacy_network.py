@@ -20,6 +20,7 @@ import torch
 from murmur.learning.privacy.accountant import epsilon_from_rdp_coef
 from murmur.learning.privacy.seeds import edge_noise_np
 from murmur.node.daemon import Node
+from murmur.node.state import StateDir
 from murmur.node.privacy import SHARE_GRACE_ROUNDS, NodePrivacy
 from tests.integration.cluster import Cluster, wait_until
 
@@ -242,3 +243,26 @@ async def test_a_neighbour_without_privacy_is_not_waited_for_every_round(tmp_pat
             # the round the share went out, the grace, one more for a session
             # re-established under load; waiting every round gave 7 of 8 here
             assert timeouts <= SHARE_GRACE_ROUNDS + 2, (str(node.peer_id), timeouts)
+
+
+async def test_a_restarted_node_keeps_the_epsilon_it_spent(tmp_path: Path) -> None:
+    """ε is a promise about the node's data over its whole life: a crash and
+    restart must not start it again from zero (it did: a restarted node's ε
+    fell from 6.1 to 4.5 in a testnet), and the round a crash interrupts
+    after its message left is charged too (the ledger is written first)."""
+    overrides = {**BASE, "learning.num_nodes": 3, "learning.rounds": 1000, "privacy.scheme": "decor"}
+    async with Cluster(3, tmp_path, overrides=overrides) as cluster:
+        await wait_until(lambda: rounds_done(cluster, 4), ROUNDS_S, "5 rounds at every node")
+        crashed = privacy(cluster.node(2)).stage
+        await cluster.crash(2)
+        rounds_on_disk = sum(entry[2] for entry in StateDir(cluster.members[2].data_dir).load_privacy_ledger())
+        assert rounds_on_disk == crashed.counters.rounds_sent >= 5  # every noised round it released
+        node = await cluster.restart(2)
+        stage = privacy(node).stage
+        assert stage.counters.rounds_sent == 0
+        spent = stage.epsilon_spent()
+        assert spent == pytest.approx(stage.accountant.epsilon_at(0)) and spent > 0  # type: ignore[union-attr]
+        await wait_until(lambda: stage.counters.rounds_sent >= 2, ROUNDS_S, "two more rounds sent")
+        assert stage.epsilon_spent() > spent
+        ledger = StateDir(cluster.members[2].data_dir).load_privacy_ledger()
+        assert sum(entry[2] for entry in ledger) >= rounds_on_disk + 2

@@ -84,6 +84,24 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     assert lines[0].startswith(f"murmur: config error: {config}:5: transport.max_frame: must be in [1024")
 
 
+def test_set_takes_list_options_one_item_at_a_time(tmp_path, capsys):
+    """`--set node.listen=/ip4/...` used to fail with "must be a list, got str"."""
+    one, two = "/ip4/127.0.0.1/tcp/4999", "/ip4/127.0.0.1/tcp/5001"
+    assert cli.main(["id", "--data-dir", str(tmp_path), "--set", f"node.listen={one}"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["Addresses"] == [f"{one}/p2p/{doc['ID']}"]
+    assert cli.main(["id", "--data-dir", str(tmp_path), "--set", f"node.listen={one}",
+                     "--set", f"node.listen={two}"]) == 0
+    assert json.loads(capsys.readouterr().out)["Addresses"] == [f"{a}/p2p/{doc['ID']}" for a in (one, two)]
+    # a TOML list still replaces whatever came before it
+    assert cli.main(["id", "--data-dir", str(tmp_path), "--set", f"node.listen={one}",
+                     "--set", f'node.listen=["{two}"]']) == 0
+    assert json.loads(capsys.readouterr().out)["Addresses"] == [f"{two}/p2p/{doc['ID']}"]
+    # a bad item is still one line naming it
+    assert cli.main(["id", "--data-dir", str(tmp_path), "--set", "node.listen=nowhere"]) == 2
+    assert capsys.readouterr().err.startswith("murmur: config error: <command line>: node.listen[0]: ")
+
+
 def test_bad_flag_value_exits_2(capsys):
     assert cli.main(["id", "--set", "api.port=-1"]) == 2
     assert capsys.readouterr().err == "murmur: config error: <command line>: api.port: must be in [0, 65535], got -1\n"
@@ -234,3 +252,41 @@ def test_text_logs_are_readable_and_respect_level(restore_logging):
     log.warning("peer dropped", extra={"peer": "12D3KooWx", "reason": "bad frame"})
     (line,) = stream.getvalue().splitlines()
     assert line.split(" ", 1)[1] == 'WARNING murmur.test: peer dropped peer=12D3KooWx reason="bad frame"'
+
+
+def _leaf_commands(parser: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [(path, parser)]
+    return [leaf for name, sub in subs[0].choices.items() for leaf in _leaf_commands(sub, (*path, name))]
+
+
+def test_every_command_has_a_description_an_example_and_its_defaults():
+    leaves = _leaf_commands(cli.build_parser())
+    assert {" ".join(p) for p, _ in leaves} >= {"id", "node start", "node stop", "status", "peers", "logs",
+                                                "config default", "config check", "testnet run",
+                                                "testnet compare", "completion"}
+    for path, parser in leaves:
+        text = parser.format_help()
+        assert parser.description and len(parser.description) > 40, path
+        assert "examples:\n  murmur " in text or "examples:\n  eval " in text, path
+        for action in parser._actions:
+            if action.option_strings and action.default is not None and action.default is not False \
+                    and action.dest != "help":
+                assert f"(default: {action.default})" in " ".join(text.split()), (path, action.dest)
+
+
+async def test_node_health_exit_code_follows_healthz():
+    from tests.unit.test_api import TinyNode
+
+    node = TinyNode()
+    async with StatusApi(node, NodeMetrics()) as api:
+        rc, out, err = await amurmur("node", "health", "--api", api.url)
+        assert (rc, out, err) == (0, "healthy\n", "")
+        node.failed_tasks = [{"task": "rounds", "state": "crashed", "error": "TrainerError: boom"}]
+        rc, out, err = await amurmur("node", "health", "--api", api.url)
+        assert (rc, out) == (1, "") and err == "murmur: unhealthy: rounds crashed: TrainerError: boom\n"
+    rc, _, err = await amurmur("node", "health", "--api", api.url, "--timeout", "1")
+    assert rc == 1 and err.startswith("murmur: cannot reach the node API")

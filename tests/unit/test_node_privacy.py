@@ -346,3 +346,21 @@ async def test_example_level_refuses_training_it_cannot_account(tmp_path: Path, 
         await node.start()
         await node.stop()
     assert word in str(info.value)
+
+
+def test_the_ledger_composes_what_earlier_runs_spent() -> None:
+    """ε continues across a restart, under the same calibration or another."""
+    from murmur.learning.privacy.accountant import Accountant, Spent, epsilon_from_rdp_coef
+
+    first = Accountant(rdp_coef=0.01, delta=1e-5, budget=100.0)
+    first.step(30)
+    again = Accountant(rdp_coef=0.01, delta=1e-5, budget=100.0, prior=tuple(first.ledger()))
+    again.step(10)
+    assert again.epsilon_spent() == pytest.approx(epsilon_from_rdp_coef(0.01, 40, 1e-5))
+    other = Accountant(rdp_coef=0.02, delta=1e-5, budget=100.0, prior=(Spent(0.01, None, 40),))
+    other.step(5)
+    assert other.epsilon_spent() == pytest.approx(epsilon_from_rdp_coef(0.01 * 40 + 0.02 * 5, 1, 1e-5))
+    example = Accountant(rdp_coef=0.5, delta=1e-5, budget=100.0, sampling_rate=0.1, prior=(Spent(0.5, 0.1, 20),))
+    example.step(20)
+    assert example.epsilon_spent() == pytest.approx(
+        Accountant(rdp_coef=0.5, delta=1e-5, budget=100.0, sampling_rate=0.1, steps=40).epsilon_spent(), rel=1e-6)

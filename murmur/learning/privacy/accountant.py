@@ -37,8 +37,9 @@ minimises (SPECS §4), so DECOR and CorN are compared on one scale.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -267,12 +268,36 @@ def example_level_epsilon(rdp_coef: float, sampling_rate: float, steps: int, del
 # --------------------------------------------------------------------------- running
 
 
+@dataclass(frozen=True)
+class Spent:
+    """Rounds already charged under one calibration: a ledger entry that
+    outlives the process (see :attr:`Accountant.prior`)."""
+
+    rdp_coef: float
+    sampling_rate: float | None
+    steps: int
+
+    def to_json(self) -> list[Any]:
+        return [self.rdp_coef, self.sampling_rate, self.steps]
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Spent:
+        rdp_coef, sampling_rate, steps = raw
+        if not (isinstance(rdp_coef, (int, float)) and rdp_coef >= 0 and isinstance(steps, int) and steps >= 0
+                and (sampling_rate is None or (isinstance(sampling_rate, (int, float)) and 0 < sampling_rate <= 1))):
+            raise ValueError(f"bad ledger entry {raw!r}")
+        return cls(float(rdp_coef), None if sampling_rate is None else float(sampling_rate), steps)
+
+
 @dataclass
 class Accountant:
     """A node's running privacy ledger: one ``step()`` per round it sent noised deltas.
 
     ``sampling_rate`` None → user-level (closed form); otherwise example-level
-    through dp_accounting.
+    through dp_accounting. ``prior`` holds what earlier runs of the node
+    spent (restored from its state dir): ε never starts again from zero when a
+    node restarts, also under another calibration (RDP composes: the rounds
+    of every entry are charged together).
     """
 
     rdp_coef: float
@@ -280,6 +305,7 @@ class Accountant:
     budget: float
     sampling_rate: float | None = None
     steps: int = 0
+    prior: tuple[Spent, ...] = ()
     _cache: dict[int, float] = field(default_factory=dict, repr=False)
 
     def step(self, rounds: int = 1) -> None:
@@ -287,13 +313,15 @@ class Accountant:
             raise ValueError("rounds must be non-negative")
         self.steps += rounds
 
+    def ledger(self) -> list[Spent]:
+        """Everything charged so far, the current calibration's rounds last."""
+        return [*self.prior, Spent(self.rdp_coef, self.sampling_rate, self.steps)]
+
     def epsilon_at(self, steps: int) -> float:
+        """ε after ``steps`` rounds under the current calibration, on top of ``prior``."""
         if steps not in self._cache:
-            if self.sampling_rate is None:
-                eps = epsilon_from_rdp_coef(self.rdp_coef, steps, self.delta)
-            else:
-                eps = example_level_epsilon(self.rdp_coef, self.sampling_rate, steps, self.delta)
-            self._cache[steps] = eps
+            self._cache[steps] = ledger_epsilon([*self.prior, Spent(self.rdp_coef, self.sampling_rate, steps)],
+                                                self.delta)
         return self._cache[steps]
 
     def epsilon_spent(self) -> float:
@@ -302,3 +330,24 @@ class Accountant:
     def budget_exhausted(self) -> bool:
         """True once one more round would exceed the budget."""
         return self.epsilon_at(self.steps + 1) > self.budget * (1.0 + _BUDGET_RTOL)
+
+
+def ledger_epsilon(entries: Sequence[Spent], delta: float) -> float:
+    """ε of every entry's rounds composed. User-level entries alone add up in
+    closed form (their RDP coefficients sum); any example-level entry
+    composes everything through dp_accounting's RDP accountant."""
+    entries = [e for e in entries if e.steps > 0 and e.rdp_coef > 0]
+    if not entries:
+        return 0.0
+    if all(e.sampling_rate is None for e in entries):
+        return epsilon_from_rdp_coef(sum(e.rdp_coef * e.steps for e in entries), 1, delta)
+    if len(entries) == 1:
+        only = entries[0]
+        return example_level_epsilon(only.rdp_coef, only.sampling_rate or 1.0, only.steps, delta)
+    acc = RdpAccountant(orders=list(RDP_ORDERS))
+    for e in entries:
+        event: Any = dp_accounting.GaussianDpEvent(1.0 / math.sqrt(2.0 * e.rdp_coef))
+        if e.sampling_rate is not None and e.sampling_rate < 1:
+            event = dp_accounting.PoissonSampledDpEvent(e.sampling_rate, event)
+        acc.compose(event, e.steps)
+    return float(acc.get_epsilon(delta))

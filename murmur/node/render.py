@@ -1,0 +1,101 @@
+"""``murmur status`` and ``murmur peers`` for a person at a terminal.
+
+The JSON the API serves is the contract (ARCHITECTURE.md) and what
+``--output json`` prints; this is the same content laid out to be read:
+labelled lines, units (MiB, seconds), ε next to its budget, rounds next to
+their target. Missing fields print as ``–``: an older or a relay-only node
+answers with less, never makes this fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from murmur.units import fmt_bytes, fmt_number, fmt_seconds
+
+LABEL_WIDTH = 13
+SHORT_PEER = 16  # characters of a peer id in a table; the full id is in --output json
+
+
+def _line(label: str, value: str) -> str:
+    return f"{label:<{LABEL_WIDTH}}{value}"
+
+
+def _rounds(learning: Mapping[str, Any]) -> str:
+    target = learning.get("target_rounds")
+    of = f" of {target}" if target is not None else " (until stopped)"
+    state = learning.get("state")
+    return f"{fmt_number(learning.get('round'))}{of}" + (f", {state}" if state else "")
+
+
+def _privacy(learning: Mapping[str, Any]) -> str | None:
+    budget = learning.get("epsilon_budget")
+    if budget is None:
+        return None
+    spent = learning.get("epsilon_spent", learning.get("epsilon"))
+    delta = learning.get("delta")
+    text = f"ε spent {fmt_number(spent, 2)} of budget {fmt_number(budget, 2)}"
+    return text + (f" (δ = {delta:g})" if isinstance(delta, (int, float)) else "")
+
+
+def _phases(learning: Mapping[str, Any]) -> str | None:
+    phases = learning.get("last_round_s") or {}
+    if not phases:
+        return None
+    total = sum(float(v) for v in phases.values())
+    parts = ", ".join(f"{name} {fmt_seconds(float(v))}" for name, v in phases.items())
+    return f"{fmt_seconds(total)} ({parts})"
+
+
+def render_status(status: Mapping[str, Any]) -> str:
+    health = status.get("health") or {}
+    failed = health.get("failed_tasks") or []
+    lines = [
+        _line("peer", str(status.get("peer_id", "–"))),
+        *(_line("address" if i == 0 else "", str(a)) for i, a in enumerate(status.get("addrs") or [])),
+        _line("agent", str(status.get("agent", "–"))),
+        _line("uptime", fmt_seconds(status.get("uptime_s"))),
+        _line("health", "ok" if health.get("ok", True) and not failed else
+              "UNHEALTHY: " + "; ".join(f"{f.get('task')} {f.get('state')}: {f.get('error')}" for f in failed)),
+        _line("connections", f"{fmt_number(status.get('connections'))} "
+                             f"({len(status.get('neighbours') or [])} learning neighbours)"),
+        _line("traffic", f"in {fmt_bytes(status.get('bytes_in'))}, out {fmt_bytes(status.get('bytes_out'))}"),
+    ]
+    faults = status.get("faults") or {}
+    if faults:
+        lines.append(_line("peer faults", ", ".join(f"{k} {v}" for k, v in sorted(faults.items()))))
+    learning = status.get("learning")
+    if not learning:
+        lines.append(_line("learning", f"off ({status.get('learning_off') or 'no learner'})"))
+        return "\n".join(lines) + "\n"
+    lines.append(_line("rounds", _rounds(learning)))
+    accuracy = fmt_number(learning.get("accuracy"))
+    if learning.get("evaluated_round") is not None:
+        accuracy += f" (recorded at round {learning['evaluated_round']}, before the restart)"
+    lines.append(_line("accuracy", accuracy))
+    lines.append(_line("loss", fmt_number(learning.get("loss"))))
+    if learning.get("attack_rate") is not None:
+        lines.append(_line("attack rate", fmt_number(learning.get("attack_rate"))))
+    for label, text in (("privacy", _privacy(learning)), ("last round", _phases(learning))):
+        if text is not None:
+            lines.append(_line(label, text))
+    if learning.get("stalled"):
+        lines.append(_line("STALLED", str(learning.get("stall_reason") or "")))
+    return "\n".join(lines) + "\n"
+
+
+def render_peers(peers: Sequence[Mapping[str, Any]]) -> str:
+    """One row per known peer: connected and learning neighbours first."""
+    header = ("peer", "connected", "neighbour", "score", "addresses")
+    rows = [
+        (str(p.get("peer_id", "–"))[:SHORT_PEER] + "…", "yes" if p.get("connected") else "no",
+         "yes" if p.get("neighbour") else "no", fmt_number(p.get("score"), 2),
+         " ".join(str(a) for a in p.get("addrs") or []) or "–")
+        for p in sorted(peers, key=lambda p: (not p.get("neighbour"), not p.get("connected"), str(p.get("peer_id"))))
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in [header, *rows]]
+    out.append(f"{len(rows)} known, {sum(1 for p in peers if p.get('connected'))} connected, "
+               f"{sum(1 for p in peers if p.get('neighbour'))} neighbours")
+    return "\n".join(out) + "\n"
