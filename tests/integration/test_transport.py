@@ -18,6 +18,7 @@ import pytest
 import uvloop
 
 from murmur.errors import IdentityMismatch, PeerFault
+from murmur.protocol.framing import DEFAULT_SCRATCH_BYTES
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.libp2p import FastConnection, HostConfig, Libp2pConnection, Libp2pHost, Stream, YamuxConnection
 from murmur.protocol.multiaddr import Multiaddr
@@ -305,11 +306,16 @@ def test_send_blocks_on_buffered_memory_limit_until_peer_reads() -> None:
                 assert not done, "send_message() should be blocked by backpressure"
                 assert sent < len(chunks)
                 assert max_buffered <= limit + limits.max_frame + 25 + 4
-                assert inbound.conn.budget.used <= limit + limits.max_frame + 25
+                # The receiver stops reading once its budget is spent, but what one
+                # read already brought is charged (budget.py): below the limit before
+                # the read, plus at most the decoder's scratch of whole frames. Under
+                # load the kernel queues several frames, so one read may bring them all.
+                assert limit <= inbound.conn.budget.used < limit + DEFAULT_SCRATCH_BYTES  # streams draw from it
                 for c in chunks:
                     assert await inbound.recv_message() == c
                 await task
                 assert inbound.conn.bytes_received >= len(chunks) * limits.max_frame
+                assert inbound.conn.budget.peak < limit + DEFAULT_SCRATCH_BYTES  # held throughout, not only at first
                 release.set()
 
     run(scenario)
