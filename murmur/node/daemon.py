@@ -45,6 +45,7 @@ from murmur.node.preflight import bind_problem
 from murmur.node.progress import progress, resumed_eval
 from murmur.node.session import Dispatcher, PeerSession, ProtocolNotSupported
 from murmur.node.state import ApiInfo, StateDir
+from murmur.protocol.addresses import advertised
 from murmur.protocol.discovery import MdnsConfig, MdnsDiscovery
 from murmur.protocol.gossip import FloodGossip, GossipMessage
 from murmur.protocol.identity import Identity, PeerId
@@ -52,6 +53,7 @@ from murmur.protocol.libp2p import HostConfig, Libp2pConnection, Libp2pHost, Str
 from murmur.protocol.messages import Gossip, Goodbye, Hello, MurmurProtocol
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.peertable import PeerTable, PeerTableConfig
+from murmur.protocol.reachability import ReachabilityTracker
 from murmur.protocol.sampling import CyclonSampler
 from murmur.protocol.transport import ConnectionClosed, tune_allocator
 from murmur.ratelog import LogBudget, RateLimitedLog
@@ -61,9 +63,6 @@ log = logging.getLogger(__name__)
 
 AGENT = f"murmur/{__version__}"
 GOODBYE_TIMEOUT_S = 1.0
-WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
-"""A wildcard listener is advertised on loopback; operators who want to be
-reachable from elsewhere listen on (or configure) a concrete address."""
 
 MAX_INCOMPATIBLE_PEERS = 4096  # peers remembered as running another model
 LEARNING_OFF = "learning.enabled = false: this node only relays (membership, gossip) and trains nothing"
@@ -90,6 +89,8 @@ class Node:
         self.metrics.failed_tasks.set_function(lambda: float(len(self._failed_tasks())))
         self.dispatcher = Dispatcher()
         self.addrs: list[Multiaddr] = []
+        self.reachability = ReachabilityTracker()  # identify observations and AutoNAT results will feed it too
+        self.metrics.bind_reachability(lambda: self.reachability.reachability(time.monotonic()))
         self.started_at = time.monotonic()
         self._sessions: dict[PeerId, PeerSession] = {}
         self._by_conn: dict[Libp2pConnection, PeerSession] = {}
@@ -156,10 +157,10 @@ class Node:
                 bound = await self.host.listen(listen.host, listen.port)
             except OSError as exc:
                 raise OptionError("node.listen", f"cannot listen on {listen}: {bind_problem(exc, listen.port)}") from None
-            for addr in bound:
-                host = WILDCARD_HOSTS.get(addr.host, addr.host)
-                self.addrs.append(Multiaddr(host, addr.port, self.peer_id))
+            for addr in bound:  # a wildcard: the interfaces' addresses, never loopback to other machines
+                self.addrs.extend(advertised(Multiaddr(addr.host, addr.port, self.peer_id)))
         self.host.listen_addrs = list(self.addrs)  # what identify tells peers: the advertised addresses
+        self.reachability.set_local(self.addrs)
         net = cfg.network
         self.sampler = CyclonSampler(
             self.peer_id,
@@ -651,6 +652,7 @@ class Node:
         return {
             "peer_id": str(self.peer_id),
             "addrs": [str(a) for a in self.addrs],
+            "reachability": self.reachability.snapshot(time.monotonic()),
             "agent": AGENT,
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "connections": len(sessions),

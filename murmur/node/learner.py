@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import blake3
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CATCH_UP_GAP = 2
+CATCH_UP_QUORUM = Fraction(2, 3)  # share of neighbours ahead that moves a node with no vouched claim (catch_up_target)
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
 MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
@@ -967,10 +969,14 @@ def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mappin
     model outright. Only neighbours more than ``CATCH_UP_GAP`` rounds ahead
     count, and then:
 
-    * when more than half of our neighbours are ahead, any of them but those
-      our aggregator gave no weight the last time they took part (SybilWall
-      gives Sybils 0), unless that leaves none: a late joiner or a restarted
-      node, whose neighbours all moved on;
+    * when more than two thirds of our neighbours are ahead, any of them but
+      those our aggregator gave no weight the last time they took part
+      (SybilWall gives Sybils 0), unless that leaves none: a late joiner or a
+      restarted node, whose neighbours all moved on. Two thirds, not half: two
+      Sybils that linked to a starting node before its k honest neighbours
+      did held the majority against the one honest neighbour it had, and
+      handed it their model (CI saw it); a node that really is behind has
+      (nearly) all its neighbours ahead;
     * otherwise only those it gave positive weight: a lone claim ahead must
       be vouched for by past rounds (the two sides of a healed partition
       learnt from each other before it), or anyone could claim it.
@@ -979,7 +985,7 @@ def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mappin
     """
     ahead = {peer: r for peer, r in claimed.items() if r > own_round + CATCH_UP_GAP}
     eligible = [peer for peer in ahead if trust.get(peer, 0.0) > 0.0]
-    if 2 * len(ahead) > len(claimed):
+    if CATCH_UP_QUORUM.denominator * len(ahead) > CATCH_UP_QUORUM.numerator * len(claimed):
         # Krum, say, gives most honest peers 0 in any one round: when every
         # neighbour ahead has 0, a node left behind must still move.
         eligible += [peer for peer in ahead if peer not in trust]

@@ -49,12 +49,22 @@ def _phases(learning: Mapping[str, Any]) -> str | None:
     return f"{fmt_seconds(total)} ({parts})"
 
 
+def _reachability(reach: Mapping[str, Any]) -> str:
+    """``private (interfaces)``: the state and what it rests on, with the
+    NAT's public side once peers confirmed it (an address peers saw, not
+    proof that they can dial it)."""
+    text = f"{reach.get('state', '–')} ({reach.get('basis', '–')})"
+    observed = reach.get("observed") or []
+    return text + (f"; peers see it at {', '.join(str(a) for a in observed)}" if observed else "")
+
+
 def render_status(status: Mapping[str, Any]) -> str:
     health = status.get("health") or {}
     failed = health.get("failed_tasks") or []
     lines = [
         _line("peer", str(status.get("peer_id", "–"))),
         *(_line("address" if i == 0 else "", str(a)) for i, a in enumerate(status.get("addrs") or [])),
+        _line("reachability", _reachability(status.get("reachability") or {})),
         _line("agent", str(status.get("agent", "–"))),
         _line("uptime", fmt_seconds(status.get("uptime_s"))),
         _line("health", "ok" if health.get("ok", True) and not failed else

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from murmur.errors import ConfigError, DecodeError, LimitExceeded, PeerFault
+from murmur.protocol.addresses import advertised
 from murmur.protocol.identity import PeerId
 from murmur.protocol.multiaddr import DialAddr, Multiaddr, Proto
 from murmur.protocol.peertable import PeerTable, parse_peer_entry
@@ -307,21 +308,9 @@ class MdnsDiscovery:
             await zc.async_close()
 
     def _advertised_addrs(self) -> list[Multiaddr]:
-        """Listen addresses, with a 0.0.0.0 wildcard expanded to this host's
-        non-loopback IPv4 addresses (a "::" wildcard is not expanded)."""
-        out: list[Multiaddr] = []
-        for addr in self._listen_addrs:
-            ip = ipaddress.ip_address(addr.host)
-            if not ip.is_unspecified:
-                out.append(addr)
-                continue
-            import ifaddr  # zeroconf's own dependency
-
-            for adapter in ifaddr.get_adapters():
-                for host in adapter.ips:
-                    if isinstance(host.ip, str) and ip.version == 4 and not ipaddress.ip_address(host.ip).is_loopback:
-                        out.append(Multiaddr(host.ip, addr.port))
-        return list(dict.fromkeys(out))
+        """Listen addresses, a wildcard expanded to this host's interface
+        addresses (``addresses.advertised``)."""
+        return list(dict.fromkeys(a for addr in self._listen_addrs for a in advertised(addr)))
 
     def _on_service_state_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
         from zeroconf import ServiceStateChange

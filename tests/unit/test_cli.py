@@ -22,6 +22,7 @@ from murmur.node.api import StatusApi
 from murmur.node.config import LogLevel, NodeConfig, load_config
 from murmur.node.logs import configure_logging
 from murmur.node.metrics import NodeMetrics
+from murmur.node.render import render_status
 from murmur.node.state import ApiInfo, StateDir
 from murmur.protocol.identity import PeerId
 from murmur.protocol.multiaddr import Multiaddr
@@ -290,3 +291,12 @@ async def test_node_health_exit_code_follows_healthz():
         assert (rc, out) == (1, "") and err == "murmur: unhealthy: rounds crashed: TrainerError: boom\n"
     rc, _, err = await amurmur("node", "health", "--api", api.url, "--timeout", "1")
     assert rc == 1 and err.startswith("murmur: cannot reach the node API")
+
+
+def test_status_for_a_person_says_how_reachable_the_node_is():
+    observed = "/ip4/198.18.1.1/tcp/4731"
+    behind = {"reachability": {"state": "private", "basis": "autonat", "observed": [observed], "observers": 5}}
+    lines = [" ".join(line.split()) for line in render_status(behind).splitlines()]
+    assert f"reachability private (autonat); peers see it at {observed}" in lines
+    # an older node that does not say: a dash, never a crash
+    assert "reachability – (–)" in [" ".join(line.split()) for line in render_status({}).splitlines()]
