@@ -89,7 +89,7 @@ class Node:
         self.metrics.failed_tasks.set_function(lambda: float(len(self._failed_tasks())))
         self.dispatcher = Dispatcher()
         self.addrs: list[Multiaddr] = []
-        self.reachability = ReachabilityTracker()  # identify observations and AutoNAT results will feed it too
+        self.reachability = ReachabilityTracker()  # identify's observed addresses feed it (AutoNAT results will too)
         self.metrics.bind_reachability(lambda: self.reachability.reachability(time.monotonic()))
         self.started_at = time.monotonic()
         self._sessions: dict[PeerId, PeerSession] = {}
@@ -533,7 +533,9 @@ class Node:
                     self.host._tasks.spawn(f"close-banned-{conn.name}", conn.close, replace=True)
 
     def _on_identified(self, conn: Libp2pConnection) -> None:
-        """Keep what identify told us about the peer in the peer table."""
+        """Keep what identify told us about the peer in the peer table, and
+        count the address it saw us at as its vote for our reachability (one
+        vote per peer; the tracker wants several subnets to agree)."""
         info = conn.identify
         if info is None or self.table.is_banned(conn.peer_id):
             return
@@ -541,6 +543,9 @@ class Node:
             conn.peer_id, info.agent_version or "", info.protocols, [str(a) for a in info.listen_addrs],
             str(info.observed_addr) if info.observed_addr is not None else "",
         )
+        observed = info.observed_addr.to_tcp() if info.observed_addr is not None else None
+        if observed is not None:
+            self.reachability.observe(observed, conn.peer_id, conn.remote[0], time.monotonic())
 
     # -- partitions (testnet) ---------------------------------------------------------
 

@@ -6,7 +6,8 @@ on top of the host (tested in test_libp2p_host.py and tests/interop).
   one (``/noise`` + ``/yamux/1.0.0``) when a node turns its fast path off;
 * libp2p peers that speak no murmur protocol: kept for identify and ping,
   never a session, never a learning neighbour, out of the sampler's view;
-* bootstrap addresses as libp2p writes them (``/dns4``, ``/p2p``, circuits kept).
+* bootstrap addresses as libp2p writes them (``/dns4``, ``/p2p``, circuits kept);
+* the address identify says a peer saw us at is a vote for our reachability.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 from murmur.node.daemon import Node
 from murmur.node.session import ProtocolNotSupported
+from murmur.protocol.addresses import REACHABLE_FROM_ELSEWHERE, interface_hosts, scope
 from murmur.protocol.identity import Identity
 from murmur.protocol.libp2p import FastConnection, Libp2pHost, YamuxConnection
 from murmur.protocol.messages import MurmurProtocol
@@ -128,3 +130,35 @@ async def test_bootstrap_by_dns_name_and_a_kept_circuit(tmp_path: Path, caplog: 
     finally:
         await node.stop()
         await seed.stop()
+
+
+def _interface_ipv4() -> str | None:
+    """One of this machine's IPv4 addresses another machine could dial, if any."""
+    for host in interface_hosts(4):
+        try:
+            if scope(host) in REACHABLE_FROM_ELSEWHERE:
+                return host
+        except ValueError:
+            continue
+    return None
+
+
+async def test_the_address_identify_saw_us_at_is_a_reachability_vote(tmp_path: Path) -> None:
+    """On loopback nobody else could dial what a peer observes, so the vote
+    needs an interface address: both nodes listen on it, b dials a there, and
+    a's identify tells b where b's connection came from."""
+    host = _interface_ipv4()
+    if host is None:
+        pytest.skip("this machine has no IPv4 address but loopback")
+    listen = {"node.listen": [f"/ip4/{host}/tcp/0"]}
+    a = await _node(tmp_path, "a", **listen)
+    b = await _node(tmp_path, "b", **listen)
+    try:
+        assert b.status()["reachability"]["observers"] == 0
+        session = await b.connect(a.addrs, a.peer_id)
+        await wait_until(lambda: b.status()["reachability"]["observers"] == 1, 3.0, "a's observation counted by b")
+        assert session.conn.local[0] == host  # what a observed: b's end of the connection
+        assert _peer_entry(b, a.peer_id)["observed"] == f"/ip4/{host}/tcp/{session.conn.local[1]}"
+    finally:
+        await b.stop()
+        await a.stop()
