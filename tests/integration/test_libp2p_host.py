@@ -25,7 +25,9 @@ from murmur.protocol.libp2p import (
     YamuxConnection,
     echo_handler,
 )
-from murmur.protocol.libp2p.host import HostConfig
+from murmur.protocol.identify import IdentifyInfo
+from murmur.protocol.libp2p.host import MAX_OBSERVED_ADDRS, HostConfig
+from murmur.protocol.multiaddr import AnyMultiaddr
 from murmur.protocol.transport import TransportLimits
 from murmur.protocol.yamux import HEADER, FrameType
 from tests.integration.cluster import wait_until
@@ -277,6 +279,24 @@ async def test_window_update_starved_by_the_pool_goes_out_when_the_pool_frees() 
         await asyncio.wait_for(sender, 10)
         await stream.close_write()
         await wait_until(lambda: received == [2 * MIB], 10, "all of it arrives")
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_observed_addresses_a_peer_claims_are_tallied_within_a_bound() -> None:
+    """Identify's observed address is whatever the peer says: one peer pushing
+    a new one each time must not grow the host's tally without bound."""
+    server, client, conn, _faults, _addr = await _pair()
+    try:
+        await asyncio.wait_for(conn.identified.wait(), 5)
+        for port in range(1, 3 * MAX_OBSERVED_ADDRS):
+            client._learn(conn, IdentifyInfo(observed_addr=AnyMultiaddr.parse(f"/ip4/198.18.0.9/tcp/{port}")))
+        assert len(client.observed_addrs) == MAX_OBSERVED_ADDRS
+        known = next(iter(client.observed_addrs))
+        before = client.observed_addrs[known]
+        client._learn(conn, IdentifyInfo(observed_addr=known))
+        assert client.observed_addrs[known] == before + 1  # a known address is still counted
     finally:
         await client.close()
         await server.close()

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "ipfs/0.1.0"
 MAX_PING_STREAMS = 2  # per connection (ping spec: the listener SHOULD accept at most two)
+MAX_OBSERVED_ADDRS = 32  # distinct addresses peers said they saw us at, tallied; further ones ignored
 
 OnConnection = Callable[[Libp2pConnection], Awaitable[None] | None]
 OnFault = Callable[[PeerId | None, PeerFault], None]
@@ -107,7 +108,10 @@ class Libp2pHost:
         self._ping_streams: Counter[Libp2pConnection] = Counter()
         self._closing = False
         self.listen_addrs: list[Multiaddr] = []  # what identify tells peers (the node sets what it advertises)
-        self.observed_addrs: Counter[AnyMultiaddr] = Counter()  # how peers saw us, by how many said so
+        # How peers saw us, by how many said so: a bare tally for the host's
+        # users; the node's reachability votes go through ReachabilityTracker,
+        # which limits Sybils. Bounded, since any peer can claim any address.
+        self.observed_addrs: Counter[AnyMultiaddr] = Counter()
         self.faults: Counter[str] = Counter()
         self.evictions: Counter[str] = Counter()  # inbound connections evicted, by reason
         self._warnings = RateLimitedLog("transport warnings", log, LogBudget(
@@ -405,8 +409,9 @@ class Libp2pHost:
 
     def _learn(self, conn: Libp2pConnection, info: idp.IdentifyInfo) -> None:
         conn.identify = info if conn.identify is None else conn.identify.merged(info)
-        if info.observed_addr is not None:
-            self.observed_addrs[info.observed_addr] += 1
+        observed = info.observed_addr
+        if observed is not None and (observed in self.observed_addrs or len(self.observed_addrs) < MAX_OBSERVED_ADDRS):
+            self.observed_addrs[observed] += 1
         conn.identified.set()
         log.info("peer identified", extra={
             "event": "identified", "conn": conn.name, "peer": str(conn.peer_id),
