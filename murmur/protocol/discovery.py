@@ -1,5 +1,7 @@
 """How a node finds its first peers: bootstrap list, peer exchange, mDNS.
 
+* :func:`resolve` turns a bootstrap address (:class:`~murmur.protocol.multiaddr.DialAddr`:
+  an IP address or a DNS name, or a relay circuit) into TCP addresses to dial.
 * :class:`Bootstrap` tracks the configured bootstrap addresses and when each
   may be dialled again (exponential back-off with jitter). It is sans-IO: the
   daemon asks :meth:`Bootstrap.due` what to dial now and reports outcomes.
@@ -14,10 +16,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import math
 import random
+import socket
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -26,7 +30,7 @@ from typing import Any
 from murmur.errors import ConfigError, DecodeError, LimitExceeded, PeerFault
 from murmur.protocol.addresses import advertised
 from murmur.protocol.identity import PeerId
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.multiaddr import DialAddr, Multiaddr, Proto
 from murmur.protocol.peertable import PeerTable, parse_peer_entry
 from murmur.tasks import TaskManager
 
@@ -67,19 +71,42 @@ def backoff_delay(attempt: int, policy: BackoffPolicy, u: float = 0.5) -> float:
     return base * (1.0 + policy.jitter * (2.0 * u - 1.0))
 
 
-def parse_bootstrap(texts: Iterable[str]) -> list[Multiaddr]:
+def parse_bootstrap(texts: Iterable[str]) -> list[DialAddr]:
     """Parse bootstrap multiaddrs from config/CLI; one bad entry is a ConfigError."""
-    out: list[Multiaddr] = []
+    out: list[DialAddr] = []
     for text in texts:
         try:
-            addr = Multiaddr.parse(text)
+            addr = DialAddr.parse(text)
         except ValueError as exc:
             raise ConfigError(f"bad bootstrap address: {exc}") from None
-        if addr.port == 0:
-            raise ConfigError(f"bootstrap address {text!r} has port 0")
         if addr not in out:
             out.append(addr)
     return out
+
+
+MAX_RESOLVED = 8  # addresses of one DNS name dialled, at most
+_FAMILIES = {Proto.DNS: socket.AF_UNSPEC, Proto.DNS4: socket.AF_INET, Proto.DNS6: socket.AF_INET6}
+
+
+async def resolve(addr: DialAddr) -> list[Multiaddr]:
+    """The TCP addresses to dial for ``addr``: itself for an IP address, the
+    records of a DNS name (``/dns4``: IPv4 only, ``/dns6``: IPv6 only,
+    ``/dns``: both), none for a relay circuit (not dialled yet). The peer
+    id, if any, goes with each. ``OSError`` when the name does not resolve."""
+    direct = addr.direct()
+    if direct is not None:
+        return [direct]
+    if addr.is_circuit:
+        return []
+    family = _FAMILIES[addr.components[0].proto]
+    infos = await asyncio.get_running_loop().getaddrinfo(addr.host, addr.port, family=family,
+                                                         type=socket.SOCK_STREAM)
+    out: list[Multiaddr] = []
+    for _family, _type, _proto, _name, sockaddr in infos:
+        target = Multiaddr(str(sockaddr[0]), addr.port, addr.peer_id)
+        if target not in out:
+            out.append(target)
+    return out[:MAX_RESOLVED]
 
 
 class Bootstrap:
@@ -336,5 +363,6 @@ __all__ = [
     "SERVICE_TYPE",
     "backoff_delay",
     "parse_bootstrap",
+    "resolve",
     "parse_txt",
 ]
