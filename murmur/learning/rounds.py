@@ -13,13 +13,14 @@ neighbours' public models (as CHOCO-SGD does with exact communication):
   clipped and noised by the privacy stage (the kept Δ_i never is) and
   c_i^{t-1} the consensus step we took last round. Sender and receivers both
   advance the public model: s_i += q_i.
-* aggregate: the aggregator scores the peers' increments q_j, everything that
-  reached their public models this round, relative to our own (q_j − q_i:
-  SybilWall and FoolsGold histories are sums of them), and the engine
-  averages public models with those weights, or (for median, trimmed mean, clipped gossip) the aggregator
-  combines the models directly. Nothing a peer sends is mixed unscored. The
-  consensus step is c_i^t = agg(ŝ_j) − s_i. The private model takes the same
-  weights with *itself* (own update clean) in place of s_i:
+* aggregate: the aggregator scores what it mixes, each peer's public model
+  ŝ_j relative to the point our last round mixed to, r_i = s_i^{t-1} + c_i^{t-1}
+  (SybilWall keeps a moving average of these offsets per peer), and the
+  engine averages public models with those weights, or (for median, trimmed
+  mean, clipped gossip) the aggregator combines the models directly. Nothing
+  a peer sends, nor anything a re-sync of its replica installs, is mixed
+  unscored. The consensus step is c_i^t = agg(ŝ_j) − s_i. The private model
+  takes the same weights with *itself* (own update clean) in place of s_i:
   x_i ← (x_i + Δ_i) + Σ_j w_ij (ŝ_j − (x_i + Δ_i)).
 
 With privacy off, x_i = s_i and this is exactly D-SGD with Metropolis–Hastings
@@ -63,7 +64,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine, PeerUpdate
+from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine, PeerUpdate, Probed
 from murmur.learning.compression import Compressed, Compressor
 from murmur.learning.outer import OuterOptimizer
 from murmur.learning.trainers.base import EvalStats, Trainer
@@ -75,6 +76,13 @@ MAX_FUTURE_ROUNDS = 2
 """How far ahead of us a neighbour may be and still have its delta buffered.
 A faster peer is normal (it closed its round at quorum before we did); one
 further ahead is either broken or lying about rounds."""
+
+
+REFERENCE_ROUNDS = 3
+"""How many rounds' references (the point each round scored against) the
+engine keeps, so a gossiped record of a peer's public model a round or two
+old is scored against the reference of its own round, not today's: the
+shared drift between the two would make stale records look alike."""
 
 
 class Offer(enum.Enum):
@@ -278,6 +286,12 @@ class RoundEngine:
         initial = self.trainer.get_flat()
         self._initial = initial.clone()  # every node starts here (seeded), so round-0 replicas need no sync
         self.public = initial.clone()  # s_i, as of our last message
+        # r_i: the model our last round mixed to (s_i + c_i), what WEIGHTS
+        # aggregators score neighbours' public models against (finish_round).
+        self._reference = initial.clone()
+        # Past references by round, for gossiped records of a peer's public
+        # model at an earlier round (relative_to_reference).
+        self._references: dict[int, torch.Tensor] = {start_round: self._reference}
         self.last_sent_round = -1
         self._consensus = torch.zeros_like(initial)  # c_i of the last closed round, not yet published
         # With a compressor: e_i, what the messages so far left unsent (a
@@ -305,6 +319,13 @@ class RoundEngine:
         # message already makes (see _done_with_round).
         self._proven: set[str] = set()
         self._late_this_round = 0
+        if isinstance(aggregator, Probed):
+            aggregator.probe = self._probe_losses
+
+    def _probe_losses(self, offsets: Sequence[torch.Tensor]) -> list[float] | None:
+        """The aggregator's probe: losses on our own data of the models
+        ``reference + offset`` (the offsets it was handed this round)."""
+        return self.trainer.probe_losses([self._reference + offset for offset in offsets])
 
     # -- the round --------------------------------------------------------------
 
@@ -610,14 +631,19 @@ class RoundEngine:
             consensus, weights = public_result.delta, public_result.weights
             private_step = combine(private_half).delta if separate_private else consensus
         else:
-            # Scored relative to our own increment (ours is then 0): the consensus drift every
-            # neighbour shares cancels, what a peer adds beyond it stays (raw
-            # increments made honest histories alike: SybilWall gave honest
-            # peers 0.07 of the weight and the simulator's accuracy fell from
-            # 0.84 to 0.69; relative, 0.23 and 0.81, attack rate 0 either way).
-            updates = [PeerUpdate(p, pending.received[p].increment - pending.sent, pending.neighbours[p])
-                       for p in peers]
-            weights = self.aggregator.weigh(torch.zeros_like(pending.sent), updates, len(pending.neighbours))
+            # Score what is mixed: every neighbour's public model (everything it
+            # sent, and whatever a re-sync of its replica installed) relative to
+            # the point our last round mixed to. Relative to that point the
+            # honest offsets are each peer's own drift, so honest peers do not
+            # look alike; raw increments share the network's consensus drift
+            # (SybilWall gave honest peers 0.07 of the weight, accuracy 0.69),
+            # and offsets from our own half step share our own update and our
+            # own distance to the consensus (honest weight 0.1, accuracy 0.86
+            # on a degree-5 network where this gives 0.94).
+            reference = self._reference
+            own = self.public - reference  # our own step this round (noised update, compression residue)
+            updates = [PeerUpdate(p, m - reference, pending.neighbours[p]) for p, m in zip(peers, models, strict=True)]
+            weights = self.aggregator.weigh(own, updates, len(pending.neighbours))
             consensus = _weighted_offsets(models, peers, weights, self.public)
             private_step = _weighted_offsets(models, peers, weights, private_half) if separate_private else consensus
         if not (bool(torch.isfinite(consensus).all()) and bool(torch.isfinite(private_step).all())):
@@ -626,6 +652,7 @@ class RoundEngine:
             consensus = torch.zeros_like(self.public)
             private_step = consensus
         self._consensus = self._apply_round(pending, private_half, consensus, private_step, separate_private)
+        self._set_reference(self.public + self._consensus, self.round + 1)
         missed = sum(1 for p in pending.neighbours if not self._done_with_round(p))
         absent = tuple(p for p in pending.neighbours if p not in pending.received)
         report = RoundReport(
@@ -687,6 +714,33 @@ class RoundEngine:
         self.trainer.set_flat(model)
         return consensus if separate_private else model - half
 
+    def _set_reference(self, reference: torch.Tensor, round: int) -> None:
+        """The point round ``round`` scores against; the last
+        ``REFERENCE_ROUNDS`` of them are kept for gossiped records."""
+        self._reference = reference
+        self._references[round] = reference
+        for old in [r for r in self._references if r <= round - REFERENCE_ROUNDS]:
+            del self._references[old]
+
+    def replica(self, peer: str) -> tuple[torch.Tensor, int] | None:
+        """Our replica of ``peer``'s public model and the round of its last
+        message in it (what a history record describes), or None."""
+        replica = self._replicas.get(peer)
+        if replica is None or replica.round < 0:
+            return None
+        return replica.model, replica.round
+
+    def relative_to_reference(self, model: torch.Tensor, round: int) -> torch.Tensor | None:
+        """A peer's public model as of its message ``round`` (a gossiped
+        record), as the offset our aggregator scores for that round: ``model``
+        minus the point we mixed to before that round. None when we no longer
+        (or never) held that round's reference: a record older than
+        ``REFERENCE_ROUNDS`` rounds, or from the future."""
+        reference = self._references.get(round)
+        if reference is None or model.numel() != self.num_params:
+            return None
+        return model.to(reference.device, torch.float32) - reference
+
     def _return_snapshots(self) -> None:
         """The closed round's contributions are gone: a replica whose model no
         buffered contribution still holds may be advanced in place again."""
@@ -713,6 +767,8 @@ class RoundEngine:
         self._carry = None
         if self.outer is not None:
             self.outer.reset()
+        self._references.clear()
+        self._set_reference(self.public.clone(), round)
         self.last_sent_round = round - 1
         self.round = round
         for stale in [r for r in self._future if r < round]:
@@ -752,6 +808,8 @@ class RoundEngine:
         self._carry = None if carry is None else carry.to(device, torch.float32).clone()
         if self.outer is not None:
             self.outer.restore(dict(state), device)
+        self._references.clear()
+        self._set_reference(self.public + self._consensus, self.round)
 
 
 def _advance(public: torch.Tensor, increment: torch.Tensor) -> None:

@@ -25,12 +25,15 @@ from typing import Any
 
 import torch
 
+from murmur.learning.adversary import AttackPlan, SybilShaper, Tactic
 from murmur.learning.aggregators.base import get_aggregator
+from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdict, SybilWallAggregator
 from murmur.learning.compression import Compressor
 from murmur.learning.outer import OuterConfig, OuterOptimizer
 from murmur.learning.rounds import Message, Perturber, RoundConfig, RoundEngine, TrainFrom
 from murmur.learning.topology import Graph, random_regularish
 from murmur.learning.trainers.base import TrainerContext
+from murmur.learning.trainers.checked import checked
 from murmur.learning.trainers.registry import load_trainer
 from murmur.protocol.codecs import DeltaCodec, Rounding
 from murmur.protocol.delta import transfer_bytes
@@ -46,11 +49,13 @@ Sybils receive; otherwise its poisoned delta would be trivially far off."""
 
 @dataclass(frozen=True)
 class SybilAttack:
-    """One attacker running ``sybils`` identities that all send its one model."""
+    """One attacker running ``sybils`` identities; ``plan`` says what each
+    identity sends (default: all send its one model, SPECS section 2)."""
 
     kind: str  # "label_flip" | "backdoor"
     sybils: int
     edges_per_sybil: int = 2
+    plan: AttackPlan = AttackPlan()
 
 
 @dataclass(frozen=True)
@@ -179,20 +184,21 @@ def run_simulation(
             )
         )
 
-    attacker: RoundEngine | None = None
-    attacker_neighbours: dict[str, int] = {}
-    if cfg.attack and cfg.attack.sybils > 0:
-        attacker = RoundEngine(trainer_cls(ctx(n, cfg.attack.kind)), get_aggregator(ATTACKER_AGGREGATOR), round_cfg,
-                               compressor=_compressor(cfg, "attacker", n))
-        for targets in sybil_links.values():
-            for t in targets:
-                attacker_neighbours[names[t]] = len(graph[t])
-
-    record_rng = random.Random(cfg.seed + 104729)
-    rows: list[RoundRow] = []
-    total = cfg.rounds + cfg.mixing_rounds
     layout = TransferLayout.for_model(engines[0].num_params, Message.ROWS,
                                       cfg.compression.format if cfg.compression else RoundFormat())
+    attacker: _SimAttacker | None = None
+    if cfg.attack and cfg.attack.sybils > 0:
+        attack = cfg.attack
+        attacker = _SimAttacker(
+            attack, sybil_links, names, graph,
+            lambda sleeping: trainer_cls(ctx(n, None if sleeping else attack.kind)), round_cfg, cfg.seed,
+            _compressor(cfg, "attacker", n), layout,
+        )
+
+    record_rng = random.Random(cfg.seed + 104729)
+    payloads: Payloads = [{} for _ in range(n)]
+    rows: list[RoundRow] = []
+    total = cfg.rounds + cfg.mixing_rounds
     codec = cfg.compression.codec if cfg.compression else DeltaCodec.FP32
     message_bytes = transfer_bytes(layout.payload_bytes(TransferKind.ROUND, codec), layout.shape(TransferKind.ROUND),
                                    layout.meta(TransferKind.ROUND, degree=cfg.degree), codec)
@@ -210,24 +216,18 @@ def run_simulation(
             slowest = max(slowest, time.perf_counter() - started)
         result.compute_s.append(slowest)
         if attacker is not None:
-            poisoned = attacker.begin_round(attacker_neighbours)
-            for sybil, targets in sybil_links.items():
-                increment = _as_sent_by(attacker, poisoned, r, sybil, layout)
-                for t in targets:
-                    engines[t].offer(sybil, r, increment)
-            for peer in attacker_neighbours:
-                attacker.offer(peer, r, sent[peer].increment)
+            attacker.play(r, sent, engines, payloads)
         for i in range(n):
             for j in graph[i]:
                 engines[j].offer(names[i], r, sent[names[i]].increment)
         sent_bytes += connections * message_bytes
         result.round_bytes.append(connections * message_bytes)
-        _gossip_history_records(engines, names, graph, record_rng)
+        _gossip_history_records(engines, names, graph, record_rng, payloads)
         evaluate = (r + 1) % cfg.eval_every == 0 or r == total - 1
         judged = cfg.eval_nodes if cfg.eval_nodes is not None else n
         reports = [engine.finish_round(evaluate=evaluate and i < judged) for i, engine in enumerate(engines)]
         if attacker is not None:
-            attacker.finish_round()
+            attacker.engine.finish_round()
         if evaluate:
             row = _row(r, engines[:judged], reports[:judged], cfg, set(sybil_links))
             row.bytes = sent_bytes
@@ -255,16 +255,128 @@ def _as_sent_by(attacker: RoundEngine, message: Message, round_: int, sybil: str
     return torch.from_numpy(array[0].copy()).to(message.increment.device)
 
 
-def _gossip_history_records(engines: list[RoundEngine], names: list[str], graph: Graph, rng: random.Random) -> None:
-    """SybilWall's probabilistic history gossip between honest neighbours."""
+class _SimAttacker:
+    """One attacker behind its Sybils: a round engine that trains on its
+    poisoned data and averages what its Sybils receive (``mean``), and a
+    :class:`~murmur.learning.adversary.SybilShaper` that turns its model into
+    what each Sybil sends (see :mod:`murmur.learning.adversary`)."""
+
+    def __init__(
+        self, attack: SybilAttack, links: Mapping[str, list[int]], names: Sequence[str], graph: Graph,
+        trainer: Callable[[bool], Any], config: RoundConfig, seed: int, compressor: Compressor | None,
+        layout: TransferLayout,
+    ) -> None:
+        self.attack, self.plan, self.links, self.names, self.graph = attack, attack.plan, links, names, graph
+        self._trainer = trainer
+        self.layout = layout
+        self.engine = RoundEngine(trainer(self.plan.sleeping(0)), get_aggregator(ATTACKER_AGGREGATOR), config,
+                                  compressor=compressor)
+        self.neighbours = {names[t]: len(graph[t]) for targets in links.values() for t in targets}
+        self.shaper = SybilShaper(self.plan, list(links), seed)
+        self._initial = self.engine.public.clone()
+
+    def play(self, r: int, sent: Mapping[str, Any], engines: list[RoundEngine], payloads: Payloads) -> None:
+        """The attacker's round ``r``: it hears its neighbours first (a rushing
+        adversary), then every Sybil's message (or re-sync) and records go out."""
+        if self.plan.tactic is Tactic.SLEEPER and r == self.plan.sleep_rounds:
+            awake = checked(self._trainer(False))  # the attack starts: poisoned data from now on
+            awake.set_flat(self.engine.trainer.get_flat())
+            self.engine.trainer = awake
+        own = self.engine.begin_round(self.neighbours)
+        for peer in self.neighbours:
+            self.engine.offer(peer, r, sent[peer].increment)
+        if self.plan.tactic is Tactic.IDENTICAL:
+            for sybil, targets in self.links.items():
+                increment = _as_sent_by(self.engine, own, r, sybil, self.layout)
+                for t in targets:
+                    engines[t].offer(sybil, r, increment)
+            return
+        honest = [replica[0] for peer in self.neighbours if (replica := self.engine.replica(peer)) is not None]
+        targets_of = self.shaper.targets(self.engine.public, honest)
+        increments = self.shaper.increments(targets_of, self._initial)
+        mimic = torch.stack([sent[p].increment for p in self.neighbours]).mean(dim=0)
+        for sybil, targets in self.links.items():
+            for t in targets:
+                if self.plan.tactic is Tactic.UNSCORED:
+                    # a clean-looking increment; the model comes by re-sync, as the receiver asks after a gap
+                    engines[t].set_replica(sybil, self.shaper.publics[sybil] - mimic, r - 1)
+                    engines[t].offer(sybil, r, mimic)
+                else:
+                    engines[t].offer(sybil, r, increments[sybil])
+        if self.plan.tactic is Tactic.FORGED_RECORDS:
+            self._forge(r, engines, payloads)
+
+    def _forge(self, r: int, engines: list[RoundEngine], payloads: Payloads) -> None:
+        """Each Sybil tells each honest neighbour of made-up identities whose
+        public models copy those of that neighbour's honest neighbours (it
+        signs as their observer, and as them: the keys are its own)."""
+        for sybil, targets in self.links.items():
+            for t in targets:
+                honest = sorted(self.graph[t])
+                for k in range(self.plan.forged_per_round):
+                    h = honest[(r * self.plan.forged_per_round + k) % len(honest)]
+                    twin = _RecordPayload(engines[h].public.clone(), r, sybil)
+                    deliver_record(engines[t], payloads[t], sybil, f"{sybil}-twin-{self.names[h]}", twin, 1)
+
+
+@dataclass
+class _RecordPayload:
+    """What a node holds to relay a record: the subject's public model (its
+    signed statement, in the daemon) as of ``round``, and who observed it."""
+
+    model: torch.Tensor
+    round: int
+    observer: str
+
+
+Payloads = list[dict[str, _RecordPayload]]
+
+
+def _gossip_history_records(
+    engines: list[RoundEngine], names: list[str], graph: Graph, rng: random.Random, payloads: Payloads
+) -> None:
+    """SybilWall's history gossip between honest neighbours: each sends each
+    neighbour one record, a public model it observes (its replica) or one it
+    was told of (kept to relay, as the daemon keeps the signed statement)."""
     for i, engine in enumerate(engines):
-        send = getattr(engine.aggregator, "records_to_send", None)
-        if send is None:
+        aggregator = engine.aggregator
+        if not isinstance(aggregator, SybilWallAggregator):
             continue
         for j in graph[i]:
-            record = send(names[j], rng)
-            if record is not None:
-                engines[j].aggregator.receive_record(names[i], record)
+            choice = aggregator.records_to_send(names[j], rng)
+            if choice is None:
+                continue
+            if choice.distance == 1:
+                replica = engine.replica(choice.subject)
+                if replica is None:
+                    continue
+                payload = _RecordPayload(replica[0], replica[1], names[i])
+            elif choice.subject in payloads[i]:
+                payload = payloads[i][choice.subject]
+            else:
+                continue
+            deliver_record(engines[j], payloads[j], names[i], choice.subject, payload, choice.distance)
+
+
+def deliver_record(
+    receiver: RoundEngine, store: dict[str, _RecordPayload], sender: str, subject: str, payload: _RecordPayload,
+    distance: int,
+) -> RecordVerdict | None:
+    """Hand ``receiver`` a record as its node would after checking signatures."""
+    aggregator = receiver.aggregator
+    if not isinstance(aggregator, SybilWallAggregator):
+        return None
+    offset = receiver.relative_to_reference(payload.model, payload.round)
+    if offset is None:
+        return None
+    verdict = aggregator.receive_record(
+        sender, HistoryRecordData(subject, payload.round, offset, payload.observer, distance))
+    if verdict is RecordVerdict.KEPT:
+        store[subject] = payload
+    known = set(aggregator.known_peers())
+    for gone in [p for p in store if p not in known]:
+        del store[gone]
+    return verdict
 
 
 def _row(r: int, engines: list[RoundEngine], reports: list[Any], cfg: SimConfig, sybils: set[str]) -> RoundRow:

@@ -13,7 +13,9 @@ with real connections:
   neighbour lasts its deadline;
 * a node behind its neighbours (late join, restart) asks one of them for its
   model and adopts it (catch-up);
-* SybilWall history records are gossiped signed by their direct observer;
+* every round message carries a signed statement of our public model, and
+  SybilWall history records (a neighbour's public model, its statement and
+  our signature as its observer) are gossiped one per neighbour per round;
 * model, round and aggregator histories (and with compression the
   residuals, with an outer optimizer its momentum) are checkpointed
   atomically every ``learning.checkpoint_every_rounds`` rounds or
@@ -26,20 +28,19 @@ import asyncio
 import contextlib
 import random
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-import blake3
 import numpy as np
 import torch
 
 from murmur.errors import ConfigError, DecodeError, LimitExceeded, PeerFault
 from murmur.learning.aggregators.base import get_aggregator
-from murmur.learning.aggregators.sybilwall import HistoryRecordData, SybilWallAggregator
+from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdict, SybilWallAggregator
 from murmur.learning.compression import Compressor
 from murmur.learning.fingerprint import ModelFingerprint
 from murmur.learning.outer import OuterConfig, OuterOptimizer
@@ -60,6 +61,7 @@ from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
 from murmur.node.outbox import Outbox
 from murmur.node.ratelimit import RequestBudget
+from murmur.node.records import STATEMENT_META_KEY, HeldRecord, RecordBook, check_record, observe, sign_statement
 from murmur.node.silence import SilenceTracker
 from murmur.node.stalls import StallMonitor
 from murmur.protocol.codecs import DeltaCodec
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CATCH_UP_GAP = 2
+CATCH_UP_QUORUM = Fraction(2, 3)  # share of neighbours ahead that moves a node with no vouched claim (catch_up_target)
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
 MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
@@ -96,8 +99,6 @@ MODEL_SERVE_NODE_BURST = 8  # public models served to all peers together before 
 MODEL_SERVE_NODE_RATE = 2.0  # per second, all peers together: a flood of requesters cannot multiply our upload
 MODEL_REQUEST_TIMEOUT_S = 5.0  # an unanswered re-sync request may be repeated after this
 NEIGHBOUR_WAIT_S = 2.0  # how long a starting node waits for its k neighbours before its first round
-HISTORY_DOMAIN = b"murmur-history-v1"
-_U64 = struct.Struct(">Q")
 
 
 class PhaseTimer:
@@ -120,12 +121,6 @@ class PhaseTimer:
 
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 5) for k, v in self.seconds.items()}
-
-
-def history_signing_input(peer: PeerId, round_: int, history: np.ndarray) -> bytes:
-    """What the direct observer of ``peer`` signs for a SybilWall record."""
-    digest = blake3.blake3(memoryview(np.ascontiguousarray(history, dtype=np.float32)).cast("B")).digest()
-    return b"".join([HISTORY_DOMAIN, peer.raw, _U64.pack(round_), digest])
 
 
 class NodeLearner:
@@ -217,7 +212,7 @@ class NodeLearner:
         # Each neighbour's weight in the latest of our aggregations it took part
         # in: what vouches for a lone neighbour ahead of us (catch_up_target).
         self._trust: dict[PeerId, float] = {}
-        self._record_sigs: dict[tuple[str, int, str], bytes] = {}
+        self._records = RecordBook()
         self.last_report: RoundReport | None = None
         self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
         self.attack_rate: float | None = None
@@ -348,7 +343,8 @@ class NodeLearner:
         if opened is not None and opened.round == self.engine.round and (front.peer_id, session.peer) not in opened.sent:
             opened.sent.add((front.peer_id, session.peer))
             self.outbox.start((front.peer_id, session.peer, TransferKind.ROUND),
-                              self._send_delta(front, session.peer, opened.round, opened.delta_for(front), opened.meta))
+                              self._send_delta(front, session.peer, opened.round, opened.delta_for(front),
+                                               opened.metas[front.peer_id]))
 
     def on_unlinked(self, front: Node, session: PeerSession) -> None:
         """``session`` is no longer a learning edge: the open round stops waiting for it."""
@@ -376,6 +372,7 @@ class NodeLearner:
         self._model_budgets.pop(session.peer, None)
         if not any(f.session(session.peer) for f in self.fronts):
             self.engine.forget(str(session.peer))  # a returning peer re-syncs its replica
+            self._records.forget(session.peer)
             self.silence.forget(str(session.peer))
             self._arrived.set()  # the open round no longer waits for it
 
@@ -544,16 +541,21 @@ class NodeLearner:
         neighbour that reads slowly delays only its own copy."""
         shape = (Message.ROWS, self.engine.num_params)
         self.layout.check_outgoing(TransferKind.ROUND, shape)
-        meta = self.layout.meta(TransferKind.ROUND, degree=len(neighbours))
+        # Each identity states (signs) the public model this message makes,
+        # for its neighbours to vouch for in history records (node/records.py).
+        public = self.engine.public_state()[0].detach().to("cpu").numpy()
+        metas = {front.peer_id: self.layout.meta(TransferKind.ROUND, degree=len(neighbours),
+                                                 **{STATEMENT_META_KEY: sign_statement(front.identity, round_, public)})
+                 for front in self.fronts}
         routes = [route for p in neighbours for route in self._routes.get(p, ())]
         # Kept while the round is open: a neighbour that links meanwhile gets it too (on_linked).
         # Encoded and hashed once (per front), signed per neighbour.
-        self._open = opened = _OpenRound(round_, sent, meta, {(front.peer_id, peer) for front, peer in routes},
+        self._open = opened = _OpenRound(round_, sent, metas, {(front.peer_id, peer) for front, peer in routes},
                                          self.node.peer_id, self.compressor)
         if not routes:
             return
         sends = [self.outbox.start((front.peer_id, peer, TransferKind.ROUND),
-                                   self._send_to(front, peer, round_, opened.delta_for(front), meta))
+                                   self._send_to(front, peer, round_, opened.delta_for(front), metas[front.peer_id]))
                  for front, peer in routes]
         await self.outbox.wait(sends, deadline - time.monotonic())
 
@@ -681,6 +683,9 @@ class NodeLearner:
         array = done.array if done.array.flags.writeable else done.array.copy()
         tensor = torch.from_numpy(array)
         outcome = self.engine.offer(str(session.peer), done.round, tensor[0])
+        statement = done.meta.get(STATEMENT_META_KEY)
+        if isinstance(statement, bytes) and outcome is not Offer.BAD_SHAPE:
+            self._records.note_statement(session.peer, done.round, statement)
         if outcome is not Offer.BAD_SHAPE and self.silence.on_usable(str(session.peer)):
             log.info("neighbour unmuted: it sends again", extra={"event": "unmuted", "peer": str(session.peer)})
         log.debug("round message", extra={"event": "offer", "peer": str(session.peer), "round": done.round,
@@ -816,56 +821,72 @@ class NodeLearner:
     # -- SybilWall history gossip ---------------------------------------------------------
 
     async def _send_record(self, front: Node, peer: PeerId) -> None:
+        """One record for ``peer`` this round, if the aggregator picks one we can vouch for."""
         if not self._gossips_records:
             return
-        record = self.aggregator.records_to_send(str(peer))
+        choice = self.aggregator.records_to_send(str(peer))
         session = front.session(peer)
-        if record is None or session is None:
+        if choice is None or session is None:
             return
-        history = record.history.detach().to("cpu", torch.float32).contiguous().numpy()
-        subject = PeerId.from_string(record.peer)
-        observer = PeerId.from_string(record.observer)
-        if observer == front.peer_id:
-            signature = front.identity.sign(history_signing_input(subject, record.round, history))
+        if choice.distance == 1:
+            message = self._observed_record(front, choice.subject)
         else:
-            signature = self._record_sigs.get((record.peer, record.round, record.observer))
-            if signature is None:
-                return  # we cannot vouch for a record whose signature we no longer hold
-        try:
-            await session.send(
-                HistoryRecord(peer=subject, observer=observer, round=record.round, distance=record.distance,
-                              history=history, origin_sig=signature)
-            )
-        except ConnectionClosed:
-            pass
+            held = self._records.record(choice.subject)
+            message = None if held is None else HistoryRecord(
+                subject=held.subject, observer=held.observer, round=held.round, distance=choice.distance,
+                model=held.model, subject_sig=held.subject_sig, observer_sig=held.observer_sig)
+        if message is None:
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await session.send(message)
+
+    def _observed_record(self, front: Node, subject_text: str) -> HistoryRecord | None:
+        """A first-hand record of a neighbour: our replica of its public model,
+        its own statement of that model, our signature as the observer."""
+        replica = self.engine.replica(subject_text)
+        if replica is None:
+            return None
+        subject = PeerId.from_string(subject_text)
+        model, round_ = replica
+        statement = self._records.statement(subject, round_)
+        if statement is None:
+            return None
+        record = observe(front.identity, subject, round_, model.detach().to("cpu", torch.float32).numpy().copy(),
+                         statement)
+        if record is None:
+            self._records.forget(subject)  # what it sent is not what it states: nothing to vouch for
+        return record
 
     async def _on_history_record(self, session: PeerSession, msg: HistoryRecord) -> None:
-        if not isinstance(self.aggregator, SybilWallAggregator):
+        """Check a record's signatures, score it against our reference of its
+        round (the aggregator's rules decide whether it counts), keep it to relay."""
+        if not isinstance(self.aggregator, SybilWallAggregator) or not self._gossips_records:
             return
-        if msg.history.size != self.engine.num_params:
+        if not session.linked:
+            log.debug("history record from a non-neighbour ignored", extra={"peer": str(session.peer)})
+            return
+        if not self._records.take_intake(session.peer, self.aggregator.round):
+            log.debug("history record over the sender's budget ignored", extra={"peer": str(session.peer)})
+            return
+        if msg.model.size != self.engine.num_params:
             raise DecodeError("history record of the wrong size")
-        history = np.asarray(msg.history, dtype=np.float32)
-        msg.observer.verify(msg.origin_sig, history_signing_input(msg.peer, msg.round, history))
-        if msg.peer in self._front_ids:
+        model = check_record(msg)
+        if msg.subject in self._front_ids:
             return
-        record = HistoryRecordData(
-            peer=str(msg.peer), round=msg.round, distance=msg.distance,
-            history=torch.from_numpy(history.copy()), observer=str(msg.observer),
+        offset = self.engine.relative_to_reference(torch.from_numpy(model.copy()), msg.round)
+        if offset is None:
+            return  # a round we hold no reference for (ahead of us, or too old to compare)
+        verdict = self.aggregator.receive_record(
+            str(session.peer),
+            HistoryRecordData(subject=str(msg.subject), round=msg.round, offset=offset, observer=str(msg.observer),
+                              distance=msg.distance),
         )
-        if self.aggregator.receive_record(str(session.peer), record):
-            key = (record.peer, record.round, record.observer)
-            self._record_sigs[key] = msg.origin_sig
-            self._prune_record_sigs()
-
-    def _prune_record_sigs(self) -> None:
-        """Keep signatures only for records the aggregator still stores."""
-        live = set()
-        for peer in self.aggregator.known_peers():
-            info = self.aggregator.record_info(peer)
-            if info is not None:
-                live.add((peer, info.round, info.observer))
-        for key in [k for k in self._record_sigs if k not in live]:
-            del self._record_sigs[key]
+        if verdict.misbehaviour:
+            raise LimitExceeded(f"history record refused: {verdict.value}")
+        if verdict is RecordVerdict.KEPT:
+            self._records.keep(HeldRecord(msg.subject, msg.observer, msg.round, model.copy(), msg.subject_sig,
+                                          msg.observer_sig))
+        self._records.prune(set(self.aggregator.known_peers()))
 
     # -- persistence ----------------------------------------------------------------------
 
@@ -1005,7 +1026,7 @@ class _OpenRound:
 
     round: int
     message: Message
-    meta: Mapping[str, Any]
+    metas: Mapping[PeerId, Mapping[str, Any]]  # per front: its statement of the public model
     sent: set[tuple[PeerId, PeerId]]  # (front, neighbour) it went to
     own: PeerId  # the identity the engine compressed for
     compressor: Compressor | None
@@ -1042,10 +1063,14 @@ def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mappin
     model outright. Only neighbours more than ``CATCH_UP_GAP`` rounds ahead
     count, and then:
 
-    * when more than half of our neighbours are ahead, any of them but those
-      our aggregator gave no weight the last time they took part (SybilWall
-      gives Sybils 0), unless that leaves none: a late joiner or a restarted
-      node, whose neighbours all moved on;
+    * when more than two thirds of our neighbours are ahead, any of them but
+      those our aggregator gave no weight the last time they took part
+      (SybilWall gives Sybils 0), unless that leaves none: a late joiner or a
+      restarted node, whose neighbours all moved on. Two thirds, not half: two
+      Sybils that linked to a starting node before its k honest neighbours
+      did held the majority against the one honest neighbour it had, and
+      handed it their model (CI saw it); a node that really is behind has
+      (nearly) all its neighbours ahead;
     * otherwise only those it gave positive weight: a lone claim ahead must
       be vouched for by past rounds (the two sides of a healed partition
       learnt from each other before it), or anyone could claim it.
@@ -1054,7 +1079,7 @@ def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mappin
     """
     ahead = {peer: r for peer, r in claimed.items() if r > own_round + CATCH_UP_GAP}
     eligible = [peer for peer in ahead if trust.get(peer, 0.0) > 0.0]
-    if 2 * len(ahead) > len(claimed):
+    if CATCH_UP_QUORUM.denominator * len(ahead) > CATCH_UP_QUORUM.numerator * len(claimed):
         # Krum, say, gives most honest peers 0 in any one round: when every
         # neighbour ahead has 0, a node left behind must still move.
         eligible += [peer for peer in ahead if peer not in trust]

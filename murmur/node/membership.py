@@ -37,7 +37,8 @@ from murmur.protocol.messages import (
     ShuffleRequest,
     ShuffleResponse,
 )
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.discovery import resolve
+from murmur.protocol.multiaddr import DialAddr, Multiaddr
 from murmur.protocol.peertable import PeerTable, parse_peer_entry
 from murmur.protocol.sampling import CyclonSampler, Descriptor
 from murmur.protocol.subnets import is_loopback, subnet_of
@@ -50,9 +51,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
-LINK_FAN_IN = 2
-"""Learning neighbours per configured k, at most: the k we chose plus as many
-that chose us (an edge set built from everyone's choices is ~2k per node)."""
+LINK_FAN_IN = 3
+"""Learning neighbours per configured k, at most: the k we chose plus up to
+2k that chose us. Everyone choosing k gives each node k requests on average,
+but Cyclon's choices are not uniform: with room for only k, the most chosen
+refused links that then had to be re-chosen, and 8 nodes took more than 10 s to
+mesh again after 3 of them crashed. Strangers that take the room are muted
+and unlinked (node/silence.py) and never hold a round (probation)."""
 MAX_COOLDOWNS = 4096  # peers remembered as not to be re-linked for a while
 PEX_MAX_PEERS = 32
 MAX_CONCURRENT_DIALS = 8
@@ -69,7 +74,7 @@ class MembershipConfig:
     maintain_interval_s: float = 1.0
     transient_ttl_s: float = 15.0  # unlinked connections (shuffles, PEX) close after this
     save_interval_s: float = 30.0
-    bootstrap: tuple[Multiaddr, ...] = ()
+    bootstrap: tuple[DialAddr, ...] = ()
 
 
 class MembershipHost(Protocol):
@@ -342,16 +347,22 @@ class Membership:
     # -- bootstrap and peer exchange ----------------------------------------------
 
     async def _bootstrap(self) -> None:
-        """Dial bootstrap peers (with back-off) until we know somebody."""
-        if not self.config.bootstrap:
+        """Dial bootstrap peers (with back-off) until we know somebody. DNS
+        names are resolved on every try; relay circuits are kept in the
+        config but not dialled (NAT traversal will)."""
+        circuits = [a for a in self.config.bootstrap if a.is_circuit]
+        if circuits:
+            log.info("bootstrap relay circuits are not dialled yet", extra={
+                "event": "bootstrap_circuits", "addrs": [str(a) for a in circuits]})
+        dialable = [a for a in self.config.bootstrap if not a.is_circuit and a.peer_id != self.host.peer_id]
+        if not dialable:
             return
         attempt = 0
         while True:
-            for addr in self.config.bootstrap:
-                if addr.peer_id == self.host.peer_id:
-                    continue
+            for addr in dialable:
                 try:
-                    session = await self.host.connect([addr.without_peer()], addr.peer_id)
+                    targets = await resolve(addr)
+                    session = await self.host.connect([t.without_peer() for t in targets], addr.peer_id)
                 except (OSError, PeerFault, ConnectionClosed) as exc:
                     log.info("bootstrap dial failed", extra={"addr": str(addr), "error": str(exc)})
                     continue

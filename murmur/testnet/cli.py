@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from murmur.errors import ConfigError
 from murmur.testnet.controller import RunEnd, RunOptions, RunResult, Testnet
+from murmur.testnet.internet import InternetError
 from murmur.testnet.options import DEFAULT_OUT_ROOT, add_run_arguments
 from murmur.testnet.scenario import load_runnable_scenario
 from murmur.units import fmt_bytes, fmt_number
@@ -69,6 +70,9 @@ def run_testnet(ns: argparse.Namespace) -> int:
 
     try:
         result = uvloop.run(testnet.run())
+    except InternetError as exc:  # building the emulated internet failed (everything it made is gone)
+        print(f"murmur: emulated internet: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         # the supervisor stopped every process on the way out; say what is left behind
         print(f"\ninterrupted; every node stopped. Run dir: {testnet.run_dir}", file=sys.stderr)

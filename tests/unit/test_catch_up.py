@@ -39,3 +39,14 @@ def test_gap_and_empty() -> None:
     assert catch_up_target({}, 0, {}) is None
     assert catch_up_target({A: CATCH_UP_GAP, B: CATCH_UP_GAP}, 0, {}) is None
     assert catch_up_target({A: CATCH_UP_GAP + 1}, 0, {}) is A  # the only neighbour, and ahead
+
+
+def test_two_sybils_ahead_of_a_starting_node_with_one_honest_neighbour_move_nothing() -> None:
+    """Two Sybils that linked to a node at round 0 before its other honest
+    neighbours did are two of its three neighbours: a bare majority, and no
+    trust yet to tell them apart. They must not hand it their model (CI saw a
+    node adopt round 1001 this way); all neighbours ahead still moves it."""
+    sybil2 = Identity.generate().peer_id
+    assert catch_up_target({A: 0, SYBIL: FAR, sybil2: FAR}, 0, {}) is None
+    assert catch_up_target({A: 0, B: 0, SYBIL: FAR, sybil2: FAR}, 0, {}) is None
+    assert catch_up_target({A: 30, B: 30, C: 30}, 0, {}) in {A, B, C}

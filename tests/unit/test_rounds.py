@@ -23,6 +23,7 @@ import torch
 
 from murmur.learning.aggregators import PeerUpdate, get_aggregator
 from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine
+from murmur.learning.aggregators.mean import MeanAggregator
 from murmur.learning.aggregators.median import MedianAggregator
 from murmur.learning.rounds import MAX_FUTURE_ROUNDS, GossipModel, Message, Offer, RoundConfig, RoundEngine, TrainFrom
 from murmur.learning.trainers.base import EvalStats, Trainer, TrainerContext, TrainStats
@@ -904,3 +905,82 @@ def test_a_round_every_neighbour_has_just_left_behind_closes_at_once() -> None:
     message, _ = _message(others[0], 0)
     far.offer("n0", 1 + MAX_FUTURE_ROUNDS + 5, message.increment)
     assert not far.quorum_reached()
+
+
+# ------------------------------------------------------------------ Combine.WEIGHTS: what is scored
+
+
+class RecordingMean(MeanAggregator):
+    """Plain averaging; also keeps what the engine handed it to score."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+
+    def aggregate(self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int) -> AggregationResult:
+        self.calls.append((own.clone(), {u.peer: u.delta.clone() for u in updates}))
+        return super().aggregate(own, updates, own_degree)
+
+
+def _recording_engines() -> tuple[list[RoundEngine], RecordingMean]:
+    recorder = RecordingMean()
+    engines = [RoundEngine(LinearTrainer(_ctx(i)), recorder if i == 1 else get_aggregator("mean"),
+                           RoundConfig(local_steps=STEPS)) for i in GRAPH]
+    return engines, recorder
+
+
+def test_weights_aggregators_score_each_public_model_against_the_point_we_last_mixed_to() -> None:
+    engines, recorder = _recording_engines()
+    _sync_round(engines)
+    hub = engines[1]
+    reference = hub.public + hub._consensus  # where round 0 left us
+    round_ = hub.round
+    messages = _open_all(engines)
+    _deliver(engines, messages, round_)
+    for engine in engines:
+        engine.finish_round()
+    own, scored = recorder.calls[-1]
+    assert set(scored) == {"n0", "n2", "n3"}
+    for j in (0, 2, 3):  # each neighbour's public model after its message, as its replica holds it
+        torch.testing.assert_close(scored[_name(j)], engines[j].public - reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(own, hub.public - reference, rtol=0, atol=1e-6)  # our own noised step
+
+
+def test_a_model_a_resync_installs_is_scored_like_any_message() -> None:
+    """A neighbour that skips a round makes us fetch its public model; what
+    that model holds beyond its messages reaches our model only through
+    what the aggregator scores (it used to score only increments, and a
+    re-sync carried anything past it)."""
+    engines, recorder = _recording_engines()
+    _sync_round(engines)
+    hub, sender = engines[1], engines[3]
+    reference = hub.public + hub._consensus
+    round_ = hub.round
+    messages = _open_all(engines)
+    _deliver(engines, messages, round_, skip={(3, 1)})
+    poison = torch.full((DIM,), 50.0)
+    public, state_round = sender.public_state()
+    hub.forget("n3")  # its connection dropped (the replica is gone), and it links again
+    hub.add_neighbour("n3", len(GRAPH[3]))
+    assert hub.offer("n3", round_, messages[3].increment) is Offer.NEEDS_SYNC
+    assert hub.set_replica("n3", public + poison, state_round) is Offer.ACCEPTED  # it serves a poisoned model
+    for engine in engines:
+        engine.finish_round()
+    _, scored = recorder.calls[-1]
+    torch.testing.assert_close(scored["n3"], public + poison - reference, rtol=0, atol=1e-5)
+
+
+def test_records_are_scored_against_the_reference_of_their_own_round() -> None:
+    engines = _engines()
+    node = engines[0]
+    references = {}
+    for _ in range(4):
+        _sync_round(engines)
+        references[node.round] = (node.public + node._consensus).clone()
+    model = torch.arange(DIM, dtype=torch.float32)
+    now = node.round
+    for r in (now, now - 1, now - 2):
+        torch.testing.assert_close(node.relative_to_reference(model, r), model - references[r])
+    assert node.relative_to_reference(model, now - 3) is None  # too old: its reference is gone
+    assert node.relative_to_reference(model, now + 1) is None  # the future has no reference yet
+    assert node.relative_to_reference(torch.zeros(DIM + 1), now) is None

@@ -22,7 +22,7 @@ import math
 import types
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -42,6 +42,10 @@ from murmur.learning.privacy import dpsgd
 _SHUFFLE_STREAM = 0x5F1E
 #: Seed of the fixed subsample used when ``max_test_samples`` caps the test set.
 _TEST_SUBSAMPLE_SEED = 7
+#: Stream tag of the probe sample's seed (see ``probe_losses``).
+_PROBE_STREAM = 0x9B0BE
+#: Training examples ``probe_losses`` evaluates models on.
+PROBE_SAMPLES = 128
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,15 @@ class Trainer(ABC):
     @abstractmethod
     def attack_success_rate(self, attack: str) -> float:
         """Accuracy on the flipped / backdoored test set (see ``attacks``)."""
+
+    def probe_losses(self, models: Sequence[torch.Tensor]) -> list[float] | None:
+        """Mean loss of each flat model on a fixed sample of this node's own
+        training data, without changing the trainer's model; None (the
+        default) when the trainer cannot. SybilWall's ``probe_margin`` uses it
+        to take weight from a neighbour whose model does clearly worse on our
+        data than ours (a behavioural check: a flipped label costs loss where
+        no geometry shows it)."""
+        return None
 
 
 # ---------------------------------------------------------------- options
@@ -333,6 +346,7 @@ class TorchTrainer(Trainer):
         self._batches = _BatchSampler(
             len(y_train), self.options.batch_size, _shuffle_seed(ctx.seed, ctx.node_index)
         )
+        self._probe: Batch | None = None  # drawn on first use (probe_losses)
 
     # -- subclass interface
 
@@ -430,6 +444,32 @@ class TorchTrainer(Trainer):
         if not predictions:
             return 0.0
         return attacks.success_rate(torch.cat(predictions).numpy(), target)
+
+    def probe_losses(self, models: Sequence[torch.Tensor]) -> list[float]:
+        """Cross-entropy of each model on ``PROBE_SAMPLES`` of our (possibly
+        poisoned) training examples, drawn once with the node's seed; the
+        model's own parameters are left alone (``torch.func.functional_call``)."""
+        if self._probe is None:
+            count = min(PROBE_SAMPLES, len(self._y_train))
+            gen = torch.Generator().manual_seed(_shuffle_seed(self.ctx.seed, self.ctx.node_index) ^ _PROBE_STREAM)
+            idx = torch.randperm(len(self._y_train), generator=gen)[:count].to(self.device)
+            self._probe = Batch(self._x_train[idx], self._y_train[idx])
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        shapes = [p.shape for p in self._params]
+        sizes = [math.prod(shape) for shape in shapes]
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            with torch.no_grad():
+                for flat in models:
+                    parts = flat.to(self.device, torch.float32).split(sizes)
+                    params = {n: part.view(shape) for n, part, shape in zip(names, parts, shapes, strict=True)}
+                    logits = torch.func.functional_call(self.model, params, (self._probe.x,))
+                    out.append(float(F.cross_entropy(logits.float(), self._probe.y)))
+        finally:
+            self.model.train(was_training)
+        return out
 
     # -- helpers
 
