@@ -430,9 +430,15 @@ def test_shakespeare_transformer_predicts_every_next_character_and_reports_perpl
     before = trainers[0].evaluate()
     assert before.n == len(trainers[0]._y_test) * 12  # every position of every held-out window is scored
     assert math.exp(before.loss) == pytest.approx(Metric.PERPLEXITY.of(before))
+    initial = trainers[0].get_flat().clone()
     trainers[0].train(30)
     after = trainers[0].evaluate()
     assert Metric.PERPLEXITY.of(after) < 0.7 * Metric.PERPLEXITY.of(before)
+    # SybilWall's probe scores a sequence model by its next-character loss on our own windows
+    trained = trainers[0].get_flat()
+    probed = trainers[0].probe_losses([initial, trained])
+    assert probed[1] < 0.8 * probed[0]
+    assert torch.equal(trainers[0].get_flat(), trained)  # the probe leaves the model alone
     # causal: a window's logits at position t do not depend on later characters
     model = trainers[0].model.eval()
     x = trainers[0]._x_test[:1].clone()

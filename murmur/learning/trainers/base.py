@@ -466,10 +466,15 @@ class TorchTrainer(Trainer):
                     parts = flat.to(self.device, torch.float32).split(sizes)
                     params = {n: part.view(shape) for n, part, shape in zip(names, parts, shapes, strict=True)}
                     logits = torch.func.functional_call(self.model, params, (self._probe.x,))
-                    out.append(float(F.cross_entropy(logits.float(), self._probe.y)))
+                    out.append(float(self.probe_loss(logits.float(), self._probe)))
         finally:
             self.model.train(was_training)
         return out
+
+    def probe_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The mean loss ``probe_losses`` scores a model by: cross-entropy of
+        one label per example (a sequence model predicts one per position)."""
+        return F.cross_entropy(logits, batch.y)
 
     # -- helpers
 

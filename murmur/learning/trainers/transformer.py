@@ -117,10 +117,13 @@ class ShakespeareTransformerTrainer(TorchTrainer):
 
     def compute_gradients(self, batch: Batch) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
-            logits = self.model(batch.x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), next_characters(batch.x, batch.y).reshape(-1))
+            loss = self.probe_loss(self.model(batch.x).float(), batch)
         loss.backward()
         return loss.detach()
+
+    def probe_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Next-character cross-entropy over every position of the windows."""
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), next_characters(batch.x, batch.y).reshape(-1))
 
     def evaluate(self) -> EvalStats:
         loss_sum, correct, tokens = 0.0, 0, 0
