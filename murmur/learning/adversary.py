@@ -30,7 +30,7 @@ tactic (model-poisoning boosting, Bhagoji et al. 2019).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -120,12 +120,21 @@ class SybilShaper:
             out[s] = target
         return out
 
-    def increments(self, targets: Mapping[str, torch.Tensor], initial: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The increment each Sybil sends, advancing its tracked public model by it."""
+    def increments(
+        self, targets: Mapping[str, torch.Tensor], initial: torch.Tensor,
+        wire: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The increment each Sybil sends, advancing its tracked public model by it.
+
+        ``wire(sybil, q)``: what receivers decode of ``q`` sent under that
+        identity (compressed gossip). What it drops is still in the next
+        round's ``target - public``: the Sybil's own error feedback."""
         out = {}
         for s, target in targets.items():
             public = self.publics.setdefault(s, initial.clone())
             q = target - public
+            if wire is not None:
+                q = wire(s, q)
             public.add_(q)  # the same float32 addition as every replica of it
             out[s] = q
         return out

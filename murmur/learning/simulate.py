@@ -193,6 +193,7 @@ def run_simulation(
             attack, sybil_links, names, graph,
             lambda sleeping: trainer_cls(ctx(n, None if sleeping else attack.kind)), round_cfg, cfg.seed,
             _compressor(cfg, "attacker", n), layout,
+            {sybil: c for s, sybil in enumerate(sybil_links) if (c := _compressor(cfg, sybil, n + 1 + s)) is not None},
         )
 
     record_rng = random.Random(cfg.seed + 104729)
@@ -264,11 +265,15 @@ class _SimAttacker:
     def __init__(
         self, attack: SybilAttack, links: Mapping[str, list[int]], names: Sequence[str], graph: Graph,
         trainer: Callable[[bool], Any], config: RoundConfig, seed: int, compressor: Compressor | None,
-        layout: TransferLayout,
+        layout: TransferLayout, sybil_compressors: Mapping[str, Compressor],
     ) -> None:
         self.attack, self.plan, self.links, self.names, self.graph = attack, attack.plan, links, names, graph
         self._trainer = trainer
         self.layout = layout
+        # With compressed gossip each Sybil's message is in the network's
+        # format too (its own mask where masks are per sender): a shaped
+        # increment reaches the replicas only as its receivers decode it.
+        self._sybil_compressors = sybil_compressors
         self.engine = RoundEngine(trainer(self.plan.sleeping(0)), get_aggregator(ATTACKER_AGGREGATOR), config,
                                   compressor=compressor)
         self.neighbours = {names[t]: len(graph[t]) for targets in links.values() for t in targets}
@@ -293,14 +298,20 @@ class _SimAttacker:
             return
         honest = [replica[0] for peer in self.neighbours if (replica := self.engine.replica(peer)) is not None]
         targets_of = self.shaper.targets(self.engine.public, honest)
-        increments = self.shaper.increments(targets_of, self._initial)
+
+        def wire(sybil: str, q: torch.Tensor) -> torch.Tensor:
+            compressor = self._sybil_compressors.get(sybil)
+            return q if compressor is None else compressor.compress(q, r).dense
+
+        increments = self.shaper.increments(targets_of, self._initial, wire)
         mimic = torch.stack([sent[p].increment for p in self.neighbours]).mean(dim=0)
         for sybil, targets in self.links.items():
+            sent_mimic = wire(sybil, mimic)
             for t in targets:
                 if self.plan.tactic is Tactic.UNSCORED:
                     # a clean-looking increment; the model comes by re-sync, as the receiver asks after a gap
-                    engines[t].set_replica(sybil, self.shaper.publics[sybil] - mimic, r - 1)
-                    engines[t].offer(sybil, r, mimic)
+                    engines[t].set_replica(sybil, self.shaper.publics[sybil] - sent_mimic, r - 1)
+                    engines[t].offer(sybil, r, sent_mimic)
                 else:
                     engines[t].offer(sybil, r, increments[sybil])
         if self.plan.tactic is Tactic.FORGED_RECORDS:
