@@ -946,6 +946,45 @@ def test_weights_aggregators_score_each_public_model_against_the_point_we_last_m
     torch.testing.assert_close(own, hub.public - reference, rtol=0, atol=1e-6)  # our own noised step
 
 
+@pytest.mark.parametrize("setup", ["consensus-step", "outer", "compressed-outer"])
+def test_the_scoring_reference_is_the_step_the_round_actually_took(setup: str) -> None:
+    """The point our last round mixed to is our model as published: with a
+    consensus step below 1 the scaled step, with an outer optimizer its move,
+    with compression less the residual not yet sent. A reference built from
+    the raw consensus step (before the engine scales or replaces it) makes
+    every neighbour's offset carry our own unfinished step."""
+    from murmur.learning.compression import Compressor
+    from murmur.learning.outer import OuterConfig, OuterOptimizer
+    from murmur.protocol.codecs import DeltaCodec, Rounding
+    from murmur.protocol.sparse import MaskScope, RoundFormat, Sparsifier
+
+    config = RoundConfig(local_steps=STEPS, consensus_step=0.5 if setup != "outer" else 1.0)
+    recorder = RecordingMean()
+
+    def engine(i: int) -> RoundEngine:
+        compressor = (Compressor(RoundFormat(Sparsifier.RANDK, 0.4, MaskScope.SENDER, seed=SEED), DeltaCodec.FP32,
+                                 _name(i).encode(), Rounding.NEAREST, rng_seed=i) if setup == "compressed-outer" else None)
+        outer = OuterOptimizer(OuterConfig(lr=0.7, momentum=0.9, nesterov=True)) if "outer" in setup else None
+        return RoundEngine(LinearTrainer(_ctx(i)), recorder if i == 1 else get_aggregator("mean"), config,
+                           compressor=compressor, outer=outer)
+
+    engines = [engine(i) for i in GRAPH]
+    for _ in range(2):
+        _sync_round(engines)
+    hub = engines[1]
+    unsent = hub._residual if hub._residual is not None else torch.zeros(DIM)
+    reference = hub.trainer.get_flat() - unsent
+    torch.testing.assert_close(hub.public + hub._consensus, reference, rtol=0, atol=1e-5)
+    round_ = hub.round
+    _deliver(engines, _open_all(engines), round_)
+    for e in engines:
+        e.finish_round()
+    own, scored = recorder.calls[-1]
+    for j in (0, 2, 3):
+        torch.testing.assert_close(scored[_name(j)], engines[j].public - reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(own, hub.public - reference, rtol=0, atol=1e-5)
+
+
 def test_a_model_a_resync_installs_is_scored_like_any_message() -> None:
     """A neighbour that skips a round makes us fetch its public model; what
     that model holds beyond its messages reaches our model only through
