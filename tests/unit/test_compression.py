@@ -388,3 +388,19 @@ def test_top_k_with_privacy_is_refused() -> None:
         RoundEngine(QuadTrainer(TrainerContext(node_index=0, num_nodes=1, seed=SEED, device="cpu")),
                     get_aggregator("mean"), perturber=_PairNoise(1.0),  # type: ignore[arg-type]
                     compressor=_compressor("topk", 0))
+
+
+def test_a_boosting_testnet_attacker_sends_random_k_messages() -> None:
+    """The testnet's Sybil attacker puts BoostedUpdate where the privacy stage
+    goes; with a random-k mask the engine also asks it for its clip."""
+    from murmur.testnet.sybil import BoostedUpdate
+
+    fmt = RoundFormat(Sparsifier.RANDK, 0.4, MaskScope.SENDER, seed=SEED)
+    COMPRESSORS["boosted"] = (fmt, DeltaCodec.FP32, Rounding.NEAREST)
+    engines = _engines("boosted", perturbers=[BoostedUpdate(3.0) for _ in GRAPH])
+    node = engines[1]
+    update = node.local_update()
+    message = node.open_round(_neighbours(1), update)
+    mask = torch.from_numpy(fmt.mask(DIM, 0, _name(1).encode()))
+    torch.testing.assert_close(message.increment[mask], 3.0 * update.delta[mask])
+    assert torch.count_nonzero(node._carry[mask]) == 0  # all of it went out, boosted
