@@ -133,3 +133,25 @@ async def test_the_bigger_built_in_models_learn_compressed_and_report_their_metr
                 assert row["perplexity"] is None and 0 <= row["accuracy"] <= 1
             assert node.metrics.value("murmur_perplexity", split="test") == (
                 None if metric == "accuracy" else pytest.approx(row["perplexity"]))
+
+
+async def test_sybilwall_vouches_for_and_weighs_what_compressed_messages_decode_to(tmp_path: Path) -> None:
+    """Issue 15's records and probe on issue 18's compressed messages: each
+    node's signed statement of its public model (advanced by its decoded
+    increment) matches, bit for bit, the replica its neighbours built from
+    the payloads they decoded, so each can vouch for it in a history record;
+    and SybilWall, probe on, keeps honest neighbours' weight."""
+    overrides = learning(3, **{"compression.sparsifier": "randk", "compression.ratio": 0.1,
+                               "compression.mask": "sender", "compression.consensus_step": 0.5,
+                               "learning.codec": "int4", "learning.aggregator": "sybilwall"})
+    async with Cluster(3, tmp_path, overrides) as cluster:
+        await run_rounds(cluster, ROUNDS)
+        for node in cluster:
+            learner = node.learner
+            peers = [s.peer for s in node.membership.learning_neighbours()]
+            assert len(peers) == 2
+            for peer in peers:
+                record = learner._observed_record(node, str(peer))
+                assert record is not None, f"{peer.short()}'s statement does not match our replica of it"
+            weights = learner.last_report.weights
+            assert all(weights.get(str(peer), 0.0) > 0.0 for peer in peers), weights
