@@ -116,6 +116,22 @@ class Role(enum.StrEnum):
     ATTACKER = "attacker"
 
 
+class Backend(enum.StrEnum):
+    """Where a run's worker processes go (``[cluster] backend``)."""
+
+    LOCAL = "local"  # this machine, forked from the fork server (the default)
+    RAY = "ray"  # the hosts of a Ray cluster (murmur.testnet.raycluster; needs murmur[ray])
+
+
+class Placement(enum.StrEnum):
+    """How a Ray run spreads its worker processes over the cluster's hosts
+    (a Ray placement group strategy, one bundle per worker process)."""
+
+    SPREAD = "spread"  # over as many hosts as possible, best effort
+    STRICT_SPREAD = "strict_spread"  # one worker process per host, or the run does not start
+    PACK = "pack"  # on as few hosts as possible
+
+
 #: Actions that address specific nodes and need at least one.
 NODE_ACTIONS = frozenset({Action.CRASH, Action.STOP, Action.RESTART, Action.PARTITION, Action.JOIN})
 #: Actions that bring a node down (a later RESTART must follow one of them).
@@ -251,6 +267,21 @@ class ChurnEvent:
 
 
 @dataclass(frozen=True)
+class ClusterSpec:
+    """``[cluster]``: where the worker processes run. ``address`` is a Ray
+    cluster's (``host:port`` of its head, or ``auto``); none: a local Ray
+    instance the run starts and stops. ``cpus_per_node`` and
+    ``gpus_per_node`` are what each murmur node asks of Ray (a worker process
+    of K nodes asks K times that); a node given a GPU trains on it."""
+
+    backend: Backend = Backend.LOCAL
+    address: str | None = None
+    placement: Placement = Placement.SPREAD
+    cpus_per_node: float = _checked(0.25, _finite_positive)
+    gpus_per_node: float = _checked(0.0, _in_range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str = "scenario"
     nodes: int = _checked(8, _at_least(1))  # honest nodes
@@ -265,6 +296,7 @@ class Scenario:
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     attackers: tuple[AttackerSpec, ...] = ()
     churn: tuple[ChurnEvent, ...] = ()
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
     @property
     def total_nodes(self) -> int:
@@ -603,20 +635,40 @@ def provision_identities(scenario: Scenario, workdir: Path) -> dict[str, str]:
     return {s.name: str(Identity.load_or_create(workdir / s.name).peer_id) for s in scenario.node_specs()}
 
 
-def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class NodePlace:
+    """Where one node runs when it is not on this machine's loopback (a
+    cluster run): its host's address, its port there, its data dir on that
+    host, and the trainer device the cluster gave it (None: the scenario's)."""
+
+    host: str
+    port: int
+    data_dir: Path
+    device: str | None = None
+
+
+def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0, *,
+                 places: Mapping[int, NodePlace] | None = None) -> list[dict[str, Any]]:
     """One TOML-ready dict per node (see :func:`dump_toml`), in global index order.
 
     This is the one place where scenario fields map to ``murmur.node.config``
     sections (``node``, ``network``, ``transport``, ``api``, ``learning``,
-    ``privacy``); keep it aligned with that module.
+    ``privacy``); keep it aligned with that module. Identities are created
+    in ``workdir``. Without ``places`` every node listens on loopback at
+    ``base_port + index`` with its data dir under ``workdir``; with them
+    (node index -> :class:`NodePlace`, every node) on its host's own address.
+    The API stays on loopback either way: the controller reaches it on the
+    node's own host (murmur.testnet.raycluster relays it).
     """
     workdir = Path(workdir)
     specs = scenario.node_specs()
     peer_ids = provision_identities(scenario, workdir)
     total = len(specs)
+    where = dict(places) if places is not None else {
+        s.index: NodePlace(LOOPBACK, base_port + s.index, workdir / s.name) for s in specs}
 
     def addr(i: int) -> str:
-        return f"/ip4/{LOOPBACK}/tcp/{base_port + i}/p2p/{peer_ids[specs[i].name]}"
+        return f"/ip4/{where[i].host}/tcp/{where[i].port}/p2p/{peer_ids[specs[i].name]}"
 
     boot = honest_bootstrap(scenario)
     targets = sybil_targets(scenario)
@@ -629,7 +681,7 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> lis
                       else scenario.topology.degree)
         view_size = max(total, neighbours)
         configs.append({
-            "node": {"data_dir": str(workdir / s.name), "listen": [f"/ip4/{LOOPBACK}/tcp/{base_port + s.index}"],
+            "node": {"data_dir": str(where[s.index].data_dir), "listen": [f"/ip4/{where[s.index].host}/tcp/{where[s.index].port}"],
                      "log_level": "info", "log_format": "json"},
             "network": {
                 "bootstrap": [addr(j) for j in dial], "mdns": False, "neighbours": neighbours,
@@ -641,7 +693,8 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int) -> lis
             },
             "transport": {"max_inbound_per_subnet": max(16, total)},
             "api": {"host": LOOPBACK, "port": 0},
-            "learning": learning_table(scenario, s),
+            "learning": learning_table(scenario, s) | (
+                {"device": where[s.index].device} if where[s.index].device is not None else {}),
             "privacy": {
                 "enabled": priv.enabled, "scheme": priv.scheme.value, "epsilon": priv.epsilon,
                 "delta": priv.delta, "clip": priv.clip, "rounds": priv.rounds or rounds,
