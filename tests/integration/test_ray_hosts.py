@@ -1,0 +1,172 @@
+"""The testnet across a Ray cluster of three hosts on one machine: a head and
+two worker raylets, each in its own network namespace with its own
+198.18.0.0/15 address, joined by a bridge (tests/integration/raynet.py). The
+controller runs on the head's host, as ``murmur testnet run --cluster
+ray=ADDRESS``; 12 nodes spread over the hosts go through a crash, a restart
+and a partition/heal. Checked from the outside: the nodes listened on their
+hosts' addresses and nodes on different hosts talked over the namespace
+network; the report's numbers are the nodes' own metrics; no murmur process
+is left on any host.
+
+Skipped without root (namespaces) or without Ray (``pip install 'murmur[ray]'``).
+Slow: three raylets and a 12-node run on a 2-core box take about a minute
+and a half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from murmur.node.config import load_config
+from murmur.testnet.controller import read_metrics
+from tests.integration import raynet
+
+pytest.importorskip("ray", reason="Ray is not installed (pip install 'murmur[ray]'); the Ray cluster run is not tested")
+_WHY_NOT = raynet.can_make_namespaces()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_WHY_NOT is not None, reason=f"three Ray hosts: {_WHY_NOT}")]
+
+ROOT = str(Path(__file__).resolve().parents[2])
+RUN_TIMEOUT_S = 240
+
+SCENARIO = """
+name = "ray-hosts"
+nodes = 12
+nodes_per_process = 3
+seed = 11
+
+[topology]
+degree = 3
+
+[duration]
+rounds = 40
+round_deadline_s = 2.0
+
+[trainer]
+spec = "digits-mlp"
+local_steps = 40
+options = { lr = 0.05, batch_size = 32 }
+
+[cluster]
+backend = "ray"
+placement = "spread"
+cpus_per_node = 0.25
+
+[[churn]]
+at_round = 5
+action = "crash"
+nodes = [1, 6]
+
+[[churn]]
+at_round = 8
+action = "restart"
+nodes = [1, 6]
+
+[[churn]]
+at_round = 14
+action = "partition"
+nodes = [0, 1, 2, 3, 4, 5]
+
+[[churn]]
+at_round = 20
+action = "heal"
+"""
+
+
+def _rows(log: Path, event: str) -> list[dict]:
+    out = []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("event") == event:
+            out.append(row)
+    return out
+
+
+def _murmur_processes(namespaces: list[str]) -> list[str]:
+    """Command lines of murmur worker processes in ``namespaces``."""
+    found = []
+    for ns in namespaces:
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "murmur.testnet" in cmd:
+                found.append(f"{ns}: {cmd}")
+    return found
+
+
+def test_twelve_nodes_across_three_ray_hosts(tmp_path: Path) -> None:
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(SCENARIO, encoding="utf-8")
+    run_dir = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+           "RAY_AUTH_MODE": "token"}  # Ray 2.5x clusters require their token; the hosts share ~/.ray here
+    with raynet.RayHosts(hosts=3, cpus_per_host=2, env=env, log_dir=tmp_path) as cluster:
+        controller = subprocess.run(
+            [*cluster.exec_prefix(0), sys.executable, "-m", "murmur.testnet.cli", str(scenario),
+             "--cluster", f"ray={cluster.head_address}", "--out", str(run_dir), "--no-dashboard"],
+            capture_output=True, text=True, env=dict(os.environ) | env, timeout=RUN_TIMEOUT_S)
+        assert controller.returncode == 0, controller.stdout[-3000:] + controller.stderr[-3000:]
+        left = _murmur_processes(cluster.namespaces)
+    assert left == []  # none on any host once the controller returned
+    assert "run completed" in controller.stdout
+
+    summary = json.loads((run_dir / "report" / "summary.json").read_text(encoding="utf-8"))
+    host_addresses = {cluster.address(k) for k in range(3)}
+    hosts = {name: node["host"] for name, node in summary["nodes"].items()}
+    assert set(hosts) == {f"node{i}" for i in range(12)}
+    assert set(hosts.values()) == host_addresses  # spread over all three hosts
+
+    # each node listened on its host's own address; nodes talked across hosts
+    crossed = set()
+    for name, host in hosts.items():
+        cfg = load_config(run_dir / "configs" / f"{name}.toml")
+        assert cfg.node.listen[0].host == host
+        procs = [p for p in (run_dir / "logs").glob("*.log") if p.stem in (name, ) or
+                 (p.stem.startswith("nodes-") and name[4:] in p.stem[6:].split("-"))]
+        assert len(procs) == 1, (name, procs)
+        remotes = {c["remote"].rsplit(":", 1)[0] for c in _rows(procs[0], "connected")}
+        if remotes & (host_addresses - {host}):
+            crossed.add(host)
+    assert crossed == host_addresses  # from every host, some node reached a peer on another host
+
+    # the report's numbers are the nodes' own metrics, brought back from their hosts
+    finals = []
+    for name, node in summary["nodes"].items():
+        rows = read_metrics(run_dir / "nodes" / name)
+        assert rows and node["rows"] == len(rows) and node["round"] == rows[-1]["round"], name
+        assert node["alive"] is True
+        finals.append(rows[-1]["accuracy"])
+    assert summary["final_mean_accuracy"] == pytest.approx(statistics.fmean(finals))
+    assert summary["rounds"] == 40
+
+    # the crashed nodes were killed -9 on their hosts and restarted from their own state dirs
+    for name in ("node1", "node6"):
+        log = run_dir / "logs" / f"{name}.log"
+        assert len(_rows(log, "started")) == 2 and len(_rows(log, "stopped")) == 1, name
+        assert len(_rows(log, "restored")) == 1, name
+        assert summary["nodes"][name]["restarts"] == 1
+    actions = [e["action"] for e in summary["events"]]
+    assert actions == ["crash", "restart", "partition", "heal"]
+
+    # while the partition held, a node of the first side aggregated only its side's models
+    split, heal = summary["events"][2], summary["events"][3]
+    side = {summary["nodes"][f"node{i}"]["peer_id"] for i in range(6)}
+    held = [r for r in read_metrics(run_dir / "nodes" / "node0")
+            if split["ts"] < r["ts"] < heal["ts"] and r["round"] >= split["round"] + 2]
+    assert held
+    for row in held:
+        assert set(row["weights"]) - {"self"} <= side, row["round"]
+
+    assert not [ns for ns in cluster.namespaces if (raynet.NETNS_DIR / ns).exists()]
