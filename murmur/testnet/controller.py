@@ -800,8 +800,15 @@ class Testnet:
                 code = child.returncode
                 self._down(proc)
                 self._exited.append(proc)
-                self._say(f"\nprocess {proc.name} exited unexpectedly (code {code}); see {child.log_path}")
-                self._record({"action": "exited", "process": proc.name, "code": code})
+                record = {"action": "exited", "process": proc.name, "code": code}
+                why = f"exited unexpectedly (code {code})"
+                if self._ray is not None:  # where it ran; a lost host takes its nodes with it
+                    record["host"] = self._ray.hosts[proc.name].ip
+                    if self._ray.host_lost(proc.name):
+                        record["host_lost"] = True
+                        why = f"is gone with its Ray host {record['host']}"
+                self._say(f"\nprocess {proc.name} {why}; see {child.log_path}")
+                self._record(record)
 
     # -- churn -----------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,8 +236,10 @@ class RemoteProcess:
     ``signal_group`` through the agent. An agent that died (its Ray node
     lost, or killed) counts as the process killed by SIGKILL."""
 
-    def __init__(self, agent: Any, child: str, pid: int, log_path: Path, log_rel: str) -> None:
+    def __init__(self, agent: Any, child: str, pid: int, log_path: Path, log_rel: str,
+                 on_lost: Callable[[], None]) -> None:
         self.agent = agent
+        self._on_lost = on_lost
         self.child = child
         self.pid = pid
         self.returncode: int | None = None
@@ -252,6 +254,7 @@ class RemoteProcess:
                 code = int(ray.get(self._exit))
             except RayError:
                 code, self.lost = -signal.SIGKILL, True
+                self._on_lost()
             self.returncode = code
             self._fetch_log()  # the exit's last word, for the controller's message
         return self.returncode
@@ -354,6 +357,7 @@ class RayLauncher:
         self._config_owner: dict[str, str] = {}  # local config path -> worker process name
         self._relays: dict[Path, ControlRelay] = {}
         self._closing: set[asyncio.Task[None]] = set()  # relays replaced by a restart's, closing
+        self._lost: set[str] = set()  # worker processes whose agent died (their host, or the agent, is gone)
         self._group: Any = None
         self._started_ray = False
 
@@ -409,6 +413,10 @@ class RayLauncher:
             self.hosts[n] = Host(w["ip"], w["hostname"], tuple(w["gpus"]), int(port))
         return dict(self.hosts)
 
+    def host_lost(self, name: str) -> bool:
+        """Whether worker process ``name`` ended because its agent (its Ray node) died."""
+        return name in self._lost
+
     def remote_path(self, local: Path) -> Path:
         """Where a path under the controller's run dir lives on the hosts."""
         return self.root / local.relative_to(self.run_dir)
@@ -448,7 +456,7 @@ class RayLauncher:
             pid = ray.get(agent.spawn.remote(child, remote_args, log_rel), timeout=CALL_TIMEOUT_S)
         except RayError:
             pid = -1  # the agent is gone: the process counts as killed (RemoteProcess.lost)
-        return RemoteProcess(agent, child, pid, log_path, log_rel)
+        return RemoteProcess(agent, child, pid, log_path, log_rel, on_lost=lambda: self._lost.add(owner))
 
     def close(self) -> None:
         """The supervisor is done with us; :meth:`finish` collects and tears down."""
@@ -494,14 +502,17 @@ class RayLauncher:
         """Remove what this run put on the cluster (idempotent)."""
         if not ray.is_initialized():
             return
-        by_host: dict[str, Any] = {}
+        cleaned: set[str] = set()  # hosts whose run root is gone (one live agent per host does it)
         for name, agent in self.agents.items():
-            if name in self.hosts:
-                by_host.setdefault(self.hosts[name].ip, agent)
-        try:
-            ray.get([a.remove_root.remote() for a in by_host.values()], timeout=CALL_TIMEOUT_S)
-        except RayError:
-            pass
+            host = self.hosts[name].ip if name in self.hosts else None
+            if host in cleaned:
+                continue
+            try:
+                ray.get(agent.remove_root.remote(), timeout=CALL_TIMEOUT_S)
+            except RayError:
+                continue  # a lost host: its files went with it
+            if host is not None:
+                cleaned.add(host)
         for agent in self.agents.values():
             ray.kill(agent)
         if self._group is not None:

@@ -18,8 +18,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -106,20 +109,30 @@ def _murmur_processes(namespaces: list[str]) -> list[str]:
     return found
 
 
-def test_twelve_nodes_across_three_ray_hosts(tmp_path: Path) -> None:
+ENV = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+       "RAY_AUTH_MODE": "token"}  # Ray 2.5x clusters require their token; the hosts share ~/.ray here
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[raynet.RayHosts]:
+    with raynet.RayHosts(hosts=3, cpus_per_host=2, env=ENV, log_dir=tmp_path_factory.mktemp("raylets")) as hosts:
+        yield hosts
+    assert not [ns for ns in hosts.namespaces if (raynet.NETNS_DIR / ns).exists()]
+
+
+def _controller(cluster: raynet.RayHosts, scenario: Path, run_dir: Path) -> list[str]:
+    return [*cluster.exec_prefix(0), sys.executable, "-m", "murmur.testnet.cli", str(scenario),
+            "--cluster", f"ray={cluster.head_address}", "--out", str(run_dir), "--no-dashboard"]
+
+
+def test_twelve_nodes_across_three_ray_hosts(cluster: raynet.RayHosts, tmp_path: Path) -> None:
     scenario = tmp_path / "scenario.toml"
     scenario.write_text(SCENARIO, encoding="utf-8")
     run_dir = tmp_path / "run"
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
-           "RAY_AUTH_MODE": "token"}  # Ray 2.5x clusters require their token; the hosts share ~/.ray here
-    with raynet.RayHosts(hosts=3, cpus_per_host=2, env=env, log_dir=tmp_path) as cluster:
-        controller = subprocess.run(
-            [*cluster.exec_prefix(0), sys.executable, "-m", "murmur.testnet.cli", str(scenario),
-             "--cluster", f"ray={cluster.head_address}", "--out", str(run_dir), "--no-dashboard"],
-            capture_output=True, text=True, env=dict(os.environ) | env, timeout=RUN_TIMEOUT_S)
-        assert controller.returncode == 0, controller.stdout[-3000:] + controller.stderr[-3000:]
-        left = _murmur_processes(cluster.namespaces)
-    assert left == []  # none on any host once the controller returned
+    controller = subprocess.run(_controller(cluster, scenario, run_dir), capture_output=True, text=True,
+                                env=dict(os.environ) | ENV, timeout=RUN_TIMEOUT_S)
+    assert controller.returncode == 0, controller.stdout[-3000:] + controller.stderr[-3000:]
+    assert _murmur_processes(cluster.namespaces) == []  # none on any host once the controller returned
     assert "run completed" in controller.stdout
 
     summary = json.loads((run_dir / "report" / "summary.json").read_text(encoding="utf-8"))
@@ -169,4 +182,79 @@ def test_twelve_nodes_across_three_ray_hosts(tmp_path: Path) -> None:
     for row in held:
         assert set(row["weights"]) - {"self"} <= side, row["round"]
 
-    assert not [ns for ns in cluster.namespaces if (raynet.NETNS_DIR / ns).exists()]
+
+LOST_HOST = """
+name = "ray-lost-host"
+nodes = 6
+nodes_per_process = 2
+seed = 12
+
+[topology]
+degree = 3
+
+[duration]
+rounds = 400
+round_deadline_s = 1.0
+quorum = 0.5
+
+[trainer]
+spec = "digits-mlp"
+local_steps = 10
+
+[cluster]
+backend = "ray"
+placement = "strict_spread"
+cpus_per_node = 0.25
+"""
+
+
+def test_a_lost_ray_host_takes_its_nodes_with_it(cluster: raynet.RayHosts, tmp_path: Path) -> None:
+    """The raylet of the last host dies mid-run (SIGKILL): its agents die,
+    their worker processes with them (PR_SET_PDEATHSIG), the controller says
+    so and the others run on. Three processes of two nodes, one per host
+    (strict spread)."""
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(LOST_HOST, encoding="utf-8")
+    run_dir = tmp_path / "run"
+    victim = cluster.address(2)
+    proc = subprocess.Popen(_controller(cluster, scenario, run_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ) | ENV)
+    try:
+        # until the victim host's nodes have trained a few rounds (their state is on that host)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        victims: list[str] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            configs = list((run_dir / "configs").glob("*.toml"))
+            victims = [c.stem for c in configs if load_config(c).node.listen[0].host == victim]
+            rows = [read_metrics(Path(load_config(run_dir / "configs" / f"{v}.toml").node.data_dir)) for v in victims]
+            if victims and all(len(r) >= 5 for r in rows):
+                break
+            time.sleep(0.5)  # polling the nodes' own metrics files
+        assert victims and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        raylet = [pid for pid in subprocess.run(["ip", "netns", "pids", cluster.ns(2)], capture_output=True,
+                                                text=True).stdout.split()
+                  if b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert raylet
+        for pid in raylet:
+            os.kill(int(pid), signal.SIGKILL)
+        # the victims' worker processes die with their agents, on their host
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _murmur_processes([cluster.ns(2)]):
+            time.sleep(0.5)  # polling /proc
+        assert _murmur_processes([cluster.ns(2)]) == []
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert f"is gone with its Ray host {victim}" in out
+    summary = json.loads((run_dir / "report" / "summary.json").read_text(encoding="utf-8"))
+    lost = [e for e in summary["events"] if e["action"] == "exited"]
+    assert lost and all(e.get("host_lost") and e["host"] == victim for e in lost)
+    for name in victims:
+        assert summary["nodes"][name]["host"] == victim
+        assert summary["nodes"][name]["alive"] is False
+    others = [n for n, node in summary["nodes"].items() if node["host"] != victim]
+    assert others and all(summary["nodes"][n]["round"] == 399 for n in others)
+    assert _murmur_processes(cluster.namespaces) == []
