@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,3 +259,37 @@ def test_a_lost_ray_host_takes_its_nodes_with_it(cluster: raynet.RayHosts, tmp_p
     others = [n for n, node in summary["nodes"].items() if node["host"] != victim]
     assert others and all(summary["nodes"][n]["round"] == 399 for n in others)
     assert _murmur_processes(cluster.namespaces) == []
+
+
+def test_killing_the_controller_leaves_no_murmur_process_on_any_host(cluster: raynet.RayHosts,
+                                                                      tmp_path: Path) -> None:
+    """SIGKILL of the controller (no cleanup of its own): Ray kills the
+    actors its driver owned, and their worker processes die with them."""
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(LOST_HOST.replace('"strict_spread"', '"spread"'), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_controller(cluster, scenario, run_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ) | ENV)
+    root: Path | None = None
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(_murmur_processes(cluster.namespaces)) >= 3:
+                cfg = load_config(run_dir / "configs" / "node0.toml")
+                root = Path(cfg.node.data_dir).parents[1]
+                if len(read_metrics(Path(cfg.node.data_dir))) >= 3:
+                    break
+            time.sleep(0.5)  # polling /proc and the node's metrics
+        assert proc.poll() is None and root is not None
+        proc.kill()  # `ip netns exec` exec'd the controller: this is its pid
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _murmur_processes(cluster.namespaces):
+            time.sleep(0.5)  # polling /proc
+        assert _murmur_processes(cluster.namespaces) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if root is not None:  # files only: a killed controller cannot remove the hosts' run roots
+            shutil.rmtree(root, ignore_errors=True)
