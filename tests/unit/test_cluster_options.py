@@ -117,3 +117,13 @@ def test_node_configs_of_a_cluster_run_listen_on_their_hosts(tmp_path: Path) -> 
     local = node_configs(sc, tmp_path, 41000)
     assert local[2]["node"]["listen"] == ["/ip4/127.0.0.1/tcp/41002"]
     assert local[2]["node"]["data_dir"] == str(tmp_path / "node2")
+
+
+def test_the_readme_cluster_section_parses() -> None:
+    """The README's [cluster] example is a scenario section that loads as shown."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```toml\n[cluster]\n", 1)[1].split("```", 1)[0]
+    sc = parse_scenario(BASE + "[cluster]\n" + block)
+    assert sc.cluster.backend is Backend.RAY
+    assert sc.cluster.address == "10.0.0.1:6379"
+    assert sc.cluster.gpus_per_node == 0.125
