@@ -375,9 +375,10 @@ class Testnet:
             self._ray.install(name, files, secret)
 
     def worker_pids(self) -> dict[str, int]:
-        """Live worker processes by name (for benchmarks sampling their CPU time)."""
+        """Live worker processes by name (for benchmarks sampling their CPU time);
+        none on a cluster: their pids are their hosts', not this machine's."""
         sup = self._supervisor
-        if sup is None:
+        if sup is None or self._ray is not None:
             return {}
         return {name: sup[name].pid for name in sup.alive()}
 

@@ -375,7 +375,9 @@ class RayLauncher:
                 ray.init(address=self.cluster.address, runtime_env=runtime_env, log_to_driver=False,
                          logging_level="warning")
             else:
-                ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(total_cpus)), include_dashboard=False,
+                # "local": a new instance, never one that a stale /tmp/ray/ray_current_cluster names
+                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(total_cpus)),
+                         include_dashboard=False,
                          runtime_env=runtime_env, log_to_driver=False, logging_level="warning")
                 self._started_ray = True
         except (ConnectionError, RuntimeError, ValueError) as exc:

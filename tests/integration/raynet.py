@@ -30,6 +30,7 @@ PREFIX_LEN = 15  # 198.18.0.0/15
 BRIDGE = "br0"
 HOST_IFACE = "eth0"
 RAY_PORT = 6379
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` notes its address
 READY_TIMEOUT_S = float(os.environ.get('RAYNET_READY_S', 90))
 POLL_S = 0.5
 _OWNED = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
@@ -186,6 +187,11 @@ class RayHosts:
         for p in self._raylets:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(5)
+        # a killed head leaves Ray's "current cluster" note behind; a later
+        # ray.init() without an address would try to join our gone head
+        with contextlib.suppress(OSError):
+            if CURRENT_CLUSTER.read_text().strip() == self.head_address:
+                CURRENT_CLUSTER.unlink()
         return problems
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
