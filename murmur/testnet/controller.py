@@ -24,6 +24,12 @@ One :class:`Testnet` run:
    ``duration.seconds``, or when training stalls), stops the nodes gracefully
    and writes the report from each node's own ``metrics.jsonl`` and last status.
 
+On a Ray cluster (``[cluster] backend = "ray"``) the same happens with the
+worker processes on the cluster's hosts: :mod:`~murmur.testnet.raycluster`
+places them, starts them for the supervisor, relays their control sockets
+and reads the nodes' status on their hosts; their metrics and logs come back
+into the run dir before the report is written.
+
 Partitions are application-level (a control command to each worker, which
 calls ``Node.set_partition``): the nodes share the loopback interface, which
 routes cannot split. Latency and loss need per-node interfaces (network
@@ -331,7 +337,11 @@ class Testnet:
         for spec, cfg in zip(specs, configs, strict=True):
             paths[spec.index].write_text(dump_toml(cfg), encoding="utf-8")
         if self._ray is not None:
-            self._install_on_hosts(groups, paths)
+            try:
+                self._install_on_hosts(groups, paths)
+            except BaseException:
+                self._ray.shutdown()  # nothing of this run may stay on the cluster
+                raise
         fill_from_specs(self.dashboard, specs, peer_ids)
 
     def _place_on_ray(self, groups: Mapping[str, list[int]], paths: Mapping[int, Path],

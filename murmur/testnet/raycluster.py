@@ -256,7 +256,8 @@ class RemoteProcess:
                 code, self.lost = -signal.SIGKILL, True
                 self._on_lost()
             self.returncode = code
-            self._fetch_log()  # the exit's last word, for the controller's message
+            if not self.lost:
+                self._fetch_log()  # the exit's last word, for the controller's message
         return self.returncode
 
     def _fetch_log(self) -> None:
@@ -326,8 +327,10 @@ class ControlRelay:
         except (ConnectionError, ValueError, RayError):
             pass
         finally:
-            self.agent.close_control.remote(conn)  # fire and forget: the agent may be gone
             writer.close()
+            # fire and forget; the agent, or Ray itself (after finish), may be gone
+            with contextlib.suppress(Exception):
+                self.agent.close_control.remote(conn)
 
     async def close(self) -> None:
         server = await self._server
@@ -391,15 +394,19 @@ class RayLauncher:
         names = list(groups)
         demand = [{"CPU": cl.cpus_per_node * len(groups[n])} | ({"GPU": cl.gpus_per_node * len(groups[n])}
                                                               if cl.gpus_per_node else {}) for n in names]
+        cpus = sum(d["CPU"] for d in demand)
+        gpus = sum(d.get("GPU", 0.0) for d in demand)
+        asked = f"{len(names)} worker processes ({cpus:g} CPUs{f', {gpus:g} GPUs' if gpus else ''}, {cl.placement.value})"
+        total = ray.cluster_resources()
+        if cpus > total.get("CPU", 0.0) or gpus > total.get("GPU", 0.0):  # never, not just not now
+            raise ConfigError(f"the Ray cluster cannot place {asked}: it has {total.get('CPU', 0.0):g} CPUs, "
+                              f"{total.get('GPU', 0.0):g} GPUs (lower [cluster] cpus_per_node / gpus_per_node)")
         self._group = placement_group(demand, strategy=STRATEGIES[cl.placement], name=f"murmur-{self.root.name}")
         try:
             ray.get(self._group.ready(), timeout=PLACE_TIMEOUT_S)
         except GetTimeoutError:
-            cpus = sum(d["CPU"] for d in demand)
-            gpus = sum(d.get("GPU", 0.0) for d in demand)
-            raise ConfigError(f"the Ray cluster cannot place {len(names)} worker processes "
-                              f"({cpus:g} CPUs{f', {gpus:g} GPUs' if gpus else ''}, {cl.placement.value}) within "
-                              f"{PLACE_TIMEOUT_S:.0f} s; available: {ray.available_resources()}") from None
+            raise ConfigError(f"the Ray cluster cannot place {asked} within {PLACE_TIMEOUT_S:.0f} s; "
+                              f"available: {ray.available_resources()}") from None
         agent_cls = ray.remote(HostAgent)
         for b, name in enumerate(names):
             self.agents[name] = agent_cls.options(

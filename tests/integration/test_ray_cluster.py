@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,7 @@ action = "heal"
 """
 
 RAY_DAEMONS = ("raylet", "gcs_server")
+ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _ray_daemons() -> set[int]:
@@ -160,3 +164,20 @@ def test_a_scenario_runs_on_a_ray_cluster(tmp_path: Path) -> None:
     assert processes_mentioning(str(run_dir)) == []
     assert not root.exists()
     assert _ray_daemons() <= before
+
+
+def test_a_run_the_cluster_cannot_hold_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """GPUs asked of a cluster without any: refused at once, nothing left behind."""
+    before = _ray_daemons()
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SCENARIO.replace("cpus_per_node = 0.25", "cpus_per_node = 0.25\ngpus_per_node = 0.5"),
+                        encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "murmur.testnet.cli", str(scenario), "--out", str(tmp_path / "run"),
+                           "--no-dashboard"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ) | {"PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("murmur:")]
+    assert errors == ["murmur: the Ray cluster cannot place 4 worker processes (1.5 CPUs, 3 GPUs, spread): "
+                      "it has 2 CPUs, 0 GPUs (lower [cluster] cpus_per_node / gpus_per_node)"], done.stderr
+    assert _ray_daemons() <= before
+    assert processes_mentioning(str(tmp_path)) == []
