@@ -1,7 +1,7 @@
 """The testnet on a real Ray cluster (a local Ray instance the run starts):
 worker processes placed as Ray actors, nodes on their host's address, a
-crash (kill -9 on the host), a restart from the node's own state dir, a
-partition and its heal relayed over the control protocol, and the report
+crash (kill -9 on the host), a restart from the node's own state dir, a late
+join, a graceful stop, a partition and its heal relayed over the control protocol, and the report
 written from the nodes' own metrics brought back from the hosts.
 
 Skipped when Ray is not installed (``pip install 'murmur[ray]'``): the
@@ -67,6 +67,11 @@ action = "restart"
 nodes = [1]
 
 [[churn]]
+at_round = 10
+action = "join"
+nodes = [5]
+
+[[churn]]
 at_round = 14
 action = "partition"
 nodes = [0, 1, 2]
@@ -74,6 +79,11 @@ nodes = [0, 1, 2]
 [[churn]]
 at_round = 20
 action = "heal"
+
+[[churn]]
+at_round = 30
+action = "stop"
+nodes = [4]
 """
 
 RAY_DAEMONS = ("raylet", "gcs_server")
@@ -129,7 +139,7 @@ def test_a_scenario_runs_on_a_ray_cluster(tmp_path: Path) -> None:
         assert node["rows"] == len(rows)
         assert node["round"] == rows[-1]["round"]
         assert node["accuracy"] == rows[-1]["accuracy"]
-        assert node["alive"] is True  # its last /status, read on its host
+        assert node["alive"] is (name != "node4")  # its last /status, read on its host; node4 was stopped
         finals.append(rows[-1]["accuracy"])
         reported = json.loads((run_dir / "report" / "metrics" / f"{name}.json").read_text(encoding="utf-8"))
         assert [r["round"] for r in reported] == [r["round"] for r in rows]
@@ -146,12 +156,21 @@ def test_a_scenario_runs_on_a_ray_cluster(tmp_path: Path) -> None:
     after = [r for r in read_metrics(run_dir / "nodes" / "node1") if r["round"] > 7]
     assert len(after) >= 3, [r["round"] for r in read_metrics(run_dir / "nodes" / "node1")]
 
+    # node5 joined late (its first row after the others' round 10); node4 stopped
+    # gracefully (its process's one "stopped") and trained no more
+    first5 = read_metrics(run_dir / "nodes" / "node5")[0]
+    join = result.events[2]
+    assert first5["ts"] > join["ts"] and len(_events(run_dir / "logs" / "node5.log", "started")) == 1
+    log4 = run_dir / "logs" / "node4.log"
+    assert len(_events(log4, "started")) == 1 and len(_events(log4, "stopped")) == 1
+    assert summary["nodes"]["node4"]["round"] < 39
+
     # the partition reached the workers through the relayed control sockets:
     # while it held, node0 aggregated only models of its own side
     actions = [e["action"] for e in result.events]
-    assert actions == ["crash", "restart", "partition", "heal"]
+    assert actions == ["crash", "restart", "join", "partition", "heal", "stop"]
     assert not any(e.get("skipped") for e in result.events)
-    split, heal = result.events[2], result.events[3]
+    split, heal = result.events[3], result.events[4]
     side = {testnet.nodes[i].peer_id for i in (0, 1, 2)}
     held = [r for r in read_metrics(run_dir / "nodes" / "node0")
             if split["ts"] < r["ts"] < heal["ts"] and r["round"] >= split["round"] + 2]
@@ -177,7 +196,7 @@ def test_a_run_the_cluster_cannot_hold_is_one_line_and_exit_2(tmp_path: Path) ->
                           env=dict(os.environ) | {"PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 2, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("murmur:")]
-    assert errors == ["murmur: the Ray cluster cannot place 4 worker processes (1.5 CPUs, 3 GPUs, spread): "
+    assert errors == ["murmur: the Ray cluster cannot place 5 worker processes (1.5 CPUs, 3 GPUs, spread): "
                       "it has 2 CPUs, 0 GPUs (lower [cluster] cpus_per_node / gpus_per_node)"], done.stderr
     assert _ray_daemons() <= before
     assert processes_mentioning(str(tmp_path)) == []
