@@ -82,6 +82,10 @@ def run_testnet(ns: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"murmur: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if scenario.cluster.backend is Backend.LOCAL and scenario.cluster.gpus_per_node:
+        print('murmur: config error: [cluster] gpus_per_node needs backend = "ray" (or --cluster ray); '
+              'on this machine alone, trainer.device = "cuda" puts every node on the GPU', file=sys.stderr)
+        return EXIT_USAGE
     if scenario.cluster.backend is Backend.RAY and ray_missing():
         print(f"murmur: a Ray cluster run needs Ray: {RAY_INSTALL}", file=sys.stderr)
         return EXIT_USAGE

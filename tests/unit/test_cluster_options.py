@@ -127,3 +127,14 @@ def test_the_readme_cluster_section_parses() -> None:
     assert sc.cluster.backend is Backend.RAY
     assert sc.cluster.address == "10.0.0.1:6379"
     assert sc.cluster.gpus_per_node == 0.125
+
+
+def test_gpu_fractions_without_ray_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A local run cannot place nodes on GPU fractions: one line, exit 2, nothing started."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(BASE + "[cluster]\ngpus_per_node = 0.5\n", encoding="utf-8")
+    out = tmp_path / "run"
+    assert murmur_main(["testnet", "run", str(scenario), "--out", str(out), "--no-dashboard"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('murmur: config error: [cluster] gpus_per_node needs backend = "ray"')
+    assert not out.exists()
