@@ -396,12 +396,15 @@ class RayLauncher:
                                                               if cl.gpus_per_node else {}) for n in names]
         cpus = sum(d["CPU"] for d in demand)
         gpus = sum(d.get("GPU", 0.0) for d in demand)
-        asked = f"{len(names)} worker processes ({cpus:g} CPUs{f', {gpus:g} GPUs' if gpus else ''}, {cl.placement.value})"
+        labels = "".join(f", {k}={v}" for k, v in cl.labels.items())
+        asked = (f"{len(names)} worker processes ({cpus:g} CPUs{f', {gpus:g} GPUs' if gpus else ''}, "
+                 f"{cl.placement.value}{labels})")
         total = ray.cluster_resources()
         if cpus > total.get("CPU", 0.0) or gpus > total.get("GPU", 0.0):  # never, not just not now
             raise ConfigError(f"the Ray cluster cannot place {asked}: it has {total.get('CPU', 0.0):g} CPUs, "
                               f"{total.get('GPU', 0.0):g} GPUs (lower [cluster] cpus_per_node / gpus_per_node)")
-        self._group = placement_group(demand, strategy=STRATEGIES[cl.placement], name=f"murmur-{self.root.name}")
+        self._group = placement_group(demand, strategy=STRATEGIES[cl.placement], name=f"murmur-{self.root.name}",
+                                      bundle_label_selector=[dict(cl.labels)] * len(demand) if cl.labels else None)
         try:
             ray.get(self._group.ready(), timeout=PLACE_TIMEOUT_S)
         except GetTimeoutError:

@@ -179,6 +179,12 @@ def _checked(default: Any, check: Check) -> Any:
     return field(default=default, metadata={"check": check})
 
 
+def _string_values(v: Any) -> None:
+    bad = [k for k, x in v.items() if not isinstance(x, str)]
+    if bad:
+        raise _Invalid(f"values must be strings, {bad[0]!r} is not")
+
+
 def _empty_map() -> Mapping[str, Any]:
     return types.MappingProxyType({})
 
@@ -272,13 +278,16 @@ class ClusterSpec:
     cluster's (``host:port`` of its head, or ``auto``); none: a local Ray
     instance the run starts and stops. ``cpus_per_node`` and
     ``gpus_per_node`` are what each murmur node asks of Ray (a worker process
-    of K nodes asks K times that); a node given a GPU trains on it."""
+    of K nodes asks K times that); a node given a GPU trains on it. ``labels``
+    (Ray node labels, ``ray start --labels k=v``): only hosts that carry all of
+    them take the run's worker processes."""
 
     backend: Backend = Backend.LOCAL
     address: str | None = None
     placement: Placement = Placement.SPREAD
     cpus_per_node: float = _checked(0.25, _finite_positive)
     gpus_per_node: float = _checked(0.0, _in_range(0.0, 1.0))
+    labels: Mapping[str, Any] = field(default_factory=_empty_map, metadata={"check": _string_values})
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ PREFIX_LEN = 15  # 198.18.0.0/15
 BRIDGE = "br0"
 HOST_IFACE = "eth0"
 RAY_PORT = 6379
+HOST_LABEL = "murmur-host"  # every raylet is labelled murmur-host=h<k>
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` notes its address
 READY_TIMEOUT_S = float(os.environ.get('RAYNET_READY_S', 90))
 POLL_S = 0.5
@@ -152,6 +153,7 @@ class RayHosts:
             role = (["--head", f"--port={RAY_PORT}", "--include-dashboard=false"] if k == 0
                     else [f"--address={self.head_address}"])
             argv = [*self.exec_prefix(k), ray, "start", "--block", *role, f"--node-ip-address={self.address(k)}",
+                    f"--labels={HOST_LABEL}=h{k}",
                     f"--num-cpus={self.cpus_per_host}", "--num-gpus=0", "--disable-usage-stats"]
             out = open(self.log_dir / f"raylet{k}.log", "ab") if self.log_dir else subprocess.DEVNULL
             with out if self.log_dir else contextlib.nullcontext():

@@ -293,3 +293,18 @@ def test_killing_the_controller_leaves_no_murmur_process_on_any_host(cluster: ra
             proc.wait()
         if root is not None:  # files only: a killed controller cannot remove the hosts' run roots
             shutil.rmtree(root, ignore_errors=True)
+
+
+def test_labels_keep_a_run_on_the_hosts_that_carry_them(cluster: raynet.RayHosts, tmp_path: Path) -> None:
+    """``[cluster] labels``: every worker process on the one host labelled so."""
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(LOST_HOST.replace("rounds = 400", "rounds = 5").replace(
+        'placement = "strict_spread"', f'placement = "spread"\nlabels = {{ {raynet.HOST_LABEL} = "h1" }}'),
+        encoding="utf-8")
+    run_dir = tmp_path / "run"
+    done = subprocess.run(_controller(cluster, scenario, run_dir), capture_output=True, text=True,
+                          env=dict(os.environ) | ENV, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((run_dir / "report" / "summary.json").read_text(encoding="utf-8"))
+    assert {node["host"] for node in summary["nodes"].values()} == {cluster.address(1)}
+    assert summary["rounds"] == 5, summary["nodes"]

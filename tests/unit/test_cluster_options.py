@@ -41,7 +41,9 @@ address = "198.18.0.1:6379"
 placement = "pack"
 cpus_per_node = 0.5
 gpus_per_node = 0.125
+labels = { zone = "a", "ray.io/accelerator-type" = "H100" }
 """)
+    assert dict(sc.cluster.labels) == {"zone": "a", "ray.io/accelerator-type": "H100"}
     assert sc.cluster.backend is Backend.RAY
     assert sc.cluster.address == "198.18.0.1:6379"
     assert sc.cluster.placement is Placement.PACK
@@ -53,6 +55,7 @@ gpus_per_node = 0.125
     ('placement = "everywhere"', "cluster.placement: unknown placement 'everywhere'"),
     ("gpus_per_node = 2", "cluster.gpus_per_node: must be in [0.0, 1.0]"),
     ("cpus_per_node = 0", "cluster.cpus_per_node"),
+    ("labels = { zone = 1 }", "cluster.labels: values must be strings, 'zone' is not"),
 ])
 def test_bad_cluster_fields_name_their_line(line: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -127,6 +130,7 @@ def test_the_readme_cluster_section_parses() -> None:
     assert sc.cluster.backend is Backend.RAY
     assert sc.cluster.address == "10.0.0.1:6379"
     assert sc.cluster.gpus_per_node == 0.125
+    assert dict(sc.cluster.labels) == {"zone": "a"}
 
 
 def test_gpu_fractions_without_ray_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
