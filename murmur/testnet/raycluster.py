@@ -403,8 +403,14 @@ class RayLauncher:
         if cpus > total.get("CPU", 0.0) or gpus > total.get("GPU", 0.0):  # never, not just not now
             raise ConfigError(f"the Ray cluster cannot place {asked}: it has {total.get('CPU', 0.0):g} CPUs, "
                               f"{total.get('GPU', 0.0):g} GPUs (lower [cluster] cpus_per_node / gpus_per_node)")
-        self._group = placement_group(demand, strategy=STRATEGIES[cl.placement], name=f"murmur-{self.root.name}",
-                                      bundle_label_selector=[dict(cl.labels)] * len(demand) if cl.labels else None)
+        # label selectors only when asked: older Rays (murmur[ray] allows 2.9+) have no such argument
+        selector = {"bundle_label_selector": [dict(cl.labels)] * len(demand)} if cl.labels else {}
+        try:
+            self._group = placement_group(demand, strategy=STRATEGIES[cl.placement],
+                                          name=f"murmur-{self.root.name}", **selector)
+        except TypeError:
+            raise ConfigError(f"[cluster] labels need a Ray whose placement groups take label selectors "
+                              f"(this is Ray {ray.__version__}; murmur was tested with 2.60)") from None
         try:
             ray.get(self._group.ready(), timeout=PLACE_TIMEOUT_S)
         except GetTimeoutError:
