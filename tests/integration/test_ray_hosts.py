@@ -9,8 +9,8 @@ network; the report's numbers are the nodes' own metrics; no murmur process
 is left on any host.
 
 Skipped without root (namespaces) or without Ray (``pip install 'murmur[ray]'``).
-Slow: three raylets and a 12-node run on a 2-core box take about a minute
-and a half.
+Slow: on a shared 2-core box the module took 129-155 s (the three raylets
+13-35 s to start, the 12-node run 34-60 s, the other three runs 17-41 s each).
 """
 
 from __future__ import annotations
