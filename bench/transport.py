@@ -13,11 +13,19 @@
     process). The raw receivers run in their own process with glibc as it
     comes; murmur's receiver runs in another, which calls
     ``tune_allocator`` first as a daemon does.
-(b) murmur: Noise-authenticated, AEAD-framed SecureConnection carrying a real
-    signed FP32 delta (DeltaSender -> messages -> DeltaAssembler, which checks
-    hash, signature and replay before the receiver acknowledges), chunked as
-    the node chunks it (``DEFAULT_CHUNK_BYTES``), with the cipher the node's
-    default limits negotiate (``--cipher`` restricts both ends to one).
+(b) murmur: the fast path two murmur nodes agree on (multistream-select offers
+    ``/murmur/noise-fast/1.0.0`` and ``/murmur/mux/1.0.0`` first: Noise
+    handshake, large AEAD records, one record per stream message), carrying a
+    real signed FP32 delta (DeltaSender -> messages on a ``/murmur/delta/1.0.0``
+    stream -> DeltaAssembler, which checks hash, signature and replay before
+    the receiver acknowledges), chunked as the node chunks it
+    (``DEFAULT_CHUNK_BYTES``), with the cipher the node's default limits
+    negotiate (``--cipher`` restricts both ends to one).
+(b*) "standard": the same delta between the same two processes over the
+    standard libp2p path any libp2p peer gets (``/noise``: ChaCha20-Poly1305
+    in 64 KiB Noise messages, ``/yamux/1.0.0`` windows, a uvarint length per
+    message): the dialler runs with ``fast_path`` off
+    (``standard_vs_murmur_*``).
 
 (b') the same with the delta prepared (encoded and hashed) beforehand, as a
     node does once per round for all its neighbours: what each neighbour
@@ -40,8 +48,14 @@
     ``(raw CPU + crypto CPU) / cores`` per MiB, so ``ratio_ceiling_*`` =
     raw wall / that bound (capped at 1) is an upper bound on ``ratio_*``.
 
+Set-up (``connect_handshake_ms_*`` for the fast path,
+``standard_connect_handshake_ms_*`` for the standard one) is TCP connect,
+multistream-select of the security protocol, the Noise XX handshake (both
+identities proven) and multistream-select of the muxer, until ``dial``
+returns a connection streams can be opened on.
+
 Every transfer is timed at the sender from the first byte until the
-receiver's one-byte acknowledgement, i.e. until the other process holds all
+receiver's acknowledgement, i.e. until the other process holds all
 of it. The variants run interleaved (fresh, pooled, discard, murmur, fresh, ...) over
 ``REPEATS`` rounds so load from other processes on a shared box hits all
 variants alike; each figure is the median. The last output line is one JSON
@@ -81,11 +95,12 @@ from murmur.protocol.delta import (
 )
 from murmur.errors import PeerFault
 from murmur.protocol.identity import Identity
-from murmur.protocol.messages import decode
+from murmur.protocol.libp2p import FastConnection, HostConfig, Libp2pConnection, Libp2pHost, Stream
+from murmur.protocol.messages import MurmurProtocol, decode
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.framing import FRAME_LENGTH
 from murmur.protocol.noise import TAG_LEN, CipherState, NoiseCipher
-from murmur.protocol.transport import SecureConnection, Transport, TransportLimits, tune_allocator
+from murmur.protocol.transport import TransportLimits, tune_allocator
 
 SIZES_MIB = (1, 10, 50)
 CRYPTO_PASSES = 3
@@ -101,6 +116,7 @@ RECEIVER_SEED = bytes(range(32))
 SEALED_KEY = bytes(32)  # variant (b''): both ends' AEAD key (speed, not secrecy)
 SEALED_CIPHER = NoiseCipher.AESGCM  # what two default nodes negotiate (printed as "cipher")
 LIMITS = TransportLimits()  # the node's defaults, on both ends (``--cipher`` narrows ``ciphers``)
+DELTA = MurmurProtocol.DELTA  # the stream the node's deltas travel on
 
 
 class Landing(enum.Enum):
@@ -250,22 +266,19 @@ async def _murmur_receiver_main(conn_end: mp.connection.Connection, limits: Tran
     assembler = DeltaAssembler(identity.peer_id)
     meter = CpuMeter()
 
-    async def on_connection(conn: SecureConnection) -> None:
-        while True:
+    async def on_delta(stream: Stream) -> None:
+        while (message := await stream.recv_message()) is not None:
             try:
-                message = await conn.recv()
-            except Exception:
-                return
-            try:
-                done = assembler.feed(conn.peer_id, decode(message))  # type: ignore[arg-type]
+                done = assembler.feed(stream.peer_id, decode(message))  # type: ignore[arg-type]
             except PeerFault:  # a bench bug (say, a replayed round): fail the run, do not hang it
-                await conn.send(REJECTED)
+                await stream.send_message(REJECTED)
                 raise
             if done is not None:
-                await conn.send(meter.ack())
+                await stream.send_message(meter.ack())
 
-    async with Transport(identity, on_connection, limits) as transport:
-        (addr,) = await transport.listen("127.0.0.1", 0)
+    async with Libp2pHost(identity, HostConfig(limits=limits)) as host:  # accepts both paths, as a node does
+        host.set_handler(DELTA, on_delta)
+        (addr,) = await host.listen("127.0.0.1", 0)
         conn_end.send(str(addr))
         await asyncio.get_running_loop().run_in_executor(None, conn_end.recv)  # until the sender says stop
 
@@ -351,14 +364,13 @@ class Sample:
 
 
 async def murmur_transfer(
-    conn: SecureConnection, identity: Identity, array: np.ndarray | PreparedDelta, round_: int
+    stream: Stream, identity: Identity, array: np.ndarray | PreparedDelta, round_: int
 ) -> Sample:
-    assert conn.peer_id is not None
     start, cpu = time.perf_counter(), time.process_time()
-    for message in DeltaSender(identity, conn.peer_id, round_, array):
-        await conn.send(*message)
-    ack = await conn.recv()
-    if len(ack) != ACK.size:
+    for message in DeltaSender(identity, stream.peer_id, round_, array):
+        await stream.send_message(*message)  # as PeerSession.send_encoded does
+    ack = await stream.recv_message()
+    if ack is None or len(ack) != ACK.size:
         raise RuntimeError("receiver did not acknowledge the delta")
     if ack == REJECTED:
         raise RuntimeError("the receiver rejected the delta (see its traceback)")
@@ -390,22 +402,19 @@ def crypto_cpu_ms_per_mib(payload: memoryview, cipher: NoiseCipher) -> float:
     return 1000 * best * MIB / len(payload)
 
 
-async def _ignore(conn: SecureConnection) -> None:
-    return None
-
-
-async def handshake_figures(transport: Transport, addr: Multiaddr) -> dict[str, float]:
-    """TCP connect + Noise XX handshake (both identities proven), as ``dial`` returns."""
+async def handshake_figures(host: Libp2pHost, addr: Multiaddr, prefix: str = "") -> dict[str, float]:
+    """TCP connect, both negotiations and the Noise XX handshake (both identities
+    proven), as ``dial`` returns a connection streams can be opened on."""
     handshake_ms = []
     for _ in range(HANDSHAKES):
         start = time.perf_counter()
-        conn = await transport.dial(addr)
+        conn = await host.dial(addr)
         handshake_ms.append((time.perf_counter() - start) * 1000)
         await conn.close()
     ordered = sorted(handshake_ms)
     return {
-        "connect_handshake_ms_median": round(statistics.median(ordered), 3),
-        "connect_handshake_ms_p90": round(ordered[int(0.9 * HANDSHAKES)], 3),
+        f"{prefix}connect_handshake_ms_median": round(statistics.median(ordered), 3),
+        f"{prefix}connect_handshake_ms_p90": round(ordered[int(0.9 * HANDSHAKES)], 3),
     }
 
 
@@ -420,13 +429,23 @@ async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, objec
         "chunk_bytes": DEFAULT_CHUNK_BYTES,
         "limits": {k: v for k, v in dataclasses.asdict(limits).items() if "bytes" in k or k == "max_frame"},
     }
-    async with Transport(identity, _ignore, limits) as transport:
-        results.update(await handshake_figures(transport, addr))
-        print(f"connect+handshake: median {results['connect_handshake_ms_median']} ms, "
-              f"p90 {results['connect_handshake_ms_p90']} ms over {HANDSHAKES}")
+    standard_limits = dataclasses.replace(limits, fast_path=False)
+    async with Libp2pHost(identity, HostConfig(limits=limits)) as host, \
+            Libp2pHost(identity, HostConfig(limits=standard_limits)) as standard_host:
+        for name, prefix, dialler in (("fast path", "", host), ("standard path", "standard_", standard_host)):
+            figures = await handshake_figures(dialler, addr, prefix)
+            results.update(figures)
+            print(f"connect+negotiation+handshake, {name}: median {figures[f'{prefix}connect_handshake_ms_median']} "
+                  f"ms, p90 {figures[f'{prefix}connect_handshake_ms_p90']} ms over {HANDSHAKES}")
 
-        conn = await transport.dial(addr)
-        results["cipher"] = conn.cipher.protocol_name.decode()
+        conn = await host.dial(addr)
+        assert isinstance(conn, FastConnection), conn
+        results["cipher"] = conn.cipher.protocol_name.decode()  # type: ignore[attr-defined]
+        results["fast_path"] = [conn.security, conn.muxer]
+        stream = await conn.open_stream(DELTA)
+        standard: Libp2pConnection = await standard_host.dial(addr)
+        results["standard_path"] = [standard.security, standard.muxer]
+        standard_stream = await standard.open_stream(DELTA)
         raw = await RawLink.open(endpoints.raw_ports[Landing.BYTEARRAY])
         pooled = await RawLink.open(endpoints.raw_ports[Landing.POOLED])
         discard = await RawLink.open(endpoints.raw_ports[Landing.DISCARD])
@@ -437,15 +456,17 @@ async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, objec
             array = rng.standard_normal(size * MIB // 4, dtype=np.float32)
             payload = memoryview(array).cast("B")
             prepared = PreparedDelta.prepare(array)
-            samples: dict[str, list[Sample]] = {n: [] for n in ("fresh", "pooled", "discard", "sealed", "murmur", "fanout")}
+            samples: dict[str, list[Sample]] = {
+                n: [] for n in ("fresh", "pooled", "discard", "sealed", "murmur", "fanout", "standard")}
             variants: dict[str, Callable[[], Awaitable[Sample]]] = {
                 "fresh": lambda: raw.transfer(payload),
                 "pooled": lambda: pooled.transfer(payload),
                 "discard": lambda: discard.transfer(payload),
                 "sealed": lambda: sealed.transfer(payload),
                 # distinct rounds: the receiver's replay guard refuses one (round, content) twice
-                "murmur": lambda: murmur_transfer(conn, identity, array, 2 * round_),
-                "fanout": lambda: murmur_transfer(conn, identity, prepared, 2 * round_ + 1),
+                "murmur": lambda: murmur_transfer(stream, identity, array, 3 * round_),
+                "fanout": lambda: murmur_transfer(stream, identity, prepared, 3 * round_ + 1),
+                "standard": lambda: murmur_transfer(standard_stream, identity, array, 3 * round_ + 2),
             }
             for _ in range(options.repeats):
                 for name, run in variants.items():
@@ -468,7 +489,9 @@ async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, objec
             results[f"murmur_vs_sealed_{size}"] = round(rate["murmur"] / rate["sealed"], 3)
             results[f"murmur_fanout_mib_s_{size}"] = round(rate["fanout"], 1)
             results[f"ratio_fanout_{size}"] = round(rate["fanout"] / rate["pooled"], 3)
-            crypto_ms = crypto_cpu_ms_per_mib(payload, conn.cipher)
+            results[f"standard_mib_s_{size}"] = round(rate["standard"], 1)
+            results[f"standard_vs_murmur_{size}"] = round(rate["standard"] / rate["murmur"], 3)
+            crypto_ms = crypto_cpu_ms_per_mib(payload, conn.cipher)  # type: ignore[attr-defined]
             raw_cpu_ms = results[f"pooled_sender_cpu_ms_per_mib_{size}"] + results[f"pooled_receiver_cpu_ms_per_mib_{size}"]
             floor_ms = (raw_cpu_ms + crypto_ms) / CORES
             ceiling = min(1.0, (1000 / rate["pooled"]) / floor_ms)
@@ -479,10 +502,13 @@ async def sender_main(endpoints: Endpoints, options: Options) -> dict[str, objec
                   f"ratio {rate['murmur'] / rate['pooled']:.2f} (vs fresh {rate['murmur'] / rate['fresh']:.2f}) | "
                   f"crypto alone {rate['sealed']:7.1f} MiB/s, ratio {rate['sealed'] / rate['pooled']:.2f} | "
                   f"ceiling {ceiling:.2f} (crypto {crypto_ms:.2f} + raw {raw_cpu_ms:.2f} CPU ms/MiB on {CORES} cores) | "
-                  f"each further neighbour {rate['fanout']:7.1f} MiB/s, ratio {rate['fanout'] / rate['pooled']:.2f}")
+                  f"each further neighbour {rate['fanout']:7.1f} MiB/s, ratio {rate['fanout'] / rate['pooled']:.2f} | "
+                  f"murmur vs crypto alone {rate['murmur'] / rate['sealed']:.2f} | standard libp2p path "
+                  f"{rate['standard']:7.1f} MiB/s, {rate['standard'] / rate['murmur']:.2f} of the fast path")
         for link in (raw, pooled, discard, sealed):
             link.tr.close()
         await conn.close()
+        await standard.close()
     return results
 
 

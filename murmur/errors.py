@@ -54,6 +54,15 @@ class TaskCrashed(MurmurError):
     down (exit code 1) because ``node.keep_serving_after_crash`` is off."""
 
 
+class ConnectionClosed(MurmurError):
+    """A connection or stream is closed (by us, by the peer, or after a fault).
+
+    Not a :class:`PeerFault`: a peer hanging up, or resetting a stream, is
+    normal. Whoever sent on it learns the message was not delivered; the
+    fault that caused a close, if any, went to the host's fault sink.
+    """
+
+
 class PeerFault(MurmurError):
     """Something a remote peer sent or did was wrong.
 

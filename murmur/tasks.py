@@ -203,9 +203,12 @@ class TaskManager:
             task.cancel()
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Cancel every task and wait (bounded) for them to finish."""
+        """Cancel every task and wait (bounded) for them to finish. Called
+        from one of its own tasks (a stream handler closing its connection),
+        that task is left to finish by itself: it cannot wait for its own end."""
         self._closing = True
-        pending = {t for t in self._tasks.values() if not t.done()}
+        current = asyncio.current_task()
+        pending = {t for t in self._tasks.values() if not t.done() and t is not current}
         deadline = asyncio.get_running_loop().time() + timeout_s
         # Cancel again until they are gone: on Python 3.11 asyncio.wait_for can
         # swallow a cancellation that races with its inner future completing,

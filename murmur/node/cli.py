@@ -302,22 +302,23 @@ def _output(args: argparse.Namespace) -> Output:
     return Output.HUMAN if sys.stdout.isatty() else Output.JSON
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    status = run_async(_get_json(_api_url(args), "/status"))
-    if _output(args) is Output.HUMAN and isinstance(status, dict):
-        _write(render_status(status))
+def _show(args: argparse.Namespace, path: str, shape: type, render: Callable[[Any], str]) -> int:
+    """GET an API document and print it rendered for a person, or as JSON
+    (piped, --output json, or a document of an unexpected shape)."""
+    document = run_async(_get_json(_api_url(args), path))
+    if _output(args) is Output.HUMAN and isinstance(document, shape):
+        _write(render(document))
     else:
-        _print_json(status)
+        _print_json(document)
     return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _show(args, "/status", dict, render_status)
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    peers = run_async(_get_json(_api_url(args), "/peers"))
-    if _output(args) is Output.HUMAN and isinstance(peers, list):
-        _write(render_peers(peers))
-    else:
-        _print_json(peers)
-    return EXIT_OK
+    return _show(args, "/peers", list, render_peers)
 
 
 def cmd_node_health(args: argparse.Namespace) -> int:

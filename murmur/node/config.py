@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from murmur.errors import ConfigError, OptionError
 from murmur.protocol.budget import least_peer_limit
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.multiaddr import DialAddr, Multiaddr
 
 if TYPE_CHECKING:
     from murmur.protocol.identity import PeerId
@@ -167,7 +167,7 @@ class NodeSection:
 
 @dataclass(frozen=True)
 class NetworkSection:
-    bootstrap: tuple[Multiaddr, ...] = ()
+    bootstrap: tuple[DialAddr, ...] = ()  # /ip4|ip6|dns|dns4|dns6/…/tcp/…[/p2p/…], or a relay circuit (kept)
     mdns: bool = False
     neighbours: int = 6
     view_size: int = 20
@@ -210,6 +210,12 @@ class TransportSection:
     warnings_per_interval: int = 10
     warnings_per_subnet: int = 3
     ciphers: tuple[Cipher, ...] = ()  # empty: the machine's default order (AES-GCM first where AES is in hardware)
+    fast_path: bool = True  # offer/accept murmur's fast path ahead of /noise + /yamux/1.0.0
+    negotiate_timeout_s: float = 10.0
+    identify_timeout_s: float = 10.0
+    max_negotiation_attempts: int = 16
+    max_streams: int = 256
+    max_refused_streams: int = 256
 
     def limits(self) -> Any:
         """The equivalent ``TransportLimits`` (imported late: config must load
@@ -432,6 +438,11 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "transport.warning_interval_s": finite_positive,
         "transport.warnings_per_interval": at_least(0),
         "transport.warnings_per_subnet": at_least(0),
+        "transport.negotiate_timeout_s": finite_positive,
+        "transport.identify_timeout_s": finite_positive,
+        "transport.max_negotiation_attempts": between(1, 1024),
+        "transport.max_streams": between(8, 65536),
+        "transport.max_refused_streams": at_least(1),
         "api.host": loopback_ip,
         "api.port": between(0, 65535),
         "learning.trainer": non_empty,
@@ -497,7 +508,7 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(arm) for arm in typing.get_args(tp))
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", Path: "a path",
-            Multiaddr: "a multiaddr string"}.get(tp, getattr(tp, "__name__", str(tp)))
+            Multiaddr: "a multiaddr string", DialAddr: "a multiaddr string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _convert(tp: Any, value: Any, key: str, base_dir: Path) -> Any:
@@ -514,7 +525,7 @@ def _convert(tp: Any, value: Any, key: str, base_dir: Path) -> Any:
         if isinstance(value, str) and value in typing.get_args(tp):
             return value
         raise _Invalid(f"must be {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp) and tp is not Multiaddr:
+    if dataclasses.is_dataclass(tp) and tp not in (Multiaddr, DialAddr):
         if not isinstance(value, dict):
             raise _Invalid(f"must be a table, got {type(value).__name__}")
         return _build(tp, value, key, base_dir)
@@ -548,9 +559,9 @@ def _convert(tp: Any, value: Any, key: str, base_dir: Path) -> Any:
     if tp is Path:
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base_dir / path).resolve()
-    if tp is Multiaddr:
+    if tp is Multiaddr or tp is DialAddr:
         try:
-            return Multiaddr.parse(value)
+            return tp.parse(value)
         except ValueError as exc:
             raise _Invalid(str(exc)) from None
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -602,7 +613,7 @@ def config_keys(cls: type = NodeConfig, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(hints[f.name]) and hints[f.name] is not Multiaddr:
+        if dataclasses.is_dataclass(hints[f.name]) and hints[f.name] not in (Multiaddr, DialAddr):
             keys.extend(config_keys(hints[f.name], key))
         else:
             keys.append(key)
@@ -779,7 +790,7 @@ def _locate(source: str, text: str, exc: _KeyedError) -> str:
 
 def _to_raw(obj: Any) -> Any:
     """Back to TOML-like plain values (the inverse of :func:`_convert`)."""
-    if isinstance(obj, (Path, Multiaddr)):
+    if isinstance(obj, (Path, Multiaddr, DialAddr)):
         return str(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: _to_raw(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

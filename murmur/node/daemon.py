@@ -1,4 +1,4 @@
-"""The murmur node daemon: wires transport, membership, gossip, learning and the API.
+"""The murmur node daemon: wires the libp2p host, membership, gossip, learning and the API.
 
 Lifetime is explicit: ``async with Node(config) as node:`` starts everything
 (state-dir lock, identity, listeners, API, background tasks) and, on exit,
@@ -14,6 +14,14 @@ then shuts down and exits 1 (:meth:`Node.serve_until`), unless
 ``node.keep_serving_after_crash``. Per-connection tasks (transport, sessions)
 are not part of it: what a remote peer sends may cost its connection, never
 the node's health.
+
+Connections: the node's :class:`~murmur.protocol.libp2p.Libp2pHost` speaks
+murmur's fast path to murmur nodes and ``/noise`` + ``/yamux/1.0.0`` to any
+libp2p peer; every connection runs identify and ping. A peer that speaks
+murmur's protocols (it accepts ``/murmur/hello/1.0.0``) gets a
+:class:`~murmur.node.session.PeerSession`; one that does not is kept as a
+plain libp2p connection (identify, ping; later relaying), never a learning
+neighbour and out of the sampler's view (:meth:`Node.refuse_learning`).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from murmur import __version__
@@ -35,16 +43,19 @@ from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
 from murmur.node.preflight import bind_problem
 from murmur.node.progress import progress, resumed_eval
-from murmur.node.session import Dispatcher, PeerSession
+from murmur.node.session import Dispatcher, PeerSession, ProtocolNotSupported
 from murmur.node.state import ApiInfo, StateDir
+from murmur.protocol.addresses import advertised
 from murmur.protocol.discovery import MdnsConfig, MdnsDiscovery
 from murmur.protocol.gossip import FloodGossip, GossipMessage
 from murmur.protocol.identity import Identity, PeerId
-from murmur.protocol.messages import Gossip, Goodbye, Hello
+from murmur.protocol.libp2p import HostConfig, Libp2pConnection, Libp2pHost, Stream
+from murmur.protocol.messages import Gossip, Goodbye, Hello, MurmurProtocol
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.peertable import PeerTable, PeerTableConfig
+from murmur.protocol.reachability import ReachabilityTracker
 from murmur.protocol.sampling import CyclonSampler
-from murmur.protocol.transport import ConnectionClosed, SecureConnection, Transport, tune_allocator
+from murmur.protocol.transport import ConnectionClosed, tune_allocator
 from murmur.ratelog import LogBudget, RateLimitedLog
 from murmur.tasks import TaskFailure, TaskManager
 
@@ -52,9 +63,6 @@ log = logging.getLogger(__name__)
 
 AGENT = f"murmur/{__version__}"
 GOODBYE_TIMEOUT_S = 1.0
-WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
-"""A wildcard listener is advertised on loopback; operators who want to be
-reachable from elsewhere listen on (or configure) a concrete address."""
 
 MAX_INCOMPATIBLE_PEERS = 4096  # peers remembered as running another model
 LEARNING_OFF = "learning.enabled = false: this node only relays (membership, gossip) and trains nothing"
@@ -81,9 +89,12 @@ class Node:
         self.metrics.failed_tasks.set_function(lambda: float(len(self._failed_tasks())))
         self.dispatcher = Dispatcher()
         self.addrs: list[Multiaddr] = []
+        self.reachability = ReachabilityTracker()  # identify's observed addresses feed it (AutoNAT results will too)
+        self.metrics.bind_reachability(lambda: self.reachability.reachability(time.monotonic()))
         self.started_at = time.monotonic()
         self._sessions: dict[PeerId, PeerSession] = {}
-        self._by_conn: dict[SecureConnection, PeerSession] = {}
+        self._by_conn: dict[Libp2pConnection, PeerSession] = {}
+        self._foreign: dict[PeerId, Libp2pConnection] = {}  # peers that speak no murmur protocol
         self._dials: dict[PeerId, asyncio.Future[PeerSession]] = {}
         self._subscribers: dict[str, list[GossipSubscriber]] = {}
         self._faults: dict[str, int] = {}
@@ -135,15 +146,21 @@ class Node:
             self.attach_learner(NodeLearner(self))
             self._resumed = self.state.last_metrics()
             self.metrics.resume(self._resumed)
-        self.transport = Transport(self.identity, self._on_connection, cfg.transport.limits())
+        self.host = Libp2pHost(
+            self.identity, HostConfig(limits=cfg.transport.limits(), agent_version=AGENT),
+            on_connection=self._on_connection, on_fault=self._on_host_fault, on_identified=self._on_identified,
+        )
+        for protocol in MurmurProtocol:
+            self.host.set_handler(protocol, self._serve_stream)
         for listen in cfg.node.listen:
             try:
-                bound = await self.transport.listen(listen.host, listen.port)
+                bound = await self.host.listen(listen.host, listen.port)
             except OSError as exc:
                 raise OptionError("node.listen", f"cannot listen on {listen}: {bind_problem(exc, listen.port)}") from None
-            for addr in bound:
-                host = WILDCARD_HOSTS.get(addr.host, addr.host)
-                self.addrs.append(Multiaddr(host, addr.port, self.peer_id))
+            for addr in bound:  # a wildcard: the interfaces' addresses, never loopback to other machines
+                self.addrs.extend(advertised(Multiaddr(addr.host, addr.port, self.peer_id)))
+        self.host.listen_addrs = list(self.addrs)  # what identify tells peers: the advertised addresses
+        self.reachability.set_local(self.addrs)
         net = cfg.network
         self.sampler = CyclonSampler(
             self.peer_id,
@@ -251,14 +268,19 @@ class Node:
         """``peer`` runs another model: never a learning neighbour, and out of
         the sampler's view so it is not picked (and refused) again and again.
         Not a fault: nobody is penalised for running a different model."""
+        if self._not_learning(peer, reason):
+            log.warning("peer runs a different model; not learning with it",
+                        extra={"event": "incompatible_peer", "peer": str(peer), "reason": reason})
+
+    def _not_learning(self, peer: PeerId, reason: str) -> bool:
+        """Keep ``peer`` out of learning and the sampler; False if it already was."""
         if peer in self._incompatible:
-            return
+            return False
         self._incompatible[peer] = reason
         while len(self._incompatible) > MAX_INCOMPATIBLE_PEERS:
             del self._incompatible[next(iter(self._incompatible))]
         self.sampler.on_failure(peer)
-        log.warning("peer runs a different model; not learning with it",
-                    extra={"event": "incompatible_peer", "peer": str(peer), "reason": reason})
+        return True
 
     async def stop(self) -> None:
         """Graceful shutdown; safe to call twice and after a failed start."""
@@ -274,9 +296,9 @@ class Node:
         await self.tasks.shutdown()
         sessions = list(self._sessions.values())
         await asyncio.gather(*(self._say_goodbye(s) for s in sessions), return_exceptions=True)
-        transport = getattr(self, "transport", None)
-        if transport is not None:
-            await transport.close()
+        host = getattr(self, "host", None)
+        if host is not None:
+            await host.close()
         if self._mdns is not None:
             await self._mdns.__aexit__(None, None, None)
             self._mdns = None
@@ -323,6 +345,9 @@ class Node:
             existing = self.session(peer)
             if existing is not None:
                 return existing
+            foreign = self._foreign.get(peer)
+            if foreign is not None and not foreign.closed:
+                raise ProtocolNotSupported(f"{peer.short()} speaks no murmur protocol")
             pending = self._dials.get(peer)
             if pending is not None:
                 return await asyncio.shield(pending)
@@ -354,19 +379,32 @@ class Node:
         last: Exception | None = None
         for addr in addrs:
             try:
-                conn = await self.transport.dial(Multiaddr(addr.host, addr.port, peer))
+                conn = await self.host.dial(Multiaddr(addr.host, addr.port, peer))
             except (OSError, PeerFault, ConnectionClosed) as exc:
                 last = exc
                 continue
             _raise_if_cancelling()
-            session = self._register(conn)
-            if session.closed:
-                raise ConnectionClosed(f"connection to {conn.peer_id.short()} closed at once")
-            return session
+            return await self._greeted(conn)
         assert last is not None
         raise last
 
-    def _register(self, conn: SecureConnection) -> PeerSession:
+    async def _greeted(self, conn: Libp2pConnection) -> PeerSession:
+        """The murmur session a dial ended with, once our greeting is on it:
+        ``conn``'s, or the one that took its place (a simultaneous dial the
+        other way won, see :meth:`_register`)."""
+        session = self._by_conn.get(conn)
+        for _ in range(2):
+            if session is None:  # refused on arrival (banned, partitioned, ourselves)
+                break
+            if await session.speaks_murmur() and not session.closed:
+                return session
+            if session.foreign:
+                raise ProtocolNotSupported(f"{conn.peer_id.short()} speaks no murmur protocol")
+            replacement = self.session(conn.peer_id)
+            session = replacement if replacement is not session else None
+        raise ConnectionClosed(f"connection to {conn.peer_id.short()} closed at once")
+
+    def _register(self, conn: Libp2pConnection) -> PeerSession:
         """The session for ``conn``; resolves simultaneous dials deterministically:
         of two connections between the same pair, both ends keep the one dialled
         by the smaller peer id (a redial by the same side replaces the old one)."""
@@ -379,7 +417,7 @@ class Node:
             old_dialer = self.peer_id if old.conn.outbound else peer
             new_dialer = self.peer_id if conn.outbound else peer
             if old_dialer != new_dialer and new_dialer != min(self.peer_id, peer):
-                self.tasks.spawn(f"close-dup-{conn.name}", conn.close)
+                self.host._tasks.spawn(f"close-dup-{conn.name}", conn.close)
                 self._by_conn[conn] = old
                 return old
         session = PeerSession(conn, self.dispatcher, self.metrics, self)
@@ -391,23 +429,31 @@ class Node:
             # within a second, and so does the peer.
             session.addrs, session.peer_degree = old.addrs, old.peer_degree
             self._sessions[peer] = session
-            self.tasks.spawn(f"close-old-{old.conn.name}", old.close)
+            self.host._tasks.spawn(f"close-old-{old.conn.name}", old.close)
         self._sessions[peer] = session
         self._by_conn[conn] = session
         self.metrics.peers_connected.set(len(self.sessions()))
         return session
 
-    async def _on_connection(self, conn: SecureConnection) -> None:
-        """Transport callback: one task per authenticated connection."""
+    def _on_connection(self, conn: Libp2pConnection) -> Awaitable[None] | None:
+        """Host callback, once per upgraded connection and before any of its
+        streams is served: the session exists before its first message. The
+        coroutine returned is the connection's task (the host runs it)."""
         if conn.peer_id == self.peer_id or self.table.is_banned(conn.peer_id) or self.partitioned_off(conn.peer_id):
-            await conn.close()
-            return
+            return conn.close()
         session = self._register(conn)
         if session.conn is not conn:
-            return  # a duplicate, being closed
+            return None  # a duplicate, being closed
         if self.table.is_reputed(conn.peer_id):
             # Earned over hours: a flood of fresh identities cannot evict it.
             session.mark_useful()
+        return self._run_session(session)
+
+    async def _run_session(self, session: PeerSession) -> None:
+        """Greet the peer on its hello stream, then hold the session until the
+        connection ends. A peer that refuses murmur's hello protocol is a plain
+        libp2p peer: its connection stays (identify, ping), its session goes."""
+        conn = session.conn
         try:
             await session.send(
                 Hello(
@@ -419,28 +465,87 @@ class Node:
             )
             if self.learner is not None:
                 await self.learner.greet(self, session)
-            await session.run()
+            session.murmur_peer(True)  # from here a dialler may send: Link comes after Hello and LearnerInfo
+            await conn.wait_closed()
+        except ProtocolNotSupported:
+            session.foreign = True
+            session.murmur_peer(False)
+            self._forget_session(session)
+            await self._keep_foreign(conn)
+            return
         except ConnectionClosed:
             pass
         finally:
-            await session.close()
-            # A fault the receive loop never saw (a bad frame that came with
-            # the handshake, a peer cut while we were sending to it) still
-            # costs the peer: penalties apply from its first authenticated byte.
-            fault = conn.take_fault()
-            if fault is not None:
-                self.on_fault(conn.peer_id, fault)
-            self._by_conn.pop(conn, None)
-            if self._sessions.get(conn.peer_id) is session:
-                del self._sessions[conn.peer_id]
-                self.metrics.peers_connected.set(len(self.sessions()))
-                if self.learner is not None:
-                    self.learner.on_session_closed(self, session)
-                if self._started:
-                    if session.said_goodbye:
-                        self.membership.report_failure(session.peer, reason="left (goodbye)")
-                    else:
-                        await self.membership.on_session_closed(session)
+            session.murmur_peer(False)  # whoever still waits: not (or no longer) a murmur session
+        await session.close()
+        self._by_conn.pop(conn, None)
+        if self._forget_session(session):
+            if self.learner is not None:
+                self.learner.on_session_closed(self, session)
+            if self._started:
+                if session.said_goodbye:
+                    self.membership.report_failure(session.peer, reason="left (goodbye)")
+                else:
+                    await self.membership.on_session_closed(session)
+
+    def _forget_session(self, session: PeerSession) -> bool:
+        """Drop ``session`` from the sessions by peer; False if another took its place."""
+        self._by_conn.pop(session.conn, None)
+        if self._sessions.get(session.peer) is not session:
+            return False
+        del self._sessions[session.peer]
+        self.metrics.peers_connected.set(len(self.sessions()))
+        return True
+
+    async def _keep_foreign(self, conn: Libp2pConnection) -> None:
+        """A libp2p peer that speaks none of murmur's protocols: useful to the
+        network layer (identify, ping, later relaying), never a learning
+        neighbour. Its connection stays until either side ends it."""
+        peer = conn.peer_id
+        if self._not_learning(peer, "speaks no murmur protocol"):
+            log.info("peer speaks no murmur protocol; kept for identify and ping",
+                     extra={"event": "foreign_peer", "peer": str(peer),
+                            "agent": conn.identify.agent_version if conn.identify else None})
+        self._foreign[peer] = conn
+        try:
+            await conn.wait_closed()
+        finally:
+            if self._foreign.get(peer) is conn:
+                del self._foreign[peer]
+
+    async def _serve_stream(self, stream: Stream) -> None:
+        """Host handler of every murmur protocol: the stream's messages go to its session."""
+        session = self._by_conn.get(stream.conn)
+        if session is None or session.conn is not stream.conn:
+            stream.reset()  # a duplicate connection being closed, or a refused one
+            return
+        await session.serve(stream)
+
+    def _on_host_fault(self, peer: PeerId | None, fault: PeerFault) -> None:
+        """The host's fault sink: a proved peer pays for what its connection
+        did (from its first authenticated byte); an unproved one has no
+        identity to blame (the host logged it)."""
+        if peer is None:
+            return
+        if self.on_fault(peer, fault) and not fault.drop:
+            for conn in self.host.connections:  # banned by adding up: no connection stays
+                if conn.peer_id == peer:
+                    self.host._tasks.spawn(f"close-banned-{conn.name}", conn.close, replace=True)
+
+    def _on_identified(self, conn: Libp2pConnection) -> None:
+        """Keep what identify told us about the peer in the peer table, and
+        count the address it saw us at as its vote for our reachability (one
+        vote per peer; the tracker wants several subnets to agree)."""
+        info = conn.identify
+        if info is None or self.table.is_banned(conn.peer_id):
+            return
+        self.table.identified(
+            conn.peer_id, info.agent_version or "", info.protocols, [str(a) for a in info.listen_addrs],
+            str(info.observed_addr) if info.observed_addr is not None else "",
+        )
+        observed = info.observed_addr.to_tcp() if info.observed_addr is not None else None
+        if observed is not None:
+            self.reachability.observe(observed, conn.peer_id, conn.remote[0], time.monotonic())
 
     # -- partitions (testnet) ---------------------------------------------------------
 
@@ -552,9 +657,11 @@ class Node:
         return {
             "peer_id": str(self.peer_id),
             "addrs": [str(a) for a in self.addrs],
+            "reachability": self.reachability.snapshot(time.monotonic()),
             "agent": AGENT,
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "connections": len(sessions),
+            "libp2p_connections": len(self.host.connections),
             "neighbours": [str(s.peer) for s in self.membership.learning_neighbours()],
             "view": len(self.sampler),
             "evictions": self.membership.evictions,
@@ -607,7 +714,11 @@ class Node:
         return int(received), int(sent)
 
     def peers(self) -> Sequence[Mapping[str, Any]]:
+        """Every peer of the table: what we know of it, and what its identify said
+        (``agent``, ``protocols``, ``listen_addrs``, and ``observed``: the address
+        it saw us at)."""
         connected = {s.peer: s for s in self.sessions()}
+        libp2p = {c.peer_id for c in self.host.connections}
         out = []
         for record in self.table:
             session = connected.get(record.peer_id)
@@ -616,8 +727,13 @@ class Node:
                     "peer_id": str(record.peer_id),
                     "addrs": [str(a) for a in record.addrs],
                     "score": round(self.table.score(record.peer_id), 3),
-                    "connected": session is not None,
+                    "connected": record.peer_id in libp2p,
+                    "murmur": session is not None if record.peer_id in libp2p else None,
                     "neighbour": bool(session and session.linked),
+                    "agent": record.agent,
+                    "protocols": list(record.protocols),
+                    "listen_addrs": list(record.listen),
+                    "observed": record.observed,
                 }
             )
         return out
@@ -626,7 +742,7 @@ class Node:
 def _raise_if_cancelling() -> None:
     """Re-raise a cancellation that Python 3.11's ``asyncio.wait_for`` swallowed.
 
-    ``Transport.dial`` awaits ``wait_for``; in 3.11, when the task is cancelled
+    ``Libp2pHost.dial`` awaits ``wait_for``; in 3.11, when the task is cancelled
     in the same loop iteration as the dial completes, ``wait_for`` returns the
     result and the cancel request is lost (fixed in 3.12). A periodic task
     (shuffle, neighbour maintenance) then keeps running through

@@ -36,7 +36,8 @@ from murmur.protocol.messages import (
     ShuffleRequest,
     ShuffleResponse,
 )
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.discovery import resolve
+from murmur.protocol.multiaddr import DialAddr, Multiaddr
 from murmur.protocol.peertable import PeerTable, parse_peer_entry
 from murmur.protocol.sampling import CyclonSampler, Descriptor
 from murmur.protocol.subnets import is_loopback, subnet_of
@@ -71,7 +72,7 @@ class MembershipConfig:
     maintain_interval_s: float = 1.0
     transient_ttl_s: float = 15.0  # unlinked connections (shuffles, PEX) close after this
     save_interval_s: float = 30.0
-    bootstrap: tuple[Multiaddr, ...] = ()
+    bootstrap: tuple[DialAddr, ...] = ()
 
 
 class MembershipHost(Protocol):
@@ -340,16 +341,22 @@ class Membership:
     # -- bootstrap and peer exchange ----------------------------------------------
 
     async def _bootstrap(self) -> None:
-        """Dial bootstrap peers (with back-off) until we know somebody."""
-        if not self.config.bootstrap:
+        """Dial bootstrap peers (with back-off) until we know somebody. DNS
+        names are resolved on every try; relay circuits are kept in the
+        config but not dialled (NAT traversal will)."""
+        circuits = [a for a in self.config.bootstrap if a.is_circuit]
+        if circuits:
+            log.info("bootstrap relay circuits are not dialled yet", extra={
+                "event": "bootstrap_circuits", "addrs": [str(a) for a in circuits]})
+        dialable = [a for a in self.config.bootstrap if not a.is_circuit and a.peer_id != self.host.peer_id]
+        if not dialable:
             return
         attempt = 0
         while True:
-            for addr in self.config.bootstrap:
-                if addr.peer_id == self.host.peer_id:
-                    continue
+            for addr in dialable:
                 try:
-                    session = await self.host.connect([addr.without_peer()], addr.peer_id)
+                    targets = await resolve(addr)
+                    session = await self.host.connect([t.without_peer() for t in targets], addr.peer_id)
                 except (OSError, PeerFault, ConnectionClosed) as exc:
                     log.info("bootstrap dial failed", extra={"addr": str(addr), "error": str(exc)})
                     continue

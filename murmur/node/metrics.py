@@ -14,13 +14,14 @@ cannot grow the exposition without limit.
 from __future__ import annotations
 
 import enum
-
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
 from prometheus_client.metrics_core import Metric
+
+from murmur.protocol.reachability import Reachability
 
 __all__ = ["NodeMetrics", "Direction", "Split", "PROMETHEUS_CONTENT_TYPE", "PHASE_SUFFIX"]
 
@@ -79,6 +80,10 @@ class NodeMetrics:
         self.failed_tasks = Gauge(
             "failed_tasks", "Supervised tasks of the node that crashed or keep failing (status health.failed_tasks)",
             namespace=NAMESPACE, registry=r,
+        )
+        self.reachability = Gauge(
+            "reachability", "1 for the node's reachability now (status reachability.state), 0 for the others",
+            ["state"], namespace=NAMESPACE, registry=r,
         )
         self.round_seconds = Histogram(
             "round_seconds", "Wall time of a learning round, all phases", namespace=NAMESPACE, registry=r,
@@ -142,6 +147,11 @@ class NodeMetrics:
         for peer, weight in weights.items():
             self.aggregation_weight.labels(peer=peer).set(weight)
         self._weight_peers = set(weights)
+
+    def bind_reachability(self, current: Callable[[], Reachability]) -> None:
+        """Export ``current()`` (read at every scrape) as one 1 among the states."""
+        for state in Reachability:
+            self.reachability.labels(state=state.value).set_function(lambda s=state: float(current() is s))
 
     # -- reading back
     def value(self, name: str, **labels: str) -> float | None:

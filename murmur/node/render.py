@@ -16,6 +16,7 @@ from murmur.units import fmt_bytes, fmt_number, fmt_seconds
 
 LABEL_WIDTH = 13
 SHORT_PEER = 16  # characters of a peer id in a table; the full id is in --output json
+MURMUR_PROTOCOL_PREFIX = "/murmur/"  # murmur's protocol ids (protocol.messages.MurmurProtocol)
 
 
 def _line(label: str, value: str) -> str:
@@ -48,12 +49,22 @@ def _phases(learning: Mapping[str, Any]) -> str | None:
     return f"{fmt_seconds(total)} ({parts})"
 
 
+def _reachability(reach: Mapping[str, Any]) -> str:
+    """``private (interfaces)``: the state and what it rests on, with the
+    NAT's public side once peers confirmed it (an address peers saw, not
+    proof that they can dial it)."""
+    text = f"{reach.get('state', '–')} ({reach.get('basis', '–')})"
+    observed = reach.get("observed") or []
+    return text + (f"; peers see it at {', '.join(str(a) for a in observed)}" if observed else "")
+
+
 def render_status(status: Mapping[str, Any]) -> str:
     health = status.get("health") or {}
     failed = health.get("failed_tasks") or []
     lines = [
         _line("peer", str(status.get("peer_id", "–"))),
         *(_line("address" if i == 0 else "", str(a)) for i, a in enumerate(status.get("addrs") or [])),
+        _line("reachability", _reachability(status.get("reachability") or {})),
         _line("agent", str(status.get("agent", "–"))),
         _line("uptime", fmt_seconds(status.get("uptime_s"))),
         _line("health", "ok" if health.get("ok", True) and not failed else
@@ -85,12 +96,24 @@ def render_status(status: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _protocols(peer: Mapping[str, Any]) -> str:
+    """How many protocols its identify listed, and whether murmur's are among
+    them (the list itself is in ``--output json``: a dozen ids do not fit a row)."""
+    protocols = peer.get("protocols") or []
+    if not protocols:
+        return "–"
+    murmur = any(str(p).startswith(MURMUR_PROTOCOL_PREFIX) for p in protocols)
+    return f"{len(protocols)}" + (" murmur" if murmur else "")
+
+
 def render_peers(peers: Sequence[Mapping[str, Any]]) -> str:
-    """One row per known peer: connected and learning neighbours first."""
-    header = ("peer", "connected", "neighbour", "score", "addresses")
+    """One row per known peer: connected and learning neighbours first; what
+    its identify said (agent, protocols, the address it observed us at)."""
+    header = ("peer", "connected", "neighbour", "score", "agent", "protocols", "observed-us", "addresses")
     rows = [
         (str(p.get("peer_id", "–"))[:SHORT_PEER] + "…", "yes" if p.get("connected") else "no",
          "yes" if p.get("neighbour") else "no", fmt_number(p.get("score"), 2),
+         str(p.get("agent") or "–"), _protocols(p), str(p.get("observed") or "–"),
          " ".join(str(a) for a in p.get("addrs") or []) or "–")
         for p in sorted(peers, key=lambda p: (not p.get("neighbour"), not p.get("connected"), str(p.get("peer_id"))))
     ]

@@ -1,12 +1,16 @@
 """One authenticated connection to one peer, and the message dispatch for it.
 
-A :class:`PeerSession` owns the receive loop of its connection. Every decoded
-message goes to the handler registered for its class in a :class:`Dispatcher`
-(one table, filled by the node's components at start). Every
-:class:`~murmur.errors.PeerFault` raised while decoding or handling is caught
-here, in one place: the peer is penalised, the fault is counted, and the
-connection is dropped when the fault says so. Nothing a peer sends can take
-the node down.
+murmur's messages travel on libp2p streams, one per protocol id
+(:class:`~murmur.protocol.messages.MurmurProtocol`): each side sends on a
+stream it opened for that protocol (negotiated with multistream-select on
+first use, then kept) and reads the streams the peer opened. :meth:`PeerSession.send`
+routes a message to its protocol's stream; :meth:`PeerSession.serve` is the
+receive loop of one inbound stream. Every decoded message goes to the
+handler registered for its class in a :class:`Dispatcher` (one table, filled
+by the node's components at start). Every :class:`~murmur.errors.PeerFault`
+raised while decoding or handling is caught here, in one place: the peer is
+penalised, the fault is counted, and the connection is dropped when the
+fault says so. Nothing a peer sends can take the node down.
 
 Usefulness: the transport protects the inbound slots of connections the node
 marks useful (:meth:`PeerSession.mark_useful`) from eviction by newcomers.
@@ -19,17 +23,29 @@ stranger nothing and never count.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from murmur.errors import PeerFault
+from murmur.errors import NoCommonProtocol, PeerFault, SendTimeout, TimeoutFault
 from murmur.node.metrics import Direction, NodeMetrics
 from murmur.protocol.identity import PeerId
-from murmur.protocol.messages import DeltaEnd, Encoded, Message, decode, encode_parts
+from murmur.protocol.libp2p import Libp2pConnection, Stream
+from murmur.protocol.messages import (
+    DeltaEnd,
+    Encoded,
+    Message,
+    MurmurProtocol,
+    SchemaError,
+    decode,
+    encode_parts,
+    protocol_of,
+    protocol_of_envelope,
+)
 from murmur.protocol.multiaddr import Multiaddr
-from murmur.protocol.transport import ConnectionClosed, SecureConnection
+from murmur.protocol.transport import ConnectionClosed
 
 if TYPE_CHECKING:
     from murmur.protocol.messages import Hello, LearnerInfo
@@ -78,10 +94,15 @@ class Dispatcher:
         return self._handlers.get(type(msg))
 
 
+class ProtocolNotSupported(ConnectionClosed):
+    """The peer does not speak the protocol a message travels on (it refused
+    the stream): for the sender, the message was not delivered."""
+
+
 class PeerSession:
     """State we keep about a connected peer."""
 
-    def __init__(self, conn: SecureConnection, dispatcher: Dispatcher, metrics: NodeMetrics, faults: FaultSink) -> None:
+    def __init__(self, conn: Libp2pConnection, dispatcher: Dispatcher, metrics: NodeMetrics, faults: FaultSink) -> None:
         self.conn = conn
         self.peer = conn.peer_id
         self._dispatcher = dispatcher
@@ -97,6 +118,21 @@ class PeerSession:
         self.peer_degree = 1
         self.opened_at = time.monotonic()
         self.last_message_at = self.opened_at
+        self._out: dict[MurmurProtocol, Stream] = {}  # the stream we send each protocol's messages on
+        self._opening: dict[MurmurProtocol, asyncio.Lock] = {}
+        self._murmur: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.foreign = False  # the peer refused murmur's hello protocol: a plain libp2p peer
+
+    def murmur_peer(self, speaks: bool) -> None:
+        """Settle :meth:`speaks_murmur` (once): the peer took our greeting on
+        murmur's hello protocol, or refused it (or the connection ended first)."""
+        if not self._murmur.done():
+            self._murmur.set_result(speaks)
+
+    async def speaks_murmur(self) -> bool:
+        """Whether the peer speaks murmur's protocols: known once our greeting
+        (``Hello``, and a learner's ``LearnerInfo``) is on its way."""
+        return await asyncio.shield(self._murmur)
 
     @property
     def closed(self) -> bool:
@@ -109,14 +145,59 @@ class PeerSession:
 
     async def send(self, msg: Message, deadline: float | None = None) -> None:
         """Encode and send one message; raises ConnectionClosed if the peer is
-        gone, SendTimeout if it has not made room by ``deadline``
-        (``time.monotonic()`` seconds; see ``SecureConnection.send``)."""
+        gone (or refuses the message's protocol: :class:`ProtocolNotSupported`),
+        SendTimeout if it has not made room by ``deadline``
+        (``time.monotonic()`` seconds; see ``Stream.send_message``)."""
         await self.send_encoded(encode_parts(msg), type(msg).__name__, deadline)
 
     async def send_encoded(self, parts: Encoded, kind: str, deadline: float | None = None) -> None:
-        await self.conn.send(*parts, deadline=deadline)
+        protocol = protocol_of_envelope(parts[0])
+        stream = await self.stream(protocol, deadline)
+        try:
+            await stream.send_message(*parts, deadline=deadline)
+        except ConnectionClosed:
+            self._out.pop(protocol, None)  # reset by the peer: the next message opens a new one
+            raise
         self._metrics.add_bytes(Direction.OUT, sum(memoryview(part).nbytes for part in parts))
         self._metrics.message(Direction.OUT, kind)
+
+    async def stream(self, protocol: MurmurProtocol, deadline: float | None = None) -> Stream:
+        """Our stream for ``protocol``'s messages, opened (and negotiated) on first use.
+
+        A peer that refuses the protocol is :class:`ProtocolNotSupported`; one
+        that does not answer the negotiation in time (``deadline``, else the
+        transport's ``negotiate_timeout_s``) a :class:`~murmur.errors.TimeoutFault`
+        for its score, and the connection is closed."""
+        stream = self._out.get(protocol)
+        if stream is not None and not stream.is_reset:
+            return stream
+        lock = self._opening.setdefault(protocol, asyncio.Lock())
+        async with lock:
+            stream = self._out.get(protocol)
+            if stream is not None and not stream.is_reset:
+                return stream
+            timeout = None
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    raise SendTimeout(f"no {protocol} stream to {self.peer.short()} by the deadline")
+            try:
+                stream = await self.conn.open_stream(protocol, timeout_s=timeout)
+            except NoCommonProtocol:
+                raise ProtocolNotSupported(f"{self.peer.short()} does not speak {protocol}") from None
+            except TimeoutFault as fault:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise SendTimeout(f"{self.peer.short()} did not negotiate {protocol} by the deadline") from None
+                if self._faults.on_fault(self.peer, fault):
+                    await self.close()
+                raise ConnectionClosed(f"{self.peer.short()} did not negotiate {protocol}") from fault
+            except PeerFault as fault:
+                if self._faults.on_fault(self.peer, fault):
+                    await self.close()
+                raise ConnectionClosed(f"negotiating {protocol} with {self.peer.short()} failed") from fault
+            stream.close_read()  # ours to send on: the peer answers on its own streams
+            self._out[protocol] = stream
+            return stream
 
     def mark_useful(self) -> None:
         """The peer just delivered something of value: its inbound slot is
@@ -126,21 +207,28 @@ class PeerSession:
     async def close(self) -> None:
         await self.conn.close()
 
-    async def run(self) -> None:
-        """Receive and dispatch until the connection closes or a fault drops it."""
+    async def serve(self, stream: Stream) -> None:
+        """Receive and dispatch ``stream``'s messages until it ends or a fault drops the peer."""
+        protocol = stream.protocol
         while True:
             try:
-                data = await self.conn.recv()
+                data = await stream.recv_message()
             except ConnectionClosed:
                 return
-            except PeerFault as fault:  # the transport already closed the connection
-                self._faults.on_fault(self.peer, fault)
+            except PeerFault as fault:  # the stream's framing: a message too large, cut short
+                stream.reset()
+                if self._faults.on_fault(self.peer, fault):
+                    await self.close()
+                return
+            if data is None:
                 return
             self.last_message_at = time.monotonic()
             self._metrics.add_bytes(Direction.IN, len(data))
             try:
                 msg = decode(data)
                 self._metrics.message(Direction.IN, type(msg).__name__)
+                if protocol_of(type(msg)) != protocol:
+                    raise SchemaError(f"{type(msg).__name__} on a {protocol} stream")
                 handler = self._dispatcher.handler_for(msg)
                 if handler is None:
                     log.debug("no handler", extra={"peer": self.peer.short(), "kind": type(msg).__name__})
@@ -153,7 +241,9 @@ class PeerSession:
                     await self.close()
                     return
             except ConnectionClosed:
-                return
+                if self.closed:
+                    return
+                # else a reply the handler sent found its stream refused or reset: not this stream's end
             except Exception as error:
                 # A bug in a handler must cost this connection, not the node.
                 self._faults.on_handler_failure(self.peer, error)

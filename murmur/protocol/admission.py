@@ -10,7 +10,7 @@ Bitcoin's inbound eviction and libp2p's connection manager do, a newcomer
 takes the slot of the connection worth least, chosen in this order:
 
 1. never a *useful* one: the node said (recently, within ``useful_ttl_s``)
-   that the peer delivered something of value (``SecureConnection.mark_useful``).
+   that the peer delivered something of value (``Libp2pConnection.mark_useful``).
    Pings, ``Hello`` and ``Link`` are free to send and never make a
    connection useful. Outbound connections are not inbound slots at all.
 2. from the subnet (/24, /48) holding the most evictable connections: an

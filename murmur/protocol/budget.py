@@ -20,10 +20,10 @@ holder may take before that, so a reader can size its next read to fit.
 When bytes come back to a pool that was over capacity, every budget that
 waited for it is told (:meth:`PeerBudget.wait`), oldest first.
 
-The transport's connections charge these today; the multiplexed streams of a
-libp2p port (yamux) would draw their receive windows from the same budgets:
-a window update is :meth:`PeerBudget.try_acquire`, consumed data
-:meth:`PeerBudget.release`.
+Every connection of the node's libp2p host draws from these: on murmur's
+fast path, unread messages and large records are *charged*; on the standard
+path, yamux's receive windows are acquired ahead (a window update is
+:meth:`PeerBudget.try_acquire`, consumed data :meth:`PeerBudget.release`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """How a node finds its first peers: bootstrap list, peer exchange, mDNS.
 
+* :func:`resolve` turns a bootstrap address (:class:`~murmur.protocol.multiaddr.DialAddr`:
+  an IP address or a DNS name, or a relay circuit) into TCP addresses to dial.
 * :class:`Bootstrap` tracks the configured bootstrap addresses and when each
   may be dialled again (exponential back-off with jitter). It is sans-IO: the
   daemon asks :meth:`Bootstrap.due` what to dial now and reports outcomes.
@@ -14,18 +16,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import math
 import random
+import socket
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from murmur.errors import ConfigError, DecodeError, LimitExceeded, PeerFault
+from murmur.protocol.addresses import advertised
 from murmur.protocol.identity import PeerId
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.multiaddr import DialAddr, Multiaddr, Proto
 from murmur.protocol.peertable import PeerTable, parse_peer_entry
 from murmur.tasks import TaskManager
 
@@ -66,19 +71,42 @@ def backoff_delay(attempt: int, policy: BackoffPolicy, u: float = 0.5) -> float:
     return base * (1.0 + policy.jitter * (2.0 * u - 1.0))
 
 
-def parse_bootstrap(texts: Iterable[str]) -> list[Multiaddr]:
+def parse_bootstrap(texts: Iterable[str]) -> list[DialAddr]:
     """Parse bootstrap multiaddrs from config/CLI; one bad entry is a ConfigError."""
-    out: list[Multiaddr] = []
+    out: list[DialAddr] = []
     for text in texts:
         try:
-            addr = Multiaddr.parse(text)
+            addr = DialAddr.parse(text)
         except ValueError as exc:
             raise ConfigError(f"bad bootstrap address: {exc}") from None
-        if addr.port == 0:
-            raise ConfigError(f"bootstrap address {text!r} has port 0")
         if addr not in out:
             out.append(addr)
     return out
+
+
+MAX_RESOLVED = 8  # addresses of one DNS name dialled, at most
+_FAMILIES = {Proto.DNS: socket.AF_UNSPEC, Proto.DNS4: socket.AF_INET, Proto.DNS6: socket.AF_INET6}
+
+
+async def resolve(addr: DialAddr) -> list[Multiaddr]:
+    """The TCP addresses to dial for ``addr``: itself for an IP address, the
+    records of a DNS name (``/dns4``: IPv4 only, ``/dns6``: IPv6 only,
+    ``/dns``: both), none for a relay circuit (not dialled yet). The peer
+    id, if any, goes with each. ``OSError`` when the name does not resolve."""
+    direct = addr.direct()
+    if direct is not None:
+        return [direct]
+    if addr.is_circuit:
+        return []
+    family = _FAMILIES[addr.components[0].proto]
+    infos = await asyncio.get_running_loop().getaddrinfo(addr.host, addr.port, family=family,
+                                                         type=socket.SOCK_STREAM)
+    out: list[Multiaddr] = []
+    for _family, _type, _proto, _name, sockaddr in infos:
+        target = Multiaddr(str(sockaddr[0]), addr.port, addr.peer_id)
+        if target not in out:
+            out.append(target)
+    return out[:MAX_RESOLVED]
 
 
 class Bootstrap:
@@ -280,21 +308,9 @@ class MdnsDiscovery:
             await zc.async_close()
 
     def _advertised_addrs(self) -> list[Multiaddr]:
-        """Listen addresses, with a 0.0.0.0 wildcard expanded to this host's
-        non-loopback IPv4 addresses (a "::" wildcard is not expanded)."""
-        out: list[Multiaddr] = []
-        for addr in self._listen_addrs:
-            ip = ipaddress.ip_address(addr.host)
-            if not ip.is_unspecified:
-                out.append(addr)
-                continue
-            import ifaddr  # zeroconf's own dependency
-
-            for adapter in ifaddr.get_adapters():
-                for host in adapter.ips:
-                    if isinstance(host.ip, str) and ip.version == 4 and not ipaddress.ip_address(host.ip).is_loopback:
-                        out.append(Multiaddr(host.ip, addr.port))
-        return list(dict.fromkeys(out))
+        """Listen addresses, a wildcard expanded to this host's interface
+        addresses (``addresses.advertised``)."""
+        return list(dict.fromkeys(a for addr in self._listen_addrs for a in advertised(addr)))
 
     def _on_service_state_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
         from zeroconf import ServiceStateChange
@@ -347,5 +363,6 @@ __all__ = [
     "SERVICE_TYPE",
     "backoff_delay",
     "parse_bootstrap",
+    "resolve",
     "parse_txt",
 ]

@@ -1,23 +1,32 @@
-"""Length-prefixed AEAD frames: the only thing that crosses the wire after the handshake.
+"""Length-prefixed AEAD records: murmur's fast path after its handshake.
 
-Wire format of one frame::
+Wire format of one record::
 
-    u32 big-endian L | AEAD( type:u8 || payload )   (L = 1 + len(payload) + 16)
+    u32 big-endian L | AEAD( type:u8 || stream:u32 || payload )   (L = 5 + len(payload) + 16)
+
+These records are both the secure channel of ``/murmur/noise-fast/1.0.0``
+and the frames of its muxer ``/murmur/mux/1.0.0`` (see
+:mod:`murmur.protocol.murmux`): the muxer's header (frame type and stream id)
+rides inside the AEAD record, so one message costs one seal, one open and one
+copy, whatever stream it travels on. Before the muxer is agreed, the
+multistream-select bytes that choose it travel as DATA records on stream 0.
 
 The AEAD is the cipher the handshake negotiated (AES-256-GCM or
 ChaCha20-Poly1305, see :class:`~murmur.protocol.noise.NoiseCipher`); the nonce
-of each frame is the message counter of the sending side's split Noise
-:class:`~murmur.protocol.noise.CipherState`. Frames are never sent in the
+of each record is the message counter of the sending side's split Noise
+:class:`~murmur.protocol.noise.CipherState`. Records are never sent in the
 clear, so there is nothing to fall back to.
 
-Deviation from Noise / libp2p-noise, on purpose: Noise caps a transport
-message at 65535 bytes and libp2p-noise uses a 2-byte length prefix. murmur
-moves multi-megabyte model deltas, and per-frame overhead (a Python call, a
-nonce, a tag, a syscall) dominates at 64 KiB, so a frame carries up to
-``max_frame`` plaintext bytes (4 MiB by default) behind a 4-byte length. The
-AEAD, the key schedule and the nonce rules are unchanged; only the size cap
-differs. The cap is a hard limit checked on the length prefix *before* any
-buffer is allocated for the body (:class:`~murmur.errors.FrameTooLarge`).
+Deviation from Noise / libp2p-noise, on purpose (this is murmur's own
+security protocol; the standard ``/noise`` is :mod:`murmur.protocol.noise_channel`):
+Noise caps a transport message at 65535 bytes and libp2p-noise uses a 2-byte
+length prefix. murmur moves multi-megabyte model deltas, and per-record
+overhead (a Python call, a nonce, a tag, a syscall) dominates at 64 KiB, so a
+record carries up to ``max_frame`` plaintext bytes (4 MiB by default) behind a
+4-byte length. The AEAD, the key schedule and the nonce rules are unchanged;
+only the size cap differs. The cap is a hard limit checked on the length
+prefix *before* any buffer is allocated for the body
+(:class:`~murmur.errors.FrameTooLarge`).
 
 Reading is shaped like :class:`asyncio.BufferedProtocol` (``get_buffer`` /
 ``buffer_updated``) so the event loop receives straight into our buffers:
@@ -52,8 +61,10 @@ from murmur.protocol.budget import PeerBudget
 from murmur.protocol.noise import TAG_LEN, CipherState
 
 FRAME_LENGTH = struct.Struct(">I")
-TYPE_LEN = 1
-FRAME_OVERHEAD = TYPE_LEN + TAG_LEN  # ciphertext bytes beyond the payload
+FRAME_HEADER = struct.Struct(">BI")  # frame type, stream id: the first plaintext bytes of every record
+HEADER_LEN = FRAME_HEADER.size
+FRAME_OVERHEAD = HEADER_LEN + TAG_LEN  # ciphertext bytes beyond the payload
+MAX_STREAM_ID = 2**32 - 1
 DEFAULT_SCRATCH_BYTES = 256 * 1024  # frames up to this size are parsed in place
 # Handshake messages travel as in libp2p-noise: u16 big-endian length, then the
 # Noise message. XX messages with our payload are 32/200/168 bytes; anything
@@ -77,17 +88,25 @@ def _unmap(buf: mmap.mmap) -> None:
 
 
 class FrameType(enum.IntEnum):
-    """First plaintext byte of every frame. Only DATA reaches ``recv()``."""
+    """First plaintext byte of every record (the ``/murmur/mux/1.0.0`` frame types).
+
+    PING, PONG and CLOSE concern the connection and travel on stream 0; OPEN,
+    FIN and RESET open, half-close and abort a stream; DATA carries one
+    message of a stream (or, on stream 0, the muxer negotiation)."""
 
     DATA = 0
     PING = 1
     PONG = 2
     CLOSE = 3
+    OPEN = 4
+    FIN = 5
+    RESET = 6
 
 
 @dataclass(frozen=True, slots=True)
 class Frame:
     type: FrameType
+    stream: int
     payload: bytes
 
 
@@ -361,11 +380,12 @@ class FrameDecoder:
                 self._cipher.open_into(body, plaintext)
             except InvalidTag:
                 raise DecryptError("frame failed authentication") from None
+            code, stream = FRAME_HEADER.unpack_from(plaintext)
             try:
-                ftype = FrameType(plaintext[0])
+                ftype = FrameType(code)
             except ValueError:
-                raise FrameError(f"unknown frame type {plaintext[0]}") from None
-            return Frame(ftype, bytes(plaintext[TYPE_LEN:]))
+                raise FrameError(f"unknown frame type {code}") from None
+            return Frame(ftype, stream, bytes(plaintext[HEADER_LEN:]))
 
 
 class FrameEncoder:
@@ -387,12 +407,12 @@ class FrameEncoder:
         self._spare: bytearray | None = None  # one flushed output buffer, at most max_frame + overhead
         self.frames = 0  # frames encoded so far (the owner's idleness check)
 
-    def encode(self, ftype: FrameType, *parts: bytes | bytearray | memoryview) -> bytearray:
-        """One frame whose payload is ``parts`` concatenated (gathered straight
-        into the plaintext scratch: a message's envelope and its tail need no
-        joining first). Raises ``ValueError`` for a payload over ``max_frame``:
-        that is a local bug (callers chunk large objects), not something to
-        put on the wire."""
+    def encode(self, ftype: FrameType, stream: int, *parts: bytes | bytearray | memoryview) -> bytearray:
+        """One frame of ``stream`` whose payload is ``parts`` concatenated
+        (gathered straight into the plaintext scratch: a message's envelope
+        and its tail need no joining first). Raises ``ValueError`` for a
+        payload over ``max_frame``: that is a local bug (callers chunk large
+        objects), not something to put on the wire."""
         views = [memoryview(part).cast("B") for part in parts]
         self.frames += 1
         size = sum(view.nbytes for view in views)
@@ -404,9 +424,9 @@ class FrameEncoder:
         if out is None or len(out) != total:  # a stream's frames are mostly one size
             out = bytearray(total)
         FRAME_LENGTH.pack_into(out, 0, wire_len)
-        with self._plaintext.view(TYPE_LEN + size) as plaintext, memoryview(out) as out_view:
-            plaintext[0] = ftype
-            offset = TYPE_LEN
+        with self._plaintext.view(HEADER_LEN + size) as plaintext, memoryview(out) as out_view:
+            FRAME_HEADER.pack_into(plaintext, 0, ftype, stream)
+            offset = HEADER_LEN
             for view in views:
                 plaintext[offset : offset + view.nbytes] = view
                 offset += view.nbytes
@@ -425,7 +445,7 @@ class FrameEncoder:
 
 
 class PlaintextScratch:
-    """One reusable buffer for frame plaintext, at most ``max_frame + 1`` bytes.
+    """One reusable buffer for frame plaintext, at most ``max_frame + HEADER_LEN`` bytes.
 
     Encoding and decoding use it synchronously (fill, seal or open, copy out)
     and never across an ``await``, so every encoder and decoder of one event
@@ -435,7 +455,7 @@ class PlaintextScratch:
     """
 
     def __init__(self, max_frame: int) -> None:
-        self.max_bytes = TYPE_LEN + max_frame
+        self.max_bytes = HEADER_LEN + max_frame
         self._buf = bytearray()
 
     def view(self, nbytes: int) -> memoryview:

@@ -11,6 +11,14 @@ its annotations: every field is ``Annotated[<python type>, <Spec>]`` and the
 registered. Encoding and decoding are generic walks over the specs, so adding
 a kind is one dataclass and never a hand-written parser.
 
+Every kind travels on the stream of one libp2p protocol id
+(:class:`MurmurProtocol`, :data:`KIND_PROTOCOLS`): kinds whose order matters
+to each other share one (``Hello``, ``Link``, ``LearnerInfo`` and
+``Goodbye``; a delta transfer's start, chunks and end, and model requests), and
+a message that arrives on another protocol's stream is a
+:class:`SchemaError`. :func:`protocol_of_envelope` reads the kind of an
+encoded message without decoding it (a sender routing ``encode_parts``).
+
 Decoding treats the bytes as hostile: wrong version, unknown kind, missing or
 extra fields, wrong types, out-of-range ints, over-long strings/bytes/lists,
 non-finite floats, malformed peer ids or arrays all raise a
@@ -23,7 +31,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, get_type_hints
 
@@ -65,6 +73,10 @@ __all__ = [
     "Link",
     "LearnerInfo",
     "NO_MORE_ROUNDS",
+    "MurmurProtocol",
+    "KIND_PROTOCOLS",
+    "protocol_of",
+    "protocol_of_envelope",
 ]
 
 WIRE_VERSION = 2  # 2: DeltaChunk.data moved out of the map into the message tail
@@ -439,6 +451,40 @@ class MessageKind(IntEnum):
     LEARNER_INFO = 16
 
 
+class MurmurProtocol(StrEnum):
+    """murmur's libp2p protocol ids: each its own stream on a connection."""
+
+    HELLO = "/murmur/hello/1.0.0"  # Hello, Link, LearnerInfo, Goodbye: in the order sent
+    PEER_EXCHANGE = "/murmur/pex/1.0.0"
+    SHUFFLE = "/murmur/shuffle/1.0.0"
+    GOSSIP = "/murmur/gossip/1.0.0"
+    DELTA = "/murmur/delta/1.0.0"  # signed delta transfers (round messages, models) and model requests
+    KEY_SHARE = "/murmur/keyshare/1.0.0"
+    ROUND_COMMIT = "/murmur/commit/1.0.0"
+    HISTORY = "/murmur/history/1.0.0"
+
+
+KIND_PROTOCOLS: Mapping[MessageKind, MurmurProtocol] = MappingProxyType({
+    MessageKind.HELLO: MurmurProtocol.HELLO,
+    MessageKind.LINK: MurmurProtocol.HELLO,
+    MessageKind.LEARNER_INFO: MurmurProtocol.HELLO,
+    MessageKind.GOODBYE: MurmurProtocol.HELLO,
+    MessageKind.PEER_EXCHANGE_REQUEST: MurmurProtocol.PEER_EXCHANGE,
+    MessageKind.PEER_EXCHANGE_RESPONSE: MurmurProtocol.PEER_EXCHANGE,
+    MessageKind.SHUFFLE_REQUEST: MurmurProtocol.SHUFFLE,
+    MessageKind.SHUFFLE_RESPONSE: MurmurProtocol.SHUFFLE,
+    MessageKind.GOSSIP: MurmurProtocol.GOSSIP,
+    MessageKind.DELTA_START: MurmurProtocol.DELTA,
+    MessageKind.DELTA_CHUNK: MurmurProtocol.DELTA,
+    MessageKind.DELTA_END: MurmurProtocol.DELTA,
+    MessageKind.MODEL_REQUEST: MurmurProtocol.DELTA,
+    MessageKind.KEY_SHARE: MurmurProtocol.KEY_SHARE,
+    MessageKind.ROUND_COMMIT: MurmurProtocol.ROUND_COMMIT,
+    MessageKind.HISTORY_RECORD: MurmurProtocol.HISTORY,
+})
+"""The protocol each kind travels on; every kind has one (checked at import)."""
+
+
 @dataclass(frozen=True)
 class _Schema:
     cls: type
@@ -480,6 +526,9 @@ class MessageRegistry:
         return cls
 
     def freeze(self) -> None:
+        missing = [kind.name for kind in self._schemas if kind not in KIND_PROTOCOLS]
+        if missing:
+            raise TypeError(f"message kinds without a protocol in KIND_PROTOCOLS: {missing}")
         self._frozen = True
 
     def schema(self, kind: MessageKind) -> Mapping[str, Spec]:
@@ -755,10 +804,25 @@ def encode(msg: Message) -> bytes:
 
 def encode_parts(msg: Message) -> Encoded:
     """Serialize one message as envelope and tail, for a gathering send
-    (``SecureConnection.send(*parts)``): a chunk's payload is not copied."""
+    (``Stream.send_message(*parts)``): a chunk's payload is not copied."""
     return REGISTRY.encode_parts(msg)
 
 
 def decode(buf: bytes | bytearray | memoryview) -> Message:
     """Parse one message; raises a :class:`DecodeError` subclass for anything invalid."""
     return REGISTRY.decode(buf)
+
+
+def protocol_of(cls: type[Message]) -> MurmurProtocol:
+    """The protocol id a message class travels on."""
+    return KIND_PROTOCOLS[cls.KIND]
+
+
+def protocol_of_envelope(head: bytes | bytearray | memoryview) -> MurmurProtocol:
+    """The protocol id of an encoded message (the first part ``encode_parts``
+    gave): read from the envelope's kind, which msgpack writes as a positive
+    fixint right after the array header and the version. ``ValueError`` for
+    bytes that are not an envelope of ours (a local bug)."""
+    if len(head) < 3 or head[0] != _FIXARRAY_3 or head[1] != WIRE_VERSION or head[2] > _POSITIVE_FIXINT_MAX:
+        raise ValueError("not an encoded message envelope")
+    return KIND_PROTOCOLS[MessageKind(head[2])]

@@ -10,6 +10,13 @@ uvarint length) and the text form (``/dns4/example.org/tcp/4001/p2p/12D3…``,
 ``/ip4/…/tcp/…/p2p/<relay>/p2p-circuit/p2p/<target>``). Protocols outside
 :class:`Proto` are refused with ``ValueError``; a caller reading a peer's
 list skips that address rather than the whole list.
+
+:class:`DialAddr` is what an operator may write where murmur dials (the
+bootstrap list, ``--bootstrap``): TCP on an IP address or a DNS name
+(``/dns``, ``/dns4``, ``/dns6``, resolved when dialled), with an optional
+``/p2p/<id>``, or a relay circuit through such an address
+(``…/p2p/<relay>/p2p-circuit/p2p/<target>``, parsed and kept; dialling
+circuits comes with NAT traversal).
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ _PORTS = {Proto.TCP, Proto.UDP}
 _NAMES_VALUED = {Proto.DNS, Proto.DNS4, Proto.DNS6, Proto.DNSADDR}
 _NO_VALUE = {Proto.P2P_CIRCUIT, Proto.TLS, Proto.QUIC_V1, Proto.WS, Proto.WSS}
 MAX_DNS_NAME = 255
+DNS_PROTOS = frozenset({Proto.DNS, Proto.DNS4, Proto.DNS6})
+_HOST_PROTOS = frozenset({Proto.IP4, Proto.IP6}) | DNS_PROTOS
 
 Value = str | int | bytes | None
 
@@ -300,3 +309,78 @@ class Multiaddr:
     def __str__(self) -> str:
         base = f"/{self.family}/{self.host}/tcp/{self.port}"
         return f"{base}/p2p/{self.peer_id}" if self.peer_id else base
+
+
+@dataclass(frozen=True)
+class DialAddr(AnyMultiaddr):
+    """A multiaddr murmur can dial: ``/<ip4|ip6|dns|dns4|dns6>/<host>/tcp/<port>[/p2p/<id>]``,
+    or a relay circuit through one (``…/p2p/<relay>/p2p-circuit[/p2p/<target>]``).
+    Every ``/p2p`` must be an identity murmur can verify (Ed25519), the port not 0."""
+
+    @classmethod
+    def parse(cls, text: str) -> DialAddr:
+        return cls.of(AnyMultiaddr.parse(text))
+
+    @classmethod
+    def of(cls, addr: AnyMultiaddr) -> DialAddr:  # type: ignore[override]
+        comps = addr.components
+        if len(comps) < 2 or comps[0].proto not in _HOST_PROTOS or comps[1].proto is not Proto.TCP:
+            raise ValueError(f"multiaddr {addr} is not TCP on an IP address or DNS name "
+                             "(/ip4|ip6|dns|dns4|dns6/<host>/tcp/<port>[/p2p/<id>])")
+        if comps[1].value == 0:
+            raise ValueError(f"multiaddr {addr} has port 0")
+        rest = comps[2:]
+        if rest and rest[0].proto is Proto.P2P:
+            rest = rest[1:]
+        if rest and rest[0].proto is Proto.P2P_CIRCUIT:
+            if len(comps) < 4 or comps[2].proto is not Proto.P2P:
+                raise ValueError(f"multiaddr {addr}: a circuit needs its relay's /p2p/<id> before /p2p-circuit")
+            rest = rest[1:]
+            if rest and rest[0].proto is Proto.P2P:
+                rest = rest[1:]
+        if rest:
+            raise ValueError(f"multiaddr {addr}: murmur dials TCP only, and /p2p-circuit through a relay")
+        for comp in comps:
+            if comp.proto is Proto.P2P:
+                try:
+                    PeerId.from_bytes(comp.value)  # type: ignore[arg-type]
+                except ValueError:
+                    raise ValueError(f"multiaddr {addr}: /p2p/{b58encode(comp.value)} is not an Ed25519 peer id "  # type: ignore[arg-type]
+                                     "(murmur verifies those only)") from None
+        return cls(comps)
+
+    @property
+    def host(self) -> str:
+        """The IP address or DNS name of the first hop (the relay, for a circuit)."""
+        return str(self.components[0].value)
+
+    @property
+    def port(self) -> int:
+        return int(self.components[1].value)  # type: ignore[arg-type]
+
+    @property
+    def dns(self) -> bool:
+        """The first hop is a DNS name: resolved when dialled."""
+        return self.components[0].proto in DNS_PROTOS
+
+    @property
+    def peer_id(self) -> PeerId | None:
+        """The peer this address reaches: its ``/p2p``, or for a circuit the one after ``/p2p-circuit``."""
+        comps = self.components
+        if self.is_circuit:
+            last = comps[-1]
+            return PeerId.from_bytes(last.value) if last.proto is Proto.P2P else None  # type: ignore[arg-type]
+        return PeerId.from_bytes(comps[2].value) if len(comps) > 2 else None  # type: ignore[arg-type]
+
+    @property
+    def relay(self) -> PeerId | None:
+        """For a circuit, the relay's peer id."""
+        if not self.is_circuit:
+            return None
+        return PeerId.from_bytes(self.components[2].value)  # type: ignore[arg-type]
+
+    def direct(self) -> Multiaddr | None:
+        """The :class:`Multiaddr` to dial as it stands (an IP address, no circuit), else ``None``."""
+        if self.dns or self.is_circuit:
+            return None
+        return Multiaddr(self.host, self.port, self.peer_id)

@@ -16,7 +16,10 @@ Everything a peer can make us spend is bounded here:
   before it gives up with :class:`~murmur.errors.NegotiationError`, so an
   endless ``na`` loop ends; a dialer proposes each of its protocols once;
 * no plaintext protocol is ever accepted: :data:`PLAINTEXT_PROTOCOLS` are
-  refused with ``na`` even if someone registers them.
+  refused with ``na`` even if someone registers them;
+* the first message must be the ``/multistream/1.0.0`` header, so its length
+  is known: anything else (an HTTP request, random bytes) is refused as soon
+  as its first varint is read, not after waiting for the body it announces.
 
 After a protocol is selected, the bytes that came behind the final message
 belong to that protocol: :attr:`leftover` hands them on.
@@ -37,6 +40,7 @@ MAX_LISTING = 64 * 1024  # bytes of an ls answer
 MAX_LISTED = 512  # protocols in an ls answer
 DEFAULT_MAX_ATTEMPTS = 16  # proposals (and ls requests) a listener answers on one channel
 PLAINTEXT_PROTOCOLS = frozenset({"/plaintext/1.0.0", "/plaintext/2.0.0"})
+HEADER_BODY = len(PROTOCOL_ID) + 1  # the header's length prefix: the first varint of every channel
 
 
 def encode_message(text: str) -> bytes:
@@ -76,12 +80,16 @@ class MessageReader:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
 
-    def next(self) -> bytes | None:
-        """The next message body (newline included), or ``None`` until it is complete."""
+    def next(self, expected: int | None = None) -> bytes | None:
+        """The next message body (newline included), or ``None`` until it is
+        complete. With ``expected``, a message of any other length is a
+        :class:`NegotiationError` as soon as its length is read."""
         got = uvarint.decode_partial(self._buf, 0, NegotiationError)
         if got is None:
             return None
         length, start = got
+        if expected is not None and length != expected:
+            raise NegotiationError(f"expected the {PROTOCOL_ID} header, got a message of {length} bytes")
         if length > self.max_message:
             raise NegotiationError(f"multistream message of {length} bytes exceeds {self.max_message}")
         if len(self._buf) - start < length:
@@ -137,6 +145,9 @@ class Dialer:
     def start(self) -> bytes:
         return encode_message(PROTOCOL_ID) + self._propose()
 
+    def _header_length(self) -> int | None:
+        return None if self._got_header else HEADER_BODY
+
     def _propose(self) -> bytes:
         protocol = self.protocols[self._next]
         self._next += 1
@@ -147,7 +158,7 @@ class Dialer:
             raise NegotiationError("negotiation already finished")
         self._reader.feed(data)
         out = bytearray()
-        while not self.done and (body := self._reader.next()) is not None:
+        while not self.done and (body := self._reader.next(self._header_length())) is not None:
             text = _line(body)
             if not self._got_header:
                 if text != PROTOCOL_ID:
@@ -181,7 +192,7 @@ class Lister:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._reader.feed(data)
-        while self.protocols is None and (body := self._reader.next()) is not None:
+        while self.protocols is None and (body := self._reader.next(None if self._got_header else HEADER_BODY)) is not None:
             if not self._got_header:
                 if _line(body) != PROTOCOL_ID:
                     raise NegotiationError("expected the multistream header")
@@ -250,7 +261,7 @@ class Listener:
             raise NegotiationError("negotiation already finished")
         self._reader.feed(data)
         out = bytearray()
-        while not self.done and (body := self._reader.next()) is not None:
+        while not self.done and (body := self._reader.next(None if self._got_header else HEADER_BODY)) is not None:
             text = _line(body)
             if not self._got_header:
                 if text != PROTOCOL_ID:

@@ -42,6 +42,14 @@ counts) only if it has more, and that one moves back to the new tier.
 (Banned records are the first to go under a flood, so a ban is a cost, not a
 permanent exclusion; ids are free to mint anyway, which is why the sampler's
 subnet limits, not bans, are the Sybil defence.)
+
+Identify. What a peer's libp2p identify said (:meth:`PeerTable.identified`:
+its agent, protocols and listen addresses as it claims them, and the address
+it observed for us) is kept in memory with the record, cut to
+:data:`MAX_KEPT_PROTOCOLS` protocols and the address bound, and shown by
+``murmur peers``; it is refreshed on every connection, so it is not
+persisted. The claimed listen addresses are never dialled: ``addrs`` stay
+the ones we observed the peer at (see ``Membership.observed_addrs``).
 """
 
 from __future__ import annotations
@@ -75,6 +83,9 @@ NO_ADDRESS = "no address"
 """The new-tier subnet bucket of records without any address."""
 
 SubnetBucket = SubnetKey | str | None  # None: exempt from the per-subnet limit
+
+MAX_KEPT_PROTOCOLS = 32  # of a peer's identify: protocol ids kept per record
+MAX_KEPT_TEXT = 128  # characters of an agent, protocol id or address kept
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,11 @@ class PeerRecord:
     first_seen: float = 0.0
     successes: int = 0
     last_success: float = 0.0
+    # what its identify said (in memory only; see the module docstring)
+    agent: str = ""
+    protocols: tuple[str, ...] = ()
+    listen: tuple[str, ...] = ()  # its listen addresses as it claims them (never dialled)
+    observed: str = ""  # the address it observed for us
 
     def banned(self, now: float) -> bool:
         return self.banned_until > now
@@ -361,6 +377,19 @@ class PeerTable:
             self._rerank(record)
         if peer not in self._reputed and self._qualifies(record, now):
             self._promote(record)
+
+    def identified(self, peer: PeerId, agent: str, protocols: Sequence[str], listen: Sequence[str],
+                   observed: str) -> PeerRecord | None:
+        """Keep what ``peer``'s identify said (bounded); the record is made if
+        new, like :meth:`add` (identify is not a sign of life by itself)."""
+        record = self.add(peer)
+        if record is None:
+            return None
+        record.agent = agent[:MAX_KEPT_TEXT]
+        record.protocols = tuple(p[:MAX_KEPT_TEXT] for p in protocols[:MAX_KEPT_PROTOCOLS])
+        record.listen = tuple(a[:MAX_KEPT_TEXT] for a in listen[: self.config.max_addrs_per_peer])
+        record.observed = observed[:MAX_KEPT_TEXT]
+        return record
 
     def remove(self, peer: PeerId) -> None:
         record = self._records.pop(peer, None)

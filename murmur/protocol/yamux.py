@@ -50,7 +50,7 @@ import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from murmur.errors import MurmurError, MuxerError, PeerFault, StreamRefused
+from murmur.errors import ConnectionClosed, MuxerError, PeerFault, StreamRefused
 from murmur.protocol.budget import PeerBudget
 
 PROTOCOL_ID = "/yamux/1.0.0"
@@ -86,9 +86,10 @@ class GoAwayCode(enum.IntEnum):
     INTERNAL_ERROR = 2
 
 
-class StreamError(MurmurError):
+class StreamError(ConnectionClosed):
     """A local call on a stream that cannot proceed: it was reset, closed for
-    writing, never existed, or the session is going away. Not a peer fault."""
+    writing, never existed, or the session is going away. Not a peer fault:
+    for the caller, the stream is closed (what it sent may not have arrived)."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from murmur.errors import ConfigError
 from murmur.testnet.controller import RunEnd, RunOptions, RunResult, Testnet
+from murmur.testnet.internet import InternetError
 from murmur.testnet.options import DEFAULT_OUT_ROOT, add_run_arguments
 from murmur.testnet.scenario import Backend, Scenario, load_runnable_scenario
 from murmur.units import fmt_bytes, fmt_number
@@ -86,6 +87,10 @@ def run_testnet(ns: argparse.Namespace) -> int:
         print('murmur: config error: [cluster] gpus_per_node needs backend = "ray" (or --cluster ray); '
               'on this machine alone, trainer.device = "cuda" puts every node on the GPU', file=sys.stderr)
         return EXIT_USAGE
+    if scenario.cluster.backend is Backend.RAY and scenario.network is not None:
+        print('murmur: config error: [network] (the emulated internet on this machine) and a Ray cluster run '
+              'do not combine: run one or the other', file=sys.stderr)
+        return EXIT_USAGE
     if scenario.cluster.backend is Backend.RAY and ray_missing():
         print(f"murmur: a Ray cluster run needs Ray: {RAY_INSTALL}", file=sys.stderr)
         return EXIT_USAGE
@@ -97,6 +102,9 @@ def run_testnet(ns: argparse.Namespace) -> int:
 
     try:
         result = uvloop.run(testnet.run())
+    except InternetError as exc:  # building the emulated internet failed (everything it made is gone)
+        print(f"murmur: emulated internet: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except ConfigError as exc:  # a cluster that cannot be joined or cannot hold the run
         print(f"murmur: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -24,6 +24,14 @@ One :class:`Testnet` run:
    ``duration.seconds``, or when training stalls), stops the nodes gracefully
    and writes the report from each node's own ``metrics.jsonl`` and last status.
 
+With a ``[network]`` section the nodes run on an emulated internet
+(:mod:`~murmur.testnet.internet`): the controller builds it before the first
+worker starts and tears it down after the last one stopped; each worker
+enters its host's namespace (``--netns``), and the controller reads each
+node's loopback-only API through a socket made inside that host. The
+layout (addresses, routers, NAT kinds, rates) is written to
+``<out>/network.json``.
+
 On a Ray cluster (``[cluster] backend = "ray"``) the same happens with the
 worker processes on the cluster's hosts: :mod:`~murmur.testnet.raycluster`
 places them, starts them for the supervisor, relays their control sockets
@@ -62,6 +70,7 @@ import aiohttp
 from murmur.errors import StateError
 from murmur.node.state import METRICS_FILE, StateDir
 from murmur.protocol.identity import KEY_FILE_NAME
+from murmur.testnet import internet
 from murmur.testnet.churn import ChurnSchedule, partition_groups, reference_round
 from murmur.testnet.dashboard import DashboardServer, DashboardState, fill_from_specs
 from murmur.testnet.forkserver import ForkServer, ForkServerError
@@ -76,6 +85,8 @@ from murmur.testnet.scenario import (
     Role,
     Scenario,
     dump_toml,
+    host_name,
+    network_topology,
     node_configs,
     process_groups,
     provision_identities,
@@ -296,6 +307,9 @@ class Testnet:
         self._worker_env: dict[str, str] | None = None
         self._ray: RayLauncher | None = None  # [cluster] backend = "ray": where the worker processes run
         self.hosts: dict[str, str] = {}  # node name -> its host's address (cluster runs)
+        self.plan: internet.Plan | None = None  # the emulated internet's layout, with [network]
+        self._internet: internet.Internet | None = None
+        self._host_http: dict[str, aiohttp.ClientSession] = {}  # namespace -> a client whose sockets start there
         self._actions: dict[Action, Callable[[ChurnEvent], Coroutine[Any, Any, str | None]]] = {
             Action.CRASH: self._crash, Action.STOP: self._stop, Action.RESTART: self._start_nodes,
             Action.JOIN: self._start_nodes, Action.PARTITION: self._partition_nodes, Action.HEAL: self._heal,
@@ -312,6 +326,9 @@ class Testnet:
         for sub in ("configs", "nodes", "logs"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         peer_ids = provision_identities(sc, self.run_dir / "nodes")
+        if sc.network is not None:
+            self.plan = internet.plan(network_topology(sc))
+            self._write_network(peer_ids)
         paths = {spec.index: self.run_dir / "configs" / f"{spec.name}.toml" for spec in specs}
         ctl_dir = self.run_dir / "ctl"
         if len(str(ctl_dir)) + 40 > MAX_UNIX_PATH:  # + "/<name[:24]>.<gen>.sock"
@@ -325,6 +342,8 @@ class Testnet:
                     first.name if len(group) == 1 else f"nodes-{'-'.join(map(str, group))}")
             groups[name] = group
             args = (["--attacker"] if attacker else []) + [str(paths[i]) for i in group]
+            if self.plan is not None:  # a process runs on one host (process_groups saw to that)
+                args = ["--netns", self.plan.hosts[host_name(first)].ns, *args]
             self.procs[name] = WorkerProc(name, group, args, ctl_dir)
             for i in group:
                 self.nodes[i] = NodeHandle(specs[i], self.run_dir / "nodes" / specs[i].name,
@@ -333,7 +352,8 @@ class Testnet:
         if sc.cluster.backend is Backend.RAY:
             configs = self._place_on_ray(groups, paths, ctl_dir)
         else:
-            configs = node_configs(sc, self.run_dir / "nodes", find_free_port_block(len(specs)))
+            base_port = find_free_port_block(len(specs)) if self.plan is None else 0
+            configs = node_configs(sc, self.run_dir / "nodes", base_port, self.plan)
         for spec, cfg in zip(specs, configs, strict=True):
             paths[spec.index].write_text(dump_toml(cfg), encoding="utf-8")
         if self._ray is not None:
@@ -383,6 +403,41 @@ class Testnet:
                 secret.append(str(key.relative_to(self.run_dir)))
                 files[secret[-1]] = key.read_bytes()
             self._ray.install(name, files, secret)
+
+    def _write_network(self, peer_ids: Mapping[str, str]) -> None:
+        """``network.json``: where each node runs on the emulated internet."""
+        assert self.plan is not None
+        plan = self.plan
+        nodes = {}
+        for spec in self.scenario.node_specs():
+            host = plan.hosts[host_name(spec)]
+            router = plan.routers[host.router] if host.router is not None else None
+            nodes[spec.name] = {
+                "peer_id": peer_ids[spec.name], "host": host.name, "address": host.address,
+                "public_address": plan.public_address(host.name),
+                "router": host.router, "nat": router.nat.value if router is not None else None,
+                "up_mbit": host.rate.up_mbit, "down_mbit": host.rate.down_mbit,
+            }
+        routers = {r.name: {"nat": r.nat.value, "address": r.wan_address, "lan": str(r.lan)}
+                   for r in plan.routers.values()}
+        (self.run_dir / "network.json").write_text(json.dumps({"nodes": nodes, "routers": routers}, indent=2),
+                                                   encoding="utf-8")
+
+    def _http(self, handle: NodeHandle, default: aiohttp.ClientSession) -> aiohttp.ClientSession:
+        """The client that reaches ``handle``'s API: on the emulated internet
+        one per host, whose connections start in the host's namespace."""
+        if self.plan is None:
+            return default
+        ns = self.plan.hosts[host_name(handle.spec)].ns
+        http = self._host_http.get(ns)
+        if http is None:
+            connector = aiohttp.TCPConnector(socket_factory=internet.socket_factory(ns))
+            http = self._host_http[ns] = aiohttp.ClientSession(connector=connector, timeout=default.timeout)
+        return http
+
+    async def _close_host_http(self) -> None:
+        sessions, self._host_http = list(self._host_http.values()), {}
+        await asyncio.gather(*(http.close() for http in sessions), return_exceptions=True)
 
     def worker_pids(self) -> dict[str, int]:
         """Live worker processes by name (for benchmarks sampling their CPU time);
@@ -547,6 +602,13 @@ class Testnet:
                 self.dashboard_url = await server.start()
                 self._say(f"dashboard: {self.dashboard_url}")
             self._say(f"run dir: {self.run_dir}  ({len(self.nodes)} nodes in {len(self.procs)} processes)")
+            if self.plan is not None:
+                self._internet = internet.Internet(self.plan)
+                await asyncio.to_thread(self._internet.start)
+                nats = ", ".join(f"{r.name} {r.nat.value}" for r in self.plan.routers.values()) or "no routers"
+                public = sum(1 for h in self.plan.hosts.values() if h.router is None)
+                self._say(f"emulated internet: {len(self.plan.hosts)} hosts, {public} public; {nats} "
+                          f"(see {self.run_dir / 'network.json'})")
             if fork_server is not None:
                 await self._start_fork_server()
             initial = [proc for proc in self.procs.values() if not all(self.nodes[i].spec.late for i in proc.indices)]
@@ -567,7 +629,9 @@ class Testnet:
                         poller.cancel()
                         await asyncio.gather(poller, return_exceptions=True)
                     final = await self._poll(http)
+                    await self._close_host_http()
         finally:
+            await self._close_host_http()
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -577,6 +641,8 @@ class Testnet:
             await asyncio.shield(asyncio.to_thread(self._supervisor.close))
             if self._ray is not None:  # the nodes' metrics and the logs come home; the cluster is left clean
                 await asyncio.shield(self._ray.finish(self._node_files()))
+            if self._internet is not None:  # after the workers: nothing runs inside any more
+                await asyncio.shield(asyncio.to_thread(self._internet.close))
             if server is not None:
                 await server.stop()
         wall = time.monotonic() - launched  # imports included: what the user waited
@@ -792,7 +858,7 @@ class Testnet:
             return status if status is not None and status.get("peer_id") == handle.peer_id else None
         try:
             info = StateDir(handle.data_dir).read_api_info()  # re-read: a restarted node has a new port
-            async with http.get(f"{info.url}/status") as resp:
+            async with self._http(handle, http).get(f"{info.url}/status") as resp:
                 if resp.status != 200:
                     return None
                 status = await resp.json()
@@ -934,11 +1000,11 @@ class Testnet:
         await asyncio.gather(*(one(p) for p in pending))
 
     async def _impair(self, ev: ChurnEvent) -> str | None:
-        from murmur.testnet import netem
+        from murmur.testnet import internet
 
-        caps = await asyncio.to_thread(netem.probe)
-        reason = getattr(caps, "netem", None) or "nodes share the loopback interface (no per-node netns)"
-        netem.skipped(f"{ev.action.value} on {list(ev.nodes) or 'all nodes'}", reason)
+        caps = await asyncio.to_thread(internet.probe)
+        reason = caps.netem or "nodes share the loopback interface (no per-node netns)"
+        internet.skipped(f"{ev.action.value} on {list(ev.nodes) or 'all nodes'}", reason)
         return reason
 
     # -- output ----------------------------------------------------------------------

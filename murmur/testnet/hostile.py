@@ -1,11 +1,12 @@
 """Hostile peers for tests and benchmarks: the attacks a node must survive.
 
 Every attacker here is a real peer on a real socket: a real TCP connection
-(from any 127.x source address, so one machine can play many /24s), a real
-libp2p-noise handshake under a fresh Ed25519 identity, real encrypted frames
-and real protocol messages. What makes them hostile is only what they do with
+(from any 127.x source address, so one machine can play many /24s), the real
+libp2p upgrade (multistream-select, murmur's fast-path Noise handshake under a
+fresh Ed25519 identity, its muxer), real encrypted records and real protocol
+messages on real streams. What makes them hostile is only what they do with
 that: never reading, squatting slots, linking and going silent, announcing
-the largest legal frame and stalling, flooding Hellos or requests. Each
+the largest legal record and stalling, flooding Hellos or requests. Each
 attack runs until its ``stop`` event is set, with its rate and connection
 count bounded by its arguments, and closes everything it opened.
 
@@ -22,22 +23,28 @@ import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from murmur.protocol.framing import HANDSHAKE_LENGTH, FrameDecoder, FrameEncoder, FrameType
+from murmur.errors import NegotiationError
+from murmur.protocol import multistream, murmux
+from murmur.protocol.framing import FRAME_LENGTH, FRAME_OVERHEAD, HANDSHAKE_LENGTH, FrameDecoder, FrameEncoder, FrameType
 from murmur.protocol.identity import Identity
+from murmur.protocol.libp2p.wire import FAST_SECURITY
 from murmur.protocol.messages import (
     Hello,
     LearnerInfo,
     Link,
     Message,
     ModelRequest,
+    MurmurProtocol,
     PeerExchangeRequest,
     encode,
+    protocol_of,
 )
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.noise import Libp2pNoiseHandshake
 
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024
-FRAME_HEADER = struct.Struct(">I")  # the AEAD frame's length prefix (see protocol.framing)
+FRAME_HEADER = FRAME_LENGTH  # a record's length prefix (see protocol.framing)
+NEGOTIATION_READ = 1024
 
 
 def attacker_host(subnet: int, host: int, base: int = 20) -> str:
@@ -62,11 +69,25 @@ async def open_from(addr: Multiaddr, source: str = "127.0.0.1", rcvbuf: int | No
     return await asyncio.open_connection(sock=sock)
 
 
+async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: str) -> None:
+    """multistream-select by hand, in the clear: propose ``protocol``, wait for the echo."""
+    dialer = multistream.Dialer([protocol])
+    writer.write(dialer.start())
+    while not dialer.done:
+        data = await reader.read(NEGOTIATION_READ)
+        if not data:
+            raise asyncio.IncompleteReadError(b"", None)
+        dialer.feed(data)
+    if dialer.leftover:
+        raise NegotiationError("bytes behind the echo before our handshake started")
+
+
 async def noise_handshake(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hs: Libp2pNoiseHandshake,
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> tuple[FrameEncoder, FrameDecoder]:
-    """Drive a libp2p-noise handshake by hand over plain streams."""
+    """Drive murmur's fast-path handshake by hand over plain streams (after
+    :func:`negotiate` chose it)."""
     outgoing = hs.start()
     while True:
         if outgoing is not None:
@@ -79,13 +100,43 @@ async def noise_handshake(
         outgoing = hs.receive(await reader.readexactly(length))
 
 
+async def read_record(reader: asyncio.StreamReader, dec: FrameDecoder) -> list:
+    """The records one more length-prefixed record completes (usually one)."""
+    header = await reader.readexactly(FRAME_LENGTH.size)
+    (length,) = FRAME_LENGTH.unpack(header)
+    return dec.feed(header + await reader.readexactly(length))
+
+
+async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hs: Libp2pNoiseHandshake,
+                  max_frame: int = DEFAULT_MAX_FRAME) -> tuple[FrameEncoder, FrameDecoder]:
+    """The whole fast-path upgrade by hand: security negotiated, handshake,
+    ``/murmur/mux/1.0.0`` negotiated on stream 0. Returns the record codec."""
+    await negotiate(reader, writer, FAST_SECURITY)
+    enc, dec = await noise_handshake(reader, writer, hs, max_frame)
+    dialer = multistream.Dialer([murmux.PROTOCOL_ID])
+    writer.write(bytes(enc.encode(FrameType.DATA, 0, dialer.start())))
+    while not dialer.done:
+        for frame in await read_record(reader, dec):
+            if frame.type is not FrameType.DATA or frame.stream != 0:
+                raise NegotiationError(f"{frame.type.name} record before the muxer was agreed")
+            dialer.feed(frame.payload)
+    return enc, dec
+
+
 class RawPeer:
-    """One authenticated connection driven by hand: frames are written as
-    the caller says; nothing is read unless the caller reads."""
+    """One upgraded connection driven by hand: records are written as the
+    caller says; nothing is read unless the caller reads.
+
+    Messages go on the stream of their protocol, opened (OPEN, then the
+    multistream-select proposal) the first time one is sent and never
+    waited for: the proposal, and the messages behind it, go out at once,
+    as a pipelining libp2p dialler may send them."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity,
-                 enc: FrameEncoder) -> None:
-        self.reader, self.writer, self.identity, self.enc = reader, writer, identity, enc
+                 enc: FrameEncoder, dec: FrameDecoder | None = None) -> None:
+        self.reader, self.writer, self.identity, self.enc, self.dec = reader, writer, identity, enc, dec
+        self._streams: dict[str, int] = {}
+        self._next_stream = 1  # the dialler opens odd stream ids
 
     @classmethod
     async def connect(cls, addr: Multiaddr, identity: Identity | None = None, source: str = "127.0.0.1",
@@ -94,23 +145,41 @@ class RawPeer:
         identity = identity or Identity.generate()
         try:
             hs = Libp2pNoiseHandshake(identity, initiator=True, expected=addr.peer_id)
-            enc, _ = await noise_handshake(reader, writer, hs, max_frame)
+            enc, dec = await upgrade(reader, writer, hs, max_frame)
         except BaseException:
             writer.close()
             raise
-        return cls(reader, writer, identity, enc)
+        return cls(reader, writer, identity, enc, dec)
 
-    def frame(self, ftype: FrameType, payload: bytes = b"") -> bytes:
-        return bytes(self.enc.encode(ftype, payload))
+    def frame(self, ftype: FrameType, payload: bytes = b"", stream: int = 0) -> bytes:
+        return bytes(self.enc.encode(ftype, stream, payload))
+
+    def stream_for(self, protocol: str) -> tuple[int, bytes]:
+        """Our stream for ``protocol``, and the records that open it if it is new."""
+        stream = self._streams.get(protocol)
+        if stream is not None:
+            return stream, b""
+        stream = self._streams[protocol] = self._next_stream
+        self._next_stream += 2
+        proposal = multistream.Dialer([protocol]).start()
+        return stream, self.frame(FrameType.OPEN, stream=stream) + self.frame(FrameType.DATA, proposal, stream)
+
+    def message(self, payload: bytes, protocol: str) -> bytes:
+        """Records that carry ``payload`` as one message of ``protocol`` (its stream opened if new)."""
+        stream, opening = self.stream_for(protocol)
+        return opening + self.frame(FrameType.DATA, payload, stream)
+
+    def frames(self, msg: Message) -> bytes:
+        return self.message(encode(msg), protocol_of(type(msg)))
 
     async def send(self, messages: Sequence[Message]) -> None:
         for msg in messages:
-            self.writer.write(self.frame(FrameType.DATA, encode(msg)))
+            self.writer.write(self.frames(msg))
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
 
     def write(self, data: bytes) -> None:
-        """Raw bytes after the handshake (a forged frame header, say); never waits."""
+        """Raw bytes after the upgrade (a forged record header, say); never waits."""
         self.writer.write(data)
 
     async def hang_up(self) -> None:
@@ -205,7 +274,7 @@ async def non_reader(target: Target, stop: asyncio.Event, connections: int = 4, 
                 if peer.writer.is_closing():
                     peers.remove(peer)
                     continue
-                peer.writer.write(peer.frame(FrameType.DATA, encode(PeerExchangeRequest(max_peers=32))))
+                peer.writer.write(peer.frames(PeerExchangeRequest(max_peers=32)))
                 stats.messages += 1
     finally:
         for peer in peers:
@@ -272,7 +341,7 @@ async def big_headers(target: Target, stop: asyncio.Event, connections: int = 16
 
     async def connect(n: int) -> RawPeer:
         peer = await RawPeer.connect(target.addr, source=attacker_host(n % 8, (n // 8) % 250, base=50))
-        peer.write(FRAME_HEADER.pack(max_frame + 16) + b"\0" * 64)  # + AEAD tag: the largest legal frame
+        peer.write(FRAME_HEADER.pack(max_frame + FRAME_OVERHEAD) + b"\0" * 64)  # the largest legal record
         return peer
 
     try:
@@ -316,8 +385,8 @@ async def requests(target: Target, stop: asyncio.Event, connections: int = 4, pe
         while not await _until(stop, 1.0 / per_second):
             peers = await _top_up(peers, connections, stats, connect)
             for peer in peers:
-                peer.write(peer.frame(FrameType.DATA, encode(ModelRequest(round=0))))
-                peer.write(peer.frame(FrameType.DATA, b"\x93\x02\x7f\x80"))  # an unknown message kind
+                peer.write(peer.frames(ModelRequest(round=0)))
+                peer.write(peer.message(b"\x93\x02\x7f\x80", MurmurProtocol.DELTA))  # an unknown message kind
                 stats.messages += 2
     finally:
         for peer in peers:
@@ -377,7 +446,9 @@ __all__ = [
     "RawPeer",
     "Target",
     "attacker_host",
+    "negotiate",
     "noise_handshake",
     "open_from",
+    "upgrade",
     "run_attacks",
 ]

@@ -35,6 +35,7 @@ from typing import Any
 
 from murmur.errors import ConfigError, OptionError
 from murmur.node.config import Codec, NetworkSection, Partition, PrivacyLevel, PrivacyScheme
+from murmur.testnet import internet
 
 DEFAULT_SCENARIO_RESOURCE = "default_scenario.toml"
 LOOPBACK = "127.0.0.1"
@@ -43,6 +44,8 @@ LOOPBACK = "127.0.0.1"
 UNBOUNDED_ROUNDS = 1_000_000
 #: torch threads per node: a testnet packs many nodes onto few cores.
 NODE_TORCH_THREADS = 1
+#: Every node's listen port on the emulated internet: each host has an address of its own.
+NETWORK_PORT = 4731
 #: Cyclon shuffles every 2 s (default 10 s): a testnet run lasts minutes, and
 #: restarts, joins and healed partitions must be mixed in within a few rounds.
 SHUFFLE_INTERVAL_S = 2.0
@@ -291,6 +294,36 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
+class RouterSpec:
+    """A home router: ``nodes`` on its private LAN, behind its NAT."""
+
+    nodes: tuple[int, ...] = ()
+    nat: internet.NatKind = internet.NatKind.EIM
+    unsolicited: internet.Unsolicited = internet.Unsolicited.DROP
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """Link rates (Mbit/s) of ``nodes``' hosts, over the section's defaults."""
+
+    nodes: tuple[int, ...] = ()
+    up_mbit: float | None = _checked(None, _finite_positive)
+    down_mbit: float | None = _checked(None, _finite_positive)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """``[network]``: the nodes on an emulated internet (``murmur.testnet.internet``)
+    instead of all on loopback. Each honest node is a host of its own, the
+    Sybils of one attacker share one; hosts behind no router are public."""
+
+    up_mbit: float | None = _checked(None, _finite_positive)  # every host's link unless a [[network.links]] says
+    down_mbit: float | None = _checked(None, _finite_positive)
+    routers: tuple[RouterSpec, ...] = ()
+    links: tuple[LinkSpec, ...] = ()
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str = "scenario"
     nodes: int = _checked(8, _at_least(1))  # honest nodes
@@ -306,6 +339,7 @@ class Scenario:
     attackers: tuple[AttackerSpec, ...] = ()
     churn: tuple[ChurnEvent, ...] = ()
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    network: NetworkSpec | None = None  # None: every node on 127.0.0.1
 
     @property
     def total_nodes(self) -> int:
@@ -540,6 +574,69 @@ def _cross_checks(sc: Scenario) -> Iterable[tuple[tuple[str | int, ...], str]]:
                 if i in joined:
                     yield ("churn", e, "nodes"), f"node {i} joins twice"
             joined.update(ev.nodes)
+    if sc.network is not None:
+        yield from _network_checks(sc, sc.network)
+
+
+def _network_checks(sc: Scenario, net: NetworkSpec) -> Iterable[tuple[tuple[str | int, ...], str]]:
+    total = sc.total_nodes
+    placed: dict[int, int] = {}
+    for table, entries in (("routers", net.routers), ("links", net.links)):
+        seen: dict[int, int] = {}
+        for e, entry in enumerate(entries):
+            where = ("network", table, e, "nodes")
+            if not entry.nodes:
+                yield where, "must name at least one node"
+            for i in entry.nodes:
+                if not 0 <= i < total:
+                    yield where, f"node index {i} out of range (0..{total - 1})"
+                elif i in seen:
+                    yield where, f"node {i} is already in network.{table}[{seen[i]}]"
+                seen[i] = e
+            if table == "links" and entry.up_mbit is None and entry.down_mbit is None:  # type: ignore[attr-defined]
+                yield ("network", table, e), "give up_mbit, down_mbit or both"
+        if table == "routers":
+            placed = seen
+        for a in range(len(sc.attackers)):
+            sybils = [s.index for s in sc.node_specs() if s.attacker == a]
+            if len({seen.get(i) for i in sybils}) > 1:
+                first = min(seen[i] for i in sybils if i in seen)
+                yield ("network", table, first, "nodes"), (
+                    f"the Sybils of attacker {a} (nodes {', '.join(map(str, sybils))}) share one host: "
+                    f"list all of them in one entry, or none")
+    # every node must reach an honest node, and the honest nodes each other, without relays (not yet there)
+    specs = sc.node_specs()
+    group = list(range(total))
+
+    def find(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    for i in range(total):
+        for j in range(sc.nodes):
+            if i != j and can_dial(placed, i, j):
+                group[find(i)] = find(j)
+    for s in specs:  # an attacker's identities share its host
+        if s.attacker is not None:
+            group[find(s.index)] = find(next(t.index for t in specs if t.attacker == s.attacker))
+    islands: dict[int, list[int]] = {}
+    for s in specs:
+        islands.setdefault(find(s.index), []).append(s.index)
+    honest_islands = [g for g in islands.values() if any(i < sc.nodes for i in g)]
+    if len(honest_islands) > 1 or len(islands) > len(honest_islands):
+        listed = "; ".join(", ".join(map(str, g)) for g in islands.values())
+        yield ("network",), (f"nodes that cannot dial each other without a relay: {listed} (no public node between "
+                             f"them: leave a node out of every router to make it public)")
+
+
+def can_dial(router_of: Mapping[int, int], src: int, dst: int) -> bool:
+    """Whether node ``src`` can open a connection to node ``dst`` (indices),
+    ``router_of`` placing nodes behind routers: ``dst`` is public, or on the
+    same LAN. No relay and no hole punching yet."""
+    behind = router_of.get(dst)
+    return behind is None or behind == router_of.get(src)
 
 
 # ------------------------------------------------------------------- loading
@@ -656,54 +753,79 @@ class NodePlace:
     device: str | None = None
 
 
-def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0, *,
+def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
+                 plan: internet.Plan | None = None, *,
                  places: Mapping[int, NodePlace] | None = None) -> list[dict[str, Any]]:
     """One TOML-ready dict per node (see :func:`dump_toml`), in global index order.
+
+    On loopback node ``i`` listens on ``base_port + i``; on the emulated
+    internet (``plan``, of :func:`network_topology`) on its host's address,
+    port :data:`NETWORK_PORT` (an attacker's identities, sharing a host, on
+    the ports after it), and dials only the nodes it can reach
+    (:func:`network_dials`).
 
     This is the one place where scenario fields map to ``murmur.node.config``
     sections (``node``, ``network``, ``transport``, ``api``, ``learning``,
     ``privacy``); keep it aligned with that module. Identities are created
-    in ``workdir``. Without ``places`` every node listens on loopback at
-    ``base_port + index`` with its data dir under ``workdir``; with them
-    (node index -> :class:`NodePlace`, every node) on its host's own address.
-    The API stays on loopback either way: the controller reaches it on the
-    node's own host (murmur.testnet.raycluster relays it).
+    in ``workdir``. With ``places`` (a cluster run: node index ->
+    :class:`NodePlace`, every node) each node listens on its host's own
+    address and keeps its data dir there. The API stays on loopback always:
+    the controller reaches it on the node's own host (in its namespace, or
+    relayed by murmur.testnet.raycluster).
     """
     workdir = Path(workdir)
     specs = scenario.node_specs()
     peer_ids = provision_identities(scenario, workdir)
     total = len(specs)
-    where = dict(places) if places is not None else {
-        s.index: NodePlace(LOOPBACK, base_port + s.index, workdir / s.name) for s in specs}
+    first_on_host: dict[str, int] = {}
+    for spec in specs:
+        first_on_host.setdefault(host_name(spec), spec.index)
+
+    def listen(i: int) -> str:
+        if places is not None:
+            return f"/ip4/{places[i].host}/tcp/{places[i].port}"
+        if plan is None:
+            return f"/ip4/{LOOPBACK}/tcp/{base_port + i}"
+        host = host_name(specs[i])
+        return f"/ip4/{plan.hosts[host].address}/tcp/{NETWORK_PORT + i - first_on_host[host]}"
+
+    def data_dir(i: int) -> Path:
+        return places[i].data_dir if places is not None else workdir / specs[i].name
+
+    def device(i: int) -> dict[str, str]:
+        place = places[i] if places is not None else None
+        return {"device": place.device} if place is not None and place.device is not None else {}
 
     def addr(i: int) -> str:
-        return f"/ip4/{where[i].host}/tcp/{where[i].port}/p2p/{peer_ids[specs[i].name]}"
+        return f"{listen(i)}/p2p/{peer_ids[specs[i].name]}"
 
-    boot = honest_bootstrap(scenario)
-    targets = sybil_targets(scenario)
+    if plan is None:
+        boot, targets = honest_bootstrap(scenario), sybil_targets(scenario)
+        dials = {s.index: targets[s.index] if s.role is Role.ATTACKER else boot[s.index] for s in specs}
+    else:
+        dials = network_dials(scenario)
     rounds = scenario.duration.rounds or UNBOUNDED_ROUNDS
     priv = scenario.privacy
     configs = []
     for s in specs:
-        dial = targets[s.index] if s.role is Role.ATTACKER else boot[s.index]
         neighbours = (scenario.attackers[s.attacker].edges_per_sybil if s.attacker is not None
                       else scenario.topology.degree)
         view_size = max(total, neighbours)
         configs.append({
-            "node": {"data_dir": str(where[s.index].data_dir), "listen": [f"/ip4/{where[s.index].host}/tcp/{where[s.index].port}"],
+            "node": {"data_dir": str(data_dir(s.index)), "listen": [listen(s.index)],
                      "log_level": "info", "log_format": "json"},
             "network": {
-                "bootstrap": [addr(j) for j in dial], "mdns": False, "neighbours": neighbours,
+                "bootstrap": [addr(j) for j in dials[s.index]], "mdns": False, "neighbours": neighbours,
                 # a shuffle cannot send more of the view than there is (networks under 8 nodes)
                 "view_size": view_size, "shuffle_length": min(NetworkSection.shuffle_length, view_size),
-                "allow_loopback": True,
-                # every node shares 127.0.0.0/24: subnet limits would cap the view at a few peers
+                "allow_loopback": plan is None,
+                # every node shares 127.0.0.0/24 (on the emulated internet: the nodes behind
+                # one router share its address): subnet limits would cap the view at a few peers
                 "subnet_bucket_size": total, "shuffle_interval_s": SHUFFLE_INTERVAL_S,
             },
             "transport": {"max_inbound_per_subnet": max(16, total)},
-            "api": {"host": LOOPBACK, "port": 0},
-            "learning": learning_table(scenario, s) | (
-                {"device": where[s.index].device} if where[s.index].device is not None else {}),
+            "api": {"host": LOOPBACK, "port": 0},  # on the emulated internet and a Ray host: the host's own loopback
+            "learning": learning_table(scenario, s) | device(s.index),
             "privacy": {
                 "enabled": priv.enabled, "scheme": priv.scheme.value, "epsilon": priv.epsilon,
                 "delta": priv.delta, "clip": priv.clip, "rounds": priv.rounds or rounds,
@@ -743,12 +865,14 @@ SCENARIO_FIELDS: Mapping[str, tuple[str | int, ...]] = types.MappingProxyType({
     "learning.eval_attack": ("attackers", 0, "kind"),
     "learning.aggregator": ("aggregator", "name"),
     "learning.aggregator_options": ("aggregator", "options"),
+    "network": ("network",),
 })
 
 
 def check_scenario(scenario: Scenario) -> None:
     """What the machine decides about a scenario's nodes (trainer, its options
-    and attacks, device, aggregator and its options), checked on one honest
+    and attacks, device, aggregator and its options, whether ``[network]``
+    can run), checked on one honest
     node and one Sybil as :mod:`murmur.node.preflight` checks a node: raises
     :class:`OptionError` keyed by the node option (see :data:`SCENARIO_FIELDS`)."""
     from murmur.node.config import load_config
@@ -758,17 +882,92 @@ def check_scenario(scenario: Scenario) -> None:
     for spec in [specs[0], *(s for s in specs if s.role is Role.ATTACKER)][:2]:
         table = learning_table(scenario, spec)
         check_learning(load_config(None, {f"learning.{key}": value for key, value in table.items()}).learning)
+    if scenario.network is not None:
+        check_network()
+
+
+def check_network(capabilities: internet.Capabilities | None = None) -> None:
+    """Refuse ``[network]`` where the emulated internet cannot run (not root,
+    no nftables, ...; ``capabilities``: this machine's, probed when None):
+    never a silent fallback to loopback."""
+    reason = (capabilities or internet.probe()).internet
+    if reason is not None:
+        raise OptionError("network", f"the emulated internet cannot run here: {reason} "
+                                     "(run as root, or remove [network] to run every node on loopback)")
+
+
+# ------------------------------------------------------------ emulated internet
+
+
+def host_name(spec: NodeSpec) -> str:
+    """The emulated host a node runs on: its own, or its attacker's (one
+    process holds all of an attacker's identities)."""
+    return spec.name if spec.attacker is None else f"attacker{spec.attacker}"
+
+
+def router_name(index: int) -> str:
+    return f"router{index}"
+
+
+def routers_of(network: NetworkSpec) -> dict[int, int]:
+    """Node index -> index of the router it is behind (public nodes absent)."""
+    return {i: r for r, router in enumerate(network.routers) for i in router.nodes}
+
+
+def network_topology(scenario: Scenario) -> internet.Topology:
+    """The emulated internet of a scenario with ``[network]``."""
+    net = scenario.network
+    assert net is not None
+    router_of = routers_of(net)
+    link_of = {i: link for link in net.links for i in link.nodes}
+    hosts: dict[str, internet.Host] = {}
+    for spec in scenario.node_specs():
+        name = host_name(spec)
+        if name in hosts:
+            continue
+        link = link_of.get(spec.index)
+        up = link.up_mbit if link is not None and link.up_mbit is not None else net.up_mbit
+        down = link.down_mbit if link is not None and link.down_mbit is not None else net.down_mbit
+        router = router_of.get(spec.index)
+        hosts[name] = internet.Host(name, router=None if router is None else router_name(router),
+                                    rate=internet.LinkRate(up, down))
+    routers = tuple(internet.Router(router_name(r), nat=router.nat, unsolicited=router.unsolicited)
+                    for r, router in enumerate(net.routers))
+    return internet.Topology(tuple(hosts.values()), routers)
+
+
+def network_dials(scenario: Scenario) -> dict[int, list[int]]:
+    """Whom each node dials first on the emulated internet: of its loopback
+    bootstrap (or attack edges) those it can reach, topped up to as many as
+    it wanted with the other honest nodes it can reach, nearest after it in
+    index order first (a node behind NAT whose ring neighbours are behind
+    other NATs still starts with a full set of peers it can reach)."""
+    assert scenario.network is not None
+    router_of = routers_of(scenario.network)
+    boot, targets = honest_bootstrap(scenario), sybil_targets(scenario)
+    out = {}
+    for spec in scenario.node_specs():
+        i = spec.index
+        wanted = targets[i] if spec.attacker is not None else boot[i]
+        chosen = [j for j in wanted if can_dial(router_of, i, j)]
+        others = sorted((j for j in range(scenario.nodes) if j != i and j not in chosen and can_dial(router_of, i, j)),
+                        key=lambda j: (j - i) % scenario.nodes)
+        out[i] = chosen + others[:max(0, len(wanted) - len(chosen))]
+    return out
 
 
 def process_groups(scenario: Scenario, nodes_per_process: int | None = None) -> list[list[int]]:
     """Node indices grouped into worker processes of ``nodes_per_process``
     (default: the scenario's).
 
-    A node named by a crash/stop/restart/join event gets a process of its own:
+    On the emulated internet every honest node has a host, so a process, of
+    its own. A node named by a crash/stop/restart/join event gets a process of its own:
     kill -9 takes down a whole process, and the event must hit only its nodes.
     The Sybils of one attacker share one process (one poisoned learner behind
     all its identities, see murmur.testnet.sybil); churn on a Sybil hits them all.
     """
+    if scenario.network is not None:  # a process lives in one host's namespace: one node each
+        nodes_per_process = 1
     churned = {i for ev in scenario.churn if ev.action in NODE_ACTIONS - {Action.PARTITION} for i in ev.nodes}
     honest = [s.index for s in scenario.node_specs() if s.attacker is None]
     solo = [[i] for i in honest if i in churned]

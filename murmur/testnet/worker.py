@@ -26,6 +26,10 @@ so a node never accepts connections while its loop is blocked importing.
 Partitions are applied at the application level (``Node.set_partition``): all
 testnet nodes share the loopback interface, where routes cannot cut them apart.
 
+``--netns NAME``: the worker's nodes run on a host of the emulated internet
+(:mod:`murmur.testnet.internet`): the process enters that network namespace
+before anything else (the control socket is a path, reachable from outside).
+
 SIGTERM/SIGINT stop every node gracefully (checkpoints, Goodbyes, peers.json)
 and exit 0.
 """
@@ -346,10 +350,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--attacker", action="store_true", help="run the configs as the identities of one Sybil attacker")
     parser.add_argument("--control", type=Path, help="Unix socket for control commands (partition/heal/start)")
     parser.add_argument("--standby", action="store_true", help="import everything, then wait for 'start' on the control socket")
+    parser.add_argument("--netns", metavar="NAME", help="run in this network namespace (a host of the emulated internet)")
     args = parser.parse_args(argv)
     if args.standby and args.control is None:
         parser.error("--standby needs --control (the start command arrives there)")
     try:
+        if args.netns:
+            from murmur.testnet.internet import enter_namespace
+
+            # first, while this process has one thread (a fork of the fork server, or a fresh interpreter)
+            enter_namespace(args.netns)
         configs = [load_checked(path) for path in args.configs]
         configure_logging(configs[0].node.log_level, configs[0].node.log_format)
         preload(configs)  # builds a trainer: a data set that is missing fails here, before any port is bound

@@ -166,8 +166,8 @@ class Cluster:
         member = self.members[i]
         node, member.node = member.node, None
         assert node is not None, f"node {i} is not running"
-        await node.transport.abort()
-        assert not node.transport.connections, f"node {i}'s sockets were not reset"
+        await node.host.abort()
+        assert not node.host.connections, f"node {i}'s sockets were not reset"
         await node.stop()  # its sessions are all closed: no Goodbye can reach anyone
         member.history.append("crashed")
 

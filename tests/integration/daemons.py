@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,13 +104,15 @@ class DaemonPool:
         self.daemons.append(daemon)
         return daemon
 
-    def spawn(self, daemon: Daemon, *args: str, env: Mapping[str, str] | None = None) -> None:
+    def spawn(self, daemon: Daemon, *args: str, env: Mapping[str, str] | None = None,
+              prefix: Sequence[str] = ()) -> None:
+        """Start ``daemon``; ``prefix`` goes before its argv (``ip netns exec NS``)."""
         daemon.state.api_path.unlink(missing_ok=True)  # never read a previous run's api.json
         log = self.root / f"node{daemon.index}.{len(daemon.log)}.log"
         daemon.log.append(log)
         with open(log, "wb") as out:
             daemon.proc = subprocess.Popen(
-                [*MURMUR, "node", "start", "--config", str(daemon.config), *args],
+                [*prefix, *MURMUR, "node", "start", "--config", str(daemon.config), *args],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
             )

@@ -1,4 +1,4 @@
-"""A peer driven by hand against an in-process Node: any identity, Noise by hand, frames by hand.
+"""A peer driven by hand against an in-process Node: any identity, the upgrade by hand, records by hand.
 
 For hostile-peer tests that need many identities (or one identity many
 times) against a real Node, without a Transport of their own per identity.
@@ -21,7 +21,7 @@ class HandPeer(RawPeer):
     @classmethod
     async def connect_to(cls, node: Node, identity: Identity) -> HandPeer:
         peer = await RawPeer.connect(node.addrs[0], identity, max_frame=node.config.transport.max_frame)
-        return cls(peer.reader, peer.writer, peer.identity, peer.enc)
+        return cls(peer.reader, peer.writer, peer.identity, peer.enc, peer.dec)
 
     async def closed(self, within_s: float = CLOSED_S) -> None:
         """Until the node closed the connection (fails after ``within_s``)."""

@@ -26,11 +26,13 @@ def _last_json(script: str, *args: str) -> dict[str, object]:
 @pytest.mark.timeout(150)
 def test_transport_bench_reports_every_variant() -> None:
     out = _last_json("transport.py", "--sizes", "1", "--repeats", "1")
-    for key in ("raw_mib_s_1", "murmur_mib_s_1", "sealed_mib_s_1", "murmur_fanout_mib_s_1"):
+    for key in ("raw_mib_s_1", "murmur_mib_s_1", "sealed_mib_s_1", "murmur_fanout_mib_s_1", "standard_mib_s_1"):
         assert isinstance(out[key], float) and out[key] > 0, key
     assert 0 < out["ratio_ceiling_1"] <= 1
-    assert out["connect_handshake_ms_median"] > 0
+    assert out["connect_handshake_ms_median"] > 0 and out["standard_connect_handshake_ms_median"] > 0
     assert out["cipher"] == "Noise_XX_25519_AESGCM_SHA256"
+    assert out["fast_path"] == ["/murmur/noise-fast/1.0.0", "/murmur/mux/1.0.0"]
+    assert out["standard_path"] == ["/noise", "/yamux/1.0.0"]
 
 
 @pytest.mark.timeout(150)

@@ -52,6 +52,7 @@ async def test_stop_logs_status_and_peers_of_a_real_daemon(pool: DaemonPool) -> 
     lines = status.stdout.splitlines()
     assert lines[0].split() == ["peer", daemon.peer_id]
     assert any(line.startswith("health") and line.split()[1] == "ok" for line in lines)
+    assert "reachability private (interfaces)" in [" ".join(line.split()) for line in lines]  # a loopback node
     assert any(line.startswith("learning") and "learning.enabled = false" in line for line in lines)
     assert any(line.startswith("traffic") and " B" in line for line in lines)
     as_json = await amurmur("status", "--data-dir", data_dir)  # not a terminal: JSON

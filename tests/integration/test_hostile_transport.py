@@ -27,16 +27,19 @@ import uvloop
 
 from murmur.errors import DecryptError, PeerFault, SendTimeout, WriteStalled
 from murmur.node.daemon import Node
+from murmur.protocol import multistream
 from murmur.protocol.framing import FRAME_LENGTH, FRAME_OVERHEAD, HANDSHAKE_LENGTH, FrameType
 from murmur.protocol.identity import Identity
-from murmur.protocol.messages import Hello, Link, encode
+from murmur.protocol.libp2p import HostConfig, Libp2pHost, Stream
+from murmur.protocol.libp2p.wire import FAST_SECURITY
+from murmur.protocol.messages import Hello, Link
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.noise import Libp2pNoiseHandshake
-from murmur.protocol.transport import Transport, TransportLimits
+from murmur.protocol.transport import TransportLimits
 from tests.integration.cluster import Cluster, node_config, wait_until
 from tests.integration.daemons import Daemon, DaemonPool, api_get, peak_rss_bytes
 from tests.integration.test_node_faults import QUICK_CLOSE_S, Victim, _victim_saw
-from murmur.testnet.hostile import RawPeer, attacker_host, noise_handshake, open_from
+from murmur.testnet.hostile import RawPeer, attacker_host, negotiate, open_from
 from tests.integration.test_transport import closed_within
 
 MIB = 1024 * 1024
@@ -127,32 +130,36 @@ def test_send_with_a_deadline_gives_up_on_a_peer_that_does_not_read() -> None:
     """The round loop's sends are bounded: past the deadline, SendTimeout,
     nothing half-sent, the connection still open; later the stall cuts it."""
     limits = TransportLimits(max_frame=256 * 1024, idle_timeout_s=5.0, ping_interval_s=1.0, drain_timeout_s=1.5)
+    HOLD = "/murmur-test/hold/1.0.0"
 
     async def scenario() -> None:
-        accepted: asyncio.Queue[Any] = asyncio.Queue()
+        accepted: asyncio.Queue[Stream] = asyncio.Queue()
+        faults: list[PeerFault] = []
 
-        async def hold(conn: Any) -> None:
-            await accepted.put(conn)
+        async def hold(stream: Stream) -> None:
+            await accepted.put(stream)
+            await stream.conn.wait_closed()
 
-        async with Transport(Identity.generate(), hold, limits) as server:
+        async with Libp2pHost(Identity.generate(), HostConfig(limits=limits, identify_on_connect=False),
+                              on_fault=lambda peer, fault: faults.append(fault)) as server:
+            server.set_handler(HOLD, hold)
             (addr,) = await server.listen("127.0.0.1", 0)
-            reader, writer = await open_from(addr, "127.0.0.1", rcvbuf=4096)
-            hs = Libp2pNoiseHandshake(Identity.generate(), initiator=True, expected=addr.peer_id)
-            await noise_handshake(reader, writer, hs, limits.max_frame)  # then never reads again
-            conn = await asyncio.wait_for(accepted.get(), 2.0)
+            peer = await RawPeer.connect(addr, rcvbuf=4096, max_frame=limits.max_frame)  # then never reads again
+            peer.write(peer.stream_for(HOLD)[1])  # a stream the server may write to
+            stream = await asyncio.wait_for(accepted.get(), 2.0)
+            conn = stream.conn
             chunk = os.urandom(limits.max_frame)
             deadline_s = 0.5
             started = time.monotonic()
             with pytest.raises(SendTimeout):
                 for _ in range(200):  # 50 MiB: far more than any socket buffer
-                    await conn.send(chunk, deadline=started + deadline_s)
+                    await stream.send_message(chunk, deadline=started + deadline_s)
             took = time.monotonic() - started
             assert deadline_s <= took < deadline_s + 0.5
             assert not conn.closed
-            with pytest.raises(WriteStalled):
-                await asyncio.wait_for(conn.recv(), limits.drain_timeout_s + 2.0)
-            assert conn.closed
-            writer.close()
+            await asyncio.wait_for(conn.wait_closed(), limits.drain_timeout_s + 2.0)
+            assert isinstance(conn.fault, WriteStalled) and faults == [conn.fault]
+            peer.close()
 
     uvloop.run(asyncio.wait_for(scenario(), 20))
 
@@ -209,7 +216,7 @@ async def test_almost_complete_large_frames_are_bounded_by_the_node_pool(
     assert grown <= POOL_RSS_BOUND, f"victim peak RSS grew {grown / MIB:.0f} MiB"
     status = await api_get(http, daemon, "/status")
     assert status["connections"] <= POOL_BYTES // (MAX_FRAME // 2), "holders beyond the pool were evicted"
-    async with Transport(Identity.generate(), _ignore) as client:
+    async with Libp2pHost(Identity.generate()) as client:
         conn = await asyncio.wait_for(client.dial(addr), 3.0)
         assert conn.peer_id == addr.peer_id
     for peer in peers:
@@ -304,7 +311,7 @@ async def test_half_open_flood_from_many_subnets_cannot_squat_the_slots(slotted:
     squatter = Squatter(slotted.node.addrs[0], half_open)
     squatter.start()
     try:
-        await wait_until(lambda: slotted.node.transport.inbound == MAX_INBOUND, 2.0, "the slots are full")
+        await wait_until(lambda: slotted.node.host.inbound == MAX_INBOUND, 2.0, "the slots are full")
         await _newcomer_gets_in(slotted)
     finally:
         await squatter.stop()
@@ -319,8 +326,7 @@ async def test_authenticated_idle_identities_cannot_squat_the_slots(slotted: Vic
     async def identity(addr: Multiaddr, source: str) -> RawPeer:
         peer = await RawPeer.connect(addr, source=source)
         hello = Hello(listen_addrs=(), agent="squatter", round=0, degree=1)
-        peer.writer.write(peer.frame(FrameType.DATA, encode(hello)) +
-                          peer.frame(FrameType.DATA, encode(Link(active=1, degree=1))))
+        peer.writer.write(peer.frames(hello) + peer.frames(Link(active=1, degree=1)))
         return peer
 
     squatter = Squatter(victim_addr, identity)
@@ -369,6 +375,7 @@ async def test_a_bad_frame_in_the_segment_of_handshake_message_3_is_penalised(vi
     before = victim.faults()
     addr = victim.node.addrs[0]
     reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    await negotiate(reader, writer, FAST_SECURITY)
     identity = Identity.generate()
     hs = Libp2pNoiseHandshake(identity, initiator=True, expected=victim.node.peer_id)
     message_1 = hs.start()
@@ -401,9 +408,10 @@ async def test_a_handshake_flood_writes_a_bounded_log_with_a_summary(
     start_size = log_path.stat().st_size
     message_1 = Libp2pNoiseHandshake(Identity.generate(), initiator=True).start()
     assert message_1 is not None
-    for i in range(FLOOD_TRIES):  # a valid message 1, then garbage where message 3 goes
+    proposal = multistream.Dialer([FAST_SECURITY]).start()
+    for i in range(FLOOD_TRIES):  # the security proposal and a valid message 1, then garbage where message 3 goes
         reader, writer = await open_from(addr, attacker_host(i % 16, i // 16))
-        writer.write(HANDSHAKE_LENGTH.pack(len(message_1)) + message_1 + HANDSHAKE_LENGTH.pack(5) + b"xxxxx")
+        writer.write(proposal + HANDSHAKE_LENGTH.pack(len(message_1)) + message_1 + HANDSHAKE_LENGTH.pack(5) + b"xxxxx")
         await closed_within(reader, 2.0)
         writer.close()
 
@@ -434,7 +442,7 @@ def test_a_reset_right_after_connect_makes_no_traceback(tmp_path: Path) -> None:
                 sock.close()
             async with Node(node_config(tmp_path / "good")) as good:
                 await good.connect(node.addrs, node.peer_id)  # accepted after the 20: they were all handled
-                assert node.transport.inbound == 1  # the good one; none of the resets holds a slot
+                assert node.host.inbound == 1  # the good one; none of the resets holds a slot
 
     uvloop.run(asyncio.wait_for(scenario(), 20))
     assert errors == []

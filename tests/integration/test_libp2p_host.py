@@ -1,5 +1,10 @@
 """Two libp2p hosts over real TCP on 127.0.0.1: the upgrade, streams, identify,
-ping, and hostile peers that get typed faults while a good peer is served."""
+ping, and hostile peers that get typed faults while a good peer is served.
+
+Every test that does not poke one muxer's internals runs on both paths:
+murmur's fast path (``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/1.0.0``,
+what two murmur hosts agree on) and the standard one (``/noise`` +
+``/yamux/1.0.0``, with ``fast_path`` off)."""
 
 from __future__ import annotations
 
@@ -11,34 +16,55 @@ import pytest
 from murmur.errors import MuxerError, NegotiationError, NoCommonProtocol, PeerFault, StreamRefused
 from murmur.protocol import multistream
 from murmur.protocol.identity import Identity
-from murmur.protocol.libp2p import ConnectionClosed, Libp2pConnection, Libp2pHost, StreamResetError, echo_handler
-from murmur.protocol.libp2p.host import HostConfig
-from murmur.protocol.yamux import HEADER, FrameType, YamuxLimits
+from murmur.protocol.libp2p import (
+    ConnectionClosed,
+    FastConnection,
+    Libp2pConnection,
+    Libp2pHost,
+    StreamResetError,
+    YamuxConnection,
+    echo_handler,
+)
+from murmur.protocol.identify import IdentifyInfo
+from murmur.protocol.libp2p.host import MAX_OBSERVED_ADDRS, HostConfig
+from murmur.protocol.multiaddr import AnyMultiaddr
+from murmur.protocol.transport import TransportLimits
+from murmur.protocol.yamux import HEADER, FrameType
 from tests.integration.cluster import wait_until
 
 ECHO = "/murmur-test/echo/1.0.0"
 MIB = 1024 * 1024
+PATHS = {"fast": FastConnection, "standard": YamuxConnection}
+
+
+def config(path: str = "fast", **limits) -> HostConfig:  # type: ignore[no-untyped-def]
+    return HostConfig(limits=TransportLimits(fast_path=path == "fast", **limits))
+
+
+paths = pytest.mark.parametrize("path", list(PATHS))
 
 
 class Faults:
     def __init__(self) -> None:
         self.seen: list[PeerFault] = []
 
-    def __call__(self, conn: Libp2pConnection | None, fault: PeerFault) -> None:
+    def __call__(self, peer: object, fault: PeerFault) -> None:
         self.seen.append(fault)
 
     def of(self, kind: type[PeerFault]) -> list[PeerFault]:
         return [f for f in self.seen if isinstance(f, kind)]
 
 
-async def _pair(server_config: HostConfig = HostConfig()):  # type: ignore[no-untyped-def]
+async def _pair(server_config: HostConfig = HostConfig(), path: str = "fast",  # type: ignore[no-untyped-def]
+                sink: bool = True):
     faults = Faults()
-    server = Libp2pHost(Identity.generate(), server_config, on_fault=faults)
+    server = Libp2pHost(Identity.generate(), server_config, on_fault=faults if sink else None)
     server.set_handler(ECHO, echo_handler)
-    client = Libp2pHost(Identity.generate())
+    client = Libp2pHost(Identity.generate(), config(path))
     client.set_handler(ECHO, echo_handler)
     addrs = await server.listen("127.0.0.1", 0)
     conn = await client.dial(addrs[0])
+    assert type(conn) is PATHS[path]
     return server, client, conn, faults, addrs[0]
 
 
@@ -55,8 +81,9 @@ async def _echo(conn: Libp2pConnection, data: bytes) -> bytes:
     return got
 
 
-async def test_upgrade_identify_both_ways_ping_and_clean_close() -> None:
-    server, client, conn, faults, addr = await _pair()
+@paths
+async def test_upgrade_identify_both_ways_ping_and_clean_close(path: str) -> None:
+    server, client, conn, faults, addr = await _pair(path=path)
     try:
         assert conn.peer_id == server.peer_id
         await asyncio.wait_for(conn.identified.wait(), 5)
@@ -71,7 +98,8 @@ async def test_upgrade_identify_both_ways_ping_and_clean_close() -> None:
         assert back.peer_id == client.peer_id and "/ipfs/ping/1.0.0" in back.identify.protocols  # type: ignore[union-attr]
         rtts = await client.ping(conn, 3)
         assert len(rtts) == 3 and all(0 < r < 1 for r in rtts)
-        assert 0 < await conn.yamux_ping() < 1
+        if isinstance(conn, YamuxConnection):
+            assert 0 < await conn.yamux_ping() < 1
         await conn.close()
         await wait_until(lambda: not server.connections, 5, "server sees the close")
         assert faults.seen == []
@@ -80,8 +108,9 @@ async def test_upgrade_identify_both_ways_ping_and_clean_close() -> None:
         await server.close()
 
 
-async def test_four_mib_echo_hundred_concurrent_streams_and_a_reset() -> None:
-    server, client, conn, faults, _ = await _pair()
+@paths
+async def test_four_mib_echo_hundred_concurrent_streams_and_a_reset(path: str) -> None:
+    server, client, conn, faults, _ = await _pair(path=path)
     try:
         data = os.urandom(4 * MIB)
         assert await _echo(conn, data) == data
@@ -104,8 +133,9 @@ async def test_four_mib_echo_hundred_concurrent_streams_and_a_reset() -> None:
         await server.close()
 
 
-async def test_unknown_protocol_is_no_common_protocol() -> None:
-    server, client, conn, _, _ = await _pair()
+@paths
+async def test_unknown_protocol_is_no_common_protocol(path: str) -> None:
+    server, client, conn, _, _ = await _pair(path=path)
     try:
         with pytest.raises(NoCommonProtocol):
             await conn.open_stream(["/nobody/1.0.0", "/plaintext/2.0.0"])
@@ -124,7 +154,7 @@ async def _raw(addr, data: bytes) -> bytes:  # type: ignore[no-untyped-def]
 
 
 async def test_endless_na_loop_and_plaintext_are_cut_while_a_good_peer_is_served() -> None:
-    server, client, conn, faults, addr = await _pair(HostConfig(max_negotiation_attempts=4))
+    server, client, conn, faults, addr = await _pair(config(max_negotiation_attempts=4))
     try:
         proposals = multistream.encode_message(multistream.PROTOCOL_ID) + b"".join(
             multistream.encode_message(p) for p in ["/plaintext/2.0.0", "/tls/1.0.0", "/x", "/y", "/z"])
@@ -154,14 +184,13 @@ def _frame(ftype: int, flags: int, stream_id: int, length: int, payload: bytes =
     ids=["window-overflow", "unknown-stream", "beyond-window"],
 )
 async def test_yamux_violations_drop_the_offender_only(hostile) -> None:  # type: ignore[no-untyped-def]
-    server, client, conn, faults, addr = await _pair()
+    server, client, conn, faults, addr = await _pair(config("standard"), "standard")
     good = await client.dial(addr)
     try:
         stream = await conn.open_stream(ECHO)
         await stream.write(b"x")
         assert await stream.read() == b"x"
-        assert conn._wire is not None
-        conn._wire.write_encrypted(hostile(stream.id))
+        conn._write(conn._channel.encrypt(hostile(stream.id)))
         await wait_until(lambda: faults.of(MuxerError), 5, "the violation is reported")
         await wait_until(lambda: conn.closed, 5, "the offender is dropped")
         assert await _echo(good, b"served") == b"served"
@@ -170,28 +199,30 @@ async def test_yamux_violations_drop_the_offender_only(hostile) -> None:  # type
         await server.close()
 
 
-async def test_stream_flood_refused_then_dropped(caplog: pytest.LogCaptureFixture) -> None:
-    config = HostConfig(yamux=YamuxLimits(max_streams=8, max_ack_backlog=8, max_refused_streams=20))
-    server, client, conn, faults, addr = await _pair(config)
+@paths
+async def test_stream_flood_refused_then_dropped(path: str, caplog: pytest.LogCaptureFixture) -> None:
+    server_config = config(path, max_streams=8, max_refused_streams=20)
+    # no fault sink: the host logs the faults itself, rate-limited per subnet
+    server, client, conn, _, addr = await _pair(server_config, path, sink=False)
     good = await client.dial(addr)
+    faults = server.faults
     try:
         session = conn._session
-        assert session is not None
-        # bare SYNs the client never negotiates on: 8 fill the server's limit, the rest are refused
+        # bare opens the client never negotiates on: 8 fill the server's limit, the rest are refused
         for _ in range(12):
             session.open_stream()
         conn._flush()
-        await wait_until(lambda: len(faults.of(StreamRefused)) >= 4, 5, "refusals")
-        assert not faults.of(MuxerError)
+        await wait_until(lambda: faults[StreamRefused.__name__] >= 4, 5, "refusals")
+        assert not faults[MuxerError.__name__]
         for _ in range(30):
             session.open_stream()
         conn._flush()
-        await wait_until(lambda: faults.of(MuxerError), 5, "the flood is cut")
+        await wait_until(lambda: faults[MuxerError.__name__], 5, "the flood is cut")
         await wait_until(lambda: conn.closed, 5, "the flooder is dropped")
         assert await _echo(good, b"served") == b"served"
         # 20+ faults from one peer, at most warnings_per_subnet lines in the log
         lines = [r for r in caplog.records if getattr(r, "event", None) == "libp2p_fault"]
-        assert len(faults.seen) > 20 and len(lines) <= config.warnings_per_subnet
+        assert sum(faults.values()) > 20 and len(lines) <= server_config.limits.warnings_per_subnet
     finally:
         await client.close()
         await server.close()
@@ -233,10 +264,10 @@ async def test_window_update_starved_by_the_pool_goes_out_when_the_pool_frees() 
         received.append(total)
         await stream.close_write()
 
-    config = HostConfig(peer_reserve_bytes=0, identify_on_connect=False)
-    server = Libp2pHost(Identity.generate(), config, pool=pool)
+    standard = HostConfig(limits=TransportLimits(peer_reserve_bytes=0, fast_path=False), identify_on_connect=False)
+    server = Libp2pHost(Identity.generate(), standard, pool=pool)
     server.set_handler("/sink", squeezed_sink)
-    client = Libp2pHost(Identity.generate(), config)
+    client = Libp2pHost(Identity.generate(), standard)
     try:
         conn = await client.dial((await server.listen("127.0.0.1", 0))[0])
         stream = await conn.open_stream("/sink")
@@ -248,6 +279,24 @@ async def test_window_update_starved_by_the_pool_goes_out_when_the_pool_frees() 
         await asyncio.wait_for(sender, 10)
         await stream.close_write()
         await wait_until(lambda: received == [2 * MIB], 10, "all of it arrives")
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_observed_addresses_a_peer_claims_are_tallied_within_a_bound() -> None:
+    """Identify's observed address is whatever the peer says: one peer pushing
+    a new one each time must not grow the host's tally without bound."""
+    server, client, conn, _faults, _addr = await _pair()
+    try:
+        await asyncio.wait_for(conn.identified.wait(), 5)
+        for port in range(1, 3 * MAX_OBSERVED_ADDRS):
+            client._learn(conn, IdentifyInfo(observed_addr=AnyMultiaddr.parse(f"/ip4/198.18.0.9/tcp/{port}")))
+        assert len(client.observed_addrs) == MAX_OBSERVED_ADDRS
+        known = next(iter(client.observed_addrs))
+        before = client.observed_addrs[known]
+        client._learn(conn, IdentifyInfo(observed_addr=known))
+        assert client.observed_addrs[known] == before + 1  # a known address is still counted
     finally:
         await client.close()
         await server.close()

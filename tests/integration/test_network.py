@@ -128,8 +128,8 @@ def _one_shared_connection(a, b) -> bool:  # type: ignore[no-untyped-def]
     sa, sb = a.session(b.peer_id), b.session(a.peer_id)
     if sa is None or sb is None:
         return False
-    a_conns = [c for c in a.transport.connections if c.peer_id == b.peer_id]
-    b_conns = [c for c in b.transport.connections if c.peer_id == a.peer_id]
+    a_conns = [c for c in a.host.connections if c.peer_id == b.peer_id]
+    b_conns = [c for c in b.host.connections if c.peer_id == a.peer_id]
     if len(a_conns) != 1 or len(b_conns) != 1:
         return False
     # The same TCP connection seen from both ends: a's remote port is b's local port or vice versa.
@@ -173,7 +173,7 @@ async def test_late_duplicate_dial_replaces_cleanly(tmp_path: Path) -> None:
         first = await large.connect(small.addrs, small.peer_id)  # the larger id dials first...
         await wait_until(lambda: first.hello is not None and small.session(large.peer_id) is not None
                          and small.session(large.peer_id).hello is not None, 2.0, "hellos exchanged")
-        await small.transport.dial(large.addrs[0])  # ...and the smaller id's dial lands late
+        await small.host.dial(large.addrs[0])  # ...and the smaller id's dial lands late
         await wait_until(lambda: _one_shared_connection(a, b) and small.session(large.peer_id).conn.outbound,
                          3.0, "both ends on the smaller id's connection")
         got: list[bytes] = []

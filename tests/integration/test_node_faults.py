@@ -1,4 +1,5 @@
-"""Hostile peers against ONE running Node, from raw sockets and a hand-driven Noise handshake.
+"""Hostile peers against ONE running Node, from raw sockets and a hand-driven upgrade
+(multistream-select, murmur's fast-path handshake, its muxer).
 
 After every bad peer the same victim must still accept a fresh, well-behaved
 Node and exchange gossip with it both ways: a fault costs the faulty peer,
@@ -14,17 +15,37 @@ from pathlib import Path
 
 import pytest
 
-from murmur.errors import DecodeError, DecryptError, FrameError, FrameTooLarge, IdentityMismatch, TimeoutFault
+from murmur.errors import (
+    DecodeError,
+    DecryptError,
+    FrameError,
+    FrameTooLarge,
+    IdentityMismatch,
+    MuxerError,
+    TimeoutFault,
+)
 from murmur.node.daemon import Node
-from murmur.protocol.framing import FRAME_LENGTH, HANDSHAKE_LENGTH, FrameDecoder, FrameEncoder, FrameType
+from murmur.protocol import multistream
+from murmur.protocol.framing import FRAME_LENGTH, HANDSHAKE_LENGTH, FrameType
 from murmur.protocol.identity import Identity, PeerId
-from murmur.protocol.messages import Gossip, Message, PeerExchangeResponse, ShuffleResponse, encode
+from murmur.protocol.libp2p.wire import FAST_SECURITY
+from murmur.protocol.messages import (
+    Gossip,
+    Hello,
+    Message,
+    MurmurProtocol,
+    PeerExchangeResponse,
+    SchemaError,
+    ShuffleResponse,
+    encode,
+)
 from murmur.protocol.noise import Libp2pNoiseHandshake
 from murmur.protocol.gossip import message_id
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.transport import ConnectionClosed
 from tests.integration.cluster import Cluster, wait_until
-from murmur.testnet.hostile import noise_handshake
+from murmur.testnet import hostile
+from murmur.testnet.hostile import negotiate, upgrade
 from tests.integration.test_transport import closed_within
 
 HANDSHAKE_TIMEOUT_S = 0.5
@@ -77,38 +98,28 @@ async def victim(tmp_path: Path) -> AsyncIterator[Victim]:
         yield Victim(cluster)
 
 
-class RawPeer:
-    """A peer driven by hand over a plain socket: Noise by hand, frames by hand."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity,
-                 enc: FrameEncoder, dec: FrameDecoder) -> None:
-        self.reader, self.writer, self.identity, self.enc, self.dec = reader, writer, identity, enc, dec
+class RawPeer(hostile.RawPeer):
+    """A peer driven by hand over a plain socket: the upgrade by hand, records by hand."""
 
     @property
     def peer_id(self) -> PeerId:
         return self.identity.peer_id
 
     @classmethod
-    async def connect(cls, node: Node) -> RawPeer:
-        addr = node.addrs[0]
-        reader, writer = await asyncio.open_connection(addr.host, addr.port)
-        identity = Identity.generate()
-        hs = Libp2pNoiseHandshake(identity, initiator=True, expected=node.peer_id)
-        enc, dec = await noise_handshake(reader, writer, hs, node.config.transport.max_frame)
-        return cls(reader, writer, identity, enc, dec)
+    async def to(cls, node: Node) -> RawPeer:
+        peer = await hostile.RawPeer.connect(node.addrs[0], max_frame=node.config.transport.max_frame)
+        return cls(peer.reader, peer.writer, peer.identity, peer.enc, peer.dec)
 
-    def send(self, msg: Message) -> None:
-        self.send_bytes(encode(msg))
+    def push(self, msg: Message) -> None:
+        """One message on its protocol's stream (opened first if new), without waiting."""
+        self.writer.write(self.frames(msg))
 
-    def send_bytes(self, plaintext: bytes) -> None:
-        self.writer.write(bytes(self.enc.encode(FrameType.DATA, plaintext)))
+    def push_bytes(self, payload: bytes, protocol: str = MurmurProtocol.GOSSIP) -> None:
+        self.writer.write(self.message(payload, protocol))
 
     def gossip(self, payload: bytes) -> Gossip:
         mid = message_id(self.peer_id, int.from_bytes(os.urandom(4), "big"), TOPIC, payload)
         return Gossip(msg_id=mid, origin=self.peer_id, ttl=4, topic=TOPIC, payload=payload)
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 async def _victim_saw(victim: Victim, peer: PeerId, fault: type, before: dict[str, int]) -> None:
@@ -123,19 +134,23 @@ async def _victim_saw(victim: Victim, peer: PeerId, fault: type, before: dict[st
 # -- before any identity exists ------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("wire", "eof"),
-    [
-        (b"\xff\xff" + b"x" * 32, False),  # handshake length prefix over the cap
-        (HANDSHAKE_LENGTH.pack(32) + b"\x01" * 10, True),  # truncated message 1, then EOF
-        (os.urandom(300), False),  # garbage
-        (b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", False),  # the wrong protocol on the wrong port
-    ],
-    ids=["oversized-prefix", "truncated", "garbage", "http"],
-)
-async def test_garbage_before_handshake(victim: Victim, wire: bytes, eof: bool) -> None:
+GARBAGE = [
+    (b"\xff\xff" + b"x" * 32, False),  # a length prefix over the cap
+    (HANDSHAKE_LENGTH.pack(32) + b"\x01" * 10, True),  # truncated, then EOF
+    (os.urandom(300), False),  # garbage
+    (b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", False),  # the wrong protocol on the wrong port
+]
+
+
+@pytest.mark.parametrize("negotiated", [False, True], ids=["before-negotiation", "in-handshake"])
+@pytest.mark.parametrize(("wire", "eof"), GARBAGE, ids=["oversized-prefix", "truncated", "garbage", "http"])
+async def test_garbage_before_handshake(victim: Victim, wire: bytes, eof: bool, negotiated: bool) -> None:
+    """In the clear, where multistream-select is to choose the security protocol,
+    and after murmur's fast path was chosen, where the handshake is to begin."""
     addr = victim.node.addrs[0]
     reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    if negotiated:
+        await negotiate(reader, writer, FAST_SECURITY)
     writer.write(wire)
     if eof:
         writer.write_eof()
@@ -152,9 +167,9 @@ async def test_wrong_identity_both_directions(victim: Victim) -> None:
     reader, writer = await asyncio.open_connection(addr.host, addr.port)
     impostor_target = Identity.generate().peer_id
     with pytest.raises(IdentityMismatch):
-        await noise_handshake(reader, writer, Libp2pNoiseHandshake(Identity.generate(), True, expected=impostor_target))
+        await upgrade(reader, writer, Libp2pNoiseHandshake(Identity.generate(), True, expected=impostor_target))
     writer.close()
-    await wait_until(lambda: not victim.node.transport._protocols, 2.0, "half-done handshake cleaned up")
+    await wait_until(lambda: not victim.node.host._wires, 2.0, "half-done handshake cleaned up")
     assert victim.node.sessions() == []
     await victim.serves_good_peer()
 
@@ -176,19 +191,22 @@ BadFrame = Callable[[RawPeer], bytes]
 @pytest.mark.parametrize(
     ("make", "eof", "fault"),
     [
-        (lambda p: bytes(p.enc.encode(FrameType.DATA, b"z" * 64))[:-9], True, FrameError),  # truncated frame
+        (lambda p: p.frame(FrameType.DATA, b"z" * 64, 1)[:-9], True, FrameError),  # truncated record
         (lambda p: FRAME_LENGTH.pack(0x7FFF_FFFF) + b"x" * 16, False, FrameTooLarge),  # oversized length prefix
         (lambda p: FRAME_LENGTH.pack(48) + os.urandom(48), False, DecryptError),  # garbage ciphertext
-        (lambda p: bytes(p.enc.encode(FrameType.DATA, b"\xc1garbage msgpack")), False, DecodeError),
-        (lambda p: bytes(p.enc.encode(FrameType.DATA, encode(p.gossip(b"")).replace(b"probe", b"prob\xff"))),
+        (lambda p: p.message(b"\xc1garbage msgpack", MurmurProtocol.GOSSIP), False, DecodeError),
+        (lambda p: p.message(encode(p.gossip(b"")).replace(b"probe", b"prob\xff"), MurmurProtocol.GOSSIP),
          False, DecodeError),  # well-formed msgpack, invalid UTF-8 topic
+        (lambda p: p.frame(FrameType.DATA, b"x", 99), False, MuxerError),  # a stream never opened
+        (lambda p: p.frame(FrameType.OPEN, stream=4), False, MuxerError),  # the victim's parity
     ],
-    ids=["truncated-frame", "oversized-frame", "bad-aead", "undecodable", "bad-utf8"],
+    ids=["truncated-frame", "oversized-frame", "bad-aead", "undecodable", "bad-utf8", "unknown-stream",
+         "wrong-parity"],
 )
 async def test_bad_frames_in_session(victim: Victim, make: BadFrame, eof: bool, fault: type) -> None:
     before = victim.faults()
-    peer = await RawPeer.connect(victim.node)
-    peer.send(peer.gossip(b"good before bad"))  # a valid message first: it must be processed
+    peer = await RawPeer.to(victim.node)
+    peer.push(peer.gossip(b"good before bad"))  # a valid message first: it must be processed
     await wait_until(lambda: b"good before bad" in victim.delivered, 2.0, "the good message")
     peer.writer.write(make(peer))
     if eof:
@@ -208,22 +226,24 @@ async def test_slowloris_half_open_connections_are_cut(victim: Victim) -> None:
     conns = [await asyncio.open_connection(addr.host, addr.port) for _ in range(limit + 4)]
     for i, (_reader, writer) in enumerate(conns):
         if i % 2:
-            writer.write(HANDSHAKE_LENGTH.pack(32) + b"\x01")  # one byte of message 1, never the rest
+            writer.write(multistream.Dialer([FAST_SECURITY]).start()[:5])  # a proposal that never completes
     started = asyncio.get_running_loop().time()
     await asyncio.gather(*(closed_within(r, HANDSHAKE_TIMEOUT_S + 1.5) for r, _w in conns))
     took = asyncio.get_running_loop().time() - started
     assert took < HANDSHAKE_TIMEOUT_S + 1.5
     for _r, writer in conns:
         writer.close()
-    await wait_until(lambda: not victim.node.transport._protocols, 2.0, "no half-open connection left")
+    await wait_until(lambda: not victim.node.host._wires, 2.0, "no half-open connection left")
     await victim.serves_good_peer()
 
 
 async def test_dribbling_authenticated_peer_is_cut_by_idle_timeout(victim: Victim) -> None:
     """Bytes that never complete a frame are not activity: the idle timeout cuts the peer."""
     before = victim.faults()
-    peer = await RawPeer.connect(victim.node)
-    frame = bytes(peer.enc.encode(FrameType.DATA, encode(peer.gossip(b"slow"))))
+    peer = await RawPeer.to(victim.node)
+    stream, opening = peer.stream_for(MurmurProtocol.GOSSIP)
+    peer.write(opening)  # a stream opened at once: only the message record dribbles
+    frame = peer.frame(FrameType.DATA, encode(peer.gossip(b"slow")), stream)
 
     async def dribble() -> None:
         for byte in frame[:-1]:
@@ -242,14 +262,14 @@ async def test_dribbling_authenticated_peer_is_cut_by_idle_timeout(victim: Victi
 
 async def test_unsolicited_responses_are_penalised_not_dropped(victim: Victim) -> None:
     before = victim.faults()
-    peer = await RawPeer.connect(victim.node)
-    peer.send(ShuffleResponse(entries=()))
-    peer.send(PeerExchangeResponse(peers=()))
+    peer = await RawPeer.to(victim.node)
+    peer.push(ShuffleResponse(entries=()))
+    peer.push(PeerExchangeResponse(peers=()))
     await wait_until(lambda: victim.faults().get("LimitExceeded", 0) == before.get("LimitExceeded", 0) + 2,
                      2.0, "two LimitExceeded")
     assert victim.node.table.score(peer.peer_id) < 0
     # Still connected: the same session delivers a gossip message afterwards.
-    peer.send(peer.gossip(b"still here"))
+    peer.push(peer.gossip(b"still here"))
     await wait_until(lambda: b"still here" in victim.delivered, 2.0, "gossip after the penalties")
     assert victim.node.session(peer.peer_id) is not None
     await victim.serves_good_peer()
@@ -259,14 +279,14 @@ async def test_unsolicited_responses_are_penalised_not_dropped(victim: Victim) -
 async def test_repeated_small_faults_end_in_a_ban_and_a_drop(victim: Victim) -> None:
     """Non-dropping faults add up: once the score passes the ban threshold the
     peer is disconnected and its reconnection is refused."""
-    peer = await RawPeer.connect(victim.node)
+    peer = await RawPeer.to(victim.node)
     fake_addr = Multiaddr("127.0.0.1", 9, None)
     assert victim.node.sampler.add(peer.peer_id, [fake_addr])  # as if it had been learnt by a shuffle
     threshold = victim.node.table.config.ban_threshold
     penalty = 5  # LimitExceeded
     needed = int(-threshold // penalty) + 2
     for _ in range(needed):
-        peer.send(ShuffleResponse(entries=()))
+        peer.push(ShuffleResponse(entries=()))
     await wait_until(lambda: victim.node.table.is_banned(peer.peer_id), 2.0, "banned")
     await closed_within(peer.reader, QUICK_CLOSE_S)  # well before the idle timeout could do it
     peer.close()
@@ -278,7 +298,7 @@ async def test_repeated_small_faults_end_in_a_ban_and_a_drop(victim: Victim) -> 
     # A banned identity that comes back is turned away at once.
     addr = victim.node.addrs[0]
     reader, writer = await asyncio.open_connection(addr.host, addr.port)
-    await noise_handshake(reader, writer, Libp2pNoiseHandshake(peer.identity, True, expected=victim.node.peer_id))
+    await upgrade(reader, writer, Libp2pNoiseHandshake(peer.identity, True, expected=victim.node.peer_id))
     await closed_within(reader, QUICK_CLOSE_S)
     writer.close()
     assert victim.node.session(peer.peer_id) is None
@@ -315,4 +335,38 @@ async def test_cancelled_dial_fails_its_co_waiters_cleanly(victim: Victim) -> No
             writer.close()
         server.close()
         await server.wait_closed()
+    await victim.serves_good_peer()
+
+
+async def test_a_message_on_another_protocols_stream_is_a_schema_error(victim: Victim) -> None:
+    """Each kind has its protocol's stream: a Hello on the gossip stream is refused
+    (the victim drops the peer for it), after the good gossip before it was delivered."""
+    before = victim.faults()
+    peer = await RawPeer.to(victim.node)
+    peer.push(peer.gossip(b"on the right stream"))
+    await wait_until(lambda: b"on the right stream" in victim.delivered, 2.0, "the good message")
+    peer.push_bytes(encode(Hello(listen_addrs=(), agent="misplaced", round=0, degree=1)), MurmurProtocol.GOSSIP)
+    await closed_within(peer.reader, QUICK_CLOSE_S)
+    peer.close()
+    await _victim_saw(victim, peer.peer_id, SchemaError, before)
+    await victim.serves_good_peer()
+
+
+async def test_streams_of_unknown_protocols_get_na_and_the_peer_stays(victim: Victim) -> None:
+    """A stream for a protocol the node does not speak is refused with ``na``
+    (no penalty: not speaking a protocol is no fault); the connection carries on."""
+    peer = await RawPeer.to(victim.node)
+    assert peer.dec is not None
+    peer.write(peer.message(b"ignored", "/someone-else/1.0.0"))
+    header, na = multistream.encode_message(multistream.PROTOCOL_ID), multistream.encode_message(multistream.NA)
+    answer = b""
+    while na not in answer:  # the victim's own streams (Hello, identify) interleave: pick stream 1's records
+        for frame in await hostile.read_record(peer.reader, peer.dec):
+            if frame.stream == 1 and frame.type is FrameType.DATA:
+                answer += frame.payload
+    assert answer == header + na
+    peer.push(peer.gossip(b"still welcome"))
+    await wait_until(lambda: b"still welcome" in victim.delivered, 2.0, "gossip after the refusal")
+    assert victim.faults() == {} and victim.node.session(peer.peer_id) is not None
+    peer.close()
     await victim.serves_good_peer()

@@ -22,6 +22,7 @@ from murmur.node.api import StatusApi
 from murmur.node.config import LogLevel, NodeConfig, load_config
 from murmur.node.logs import configure_logging
 from murmur.node.metrics import NodeMetrics
+from murmur.node.render import render_status
 from murmur.node.state import ApiInfo, StateDir
 from murmur.protocol.identity import PeerId
 from murmur.protocol.multiaddr import Multiaddr
@@ -168,13 +169,17 @@ def test_node_start_passes_flags_as_typed_config(tmp_path, monkeypatch, restore_
         "node", "start", "--config", str(config), "--data-dir", str(tmp_path / "d"),
         "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip6/::1/tcp/0",
         "--bootstrap", f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}", "--api-port", "0",
+        "--bootstrap", f"/dns6/boot.example.org/tcp/4001/p2p/{peer}",
+        "--bootstrap", f"/dns4/relay.example.org/tcp/4001/p2p/{peer}/p2p-circuit/p2p/{peer}",
         "--trainer", "mnist-cnn", "--log-level", "debug", "--set", "learning.seed=9",
     ])
     assert rc == 0
     (cfg,) = seen
     assert cfg.node.data_dir == tmp_path / "d"
     assert cfg.node.listen == (Multiaddr("127.0.0.1", 0), Multiaddr("::1", 0))
-    assert str(cfg.network.bootstrap[0].peer_id) == peer
+    assert [str(a.peer_id) for a in cfg.network.bootstrap] == [peer] * 3
+    assert [(a.host, a.dns, a.is_circuit) for a in cfg.network.bootstrap] == [
+        ("127.0.0.1", False, False), ("boot.example.org", True, False), ("relay.example.org", True, True)]
     assert (cfg.api.port, cfg.learning.trainer, cfg.learning.seed, cfg.learning.rounds) == (0, "mnist-cnn", 9, 3)
     assert cfg.node.log_level is LogLevel.DEBUG
     assert logging.getLogger().level == logging.DEBUG
@@ -286,3 +291,12 @@ async def test_node_health_exit_code_follows_healthz():
         assert (rc, out) == (1, "") and err == "murmur: unhealthy: rounds crashed: TrainerError: boom\n"
     rc, _, err = await amurmur("node", "health", "--api", api.url, "--timeout", "1")
     assert rc == 1 and err.startswith("murmur: cannot reach the node API")
+
+
+def test_status_for_a_person_says_how_reachable_the_node_is():
+    observed = "/ip4/198.18.1.1/tcp/4731"
+    behind = {"reachability": {"state": "private", "basis": "autonat", "observed": [observed], "observers": 5}}
+    lines = [" ".join(line.split()) for line in render_status(behind).splitlines()]
+    assert f"reachability private (autonat); peers see it at {observed}" in lines
+    # an older node that does not say: a dash, never a crash
+    assert "reachability – (–)" in [" ".join(line.split()) for line in render_status({}).splitlines()]

@@ -142,3 +142,15 @@ def test_gpu_fractions_without_ray_are_refused(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('murmur: config error: [cluster] gpus_per_node needs backend = "ray"')
     assert not out.exists()
+
+
+def test_emulated_internet_on_ray_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """[network] builds namespaces on this machine; a Ray run places nodes on
+    other hosts: the two do not combine, and a user is told so at once."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(BASE + '[cluster]\nbackend = "ray"\n[network]\nup_mbit = 20.0\n', encoding="utf-8")
+    out = tmp_path / "run"
+    assert murmur_main(["testnet", "run", str(scenario), "--out", str(out), "--no-dashboard"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[network]" in err[0] and "Ray" in err[0]
+    assert not out.exists()

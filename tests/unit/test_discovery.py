@@ -57,7 +57,7 @@ def test_backoff_schedule_is_exponential_capped_and_jittered_within_bounds():
 def test_parse_bootstrap_rejects_bad_entries_as_config_errors():
     peer = pid(1)
     addrs = parse_bootstrap([f"/ip4/10.0.0.1/tcp/4001/p2p/{peer}", "/ip6/::1/tcp/4002", "/ip6/::1/tcp/4002"])
-    assert addrs == [Multiaddr("10.0.0.1", 4001, peer), Multiaddr("::1", 4002)]
+    assert [a.direct() for a in addrs] == [Multiaddr("10.0.0.1", 4001, peer), Multiaddr("::1", 4002)]
     for bad in ("10.0.0.1:4001", "/ip4/10.0.0.1/tcp/0", "/ip4/10.0.0.1/tcp/1/p2p/QmNope"):
         with pytest.raises(ConfigError):
             parse_bootstrap([bad])

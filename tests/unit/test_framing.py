@@ -38,7 +38,7 @@ def pair(max_frame: int = MAX_FRAME) -> tuple[FrameEncoder, FrameDecoder]:
 )
 def test_roundtrip_any_read_boundaries(payloads: list[bytes], cuts: list[int]) -> None:
     enc, dec = pair()
-    wire = b"".join(enc.encode(FrameType.DATA, p) for p in payloads)
+    wire = b"".join(enc.encode(FrameType.DATA, 1, p) for p in payloads)
     frames, pos = [], 0
     for cut in cuts + [len(wire)]:
         frames += dec.feed(wire[pos : pos + cut])
@@ -51,15 +51,18 @@ def test_roundtrip_any_read_boundaries(payloads: list[bytes], cuts: list[int]) -
 def test_max_frame_exact_and_control_types() -> None:
     enc, dec = pair()
     big = os.urandom(MAX_FRAME)
-    wire = enc.encode(FrameType.DATA, big) + enc.encode(FrameType.PING, b"p") + enc.encode(FrameType.CLOSE)
+    wire = (enc.encode(FrameType.DATA, 1, big) + enc.encode(FrameType.PING, 0, b"p") + enc.encode(FrameType.CLOSE, 0)
+            + enc.encode(FrameType.OPEN, 2**32 - 1) + enc.encode(FrameType.RESET, 7))
     frames = dec.feed(wire)
-    assert [(f.type, f.payload) for f in frames] == [
-        (FrameType.DATA, big),
-        (FrameType.PING, b"p"),
-        (FrameType.CLOSE, b""),
+    assert [(f.type, f.stream, f.payload) for f in frames] == [
+        (FrameType.DATA, 1, big),
+        (FrameType.PING, 0, b"p"),
+        (FrameType.CLOSE, 0, b""),
+        (FrameType.OPEN, 2**32 - 1, b""),
+        (FrameType.RESET, 7, b""),
     ]
     with pytest.raises(ValueError):
-        enc.encode(FrameType.DATA, bytes(MAX_FRAME + 1))
+        enc.encode(FrameType.DATA, 1, bytes(MAX_FRAME + 1))
 
 
 def test_oversized_length_prefix_rejected_before_allocation() -> None:
@@ -90,7 +93,7 @@ def test_too_short_frame_is_a_frame_error() -> None:
 
 def test_truncated_frame_detected_at_eof() -> None:
     enc, dec = pair()
-    wire = enc.encode(FrameType.DATA, b"hello world")
+    wire = enc.encode(FrameType.DATA, 1, b"hello world")
     assert dec.feed(wire[:-3]) == []
     with pytest.raises(FrameError):
         dec.at_eof()
@@ -98,7 +101,7 @@ def test_truncated_frame_detected_at_eof() -> None:
 
 def test_tampered_replayed_and_reordered_frames_fail_authentication() -> None:
     enc, dec = pair()
-    first, second = enc.encode(FrameType.DATA, b"one"), enc.encode(FrameType.DATA, b"two")
+    first, second = enc.encode(FrameType.DATA, 1, b"one"), enc.encode(FrameType.DATA, 1, b"two")
     tampered = bytearray(first)
     tampered[-1] ^= 0x80
     with pytest.raises(DecryptError):
@@ -112,8 +115,8 @@ def test_tampered_replayed_and_reordered_frames_fail_authentication() -> None:
 
 def test_unknown_frame_type_is_a_frame_error() -> None:
     cipher = CipherState(KEY)
-    body = bytearray(1 + 3 + 16)
-    cipher.seal_into(b"\x09abc", body)
+    body = bytearray(5 + 3 + 16)
+    cipher.seal_into(b"\x09\x00\x00\x00\x01abc", body)
     _, dec = pair()
     with pytest.raises(FrameError):
         dec.feed(struct.pack(">I", len(body)) + body)
@@ -135,7 +138,7 @@ def test_fuzz_decoder_raises_only_typed_errors(data: bytes, chunk: int) -> None:
 @given(prefix_count=st.integers(min_value=0, max_value=3), garbage=st.binary(min_size=1, max_size=3000))
 def test_fuzz_garbage_after_valid_frames(prefix_count: int, garbage: bytes) -> None:
     enc, dec = pair()
-    wire = b"".join(enc.encode(FrameType.DATA, b"ok%d" % i) for i in range(prefix_count)) + garbage
+    wire = b"".join(enc.encode(FrameType.DATA, 1, b"ok%d" % i) for i in range(prefix_count)) + garbage
     try:
         frames = dec.feed(wire)
         dec.at_eof()
@@ -169,7 +172,7 @@ def test_connections_sharing_one_plaintext_scratch_stay_independent() -> None:
     sent = [os.urandom(n) for n in (MAX_FRAME, 10, 5000, MAX_FRAME - 1)]
     for i, payload in enumerate(sent):
         enc, dec = links[i % 2]
-        (frame,) = dec.feed(enc.encode(FrameType.DATA, payload))
+        (frame,) = dec.feed(enc.encode(FrameType.DATA, 1, payload))
         assert isinstance(frame.payload, bytes)
         received.append(frame.payload)
     assert received == sent  # earlier payloads were not overwritten by later frames
@@ -178,21 +181,21 @@ def test_connections_sharing_one_plaintext_scratch_stay_independent() -> None:
 def test_recycled_output_buffer_is_reused_and_others_are_not() -> None:
     enc, dec = pair()
     big = os.urandom(MAX_FRAME)
-    first = enc.encode(FrameType.DATA, big)
-    held = enc.encode(FrameType.DATA, big[::-1])
+    first = enc.encode(FrameType.DATA, 1, big)
+    held = enc.encode(FrameType.DATA, 1, big[::-1])
     assert held is not first
     assert dec.feed(first)[0].payload == big  # "flushed" ...
     enc.recycle(first)  # ... and handed back
-    third = enc.encode(FrameType.DATA, big[:: 2] * 2)
+    third = enc.encode(FrameType.DATA, 1, big[:: 2] * 2)
     assert third is first  # reused: no fresh multi-MiB buffer
     assert [f.payload for f in dec.feed(held) + dec.feed(third)] == [big[::-1], big[::2] * 2]  # held kept intact
-    small = enc.encode(FrameType.DATA, b"x")  # a different size never takes the spare
+    small = enc.encode(FrameType.DATA, 1, b"x")  # a different size never takes the spare
     assert len(small) == 4 + 1 + FRAME_OVERHEAD
 
 
 def test_failed_frame_exposes_no_plaintext() -> None:
     enc, dec = pair()
-    wire = bytearray(enc.encode(FrameType.DATA, b"secret payload"))
+    wire = bytearray(enc.encode(FrameType.DATA, 1, b"secret payload"))
     wire[-1] ^= 1
     with pytest.raises(DecryptError):
         dec.feed(wire)
@@ -232,7 +235,7 @@ def test_a_large_frame_waits_for_its_budget_then_completes() -> None:
     enc = FrameEncoder(CipherState(KEY), MAX_FRAME)
     dec = FrameDecoder(CipherState(KEY), MAX_FRAME, SCRATCH, budget=budget)
     payload = os.urandom(MAX_FRAME)
-    wire = bytes(enc.encode(FrameType.DATA, payload))
+    wire = bytes(enc.encode(FrameType.DATA, 1, payload))
     hog.charge(10 * MAX_FRAME)  # the pool is dry
     assert dec.feed(wire[:SCRATCH]) == [] and dec.blocked and budget.used == 0
     with pytest.raises(BufferError):  # feeding cannot wait: the caller must stop reading
@@ -245,6 +248,6 @@ def test_a_large_frame_waits_for_its_budget_then_completes() -> None:
     # The buffer is kept for the next large frame until the stream pauses.
     assert dec.large_frames == 1 and budget.used == MAX_FRAME + FRAME_OVERHEAD
     assert dec.release_spare() == MAX_FRAME + FRAME_OVERHEAD and budget.used == 0
-    assert [f.payload for f in dec.feed(enc.encode(FrameType.DATA, payload))] == [payload]
+    assert [f.payload for f in dec.feed(enc.encode(FrameType.DATA, 1, payload))] == [payload]
     dec.close()
     assert budget.used == 0

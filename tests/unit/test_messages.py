@@ -113,6 +113,19 @@ def test_round_trip_every_kind(kind: m.MessageKind, data: st.DataObject) -> None
     back = m.decode(wire)
     assert_same(msg, back)
     assert m.encode(back) == wire
+    # a sender routes the encoded message to its protocol's stream without decoding it
+    assert m.protocol_of_envelope(m.encode_parts(msg)[0]) == m.protocol_of(type(msg)) == m.KIND_PROTOCOLS[kind]
+
+
+def test_every_kind_travels_on_one_murmur_protocol_and_order_sensitive_ones_share() -> None:
+    assert set(m.KIND_PROTOCOLS) == set(m.MessageKind)
+    assert all(p.startswith("/murmur/") for p in m.MurmurProtocol)
+    hello = {k for k, p in m.KIND_PROTOCOLS.items() if p is m.MurmurProtocol.HELLO}
+    assert {m.MessageKind.HELLO, m.MessageKind.LINK, m.MessageKind.LEARNER_INFO} <= hello  # a Link after LearnerInfo
+    delta = {k for k, p in m.KIND_PROTOCOLS.items() if p is m.MurmurProtocol.DELTA}
+    assert {m.MessageKind.DELTA_START, m.MessageKind.DELTA_CHUNK, m.MessageKind.DELTA_END} <= delta
+    with pytest.raises(ValueError):
+        m.protocol_of_envelope(b"\x92\x02\x01")  # not an envelope of ours
 
 
 def test_envelope_layout_matches_architecture() -> None:

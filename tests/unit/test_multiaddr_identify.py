@@ -16,7 +16,8 @@ from murmur.protocol.identify import (
     make_identify,
 )
 from murmur.protocol.identity import Identity
-from murmur.protocol.multiaddr import AnyMultiaddr, Multiaddr
+from murmur.protocol.discovery import resolve
+from murmur.protocol.multiaddr import AnyMultiaddr, DialAddr, Multiaddr
 
 PEER = Identity.from_seed(bytes([3]) * 32).peer_id
 
@@ -53,6 +54,36 @@ def test_p2p_and_circuit_addresses() -> None:
     # a peer id murmur cannot verify (an RSA "Qm…" one) is kept as bytes, not as a PeerId
     rsa = AnyMultiaddr.parse("/p2p/QmcgpsyWgH8Y8ajJz1Cu72KnS5uo2Aa2LpzU7kinSupNKC")
     assert rsa.peer_id is None and AnyMultiaddr.from_bytes(rsa.to_bytes()) == rsa
+
+
+def test_dial_addresses_as_libp2p_writes_them() -> None:
+    """What an operator may write as a bootstrap address: TCP on an IP or a DNS
+    name, an optional /p2p, or a relay circuit (kept, not dialled yet)."""
+    peer, relay = Identity.generate().peer_id, Identity.generate().peer_id
+    direct = DialAddr.parse(f"/ip6/::1/tcp/4001/p2p/{peer}")
+    assert direct.direct() == Multiaddr("::1", 4001, peer) and not direct.dns and direct.relay is None
+    named = DialAddr.parse(f"/dns4/boot.example.org/tcp/4001/p2p/{peer}")
+    assert (named.host, named.port, named.peer_id, named.dns, named.direct()) == (
+        "boot.example.org", 4001, peer, True, None)
+    assert str(named) == f"/dns4/boot.example.org/tcp/4001/p2p/{peer}"
+    circuit = DialAddr.parse(f"/dns6/relay.example.org/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{peer}")
+    assert circuit.is_circuit and circuit.relay == relay and circuit.peer_id == peer and circuit.direct() is None
+    assert DialAddr.parse(f"/ip4/10.0.0.1/tcp/1/p2p/{relay}/p2p-circuit").peer_id is None  # any peer behind the relay
+    for bad in ("/ip4/10.0.0.1/udp/1/quic-v1", "/ip4/10.0.0.1/tcp/0", "/tcp/1", "/ip4/10.0.0.1/tcp/1/p2p-circuit",
+                "/ip4/10.0.0.1/tcp/1/ws", f"/ip4/10.0.0.1/tcp/1/p2p/{peer}/p2p/{peer}",
+                "/ip4/10.0.0.1/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"):  # an RSA peer
+        with pytest.raises(ValueError):
+            DialAddr.parse(bad)
+
+
+async def test_dns_names_resolve_to_the_family_asked_for() -> None:
+    peer = Identity.generate().peer_id
+    v4 = await resolve(DialAddr.parse(f"/dns4/localhost/tcp/4001/p2p/{peer}"))
+    assert Multiaddr("127.0.0.1", 4001, peer) in v4 and all(":" not in a.host for a in v4)
+    assert await resolve(DialAddr.parse("/ip4/10.0.0.1/tcp/5")) == [Multiaddr("10.0.0.1", 5)]
+    assert await resolve(DialAddr.parse(f"/ip4/10.0.0.1/tcp/5/p2p/{peer}/p2p-circuit")) == []
+    with pytest.raises(OSError):
+        await resolve(DialAddr.parse("/dns4/no-such-host.invalid/tcp/1"))
 
 
 def test_tcp_multiaddr_keeps_its_api_and_gains_binary() -> None:

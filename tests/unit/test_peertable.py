@@ -333,3 +333,20 @@ def test_eviction_rank_orders_as_the_decayed_score_at_any_time():
         by_decay = sorted(records, key=lambda r: (table._decayed(r, now), r.successes, r.last_seen))
         by_rank = sorted(records, key=lambda r: table._rank[r.peer_id])
         assert [round(table._decayed(r, now), 9) for r in by_rank] == [round(table._decayed(r, now), 9) for r in by_decay]
+
+
+def test_identify_is_kept_bounded_in_memory_and_not_on_disk(tmp_path: Path):
+    """What a peer's identify said is kept with its record, cut to bounds a
+    stranger cannot grow, and never written to peers.json (refreshed per connection)."""
+    table = PeerTable(PeerTableConfig(max_addrs_per_peer=2), clock=lambda: 1000.0)
+    protocols = [f"/p/{i}/" + "x" * 300 for i in range(100)]
+    record = table.identified(pid(1), "agent/" + "a" * 500, protocols, ["/ip4/1.2.3.4/tcp/1"] * 5, "/ip4/5.6.7.8/tcp/9")
+    assert record is not None and record is table.get(pid(1))
+    assert len(record.agent) <= 128 and len(record.protocols) == 32 and all(len(p) <= 128 for p in record.protocols)
+    assert record.listen == ("/ip4/1.2.3.4/tcp/1",) * 2 and record.observed == "/ip4/5.6.7.8/tcp/9"
+    assert record.addrs == [] and record.last_seen == 0.0  # a claim, not a sign of life; never dialled
+    path = tmp_path / "peers.json"
+    table.save(path)
+    assert "agent" not in path.read_text()
+    again = PeerTable(PeerTableConfig())
+    assert again.load(path) is None and again.get(pid(1)).agent == ""  # type: ignore[union-attr]

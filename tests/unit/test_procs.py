@@ -1,5 +1,5 @@
-"""Process supervision with real child processes, and netem command lines
-(netem lives here: both are the controller's OS plumbing)."""
+"""Process supervision with real child processes (the emulated internet's
+command lines are in test_internet.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from murmur.testnet import netem
 from murmur.testnet.procs import Supervisor
 from tests.signals import default_sigint
 
@@ -199,80 +198,3 @@ def _wait_for_line(path: Path, prefix: str, timeout: float = EXIT_WAIT_S) -> str
                 return line
         time.sleep(0.02)
     raise AssertionError(f"{prefix!r} never appeared in {path}")
-
-
-# ------------------------------------------------------------------ netem
-
-
-def test_setup_and_teardown_command_lines() -> None:
-    cmds = netem.setup_commands(2)
-    assert cmds[:3] == [
-        ["ip", "link", "add", "murmurbr0", "type", "bridge"],
-        ["ip", "addr", "add", "10.77.255.254/16", "dev", "murmurbr0"],
-        ["ip", "link", "set", "murmurbr0", "up"],
-    ]
-    assert ["ip", "link", "add", "mveth1", "type", "veth", "peer", "name", "eth0", "netns", "murmur-n1"] in cmds
-    assert ["ip", "-n", "murmur-n1", "addr", "add", "10.77.0.2/16", "dev", "eth0"] in cmds
-    assert len(cmds) == 3 + 2 * 7
-    assert netem.teardown_commands(2) == [
-        ["ip", "netns", "del", "murmur-n0"], ["ip", "netns", "del", "murmur-n1"], ["ip", "link", "del", "murmurbr0"]]
-    assert netem.exec_prefix(3) == ["ip", "netns", "exec", "murmur-n3"]
-
-
-def test_addresses_are_unique_and_skip_network_and_broadcast() -> None:
-    addrs = [netem.node_address(i) for i in range(600)]
-    assert len(set(addrs)) == 600
-    assert not any(a.endswith((".0", ".255")) for a in addrs)
-    assert netem.node_address(254) == "10.77.1.1"
-
-
-def test_shaping_command_lines() -> None:
-    assert netem.shaping_commands(2, netem.Shaping(delay_ms=100)) == [
-        ["tc", "-n", "murmur-n2", "qdisc", "replace", "dev", "eth0", "root", "netem", "delay", "100ms"]]
-    assert netem.shaping_commands(0, netem.Shaping(delay_ms=20, loss_percent=2.5)) == [
-        ["tc", "-n", "murmur-n0", "qdisc", "replace", "dev", "eth0", "root", "netem", "delay", "20ms", "loss", "2.5%"]]
-    assert netem.shaping_commands(1, netem.Shaping()) == [["tc", "-n", "murmur-n1", "qdisc", "del", "dev", "eth0", "root"]]
-    with pytest.raises(ValueError):
-        netem.Shaping(loss_percent=101)
-
-
-def test_partition_blackholes_both_directions_and_heal_flushes() -> None:
-    cmds = netem.partition_commands([0], 3)
-    assert cmds == [
-        ["ip", "-n", "murmur-n0", "route", "add", "blackhole", "10.77.0.2/32"],
-        ["ip", "-n", "murmur-n0", "route", "add", "blackhole", "10.77.0.3/32"],
-        ["ip", "-n", "murmur-n1", "route", "add", "blackhole", "10.77.0.1/32"],
-        ["ip", "-n", "murmur-n2", "route", "add", "blackhole", "10.77.0.1/32"],
-    ]
-    assert netem.heal_commands(2) == [["ip", "-n", "murmur-n0", "route", "flush", "type", "blackhole"],
-                                      ["ip", "-n", "murmur-n1", "route", "flush", "type", "blackhole"]]
-
-
-def test_run_stops_at_the_first_failure() -> None:
-    seen: list[list[str]] = []
-
-    def runner(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-        seen.append(cmd)
-        return subprocess.CompletedProcess(cmd, 2 if cmd[0] == "bad" else 0, "", "boom")
-
-    with pytest.raises(netem.NetemError, match=r"^bad x: exit 2: boom$"):
-        netem.run([["ok"], ["bad", "x"], ["never"]], runner)
-    assert seen == [["ok"], ["bad", "x"]]
-
-
-def test_probe_reports_honestly() -> None:
-    caps = netem.probe()
-    if os.geteuid() != 0:
-        assert caps == netem.Capabilities("not running as root", "not running as root")
-        return
-    # as root: whatever it says must match what this host really allows
-    ns_ok = subprocess.run(["ip", "netns", "add", "murmur-test-probe"], capture_output=True).returncode == 0
-    subprocess.run(["ip", "netns", "del", "murmur-test-probe"], capture_output=True)
-    assert (caps.netns is None) == ns_ok
-    assert netem.PROBE_NS not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-
-
-def test_skipped_is_a_clear_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="murmur.testnet.netem"):
-        netem.skipped("latency 100ms on node3", "tc netem unavailable")
-    assert caplog.messages == ["skipped: latency 100ms on node3: tc netem unavailable"]

@@ -1,23 +1,27 @@
-"""One libp2p connection over TCP, upgraded as the connections spec says.
+"""One upgraded libp2p connection: a proved peer and its streams, over either muxer.
 
-The layers, bottom up, each a sans-IO piece driven from here::
+:mod:`murmur.protocol.libp2p.wire` upgrades the TCP connection (security and
+muxer, each chosen by multistream-select) and hands over one of:
 
-    TCP ─ multistream-select (/noise) ─ Noise XX handshake (u16 frames)
-        ─ Noise transport messages ─ multistream-select (/yamux/1.0.0)
-        ─ yamux streams ─ multistream-select (a protocol id per stream) ─ handler
+* :class:`FastConnection`: ``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/1.0.0``,
+  murmur's fast path: one AEAD record per stream frame, a stream frame per
+  message (:mod:`murmur.protocol.murmux`), receive memory bounded by pausing
+  the socket when the peer's budget is spent;
+* :class:`YamuxConnection`: ``/noise`` + ``/yamux/1.0.0``, what every libp2p
+  peer speaks: receive memory bounded by the yamux windows, which are paid
+  from the same budget.
 
-:class:`_Wire` is the :class:`asyncio.Protocol` that moves bytes through
-those phases; :class:`Libp2pConnection` is what the host and the
-application see (the proved peer id, streams, close); :class:`Stream` is
-one yamux stream with ``read``/``write``/``close_write``/``reset``. The
-dialler is the yamux client (odd stream ids) and multistream dialler for the
-upgrade; either side opens streams.
+Both give the host and the application the same things: ``peer_id`` (proved by
+the handshake), :meth:`Libp2pConnection.open_stream` (a stream speaking the
+first protocol id the peer accepts), inbound streams served by the host's
+handlers, :meth:`~Libp2pConnection.close`, and the protections every
+connection has (idle timeout, keepalive pings, the drain watch that cuts a
+peer leaving our bytes unread, a receive-rate token bucket, ``mark_useful``).
 
-Receive memory is the yamux windows, paid from the connection's
-:class:`~murmur.protocol.budget.PeerBudget`, which the host draws from its
-node-wide pool (the one the fast-path transport uses too, once integrated):
-nothing a peer sends is buffered beyond the windows we granted. Sending
-waits for the stream's window and for the socket's write buffer.
+A :class:`Stream` is read and written as bytes (``read``/``write``, what
+identify, ping and libp2p protocols use) or as messages (``send_message``/
+``recv_message``, what murmur's protocols use): on the fast path one message
+is one frame, on yamux a uvarint length prefix and the bytes.
 """
 
 from __future__ import annotations
@@ -30,13 +34,24 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from murmur.errors import MurmurError, NegotiationError, PeerFault, TimeoutFault
-from murmur.protocol import multistream, yamux
+from murmur.errors import (
+    ConnectionClosed,
+    FrameError,
+    FrameTooLarge,
+    MuxerError,
+    NegotiationError,
+    PeerFault,
+    SendTimeout,
+    TimeoutFault,
+    WriteStalled,
+)
+from murmur.protocol import multistream, murmux, uvarint, yamux
 from murmur.protocol.budget import PeerBudget
+from murmur.protocol.framing import FRAME_LENGTH, FRAME_OVERHEAD, FrameDecoder, FrameEncoder, FrameType
 from murmur.protocol.identify import IdentifyInfo
 from murmur.protocol.identity import PeerId
-from murmur.protocol.noise import StandardNoiseHandshake
-from murmur.protocol.noise_channel import NoiseChannel, NoiseHandshakeDriver, NoiseReader
+from murmur.protocol.noise_channel import NoiseChannel
+from murmur.protocol.transport import RATE_BURST_S, TokenBucket, TransportLimits
 from murmur.tasks import TaskManager
 
 if TYPE_CHECKING:
@@ -44,43 +59,42 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NOISE = "/noise"
-WRITE_HIGH_WATER = 1024 * 1024  # socket write buffer above which writers wait
-CONTROL_WRITE_MARK = 64 * 1024  # pongs are written only below this (see yamux.data_to_send)
-CLOSE_WAIT_S = 1.0
+CONTROL_WRITE_MARK = 64 * 1024
+"""Pongs and pings are written only while the socket's write buffer holds
+less than this: a peer that pings and never reads gets one owed pong, not one
+per ping."""
+CLOSE_WAIT_S = 1.0  # how long close() waits for the socket to flush
 READ_CHUNK = 256 * 1024
-RAW_READ_BYTES = 4096
-
-
-class ConnectionClosed(MurmurError):
-    """The connection is gone (closed by either side, or after a fault)."""
+MAX_PING_PAYLOAD = 64
+MAX_VARINT_BYTES = 9
 
 
 class StreamResetError(yamux.StreamError):
     """The stream was reset (by the peer, by us, or with its connection)."""
 
 
-class _Phase(enum.Enum):
-    SECURITY = "security"  # multistream-select for /noise, in the clear
-    HANDSHAKE = "handshake"  # Noise XX
-    MUXER = "muxer"  # multistream-select for /yamux/1.0.0, encrypted
-    MUXED = "muxed"
-    CLOSED = "closed"
+class _ReadPause(enum.Enum):
+    RATE = "rate"  # the token bucket is in debt
+    MEMORY = "memory"  # the peer's budget (or the node's pool) is spent
+
+
+# --- streams ------------------------------------------------------------------------
 
 
 class Stream:
-    """One yamux stream of a :class:`Libp2pConnection`, with its negotiated ``protocol``."""
+    """One stream of a :class:`Libp2pConnection`, with its negotiated ``protocol``."""
 
     def __init__(self, conn: Libp2pConnection, stream_id: int, outbound: bool) -> None:
         self.conn = conn
         self.id = stream_id
         self.outbound = outbound
         self.protocol: str | None = None
-        self._pushback = b""  # bytes that came behind the multistream echo
+        self._pushback = b""  # bytes that came behind the multistream echo, or the rest of a read
         self._readable = asyncio.Event()
-        self._window = asyncio.Event()
+        self._writable = asyncio.Event()  # the muxer has room for this stream again
         self._reset = False
         self._closed_write = False
+        self._discarding = False  # closed for reading: what arrives is dropped
 
     @property
     def peer_id(self) -> PeerId:
@@ -89,6 +103,8 @@ class Stream:
     @property
     def is_reset(self) -> bool:
         return self._reset
+
+    # --- bytes -------------------------------------------------------------------
 
     async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
         """Up to ``max_bytes``; ``b""`` once the peer closed its side and all was read.
@@ -99,19 +115,17 @@ class Stream:
                 return data
             if self._reset:
                 raise StreamResetError(f"stream {self.id} was reset")
-            session = self.conn._session
-            data = session.read(self.id, max_bytes) if session is not None else b""
+            data = self._take()
             if data:
-                self.conn._flush()  # a window update may be due
+                if len(data) > max_bytes:
+                    data, self._pushback = data[:max_bytes], data[max_bytes:]
                 return data
-            if session is None or session.at_eof(self.id):
-                return b""  # a stream cut with its connection was marked reset above
+            if data is not None:
+                continue  # an empty frame: nothing for a byte stream (b"" means EOF here)
+            if self._at_eof():
+                return b""
             self._readable.clear()
             await self._readable.wait()
-
-    def _at_clean_eof(self) -> bool:
-        session = self.conn._session
-        return session is not None and session.is_live(self.id) and session.at_eof(self.id)
 
     async def readexactly(self, n: int) -> bytes:
         parts: list[bytes] = []
@@ -122,11 +136,11 @@ class Stream:
                 raise asyncio.IncompleteReadError(b"".join(parts), n)
             parts.append(data)
             got += len(data)
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_all(self, limit: int) -> bytes:
-        """Everything until the peer's FIN; :class:`~murmur.errors.LimitExceeded`-free by
-        construction: more than ``limit`` bytes resets the stream and raises ``ValueError``."""
+        """Everything until the peer's FIN; more than ``limit`` bytes resets the
+        stream and raises ``ValueError``."""
         parts: list[bytes] = []
         got = 0
         while data := await self.read():
@@ -138,109 +152,274 @@ class Stream:
         return b"".join(parts)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send all of ``data``, waiting for window and socket room as needed."""
-        view = memoryview(data).cast("B")
-        while True:
-            if self._reset:
-                raise StreamResetError(f"stream {self.id} was reset")
-            if self._closed_write:
-                raise yamux.StreamError(f"stream {self.id} is closed for writing")
-            session = self.conn._session
-            if session is None or self.conn.closed:
-                raise StreamResetError(f"stream {self.id}: connection closed")
-            await self.conn._writable.wait()
-            if self._reset or self.conn.closed:
-                continue
-            self._window.clear()
-            sent = session.send(self.id, view)
-            if sent:
-                self.conn._flush()
-                view = view[sent:]
-            if not view:
-                return
-            if not sent:
-                await self._window.wait()
+        """Send all of ``data``, waiting for room (window, socket) as needed."""
+        raise NotImplementedError
+
+    # --- messages -------------------------------------------------------------------
+
+    async def send_message(self, *parts: bytes | bytearray | memoryview, deadline: float | None = None) -> None:
+        """One message, ``parts`` concatenated (at most ``max_frame`` bytes).
+
+        With a ``deadline`` (``time.monotonic()`` seconds): if the connection
+        has no room for it by then, :class:`~murmur.errors.SendTimeout` and
+        nothing of it was sent; the connection stays open."""
+        raise NotImplementedError
+
+    async def recv_message(self) -> bytes | None:
+        """The next message, ``None`` once the peer closed its side. A message
+        over ``max_frame`` bytes is a :class:`~murmur.errors.FrameTooLarge`."""
+        raise NotImplementedError
+
+    # --- ends ----------------------------------------------------------------------
 
     async def close_write(self) -> None:
         """Half-close (FIN): the peer reads EOF; we may still read."""
         if self._closed_write or self._reset:
             return
         self._closed_write = True
-        session = self.conn._session
-        if session is not None and not self.conn.closed:
-            session.close_write(self.id)
-            self.conn._flush()
+        if not self.conn.closed:
+            self.conn._close_write(self.id)
 
     async def close(self) -> None:
         await self.close_write()
+
+    def close_read(self) -> None:
+        """We read nothing more: what arrives for the stream is dropped at once
+        (a handler that is done, a stream we only send on), so it can never
+        hold the connection's receive memory."""
+        self._pushback = b""
+        self._discarding = True
+        if not self.conn.closed:
+            self.conn._close_read(self.id)
 
     def reset(self) -> None:
         """Abort both directions (RST); pending and future reads and writes fail."""
         if self._reset:
             return
         self._on_reset()
-        session = self.conn._session
-        if session is not None and not self.conn.closed:
-            session.reset(self.id)
-            self.conn._flush()
+        if not self.conn.closed:
+            self.conn._reset_stream(self.id)
 
     def _on_reset(self) -> None:
         self._reset = True
         self._readable.set()
-        self._window.set()
+        self._writable.set()
+
+    def _check_writable(self) -> None:
+        if self._reset:
+            raise StreamResetError(f"stream {self.id} was reset")
+        if self._closed_write:
+            raise yamux.StreamError(f"stream {self.id} is closed for writing")
+        if self.conn.closed:
+            raise StreamResetError(f"stream {self.id}: connection closed")
+
+    # --- muxer-specific -------------------------------------------------------------
+
+    def _take(self) -> bytes | None:
+        """The next piece the muxer holds for this stream, or ``None``."""
+        raise NotImplementedError
+
+    def _at_eof(self) -> bool:
+        raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"<Stream {self.id} {self.protocol} {self.conn.peer_id.short() if self.conn.peer_id else '?'}>"
+        return f"<Stream {self.id} {self.protocol} {self.conn.peer_id.short()}>"
+
+
+class MuxStream(Stream):
+    """A ``/murmur/mux/1.0.0`` stream: each write is one frame, each message one frame."""
+
+    conn: FastConnection
+
+    def _take(self) -> bytes | None:
+        return self.conn._read_stream(self.id)
+
+    def _at_eof(self) -> bool:
+        return self.conn._session.at_eof(self.id)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        limit = self.conn.limits.max_frame
+        for start in range(0, view.nbytes, limit):
+            self._check_writable()
+            await self.conn._send_frame(self.id, (view[start : start + limit],), None)
+
+    async def send_message(self, *parts: bytes | bytearray | memoryview, deadline: float | None = None) -> None:
+        self._check_writable()
+        await self.conn._send_frame(self.id, parts, deadline)
+
+    async def recv_message(self) -> bytes | None:
+        if self._pushback:  # what followed a negotiation in the same frame
+            data, self._pushback = self._pushback, b""
+            return data
+        while True:
+            if self._reset:
+                raise StreamResetError(f"stream {self.id} was reset")
+            data = self._take()
+            if data is not None:
+                return data
+            if self._at_eof():
+                return None
+            self._readable.clear()
+            await self._readable.wait()
+
+
+class YamuxStream(Stream):
+    """A ``/yamux/1.0.0`` stream: a byte stream with a window; messages are uvarint-prefixed."""
+
+    conn: YamuxConnection
+
+    def _take(self) -> bytes | None:
+        session = self.conn._session
+        data = session.read(self.id, READ_CHUNK)
+        if not data:
+            return None
+        self.conn.bytes_received += len(data)
+        self.conn._flush()  # a window update may be due
+        return data
+
+    def _at_eof(self) -> bool:
+        return self.conn._session.at_eof(self.id)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while True:
+            self._check_writable()
+            await self.conn._writable.wait()
+            if self._reset or self.conn.closed:
+                continue
+            self._writable.clear()
+            sent = self.conn._session.send(self.id, view)
+            if sent:
+                self.conn._flush()
+                view = view[sent:]
+                self.conn.bytes_sent += sent
+            if not view:
+                return
+            if not sent:
+                await self._writable.wait()
+
+    async def send_message(self, *parts: bytes | bytearray | memoryview, deadline: float | None = None) -> None:
+        size = sum(memoryview(part).nbytes for part in parts)
+        if size > self.conn.limits.max_frame:
+            raise ValueError(f"message of {size} bytes exceeds max_frame {self.conn.limits.max_frame}")
+        self._check_writable()
+        await self.conn._wait_writable(deadline)
+        # Begun, a message is finished whatever the deadline: a stream cut
+        # inside one would be unreadable. Cancelled midway, the stream is reset.
+        try:
+            await self.write(uvarint.encode(size) + b"".join(parts))
+        except asyncio.CancelledError:
+            self.reset()
+            raise
+
+    async def recv_message(self) -> bytes | None:
+        prefix = bytearray()
+        while True:
+            got = uvarint.decode_partial(prefix, 0, FrameError)
+            if got is not None:
+                break
+            if len(prefix) >= MAX_VARINT_BYTES:
+                raise FrameError("message length prefix too long")
+            byte = await self.read(1)
+            if not byte:
+                if prefix:
+                    raise FrameError("stream ended inside a message length")
+                return None
+            prefix += byte
+        length, _ = got
+        if length > self.conn.limits.max_frame:
+            raise FrameTooLarge(f"message of {length} bytes exceeds {self.conn.limits.max_frame}")
+        try:
+            return await self.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise FrameError("stream ended inside a message") from None
+
+
+# --- connections --------------------------------------------------------------------
 
 
 class Libp2pConnection:
-    """An upgraded connection: ``peer_id`` proved by Noise, streams over yamux."""
+    """An upgraded connection: ``peer_id`` proved by the handshake, streams by protocol id."""
 
-    def __init__(self, host: Libp2pHost, outbound: bool, conn_no: int, budget: PeerBudget) -> None:
+    security: str = ""
+    muxer: str = ""
+
+    def __init__(self, host: Libp2pHost, wire: _WireLike, outbound: bool, conn_no: int, budget: PeerBudget,
+                 peer_id: PeerId, remote: tuple[str, int], local: tuple[str, int]) -> None:
         self.host = host
+        self.limits: TransportLimits = host.config.limits
         self.outbound = outbound
-        self.name = f"p2p-conn-{conn_no}"
+        self.conn_no = conn_no
+        self.name = f"conn-{conn_no}"
         self.budget = budget
-        self.peer_id: PeerId = None  # type: ignore[assignment]  # set when the handshake proves it
-        self.remote: tuple[str, int] = ("?", 0)
-        self.local: tuple[str, int] = ("?", 0)
+        self.peer_id = peer_id
+        self.remote = remote
+        self.local = local
         self.identify: IdentifyInfo | None = None  # what the peer told us about itself
         self.identified = asyncio.Event()
-        self.fault: PeerFault | None = None
+        self.fault: PeerFault | None = None  # what closed it, if a fault did
         self.closed = False
-        self._session: yamux.YamuxSession | None = None
+        self.useful_at: float | None = None  # last mark_useful (monotonic seconds)
+        self.bytes_sent = 0  # stream payload bytes
+        self.bytes_received = 0
+        self.tasks = TaskManager(f"{self.name} {peer_id.short()}")
+        self._wire = wire
+        self._tr = wire.tr
         self._streams: dict[int, Stream] = {}
-        self._wire: _Wire | None = None
         self._writable = asyncio.Event()
         self._writable.set()
-        self._pings: dict[int, asyncio.Future[None]] = {}
-        self.tasks = TaskManager(self.name)
-        self.last_rx = time.monotonic()
+        self._closed_event = asyncio.Event()
+        self._paused: set[_ReadPause] = set()
+        self._resume_timer: asyncio.TimerHandle | None = None
+        limits = self.limits
+        self._bucket = TokenBucket(limits.max_peer_rate_bytes_s,
+                                   max(limits.max_peer_rate_bytes_s * RATE_BURST_S, limits.max_frame + FRAME_OVERHEAD))
+        now = time.monotonic()
+        self.last_rx = now
+        self._last_ping = now
+        self._written = 0  # bytes handed to the socket, ever
+        self._drained = 0  # of which had left its buffer at the last check
+        self._drained_at = now
+        tick = min(limits.ping_interval_s, limits.idle_timeout_s / 4, limits.drain_timeout_s / 4)
+        self.tasks.periodic("keepalive", tick, self._keepalive, delay_s=tick)
 
-    # --- streams -------------------------------------------------------------------
+    # --- public --------------------------------------------------------------------
+
+    def mark_useful(self) -> None:
+        """The node says this peer just delivered something of value: for
+        ``useful_ttl_s`` its inbound slot is protected from eviction. Pings
+        and whatever the connection handles itself never count."""
+        self.useful_at = time.monotonic()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Memory held for this peer now: its receive budget and our unsent bytes."""
+        return self.budget.used + (0 if self.closed else self._tr.get_write_buffer_size())
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
 
     async def open_stream(self, protocols: Sequence[str] | str, timeout_s: float | None = None) -> Stream:
         """A new stream speaking the first of ``protocols`` the peer accepts.
 
         Raises :class:`~murmur.errors.NoCommonProtocol` (stream reset) when it
         accepts none, :class:`~murmur.errors.TimeoutFault` when negotiation
-        does not finish in time, :class:`StreamError` when no stream can be opened."""
+        does not finish in time, :class:`~murmur.errors.ConnectionClosed` when
+        no stream can be opened."""
         if isinstance(protocols, str):
             protocols = [protocols]
-        session = self._session
-        if session is None or self.closed:
+        if self.closed:
             raise ConnectionClosed(f"{self.name} is closed")
-        stream_id = session.open_stream()
-        stream = self._streams[stream_id] = Stream(self, stream_id, outbound=True)
-        self._flush()
+        stream = self._new_outbound_stream()
         dialer = multistream.Dialer(protocols)
         try:
-            async with asyncio.timeout(timeout_s or self.host.config.negotiate_timeout_s):
+            async with asyncio.timeout(timeout_s if timeout_s is not None else self.limits.negotiate_timeout_s):
                 await stream.write(dialer.start())
                 while not dialer.done:
                     data = await stream.read(multistream.MAX_MESSAGE)
                     if not data:
-                        raise NegotiationError(f"stream {stream_id} closed during negotiation")
+                        raise NegotiationError(f"stream {stream.id} closed during negotiation")
                     reply = dialer.feed(data)
                     if reply:
                         await stream.write(reply)
@@ -254,12 +433,30 @@ class Libp2pConnection:
         stream._pushback = dialer.leftover
         return stream
 
+    async def close(self) -> None:
+        """Say goodbye (the muxer's), flush, close the socket, stop the tasks."""
+        if not self.closed:
+            self._goodbye()
+        self._shutdown(None)
+        self._tr.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._wire.lost), CLOSE_WAIT_S)
+        if not self._wire.lost.done():
+            self._tr.abort()
+        await self.tasks.shutdown()
+
+    def __repr__(self) -> str:
+        direction = "out" if self.outbound else "in"
+        return f"<{type(self).__name__} {self.name} {direction} {self.peer_id.short()} {self.remote[0]}:{self.remote[1]}>"
+
+    # --- inbound streams -------------------------------------------------------------
+
     async def _serve_stream(self, stream: Stream) -> None:
         """Inbound: negotiate the protocol with the host's handlers, then run the handler."""
         host = self.host
-        listener = multistream.Listener(host.handles, host.config.max_negotiation_attempts, listing=host.protocols)
+        listener = multistream.Listener(host.handles, self.limits.max_negotiation_attempts, listing=host.protocols)
         try:
-            async with asyncio.timeout(host.config.negotiate_timeout_s):
+            async with asyncio.timeout(self.limits.negotiate_timeout_s):
                 await stream.write(listener.start())
                 while not listener.done:
                     data = await stream.read(multistream.MAX_MESSAGE)
@@ -275,42 +472,500 @@ class Libp2pConnection:
             return
         except PeerFault as fault:
             stream.reset()
-            host._report(self, fault)
-            if fault.drop:
-                self._fail(fault)
+            self._fault_on_stream(fault)
             return
-        except yamux.StreamError:
+        except ConnectionClosed:
             return
         stream.protocol = listener.selected
         stream._pushback = listener.leftover
-        if self._session is not None and self._session.is_live(stream.id):
-            self._session.accept(stream.id)
+        self._accepted(stream.id)
         handler = host.handler_for(stream.protocol)  # type: ignore[arg-type]
         if handler is None:  # unregistered since: nothing to run
             stream.reset()
             return
         try:
             await handler(stream)
-        except (yamux.StreamError, ConnectionClosed, asyncio.IncompleteReadError):
+        except (ConnectionClosed, asyncio.IncompleteReadError):
             stream.reset()
         except PeerFault as fault:
             stream.reset()
-            host._report(self, fault)
-            if fault.drop:
-                self._fail(fault)
+            self._fault_on_stream(fault)
         except Exception:
             log.exception("stream handler failed", extra={"event": "handler_failed", "protocol": stream.protocol,
                                                           "conn": self.name})
             stream.reset()
+        else:
+            stream.close_read()  # the handler is done reading: whatever else comes is dropped
 
-    # --- liveness ----------------------------------------------------------------
+    def _fault_on_stream(self, fault: PeerFault) -> None:
+        """A fault a stream's negotiation or handler met: the peer is reported,
+        and dropped if the fault says so."""
+        if fault.drop:
+            self._fail(fault)
+        else:
+            self.host._report(self, fault)
+
+    async def _run_stream(self, stream: Stream) -> None:
+        try:
+            await self._serve_stream(stream)
+        finally:
+            if not self._is_live(stream.id):
+                self._streams.pop(stream.id, None)
+
+    def _on_events(self, events: list[yamux.Event]) -> None:
+        for event in events:
+            if isinstance(event, yamux.DataReceived | yamux.StreamEnded):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    if stream._discarding:
+                        self._discard(stream)
+                    stream._readable.set()
+            elif isinstance(event, yamux.WindowOpened):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._writable.set()
+            elif isinstance(event, yamux.StreamReset):
+                stream = self._streams.pop(event.stream_id, None)
+                if stream is not None:
+                    stream._on_reset()
+            elif isinstance(event, yamux.StreamOpened):
+                stream = self._streams[event.stream_id] = self._make_stream(event.stream_id, outbound=False)
+                if not self.closed:
+                    self.tasks.spawn(f"stream-{event.stream_id}", lambda s=stream: self._run_stream(s))
+            elif isinstance(event, yamux.PongReceived):
+                self._on_pong(event.opaque)
+            elif isinstance(event, yamux.Refused):
+                self.host._report(self, event.fault)
+            elif isinstance(event, yamux.GoAwayReceived):
+                log.debug("peer goes away", extra={"event": "go_away", "conn": self.name, "code": event.code})
+        self._forget_finished()
+
+    def _forget_finished(self) -> None:
+        if len(self._streams) <= self._live_streams():
+            return
+        for sid in [sid for sid in self._streams if not self._is_live(sid)]:
+            stream = self._streams[sid]
+            if not stream._pushback and (stream._reset or stream._closed_write):
+                del self._streams[sid]
+
+    # --- failure and close --------------------------------------------------------------
+
+    def _fail(self, fault: PeerFault) -> None:
+        """Report ``fault`` and drop the connection (no goodbye to a misbehaving peer)."""
+        if self.closed:
+            return
+        self.host._report(self, fault)
+        self._flush_on_fail()
+        self._shutdown(fault)
+
+    def _drop(self) -> None:
+        """Close at once, no fault and no goodbye (evicted for a newcomer or for memory)."""
+        self._shutdown(None)
+        self._tr.abort()
+
+    def _shutdown(self, fault: PeerFault | None) -> None:
+        """Synchronous core of every close path (safe from callbacks and from our own tasks)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.fault = fault
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+        self.tasks.cancel("keepalive")
+        for stream in self._streams.values():
+            if not self._at_clean_eof(stream.id):
+                stream._on_reset()
+            stream._readable.set()
+        self._close_muxer()
+        self.budget.close()  # what waits in the streams is gone with them
+        self._writable.set()
+        self.identified.set()
+        self._closed_event.set()
+        if fault is not None:
+            self._abort_on_fault()
+        self.host._forget(self)
+
+    def _on_eof(self) -> None:
+        self._shutdown(None)
+
+    def _on_lost(self) -> None:
+        self._shutdown(None)
+
+    def _set_writable(self, writable: bool) -> None:
+        if writable:
+            self._writable.set()
+            self._pay_pong()
+        else:
+            self._writable.clear()
+
+    # --- sending ----------------------------------------------------------------------
+
+    def _write(self, data: bytes | bytearray) -> None:
+        if not self._tr.is_closing():
+            self._tr.write(data)
+            self._written += len(data)
+
+    async def _wait_writable(self, deadline: float | None) -> None:
+        """Wait while the socket's write buffer is over the high-water mark;
+        past ``deadline``, :class:`~murmur.errors.SendTimeout` (nothing sent)."""
+        while not self._writable.is_set() and not self.closed:
+            if deadline is None:
+                await self._writable.wait()
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SendTimeout(
+                    f"{self.peer_id.short()} left {self._tr.get_write_buffer_size()} bytes unread past the deadline")
+            with contextlib.suppress(TimeoutError):  # the loop's timer may fire a little early: check again
+                await asyncio.wait_for(self._writable.wait(), remaining)
+        if self.closed:
+            raise ConnectionClosed(f"connection to {self.peer_id.short()} is closed")
+
+    # --- reading pauses -------------------------------------------------------------------
+
+    def _count_received(self, nbytes: int) -> None:
+        """Wire bytes that arrived after the upgrade: the rate limit's business."""
+        if self.closed or not nbytes:
+            return
+        delay = self._bucket.consume(nbytes)
+        if delay > 0 and _ReadPause.RATE not in self._paused:
+            self._pause(_ReadPause.RATE)
+            self._resume_timer = asyncio.get_running_loop().call_later(delay, self._resume, _ReadPause.RATE)
+
+    def _pause(self, reason: _ReadPause) -> None:
+        if not self._paused:
+            self._tr.pause_reading()
+        self._paused.add(reason)
+
+    def _resume(self, reason: _ReadPause) -> None:
+        if reason is _ReadPause.RATE:
+            self._resume_timer = None
+        if reason not in self._paused:
+            return
+        self._paused.discard(reason)
+        if not self._paused and not self.closed:
+            self._tr.resume_reading()
+
+    # --- keepalive ----------------------------------------------------------------------
+
+    async def _keepalive(self) -> None:
+        now = time.monotonic()
+        limits = self.limits
+        if _ReadPause.MEMORY not in self._paused and now - self.last_rx >= limits.idle_timeout_s:
+            self._fail(TimeoutFault(f"nothing received for {now - self.last_rx:.1f}s"))
+            return
+        unsent = self._tr.get_write_buffer_size()
+        drained = self._written - unsent
+        if not unsent or drained > self._drained:
+            self._drained, self._drained_at = drained, now
+        elif now - self._drained_at >= limits.drain_timeout_s:
+            self._fail(WriteStalled(f"{unsent} bytes unread by the peer for {now - self._drained_at:.1f}s"))
+            return
+        self._pay_pong()
+        if now - self._last_ping >= limits.ping_interval_s and self._send_ping(now):
+            self._last_ping = now
+        self._idle_tick()
+
+    # --- muxer-specific hooks ------------------------------------------------------------
+
+    def _new_outbound_stream(self) -> Stream:
+        raise NotImplementedError
+
+    def _make_stream(self, stream_id: int, outbound: bool) -> Stream:
+        raise NotImplementedError
+
+    def _is_live(self, stream_id: int) -> bool:
+        raise NotImplementedError
+
+    def _live_streams(self) -> int:
+        raise NotImplementedError
+
+    def _at_clean_eof(self, stream_id: int) -> bool:
+        raise NotImplementedError
+
+    def _accepted(self, stream_id: int) -> None:
+        """An inbound stream's protocol was agreed."""
+
+    def _close_write(self, stream_id: int) -> None:
+        raise NotImplementedError
+
+    def _close_read(self, stream_id: int) -> None:
+        raise NotImplementedError
+
+    def _discard(self, stream: Stream) -> None:
+        """Drop what arrived for a stream closed for reading (a muxer that keeps it)."""
+
+    def _reset_stream(self, stream_id: int) -> None:
+        raise NotImplementedError
+
+    def _goodbye(self) -> None:
+        raise NotImplementedError
+
+    def _flush_on_fail(self) -> None:
+        """Write what the muxer owes a peer it drops (yamux: the GoAway)."""
+
+    def _abort_on_fault(self) -> None:
+        self._tr.abort()
+
+    def _close_muxer(self) -> None:
+        raise NotImplementedError
+
+    def _send_ping(self, now: float) -> bool:
+        raise NotImplementedError
+
+    def _pay_pong(self) -> None:
+        """Write a pong the peer is owed, if the socket has room."""
+
+    def _on_pong(self, opaque: int) -> None:
+        """A yamux pong (the fast path's pongs are liveness only)."""
+
+    def _idle_tick(self) -> None:
+        """Once per keepalive tick: give back memory an idle stream kept."""
+
+
+class _WireLike:
+    """What a connection needs of the TCP protocol that upgraded it (see wire.py)."""
+
+    tr: asyncio.Transport
+    lost: asyncio.Future[None]
+
+
+class FastConnection(Libp2pConnection):
+    """``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/1.0.0``: AEAD records, one per stream frame."""
+
+    security = "/murmur/noise-fast/1.0.0"
+    muxer = murmux.PROTOCOL_ID
+
+    def __init__(self, host: Libp2pHost, wire: _WireLike, outbound: bool, conn_no: int, budget: PeerBudget,
+                 peer_id: PeerId, remote: tuple[str, int], local: tuple[str, int], encoder: FrameEncoder,
+                 decoder: FrameDecoder, cipher: object) -> None:
+        super().__init__(host, wire, outbound, conn_no, budget, peer_id, remote, local)
+        self.cipher = cipher  # the NoiseCipher the handshake negotiated
+        self._encoder = encoder
+        self._decoder = decoder
+        self._session = murmux.MuxSession(outbound, budget, self.limits.yamux())
+        self._buffered = 0  # stream payload bytes waiting to be read
+        self._pong_owed: bytes | None = None
+        self._large_frames_seen = 0
+        self._frames_sent_seen = 0
+
+    # --- sending ----------------------------------------------------------------------
+
+    async def _send_frame(self, stream_id: int, parts: Sequence[bytes | bytearray | memoryview],
+                          deadline: float | None) -> None:
+        """One DATA frame of ``stream_id``: written whole or not at all, so a
+        cancelled or timed-out send leaves nothing half-sent."""
+        await self._wait_writable(deadline)
+        if not self._session.can_send(stream_id):
+            raise StreamResetError(f"stream {stream_id} is closed for writing")
+        frame = self._encoder.encode(FrameType.DATA, stream_id, *parts)
+        self._write(frame)
+        if not self._tr.get_write_buffer_size():  # all of it is in the kernel already
+            self._encoder.recycle(frame)
+        self.bytes_sent += len(frame) - FRAME_LENGTH.size - FRAME_OVERHEAD
+
+    def _flush(self) -> None:
+        """Write the control frames the muxer queued (OPEN, FIN, RESET)."""
+        control = self._session.control
+        if not control or self.closed:
+            control.clear()
+            return
+        out = bytearray()
+        for ftype, stream_id in control:
+            out += self._encoder.encode(ftype, stream_id)
+        control.clear()
+        self._write(out)
+
+    def _write_control(self, ftype: FrameType, payload: bytes = b"") -> bool:
+        """A PING or PONG, unless the peer is behind on reading (see CONTROL_WRITE_MARK)."""
+        if self.closed or self._tr.get_write_buffer_size() >= CONTROL_WRITE_MARK:
+            return False
+        self._write(self._encoder.encode(ftype, 0, payload))
+        return True
+
+    def _pay_pong(self) -> None:
+        if self._pong_owed is not None and self._write_control(FrameType.PONG, self._pong_owed):
+            self._pong_owed = None
+
+    def _send_ping(self, now: float) -> bool:
+        return self._write_control(FrameType.PING, now.hex().encode()[:MAX_PING_PAYLOAD])
+
+    def _goodbye(self) -> None:
+        if not self._tr.is_closing():
+            self._session.go_away()
+            self._write(self._encoder.encode(FrameType.CLOSE, 0))
+
+    # --- streams ----------------------------------------------------------------------
+
+    def _new_outbound_stream(self) -> Stream:
+        stream_id = self._session.open_stream()
+        stream = self._streams[stream_id] = MuxStream(self, stream_id, outbound=True)
+        self._flush()
+        return stream
+
+    def _make_stream(self, stream_id: int, outbound: bool) -> Stream:
+        return MuxStream(self, stream_id, outbound)
+
+    def _is_live(self, stream_id: int) -> bool:
+        return self._session.is_live(stream_id)
+
+    def _live_streams(self) -> int:
+        return self._session.streams
+
+    def _at_clean_eof(self, stream_id: int) -> bool:
+        return self._session.is_live(stream_id) and self._session.at_eof(stream_id)
+
+    def _read_stream(self, stream_id: int) -> bytes | None:
+        payload = self._session.read(stream_id)
+        if payload is not None:
+            self._buffered -= len(payload)
+            self._try_resume()
+        return payload
+
+    def _close_write(self, stream_id: int) -> None:
+        self._session.close_write(stream_id)
+        self._flush()
+
+    def _close_read(self, stream_id: int) -> None:
+        before = self.budget.used
+        self._session.close_read(stream_id)
+        self._buffered -= before - self.budget.used
+        self._try_resume()
+
+    def _reset_stream(self, stream_id: int) -> None:
+        before = self.budget.used
+        self._session.reset(stream_id)
+        self._buffered -= before - self.budget.used
+        self._streams.pop(stream_id, None)
+        self._flush()
+        self._try_resume()
+
+    def _close_muxer(self) -> None:
+        self._session.close()
+        self._buffered = 0
+        self._decoder.close()
+        self._encoder.release_spare()
+
+    # --- receiving --------------------------------------------------------------------
+
+    def _on_frames(self, frames: list) -> None:  # list[Frame]
+        """Frames from one read (possibly none: a partial frame, or a large
+        one waiting for budget). Also decides whether to keep reading."""
+        if self.closed:
+            return
+        if frames:
+            self.last_rx = time.monotonic()
+        events: list[yamux.Event] = []
+        try:
+            for frame in frames:
+                ftype = frame.type
+                if ftype in murmux.STREAM_FRAMES:
+                    before = self.budget.used
+                    events += self._session.on_frame(ftype, frame.stream, frame.payload)
+                    self._buffered += self.budget.used - before
+                    if ftype is FrameType.DATA:
+                        self.bytes_received += len(frame.payload)
+                    continue
+                if frame.stream != 0:
+                    raise MuxerError(f"{ftype.name} frame on stream {frame.stream}")
+                if ftype is FrameType.PING:
+                    if len(frame.payload) > MAX_PING_PAYLOAD:
+                        raise FrameError(f"ping payload of {len(frame.payload)} bytes")
+                    self._pong_owed = frame.payload
+                    self._pay_pong()
+                elif ftype is FrameType.CLOSE:
+                    log.debug("peer closed", extra={"event": "peer_close", "conn": self.name})
+                    self._on_events(events)
+                    self._shutdown(None)
+                    self._tr.close()
+                    return
+                # PONG: liveness only, already recorded in last_rx
+        except PeerFault as fault:
+            self._on_events(events)  # refusals that came before the violation count too
+            self._fail(fault)
+            return
+        self._on_events(events)
+        self._flush()
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        """Pause reading while the budget is spent or a large frame waits for it."""
+        if self.closed or not (self._decoder.blocked or self.budget.over):
+            return
+        if self.budget.pool.over:
+            # Our own kept buffer first: small messages may then go on
+            # flowing within the reserve while the pool is short.
+            self._decoder.release_spare()
+            self._encoder.release_spare()
+            if not (self._decoder.blocked or self.budget.over):
+                return
+        self._pause(_ReadPause.MEMORY)
+        if self.budget.pool.over or self._decoder.blocked:
+            self.budget.wait(self._resume_soon)
+            self.host._shed_memory(self)
+
+    def _resume_soon(self) -> None:
+        """The pool got bytes back. Try on the next loop iteration, not from
+        inside the release: waking one connection may evict another, whose
+        release wakes the next, and so on, which must not nest."""
+        asyncio.get_running_loop().call_soon(self._try_resume)
+
+    def _try_resume(self) -> None:
+        """Resume reading once the budget has room again (after a read, or
+        when the pool got bytes back)."""
+        if self.closed or _ReadPause.MEMORY not in self._paused:
+            return
+        if self._decoder.blocked:
+            try:
+                frames = self._decoder.poll()  # the waiting frame may fit now; its bytes are here already
+            except PeerFault as fault:
+                self._fail(fault)
+                return
+            self._paused.discard(_ReadPause.MEMORY)  # re-decided below, from scratch
+            self._on_frames(frames)
+            if self._decoder.error is not None:
+                self._fail(self._decoder.error)
+                return
+            if _ReadPause.MEMORY in self._paused or self.closed:
+                return  # _on_frames paused again (and waits) or closed
+            self._paused.add(_ReadPause.MEMORY)
+        if self._buffered > self.budget.limit // 2 or self.budget.over:
+            if self.budget.pool.over:
+                self.budget.wait(self._resume_soon)
+            return  # else the next read calls again as the streams drain
+        self.last_rx = time.monotonic()  # we were not reading: the idle clock restarts
+        self._resume(_ReadPause.MEMORY)
+
+    def _idle_tick(self) -> None:
+        """Frame-sized buffers kept for a stream go back once it paused for a
+        tick (or at once while the node's pool has peers waiting for it)."""
+        pressed = self.budget.pool.waiting > 0
+        if pressed or self._decoder.large_frames == self._large_frames_seen:
+            self._decoder.release_spare()
+        if pressed or self._encoder.frames == self._frames_sent_seen:
+            self._encoder.release_spare()
+        self._large_frames_seen = self._decoder.large_frames
+        self._frames_sent_seen = self._encoder.frames
+
+
+class YamuxConnection(Libp2pConnection):
+    """``/noise`` + ``/yamux/1.0.0``: the standard libp2p path."""
+
+    security = "/noise"
+    muxer = yamux.PROTOCOL_ID
+
+    def __init__(self, host: Libp2pHost, wire: _WireLike, outbound: bool, conn_no: int, budget: PeerBudget,
+                 peer_id: PeerId, remote: tuple[str, int], local: tuple[str, int], channel: NoiseChannel) -> None:
+        super().__init__(host, wire, outbound, conn_no, budget, peer_id, remote, local)
+        self._channel = channel
+        self._session = yamux.YamuxSession(outbound, budget, self.limits.yamux())
+        self._pings: dict[int, asyncio.Future[None]] = {}
 
     async def yamux_ping(self, timeout_s: float = 10.0) -> float:
         """Round trip of one yamux ping, in seconds."""
-        session = self._session
-        if session is None or self.closed:
+        if self.closed:
             raise ConnectionClosed(f"{self.name} is closed")
-        opaque = session.ping()
+        opaque = self._session.ping()
         waiter = self._pings[opaque] = asyncio.get_running_loop().create_future()
         start = time.perf_counter()
         self._flush()
@@ -321,315 +976,115 @@ class Libp2pConnection:
             self._pings.pop(opaque, None)
         return time.perf_counter() - start
 
-    async def _keepalive(self) -> None:
-        config = self.host.config
-        if time.monotonic() - self.last_rx >= config.idle_timeout_s:
-            self._fail(TimeoutFault(f"nothing received for {config.idle_timeout_s}s"))
+    def _on_pong(self, opaque: int) -> None:
+        waiter = self._pings.get(opaque)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- sending ----------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self.closed or self._tr.is_closing():
             return
-        if self._session is not None and not self.closed:
-            self._session.ping()
-            self._flush()
-
-    # --- close ----------------------------------------------------------------------
-
-    async def close(self) -> None:
-        """GoAway, then close the socket once what we wrote is flushed."""
-        if not self.closed and self._session is not None:
-            self._session.go_away()
-            self._flush()
-        wire = self._wire
-        self._shutdown(None)
-        if wire is not None and wire.tr is not None:
-            wire.tr.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_WAIT_S)
-            if not wire.lost.done():
-                wire.tr.abort()
-        await self.tasks.shutdown()
-
-    def _fail(self, fault: PeerFault) -> None:
-        if self.closed:
-            return
-        self.host._report(self, fault)
-        if self._session is not None and self._wire is not None and self._wire.channel is not None:
-            self._flush()  # the GoAway the session queued on a protocol error
-        self._shutdown(fault)
-        tr = self._wire.tr if self._wire is not None else None
-        if tr is not None:
-            tr.close()  # flushes the GoAway; the peer sees it, then EOF
-
-    def _shutdown(self, fault: PeerFault | None) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.fault = fault
-        for stream in self._streams.values():
-            if not stream._at_clean_eof():
-                stream._on_reset()
-            stream._readable.set()
-        for waiter in self._pings.values():
-            if not waiter.done():
-                waiter.set_exception(ConnectionClosed(f"{self.name} closed"))
-                waiter.exception()
-        if self._session is not None:
-            self._session.close()
-        self.budget.close()
-        self._writable.set()
-        self.identified.set()
-        self.tasks.cancel("keepalive")
-        self.host._forget(self)
-
-    # --- called by the wire ------------------------------------------------------------
-
-    def _start_muxed(self, session: yamux.YamuxSession) -> None:
-        self._session = session
-        interval = self.host.config.ping_interval_s
-        self.tasks.periodic("keepalive", interval, self._keepalive, delay_s=interval)
-
-    def _on_events(self, events: list[yamux.Event]) -> None:
-        for event in events:
-            if isinstance(event, yamux.DataReceived | yamux.StreamEnded):
-                stream = self._streams.get(event.stream_id)
-                if stream is not None:
-                    stream._readable.set()
-            elif isinstance(event, yamux.WindowOpened):
-                stream = self._streams.get(event.stream_id)
-                if stream is not None:
-                    stream._window.set()
-            elif isinstance(event, yamux.StreamReset):
-                stream = self._streams.pop(event.stream_id, None)
-                if stream is not None:
-                    stream._on_reset()
-            elif isinstance(event, yamux.StreamOpened):
-                stream = self._streams[event.stream_id] = Stream(self, event.stream_id, outbound=False)
-                if not self.closed:
-                    self.tasks.spawn(f"stream-{event.stream_id}", lambda s=stream: self._run_stream(s))
-            elif isinstance(event, yamux.PongReceived):
-                waiter = self._pings.get(event.opaque)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
-            elif isinstance(event, yamux.Refused):
-                self.host._report(self, event.fault)
-            elif isinstance(event, yamux.GoAwayReceived):
-                log.debug("peer goes away", extra={"event": "go_away", "conn": self.name, "code": event.code})
-        self._forget_finished()
-
-    async def _run_stream(self, stream: Stream) -> None:
-        try:
-            await self._serve_stream(stream)
-        finally:
-            if self._session is None or not self._session.is_live(stream.id):
-                self._streams.pop(stream.id, None)
+        session = self._session
+        if session.starved:  # window updates that waited for budget: retry, else wait for the pool
+            session.regrant_starved()
+            if session.starved:
+                self.budget.wait(self._budget_freed)
+        data = session.data_to_send(control=self._tr.get_write_buffer_size() < CONTROL_WRITE_MARK)
+        if data:
+            self._write(self._channel.encrypt(data))
 
     def _budget_freed(self) -> None:
         """The pool got bytes back: retry on the next loop turn, not inside the release."""
         if not self.closed:
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _forget_finished(self) -> None:
-        session = self._session
-        if session is None or len(self._streams) <= session.streams:
-            return
-        for sid in [sid for sid in self._streams if not session.is_live(sid)]:
-            stream = self._streams[sid]
-            if not stream._pushback and (stream._reset or stream._closed_write):
-                del self._streams[sid]
+    def _pay_pong(self) -> None:
+        self._flush()  # an owed pong goes out once the socket has room
 
-    def _flush(self) -> None:
-        wire = self._wire
-        if self._session is None or wire is None or wire.channel is None or wire.tr is None or wire.tr.is_closing():
-            return
-        if self._session.starved:  # window updates that waited for budget: retry, else wait for the pool
-            self._session.regrant_starved()
-            if self._session.starved:
-                self.budget.wait(self._budget_freed)
-        data = self._session.data_to_send(control=wire.tr.get_write_buffer_size() < CONTROL_WRITE_MARK)
-        if data:
-            wire.write_encrypted(data)
+    def _send_ping(self, now: float) -> bool:
+        self._session.ping()
+        self._flush()
+        return True
 
+    def _goodbye(self) -> None:
+        self._session.go_away()
+        self._flush()
 
-class _Wire(asyncio.BufferedProtocol):
-    """The TCP connection: upgrade phases, then yamux frames to the connection.
+    def _flush_on_fail(self) -> None:
+        if not self._tr.is_closing():
+            data = self._session.data_to_send()  # the GoAway the session queued on a protocol error
+            if data:
+                self._write(self._channel.encrypt(data))
 
-    Once the security protocol is agreed, the socket writes straight into the
-    Noise reader's buffer (``get_buffer``) and each message is opened in place."""
+    def _abort_on_fault(self) -> None:
+        self._tr.close()  # flushes the GoAway; the peer sees it, then EOF
 
-    def __init__(self, host: Libp2pHost, outbound: bool, conn_no: int, expected: PeerId | None = None) -> None:
-        self.host = host
-        self.outbound = outbound
-        self.expected = expected
-        self.conn_no = conn_no
-        self.tr: asyncio.Transport | None = None
-        self.phase = _Phase.SECURITY
-        self.ready: asyncio.Future[Libp2pConnection] = asyncio.get_running_loop().create_future()
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.conn: Libp2pConnection | None = None
-        self.channel: NoiseChannel | None = None
-        self._reader = NoiseReader()
-        self._raw = bytearray(RAW_READ_BYTES)  # the clear-text security negotiation reads here
-        self._mss: multistream.Dialer | multistream.Listener = (
-            multistream.Dialer([NOISE]) if outbound else multistream.Listener({NOISE}, host.config.max_negotiation_attempts)
-        )
-        self._handshake: NoiseHandshakeDriver | None = None
-        self._muxer_mss: multistream.Dialer | multistream.Listener | None = None
+    # --- streams ----------------------------------------------------------------------
 
-    # --- asyncio callbacks ----------------------------------------------------------
+    def _new_outbound_stream(self) -> Stream:
+        stream_id = self._session.open_stream()
+        stream = self._streams[stream_id] = YamuxStream(self, stream_id, outbound=True)
+        self._flush()
+        return stream
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.tr = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("sockname")
-        if not peer or not self.host._admit(self):
-            transport.abort()
-            return
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
-        budget = self.host.pool.budget(self.host.config.max_peer_buffered_bytes, self.host.config.peer_reserve_bytes)
-        self.conn = Libp2pConnection(self.host, self.outbound, self.conn_no, budget)
-        self.conn._wire = self
-        self.conn.remote = (str(peer[0]), int(peer[1]))
-        self.conn.local = (str(sock[0]), int(sock[1])) if sock else ("?", 0)
-        self._guard(lambda: self._write_raw(self._mss.start()))
+    def _make_stream(self, stream_id: int, outbound: bool) -> Stream:
+        return YamuxStream(self, stream_id, outbound)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self.phase is _Phase.SECURITY:
-            return memoryview(self._raw)
-        return self._reader.get_buffer(sizehint)
+    def _is_live(self, stream_id: int) -> bool:
+        return self._session.is_live(stream_id)
 
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.conn is not None:
-            self.conn.last_rx = time.monotonic()
-        if self.phase is _Phase.SECURITY:
-            data = bytes(self._raw[:nbytes])
-            self._guard(lambda: self._on_security(data))
-        elif self.phase is not _Phase.CLOSED:
-            self._reader.buffer_updated(nbytes)
-            self._guard(self._on_noise)
+    def _live_streams(self) -> int:
+        return self._session.streams
 
-    def eof_received(self) -> bool:
-        self._guard(self._on_eof)
-        return False
+    def _at_clean_eof(self, stream_id: int) -> bool:
+        return self._session.is_live(stream_id) and self._session.at_eof(stream_id)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionClosed(f"connection lost during the upgrade: {exc}"))
-            self.ready.exception()
-        if self.conn is not None:
-            self.conn._shutdown(None)
-        self.host._forget_wire(self)
+    def _accepted(self, stream_id: int) -> None:
+        if self._session.is_live(stream_id):
+            self._session.accept(stream_id)
 
-    def pause_writing(self) -> None:
-        if self.conn is not None:
-            self.conn._writable.clear()
+    def _close_write(self, stream_id: int) -> None:
+        self._session.close_write(stream_id)
+        self._flush()
 
-    def resume_writing(self) -> None:
-        if self.conn is not None:
-            self.conn._writable.set()
-            self.conn._flush()  # an owed pong
+    def _close_read(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._discard(stream)
 
-    # --- phases ----------------------------------------------------------------------
+    def _discard(self, stream: Stream) -> None:
+        """yamux has no "close for reading": what arrives is read and dropped
+        as it comes, so its window goes back to the peer and the budget."""
+        while self._session.read(stream.id):
+            pass
+        self._flush()
 
-    def _guard(self, step: Callable[[], None]) -> None:
-        try:
-            step()
-        except PeerFault as fault:
-            self.fail(fault)
+    def _reset_stream(self, stream_id: int) -> None:
+        self._session.reset(stream_id)
+        self._streams.pop(stream_id, None)
+        self._flush()
 
-    def fail(self, fault: PeerFault) -> None:
-        if self.conn is not None and self.phase is _Phase.MUXED:
-            self.conn._fail(fault)
-            return
-        self.phase = _Phase.CLOSED
-        self.host._report(self.conn, fault, remote=self.conn.remote if self.conn else None)
-        if not self.ready.done():
-            self.ready.set_exception(fault)
-            self.ready.exception()
-        if self.tr is not None:
-            self.tr.abort()
+    def _close_muxer(self) -> None:
+        for waiter in self._pings.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionClosed(f"{self.name} closed"))
+                waiter.exception()
+        self._session.close()
 
-    def _on_eof(self) -> None:
-        if self.phase is _Phase.MUXED and self.conn is not None:
-            self.conn._shutdown(None)
-        elif self.phase is not _Phase.CLOSED:
-            self.fail(NegotiationError(f"peer closed the connection during the upgrade ({self.phase.value})"))
-
-    def _on_security(self, data: bytes) -> None:
-        self._write_raw(self._mss.feed(data))
-        if not self._mss.done:
-            return
-        self.phase = _Phase.HANDSHAKE
-        hs = StandardNoiseHandshake(self.host.identity, self.outbound, expected=self.expected)
-        self._handshake = NoiseHandshakeDriver(hs, self._reader)
-        self._write_raw(self._handshake.start())
-        if self._mss.leftover:  # at most one raw read: fits the reader
-            self._reader.feed(self._mss.leftover)
-            self._on_noise()
-
-    def _on_noise(self) -> None:
-        if self.phase is _Phase.HANDSHAKE:
-            assert self._handshake is not None
-            self._write_raw(self._handshake.advance())
-            if not self._handshake.complete:
-                return
-            self._on_secure()
-        assert self.channel is not None
-        for plaintext in self.channel.decrypt_ready():
-            self._on_plaintext(plaintext)
-            if self.phase is _Phase.CLOSED or (self.conn is not None and self.conn.closed):
-                return
-        if self.conn is not None:
-            self.conn._flush()
-
-    def _on_secure(self) -> None:
-        assert self._handshake is not None and self.conn is not None
-        self.channel = self._handshake.channel()
-        self.conn.peer_id = self._handshake.handshake.remote_peer  # type: ignore[assignment]
-        self.phase = _Phase.MUXER
-        if self.outbound:
-            self._muxer_mss = multistream.Dialer([yamux.PROTOCOL_ID])
-        else:
-            self._muxer_mss = multistream.Listener({yamux.PROTOCOL_ID}, self.host.config.max_negotiation_attempts)
-        self.write_encrypted(self._muxer_mss.start())
+    # --- receiving --------------------------------------------------------------------
 
     def _on_plaintext(self, plaintext: memoryview) -> None:
-        if self.phase is _Phase.MUXED:
-            assert self.conn is not None and self.conn._session is not None
-            session = self.conn._session
-            try:
-                events = session.receive(plaintext)
-            except PeerFault:
-                self.conn._on_events(session.unreported)  # refusals that came before the violation count too
-                raise
-            self.conn._on_events(events)
-            return
-        if self.phase is not _Phase.MUXER:
-            return
-        assert self._muxer_mss is not None and self.conn is not None
-        reply = self._muxer_mss.feed(plaintext)
-        if reply:
-            self.write_encrypted(reply)
-        if not self._muxer_mss.done:
-            return
-        self.phase = _Phase.MUXED
-        session = yamux.YamuxSession(self.outbound, self.conn.budget, self.host.config.yamux)
-        self.conn._start_muxed(session)
-        if not self.ready.done():
-            self.ready.set_result(self.conn)
-        leftover = self._muxer_mss.leftover
-        if leftover:
-            self.conn._on_events(session.receive(leftover))
-
-    # --- writing ------------------------------------------------------------------
-
-    def _write_raw(self, data: bytes) -> None:
-        if data and self.tr is not None and not self.tr.is_closing():
-            self.tr.write(data)
-
-    def write_encrypted(self, data: bytes) -> None:
-        assert self.channel is not None
-        if self.tr is not None and not self.tr.is_closing():
-            self.tr.write(self.channel.encrypt(data))
+        """One Noise transport message's plaintext: yamux frames."""
+        self.last_rx = time.monotonic()
+        session = self._session
+        try:
+            events = session.receive(plaintext)
+        except PeerFault:
+            self._on_events(session.unreported)  # refusals that came before the violation count too
+            raise
+        self._on_events(events)
 
 
 Handler = Callable[[Stream], Awaitable[None]]

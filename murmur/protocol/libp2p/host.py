@@ -1,27 +1,38 @@
-"""A minimal libp2p host: listen and dial TCP, upgrade (``/noise``, ``/yamux/1.0.0``),
-route inbound streams to handlers by protocol id, and speak identify, identify
-push and ping.
+"""The node's libp2p host: listen and dial TCP, upgrade, admit, route streams by protocol id,
+and speak identify, identify push and ping on every connection.
 
-It does not replace murmur's :class:`~murmur.protocol.transport.Transport`
-yet: the node integrates it later (its own message protocols each on a
-``/murmur/...`` stream, the fast path offered first between murmur nodes). What
-is shaped for that now:
+One host serves both paths (see :mod:`murmur.protocol.libp2p.wire`): murmur's
+fast path, offered first, and ``/noise`` + ``/yamux/1.0.0`` for any libp2p
+peer. What it does for the application:
 
-* handlers are ``async def handler(stream)`` registered per protocol id; a
-  node protocol runs one stream per exchange or one long-lived stream, as it
-  likes;
-* receive memory comes from a :class:`~murmur.protocol.budget.BytePool`
-  passed in (``pool=``): the node's pool, shared with the fast path, so a
-  peer's yamux windows and its fast-path frames draw from one budget;
-* peer faults go to ``on_fault(conn, fault)`` (the node's penalty table), and
-  every connection's proved peer, identify data (:attr:`Libp2pConnection.identify`)
-  and the addresses others observed for us (:attr:`Libp2pHost.observed_addrs`)
-  are there to read.
+* handlers are ``async def handler(stream)`` registered per protocol id
+  (:meth:`Libp2pHost.set_handler`); inbound streams are negotiated with
+  multistream-select against them (``ls`` lists them);
+* ``on_connection(conn)`` is called once per upgraded connection, inbound and
+  outbound, *before* any of its inbound streams is served (so the
+  application can attach its state to it first); if it returns an
+  awaitable, the host runs it as that connection's supervised task;
+* peer faults go to ``on_fault(peer, fault)`` (the node's penalty table):
+  ``peer`` is the proved peer id, or ``None`` for a fault before any identity
+  was proved (those the host logs itself, rate-limited per subnet);
+* identify runs on every connection (:attr:`Libp2pConnection.identify`,
+  ``on_identified(conn)`` when it, or a push, arrives) and the addresses
+  peers observed for us are counted in :attr:`Libp2pHost.observed_addrs`.
+
+What it bounds, for every connection (:class:`~murmur.protocol.transport.TransportLimits`):
+inbound slots overall and per subnet, counted from TCP accept, with eviction
+of the connection worth least (:mod:`murmur.protocol.admission`) when a
+newcomer finds them full or a peer waits for the node's byte pool; one
+:class:`~murmur.protocol.budget.PeerBudget` per connection drawn from the
+host's :class:`~murmur.protocol.budget.BytePool` (the fast path's buffered
+messages and large records, yamux's windows); and the upgrade, idle, drain
+and negotiation timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import os
@@ -31,14 +42,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from murmur import __version__
-from murmur.errors import DecodeError, PeerFault, TimeoutFault
+from murmur.errors import ConnectionClosed, DecodeError, PeerFault, TimeoutFault
 from murmur.protocol import identify as idp
+from murmur.protocol.admission import choose_victim
 from murmur.protocol.budget import BytePool
-from murmur.protocol.identity import Identity
-from murmur.protocol.libp2p.connection import ConnectionClosed, Handler, Libp2pConnection, Stream, _Wire
+from murmur.protocol.framing import PlaintextScratch
+from murmur.protocol.identity import Identity, PeerId
+from murmur.protocol.libp2p.connection import Handler, Libp2pConnection, Stream
+from murmur.protocol.libp2p.wire import Wire
 from murmur.protocol.multiaddr import AnyMultiaddr, Multiaddr, Proto
-from murmur.protocol.subnets import subnet_of
-from murmur.protocol.yamux import YamuxLimits
+from murmur.protocol.subnets import SubnetKey, subnet_of
+from murmur.protocol.transport import TransportLimits
 from murmur.ratelog import LogBudget, RateLimitedLog
 from murmur.tasks import TaskManager
 
@@ -46,30 +60,20 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "ipfs/0.1.0"
 MAX_PING_STREAMS = 2  # per connection (ping spec: the listener SHOULD accept at most two)
+MAX_OBSERVED_ADDRS = 32  # distinct addresses peers said they saw us at, tallied; further ones ignored
+
+OnConnection = Callable[[Libp2pConnection], Awaitable[None] | None]
+OnFault = Callable[[PeerId | None, PeerFault], None]
 
 
 @dataclass(frozen=True)
 class HostConfig:
-    """Every bound of the libp2p host, named once."""
+    """The connection bounds (``limits``, the node's ``[transport]``) and what identify says."""
 
+    limits: TransportLimits = field(default_factory=TransportLimits)
     agent_version: str = f"murmur/{__version__}"
     protocol_version: str = PROTOCOL_VERSION
-    connect_timeout_s: float = 5.0
-    upgrade_timeout_s: float = 10.0  # TCP to a muxed connection: both negotiations and the handshake
-    negotiate_timeout_s: float = 10.0  # one stream's protocol negotiation
-    identify_timeout_s: float = 10.0
-    ping_interval_s: float = 15.0  # yamux keepalive
-    idle_timeout_s: float = 60.0  # nothing received this long: close
-    max_connections: int = 256  # inbound and outbound, upgrading ones included
-    max_negotiation_attempts: int = 16  # proposals one channel may make (multistream.Listener)
-    max_peer_buffered_bytes: int = 64 * 1024 * 1024  # per connection, the yamux windows drawn from it
-    peer_reserve_bytes: int = 256 * 1024
-    max_buffered_bytes: int = 256 * 1024 * 1024  # the pool, when the host makes its own
-    yamux: YamuxLimits = field(default_factory=YamuxLimits)
     identify_on_connect: bool = True
-    warning_interval_s: float = 10.0  # fault warnings peers cause: per interval in all,
-    warnings_per_interval: int = 10
-    warnings_per_subnet: int = 3  # and per /24 or /48; one summary line counts the rest
 
 
 class Libp2pHost:
@@ -78,29 +82,41 @@ class Libp2pHost:
         identity: Identity,
         config: HostConfig = HostConfig(),
         pool: BytePool | None = None,
-        on_connection: Callable[[Libp2pConnection], Awaitable[None]] | None = None,
-        on_fault: Callable[[Libp2pConnection | None, PeerFault], None] | None = None,
+        on_connection: OnConnection | None = None,
+        on_fault: OnFault | None = None,
+        on_identified: Callable[[Libp2pConnection], None] | None = None,
     ) -> None:
         self.identity = identity
         self.peer_id = identity.peer_id
         self.config = config
-        self.pool = pool if pool is not None else BytePool(config.max_buffered_bytes)
+        limits = config.limits
+        self.pool = pool if pool is not None else BytePool(limits.max_buffered_bytes)
+        # Plaintext staging for every fast-path record (see PlaintextScratch):
+        # one largest record per host instead of one per connection.
+        self.plaintext_scratch = PlaintextScratch(limits.max_frame)
         self._on_connection = on_connection
         self._on_fault = on_fault
+        self._on_identified = on_identified
         self._handlers: dict[str, Handler] = {}
         self._servers: list[asyncio.AbstractServer] = []
-        self._wires: set[_Wire] = set()
+        self._wires: set[Wire] = set()
         self._conns: set[Libp2pConnection] = set()
+        self._inbound_total = 0
+        self._inbound_by_subnet: Counter[SubnetKey] = Counter()
         self._numbers = itertools.count(1)
-        self._tasks = TaskManager(f"libp2p {identity.peer_id.short()}")
+        self._tasks = TaskManager(f"host {identity.peer_id.short()}")
         self._ping_streams: Counter[Libp2pConnection] = Counter()
         self._closing = False
-        self.listen_addrs: list[Multiaddr] = []
-        self.observed_addrs: Counter[AnyMultiaddr] = Counter()  # how peers saw us, by how many said so
+        self.listen_addrs: list[Multiaddr] = []  # what identify tells peers (the node sets what it advertises)
+        # How peers saw us, by how many said so: a bare tally for the host's
+        # users; the node's reachability votes go through ReachabilityTracker,
+        # which limits Sybils. Bounded, since any peer can claim any address.
+        self.observed_addrs: Counter[AnyMultiaddr] = Counter()
         self.faults: Counter[str] = Counter()
-        self._warnings = RateLimitedLog("libp2p warnings", log, LogBudget(
-            per_key=config.warnings_per_subnet, total=config.warnings_per_interval,
-            window_s=config.warning_interval_s))
+        self.evictions: Counter[str] = Counter()  # inbound connections evicted, by reason
+        self._warnings = RateLimitedLog("transport warnings", log, LogBudget(
+            per_key=limits.warnings_per_subnet, total=limits.warnings_per_interval,
+            window_s=limits.warning_interval_s))
         self.set_handler(idp.IDENTIFY, self._serve_identify)
         self.set_handler(idp.IDENTIFY_PUSH, self._serve_identify_push)
         self.set_handler(idp.PING, self._serve_ping)
@@ -126,72 +142,79 @@ class Libp2pHost:
     def connections(self) -> list[Libp2pConnection]:
         return [c for c in self._conns if not c.closed]
 
+    @property
+    def inbound(self) -> int:
+        """Inbound TCP connections held now, half-open ones included."""
+        return self._inbound_total
+
+    @property
+    def wires(self) -> int:
+        """TCP connections held now, upgrading ones included, both directions."""
+        return len(self._wires)
+
     # --- listen and dial ---------------------------------------------------------------
 
     async def listen(self, host: str, port: int) -> list[Multiaddr]:
+        """Start accepting on ``host:port`` (0 = any free port); returns the bound addresses."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Wire(self, False, next(self._numbers)), host, port,
+        server = await loop.create_server(lambda: Wire(self, False, next(self._numbers)), host, port,
                                           reuse_address=True)
         self._servers.append(server)
-        if "warning-summaries" not in self._tasks:
-            self._tasks.periodic("warning-summaries", self.config.warning_interval_s, self._flush_warnings,
-                                 delay_s=self.config.warning_interval_s)
+        if "warning-summaries" not in self._tasks:  # a flood that stopped is summarised too
+            interval = self.config.limits.warning_interval_s
+            self._tasks.periodic("warning-summaries", interval, self._flush_warnings, delay_s=interval)
         addrs = [Multiaddr(s.getsockname()[0], s.getsockname()[1], self.peer_id) for s in server.sockets]
         self.listen_addrs += addrs
-        log.info("libp2p listening", extra={"event": "libp2p_listen", "addrs": [str(a) for a in addrs]})
+        log.info("listening", extra={"event": "listen", "addrs": [str(a) for a in addrs]})
         return addrs
 
     async def dial(self, addr: Multiaddr) -> Libp2pConnection:
         """Connect, upgrade, prove ``addr.peer_id`` if set. Raises ``OSError``,
-        :class:`~murmur.errors.TimeoutFault`, or the upgrade's :class:`~murmur.errors.PeerFault`."""
+        :class:`~murmur.errors.TimeoutFault`, the upgrade's :class:`~murmur.errors.PeerFault`
+        (:class:`~murmur.errors.IdentityMismatch` for another peer), or
+        :class:`~murmur.errors.ConnectionClosed`."""
         if self._closing:
             raise ConnectionClosed("host is closed")
         loop = asyncio.get_running_loop()
+        limits = self.config.limits
         try:
             _, wire = await asyncio.wait_for(
-                loop.create_connection(lambda: _Wire(self, True, next(self._numbers), addr.peer_id),
+                loop.create_connection(lambda: Wire(self, True, next(self._numbers), addr.peer_id),
                                        addr.host, addr.port),
-                self.config.connect_timeout_s)
+                limits.connect_timeout_s)
         except TimeoutError:
-            raise TimeoutFault(f"connect to {addr} timed out") from None
-        return await self._upgraded(wire)
-
-    async def _upgraded(self, wire: _Wire) -> Libp2pConnection:
-        try:
-            conn = await asyncio.wait_for(asyncio.shield(wire.ready), self.config.upgrade_timeout_s)
-        except TimeoutError:
-            fault = TimeoutFault(f"upgrade not finished within {self.config.upgrade_timeout_s}s")
-            wire.fail(fault)
-            raise fault from None
-        self._conns.add(conn)
-        log.info("libp2p connection open", extra={
-            "event": "libp2p_connected", "conn": conn.name, "peer": str(conn.peer_id),
-            "remote": f"{conn.remote[0]}:{conn.remote[1]}", "outbound": conn.outbound})
-        if self.config.identify_on_connect:
-            conn.tasks.spawn("identify", lambda: self._identify(conn))
-        if self._on_connection is not None:
-            conn.tasks.spawn("on_connection", lambda: self._on_connection(conn))  # type: ignore[misc]
-        return conn
-
-    async def _accept(self, wire: _Wire) -> None:
-        try:
-            await self._upgraded(wire)
-        except (PeerFault, ConnectionClosed, OSError):
-            return  # reported by the wire
+            raise TimeoutFault(f"connect to {addr} timed out after {limits.connect_timeout_s}s") from None
+        return await asyncio.shield(wire.ready)  # the wire's own timer bounds the upgrade
 
     async def close(self) -> None:
+        """Stop listening, close every connection (goodbye first), cancel every task."""
         self._closing = True
         for server in self._servers:
             server.close()
-        await asyncio.gather(*(c.close() for c in list(self._conns)), return_exceptions=True)
         for wire in list(self._wires):
-            if wire.tr is not None:
+            if wire.conn is None and wire.tr is not None:
                 wire.tr.abort()
+        await asyncio.gather(*(c.close() for c in list(self._conns)), return_exceptions=True)
         await self._tasks.shutdown()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
         self._warnings.close()
+
+    async def abort(self, timeout_s: float = 2.0) -> None:
+        """Die like ``kill -9`` would: stop listening and dialling, reset every
+        TCP connection (upgraded or not) with no goodbye, and wait (bounded)
+        until the sockets are gone. For fault injection in tests and
+        testnets; a daemon shuts down with :meth:`close`."""
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        for wire in list(self._wires):
+            if wire.tr is not None:
+                wire.tr.abort()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._wires and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)  # connection_lost() runs on the next loop iterations
 
     async def _flush_warnings(self) -> None:
         self._warnings.flush()
@@ -201,6 +224,144 @@ class Libp2pHost:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    # --- admission ---------------------------------------------------------------------
+
+    def warn(self, host: str, msg: str, *, event: str, **fields: object) -> None:
+        """A WARNING that ``host``, maybe a stranger, can cause: rate-limited
+        per subnet and in all; the rest are counted in one summary line."""
+        try:
+            key: object = subnet_of(host)
+        except ValueError:
+            key = host
+        self._warnings.warning(log, key, msg, extra={"event": event, **fields})
+
+    def _admit(self, wire: Wire) -> bool:
+        """Track every live TCP connection; give an inbound one a slot, evicting
+        the one worth least when all are taken (see admission.py)."""
+        if self._closing:
+            return False
+        limits = self.config.limits
+        if not wire.outbound:
+            try:
+                subnet = subnet_of(wire.remote[0])
+            except ValueError:  # not an IP peer (cannot happen on a TCP listener); nothing to count it under
+                return False
+            reason = None
+            if self._inbound_by_subnet[subnet] >= limits.max_inbound_per_subnet:
+                reason = "max_inbound_per_subnet"
+            elif self._inbound_total >= limits.max_inbound and not self._evict_for(subnet):
+                reason = "max_inbound"
+            if reason is not None:
+                self.warn(wire.remote[0], "inbound connection refused", event="inbound_refused",
+                          remote=f"{wire.remote[0]}:{wire.remote[1]}", subnet=str(subnet), limit=reason)
+                return False
+            wire.subnet = subnet
+            self._inbound_total += 1
+            self._inbound_by_subnet[subnet] += 1
+        self._wires.add(wire)
+        return True
+
+    def _inbound_wires(self) -> list[Wire]:
+        return [w for w in self._wires if w.subnet is not None]
+
+    def _evict_for(self, subnet: SubnetKey) -> bool:
+        """Free one inbound slot for a newcomer from ``subnet``; False if every
+        connection is protected."""
+        wires = {w.conn_no: w for w in self._inbound_wires()}
+        victim = choose_victim((w.slot() for w in wires.values()), time.monotonic(),
+                               self.config.limits.useful_ttl_s)
+        if victim is None:
+            return False
+        self._evict(wires[victim.key], "admission", newcomer_subnet=str(subnet))
+        return True
+
+    def _shed_memory(self, starved: Libp2pConnection) -> None:
+        """``starved`` waits for the node's pool: evict the inbound connection
+        worth least among the others that hold pool bytes (never a useful one)."""
+        if self._closing:
+            return
+        wires = {
+            w.conn_no: w for w in self._inbound_wires()
+            if w.conn is not None and w.conn is not starved and not w.conn.closed and w.conn.budget.pooled > 0
+        }
+        victim = choose_victim((w.slot() for w in wires.values()), time.monotonic(),
+                               self.config.limits.useful_ttl_s)
+        if victim is not None:
+            self._evict(wires[victim.key], "memory", pool_used=self.pool.used)
+
+    def _evict(self, wire: Wire, reason: str, **fields: object) -> None:
+        self.evictions[reason] += 1
+        self.warn(
+            wire.remote[0], "inbound connection evicted", event="inbound_evicted", reason=reason,
+            conn=f"conn-{wire.conn_no}", remote=f"{wire.remote[0]}:{wire.remote[1]}", subnet=str(wire.subnet),
+            peer=str(wire.peer_id) if wire.peer_id is not None else None, **fields,
+        )
+        self._forget_wire(wire)  # the slot is free now, not when the socket is gone
+        wire.evict()
+
+    def _forget_wire(self, wire: Wire) -> None:
+        if wire not in self._wires:
+            return
+        self._wires.discard(wire)
+        if wire.subnet is not None:
+            self._inbound_total -= 1
+            self._inbound_by_subnet[wire.subnet] -= 1
+            if not self._inbound_by_subnet[wire.subnet]:
+                del self._inbound_by_subnet[wire.subnet]
+
+    # --- connections -------------------------------------------------------------------
+
+    def _connection_up(self, wire: Wire, conn: Libp2pConnection) -> None:
+        """The wire finished its upgrade: before any stream of ``conn`` is served."""
+        self._conns.add(conn)
+        log.info("connection open", extra={
+            "event": "connected", "conn": conn.name, "peer": str(conn.peer_id),
+            "remote": f"{conn.remote[0]}:{conn.remote[1]}", "outbound": conn.outbound,
+            "security": conn.security, "muxer": conn.muxer})
+        if self.config.identify_on_connect:
+            conn.tasks.spawn("identify", lambda: self._identify(conn))
+        if self._on_connection is None:
+            return
+        try:
+            task = self._on_connection(conn)
+        except Exception:  # a bug of the application's costs this connection, not the host
+            log.exception("on_connection failed", extra={"event": "on_connection_failed", "conn": conn.name})
+            conn._drop()
+            return
+        if inspect.isawaitable(task):
+            self._tasks.spawn(f"on_connection-{conn.name}", lambda: task)  # type: ignore[arg-type,return-value]
+
+    def _forget(self, conn: Libp2pConnection) -> None:
+        self._conns.discard(conn)
+        self._ping_streams.pop(conn, None)
+
+    def _upgrade_failed(self, wire: Wire, fault: PeerFault) -> None:
+        """A fault before the connection existed: blamed on the peer if it
+        already proved who it is (its first authenticated bytes count), else
+        logged, rate-limited, under its subnet."""
+        self.faults[type(fault).__name__] += 1
+        if wire.peer_id is not None:
+            self._blame(wire.peer_id, None, fault, wire.remote)
+            return
+        self.warn(wire.remote[0], "handshake failed", event="handshake_failed", conn=f"conn-{wire.conn_no}",
+                  remote=f"{wire.remote[0]}:{wire.remote[1]}", outbound=wire.outbound, phase=wire.phase.value,
+                  fault=type(fault).__name__, detail=str(fault))
+        if self._on_fault is not None:
+            self._on_fault(None, fault)
+
+    def _report(self, conn: Libp2pConnection, fault: PeerFault) -> None:
+        """A fault of an upgraded connection's peer: counted and handed on."""
+        self.faults[type(fault).__name__] += 1
+        self._blame(conn.peer_id, conn, fault, conn.remote)
+
+    def _blame(self, peer: PeerId, conn: Libp2pConnection | None, fault: PeerFault, remote: tuple[str, int]) -> None:
+        if self._on_fault is not None:
+            self._on_fault(peer, fault)  # the sink logs it, within its own budget
+            return
+        self.warn(remote[0], "peer fault", event="libp2p_fault", fault=type(fault).__name__, detail=str(fault),
+                  conn=conn.name if conn is not None else None, peer=str(peer),
+                  remote=f"{remote[0]}:{remote[1]}", drop=fault.drop)
 
     # --- identify ---------------------------------------------------------------------
 
@@ -232,19 +393,15 @@ class Libp2pHost:
     async def _identify(self, conn: Libp2pConnection) -> None:
         """Ask the peer who it is; keep the answer on the connection."""
         try:
-            async with asyncio.timeout(self.config.identify_timeout_s):
+            async with asyncio.timeout(self.config.limits.identify_timeout_s):
                 stream = await conn.open_stream(idp.IDENTIFY)
                 info = await self._read_identify(stream)
                 await stream.close_write()
         except PeerFault as fault:
-            self._report(conn, fault)
+            conn._fault_on_stream(fault)
             conn.identified.set()
             return
         except (TimeoutError, ConnectionClosed, asyncio.IncompleteReadError, OSError) as exc:
-            log.debug("identify failed", extra={"event": "identify_failed", "conn": conn.name, "error": repr(exc)})
-            conn.identified.set()
-            return
-        except Exception as exc:  # a StreamError: the stream or connection went away
             log.debug("identify failed", extra={"event": "identify_failed", "conn": conn.name, "error": repr(exc)})
             conn.identified.set()
             return
@@ -252,16 +409,19 @@ class Libp2pHost:
 
     def _learn(self, conn: Libp2pConnection, info: idp.IdentifyInfo) -> None:
         conn.identify = info if conn.identify is None else conn.identify.merged(info)
-        if info.observed_addr is not None:
-            self.observed_addrs[info.observed_addr] += 1
+        observed = info.observed_addr
+        if observed is not None and (observed in self.observed_addrs or len(self.observed_addrs) < MAX_OBSERVED_ADDRS):
+            self.observed_addrs[observed] += 1
         conn.identified.set()
         log.info("peer identified", extra={
             "event": "identified", "conn": conn.name, "peer": str(conn.peer_id),
-            "agent": conn.identify.agent_version, "protocols": list(conn.identify.protocols),
+            "agent": conn.identify.agent_version, "protocols": list(conn.identify.protocols)[:16],
             "observed": str(info.observed_addr) if info.observed_addr else None})
+        if self._on_identified is not None:
+            self._on_identified(conn)
 
     async def _serve_identify_push(self, stream: Stream) -> None:
-        async with asyncio.timeout(self.config.identify_timeout_s):
+        async with asyncio.timeout(self.config.limits.identify_timeout_s):
             info = await self._read_identify(stream)
         self._learn(stream.conn, info)
 
@@ -308,39 +468,6 @@ class Libp2pHost:
         finally:
             await stream.close_write()
         return rtts
-
-    # --- bookkeeping ----------------------------------------------------------------
-
-    def _admit(self, wire: _Wire) -> bool:
-        if self._closing or len(self._wires) >= self.config.max_connections:
-            return False
-        self._wires.add(wire)
-        if not wire.outbound:
-            self._tasks.spawn(f"accept-{wire.conn_no}", lambda: self._accept(wire))
-        return True
-
-    def _forget_wire(self, wire: _Wire) -> None:
-        self._wires.discard(wire)
-
-    def _forget(self, conn: Libp2pConnection) -> None:
-        self._conns.discard(conn)
-        self._ping_streams.pop(conn, None)
-
-    def _report(self, conn: Libp2pConnection | None, fault: PeerFault, remote: tuple[str, int] | None = None) -> None:
-        """Count, log (rate-limited per subnet: a peer causes these) and hand on a peer fault."""
-        self.faults[type(fault).__name__] += 1
-        remote = remote or (conn.remote if conn is not None else None)
-        try:
-            key: object = subnet_of(remote[0]) if remote else None
-        except ValueError:
-            key = remote[0] if remote else None
-        self._warnings.warning(log, key, "libp2p peer fault", extra={
-            "event": "libp2p_fault", "fault": type(fault).__name__, "detail": str(fault),
-            "conn": conn.name if conn else None,
-            "peer": str(conn.peer_id) if conn is not None and conn.peer_id is not None else None,
-            "remote": f"{remote[0]}:{remote[1]}" if remote else None, "drop": fault.drop})
-        if self._on_fault is not None:
-            self._on_fault(conn, fault)
 
 
 async def echo_handler(stream: Stream) -> None:

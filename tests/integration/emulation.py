@@ -1,0 +1,135 @@
+"""What tests on the emulated internet share: the root check, and plain TCP
+endpoints made inside its hosts from the test process itself (no helper
+processes: :func:`murmur.testnet.internet.socket_in`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from murmur.testnet import internet
+from murmur.testnet.internet import Internet
+
+IO_TIMEOUT_S = 10.0
+APT_TIMEOUT_S = 300.0
+
+
+def require_internet() -> None:
+    """Skip when not root (namespaces, nftables and tc need it); as root,
+    install nftables if it is missing, and fail, not skip, when the
+    emulation still cannot run: CI runs as root and must run these tests."""
+    if os.geteuid() != 0:
+        pytest.skip("the emulated internet needs root (network namespaces, nftables, tc)")
+    if shutil.which("nft") is None and shutil.which("apt-get") is not None:
+        subprocess.run(["apt-get", "install", "-y", "-q", "nftables"], capture_output=True, timeout=APT_TIMEOUT_S,
+                       check=False)
+    reason = internet.probe().internet
+    if reason is not None:
+        pytest.fail(f"running as root, yet the emulated internet cannot run: {reason}")
+
+
+def listen(net: Internet, host: str, port: int) -> socket.socket:
+    s = internet.socket_in(net.ns(host))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((net.address(host), port))
+    s.listen(16)
+    s.settimeout(IO_TIMEOUT_S)
+    return s
+
+
+def dial(net: Internet, host: str, dst: tuple[str, int], src_port: int = 0,
+         timeout_s: float = IO_TIMEOUT_S) -> socket.socket:
+    """A TCP connection from ``host`` (from ``src_port``, shared with other
+    sockets as libp2p's port reuse does) to ``dst``."""
+    s = internet.socket_in(net.ns(host))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("0.0.0.0", src_port))
+    s.settimeout(timeout_s)
+    try:
+        s.connect(dst)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def seen_from(server: socket.socket) -> tuple[str, int]:
+    """Accept one connection: the (address, port) it came from, as the server sees it."""
+    conn, peer = server.accept()
+    conn.close()
+    return peer[0], peer[1]
+
+
+@dataclass(frozen=True)
+class Transfer:
+    nbytes: int
+    seconds: float
+
+    @property
+    def mbit_s(self) -> float:
+        return self.nbytes * 8 / self.seconds / 1e6
+
+
+def _send(conn: socket.socket, nbytes: int) -> None:
+    block = b"\0" * (1 << 16)
+    left = nbytes
+    while left > 0:
+        conn.sendall(block[:min(left, len(block))])
+        left -= len(block)
+    conn.shutdown(socket.SHUT_WR)
+
+
+def _receive(conn: socket.socket) -> Transfer:
+    got, first = 0, None
+    while chunk := conn.recv(1 << 16):
+        first = first or time.monotonic()
+        got += len(chunk)
+    assert first is not None, "nothing arrived"
+    return Transfer(got, time.monotonic() - first)
+
+
+def transfer(net: Internet, client: str, server: str, nbytes: int, port: int, *, upload: bool) -> Transfer:
+    """``client`` dials ``server`` (at its public address); then ``nbytes``
+    go up (client to server) or down, timed at the receiver from the first
+    byte to the last."""
+    listener = listen(net, server, port)
+    result: list[Transfer | BaseException] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(IO_TIMEOUT_S)
+                if upload:
+                    result.append(_receive(conn))
+                else:
+                    _send(conn, nbytes)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            result.append(exc)
+
+    thread = threading.Thread(target=serve, name="serve", daemon=True)
+    thread.start()
+    try:
+        with dial(net, client, (net.plan.public_address(server), port)) as conn:
+            if upload:
+                _send(conn, nbytes)
+                conn.recv(1)  # until the server closed: it has timed every byte
+            else:
+                result.append(_receive(conn))
+        thread.join(IO_TIMEOUT_S)
+    finally:
+        listener.close()
+    for outcome in result:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    (measured,) = [r for r in result if isinstance(r, Transfer)]
+    assert measured.nbytes == nbytes
+    return measured

@@ -1,0 +1,99 @@
+"""Real ``murmur node start`` daemons beyond loopback: one on a public
+address, one behind a home router's NAT (endpoint-independent), on the
+emulated internet. The NATed node dials the public one, and they learn
+together across the NAT. Root only (skipped otherwise, with the reason)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import pytest
+
+from murmur.node.state import METRICS_FILE
+from murmur.testnet import internet
+from murmur.testnet.internet import Host, Internet, NatKind, Router, Topology
+from tests.integration.cluster import wait_until
+from tests.integration.daemons import Daemon, DaemonPool
+from tests.integration.emulation import require_internet
+
+PORT = 4731  # every host has its own address: the default port for all
+ROUNDS = 6
+TOGETHER = ROUNDS // 2  # rounds in which each must have aggregated the other's delta
+LEARNED_S = 90.0  # two interpreters importing torch on a loaded 2-core box, then the rounds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _root() -> None:
+    require_internet()
+
+
+def _sections(index: int, bootstrap: list[str]) -> dict[str, Mapping[str, Any]]:
+    return {
+        "node": {"listen": [f"/ip4/0.0.0.0/tcp/{PORT}"], "log_format": "json"},
+        "network": {"bootstrap": bootstrap, "mdns": False, "neighbours": 1, "shuffle_interval_s": 1.0},
+        "api": {"port": 0},
+        "learning": {"enabled": True, "trainer": "digits-mlp", "num_nodes": 2, "node_index": index,
+                     "rounds": ROUNDS, "local_steps": 5, "round_deadline_s": 3.0, "threads": 1, "device": "cpu"},
+    }
+
+
+async def _status(net: Internet, host: str, daemon: Daemon) -> dict[str, Any]:
+    """``GET /status`` of a daemon whose API listens on its host's loopback."""
+    connector = aiohttp.TCPConnector(socket_factory=internet.socket_factory(net.ns(host)))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=5)) as http:
+        async with http.get(f"{daemon.state.read_api_info().url}/status") as resp:
+            return dict(await resp.json())
+
+
+def _rounds(daemon: Daemon) -> list[dict[str, Any]]:
+    path = daemon.data_dir / METRICS_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def _established_from(net: Internet, host: str) -> set[str]:
+    """The remote addresses of the TCP connections to ``host``'s listen port, as its kernel sees them."""
+    out = subprocess.run([*net.exec_prefix(host), "ss", "-Htn", "state", "established", f"( sport = :{PORT} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return {line.split()[-1].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
+
+
+async def test_a_node_behind_nat_learns_with_a_public_node(pool: DaemonPool) -> None:
+    topology = Topology(hosts=(Host("pub"), Host("home", router="router")),
+                        routers=(Router("router", nat=NatKind.EIM),))
+    with Internet(topology) as net:
+        public = pool.add(_sections(0, []))
+        behind = pool.add(_sections(1, [f"/ip4/{net.address('pub')}/tcp/{PORT}/p2p/{public.state.identity().peer_id}"]))
+        try:
+            pool.spawn(public, prefix=net.exec_prefix("pub"))
+            pool.spawn(behind, prefix=net.exec_prefix("home"))
+            await pool.wait_api(public, LEARNED_S)
+            await pool.wait_api(behind, LEARNED_S)
+
+            # each advertises its own interface address (none of the machine's, no loopback)
+            # and knows whether others can dial it
+            pub_status = await _status(net, "pub", public)
+            home_status = await _status(net, "home", behind)
+            assert pub_status["addrs"] == [f"/ip4/{net.address('pub')}/tcp/{PORT}/p2p/{public.peer_id}"]
+            assert home_status["addrs"] == [f"/ip4/{net.address('home')}/tcp/{PORT}/p2p/{behind.peer_id}"]
+            assert pub_status["reachability"]["state"] == "public"
+            assert home_status["reachability"]["state"] == "private"
+
+            # every round ran on both (a state reached whatever the load), then: most of them with the
+            # other's delta, which crossed the NAT (the first may run before the connection is up, and
+            # a round may miss its deadline on a loaded machine)
+            await wait_until(lambda: all(_rounds(d) and _rounds(d)[-1]["round"] == ROUNDS - 1
+                                         for d in (public, behind)), LEARNED_S, f"{ROUNDS} rounds on both nodes")
+            with_other = {d.peer_id: [r["round"] for r in _rounds(d) if o.peer_id in r.get("neighbours", [])]
+                          for d, o in ((public, behind), (behind, public))}
+            assert all(len(rounds) >= TOGETHER for rounds in with_other.values()), with_other
+            # the public node sees the NATed one at its router's public address, never its LAN address
+            assert _established_from(net, "pub") == {net.plan.public_address("home")}
+            for daemon in (public, behind):
+                assert _rounds(daemon)[-1]["accuracy"] > 0.5  # ten digits: 0.1 by chance
+        finally:
+            pool.teardown()

@@ -1,0 +1,102 @@
+"""``murmur testnet run`` with a ``[network]`` section: the nodes on an
+emulated internet, public and behind EIM and symmetric NATs, with link rates;
+and its refusal, in one line, where that cannot run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from murmur.testnet import internet
+from murmur.testnet.controller import read_metrics
+from murmur.testnet.scenario import find_line, load_scenario
+from tests.integration.emulation import require_internet
+
+ROOT = Path(__file__).resolve().parents[2]
+NAT_SCENARIO = ROOT / "murmur" / "testnet" / "scenarios" / "nat.toml"
+MURMUR = [sys.executable, "-m", "murmur.node.cli"]
+RUN_TIMEOUT_S = 240
+ROUNDS = 8
+ACCURACY = 0.8  # digits-mlp, iid, plain averaging: ~0.9 after 8 rounds of 10 steps
+NOBODY = 65534
+
+
+def _short(tmp_path: Path) -> Path:
+    path = tmp_path / "nat.toml"
+    path.write_text(NAT_SCENARIO.read_text().replace("rounds = 20", f"rounds = {ROUNDS}"), encoding="utf-8")
+    assert load_scenario(path).duration.rounds == ROUNDS
+    return path
+
+
+def test_nodes_behind_nats_learn_on_the_emulated_internet(tmp_path: Path) -> None:
+    require_internet()
+    out = tmp_path / "run"
+    try:
+        proc = subprocess.run([*MURMUR, "testnet", "run", str(_short(tmp_path)), "--out", str(out),
+                               "--no-dashboard"], capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        internet.cleanup_stale()  # killed: its namespaces stay behind (its workers died with it)
+        raise
+    left = [ns for ns in internet.owned_namespaces() if ns.startswith(f"{internet.NS_PREFIX}{proc.pid}.")]
+    internet.remove_namespaces(left)  # gone whatever follows; and the controller should have removed them
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "emulated internet: 6 hosts, 2 public; router0 eim, router1 eim, router2 symmetric" in proc.stdout
+    assert not left
+
+    layout = json.loads((out / "network.json").read_text())
+    nodes = layout["nodes"]
+    assert {n: (v["router"], v["nat"]) for n, v in nodes.items()} == {
+        "node0": (None, None), "node1": (None, None), "node2": ("router0", "eim"), "node3": ("router0", "eim"),
+        "node4": ("router1", "eim"), "node5": ("router2", "symmetric")}
+    assert nodes["node2"]["address"].startswith("10.1.0.") and nodes["node2"]["public_address"] == \
+        layout["routers"]["router0"]["address"]
+    assert (nodes["node5"]["up_mbit"], nodes["node5"]["down_mbit"], nodes["node0"]["up_mbit"]) == (2.0, 10.0, 20.0)
+    by_peer = {v["peer_id"]: name for name, v in nodes.items()}
+    learned_with: dict[str, set[str]] = {n: set() for n in nodes}
+    for name, node in nodes.items():
+        rows = read_metrics(out / "nodes" / name)
+        assert rows and rows[-1]["round"] == ROUNDS - 1, name
+        assert rows[-1]["accuracy"] >= ACCURACY, (name, rows[-1]["accuracy"])
+        for peer in {by_peer[p] for r in rows for p in r.get("neighbours", [])}:
+            learned_with[name].add(peer)
+            learned_with[peer].add(name)
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert f'"/ip4/{node["address"]}/tcp/4731/p2p/{node["peer_id"]}"' in log  # it listened on its host
+    edges = {frozenset((a, b)) for a, peers in learned_with.items() for b in peers}
+    router = {name: node["router"] for name, node in nodes.items()}
+    # nodes behind NAT learned with public ones, across their routers...
+    assert any((router[a] is None) != (router[b] is None) for a, b in edges), learned_with
+    # ...and never directly with a node behind another router: nothing can dial it (no relays yet)
+    assert not [(a, b) for a, b in edges if None not in (router[a], router[b]) and router[a] != router[b]]
+    alone = sorted(n for n, peers in learned_with.items() if not peers)
+    print(f"\nlearned with: { {n: sorted(p) for n, p in learned_with.items()} }; alone: {alone}")
+
+
+def test_network_is_refused_in_one_line_where_it_cannot_run(tmp_path: Path) -> None:
+    """Not root: exit 2 and one line naming the [network] line and why; no
+    run on loopback instead. As root the same CLI runs as nobody."""
+    argv = [*MURMUR, "testnet", "run", str(NAT_SCENARIO), "--out", str(tmp_path / "never"), "--no-dashboard"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to drop root for this test")
+        drop = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        if subprocess.run([*drop, *MURMUR, "--help"], capture_output=True, cwd="/", env=env).returncode != 0:
+            pytest.skip(f"an unprivileged user cannot run {sys.executable} with {ROOT} here")
+        argv = [*drop, *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/", env=env)
+    line = find_line(NAT_SCENARIO.read_text(), ("network",))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"murmur: config error: {NAT_SCENARIO}:{line}: network: the emulated internet cannot run here: needs root "
+        "(network namespaces, nftables, tc); not running as root (run as root, or remove [network] to run every "
+        "node on loopback)"]
+    assert proc.stdout == "" and not (tmp_path / "never").exists()

@@ -1,0 +1,171 @@
+"""The emulated internet's plan and command lines (pure), and its runner.
+Real namespaces, NATs and rates: tests/integration/test_internet.py."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import subprocess
+
+import pytest
+
+from murmur.testnet import internet
+from murmur.testnet.internet import Host, InternetError, LinkRate, NatKind, Router, Topology, Unsolicited
+
+OWNER = "4242.17.0"
+NS = f"murmur-net-{OWNER}-"
+
+
+def _topology() -> Topology:
+    return Topology(
+        hosts=(Host("pub"), Host("a", router="home"), Host("b", router="home", rate=LinkRate(5, 20)),
+               Host("c", router="cgn")),
+        routers=(Router("home"), Router("cgn", nat=NatKind.SYMMETRIC, lan="192.168.1.0/24")),
+    )
+
+
+def test_plan_gives_each_public_endpoint_its_own_24_and_lans_their_own_range() -> None:
+    p = internet.plan(_topology(), owner=OWNER)
+    assert p.inet_ns == f"{NS}inet"
+    # routers take public addresses first, then public hosts, one /24 each
+    assert (p.routers["home"].wan_address, p.routers["cgn"].wan_address) == ("198.18.1.1", "198.18.2.1")
+    assert p.hosts["pub"].address == "198.18.3.1" and p.hosts["pub"].prefix_len == 15
+    assert p.hosts["pub"].gateway is None and p.hosts["pub"].far_ns == p.inet_ns
+    a, b, c = p.hosts["a"], p.hosts["b"], p.hosts["c"]
+    assert (a.address, b.address, a.gateway, a.prefix_len) == ("10.1.0.2", "10.1.0.3", "10.1.0.1", 24)
+    assert (c.address, c.gateway) == ("192.168.1.2", "192.168.1.1")
+    assert (a.ns, a.far_ns, a.far_iface, b.far_iface) == (f"{NS}h-a", f"{NS}r-home", "p1", "p2")
+    assert p.public_address("a") == "198.18.1.1" and p.public_address("pub") == "198.18.3.1"
+    assert p.namespaces == [f"{NS}h-pub", f"{NS}h-a", f"{NS}h-b", f"{NS}h-c", f"{NS}r-home", f"{NS}r-cgn", f"{NS}inet"]
+    for ns in p.namespaces:
+        assert internet._OWNED.match(ns)
+
+
+def test_explicit_public_addresses_are_kept_and_skipped_by_the_automatic_ones() -> None:
+    p = internet.plan(Topology(hosts=(Host("x", address="198.18.1.1"), Host("y"), Host("z", address="198.19.0.7"))),
+                      owner=OWNER)
+    assert [p.hosts[h].address for h in "xyz"] == ["198.18.1.1", "198.18.2.1", "198.19.0.7"]
+
+
+@pytest.mark.parametrize(("topology", "problem"), [
+    (Topology(hosts=(Host("a"), Host("a"))), "host name 'a' is used twice"),
+    (Topology(hosts=(Host("a"),), routers=(Router("a"),)), "host name 'a' is used twice"),
+    (Topology(hosts=(Host("Bad Name"),)), "host name 'Bad Name' must match"),
+    (Topology(hosts=(Host("a", router="nope"),)), "host a: no router named 'nope'"),
+    (Topology(hosts=(Host("a", address="192.0.2.1"),)), "a: 192.0.2.1 is not a host address in the public segment"),
+    (Topology(hosts=(Host("a", address="198.18.0.0"),)), "not a host address in the public segment"),
+    (Topology(hosts=(Host("a", address="198.18.5.5"), Host("b", address="198.18.5.5"))), "the same address"),
+    (Topology(hosts=(Host("a", router="r", address="198.18.9.9"),), routers=(Router("r"),)),
+     "only public hosts take an address"),
+    (Topology(hosts=(), routers=(Router("r", lan="8.8.8.0/24"),)), "lan 8.8.8.0/24 must be a /29 or larger inside"),
+    (Topology(hosts=(), routers=(Router("r", lan="198.18.0.0/24"),)), "must be a /29 or larger"),
+    (Topology(hosts=(), routers=(Router("r", lan="10.0.0.0/30"),)), "must be a /29 or larger"),
+    (Topology(hosts=tuple(Host(f"h{i}", router="r") for i in range(6)), routers=(Router("r", lan="10.0.0.0/29"),)),
+     "lan 10.0.0.0/29 has no room for host h5"),
+    (Topology(hosts=tuple(Host(f"h{i}") for i in range(internet.MAX_PUBLIC_ENDPOINTS + 1))),
+     "more than 511 public endpoints"),
+])
+def test_plan_refuses_what_cannot_be_built(topology: Topology, problem: str) -> None:
+    with pytest.raises(InternetError, match=problem.replace("(", r"\(")):
+        internet.plan(topology, owner=OWNER)
+
+
+def test_every_automatic_address_is_inside_the_benchmarking_range() -> None:
+    p = internet.plan(Topology(hosts=tuple(Host(f"h{i}") for i in range(internet.MAX_PUBLIC_ENDPOINTS))), owner=OWNER)
+    addrs = [ipaddress.IPv4Address(h.address) for h in p.hosts.values()]
+    assert len(set(addrs)) == internet.MAX_PUBLIC_ENDPOINTS
+    assert all(a in internet.PUBLIC_NET for a in addrs)
+    assert len({ipaddress.IPv4Network(f"{a}/24", strict=False) for a in addrs}) == len(addrs)
+
+
+def test_link_rates_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="must be > 0"):
+        LinkRate(up_mbit=0)
+
+
+def test_nat_rules_masquerade_out_and_drop_unsolicited_in() -> None:
+    p = internet.plan(_topology(), owner=OWNER)
+    nft = ["ip", "netns", "exec", f"{NS}r-home", "nft"]
+    eim = internet.nat_commands(p.routers["home"])
+    assert eim[2] == [*nft, "add", "rule", "ip", "murmur", "postrouting", "oifname", "wan0", "masquerade"]
+    assert [*nft, "add", "rule", "ip", "murmur", "forward", "iifname", "wan0", "drop"] in eim
+    assert [*nft, "add", "rule", "ip", "murmur", "input", "iifname", "wan0", "drop"] in eim
+    symmetric = internet.nat_commands(p.routers["cgn"])
+    assert symmetric[2][-3:] == ["wan0", "masquerade", "random"]
+    rejecting = internet.plan(Topology(hosts=(), routers=(Router("r", unsolicited=Unsolicited.REJECT),)),
+                              owner=OWNER).routers["r"]
+    rules = [c[c.index("wan0") + 1:] for c in internet.nat_commands(rejecting) if c[-1] != "accept" and "iifname" in c]
+    assert rules == [["meta", "l4proto", "tcp", "reject", "with", "tcp", "reset"], ["reject"]] * 2
+
+
+def test_rates_shape_upload_at_the_host_and_download_at_the_far_end() -> None:
+    b = internet.plan(_topology(), owner=OWNER).hosts["b"]
+    cmds = internet.rate_commands(b, LinkRate(up_mbit=5, down_mbit=20))
+    assert cmds == [
+        ["tc", "-n", f"{NS}h-b", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", "5000kbit",
+         "burst", "32768", "latency", "50ms"],
+        ["tc", "-n", f"{NS}r-home", "qdisc", "replace", "dev", "p2", "root", "tbf", "rate", "20000kbit",
+         "burst", "32768", "latency", "50ms"],
+    ]
+    assert internet.tbf_burst_bytes(1000) == 500_000  # 4 ms of a gigabit
+    assert internet.rate_commands(b, LinkRate()) == [
+        ["-", "tc", "-n", f"{NS}h-b", "qdisc", "del", "dev", "eth0", "root"],
+        ["-", "tc", "-n", f"{NS}r-home", "qdisc", "del", "dev", "p2", "root"],
+    ]
+
+
+def test_setup_creates_nothing_in_the_machines_own_namespace() -> None:
+    """Every command names a namespace it runs in, except ``ip netns add``:
+    no interface, address, route or rule lands next to the real ones."""
+    cmds = internet.setup_commands(internet.plan(_topology(), owner=OWNER))
+    for cmd in cmds:
+        inside = cmd[:2] == ["ip", "-n"] or cmd[:3] == ["ip", "netns", "exec"] or cmd[:2] == ["tc", "-n"]
+        assert inside or cmd[:3] == ["ip", "netns", "add"], cmd
+        assert all(NS in part for part in cmd if part.startswith("murmur-net-")), cmd
+    veths = [c for c in cmds if "veth" in c]
+    assert len(veths) == 6 and all(c[-2] == "netns" and c[-1].startswith(NS) for c in veths)
+    # only hosts behind a router get a default route, and nobody else routes anywhere
+    routes = [c for c in cmds if "route" in c]
+    assert sorted(c[2] for c in routes) == [f"{NS}h-a", f"{NS}h-b", f"{NS}h-c"]
+    assert all(c[-3:] == ["default", "via", "10.1.0.1"] or c[-1] == "192.168.1.1" for c in routes)
+    # one rate in setup: b's (no qdisc to delete yet)
+    assert sum(1 for c in cmds if "tbf" in c) == 2 and not any(c[0] == "-" for c in cmds)
+
+
+def test_run_stops_at_the_first_failure_unless_the_command_may_fail() -> None:
+    seen: list[list[str]] = []
+
+    def runner(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 2 if cmd[-1] == "x" else 0, "", "boom")
+
+    with pytest.raises(InternetError, match=r"^bad x: exit 2: boom$"):
+        internet.run([["ok"], ["-", "fine", "x"], ["bad", "x"], ["never"]], runner)
+    assert seen == [["ok"], ["fine", "x"], ["bad", "x"]]
+
+
+def test_owner_tag_names_this_process_and_tells_a_dead_owner() -> None:
+    owner = internet.new_owner()
+    pid, ticks, _n = owner.split(".")
+    assert int(pid) == os.getpid() and int(ticks) > 0
+    assert internet.new_owner() != owner  # each instance its own
+    assert internet._process_start_ticks(os.getpid()) == int(ticks)
+
+
+def test_probe_reports_honestly() -> None:
+    caps = internet.probe()
+    if os.geteuid() != 0:
+        assert caps.internet is not None and "root" in caps.internet
+        return
+    # as root: whatever it says must match what this host really allows, and it leaves nothing behind
+    ns_ok = subprocess.run(["ip", "netns", "add", "murmur-test-probe"], capture_output=True).returncode == 0
+    subprocess.run(["ip", "netns", "del", "murmur-test-probe"], capture_output=True)
+    assert (caps.netns is None) == ns_ok
+    assert not [n for n in internet.owned_namespaces() if n.endswith("-probe")]
+
+
+def test_skipped_is_a_clear_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="murmur.testnet.internet"):
+        internet.skipped("latency 100ms on node3", "tc netem unavailable")
+    assert caplog.messages == ["skipped: latency 100ms on node3: tc netem unavailable"]

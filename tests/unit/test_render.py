@@ -1,0 +1,31 @@
+"""``murmur peers`` on a terminal shows what each peer's identify said."""
+
+from __future__ import annotations
+
+from murmur.node.render import render_peers
+
+MURMUR_PEER = {
+    "peer_id": "12D3KooWMurmurPeerAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "addrs": ["/ip4/10.0.0.2/tcp/4731"],
+    "score": 1.5, "connected": True, "murmur": True, "neighbour": True, "agent": "murmur/0.1.0",
+    "protocols": ["/ipfs/id/1.0.0", "/ipfs/ping/1.0.0", "/murmur/hello/1.0.0"],
+    "listen_addrs": ["/ip4/10.0.0.2/tcp/4731"], "observed": "/ip4/10.0.0.1/tcp/51000",
+}
+LIBP2P_PEER = {
+    "peer_id": "12D3KooWJsPeerBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB", "addrs": ["/ip4/10.0.0.3/tcp/4001"],
+    "score": 0.0, "connected": True, "murmur": False, "neighbour": False, "agent": "js-libp2p/2.8.0",
+    "protocols": ["/ipfs/id/1.0.0", "/ipfs/ping/1.0.0"], "listen_addrs": [], "observed": "/ip4/10.0.0.1/tcp/51001",
+}
+
+
+def test_peers_table_shows_agent_protocols_and_observed_address() -> None:
+    lines = render_peers([LIBP2P_PEER, MURMUR_PEER]).splitlines()
+    assert lines[0].split() == ["peer", "connected", "neighbour", "score", "agent", "protocols", "observed-us", "addresses"]
+    murmur_row, libp2p_row = lines[1].split(), lines[2].split()  # the neighbour first
+    assert murmur_row[4:8] == ["murmur/0.1.0", "3", "murmur", "/ip4/10.0.0.1/tcp/51000"]
+    assert libp2p_row[4:7] == ["js-libp2p/2.8.0", "2", "/ip4/10.0.0.1/tcp/51001"]
+    assert lines[-1] == "2 known, 2 connected, 1 neighbours"
+
+
+def test_a_peer_not_yet_identified_prints_dashes() -> None:
+    row = render_peers([{"peer_id": "12D3KooWQuietCCCCCCCCCC", "addrs": [], "connected": False}]).splitlines()[1]
+    assert row.split()[4:8] == ["–", "–", "–", "–"]
