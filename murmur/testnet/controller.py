@@ -32,6 +32,12 @@ node's loopback-only API through a socket made inside that host. The
 layout (addresses, routers, NAT kinds, rates) is written to
 ``<out>/network.json``.
 
+On a Ray cluster (``[cluster] backend = "ray"``) the same happens with the
+worker processes on the cluster's hosts: :mod:`~murmur.testnet.raycluster`
+places them, starts them for the supervisor, relays their control sockets
+and reads the nodes' status on their hosts; their metrics and logs come back
+into the run dir before the report is written.
+
 Partitions are application-level (a control command to each worker, which
 calls ``Node.set_partition``): the nodes share the loopback interface, which
 routes cannot split. Latency and loss need per-node interfaces (network
@@ -57,12 +63,13 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import aiohttp
 
 from murmur.errors import StateError
 from murmur.node.state import METRICS_FILE, StateDir
+from murmur.protocol.identity import KEY_FILE_NAME
 from murmur.testnet import internet
 from murmur.testnet.churn import ChurnSchedule, partition_groups, reference_round
 from murmur.testnet.dashboard import DashboardServer, DashboardState, fill_from_specs
@@ -71,7 +78,9 @@ from murmur.testnet.procs import Supervisor, last_error
 from murmur.testnet.report import write_report
 from murmur.testnet.scenario import (
     Action,
+    Backend,
     ChurnEvent,
+    NodePlace,
     NodeSpec,
     Role,
     Scenario,
@@ -82,6 +91,9 @@ from murmur.testnet.scenario import (
     process_groups,
     provision_identities,
 )
+
+if TYPE_CHECKING:
+    from murmur.testnet.raycluster import RayLauncher
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +305,8 @@ class Testnet:
         self._exited: list[WorkerProc] = []  # processes that exited on their own, in the order seen
         self.failure: WorkerFailure | None = None
         self._worker_env: dict[str, str] | None = None
+        self._ray: RayLauncher | None = None  # [cluster] backend = "ray": where the worker processes run
+        self.hosts: dict[str, str] = {}  # node name -> its host's address (cluster runs)
         self.plan: internet.Plan | None = None  # the emulated internet's layout, with [network]
         self._internet: internet.Internet | None = None
         self._host_http: dict[str, aiohttp.ClientSession] = {}  # namespace -> a client whose sockets start there
@@ -305,7 +319,8 @@ class Testnet:
     # -- plan ----------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Write configs and identities; plan the worker processes."""
+        """Write configs and identities; plan the worker processes (and, on a
+        cluster, place them: their hosts' addresses go into the configs)."""
         sc = self.scenario
         specs = sc.node_specs()
         for sub in ("configs", "nodes", "logs"):
@@ -314,21 +329,18 @@ class Testnet:
         if sc.network is not None:
             self.plan = internet.plan(network_topology(sc))
             self._write_network(peer_ids)
-        base_port = find_free_port_block(len(specs)) if self.plan is None else 0
-        configs = node_configs(sc, self.run_dir / "nodes", base_port, self.plan)
-        paths = {}
-        for spec, cfg in zip(specs, configs, strict=True):
-            paths[spec.index] = self.run_dir / "configs" / f"{spec.name}.toml"
-            paths[spec.index].write_text(dump_toml(cfg), encoding="utf-8")
+        paths = {spec.index: self.run_dir / "configs" / f"{spec.name}.toml" for spec in specs}
         ctl_dir = self.run_dir / "ctl"
         if len(str(ctl_dir)) + 40 > MAX_UNIX_PATH:  # + "/<name[:24]>.<gen>.sock"
             ctl_dir = Path(tempfile.mkdtemp(prefix="murmur-ctl-"))
         ctl_dir.mkdir(exist_ok=True)
+        groups: dict[str, list[int]] = {}
         for group in process_groups(sc, self.options.nodes_per_process):
             first = specs[group[0]]
             attacker = first.attacker is not None
             name = (f"attacker{first.attacker}" if attacker else
                     first.name if len(group) == 1 else f"nodes-{'-'.join(map(str, group))}")
+            groups[name] = group
             args = (["--attacker"] if attacker else []) + [str(paths[i]) for i in group]
             if self.plan is not None:  # a process runs on one host (process_groups saw to that)
                 args = ["--netns", self.plan.hosts[host_name(first)].ns, *args]
@@ -337,7 +349,60 @@ class Testnet:
                 self.nodes[i] = NodeHandle(specs[i], self.run_dir / "nodes" / specs[i].name,
                                            peer_ids[specs[i].name], name)
                 self._by_peer[peer_ids[specs[i].name]] = i
+        if sc.cluster.backend is Backend.RAY:
+            configs = self._place_on_ray(groups, paths, ctl_dir)
+        else:
+            base_port = find_free_port_block(len(specs)) if self.plan is None else 0
+            configs = node_configs(sc, self.run_dir / "nodes", base_port, self.plan)
+        for spec, cfg in zip(specs, configs, strict=True):
+            paths[spec.index].write_text(dump_toml(cfg), encoding="utf-8")
+        if self._ray is not None:
+            try:
+                self._install_on_hosts(groups, paths)
+            except BaseException:
+                self._ray.shutdown()  # nothing of this run may stay on the cluster
+                raise
         fill_from_specs(self.dashboard, specs, peer_ids)
+
+    def _place_on_ray(self, groups: Mapping[str, list[int]], paths: Mapping[int, Path],
+                      ctl_dir: Path) -> list[dict[str, Any]]:
+        """Join (or start) the Ray cluster and place the worker processes
+        (murmur.testnet.raycluster); the nodes' configs with their hosts'
+        addresses and their state dirs there."""
+        from murmur.testnet.raycluster import RayLauncher
+
+        sc = self.scenario
+        launcher = RayLauncher(sc.cluster, self.run_dir, ctl_dir, WORKER_MODULE, WORKER_ENV)
+        self._ray = launcher
+        try:
+            launcher.connect(sc.cluster.cpus_per_node * len(self.nodes))
+            hosts = launcher.place(groups, paths)
+        except BaseException:
+            launcher.shutdown()
+            raise
+        places: dict[int, NodePlace] = {}
+        for name, group in groups.items():
+            host = hosts[name]
+            device = "cuda" if host.gpus and sc.cluster.gpus_per_node else None
+            for k, i in enumerate(group):
+                handle = self.nodes[i]
+                places[i] = NodePlace(host.ip, host.base_port + k, launcher.remote_path(handle.data_dir), device)
+                self.hosts[handle.spec.name] = host.ip
+        return node_configs(sc, self.run_dir / "nodes", places=places)
+
+    def _install_on_hosts(self, groups: Mapping[str, list[int]], paths: Mapping[int, Path]) -> None:
+        """Each worker process's node configs and identity keys, onto its host."""
+        assert self._ray is not None
+        for name, group in groups.items():
+            files: dict[str, bytes] = {}
+            secret = []
+            for i in group:
+                handle = self.nodes[i]
+                files[str(paths[i].relative_to(self.run_dir))] = paths[i].read_bytes()
+                key = handle.data_dir / KEY_FILE_NAME
+                secret.append(str(key.relative_to(self.run_dir)))
+                files[secret[-1]] = key.read_bytes()
+            self._ray.install(name, files, secret)
 
     def _write_network(self, peer_ids: Mapping[str, str]) -> None:
         """``network.json``: where each node runs on the emulated internet."""
@@ -375,9 +440,10 @@ class Testnet:
         await asyncio.gather(*(http.close() for http in sessions), return_exceptions=True)
 
     def worker_pids(self) -> dict[str, int]:
-        """Live worker processes by name (for benchmarks sampling their CPU time)."""
+        """Live worker processes by name (for benchmarks sampling their CPU time);
+        none on a cluster: their pids are their hosts', not this machine's."""
         sup = self._supervisor
-        if sup is None:
+        if sup is None or self._ray is not None:
             return {}
         return {name: sup[name].pid for name in sup.alive()}
 
@@ -527,8 +593,8 @@ class Testnet:
         final: dict[str, dict[str, Any] | None] = {}
         server: DashboardServer | None = None
         fork_server = (ForkServer(WORKER_MODULE, env=self._env(), log_path=self.run_dir / "logs" / "forkserver.log",
-                                  tag=str(self.run_dir)) if self.options.fork_server else None)
-        self._supervisor = Supervisor(self.run_dir / "logs", fork_server=fork_server)
+                                  tag=str(self.run_dir)) if self.options.fork_server and self._ray is None else None)
+        self._supervisor = Supervisor(self.run_dir / "logs", fork_server=self._ray or fork_server)
         launched = time.monotonic()
         try:
             if self.options.dashboard:
@@ -573,6 +639,8 @@ class Testnet:
             # graceful stop (checkpoints, peers.json) before reading metrics; on
             # cancellation (Ctrl-C) too: Supervisor.close holds back a second SIGINT
             await asyncio.shield(asyncio.to_thread(self._supervisor.close))
+            if self._ray is not None:  # the nodes' metrics and the logs come home; the cluster is left clean
+                await asyncio.shield(self._ray.finish(self._node_files()))
             if self._internet is not None:  # after the workers: nothing runs inside any more
                 await asyncio.shield(asyncio.to_thread(self._internet.close))
             if server is not None:
@@ -776,9 +844,18 @@ class Testnet:
         for i in proc.indices:
             self.nodes[i].round = None
 
+    def _node_files(self) -> dict[str, list[Path]]:
+        """What a cluster run brings back from each worker process's host:
+        its nodes' metrics and its log (the report's inputs)."""
+        return {name: [self.nodes[i].data_dir / METRICS_FILE for i in proc.indices]
+                + [self.run_dir / "logs" / f"{name}.log"] for name, proc in self.procs.items()}
+
     async def _status(self, http: aiohttp.ClientSession, handle: NodeHandle) -> dict[str, Any] | None:
         if not self.procs[handle.proc].wanted_up:
             return None
+        if self._ray is not None:  # read on the node's host
+            status = await self._ray.status(handle.proc, handle.data_dir)
+            return status if status is not None and status.get("peer_id") == handle.peer_id else None
         try:
             info = StateDir(handle.data_dir).read_api_info()  # re-read: a restarted node has a new port
             async with self._http(handle, http).get(f"{info.url}/status") as resp:
@@ -800,8 +877,15 @@ class Testnet:
                 code = child.returncode
                 self._down(proc)
                 self._exited.append(proc)
-                self._say(f"\nprocess {proc.name} exited unexpectedly (code {code}); see {child.log_path}")
-                self._record({"action": "exited", "process": proc.name, "code": code})
+                record = {"action": "exited", "process": proc.name, "code": code}
+                why = f"exited unexpectedly (code {code})"
+                if self._ray is not None:  # where it ran; a lost host takes its nodes with it
+                    record["host"] = self._ray.hosts[proc.name].ip
+                    if self._ray.host_lost(proc.name):
+                        record["host_lost"] = True
+                        why = f"is gone with its Ray host {record['host']}"
+                self._say(f"\nprocess {proc.name} {why}; see {child.log_path}")
+                self._record(record)
 
     # -- churn -----------------------------------------------------------------------
 
@@ -976,7 +1060,8 @@ class Testnet:
         (None for nodes that were down at the end)."""
         metrics = {h.spec.name: read_metrics(h.data_dir) for h in self.nodes.values()}
         peer_ids = {h.spec.name: h.peer_id for h in self.nodes.values()}
-        report_dir = write_report(self.run_dir, metrics, dict(final), self.scenario, self.events, peer_ids)
+        report_dir = write_report(self.run_dir, metrics, dict(final), self.scenario, self.events, peer_ids,
+                                  hosts=self.hosts or None)
         summary = json.loads((report_dir / "summary.json").read_text(encoding="utf-8"))
         return report_dir, summary
 
