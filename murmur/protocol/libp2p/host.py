@@ -49,6 +49,7 @@ from murmur.protocol.budget import BytePool
 from murmur.protocol.framing import PlaintextScratch
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.libp2p.connection import Handler, Libp2pConnection, Stream
+from murmur.protocol.libp2p.stream_transport import StreamTransport
 from murmur.protocol.libp2p.wire import Wire
 from murmur.protocol.multiaddr import AnyMultiaddr, Multiaddr, Proto
 from murmur.protocol.subnets import SubnetKey, subnet_of
@@ -184,6 +185,21 @@ class Libp2pHost:
                 limits.connect_timeout_s)
         except TimeoutError:
             raise TimeoutFault(f"connect to {addr} timed out after {limits.connect_timeout_s}s") from None
+        return await asyncio.shield(wire.ready)  # the wire's own timer bounds the upgrade
+
+    async def upgrade_stream(self, stream: Stream, outbound: bool, expected: PeerId | None = None) -> Libp2pConnection:
+        """Upgrade a relayed stream (circuit relay v2, after its CONNECT) into a
+        connection, exactly as a TCP connection is upgraded: the same :class:`Wire`
+        runs over a :class:`StreamTransport`, so security, muxer, admission (an
+        inbound one counts under the relay's address), budgets and timeouts are
+        the TCP path's. ``conn.relay`` names the relay. Raises what :meth:`dial` does."""
+        if self._closing:
+            raise ConnectionClosed("host is closed")
+        wire = Wire(self, outbound, next(self._numbers), expected)
+        wire.relay = stream.peer_id
+        transport = StreamTransport(stream, wire, self._tasks, f"relayed-{wire.conn_no}",
+                                    peername=stream.conn.remote, sockname=stream.conn.local)
+        transport.start()
         return await asyncio.shield(wire.ready)  # the wire's own timer bounds the upgrade
 
     async def close(self) -> None:
