@@ -1,0 +1,211 @@
+"""Circuit relay v2 on loopback: a relay, a private peer holding a
+reservation, and a dialler reaching it through ``/p2p-circuit``; the relayed
+stream is upgraded like TCP (both paths), and the relay's limits hold against
+floods while well-behaved peers stay served."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from murmur.errors import ConnectionClosed
+from murmur.protocol import circuit
+from murmur.protocol.circuit import HopMessage, HopType, PeerInfo, Status
+from murmur.protocol.identity import Identity
+from murmur.protocol.libp2p import FastConnection, Libp2pConnection, Libp2pHost, YamuxConnection, echo_handler
+from murmur.protocol.libp2p.host import HostConfig
+from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayRefused, RelayService, read_message
+from murmur.protocol.transport import TransportLimits
+from tests.integration.cluster import wait_until
+
+ECHO = "/murmur-test/echo/1.0.0"
+PATHS = {"fast": FastConnection, "standard": YamuxConnection}
+
+
+class Trio:
+    """A relay, a private peer with a reservation on it, and a dialler."""
+
+    def __init__(self, relay_config: RelayConfig, path: str) -> None:
+        cfg = HostConfig(limits=TransportLimits(fast_path=path == "fast"))
+        self.relay_host = Libp2pHost(Identity.generate(), cfg)
+        self.relay = RelayService(self.relay_host, relay_config)
+        self.private = Libp2pHost(Identity.generate(), cfg)
+        self.private.set_handler(ECHO, echo_handler)
+        self.private_client = RelayClient(self.private)
+        self.dialler = Libp2pHost(Identity.generate(), cfg)
+        self.dialler_client = RelayClient(self.dialler)
+        self.hosts = [self.relay_host, self.private, self.dialler]
+
+    async def start(self) -> None:
+        (self.relay_addr,) = await self.relay_host.listen("127.0.0.1", 0)
+        self.private_to_relay = await self.private.dial(self.relay_addr)
+        self.dialler_to_relay = await self.dialler.dial(self.relay_addr)
+
+    async def close(self) -> None:
+        for host in self.hosts:
+            await host.close()
+
+
+async def _echo(conn: Libp2pConnection, data: bytes) -> bytes:
+    stream = await conn.open_stream(ECHO)
+
+    async def send() -> None:
+        await stream.write(data)
+        await stream.close_write()
+
+    sender = asyncio.create_task(send())
+    got = await stream.read_all(len(data) + 1)
+    await sender
+    return got
+
+
+@pytest.fixture
+async def trios():  # type: ignore[no-untyped-def]
+    made: list[Trio] = []
+
+    async def make(relay_config: RelayConfig = RelayConfig(), path: str = "fast") -> Trio:
+        trio = Trio(relay_config, path)
+        made.append(trio)
+        await trio.start()
+        return trio
+
+    yield make
+    for trio in made:
+        await trio.close()
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+async def test_echo_through_the_relay(trios, path: str) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios(path=path)
+    reservation = await trio.private_client.reserve(trio.private_to_relay)
+    assert reservation.expire > 0 and reservation.addrs
+    assert all(a.peer_id == trio.relay_host.peer_id for a in reservation.addrs)
+    assert trio.private.peer_id in trio.relay.reservations
+
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert type(conn) is PATHS[path]  # upgraded like TCP: security and muxer negotiated over the circuit
+    assert conn.peer_id == trio.private.peer_id and conn.relay == trio.relay_host.peer_id
+    data = os.urandom(20_000)
+    assert await _echo(conn, data) == data
+    # the private peer sees an inbound connection from the dialler, through the relay
+    await wait_until(lambda: any(c.peer_id == trio.dialler.peer_id and c.relay is not None
+                                 for c in trio.private.connections), 5, "inbound relayed connection")
+    assert trio.relay.stats["circuits"] == 1 and trio.relay.stats["bytes_relayed"] > len(data)
+    await asyncio.wait_for(conn.identified.wait(), 5)
+    assert conn.identify is not None and ECHO in conn.identify.protocols
+    await conn.close()
+    await wait_until(lambda: trio.relay.circuits == 0, 5, "circuit released")
+
+
+async def test_no_reservation_is_refused(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios()
+    with pytest.raises(RelayRefused) as refused:
+        await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert refused.value.status is Status.NO_RESERVATION
+
+
+async def test_circuit_byte_limit_cuts_the_circuit(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios(RelayConfig(circuit_data_bytes=64 * 1024))
+    await trio.private_client.reserve(trio.private_to_relay)
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    small = os.urandom(1000)
+    assert await _echo(conn, small) == small  # under the limit: served
+    with pytest.raises((ConnectionClosed, asyncio.IncompleteReadError, ValueError)):
+        await asyncio.wait_for(_echo(conn, os.urandom(256 * 1024)), 10)
+    await wait_until(lambda: conn.closed, 5, "relayed connection closed")
+    assert trio.relay.stats["cut_data"] >= 1
+    await wait_until(lambda: trio.relay.circuits == 0, 5, "circuit released")
+    # the relay still serves: a new circuit works
+    conn2 = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert await _echo(conn2, small) == small
+
+
+async def test_circuit_duration_limit_cuts_the_circuit(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios(RelayConfig(circuit_duration_s=1))
+    await trio.private_client.reserve(trio.private_to_relay)
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    await wait_until(lambda: conn.closed, 5, "relayed connection cut at its duration")
+    assert trio.relay.stats["cut_duration"] == 1
+
+
+async def test_unlimited_peers_get_no_limit(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios(RelayConfig(circuit_data_bytes=16 * 1024))
+    # the operator's set names both ends (their ids exist only now)
+    trio.relay.config = RelayConfig(circuit_data_bytes=16 * 1024,
+                                    unlimited_peers=frozenset({trio.private.peer_id, trio.dialler.peer_id}))
+    await trio.private_client.reserve(trio.private_to_relay)
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    data = os.urandom(200 * 1024)
+    assert await _echo(conn, data) == data
+    assert trio.relay.stats["cut_data"] == 0
+
+
+async def test_reservation_floods_refused_and_good_peers_served(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios(RelayConfig(max_reservations_per_ip=3))
+    # one peer reserving over and over holds one reservation
+    for _ in range(20):
+        await trio.private_client.reserve(trio.private_to_relay)
+    assert list(trio.relay.reservations) == [trio.private.peer_id]
+    # many identities from one IP: past the per-IP limit, refused
+    sybils = [Libp2pHost(Identity.generate()) for _ in range(4)]
+    trio.hosts += sybils
+    refused = 0
+    for sybil in sybils:
+        conn = await sybil.dial(trio.relay_addr)
+        try:
+            await RelayClient(sybil).reserve(conn)
+        except RelayRefused as exc:
+            assert exc.status is Status.RESERVATION_REFUSED
+            refused += 1
+    assert refused == 2  # 127.0.0.1 already holds the private peer's; 2 more fit
+    assert len(trio.relay.reservations) == 3
+    # the well-behaved peer is still reachable, and still refreshes
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert await _echo(conn, b"still served") == b"still served"
+    await trio.private_client.reserve(trio.private_to_relay)
+
+
+async def test_circuit_flood_from_one_peer_is_bounded(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios(RelayConfig(max_circuits_per_peer=2))
+    await trio.private_client.reserve(trio.private_to_relay)
+    conns = [await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id) for _ in range(2)]
+    with pytest.raises(RelayRefused) as refused:
+        await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert refused.value.status is Status.RESOURCE_LIMIT_EXCEEDED
+    assert trio.relay.circuits == 2
+    await conns[0].close()
+    await wait_until(lambda: trio.relay.circuits == 1, 5, "a circuit released")
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert await _echo(conn, b"x") == b"x"
+
+
+async def test_malformed_and_unexpected_hop_messages_get_their_status(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios()
+
+    async def ask(raw: bytes) -> Status | None:
+        stream = await trio.dialler_to_relay.open_stream(circuit.HOP)
+        await stream.write(raw)
+        answer = circuit.decode_hop(await read_message(stream, 5))
+        return answer.status
+
+    assert await ask(bytes([0x02, 0x08, 0x07])) is Status.MALFORMED_MESSAGE  # unknown type
+    assert await ask(HopMessage(HopType.STATUS, status=Status.OK).encode()) is Status.UNEXPECTED_MESSAGE
+    assert await ask(HopMessage(HopType.CONNECT).encode()) is Status.MALFORMED_MESSAGE  # no peer
+    assert await ask(HopMessage(HopType.CONNECT, peer=PeerInfo(trio.dialler.peer_id)).encode()) \
+        is Status.NO_RESERVATION
+    # the relay keeps serving
+    await trio.private_client.reserve(trio.private_to_relay)
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert await _echo(conn, b"ok") == b"ok"
+
+
+async def test_stop_from_a_relay_we_did_not_reserve_on_is_refused(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios()
+    # the private peer has no reservation on the relay: it must not accept a stranger's STOP
+    await trio.private_client.reserve(trio.private_to_relay)
+    trio.private_client.reservations.clear()
+    with pytest.raises(RelayRefused) as refused:
+        await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert refused.value.status is Status.CONNECTION_FAILED
