@@ -209,3 +209,18 @@ async def test_stop_from_a_relay_we_did_not_reserve_on_is_refused(trios) -> None
     with pytest.raises(RelayRefused) as refused:
         await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
     assert refused.value.status is Status.CONNECTION_FAILED
+
+
+async def test_observed_address_is_not_told_or_believed_over_a_circuit(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios()
+    await asyncio.wait_for(trio.dialler_to_relay.identified.wait(), 5)
+    before = dict(trio.dialler.observed_addrs)
+    await trio.private_client.reserve(trio.private_to_relay)
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    await asyncio.wait_for(conn.identified.wait(), 5)
+    assert conn.identify is not None and conn.identify.observed_addr is None  # the private peer saw the relay
+    await wait_until(lambda: any(c.relay is not None and c.identify is not None for c in trio.private.connections),
+                     5, "the private peer identified the dialler")
+    inbound = next(c for c in trio.private.connections if c.relay is not None)
+    assert inbound.identify.observed_addr is None  # type: ignore[union-attr]
+    assert dict(trio.dialler.observed_addrs) == before

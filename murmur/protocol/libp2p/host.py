@@ -32,6 +32,7 @@ and negotiation timeouts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -384,7 +385,9 @@ class Libp2pHost:
     def identify_for(self, conn: Libp2pConnection) -> idp.IdentifyInfo:
         """What we tell ``conn``'s peer: our protocols, listen addresses, and its address as we see it."""
         host, port = conn.remote
-        observed = AnyMultiaddr.of((Proto.IP6 if ":" in host else Proto.IP4, host), (Proto.TCP, port))
+        # Over a circuit the remote address is the relay's, not the peer's: nothing to tell it.
+        observed = (None if conn.relay is not None
+                    else AnyMultiaddr.of((Proto.IP6 if ":" in host else Proto.IP4, host), (Proto.TCP, port)))
         return idp.make_identify(
             self.peer_id.public_key_bytes, self.protocols(),
             [a.without_peer().to_any() for a in self.listen_addrs], observed,
@@ -424,6 +427,9 @@ class Libp2pHost:
         self._learn(conn, info)
 
     def _learn(self, conn: Libp2pConnection, info: idp.IdentifyInfo) -> None:
+        if conn.relay is not None and info.observed_addr is not None:
+            # A peer behind a circuit saw the relay, not us: its claim is no vote on our address.
+            info = dataclasses.replace(info, observed_addr=None)
         conn.identify = info if conn.identify is None else conn.identify.merged(info)
         observed = info.observed_addr
         if observed is not None and (observed in self.observed_addrs or len(self.observed_addrs) < MAX_OBSERVED_ADDRS):

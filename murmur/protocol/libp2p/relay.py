@@ -112,6 +112,12 @@ class RelayService:
 
     async def _serve_hop(self, stream: Stream) -> None:
         try:
+            await self._hop(stream)
+        except (ConnectionClosed, OSError):  # the client went away mid-answer: nothing to serve
+            stream.reset()
+
+    async def _hop(self, stream: Stream) -> None:
+        try:
             msg = circuit.decode_hop(await read_message(stream, self.config.message_timeout_s))
         except DecodeError as exc:
             await self._reply(stream, Status.MALFORMED_MESSAGE)
@@ -216,14 +222,15 @@ class RelayService:
         async def pump(src: Stream, dst: Stream) -> None:
             sent = 0
             while True:
-                want = READ_BYTES if data_limit is None else min(READ_BYTES, data_limit - sent)
-                if want <= 0:
-                    self.stats["cut_data"] += 1
-                    raise _CircuitCut("data limit")
+                # At the limit one more byte is read: a FIN there ends the circuit cleanly, a byte cuts it.
+                want = READ_BYTES if data_limit is None else max(1, min(READ_BYTES, data_limit - sent))
                 data = await src.read(want)
                 if not data:
                     await dst.close_write()
                     return
+                if data_limit is not None and sent >= data_limit:
+                    self.stats["cut_data"] += 1
+                    raise _CircuitCut("data limit")
                 await dst.write(data)
                 sent += len(data)
                 self.stats["bytes_relayed"] += len(data)
