@@ -16,6 +16,7 @@ from murmur.protocol.circuit import HopMessage, HopType, PeerInfo, Status
 from murmur.protocol.identity import Identity
 from murmur.protocol.libp2p import FastConnection, Libp2pConnection, Libp2pHost, YamuxConnection, echo_handler
 from murmur.protocol.libp2p.host import HostConfig
+from murmur.protocol.multiaddr import DialAddr
 from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayRefused, RelayService, read_message
 from murmur.protocol.transport import TransportLimits
 from tests.integration.cluster import wait_until
@@ -224,3 +225,17 @@ async def test_observed_address_is_not_told_or_believed_over_a_circuit(trios) ->
     inbound = next(c for c in trio.private.connections if c.relay is not None)
     assert inbound.identify.observed_addr is None  # type: ignore[union-attr]
     assert dict(trio.dialler.observed_addrs) == before
+
+
+async def test_dial_the_advertised_circuit_address(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios()
+    assert trio.private_client.circuit_addrs() == []  # nothing to advertise before a reservation
+    await trio.private_client.reserve(trio.private_to_relay)
+    (addr,) = trio.private_client.circuit_addrs()
+    assert str(addr) == f"{trio.relay_addr}/p2p-circuit/p2p/{trio.private.peer_id}"
+    # a fresh dialler with no connection to the relay reaches the private peer from that text alone
+    stranger = Libp2pHost(Identity.generate())
+    trio.hosts.append(stranger)
+    conn = await RelayClient(stranger).dial_addr(DialAddr.parse(str(addr)))
+    assert conn.peer_id == trio.private.peer_id and conn.relay == trio.relay_host.peer_id
+    assert await _echo(conn, b"hello through the circuit") == b"hello through the circuit"

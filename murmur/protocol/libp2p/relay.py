@@ -31,6 +31,7 @@ from murmur.protocol.circuit import HopMessage, HopType, Limit, PeerInfo, Reserv
 from murmur.protocol.identity import PeerId
 from murmur.protocol.libp2p.connection import Libp2pConnection, Stream
 from murmur.protocol.libp2p.host import Libp2pHost
+from murmur.protocol.multiaddr import AnyMultiaddr, Component, DialAddr, Multiaddr, Proto
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,32 @@ class RelayClient:
         stream, _ = await self._hop(relay, HopMessage(HopType.CONNECT, peer=PeerInfo(target)), "circuit")
         self.stats["dialled"] += 1
         return await self.host.upgrade_stream(stream, outbound=True, expected=target)
+
+    async def dial_addr(self, addr: DialAddr) -> Libp2pConnection:
+        """Dial ``/ip4|ip6/…/tcp/…/p2p/<relay>/p2p-circuit/p2p/<target>``: through a live
+        direct connection to the relay if there is one, else over a new one to that address."""
+        relay, target = addr.relay, addr.peer_id
+        if relay is None or target is None:
+            raise ValueError(f"{addr} is not a circuit to a named peer (…/p2p/<relay>/p2p-circuit/p2p/<id>)")
+        if addr.dns:
+            raise ValueError(f"{addr}: resolve the relay's DNS name first (discovery.resolve)")
+        conn = next((c for c in self.host.connections if c.peer_id == relay and c.relay is None), None)
+        if conn is None:
+            conn = await self.host.dial(Multiaddr(addr.host, addr.port, relay))
+        return await self.dial(conn, target)
+
+    def circuit_addrs(self) -> list[AnyMultiaddr]:
+        """Where others reach us through our live reservations: each relay address
+        the reservation named, ``/p2p-circuit/p2p/<us>`` appended (what a private node advertises)."""
+        now, own = time.time(), Component(Proto.P2P, self.host.peer_id.raw)
+        out: list[AnyMultiaddr] = []
+        for relay, res in self.reservations.items():
+            if res.expire <= now:
+                continue
+            for addr in res.addrs:
+                if addr.peer_id == relay and not addr.is_circuit:
+                    out.append(AnyMultiaddr(addr.components + (Component(Proto.P2P_CIRCUIT), own)))
+        return out
 
     async def _serve_stop(self, stream: Stream) -> None:
         try:
