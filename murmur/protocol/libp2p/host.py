@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import inspect
 import itertools
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -66,6 +68,7 @@ MAX_OBSERVED_ADDRS = 32  # distinct addresses peers said they saw us at, tallied
 
 OnConnection = Callable[[Libp2pConnection], Awaitable[None] | None]
 OnFault = Callable[[PeerId | None, PeerFault], None]
+MakeSocket = Callable[[int], socket.socket]  # address family -> a new TCP socket
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,12 @@ class Libp2pHost:
         on_connection: OnConnection | None = None,
         on_fault: OnFault | None = None,
         on_identified: Callable[[Libp2pConnection], None] | None = None,
+        make_socket: MakeSocket | None = None,
     ) -> None:
         self.identity = identity
+        # Where sockets come from: the default namespace, unless the caller
+        # makes them elsewhere (a host of the emulated internet, murmur/testnet/internet.py).
+        self._make_socket = make_socket
         self.peer_id = identity.peer_id
         self.config = config
         limits = config.limits
@@ -159,8 +166,17 @@ class Libp2pHost:
     async def listen(self, host: str, port: int) -> list[Multiaddr]:
         """Start accepting on ``host:port`` (0 = any free port); returns the bound addresses."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: Wire(self, False, next(self._numbers)), host, port,
-                                          reuse_address=True)
+
+        def factory() -> Wire:
+            return Wire(self, False, next(self._numbers))
+
+        if self._make_socket is None:
+            server = await loop.create_server(factory, host, port, reuse_address=True)
+        else:
+            sock = self._make_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            server = await loop.create_server(factory, sock=sock)
         self._servers.append(server)
         if "warning-summaries" not in self._tasks:  # a flood that stopped is summarised too
             interval = self.config.limits.warning_interval_s
@@ -177,16 +193,26 @@ class Libp2pHost:
         :class:`~murmur.errors.ConnectionClosed`."""
         if self._closing:
             raise ConnectionClosed("host is closed")
-        loop = asyncio.get_running_loop()
         limits = self.config.limits
+        factory = functools.partial(Wire, self, True, next(self._numbers), addr.peer_id)
         try:
-            _, wire = await asyncio.wait_for(
-                loop.create_connection(lambda: Wire(self, True, next(self._numbers), addr.peer_id),
-                                       addr.host, addr.port),
-                limits.connect_timeout_s)
+            _, wire = await asyncio.wait_for(self._connect(factory, addr), limits.connect_timeout_s)
         except TimeoutError:
             raise TimeoutFault(f"connect to {addr} timed out after {limits.connect_timeout_s}s") from None
         return await asyncio.shield(wire.ready)  # the wire's own timer bounds the upgrade
+
+    async def _connect(self, factory: Callable[[], Wire], addr: Multiaddr) -> tuple[asyncio.BaseTransport, Wire]:
+        loop = asyncio.get_running_loop()
+        if self._make_socket is None:
+            return await loop.create_connection(factory, addr.host, addr.port)
+        sock = self._make_socket(socket.AF_INET6 if addr.family == "ip6" else socket.AF_INET)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (addr.host, addr.port))
+        except BaseException:
+            sock.close()
+            raise
+        return await loop.create_connection(factory, sock=sock)
 
     async def upgrade_stream(self, stream: Stream, outbound: bool, expected: PeerId | None = None) -> Libp2pConnection:
         """Upgrade a relayed stream (circuit relay v2, after its CONNECT) into a
