@@ -28,8 +28,8 @@ PATHS = {"fast": FastConnection, "standard": YamuxConnection}
 class Trio:
     """A relay, a private peer with a reservation on it, and a dialler."""
 
-    def __init__(self, relay_config: RelayConfig, path: str) -> None:
-        cfg = HostConfig(limits=TransportLimits(fast_path=path == "fast"))
+    def __init__(self, relay_config: RelayConfig, path: str, **limits: int) -> None:
+        cfg = HostConfig(limits=TransportLimits(fast_path=path == "fast", **limits))
         self.relay_host = Libp2pHost(Identity.generate(), cfg)
         self.relay = RelayService(self.relay_host, relay_config)
         self.private = Libp2pHost(Identity.generate(), cfg)
@@ -66,8 +66,8 @@ async def _echo(conn: Libp2pConnection, data: bytes) -> bytes:
 async def trios():  # type: ignore[no-untyped-def]
     made: list[Trio] = []
 
-    async def make(relay_config: RelayConfig = RelayConfig(), path: str = "fast") -> Trio:
-        trio = Trio(relay_config, path)
+    async def make(relay_config: RelayConfig = RelayConfig(), path: str = "fast", **limits: int) -> Trio:
+        trio = Trio(relay_config, path, **limits)
         made.append(trio)
         await trio.start()
         return trio
@@ -239,3 +239,62 @@ async def test_dial_the_advertised_circuit_address(trios) -> None:  # type: igno
     conn = await RelayClient(stranger).dial_addr(DialAddr.parse(str(addr)))
     assert conn.peer_id == trio.private.peer_id and conn.relay == trio.relay_host.peer_id
     assert await _echo(conn, b"hello through the circuit") == b"hello through the circuit"
+
+
+SINK = "/murmur-test/sink/1.0.0"
+BUFFERED = 2 * 1024 * 1024  # every host's max_peer_buffered_bytes in the test below
+FRAME = 64 * 1024
+STALL_S = 2.0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+async def test_a_receiver_that_never_reads_costs_the_relay_bounded_memory(trios, path: str) -> None:  # type: ignore[no-untyped-def]
+    """An unlimited circuit whose far end never reads: the sender stalls, and
+    what the relay holds stays within its per-peer budgets (backpressure runs
+    from the private peer's budget back through the relay to the sender)."""
+    trio = await trios(path=path, max_frame=FRAME, max_peer_buffered_bytes=BUFFERED, peer_reserve_bytes=FRAME)
+    trio.relay.config = RelayConfig(unlimited_peers=frozenset({trio.private.peer_id, trio.dialler.peer_id}),
+                                    stall_timeout_s=STALL_S)
+    opened = asyncio.Event()
+
+    async def sink(stream) -> None:  # type: ignore[no-untyped-def]
+        opened.set()
+        await asyncio.Event().wait()  # holds the stream, reads nothing
+
+    trio.private.set_handler(SINK, sink)
+    await trio.private_client.reserve(trio.private_to_relay)
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    stream = await conn.open_stream(SINK)
+    chunk = os.urandom(FRAME // 2)
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        for _ in range(64 * 1024 * 1024 // len(chunk)):
+            await stream.write(chunk)
+            sent += len(chunk)
+
+    writer = asyncio.create_task(flood())
+    await asyncio.wait_for(opened.wait(), 5)
+    done, _ = await asyncio.wait([writer], timeout=STALL_S / 2)
+    assert not done, "64 MiB went into a stream nobody reads"
+    relay_conns = trio.relay_host.connections
+    assert len(relay_conns) == 2
+    for c in relay_conns:
+        assert c.budget.peak <= BUFFERED + FRAME, (c.peer_id, c.budget.peak)
+    assert trio.relay_host.pool.used <= 2 * (BUFFERED + FRAME)
+    assert trio.relay.stats["bytes_relayed"] < sent + FRAME
+    if path == "fast":
+        # one budget for all streams of a connection: the stalled circuit is cut, the
+        # sender's writes fail, and its connection to the relay flows again
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(writer, 10 * STALL_S)
+        assert trio.relay.stats["cut_stalled"] == 1
+        await wait_until(lambda: trio.relay.circuits == 0, 5, "circuit released")
+    else:
+        # yamux: the sink stream's window stops the sender end to end; the relay's
+        # copy is idle (not stalled) and the connections' other streams flow
+        assert trio.relay.stats["cut_stalled"] == 0 and not writer.done()
+        writer.cancel()
+    await trio.dialler_client.reserve(trio.dialler_to_relay)  # the same connection serves a new request
+    assert trio.dialler.peer_id in trio.relay.reservations

@@ -14,7 +14,10 @@ reset). The copy holds at most one read (``READ_BYTES``) per direction, and
 what waits unread stays in the stream windows charged to each connection's
 :class:`~murmur.protocol.budget.PeerBudget`. Peers in ``unlimited_peers`` (a
 murmur network's own members, the operator's choice) get circuits without
-duration or byte limits when both ends are such peers.
+duration or byte limits when both ends are such peers. A circuit one end
+stops reading from is cut after ``stall_timeout_s``: on murmur's fast path one
+receive budget serves all streams of a connection, and the other end's whole
+connection to the relay would stall with it.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ class RelayConfig:
     circuit_duration_s: int = 120  # per circuit, for strangers
     circuit_data_bytes: int = 128 * 1024  # per circuit and direction, for strangers
     message_timeout_s: float = 10.0  # reading one hop/stop message, the STOP round trip
+    # One end took nothing for this long: cut the circuit. On the fast path a
+    # connection has one receive budget for all its streams, so the other end's
+    # connection to the relay would otherwise stall with the circuit (unlimited ones too).
+    stall_timeout_s: float = 10.0
     unlimited_peers: frozenset[PeerId] = field(default_factory=frozenset)
 
     def limit_for(self, src: PeerId, dst: PeerId) -> Limit | None:
@@ -232,7 +239,12 @@ class RelayService:
                 if data_limit is not None and sent >= data_limit:
                     self.stats["cut_data"] += 1
                     raise _CircuitCut("data limit")
-                await dst.write(data)
+                try:
+                    async with asyncio.timeout(self.config.stall_timeout_s):
+                        await dst.write(data)
+                except TimeoutError:
+                    self.stats["cut_stalled"] += 1
+                    raise _CircuitCut("stalled") from None
                 sent += len(data)
                 self.stats["bytes_relayed"] += len(data)
 
