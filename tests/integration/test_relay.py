@@ -93,7 +93,7 @@ async def test_echo_through_the_relay(trios, path: str) -> None:  # type: ignore
     # the private peer sees an inbound connection from the dialler, through the relay
     await wait_until(lambda: any(c.peer_id == trio.dialler.peer_id and c.relay is not None
                                  for c in trio.private.connections), 5, "inbound relayed connection")
-    assert trio.relay.stats["circuits"] == 1 and trio.relay.stats["bytes_relayed"] > len(data)
+    assert trio.relay.stats["circuits_total"] == 1 and trio.relay.stats["bytes_relayed"] > len(data)
     await asyncio.wait_for(conn.identified.wait(), 5)
     assert conn.identify is not None and ECHO in conn.identify.protocols
     await conn.close()

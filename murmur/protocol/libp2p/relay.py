@@ -104,7 +104,8 @@ class RelayService:
         self._reservations: dict[PeerId, _Reservation] = {}
         self._circuits_by_peer: Counter[PeerId] = Counter()
         self.circuits = 0  # live now
-        self.stats: Counter[str] = Counter()  # reservations, refusals by status, circuits, bytes_relayed
+        # reservations_total, circuits_total, bytes_relayed, refused_<status>, cut_{data,duration,stalled}
+        self.stats: Counter[str] = Counter()
         host.set_handler(circuit.HOP, self._serve_hop)
 
     @property
@@ -165,7 +166,7 @@ class RelayService:
                 return
         expires = int(now) + cfg.reservation_ttl_s
         self._reservations[peer] = _Reservation(conn, ip, float(expires))
-        self.stats["reservations"] += 1
+        self.stats["reservations_total"] += 1
         addrs = tuple(a.with_peer(self.host.peer_id).to_any() for a in self.host.listen_addrs)
         limit = Limit(cfg.circuit_duration_s, cfg.circuit_data_bytes)
         await self._reply(stream, Status.OK, reservation=Reservation(expires, addrs), limit=limit)
@@ -212,7 +213,7 @@ class RelayService:
                 await self._reply(stream, Status.CONNECTION_FAILED)
                 return
             await self._reply(stream, Status.OK, limit=limit if limit is not None else None)
-            self.stats["circuits"] += 1
+            self.stats["circuits_total"] += 1
             log.info("relay circuit", extra={"event": "relay_circuit", "src": str(src), "dst": str(dst)})
             await self._bridge(stream, stop, limit)
         finally:
