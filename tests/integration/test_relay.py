@@ -298,3 +298,22 @@ async def test_a_receiver_that_never_reads_costs_the_relay_bounded_memory(trios,
         writer.cancel()
     await trio.dialler_client.reserve(trio.dialler_to_relay)  # the same connection serves a new request
     assert trio.dialler.peer_id in trio.relay.reservations
+
+
+async def test_garbage_through_a_circuit_fails_the_upgrade_and_frees_it(trios) -> None:  # type: ignore[no-untyped-def]
+    """A dialler that sends junk instead of multistream-select over its circuit:
+    the private peer's upgrade fails as a TCP one would, the circuit is torn
+    down, and the private peer still takes proper circuits."""
+    trio = await trios()
+    await trio.private_client.reserve(trio.private_to_relay)
+    stream = await trio.dialler_to_relay.open_stream(circuit.HOP)
+    await stream.write(HopMessage(HopType.CONNECT, peer=PeerInfo(trio.private.peer_id)).encode())
+    answer = circuit.decode_hop(await read_message(stream, 5))
+    assert answer.status is Status.OK and answer.limit is not None
+    await stream.write(b"\x13/not-multistream\n" + os.urandom(200))
+    await wait_until(lambda: sum(trio.private.faults.values()) >= 1, 5, "the private peer's upgrade failed")
+    await wait_until(lambda: trio.relay.circuits == 0, 5, "circuit torn down")
+    assert stream.is_reset or await stream.read() == b""
+    assert not any(c.relay is not None for c in trio.private.connections)
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert await _echo(conn, b"proper") == b"proper"
