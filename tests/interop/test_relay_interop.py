@@ -1,0 +1,52 @@
+"""Circuit relay v2 against py-libp2p's relay (``libp2p.relay.circuit_v2``):
+a murmur host reserves a slot on it, and another murmur host reaches the
+first through it; the relayed connection is upgraded end to end by murmur."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from murmur.protocol.identity import Identity
+from murmur.protocol.libp2p import Libp2pHost, echo_handler
+from murmur.protocol.libp2p.relay import RelayClient
+from murmur.protocol.multiaddr import Multiaddr
+from tests.interop.conftest import HERE, RemotePeer, py_libp2p_python
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
+
+ECHO = "/murmur-interop/echo/1.0.0"
+
+
+@pytest.fixture(scope="module")
+def py_relay() -> Iterator[RemotePeer]:
+    python, install_s = py_libp2p_python()
+    peer = RemotePeer("py-libp2p", [str(python), str(HERE / "py_peer.py")], HERE, install_s)
+    try:
+        peer.call("relay", data=4 * 1024 * 1024)
+        yield peer
+    finally:
+        peer.close()
+
+
+async def test_murmur_peers_reserve_and_meet_through_a_py_libp2p_relay(py_relay: RemotePeer) -> None:
+    private, dialler = Libp2pHost(Identity.generate()), Libp2pHost(Identity.generate())
+    private.set_handler(ECHO, echo_handler)
+    private_client, dialler_client = RelayClient(private), RelayClient(dialler)
+    relay_addr = Multiaddr.parse(py_relay.addrs[0])
+    try:
+        to_relay = await private.dial(relay_addr)
+        reservation = await private_client.reserve(to_relay)
+        assert reservation.expire > 0, py_relay.evidence()
+        conn = await dialler_client.dial(await dialler.dial(relay_addr), private.peer_id)
+        assert conn.peer_id == private.peer_id and conn.relay is not None
+        data = os.urandom(50_000)
+        stream = await conn.open_stream(ECHO)
+        await stream.write(data)
+        await stream.close_write()
+        assert await stream.read_all(len(data) + 1) == data, py_relay.evidence()
+    finally:
+        await dialler.close()
+        await private.close()
