@@ -1,6 +1,6 @@
-"""Circuit relay v2 against py-libp2p's relay (``libp2p.relay.circuit_v2``):
-a murmur host reserves a slot on it, and another murmur host reaches the
-first through it; the relayed connection is upgraded end to end by murmur."""
+"""Circuit relay v2 against py-libp2p's (``libp2p.relay.circuit_v2``), both
+roles: murmur hosts reserve on and meet through a py-libp2p relay, and a
+py-libp2p peer reserves on a murmur relay and is reached through it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 
 from murmur.protocol.identity import Identity
 from murmur.protocol.libp2p import Libp2pHost, echo_handler
-from murmur.protocol.libp2p.relay import RelayClient
+from murmur.protocol.circuit import Status
+from murmur.protocol.identity import PeerId
+from murmur.protocol.libp2p.relay import RelayClient, RelayService
 from murmur.protocol.multiaddr import Multiaddr
 from tests.interop.conftest import HERE, RemotePeer, py_libp2p_python
 
@@ -50,3 +52,37 @@ async def test_murmur_peers_reserve_and_meet_through_a_py_libp2p_relay(py_relay:
     finally:
         await dialler.close()
         await private.close()
+
+
+@pytest.fixture(scope="module")
+def py_private() -> Iterator[RemotePeer]:
+    python, install_s = py_libp2p_python()
+    peer = RemotePeer("py-libp2p", [str(python), str(HERE / "py_peer.py")], HERE, install_s)
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
+async def test_a_py_libp2p_peer_reserves_on_a_murmur_relay_and_is_reached_through_it(
+        py_private: RemotePeer) -> None:
+    relay_host, dialler = Libp2pHost(Identity.generate()), Libp2pHost(Identity.generate())
+    relay = RelayService(relay_host)
+    try:
+        (relay_addr,) = await relay_host.listen("127.0.0.1", 0)
+        answer = await py_private.acall("reserve", addr=str(relay_addr))
+        assert answer["status"] == Status.OK and answer["expire"] > 0
+        assert answer["addrs"] == [str(relay_addr)]
+        target = PeerId.from_string(py_private.peer_id)
+        assert target in relay.reservations
+        conn = await RelayClient(dialler).dial(await dialler.dial(relay_addr), target)
+        assert conn.peer_id == target and conn.muxer == "/yamux/1.0.0"
+        data = os.urandom(50_000)
+        stream = await conn.open_stream(ECHO)
+        await stream.write(data)
+        await stream.close_write()
+        assert await stream.read_all(len(data) + 1) == data, py_private.evidence()
+        assert relay.stats["circuits_total"] == 1
+    finally:
+        await dialler.close()
+        await relay_host.close()
