@@ -291,9 +291,14 @@ class Squatter:
 
 
 async def _newcomer_gets_in(victim: Victim) -> None:
-    """An honest node from another /24 (127.0.0.1) connects, NEWCOMER_TRIES times, each within the bound."""
+    """An honest node from another /24 (127.0.0.1) connects, NEWCOMER_TRIES
+    times, each within the bound, and each into full slots: the squatters
+    refill the one the last newcomer left before the next one dials (a
+    newcomer that found it still free would prove nothing, and the callers
+    count one eviction a newcomer)."""
     node = victim.node
     for _ in range(NEWCOMER_TRIES):
+        await wait_until(lambda: node.host.inbound >= MAX_INBOUND, 5.0, "the squatters refilled the slots")
         good = await victim.cluster.add_node()
         try:
             started = time.monotonic()
