@@ -1,6 +1,7 @@
-"""Circuit relay v2 against py-libp2p's (``libp2p.relay.circuit_v2``), both
-roles: murmur hosts reserve on and meet through a py-libp2p relay, and a
-py-libp2p peer reserves on a murmur relay and is reached through it."""
+"""Circuit relay v2 against other implementations: murmur hosts reserve on and
+meet through a py-libp2p relay (``libp2p.relay.circuit_v2``) and a js-libp2p
+one (``@libp2p/circuit-relay-v2``), and a py-libp2p peer reserves on a murmur
+relay and is reached through it."""
 
 from __future__ import annotations
 
@@ -15,40 +16,47 @@ from murmur.protocol.circuit import Status
 from murmur.protocol.identity import PeerId
 from murmur.protocol.libp2p.relay import RelayClient, RelayService
 from murmur.protocol.multiaddr import Multiaddr
-from tests.interop.conftest import HERE, RemotePeer, py_libp2p_python
+from tests.interop.conftest import HERE, RemotePeer, js_libp2p_dir, py_libp2p_python
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
 ECHO = "/murmur-interop/echo/1.0.0"
 
 
-@pytest.fixture(scope="module")
-def py_relay() -> Iterator[RemotePeer]:
-    python, install_s = py_libp2p_python()
-    peer = RemotePeer("py-libp2p", [str(python), str(HERE / "py_peer.py")], HERE, install_s)
-    try:
+@pytest.fixture(scope="module", params=["py-libp2p", "js-libp2p"])
+def other_relay(request: pytest.FixtureRequest) -> Iterator[RemotePeer]:
+    """Another implementation's circuit relay v2 server, 4 MiB per circuit."""
+    if request.param == "py-libp2p":
+        python, install_s = py_libp2p_python()
+        peer = RemotePeer("py-libp2p", [str(python), str(HERE / "py_peer.py")], HERE, install_s)
         peer.call("relay", data=4 * 1024 * 1024)
+    else:
+        target, install_s = js_libp2p_dir()
+        peer = RemotePeer("js-libp2p", ["node", "--import", "./polyfill.mjs", "peer.mjs", "--relay"], target,
+                          install_s)
+    try:
         yield peer
     finally:
         peer.close()
 
 
-async def test_murmur_peers_reserve_and_meet_through_a_py_libp2p_relay(py_relay: RemotePeer) -> None:
+async def test_murmur_peers_reserve_and_meet_through_another_implementations_relay(
+        other_relay: RemotePeer) -> None:
     private, dialler = Libp2pHost(Identity.generate()), Libp2pHost(Identity.generate())
     private.set_handler(ECHO, echo_handler)
     private_client, dialler_client = RelayClient(private), RelayClient(dialler)
-    relay_addr = Multiaddr.parse(py_relay.addrs[0])
+    relay_addr = Multiaddr.parse(other_relay.addrs[0])
     try:
         to_relay = await private.dial(relay_addr)
         reservation = await private_client.reserve(to_relay)
-        assert reservation.expire > 0, py_relay.evidence()
+        assert reservation.expire > 0, other_relay.evidence()
         conn = await dialler_client.dial(await dialler.dial(relay_addr), private.peer_id)
         assert conn.peer_id == private.peer_id and conn.relay is not None
         data = os.urandom(50_000)
         stream = await conn.open_stream(ECHO)
         await stream.write(data)
         await stream.close_write()
-        assert await stream.read_all(len(data) + 1) == data, py_relay.evidence()
+        assert await stream.read_all(len(data) + 1) == data, other_relay.evidence()
     finally:
         await dialler.close()
         await private.close()

@@ -10,6 +10,7 @@ import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
 import { identify } from '@libp2p/identify'
 import { ping } from '@libp2p/ping'
+import { circuitRelayServer } from '@libp2p/circuit-relay-v2'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
 
@@ -24,7 +25,14 @@ const node = await createLibp2p({
   transports: [tcp()],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
-  services: { identify: identify(), ping: ping() }
+  services: {
+    identify: identify(),
+    ping: ping(),
+    // `node peer.mjs --relay`: also a circuit relay v2 server (the relay interop test)
+    ...(process.argv.includes('--relay')
+      ? { relay: circuitRelayServer({ reservations: { maxReservations: 16, defaultDataLimit: BigInt(4 << 20) } }) }
+      : {})
+  }
 })
 
 async function send (stream, data) {
