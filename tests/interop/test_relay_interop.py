@@ -1,10 +1,11 @@
 """Circuit relay v2 against other implementations: murmur hosts reserve on and
 meet through a py-libp2p relay (``libp2p.relay.circuit_v2``) and a js-libp2p
-one (``@libp2p/circuit-relay-v2``), and a py-libp2p peer reserves on a murmur
-relay and is reached through it."""
+one (``@libp2p/circuit-relay-v2``), and py-libp2p and js-libp2p peers
+reserve on a murmur relay and are reached through it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 
@@ -92,5 +93,31 @@ async def test_a_py_libp2p_peer_reserves_on_a_murmur_relay_and_is_reached_throug
         assert await stream.read_all(len(data) + 1) == data, py_private.evidence()
         assert relay.stats["circuits_total"] == 1
     finally:
+        await dialler.close()
+        await relay_host.close()
+
+
+async def test_a_js_libp2p_peer_reserves_on_a_murmur_relay_and_is_reached_through_it() -> None:
+    relay_host, dialler = Libp2pHost(Identity.generate()), Libp2pHost(Identity.generate())
+    relay = RelayService(relay_host)
+    target_dir, install_s = js_libp2p_dir()
+    js: RemotePeer | None = None
+    try:
+        (relay_addr,) = await relay_host.listen("127.0.0.1", 0)
+        js = await asyncio.to_thread(RemotePeer, "js-libp2p", [
+            "node", "--import", "./polyfill.mjs", "peer.mjs", "--circuit", str(relay_addr)], target_dir, install_s)
+        target = PeerId.from_string(js.peer_id)
+        assert target in relay.reservations, js.evidence()
+        assert f"{relay_addr}/p2p-circuit/p2p/{target}" in js.addrs  # what it advertises
+        conn = await RelayClient(dialler).dial(await dialler.dial(relay_addr), target)
+        assert conn.peer_id == target and conn.relay == relay_host.peer_id
+        data = os.urandom(20_000)  # within the stranger's 128 KiB per direction, handshakes included
+        stream = await conn.open_stream(ECHO)
+        await stream.write(data)
+        await stream.close_write()
+        assert await stream.read_all(len(data) + 1) == data, js.evidence()
+    finally:
+        if js is not None:
+            js.close()
         await dialler.close()
         await relay_host.close()
