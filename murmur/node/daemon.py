@@ -54,6 +54,7 @@ from murmur.protocol.messages import Gossip, Goodbye, Hello, MurmurProtocol
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.peertable import PeerTable, PeerTableConfig
 from murmur.protocol.libp2p.relay import RelayService
+from murmur.protocol.libp2p.relay import stat_names as relay_stat_names
 from murmur.protocol.reachability import ReachabilityTracker
 from murmur.protocol.sampling import CyclonSampler
 from murmur.protocol.transport import ConnectionClosed, tune_allocator
@@ -156,7 +157,10 @@ class Node:
             self.host.set_handler(protocol, self._serve_stream)
         # Relaying for others is the operator's choice ([relay] service); the node
         # itself takes no relayed connections until it reserves on a relay.
-        self.relay = RelayService(self.host, cfg.relay.relay_config()) if cfg.relay.service else None
+        if cfg.relay.service:
+            relay = self.relay = RelayService(self.host, cfg.relay.relay_config())
+            self.metrics.bind_relay(lambda: len(relay.reservations), lambda: relay.circuits, relay.stats,
+                                    relay_stat_names())
         for listen in cfg.node.listen:
             try:
                 bound = await self.host.listen(listen.host, listen.port)

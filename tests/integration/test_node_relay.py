@@ -42,6 +42,11 @@ async def test_a_node_relays_only_when_its_operator_says_so(tmp_path: Path) -> N
         assert status["reservations"] == 1 and status["circuits"] == 1  # live now
         assert status["reservations_total"] == 1 and status["circuits_total"] == 1
         assert status["bytes_relayed"] > 2 * len(data)
+        metrics = relay.metrics
+        assert metrics.value("murmur_relay_reservations") == 1 and metrics.value("murmur_relay_circuits") == 1
+        assert metrics.value("murmur_relay_events", event="bytes_relayed") == status["bytes_relayed"]
+        assert metrics.value("murmur_relay_events", event="refused_no_reservation") == 0
+        assert off.metrics.value("murmur_relay_reservations") is None
         await conn.close()
         await wait_until(lambda: relay.status()["relay"]["circuits"] == 0, 5, "circuit released")
         assert relay.status()["relay"]["circuits_total"] == 1

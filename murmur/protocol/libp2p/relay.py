@@ -95,6 +95,13 @@ class _Reservation:
     expires_at: float  # time.time()
 
 
+def stat_names() -> list[str]:
+    """Every counter a :class:`RelayService` may count (for exporters that list them up front)."""
+    refused = [f"refused_{s.name.lower()}" for s in Status if s is not Status.OK]
+    return ["reservations_total", "circuits_total", "bytes_relayed", *refused,
+            "cut_data", "cut_duration", "cut_stalled"]
+
+
 class RelayService:
     """Serves ``/hop`` on ``host``: RESERVE and CONNECT, within :class:`RelayConfig`."""
 
