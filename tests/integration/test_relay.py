@@ -13,6 +13,7 @@ import pytest
 from murmur.errors import ConnectionClosed
 from murmur.protocol import circuit
 from murmur.protocol.circuit import HopMessage, HopType, PeerInfo, Status
+from murmur.protocol.framing import DEFAULT_SCRATCH_BYTES
 from murmur.protocol.identity import Identity
 from murmur.protocol.libp2p import FastConnection, Libp2pConnection, Libp2pHost, YamuxConnection, echo_handler
 from murmur.protocol.libp2p.host import HostConfig
@@ -280,9 +281,11 @@ async def test_a_receiver_that_never_reads_costs_the_relay_bounded_memory(trios,
     assert not done, "64 MiB went into a stream nobody reads"
     relay_conns = trio.relay_host.connections
     assert len(relay_conns) == 2
+    # a budget holds at most its limit plus what one read brings (the decoder's scratch), as budget.py says
+    slack = max(FRAME, DEFAULT_SCRATCH_BYTES)
     for c in relay_conns:
-        assert c.budget.peak <= BUFFERED + FRAME, (c.peer_id, c.budget.peak)
-    assert trio.relay_host.pool.used <= 2 * (BUFFERED + FRAME)
+        assert c.budget.peak < BUFFERED + slack, (c.peer_id, c.budget.peak)
+    assert trio.relay_host.pool.used < 2 * (BUFFERED + slack)
     assert trio.relay.stats["bytes_relayed"] < sent + FRAME
     if path == "fast":
         # one budget for all streams of a connection: the stalled circuit is cut, the

@@ -204,6 +204,7 @@ class RelayService:
         self.circuits += 1
         self._circuits_by_peer[src] += 1
         self._circuits_by_peer[dst] += 1
+        stop: Stream | None = None
         try:
             try:
                 async with asyncio.timeout(cfg.message_timeout_s):
@@ -211,6 +212,8 @@ class RelayService:
                     await stop.write(StopMessage(StopType.CONNECT, peer=PeerInfo(src), limit=limit).encode())
                     answer = circuit.decode_stop(await read_message(stop, cfg.message_timeout_s))
             except (TimeoutError, ConnectionClosed, PeerFault, OSError) as exc:
+                if stop is not None:
+                    stop.reset()
                 log.info("relay stop failed", extra={"event": "relay_stop_failed", "dst": str(dst),
                                                      "error": repr(exc)})
                 await self._reply(stream, Status.CONNECTION_FAILED)
@@ -219,7 +222,7 @@ class RelayService:
                 stop.reset()
                 await self._reply(stream, Status.CONNECTION_FAILED)
                 return
-            await self._reply(stream, Status.OK, limit=limit if limit is not None else None)
+            await self._reply(stream, Status.OK, limit=limit)
             self.stats["circuits_total"] += 1
             log.info("relay circuit", extra={"event": "relay_circuit", "src": str(src), "dst": str(dst)})
             await self._bridge(stream, stop, limit)
@@ -256,7 +259,9 @@ class RelayService:
                 sent += len(data)
                 self.stats["bytes_relayed"] += len(data)
 
-        pumps = [asyncio.ensure_future(pump(a, b)), asyncio.ensure_future(pump(b, a))]
+        # Two tasks scoped to this handler (awaited or cancelled below, never left behind).
+        pumps = [asyncio.create_task(pump(a, b), name=f"relay {a.peer_id.short()}->{b.peer_id.short()}"),
+                 asyncio.create_task(pump(b, a), name=f"relay {b.peer_id.short()}->{a.peer_id.short()}")]
         try:
             async with asyncio.timeout(duration):
                 await asyncio.gather(*pumps)
