@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
@@ -320,3 +321,19 @@ async def test_garbage_through_a_circuit_fails_the_upgrade_and_frees_it(trios) -
     assert not any(c.relay is not None for c in trio.private.connections)
     conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
     assert await _echo(conn, b"proper") == b"proper"
+
+
+async def test_a_reservation_ends_at_its_expiry_or_with_its_connection(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios(RelayConfig(reservation_ttl_s=1))
+    reservation = await trio.private_client.reserve(trio.private_to_relay)
+    assert reservation.expire <= int(time.time()) + 1
+    await wait_until(lambda: trio.private.peer_id not in trio.relay.reservations, 3, "reservation expired")
+    with pytest.raises(RelayRefused) as refused:
+        await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert refused.value.status is Status.NO_RESERVATION
+    # renewed, then the reserving connection closes: the reservation goes with it
+    trio.relay.config = RelayConfig()
+    await trio.private_client.reserve(trio.private_to_relay)
+    assert trio.private.peer_id in trio.relay.reservations
+    await trio.private_to_relay.close()
+    await wait_until(lambda: trio.private.peer_id not in trio.relay.reservations, 5, "reservation dropped")
