@@ -337,3 +337,19 @@ async def test_a_reservation_ends_at_its_expiry_or_with_its_connection(trios) ->
     assert trio.private.peer_id in trio.relay.reservations
     await trio.private_to_relay.close()
     await wait_until(lambda: trio.private.peer_id not in trio.relay.reservations, 5, "reservation dropped")
+
+
+async def test_the_client_keeps_its_reservation_alive_and_drops_it_with_the_relay(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios(RelayConfig(reservation_ttl_s=2))
+    trio.private_client.keep(trio.private_to_relay)
+    try:
+        await wait_until(lambda: trio.relay.stats["reservations_total"] >= 3, 10, "two refreshes")
+        assert trio.private.peer_id in trio.relay.reservations  # past the first reservation's expiry
+        conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+        assert await _echo(conn, b"kept") == b"kept"
+        assert trio.private_client.circuit_addrs()
+        await trio.private_to_relay.close()
+        await wait_until(lambda: not trio.private_client.reservations, 5, "reservation forgotten")
+        assert trio.private_client.circuit_addrs() == []
+    finally:
+        await trio.private_client.close()

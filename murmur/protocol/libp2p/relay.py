@@ -35,10 +35,12 @@ from murmur.protocol.identity import PeerId
 from murmur.protocol.libp2p.connection import Libp2pConnection, Stream
 from murmur.protocol.libp2p.host import Libp2pHost
 from murmur.protocol.multiaddr import AnyMultiaddr, Component, DialAddr, Multiaddr, Proto
+from murmur.tasks import TaskManager
 
 log = logging.getLogger(__name__)
 
 READ_BYTES = 16 * 1024  # one read per direction of a circuit is all the relay holds itself
+MIN_REFRESH_S = 0.5  # a client refreshes a reservation no more often than this
 
 
 class RelayRefused(MurmurError):
@@ -290,8 +292,40 @@ class RelayClient:
         self.host = host
         self.timeout_s = timeout_s
         self.reservations: dict[PeerId, Reservation] = {}  # relay -> our reservation on it
+        self._relays: dict[PeerId, Libp2pConnection] = {}  # the connection each reservation rests on
         self.stats: Counter[str] = Counter()
+        self._tasks = TaskManager(f"relay client {host.peer_id.short()}")
         host.set_handler(circuit.STOP, self._serve_stop)
+
+    def keep(self, relay: Libp2pConnection) -> None:
+        """Hold a reservation on ``relay``: reserve now and again each time half
+        of what is left of it has passed (a refused or failed refresh, or the
+        connection closing, ends it and its circuit addresses)."""
+        self._tasks.spawn(f"keep-{relay.peer_id.short()}", lambda: self._keep(relay), replace=True)
+
+    async def _keep(self, relay: Libp2pConnection) -> None:
+        try:
+            while not relay.closed:
+                reservation = await self.reserve(relay)
+                wait_s = max(MIN_REFRESH_S, (reservation.expire - time.time()) / 2)
+                closed = asyncio.ensure_future(relay.wait_closed())
+                try:
+                    await asyncio.wait([closed], timeout=wait_s)
+                finally:
+                    closed.cancel()
+        except (RelayRefused, ConnectionClosed, PeerFault, TimeoutError, OSError) as exc:
+            log.info("relay reservation lost", extra={"event": "relay_reservation_lost",
+                                                      "relay": str(relay.peer_id), "error": repr(exc)})
+        self._forget(relay)
+
+    def _forget(self, relay: Libp2pConnection) -> None:
+        if self._relays.get(relay.peer_id) is relay:
+            del self._relays[relay.peer_id]
+            self.reservations.pop(relay.peer_id, None)
+
+    async def close(self) -> None:
+        """Stop keeping reservations (the host's connections are the host's to close)."""
+        await self._tasks.shutdown()
 
     async def _hop(self, conn: Libp2pConnection, msg: HopMessage, what: str) -> tuple[Stream, HopMessage]:
         stream = await conn.open_stream(circuit.HOP, timeout_s=self.timeout_s)
@@ -317,6 +351,7 @@ class RelayClient:
         if answer.reservation is None:
             raise DecodeError("relay said OK to a reservation without one")
         self.reservations[relay.peer_id] = answer.reservation
+        self._relays[relay.peer_id] = relay
         self.stats["reservations"] += 1
         return answer.reservation
 
@@ -346,7 +381,8 @@ class RelayClient:
         now, own = time.time(), Component(Proto.P2P, self.host.peer_id.raw)
         out: list[AnyMultiaddr] = []
         for relay, res in self.reservations.items():
-            if res.expire <= now:
+            conn = self._relays.get(relay)
+            if res.expire <= now or conn is None or conn.closed:
                 continue
             for addr in res.addrs:
                 if addr.peer_id == relay and not addr.is_circuit:
