@@ -1,7 +1,8 @@
 """Circuit relay v2 on the emulated internet: a public relay, a peer behind a
 symmetric NAT (unreachable directly, no hole punch can predict its ports), and
-a public dialler that reaches it only through the relay. Root only (skipped
-otherwise, with the reason)."""
+a public dialler that reaches it only through the relay; and the per-IP
+reservation limit against Sybils sharing one router's address. Root only
+(skipped otherwise, with the reason)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from murmur.errors import TimeoutFault
 from murmur.protocol.identity import Identity
 from murmur.protocol.libp2p import Libp2pConnection, Libp2pHost, echo_handler
 from murmur.protocol.libp2p.host import HostConfig
-from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayService
+from murmur.protocol.circuit import Status
+from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayRefused, RelayService
 from murmur.protocol.multiaddr import DialAddr, Multiaddr
 from murmur.protocol.transport import TransportLimits
 from murmur.testnet import internet
@@ -85,3 +87,38 @@ async def test_peer_behind_symmetric_nat_is_reached_through_a_public_relay(net: 
     finally:
         for host in (dialler, private, relay):
             await host.close()
+
+
+async def test_a_reservation_flood_from_one_home_leaves_room_for_another() -> None:
+    """Sybil identities behind one router share its public address: past the
+    relay's per-IP limit they are refused, while a peer behind another router
+    still reserves and is reached."""
+    topology = Topology(hosts=(Host("relay"), Host("dialler"), Host("sybils", router="home1"),
+                               Host("honest", router="home2")),
+                        routers=(Router("home1", nat=NatKind.EIM), Router("home2", nat=NatKind.SYMMETRIC)))
+    with Internet(topology) as net:
+        relay = _host(net, "relay")
+        service = RelayService(relay, RelayConfig(max_reservations_per_ip=3))
+        sybils = [_host(net, "sybils") for _ in range(6)]
+        honest, dialler = _host(net, "honest"), _host(net, "dialler")
+        honest.set_handler(ECHO, echo_handler)
+        hosts = [dialler, honest, *sybils, relay]
+        try:
+            (relay_addr,) = await relay.listen(net.address("relay"), PORT)
+            refused = 0
+            for sybil in sybils:
+                try:
+                    await RelayClient(sybil).reserve(await sybil.dial(relay_addr))
+                except RelayRefused as exc:
+                    assert exc.status is Status.RESERVATION_REFUSED
+                    refused += 1
+            assert refused == 3 and len(service.reservations) == 3
+            honest_client = RelayClient(honest)
+            await honest_client.reserve(await honest.dial(relay_addr))
+            assert honest.peer_id in service.reservations
+            (advertised,) = honest_client.circuit_addrs()
+            conn = await RelayClient(dialler).dial_addr(DialAddr.parse(str(advertised)))
+            assert await _echo(conn, b"room for me") == b"room for me"
+        finally:
+            for host in hosts:
+                await host.close()
