@@ -53,6 +53,8 @@ from murmur.protocol.libp2p import HostConfig, Libp2pConnection, Libp2pHost, Str
 from murmur.protocol.messages import Gossip, Goodbye, Hello, MurmurProtocol
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.peertable import PeerTable, PeerTableConfig
+from murmur.protocol.libp2p.relay import RelayService
+from murmur.protocol.libp2p.relay import stat_names as relay_stat_names
 from murmur.protocol.reachability import ReachabilityTracker
 from murmur.protocol.sampling import CyclonSampler
 from murmur.protocol.transport import ConnectionClosed, tune_allocator
@@ -102,6 +104,7 @@ class Node:
         self._api: StatusApi | None = None
         self._mdns: MdnsDiscovery | None = None
         self.learner: Any = None  # murmur.node.learner.NodeLearner when learning is on
+        self.relay: RelayService | None = None  # [relay] service
         self._started = False
         self._announced = False  # "node started" was logged: a start that failed says only why
         self._reachable: frozenset[PeerId] | None = None  # None: no partition (see set_partition)
@@ -152,6 +155,12 @@ class Node:
         )
         for protocol in MurmurProtocol:
             self.host.set_handler(protocol, self._serve_stream)
+        # Relaying for others is the operator's choice ([relay] service); the node
+        # itself takes no relayed connections until it reserves on a relay.
+        if cfg.relay.service:
+            relay = self.relay = RelayService(self.host, cfg.relay.relay_config())
+            self.metrics.bind_relay(lambda: len(relay.reservations), lambda: relay.circuits, relay.stats,
+                                    relay_stat_names())
         for listen in cfg.node.listen:
             try:
                 bound = await self.host.listen(listen.host, listen.port)
@@ -671,7 +680,15 @@ class Node:
             "health": self.health(),
             "learning": self._learning_status(),
             "learning_off": self.learning_off,
+            "relay": self._relay_status(),
         }
+
+    def _relay_status(self) -> dict[str, Any] | None:
+        """The relay service's live reservations and circuits and its counters; null when off."""
+        if self.relay is None:
+            return None
+        return {"reservations": len(self.relay.reservations), "circuits": self.relay.circuits,
+                **dict(sorted(self.relay.stats.items()))}
 
     def _learning_status(self) -> dict[str, Any] | None:
         """The learner's snapshot, plus where its rounds stand (target, done,

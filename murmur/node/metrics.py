@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
@@ -152,6 +152,22 @@ class NodeMetrics:
         """Export ``current()`` (read at every scrape) as one 1 among the states."""
         for state in Reachability:
             self.reachability.labels(state=state.value).set_function(lambda s=state: float(current() is s))
+
+    def bind_relay(self, reservations: Callable[[], int], circuits: Callable[[], int],
+                   counters: Mapping[str, int], names: Iterable[str]) -> None:
+        """Export a relay service's live reservations and circuits and its
+        running totals (``counters[name]``, read at every scrape), for a node
+        that relays (``[relay] service``); absent otherwise."""
+        r = self.registry
+        Gauge("relay_reservations", "Reservations the relay service holds now", namespace=NAMESPACE,
+              registry=r).set_function(lambda: float(reservations()))
+        Gauge("relay_circuits", "Circuits the relay service carries now", namespace=NAMESPACE,
+              registry=r).set_function(lambda: float(circuits()))
+        totals = Gauge("relay_events", "Relay service totals since start: reservations_total, circuits_total, "
+                       "bytes_relayed, refused_<status>, cut_<limit> (status relay)", ["event"],
+                       namespace=NAMESPACE, registry=r)
+        for name in names:
+            totals.labels(event=name).set_function(lambda n=name: float(counters.get(n, 0)))
 
     # -- reading back
     def value(self, name: str, **labels: str) -> float | None:

@@ -81,6 +81,9 @@ def test_constraint_table_names_only_real_fields():
         ("[learning]\nnode_index = -1\n", 2, "learning.node_index", "must be >= 0"),
         ("[learning]\nmode = 'gossip'\n[privacy]\nenabled = true\n", 4, "privacy.enabled", "dsgd"),
         ("[transport]\nping_interval_s = 90.0\n", 2, "transport.ping_interval_s", "idle_timeout_s"),
+        ("[relay]\nunlimited_peers = ['12D3KooWnope']\n", 2, "relay.unlimited_peers", "not an Ed25519 peer id"),
+        ("[relay]\ncircuit_duration_s = 0\n", 2, "relay.circuit_duration_s", "must be in [1"),
+        ("[relay]\nservice = 'yes'\n", 2, "relay.service", "true or false"),
     ],
 )
 def test_bad_config_is_one_line_with_file_line_and_key(tmp_path, text, line, key, fragment):
@@ -242,3 +245,20 @@ def test_learning_is_on_with_a_data_share_drawn_from_the_peer_id():
     assert fixed.for_peer(peers[0]) is fixed  # an explicit index is the user's partition
     assert load_config(None, {"learning.node_index": "auto"}).learning.node_index == AUTO
     assert config_to_dict(NodeConfig())["learning"]["node_index"] == "auto"
+
+
+def test_relay_section_becomes_the_relay_config(tmp_path):
+    peer = Identity.generate().peer_id
+    path = write(tmp_path, f"[relay]\nservice = true\ncircuit_data_bytes = 4096\nunlimited_peers = ['{peer}']\n")
+    cfg = load_config(path)
+    assert cfg.relay.service is True
+    relay = cfg.relay.relay_config()
+    assert relay.circuit_data_bytes == 4096 and relay.unlimited_peers == frozenset({peer})
+    assert relay.circuit_duration_s == 120  # go-libp2p's default for strangers
+
+
+def test_relay_section_defaults_match_the_relay_config():
+    from murmur.protocol.libp2p.relay import RelayConfig
+
+    assert NodeConfig().relay.relay_config() == RelayConfig()
+    assert NodeConfig().relay.service is False

@@ -361,6 +361,7 @@ class Libp2pConnection:
         self.fault: PeerFault | None = None  # what closed it, if a fault did
         self.closed = False
         self.useful_at: float | None = None  # last mark_useful (monotonic seconds)
+        self.relay: PeerId | None = None  # the circuit relay this connection runs through (None: direct)
         self.bytes_sent = 0  # stream payload bytes
         self.bytes_received = 0
         self.tasks = TaskManager(f"{self.name} {peer_id.short()}")
