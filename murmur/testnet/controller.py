@@ -54,8 +54,6 @@ import json
 import logging
 import math
 import os
-import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -74,6 +72,7 @@ from murmur.testnet import internet
 from murmur.testnet.churn import ChurnSchedule, partition_groups, reference_round
 from murmur.testnet.dashboard import DashboardServer, DashboardState, fill_from_specs
 from murmur.testnet.forkserver import ForkServer, ForkServerError
+from murmur.testnet.ports import find_free_port_block
 from murmur.testnet.procs import Supervisor, last_error
 from murmur.testnet.report import write_report
 from murmur.testnet.scenario import (
@@ -105,8 +104,6 @@ STATUS_TIMEOUT_S = 2.0
 CONTROL_TIMEOUT_S = 5.0
 MIN_STALL_S = 60.0  # no new round for this long (or 10 round deadlines) ends the run
 STALL_DEADLINES = 10
-PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range, where API ports (port 0) land
-PORT_ATTEMPTS = 50
 MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
 WORKER_MODULE = "murmur.testnet.worker"
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -209,31 +206,6 @@ class RunResult:
 
 
 # ------------------------------------------------------------------- helpers
-
-
-def find_free_port_block(count: int, rng: random.Random | None = None) -> int:
-    """A base port such that ``base .. base+count-1`` can all be bound now.
-
-    Node listen ports must be known before any node starts (bootstrap
-    addresses name them), so port 0 will not do; another process may still
-    take one in the meantime, which then shows as a node failing to start.
-    """
-    rng = rng or random.Random()
-    for _ in range(PORT_ATTEMPTS):
-        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - count)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no block of {count} free ports in {PORT_RANGE}")
 
 
 def read_metrics(data_dir: Path) -> list[dict[str, Any]]:

@@ -45,7 +45,6 @@ import asyncio
 import contextlib
 import math
 import os
-import random
 import shutil
 import signal
 import socket
@@ -65,6 +64,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from murmur.errors import ConfigError, StateError
 from murmur.fsutil import atomic_write_bytes
+from murmur.testnet.ports import find_free_port_block
 from murmur.testnet.procs import ChildProcess
 from murmur.testnet.scenario import ClusterSpec, Placement
 from murmur.testnet.spawn import popen_supervised
@@ -73,8 +73,6 @@ PLACE_TIMEOUT_S = 60.0  # a placement group the cluster cannot hold never become
 CALL_TIMEOUT_S = 30.0  # one agent call (spawn, signal, files); a wedged host fails it, not the run
 STATUS_TIMEOUT_S = 2.0  # as the controller's own status timeout
 RELAY_LINE_LIMIT = 1 << 20  # the worker's MAX_CONTROL_LINE: a partition names every peer
-PORT_RANGE = (20000, 32000)  # as the controller's: below Linux's ephemeral range
-PORT_ATTEMPTS = 50
 KEY_MODE = 0o600
 ROOT_PREFIX = "murmur-ray"
 CONTROL_DIR = "ctl"  # the workers' control sockets, under a host's run root
@@ -103,24 +101,8 @@ class HostAgent:
                 "gpus": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
 
     async def free_port_block(self, host: str, count: int) -> int:
-        """A base port such that ``base .. base+count-1`` can all be bound on ``host`` now
-        (as the controller's ``find_free_port_block``, on this host's address)."""
-        rng = random.Random()
-        for _ in range(PORT_ATTEMPTS):
-            base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - count)
-            socks: list[socket.socket] = []
-            try:
-                for port in range(base, base + count):
-                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                    socks.append(s)
-                    s.bind((host, port))
-                return base
-            except OSError:
-                continue
-            finally:
-                for s in socks:
-                    s.close()
-        raise RuntimeError(f"no block of {count} free ports on {host}")
+        """A base port such that ``base .. base+count-1`` can all be bound on ``host`` now."""
+        return find_free_port_block(count, host=host)
 
     async def install(self, files: Mapping[str, bytes], secret: Sequence[str] = ()) -> None:
         """Write ``files`` (path under the run root -> content); those in ``secret`` owner-only."""
