@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from murmur.errors import ConfigError, OptionError
 from murmur.protocol.budget import least_peer_limit
-from murmur.protocol.multiaddr import DialAddr, Multiaddr
+from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, DialAddr, Multiaddr
 
 if TYPE_CHECKING:
     from murmur.protocol.identity import PeerId
@@ -244,6 +244,11 @@ class RelaySection:
     message_timeout_s: float = 10.0
     stall_timeout_s: float = 10.0
     unlimited_peers: tuple[str, ...] = ()  # peer ids (12D3KooW…) whose circuits between them have no limit
+    # The client side (AutoRelay): relays this node reserves a slot on and advertises circuits through.
+    use: tuple[DialAddr, ...] = ()  # static relays, /ip4|ip6|dns…/tcp/…/p2p/<relay>
+    auto: bool = True  # with no static relays: reserve on connected peers that relay, while private
+    max_relays: int = 2  # reservations held at once by the automatic choice
+    check_interval_s: float = 5.0  # how often reservations are checked and renewed
 
     def relay_config(self) -> Any:
         """The equivalent ``RelayConfig`` (imported late, like ``TransportSection.limits``)."""
@@ -251,7 +256,8 @@ class RelaySection:
         from murmur.protocol.libp2p.relay import RelayConfig
 
         fields = dataclasses.asdict(self)
-        del fields["service"]
+        for client_side in ("service", "use", "auto", "max_relays", "check_interval_s"):
+            del fields[client_side]
         fields["unlimited_peers"] = frozenset(PeerId.from_string(p) for p in self.unlimited_peers)
         return RelayConfig(**fields)
 
@@ -440,6 +446,13 @@ def peer_ids(v: Any) -> None:
             raise _Invalid(f"{text!r} is not an Ed25519 peer id (12D3KooW…)") from None
 
 
+def relay_addrs(v: Any) -> None:
+    """A relay to reserve on is dialled directly and must be named (its /p2p/<id>)."""
+    for addr in v:
+        if addr.is_circuit or addr.peer_id is None:
+            raise _Invalid(f"{addr} must be a relay's direct address ending in /p2p/<relay id>")
+
+
 def loopback_ip(v: Any) -> None:
     """The status API is unauthenticated: it may only listen on loopback."""
     try:
@@ -491,6 +504,9 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "relay.message_timeout_s": finite_positive,
         "relay.stall_timeout_s": finite_positive,
         "relay.unlimited_peers": peer_ids,
+        "relay.use": relay_addrs,
+        "relay.max_relays": between(0, MAX_CIRCUIT_ADDRS),
+        "relay.check_interval_s": finite_positive,
         "api.host": loopback_ip,
         "api.port": between(0, 65535),
         "learning.trainer": non_empty,

@@ -39,6 +39,7 @@ from murmur import __version__
 from murmur.errors import OptionError, PeerFault, TaskCrashed
 from murmur.node.api import StatusApi
 from murmur.node.config import AUTO, NodeConfig
+from murmur.node.autorelay import AutoRelay
 from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
 from murmur.node.preflight import bind_problem
@@ -51,11 +52,11 @@ from murmur.protocol.gossip import FloodGossip, GossipMessage
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.libp2p import HostConfig, Libp2pConnection, Libp2pHost, Stream
 from murmur.protocol.messages import Gossip, Goodbye, Hello, MurmurProtocol
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.multiaddr import CircuitAddr, Multiaddr, PeerAddr
 from murmur.protocol.peertable import PeerTable, PeerTableConfig
-from murmur.protocol.libp2p.relay import RelayService
+from murmur.protocol.libp2p.relay import RelayClient, RelayRefused, RelayService
 from murmur.protocol.libp2p.relay import stat_names as relay_stat_names
-from murmur.protocol.reachability import ReachabilityTracker
+from murmur.protocol.reachability import Reachability, ReachabilityTracker
 from murmur.protocol.sampling import CyclonSampler
 from murmur.protocol.transport import ConnectionClosed, tune_allocator
 from murmur.ratelog import LogBudget, RateLimitedLog
@@ -161,6 +162,13 @@ class Node:
             relay = self.relay = RelayService(self.host, cfg.relay.relay_config())
             self.metrics.bind_relay(lambda: len(relay.reservations), lambda: relay.circuits, relay.stats,
                                     relay_stat_names())
+        # The client side: dial circuits, and (AutoRelay) reserve on relays to be
+        # reachable behind NAT. Its /stop handler takes circuits only from relays
+        # we reserved on.
+        self.relay_client = RelayClient(self.host, cfg.relay.message_timeout_s)
+        self.autorelay = AutoRelay(self, self.relay_client, cfg.relay.use, cfg.relay.auto, cfg.relay.max_relays,
+                                   private=lambda: self.reachability.reachability(time.monotonic())
+                                   is Reachability.PRIVATE)
         for listen in cfg.node.listen:
             try:
                 bound = await self.host.listen(listen.host, listen.port)
@@ -207,6 +215,7 @@ class Node:
         self._api = api
         self.state.write_api_info(ApiInfo(cfg.api.host, self._api.port, _pid(), str(self.peer_id)))
         self.membership.start()
+        self.tasks.periodic("autorelay", cfg.relay.check_interval_s, self._check_relays)
         self.tasks.periodic("log-summary", PEER_LOG_BUDGET.window_s, self._summarise_peer_log,
                             delay_s=PEER_LOG_BUDGET.window_s)
         if net.mdns:
@@ -303,6 +312,8 @@ class Node:
             except Exception:
                 log.exception("learner did not stop cleanly")
         await self.tasks.shutdown()
+        if hasattr(self, "relay_client"):
+            await self.relay_client.close()
         sessions = list(self._sessions.values())
         await asyncio.gather(*(self._say_goodbye(s) for s in sessions), return_exceptions=True)
         host = getattr(self, "host", None)
@@ -328,6 +339,26 @@ class Node:
         except (ConnectionClosed, TimeoutError):
             pass
 
+    def advertised_addrs(self) -> list[PeerAddr]:
+        """What we tell peers (Hello, shuffles): our listen addresses, then the
+        circuits through the relays we hold reservations on."""
+        return [*self.addrs, *self.autorelay.circuit_addrs()]
+
+    def peer_protocols(self, peer: PeerId) -> Sequence[str]:
+        """The protocols ``peer``'s identify listed (empty if unknown)."""
+        record = self.table.get(peer)
+        return record.protocols if record is not None else ()
+
+    async def _check_relays(self) -> None:
+        """AutoRelay's pass, then what shuffles tell about us follows the reservations."""
+        await self.autorelay.check()
+        circuits = self.autorelay.circuit_addrs()  # kept when the interfaces fill the entry: they reach us from anywhere
+        room = self.sampler.config.max_entry_addrs - len(circuits)
+        own = tuple(a.without_peer() for a in [*self.addrs[: max(0, room)], *circuits])
+        if own != self.sampler.self_addrs:
+            self.sampler.self_addrs = own
+            log.info("advertised addresses changed", extra={"event": "addrs_changed", "addrs": [str(a) for a in own]})
+
     def save_peers(self) -> None:
         try:
             self.table.save(self.state.peers_path)
@@ -343,7 +374,7 @@ class Node:
     def sessions(self) -> list[PeerSession]:
         return [s for s in self._sessions.values() if not s.closed]
 
-    async def connect(self, addrs: Sequence[Multiaddr], peer: PeerId | None = None) -> PeerSession:
+    async def connect(self, addrs: Sequence[PeerAddr], peer: PeerId | None = None) -> PeerSession:
         """A session with ``peer`` (at one of ``addrs``), dialling if needed.
         Concurrent calls for one peer share one dial; a banned peer is never dialled."""
         if peer is not None and self.table.is_banned(peer):
@@ -382,14 +413,23 @@ class Node:
             if peer is not None and self._dials.get(peer) is fut:
                 del self._dials[peer]
 
-    async def _dial_any(self, addrs: Sequence[Multiaddr], peer: PeerId | None) -> PeerSession:
-        if not addrs:
+    async def _dial_any(self, addrs: Sequence[PeerAddr], peer: PeerId | None) -> PeerSession:
+        """Direct addresses first; a peer's relay circuits only when none of
+        those answered (a circuit costs the relay and has its limits)."""
+        ordered = sorted(addrs, key=lambda a: a.is_circuit)
+        if peer is None:  # a circuit's CONNECT must name its target
+            ordered = [a for a in ordered if not a.is_circuit]
+        if not ordered:
             raise ConnectionClosed(f"no address for {peer}")
         last: Exception | None = None
-        for addr in addrs:
+        for addr in ordered:
             try:
-                conn = await self.host.dial(Multiaddr(addr.host, addr.port, peer))
-            except (OSError, PeerFault, ConnectionClosed) as exc:
+                if isinstance(addr, CircuitAddr):
+                    assert peer is not None
+                    conn = await self.relay_client.dial_addr(addr.with_peer(peer).to_dial())
+                else:
+                    conn = await self.host.dial(Multiaddr(addr.host, addr.port, peer))
+            except (OSError, PeerFault, ConnectionClosed, RelayRefused, TimeoutError) as exc:
                 last = exc
                 continue
             _raise_if_cancelling()
@@ -466,7 +506,7 @@ class Node:
         try:
             await session.send(
                 Hello(
-                    listen_addrs=tuple(str(a.without_peer()) for a in self.addrs),
+                    listen_addrs=tuple(str(a.without_peer()) for a in self.advertised_addrs()),
                     agent=AGENT,
                     round=self.learner.round if self.learner is not None else 0,
                     degree=self.membership.degree(),
@@ -681,6 +721,8 @@ class Node:
             "learning": self._learning_status(),
             "learning_off": self.learning_off,
             "relay": self._relay_status(),
+            "relay_client": self.autorelay.status(),
+            "connection_types": {str(s.peer): connection_type(s.conn) for s in sessions},
         }
 
     def _relay_status(self) -> dict[str, Any] | None:
@@ -747,6 +789,7 @@ class Node:
                     "connected": record.peer_id in libp2p,
                     "murmur": session is not None if record.peer_id in libp2p else None,
                     "neighbour": bool(session and session.linked),
+                    "connection": connection_type(session.conn) if session is not None else None,
                     "agent": record.agent,
                     "protocols": list(record.protocols),
                     "listen_addrs": list(record.listen),
@@ -754,6 +797,11 @@ class Node:
                 }
             )
         return out
+
+
+def connection_type(conn: Libp2pConnection) -> str:
+    """``direct`` or ``relayed`` (through circuit relay v2), as status reports a peer's connection."""
+    return "direct" if conn.relay is None else "relayed"
 
 
 def _raise_if_cancelling() -> None:

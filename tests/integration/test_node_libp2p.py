@@ -118,7 +118,7 @@ async def test_bootstrap_by_dns_name_and_a_kept_circuit(tmp_path: Path, caplog: 
     seed = await _node(tmp_path, "seed")
     relay = Identity.generate().peer_id
     boot = [f"/dns4/localhost/tcp/{seed.addrs[0].port}/p2p/{seed.peer_id}",
-            f"/ip4/127.0.0.1/tcp/9/p2p/{relay}/p2p-circuit/p2p/{seed.peer_id}"]
+            f"/dns4/localhost/tcp/9/p2p/{relay}/p2p-circuit/p2p/{seed.peer_id}"]  # through a named relay: kept
     node = await _node(tmp_path, "node", **{"network.bootstrap": boot})
     try:
         await wait_until(lambda: node.session(seed.peer_id) is not None, 5.0, "bootstrapped through a DNS name")

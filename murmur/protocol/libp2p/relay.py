@@ -303,6 +303,10 @@ class RelayClient:
         connection closing, ends it and its circuit addresses)."""
         self._tasks.spawn(f"keep-{relay.peer_id.short()}", lambda: self._keep(relay), replace=True)
 
+    def keeping(self, relay: PeerId) -> bool:
+        """Whether a reservation on ``relay`` is being held (or being made) now."""
+        return f"keep-{relay.short()}" in self._tasks
+
     async def _keep(self, relay: Libp2pConnection) -> None:
         try:
             while not relay.closed:

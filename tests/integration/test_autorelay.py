@@ -1,0 +1,86 @@
+"""AutoRelay in the node: a private node reserves on a murmur relay
+(``[relay] use``), advertises its ``/p2p-circuit`` address, and a third node
+that knows only that address reaches it through the relay and learns with it.
+
+Real in-process daemons on loopback (Noise, yamux, circuit relay v2, signed
+deltas). The third node is given only the circuit address, and over a relayed
+connection the private node's direct addresses are not recorded, so the
+circuit is its only way in. Shuffles are slowed down so that the relay does not
+hand the private node's direct address around during the test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from murmur.node.daemon import Node
+from tests.integration.cluster import node_config, wait_until
+
+TRAINER = "tests.trainers:VectorTrainer"
+
+
+def learning() -> dict[str, Any]:
+    return {
+        "learning.enabled": True,
+        "learning.trainer": TRAINER,
+        "learning.num_nodes": 2,
+        "learning.rounds": 1000,
+        "learning.round_deadline_s": 0.5,
+        "learning.trainer_options": {"size": 64},
+        "network.neighbours": 2,  # the relay (no learner) takes one slot
+        "network.shuffle_interval_s": 60.0,
+    }
+
+
+def learnt_from(node: Node, other: Node) -> bool:
+    learning = node.status()["learning"]
+    return learning is not None and str(other.peer_id) in learning["weights"]
+
+
+async def test_a_private_node_is_reached_only_through_its_relay_and_learns(tmp_path: Path) -> None:
+    relay = Node(node_config(tmp_path / "relay", overrides={
+        "relay.service": True, "relay.circuit_duration_s": 3600, "relay.circuit_data_bytes": 1 << 40}))
+    await relay.start()
+    private = third = None
+    try:
+        relay_addr = relay.addrs[0]
+        private = Node(node_config(tmp_path / "private", overrides={
+            **learning(), "relay.use": [str(relay_addr)], "relay.check_interval_s": 0.2}))
+        await private.start()
+        await wait_until(lambda: private.status()["relay_client"]["circuit_addrs"], 10, "a reservation on the relay")
+        (circuit,) = private.status()["relay_client"]["circuit_addrs"]
+        assert circuit == f"{relay_addr.without_peer()}/p2p/{relay.peer_id}/p2p-circuit"
+        assert [r["relay"] for r in private.status()["relay_client"]["reservations"]] == [str(relay.peer_id)]
+        assert relay.status()["relay"]["reservations"] == 1
+
+        # The third node knows the private one only by its circuit (bootstrap).
+        target = f"{circuit}/p2p/{private.peer_id}"
+        third = Node(node_config(tmp_path / "third", overrides={**learning(), "network.bootstrap": [target]}))
+        await third.start()
+        await wait_until(lambda: third.session(private.peer_id) is not None, 10, "a session through the circuit")
+        assert third.status()["connection_types"][str(private.peer_id)] == "relayed"
+        assert private.status()["connection_types"][str(third.peer_id)] == "relayed"
+        assert private.status()["connection_types"][str(relay.peer_id)] == "direct"
+        peer_row = next(p for p in third.peers() if p["peer_id"] == str(private.peer_id))
+        assert peer_row["connection"] == "relayed"
+        # Over a relayed connection the private node's direct address is not
+        # recorded (its IP would be the relay's): only the circuit is.
+        assert peer_row["addrs"] == [circuit]
+
+        start = {id(n): n.learner.round for n in (private, third)}
+        await wait_until(lambda: learnt_from(private, third) and learnt_from(third, private), 30,
+                         "each merged the other's delta")
+        await wait_until(lambda: all(n.learner.round >= start[id(n)] + 2 for n in (private, third)), 30,
+                         "two more rounds each")
+        assert learnt_from(private, third) and learnt_from(third, private)
+        assert third.status()["connection_types"][str(private.peer_id)] == "relayed"  # still no direct path
+        assert relay.status()["relay"]["circuits"] >= 1
+        assert relay.status()["relay"]["bytes_relayed"] > 0
+        assert private.status()["faults"] == {} and third.status()["faults"] == {}
+    finally:
+        for node in (third, private):
+            if node is not None:
+                await node.stop()
+        await relay.stop()
+
