@@ -11,10 +11,12 @@ hand the private node's direct address around during the test.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
 from murmur.node.daemon import Node
+from murmur.protocol.multiaddr import Multiaddr
 from tests.integration.cluster import node_config, wait_until
 
 TRAINER = "tests.trainers:VectorTrainer"
@@ -84,3 +86,47 @@ async def test_a_private_node_is_reached_only_through_its_relay_and_learns(tmp_p
                 await node.stop()
         await relay.stop()
 
+
+
+async def test_a_private_node_picks_a_relay_among_its_peers_and_is_dialled_through_it(tmp_path: Path) -> None:
+    """No relay configured: on loopback the node is private (no public
+    address), so it reserves on the one connected peer whose identify lists
+    the hop protocol, and not on a peer that does not relay. A peer given a
+    dead direct address and the circuit falls back to the circuit."""
+    relay = Node(node_config(tmp_path / "relay", overrides={"relay.service": True}))
+    await relay.start()
+    nodes: list[Node] = []
+    try:
+        plain = Node(node_config(tmp_path / "plain", bootstrap=(relay.addrs[0],)))
+        await plain.start()
+        nodes.append(plain)
+        private = Node(node_config(tmp_path / "private", bootstrap=(relay.addrs[0],),
+                                   overrides={"relay.check_interval_s": 0.2}))
+        await private.start()
+        nodes.append(private)
+        assert private.status()["reachability"]["state"] == "private"
+        await wait_until(lambda: private.status()["relay_client"]["circuit_addrs"], 10, "a relay chosen")
+        await wait_until(lambda: plain.session(private.peer_id) is not None
+                         or private.session(plain.peer_id) is not None, 10, "the peers meet")
+        reservations = private.status()["relay_client"]["reservations"]
+        assert [r["relay"] for r in reservations] == [str(relay.peer_id)]  # not the peer that does not relay
+
+        dialler = Node(node_config(tmp_path / "dialler"))
+        await dialler.start()
+        nodes.append(dialler)
+        (circuit,) = private.autorelay.circuit_addrs()
+        dead = Multiaddr("127.0.0.1", closed_port())
+        session = await dialler.connect([circuit, dead], private.peer_id)  # direct tried first, then the circuit
+        assert session.conn.relay == relay.peer_id
+        assert dialler.status()["connection_types"][str(private.peer_id)] == "relayed"
+    finally:
+        for node in reversed(nodes):
+            await node.stop()
+        await relay.stop()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
