@@ -23,7 +23,7 @@ from murmur.protocol.discovery import resolve
 from murmur.protocol.identity import PeerId
 from murmur.protocol.libp2p.connection import Libp2pConnection
 from murmur.protocol.libp2p.relay import RelayClient
-from murmur.protocol.multiaddr import CircuitAddr, DialAddr, PeerAddr
+from murmur.protocol.multiaddr import CircuitAddr, DialAddr, Multiaddr
 from murmur.protocol.transport import ConnectionClosed
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class _Session(Protocol):
 class RelayHost(Protocol):
     """What AutoRelay needs of the node."""
 
-    async def connect(self, addrs: Sequence[PeerAddr], peer: PeerId | None = None) -> _Session: ...
+    async def relay_connection(self, addrs: Sequence[Multiaddr], relay: PeerId) -> Libp2pConnection: ...
 
     def sessions(self) -> Sequence[_Session]: ...
 
@@ -88,12 +88,12 @@ class AutoRelay:
     async def _keep_static(self, addr: DialAddr) -> None:
         try:
             targets = [t.without_peer() for t in await resolve(addr)]
-            session = await self.node.connect(targets, addr.peer_id)
+            assert addr.peer_id is not None
+            conn = await self.node.relay_connection(targets, addr.peer_id)
         except (OSError, PeerFault, ConnectionClosed, MurmurError) as exc:
             log.info("relay unreachable", extra={"event": "relay_unreachable", "relay": str(addr), "error": str(exc)})
             return
-        if session.conn.relay is None:
-            self._keep(session.conn)
+        self._keep(conn)
 
     def _keep(self, conn: Libp2pConnection) -> None:
         log.info("reserving on relay", extra={"event": "relay_keep", "relay": str(conn.peer_id)})

@@ -426,7 +426,7 @@ class Node:
             try:
                 if isinstance(addr, CircuitAddr):
                     assert peer is not None
-                    conn = await self.relay_client.dial_addr(addr.with_peer(peer).to_dial())
+                    conn = await self._dial_circuit(addr, peer)
                 else:
                     conn = await self.host.dial(Multiaddr(addr.host, addr.port, peer))
             except (OSError, PeerFault, ConnectionClosed, RelayRefused, TimeoutError) as exc:
@@ -436,6 +436,30 @@ class Node:
             return await self._greeted(conn)
         assert last is not None
         raise last
+
+    async def _dial_circuit(self, addr: CircuitAddr, peer: PeerId) -> Libp2pConnection:
+        """Through the relay's connection we hold (a session, so one dial to the
+        relay is shared with AutoRelay's and everyone's), made if needed."""
+        relay = addr.relay.peer_id
+        assert relay is not None
+        if relay == peer or relay == self.peer_id:
+            raise ConnectionClosed(f"{addr} leads through the peer itself or through us")
+        conn = await self.relay_connection([addr.relay.without_peer()], relay)
+        return await self.relay_client.dial(conn, peer)
+
+    async def relay_connection(self, addrs: Sequence[Multiaddr], relay: PeerId) -> Libp2pConnection:
+        """A direct connection to ``relay``: our session's (one dial, shared with
+        everyone's), or a plain libp2p relay's, which speaks no murmur."""
+        try:
+            conn = (await self.connect(addrs, relay)).conn
+        except ProtocolNotSupported:  # its connection is held all the same
+            foreign = self._foreign.get(relay)
+            if foreign is None or foreign.closed:
+                raise
+            conn = foreign
+        if conn.relay is not None:
+            raise ConnectionClosed(f"the relay {relay.short()} is itself reached through a relay")
+        return conn
 
     async def _greeted(self, conn: Libp2pConnection) -> PeerSession:
         """The murmur session a dial ended with, once our greeting is on it:
