@@ -32,6 +32,7 @@ import logging
 import random
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -169,6 +170,8 @@ class Node:
         self.autorelay = AutoRelay(self, self.relay_client, cfg.relay.use, cfg.relay.auto, cfg.relay.max_relays,
                                    private=lambda: self.reachability.reachability(time.monotonic())
                                    is Reachability.PRIVATE)
+        self.metrics.bind_connections(
+            lambda: Counter(connection_type(s.conn) for s in self.sessions()), lambda: len(self.autorelay.live()))
         for listen in cfg.node.listen:
             try:
                 bound = await self.host.listen(listen.host, listen.port)

@@ -33,6 +33,8 @@ PHASE_SUFFIX = "_s"  # metrics rows name a round's phases train_s, commit_s, ...
 CREATED_SUFFIX = "_created"
 
 
+CONNECTION_TYPES = ("direct", "relayed")  # how a peer is connected (status connection_types)
+
 class Direction(enum.StrEnum):
     IN = "in"
     OUT = "out"
@@ -168,6 +170,17 @@ class NodeMetrics:
                        namespace=NAMESPACE, registry=r)
         for name in names:
             totals.labels(event=name).set_function(lambda n=name: float(counters.get(n, 0)))
+
+    def bind_connections(self, types: Callable[[], Mapping[str, int]], reservations: Callable[[], int]) -> None:
+        """Export the murmur sessions by connection type (``direct``, ``relayed``)
+        and the relay reservations this node holds as a client (AutoRelay)."""
+        r = self.registry
+        by_type = Gauge("connections", "Murmur sessions now, by connection type (direct, relayed)", ["type"],
+                        namespace=NAMESPACE, registry=r)
+        for kind in CONNECTION_TYPES:
+            by_type.labels(type=kind).set_function(lambda k=kind: float(types().get(k, 0)))
+        Gauge("relay_client_reservations", "Relay reservations this node holds (to be reached behind NAT)",
+              namespace=NAMESPACE, registry=r).set_function(lambda: float(reservations()))
 
     # -- reading back
     def value(self, name: str, **labels: str) -> float | None:

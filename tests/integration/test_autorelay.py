@@ -63,6 +63,10 @@ async def test_a_private_node_is_reached_only_through_its_relay_and_learns(tmp_p
         await wait_until(lambda: third.session(private.peer_id) is not None, 10, "a session through the circuit")
         assert third.status()["connection_types"][str(private.peer_id)] == "relayed"
         assert private.status()["connection_types"][str(third.peer_id)] == "relayed"
+        assert private.metrics.value("murmur_connections", type="relayed") == 1
+        assert private.metrics.value("murmur_connections", type="direct") == 1  # the relay
+        assert private.metrics.value("murmur_relay_client_reservations") == 1
+        assert relay.metrics.value("murmur_relay_client_reservations") == 0
         assert private.status()["connection_types"][str(relay.peer_id)] == "direct"
         peer_row = next(p for p in third.peers() if p["peer_id"] == str(private.peer_id))
         assert peer_row["connection"] == "relayed"
