@@ -53,7 +53,7 @@ from murmur.protocol.gossip import FloodGossip, GossipMessage
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.libp2p import HostConfig, Libp2pConnection, Libp2pHost, Stream
 from murmur.protocol.messages import Gossip, Goodbye, Hello, MurmurProtocol
-from murmur.protocol.multiaddr import CircuitAddr, Multiaddr, PeerAddr
+from murmur.protocol.multiaddr import AnyMultiaddr, CircuitAddr, Multiaddr, PeerAddr
 from murmur.protocol.peertable import PeerTable, PeerTableConfig
 from murmur.protocol.libp2p.relay import RelayClient, RelayRefused, RelayService
 from murmur.protocol.libp2p.relay import stat_names as relay_stat_names
@@ -170,6 +170,7 @@ class Node:
         self.autorelay = AutoRelay(self, self.relay_client, cfg.relay.use, cfg.relay.auto, cfg.relay.max_relays,
                                    private=lambda: self.reachability.reachability(time.monotonic())
                                    is Reachability.PRIVATE)
+        self.host.circuit_addrs = lambda: [AnyMultiaddr.parse(str(a)) for a in self.autorelay.circuit_addrs()]
         self.metrics.bind_connections(
             lambda: Counter(connection_type(s.conn) for s in self.sessions()), lambda: len(self.autorelay.live()))
         for listen in cfg.node.listen:

@@ -55,6 +55,7 @@ async def test_a_private_node_is_reached_only_through_its_relay_and_learns(tmp_p
         assert circuit == f"{relay_addr.without_peer()}/p2p/{relay.peer_id}/p2p-circuit"
         assert [r["relay"] for r in private.status()["relay_client"]["reservations"]] == [str(relay.peer_id)]
         assert relay.status()["relay"]["reservations"] == 1
+        assert circuit in [str(a) for a in private.host.identify_for(private.host.connections[0]).listen_addrs]
 
         # The third node knows the private one only by its circuit (bootstrap).
         target = f"{circuit}/p2p/{private.peer_id}"

@@ -41,7 +41,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from murmur import __version__
@@ -117,6 +117,8 @@ class Libp2pHost:
         self._ping_streams: Counter[Libp2pConnection] = Counter()
         self._closing = False
         self.listen_addrs: list[Multiaddr] = []  # what identify tells peers (the node sets what it advertises)
+        # and after them, where our relay reservations reach us now (read at each identify)
+        self.circuit_addrs: Callable[[], Sequence[AnyMultiaddr]] = tuple
         # How peers saw us, by how many said so: a bare tally for the host's
         # users; the node's reachability votes go through ReachabilityTracker,
         # which limits Sybils. Bounded, since any peer can claim any address.
@@ -416,7 +418,7 @@ class Libp2pHost:
                     else AnyMultiaddr.of((Proto.IP6 if ":" in host else Proto.IP4, host), (Proto.TCP, port)))
         return idp.make_identify(
             self.peer_id.public_key_bytes, self.protocols(),
-            [a.without_peer().to_any() for a in self.listen_addrs], observed,
+            [*(a.without_peer().to_any() for a in self.listen_addrs), *self.circuit_addrs()], observed,
             self.config.agent_version, self.config.protocol_version,
         )
 
