@@ -301,8 +301,8 @@ class Membership:
                 continue
             fixed: PeerAddr
             if isinstance(addr, CircuitAddr):
-                if addr.relay.peer_id == session.peer:
-                    raise DecodeError(f"Hello names a circuit through the peer itself: {text}")
+                if addr.relay.peer_id == session.peer or addr.peer_id not in (None, session.peer):
+                    raise DecodeError(f"Hello names a circuit through the peer itself or to another: {text}")
                 circuits += 1
                 if circuits > MAX_CIRCUIT_ADDRS:
                     raise LimitExceeded(f"Hello names more than {MAX_CIRCUIT_ADDRS} relay circuits")

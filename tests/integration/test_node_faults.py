@@ -380,6 +380,7 @@ CIRCUIT = f"/ip4/198.18.0.1/tcp/4001/p2p/{RELAY}/p2p-circuit"
     ((f"/dns4/relay.example/tcp/4001/p2p/{RELAY}/p2p-circuit",), "DecodeError"),  # we resolve nothing for strangers
     (("/ip4/198.18.0.1/tcp/4001/p2p-circuit",), "DecodeError"),  # no relay named
     ((f"{CIRCUIT}/p2p-circuit",), "DecodeError"),
+    ((f"{CIRCUIT}/p2p/{Identity.generate().peer_id}",), "DecodeError"),  # a circuit to someone else
     (tuple(f"/ip4/198.18.0.{i}/tcp/4001/p2p/{Identity.generate().peer_id}/p2p-circuit" for i in range(3)),
      "LimitExceeded"),  # more circuits than a private node holds reservations
 ])
