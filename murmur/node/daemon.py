@@ -53,7 +53,7 @@ from murmur.protocol.gossip import FloodGossip, GossipMessage
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.libp2p import HostConfig, Libp2pConnection, Libp2pHost, Stream
 from murmur.protocol.messages import Gossip, Goodbye, Hello, MurmurProtocol
-from murmur.protocol.multiaddr import AnyMultiaddr, CircuitAddr, Multiaddr, PeerAddr
+from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, AnyMultiaddr, CircuitAddr, Multiaddr, PeerAddr
 from murmur.protocol.peertable import PeerTable, PeerTableConfig
 from murmur.protocol.libp2p.relay import RelayClient, RelayRefused, RelayService
 from murmur.protocol.libp2p.relay import stat_names as relay_stat_names
@@ -361,7 +361,16 @@ class Node:
         own = tuple(a.without_peer() for a in [*self.addrs[: max(0, room)], *circuits])
         if own != self.sampler.self_addrs:
             self.sampler.self_addrs = own
+            # Peers that greeted us before have our old addresses: identify push tells them.
+            await asyncio.gather(*(self._push_identify(c) for c in self.host.connections))
             log.info("advertised addresses changed", extra={"event": "addrs_changed", "addrs": [str(a) for a in own]})
+
+    async def _push_identify(self, conn: Libp2pConnection) -> None:
+        try:
+            async with asyncio.timeout(self.config.relay.message_timeout_s):
+                await self.host.push_identify(conn)
+        except (ConnectionClosed, PeerFault, OSError, TimeoutError):
+            pass  # that peer learns them from shuffles
 
     def save_peers(self) -> None:
         try:
@@ -620,6 +629,10 @@ class Node:
             conn.peer_id, info.agent_version or "", info.protocols, [str(a) for a in info.listen_addrs],
             str(info.observed_addr) if info.observed_addr is not None else "",
         )
+        circuits = circuits_of(conn.peer_id, info.listen_addrs, self.peer_id)
+        if circuits:  # a private peer's way in, perhaps new since its Hello (identify push)
+            self.table.add(conn.peer_id, circuits)
+            self.sampler.learn_addrs(conn.peer_id, circuits)
         observed = info.observed_addr.to_tcp() if info.observed_addr is not None else None
         if observed is not None:
             self.reachability.observe(observed, conn.peer_id, conn.remote[0], time.monotonic())
@@ -825,6 +838,25 @@ class Node:
                 }
             )
         return out
+
+
+def circuits_of(peer: PeerId, addrs: Iterable[AnyMultiaddr], us: PeerId) -> list[CircuitAddr]:
+    """The relay circuits to ``peer`` (not through ``us``) among what its identify listed (at most
+    ``MAX_CIRCUIT_ADDRS``; others and malformed ones are skipped: identify is
+    every libp2p peer's, and a peer's other addresses are not ours to judge here)."""
+    out: list[CircuitAddr] = []
+    for addr in addrs:
+        if not addr.is_circuit:
+            continue
+        try:
+            circuit = CircuitAddr.parse(str(addr))
+        except ValueError:
+            continue
+        if circuit.relay.peer_id not in (peer, us) and circuit.peer_id in (None, peer) and circuit.port:
+            out.append(circuit.without_peer())
+        if len(out) == MAX_CIRCUIT_ADDRS:
+            break
+    return out
 
 
 def connection_type(conn: Libp2pConnection) -> str:

@@ -191,6 +191,21 @@ class CyclonSampler:
         self._view[peer] = desc
         return True
 
+    def learn_addrs(self, peer: PeerId, addrs: Sequence[PeerAddr]) -> bool:
+        """Addresses of ``peer`` learnt after its entry was made (the relay
+        circuits a private peer got since): merged into its descriptors right
+        after their first address (which keeps its subnet bucket), or a new
+        entry as :meth:`add` makes. Returns True iff it is in the view or a neighbour."""
+        found = False
+        for held in (self._view, self._neighbours):
+            desc = held.get(peer)
+            if desc is None:
+                continue
+            found = True
+            merged = dict.fromkeys((*desc.addrs[:1], *(a.without_peer() for a in addrs), *desc.addrs[1:]))
+            held[peer] = replace(desc, addrs=tuple(merged)[: self.config.max_entry_addrs])
+        return found or self.add(peer, addrs)
+
     def sample(self, n: int, rng: random.Random | None = None) -> list[PeerId]:
         """Up to ``n`` distinct peers drawn uniformly from the view."""
         peers = list(self._view)

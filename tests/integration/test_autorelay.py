@@ -96,30 +96,36 @@ async def test_a_private_node_is_reached_only_through_its_relay_and_learns(tmp_p
 async def test_a_private_node_picks_a_relay_among_its_peers_and_is_dialled_through_it(tmp_path: Path) -> None:
     """No relay configured: on loopback the node is private (no public
     address), so it reserves on the one connected peer whose identify lists
-    the hop protocol, and not on a peer that does not relay. A peer given a
-    dead direct address and the circuit falls back to the circuit."""
+    the hop protocol, and not on a peer that does not relay. A peer that
+    greeted it before the reservation learns the circuit by identify push.
+    A peer given a dead direct address and the circuit falls back to the circuit."""
     relay = Node(node_config(tmp_path / "relay", overrides={"relay.service": True}))
     await relay.start()
     nodes: list[Node] = []
     try:
-        plain = Node(node_config(tmp_path / "plain", bootstrap=(relay.addrs[0],)))
-        await plain.start()
-        nodes.append(plain)
+        # The first check finds no relay connected yet; the next comes 3 s later.
         private = Node(node_config(tmp_path / "private", bootstrap=(relay.addrs[0],),
-                                   overrides={"relay.check_interval_s": 0.2}))
+                                   overrides={"relay.check_interval_s": 3.0}))
         await private.start()
         nodes.append(private)
+        plain = Node(node_config(tmp_path / "plain", bootstrap=(private.addrs[0],)))
+        await plain.start()
+        nodes.append(plain)
         assert private.status()["reachability"]["state"] == "private"
-        await wait_until(lambda: private.status()["relay_client"]["circuit_addrs"], 10, "a relay chosen")
         await wait_until(lambda: plain.session(private.peer_id) is not None
-                         or private.session(plain.peer_id) is not None, 10, "the peers meet")
+                         and plain.session(private.peer_id).hello is not None, 5, "plain greeted")  # type: ignore[union-attr]
+        assert not private.status()["relay_client"]["circuit_addrs"]  # greeted before the reservation
+        await wait_until(lambda: private.status()["relay_client"]["circuit_addrs"], 10, "a relay chosen")
         reservations = private.status()["relay_client"]["reservations"]
         assert [r["relay"] for r in reservations] == [str(relay.peer_id)]  # not the peer that does not relay
+        (circuit,) = private.autorelay.circuit_addrs()
+        await wait_until(lambda: circuit in plain.table.get(private.peer_id).addrs  # type: ignore[union-attr]
+                         and circuit in plain.sampler.descriptor(private.peer_id).addrs,  # type: ignore[union-attr]
+                         5, "the circuit pushed to a peer that greeted before")
 
         dialler = Node(node_config(tmp_path / "dialler"))
         await dialler.start()
         nodes.append(dialler)
-        (circuit,) = private.autorelay.circuit_addrs()
         dead = Multiaddr("127.0.0.1", closed_port())
         session = await dialler.connect([circuit, dead], private.peer_id)  # direct tried first, then the circuit
         assert session.conn.relay == relay.peer_id
