@@ -688,7 +688,19 @@ class Node:
         )
         if banned:
             self.sampler.on_failure(peer)  # out of the view and the neighbour set, replaced at once
-        return fault.drop or banned
+        drop = fault.drop or banned
+        if drop:
+            self._offence(peer)
+        return drop
+
+    def _offence(self, peer: PeerId) -> None:
+        """An inbound connection of ``peer`` is dropped for a fault: its
+        address counts an offence (protocol/cooloff.py; a new identity from
+        the same address is refused at accept once they add up)."""
+        session = self.session(peer)
+        conn = session.conn if session is not None else None
+        if conn is not None and not conn.outbound and conn.relay is None:
+            self.host.cooloff.offence(conn.remote[0])
 
     def on_handler_failure(self, peer: PeerId, error: Exception) -> None:
         self.peer_log.log(log, logging.ERROR, peer, "handler failed; closing connection",

@@ -48,6 +48,7 @@ from murmur import __version__
 from murmur.errors import ConnectionClosed, DecodeError, PeerFault, TimeoutFault
 from murmur.protocol import identify as idp
 from murmur.protocol.admission import choose_victim
+from murmur.protocol.cooloff import Cooloff
 from murmur.protocol.budget import BytePool
 from murmur.protocol.framing import PlaintextScratch
 from murmur.protocol.identity import Identity, PeerId
@@ -125,6 +126,7 @@ class Libp2pHost:
         self.observed_addrs: Counter[AnyMultiaddr] = Counter()
         self.faults: Counter[str] = Counter()
         self.evictions: Counter[str] = Counter()  # inbound connections evicted, by reason
+        self.cooloff = Cooloff()  # addresses refused at accept for a while after repeated fault drops
         self._warnings = RateLimitedLog("transport warnings", log, LogBudget(
             per_key=limits.warnings_per_subnet, total=limits.warnings_per_interval,
             window_s=limits.warning_interval_s))
@@ -291,6 +293,8 @@ class Libp2pHost:
             try:
                 subnet = subnet_of(wire.remote[0])
             except ValueError:  # not an IP peer (cannot happen on a TCP listener); nothing to count it under
+                return False
+            if self.cooloff.cooling(wire.remote[0]):  # refused before any crypto; counted, not logged
                 return False
             reason = None
             if self._inbound_by_subnet[subnet] >= limits.max_inbound_per_subnet:
