@@ -163,7 +163,10 @@ def test_a_scenario_runs_on_a_ray_cluster(tmp_path: Path) -> None:
     assert first5["ts"] > join["ts"] and len(_events(run_dir / "logs" / "node5.log", "started")) == 1
     log4 = run_dir / "logs" / "node4.log"
     assert len(_events(log4, "started")) == 1 and len(_events(log4, "stopped")) == 1
-    assert summary["nodes"]["node4"]["round"] < 39
+    # trained no more: at most the round in flight when the stop came (under load
+    # the stop can fire near the end, so no fixed round bound)
+    stop = result.events[5]
+    assert len([r for r in read_metrics(run_dir / "nodes" / "node4") if r["ts"] > stop["ts"]]) <= 1
 
     # the partition reached the workers through the relayed control sockets:
     # while it held, node0 aggregated only models of its own side
