@@ -260,7 +260,7 @@ class Testnet:
         self.events: list[dict[str, Any]] = []
         self.nodes: dict[int, NodeHandle] = {}
         self.procs: dict[str, WorkerProc] = {}
-        self.schedule = ChurnSchedule(scenario.churn)
+        self.schedule = ChurnSchedule(scenario.churn, scenario.duration.last_round)
         self.dashboard = DashboardState(clock=lambda: time.monotonic() - self._t0)  # the events' time axis
         self.dashboard_url: str | None = None
         self._partition: list[list[str]] | None = None  # peer-id groups while partitioned
@@ -637,8 +637,12 @@ class Testnet:
             await self._sync_partitions()
             self._watch_rounds()
             elapsed = time.monotonic() - self._t0
+            lag = self.schedule.lag
             for ev in self.schedule.due(self._schedule_rounds(), elapsed):
                 await self._apply(ev)
+            if self.schedule.lag > lag:
+                self._say(f"\nthe schedule saw its rounds {self.schedule.lag} rounds late (nodes started ahead of "
+                          f"the controller's view): later events move as much, up to the last round")
             self._progress()
             if sc.duration.seconds is not None and elapsed >= sc.duration.seconds:
                 return RunEnd.TIME_UP
@@ -783,7 +787,7 @@ class Testnet:
     def _next_round_trigger(self) -> int | None:
         """The round the next churn event waits for (None: it waits for a time, or none is left)."""
         upcoming = self.schedule.upcoming()
-        return upcoming[0].at_round if upcoming else None
+        return self.schedule.trigger(upcoming[0]) if upcoming else None
 
     def _saw_rounds(self, rounds: Mapping[str, Any]) -> None:
         for peer, round_ in rounds.items():
@@ -888,7 +892,7 @@ class Testnet:
         fired_t = round(time.monotonic() - self._t0, 3)
         rounds = await self._snapshot_rounds()
         honest = {i: r for i, r in rounds.items() if self.nodes[i].spec.role is Role.HONEST}
-        trigger = {"at_round": ev.at_round} if ev.at_round is not None else {"at_s": ev.at_s}
+        trigger = {"at_round": ev.at_round, "lag": self.schedule.lag} if ev.at_round is not None else {"at_s": ev.at_s}
         return trigger | {
             "round": decided,
             "round_of": str(ev.reference),
