@@ -21,6 +21,13 @@ Two measurements on real testnets (worker processes, loopback sockets, torch):
    in a round is reported, target <= 10 %; ``wait_s`` (idle until quorum or
    the deadline: waiting for slower peers, not work) is reported separately.
 
+With ``--cluster ray[=ADDRESS]`` every capacity step also runs on that Ray
+cluster (a local Ray instance without an address; ``pip install
+'murmur[ray]'``), and the step's record gets a ``ray`` entry next to the
+single-machine figures of the same run: nodes per host, round wall time,
+finished nodes. The overhead measurement stays on this machine (it reads the
+workers' CPU time from this machine's ``/proc``).
+
 The last line printed is one JSON object with every figure.
 """
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import json
 import os
@@ -41,7 +49,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from murmur.testnet.cli import with_cluster  # noqa: E402
 from murmur.testnet.controller import RunEnd, RunOptions, Testnet, read_metrics  # noqa: E402
+from murmur.testnet.options import cluster_choice  # noqa: E402
 from murmur.testnet.scenario import Scenario, dump_toml, node_configs, parse_scenario  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -169,6 +179,19 @@ def phase_shares(testnet: Testnet) -> dict[str, float] | None:
     return out
 
 
+def cluster_step(sc: Scenario, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One capacity step on a Ray cluster: where its nodes ran and how fast."""
+    started = time.monotonic()
+    testnet, result, _ = run_step(sc, out, args.stall_s)
+    finished = sum(1 for h in testnet.nodes.values()
+                   if (rows := read_metrics(h.data_dir)) and rows[-1]["round"] >= args.rounds - 1)
+    wall = round_wall_s(testnet)
+    per_host = collections.Counter(testnet.hosts.values())
+    return {"end": result.end.value, "hosts": len(per_host), "nodes_per_host": dict(sorted(per_host.items())),
+            "finished_nodes": finished, "wall_s": round(time.monotonic() - started, 1),
+            "round_wall_s": round(wall, 2) if wall else None}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", default="16,32,64,100,128,160,200", help="node counts to try, in order")
@@ -182,6 +205,8 @@ def main() -> int:
     ap.add_argument("--overhead-rounds", type=int, default=15)
     ap.add_argument("--skip-capacity", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--cluster", type=cluster_choice, default=None, metavar="ray[=ADDRESS]",
+                    help="also run each capacity step on this Ray cluster, figures side by side")
     args = ap.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="murmur-scale-"))
     out: dict[str, Any] = {"cpus": os.cpu_count(), "nodes_per_process": args.nodes_per_process}
@@ -220,6 +245,8 @@ def main() -> int:
                     "finished_nodes": finished, "wall_s": round(time.monotonic() - started, 1),
                     "round_wall_s": round(wall, 2) if wall else None}
             step["ok"] = result.end is RunEnd.COMPLETED or finished >= args.min_done * n
+            if args.cluster is not None:
+                step["ray"] = cluster_step(with_cluster(sc, args.cluster), root / f"capacity-{n}-ray", args)
             capacity.append(step)
             print(f"capacity step: {json.dumps(step)}", flush=True)
             if not step["ok"]:

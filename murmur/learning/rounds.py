@@ -599,6 +599,10 @@ class RoundEngine:
         latest = max(heard, self._next[peer] - 1)  # the last round it is known to have reached
         return latest < self.round - self.config.max_future_rounds
 
+    def proven(self, peer: str) -> bool:
+        """Whether a closed round used a message of ``peer`` (else it is on probation)."""
+        return peer in self._proven
+
     def has_neighbours(self) -> bool:
         """Whether the open round has any neighbour (linked at open or since)."""
         return self._pending is not None and bool(self._pending.neighbours)

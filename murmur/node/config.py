@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from murmur.errors import ConfigError, OptionError
 from murmur.protocol.budget import least_peer_limit
-from murmur.protocol.multiaddr import DialAddr, Multiaddr
+from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, DialAddr, Multiaddr
 
 if TYPE_CHECKING:
     from murmur.protocol.identity import PeerId
@@ -278,6 +278,39 @@ class TransportSection:
 
 
 @dataclass(frozen=True)
+class RelaySection:
+    """Circuit relay v2 service (``protocol.libp2p.relay.RelayConfig``, same names and defaults)."""
+
+    service: bool = False  # serve /libp2p/circuit/relay/0.2.0/hop for other peers
+    reservation_ttl_s: int = 3600
+    max_reservations: int = 128
+    max_reservations_per_ip: int = 8
+    max_circuits: int = 256
+    max_circuits_per_peer: int = 16
+    circuit_duration_s: int = 120
+    circuit_data_bytes: int = 128 * 1024
+    message_timeout_s: float = 10.0
+    stall_timeout_s: float = 10.0
+    unlimited_peers: tuple[str, ...] = ()  # peer ids (12D3KooW…) whose circuits between them have no limit
+    # The client side (AutoRelay): relays this node reserves a slot on and advertises circuits through.
+    use: tuple[DialAddr, ...] = ()  # static relays, /ip4|ip6|dns…/tcp/…/p2p/<relay>
+    auto: bool = True  # with no static relays: reserve on connected peers that relay, while private
+    max_relays: int = 2  # reservations held at once by the automatic choice
+    check_interval_s: float = 5.0  # how often reservations are checked and renewed
+
+    def relay_config(self) -> Any:
+        """The equivalent ``RelayConfig`` (imported late, like ``TransportSection.limits``)."""
+        from murmur.protocol.identity import PeerId
+        from murmur.protocol.libp2p.relay import RelayConfig
+
+        fields = dataclasses.asdict(self)
+        for client_side in ("service", "use", "auto", "max_relays", "check_interval_s"):
+            del fields[client_side]
+        fields["unlimited_peers"] = frozenset(PeerId.from_string(p) for p in self.unlimited_peers)
+        return RelayConfig(**fields)
+
+
+@dataclass(frozen=True)
 class ApiSection:
     host: str = "127.0.0.1"
     port: int = 0
@@ -443,6 +476,7 @@ class NodeConfig:
     node: NodeSection = field(default_factory=NodeSection)
     network: NetworkSection = field(default_factory=NetworkSection)
     transport: TransportSection = field(default_factory=TransportSection)
+    relay: RelaySection = field(default_factory=RelaySection)
     api: ApiSection = field(default_factory=ApiSection)
     learning: LearningSection = field(default_factory=LearningSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
@@ -498,6 +532,23 @@ def index_or_auto(v: Any) -> None:
         at_least(0)(v)
 
 
+def peer_ids(v: Any) -> None:
+    from murmur.protocol.identity import PeerId
+
+    for text in v:
+        try:
+            PeerId.from_string(text)
+        except ValueError:
+            raise _Invalid(f"{text!r} is not an Ed25519 peer id (12D3KooW…)") from None
+
+
+def relay_addrs(v: Any) -> None:
+    """A relay to reserve on is dialled directly and must be named (its /p2p/<id>)."""
+    for addr in v:
+        if addr.is_circuit or addr.peer_id is None:
+            raise _Invalid(f"{addr} must be a relay's direct address ending in /p2p/<relay id>")
+
+
 def loopback_ip(v: Any) -> None:
     """The status API is unauthenticated: it may only listen on loopback."""
     try:
@@ -539,6 +590,19 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "transport.max_negotiation_attempts": between(1, 1024),
         "transport.max_streams": between(8, 65536),
         "transport.max_refused_streams": at_least(1),
+        "relay.reservation_ttl_s": at_least(1),
+        "relay.max_reservations": at_least(0),
+        "relay.max_reservations_per_ip": at_least(0),
+        "relay.max_circuits": at_least(0),
+        "relay.max_circuits_per_peer": at_least(0),
+        "relay.circuit_duration_s": between(1, 2**32 - 1),
+        "relay.circuit_data_bytes": between(1, 2**63 - 1),
+        "relay.message_timeout_s": finite_positive,
+        "relay.stall_timeout_s": finite_positive,
+        "relay.unlimited_peers": peer_ids,
+        "relay.use": relay_addrs,
+        "relay.max_relays": between(0, MAX_CIRCUIT_ADDRS),
+        "relay.check_interval_s": finite_positive,
         "api.host": loopback_ip,
         "api.port": between(0, 65535),
         "learning.trainer": non_empty,

@@ -32,12 +32,14 @@ import logging
 import random
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from murmur import __version__
 from murmur.errors import OptionError, PeerFault, TaskCrashed
 from murmur.node.api import StatusApi
+from murmur.node.autorelay import AutoRelay
 from murmur.node.config import AUTO, NodeConfig
 from murmur.node.links import LinkPacer
 from murmur.node.membership import Membership, MembershipConfig
@@ -52,9 +54,11 @@ from murmur.protocol.gossip import FloodGossip, GossipMessage
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.libp2p import HostConfig, Libp2pConnection, Libp2pHost, Stream
 from murmur.protocol.messages import Gossip, Goodbye, Hello, MurmurProtocol
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, AnyMultiaddr, CircuitAddr, Multiaddr, PeerAddr
 from murmur.protocol.peertable import PeerTable, PeerTableConfig
-from murmur.protocol.reachability import ReachabilityTracker
+from murmur.protocol.libp2p.relay import RelayClient, RelayRefused, RelayService
+from murmur.protocol.libp2p.relay import stat_names as relay_stat_names
+from murmur.protocol.reachability import Reachability, ReachabilityTracker
 from murmur.protocol.sampling import CyclonSampler
 from murmur.protocol.transport import ConnectionClosed, tune_allocator
 from murmur.ratelog import LogBudget, RateLimitedLog
@@ -105,6 +109,7 @@ class Node:
         self._api: StatusApi | None = None
         self._mdns: MdnsDiscovery | None = None
         self.learner: Any = None  # murmur.node.learner.NodeLearner when learning is on
+        self.relay: RelayService | None = None  # [relay] service
         self._started = False
         self._announced = False  # "node started" was logged: a start that failed says only why
         self._reachable: frozenset[PeerId] | None = None  # None: no partition (see set_partition)
@@ -155,6 +160,22 @@ class Node:
         )
         for protocol in MurmurProtocol:
             self.host.set_handler(protocol, self._serve_stream)
+        # Relaying for others is the operator's choice ([relay] service); the node
+        # itself takes no relayed connections until it reserves on a relay.
+        if cfg.relay.service:
+            relay = self.relay = RelayService(self.host, cfg.relay.relay_config())
+            self.metrics.bind_relay(lambda: len(relay.reservations), lambda: relay.circuits, relay.stats,
+                                    relay_stat_names())
+        # The client side: dial circuits, and (AutoRelay) reserve on relays to be
+        # reachable behind NAT. Its /stop handler takes circuits only from relays
+        # we reserved on.
+        self.relay_client = RelayClient(self.host, cfg.relay.message_timeout_s)
+        self.autorelay = AutoRelay(self, self.relay_client, cfg.relay.use, cfg.relay.auto, cfg.relay.max_relays,
+                                   private=lambda: self.reachability.reachability(time.monotonic())
+                                   is Reachability.PRIVATE)
+        self.host.circuit_addrs = lambda: [AnyMultiaddr.parse(str(a)) for a in self.autorelay.circuit_addrs()]
+        self.metrics.bind_connections(
+            lambda: Counter(connection_type(s.conn) for s in self.sessions()), lambda: len(self.autorelay.live()))
         for listen in cfg.node.listen:
             try:
                 bound = await self.host.listen(listen.host, listen.port)
@@ -201,6 +222,7 @@ class Node:
         self._api = api
         self.state.write_api_info(ApiInfo(cfg.api.host, self._api.port, _pid(), str(self.peer_id)))
         self.membership.start()
+        self.tasks.periodic("autorelay", cfg.relay.check_interval_s, self._check_relays)
         self.tasks.periodic("log-summary", PEER_LOG_BUDGET.window_s, self._summarise_peer_log,
                             delay_s=PEER_LOG_BUDGET.window_s)
         if net.mdns:
@@ -297,6 +319,8 @@ class Node:
             except Exception:
                 log.exception("learner did not stop cleanly")
         await self.tasks.shutdown()
+        if hasattr(self, "relay_client"):
+            await self.relay_client.close()
         sessions = list(self._sessions.values())
         await asyncio.gather(*(self._say_goodbye(s) for s in sessions), return_exceptions=True)
         host = getattr(self, "host", None)
@@ -322,6 +346,35 @@ class Node:
         except (ConnectionClosed, TimeoutError):
             pass
 
+    def advertised_addrs(self) -> list[PeerAddr]:
+        """What we tell peers (Hello, shuffles): our listen addresses, then the
+        circuits through the relays we hold reservations on."""
+        return [*self.addrs, *self.autorelay.circuit_addrs()]
+
+    def peer_protocols(self, peer: PeerId) -> Sequence[str]:
+        """The protocols ``peer``'s identify listed (empty if unknown)."""
+        record = self.table.get(peer)
+        return record.protocols if record is not None else ()
+
+    async def _check_relays(self) -> None:
+        """AutoRelay's pass, then what shuffles tell about us follows the reservations."""
+        await self.autorelay.check()
+        circuits = self.autorelay.circuit_addrs()  # kept when the interfaces fill the entry: they reach us from anywhere
+        room = self.sampler.config.max_entry_addrs - len(circuits)
+        own = tuple(a.without_peer() for a in [*self.addrs[: max(0, room)], *circuits])
+        if own != self.sampler.self_addrs:
+            self.sampler.self_addrs = own
+            # Peers that greeted us before have our old addresses: identify push tells them.
+            await asyncio.gather(*(self._push_identify(c) for c in self.host.connections))
+            log.info("advertised addresses changed", extra={"event": "addrs_changed", "addrs": [str(a) for a in own]})
+
+    async def _push_identify(self, conn: Libp2pConnection) -> None:
+        try:
+            async with asyncio.timeout(self.config.relay.message_timeout_s):
+                await self.host.push_identify(conn)
+        except (ConnectionClosed, PeerFault, OSError, TimeoutError):
+            pass  # that peer learns them from shuffles
+
     def save_peers(self) -> None:
         try:
             self.table.save(self.state.peers_path)
@@ -337,7 +390,7 @@ class Node:
     def sessions(self) -> list[PeerSession]:
         return [s for s in self._sessions.values() if not s.closed]
 
-    async def connect(self, addrs: Sequence[Multiaddr], peer: PeerId | None = None) -> PeerSession:
+    async def connect(self, addrs: Sequence[PeerAddr], peer: PeerId | None = None) -> PeerSession:
         """A session with ``peer`` (at one of ``addrs``), dialling if needed.
         Concurrent calls for one peer share one dial; a banned peer is never dialled."""
         if peer is not None and self.table.is_banned(peer):
@@ -376,20 +429,53 @@ class Node:
             if peer is not None and self._dials.get(peer) is fut:
                 del self._dials[peer]
 
-    async def _dial_any(self, addrs: Sequence[Multiaddr], peer: PeerId | None) -> PeerSession:
-        if not addrs:
+    async def _dial_any(self, addrs: Sequence[PeerAddr], peer: PeerId | None) -> PeerSession:
+        """Direct addresses first; a peer's relay circuits only when none of
+        those answered (a circuit costs the relay and has its limits)."""
+        ordered = sorted(addrs, key=lambda a: a.is_circuit)
+        if peer is None:  # a circuit's CONNECT must name its target
+            ordered = [a for a in ordered if not a.is_circuit]
+        if not ordered:
             raise ConnectionClosed(f"no address for {peer}")
         last: Exception | None = None
-        for addr in addrs:
+        for addr in ordered:
             try:
-                conn = await self.host.dial(Multiaddr(addr.host, addr.port, peer))
-            except (OSError, PeerFault, ConnectionClosed) as exc:
+                if isinstance(addr, CircuitAddr):
+                    assert peer is not None
+                    conn = await self._dial_circuit(addr, peer)
+                else:
+                    conn = await self.host.dial(Multiaddr(addr.host, addr.port, peer))
+            except (OSError, PeerFault, ConnectionClosed, RelayRefused, TimeoutError) as exc:
                 last = exc
                 continue
             _raise_if_cancelling()
             return await self._greeted(conn)
         assert last is not None
         raise last
+
+    async def _dial_circuit(self, addr: CircuitAddr, peer: PeerId) -> Libp2pConnection:
+        """Through the relay's connection we hold (a session, so one dial to the
+        relay is shared with AutoRelay's and everyone's), made if needed."""
+        relay = addr.relay.peer_id
+        assert relay is not None
+        if relay == peer or relay == self.peer_id:
+            raise ConnectionClosed(f"{addr} leads through the peer itself or through us")
+        conn = await self.relay_connection([addr.relay.without_peer()], relay)
+        return await self.relay_client.dial(conn, peer)
+
+    async def relay_connection(self, addrs: Sequence[Multiaddr], relay: PeerId) -> Libp2pConnection:
+        """A direct connection to ``relay``: our session's (one dial, shared with
+        everyone's), or a plain libp2p relay's, which speaks no murmur."""
+        try:
+            conn = (await self.connect(addrs, relay)).conn
+        except ProtocolNotSupported:  # its connection is held all the same
+            foreign = self._foreign.get(relay)
+            if foreign is None or foreign.closed:
+                raise
+            conn = foreign
+        if conn.relay is not None:
+            raise ConnectionClosed(f"the relay {relay.short()} is itself reached through a relay")
+        return conn
 
     async def _greeted(self, conn: Libp2pConnection) -> PeerSession:
         """The murmur session a dial ended with, once our greeting is on it:
@@ -460,7 +546,7 @@ class Node:
         try:
             await session.send(
                 Hello(
-                    listen_addrs=tuple(str(a.without_peer()) for a in self.addrs),
+                    listen_addrs=tuple(str(a.without_peer()) for a in self.advertised_addrs()),
                     agent=AGENT,
                     round=self.learner.round if self.learner is not None else 0,
                     degree=self.membership.degree(),
@@ -546,6 +632,10 @@ class Node:
             conn.peer_id, info.agent_version or "", info.protocols, [str(a) for a in info.listen_addrs],
             str(info.observed_addr) if info.observed_addr is not None else "",
         )
+        circuits = circuits_of(conn.peer_id, info.listen_addrs, self.peer_id)
+        if circuits:  # a private peer's way in, perhaps new since its Hello (identify push)
+            self.table.add(conn.peer_id, circuits)
+            self.sampler.learn_addrs(conn.peer_id, circuits)
         observed = info.observed_addr.to_tcp() if info.observed_addr is not None else None
         if observed is not None:
             self.reachability.observe(observed, conn.peer_id, conn.remote[0], time.monotonic())
@@ -601,7 +691,19 @@ class Node:
         )
         if banned:
             self.sampler.on_failure(peer)  # out of the view and the neighbour set, replaced at once
-        return fault.drop or banned
+        drop = fault.drop or banned
+        if drop:
+            self._offence(peer)
+        return drop
+
+    def _offence(self, peer: PeerId) -> None:
+        """An inbound connection of ``peer`` is dropped for a fault: its
+        address counts an offence (protocol/cooloff.py; a new identity from
+        the same address is refused at accept once they add up)."""
+        session = self.session(peer)
+        conn = session.conn if session is not None else None
+        if conn is not None and not conn.outbound and conn.relay is None:
+            self.host.cooloff.offence(conn.remote[0])
 
     def on_handler_failure(self, peer: PeerId, error: Exception) -> None:
         self.peer_log.log(log, logging.ERROR, peer, "handler failed; closing connection",
@@ -675,7 +777,17 @@ class Node:
             "health": self.health(),
             "learning": self._learning_status(),
             "learning_off": self.learning_off,
+            "relay": self._relay_status(),
+            "relay_client": self.autorelay.status(),
+            "connection_types": {str(s.peer): connection_type(s.conn) for s in sessions},
         }
+
+    def _relay_status(self) -> dict[str, Any] | None:
+        """The relay service's live reservations and circuits and its counters; null when off."""
+        if self.relay is None:
+            return None
+        return {"reservations": len(self.relay.reservations), "circuits": self.relay.circuits,
+                **dict(sorted(self.relay.stats.items()))}
 
     def _learning_status(self) -> dict[str, Any] | None:
         """The learner's snapshot, plus where its rounds stand (target, done,
@@ -734,6 +846,7 @@ class Node:
                     "connected": record.peer_id in libp2p,
                     "murmur": session is not None if record.peer_id in libp2p else None,
                     "neighbour": bool(session and session.linked),
+                    "connection": connection_type(session.conn) if session is not None else None,
                     "agent": record.agent,
                     "protocols": list(record.protocols),
                     "listen_addrs": list(record.listen),
@@ -741,6 +854,30 @@ class Node:
                 }
             )
         return out
+
+
+def circuits_of(peer: PeerId, addrs: Iterable[AnyMultiaddr], us: PeerId) -> list[CircuitAddr]:
+    """The relay circuits to ``peer`` (not through ``us``) among what its identify listed (at most
+    ``MAX_CIRCUIT_ADDRS``; others and malformed ones are skipped: identify is
+    every libp2p peer's, and a peer's other addresses are not ours to judge here)."""
+    out: list[CircuitAddr] = []
+    for addr in addrs:
+        if not addr.is_circuit:
+            continue
+        try:
+            circuit = CircuitAddr.parse(str(addr))
+        except ValueError:
+            continue
+        if circuit.relay.peer_id not in (peer, us) and circuit.peer_id in (None, peer) and circuit.port:
+            out.append(circuit.without_peer())
+        if len(out) == MAX_CIRCUIT_ADDRS:
+            break
+    return out
+
+
+def connection_type(conn: Libp2pConnection) -> str:
+    """``direct`` or ``relayed`` (through circuit relay v2), as status reports a peer's connection."""
+    return "direct" if conn.relay is None else "relayed"
 
 
 def _raise_if_cancelling() -> None:

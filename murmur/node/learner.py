@@ -554,10 +554,16 @@ class NodeLearner:
                                          self.node.peer_id, self.compressor)
         if not routes:
             return
-        sends = [self.outbox.start((front.peer_id, peer, TransferKind.ROUND),
-                                   self._send_to(front, peer, round_, opened.delta_for(front), metas[front.peer_id]))
+        sends = [(peer, self.outbox.start((front.peer_id, peer, TransferKind.ROUND),
+                                          self._send_to(front, peer, round_, opened.delta_for(front),
+                                                        metas[front.peer_id])))
                  for front, peer in routes]
-        await self.outbox.wait(sends, deadline - time.monotonic())
+        # A neighbour on probation never holds a round with its message
+        # (RoundEngine): nor with ours. A stranger that linked and answers
+        # nothing (not even a stream's negotiation) held each round to its
+        # deadline until muted; ours to proven neighbours pace the round.
+        proven = [task for peer, task in sends if self.engine.proven(str(peer))]
+        await self.outbox.wait(proven or [task for _, task in sends], deadline - time.monotonic())
 
     async def _send_to(self, front: Node, peer: PeerId, round_: int, delta: PreparedDelta, meta: Mapping[str, Any]) -> None:
         await self._send_delta(front, peer, round_, delta, meta)

@@ -38,7 +38,7 @@ from murmur.protocol.messages import (
     ShuffleResponse,
 )
 from murmur.protocol.discovery import resolve
-from murmur.protocol.multiaddr import DialAddr, Multiaddr
+from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, CircuitAddr, DialAddr, Multiaddr, PeerAddr, parse_peer_addr
 from murmur.protocol.peertable import PeerTable, parse_peer_entry
 from murmur.protocol.sampling import CyclonSampler, Descriptor
 from murmur.protocol.subnets import is_loopback, subnet_of
@@ -85,7 +85,7 @@ class MembershipHost(Protocol):
 
     def session(self, peer: PeerId) -> PeerSession | None: ...
     def sessions(self) -> list[PeerSession]: ...
-    async def connect(self, addrs: Sequence[Multiaddr], peer: PeerId | None = None) -> PeerSession: ...
+    async def connect(self, addrs: Sequence[PeerAddr], peer: PeerId | None = None) -> PeerSession: ...
     def save_peers(self) -> None: ...
 
 
@@ -249,7 +249,7 @@ class Membership:
         finally:
             self._dialling.discard(desc.peer)
 
-    async def _dial(self, addrs: Sequence[Multiaddr], peer: PeerId) -> PeerSession | None:
+    async def _dial(self, addrs: Sequence[PeerAddr], peer: PeerId) -> PeerSession | None:
         """Dial ``peer``; on failure report it to the sampler and the table."""
         async with self._dial_slots:
             try:
@@ -279,25 +279,44 @@ class Membership:
             return
         self._tasks.spawn(f"link-{session.peer.short()}", lambda: self._dial_neighbour_addrs(session.peer, addrs), replace=True)
 
-    async def _dial_neighbour_addrs(self, peer: PeerId, addrs: Sequence[Multiaddr]) -> None:
+    async def _dial_neighbour_addrs(self, peer: PeerId, addrs: Sequence[PeerAddr]) -> None:
         await self._dial_neighbour(Descriptor(peer, tuple(addrs)))
 
     # -- hello / link ------------------------------------------------------------
 
-    def observed_addrs(self, session: PeerSession, claimed: Iterable[str]) -> tuple[Multiaddr, ...]:
+    def observed_addrs(self, session: PeerSession, claimed: Iterable[str]) -> tuple[PeerAddr, ...]:
         """The peer's listen addresses, rewritten to the host we actually see it
         connect from (libp2p's "observed address"): a peer cannot make us file
-        it under another subnet than the one it really talks from."""
+        it under another subnet than the one it really talks from.
+
+        Relay circuits it names (at most :data:`MAX_CIRCUIT_ADDRS`) are kept as
+        they are: they are how a private peer is reached. Over a relayed
+        connection the host we see is the relay's, so the peer's direct
+        addresses cannot be checked (nor filed under the relay's IP): only its
+        circuits are kept."""
         host = session.conn.remote[0]
-        out: list[Multiaddr] = []
+        relayed = session.conn.relay is not None
+        out: list[PeerAddr] = []
+        circuits = 0
         for text in claimed:
             try:
-                addr = Multiaddr.parse(text)
+                addr = parse_peer_addr(text)
             except ValueError as exc:
                 raise DecodeError(f"bad listen address in Hello: {exc}") from None
             if addr.port == 0:
                 continue
-            fixed = Multiaddr(host, addr.port)
+            fixed: PeerAddr
+            if isinstance(addr, CircuitAddr):
+                if addr.relay.peer_id == session.peer or addr.peer_id not in (None, session.peer):
+                    raise DecodeError(f"Hello names a circuit through the peer itself or to another: {text}")
+                circuits += 1
+                if circuits > MAX_CIRCUIT_ADDRS:
+                    raise LimitExceeded(f"Hello names more than {MAX_CIRCUIT_ADDRS} relay circuits")
+                fixed = addr.without_peer()
+            elif relayed:
+                continue
+            else:
+                fixed = Multiaddr(host, addr.port)
             if fixed not in out:
                 out.append(fixed)
         return tuple(out)
@@ -348,21 +367,26 @@ class Membership:
 
     async def _bootstrap(self) -> None:
         """Dial bootstrap peers (with back-off) until we know somebody. DNS
-        names are resolved on every try; relay circuits are kept in the
-        config but not dialled (NAT traversal will)."""
-        circuits = [a for a in self.config.bootstrap if a.is_circuit]
-        if circuits:
-            log.info("bootstrap relay circuits are not dialled yet", extra={
-                "event": "bootstrap_circuits", "addrs": [str(a) for a in circuits]})
-        dialable = [a for a in self.config.bootstrap if not a.is_circuit and a.peer_id != self.host.peer_id]
+        names are resolved on every try; a relay circuit is dialled through its
+        relay (one whose relay is a DNS name is kept but not dialled: resolve it
+        in the config)."""
+        unresolvable = [a for a in self.config.bootstrap if a.is_circuit and a.dns]
+        if unresolvable:
+            log.info("bootstrap circuits through a DNS name are not dialled", extra={
+                "event": "bootstrap_circuits", "addrs": [str(a) for a in unresolvable]})
+        dialable = [a for a in self.config.bootstrap if a not in unresolvable and a.peer_id != self.host.peer_id
+                    and not (a.is_circuit and a.peer_id is None)]  # CONNECT must name its target
         if not dialable:
             return
         attempt = 0
         while True:
             for addr in dialable:
                 try:
-                    targets = await resolve(addr)
-                    session = await self.host.connect([t.without_peer() for t in targets], addr.peer_id)
+                    if addr.is_circuit:
+                        targets: Sequence[PeerAddr] = [CircuitAddr.parse(str(addr)).without_peer()]
+                    else:
+                        targets = [t.without_peer() for t in await resolve(addr)]
+                    session = await self.host.connect(targets, addr.peer_id)
                 except (OSError, PeerFault, ConnectionClosed) as exc:
                     log.info("bootstrap dial failed", extra={"addr": str(addr), "error": str(exc)})
                     continue

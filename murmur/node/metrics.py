@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
@@ -32,6 +32,8 @@ ROUND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 PHASE_SUFFIX = "_s"  # metrics rows name a round's phases train_s, commit_s, ...
 CREATED_SUFFIX = "_created"
 
+
+CONNECTION_TYPES = ("direct", "relayed")  # how a peer is connected (status connection_types)
 
 class Direction(enum.StrEnum):
     IN = "in"
@@ -160,6 +162,33 @@ class NodeMetrics:
         """Export ``current()`` (read at every scrape) as one 1 among the states."""
         for state in Reachability:
             self.reachability.labels(state=state.value).set_function(lambda s=state: float(current() is s))
+
+    def bind_relay(self, reservations: Callable[[], int], circuits: Callable[[], int],
+                   counters: Mapping[str, int], names: Iterable[str]) -> None:
+        """Export a relay service's live reservations and circuits and its
+        running totals (``counters[name]``, read at every scrape), for a node
+        that relays (``[relay] service``); absent otherwise."""
+        r = self.registry
+        Gauge("relay_reservations", "Reservations the relay service holds now", namespace=NAMESPACE,
+              registry=r).set_function(lambda: float(reservations()))
+        Gauge("relay_circuits", "Circuits the relay service carries now", namespace=NAMESPACE,
+              registry=r).set_function(lambda: float(circuits()))
+        totals = Gauge("relay_events", "Relay service totals since start: reservations_total, circuits_total, "
+                       "bytes_relayed, refused_<status>, cut_<limit> (status relay)", ["event"],
+                       namespace=NAMESPACE, registry=r)
+        for name in names:
+            totals.labels(event=name).set_function(lambda n=name: float(counters.get(n, 0)))
+
+    def bind_connections(self, types: Callable[[], Mapping[str, int]], reservations: Callable[[], int]) -> None:
+        """Export the murmur sessions by connection type (``direct``, ``relayed``)
+        and the relay reservations this node holds as a client (AutoRelay)."""
+        r = self.registry
+        by_type = Gauge("connections", "Murmur sessions now, by connection type (direct, relayed)", ["type"],
+                        namespace=NAMESPACE, registry=r)
+        for kind in CONNECTION_TYPES:
+            by_type.labels(type=kind).set_function(lambda k=kind: float(types().get(k, 0)))
+        Gauge("relay_client_reservations", "Relay reservations this node holds (to be reached behind NAT)",
+              namespace=NAMESPACE, registry=r).set_function(lambda: float(reservations()))
 
     # -- reading back
     def value(self, name: str, **labels: str) -> float | None:

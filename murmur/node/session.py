@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from murmur.errors import NoCommonProtocol, PeerFault, SendTimeout, TimeoutFault
+from murmur.errors import NoCommonProtocol, PeerFault, SendTimeout
 from murmur.node.links import LinkPacer
 from murmur.node.metrics import Direction, NodeMetrics
 from murmur.protocol.identity import PeerId
@@ -100,6 +100,13 @@ class ProtocolNotSupported(ConnectionClosed):
     the stream): for the sender, the message was not delivered."""
 
 
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Mark a negotiation's outcome as seen: every caller that still waited
+    got it, and one whose deadline came first no longer wants it."""
+    if not task.cancelled():
+        task.exception()
+
+
 class PeerSession:
     """State we keep about a connected peer."""
 
@@ -122,7 +129,7 @@ class PeerSession:
         self.opened_at = time.monotonic()
         self.last_message_at = self.opened_at
         self._out: dict[MurmurProtocol, Stream] = {}  # the stream we send each protocol's messages on
-        self._opening: dict[MurmurProtocol, asyncio.Lock] = {}
+        self._opening: dict[MurmurProtocol, asyncio.Task[Stream]] = {}  # negotiations under way (stream)
         self._murmur: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.foreign = False  # the peer refused murmur's hello protocol: a plain libp2p peer
 
@@ -170,40 +177,44 @@ class PeerSession:
     async def stream(self, protocol: MurmurProtocol, deadline: float | None = None) -> Stream:
         """Our stream for ``protocol``'s messages, opened (and negotiated) on first use.
 
-        A peer that refuses the protocol is :class:`ProtocolNotSupported`; one
-        that does not answer the negotiation in time (``deadline``, else the
-        transport's ``negotiate_timeout_s``) a :class:`~murmur.errors.TimeoutFault`
-        for its score, and the connection is closed."""
+        A peer that refuses the protocol is :class:`ProtocolNotSupported`.
+        The negotiation runs as a task of its own with the transport's
+        ``negotiate_timeout_s``, not the caller's ``deadline``: a caller whose
+        deadline comes first gets :class:`SendTimeout` and the negotiation
+        goes on. Bounded by each round's deadline, a linked peer that never
+        answered was asked again every round and held every round's sends to
+        the deadline, unpunished; now it is asked once, and when the transport's
+        timeout runs out it is a :class:`~murmur.errors.TimeoutFault` for its
+        score (and the connection is closed)."""
         stream = self._out.get(protocol)
         if stream is not None and not stream.is_reset:
             return stream
-        lock = self._opening.setdefault(protocol, asyncio.Lock())
-        async with lock:
-            stream = self._out.get(protocol)
-            if stream is not None and not stream.is_reset:
-                return stream
-            timeout = None
-            if deadline is not None:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    raise SendTimeout(f"no {protocol} stream to {self.peer.short()} by the deadline")
-            try:
-                stream = await self.conn.open_stream(protocol, timeout_s=timeout)
-            except NoCommonProtocol:
-                raise ProtocolNotSupported(f"{self.peer.short()} does not speak {protocol}") from None
-            except TimeoutFault as fault:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise SendTimeout(f"{self.peer.short()} did not negotiate {protocol} by the deadline") from None
-                if self._faults.on_fault(self.peer, fault):
-                    await self.close()
-                raise ConnectionClosed(f"{self.peer.short()} did not negotiate {protocol}") from fault
-            except PeerFault as fault:
-                if self._faults.on_fault(self.peer, fault):
-                    await self.close()
-                raise ConnectionClosed(f"negotiating {protocol} with {self.peer.short()} failed") from fault
-            stream.close_read()  # ours to send on: the peer answers on its own streams
-            self._out[protocol] = stream
-            return stream
+        opening = self._opening.get(protocol)
+        if opening is None or opening.done():
+            opening = asyncio.get_running_loop().create_task(
+                self._open(protocol), name=f"open-{protocol}-{self.peer.short()}")
+            opening.add_done_callback(_retrieved)
+            self._opening[protocol] = opening
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            raise SendTimeout(f"no {protocol} stream to {self.peer.short()} by the deadline")
+        try:
+            return await asyncio.wait_for(asyncio.shield(opening), timeout)
+        except TimeoutError:
+            raise SendTimeout(f"{self.peer.short()} did not negotiate {protocol} by the deadline") from None
+
+    async def _open(self, protocol: MurmurProtocol) -> Stream:
+        try:
+            stream = await self.conn.open_stream(protocol)
+        except NoCommonProtocol:
+            raise ProtocolNotSupported(f"{self.peer.short()} does not speak {protocol}") from None
+        except PeerFault as fault:  # TimeoutFault included: no answer within negotiate_timeout_s
+            if self._faults.on_fault(self.peer, fault):
+                await self.close()
+            raise ConnectionClosed(f"negotiating {protocol} with {self.peer.short()} failed") from fault
+        stream.close_read()  # ours to send on: the peer answers on its own streams
+        self._out[protocol] = stream
+        return stream
 
     def mark_useful(self) -> None:
         """The peer just delivered something of value: its inbound slot is
@@ -212,6 +223,9 @@ class PeerSession:
 
     async def close(self) -> None:
         await self.conn.close()
+        for opening in self._opening.values():  # they end with the connection; no task outlives it
+            if opening is not asyncio.current_task():  # (a negotiation that failed closes us itself)
+                opening.cancel()
 
     async def serve(self, stream: Stream) -> None:
         """Receive and dispatch ``stream``'s messages until it ends or a fault drops the peer."""

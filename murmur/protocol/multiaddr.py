@@ -306,6 +306,8 @@ class Multiaddr:
     def without_peer(self) -> Multiaddr:
         return Multiaddr(self.host, self.port, None)
 
+    is_circuit = False  # beside CircuitAddr (see PeerAddr)
+
     def __str__(self) -> str:
         base = f"/{self.family}/{self.host}/tcp/{self.port}"
         return f"{base}/p2p/{self.peer_id}" if self.peer_id else base
@@ -384,3 +386,74 @@ class DialAddr(AnyMultiaddr):
         if self.dns or self.is_circuit:
             return None
         return Multiaddr(self.host, self.port, self.peer_id)
+
+
+MAX_CIRCUIT_ADDRS = 2
+"""Relay circuits one peer entry (a Hello, peer exchange, a shuffle) may name:
+a private node keeps a reservation or two, and each relay address it names is
+a dial we may make, so more is a peer asking us to spend dials for it."""
+
+
+@dataclass(frozen=True)
+class CircuitAddr:
+    """Where a private peer is reached through a relay it reserved on:
+    ``/ip4|ip6/<relay host>/tcp/<port>/p2p/<relay>/p2p-circuit[/p2p/<target>]``.
+
+    It stands beside :class:`Multiaddr` wherever murmur keeps a peer's addresses
+    (peer table, sampler, peer exchange), so it has the same small surface:
+    ``host``/``port``/``family`` are the relay's (a subnet limit counts the
+    relay's subnet: Sybils behind one relay are one subnet), ``peer_id`` is the
+    target (dropped by :meth:`without_peer`, as a record's key names it)."""
+
+    relay: Multiaddr  # the relay's TCP address, its /p2p/<id> required
+    peer_id: PeerId | None = None  # the peer behind the relay
+
+    is_circuit = True
+
+    def __post_init__(self) -> None:
+        if self.relay.peer_id is None:
+            raise ValueError(f"circuit through {self.relay} needs the relay's /p2p/<id>")
+
+    @property
+    def host(self) -> str:
+        return self.relay.host
+
+    @property
+    def port(self) -> int:
+        return self.relay.port
+
+    @property
+    def family(self) -> str:
+        return self.relay.family
+
+    @classmethod
+    def parse(cls, text: str) -> CircuitAddr:
+        """``ValueError`` for anything but a circuit through an IP address (a DNS
+        relay is resolved by whoever advertises it, never by us for a stranger)."""
+        addr = DialAddr.parse(text)
+        if not addr.is_circuit or addr.dns:
+            raise ValueError(f"{text!r} is not a circuit through /ip4|ip6/…/tcp/…/p2p/<relay>")
+        assert addr.relay is not None
+        return cls(Multiaddr(addr.host, addr.port, addr.relay), addr.peer_id)
+
+    def with_peer(self, peer_id: PeerId) -> CircuitAddr:
+        return CircuitAddr(self.relay, peer_id)
+
+    def without_peer(self) -> CircuitAddr:
+        return CircuitAddr(self.relay, None)
+
+    def to_dial(self) -> DialAddr:
+        return DialAddr.parse(str(self))
+
+    def __str__(self) -> str:
+        base = f"{self.relay}/p2p-circuit"
+        return f"{base}/p2p/{self.peer_id}" if self.peer_id else base
+
+
+PeerAddr = Multiaddr | CircuitAddr
+"""An address of another peer: direct TCP or through a relay."""
+
+
+def parse_peer_addr(text: str) -> PeerAddr:
+    """A direct address or a relay circuit (``ValueError`` for anything else)."""
+    return CircuitAddr.parse(text) if "/p2p-circuit" in text else Multiaddr.parse(text)

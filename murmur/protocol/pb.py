@@ -15,6 +15,18 @@ would have produced from this file (proto2, as the specs define them)::
       optional string protocolVersion = 5; optional string agentVersion = 6; optional bytes publicKey = 1;
       repeated bytes listenAddrs = 2; optional bytes observedAddr = 4; repeated string protocols = 3;
       optional bytes signedPeerRecord = 8; }
+    enum HopType { RESERVE = 0; CONNECT = 1; STATUS = 2; }                        // circuit relay v2 spec
+    enum StopType { CONNECT = 0; STATUS = 1; }   // (nested in HopMessage/StopMessage there: same wire format)
+    enum Status { UNUSED = 0; OK = 100; RESERVATION_REFUSED = 200; RESOURCE_LIMIT_EXCEEDED = 201;
+      PERMISSION_DENIED = 202; CONNECTION_FAILED = 203; NO_RESERVATION = 204; MALFORMED_MESSAGE = 400;
+      UNEXPECTED_MESSAGE = 401; }
+    message Peer { required bytes id = 1; repeated bytes addrs = 2; }
+    message Reservation { required uint64 expire = 1; repeated bytes addrs = 2; optional bytes voucher = 3; }
+    message Limit { optional uint32 duration = 1; optional uint64 data = 2; }
+    message HopMessage { required HopType type = 1; optional Peer peer = 2; optional Reservation reservation = 3;
+      optional Limit limit = 4; optional Status status = 5; }
+    message StopMessage { required StopType type = 1; optional Peer peer = 2; optional Limit limit = 3;
+      optional Status status = 4; }
 
 Why descriptors in code rather than generated ``*_pb2.py`` files: there is
 no ``protoc`` to regenerate them with on the machines murmur is built on, and
@@ -59,6 +71,18 @@ def _build() -> dict[str, type[Message]]:
     key_type = proto.enum_type.add(name="KeyType")
     for member, number in (("RSA", 0), ("Ed25519", 1), ("Secp256k1", 2), ("ECDSA", 3)):
         key_type.value.add(name=member, number=number)
+    # proto2 enum values share their file's scope, hence the prefixes (the wire carries only numbers)
+    enums = {
+        "HopType": (("HOP_RESERVE", 0), ("HOP_CONNECT", 1), ("HOP_STATUS", 2)),
+        "StopType": (("STOP_CONNECT", 0), ("STOP_STATUS", 1)),
+        "Status": (("UNUSED", 0), ("OK", 100), ("RESERVATION_REFUSED", 200), ("RESOURCE_LIMIT_EXCEEDED", 201),
+                   ("PERMISSION_DENIED", 202), ("CONNECTION_FAILED", 203), ("NO_RESERVATION", 204),
+                   ("MALFORMED_MESSAGE", 400), ("UNEXPECTED_MESSAGE", 401)),
+    }
+    for enum_name, members in enums.items():
+        enum_type = proto.enum_type.add(name=enum_name)
+        for member, number in members:
+            enum_type.value.add(name=member, number=number)
     schemas: dict[str, list[_F]] = {
         "PublicKey": [
             _field("Type", 1, _F.TYPE_ENUM, _F.LABEL_REQUIRED, "KeyType"),
@@ -82,6 +106,32 @@ def _build() -> dict[str, type[Message]]:
             _field("protocols", 3, _F.TYPE_STRING, _F.LABEL_REPEATED),
             _field("signedPeerRecord", 8, _F.TYPE_BYTES),
         ],
+        "Peer": [
+            _field("id", 1, _F.TYPE_BYTES, _F.LABEL_REQUIRED),
+            _field("addrs", 2, _F.TYPE_BYTES, _F.LABEL_REPEATED),
+        ],
+        "Reservation": [
+            _field("expire", 1, _F.TYPE_UINT64, _F.LABEL_REQUIRED),
+            _field("addrs", 2, _F.TYPE_BYTES, _F.LABEL_REPEATED),
+            _field("voucher", 3, _F.TYPE_BYTES),
+        ],
+        "Limit": [
+            _field("duration", 1, _F.TYPE_UINT32),
+            _field("data", 2, _F.TYPE_UINT64),
+        ],
+        "HopMessage": [
+            _field("type", 1, _F.TYPE_ENUM, _F.LABEL_REQUIRED, "HopType"),
+            _field("peer", 2, _F.TYPE_MESSAGE, type_name="Peer"),
+            _field("reservation", 3, _F.TYPE_MESSAGE, type_name="Reservation"),
+            _field("limit", 4, _F.TYPE_MESSAGE, type_name="Limit"),
+            _field("status", 5, _F.TYPE_ENUM, type_name="Status"),
+        ],
+        "StopMessage": [
+            _field("type", 1, _F.TYPE_ENUM, _F.LABEL_REQUIRED, "StopType"),
+            _field("peer", 2, _F.TYPE_MESSAGE, type_name="Peer"),
+            _field("limit", 3, _F.TYPE_MESSAGE, type_name="Limit"),
+            _field("status", 4, _F.TYPE_ENUM, type_name="Status"),
+        ],
     }
     for name, fields in schemas.items():
         proto.message_type.add(name=name, field=fields)
@@ -96,6 +146,11 @@ PublicKey: Any = _CLASSES["PublicKey"]
 NoiseExtensions: Any = _CLASSES["NoiseExtensions"]
 NoiseHandshakePayload: Any = _CLASSES["NoiseHandshakePayload"]
 Identify: Any = _CLASSES["Identify"]
+CircuitPeer: Any = _CLASSES["Peer"]
+Reservation: Any = _CLASSES["Reservation"]
+Limit: Any = _CLASSES["Limit"]
+HopMessage: Any = _CLASSES["HopMessage"]
+StopMessage: Any = _CLASSES["StopMessage"]
 
 
 def parse(cls: Any, data: bytes | bytearray | memoryview, fault: type[PeerFault], what: str) -> Any:

@@ -68,7 +68,7 @@ from typing import Any
 from murmur.errors import DecodeError, LimitExceeded, StateError
 from murmur.fsutil import atomic_write_json
 from murmur.protocol.identity import PeerId
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, CircuitAddr, PeerAddr, parse_peer_addr
 from murmur.protocol.subnets import SubnetKey, subnet_of
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class PeerRecord:
     """
 
     peer_id: PeerId
-    addrs: list[Multiaddr]
+    addrs: list[PeerAddr]  # direct ones and relay circuits (a private peer has only those)
     score: float = 0.0
     last_seen: float = 0.0
     failures: int = 0
@@ -174,7 +174,7 @@ class PeerRecord:
         if not isinstance(obj, dict):
             raise TypeError("peer record must be an object")
         peer = PeerId.from_string(_typed(obj["peer_id"], str))
-        addrs = [Multiaddr.parse(_typed(a, str)) for a in _typed(obj["addrs"], list)]
+        addrs = [parse_peer_addr(_typed(a, str)) for a in _typed(obj["addrs"], list)]
         names = ("score", "score_time", "last_seen", "banned_until")
         if version >= 2:
             names += ("first_seen", "last_success")
@@ -195,13 +195,13 @@ def _typed(value: Any, types: type | tuple[type, ...]) -> Any:
     return value
 
 
-def merge_addrs(first: Sequence[Multiaddr], second: Iterable[Multiaddr], limit: int) -> list[Multiaddr]:
+def merge_addrs(first: Sequence[PeerAddr], second: Iterable[PeerAddr], limit: int) -> list[PeerAddr]:
     """``first`` then the new ones from ``second``, deduplicated, at most ``limit``.
 
     The first address is the one dialled first, so callers put the most
     trustworthy (e.g. the address we observed a connection from) in front.
     """
-    out: list[Multiaddr] = []
+    out: list[PeerAddr] = []
     for addr in (*first, *second):
         addr = addr.without_peer()
         if addr not in out:
@@ -211,8 +211,11 @@ def merge_addrs(first: Sequence[Multiaddr], second: Iterable[Multiaddr], limit: 
     return out
 
 
-def parse_peer_entry(peer_raw: Any, addr_texts: Any, max_addrs: int) -> tuple[PeerId, tuple[Multiaddr, ...]]:
+def parse_peer_entry(peer_raw: Any, addr_texts: Any, max_addrs: int) -> tuple[PeerId, tuple[PeerAddr, ...]]:
     """Validate one ``(peer_raw, [addr str])`` pair received from the network.
+
+    An address is direct TCP or a relay circuit (a private peer is reached
+    only so), at most :data:`MAX_CIRCUIT_ADDRS` of those per entry.
 
     Shared by peer exchange and Cyclon shuffles. Raises :class:`DecodeError`
     for malformed entries (honest peers only relay entries they validated
@@ -227,14 +230,16 @@ def parse_peer_entry(peer_raw: Any, addr_texts: Any, max_addrs: int) -> tuple[Pe
         peer = PeerId.from_bytes(bytes(peer_raw))
     except ValueError as exc:
         raise DecodeError(f"bad peer id in entry: {exc}") from None
-    addrs: list[Multiaddr] = []
+    addrs: list[PeerAddr] = []
     for text in addr_texts:
         if not isinstance(text, str):
             raise DecodeError("multiaddr must be a string")
         try:
-            addr = Multiaddr.parse(text)
+            addr = parse_peer_addr(text)
         except ValueError as exc:
             raise DecodeError(str(exc)) from None
+        if isinstance(addr, CircuitAddr) and addr.relay.peer_id == peer:
+            raise DecodeError(f"address {text!r} is a circuit through the peer itself")
         if addr.peer_id is not None and addr.peer_id != peer:
             raise DecodeError(f"address {text!r} names another peer than its entry")
         addr = addr.without_peer()
@@ -242,6 +247,8 @@ def parse_peer_entry(peer_raw: Any, addr_texts: Any, max_addrs: int) -> tuple[Pe
             raise DecodeError(f"address {text!r} has port 0 (not dialable)")
         if addr not in addrs:
             addrs.append(addr)
+    if sum(1 for a in addrs if a.is_circuit) > MAX_CIRCUIT_ADDRS:
+        raise LimitExceeded(f"peer entry names more than {MAX_CIRCUIT_ADDRS} relay circuits")
     if not addrs:
         raise DecodeError("peer entry without any address")
     return peer, tuple(addrs)
@@ -301,7 +308,7 @@ class PeerTable:
         return [r for r in self._records.values() if r.addrs and not r.banned(now)]
 
     # -- updates -------------------------------------------------------------
-    def add(self, peer: PeerId, addrs: Iterable[Multiaddr] = ()) -> PeerRecord | None:
+    def add(self, peer: PeerId, addrs: Iterable[PeerAddr] = ()) -> PeerRecord | None:
         """Remember ``peer`` (heard of it, e.g. via peer exchange); merge addresses.
 
         Does not touch ``last_seen``: hearing about a peer is not seeing it.
@@ -316,7 +323,7 @@ class PeerTable:
         self._rebucket(record)
         return record
 
-    def observe(self, peer: PeerId, addrs: Iterable[Multiaddr] = ()) -> PeerRecord | None:
+    def observe(self, peer: PeerId, addrs: Iterable[PeerAddr] = ()) -> PeerRecord | None:
         """We heard *from* ``peer`` directly: refresh ``last_seen``; ``addrs``
         (e.g. its observed address) go in front of the known ones."""
         if peer == self._self_id:
@@ -498,7 +505,7 @@ class PeerTable:
     def _reputed_rank(record: PeerRecord) -> tuple[int, float]:
         return record.successes, record.last_success
 
-    def _bucket_of(self, addrs: Sequence[Multiaddr]) -> SubnetBucket:
+    def _bucket_of(self, addrs: Sequence[PeerAddr]) -> SubnetBucket:
         if not addrs:
             return NO_ADDRESS
         host = addrs[0].host
@@ -535,7 +542,7 @@ class PeerTable:
                 self._bucket(peer, bucket)
                 self._rerank(record)
 
-    def _admit(self, peer: PeerId, addrs: list[Multiaddr]) -> PeerRecord:
+    def _admit(self, peer: PeerId, addrs: list[PeerAddr]) -> PeerRecord:
         """A new-tier record for ``peer``, after making room for it: in its
         subnet if that is at its share, else in the table if it is full;
         always at the expense of a new record, never a reputed one."""

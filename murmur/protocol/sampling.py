@@ -60,7 +60,7 @@ from typing import Any
 
 from murmur.errors import DecodeError, LimitExceeded
 from murmur.protocol.identity import PeerId
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.multiaddr import PeerAddr
 from murmur.protocol import subnets
 from murmur.protocol.peertable import parse_peer_entry
 from murmur.protocol.subnets import SubnetKey
@@ -94,7 +94,7 @@ class Descriptor:
     """A Cyclon entry: a peer, where to reach it, and how old this news is."""
 
     peer: PeerId
-    addrs: tuple[Multiaddr, ...]
+    addrs: tuple[PeerAddr, ...]
     age: int = 0
 
     def to_wire(self) -> WireDescriptor:
@@ -125,7 +125,7 @@ def decode_descriptors(raw: Any, max_entries: int, max_addrs: int) -> list[Descr
     return list(out.values())
 
 
-def subnet_of(addr: Multiaddr) -> SubnetKey:
+def subnet_of(addr: PeerAddr) -> SubnetKey:
     """The /24 (IPv4) or /48 (IPv6) an address belongs to (see :mod:`murmur.protocol.subnets`)."""
     return subnets.subnet_of(addr.host)
 
@@ -141,7 +141,7 @@ class CyclonSampler:
     def __init__(
         self,
         self_id: PeerId,
-        self_addrs: Sequence[Multiaddr],
+        self_addrs: Sequence[PeerAddr],
         config: SamplerConfig | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -176,7 +176,7 @@ class CyclonSampler:
     def self_descriptor(self) -> Descriptor:
         return Descriptor(self.self_id, self.self_addrs, 0)
 
-    def add(self, peer: PeerId, addrs: Iterable[Multiaddr], age: int = 0) -> bool:
+    def add(self, peer: PeerId, addrs: Iterable[PeerAddr], age: int = 0) -> bool:
         """Insert a peer learnt outside Cyclon (bootstrap, peer exchange, mDNS,
         an inbound connection) if there is room and the subnet limit allows.
         Returns True iff it is in the view afterwards."""
@@ -190,6 +190,21 @@ class CyclonSampler:
             return False
         self._view[peer] = desc
         return True
+
+    def learn_addrs(self, peer: PeerId, addrs: Sequence[PeerAddr]) -> bool:
+        """Addresses of ``peer`` learnt after its entry was made (the relay
+        circuits a private peer got since): merged into its descriptors right
+        after their first address (which keeps its subnet bucket), or a new
+        entry as :meth:`add` makes. Returns True iff it is in the view or a neighbour."""
+        found = False
+        for held in (self._view, self._neighbours):
+            desc = held.get(peer)
+            if desc is None:
+                continue
+            found = True
+            merged = dict.fromkeys((*desc.addrs[:1], *(a.without_peer() for a in addrs), *desc.addrs[1:]))
+            held[peer] = replace(desc, addrs=tuple(merged)[: self.config.max_entry_addrs])
+        return found or self.add(peer, addrs)
 
     def sample(self, n: int, rng: random.Random | None = None) -> list[PeerId]:
         """Up to ``n`` distinct peers drawn uniformly from the view."""

@@ -12,6 +12,17 @@ round that more than half of them have reached (the lower median), which is
 what "at round 8" means to someone watching a run. One node racing ahead (it
 adopted a model, or trained alone) does not pull the schedule forward, and
 one restarting or catching up does not hold it back.
+
+A schedule that falls behind keeps its spacing. The controller sees rounds
+through polls; on a loaded box (or through a Ray cluster's relays) its first
+view of every node can come many rounds after the nodes started, and a
+schedule of absolute rounds would then fire all its overdue events at once:
+a partition from round 14 to 20 would hold for no round at all, and a node
+joining at round 10 of 40 would arrive after the end. So an event seen more
+than ``LATE_SLACK_ROUNDS`` late shifts every later round trigger by its
+lateness (:attr:`ChurnSchedule.lag`), but never past the run's last round
+but one: the nodes stop there by their own config, and an event due after
+it would never fire.
 """
 
 from __future__ import annotations
@@ -22,10 +33,27 @@ from dataclasses import dataclass
 from murmur.testnet.scenario import ChurnEvent, Reference, RoundOf
 
 
+LATE_SLACK_ROUNDS = 2  # an event this late is on time: polls and long polls answer within a round or two
+
+
 @dataclass
 class ChurnSchedule:
+    """``lag``: rounds by which the schedule runs behind its file (0 while
+    every event fired on time); every round trigger still to come is that
+    much later, up to ``last_round - 1`` (the run's last round; None: the
+    run is bounded by time)."""
+
     events: Sequence[ChurnEvent]
+    last_round: int | None = None
     _next: int = 0
+    lag: int = 0
+
+    def trigger(self, ev: ChurnEvent) -> int | None:
+        """The round ``ev`` fires at, the lag included (None: it waits for a time)."""
+        if ev.at_round is None:
+            return None
+        late = ev.at_round + self.lag
+        return late if self.last_round is None else max(ev.at_round, min(late, self.last_round - 1))
 
     def due(self, rounds: Mapping[int, int], elapsed_s: float) -> list[ChurnEvent]:
         """Events whose trigger is met now, in order; each is returned once.
@@ -35,12 +63,14 @@ class ChurnSchedule:
         out = []
         while self._next < len(self.events):
             ev = self.events[self._next]
-            if ev.at_round is not None:
-                now = reference_round(ev.reference, rounds)
-                if now is None or now < ev.at_round:
-                    break
+            due_at = self.trigger(ev)
+            now = reference_round(ev.reference, rounds) if due_at is not None else None
+            if due_at is not None and (now is None or now < due_at):
+                break
             if ev.at_s is not None and elapsed_s < ev.at_s:
                 break
+            if now is not None and due_at is not None and now - due_at > LATE_SLACK_ROUNDS:
+                self.lag += now - due_at
             out.append(ev)
             self._next += 1
         return out

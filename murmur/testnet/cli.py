@@ -11,6 +11,7 @@ interrupted. Errors are one ``murmur: ...`` line on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from murmur.errors import ConfigError
 from murmur.testnet.controller import RunEnd, RunOptions, RunResult, Testnet
 from murmur.testnet.internet import InternetError
 from murmur.testnet.options import DEFAULT_OUT_ROOT, add_run_arguments
-from murmur.testnet.scenario import load_runnable_scenario
+from murmur.testnet.scenario import Backend, Scenario, load_runnable_scenario
 from murmur.units import fmt_bytes, fmt_number
 
 EXIT_OK = 0
@@ -27,6 +28,7 @@ EXIT_STALLED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_FAILED = 1
+RAY_INSTALL = "pip install 'murmur[ray]'"
 EXIT_CODES = {RunEnd.COMPLETED: EXIT_OK, RunEnd.TIME_UP: EXIT_OK, RunEnd.STALLED: EXIT_STALLED,
               RunEnd.INTERRUPTED: EXIT_INTERRUPTED, RunEnd.FAILED: EXIT_FAILED}
 
@@ -54,13 +56,43 @@ def print_result(result: RunResult) -> None:
         print(f"report: {result.report_dir / 'index.html'}")
 
 
+def with_cluster(scenario: Scenario, choice: tuple[str, str | None] | None) -> Scenario:
+    """The scenario with ``--cluster BACKEND[=ADDRESS]`` (if given) in place of its ``[cluster]``
+    backend and address; its placement and resources stay the scenario's."""
+    if choice is None:
+        return scenario
+    backend, address = choice
+    return dataclasses.replace(scenario, cluster=dataclasses.replace(
+        scenario.cluster, backend=Backend(backend), address=address or scenario.cluster.address))
+
+
+def ray_missing() -> bool:
+    """Whether Ray cannot be imported (murmur[ray] not installed)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
 def run_testnet(ns: argparse.Namespace) -> int:
     """Entry point for ``murmur testnet run``."""
     args = ns
     try:
-        scenario = load_runnable_scenario(args.scenario)
+        scenario = with_cluster(load_runnable_scenario(args.scenario), getattr(args, "cluster", None))
     except ConfigError as exc:
         print(f"murmur: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if scenario.cluster.backend is Backend.LOCAL and scenario.cluster.gpus_per_node:
+        print('murmur: config error: [cluster] gpus_per_node needs backend = "ray" (or --cluster ray); '
+              'on this machine alone, trainer.device = "cuda" puts every node on the GPU', file=sys.stderr)
+        return EXIT_USAGE
+    if scenario.cluster.backend is Backend.RAY and scenario.network is not None:
+        print('murmur: config error: [network] (the emulated internet on this machine) and a Ray cluster run '
+              'do not combine: run one or the other', file=sys.stderr)
+        return EXIT_USAGE
+    if scenario.cluster.backend is Backend.RAY and ray_missing():
+        print(f"murmur: a Ray cluster run needs Ray: {RAY_INSTALL}", file=sys.stderr)
         return EXIT_USAGE
     out = args.out or DEFAULT_OUT_ROOT / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     options = RunOptions(out=out, nodes_per_process=args.nodes_per_process, dashboard=not args.no_dashboard,
@@ -73,6 +105,9 @@ def run_testnet(ns: argparse.Namespace) -> int:
     except InternetError as exc:  # building the emulated internet failed (everything it made is gone)
         print(f"murmur: emulated internet: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except ConfigError as exc:  # a cluster that cannot be joined or cannot hold the run
+        print(f"murmur: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         # the supervisor stopped every process on the way out; say what is left behind
         print(f"\ninterrupted; every node stopped. Run dir: {testnet.run_dir}", file=sys.stderr)

@@ -32,6 +32,12 @@ node's loopback-only API through a socket made inside that host. The
 layout (addresses, routers, NAT kinds, rates) is written to
 ``<out>/network.json``.
 
+On a Ray cluster (``[cluster] backend = "ray"``) the same happens with the
+worker processes on the cluster's hosts: :mod:`~murmur.testnet.raycluster`
+places them, starts them for the supervisor, relays their control sockets
+and reads the nodes' status on their hosts; their metrics and logs come back
+into the run dir before the report is written.
+
 Partitions are application-level (a control command to each worker, which
 calls ``Node.set_partition``): the nodes share the loopback interface, which
 routes cannot split. Latency and loss need per-node interfaces (network
@@ -48,8 +54,6 @@ import json
 import logging
 import math
 import os
-import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -57,21 +61,25 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import aiohttp
 
 from murmur.errors import StateError
 from murmur.node.state import METRICS_FILE, StateDir
+from murmur.protocol.identity import KEY_FILE_NAME
 from murmur.testnet import internet
 from murmur.testnet.churn import ChurnSchedule, partition_groups, reference_round
 from murmur.testnet.dashboard import DashboardServer, DashboardState, fill_from_specs
 from murmur.testnet.forkserver import ForkServer, ForkServerError
+from murmur.testnet.ports import find_free_port_block
 from murmur.testnet.procs import Supervisor, last_error
 from murmur.testnet.report import write_report
 from murmur.testnet.scenario import (
     Action,
+    Backend,
     ChurnEvent,
+    NodePlace,
     NodeSpec,
     Role,
     Scenario,
@@ -83,6 +91,9 @@ from murmur.testnet.scenario import (
     provision_identities,
 )
 
+if TYPE_CHECKING:
+    from murmur.testnet.raycluster import RayLauncher
+
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.5
@@ -93,8 +104,6 @@ STATUS_TIMEOUT_S = 2.0
 CONTROL_TIMEOUT_S = 5.0
 MIN_STALL_S = 60.0  # no new round for this long (or 10 round deadlines) ends the run
 STALL_DEADLINES = 10
-PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range, where API ports (port 0) land
-PORT_ATTEMPTS = 50
 MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
 WORKER_MODULE = "murmur.testnet.worker"
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -199,31 +208,6 @@ class RunResult:
 # ------------------------------------------------------------------- helpers
 
 
-def find_free_port_block(count: int, rng: random.Random | None = None) -> int:
-    """A base port such that ``base .. base+count-1`` can all be bound now.
-
-    Node listen ports must be known before any node starts (bootstrap
-    addresses name them), so port 0 will not do; another process may still
-    take one in the meantime, which then shows as a node failing to start.
-    """
-    rng = rng or random.Random()
-    for _ in range(PORT_ATTEMPTS):
-        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - count)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no block of {count} free ports in {PORT_RANGE}")
-
-
 def read_metrics(data_dir: Path) -> list[dict[str, Any]]:
     """A node's metrics.jsonl rows; a torn last line (kill -9 mid-append) is skipped."""
     path = data_dir / METRICS_FILE
@@ -276,7 +260,7 @@ class Testnet:
         self.events: list[dict[str, Any]] = []
         self.nodes: dict[int, NodeHandle] = {}
         self.procs: dict[str, WorkerProc] = {}
-        self.schedule = ChurnSchedule(scenario.churn)
+        self.schedule = ChurnSchedule(scenario.churn, scenario.duration.last_round)
         self.dashboard = DashboardState(clock=lambda: time.monotonic() - self._t0)  # the events' time axis
         self.dashboard_url: str | None = None
         self._partition: list[list[str]] | None = None  # peer-id groups while partitioned
@@ -293,6 +277,8 @@ class Testnet:
         self._exited: list[WorkerProc] = []  # processes that exited on their own, in the order seen
         self.failure: WorkerFailure | None = None
         self._worker_env: dict[str, str] | None = None
+        self._ray: RayLauncher | None = None  # [cluster] backend = "ray": where the worker processes run
+        self.hosts: dict[str, str] = {}  # node name -> its host's address (cluster runs)
         self.plan: internet.Plan | None = None  # the emulated internet's layout, with [network]
         self._internet: internet.Internet | None = None
         self._host_http: dict[str, aiohttp.ClientSession] = {}  # namespace -> a client whose sockets start there
@@ -305,7 +291,8 @@ class Testnet:
     # -- plan ----------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Write configs and identities; plan the worker processes."""
+        """Write configs and identities; plan the worker processes (and, on a
+        cluster, place them: their hosts' addresses go into the configs)."""
         sc = self.scenario
         specs = sc.node_specs()
         for sub in ("configs", "nodes", "logs"):
@@ -314,21 +301,18 @@ class Testnet:
         if sc.network is not None:
             self.plan = internet.plan(network_topology(sc))
             self._write_network(peer_ids)
-        base_port = find_free_port_block(len(specs)) if self.plan is None else 0
-        configs = node_configs(sc, self.run_dir / "nodes", base_port, self.plan)
-        paths = {}
-        for spec, cfg in zip(specs, configs, strict=True):
-            paths[spec.index] = self.run_dir / "configs" / f"{spec.name}.toml"
-            paths[spec.index].write_text(dump_toml(cfg), encoding="utf-8")
+        paths = {spec.index: self.run_dir / "configs" / f"{spec.name}.toml" for spec in specs}
         ctl_dir = self.run_dir / "ctl"
         if len(str(ctl_dir)) + 40 > MAX_UNIX_PATH:  # + "/<name[:24]>.<gen>.sock"
             ctl_dir = Path(tempfile.mkdtemp(prefix="murmur-ctl-"))
         ctl_dir.mkdir(exist_ok=True)
+        groups: dict[str, list[int]] = {}
         for group in process_groups(sc, self.options.nodes_per_process):
             first = specs[group[0]]
             attacker = first.attacker is not None
             name = (f"attacker{first.attacker}" if attacker else
                     first.name if len(group) == 1 else f"nodes-{'-'.join(map(str, group))}")
+            groups[name] = group
             args = (["--attacker"] if attacker else []) + [str(paths[i]) for i in group]
             if self.plan is not None:  # a process runs on one host (process_groups saw to that)
                 args = ["--netns", self.plan.hosts[host_name(first)].ns, *args]
@@ -337,7 +321,60 @@ class Testnet:
                 self.nodes[i] = NodeHandle(specs[i], self.run_dir / "nodes" / specs[i].name,
                                            peer_ids[specs[i].name], name)
                 self._by_peer[peer_ids[specs[i].name]] = i
+        if sc.cluster.backend is Backend.RAY:
+            configs = self._place_on_ray(groups, paths, ctl_dir)
+        else:
+            base_port = find_free_port_block(len(specs)) if self.plan is None else 0
+            configs = node_configs(sc, self.run_dir / "nodes", base_port, self.plan)
+        for spec, cfg in zip(specs, configs, strict=True):
+            paths[spec.index].write_text(dump_toml(cfg), encoding="utf-8")
+        if self._ray is not None:
+            try:
+                self._install_on_hosts(groups, paths)
+            except BaseException:
+                self._ray.shutdown()  # nothing of this run may stay on the cluster
+                raise
         fill_from_specs(self.dashboard, specs, peer_ids)
+
+    def _place_on_ray(self, groups: Mapping[str, list[int]], paths: Mapping[int, Path],
+                      ctl_dir: Path) -> list[dict[str, Any]]:
+        """Join (or start) the Ray cluster and place the worker processes
+        (murmur.testnet.raycluster); the nodes' configs with their hosts'
+        addresses and their state dirs there."""
+        from murmur.testnet.raycluster import RayLauncher
+
+        sc = self.scenario
+        launcher = RayLauncher(sc.cluster, self.run_dir, ctl_dir, WORKER_MODULE, WORKER_ENV)
+        self._ray = launcher
+        try:
+            launcher.connect(sc.cluster.cpus_per_node * len(self.nodes))
+            hosts = launcher.place(groups, paths)
+        except BaseException:
+            launcher.shutdown()
+            raise
+        places: dict[int, NodePlace] = {}
+        for name, group in groups.items():
+            host = hosts[name]
+            device = "cuda" if host.gpus and sc.cluster.gpus_per_node else None
+            for k, i in enumerate(group):
+                handle = self.nodes[i]
+                places[i] = NodePlace(host.ip, host.base_port + k, launcher.remote_path(handle.data_dir), device)
+                self.hosts[handle.spec.name] = host.ip
+        return node_configs(sc, self.run_dir / "nodes", places=places)
+
+    def _install_on_hosts(self, groups: Mapping[str, list[int]], paths: Mapping[int, Path]) -> None:
+        """Each worker process's node configs and identity keys, onto its host."""
+        assert self._ray is not None
+        for name, group in groups.items():
+            files: dict[str, bytes] = {}
+            secret = []
+            for i in group:
+                handle = self.nodes[i]
+                files[str(paths[i].relative_to(self.run_dir))] = paths[i].read_bytes()
+                key = handle.data_dir / KEY_FILE_NAME
+                secret.append(str(key.relative_to(self.run_dir)))
+                files[secret[-1]] = key.read_bytes()
+            self._ray.install(name, files, secret)
 
     def _write_network(self, peer_ids: Mapping[str, str]) -> None:
         """``network.json``: where each node runs on the emulated internet."""
@@ -375,9 +412,10 @@ class Testnet:
         await asyncio.gather(*(http.close() for http in sessions), return_exceptions=True)
 
     def worker_pids(self) -> dict[str, int]:
-        """Live worker processes by name (for benchmarks sampling their CPU time)."""
+        """Live worker processes by name (for benchmarks sampling their CPU time);
+        none on a cluster: their pids are their hosts', not this machine's."""
         sup = self._supervisor
-        if sup is None:
+        if sup is None or self._ray is not None:
             return {}
         return {name: sup[name].pid for name in sup.alive()}
 
@@ -527,8 +565,8 @@ class Testnet:
         final: dict[str, dict[str, Any] | None] = {}
         server: DashboardServer | None = None
         fork_server = (ForkServer(WORKER_MODULE, env=self._env(), log_path=self.run_dir / "logs" / "forkserver.log",
-                                  tag=str(self.run_dir)) if self.options.fork_server else None)
-        self._supervisor = Supervisor(self.run_dir / "logs", fork_server=fork_server)
+                                  tag=str(self.run_dir)) if self.options.fork_server and self._ray is None else None)
+        self._supervisor = Supervisor(self.run_dir / "logs", fork_server=self._ray or fork_server)
         launched = time.monotonic()
         try:
             if self.options.dashboard:
@@ -573,6 +611,8 @@ class Testnet:
             # graceful stop (checkpoints, peers.json) before reading metrics; on
             # cancellation (Ctrl-C) too: Supervisor.close holds back a second SIGINT
             await asyncio.shield(asyncio.to_thread(self._supervisor.close))
+            if self._ray is not None:  # the nodes' metrics and the logs come home; the cluster is left clean
+                await asyncio.shield(self._ray.finish(self._node_files()))
             if self._internet is not None:  # after the workers: nothing runs inside any more
                 await asyncio.shield(asyncio.to_thread(self._internet.close))
             if server is not None:
@@ -597,8 +637,12 @@ class Testnet:
             await self._sync_partitions()
             self._watch_rounds()
             elapsed = time.monotonic() - self._t0
+            lag = self.schedule.lag
             for ev in self.schedule.due(self._schedule_rounds(), elapsed):
                 await self._apply(ev)
+            if self.schedule.lag > lag:
+                self._say(f"\nthe schedule saw its rounds {self.schedule.lag} rounds late (nodes started ahead of "
+                          f"the controller's view): later events move as much, up to the last round")
             self._progress()
             if sc.duration.seconds is not None and elapsed >= sc.duration.seconds:
                 return RunEnd.TIME_UP
@@ -743,7 +787,7 @@ class Testnet:
     def _next_round_trigger(self) -> int | None:
         """The round the next churn event waits for (None: it waits for a time, or none is left)."""
         upcoming = self.schedule.upcoming()
-        return upcoming[0].at_round if upcoming else None
+        return self.schedule.trigger(upcoming[0]) if upcoming else None
 
     def _saw_rounds(self, rounds: Mapping[str, Any]) -> None:
         for peer, round_ in rounds.items():
@@ -776,9 +820,18 @@ class Testnet:
         for i in proc.indices:
             self.nodes[i].round = None
 
+    def _node_files(self) -> dict[str, list[Path]]:
+        """What a cluster run brings back from each worker process's host:
+        its nodes' metrics and its log (the report's inputs)."""
+        return {name: [self.nodes[i].data_dir / METRICS_FILE for i in proc.indices]
+                + [self.run_dir / "logs" / f"{name}.log"] for name, proc in self.procs.items()}
+
     async def _status(self, http: aiohttp.ClientSession, handle: NodeHandle) -> dict[str, Any] | None:
         if not self.procs[handle.proc].wanted_up:
             return None
+        if self._ray is not None:  # read on the node's host
+            status = await self._ray.status(handle.proc, handle.data_dir)
+            return status if status is not None and status.get("peer_id") == handle.peer_id else None
         try:
             info = StateDir(handle.data_dir).read_api_info()  # re-read: a restarted node has a new port
             async with self._http(handle, http).get(f"{info.url}/status") as resp:
@@ -800,8 +853,15 @@ class Testnet:
                 code = child.returncode
                 self._down(proc)
                 self._exited.append(proc)
-                self._say(f"\nprocess {proc.name} exited unexpectedly (code {code}); see {child.log_path}")
-                self._record({"action": "exited", "process": proc.name, "code": code})
+                record = {"action": "exited", "process": proc.name, "code": code}
+                why = f"exited unexpectedly (code {code})"
+                if self._ray is not None:  # where it ran; a lost host takes its nodes with it
+                    record["host"] = self._ray.hosts[proc.name].ip
+                    if self._ray.host_lost(proc.name):
+                        record["host_lost"] = True
+                        why = f"is gone with its Ray host {record['host']}"
+                self._say(f"\nprocess {proc.name} {why}; see {child.log_path}")
+                self._record(record)
 
     # -- churn -----------------------------------------------------------------------
 
@@ -832,7 +892,7 @@ class Testnet:
         fired_t = round(time.monotonic() - self._t0, 3)
         rounds = await self._snapshot_rounds()
         honest = {i: r for i, r in rounds.items() if self.nodes[i].spec.role is Role.HONEST}
-        trigger = {"at_round": ev.at_round} if ev.at_round is not None else {"at_s": ev.at_s}
+        trigger = {"at_round": ev.at_round, "lag": self.schedule.lag} if ev.at_round is not None else {"at_s": ev.at_s}
         return trigger | {
             "round": decided,
             "round_of": str(ev.reference),
@@ -978,7 +1038,8 @@ class Testnet:
         (None for nodes that were down at the end)."""
         metrics = {h.spec.name: read_metrics(h.data_dir) for h in self.nodes.values()}
         peer_ids = {h.spec.name: h.peer_id for h in self.nodes.values()}
-        report_dir = write_report(self.run_dir, metrics, dict(final), self.scenario, self.events, peer_ids)
+        report_dir = write_report(self.run_dir, metrics, dict(final), self.scenario, self.events, peer_ids,
+                                  hosts=self.hosts or None)
         summary = json.loads((report_dir / "summary.json").read_text(encoding="utf-8"))
         return report_dir, summary
 

@@ -22,6 +22,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+CLUSTER_BACKENDS = ("local", "ray")  # murmur.testnet.scenario.Backend's values (not imported: it is heavy)
+
+
+def cluster_choice(text: str) -> tuple[str, str | None]:
+    """``--cluster BACKEND[=ADDRESS]``: ``ray``, ``ray=10.0.0.1:6379``, ``local``."""
+    backend, sep, address = text.partition("=")
+    if backend not in CLUSTER_BACKENDS:
+        raise argparse.ArgumentTypeError(f"unknown cluster backend {backend!r} (expected one of {', '.join(CLUSTER_BACKENDS)})")
+    if sep and (backend == "local" or not address):
+        raise argparse.ArgumentTypeError(f"{text!r}: only ray takes an address (ray=HOST:PORT)")
+    return backend, address or None
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", nargs="?", type=Path, help="scenario file (TOML); default: the embedded default scenario")
     p.add_argument("--nodes-per-process", type=positive_int, metavar="K",
@@ -31,3 +44,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="dashboard port on 127.0.0.1 (0: any)")
     p.add_argument("--no-fork-server", action="store_true",
                    help="start every worker as a fresh interpreter instead of forking it from one that imported once")
+    p.add_argument("--cluster", type=cluster_choice, metavar="BACKEND[=ADDRESS]",
+                   help="where the nodes run: local (this machine), or ray: the Ray cluster at ADDRESS "
+                        "(a local one when no address is given); overrides the scenario's [cluster]")

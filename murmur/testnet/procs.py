@@ -31,13 +31,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol, runtime_checkable
 
 from murmur.testnet.forkserver import ForkServerError
 from murmur.testnet.spawn import popen_supervised
-
-if TYPE_CHECKING:
-    from murmur.testnet.forkserver import ForkServer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +58,25 @@ class _Process(Protocol):
     def wait(self, timeout: float | None = None) -> int: ...
 
 
+@runtime_checkable
+class _RemoteProcess(Protocol):
+    """A process on another host (murmur.testnet.raycluster): its pid means
+    nothing here, so its process group is signalled where it runs."""
+
+    def signal_group(self, sig: int) -> None: ...
+
+
+class Spawner(Protocol):
+    """Runs some commands for the :class:`Supervisor` instead of ``Popen``: a
+    :class:`~murmur.testnet.forkserver.ForkServer`, or a cluster launcher."""
+
+    def serves(self, argv: Sequence[str], env: Mapping[str, str] | None, cwd: str | os.PathLike[str] | None) -> bool: ...
+
+    def spawn(self, args: Sequence[str], log_path: Path) -> _Process: ...
+
+    def close(self) -> None: ...
+
+
 class ChildProcess:
     """One supervised child: a process group led by ``pid``."""
 
@@ -82,6 +98,9 @@ class ChildProcess:
         return self._popen.poll() is None
 
     def _signal_group(self, sig: int) -> None:
+        if isinstance(self._popen, _RemoteProcess):
+            self._popen.signal_group(sig)
+            return
         # pgid == pid (own session). While the leader is unreaped its pid cannot be reused.
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
@@ -112,6 +131,8 @@ class ChildProcess:
         """Await the child's exit without polling (pidfd) or blocking the loop."""
         if self._popen.poll() is not None:
             return self._popen.returncode
+        if isinstance(self._popen, _RemoteProcess):  # no local pid to watch
+            return await asyncio.to_thread(self._popen.wait)
         pidfd_open = getattr(os, "pidfd_open", None)
         try:
             fd = pidfd_open(self.pid) if pidfd_open else -1
@@ -157,7 +178,7 @@ class Supervisor:
     """
 
     def __init__(
-        self, log_dir: str | os.PathLike[str], *, grace_s: float = STOP_GRACE_S, fork_server: ForkServer | None = None
+        self, log_dir: str | os.PathLike[str], *, grace_s: float = STOP_GRACE_S, fork_server: Spawner | None = None
     ) -> None:
         self.log_dir = Path(log_dir)
         self.grace_s = grace_s

@@ -221,6 +221,7 @@ def write_report(
     scenario: Scenario,
     events: Sequence[Mapping[str, Any]],
     peer_ids: Mapping[str, str] | None = None,
+    hosts: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``<run_dir>/report/`` and return its path.
 
@@ -228,7 +229,9 @@ def write_report(
     ``node_status``: node name -> last ``GET /status`` JSON (None: dead/unknown);
     ``events``: applied churn events, each a JSON-ready dict (``round`` and
     ``ts`` place it on the plots); ``peer_ids``: node name -> peer id, for
-    nodes that were down at the end (their status says nothing).
+    nodes that were down at the end (their status says nothing); ``hosts``:
+    node name -> the address of the host it ran on (cluster runs), shown
+    next to its name and kept as its ``host`` in summary.json.
     """
     out = Path(run_dir) / REPORT_DIR
     (out / METRICS_DIR).mkdir(parents=True, exist_ok=True)
@@ -247,6 +250,9 @@ def write_report(
           ).write_csv(out / "events.csv")
     Table(("setting", "value"), page.settings_rows(plain(run.scenario))).write_csv(out / "settings.csv")
     summary = summarize(run) | {"plots": [{"file": p.file, "csv": p.csv, "title": p.title_for(run)} for p in written]}
+    for name, host in (hosts or {}).items():
+        if name in summary["nodes"]:
+            summary["nodes"][name]["host"] = host
     atomic_write_json(out / SUMMARY_FILE, summary)
     atomic_write_bytes(out / "index.html", _index_html(run, summary, written).encode())
     return out

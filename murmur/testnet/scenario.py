@@ -131,6 +131,22 @@ class Role(enum.StrEnum):
     ATTACKER = "attacker"
 
 
+class Backend(enum.StrEnum):
+    """Where a run's worker processes go (``[cluster] backend``)."""
+
+    LOCAL = "local"  # this machine, forked from the fork server (the default)
+    RAY = "ray"  # the hosts of a Ray cluster (murmur.testnet.raycluster; needs murmur[ray])
+
+
+class Placement(enum.StrEnum):
+    """How a Ray run spreads its worker processes over the cluster's hosts
+    (a Ray placement group strategy, one bundle per worker process)."""
+
+    SPREAD = "spread"  # over as many hosts as possible, best effort
+    STRICT_SPREAD = "strict_spread"  # one worker process per host, or the run does not start
+    PACK = "pack"  # on as few hosts as possible
+
+
 #: Actions that address specific nodes and need at least one.
 NODE_ACTIONS = frozenset({Action.CRASH, Action.STOP, Action.RESTART, Action.PARTITION, Action.JOIN})
 #: Actions that bring a node down (a later RESTART must follow one of them).
@@ -176,6 +192,12 @@ def _non_empty(v: Any) -> None:
 def _checked(default: Any, check: Check) -> Any:
     """A dataclass field with a range check run at parse time."""
     return field(default=default, metadata={"check": check})
+
+
+def _string_values(v: Any) -> None:
+    bad = [k for k, x in v.items() if not isinstance(x, str)]
+    if bad:
+        raise _Invalid(f"values must be strings, {bad[0]!r} is not")
 
 
 def _empty_map() -> Mapping[str, Any]:
@@ -319,6 +341,24 @@ class ChurnEvent:
 
 
 @dataclass(frozen=True)
+class ClusterSpec:
+    """``[cluster]``: where the worker processes run. ``address`` is a Ray
+    cluster's (``host:port`` of its head, or ``auto``); none: a local Ray
+    instance the run starts and stops. ``cpus_per_node`` and
+    ``gpus_per_node`` are what each murmur node asks of Ray (a worker process
+    of K nodes asks K times that); a node given a GPU trains on it. ``labels``
+    (Ray node labels, ``ray start --labels k=v``): only hosts that carry all of
+    them take the run's worker processes."""
+
+    backend: Backend = Backend.LOCAL
+    address: str | None = None
+    placement: Placement = Placement.SPREAD
+    cpus_per_node: float = _checked(0.25, _finite_positive)
+    gpus_per_node: float = _checked(0.0, _in_range(0.0, 1.0))
+    labels: Mapping[str, Any] = field(default_factory=_empty_map, metadata={"check": _string_values})
+
+
+@dataclass(frozen=True)
 class RouterSpec:
     """A home router: ``nodes`` on its private LAN, behind its NAT."""
 
@@ -370,6 +410,7 @@ class Scenario:
     checkpoint_every_rounds: int = _checked(1, _at_least(0))
     attackers: tuple[AttackerSpec, ...] = ()
     churn: tuple[ChurnEvent, ...] = ()
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
     network: NetworkSpec | None = None  # None: every node on 127.0.0.1
 
     @property
@@ -776,8 +817,21 @@ def provision_identities(scenario: Scenario, workdir: Path) -> dict[str, str]:
     return {s.name: str(Identity.load_or_create(workdir / s.name).peer_id) for s in scenario.node_specs()}
 
 
-def node_configs(scenario: Scenario, workdir: str | Path, base_port: int,
-                 plan: internet.Plan | None = None) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class NodePlace:
+    """Where one node runs when it is not on this machine's loopback (a
+    cluster run): its host's address, its port there, its data dir on that
+    host, and the trainer device the cluster gave it (None: the scenario's)."""
+
+    host: str
+    port: int
+    data_dir: Path
+    device: str | None = None
+
+
+def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
+                 plan: internet.Plan | None = None, *,
+                 places: Mapping[int, NodePlace] | None = None) -> list[dict[str, Any]]:
     """One TOML-ready dict per node (see :func:`dump_toml`), in global index order.
 
     On loopback node ``i`` listens on ``base_port + i``; on the emulated
@@ -788,7 +842,12 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int,
 
     This is the one place where scenario fields map to ``murmur.node.config``
     sections (``node``, ``network``, ``transport``, ``api``, ``learning``,
-    ``privacy``); keep it aligned with that module.
+    ``privacy``); keep it aligned with that module. Identities are created
+    in ``workdir``. With ``places`` (a cluster run: node index ->
+    :class:`NodePlace`, every node) each node listens on its host's own
+    address and keeps its data dir there. The API stays on loopback always:
+    the controller reaches it on the node's own host (in its namespace, or
+    relayed by murmur.testnet.raycluster).
     """
     workdir = Path(workdir)
     specs = scenario.node_specs()
@@ -799,10 +858,19 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int,
         first_on_host.setdefault(host_name(spec), spec.index)
 
     def listen(i: int) -> str:
+        if places is not None:
+            return f"/ip4/{places[i].host}/tcp/{places[i].port}"
         if plan is None:
             return f"/ip4/{LOOPBACK}/tcp/{base_port + i}"
         host = host_name(specs[i])
         return f"/ip4/{plan.hosts[host].address}/tcp/{NETWORK_PORT + i - first_on_host[host]}"
+
+    def data_dir(i: int) -> Path:
+        return places[i].data_dir if places is not None else workdir / specs[i].name
+
+    def device(i: int) -> dict[str, str]:
+        place = places[i] if places is not None else None
+        return {"device": place.device} if place is not None and place.device is not None else {}
 
     def addr(i: int) -> str:
         return f"{listen(i)}/p2p/{peer_ids[specs[i].name]}"
@@ -818,7 +886,7 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int,
                       else scenario.topology.degree)
         view_size = max(total, neighbours)
         configs.append({
-            "node": {"data_dir": str(workdir / s.name), "listen": [listen(s.index)],
+            "node": {"data_dir": str(data_dir(s.index)), "listen": [listen(s.index)],
                      "log_level": "info", "log_format": "json"},
             "network": {
                 "bootstrap": [addr(j) for j in dials[s.index]], "mdns": False, "neighbours": neighbours,
@@ -830,8 +898,8 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int,
                 "subnet_bucket_size": total, "shuffle_interval_s": SHUFFLE_INTERVAL_S,
             },
             "transport": {"max_inbound_per_subnet": max(16, total)},
-            "api": {"host": LOOPBACK, "port": 0},  # on the emulated internet: the host's own loopback
-            "learning": learning_table(scenario, s),
+            "api": {"host": LOOPBACK, "port": 0},  # on the emulated internet and a Ray host: the host's own loopback
+            "learning": learning_table(scenario, s) | device(s.index),
             "privacy": privacy_table(scenario),
             "compression": compression_table(scenario),
             "outer": outer_table(scenario),

@@ -17,7 +17,7 @@ from murmur.node.state import METRICS_FILE
 from murmur.testnet import internet
 from murmur.testnet.internet import Host, Internet, NatKind, Router, Topology
 from tests.integration.cluster import wait_until
-from tests.integration.daemons import Daemon, DaemonPool
+from tests.integration.daemons import Daemon, DaemonPool, merge, toml_config
 from tests.integration.emulation import require_internet
 
 PORT = 4731  # every host has its own address: the default port for all
@@ -97,3 +97,67 @@ async def test_a_node_behind_nat_learns_with_a_public_node(pool: DaemonPool) -> 
                 assert _rounds(daemon)[-1]["accuracy"] > 0.5  # ten digits: 0.1 by chance
         finally:
             pool.teardown()
+
+
+async def test_two_nodes_behind_symmetric_nats_learn_through_a_public_relay(pool: DaemonPool) -> None:
+    """Both nodes behind symmetric NATs (no direct path either way, no hole
+    punch predicts such ports), a public murmur relay: the first reserves on
+    it (AutoRelay, [relay] use), the second knows only the first's circuit
+    address, and they learn together over the relayed connection."""
+    topology = Topology(hosts=(Host("relay"), Host("a", router="home_a"), Host("b", router="home_b")),
+                        routers=(Router("home_a", nat=NatKind.SYMMETRIC), Router("home_b", nat=NatKind.SYMMETRIC)))
+    with Internet(topology) as net:
+        a_sections, b_sections = _sections(0, []), _sections(1, [])
+        a, b = pool.add(a_sections), pool.add(b_sections)
+        a_id, b_id = (str(d.state.identity().peer_id) for d in (a, b))
+        relay = pool.add({
+            "node": {"listen": [f"/ip4/0.0.0.0/tcp/{PORT}"], "log_format": "json"},
+            "network": {"mdns": False},
+            "api": {"port": 0},
+            "learning": {"enabled": False},
+            "relay": {"service": True, "unlimited_peers": [a_id, b_id]},  # its own network's learning traffic
+        })
+        relay_addr = f"/ip4/{net.address('relay')}/tcp/{PORT}/p2p/{relay.state.identity().peer_id}"
+        circuit = f"{relay_addr}/p2p-circuit/p2p/{a_id}"
+        for daemon, sections in ((a, a_sections), (b, b_sections)):
+            sections["network"] = {**sections["network"], "neighbours": 2}  # the relay (no learner) takes a slot
+            sections["relay"] = {"use": [relay_addr], "check_interval_s": 1.0}
+        b_sections["network"] = {**b_sections["network"], "bootstrap": [circuit]}
+        _rewrite(a, a_sections)
+        _rewrite(b, b_sections)
+        try:
+            pool.spawn(relay, prefix=net.exec_prefix("relay"))
+            pool.spawn(a, prefix=net.exec_prefix("a"))
+            await pool.wait_api(relay, LEARNED_S)
+            await pool.wait_api(a, LEARNED_S)
+            await wait_until(_has_circuit(net, a, circuit), LEARNED_S, "a reserved on the relay")
+            pool.spawn(b, prefix=net.exec_prefix("b"))
+            await pool.wait_api(b, LEARNED_S)
+            await wait_until(lambda: all(_rounds(d) and _rounds(d)[-1]["round"] == ROUNDS - 1 for d in (a, b)),
+                             LEARNED_S, f"{ROUNDS} rounds on both nodes")
+            with_other = {d.peer_id: [r["round"] for r in _rounds(d) if o.peer_id in r.get("neighbours", [])]
+                          for d, o in ((a, b), (b, a))}
+            assert all(len(rounds) >= TOGETHER for rounds in with_other.values()), with_other
+            b_status = await _status(net, "b", b)
+            assert b_status["connection_types"].get(a_id) in ("relayed", None)  # None: a finished and left
+            relayed = (await _status(net, "relay", relay))["relay"]
+            assert relayed["circuits_total"] >= 1 and relayed["bytes_relayed"] > 10_000, relayed  # the deltas
+            # neither home router let anything but the relay in: nobody else connected to a or b
+            assert _established_from(net, "relay") >= {net.plan.public_address("a"), net.plan.public_address("b")}
+            for daemon in (a, b):
+                assert _rounds(daemon)[-1]["accuracy"] > 0.5
+        finally:
+            pool.teardown()
+
+
+def _rewrite(daemon: Daemon, sections: Mapping[str, Mapping[str, Any]]) -> None:
+    """Its config again (the relay's and the peers' ids are known only once each has its data dir)."""
+    daemon.config.write_text(toml_config(merge(sections, {"node": {"data_dir": str(daemon.data_dir)}})),
+                             encoding="utf-8")
+
+
+def _has_circuit(net: Internet, daemon: Daemon, circuit: str) -> Any:
+    async def check() -> bool:
+        status = await _status(net, "a", daemon)
+        return any(circuit.startswith(c) for c in status["relay_client"]["circuit_addrs"])
+    return check

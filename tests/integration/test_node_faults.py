@@ -404,3 +404,37 @@ async def test_streams_of_unknown_protocols_get_na_and_the_peer_stays(victim: Vi
     assert victim.faults() == {} and victim.node.session(peer.peer_id) is not None
     peer.close()
     await victim.serves_good_peer()
+
+
+RELAY = Identity.generate().peer_id
+CIRCUIT = f"/ip4/198.18.0.1/tcp/4001/p2p/{RELAY}/p2p-circuit"
+
+
+@pytest.mark.parametrize("addrs, fault", [
+    ((f"/dns4/relay.example/tcp/4001/p2p/{RELAY}/p2p-circuit",), "DecodeError"),  # we resolve nothing for strangers
+    (("/ip4/198.18.0.1/tcp/4001/p2p-circuit",), "DecodeError"),  # no relay named
+    ((f"{CIRCUIT}/p2p-circuit",), "DecodeError"),
+    ((f"{CIRCUIT}/p2p/{Identity.generate().peer_id}",), "DecodeError"),  # a circuit to someone else
+    (tuple(f"/ip4/198.18.0.{i}/tcp/4001/p2p/{Identity.generate().peer_id}/p2p-circuit" for i in range(3)),
+     "LimitExceeded"),  # more circuits than a private node holds reservations
+])
+async def test_garbage_circuits_in_hello_are_typed_faults(victim: Victim, addrs: tuple[str, ...], fault: str) -> None:
+    before = victim.faults()
+    peer = await RawPeer.to(victim.node)
+    peer.push(Hello(listen_addrs=addrs, agent="circuits", round=0, degree=1))
+    await wait_until(lambda: victim.faults().get(fault, 0) > before.get(fault, 0), 2.0, fault)
+    record = victim.node.table.get(peer.peer_id)
+    assert record is None or not any(a.is_circuit for a in record.addrs)
+    peer.close()
+    await victim.serves_good_peer()
+
+
+async def test_a_circuit_in_hello_is_kept_beside_the_observed_address(victim: Victim) -> None:
+    peer = await RawPeer.to(victim.node)
+    peer.push(Hello(listen_addrs=("/ip4/10.1.2.3/tcp/4001", f"{CIRCUIT}/p2p/{peer.peer_id}"), agent="private",
+                    round=0, degree=1))
+    await wait_until(lambda: victim.node.table.get(peer.peer_id) is not None
+                     and len(victim.node.table.get(peer.peer_id).addrs) == 2, 2.0, "Hello handled")  # type: ignore[union-attr]
+    assert [str(a) for a in victim.node.table.get(peer.peer_id).addrs] == [  # type: ignore[union-attr]
+        "/ip4/127.0.0.1/tcp/4001", CIRCUIT]  # the direct one where we saw it, the circuit as named
+    peer.close()

@@ -67,6 +67,8 @@ async def echo_handler(stream) -> None:  # type: ignore[no-untyped-def]
 
 
 class Peer:
+    nursery: trio.Nursery  # the peer's background services (a relay)
+
     def __init__(self) -> None:
         key_pair = create_new_key_pair()
         noise = NoiseTransport(key_pair, noise_privkey=create_x25519().private_key)
@@ -91,6 +93,24 @@ class Peer:
         if got != data:
             raise AssertionError(f"echo mismatch: sent {len(data)} got {len(got)}")
         return time.perf_counter() - start
+
+    async def circuit(self, allow_hop: bool, limits: object) -> None:
+        """Run py-libp2p's circuit relay v2 service (/stop always, /hop with
+        ``allow_hop``) in the background until the peer exits."""
+        from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+        from libp2p.tools.anyio_service import background_trio_service
+
+        service = CircuitV2Protocol(self.host, limits=limits, allow_hop=allow_hop)  # type: ignore[arg-type]
+        started = trio.Event()
+
+        async def serve() -> None:
+            async with background_trio_service(service):
+                await service.event_started.wait()
+                started.set()
+                await trio.sleep_forever()
+
+        self.nursery.start_soon(serve)
+        await started.wait()
 
     async def run_command(self, cmd: dict) -> dict:
         name = cmd["cmd"]
@@ -131,6 +151,27 @@ class Peer:
             return {"connected": bool(self.host.get_network().get_connections(peer))}
         if name == "connected":
             return {"connected": bool(self.host.get_network().get_connections(peer))}
+        if name == "relay":  # serve circuit relay v2 (/hop) with the given limits, until the peer exits
+            from libp2p.relay.circuit_v2.resources import RelayLimits
+
+            limits = RelayLimits(duration=cmd.get("duration", 120), data=cmd.get("data", 1 << 20),
+                                 max_circuit_conns=8, max_reservations=8)
+            await self.circuit(allow_hop=True, limits=limits)
+            return {}
+        if name == "reserve":  # reserve on the relay at addr (accepting its STOPs); the relay's answer
+            from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+            from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID
+            from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+            await self.circuit(allow_hop=False, limits=None)
+            info = info_from_p2p_addr(multiaddr.Multiaddr(cmd["addr"]))
+            await self.host.connect(info)
+            stream = await self.host.new_stream(info.peer_id, [PROTOCOL_ID])
+            await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
+            answer = await read_delimited_msg(stream, HopMessage)
+            await stream.close()
+            return {"status": answer.status, "expire": answer.reservation.expire,
+                    "addrs": [str(multiaddr.Multiaddr(a)) for a in answer.reservation.addrs]}
         if name == "close":
             await self.host.disconnect(peer)
             return {}
@@ -138,12 +179,13 @@ class Peer:
 
     async def main(self) -> None:
         listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
-        async with self.host.run(listen_addrs=listen):
+        async with self.host.run(listen_addrs=listen), trio.open_nursery() as self.nursery:
             addrs = [str(a) for a in self.host.get_addrs()]
             print(json.dumps({"ok": True, "peer_id": self.host.get_id().to_base58(), "addrs": addrs}), flush=True)
             while True:
                 line = await trio.to_thread.run_sync(sys.stdin.readline)
                 if not line or line.strip() == '{"cmd": "quit"}':
+                    self.nursery.cancel_scope.cancel()
                     return
                 cmd = json.loads(line)
                 try:

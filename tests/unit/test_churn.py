@@ -55,3 +55,32 @@ def test_a_later_event_never_fires_before_an_earlier_one() -> None:
     schedule = ChurnSchedule([first, second])
     assert schedule.due({0: 10, 1: 10}, 0.0) == []
     assert schedule.due({0: 20, 1: 20}, 0.0) == [first, second]
+
+
+def test_a_schedule_seen_late_keeps_its_spacing() -> None:
+    """Rounds first seen at 30 (a loaded box): the crash due at 4 fires, and
+    the heal due 6 rounds after the partition still waits 6 rounds."""
+    crash, partition, end = heal(4), heal(14), heal(20)
+    schedule = ChurnSchedule([crash, partition, end])
+    assert schedule.due({0: 30, 1: 30}, 0.0) == [crash]  # not all three at once
+    assert schedule.lag == 26 and schedule.trigger(partition) == 40
+    assert schedule.due({0: 39, 1: 39}, 0.0) == []
+    assert schedule.due({0: 40, 1: 41}, 0.0) == [partition]
+    assert schedule.due({0: 45, 1: 45}, 0.0) == []
+    assert schedule.due({0: 46, 1: 46}, 0.0) == [end] and schedule.lag == 26
+
+
+def test_a_late_schedule_never_moves_an_event_past_the_last_round() -> None:
+    """The nodes stop at the last round: an event due after it would never fire."""
+    crash, stop = heal(4), heal(30)
+    schedule = ChurnSchedule([crash, stop], last_round=40)
+    assert schedule.due({0: 30, 1: 30}, 0.0) == [crash] and schedule.lag == 26
+    assert schedule.trigger(stop) == 39
+    assert schedule.due({0: 39, 1: 39}, 0.0) == [stop]
+
+
+def test_an_event_a_round_or_two_late_is_on_time() -> None:
+    first, second = heal(4), heal(6)
+    schedule = ChurnSchedule([first, second])
+    assert schedule.due({0: 6, 1: 6}, 0.0) == [first, second]  # 2 rounds late: within the slack
+    assert schedule.lag == 0

@@ -81,6 +81,9 @@ def test_constraint_table_names_only_real_fields():
         ("[learning]\nnode_index = -1\n", 2, "learning.node_index", "must be >= 0"),
         ("[learning]\nmode = 'gossip'\n[privacy]\nenabled = true\n", 4, "privacy.enabled", "dsgd"),
         ("[transport]\nping_interval_s = 90.0\n", 2, "transport.ping_interval_s", "idle_timeout_s"),
+        ("[relay]\nunlimited_peers = ['12D3KooWnope']\n", 2, "relay.unlimited_peers", "not an Ed25519 peer id"),
+        ("[relay]\ncircuit_duration_s = 0\n", 2, "relay.circuit_duration_s", "must be in [1"),
+        ("[relay]\nservice = 'yes'\n", 2, "relay.service", "true or false"),
     ],
 )
 def test_bad_config_is_one_line_with_file_line_and_key(tmp_path, text, line, key, fragment):
@@ -287,3 +290,20 @@ def test_top_k_without_privacy_is_fine_but_not_in_gossip_mode() -> None:
     assert load_config(None, {"compression.sparsifier": "topk"}).compression.compresses
     with pytest.raises(ConfigError, match="compression.sparsifier"):
         load_config(None, {"compression.sparsifier": "topk", "learning.mode": "gossip"})
+
+
+def test_relay_section_becomes_the_relay_config(tmp_path):
+    peer = Identity.generate().peer_id
+    path = write(tmp_path, f"[relay]\nservice = true\ncircuit_data_bytes = 4096\nunlimited_peers = ['{peer}']\n")
+    cfg = load_config(path)
+    assert cfg.relay.service is True
+    relay = cfg.relay.relay_config()
+    assert relay.circuit_data_bytes == 4096 and relay.unlimited_peers == frozenset({peer})
+    assert relay.circuit_duration_s == 120  # go-libp2p's default for strangers
+
+
+def test_relay_section_defaults_match_the_relay_config():
+    from murmur.protocol.libp2p.relay import RelayConfig
+
+    assert NodeConfig().relay.relay_config() == RelayConfig()
+    assert NodeConfig().relay.service is False

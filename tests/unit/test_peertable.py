@@ -13,7 +13,7 @@ import pytest
 
 from murmur.errors import DecodeError, LimitExceeded, StateError
 from murmur.protocol.identity import Identity, PeerId
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, CircuitAddr, Multiaddr
 from murmur.protocol.peertable import FILE_VERSION, PeerTable, PeerTableConfig, parse_peer_entry
 
 
@@ -151,7 +151,7 @@ def test_corrupt_file_is_reported_moved_aside_and_table_starts_empty(tmp_path: P
 _WRITER = """
 import sys
 from murmur.protocol.identity import Identity
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, CircuitAddr, Multiaddr
 from murmur.protocol.peertable import PeerTable, PeerTableConfig
 table = PeerTable(PeerTableConfig(max_new_per_subnet=1024))  # one /24 for all
 n = 0
@@ -350,3 +350,38 @@ def test_identify_is_kept_bounded_in_memory_and_not_on_disk(tmp_path: Path):
     assert "agent" not in path.read_text()
     again = PeerTable(PeerTableConfig())
     assert again.load(path) is None and again.get(pid(1)).agent == ""  # type: ignore[union-attr]
+
+
+def test_peer_entries_carry_relay_circuits_bounded_and_validated():
+    """A private peer is reached only through its relays: its entry may name
+    /p2p-circuit addresses (kept without its own id, as every address), at most
+    MAX_CIRCUIT_ADDRS of them, each through a named relay on an IP address."""
+    peer, relay = pid(1), pid(2)
+    circuit = f"/ip4/198.18.0.1/tcp/4001/p2p/{relay}/p2p-circuit"
+    got_peer, addrs = parse_peer_entry(peer.raw, ["/ip4/10.0.0.1/tcp/4001", f"{circuit}/p2p/{peer}"], 4)
+    assert got_peer == peer
+    assert addrs == (Multiaddr("10.0.0.1", 4001), CircuitAddr(Multiaddr("198.18.0.1", 4001, relay)))
+    assert str(addrs[1]) == circuit and addrs[1].is_circuit and not addrs[0].is_circuit
+    too_many = [f"/ip4/198.18.0.{i}/tcp/4001/p2p/{pid(10 + i)}/p2p-circuit" for i in range(MAX_CIRCUIT_ADDRS + 1)]
+    with pytest.raises(LimitExceeded):
+        parse_peer_entry(peer.raw, too_many, 8)
+    for garbage in (
+        "/ip4/198.18.0.1/tcp/4001/p2p-circuit",  # no relay id
+        f"/dns4/relay.example/tcp/4001/p2p/{relay}/p2p-circuit",  # a name we would resolve for a stranger
+        f"{circuit}/p2p/{pid(3)}",  # a circuit to someone else
+        f"/ip4/198.18.0.1/tcp/4001/p2p/{peer}/p2p-circuit",  # through the peer itself
+        f"{circuit}/p2p-circuit",
+        f"/ip4/198.18.0.1/tcp/0/p2p/{relay}/p2p-circuit",  # port 0
+    ):
+        with pytest.raises(DecodeError):
+            parse_peer_entry(peer.raw, [garbage], 4)
+
+
+def test_a_saved_table_keeps_relay_circuits(tmp_path: Path):
+    table, relay = PeerTable(), pid(2)
+    circuit = CircuitAddr(Multiaddr("198.18.0.1", 4001, relay))
+    table.add(pid(1), [circuit])
+    table.save(tmp_path / "peers.json")
+    again = PeerTable()
+    assert again.load(tmp_path / "peers.json") is None
+    assert again.get(pid(1)).addrs == [circuit]  # type: ignore[union-attr]

@@ -361,6 +361,7 @@ class Libp2pConnection:
         self.fault: PeerFault | None = None  # what closed it, if a fault did
         self.closed = False
         self.useful_at: float | None = None  # last mark_useful (monotonic seconds)
+        self.relay: PeerId | None = None  # the circuit relay this connection runs through (None: direct)
         self.bytes_sent = 0  # stream payload bytes
         self.bytes_received = 0
         self.tasks = TaskManager(f"{self.name} {peer_id.short()}")
@@ -668,20 +669,28 @@ class Libp2pConnection:
 
     # --- muxer-specific hooks ------------------------------------------------------------
 
+    # Each muxer's connection sets these: its stream class and its sans-IO
+    # session (murmux.MuxSession, yamux.YamuxSession: the same stream-table calls).
+    _stream_class: type[MuxStream | YamuxStream]
+    _session: murmux.MuxSession | yamux.YamuxSession
+
     def _new_outbound_stream(self) -> Stream:
-        raise NotImplementedError
+        stream_id = self._session.open_stream()
+        stream = self._streams[stream_id] = self._stream_class(self, stream_id, outbound=True)
+        self._flush()
+        return stream
 
     def _make_stream(self, stream_id: int, outbound: bool) -> Stream:
-        raise NotImplementedError
+        return self._stream_class(self, stream_id, outbound)
 
     def _is_live(self, stream_id: int) -> bool:
-        raise NotImplementedError
+        return self._session.is_live(stream_id)
 
     def _live_streams(self) -> int:
-        raise NotImplementedError
+        return self._session.streams
 
     def _at_clean_eof(self, stream_id: int) -> bool:
-        raise NotImplementedError
+        return self._session.is_live(stream_id) and self._session.at_eof(stream_id)
 
     def _accepted(self, stream_id: int) -> None:
         """An inbound stream's protocol was agreed."""
@@ -735,6 +744,7 @@ class FastConnection(Libp2pConnection):
 
     security = "/murmur/noise-fast/1.0.0"
     muxer = murmux.PROTOCOL_ID
+    _stream_class = MuxStream
 
     def __init__(self, host: Libp2pHost, wire: _WireLike, outbound: bool, conn_no: int, budget: PeerBudget,
                  peer_id: PeerId, remote: tuple[str, int], local: tuple[str, int], encoder: FrameEncoder,
@@ -796,24 +806,6 @@ class FastConnection(Libp2pConnection):
             self._write(self._encoder.encode(FrameType.CLOSE, 0))
 
     # --- streams ----------------------------------------------------------------------
-
-    def _new_outbound_stream(self) -> Stream:
-        stream_id = self._session.open_stream()
-        stream = self._streams[stream_id] = MuxStream(self, stream_id, outbound=True)
-        self._flush()
-        return stream
-
-    def _make_stream(self, stream_id: int, outbound: bool) -> Stream:
-        return MuxStream(self, stream_id, outbound)
-
-    def _is_live(self, stream_id: int) -> bool:
-        return self._session.is_live(stream_id)
-
-    def _live_streams(self) -> int:
-        return self._session.streams
-
-    def _at_clean_eof(self, stream_id: int) -> bool:
-        return self._session.is_live(stream_id) and self._session.at_eof(stream_id)
 
     def _read_stream(self, stream_id: int) -> bytes | None:
         payload = self._session.read(stream_id)
@@ -953,6 +945,7 @@ class YamuxConnection(Libp2pConnection):
 
     security = "/noise"
     muxer = yamux.PROTOCOL_ID
+    _stream_class = YamuxStream
 
     def __init__(self, host: Libp2pHost, wire: _WireLike, outbound: bool, conn_no: int, budget: PeerBudget,
                  peer_id: PeerId, remote: tuple[str, int], local: tuple[str, int], channel: NoiseChannel) -> None:
@@ -1022,24 +1015,6 @@ class YamuxConnection(Libp2pConnection):
         self._tr.close()  # flushes the GoAway; the peer sees it, then EOF
 
     # --- streams ----------------------------------------------------------------------
-
-    def _new_outbound_stream(self) -> Stream:
-        stream_id = self._session.open_stream()
-        stream = self._streams[stream_id] = YamuxStream(self, stream_id, outbound=True)
-        self._flush()
-        return stream
-
-    def _make_stream(self, stream_id: int, outbound: bool) -> Stream:
-        return YamuxStream(self, stream_id, outbound)
-
-    def _is_live(self, stream_id: int) -> bool:
-        return self._session.is_live(stream_id)
-
-    def _live_streams(self) -> int:
-        return self._session.streams
-
-    def _at_clean_eof(self, stream_id: int) -> bool:
-        return self._session.is_live(stream_id) and self._session.at_eof(stream_id)
 
     def _accepted(self, stream_id: int) -> None:
         if self._session.is_live(stream_id):

@@ -32,23 +32,28 @@ and negotiation timeouts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import inspect
 import itertools
 import logging
 import os
+import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from murmur import __version__
 from murmur.errors import ConnectionClosed, DecodeError, PeerFault, TimeoutFault
 from murmur.protocol import identify as idp
 from murmur.protocol.admission import choose_victim
+from murmur.protocol.cooloff import Cooloff
 from murmur.protocol.budget import BytePool
 from murmur.protocol.framing import PlaintextScratch
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.libp2p.connection import Handler, Libp2pConnection, Stream
+from murmur.protocol.libp2p.stream_transport import StreamTransport
 from murmur.protocol.libp2p.wire import Wire
 from murmur.protocol.multiaddr import AnyMultiaddr, Multiaddr, Proto
 from murmur.protocol.subnets import SubnetKey, subnet_of
@@ -64,6 +69,7 @@ MAX_OBSERVED_ADDRS = 32  # distinct addresses peers said they saw us at, tallied
 
 OnConnection = Callable[[Libp2pConnection], Awaitable[None] | None]
 OnFault = Callable[[PeerId | None, PeerFault], None]
+MakeSocket = Callable[[int], socket.socket]  # address family -> a new TCP socket
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,12 @@ class Libp2pHost:
         on_connection: OnConnection | None = None,
         on_fault: OnFault | None = None,
         on_identified: Callable[[Libp2pConnection], None] | None = None,
+        make_socket: MakeSocket | None = None,
     ) -> None:
         self.identity = identity
+        # Where sockets come from: the default namespace, unless the caller
+        # makes them elsewhere (a host of the emulated internet, murmur/testnet/internet.py).
+        self._make_socket = make_socket
         self.peer_id = identity.peer_id
         self.config = config
         limits = config.limits
@@ -108,12 +118,15 @@ class Libp2pHost:
         self._ping_streams: Counter[Libp2pConnection] = Counter()
         self._closing = False
         self.listen_addrs: list[Multiaddr] = []  # what identify tells peers (the node sets what it advertises)
+        # and after them, where our relay reservations reach us now (read at each identify)
+        self.circuit_addrs: Callable[[], Sequence[AnyMultiaddr]] = tuple
         # How peers saw us, by how many said so: a bare tally for the host's
         # users; the node's reachability votes go through ReachabilityTracker,
         # which limits Sybils. Bounded, since any peer can claim any address.
         self.observed_addrs: Counter[AnyMultiaddr] = Counter()
         self.faults: Counter[str] = Counter()
         self.evictions: Counter[str] = Counter()  # inbound connections evicted, by reason
+        self.cooloff = Cooloff()  # addresses refused at accept for a while after repeated fault drops
         self._warnings = RateLimitedLog("transport warnings", log, LogBudget(
             per_key=limits.warnings_per_subnet, total=limits.warnings_per_interval,
             window_s=limits.warning_interval_s))
@@ -157,8 +170,17 @@ class Libp2pHost:
     async def listen(self, host: str, port: int) -> list[Multiaddr]:
         """Start accepting on ``host:port`` (0 = any free port); returns the bound addresses."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: Wire(self, False, next(self._numbers)), host, port,
-                                          reuse_address=True)
+
+        def factory() -> Wire:
+            return Wire(self, False, next(self._numbers))
+
+        if self._make_socket is None:
+            server = await loop.create_server(factory, host, port, reuse_address=True)
+        else:
+            sock = self._make_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            server = await loop.create_server(factory, sock=sock)
         self._servers.append(server)
         if "warning-summaries" not in self._tasks:  # a flood that stopped is summarised too
             interval = self.config.limits.warning_interval_s
@@ -175,15 +197,40 @@ class Libp2pHost:
         :class:`~murmur.errors.ConnectionClosed`."""
         if self._closing:
             raise ConnectionClosed("host is closed")
-        loop = asyncio.get_running_loop()
         limits = self.config.limits
+        factory = functools.partial(Wire, self, True, next(self._numbers), addr.peer_id)
         try:
-            _, wire = await asyncio.wait_for(
-                loop.create_connection(lambda: Wire(self, True, next(self._numbers), addr.peer_id),
-                                       addr.host, addr.port),
-                limits.connect_timeout_s)
+            _, wire = await asyncio.wait_for(self._connect(factory, addr), limits.connect_timeout_s)
         except TimeoutError:
             raise TimeoutFault(f"connect to {addr} timed out after {limits.connect_timeout_s}s") from None
+        return await asyncio.shield(wire.ready)  # the wire's own timer bounds the upgrade
+
+    async def _connect(self, factory: Callable[[], Wire], addr: Multiaddr) -> tuple[asyncio.BaseTransport, Wire]:
+        loop = asyncio.get_running_loop()
+        if self._make_socket is None:
+            return await loop.create_connection(factory, addr.host, addr.port)
+        sock = self._make_socket(socket.AF_INET6 if addr.family == "ip6" else socket.AF_INET)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (addr.host, addr.port))
+        except BaseException:
+            sock.close()
+            raise
+        return await loop.create_connection(factory, sock=sock)
+
+    async def upgrade_stream(self, stream: Stream, outbound: bool, expected: PeerId | None = None) -> Libp2pConnection:
+        """Upgrade a relayed stream (circuit relay v2, after its CONNECT) into a
+        connection, exactly as a TCP connection is upgraded: the same :class:`Wire`
+        runs over a :class:`StreamTransport`, so security, muxer, admission (an
+        inbound one counts under the relay's address), budgets and timeouts are
+        the TCP path's. ``conn.relay`` names the relay. Raises what :meth:`dial` does."""
+        if self._closing:
+            raise ConnectionClosed("host is closed")
+        wire = Wire(self, outbound, next(self._numbers), expected)
+        wire.relay = stream.peer_id
+        transport = StreamTransport(stream, wire, self._tasks, f"relayed-{wire.conn_no}",
+                                    peername=stream.conn.remote, sockname=stream.conn.local)
+        transport.start()
         return await asyncio.shield(wire.ready)  # the wire's own timer bounds the upgrade
 
     async def close(self) -> None:
@@ -246,6 +293,8 @@ class Libp2pHost:
             try:
                 subnet = subnet_of(wire.remote[0])
             except ValueError:  # not an IP peer (cannot happen on a TCP listener); nothing to count it under
+                return False
+            if self.cooloff.cooling(wire.remote[0]):  # refused before any crypto; counted, not logged
                 return False
             reason = None
             if self._inbound_by_subnet[subnet] >= limits.max_inbound_per_subnet:
@@ -368,10 +417,12 @@ class Libp2pHost:
     def identify_for(self, conn: Libp2pConnection) -> idp.IdentifyInfo:
         """What we tell ``conn``'s peer: our protocols, listen addresses, and its address as we see it."""
         host, port = conn.remote
-        observed = AnyMultiaddr.of((Proto.IP6 if ":" in host else Proto.IP4, host), (Proto.TCP, port))
+        # Over a circuit the remote address is the relay's, not the peer's: nothing to tell it.
+        observed = (None if conn.relay is not None
+                    else AnyMultiaddr.of((Proto.IP6 if ":" in host else Proto.IP4, host), (Proto.TCP, port)))
         return idp.make_identify(
             self.peer_id.public_key_bytes, self.protocols(),
-            [a.without_peer().to_any() for a in self.listen_addrs], observed,
+            [*(a.without_peer().to_any() for a in self.listen_addrs), *self.circuit_addrs()], observed,
             self.config.agent_version, self.config.protocol_version,
         )
 
@@ -408,6 +459,9 @@ class Libp2pHost:
         self._learn(conn, info)
 
     def _learn(self, conn: Libp2pConnection, info: idp.IdentifyInfo) -> None:
+        if conn.relay is not None and info.observed_addr is not None:
+            # A peer behind a circuit saw the relay, not us: its claim is no vote on our address.
+            info = dataclasses.replace(info, observed_addr=None)
         conn.identify = info if conn.identify is None else conn.identify.merged(info)
         observed = info.observed_addr
         if observed is not None and (observed in self.observed_addrs or len(self.observed_addrs) < MAX_OBSERVED_ADDRS):

@@ -101,6 +101,7 @@ class Wire(asyncio.BufferedProtocol):
         self.phase = Phase.SECURITY
         self.security: str | None = None
         self.peer_id: PeerId | None = None  # proved by the handshake
+        self.relay: PeerId | None = None  # set when this runs over a relayed stream (host.upgrade_stream)
         self.conn: Libp2pConnection | None = None
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[Libp2pConnection] = loop.create_future()
@@ -454,6 +455,7 @@ class Wire(asyncio.BufferedProtocol):
             assert self._channel is not None
             conn = YamuxConnection(self.host, self, self.outbound, self.conn_no, self._budget, self.peer_id,
                                    self.remote, self.local, self._channel)
+        conn.relay = self.relay
         self.conn = conn
         self.host._connection_up(self, conn)  # before any of its streams is served
         if not self.ready.done():

@@ -83,7 +83,8 @@ def event_rows(events: Sequence[PlacedEvent]) -> list[list[str]]:
 def node_rows(nodes: Mapping[str, Mapping[str, Any]], metric: str, csv_dir: str) -> list[list[str]]:
     out = []
     for name, n in nodes.items():
-        out.append([_esc(name), _esc(n["role"]), "yes" if n["alive"] else "no", _esc(fmt_number(n["round"])),
+        shown = f"{name} @ {n['host']}" if n.get("host") else name  # cluster runs: where it ran
+        out.append([_esc(shown), _esc(n["role"]), "yes" if n["alive"] else "no", _esc(fmt_number(n["round"])),
                     _esc(fmt_number(n.get(metric))), _esc(fmt_number(n.get("epsilon"), 2)),
                     _esc(fmt_bytes(n.get("bytes_sent"))), _esc(fmt_bytes(n.get("bytes_received"))),
                     _esc(fmt_seconds(n.get("mean_round_s"))), _esc(fmt_number(n.get("restarts"))),

@@ -10,21 +10,32 @@ import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
 import { identify } from '@libp2p/identify'
 import { ping } from '@libp2p/ping'
+import { circuitRelayServer, circuitRelayTransport } from '@libp2p/circuit-relay-v2'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
 
 const ECHO = '/murmur-interop/echo/1.0.0'
 const STREAM_LIMITS = { maxInboundStreams: 256, maxOutboundStreams: 256 }
+// `node peer.mjs --circuit <relay multiaddr>`: reserve on that relay and listen through it
+const circuitAt = process.argv.indexOf('--circuit')
+const CIRCUIT = circuitAt >= 0 ? process.argv[circuitAt + 1] : null
 
 const node = await createLibp2p({
-  addresses: { listen: ['/ip4/127.0.0.1/tcp/0'] },
+  addresses: { listen: ['/ip4/127.0.0.1/tcp/0', ...(CIRCUIT ? [`${CIRCUIT}/p2p-circuit`] : [])] },
   // The tests dial this peer from 127.0.0.1 many times a second; js-libp2p
   // refuses (resets) more than 5 inbound connections a second per host by default.
   connectionManager: { inboundConnectionThreshold: 1000 },
-  transports: [tcp()],
+  transports: [tcp(), ...(CIRCUIT ? [circuitRelayTransport()] : [])],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
-  services: { identify: identify(), ping: ping() }
+  services: {
+    identify: identify(),
+    ping: ping(),
+    // `node peer.mjs --relay`: also a circuit relay v2 server (the relay interop test)
+    ...(process.argv.includes('--relay')
+      ? { relay: circuitRelayServer({ reservations: { maxReservations: 16, defaultDataLimit: BigInt(4 << 20) } }) }
+      : {})
+  }
 })
 
 async function send (stream, data) {
@@ -44,7 +55,7 @@ await node.handle(ECHO, async (stream) => {
   } catch (err) {
     stream.abort(err)
   }
-}, STREAM_LIMITS)
+}, { ...STREAM_LIMITS, runOnLimitedConnection: true })  // a relay's limited circuit too
 
 function conn (peer) {
   const conns = node.getConnections(peerIdFromString(peer))

@@ -1,0 +1,421 @@
+"""Circuit relay v2 on the libp2p host: the relay service (``/hop``) and its client (``/stop``, dial).
+
+A private peer *reserves* a slot on a relay (RESERVE on ``/hop``); another
+peer asks the relay to CONNECT it to that peer; the relay opens ``/stop`` on
+the reserved peer's connection, and once both said OK it copies bytes between
+the two streams. Each end then upgrades its stream like a TCP connection
+(:meth:`Libp2pHost.upgrade_stream`): the relay sees only ciphertext.
+
+What a stranger can make the relay hold is bounded by :class:`RelayConfig`
+(defaults as go-libp2p's for strangers): reservations in all, per peer (one,
+refreshed in place) and per IP address; circuits in all and per peer; and each
+circuit's duration and bytes (per direction; past either the circuit is
+reset). The copy holds at most one read (``READ_BYTES``) per direction, and
+what waits unread stays in the stream windows charged to each connection's
+:class:`~murmur.protocol.budget.PeerBudget`. Peers in ``unlimited_peers`` (a
+murmur network's own members, the operator's choice) get circuits without
+duration or byte limits when both ends are such peers. A circuit one end
+stops reading from is cut after ``stall_timeout_s``: on murmur's fast path one
+receive budget serves all streams of a connection, and the other end's whole
+connection to the relay would stall with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from murmur.errors import ConnectionClosed, DecodeError, MurmurError, PeerFault
+from murmur.protocol import circuit
+from murmur.protocol.circuit import HopMessage, HopType, Limit, PeerInfo, Reservation, Status, StopMessage, StopType
+from murmur.protocol.identity import PeerId
+from murmur.protocol.libp2p.connection import Libp2pConnection, Stream
+from murmur.protocol.libp2p.host import Libp2pHost
+from murmur.protocol.multiaddr import AnyMultiaddr, Component, DialAddr, Multiaddr, Proto
+from murmur.tasks import TaskManager
+
+log = logging.getLogger(__name__)
+
+READ_BYTES = 16 * 1024  # one read per direction of a circuit is all the relay holds itself
+MIN_REFRESH_S = 0.5  # a client refreshes a reservation no more often than this
+
+
+class RelayRefused(MurmurError):
+    """The relay (or the peer behind it) answered with a status other than OK."""
+
+    def __init__(self, status: Status, what: str) -> None:
+        super().__init__(f"{what} refused: {status.name}")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """The relay service's bounds; defaults are go-libp2p's ``DefaultResources``."""
+
+    reservation_ttl_s: int = 3600
+    max_reservations: int = 128
+    max_reservations_per_ip: int = 8
+    max_circuits: int = 256  # live circuits in all
+    max_circuits_per_peer: int = 16  # live circuits per peer, as source or destination
+    circuit_duration_s: int = 120  # per circuit, for strangers
+    circuit_data_bytes: int = 128 * 1024  # per circuit and direction, for strangers
+    message_timeout_s: float = 10.0  # reading one hop/stop message, the STOP round trip
+    # One end took nothing for this long: cut the circuit. On the fast path a
+    # connection has one receive budget for all its streams, so the other end's
+    # connection to the relay would otherwise stall with the circuit (unlimited ones too).
+    stall_timeout_s: float = 10.0
+    unlimited_peers: frozenset[PeerId] = field(default_factory=frozenset)
+
+    def limit_for(self, src: PeerId, dst: PeerId) -> Limit | None:
+        if src in self.unlimited_peers and dst in self.unlimited_peers:
+            return None
+        return Limit(self.circuit_duration_s, self.circuit_data_bytes)
+
+
+async def read_message(stream: Stream, timeout_s: float) -> bytes:
+    """One uvarint-length-prefixed circuit message's body (at most ``MAX_MESSAGE`` bytes)."""
+    async with asyncio.timeout(timeout_s):
+        prefix = bytearray()
+        while (got := circuit.message_length(prefix)) is None:
+            byte = await stream.read(1)
+            if not byte:
+                raise DecodeError("circuit stream ended before its message")
+            prefix += byte
+        try:
+            return await stream.readexactly(got[0])
+        except asyncio.IncompleteReadError:
+            raise DecodeError("circuit stream ended inside its message") from None
+
+
+@dataclass
+class _Reservation:
+    conn: Libp2pConnection
+    ip: str
+    expires_at: float  # time.time()
+
+
+def stat_names() -> list[str]:
+    """Every counter a :class:`RelayService` may count (for exporters that list them up front)."""
+    refused = [f"refused_{s.name.lower()}" for s in Status if s is not Status.OK]
+    return ["reservations_total", "circuits_total", "bytes_relayed", *refused,
+            "cut_data", "cut_duration", "cut_stalled"]
+
+
+class RelayService:
+    """Serves ``/hop`` on ``host``: RESERVE and CONNECT, within :class:`RelayConfig`."""
+
+    def __init__(self, host: Libp2pHost, config: RelayConfig = RelayConfig()) -> None:
+        self.host = host
+        self.config = config
+        self._reservations: dict[PeerId, _Reservation] = {}
+        self._circuits_by_peer: Counter[PeerId] = Counter()
+        self.circuits = 0  # live now
+        # reservations_total, circuits_total, bytes_relayed, refused_<status>, cut_{data,duration,stalled}
+        self.stats: Counter[str] = Counter()
+        host.set_handler(circuit.HOP, self._serve_hop)
+
+    @property
+    def reservations(self) -> dict[PeerId, float]:
+        """Live reservations: peer -> expiry (Unix seconds)."""
+        self._prune(time.time())
+        return {peer: r.expires_at for peer, r in self._reservations.items()}
+
+    async def _reply(self, stream: Stream, status: Status, **fields: object) -> None:
+        if status is not Status.OK:
+            self.stats[f"refused_{status.name.lower()}"] += 1
+        await stream.write(HopMessage(HopType.STATUS, status=status, **fields).encode())  # type: ignore[arg-type]
+
+    async def _serve_hop(self, stream: Stream) -> None:
+        try:
+            await self._hop(stream)
+        except (ConnectionClosed, OSError):  # the client went away mid-answer: nothing to serve
+            stream.reset()
+
+    async def _hop(self, stream: Stream) -> None:
+        try:
+            msg = circuit.decode_hop(await read_message(stream, self.config.message_timeout_s))
+        except DecodeError as exc:
+            await self._reply(stream, Status.MALFORMED_MESSAGE)
+            await stream.close_write()
+            self.host._report(stream.conn, exc)
+            return
+        except (TimeoutError, ConnectionClosed):
+            stream.reset()
+            return
+        if msg.type is HopType.RESERVE:
+            await self._reserve(stream)
+        elif msg.type is HopType.CONNECT:
+            await self._connect(stream, msg)
+        else:
+            await self._reply(stream, Status.UNEXPECTED_MESSAGE)
+        await stream.close_write()
+
+    # --- RESERVE ------------------------------------------------------------------------
+
+    def _prune(self, now: float) -> None:
+        for peer in [p for p, r in self._reservations.items() if r.expires_at <= now or r.conn.closed]:
+            del self._reservations[peer]
+
+    async def _reserve(self, stream: Stream) -> None:
+        conn, cfg, now = stream.conn, self.config, time.time()
+        if conn.relay is not None:  # a reservation must rest on a direct connection (spec)
+            await self._reply(stream, Status.PERMISSION_DENIED)
+            return
+        self._prune(now)
+        peer, ip = conn.peer_id, conn.remote[0]
+        if peer not in self._reservations:  # a refresh replaces the peer's one reservation
+            if len(self._reservations) >= cfg.max_reservations:
+                await self._reply(stream, Status.RESERVATION_REFUSED)
+                return
+            if sum(1 for r in self._reservations.values() if r.ip == ip) >= cfg.max_reservations_per_ip:
+                await self._reply(stream, Status.RESERVATION_REFUSED)
+                return
+        expires = int(now) + cfg.reservation_ttl_s
+        self._reservations[peer] = _Reservation(conn, ip, float(expires))
+        self.stats["reservations_total"] += 1
+        addrs = tuple(a.with_peer(self.host.peer_id).to_any() for a in self.host.listen_addrs)
+        limit = Limit(cfg.circuit_duration_s, cfg.circuit_data_bytes)
+        await self._reply(stream, Status.OK, reservation=Reservation(expires, addrs), limit=limit)
+        log.info("relay reservation", extra={"event": "relay_reserved", "peer": str(peer), "ip": ip,
+                                             "expires": expires})
+
+    # --- CONNECT ------------------------------------------------------------------------
+
+    async def _connect(self, stream: Stream, msg: HopMessage) -> None:
+        cfg, src = self.config, stream.conn.peer_id
+        if msg.peer is None:
+            await self._reply(stream, Status.MALFORMED_MESSAGE)
+            return
+        dst = msg.peer.peer_id
+        if stream.conn.relay is not None:  # no circuits over circuits
+            await self._reply(stream, Status.PERMISSION_DENIED)
+            return
+        self._prune(time.time())
+        reservation = self._reservations.get(dst)
+        if reservation is None or dst == src:
+            await self._reply(stream, Status.NO_RESERVATION)
+            return
+        if (self.circuits >= cfg.max_circuits or self._circuits_by_peer[src] >= cfg.max_circuits_per_peer
+                or self._circuits_by_peer[dst] >= cfg.max_circuits_per_peer):
+            await self._reply(stream, Status.RESOURCE_LIMIT_EXCEEDED)
+            return
+        limit = cfg.limit_for(src, dst)
+        self.circuits += 1
+        self._circuits_by_peer[src] += 1
+        self._circuits_by_peer[dst] += 1
+        stop: Stream | None = None
+        try:
+            try:
+                async with asyncio.timeout(cfg.message_timeout_s):
+                    stop = await reservation.conn.open_stream(circuit.STOP)
+                    await stop.write(StopMessage(StopType.CONNECT, peer=PeerInfo(src), limit=limit).encode())
+                    answer = circuit.decode_stop(await read_message(stop, cfg.message_timeout_s))
+            except (TimeoutError, ConnectionClosed, PeerFault, OSError) as exc:
+                if stop is not None:
+                    stop.reset()
+                log.info("relay stop failed", extra={"event": "relay_stop_failed", "dst": str(dst),
+                                                     "error": repr(exc)})
+                await self._reply(stream, Status.CONNECTION_FAILED)
+                return
+            if answer.type is not StopType.STATUS or answer.status is not Status.OK:
+                stop.reset()
+                await self._reply(stream, Status.CONNECTION_FAILED)
+                return
+            await self._reply(stream, Status.OK, limit=limit)
+            self.stats["circuits_total"] += 1
+            log.info("relay circuit", extra={"event": "relay_circuit", "src": str(src), "dst": str(dst)})
+            await self._bridge(stream, stop, limit)
+        finally:
+            self.circuits -= 1
+            for peer in (src, dst):
+                self._circuits_by_peer[peer] -= 1
+                if not self._circuits_by_peer[peer]:
+                    del self._circuits_by_peer[peer]
+
+    async def _bridge(self, a: Stream, b: Stream, limit: Limit | None) -> None:
+        """Copy both ways until both sides closed; reset both when a limit is reached or either resets."""
+        data_limit = limit.data_bytes if limit is not None else None
+        duration = limit.duration_s if limit is not None else None
+
+        async def pump(src: Stream, dst: Stream) -> None:
+            sent = 0
+            while True:
+                # At the limit one more byte is read: a FIN there ends the circuit cleanly, a byte cuts it.
+                want = READ_BYTES if data_limit is None else max(1, min(READ_BYTES, data_limit - sent))
+                data = await src.read(want)
+                if not data:
+                    await dst.close_write()
+                    return
+                if data_limit is not None and sent >= data_limit:
+                    self.stats["cut_data"] += 1
+                    raise _CircuitCut("data limit")
+                try:
+                    async with asyncio.timeout(self.config.stall_timeout_s):
+                        await dst.write(data)
+                except TimeoutError:
+                    self.stats["cut_stalled"] += 1
+                    raise _CircuitCut("stalled") from None
+                sent += len(data)
+                self.stats["bytes_relayed"] += len(data)
+
+        # Two tasks scoped to this handler (awaited or cancelled below, never left behind).
+        pumps = [asyncio.create_task(pump(a, b), name=f"relay {a.peer_id.short()}->{b.peer_id.short()}"),
+                 asyncio.create_task(pump(b, a), name=f"relay {b.peer_id.short()}->{a.peer_id.short()}")]
+        try:
+            async with asyncio.timeout(duration):
+                await asyncio.gather(*pumps)
+        except TimeoutError:
+            self.stats["cut_duration"] += 1
+            a.reset()
+            b.reset()
+        except (_CircuitCut, ConnectionClosed, PeerFault, OSError):
+            a.reset()
+            b.reset()
+        finally:
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+
+class _CircuitCut(Exception):
+    """A circuit reached its byte limit: both streams are reset."""
+
+
+class RelayClient:
+    """The client side: reserve on relays, accept their STOPs as inbound
+    connections, and dial peers through a relay. Installs the ``/stop`` handler."""
+
+    def __init__(self, host: Libp2pHost, timeout_s: float = 10.0) -> None:
+        self.host = host
+        self.timeout_s = timeout_s
+        self.reservations: dict[PeerId, Reservation] = {}  # relay -> our reservation on it
+        self._relays: dict[PeerId, Libp2pConnection] = {}  # the connection each reservation rests on
+        self.stats: Counter[str] = Counter()
+        self._tasks = TaskManager(f"relay client {host.peer_id.short()}")
+        host.set_handler(circuit.STOP, self._serve_stop)
+
+    def keep(self, relay: Libp2pConnection) -> None:
+        """Hold a reservation on ``relay``: reserve now and again each time half
+        of what is left of it has passed (a refused or failed refresh, or the
+        connection closing, ends it and its circuit addresses)."""
+        self._tasks.spawn(f"keep-{relay.peer_id.short()}", lambda: self._keep(relay), replace=True)
+
+    def keeping(self, relay: PeerId) -> bool:
+        """Whether a reservation on ``relay`` is being held (or being made) now."""
+        return f"keep-{relay.short()}" in self._tasks
+
+    async def _keep(self, relay: Libp2pConnection) -> None:
+        try:
+            while not relay.closed:
+                reservation = await self.reserve(relay)
+                wait_s = max(MIN_REFRESH_S, (reservation.expire - time.time()) / 2)
+                closed = asyncio.ensure_future(relay.wait_closed())
+                try:
+                    await asyncio.wait([closed], timeout=wait_s)
+                finally:
+                    closed.cancel()
+        except (RelayRefused, ConnectionClosed, PeerFault, TimeoutError, OSError) as exc:
+            log.info("relay reservation lost", extra={"event": "relay_reservation_lost",
+                                                      "relay": str(relay.peer_id), "error": repr(exc)})
+        self._forget(relay)
+
+    def _forget(self, relay: Libp2pConnection) -> None:
+        if self._relays.get(relay.peer_id) is relay:
+            del self._relays[relay.peer_id]
+            self.reservations.pop(relay.peer_id, None)
+
+    async def close(self) -> None:
+        """Stop keeping reservations (the host's connections are the host's to close)."""
+        await self._tasks.shutdown()
+
+    async def _hop(self, conn: Libp2pConnection, msg: HopMessage, what: str) -> tuple[Stream, HopMessage]:
+        stream = await conn.open_stream(circuit.HOP, timeout_s=self.timeout_s)
+        try:
+            await stream.write(msg.encode())
+            answer = circuit.decode_hop(await read_message(stream, self.timeout_s))
+        except BaseException:
+            stream.reset()
+            raise
+        if answer.type is not HopType.STATUS or answer.status is None:
+            stream.reset()
+            raise DecodeError(f"relay answered a {what} with {answer.type.name}, not a STATUS")
+        if answer.status is not Status.OK:
+            stream.reset()
+            raise RelayRefused(answer.status, what)
+        return stream, answer
+
+    async def reserve(self, relay: Libp2pConnection) -> Reservation:
+        """A reservation (or its refresh) on ``relay``; :class:`RelayRefused` if refused."""
+        stream, answer = await self._hop(relay, HopMessage(HopType.RESERVE), "reservation")
+        await stream.close_write()
+        stream.close_read()
+        if answer.reservation is None:
+            raise DecodeError("relay said OK to a reservation without one")
+        self.reservations[relay.peer_id] = answer.reservation
+        self._relays[relay.peer_id] = relay
+        self.stats["reservations"] += 1
+        return answer.reservation
+
+    async def dial(self, relay: Libp2pConnection, target: PeerId) -> Libp2pConnection:
+        """A connection to ``target`` through ``relay`` (``…/p2p/<relay>/p2p-circuit/p2p/<target>``),
+        upgraded and authenticated as ``target``."""
+        stream, _ = await self._hop(relay, HopMessage(HopType.CONNECT, peer=PeerInfo(target)), "circuit")
+        self.stats["dialled"] += 1
+        return await self.host.upgrade_stream(stream, outbound=True, expected=target)
+
+    async def dial_addr(self, addr: DialAddr) -> Libp2pConnection:
+        """Dial ``/ip4|ip6/…/tcp/…/p2p/<relay>/p2p-circuit/p2p/<target>``: through a live
+        direct connection to the relay if there is one, else over a new one to that address."""
+        relay, target = addr.relay, addr.peer_id
+        if relay is None or target is None:
+            raise ValueError(f"{addr} is not a circuit to a named peer (…/p2p/<relay>/p2p-circuit/p2p/<id>)")
+        if addr.dns:
+            raise ValueError(f"{addr}: resolve the relay's DNS name first (discovery.resolve)")
+        conn = next((c for c in self.host.connections if c.peer_id == relay and c.relay is None), None)
+        if conn is None:
+            conn = await self.host.dial(Multiaddr(addr.host, addr.port, relay))
+        return await self.dial(conn, target)
+
+    def circuit_addrs(self) -> list[AnyMultiaddr]:
+        """Where others reach us through our live reservations: each relay address
+        the reservation named, ``/p2p-circuit/p2p/<us>`` appended (what a private node advertises)."""
+        now, own = time.time(), Component(Proto.P2P, self.host.peer_id.raw)
+        out: list[AnyMultiaddr] = []
+        for relay, res in self.reservations.items():
+            conn = self._relays.get(relay)
+            if res.expire <= now or conn is None or conn.closed:
+                continue
+            for addr in res.addrs:
+                if addr.peer_id == relay and not addr.is_circuit:
+                    out.append(AnyMultiaddr(addr.components + (Component(Proto.P2P_CIRCUIT), own)))
+        return out
+
+    async def _serve_stop(self, stream: Stream) -> None:
+        try:
+            msg = circuit.decode_stop(await read_message(stream, self.timeout_s))
+        except DecodeError as exc:
+            await stream.write(StopMessage(StopType.STATUS, status=Status.MALFORMED_MESSAGE).encode())
+            await stream.close_write()
+            self.host._report(stream.conn, exc)
+            return
+        except (TimeoutError, ConnectionClosed):
+            stream.reset()
+            return
+        if msg.type is not StopType.CONNECT or msg.peer is None:
+            await stream.write(StopMessage(StopType.STATUS, status=Status.UNEXPECTED_MESSAGE).encode())
+            await stream.close_write()
+            return
+        if stream.peer_id not in self.reservations:  # only relays we asked may send us strangers
+            await stream.write(StopMessage(StopType.STATUS, status=Status.PERMISSION_DENIED).encode())
+            await stream.close_write()
+            return
+        await stream.write(StopMessage(StopType.STATUS, status=Status.OK).encode())
+        try:
+            conn = await self.host.upgrade_stream(stream, outbound=False, expected=msg.peer.peer_id)
+        except (PeerFault, ConnectionClosed, OSError):
+            return
+        self.stats["accepted"] += 1
+        await conn.wait_closed()  # the stream is the connection: this handler holds it open
