@@ -67,6 +67,7 @@ import torch
 from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine, PeerUpdate, Probed
 from murmur.learning.compression import Compressed, Compressor
 from murmur.learning.outer import OuterOptimizer
+from murmur.learning.sketch import model_sketch
 from murmur.learning.trainers.base import EvalStats, Trainer
 from murmur.learning.trainers.checked import checked
 
@@ -744,6 +745,16 @@ class RoundEngine:
         if reference is None or model.numel() != self.num_params:
             return None
         return model.to(reference.device, torch.float32) - reference
+
+    def relative_sketch(self, sketch: torch.Tensor, round: int) -> torch.Tensor | None:
+        """A gossiped record's sketch of a peer's public model as of its
+        message ``round``, as the sketch of the offset our aggregator scores
+        for that round (sketches are linear: ``sketch(model) -
+        sketch(reference)``). None as for :meth:`relative_to_reference`."""
+        reference = self._references.get(round)
+        if reference is None:
+            return None
+        return sketch.to(torch.float32) - model_sketch(reference)
 
     def _return_snapshots(self) -> None:
         """The closed round's contributions are gone: a replica whose model no

@@ -31,6 +31,7 @@ from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdi
 from murmur.learning.compression import Compressor
 from murmur.learning.outer import OuterConfig, OuterOptimizer
 from murmur.learning.rounds import Message, Perturber, RoundConfig, RoundEngine, TrainFrom
+from murmur.learning.sketch import model_sketch
 from murmur.learning.topology import Graph, random_regularish
 from murmur.learning.trainers.base import TrainerContext
 from murmur.learning.trainers.checked import checked
@@ -373,7 +374,8 @@ def deliver_record(
     receiver: RoundEngine, store: dict[str, _RecordPayload], sender: str, subject: str, payload: _RecordPayload,
     distance: int,
 ) -> RecordVerdict | None:
-    """Hand ``receiver`` a record as its node would after checking signatures."""
+    """Hand ``receiver`` a record as its node would after checking signatures
+    (a sketch of the subject's model, made from its offset here: sketches are linear)."""
     aggregator = receiver.aggregator
     if not isinstance(aggregator, SybilWallAggregator):
         return None
@@ -381,7 +383,7 @@ def deliver_record(
     if offset is None:
         return None
     verdict = aggregator.receive_record(
-        sender, HistoryRecordData(subject, payload.round, offset, payload.observer, distance))
+        sender, HistoryRecordData(subject, payload.round, model_sketch(offset), payload.observer, distance))
     if verdict is RecordVerdict.KEPT:
         store[subject] = payload
     known = set(aggregator.known_peers())

@@ -13,9 +13,10 @@ with real connections:
   neighbour lasts its deadline;
 * a node behind its neighbours (late join, restart) asks one of them for its
   model and adopts it (catch-up);
-* every round message carries a signed statement of our public model, and
-  SybilWall history records (a neighbour's public model, its statement and
-  our signature as its observer) are gossiped one per neighbour per round;
+* every round message carries a signed statement of our public model (its
+  digest and sketch), and SybilWall history records (a neighbour's digest
+  and sketch, its statement and our signature as its observer; never a
+  model) are gossiped one per neighbour per round;
 * model, round and aggregator histories (and with compression the
   residuals, with an outer optimizer its momentum) are checkpointed
   atomically every ``learning.checkpoint_every_rounds`` rounds or
@@ -61,7 +62,18 @@ from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
 from murmur.node.outbox import Outbox
 from murmur.node.ratelimit import RequestBudget
-from murmur.node.records import STATEMENT_META_KEY, HeldRecord, RecordBook, check_record, observe, sign_statement
+from murmur.node.records import (
+    SKETCH_META_KEY,
+    STATEMENT_META_KEY,
+    HeldRecord,
+    RecordBook,
+    check_record,
+    describe,
+    observe,
+    read_statement,
+    sign_statement,
+    sketch_bytes,
+)
 from murmur.node.silence import SilenceTracker
 from murmur.node.stalls import StallMonitor
 from murmur.protocol.codecs import DeltaCodec
@@ -70,7 +82,6 @@ from murmur.protocol.layout import TransferKind, TransferLayout
 from murmur.protocol.sparse import RoundFormat
 from murmur.protocol.identity import PeerId
 from murmur.protocol.messages import (
-    MAX_HISTORY_ELEMENTS,
     NO_MORE_ROUNDS,
     DeltaChunk,
     DeltaEnd,
@@ -184,16 +195,8 @@ class NodeLearner:
         wire_format = self.compressor.describe() if self.compressor is not None else cfg.codec.value
         self.fingerprint = ModelFingerprint(cfg.trainer, self.trainer.param_shapes(), wire_format)
         self._checkpointed = (self.engine.round, time.monotonic())  # (round, when) of the last checkpoint
-        # A SybilWall history record carries a whole history in one message:
-        # for a model larger than a message holds, direct observations only.
+        # Records carry a digest and a sketch, never the model: any size gossips them.
         self._gossips_records = isinstance(self.aggregator, SybilWallAggregator)
-        if self._gossips_records and self.engine.num_params > MAX_HISTORY_ELEMENTS:
-            self._gossips_records = False
-            log.warning(
-                "SybilWall history gossip is off: a history of this model does not fit one message",
-                extra={"event": "history_gossip_off", "num_params": self.engine.num_params,
-                       "max": MAX_HISTORY_ELEMENTS},
-            )
         self._finished = False  # our rounds are over: we send no more round messages
         self._open: _OpenRound | None = None  # the open round's message, for neighbours linked mid-round
         self._timer: PhaseTimer | None = None  # the open round's, for the stall reason
@@ -543,9 +546,10 @@ class NodeLearner:
         self.layout.check_outgoing(TransferKind.ROUND, shape)
         # Each identity states (signs) the public model this message makes,
         # for its neighbours to vouch for in history records (node/records.py).
-        public = self.engine.public_state()[0].detach().to("cpu").numpy()
-        metas = {front.peer_id: self.layout.meta(TransferKind.ROUND, degree=len(neighbours),
-                                                 **{STATEMENT_META_KEY: sign_statement(front.identity, round_, public)})
+        digest, sketch = describe(self.engine.public_state()[0].detach().to("cpu").numpy())
+        metas = {front.peer_id: self.layout.meta(TransferKind.ROUND, degree=len(neighbours), **{
+                     STATEMENT_META_KEY: sign_statement(front.identity, round_, digest, sketch),
+                     SKETCH_META_KEY: sketch_bytes(sketch)})
                  for front in self.fronts}
         routes = [route for p in neighbours for route in self._routes.get(p, ())]
         # Kept while the round is open: a neighbour that links meanwhile gets it too (on_linked).
@@ -689,9 +693,9 @@ class NodeLearner:
         array = done.array if done.array.flags.writeable else done.array.copy()
         tensor = torch.from_numpy(array)
         outcome = self.engine.offer(str(session.peer), done.round, tensor[0])
-        statement = done.meta.get(STATEMENT_META_KEY)
-        if isinstance(statement, bytes) and outcome is not Offer.BAD_SHAPE:
-            self._records.note_statement(session.peer, done.round, statement)
+        statement = read_statement(done.round, done.meta.get(STATEMENT_META_KEY), done.meta.get(SKETCH_META_KEY))
+        if statement is not None and outcome is not Offer.BAD_SHAPE:
+            self._records.note_statement(session.peer, statement)
         if outcome is not Offer.BAD_SHAPE and self.silence.on_usable(str(session.peer)):
             log.info("neighbour unmuted: it sends again", extra={"event": "unmuted", "peer": str(session.peer)})
         log.debug("round message", extra={"event": "offer", "peer": str(session.peer), "round": done.round,
@@ -840,7 +844,7 @@ class NodeLearner:
             held = self._records.record(choice.subject)
             message = None if held is None else HistoryRecord(
                 subject=held.subject, observer=held.observer, round=held.round, distance=choice.distance,
-                model=held.model, subject_sig=held.subject_sig, observer_sig=held.observer_sig)
+                digest=held.digest, sketch=held.sketch, subject_sig=held.subject_sig, observer_sig=held.observer_sig)
         if message is None:
             return
         with contextlib.suppress(ConnectionClosed):
@@ -874,12 +878,10 @@ class NodeLearner:
         if not self._records.take_intake(session.peer, self.aggregator.round):
             log.debug("history record over the sender's budget ignored", extra={"peer": str(session.peer)})
             return
-        if msg.model.size != self.engine.num_params:
-            raise DecodeError("history record of the wrong size")
-        model = check_record(msg)
+        sketch = check_record(msg)
         if msg.subject in self._front_ids:
             return
-        offset = self.engine.relative_to_reference(torch.from_numpy(model.copy()), msg.round)
+        offset = self.engine.relative_sketch(torch.from_numpy(sketch.copy()), msg.round)
         if offset is None:
             return  # a round we hold no reference for (ahead of us, or too old to compare)
         verdict = self.aggregator.receive_record(
@@ -890,8 +892,8 @@ class NodeLearner:
         if verdict.misbehaviour:
             raise LimitExceeded(f"history record refused: {verdict.value}")
         if verdict is RecordVerdict.KEPT:
-            self._records.keep(HeldRecord(msg.subject, msg.observer, msg.round, model.copy(), msg.subject_sig,
-                                          msg.observer_sig))
+            self._records.keep(HeldRecord(msg.subject, msg.observer, msg.round, msg.digest, sketch.copy(),
+                                          msg.subject_sig, msg.observer_sig))
         self._records.prune(set(self.aggregator.known_peers()))
 
     # -- persistence ----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from murmur.learning.aggregators.sybilwall import SybilWallAggregator
-from murmur.node.records import observe, sign_statement
+from murmur.node.records import Statement, describe, observe, sign_statement
 from murmur.protocol.identity import Identity
 from murmur.protocol.messages import Hello, LearnerInfo
 from tests.integration.cluster import Cluster
@@ -40,7 +40,9 @@ async def test_records_from_a_peer_we_do_not_learn_from_are_not_kept(tmp_path: P
             subject = Identity.from_seed(bytes([i + 1]) * 32)
             model = np.full(learner.engine.num_params, 0.01 * i, dtype=np.float32)
             round_ = learner.aggregator.round
-            record = observe(stranger, subject.peer_id, round_, model, sign_statement(subject, round_, model))
+            digest, sketch = describe(model)
+            statement = Statement(round_, sign_statement(subject, round_, digest, sketch), sketch)
+            record = observe(stranger, subject.peer_id, round_, model, statement)
             assert record is not None
             records.append(record)
         await peer.send([hello, LearnerInfo(fingerprint=info.fingerprint, model=info.model, next_round=0), *records])

@@ -51,10 +51,13 @@ lower without attack, as honest neighbours on other data lose a little weight).
 Records (history gossip). Each round a node tells each neighbour of one
 public model it knows: one of its own neighbours' (distance 1 at the sender)
 or a record it was told (relayed), drawn with p ~ lambda*exp(-lambda(d-1)).
-The node carries the subject's own signed statement of that model (checked
-before :meth:`receive_record`), so a record cannot put words in an honest
-peer's mouth. We compare it with the models of our neighbours of the same
-round: a lone Sybil among our neighbours meets its twins this way. Rules
+A record carries the model's sketch, not the model
+(:mod:`murmur.learning.sketch`: distances survive it), with the subject's
+own signed statement of digest and sketch (checked before
+:meth:`receive_record`), so a record cannot put words in an honest peer's
+mouth. We compare it with the sketches of our neighbours' models of the same
+round (neighbours among themselves keep their exact distances): a lone Sybil
+among our neighbours meets its twins this way. Rules
 (each a :class:`RecordVerdict`): records only from a peer we learn from, one
 per sender per round, never for a future round nor one too old to compare,
 never about ourselves or the sender, never replacing our own observation of
@@ -97,13 +100,15 @@ from murmur.learning.aggregators.base import (
     require,
 )
 from murmur.learning.aggregators.similarity import DEFAULT_KAPPA, distance_similarity, foolsgold_weights, gram_matrix
+from murmur.learning.sketch import model_sketch
+from murmur.protocol.messages import SKETCH_ELEMENTS
 
 DEFAULT_MEMORY = 0.9  # ~10 rounds
 DEFAULT_CLIP = 1.0  # radius = this x the median distance of the peers the similarity test passed
 DEFAULT_RECOVERY_ROUNDS = 10  # rounds a muted peer needs to climb back to full trust
 DEFAULT_INITIAL_TRUST = 1.0
 DEFAULT_PROBE_MARGIN = 0.6  # mean cross-entropy over ours on our data at which a peer starts to lose weight
-DEFAULT_MAX_RECORDS = 64  # records held per round compared (64 x 4 MB at 1M parameters)
+DEFAULT_MAX_RECORDS = 64  # records held per round compared (each a sketch: 1 KB)
 DEFAULT_RECORDS_PER_OBSERVER = 8  # subjects one observer may vouch for at a time
 DEFAULT_FLAGS_PER_OBSERVER = 2  # our neighbours one observer's records may count against
 DEFAULT_MAX_DISTANCE = 4
@@ -120,15 +125,15 @@ RELAYED = 3  # the least distance of a relayed record: a relay cannot claim less
 @dataclass(frozen=True)
 class HistoryRecordData:
     """One record, as the node hands it over after checking signatures:
-    ``subject``'s public model as of its message ``round`` (the subject's own
-    signed statement), as offset from our reference of that round
-    (:meth:`RoundEngine.relative_to_reference`); ``observer`` (who signed
-    that it saw it) and the hop ``distance`` the sender claims (1: the sender
-    is the observer)."""
+    the sketch of ``subject``'s public model as of its message ``round`` (the
+    subject's own signed statement), as the sketch of its offset from our
+    reference of that round (:meth:`RoundEngine.relative_sketch`);
+    ``observer`` (who signed that it saw it) and the hop ``distance`` the
+    sender claims (1: the sender is the observer)."""
 
     subject: str
     round: int
-    offset: torch.Tensor  # flat float32
+    offset: torch.Tensor  # float32, SKETCH_ELEMENTS entries: model_sketch(model - reference)
     observer: str
     distance: int = DIRECT
 
@@ -218,9 +223,11 @@ class _Standing:
 
 @dataclass
 class _Held:
-    """One model of one round: a neighbour's (direct) or a record's."""
+    """One model of one round: a neighbour's (direct: its offset and the
+    offset's sketch) or a record's (its sketch only)."""
 
-    offset: torch.Tensor
+    offset: torch.Tensor | None  # None for a record
+    sketch: torch.Tensor
     info: RecordInfo
 
 
@@ -290,7 +297,7 @@ class SybilWallAggregator(Aggregator):
         now = self._round.round
         held = self._held.setdefault(now, {})
         for u in updates:
-            held[u.peer] = _Held(u.delta, RecordInfo(now, DIRECT, self.options.self_id or SELF))
+            held[u.peer] = _Held(u.delta, model_sketch(u.delta), RecordInfo(now, DIRECT, self.options.self_id or SELF))
         self._fold_memory(updates)
         scores = self._score(peers)
         trust = self._update_trust(peers, scores, now)
@@ -316,12 +323,8 @@ class SybilWallAggregator(Aggregator):
             return torch.ones(0, dtype=torch.float64)
         subjects = sorted({s for held in self._held.values() for s in held})
         index = {s: i for i, s in enumerate(subjects)}
-        groups = []
-        for held in self._held.values():
-            names = list(held)
-            if len(names) >= 2:
-                rows = torch.stack([held[s].offset for s in names])
-                groups.append((held, names, distance_similarity(gram_matrix(rows)).cpu()))
+        groups = [(held, names, self._similarity(held, names))
+                  for held in self._held.values() if len(names := list(held)) >= 2]
         discredited = self._note_flags(groups)
         cs = torch.zeros(len(subjects), len(subjects), dtype=torch.float64)
         for held, names, sim in groups:
@@ -337,6 +340,21 @@ class SybilWallAggregator(Aggregator):
             cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], sim)
         weights = foolsgold_weights(cs, self.options.kappa)
         return weights[torch.tensor([index[p] for p in peers])]
+
+    @staticmethod
+    def _similarity(held: Mapping[str, _Held], names: Sequence[str]) -> torch.Tensor:
+        """Distance similarity of one round's models: exact between our
+        neighbours alone; with records among them, over everyone's sketches,
+        then the neighbours' pairs set from their exact distances."""
+        direct = [i for i, s in enumerate(names) if held[s].offset is not None]
+        if len(direct) == len(names):
+            return distance_similarity(gram_matrix(torch.stack([held[s].offset for s in names]))).cpu()
+        sim = distance_similarity(gram_matrix(torch.stack([held[s].sketch for s in names]))).cpu()
+        if len(direct) >= 2:
+            exact = distance_similarity(gram_matrix(torch.stack([held[names[i]].offset for i in direct]))).cpu()
+            idx = torch.tensor(direct)
+            sim[idx[:, None], idx[None, :]] = exact
+        return sim
 
     def _fold_memory(self, updates: Sequence[PeerUpdate]) -> None:
         """Each neighbour's moving average of its offsets (``memory``)."""
@@ -359,9 +377,9 @@ class SybilWallAggregator(Aggregator):
         out: list[tuple[torch.Tensor, list[str]]] = []
         now = self._round.round
         current, last = self._held.get(now, {}), self._held.get(now - 1, {})
-        stepped = [p for p in peers if p in last and last[p].info.distance == DIRECT]
+        stepped = [p for p in peers if p in last and last[p].offset is not None]
         if len(stepped) >= 2:
-            out.append((torch.stack([current[p].offset - last[p].offset for p in stepped]), stepped))
+            out.append((torch.stack([current[p].offset - last[p].offset for p in stepped]), stepped))  # type: ignore[operator]
         remembered = [p for p in peers if p in self._memory]
         if self.options.memory > 0 and len(remembered) >= 2:
             out.append((torch.stack([self._memory[p] for p in remembered]), remembered))
@@ -503,7 +521,7 @@ class SybilWallAggregator(Aggregator):
         if verdict is not RecordVerdict.KEPT:
             return verdict
         info = RecordInfo(record.round, self._distance(from_peer, record), record.observer, from_peer)
-        self._held.setdefault(record.round, {})[record.subject] = _Held(record.offset, info)
+        self._held.setdefault(record.round, {})[record.subject] = _Held(None, record.offset, info)
         self._round.records_from[from_peer] = self._round.records_from.get(from_peer, 0) + 1
         return RecordVerdict.KEPT
 
@@ -532,7 +550,7 @@ class SybilWallAggregator(Aggregator):
             return RecordVerdict.STALE
         if self._distance(from_peer, record) > self.options.max_distance:
             return RecordVerdict.TOO_FAR
-        if self._dim is None or record.offset.numel() != self._dim:
+        if record.offset.numel() != SKETCH_ELEMENTS:
             raise DecodeError(f"history record of {record.subject!r}: wrong size")
         held = self._held.get(record.round, {})
         same = held.get(record.subject)
@@ -586,7 +604,7 @@ class SybilWallAggregator(Aggregator):
             raise DecodeError("history record: distance must be an int >= 1")
         h = record.offset
         if not isinstance(h, torch.Tensor) or h.dtype != DTYPE or h.dim() != 1:
-            raise DecodeError("history record: offset must be a 1-D float32 tensor")
+            raise DecodeError("history record: offset must be a 1-D float32 tensor (a sketch)")
         if not bool(torch.isfinite(h).all()):
             raise DecodeError("history record: non-finite offset")
 

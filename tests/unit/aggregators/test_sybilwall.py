@@ -14,6 +14,8 @@ from scipy.stats import chisquare
 from murmur.errors import ConfigError, DecodeError
 from murmur.learning.aggregators import HistoryRecordData, get_aggregator
 from murmur.learning.aggregators.sybilwall import RecordVerdict, SybilWallAggregator
+from murmur.learning.sketch import model_sketch
+from murmur.protocol.messages import SKETCH_ELEMENTS
 
 from .conftest import orthogonalish, updates
 
@@ -29,9 +31,10 @@ def make(**opts: object) -> SybilWallAggregator:
 
 def record(subject: str, round_: int, offset: torch.Tensor | float = 1.0, observer: str = "n1",
            distance: int = 1) -> HistoryRecordData:
+    """A record of ``subject`` whose model is ``offset`` from our reference (as its sketch, as the node hands it)."""
     if not isinstance(offset, torch.Tensor):
         offset = torch.full((DIM,), float(offset))
-    return HistoryRecordData(subject, round_, offset, observer, distance)
+    return HistoryRecordData(subject, round_, model_sketch(offset), observer, distance)
 
 
 def moving(offsets: dict[str, torch.Tensor], round_: int) -> dict[str, torch.Tensor]:
@@ -279,12 +282,13 @@ def test_sybils_with_fixed_offsets_of_their_own_still_move_alike() -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        HistoryRecordData("p", 0, torch.zeros(DIM), "n1", 0),  # distance 0
-        HistoryRecordData("p", -1, torch.zeros(DIM), "n1"),
-        HistoryRecordData("p", 0, torch.zeros(DIM + 1), "n1"),
-        HistoryRecordData("p", 0, torch.zeros(DIM, dtype=torch.float64), "n1"),
-        HistoryRecordData("p", 0, torch.full((DIM,), float("nan")), "n1"),
-        HistoryRecordData("", 0, torch.zeros(DIM), "n1"),
+        HistoryRecordData("p", 0, torch.zeros(SKETCH_ELEMENTS), "n1", 0),  # distance 0
+        HistoryRecordData("p", -1, torch.zeros(SKETCH_ELEMENTS), "n1"),
+        HistoryRecordData("p", 0, torch.zeros(SKETCH_ELEMENTS + 1), "n1"),
+        HistoryRecordData("p", 0, torch.zeros(DIM), "n1"),  # a whole model, not its sketch
+        HistoryRecordData("p", 0, torch.zeros(SKETCH_ELEMENTS, dtype=torch.float64), "n1"),
+        HistoryRecordData("p", 0, torch.full((SKETCH_ELEMENTS,), float("nan")), "n1"),
+        HistoryRecordData("", 0, torch.zeros(SKETCH_ELEMENTS), "n1"),
     ],
 )
 def test_malformed_records_raise_decode_error(bad: HistoryRecordData) -> None:
