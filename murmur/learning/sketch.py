@@ -35,27 +35,52 @@ SKETCH_RTOL = 1e-4
 observer's sketch of its replica must match the subject's statement."""
 
 
-@functools.lru_cache(maxsize=4)
-def _projection(num_params: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bucket per coordinate, sign per coordinate) for a model of ``num_params``;
-    a pure function of the size, cached because it is the same every round."""
-    g = torch.Generator().manual_seed(SKETCH_SEED + num_params)
-    if num_params <= SKETCH_ELEMENTS:
-        buckets = torch.randperm(SKETCH_ELEMENTS, generator=g)[:num_params]
+CHUNK = 1 << 20
+"""Coordinates sketched at a time: buckets and signs are drawn per chunk
+from a seed of their own (never held for the whole model: a 10M-parameter
+model's would take more memory than the model), and the float64 sums touch
+one chunk's copy at a time."""
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_projection(num_params: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first chunks' projections, kept (12 bytes a coordinate, CACHED_CHUNKS
+    chunks at most): drawing them is most of a sketch's time, and a node
+    sketches its model, its neighbours' and its references every round."""
+    return _draw_projection(num_params, start, length)
+
+
+def _chunk_projection(num_params: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if start // CHUNK < CACHED_CHUNKS:
+        return _cached_projection(num_params, start, length)
+    return _draw_projection(num_params, start, length)
+
+
+def _draw_projection(num_params: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bucket, sign) of coordinates ``start .. start+length`` of a model of
+    ``num_params``: a pure function of the size and the chunk."""
+    g = torch.Generator().manual_seed(SKETCH_SEED + 7919 * num_params + start // CHUNK)
+    if num_params <= SKETCH_ELEMENTS:  # distinct buckets: distances kept exactly
+        buckets = torch.randperm(SKETCH_ELEMENTS, generator=g)[:length]
     else:
-        buckets = torch.randint(0, SKETCH_ELEMENTS, (num_params,), generator=g)
-    signs = torch.randint(0, 2, (num_params,), generator=g).to(torch.float64).mul_(2.0).sub_(1.0)
+        buckets = torch.randint(0, SKETCH_ELEMENTS, (length,), generator=g)
+    signs = torch.randint(0, 2, (length,), generator=g).to(torch.float64).mul_(2.0).sub_(1.0)
     return buckets, signs
+
+
+CACHED_CHUNKS = 2
 
 
 def model_sketch(flat: torch.Tensor) -> torch.Tensor:
     """The float32 sketch (``SKETCH_ELEMENTS`` entries) of a flat model or offset."""
     if flat.dim() != 1:
         raise ValueError("model_sketch: a flat (1-D) tensor expected")
-    buckets, signs = _projection(flat.numel())
-    values = flat.detach().to("cpu", torch.float64) * signs
+    n = flat.numel()
     out = torch.zeros(SKETCH_ELEMENTS, dtype=torch.float64)
-    out.index_add_(0, buckets, values)
+    for start in range(0, n, CHUNK):
+        length = min(CHUNK, n - start)
+        buckets, signs = _chunk_projection(n, start, length)
+        out.index_add_(0, buckets, flat[start:start + length].detach().to("cpu", torch.float64) * signs)
     return out.to(torch.float32)
 
 
