@@ -37,6 +37,7 @@ from murmur.protocol.messages import (
     MurmurProtocol,
     PeerExchangeResponse,
     SchemaError,
+    ShuffleRequest,
     ShuffleResponse,
     encode,
 )
@@ -283,8 +284,19 @@ async def test_answers_to_overlapping_shuffles_are_solicited(victim: Victim, mon
     late); every answer is a reply, not a fault (seen as a LimitExceeded in a
     3.2 M-parameter testnet of three honest nodes)."""
     before = victim.faults()
-    peer = await RawPeer.connect(victim.node)
+    peer = await RawPeer.to(victim.node)
     await wait_until(lambda: victim.node.session(peer.peer_id) is not None, 2.0, "victim sees the raw peer")
+    session = victim.node.session(peer.peer_id)
+    assert session is not None
+    sent: list[Message] = []
+
+    async def taken(msg: Message, deadline: float | None = None) -> None:
+        sent.append(msg)
+
+    # A hand-driven peer answers no stream negotiation, so the victim's own
+    # shuffle stream to it would time out (a TimeoutFault, the peer marked
+    # failed): its requests are taken as sent here; the answers are real frames.
+    monkeypatch.setattr(session, "send", taken)
     sampler = victim.node.sampler
     requests = 0  # shuffles the victim started with the raw peer (its periodic ones included)
     start = sampler.start_shuffle
@@ -301,10 +313,10 @@ async def test_answers_to_overlapping_shuffles_are_solicited(victim: Victim, mon
             break
         sampler.add(peer.peer_id, [Multiaddr("127.0.0.1", 9, None)])  # as a third node's shuffle would
         await victim.node.membership.shuffle()
-    assert requests >= 2
+    assert requests >= 2 and sum(isinstance(m, ShuffleRequest) for m in sent) == requests
     for _ in range(requests):
-        peer.send(ShuffleResponse(entries=()))
-    peer.send(peer.gossip(b"after the answers"))  # handled after every response
+        peer.push(ShuffleResponse(entries=()))
+    peer.push(peer.gossip(b"after the answers"))  # handled after every response
     await wait_until(lambda: b"after the answers" in victim.delivered, 2.0, "gossip after the answers")
     assert victim.faults() == before
     peer.close()
