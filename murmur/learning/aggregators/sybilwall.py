@@ -25,11 +25,17 @@ compared by the *distance between their models at the same round*
 
 Clones (one attacker's identities sending one model) are at distance 0.
 Memory is kept in the score instead: a peer's ``trust`` drops to its score
-at once and climbs back by ``1 / recovery_rounds`` a round, so a Sybil
-exposed in one round (by its twin's record) stays muted for the rounds
-between records, and a peer met for the first time starts at
-``initial_trust`` and earns the rest (MeritRank's point: influence is built
-with time, not granted per identity).
+at once and climbs back by ``1 / recovery_rounds`` a round, and a peer met
+for the first time starts at ``initial_trust`` and earns the rest
+(MeritRank's point: influence is built with time, not granted per
+identity). A peer caught as a *clone* (its model of a round within
+``CLONE_SIMILARITY`` of another identity's, ours or a trusted record's: no
+two honest peers send the same model) starts climbing back only
+``clone_hold_rounds`` rounds after the last such evidence. A lone Sybil
+among our neighbours meets its twin only when a record of the twin reaches
+us, every ten to twenty rounds in the default testnet; climbing back at
+once between such records, it held 0.1-0.4 of an honest node's weight most
+of the time (weight to Sybils 0.02-0.10 over the network).
 
 Bounded influence. Similarity is not enough: a Sybil that adds its own
 offset looks as different as it likes. Every offset is therefore clipped to a
@@ -107,6 +113,9 @@ DEFAULT_MEMORY = 0.9  # ~10 rounds
 DEFAULT_CLIP = 1.0  # radius = this x the median distance of the peers the similarity test passed
 DEFAULT_RECOVERY_ROUNDS = 10  # rounds a muted peer needs to climb back to full trust
 DEFAULT_INITIAL_TRUST = 1.0
+DEFAULT_CLONE_HOLD_ROUNDS = 30  # rounds a caught clone's trust stays down after the last evidence
+CLONE_SIMILARITY = 0.99  # a distance under 1% of the round's typical nearest-neighbour distance: the same model
+CLONE_WORTH = 0.5  # a record counts as clone evidence when we trust its observer at least this much
 DEFAULT_PROBE_MARGIN = 0.6  # mean cross-entropy over ours on our data at which a peer starts to lose weight
 DEFAULT_MAX_RECORDS = 64  # records held per round compared (each a sketch: 1 KB)
 DEFAULT_RECORDS_PER_OBSERVER = 8  # subjects one observer may vouch for at a time
@@ -187,6 +196,7 @@ class SybilWallOptions:
     probe_margin: float | None = DEFAULT_PROBE_MARGIN  # None: no probe; else the loss excess weight starts to go
     recovery_rounds: int = DEFAULT_RECOVERY_ROUNDS
     initial_trust: float = DEFAULT_INITIAL_TRUST
+    clone_hold_rounds: int = DEFAULT_CLONE_HOLD_ROUNDS
     max_records: int = DEFAULT_MAX_RECORDS
     records_per_observer: int = DEFAULT_RECORDS_PER_OBSERVER
     flags_per_observer: int = DEFAULT_FLAGS_PER_OBSERVER
@@ -205,6 +215,7 @@ class SybilWallOptions:
         require(self.probe_margin is None or self.probe_margin > 0, "sybilwall: probe_margin must be > 0")
         require(self.recovery_rounds >= 1, "sybilwall: recovery_rounds must be >= 1")
         require(0.0 <= self.initial_trust <= 1.0, "sybilwall: initial_trust must be in [0, 1]")
+        require(self.clone_hold_rounds >= 0, "sybilwall: clone_hold_rounds must be >= 0")
         require(self.max_records >= 0, "sybilwall: max_records must be >= 0")
         require(self.records_per_observer >= 0, "sybilwall: records_per_observer must be >= 0")
         require(self.flags_per_observer >= 0, "sybilwall: flags_per_observer must be >= 0")
@@ -250,6 +261,7 @@ class SybilWallAggregator(Aggregator):
         self._standing: dict[str, _Standing] = {}
         self._held: dict[int, dict[str, _Held]] = {}  # round -> subject -> its model of that round
         self._memory: dict[str, torch.Tensor] = {}  # neighbour -> moving average of its offsets
+        self._cloned: dict[str, int] = {}  # peer -> last round it was caught as a clone (_note_clones)
         # observer -> our neighbours its records resembled -> round first seen (flags_per_observer)
         self._flags: dict[str, dict[str, int]] = {}
         self._dim: int | None = None
@@ -329,6 +341,7 @@ class SybilWallAggregator(Aggregator):
         cs = torch.zeros(len(subjects), len(subjects), dtype=torch.float64)
         for held, names, sim in groups:
             worth = torch.tensor([self._worth(held[s].info, discredited) for s in names], dtype=torch.float64)
+            self._note_clones(held, names, sim, worth)
             sim = sim * worth[:, None] * worth[None, :]
             idx = torch.tensor([index[s] for s in names])
             cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], sim)
@@ -355,6 +368,32 @@ class SybilWallAggregator(Aggregator):
             idx = torch.tensor(direct)
             sim[idx[:, None], idx[None, :]] = exact
         return sim
+
+    def _note_clones(self, held: Mapping[str, _Held], names: Sequence[str], sim: torch.Tensor,
+                     worth: torch.Tensor) -> None:
+        """Mark the neighbours whose model of a round is another identity's:
+        compared with our own neighbours' or with records whose observer we
+        trust at least CLONE_WORTH; the neighbour who told such a record is
+        marked with the accused (``accuser_pays``: either the accused is a
+        clone or the teller made its twin up). Same-round models only: the
+        steps and averages of honest peers can come that close, their models
+        do not."""
+        now = self._round.round
+        n = len(names)
+        close = (sim >= CLONE_SIMILARITY) & (worth[:, None] >= CLONE_WORTH) & (worth[None, :] >= CLONE_WORTH)
+        close &= ~torch.eye(n, dtype=torch.bool)
+        marked: set[str] = set()
+        for i, j in close.nonzero().tolist():
+            for k in (i, j):
+                info = held[names[k]].info
+                if info.distance == DIRECT:
+                    marked.add(names[k])
+                elif self.options.accuser_pays and info.received_from is not None:
+                    marked.add(info.received_from)
+        for peer in marked:
+            self._cloned[peer] = now
+        for peer in [p for p, r in self._cloned.items() if r <= now - self.options.clone_hold_rounds]:
+            del self._cloned[peer]
 
     def _fold_memory(self, updates: Sequence[PeerUpdate]) -> None:
         """Each neighbour's moving average of its offsets (``memory``)."""
@@ -444,7 +483,7 @@ class SybilWallAggregator(Aggregator):
             standing = self._standing.get(peer)
             if standing is None:
                 standing = self._standing[peer] = _Standing(now, self.options.initial_trust)
-            else:
+            elif peer not in self._cloned:  # a caught clone climbs back only clone_hold_rounds after
                 standing.trust = min(1.0, standing.trust + step)
             standing.trust = min(standing.trust, score)
             standing.score = score
@@ -621,6 +660,7 @@ class SybilWallAggregator(Aggregator):
             "last_seen": [self._standing[p].last_seen for p in peers],
             "trust": [self._standing[p].trust for p in peers],
             "scores": [self._standing[p].score for p in peers],
+            "cloned": dict(sorted(self._cloned.items())),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -628,6 +668,7 @@ class SybilWallAggregator(Aggregator):
             raise ValueError("sybilwall: state of another version")
         self._round = _Round(int(state["round"]))
         self._held = {}
+        self._cloned = {str(p): int(r) for p, r in dict(state.get("cloned", {})).items()}
         self._standing = {
             str(p): _Standing(int(seen), float(trust), float(score))
             for p, seen, trust, score in zip(state["peers"], state["last_seen"], state["trust"], state["scores"],
