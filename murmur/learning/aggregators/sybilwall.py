@@ -29,9 +29,13 @@ at once and climbs back by ``1 / recovery_rounds`` a round, and a peer met
 for the first time starts at ``initial_trust`` and earns the rest
 (MeritRank's point: influence is built with time, not granted per
 identity). A peer caught as a *clone* (its model of a round within
-``CLONE_SIMILARITY`` of another identity's, ours or a trusted record's: no
-two honest peers send the same model) starts climbing back only
-``clone_hold_rounds`` rounds after the last such evidence. A lone Sybil
+``CLONE_SIMILARITY`` of another identity's, ours or a trusted record's) in
+two rounds at least ``CLONE_STRIKE_GAP`` apart starts climbing back only
+``clone_hold_rounds`` rounds after the last such evidence. Honest models
+coincide once in a while and then part: every node still at the common
+initial model in the first rounds, a restarted node and the neighbour whose
+model it adopted; one attacker's identities coincide every time they are
+compared. A lone Sybil
 among our neighbours meets its twin only when a record of the twin reaches
 us, every ten to twenty rounds in the default testnet; climbing back at
 once between such records, it held 0.1-0.4 of an honest node's weight most
@@ -113,7 +117,8 @@ DEFAULT_MEMORY = 0.9  # ~10 rounds
 DEFAULT_CLIP = 1.0  # radius = this x the median distance of the peers the similarity test passed
 DEFAULT_RECOVERY_ROUNDS = 10  # rounds a muted peer needs to climb back to full trust
 DEFAULT_INITIAL_TRUST = 1.0
-DEFAULT_CLONE_HOLD_ROUNDS = 30  # rounds a caught clone's trust stays down after the last evidence
+DEFAULT_CLONE_HOLD_ROUNDS = 50  # rounds a caught clone's trust stays down after the last evidence
+CLONE_STRIKE_GAP = 3  # rounds between two catches that make a peer a clone (a round is compared in two)
 CLONE_SIMILARITY = 0.99  # a distance under 1% of the round's typical nearest-neighbour distance: the same model
 CLONE_WORTH = 0.5  # a record counts as clone evidence when we trust its observer at least this much
 DEFAULT_PROBE_MARGIN = 0.6  # mean cross-entropy over ours on our data at which a peer starts to lose weight
@@ -261,7 +266,7 @@ class SybilWallAggregator(Aggregator):
         self._standing: dict[str, _Standing] = {}
         self._held: dict[int, dict[str, _Held]] = {}  # round -> subject -> its model of that round
         self._memory: dict[str, torch.Tensor] = {}  # neighbour -> moving average of its offsets
-        self._cloned: dict[str, int] = {}  # peer -> last round it was caught as a clone (_note_clones)
+        self._catches: dict[str, dict[int, None]] = {}  # peer -> rounds it was caught as a clone (_note_clones)
         # observer -> our neighbours its records resembled -> round first seen (flags_per_observer)
         self._flags: dict[str, dict[str, int]] = {}
         self._dim: int | None = None
@@ -391,9 +396,23 @@ class SybilWallAggregator(Aggregator):
                 elif self.options.accuser_pays and info.received_from is not None:
                     marked.add(info.received_from)
         for peer in marked:
-            self._cloned[peer] = now
-        for peer in [p for p, r in self._cloned.items() if r <= now - self.options.clone_hold_rounds]:
-            del self._cloned[peer]
+            self._catches.setdefault(peer, {})[now] = None
+        hold = self.options.clone_hold_rounds
+        for peer, rounds in list(self._catches.items()):
+            last = max(rounds)
+            if last <= now - hold:
+                del self._catches[peer]
+                continue
+            for r in [r for r in rounds if r < last - hold]:
+                del rounds[r]
+
+    def _held_as_clone(self, peer: str, now: int) -> bool:
+        """Caught in two rounds CLONE_STRIKE_GAP apart, the later one less
+        than clone_hold_rounds ago (and the earlier within that of it)."""
+        rounds = self._catches.get(peer)
+        if not rounds or max(rounds) <= now - self.options.clone_hold_rounds:
+            return False
+        return max(rounds) - min(rounds) >= CLONE_STRIKE_GAP
 
     def _fold_memory(self, updates: Sequence[PeerUpdate]) -> None:
         """Each neighbour's moving average of its offsets (``memory``)."""
@@ -483,7 +502,7 @@ class SybilWallAggregator(Aggregator):
             standing = self._standing.get(peer)
             if standing is None:
                 standing = self._standing[peer] = _Standing(now, self.options.initial_trust)
-            elif peer not in self._cloned:  # a caught clone climbs back only clone_hold_rounds after
+            elif not self._held_as_clone(peer, now):  # a clone climbs back only clone_hold_rounds after
                 standing.trust = min(1.0, standing.trust + step)
             standing.trust = min(standing.trust, score)
             standing.score = score
@@ -660,7 +679,7 @@ class SybilWallAggregator(Aggregator):
             "last_seen": [self._standing[p].last_seen for p in peers],
             "trust": [self._standing[p].trust for p in peers],
             "scores": [self._standing[p].score for p in peers],
-            "cloned": dict(sorted(self._cloned.items())),
+            "clone_catches": {p: sorted(r) for p, r in sorted(self._catches.items())},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -668,7 +687,8 @@ class SybilWallAggregator(Aggregator):
             raise ValueError("sybilwall: state of another version")
         self._round = _Round(int(state["round"]))
         self._held = {}
-        self._cloned = {str(p): int(r) for p, r in dict(state.get("cloned", {})).items()}
+        self._catches = {str(p): dict.fromkeys(int(r) for r in rounds)
+                         for p, rounds in dict(state.get("clone_catches", {})).items()}
         self._standing = {
             str(p): _Standing(int(seen), float(trust), float(score))
             for p, seen, trust, score in zip(state["peers"], state["last_seen"], state["trust"], state["scores"],
