@@ -126,13 +126,14 @@ def test_trust_drops_at_once_climbs_back_slowly_and_starts_at_initial_trust() ->
     assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
 
 
-def _lone_sybil(twin_records_at: tuple[int, ...], rounds: int) -> tuple[SybilWallAggregator, list[float], list[float]]:
+def _lone_sybil(twin_records_at: tuple[int, ...], rounds: int, accuser_pays: bool = False
+                ) -> tuple[SybilWallAggregator, list[float], list[float]]:
     """Neighbours h0, h1 and a lone Sybil s; a record of s's twin (from h0)
     arrives in each of ``twin_records_at``. Returns the aggregator and, per
     round from 1, s's trust and the least honest trust."""
     dirs = orthogonalish(4, DIM, 4)
     neighbours = {"h0": dirs[0], "h1": dirs[1], "s": dirs[3]}
-    agg = make(clip=None, accuser_pays=False, recovery_rounds=4, clone_hold_rounds=8, memory=0.0)
+    agg = make(clip=None, accuser_pays=accuser_pays, recovery_rounds=4, clone_hold_rounds=8, memory=0.0)
     agg.aggregate(torch.zeros(DIM), updates(moving(neighbours, 0)), 3)
     sybil, honest = [], []
     for r in range(1, rounds):
@@ -165,6 +166,15 @@ def test_a_lone_sybil_caught_twice_by_its_twins_records_stays_muted_for_the_clon
     dirs = orthogonalish(4, DIM, 4)
     again.aggregate(torch.zeros(DIM), updates(moving({"h0": dirs[0], "h1": dirs[1], "s": dirs[3]}, 9)), 3)
     assert again.trust("s") == 0.0
+
+
+def test_the_honest_teller_of_a_twins_record_pays_one_round_not_the_hold() -> None:
+    """accuser_pays costs the neighbour who told a record that round's score;
+    held with the Sybil it told of, honest peers relaying true records lost
+    their weight for the whole hold."""
+    _, sybil, honest = _lone_sybil((1, 7), 20, accuser_pays=True)
+    assert sybil[7:14] == [0.0] * 7
+    assert min(honest[10:]) == 1.0
 
 
 def test_models_that_coincide_once_are_not_held() -> None:
