@@ -384,6 +384,26 @@ def test_record_selection_excludes_the_neighbour_and_what_it_told_or_observed() 
     assert sent == {("j", 1)}
 
 
+def test_peers_we_muted_are_told_of_more_often() -> None:
+    """A lone Sybil's neighbours need a record of its twin, and the peers
+    that muted the twin are the ones who can tell: a muted peer we observe is
+    drawn 1 + SUSPECT_BOOST (5) times as often as a trusted one. Known
+    answer: clones a, b (trust 0) and trusted c, d: a or b 10 draws in 12."""
+    dirs = orthogonalish(3, DIM, 11)
+    agg = make(clip=None)
+    agg.aggregate(torch.zeros(DIM), updates({"a": dirs[0], "b": dirs[0].clone(), "c": dirs[1], "d": dirs[2]}), 4)
+    assert agg.trust("a") == agg.trust("b") == 0.0 and agg.trust("c") == agg.trust("d") == 1.0
+    rng = random.Random(7)
+    draws = 12_000
+    muted = 0
+    for _ in range(draws):
+        agg._round.served.clear()
+        choice = agg.records_to_send("other", rng)
+        assert choice is not None
+        muted += choice.subject in ("a", "b")
+    assert muted / draws == pytest.approx(10 / 12, abs=0.015)
+
+
 def test_record_distance_distribution_follows_lambda_exp() -> None:
     names = [f"n{i}" for i in range(12)]
     agg = with_neighbours(*names, records_per_observer=16, max_distance=6)
