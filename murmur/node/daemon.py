@@ -40,6 +40,7 @@ from murmur import __version__
 from murmur.errors import OptionError, PeerFault, TaskCrashed
 from murmur.node.api import StatusApi
 from murmur.node.config import AUTO, NodeConfig
+from murmur.node.autonat import AutoNATProber
 from murmur.node.autorelay import AutoRelay
 from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
@@ -55,6 +56,7 @@ from murmur.protocol.libp2p import HostConfig, Libp2pConnection, Libp2pHost, Str
 from murmur.protocol.messages import Gossip, Goodbye, Hello, MurmurProtocol
 from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, AnyMultiaddr, CircuitAddr, Multiaddr, PeerAddr
 from murmur.protocol.peertable import PeerTable, PeerTableConfig
+from murmur.protocol.libp2p.autonat import AutoNATClient, AutoNATServer
 from murmur.protocol.libp2p.relay import RelayClient, RelayRefused, RelayService
 from murmur.protocol.libp2p.relay import stat_names as relay_stat_names
 from murmur.protocol.reachability import Reachability, ReachabilityTracker
@@ -67,6 +69,7 @@ log = logging.getLogger(__name__)
 
 AGENT = f"murmur/{__version__}"
 GOODBYE_TIMEOUT_S = 1.0
+AUTONAT_FIRST_CHECK_S = 5.0  # the first dial-back check: peers connected and identified by then
 
 MAX_INCOMPATIBLE_PEERS = 4096  # peers remembered as running another model
 LEARNING_OFF = "learning.enabled = false: this node only relays (membership, gossip) and trains nothing"
@@ -93,7 +96,7 @@ class Node:
         self.metrics.failed_tasks.set_function(lambda: float(len(self._failed_tasks())))
         self.dispatcher = Dispatcher()
         self.addrs: list[Multiaddr] = []
-        self.reachability = ReachabilityTracker()  # identify's observed addresses feed it (AutoNAT results will too)
+        self.reachability = ReachabilityTracker()  # fed by identify's observed addresses and AutoNAT's dial-backs
         self.metrics.bind_reachability(lambda: self.reachability.reachability(time.monotonic()))
         self.started_at = time.monotonic()
         self._sessions: dict[PeerId, PeerSession] = {}
@@ -171,6 +174,12 @@ class Node:
                                    private=lambda: self.reachability.reachability(time.monotonic())
                                    is Reachability.PRIVATE)
         self.host.circuit_addrs = lambda: [AnyMultiaddr.parse(str(a)) for a in self.autorelay.circuit_addrs()]
+        # AutoNAT: peers dial us back (what makes reachability a measurement); we do it for them.
+        autonat_cfg = cfg.autonat.autonat_config()
+        self.autonat_server = AutoNATServer(self.host, autonat_cfg) if cfg.autonat.server else None
+        self.autonat = AutoNATProber(self, AutoNATClient(self.host, autonat_cfg), self.reachability,
+                                     servers_per_check=cfg.autonat.servers_per_check,
+                                     allow_private=cfg.autonat.allow_private)
         self.metrics.bind_connections(
             lambda: Counter(connection_type(s.conn) for s in self.sessions()), lambda: len(self.autorelay.live()))
         for listen in cfg.node.listen:
@@ -220,6 +229,9 @@ class Node:
         self.state.write_api_info(ApiInfo(cfg.api.host, self._api.port, _pid(), str(self.peer_id)))
         self.membership.start()
         self.tasks.periodic("autorelay", cfg.relay.check_interval_s, self._check_relays)
+        if cfg.autonat.client:  # the first pass once some peers identified, then every interval
+            self.tasks.periodic("autonat", cfg.autonat.check_interval_s, self.autonat.check,
+                                delay_s=min(AUTONAT_FIRST_CHECK_S, cfg.autonat.check_interval_s))
         self.tasks.periodic("log-summary", PEER_LOG_BUDGET.window_s, self._summarise_peer_log,
                             delay_s=PEER_LOG_BUDGET.window_s)
         if net.mdns:
@@ -318,6 +330,8 @@ class Node:
         await self.tasks.shutdown()
         if hasattr(self, "relay_client"):
             await self.relay_client.close()
+        if getattr(self, "autonat_server", None) is not None:
+            await self.autonat_server.close()
         sessions = list(self._sessions.values())
         await asyncio.gather(*(self._say_goodbye(s) for s in sessions), return_exceptions=True)
         host = getattr(self, "host", None)
@@ -775,6 +789,8 @@ class Node:
             "learning_off": self.learning_off,
             "relay": self._relay_status(),
             "relay_client": self.autorelay.status(),
+            "autonat": self.autonat.status() | (
+                {"server": dict(self.autonat_server.stats)} if self.autonat_server is not None else {}),
             "connection_types": {str(s.peer): connection_type(s.conn) for s in sessions},
         }
 
