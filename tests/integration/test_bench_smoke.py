@@ -40,3 +40,13 @@ def test_crypto_pipeline_bench_reports_every_mode() -> None:
     out = _last_json("crypto_pipeline.py", "--sizes", "1", "--repeats", "1", "--rounds", "1")
     for mode in ("raw", "inline", "threaded"):
         assert out[f"{mode}_mib_s_1"] > 0, mode
+
+
+@pytest.mark.timeout(150)
+def test_nat_bench_reports_relayed_against_direct() -> None:
+    from tests.integration.emulation import require_internet
+
+    require_internet()
+    out = _last_json("nat.py", "--tries", "1", "--mib", "1", "--mbit", "100")
+    assert out["direct_connect_ms"] > 0 and out["relayed_connect_ms"] > 0
+    assert out["direct_mbit"] > 0 and 0 < out["relayed_vs_direct"] < 2  # type: ignore[operator]
