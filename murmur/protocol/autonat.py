@@ -144,10 +144,7 @@ def _framed(msg: object) -> bytes:
 def message_length(prefix: bytes | bytearray) -> tuple[int, int] | None:
     """``(length, prefix_bytes)`` once ``prefix`` holds the whole uvarint, else ``None``.
     A length over :data:`MAX_MESSAGE` is a :class:`DecodeError` before its body is read."""
-    got = uvarint.decode_partial(prefix, 0, DecodeError)
-    if got is not None and got[0] > MAX_MESSAGE:
-        raise DecodeError(f"autonat message of {got[0]} bytes exceeds {MAX_MESSAGE}")
-    return got
+    return uvarint.bounded_length(prefix, MAX_MESSAGE, "autonat message")
 
 
 def decode(body: bytes | bytearray | memoryview) -> Message:

@@ -13,16 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from murmur.protocol.identity import Identity
 from murmur.protocol.libp2p import Libp2pHost
 from murmur.protocol.libp2p.autonat import AutoNATClient, AutoNATConfig, AutoNATServer
-from murmur.protocol.libp2p.host import HostConfig
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.reachability import Basis, Reachability, ReachabilityTracker
-from murmur.protocol.transport import TransportLimits
-from murmur.testnet import internet
 from murmur.testnet.internet import Host, Internet, NatKind, Router, Topology
-from tests.integration.emulation import require_internet
+from tests.integration.emulation import ns_host, require_internet
 
 PORT = 4001
 SERVERS = ("s1", "s2", "s3")
@@ -43,9 +39,7 @@ def net() -> Iterator[Internet]:
 
 
 def _host(net: Internet, name: str) -> Libp2pHost:
-    ns = net.ns(name)
-    config = HostConfig(limits=TransportLimits(connect_timeout_s=1.0))
-    return Libp2pHost(Identity.generate(), config, make_socket=lambda family: internet.socket_in(ns, family))
+    return ns_host(net, name)
 
 
 async def test_dial_backs_decide_public_and_private_and_other_ips_pay_first(net: Internet) -> None:
