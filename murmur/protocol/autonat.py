@@ -132,10 +132,7 @@ def encode_dial_back_response() -> bytes:
 
 
 def _framed(msg: object) -> bytes:
-    body = pb.serialize(msg)  # type: ignore[arg-type]
-    if len(body) > MAX_MESSAGE:
-        raise ValueError(f"autonat message of {len(body)} bytes exceeds {MAX_MESSAGE}")
-    return uvarint.encode(len(body)) + body
+    return pb.framed(msg, MAX_MESSAGE, "autonat message")  # type: ignore[arg-type]
 
 
 # --- decoding ----------------------------------------------------------------------------

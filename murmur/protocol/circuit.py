@@ -125,10 +125,7 @@ class StopMessage:
 
 
 def _framed(msg: object) -> bytes:
-    body = pb.serialize(msg)  # type: ignore[arg-type]
-    if len(body) > MAX_MESSAGE:
-        raise ValueError(f"circuit message of {len(body)} bytes exceeds {MAX_MESSAGE}")
-    return uvarint.encode(len(body)) + body
+    return pb.framed(msg, MAX_MESSAGE, "circuit message")  # type: ignore[arg-type]
 
 
 def _put_peer(field: object, peer: PeerInfo) -> None:

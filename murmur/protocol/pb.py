@@ -60,6 +60,7 @@ from google.protobuf.message import DecodeError as _PbDecodeError
 from google.protobuf.message import Message
 
 from murmur.errors import PeerFault
+from murmur.protocol import uvarint
 
 _F = descriptor_pb2.FieldDescriptorProto
 _PACKAGE = "murmur.libp2p"
@@ -215,3 +216,13 @@ def serialize(msg: Message) -> bytes:
     """Deterministic encoding: fields in number order, minimal varints (what
     libp2p requires of keys, and what makes re-encoding a strictness check)."""
     return msg.SerializeToString(deterministic=True)
+
+
+def framed(msg: Message, limit: int, what: str) -> bytes:
+    """``msg`` serialised behind its uvarint length, as the libp2p protocols
+    that exchange protobufs frame them; ``ValueError`` past ``limit`` bytes
+    (a bug of ours: what we send is bounded like what we accept)."""
+    body = serialize(msg)
+    if len(body) > limit:
+        raise ValueError(f"{what} of {len(body)} bytes exceeds {limit}")
+    return uvarint.encode(len(body)) + body
