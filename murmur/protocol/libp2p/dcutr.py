@@ -203,10 +203,12 @@ class HolePuncher:
                 if answer.type is not HolePunchType.CONNECT:
                     raise self._fault(conn, DecodeError(f"DCUtR: {answer.type.name} where a CONNECT was due"))
                 rtt = time.monotonic() - started
-                await stream.write(dcutr.SYNC.encode())
-                self.stats["attempts"] += 1
-                await asyncio.sleep(rtt / 2)  # the spec's timer: A dials as our SYNC reaches it
-                direct = await self._punch(answer.addrs, peer, initiator=True)
+                targets = self._targets(answer)
+                with self.host.expecting_punch(peer, targets, initiator=True):  # before A may dial
+                    await stream.write(dcutr.SYNC.encode())
+                    self.stats["attempts"] += 1
+                    await asyncio.sleep(rtt / 2)  # the spec's timer: A dials as our SYNC reaches it
+                    direct = await self._punch(targets, peer, initiator=True)
                 log.info("hole punch attempt", extra={"event": "dcutr_attempt", "peer": str(peer),
                                                       "attempt": attempt, "rtt_ms": round(rtt * 1000, 1),
                                                       "addrs": [str(a) for a in answer.addrs],
@@ -255,14 +257,16 @@ class HolePuncher:
             if rounds > self.config.attempts:
                 raise self._fault(conn, LimitExceeded(f"DCUtR: CONNECT number {rounds}, more than "
                                                       f"{self.config.attempts} attempts"))
-            await stream.write(dcutr.connect(self.addresses()).encode())
-            sync = await self._read(stream, conn)
-            if sync is None:
-                break
-            if sync.type is not HolePunchType.SYNC:
-                raise self._fault(conn, DecodeError(f"DCUtR: {sync.type.name} where a SYNC was due"))
-            self.stats["attempts"] += 1
-            direct = await self._punch(msg.addrs, peer, initiator=False)
+            targets = self._targets(msg)
+            with self.host.expecting_punch(peer, targets, initiator=False):  # before B may dial
+                await stream.write(dcutr.connect(self.addresses()).encode())
+                sync = await self._read(stream, conn)
+                if sync is None:
+                    break
+                if sync.type is not HolePunchType.SYNC:
+                    raise self._fault(conn, DecodeError(f"DCUtR: {sync.type.name} where a SYNC was due"))
+                self.stats["attempts"] += 1
+                direct = await self._punch(targets, peer, initiator=False)
             if direct is not None:
                 self.stats["successes"] += 1
                 self._done(conn, direct, punched=True)
@@ -301,29 +305,32 @@ class HolePuncher:
     def _direct(self, peer: PeerId) -> Libp2pConnection | None:
         return next((c for c in self.host.connections if c.peer_id == peer and c.relay is None), None)
 
-    async def _punch(self, addrs: Sequence[Multiaddr], peer: PeerId, initiator: bool) -> Libp2pConnection | None:
-        """Dial ``addrs`` (the first ``max_dial_addrs``) at once from our listen
-        port in the given upgrade role; the first connection wins, the others
-        are closed. When every dial failed, a connection from one of those IPs
-        that our listener accepted meanwhile (the peer's SYN came first) is it."""
-        targets = list(addrs)[: self.config.max_dial_addrs]
+    def _targets(self, msg: HolePunch) -> list[Multiaddr]:
+        """What a punch dials of the peer's CONNECT: its first ``max_dial_addrs`` addresses."""
+        return list(msg.addrs)[: self.config.max_dial_addrs]
+
+    async def _punch(self, targets: Sequence[Multiaddr], peer: PeerId, initiator: bool) -> Libp2pConnection | None:
+        """Dial ``targets`` at once from our listen port in the given upgrade
+        role (the caller holds ``expecting_punch`` for them since before the
+        peer may dial); the first connection wins, the others are closed. When
+        every dial failed, a connection from one of those IPs that our
+        listener accepted meanwhile (the peer's SYN came first) is it."""
         if not targets:
             return None
         won: Libp2pConnection | None = None
-        with self.host.expecting_punch(peer, targets, initiator):
-            dials = [asyncio.ensure_future(self.host.dial(Multiaddr(a.host, a.port, peer), punch=initiator))
-                     for a in targets]
-            for next_done in asyncio.as_completed(dials):
-                try:
-                    conn = await next_done
-                except (OSError, PeerFault, ConnectionClosed, TimeoutError):
-                    continue
-                if won is None:
-                    won = conn
-                else:
-                    await conn.close()
+        dials = [asyncio.ensure_future(self.host.dial(Multiaddr(a.host, a.port, peer), punch=initiator))
+                 for a in targets]
+        for next_done in asyncio.as_completed(dials):
+            try:
+                conn = await next_done
+            except (OSError, PeerFault, ConnectionClosed, TimeoutError):
+                continue
             if won is None:
-                won = await self.host.accepted_from(peer, {a.host for a in targets})
+                won = conn
+            else:
+                await conn.close()
+        if won is None:
+            won = await self.host.accepted_from(peer, {a.host for a in targets})
         return won
 
     def _done(self, relayed: Libp2pConnection, direct: Libp2pConnection, punched: bool) -> Libp2pConnection:
