@@ -29,17 +29,13 @@ from dataclasses import dataclass
 import pytest
 
 from murmur.errors import ConnectionClosed, PeerFault
-from murmur.protocol.identity import Identity
 from murmur.protocol.libp2p import Libp2pConnection, Libp2pHost
 from murmur.protocol.libp2p.dcutr import HolePuncher
-from murmur.protocol.libp2p.host import HostConfig
 from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayService
 from murmur.protocol.multiaddr import DialAddr, Multiaddr
-from murmur.protocol.transport import TransportLimits
-from murmur.testnet import internet
 from murmur.testnet.internet import Host, Internet, NatKind, Router, Topology
 from tests.integration.cluster import wait_until
-from tests.integration.emulation import require_internet
+from tests.integration.emulation import ns_host, require_internet
 
 RELAY_PORT = 4001
 BASE_PORT = 20000  # each try's hosts listen on fresh ports from here
@@ -75,9 +71,7 @@ class Side:
 
 
 def _side(net: Internet, name: str) -> Side:
-    ns = net.ns(name)
-    host = Libp2pHost(Identity.generate(), HostConfig(limits=TransportLimits(connect_timeout_s=CONNECT_TIMEOUT_S)),
-                      make_socket=lambda family: internet.socket_in(ns, family))
+    host = ns_host(net, name, CONNECT_TIMEOUT_S)
     return Side(name, host, RelayClient(host), HolePuncher(host))
 
 
@@ -129,7 +123,7 @@ async def _works(conn: Libp2pConnection, outcome: str) -> str:
 
 
 async def test_connectivity_matrix(net: Internet) -> None:
-    relay = Libp2pHost(Identity.generate(), make_socket=lambda family: internet.socket_in(net.ns("relay"), family))
+    relay = ns_host(net, "relay")
     RelayService(relay, RelayConfig(max_reservations_per_ip=64))
     pairs = list(itertools.combinations(KINDS, 2))
     lanes = asyncio.Semaphore(PAIRS_AT_ONCE)
