@@ -15,6 +15,9 @@ peer. What it does for the application:
 * peer faults go to ``on_fault(peer, fault)`` (the node's penalty table):
   ``peer`` is the proved peer id, or ``None`` for a fault before any identity
   was proved (those the host logs itself, rate-limited per subnet);
+* dials leave from the listen port (SO_REUSEPORT, as libp2p's TCP
+  transports): behind a NAT peers observe that port, which DCUtR's hole
+  punches (:mod:`murmur.protocol.libp2p.dcutr`) dial from and to;
 * identify runs on every connection (:attr:`Libp2pConnection.identify`,
   ``on_identified(conn)`` when it, or a push, arrives) and the addresses
   peers observed for us are counted in :attr:`Libp2pHost.observed_addrs`.
