@@ -9,6 +9,8 @@ inbound connection, or both ends would wait as responders."""
 
 from __future__ import annotations
 
+import errno
+
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -204,3 +206,23 @@ async def test_a_sync_out_of_turn_is_a_decode_error(pair: Pair) -> None:
     await _drive(pair, dcutr.SYNC.encode())
     (fault,) = await _faults_of(pair, DecodeError)
     assert "SYNC where a CONNECT" in str(fault)
+
+
+# --- port reuse ----------------------------------------------------------------------------
+
+
+async def test_dials_leave_from_the_listen_port_and_another_listener_is_still_refused_it() -> None:
+    a, b, other = (Libp2pHost(Identity.generate()) for _ in range(3))
+    try:
+        (a_addr,) = await a.listen("127.0.0.1", 0)
+        (b_addr,) = await b.listen("127.0.0.1", 0)
+        first = await a.dial(b_addr)
+        assert first.local == (a_addr.host, a_addr.port)
+        second = await a.dial(b_addr)  # that 4-tuple is taken: an ephemeral port instead
+        assert second.local[1] != a_addr.port
+        with pytest.raises(OSError) as refused:  # SO_REUSEPORT does not open the port to another listener
+            await other.listen("127.0.0.1", a_addr.port)
+        assert refused.value.errno == errno.EADDRINUSE
+    finally:
+        for host in (a, b, other):
+            await host.close()
