@@ -175,6 +175,7 @@ class NetworkSection:
     shuffle_interval_s: float = 10.0
     subnet_bucket_size: int = 2
     allow_loopback: bool = False
+    hole_punching: bool = True  # DCUtR: upgrade a relayed connection to a direct one (protocol/libp2p/dcutr.py)
 
     def sampler_config(self) -> Any:
         """The equivalent ``protocol.sampling.SamplerConfig`` (imported late)."""

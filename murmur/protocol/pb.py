@@ -27,6 +27,8 @@ would have produced from this file (proto2, as the specs define them)::
       optional Limit limit = 4; optional Status status = 5; }
     message StopMessage { required StopType type = 1; optional Peer peer = 2; optional Limit limit = 3;
       optional Status status = 4; }
+    enum HolePunchType { CONNECT = 100; SYNC = 300; }   // DCUtR spec (nested in HolePunch there)
+    message HolePunch { optional HolePunchType type = 1; repeated bytes ObsAddrs = 2; }
     message DialRequest { repeated bytes addrs = 1; optional fixed64 nonce = 2; }       // autonat v2 spec
     message DialResponse { optional uint32 status = 1; optional uint32 addrIdx = 2; optional uint32 dialStatus = 3; }
     message DialDataRequest { optional uint32 addrIdx = 1; optional uint64 numBytes = 2; }
@@ -92,6 +94,7 @@ def _build() -> dict[str, type[Message]]:
         "Status": (("UNUSED", 0), ("OK", 100), ("RESERVATION_REFUSED", 200), ("RESOURCE_LIMIT_EXCEEDED", 201),
                    ("PERMISSION_DENIED", 202), ("CONNECTION_FAILED", 203), ("NO_RESERVATION", 204),
                    ("MALFORMED_MESSAGE", 400), ("UNEXPECTED_MESSAGE", 401)),
+        "HolePunchType": (("HP_CONNECT", 100), ("HP_SYNC", 300)),
     }
     for enum_name, members in enums.items():
         enum_type = proto.enum_type.add(name=enum_name)
@@ -168,6 +171,10 @@ def _build() -> dict[str, type[Message]]:
         ],
         "DialBack": [_field("nonce", 1, _F.TYPE_FIXED64)],
         "DialBackResponse": [_field("status", 1, _F.TYPE_UINT32)],
+        "HolePunch": [
+            _field("type", 1, _F.TYPE_ENUM, type_name="HolePunchType"),
+            _field("ObsAddrs", 2, _F.TYPE_BYTES, _F.LABEL_REPEATED),
+        ],
     }
     for name, fields in schemas.items():
         proto.message_type.add(name=name, field=fields)
@@ -190,6 +197,7 @@ StopMessage: Any = _CLASSES["StopMessage"]
 AutonatMessage: Any = _CLASSES["AutonatMessage"]
 DialBack: Any = _CLASSES["DialBack"]
 DialBackResponse: Any = _CLASSES["DialBackResponse"]
+HolePunch: Any = _CLASSES["HolePunch"]
 
 
 def parse(cls: Any, data: bytes | bytearray | memoryview, fault: type[PeerFault], what: str) -> Any:

@@ -362,6 +362,7 @@ class Libp2pConnection:
         self.closed = False
         self.useful_at: float | None = None  # last mark_useful (monotonic seconds)
         self.relay: PeerId | None = None  # the circuit relay this connection runs through (None: direct)
+        self.punched = False  # a direct connection a DCUtR hole punch made (murmur/protocol/libp2p/dcutr.py)
         self.bytes_sent = 0  # stream payload bytes
         self.bytes_received = 0
         self.tasks = TaskManager(f"{self.name} {peer_id.short()}")

@@ -87,10 +87,17 @@ class Phase(enum.Enum):
 class Wire(asyncio.BufferedProtocol):
     """One TCP connection through its upgrade, then the socket of its connection."""
 
-    def __init__(self, host: Libp2pHost, outbound: bool, conn_no: int, expected: PeerId | None = None) -> None:
+    def __init__(self, host: Libp2pHost, outbound: bool, conn_no: int, expected: PeerId | None = None,
+                 dialled: bool | None = None) -> None:
         self.host = host
         self.limits = host.config.limits
+        # ``outbound``: our role in the upgrade (multistream dialer, Noise
+        # initiator, odd stream ids); ``dialled``: whether we opened the TCP
+        # connection. They differ only for a hole punch's simultaneous open,
+        # where both sides dialled and DCUtR gives out the roles
+        # (murmur/protocol/libp2p/dcutr.py).
         self.outbound = outbound
+        self.dialled = outbound if dialled is None else dialled
         self.expected = expected
         self.conn_no = conn_no
         self.opened_at = time.monotonic()
@@ -147,6 +154,11 @@ class Wire(asyncio.BufferedProtocol):
         if not self.host._admit(self):
             transport.abort()
             return
+        punch = None if self.dialled else self.host.punch_role(self.remote)
+        if punch is not None:  # a hole punch's SYN our listener took: the punch's role (dcutr.py)
+            self.expected, self.outbound = punch
+            if self.outbound:
+                self._mss = multistream.Dialer(security_protocols(self.limits.fast_path))
         transport.set_write_buffer_limits(high=send_high_water(self.limits))  # type: ignore[attr-defined]
         self._timer = asyncio.get_running_loop().call_later(self.limits.handshake_timeout_s, self._timed_out)
         self._guard(lambda: self._write(self._mss.start()))
