@@ -160,22 +160,24 @@ def test_reader_hands_over_unparsed_tail() -> None:
 
 
 def test_connections_sharing_one_plaintext_scratch_stay_independent() -> None:
-    """Two links interleaved over one scratch (as a Transport's connections
-    share it): every payload comes out intact and owned, not a scratch view."""
+    """Two links interleaved over one encoder scratch (as a host's connections
+    share it): every payload comes out intact, read-only and in a buffer of
+    its own, not a view of a buffer the decoder reuses."""
     shared = PlaintextScratch(MAX_FRAME)
     links = [
         (FrameEncoder(CipherState(bytes([i]) * 32), MAX_FRAME, shared),
-         FrameDecoder(CipherState(bytes([i]) * 32), MAX_FRAME, SCRATCH, shared))
+         FrameDecoder(CipherState(bytes([i]) * 32), MAX_FRAME, SCRATCH))
         for i in (1, 2)
     ]
-    received: list[bytes] = []
+    received: list[memoryview] = []
     sent = [os.urandom(n) for n in (MAX_FRAME, 10, 5000, MAX_FRAME - 1)]
     for i, payload in enumerate(sent):
         enc, dec = links[i % 2]
         (frame,) = dec.feed(enc.encode(FrameType.DATA, 1, payload))
-        assert isinstance(frame.payload, bytes)
+        assert frame.payload.readonly
         received.append(frame.payload)
-    assert received == sent  # earlier payloads were not overwritten by later frames
+    assert [bytes(p) for p in received] == sent  # earlier payloads were not overwritten by later frames
+    assert len({id(p.obj) for p in received}) == len(sent)
 
 
 def test_recycled_output_buffer_is_reused_and_others_are_not() -> None:
