@@ -141,7 +141,10 @@ class LengthPrefixedReader:
         self._view = memoryview(self._scratch)
         self._start = 0  # first unparsed byte in scratch
         self._end = 0  # end of valid data in scratch
-        self._big: memoryview | None = None  # body of one large record being filled
+        # One large record being filled: its body, then room for the next
+        # record's prefix, so a stream of large records takes one read each.
+        self._big: memoryview | None = None
+        self._big_len = 0  # its body's length
         self._big_filled = 0
         # Backing store of ``_big``, kept for the next large record while
         # records keep coming: a fresh multi-MiB buffer per record cost a
@@ -152,10 +155,11 @@ class LengthPrefixedReader:
         self._budget = budget
         self.blocked = False  # a large record waits for budget (see next_body)
         self.large_records = 0  # large records started so far (the owner's idleness check)
-        # The last record was large: read the next prefix alone. Read into the
-        # scratch, a large record's body was copied from there into its own
-        # buffer; read after its prefix, it lands there directly (a delta
-        # stream's chunks are all just over the scratch's size).
+        # The last record was large: read the next prefix alone (or with the
+        # body before it, see _big). Read into the scratch, a large record's
+        # body was copied from there into its own buffer; read after its
+        # prefix, it lands there directly (a delta stream's chunks are all
+        # just over the scratch's size).
         self._prefix_alone = False
 
     @property
@@ -186,7 +190,7 @@ class LengthPrefixedReader:
         complete, and say so; ``False`` (nothing accounted) for any other read,
         which goes through :meth:`buffer_updated`. The cheap path of a read
         that can neither complete a record nor change what is charged."""
-        if self._big is None or self._big_filled + nbytes >= len(self._big):
+        if self._big is None or self._big_filled + nbytes >= self._big_len:
             return False
         self._big_filled += nbytes
         return True
@@ -213,11 +217,15 @@ class LengthPrefixedReader:
         budget: the owner stops reading and calls again once it may fit.
         """
         if self._big is not None:
-            if self._big_filled < len(self._big):
+            filled, length = self._big_filled, self._big_len
+            if filled < length:
                 return None
-            body, self._big = self._big, None
+            big, self._big = self._big, None
+            behind = filled - length  # the start of the next prefix, read with the body
+            self._view[:behind] = big[length:filled]  # the scratch is empty while a large record fills
+            self._start, self._end = 0, behind
             self._prefix_alone = True
-            return body
+            return big[:length]
         psize = self._prefix.size
         if self._end - self._start < psize:
             return None
@@ -236,11 +244,12 @@ class LengthPrefixedReader:
             # Large record: its own buffer, sized by the (already checked)
             # prefix, paid for from the budget, committed by the kernel only
             # as the socket fills it directly.
-            self.blocked = not self._spare_for(length)
+            self.blocked = not self._spare_for(length + psize)
             if self.blocked:
                 return None
             self.large_records += 1
-            self._big = memoryview(self._spare)[:length]  # type: ignore[arg-type]
+            self._big = memoryview(self._spare)[: length + psize]  # type: ignore[arg-type]
+            self._big_len = length
             self._big[:available] = self._view[body_start : self._end]
             self._big_filled = available
             self._start = self._end = 0
