@@ -109,16 +109,21 @@ class Stream:
     async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
         """Up to ``max_bytes``; ``b""`` once the peer closed its side and all was read.
         Raises :class:`StreamResetError` if the stream was reset."""
+        # What is left of a piece waits as a view of it: a message read as a
+        # length prefix byte by byte, then its body (yamux), sliced bytes
+        # copied the rest of the piece once per read.
         while True:
             if self._pushback:
-                data, self._pushback = self._pushback[:max_bytes], self._pushback[max_bytes:]
+                rest = memoryview(self._pushback)
+                data, self._pushback = rest[:max_bytes], rest[max_bytes:]
                 return bytes(data)
             if self._reset:
                 raise StreamResetError(f"stream {self.id} was reset")
-            data = self._take()
+            data = self._take(max_bytes)
             if data:
                 if len(data) > max_bytes:
-                    data, self._pushback = data[:max_bytes], data[max_bytes:]
+                    piece = memoryview(data)
+                    data, self._pushback = piece[:max_bytes], piece[max_bytes:]
                 return bytes(data)  # a byte stream's reader gets bytes (a no-op for bytes)
             if data is not None:
                 continue  # an empty frame: nothing for a byte stream (b"" means EOF here)
@@ -219,8 +224,9 @@ class Stream:
 
     # --- muxer-specific -------------------------------------------------------------
 
-    def _take(self) -> bytes | memoryview | None:
-        """The next piece the muxer holds for this stream, or ``None``."""
+    def _take(self, max_bytes: int) -> bytes | memoryview | None:
+        """The next piece the muxer holds for this stream (a byte stream's at
+        most ``max_bytes``, a message stream's whole), or ``None``."""
         raise NotImplementedError
 
     def _at_eof(self) -> bool:
@@ -235,8 +241,8 @@ class MuxStream(Stream):
 
     conn: FastConnection
 
-    def _take(self) -> memoryview | None:
-        return self.conn._read_stream(self.id)
+    def _take(self, max_bytes: int = 0) -> memoryview | None:
+        return self.conn._read_stream(self.id)  # a whole frame: the caller keeps what it does not want
 
     def _at_eof(self) -> bool:
         return self.conn._session.at_eof(self.id)
@@ -273,9 +279,9 @@ class YamuxStream(Stream):
 
     conn: YamuxConnection
 
-    def _take(self) -> bytes | None:
+    def _take(self, max_bytes: int) -> bytes | memoryview | None:
         session = self.conn._session
-        data = session.read(self.id, READ_CHUNK)
+        data = session.read(self.id, max_bytes)
         if not data:
             return None
         self.conn.bytes_received += len(data)
@@ -311,8 +317,16 @@ class YamuxStream(Stream):
         await self.conn._wait_writable(deadline)
         # Begun, a message is finished whatever the deadline: a stream cut
         # inside one would be unreadable. Cancelled midway, the stream is reset.
+        prefix = uvarint.encode(size)
+        message = bytearray(len(prefix) + size)  # gathered once, not joined and then prefixed
+        message[: len(prefix)] = prefix
+        offset = len(prefix)
+        for part in parts:
+            view = memoryview(part).cast("B")
+            message[offset : offset + view.nbytes] = view
+            offset += view.nbytes
         try:
-            await self.write(uvarint.encode(size) + b"".join(parts))
+            await self.write(message)
         except asyncio.CancelledError:
             self.reset()
             raise
