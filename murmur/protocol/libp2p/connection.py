@@ -119,7 +119,7 @@ class Stream:
                 return bytes(data)
             if self._reset:
                 raise StreamResetError(f"stream {self.id} was reset")
-            data = self._take(max_bytes)
+            data = self._take()
             if data:
                 if len(data) > max_bytes:
                     piece = memoryview(data)
@@ -224,9 +224,8 @@ class Stream:
 
     # --- muxer-specific -------------------------------------------------------------
 
-    def _take(self, max_bytes: int) -> bytes | memoryview | None:
-        """The next piece the muxer holds for this stream (a byte stream's at
-        most ``max_bytes``, a message stream's whole), or ``None``."""
+    def _take(self) -> bytes | memoryview | None:
+        """The next piece the muxer holds for this stream, or ``None``."""
         raise NotImplementedError
 
     def _at_eof(self) -> bool:
@@ -241,8 +240,8 @@ class MuxStream(Stream):
 
     conn: FastConnection
 
-    def _take(self, max_bytes: int = 0) -> memoryview | None:
-        return self.conn._read_stream(self.id)  # a whole frame: the caller keeps what it does not want
+    def _take(self) -> memoryview | None:
+        return self.conn._read_stream(self.id)
 
     def _at_eof(self) -> bool:
         return self.conn._session.at_eof(self.id)
@@ -279,9 +278,12 @@ class YamuxStream(Stream):
 
     conn: YamuxConnection
 
-    def _take(self, max_bytes: int) -> bytes | memoryview | None:
+    def _take(self) -> bytes | memoryview | None:
+        # Up to READ_CHUNK whatever the reader asked: what it leaves waits in
+        # the stream's pushback (a view), and the session's buffer drains as it
+        # always did (its window grows only for a stream read as fast as it arrives).
         session = self.conn._session
-        data = session.read(self.id, max_bytes)
+        data = session.read(self.id, READ_CHUNK)
         if not data:
             return None
         self.conn.bytes_received += len(data)
