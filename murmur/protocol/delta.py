@@ -12,8 +12,10 @@ holds the whole encoded message set in memory.
 The receiver (:class:`DeltaAssembler`) checks every bound in ``DeltaStart``
 *before* allocating (size limit, codec/shape/nbytes consistency, per-peer and
 total concurrency), then preallocates exactly ``nbytes`` and writes chunks at
-their offset. Only after hash, signature and replay checks does it decode; the
-FP32 decode is a zero-copy view of the assembly buffer.
+their offset. Each chunk's values are checked finite as it lands (FP32, while
+the chunk is in cache: :class:`~murmur.protocol.codecs.LandingDecoder`); only
+after hash, signature and replay checks does it decode, and the FP32 decode is
+a zero-copy view of the assembly buffer.
 
 Binding: the signature covers the payload, round, sender and recipient, as
 ARCHITECTURE.md specifies. ``codec``, ``shape`` and ``meta`` are protected by
@@ -40,7 +42,7 @@ import numpy as np
 
 from murmur.errors import DecodeError, LimitExceeded, PeerFault, ReplayError, SignatureError
 from murmur.protocol import codecs
-from murmur.protocol.codecs import CodecParams, DeltaCodec
+from murmur.protocol.codecs import CodecParams, DeltaCodec, LandingDecoder
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.layout import TransferLayout
 from murmur.protocol.messages import (
@@ -371,6 +373,7 @@ class CompletedDelta:
 class _Transfer:
     start: DeltaStart
     buffer: memoryview  # over a LandingPool buffer; the decoded array keeps it (and so its slot) taken
+    decoder: LandingDecoder  # checks the values of each chunk as it lands
     last_activity: float
     hasher: Any = field(default_factory=_hasher)
     received: int = 0
@@ -505,8 +508,10 @@ class DeltaAssembler:
             raise LimitExceeded(f"{sender.short()} has {limits.max_concurrent_per_peer} transfers in flight")
         if self._buffered + msg.nbytes > limits.max_total_buffered_bytes:
             raise LimitExceeded("total delta buffer budget exhausted")
+        buffer = self._landing.take(msg.nbytes)
+        decoder = LandingDecoder(CodecParams(msg.codec, math.prod(msg.shape)), buffer)
         self._transfers[key] = _Transfer(
-            start=msg, buffer=self._landing.take(msg.nbytes), last_activity=self._clock(), solicited=solicited
+            start=msg, buffer=buffer, decoder=decoder, last_activity=self._clock(), solicited=solicited
         )
         self._buffered += msg.nbytes
         return None
@@ -526,6 +531,7 @@ class DeltaAssembler:
             raise DecodeError(f"chunk overruns the announced {len(transfer.buffer)} bytes")
         transfer.buffer[transfer.received : end] = msg.data
         transfer.hasher.update(msg.data)
+        transfer.decoder.landed(end)  # while the chunk is in cache; a NaN ends the transfer here
         transfer.received = end
         transfer.next_seq += 1
         transfer.last_activity = self._clock()
@@ -543,7 +549,7 @@ class DeltaAssembler:
         sender.verify(msg.signature, signing_input(digest, start.round, sender, self.own_peer_id))
         if not transfer.solicited:
             self.replay_guard.check(sender, start.round, digest)
-        flat = codecs.decode(transfer.buffer, CodecParams(start.codec, math.prod(start.shape)))
+        flat = transfer.decoder.decode()
         if not transfer.solicited:
             self.replay_guard.remember(sender, start.round, digest)
         return CompletedDelta(

@@ -13,6 +13,7 @@ from murmur.protocol.codecs import (
     INT8_FLUSH,
     CodecParams,
     DeltaCodec,
+    LandingDecoder,
     decode,
     encode,
     encoded_nbytes,
@@ -240,3 +241,41 @@ def test_roundtrip_keeps_shape_and_fp32_is_the_array_itself() -> None:
     x = np.arange(12, dtype=np.float32).reshape(2, 6)
     assert roundtrip(x, DeltaCodec.FP32) is x
     assert roundtrip(x, DeltaCodec.FP16).shape == (2, 6)
+
+
+def test_landing_decoder_checks_fp32_values_as_they_land_and_decodes_in_place() -> None:
+    values = np.arange(10, dtype=np.float32)
+    buffer = memoryview(bytearray(values.nbytes))
+    decoder = LandingDecoder(CodecParams(DeltaCodec.FP32, values.size), buffer)
+    raw = values.tobytes()
+    for end in (3, 17, 40):  # pieces that split values: only whole ones are checked
+        buffer[:end] = raw[:end]
+        decoder.landed(end)
+    decoded = decoder.decode()
+    assert decoded.tolist() == values.tolist()
+    assert np.shares_memory(decoded, np.frombuffer(buffer.obj, np.uint8))  # a view, not a copy
+
+
+def test_landing_decoder_rejects_a_non_finite_value_when_it_lands() -> None:
+    buffer = memoryview(bytearray(8))
+    decoder = LandingDecoder(CodecParams(DeltaCodec.FP32, 2), buffer)
+    buffer[:] = np.array([1.0, np.inf], np.float32).tobytes()
+    decoder.landed(4)
+    with pytest.raises(DecodeError):
+        decoder.landed(8)
+
+
+@pytest.mark.parametrize("codec", list(DeltaCodec))
+def test_landing_decoder_without_every_byte_landed_decodes_as_decode_does(codec: DeltaCodec) -> None:
+    """Nothing is skipped: a payload not seen whole by ``landed`` (or another
+    codec's) gets decode()'s full checks, NaN included."""
+    values = np.array([1.0, -2.0, 3.0, np.nan], np.float32)
+    payload = values.tobytes() if codec is DeltaCodec.FP32 else encode(values[:3], codec)[0].tobytes()
+    count = 4 if codec is DeltaCodec.FP32 else 3
+    decoder = LandingDecoder(CodecParams(codec, count), memoryview(bytearray(payload)))
+    decoder.landed(len(payload) // 2)
+    if codec is DeltaCodec.FP32:
+        with pytest.raises(DecodeError):
+            decoder.decode()
+    else:
+        assert decoder.decode().tolist() == decode(payload, CodecParams(codec, count)).tolist()

@@ -107,7 +107,7 @@ class Libp2pHost:
         self.config = config
         limits = config.limits
         self.pool = pool if pool is not None else BytePool(limits.max_buffered_bytes)
-        # Plaintext staging for every fast-path record (see PlaintextScratch):
+        # Plaintext staging for every fast-path record sent (see PlaintextScratch):
         # one largest record per host instead of one per connection.
         self.plaintext_scratch = PlaintextScratch(limits.max_frame)
         self._on_connection = on_connection

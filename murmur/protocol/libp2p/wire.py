@@ -179,8 +179,9 @@ class Wire(asyncio.BufferedProtocol):
             self._guard(lambda: self._on_security(data))
         elif phase is Phase.CLOSED:
             return
-        elif self._decoder is not None:
-            self._guard(lambda: self._on_records(self._decoder.buffer_updated(nbytes)))  # type: ignore[union-attr]
+        elif (decoder := self._decoder) is not None:
+            if not decoder.fill(nbytes):  # else the bytes only advanced a large record: nothing to decode yet
+                self._guard(lambda: self._on_records(decoder.buffer_updated(nbytes)))
         elif self._hs_reader is not None:
             self._hs_reader.buffer_updated(nbytes)
             self._guard(self._advance_fast_handshake)
@@ -328,8 +329,7 @@ class Wire(asyncio.BufferedProtocol):
         host = self.host
         self._budget = host.pool.budget(self.limits.max_peer_buffered_bytes, self.limits.peer_reserve_bytes)
         self._encoder = FrameEncoder(send, self.limits.max_frame, host.plaintext_scratch)
-        self._decoder = FrameDecoder(receive, self.limits.max_frame, plaintext=host.plaintext_scratch,
-                                     budget=self._budget)
+        self._decoder = FrameDecoder(receive, self.limits.max_frame, budget=self._budget)
         self._hs_reader = None
         self.phase = Phase.MUXER
         if self.outbound:
