@@ -124,6 +124,13 @@ class LimitExceeded(PeerFault):
     drop = False
 
 
+class UnexpectedProtocol(PeerFault):
+    """A peer ran a protocol where it has no place (DCUtR on a connection
+    that is not relayed): the stream is reset, the connection stays."""
+
+    drop = False
+
+
 class NegotiationError(PeerFault):
     """multistream-select went wrong: a malformed, oversized or unexpected
     message, or more proposals than the bound allows (an endless ``na`` loop)."""

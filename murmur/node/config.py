@@ -223,6 +223,7 @@ class NetworkSection:
     shuffle_interval_s: float = 10.0
     subnet_bucket_size: int = 2
     allow_loopback: bool = False
+    hole_punching: bool = True  # DCUtR: upgrade a relayed connection to a direct one (protocol/libp2p/dcutr.py)
 
     def sampler_config(self) -> Any:
         """The equivalent ``protocol.sampling.SamplerConfig`` (imported late)."""
@@ -308,6 +309,33 @@ class RelaySection:
             del fields[client_side]
         fields["unlimited_peers"] = frozenset(PeerId.from_string(p) for p in self.unlimited_peers)
         return RelayConfig(**fields)
+
+
+@dataclass(frozen=True)
+class AutoNATSection:
+    """AutoNAT v2 (``protocol.libp2p.autonat.AutoNATConfig``, same names and
+    defaults), and how often the node asks peers to dial it back."""
+
+    server: bool = True  # dial back peers that ask (rate-limited, amplification-priced)
+    allow_private: bool = False  # dial back, and ask about, private/loopback addresses: a LAN or a test network
+    max_concurrent: int = 4
+    per_peer_interval_s: float = 10.0
+    request_timeout_s: float = 20.0
+    dial_timeout_s: float = 5.0
+    dial_data_bytes: int = 40_000
+    max_pay_bytes: int = 100_000
+    client: bool = True  # ask peers to dial our addresses back
+    check_interval_s: float = 60.0
+    servers_per_check: int = 4
+
+    def autonat_config(self) -> Any:
+        """The equivalent ``AutoNATConfig`` (imported late, like ``TransportSection.limits``)."""
+        from murmur.protocol.libp2p.autonat import AutoNATConfig
+
+        fields = dataclasses.asdict(self)
+        for node_side in ("client", "check_interval_s", "servers_per_check"):
+            del fields[node_side]
+        return AutoNATConfig(**fields)
 
 
 @dataclass(frozen=True)
@@ -477,6 +505,7 @@ class NodeConfig:
     network: NetworkSection = field(default_factory=NetworkSection)
     transport: TransportSection = field(default_factory=TransportSection)
     relay: RelaySection = field(default_factory=RelaySection)
+    autonat: AutoNATSection = field(default_factory=AutoNATSection)
     api: ApiSection = field(default_factory=ApiSection)
     learning: LearningSection = field(default_factory=LearningSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
@@ -603,6 +632,14 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "relay.use": relay_addrs,
         "relay.max_relays": between(0, MAX_CIRCUIT_ADDRS),
         "relay.check_interval_s": finite_positive,
+        "autonat.max_concurrent": between(1, 64),
+        "autonat.per_peer_interval_s": at_least(0),
+        "autonat.request_timeout_s": finite_positive,
+        "autonat.dial_timeout_s": finite_positive,
+        "autonat.dial_data_bytes": between(0, 1_000_000),
+        "autonat.max_pay_bytes": between(0, 1_000_000),
+        "autonat.check_interval_s": finite_positive,
+        "autonat.servers_per_check": between(1, 16),
         "api.host": loopback_ip,
         "api.port": between(0, 65535),
         "learning.trainer": non_empty,

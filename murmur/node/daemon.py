@@ -39,6 +39,7 @@ from typing import Any
 from murmur import __version__
 from murmur.errors import OptionError, PeerFault, TaskCrashed
 from murmur.node.api import StatusApi
+from murmur.node.autonat import AutoNATProber
 from murmur.node.autorelay import AutoRelay
 from murmur.node.config import AUTO, NodeConfig
 from murmur.node.links import LinkPacer
@@ -56,6 +57,10 @@ from murmur.protocol.libp2p import HostConfig, Libp2pConnection, Libp2pHost, Str
 from murmur.protocol.messages import Gossip, Goodbye, Hello, MurmurProtocol
 from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, AnyMultiaddr, CircuitAddr, Multiaddr, PeerAddr
 from murmur.protocol.peertable import PeerTable, PeerTableConfig
+from murmur.protocol.libp2p.autonat import AutoNATClient, AutoNATServer
+from murmur.protocol.dcutr import PROTOCOL as DCUTR
+from murmur.protocol.libp2p.dcutr import DcutrConfig, HolePuncher
+from murmur.protocol.libp2p.dcutr import stat_names as dcutr_stat_names
 from murmur.protocol.libp2p.relay import RelayClient, RelayRefused, RelayService
 from murmur.protocol.libp2p.relay import stat_names as relay_stat_names
 from murmur.protocol.reachability import Reachability, ReachabilityTracker
@@ -68,6 +73,7 @@ log = logging.getLogger(__name__)
 
 AGENT = f"murmur/{__version__}"
 GOODBYE_TIMEOUT_S = 1.0
+AUTONAT_FIRST_CHECK_S = 5.0  # the first dial-back check: peers connected and identified by then
 
 MAX_INCOMPATIBLE_PEERS = 4096  # peers remembered as running another model
 LEARNING_OFF = "learning.enabled = false: this node only relays (membership, gossip) and trains nothing"
@@ -96,7 +102,7 @@ class Node:
         self.metrics.failed_tasks.set_function(lambda: float(len(self._failed_tasks())))
         self.dispatcher = Dispatcher()
         self.addrs: list[Multiaddr] = []
-        self.reachability = ReachabilityTracker()  # identify's observed addresses feed it (AutoNAT results will too)
+        self.reachability = ReachabilityTracker()  # fed by identify's observed addresses and AutoNAT's dial-backs
         self.metrics.bind_reachability(lambda: self.reachability.reachability(time.monotonic()))
         self.started_at = time.monotonic()
         self._sessions: dict[PeerId, PeerSession] = {}
@@ -174,6 +180,20 @@ class Node:
                                    private=lambda: self.reachability.reachability(time.monotonic())
                                    is Reachability.PRIVATE)
         self.host.circuit_addrs = lambda: [AnyMultiaddr.parse(str(a)) for a in self.autorelay.circuit_addrs()]
+        # AutoNAT: peers dial us back (what makes reachability a measurement); we do it for them.
+        autonat_cfg = cfg.autonat.autonat_config()
+        self.autonat_server = AutoNATServer(self.host, autonat_cfg) if cfg.autonat.server else None
+        self.autonat = AutoNATProber(self, AutoNATClient(self.host, autonat_cfg), self.reachability,
+                                     servers_per_check=cfg.autonat.servers_per_check,
+                                     allow_private=cfg.autonat.allow_private)
+        # DCUtR: a relayed connection we accepted is upgraded to a direct one
+        # (unilateral dial or hole punch); the session table then moves the
+        # peer onto it and closes the relayed one (see _register).
+        self.punch = HolePuncher(self.host, DcutrConfig(allow_loopback=cfg.network.allow_loopback),
+                                 own_addrs=lambda: self.reachability.confirmed(time.monotonic()))
+        if not cfg.network.hole_punching:
+            self.host.remove_handler(DCUTR)
+        self.metrics.bind_dcutr(self.punch.stats, dcutr_stat_names())
         self.metrics.bind_connections(
             lambda: Counter(connection_type(s.conn) for s in self.sessions()), lambda: len(self.autorelay.live()))
         for listen in cfg.node.listen:
@@ -223,6 +243,9 @@ class Node:
         self.state.write_api_info(ApiInfo(cfg.api.host, self._api.port, _pid(), str(self.peer_id)))
         self.membership.start()
         self.tasks.periodic("autorelay", cfg.relay.check_interval_s, self._check_relays)
+        if cfg.autonat.client:  # the first pass once some peers identified, then every interval
+            self.tasks.periodic("autonat", cfg.autonat.check_interval_s, self.autonat.check,
+                                delay_s=min(AUTONAT_FIRST_CHECK_S, cfg.autonat.check_interval_s))
         self.tasks.periodic("log-summary", PEER_LOG_BUDGET.window_s, self._summarise_peer_log,
                             delay_s=PEER_LOG_BUDGET.window_s)
         if net.mdns:
@@ -321,6 +344,10 @@ class Node:
         await self.tasks.shutdown()
         if hasattr(self, "relay_client"):
             await self.relay_client.close()
+        if getattr(self, "autonat_server", None) is not None:
+            await self.autonat_server.close()
+        if hasattr(self, "punch"):
+            await self.punch.close()
         sessions = list(self._sessions.values())
         await asyncio.gather(*(self._say_goodbye(s) for s in sessions), return_exceptions=True)
         host = getattr(self, "host", None)
@@ -496,7 +523,10 @@ class Node:
     def _register(self, conn: Libp2pConnection) -> PeerSession:
         """The session for ``conn``; resolves simultaneous dials deterministically:
         of two connections between the same pair, both ends keep the one dialled
-        by the smaller peer id (a redial by the same side replaces the old one)."""
+        by the smaller peer id (a redial by the same side replaces the old one).
+        A direct connection always replaces a relayed one (DCUtR's upgrade: the
+        relayed one closes, the peer's traffic moves over), and a relayed one
+        never replaces a direct one; both ends decide alike."""
         session = self._by_conn.get(conn)
         if session is not None:
             return session
@@ -505,7 +535,10 @@ class Node:
         if old is not None:
             old_dialer = self.peer_id if old.conn.outbound else peer
             new_dialer = self.peer_id if conn.outbound else peer
-            if old_dialer != new_dialer and new_dialer != min(self.peer_id, peer):
+            relayed_old, relayed_new = old.conn.relay is not None, conn.relay is not None
+            keep_old = (relayed_new and not relayed_old) if relayed_old != relayed_new else (
+                old_dialer != new_dialer and new_dialer != min(self.peer_id, peer))
+            if keep_old:
                 self.host._tasks.spawn(f"close-dup-{conn.name}", conn.close)
                 self._by_conn[conn] = old
                 return old
@@ -533,6 +566,8 @@ class Node:
         session = self._register(conn)
         if session.conn is not conn:
             return None  # a duplicate, being closed
+        if self.config.network.hole_punching:
+            self.punch.on_relayed(conn)  # ours inbound through a relay: upgrade it (DCUtR)
         if self.table.is_reputed(conn.peer_id):
             # Earned over hours: a flood of fresh identities cannot evict it.
             session.mark_useful()
@@ -779,7 +814,10 @@ class Node:
             "learning_off": self.learning_off,
             "relay": self._relay_status(),
             "relay_client": self.autorelay.status(),
+            "autonat": self.autonat.status() | (
+                {"server": dict(self.autonat_server.stats)} if self.autonat_server is not None else {}),
             "connection_types": {str(s.peer): connection_type(s.conn) for s in sessions},
+            "dcutr": {name: self.punch.stats[name] for name in dcutr_stat_names()},
         }
 
     def _relay_status(self) -> dict[str, Any] | None:
@@ -876,8 +914,11 @@ def circuits_of(peer: PeerId, addrs: Iterable[AnyMultiaddr], us: PeerId) -> list
 
 
 def connection_type(conn: Libp2pConnection) -> str:
-    """``direct`` or ``relayed`` (through circuit relay v2), as status reports a peer's connection."""
-    return "direct" if conn.relay is None else "relayed"
+    """``direct``, ``punched`` (direct, made by a DCUtR hole punch) or ``relayed``
+    (through circuit relay v2), as status reports a peer's connection."""
+    if conn.relay is not None:
+        return "relayed"
+    return "punched" if conn.punched else "direct"
 
 
 def _raise_if_cancelling() -> None:

@@ -33,7 +33,7 @@ PHASE_SUFFIX = "_s"  # metrics rows name a round's phases train_s, commit_s, ...
 CREATED_SUFFIX = "_created"
 
 
-CONNECTION_TYPES = ("direct", "relayed")  # how a peer is connected (status connection_types)
+CONNECTION_TYPES = ("direct", "punched", "relayed")  # how a peer is connected (status connection_types)
 
 class Direction(enum.StrEnum):
     IN = "in"
@@ -179,11 +179,19 @@ class NodeMetrics:
         for name in names:
             totals.labels(event=name).set_function(lambda n=name: float(counters.get(n, 0)))
 
+    def bind_dcutr(self, counters: Mapping[str, int], names: Iterable[str]) -> None:
+        """Export the hole puncher's running totals (``counters[name]``, read at every scrape)."""
+        totals = Gauge("dcutr_events", "DCUtR totals since start: attempts (punch rounds), successes, failures "
+                       "(upgrades that ended with a punched connection or without one), unilateral, refused "
+                       "(status dcutr)", ["event"], namespace=NAMESPACE, registry=self.registry)
+        for name in names:
+            totals.labels(event=name).set_function(lambda n=name: float(counters.get(n, 0)))
+
     def bind_connections(self, types: Callable[[], Mapping[str, int]], reservations: Callable[[], int]) -> None:
-        """Export the murmur sessions by connection type (``direct``, ``relayed``)
-        and the relay reservations this node holds as a client (AutoRelay)."""
+        """Export the murmur sessions by connection type (``direct``, ``punched``,
+        ``relayed``) and the relay reservations this node holds as a client (AutoRelay)."""
         r = self.registry
-        by_type = Gauge("connections", "Murmur sessions now, by connection type (direct, relayed)", ["type"],
+        by_type = Gauge("connections", "Murmur sessions now, by connection type (direct, punched, relayed)", ["type"],
                         namespace=NAMESPACE, registry=r)
         for kind in CONNECTION_TYPES:
             by_type.labels(type=kind).set_function(lambda k=kind: float(types().get(k, 0)))

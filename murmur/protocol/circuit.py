@@ -125,10 +125,7 @@ class StopMessage:
 
 
 def _framed(msg: object) -> bytes:
-    body = pb.serialize(msg)  # type: ignore[arg-type]
-    if len(body) > MAX_MESSAGE:
-        raise ValueError(f"circuit message of {len(body)} bytes exceeds {MAX_MESSAGE}")
-    return uvarint.encode(len(body)) + body
+    return pb.framed(msg, MAX_MESSAGE, "circuit message")  # type: ignore[arg-type]
 
 
 def _put_peer(field: object, peer: PeerInfo) -> None:
@@ -150,10 +147,7 @@ def _put_limit(field: object, limit: Limit) -> None:
 def message_length(prefix: bytes | bytearray) -> tuple[int, int] | None:
     """``(length, prefix_bytes)`` once ``prefix`` holds the whole uvarint, else ``None``.
     A length over :data:`MAX_MESSAGE` is a :class:`DecodeError` before its body is read."""
-    got = uvarint.decode_partial(prefix, 0, DecodeError)
-    if got is not None and got[0] > MAX_MESSAGE:
-        raise DecodeError(f"circuit message of {got[0]} bytes exceeds {MAX_MESSAGE}")
-    return got
+    return uvarint.bounded_length(prefix, MAX_MESSAGE, "circuit message")
 
 
 def decode_hop(body: bytes | bytearray | memoryview) -> HopMessage:

@@ -38,6 +38,7 @@ __all__ = [
     "DeltaCodec",
     "CodecParams",
     "Rounding",
+    "LandingDecoder",
     "INT8_BLOCK",
     "PACKED_BLOCK",
     "FP16_MAX",
@@ -434,6 +435,46 @@ def decode(payload: Payload, params: CodecParams) -> np.ndarray:
     if size != expected:
         raise DecodeError(f"{params.codec.name} payload of {size} bytes, expected {expected}")
     return impl.decode(payload, params.count)
+
+
+class LandingDecoder:
+    """:func:`decode` for a payload that arrives piece by piece into one
+    buffer: :meth:`landed` checks each piece's values while it is still in
+    cache, so :meth:`decode` need not read the whole payload again.
+
+    That applies to FP32, whose payload bytes are the values: the end-of-
+    transfer finiteness check was a second pass over every byte received,
+    from memory long since evicted (a few percent of a delta's receive
+    work). Other codecs decode into a fresh array, which :meth:`decode`
+    checks as :func:`decode` does. Nothing is skipped: a payload decodes
+    without its full check only if :meth:`landed` saw every byte of it.
+    """
+
+    def __init__(self, params: CodecParams, payload: memoryview) -> None:
+        self.params = params
+        self._payload = payload
+        # FP32: the payload as float32 values, and how many are checked (a prefix).
+        fp32 = params.codec is DeltaCodec.FP32 and memoryview(payload).nbytes == _F32.itemsize * params.count
+        self._values = np.frombuffer(payload, dtype=_F32) if fp32 else None  # else decode() judges it
+        self._checked = 0
+
+    def landed(self, end: int) -> None:
+        """Bytes ``[0, end)`` of the payload are final. Raises
+        :class:`~murmur.errors.DecodeError` as soon as a value among them is
+        not finite."""
+        if self._values is None:
+            return
+        stop = end // _F32.itemsize
+        if stop > self._checked:
+            _require_finite_output(self._values[self._checked : stop])
+            self._checked = stop
+
+    def decode(self) -> np.ndarray:
+        """The payload decoded, as :func:`decode` would (same errors)."""
+        values = self._values
+        if values is not None and self._checked == values.size == self.params.count:
+            return values
+        return decode(self._payload, self.params)
 
 
 def roundtrip(array: np.ndarray, codec: DeltaCodec) -> np.ndarray:

@@ -12,8 +12,10 @@ holds the whole encoded message set in memory.
 The receiver (:class:`DeltaAssembler`) checks every bound in ``DeltaStart``
 *before* allocating (size limit, codec/shape/nbytes consistency, per-peer and
 total concurrency), then preallocates exactly ``nbytes`` and writes chunks at
-their offset. Only after hash, signature and replay checks does it decode; the
-FP32 decode is a zero-copy view of the assembly buffer.
+their offset. Each chunk's values are checked finite as it lands (FP32, while
+the chunk is in cache: :class:`~murmur.protocol.codecs.LandingDecoder`); only
+after hash, signature and replay checks does it decode, and the FP32 decode is
+a zero-copy view of the assembly buffer.
 
 Binding: the signature covers the payload, round, sender and recipient, as
 ARCHITECTURE.md specifies. ``codec``, ``shape`` and ``meta`` are protected by
@@ -40,7 +42,7 @@ import numpy as np
 
 from murmur.errors import DecodeError, LimitExceeded, PeerFault, ReplayError, SignatureError
 from murmur.protocol import codecs
-from murmur.protocol.codecs import CodecParams, DeltaCodec
+from murmur.protocol.codecs import CodecParams, DeltaCodec, LandingDecoder
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.layout import TransferLayout
 from murmur.protocol.messages import (
@@ -398,6 +400,7 @@ class CompletedDelta:
 class _Transfer:
     start: DeltaStart
     buffer: memoryview  # over a LandingPool buffer; the decoded array keeps it (and so its slot) taken
+    decoder: LandingDecoder | None  # checks the values of each chunk as it lands (None: a sparse round format)
     last_activity: float
     hasher: Any = field(default_factory=_hasher)
     received: int = 0
@@ -534,8 +537,13 @@ class DeltaAssembler:
             raise LimitExceeded(f"{sender.short()} has {limits.max_concurrent_per_peer} transfers in flight")
         if self._buffered + msg.nbytes > limits.max_total_buffered_bytes:
             raise LimitExceeded("total delta buffer budget exhausted")
+        buffer = self._landing.take(msg.nbytes)
+        # A dense payload is checked as it lands; a sparse round format's
+        # (indices, packed values) only as a whole, by the layout.
+        sparse = self.layout is not None and self.layout.sparse(self.layout.kind_of(msg.meta))
+        decoder = None if sparse else LandingDecoder(CodecParams(msg.codec, math.prod(msg.shape)), buffer)
         self._transfers[key] = _Transfer(
-            start=msg, buffer=self._landing.take(msg.nbytes), last_activity=self._clock(), solicited=solicited
+            start=msg, buffer=buffer, decoder=decoder, last_activity=self._clock(), solicited=solicited
         )
         self._buffered += msg.nbytes
         return None
@@ -555,6 +563,8 @@ class DeltaAssembler:
             raise DecodeError(f"chunk overruns the announced {len(transfer.buffer)} bytes")
         transfer.buffer[transfer.received : end] = msg.data
         transfer.hasher.update(msg.data)
+        if transfer.decoder is not None:
+            transfer.decoder.landed(end)  # while the chunk is in cache; a NaN ends the transfer here
         transfer.received = end
         transfer.next_seq += 1
         transfer.last_activity = self._clock()
@@ -572,11 +582,12 @@ class DeltaAssembler:
         sender.verify(msg.signature, signing_input(digest, start.round, sender, self.own_peer_id))
         if not transfer.solicited:
             self.replay_guard.check(sender, start.round, digest)
-        if self.layout is not None:
+        if transfer.decoder is not None:  # dense: checked as it landed
+            array = transfer.decoder.decode().reshape(start.shape)
+        else:  # a sparse round format (the layout's)
+            assert self.layout is not None
             array = self.layout.decode(self.layout.kind_of(start.meta), transfer.buffer, start.codec,
                                        start.round, sender.raw)
-        else:
-            array = codecs.decode(transfer.buffer, CodecParams(start.codec, math.prod(start.shape))).reshape(start.shape)
         if not transfer.solicited:
             self.replay_guard.remember(sender, start.round, digest)
         return CompletedDelta(

@@ -54,6 +54,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 from cryptography.exceptions import InvalidTag
 
 from murmur.errors import DecryptError, FrameError, FrameTooLarge, PeerFault
@@ -105,9 +106,13 @@ class FrameType(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Frame:
+    """One authenticated record. ``payload`` is a read-only view of a buffer
+    of its own (nothing else refers to it or writes it), so it can be queued
+    and handed to the application as it is: it stays valid as long as it is held."""
+
     type: FrameType
     stream: int
-    payload: bytes
+    payload: memoryview
 
 
 class LengthPrefixedReader:
@@ -136,7 +141,10 @@ class LengthPrefixedReader:
         self._view = memoryview(self._scratch)
         self._start = 0  # first unparsed byte in scratch
         self._end = 0  # end of valid data in scratch
-        self._big: memoryview | None = None  # body of one large record being filled
+        # One large record being filled: its body, then room for the next
+        # record's prefix, so a stream of large records takes one read each.
+        self._big: memoryview | None = None
+        self._big_len = 0  # its body's length
         self._big_filled = 0
         # Backing store of ``_big``, kept for the next large record while
         # records keep coming: a fresh multi-MiB buffer per record cost a
@@ -147,6 +155,12 @@ class LengthPrefixedReader:
         self._budget = budget
         self.blocked = False  # a large record waits for budget (see next_body)
         self.large_records = 0  # large records started so far (the owner's idleness check)
+        # The last record was large: read the next prefix alone (or with the
+        # body before it, see _big). Read into the scratch, a large record's
+        # body was copied from there into its own buffer; read after its
+        # prefix, it lands there directly (a delta stream's chunks are all
+        # just over the scratch's size).
+        self._prefix_alone = False
 
     @property
     def pending(self) -> int:
@@ -162,7 +176,24 @@ class LengthPrefixedReader:
             self._start = self._end = 0
         elif self._start and len(self._scratch) - self._end < len(self._scratch) // 4:
             self._compact()  # the partial record always fits: larger ones moved to _big
+        if self._prefix_alone:
+            prefix_end = self._start + self._prefix.size
+            if self._end < prefix_end:
+                if prefix_end > len(self._scratch):
+                    self._compact()
+                    prefix_end = self._prefix.size
+                return self._view[self._end : prefix_end]
         return self._view[self._end :]
+
+    def fill(self, nbytes: int) -> bool:
+        """Account for ``nbytes`` read into a large record that they do not
+        complete, and say so; ``False`` (nothing accounted) for any other read,
+        which goes through :meth:`buffer_updated`. The cheap path of a read
+        that can neither complete a record nor change what is charged."""
+        if self._big is None or self._big_filled + nbytes >= self._big_len:
+            return False
+        self._big_filled += nbytes
+        return True
 
     def _compact(self) -> None:
         live = self._end - self._start
@@ -186,10 +217,15 @@ class LengthPrefixedReader:
         budget: the owner stops reading and calls again once it may fit.
         """
         if self._big is not None:
-            if self._big_filled < len(self._big):
+            filled, length = self._big_filled, self._big_len
+            if filled < length:
                 return None
-            body, self._big = self._big, None
-            return body
+            big, self._big = self._big, None
+            behind = filled - length  # the start of the next prefix, read with the body
+            self._view[:behind] = big[length:filled]  # the scratch is empty while a large record fills
+            self._start, self._end = 0, behind
+            self._prefix_alone = True
+            return big[:length]
         psize = self._prefix.size
         if self._end - self._start < psize:
             return None
@@ -202,16 +238,18 @@ class LengthPrefixedReader:
         available = self._end - body_start
         if available >= length:
             self._start = body_start + length
+            self._prefix_alone = False
             return self._view[body_start : self._start]
         if psize + length > len(self._scratch):
             # Large record: its own buffer, sized by the (already checked)
             # prefix, paid for from the budget, committed by the kernel only
             # as the socket fills it directly.
-            self.blocked = not self._spare_for(length)
+            self.blocked = not self._spare_for(length + psize)
             if self.blocked:
                 return None
             self.large_records += 1
-            self._big = memoryview(self._spare)[:length]  # type: ignore[arg-type]
+            self._big = memoryview(self._spare)[: length + psize]  # type: ignore[arg-type]
+            self._big_len = length
             self._big[:available] = self._view[body_start : self._end]
             self._big_filled = available
             self._start = self._end = 0
@@ -277,7 +315,6 @@ class FrameDecoder:
         cipher: CipherState,
         max_frame: int,
         scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
-        plaintext: PlaintextScratch | None = None,
         budget: PeerBudget | None = None,
     ) -> None:
         self._cipher = cipher
@@ -285,7 +322,6 @@ class FrameDecoder:
         self._reader = LengthPrefixedReader(
             FRAME_LENGTH, max_frame + FRAME_OVERHEAD, FRAME_OVERHEAD, scratch_bytes, budget
         )
-        self._plaintext = plaintext if plaintext is not None else PlaintextScratch(max_frame)
         self._failed: PeerFault | None = None
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -307,6 +343,13 @@ class FrameDecoder:
             raise self._failed
         self._reader.buffer_updated(nbytes)
         return self._drain()
+
+    def fill(self, nbytes: int) -> bool:
+        """The cheap path of :meth:`buffer_updated` for a read that only
+        advances a large frame (see :meth:`LengthPrefixedReader.fill`): ``True``
+        when it was that, ``False`` (nothing done) when the caller must call
+        :meth:`buffer_updated`."""
+        return self._failed is None and self._reader.fill(nbytes)
 
     def _drain(self) -> list[Frame]:
         frames: list[Frame] = []
@@ -372,28 +415,31 @@ class FrameDecoder:
         self._reader.close()
 
     def _open(self, body: memoryview) -> Frame:
-        # Decrypt into the reused scratch, then copy the payload out once: the
-        # AEAD's own output (a fresh buffer) followed by slicing the type byte
-        # off cost two fresh multi-MiB buffers (page faults) per frame.
-        with self._plaintext.view(len(body) - TAG_LEN) as plaintext:
-            try:
-                self._cipher.open_into(body, plaintext)
-            except InvalidTag:
-                raise DecryptError("frame failed authentication") from None
-            code, stream = FRAME_HEADER.unpack_from(plaintext)
-            try:
-                ftype = FrameType(code)
-            except ValueError:
-                raise FrameError(f"unknown frame type {code}") from None
-            return Frame(ftype, stream, bytes(plaintext[HEADER_LEN:]))
+        # The AEAD opens the record straight into the payload's own buffer,
+        # which the frame hands on as a view: no scratch to copy out of (that
+        # copy was a fifth of a delta stream's receive work). np.empty, not
+        # bytearray: a buffer the AEAD overwrites whole needs no zero-fill,
+        # and a frame-sized one comes warm from the heap (tune_allocator).
+        # After a failed tag it holds unauthenticated bytes and is dropped.
+        plaintext = np.empty(len(body) - TAG_LEN, dtype=np.uint8)
+        try:
+            self._cipher.open_into(body, plaintext)
+        except InvalidTag:
+            raise DecryptError("frame failed authentication") from None
+        code, stream = FRAME_HEADER.unpack_from(plaintext)
+        try:
+            ftype = FrameType(code)
+        except ValueError:
+            raise FrameError(f"unknown frame type {code}") from None
+        return Frame(ftype, stream, memoryview(plaintext)[HEADER_LEN:].toreadonly())
 
 
 class FrameEncoder:
     """Payload in, ``length | ciphertext`` out, in one buffer ready for ``transport.write``.
 
     The ``type || payload`` plaintext the AEAD needs is assembled in a
-    :class:`PlaintextScratch` (shared with the decoders of the same transport:
-    both use it synchronously). The output buffer may still be held by the
+    :class:`PlaintextScratch` (shared with the other encoders of the same
+    host: each uses it synchronously). The output buffer may still be held by the
     socket transport after ``write`` returns, so it is fresh per frame unless
     the caller hands it back with :meth:`recycle` once the transport has
     flushed it; a fresh multi-MiB buffer costs a zero-fill and a page fault
@@ -447,11 +493,11 @@ class FrameEncoder:
 class PlaintextScratch:
     """One reusable buffer for frame plaintext, at most ``max_frame + HEADER_LEN`` bytes.
 
-    Encoding and decoding use it synchronously (fill, seal or open, copy out)
-    and never across an ``await``, so every encoder and decoder of one event
-    loop may share one: memory for plaintext staging is then one largest
-    frame per transport, not one per connection. It grows to the largest
-    frame seen, never beyond the cap.
+    Encoding uses it synchronously (gather, seal) and never across an
+    ``await``, so every encoder of one event loop may share one: memory for
+    plaintext staging is then one largest frame per host, not one per
+    connection. It grows to the largest frame seen, never beyond the cap.
+    (Decoding needs none: a record opens into its payload's own buffer.)
     """
 
     def __init__(self, max_frame: int) -> None:

@@ -128,6 +128,11 @@ class TransferLayout:
         """The largest payload an honest peer can send us, any kind, any codec."""
         return max(self.payload_bytes(kind, codec) for kind in self.shapes for codec in DeltaCodec)
 
+    def sparse(self, kind: TransferKind) -> bool:
+        """Whether a ``kind`` transfer's payload is a sparse round format
+        (decoded as a whole by :meth:`decode`, not value by value as it lands)."""
+        return kind is TransferKind.ROUND and self.round_format.sparse
+
     def decode(
         self, kind: TransferKind, payload: codecs.Payload, codec: DeltaCodec, round: int, sender: bytes
     ) -> np.ndarray:
@@ -136,7 +141,7 @@ class TransferLayout:
         name a random-k message's mask. Raises :class:`DecodeError`."""
         shape = self.shapes[kind]
         count = math.prod(shape)
-        if kind is TransferKind.ROUND and self.round_format.sparse:
+        if self.sparse(kind):
             flat = self.round_format.decode_dense(payload, codec, count, round, sender)
         else:
             flat = codecs.decode(payload, CodecParams(codec, count))

@@ -65,7 +65,7 @@ MuxLimits = YamuxLimits
 @dataclass
 class _Stream:
     id: int
-    queue: deque[bytes] = field(default_factory=deque)
+    queue: deque[memoryview] = field(default_factory=deque)
     buffered: int = 0
     local_fin: bool = False
     remote_fin: bool = False
@@ -126,7 +126,7 @@ class MuxSession:
         self.control.append((FrameType.OPEN, stream_id))
         return stream_id
 
-    def read(self, stream_id: int) -> bytes | None:
+    def read(self, stream_id: int) -> memoryview | None:
         """The stream's next payload (its bytes released to the budget), or ``None``."""
         stream = self._streams.get(stream_id)
         if stream is None or not stream.queue:
@@ -174,7 +174,7 @@ class MuxSession:
 
     # --- receiving -------------------------------------------------------------------
 
-    def on_frame(self, ftype: FrameType, stream_id: int, payload: bytes) -> list[Event]:
+    def on_frame(self, ftype: FrameType, stream_id: int, payload: memoryview) -> list[Event]:
         """One stream frame from the peer (DATA, OPEN, FIN or RESET)."""
         if stream_id == 0:
             raise MuxerError(f"{ftype.name} frame on stream 0")

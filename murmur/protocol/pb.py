@@ -27,6 +27,21 @@ would have produced from this file (proto2, as the specs define them)::
       optional Limit limit = 4; optional Status status = 5; }
     message StopMessage { required StopType type = 1; optional Peer peer = 2; optional Limit limit = 3;
       optional Status status = 4; }
+    enum HolePunchType { CONNECT = 100; SYNC = 300; }   // DCUtR spec (nested in HolePunch there)
+    message HolePunch { optional HolePunchType type = 1; repeated bytes ObsAddrs = 2; }
+    message DialRequest { repeated bytes addrs = 1; optional fixed64 nonce = 2; }       // autonat v2 spec
+    message DialResponse { optional uint32 status = 1; optional uint32 addrIdx = 2; optional uint32 dialStatus = 3; }
+    message DialDataRequest { optional uint32 addrIdx = 1; optional uint64 numBytes = 2; }
+    message DialDataResponse { optional bytes data = 1; }
+    message AutonatMessage { optional DialRequest dialRequest = 1; optional DialResponse dialResponse = 2;
+      optional DialDataRequest dialDataRequest = 3; optional DialDataResponse dialDataResponse = 4; }
+    message DialBack { optional fixed64 nonce = 1; }
+    message DialBackResponse { optional uint32 status = 1; }
+
+The AutoNAT v2 spec writes proto3 with a ``oneof`` and enums; on the wire
+that is the optional fields above (a oneof is its members, an enum a
+varint). Statuses are read as integers so that one this version does not
+know is seen and discarded (the spec's MUST), not silently parsed as unset.
 
 Why descriptors in code rather than generated ``*_pb2.py`` files: there is
 no ``protoc`` to regenerate them with on the machines murmur is built on, and
@@ -47,6 +62,7 @@ from google.protobuf.message import DecodeError as _PbDecodeError
 from google.protobuf.message import Message
 
 from murmur.errors import PeerFault
+from murmur.protocol import uvarint
 
 _F = descriptor_pb2.FieldDescriptorProto
 _PACKAGE = "murmur.libp2p"
@@ -78,6 +94,7 @@ def _build() -> dict[str, type[Message]]:
         "Status": (("UNUSED", 0), ("OK", 100), ("RESERVATION_REFUSED", 200), ("RESOURCE_LIMIT_EXCEEDED", 201),
                    ("PERMISSION_DENIED", 202), ("CONNECTION_FAILED", 203), ("NO_RESERVATION", 204),
                    ("MALFORMED_MESSAGE", 400), ("UNEXPECTED_MESSAGE", 401)),
+        "HolePunchType": (("HP_CONNECT", 100), ("HP_SYNC", 300)),
     }
     for enum_name, members in enums.items():
         enum_type = proto.enum_type.add(name=enum_name)
@@ -132,6 +149,32 @@ def _build() -> dict[str, type[Message]]:
             _field("limit", 3, _F.TYPE_MESSAGE, type_name="Limit"),
             _field("status", 4, _F.TYPE_ENUM, type_name="Status"),
         ],
+        "DialRequest": [
+            _field("addrs", 1, _F.TYPE_BYTES, _F.LABEL_REPEATED),
+            _field("nonce", 2, _F.TYPE_FIXED64),
+        ],
+        "DialResponse": [
+            _field("status", 1, _F.TYPE_UINT32),
+            _field("addrIdx", 2, _F.TYPE_UINT32),
+            _field("dialStatus", 3, _F.TYPE_UINT32),
+        ],
+        "DialDataRequest": [
+            _field("addrIdx", 1, _F.TYPE_UINT32),
+            _field("numBytes", 2, _F.TYPE_UINT64),
+        ],
+        "DialDataResponse": [_field("data", 1, _F.TYPE_BYTES)],
+        "AutonatMessage": [
+            _field("dialRequest", 1, _F.TYPE_MESSAGE, type_name="DialRequest"),
+            _field("dialResponse", 2, _F.TYPE_MESSAGE, type_name="DialResponse"),
+            _field("dialDataRequest", 3, _F.TYPE_MESSAGE, type_name="DialDataRequest"),
+            _field("dialDataResponse", 4, _F.TYPE_MESSAGE, type_name="DialDataResponse"),
+        ],
+        "DialBack": [_field("nonce", 1, _F.TYPE_FIXED64)],
+        "DialBackResponse": [_field("status", 1, _F.TYPE_UINT32)],
+        "HolePunch": [
+            _field("type", 1, _F.TYPE_ENUM, type_name="HolePunchType"),
+            _field("ObsAddrs", 2, _F.TYPE_BYTES, _F.LABEL_REPEATED),
+        ],
     }
     for name, fields in schemas.items():
         proto.message_type.add(name=name, field=fields)
@@ -151,6 +194,10 @@ Reservation: Any = _CLASSES["Reservation"]
 Limit: Any = _CLASSES["Limit"]
 HopMessage: Any = _CLASSES["HopMessage"]
 StopMessage: Any = _CLASSES["StopMessage"]
+AutonatMessage: Any = _CLASSES["AutonatMessage"]
+DialBack: Any = _CLASSES["DialBack"]
+DialBackResponse: Any = _CLASSES["DialBackResponse"]
+HolePunch: Any = _CLASSES["HolePunch"]
 
 
 def parse(cls: Any, data: bytes | bytearray | memoryview, fault: type[PeerFault], what: str) -> Any:
@@ -177,3 +224,13 @@ def serialize(msg: Message) -> bytes:
     """Deterministic encoding: fields in number order, minimal varints (what
     libp2p requires of keys, and what makes re-encoding a strictness check)."""
     return msg.SerializeToString(deterministic=True)
+
+
+def framed(msg: Message, limit: int, what: str) -> bytes:
+    """``msg`` serialised behind its uvarint length, as the libp2p protocols
+    that exchange protobufs frame them; ``ValueError`` past ``limit`` bytes
+    (a bug of ours: what we send is bounded like what we accept)."""
+    body = serialize(msg)
+    if len(body) > limit:
+        raise ValueError(f"{what} of {len(body)} bytes exceeds {limit}")
+    return uvarint.encode(len(body)) + body

@@ -19,8 +19,8 @@ Three kinds of fact, from weakest to strongest:
   ``autonat_confirmations`` distinct subnets decide the state (*public* as
   soon as that many reached us; *private* when that many failed and none
   reached us), over what the local addresses suggest. The AutoNAT client
-  that checks nonces and amplification costs feeds this; the tracker only
-  counts.
+  that checks nonces and amplification costs (:mod:`murmur.node.autonat`)
+  feeds this; the tracker only counts.
 """
 
 from __future__ import annotations

@@ -57,3 +57,13 @@ def decode(buf: bytes | bytearray | memoryview, pos: int = 0, fault: type[PeerFa
     if got is None:
         raise fault("truncated varint")
     return got
+
+
+def bounded_length(prefix: bytes | bytearray, limit: int, what: str) -> tuple[int, int] | None:
+    """A uvarint length prefix: ``(length, prefix_bytes)`` once ``prefix``
+    holds the whole uvarint, else ``None``. A length over ``limit`` is a
+    :class:`DecodeError` naming ``what`` before any of its body is read."""
+    got = decode_partial(prefix, 0, DecodeError)
+    if got is not None and got[0] > limit:
+        raise DecodeError(f"{what} of {got[0]} bytes exceeds {limit}")
+    return got

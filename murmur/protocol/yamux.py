@@ -185,7 +185,7 @@ class _Stream:
     id: int
     recv_window: int  # bytes the peer may still send us
     send_window: int = INITIAL_WINDOW  # bytes we may still send
-    buffer: deque[bytes] = field(default_factory=deque)
+    buffer: deque[bytes | memoryview] = field(default_factory=deque)  # a partly read piece: a view of its rest
     buffered: int = 0
     consumed: int = 0  # bytes read by the application and released, not yet granted back
     target_window: int = INITIAL_WINDOW  # recv_window + buffered + consumed we aim to keep granted
@@ -255,15 +255,15 @@ class YamuxSession:
 
     # --- output -------------------------------------------------------------------
 
-    def data_to_send(self, control: bool = True) -> bytes:
-        """Everything queued for the wire; with ``control=False`` an owed pong
-        waits (the caller's socket buffer is full: a peer that pings and does
-        not read gets one pong, later, not one per ping)."""
+    def data_to_send(self, control: bool = True) -> bytearray:
+        """Everything queued for the wire (the queue itself, handed over, not
+        a copy); with ``control=False`` an owed pong waits (the caller's
+        socket buffer is full: a peer that pings and does not read gets one
+        pong, later, not one per ping)."""
         if control and self._owed_pong is not None:
             self._frame(FrameType.PING, Flag.ACK, 0, self._owed_pong)
             self._owed_pong = None
-        out = bytes(self._out)
-        self._out.clear()
+        out, self._out = self._out, bytearray()
         return out
 
     def _frame(self, ftype: FrameType, flags: int, stream_id: int, length: int, payload: bytes | memoryview = b"") -> None:
@@ -315,14 +315,14 @@ class YamuxSession:
         stream.send_window -= total
         return total
 
-    def read(self, stream_id: int, max_bytes: int = -1) -> bytes:
+    def read(self, stream_id: int, max_bytes: int = -1) -> bytes | memoryview:
         """Up to ``max_bytes`` (all if negative) of what the stream holds; b""
         when nothing is buffered. Releases what is read to the budget and grants
         it back to the peer as window (when the budget allows)."""
         stream = self._streams.get(stream_id)
         if stream is None or not stream.buffered:
             return b""
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         want = stream.buffered if max_bytes < 0 else min(max_bytes, stream.buffered)
         got = 0
         while got < want:
@@ -330,9 +330,9 @@ class YamuxSession:
             take = min(len(chunk), want - got)
             if take == len(chunk):
                 stream.buffer.popleft()
-            else:
-                stream.buffer[0] = chunk[take:]
-                chunk = chunk[:take]
+            else:  # views: a message's length read byte by byte copies nothing
+                piece = memoryview(chunk)
+                stream.buffer[0], chunk = piece[take:], piece[:take]
             parts.append(chunk)
             got += take
         stream.buffered -= got

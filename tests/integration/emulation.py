@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from murmur.protocol.identity import Identity
+from murmur.protocol.libp2p import Libp2pHost
+from murmur.protocol.libp2p.host import HostConfig
+from murmur.protocol.transport import TransportLimits
 from murmur.testnet import internet
 from murmur.testnet.internet import Internet
 
@@ -133,3 +137,10 @@ def transfer(net: Internet, client: str, server: str, nbytes: int, port: int, *,
     (measured,) = [r for r in result if isinstance(r, Transfer)]
     assert measured.nbytes == nbytes
     return measured
+
+
+def ns_host(net: Internet, name: str, connect_timeout_s: float = 1.0) -> Libp2pHost:
+    """A libp2p host whose sockets are made in host ``name``'s namespace (from this process)."""
+    ns = net.ns(name)
+    config = HostConfig(limits=TransportLimits(connect_timeout_s=connect_timeout_s))
+    return Libp2pHost(Identity.generate(), config, make_socket=lambda family: internet.socket_in(ns, family))

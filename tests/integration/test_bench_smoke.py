@@ -53,3 +53,13 @@ def test_compression_bench_reports_bytes_to_target() -> None:
     per_round, rest = divmod(int8["total_bytes"], int8["message_bytes"] * int8["rounds"])
     assert rest == 0 and 8 * 3 <= per_round <= 8 * 5  # one message per connection a round, degree about 4
     assert fp32["modelled_wall_s_total"] > 0
+
+
+@pytest.mark.timeout(150)
+def test_nat_bench_reports_relayed_against_direct() -> None:
+    from tests.integration.emulation import require_internet
+
+    require_internet()
+    out = _last_json("nat.py", "--tries", "1", "--mib", "1", "--mbit", "100")
+    assert out["direct_connect_ms"] > 0 and out["relayed_connect_ms"] > 0
+    assert out["direct_mbit"] > 0 and 0 < out["relayed_vs_direct"] < 2  # type: ignore[operator]

@@ -13,16 +13,12 @@ from collections.abc import Iterator
 import pytest
 
 from murmur.errors import TimeoutFault
-from murmur.protocol.identity import Identity
 from murmur.protocol.libp2p import Libp2pConnection, Libp2pHost, echo_handler
-from murmur.protocol.libp2p.host import HostConfig
 from murmur.protocol.circuit import Status
 from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayRefused, RelayService
 from murmur.protocol.multiaddr import DialAddr, Multiaddr
-from murmur.protocol.transport import TransportLimits
-from murmur.testnet import internet
 from murmur.testnet.internet import Host, Internet, NatKind, Router, Topology
-from tests.integration.emulation import require_internet
+from tests.integration.emulation import ns_host, require_internet
 
 PORT = 4001
 ECHO = "/murmur-test/echo/1.0.0"
@@ -42,9 +38,7 @@ def net() -> Iterator[Internet]:
 
 
 def _host(net: Internet, name: str) -> Libp2pHost:
-    ns = net.ns(name)
-    config = HostConfig(limits=TransportLimits(connect_timeout_s=1.0))
-    return Libp2pHost(Identity.generate(), config, make_socket=lambda family: internet.socket_in(ns, family))
+    return ns_host(net, name)
 
 
 async def _echo(conn: Libp2pConnection, data: bytes) -> bytes:

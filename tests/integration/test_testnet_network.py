@@ -37,17 +37,21 @@ def _short(tmp_path: Path) -> Path:
 def test_nodes_behind_nats_learn_on_the_emulated_internet(tmp_path: Path) -> None:
     require_internet()
     out = tmp_path / "run"
+    # Popen, not run: the namespaces the run owns are named after its pid (others' may exist meanwhile)
+    proc = subprocess.Popen([*MURMUR, "testnet", "run", str(_short(tmp_path)), "--out", str(out), "--no-dashboard"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        proc = subprocess.run([*MURMUR, "testnet", "run", str(_short(tmp_path)), "--out", str(out),
-                               "--no-dashboard"], capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         internet.cleanup_stale()  # killed: its namespaces stay behind (its workers died with it)
         raise
     left = [ns for ns in internet.owned_namespaces() if ns.startswith(f"{internet.NS_PREFIX}{proc.pid}.")]
     internet.remove_namespaces(left)  # gone whatever follows; and the controller should have removed them
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "emulated internet: 6 hosts, 2 public; router0 eim, router1 eim, router2 symmetric" in proc.stdout
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "emulated internet: 6 hosts, 2 public; router0 eim, router1 eim, router2 symmetric" in stdout
     assert not left
 
     layout = json.loads((out / "network.json").read_text())

@@ -14,6 +14,7 @@ from murmur.protocol.codecs import (
     PACKED_BLOCK,
     CodecParams,
     DeltaCodec,
+    LandingDecoder,
     Rounding,
     decode,
     encode,
@@ -287,3 +288,41 @@ def test_packed_codecs_pack_several_values_a_byte(codec: DeltaCodec) -> None:
     payload, params = encode(x, codec)
     assert len(payload) == 4 + (3 if codec is DeltaCodec.INT4 else 2)
     np.testing.assert_array_equal(decode(bytes(payload), params), x)
+
+
+def test_landing_decoder_checks_fp32_values_as_they_land_and_decodes_in_place() -> None:
+    values = np.arange(10, dtype=np.float32)
+    buffer = memoryview(bytearray(values.nbytes))
+    decoder = LandingDecoder(CodecParams(DeltaCodec.FP32, values.size), buffer)
+    raw = values.tobytes()
+    for end in (3, 17, 40):  # pieces that split values: only whole ones are checked
+        buffer[:end] = raw[:end]
+        decoder.landed(end)
+    decoded = decoder.decode()
+    assert decoded.tolist() == values.tolist()
+    assert np.shares_memory(decoded, np.frombuffer(buffer.obj, np.uint8))  # a view, not a copy
+
+
+def test_landing_decoder_rejects_a_non_finite_value_when_it_lands() -> None:
+    buffer = memoryview(bytearray(8))
+    decoder = LandingDecoder(CodecParams(DeltaCodec.FP32, 2), buffer)
+    buffer[:] = np.array([1.0, np.inf], np.float32).tobytes()
+    decoder.landed(4)
+    with pytest.raises(DecodeError):
+        decoder.landed(8)
+
+
+@pytest.mark.parametrize("codec", list(DeltaCodec))
+def test_landing_decoder_without_every_byte_landed_decodes_as_decode_does(codec: DeltaCodec) -> None:
+    """Nothing is skipped: a payload not seen whole by ``landed`` (or another
+    codec's) gets decode()'s full checks, NaN included."""
+    values = np.array([1.0, -2.0, 3.0, np.nan], np.float32)
+    payload = values.tobytes() if codec is DeltaCodec.FP32 else encode(values[:3], codec)[0].tobytes()
+    count = 4 if codec is DeltaCodec.FP32 else 3
+    decoder = LandingDecoder(CodecParams(codec, count), memoryview(bytearray(payload)))
+    decoder.landed(len(payload) // 2)
+    if codec is DeltaCodec.FP32:
+        with pytest.raises(DecodeError):
+            decoder.decode()
+    else:
+        assert decoder.decode().tolist() == decode(payload, CodecParams(codec, count)).tolist()

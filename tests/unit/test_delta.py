@@ -418,6 +418,23 @@ def test_non_finite_values_are_decode_errors_even_when_signed(codec: DeltaCodec,
     assert assembler.replay_guard.round_floor == 0 and len(assembler.replay_guard) == 0
 
 
+def test_a_non_finite_fp32_value_ends_the_transfer_at_its_chunk() -> None:
+    """FP32 values are checked as their chunks land (while in cache), so the
+    transfer ends with the chunk that completes a NaN, here one straddling two
+    chunks, not after every byte arrived; its buffer is freed at once."""
+    payload = np.array([1.0, 2.0, np.nan, 4.0], np.float32).tobytes()
+    start, _, end = forge(payload, (4,))
+    chunks = [DeltaChunk(77, seq, payload[offset : offset + 6]) for seq, offset in enumerate(range(0, 16, 6))]
+    assembler = DeltaAssembler(BOB.peer_id)
+    assembler.feed(ALICE.peer_id, start)
+    assembler.feed(ALICE.peer_id, chunks[0])  # 1.0 and half of 2.0
+    with pytest.raises(DecodeError):
+        assembler.feed(ALICE.peer_id, chunks[1])  # 2.0 and the NaN complete here
+    assert assembler.active() == 0 and assembler.buffered_bytes == 0
+    with pytest.raises(DecodeError):  # what follows belongs to no transfer any more
+        assembler.feed(ALICE.peer_id, end)
+
+
 def test_forged_valid_payload_is_accepted() -> None:
     # the forge helper itself is correct: the same path with finite values succeeds
     done = feed_all(DeltaAssembler(BOB.peer_id), forge(np.array([1.5, -2.0], np.float32).tobytes(), (2,)))

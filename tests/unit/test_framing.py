@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from murmur.errors import DecryptError, FrameError, FrameTooLarge
 from murmur.protocol.budget import BytePool
 from murmur.protocol.framing import (
+    FRAME_LENGTH,
     FRAME_OVERHEAD,
+    Frame,
     FrameDecoder,
     FrameEncoder,
     FrameType,
@@ -160,22 +162,24 @@ def test_reader_hands_over_unparsed_tail() -> None:
 
 
 def test_connections_sharing_one_plaintext_scratch_stay_independent() -> None:
-    """Two links interleaved over one scratch (as a Transport's connections
-    share it): every payload comes out intact and owned, not a scratch view."""
+    """Two links interleaved over one encoder scratch (as a host's connections
+    share it): every payload comes out intact, read-only and in a buffer of
+    its own, not a view of a buffer the decoder reuses."""
     shared = PlaintextScratch(MAX_FRAME)
     links = [
         (FrameEncoder(CipherState(bytes([i]) * 32), MAX_FRAME, shared),
-         FrameDecoder(CipherState(bytes([i]) * 32), MAX_FRAME, SCRATCH, shared))
+         FrameDecoder(CipherState(bytes([i]) * 32), MAX_FRAME, SCRATCH))
         for i in (1, 2)
     ]
-    received: list[bytes] = []
+    received: list[memoryview] = []
     sent = [os.urandom(n) for n in (MAX_FRAME, 10, 5000, MAX_FRAME - 1)]
     for i, payload in enumerate(sent):
         enc, dec = links[i % 2]
         (frame,) = dec.feed(enc.encode(FrameType.DATA, 1, payload))
-        assert isinstance(frame.payload, bytes)
+        assert frame.payload.readonly
         received.append(frame.payload)
-    assert received == sent  # earlier payloads were not overwritten by later frames
+    assert [bytes(p) for p in received] == sent  # earlier payloads were not overwritten by later frames
+    assert len({id(p.obj) for p in received}) == len(sent)
 
 
 def test_recycled_output_buffer_is_reused_and_others_are_not() -> None:
@@ -240,14 +244,46 @@ def test_a_large_frame_waits_for_its_budget_then_completes() -> None:
     assert dec.feed(wire[:SCRATCH]) == [] and dec.blocked and budget.used == 0
     with pytest.raises(BufferError):  # feeding cannot wait: the caller must stop reading
         dec.feed(wire[SCRATCH:])
-    hog.release(MAX_FRAME + FRAME_OVERHEAD)
+    buffer = MAX_FRAME + FRAME_OVERHEAD + FRAME_LENGTH.size  # the record, and room for the next prefix
+    hog.release(buffer)
     assert dec.poll() == [] and not dec.blocked
-    assert budget.used == MAX_FRAME + FRAME_OVERHEAD  # the whole buffer, paid up front
+    assert budget.used == buffer  # the whole buffer, paid up front
     frames = dec.feed(wire[SCRATCH:])
     assert [f.payload for f in frames] == [payload]
     # The buffer is kept for the next large frame until the stream pauses.
-    assert dec.large_frames == 1 and budget.used == MAX_FRAME + FRAME_OVERHEAD
-    assert dec.release_spare() == MAX_FRAME + FRAME_OVERHEAD and budget.used == 0
+    assert dec.large_frames == 1 and budget.used == buffer
+    assert dec.release_spare() == buffer and budget.used == 0
     assert [f.payload for f in dec.feed(enc.encode(FrameType.DATA, 1, payload))] == [payload]
     dec.close()
     assert budget.used == 0
+
+
+def _socket_reads(dec: FrameDecoder, wire: bytes) -> tuple[list[Frame], int]:
+    """Deliver ``wire`` as a socket with all of it queued does (each read
+    fills as much of ``get_buffer`` as there is); the frames and the reads."""
+    frames: list[Frame] = []
+    reads = pos = 0
+    while pos < len(wire):
+        buf = dec.get_buffer()
+        n = min(len(buf), len(wire) - pos)
+        buf[:n] = wire[pos : pos + n]
+        pos += n
+        reads += 1
+        if not dec.fill(n):
+            frames += dec.buffer_updated(n)
+    return frames, reads
+
+
+def test_a_stream_of_large_frames_takes_one_read_each() -> None:
+    """A delta stream's chunks are large frames: after the first, each body
+    lands in the frame buffer straight from the socket together with the
+    next prefix, in one read (read through the scratch, every frame took two
+    reads and a copy of most of its body). Small frames in between still
+    come out whole and in order."""
+    enc, dec = pair()
+    payloads = [os.urandom(3 * SCRATCH) for _ in range(20)] + [b"end", b""] + [os.urandom(2 * SCRATCH)] * 3
+    wire = b"".join(enc.encode(FrameType.DATA, 1, p) for p in payloads)
+    frames, reads = _socket_reads(dec, wire)
+    assert [bytes(f.payload) for f in frames] == payloads
+    assert reads <= len(payloads) + 3
+    dec.at_eof()

@@ -89,7 +89,7 @@ class Stream:
         self.id = stream_id
         self.outbound = outbound
         self.protocol: str | None = None
-        self._pushback = b""  # bytes that came behind the multistream echo, or the rest of a read
+        self._pushback: bytes | memoryview = b""  # what came behind the multistream echo, or the rest of a read
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()  # the muxer has room for this stream again
         self._reset = False
@@ -109,17 +109,22 @@ class Stream:
     async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
         """Up to ``max_bytes``; ``b""`` once the peer closed its side and all was read.
         Raises :class:`StreamResetError` if the stream was reset."""
+        # What is left of a piece waits as a view of it: a message read as a
+        # length prefix byte by byte, then its body (yamux), sliced bytes
+        # copied the rest of the piece once per read.
         while True:
             if self._pushback:
-                data, self._pushback = self._pushback[:max_bytes], self._pushback[max_bytes:]
-                return data
+                rest = memoryview(self._pushback)
+                data, self._pushback = rest[:max_bytes], rest[max_bytes:]
+                return bytes(data)
             if self._reset:
                 raise StreamResetError(f"stream {self.id} was reset")
             data = self._take()
             if data:
                 if len(data) > max_bytes:
-                    data, self._pushback = data[:max_bytes], data[max_bytes:]
-                return data
+                    piece = memoryview(data)
+                    data, self._pushback = piece[:max_bytes], piece[max_bytes:]
+                return bytes(data)  # a byte stream's reader gets bytes (a no-op for bytes)
             if data is not None:
                 continue  # an empty frame: nothing for a byte stream (b"" means EOF here)
             if self._at_eof():
@@ -165,9 +170,13 @@ class Stream:
         nothing of it was sent; the connection stays open."""
         raise NotImplementedError
 
-    async def recv_message(self) -> bytes | None:
+    async def recv_message(self) -> bytes | memoryview | None:
         """The next message, ``None`` once the peer closed its side. A message
-        over ``max_frame`` bytes is a :class:`~murmur.errors.FrameTooLarge`."""
+        over ``max_frame`` bytes is a :class:`~murmur.errors.FrameTooLarge`.
+
+        On the fast path a message is a read-only view of its frame's own
+        buffer (no copy between the AEAD and the application; see
+        :class:`~murmur.protocol.framing.Frame`), valid as long as it is held."""
         raise NotImplementedError
 
     # --- ends ----------------------------------------------------------------------
@@ -215,7 +224,7 @@ class Stream:
 
     # --- muxer-specific -------------------------------------------------------------
 
-    def _take(self) -> bytes | None:
+    def _take(self) -> bytes | memoryview | None:
         """The next piece the muxer holds for this stream, or ``None``."""
         raise NotImplementedError
 
@@ -231,7 +240,7 @@ class MuxStream(Stream):
 
     conn: FastConnection
 
-    def _take(self) -> bytes | None:
+    def _take(self) -> memoryview | None:
         return self.conn._read_stream(self.id)
 
     def _at_eof(self) -> bool:
@@ -248,7 +257,7 @@ class MuxStream(Stream):
         self._check_writable()
         await self.conn._send_frame(self.id, parts, deadline)
 
-    async def recv_message(self) -> bytes | None:
+    async def recv_message(self) -> bytes | memoryview | None:
         if self._pushback:  # what followed a negotiation in the same frame
             data, self._pushback = self._pushback, b""
             return data
@@ -269,7 +278,10 @@ class YamuxStream(Stream):
 
     conn: YamuxConnection
 
-    def _take(self) -> bytes | None:
+    def _take(self) -> bytes | memoryview | None:
+        # Up to READ_CHUNK whatever the reader asked: what it leaves waits in
+        # the stream's pushback (a view), and the session's buffer drains as it
+        # always did (its window grows only for a stream read as fast as it arrives).
         session = self.conn._session
         data = session.read(self.id, READ_CHUNK)
         if not data:
@@ -307,8 +319,16 @@ class YamuxStream(Stream):
         await self.conn._wait_writable(deadline)
         # Begun, a message is finished whatever the deadline: a stream cut
         # inside one would be unreadable. Cancelled midway, the stream is reset.
+        prefix = uvarint.encode(size)
+        message = bytearray(len(prefix) + size)  # gathered once, not joined and then prefixed
+        message[: len(prefix)] = prefix
+        offset = len(prefix)
+        for part in parts:
+            view = memoryview(part).cast("B")
+            message[offset : offset + view.nbytes] = view
+            offset += view.nbytes
         try:
-            await self.write(uvarint.encode(size) + b"".join(parts))
+            await self.write(message)
         except asyncio.CancelledError:
             self.reset()
             raise
@@ -362,6 +382,7 @@ class Libp2pConnection:
         self.closed = False
         self.useful_at: float | None = None  # last mark_useful (monotonic seconds)
         self.relay: PeerId | None = None  # the circuit relay this connection runs through (None: direct)
+        self.punched = False  # a direct connection a DCUtR hole punch made (murmur/protocol/libp2p/dcutr.py)
         self.bytes_sent = 0  # stream payload bytes
         self.bytes_received = 0
         self.tasks = TaskManager(f"{self.name} {peer_id.short()}")
@@ -755,7 +776,7 @@ class FastConnection(Libp2pConnection):
         self._decoder = decoder
         self._session = murmux.MuxSession(outbound, budget, self.limits.yamux())
         self._buffered = 0  # stream payload bytes waiting to be read
-        self._pong_owed: bytes | None = None
+        self._pong_owed: memoryview | None = None
         self._large_frames_seen = 0
         self._frames_sent_seen = 0
 
@@ -807,7 +828,7 @@ class FastConnection(Libp2pConnection):
 
     # --- streams ----------------------------------------------------------------------
 
-    def _read_stream(self, stream_id: int) -> bytes | None:
+    def _read_stream(self, stream_id: int) -> memoryview | None:
         payload = self._session.read(stream_id)
         if payload is not None:
             self._buffered -= len(payload)
@@ -845,8 +866,10 @@ class FastConnection(Libp2pConnection):
         one waiting for budget). Also decides whether to keep reading."""
         if self.closed:
             return
-        if frames:
-            self.last_rx = time.monotonic()
+        if not frames:  # a partial frame, or a large one waiting for budget
+            self._check_memory()
+            return
+        self.last_rx = time.monotonic()
         events: list[yamux.Event] = []
         try:
             for frame in frames:

@@ -15,6 +15,9 @@ peer. What it does for the application:
 * peer faults go to ``on_fault(peer, fault)`` (the node's penalty table):
   ``peer`` is the proved peer id, or ``None`` for a fault before any identity
   was proved (those the host logs itself, rate-limited per subnet);
+* dials leave from the listen port (SO_REUSEPORT, as libp2p's TCP
+  transports): behind a NAT peers observe that port, which DCUtR's hole
+  punches (:mod:`murmur.protocol.libp2p.dcutr`) dial from and to;
 * identify runs on every connection (:attr:`Libp2pConnection.identify`,
   ``on_identified(conn)`` when it, or a push, arrives) and the addresses
   peers observed for us are counted in :attr:`Libp2pHost.observed_addrs`.
@@ -32,16 +35,19 @@ and negotiation timeouts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import functools
 import inspect
+import ipaddress
 import itertools
 import logging
 import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from murmur import __version__
@@ -101,7 +107,7 @@ class Libp2pHost:
         self.config = config
         limits = config.limits
         self.pool = pool if pool is not None else BytePool(limits.max_buffered_bytes)
-        # Plaintext staging for every fast-path record (see PlaintextScratch):
+        # Plaintext staging for every fast-path record sent (see PlaintextScratch):
         # one largest record per host instead of one per connection.
         self.plaintext_scratch = PlaintextScratch(limits.max_frame)
         self._on_connection = on_connection
@@ -109,6 +115,10 @@ class Libp2pHost:
         self._on_identified = on_identified
         self._handlers: dict[str, Handler] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self._reuse: dict[int, tuple[str, int]] = {}  # family -> the listen (address, port) our dials leave from
+        # Hole punches under way: (address, port) we dial -> the peer and our
+        # upgrade role there, for a SYN of theirs that our listener accepts.
+        self._punch_roles: dict[tuple[str, int], tuple[PeerId, bool]] = {}
         self._wires: set[Wire] = set()
         self._conns: set[Libp2pConnection] = set()
         self._inbound_total = 0
@@ -174,14 +184,24 @@ class Libp2pHost:
         def factory() -> Wire:
             return Wire(self, False, next(self._numbers))
 
-        if self._make_socket is None:
-            server = await loop.create_server(factory, host, port, reuse_address=True)
-        else:
-            sock = self._make_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = self._new_socket(family)
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # Bound first without SO_REUSEPORT, so that a port another listener
+            # holds is refused (EADDRINUSE) as ever; SO_REUSEPORT afterwards
+            # lets our own dials leave from this port (see _bind_for_dial).
             sock.bind((host, port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             server = await loop.create_server(factory, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         self._servers.append(server)
+        bound = sock.getsockname()
+        self._reuse[family] = (str(bound[0]), int(bound[1]))
         if "warning-summaries" not in self._tasks:  # a flood that stopped is summarised too
             interval = self.config.limits.warning_interval_s
             self._tasks.periodic("warning-summaries", interval, self._flush_warnings, delay_s=interval)
@@ -190,33 +210,116 @@ class Libp2pHost:
         log.info("listening", extra={"event": "listen", "addrs": [str(a) for a in addrs]})
         return addrs
 
-    async def dial(self, addr: Multiaddr) -> Libp2pConnection:
+    async def dial(self, addr: Multiaddr, *, punch: bool | None = None) -> Libp2pConnection:
         """Connect, upgrade, prove ``addr.peer_id`` if set. Raises ``OSError``,
         :class:`~murmur.errors.TimeoutFault`, the upgrade's :class:`~murmur.errors.PeerFault`
         (:class:`~murmur.errors.IdentityMismatch` for another peer), or
-        :class:`~murmur.errors.ConnectionClosed`."""
+        :class:`~murmur.errors.ConnectionClosed`.
+
+        The connection leaves from our listen port when we listen (port reuse,
+        as libp2p's TCP transports do): behind a NAT that keeps ports, peers
+        then observe the address a hole punch must reach, and the punch's
+        mapping is the one they saw. A port already joined to that destination
+        (a connection from it is open) is dialled from an ephemeral one.
+
+        ``punch`` (a hole punch's simultaneous open, DCUtR): dial from the
+        listen port or not at all, and take the upgrade role it says (True:
+        multistream dialer and Noise initiator; False: the responder's), since
+        both ends dialled and neither accepted."""
         if self._closing:
             raise ConnectionClosed("host is closed")
         limits = self.config.limits
-        factory = functools.partial(Wire, self, True, next(self._numbers), addr.peer_id)
+        role = True if punch is None else punch
+        factory = functools.partial(Wire, self, role, next(self._numbers), addr.peer_id, True)
         try:
-            _, wire = await asyncio.wait_for(self._connect(factory, addr), limits.connect_timeout_s)
+            _, wire = await asyncio.wait_for(self._connect(factory, addr, punch is not None), limits.connect_timeout_s)
         except TimeoutError:
             raise TimeoutFault(f"connect to {addr} timed out after {limits.connect_timeout_s}s") from None
         return await asyncio.shield(wire.ready)  # the wire's own timer bounds the upgrade
 
-    async def _connect(self, factory: Callable[[], Wire], addr: Multiaddr) -> tuple[asyncio.BaseTransport, Wire]:
-        loop = asyncio.get_running_loop()
-        if self._make_socket is None:
-            return await loop.create_connection(factory, addr.host, addr.port)
-        sock = self._make_socket(socket.AF_INET6 if addr.family == "ip6" else socket.AF_INET)
+    def _new_socket(self, family: int) -> socket.socket:
+        """A TCP socket of this host's network namespace (see ``make_socket``)."""
+        return self._make_socket(family) if self._make_socket is not None else socket.socket(family, socket.SOCK_STREAM)
+
+    def _bind_for_dial(self, sock: socket.socket, family: int, dest: str) -> bool:
+        """Bind ``sock`` to our listen address and port (SO_REUSEPORT, as the
+        listener); False when we do not listen in that family, or on a
+        loopback address for a destination elsewhere (or the other way round),
+        whose packets would never come back."""
+        local = self._reuse.get(family)
+        if local is None:
+            return False
         try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, (addr.host, addr.port))
-        except BaseException:
-            sock.close()
-            raise
-        return await loop.create_connection(factory, sock=sock)
+            listen_ip, dest_ip = ipaddress.ip_address(local[0]), ipaddress.ip_address(dest)
+        except ValueError:
+            return False
+        if not listen_ip.is_unspecified and listen_ip.is_loopback != dest_ip.is_loopback:
+            return False
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(local)
+        return True
+
+    async def _connect(self, factory: Callable[[], Wire], addr: Multiaddr,
+                       punch: bool) -> tuple[asyncio.BaseTransport, Wire]:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if addr.family == "ip6" else socket.AF_INET
+        for reuse in (True, False):
+            sock = self._new_socket(family)
+            try:
+                sock.setblocking(False)
+                bound = reuse and self._bind_for_dial(sock, family, addr.host)
+                if punch and not bound:
+                    raise OSError(errno.EADDRNOTAVAIL, "a hole punch must leave from the listen port")
+                await loop.sock_connect(sock, (addr.host, addr.port))
+            except OSError as exc:
+                sock.close()
+                if reuse and not punch and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                    continue  # that port is joined to this destination already: an ephemeral one
+                raise
+            except BaseException:
+                sock.close()
+                raise
+            return await loop.create_connection(factory, sock=sock)
+        raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def expecting_punch(self, peer: PeerId, addrs: Sequence[Multiaddr], initiator: bool) -> Iterator[None]:
+        """While a hole punch dials ``addrs``: a connection our listener accepts
+        from one of them (the peer's SYN reached it before ours left) is
+        upgraded in the punch's role, authenticated as ``peer``, not as a plain
+        inbound one. Both ends then agree on the roles whichever socket won
+        (see murmur/protocol/libp2p/dcutr.py)."""
+        keys = [(a.host, a.port) for a in addrs]
+        for key in keys:
+            self._punch_roles[key] = (peer, initiator)
+        try:
+            yield
+        finally:
+            for key in keys:
+                if self._punch_roles.get(key) == (peer, initiator):
+                    del self._punch_roles[key]
+
+    def punch_role(self, remote: tuple[str, int]) -> tuple[PeerId, bool] | None:
+        return self._punch_roles.get(remote)
+
+    async def accepted_from(self, peer: PeerId, hosts: set[str]) -> Libp2pConnection | None:
+        """A direct connection with ``peer`` that our listener accepted from one
+        of ``hosts``, waiting for one still upgrading (bounded by its handshake
+        timer): where a hole punch's SYN reached our listener before our own
+        dial went out, the punch is that connection."""
+        def ours(conn: Libp2pConnection | None) -> bool:
+            return conn is not None and conn.peer_id == peer and conn.relay is None and not conn.closed
+
+        wires = [w for w in self._wires if not w.dialled and w.relay is None and w.remote[0] in hosts]
+        upgrading = [w.ready for w in wires if not w.ready.done()]
+        if upgrading:
+            await asyncio.wait(upgrading, timeout=self.config.limits.handshake_timeout_s)
+        for wire in wires:
+            if wire.ready.done() and not wire.ready.cancelled() and wire.ready.exception() is None \
+                    and ours(wire.ready.result()):
+                return wire.ready.result()
+        return None
 
     async def upgrade_stream(self, stream: Stream, outbound: bool, expected: PeerId | None = None) -> Libp2pConnection:
         """Upgrade a relayed stream (circuit relay v2, after its CONNECT) into a
@@ -289,7 +392,7 @@ class Libp2pHost:
         if self._closing:
             return False
         limits = self.config.limits
-        if not wire.outbound:
+        if not wire.dialled:
             try:
                 subnet = subnet_of(wire.remote[0])
             except ValueError:  # not an IP peer (cannot happen on a TCP listener); nothing to count it under

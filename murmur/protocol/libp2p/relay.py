@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from murmur.errors import ConnectionClosed, DecodeError, MurmurError, PeerFault
@@ -75,19 +76,24 @@ class RelayConfig:
         return Limit(self.circuit_duration_s, self.circuit_data_bytes)
 
 
-async def read_message(stream: Stream, timeout_s: float) -> bytes:
-    """One uvarint-length-prefixed circuit message's body (at most ``MAX_MESSAGE`` bytes)."""
+async def read_message(stream: Stream, timeout_s: float,
+                       length_of: Callable[[bytearray], tuple[int, int] | None] = circuit.message_length,
+                       what: str = "circuit") -> bytes:
+    """One uvarint-length-prefixed message's body: a circuit message by
+    default (at most ``MAX_MESSAGE`` bytes), or what ``length_of`` bounds
+    (the protocol's own ``message_length``, which refuses an oversized length
+    before its body is read)."""
     async with asyncio.timeout(timeout_s):
         prefix = bytearray()
-        while (got := circuit.message_length(prefix)) is None:
+        while (got := length_of(prefix)) is None:
             byte = await stream.read(1)
             if not byte:
-                raise DecodeError("circuit stream ended before its message")
+                raise DecodeError(f"{what} stream ended before its message")
             prefix += byte
         try:
             return await stream.readexactly(got[0])
         except asyncio.IncompleteReadError:
-            raise DecodeError("circuit stream ended inside its message") from None
+            raise DecodeError(f"{what} stream ended inside its message") from None
 
 
 @dataclass

@@ -87,10 +87,17 @@ class Phase(enum.Enum):
 class Wire(asyncio.BufferedProtocol):
     """One TCP connection through its upgrade, then the socket of its connection."""
 
-    def __init__(self, host: Libp2pHost, outbound: bool, conn_no: int, expected: PeerId | None = None) -> None:
+    def __init__(self, host: Libp2pHost, outbound: bool, conn_no: int, expected: PeerId | None = None,
+                 dialled: bool | None = None) -> None:
         self.host = host
         self.limits = host.config.limits
+        # ``outbound``: our role in the upgrade (multistream dialer, Noise
+        # initiator, odd stream ids); ``dialled``: whether we opened the TCP
+        # connection. They differ only for a hole punch's simultaneous open,
+        # where both sides dialled and DCUtR gives out the roles
+        # (murmur/protocol/libp2p/dcutr.py).
         self.outbound = outbound
+        self.dialled = outbound if dialled is None else dialled
         self.expected = expected
         self.conn_no = conn_no
         self.opened_at = time.monotonic()
@@ -147,6 +154,11 @@ class Wire(asyncio.BufferedProtocol):
         if not self.host._admit(self):
             transport.abort()
             return
+        punch = None if self.dialled else self.host.punch_role(self.remote)
+        if punch is not None:  # a hole punch's SYN our listener took: the punch's role (dcutr.py)
+            self.expected, self.outbound = punch
+            if self.outbound:
+                self._mss = multistream.Dialer(security_protocols(self.limits.fast_path))
         transport.set_write_buffer_limits(high=send_high_water(self.limits))  # type: ignore[attr-defined]
         self._timer = asyncio.get_running_loop().call_later(self.limits.handshake_timeout_s, self._timed_out)
         self._guard(lambda: self._write(self._mss.start()))
@@ -167,8 +179,9 @@ class Wire(asyncio.BufferedProtocol):
             self._guard(lambda: self._on_security(data))
         elif phase is Phase.CLOSED:
             return
-        elif self._decoder is not None:
-            self._guard(lambda: self._on_records(self._decoder.buffer_updated(nbytes)))  # type: ignore[union-attr]
+        elif (decoder := self._decoder) is not None:
+            if not decoder.fill(nbytes):  # else the bytes only advanced a large record: nothing to decode yet
+                self._guard(lambda: self._on_records(decoder.buffer_updated(nbytes)))
         elif self._hs_reader is not None:
             self._hs_reader.buffer_updated(nbytes)
             self._guard(self._advance_fast_handshake)
@@ -316,8 +329,7 @@ class Wire(asyncio.BufferedProtocol):
         host = self.host
         self._budget = host.pool.budget(self.limits.max_peer_buffered_bytes, self.limits.peer_reserve_bytes)
         self._encoder = FrameEncoder(send, self.limits.max_frame, host.plaintext_scratch)
-        self._decoder = FrameDecoder(receive, self.limits.max_frame, plaintext=host.plaintext_scratch,
-                                     budget=self._budget)
+        self._decoder = FrameDecoder(receive, self.limits.max_frame, budget=self._budget)
         self._hs_reader = None
         self.phase = Phase.MUXER
         if self.outbound:

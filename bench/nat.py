@@ -1,0 +1,151 @@
+"""Reaching a node behind NAT on the emulated internet: connection set-up and
+throughput, relayed against direct, on the same rate-limited links.
+
+Three hosts on the emulated internet (root only: network namespaces,
+nftables NAT, ``tc tbf``), each link limited to ``--mbit`` each way: a public
+relay (murmur's circuit relay v2 service, the two others in its
+``unlimited_peers`` as a network's own relay would have them), a public
+dialler, and a private host behind an endpoint-independent NAT that holds a
+reservation on the relay. Printed, median over ``--tries``:
+
+* ``direct_connect_ms``: the dialler's TCP connect + security + muxer
+  upgrade to a public host (the relay);
+* ``relayed_connect_ms``: the dialler reaching the private host through its
+  circuit (HOP CONNECT, STOP, then the same upgrade inside the circuit),
+  over its existing connection to the relay; ``relayed_connect_ratio``
+  relayed / direct;
+* ``direct_mbit`` and ``relayed_mbit``: ``--mib`` MiB through one stream to
+  the public host, and to the private one through the relay (each counted
+  once the receiver has all of it); ``relayed_vs_direct`` their ratio
+  (the relay's copy and one more hop on the same link rates).
+
+The last line is one JSON object. Hole punching (DCUtR) is not measured
+here yet: a punched connection is a direct one once it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from murmur.protocol.identity import Identity  # noqa: E402
+from murmur.protocol.libp2p import Libp2pConnection, Libp2pHost  # noqa: E402
+from murmur.protocol.libp2p.connection import Stream  # noqa: E402
+from murmur.protocol.libp2p.host import HostConfig  # noqa: E402
+from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayService  # noqa: E402
+from murmur.protocol.multiaddr import DialAddr  # noqa: E402
+from murmur.protocol.transport import TransportLimits  # noqa: E402
+from murmur.testnet import internet  # noqa: E402
+from murmur.testnet.internet import Host, Internet, LinkRate, NatKind, Router, Topology  # noqa: E402
+
+PORT = 4001
+SINK = "/murmur-bench/sink/1.0.0"
+CHUNK = 256 * 1024
+
+
+async def sink(stream: Stream) -> None:
+    """Reads until the sender's FIN, then answers with the byte count (8 bytes)."""
+    total = 0
+    while data := await stream.read():
+        total += len(data)
+    await stream.write(total.to_bytes(8, "big"))
+    await stream.close_write()
+
+
+def _host(net: Internet, name: str) -> Libp2pHost:
+    ns = net.ns(name)
+    host = Libp2pHost(Identity.generate(), HostConfig(limits=TransportLimits(connect_timeout_s=5.0)),
+                      make_socket=lambda family: internet.socket_in(ns, family))
+    host.set_handler(SINK, sink)
+    return host
+
+
+async def _send(conn: Libp2pConnection, size: int) -> float:
+    """Seconds until the receiver holds all ``size`` bytes."""
+    payload = bytes(CHUNK)
+    stream = await conn.open_stream(SINK)
+    start = time.perf_counter()
+    sent = 0
+    while sent < size:
+        n = min(CHUNK, size - sent)
+        await stream.write(payload[:n])
+        sent += n
+    await stream.close_write()
+    got = int.from_bytes(await stream.readexactly(8), "big")
+    elapsed = time.perf_counter() - start
+    if got != size:
+        raise RuntimeError(f"the receiver counted {got} bytes of {size}")
+    return elapsed
+
+
+async def run(tries: int, mib: float, mbit: float) -> dict[str, object]:
+    rate = LinkRate(up_mbit=mbit, down_mbit=mbit)
+    topology = Topology(hosts=(Host("relay", rate=rate), Host("dialler", rate=rate),
+                               Host("private", router="home", rate=rate)),
+                        routers=(Router("home", nat=NatKind.EIM),))
+    size = int(mib * 1024 * 1024)
+    with Internet(topology) as net:
+        relay_host, dialler, private = (_host(net, n) for n in ("relay", "dialler", "private"))
+        try:
+            RelayService(relay_host, RelayConfig(unlimited_peers=frozenset({dialler.peer_id, private.peer_id})))
+            (relay_addr,) = await relay_host.listen(net.address("relay"), PORT)
+            private_client, dialler_client = RelayClient(private), RelayClient(dialler)
+            await private_client.reserve(await private.dial(relay_addr))
+            to_relay = await dialler.dial(relay_addr)
+            circuit = DialAddr.parse(f"{relay_addr}/p2p-circuit/p2p/{private.peer_id}")
+
+            direct_ms, relayed_ms = [], []
+            for _ in range(tries):
+                start = time.perf_counter()
+                conn = await dialler.dial(relay_addr)
+                direct_ms.append((time.perf_counter() - start) * 1000)
+                await conn.close()
+                start = time.perf_counter()
+                conn = await dialler_client.dial_addr(circuit)
+                relayed_ms.append((time.perf_counter() - start) * 1000)
+                await conn.close()
+
+            relayed_conn = await dialler_client.dial_addr(circuit)
+            direct_s = [await _send(to_relay, size) for _ in range(tries)]
+            relayed_s = [await _send(relayed_conn, size) for _ in range(tries)]
+        finally:
+            for host in (dialler, private, relay_host):
+                await host.close()
+    direct_mbit = size * 8 / 1e6 / statistics.median(direct_s)
+    relayed_mbit = size * 8 / 1e6 / statistics.median(relayed_s)
+    return {
+        "bench": "nat", "tries": tries, "mib": mib, "link_mbit": mbit,
+        "direct_connect_ms": round(statistics.median(direct_ms), 2),
+        "relayed_connect_ms": round(statistics.median(relayed_ms), 2),
+        "relayed_connect_ratio": round(statistics.median(relayed_ms) / statistics.median(direct_ms), 2),
+        "direct_mbit": round(direct_mbit, 2), "relayed_mbit": round(relayed_mbit, 2),
+        "relayed_vs_direct": round(relayed_mbit / direct_mbit, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tries", type=int, default=5)
+    parser.add_argument("--mib", type=float, default=8.0, help="MiB sent per throughput try")
+    parser.add_argument("--mbit", type=float, default=50.0, help="every host's link rate, each way")
+    args = parser.parse_args()
+    problem = internet.probe().internet
+    if problem is not None:
+        print(f"bench/nat.py needs the emulated internet: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    result = asyncio.run(run(args.tries, args.mib, args.mbit))
+    for key, value in result.items():
+        print(f"{key:>24}: {value}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
