@@ -160,7 +160,7 @@ class Node:
         # Relaying for others is the operator's choice ([relay] service); the node
         # itself takes no relayed connections until it reserves on a relay.
         if cfg.relay.service:
-            relay = self.relay = RelayService(self.host, cfg.relay.relay_config())
+            relay = self.relay = RelayService(self.host, cfg.relay.relay_config(), greeted=self._greeted_directly)
             self.metrics.bind_relay(lambda: len(relay.reservations), lambda: relay.circuits, relay.stats,
                                     relay_stat_names())
         # The client side: dial circuits, and (AutoRelay) reserve on relays to be
@@ -783,7 +783,12 @@ class Node:
         if self.relay is None:
             return None
         return {"reservations": len(self.relay.reservations), "circuits": self.relay.circuits,
-                **dict(sorted(self.relay.stats.items()))}
+                "learning_circuits": self.relay.learning_circuits, **dict(sorted(self.relay.stats.items()))}
+
+    def _greeted_directly(self, peer: PeerId) -> bool:
+        """For the relay's ``learning_greeted``: ``peer`` said murmur's Hello on a direct connection."""
+        session = self.session(peer)
+        return session is not None and session.hello is not None and session.conn.relay is None
 
     def _learning_status(self) -> dict[str, Any] | None:
         """The learner's snapshot, plus where its rounds stand (target, done,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from murmur.node.daemon import Node
+from murmur.protocol.identity import Identity
 from murmur.protocol.multiaddr import Multiaddr
 from tests.integration.cluster import node_config, wait_until
 
@@ -133,6 +134,48 @@ async def test_a_private_node_picks_a_relay_among_its_peers_and_is_dialled_throu
     finally:
         for node in reversed(nodes):
             await node.stop()
+        await relay.stop()
+
+
+async def test_a_circuit_cut_at_the_relays_limit_is_redialled_and_learning_goes_on(tmp_path: Path) -> None:
+    """The network's own relay gives its members 2-second circuits (the
+    learning class, short here to see cuts): each cut is counted and reported
+    by the node, the neighbour is redialled through the relay, and the two
+    private nodes keep merging each other's deltas across the cuts."""
+    members = [str(Identity.load_or_create(tmp_path / name).peer_id) for name in ("private", "third")]
+    relay = Node(node_config(tmp_path / "relay", overrides={
+        "relay.service": True, "relay.learning_peers": members, "relay.learning_circuit_duration_s": 2,
+        "network.shuffle_interval_s": 60.0}))  # no shuffle hands out the nodes' direct addresses
+    await relay.start()
+    private = third = None
+    try:
+        private = Node(node_config(tmp_path / "private", overrides={
+            **learning(), "relay.use": [str(relay.addrs[0])], "relay.check_interval_s": 0.2}))
+        await private.start()
+        await wait_until(lambda: private.status()["relay_client"]["circuit_addrs"], 10, "a reservation on the relay")
+        (circuit,) = private.status()["relay_client"]["circuit_addrs"]
+        third = Node(node_config(tmp_path / "third", overrides={
+            **learning(), "network.bootstrap": [f"{circuit}/p2p/{private.peer_id}"], "relay.auto": False}))
+        await third.start()
+        await wait_until(lambda: third.session(private.peer_id) is not None, 10, "a session through the circuit")
+        await wait_until(lambda: relay.status()["relay"].get("cut_duration", 0) >= 1, 10, "the circuit cut at 2 s")
+        await wait_until(lambda: third.status()["relay_client"]["circuits_cut"] >= 1
+                         and private.status()["relay_client"]["circuits_cut"] >= 1, 5, "the cut reported by both")
+        last = third.status()["relay_client"]["last_cut"]
+        assert last["limit_duration_s"] == 2 and last["relay"] == str(relay.peer_id)
+        assert last["peer"] == str(private.peer_id) and last["lasted_s"] >= 1.5
+        await wait_until(lambda: relay.status()["relay"]["learning_circuits_total"] >= 2, 10,
+                         "the neighbour redialled through the relay (a members' circuit again)")
+        start = {id(n): n.learner.round for n in (private, third)}
+        await wait_until(lambda: all(n.learner.round >= start[id(n)] + 3 for n in (private, third)), 30,
+                         "three more rounds each, across cuts")
+        await wait_until(lambda: learnt_from(private, third) and learnt_from(third, private), 30,
+                         "each merged the other's delta after the cut")
+        assert private.status()["faults"] == {} and third.status()["faults"] == {}
+    finally:
+        for node in (third, private):
+            if node is not None:
+                await node.stop()
         await relay.stop()
 
 
