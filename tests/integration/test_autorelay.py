@@ -63,6 +63,9 @@ async def test_a_private_node_is_reached_only_through_its_relay_and_learns(tmp_p
         third = Node(node_config(tmp_path / "third", overrides={**learning(), "network.bootstrap": [target]}))
         await third.start()
         await wait_until(lambda: third.session(private.peer_id) is not None, 10, "a session through the circuit")
+        # the dialler's end is up first: the private end and the peer table follow
+        await wait_until(lambda: private.session(third.peer_id) is not None
+                         and any(p["peer_id"] == str(private.peer_id) for p in third.peers()), 5, "both ends")
         assert third.status()["connection_types"][str(private.peer_id)] == "relayed"
         assert private.status()["connection_types"][str(third.peer_id)] == "relayed"
         assert private.metrics.value("murmur_connections", type="relayed") == 1
