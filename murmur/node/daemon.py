@@ -205,6 +205,7 @@ class Node:
             ),
             self.tasks,
             rng=random.Random(),
+            pinned=self._relay_uses,
         )
         self.dispatcher.register(self.membership.handlers())
         self.dispatcher.register({Gossip: self._on_gossip, Goodbye: self._on_goodbye})
@@ -784,6 +785,16 @@ class Node:
             return None
         return {"reservations": len(self.relay.reservations), "circuits": self.relay.circuits,
                 "learning_circuits": self.relay.learning_circuits, **dict(sorted(self.relay.stats.items()))}
+
+    def _relay_uses(self, session: PeerSession) -> bool:
+        """Whether circuit relay needs ``session``'s connection open although it
+        carries no learning: our reservation on the peer, circuits through it,
+        or (as its relay) its reservation or circuits. Idle as murmur sees it,
+        it would be closed as transient, and the reservation or circuits with it."""
+        peer = session.peer
+        if self.relay_client.keeping(peer) or any(c.relay == peer for c in self.host.connections):
+            return True
+        return self.relay is not None and self.relay.serving(peer)
 
     def _greeted_directly(self, peer: PeerId) -> bool:
         """For the relay's ``learning_greeted``: ``peer`` said murmur's Hello on a direct connection."""

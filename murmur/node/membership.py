@@ -99,7 +99,9 @@ class Membership:
     """``learning_peer`` says whether a session may be a learning edge at all
     (a learning node: the peer told it a compatible model); ``on_linked``
     runs each time a session becomes a learning edge (the learner brings a
-    new neighbour into its open round), ``on_unlinked`` when it stops being one."""
+    new neighbour into its open round), ``on_unlinked`` when it stops being one.
+    ``pinned`` says whether an unlinked session must stay open all the same
+    (the node's relay layer uses its connection: a reservation, circuits)."""
 
     def __init__(
         self,
@@ -110,11 +112,13 @@ class Membership:
         tasks: TaskManager,
         rng: random.Random | None = None,
         learning_peer: SessionPredicate = lambda session: True,
+        pinned: SessionPredicate = lambda session: False,
         on_linked: LinkListener = _no_listener,
         on_unlinked: LinkListener = _no_listener,
     ) -> None:
         self.host = host
         self.learning_peer = learning_peer
+        self.pinned = pinned
         self.on_linked = on_linked
         self.on_unlinked = on_unlinked
         self.sampler = sampler
@@ -215,7 +219,8 @@ class Membership:
             if session.link_out and session.chosen and session.peer not in target_set:
                 await self._set_link(session, False)  # the sampler moved on (a link we accepted stays)
             idle = now - session.last_message_at
-            if not session.linked and session.peer not in self._shuffles and idle > self.config.transient_ttl_s:
+            if (not session.linked and session.peer not in self._shuffles and idle > self.config.transient_ttl_s
+                    and not self.pinned(session)):
                 await session.close()
 
     def _neighbour_descriptor(self, peer: PeerId) -> Descriptor | None:

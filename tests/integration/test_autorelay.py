@@ -11,7 +11,9 @@ hand the private node's direct address around during the test.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +182,45 @@ async def test_a_circuit_cut_at_the_relays_limit_is_redialled_and_learning_goes_
             if node is not None:
                 await node.stop()
         await relay.stop()
+
+
+async def test_the_connection_a_reservation_rests_on_is_not_closed_as_transient(tmp_path: Path) -> None:
+    """A relay and a private node with no learning link between them (the
+    sampler moved on) exchange no murmur message for long: neither may close
+    their connection as an idle transient one, or the reservation (and every
+    circuit to the private node) goes with it. A plain idle peer still goes."""
+    quiet = {"network.shuffle_interval_s": 600.0}
+    relay = Node(node_config(tmp_path / "relay", overrides={**quiet, "relay.service": True}))
+    await relay.start()
+    nodes = [relay]
+    try:
+        private = Node(node_config(tmp_path / "private", bootstrap=(relay.addrs[0],), overrides={
+            **quiet, "relay.use": [str(relay.addrs[0])], "relay.check_interval_s": 0.2}))
+        await private.start()
+        nodes.append(private)
+        plain = Node(node_config(tmp_path / "plain", bootstrap=(relay.addrs[0],), overrides=quiet))
+        await plain.start()
+        nodes.append(plain)
+        await wait_until(lambda: private.status()["relay_client"]["circuit_addrs"], 10, "a reservation on the relay")
+        await wait_until(lambda: relay.session(plain.peer_id) is not None, 10, "the plain peer connected")
+        ttl = 0.5
+        for node, other in ((private, relay), (plain, relay), (relay, private), (relay, plain)):
+            node.membership.config = dataclasses.replace(node.membership.config, transient_ttl_s=ttl)
+            link = node.session(other.peer_id)
+            assert link is not None
+            await node.membership.unlink(link, cooldown_s=600.0)  # no learning link between them from here
+        session = private.session(relay.peer_id)
+        assert session is not None
+        await wait_until(lambda: relay.session(plain.peer_id) is None, 10, "the idle plain peer's session closed")
+        await wait_until(lambda: time.monotonic() - session.last_message_at > 4 * ttl + 2.0, 10,
+                         "the relay's session idle for several maintenance passes")
+        assert not session.closed and not session.linked and private.session(relay.peer_id) is session
+        assert relay.session(private.peer_id) is not None
+        assert relay.relay is not None and private.peer_id in relay.relay.reservations
+        assert private.status()["relay_client"]["circuit_addrs"]
+    finally:
+        for node in reversed(nodes):
+            await node.stop()
 
 
 def closed_port() -> int:

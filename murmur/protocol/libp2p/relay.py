@@ -152,6 +152,11 @@ class RelayService:
         return peer in cfg.learning_peers or (cfg.learning_greeted and self.greeted is not None
                                               and self.greeted(peer))
 
+    def serving(self, peer: PeerId) -> bool:
+        """Whether ``peer`` holds a live reservation here or is an end of a live circuit."""
+        self._prune(time.time())
+        return peer in self._reservations or self._circuits_by_peer[peer] > 0
+
     @property
     def reservations(self) -> dict[PeerId, float]:
         """Live reservations: peer -> expiry (Unix seconds)."""
