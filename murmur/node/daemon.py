@@ -630,7 +630,7 @@ class Node:
             conn.peer_id, info.agent_version or "", info.protocols, [str(a) for a in info.listen_addrs],
             str(info.observed_addr) if info.observed_addr is not None else "",
         )
-        circuits = circuits_of(conn.peer_id, info.listen_addrs, self.peer_id)
+        circuits = circuits_of(conn.peer_id, info.listen_addrs)
         if circuits:  # a private peer's way in, perhaps new since its Hello (identify push)
             self.table.add(conn.peer_id, circuits)
             self.sampler.learn_addrs(conn.peer_id, circuits)
@@ -868,10 +868,12 @@ class Node:
         return out
 
 
-def circuits_of(peer: PeerId, addrs: Iterable[AnyMultiaddr], us: PeerId) -> list[CircuitAddr]:
-    """The relay circuits to ``peer`` (not through ``us``) among what its identify listed (at most
+def circuits_of(peer: PeerId, addrs: Iterable[AnyMultiaddr]) -> list[CircuitAddr]:
+    """The relay circuits to ``peer`` (not through itself) among what its identify listed (at most
     ``MAX_CIRCUIT_ADDRS``; others and malformed ones are skipped: identify is
-    every libp2p peer's, and a peer's other addresses are not ours to judge here)."""
+    every libp2p peer's, and a peer's other addresses are not ours to judge here).
+    Circuits through us are kept: a relay hands its reservers' circuits on in
+    shuffles (it is how peers behind NAT find one another), as Hello's are."""
     out: list[CircuitAddr] = []
     for addr in addrs:
         if not addr.is_circuit:
@@ -880,7 +882,7 @@ def circuits_of(peer: PeerId, addrs: Iterable[AnyMultiaddr], us: PeerId) -> list
             circuit = CircuitAddr.parse(str(addr))
         except ValueError:
             continue
-        if circuit.relay.peer_id not in (peer, us) and circuit.peer_id in (None, peer) and circuit.port:
+        if circuit.relay.peer_id != peer and circuit.peer_id in (None, peer) and circuit.port:
             out.append(circuit.without_peer())
         if len(out) == MAX_CIRCUIT_ADDRS:
             break
