@@ -421,6 +421,7 @@ class Membership:
     async def shuffle(self) -> None:
         started = self.sampler.start_shuffle()
         if started is None:
+            await self._reseed()
             return
         target, entries = started
         session = self.host.session(target.peer) or await self._dial(target.addrs, target.peer)
@@ -432,6 +433,22 @@ class Membership:
         except ConnectionClosed:
             self._shuffles.pop(target.peer, None)
             self.report_failure(target.peer, reason="closed during shuffle")
+
+    async def _reseed(self) -> None:
+        """An empty view (every peer it knew failed: say, a node behind NAT that
+        dialled its peers' routers before their circuits were known) would never
+        shuffle again and be forgotten: put the peers we are connected to back
+        in it, and ask one of them for peers (peer exchange)."""
+        sessions = [s for s in self.host.sessions() if not s.closed and s.hello is not None]
+        for session in sessions:
+            self.sampler.on_alive(session.peer)
+            if session.addrs:
+                self.sampler.add(session.peer, session.addrs)
+        if sessions and not any(s.peer in self._pex_asked for s in sessions):
+            try:
+                await self.request_peers(self._rng.choice(sessions))
+            except ConnectionClosed:
+                pass
 
     @staticmethod
     def _wire(entries: Iterable[Descriptor]) -> list[tuple[PeerId, tuple[str, ...], int]]:

@@ -223,6 +223,34 @@ async def test_the_connection_a_reservation_rests_on_is_not_closed_as_transient(
             await node.stop()
 
 
+async def test_a_node_whose_view_emptied_reseeds_it_from_its_connections(tmp_path: Path) -> None:
+    """Every peer a node knew failed (behind NAT: it dialled their routers
+    before their circuits were known) and its view is empty: its next shuffle
+    puts the peers it is connected to back in it and asks one for peers,
+    instead of never shuffling again (and being forgotten by everyone)."""
+    quiet = {"network.shuffle_interval_s": 600.0}
+    hub = Node(node_config(tmp_path / "hub", overrides=quiet))
+    await hub.start()
+    nodes = [hub]
+    try:
+        for name in ("a", "b"):
+            node = Node(node_config(tmp_path / name, bootstrap=(hub.addrs[0],), overrides=quiet))
+            await node.start()
+            nodes.append(node)
+        lonely = nodes[1]
+        await wait_until(lambda: hub.session(nodes[2].peer_id) is not None and lonely.session(hub.peer_id) is not None
+                         and hub.sampler.descriptor(nodes[2].peer_id) is not None, 10, "all connected")
+        for desc in lonely.sampler.view():
+            lonely.sampler.on_failure(desc.peer)
+        assert len(lonely.sampler) == 0
+        await lonely.membership.shuffle()
+        assert hub.peer_id in lonely.sampler
+        await wait_until(lambda: nodes[2].peer_id in lonely.sampler, 5, "a peer from the hub's peer exchange")
+    finally:
+        for node in reversed(nodes):
+            await node.stop()
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
     with socket.socket() as sock:
