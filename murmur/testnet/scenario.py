@@ -46,6 +46,10 @@ UNBOUNDED_ROUNDS = 1_000_000
 NODE_TORCH_THREADS = 1
 #: Every node's listen port on the emulated internet: each host has an address of its own.
 NETWORK_PORT = 4731
+# The emulated internet's links answer a SYN in well under a millisecond: a dial
+# that has none after this went to a NATed peer's router, which drops it, and the
+# dialler moves on to the peer's relay circuit (the default waits 5 s).
+NETWORK_CONNECT_TIMEOUT_S = 1.0
 RELAY_CHECK_INTERVAL_S = 1.0  # a node behind NAT (re)reserves on its relays this often: soon after they are up
 #: Cyclon shuffles every 2 s (default 10 s): a testnet run lasts minutes, and
 #: restarts, joins and healed partitions must be mixed in within a few rounds.
@@ -883,7 +887,8 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
                 # one router share its address): subnet limits would cap the view at a few peers
                 "subnet_bucket_size": total, "shuffle_interval_s": SHUFFLE_INTERVAL_S,
             },
-            "transport": {"max_inbound_per_subnet": max(16, total)},
+            "transport": {"max_inbound_per_subnet": max(16, total)}
+            | ({"connect_timeout_s": NETWORK_CONNECT_TIMEOUT_S} if plan is not None else {}),
             "api": {"host": LOOPBACK, "port": 0},  # on the emulated internet and a Ray host: the host's own loopback
             "learning": learning_table(scenario, s) | device(s.index),
             "privacy": {
@@ -897,8 +902,11 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
         if s.index in relays:  # the honest nodes' rounds in its learning class; Sybils are strangers
             configs[-1]["relay"] = {"service": True, "learning_peers": members}
         elif s.index in behind and relays:
-            configs[-1]["relay"] = {"use": [addr(r) for r in relays_for(scenario, s.index)],
-                                    "check_interval_s": RELAY_CHECK_INTERVAL_S}
+            used = relays_for(scenario, s.index)
+            configs[-1]["relay"] = {"use": [addr(r) for r in used], "check_interval_s": RELAY_CHECK_INTERVAL_S}
+            # a relay-only node is in the view (its shuffles introduce the nodes behind NAT)
+            # and the sampler may pick it as a neighbour, but it learns nothing: a slot more
+            configs[-1]["network"]["neighbours"] += sum(1 for r in used if specs[r].role is Role.RELAY)
     return configs
 
 

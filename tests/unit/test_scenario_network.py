@@ -164,6 +164,9 @@ def test_a_relay_node_is_a_public_host_that_relays_the_honest_nodes_learning(tmp
     for i in range(7):
         assert configs[i]["relay"]["use"] == [relay_addr], i
         assert relay_addr in configs[i]["network"]["bootstrap"], i
+        assert configs[i]["transport"]["connect_timeout_s"] == 1.0  # a router's silence is not waited out 5 s
+    # the relay learns nothing and may take a neighbour slot: honest nodes get one more
+    assert [configs[i]["network"]["neighbours"] for i in range(5)] == [sc.topology.degree + 1] * 5
     assert network_dials(sc)[7] == []  # everyone dials the relay
     path = tmp_path / "relay.toml"
     path.write_text(dump_toml(relay))
@@ -179,6 +182,8 @@ def test_public_honest_nodes_relay_by_default_and_share_the_load(tmp_path: Path)
     assert [i for i, c in enumerate(configs) if c.get("relay", {}).get("service")] == [0, 4]
     assert {i: relays_for(sc, i) for i in (1, 2, 3)} == {1: [4, 0], 2: [0, 4], 3: [4, 0]}
     assert all(len(c["relay"]["use"]) == 2 for i, c in enumerate(configs) if i in (1, 2, 3, 5, 6))
+    assert configs[1]["network"]["neighbours"] == sc.topology.degree  # public honest relays learn: no extra slot
+    assert "connect_timeout_s" not in node_configs(parse_scenario(BASE), tmp_path / "loop")[0]["transport"]
     off = _scenario(NETWORK.replace("up_mbit = 20", "up_mbit = 20\npublic_relay = false"))
     assert not any("relay" in c for c in node_configs(off, tmp_path, base_port=0,
                                                        plan=internet.plan(network_topology(off))))
