@@ -233,6 +233,38 @@ async def test_stranger_floods_leave_the_members_their_room(trios) -> None:  # t
     assert refused.value.status is Status.RESOURCE_LIMIT_EXCEEDED
 
 
+async def test_a_flood_of_greeted_sybils_is_bounded_by_the_members_pool(trios) -> None:  # type: ignore[no-untyped-def]
+    """With ``learning_greeted`` anyone who said Hello is a member, Sybils
+    too: they fill at most the members' pool (and its per-IP share), the
+    strangers' pool stays open, and a member already holding a reservation
+    keeps refreshing it."""
+    trio = await trios()
+    sybils = [Libp2pHost(Identity.generate()) for _ in range(5)]
+    stranger = Libp2pHost(Identity.generate())
+    trio.hosts += [*sybils, stranger]
+    greeted = {trio.private.peer_id, *(s.peer_id for s in sybils)}
+    trio.relay.greeted = greeted.__contains__
+    trio.relay.config = RelayConfig(learning_greeted=True, learning_max_reservations=3, max_reservations_per_ip=8)
+    await trio.private_client.reserve(trio.private_to_relay)
+    outcomes = []
+    for sybil in sybils:
+        try:
+            await RelayClient(sybil).reserve(await sybil.dial(trio.relay_addr))
+            outcomes.append(Status.OK)
+        except RelayRefused as exc:
+            outcomes.append(exc.status)
+    assert outcomes == [Status.OK, Status.OK] + [Status.RESERVATION_REFUSED] * 3
+    await RelayClient(stranger).reserve(await stranger.dial(trio.relay_addr))  # the strangers' pool is untouched
+    await trio.private_client.reserve(trio.private_to_relay)  # a refresh is no new reservation
+    assert len(trio.relay.reservations) == 4 and trio.relay.stats["learning_reservations_total"] == 4
+    trio.relay.config = RelayConfig(learning_greeted=True, max_reservations_per_ip=1)  # per IP, members too
+    late = Libp2pHost(Identity.generate())
+    trio.hosts.append(late)
+    greeted.add(late.peer_id)
+    with pytest.raises(RelayRefused):
+        await RelayClient(late).reserve(await late.dial(trio.relay_addr))
+
+
 async def test_reservation_floods_refused_and_good_peers_served(trios) -> None:  # type: ignore[no-untyped-def]
     trio = await trios(RelayConfig(max_reservations_per_ip=3))
     # one peer reserving over and over holds one reservation
