@@ -862,7 +862,8 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
 
     if plan is None:
         boot, targets = honest_bootstrap(scenario), sybil_targets(scenario)
-        dials = {s.index: targets[s.index] if s.role is Role.ATTACKER else boot[s.index] for s in specs}
+        dials = {s.index: targets[s.index] if s.role is Role.ATTACKER else boot[s.index] if s.role is Role.HONEST
+                 else [] for s in specs}
     else:
         dials = network_dials(scenario)
     rounds = scenario.duration.rounds or UNBOUNDED_ROUNDS
@@ -898,7 +899,7 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
             },
         })
         if s.role is Role.RELAY:
-            configs[-1]["learning"] = {"enabled": False}
+            configs[-1]["learning"]["enabled"] = False
         if s.index in relays:  # the honest nodes' rounds in its learning class; Sybils are strangers
             configs[-1]["relay"] = {"service": True, "learning_peers": members}
         elif s.index in behind and relays:

@@ -188,7 +188,8 @@ async def test_the_connection_a_reservation_rests_on_is_not_closed_as_transient(
     """A relay and a private node with no learning link between them (the
     sampler moved on) exchange no murmur message for long: neither may close
     their connection as an idle transient one, or the reservation (and every
-    circuit to the private node) goes with it. A plain idle peer still goes."""
+    circuit to the private node) goes with it (it did, 15 s after the sampler
+    moved off the relay)."""
     quiet = {"network.shuffle_interval_s": 600.0}
     relay = Node(node_config(tmp_path / "relay", overrides={**quiet, "relay.service": True}))
     await relay.start()
@@ -198,23 +199,18 @@ async def test_the_connection_a_reservation_rests_on_is_not_closed_as_transient(
             **quiet, "relay.use": [str(relay.addrs[0])], "relay.check_interval_s": 0.2}))
         await private.start()
         nodes.append(private)
-        plain = Node(node_config(tmp_path / "plain", bootstrap=(relay.addrs[0],), overrides=quiet))
-        await plain.start()
-        nodes.append(plain)
         await wait_until(lambda: private.status()["relay_client"]["circuit_addrs"], 10, "a reservation on the relay")
-        await wait_until(lambda: relay.session(plain.peer_id) is not None, 10, "the plain peer connected")
         ttl = 0.5
-        for node, other in ((private, relay), (plain, relay), (relay, private), (relay, plain)):
+        for node, other in ((private, relay), (relay, private)):
             node.membership.config = dataclasses.replace(node.membership.config, transient_ttl_s=ttl)
             link = node.session(other.peer_id)
             assert link is not None
             await node.membership.unlink(link, cooldown_s=600.0)  # no learning link between them from here
         session = private.session(relay.peer_id)
         assert session is not None
-        await wait_until(lambda: relay.session(plain.peer_id) is None, 10, "the idle plain peer's session closed")
         await wait_until(lambda: time.monotonic() - session.last_message_at > 4 * ttl + 2.0, 10,
                          "the relay's session idle for several maintenance passes")
-        assert not session.closed and not session.linked and private.session(relay.peer_id) is session
+        assert not session.closed and private.session(relay.peer_id) is session
         assert relay.session(private.peer_id) is not None
         assert relay.relay is not None and private.peer_id in relay.relay.reservations
         assert private.status()["relay_client"]["circuit_addrs"]

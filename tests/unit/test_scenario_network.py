@@ -157,7 +157,7 @@ def test_a_relay_node_is_a_public_host_that_relays_the_honest_nodes_learning(tmp
     configs = node_configs(sc, tmp_path, base_port=0, plan=plan)
     ids = provision_identities(sc, tmp_path)
     relay = configs[7]
-    assert relay["learning"] == {"enabled": False}
+    assert relay["learning"]["enabled"] is False
     assert relay["relay"]["service"] is True
     assert relay["relay"]["learning_peers"] == sorted(ids[f"node{i}"] for i in range(5))  # not the Sybils
     relay_addr = f"/ip4/{plan.hosts['relay0'].address}/tcp/{NETWORK_PORT}/p2p/{ids['relay0']}"
