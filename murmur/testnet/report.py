@@ -103,8 +103,8 @@ def _write_node_metrics(out: Path, name: str, rows: Sequence[Row]) -> None:
 
 
 def _node_summary(run: RunData, name: str, rows: Sequence[Row]) -> dict[str, Any]:
-    last = rows[-1] if rows else {}
     status = run.status.get(name) or {}
+    last = final_row(rows, status, run.metric.name) if rows else {}
     traffic = cumulative_bytes(rows, run.t0)
     totals = [sum(phase_times(r).values()) for r in rows]
     return {
@@ -123,11 +123,25 @@ def _node_summary(run: RunData, name: str, rows: Sequence[Row]) -> dict[str, Any
     }
 
 
+def final_row(rows: Sequence[Row], status: Mapping[str, Any] | None, metric: str) -> Row:
+    """A node's last metrics row, or what its last status says of a model it
+    adopted past that row: a node that caught up (took a neighbour's model far
+    ahead) writes no row for the rounds it skipped, and its last row would
+    stand for a model it no longer holds."""
+    last = rows[-1]
+    learning = (status or {}).get("learning") or {}
+    done, value = learning.get("round"), learning.get(metric)
+    row_round = last.get("round")
+    if isinstance(done, int) and isinstance(row_round, int) and done > row_round + 1 and isinstance(value, (int, float)):
+        return {**last, "round": done - 1, metric: value}
+    return last
+
+
 def summarize(run: RunData) -> dict[str, Any]:
     """summary.json: the run's outcome in numbers (the page's summary table)."""
     honest = run.honest
     sybils = run.sybil_peers
-    finals = {n: rows[-1] for n, rows in honest.items() if rows}
+    finals = {n: final_row(rows, run.status.get(n), run.metric.name) for n, rows in honest.items() if rows}
     final_metric = finite([run.metric.value(r) for r in finals.values()])
     final_acc = finite([r.get("accuracy") for r in finals.values()])
     final_attack = finite([r.get("attack_rate") for r in finals.values()])

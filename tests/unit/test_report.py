@@ -263,6 +263,26 @@ def test_the_connection_mix_and_punch_rate_from_the_nodes_last_status(tmp_path: 
     assert "Hole punches" not in (out / "index.html").read_text()
 
 
+def test_a_node_that_caught_up_counts_with_the_model_its_status_holds(tmp_path: Path) -> None:
+    """A node that adopted a neighbour's model far ahead wrote no row for the
+    rounds it skipped: its final accuracy is its last status's, not that of
+    the row before the catch-up (a status no further than its rows changes nothing)."""
+    names = ["node0", "node1", "node2"]
+    ids = {n: str(Identity.generate().peer_id) for n in names}
+    rows = {n: [{"ts": T0 + r, "round": r, "accuracy": 0.9, "bytes_in": 1, "bytes_out": 1} for r in range(12)]
+            for n in names[:2]}
+    rows["node2"] = [{"ts": T0 + r, "round": r, "accuracy": 0.3, "bytes_in": 1, "bytes_out": 1} for r in range(3)]
+    status = {"node0": {"peer_id": ids["node0"], "learning": {"round": 12, "accuracy": 0.5}},  # no further: rows win
+              "node1": {"peer_id": ids["node1"]},
+              "node2": {"peer_id": ids["node2"], "learning": {"round": 12, "accuracy": 0.87}}}
+    scenario = parse_scenario(NO_ATTACKERS.replace("nodes = 11", "nodes = 3").replace("nodes = [0, 1, 2]", "nodes = [0]"))
+    summary = json.loads((write_report(tmp_path, rows, status, scenario, [], peer_ids=ids) / "summary.json").read_text())
+    assert (summary["nodes"]["node2"]["accuracy"], summary["nodes"]["node2"]["round"]) == (0.87, 11)
+    assert summary["nodes"]["node0"]["accuracy"] == 0.9
+    assert summary["final_mean_accuracy"] == pytest.approx((0.9 + 0.9 + 0.87) / 3)
+    assert summary["final_min_accuracy"] == pytest.approx(0.87)
+
+
 def test_cumulative_bytes_and_network_mean() -> None:
     rows = [{"ts": T0, "round": 0, "bytes_in": 100, "bytes_out": 200},
             {"ts": T0 + 2, "round": 1, "bytes_in": 300, "bytes_out": 600},
