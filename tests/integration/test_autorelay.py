@@ -235,8 +235,13 @@ async def test_a_node_whose_view_emptied_reseeds_it_from_its_connections(tmp_pat
             await node.start()
             nodes.append(node)
         lonely = nodes[1]
-        await wait_until(lambda: hub.session(nodes[2].peer_id) is not None and lonely.session(hub.peer_id) is not None
-                         and hub.sampler.descriptor(nodes[2].peer_id) is not None, 10, "all connected")
+        def greeted(node: Node, other: Node) -> bool:
+            session = node.session(other.peer_id)
+            return session is not None and session.hello is not None
+
+        # greeted, not only connected: the reseed takes the sessions whose Hello arrived
+        await wait_until(lambda: greeted(hub, nodes[2]) and greeted(lonely, hub) and hub.peer_id in lonely.sampler
+                         and hub.sampler.descriptor(nodes[2].peer_id) is not None, 10, "all connected and greeted")
         for desc in lonely.sampler.view():
             lonely.sampler.on_failure(desc.peer)
         assert len(lonely.sampler) == 0
