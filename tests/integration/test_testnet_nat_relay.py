@@ -1,8 +1,9 @@
 """Issue 3's learning (8 nodes, digits, Dirichlet 0.5) with every honest node
 behind NAT, half endpoint-independent and half symmetric, and one public relay
 node (``scenarios/nat_relay.toml``): ``murmur testnet run`` on the emulated
-internet. No node can dial another; every round runs over relayed connections
-in the relay's learning class, and the report shows the connection mix.
+internet. No node can dial another: rounds run over relayed connections in the
+relay's learning class, or over holes punched between endpoint-independent NATs,
+and the report shows the connection mix.
 Root only (skipped otherwise, with the reason). About 30 s on a 2-core VM."""
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ def test_every_honest_node_behind_nat_learns_through_one_public_relay(tmp_path: 
     assert summary["final_mean_accuracy"] >= ACCURACY, summary["final_mean_accuracy"]
 
     # the connection mix: each honest node reaches the relay directly and its peers through it
-    # (no node can dial another: none is public); hole punching, where it lands, shows as punched
+    # (no node can dial another: none is public), or, between two endpoint-independent NATs,
+    # over a punched hole (DCUtR; a punch whose SYN met the other side's listener first may
+    # count as direct there); behind a symmetric NAT nothing is ever punched
     nodes = summary["nodes"]
     for i in range(8):
         mix = nodes[f"node{i}"]["connections"]
-        assert mix is not None and mix["direct"] <= 1 and mix["relayed"] + mix["punched"] >= 1, (i, mix)
-    assert summary["connections"]["relayed"] >= 8, summary["connections"]
+        assert mix is not None and mix["direct"] >= 1 and sum(mix.values()) >= 2, (i, mix)
+        if layout[f"node{i}"]["nat"] == "symmetric":
+            assert mix["direct"] == 1 and mix["punched"] == 0 and mix["relayed"] >= 1, (i, mix)
+    assert summary["connections"]["relayed"] >= 4, summary["connections"]  # at least the symmetric nodes' peers
     assert summary["punch_attempts"] >= summary["punch_successes"] >= 0
     assert nodes["relay0"]["role"] == "relay" and nodes["relay0"]["connections"]["direct"] >= 8
     index = (out / "report" / "index.html").read_text()
