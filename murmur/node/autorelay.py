@@ -108,4 +108,7 @@ class AutoRelay:
             "circuit_addrs": [str(a) for a in self.circuit_addrs()],
             "static": [str(a) for a in self.static],
             "auto": self.auto,
+            # relayed connections whose circuit the relay cut (a limit) or lost; neighbours are redialled
+            "circuits_cut": self.client.stats["circuits_cut"],
+            "last_cut": self.client.last_cut,
         }

@@ -292,7 +292,13 @@ class RelaySection:
     circuit_data_bytes: int = 128 * 1024
     message_timeout_s: float = 10.0
     stall_timeout_s: float = 10.0
-    unlimited_peers: tuple[str, ...] = ()  # peer ids (12D3KooW…) whose circuits between them have no limit
+    # The learning class: circuits between two members get these larger (still bounded) limits.
+    learning_peers: tuple[str, ...] = ()  # members: peer ids (12D3KooW…), the operator's network
+    learning_greeted: bool = False  # members too: peers that greeted this node (murmur Hello) directly
+    learning_max_reservations: int = 128
+    learning_max_circuits: int = 256
+    learning_circuit_duration_s: int = 3600
+    learning_circuit_data_bytes: int = 1 << 30
     # The client side (AutoRelay): relays this node reserves a slot on and advertises circuits through.
     use: tuple[DialAddr, ...] = ()  # static relays, /ip4|ip6|dns…/tcp/…/p2p/<relay>
     auto: bool = True  # with no static relays: reserve on connected peers that relay, while private
@@ -307,7 +313,7 @@ class RelaySection:
         fields = dataclasses.asdict(self)
         for client_side in ("service", "use", "auto", "max_relays", "check_interval_s"):
             del fields[client_side]
-        fields["unlimited_peers"] = frozenset(PeerId.from_string(p) for p in self.unlimited_peers)
+        fields["learning_peers"] = frozenset(PeerId.from_string(p) for p in self.learning_peers)
         return RelayConfig(**fields)
 
 
@@ -628,7 +634,11 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "relay.circuit_data_bytes": between(1, 2**63 - 1),
         "relay.message_timeout_s": finite_positive,
         "relay.stall_timeout_s": finite_positive,
-        "relay.unlimited_peers": peer_ids,
+        "relay.learning_peers": peer_ids,
+        "relay.learning_max_reservations": at_least(0),
+        "relay.learning_max_circuits": at_least(0),
+        "relay.learning_circuit_duration_s": between(1, 2**32 - 1),
+        "relay.learning_circuit_data_bytes": between(1, 2**63 - 1),
         "relay.use": relay_addrs,
         "relay.max_relays": between(0, MAX_CIRCUIT_ADDRS),
         "relay.check_interval_s": finite_positive,

@@ -169,7 +169,7 @@ class Node:
         # Relaying for others is the operator's choice ([relay] service); the node
         # itself takes no relayed connections until it reserves on a relay.
         if cfg.relay.service:
-            relay = self.relay = RelayService(self.host, cfg.relay.relay_config())
+            relay = self.relay = RelayService(self.host, cfg.relay.relay_config(), greeted=self._greeted_directly)
             self.metrics.bind_relay(lambda: len(relay.reservations), lambda: relay.circuits, relay.stats,
                                     relay_stat_names())
         # The client side: dial circuits, and (AutoRelay) reserve on relays to be
@@ -228,6 +228,7 @@ class Node:
             ),
             self.tasks,
             rng=random.Random(),
+            pinned=self._relay_uses,
         )
         self.dispatcher.register(self.membership.handlers())
         self.dispatcher.register({Gossip: self._on_gossip, Goodbye: self._on_goodbye})
@@ -667,7 +668,7 @@ class Node:
             conn.peer_id, info.agent_version or "", info.protocols, [str(a) for a in info.listen_addrs],
             str(info.observed_addr) if info.observed_addr is not None else "",
         )
-        circuits = circuits_of(conn.peer_id, info.listen_addrs, self.peer_id)
+        circuits = circuits_of(conn.peer_id, info.listen_addrs)
         if circuits:  # a private peer's way in, perhaps new since its Hello (identify push)
             self.table.add(conn.peer_id, circuits)
             self.sampler.learn_addrs(conn.peer_id, circuits)
@@ -825,7 +826,22 @@ class Node:
         if self.relay is None:
             return None
         return {"reservations": len(self.relay.reservations), "circuits": self.relay.circuits,
-                **dict(sorted(self.relay.stats.items()))}
+                "learning_circuits": self.relay.learning_circuits, **dict(sorted(self.relay.stats.items()))}
+
+    def _relay_uses(self, session: PeerSession) -> bool:
+        """Whether circuit relay needs ``session``'s connection open although it
+        carries no learning: our reservation on the peer, circuits through it,
+        or (as its relay) its reservation or circuits. Idle as murmur sees it,
+        it would be closed as transient, and the reservation or circuits with it."""
+        peer = session.peer
+        if self.relay_client.keeping(peer) or any(c.relay == peer for c in self.host.connections):
+            return True
+        return self.relay is not None and self.relay.serving(peer)
+
+    def _greeted_directly(self, peer: PeerId) -> bool:
+        """For the relay's ``learning_greeted``: ``peer`` said murmur's Hello on a direct connection."""
+        session = self.session(peer)
+        return session is not None and session.hello is not None and session.conn.relay is None
 
     def _learning_status(self) -> dict[str, Any] | None:
         """The learner's snapshot, plus where its rounds stand (target, done,
@@ -894,10 +910,12 @@ class Node:
         return out
 
 
-def circuits_of(peer: PeerId, addrs: Iterable[AnyMultiaddr], us: PeerId) -> list[CircuitAddr]:
-    """The relay circuits to ``peer`` (not through ``us``) among what its identify listed (at most
+def circuits_of(peer: PeerId, addrs: Iterable[AnyMultiaddr]) -> list[CircuitAddr]:
+    """The relay circuits to ``peer`` (not through itself) among what its identify listed (at most
     ``MAX_CIRCUIT_ADDRS``; others and malformed ones are skipped: identify is
-    every libp2p peer's, and a peer's other addresses are not ours to judge here)."""
+    every libp2p peer's, and a peer's other addresses are not ours to judge here).
+    Circuits through us are kept: a relay hands its reservers' circuits on in
+    shuffles (it is how peers behind NAT find one another), as Hello's are."""
     out: list[CircuitAddr] = []
     for addr in addrs:
         if not addr.is_circuit:
@@ -906,7 +924,7 @@ def circuits_of(peer: PeerId, addrs: Iterable[AnyMultiaddr], us: PeerId) -> list
             circuit = CircuitAddr.parse(str(addr))
         except ValueError:
             continue
-        if circuit.relay.peer_id not in (peer, us) and circuit.peer_id in (None, peer) and circuit.port:
+        if circuit.relay.peer_id != peer and circuit.peer_id in (None, peer) and circuit.port:
             out.append(circuit.without_peer())
         if len(out) == MAX_CIRCUIT_ADDRS:
             break

@@ -101,7 +101,9 @@ class Membership:
     """``learning_peer`` says whether a session may be a learning edge at all
     (a learning node: the peer told it a compatible model); ``on_linked``
     runs each time a session becomes a learning edge (the learner brings a
-    new neighbour into its open round), ``on_unlinked`` when it stops being one."""
+    new neighbour into its open round), ``on_unlinked`` when it stops being one.
+    ``pinned`` says whether an unlinked session must stay open all the same
+    (the node's relay layer uses its connection: a reservation, circuits)."""
 
     def __init__(
         self,
@@ -112,11 +114,13 @@ class Membership:
         tasks: TaskManager,
         rng: random.Random | None = None,
         learning_peer: SessionPredicate = lambda session: True,
+        pinned: SessionPredicate = lambda session: False,
         on_linked: LinkListener = _no_listener,
         on_unlinked: LinkListener = _no_listener,
     ) -> None:
         self.host = host
         self.learning_peer = learning_peer
+        self.pinned = pinned
         self.on_linked = on_linked
         self.on_unlinked = on_unlinked
         self.sampler = sampler
@@ -221,7 +225,8 @@ class Membership:
             if session.link_out and session.chosen and session.peer not in target_set:
                 await self._set_link(session, False)  # the sampler moved on (a link we accepted stays)
             idle = now - session.last_message_at
-            if not session.linked and session.peer not in self._shuffles and idle > self.config.transient_ttl_s:
+            if (not session.linked and session.peer not in self._shuffles and idle > self.config.transient_ttl_s
+                    and not self.pinned(session)):
                 await session.close()
 
     def _neighbour_descriptor(self, peer: PeerId) -> Descriptor | None:
@@ -422,6 +427,7 @@ class Membership:
     async def shuffle(self) -> None:
         started = self.sampler.start_shuffle()
         if started is None:
+            await self._reseed()
             return
         target, entries = started
         session = self.host.session(target.peer) or await self._dial(target.addrs, target.peer)
@@ -434,6 +440,22 @@ class Membership:
         except ConnectionClosed:
             self._shuffles.pop(target.peer, None)
             self.report_failure(target.peer, reason="closed during shuffle")
+
+    async def _reseed(self) -> None:
+        """An empty view (every peer it knew failed: say, a node behind NAT that
+        dialled its peers' routers before their circuits were known) would never
+        shuffle again and be forgotten: put the peers we are connected to back
+        in it, and ask one of them for peers (peer exchange)."""
+        sessions = [s for s in self.host.sessions() if not s.closed and s.hello is not None]
+        for session in sessions:
+            self.sampler.on_alive(session.peer)
+            if session.addrs:
+                self.sampler.add(session.peer, session.addrs)
+        if sessions and not any(s.peer in self._pex_asked for s in sessions):
+            try:
+                await self.request_peers(self._rng.choice(sessions))
+            except ConnectionClosed:
+                pass
 
     @staticmethod
     def _wire(entries: Iterable[Descriptor]) -> list[tuple[PeerId, tuple[str, ...], int]]:

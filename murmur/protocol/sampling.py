@@ -156,7 +156,8 @@ class CyclonSampler:
         self._view: dict[PeerId, Descriptor] = {}
         self._neighbours: dict[PeerId, Descriptor] = {}  # insertion order = tenure order
         self._target_k = self.config.neighbours
-        self._failed: OrderedDict[PeerId, float] = OrderedDict()  # peer -> refuse until
+        # peer -> (refuse until, whether we knew no relay circuit of it when it failed)
+        self._failed: OrderedDict[PeerId, tuple[float, bool]] = OrderedDict()
         self.rounds = 0
 
     # -- view ----------------------------------------------------------------
@@ -184,7 +185,7 @@ class CyclonSampler:
             return True
         addr_tuple = tuple(a.without_peer() for a in addrs)[: self.config.max_entry_addrs]
         desc = Descriptor(peer, addr_tuple, age)
-        if not addr_tuple or len(self._view) >= self.config.view_size or not self._admissible(desc.peer):
+        if not addr_tuple or len(self._view) >= self.config.view_size or not self._admissible(desc.peer, desc.addrs):
             return False
         if not self._subnet_ok(desc, self._view.values(), replacing=None):
             return False
@@ -202,9 +203,12 @@ class CyclonSampler:
             if desc is None:
                 continue
             found = True
-            merged = dict.fromkeys((*desc.addrs[:1], *(a.without_peer() for a in addrs), *desc.addrs[1:]))
-            held[peer] = replace(desc, addrs=tuple(merged)[: self.config.max_entry_addrs])
+            held[peer] = replace(desc, addrs=self._with(desc.addrs, [a.without_peer() for a in addrs]))
         return found or self.add(peer, addrs)
+
+    def _with(self, held: Sequence[PeerAddr], more: Sequence[PeerAddr]) -> tuple[PeerAddr, ...]:
+        """``held`` with ``more`` right after its first address (which keeps its subnet bucket), capped."""
+        return tuple(dict.fromkeys((*held[:1], *more, *held[1:])))[: self.config.max_entry_addrs]
 
     def sample(self, n: int, rng: random.Random | None = None) -> list[PeerId]:
         """Up to ``n`` distinct peers drawn uniformly from the view."""
@@ -232,7 +236,7 @@ class CyclonSampler:
         for desc in sorted(self._view.values(), key=lambda d: d.age):
             if len(self._neighbours) >= self._target_k:
                 break
-            if desc.peer in self._neighbours or desc.peer in exclude or not self._admissible(desc.peer):
+            if desc.peer in self._neighbours or desc.peer in exclude or not self._admissible(desc.peer, desc.addrs):
                 continue
             if not self._subnet_ok(desc, self._neighbours.values(), replacing=None):
                 continue
@@ -253,9 +257,11 @@ class CyclonSampler:
     def on_failure(self, peer: PeerId) -> list[PeerId]:
         """``peer`` did not answer: drop it everywhere, refuse it back for a
         while, and return the neighbours added in its place (connect to them)."""
+        known = self.descriptor(peer)
+        direct_only = known is None or not any(a.is_circuit for a in known.addrs)
         self._view.pop(peer, None)
         was_neighbour = self._neighbours.pop(peer, None) is not None
-        self._failed[peer] = self._clock() + self.config.failed_memory_s
+        self._failed[peer] = (self._clock() + self.config.failed_memory_s, direct_only)
         self._failed.move_to_end(peer)
         while len(self._failed) > self.config.max_failed_memory:
             self._failed.popitem(last=False)
@@ -265,13 +271,17 @@ class CyclonSampler:
         """Direct evidence ``peer`` is up (it connected, answered): forget a failure."""
         self._failed.pop(peer, None)
 
-    def _admissible(self, peer: PeerId) -> bool:
+    def _admissible(self, peer: PeerId, addrs: Sequence[PeerAddr] = ()) -> bool:
+        """Not us, not blocked, and not a recent failure, unless it failed while
+        we knew only its direct addresses and ``addrs`` names a relay circuit:
+        a peer behind NAT is reached by its circuits alone, learnt after it started."""
         if peer == self.self_id or self._is_blocked(peer):
             return False
-        until = self._failed.get(peer)
-        if until is None:
+        failed = self._failed.get(peer)
+        if failed is None:
             return True
-        if until <= self._clock():
+        until, direct_only = failed
+        if until <= self._clock() or (direct_only and any(a.is_circuit for a in addrs)):
             del self._failed[peer]
             return True
         return False
@@ -308,12 +318,16 @@ class CyclonSampler:
     def _merge(self, received: Sequence[Descriptor], sent: Sequence[Descriptor]) -> None:
         replaceable = [d.peer for d in sent if d.peer != self.self_id]
         for entry in received:
-            if not entry.addrs or not self._admissible(entry.peer):
+            if not entry.addrs or not self._admissible(entry.peer, entry.addrs):
                 continue
             held = self._view.get(entry.peer)
             if held is not None:
                 if entry.age < held.age:
-                    self._view[entry.peer] = replace(held, age=entry.age)
+                    # A fresher entry may name circuits the peer reserved since ours was made
+                    # (a private peer is reachable by nothing else); its other addresses do not
+                    # replace ours, and a bogus circuit costs one failed, authenticated dial.
+                    circuits = [a for a in entry.addrs if a.is_circuit and a not in held.addrs]
+                    self._view[entry.peer] = replace(held, age=entry.age, addrs=self._with(held.addrs, circuits))
                 continue
             victim: PeerId | None = None
             if len(self._view) >= self.config.view_size:

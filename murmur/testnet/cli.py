@@ -20,6 +20,7 @@ from murmur.errors import ConfigError
 from murmur.testnet.controller import RunEnd, RunOptions, RunResult, Testnet
 from murmur.testnet.internet import InternetError
 from murmur.testnet.options import DEFAULT_OUT_ROOT, add_run_arguments
+from murmur.testnet.reporting import page
 from murmur.testnet.scenario import Backend, Scenario, load_runnable_scenario
 from murmur.units import fmt_bytes, fmt_number
 
@@ -52,6 +53,9 @@ def print_result(result: RunResult) -> None:
             line += (f"; attack rate {fmt_number(s.get('final_attack_rate'))}; "
                      f"weight to Sybils {fmt_number(s.get('final_weight_to_sybils'))}")
         print(line)
+        if s.get("connections") and (s.get("scenario_config") or {}).get("network"):  # how they reached one another
+            print(f"connections at the end: {page.mix_text(s['connections'])}; hole punches: "
+                  f"{s.get('punch_successes', 0)} of {s.get('punch_attempts', 0)}")
     if result.report_dir is not None:
         print(f"report: {result.report_dir / 'index.html'}")
 

@@ -25,6 +25,7 @@ from murmur.fsutil import atomic_write_bytes, atomic_write_json
 from murmur.testnet.reporting import page
 from murmur.testnet.reporting.panels import PANELS, Panel, Table
 from murmur.testnet.reporting.run import (
+    CONNECTION_TYPES,
     PHASES,
     Row,
     RunData,
@@ -52,6 +53,25 @@ CSV_COLUMNS = ("ts", "round", "accuracy", "loss", "train_loss", "attack_rate", "
                "neighbour_count", "received", "missed", "excused", "late_dropped", *PHASES, "neighbours", "weights")
 JSON_COLUMNS = frozenset({"neighbours", "weights"})
 PLOTS: tuple[Panel, ...] = PANELS  # every plot a report can have (a run gets those that apply)
+def connection_mix(status: Mapping[str, Any] | None) -> dict[str, int] | None:
+    """How many of the node's connections are of each type at its last status
+    (None: no status, or one without ``connection_types``)."""
+    types = (status or {}).get("connection_types")
+    if not isinstance(types, Mapping):
+        return None
+    mix = dict.fromkeys(CONNECTION_TYPES, 0)
+    for kind in types.values():
+        mix[str(kind)] = mix.get(str(kind), 0) + 1
+    return mix
+
+
+def punch_counts(status: Mapping[str, Any] | None) -> tuple[int, int]:
+    """(attempts, successes) of hole punching from the status's ``dcutr``
+    object; (0, 0) where the node reports none (no DCUtR in this build)."""
+    dcutr = (status or {}).get("dcutr")
+    if not isinstance(dcutr, Mapping):
+        return 0, 0
+    return int(dcutr.get("attempts") or 0), int(dcutr.get("successes") or 0)
 
 
 # ---------------------------------------------------------------- writers
@@ -83,8 +103,8 @@ def _write_node_metrics(out: Path, name: str, rows: Sequence[Row]) -> None:
 
 
 def _node_summary(run: RunData, name: str, rows: Sequence[Row]) -> dict[str, Any]:
-    last = rows[-1] if rows else {}
     status = run.status.get(name) or {}
+    last = final_row(rows, status, run.metric.name) if rows else {}
     traffic = cumulative_bytes(rows, run.t0)
     totals = [sum(phase_times(r).values()) for r in rows]
     return {
@@ -97,14 +117,31 @@ def _node_summary(run: RunData, name: str, rows: Sequence[Row]) -> dict[str, Any
         "bytes_sent": traffic[-1].bytes_out if traffic else None,
         "restarts": sum(t.restarted for t in traffic),
         "mean_round_s": statistics.fmean(totals) if totals else None,
+        "connections": connection_mix(status or None),
+        "punch_attempts": punch_counts(status)[0], "punch_successes": punch_counts(status)[1],
+        "circuits_cut": ((status.get("relay_client") or {}).get("circuits_cut")),
     }
+
+
+def final_row(rows: Sequence[Row], status: Mapping[str, Any] | None, metric: str) -> Row:
+    """A node's last metrics row, or what its last status says of a model it
+    adopted past that row: a node that caught up (took a neighbour's model far
+    ahead) writes no row for the rounds it skipped, and its last row would
+    stand for a model it no longer holds."""
+    last = rows[-1]
+    learning = (status or {}).get("learning") or {}
+    done, value = learning.get("round"), learning.get(metric)
+    row_round = last.get("round")
+    if isinstance(done, int) and isinstance(row_round, int) and done > row_round + 1 and isinstance(value, (int, float)):
+        return {**last, "round": done - 1, metric: value}
+    return last
 
 
 def summarize(run: RunData) -> dict[str, Any]:
     """summary.json: the run's outcome in numbers (the page's summary table)."""
     honest = run.honest
     sybils = run.sybil_peers
-    finals = {n: rows[-1] for n, rows in honest.items() if rows}
+    finals = {n: final_row(rows, run.status.get(n), run.metric.name) for n, rows in honest.items() if rows}
     final_metric = finite([run.metric.value(r) for r in finals.values()])
     final_acc = finite([r.get("accuracy") for r in finals.values()])
     final_attack = finite([r.get("attack_rate") for r in finals.values()])
@@ -118,10 +155,14 @@ def summarize(run: RunData) -> dict[str, Any]:
     last_ts = max((float(r["ts"]) for rows in run.rows.values() for r in rows if isinstance(r.get("ts"), (int, float))),
                   default=run.t0)
     best = max if run.metric.higher_is_better else min
+    mixes = [nodes[n]["connections"] for n in honest if nodes[n]["connections"] is not None]
+    attempts = sum(nodes[n]["punch_attempts"] for n in run.rows)
+    successes = sum(nodes[n]["punch_successes"] for n in run.rows)
     return {
         "scenario": run.scenario.name,
         "honest_nodes": len(honest),
-        "attacker_nodes": len(run.rows) - len(honest),
+        "attacker_nodes": len(run.attackers),
+        "relay_nodes": sum(1 for n in run.rows if run.roles.get(n) is Role.RELAY),
         "rounds": max(all_rounds) + 1 if all_rounds else 0,
         "wall_s": last_ts - run.t0,
         "metric": {"name": run.metric.name, "higher_is_better": run.metric.higher_is_better},
@@ -141,6 +182,11 @@ def summarize(run: RunData) -> dict[str, Any]:
         "final_weight_to_sybils": statistics.fmean(s for s, _ in splits) if splits else None,
         "final_weight_to_honest": statistics.fmean(h for _, h in splits) if splits else None,
         "links": links_label(run.scenario),
+        # the honest nodes' ends of their connections at the last status, by type (a pair of honest nodes counts twice)
+        "connections": {k: sum(m.get(k, 0) for m in mixes) for k in {*CONNECTION_TYPES, *(k for m in mixes for k in m)}}
+        if mixes else None,
+        "punch_attempts": attempts, "punch_successes": successes,
+        "punch_success_rate": successes / attempts if attempts else None,
         "events": [plain(e) for e in run.events],
         "nodes": nodes,
         "scenario_config": plain(run.scenario),
@@ -168,7 +214,8 @@ def summary_rows(summary: Mapping[str, Any], attackers: bool) -> list[tuple[str,
     rows = [
         ("Scenario", str(summary["scenario"])),
         ("Nodes", f"{summary['honest_nodes']} honest" + (f", {summary['attacker_nodes']} attacker identities"
-                                                         if summary["attacker_nodes"] else "")),
+                                                         if summary["attacker_nodes"] else "")
+         + (f", {summary['relay_nodes']} relays" if summary.get("relay_nodes") else "")),
         ("Rounds", fmt_number(summary["rounds"])),
         ("Duration", fmt_seconds(summary["wall_s"])),
         (f"Final {metric} (honest mean)", fmt_number(summary["final_mean_metric"])),
@@ -183,6 +230,12 @@ def summary_rows(summary: Mapping[str, Any], attackers: bool) -> list[tuple[str,
     ]
     if summary.get("links"):
         rows.append(("Links", str(summary["links"])))
+    if summary.get("connections"):
+        mix = summary["connections"]
+        rows.append(("Connections at the end (honest nodes' ends)", page.mix_text(mix)))
+        attempts, successes = summary["punch_attempts"], summary["punch_successes"]
+        rows.append(("Hole punches (DCUtR)", f"{successes} of {attempts} succeeded "
+                     f"({fmt_number(100 * summary['punch_success_rate'], 0)} %)" if attempts else "none attempted"))
     if attackers:
         rows += [("Final attack success rate (honest mean)", fmt_number(summary["final_attack_rate"])),
                  ("Final weight to Sybils", fmt_number(summary["final_weight_to_sybils"])),
@@ -191,7 +244,7 @@ def summary_rows(summary: Mapping[str, Any], attackers: bool) -> list[tuple[str,
 
 
 NODE_HEADER = ("node", "role", "alive", "last round", "{metric}", "ε", "sent", "received", "time per round",
-               "restarts", "metrics")
+               "restarts", "connections", "metrics")
 
 
 def _index_html(run: RunData, summary: Mapping[str, Any], written: Sequence[Panel]) -> str:
@@ -204,7 +257,8 @@ def _index_html(run: RunData, summary: Mapping[str, Any], written: Sequence[Pane
         ("settings-section", "Settings", page.key_value_table("settings", page.settings_rows(summary["scenario_config"]))),
         ("nodes-section", "Nodes", page.table("nodes", [h.format(metric=metric) for h in NODE_HEADER],
                                                page.node_rows(summary["nodes"], metric, METRICS_DIR),
-                                               (False, False, False, True, True, True, True, True, True, True))),
+                                               (False, False, False, True, True, True, True, True, True, True,
+                                                False))),
         ("events-section", "Events", page.table("events", ("time", "round", "event", "detail"), page.event_rows(events))
          if events else '<p class="muted" id="events">No events.</p>'),
         ("plots", "Plots", plots),

@@ -56,6 +56,11 @@ UNBOUNDED_ROUNDS = 1_000_000
 NODE_TORCH_THREADS = 1
 #: Every node's listen port on the emulated internet: each host has an address of its own.
 NETWORK_PORT = 4731
+# The emulated internet's links answer a SYN in well under a millisecond: a dial
+# that has none after this went to a NATed peer's router, which drops it, and the
+# dialler moves on to the peer's relay circuit (the default waits 5 s).
+NETWORK_CONNECT_TIMEOUT_S = 1.0
+RELAY_CHECK_INTERVAL_S = 1.0  # a node behind NAT (re)reserves on its relays this often: soon after they are up
 #: Cyclon shuffles every 2 s (default 10 s): a testnet run lasts minutes, and
 #: restarts, joins and healed partitions must be mixed in within a few rounds.
 SHUFFLE_INTERVAL_S = 2.0
@@ -129,6 +134,7 @@ class AttackKind(enum.StrEnum):
 class Role(enum.StrEnum):
     HONEST = "honest"
     ATTACKER = "attacker"
+    RELAY = "relay"  # a public relay of the emulated internet ([network] relays): relays, learns nothing
 
 
 class Backend(enum.StrEnum):
@@ -381,10 +387,19 @@ class HostLinkSpec:
 class NetworkSpec:
     """``[network]``: the nodes on an emulated internet (``murmur.testnet.internet``)
     instead of all on loopback. Each honest node is a host of its own, the
-    Sybils of one attacker share one; hosts behind no router are public."""
+    Sybils of one attacker share one; hosts behind no router are public.
+
+    Relays (circuit relay v2): ``relays`` public hosts of their own that only
+    relay (nodes ``relay0``.., indices after the Sybils), and, with
+    ``public_relay``, every public honest node too. Each relay carries the
+    honest nodes' traffic in its learning class (``[relay] learning_peers``:
+    the run knows every honest id; Sybils are strangers there); each node
+    behind a router bootstraps to and reserves on up to two of them."""
 
     up_mbit: float | None = _checked(None, _finite_positive)  # every host's link unless a [[network.links]] says
     down_mbit: float | None = _checked(None, _finite_positive)
+    relays: int = _checked(0, _at_least(0))
+    public_relay: bool = True
     routers: tuple[RouterSpec, ...] = ()
     links: tuple[HostLinkSpec, ...] = ()
 
@@ -415,7 +430,12 @@ class Scenario:
 
     @property
     def total_nodes(self) -> int:
-        return self.nodes + sum(a.sybils for a in self.attackers)
+        return self.nodes + sum(a.sybils for a in self.attackers) + self.relay_nodes
+
+    @property
+    def relay_nodes(self) -> int:
+        """Dedicated relay nodes (``[network] relays``)."""
+        return self.network.relays if self.network is not None else 0
 
     def node_specs(self) -> list[NodeSpec]:
         """Every node of the run, honest first, then Sybils attacker by attacker."""
@@ -427,6 +447,9 @@ class Scenario:
                 # all Sybils of one attacker share one data partition: they send the same model
                 specs.append(NodeSpec(index, f"sybil{a}-{s}", Role.ATTACKER, attacker.kind, a,
                                       self.nodes + a, index in late))
+        for r in range(self.relay_nodes):
+            index = len(specs)
+            specs.append(NodeSpec(index, f"relay{r}", Role.RELAY, None, None, 0, index in late))
         return specs
 
 
@@ -680,7 +703,13 @@ def _network_checks(sc: Scenario, net: NetworkSpec) -> Iterable[tuple[tuple[str 
                 yield ("network", table, first, "nodes"), (
                     f"the Sybils of attacker {a} (nodes {', '.join(map(str, sybils))}) share one host: "
                     f"list all of them in one entry, or none")
-    # every node must reach an honest node, and the honest nodes each other, without relays (not yet there)
+    for r, router in enumerate(net.routers):
+        for i in router.nodes:
+            if 0 <= i < total and specs_role(sc, i) is Role.RELAY:
+                yield ("network", "routers", r, "nodes"), f"node {i} is a relay: relays are public, leave it out"
+    if relay_indices(sc):
+        return  # every node dials the public relays, and reaches every other through them
+    # without relays: every node must reach an honest node, and the honest nodes each other
     specs = sc.node_specs()
     group = list(range(total))
 
@@ -703,14 +732,46 @@ def _network_checks(sc: Scenario, net: NetworkSpec) -> Iterable[tuple[tuple[str 
     honest_islands = [g for g in islands.values() if any(i < sc.nodes for i in g)]
     if len(honest_islands) > 1 or len(islands) > len(honest_islands):
         listed = "; ".join(", ".join(map(str, g)) for g in islands.values())
-        yield ("network",), (f"nodes that cannot dial each other without a relay: {listed} (no public node between "
-                             f"them: leave a node out of every router to make it public)")
+        yield ("network",), (f"nodes that cannot dial each other without a relay: {listed} (no public node "
+                             f"between them: leave a node out of every router to make it public, or add relays)")
+
+
+def specs_role(sc: Scenario, index: int) -> Role:
+    return sc.node_specs()[index].role
+
+
+def relay_indices(sc: Scenario) -> list[int]:
+    """The nodes that relay on the emulated internet: the dedicated relays,
+    then (``public_relay``) the public honest nodes."""
+    net = sc.network
+    if net is None:
+        return []
+    behind = routers_of(net)
+    specs = sc.node_specs()
+    dedicated = [s.index for s in specs if s.role is Role.RELAY]
+    public = [s.index for s in specs if s.role is Role.HONEST and s.index not in behind] if net.public_relay else []
+    return dedicated + public
+
+
+def relays_for(sc: Scenario, index: int) -> list[int]:
+    """The relays node ``index`` (behind a router) reserves on: at most as many
+    as a peer entry carries circuits, dedicated relays first, the public honest
+    ones taken in turn (so their load spreads)."""
+    from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS
+
+    relays = relay_indices(sc)
+    dedicated = [i for i in relays if specs_role(sc, i) is Role.RELAY]
+    public = [i for i in relays if i not in dedicated]
+    if public:
+        turn = index % len(public)
+        public = public[turn:] + public[:turn]
+    return (dedicated + public)[:MAX_CIRCUIT_ADDRS]
 
 
 def can_dial(router_of: Mapping[int, int], src: int, dst: int) -> bool:
     """Whether node ``src`` can open a connection to node ``dst`` (indices),
     ``router_of`` placing nodes behind routers: ``dst`` is public, or on the
-    same LAN. No relay and no hole punching yet."""
+    same LAN: directly, without a relay (nor hole punching)."""
     behind = router_of.get(dst)
     return behind is None or behind == router_of.get(src)
 
@@ -877,9 +938,13 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
 
     if plan is None:
         boot, targets = honest_bootstrap(scenario), sybil_targets(scenario)
-        dials = {s.index: targets[s.index] if s.role is Role.ATTACKER else boot[s.index] for s in specs}
+        dials = {s.index: targets[s.index] if s.role is Role.ATTACKER else boot[s.index] if s.role is Role.HONEST
+                 else [] for s in specs}
     else:
         dials = network_dials(scenario)
+    relays = set(relay_indices(scenario)) if plan is not None else set()
+    behind = routers_of(scenario.network) if scenario.network is not None else {}
+    members = sorted(peer_ids[s.name] for s in specs if s.role is Role.HONEST)
     configs = []
     for s in specs:
         neighbours = (scenario.attackers[s.attacker].edges_per_sybil if s.attacker is not None
@@ -897,7 +962,8 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
                 # one router share its address): subnet limits would cap the view at a few peers
                 "subnet_bucket_size": total, "shuffle_interval_s": SHUFFLE_INTERVAL_S,
             },
-            "transport": {"max_inbound_per_subnet": max(16, total)},
+            "transport": {"max_inbound_per_subnet": max(16, total)}
+            | ({"connect_timeout_s": NETWORK_CONNECT_TIMEOUT_S} if plan is not None else {}),
             "api": {"host": LOOPBACK, "port": 0},  # on the emulated internet and a Ray host: the host's own loopback
             "learning": learning_table(scenario, s) | device(s.index),
             "privacy": privacy_table(scenario),
@@ -905,6 +971,16 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
             "outer": outer_table(scenario),
             "link": link_table(scenario, s.index),
         })
+        if s.role is Role.RELAY:
+            configs[-1]["learning"]["enabled"] = False
+        if s.index in relays:  # the honest nodes' rounds in its learning class; Sybils are strangers
+            configs[-1]["relay"] = {"service": True, "learning_peers": members}
+        elif s.index in behind and relays:
+            used = relays_for(scenario, s.index)
+            configs[-1]["relay"] = {"use": [addr(r) for r in used], "check_interval_s": RELAY_CHECK_INTERVAL_S}
+            # a relay-only node is in the view (its shuffles introduce the nodes behind NAT)
+            # and the sampler may pick it as a neighbour, but it learns nothing: a slot more
+            configs[-1]["network"]["neighbours"] += sum(1 for r in used if specs[r].role is Role.RELAY)
     return configs
 
 
@@ -1052,18 +1128,25 @@ def network_dials(scenario: Scenario) -> dict[int, list[int]]:
     bootstrap (or attack edges) those it can reach, topped up to as many as
     it wanted with the other honest nodes it can reach, nearest after it in
     index order first (a node behind NAT whose ring neighbours are behind
-    other NATs still starts with a full set of peers it can reach)."""
+    other NATs still starts with a full set of peers it can reach); a node
+    behind a router dials its relays too (:func:`relays_for`), and meets the
+    nodes behind other routers through them."""
     assert scenario.network is not None
     router_of = routers_of(scenario.network)
     boot, targets = honest_bootstrap(scenario), sybil_targets(scenario)
     out = {}
     for spec in scenario.node_specs():
         i = spec.index
+        if spec.role is Role.RELAY:
+            out[i] = []  # everyone dials it
+            continue
         wanted = targets[i] if spec.attacker is not None else boot[i]
         chosen = [j for j in wanted if can_dial(router_of, i, j)]
         others = sorted((j for j in range(scenario.nodes) if j != i and j not in chosen and can_dial(router_of, i, j)),
                         key=lambda j: (j - i) % scenario.nodes)
         out[i] = chosen + others[:max(0, len(wanted) - len(chosen))]
+        if i in router_of:  # and its relays, to reserve on and to meet the nodes behind other routers
+            out[i] += [r for r in relays_for(scenario, i) if r not in out[i]]
     return out
 
 

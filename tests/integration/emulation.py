@@ -39,6 +39,31 @@ def require_internet() -> None:
         pytest.fail(f"running as root, yet the emulated internet cannot run: {reason}")
 
 
+@dataclass(frozen=True)
+class TestnetRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    left: list[str]  # namespaces of its emulated internet still there after it exited (removed since)
+
+
+def run_testnet(argv: list[str], env: dict[str, str], timeout_s: float) -> TestnetRun:
+    """Run ``murmur testnet run`` with ``[network]``; whatever happens, remove
+    the namespaces its emulated internet left (those named after its pid: other
+    runs' on the machine are not ours) and say which there were."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        internet.cleanup_stale()  # killed: its namespaces stay behind (its workers died with it)
+        raise
+    left = [ns for ns in internet.owned_namespaces() if ns.startswith(f"{internet.NS_PREFIX}{proc.pid}.")]
+    internet.remove_namespaces(left)  # gone whatever follows; and the controller should have removed them
+    return TestnetRun(proc.returncode, stdout, stderr, left)
+
+
 def listen(net: Internet, host: str, port: int) -> socket.socket:
     s = internet.socket_in(net.ns(host))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

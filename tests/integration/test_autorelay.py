@@ -11,11 +11,14 @@ hand the private node's direct address around during the test.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from murmur.node.daemon import Node
+from murmur.protocol.identity import Identity
 from murmur.protocol.multiaddr import Multiaddr
 from tests.integration.cluster import node_config, wait_until
 
@@ -63,6 +66,9 @@ async def test_a_private_node_is_reached_only_through_its_relay_and_learns(tmp_p
         third = Node(node_config(tmp_path / "third", overrides={**learning(), "network.bootstrap": [target]}))
         await third.start()
         await wait_until(lambda: third.session(private.peer_id) is not None, 10, "a session through the circuit")
+        # the dialler's end is up first: the private end and the peer table follow
+        await wait_until(lambda: private.session(third.peer_id) is not None
+                         and any(p["peer_id"] == str(private.peer_id) for p in third.peers()), 5, "both ends")
         assert third.status()["connection_types"][str(private.peer_id)] == "relayed"
         assert private.status()["connection_types"][str(third.peer_id)] == "relayed"
         assert private.metrics.value("murmur_connections", type="relayed") == 1
@@ -135,6 +141,116 @@ async def test_a_private_node_picks_a_relay_among_its_peers_and_is_dialled_throu
         for node in reversed(nodes):
             await node.stop()
         await relay.stop()
+
+
+async def test_a_circuit_cut_at_the_relays_limit_is_redialled_and_learning_goes_on(tmp_path: Path) -> None:
+    """The network's own relay gives its members 2-second circuits (the
+    learning class, short here to see cuts): each cut is counted and reported
+    by the node, the neighbour is redialled through the relay, and the two
+    private nodes keep merging each other's deltas across the cuts."""
+    members = [str(Identity.load_or_create(tmp_path / name).peer_id) for name in ("private", "third")]
+    relay = Node(node_config(tmp_path / "relay", overrides={
+        "relay.service": True, "relay.learning_peers": members, "relay.learning_circuit_duration_s": 2,
+        "network.shuffle_interval_s": 60.0}))  # no shuffle hands out the nodes' direct addresses
+    await relay.start()
+    private = third = None
+    try:
+        private = Node(node_config(tmp_path / "private", overrides={
+            **learning(), "relay.use": [str(relay.addrs[0])], "relay.check_interval_s": 0.2}))
+        await private.start()
+        await wait_until(lambda: private.status()["relay_client"]["circuit_addrs"], 10, "a reservation on the relay")
+        (circuit,) = private.status()["relay_client"]["circuit_addrs"]
+        third = Node(node_config(tmp_path / "third", overrides={
+            **learning(), "network.bootstrap": [f"{circuit}/p2p/{private.peer_id}"], "relay.auto": False}))
+        await third.start()
+        await wait_until(lambda: third.session(private.peer_id) is not None, 10, "a session through the circuit")
+        await wait_until(lambda: relay.status()["relay"].get("cut_duration", 0) >= 1, 10, "the circuit cut at 2 s")
+        await wait_until(lambda: third.status()["relay_client"]["circuits_cut"] >= 1
+                         and private.status()["relay_client"]["circuits_cut"] >= 1, 5, "the cut reported by both")
+        last = third.status()["relay_client"]["last_cut"]
+        assert last["limit_duration_s"] == 2 and last["relay"] == str(relay.peer_id)
+        assert last["peer"] == str(private.peer_id) and last["lasted_s"] >= 1.5
+        await wait_until(lambda: relay.status()["relay"]["learning_circuits_total"] >= 2, 10,
+                         "the neighbour redialled through the relay (a members' circuit again)")
+        start = {id(n): n.learner.round for n in (private, third)}
+        await wait_until(lambda: all(n.learner.round >= start[id(n)] + 3 for n in (private, third)), 30,
+                         "three more rounds each, across cuts")
+        await wait_until(lambda: learnt_from(private, third) and learnt_from(third, private), 30,
+                         "each merged the other's delta after the cut")
+        assert private.status()["faults"] == {} and third.status()["faults"] == {}
+    finally:
+        for node in (third, private):
+            if node is not None:
+                await node.stop()
+        await relay.stop()
+
+
+async def test_the_connection_a_reservation_rests_on_is_not_closed_as_transient(tmp_path: Path) -> None:
+    """A relay and a private node with no learning link between them (the
+    sampler moved on) exchange no murmur message for long: neither may close
+    their connection as an idle transient one, or the reservation (and every
+    circuit to the private node) goes with it (it did, 15 s after the sampler
+    moved off the relay)."""
+    quiet = {"network.shuffle_interval_s": 600.0}
+    relay = Node(node_config(tmp_path / "relay", overrides={**quiet, "relay.service": True}))
+    await relay.start()
+    nodes = [relay]
+    try:
+        private = Node(node_config(tmp_path / "private", bootstrap=(relay.addrs[0],), overrides={
+            **quiet, "relay.use": [str(relay.addrs[0])], "relay.check_interval_s": 0.2}))
+        await private.start()
+        nodes.append(private)
+        await wait_until(lambda: private.status()["relay_client"]["circuit_addrs"], 10, "a reservation on the relay")
+        ttl = 0.5
+        for node, other in ((private, relay), (relay, private)):
+            node.membership.config = dataclasses.replace(node.membership.config, transient_ttl_s=ttl)
+            link = node.session(other.peer_id)
+            assert link is not None
+            await node.membership.unlink(link, cooldown_s=600.0)  # no learning link between them from here
+        session = private.session(relay.peer_id)
+        assert session is not None
+        await wait_until(lambda: time.monotonic() - session.last_message_at > 4 * ttl + 2.0, 10,
+                         "the relay's session idle for several maintenance passes")
+        assert not session.closed and private.session(relay.peer_id) is session
+        assert relay.session(private.peer_id) is not None
+        assert relay.relay is not None and private.peer_id in relay.relay.reservations
+        assert private.status()["relay_client"]["circuit_addrs"]
+    finally:
+        for node in reversed(nodes):
+            await node.stop()
+
+
+async def test_a_node_whose_view_emptied_reseeds_it_from_its_connections(tmp_path: Path) -> None:
+    """Every peer a node knew failed (behind NAT: it dialled their routers
+    before their circuits were known) and its view is empty: its next shuffle
+    puts the peers it is connected to back in it and asks one for peers,
+    instead of never shuffling again (and being forgotten by everyone)."""
+    quiet = {"network.shuffle_interval_s": 600.0}
+    hub = Node(node_config(tmp_path / "hub", overrides=quiet))
+    await hub.start()
+    nodes = [hub]
+    try:
+        for name in ("a", "b"):
+            node = Node(node_config(tmp_path / name, bootstrap=(hub.addrs[0],), overrides=quiet))
+            await node.start()
+            nodes.append(node)
+        lonely = nodes[1]
+        def greeted(node: Node, other: Node) -> bool:
+            session = node.session(other.peer_id)
+            return session is not None and session.hello is not None
+
+        # greeted, not only connected: the reseed takes the sessions whose Hello arrived
+        await wait_until(lambda: greeted(hub, nodes[2]) and greeted(lonely, hub) and hub.peer_id in lonely.sampler
+                         and hub.sampler.descriptor(nodes[2].peer_id) is not None, 10, "all connected and greeted")
+        for desc in lonely.sampler.view():
+            lonely.sampler.on_failure(desc.peer)
+        assert len(lonely.sampler) == 0
+        await lonely.membership.shuffle()
+        assert hub.peer_id in lonely.sampler
+        await wait_until(lambda: nodes[2].peer_id in lonely.sampler, 5, "a peer from the hub's peer exchange")
+    finally:
+        for node in reversed(nodes):
+            await node.stop()
 
 
 def closed_port() -> int:

@@ -115,7 +115,7 @@ async def test_two_nodes_behind_symmetric_nats_learn_through_a_public_relay(pool
             "network": {"mdns": False},
             "api": {"port": 0},
             "learning": {"enabled": False},
-            "relay": {"service": True, "unlimited_peers": [a_id, b_id]},  # its own network's learning traffic
+            "relay": {"service": True, "learning_peers": [a_id, b_id]},  # its own network's learning traffic
         })
         relay_addr = f"/ip4/{net.address('relay')}/tcp/{PORT}/p2p/{relay.state.identity().peer_id}"
         circuit = f"{relay_addr}/p2p-circuit/p2p/{a_id}"

@@ -28,7 +28,7 @@ async def test_a_node_relays_only_when_its_operator_says_so(tmp_path: Path) -> N
     try:
         assert off.status()["relay"] is None
         assert "/libp2p/circuit/relay/0.2.0/hop" not in off.host.protocols()
-        assert relay.status()["relay"] == {"reservations": 0, "circuits": 0}
+        assert relay.status()["relay"] == {"reservations": 0, "circuits": 0, "learning_circuits": 0}
 
         await private_client.reserve(await private.dial(relay.addrs[0]))
         (advertised,) = private_client.circuit_addrs()

@@ -133,16 +133,136 @@ async def test_circuit_duration_limit_cuts_the_circuit(trios) -> None:  # type: 
     assert trio.relay.stats["cut_duration"] == 1
 
 
-async def test_unlimited_peers_get_no_limit(trios) -> None:  # type: ignore[no-untyped-def]
-    trio = await trios(RelayConfig(circuit_data_bytes=16 * 1024))
-    # the operator's set names both ends (their ids exist only now)
-    trio.relay.config = RelayConfig(circuit_data_bytes=16 * 1024,
-                                    unlimited_peers=frozenset({trio.private.peer_id, trio.dialler.peer_id}))
+async def test_members_get_the_learning_limits_and_strangers_keep_theirs(trios) -> None:  # type: ignore[no-untyped-def]
+    """Both ends members: the learning class's bytes (here 1 MiB) carry what a
+    stranger's 16 KiB would cut. A stranger dialling a member gets the
+    strangers' limit, is cut past it, and its client counts the cut."""
+    trio = await trios()
+    members = frozenset({trio.private.peer_id, trio.dialler.peer_id})
+    trio.relay.config = RelayConfig(circuit_data_bytes=16 * 1024, learning_peers=members,
+                                    learning_circuit_data_bytes=1 << 20)
     await trio.private_client.reserve(trio.private_to_relay)
     conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
     data = os.urandom(200 * 1024)
     assert await _echo(conn, data) == data
-    assert trio.relay.stats["cut_data"] == 0
+    assert trio.relay.stats["cut_data"] == 0 and trio.relay.learning_circuits == 1
+    assert trio.relay.stats["learning_circuits_total"] == 1
+    assert trio.relay.stats["learning_bytes_relayed"] == trio.relay.stats["bytes_relayed"] > 2 * len(data)
+
+    stranger = Libp2pHost(Identity.generate())
+    trio.hosts.append(stranger)
+    stranger_client = RelayClient(stranger)
+    cut = await stranger_client.dial(await stranger.dial(trio.relay_addr), trio.private.peer_id)
+    assert trio.relay.learning_circuits == 1 and trio.relay.circuits == 2  # the stranger's is not a member's
+    with pytest.raises((ConnectionClosed, asyncio.IncompleteReadError, ValueError)):
+        await asyncio.wait_for(_echo(cut, os.urandom(64 * 1024)), 10)
+    await wait_until(lambda: cut.closed, 5, "the stranger's circuit cut")
+    assert trio.relay.stats["cut_data"] == 1
+    # both ends of the cut circuit count it; the members' circuit is untouched and not counted
+    await wait_until(lambda: stranger_client.stats["circuits_cut"] == 1 and
+                     trio.private_client.stats["circuits_cut"] == 1, 5, "the cut counted at both ends")
+    assert stranger_client.last_cut is not None and stranger_client.last_cut["limit_data_bytes"] == 16 * 1024
+    assert not conn.closed and await _echo(conn, b"still here") == b"still here"
+    await conn.close()
+    await wait_until(lambda: trio.relay.circuits == 0, 5, "circuits released")
+    assert trio.dialler_client.stats["circuits_cut"] == 0  # closed by its end: not a cut
+
+
+async def test_a_members_circuit_cut_at_its_duration_is_counted_and_redialled(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios()
+    trio.relay.config = RelayConfig(learning_peers=frozenset({trio.private.peer_id, trio.dialler.peer_id}),
+                                    learning_circuit_duration_s=1)
+    await trio.private_client.reserve(trio.private_to_relay)
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    await wait_until(lambda: conn.closed, 5, "the circuit cut at its duration")
+    assert trio.relay.stats["cut_duration"] == 1
+    await wait_until(lambda: trio.dialler_client.stats["circuits_cut"] == 1, 5, "the cut counted")
+    assert trio.dialler_client.last_cut is not None and trio.dialler_client.last_cut["limit_duration_s"] == 1
+    again = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert await _echo(again, b"again") == b"again"
+
+
+async def test_greeted_peers_are_members_only_when_the_operator_says_so(trios) -> None:  # type: ignore[no-untyped-def]
+    trio = await trios()
+    greeted = {trio.private.peer_id, trio.dialler.peer_id}
+    trio.relay.greeted = greeted.__contains__
+    assert not trio.relay.member(trio.private.peer_id)  # learning_greeted is off by default
+    trio.relay.config = RelayConfig(learning_greeted=True)
+    assert trio.relay.member(trio.private.peer_id) and not trio.relay.member(Identity.generate().peer_id)
+    await trio.private_client.reserve(trio.private_to_relay)
+    await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert trio.relay.learning_circuits == 1 and trio.relay.stats["learning_reservations_total"] == 1
+
+
+async def test_stranger_floods_leave_the_members_their_room(trios) -> None:  # type: ignore[no-untyped-def]
+    """Strangers fill every reservation and circuit they may hold: members
+    still reserve, dial and are served, from pools of their own; and a
+    members' flood is bounded by its own pool in turn."""
+    trio = await trios()
+    members = frozenset({trio.private.peer_id, trio.dialler.peer_id})
+    trio.relay.config = RelayConfig(max_reservations=2, max_circuits=1, max_reservations_per_ip=8,
+                                    learning_peers=members, learning_max_circuits=2)
+    strangers = [Libp2pHost(Identity.generate()) for _ in range(4)]
+    trio.hosts += strangers
+    clients = [RelayClient(s) for s in strangers]
+    links = [await s.dial(trio.relay_addr) for s in strangers]
+    outcomes = []
+    for client, link in zip(clients, links, strict=True):
+        try:
+            await client.reserve(link)
+            outcomes.append(Status.OK)
+        except RelayRefused as exc:
+            outcomes.append(exc.status)
+    assert outcomes == [Status.OK, Status.OK, Status.RESERVATION_REFUSED, Status.RESERVATION_REFUSED]
+    # strangers' circuits: one in all, then refused
+    await clients[2].dial(links[2], strangers[0].peer_id)
+    with pytest.raises(RelayRefused) as refused:
+        await clients[3].dial(links[3], strangers[1].peer_id)
+    assert refused.value.status is Status.RESOURCE_LIMIT_EXCEEDED
+    # members are served all the same
+    await trio.private_client.reserve(trio.private_to_relay)
+    conns = [await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id) for _ in range(2)]
+    assert await _echo(conns[0], b"served") == b"served"
+    assert trio.relay.learning_circuits == 2 and trio.relay.circuits == 3
+    with pytest.raises(RelayRefused) as refused:  # the members' pool is bounded too
+        await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert refused.value.status is Status.RESOURCE_LIMIT_EXCEEDED
+    # a stranger dialling a member counts among the strangers' circuits: refused while theirs is full
+    with pytest.raises(RelayRefused) as refused:
+        await clients[3].dial(links[3], trio.private.peer_id)
+    assert refused.value.status is Status.RESOURCE_LIMIT_EXCEEDED
+
+
+async def test_a_flood_of_greeted_sybils_is_bounded_by_the_members_pool(trios) -> None:  # type: ignore[no-untyped-def]
+    """With ``learning_greeted`` anyone who said Hello is a member, Sybils
+    too: they fill at most the members' pool (and its per-IP share), the
+    strangers' pool stays open, and a member already holding a reservation
+    keeps refreshing it."""
+    trio = await trios()
+    sybils = [Libp2pHost(Identity.generate()) for _ in range(5)]
+    stranger = Libp2pHost(Identity.generate())
+    trio.hosts += [*sybils, stranger]
+    greeted = {trio.private.peer_id, *(s.peer_id for s in sybils)}
+    trio.relay.greeted = greeted.__contains__
+    trio.relay.config = RelayConfig(learning_greeted=True, learning_max_reservations=3, max_reservations_per_ip=8)
+    await trio.private_client.reserve(trio.private_to_relay)
+    outcomes = []
+    for sybil in sybils:
+        try:
+            await RelayClient(sybil).reserve(await sybil.dial(trio.relay_addr))
+            outcomes.append(Status.OK)
+        except RelayRefused as exc:
+            outcomes.append(exc.status)
+    assert outcomes == [Status.OK, Status.OK] + [Status.RESERVATION_REFUSED] * 3
+    await RelayClient(stranger).reserve(await stranger.dial(trio.relay_addr))  # the strangers' pool is untouched
+    await trio.private_client.reserve(trio.private_to_relay)  # a refresh is no new reservation
+    assert len(trio.relay.reservations) == 4 and trio.relay.stats["learning_reservations_total"] == 4
+    trio.relay.config = RelayConfig(learning_greeted=True, max_reservations_per_ip=1)  # per IP, members too
+    late = Libp2pHost(Identity.generate())
+    trio.hosts.append(late)
+    greeted.add(late.peer_id)
+    with pytest.raises(RelayRefused):
+        await RelayClient(late).reserve(await late.dial(trio.relay_addr))
 
 
 async def test_reservation_floods_refused_and_good_peers_served(trios) -> None:  # type: ignore[no-untyped-def]
@@ -251,11 +371,11 @@ STALL_S = 2.0
 
 @pytest.mark.parametrize("path", list(PATHS))
 async def test_a_receiver_that_never_reads_costs_the_relay_bounded_memory(trios, path: str) -> None:  # type: ignore[no-untyped-def]
-    """An unlimited circuit whose far end never reads: the sender stalls, and
+    """A members' circuit (1 GiB) whose far end never reads: the sender stalls, and
     what the relay holds stays within its per-peer budgets (backpressure runs
     from the private peer's budget back through the relay to the sender)."""
     trio = await trios(path=path, max_frame=FRAME, max_peer_buffered_bytes=BUFFERED, peer_reserve_bytes=FRAME)
-    trio.relay.config = RelayConfig(unlimited_peers=frozenset({trio.private.peer_id, trio.dialler.peer_id}),
+    trio.relay.config = RelayConfig(learning_peers=frozenset({trio.private.peer_id, trio.dialler.peer_id}),
                                     stall_timeout_s=STALL_S)
     opened = asyncio.Event()
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from murmur.testnet import internet
 from murmur.testnet.controller import read_metrics
 from murmur.testnet.scenario import find_line, load_scenario
-from tests.integration.emulation import require_internet
+from tests.integration.emulation import require_internet, run_testnet
 
 ROOT = Path(__file__).resolve().parents[2]
 NAT_SCENARIO = ROOT / "murmur" / "testnet" / "scenarios" / "nat.toml"
@@ -37,22 +36,11 @@ def _short(tmp_path: Path) -> Path:
 def test_nodes_behind_nats_learn_on_the_emulated_internet(tmp_path: Path) -> None:
     require_internet()
     out = tmp_path / "run"
-    # Popen, not run: the namespaces the run owns are named after its pid (others' may exist meanwhile)
-    proc = subprocess.Popen([*MURMUR, "testnet", "run", str(_short(tmp_path)), "--out", str(out), "--no-dashboard"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        internet.cleanup_stale()  # killed: its namespaces stay behind (its workers died with it)
-        raise
-    left = [ns for ns in internet.owned_namespaces() if ns.startswith(f"{internet.NS_PREFIX}{proc.pid}.")]
-    internet.remove_namespaces(left)  # gone whatever follows; and the controller should have removed them
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    assert "emulated internet: 6 hosts, 2 public; router0 eim, router1 eim, router2 symmetric" in stdout
-    assert not left
+    proc = run_testnet([*MURMUR, "testnet", "run", str(_short(tmp_path)), "--out", str(out), "--no-dashboard"],
+                       {**os.environ, "PYTHONPATH": str(ROOT)}, RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not proc.left
+    assert "emulated internet: 6 hosts, 2 public; router0 eim, router1 eim, router2 symmetric" in proc.stdout
 
     layout = json.loads((out / "network.json").read_text())
     nodes = layout["nodes"]
@@ -75,10 +63,15 @@ def test_nodes_behind_nats_learn_on_the_emulated_internet(tmp_path: Path) -> Non
         assert f'"/ip4/{node["address"]}/tcp/4731/p2p/{node["peer_id"]}"' in log  # it listened on its host
     edges = {frozenset((a, b)) for a, peers in learned_with.items() for b in peers}
     router = {name: node["router"] for name, node in nodes.items()}
-    # nodes behind NAT learned with public ones, across their routers...
+    # nodes behind NAT learned with public ones, across their routers
     assert any((router[a] is None) != (router[b] is None) for a, b in edges), learned_with
-    # ...and never directly with a node behind another router: nothing can dial it (no relays yet)
-    assert not [(a, b) for a, b in edges if None not in (router[a], router[b]) and router[a] != router[b]]
+    # with a node behind another router only through a relay (the public nodes relay): nothing can dial it
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    if [(a, b) for a, b in edges if None not in (router[a], router[b]) and router[a] != router[b]]:
+        assert summary["connections"]["relayed"] > 0 or any(
+            '"event": "relay_circuit"' in (out / "logs" / f"{n}.log").read_text() for n in ("node0", "node1"))
+    for name in ("node0", "node1"):
+        assert summary["nodes"][name]["connections"]["relayed"] == 0  # public: everyone dials them
     alone = sorted(n for n, peers in learned_with.items() if not peers)
     print(f"\nlearned with: { {n: sorted(p) for n, p in learned_with.items()} }; alone: {alone}")
 

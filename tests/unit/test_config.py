@@ -26,6 +26,7 @@ from murmur.node.config import (
     load_config,
     parse_override,
 )
+from murmur.protocol.circuit import Limit
 from murmur.protocol.identity import Identity
 from murmur.protocol.multiaddr import Multiaddr
 
@@ -81,7 +82,8 @@ def test_constraint_table_names_only_real_fields():
         ("[learning]\nnode_index = -1\n", 2, "learning.node_index", "must be >= 0"),
         ("[learning]\nmode = 'gossip'\n[privacy]\nenabled = true\n", 4, "privacy.enabled", "dsgd"),
         ("[transport]\nping_interval_s = 90.0\n", 2, "transport.ping_interval_s", "idle_timeout_s"),
-        ("[relay]\nunlimited_peers = ['12D3KooWnope']\n", 2, "relay.unlimited_peers", "not an Ed25519 peer id"),
+        ("[relay]\nlearning_peers = ['12D3KooWnope']\n", 2, "relay.learning_peers", "not an Ed25519 peer id"),
+        ("[relay]\nlearning_circuit_data_bytes = 0\n", 2, "relay.learning_circuit_data_bytes", "must be in [1"),
         ("[relay]\ncircuit_duration_s = 0\n", 2, "relay.circuit_duration_s", "must be in [1"),
         ("[relay]\nservice = 'yes'\n", 2, "relay.service", "true or false"),
     ],
@@ -294,11 +296,13 @@ def test_top_k_without_privacy_is_fine_but_not_in_gossip_mode() -> None:
 
 def test_relay_section_becomes_the_relay_config(tmp_path):
     peer = Identity.generate().peer_id
-    path = write(tmp_path, f"[relay]\nservice = true\ncircuit_data_bytes = 4096\nunlimited_peers = ['{peer}']\n")
+    path = write(tmp_path, f"[relay]\nservice = true\ncircuit_data_bytes = 4096\nlearning_peers = ['{peer}']\n"
+                           "learning_circuit_duration_s = 600\n")
     cfg = load_config(path)
     assert cfg.relay.service is True
     relay = cfg.relay.relay_config()
-    assert relay.circuit_data_bytes == 4096 and relay.unlimited_peers == frozenset({peer})
+    assert relay.circuit_data_bytes == 4096 and relay.learning_peers == frozenset({peer})
+    assert relay.learning_limit() == Limit(600, 1 << 30) and relay.stranger_limit() == Limit(120, 4096)
     assert relay.circuit_duration_s == 120  # go-libp2p's default for strangers
 
 

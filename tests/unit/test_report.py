@@ -233,6 +233,72 @@ def test_emulated_links_are_labelled_as_emulated(tmp_path: Path) -> None:
     assert "<th>Links</th>" not in (out / "index.html").read_text()
 
 
+def test_the_connection_mix_and_punch_rate_from_the_nodes_last_status(tmp_path: Path) -> None:
+    """Each node's connections by type (direct, punched, relayed) and the hole
+    punches from its last status, summed over the honest nodes; a status with
+    no ``dcutr`` (no hole punching in the build) counts none, and a relay
+    node's own connections stay out of the honest sum."""
+    scenario = parse_scenario(NO_ATTACKERS.replace("nodes = 11", "nodes = 3").replace("nodes = [0, 1, 2]", "nodes = [0]")
+                              + "[network]\nrelays = 1\n[[network.routers]]\nnodes = [0]\n"
+                                "[[network.routers]]\nnodes = [1]\n[[network.routers]]\nnodes = [2]\n")
+    names = ["node0", "node1", "node2", "relay0"]
+    ids = {n: str(Identity.generate().peer_id) for n in names}
+    rows = {n: [{"ts": T0 + r, "round": r, "accuracy": 0.9, "bytes_in": 1, "bytes_out": 1} for r in range(3)]
+            for n in names[:3]}
+    rows["relay0"] = []
+    status = {
+        "node0": {"peer_id": ids["node0"], "connection_types": {ids["relay0"]: "direct", ids["node1"]: "relayed",
+                                                                 ids["node2"]: "punched"},
+                  "dcutr": {"attempts": 3, "successes": 2}, "relay_client": {"circuits_cut": 1}},
+        "node1": {"peer_id": ids["node1"], "connection_types": {ids["relay0"]: "direct", ids["node0"]: "relayed"},
+                  "dcutr": {"attempts": 1, "successes": 0}},
+        "node2": {"peer_id": ids["node2"], "connection_types": {ids["relay0"]: "direct", ids["node0"]: "punched"}},
+        "relay0": {"peer_id": ids["relay0"], "connection_types": {ids[n]: "direct" for n in names[:3]}},
+    }
+    out = write_report(tmp_path, rows, status, scenario, [], peer_ids=ids)
+    summary = json.loads((out / "summary.json").read_text())
+    nodes = summary["nodes"]
+    assert nodes["node0"]["connections"] == {"direct": 1, "punched": 1, "relayed": 1}
+    assert nodes["node2"]["connections"] == {"direct": 1, "punched": 1, "relayed": 0}
+    assert (nodes["node0"]["punch_attempts"], nodes["node0"]["punch_successes"], nodes["node0"]["circuits_cut"]) == (3, 2, 1)
+    assert (nodes["node2"]["punch_attempts"], nodes["node2"]["circuits_cut"]) == (0, None)
+    assert nodes["relay0"]["role"] == "relay" and nodes["relay0"]["connections"]["direct"] == 3
+    assert (summary["honest_nodes"], summary["attacker_nodes"], summary["relay_nodes"]) == (3, 0, 1)
+    assert summary["connections"] == {"direct": 3, "punched": 2, "relayed": 2}  # honest ends only
+    assert (summary["punch_attempts"], summary["punch_successes"]) == (4, 2)
+    assert summary["punch_success_rate"] == pytest.approx(0.5)
+    index = (out / "index.html").read_text()
+    assert "<td>3 direct, 2 punched, 2 relayed</td>" in index and "2 of 4 succeeded (50 %)" in index
+    assert "<td>1 direct, 1 punched, 1 relayed</td>" in index  # node0's row
+
+    for name in names:  # no connection types at all (an older node): the summary says nothing of them
+        status[name] = {"peer_id": ids[name]}
+    out = write_report(tmp_path / "old", rows, status, scenario, [], peer_ids=ids)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["connections"] is None and summary["punch_success_rate"] is None
+    assert "Hole punches" not in (out / "index.html").read_text()
+
+
+def test_a_node_that_caught_up_counts_with_the_model_its_status_holds(tmp_path: Path) -> None:
+    """A node that adopted a neighbour's model far ahead wrote no row for the
+    rounds it skipped: its final accuracy is its last status's, not that of
+    the row before the catch-up (a status no further than its rows changes nothing)."""
+    names = ["node0", "node1", "node2"]
+    ids = {n: str(Identity.generate().peer_id) for n in names}
+    rows = {n: [{"ts": T0 + r, "round": r, "accuracy": 0.9, "bytes_in": 1, "bytes_out": 1} for r in range(12)]
+            for n in names[:2]}
+    rows["node2"] = [{"ts": T0 + r, "round": r, "accuracy": 0.3, "bytes_in": 1, "bytes_out": 1} for r in range(3)]
+    status = {"node0": {"peer_id": ids["node0"], "learning": {"round": 12, "accuracy": 0.5}},  # no further: rows win
+              "node1": {"peer_id": ids["node1"]},
+              "node2": {"peer_id": ids["node2"], "learning": {"round": 12, "accuracy": 0.87}}}
+    scenario = parse_scenario(NO_ATTACKERS.replace("nodes = 11", "nodes = 3").replace("nodes = [0, 1, 2]", "nodes = [0]"))
+    summary = json.loads((write_report(tmp_path, rows, status, scenario, [], peer_ids=ids) / "summary.json").read_text())
+    assert (summary["nodes"]["node2"]["accuracy"], summary["nodes"]["node2"]["round"]) == (0.87, 11)
+    assert summary["nodes"]["node0"]["accuracy"] == 0.9
+    assert summary["final_mean_accuracy"] == pytest.approx((0.9 + 0.9 + 0.87) / 3)
+    assert summary["final_min_accuracy"] == pytest.approx(0.87)
+
+
 def test_cumulative_bytes_and_network_mean() -> None:
     rows = [{"ts": T0, "round": 0, "bytes_in": 100, "bytes_out": 200},
             {"ts": T0 + 2, "round": 1, "bytes_in": 300, "bytes_out": 600},

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from murmur.errors import DecodeError, LimitExceeded
 from murmur.protocol.identity import Identity, PeerId
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.multiaddr import CircuitAddr, Multiaddr
 from murmur.protocol.sampling import CyclonSampler, Descriptor, SamplerConfig, decode_descriptors, subnet_of
 
 _IDS: dict[int, PeerId] = {}
@@ -166,6 +166,39 @@ def test_duplicate_keeps_younger_age_but_never_new_address():
     node.on_shuffle_request(pid(2), [Descriptor(pid(1), (Multiaddr("6.6.6.6", 1),), 0)])
     held = node.descriptor(pid(1))
     assert held is not None and held.age == 0 and held.addrs == (Multiaddr("127.0.0.1", 4001),)
+
+
+def test_a_younger_duplicate_brings_only_its_circuits():
+    """A private peer's circuits come after its entry was made (it reserved
+    on a relay since): a younger entry's circuits join the held addresses,
+    after the first one; its direct addresses still never replace ours."""
+    node = make_node()
+    node.add(pid(1), [Multiaddr("198.18.1.1", 4731)], age=9)
+    circuit = CircuitAddr.parse(f"/ip4/198.18.9.1/tcp/4731/p2p/{pid(9)}/p2p-circuit")
+    node.on_shuffle_request(pid(2), [Descriptor(pid(1), (Multiaddr("6.6.6.6", 1), circuit), 3)])
+    held = node.descriptor(pid(1))
+    assert held is not None and held.age == 3 and held.addrs == (Multiaddr("198.18.1.1", 4731), circuit)
+    other = CircuitAddr.parse(f"/ip4/198.18.8.1/tcp/4731/p2p/{pid(8)}/p2p-circuit")
+    node.on_shuffle_request(pid(2), [Descriptor(pid(1), (other,), 5)])  # older: nothing of it
+    assert node.descriptor(pid(1)).addrs == (Multiaddr("198.18.1.1", 4731), circuit)  # type: ignore[union-attr]
+
+
+def test_a_peer_that_failed_at_its_direct_address_comes_back_with_a_circuit():
+    """Behind NAT a peer's direct address fails (its router drops the dial);
+    the circuit it reserved later is news that lets it back in. One that
+    failed while its circuit was known stays refused for the memory's time."""
+    node = make_node()
+    circuit = CircuitAddr.parse(f"/ip4/198.18.9.1/tcp/4731/p2p/{pid(9)}/p2p-circuit")
+    node.add(pid(1), [Multiaddr("198.18.1.1", 4731)])
+    node.add(pid(2), [Multiaddr("198.18.2.1", 4731), circuit])
+    node.on_failure(pid(1))
+    node.on_failure(pid(2))
+    node.on_shuffle_request(pid(3), [Descriptor(pid(1), (Multiaddr("198.18.1.1", 4731),), 0)])
+    assert pid(1) not in node  # the same direct address: still refused
+    node.on_shuffle_request(pid(3), [Descriptor(pid(1), (Multiaddr("198.18.1.1", 4731), circuit), 0),
+                                     Descriptor(pid(2), (Multiaddr("198.18.2.1", 4731), circuit), 0)])
+    assert pid(1) in node and pid(2) not in node
+    assert not node.add(pid(2), [circuit])
 
 
 def test_decode_descriptors_rejects_bad_input():

@@ -22,6 +22,8 @@ from murmur.testnet.scenario import (
     node_configs,
     parse_scenario,
     process_groups,
+    provision_identities,
+    relays_for,
 )
 
 BASE = """\
@@ -116,8 +118,81 @@ def test_node_configs_listen_on_their_hosts_and_bootstrap_at_reachable_addresses
         assert list(load_config(path).node.listen) == [addr[i]]  # a config the node accepts
 
 
+ALL_BEHIND_NATS = """
+[network]
+relays = 1
+
+[[network.routers]]
+nodes = [0]
+
+[[network.routers]]
+nat = "symmetric"
+nodes = [1, 2]
+
+[[network.routers]]
+nodes = [3]
+
+[[network.routers]]
+nat = "symmetric"
+nodes = [4]
+
+[[network.routers]]
+nodes = [5, 6]
+"""
+
+
+def test_a_relay_node_is_a_public_host_that_relays_the_honest_nodes_learning(tmp_path: Path) -> None:
+    """Every honest node behind a NAT (no node could dial another without a
+    relay: accepted since there is one): the relay is a public host of its
+    own, learns nothing, carries the honest nodes' rounds in its learning
+    class, and every node behind a router bootstraps to it and reserves on it."""
+    sc = _scenario(ALL_BEHIND_NATS)
+    specs = sc.node_specs()
+    assert [(s.name, s.role.value) for s in specs[5:]] == [("sybil0-0", "attacker"), ("sybil0-1", "attacker"),
+                                                         ("relay0", "relay")]
+    assert sc.total_nodes == 8
+    hosts = {h.name: h for h in network_topology(sc).hosts}
+    assert hosts["relay0"].router is None and all(hosts[f"node{i}"].router is not None for i in range(5))
+    plan = internet.plan(network_topology(sc))
+    configs = node_configs(sc, tmp_path, base_port=0, plan=plan)
+    ids = provision_identities(sc, tmp_path)
+    relay = configs[7]
+    assert relay["learning"]["enabled"] is False
+    assert relay["relay"]["service"] is True
+    assert relay["relay"]["learning_peers"] == sorted(ids[f"node{i}"] for i in range(5))  # not the Sybils
+    relay_addr = f"/ip4/{plan.hosts['relay0'].address}/tcp/{NETWORK_PORT}/p2p/{ids['relay0']}"
+    for i in range(7):
+        assert configs[i]["relay"]["use"] == [relay_addr], i
+        assert relay_addr in configs[i]["network"]["bootstrap"], i
+        assert configs[i]["transport"]["connect_timeout_s"] == 1.0  # a router's silence is not waited out 5 s
+    # the relay learns nothing and may take a neighbour slot: honest nodes get one more
+    assert [configs[i]["network"]["neighbours"] for i in range(5)] == [sc.topology.degree + 1] * 5
+    assert network_dials(sc)[7] == []  # everyone dials the relay
+    path = tmp_path / "relay.toml"
+    path.write_text(dump_toml(relay))
+    loaded = load_config(path)
+    assert loaded.relay.service and not loaded.learning.enabled  # a config the node accepts
+    assert process_groups(sc) == [[0], [1], [2], [3], [4], [5, 6], [7]]
+
+
+def test_public_honest_nodes_relay_by_default_and_share_the_load(tmp_path: Path) -> None:
+    sc = _scenario()  # nodes 0 and 4 are public
+    plan = internet.plan(network_topology(sc))
+    configs = node_configs(sc, tmp_path, base_port=0, plan=plan)
+    assert [i for i, c in enumerate(configs) if c.get("relay", {}).get("service")] == [0, 4]
+    assert {i: relays_for(sc, i) for i in (1, 2, 3)} == {1: [4, 0], 2: [0, 4], 3: [4, 0]}
+    assert all(len(c["relay"]["use"]) == 2 for i, c in enumerate(configs) if i in (1, 2, 3, 5, 6))
+    assert configs[1]["network"]["neighbours"] == sc.topology.degree  # public honest relays learn: no extra slot
+    assert "connect_timeout_s" not in node_configs(parse_scenario(BASE), tmp_path / "loop")[0]["transport"]
+    off = _scenario(NETWORK.replace("up_mbit = 20", "up_mbit = 20\npublic_relay = false"))
+    assert not any("relay" in c for c in node_configs(off, tmp_path, base_port=0,
+                                                       plan=internet.plan(network_topology(off))))
+
+
 @pytest.mark.parametrize(("network", "needle", "message"), [
     ("[network]\nup_mbit = 0\n", "up_mbit", "network.up_mbit: must be a finite number > 0, got 0.0"),
+    ("[network]\nrelays = 1\n[[network.routers]]\nnodes = [7]\n", "nodes = [7]",
+     "network.routers[0].nodes: node 7 is a relay: relays are public, leave it out"),
     ("[network]\n[[network.routers]]\nnat = \"full-cone\"\nnodes = [1]\n", "full-cone",
      "network.routers[0].nat: unknown nat 'full-cone' (expected one of eim, symmetric)"),
     ("[network]\n[[network.routers]]\nnodes = []\n", "nodes = []", "network.routers[0].nodes: must name at least one node"),
@@ -133,7 +208,7 @@ def test_node_configs_listen_on_their_hosts_and_bootstrap_at_reachable_addresses
      "network.links[0].nodes: the Sybils of attacker 0 (nodes 5, 6) share one host: list all of them in one entry, or none"),
     ("[network]\n[[network.routers]]\nnodes = [0, 1, 2]\n[[network.routers]]\nnodes = [3, 4, 5, 6]\n", "[network]",
      "network: nodes that cannot dial each other without a relay: 0, 1, 2; 3, 4, 5, 6 (no public node between "
-     "them: leave a node out of every router to make it public)"),
+     "them: leave a node out of every router to make it public, or add relays)"),
     ("[network]\n[[network.routers]]\nnodes = [0, 1, 2, 3, 4]\n[[network.routers]]\nnodes = [5, 6]\n", "[network]",
      "network: nodes that cannot dial each other without a relay: 0, 1, 2, 3, 4; 5, 6"),
 ])

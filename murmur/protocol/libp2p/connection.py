@@ -93,6 +93,7 @@ class Stream:
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()  # the muxer has room for this stream again
         self._reset = False
+        self._reset_here = False  # reset by this end (reset()), not by the peer or its connection's end
         self._closed_write = False
         self._discarding = False  # closed for reading: what arrives is dropped
 
@@ -103,6 +104,11 @@ class Stream:
     @property
     def is_reset(self) -> bool:
         return self._reset
+
+    @property
+    def reset_by_peer(self) -> bool:
+        """Reset from the other side (the peer, or its connection ending), not by :meth:`reset` here."""
+        return self._reset and not self._reset_here
 
     # --- bytes -------------------------------------------------------------------
 
@@ -205,6 +211,7 @@ class Stream:
         """Abort both directions (RST); pending and future reads and writes fail."""
         if self._reset:
             return
+        self._reset_here = True
         self._on_reset()
         if not self.conn.closed:
             self.conn._reset_stream(self.id)

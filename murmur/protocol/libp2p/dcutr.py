@@ -216,8 +216,11 @@ class HolePuncher:
                 if direct is not None:
                     self.stats["successes"] += 1
                     return self._done(conn, direct, punched=True)
-                if self._direct(peer) is not None:  # made by other means meanwhile
-                    return self._direct(peer)
+                existing = self._direct(peer)
+                if existing is not None:  # made meanwhile: the peer's punch reached our listener late, or a dial
+                    punched = existing.remote[0] in {a.host for a in targets}
+                    self.stats["successes" if punched else "unilateral"] += 1
+                    return self._done(conn, existing, punched=punched)
         finally:
             await _close(stream)
         self.stats["failures"] += 1

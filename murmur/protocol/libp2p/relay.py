@@ -12,12 +12,23 @@ refreshed in place) and per IP address; circuits in all and per peer; and each
 circuit's duration and bytes (per direction; past either the circuit is
 reset). The copy holds at most one read (``READ_BYTES``) per direction, and
 what waits unread stays in the stream windows charged to each connection's
-:class:`~murmur.protocol.budget.PeerBudget`. Peers in ``unlimited_peers`` (a
-murmur network's own members, the operator's choice) get circuits without
-duration or byte limits when both ends are such peers. A circuit one end
-stops reading from is cut after ``stall_timeout_s``: on murmur's fast path one
-receive budget serves all streams of a connection, and the other end's whole
-connection to the relay would stall with it.
+:class:`~murmur.protocol.budget.PeerBudget`. A circuit one end stops reading
+from is cut after ``stall_timeout_s``: on murmur's fast path one receive budget
+serves all streams of a connection, and the other end's whole connection to
+the relay would stall with it.
+
+Learning traffic: a murmur network may run its own relays, and a round's
+deltas do not fit in go-libp2p's 2 minutes and 128 KiB. Peers the operator
+counts as *members* (``learning_peers``, and with ``learning_greeted`` any peer
+the node says greeted it, see :class:`RelayService`) form a second class with
+its own, larger limits (``learning_*``): a circuit gets them when *both* ends
+are members, so a member cannot lend them to a stranger. Members' reservations
+and circuits are counted in pools of their own (``learning_max_reservations``,
+``learning_max_circuits``), so a flood of strangers cannot crowd them out, nor
+members take the strangers' room; per peer and per IP the limits are the same
+for both. Every limit stays bounded: a member that misbehaves (or a Sybil that
+merely greeted, with ``learning_greeted``) costs at most the learning class's
+pool. A cut circuit is redialled by its client (a neighbour gets a redial).
 """
 
 from __future__ import annotations
@@ -54,26 +65,34 @@ class RelayRefused(MurmurError):
 
 @dataclass(frozen=True)
 class RelayConfig:
-    """The relay service's bounds; defaults are go-libp2p's ``DefaultResources``."""
+    """The relay service's bounds; defaults are go-libp2p's ``DefaultResources``
+    for strangers, and bounded larger ones for the learning class (members)."""
 
     reservation_ttl_s: int = 3600
-    max_reservations: int = 128
-    max_reservations_per_ip: int = 8
-    max_circuits: int = 256  # live circuits in all
+    max_reservations: int = 128  # strangers' reservations in all
+    max_reservations_per_ip: int = 8  # per class
+    max_circuits: int = 256  # strangers' live circuits in all
     max_circuits_per_peer: int = 16  # live circuits per peer, as source or destination
     circuit_duration_s: int = 120  # per circuit, for strangers
     circuit_data_bytes: int = 128 * 1024  # per circuit and direction, for strangers
     message_timeout_s: float = 10.0  # reading one hop/stop message, the STOP round trip
     # One end took nothing for this long: cut the circuit. On the fast path a
     # connection has one receive budget for all its streams, so the other end's
-    # connection to the relay would otherwise stall with the circuit (unlimited ones too).
+    # connection to the relay would otherwise stall with the circuit (members' too).
     stall_timeout_s: float = 10.0
-    unlimited_peers: frozenset[PeerId] = field(default_factory=frozenset)
+    # The learning class: circuits between two members (see the module docstring).
+    learning_peers: frozenset[PeerId] = field(default_factory=frozenset)
+    learning_greeted: bool = False  # peers the node says greeted it (murmur Hello) are members too
+    learning_max_reservations: int = 128
+    learning_max_circuits: int = 256
+    learning_circuit_duration_s: int = 3600
+    learning_circuit_data_bytes: int = 1 << 30
 
-    def limit_for(self, src: PeerId, dst: PeerId) -> Limit | None:
-        if src in self.unlimited_peers and dst in self.unlimited_peers:
-            return None
+    def stranger_limit(self) -> Limit:
         return Limit(self.circuit_duration_s, self.circuit_data_bytes)
+
+    def learning_limit(self) -> Limit:
+        return Limit(self.learning_circuit_duration_s, self.learning_circuit_data_bytes)
 
 
 async def read_message(stream: Stream, timeout_s: float,
@@ -101,27 +120,47 @@ class _Reservation:
     conn: Libp2pConnection
     ip: str
     expires_at: float  # time.time()
+    learning: bool  # in the members' pool
 
 
 def stat_names() -> list[str]:
     """Every counter a :class:`RelayService` may count (for exporters that list them up front)."""
     refused = [f"refused_{s.name.lower()}" for s in Status if s is not Status.OK]
-    return ["reservations_total", "circuits_total", "bytes_relayed", *refused,
-            "cut_data", "cut_duration", "cut_stalled"]
+    return ["reservations_total", "circuits_total", "learning_reservations_total", "learning_circuits_total",
+            "bytes_relayed", "learning_bytes_relayed", *refused, "cut_data", "cut_duration", "cut_stalled"]
 
 
 class RelayService:
-    """Serves ``/hop`` on ``host``: RESERVE and CONNECT, within :class:`RelayConfig`."""
+    """Serves ``/hop`` on ``host``: RESERVE and CONNECT, within :class:`RelayConfig`.
 
-    def __init__(self, host: Libp2pHost, config: RelayConfig = RelayConfig()) -> None:
+    ``greeted(peer)``: whether ``peer`` greeted the node over a direct
+    connection (murmur's Hello); with ``learning_greeted`` such peers are
+    members. The node answers it: this module speaks no murmur."""
+
+    def __init__(self, host: Libp2pHost, config: RelayConfig = RelayConfig(),
+                 greeted: Callable[[PeerId], bool] | None = None) -> None:
         self.host = host
         self.config = config
+        self.greeted = greeted
         self._reservations: dict[PeerId, _Reservation] = {}
         self._circuits_by_peer: Counter[PeerId] = Counter()
-        self.circuits = 0  # live now
-        # reservations_total, circuits_total, bytes_relayed, refused_<status>, cut_{data,duration,stalled}
+        self.circuits = 0  # live now, both classes
+        self.learning_circuits = 0  # of which between members
+        # reservations_total, circuits_total, bytes_relayed (all), learning_<those> (the members' part),
+        # refused_<status>, cut_{data,duration,stalled}
         self.stats: Counter[str] = Counter()
         host.set_handler(circuit.HOP, self._serve_hop)
+
+    def member(self, peer: PeerId) -> bool:
+        """Whether ``peer`` is in the learning class (see the module docstring)."""
+        cfg = self.config
+        return peer in cfg.learning_peers or (cfg.learning_greeted and self.greeted is not None
+                                              and self.greeted(peer))
+
+    def serving(self, peer: PeerId) -> bool:
+        """Whether ``peer`` holds a live reservation here or is an end of a live circuit."""
+        self._prune(time.time())
+        return peer in self._reservations or self._circuits_by_peer[peer] > 0
 
     @property
     def reservations(self) -> dict[PeerId, float]:
@@ -172,21 +211,23 @@ class RelayService:
             return
         self._prune(now)
         peer, ip = conn.peer_id, conn.remote[0]
-        if peer not in self._reservations:  # a refresh replaces the peer's one reservation
-            if len(self._reservations) >= cfg.max_reservations:
-                await self._reply(stream, Status.RESERVATION_REFUSED)
-                return
-            if sum(1 for r in self._reservations.values() if r.ip == ip) >= cfg.max_reservations_per_ip:
+        learning = self.member(peer)
+        held = self._reservations.get(peer)
+        if held is None or held.learning != learning:  # a refresh in its class replaces the peer's one reservation
+            pool = [r for p, r in self._reservations.items() if r.learning == learning and p != peer]
+            most = cfg.learning_max_reservations if learning else cfg.max_reservations
+            if len(pool) >= most or sum(1 for r in pool if r.ip == ip) >= cfg.max_reservations_per_ip:
                 await self._reply(stream, Status.RESERVATION_REFUSED)
                 return
         expires = int(now) + cfg.reservation_ttl_s
-        self._reservations[peer] = _Reservation(conn, ip, float(expires))
+        self._reservations[peer] = _Reservation(conn, ip, float(expires), learning)
         self.stats["reservations_total"] += 1
+        self.stats["learning_reservations_total"] += learning
         addrs = tuple(a.with_peer(self.host.peer_id).to_any() for a in self.host.listen_addrs)
-        limit = Limit(cfg.circuit_duration_s, cfg.circuit_data_bytes)
-        await self._reply(stream, Status.OK, reservation=Reservation(expires, addrs), limit=limit)
+        # what a circuit to it gets from a stranger (a member's own circuits may get more)
+        await self._reply(stream, Status.OK, reservation=Reservation(expires, addrs), limit=cfg.stranger_limit())
         log.info("relay reservation", extra={"event": "relay_reserved", "peer": str(peer), "ip": ip,
-                                             "expires": expires})
+                                             "expires": expires, "learning": learning})
 
     # --- CONNECT ------------------------------------------------------------------------
 
@@ -204,12 +245,16 @@ class RelayService:
         if reservation is None or dst == src:
             await self._reply(stream, Status.NO_RESERVATION)
             return
-        if (self.circuits >= cfg.max_circuits or self._circuits_by_peer[src] >= cfg.max_circuits_per_peer
+        learning = self.member(src) and self.member(dst)
+        live = self.learning_circuits if learning else self.circuits - self.learning_circuits
+        if (live >= (cfg.learning_max_circuits if learning else cfg.max_circuits)
+                or self._circuits_by_peer[src] >= cfg.max_circuits_per_peer
                 or self._circuits_by_peer[dst] >= cfg.max_circuits_per_peer):
             await self._reply(stream, Status.RESOURCE_LIMIT_EXCEEDED)
             return
-        limit = cfg.limit_for(src, dst)
+        limit = cfg.learning_limit() if learning else cfg.stranger_limit()
         self.circuits += 1
+        self.learning_circuits += learning
         self._circuits_by_peer[src] += 1
         self._circuits_by_peer[dst] += 1
         stop: Stream | None = None
@@ -232,19 +277,21 @@ class RelayService:
                 return
             await self._reply(stream, Status.OK, limit=limit)
             self.stats["circuits_total"] += 1
-            log.info("relay circuit", extra={"event": "relay_circuit", "src": str(src), "dst": str(dst)})
-            await self._bridge(stream, stop, limit)
+            self.stats["learning_circuits_total"] += learning
+            log.info("relay circuit", extra={"event": "relay_circuit", "src": str(src), "dst": str(dst),
+                                             "learning": learning})
+            await self._bridge(stream, stop, limit, learning)
         finally:
             self.circuits -= 1
+            self.learning_circuits -= learning
             for peer in (src, dst):
                 self._circuits_by_peer[peer] -= 1
                 if not self._circuits_by_peer[peer]:
                     del self._circuits_by_peer[peer]
 
-    async def _bridge(self, a: Stream, b: Stream, limit: Limit | None) -> None:
+    async def _bridge(self, a: Stream, b: Stream, limit: Limit, learning: bool) -> None:
         """Copy both ways until both sides closed; reset both when a limit is reached or either resets."""
-        data_limit = limit.data_bytes if limit is not None else None
-        duration = limit.duration_s if limit is not None else None
+        data_limit, duration = limit.data_bytes, limit.duration_s
 
         async def pump(src: Stream, dst: Stream) -> None:
             sent = 0
@@ -266,6 +313,7 @@ class RelayService:
                     raise _CircuitCut("stalled") from None
                 sent += len(data)
                 self.stats["bytes_relayed"] += len(data)
+                self.stats["learning_bytes_relayed"] += len(data) if learning else 0
 
         # Two tasks scoped to this handler (awaited or cancelled below, never left behind).
         pumps = [asyncio.create_task(pump(a, b), name=f"relay {a.peer_id.short()}->{b.peer_id.short()}"),
@@ -292,14 +340,21 @@ class _CircuitCut(Exception):
 
 class RelayClient:
     """The client side: reserve on relays, accept their STOPs as inbound
-    connections, and dial peers through a relay. Installs the ``/stop`` handler."""
+    connections, and dial peers through a relay. Installs the ``/stop`` handler.
+
+    ``stats["circuits_cut"]`` counts relayed connections (dialled or accepted)
+    whose circuit the other side reset: the relay cut it at a limit (its
+    duration, its bytes, a stall) or went away. Whoever needs the peer dials
+    it again (a node redials a learning neighbour); ``last_cut`` says when and
+    at which limit the circuit ran."""
 
     def __init__(self, host: Libp2pHost, timeout_s: float = 10.0) -> None:
         self.host = host
         self.timeout_s = timeout_s
         self.reservations: dict[PeerId, Reservation] = {}  # relay -> our reservation on it
         self._relays: dict[PeerId, Libp2pConnection] = {}  # the connection each reservation rests on
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()  # reservations, dialled, accepted, circuits_cut
+        self.last_cut: dict[str, object] | None = None
         self._tasks = TaskManager(f"relay client {host.peer_id.short()}")
         host.set_handler(circuit.STOP, self._serve_stop)
 
@@ -368,9 +423,24 @@ class RelayClient:
     async def dial(self, relay: Libp2pConnection, target: PeerId) -> Libp2pConnection:
         """A connection to ``target`` through ``relay`` (``…/p2p/<relay>/p2p-circuit/p2p/<target>``),
         upgraded and authenticated as ``target``."""
-        stream, _ = await self._hop(relay, HopMessage(HopType.CONNECT, peer=PeerInfo(target)), "circuit")
+        stream, answer = await self._hop(relay, HopMessage(HopType.CONNECT, peer=PeerInfo(target)), "circuit")
         self.stats["dialled"] += 1
-        return await self.host.upgrade_stream(stream, outbound=True, expected=target)
+        conn = await self.host.upgrade_stream(stream, outbound=True, expected=target)
+        self._tasks.spawn(f"circuit-{conn.name}", lambda: self._watch(conn, stream, answer.limit))
+        return conn
+
+    async def _watch(self, conn: Libp2pConnection, stream: Stream, limit: Limit | None) -> None:
+        """Count the relayed connection's end if the relay cut it (see the class docstring)."""
+        opened = time.monotonic()
+        await conn.wait_closed()
+        if not stream.reset_by_peer:
+            return  # closed by either end (a FIN), or reset here
+        self.stats["circuits_cut"] += 1
+        lasted = time.monotonic() - opened
+        self.last_cut = {"peer": str(conn.peer_id), "relay": str(stream.peer_id), "lasted_s": round(lasted, 1),
+                         "limit_duration_s": limit.duration_s if limit is not None else None,
+                         "limit_data_bytes": limit.data_bytes if limit is not None else None}
+        log.info("relayed connection cut", extra={"event": "relay_circuit_cut", **self.last_cut})
 
     async def dial_addr(self, addr: DialAddr) -> Libp2pConnection:
         """Dial ``/ip4|ip6/…/tcp/…/p2p/<relay>/p2p-circuit/p2p/<target>``: through a live
@@ -424,4 +494,4 @@ class RelayClient:
         except (PeerFault, ConnectionClosed, OSError):
             return
         self.stats["accepted"] += 1
-        await conn.wait_closed()  # the stream is the connection: this handler holds it open
+        await self._watch(conn, stream, msg.limit)  # the stream is the connection: this handler holds it open

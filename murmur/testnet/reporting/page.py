@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from murmur.testnet.reporting.run import PlacedEvent
+from murmur.testnet.reporting.run import CONNECTION_TYPES, PlacedEvent
 from murmur.units import fmt_bytes, fmt_number, fmt_seconds
 
 CSS = """
@@ -80,6 +80,14 @@ def event_rows(events: Sequence[PlacedEvent]) -> list[list[str]]:
     return rows
 
 
+def mix_text(mix: Mapping[str, int] | None) -> str:
+    """``3 direct, 0 punched, 2 relayed`` (the types of CONNECTION_TYPES in order, then any other)."""
+    if mix is None:
+        return "–"
+    kinds = [*CONNECTION_TYPES, *sorted(k for k in mix if k not in CONNECTION_TYPES)]
+    return ", ".join(f"{mix.get(k, 0)} {k}" for k in kinds)
+
+
 def node_rows(nodes: Mapping[str, Mapping[str, Any]], metric: str, csv_dir: str) -> list[list[str]]:
     out = []
     for name, n in nodes.items():
@@ -88,6 +96,7 @@ def node_rows(nodes: Mapping[str, Mapping[str, Any]], metric: str, csv_dir: str)
                     _esc(fmt_number(n.get(metric))), _esc(fmt_number(n.get("epsilon"), 2)),
                     _esc(fmt_bytes(n.get("bytes_sent"))), _esc(fmt_bytes(n.get("bytes_received"))),
                     _esc(fmt_seconds(n.get("mean_round_s"))), _esc(fmt_number(n.get("restarts"))),
+                    _esc(mix_text(n.get("connections"))),
                     f'<a href="{csv_dir}/{_esc(name)}.csv">csv</a> <a href="{csv_dir}/{_esc(name)}.json">json</a>'])
     return out
 

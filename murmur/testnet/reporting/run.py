@@ -35,6 +35,8 @@ PHASES = ("train_s", "commit_s", "send_s", "wait_s", "aggregate_s", "eval_s")
 PHASE_LABELS: Mapping[str, str] = {"train_s": "train", "commit_s": "privacy commit", "send_s": "send",
                                    "wait_s": "wait", "aggregate_s": "aggregate", "eval_s": "evaluate"}
 SELF_WEIGHT_KEY = "self"
+#: How a node reaches a peer (its status's ``connection_types``): dialled, hole-punched (DCUtR) or through a relay.
+CONNECTION_TYPES = ("direct", "punched", "relayed")
 
 
 @dataclass(frozen=True)
