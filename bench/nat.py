@@ -3,8 +3,8 @@ throughput, relayed against direct, on the same rate-limited links.
 
 Three hosts on the emulated internet (root only: network namespaces,
 nftables NAT, ``tc tbf``), each link limited to ``--mbit`` each way: a public
-relay (murmur's circuit relay v2 service, the two others in its
-``unlimited_peers`` as a network's own relay would have them), a public
+relay (murmur's circuit relay v2 service, with limits that carry whole
+transfers, as a network's own relay has for its members), a public
 dialler, and a private host behind an endpoint-independent NAT that holds a
 reservation on the relay. Printed, median over ``--tries``:
 
@@ -17,10 +17,18 @@ reservation on the relay. Printed, median over ``--tries``:
 * ``direct_mbit`` and ``relayed_mbit``: ``--mib`` MiB through one stream to
   the public host, and to the private one through the relay (each counted
   once the receiver has all of it); ``relayed_vs_direct`` their ratio
-  (the relay's copy and one more hop on the same link rates).
+  (the relay's copy and one more hop on the same link rates);
+* then the path a node behind NAT takes to a peer behind another
+  endpoint-independent NAT: a second private host reaches the first through
+  its circuit and the first upgrades the relayed connection by DCUtR (a TCP
+  hole punch from both listen ports), on fresh hosts and ports each try:
+  ``punch_ms`` (from the relayed connection up to the punched one; the
+  punch rounds' success share is ``punched_share``), ``relayed_then_punched_ms``
+  (circuit dial plus punch: until the two talk directly), and
+  ``punched_mbit`` / ``punched_vs_relayed``: the same transfer over the
+  punched connection.
 
-The last line is one JSON object. Hole punching (DCUtR) is not measured
-here yet: a punched connection is a direct one once it exists.
+The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from murmur.protocol.identity import Identity  # noqa: E402
 from murmur.protocol.libp2p import Libp2pConnection, Libp2pHost  # noqa: E402
 from murmur.protocol.libp2p.connection import Stream  # noqa: E402
+from murmur.protocol.libp2p.dcutr import HolePuncher  # noqa: E402
 from murmur.protocol.libp2p.host import HostConfig  # noqa: E402
 from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayService  # noqa: E402
 from murmur.protocol.multiaddr import DialAddr  # noqa: E402
@@ -47,6 +56,7 @@ from murmur.testnet import internet  # noqa: E402
 from murmur.testnet.internet import Host, Internet, LinkRate, NatKind, Router, Topology  # noqa: E402
 
 PORT = 4001
+PUNCH_BASE_PORT = 20000  # each punch try's hosts listen on fresh ports (a closed try's TIME_WAIT stays)
 SINK = "/murmur-bench/sink/1.0.0"
 CHUNK = 256 * 1024
 
@@ -86,16 +96,49 @@ async def _send(conn: Libp2pConnection, size: int) -> float:
     return elapsed
 
 
+async def _punch_try(net: Internet, relay_addr: object, port: int, size: int | None) -> tuple[float, float, float | None]:
+    """One punch between fresh hosts behind the two EIM NATs: seconds to the
+    circuit, seconds from it to the punched connection (inf: no punch), and
+    the seconds of a ``size`` transfer over the punched one (if asked)."""
+    a, b = _host(net, "private"), _host(net, "other")
+    relay_b, relay_a = RelayClient(b), RelayClient(a)
+    punch_a, punch_b = HolePuncher(a), HolePuncher(b)  # a answers b's DCUtR stream
+    try:
+        for host, p in ((a, port), (b, port + 1)):
+            await host.listen(net.address("private" if host is a else "other"), p)
+            await host.dial(relay_addr)  # type: ignore[arg-type]  # from the listen port: the relay sees the mapping
+        await relay_b.reserve(next(c for c in b.connections if c.peer_id == relay_addr.peer_id))  # type: ignore[attr-defined]
+        start = time.perf_counter()
+        await relay_a.dial_addr(DialAddr.parse(f"{relay_addr}/p2p-circuit/p2p/{b.peer_id}"))
+        relayed_s = time.perf_counter() - start
+        while not any(c.relay is not None for c in b.connections):
+            await asyncio.sleep(0.005)  # polling b's side of the circuit into existence (bench timing, not a test)
+        inbound = next(c for c in b.connections if c.relay is not None)
+        start = time.perf_counter()
+        direct = await punch_b.upgrade(inbound)
+        punch_s = time.perf_counter() - start
+        if direct is None or not direct.punched:
+            return relayed_s, float("inf"), None
+        return relayed_s, punch_s, (await _send(direct, size)) if size else None
+    finally:
+        for puncher in (punch_a, punch_b):
+            await puncher.close()
+        for host in (a, b):
+            await host.close()
+
+
 async def run(tries: int, mib: float, mbit: float) -> dict[str, object]:
     rate = LinkRate(up_mbit=mbit, down_mbit=mbit)
     topology = Topology(hosts=(Host("relay", rate=rate), Host("dialler", rate=rate),
-                               Host("private", router="home", rate=rate)),
-                        routers=(Router("home", nat=NatKind.EIM),))
+                               Host("private", router="home", rate=rate), Host("other", router="home2", rate=rate)),
+                        routers=(Router("home", nat=NatKind.EIM), Router("home2", nat=NatKind.EIM)))
     size = int(mib * 1024 * 1024)
     with Internet(topology) as net:
         relay_host, dialler, private = (_host(net, n) for n in ("relay", "dialler", "private"))
         try:
-            RelayService(relay_host, RelayConfig(unlimited_peers=frozenset({dialler.peer_id, private.peer_id})))
+            # a network's own relay: its circuits carry whole transfers (the punch tries' fresh hosts too)
+            RelayService(relay_host, RelayConfig(circuit_duration_s=3600, circuit_data_bytes=1 << 30,
+                                                 max_reservations_per_ip=64))
             (relay_addr,) = await relay_host.listen(net.address("relay"), PORT)
             private_client, dialler_client = RelayClient(private), RelayClient(dialler)
             await private_client.reserve(await private.dial(relay_addr))
@@ -116,11 +159,16 @@ async def run(tries: int, mib: float, mbit: float) -> dict[str, object]:
             relayed_conn = await dialler_client.dial_addr(circuit)
             direct_s = [await _send(to_relay, size) for _ in range(tries)]
             relayed_s = [await _send(relayed_conn, size) for _ in range(tries)]
+            punches = [await _punch_try(net, relay_addr, PUNCH_BASE_PORT + 2 * i, size if i == tries - 1 else None)
+                       for i in range(tries)]
         finally:
             for host in (dialler, private, relay_host):
                 await host.close()
     direct_mbit = size * 8 / 1e6 / statistics.median(direct_s)
     relayed_mbit = size * 8 / 1e6 / statistics.median(relayed_s)
+    punched = [p for p in punches if p[1] != float("inf")]
+    transfer = next((p[2] for p in punches if p[2] is not None), None)
+    punched_mbit = size * 8 / 1e6 / transfer if transfer else None
     return {
         "bench": "nat", "tries": tries, "mib": mib, "link_mbit": mbit,
         "direct_connect_ms": round(statistics.median(direct_ms), 2),
@@ -128,6 +176,12 @@ async def run(tries: int, mib: float, mbit: float) -> dict[str, object]:
         "relayed_connect_ratio": round(statistics.median(relayed_ms) / statistics.median(direct_ms), 2),
         "direct_mbit": round(direct_mbit, 2), "relayed_mbit": round(relayed_mbit, 2),
         "relayed_vs_direct": round(relayed_mbit / direct_mbit, 3),
+        "punched_share": round(len(punched) / len(punches), 3),
+        "punch_ms": round(statistics.median(p[1] for p in punched) * 1000, 2) if punched else None,
+        "relayed_then_punched_ms": round(statistics.median((p[0] + p[1]) for p in punched) * 1000, 2)
+        if punched else None,
+        "punched_mbit": round(punched_mbit, 2) if punched_mbit else None,
+        "punched_vs_relayed": round(punched_mbit / relayed_mbit, 3) if punched_mbit else None,
     }
 
 

@@ -839,12 +839,20 @@ def _convert_keyed(tp: Any, value: Any, key: str, base_dir: Path) -> Any:
         raise _KeyedError(key, str(exc)) from None
 
 
+#: Options that were renamed: a config written for the old name gets the new one in its error.
+RENAMED: Mapping[str, str] = types.MappingProxyType({
+    "relay.unlimited_peers": "relay.learning_peers (its circuits have the learning class's limits, not none)",
+})
+
+
 def _build(cls: type, table: Mapping[str, Any], prefix: str, base_dir: Path) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for name in table:
         if name not in names:
             where = f"{prefix}.{name}" if prefix else name
+            if where in RENAMED:
+                raise _KeyedError(where, f"renamed: use {RENAMED[where]}")
             raise _KeyedError(where, f"unknown option (known: {', '.join(sorted(names))})")
     kwargs = {}
     for name, value in table.items():

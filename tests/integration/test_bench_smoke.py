@@ -63,3 +63,4 @@ def test_nat_bench_reports_relayed_against_direct() -> None:
     out = _last_json("nat.py", "--tries", "1", "--mib", "1", "--mbit", "100")
     assert out["direct_connect_ms"] > 0 and out["relayed_connect_ms"] > 0
     assert out["direct_mbit"] > 0 and 0 < out["relayed_vs_direct"] < 2  # type: ignore[operator]
+    assert out["punched_share"] == 1.0 and out["punch_ms"] > 0 and out["punched_mbit"] > 0  # type: ignore[operator]

@@ -65,6 +65,7 @@ def test_constraint_table_names_only_real_fields():
         ("[transport]\n\n# c\nmax_frame = \"big\"\n", 4, "transport.max_frame", "must be an integer"),
         ("[transport]\nmax_fram = 4096\n", 2, "transport.max_fram", "unknown option"),
         ("[node]\nlog_level = 'info'\n[transprt]\nmax_frame = 1\n", 3, "transprt", "unknown option"),
+        ("[relay]\nunlimited_peers = []\n", 2, "relay.unlimited_peers", "renamed: use relay.learning_peers"),
         ("[node]\nlog_format = 'xml'\n", 2, "node.log_format", "'json', 'text'"),
         ("[network]\nmdns = 1\n", 2, "network.mdns", "true or false"),
         ("[network]\nbootstrap = ['/ip4/10.0.0.1/tcp/1', '/ip4/10.0.0.1/udp/2/quic-v1']\n", 2, "network.bootstrap[1]",
