@@ -202,6 +202,9 @@ class AllCommitted:
         self.stage = stage
         self.honest = list(honest)
 
+    def clip(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.stage.clip(delta)
+
     def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
         return self.stage.perturb(delta, round, self.honest)
 

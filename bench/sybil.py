@@ -4,9 +4,12 @@ Rows: an attack (label flip 0<->1, or a 3x3 backdoor patch -> class 1) and a
 number of Sybil identities; columns: the honest nodes' mean test accuracy and
 the attack rate (accuracy on the flipped / backdoored test set, averaged over
 honest nodes) for each aggregator. Setup as in SPECS section 2, scaled to a
-shared 2-core CPU: one attacker whose Sybils all send its one poisoned model,
-each Sybil with ``edges_per_sybil`` (<= 7) random honest neighbours; honest
-nodes on a random regular-ish graph with Dirichlet non-IID data.
+shared 2-core CPU: one attacker, each Sybil with ``edges_per_sybil`` (<= 7)
+random honest neighbours; honest nodes on a random regular-ish graph with
+Dirichlet non-IID data. ``--tactics`` picks what the attacker's Sybils send
+(:mod:`murmur.learning.adversary`, each at its tuned strength): ``identical``
+(SPECS section 2: all send its one poisoned model, the default), or the
+adaptive ``diversified``, ``unscored``, ``forged_records`` and ``sleeper``.
 
 Every cell is one :func:`murmur.learning.simulate.run_simulation`: the real
 round engine, aggregators and trainers, many nodes in one process. The
@@ -21,6 +24,7 @@ fit in ~12 minutes of one torch thread):
     .venv/bin/python bench/sybil.py
     .venv/bin/python bench/sybil.py --quick                 # digits-mlp smoke run
     .venv/bin/python bench/sybil.py --rows label_flip:4,16 --aggregators mean,sybilwall
+    .venv/bin/python bench/sybil.py --quick --tactics diversified,forged_records --rows 0,4
 
 Prints a human table and, last, one JSON line with every cell.
 """
@@ -40,6 +44,7 @@ from typing import Any
 import torch
 
 from murmur.errors import ConfigError
+from murmur.learning.adversary import AttackPlan, Tactic
 from murmur.learning.aggregators import available_aggregators
 from murmur.learning.attacks import AttackKind
 from murmur.learning.simulate import SimConfig, SimResult, SybilAttack, run_simulation
@@ -108,9 +113,10 @@ QUICK = Setup(
 class Row:
     attack: AttackKind
     sybils: int
+    tactic: Tactic = Tactic.IDENTICAL
 
     def label(self) -> str:
-        return f"{self.attack.value:<10} {self.sybils:>3}"
+        return f"{self.attack.value:<10} {self.tactic.value:<14} {self.sybils:>3}"
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ class Cell:
         return {
             "attack": self.row.attack.value,
             "sybils": self.row.sybils,
+            "tactic": self.row.tactic.value,
             "aggregator": self.aggregator,
             "accuracy": round(self.accuracy, 4),
             "min_accuracy": round(self.min_accuracy, 4),
@@ -175,7 +182,7 @@ def sim_config(setup: Setup, row: Row, aggregator: str) -> SimConfig:
         local_steps=setup.local_steps,
         seed=setup.seed,
         eval_every=setup.rounds,  # evaluate once, after the last round
-        attack=SybilAttack(row.attack.value, row.sybils, setup.edges_per_sybil),
+        attack=SybilAttack(row.attack.value, row.sybils, setup.edges_per_sybil, AttackPlan.tuned(row.tactic)),
     )
 
 
@@ -223,6 +230,27 @@ def parse_rows(spec: str | None, default_counts: Sequence[int]) -> list[Row]:
     return sorted(rows, key=lambda r: (kinds.index(r.attack), r.sybils))
 
 
+def with_tactics(rows: Sequence[Row], tactics: Sequence[Tactic]) -> list[Row]:
+    """Every attacked row once per tactic; a 0-Sybil row once (no Sybil, no tactic)."""
+    out: list[Row] = []
+    for row in rows:
+        for tactic in tactics if row.sybils else tactics[:1]:
+            out.append(dataclasses.replace(row, tactic=tactic))
+    return out
+
+
+def parse_tactics(spec: str | None) -> list[Tactic]:
+    if spec is None:
+        return [Tactic.IDENTICAL]
+    try:
+        tactics = [Tactic.parse(name.strip()) for name in spec.split(",") if name.strip()]
+    except ConfigError as exc:
+        raise SystemExit(f"--tactics: {exc}") from None
+    if not tactics:
+        raise SystemExit("--tactics: empty")
+    return list(dict.fromkeys(tactics))
+
+
 def parse_aggregators(spec: str | None) -> list[str]:
     if spec is None:
         return list(AGGREGATORS)
@@ -236,8 +264,8 @@ def parse_aggregators(spec: str | None) -> list[str]:
 
 def format_table(rows: Sequence[Row], aggregators: Sequence[str], cells: Mapping[tuple[Row, str], Cell]) -> str:
     col = 14
-    head1 = f"{'attack':<10} {'syb':>3} |" + "".join(f" {name:^{col}}|" for name in aggregators)
-    head2 = f"{'':<14} |" + "".join(f" {'acc':>6} {'atk':>6} |" for _ in aggregators)
+    head1 = f"{'attack':<10} {'tactic':<14} {'syb':>3} |" + "".join(f" {name:^{col}}|" for name in aggregators)
+    head2 = f"{'':<29} |" + "".join(f" {'acc':>6} {'atk':>6} |" for _ in aggregators)
     lines = [head1, head2, "-" * len(head1)]
     for row in rows:
         parts = []
@@ -272,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="digits-mlp, Sybil counts 0 and 4: a smoke run")
     ap.add_argument("--rows", help="comma list of KIND:N or N (both kinds), e.g. label_flip:4,16,backdoor:2")
     ap.add_argument("--aggregators", help=f"comma list (default {','.join(AGGREGATORS)})")
+    ap.add_argument("--tactics", help=f"comma list of {','.join(t.value for t in Tactic)} (default identical)")
     ap.add_argument("--rounds", type=int, help="override the mode's number of rounds")
     ap.add_argument("--seed", type=int, help="override the network seed")
     ap.add_argument("--threads", type=int, default=TORCH_THREADS, help="torch intra-op threads")
@@ -281,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("rounds", args.rounds), ("seed", args.seed)) if v is not None}
     setup = dataclasses.replace(setup, **overrides)
-    rows = parse_rows(args.rows, QUICK_SYBIL_COUNTS if args.quick else SYBIL_COUNTS)
+    rows = with_tactics(parse_rows(args.rows, QUICK_SYBIL_COUNTS if args.quick else SYBIL_COUNTS),
+                        parse_tactics(args.tactics))
     aggregators = parse_aggregators(args.aggregators)
 
     print(f"# {setup.describe()}; torch threads {torch.get_num_threads()}", flush=True)

@@ -141,12 +141,60 @@ class Codec(enum.StrEnum):
     FP16 = "fp16"
     BF16 = "bf16"
     INT8 = "int8"
+    INT4 = "int4"
+    INT2 = "int2"
 
     def wire(self) -> Any:
         """The protocol's ``DeltaCodec`` of the same name."""
         from murmur.protocol.codecs import DeltaCodec
 
         return DeltaCodec[self.name]
+
+
+class SparsifierName(enum.StrEnum):
+    """``compression.sparsifier``: which coordinates a round message carries."""
+
+    NONE = "none"
+    TOPK = "topk"  # the largest in magnitude (the sender's choice: indices on the wire)
+    RANDK = "randk"  # drawn from a seed every node knows (no index bytes)
+
+    def wire(self) -> Any:
+        """The protocol's ``Sparsifier`` of the same name."""
+        from murmur.protocol.sparse import Sparsifier
+
+        return Sparsifier(self.value)
+
+
+class MaskName(enum.StrEnum):
+    """``compression.mask``: whose seed a random-k mask is drawn from."""
+
+    SENDER = "sender"  # network seed, round and sender: neighbours send different coordinates
+    NETWORK = "network"  # network seed and round: every node the same (what pairwise privacy noise needs)
+
+    def wire(self) -> Any:
+        from murmur.protocol.sparse import MaskScope
+
+        return MaskScope(self.value)
+
+
+class RoundingName(enum.StrEnum):
+    """``compression.rounding`` of the integer codecs (int8, int4, int2)."""
+
+    NEAREST = "nearest"
+    STOCHASTIC = "stochastic"  # unbiased
+
+    def wire(self) -> Any:
+        from murmur.protocol.codecs import Rounding
+
+        return Rounding[self.name]
+
+
+class OuterName(enum.StrEnum):
+    """``outer.optimizer``: what turns a round's move into the step taken."""
+
+    NONE = "none"  # the round's move itself (plain D-SGD)
+    NESTEROV = "nesterov"  # SGD with Nesterov momentum (DiLoCo)
+    MOMENTUM = "momentum"  # SGD with heavy-ball momentum
 
 
 # ------------------------------------------------------------------------ sections
@@ -342,6 +390,10 @@ class LearningSection:
     aggregator_options: Mapping[str, Any] = field(default_factory=_frozen_map)
     mode: LearningMode = LearningMode.DSGD
     codec: Codec = Codec.FP32
+    # A checkpoint after a round once this many rounds or seconds passed since
+    # the last one (whichever first; 0 turns that trigger off), and always at shutdown.
+    checkpoint_every_rounds: int = 10
+    checkpoint_every_s: float = 60.0
 
     @property
     def until_stopped(self) -> bool:
@@ -413,6 +465,47 @@ class PrivacySection:
 
 
 @dataclass(frozen=True)
+class CompressionSection:
+    """How round messages are compressed (error feedback keeps what was not
+    sent for later rounds). Part of the network's wire agreement, like
+    ``learning.codec``, which sets the precision of the values sent."""
+
+    sparsifier: SparsifierName = SparsifierName.NONE
+    ratio: float = 0.01
+    mask: MaskName = MaskName.SENDER
+    rounding: RoundingName = RoundingName.NEAREST
+    consensus_step: float = 1.0
+
+    @property
+    def compresses(self) -> bool:
+        return self.sparsifier is not SparsifierName.NONE
+
+
+@dataclass(frozen=True)
+class OuterSection:
+    """The outer optimizer of local-steps training (DiLoCo)."""
+
+    optimizer: OuterName = OuterName.NONE
+    lr: float = 0.7
+    momentum: float = 0.9
+
+
+@dataclass(frozen=True)
+class LinkSection:
+    """Emulated link rates: the node paces what it sends and reads through
+    token buckets of its own (0: unlimited). An emulation on top of TCP
+    (no queueing delay or loss of a real link), for measuring time to
+    accuracy on slow links on one machine."""
+
+    upload_bytes_s: float = 0.0
+    download_bytes_s: float = 0.0
+
+    @property
+    def limited(self) -> bool:
+        return self.upload_bytes_s > 0 or self.download_bytes_s > 0
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node: NodeSection = field(default_factory=NodeSection)
     network: NetworkSection = field(default_factory=NetworkSection)
@@ -422,6 +515,9 @@ class NodeConfig:
     api: ApiSection = field(default_factory=ApiSection)
     learning: LearningSection = field(default_factory=LearningSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
+    outer: OuterSection = field(default_factory=OuterSection)
+    link: LinkSection = field(default_factory=LinkSection)
 
 
 # --------------------------------------------------------------------- constraints
@@ -574,6 +670,14 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "privacy.rounds": at_least(1),
         "privacy.budget": at_least(0.0),
         "privacy.assumed_degree": at_least(0),
+        "learning.checkpoint_every_rounds": at_least(0),
+        "learning.checkpoint_every_s": at_least(0.0),
+        "compression.ratio": between(0.0, 1.0, lo_open=True),
+        "compression.consensus_step": between(0.0, 1.0, lo_open=True),
+        "outer.lr": finite_positive,
+        "outer.momentum": between(0.0, 0.999),
+        "link.upload_bytes_s": at_least(0.0),
+        "link.download_bytes_s": at_least(0.0),
     }
 )
 
@@ -605,6 +709,40 @@ def _cross_checks(cfg: NodeConfig) -> list[tuple[str, str]]:
         problems.append(("transport.peer_reserve_bytes", "must be <= transport.max_peer_buffered_bytes"))
     if isinstance(cfg.learning.node_index, int) and cfg.learning.node_index >= cfg.learning.num_nodes:
         problems.append(("learning.node_index", f"must be < learning.num_nodes ({cfg.learning.num_nodes})"))
+    problems.extend(compression_problems(cfg))
+    return problems
+
+
+PAIRWISE_SCHEMES = frozenset({PrivacyScheme.DECOR, PrivacyScheme.CORN})
+
+
+def compression_problems(cfg: NodeConfig) -> list[tuple[str, str]]:
+    """Which compression settings fit the rest of the config, privacy above
+    all (what is sound is in ARCHITECTURE.md, "Compression and privacy").
+
+    Sound: any value codec (it rounds what the privacy stage already
+    noised: post-processing), and random-k, whose coordinates are drawn
+    before the data is looked at, so the stage clips and noises exactly the
+    values sent. Refused: top-k, whose choice of coordinates depends on the
+    clean update and so tells which coordinates moved; and a per-sender
+    random-k mask with pairwise noise, whose two terms of an edge would land
+    on different coordinates and never cancel."""
+    problems: list[tuple[str, str]] = []
+    comp = cfg.compression
+    if cfg.learning.mode is LearningMode.GOSSIP and comp.compresses:
+        problems.append(("compression.sparsifier", 'needs learning.mode = "dsgd": gossip learning sends whole '
+                                                   "models, not increments with an error-feedback residual"))
+    if not (cfg.learning.enabled and cfg.privacy.enabled):
+        return problems
+    if comp.sparsifier is SparsifierName.TOPK:
+        problems.append(("compression.sparsifier", 'topk is refused with privacy on: it picks coordinates by the '
+                                                   "clean update's values, so which coordinates it sends reveals which "
+                                                   'ones moved; use "randk" (a mask drawn before the data)'))
+    elif (comp.sparsifier is SparsifierName.RANDK and comp.mask is MaskName.SENDER
+          and cfg.privacy.scheme in PAIRWISE_SCHEMES):
+        problems.append(("compression.mask", f'must be "network" with privacy.scheme = "{cfg.privacy.scheme.value}": '
+                                             "pairwise noise cancels only on coordinates both ends of an edge send, "
+                                             "and per-sender masks differ"))
     return problems
 
 

@@ -39,9 +39,10 @@ from typing import Any
 from murmur import __version__
 from murmur.errors import OptionError, PeerFault, TaskCrashed
 from murmur.node.api import StatusApi
-from murmur.node.config import AUTO, NodeConfig
 from murmur.node.autonat import AutoNATProber
 from murmur.node.autorelay import AutoRelay
+from murmur.node.config import AUTO, NodeConfig
+from murmur.node.links import LinkPacer
 from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
 from murmur.node.preflight import bind_problem
@@ -93,6 +94,8 @@ class Node:
         self.config = config
         self.state = StateDir(config.node.data_dir)
         self.metrics = NodeMetrics()
+        # Emulated link rates ([link]): every session paces through these node-wide buckets.
+        self.link_pacer = LinkPacer(config.link.upload_bytes_s, config.link.download_bytes_s)
         self.tasks = TaskManager("node", on_crash=self._on_task_crash)
         self._crashed = asyncio.Event()
         self.metrics.healthy.set_function(lambda: float(self.healthy()))
@@ -540,7 +543,7 @@ class Node:
                 self.host._tasks.spawn(f"close-dup-{conn.name}", conn.close)
                 self._by_conn[conn] = old
                 return old
-        session = PeerSession(conn, self.dispatcher, self.metrics, self)
+        session = PeerSession(conn, self.dispatcher, self.metrics, self, self.link_pacer)
         if old is not None:
             # Edge state carries over; the Hello does not: the peer sends one on
             # every connection, and the new one must not read as a second Hello.
@@ -805,6 +808,7 @@ class Node:
             "evictions": self.membership.evictions,
             "bytes_in": traffic[0],
             "bytes_out": traffic[1],
+            "link": self.link_pacer.describe(),  # None, or the emulated rates (labelled as emulated)
             "faults": dict(self._faults),
             "health": self.health(),
             "learning": self._learning_status(),

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -60,6 +61,7 @@ and unlinked (node/silence.py) and never hold a round (probation)."""
 MAX_COOLDOWNS = 4096  # peers remembered as not to be re-linked for a while
 PEX_MAX_PEERS = 32
 MAX_CONCURRENT_DIALS = 8
+MAX_PENDING_SHUFFLES = 4  # unanswered shuffles kept per peer; past that the oldest is forgotten
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,11 @@ class Membership:
         self.config = config
         self._tasks = tasks
         self._rng = rng or random.Random()
-        self._shuffles: dict[PeerId, list[Descriptor]] = {}  # awaiting a ShuffleResponse
+        # What each shuffle sent, per peer, oldest first, until its ShuffleResponse:
+        # a peer re-learnt from a third node's shuffle can be chosen again before
+        # it answered (a node busy with a big model answers late), and answers
+        # come in order on one connection.
+        self._shuffles: dict[PeerId, deque[list[Descriptor]]] = {}
         self._pex_asked: set[PeerId] = set()
         self._dialling: set[PeerId] = set()
         self._dial_slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
@@ -427,7 +433,8 @@ class Membership:
         session = self.host.session(target.peer) or await self._dial(target.addrs, target.peer)
         if session is None:
             return
-        self._shuffles[target.peer] = entries
+        pending = self._shuffles.setdefault(target.peer, deque(maxlen=MAX_PENDING_SHUFFLES))
+        pending.append(entries)
         try:
             await session.send(ShuffleRequest(entries=tuple(self._wire(entries))))
         except ConnectionClosed:
@@ -467,9 +474,12 @@ class Membership:
         await session.send(ShuffleResponse(entries=tuple(self._wire(reply))))
 
     async def _on_shuffle_response(self, session: PeerSession, msg: ShuffleResponse) -> None:
-        sent = self._shuffles.pop(session.peer, None)
-        if sent is None:
+        pending = self._shuffles.get(session.peer)
+        if not pending:
             raise LimitExceeded("unsolicited shuffle response")
+        sent = pending.popleft()
+        if not pending:
+            del self._shuffles[session.peer]
         self.sampler.on_shuffle_response(sent, self._descriptors(msg.entries))
 
     def status(self) -> dict[str, Any]:

@@ -62,6 +62,10 @@ class NodeMetrics:
         self.round = Gauge("round", "Current learning round", namespace=NAMESPACE, registry=r)
         self.loss = Gauge("loss", "Model loss (train: last local steps; test: held-out set)", ["split"], namespace=NAMESPACE, registry=r)
         self.accuracy = Gauge("accuracy", "Model accuracy", ["split"], namespace=NAMESPACE, registry=r)
+        self.perplexity = Gauge(
+            "perplexity", "Per-token perplexity of a language model (exp of the test loss)", ["split"],
+            namespace=NAMESPACE, registry=r,
+        )
         self.aggregation_weight = Gauge(
             "aggregation_weight", "Weight given to each peer (and 'self') in the last aggregation", ["peer"],
             namespace=NAMESPACE, registry=r,
@@ -113,10 +117,12 @@ class NodeMetrics:
         cls = fault if isinstance(fault, type) else type(fault)
         self.faults.labels(type=cls.__name__).inc()
 
-    def set_eval(self, split: Split, *, loss: float | None, accuracy: float | None) -> None:
+    def set_eval(self, split: Split, *, loss: float | None, accuracy: float | None,
+                 perplexity: float | None = None) -> None:
         """Export what was measured; a value that was not (None, NaN: training
-        measures no accuracy) is left out, never exported as NaN."""
-        for gauge, value in ((self.loss, loss), (self.accuracy, accuracy)):
+        measures no accuracy; perplexity only for a language model) is left
+        out, never exported as NaN."""
+        for gauge, value in ((self.loss, loss), (self.accuracy, accuracy), (self.perplexity, perplexity)):
             if value is not None and math.isfinite(value):
                 gauge.labels(split=split.value).set(value)
 
@@ -137,8 +143,10 @@ class NodeMetrics:
         if isinstance(row.get("round"), int):
             self.round.set(int(row["round"]) + 1)  # the round the node resumes at
         loss, accuracy, epsilon = row.get("loss"), row.get("accuracy"), row.get("epsilon")
+        perplexity = row.get("perplexity")
         self.set_eval(Split.TEST, loss=loss if isinstance(loss, (int, float)) else None,
-                      accuracy=accuracy if isinstance(accuracy, (int, float)) else None)
+                      accuracy=accuracy if isinstance(accuracy, (int, float)) else None,
+                      perplexity=perplexity if isinstance(perplexity, (int, float)) else None)
         if isinstance(epsilon, (int, float)) and math.isfinite(epsilon):
             self.epsilon_spent.set(epsilon)
 

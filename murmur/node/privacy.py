@@ -445,6 +445,10 @@ class PrivacyStage:
 
     # -- Perturber
 
+    def clip(self, delta: torch.Tensor) -> torch.Tensor:
+        """The clipping :meth:`perturb` applies, alone (min(1, C/‖Δ‖)·Δ)."""
+        return clip_to_norm(delta.detach().to(self.device, torch.float32), self.plan.clip).to(delta.device)
+
     def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
         flat = delta.detach().to(self.device, torch.float32).reshape(-1)
         clipped = clip_to_norm(flat, self.plan.clip)
@@ -658,6 +662,9 @@ class NodePrivacy:
     def handlers(self) -> Mapping[type, Handler]:
         return {KeyShare: self._on_keyshare, RoundCommit: self._on_commit}
 
+    def clip(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.stage.clip(delta)
+
     def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
         before = self.stage.counters.fallback_rounds
         sent = self.stage.perturb(delta, round, committed)
@@ -835,9 +842,11 @@ def dp_sgd_step(trainer: Any, local_steps: int) -> DpSgdStep:
     dp_clip = float(getattr(options, "dp_clip", 0.0) or 0.0)
     momentum = float(getattr(options, "momentum", 0.0) or 0.0)
     lr = float(getattr(options, "lr", 0.0) or 0.0)
-    if steps != 1 or momentum != 0.0 or dp_clip <= 0.0 or lr <= 0.0:
+    optimizer = getattr(options, "optimizer", "sgd")
+    if steps != 1 or momentum != 0.0 or dp_clip <= 0.0 or lr <= 0.0 or optimizer != "sgd":
         raise ConfigError(
             'privacy.level = "example" needs one DP-SGD step per round: learning.local_steps = 1 and trainer '
-            f"options momentum = 0, dp_clip > 0 (got local_steps={steps}, momentum={momentum}, dp_clip={dp_clip})"
+            f'options optimizer = "sgd", momentum = 0, dp_clip > 0 (got local_steps={steps}, '
+            f"optimizer={optimizer}, momentum={momentum}, dp_clip={dp_clip})"
         )
     return DpSgdStep(min(1.0, batch / size), batch, lr * dp_clip / batch)

@@ -59,10 +59,10 @@ def progress(learning: Mapping[str, Any], cfg: LearningSection, privacy: Privacy
 
 
 def resumed_eval(learning: Mapping[str, Any], last_row: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``accuracy``/``loss`` of the last recorded round while the learner has
+    """``accuracy``/``loss`` (and ``perplexity``, a language model's) of the last recorded round while the learner has
     evaluated nothing since it (re)started, with ``evaluated_round`` saying
     which round they are from; nothing to add otherwise."""
     if last_row is None or learning.get("accuracy") is not None:
         return {}
     return {"accuracy": last_row.get("accuracy"), "loss": last_row.get("loss"),
-            "evaluated_round": last_row.get("round")}
+            "perplexity": last_row.get("perplexity"), "evaluated_round": last_row.get("round")}

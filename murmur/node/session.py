@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from murmur.errors import NoCommonProtocol, PeerFault, SendTimeout
+from murmur.node.links import LinkPacer
 from murmur.node.metrics import Direction, NodeMetrics
 from murmur.protocol.identity import PeerId
 from murmur.protocol.libp2p import Libp2pConnection, Stream
@@ -109,8 +110,10 @@ def _retrieved(task: asyncio.Task[Any]) -> None:
 class PeerSession:
     """State we keep about a connected peer."""
 
-    def __init__(self, conn: Libp2pConnection, dispatcher: Dispatcher, metrics: NodeMetrics, faults: FaultSink) -> None:
+    def __init__(self, conn: Libp2pConnection, dispatcher: Dispatcher, metrics: NodeMetrics, faults: FaultSink,
+                 pacer: LinkPacer | None = None) -> None:
         self.conn = conn
+        self._pacer = pacer  # emulated link rates of the node ([link]), shared by its sessions
         self.peer = conn.peer_id
         self._dispatcher = dispatcher
         self._metrics = metrics
@@ -160,12 +163,15 @@ class PeerSession:
     async def send_encoded(self, parts: Encoded, kind: str, deadline: float | None = None) -> None:
         protocol = protocol_of_envelope(parts[0])
         stream = await self.stream(protocol, deadline)
+        nbytes = sum(memoryview(part).nbytes for part in parts)
+        if self._pacer is not None:
+            await self._pacer.before_send(nbytes)
         try:
             await stream.send_message(*parts, deadline=deadline)
         except ConnectionClosed:
             self._out.pop(protocol, None)  # reset by the peer: the next message opens a new one
             raise
-        self._metrics.add_bytes(Direction.OUT, sum(memoryview(part).nbytes for part in parts))
+        self._metrics.add_bytes(Direction.OUT, nbytes)
         self._metrics.message(Direction.OUT, kind)
 
     async def stream(self, protocol: MurmurProtocol, deadline: float | None = None) -> Stream:
@@ -238,6 +244,8 @@ class PeerSession:
                 return
             self.last_message_at = time.monotonic()
             self._metrics.add_bytes(Direction.IN, len(data))
+            if self._pacer is not None:  # hold this reader until the emulated download link carried it
+                await self._pacer.after_receive(len(data))
             try:
                 msg = decode(data)
                 self._metrics.message(Direction.IN, type(msg).__name__)

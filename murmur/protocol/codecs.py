@@ -14,6 +14,12 @@ Contract shared by every codec:
 * The payload length is a pure function of (codec, element count)
   (:func:`encoded_nbytes`), so a receiver can check a transfer's announced size
   before allocating anything.
+
+The integer codecs (INT8, INT4, INT2) round to nearest by default; a sender
+may ask for stochastic rounding instead (:class:`Rounding`), which is
+unbiased (E[decode(encode(x))] = x), what error feedback with coarse levels
+wants. Rounding is the encoder's choice and not on the wire: the decoder is
+the same.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from murmur.errors import DecodeError
 __all__ = [
     "DeltaCodec",
     "CodecParams",
+    "Rounding",
     "LandingDecoder",
     "INT8_BLOCK",
+    "PACKED_BLOCK",
     "FP16_MAX",
     "encode",
     "decode",
@@ -43,6 +51,8 @@ FP16_MAX = 65504.0
 INT8_BLOCK = 4096  # values per absmax scale; part of the INT8 codec's definition
 INT8_FLUSH = 127 * float(np.finfo(np.float32).tiny)  # blocks below this encode as zeros
 _INT8_QMAX = 127
+PACKED_BLOCK = 128  # values per absmax scale of INT4 and INT2: 0.25 bit of scale per value
+_CANONICAL_TRIES = 4  # ulp nudges that make a packed codec's scale a fixed point (see _canonical_scales)
 _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
 _U16 = np.dtype("<u2")
@@ -55,6 +65,15 @@ class DeltaCodec(IntEnum):
     FP16 = 1
     BF16 = 2
     INT8 = 3
+    INT4 = 4
+    INT2 = 5
+
+
+class Rounding(IntEnum):
+    """How the integer codecs round a scaled value to a level (encoder side only)."""
+
+    NEAREST = 0
+    STOCHASTIC = 1  # floor(x / s + u), u ~ U[0, 1): unbiased, needs a generator
 
 
 @dataclass(frozen=True)
@@ -72,8 +91,29 @@ Payload = bytes | bytearray | memoryview
 
 class _Codec(Protocol):
     def nbytes(self, count: int) -> int: ...
-    def encode(self, flat: np.ndarray) -> memoryview: ...
+    def encode(self, flat: np.ndarray, rounder: _Rounder) -> memoryview: ...
     def decode(self, payload: Payload, count: int) -> np.ndarray: ...
+
+
+class _Rounder:
+    """Scaled values to integer levels, in place: nearest, or stochastic with ``rng``."""
+
+    def __init__(self, rounding: Rounding = Rounding.NEAREST, rng: np.random.Generator | None = None) -> None:
+        if rounding is Rounding.STOCHASTIC and rng is None:
+            raise ValueError("stochastic rounding needs a random generator")
+        self.rounding = rounding
+        self.rng = rng
+
+    def __call__(self, scaled: np.ndarray) -> None:
+        if self.rounding is Rounding.NEAREST:
+            np.rint(scaled, out=scaled)
+            return
+        assert self.rng is not None
+        scaled += self.rng.random(scaled.shape, dtype=np.float32)
+        np.floor(scaled, out=scaled)
+
+
+_NEAREST = _Rounder()
 
 
 def _bytes_of(array: np.ndarray) -> memoryview:
@@ -122,7 +162,7 @@ class _Fp32:
     def nbytes(self, count: int) -> int:
         return 4 * count
 
-    def encode(self, flat: np.ndarray) -> memoryview:
+    def encode(self, flat: np.ndarray, rounder: _Rounder) -> memoryview:
         _require_finite_input(flat)
         return _bytes_of(flat)
 
@@ -141,7 +181,7 @@ class _Fp16:
     def nbytes(self, count: int) -> int:
         return 2 * count
 
-    def encode(self, flat: np.ndarray) -> memoryview:
+    def encode(self, flat: np.ndarray, rounder: _Rounder) -> memoryview:
         _require_finite_input(flat)
         rng = _finite_range(flat)
         if rng is not None and (rng[0] < -FP16_MAX or rng[1] > FP16_MAX):
@@ -164,7 +204,7 @@ class _Bf16:
     def nbytes(self, count: int) -> int:
         return 2 * count
 
-    def encode(self, flat: np.ndarray) -> memoryview:
+    def encode(self, flat: np.ndarray, rounder: _Rounder) -> memoryview:
         _require_finite_input(flat)
         bits = flat.view(np.uint32)
         acc = bits >> 16  # one temporary, updated in place
@@ -200,7 +240,7 @@ class _Int8:
     def nbytes(self, count: int) -> int:
         return 4 * _nblocks(count) + count
 
-    def encode(self, flat: np.ndarray) -> memoryview:
+    def encode(self, flat: np.ndarray, rounder: _Rounder) -> memoryview:
         _require_finite_input(flat)
         count = flat.size
         nblocks = _nblocks(count)
@@ -214,7 +254,7 @@ class _Int8:
             inverse = np.zeros_like(block_scales)
             np.divide(_INT8_QMAX, absmax, out=inverse, where=absmax > 0)
             scaled = values * inverse[:, None]
-            np.rint(scaled, out=scaled)
+            rounder(scaled)
             np.clip(scaled, -_INT8_QMAX, _INT8_QMAX, out=scaled)
             block_q[...] = scaled  # float32 -> int8, values already integral
         return _bytes_of(out)
@@ -233,17 +273,114 @@ class _Int8:
         return _require_finite_output(out)
 
 
+class _Packed:
+    """Symmetric ``bits``-bit integers with one float32 absmax scale per
+    :data:`PACKED_BLOCK` values, packed ``8 // bits`` to a byte (first value
+    in the low bits): q = round(x / s), s = blockmax / qmax, qmax = 2^(bits-1) − 1
+    (INT4: −7..7, INT2: −1, 0, 1). A level is stored as q + 2^(bits-1); the
+    one code below −qmax decodes to −qmax − 1 (a hostile payload may use it;
+    it is finite). Bits past the last value in the last byte are ignored.
+
+    Payload: ``scales (float32 × nblocks) || packed levels``. Error with
+    nearest rounding: ≤ blockmax / (2·qmax) per value plus float32 rounding;
+    with stochastic rounding ≤ blockmax / qmax, unbiased. Scales are
+    canonical (:func:`_canonical_scales`), so the codec is idempotent on its
+    own output like the others. Blocks below qmax × the smallest normal
+    float32 encode as zeros, as INT8's do.
+    """
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.per_byte = 8 // bits
+        self.qmax = (1 << (bits - 1)) - 1
+        self.offset = 1 << (bits - 1)
+        self.flush = self.qmax * float(np.finfo(np.float32).tiny)
+
+    def nblocks(self, count: int) -> int:
+        return -(-count // PACKED_BLOCK)
+
+    def nbytes(self, count: int) -> int:
+        return 4 * self.nblocks(count) + -(-count // self.per_byte)
+
+    def encode(self, flat: np.ndarray, rounder: _Rounder) -> memoryview:
+        _require_finite_input(flat)
+        count = flat.size
+        nblocks = self.nblocks(count)
+        out = np.empty(self.nbytes(count), dtype=np.uint8)
+        scales = out[: 4 * nblocks].view(_F32)
+        levels = np.empty(count, dtype=np.uint8)
+        for values, block_scales, block_levels in _block_views(flat, scales, levels, PACKED_BLOCK):
+            absmax = np.maximum(values.max(axis=1), -values.min(axis=1))
+            absmax[absmax < self.flush] = 0.0
+            np.divide(absmax, np.float32(self.qmax), out=block_scales)
+            _canonical_scales(block_scales, self.qmax)
+            inverse = np.zeros_like(block_scales)
+            np.divide(np.float32(1.0), block_scales, out=inverse, where=block_scales > 0)
+            scaled = values * inverse[:, None]
+            rounder(scaled)
+            np.clip(scaled, -self.qmax, self.qmax, out=scaled)
+            scaled += self.offset
+            block_levels[...] = scaled
+        self._pack(levels, out[4 * nblocks :])
+        return _bytes_of(out)
+
+    def _pack(self, levels: np.ndarray, out: np.ndarray) -> None:
+        padded = np.zeros(out.size * self.per_byte, dtype=np.uint8)
+        padded[: levels.size] = levels
+        groups = padded.reshape(-1, self.per_byte)
+        out[...] = groups[:, 0]
+        for i in range(1, self.per_byte):
+            out |= groups[:, i] << np.uint8(i * self.bits)
+
+    def decode(self, payload: Payload, count: int) -> np.ndarray:
+        nblocks = self.nblocks(count)
+        scales = np.frombuffer(payload, dtype=_F32, count=nblocks)
+        rng = _finite_range(scales)
+        if rng is not None and not (rng[0] >= 0.0 and math.isfinite(rng[1])):
+            raise DecodeError(f"int{self.bits} scales must be finite and non-negative")
+        packed = np.frombuffer(payload, dtype=np.uint8, offset=4 * nblocks)
+        mask = np.uint8((1 << self.bits) - 1)
+        levels = np.empty((packed.size, self.per_byte), dtype=np.int8)
+        for i in range(self.per_byte):
+            levels[:, i] = (packed >> np.uint8(i * self.bits)) & mask
+        levels -= np.int8(self.offset)
+        flat_levels = levels.reshape(-1)[:count]
+        out = np.empty(count, dtype=_F32)
+        with np.errstate(over="ignore"):
+            for block_levels, block_scales, block_out in _block_views(flat_levels, scales, out, PACKED_BLOCK):
+                np.multiply(block_levels, block_scales[:, None], out=block_out)
+        return _require_finite_output(out)
+
+
+def _canonical_scales(scales: np.ndarray, qmax: int) -> None:
+    """Nudge each scale up by an ulp until s = fl(fl(qmax·s)/qmax), in place.
+
+    Why: a re-encoded block's absmax is qmax·s (its largest level times the
+    scale), and its new scale fl(that/qmax) differs from s for ~10% of
+    float32 scales at qmax = 7, which would change every decoded value by
+    an ulp: the codec would not be idempotent on its own output. A scale
+    that is a fixed point of that map comes back exactly. One ulp more
+    scale moves no level (the largest maps to qmax·(1 − 2^-24))."""
+    q = np.float32(qmax)
+    for _ in range(_CANONICAL_TRIES):
+        with np.errstate(over="ignore"):
+            moved = (scales * q) / q != scales
+        if not moved.any():
+            return
+        scales[moved] = np.nextafter(scales[moved], np.float32(np.inf))
+
+
 def _nblocks(count: int) -> int:
     return -(-count // INT8_BLOCK)
 
 
-def _block_views(values: np.ndarray, scales: np.ndarray, other: np.ndarray):
+def _block_views(values: np.ndarray, scales: np.ndarray, other: np.ndarray, block: int = INT8_BLOCK):
     """Yield (values, scales, other) as 2-D block views: first all full blocks
     at once, then the short tail block (if any) — no padding copies."""
-    full = values.size // INT8_BLOCK
-    cut = full * INT8_BLOCK
+    full = values.size // block
+    cut = full * block
     if full:
-        yield values[:cut].reshape(full, INT8_BLOCK), scales[:full], other[:cut].reshape(full, INT8_BLOCK)
+        yield values[:cut].reshape(full, block), scales[:full], other[:cut].reshape(full, block)
     if cut < values.size:
         yield values[cut:].reshape(1, -1), scales[full:], other[cut:].reshape(1, -1)
 
@@ -254,6 +391,8 @@ _CODECS: MappingProxyType[DeltaCodec, _Codec] = MappingProxyType(
         DeltaCodec.FP16: _Fp16(),
         DeltaCodec.BF16: _Bf16(),
         DeltaCodec.INT8: _Int8(),
+        DeltaCodec.INT4: _Packed(4),
+        DeltaCodec.INT2: _Packed(2),
     }
 )
 
@@ -265,11 +404,17 @@ def encoded_nbytes(codec: DeltaCodec, count: int) -> int:
     return _CODECS[DeltaCodec(codec)].nbytes(count)
 
 
-def encode(array: np.ndarray, codec: DeltaCodec) -> tuple[memoryview, CodecParams]:
+def encode(
+    array: np.ndarray,
+    codec: DeltaCodec,
+    rounding: Rounding = Rounding.NEAREST,
+    rng: np.random.Generator | None = None,
+) -> tuple[memoryview, CodecParams]:
     """Encode a float32 array (any shape; flattened in C order).
 
     For FP32 the returned view aliases ``array``: do not mutate it while the
-    payload is in use.
+    payload is in use. ``rounding`` applies to the integer codecs (the float
+    ones round to nearest); STOCHASTIC needs ``rng``.
     """
     if not isinstance(array, np.ndarray) or array.dtype != np.float32:
         raise TypeError(f"expected a float32 ndarray, got {getattr(array, 'dtype', type(array))}")
@@ -277,7 +422,8 @@ def encode(array: np.ndarray, codec: DeltaCodec) -> tuple[memoryview, CodecParam
     if flat.dtype.byteorder == ">":
         flat = flat.astype(_F32)
     codec = DeltaCodec(codec)
-    return _CODECS[codec].encode(flat), CodecParams(codec, flat.size)
+    rounder = _NEAREST if rounding is Rounding.NEAREST else _Rounder(rounding, rng)
+    return _CODECS[codec].encode(flat, rounder), CodecParams(codec, flat.size)
 
 
 def decode(payload: Payload, params: CodecParams) -> np.ndarray:

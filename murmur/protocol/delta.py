@@ -67,6 +67,7 @@ __all__ = [
     "Misaddressed",
     "StaleRound",
     "signing_input",
+    "transfer_bytes",
 ]
 
 DELTA_DOMAIN = b"murmur-delta-v1"
@@ -133,9 +134,16 @@ class PreparedDelta:
     @classmethod
     def prepare(cls, array: np.ndarray, codec: DeltaCodec = DeltaCodec.FP32) -> PreparedDelta:
         payload, params = codecs.encode(array, codec)
+        return cls.of_payload(payload, params.codec, tuple(array.shape))
+
+    @classmethod
+    def of_payload(cls, payload: memoryview, codec: DeltaCodec, shape: tuple[int, ...]) -> PreparedDelta:
+        """A payload already encoded (a compressed round message, whose bytes
+        the sender's round engine produced and advanced its public model by):
+        hashed here, sent as is. ``shape`` is the decoded shape."""
         hasher = _hasher()
         hasher.update(payload)
-        return cls(payload, params.codec, tuple(array.shape), hasher.digest())
+        return cls(memoryview(payload).cast("B"), DeltaCodec(codec), tuple(shape), hasher.digest())
 
 
 class DeltaSender:
@@ -208,6 +216,25 @@ class DeltaSender:
         signature = self._identity.sign(signing_input(digest, self.round, self._identity.peer_id, self.recipient))
         self.content_hash = digest
         yield encode_parts(DeltaEnd(transfer_id=tid, content_hash=digest, signature=signature))
+
+
+def transfer_bytes(
+    nbytes: int,
+    shape: tuple[int, ...],
+    meta: Mapping[str, Any],
+    codec: DeltaCodec = DeltaCodec.FP32,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> int:
+    """The message bytes a :class:`DeltaSender` of an ``nbytes`` payload puts
+    on one connection: DeltaStart, every chunk's envelope and tail, DeltaEnd
+    (what the transport counts as sent; framing adds its length prefix and
+    AEAD tag per message). Encoded for real with two fixed identities; ids
+    and round take their widest msgpack form, so this is exact to a few bytes."""
+    sender, recipient = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x02" * 32)
+    prepared = PreparedDelta(memoryview(bytes(nbytes)), DeltaCodec(codec), tuple(shape), bytes(HASH_DIGEST_SIZE))
+    messages = DeltaSender(sender, recipient.peer_id, 1 << 40, prepared, chunk_bytes=chunk_bytes, meta=meta,
+                           transfer_id=(1 << 64) - 1)
+    return sum(memoryview(part).nbytes for parts in messages for part in parts)
 
 
 # --------------------------------------------------------------------------- replay guard
@@ -373,7 +400,7 @@ class CompletedDelta:
 class _Transfer:
     start: DeltaStart
     buffer: memoryview  # over a LandingPool buffer; the decoded array keeps it (and so its slot) taken
-    decoder: LandingDecoder  # checks the values of each chunk as it lands
+    decoder: LandingDecoder | None  # checks the values of each chunk as it lands (None: a sparse round format)
     last_activity: float
     hasher: Any = field(default_factory=_hasher)
     received: int = 0
@@ -493,12 +520,14 @@ class DeltaAssembler:
             self.replay_guard.check_round(msg.round)
         limits = self.limits
         if self.layout is not None:  # names the kind and the shape it expected
-            self.layout.check_incoming(msg.meta, msg.shape, msg.nbytes, limits.max_delta_bytes)
+            kind = self.layout.check_incoming(msg.meta, msg.shape, msg.nbytes, limits.max_delta_bytes)
+            expected = self.layout.payload_bytes(kind, msg.codec)  # a compressed round payload has its format's size
+        else:
+            expected = codecs.encoded_nbytes(msg.codec, math.prod(msg.shape))
         if msg.nbytes > limits.max_delta_bytes:
             raise LimitExceeded(f"delta of {msg.nbytes} bytes, limit {limits.max_delta_bytes} (shape {msg.shape})")
         if msg.dtype != DELTA_DTYPE:
             raise DecodeError(f"delta dtype must be {DELTA_DTYPE}, got {msg.dtype}")
-        expected = codecs.encoded_nbytes(msg.codec, math.prod(msg.shape))
         if msg.nbytes != expected:
             raise DecodeError(f"{msg.codec.name} of shape {msg.shape} is {expected} bytes, not {msg.nbytes}")
         key = (sender, msg.transfer_id)
@@ -509,7 +538,10 @@ class DeltaAssembler:
         if self._buffered + msg.nbytes > limits.max_total_buffered_bytes:
             raise LimitExceeded("total delta buffer budget exhausted")
         buffer = self._landing.take(msg.nbytes)
-        decoder = LandingDecoder(CodecParams(msg.codec, math.prod(msg.shape)), buffer)
+        # A dense payload is checked as it lands; a sparse round format's
+        # (indices, packed values) only as a whole, by the layout.
+        sparse = self.layout is not None and self.layout.sparse(self.layout.kind_of(msg.meta))
+        decoder = None if sparse else LandingDecoder(CodecParams(msg.codec, math.prod(msg.shape)), buffer)
         self._transfers[key] = _Transfer(
             start=msg, buffer=buffer, decoder=decoder, last_activity=self._clock(), solicited=solicited
         )
@@ -531,7 +563,8 @@ class DeltaAssembler:
             raise DecodeError(f"chunk overruns the announced {len(transfer.buffer)} bytes")
         transfer.buffer[transfer.received : end] = msg.data
         transfer.hasher.update(msg.data)
-        transfer.decoder.landed(end)  # while the chunk is in cache; a NaN ends the transfer here
+        if transfer.decoder is not None:
+            transfer.decoder.landed(end)  # while the chunk is in cache; a NaN ends the transfer here
         transfer.received = end
         transfer.next_seq += 1
         transfer.last_activity = self._clock()
@@ -549,13 +582,18 @@ class DeltaAssembler:
         sender.verify(msg.signature, signing_input(digest, start.round, sender, self.own_peer_id))
         if not transfer.solicited:
             self.replay_guard.check(sender, start.round, digest)
-        flat = transfer.decoder.decode()
+        if transfer.decoder is not None:  # dense: checked as it landed
+            array = transfer.decoder.decode().reshape(start.shape)
+        else:  # a sparse round format (the layout's)
+            assert self.layout is not None
+            array = self.layout.decode(self.layout.kind_of(start.meta), transfer.buffer, start.codec,
+                                       start.round, sender.raw)
         if not transfer.solicited:
             self.replay_guard.remember(sender, start.round, digest)
         return CompletedDelta(
             sender=sender,
             round=start.round,
-            array=flat.reshape(start.shape),
+            array=array,
             meta=start.meta,
             content_hash=digest,
             codec=start.codec,

@@ -17,6 +17,11 @@ checks each ``DeltaStart`` with :meth:`TransferLayout.check_incoming`, from
 the same instance: the two cannot disagree again. A refusal names what was
 expected and what arrived, so a mismatch (say a peer running another model)
 reads as such in the log instead of as an anonymous size fault.
+
+A round message's payload may be compressed (top-k, random-k: the layout's
+:class:`~murmur.protocol.sparse.RoundFormat`); its decoded shape is still
+``(ROWS, d)``, its size is the format's, and the layout decodes it, so sender
+and receiver size and read compressed transfers from the same description.
 """
 
 from __future__ import annotations
@@ -28,9 +33,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+
 from murmur.errors import DecodeError, LimitExceeded
 from murmur.protocol import codecs
-from murmur.protocol.codecs import DeltaCodec
+from murmur.protocol.codecs import CodecParams, DeltaCodec
+from murmur.protocol.sparse import RoundFormat
 
 __all__ = ["TransferKind", "TransferLayout", "ShapeMismatch", "worst_case_nbytes"]
 
@@ -41,7 +49,7 @@ class TransferKind(enum.StrEnum):
     """``DeltaStart.meta["kind"]``. A transfer without one is a round message
     (what nodes sent before the kind was written on every transfer)."""
 
-    ROUND = "round"  # (update, consensus step) of one D-SGD round
+    ROUND = "round"  # the public model's increment in one D-SGD round (Message.ROWS rows)
     MODEL = "model"  # a public model, asked for with ModelRequest
     GOSSIP = "gossip"  # a whole model, gossip-learning mode
 
@@ -70,13 +78,18 @@ class TransferLayout:
     """
 
     shapes: Mapping[TransferKind, tuple[int, ...]]
+    round_format: RoundFormat = RoundFormat()  # how round messages' payloads are laid out
 
     @classmethod
-    def for_model(cls, num_params: int, round_rows: int) -> TransferLayout:
+    def for_model(cls, num_params: int, round_rows: int, round_format: RoundFormat = RoundFormat()) -> TransferLayout:
         """``round_rows`` vectors of ``num_params`` in each round message (the
-        round engine's message layout), single vectors for whole models."""
+        round engine's message layout), single vectors for whole models;
+        round payloads laid out as ``round_format`` says (a compressed
+        format carries one row)."""
         if num_params < 1 or round_rows < 1:
             raise ValueError("a layout needs at least one parameter and one row")
+        if round_format.sparse and round_rows != 1:
+            raise ValueError("a compressed round message carries one row")
         return cls(
             MappingProxyType(
                 {
@@ -84,7 +97,8 @@ class TransferLayout:
                     TransferKind.MODEL: (num_params,),
                     TransferKind.GOSSIP: (num_params,),
                 }
-            )
+            ),
+            round_format,
         )
 
     def shape(self, kind: TransferKind) -> tuple[int, ...]:
@@ -104,11 +118,34 @@ class TransferLayout:
             raise DecodeError(f"unknown transfer kind {raw!r}") from None
 
     def payload_bytes(self, kind: TransferKind, codec: DeltaCodec) -> int:
-        return codecs.encoded_nbytes(codec, math.prod(self.shapes[kind]))
+        """The exact payload size of a ``kind`` transfer encoded with ``codec``."""
+        count = math.prod(self.shapes[kind])
+        if kind is TransferKind.ROUND:
+            return self.round_format.nbytes(codec, count)
+        return codecs.encoded_nbytes(codec, count)
 
     def max_payload_bytes(self) -> int:
         """The largest payload an honest peer can send us, any kind, any codec."""
-        return max(worst_case_nbytes(math.prod(shape)) for shape in self.shapes.values())
+        return max(self.payload_bytes(kind, codec) for kind in self.shapes for codec in DeltaCodec)
+
+    def sparse(self, kind: TransferKind) -> bool:
+        """Whether a ``kind`` transfer's payload is a sparse round format
+        (decoded as a whole by :meth:`decode`, not value by value as it lands)."""
+        return kind is TransferKind.ROUND and self.round_format.sparse
+
+    def decode(
+        self, kind: TransferKind, payload: codecs.Payload, codec: DeltaCodec, round: int, sender: bytes
+    ) -> np.ndarray:
+        """The decoded float32 array of a completed ``kind`` transfer, in the
+        kind's shape. ``round`` and ``sender`` (its raw peer id, both signed)
+        name a random-k message's mask. Raises :class:`DecodeError`."""
+        shape = self.shapes[kind]
+        count = math.prod(shape)
+        if self.sparse(kind):
+            flat = self.round_format.decode_dense(payload, codec, count, round, sender)
+        else:
+            flat = codecs.decode(payload, CodecParams(codec, count))
+        return flat.reshape(shape)
 
     def check_outgoing(self, kind: TransferKind, shape: tuple[int, ...]) -> None:
         """A local bug guard: what we send must be what our peers will accept."""

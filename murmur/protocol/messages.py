@@ -105,7 +105,10 @@ MAX_TAILED_HEAD = 256
 Encoded = tuple[bytes] | tuple[bytes, memoryview]  # a message as envelope [, tail]
 _FIXARRAY_3 = 0x93  # how every envelope starts; then the version and kind as positive fixints
 _POSITIVE_FIXINT_MAX = 0x7F
-MAX_HISTORY_ELEMENTS = 1_000_000  # float32 history must fit one frame
+SKETCH_ELEMENTS = MAX_META_VALUE_LEN // 4
+"""Entries of a model's sketch (float32): what a history record carries
+instead of the model (learning/sketch.py); it travels as one meta value of
+the round message it describes."""
 MAX_DEGREE = 1 << 16
 PEER_ID_LEN = 38  # identity multihash of an Ed25519 protobuf key
 SIGNATURE_LEN = 64
@@ -703,18 +706,28 @@ class ModelRequest:
 @message
 @dataclass(frozen=True)
 class HistoryRecord:
-    """SybilWall history gossip: ``peer``'s accumulated update history as
-    observed directly by ``observer`` and relayed ``distance`` hops.
-    ``origin_sig`` is the observer's signature over (peer, round, history);
-    the hop count is not signed because every relay increments it."""
+    """SybilWall history gossip: ``subject``'s public model as of its message
+    ``round``, told by a neighbour that observes it (``observer``) or relays
+    the observer's record (``distance`` is the sender's hop count; 1 when the
+    sender is the observer). The model itself does not travel: ``digest`` is
+    BLAKE3 of it and ``sketch`` its sketch (distances between models survive
+    it; learning/sketch.py), a few hundred bytes whatever the model's size.
+    ``subject_sig`` is the subject's own signed statement of both (it signs
+    them with every round message), so no one can put another model in its
+    mouth; ``observer_sig`` is the observer's signature over the same (what a
+    relay cannot forge, so a relayed record is never taken for a first-hand
+    one). An observer signs only after checking the statement against its
+    bit-exact replica (digest exactly, sketch to rounding)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.HISTORY_RECORD
-    peer: Peer
+    subject: Peer
     observer: Peer
     round: U64
     distance: U16
-    history: Annotated[np.ndarray, NdarraySpec(frozenset({"float32", "float16", "uint16"}), MAX_HISTORY_ELEMENTS)]
-    origin_sig: Signature
+    digest: Annotated[bytes, BytesSpec(HASH_LEN, HASH_LEN)]
+    sketch: Annotated[np.ndarray, NdarraySpec(frozenset({"float32"}), SKETCH_ELEMENTS)]
+    subject_sig: Signature
+    observer_sig: Signature
 
 
 @message

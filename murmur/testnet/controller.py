@@ -989,6 +989,7 @@ class Testnet:
         sc = self.scenario
         honest = [h for h in self.nodes.values() if h.spec.role is Role.HONEST and h.status is not None]
         acc = _finite([(h.status.get("learning") or {}).get("accuracy") for h in honest if h.status])
+        ppl = _finite([(h.status.get("learning") or {}).get("perplexity") for h in honest if h.status])
         attack = _finite([(h.status.get("learning") or {}).get("attack_rate") for h in honest if h.status])
         alive = sum(1 for h in self.nodes.values() if h.status is not None)
         target = f"/{sc.duration.last_round}" if sc.duration.last_round else ""
@@ -996,6 +997,7 @@ class Testnet:
             f"[{time.monotonic() - self._t0:6.1f}s]",
             f"round {self._front if self._front is not None else '-'}{target}",
             f"acc mean {statistics.fmean(acc):.3f} min {min(acc):.3f}" if acc else "acc -",
+            *([f"ppl mean {statistics.fmean(ppl):.2f} max {max(ppl):.2f}"] if ppl else []),
             f"alive {alive}/{len(self.nodes)}",
             f"attack {statistics.fmean(attack):.3f}" if attack else "attack -",
         ]

@@ -181,6 +181,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "final_attack_rate": statistics.fmean(final_attack) if final_attack else None,
         "final_weight_to_sybils": statistics.fmean(s for s, _ in splits) if splits else None,
         "final_weight_to_honest": statistics.fmean(h for _, h in splits) if splits else None,
+        "links": links_label(run.scenario),
         # the honest nodes' ends of their connections at the last status, by type (a pair of honest nodes counts twice)
         "connections": {k: sum(m.get(k, 0) for m in mixes) for k in {*CONNECTION_TYPES, *(k for m in mixes for k in m)}}
         if mixes else None,
@@ -190,6 +191,19 @@ def summarize(run: RunData) -> dict[str, Any]:
         "nodes": nodes,
         "scenario_config": plain(run.scenario),
     }
+
+
+def links_label(scenario: Scenario) -> str | None:
+    """How the run's link rates were made, in words (None: not limited). They
+    are paced by each node's token buckets, not shaped by a network emulator,
+    and the report must not let a reader take them for real links."""
+    links = scenario.links
+    if not links.limited:
+        return None
+    rates = f"upload {links.upload_mbit:g} Mbit/s, download {links.download_mbit:g} Mbit/s per node"
+    if links.overrides:
+        rates += f"; {len(links.overrides)} override(s) for some nodes (see the settings)"
+    return f"emulated by each node's token buckets (not a network emulator): {rates}"
 
 
 def summary_rows(summary: Mapping[str, Any], attackers: bool) -> list[tuple[str, str]]:
@@ -214,6 +228,8 @@ def summary_rows(summary: Mapping[str, Any], attackers: bool) -> list[tuple[str,
         ("Time per round (honest mean)", fmt_seconds(summary["mean_round_s"])
          + (f"; longest phase: {slowest[0].removesuffix('_s')} {fmt_seconds(slowest[1])}" if slowest else "")),
     ]
+    if summary.get("links"):
+        rows.append(("Links", str(summary["links"])))
     if summary.get("connections"):
         mix = summary["connections"]
         rows.append(("Connections at the end (honest nodes' ends)", page.mix_text(mix)))

@@ -34,7 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from murmur.errors import ConfigError, OptionError
-from murmur.node.config import Codec, NetworkSection, Partition, PrivacyLevel, PrivacyScheme
+from murmur.node.config import (
+    Codec,
+    MaskName,
+    NetworkSection,
+    OuterName,
+    Partition,
+    PrivacyLevel,
+    PrivacyScheme,
+    RoundingName,
+    SparsifierName,
+)
 from murmur.testnet import internet
 
 DEFAULT_SCENARIO_RESOURCE = "default_scenario.toml"
@@ -54,6 +64,8 @@ RELAY_CHECK_INTERVAL_S = 1.0  # a node behind NAT (re)reserves on its relays thi
 #: Cyclon shuffles every 2 s (default 10 s): a testnet run lasts minutes, and
 #: restarts, joins and healed partitions must be mixed in within a few rounds.
 SHUFFLE_INTERVAL_S = 2.0
+#: Bytes per second in one Mbit/s (link rates are given in Mbit/s, as ISPs sell them).
+MBIT_BYTES_S = 1e6 / 8
 
 
 # --------------------------------------------------------------------- enums
@@ -256,6 +268,59 @@ class PrivacySpec:
 
 
 @dataclass(frozen=True)
+class CompressionSpec:
+    """Every node's ``[compression]`` (the network must agree on it)."""
+
+    sparsifier: SparsifierName = SparsifierName.NONE
+    ratio: float = _checked(0.01, _in_range(0.0, 1.0, lo_open=True))
+    mask: MaskName = MaskName.SENDER
+    rounding: RoundingName = RoundingName.NEAREST
+    consensus_step: float = _checked(1.0, _in_range(0.0, 1.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class OuterSpec:
+    """Every node's ``[outer]`` optimizer (DiLoCo with many local steps)."""
+
+    optimizer: OuterName = OuterName.NONE
+    lr: float = _checked(0.7, _finite_positive)
+    momentum: float = _checked(0.9, _in_range(0.0, 0.999))
+
+
+@dataclass(frozen=True)
+class LinkOverride:
+    """Other link rates for some nodes (a slow uplink, say)."""
+
+    nodes: tuple[int, ...] = ()
+    upload_mbit: float = _checked(0.0, _at_least(0.0))
+    download_mbit: float = _checked(0.0, _at_least(0.0))
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """Per-node link rates in Mbit/s (0: unlimited), emulated by each node's
+    own token buckets (``[link]``): nodes share one loopback interface here,
+    so this paces messages rather than shaping packets (no queueing delay or
+    loss). The report says so wherever it shows them."""
+
+    upload_mbit: float = _checked(0.0, _at_least(0.0))
+    download_mbit: float = _checked(0.0, _at_least(0.0))
+    overrides: tuple[LinkOverride, ...] = ()
+
+    @property
+    def limited(self) -> bool:
+        return self.upload_mbit > 0 or self.download_mbit > 0 or bool(self.overrides)
+
+    def for_node(self, index: int) -> tuple[float, float]:
+        """(upload, download) in Mbit/s of node ``index``: the last override naming it wins."""
+        up, down = self.upload_mbit, self.download_mbit
+        for override in self.overrides:
+            if index in override.nodes:
+                up, down = override.upload_mbit, override.download_mbit
+        return up, down
+
+
+@dataclass(frozen=True)
 class AttackerSpec:
     """One attacker controlling ``sybils`` identities, each with
     ``edges_per_sybil`` attack edges to honest nodes."""
@@ -309,8 +374,9 @@ class RouterSpec:
 
 
 @dataclass(frozen=True)
-class LinkSpec:
-    """Link rates (Mbit/s) of ``nodes``' hosts, over the section's defaults."""
+class HostLinkSpec:
+    """Link rates (Mbit/s) of ``nodes``' hosts on the emulated internet (tc
+    tbf), over the section's defaults."""
 
     nodes: tuple[int, ...] = ()
     up_mbit: float | None = _checked(None, _finite_positive)
@@ -335,7 +401,7 @@ class NetworkSpec:
     relays: int = _checked(0, _at_least(0))
     public_relay: bool = True
     routers: tuple[RouterSpec, ...] = ()
-    links: tuple[LinkSpec, ...] = ()
+    links: tuple[HostLinkSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -351,6 +417,12 @@ class Scenario:
     partition: PartitionSpec = field(default_factory=PartitionSpec)
     aggregator: AggregatorSpec = field(default_factory=AggregatorSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
+    outer: OuterSpec = field(default_factory=OuterSpec)
+    links: LinkSpec = field(default_factory=LinkSpec)
+    # Testnets kill nodes: a checkpoint every round keeps what a kill -9 loses
+    # to one round (a node's own default is every 10 rounds or 60 s).
+    checkpoint_every_rounds: int = _checked(1, _at_least(0))
     attackers: tuple[AttackerSpec, ...] = ()
     churn: tuple[ChurnEvent, ...] = ()
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
@@ -552,6 +624,10 @@ def _cross_checks(sc: Scenario) -> Iterable[tuple[tuple[str | int, ...], str]]:
         if attacker.edges_per_sybil > sc.nodes:
             yield ("attackers", a, "edges_per_sybil"), f"must be <= nodes ({sc.nodes})"
     total = sc.total_nodes
+    for o, override in enumerate(sc.links.overrides):
+        for i in override.nodes:
+            if not 0 <= i < total:
+                yield ("links", "overrides", o, "nodes"), f"node index {i} out of range (0..{total - 1})"
     down: set[int] = set()
     joined: set[int] = set()
     for e, ev in enumerate(sc.churn):
@@ -866,8 +942,6 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
                  else [] for s in specs}
     else:
         dials = network_dials(scenario)
-    rounds = scenario.duration.rounds or UNBOUNDED_ROUNDS
-    priv = scenario.privacy
     relays = set(relay_indices(scenario)) if plan is not None else set()
     behind = routers_of(scenario.network) if scenario.network is not None else {}
     members = sorted(peer_ids[s.name] for s in specs if s.role is Role.HONEST)
@@ -892,11 +966,10 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
             | ({"connect_timeout_s": NETWORK_CONNECT_TIMEOUT_S} if plan is not None else {}),
             "api": {"host": LOOPBACK, "port": 0},  # on the emulated internet and a Ray host: the host's own loopback
             "learning": learning_table(scenario, s) | device(s.index),
-            "privacy": {
-                "enabled": priv.enabled, "scheme": priv.scheme.value, "epsilon": priv.epsilon,
-                "delta": priv.delta, "clip": priv.clip, "rounds": priv.rounds or rounds,
-                "level": priv.level.value,
-            },
+            "privacy": privacy_table(scenario),
+            "compression": compression_table(scenario),
+            "outer": outer_table(scenario),
+            "link": link_table(scenario, s.index),
         })
         if s.role is Role.RELAY:
             configs[-1]["learning"]["enabled"] = False
@@ -909,6 +982,31 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
             # and the sampler may pick it as a neighbour, but it learns nothing: a slot more
             configs[-1]["network"]["neighbours"] += sum(1 for r in used if specs[r].role is Role.RELAY)
     return configs
+
+
+def privacy_table(scenario: Scenario) -> dict[str, Any]:
+    priv = scenario.privacy
+    return {
+        "enabled": priv.enabled, "scheme": priv.scheme.value, "epsilon": priv.epsilon,
+        "delta": priv.delta, "clip": priv.clip, "rounds": priv.rounds or scenario.duration.rounds or UNBOUNDED_ROUNDS,
+        "level": priv.level.value,
+    }
+
+
+def compression_table(scenario: Scenario) -> dict[str, Any]:
+    c = scenario.compression
+    return {"sparsifier": c.sparsifier.value, "ratio": c.ratio, "mask": c.mask.value, "rounding": c.rounding.value,
+            "consensus_step": c.consensus_step}
+
+
+def outer_table(scenario: Scenario) -> dict[str, Any]:
+    o = scenario.outer
+    return {"optimizer": o.optimizer.value, "lr": o.lr, "momentum": o.momentum}
+
+
+def link_table(scenario: Scenario, index: int) -> dict[str, Any]:
+    up, down = scenario.links.for_node(index)
+    return {"upload_bytes_s": up * MBIT_BYTES_S, "download_bytes_s": down * MBIT_BYTES_S}
 
 
 def learning_table(scenario: Scenario, spec: NodeSpec) -> dict[str, Any]:
@@ -928,6 +1026,7 @@ def learning_table(scenario: Scenario, spec: NodeSpec) -> dict[str, Any]:
         "round_deadline_s": scenario.duration.round_deadline_s, "quorum": scenario.duration.quorum,
         "aggregator": scenario.aggregator.name, "aggregator_options": dict(scenario.aggregator.options),
         "codec": scenario.codec.value,
+        "checkpoint_every_rounds": scenario.checkpoint_every_rounds, "checkpoint_every_s": 0.0,
     }
 
 
@@ -941,6 +1040,8 @@ SCENARIO_FIELDS: Mapping[str, tuple[str | int, ...]] = types.MappingProxyType({
     "learning.eval_attack": ("attackers", 0, "kind"),
     "learning.aggregator": ("aggregator", "name"),
     "learning.aggregator_options": ("aggregator", "options"),
+    "compression.sparsifier": ("compression", "sparsifier"),
+    "compression.mask": ("compression", "mask"),
     "network": ("network",),
 })
 
@@ -957,7 +1058,17 @@ def check_scenario(scenario: Scenario) -> None:
     specs = scenario.node_specs()
     for spec in [specs[0], *(s for s in specs if s.role is Role.ATTACKER)][:2]:
         table = learning_table(scenario, spec)
-        check_learning(load_config(None, {f"learning.{key}": value for key, value in table.items()}).learning)
+        keys = {f"learning.{key}": value for key, value in table.items()}
+        keys.update({f"privacy.{key}": value for key, value in privacy_table(scenario).items()})
+        keys.update({f"compression.{key}": value for key, value in compression_table(scenario).items()})
+        try:
+            config = load_config(None, keys)
+        except ConfigError as exc:  # a cross-field rule (compression x privacy): name the scenario's field
+            key = next((k for k in SCENARIO_FIELDS if f" {k}: " in f" {exc}"), None)
+            if key is None:
+                raise
+            raise OptionError(key, str(exc).split(f"{key}: ", 1)[1]) from None
+        check_learning(config.learning)
     if scenario.network is not None:
         check_network()
 

@@ -38,6 +38,10 @@ class BoostedUpdate:
     def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
         return delta * self.factor
 
+    def clip(self, delta: torch.Tensor) -> torch.Tensor:
+        """No clipping: a compressed round carries nothing of the sent coordinates over."""
+        return delta
+
 
 class SybilAttacker:
     """``async with SybilAttacker(configs) as attacker:`` one identity per config."""

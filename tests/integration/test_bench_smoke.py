@@ -43,6 +43,19 @@ def test_crypto_pipeline_bench_reports_every_mode() -> None:
 
 
 @pytest.mark.timeout(150)
+def test_compression_bench_reports_bytes_to_target() -> None:
+    out = _last_json("compression.py", "--quick", "--rows", "int8", "--rounds", "20")
+    rows = out["models"]["digits"]["rows"]
+    assert set(rows) == {"fp32", "int8"}
+    fp32, int8 = rows["fp32"], rows["int8"]
+    assert fp32["reduction_vs_fp32"] == 1.0 and fp32["bytes_to_target"] > 0
+    assert int8["message_bytes"] < fp32["message_bytes"] / 3  # a quarter of the payload, plus envelopes
+    per_round, rest = divmod(int8["total_bytes"], int8["message_bytes"] * int8["rounds"])
+    assert rest == 0 and 8 * 3 <= per_round <= 8 * 5  # one message per connection a round, degree about 4
+    assert fp32["modelled_wall_s_total"] > 0
+
+
+@pytest.mark.timeout(150)
 def test_nat_bench_reports_relayed_against_direct() -> None:
     from tests.integration.emulation import require_internet
 

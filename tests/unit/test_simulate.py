@@ -75,3 +75,36 @@ def test_seeded_runs_repeat_exactly(mean: SimResult) -> None:
     assert [(r.mean_accuracy, r.attack_rate, r.sybil_weight) for r in again.rows] == [
         (r.mean_accuracy, r.attack_rate, r.sybil_weight) for r in mean.rows
     ]
+
+
+@pytest.mark.parametrize("tactic", ["identical", "diversified", "unscored"])
+def test_compressed_sybils_send_only_what_their_wire_format_carries(tactic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With random-k per sender, whatever an adaptive Sybil makes its
+    increment, a receiver decodes values at that Sybil's own mask only: the
+    simulator must not hand honest engines a dense vector no wire carries."""
+    from murmur.learning.adversary import AttackPlan
+    from murmur.learning.rounds import RoundEngine
+    from murmur.learning.simulate import SimCompression
+    from murmur.protocol.sparse import RoundFormat, Sparsifier
+
+    fmt = RoundFormat(Sparsifier.RANDK, 0.1, seed=3)
+    offered: list[tuple[str, int, torch.Tensor]] = []
+    real_offer = RoundEngine.offer
+
+    def spy(self: RoundEngine, peer: str, round: int, increment: torch.Tensor):  # noqa: ANN202
+        if peer.startswith("sybil") and self.compressor is not None and self.compressor.sender.startswith(b"n"):
+            offered.append((peer, round, increment.clone()))
+        return real_offer(self, peer, round, increment)
+
+    monkeypatch.setattr(RoundEngine, "offer", spy)
+    torch.set_num_threads(1)
+    run_simulation(SimConfig(
+        trainer="digits-mlp", nodes=4, degree=2, aggregator="sybilwall", rounds=3, seed=0, eval_every=3,
+        attack=SybilAttack("label_flip", sybils=2, edges_per_sybil=2, plan=AttackPlan.tuned(tactic)),
+        compression=SimCompression(format=fmt),
+    ))
+    assert {peer for peer, _, _ in offered} == {"sybil0", "sybil1"}
+    for peer, round_, increment in offered:
+        outside = torch.ones_like(increment, dtype=torch.bool)
+        outside[torch.from_numpy(fmt.mask(increment.numel(), round_, peer.encode()))] = False
+        assert not increment[outside].any(), (peer, round_, int(increment[outside].count_nonzero()))

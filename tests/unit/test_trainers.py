@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import textwrap
@@ -16,11 +17,13 @@ import torch
 from murmur.errors import ConfigError
 from murmur.learning.trainers.base import (
     Batch,
+    Metric,
     TorchTrainer,
     Trainer,
     TrainerContext,
     resolve_device,
 )
+from murmur.learning.trainers.checked import checked
 from murmur.learning.trainers.digits import DigitsMLPTrainer
 from murmur.learning.trainers.registry import BUILTIN_TRAINERS, ENTRY_POINT_GROUP, load_trainer
 from tests.idx import write_idx_dir
@@ -239,11 +242,14 @@ def test_unknown_attack_is_a_config_error() -> None:
 # ---------------------------------------------------------------- image trainers on files
 
 
-@pytest.mark.parametrize("name", ["mnist-cnn", "fashion-mnist-cnn"])
+@pytest.mark.parametrize("name", ["mnist-cnn", "fashion-mnist-cnn", "fashion-resnet"])
 def test_cnn_trainers_read_idx_from_data_dir(tmp_path: Path, name: str) -> None:
     write_idx_dir(tmp_path)
+    options: dict[str, object] = {"data_dir": str(tmp_path)}
+    if name == "fashion-resnet":
+        options["width"] = 8
     trainer = load_trainer(name)(
-        TrainerContext(1, 2, 0, device="cpu", options={"data_dir": str(tmp_path)}, attack="backdoor")
+        TrainerContext(1, 2, 0, device="cpu", options=options, attack="backdoor")
     )
     assert trainer.train_size == 2 * 20
     flat = trainer.get_flat()
@@ -396,3 +402,63 @@ def test_unknown_spec_says_what_was_tried() -> None:
 def test_torch_trainer_is_abstract() -> None:
     with pytest.raises(TypeError):
         TorchTrainer(TrainerContext(0, 1, 0))  # type: ignore[abstract]
+
+
+# ---------------------------------------------------------------- the bigger built-in models
+
+
+def test_fashion_resnet_is_a_million_parameter_residual_net_reporting_accuracy(tmp_path: Path) -> None:
+    write_idx_dir(tmp_path, size=28)
+    cls = load_trainer("fashion-resnet")
+    trainer = cls(TrainerContext(0, 2, 0, device="cpu", options={"data_dir": str(tmp_path)}))
+    assert 0.9e6 < trainer.num_params() < 1.1e6
+    assert cls.metric is Metric.ACCURACY
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trainer.model.modules())  # no local running stats
+    with pytest.raises(ConfigError, match="width"):
+        cls(TrainerContext(0, 2, 0, device="cpu", options={"data_dir": str(tmp_path), "width": 12}))
+
+
+def test_shakespeare_transformer_predicts_every_next_character_and_reports_perplexity(tmp_path: Path) -> None:
+    _write_plays(tmp_path)
+    options = {"data_dir": str(tmp_path), "seq_len": 12, "stride": 3, "width": 32, "layers": 2, "heads": 2,
+               "lr": 3e-3, "batch_size": 8}
+    cls = load_trainer("shakespeare-transformer")
+    trainers = [cls(TrainerContext(i, 2, 0, device="cpu", options=options)) for i in range(2)]
+    assert cls.metric is Metric.PERPLEXITY and checked(trainers[0]).metric is Metric.PERPLEXITY
+    # the LSTM's per-role split: whole roles per node
+    assert sum(t.train_size for t in trainers) == len(trainers[0].load_dataset().y_train)
+    before = trainers[0].evaluate()
+    assert before.n == len(trainers[0]._y_test) * 12  # every position of every held-out window is scored
+    assert math.exp(before.loss) == pytest.approx(Metric.PERPLEXITY.of(before))
+    initial = trainers[0].get_flat().clone()
+    trainers[0].train(30)
+    after = trainers[0].evaluate()
+    assert Metric.PERPLEXITY.of(after) < 0.7 * Metric.PERPLEXITY.of(before)
+    # SybilWall's probe scores a sequence model by its next-character loss on our own windows
+    trained = trainers[0].get_flat()
+    probed = trainers[0].probe_losses([initial, trained])
+    assert probed[1] < 0.8 * probed[0]
+    assert torch.equal(trainers[0].get_flat(), trained)  # the probe leaves the model alone
+    # causal: a window's logits at position t do not depend on later characters
+    model = trainers[0].model.eval()
+    x = trainers[0]._x_test[:1].clone()
+    changed = x.clone()
+    changed[0, 6:] = ((changed[0, 6:].long() + 1) % 90).to(x.dtype)
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0, :6], model(changed)[0, :6], atol=1e-5)
+    with pytest.raises(ConfigError, match="dp_clip"):
+        cls(TrainerContext(0, 2, 0, device="cpu", options={**options, "dp_clip": 1.0}))
+
+
+def test_default_transformer_has_several_million_parameters() -> None:
+    from murmur.learning.trainers.transformer import CharTransformer
+
+    model = CharTransformer(96, 64, 256, 4, 4, 0.0)
+    assert 3e6 < sum(p.numel() for p in model.parameters()) < 4e6
+
+
+def test_adamw_inner_optimizer_is_an_option() -> None:
+    trainer = _digits(options={"optimizer": "adamw", "lr": 1e-3})
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    with pytest.raises(ConfigError, match="optimizer"):
+        _digits(options={"optimizer": "lion"})

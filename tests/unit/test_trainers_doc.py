@@ -70,7 +70,7 @@ def test_documented_trainer_learns_in_rounds_through_the_registry(mymod, tmp_pat
     for _ in range(ROUNDS):
         messages = [e.open_round({names[1 - i]: 1}, e.local_update()) for i, e in enumerate(engines)]
         for i, engine in enumerate(engines):
-            engine.offer(names[1 - i], engine.round, messages[1 - i].update, messages[1 - i].consensus)
+            engine.offer(names[1 - i], engine.round, messages[1 - i].increment)
             assert engine.quorum_reached()
         reports = [e.finish_round(evaluate=True) for e in engines]
     assert all(r.received == 1 for r in reports)

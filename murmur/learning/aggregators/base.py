@@ -23,7 +23,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -55,6 +55,22 @@ class NoOptions:
 
     def validate(self) -> None:
         """Raise ConfigError for an out-of-range value (overridden by option classes)."""
+
+
+class ModelProbe(Protocol):
+    """Losses on the node's own data of ``reference + offset`` for each offset
+    (the engine's reference point of the round, see RoundEngine), or None when
+    the node's trainer cannot probe."""
+
+    def __call__(self, offsets: Sequence[torch.Tensor]) -> list[float] | None: ...
+
+
+@runtime_checkable
+class Probed(Protocol):
+    """Aggregators that judge behaviour as well as geometry: the round engine
+    sets ``probe`` (SybilWall's ``probe_margin``)."""
+
+    probe: ModelProbe | None
 
 
 class Combine(enum.Enum):

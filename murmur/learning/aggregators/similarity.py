@@ -20,6 +20,8 @@ row-normalised histories without materialising a normalised copy of an
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PARDON_EPS = 1e-5
@@ -86,3 +88,34 @@ def foolsgold_weights(cs: torch.Tensor, kappa: float = DEFAULT_KAPPA) -> torch.T
     w = torch.where(w >= 1.0, WEIGHT_CAP, w)
     w = (kappa * (torch.logit(w) + LOGIT_SHIFT)).clamp(0.0, 1.0)
     return torch.nan_to_num(w, nan=0.0)
+
+
+def distance_similarity(gram: torch.Tensor) -> torch.Tensor:
+    """A similarity in [0, 1] from pairwise distances alone: 1 - D_ab / scale,
+    clipped at 0, where scale is the median distance from a row to its
+    nearest other row, over the rows whose nearest row is not the same point
+    (closer than 1e-6 of the largest distance): identical rows cannot shrink
+    the scale they are measured by, and rows far from everyone (an attacker's
+    far-off models) cannot stretch it until honest neighbours look alike.
+
+    Why not cosine: rows are offsets from our own reference point, and a
+    cosine of two offsets holds the reference's own displacement in common.
+    When the reference is off (we mixed in some of an attacker's model),
+    honest offsets all point back from it and look alike, which gives the
+    attacker more weight, which moves the reference further. Distances
+    between rows do not depend on the reference at all.
+    """
+    g = gram.to(torch.float64)
+    sq = g.diagonal()
+    d = (sq[:, None] + sq[None, :] - 2.0 * g).clamp_min(0.0).sqrt()
+    n = d.shape[0]
+    if n < 2:
+        return torch.zeros_like(d)
+    others = d + torch.diag(torch.full((n,), math.inf, dtype=d.dtype, device=d.device))
+    nearest = others.min(dim=1).values
+    top = float(d.max())
+    distinct = nearest[nearest > 1e-6 * top] if top > 0 else nearest[:0]
+    if distinct.numel() == 0:
+        return torch.ones_like(d)  # every row the same point
+    scale = float(distinct.median())
+    return (1.0 - d / scale).clamp(0.0, 1.0)

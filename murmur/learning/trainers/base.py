@@ -17,10 +17,12 @@ Reproducibility rules, and why:
 
 from __future__ import annotations
 
+import enum
+import math
 import types
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -40,6 +42,10 @@ from murmur.learning.privacy import dpsgd
 _SHUFFLE_STREAM = 0x5F1E
 #: Seed of the fixed subsample used when ``max_test_samples`` caps the test set.
 _TEST_SUBSAMPLE_SEED = 7
+#: Stream tag of the probe sample's seed (see ``probe_losses``).
+_PROBE_STREAM = 0x9B0BE
+#: Training examples ``probe_losses`` evaluates models on.
+PROBE_SAMPLES = 128
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,27 @@ class EvalStats:
     n: int  # number of test samples
 
 
+class Metric(enum.StrEnum):
+    """The quality a trainer reports (status, metrics rows, testnet report),
+    computed from its :class:`EvalStats`: a classifier's test accuracy, or
+    a language model's perplexity, exp(mean cross-entropy per token)."""
+
+    ACCURACY = "accuracy"
+    PERPLEXITY = "perplexity"
+
+    def of(self, stats: EvalStats) -> float:
+        return self.from_loss_and_accuracy(stats.loss, stats.accuracy)
+
+    def from_loss_and_accuracy(self, loss: float, accuracy: float) -> float:
+        if self is Metric.PERPLEXITY:
+            return math.exp(min(loss, 700.0))  # a diverged model is inf-like, not an overflow
+        return accuracy
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self is Metric.ACCURACY
+
+
 def resolve_device(requested: str | None = None) -> torch.device:
     """``requested`` if given (and usable), else cuda > mps > cpu."""
     if requested is None:
@@ -98,6 +125,8 @@ class Trainer(ABC):
     internally; the interface is torch tensors of flat float32 parameters."""
 
     name: ClassVar[str] = "trainer"
+    #: What :meth:`evaluate` is judged by (accuracy unless a trainer says otherwise).
+    metric: ClassVar[Metric] = Metric.ACCURACY
     device: torch.device
 
     def __init__(self, ctx: TrainerContext) -> None:
@@ -132,6 +161,15 @@ class Trainer(ABC):
     def attack_success_rate(self, attack: str) -> float:
         """Accuracy on the flipped / backdoored test set (see ``attacks``)."""
 
+    def probe_losses(self, models: Sequence[torch.Tensor]) -> list[float] | None:
+        """Mean loss of each flat model on a fixed sample of this node's own
+        training data, without changing the trainer's model; None (the
+        default) when the trainer cannot. SybilWall's ``probe_margin`` uses it
+        to take weight from a neighbour whose model does clearly worse on our
+        data than ours (a behavioural check: a flipped label costs loss where
+        no geometry shows it)."""
+        return None
+
 
 # ---------------------------------------------------------------- options
 
@@ -149,6 +187,10 @@ class TorchOptions:
     eval_batch_size: int = 1024
     max_test_samples: int = 0  # 0: the whole test set
     amp: bool = True  # autocast + GradScaler, only ever on CUDA
+    #: The inner optimizer: "sgd" (with ``momentum``) or "adamw" (betas 0.9,
+    #: 0.95 as DiLoCo's inner AdamW; ``weight_decay`` decoupled). Its state
+    #: lives in the trainer across rounds (not checkpointed).
+    optimizer: str = "sgd"
     #: Example-level DP-SGD: clip every example's gradient to this L2 norm
     #: before the batch mean (0: off). One step's mean gradient then moves by
     #: at most dp_clip/batch_size per example; the trainer adds no noise — the
@@ -168,6 +210,7 @@ class TorchOptions:
             "eval_batch_size": self.eval_batch_size >= 1,
             "max_test_samples": self.max_test_samples >= 0,
             "dp_clip": self.dp_clip >= 0,
+            "optimizer": self.optimizer in INNER_OPTIMIZERS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -176,6 +219,9 @@ class TorchOptions:
                 + ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             )
 
+
+INNER_OPTIMIZERS = ("sgd", "adamw")
+ADAMW_BETAS = (0.9, 0.95)
 
 O = TypeVar("O", bound=TorchOptions)
 
@@ -261,12 +307,18 @@ class TorchTrainer(Trainer):
         self.model: nn.Module = model.to(self.device)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.loss_fn: nn.Module = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.SGD(
-            self._params,
-            lr=self.options.lr,
-            momentum=self.options.momentum,
-            weight_decay=self.options.weight_decay,
-        )
+        self.optimizer: torch.optim.Optimizer
+        if self.options.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(
+                self._params, lr=self.options.lr, betas=ADAMW_BETAS, weight_decay=self.options.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                self._params,
+                lr=self.options.lr,
+                momentum=self.options.momentum,
+                weight_decay=self.options.weight_decay,
+            )
         self._amp = self.options.amp and self.device.type == "cuda"
         # An overridden gradient hook, or dp_clip, writes true gradients, so loss
         # scaling is off for it (also when it calls super().compute_gradients()).
@@ -294,6 +346,7 @@ class TorchTrainer(Trainer):
         self._batches = _BatchSampler(
             len(y_train), self.options.batch_size, _shuffle_seed(ctx.seed, ctx.node_index)
         )
+        self._probe: Batch | None = None  # drawn on first use (probe_losses)
 
     # -- subclass interface
 
@@ -391,6 +444,37 @@ class TorchTrainer(Trainer):
         if not predictions:
             return 0.0
         return attacks.success_rate(torch.cat(predictions).numpy(), target)
+
+    def probe_losses(self, models: Sequence[torch.Tensor]) -> list[float]:
+        """Cross-entropy of each model on ``PROBE_SAMPLES`` of our (possibly
+        poisoned) training examples, drawn once with the node's seed; the
+        model's own parameters are left alone (``torch.func.functional_call``)."""
+        if self._probe is None:
+            count = min(PROBE_SAMPLES, len(self._y_train))
+            gen = torch.Generator().manual_seed(_shuffle_seed(self.ctx.seed, self.ctx.node_index) ^ _PROBE_STREAM)
+            idx = torch.randperm(len(self._y_train), generator=gen)[:count].to(self.device)
+            self._probe = Batch(self._x_train[idx], self._y_train[idx])
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        shapes = [p.shape for p in self._params]
+        sizes = [math.prod(shape) for shape in shapes]
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            with torch.no_grad():
+                for flat in models:
+                    parts = flat.to(self.device, torch.float32).split(sizes)
+                    params = {n: part.view(shape) for n, part, shape in zip(names, parts, shapes, strict=True)}
+                    logits = torch.func.functional_call(self.model, params, (self._probe.x,))
+                    out.append(float(self.probe_loss(logits.float(), self._probe)))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def probe_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The mean loss ``probe_losses`` scores a model by: cross-entropy of
+        one label per example (a sequence model predicts one per position)."""
+        return F.cross_entropy(logits, batch.y)
 
     # -- helpers
 

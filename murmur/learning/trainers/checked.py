@@ -17,6 +17,7 @@ parameter count is asked of the trainer once and then remembered.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,6 +58,10 @@ class CheckedTrainer(Trainer):
     @property
     def name(self) -> str:  # Trainer.name is a class attribute: report the wrapped trainer's
         return self._inner.name
+
+    @property
+    def metric(self) -> Any:  # a class attribute too: the wrapped trainer's, not Trainer's default
+        return self._inner.metric
 
     def __getattr__(self, attr: str) -> Any:
         if attr == "_inner":  # not set yet (copy, unpickling): no recursion
@@ -130,3 +135,11 @@ class CheckedTrainer(Trainer):
         if not 0.0 <= rate <= 1.0:  # NaN fails it too
             raise self._fail("attack_success_rate", f"returned {rate!r}, expected a float in [0, 1]")
         return float(rate)
+
+    def probe_losses(self, models: Sequence[torch.Tensor]) -> list[float] | None:
+        losses = self._inner.probe_losses(models)
+        if losses is None:
+            return None
+        if not isinstance(losses, list) or len(losses) != len(models) or not all(_is_real(x) for x in losses):
+            raise self._fail("probe_losses", f"returned {losses!r:.80}, expected None or {len(models)} floats")
+        return [float(x) for x in losses]

@@ -45,6 +45,8 @@ BUILTIN_TRAINERS: Mapping[str, str] = MappingProxyType(
         "mnist-cnn": "murmur.learning.trainers.mnist:MnistCNNTrainer",
         "fashion-mnist-cnn": "murmur.learning.trainers.fashion:FashionCNNTrainer",
         "shakespeare-lstm": "murmur.learning.trainers.shakespeare:ShakespeareLSTMTrainer",
+        "shakespeare-transformer": "murmur.learning.trainers.transformer:ShakespeareTransformerTrainer",
+        "fashion-resnet": "murmur.learning.trainers.resnet:FashionResNetTrainer",
     }
 )
 

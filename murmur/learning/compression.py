@@ -1,0 +1,132 @@
+"""Compressing a round message: which coordinates, at what precision (SPECS §8).
+
+The round engine (:mod:`murmur.learning.rounds`) sends one vector a round,
+its public model's increment. With compression it sends q = C(v) of
+v = e + c + Δ̃ (residual, consensus step, privatised update) and keeps
+e ← v − q: what was not sent is carried to the next round (error feedback,
+CHOCO-SGD's x − x̂ kept explicitly). Sender and receivers both advance the
+public model by exactly the decoded q, so replicas stay bit-exact.
+
+C is a :class:`Compressor`: a sparsifier (none, top-k by magnitude, random-k
+on a mask drawn from a shared seed) composed with a value codec (fp32, fp16,
+bf16, int8, int4, int2; the integer ones with nearest or stochastic
+rounding). The byte layout is the protocol's
+:class:`~murmur.protocol.sparse.RoundFormat`: the compressor encodes the
+payload once, and the node sends exactly those bytes, so what a receiver
+decodes is what the sender applied, by construction.
+
+Privacy (see :meth:`Compressor.mask`): random-k's coordinates are known
+before any data is looked at, so the privacy stage can clip and noise just
+those (what is actually sent); top-k's depend on the data, which is refused
+with privacy on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from murmur.protocol.codecs import DeltaCodec, Rounding
+from murmur.protocol.sparse import MaskScope, RoundFormat, Sparsifier
+
+__all__ = ["Compressed", "Compressor"]
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """One compressed round message: ``dense`` is the decoded vector (what
+    sender and receivers add to the public model), ``payload`` its wire
+    bytes under ``codec`` and the compressor's format."""
+
+    dense: torch.Tensor
+    payload: memoryview
+    codec: DeltaCodec
+
+
+class Compressor:
+    """C(v) for one node: ``sender`` is its raw peer id (random-k masks with
+    the sender's scope derive from it; receivers derive the same mask from
+    the authenticated sender of the transfer)."""
+
+    def __init__(
+        self,
+        fmt: RoundFormat,
+        codec: DeltaCodec,
+        sender: bytes,
+        rounding: Rounding = Rounding.NEAREST,
+        rng_seed: int | None = None,
+    ) -> None:
+        self.format = fmt
+        self.codec = DeltaCodec(codec)
+        self.rounding = rounding
+        self.sender = sender
+        seed = np.random.SeedSequence(rng_seed) if rng_seed is not None else np.random.SeedSequence()
+        self._rng = np.random.default_rng(seed.spawn(1)[0])
+
+    @property
+    def data_dependent(self) -> bool:
+        """Whether which coordinates are sent depends on the values (top-k):
+        with privacy on, that choice itself reveals which coordinates moved."""
+        return self.format.sparsifier is Sparsifier.TOPK
+
+    @property
+    def lossy(self) -> bool:
+        return self.format.sparse or self.codec is not DeltaCodec.FP32
+
+    def describe(self) -> str:
+        """The wire format in one line (enters the model fingerprint; the
+        rounding is the sender's business and not part of it)."""
+        return self.codec.name.lower() + ("" if not self.format.sparse else f"+{self.format.describe()}")
+
+    @property
+    def per_sender(self) -> bool:
+        """Whether a payload is tied to its sender (random-k with per-sender masks)."""
+        return self.format.sparsifier is Sparsifier.RANDK and self.format.scope is MaskScope.SENDER
+
+    def payload_as(self, dense: torch.Tensor, round: int, sender: bytes) -> memoryview:
+        """A message's payload as ``sender`` would send it: for per-sender
+        masks, ``dense`` (a message this compressor made) gathered at that
+        sender's mask and encoded again (an attacker sends one model under
+        several identities; what each receiver decodes is what it gets)."""
+        d = dense.numel()
+        indices = self.format.mask(d, round, sender)
+        values = dense.detach().to("cpu", torch.float32, copy=True).numpy()[indices]
+        payload, _ = self.format.encode(indices, values, self.codec, d, self.rounding, self._rng)
+        return payload
+
+    def mask(self, round: int, d: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The coordinates of this round's message when they are known before
+        the data (random-k), else None (all of them, or top-k's choice)."""
+        if self.format.sparsifier is not Sparsifier.RANDK:
+            return None
+        return torch.from_numpy(self.format.mask(d, round, self.sender)).to(device)
+
+    def compress(self, v: torch.Tensor, round: int, mask: torch.Tensor | None = None) -> Compressed:
+        """C(v): ``mask`` is :meth:`mask`'s for this round, if already drawn."""
+        d = v.numel()
+        sparsifier = self.format.sparsifier
+        if sparsifier is Sparsifier.NONE:
+            indices = None
+            values = v
+        elif sparsifier is Sparsifier.TOPK:
+            k = self.format.count(d)
+            indices = torch.topk(v.abs(), k, sorted=False).indices.sort().values
+            values = v[indices]
+        else:
+            indices = mask if mask is not None else self.mask(round, d, v.device)
+            assert indices is not None
+            values = v[indices]
+        # Copies: the payload (an fp32 one is a view of these values) must not
+        # change when the engine later updates v, and the decoded values must
+        # not alias the payload the node is still sending.
+        host_values = values.detach().to("cpu", torch.float32, copy=True).contiguous().numpy()
+        host_indices = None if indices is None else indices.detach().to("cpu").numpy()
+        payload, decoded = self.format.encode(host_indices, host_values, self.codec, d, self.rounding, self._rng)
+        decoded_t = torch.from_numpy(np.array(decoded)).to(v.device)
+        if indices is None:
+            return Compressed(decoded_t, payload, self.codec)
+        dense = torch.zeros_like(v)
+        dense[indices] = decoded_t
+        return Compressed(dense, payload, self.codec)

@@ -1,0 +1,157 @@
+"""Compressed gossip, local steps with an outer optimizer, and checkpoints on
+an interval, on real daemons (Noise transport, signed chunked transfers).
+
+Each node checks what it recorded itself: every round closed with a message
+from every neighbour (a compressed payload a receiver could not size or
+decode would be a refused transfer and a round alone), and what it sent in
+bytes is what the compressed format promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from murmur.node.state import StateDir
+from murmur.protocol.codecs import DeltaCodec
+from murmur.protocol.sparse import MaskScope, RoundFormat, Sparsifier
+from tests.integration.cluster import Cluster
+from tests.integration.test_model_sizes import assert_learnt_together, trainer_options
+
+ROUNDS = 4
+RUN_S = 90.0
+DIGITS_PARAMS = 4810  # digits-mlp
+
+
+def learning(n: int, rounds: int = ROUNDS, **more: Any) -> dict[str, Any]:
+    return {
+        "learning.enabled": True,
+        "learning.trainer": "digits-mlp",
+        "learning.num_nodes": n,
+        "learning.rounds": rounds,
+        "learning.local_steps": 2,
+        "learning.round_deadline_s": 20.0,
+        "learning.threads": 1,
+        "learning.device": "cpu",
+        "network.neighbours": n - 1,
+        **more,
+    }
+
+
+async def run_rounds(cluster: Cluster, rounds: int) -> None:
+    await cluster.wait_until(lambda: all(len(n.state.read_metrics()) >= rounds for n in cluster), RUN_S,
+                             f"{rounds} rounds recorded")
+    assert_learnt_together(cluster.live, rounds)
+
+
+@pytest.mark.parametrize(
+    ("sparsifier", "codec", "mask"),
+    [("topk", "int8", "sender"), ("randk", "int4", "sender"), ("randk", "int2", "network"), ("none", "int4", "sender")],
+)
+async def test_compressed_rounds_complete_between_daemons(tmp_path: Path, sparsifier: str, codec: str, mask: str) -> None:
+    overrides = learning(3, **{"compression.sparsifier": sparsifier, "compression.ratio": 0.05,
+                               "compression.mask": mask, "compression.consensus_step": 0.5,
+                               "learning.codec": codec})
+    async with Cluster(3, tmp_path, overrides) as cluster:
+        await run_rounds(cluster, ROUNDS)
+        fmt = RoundFormat(Sparsifier(sparsifier), 0.05 if sparsifier != "none" else 1.0, MaskScope(mask))
+        payload = fmt.nbytes(DeltaCodec[codec.upper()], DIGITS_PARAMS)
+        for node in cluster:
+            learner = node.learner
+            assert learner.layout.round_format == RoundFormat(fmt.sparsifier, fmt.ratio, fmt.scope, seed=0)
+            rows = node.state.read_metrics()
+            sent = rows[-1]["bytes_out"] - rows[0]["bytes_out"]  # rounds 1..3: round messages plus small talk
+            dense = (ROUNDS - 1) * 2 * 4 * DIGITS_PARAMS  # what fp32 round messages to 2 neighbours would be
+            assert sent < dense / 2, (sent, dense)
+            assert payload < 4 * DIGITS_PARAMS
+
+
+async def test_random_k_with_pairwise_privacy_learns_together(tmp_path: Path) -> None:
+    overrides = learning(3, **{"compression.sparsifier": "randk", "compression.ratio": 0.1,
+                               "compression.mask": "network", "learning.codec": "int8",
+                               "privacy.enabled": True, "privacy.rounds": 100, "privacy.scheme": "decor"})
+    async with Cluster(3, tmp_path, overrides) as cluster:
+        await run_rounds(cluster, ROUNDS)
+        for node in cluster:
+            privacy = node.learner.privacy
+            assert privacy.stage.pairwise_sums  # pairwise terms were drawn ...
+            assert all(v.numel() == RoundFormat(Sparsifier.RANDK, 0.1).count(DIGITS_PARAMS)
+                       for v in privacy.stage.pairwise_sums.values())  # ... for the coordinates sent only
+            assert node.learner.status()["epsilon"] > 0
+
+
+async def test_outer_optimizer_state_and_residual_survive_a_restart(tmp_path: Path) -> None:
+    """Checkpoints on a round interval carry the residual and the outer
+    momentum; a restarted node resumes them exactly, and shutdown always
+    writes one."""
+    overrides = learning(2, rounds=6, **{"outer.optimizer": "nesterov", "compression.sparsifier": "randk",
+                                         "compression.ratio": 0.2, "learning.checkpoint_every_rounds": 3,
+                                         "learning.checkpoint_every_s": 0.0})
+    async with Cluster(2, tmp_path, overrides) as cluster:
+        node = cluster.node(1)
+        writes: list[int] = []
+        save = node.state.save_checkpoint
+        node.state.save_checkpoint = lambda arrays, meta: (writes.append(meta["round"]), save(arrays, meta))[1]
+        await cluster.wait_until(lambda: len(node.state.read_metrics()) >= 4, RUN_S, "4 rounds")
+        assert writes and all(r % 3 == 0 for r in writes), writes  # every 3 rounds, not every round
+        await cluster.stop(1)
+        saved = StateDir(cluster.members[1].data_dir).load_checkpoint()
+        assert saved is not None
+        momentum, residual = saved.arrays["outer_momentum"], saved.arrays["residual"]
+        assert np.count_nonzero(momentum) > 0 and np.count_nonzero(residual) > 0
+        restarted = await cluster.restart(1)
+        engine = restarted.learner.engine
+        assert engine.round == saved.meta["round"]
+        np.testing.assert_array_equal(engine.outer.momentum.numpy(), momentum)
+        np.testing.assert_array_equal(engine.state()["residual"].numpy(), residual)
+
+
+@pytest.mark.parametrize("trainer", ["fashion-resnet", "shakespeare-transformer"])
+async def test_the_bigger_built_in_models_learn_compressed_and_report_their_metric(tmp_path: Path, trainer: str) -> None:
+    """The real model sizes (0.94 M and 3.2 M parameters) over random-k 1% +
+    4-bit messages; each node reports the trainer's own metric."""
+    options: dict[str, Any] = {"batch_size": 8, "max_test_samples": 32, "eval_batch_size": 32}
+    if trainer == "fashion-resnet":
+        options.update(trainer_options("fashion-mnist-cnn", tmp_path))
+    overrides = learning(3, rounds=2, **{"learning.trainer": trainer, "learning.trainer_options": options,
+                                         "learning.local_steps": 1, "learning.codec": "int4",
+                                         "compression.sparsifier": "randk", "compression.ratio": 0.01,
+                                         "compression.consensus_step": 0.3})
+    async with Cluster(3, tmp_path, overrides) as cluster:
+        await run_rounds(cluster, 2)
+        metric = "perplexity" if trainer == "shakespeare-transformer" else "accuracy"
+        for node in cluster:
+            status = node.status()["learning"]
+            assert status["metric"] == metric and status["compression"] == "int4+randk(0.01,sender)"
+            row = node.state.read_metrics()[-1]
+            assert row["metric"] == metric
+            if metric == "perplexity":
+                assert status["perplexity"] > 1 and row["perplexity"] == pytest.approx(status["perplexity"])
+            else:
+                assert row["perplexity"] is None and 0 <= row["accuracy"] <= 1
+            assert node.metrics.value("murmur_perplexity", split="test") == (
+                None if metric == "accuracy" else pytest.approx(row["perplexity"]))
+
+
+async def test_sybilwall_vouches_for_and_weighs_what_compressed_messages_decode_to(tmp_path: Path) -> None:
+    """Issue 15's records and probe on issue 18's compressed messages: each
+    node's signed statement of its public model (advanced by its decoded
+    increment) matches, bit for bit, the replica its neighbours built from
+    the payloads they decoded, so each can vouch for it in a history record;
+    and SybilWall, probe on, keeps honest neighbours' weight."""
+    overrides = learning(3, **{"compression.sparsifier": "randk", "compression.ratio": 0.1,
+                               "compression.mask": "sender", "compression.consensus_step": 0.5,
+                               "learning.codec": "int4", "learning.aggregator": "sybilwall"})
+    async with Cluster(3, tmp_path, overrides) as cluster:
+        await run_rounds(cluster, ROUNDS)
+        for node in cluster:
+            learner = node.learner
+            peers = [s.peer for s in node.membership.learning_neighbours()]
+            assert len(peers) == 2
+            for peer in peers:
+                record = learner._observed_record(node, str(peer))
+                assert record is not None, f"{peer.short()}'s statement does not match our replica of it"
+            weights = learner.last_report.weights
+            assert all(weights.get(str(peer), 0.0) > 0.0 for peer in peers), weights
