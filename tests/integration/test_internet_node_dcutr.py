@@ -15,14 +15,11 @@ from tests.integration.daemons import Daemon, DaemonPool
 from tests.integration.emulation import require_internet
 from tests.integration.test_internet_nodes import (
     LEARNED_S,
-    PORT,
     ROUNDS,
     TOGETHER,
     _established_from,
-    _has_circuit,
-    _rewrite,
+    meet_through_relay,
     _rounds,
-    _sections,
     _status,
 )
 
@@ -36,32 +33,10 @@ async def test_two_nodes_behind_eim_nats_punch_a_hole_and_learn_over_it(pool: Da
     topology = Topology(hosts=(Host("relay"), Host("a", router="home_a"), Host("b", router="home_b")),
                         routers=(Router("home_a", nat=NatKind.EIM), Router("home_b", nat=NatKind.EIM)))
     with Internet(topology) as net:
-        a_sections, b_sections = _sections(0, []), _sections(1, [])
-        a, b = pool.add(a_sections), pool.add(b_sections)
-        a_id, b_id = (str(d.state.identity().peer_id) for d in (a, b))
-        relay = pool.add({
-            "node": {"listen": [f"/ip4/0.0.0.0/tcp/{PORT}"], "log_format": "json"},
-            "network": {"mdns": False},
-            "api": {"port": 0},
-            "learning": {"enabled": False},
-            "relay": {"service": True},  # strangers' limits: learning over the relay would be cut
-        })
-        relay_addr = f"/ip4/{net.address('relay')}/tcp/{PORT}/p2p/{relay.state.identity().peer_id}"
-        circuit = f"{relay_addr}/p2p-circuit/p2p/{a_id}"
-        for daemon, sections in ((a, a_sections), (b, b_sections)):
-            sections["network"] = {**sections["network"], "neighbours": 2}  # the relay (no learner) takes a slot
-            sections["relay"] = {"use": [relay_addr], "check_interval_s": 1.0}
-        b_sections["network"] = {**b_sections["network"], "bootstrap": [circuit]}
-        _rewrite(a, a_sections)
-        _rewrite(b, b_sections)
         try:
-            pool.spawn(relay, prefix=net.exec_prefix("relay"))
-            pool.spawn(a, prefix=net.exec_prefix("a"))
-            await pool.wait_api(relay, LEARNED_S)
-            await pool.wait_api(a, LEARNED_S)
-            await wait_until(_has_circuit(net, a, circuit), LEARNED_S, "a reserved on the relay")
-            pool.spawn(b, prefix=net.exec_prefix("b"))
-            await pool.wait_api(b, LEARNED_S)
+            # strangers' limits: learning over the relay would be cut
+            a, b, relay = await meet_through_relay(pool, net, lambda ids: {})
+            a_id, b_id = str(a.peer_id), str(b.peer_id)
 
             async def punched() -> bool:
                 types = [(await _status(net, h, d))["connection_types"].get(o) for h, d, o in

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -107,32 +107,10 @@ async def test_two_nodes_behind_symmetric_nats_learn_through_a_public_relay(pool
     topology = Topology(hosts=(Host("relay"), Host("a", router="home_a"), Host("b", router="home_b")),
                         routers=(Router("home_a", nat=NatKind.SYMMETRIC), Router("home_b", nat=NatKind.SYMMETRIC)))
     with Internet(topology) as net:
-        a_sections, b_sections = _sections(0, []), _sections(1, [])
-        a, b = pool.add(a_sections), pool.add(b_sections)
-        a_id, b_id = (str(d.state.identity().peer_id) for d in (a, b))
-        relay = pool.add({
-            "node": {"listen": [f"/ip4/0.0.0.0/tcp/{PORT}"], "log_format": "json"},
-            "network": {"mdns": False},
-            "api": {"port": 0},
-            "learning": {"enabled": False},
-            "relay": {"service": True, "learning_peers": [a_id, b_id]},  # its own network's learning traffic
-        })
-        relay_addr = f"/ip4/{net.address('relay')}/tcp/{PORT}/p2p/{relay.state.identity().peer_id}"
-        circuit = f"{relay_addr}/p2p-circuit/p2p/{a_id}"
-        for daemon, sections in ((a, a_sections), (b, b_sections)):
-            sections["network"] = {**sections["network"], "neighbours": 2}  # the relay (no learner) takes a slot
-            sections["relay"] = {"use": [relay_addr], "check_interval_s": 1.0}
-        b_sections["network"] = {**b_sections["network"], "bootstrap": [circuit]}
-        _rewrite(a, a_sections)
-        _rewrite(b, b_sections)
         try:
-            pool.spawn(relay, prefix=net.exec_prefix("relay"))
-            pool.spawn(a, prefix=net.exec_prefix("a"))
-            await pool.wait_api(relay, LEARNED_S)
-            await pool.wait_api(a, LEARNED_S)
-            await wait_until(_has_circuit(net, a, circuit), LEARNED_S, "a reserved on the relay")
-            pool.spawn(b, prefix=net.exec_prefix("b"))
-            await pool.wait_api(b, LEARNED_S)
+            # its own network's learning traffic: circuits between a and b in the relay's learning class
+            a, b, relay = await meet_through_relay(pool, net, lambda ids: {"learning_peers": ids})
+            a_id = a.peer_id
             await wait_until(lambda: all(_rounds(d) and _rounds(d)[-1]["round"] == ROUNDS - 1 for d in (a, b)),
                              LEARNED_S, f"{ROUNDS} rounds on both nodes")
             with_other = {d.peer_id: [r["round"] for r in _rounds(d) if o.peer_id in r.get("neighbours", [])]
@@ -148,6 +126,41 @@ async def test_two_nodes_behind_symmetric_nats_learn_through_a_public_relay(pool
                 assert _rounds(daemon)[-1]["accuracy"] > 0.5
         finally:
             pool.teardown()
+
+
+async def meet_through_relay(pool: DaemonPool, net: Internet, relay_options: Callable[[list[str]], dict[str, Any]]
+                             ) -> tuple[Daemon, Daemon, Daemon]:
+    """Hosts ``a`` and ``b`` (behind NAT) and a public murmur relay on host
+    ``relay`` (``[relay]`` service plus ``relay_options(a and b's ids)``):
+    ``a`` reserves on it (``[relay] use``), then ``b``, which knows ``a``
+    only by its circuit address, starts. Returns (a, b, relay), all up; the
+    caller tears the pool down."""
+    a_sections, b_sections = _sections(0, []), _sections(1, [])
+    a, b = pool.add(a_sections), pool.add(b_sections)
+    ids = [str(d.state.identity().peer_id) for d in (a, b)]
+    relay = pool.add({
+        "node": {"listen": [f"/ip4/0.0.0.0/tcp/{PORT}"], "log_format": "json"},
+        "network": {"mdns": False},
+        "api": {"port": 0},
+        "learning": {"enabled": False},
+        "relay": {"service": True, **relay_options(ids)},
+    })
+    relay_addr = f"/ip4/{net.address('relay')}/tcp/{PORT}/p2p/{relay.state.identity().peer_id}"
+    circuit = f"{relay_addr}/p2p-circuit/p2p/{ids[0]}"
+    for daemon, sections in ((a, a_sections), (b, b_sections)):
+        sections["network"] = {**sections["network"], "neighbours": 2}  # the relay (no learner) takes a slot
+        sections["relay"] = {"use": [relay_addr], "check_interval_s": 1.0}
+    b_sections["network"] = {**b_sections["network"], "bootstrap": [circuit]}
+    _rewrite(a, a_sections)
+    _rewrite(b, b_sections)
+    pool.spawn(relay, prefix=net.exec_prefix("relay"))
+    pool.spawn(a, prefix=net.exec_prefix("a"))
+    await pool.wait_api(relay, LEARNED_S)
+    await pool.wait_api(a, LEARNED_S)
+    await wait_until(_has_circuit(net, a, circuit), LEARNED_S, "a reserved on the relay")
+    pool.spawn(b, prefix=net.exec_prefix("b"))
+    await pool.wait_api(b, LEARNED_S)
+    return a, b, relay
 
 
 def _rewrite(daemon: Daemon, sections: Mapping[str, Mapping[str, Any]]) -> None:
