@@ -70,6 +70,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.privacy import AllCommitted  # noqa: E402 - the simulator's privacy stage: no dropouts
 from murmur.learning.outer import OuterConfig  # noqa: E402
 from murmur.learning.privacy.seeds import PairwiseSeeds  # noqa: E402
 from murmur.learning.rounds import Perturber, TrainFrom  # noqa: E402
@@ -263,20 +264,6 @@ def _num_params(model: Model) -> int:
 # --------------------------------------------------------------------------- privacy x Sybils
 
 
-class _Committed:
-    """Every honest neighbour commits every round (the simulator has no dropouts)."""
-
-    def __init__(self, stage: PrivacyStage, honest: Sequence[str]) -> None:
-        self.stage = stage
-        self.honest = list(honest)
-
-    def clip(self, delta: torch.Tensor) -> torch.Tensor:
-        return self.stage.clip(delta)
-
-    def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
-        return self.stage.perturb(delta, round, self.honest)
-
-
 def robustness(quick: bool) -> list[dict[str, Any]]:
     """SybilWall with example-level DECOR (epsilon 1) and 4 label-flip Sybils,
     compressed (sound combinations only) against fp32. The 8-node digits
@@ -304,7 +291,7 @@ def robustness(quick: bool) -> list[dict[str, Any]]:
         def make(i: int, neighbour_names: Sequence[str]) -> Perturber | None:
             secrets = {p: seeds[i].secret(p) for p in seeds[i].peers()}
             stage = PrivacyStage(peers[i], plan, secrets, resolve=names.__getitem__)
-            return _Committed(stage, [n for n in neighbour_names if n in names])
+            return AllCommitted(stage, [n for n in neighbour_names if n in names])
         return make
 
     configs = [  # (name, compressor, consensus step: random-k's about its ratio, as CHOCO-SGD needs)
