@@ -28,6 +28,15 @@ reservation on the relay. Printed, median over ``--tries``:
   ``punched_mbit`` / ``punched_vs_relayed``: the same transfer over the
   punched connection.
 
+With ``--learning``, then, real daemons: ``murmur testnet run`` of
+``scenarios/nat_relay.toml`` (8 honest nodes, each behind a router of its
+own, half endpoint-independent and half symmetric, one public relay node):
+for each honest node, seconds from its start to its first connection to a
+peer other than the relay (``first_peer_s``) and to its first learning round
+that mixed a neighbour's model (``first_learning_round_s``), medians over
+the nodes behind each NAT kind (EIM pairs end punched, symmetric ones
+relayed), and the run's final accuracy and connection mix.
+
 The last line is one JSON object.
 """
 
@@ -35,9 +44,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -185,17 +198,68 @@ async def run(tries: int, mib: float, mbit: float) -> dict[str, object]:
     }
 
 
+def _events(log: Path, event: str) -> list[dict[str, object]]:
+    out = []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        if f'"event": "{event}"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+def _unix(ts: object) -> float:
+    return datetime.datetime.fromisoformat(str(ts).replace("Z", "+00:00")).timestamp()
+
+
+def learning(timeout_s: float = 300.0) -> dict[str, object]:
+    """The NAT relay scenario on real daemons: when each node behind NAT met a peer and first learnt with one."""
+    scenario = REPO / "murmur" / "testnet" / "scenarios" / "nat_relay.toml"
+    with tempfile.TemporaryDirectory(prefix="murmur-bench-nat-") as tmp:
+        out = Path(tmp) / "run"
+        done = subprocess.run([sys.executable, "-m", "murmur.node.cli", "testnet", "run", str(scenario), "--out",
+                               str(out), "--no-dashboard"], capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the NAT relay testnet failed: {done.stderr[-2000:]}")
+        layout = json.loads((out / "network.json").read_text(encoding="utf-8"))["nodes"]
+        summary = json.loads((out / "report" / "summary.json").read_text(encoding="utf-8"))
+        relays = {v["peer_id"] for v in layout.values() if v.get("role") == "relay" or v["router"] is None}
+        by_kind: dict[str, dict[str, list[float]]] = {}
+        for name, node in layout.items():
+            if node["router"] is None:
+                continue
+            log = out / "logs" / f"{name}.log"
+            started = _unix(_events(log, "started")[0]["ts"])
+            peers = [_unix(e["ts"]) for e in _events(log, "connected") if e.get("peer") not in relays]
+            rows = [json.loads(line) for line in (out / "nodes" / name / "metrics.jsonl").read_text().splitlines()]
+            mixed = [r["ts"] for r in rows if r.get("neighbours")]
+            kind = by_kind.setdefault(node["nat"], {"first_peer_s": [], "first_learning_round_s": []})
+            if peers:
+                kind["first_peer_s"].append(min(peers) - started)
+            if mixed:
+                kind["first_learning_round_s"].append(min(mixed) - started)
+    return {
+        "learning_accuracy": round(summary["final_mean_accuracy"], 3),
+        "learning_connections": summary.get("connections"),
+        **{f"{kind}_{key}": round(statistics.median(values), 2) if values else None
+           for kind, keys in sorted(by_kind.items()) for key, values in keys.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tries", type=int, default=5)
     parser.add_argument("--mib", type=float, default=8.0, help="MiB sent per throughput try")
     parser.add_argument("--mbit", type=float, default=50.0, help="every host's link rate, each way")
+    parser.add_argument("--learning", action="store_true",
+                        help="also run the NAT relay testnet: time to the first peer and first learning round")
     args = parser.parse_args()
     problem = internet.probe().internet
     if problem is not None:
         print(f"bench/nat.py needs the emulated internet: {problem}", file=sys.stderr)
         raise SystemExit(2)
     result = asyncio.run(run(args.tries, args.mib, args.mbit))
+    if args.learning:
+        result |= learning()
     for key, value in result.items():
         print(f"{key:>24}: {value}")
     print(json.dumps(result))
