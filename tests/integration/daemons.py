@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import random
 import socket
 import subprocess
 import sys
@@ -26,15 +27,34 @@ from tests.integration.cluster import wait_until
 MURMUR = [sys.executable, "-m", "murmur.node.cli"]
 START_S = 30.0  # interpreters importing torch on a shared 2-core box
 HTTP_TIMEOUT_S = 2.0
+PORT_FLOOR = 10_000  # free_port's lowest pick (the emulated internet's hosts use their own namespaces)
 
 Sections = Mapping[str, Mapping[str, Any]]
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A port nobody listens on now (a bootstrap node's, fixed before it starts)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nobody holds now (a bootstrap node's, fixed before it starts),
+    below the kernel's ephemeral range: between this pick and the node's bind
+    the kernel cannot hand it to an outgoing connection (a CI run's node
+    found its port taken so, among a whole suite's connections)."""
+    rng = random.Random()
+    low, high = PORT_FLOOR, _ephemeral_low() - 1
+    for _ in range(256):
+        port = rng.randint(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def _toml_value(value: Any) -> str:
