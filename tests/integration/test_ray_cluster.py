@@ -140,10 +140,12 @@ def test_a_scenario_runs_on_a_ray_cluster(tmp_path: Path) -> None:
         rows = read_metrics(run_dir / "nodes" / name)
         assert rows, name
         assert node["rows"] == len(rows)
-        assert node["round"] == rows[-1]["round"]
-        assert node["accuracy"] == rows[-1]["accuracy"]
+        if node["round"] == rows[-1]["round"]:
+            assert node["accuracy"] == rows[-1]["accuracy"]
+        else:  # it caught up past its last row (adopted a model after the heal): the report reads its status
+            assert node["round"] > rows[-1]["round"], (name, node, rows[-1])
         assert node["alive"] is (name != "node4")  # its last /status, read on its host; node4 was stopped
-        finals.append(rows[-1]["accuracy"])
+        finals.append(node["accuracy"])
         reported = json.loads((run_dir / "report" / "metrics" / f"{name}.json").read_text(encoding="utf-8"))
         assert [r["round"] for r in reported] == [r["round"] for r in rows]
     assert summary["final_mean_accuracy"] == pytest.approx(statistics.fmean(finals))
