@@ -24,7 +24,7 @@ MURMUR = [sys.executable, "-m", "murmur.node.cli"]
 RUN_TIMEOUT_S = 120
 REFUSE_TIMEOUT_S = 30  # a refusal is a config parse and a torch import: seconds
 FAIL_FAST_S = MIN_STALL_S / 2  # a failed start must not wait for the stall bound
-ROUNDS = 4
+ROUNDS = 10  # a node of 7 in one process that starts last must still run rounds of its own
 SPEC_LINE = 13  # of `spec = ...` in scenario()'s text
 
 
