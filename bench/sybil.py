@@ -25,6 +25,14 @@ fit in ~12 minutes of one torch thread):
     .venv/bin/python bench/sybil.py --quick                 # digits-mlp smoke run
     .venv/bin/python bench/sybil.py --rows label_flip:4,16 --aggregators mean,sybilwall
     .venv/bin/python bench/sybil.py --quick --tactics diversified,forged_records --rows 0,4
+    .venv/bin/python bench/sybil.py --privacy 1 --rows label_flip:4 --tactics identical,diversified
+
+``--privacy EPS`` is the privacy row: the honest nodes train as DP-SGD (digits,
+one step a round, per-example clip 1, batch 32, 200 rounds) and noise what
+they send with example-level DECOR calibrated to EPS over the run, as
+bench/privacy.py's Sybil check; the attacker does not noise (it need not
+follow the protocol), so the defences must tell noisy honest histories from
+its Sybils' ones.
 
 Prints a human table and, last, one JSON line with every cell.
 """
@@ -37,6 +45,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +56,13 @@ from murmur.errors import ConfigError
 from murmur.learning.adversary import AttackPlan, Tactic
 from murmur.learning.aggregators import available_aggregators
 from murmur.learning.attacks import AttackKind
-from murmur.learning.simulate import SimConfig, SimResult, SybilAttack, run_simulation
+from murmur.learning.rounds import TrainFrom
+from murmur.learning.simulate import PerturberFactory, SimConfig, SimResult, SybilAttack, run_simulation
+from murmur.learning.topology import Graph, random_regularish
+from murmur.learning.trainers.base import TrainerContext
+from murmur.learning.trainers.registry import load_trainer
+from murmur.node.config import NoiseObjective, PrivacyLevel, PrivacyScheme
+from murmur.node.privacy import calibrate
 
 AGGREGATORS: tuple[str, ...] = ("mean", "krum", "median", "foolsgold", "sybilwall")
 SYBIL_COUNTS: tuple[int, ...] = (0, 2, 4, 8, 16)
@@ -72,6 +87,12 @@ class Setup:
     local_steps: int | None
     edges_per_sybil: int
     seed: int = 0
+    train_from: TrainFrom = TrainFrom.PRIVATE  # PUBLIC: DP-SGD from the public model (the privacy row)
+
+    @property
+    def graph(self) -> Graph:
+        """The honest nodes' graph (the simulator's own choice, made explicit for the privacy plan)."""
+        return random_regularish(self.nodes, self.degree, self.seed)
 
     def __post_init__(self) -> None:
         if not 1 <= self.edges_per_sybil <= MAX_EDGES_PER_SYBIL:
@@ -107,6 +128,42 @@ QUICK = Setup(
     local_steps=None,
     edges_per_sybil=2,
 )
+
+
+PRIVATE = Setup(
+    trainer="digits-mlp",
+    trainer_options={"lr": 0.5, "batch_size": 32, "momentum": 0.0, "local_steps": 1, "dp_clip": 1.0},
+    nodes=8,
+    degree=3,
+    alpha=0.5,
+    rounds=200,
+    local_steps=1,
+    edges_per_sybil=2,
+    train_from=TrainFrom.PUBLIC,
+)
+PRIVACY_DELTA = 1e-5
+
+
+def privacy_perturbers(setup: Setup, epsilon: float) -> PerturberFactory:
+    """Example-level DECOR at ``epsilon`` over the run for every honest node
+    (real pairwise seeds along the honest graph), as bench/privacy.py calibrates it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.privacy import exchange, factory, identities  # the bench's own privacy stage wiring
+
+    graph = setup.graph
+    seeds = identities(setup.nodes)
+    exchange(graph, seeds)
+    peers = [s.me for s in seeds]
+    options = dict(setup.trainer_options)
+    batch, clip = int(options["batch_size"]), float(options["dp_clip"])
+    cls = load_trainer(setup.trainer)
+    smallest = min(cls(TrainerContext(i, setup.nodes + 1, setup.seed, partition="dirichlet", alpha=setup.alpha,
+                                      options=options)).train_size for i in range(setup.nodes))
+    plan = calibrate(PrivacyScheme.DECOR, epsilon=epsilon, delta=PRIVACY_DELTA, rounds=setup.rounds,
+                     clip=float(options["lr"]) * clip, graph=graph, level=PrivacyLevel.EXAMPLE,
+                     sampling_rate=min(1.0, batch / smallest), batch_size=batch, peers=peers,
+                     objective=NoiseObjective.RUN)
+    return factory(plan, peers, seeds)
 
 
 @dataclass(frozen=True)
@@ -174,7 +231,7 @@ def sim_config(setup: Setup, row: Row, aggregator: str) -> SimConfig:
         trainer=setup.trainer,
         trainer_options=dict(setup.trainer_options),
         nodes=setup.nodes,
-        degree=setup.degree,
+        graph=setup.graph,
         partition="dirichlet",
         alpha=setup.alpha,
         aggregator=aggregator,
@@ -182,13 +239,14 @@ def sim_config(setup: Setup, row: Row, aggregator: str) -> SimConfig:
         local_steps=setup.local_steps,
         seed=setup.seed,
         eval_every=setup.rounds,  # evaluate once, after the last round
+        train_from=setup.train_from,
         attack=SybilAttack(row.attack.value, row.sybils, setup.edges_per_sybil, AttackPlan.tuned(row.tactic)),
     )
 
 
-def run_cell(setup: Setup, row: Row, aggregator: str) -> Cell:
+def run_cell(setup: Setup, row: Row, aggregator: str, perturbers: PerturberFactory | None = None) -> Cell:
     t0 = time.perf_counter()
-    result: SimResult = run_simulation(sim_config(setup, row, aggregator))
+    result: SimResult = run_simulation(sim_config(setup, row, aggregator), perturber_factory=perturbers)
     final = result.final
     if final.attack_rate is None:  # pragma: no cover - every bench config carries an attack
         raise RuntimeError("simulation reported no attack rate")
@@ -281,12 +339,13 @@ def run_bench(
     rows: Sequence[Row],
     aggregators: Sequence[str],
     on_cell: Callable[[Cell], None] | None = None,
+    perturbers: PerturberFactory | None = None,
 ) -> tuple[list[Cell], Findings]:
     cells: list[Cell] = []
     findings = Findings()
     for row in rows:
         for aggregator in aggregators:
-            cell = run_cell(setup, row, aggregator)
+            cell = run_cell(setup, row, aggregator, perturbers)
             findings.check_cell(cell)
             cells.append(cell)
             if on_cell:
@@ -304,17 +363,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="override the mode's number of rounds")
     ap.add_argument("--seed", type=int, help="override the network seed")
     ap.add_argument("--threads", type=int, default=TORCH_THREADS, help="torch intra-op threads")
+    ap.add_argument("--privacy", type=float, metavar="EPS",
+                    help="the privacy row: DP-SGD on digits, example-level DECOR at this epsilon")
     args = ap.parse_args(argv)
+    if args.privacy is not None and args.quick:
+        raise SystemExit("--privacy and --quick are separate modes: pick one")
+    if args.privacy is not None and not args.privacy > 0:
+        raise SystemExit("--privacy: epsilon must be > 0")
 
     torch.set_num_threads(args.threads)
-    setup = QUICK if args.quick else FULL
+    setup = PRIVATE if args.privacy is not None else QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("rounds", args.rounds), ("seed", args.seed)) if v is not None}
     setup = dataclasses.replace(setup, **overrides)
     rows = with_tactics(parse_rows(args.rows, QUICK_SYBIL_COUNTS if args.quick else SYBIL_COUNTS),
                         parse_tactics(args.tactics))
     aggregators = parse_aggregators(args.aggregators)
 
-    print(f"# {setup.describe()}; torch threads {torch.get_num_threads()}", flush=True)
+    perturbers = None if args.privacy is None else privacy_perturbers(setup, args.privacy)
+    privacy = "off" if args.privacy is None else f"example-level DECOR eps={args.privacy:g}"
+    print(f"# {setup.describe()}; privacy {privacy}; torch threads {torch.get_num_threads()}", flush=True)
     print(f"# {len(rows)} rows x {len(aggregators)} aggregators", flush=True)
     t0 = time.perf_counter()
 
@@ -327,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
 
-    cells, findings = run_bench(setup, rows, aggregators, progress)
+    cells, findings = run_bench(setup, rows, aggregators, progress, perturbers)
     total = time.perf_counter() - t0
     print()
     print("acc: honest nodes' mean test accuracy; atk: their mean attack rate (flipped / backdoored test set)")
@@ -337,7 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"PROBLEM: {problem}")
     summary = {
         "bench": "sybil",
-        "setup": {**dataclasses.asdict(setup), "trainer_options": dict(setup.trainer_options)},
+        "setup": {**dataclasses.asdict(setup), "trainer_options": dict(setup.trainer_options),
+                  "train_from": setup.train_from.value},
+        "privacy_epsilon": args.privacy,
         "torch_threads": torch.get_num_threads(),
         "total_s": round(total, 1),
         "problems": findings.problems,
