@@ -171,6 +171,11 @@ class Row:
     attack: AttackKind
     sybils: int
     tactic: Tactic = Tactic.IDENTICAL
+    plan: AttackPlan | None = None  # None: the tactic's tuned strength
+
+    @property
+    def attack_plan(self) -> AttackPlan:
+        return AttackPlan.tuned(self.tactic) if self.plan is None else self.plan
 
     def label(self) -> str:
         return f"{self.attack.value:<10} {self.tactic.value:<14} {self.sybils:>3}"
@@ -240,7 +245,7 @@ def sim_config(setup: Setup, row: Row, aggregator: str) -> SimConfig:
         seed=setup.seed,
         eval_every=setup.rounds,  # evaluate once, after the last round
         train_from=setup.train_from,
-        attack=SybilAttack(row.attack.value, row.sybils, setup.edges_per_sybil, AttackPlan.tuned(row.tactic)),
+        attack=SybilAttack(row.attack.value, row.sybils, setup.edges_per_sybil, row.attack_plan),
     )
 
 
@@ -354,6 +359,60 @@ def run_bench(
     return cells, findings
 
 
+TUNE_ROWS: tuple[tuple[AttackKind, int], ...] = (
+    (AttackKind.LABEL_FLIP, 4), (AttackKind.LABEL_FLIP, 8), (AttackKind.BACKDOOR, 4), (AttackKind.BACKDOOR, 8),
+)
+TUNE_AGGREGATOR = "sybilwall"
+TUNE_PASSES = 3
+TUNE_GRID: Mapping[str, tuple[float | int, ...]] = {
+    "boost": (0.5, 1.0, 2.0, 4.0, 8.0),
+    "diversify": (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
+    "fresh": (0.0, 0.25, 0.5, 1.0),
+    "sleep_rounds": (3, 5, 10, 15),
+    "forged_per_round": (1, 2, 4),
+}
+
+
+def knobs(tactic: Tactic) -> list[str]:
+    """The strength settings that change what ``tactic`` sends."""
+    if tactic is Tactic.IDENTICAL:
+        return ["boost"]
+    out = ["boost", "diversify", "fresh"]
+    if tactic is Tactic.SLEEPER:
+        out.append("sleep_rounds")
+    if tactic is Tactic.FORGED_RECORDS:
+        out.append("forged_per_round")
+    return out
+
+
+def tune(setup: Setup, tactic: Tactic, log: Callable[[str], None]) -> tuple[AttackPlan, float, int]:
+    """Coordinate ascent on ``tactic``'s strength against SybilWall: each pass
+    tries every value of every knob with the others held, keeps a change only
+    if it raises the mean attack rate over TUNE_ROWS, and stops after a pass
+    that changed nothing (the attacker stopped improving) or TUNE_PASSES.
+    Returns the best plan, its score and the number of settings tried."""
+    scores: dict[AttackPlan, float] = {}
+
+    def score(plan: AttackPlan) -> float:
+        if plan not in scores:
+            rates = [run_cell(setup, Row(kind, n, tactic, plan), TUNE_AGGREGATOR).attack_rate for kind, n in TUNE_ROWS]
+            scores[plan] = sum(rates) / len(rates)
+            log(f"  tune {tactic.value:<14} {plan} -> mean attack {scores[plan]:.3f}")
+        return scores[plan]
+
+    best = AttackPlan.tuned(tactic)
+    for _ in range(TUNE_PASSES):
+        changed = False
+        for knob in knobs(tactic):
+            for value in TUNE_GRID[knob]:
+                candidate = dataclasses.replace(best, **{knob: value})
+                if score(candidate) > score(best) + 1e-9:
+                    best, changed = candidate, True
+        if not changed:
+            break
+    return best, score(best), len(scores)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="digits-mlp, Sybil counts 0 and 4: a smoke run")
@@ -365,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=TORCH_THREADS, help="torch intra-op threads")
     ap.add_argument("--privacy", type=float, metavar="EPS",
                     help="the privacy row: DP-SGD on digits, example-level DECOR at this epsilon")
+    ap.add_argument("--tune", action="store_true",
+                    help="tune each --tactics' strength against SybilWall (coordinate ascent) and print the best")
     args = ap.parse_args(argv)
     if args.privacy is not None and args.quick:
         raise SystemExit("--privacy and --quick are separate modes: pick one")
@@ -382,6 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     perturbers = None if args.privacy is None else privacy_perturbers(setup, args.privacy)
     privacy = "off" if args.privacy is None else f"example-level DECOR eps={args.privacy:g}"
     print(f"# {setup.describe()}; privacy {privacy}; torch threads {torch.get_num_threads()}", flush=True)
+    if args.tune:
+        return run_tune(setup, parse_tactics(args.tactics))
     print(f"# {len(rows)} rows x {len(aggregators)} aggregators", flush=True)
     t0 = time.perf_counter()
 
@@ -414,6 +477,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(json.dumps(summary, sort_keys=True))
     return 1 if findings.problems else 0
+
+
+def run_tune(setup: Setup, tactics: Sequence[Tactic]) -> int:
+    t0 = time.perf_counter()
+    out = []
+    for tactic in tactics:
+        plan, best, tried = tune(setup, tactic, lambda line: print(line, file=sys.stderr, flush=True))
+        start = AttackPlan.tuned(tactic)
+        print(f"{tactic.value:<14} best mean attack rate vs {TUNE_AGGREGATOR} {best:.3f} after {tried} settings: {plan}"
+              + ("" if plan == start else f"  (was {start})"), flush=True)
+        out.append({"tactic": tactic.value, "mean_attack_rate": round(best, 4), "settings_tried": tried,
+                    "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "tactic"},
+                    "changed": plan != start})
+    print(json.dumps({"bench": "sybil-tune", "aggregator": TUNE_AGGREGATOR,
+                      "rows": [f"{k.value}:{n}" for k, n in TUNE_ROWS], "tactics": out,
+                      "total_s": round(time.perf_counter() - t0, 1)}, sort_keys=True))
+    return 0
 
 
 if __name__ == "__main__":
