@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import random
 import signal
@@ -42,6 +43,7 @@ from murmur.node.api import StatusApi
 from murmur.node.autonat import AutoNATProber
 from murmur.node.autorelay import AutoRelay
 from murmur.node.config import AUTO, NodeConfig
+from murmur.node.dialrace import CIRCUIT_DIAL_DELAY_S, Lane, first_of
 from murmur.node.links import LinkPacer
 from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
@@ -73,6 +75,8 @@ log = logging.getLogger(__name__)
 
 AGENT = f"murmur/{__version__}"
 GOODBYE_TIMEOUT_S = 1.0
+# What a failed dial of one address raises: the next address (or lane) is tried.
+DIAL_FAILURES = (OSError, PeerFault, ConnectionClosed, RelayRefused, TimeoutError)
 AUTONAT_FIRST_CHECK_S = 5.0  # the first dial-back check: peers connected and identified by then
 
 MAX_INCOMPATIBLE_PEERS = 4096  # peers remembered as running another model
@@ -458,28 +462,24 @@ class Node:
                 del self._dials[peer]
 
     async def _dial_any(self, addrs: Sequence[PeerAddr], peer: PeerId | None) -> PeerSession:
-        """Direct addresses first; a peer's relay circuits only when none of
-        those answered (a circuit costs the relay and has its limits)."""
-        ordered = sorted(addrs, key=lambda a: a.is_circuit)
-        if peer is None:  # a circuit's CONNECT must name its target
-            ordered = [a for a in ordered if not a.is_circuit]
-        if not ordered:
+        """Direct addresses first, one after another; a peer's relay circuits
+        (a circuit costs the relay and has its limits) in a second lane that
+        starts ``CIRCUIT_DIAL_DELAY_S`` later, or as soon as every direct
+        address failed: the first connection up wins (see dialrace.py). A
+        NATed peer's router drops our SYN and would hold us for the whole
+        connect timeout before its circuit were tried."""
+        direct = [a for a in addrs if not a.is_circuit]
+        # a circuit's CONNECT must name its target
+        circuits = [a for a in addrs if isinstance(a, CircuitAddr)] if peer is not None else []
+        if not direct and not circuits:
             raise ConnectionClosed(f"no address for {peer}")
-        last: Exception | None = None
-        for addr in ordered:
-            try:
-                if isinstance(addr, CircuitAddr):
-                    assert peer is not None
-                    conn = await self._dial_circuit(addr, peer)
-                else:
-                    conn = await self.host.dial(Multiaddr(addr.host, addr.port, peer))
-            except (OSError, PeerFault, ConnectionClosed, RelayRefused, TimeoutError) as exc:
-                last = exc
-                continue
-            _raise_if_cancelling()
-            return await self._greeted(conn)
-        assert last is not None
-        raise last
+        lanes: list[Lane[Libp2pConnection]] = [
+            Lane([functools.partial(self.host.dial, Multiaddr(a.host, a.port, peer)) for a in direct]),
+            Lane([functools.partial(self._dial_circuit, a, peer) for a in circuits], CIRCUIT_DIAL_DELAY_S),
+        ]
+        conn = await first_of(lanes, DIAL_FAILURES)
+        _raise_if_cancelling()
+        return await self._greeted(conn)
 
     async def _dial_circuit(self, addr: CircuitAddr, peer: PeerId) -> Libp2pConnection:
         """Through the relay's connection we hold (a session, so one dial to the

@@ -182,7 +182,7 @@ class NodeMetrics:
     def bind_dcutr(self, counters: Mapping[str, int], names: Iterable[str]) -> None:
         """Export the hole puncher's running totals (``counters[name]``, read at every scrape)."""
         totals = Gauge("dcutr_events", "DCUtR totals since start: attempts (punch rounds), successes, failures "
-                       "(upgrades that ended with a punched connection or without one), unilateral, refused "
+                       "(upgrades that ended with a punched connection or without one), unilateral, refused, retries "
                        "(status dcutr)", ["event"], namespace=NAMESPACE, registry=self.registry)
         for name in names:
             totals.labels(event=name).set_function(lambda n=name: float(counters.get(n, 0)))

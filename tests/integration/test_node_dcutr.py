@@ -49,7 +49,7 @@ async def test_a_relayed_peer_is_punched_to_a_direct_connection_and_learns_over_
         relayed_bytes = relay.status()["relay"]["bytes_relayed"]
         # private drove the upgrade (its connection was the inbound relayed one); third answered
         assert private.status()["dcutr"] == {"attempts": 1, "successes": 1, "failures": 0, "unilateral": 0,
-                                             "refused": 0}
+                                             "refused": 0, "retries": 0}
         assert third.status()["dcutr"]["successes"] == 1
         for node in (private, third):
             assert node.status()["connection_types"][str(relay.peer_id)] == "direct"

@@ -111,7 +111,7 @@ def js_libp2p_dir() -> tuple[Path, float]:
         _run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=target)
 
     target, seconds = _installed(f"js-libp2p-{digest}", install)
-    for script in ("peer.mjs", "polyfill.mjs"):  # the scripts are ours: always the current ones
+    for script in ("peer.mjs", "polyfill.mjs", "private-ranges.mjs", "private-ranges-loader.mjs"):  # ours: always current
         shutil.copy(HERE / "js" / script, target / script)
     return target, seconds
 

@@ -14,7 +14,12 @@ holds the *inbound* relayed connection and drives the upgrade
    while ``A`` dials ``B``'s as soon as the ``SYNC`` arrives: both SYNs
    cross, each NAT takes the other's as the answer to its own (TCP
    simultaneous open);
-3. on failure, again on the same stream: three attempts in all.
+3. on failure, again on the same stream: three attempts in all;
+4. when all three failed and the relayed connection lives on, the whole
+   upgrade is tried again later (:data:`RETRY_DELAYS_S`, growing: 30 s,
+   60 s, 120 s, then never), as go-libp2p's hole puncher retries a failed
+   upgrade: a NAT whose mapping was busy, a router that was rebooting or a
+   lost SYN need not leave a pair relayed for the connection's lifetime.
 
 Every dial leaves from the listen port (:meth:`Libp2pHost.dial`, port
 reuse), so an endpoint-independent NAT maps it to the address peers
@@ -66,6 +71,9 @@ from murmur.tasks import TaskManager
 log = logging.getLogger(__name__)
 
 MAX_OWN_ADDRS = 8  # addresses we put in our CONNECT
+# After a failed upgrade (its attempts all failed), wait this long and try the
+# whole upgrade again while the relayed connection lives; one retry per delay.
+RETRY_DELAYS_S = (30.0, 60.0, 120.0)
 
 
 @dataclass(frozen=True)
@@ -76,10 +84,13 @@ class DcutrConfig:
     message_timeout_s: float = 10.0  # waiting for the peer's next message
     unilateral: bool = True  # dial a peer's public listen addresses before punching
     allow_loopback: bool = False  # punch to loopback addresses (nodes sharing one machine, in tests)
+    retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S  # before each retry of a failed upgrade; () never retries
 
     def __post_init__(self) -> None:
         if min(self.attempts, self.max_dial_addrs, self.max_sessions) < 1 or not self.message_timeout_s > 0:
             raise ValueError(f"invalid DCUtR config {self}")
+        if any(not d > 0 for d in self.retry_delays_s):
+            raise ValueError(f"invalid DCUtR retry delays {self.retry_delays_s}")
 
 
 def stat_names() -> list[str]:
@@ -89,8 +100,9 @@ def stat_names() -> list[str]:
     and ``failures``: upgrades that ended with a punched connection or
     without one; ``unilateral``: upgrades by a plain dial to the peer's
     public address; ``refused``: DCUtR streams reset (busy, not relayed,
-    one already running for that peer)."""
-    return ["attempts", "successes", "failures", "unilateral", "refused"]
+    one already running for that peer); ``retries``: upgrades tried again
+    after a failed one on the same relayed connection."""
+    return ["attempts", "successes", "failures", "unilateral", "refused", "retries"]
 
 
 OnDirect = Callable[[Libp2pConnection, Libp2pConnection], None]
@@ -140,16 +152,42 @@ class HolePuncher:
     # --- B: the inbound side of the relayed connection drives ------------------------------
 
     def on_relayed(self, conn: Libp2pConnection) -> None:
-        """Start upgrading ``conn`` in the background if we are its inbound side."""
+        """Start upgrading ``conn`` in the background if we are its inbound
+        side; a failed upgrade is retried after each of ``retry_delays_s``
+        while ``conn`` stays open and no direct connection to its peer exists."""
         if conn.relay is not None and not conn.outbound:
-            self._tasks.spawn(f"upgrade-{conn.name}", lambda: self._upgrade_quietly(conn), replace=True)
+            self._tasks.spawn(f"upgrade-{conn.name}", lambda: self._upgrade_with_retries(conn), replace=True)
 
-    async def _upgrade_quietly(self, conn: Libp2pConnection) -> None:
+    async def _upgrade_with_retries(self, conn: Libp2pConnection) -> None:
+        if await self._upgrade_quietly(conn):
+            return
+        for retry, delay in enumerate(self.config.retry_delays_s, 1):
+            try:  # the relayed connection ending ends the retries
+                await asyncio.wait_for(conn.wait_closed(), delay)
+                return
+            except TimeoutError:
+                pass
+            if conn.closed or self._direct(conn.peer_id) is not None:
+                return
+            self.stats["retries"] += 1
+            log.info("hole punch retried", extra={"event": "dcutr_retry", "peer": str(conn.peer_id),
+                                                  "retry": retry, "after_s": delay})
+            if await self._upgrade_quietly(conn):
+                return
+
+    async def _upgrade_quietly(self, conn: Libp2pConnection) -> bool:
+        """One upgrade; whether it is over for ``conn`` (upgraded, or the peer
+        at fault: no retry for a peer that broke the protocol)."""
         try:
-            await self.upgrade(conn)
-        except (PeerFault, ConnectionClosed, OSError, TimeoutError) as exc:
+            return await self.upgrade(conn) is not None
+        except PeerFault as exc:
             log.info("hole punch ended", extra={"event": "dcutr_ended", "peer": str(conn.peer_id),
                                                 "error": repr(exc)})
+            return True
+        except (ConnectionClosed, OSError, TimeoutError) as exc:
+            log.info("hole punch ended", extra={"event": "dcutr_ended", "peer": str(conn.peer_id),
+                                                "error": repr(exc)})
+            return conn.closed
 
     async def upgrade(self, conn: Libp2pConnection) -> Libp2pConnection | None:
         """A direct connection to ``conn``'s peer (unilateral dial, then up

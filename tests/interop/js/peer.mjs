@@ -1,7 +1,7 @@
 // A js-libp2p peer for murmur's interop tests, driven by JSON lines on stdin
-// (the same commands as tests/interop/py_peer.py). Listens on 127.0.0.1 only,
-// speaks /noise + /yamux/1.0.0, serves an echo protocol, answers each command
-// with one JSON line: {"ok": true, ...} or {"ok": false, "error": "..."}.
+// (the same commands as tests/interop/py_peer.py). Listens on 127.0.0.1 unless
+// told otherwise, speaks /noise + /yamux/1.0.0, serves an echo protocol,
+// answers each command with one JSON line: {"ok": true, ...} or {"ok": false, "error": "..."}.
 import { createInterface } from 'node:readline'
 import { randomBytes } from 'node:crypto'
 import { createLibp2p } from 'libp2p'
@@ -11,6 +11,7 @@ import { yamux } from '@chainsafe/libp2p-yamux'
 import { identify } from '@libp2p/identify'
 import { ping } from '@libp2p/ping'
 import { circuitRelayServer, circuitRelayTransport } from '@libp2p/circuit-relay-v2'
+import { dcutr } from '@libp2p/dcutr'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
 
@@ -19,18 +20,33 @@ const STREAM_LIMITS = { maxInboundStreams: 256, maxOutboundStreams: 256 }
 // `node peer.mjs --circuit <relay multiaddr>`: reserve on that relay and listen through it
 const circuitAt = process.argv.indexOf('--circuit')
 const CIRCUIT = circuitAt >= 0 ? process.argv[circuitAt + 1] : null
+// `--listen <multiaddr>`: listen there instead (a host of the emulated internet);
+// `--announce <multiaddr>`: the address its identify and DCUtR CONNECT give (a
+// public host's own: js-libp2p lists a public listen address only once AutoNAT confirmed it);
+// `--dcutr`: run @libp2p/dcutr, and the circuit relay transport it needs (the DCUtR interop test)
+function option (name) {
+  const at = process.argv.indexOf(name)
+  return at >= 0 ? process.argv[at + 1] : null
+}
+const LISTEN = option('--listen') ?? '/ip4/127.0.0.1/tcp/0'
+const ANNOUNCE = option('--announce')
+const DCUTR = process.argv.includes('--dcutr')
 
 const node = await createLibp2p({
-  addresses: { listen: ['/ip4/127.0.0.1/tcp/0', ...(CIRCUIT ? [`${CIRCUIT}/p2p-circuit`] : [])] },
+  addresses: {
+    listen: [LISTEN, ...(CIRCUIT ? [`${CIRCUIT}/p2p-circuit`] : [])],
+    ...(ANNOUNCE ? { appendAnnounce: [ANNOUNCE] } : {})
+  },
   // The tests dial this peer from 127.0.0.1 many times a second; js-libp2p
   // refuses (resets) more than 5 inbound connections a second per host by default.
   connectionManager: { inboundConnectionThreshold: 1000 },
-  transports: [tcp(), ...(CIRCUIT ? [circuitRelayTransport()] : [])],
+  transports: [tcp(), ...(CIRCUIT || DCUTR ? [circuitRelayTransport()] : [])],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   services: {
     identify: identify(),
     ping: ping(),
+    ...(DCUTR ? { dcutr: dcutr() } : {}),
     // `node peer.mjs --relay`: also a circuit relay v2 server (the relay interop test)
     ...(process.argv.includes('--relay')
       ? { relay: circuitRelayServer({ reservations: { maxReservations: 16, defaultDataLimit: BigInt(4 << 20) } }) }
@@ -106,6 +122,15 @@ const commands = {
     await Promise.all(others)
     await echo(peer, 1000)
     return { connected: node.getConnections(peerIdFromString(peer)).length > 0 }
+  },
+  // every connection to `peer`: its remote address (a relayed one ends in /p2p-circuit/...),
+  // direction and whether it is limited (a relay's circuit)
+  async connections ({ peer }) {
+    return {
+      connections: node.getConnections(peerIdFromString(peer)).map(c => ({
+        remote: c.remoteAddr.toString(), direction: c.direction, limited: c.limits != null, status: c.status
+      }))
+    }
   },
   async connected ({ peer }) { return { connected: node.getConnections(peerIdFromString(peer)).length > 0 } },
   async close ({ peer }) { await node.hangUp(peerIdFromString(peer)); return {} }
