@@ -376,7 +376,7 @@ TUNE_GRID: Mapping[str, tuple[float | int, ...]] = {
 def knobs(tactic: Tactic) -> list[str]:
     """The strength settings that change what ``tactic`` sends."""
     if tactic is Tactic.IDENTICAL:
-        return ["boost"]
+        return []  # every Sybil sends the attacker's own model: nothing to tune
     out = ["boost", "diversify", "fresh"]
     if tactic is Tactic.SLEEPER:
         out.append("sleep_rounds")
