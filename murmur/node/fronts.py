@@ -1,0 +1,44 @@
+"""What an attacker's identities send when each sends a message of its own.
+
+A :class:`~murmur.node.learner.NodeLearner` behind several identities (an
+evaluation attacker, :mod:`murmur.testnet.sybil`) sends its one round message
+under each of them unless it has a :class:`FrontShaping`: then each identity
+sends the message the shaping made for it, states (signs) the public model
+that message makes, and serves that public model to a neighbour that asks
+for it (a re-sync), so that every neighbour's replica of each identity stays
+exactly what the identity tracks. Only the daemon wiring lives here; what the
+identities send is the attacker's business (:mod:`murmur.learning.adversary`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from murmur.learning.rounds import Message, RoundEngine
+from murmur.protocol.identity import PeerId
+
+
+@dataclass(frozen=True)
+class FrontMessage:
+    """One identity's round message and the public model it makes (as that
+    identity's neighbours' replicas hold it after adding the message)."""
+
+    message: Message
+    public: torch.Tensor
+
+
+class FrontShaping(Protocol):
+    def shape(self, round_: int, engine: RoundEngine, neighbours: Sequence[str]) -> Mapping[PeerId, FrontMessage]:
+        """Each identity's message for ``round_``, after ``engine`` (the
+        attacker's own) opened the round; ``neighbours`` are the round's
+        neighbours' keys (their replicas in ``engine`` are what it heard)."""
+        ...
+
+    def public_state(self, front: PeerId) -> tuple[torch.Tensor, int] | None:
+        """``front``'s public model and the round of the message it reflects
+        (what a re-sync installs), or None when it sends the learner's own."""
+        ...

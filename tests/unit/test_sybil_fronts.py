@@ -1,0 +1,129 @@
+"""The testnet attacker's identities each send a message of their own
+(murmur.testnet.sybil.ShapedFronts over murmur.learning.adversary), and
+every honest replica of each identity stays exactly what it tracks."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from murmur.learning.adversary import AttackPlan, Sleeper, Tactic
+from murmur.learning.aggregators.base import get_aggregator
+from murmur.learning.compression import Compressor
+from murmur.learning.rounds import Message, RoundConfig, RoundEngine
+from murmur.learning.trainers.base import TrainerContext
+from murmur.node.config import Attack, load_config
+from murmur.protocol.codecs import DeltaCodec
+from murmur.protocol.identity import Identity, PeerId
+from murmur.protocol.layout import TransferKind, TransferLayout
+from murmur.protocol.sparse import RoundFormat, Sparsifier
+from murmur.testnet.sybil import ShapedFronts, SybilAttacker
+from tests.trainers import VectorTrainer
+
+DIM = 1000
+HONEST = 3
+ROUNDS = 5
+SEED = 11
+
+
+def _trainer(index: int) -> VectorTrainer:
+    return VectorTrainer(TrainerContext(node_index=index, num_nodes=HONEST + 1, seed=SEED, device="cpu",
+                                        options={"size": DIM, "lr": 0.3}))
+
+
+def _engine(index: int, name: bytes, fmt: RoundFormat | None, codec: DeltaCodec) -> RoundEngine:
+    compressor = None if fmt is None else Compressor(fmt, codec, name)
+    return RoundEngine(_trainer(index), get_aggregator("mean"), RoundConfig(local_steps=1), compressor=compressor)
+
+
+def _decoded(message: Message, fmt: RoundFormat | None, round_: int, sender: PeerId) -> torch.Tensor:
+    """What an honest receiver's assembler decodes of ``message`` sent by ``sender``."""
+    if message.compressed is None:
+        return message.increment
+    layout = TransferLayout.for_model(DIM, Message.ROWS, fmt or RoundFormat())
+    array = layout.decode(TransferKind.ROUND, bytes(message.compressed.payload), message.compressed.codec,
+                          round_, sender.raw)
+    return torch.from_numpy(array[0].copy())
+
+
+@pytest.mark.parametrize(("fmt", "codec"), [
+    (None, DeltaCodec.FP32),
+    (RoundFormat(), DeltaCodec.FP16),
+    (RoundFormat(Sparsifier.RANDK, 0.2, seed=3), DeltaCodec.FP16),  # random-k, a mask per sender
+], ids=["fp32", "fp16", "randk-fp16"])
+def test_each_front_sends_its_own_increment_and_every_replica_of_it_stays_exact(
+    fmt: RoundFormat | None, codec: DeltaCodec,
+) -> None:
+    fronts = [Identity.generate().peer_id for _ in range(3)]
+    names = [f"h{i}".encode() for i in range(HONEST)]
+    honest = [_engine(i, names[i], fmt, codec) for i in range(HONEST)]
+    attacker = _engine(HONEST, b"attacker", fmt, codec)
+    shaping = ShapedFronts(AttackPlan.tuned(Tactic.DIVERSIFIED), fronts, attacker.public, SEED, attacker.compressor)
+    for r in range(ROUNDS):
+        sent = []
+        for i, engine in enumerate(honest):
+            neighbours = {n.decode(): HONEST + 2 for n in names if n != names[i]} | {str(f): HONEST for f in fronts}
+            sent.append(engine.begin_round(neighbours))
+        attacker.begin_round({n.decode(): HONEST + 2 for n in names})
+        for i, message in enumerate(sent):
+            attacker.offer(names[i].decode(), r, message.increment)
+            for j, engine in enumerate(honest):
+                if j != i:
+                    engine.offer(names[i].decode(), r, message.increment)
+        shaped = shaping.shape(r, attacker, [n.decode() for n in names])
+        assert set(shaped) == set(fronts)
+        for front, mine in shaped.items():
+            received = _decoded(mine.message, fmt, r, front)
+            assert torch.equal(received, mine.message.increment)  # it tracks exactly what receivers decode
+            for engine in honest:
+                engine.offer(str(front), r, received)
+        for a, b in itertools.combinations(fronts, 2):
+            assert not torch.equal(shaped[a].message.increment, shaped[b].message.increment), (r, a, b)
+        for engine in [*honest, attacker]:
+            engine.finish_round()
+        for front in fronts:
+            state = shaping.public_state(front)
+            assert state is not None and state[1] == r
+            for engine in honest:
+                replica = engine.replica(str(front))
+                assert replica is not None and replica[1] == r
+                assert torch.equal(replica[0], state[0]), (r, front)  # bit-exact, every round
+    # the fronts are really apart: no two public models alike
+    publics = [shaping.public_state(f)[0] for f in fronts]  # type: ignore[index]
+    assert all(not torch.equal(a, b) for a, b in itertools.combinations(publics, 2))
+
+
+def test_a_sleeper_trains_clean_until_sleep_rounds_then_on_poisoned_data() -> None:
+    engine = RoundEngine(_trainer(HONEST), get_aggregator("mean"), RoundConfig(local_steps=1))
+    made: list[VectorTrainer] = []
+
+    def poisoned() -> VectorTrainer:
+        made.append(_trainer(HONEST + 1))  # another target: what it trains on once awake
+        return made[-1]
+
+    plan = dataclasses.replace(AttackPlan.tuned(Tactic.SLEEPER), sleep_rounds=3)
+    sleeper = Sleeper(plan, poisoned)
+    clean = engine.trainer
+    for r in range(3):
+        assert not sleeper.on_round(r, engine)
+        assert engine.trainer is clean and sleeper.awake_round is None
+        engine.begin_round({})
+        engine.finish_round()
+    held = engine.trainer.get_flat()
+    assert sleeper.on_round(3, engine)
+    assert sleeper.awake_round == 3 and len(made) == 1
+    assert engine.trainer is not clean and torch.equal(engine.trainer.get_flat(), held)  # from the model it holds
+    assert not sleeper.on_round(4, engine) and len(made) == 1  # once
+    assert Sleeper(AttackPlan.tuned(Tactic.DIVERSIFIED), poisoned).awake_round == 0  # others: poisoned from the start
+
+
+def test_a_sleeping_attackers_identities_start_on_clean_data(tmp_path) -> None:  # noqa: ANN001
+    configs = [load_config(None, {"node.data_dir": str(tmp_path / f"s{i}"), "learning.enabled": True,
+                                  "learning.attack": "label_flip", "learning.rounds": 10}) for i in range(2)]
+    sleeping = SybilAttacker(configs, dataclasses.replace(AttackPlan.tuned(Tactic.SLEEPER), sleep_rounds=3))
+    assert {c.learning.attack for c in sleeping.configs} == {Attack.NONE}
+    awake = SybilAttacker(configs, AttackPlan.tuned(Tactic.DIVERSIFIED))
+    assert {c.learning.attack for c in awake.configs} == {Attack.LABEL_FLIP}
