@@ -127,3 +127,17 @@ def test_a_sleeping_attackers_identities_start_on_clean_data(tmp_path) -> None: 
     assert {c.learning.attack for c in sleeping.configs} == {Attack.NONE}
     awake = SybilAttacker(configs, AttackPlan.tuned(Tactic.DIVERSIFIED))
     assert {c.learning.attack for c in awake.configs} == {Attack.LABEL_FLIP}
+
+
+def test_the_worker_runs_the_plan_its_scenario_gives_the_attacker() -> None:
+    from murmur.errors import ConfigError
+    from murmur.testnet.scenario import parse_scenario
+    from murmur.testnet.worker import attack_plan, attacker_arguments, parser
+
+    sc = parse_scenario('nodes = 4\n[topology]\ndegree = 2\n[duration]\nrounds = 5\n'
+                        '[[attackers]]\ntactic = "sleeper"\nsleep_rounds = 2\nboost = 1.5\n')
+    plan = sc.attackers[0].plan()
+    assert attack_plan(parser().parse_args([*attacker_arguments(plan), "a.toml"])) == plan
+    assert attack_plan(parser().parse_args(["a.toml"])) is None  # honest nodes
+    with pytest.raises(ConfigError, match="unknown tactic 'mimic'"):
+        attack_plan(parser().parse_args(["--attacker", "--tactic", "mimic", "a.toml"]))
