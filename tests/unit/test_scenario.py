@@ -53,6 +53,7 @@ def test_default_scenario_matches_the_issue() -> None:
     assert sc.privacy.enabled
     assert len(sc.attackers) == 1
     assert sc.attackers[0].kind is AttackKind.LABEL_FLIP and sc.attackers[0].sybils == 2
+    assert sc.attackers[0].tactic is Tactic.DIVERSIFIED  # the adaptive attacker (issue 15)
     assert [ev.action for ev in sc.churn] == [Action.CRASH, Action.RESTART]
     assert sc.churn[0].nodes == sc.churn[1].nodes
     # sized for < 3 minutes on 2 cores: the round deadline bounds the round phase
