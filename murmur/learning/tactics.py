@@ -58,14 +58,16 @@ class AttackPlan:
         parts = [f"boost {self.boost:g}", f"diversify {self.diversify:g}", f"fresh {self.fresh:g}"]
         if self.tactic is Tactic.SLEEPER:
             parts.append(f"sleeps {self.sleep_rounds} rounds")
+        if self.tactic is Tactic.FORGED_RECORDS:
+            parts.append(f"{self.forged_per_round} forged record(s) per neighbour a round")
         return f"{self.tactic.value} ({', '.join(parts)})"
 
 
-DAEMON_TACTICS = frozenset({Tactic.IDENTICAL, Tactic.DIVERSIFIED, Tactic.SLEEPER})
+DAEMON_TACTICS = frozenset({Tactic.IDENTICAL, Tactic.DIVERSIFIED, Tactic.FORGED_RECORDS, Tactic.SLEEPER})
 """The tactics a testnet attacker runs on real daemons (:mod:`murmur.testnet.sybil`).
-``unscored`` needs identities that skip rounds to force re-syncs, and
-``forged_records`` history records of made-up identities through the node's
-record path: both run in the simulator only (bench/sybil.py) for now."""
+``unscored`` needs identities that skip rounds to force re-syncs and serve
+the poison past the node's model-serving budgets: it runs in the simulator
+only (bench/sybil.py) for now."""
 
 
 TUNED: Mapping[Tactic, AttackPlan] = {

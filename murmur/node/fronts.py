@@ -4,8 +4,8 @@ A :class:`~murmur.node.learner.NodeLearner` behind several identities (an
 evaluation attacker, :mod:`murmur.testnet.sybil`) sends its one round message
 under each of them unless it has a :class:`FrontShaping`: then each identity
 sends the message the shaping made for it, states (signs) the public model
-that message makes, and serves that public model to a neighbour that asks
-for it (a re-sync), so that every neighbour's replica of each identity stays
+that message makes, serves that public model to a neighbour that asks for it
+(a re-sync), and sends the history records the shaping makes for it, so that every neighbour's replica of each identity stays
 exactly what the identity tracks. Only the daemon wiring lives here; what the
 identities send is the attacker's business (:mod:`murmur.learning.adversary`).
 """
@@ -19,7 +19,8 @@ from typing import Protocol
 import torch
 
 from murmur.learning.rounds import Message, RoundEngine
-from murmur.protocol.identity import PeerId
+from murmur.protocol.identity import Identity, PeerId
+from murmur.protocol.messages import HistoryRecord
 
 
 @dataclass(frozen=True)
@@ -41,4 +42,10 @@ class FrontShaping(Protocol):
     def public_state(self, front: PeerId) -> tuple[torch.Tensor, int] | None:
         """``front``'s public model and the round of the message it reflects
         (what a re-sync installs), or None when it sends the learner's own."""
+        ...
+
+    def records(self, front: Identity, peer: PeerId, engine: RoundEngine) -> Sequence[HistoryRecord]:
+        """History records ``front`` tells ``peer`` this round besides the
+        learner's own (sent through the node's record path, after the round
+        message, as every record is)."""
         ...

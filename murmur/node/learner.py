@@ -841,11 +841,16 @@ class NodeLearner:
     # -- SybilWall history gossip ---------------------------------------------------------
 
     async def _send_record(self, front: Node, peer: PeerId) -> None:
-        """One record for ``peer`` this round, if the aggregator picks one we can vouch for."""
+        """One record for ``peer`` this round, if the aggregator picks one we
+        can vouch for (and an attacker's shaping's records for it)."""
+        session = front.session(peer)
+        if self.shaping is not None and session is not None:
+            for forged in self.shaping.records(front.identity, peer, self.engine):
+                with contextlib.suppress(ConnectionClosed):
+                    await session.send(forged)
         if not self._gossips_records:
             return
         choice = self.aggregator.records_to_send(str(peer))
-        session = front.session(peer)
         if choice is None or session is None:
             return
         if choice.distance == 1:

@@ -12,15 +12,21 @@ What each identity sends is the attacker's :class:`~murmur.learning.tactics.Atta
 
 * ``identical`` (SPECS §2): the learner's one model delta under every
   identity, its update scaled by ``boost`` (:class:`BoostedUpdate`);
-* ``diversified`` and ``sleeper``: each identity its own round message, built
-  by the simulator's :class:`~murmur.learning.adversary.SybilShaper` from the
-  attacker's model and the honest public models it receives (:class:`ShapedFronts`);
-  the sleeper trains on clean data for ``sleep_rounds`` rounds, then on its
-  poisoned data.
+* ``diversified``, ``forged_records`` and ``sleeper``: each identity its own
+  round message, built by the simulator's
+  :class:`~murmur.learning.adversary.SybilShaper` from the attacker's model
+  and the honest public models it receives (:class:`ShapedFronts`); the
+  sleeper trains on clean data for ``sleep_rounds`` rounds, then on its
+  poisoned data; with ``forged_records`` each identity also tells each
+  honest neighbour, every round, of made-up identities ("twins") whose
+  public models are copies of honest peers' (their statements signed with
+  the twins' own keys, the records as first-hand observations of the
+  identity), through the node's real history-record path: the receivers'
+  record rules are what stops them.
 
-``unscored`` and ``forged_records`` run in the simulator only
-(:mod:`murmur.learning.simulate`, bench/sybil.py): a daemon attacker that
-chooses them is refused with one line (:data:`DAEMON_TACTICS`).
+``unscored`` runs in the simulator only (:mod:`murmur.learning.simulate`,
+bench/sybil.py): a daemon attacker that chooses it is refused with one line
+(:data:`~murmur.learning.tactics.DAEMON_TACTICS`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+import blake3
 import torch
 
 from murmur.errors import ConfigError
@@ -40,7 +47,9 @@ from murmur.node.config import Attack, NodeConfig
 from murmur.node.daemon import Node
 from murmur.node.fronts import FrontMessage
 from murmur.node.learner import NodeLearner
-from murmur.protocol.identity import PeerId
+from murmur.node.records import Statement, describe, observe, sign_statement
+from murmur.protocol.identity import Identity, PeerId
+from murmur.protocol.messages import HistoryRecord
 
 ATTACKER_AGGREGATOR = "mean"
 
@@ -81,8 +90,11 @@ class ShapedFronts:
             name: Compressor(compressor.format, compressor.codec, front.raw, compressor.rounding)
             for front, name in self.names.items()}
         self._round = -1  # the round of the last messages shaped
+        self._honest: list[str] = []  # the round's honest neighbours (their replicas are what it copies)
+        self._twins: dict[tuple[PeerId, str], Identity] = {}
 
     def shape(self, round_: int, engine: RoundEngine, neighbours: Sequence[str]) -> Mapping[PeerId, FrontMessage]:
+        self._honest = list(neighbours)
         honest = [replica[0] for peer in neighbours if (replica := engine.replica(peer)) is not None]
         sent: dict[str, Compressed] = {}
         increments = self.shaper.step(engine.public, honest, self._initial,
@@ -94,6 +106,37 @@ class ShapedFronts:
     def public_state(self, front: PeerId) -> tuple[torch.Tensor, int] | None:
         public = self.shaper.publics.get(self.names.get(front, ""))
         return None if public is None else (public.clone(), self._round)
+
+    def records(self, front: Identity, peer: PeerId, engine: RoundEngine) -> Sequence[HistoryRecord]:
+        """``forged_records``: ``forged_per_round`` first-hand records of
+        twins of the honest peers the attacker holds replicas of (but
+        ``peer``), drawn in turn, as the simulator's attacker tells them."""
+        plan = self.shaper.plan
+        copies = [h for h in self._honest if h != str(peer)]
+        if plan.tactic is not Tactic.FORGED_RECORDS or not copies:
+            return ()
+        out = []
+        for k in range(plan.forged_per_round):
+            original = copies[(self._round * plan.forged_per_round + k) % len(copies)]
+            replica = engine.replica(original)
+            if replica is None:
+                continue
+            model = replica[0].detach().to("cpu", torch.float32).numpy().copy()
+            twin = self._twin(front.peer_id, original)
+            digest, sketch = describe(model)
+            statement = Statement(replica[1], sign_statement(twin, replica[1], digest, sketch), sketch)
+            record = observe(front, twin.peer_id, replica[1], model, statement)
+            if record is not None:
+                out.append(record)
+        return out
+
+    def _twin(self, front: PeerId, original: str) -> Identity:
+        """The made-up identity whose model copies ``original``'s (one per front and original)."""
+        twin = self._twins.get((front, original))
+        if twin is None:
+            seed = blake3.blake3(b"murmur-sybil-twin" + front.raw + original.encode()).digest()
+            twin = self._twins[(front, original)] = Identity.from_seed(seed)
+        return twin
 
 
 class SybilAttacker:

@@ -91,3 +91,55 @@ async def test_diversified_fronts_send_their_own_models_and_sybilwall_keeps_them
         if attacker is not None:
             await attacker.close()
         await asyncio.gather(*(n.stop() for n in nodes))
+
+
+async def test_forged_twin_records_go_through_the_real_record_path(tmp_path: Path) -> None:
+    """Each identity tells its honest neighbours of made-up twins of honest
+    peers: signed records that pass every signature check, so only the
+    receivers' record rules stand between them and SybilWall."""
+    nodes: list[Node] = []
+    attacker: SybilAttacker | None = None
+    try:
+        bootstrap: tuple = ()
+        for i in range(HONEST):
+            node = Node(node_config(tmp_path / f"n{i}", bootstrap=bootstrap, overrides={
+                **LEARNING, "learning.node_index": i, "learning.aggregator": "sybilwall"}))
+            await node.start()
+            nodes.append(node)
+            bootstrap = bootstrap or (node.addrs[0],)
+        configs = [node_config(tmp_path / f"sybil{j}", bootstrap=bootstrap, overrides={
+            **LEARNING, "learning.node_index": HONEST, "learning.attack": "label_flip", "network.neighbours": 2})
+            for j in range(SYBILS)]
+        attacker = SybilAttacker(configs, AttackPlan.tuned(Tactic.FORGED_RECORDS))
+        await attacker.__aenter__()
+        shaping = attacker.learner.shaping if attacker.learner is not None else None
+        assert isinstance(shaping, ShapedFronts)
+        honest = {str(n.peer_id) for n in nodes}
+        fronts = {str(f.peer_id) for f in attacker.fronts}
+        held: set[str] = set()
+
+        def twins_held() -> bool:
+            for n in nodes:
+                held.update(p for p in n.learner.aggregator.known_peers() if p not in honest | fronts)
+            return bool(held)
+
+        await wait_until(twins_held, RUN_TIMEOUT_S, "an honest node holding a forged twin's record")
+        await wait_until(lambda: all(n.learner.round >= ROUNDS for n in nodes), RUN_TIMEOUT_S, "all rounds done")
+        twins = {str(t.peer_id) for t in shaping._twins.values()}
+        assert held <= twins, held - twins  # every record of a stranger an honest node held was a forged one
+        statuses = [n.learner.status() for n in nodes]
+        sybil_w = [w for s in statuses for p, w in s["weights"].items() if p in fronts]
+        honest_w = [w for s in statuses for p, w in s["weights"].items() if p in honest]
+        accuracy = sum(s["accuracy"] for s in statuses) / len(statuses)
+        attack = sum(s["attack_rate"] for s in statuses) / len(statuses)
+        mean_honest = sum(honest_w) / len(honest_w)
+        print(f"forged: twins held {len(held)}, accuracy {accuracy:.3f} attack {attack:.3f} "
+              f"sybil weight {sybil_w} honest weight {mean_honest:.3f}")
+        # The twins make no honest peer look like a clone, and the Sybils stay light.
+        assert mean_honest >= 0.1, (mean_honest, honest_w)
+        assert not sybil_w or sum(sybil_w) / len(sybil_w) <= 0.05, sybil_w
+        assert attack <= 0.1, attack
+    finally:
+        if attacker is not None:
+            await attacker.close()
+        await asyncio.gather(*(n.stop() for n in nodes))

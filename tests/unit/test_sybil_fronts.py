@@ -141,3 +141,30 @@ def test_the_worker_runs_the_plan_its_scenario_gives_the_attacker() -> None:
     assert attack_plan(parser().parse_args(["a.toml"])) is None  # honest nodes
     with pytest.raises(ConfigError, match="unknown tactic 'mimic'"):
         attack_plan(parser().parse_args(["--attacker", "--tactic", "mimic", "a.toml"]))
+
+
+def test_forged_records_name_made_up_twins_and_pass_every_signature_check() -> None:
+    from murmur.node.records import check_record, describe
+
+    fronts = [Identity.generate() for _ in range(2)]
+    names = [f"h{i}" for i in range(HONEST)]
+    honest = [_engine(i, names[i].encode(), None, DeltaCodec.FP32) for i in range(HONEST)]
+    attacker = _engine(HONEST, b"attacker", None, DeltaCodec.FP32)
+    sent = [e.begin_round({}) for e in honest]
+    attacker.begin_round(dict.fromkeys(names, HONEST))
+    for name, message in zip(names, sent, strict=True):
+        attacker.offer(name, 0, message.increment)
+    peer = Identity.generate().peer_id  # the honest neighbour told
+    forging = ShapedFronts(AttackPlan.tuned(Tactic.FORGED_RECORDS), [f.peer_id for f in fronts], attacker.public, SEED)
+    forging.shape(0, attacker, names)
+    records = forging.records(fronts[0], peer, attacker)
+    assert len(records) == AttackPlan.tuned(Tactic.FORGED_RECORDS).forged_per_round
+    for record in records:
+        check_record(record)  # both signatures hold: only the record rules can refuse it
+        assert record.observer == fronts[0].peer_id and record.distance == 1 and record.round == 0
+        assert record.subject not in {f.peer_id for f in fronts} | {peer}
+        copies = [describe(attacker.replica(n)[0].numpy())[0] for n in names]  # type: ignore[index]
+        assert record.digest in copies  # a copy of an honest peer's public model
+    diversified = ShapedFronts(AttackPlan.tuned(Tactic.DIVERSIFIED), [f.peer_id for f in fronts], attacker.public, SEED)
+    diversified.shape(0, attacker, names)
+    assert diversified.records(fronts[0], peer, attacker) == ()
