@@ -3,9 +3,8 @@
 SPECS section 2's attacker sends its one poisoned model under every identity,
 which similarity catches at once. An attacker that read how it is caught does
 better; each :class:`Tactic` is one such attacker, run by the simulator
-(:mod:`murmur.learning.simulate`) and, ``identical``, ``diversified`` and
-``sleeper``, by the testnet's Sybils on real daemons
-(:mod:`murmur.testnet.sybil`, the same :class:`SybilShaper` and
+(:mod:`murmur.learning.simulate`) and by the testnet's Sybils on real
+daemons (:mod:`murmur.testnet.sybil`, the same :class:`SybilShaper` and
 :class:`Sleeper`), with the strength it reached when tuned
 against SybilWall (``AttackPlan.tuned``; bench/sybil.py measures every tactic
 against every aggregator):

@@ -63,13 +63,6 @@ class AttackPlan:
         return f"{self.tactic.value} ({', '.join(parts)})"
 
 
-DAEMON_TACTICS = frozenset({Tactic.IDENTICAL, Tactic.DIVERSIFIED, Tactic.FORGED_RECORDS, Tactic.SLEEPER})
-"""The tactics a testnet attacker runs on real daemons (:mod:`murmur.testnet.sybil`).
-``unscored`` needs identities that skip rounds to force re-syncs and serve
-the poison past the node's model-serving budgets: it runs in the simulator
-only (bench/sybil.py) for now."""
-
-
 TUNED: Mapping[Tactic, AttackPlan] = {
     Tactic.IDENTICAL: AttackPlan(),
     Tactic.DIVERSIFIED: AttackPlan(Tactic.DIVERSIFIED, boost=1.0, diversify=1.0),

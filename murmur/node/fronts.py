@@ -26,9 +26,11 @@ from murmur.protocol.messages import HistoryRecord
 @dataclass(frozen=True)
 class FrontMessage:
     """One identity's round message and the public model it makes (as that
-    identity's neighbours' replicas hold it after adding the message)."""
+    identity's neighbours' replicas hold it after adding the message), or
+    no message: the identity skips the round (its neighbours' replicas then
+    see a gap at its next message and ask it for its public model)."""
 
-    message: Message
+    message: Message | None
     public: torch.Tensor
 
 

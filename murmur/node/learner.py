@@ -347,7 +347,8 @@ class NodeLearner:
         self.engine.add_neighbour(str(session.peer), max(1, session.peer_degree))
         self._arrived.set()
         opened = self._open
-        if opened is not None and opened.round == self.engine.round and (front.peer_id, session.peer) not in opened.sent:
+        if (opened is not None and opened.round == self.engine.round and front.peer_id not in opened.silent
+                and (front.peer_id, session.peer) not in opened.sent):
             opened.sent.add((front.peer_id, session.peer))
             self.outbox.start((front.peer_id, session.peer, TransferKind.ROUND),
                               self._send_delta(front, session.peer, opened.round, opened.delta_for(front),
@@ -559,12 +560,14 @@ class NodeLearner:
             metas[front.peer_id] = self.layout.meta(TransferKind.ROUND, degree=len(neighbours), **{
                 STATEMENT_META_KEY: sign_statement(front.identity, round_, digest, sketch),
                 SKETCH_META_KEY: sketch_bytes(sketch)})
-        routes = [route for p in neighbours for route in self._routes.get(p, ())]
+        silent = frozenset(front for front, mine in shaped.items() if mine.message is None)
+        routes = [route for p in neighbours for route in self._routes.get(p, ()) if route[0].peer_id not in silent]
         # Kept while the round is open: a neighbour that links meanwhile gets it too (on_linked).
         # Encoded and hashed once (per front), signed per neighbour.
         self._open = opened = _OpenRound(round_, sent, metas, {(front.peer_id, peer) for front, peer in routes},
                                          self.node.peer_id, self.compressor,
-                                         {front: mine.message for front, mine in shaped.items()})
+                                         {front: mine.message for front, mine in shaped.items() if mine.message is not None},
+                                         silent)
         if not routes:
             return
         sends = [(peer, self.outbox.start((front.peer_id, peer, TransferKind.ROUND),
@@ -817,11 +820,14 @@ class NodeLearner:
         if not session.linked or session.learner_info is None:
             log.debug("model request from a non-neighbour ignored", extra={"peer": str(session.peer)})
             return
+        # An evaluation attacker whose identities ask to be re-synced (the
+        # unscored tactic, murmur.node.fronts) serves them beyond the budgets.
+        budgeted = self.shaping is None
         budget = self._model_budgets.setdefault(session.peer, RequestBudget(MODEL_SERVE_BURST, MODEL_SERVE_REFILL_S))
-        if not budget.take():
+        if budgeted and not budget.take():
             raise LimitExceeded("public model requested too often")
         key = (front.peer_id, session.peer, TransferKind.MODEL)
-        if self.outbox.busy(key) or not self._model_serving.take():
+        if self.outbox.busy(key) or (budgeted and not self._model_serving.take()):
             return
         self.outbox.start(key, self._serve_model(front, session))
 
@@ -1054,6 +1060,7 @@ class _OpenRound:
     own: PeerId  # the identity the engine compressed for
     compressor: Compressor | None
     shaped: Mapping[PeerId, Message] = field(default_factory=dict)  # an attacker's identities' own messages
+    silent: frozenset[PeerId] = frozenset()  # an attacker's identities that send nothing this round
     prepared: dict[PeerId, PreparedDelta] = field(default_factory=dict)
 
     def delta_for(self, front: Node) -> PreparedDelta:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from murmur.errors import ConfigError, OptionError
-from murmur.learning.tactics import DAEMON_TACTICS, AttackPlan, Tactic, with_strength
+from murmur.learning.tactics import AttackPlan, Tactic, with_strength
 from murmur.node.config import (
     Codec,
     MaskName,
@@ -640,11 +640,6 @@ def _cross_checks(sc: Scenario) -> Iterable[tuple[tuple[str | int, ...], str]]:
     for a, attacker in enumerate(sc.attackers):
         if attacker.edges_per_sybil > sc.nodes:
             yield ("attackers", a, "edges_per_sybil"), f"must be <= nodes ({sc.nodes})"
-        if attacker.tactic not in DAEMON_TACTICS:
-            runs = ", ".join(t.value for t in Tactic if t in DAEMON_TACTICS)
-            yield (("attackers", a, "tactic"),
-                   f"{attacker.tactic.value!r} runs in the simulator only (bench/sybil.py --tactics); "
-                   f"a testnet attacker runs {runs}")
     total = sc.total_nodes
     for o, override in enumerate(sc.links.overrides):
         for i in override.nodes:

@@ -22,11 +22,11 @@ What each identity sends is the attacker's :class:`~murmur.learning.tactics.Atta
   public models are copies of honest peers' (their statements signed with
   the twins' own keys, the records as first-hand observations of the
   identity), through the node's real history-record path: the receivers'
-  record rules are what stops them.
-
-``unscored`` runs in the simulator only (:mod:`murmur.learning.simulate`,
-bench/sybil.py): a daemon attacker that chooses it is refused with one line
-(:data:`~murmur.learning.tactics.DAEMON_TACTICS`).
+  record rules are what stops them;
+* ``unscored``: honest-looking messages (the mean honest increment) every
+  other round, each after a gap, so that every honest replica of the
+  identity asks to be re-synced and gets the poisoned model it serves
+  (without the honest node's serving budgets: an attacker serves what it likes).
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ from collections.abc import Mapping, Sequence
 import blake3
 import torch
 
-from murmur.errors import ConfigError
 from murmur.learning.adversary import Sleeper, SybilShaper, compressed_wire
 from murmur.learning.compression import Compressed, Compressor
 from murmur.learning.rounds import Message, RoundEngine
-from murmur.learning.tactics import DAEMON_TACTICS, AttackPlan, Tactic
+from murmur.learning.tactics import AttackPlan, Tactic
 from murmur.learning.trainers.registry import create_trainer
 from murmur.node.config import Attack, NodeConfig
 from murmur.node.daemon import Node
@@ -52,6 +51,11 @@ from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.messages import HistoryRecord
 
 ATTACKER_AGGREGATOR = "mean"
+UNSCORED_EVERY = 2
+"""An ``unscored`` identity sends one round message in this many rounds: a
+gap before each, so that every replica of it is re-synced from the model it
+serves. More often is not possible: with a message every round no replica
+has a gap."""
 
 
 class BoostedUpdate:
@@ -92,20 +96,74 @@ class ShapedFronts:
         self._round = -1  # the round of the last messages shaped
         self._honest: list[str] = []  # the round's honest neighbours (their replicas are what it copies)
         self._twins: dict[tuple[PeerId, str], Identity] = {}
+        # What a re-sync installs of each identity (its public model and the
+        # round it reflects), and what its replicas hold after its last message.
+        self._states: dict[PeerId, tuple[torch.Tensor, int]] = {}
+        self._held: dict[PeerId, tuple[torch.Tensor, int]] = {}
+        self._seen: dict[str, tuple[torch.Tensor, int]] = {}  # unscored: honest replicas at the last round
+        self._mimic: torch.Tensor | None = None  # unscored: the latest mean honest increment
 
     def shape(self, round_: int, engine: RoundEngine, neighbours: Sequence[str]) -> Mapping[PeerId, FrontMessage]:
         self._honest = list(neighbours)
+        self._round = round_
+        if self.shaper.plan.tactic is Tactic.UNSCORED:
+            return self._unscored(round_, engine)
         honest = [replica[0] for peer in neighbours if (replica := engine.replica(peer)) is not None]
         sent: dict[str, Compressed] = {}
         increments = self.shaper.step(engine.public, honest, self._initial,
                                       compressed_wire(self._compressors, round_, sent))
-        self._round = round_
-        return {front: FrontMessage(Message(increments[name], sent.get(name)), self.shaper.publics[name])
-                for front, name in self.names.items()}
+        out = {}
+        for front, name in self.names.items():
+            public = self.shaper.publics[name]
+            self._states[front] = self._held[front] = (public, round_)
+            out[front] = FrontMessage(Message(increments[name], sent.get(name)), public)
+        return out
+
+    def _unscored(self, round_: int, engine: RoundEngine) -> Mapping[PeerId, FrontMessage]:
+        """``unscored``: every other round each identity skips its message,
+        so that its next one, the mean honest increment, finds a gap in every
+        replica of it; the receiver then asks for the identity's public model,
+        and gets its shaped (poisoned) model less that increment. The shaper
+        tracks what the replicas then hold: the served model plus the increment."""
+        self._note_honest_increments(engine)
+        if round_ % UNSCORED_EVERY != UNSCORED_EVERY - 1:
+            return {front: FrontMessage(None, self._states.get(front, (self._initial, -1))[0]) for front in self.names}
+        honest = [replica[0] for peer in self._honest if (replica := engine.replica(peer)) is not None]
+        sent: dict[str, Compressed] = {}
+        wire = compressed_wire(self._compressors, round_, sent)
+        self.shaper.step(engine.public, honest, self._initial, wire)
+        mimic = self._mimic if self._mimic is not None else torch.zeros_like(self._initial)
+        out = {}
+        for front, name in self.names.items():
+            clean = wire(name, mimic)  # what its neighbours decode of the honest-looking increment
+            served = self.shaper.publics[name] - clean  # the public model before it, served on re-sync
+            public = self.shaper.publics[name] = served.clone().add_(clean)  # as every replica adds it
+            self._states[front], self._held[front] = (served, round_ - 1), (public, round_)
+            out[front] = FrontMessage(Message(clean, sent.get(name)), public)
+        return out
+
+    def _note_honest_increments(self, engine: RoundEngine) -> None:
+        """The mean of the honest increments seen since the last round (replica differences)."""
+        steps = []
+        for peer in self._honest:
+            replica = engine.replica(peer)
+            if replica is None:
+                continue
+            before = self._seen.get(peer)
+            if before is not None and replica[1] == before[1] + 1:
+                steps.append(replica[0] - before[0])
+            self._seen[peer] = (replica[0].clone(), replica[1])
+        if steps:
+            self._mimic = torch.stack(steps).mean(dim=0)
 
     def public_state(self, front: PeerId) -> tuple[torch.Tensor, int] | None:
-        public = self.shaper.publics.get(self.names.get(front, ""))
-        return None if public is None else (public.clone(), self._round)
+        state = self._states.get(front)
+        return None if state is None else (state[0].clone(), state[1])
+
+    def replica_state(self, front: PeerId) -> tuple[torch.Tensor, int] | None:
+        """What every replica of ``front`` holds after its last message, and that message's round."""
+        held = self._held.get(front)
+        return None if held is None else (held[0].clone(), held[1])
 
     def records(self, front: Identity, peer: PeerId, engine: RoundEngine) -> Sequence[HistoryRecord]:
         """``forged_records``: ``forged_per_round`` first-hand records of
@@ -147,9 +205,6 @@ class SybilAttacker:
             raise ValueError("a Sybil attacker needs at least one identity")
         if not 0 <= lead_rounds < configs[0].learning.rounds:
             raise ValueError("lead_rounds must be in [0, learning.rounds)")
-        if plan.tactic not in DAEMON_TACTICS:
-            raise ConfigError(f"attacker tactic {plan.tactic.value!r} runs in the simulator only (bench/sybil.py); "
-                              f"a testnet attacker runs {', '.join(t.value for t in Tactic if t in DAEMON_TACTICS)}")
         self.plan = plan
         self.lead_rounds = lead_rounds
         self._poisoned = configs[0].learning  # what the attacker trains on once awake

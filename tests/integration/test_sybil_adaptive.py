@@ -2,10 +2,12 @@
 
 A diversified attacker's identities each send a round message of their own
 (murmur.learning.adversary's SybilShaper, as in the simulator), so that they
-look no more alike than honest peers. On real sockets, signed and chunked:
-every honest replica of each identity must be exactly the public model the
-attacker tracks for it (the replicas differ pairwise: the identities really
-send different models), and SybilWall must still keep their weight low.
+look no more alike than honest peers; an unscored one sends honest-looking
+messages after gaps and serves its poisoned models on the re-syncs the gaps
+cause. On real sockets, signed and chunked: every honest replica of each
+identity must be exactly the public model the attacker tracks for it (the
+replicas differ pairwise: the identities really hold different models), and
+SybilWall must still keep their weight low.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import itertools
 from pathlib import Path
 
+import pytest
 import torch
 
 from murmur.learning.tactics import AttackPlan, Tactic
@@ -42,7 +45,10 @@ LEARNING = {
 }
 
 
-async def test_diversified_fronts_send_their_own_models_and_sybilwall_keeps_them_light(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tactic", [Tactic.DIVERSIFIED, Tactic.UNSCORED])
+async def test_adaptive_fronts_hold_their_own_models_and_sybilwall_keeps_them_light(
+    tmp_path: Path, tactic: Tactic,
+) -> None:
     nodes: list[Node] = []
     attacker: SybilAttacker | None = None
     try:
@@ -56,7 +62,7 @@ async def test_diversified_fronts_send_their_own_models_and_sybilwall_keeps_them
         configs = [node_config(tmp_path / f"sybil{j}", bootstrap=bootstrap, overrides={
             **LEARNING, "learning.node_index": HONEST, "learning.attack": "label_flip", "network.neighbours": 2})
             for j in range(SYBILS)]
-        attacker = SybilAttacker(configs, AttackPlan.tuned(Tactic.DIVERSIFIED))
+        attacker = SybilAttacker(configs, AttackPlan.tuned(tactic))
         await attacker.__aenter__()
         assert attacker.learner is not None
         shaping = attacker.learner.shaping
@@ -64,16 +70,19 @@ async def test_diversified_fronts_send_their_own_models_and_sybilwall_keeps_them
         await wait_until(lambda: all(n.learner.round >= ROUNDS for n in nodes), RUN_TIMEOUT_S, "all rounds done")
 
         # Every replica an honest node holds of an identity is that identity's
-        # public model as the attacker tracks it, bit for bit, at the same round.
+        # public model as the attacker tracks it, bit for bit, at the same round
+        # (unscored: the model it served on re-sync plus its last message).
         fronts = {str(f.peer_id): f.peer_id for f in attacker.fronts}
         compared: dict[str, torch.Tensor] = {}
         for node in nodes:
             for name, peer in fronts.items():
                 replica = node.learner.engine.replica(name)
-                state = shaping.public_state(peer)
+                state = shaping.replica_state(peer)
                 if replica is None or state is None or replica[1] != state[1]:
                     continue  # not a neighbour of this identity, or its last message came late
                 assert torch.equal(replica[0], state[0]), (node.peer_id, name)
+                served = shaping.public_state(peer)
+                assert served is not None and served[1] == (state[1] - 1 if tactic is Tactic.UNSCORED else state[1])
                 compared[name] = replica[0]
         assert set(compared) == set(fronts), "no honest replica of some identity at its last round"
         for a, b in itertools.combinations(compared, 2):
@@ -84,7 +93,8 @@ async def test_diversified_fronts_send_their_own_models_and_sybilwall_keeps_them
         mean_sybil = sum(sybil_w) / len(sybil_w) if sybil_w else 0.0
         accuracy = sum(s["accuracy"] for s in statuses) / len(statuses)
         attack = sum(s["attack_rate"] for s in statuses) / len(statuses)
-        print(f"accuracy {accuracy:.3f} attack {attack:.3f} sybil weight {mean_sybil:.3f} ({len(sybil_w)} weights)")
+        print(f"{tactic.value}: accuracy {accuracy:.3f} attack {attack:.3f} sybil weight {mean_sybil:.3f} "
+              f"({len(sybil_w)} weights)")
         assert mean_sybil <= 0.05, (mean_sybil, sybil_w)
         assert attack <= 0.1, attack
     finally:

@@ -180,8 +180,6 @@ nodes = [2]
         ("[[attackers]]\nkind = \"poison\"\n", "poison", "attackers[0].kind: unknown kind 'poison' (expected one of label_flip, backdoor)"),
         ("[[attackers]]\ntactic = \"mimic\"\n", "mimic", "attackers[0].tactic: unknown tactic 'mimic' "
          "(expected one of identical, diversified, unscored, forged_records, sleeper)"),
-        ("[[attackers]]\ntactic = \"unscored\"\n", "unscored", "attackers[0].tactic: 'unscored' runs in the "
-         "simulator only (bench/sybil.py --tactics); a testnet attacker runs identical, diversified, forged_records, sleeper"),
         ("[[attackers]]\ntactic = \"diversified\"\nboost = 0\n", "boost", "attackers[0].boost: must be a finite number > 0, got 0.0"),
         ("[[attackers]]\ntactic = \"sleeper\"\nsleep_rounds = -1\n", "sleep_rounds", "attackers[0].sleep_rounds: must be >= 0, got -1"),
         ("[[churn]]\nat_round = 3\naction = \"loss\"\n", "[[churn]]", "churn[0].percent: is required for loss"),

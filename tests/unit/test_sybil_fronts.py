@@ -96,6 +96,51 @@ def test_each_front_sends_its_own_increment_and_every_replica_of_it_stays_exact(
     assert all(not torch.equal(a, b) for a, b in itertools.combinations(publics, 2))
 
 
+@pytest.mark.parametrize("codec", [DeltaCodec.FP32, DeltaCodec.FP16])
+def test_unscored_fronts_skip_every_other_round_and_replicas_resync_to_their_poison(codec: DeltaCodec) -> None:
+    """An unscored identity's messages are honest-looking (the mean honest
+    increment), each after a gap: a receiver files it only after a re-sync,
+    and then holds exactly what the identity tracks, the poison included."""
+    from murmur.learning.rounds import Offer
+    from murmur.testnet.sybil import UNSCORED_EVERY
+
+    fmt = None if codec is DeltaCodec.FP32 else RoundFormat()
+    fronts = [Identity.generate().peer_id for _ in range(2)]
+    names = [f"h{i}" for i in range(HONEST)]
+    honest = [_engine(i, names[i].encode(), fmt, codec) for i in range(HONEST)]
+    attacker = _engine(HONEST, b"attacker", fmt, codec)
+    shaping = ShapedFronts(AttackPlan.tuned(Tactic.UNSCORED), fronts, attacker.public, SEED, attacker.compressor)
+    sent_rounds = []
+    for r in range(2 * UNSCORED_EVERY + 1):
+        sent = [e.begin_round({n: HONEST + 1 for n in names if n != names[i]} | {str(f): HONEST for f in fronts})
+                for i, e in enumerate(honest)]
+        attacker.begin_round(dict.fromkeys(names, HONEST + 1))
+        for i, message in enumerate(sent):
+            attacker.offer(names[i], r, message.increment)
+            for j, engine in enumerate(honest):
+                if j != i:
+                    engine.offer(names[i], r, message.increment)
+        shaped = shaping.shape(r, attacker, names)
+        if all(mine.message is None for mine in shaped.values()):
+            for engine in [*honest, attacker]:
+                engine.finish_round()
+            continue
+        sent_rounds.append(r)
+        for front, mine in shaped.items():
+            assert mine.message is not None
+            received = _decoded(mine.message, fmt, r, front)
+            for engine in honest:
+                assert engine.offer(str(front), r, received) is Offer.NEEDS_SYNC  # a gap: it must ask
+                model, state_round = shaping.public_state(front)  # type: ignore[misc]
+                assert engine.set_replica(str(front), model, state_round) is Offer.ACCEPTED
+                held = shaping.replica_state(front)
+                assert held is not None and held[1] == r
+                assert torch.equal(engine.replica(str(front))[0], held[0])  # type: ignore[index]
+        for engine in [*honest, attacker]:
+            engine.finish_round()
+    assert sent_rounds == [r for r in range(2 * UNSCORED_EVERY + 1) if r % UNSCORED_EVERY == UNSCORED_EVERY - 1]
+
+
 def test_a_sleeper_trains_clean_until_sleep_rounds_then_on_poisoned_data() -> None:
     engine = RoundEngine(_trainer(HONEST), get_aggregator("mean"), RoundConfig(local_steps=1))
     made: list[VectorTrainer] = []
