@@ -3,8 +3,9 @@
 SPECS section 2's attacker sends its one poisoned model under every identity,
 which similarity catches at once. An attacker that read how it is caught does
 better; each :class:`Tactic` is one such attacker, run by the simulator
-(:mod:`murmur.learning.simulate`) and by the testnet's Sybils
-(:mod:`murmur.testnet.sybil`), with the strength it reached when tuned
+(:mod:`murmur.learning.simulate`) and by the testnet's Sybils on real
+daemons (:mod:`murmur.testnet.sybil`, the same :class:`SybilShaper` and
+:class:`Sleeper`), with the strength it reached when tuned
 against SybilWall (``AttackPlan.tuned``; bench/sybil.py measures every tactic
 against every aggregator):
 
@@ -31,59 +32,22 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
 
 import torch
 
-from murmur.enums import ParsedEnum
+from murmur.learning.compression import Compressed, Compressor
+from murmur.learning.rounds import RoundEngine
+from murmur.learning.tactics import TUNED, AttackPlan, Tactic, with_strength
+from murmur.learning.trainers.base import Trainer
+from murmur.learning.trainers.checked import checked
+
+__all__ = ["TUNED", "AttackPlan", "Sleeper", "SybilShaper", "Tactic", "compressed_wire", "with_strength"]
 
 SHAPER_STREAM = 0x5B11  # seed stream of the Sybils' offset directions
 
 
-class Tactic(ParsedEnum):
-    IDENTICAL = "identical"
-    DIVERSIFIED = "diversified"
-    UNSCORED = "unscored"
-    FORGED_RECORDS = "forged_records"
-    SLEEPER = "sleeper"
-
-    @property
-    def diversifies(self) -> bool:
-        return self is not Tactic.IDENTICAL
-
-
-@dataclass(frozen=True)
-class AttackPlan:
-    """One adaptive attacker's tactic and strength."""
-
-    tactic: Tactic = Tactic.IDENTICAL
-    boost: float = 1.0  # the attacker's offset from the honest mean, scaled
-    diversify: float = 0.0  # each Sybil's fixed offset, in honest spreads
-    fresh: float = 0.0  # each Sybil's fresh offset every round, in honest spreads
-    sleep_rounds: int = 0  # sleeper: rounds of good behaviour before the attack
-    forged_per_round: int = 1  # forged_records: made-up twins a Sybil tells each neighbour of, a round
-
-    def __post_init__(self) -> None:
-        if not self.boost > 0 or self.diversify < 0 or self.fresh < 0 or self.sleep_rounds < 0:
-            raise ValueError("attack plan: boost must be > 0, diversify, fresh and sleep_rounds >= 0")
-
-    @classmethod
-    def tuned(cls, tactic: Tactic | str) -> AttackPlan:
-        """The strongest setting found for ``tactic`` against SybilWall (see bench/sybil.py --tune)."""
-        tactic = Tactic.parse(tactic)
-        return TUNED[tactic]
-
-    def sleeping(self, round_: int) -> bool:
-        return self.tactic is Tactic.SLEEPER and round_ < self.sleep_rounds
-
-
-TUNED: Mapping[Tactic, AttackPlan] = {
-    Tactic.IDENTICAL: AttackPlan(),
-    Tactic.DIVERSIFIED: AttackPlan(Tactic.DIVERSIFIED, boost=1.0, diversify=1.0),
-    Tactic.UNSCORED: AttackPlan(Tactic.UNSCORED, boost=1.0, diversify=1.0),
-    Tactic.FORGED_RECORDS: AttackPlan(Tactic.FORGED_RECORDS, boost=1.0, diversify=1.0),
-    Tactic.SLEEPER: AttackPlan(Tactic.SLEEPER, boost=1.0, diversify=1.0, sleep_rounds=10),
-}
+Wire = Callable[[str, torch.Tensor], torch.Tensor]
+"""``wire(sybil, q)``: what receivers decode of ``q`` sent under that identity."""
 
 
 class SybilShaper:
@@ -122,7 +86,7 @@ class SybilShaper:
 
     def increments(
         self, targets: Mapping[str, torch.Tensor], initial: torch.Tensor,
-        wire: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        wire: Wire | None = None,
     ) -> dict[str, torch.Tensor]:
         """The increment each Sybil sends, advancing its tracked public model by it.
 
@@ -139,6 +103,13 @@ class SybilShaper:
             out[s] = q
         return out
 
+    def step(
+        self, attacker: torch.Tensor, honest: Sequence[torch.Tensor], initial: torch.Tensor, wire: Wire | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One round: each Sybil's increment toward its :meth:`targets` (see
+        :meth:`increments`). The simulator and the testnet's Sybils both call this."""
+        return self.increments(self.targets(attacker, honest), initial, wire)
+
     def _direction(self, sybil: str, like: torch.Tensor) -> torch.Tensor:
         d = self._directions.get(sybil)
         if d is None:
@@ -148,6 +119,45 @@ class SybilShaper:
         return d
 
 
-def with_strength(plan: AttackPlan, **changes: float | int) -> AttackPlan:
-    """``plan`` with other strength settings (tuning sweeps)."""
-    return replace(plan, **changes)  # type: ignore[arg-type]
+class Sleeper:
+    """When the sleeper's attack starts: at its first round from
+    ``sleep_rounds`` on, the attacker's engine trains on poisoned data (a
+    fresh ``poisoned()`` trainer) from the model it holds. Any other plan is
+    awake from round 0 (its engine was built on poisoned data)."""
+
+    def __init__(self, plan: AttackPlan, poisoned: Callable[[], Trainer]) -> None:
+        self.plan = plan
+        self._poisoned = poisoned
+        self.awake_round: int | None = None if plan.sleeping(0) else 0  # the round its attack started
+
+    def on_round(self, round_: int, engine: RoundEngine) -> bool:
+        """Call before the attacker trains round ``round_`` (between rounds:
+        no training step may be running). True when the attack starts now."""
+        if self.awake_round is not None or self.plan.sleeping(round_):
+            return False
+        awake = checked(self._poisoned())
+        awake.set_flat(engine.trainer.get_flat())
+        engine.trainer = awake
+        self.awake_round = round_
+        return True
+
+
+def compressed_wire(compressors: Mapping[str, Compressor], round_: int,
+                    sent: dict[str, Compressed] | None = None) -> Wire:
+    """The wire of round ``round_`` when each Sybil compresses with its own
+    :class:`~murmur.learning.compression.Compressor` (its own mask where masks
+    are per sender): a shaped increment reaches the replicas only as its
+    receivers decode it. ``sent`` collects each identity's compressed message
+    (its wire bytes, which a daemon sends); a Sybil without a compressor
+    sends exact fp32."""
+
+    def wire(sybil: str, q: torch.Tensor) -> torch.Tensor:
+        compressor = compressors.get(sybil)
+        if compressor is None:
+            return q
+        compressed = compressor.compress(q, round_)
+        if sent is not None:
+            sent[sybil] = compressed
+        return compressed.dense
+
+    return wire

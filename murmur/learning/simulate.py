@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from murmur.learning.adversary import AttackPlan, SybilShaper, Tactic
+from murmur.learning.adversary import AttackPlan, Sleeper, SybilShaper, Tactic, compressed_wire
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdict, SybilWallAggregator
 from murmur.learning.compression import Compressor
@@ -34,7 +34,6 @@ from murmur.learning.rounds import Message, Perturber, RoundConfig, RoundEngine,
 from murmur.learning.sketch import model_sketch
 from murmur.learning.topology import Graph, random_regularish
 from murmur.learning.trainers.base import TrainerContext
-from murmur.learning.trainers.checked import checked
 from murmur.learning.trainers.registry import load_trainer
 from murmur.protocol.codecs import DeltaCodec, Rounding
 from murmur.protocol.delta import transfer_bytes
@@ -269,7 +268,6 @@ class _SimAttacker:
         layout: TransferLayout, sybil_compressors: Mapping[str, Compressor],
     ) -> None:
         self.attack, self.plan, self.links, self.names, self.graph = attack, attack.plan, links, names, graph
-        self._trainer = trainer
         self.layout = layout
         # With compressed gossip each Sybil's message is in the network's
         # format too (its own mask where masks are per sender): a shaped
@@ -279,15 +277,13 @@ class _SimAttacker:
                                   compressor=compressor)
         self.neighbours = {names[t]: len(graph[t]) for targets in links.values() for t in targets}
         self.shaper = SybilShaper(self.plan, list(links), seed)
+        self.sleeper = Sleeper(self.plan, lambda: trainer(False))
         self._initial = self.engine.public.clone()
 
     def play(self, r: int, sent: Mapping[str, Any], engines: list[RoundEngine], payloads: Payloads) -> None:
         """The attacker's round ``r``: it hears its neighbours first (a rushing
         adversary), then every Sybil's message (or re-sync) and records go out."""
-        if self.plan.tactic is Tactic.SLEEPER and r == self.plan.sleep_rounds:
-            awake = checked(self._trainer(False))  # the attack starts: poisoned data from now on
-            awake.set_flat(self.engine.trainer.get_flat())
-            self.engine.trainer = awake
+        self.sleeper.on_round(r, self.engine)  # a sleeper's attack starts: poisoned data from now on
         own = self.engine.begin_round(self.neighbours)
         for peer in self.neighbours:
             self.engine.offer(peer, r, sent[peer].increment)
@@ -298,13 +294,8 @@ class _SimAttacker:
                     engines[t].offer(sybil, r, increment)
             return
         honest = [replica[0] for peer in self.neighbours if (replica := self.engine.replica(peer)) is not None]
-        targets_of = self.shaper.targets(self.engine.public, honest)
-
-        def wire(sybil: str, q: torch.Tensor) -> torch.Tensor:
-            compressor = self._sybil_compressors.get(sybil)
-            return q if compressor is None else compressor.compress(q, r).dense
-
-        increments = self.shaper.increments(targets_of, self._initial, wire)
+        wire = compressed_wire(self._sybil_compressors, r)
+        increments = self.shaper.step(self.engine.public, honest, self._initial, wire)
         mimic = torch.stack([sent[p].increment for p in self.neighbours]).mean(dim=0)
         for sybil, targets in self.links.items():
             sent_mimic = wire(sybil, mimic)

@@ -94,6 +94,7 @@ from murmur.protocol.transport import ConnectionClosed
 
 if TYPE_CHECKING:
     from murmur.node.daemon import Node
+    from murmur.node.fronts import FrontShaping
     from murmur.node.session import Handler, PeerSession
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,8 @@ class NodeLearner:
     ``node`` owns the state dir, metrics and tasks. ``fronts`` are the nodes
     (identities) whose connections carry this learner's deltas: just ``node``
     for an honest peer; every Sybil identity for an attacker, which then sends
-    its one model under each identity to each identity's neighbours.
+    its one model under each identity to each identity's neighbours, or, with
+    a :attr:`shaping` (:mod:`murmur.node.fronts`), each identity's own.
     """
 
     def __init__(self, node: Node, fronts: Sequence[Node] | None = None) -> None:
@@ -198,6 +200,8 @@ class NodeLearner:
         # Records carry a digest and a sketch, never the model: any size gossips them.
         self._gossips_records = isinstance(self.aggregator, SybilWallAggregator)
         self._finished = False  # our rounds are over: we send no more round messages
+        # An attacker whose identities each send a message of their own (set before start()).
+        self.shaping: FrontShaping | None = None
         self._open: _OpenRound | None = None  # the open round's message, for neighbours linked mid-round
         self._timer: PhaseTimer | None = None  # the open round's, for the stall reason
         # neighbour key -> (front, peer) for every front linked to it: an
@@ -343,7 +347,8 @@ class NodeLearner:
         self.engine.add_neighbour(str(session.peer), max(1, session.peer_degree))
         self._arrived.set()
         opened = self._open
-        if opened is not None and opened.round == self.engine.round and (front.peer_id, session.peer) not in opened.sent:
+        if (opened is not None and opened.round == self.engine.round and front.peer_id not in opened.silent
+                and (front.peer_id, session.peer) not in opened.sent):
             opened.sent.add((front.peer_id, session.peer))
             self.outbox.start((front.peer_id, session.peer, TransferKind.ROUND),
                               self._send_delta(front, session.peer, opened.round, opened.delta_for(front),
@@ -546,16 +551,23 @@ class NodeLearner:
         self.layout.check_outgoing(TransferKind.ROUND, shape)
         # Each identity states (signs) the public model this message makes,
         # for its neighbours to vouch for in history records (node/records.py).
-        digest, sketch = describe(self.engine.public_state()[0].detach().to("cpu").numpy())
-        metas = {front.peer_id: self.layout.meta(TransferKind.ROUND, degree=len(neighbours), **{
-                     STATEMENT_META_KEY: sign_statement(front.identity, round_, digest, sketch),
-                     SKETCH_META_KEY: sketch_bytes(sketch)})
-                 for front in self.fronts}
-        routes = [route for p in neighbours for route in self._routes.get(p, ())]
+        shaped = self.shaping.shape(round_, self.engine, list(neighbours)) if self.shaping is not None else {}
+        own = describe(self.engine.public_state()[0].detach().to("cpu").numpy())
+        metas = {}
+        for front in self.fronts:
+            mine = shaped.get(front.peer_id)
+            digest, sketch = own if mine is None else describe(mine.public.detach().to("cpu").numpy())
+            metas[front.peer_id] = self.layout.meta(TransferKind.ROUND, degree=len(neighbours), **{
+                STATEMENT_META_KEY: sign_statement(front.identity, round_, digest, sketch),
+                SKETCH_META_KEY: sketch_bytes(sketch)})
+        silent = frozenset(front for front, mine in shaped.items() if mine.message is None)
+        routes = [route for p in neighbours for route in self._routes.get(p, ()) if route[0].peer_id not in silent]
         # Kept while the round is open: a neighbour that links meanwhile gets it too (on_linked).
         # Encoded and hashed once (per front), signed per neighbour.
         self._open = opened = _OpenRound(round_, sent, metas, {(front.peer_id, peer) for front, peer in routes},
-                                         self.node.peer_id, self.compressor)
+                                         self.node.peer_id, self.compressor,
+                                         {front: mine.message for front, mine in shaped.items() if mine.message is not None},
+                                         silent)
         if not routes:
             return
         sends = [(peer, self.outbox.start((front.peer_id, peer, TransferKind.ROUND),
@@ -808,18 +820,22 @@ class NodeLearner:
         if not session.linked or session.learner_info is None:
             log.debug("model request from a non-neighbour ignored", extra={"peer": str(session.peer)})
             return
+        # An evaluation attacker whose identities ask to be re-synced (the
+        # unscored tactic, murmur.node.fronts) serves them beyond the budgets.
+        budgeted = self.shaping is None
         budget = self._model_budgets.setdefault(session.peer, RequestBudget(MODEL_SERVE_BURST, MODEL_SERVE_REFILL_S))
-        if not budget.take():
+        if budgeted and not budget.take():
             raise LimitExceeded("public model requested too often")
         key = (front.peer_id, session.peer, TransferKind.MODEL)
-        if self.outbox.busy(key) or not self._model_serving.take():
+        if self.outbox.busy(key) or (budgeted and not self._model_serving.take()):
             return
         self.outbox.start(key, self._serve_model(front, session))
 
     async def _serve_model(self, front: Node, session: PeerSession) -> None:
         # The public model only: it is built from what we already sent (noisy
         # updates and consensus steps), so serving it reveals nothing new.
-        public, state_round = self.engine.public_state()
+        mine = self.shaping.public_state(front.peer_id) if self.shaping is not None else None
+        public, state_round = self.engine.public_state() if mine is None else mine
         model = public.detach().to("cpu").numpy()
         self.layout.check_outgoing(TransferKind.MODEL, model.shape)
         meta = self.layout.meta(TransferKind.MODEL, state_round=state_round)
@@ -831,11 +847,16 @@ class NodeLearner:
     # -- SybilWall history gossip ---------------------------------------------------------
 
     async def _send_record(self, front: Node, peer: PeerId) -> None:
-        """One record for ``peer`` this round, if the aggregator picks one we can vouch for."""
+        """One record for ``peer`` this round, if the aggregator picks one we
+        can vouch for (and an attacker's shaping's records for it)."""
+        session = front.session(peer)
+        if self.shaping is not None and session is not None:
+            for forged in self.shaping.records(front.identity, peer, self.engine):
+                with contextlib.suppress(ConnectionClosed):
+                    await session.send(forged)
         if not self._gossips_records:
             return
         choice = self.aggregator.records_to_send(str(peer))
-        session = front.session(peer)
         if choice is None or session is None:
             return
         if choice.distance == 1:
@@ -1038,22 +1059,28 @@ class _OpenRound:
     sent: set[tuple[PeerId, PeerId]]  # (front, neighbour) it went to
     own: PeerId  # the identity the engine compressed for
     compressor: Compressor | None
+    shaped: Mapping[PeerId, Message] = field(default_factory=dict)  # an attacker's identities' own messages
+    silent: frozenset[PeerId] = frozenset()  # an attacker's identities that send nothing this round
     prepared: dict[PeerId, PreparedDelta] = field(default_factory=dict)
 
     def delta_for(self, front: Node) -> PreparedDelta:
-        """The message encoded and hashed for ``front`` (once per front): the
-        compressor's own payload, or for an attacker's other identities with
-        per-sender masks, the same values at that identity's mask."""
-        key = front.peer_id if self.compressor is not None and self.compressor.per_sender else self.own
+        """The message encoded and hashed for ``front`` (once per front): its
+        own shaped message, the compressor's own payload, or for an
+        attacker's other identities with per-sender masks, the same values
+        at that identity's mask."""
+        mine = self.shaped.get(front.peer_id)
+        key = (front.peer_id if mine is not None or (self.compressor is not None and self.compressor.per_sender)
+               else self.own)
         prepared = self.prepared.get(key)
         if prepared is not None:
             return prepared
-        compressed = self.message.compressed
-        shape = tuple(self.message.stacked().shape)
+        message = mine if mine is not None else self.message
+        compressed = message.compressed
+        shape = tuple(message.stacked().shape)
         if compressed is None:
-            array = self.message.stacked().detach().to("cpu", torch.float32).contiguous().numpy()
+            array = message.stacked().detach().to("cpu", torch.float32).contiguous().numpy()
             prepared = PreparedDelta.prepare(array, DeltaCodec.FP32)
-        elif key == self.own or self.compressor is None:
+        elif mine is not None or key == self.own or self.compressor is None:
             prepared = PreparedDelta.of_payload(compressed.payload, compressed.codec, shape)
         else:
             payload = self.compressor.payload_as(self.message.increment, self.round, key.raw)

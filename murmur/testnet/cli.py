@@ -50,8 +50,10 @@ def print_result(result: RunResult) -> None:
         if s.get("epsilon_budget") is not None:
             line += f"; ε {fmt_number(s.get('final_epsilon'), 2)} of {s['epsilon_budget']:g}"
         if s.get("attacker_nodes"):
-            line += (f"; attack rate {fmt_number(s.get('final_attack_rate'))}; "
-                     f"weight to Sybils {fmt_number(s.get('final_weight_to_sybils'))}")
+            tactics = s.get("attacker_tactics") or []
+            line += (f"; attack rate {fmt_number(s.get('final_attack_rate'))}"
+                     + (f" ({'; '.join(tactics)})" if tactics else "")
+                     + f"; weight to Sybils {fmt_number(s.get('final_weight_to_sybils'))}")
         print(line)
         if s.get("connections") and (s.get("scenario_config") or {}).get("network"):  # how they reached one another
             print(f"connections at the end: {page.mix_text(s['connections'])}; hole punches: "

@@ -121,7 +121,7 @@ def summary_table(runs: Sequence[ComparedRun]) -> tuple[list[str], list[list[str
               f"final {metric} (worst)", "sent per node", "time per round", "duration", "ε spent"]
     attacked = any(r.summary.get("attacker_nodes") for r in runs)
     if attacked:
-        header += ["attack rate", "weight to Sybils"]
+        header += ["attacker", "attack rate", "weight to Sybils"]
     rows = []
     for r in runs:
         s = r.summary
@@ -132,7 +132,8 @@ def summary_table(runs: Sequence[ComparedRun]) -> tuple[list[str], list[list[str
                  fmt_number(s.get("final_worst_metric")), fmt_bytes(s.get("bytes_sent_mean")),
                  fmt_seconds(s.get("mean_round_s")), fmt_seconds(s.get("wall_s")), fmt_number(s.get("final_epsilon"), 2)]
         if attacked:
-            cells += [fmt_number(s.get("final_attack_rate")), fmt_number(s.get("final_weight_to_sybils"))]
+            cells += ["; ".join(s.get("attacker_tactics") or []) or "-", fmt_number(s.get("final_attack_rate")),
+                      fmt_number(s.get("final_weight_to_sybils"))]
         rows.append([html.escape(fmt_number(c)) for c in cells])
     return header, rows
 

@@ -74,6 +74,7 @@ from murmur.testnet.dashboard import DashboardServer, DashboardState, fill_from_
 from murmur.testnet.forkserver import ForkServer, ForkServerError
 from murmur.testnet.ports import find_free_port_block
 from murmur.testnet.procs import Supervisor, last_error
+from murmur.testnet.worker import attacker_arguments
 from murmur.testnet.report import write_report
 from murmur.testnet.scenario import (
     Action,
@@ -313,7 +314,8 @@ class Testnet:
             name = (f"attacker{first.attacker}" if attacker else
                     first.name if len(group) == 1 else f"nodes-{'-'.join(map(str, group))}")
             groups[name] = group
-            args = (["--attacker"] if attacker else []) + [str(paths[i]) for i in group]
+            attack = attacker_arguments(sc.attackers[first.attacker].plan()) if first.attacker is not None else []
+            args = attack + [str(paths[i]) for i in group]
             if self.plan is not None:  # a process runs on one host (process_groups saw to that)
                 args = ["--netns", self.plan.hosts[host_name(first)].ns, *args]
             self.procs[name] = WorkerProc(name, group, args, ctl_dir)

@@ -179,6 +179,8 @@ def summarize(run: RunData) -> dict[str, Any]:
         "mean_round_s": sum(phase_means.values()) if phase_means else None,
         "phase_means_s": phase_means,
         "final_attack_rate": statistics.fmean(final_attack) if final_attack else None,
+        # what each attacker's identities sent (its tactic and strengths), next to the rate it reached
+        "attacker_tactics": [a.plan().describe() for a in run.scenario.attackers],
         "final_weight_to_sybils": statistics.fmean(s for s, _ in splits) if splits else None,
         "final_weight_to_honest": statistics.fmean(h for _, h in splits) if splits else None,
         "links": links_label(run.scenario),
@@ -237,7 +239,9 @@ def summary_rows(summary: Mapping[str, Any], attackers: bool) -> list[tuple[str,
         rows.append(("Hole punches (DCUtR)", f"{successes} of {attempts} succeeded "
                      f"({fmt_number(100 * summary['punch_success_rate'], 0)} %)" if attempts else "none attempted"))
     if attackers:
-        rows += [("Final attack success rate (honest mean)", fmt_number(summary["final_attack_rate"])),
+        tactics = summary.get("attacker_tactics") or []
+        rows += [("Final attack success rate (honest mean)", fmt_number(summary["final_attack_rate"])
+                  + (f" against {'; '.join(tactics)} Sybils" if tactics else "")),
                  ("Final weight to Sybils", fmt_number(summary["final_weight_to_sybils"])),
                  ("Final weight to honest peers", fmt_number(summary["final_weight_to_honest"]))]
     return rows

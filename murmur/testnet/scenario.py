@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from murmur.errors import ConfigError, OptionError
+from murmur.learning.tactics import AttackPlan, Tactic, with_strength
 from murmur.node.config import (
     Codec,
     MaskName,
@@ -328,6 +329,22 @@ class AttackerSpec:
     kind: AttackKind = AttackKind.LABEL_FLIP
     sybils: int = _checked(1, _at_least(1))
     edges_per_sybil: int = _checked(1, _at_least(1))
+    # What each identity sends (murmur.learning.adversary); the strengths
+    # default to the tactic's tuned ones (AttackPlan.tuned).
+    tactic: Tactic = Tactic.IDENTICAL
+    boost: float | None = _checked(None, _finite_positive)  # the attacker's offset from the honest mean, scaled
+    diversify: float | None = _checked(None, _at_least(0.0))  # each identity's fixed offset, in honest spreads
+    fresh: float | None = _checked(None, _at_least(0.0))  # each identity's fresh offset every round, in honest spreads
+    sleep_rounds: int | None = _checked(None, _at_least(0))  # sleeper: clean rounds before the attack
+
+    def plan(self) -> AttackPlan:
+        """The tactic at its tuned strength, with the strengths this attacker sets."""
+        changes = {name: value for name in STRENGTHS if (value := getattr(self, name)) is not None}
+        return with_strength(AttackPlan.tuned(self.tactic), **changes)
+
+
+#: An attacker's strength settings (AttackerSpec fields that override AttackPlan.tuned).
+STRENGTHS = ("boost", "diversify", "fresh", "sleep_rounds")
 
 
 @dataclass(frozen=True)

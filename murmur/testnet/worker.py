@@ -8,7 +8,9 @@ nodes share one interpreter and one event loop. Training runs in worker
 threads (``asyncio.to_thread``), one torch thread per node.
 
 With ``--attacker`` every config is one identity of a single
-:class:`~murmur.testnet.sybil.SybilAttacker` (one poisoned learner).
+:class:`~murmur.testnet.sybil.SybilAttacker` (one poisoned learner), which
+runs ``--tactic`` at the strengths given (``--boost``, ``--diversify``,
+``--fresh``, ``--sleep-rounds``; :func:`attacker_arguments`).
 
 The controller steers a running worker through a Unix control socket: one JSON
 object per line in, one JSON reply per line out (see :class:`Command`).
@@ -52,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from murmur.errors import ConfigError, MurmurError, OptionError
+from murmur.learning.tactics import AttackPlan, Tactic, with_strength
 from murmur.fastexit import exit_after_shutdown
 from murmur.node import preflight as node_preflight
 from murmur.node.config import NodeConfig, load_config_with_source
@@ -246,12 +249,12 @@ class Worker:
 
 
 @contextlib.asynccontextmanager
-async def _running(configs: Sequence[NodeConfig], attacker: bool) -> AsyncIterator[list[Node]]:
+async def _running(configs: Sequence[NodeConfig], attacker: AttackPlan | None) -> AsyncIterator[list[Node]]:
     """Start the nodes (all or none) and stop them on exit, in reverse order."""
-    if attacker:
+    if attacker is not None:
         from murmur.testnet.sybil import SybilAttacker
 
-        async with SybilAttacker(configs) as sybils:
+        async with SybilAttacker(configs, attacker) as sybils:
             yield list(sybils.fronts)
         return
     nodes: list[Node] = []
@@ -316,7 +319,7 @@ async def _first(*events: asyncio.Event) -> None:
             w.cancel()
 
 
-async def serve(configs: Sequence[NodeConfig], *, attacker: bool, control: Path | None, standby: bool = False) -> None:
+async def serve(configs: Sequence[NodeConfig], *, attacker: AttackPlan | None, control: Path | None, standby: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -344,17 +347,47 @@ async def serve(configs: Sequence[NodeConfig], *, attacker: bool, control: Path 
                 control.unlink(missing_ok=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m murmur.testnet.worker", description=__doc__.split("\n\n")[0])
-    parser.add_argument("configs", nargs="+", type=Path, help="node config files (TOML), one per node")
-    parser.add_argument("--attacker", action="store_true", help="run the configs as the identities of one Sybil attacker")
-    parser.add_argument("--control", type=Path, help="Unix socket for control commands (partition/heal/start)")
-    parser.add_argument("--standby", action="store_true", help="import everything, then wait for 'start' on the control socket")
-    parser.add_argument("--netns", metavar="NAME", help="run in this network namespace (a host of the emulated internet)")
-    args = parser.parse_args(argv)
-    if args.standby and args.control is None:
-        parser.error("--standby needs --control (the start command arrives there)")
+def attacker_arguments(plan: AttackPlan) -> list[str]:
+    """The worker's arguments that run its configs as one attacker with ``plan``."""
+    return ["--attacker", "--tactic", plan.tactic.value, "--boost", repr(plan.boost), "--diversify",
+            repr(plan.diversify), "--fresh", repr(plan.fresh), "--sleep-rounds", str(plan.sleep_rounds)]
+
+
+def attack_plan(args: argparse.Namespace) -> AttackPlan | None:
+    """The plan :func:`attacker_arguments` gave (None: not an attacker)."""
+    if not args.attacker:
+        return None
     try:
+        plan = AttackPlan.tuned(args.tactic)
+        changes = {k: v for k, v in (("boost", args.boost), ("diversify", args.diversify), ("fresh", args.fresh),
+                                     ("sleep_rounds", args.sleep_rounds)) if v is not None}
+        return with_strength(plan, **changes)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m murmur.testnet.worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("configs", nargs="+", type=Path, help="node config files (TOML), one per node")
+    p.add_argument("--attacker", action="store_true", help="run the configs as the identities of one Sybil attacker")
+    p.add_argument("--tactic", default=Tactic.IDENTICAL.value, help="the attacker's tactic (murmur.learning.adversary)")
+    p.add_argument("--boost", type=float, help="the attacker's strengths (default: the tactic's tuned ones)")
+    p.add_argument("--diversify", type=float)
+    p.add_argument("--fresh", type=float)
+    p.add_argument("--sleep-rounds", type=int)
+    p.add_argument("--control", type=Path, help="Unix socket for control commands (partition/heal/start)")
+    p.add_argument("--standby", action="store_true", help="import everything, then wait for 'start' on the control socket")
+    p.add_argument("--netns", metavar="NAME", help="run in this network namespace (a host of the emulated internet)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.standby and args.control is None:
+        cli.error("--standby needs --control (the start command arrives there)")
+    try:
+        plan = attack_plan(args)
         if args.netns:
             from murmur.testnet.internet import enter_namespace
 
@@ -368,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from murmur.protocol.transport import tune_allocator
 
         tune_allocator()  # process-wide, as in `murmur node start`
-        uvloop.run(serve(configs, attacker=args.attacker, control=args.control, standby=args.standby))
+        uvloop.run(serve(configs, attacker=plan, control=args.control, standby=args.standby))
     except ConfigError as exc:
         print(f"{FATAL_PREFIX}config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

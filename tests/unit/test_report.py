@@ -30,6 +30,8 @@ epsilon = 5.0
 kind = "backdoor"
 sybils = 1
 edges_per_sybil = 2
+tactic = "sleeper"
+sleep_rounds = 3
 [[churn]]
 at_round = 4
 action = "crash"
@@ -167,6 +169,11 @@ def test_summary_numbers(written: tuple[Path, dict, dict]) -> None:
     assert summary["metric"] == {"name": "accuracy", "higher_is_better": True}
     assert summary["final_min_accuracy"] == min(honest_final) == summary["final_worst_metric"]
     assert summary["final_attack_rate"] == pytest.approx(0.5 / ROUNDS)
+    # the attacker's tactic next to the rate it reached
+    assert summary["attacker_tactics"] == ["sleeper (boost 1, diversify 1, fresh 0, sleeps 3 rounds)"]
+    index = (out / "index.html").read_text()
+    assert (f"<td>{summary['final_attack_rate']:.3f} against sleeper (boost 1, diversify 1, fresh 0, "
+            "sleeps 3 rounds) Sybils</td>") in index
     assert summary["rounds"] == ROUNDS
     assert summary["honest_nodes"] == 3 and summary["attacker_nodes"] == 1
     assert summary["final_weight_to_sybils"] == 0.0  # honest nodes down-weighted the Sybil to zero

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from murmur.errors import ConfigError
+from murmur.learning.tactics import AttackPlan, Tactic
 from murmur.node.config import load_config
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.testnet.scenario import (
@@ -52,6 +53,7 @@ def test_default_scenario_matches_the_issue() -> None:
     assert sc.privacy.enabled
     assert len(sc.attackers) == 1
     assert sc.attackers[0].kind is AttackKind.LABEL_FLIP and sc.attackers[0].sybils == 2
+    assert sc.attackers[0].tactic is Tactic.DIVERSIFIED  # the adaptive attacker (issue 15)
     assert [ev.action for ev in sc.churn] == [Action.CRASH, Action.RESTART]
     assert sc.churn[0].nodes == sc.churn[1].nodes
     # sized for < 3 minutes on 2 cores: the round deadline bounds the round phase
@@ -176,6 +178,10 @@ nodes = [2]
         ("[aggregator]\nnam = \"krum\"\n", "nam", "aggregator.nam: unknown field (known: name, options)"),
         ("[[attackers]]\nkind = \"label_flip\"\nsybils = 0\n", "sybils", "attackers[0].sybils: must be >= 1, got 0"),
         ("[[attackers]]\nkind = \"poison\"\n", "poison", "attackers[0].kind: unknown kind 'poison' (expected one of label_flip, backdoor)"),
+        ("[[attackers]]\ntactic = \"mimic\"\n", "mimic", "attackers[0].tactic: unknown tactic 'mimic' "
+         "(expected one of identical, diversified, unscored, forged_records, sleeper)"),
+        ("[[attackers]]\ntactic = \"diversified\"\nboost = 0\n", "boost", "attackers[0].boost: must be a finite number > 0, got 0.0"),
+        ("[[attackers]]\ntactic = \"sleeper\"\nsleep_rounds = -1\n", "sleep_rounds", "attackers[0].sleep_rounds: must be >= 0, got -1"),
         ("[[churn]]\nat_round = 3\naction = \"loss\"\n", "[[churn]]", "churn[0].percent: is required for loss"),
         ("[[churn]]\nat_round = 30\naction = \"heal\"\n", "at_round = 30", "churn[0].at_round: must be < duration.rounds (20)"),
         ("[[churn]]\nat_round = 3\naction = \"crash\"\nnodes = [9]\n", "nodes = [9]", "churn[0].nodes: node index 9 out of range (0..3)"),
@@ -204,6 +210,20 @@ def test_errors_name_line_and_field(tmp_path: Path, snippet: str, needle: str, m
         load_scenario(path)
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if needle in text)
     assert str(info.value) == f"{path}:{line}: {message}"
+
+
+def test_an_attackers_tactic_runs_at_its_tuned_strength_unless_the_scenario_sets_one() -> None:
+    sc = parse_scenario(BASE + textwrap.dedent("""
+        [[attackers]]
+        sybils = 2
+
+        [[attackers]]
+        tactic = "sleeper"
+        sleep_rounds = 4
+        fresh = 0.5
+    """))
+    assert sc.attackers[0].plan() == AttackPlan.tuned(Tactic.IDENTICAL)
+    assert sc.attackers[1].plan() == dataclasses.replace(AttackPlan.tuned(Tactic.SLEEPER), sleep_rounds=4, fresh=0.5)
 
 
 def test_round_of_names_whose_round_an_event_counts() -> None:

@@ -1,0 +1,77 @@
+"""What an adaptive Sybil attacker does, and how hard: its :class:`Tactic`
+and :class:`AttackPlan` (the tactics are described in
+:mod:`murmur.learning.adversary`, which carries them out).
+
+Kept apart from the shaping, without torch, so that a testnet scenario can
+name a tactic without importing the learning stack (``murmur testnet run``
+parses its scenario before any worker starts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from murmur.enums import ParsedEnum
+
+
+class Tactic(ParsedEnum):
+    IDENTICAL = "identical"
+    DIVERSIFIED = "diversified"
+    UNSCORED = "unscored"
+    FORGED_RECORDS = "forged_records"
+    SLEEPER = "sleeper"
+
+    @property
+    def diversifies(self) -> bool:
+        return self is not Tactic.IDENTICAL
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """One adaptive attacker's tactic and strength."""
+
+    tactic: Tactic = Tactic.IDENTICAL
+    boost: float = 1.0  # the attacker's offset from the honest mean, scaled
+    diversify: float = 0.0  # each Sybil's fixed offset, in honest spreads
+    fresh: float = 0.0  # each Sybil's fresh offset every round, in honest spreads
+    sleep_rounds: int = 0  # sleeper: rounds of good behaviour before the attack
+    forged_per_round: int = 1  # forged_records: made-up twins a Sybil tells each neighbour of, a round
+
+    def __post_init__(self) -> None:
+        if not self.boost > 0 or self.diversify < 0 or self.fresh < 0 or self.sleep_rounds < 0:
+            raise ValueError("attack plan: boost must be > 0, diversify, fresh and sleep_rounds >= 0")
+
+    @classmethod
+    def tuned(cls, tactic: Tactic | str) -> AttackPlan:
+        """The strongest setting found for ``tactic`` against SybilWall (see bench/sybil.py --tune)."""
+        tactic = Tactic.parse(tactic)
+        return TUNED[tactic]
+
+    def sleeping(self, round_: int) -> bool:
+        return self.tactic is Tactic.SLEEPER and round_ < self.sleep_rounds
+
+    def describe(self) -> str:
+        """The plan in one line, as a report shows it (only what the tactic uses)."""
+        if self.tactic is Tactic.IDENTICAL:
+            return f"identical (boost {self.boost:g})"
+        parts = [f"boost {self.boost:g}", f"diversify {self.diversify:g}", f"fresh {self.fresh:g}"]
+        if self.tactic is Tactic.SLEEPER:
+            parts.append(f"sleeps {self.sleep_rounds} rounds")
+        if self.tactic is Tactic.FORGED_RECORDS:
+            parts.append(f"{self.forged_per_round} forged record(s) per neighbour a round")
+        return f"{self.tactic.value} ({', '.join(parts)})"
+
+
+TUNED: Mapping[Tactic, AttackPlan] = {
+    Tactic.IDENTICAL: AttackPlan(),
+    Tactic.DIVERSIFIED: AttackPlan(Tactic.DIVERSIFIED, boost=1.0, diversify=1.0),
+    Tactic.UNSCORED: AttackPlan(Tactic.UNSCORED, boost=1.0, diversify=1.0),
+    Tactic.FORGED_RECORDS: AttackPlan(Tactic.FORGED_RECORDS, boost=1.0, diversify=1.0),
+    Tactic.SLEEPER: AttackPlan(Tactic.SLEEPER, boost=1.0, diversify=1.0, sleep_rounds=10),
+}
+
+
+def with_strength(plan: AttackPlan, **changes: float | int) -> AttackPlan:
+    """``plan`` with other strength settings (tuning sweeps)."""
+    return replace(plan, **changes)  # type: ignore[arg-type]
