@@ -325,7 +325,15 @@ class RoundEngine:
 
     def _probe_losses(self, offsets: Sequence[torch.Tensor]) -> list[float] | None:
         """The aggregator's probe: losses on our own data of the models
-        ``reference + offset`` (the offsets it was handed this round)."""
+        ``reference + offset`` (the offsets it was handed this round).
+
+        None (no probe) under privacy: the probe reads the node's private
+        data, and the weights it sets shape the consensus step, which is
+        published unnoised in the next message (and is where example-level
+        DP-SGD takes its next gradient). Weights must then be a function of
+        what was released only, or the accountant's bound would not hold."""
+        if self.perturber is not None:
+            return None
         return self.trainer.probe_losses([self._reference + offset for offset in offsets])
 
     # -- the round --------------------------------------------------------------

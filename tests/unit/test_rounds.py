@@ -1023,3 +1023,31 @@ def test_records_are_scored_against_the_reference_of_their_own_round() -> None:
     assert node.relative_to_reference(model, now - 3) is None  # too old: its reference is gone
     assert node.relative_to_reference(model, now + 1) is None  # the future has no reference yet
     assert node.relative_to_reference(torch.zeros(DIM + 1), now) is None
+
+
+class _AddNothing:
+    """A privacy stage stand-in that noises nothing: only its presence matters here."""
+
+    def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
+        return delta
+
+    def clip(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_sybilwalls_probe_reads_our_data_only_without_privacy(private: bool) -> None:
+    """The probe's losses come from the node's private data; under privacy its
+    weights would reach the published consensus step unaccounted, so the
+    engine gives the aggregator no probe then."""
+    from murmur.learning.trainers.digits import DigitsMLPTrainer
+
+    trainer = DigitsMLPTrainer(TrainerContext(0, 2, 0, device="cpu"))
+    aggregator = get_aggregator("sybilwall")
+    engine = RoundEngine(trainer, aggregator, perturber=_AddNothing() if private else None)
+    offsets = [torch.zeros(engine.num_params), torch.randn(engine.num_params)]
+    losses = aggregator.probe(offsets)  # type: ignore[attr-defined]
+    if private:
+        assert losses is None
+    else:
+        assert losses is not None and len(losses) == 2 and losses[1] > losses[0]
