@@ -68,12 +68,14 @@ logits on our probe sample, two of them alike when they are much closer to
 each other than either is to our own model (:func:`.similarity.anchored_similarity`;
 the larger of this and the other views counts). bench/sybil.py --quick, 8
 honest digits nodes, the diversified attacker tuned against the old wall
-(boost 0.5, diversify 1, fresh 0.5): mean attack rate over label flip and
-backdoor at 4 and 8 Sybils 0.40 -> 0.04 (backdoor at 4 Sybils 0.64 -> 0.20:
-a lone Sybil among our neighbours has no twin to resemble), no-attack
-accuracy unchanged. An attacker re-tuned against it makes its offsets large
-enough to show in predictions too (diversify 4: 0.17), where the probe
-margin and the clip take over.
+(boost 0.5, diversify 1, fresh 0.5): attack rate at label flip 4 and 8,
+backdoor 4 and 8 Sybils 0.000/0.112/0.639/0.871 -> 0.000/0.000/0.205/0.081
+(a lone Sybil among our neighbours has no twin to resemble); mnist-cnn
+0.000/0.000/0.232/0.703 -> 0.000/0.000/0.039/0.005; no-attack accuracy
+unchanged (0.905, 0.926). Re-tuned against it (--tune), the attacker makes
+its offsets large enough to show in predictions too (diversify 4, fresh 1:
+mean 0.18 on digits, backdoor 0.32 and 0.39; 0.005 on mnist-cnn, where a
+node with most of its neighbours Sybils loses accuracy instead).
 
 Records (history gossip). Each round a node tells each neighbour of one
 public model it knows: one of its own neighbours' (distance 1 at the sender)
