@@ -79,10 +79,10 @@ class AttackPlan:
 
 TUNED: Mapping[Tactic, AttackPlan] = {
     Tactic.IDENTICAL: AttackPlan(),
-    Tactic.DIVERSIFIED: AttackPlan(Tactic.DIVERSIFIED, boost=1.0, diversify=1.0),
+    Tactic.DIVERSIFIED: AttackPlan(Tactic.DIVERSIFIED, boost=0.5, diversify=4.0, fresh=1.0),
     Tactic.UNSCORED: AttackPlan(Tactic.UNSCORED, boost=1.0, diversify=1.0),
     Tactic.FORGED_RECORDS: AttackPlan(Tactic.FORGED_RECORDS, boost=1.0, diversify=1.0),
-    Tactic.SLEEPER: AttackPlan(Tactic.SLEEPER, boost=1.0, diversify=1.0, sleep_rounds=10),
+    Tactic.SLEEPER: AttackPlan(Tactic.SLEEPER, boost=0.5, diversify=4.0, fresh=1.0, sleep_rounds=3),
 }
 
 
