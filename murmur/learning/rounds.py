@@ -67,6 +67,7 @@ import torch
 from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine, PeerUpdate, Probed
 from murmur.learning.compression import Compressed, Compressor
 from murmur.learning.outer import OuterOptimizer
+from murmur.learning.probe import ProbeResult
 from murmur.learning.sketch import model_sketch
 from murmur.learning.trainers.base import EvalStats, Trainer
 from murmur.learning.trainers.checked import checked
@@ -321,11 +322,11 @@ class RoundEngine:
         self._proven: set[str] = set()
         self._late_this_round = 0
         if isinstance(aggregator, Probed):
-            aggregator.probe = self._probe_losses
+            aggregator.probe = self._probe_models
 
-    def _probe_losses(self, offsets: Sequence[torch.Tensor]) -> list[float] | None:
-        """The aggregator's probe: losses on our own data of the models
-        ``reference + offset`` (the offsets it was handed this round).
+    def _probe_models(self, offsets: Sequence[torch.Tensor]) -> ProbeResult | None:
+        """The aggregator's probe: losses and outputs on our own data of the
+        models ``reference + offset`` (the offsets it was handed this round).
 
         None (no probe) under privacy: the probe reads the node's private
         data, and the weights it sets shape the consensus step, which is
@@ -334,7 +335,7 @@ class RoundEngine:
         what was released only, or the accountant's bound would not hold."""
         if self.perturber is not None:
             return None
-        return self.trainer.probe_losses([self._reference + offset for offset in offsets])
+        return self.trainer.probe_models([self._reference + offset for offset in offsets])
 
     # -- the round --------------------------------------------------------------
 

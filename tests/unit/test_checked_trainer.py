@@ -11,6 +11,7 @@ import torch
 
 from murmur.errors import MurmurError, TrainerError
 from murmur.learning.aggregators.base import get_aggregator
+from murmur.learning.probe import ProbeResult
 from murmur.learning.rounds import GossipModel, LocalUpdate, RoundEngine
 from murmur.learning.trainers.base import EvalStats, Trainer, TrainerContext, TrainStats
 from murmur.learning.trainers.checked import CheckedTrainer, checked
@@ -33,6 +34,7 @@ class Toy(Trainer):
         self.stats: Any = TrainStats(loss=0.5, examples=8, steps=1)
         self.eval: Any = EvalStats(loss=0.25, accuracy=0.75, n=4)
         self.rate: Any = 0.125
+        self.probed: Any = None  # what probe_models returns
         self.num_params_calls = 0
 
     def num_params(self) -> int:
@@ -55,6 +57,9 @@ class Toy(Trainer):
     def attack_success_rate(self, attack: str) -> float:
         return self.rate
 
+    def probe_models(self, models: Any) -> Any:
+        return self.probed
+
 
 def test_good_values_pass_through_unchanged():
     toy = Toy()
@@ -69,6 +74,10 @@ def test_good_values_pass_through_unchanged():
     toy.eval = EvalStats(loss=math.nan, accuracy=1, n=0)  # a diverged loss is not a contract violation
     toy.rate = np.float64(1.0)
     assert trainer.train().steps == 1 and trainer.evaluate().accuracy == 1 and trainer.attack_success_rate("x") == 1.0
+    assert trainer.probe_models([torch.zeros(3)]) is None and trainer.probe_losses([torch.zeros(3)]) is None
+    toy.probed = ProbeResult([np.float32(0.5)], [torch.ones(4, 2)])
+    assert trainer.probe_losses([torch.zeros(3)]) == [0.5]
+    assert torch.equal(trainer.probe_models([torch.zeros(3)]).outputs[0], torch.ones(4, 2))
     # the count is asked once: get_flat's check does not call the trainer's num_params every time
     assert toy.num_params_calls == 1
     # everything else is the wrapped trainer's
@@ -114,6 +123,14 @@ def test_good_values_pass_through_unchanged():
          "Toy.attack_success_rate() returned nan, expected a float in [0, 1]"),
         (lambda t: setattr(t, "rate", "0.5"), lambda c: c.attack_success_rate("backdoor"),
          "Toy.attack_success_rate() returned str, expected float"),
+        (lambda t: setattr(t, "probed", [0.5, 0.5]), lambda c: c.probe_models([torch.zeros(3)] * 2),
+         "Toy.probe_models() returned list, expected None or ProbeResult"),
+        (lambda t: setattr(t, "probed", ProbeResult([0.5], [torch.zeros(4, 2)])),
+         lambda c: c.probe_models([torch.zeros(3)] * 2),
+         "Toy.probe_models() returned losses [0.5], expected 2 floats"),
+        (lambda t: setattr(t, "probed", ProbeResult([0.5, 0.5], [torch.zeros(4, 2), torch.zeros(3, 2)])),
+         lambda c: c.probe_models([torch.zeros(3)] * 2),
+         "Toy.probe_models() returned outputs that are not one 2-D tensor of one shape per model"),
     ],
 )
 def test_each_wrong_return_names_the_method_and_the_expected_type(setup, call, message):

@@ -1046,8 +1046,8 @@ def test_sybilwalls_probe_reads_our_data_only_without_privacy(private: bool) -> 
     aggregator = get_aggregator("sybilwall")
     engine = RoundEngine(trainer, aggregator, perturber=_AddNothing() if private else None)
     offsets = [torch.zeros(engine.num_params), torch.randn(engine.num_params)]
-    losses = aggregator.probe(offsets)  # type: ignore[attr-defined]
+    probed = aggregator.probe(offsets)  # type: ignore[attr-defined]
     if private:
-        assert losses is None
+        assert probed is None
     else:
-        assert losses is not None and len(losses) == 2 and losses[1] > losses[0]
+        assert probed is not None and len(probed.losses) == 2 and probed.losses[1] > probed.losses[0]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from murmur.errors import ConfigError
 from murmur.learning.trainers.base import (
@@ -230,6 +231,24 @@ def test_backdoor_attacker_learns_the_trigger() -> None:
     assert honest.attack_success_rate("backdoor") < 0.3
     assert attacker.attack_success_rate("backdoor") > 0.9
     assert attacker.evaluate().accuracy > 0.85  # clean accuracy kept: a stealthy backdoor
+
+
+def test_probe_reports_each_models_loss_and_outputs_on_the_probe_sample() -> None:
+    trainer = _digits(0, 4)
+    initial = trainer.get_flat().clone()
+    trainer.train(20)
+    trained = trainer.get_flat()
+    result = trainer.probe_models([initial, trained])
+    assert torch.equal(trainer.get_flat(), trained)  # the probe leaves the model alone
+    probe = trainer._probe
+    assert probe is not None and len(probe.y) == 128
+    with torch.no_grad():
+        logits = trainer.model.eval()(probe.x)
+    assert torch.allclose(result.outputs[1], logits, atol=1e-5)  # the trained model's own predictions
+    assert result.outputs[0].shape == (128, 10) and not torch.allclose(result.outputs[0], logits)
+    assert result.losses == pytest.approx([float(F.cross_entropy(o, probe.y)) for o in result.outputs], rel=1e-5)
+    assert trainer.probe_losses([initial, trained]) == result.losses
+    assert result.losses[1] < result.losses[0]
 
 
 def test_unknown_attack_is_a_config_error() -> None:

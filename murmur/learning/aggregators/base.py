@@ -29,6 +29,7 @@ import torch
 
 from murmur.errors import ConfigError
 from murmur.learning.options import parse_options
+from murmur.learning.probe import ProbeResult
 
 SELF = "self"
 """Key of the own contribution in :attr:`AggregationResult.weights`."""
@@ -58,17 +59,17 @@ class NoOptions:
 
 
 class ModelProbe(Protocol):
-    """Losses on the node's own data of ``reference + offset`` for each offset
-    (the engine's reference point of the round, see RoundEngine), or None when
-    the node's trainer cannot probe."""
+    """Losses and outputs on the node's own data of ``reference + offset`` for
+    each offset (the engine's reference point of the round, see RoundEngine),
+    or None when the node's trainer cannot probe."""
 
-    def __call__(self, offsets: Sequence[torch.Tensor]) -> list[float] | None: ...
+    def __call__(self, offsets: Sequence[torch.Tensor]) -> ProbeResult | None: ...
 
 
 @runtime_checkable
 class Probed(Protocol):
     """Aggregators that judge behaviour as well as geometry: the round engine
-    sets ``probe`` (SybilWall's ``probe_margin``)."""
+    sets ``probe`` (SybilWall's ``probe_margin`` and ``functional``)."""
 
     probe: ModelProbe | None
 

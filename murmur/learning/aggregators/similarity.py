@@ -119,3 +119,33 @@ def distance_similarity(gram: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(d)  # every row the same point
     scale = float(distinct.median())
     return (1.0 - d / scale).clamp(0.0, 1.0)
+
+
+def anchored_similarity(gram: torch.Tensor) -> torch.Tensor:
+    """Similarity in [0, 1] of rows 1.. from their distances, row 0 (our own
+    model) the anchor: 1 - D_ab / min(D_a0, D_b0, m), clipped at 0, where m is
+    the median distance over every pair of rows, row 0's included; 0 where
+    that yardstick is 0.
+
+    Two peers are alike when they are much closer to each other than either
+    is to us: honest peers, each with data of its own, differ from one
+    another about as much as from us. The yardstick is per pair and
+    anchored on our own model, so neither Sybils that keep apart by a random
+    offset (and would set :func:`distance_similarity`'s nearest-neighbour
+    scale themselves when they are most of our neighbours) nor far-off ones
+    (that would stretch a median of all pairs until honest peers look alike)
+    can move it; ``m`` caps it when both peers are far from us (our own
+    model off, or an attacker's models far from ours) so that two peers far
+    from us are not alike merely for being nearer to each other.
+    """
+    g = gram.to(torch.float64)
+    sq = g.diagonal()
+    d = (sq[:, None] + sq[None, :] - 2.0 * g).clamp_min(0.0).sqrt()
+    n = d.shape[0]
+    if n < 3:
+        return torch.zeros(max(n - 1, 0), max(n - 1, 0), dtype=torch.float64, device=d.device)
+    m = float(d[torch.triu(torch.ones(n, n, dtype=torch.bool, device=d.device), diagonal=1)].median())
+    anchor = d[0, 1:]
+    scale = torch.minimum(anchor[:, None], anchor[None, :]).clamp_max(m)
+    sim = torch.where(scale > 0, 1.0 - d[1:, 1:] / torch.where(scale > 0, scale, 1.0), 0.0)
+    return sim.clamp(0.0, 1.0)

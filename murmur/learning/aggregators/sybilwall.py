@@ -58,6 +58,25 @@ honest nodes, every tactic: backdoor attack rate 0.16-0.93 without the probe,
 <= 0.006 with it up to 4 Sybils, 0.015-0.09 at 8; honest accuracy 0.6 points
 lower without attack, as honest neighbours on other data lose a little weight).
 
+What peers predict. Distances between models are fooled by an attacker who
+adds a random offset of its own to each Sybil: a random direction in
+parameter space moves a model's predictions little, so Sybils far apart in
+parameters still predict alike, while honest peers trained on other data do
+not. With ``functional`` (on by default; one probe call a round serves it and
+the probe margin) each round's neighbours are also compared by their centred
+logits on our probe sample, two of them alike when they are much closer to
+each other than either is to our own model (:func:`.similarity.anchored_similarity`;
+the larger of this and the other views counts). bench/sybil.py --quick, 8
+honest digits nodes, the diversified attacker tuned against the old wall
+(boost 0.5, diversify 1, fresh 0.5): attack rate at label flip 4 and 8,
+backdoor 4 and 8 Sybils 0.000/0.112/0.639/0.871 -> 0.000/0.000/0.205/0.081
+(a lone Sybil among our neighbours has no twin to resemble); mnist-cnn
+0.000/0.000/0.232/0.703 -> 0.000/0.000/0.039/0.005; no-attack accuracy
+unchanged (0.905, 0.926). Re-tuned against it (--tune), the attacker makes
+its offsets large enough to show in predictions too (diversify 4, fresh 1:
+mean 0.18 on digits, backdoor 0.32 and 0.39; 0.005 on mnist-cnn, where a
+node with most of its neighbours Sybils loses accuracy instead).
+
 Records (history gossip). Each round a node tells each neighbour of one
 public model it knows: one of its own neighbours' (distance 1 at the sender)
 or a record it was told (relayed), drawn with p ~ lambda*exp(-lambda(d-1)).
@@ -109,7 +128,14 @@ from murmur.learning.aggregators.base import (
     register_aggregator,
     require,
 )
-from murmur.learning.aggregators.similarity import DEFAULT_KAPPA, distance_similarity, foolsgold_weights, gram_matrix
+from murmur.learning.aggregators.similarity import (
+    DEFAULT_KAPPA,
+    anchored_similarity,
+    distance_similarity,
+    foolsgold_weights,
+    gram_matrix,
+)
+from murmur.learning.probe import ProbeResult
 from murmur.learning.sketch import model_sketch
 from murmur.protocol.messages import SKETCH_ELEMENTS
 
@@ -200,6 +226,7 @@ class SybilWallOptions:
     kappa: float = DEFAULT_KAPPA
     clip: float | None = DEFAULT_CLIP  # None: no clipping (the paper's SybilWall)
     probe_margin: float | None = DEFAULT_PROBE_MARGIN  # None: no probe; else the loss excess weight starts to go
+    functional: bool = True  # also compare neighbours by their outputs on our probe sample (needs a probe)
     recovery_rounds: int = DEFAULT_RECOVERY_ROUNDS
     initial_trust: float = DEFAULT_INITIAL_TRUST
     clone_hold_rounds: int = DEFAULT_CLONE_HOLD_ROUNDS
@@ -317,7 +344,8 @@ class SybilWallAggregator(Aggregator):
         for u in updates:
             held[u.peer] = _Held(u.delta, model_sketch(u.delta), RecordInfo(now, DIRECT, self.options.self_id or SELF))
         self._fold_memory(updates)
-        scores = self._score(peers)
+        probed = self._run_probe(own, updates)
+        scores = self._score(peers, probed)
         trust = self._update_trust(peers, scores, now)
         self._round = _Round(now + 1)
         self._forget_old_rounds()
@@ -326,17 +354,18 @@ class SybilWallAggregator(Aggregator):
         factors = trust.clone()
         if self.options.clip is not None:
             factors *= self._clip_scales(own, updates, trust)
-        if self.options.probe_margin is not None and self.probe is not None:
-            factors *= self._probe_scales(own, updates)
+        if self.options.probe_margin is not None and probed is not None:
+            factors *= self._probe_scales(probed)
         total = 1.0 + float(factors.sum())
         weights = {SELF: 1.0 / total}
         weights.update(zip(peers, (float(x) / total for x in factors.tolist()), strict=True))
         return weights
 
-    def _score(self, peers: Sequence[str]) -> torch.Tensor:
+    def _score(self, peers: Sequence[str], probed: ProbeResult | None = None) -> torch.Tensor:
         """Each peer's FoolsGold-core weight over the models held for this
         round and the last: similarity of two subjects is that of their
-        models of the same round (the larger of the two rounds')."""
+        models of the same round (the larger of the two rounds'), or of what
+        they predict on our data (``functional``), whichever is larger."""
         if not peers:
             return torch.ones(0, dtype=torch.float64)
         subjects = sorted({s for held in self._held.values() for s in held})
@@ -357,6 +386,9 @@ class SybilWallAggregator(Aggregator):
             sim = distance_similarity(gram_matrix(rows)).cpu()
             idx = torch.tensor([index[s] for s in names])
             cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], sim)
+        if self.options.functional and probed is not None and len(peers) >= 2:
+            idx = torch.tensor([index[p] for p in peers])
+            cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], _functional(probed))
         weights = foolsgold_weights(cs, self.options.kappa)
         return weights[torch.tensor([index[p] for p in peers])]
 
@@ -518,16 +550,20 @@ class SybilWallAggregator(Aggregator):
         tau = self.options.clip * float((trusted if trusted.numel() else distances).median())
         return torch.where(distances > tau, tau / distances.clamp_min(1e-300), 1.0)
 
-    def _probe_scales(self, own: torch.Tensor, updates: Sequence[PeerUpdate]) -> torch.Tensor:
+    def _run_probe(self, own: torch.Tensor, updates: Sequence[PeerUpdate]) -> ProbeResult | None:
+        """Our model's and each neighbour's losses and outputs on our probe
+        sample (one probe a round, for both of its uses), or None when off."""
+        if self.probe is None or not updates or (self.options.probe_margin is None and not self.options.functional):
+            return None
+        return self.probe([own, *(u.delta for u in updates)])
+
+    def _probe_scales(self, probed: ProbeResult) -> torch.Tensor:
         """Full weight while a peer's model does at most ``probe_margin`` worse
         (mean cross-entropy) on our own data than our own model, none from
         twice that on, linear between: honest neighbours trained on other
         data do somewhat worse on ours, a flipped label does much worse."""
-        assert self.probe is not None and self.options.probe_margin is not None
-        losses = self.probe([own, *(u.delta for u in updates)])
-        if losses is None:
-            return torch.ones(len(updates), dtype=torch.float64)
-        ours, theirs = losses[0], torch.tensor(losses[1:], dtype=torch.float64)
+        assert self.options.probe_margin is not None
+        ours, theirs = probed.losses[0], torch.tensor(probed.losses[1:], dtype=torch.float64)
         excess = theirs - ours
         return (2.0 - excess / self.options.probe_margin).clamp(0.0, 1.0)
 
@@ -705,3 +741,12 @@ class SybilWallAggregator(Aggregator):
             for p, seen, trust, score in zip(state["peers"], state["last_seen"], state["trust"], state["scores"],
                                              strict=True)
         }
+
+
+def _functional(probed: ProbeResult) -> torch.Tensor:
+    """Similarity of this round's neighbours by what their models predict on
+    our probe sample (``outputs[1:]``), with our own model's (``outputs[0]``)
+    as the yardstick (:func:`anchored_similarity`); each row of logits
+    centred first (a softmax does not see a shift)."""
+    rows = torch.stack([(o - o.mean(dim=-1, keepdim=True)).flatten() for o in probed.outputs]).to(torch.float64)
+    return anchored_similarity(gram_matrix(rows)).cpu()

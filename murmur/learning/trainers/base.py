@@ -36,15 +36,16 @@ from murmur.learning import attacks, partition
 from murmur.learning.data import ArrayDataset
 from murmur.learning.options import parse_options as _parse_options
 from murmur.learning.privacy import dpsgd
+from murmur.learning.probe import ProbeResult
 
 #: Stream tag for the per-node shuffling seed (kept apart from other uses of
 #: the network seed, e.g. the partition's).
 _SHUFFLE_STREAM = 0x5F1E
 #: Seed of the fixed subsample used when ``max_test_samples`` caps the test set.
 _TEST_SUBSAMPLE_SEED = 7
-#: Stream tag of the probe sample's seed (see ``probe_losses``).
+#: Stream tag of the probe sample's seed (see ``probe_models``).
 _PROBE_STREAM = 0x9B0BE
-#: Training examples ``probe_losses`` evaluates models on.
+#: Training examples ``probe_models`` evaluates models on.
 PROBE_SAMPLES = 128
 
 
@@ -161,14 +162,20 @@ class Trainer(ABC):
     def attack_success_rate(self, attack: str) -> float:
         """Accuracy on the flipped / backdoored test set (see ``attacks``)."""
 
-    def probe_losses(self, models: Sequence[torch.Tensor]) -> list[float] | None:
-        """Mean loss of each flat model on a fixed sample of this node's own
-        training data, without changing the trainer's model; None (the
-        default) when the trainer cannot. SybilWall's ``probe_margin`` uses it
-        to take weight from a neighbour whose model does clearly worse on our
-        data than ours (a behavioural check: a flipped label costs loss where
-        no geometry shows it)."""
+    def probe_models(self, models: Sequence[torch.Tensor]) -> ProbeResult | None:
+        """Mean loss and outputs of each flat model on a fixed sample of this
+        node's own training data, without changing the trainer's model; None
+        (the default) when the trainer cannot. SybilWall uses it to take
+        weight from a neighbour whose model does clearly worse on our data
+        than ours (a behavioural check: a flipped label costs loss where no
+        geometry shows it) and to compare neighbours by what their models
+        predict (``functional``)."""
         return None
+
+    def probe_losses(self, models: Sequence[torch.Tensor]) -> list[float] | None:
+        """The losses of :meth:`probe_models`."""
+        result = self.probe_models(models)
+        return None if result is None else result.losses
 
 
 # ---------------------------------------------------------------- options
@@ -445,8 +452,8 @@ class TorchTrainer(Trainer):
             return 0.0
         return attacks.success_rate(torch.cat(predictions).numpy(), target)
 
-    def probe_losses(self, models: Sequence[torch.Tensor]) -> list[float]:
-        """Cross-entropy of each model on ``PROBE_SAMPLES`` of our (possibly
+    def probe_models(self, models: Sequence[torch.Tensor]) -> ProbeResult:
+        """Cross-entropy and logits of each model on ``PROBE_SAMPLES`` of our (possibly
         poisoned) training examples, drawn once with the node's seed; the
         model's own parameters are left alone (``torch.func.functional_call``)."""
         if self._probe is None:
@@ -459,20 +466,22 @@ class TorchTrainer(Trainer):
         sizes = [math.prod(shape) for shape in shapes]
         was_training = self.model.training
         self.model.eval()
-        out = []
+        losses, outputs = [], []
         try:
             with torch.no_grad():
                 for flat in models:
                     parts = flat.to(self.device, torch.float32).split(sizes)
                     params = {n: part.view(shape) for n, part, shape in zip(names, parts, shapes, strict=True)}
                     logits = torch.func.functional_call(self.model, params, (self._probe.x,))
-                    out.append(float(self.probe_loss(logits.float(), self._probe)))
+                    logits = logits.float()
+                    losses.append(float(self.probe_loss(logits, self._probe)))
+                    outputs.append(logits.reshape(-1, logits.shape[-1]))
         finally:
             self.model.train(was_training)
-        return out
+        return ProbeResult(losses, outputs)
 
     def probe_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The mean loss ``probe_losses`` scores a model by: cross-entropy of
+        """The mean loss ``probe_models`` scores a model by: cross-entropy of
         one label per example (a sequence model predicts one per position)."""
         return F.cross_entropy(logits, batch.y)
 

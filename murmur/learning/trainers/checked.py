@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from murmur.errors import TrainerError
+from murmur.learning.probe import ProbeResult
 from murmur.learning.trainers.base import EvalStats, Trainer, TrainStats
 
 
@@ -136,10 +137,15 @@ class CheckedTrainer(Trainer):
             raise self._fail("attack_success_rate", f"returned {rate!r}, expected a float in [0, 1]")
         return float(rate)
 
-    def probe_losses(self, models: Sequence[torch.Tensor]) -> list[float] | None:
-        losses = self._inner.probe_losses(models)
-        if losses is None:
+    def probe_models(self, models: Sequence[torch.Tensor]) -> ProbeResult | None:
+        result = self._inner.probe_models(models)
+        if result is None:
             return None
-        if not isinstance(losses, list) or len(losses) != len(models) or not all(_is_real(x) for x in losses):
-            raise self._fail("probe_losses", f"returned {losses!r:.80}, expected None or {len(models)} floats")
-        return [float(x) for x in losses]
+        if not isinstance(result, ProbeResult):
+            raise self._fail("probe_models", f"returned {type(result).__name__}, expected None or ProbeResult")
+        if len(result.losses) != len(models) or not all(_is_real(x) for x in result.losses):
+            raise self._fail("probe_models", f"returned losses {result.losses!r:.60}, expected {len(models)} floats")
+        tensors = all(isinstance(o, torch.Tensor) and o.dim() == 2 for o in result.outputs)
+        if not tensors or len({o.shape for o in result.outputs}) > 1:
+            raise self._fail("probe_models", "returned outputs that are not one 2-D tensor of one shape per model")
+        return ProbeResult([float(x) for x in result.losses], list(result.outputs))

@@ -6,6 +6,7 @@ import torch
 
 from murmur.learning.aggregators.similarity import (
     PARDON_EPS,
+    anchored_similarity,
     cosine_from_gram,
     cosine_matrix,
     foolsgold_weights,
@@ -90,3 +91,32 @@ def test_sybil_pair_weight_zero_and_honest_weight_one_from_vectors() -> None:
     w = foolsgold_weights(cosine_matrix(rows))
     assert w[:5].tolist() == [1.0] * 5
     assert w[5:].tolist() == [0.0] * 3
+
+
+def test_anchored_similarity_known_answers() -> None:
+    # row 0 is our own model; a and b near each other, far from us; c apart
+    rows = torch.tensor([[0.0, 0.0], [10.0, 0.0], [10.0, 1.0], [0.0, 10.0]])
+    sim = anchored_similarity(gram_matrix(rows))
+    # pairs: 0a 10, 0b sqrt(101), 0c 10, ab 1, ac sqrt(200), bc sqrt(181): median sqrt(101)
+    assert sim[0, 1].item() == pytest_approx(1.0 - 1.0 / 10.0)  # 1 - D_ab / min(D_a0, D_b0, m)
+    assert sim[1, 0].item() == sim[0, 1].item()
+    assert sim[0, 2].item() == 0.0 and sim[1, 2].item() == 0.0  # further apart than from us
+    assert torch.equal(sim.diagonal(), torch.ones(3, dtype=torch.float64))
+
+
+def test_anchored_similarity_caps_the_yardstick_at_the_median_pair() -> None:
+    # a and b far from us (our model off) but no nearer each other than the round's
+    # typical pair: the median (not their distance from us) is the yardstick
+    rows = torch.tensor([[0.0, 0.0], [100.0, 0.0], [100.0, 4.0], [104.0, 0.0], [104.0, 4.0]])
+    sim = anchored_similarity(gram_matrix(rows))
+    d = torch.cdist(rows.double(), rows.double())
+    m = float(d[torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)].median())
+    assert m < 100.0
+    assert sim[0, 1].item() == pytest_approx(max(0.0, 1.0 - 4.0 / m))
+
+
+def test_anchored_similarity_edge_cases() -> None:
+    assert anchored_similarity(gram_matrix(torch.ones(2, 3))).shape == (1, 1)
+    assert anchored_similarity(gram_matrix(torch.ones(2, 3))).tolist() == [[0.0]]  # one peer: nothing to compare
+    same = anchored_similarity(gram_matrix(torch.zeros(3, 4)))  # every model ours: no yardstick, nothing alike
+    assert same.tolist() == [[0.0, 0.0], [0.0, 0.0]]

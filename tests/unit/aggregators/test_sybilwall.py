@@ -14,6 +14,7 @@ from scipy.stats import chisquare
 from murmur.errors import ConfigError, DecodeError
 from murmur.learning.aggregators import HistoryRecordData, get_aggregator
 from murmur.learning.aggregators.sybilwall import RecordVerdict, SybilWallAggregator
+from murmur.learning.probe import ProbeResult
 from murmur.learning.sketch import model_sketch
 from murmur.protocol.messages import SKETCH_ELEMENTS
 
@@ -206,17 +207,70 @@ def test_influence_bound_one_peer_moves_us_at_most_its_weight_times_the_round_ra
     assert pull <= 2 * res.weights["self"] * (1 + 1e-6)  # at most its weight (here 1, as ours) times the radius
 
 
+# Probe outputs (centred logits) of four models that predict unalike: each
+# pair of a, b, c is further apart than either is from our own (row 0).
+UNALIKE = [torch.tensor([[0.0, 0.0, 0.0, 0.0]]), torch.tensor([[1.0, -1.0, 0.0, 0.0]]),
+           torch.tensor([[0.0, 0.0, 1.0, -1.0]]), torch.tensor([[1.0, 1.0, -1.0, -1.0]])]
+
+
 def test_probe_takes_weight_from_a_peer_that_does_worse_on_our_data() -> None:
     dirs = orthogonalish(3, DIM, 6)
     agg = make(clip=None, probe_margin=1.0)
-    losses = {0: 0.3, 1: 1.2, 2: 1.8, 3: 5.0}  # own, then a, b, c
-    agg.probe = lambda offsets: [losses[i] for i in range(len(offsets))]
+    losses = [0.3, 1.2, 1.8, 5.0]  # own, then a, b, c
+    agg.probe = lambda offsets: ProbeResult(losses[:len(offsets)], UNALIKE[:len(offsets)])
     res = agg.aggregate(torch.zeros(DIM), updates({"a": dirs[0], "b": dirs[1], "c": dirs[2]}), 3)
     # full weight up to the margin (an honest peer trained on other data does
     # somewhat worse on ours), none from twice the margin: 2 - (loss - 0.3) / 1 in [0, 1]
     raw = {"a": 1.0, "b": 0.5, "c": 0.0}
     total = 1 + sum(raw.values())
     assert res.weights == pytest.approx({"self": 1 / total, **{p: w / total for p, w in raw.items()}})
+
+
+def test_diversified_sybils_that_predict_alike_on_our_data_get_zero() -> None:
+    """Sybils apart by random offsets of their own as far as honest peers are
+    from one another (so no distance of models joins them) but one model
+    underneath: on our probe sample they predict alike, honest peers do not.
+    With ``functional`` off (as before it existed) they kept full weight."""
+    g = torch.Generator().manual_seed(7)
+    honest = {p: 3.0 * torch.randn(DIM, generator=g) for p in ("h1", "h2", "h3")}
+    base = 3.0 * torch.randn(DIM, generator=g)
+    sybils = {p: base + 3.0 * torch.randn(DIM, generator=g) for p in ("s1", "s2", "s3")}
+    offsets = {**honest, **sybils}
+    o = torch.Generator().manual_seed(8)
+    common = torch.randn(16, 10, generator=o)
+    outputs = {p: torch.randn(16, 10, generator=o) for p in honest}  # each honest model its own predictions
+    outputs.update({p: common + 0.05 * torch.randn(16, 10, generator=o) for p in sybils})
+    own_outputs = torch.randn(16, 10, generator=o)
+
+    def probe(models: list[torch.Tensor]) -> ProbeResult:
+        return ProbeResult([0.5] * len(models), [own_outputs, *(outputs[p] for p in offsets)])
+
+    weights = {}
+    for functional in (True, False):
+        agg = make(clip=None, functional=functional)
+        agg.probe = probe
+        weights[functional] = agg.aggregate(torch.zeros(DIM), updates(offsets), len(offsets)).weights
+    assert [weights[True][p] for p in sybils] == [0.0] * 3
+    assert weights[True]["self"] == pytest.approx(1 / 4)  # 1 / (1 + three honest peers at full weight)
+    assert all(weights[False][p] > 0.1 for p in sybils)  # parameter distances alone do not join them
+
+
+def test_the_functional_view_needs_a_probe_and_spends_one_call_a_round() -> None:
+    calls = []
+
+    def probe(models: list[torch.Tensor]) -> ProbeResult:
+        calls.append(len(models))
+        return ProbeResult([0.5] * len(models), UNALIKE[:len(models)])
+
+    dirs = orthogonalish(3, DIM, 9)
+    agg = make(clip=None)
+    agg.probe = probe
+    res = agg.aggregate(torch.zeros(DIM), updates({"a": dirs[0], "b": dirs[1], "c": dirs[2]}), 3)
+    assert calls == [4]  # own and three neighbours, once for both the loss check and the functional view
+    assert res.weights == pytest.approx({"self": 0.25, "a": 0.25, "b": 0.25, "c": 0.25})
+    blind = make(clip=None)  # no probe (a trainer that cannot): geometry alone, no error
+    res = blind.aggregate(torch.zeros(DIM), updates({"a": dirs[0], "b": dirs[1], "c": dirs[2]}), 3)
+    assert res.weights == pytest.approx({"self": 0.25, "a": 0.25, "b": 0.25, "c": 0.25})
 
 
 # --- record rules ---------------------------------------------------------------
