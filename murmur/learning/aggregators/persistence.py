@@ -35,13 +35,22 @@ and the round's distance clip is the bound.
 
 Measured (bench/sybil.py --privacy 10 --rounds 100, accuracy / attack rate,
 mean of 4 runs: DECOR's pairwise secrets are fresh each run, so runs differ
-by +-0.03): 4 diversified Sybils, label flip 0.189 / 0.162 -> 0.590 / 0.006,
+by +-0.03), diversified at boost 1, diversify 1: 4 Sybils, label flip 0.189 / 0.162 -> 0.590 / 0.006,
 backdoor 0.202 / 0.527 -> 0.617 / 0.027; 8 Sybils, label flip 0.153 / 0.110
 -> 0.469 / 0.027, backdoor 0.177 / 0.174 -> 0.493 / 0.003. It costs honest
 accuracy without attack 0.529 -> 0.504 (16 runs each): the honest neighbour
 whose own drift stands out loses some weight (``radius`` 1.5 costs less,
 0.551 without attack in 4 runs, but lets 8 Sybils through where they are
-most of a node's neighbours: label flip accuracy 0.17, attack 0.10). Without privacy honest offsets are
+most of a node's neighbours: label flip accuracy 0.17, attack 0.10). One bench run per cell at the
+tuned strengths (boost 0.5, diversify 4, fresh 1), 2 / 4 / 8 Sybils:
+diversified and sleeper accuracy 0.08-0.14 -> 0.48-0.62 at 2 and 4 Sybils,
+0.34-0.38 at 8, attack <= 0.05 but backdoor through 2 diversified Sybils
+(0.10); the attacker re-tuned against the bound (--tune, 19 settings)
+reached a mean attack rate of 0.035. Forged records still mute honest
+peers (accuracy 0.08-0.24): the median is over the peers we trust, and the
+median over every peer instead stops those Sybils (weight 0.21 -> 0.035)
+but cuts honest peers where 8 identical Sybils are muted (accuracy 0.39 ->
+0.27). Without privacy honest offsets are
 their own drift, as persistent as a Sybil's offset of the honest spread, and
 the bound only trims outliers (bench/sybil.py --quick: no attack 0.911 ->
 0.906 over 3 seeds; the tuned diversified attacker reaches the same with or
