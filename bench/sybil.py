@@ -365,9 +365,9 @@ TUNE_ROWS: tuple[tuple[AttackKind, int], ...] = (
 TUNE_AGGREGATOR = "sybilwall"
 TUNE_PASSES = 3
 TUNE_GRID: Mapping[str, tuple[float | int, ...]] = {
-    "boost": (0.5, 1.0, 2.0, 4.0, 8.0),
+    "boost": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
     "diversify": (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
-    "fresh": (0.0, 0.25, 0.5, 1.0),
+    "fresh": (0.0, 0.25, 0.5, 1.0, 2.0),
     "sleep_rounds": (3, 5, 10, 15),
     "forged_per_round": (1, 2, 4),
 }

@@ -128,6 +128,7 @@ from murmur.learning.aggregators.base import (
     register_aggregator,
     require,
 )
+from murmur.learning.aggregators.persistence import DEFAULT_PERSISTENCE, PersistentPull
 from murmur.learning.aggregators.similarity import (
     DEFAULT_KAPPA,
     anchored_similarity,
@@ -227,6 +228,7 @@ class SybilWallOptions:
     clip: float | None = DEFAULT_CLIP  # None: no clipping (the paper's SybilWall)
     probe_margin: float | None = DEFAULT_PROBE_MARGIN  # None: no probe; else the loss excess weight starts to go
     functional: bool = True  # also compare neighbours by their outputs on our probe sample (needs a probe)
+    persistence: float | None = DEFAULT_PERSISTENCE  # None: no bound on persistent pull (.persistence)
     recovery_rounds: int = DEFAULT_RECOVERY_ROUNDS
     initial_trust: float = DEFAULT_INITIAL_TRUST
     clone_hold_rounds: int = DEFAULT_CLONE_HOLD_ROUNDS
@@ -246,6 +248,7 @@ class SybilWallOptions:
         require(0.0 <= self.memory < 1.0, "sybilwall: memory must be in [0, 1)")
         require(self.clip is None or self.clip > 0, "sybilwall: clip must be > 0")
         require(self.probe_margin is None or self.probe_margin > 0, "sybilwall: probe_margin must be > 0")
+        require(self.persistence is None or 0.0 <= self.persistence < 1.0, "sybilwall: persistence must be in [0, 1)")
         require(self.recovery_rounds >= 1, "sybilwall: recovery_rounds must be >= 1")
         require(0.0 <= self.initial_trust <= 1.0, "sybilwall: initial_trust must be in [0, 1]")
         require(self.clone_hold_rounds >= 0, "sybilwall: clone_hold_rounds must be >= 0")
@@ -301,6 +304,7 @@ class SybilWallAggregator(Aggregator):
         self._round = _Round(0)
         self._rng = random.Random(self.options.seed)
         self.probe: ModelProbe | None = None  # set by the round engine when its trainer can probe
+        self._pull = None if self.options.persistence is None else PersistentPull(self.options.persistence)
 
     # rounds ----------------------------------------------------------------
 
@@ -344,6 +348,8 @@ class SybilWallAggregator(Aggregator):
         for u in updates:
             held[u.peer] = _Held(u.delta, model_sketch(u.delta), RecordInfo(now, DIRECT, self.options.self_id or SELF))
         self._fold_memory(updates)
+        if self._pull is not None:
+            self._pull.observe(own, updates)
         probed = self._run_probe(own, updates)
         scores = self._score(peers, probed)
         trust = self._update_trust(peers, scores, now)
@@ -354,6 +360,8 @@ class SybilWallAggregator(Aggregator):
         factors = trust.clone()
         if self.options.clip is not None:
             factors *= self._clip_scales(own, updates, trust)
+        if self._pull is not None:
+            factors *= self._pull.scales(updates, trust)
         if self.options.probe_margin is not None and probed is not None:
             factors *= self._probe_scales(probed)
         total = 1.0 + float(factors.sum())
