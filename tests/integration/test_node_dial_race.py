@@ -13,9 +13,10 @@ unsolicited connections does.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,10 @@ def black_hole() -> Iterator[Multiaddr]:
         listener.close()
 
 
-async def test_a_peer_behind_a_silent_address_is_reached_through_its_circuit_quickly(
-        tmp_path: Path, black_hole: Multiaddr) -> None:
+@contextlib.asynccontextmanager
+async def relay_private_third(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, CircuitAddr, Node]]:
+    """A relay, a private node holding a reservation on it (and its circuit
+    address), and a third node to dial it; all stopped after."""
     relay = Node(node_config(tmp_path / "relay", overrides={**NO_HOLE_PUNCHING, "relay.service": True}))
     await relay.start()
     nodes: list[Node] = []
@@ -64,40 +67,30 @@ async def test_a_peer_behind_a_silent_address_is_reached_through_its_circuit_qui
         third = Node(node_config(tmp_path / "third", overrides=NO_HOLE_PUNCHING))
         await third.start()
         nodes.append(third)
-
-        started = time.monotonic()
-        session = await third.connect([black_hole, CircuitAddr.parse(circuit)], private.peer_id)
-        took = time.monotonic() - started
-        assert session.conn.relay == relay.peer_id  # through the circuit: the direct dial was still hanging
-        assert CIRCUIT_DIAL_DELAY_S <= took < CONNECT_TIMEOUT_S / 2, took
-        assert third.status()["connection_types"][str(private.peer_id)] == "relayed"
+        yield relay, private, CircuitAddr.parse(circuit), third
     finally:
         for node in reversed(nodes):
             await node.stop()
         await relay.stop()
+
+
+async def test_a_peer_behind_a_silent_address_is_reached_through_its_circuit_quickly(
+        tmp_path: Path, black_hole: Multiaddr) -> None:
+    async with relay_private_third(tmp_path) as (relay, private, circuit, third):
+
+        started = time.monotonic()
+        session = await third.connect([black_hole, circuit], private.peer_id)
+        took = time.monotonic() - started
+        assert session.conn.relay == relay.peer_id  # through the circuit: the direct dial was still hanging
+        assert CIRCUIT_DIAL_DELAY_S <= took < CONNECT_TIMEOUT_S / 2, took
+        assert third.status()["connection_types"][str(private.peer_id)] == "relayed"
 
 
 async def test_a_peer_that_answers_directly_is_not_dialled_through_its_circuit(tmp_path: Path) -> None:
     """The circuit lane waits: a direct address that answers within the delay
     costs the relay nothing."""
-    relay = Node(node_config(tmp_path / "relay", overrides={**NO_HOLE_PUNCHING, "relay.service": True}))
-    await relay.start()
-    nodes: list[Node] = []
-    try:
-        private = Node(node_config(tmp_path / "private", overrides={
-            **NO_HOLE_PUNCHING, "relay.use": [str(relay.addrs[0])], "relay.check_interval_s": 0.2}))
-        await private.start()
-        nodes.append(private)
-        await wait_until(lambda: private.status()["relay_client"]["circuit_addrs"], 10, "a reservation on the relay")
-        (circuit,) = private.status()["relay_client"]["circuit_addrs"]
-        third = Node(node_config(tmp_path / "third", overrides=NO_HOLE_PUNCHING))
-        await third.start()
-        nodes.append(third)
+    async with relay_private_third(tmp_path) as (relay, private, circuit, third):
         circuits_before = relay.status()["relay"].get("circuits_total", 0)
-        session = await third.connect([private.addrs[0], CircuitAddr.parse(circuit)], private.peer_id)
+        session = await third.connect([private.addrs[0], circuit], private.peer_id)
         assert session.conn.relay is None
         assert relay.status()["relay"].get("circuits_total", 0) == circuits_before
-    finally:
-        for node in reversed(nodes):
-            await node.stop()
-        await relay.stop()

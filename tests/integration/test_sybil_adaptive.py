@@ -12,10 +12,11 @@ SybilWall must still keep their weight low.
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
+import contextlib
+import dataclasses
 import itertools
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -56,10 +57,10 @@ def mechanics_plan(tactic: Tactic) -> AttackPlan:
     return dataclasses.replace(AttackPlan.tuned(tactic), boost=1.0, diversify=1.0, fresh=0.0)
 
 
-@pytest.mark.parametrize("tactic", [Tactic.DIVERSIFIED, Tactic.UNSCORED])
-async def test_adaptive_fronts_hold_their_own_models_and_sybilwall_keeps_them_light(
-    tmp_path: Path, tactic: Tactic,
-) -> None:
+@contextlib.asynccontextmanager
+async def honest_and_attacker(tmp_path: Path, tactic: Tactic) -> AsyncIterator[tuple[list[Node], SybilAttacker]]:
+    """HONEST learning daemons under SybilWall, then one attacker with SYBILS
+    identities playing ``tactic`` (at the mechanics plan); all stopped after."""
     nodes: list[Node] = []
     attacker: SybilAttacker | None = None
     try:
@@ -75,6 +76,18 @@ async def test_adaptive_fronts_hold_their_own_models_and_sybilwall_keeps_them_li
             for j in range(SYBILS)]
         attacker = SybilAttacker(configs, mechanics_plan(tactic))
         await attacker.__aenter__()
+        yield nodes, attacker
+    finally:
+        if attacker is not None:
+            await attacker.close()
+        await asyncio.gather(*(n.stop() for n in nodes))
+
+
+@pytest.mark.parametrize("tactic", [Tactic.DIVERSIFIED, Tactic.UNSCORED])
+async def test_adaptive_fronts_hold_their_own_models_and_sybilwall_keeps_them_light(
+    tmp_path: Path, tactic: Tactic,
+) -> None:
+    async with honest_and_attacker(tmp_path, tactic) as (nodes, attacker):
         assert attacker.learner is not None
         shaping = attacker.learner.shaping
         assert isinstance(shaping, ShapedFronts)
@@ -108,31 +121,13 @@ async def test_adaptive_fronts_hold_their_own_models_and_sybilwall_keeps_them_li
               f"({len(sybil_w)} weights)")
         assert mean_sybil <= 0.05, (mean_sybil, sybil_w)
         assert attack <= 0.1, attack
-    finally:
-        if attacker is not None:
-            await attacker.close()
-        await asyncio.gather(*(n.stop() for n in nodes))
 
 
 async def test_forged_twin_records_go_through_the_real_record_path(tmp_path: Path) -> None:
     """Each identity tells its honest neighbours of made-up twins of honest
     peers: signed records that pass every signature check, so only the
     receivers' record rules stand between them and SybilWall."""
-    nodes: list[Node] = []
-    attacker: SybilAttacker | None = None
-    try:
-        bootstrap: tuple = ()
-        for i in range(HONEST):
-            node = Node(node_config(tmp_path / f"n{i}", bootstrap=bootstrap, overrides={
-                **LEARNING, "learning.node_index": i, "learning.aggregator": "sybilwall"}))
-            await node.start()
-            nodes.append(node)
-            bootstrap = bootstrap or (node.addrs[0],)
-        configs = [node_config(tmp_path / f"sybil{j}", bootstrap=bootstrap, overrides={
-            **LEARNING, "learning.node_index": HONEST, "learning.attack": "label_flip", "network.neighbours": 2})
-            for j in range(SYBILS)]
-        attacker = SybilAttacker(configs, mechanics_plan(Tactic.FORGED_RECORDS))
-        await attacker.__aenter__()
+    async with honest_and_attacker(tmp_path, Tactic.FORGED_RECORDS) as (nodes, attacker):
         shaping = attacker.learner.shaping if attacker.learner is not None else None
         assert isinstance(shaping, ShapedFronts)
         honest = {str(n.peer_id) for n in nodes}
@@ -160,7 +155,3 @@ async def test_forged_twin_records_go_through_the_real_record_path(tmp_path: Pat
         assert mean_honest >= 0.1, (mean_honest, honest_w)
         assert not sybil_w or sum(sybil_w) / len(sybil_w) <= 0.05, sybil_w
         assert attack <= 0.1, attack
-    finally:
-        if attacker is not None:
-            await attacker.close()
-        await asyncio.gather(*(n.stop() for n in nodes))

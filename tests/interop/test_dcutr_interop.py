@@ -110,6 +110,11 @@ async def _relay(net: Internet) -> tuple[Libp2pHost, RelayService, Multiaddr]:
     return relay, service, addr
 
 
+async def _assert_js_holds_only_relayed(js: RemotePeer, peer: PeerId) -> None:
+    js_side = await _js_connections(js, peer)
+    assert js_side and all("/p2p-circuit" in str(c["remote"]) for c in js_side), js_side
+
+
 @pytest.mark.parametrize("hook", [True, False], ids=["public-range-hook", "stock-js"])
 async def test_js_libp2p_dials_murmur_through_a_relay_and_murmur_punches_a_hole(
         net: Internet, js_dir: tuple[Path, float], hook: bool) -> None:
@@ -149,8 +154,7 @@ async def test_js_libp2p_dials_murmur_through_a_relay_and_murmur_punches_a_hole(
             assert direct is None and _direct_to(m, js_id) is None
             log = _js_log(js)
             assert JS_REFUSED_AS_A in log and JS_DIALS_AS_A not in log, js.evidence()
-            js_side = await _js_connections(js, m.peer_id)
-            assert js_side and all("/p2p-circuit" in str(c["remote"]) for c in js_side), js_side
+            await _assert_js_holds_only_relayed(js, m.peer_id)
             assert not relayed.closed  # still relayed
     finally:
         if js is not None:
@@ -195,8 +199,7 @@ async def test_murmur_dials_js_libp2p_through_a_relay_and_js_upgrades_to_direct(
             await wait_until(lambda: JS_REFUSED_AS_B in _js_log(js), 20, "js's DCUtR refused murmur's addresses")
             assert _direct_to(m, js_id) is None
             assert not relayed.closed
-            js_side = await _js_connections(js, m.peer_id)
-            assert js_side and all("/p2p-circuit" in str(c["remote"]) for c in js_side), js_side
+            await _assert_js_holds_only_relayed(js, m.peer_id)
     finally:
         if js is not None:
             js.close()
