@@ -1,7 +1,7 @@
 """A module the fork-server tests fork: ``main(args)`` does what ``args[0]`` names.
 
 Real behaviours of a worker, one each: print and exit with a code, sleep,
-stop gracefully on SIGTERM, ignore SIGTERM, raise.
+stop gracefully on SIGTERM, count SIGTERMs, ignore SIGTERM, raise.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 FORK_PRELOAD = ("json",)  # the server imports these too: exercised, and cheap
 SLEEP_S = 60.0
+COUNT_TERMS_LINGER_S = 0.5
 
 
 def main(args: Sequence[str]) -> int:
@@ -30,6 +31,14 @@ def main(args: Sequence[str]) -> int:
         print("ready", flush=True)
         time.sleep(SLEEP_S)
         return 1
+    if mode == "count-terms":  # exit with the number of SIGTERMs that came within a moment of the first
+        terms: list[int] = []
+        signal.signal(signal.SIGTERM, lambda *_: terms.append(1))
+        print("ready", flush=True)
+        while not terms:
+            time.sleep(0.01)
+        time.sleep(COUNT_TERMS_LINGER_S)
+        return len(terms)
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("ready", flush=True)

@@ -105,7 +105,19 @@ def _run_child(sock: socket.socket, log_fd: int, settled: int, module: str, args
     except BaseException:  # noqa: BLE001 - the child must end here, with the traceback in its log
         traceback.print_exc()
         code = 1
+    finally:
+        _ignore_stop_signals()
     exit_after_shutdown(code)
+
+
+def _ignore_stop_signals() -> None:
+    """The worker's main is over: a stop signal now (a handler of the
+    worker's, raising SystemExit) would escape into the server's code that
+    this process was forked from, and change the exit code. CPython runs a
+    pending Python handler only if it is still installed, so this also
+    drops one that arrived a moment ago."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _spawn(sock: socket.socket, request: Mapping[str, Any], fds: list[int]) -> dict[str, Any]:

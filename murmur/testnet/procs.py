@@ -116,6 +116,13 @@ class ChildProcess:
         """SIGTERM the group, wait up to ``grace_s``, then SIGKILL; returns the exit code."""
         if self._popen.poll() is None:
             self._signal_group(signal.SIGTERM)
+        return self._await_stop(grace_s)
+
+    def _await_stop(self, grace_s: float) -> int:
+        """After the one SIGTERM: wait up to ``grace_s``, then SIGKILL. A second
+        SIGTERM would land in the middle of the child's graceful exit (a
+        handler that raises SystemExit raises again there)."""
+        if self._popen.poll() is None:
             try:
                 self._popen.wait(grace_s)
             except subprocess.TimeoutExpired:
@@ -237,7 +244,7 @@ class Supervisor:
         deadline = time.monotonic() + self.grace_s
         codes = {}
         for child in live:
-            codes[child.name] = child.stop(grace_s=max(0.0, deadline - time.monotonic()))
+            codes[child.name] = child._await_stop(max(0.0, deadline - time.monotonic()))
         for child in self._children.values():  # already-dead ones: sweep their groups' leftovers
             child._signal_group(signal.SIGKILL)
             codes.setdefault(child.name, child.wait(KILL_WAIT_S))

@@ -123,6 +123,15 @@ async def test_external_kill_9_is_observed_without_blocking(sup: Supervisor) -> 
     assert await asyncio.wait_for(waiter, EXIT_WAIT_S) == -signal.SIGKILL
 
 
+def test_stop_all_sends_each_child_one_sigterm(sup: Supervisor) -> None:
+    """A second SIGTERM during a graceful exit lands in the child's shutdown
+    (a handler raising SystemExit raised again there, and the exit code of a
+    graceful stop read 1): stop_all signals once, then only waits."""
+    counter = sup.start("c", _argv("count-terms"), env=ENV)
+    _wait_for_line(counter.log_path, "ready")
+    assert sup.stop_all()["c"] == 1
+
+
 def test_closing_the_supervisor_stops_children_then_the_server(tmp_path: Path) -> None:
     server = ForkServer(FORKEE, env=ENV, log_path=tmp_path / "forkserver.log")
     with Supervisor(tmp_path, grace_s=2.0, fork_server=server) as sup:

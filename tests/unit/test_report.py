@@ -32,6 +32,9 @@ sybils = 1
 edges_per_sybil = 2
 tactic = "sleeper"
 sleep_rounds = 3
+boost = 1.0
+diversify = 1.0
+fresh = 0.0
 [[churn]]
 at_round = 4
 action = "crash"
