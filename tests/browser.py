@@ -10,8 +10,10 @@ anywhere else the caller gets a reason string to ``pytest.skip`` with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -94,6 +96,7 @@ def dump_dom(url: str, *, budget_ms: int = VIRTUAL_TIME_BUDGET_MS) -> str:
 
 
 DEVTOOLS_START_S = 30.0
+PROFILE_REMOVE_S = 5.0  # the profile's removal retries this long after the browser's group is killed
 DEVTOOLS_CALL_S = 60.0
 
 
@@ -130,7 +133,8 @@ class BrowserPage:
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--disable-dev-shm-usage", "--remote-debugging-port=0", f"--user-data-dir={profile}",
             f"--window-size={self.width},{self.height}", "about:blank",
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # its own group: its helper processes are ended with it
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + DEVTOOLS_START_S
         while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
@@ -153,11 +157,29 @@ class BrowserPage:
             await self._ws.close()
         if self._http is not None:
             await self._http.close()
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.terminate()
-            await self._proc.wait()
+        if self._proc is not None:
+            if self._proc.returncode is None:
+                self._proc.terminate()
+                await self._proc.wait()
+            # Chromium's helpers (renderer, crashpad) can outlive the browser
+            # process by a moment and still write into the profile: a loaded CI
+            # rehearsal failed its removal with "Directory not empty".
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
         if self._profile is not None:
-            self._profile.cleanup()
+            await self._remove_profile(self._profile)
+
+    @staticmethod
+    async def _remove_profile(profile: tempfile.TemporaryDirectory[str]) -> None:
+        deadline = time.monotonic() + PROFILE_REMOVE_S
+        while True:
+            try:
+                profile.cleanup()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)  # a killed helper's last writes land; bounded by the deadline
 
     async def call(self, method: str, **params: Any) -> dict[str, Any]:
         self._next_id += 1

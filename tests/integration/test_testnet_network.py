@@ -21,7 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 NAT_SCENARIO = ROOT / "murmur" / "testnet" / "scenarios" / "nat.toml"
 MURMUR = [sys.executable, "-m", "murmur.node.cli"]
 RUN_TIMEOUT_S = 240
-ROUNDS = 8
+# 14, not 8: in a loaded CI rehearsal node5 (behind the symmetric NAT, on a
+# 2 Mbit/s uplink, reached only through a relay) got its first neighbour as
+# the others finished 8 rounds, and wrote no row of its own.
+ROUNDS = 14
 ACCURACY = 0.8  # digits-mlp, iid, plain averaging: ~0.9 after 8 rounds of 10 steps
 NOBODY = 65534
 
