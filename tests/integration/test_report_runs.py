@@ -85,15 +85,20 @@ def _node(rows: list[dict[str, str]], name: str) -> list[dict[str, str]]:
     return [r for r in rows if r["node"] == name]
 
 
+COUNTERS = ("bytes_in", "bytes_out")
+
+
 def _restart_corrected(own: list[dict[str, Any]], key: str) -> list[int]:
     """What the node sent (received) in all its processes, computed here
-    independently: a counter that fell started again from 0."""
+    independently: when either byte counter fell, a new process started both
+    from 0 (one counter alone can pass its old value again before the next
+    row: a restarted node that caught up sent more than before its crash)."""
     out, base, last = [], 0, None
     for row in own:
-        if last is not None and row[key] < last:
-            base += last
+        if last is not None and any(row[c] < last[c] for c in COUNTERS):
+            base += last[key]
         out.append(base + row[key])
-        last = row[key]
+        last = row
     return out
 
 
