@@ -385,6 +385,10 @@ class LearningSection:
     mixing_rounds: int = 0
     local_steps: int = 0
     round_deadline_s: float = 30.0
+    # Seconds a node starting at round 0 waits for its network.neighbours
+    # learning neighbours (at most num_nodes - 1) before its first round: a node that trains alone
+    # meanwhile gets ahead of the others (a link made later still joins).
+    start_wait_s: float = 2.0
     quorum: float = 1.0
     aggregator: str = "mean"
     aggregator_options: Mapping[str, Any] = field(default_factory=_frozen_map)
@@ -557,6 +561,11 @@ def finite_positive(v: Any) -> None:
         raise _Invalid(f"must be a finite number > 0, got {v}")
 
 
+def finite_non_negative(v: Any) -> None:
+    if not (v >= 0 and math.isfinite(v)):
+        raise _Invalid(f"must be a finite number >= 0, got {v}")
+
+
 def non_empty(v: Any) -> None:
     if not v:
         raise _Invalid("must not be empty")
@@ -661,6 +670,7 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "learning.rounds": at_least(0),
         "learning.local_steps": at_least(0),
         "learning.round_deadline_s": finite_positive,
+        "learning.start_wait_s": finite_non_negative,
         "learning.mixing_rounds": at_least(0),
         "learning.quorum": between(0.0, 1.0, lo_open=True),
         "learning.aggregator": non_empty,
@@ -671,7 +681,7 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "privacy.budget": at_least(0.0),
         "privacy.assumed_degree": at_least(0),
         "learning.checkpoint_every_rounds": at_least(0),
-        "learning.checkpoint_every_s": at_least(0.0),
+        "learning.checkpoint_every_s": finite_non_negative,
         "compression.ratio": between(0.0, 1.0, lo_open=True),
         "compression.consensus_step": between(0.0, 1.0, lo_open=True),
         "outer.lr": finite_positive,

@@ -110,7 +110,6 @@ MODEL_SERVE_REFILL_S = 2.0  # one more allowed per this many seconds
 MODEL_SERVE_NODE_BURST = 8  # public models served to all peers together before the node-wide limit
 MODEL_SERVE_NODE_RATE = 2.0  # per second, all peers together: a flood of requesters cannot multiply our upload
 MODEL_REQUEST_TIMEOUT_S = 5.0  # an unanswered re-sync request may be repeated after this
-NEIGHBOUR_WAIT_S = 2.0  # how long a starting node waits for its k neighbours before its first round
 
 
 class PhaseTimer:
@@ -191,6 +190,7 @@ class NodeLearner:
             for front in self.fronts
         }
         self.stalls = StallMonitor()
+        self._starting = False  # in the wait for the first neighbours (learning.start_wait_s)
         self.silence = SilenceTracker()
         self.outbox = Outbox()
         self._model_serving = RequestBudget(MODEL_SERVE_NODE_BURST, 1.0 / MODEL_SERVE_NODE_RATE)
@@ -300,7 +300,7 @@ class NodeLearner:
             assembler.expire()
 
     async def _watch_stalls(self) -> None:
-        if self.gossip is None and not self._finished:  # rounds over: nothing left to stall
+        if self.gossip is None and not self._finished and not self._starting:  # over or not begun: no stall
             phase = self._timer.current if self._timer is not None else None
             self.stalls.watch(self.cfg.round_deadline_s, len(self._sessions()), phase)
             self._export_stalls()
@@ -419,9 +419,13 @@ class NodeLearner:
         # A node restored mid-run does not wait: its network is running, and
         # it catches up with it (2 s of waiting left a restarted node of a
         # fast testnet to find the run over).
-        wanted = self.node.config.network.neighbours
+        # (a network of num_nodes learners offers at most num_nodes - 1)
+        wanted = min(self.node.config.network.neighbours, max(1, self.cfg.num_nodes - 1))
         if self.engine.round == 0:
-            await self._wait_for(lambda: len(self._neighbours()) >= wanted, NEIGHBOUR_WAIT_S)
+            self._starting = True  # waiting for neighbours is no stall
+            await self._wait_for(lambda: len(self._neighbours()) >= wanted, self.cfg.start_wait_s)
+            self._starting = False
+            self.stalls.rounds_begin()
         while self.cfg.runs_round(self.engine.round):  # learning.rounds = 0: until stopped
             training = self.cfg.trains_in(self.engine.round)
             if training and self.privacy is not None and self.privacy.budget_exhausted():

@@ -83,6 +83,11 @@ class StallMonitor:
                        "reason": self.reason},
             )
 
+    def rounds_begin(self) -> None:
+        """The round loop starts now: the time a node spent waiting for its
+        first neighbours (``learning.start_wait_s``) was no stall."""
+        self._last_round_at = self.clock()
+
     def watch(self, deadline_s: float, connected: int, phase: str | None) -> None:
         """Periodic check that the round loop completes rounds at all while
         neighbours are connected (a loop blocked in a send, say)."""

@@ -36,8 +36,12 @@ def _sections(index: int, bootstrap: list[str]) -> dict[str, Mapping[str, Any]]:
         "node": {"listen": [f"/ip4/0.0.0.0/tcp/{PORT}"], "log_format": "json"},
         "network": {"bootstrap": bootstrap, "mdns": False, "neighbours": 1, "shuffle_interval_s": 1.0},
         "api": {"port": 0},
+        # each waits for the other before its first round: on a loaded box one
+        # interpreter can import torch 20 s after the other, and the first up
+        # ran all its rounds alone (a CI failure)
         "learning": {"enabled": True, "trainer": "digits-mlp", "num_nodes": 2, "node_index": index,
-                     "rounds": ROUNDS, "local_steps": 5, "round_deadline_s": 3.0, "threads": 1, "device": "cpu"},
+                     "rounds": ROUNDS, "local_steps": 5, "round_deadline_s": 3.0, "start_wait_s": LEARNED_S,
+                     "threads": 1, "device": "cpu"},
     }
 
 

@@ -62,3 +62,17 @@ def test_a_round_loop_that_completes_no_round_is_stalled_only_with_neighbours() 
     clock.now += STALL_DEADLINES * 2.0 - 1
     monitor.watch(deadline_s=2.0, connected=2, phase="wait_s")
     assert not monitor.stalled
+
+
+def test_the_wait_for_the_first_neighbours_is_no_stall() -> None:
+    """A node that waited ``learning.start_wait_s`` for its neighbours begins
+    its rounds then: the stall clock starts there, not at construction."""
+    clock = Clock()
+    monitor = StallMonitor(clock=clock)
+    clock.now += STALL_DEADLINES * 2.0 * 10  # a long start wait
+    monitor.rounds_begin()
+    monitor.watch(deadline_s=2.0, connected=2, phase="train_s")
+    assert not monitor.stalled
+    clock.now += STALL_DEADLINES * 2.0 + 1
+    monitor.watch(deadline_s=2.0, connected=2, phase="train_s")
+    assert monitor.stalled
