@@ -658,6 +658,9 @@ class RoundEngine:
             own = self.public - reference  # our own step this round (noised update, compression residue)
             updates = [PeerUpdate(p, m - reference, pending.neighbours[p]) for p, m in zip(peers, models, strict=True)]
             weights = self.aggregator.weigh(own, updates, len(pending.neighbours))
+            bounded = self.aggregator.mixed_offsets(own, updates)
+            if bounded is not None:  # each model with its pull on ours bounded (never the replicas themselves)
+                models = [reference + offset for offset in bounded]
             consensus = _weighted_offsets(models, peers, weights, self.public)
             private_step = _weighted_offsets(models, peers, weights, private_half) if separate_private else consensus
         if not (bool(torch.isfinite(consensus).all()) and bool(torch.isfinite(private_step).all())):
