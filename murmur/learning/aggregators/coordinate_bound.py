@@ -53,18 +53,23 @@ import torch
 
 DEFAULT_COORDINATE_BOUND = 1.5  # on a quiet coordinate a pull keeps up to this times the typical pull
 DEFAULT_QUIET = 1.0  # quiet: typical pull at most this times the round's RMS typical pull
+CHUNK = 1 << 18  # coordinates per pass: k x CHUNK temporaries, not k x d, at real model sizes
 
 
 def coordinate_bounds(pulls: torch.Tensor, factor: float, quiet: float = DEFAULT_QUIET) -> torch.Tensor:
     """Per-coordinate bound on ``pulls`` (k x d: each neighbour's model minus
     ours): ``factor`` times the lower median of ``|pulls|`` on each quiet
     coordinate (see the module doc), ``inf`` on the others."""
-    if not factor > 0 or not quiet > 0:
-        raise ValueError("coordinate bound: factor and quiet must be > 0")
     if pulls.dim() != 2 or pulls.shape[0] == 0:
         raise ValueError("coordinate bound: pulls must be a non-empty k x d matrix")
     # torch.median along a dim returns the lower of the two middle values for an even count.
-    typical = pulls.abs().median(dim=0).values
+    return _bound_from_typical(pulls.abs().median(dim=0).values, factor, quiet)
+
+
+def _bound_from_typical(typical: torch.Tensor, factor: float, quiet: float) -> torch.Tensor:
+    """``factor * typical`` where typical is at most ``quiet`` times its RMS, else inf (in place)."""
+    if not factor > 0 or not quiet > 0:
+        raise ValueError("coordinate bound: factor and quiet must be > 0")
     rms = float(torch.linalg.vector_norm(typical)) / typical.numel() ** 0.5
     bound = typical.mul_(factor)
     bound[bound > factor * quiet * rms] = float("inf")
@@ -78,7 +83,15 @@ def bound_offsets(own: torch.Tensor, offsets: Sequence[torch.Tensor], factor: fl
     :func:`coordinate_bounds`, returned as an offset from that reference."""
     if not offsets:
         return []
-    pulls = torch.stack([o - own for o in offsets])
-    bound = coordinate_bounds(pulls, factor, quiet)
-    pulls.clamp_(min=-bound, max=bound)
-    return [own + p for p in pulls]
+    d = own.numel()
+    typical = torch.empty_like(own)
+    for lo in range(0, d, CHUNK):
+        hi = min(d, lo + CHUNK)
+        pulls = torch.stack([o[lo:hi] - own[lo:hi] for o in offsets])
+        typical[lo:hi] = pulls.abs_().median(dim=0).values
+    bound = _bound_from_typical(typical, factor, quiet)
+    out = []
+    for o in offsets:
+        pull = o - own
+        out.append(pull.clamp_(min=-bound, max=bound).add_(own))
+    return out

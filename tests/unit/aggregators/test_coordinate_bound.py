@@ -71,6 +71,21 @@ def test_an_honest_neighbour_that_moves_a_busy_coordinate_more_keeps_it() -> Non
     assert float(out[2][7]) == float(pulls[2, 7])
 
 
+def test_chunks_give_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big models are bounded a chunk of coordinates at a time (bounded
+    temporaries); the result is the one-pass answer."""
+    from murmur.learning.aggregators import coordinate_bound
+
+    own, *offsets = orthogonalish(5, 1000, 4)
+    whole = bound_offsets(own, offsets, 1.5)
+    monkeypatch.setattr(coordinate_bound, "CHUNK", 7)
+    chunked = bound_offsets(own, offsets, 1.5)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    expected = coordinate_bounds(torch.stack([o - own for o in offsets]), 1.5)
+    assert all(torch.equal(a, (o - own).clamp(-expected, expected) + own)
+               for a, o in zip(whole, offsets, strict=True))
+
+
 @pytest.mark.parametrize("factor, quiet", [(0.0, 1.0), (-1.0, 1.0), (1.5, 0.0)])
 def test_bad_parameters(factor: float, quiet: float) -> None:
     with pytest.raises(ValueError):
