@@ -14,9 +14,10 @@ honest neighbour's pull is ~0, and the Sybil's pull is the backdoor.
 
 What. Each neighbour's pull is ``delta_j - own`` (its model minus ours).
 On each coordinate the *typical* pull is the lower median of the
-neighbours' pull magnitudes: an honest neighbour's magnitude as long as
-Sybils are at most half of our neighbours, and ~0 on a coordinate only a
-minority moves. A coordinate is *quiet* when its typical pull is at most
+neighbours' pull magnitudes (of the neighbours SybilWall trusts at all, as
+for its clip radius; of all when it trusts none): an honest neighbour's
+magnitude as long as Sybils are at most half of those, and ~0 on a
+coordinate only a minority moves. A coordinate is *quiet* when its typical pull is at most
 ``quiet`` times the round's root-mean-square typical pull. On a quiet
 coordinate every pull is clamped to ``factor`` times the typical pull;
 elsewhere it is left alone. The engine then mixes ``own + clamped pull``:
@@ -77,17 +78,26 @@ def _bound_from_typical(typical: torch.Tensor, factor: float, quiet: float) -> t
 
 
 def bound_offsets(own: torch.Tensor, offsets: Sequence[torch.Tensor], factor: float = DEFAULT_COORDINATE_BOUND,
-                  quiet: float = DEFAULT_QUIET) -> list[torch.Tensor]:
+                  quiet: float = DEFAULT_QUIET, trusted: Sequence[bool] | None = None) -> list[torch.Tensor]:
     """Each offset (a neighbour's model minus the round's reference, as
     ``own`` is ours), its pull ``offset - own`` clamped to
-    :func:`coordinate_bounds`, returned as an offset from that reference."""
+    :func:`coordinate_bounds`, returned as an offset from that reference.
+    With ``trusted``, the typical pull is over the trusted offsets only (all
+    of them when none is): Sybils a node already muted, at a node where they
+    are most of its neighbours, must not set what its honest neighbours may
+    move it by."""
     if not offsets:
         return []
+    judges = list(offsets)
+    if trusted is not None:
+        if len(trusted) != len(offsets):
+            raise ValueError("coordinate bound: one trusted flag per offset")
+        judges = [o for o, t in zip(offsets, trusted, strict=True) if t] or judges
     d = own.numel()
     typical = torch.empty_like(own)
     for lo in range(0, d, CHUNK):
         hi = min(d, lo + CHUNK)
-        pulls = torch.stack([o[lo:hi] - own[lo:hi] for o in offsets])
+        pulls = torch.stack([o[lo:hi] - own[lo:hi] for o in judges])
         typical[lo:hi] = pulls.abs_().median(dim=0).values
     bound = _bound_from_typical(typical, factor, quiet)
     out = []

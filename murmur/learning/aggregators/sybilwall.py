@@ -354,7 +354,8 @@ class SybilWallAggregator(Aggregator):
         trigger's weights, is cut however its whole model scores."""
         if self.options.coordinate_bound is None:
             return None
-        return bound_offsets(own, [u.delta for u in updates], self.options.coordinate_bound)
+        trusted = [self._standing[u.peer].trust > 0 if u.peer in self._standing else False for u in updates]
+        return bound_offsets(own, [u.delta for u in updates], self.options.coordinate_bound, trusted=trusted)
 
     def weigh(self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int) -> dict[str, float]:
         """Score this round's neighbours (similarity, trust, clip, probe) and weigh them."""
