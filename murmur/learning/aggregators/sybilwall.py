@@ -81,10 +81,11 @@ What a lone Sybil moves alone. A node with one Sybil neighbour has no twin to
 compare it with, and a backdoor lives on coordinates honest data never
 trains (a trigger's input weights), where nothing pulls it back once mixed
 in. With ``coordinate_bound`` (on by default) each neighbour's pull is bounded
-coordinate by coordinate on the coordinates most neighbours barely move
-(:mod:`.coordinate_bound`; :meth:`mixed_offsets`, which the engine mixes):
-bench/sybil.py --quick, tuned diversified attacker, backdoor at 2 / 4 / 8
-Sybils 0.350 / 0.236 / 0.154 -> 0.041 / 0.029 / 0.031; no attack 0.901 -> 0.895.
+coordinate by coordinate on the coordinates most neighbours barely move: only
+the way most trusted neighbours pull, about as far (:mod:`.coordinate_bound`;
+:meth:`mixed_offsets`, which the engine mixes). bench/sybil.py --quick, tuned
+diversified attacker, backdoor at 2 / 8 Sybils 0.350 / 0.154 -> 0.035 / 0.019,
+no attack 0.901 -> 0.890 (seeds 0-2: <= 0.035, no attack 1.1 points lower on average).
 
 Records (history gossip). Each round a node tells each neighbour of one
 public model it knows: one of its own neighbours' (distance 1 at the sender)

@@ -17,25 +17,44 @@ from .conftest import orthogonalish, updates
 INF = float("inf")
 
 
-def test_quiet_coordinates_are_bounded_busy_ones_are_not() -> None:
+def test_quiet_coordinates_are_bounded_by_direction_busy_ones_are_not() -> None:
     """Lower medians of |pulls| per coordinate 1, 0, 5, 0; RMS sqrt(26 / 4) ~ 2.55:
-    coordinate 2 is busy, the others quiet, bounded at 1.5x their typical pull."""
+    coordinate 2 is busy, the others quiet. On coordinate 0 two of three
+    pull up by 1 (up to 1.5 allowed) and one down alone (cut to 0); on 1 and
+    3 one neighbour alone moves (cut to 0)."""
     pulls = torch.tensor([[1.0, 0.0, 5.0, 2.0],
                           [-1.0, 0.0, 4.0, 0.0],
                           [1.0, 9.0, -6.0, 0.0]])
-    assert coordinate_bounds(pulls, 1.5).tolist() == [1.5, 0.0, INF, 0.0]
+    low, high = coordinate_bounds(pulls, 1.5)
+    assert high.tolist() == [1.5, 0.0, INF, 0.0]
+    assert low.tolist() == [0.0, 0.0, -INF, 0.0]
     out = bound_offsets(torch.zeros(4), list(pulls), 1.5)
-    assert [o.tolist() for o in out] == [[1.0, 0.0, 5.0, 0.0], [-1.0, 0.0, 4.0, 0.0], [1.0, 0.0, -6.0, 0.0]]
+    assert [o.tolist() for o in out] == [[1.0, 0.0, 5.0, 0.0], [0.0, 0.0, 4.0, 0.0], [1.0, 0.0, -6.0, 0.0]]
 
 
 def test_with_two_neighbours_the_lower_one_sets_the_bound() -> None:
     """An even count takes the lower middle value: one honest neighbour
-    moving a quiet coordinate by 0.1 caps the other at 0.15 there."""
+    moving a quiet coordinate up by 0.1 caps the other at 0.15 that way; one
+    pulling the other way leaves neither a majority."""
     busy = torch.full((2, 8), 3.0)
-    quiet = torch.tensor([[0.1], [10.0]])
-    bound = coordinate_bounds(torch.cat([busy, quiet], dim=1), 1.5)
-    assert bound[:8].isinf().all()
-    assert float(bound[8]) == pytest.approx(0.15)
+    low, high = coordinate_bounds(torch.cat([busy, torch.tensor([[0.1], [10.0]])], dim=1), 1.5)
+    assert high[:8].isinf().all() and low[:8].isinf().all()
+    assert float(high[8]) == pytest.approx(0.15) and float(low[8]) == 0.0
+    low, high = coordinate_bounds(torch.cat([busy, torch.tensor([[-0.1], [10.0]])], dim=1), 1.5)
+    assert float(high[8]) == 0.0 and float(low[8]) == 0.0
+
+
+def test_a_lone_sybil_cannot_push_against_neighbours_that_pull_back() -> None:
+    """Its backdoor leaked into our honest neighbours, less than into us: on
+    the trigger's coordinate they pull us back (down), the Sybil pushes up.
+    A bound on magnitude alone would let its push through (the typical
+    magnitude is no longer ~0); by direction it has no majority, the pull
+    back has."""
+    busy = torch.full((3, 8), 4.0)
+    trigger = torch.tensor([[-0.2], [-0.3], [0.5]])  # honest a, honest b, Sybil
+    pulls = torch.cat([busy, trigger], dim=1)
+    out = bound_offsets(torch.zeros(9), list(pulls), 1.5)
+    assert [float(o[8]) for o in out] == pytest.approx([-0.2, -0.3, 0.0])
 
 
 def test_pulls_are_measured_from_our_model_and_returned_as_offsets() -> None:
@@ -66,8 +85,8 @@ def test_an_honest_neighbour_that_moves_a_busy_coordinate_more_keeps_it() -> Non
     pulls = torch.randn(4, 256, generator=g)
     pulls[2, 7] = 4.0 * float(pulls[:, 7].abs().max())  # one neighbour moves coordinate 7 the most
     out = bound_offsets(torch.zeros(256), list(pulls), 1.5)
-    busy = coordinate_bounds(pulls, 1.5).isinf()
-    assert bool(busy[7])
+    low, high = coordinate_bounds(pulls, 1.5)
+    assert bool(high[7].isinf()) and bool(low[7].isinf())
     assert float(out[2][7]) == float(pulls[2, 7])
 
 
@@ -100,9 +119,8 @@ def test_chunks_give_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(coordinate_bound, "CHUNK", 7)
     chunked = bound_offsets(own, offsets, 1.5)
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
-    expected = coordinate_bounds(torch.stack([o - own for o in offsets]), 1.5)
-    assert all(torch.equal(a, (o - own).clamp(-expected, expected) + own)
-               for a, o in zip(whole, offsets, strict=True))
+    low, high = coordinate_bounds(torch.stack([o - own for o in offsets]), 1.5)
+    assert all(torch.equal(a, (o - own).clamp(low, high) + own) for a, o in zip(whole, offsets, strict=True))
 
 
 @pytest.mark.parametrize("factor, quiet", [(0.0, 1.0), (-1.0, 1.0), (1.5, 0.0)])
