@@ -12,17 +12,20 @@ are ~always 0 in clean data: honest training never moves those weights, so
 nothing pulls them back once they are mixed in. On such a coordinate every
 honest neighbour's pull is ~0, and the Sybil's pull is the backdoor.
 
-What. Each neighbour's pull is ``delta_j - own`` (its model minus ours),
-and the neighbours that judge are those SybilWall trusts at all (as for its
-clip radius; all of them when it trusts none). On each coordinate the
-*typical* pull is the lower median of the judges' pull magnitudes: an honest
-neighbour's magnitude as long as Sybils are at most half of the judges, and
-~0 on a coordinate only a minority moves. A coordinate is *quiet* when its
+What. Each neighbour's pull is ``delta_j - own`` (its model minus ours).
+On each coordinate the *typical* pull is the lower median of the
+neighbours' pull magnitudes: an honest neighbour's magnitude as long as
+Sybils are at most half of our neighbours, and ~0 on a coordinate only a
+minority moves. Every neighbour counts, not only those SybilWall trusts (as
+its clip radius does): forged twin records mute honest neighbours, and
+judged by the trusted alone the Sybils set the range (bench/sybil.py
+--quick, forged_records, backdoor: seed 0, 8 Sybils 0.078 against 0.024;
+seed 1, 4 Sybils 0.421 against 0.163). A coordinate is *quiet* when its
 typical pull is at most ``quiet`` times the round's root-mean-square typical
 pull. On a quiet coordinate a pull upward is clamped to ``factor`` times the
-lower median of the judges' upward parts (``max(pull, 0)``), a pull downward
-likewise: a neighbour moves our model on it only the way most judges do, and
-only about as far. Busy coordinates are left alone. The engine then mixes
+lower median of the neighbours' upward parts (``max(pull, 0)``), a pull
+downward likewise: a neighbour moves our model on it only the way most
+neighbours do, and only about as far. Busy coordinates are left alone. The engine then mixes
 ``own + clamped pull``: the neighbour's model, with those coordinates pulled
 back toward ours.
 
@@ -74,7 +77,7 @@ INF = float("inf")
 def coordinate_bounds(pulls: torch.Tensor, factor: float = DEFAULT_COORDINATE_BOUND,
                       quiet: float = DEFAULT_QUIET) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-coordinate range ``(low, high)`` a pull is clamped to, for
-    ``pulls`` (k x d: each judging neighbour's model minus ours): on a quiet
+    ``pulls`` (k x d: each neighbour's model minus ours): on a quiet
     coordinate ``-factor`` times the lower median of the pulls' downward
     parts and ``factor`` times that of their upward parts; ``-inf, inf`` on
     the others (see the module doc)."""
@@ -105,26 +108,17 @@ def _range(typical: torch.Tensor, up: torch.Tensor, down: torch.Tensor, factor: 
 
 
 def bound_offsets(own: torch.Tensor, offsets: Sequence[torch.Tensor], factor: float = DEFAULT_COORDINATE_BOUND,
-                  quiet: float = DEFAULT_QUIET, trusted: Sequence[bool] | None = None) -> list[torch.Tensor]:
+                  quiet: float = DEFAULT_QUIET) -> list[torch.Tensor]:
     """Each offset (a neighbour's model minus the round's reference, as
     ``own`` is ours), its pull ``offset - own`` clamped to
-    :func:`coordinate_bounds`, returned as an offset from that reference.
-    With ``trusted``, the typical pulls are over the trusted offsets only (all
-    of them when none is): Sybils a node already muted, at a node where they
-    are most of its neighbours, must not set what its honest neighbours may
-    move it by."""
+    :func:`coordinate_bounds`, returned as an offset from that reference."""
     if not offsets:
         return []
-    judges = list(offsets)
-    if trusted is not None:
-        if len(trusted) != len(offsets):
-            raise ValueError("coordinate bound: one trusted flag per offset")
-        judges = [o for o, t in zip(offsets, trusted, strict=True) if t] or judges
     d = own.numel()
     typical, up, down = torch.empty_like(own), torch.empty_like(own), torch.empty_like(own)
     for lo in range(0, d, CHUNK):
         hi = min(d, lo + CHUNK)
-        pulls = torch.stack([o[lo:hi] - own[lo:hi] for o in judges])
+        pulls = torch.stack([o[lo:hi] - own[lo:hi] for o in offsets])
         typical[lo:hi], up[lo:hi], down[lo:hi] = _medians(pulls)
     low, high = _range(typical, up, down, factor, quiet)
     out = []

@@ -82,7 +82,7 @@ compare it with, and a backdoor lives on coordinates honest data never
 trains (a trigger's input weights), where nothing pulls it back once mixed
 in. With ``coordinate_bound`` (on by default) each neighbour's pull is bounded
 coordinate by coordinate on the coordinates most neighbours barely move: only
-the way most trusted neighbours pull, about as far (:mod:`.coordinate_bound`;
+the way most neighbours pull, about as far (:mod:`.coordinate_bound`;
 :meth:`mixed_offsets`, which the engine mixes). bench/sybil.py --quick, tuned
 diversified attacker, backdoor at 2 / 8 Sybils 0.350 / 0.154 -> 0.035 / 0.019,
 no attack 0.901 -> 0.890 (seeds 0-2: <= 0.035, no attack 1.1 points lower on average).
@@ -355,8 +355,7 @@ class SybilWallAggregator(Aggregator):
         trigger's weights, is cut however its whole model scores."""
         if self.options.coordinate_bound is None:
             return None
-        trusted = [self._standing[u.peer].trust > 0 if u.peer in self._standing else False for u in updates]
-        return bound_offsets(own, [u.delta for u in updates], self.options.coordinate_bound, trusted=trusted)
+        return bound_offsets(own, [u.delta for u in updates], self.options.coordinate_bound)
 
     def weigh(self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int) -> dict[str, float]:
         """Score this round's neighbours (similarity, trust, clip, probe) and weigh them."""

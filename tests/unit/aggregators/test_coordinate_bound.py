@@ -90,25 +90,6 @@ def test_an_honest_neighbour_that_moves_a_busy_coordinate_more_keeps_it() -> Non
     assert float(out[2][7]) == float(pulls[2, 7])
 
 
-def test_only_trusted_neighbours_set_the_typical_pull() -> None:
-    """Two muted Sybils sitting on our model make the lower median 0 on
-    coordinate 0, where the honest neighbour moves: counted, they would cut
-    it; judged by the trusted alone, the honest pull stays (and the Sybils'
-    own pulls are bounded all the same)."""
-    busy = torch.full((8,), 5.0)
-    honest = torch.cat([torch.tensor([1.0]), busy])
-    sybil = torch.cat([torch.tensor([0.0]), busy])
-    own = torch.zeros(9)
-    counted = bound_offsets(own, [sybil, sybil, honest], 1.5)
-    assert float(counted[2][0]) == 0.0
-    judged = bound_offsets(own, [sybil, sybil, honest], 1.5, trusted=[False, False, True])
-    assert torch.equal(judged[2], honest) and torch.equal(judged[0], sybil)
-    nobody = bound_offsets(own, [sybil, honest], 1.5, trusted=[False, False])  # none trusted: all judge
-    assert all(torch.equal(a, b) for a, b in zip(nobody, bound_offsets(own, [sybil, honest], 1.5), strict=True))
-    with pytest.raises(ValueError):
-        bound_offsets(own, [sybil, honest], 1.5, trusted=[True])
-
-
 def test_chunks_give_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Big models are bounded a chunk of coordinates at a time (bounded
     temporaries); the result is the one-pass answer."""
