@@ -127,7 +127,8 @@ class Aggregator(ABC):
         ``updates``' order): None, the default, mixes every model as it is; an
         aggregator that bounds a neighbour's pull coordinate by coordinate
         (SybilWall's ``coordinate_bound``) returns the bounded offsets. Call
-        after :meth:`weigh` of the same inputs."""
+        after :meth:`weigh` of the same inputs. The round engine does not call
+        it under privacy (correlated noise cancels only in whole sums)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

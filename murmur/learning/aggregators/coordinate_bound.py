@@ -57,9 +57,13 @@ bench's full mode) it was unchanged.
 This is the coordinate-wise form of ClippedGossip's per-peer radius (He et
 al. 2022).
 
-Cost: O(k*d) a round (a k-row lower median). No state is kept, and no
-private data is read, so the bound is sound under privacy. There, DP noise
-makes every coordinate busy and the bound does little.
+Cost: O(k*d) a round (three k-row lower medians, a chunk of coordinates at
+a time). No state is kept and no private data is read. The round engine
+does not apply it under privacy (:meth:`Aggregator.mixed_offsets`): there
+every pull is mostly noise, and correlated noise (DECOR) cancels only in
+whole sums. Applied, it cost 8 to 10 points of honest accuracy without attack
+(bench/sybil.py --privacy 10, 100 rounds: 0.53-0.56 -> 0.43-0.46, three runs
+each).
 """
 
 from __future__ import annotations
