@@ -84,8 +84,9 @@ in. With ``coordinate_bound`` (on by default) each neighbour's pull is bounded
 coordinate by coordinate on the coordinates most neighbours barely move: only
 the way most neighbours pull, about as far (:mod:`.coordinate_bound`;
 :meth:`mixed_offsets`, which the engine mixes). bench/sybil.py --quick, tuned
-diversified attacker, backdoor at 2 / 8 Sybils 0.350 / 0.154 -> 0.035 / 0.019,
-no attack 0.901 -> 0.890 (seeds 0-2: <= 0.035, no attack 1.1 points lower on average).
+diversified attacker, backdoor at 2 / 4 / 8 Sybils 0.350 / 0.236 / 0.154 ->
+0.035 / 0.033 / 0.029, no attack 0.901 -> 0.890 (seeds 0-2: <= 0.035, no
+attack 1.1 points lower on average).
 
 Records (history gossip). Each round a node tells each neighbour of one
 public model it knows: one of its own neighbours' (distance 1 at the sender)
