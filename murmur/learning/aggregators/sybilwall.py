@@ -735,6 +735,7 @@ class SybilWallAggregator(Aggregator):
             "trust": [self._standing[p].trust for p in peers],
             "scores": [self._standing[p].score for p in peers],
             "clone_catches": {p: sorted(r) for p, r in sorted(self._catches.items())},
+            **({} if self._pull is None else self._pull.state_dict()),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -749,6 +750,8 @@ class SybilWallAggregator(Aggregator):
             for p, seen, trust, score in zip(state["peers"], state["last_seen"], state["trust"], state["scores"],
                                              strict=True)
         }
+        if self._pull is not None:
+            self._pull.load_state_dict(state)
 
 
 def _functional(probed: ProbeResult) -> torch.Tensor:
