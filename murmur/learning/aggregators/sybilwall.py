@@ -362,12 +362,16 @@ class SybilWallAggregator(Aggregator):
         if not updates:
             return {SELF: 1.0}
         factors = trust.clone()
-        if self.options.clip is not None:
+        noise_ratio = self.options.noise_ratio if self.noised else None
+        if noise_ratio is not None:
+            # Replaces the round's clip: honest noised offsets bunch around
+            # the median, which cut those above it every round (no attack,
+            # epsilon 1: 0.689 with both, 0.734 without the clip).
+            factors *= noise_scales(own, updates, noise_ratio)
+        elif self.options.clip is not None:
             factors *= self._clip_scales(own, updates, trust)
         if self._pull is not None:
             factors *= self._pull.scales(updates, trust)
-        if self.noised and self.options.noise_ratio is not None:
-            factors *= noise_scales(own, updates, self.options.noise_ratio)
         if self.options.probe_margin is not None and probed is not None:
             factors *= self._probe_scales(probed)
         total = 1.0 + float(factors.sum())

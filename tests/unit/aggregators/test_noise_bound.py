@@ -81,3 +81,24 @@ def test_the_engine_tells_the_aggregator_whether_its_messages_are_noised(private
     aggregator = get_aggregator("sybilwall")
     RoundEngine(trainer, aggregator, perturber=_AddNothing() if private else None)
     assert aggregator.noised is private  # type: ignore[attr-defined]
+
+
+def test_under_noise_the_bound_replaces_the_rounds_median_clip() -> None:
+    """Offsets 2, 2 and 6 along their own axes, our step 2 along a fourth:
+    the median clip (distances from our step: sqrt 8, sqrt 8, sqrt 40) would
+    cut the far peer to sqrt(8 / 40) of its weight; noised, the noise bound
+    alone cuts it to 3 / 6 and the median clip is not applied on top."""
+    def weights(noised: bool, clip: float | None) -> dict[str, float]:
+        agg = get_aggregator("sybilwall", self_id="me", clip=clip, persistence=None)
+        assert isinstance(agg, SybilWallAggregator)
+        agg.noised = noised
+        return agg.weigh(_along(2.0, 0), updates({"h0": _along(2.0, 1), "h1": _along(2.0, 2),
+                                                 "far": _along(6.0, 3)}), 3)
+
+    bare = weights(False, None)
+    ratio = bare["far"] / bare["h0"]
+    clipped = weights(False, 1.0)
+    assert clipped["far"] / clipped["h0"] == pytest.approx(ratio * (8 / 40) ** 0.5, rel=1e-6)
+    noised = weights(True, 1.0)
+    assert noised["far"] / noised["h0"] == pytest.approx(ratio * 3 / 6, rel=1e-6)
+    assert noised == pytest.approx(weights(True, None))
