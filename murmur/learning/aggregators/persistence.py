@@ -66,6 +66,30 @@ with or without the bound. Taking the fresh part out of the means
 (|m|^2 less its expected noise, from the same average of squared lengths)
 made it worse: the honest peers' own drift then stands out instead (no
 attack 0.69 -> 0.59, attack 0.80).
+
+Nor does a coordinate-by-coordinate test of the means (the coordinate bound's
+rule applied to them: on coordinates where the neighbours' means are small,
+what a peer's mean has beyond 1.5 times their lower-median pull its way).
+The poison is under the noise on every coordinate. A backdoor Sybil's mean
+along the trigger's direction (its 9 weights into class 1 against the rest)
+is 0.024-0.034 after 100-300 rounds, honest peers' 0.000 +- 0.012. That is
+~0.01 on each weight into class 1, and what is left of the noise on each
+coordinate is ~0.011 (d = 7850). The attack needs no more: boost 0.1, 0.25,
+0.5, 1 and 4 give an attack rate of 0.02, 0.13, 0.62, 0.93 and 0.99,
+because nothing honest trains the trigger's weights back. A clamp set by the
+honest means' own noise passes such a push. What it clamps away is mostly
+noise, and an honest peer's more than a Sybil's: a Sybil adds none of its
+own, so its excess is 0.72-0.88 of the node's median and an honest peer's
+0.94-1.30. Measured at 4 diversified Sybils (accuracy / attack, one run
+each): taking each peer's excess out of what is mixed of it gave no attack
+0.732 -> 0.721, backdoor 0.624 -> 0.612, and 0.986 -> 0.985 at boost 4.
+Weighing peers down by their excess gave 0.730 and 0.643. Weight decay in
+DP-SGD (trigger weights pulled back to 0) gave no attack 0.66 and backdoor
+0.29 at 0.02, and 0.45 / 0.41 at 0.1. A lower bound on the means (weight
+lost from 0.9 down to 0.8 of the median: a Sybil's mean is the shorter one)
+cut backdoor at 4 Sybils to 0.352, but it did nothing at 8 (0.877). A fixed
+offset of 0.1 honest spread (diversify 0.1) got past it: weight 0.193,
+attack 0.657.
 """
 
 from __future__ import annotations
