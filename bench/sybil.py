@@ -39,7 +39,9 @@ cell), where DP-SGD's subsampling amplification leaves epsilon 1 trainable
 (no attack, plain mean: 0.734 at epsilon 1, 0.738 without noise); or
 ``digits`` (digits-mlp, batch 32, 200 rounds), whose ~225 examples a node
 learn nothing at epsilon 1 (0.15) and are the row only at epsilon 10.
-``--data`` without ``--privacy`` runs the same setup without noise.
+``--data`` without ``--privacy`` runs the same setup without noise. The
+privacy row's attacker takes the strengths tuned under noise
+(``AttackPlan.tuned(tactic, private=True)``), and ``--tune`` starts there.
 
     .venv/bin/python bench/sybil.py --privacy 1 --rows 0,4,8 --aggregators mean,median,sybilwall \
         --tactics identical,diversified,unscored,forged_records,sleeper
@@ -435,7 +437,7 @@ def tune(setup: Setup, tactic: Tactic, log: Callable[[str], None],
             log(f"  tune {tactic.value:<14} {plan} -> mean attack {scores[plan]:.3f}")
         return scores[plan]
 
-    best = AttackPlan.tuned(tactic)
+    best = AttackPlan.tuned(tactic, private=perturbers is not None)
     for _ in range(TUNE_PASSES):
         changed = False
         for knob in knobs(tactic):
@@ -479,6 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = with_tactics(parse_rows(args.rows, QUICK_SYBIL_COUNTS if args.quick else SYBIL_COUNTS),
                         parse_tactics(args.tactics))
     aggregators = parse_aggregators(args.aggregators)
+    if args.privacy is not None:  # the attacker tuned against the wall under noise
+        rows = [dataclasses.replace(r, plan=AttackPlan.tuned(r.tactic, private=True)) if r.sybils else r
+                for r in rows]
 
     perturbers = None if args.privacy is None else privacy_perturbers(setup, args.privacy)
     privacy = "off" if args.privacy is None else f"example-level DECOR eps={args.privacy:g}"
@@ -524,7 +529,7 @@ def run_tune(setup: Setup, tactics: Sequence[Tactic], perturbers: PerturberFacto
     out = []
     for tactic in tactics:
         plan, best, tried = tune(setup, tactic, lambda line: print(line, file=sys.stderr, flush=True), perturbers)
-        start = AttackPlan.tuned(tactic)
+        start = AttackPlan.tuned(tactic, private=perturbers is not None)
         print(f"{tactic.value:<14} best mean attack rate vs {TUNE_AGGREGATOR} {best:.3f} after {tried} settings: {plan}"
               + ("" if plan == start else f"  (was {start})"), flush=True)
         out.append({"tactic": tactic.value, "mean_attack_rate": round(best, 4), "settings_tried": tried,
