@@ -98,6 +98,19 @@ most ``flags_per_observer`` of our neighbours: a gossiped record never
 outweighs our own observation of the peer who sent it, and a Sybil that
 forges twins of our honest neighbours can mute only a bounded few of them.
 
+Forged twins. A Sybil signs as its made-up twin and as the twin's observer,
+so every signature of a forged record holds; only who vouches for it tells
+it apart. A record counts only from an observer we observe ourselves and
+have trusted (at least CLONE_WORTH) for ``vouch_rounds`` rounds on end
+(MeritRank: trust is built over time, not granted per identity), and an
+observer whose record made one of our neighbours look like a clone has
+spent that: it is heard again only after ``vouch_rounds`` more rounds, so
+one observer (one attack edge) mutes at most one neighbour per
+``vouch_rounds`` rounds however many twins it forges. A record catch holds
+the accused for ``clone_hold_rounds`` only on evidence vouched for
+independently (our own, or two observers'): the twin a lone observer
+vouches for may be its own invention.
+
 Result: ``(own + sum_j w_j delta_j) / (1 + sum_j w_j)`` over this round's
 neighbours (own weight 1, as in the paper).
 
@@ -153,6 +166,7 @@ DEFAULT_PROBE_MARGIN = 0.6  # mean cross-entropy over ours on our data at which 
 DEFAULT_MAX_RECORDS = 64  # records held per round compared (each a sketch: 1 KB)
 DEFAULT_RECORDS_PER_OBSERVER = 8  # subjects one observer may vouch for at a time
 DEFAULT_FLAGS_PER_OBSERVER = 2  # our neighbours one observer's records may count against
+DEFAULT_VOUCH_ROUNDS = 20  # rounds an observer must stand trusted (and flag no one) before its records count
 DEFAULT_MAX_DISTANCE = 4
 GOSSIP_LAMBDA = 0.8
 RECORDS_PER_SENDER_PER_ROUND = 1
@@ -160,6 +174,7 @@ NEIGHBOUR_MEMORY_ROUNDS = 2  # a peer we aggregated this many rounds ago still c
 COMPARED_ROUNDS = 2  # a record is compared with our neighbours' models of its own round: this one or the last
 FLAG_SIMILARITY = 0.5  # a record this close to one of our neighbours counts against it (flags_per_observer)
 DIRECT = 1  # hop distance of our own observations
+OWN_EVIDENCE = ""  # a clone catch on our own observations (a twin among our neighbours), not on a record
 FIRST_HAND = 2  # a record from its observer (the observer signed it)
 RELAYED = 3  # the least distance of a relayed record: a relay cannot claim less than that
 
@@ -235,6 +250,7 @@ class SybilWallOptions:
     max_records: int = DEFAULT_MAX_RECORDS
     records_per_observer: int = DEFAULT_RECORDS_PER_OBSERVER
     flags_per_observer: int = DEFAULT_FLAGS_PER_OBSERVER
+    vouch_rounds: int = DEFAULT_VOUCH_ROUNDS
     accuser_pays: bool = True
     memory: float = DEFAULT_MEMORY  # weight of the past in each neighbour's moving average of offsets (0: off)
     gossip_lambda: float = GOSSIP_LAMBDA
@@ -255,6 +271,7 @@ class SybilWallOptions:
         require(self.max_records >= 0, "sybilwall: max_records must be >= 0")
         require(self.records_per_observer >= 0, "sybilwall: records_per_observer must be >= 0")
         require(self.flags_per_observer >= 0, "sybilwall: flags_per_observer must be >= 0")
+        require(self.vouch_rounds >= 0, "sybilwall: vouch_rounds must be >= 0")
         require(self.gossip_lambda > 0, "sybilwall: gossip_lambda must be > 0")
         require(self.max_distance >= FIRST_HAND, "sybilwall: max_distance must be >= 2")
 
@@ -266,6 +283,7 @@ class _Standing:
     last_seen: int  # round of our last direct observation
     trust: float  # weight factor: drops to the score at once, climbs back by 1/recovery_rounds a round
     score: float = 1.0  # its similarity weight the last time we scored it
+    vouched_from: int = 0  # its records count from this round on (vouch_rounds of standing, no flag raised)
 
 
 @dataclass
@@ -297,7 +315,8 @@ class SybilWallAggregator(Aggregator):
         self._standing: dict[str, _Standing] = {}
         self._held: dict[int, dict[str, _Held]] = {}  # round -> subject -> its model of that round
         self._memory: dict[str, torch.Tensor] = {}  # neighbour -> moving average of its offsets
-        self._catches: dict[str, dict[int, None]] = {}  # peer -> rounds it was caught as a clone (_note_clones)
+        # peer -> round it was caught as a clone -> whose evidence (OWN_EVIDENCE or a record's observer)
+        self._catches: dict[str, dict[int, set[str]]] = {}
         # observer -> our neighbours its records resembled -> round first seen (flags_per_observer)
         self._flags: dict[str, dict[str, int]] = {}
         self._dim: int | None = None
@@ -380,7 +399,7 @@ class SybilWallAggregator(Aggregator):
         index = {s: i for i, s in enumerate(subjects)}
         groups = [(held, names, self._similarity(held, names))
                   for held in self._held.values() if len(names := list(held)) >= 2]
-        discredited = self._note_flags(groups)
+        discredited, flagging = self._note_flags(groups)
         cs = torch.zeros(len(subjects), len(subjects), dtype=torch.float64)
         for held, names, sim in groups:
             worth = torch.tensor([self._worth(held[s].info, discredited) for s in names], dtype=torch.float64)
@@ -390,6 +409,7 @@ class SybilWallAggregator(Aggregator):
             cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], sim)
             if self.options.accuser_pays:
                 self._implicate(cs, index, held, names, sim)
+        self._spend_vouching(flagging)
         for rows, names in self._direct_signals(peers):
             sim = distance_similarity(gram_matrix(rows)).cpu()
             idx = torch.tensor([index[s] for s in names])
@@ -425,16 +445,17 @@ class SybilWallAggregator(Aggregator):
         accused they lost their weight for the whole hold (113 of 1304
         honest weights zero in a default testnet run). Same-round models
         only: the steps and averages of honest peers can come that close,
-        their models do not."""
+        their models do not. Each catch keeps whose evidence it was (ours,
+        or the record's observer) for :meth:`_held_as_clone`."""
         now = self._round.round
         n = len(names)
         close = (sim >= CLONE_SIMILARITY) & (worth[:, None] >= CLONE_WORTH) & (worth[None, :] >= CLONE_WORTH)
         close &= ~torch.eye(n, dtype=torch.bool)
-        marked: set[str] = set()
         for i, j in close.nonzero().tolist():
-            marked.update(names[k] for k in (i, j) if held[names[k]].info.distance == DIRECT)
-        for peer in marked:
-            self._catches.setdefault(peer, {})[now] = None
+            accused, twin = held[names[i]].info, held[names[j]].info
+            if accused.distance == DIRECT:
+                source = OWN_EVIDENCE if twin.distance == DIRECT else twin.observer
+                self._catches.setdefault(names[i], {}).setdefault(now, set()).add(source)
         hold = self.options.clone_hold_rounds
         for peer, rounds in list(self._catches.items()):
             last = max(rounds)
@@ -446,11 +467,20 @@ class SybilWallAggregator(Aggregator):
 
     def _held_as_clone(self, peer: str, now: int) -> bool:
         """Caught in two rounds CLONE_STRIKE_GAP apart, the later one less
-        than clone_hold_rounds ago (and the earlier within that of it)."""
+        than clone_hold_rounds ago (and the earlier within that of it), on
+        evidence vouched for independently: our own (a twin among our
+        neighbours) or the records of two observers. One observer alone,
+        however often it tells, only costs the accused its score in those
+        rounds: a Sybil that forged twins of an honest neighbour twice held
+        it for the whole hold, and no one vouched for the twin but the
+        Sybil."""
         rounds = self._catches.get(peer)
         if not rounds or max(rounds) <= now - self.options.clone_hold_rounds:
             return False
-        return max(rounds) - min(rounds) >= CLONE_STRIKE_GAP
+        if max(rounds) - min(rounds) < CLONE_STRIKE_GAP:
+            return False
+        sources = set().union(*rounds.values())
+        return OWN_EVIDENCE in sources or len(sources) >= 2
 
     def _fold_memory(self, updates: Sequence[PeerUpdate]) -> None:
         """Each neighbour's moving average of its offsets (``memory``)."""
@@ -501,11 +531,15 @@ class SybilWallAggregator(Aggregator):
                     if value > cs[a, b]:
                         cs[a, b] = cs[b, a] = value
 
-    def _note_flags(self, groups: Sequence[tuple[Mapping[str, _Held], list[str], torch.Tensor]]) -> set[str]:
+    def _note_flags(self, groups: Sequence[tuple[Mapping[str, _Held], list[str], torch.Tensor]]
+                    ) -> tuple[set[str], set[str]]:
         """Observers whose records resembled more than flags_per_observer of
-        our own neighbours within recovery_rounds: twins forged to mute honest
-        peers mute a bounded few, then their observer is no longer heard."""
+        our own neighbours within recovery_rounds (twins forged to mute honest
+        peers mute a bounded few, then their observer is no longer heard),
+        and the observers whose records resemble one of our neighbours now
+        (:meth:`_spend_vouching`)."""
         now = self._round.round
+        flagging: set[str] = set()
         for held, names, sim in groups:
             own = [j for j, s in enumerate(names) if held[s].info.distance == DIRECT]
             for i, subject in enumerate(names):
@@ -516,20 +550,38 @@ class SybilWallAggregator(Aggregator):
                 for j in own:
                     if float(sim[i, j]) > FLAG_SIMILARITY:
                         flags.setdefault(names[j], now)
+                        flagging.add(info.observer)
         for observer, flags in list(self._flags.items()):
             for peer in [p for p, r in flags.items() if r <= now - self.options.recovery_rounds]:
                 del flags[peer]
             if not flags:
                 del self._flags[observer]
-        return {o for o, flags in self._flags.items() if len(flags) > self.options.flags_per_observer}
+        discredited = {o for o, flags in self._flags.items() if len(flags) > self.options.flags_per_observer}
+        return discredited, flagging
+
+    def _spend_vouching(self, flagging: set[str]) -> None:
+        """An observer whose record made one of our neighbours look like a
+        clone has spent its vouching: its records count again only after
+        ``vouch_rounds`` more rounds of standing. One observer (one attack
+        edge) thus mutes at most one neighbour per ``vouch_rounds``, however
+        many twins it forges, and the record it told counts in the round it
+        came only (not again when the next round compares its round)."""
+        again = self._round.round + 1 + self.options.vouch_rounds
+        for observer in flagging:
+            standing = self._standing.get(observer)
+            if standing is not None:
+                standing.vouched_from = max(standing.vouched_from, again)
 
     def _worth(self, info: RecordInfo, discredited: set[str]) -> float:
         """How much a held model counts as evidence: ours fully; a record as
-        far as its observer is trusted, not at all from a discredited one."""
+        far as its observer is trusted once vouched for (trusted at least
+        CLONE_WORTH for ``vouch_rounds`` rounds on end, and no twin it told
+        in that time: MeritRank's trust built over time), not at all from a
+        discredited one or one we do not observe ourselves."""
         if info.distance == DIRECT:
             return 1.0
         observer = self._standing.get(info.observer)
-        if observer is None or info.observer in discredited:
+        if observer is None or info.observer in discredited or self._round.round < observer.vouched_from:
             return 0.0
         return observer.trust
 
@@ -539,10 +591,13 @@ class SybilWallAggregator(Aggregator):
         for peer, score in zip(peers, scores.tolist(), strict=True):
             standing = self._standing.get(peer)
             if standing is None:
-                standing = self._standing[peer] = _Standing(now, self.options.initial_trust)
+                standing = self._standing[peer] = _Standing(now, self.options.initial_trust,
+                                                            vouched_from=now + self.options.vouch_rounds)
             elif not self._held_as_clone(peer, now):  # a clone climbs back only clone_hold_rounds after
                 standing.trust = min(1.0, standing.trust + step)
             standing.trust = min(standing.trust, score)
+            if standing.trust < CLONE_WORTH:  # vouching is built anew from here
+                standing.vouched_from = max(standing.vouched_from, now + 1 + self.options.vouch_rounds)
             standing.score = score
             standing.last_seen = now
             out.append(standing.trust)
@@ -723,7 +778,9 @@ class SybilWallAggregator(Aggregator):
 
     # checkpointing ---------------------------------------------------------------
 
-    STATE_VERSION = 3
+    STATE_VERSION = 4
+    """4: each clone catch with whose evidence it was, and when each peer's records count (v3 still loads:
+    its catches as our own evidence, every peer vouched for)."""
 
     def state_dict(self) -> dict[str, Any]:
         peers = sorted(self._standing)
@@ -734,20 +791,29 @@ class SybilWallAggregator(Aggregator):
             "last_seen": [self._standing[p].last_seen for p in peers],
             "trust": [self._standing[p].trust for p in peers],
             "scores": [self._standing[p].score for p in peers],
-            "clone_catches": {p: sorted(r) for p, r in sorted(self._catches.items())},
+            "vouched_from": [self._standing[p].vouched_from for p in peers],
+            "clone_catches": {p: [[r, sorted(sources)] for r, sources in sorted(rounds.items())]
+                              for p, rounds in sorted(self._catches.items())},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if int(state.get("version", 1)) != self.STATE_VERSION:
+        version = int(state.get("version", 1))
+        if version not in (3, self.STATE_VERSION):
             raise ValueError("sybilwall: state of another version")
         self._round = _Round(int(state["round"]))
         self._held = {}
-        self._catches = {str(p): dict.fromkeys(int(r) for r in rounds)
-                         for p, rounds in dict(state.get("clone_catches", {})).items()}
+        catches = dict(state.get("clone_catches", {}))
+        if version == 3:
+            self._catches = {str(p): {int(r): {OWN_EVIDENCE} for r in rounds} for p, rounds in catches.items()}
+        else:
+            self._catches = {str(p): {int(r): {str(s) for s in sources} for r, sources in rounds}
+                             for p, rounds in catches.items()}
+        peers = state["peers"]
+        vouched = state["vouched_from"] if version >= 4 else [0] * len(peers)
         self._standing = {
-            str(p): _Standing(int(seen), float(trust), float(score))
-            for p, seen, trust, score in zip(state["peers"], state["last_seen"], state["trust"], state["scores"],
-                                             strict=True)
+            str(p): _Standing(int(seen), float(trust), float(score), int(since))
+            for p, seen, trust, score, since in zip(peers, state["last_seen"], state["trust"], state["scores"],
+                                                    vouched, strict=True)
         }
 
 
