@@ -109,7 +109,18 @@ one observer (one attack edge) mutes at most one neighbour per
 ``vouch_rounds`` rounds however many twins it forges. A record catch holds
 the accused for ``clone_hold_rounds`` only on evidence vouched for
 independently (our own, or two observers'): the twin a lone observer
-vouches for may be its own invention.
+vouches for may be its own invention. bench/sybil.py, the tuned
+forged_records attacker (diversify 2, fresh 2, 2 twins a round), before ->
+after: digits over 60 rounds, 8 Sybils, label flip accuracy 0.893 -> 0.925
+and attack 0.151 -> 0.000, backdoor attack at 4 and 8 Sybils 0.655 -> 0.022
+and 0.769 -> 0.265; privacy (eps 10, 100 rounds, 4 Sybils) honest accuracy
+0.079 / 0.083 -> 0.576 / 0.594 (no attack 0.49-0.57); mnist-cnn, 8 Sybils,
+0.863 / 0.862 -> 0.874 / 0.866 against 0.922: the rest is the attacker's
+far-off models isolating a node whose neighbours are mostly Sybils (the same
+plan without forging: 0.874). In the benches' 20-round runs no observer is
+vouched for yet and records count for nothing; legitimate records gained
+nothing there either (digits: the diversified rows are the same with every
+record ignored).
 
 Result: ``(own + sum_j w_j delta_j) / (1 + sum_j w_j)`` over this round's
 neighbours (own weight 1, as in the paper).
