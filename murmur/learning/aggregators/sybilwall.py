@@ -106,15 +106,19 @@ have trusted (at least CLONE_WORTH) for ``vouch_rounds`` rounds on end
 observer whose record made one of our neighbours look like a clone has
 spent that: it is heard again only after ``vouch_rounds`` more rounds, so
 one observer (one attack edge) mutes at most one neighbour per
-``vouch_rounds`` rounds however many twins it forges. A record catch holds
-the accused for ``clone_hold_rounds`` only on evidence vouched for
-independently (our own, or two observers'): the twin a lone observer
+``vouch_rounds`` rounds however many twins it forges. All records together
+count against at most ``record_share`` of our neighbours (at least one)
+within recovery_rounds, the longest vouched-for observers' first: Sybils
+that spend their vouching in one round still mute a bounded share. A record
+catch holds the accused for ``clone_hold_rounds`` only on evidence vouched
+for independently (our own, or two observers'): the twin a lone observer
 vouches for may be its own invention. bench/sybil.py, the tuned
-forged_records attacker (diversify 2, fresh 2, 2 twins a round), before ->
-after: digits over 60 rounds, 8 Sybils, label flip accuracy 0.893 -> 0.925
-and attack 0.151 -> 0.000, backdoor attack at 4 and 8 Sybils 0.655 -> 0.022
-and 0.769 -> 0.265; privacy (eps 10, 100 rounds, 4 Sybils) honest accuracy
-0.079 / 0.083 -> 0.576 / 0.594 (no attack 0.49-0.57); mnist-cnn, 8 Sybils,
+forged_records attacker (diversify 2, fresh 2, 2 twins a round), one run
+per cell, before -> after: digits over 60 rounds, 8 Sybils, label flip
+accuracy 0.893 -> 0.922 (0.950 without attack) and attack 0.151 -> 0.000,
+backdoor attack at 4 and 8 Sybils 0.655 -> 0.022 and 0.769 -> 0.130;
+privacy (eps 10, 100 rounds, 4 Sybils) honest accuracy 0.079 / 0.083 ->
+0.584 / 0.577 (no attack 0.48-0.57 from run to run); mnist-cnn, 8 Sybils,
 0.863 / 0.862 -> 0.874 / 0.866 against 0.922: the rest is the attacker's
 far-off models isolating a node whose neighbours are mostly Sybils (the same
 plan without forging: 0.874). In the benches' 20-round runs no observer is
@@ -178,6 +182,7 @@ DEFAULT_MAX_RECORDS = 64  # records held per round compared (each a sketch: 1 KB
 DEFAULT_RECORDS_PER_OBSERVER = 8  # subjects one observer may vouch for at a time
 DEFAULT_FLAGS_PER_OBSERVER = 2  # our neighbours one observer's records may count against
 DEFAULT_VOUCH_ROUNDS = 20  # rounds an observer must stand trusted (and flag no one) before its records count
+DEFAULT_RECORD_SHARE = 0.25  # share of our neighbours records together may count against (at least one)
 DEFAULT_MAX_DISTANCE = 4
 GOSSIP_LAMBDA = 0.8
 RECORDS_PER_SENDER_PER_ROUND = 1
@@ -262,6 +267,7 @@ class SybilWallOptions:
     records_per_observer: int = DEFAULT_RECORDS_PER_OBSERVER
     flags_per_observer: int = DEFAULT_FLAGS_PER_OBSERVER
     vouch_rounds: int = DEFAULT_VOUCH_ROUNDS
+    record_share: float = DEFAULT_RECORD_SHARE
     accuser_pays: bool = True
     memory: float = DEFAULT_MEMORY  # weight of the past in each neighbour's moving average of offsets (0: off)
     gossip_lambda: float = GOSSIP_LAMBDA
@@ -283,6 +289,7 @@ class SybilWallOptions:
         require(self.records_per_observer >= 0, "sybilwall: records_per_observer must be >= 0")
         require(self.flags_per_observer >= 0, "sybilwall: flags_per_observer must be >= 0")
         require(self.vouch_rounds >= 0, "sybilwall: vouch_rounds must be >= 0")
+        require(0.0 < self.record_share <= 1.0, "sybilwall: record_share must be in (0, 1]")
         require(self.gossip_lambda > 0, "sybilwall: gossip_lambda must be > 0")
         require(self.max_distance >= FIRST_HAND, "sybilwall: max_distance must be >= 2")
 
@@ -330,6 +337,7 @@ class SybilWallAggregator(Aggregator):
         self._catches: dict[str, dict[int, set[str]]] = {}
         # observer -> our neighbours its records resembled -> round first seen (flags_per_observer)
         self._flags: dict[str, dict[str, int]] = {}
+        self._record_flagged: dict[str, int] = {}  # neighbour -> last round a record that counted resembled it
         self._dim: int | None = None
         self._round = _Round(0)
         self._rng = random.Random(self.options.seed)
@@ -412,8 +420,10 @@ class SybilWallAggregator(Aggregator):
                   for held in self._held.values() if len(names := list(held)) >= 2]
         discredited, flagging = self._note_flags(groups)
         cs = torch.zeros(len(subjects), len(subjects), dtype=torch.float64)
+        self._forget_record_flags()
         for held, names, sim in groups:
             worth = torch.tensor([self._worth(held[s].info, discredited) for s in names], dtype=torch.float64)
+            worth = self._ration(held, names, sim, worth, len(peers))
             self._note_clones(held, names, sim, worth)
             sim = sim * worth[:, None] * worth[None, :]
             idx = torch.tensor([index[s] for s in names])
@@ -569,6 +579,37 @@ class SybilWallAggregator(Aggregator):
                 del self._flags[observer]
         discredited = {o for o, flags in self._flags.items() if len(flags) > self.options.flags_per_observer}
         return discredited, flagging
+
+    def _forget_record_flags(self) -> None:
+        """Neighbours a counted record resembled more than recovery_rounds ago
+        no longer take up the share (:meth:`_ration`)."""
+        now = self._round.round
+        for peer in [p for p, r in self._record_flagged.items() if r <= now - self.options.recovery_rounds]:
+            del self._record_flagged[peer]
+
+    def _ration(self, held: Mapping[str, _Held], names: Sequence[str], sim: torch.Tensor, worth: torch.Tensor,
+                neighbours: int) -> torch.Tensor:
+        """``worth`` with the records beyond the share set to 0: records
+        together count against at most ``record_share`` of our neighbours (at
+        least one) within recovery_rounds, the records of the observers
+        vouched for longest first. Vouching bounds each attack edge; this
+        bounds them all together, so that Sybils around us that each spend
+        their vouching on an honest neighbour in one round still mute a
+        bounded share of them, and an honest observer's true record (vouched
+        for since long before) comes first."""
+        now = self._round.round
+        budget = max(1, math.floor(self.options.record_share * neighbours))
+        own = [j for j, s in enumerate(names) if held[s].info.distance == DIRECT]
+        counted = [i for i, s in enumerate(names) if held[s].info.distance != DIRECT and float(worth[i]) > 0]
+        counted.sort(key=lambda i: (self._standing[held[names[i]].info.observer].vouched_from, names[i]))
+        out = worth.clone()
+        for i in counted:
+            targets = {names[j] for j in own if float(sim[i, j]) > FLAG_SIMILARITY}
+            if len(self._record_flagged.keys() | targets) > budget:
+                out[i] = 0.0
+                continue
+            self._record_flagged.update(dict.fromkeys(targets, now))
+        return out
 
     def _spend_vouching(self, flagging: set[str]) -> None:
         """An observer whose record made one of our neighbours look like a

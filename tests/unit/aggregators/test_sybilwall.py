@@ -221,7 +221,7 @@ def test_an_observer_that_told_a_twin_is_heard_again_only_after_vouch_rounds() -
     no one until it has kept quiet for vouch_rounds rounds."""
     dirs = orthogonalish(5, DIM, 7)
     honest = {f"h{i}": dirs[i] for i in range(4)}
-    agg = make(clip=None, accuser_pays=False, memory=0.0, flags_per_observer=10, vouch_rounds=2)
+    agg = make(clip=None, accuser_pays=False, memory=0.0, flags_per_observer=10, vouch_rounds=2, record_share=1.0)
     muted = {}
     for r in range(9):
         now = moving({**honest, "sybil": dirs[4]}, r)
@@ -235,6 +235,25 @@ def test_an_observer_that_told_a_twin_is_heard_again_only_after_vouch_rounds() -
     # round 2: vouched for since round 2; 3 and 4: not until 3 + 1 + 2, then 4 + 1 + 2; round 5 still
     # compares round 4's twin: 5 + 1 + 2 = 8
     assert muted == {"h0": True, "h1": False, "h2": False, "h3": True}
+
+
+def test_records_together_count_against_a_bounded_share_of_our_neighbours() -> None:
+    """Four Sybils among our eight neighbours, each vouched for, forge a twin
+    of a different honest neighbour in one round: each spends its own
+    vouching, but together they may count against record_share of our
+    neighbours only (2 of 8), the longest vouched for first (ties by the
+    twin's name); the other two honest neighbours keep their weight."""
+    dirs = orthogonalish(8, DIM, 11)
+    peers = {**{f"h{i}": dirs[i] for i in range(4)}, **{f"s{i}": dirs[4 + i] for i in range(4)}}
+    agg = make(clip=None, accuser_pays=False, memory=0.0, vouch_rounds=0, record_share=0.25)
+    agg.aggregate(torch.zeros(DIM), updates(moving(peers, 0)), 8)
+    now = moving(peers, 1)
+    for i in range(4):
+        assert agg.receive_record(f"s{i}", record(f"twin-h{i}", 1, now[f"h{i}"].clone(), observer=f"s{i}")) \
+            is RecordVerdict.KEPT
+    res = agg.aggregate(torch.zeros(DIM), updates(now), 8)
+    assert [res.weights[f"h{i}"] == 0.0 for i in range(4)] == [True, True, False, False], res.weights
+    assert min(res.weights["h2"], res.weights["h3"]) > 0.05
 
 
 def test_models_that_coincide_once_are_not_held() -> None:
@@ -402,7 +421,7 @@ def test_an_observer_whose_records_twin_many_of_our_neighbours_counts_for_nothin
     neighbours, its records are no evidence at all."""
     dirs = orthogonalish(5, DIM, 7)
     honest = {f"h{i}": dirs[i] for i in range(4)}
-    agg = make(clip=None, flags_per_observer=2, accuser_pays=False, vouch_rounds=0)
+    agg = make(clip=None, flags_per_observer=2, accuser_pays=False, vouch_rounds=0, record_share=1.0)
     agg.aggregate(torch.zeros(DIM), updates(moving({**honest, "sybil": dirs[4]}, 0)), 5)
     for i in range(3):  # three twins over three rounds, each within the compared window
         now = moving({**honest, "sybil": dirs[4]}, 1 + i)
