@@ -100,31 +100,30 @@ forges twins of our honest neighbours can mute only a bounded few of them.
 
 Forged twins. A Sybil signs as its made-up twin and as the twin's observer,
 so every signature of a forged record holds; only who vouches for it tells
-it apart. A record counts only from an observer we observe ourselves and
-have trusted (at least CLONE_WORTH) for ``vouch_rounds`` rounds on end
-(MeritRank: trust is built over time, not granted per identity), and an
-observer whose record made one of our neighbours look like a clone has
-spent that: it is heard again only after ``vouch_rounds`` more rounds, so
-one observer (one attack edge) mutes at most one neighbour per
-``vouch_rounds`` rounds however many twins it forges. All records together
-count against at most ``record_share`` of our neighbours (at least one)
-within recovery_rounds, the longest vouched-for observers' first: Sybils
-that spend their vouching in one round still mute a bounded share. A record
-catch holds the accused for ``clone_hold_rounds`` only on evidence vouched
-for independently (our own, or two observers'): the twin a lone observer
-vouches for may be its own invention. bench/sybil.py, the tuned
-forged_records attacker (diversify 2, fresh 2, 2 twins a round), one run
-per cell, before -> after: digits over 60 rounds, 8 Sybils, label flip
-accuracy 0.893 -> 0.922 (0.950 without attack) and attack 0.151 -> 0.000,
-backdoor attack at 4 and 8 Sybils 0.655 -> 0.022 and 0.769 -> 0.130;
-privacy (eps 10, 100 rounds, 4 Sybils) honest accuracy 0.079 / 0.083 ->
-0.584 / 0.577 (no attack 0.48-0.57 from run to run); mnist-cnn, 8 Sybils,
-0.863 / 0.862 -> 0.874 / 0.866 against 0.922: the rest is the attacker's
-far-off models isolating a node whose neighbours are mostly Sybils (the same
-plan without forging: 0.874). In the benches' 20-round runs no observer is
-vouched for yet and records count for nothing; legitimate records gained
-nothing there either (digits: the diversified rows are the same with every
-record ignored).
+it apart. A record catch holds the accused for ``clone_hold_rounds`` only
+on evidence vouched for independently (our own, or two observers'): the
+twin one observer alone vouches for may be its own invention, and a Sybil
+that forged an honest neighbour's twin twice held it for the whole hold.
+All records together count against at most ``record_share`` of our
+neighbours (at least one) within recovery_rounds, the observers we have
+observed longest first, and a discredited observer's flags free their share:
+Sybils around us that each forge a twin of another honest neighbour mute a
+bounded share of them, and an honest observer's true record still gets
+through. ``vouch_rounds`` (0 by default) makes an observer wait that many
+rounds after we first observed it, and again after each record of its that
+made one of our neighbours look like a clone.
+
+bench/sybil.py, the tuned forged_records attacker (diversify 2, fresh 2, 2
+twins a round), one run per cell, before -> after: digits over 60 rounds, 8
+Sybils, label flip accuracy 0.893 -> 0.922 (0.950 without attack), backdoor
+attack at 4 and 8 Sybils 0.655 -> 0.017 and 0.769 -> 0.064; --quick (20
+rounds) label flip 8 Sybils accuracy 0.833 -> 0.864 (0.901 without attack),
+backdoor 8 attack 0.377 -> 0.154. A lone Sybil among identical ones is caught
+by honest records as before (60 rounds, backdoor at 4 / 8 Sybils: 0.095 /
+0.002 -> 0.101 / 0.002). vouch_rounds 20 stops every record in a 20-round
+run, but lets that lone Sybil through in a longer one (0.665 / 0.244; 3
+rounds: 0.494 / 0.020): an honest observer must be heard again and again to
+hold it.
 
 Result: ``(own + sum_j w_j delta_j) / (1 + sum_j w_j)`` over this round's
 neighbours (own weight 1, as in the paper).
@@ -181,7 +180,7 @@ DEFAULT_PROBE_MARGIN = 0.6  # mean cross-entropy over ours on our data at which 
 DEFAULT_MAX_RECORDS = 64  # records held per round compared (each a sketch: 1 KB)
 DEFAULT_RECORDS_PER_OBSERVER = 8  # subjects one observer may vouch for at a time
 DEFAULT_FLAGS_PER_OBSERVER = 2  # our neighbours one observer's records may count against
-DEFAULT_VOUCH_ROUNDS = 20  # rounds an observer must stand trusted (and flag no one) before its records count
+DEFAULT_VOUCH_ROUNDS = 0  # rounds we must have observed an observer (and it twinned no one) before its records count
 DEFAULT_RECORD_SHARE = 0.25  # share of our neighbours records together may count against (at least one)
 DEFAULT_MAX_DISTANCE = 4
 GOSSIP_LAMBDA = 0.8
@@ -301,7 +300,7 @@ class _Standing:
     last_seen: int  # round of our last direct observation
     trust: float  # weight factor: drops to the score at once, climbs back by 1/recovery_rounds a round
     score: float = 1.0  # its similarity weight the last time we scored it
-    vouched_from: int = 0  # its records count from this round on (vouch_rounds of standing, no flag raised)
+    vouched_from: int = 0  # its records count from this round on (observed vouch_rounds, twinned no one since)
 
 
 @dataclass
@@ -337,7 +336,8 @@ class SybilWallAggregator(Aggregator):
         self._catches: dict[str, dict[int, set[str]]] = {}
         # observer -> our neighbours its records resembled -> round first seen (flags_per_observer)
         self._flags: dict[str, dict[str, int]] = {}
-        self._record_flagged: dict[str, int] = {}  # neighbour -> last round a record that counted resembled it
+        # neighbour -> observer of a record that counted and resembled it -> last round it did (record_share)
+        self._record_flagged: dict[str, dict[str, int]] = {}
         self._dim: int | None = None
         self._round = _Round(0)
         self._rng = random.Random(self.options.seed)
@@ -420,7 +420,7 @@ class SybilWallAggregator(Aggregator):
                   for held in self._held.values() if len(names := list(held)) >= 2]
         discredited, flagging = self._note_flags(groups)
         cs = torch.zeros(len(subjects), len(subjects), dtype=torch.float64)
-        self._forget_record_flags()
+        self._forget_record_flags(discredited)
         for held, names, sim in groups:
             worth = torch.tensor([self._worth(held[s].info, discredited) for s in names], dtype=torch.float64)
             worth = self._ration(held, names, sim, worth, len(peers))
@@ -571,6 +571,7 @@ class SybilWallAggregator(Aggregator):
                 for j in own:
                     if float(sim[i, j]) > FLAG_SIMILARITY:
                         flags.setdefault(names[j], now)
+                    if float(sim[i, j]) >= CLONE_SIMILARITY:
                         flagging.add(info.observer)
         for observer, flags in list(self._flags.items()):
             for peer in [p for p, r in flags.items() if r <= now - self.options.recovery_rounds]:
@@ -580,23 +581,30 @@ class SybilWallAggregator(Aggregator):
         discredited = {o for o, flags in self._flags.items() if len(flags) > self.options.flags_per_observer}
         return discredited, flagging
 
-    def _forget_record_flags(self) -> None:
-        """Neighbours a counted record resembled more than recovery_rounds ago
-        no longer take up the share (:meth:`_ration`)."""
+    def _forget_record_flags(self, discredited: set[str]) -> None:
+        """Neighbours a counted record resembled more than recovery_rounds ago,
+        or only records of observers no longer heard, no longer take up the
+        share (:meth:`_ration`): a Sybil discredited for its flags frees
+        what it took, for an honest observer's true record."""
         now = self._round.round
-        for peer in [p for p, r in self._record_flagged.items() if r <= now - self.options.recovery_rounds]:
-            del self._record_flagged[peer]
+        for peer, observers in list(self._record_flagged.items()):
+            for observer in [o for o, r in observers.items()
+                             if r <= now - self.options.recovery_rounds or o in discredited]:
+                del observers[observer]
+            if not observers:
+                del self._record_flagged[peer]
 
     def _ration(self, held: Mapping[str, _Held], names: Sequence[str], sim: torch.Tensor, worth: torch.Tensor,
                 neighbours: int) -> torch.Tensor:
         """``worth`` with the records beyond the share set to 0: records
         together count against at most ``record_share`` of our neighbours (at
         least one) within recovery_rounds, the records of the observers
-        vouched for longest first. Vouching bounds each attack edge; this
-        bounds them all together, so that Sybils around us that each spend
-        their vouching on an honest neighbour in one round still mute a
-        bounded share of them, and an honest observer's true record (vouched
-        for since long before) comes first."""
+        vouched for longest (observed longest, no twin told since) first. The
+        per-observer bounds hold each attack edge; this holds them all
+        together: Sybils around us that each forge a twin of another honest
+        neighbour in one round mute a bounded share of them, and an honest
+        observer's true record still gets through once a discredited
+        observer's flags have freed their share."""
         now = self._round.round
         budget = max(1, math.floor(self.options.record_share * neighbours))
         own = [j for j, s in enumerate(names) if held[s].info.distance == DIRECT]
@@ -608,16 +616,16 @@ class SybilWallAggregator(Aggregator):
             if len(self._record_flagged.keys() | targets) > budget:
                 out[i] = 0.0
                 continue
-            self._record_flagged.update(dict.fromkeys(targets, now))
+            for target in targets:
+                self._record_flagged.setdefault(target, {})[held[names[i]].info.observer] = now
         return out
 
     def _spend_vouching(self, flagging: set[str]) -> None:
         """An observer whose record made one of our neighbours look like a
-        clone has spent its vouching: its records count again only after
-        ``vouch_rounds`` more rounds of standing. One observer (one attack
-        edge) thus mutes at most one neighbour per ``vouch_rounds``, however
-        many twins it forges, and the record it told counts in the round it
-        came only (not again when the next round compares its round)."""
+        clone (the same model) has spent its vouching: its records count
+        again only after ``vouch_rounds`` more rounds. With vouch_rounds > 0
+        one observer (one attack edge) mutes at most one neighbour per
+        vouch_rounds."""
         again = self._round.round + 1 + self.options.vouch_rounds
         for observer in flagging:
             standing = self._standing.get(observer)
@@ -626,10 +634,9 @@ class SybilWallAggregator(Aggregator):
 
     def _worth(self, info: RecordInfo, discredited: set[str]) -> float:
         """How much a held model counts as evidence: ours fully; a record as
-        far as its observer is trusted once vouched for (trusted at least
-        CLONE_WORTH for ``vouch_rounds`` rounds on end, and no twin it told
-        in that time: MeritRank's trust built over time), not at all from a
-        discredited one or one we do not observe ourselves."""
+        far as its observer is trusted once vouched for (observed for
+        ``vouch_rounds`` rounds, and no twin it told in that time), not at
+        all from a discredited one or one we do not observe ourselves."""
         if info.distance == DIRECT:
             return 1.0
         observer = self._standing.get(info.observer)
@@ -648,8 +655,6 @@ class SybilWallAggregator(Aggregator):
             elif not self._held_as_clone(peer, now):  # a clone climbs back only clone_hold_rounds after
                 standing.trust = min(1.0, standing.trust + step)
             standing.trust = min(standing.trust, score)
-            if standing.trust < CLONE_WORTH:  # vouching is built anew from here
-                standing.vouched_from = max(standing.vouched_from, now + 1 + self.options.vouch_rounds)
             standing.score = score
             standing.last_seen = now
             out.append(standing.trust)

@@ -196,9 +196,9 @@ def test_one_observer_alone_never_holds_a_peer() -> None:
 
 
 def test_an_observer_counts_only_once_vouched_for() -> None:
-    """A record counts as evidence only from an observer we have trusted for
-    vouch_rounds rounds on end (MeritRank's trust built over time): h0, met
-    in round 0 with vouch_rounds 3, is heard from round 3 on."""
+    """With vouch_rounds, a record counts as evidence only from an observer
+    we have observed for that many rounds: h0, met in round 0 with
+    vouch_rounds 3, is heard from round 3 on."""
     dirs = orthogonalish(4, DIM, 4)
     neighbours = {"h0": dirs[0], "h1": dirs[1], "s": dirs[3]}
     agg = make(clip=None, accuser_pays=False, memory=0.0, vouch_rounds=3)
@@ -254,6 +254,27 @@ def test_records_together_count_against_a_bounded_share_of_our_neighbours() -> N
     res = agg.aggregate(torch.zeros(DIM), updates(now), 8)
     assert [res.weights[f"h{i}"] == 0.0 for i in range(4)] == [True, True, False, False], res.weights
     assert min(res.weights["h2"], res.weights["h3"]) > 0.05
+
+
+def test_a_discredited_forger_frees_its_share_for_a_true_record() -> None:
+    """Five neighbours: records may count against one of them. A forger's
+    twin of h0 takes that one in round 1; its twin of h1 in round 2 takes it
+    over flags_per_observer, and with it discredited, its flags free the
+    share: h2's true record of the lone Sybil s's twin counts in that round."""
+    dirs = orthogonalish(5, DIM, 12)
+    peers = {"h0": dirs[0], "h1": dirs[1], "h2": dirs[2], "s": dirs[3], "forger": dirs[4]}
+    agg = make(clip=None, accuser_pays=False, memory=0.0, flags_per_observer=1, record_share=0.25)
+    agg.aggregate(torch.zeros(DIM), updates(moving(peers, 0)), 5)
+    now = moving(peers, 1)
+    assert agg.receive_record("forger", record("twin-h0", 1, now["h0"].clone(), observer="forger")) \
+        is RecordVerdict.KEPT
+    assert agg.aggregate(torch.zeros(DIM), updates(now), 5).weights["h0"] == 0.0
+    now = moving(peers, 2)
+    assert agg.receive_record("forger", record("twin-h1", 2, now["h1"].clone(), observer="forger")) \
+        is RecordVerdict.KEPT
+    assert agg.receive_record("h2", record("far-twin", 2, now["s"].clone(), observer="h2")) is RecordVerdict.KEPT
+    res = agg.aggregate(torch.zeros(DIM), updates(now), 5)
+    assert res.weights["s"] == 0.0 and res.weights["h1"] > 0.05, res.weights
 
 
 def test_models_that_coincide_once_are_not_held() -> None:
