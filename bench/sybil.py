@@ -27,12 +27,23 @@ fit in ~12 minutes of one torch thread):
     .venv/bin/python bench/sybil.py --quick --tactics diversified,forged_records --rows 0,4
     .venv/bin/python bench/sybil.py --privacy 1 --rows label_flip:4 --tactics identical,diversified
 
-``--privacy EPS`` is the privacy row: the honest nodes train as DP-SGD (digits,
-one step a round, per-example clip 1, batch 32, 200 rounds) and noise what
-they send with example-level DECOR calibrated to EPS over the run, as
+``--privacy EPS`` is the privacy row: the honest nodes train as DP-SGD (one
+step a round, per-example clip 1, from the public model) and noise what they
+send with example-level DECOR calibrated to EPS over the run, as
 bench/privacy.py's Sybil check; the attacker does not noise (it need not
 follow the protocol), so the defences must tell noisy honest histories from
-its Sybils' ones.
+its Sybils' ones. ``--data`` picks its setup: ``fashion`` (the default),
+bench/privacy.py's logistic regression on Fashion-MNIST (60k examples, 3900
+to 9900 a node under Dirichlet 0.5, batch 64, lr 0.5, 300 rounds: ~10 s a
+cell), where DP-SGD's subsampling amplification leaves epsilon 1 trainable
+(no attack, plain mean: 0.734 at epsilon 1, 0.738 without noise); or
+``digits`` (digits-mlp, batch 32, 200 rounds), whose ~225 examples a node
+learn nothing at epsilon 1 (0.15) and are the row only at epsilon 10.
+``--data`` without ``--privacy`` runs the same setup without noise.
+
+    .venv/bin/python bench/sybil.py --privacy 1 --rows 0,4,8 --aggregators mean,median,sybilwall \
+        --tactics identical,diversified,unscored,forged_records,sleeper
+    .venv/bin/python bench/sybil.py --privacy 1 --tune --tactics diversified   # the attacker tuned under privacy
 
 Prints a human table and, last, one JSON line with every cell.
 """
@@ -63,6 +74,10 @@ from murmur.learning.trainers.base import TrainerContext
 from murmur.learning.trainers.registry import load_trainer
 from murmur.node.config import NoiseObjective, PrivacyLevel, PrivacyScheme
 from murmur.node.privacy import calibrate
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the privacy row's trainer and noise wiring live in bench/privacy.py
 
 AGGREGATORS: tuple[str, ...] = ("mean", "krum", "median", "foolsgold", "sybilwall")
 SYBIL_COUNTS: tuple[int, ...] = (0, 2, 4, 8, 16)
@@ -130,7 +145,7 @@ QUICK = Setup(
 )
 
 
-PRIVATE = Setup(
+PRIVATE_DIGITS = Setup(
     trainer="digits-mlp",
     trainer_options={"lr": 0.5, "batch_size": 32, "momentum": 0.0, "local_steps": 1, "dp_clip": 1.0},
     nodes=8,
@@ -141,13 +156,30 @@ PRIVATE = Setup(
     edges_per_sybil=2,
     train_from=TrainFrom.PUBLIC,
 )
+PRIVATE_FASHION = Setup(
+    trainer="bench.privacy:FashionLinearTrainer",
+    trainer_options={"lr": 0.5, "batch_size": 64, "momentum": 0.0, "local_steps": 1, "dp_clip": 1.0,
+                     "max_test_samples": 2000},
+    nodes=8,
+    degree=3,
+    alpha=0.5,
+    rounds=300,
+    local_steps=1,
+    edges_per_sybil=2,
+    train_from=TrainFrom.PUBLIC,
+)
+PRIVATE_SETUPS: Mapping[str, Setup] = {"fashion": PRIVATE_FASHION, "digits": PRIVATE_DIGITS}
+"""``--data`` of the privacy row. fashion (the default): bench/privacy.py's
+logistic regression on Fashion-MNIST, 60k examples over 8 nodes, so each
+node's sampling rate is small and DP-SGD amplification makes epsilon 1
+trainable. digits: 1797 examples over 8 nodes (q ~ 0.14 and more), which at
+epsilon 1 does not learn at all (accuracy 0.15, chance 0.10)."""
 PRIVACY_DELTA = 1e-5
 
 
 def privacy_perturbers(setup: Setup, epsilon: float) -> PerturberFactory:
     """Example-level DECOR at ``epsilon`` over the run for every honest node
     (real pairwise seeds along the honest graph), as bench/privacy.py calibrates it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.privacy import exchange, factory, identities  # the bench's own privacy stage wiring
 
     graph = setup.graph
@@ -386,7 +418,8 @@ def knobs(tactic: Tactic) -> list[str]:
     return out
 
 
-def tune(setup: Setup, tactic: Tactic, log: Callable[[str], None]) -> tuple[AttackPlan, float, int]:
+def tune(setup: Setup, tactic: Tactic, log: Callable[[str], None],
+         perturbers: PerturberFactory | None = None) -> tuple[AttackPlan, float, int]:
     """Coordinate ascent on ``tactic``'s strength against SybilWall: each pass
     tries every value of every knob with the others held, keeps a change only
     if it raises the mean attack rate over TUNE_ROWS, and stops after a pass
@@ -396,7 +429,8 @@ def tune(setup: Setup, tactic: Tactic, log: Callable[[str], None]) -> tuple[Atta
 
     def score(plan: AttackPlan) -> float:
         if plan not in scores:
-            rates = [run_cell(setup, Row(kind, n, tactic, plan), TUNE_AGGREGATOR).attack_rate for kind, n in TUNE_ROWS]
+            rates = [run_cell(setup, Row(kind, n, tactic, plan), TUNE_AGGREGATOR, perturbers).attack_rate
+                     for kind, n in TUNE_ROWS]
             scores[plan] = sum(rates) / len(rates)
             log(f"  tune {tactic.value:<14} {plan} -> mean attack {scores[plan]:.3f}")
         return scores[plan]
@@ -424,17 +458,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, help="override the network seed")
     ap.add_argument("--threads", type=int, default=TORCH_THREADS, help="torch intra-op threads")
     ap.add_argument("--privacy", type=float, metavar="EPS",
-                    help="the privacy row: DP-SGD on digits, example-level DECOR at this epsilon")
+                    help="the privacy row: DP-SGD (see --data), example-level DECOR at this epsilon")
+    ap.add_argument("--data", choices=sorted(PRIVATE_SETUPS),
+                    help="the privacy row's setup (default fashion); without --privacy: the same setup, no noise")
     ap.add_argument("--tune", action="store_true",
                     help="tune each --tactics' strength against SybilWall (coordinate ascent) and print the best")
     args = ap.parse_args(argv)
-    if args.privacy is not None and args.quick:
-        raise SystemExit("--privacy and --quick are separate modes: pick one")
+    if (args.privacy is not None or args.data is not None) and args.quick:
+        raise SystemExit("--privacy/--data and --quick are separate modes: pick one")
     if args.privacy is not None and not args.privacy > 0:
         raise SystemExit("--privacy: epsilon must be > 0")
 
     torch.set_num_threads(args.threads)
-    setup = PRIVATE if args.privacy is not None else QUICK if args.quick else FULL
+    if args.privacy is not None or args.data is not None:
+        setup = PRIVATE_SETUPS[args.data or "fashion"]
+    else:
+        setup = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("rounds", args.rounds), ("seed", args.seed)) if v is not None}
     setup = dataclasses.replace(setup, **overrides)
     rows = with_tactics(parse_rows(args.rows, QUICK_SYBIL_COUNTS if args.quick else SYBIL_COUNTS),
@@ -445,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     privacy = "off" if args.privacy is None else f"example-level DECOR eps={args.privacy:g}"
     print(f"# {setup.describe()}; privacy {privacy}; torch threads {torch.get_num_threads()}", flush=True)
     if args.tune:
-        return run_tune(setup, parse_tactics(args.tactics))
+        return run_tune(setup, parse_tactics(args.tactics), perturbers)
     print(f"# {len(rows)} rows x {len(aggregators)} aggregators", flush=True)
     t0 = time.perf_counter()
 
@@ -480,11 +519,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if findings.problems else 0
 
 
-def run_tune(setup: Setup, tactics: Sequence[Tactic]) -> int:
+def run_tune(setup: Setup, tactics: Sequence[Tactic], perturbers: PerturberFactory | None = None) -> int:
     t0 = time.perf_counter()
     out = []
     for tactic in tactics:
-        plan, best, tried = tune(setup, tactic, lambda line: print(line, file=sys.stderr, flush=True))
+        plan, best, tried = tune(setup, tactic, lambda line: print(line, file=sys.stderr, flush=True), perturbers)
         start = AttackPlan.tuned(tactic)
         print(f"{tactic.value:<14} best mean attack rate vs {TUNE_AGGREGATOR} {best:.3f} after {tried} settings: {plan}"
               + ("" if plan == start else f"  (was {start})"), flush=True)

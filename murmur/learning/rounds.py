@@ -64,7 +64,14 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from murmur.learning.aggregators.base import AggregationResult, Aggregator, Combine, PeerUpdate, Probed
+from murmur.learning.aggregators.base import (
+    AggregationResult,
+    Aggregator,
+    Combine,
+    NoiseAware,
+    PeerUpdate,
+    Probed,
+)
 from murmur.learning.compression import Compressed, Compressor
 from murmur.learning.outer import OuterOptimizer
 from murmur.learning.probe import ProbeResult
@@ -323,6 +330,8 @@ class RoundEngine:
         self._late_this_round = 0
         if isinstance(aggregator, Probed):
             aggregator.probe = self._probe_models
+        if isinstance(aggregator, NoiseAware):
+            aggregator.noised = perturber is not None
 
     def _probe_models(self, offsets: Sequence[torch.Tensor]) -> ProbeResult | None:
         """The aggregator's probe: losses and outputs on our own data of the

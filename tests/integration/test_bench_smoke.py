@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from murmur.learning.data import FASHION_MNIST_DIR
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -64,3 +66,18 @@ def test_nat_bench_reports_relayed_against_direct() -> None:
     assert out["direct_connect_ms"] > 0 and out["relayed_connect_ms"] > 0
     assert out["direct_mbit"] > 0 and 0 < out["relayed_vs_direct"] < 2  # type: ignore[operator]
     assert out["punched_share"] == 1.0 and out["punch_ms"] > 0 and out["punched_mbit"] > 0  # type: ignore[operator]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz").exists(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_sybil_bench_privacy_row_runs_on_fashion_by_default() -> None:
+    """The privacy row's default setup is Fashion-MNIST (digits cannot learn
+    at epsilon 1), and a cell runs under DECOR noise."""
+    out = _last_json("sybil.py", "--privacy", "1", "--rounds", "2", "--rows", "label_flip:0",
+                     "--aggregators", "sybilwall")
+    setup = out["setup"]
+    assert isinstance(setup, dict) and setup["trainer"] == "bench.privacy:FashionLinearTrainer"
+    assert out["privacy_epsilon"] == 1.0 and out["problems"] == []
+    cells = out["cells"]
+    assert isinstance(cells, list) and len(cells) == 1 and 0.0 <= cells[0]["accuracy"] <= 1.0

@@ -74,6 +74,15 @@ class Probed(Protocol):
     probe: ModelProbe | None
 
 
+@runtime_checkable
+class NoiseAware(Protocol):
+    """Aggregators that bound a peer's pull by the noise every honest message
+    carries under privacy: the round engine sets ``noised`` when what it
+    sends is noised (SybilWall's ``noise_ratio``)."""
+
+    noised: bool
+
+
 class Combine(enum.Enum):
     """How the round engine turns an aggregator's output into a model update.
 

@@ -155,6 +155,7 @@ from murmur.learning.aggregators.base import (
     register_aggregator,
     require,
 )
+from murmur.learning.aggregators.noise_bound import DEFAULT_NOISE_RATIO, noise_scales
 from murmur.learning.aggregators.persistence import DEFAULT_PERSISTENCE, PersistentPull
 from murmur.learning.aggregators.similarity import (
     DEFAULT_KAPPA,
@@ -259,6 +260,7 @@ class SybilWallOptions:
     probe_margin: float | None = DEFAULT_PROBE_MARGIN  # None: no probe; else the loss excess weight starts to go
     functional: bool = True  # also compare neighbours by their outputs on our probe sample (needs a probe)
     persistence: float | None = DEFAULT_PERSISTENCE  # None: no bound on persistent pull (.persistence)
+    noise_ratio: float | None = DEFAULT_NOISE_RATIO  # under privacy: pull <= this x our own step (.noise_bound)
     recovery_rounds: int = DEFAULT_RECOVERY_ROUNDS
     initial_trust: float = DEFAULT_INITIAL_TRUST
     clone_hold_rounds: int = DEFAULT_CLONE_HOLD_ROUNDS
@@ -281,6 +283,7 @@ class SybilWallOptions:
         require(self.clip is None or self.clip > 0, "sybilwall: clip must be > 0")
         require(self.probe_margin is None or self.probe_margin > 0, "sybilwall: probe_margin must be > 0")
         require(self.persistence is None or 0.0 <= self.persistence < 1.0, "sybilwall: persistence must be in [0, 1)")
+        require(self.noise_ratio is None or self.noise_ratio > 0, "sybilwall: noise_ratio must be > 0")
         require(self.recovery_rounds >= 1, "sybilwall: recovery_rounds must be >= 1")
         require(0.0 <= self.initial_trust <= 1.0, "sybilwall: initial_trust must be in [0, 1]")
         require(self.clone_hold_rounds >= 0, "sybilwall: clone_hold_rounds must be >= 0")
@@ -342,6 +345,7 @@ class SybilWallAggregator(Aggregator):
         self._round = _Round(0)
         self._rng = random.Random(self.options.seed)
         self.probe: ModelProbe | None = None  # set by the round engine when its trainer can probe
+        self.noised = False  # set by the round engine: whether messages are noised (privacy on)
         self._pull = None if self.options.persistence is None else PersistentPull(self.options.persistence)
 
     # rounds ----------------------------------------------------------------
@@ -396,7 +400,13 @@ class SybilWallAggregator(Aggregator):
         if not updates:
             return {SELF: 1.0}
         factors = trust.clone()
-        if self.options.clip is not None:
+        noise_ratio = self.options.noise_ratio if self.noised else None
+        if noise_ratio is not None:
+            # Replaces the round's clip: honest noised offsets bunch around
+            # the median, which cut those above it every round (no attack,
+            # epsilon 1: 0.689 with both, 0.734 without the clip).
+            factors *= noise_scales(own, updates, noise_ratio)
+        elif self.options.clip is not None:
             factors *= self._clip_scales(own, updates, trust)
         if self._pull is not None:
             factors *= self._pull.scales(updates, trust)
@@ -851,6 +861,7 @@ class SybilWallAggregator(Aggregator):
             "vouched_from": [self._standing[p].vouched_from for p in peers],
             "clone_catches": {p: [[r, sorted(sources)] for r, sources in sorted(rounds.items())]
                               for p, rounds in sorted(self._catches.items())},
+            **({} if self._pull is None else self._pull.state_dict()),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -872,6 +883,8 @@ class SybilWallAggregator(Aggregator):
             for p, seen, trust, score, since in zip(peers, state["last_seen"], state["trust"], state["scores"],
                                                     vouched, strict=True)
         }
+        if self._pull is not None:
+            self._pull.load_state_dict(state)
 
 
 def _functional(probed: ProbeResult) -> torch.Tensor:

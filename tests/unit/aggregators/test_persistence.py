@@ -4,6 +4,8 @@ fixed offset under DP-like noise."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -92,28 +94,40 @@ def test_bad_settings_are_refused() -> None:
         get_aggregator("sybilwall", persistence=1.5)
 
 
-def _lone_sybil_under_noise(rounds: int, **opts: object) -> dict[str, float]:
+class _LoneSybilUnderNoise:
     """Three honest peers whose public models carry fresh noise each round
     (as DP's) around a small drift of their own, and one Sybil at a fixed
     offset of its own without noise: nearer to us than any honest peer every
     round (the round's clip passes it), alone (nothing like it to compare),
-    and it moves less than anyone. Returns the last round's weights."""
-    agg = get_aggregator("sybilwall", self_id=ME, **opts)
-    assert isinstance(agg, SybilWallAggregator)
-    dirs = orthogonalish(4, DIM, 4)
-    unit = [d / d.norm() for d in dirs]
-    g = torch.Generator().manual_seed(5)
+    and it moves less than anyone."""
 
-    def noise(scale: float) -> torch.Tensor:
-        n = torch.randn(DIM, generator=g)
+    def __init__(self) -> None:
+        dirs = orthogonalish(4, DIM, 4)
+        self.unit = [d / d.norm() for d in dirs]
+        self.g = torch.Generator().manual_seed(5)
+
+    def noise(self, scale: float) -> torch.Tensor:
+        n = torch.randn(DIM, generator=self.g)
         return scale * n / n.norm()
 
-    weights: dict[str, float] = {}
-    for _ in range(rounds):
-        offsets = {f"h{i}": 0.2 * unit[i] + noise(2.0) for i in range(3)}
-        offsets["sybil"] = 1.5 * unit[3]
-        weights = agg.weigh(noise(1.0), updates(offsets), 4)
-    return weights
+    def run(self, agg: SybilWallAggregator, rounds: int) -> dict[str, float]:
+        """The last of ``rounds`` rounds' weights."""
+        weights: dict[str, float] = {}
+        for _ in range(rounds):
+            offsets = {f"h{i}": 0.2 * self.unit[i] + self.noise(2.0) for i in range(3)}
+            offsets["sybil"] = 1.5 * self.unit[3]
+            weights = agg.weigh(self.noise(1.0), updates(offsets), 4)
+        return weights
+
+
+def _wall(**opts: object) -> SybilWallAggregator:
+    agg = get_aggregator("sybilwall", self_id=ME, **opts)
+    assert isinstance(agg, SybilWallAggregator)
+    return agg
+
+
+def _lone_sybil_under_noise(rounds: int, **opts: object) -> dict[str, float]:
+    return _LoneSybilUnderNoise().run(_wall(**opts), rounds)
 
 
 def test_a_lone_sybil_with_a_fixed_offset_loses_its_weight_once_its_pull_stands_out() -> None:
@@ -124,3 +138,53 @@ def test_a_lone_sybil_with_a_fixed_offset_loses_its_weight_once_its_pull_stands_
     assert all(after[f"h{i}"] > 0.15 for i in range(3))
     unbounded = _lone_sybil_under_noise(30, persistence=None)
     assert unbounded["sybil"] >= 0.95 * max(unbounded[f"h{i}"] for i in range(3))  # what the bound takes away
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+
+def _saved(state: dict) -> dict:
+    """``state`` through torch.save / torch.load (weights only), as a checkpoint file is read back."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_the_running_means_survive_a_checkpoint_exactly() -> None:
+    pull, ups = _warmed({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0})
+    again = PersistentPull()
+    again.load_state_dict(_saved(pull.state_dict()))
+    for peer in "abcd":
+        assert again.pull(peer) == pytest.approx(pull.pull(peer), rel=1e-6)
+    assert again.scales(ups, torch.ones(4)).tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0])  # judged at once
+    # the forget clock is kept too: "a" unseen FORGET_ROUNDS + 1 rounds after the restart starts afresh
+    for _ in range(FORGET_ROUNDS + 1):
+        again.observe(torch.zeros(DIM), ups[1:])
+    assert again.pull("a") is None and again.pull("b") == pytest.approx(2.0, rel=1e-6)
+
+
+def test_a_state_without_the_means_starts_them_afresh_and_a_bad_one_is_refused() -> None:
+    pull, _ = _warmed({"a": 1.0, "b": 2.0})
+    pull.load_state_dict({})
+    assert pull.pull("a") is None
+    state = _warmed({"a": 1.0, "b": 2.0})[0].state_dict()
+    with pytest.raises(ValueError):
+        PersistentPull().load_state_dict({**state, "persistence_pulls": state["persistence_pulls"][:1]})
+    with pytest.raises(ValueError):
+        PersistentPull().load_state_dict({**state, "persistence_count": [0, 3]})
+
+
+def test_a_restarted_wall_keeps_a_muted_lone_sybil_muted() -> None:
+    """The node checkpoints SybilWall's state_dict (node/learner.py): a
+    restart from it must not hand the Sybil WARMUP_ROUNDS rounds of full
+    weight while the persistent means fill again."""
+    scenario = _LoneSybilUnderNoise()
+    wall = _wall()
+    assert scenario.run(wall, 30)["sybil"] == 0.0
+    restarted = _wall()
+    restarted.load_state_dict(_saved(wall.state_dict()))
+    for _ in range(WARMUP_ROUNDS):
+        weights = scenario.run(restarted, 1)
+        assert weights["sybil"] == 0.0
+        assert all(weights[f"h{i}"] > 0.15 for i in range(3))

@@ -1,0 +1,104 @@
+"""The noise bound (murmur.learning.aggregators.noise_bound) with known
+answers, SybilWall's use of it only when its messages are noised, and the
+round engine telling it so."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from murmur.errors import ConfigError
+from murmur.learning.aggregators import get_aggregator
+from murmur.learning.aggregators.noise_bound import noise_scales
+from murmur.learning.aggregators.sybilwall import SybilWallAggregator
+from murmur.learning.rounds import RoundEngine
+from murmur.learning.trainers.base import TrainerContext
+
+from .conftest import orthogonalish, updates
+
+DIM = 512
+
+
+def _along(length: float, axis: int) -> torch.Tensor:
+    out = torch.zeros(DIM)
+    out[axis] = length
+    return out
+
+
+def test_each_pull_is_clipped_to_ratio_times_our_own_step() -> None:
+    """Our step 2, ratio 1.5: offsets of length 1 and 3 pass, 6 keeps half (3 / 6)."""
+    ups = updates({"a": _along(1.0, 1), "b": _along(3.0, 2), "c": _along(6.0, 3)})
+    assert noise_scales(_along(2.0, 0), ups, 1.5).tolist() == pytest.approx([1.0, 1.0, 0.5])
+
+
+def test_no_step_of_our_own_bounds_nothing() -> None:
+    ups = updates({"a": _along(1.0, 1), "b": _along(6.0, 2)})
+    assert noise_scales(torch.zeros(DIM), ups, 1.5).tolist() == [1.0, 1.0]
+    assert noise_scales(torch.zeros(DIM), [], 1.5).numel() == 0
+    with pytest.raises(ValueError):
+        noise_scales(_along(1.0, 0), ups, 0.0)
+    with pytest.raises(ConfigError):
+        get_aggregator("sybilwall", noise_ratio=0.0)
+
+
+def _weights(noised: bool, **opts: object) -> dict[str, float]:
+    """One round of SybilWall: two honest offsets as long as our own (noised)
+    step, and one three times as long."""
+    agg = get_aggregator("sybilwall", self_id="me", clip=None, persistence=None, **opts)
+    assert isinstance(agg, SybilWallAggregator)
+    agg.noised = noised
+    dirs = [d / d.norm() for d in orthogonalish(4, DIM, 7)]
+    return agg.weigh(2.0 * dirs[0], updates({"h0": 2.0 * dirs[1], "h1": 2.0 * dirs[2], "far": 6.0 * dirs[3]}), 3)
+
+
+def test_sybilwall_bounds_pulls_by_its_own_step_only_when_its_messages_are_noised() -> None:
+    """Everything else equal, the far peer's weight relative to an honest one's
+    is cut to 1.5 * 2 / 6 = 0.5 of what it is without the bound."""
+    plain, noised = _weights(False), _weights(True)
+    assert noised["far"] / noised["h0"] == pytest.approx(0.5 * plain["far"] / plain["h0"], rel=1e-9)
+    assert noised["h1"] / noised["h0"] == pytest.approx(plain["h1"] / plain["h0"], rel=1e-9)
+    off = _weights(True, noise_ratio=None)
+    assert off == pytest.approx(plain)
+
+
+class _AddNothing:
+    """A privacy stage stand-in: only its presence matters here."""
+
+    def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
+        return delta
+
+    def clip(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_the_engine_tells_the_aggregator_whether_its_messages_are_noised(private: bool) -> None:
+    from murmur.learning.trainers.digits import DigitsMLPTrainer
+
+    trainer = DigitsMLPTrainer(TrainerContext(0, 2, 0, device="cpu"))
+    aggregator = get_aggregator("sybilwall")
+    RoundEngine(trainer, aggregator, perturber=_AddNothing() if private else None)
+    assert aggregator.noised is private  # type: ignore[attr-defined]
+
+
+def test_under_noise_the_bound_replaces_the_rounds_median_clip() -> None:
+    """Offsets 2, 2 and 6 along their own axes, our step 2 along a fourth:
+    the median clip (distances from our step: sqrt 8, sqrt 8, sqrt 40) would
+    cut the far peer to sqrt(8 / 40) of its weight; noised, the noise bound
+    alone cuts it to 3 / 6 and the median clip is not applied on top."""
+    def weights(noised: bool, clip: float | None) -> dict[str, float]:
+        agg = get_aggregator("sybilwall", self_id="me", clip=clip, persistence=None)
+        assert isinstance(agg, SybilWallAggregator)
+        agg.noised = noised
+        return agg.weigh(_along(2.0, 0), updates({"h0": _along(2.0, 1), "h1": _along(2.0, 2),
+                                                 "far": _along(6.0, 3)}), 3)
+
+    bare = weights(False, None)
+    ratio = bare["far"] / bare["h0"]
+    clipped = weights(False, 1.0)
+    assert clipped["far"] / clipped["h0"] == pytest.approx(ratio * (8 / 40) ** 0.5, rel=1e-6)
+    noised = weights(True, 1.0)
+    assert noised["far"] / noised["h0"] == pytest.approx(ratio * 3 / 6, rel=1e-6)
+    assert noised == pytest.approx(weights(True, None))
