@@ -36,8 +36,9 @@ neighbours (download is symmetric and overlaps). No daemon runs here; the
 testnet scenario murmur/testnet/scenarios/compressed.toml runs real daemons
 over emulated links.
 
---robustness adds the privacy x Sybil check: 8 digits-mlp nodes, example-level
-DECOR at epsilon = 1 (DP-SGD, one step a round), one attacker with 4
+--robustness adds the privacy x Sybil check: bench/sybil.py's privacy row
+(8 Fashion-MNIST nodes, 300 rounds), example-level DECOR at epsilon = 1
+(DP-SGD, one step a round), one attacker with 4
 label-flip Sybils under SybilWall; the sound compressed configurations
 (dense int4, random-k 10% on the network-wide mask + int8) against fp32.
 
@@ -70,26 +71,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.privacy import AllCommitted  # noqa: E402 - the simulator's privacy stage: no dropouts
+from murmur.learning.attacks import AttackKind  # noqa: E402
 from murmur.learning.outer import OuterConfig  # noqa: E402
-from murmur.learning.privacy.seeds import PairwiseSeeds  # noqa: E402
-from murmur.learning.rounds import Perturber, TrainFrom  # noqa: E402
 from murmur.learning.simulate import (  # noqa: E402
-    PerturberFactory,
     SimCompression,
     SimConfig,
     SimResult,
-    SybilAttack,
-    node_name,
     run_simulation,
 )
-from murmur.learning.topology import random_regularish  # noqa: E402
 from murmur.learning.trainers.base import TrainerContext  # noqa: E402
 from murmur.learning.trainers.registry import load_trainer  # noqa: E402
-from murmur.node.config import NoiseObjective, PrivacyLevel, PrivacyScheme  # noqa: E402
-from murmur.node.privacy import PrivacyStage, calibrate  # noqa: E402
 from murmur.protocol.codecs import DeltaCodec, Rounding  # noqa: E402
-from murmur.protocol.identity import Identity  # noqa: E402
 from murmur.protocol.sparse import MaskScope, RoundFormat, Sparsifier  # noqa: E402
 
 TORCH_THREADS = 1  # the machine is shared; one thread per process
@@ -266,52 +258,35 @@ def _num_params(model: Model) -> int:
 
 def robustness(quick: bool) -> list[dict[str, Any]]:
     """SybilWall with example-level DECOR (epsilon 1) and 4 label-flip Sybils,
-    compressed (sound combinations only) against fp32. The 8-node digits
-    scenario of bench/privacy.py's Sybil check."""
-    nodes, rounds, lr, batch, clip_ex, eps = 8, (100 if quick else 200), 0.5, 32, 1.0, 1.0
-    graph = random_regularish(nodes, 3, 0)
-    seeds = [PairwiseSeeds(Identity.generate()) for _ in range(nodes)]
-    for i, nbrs in enumerate(graph):
-        for j in nbrs:
-            seeds[j].accept_share(seeds[i].me, seeds[i].share_for(seeds[j].me))
-    peers = [s.me for s in seeds]
-    options = {"lr": lr, "batch_size": batch, "momentum": 0.0, "local_steps": 1, "dp_clip": clip_ex}
-    attack = SybilAttack("label_flip", 4, 2)
-    base = SimConfig(attack=attack, nodes=nodes, graph=graph, rounds=rounds, eval_every=rounds, seed=0,
-                     trainer_options=options, local_steps=1, train_from=TrainFrom.PUBLIC, aggregator="sybilwall")
-    cls = load_trainer(base.trainer)
-    smallest = min(cls(TrainerContext(i, nodes + 1, 0, partition=base.partition, alpha=base.alpha,
-                                      options=options)).train_size for i in range(nodes))
-    plan = calibrate(PrivacyScheme.DECOR, epsilon=eps, delta=1e-5, rounds=rounds, clip=lr * clip_ex, graph=graph,
-                     level=PrivacyLevel.EXAMPLE, sampling_rate=min(1.0, batch / smallest), batch_size=batch,
-                     peers=peers, objective=NoiseObjective.RUN)
-    names = {node_name(i): p for i, p in enumerate(peers)}
+    compressed (sound combinations only) against fp32: bench/sybil.py's
+    privacy row (Fashion-MNIST, 8 honest nodes), whose 60k examples leave
+    epsilon 1 trainable (8 nodes of digits learned nothing there: 0.15)."""
+    from bench.sybil import PRIVATE_FASHION, privacy_perturbers, sim_config
+    from bench.sybil import Row as SybilRow
 
-    def perturbers() -> PerturberFactory:
-        def make(i: int, neighbour_names: Sequence[str]) -> Perturber | None:
-            secrets = {p: seeds[i].secret(p) for p in seeds[i].peers()}
-            stage = PrivacyStage(peers[i], plan, secrets, resolve=names.__getitem__)
-            return AllCommitted(stage, [n for n in neighbour_names if n in names])
-        return make
-
+    eps = 1.0
+    setup = dataclasses.replace(PRIVATE_FASHION, rounds=100) if quick else PRIVATE_FASHION
+    row = SybilRow(AttackKind.LABEL_FLIP, 4)
+    base = sim_config(setup, row, "sybilwall")
     configs = [  # (name, compressor, consensus step: random-k's about its ratio, as CHOCO-SGD needs)
         ("fp32", None, 1.0),
         ("int4", _sc(DENSE, DeltaCodec.INT4, Rounding.STOCHASTIC), 1.0),
         ("randk10-network-int8", _sc(RoundFormat(Sparsifier.RANDK, 0.1, MaskScope.NETWORK), DeltaCodec.INT8), 0.1),
     ]
-    print(f"\nprivacy x Sybils: {nodes} digits-mlp nodes, example-level DECOR eps={eps:g}, {rounds} rounds, "
-          f"label flip x{attack.sybils} Sybils under SybilWall")
+    print(f"\nprivacy x Sybils: {setup.describe()}, example-level DECOR eps={eps:g}, "
+          f"label flip x{row.sybils} Sybils under SybilWall")
     out = []
     for name, compression, gamma in configs:
         for private in (False, True):
             cfg = dataclasses.replace(base, compression=compression, consensus_step=gamma)
-            result = run_simulation(cfg, perturber_factory=perturbers() if private else None)
+            # fresh pairwise secrets per run, as a network draws them
+            result = run_simulation(cfg, perturber_factory=privacy_perturbers(setup, eps) if private else None)
             final = result.final
-            row = {"compression": name, "privacy": f"example eps={eps:g}" if private else "off",
-                   "accuracy": final.mean_accuracy, "attack_rate": final.attack_rate,
-                   "sybil_weight": final.sybil_weight, "message_bytes": result.message_bytes}
-            out.append(row)
-            print(f"  {name:22s} privacy={row['privacy']:15s} acc={final.mean_accuracy:.3f} "
+            row_out = {"compression": name, "privacy": f"example eps={eps:g}" if private else "off",
+                       "accuracy": final.mean_accuracy, "attack_rate": final.attack_rate,
+                       "sybil_weight": final.sybil_weight, "message_bytes": result.message_bytes}
+            out.append(row_out)
+            print(f"  {name:22s} privacy={row_out['privacy']:15s} acc={final.mean_accuracy:.3f} "
                   f"attack={final.attack_rate:.3f} sybil_weight={final.sybil_weight:.3f} "
                   f"msg={result.message_bytes} B", flush=True)
     return out

@@ -667,6 +667,13 @@ class RoundEngine:
             own = self.public - reference  # our own step this round (noised update, compression residue)
             updates = [PeerUpdate(p, m - reference, pending.neighbours[p]) for p, m in zip(peers, models, strict=True)]
             weights = self.aggregator.weigh(own, updates, len(pending.neighbours))
+            # Each model with its pull on ours bounded (never the replicas themselves); not under
+            # privacy: there every pull is mostly noise, and correlated noise (DECOR) cancels only
+            # in whole sums (SybilWall's coordinate bound: bench/sybil.py --privacy 10, 100 rounds,
+            # no attack, accuracy 0.53-0.56 -> 0.43-0.46 over three runs each).
+            bounded = None if self.perturber is not None else self.aggregator.mixed_offsets(own, updates)
+            if bounded is not None:
+                models = [reference + offset for offset in bounded]
             consensus = _weighted_offsets(models, peers, weights, self.public)
             private_step = _weighted_offsets(models, peers, weights, private_half) if separate_private else consensus
         if not (bool(torch.isfinite(consensus).all()) and bool(torch.isfinite(private_step).all())):

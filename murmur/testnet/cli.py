@@ -53,7 +53,8 @@ def print_result(result: RunResult) -> None:
             tactics = s.get("attacker_tactics") or []
             line += (f"; attack rate {fmt_number(s.get('final_attack_rate'))}"
                      + (f" ({'; '.join(tactics)})" if tactics else "")
-                     + f"; weight to Sybils {fmt_number(s.get('final_weight_to_sybils'))}")
+                     + f"; weight to Sybils {fmt_number(s.get('run_weight_to_sybils'))} over the run, "
+                     + f"{fmt_number(s.get('final_weight_to_sybils'))} at the end")
         print(line)
         if s.get("connections") and (s.get("scenario_config") or {}).get("network"):  # how they reached one another
             print(f"connections at the end: {page.mix_text(s['connections'])}; hole punches: "

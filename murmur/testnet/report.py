@@ -147,6 +147,9 @@ def summarize(run: RunData) -> dict[str, Any]:
     final_attack = finite([r.get("attack_rate") for r in finals.values()])
     final_eps = finite([r.get("epsilon") for r in finals.values()])
     splits = [weight_split(r, sybils) for r in finals.values() if r.get("weights")]
+    # every honest aggregation of the run: an attacker whose Sybils stopped
+    # before the honest nodes did weighs nothing at the end, whatever it got
+    run_splits = [weight_split(r, sybils) for rows in honest.values() for r in rows if r.get("weights")]
     nodes = {name: _node_summary(run, name, rows) for name, rows in run.rows.items()}
     honest_rows = [r for rows in honest.values() for r in rows]
     phase_means = {p: statistics.fmean(phase_times(r)[p] for r in honest_rows) for p in PHASES} if honest_rows else {}
@@ -183,6 +186,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "attacker_tactics": [a.plan().describe() for a in run.scenario.attackers],
         "final_weight_to_sybils": statistics.fmean(s for s, _ in splits) if splits else None,
         "final_weight_to_honest": statistics.fmean(h for _, h in splits) if splits else None,
+        "run_weight_to_sybils": statistics.fmean(s for s, _ in run_splits) if run_splits else None,
         "links": links_label(run.scenario),
         # the honest nodes' ends of their connections at the last status, by type (a pair of honest nodes counts twice)
         "connections": {k: sum(m.get(k, 0) for m in mixes) for k in {*CONNECTION_TYPES, *(k for m in mixes for k in m)}}
@@ -243,6 +247,7 @@ def summary_rows(summary: Mapping[str, Any], attackers: bool) -> list[tuple[str,
         rows += [("Final attack success rate (honest mean)", fmt_number(summary["final_attack_rate"])
                   + (f" against {'; '.join(tactics)} Sybils" if tactics else "")),
                  ("Final weight to Sybils", fmt_number(summary["final_weight_to_sybils"])),
+                 ("Weight to Sybils over the run", fmt_number(summary["run_weight_to_sybils"])),
                  ("Final weight to honest peers", fmt_number(summary["final_weight_to_honest"]))]
     return rows
 

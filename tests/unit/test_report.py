@@ -180,6 +180,9 @@ def test_summary_numbers(written: tuple[Path, dict, dict]) -> None:
     assert summary["rounds"] == ROUNDS
     assert summary["honest_nodes"] == 3 and summary["attacker_nodes"] == 1
     assert summary["final_weight_to_sybils"] == 0.0  # honest nodes down-weighted the Sybil to zero
+    # over the run: its 0.2 in each honest node's first 4 rounds (node2 missed 3 rounds while down)
+    assert summary["run_weight_to_sybils"] == pytest.approx(0.2 * 4 * 3 / (3 * ROUNDS - 3))
+    assert f"<td>{summary['run_weight_to_sybils']:.3f}</td>" in index
     assert summary["final_weight_to_honest"] == pytest.approx(0.6)
     assert summary["final_epsilon"] == pytest.approx(0.4 * (ROUNDS - 1)) and summary["epsilon_budget"] == 5.0
     node2 = metrics["node2"]

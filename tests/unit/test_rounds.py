@@ -1051,3 +1051,26 @@ def test_sybilwalls_probe_reads_our_data_only_without_privacy(private: bool) -> 
         assert probed is None
     else:
         assert probed is not None and len(probed.losses) == 2 and probed.losses[1] > probed.losses[0]
+
+
+class _StayPut(MeanAggregator):
+    """Mean weights, but every neighbour's model mixed as our own (no pull at all)."""
+
+    def mixed_offsets(self, own: torch.Tensor, updates: Sequence[PeerUpdate]) -> list[torch.Tensor] | None:
+        return [own.clone() for _ in updates]
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_the_engine_mixes_what_mixed_offsets_returns_without_privacy(private: bool) -> None:
+    """A WEIGHTS aggregator's mixed_offsets replaces the neighbours' models in
+    the mix (SybilWall's coordinate bound): with every pull cut to nothing,
+    each node ends the round at its own half step, not at D-SGD's average.
+    Under privacy whole models are mixed (correlated noise cancels only in
+    whole sums): D-SGD's answer (the perturber here adds nothing)."""
+    cfg = RoundConfig(local_steps=STEPS)
+    engines = [RoundEngine(LinearTrainer(_ctx(i)), _StayPut(), cfg, perturber=_AddNothing() if private else None)
+               for i in GRAPH]
+    _sync_round(engines)
+    half = np.stack([_half_step(i, _initial_model(SEED)) for i in GRAPH])
+    np.testing.assert_allclose(_models(engines), _reference(1) if private else half, atol=ATOL)
+    assert not np.allclose(_reference(1), half, atol=ATOL)

@@ -130,6 +130,16 @@ class Aggregator(ABC):
         update sum is costly override this to skip it."""
         return self.aggregate(own, updates, own_degree).weights
 
+    def mixed_offsets(self, own: torch.Tensor, updates: Sequence[PeerUpdate]) -> list[torch.Tensor] | None:
+        """What of each neighbour's offset a WEIGHTS aggregator has the engine
+        mix, in :meth:`weigh`'s frame (offsets from the round's reference, in
+        ``updates``' order): None, the default, mixes every model as it is; an
+        aggregator that bounds a neighbour's pull coordinate by coordinate
+        (SybilWall's ``coordinate_bound``) returns the bounded offsets. Call
+        after :meth:`weigh` of the same inputs. The round engine does not call
+        it under privacy (correlated noise cancels only in whole sums)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``),
         fresh ones, never views of live state: the node writes them to disk in
