@@ -109,6 +109,39 @@ most ``flags_per_observer`` of our neighbours: a gossiped record never
 outweighs our own observation of the peer who sent it, and a Sybil that
 forges twins of our honest neighbours can mute only a bounded few of them.
 
+Forged twins. A Sybil signs as its made-up twin and as the twin's observer,
+so every signature of a forged record holds; only who vouches for it tells
+it apart. A record catch holds the accused for ``clone_hold_rounds`` only
+on evidence vouched for independently (our own, or two observers'): the
+twin one observer alone vouches for may be its own invention, and a Sybil
+that forged an honest neighbour's twin twice held it for the whole hold.
+All records together count against at most ``record_share`` of our
+neighbours (at least one) within recovery_rounds, the observers we have
+observed longest first, and a discredited observer's flags free their share:
+Sybils around us that each forge a twin of another honest neighbour mute a
+bounded share of them, and an honest observer's true record still gets
+through. ``vouch_rounds`` (0 by default) makes an observer wait that many
+rounds after we first observed it, and again after each record of its that
+made one of our neighbours look like a clone.
+
+bench/sybil.py, the tuned forged_records attacker (diversify 2, fresh 2, 2
+twins a round), one run per cell, before -> after: digits over 60 rounds, 8
+Sybils, label flip accuracy 0.893 -> 0.922 (0.950 without attack), backdoor
+attack at 4 and 8 Sybils 0.655 -> 0.017 and 0.769 -> 0.064; --quick (20
+rounds) label flip 8 Sybils accuracy 0.833 -> 0.864 (0.901 without attack),
+backdoor 8 attack 0.377 -> 0.154; the privacy row (Fashion-MNIST, eps 10,
+100 rounds, 4 Sybils) accuracy 0.486 / 0.489 -> 0.651 / 0.648 (0.650
+without attack), attack 0.039 / 0.089 -> 0.016 / 0.016 (on digits 0.105 /
+0.110 -> 0.444 / 0.293, 0.53 / 0.50 without attack); mnist-cnn (20 rounds)
+at 8 Sybils 0.863 / 0.862 -> 0.858 / 0.863 against 0.921, where the
+attacker's far-off models isolating a node with mostly Sybil neighbours
+cost the most (the same plan without forging: 0.874). A lone Sybil among
+identical ones is caught by honest records as before (60 rounds, backdoor at
+4 / 8 Sybils: 0.095 / 0.002 -> 0.101 / 0.002). vouch_rounds 20 stops every record in a 20-round
+run, but lets that lone Sybil through in a longer one (0.665 / 0.244; 3
+rounds: 0.494 / 0.020): an honest observer must be heard again and again to
+hold it.
+
 Result: ``(own + sum_j w_j delta_j) / (1 + sum_j w_j)`` over this round's
 neighbours (own weight 1, as in the paper).
 
@@ -166,6 +199,8 @@ DEFAULT_PROBE_MARGIN = 0.6  # mean cross-entropy over ours on our data at which 
 DEFAULT_MAX_RECORDS = 64  # records held per round compared (each a sketch: 1 KB)
 DEFAULT_RECORDS_PER_OBSERVER = 8  # subjects one observer may vouch for at a time
 DEFAULT_FLAGS_PER_OBSERVER = 2  # our neighbours one observer's records may count against
+DEFAULT_VOUCH_ROUNDS = 0  # rounds we must have observed an observer (and it twinned no one) before its records count
+DEFAULT_RECORD_SHARE = 0.25  # share of our neighbours records together may count against (at least one)
 DEFAULT_MAX_DISTANCE = 4
 GOSSIP_LAMBDA = 0.8
 RECORDS_PER_SENDER_PER_ROUND = 1
@@ -173,6 +208,7 @@ NEIGHBOUR_MEMORY_ROUNDS = 2  # a peer we aggregated this many rounds ago still c
 COMPARED_ROUNDS = 2  # a record is compared with our neighbours' models of its own round: this one or the last
 FLAG_SIMILARITY = 0.5  # a record this close to one of our neighbours counts against it (flags_per_observer)
 DIRECT = 1  # hop distance of our own observations
+OWN_EVIDENCE = ""  # a clone catch on our own observations (a twin among our neighbours), not on a record
 FIRST_HAND = 2  # a record from its observer (the observer signed it)
 RELAYED = 3  # the least distance of a relayed record: a relay cannot claim less than that
 
@@ -250,6 +286,8 @@ class SybilWallOptions:
     max_records: int = DEFAULT_MAX_RECORDS
     records_per_observer: int = DEFAULT_RECORDS_PER_OBSERVER
     flags_per_observer: int = DEFAULT_FLAGS_PER_OBSERVER
+    vouch_rounds: int = DEFAULT_VOUCH_ROUNDS
+    record_share: float = DEFAULT_RECORD_SHARE
     accuser_pays: bool = True
     memory: float = DEFAULT_MEMORY  # weight of the past in each neighbour's moving average of offsets (0: off)
     gossip_lambda: float = GOSSIP_LAMBDA
@@ -272,6 +310,8 @@ class SybilWallOptions:
         require(self.max_records >= 0, "sybilwall: max_records must be >= 0")
         require(self.records_per_observer >= 0, "sybilwall: records_per_observer must be >= 0")
         require(self.flags_per_observer >= 0, "sybilwall: flags_per_observer must be >= 0")
+        require(self.vouch_rounds >= 0, "sybilwall: vouch_rounds must be >= 0")
+        require(0.0 < self.record_share <= 1.0, "sybilwall: record_share must be in (0, 1]")
         require(self.gossip_lambda > 0, "sybilwall: gossip_lambda must be > 0")
         require(self.max_distance >= FIRST_HAND, "sybilwall: max_distance must be >= 2")
 
@@ -283,6 +323,7 @@ class _Standing:
     last_seen: int  # round of our last direct observation
     trust: float  # weight factor: drops to the score at once, climbs back by 1/recovery_rounds a round
     score: float = 1.0  # its similarity weight the last time we scored it
+    vouched_from: int = 0  # its records count from this round on (observed vouch_rounds, twinned no one since)
 
 
 @dataclass
@@ -314,9 +355,12 @@ class SybilWallAggregator(Aggregator):
         self._standing: dict[str, _Standing] = {}
         self._held: dict[int, dict[str, _Held]] = {}  # round -> subject -> its model of that round
         self._memory: dict[str, torch.Tensor] = {}  # neighbour -> moving average of its offsets
-        self._catches: dict[str, dict[int, None]] = {}  # peer -> rounds it was caught as a clone (_note_clones)
+        # peer -> round it was caught as a clone -> whose evidence (OWN_EVIDENCE or a record's observer)
+        self._catches: dict[str, dict[int, set[str]]] = {}
         # observer -> our neighbours its records resembled -> round first seen (flags_per_observer)
         self._flags: dict[str, dict[str, int]] = {}
+        # neighbour -> observer of a record that counted and resembled it -> last round it did (record_share)
+        self._record_flagged: dict[str, dict[str, int]] = {}
         self._dim: int | None = None
         self._round = _Round(0)
         self._rng = random.Random(self.options.seed)
@@ -415,16 +459,19 @@ class SybilWallAggregator(Aggregator):
         index = {s: i for i, s in enumerate(subjects)}
         groups = [(held, names, self._similarity(held, names))
                   for held in self._held.values() if len(names := list(held)) >= 2]
-        discredited = self._note_flags(groups)
+        discredited, flagging = self._note_flags(groups)
         cs = torch.zeros(len(subjects), len(subjects), dtype=torch.float64)
+        self._forget_record_flags(discredited)
         for held, names, sim in groups:
             worth = torch.tensor([self._worth(held[s].info, discredited) for s in names], dtype=torch.float64)
+            worth = self._ration(held, names, sim, worth, len(peers))
             self._note_clones(held, names, sim, worth)
             sim = sim * worth[:, None] * worth[None, :]
             idx = torch.tensor([index[s] for s in names])
             cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], sim)
             if self.options.accuser_pays:
                 self._implicate(cs, index, held, names, sim)
+        self._spend_vouching(flagging)
         for rows, names in self._direct_signals(peers):
             sim = distance_similarity(gram_matrix(rows)).cpu()
             idx = torch.tensor([index[s] for s in names])
@@ -460,16 +507,17 @@ class SybilWallAggregator(Aggregator):
         accused they lost their weight for the whole hold (113 of 1304
         honest weights zero in a default testnet run). Same-round models
         only: the steps and averages of honest peers can come that close,
-        their models do not."""
+        their models do not. Each catch keeps whose evidence it was (ours,
+        or the record's observer) for :meth:`_held_as_clone`."""
         now = self._round.round
         n = len(names)
         close = (sim >= CLONE_SIMILARITY) & (worth[:, None] >= CLONE_WORTH) & (worth[None, :] >= CLONE_WORTH)
         close &= ~torch.eye(n, dtype=torch.bool)
-        marked: set[str] = set()
         for i, j in close.nonzero().tolist():
-            marked.update(names[k] for k in (i, j) if held[names[k]].info.distance == DIRECT)
-        for peer in marked:
-            self._catches.setdefault(peer, {})[now] = None
+            accused, twin = held[names[i]].info, held[names[j]].info
+            if accused.distance == DIRECT:
+                source = OWN_EVIDENCE if twin.distance == DIRECT else twin.observer
+                self._catches.setdefault(names[i], {}).setdefault(now, set()).add(source)
         hold = self.options.clone_hold_rounds
         for peer, rounds in list(self._catches.items()):
             last = max(rounds)
@@ -481,11 +529,20 @@ class SybilWallAggregator(Aggregator):
 
     def _held_as_clone(self, peer: str, now: int) -> bool:
         """Caught in two rounds CLONE_STRIKE_GAP apart, the later one less
-        than clone_hold_rounds ago (and the earlier within that of it)."""
+        than clone_hold_rounds ago (and the earlier within that of it), on
+        evidence vouched for independently: our own (a twin among our
+        neighbours) or the records of two observers. One observer alone,
+        however often it tells, only costs the accused its score in those
+        rounds: a Sybil that forged twins of an honest neighbour twice held
+        it for the whole hold, and no one vouched for the twin but the
+        Sybil."""
         rounds = self._catches.get(peer)
         if not rounds or max(rounds) <= now - self.options.clone_hold_rounds:
             return False
-        return max(rounds) - min(rounds) >= CLONE_STRIKE_GAP
+        if max(rounds) - min(rounds) < CLONE_STRIKE_GAP:
+            return False
+        sources = set().union(*rounds.values())
+        return OWN_EVIDENCE in sources or len(sources) >= 2
 
     def _fold_memory(self, updates: Sequence[PeerUpdate]) -> None:
         """Each neighbour's moving average of its offsets (``memory``)."""
@@ -536,11 +593,15 @@ class SybilWallAggregator(Aggregator):
                     if value > cs[a, b]:
                         cs[a, b] = cs[b, a] = value
 
-    def _note_flags(self, groups: Sequence[tuple[Mapping[str, _Held], list[str], torch.Tensor]]) -> set[str]:
+    def _note_flags(self, groups: Sequence[tuple[Mapping[str, _Held], list[str], torch.Tensor]]
+                    ) -> tuple[set[str], set[str]]:
         """Observers whose records resembled more than flags_per_observer of
-        our own neighbours within recovery_rounds: twins forged to mute honest
-        peers mute a bounded few, then their observer is no longer heard."""
+        our own neighbours within recovery_rounds (twins forged to mute honest
+        peers mute a bounded few, then their observer is no longer heard),
+        and the observers whose records resemble one of our neighbours now
+        (:meth:`_spend_vouching`)."""
         now = self._round.round
+        flagging: set[str] = set()
         for held, names, sim in groups:
             own = [j for j, s in enumerate(names) if held[s].info.distance == DIRECT]
             for i, subject in enumerate(names):
@@ -551,20 +612,76 @@ class SybilWallAggregator(Aggregator):
                 for j in own:
                     if float(sim[i, j]) > FLAG_SIMILARITY:
                         flags.setdefault(names[j], now)
+                    if float(sim[i, j]) >= CLONE_SIMILARITY:
+                        flagging.add(info.observer)
         for observer, flags in list(self._flags.items()):
             for peer in [p for p, r in flags.items() if r <= now - self.options.recovery_rounds]:
                 del flags[peer]
             if not flags:
                 del self._flags[observer]
-        return {o for o, flags in self._flags.items() if len(flags) > self.options.flags_per_observer}
+        discredited = {o for o, flags in self._flags.items() if len(flags) > self.options.flags_per_observer}
+        return discredited, flagging
+
+    def _forget_record_flags(self, discredited: set[str]) -> None:
+        """Neighbours a counted record resembled more than recovery_rounds ago,
+        or only records of observers no longer heard, no longer take up the
+        share (:meth:`_ration`): a Sybil discredited for its flags frees
+        what it took, for an honest observer's true record."""
+        now = self._round.round
+        for peer, observers in list(self._record_flagged.items()):
+            for observer in [o for o, r in observers.items()
+                             if r <= now - self.options.recovery_rounds or o in discredited]:
+                del observers[observer]
+            if not observers:
+                del self._record_flagged[peer]
+
+    def _ration(self, held: Mapping[str, _Held], names: Sequence[str], sim: torch.Tensor, worth: torch.Tensor,
+                neighbours: int) -> torch.Tensor:
+        """``worth`` with the records beyond the share set to 0: records
+        together count against at most ``record_share`` of our neighbours (at
+        least one) within recovery_rounds, the records of the observers
+        vouched for longest (observed longest, no twin told since) first. The
+        per-observer bounds hold each attack edge; this holds them all
+        together: Sybils around us that each forge a twin of another honest
+        neighbour in one round mute a bounded share of them, and an honest
+        observer's true record still gets through once a discredited
+        observer's flags have freed their share."""
+        now = self._round.round
+        budget = max(1, math.floor(self.options.record_share * neighbours))
+        own = [j for j, s in enumerate(names) if held[s].info.distance == DIRECT]
+        counted = [i for i, s in enumerate(names) if held[s].info.distance != DIRECT and float(worth[i]) > 0]
+        counted.sort(key=lambda i: (self._standing[held[names[i]].info.observer].vouched_from, names[i]))
+        out = worth.clone()
+        for i in counted:
+            targets = {names[j] for j in own if float(sim[i, j]) > FLAG_SIMILARITY}
+            if len(self._record_flagged.keys() | targets) > budget:
+                out[i] = 0.0
+                continue
+            for target in targets:
+                self._record_flagged.setdefault(target, {})[held[names[i]].info.observer] = now
+        return out
+
+    def _spend_vouching(self, flagging: set[str]) -> None:
+        """An observer whose record made one of our neighbours look like a
+        clone (the same model) has spent its vouching: its records count
+        again only after ``vouch_rounds`` more rounds. With vouch_rounds > 0
+        one observer (one attack edge) mutes at most one neighbour per
+        vouch_rounds."""
+        again = self._round.round + 1 + self.options.vouch_rounds
+        for observer in flagging:
+            standing = self._standing.get(observer)
+            if standing is not None:
+                standing.vouched_from = max(standing.vouched_from, again)
 
     def _worth(self, info: RecordInfo, discredited: set[str]) -> float:
         """How much a held model counts as evidence: ours fully; a record as
-        far as its observer is trusted, not at all from a discredited one."""
+        far as its observer is trusted once vouched for (observed for
+        ``vouch_rounds`` rounds, and no twin it told in that time), not at
+        all from a discredited one or one we do not observe ourselves."""
         if info.distance == DIRECT:
             return 1.0
         observer = self._standing.get(info.observer)
-        if observer is None or info.observer in discredited:
+        if observer is None or info.observer in discredited or self._round.round < observer.vouched_from:
             return 0.0
         return observer.trust
 
@@ -574,7 +691,8 @@ class SybilWallAggregator(Aggregator):
         for peer, score in zip(peers, scores.tolist(), strict=True):
             standing = self._standing.get(peer)
             if standing is None:
-                standing = self._standing[peer] = _Standing(now, self.options.initial_trust)
+                standing = self._standing[peer] = _Standing(now, self.options.initial_trust,
+                                                            vouched_from=now + self.options.vouch_rounds)
             elif not self._held_as_clone(peer, now):  # a clone climbs back only clone_hold_rounds after
                 standing.trust = min(1.0, standing.trust + step)
             standing.trust = min(standing.trust, score)
@@ -758,7 +876,9 @@ class SybilWallAggregator(Aggregator):
 
     # checkpointing ---------------------------------------------------------------
 
-    STATE_VERSION = 3
+    STATE_VERSION = 4
+    """4: each clone catch with whose evidence it was, and when each peer's records count (v3 still loads:
+    its catches as our own evidence, every peer vouched for)."""
 
     def state_dict(self) -> dict[str, Any]:
         peers = sorted(self._standing)
@@ -769,21 +889,30 @@ class SybilWallAggregator(Aggregator):
             "last_seen": [self._standing[p].last_seen for p in peers],
             "trust": [self._standing[p].trust for p in peers],
             "scores": [self._standing[p].score for p in peers],
-            "clone_catches": {p: sorted(r) for p, r in sorted(self._catches.items())},
+            "vouched_from": [self._standing[p].vouched_from for p in peers],
+            "clone_catches": {p: [[r, sorted(sources)] for r, sources in sorted(rounds.items())]
+                              for p, rounds in sorted(self._catches.items())},
             **({} if self._pull is None else self._pull.state_dict()),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if int(state.get("version", 1)) != self.STATE_VERSION:
+        version = int(state.get("version", 1))
+        if version not in (3, self.STATE_VERSION):
             raise ValueError("sybilwall: state of another version")
         self._round = _Round(int(state["round"]))
         self._held = {}
-        self._catches = {str(p): dict.fromkeys(int(r) for r in rounds)
-                         for p, rounds in dict(state.get("clone_catches", {})).items()}
+        catches = dict(state.get("clone_catches", {}))
+        if version == 3:
+            self._catches = {str(p): {int(r): {OWN_EVIDENCE} for r in rounds} for p, rounds in catches.items()}
+        else:
+            self._catches = {str(p): {int(r): {str(s) for s in sources} for r, sources in rounds}
+                             for p, rounds in catches.items()}
+        peers = state["peers"]
+        vouched = state["vouched_from"] if version >= 4 else [0] * len(peers)
         self._standing = {
-            str(p): _Standing(int(seen), float(trust), float(score))
-            for p, seen, trust, score in zip(state["peers"], state["last_seen"], state["trust"], state["scores"],
-                                             strict=True)
+            str(p): _Standing(int(seen), float(trust), float(score), int(since))
+            for p, seen, trust, score, since in zip(peers, state["last_seen"], state["trust"], state["scores"],
+                                                    vouched, strict=True)
         }
         if self._pull is not None:
             self._pull.load_state_dict(state)

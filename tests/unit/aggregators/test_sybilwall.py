@@ -100,7 +100,7 @@ def test_a_lone_sybil_is_caught_by_its_twins_record_of_the_same_round() -> None:
     dirs = orthogonalish(4, DIM, 4)
     sybil = dirs[3]
     neighbours = {"h0": dirs[0], "h1": dirs[1], "s": sybil}
-    agg = make(clip=None, accuser_pays=False)
+    agg = make(clip=None, accuser_pays=False, vouch_rounds=0)  # h0 vouched for at once
     agg.aggregate(torch.zeros(DIM), updates(moving(neighbours, 0)), 3)  # round 0: nothing to compare s with
     assert agg.trust("s") == 1.0
     now = moving(neighbours, 1)
@@ -127,20 +127,24 @@ def test_trust_drops_at_once_climbs_back_slowly_and_starts_at_initial_trust() ->
     assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
 
 
-def _lone_sybil(twin_records_at: tuple[int, ...], rounds: int, accuser_pays: bool = False
+def _lone_sybil(twin_records_at: tuple[int, ...], rounds: int, accuser_pays: bool = False,
+                observers: tuple[str, ...] = ("h0", "h1"), vouch_rounds: int = 0,
                 ) -> tuple[SybilWallAggregator, list[float], list[float]]:
-    """Neighbours h0, h1 and a lone Sybil s; a record of s's twin (from h0)
-    arrives in each of ``twin_records_at``. Returns the aggregator and, per
-    round from 1, s's trust and the least honest trust."""
+    """Neighbours h0, h1 and a lone Sybil s; a record of s's twin arrives in
+    each of ``twin_records_at``, from the observers in turn (vouched for at
+    once by default). Returns the aggregator and, per round from 1, s's trust
+    and the least honest trust."""
     dirs = orthogonalish(4, DIM, 4)
     neighbours = {"h0": dirs[0], "h1": dirs[1], "s": dirs[3]}
-    agg = make(clip=None, accuser_pays=accuser_pays, recovery_rounds=4, clone_hold_rounds=8, memory=0.0)
+    agg = make(clip=None, accuser_pays=accuser_pays, recovery_rounds=4, clone_hold_rounds=8, memory=0.0,
+               vouch_rounds=vouch_rounds)
     agg.aggregate(torch.zeros(DIM), updates(moving(neighbours, 0)), 3)
     sybil, honest = [], []
     for r in range(1, rounds):
         now = moving(neighbours, r)
         if r in twin_records_at:
-            assert agg.receive_record("h0", record("far-twin", r, now["s"].clone(), observer="h0")) \
+            observer = observers[twin_records_at.index(r) % len(observers)]
+            assert agg.receive_record(observer, record("far-twin", r, now["s"].clone(), observer=observer)) \
                 is RecordVerdict.KEPT
         agg.aggregate(torch.zeros(DIM), updates(now), 3)
         sybil.append(agg.trust("s") or 0.0)
@@ -154,7 +158,9 @@ def test_a_lone_sybil_caught_twice_by_its_twins_records_stays_muted_for_the_clon
     it held 0.1-0.4 of a node's weight between records. Known answer: caught
     in round 1 (and 2, which still compares round 1's models) it climbs back
     by 1/4 a round; caught again in round 7 it is held at 0 until round 7 (and
-    8) + clone_hold_rounds, then climbs back; honest neighbours never held."""
+    8) + clone_hold_rounds, then climbs back; honest neighbours never held.
+    The two records come from two observers (h0, then h1): one alone never
+    holds (test_one_observer_alone_never_holds_a_peer)."""
     agg, sybil, honest = _lone_sybil((1, 7), 20)
     assert sybil == pytest.approx([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
                                    0.25, 0.5, 0.75, 1.0])
@@ -162,7 +168,7 @@ def test_a_lone_sybil_caught_twice_by_its_twins_records_stays_muted_for_the_clon
     # the hold survives a restart (checkpointed)
     _, _, _ = _lone_sybil((), 2)
     held, _, _ = _lone_sybil((1, 7), 9)
-    again = make(clip=None, accuser_pays=False, recovery_rounds=4, clone_hold_rounds=8, memory=0.0)
+    again = make(clip=None, accuser_pays=False, recovery_rounds=4, clone_hold_rounds=8, memory=0.0, vouch_rounds=0)
     again.load_state_dict(held.state_dict())
     dirs = orthogonalish(4, DIM, 4)
     again.aggregate(torch.zeros(DIM), updates(moving({"h0": dirs[0], "h1": dirs[1], "s": dirs[3]}, 9)), 3)
@@ -176,6 +182,99 @@ def test_the_honest_teller_of_a_twins_record_pays_one_round_not_the_hold() -> No
     _, sybil, honest = _lone_sybil((1, 7), 20, accuser_pays=True)
     assert sybil[7:14] == [0.0] * 7
     assert min(honest[10:]) == 1.0
+
+
+def test_one_observer_alone_never_holds_a_peer() -> None:
+    """A twin only one observer vouches for may be made up (a Sybil signs as
+    the twin and as its observer): caught twice on records of that one
+    observer, the accused loses its score in those rounds and climbs back,
+    where two observers' records (or our own evidence) hold it."""
+    _, sybil, honest = _lone_sybil((1, 7), 20, observers=("h0",))
+    assert sybil == pytest.approx([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0,
+                                   1.0, 1.0, 1.0, 1.0])
+    assert honest == [1.0] * 19
+
+
+def test_an_observer_counts_only_once_vouched_for() -> None:
+    """With vouch_rounds, a record counts as evidence only from an observer
+    we have observed for that many rounds: h0, met in round 0 with
+    vouch_rounds 3, is heard from round 3 on."""
+    dirs = orthogonalish(4, DIM, 4)
+    neighbours = {"h0": dirs[0], "h1": dirs[1], "s": dirs[3]}
+    agg = make(clip=None, accuser_pays=False, memory=0.0, vouch_rounds=3)
+    weights = []
+    for r in range(5):
+        now = moving(neighbours, r)
+        if r in (2, 4):
+            observer = "h0" if r == 2 else "h1"
+            assert agg.receive_record(observer, record("far-twin", r, now["s"].clone(), observer=observer)) \
+                is RecordVerdict.KEPT
+        weights.append(agg.aggregate(torch.zeros(DIM), updates(now), 3).weights["s"])
+    assert weights[2] > 0.2  # h0 not vouched for yet: its record is no evidence
+    assert weights[4] == 0.0  # h1, trusted since round 0, is by round 4
+
+
+def test_an_observer_that_told_a_twin_is_heard_again_only_after_vouch_rounds() -> None:
+    """A Sybil forging twins of our honest neighbours, one a round: its first
+    twin counts (it was vouched for), and it has spent its vouching; every
+    twin it tells meanwhile puts the next one off, so after the first it mutes
+    no one until it has kept quiet for vouch_rounds rounds."""
+    dirs = orthogonalish(5, DIM, 7)
+    honest = {f"h{i}": dirs[i] for i in range(4)}
+    agg = make(clip=None, accuser_pays=False, memory=0.0, flags_per_observer=10, vouch_rounds=2, record_share=1.0)
+    muted = {}
+    for r in range(9):
+        now = moving({**honest, "sybil": dirs[4]}, r)
+        victim = {2: "h0", 3: "h1", 4: "h2", 8: "h3"}.get(r)
+        if victim is not None:
+            assert agg.receive_record("sybil", record(f"twin-{victim}", r, now[victim].clone(), observer="sybil")) \
+                is RecordVerdict.KEPT
+        res = agg.aggregate(torch.zeros(DIM), updates(now), 5)
+        if victim is not None:
+            muted[victim] = res.weights[victim] == 0.0
+    # round 2: vouched for since round 2; 3 and 4: not until 3 + 1 + 2, then 4 + 1 + 2; round 5 still
+    # compares round 4's twin: 5 + 1 + 2 = 8
+    assert muted == {"h0": True, "h1": False, "h2": False, "h3": True}
+
+
+def test_records_together_count_against_a_bounded_share_of_our_neighbours() -> None:
+    """Four Sybils among our eight neighbours, each vouched for, forge a twin
+    of a different honest neighbour in one round: each spends its own
+    vouching, but together they may count against record_share of our
+    neighbours only (2 of 8), the longest vouched for first (ties by the
+    twin's name); the other two honest neighbours keep their weight."""
+    dirs = orthogonalish(8, DIM, 11)
+    peers = {**{f"h{i}": dirs[i] for i in range(4)}, **{f"s{i}": dirs[4 + i] for i in range(4)}}
+    agg = make(clip=None, accuser_pays=False, memory=0.0, vouch_rounds=0, record_share=0.25)
+    agg.aggregate(torch.zeros(DIM), updates(moving(peers, 0)), 8)
+    now = moving(peers, 1)
+    for i in range(4):
+        assert agg.receive_record(f"s{i}", record(f"twin-h{i}", 1, now[f"h{i}"].clone(), observer=f"s{i}")) \
+            is RecordVerdict.KEPT
+    res = agg.aggregate(torch.zeros(DIM), updates(now), 8)
+    assert [res.weights[f"h{i}"] == 0.0 for i in range(4)] == [True, True, False, False], res.weights
+    assert min(res.weights["h2"], res.weights["h3"]) > 0.05
+
+
+def test_a_discredited_forger_frees_its_share_for_a_true_record() -> None:
+    """Five neighbours: records may count against one of them. A forger's
+    twin of h0 takes that one in round 1; its twin of h1 in round 2 takes it
+    over flags_per_observer, and with it discredited, its flags free the
+    share: h2's true record of the lone Sybil s's twin counts in that round."""
+    dirs = orthogonalish(5, DIM, 12)
+    peers = {"h0": dirs[0], "h1": dirs[1], "h2": dirs[2], "s": dirs[3], "forger": dirs[4]}
+    agg = make(clip=None, accuser_pays=False, memory=0.0, flags_per_observer=1, record_share=0.25)
+    agg.aggregate(torch.zeros(DIM), updates(moving(peers, 0)), 5)
+    now = moving(peers, 1)
+    assert agg.receive_record("forger", record("twin-h0", 1, now["h0"].clone(), observer="forger")) \
+        is RecordVerdict.KEPT
+    assert agg.aggregate(torch.zeros(DIM), updates(now), 5).weights["h0"] == 0.0
+    now = moving(peers, 2)
+    assert agg.receive_record("forger", record("twin-h1", 2, now["h1"].clone(), observer="forger")) \
+        is RecordVerdict.KEPT
+    assert agg.receive_record("h2", record("far-twin", 2, now["s"].clone(), observer="h2")) is RecordVerdict.KEPT
+    res = agg.aggregate(torch.zeros(DIM), updates(now), 5)
+    assert res.weights["s"] == 0.0 and res.weights["h1"] > 0.05, res.weights
 
 
 def test_models_that_coincide_once_are_not_held() -> None:
@@ -343,7 +442,7 @@ def test_an_observer_whose_records_twin_many_of_our_neighbours_counts_for_nothin
     neighbours, its records are no evidence at all."""
     dirs = orthogonalish(5, DIM, 7)
     honest = {f"h{i}": dirs[i] for i in range(4)}
-    agg = make(clip=None, flags_per_observer=2, accuser_pays=False)
+    agg = make(clip=None, flags_per_observer=2, accuser_pays=False, vouch_rounds=0, record_share=1.0)
     agg.aggregate(torch.zeros(DIM), updates(moving({**honest, "sybil": dirs[4]}, 0)), 5)
     for i in range(3):  # three twins over three rounds, each within the compared window
         now = moving({**honest, "sybil": dirs[4]}, 1 + i)
@@ -355,7 +454,7 @@ def test_an_observer_whose_records_twin_many_of_our_neighbours_counts_for_nothin
     # (muted ones climb back by 1/recovery_rounds a round)
     assert res.weights["h0"] < 0.05 and res.weights["h1"] < 0.05, res.weights
     assert res.weights["h2"] > 0.15 and res.weights["h3"] > 0.15, res.weights
-    two = make(clip=None, flags_per_observer=2, accuser_pays=False)
+    two = make(clip=None, flags_per_observer=2, accuser_pays=False, vouch_rounds=0)
     two.aggregate(torch.zeros(DIM), updates(moving({**honest, "sybil": dirs[4]}, 0)), 5)
     now = moving({**honest, "sybil": dirs[4]}, 1)
     assert two.receive_record("sybil", record("twin", 1, now["h0"].clone(), observer="sybil")) is RecordVerdict.KEPT
@@ -369,7 +468,7 @@ def test_the_neighbour_who_brings_a_twin_of_another_is_implicated_as_much_as_the
     mutes itself along with it, and no longer gains by it."""
     dirs = orthogonalish(5, DIM, 8)
     honest = {f"h{i}": dirs[i] for i in range(4)}
-    agg = make(clip=None)
+    agg = make(clip=None, vouch_rounds=0)
     agg.aggregate(torch.zeros(DIM), updates(moving({**honest, "teller": dirs[4]}, 0)), 5)
     now = moving({**honest, "teller": dirs[4]}, 1)
     assert agg.receive_record("teller", record("twin", 1, now["h0"].clone(), observer="teller")) is RecordVerdict.KEPT
@@ -506,6 +605,15 @@ def test_state_dict_round_trip_and_identical_continuation() -> None:
     r1, r2 = agg.aggregate(own, nxt, 2), clone.aggregate(own, nxt, 2)
     assert r1.weights == r2.weights
     torch.testing.assert_close(r1.delta, r2.delta)
+
+
+def test_state_of_version_3_loads_its_catches_as_our_own_evidence() -> None:
+    """A checkpoint from before catches named their evidence still holds its clones."""
+    agg = make(recovery_rounds=4, clone_hold_rounds=8)
+    agg.load_state_dict({"version": 3, "round": 9, "peers": ["s"], "last_seen": [8], "trust": [0.0],
+                         "scores": [0.0], "clone_catches": {"s": [1, 7]}})
+    agg.aggregate(torch.zeros(DIM), updates({"s": torch.ones(DIM)}), 1)
+    assert agg.trust("s") == 0.0  # held: it would have climbed back by 1/4
 
 
 def test_state_of_another_version_is_refused() -> None:
