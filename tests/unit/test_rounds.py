@@ -1039,12 +1039,14 @@ class _AddNothing:
 def test_sybilwalls_probe_reads_our_data_only_without_privacy(private: bool) -> None:
     """The probe's losses come from the node's private data; under privacy its
     weights would reach the published consensus step unaccounted, so the
-    engine gives the aggregator no probe then."""
+    engine gives the aggregator no probe then, and tells it that its messages
+    are noised (SybilWall's noise bound, aggregators/noise_bound.py)."""
     from murmur.learning.trainers.digits import DigitsMLPTrainer
 
     trainer = DigitsMLPTrainer(TrainerContext(0, 2, 0, device="cpu"))
     aggregator = get_aggregator("sybilwall")
     engine = RoundEngine(trainer, aggregator, perturber=_AddNothing() if private else None)
+    assert aggregator.noised is private  # type: ignore[attr-defined]
     offsets = [torch.zeros(engine.num_params), torch.randn(engine.num_params)]
     probed = aggregator.probe(offsets)  # type: ignore[attr-defined]
     if private:

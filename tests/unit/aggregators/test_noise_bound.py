@@ -4,7 +4,6 @@ round engine telling it so."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import pytest
 import torch
@@ -13,8 +12,6 @@ from murmur.errors import ConfigError
 from murmur.learning.aggregators import get_aggregator
 from murmur.learning.aggregators.noise_bound import noise_scales
 from murmur.learning.aggregators.sybilwall import SybilWallAggregator
-from murmur.learning.rounds import RoundEngine
-from murmur.learning.trainers.base import TrainerContext
 
 from .conftest import orthogonalish, updates
 
@@ -61,26 +58,6 @@ def test_sybilwall_bounds_pulls_by_its_own_step_only_when_its_messages_are_noise
     assert noised["h1"] / noised["h0"] == pytest.approx(plain["h1"] / plain["h0"], rel=1e-9)
     off = _weights(True, noise_ratio=None)
     assert off == pytest.approx(plain)
-
-
-class _AddNothing:
-    """A privacy stage stand-in: only its presence matters here."""
-
-    def perturb(self, delta: torch.Tensor, round: int, committed: Sequence[str]) -> torch.Tensor:
-        return delta
-
-    def clip(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta
-
-
-@pytest.mark.parametrize("private", [False, True])
-def test_the_engine_tells_the_aggregator_whether_its_messages_are_noised(private: bool) -> None:
-    from murmur.learning.trainers.digits import DigitsMLPTrainer
-
-    trainer = DigitsMLPTrainer(TrainerContext(0, 2, 0, device="cpu"))
-    aggregator = get_aggregator("sybilwall")
-    RoundEngine(trainer, aggregator, perturber=_AddNothing() if private else None)
-    assert aggregator.noised is private  # type: ignore[attr-defined]
 
 
 def test_under_noise_the_bound_replaces_the_rounds_median_clip() -> None:
