@@ -71,6 +71,25 @@ def node_config(data_dir: Path, port: int = 0, bootstrap: tuple[Multiaddr, ...] 
     return load_config(None, merged)
 
 
+def attacked_learning(honest: int, rounds: int, *, alpha: float, deadline_s: float) -> dict[str, Any]:
+    """Overrides for ``honest`` nodes learning digits next to one label-flip
+    attacker that holds the last data partition (its Sybils' own index)."""
+    return {
+        "learning.enabled": True,
+        "learning.num_nodes": honest + 1,  # the attacker holds the last data partition
+        "learning.partition": "dirichlet",
+        "learning.alpha": alpha,
+        "learning.rounds": rounds,
+        "learning.local_steps": 10,
+        "learning.round_deadline_s": deadline_s,
+        "learning.threads": 1,
+        "learning.device": "cpu",
+        "learning.eval_attack": "label_flip",
+        "network.neighbours": 3,
+        "network.shuffle_interval_s": 1.0,
+    }
+
+
 @dataclass
 class Member:
     """One slot of the cluster: a data dir that outlives the Node running on it."""

@@ -17,25 +17,12 @@ import pytest
 
 from murmur.node.daemon import Node
 from murmur.testnet.sybil import SybilAttacker
-from tests.integration.cluster import node_config, wait_until
+from tests.integration.cluster import attacked_learning, node_config, wait_until
 
 HONEST = 8
 ROUNDS = 40
 RUN_TIMEOUT_S = 240.0
-LEARNING = {
-    "learning.enabled": True,
-    "learning.num_nodes": HONEST + 1,  # the attacker holds the last data partition
-    "learning.partition": "dirichlet",
-    "learning.alpha": 0.5,
-    "learning.rounds": ROUNDS,
-    "learning.local_steps": 10,
-    "learning.round_deadline_s": 3.0,
-    "learning.threads": 1,
-    "learning.device": "cpu",
-    "learning.eval_attack": "label_flip",
-    "network.neighbours": 3,
-    "network.shuffle_interval_s": 1.0,
-}
+LEARNING = attacked_learning(HONEST, ROUNDS, alpha=0.5, deadline_s=3.0)
 
 
 @dataclass

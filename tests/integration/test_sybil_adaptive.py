@@ -25,26 +25,15 @@ import torch
 from murmur.learning.tactics import AttackPlan, Tactic
 from murmur.node.daemon import Node
 from murmur.testnet.sybil import ShapedFronts, SybilAttacker
-from tests.integration.cluster import node_config, wait_until
+from tests.integration.cluster import attacked_learning, node_config, wait_until
 
 HONEST = 5
 SYBILS = 2
 ROUNDS = 12
 RUN_TIMEOUT_S = 150.0
 LEARNING = {
-    "learning.enabled": True,
-    "learning.num_nodes": HONEST + 1,  # the attacker holds the last data partition
-    "learning.partition": "dirichlet",
-    "learning.alpha": 1.0,
-    "learning.rounds": ROUNDS,
-    "learning.local_steps": 10,
-    "learning.round_deadline_s": 2.0,
-    "learning.threads": 1,
-    "learning.device": "cpu",
-    "learning.eval_attack": "label_flip",
+    **attacked_learning(HONEST, ROUNDS, alpha=1.0, deadline_s=2.0),
     "learning.codec": "fp16",  # the wire compresses: each identity through a compressor of its own
-    "network.neighbours": 3,
-    "network.shuffle_interval_s": 1.0,
 }
 
 
