@@ -70,7 +70,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from murmur.learning import data  # noqa: E402
 from murmur.learning.data import ArrayDataset  # noqa: E402
 from murmur.learning.privacy.noise import NoiseConfig, UniformEdgeScale  # noqa: E402
 from murmur.learning.privacy.seeds import PairwiseSeeds  # noqa: E402
@@ -85,7 +84,8 @@ from murmur.learning.simulate import (  # noqa: E402
     run_simulation,
 )
 from murmur.learning.topology import Graph, random_regularish, torus  # noqa: E402
-from murmur.learning.trainers.base import TorchOptions, TorchTrainer, TrainerContext  # noqa: E402
+from murmur.learning.trainers.base import TorchTrainer, TrainerContext  # noqa: E402
+from murmur.learning.trainers.fashion import FashionCNNTrainer  # noqa: E402
 from murmur.learning.trainers.registry import load_trainer  # noqa: E402
 from murmur.node.config import NoiseObjective, PrivacyLevel, PrivacyScheme  # noqa: E402
 from murmur.node.privacy import (  # noqa: E402
@@ -131,14 +131,11 @@ NODE_SCHEME: dict[Scheme, tuple[PrivacyScheme, NoiseObjective]] = {
 }
 
 
-class FashionLinearTrainer(TorchTrainer):
-    """Multinomial logistic regression on Fashion-MNIST (see the module docstring)."""
+class FashionLinearTrainer(FashionCNNTrainer):
+    """Multinomial logistic regression on Fashion-MNIST (see the module
+    docstring); its data as the built-in trainer finds it (``data_dir``)."""
 
     name: ClassVar[str] = "fashion-linear"
-    Options: ClassVar[type[TorchOptions]] = TorchOptions
-
-    def load_dataset(self) -> ArrayDataset:
-        return data.load_idx_dir(data.FASHION_MNIST_DIR, missing_hint="apt-get install dataset-fashion-mnist")
 
     def build_model(self, dataset: ArrayDataset) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Linear(int(dataset.x_train[0].size), dataset.num_classes))

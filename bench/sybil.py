@@ -458,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the privacy row: DP-SGD (see --data), example-level DECOR at this epsilon")
     ap.add_argument("--data", choices=sorted(PRIVATE_SETUPS),
                     help="the privacy row's setup (default fashion); without --privacy: the same setup, no noise")
+    ap.add_argument("--data-dir", help="Fashion-MNIST's four IDX files for --data fashion "
+                    "(default: where Debian's dataset-fashion-mnist puts them)")
     ap.add_argument("--tune", action="store_true",
                     help="tune each --tactics' strength against SybilWall (coordinate ascent) and print the best")
     args = ap.parse_args(argv)
@@ -473,6 +475,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("rounds", args.rounds), ("seed", args.seed)) if v is not None}
     setup = dataclasses.replace(setup, **overrides)
+    if args.data_dir is not None:
+        if setup.trainer != PRIVATE_FASHION.trainer:
+            raise SystemExit("--data-dir: only the privacy row's fashion setup reads data from files")
+        setup = dataclasses.replace(setup, trainer_options={**setup.trainer_options, "data_dir": args.data_dir})
     rows = with_tactics(parse_rows(args.rows, QUICK_SYBIL_COUNTS if args.quick else SYBIL_COUNTS),
                         parse_tactics(args.tactics))
     aggregators = parse_aggregators(args.aggregators)
