@@ -876,9 +876,15 @@ class SybilWallAggregator(Aggregator):
 
     # checkpointing ---------------------------------------------------------------
 
-    STATE_VERSION = 4
-    """4: each clone catch with whose evidence it was, and when each peer's records count (v3 still loads:
-    its catches as our own evidence, every peer vouched for)."""
+    STATE_VERSION = 5
+    """5: also the record rules' memory: which of our neighbours each observer's records resembled, and
+    which observers' counted records take up the share (``_flags``, ``_record_flagged``). Without them a
+    restarted node heard a discredited observer again and gave forged records a fresh share: a forger
+    that made its victim restart (a crash, an update) muted more honest peers each time.
+    4: each clone catch with whose evidence it was, and when each peer's records count. v3 and v4 still
+    load (v3: its catches as our own evidence, every peer vouched for; both: no flags yet).
+    Not kept: the models of the last COMPARED_ROUNDS rounds, and ``memory``'s moving averages
+    (a model-sized tensor per neighbour, rebuilt in ~1 / (1 - memory) rounds)."""
 
     def state_dict(self) -> dict[str, Any]:
         peers = sorted(self._standing)
@@ -892,12 +898,14 @@ class SybilWallAggregator(Aggregator):
             "vouched_from": [self._standing[p].vouched_from for p in peers],
             "clone_catches": {p: [[r, sorted(sources)] for r, sources in sorted(rounds.items())]
                               for p, rounds in sorted(self._catches.items())},
+            "record_flags": _nested(self._flags),
+            "record_flagged": _nested(self._record_flagged),
             **({} if self._pull is None else self._pull.state_dict()),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         version = int(state.get("version", 1))
-        if version not in (3, self.STATE_VERSION):
+        if version not in (3, 4, self.STATE_VERSION):
             raise ValueError("sybilwall: state of another version")
         self._round = _Round(int(state["round"]))
         self._held = {}
@@ -914,8 +922,16 @@ class SybilWallAggregator(Aggregator):
             for p, seen, trust, score, since in zip(peers, state["last_seen"], state["trust"], state["scores"],
                                                     vouched, strict=True)
         }
+        self._flags = _nested(state.get("record_flags", {}))
+        self._record_flagged = _nested(state.get("record_flagged", {}))
         if self._pull is not None:
             self._pull.load_state_dict(state)
+
+
+def _nested(rounds: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """``peer -> peer -> round`` (the record rules' bookkeeping) as plain,
+    sorted dicts of str and int: what a checkpoint stores and reads back."""
+    return {str(a): {str(b): int(r) for b, r in sorted(inner.items())} for a, inner in sorted(rounds.items())}
 
 
 def _functional(probed: ProbeResult) -> torch.Tensor:

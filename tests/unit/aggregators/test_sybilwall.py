@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import math
 import random
+from typing import Any
 
+import msgpack
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -614,6 +616,67 @@ def test_state_of_version_3_loads_its_catches_as_our_own_evidence() -> None:
                          "scores": [0.0], "clone_catches": {"s": [1, 7]}})
     agg.aggregate(torch.zeros(DIM), updates({"s": torch.ones(DIM)}), 1)
     assert agg.trust("s") == 0.0  # held: it would have climbed back by 1/4
+
+
+def _through_checkpoint(agg: SybilWallAggregator, **options: Any) -> SybilWallAggregator:
+    """``agg`` as a restarted node gets it back: its state written as the
+    node writes it (tensors apart, the rest through msgpack) and read into a
+    new aggregator of the same options."""
+    state = agg.state_dict()
+    meta = msgpack.unpackb(msgpack.packb({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}))
+    clone = make(**options)
+    clone.load_state_dict({**meta, **{k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}})
+    return clone
+
+
+def test_a_discredited_forger_stays_discredited_across_a_restart() -> None:
+    """Three twins of our neighbours take a forger over flags_per_observer;
+    after a restart (checkpoint, new aggregator) its fourth twin still counts
+    for nothing. Before the record rules' bookkeeping was checkpointed, a
+    restart heard it again and its twin muted h3."""
+    dirs = orthogonalish(5, DIM, 7)
+    honest = {f"h{i}": dirs[i] for i in range(4)}
+    options = dict(clip=None, flags_per_observer=2, accuser_pays=False, vouch_rounds=0, record_share=1.0)
+    agg = make(**options)
+    agg.aggregate(torch.zeros(DIM), updates(moving({**honest, "sybil": dirs[4]}, 0)), 5)
+    for i in range(3):
+        now = moving({**honest, "sybil": dirs[4]}, 1 + i)
+        agg.receive_record("sybil", record(f"twin{i}", 1 + i, now[f"h{i}"].clone(), observer="sybil"))
+        agg.aggregate(torch.zeros(DIM), updates(now), 5)
+    restarted = _through_checkpoint(agg, **options)
+    assert restarted.state_dict()["record_flags"] == agg.state_dict()["record_flags"] != {}
+    for a in (agg, restarted):
+        now = moving({**honest, "sybil": dirs[4]}, 4)
+        assert a.receive_record("sybil", record("twin3", 4, now["h3"].clone(), observer="sybil")) \
+            is RecordVerdict.KEPT
+        assert a.aggregate(torch.zeros(DIM), updates(now), 5).weights["h3"] > 0.15
+
+
+def test_the_records_share_survives_a_restart() -> None:
+    """record_share's bookkeeping (which neighbours counted records resembled)
+    is checkpointed too: a restarted node does not give the forgers a fresh share."""
+    dirs = orthogonalish(8, DIM, 11)
+    peers = {**{f"h{i}": dirs[i] for i in range(4)}, **{f"s{i}": dirs[4 + i] for i in range(4)}}
+    options = dict(clip=None, accuser_pays=False, memory=0.0, vouch_rounds=0, record_share=0.25)
+    agg = make(**options)
+    agg.aggregate(torch.zeros(DIM), updates(moving(peers, 0)), 8)
+    now = moving(peers, 1)
+    for i in range(2):  # two twins: the whole share (2 of 8)
+        agg.receive_record(f"s{i}", record(f"twin-h{i}", 1, now[f"h{i}"].clone(), observer=f"s{i}"))
+    agg.aggregate(torch.zeros(DIM), updates(now), 8)
+    restarted = _through_checkpoint(agg, **options)
+    for a in (agg, restarted):
+        now = moving(peers, 2)
+        a.receive_record("s2", record("twin-h2", 2, now["h2"].clone(), observer="s2"))
+        assert a.aggregate(torch.zeros(DIM), updates(now), 8).weights["h2"] > 0.05
+
+
+def test_state_of_version_4_loads_without_the_record_rules_bookkeeping() -> None:
+    agg = make()
+    agg.load_state_dict({"version": 4, "round": 9, "peers": ["s"], "last_seen": [8], "trust": [0.5],
+                         "scores": [0.5], "vouched_from": [0], "clone_catches": {}})
+    assert agg.round == 9 and agg.trust("s") == 0.5
+    assert agg.state_dict()["record_flags"] == {} and agg.state_dict()["record_flagged"] == {}
 
 
 def test_state_of_another_version_is_refused() -> None:
