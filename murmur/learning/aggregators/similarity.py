@@ -136,7 +136,10 @@ def anchored_similarity(gram: torch.Tensor) -> torch.Tensor:
     (that would stretch a median of all pairs until honest peers look alike)
     can move it; ``m`` caps it when both peers are far from us (our own
     model off, or an attacker's models far from ours) so that two peers far
-    from us are not alike merely for being nearer to each other.
+    from us are not alike merely for being nearer to each other. Two rows at
+    the same point (within 1e-6 of the largest distance) that is not ours
+    are alike, 1, whatever ``m``: when clones are most of the rows, ``m`` is
+    0. At our own point they are not (every model still the common start).
     """
     g = gram.to(torch.float64)
     sq = g.diagonal()
@@ -148,4 +151,6 @@ def anchored_similarity(gram: torch.Tensor) -> torch.Tensor:
     anchor = d[0, 1:]
     scale = torch.minimum(anchor[:, None], anchor[None, :]).clamp_max(m)
     sim = torch.where(scale > 0, 1.0 - d[1:, 1:] / torch.where(scale > 0, scale, 1.0), 0.0)
-    return sim.clamp(0.0, 1.0)
+    tiny = 1e-6 * float(d.max())
+    clones = (d[1:, 1:] <= tiny) & (torch.minimum(anchor[:, None], anchor[None, :]) > tiny)
+    return torch.where(clones, 1.0, sim).clamp(0.0, 1.0)

@@ -11,8 +11,11 @@ neighbour's public model as an offset from the point our last round mixed
 to (``PeerUpdate.delta``; see :mod:`murmur.learning.rounds`): the very thing
 it then mixes, so nothing a peer sends, nor anything a re-sync of its
 replica installs, reaches our model without being judged. Peers are
-compared by the *distance between their models at the same round*
-(:func:`.similarity.distance_similarity`), not by a cosine of histories:
+compared by the *distance between their models at the same round*, not by
+a cosine of histories, and two of them are alike when they are much nearer
+each other than either is to our own model of that round
+(:func:`.similarity.anchored_similarity`; the same for their steps and
+moving averages, against ours):
 
 * histories of updates no longer exist (a round message is one public
   increment, consensus step included), and sums of increments or of offsets
@@ -22,6 +25,14 @@ compared by the *distance between their models at the same round*
   we mixed in some of a Sybil's model, every honest offset points back from
   it, honest peers look alike and lose weight to the Sybil, which moves our
   point further. Distances between models do not depend on our point.
+* the yardstick is ours: honest peers with data of their own are about as
+  far from each other as from us. Measured against the rows' own scale (the
+  median distance to the nearest other row), Sybils that keep apart by
+  offsets of their own set it when they were most of a node's neighbours,
+  and that node's two honest neighbours were the one close pair: scored as
+  clones, muted, and the node learned alone (bench/sybil.py --quick, 8
+  diversified label-flip Sybils: mean 0.853, one node at 0.70; anchored:
+  0.893, worst node 0.82).
 
 Clones (one attacker's identities sending one model) are at distance 0.
 Memory is kept in the score instead: a peer's ``trust`` drops to its score
@@ -47,23 +58,26 @@ robust radius of the round (``clip`` times the (lower) median distance from our
 model of the peers the similarity test passed; ClippedGossip, He et al. 2022):
 whatever a peer sends moves our model by at most its weight times that
 radius, and an attacker that diversifies pays with the share of its pull that
-points where it wants. ``probe_margin`` (on by default) adds a behavioural
-check, as geometry alone cannot tell a backdoor from honest non-IID drift: a
-peer whose model does worse on our own data than ours (:class:`ModelProbe`,
-mean cross-entropy on a fixed sample of the node's training data) by up to
-the margin keeps its weight, by twice the margin or more gets none, linear
-between. A Sybil that diversifies, or carries a backdoor or a flipped label,
-drifts off what honest models do on real data (bench/sybil.py --quick, 8
-honest nodes, every tactic: backdoor attack rate 0.16-0.93 without the probe,
-<= 0.006 with it up to 4 Sybils, 0.015-0.09 at 8; honest accuracy 0.6 points
-lower without attack, as honest neighbours on other data lose a little weight).
+points where it wants. ``probe_margin`` (off by default) adds a check of
+loss: a peer whose model does worse on our own data than ours
+(:class:`ModelProbe`, mean cross-entropy on a fixed sample of the node's
+training data) by up to the margin keeps its weight, by twice the margin or
+more gets none, linear between. It was on (0.6) while it was the only
+behavioural check, and then held the backdoor (attack rate 0.16-0.93
+without it, <= 0.006 with it up to 4 Sybils). With the functional view, the
+coordinate bound and anchored similarity it adds no defence and costs
+honest peers on other data their weight: bench/sybil.py, every tactic at 0,
+2, 4 and 8 Sybils, with it / without it: digits no attack 0.887 / 0.901,
+lowest row 0.865 / 0.897, worst attack rate 0.035 / 0.029; mnist-cnn no
+attack 0.906 / 0.921, lowest row 0.906 / 0.917, worst attack 0.007 / 0.005.
+The behavioural check kept is what peers predict on our data (below).
 
 What peers predict. Distances between models are fooled by an attacker who
 adds a random offset of its own to each Sybil: a random direction in
 parameter space moves a model's predictions little, so Sybils far apart in
 parameters still predict alike, while honest peers trained on other data do
-not. With ``functional`` (on by default; one probe call a round serves it and
-the probe margin) each round's neighbours are also compared by their centred
+not. With ``functional`` (on by default; one probe call a round serves it and,
+when on, the probe margin) each round's neighbours are also compared by their centred
 logits on our probe sample, two of them alike when they are much closer to
 each other than either is to our own model (:func:`.similarity.anchored_similarity`;
 the larger of this and the other views counts). bench/sybil.py --quick, 8
@@ -195,7 +209,9 @@ CLONE_STRIKE_GAP = 3  # rounds between two catches that make a peer a clone (a r
 CLONE_SIMILARITY = 0.99  # a distance under 1% of the round's typical nearest-neighbour distance: the same model
 SUSPECT_BOOST = 4.0  # a muted peer we observe is told of 5x as often as a trusted one (records_to_send)
 CLONE_WORTH = 0.5  # a record counts as clone evidence when we trust its observer at least this much
-DEFAULT_PROBE_MARGIN = 0.6  # mean cross-entropy over ours on our data at which a peer starts to lose weight
+# Mean cross-entropy over ours on our data at which a peer starts to lose
+# weight; None: off (the module doc says why; 0.6 when it was on).
+DEFAULT_PROBE_MARGIN: float | None = None
 DEFAULT_MAX_RECORDS = 64  # records held per round compared (each a sketch: 1 KB)
 DEFAULT_RECORDS_PER_OBSERVER = 8  # subjects one observer may vouch for at a time
 DEFAULT_FLAGS_PER_OBSERVER = 2  # our neighbours one observer's records may count against
@@ -354,6 +370,8 @@ class SybilWallAggregator(Aggregator):
         super().__init__(options)
         self._standing: dict[str, _Standing] = {}
         self._held: dict[int, dict[str, _Held]] = {}  # round -> subject -> its model of that round
+        self._own: dict[int, _Held] = {}  # round -> our own model of that round (the similarity's anchor)
+        self._own_memory: torch.Tensor | None = None  # our own moving average, as _memory's
         self._memory: dict[str, torch.Tensor] = {}  # neighbour -> moving average of its offsets
         # peer -> round it was caught as a clone -> whose evidence (OWN_EVIDENCE or a record's observer)
         self._catches: dict[str, dict[int, set[str]]] = {}
@@ -385,6 +403,8 @@ class SybilWallAggregator(Aggregator):
     def _forget_old_rounds(self) -> None:
         for r in [r for r in self._held if r <= self._round.round - COMPARED_ROUNDS]:
             del self._held[r]
+        for r in [r for r in self._own if r <= self._round.round - COMPARED_ROUNDS]:
+            del self._own[r]
 
     # aggregation -------------------------------------------------------------
 
@@ -420,7 +440,8 @@ class SybilWallAggregator(Aggregator):
         held = self._held.setdefault(now, {})
         for u in updates:
             held[u.peer] = _Held(u.delta, model_sketch(u.delta), RecordInfo(now, DIRECT, self.options.self_id or SELF))
-        self._fold_memory(updates)
+        self._own[now] = _Held(own, model_sketch(own), RecordInfo(now, DIRECT, self.options.self_id or SELF))
+        self._fold_memory(own, updates)
         if self._pull is not None:
             self._pull.observe(own, updates)
         probed = self._run_probe(own, updates)
@@ -457,8 +478,8 @@ class SybilWallAggregator(Aggregator):
             return torch.ones(0, dtype=torch.float64)
         subjects = sorted({s for held in self._held.values() for s in held})
         index = {s: i for i, s in enumerate(subjects)}
-        groups = [(held, names, self._similarity(held, names))
-                  for held in self._held.values() if len(names := list(held)) >= 2]
+        groups = [(held, names, self._similarity(held, names, self._own.get(r)))
+                  for r, held in self._held.items() if len(names := list(held)) >= 2]
         discredited, flagging = self._note_flags(groups)
         cs = torch.zeros(len(subjects), len(subjects), dtype=torch.float64)
         self._forget_record_flags(discredited)
@@ -472,8 +493,7 @@ class SybilWallAggregator(Aggregator):
             if self.options.accuser_pays:
                 self._implicate(cs, index, held, names, sim)
         self._spend_vouching(flagging)
-        for rows, names in self._direct_signals(peers):
-            sim = distance_similarity(gram_matrix(rows)).cpu()
+        for sim, names in self._direct_signals(peers):
             idx = torch.tensor([index[s] for s in names])
             cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], sim)
         if self.options.functional and probed is not None and len(peers) >= 2:
@@ -483,16 +503,18 @@ class SybilWallAggregator(Aggregator):
         return weights[torch.tensor([index[p] for p in peers])]
 
     @staticmethod
-    def _similarity(held: Mapping[str, _Held], names: Sequence[str]) -> torch.Tensor:
+    def _similarity(held: Mapping[str, _Held], names: Sequence[str], own: _Held | None) -> torch.Tensor:
         """Distance similarity of one round's models: exact between our
         neighbours alone; with records among them, over everyone's sketches,
-        then the neighbours' pairs set from their exact distances."""
+        then the neighbours' pairs set from their exact distances. Anchored
+        on our own model of that round where we have it
+        (:func:`anchored_similarity`)."""
         direct = [i for i, s in enumerate(names) if held[s].offset is not None]
         if len(direct) == len(names):
-            return distance_similarity(gram_matrix(torch.stack([held[s].offset for s in names]))).cpu()
-        sim = distance_similarity(gram_matrix(torch.stack([held[s].sketch for s in names]))).cpu()
+            return _alike([held[s].offset for s in names], None if own is None else own.offset)
+        sim = _alike([held[s].sketch for s in names], None if own is None else own.sketch)
         if len(direct) >= 2:
-            exact = distance_similarity(gram_matrix(torch.stack([held[names[i]].offset for i in direct]))).cpu()
+            exact = _alike([held[names[i]].offset for i in direct], None if own is None else own.offset)
             idx = torch.tensor(direct)
             sim[idx[:, None], idx[None, :]] = exact
         return sim
@@ -544,8 +566,8 @@ class SybilWallAggregator(Aggregator):
         sources = set().union(*rounds.values())
         return OWN_EVIDENCE in sources or len(sources) >= 2
 
-    def _fold_memory(self, updates: Sequence[PeerUpdate]) -> None:
-        """Each neighbour's moving average of its offsets (``memory``)."""
+    def _fold_memory(self, own: torch.Tensor, updates: Sequence[PeerUpdate]) -> None:
+        """Each neighbour's moving average of its offsets (``memory``), and ours."""
         beta = self.options.memory
         if beta <= 0:
             return
@@ -555,6 +577,10 @@ class SybilWallAggregator(Aggregator):
                 self._memory[u.peer] = u.delta.clone()
             else:
                 row.mul_(beta).add_(u.delta, alpha=1.0 - beta)
+        if self._own_memory is None:
+            self._own_memory = own.clone()
+        else:
+            self._own_memory.mul_(beta).add_(own, alpha=1.0 - beta)
 
     def _direct_signals(self, peers: Sequence[str]) -> list[tuple[torch.Tensor, list[str]]]:
         """Two more views of this round's neighbours, each compared by distance:
@@ -566,11 +592,13 @@ class SybilWallAggregator(Aggregator):
         now = self._round.round
         current, last = self._held.get(now, {}), self._held.get(now - 1, {})
         stepped = [p for p in peers if p in last and last[p].offset is not None]
+        own_now, own_last = self._own.get(now), self._own.get(now - 1)
+        own_step = None if own_now is None or own_last is None else own_now.offset - own_last.offset  # type: ignore[operator]
         if len(stepped) >= 2:
-            out.append((torch.stack([current[p].offset - last[p].offset for p in stepped]), stepped))  # type: ignore[operator]
+            out.append((_alike([current[p].offset - last[p].offset for p in stepped], own_step), stepped))  # type: ignore[operator]
         remembered = [p for p in peers if p in self._memory]
         if self.options.memory > 0 and len(remembered) >= 2:
-            out.append((torch.stack([self._memory[p] for p in remembered]), remembered))
+            out.append((_alike([self._memory[p] for p in remembered], self._own_memory), remembered))
         return out
 
     @staticmethod
@@ -926,6 +954,21 @@ class SybilWallAggregator(Aggregator):
         self._record_flagged = _nested(state.get("record_flagged", {}))
         if self._pull is not None:
             self._pull.load_state_dict(state)
+
+
+def _alike(rows: Sequence[torch.Tensor], anchor: torch.Tensor | None) -> torch.Tensor:
+    """Pairwise similarity of ``rows`` (models, steps or averages of one
+    kind), anchored on ours of the same kind when we have it: two peers are
+    alike when they are much nearer each other than either is to us
+    (:func:`anchored_similarity`). Unanchored, the scale was the median
+    nearest-neighbour distance among the rows themselves, and Sybils that
+    keep apart by offsets of their own, when they were most of our
+    neighbours, set it: our two honest neighbours, as near each other as
+    to us, were then the one close pair, scored as clones, and we learned
+    alone (bench/sybil.py --quick, 8 diversified Sybils: a node at 0.70)."""
+    if anchor is None:
+        return distance_similarity(gram_matrix(torch.stack(list(rows)))).cpu()
+    return anchored_similarity(gram_matrix(torch.stack([anchor, *rows]))).cpu()
 
 
 def _nested(rounds: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:

@@ -120,3 +120,14 @@ def test_anchored_similarity_edge_cases() -> None:
     assert anchored_similarity(gram_matrix(torch.ones(2, 3))).tolist() == [[0.0]]  # one peer: nothing to compare
     same = anchored_similarity(gram_matrix(torch.zeros(3, 4)))  # every model ours: no yardstick, nothing alike
     assert same.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_anchored_similarity_takes_rows_at_one_point_for_clones_unless_it_is_ours() -> None:
+    """Four identical rows away from us: most pairs are at distance 0, so the
+    median pair (the cap on the yardstick) is 0; they are still clones. Rows
+    at our own point are not (every model still the common start)."""
+    clones = torch.cat([torch.zeros(1, 4), torch.ones(4, 4)])
+    assert anchored_similarity(gram_matrix(clones)).tolist() == [[1.0] * 4] * 4
+    mixed = torch.cat([torch.zeros(1, 4), torch.ones(2, 4), torch.zeros(1, 4)])
+    sim = anchored_similarity(gram_matrix(mixed))
+    assert sim[0, 1].item() == 1.0 and sim[2, 2].item() == 0.0  # (the row at our point: no yardstick)

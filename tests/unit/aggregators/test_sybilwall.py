@@ -85,6 +85,22 @@ def test_all_neighbours_one_attacker_get_zero_weight() -> None:
     torch.testing.assert_close(res.delta, own)
 
 
+def test_two_honest_neighbours_among_sybils_that_keep_apart_are_not_scored_alike() -> None:
+    """Our two honest neighbours are about as far from each other as from us;
+    four Sybils keep far apart by offsets of their own. Measured against the
+    rows' own nearest-neighbour scale (set by the Sybils, most of the rows),
+    the honest pair was the one close pair and got no weight: we learned
+    alone. Anchored on our own model, honest peers are not alike."""
+    dirs = orthogonalish(7, DIM, 21)
+    peers = {"h0": 0.03 * dirs[0], "h1": 0.03 * dirs[1],
+             **{f"s{i}": 0.3 * dirs[6] + 0.3 * dirs[2 + i] for i in range(4)}}
+    agg = make(clip=None, persistence=None, coordinate_bound=None)
+    for r in range(4):
+        res = agg.aggregate(torch.zeros(DIM), updates(moving(peers, r)), 6)
+    assert min(res.weights["h0"], res.weights["h1"]) > 0.1, res.weights
+    assert agg.trust("h0") == agg.trust("h1") == 1.0
+
+
 def test_scores_do_not_depend_on_our_own_reference_point() -> None:
     """The same models seen from a reference that moved toward an attacker
     score the same: distances between models ignore where we stand (a cosine
