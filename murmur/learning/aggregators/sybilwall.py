@@ -206,7 +206,7 @@ DEFAULT_RECOVERY_ROUNDS = 10  # rounds a muted peer needs to climb back to full 
 DEFAULT_INITIAL_TRUST = 1.0
 DEFAULT_CLONE_HOLD_ROUNDS = 50  # rounds a caught clone's trust stays down after the last evidence
 CLONE_STRIKE_GAP = 3  # rounds between two catches that make a peer a clone (a round is compared in two)
-CLONE_SIMILARITY = 0.99  # a distance under 1% of the round's typical nearest-neighbour distance: the same model
+CLONE_SIMILARITY = 0.99  # a distance under 1% of the pair's yardstick (anchored_similarity): the same model
 SUSPECT_BOOST = 4.0  # a muted peer we observe is told of 5x as often as a trusted one (records_to_send)
 CLONE_WORTH = 0.5  # a record counts as clone evidence when we trust its observer at least this much
 # Mean cross-entropy over ours on our data at which a peer starts to lose
@@ -936,7 +936,7 @@ class SybilWallAggregator(Aggregator):
         if version not in (3, 4, self.STATE_VERSION):
             raise ValueError("sybilwall: state of another version")
         self._round = _Round(int(state["round"]))
-        self._held = {}
+        self._held, self._own = {}, {}
         catches = dict(state.get("clone_catches", {}))
         if version == 3:
             self._catches = {str(p): {int(r): {OWN_EVIDENCE} for r in rounds} for p, rounds in catches.items()}
