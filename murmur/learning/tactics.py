@@ -72,8 +72,11 @@ class AttackPlan:
 # radius), 0.38-0.42; against the functional view at diversify 4, fresh 1
 # (0.17-0.18). Against the wall with its persistence bound too (the last
 # tuning): diversified 0.098 (no fixed offset, a fresh one each round),
-# sleeper 0.086, forged_records 0.116. unscored sends what diversified does
-# (a re-synced replica is scored as any other).
+# sleeper 0.086, forged_records 0.116. Against the wall with anchored
+# similarity and no loss probe (the last tuning): diversified 0.013,
+# forged_records 0.011, sleeper 0.011, where these plans score 0.013, 0.007
+# and 0.010, so they stay. unscored sends what diversified does (a re-synced
+# replica is scored as any other).
 TUNED: Mapping[Tactic, AttackPlan] = {
     Tactic.IDENTICAL: AttackPlan(),
     Tactic.DIVERSIFIED: AttackPlan(Tactic.DIVERSIFIED, boost=0.5, diversify=0.0, fresh=1.0),

@@ -218,7 +218,7 @@ def test_forged_records_name_made_up_twins_and_pass_every_signature_check() -> N
 def test_the_attacker_tuned_under_privacy_is_its_own_plan() -> None:
     """Under DP noise the tuning found another attacker (a large boost with a
     fresh offset hides below the noise); without noise the same boost is
-    caught by the probe and the round's clip, and the tuned plan stays."""
+    caught by the round's clip and the other bounds, and the tuned plan stays."""
     for tactic in (Tactic.DIVERSIFIED, Tactic.UNSCORED, Tactic.SLEEPER):
         private = AttackPlan.tuned(tactic, private=True)
         assert private.tactic is tactic and private.boost == 4.0 and private.fresh == 1.0 and private.diversify == 0.0

@@ -2,7 +2,7 @@
 no neighbour moves our model by much more than they do.
 
 Why. SybilWall's other bounds judge whole models (similarity, the clip
-radius, the probe, the persistence bound), and a Sybil that is our only Sybil
+radius, the probe when on, the persistence bound), and a Sybil that is our only Sybil
 neighbour passes them all: it has no twin to resemble, it sits halfway
 between the honest mean and its poisoned model (inside the clip radius,
 under the probe margin), and it adds fresh noise each round (no persistent
