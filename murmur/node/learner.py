@@ -283,6 +283,9 @@ class NodeLearner:
         return handlers
 
     async def start(self) -> None:
+        # a restored node with no rounds left is over at once: its last row is on disk
+        self._finished = not (self.cfg.trains_in(self._cycle) if self.gossip is not None
+                              else self.cfg.runs_round(self.engine.round))
         self.node.tasks.spawn("rounds", self._run_gossip if self.gossip is not None else self._run_rounds)
         self.node.tasks.periodic("expire-transfers", 10.0, self._expire)
         self.node.tasks.periodic("stall-watch", max(1.0, self.cfg.round_deadline_s / 2), self._watch_stalls)
@@ -503,6 +506,7 @@ class NodeLearner:
             self._round_moved()
             await self._after_round(report, timer)
             await asyncio.sleep(max(0.0, self.cfg.round_deadline_s - (time.monotonic() - started)))
+        self._finished = True
 
     async def _gossip_to(self, peer: PeerId) -> None:
         assert self.gossip is not None
@@ -1033,6 +1037,9 @@ class NodeLearner:
             "budget_exhausted": bool(self.privacy is not None and self.privacy.budget_exhausted()),
             "privacy": self.privacy.status() if self.privacy is not None else None,
             "role": "attacker" if self.cfg.attack is not Attack.NONE else "honest",
+            # the round loop ended, its last row on disk ("round" moves as a round's aggregate is
+            # taken, before that round is evaluated and recorded)
+            "finished": self._finished,
             "catch_ups": self.catch_ups,
             "late_dropped": self.engine.late_dropped,
             **self.stalls.status(),

@@ -39,11 +39,12 @@ def progress(learning: Mapping[str, Any], cfg: LearningSection, privacy: Privacy
     (the ε at which the node stops contributing; None without privacy)."""
     round_ = learning.get("round")
     target = target_rounds(cfg)
-    if learning.get("budget_exhausted"):
+    if target is not None and isinstance(round_, int) and round_ >= target and learning.get("finished", True):
+        state = Progress.DONE  # the last round recorded too (its row on disk), not only aggregated; whatever ε is left
+    elif learning.get("budget_exhausted"):
         state = Progress.BUDGET_SPENT
-    elif target is not None and isinstance(round_, int) and round_ >= target:
-        state = Progress.DONE
-    elif isinstance(round_, int) and not cfg.trains_in(round_):
+    elif isinstance(round_, int) and not cfg.trains_in(min(round_, target - 1) if target else round_):
+        # (the last round, aggregated and not yet recorded, is still the phase it was)
         state = Progress.MIXING
     else:
         state = Progress.TRAINING

@@ -694,8 +694,10 @@ class Testnet:
         honest = [h for h in self._expected_up() if h.spec.role is Role.HONEST]
         if self.schedule.pending or not honest:
             return False
+        # "done", not only round >= rounds: a node's round moves when it takes the last aggregate,
+        # and stopping it then (while it evaluates) loses the last round's row from the report
         return all(h.status is not None and _round(h.status) is not None and _round(h.status) >= rounds  # type: ignore[operator]
-                   for h in honest)
+                   and (h.status.get("learning") or {}).get("done", True) for h in honest)
 
     # -- polling ---------------------------------------------------------------------
 
