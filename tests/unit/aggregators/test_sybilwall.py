@@ -495,6 +495,32 @@ def test_the_neighbour_who_brings_a_twin_of_another_is_implicated_as_much_as_the
     assert res.weights["h1"] > 0.2
 
 
+@pytest.mark.parametrize(("accused_loss", "noised", "teller_pays"),
+                         [(3.0, False, False), (0.5, False, True), (3.0, True, True)])
+def test_a_teller_goes_free_where_our_own_data_finds_the_accused_worse(accused_loss: float, noised: bool,
+                                                                       teller_pays: bool) -> None:
+    """The honest peer beside an attacker's identical Sybils tells us of
+    their twins every round: where the twinned neighbour's model does plainly
+    worse on our data (a flipped label), the teller keeps its weight. Not
+    where the accused does as well as honest peers (a forger's victim), nor
+    under privacy noise (one round's loss is mostly noise)."""
+    dirs = orthogonalish(5, DIM, 8)
+    honest = {f"h{i}": dirs[i] for i in range(4)}
+    agg = make(clip=None, vouch_rounds=0, exempt_margin=0.6)
+    agg.noised = noised
+    outputs = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(6)]  # unalike
+    losses = [0.3, accused_loss, 0.5, 0.5, 0.5, 0.5]  # own, then h0 (the accused), h1-h3, teller
+    agg.probe = lambda models: ProbeResult(losses[:len(models)], outputs[:len(models)])
+    agg.aggregate(torch.zeros(DIM), updates(moving({**honest, "teller": dirs[4]}, 0)), 5)
+    now = moving({**honest, "teller": dirs[4]}, 1)
+    assert agg.receive_record("teller", record("twin", 1, now["h0"].clone(), observer="teller")) is RecordVerdict.KEPT
+    res = agg.aggregate(torch.zeros(DIM), updates(now), 5)
+    assert res.weights["h0"] == 0.0  # the accused is muted either way
+    assert (res.weights["teller"] == 0.0) is teller_pays
+    if not teller_pays:
+        assert res.weights["teller"] == pytest.approx(res.weights["h1"])
+
+
 def test_sybils_with_fixed_offsets_of_their_own_still_move_alike() -> None:
     """Each Sybil adds its own fixed offset, so their models are as far apart
     as honest peers'; but each round they all move by the attacker's step."""
