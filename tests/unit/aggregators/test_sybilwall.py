@@ -495,22 +495,21 @@ def test_the_neighbour_who_brings_a_twin_of_another_is_implicated_as_much_as_the
     assert res.weights["h1"] > 0.2
 
 
-@pytest.mark.parametrize(("accused_loss", "noised", "teller_pays"),
+@pytest.mark.parametrize(("accused_loss", "private", "teller_pays"),
                          [(3.0, False, False), (0.5, False, True), (3.0, True, True)])
-def test_a_teller_goes_free_where_our_own_data_finds_the_accused_worse(accused_loss: float, noised: bool,
+def test_a_teller_goes_free_where_our_own_data_finds_the_accused_worse(accused_loss: float, private: bool,
                                                                        teller_pays: bool) -> None:
     """The honest peer beside an attacker's identical Sybils tells us of
     their twins every round: where the twinned neighbour's model does plainly
     worse on our data (a flipped label), the teller keeps its weight. Not
     where the accused does as well as honest peers (a forger's victim), nor
-    under privacy noise (one round's loss is mostly noise)."""
+    under privacy, where the engine's probe answers None."""
     dirs = orthogonalish(5, DIM, 8)
     honest = {f"h{i}": dirs[i] for i in range(4)}
     agg = make(clip=None, vouch_rounds=0, exempt_margin=0.6)
-    agg.noised = noised
     outputs = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(6)]  # unalike
     losses = [0.3, accused_loss, 0.5, 0.5, 0.5, 0.5]  # own, then h0 (the accused), h1-h3, teller
-    agg.probe = lambda models: ProbeResult(losses[:len(models)], outputs[:len(models)])
+    agg.probe = lambda models: None if private else ProbeResult(losses[:len(models)], outputs[:len(models)])
     agg.aggregate(torch.zeros(DIM), updates(moving({**honest, "teller": dirs[4]}, 0)), 5)
     now = moving({**honest, "teller": dirs[4]}, 1)
     assert agg.receive_record("teller", record("twin", 1, now["h0"].clone(), observer="teller")) is RecordVerdict.KEPT
