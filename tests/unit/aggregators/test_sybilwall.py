@@ -147,15 +147,17 @@ def test_trust_drops_at_once_climbs_back_slowly_and_starts_at_initial_trust() ->
 
 def _lone_sybil(twin_records_at: tuple[int, ...], rounds: int, accuser_pays: bool = False,
                 observers: tuple[str, ...] = ("h0", "h1"), vouch_rounds: int = 0,
+                record_hold_rounds: int | None = None,
                 ) -> tuple[SybilWallAggregator, list[float], list[float]]:
     """Neighbours h0, h1 and a lone Sybil s; a record of s's twin arrives in
     each of ``twin_records_at``, from the observers in turn (vouched for at
     once by default). Returns the aggregator and, per round from 1, s's trust
-    and the least honest trust."""
+    and the least honest trust. Records hold as long as our own evidence
+    unless ``record_hold_rounds`` is given."""
     dirs = orthogonalish(4, DIM, 4)
     neighbours = {"h0": dirs[0], "h1": dirs[1], "s": dirs[3]}
     agg = make(clip=None, accuser_pays=accuser_pays, recovery_rounds=4, clone_hold_rounds=8, memory=0.0,
-               vouch_rounds=vouch_rounds)
+               vouch_rounds=vouch_rounds, record_hold_rounds=record_hold_rounds)
     agg.aggregate(torch.zeros(DIM), updates(moving(neighbours, 0)), 3)
     sybil, honest = [], []
     for r in range(1, rounds):
@@ -186,11 +188,29 @@ def test_a_lone_sybil_caught_twice_by_its_twins_records_stays_muted_for_the_clon
     # the hold survives a restart (checkpointed)
     _, _, _ = _lone_sybil((), 2)
     held, _, _ = _lone_sybil((1, 7), 9)
-    again = make(clip=None, accuser_pays=False, recovery_rounds=4, clone_hold_rounds=8, memory=0.0, vouch_rounds=0)
+    again = make(clip=None, accuser_pays=False, recovery_rounds=4, clone_hold_rounds=8, memory=0.0, vouch_rounds=0,
+                 record_hold_rounds=None)
     again.load_state_dict(held.state_dict())
     dirs = orthogonalish(4, DIM, 4)
     again.aggregate(torch.zeros(DIM), updates(moving({"h0": dirs[0], "h1": dirs[1], "s": dirs[3]}, 9)), 3)
     assert again.trust("s") == 0.0
+
+
+def test_records_alone_hold_for_record_hold_rounds_and_renewed_records_hold_on() -> None:
+    """On records alone a catch holds ``record_hold_rounds`` after the last
+    one: a forger that stops forging frees its victim soon, while honest
+    observers who tell a real Sybil's twin again and again keep it held.
+    Known answer (clone hold 8, record hold 6, climbing back by 1/4): caught
+    in rounds 1 and 4 (and 2 and 5: a round is compared in two), s is held
+    while two catches 3 apart lie within the last 6 rounds, to round 7, then
+    climbs back; told again every third round, it stays held."""
+    _, once, honest = _lone_sybil((1, 4), 14, record_hold_rounds=6)
+    assert once == pytest.approx([0.0, 0.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert honest == [1.0] * 13
+    _, renewed, _ = _lone_sybil((1, 4, 7, 10, 13), 16, record_hold_rounds=6)
+    assert renewed[3:] == [0.0] * 12
+    _, long_hold, _ = _lone_sybil((1, 4), 14)  # records hold as long as our own evidence: to round 5 + 8
+    assert long_hold[3:12] == [0.0] * 9
 
 
 def test_the_honest_teller_of_a_twins_record_pays_one_round_not_the_hold() -> None:
