@@ -581,9 +581,9 @@ class SybilWallAggregator(Aggregator):
         records no longer count. Under privacy, where muting an honest
         neighbour also leaves its pairwise noise uncancelled, 8 forging
         Sybils cost honest nodes 22 points with the long hold
-        (bench/sybil.py --privacy 1: 0.48-0.51 against 0.73) and 5 with
-        this (0.68); a lone identical backdoor Sybil stays held (attack
-        0.037 at 4 Sybils)."""
+        (bench/sybil.py --privacy 1: 0.48-0.51 against 0.73) and 4-5 with
+        this (0.68-0.69 against 0.73-0.74, three runs); a lone identical
+        backdoor Sybil stays held (attack 0.027-0.037 at 4 Sybils)."""
         rounds = self._catches.get(peer)
         record_hold = self.options.record_hold_rounds
         if rounds and record_hold is not None:
