@@ -495,6 +495,7 @@ class SybilWallAggregator(Aggregator):
         groups = [(held, names, self._similarity(held, names, self._own.get(r)))
                   for r, held in self._held.items() if len(names := list(held)) >= 2]
         discredited, flagging = self._note_flags(groups)
+        guilty = self._guilty(peers, probed)
         cs = torch.zeros(len(subjects), len(subjects), dtype=torch.float64)
         self._forget_record_flags(discredited)
         for held, names, sim in groups:
@@ -505,7 +506,7 @@ class SybilWallAggregator(Aggregator):
             idx = torch.tensor([index[s] for s in names])
             cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], sim)
             if self.options.accuser_pays:
-                self._implicate(cs, index, held, names, sim, self._guilty(peers, probed))
+                self._implicate(cs, index, held, names, sim, guilty)
         self._spend_vouching(flagging)
         for sim, names in self._direct_signals(peers):
             idx = torch.tensor([index[s] for s in names])
