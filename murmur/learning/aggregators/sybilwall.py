@@ -634,7 +634,7 @@ class SybilWallAggregator(Aggregator):
 
     @staticmethod
     def _implicate(cs: torch.Tensor, index: Mapping[str, int], held: Mapping[str, _Held], names: Sequence[str],
-                   sim: torch.Tensor, guilty: frozenset[str] = frozenset()) -> None:
+                   sim: torch.Tensor, guilty: frozenset[str]) -> None:
         """A record that makes one of our neighbours look like a clone
         implicates the neighbour who told it as much as the accused: either
         the accused is one of an attacker's clones, or the teller made the
