@@ -14,8 +14,10 @@
     comes; murmur's receiver runs in another, which calls
     ``tune_allocator`` first as a daemon does.
 (b) murmur: the fast path two murmur nodes agree on (multistream-select offers
-    ``/murmur/noise-fast/1.0.0`` and ``/murmur/mux/1.0.0`` first: Noise
-    handshake, large AEAD records, one record per stream message), carrying a
+    ``/murmur/noise-fast/1.0.0`` and ``/murmur/mux/2.0.0`` first: Noise
+    handshake, large AEAD records, one per stream message, a chunk's as a split
+    frame whose payload is sealed from the array and opened in its landing
+    place), carrying a
     real signed FP32 delta (DeltaSender -> messages on a ``/murmur/delta/1.0.0``
     stream -> DeltaAssembler, which checks hash, signature and replay before
     the receiver acknowledges), chunked as the node chunks it
@@ -267,9 +269,9 @@ async def _murmur_receiver_main(conn_end: mp.connection.Connection, limits: Tran
     meter = CpuMeter()
 
     async def on_delta(stream: Stream) -> None:
-        while (message := await stream.recv_message()) is not None:
+        while (parts := await stream.recv_parts()) is not None:  # as PeerSession.serve reads
             try:
-                done = assembler.feed(stream.peer_id, decode(message))  # type: ignore[arg-type]
+                done = assembler.feed(stream.peer_id, decode(*parts))  # type: ignore[arg-type]
             except PeerFault:  # a bench bug (say, a replayed round): fail the run, do not hang it
                 await stream.send_message(REJECTED)
                 raise

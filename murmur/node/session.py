@@ -232,7 +232,7 @@ class PeerSession:
         protocol = stream.protocol
         while True:
             try:
-                data = await stream.recv_message()
+                parts = await stream.recv_parts()  # a chunk's payload stays sealed until it lands
             except ConnectionClosed:
                 return
             except PeerFault as fault:  # the stream's framing: a message too large, cut short
@@ -240,14 +240,16 @@ class PeerSession:
                 if self._faults.on_fault(self.peer, fault):
                     await self.close()
                 return
-            if data is None:
+            if parts is None:
                 return
+            head, tail = parts
+            size = len(head) + (0 if tail is None else tail.nbytes)
             self.last_message_at = time.monotonic()
-            self._metrics.add_bytes(Direction.IN, len(data))
+            self._metrics.add_bytes(Direction.IN, size)
             if self._pacer is not None:  # hold this reader until the emulated download link carried it
-                await self._pacer.after_receive(len(data))
+                await self._pacer.after_receive(size)
             try:
-                msg = decode(data)
+                msg = decode(head, tail)
                 self._metrics.message(Direction.IN, type(msg).__name__)
                 if protocol_of(type(msg)) != protocol:
                     raise SchemaError(f"{type(msg).__name__} on a {protocol} stream")

@@ -12,7 +12,8 @@ holds the whole encoded message set in memory.
 The receiver (:class:`DeltaAssembler`) checks every bound in ``DeltaStart``
 *before* allocating (size limit, codec/shape/nbytes consistency, per-peer and
 total concurrency), then preallocates exactly ``nbytes`` and writes chunks at
-their offset. Each chunk's values are checked finite as it lands (FP32, while
+their offset (a chunk that came as a split frame's sealed tail is opened
+straight there: see :mod:`murmur.protocol.sealed`). Each chunk's values are checked finite as it lands (FP32, while
 the chunk is in cache: :class:`~murmur.protocol.codecs.LandingDecoder`); only
 after hash, signature and replay checks does it decode, and the FP32 decode is
 a zero-copy view of the assembly buffer.
@@ -45,6 +46,7 @@ from murmur.protocol import codecs
 from murmur.protocol.codecs import CodecParams, DeltaCodec, LandingDecoder
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.layout import TransferLayout
+from murmur.protocol.sealed import SealedTail
 from murmur.protocol.messages import (
     MAX_CHUNK_BYTES,
     DeltaChunk,
@@ -558,11 +560,16 @@ class DeltaAssembler:
         transfer = self._transfer(sender, msg.transfer_id)
         if msg.seq != transfer.next_seq:
             raise DecodeError(f"chunk {msg.seq} out of order (expected {transfer.next_seq})")
-        end = transfer.received + len(msg.data)
+        data = msg.data
+        end = transfer.received + len(data)
         if end > len(transfer.buffer):
             raise DecodeError(f"chunk overruns the announced {len(transfer.buffer)} bytes")
-        transfer.buffer[transfer.received : end] = msg.data
-        transfer.hasher.update(msg.data)
+        landed = transfer.buffer[transfer.received : end]
+        if isinstance(data, SealedTail):
+            data.open_into(landed)  # the AEAD writes it in place: no copy (see murmur.protocol.sealed)
+        else:
+            landed[:] = data
+        transfer.hasher.update(landed)
         if transfer.decoder is not None:
             transfer.decoder.landed(end)  # while the chunk is in cache; a NaN ends the transfer here
         transfer.received = end

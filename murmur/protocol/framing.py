@@ -5,11 +5,26 @@ Wire format of one record::
     u32 big-endian L | AEAD( type:u8 || stream:u32 || payload )   (L = 5 + len(payload) + 16)
 
 These records are both the secure channel of ``/murmur/noise-fast/1.0.0``
-and the frames of its muxer ``/murmur/mux/1.0.0`` (see
+and the frames of its muxer ``/murmur/mux/2.0.0`` (see
 :mod:`murmur.protocol.murmux`): the muxer's header (frame type and stream id)
-rides inside the AEAD record, so one message costs one seal, one open and one
-copy, whatever stream it travels on. Before the muxer is agreed, the
+rides inside the AEAD record, so one message costs one seal and one open,
+whatever stream it travels on. Before the muxer is agreed, the
 multistream-select bytes that choose it travel as DATA records on stream 0.
+
+A message with a large tail (at least ``SPLIT_MIN_TAIL`` bytes: a delta
+chunk's payload behind its envelope) travels as a *split* frame, two records
+written as one::
+
+    u32 L1 | AEAD_n( SPLIT:u8 || stream:u32 || head ) | u32 L2 | AEAD_n+1( tail )
+
+The second record has no header: it is the rest of the first one's payload.
+The receiver opens the head, which names the stream, and hands the tail on
+still sealed (:class:`~murmur.protocol.sealed.SealedTail`), so the reader
+opens it straight where it wants it; the sender seals it straight from the
+caller's memory. Each payload byte is then written once on either side, as
+in the "crypto alone" baseline of ``bench/transport.py``, instead of twice
+(gathered with the head before sealing; opened into a buffer, then copied to
+its place). Head and tail together are one message: at most ``max_frame``.
 
 The AEAD is the cipher the handshake negotiated (AES-256-GCM or
 ChaCha20-Poly1305, see :class:`~murmur.protocol.noise.NoiseCipher`); the nonce
@@ -52,6 +67,7 @@ from __future__ import annotations
 import enum
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,11 +76,21 @@ from cryptography.exceptions import InvalidTag
 from murmur.errors import DecryptError, FrameError, FrameTooLarge, PeerFault
 from murmur.protocol.budget import PeerBudget
 from murmur.protocol.noise import TAG_LEN, CipherState
+from murmur.protocol.sealed import SealedTail
 
 FRAME_LENGTH = struct.Struct(">I")
 FRAME_HEADER = struct.Struct(">BI")  # frame type, stream id: the first plaintext bytes of every record
 HEADER_LEN = FRAME_HEADER.size
 FRAME_OVERHEAD = HEADER_LEN + TAG_LEN  # ciphertext bytes beyond the payload
+SPLIT_OVERHEAD = 4 + TAG_LEN  # a split frame's second length prefix and tag
+# Tails from here on travel split: below it, the copy a split saves costs
+# less than the second record's tag, nonce and Python calls.
+SPLIT_MIN_TAIL = 64 * 1024
+# A large record's buffer has room for this much of what follows it, read in
+# the same call and moved to the scratch: the next record's prefix and, behind
+# a split frame's tail, the next frame's head and its tail's prefix. A stream
+# of split frames then takes one read per frame, not three.
+LOOKAHEAD_BYTES = 1024
 MAX_STREAM_ID = 2**32 - 1
 DEFAULT_SCRATCH_BYTES = 256 * 1024  # frames up to this size are parsed in place
 # Handshake messages travel as in libp2p-noise: u16 big-endian length, then the
@@ -73,6 +99,10 @@ DEFAULT_SCRATCH_BYTES = 256 * 1024  # frames up to this size are parsed in place
 HANDSHAKE_LENGTH = struct.Struct(">H")
 MAX_HANDSHAKE_MESSAGE = 1024
 HANDSHAKE_SCRATCH_BYTES = 16 * 1024
+
+
+def _no_owner(fault: PeerFault) -> None:
+    return None
 
 
 def lazy_buffer(nbytes: int) -> mmap.mmap:
@@ -89,11 +119,13 @@ def _unmap(buf: mmap.mmap) -> None:
 
 
 class FrameType(enum.IntEnum):
-    """First plaintext byte of every record (the ``/murmur/mux/1.0.0`` frame types).
+    """First plaintext byte of every record (the ``/murmur/mux/2.0.0`` frame types).
 
     PING, PONG and CLOSE concern the connection and travel on stream 0; OPEN,
     FIN and RESET open, half-close and abort a stream; DATA carries one
-    message of a stream (or, on stream 0, the muxer negotiation)."""
+    message of a stream (or, on stream 0, the muxer negotiation); SPLIT is
+    a DATA frame whose payload goes on in the next record (the decoder
+    gives it out as DATA with a sealed tail)."""
 
     DATA = 0
     PING = 1
@@ -102,6 +134,11 @@ class FrameType(enum.IntEnum):
     OPEN = 4
     FIN = 5
     RESET = 6
+    SPLIT = 7
+
+
+_FRAME_TYPES = tuple(FrameType)  # by code: a lookup per record, not an Enum call
+assert all(ftype.value == code for code, ftype in enumerate(_FRAME_TYPES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +150,7 @@ class Frame:
     type: FrameType
     stream: int
     payload: memoryview
+    tail: SealedTail | None = None  # a split frame's rest, still sealed: the message is payload + tail
 
 
 class LengthPrefixedReader:
@@ -153,13 +191,19 @@ class LengthPrefixedReader:
         # exists; :meth:`release_spare` gives it back once the stream pauses.
         self._spare: mmap.mmap | None = None
         self._budget = budget
+        # The next record is a split frame's tail (see expect_tail); a large
+        # one then fills a buffer the tail takes with it (detach).
+        self._tail_expected = False
+        self._tail_buffer: np.ndarray | None = None  # the buffer a large tail is being read into
+        self.last_large = False  # the last body returned was a large record's (see detach)
         self.blocked = False  # a large record waits for budget (see next_body)
         self.large_records = 0  # large records started so far (the owner's idleness check)
-        # The last record was large: read the next prefix alone (or with the
-        # body before it, see _big). Read into the scratch, a large record's
-        # body was copied from there into its own buffer; read after its
-        # prefix, it lands there directly (a delta stream's chunks are all
-        # just over the scratch's size).
+        # The last record was large, or a split frame's head: read the next
+        # prefix alone, or with the small record it announces (see
+        # _record_stop), or with the body before it (see _big). Read into the
+        # scratch, a large record's body was copied from there into its own
+        # buffer; read after its prefix, it lands there directly (a delta
+        # stream's chunks are all just over the scratch's size).
         self._prefix_alone = False
 
     @property
@@ -177,13 +221,31 @@ class LengthPrefixedReader:
         elif self._start and len(self._scratch) - self._end < len(self._scratch) // 4:
             self._compact()  # the partial record always fits: larger ones moved to _big
         if self._prefix_alone:
-            prefix_end = self._start + self._prefix.size
-            if self._end < prefix_end:
-                if prefix_end > len(self._scratch):
-                    self._compact()
-                    prefix_end = self._prefix.size
-                return self._view[self._end : prefix_end]
+            stop = self._record_stop()
+            if self._end < stop:
+                return self._view[self._end : stop]
         return self._view[self._end :]
+
+    def _record_stop(self) -> int:
+        """Where a read into the scratch stops while prefixes are read alone:
+        at the end of the next prefix or, once that is in, of the small
+        record it announces and the prefix behind it. Never inside a large
+        record's body, which gets a buffer of its own."""
+        psize = self._prefix.size
+        want = psize
+        if self._end - self._start >= psize:
+            (length,) = self._prefix.unpack_from(self._scratch, self._start)
+            want += length + psize
+        if self._start + want > len(self._scratch):
+            self._compact()
+        return min(self._start + want, len(self._scratch))
+
+    def expect_tail(self) -> None:
+        """The next record is a split frame's tail: read up to its prefix
+        alone, so that its body lands in its own buffer, one the tail takes
+        with it (:meth:`detach`)."""
+        self._prefix_alone = True
+        self._tail_expected = True
 
     def fill(self, nbytes: int) -> bool:
         """Account for ``nbytes`` read into a large record that they do not
@@ -225,7 +287,10 @@ class LengthPrefixedReader:
             self._view[:behind] = big[length:filled]  # the scratch is empty while a large record fills
             self._start, self._end = 0, behind
             self._prefix_alone = True
+            self._tail_expected = False
+            self.last_large = True
             return big[:length]
+        self.last_large = False
         psize = self._prefix.size
         if self._end - self._start < psize:
             return None
@@ -238,22 +303,35 @@ class LengthPrefixedReader:
         available = self._end - body_start
         if available >= length:
             self._start = body_start + length
-            self._prefix_alone = False
+            self._prefix_alone = self._tail_expected = False
             return self._view[body_start : self._start]
         if psize + length > len(self._scratch):
             # Large record: its own buffer, sized by the (already checked)
             # prefix, paid for from the budget, committed by the kernel only
             # as the socket fills it directly.
-            self.blocked = not self._spare_for(length + psize)
+            size = length + psize + LOOKAHEAD_BYTES
+            self.blocked = not (self._tail_for(size) if self._tail_expected else self._spare_for(size))
             if self.blocked:
                 return None
             self.large_records += 1
-            self._big = memoryview(self._spare)[: length + psize]  # type: ignore[arg-type]
+            buffer = self._tail_buffer if self._tail_expected else self._spare
+            self._big = memoryview(buffer)[:size]  # type: ignore[arg-type]
             self._big_len = length
             self._big[:available] = self._view[body_start : self._end]
             self._big_filled = available
             self._start = self._end = 0
         return None
+
+    def _tail_for(self, length: int) -> bool:
+        """A buffer for a large tail, which takes it along (:meth:`detach`), if
+        the budget pays for it. From the heap, not a mapping: it is freed
+        once the tail is opened, and a warm heap hands the next one out
+        without a page fault per 4 KiB (see ``transport.tune_allocator``);
+        the budget, paid up front, bounds what announced bytes can hold."""
+        if self._budget is not None and not self._budget.try_acquire(length):
+            return False
+        self._tail_buffer = np.empty(length, dtype=np.uint8)
+        return True
 
     def _spare_for(self, length: int) -> bool:
         """Make the spare at least ``length`` bytes, if the budget pays the difference."""
@@ -266,6 +344,18 @@ class LengthPrefixedReader:
             _unmap(self._spare)
         self._spare = lazy_buffer(length)
         return True
+
+    def detach(self) -> np.ndarray:
+        """Hand over the buffer of the large tail just returned (the sealed
+        tail takes it, views and all). Its charge goes back to the budget:
+        the muxer charges the message it belongs to while it waits to be read."""
+        tail = self._tail_buffer
+        assert self.last_large and tail is not None and self._big is None
+        self._tail_buffer = None
+        self.last_large = False
+        if self._budget is not None:
+            self._budget.release(tail.nbytes)
+        return tail
 
     def release_spare(self) -> int:
         """Unmap the kept large-record buffer, unless a record is being filled
@@ -283,6 +373,7 @@ class LengthPrefixedReader:
         """Drop every buffer (the owner's connection is gone). The budget is
         the owner's to close."""
         self._big = None
+        self._tail_buffer = None  # its charge goes with the budget, which the owner closes
         self.release_spare()
 
     def bodies(self) -> list[memoryview]:
@@ -308,7 +399,11 @@ class LengthPrefixedReader:
 class FrameDecoder:
     """Bytes in, authenticated :class:`Frame` objects out. Raises only
     :class:`FrameError` (bad length, truncation, unknown type) or
-    :class:`DecryptError` (authentication failure); after one error it stays failed."""
+    :class:`DecryptError` (authentication failure); after one error it stays failed.
+
+    A split frame comes out as one DATA frame once both its records are in,
+    its tail still sealed: the tail's authentication is its reader's, and a
+    failure there goes to ``on_tail_fault`` (the owner drops the connection)."""
 
     def __init__(
         self,
@@ -320,9 +415,11 @@ class FrameDecoder:
         self._cipher = cipher
         self.max_frame = max_frame
         self._reader = LengthPrefixedReader(
-            FRAME_LENGTH, max_frame + FRAME_OVERHEAD, FRAME_OVERHEAD, scratch_bytes, budget
+            FRAME_LENGTH, max_frame + FRAME_OVERHEAD, TAG_LEN + 1, scratch_bytes, budget  # a tail: one byte or more
         )
         self._failed: PeerFault | None = None
+        self._split: Frame | None = None  # a split frame's head, waiting for its tail
+        self.on_tail_fault: Callable[[PeerFault], None] = _no_owner
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         return self._reader.get_buffer(sizehint)
@@ -355,7 +452,16 @@ class FrameDecoder:
         frames: list[Frame] = []
         try:
             while (body := self._reader.next_body()) is not None:
-                frames.append(self._open(body))
+                if self._split is not None:
+                    frames.append(self._with_tail(self._split, body))
+                    self._split = None
+                    continue
+                frame = self._open(body)
+                if frame.type is FrameType.SPLIT:
+                    self._split = frame
+                    self._reader.expect_tail()
+                else:
+                    frames.append(frame)
         except (FrameError, DecryptError) as exc:
             self._failed = exc
             if not frames:
@@ -387,6 +493,8 @@ class FrameDecoder:
     def at_eof(self) -> None:
         if self._failed is not None:
             raise self._failed
+        if self._split is not None:
+            raise FrameError("connection closed between a split frame's head and its tail")
         self._reader.at_eof()
 
     @property
@@ -421,17 +529,32 @@ class FrameDecoder:
         # bytearray: a buffer the AEAD overwrites whole needs no zero-fill,
         # and a frame-sized one comes warm from the heap (tune_allocator).
         # After a failed tag it holds unauthenticated bytes and is dropped.
+        if len(body) < FRAME_OVERHEAD:
+            raise FrameError(f"record of {len(body)} bytes is shorter than the minimum {FRAME_OVERHEAD}")
         plaintext = np.empty(len(body) - TAG_LEN, dtype=np.uint8)
         try:
             self._cipher.open_into(body, plaintext)
         except InvalidTag:
             raise DecryptError("frame failed authentication") from None
         code, stream = FRAME_HEADER.unpack_from(plaintext)
-        try:
-            ftype = FrameType(code)
-        except ValueError:
-            raise FrameError(f"unknown frame type {code}") from None
-        return Frame(ftype, stream, memoryview(plaintext)[HEADER_LEN:].toreadonly())
+        if code >= len(_FRAME_TYPES):
+            raise FrameError(f"unknown frame type {code}")
+        return Frame(_FRAME_TYPES[code], stream, memoryview(plaintext)[HEADER_LEN:].toreadonly())
+
+    def _with_tail(self, head: Frame, body: memoryview) -> Frame:
+        """The DATA frame a split head and its tail record make, the tail
+        left sealed under the nonce it came with."""
+        size = len(head.payload) + len(body) - TAG_LEN
+        if size > self.max_frame:
+            raise FrameTooLarge(f"split frame of {size} bytes exceeds the maximum {self.max_frame}")
+        nonce = self._cipher.reserve()
+        if self._reader.last_large:  # in a buffer of its own: the tail takes it, no copy
+            backing: object = self._reader.detach()
+        else:  # inside the scratch, which the next read overwrites
+            backing = bytearray(body)
+            body = memoryview(backing)
+        tail = SealedTail(body, backing, self._cipher, nonce, self.on_tail_fault)
+        return Frame(FrameType.DATA, head.stream, head.payload, tail)
 
 
 class FrameEncoder:
@@ -453,30 +576,41 @@ class FrameEncoder:
         self._spare: bytearray | None = None  # one flushed output buffer, at most max_frame + overhead
         self.frames = 0  # frames encoded so far (the owner's idleness check)
 
-    def encode(self, ftype: FrameType, stream: int, *parts: bytes | bytearray | memoryview) -> bytearray:
+    def encode(self, ftype: FrameType, stream: int, *parts: bytes | bytearray | memoryview,
+               tail: bytes | bytearray | memoryview | None = None) -> bytearray:
         """One frame of ``stream`` whose payload is ``parts`` concatenated
         (gathered straight into the plaintext scratch: a message's envelope
-        and its tail need no joining first). Raises ``ValueError`` for a
-        payload over ``max_frame``: that is a local bug (callers chunk large
-        objects), not something to put on the wire."""
+        and its tail need no joining first), and then ``tail``: given one, a
+        DATA frame goes split, the tail sealed straight from the caller's
+        memory into its own record. Raises ``ValueError`` for a payload over
+        ``max_frame``: that is a local bug (callers chunk large objects), not
+        something to put on the wire."""
         views = [memoryview(part).cast("B") for part in parts]
+        rest = None if tail is None else memoryview(tail).cast("B")
         self.frames += 1
         size = sum(view.nbytes for view in views)
-        if size > self.max_frame:
-            raise ValueError(f"payload of {size} bytes exceeds max_frame {self.max_frame}")
+        rest_len = 0 if rest is None else rest.nbytes
+        if size + rest_len > self.max_frame:
+            raise ValueError(f"payload of {size + rest_len} bytes exceeds max_frame {self.max_frame}")
+        if rest is not None and (ftype is not FrameType.DATA or not rest_len):
+            raise ValueError(f"only a DATA frame with a tail goes split, not {ftype.name} of {rest_len} bytes")
         wire_len = size + FRAME_OVERHEAD
-        total = FRAME_LENGTH.size + wire_len
+        head_end = FRAME_LENGTH.size + wire_len
+        total = head_end if rest is None else head_end + FRAME_LENGTH.size + rest_len + TAG_LEN
         out, self._spare = self._spare, None
         if out is None or len(out) != total:  # a stream's frames are mostly one size
             out = bytearray(total)
         FRAME_LENGTH.pack_into(out, 0, wire_len)
         with self._plaintext.view(HEADER_LEN + size) as plaintext, memoryview(out) as out_view:
-            FRAME_HEADER.pack_into(plaintext, 0, ftype, stream)
+            FRAME_HEADER.pack_into(plaintext, 0, ftype if rest is None else FrameType.SPLIT, stream)
             offset = HEADER_LEN
             for view in views:
                 plaintext[offset : offset + view.nbytes] = view
                 offset += view.nbytes
-            self._cipher.seal_into(plaintext, out_view[FRAME_LENGTH.size :])
+            self._cipher.seal_into(plaintext, out_view[FRAME_LENGTH.size : head_end])
+            if rest is not None:
+                FRAME_LENGTH.pack_into(out, head_end, rest_len + TAG_LEN)
+                self._cipher.seal_into(rest, out_view[head_end + FRAME_LENGTH.size :])
         return out
 
     def recycle(self, frame: bytearray) -> None:

@@ -40,6 +40,7 @@ import numpy as np
 from murmur.errors import DecodeError
 from murmur.protocol.codecs import DeltaCodec
 from murmur.protocol.identity import PeerId
+from murmur.protocol.sealed import SealedTail
 from murmur.protocol.serializer import ALLOWED_DTYPES, UnpackLimits, pack, unpack, unpack_head
 
 __all__ = [
@@ -252,13 +253,15 @@ class BytesSpec(Spec):
 class TailSpec(BytesSpec):
     """Raw bytes after the envelope, to the end of the message (at most one
     per kind). ``load`` gets and returns a read-only view of the received
-    message, never a copy: it lives as long as the message does."""
+    message, never a copy: it lives as long as the message does; or, for a
+    message that came split, its :class:`~murmur.protocol.sealed.SealedTail`,
+    which the handler opens where the bytes belong."""
 
     def dump(self, value: Any) -> Any:
         return memoryview(super().dump(value)).cast("B")
 
     def load(self, raw: Any, where: str) -> Any:
-        if not isinstance(raw, memoryview):
+        if not isinstance(raw, memoryview | SealedTail):
             raise _fail(where, f"expected a message tail, got {type(raw).__name__}")
         if not self.min_len <= raw.nbytes <= self.max_len:
             raise _fail(where, f"{raw.nbytes} bytes outside [{self.min_len}, {self.max_len}]")
@@ -564,11 +567,14 @@ class MessageRegistry:
         schema = self._schemas.get(buf[2])  # type: ignore[call-overload]
         return schema is not None and schema.tail is not None
 
-    def decode(self, buf: bytes | bytearray | memoryview) -> Message:
+    def decode(self, buf: bytes | bytearray | memoryview, tail: SealedTail | None = None) -> Message:
         # A kind without a tail goes through unpack, which refuses trailing bytes.
-        if self._tailed(buf):
+        tailed = self._tailed(buf)
+        if tail is not None and not tailed:
+            raise SchemaError("a split message of a kind that has no tail")
+        if tailed and tail is None:
             envelope, head_len = unpack_head(buf, MAX_TAILED_HEAD, MESSAGE_LIMITS)
-        else:
+        else:  # a split message's head is its envelope, nothing behind it
             envelope, head_len = unpack(buf, MESSAGE_LIMITS), len(buf)
         if not isinstance(envelope, tuple) or len(envelope) != 3:
             raise SchemaError("envelope must be [version, kind, body]")
@@ -588,8 +594,8 @@ class MessageRegistry:
         name = schema.cls.__name__
         values = {field: spec.load(body[field], f"{name}.{field}") for field, spec in specs.items()}
         if schema.tail is not None:
-            tail = memoryview(buf).cast("B")[head_len:].toreadonly()
-            values[schema.tail] = schema.specs[schema.tail].load(tail, f"{name}.{schema.tail}")
+            raw = memoryview(buf).cast("B")[head_len:].toreadonly() if tail is None else tail
+            values[schema.tail] = schema.specs[schema.tail].load(raw, f"{name}.{schema.tail}")
         return schema.cls(**values)
 
 
@@ -684,7 +690,7 @@ class DeltaChunk:
     KIND: ClassVar[MessageKind] = MessageKind.DELTA_CHUNK
     transfer_id: U64
     seq: U32
-    data: Annotated[bytes | memoryview, TailSpec(1, MAX_CHUNK_BYTES)]
+    data: Annotated[bytes | memoryview | SealedTail, TailSpec(1, MAX_CHUNK_BYTES)]  # sealed: see TailSpec
 
 
 @message
@@ -821,9 +827,11 @@ def encode_parts(msg: Message) -> Encoded:
     return REGISTRY.encode_parts(msg)
 
 
-def decode(buf: bytes | bytearray | memoryview) -> Message:
-    """Parse one message; raises a :class:`DecodeError` subclass for anything invalid."""
-    return REGISTRY.decode(buf)
+def decode(buf: bytes | bytearray | memoryview, tail: SealedTail | None = None) -> Message:
+    """Parse one message (given a ``tail``: the head of a split one, as
+    ``Stream.recv_parts`` gives it); raises a :class:`DecodeError` subclass
+    for anything invalid."""
+    return REGISTRY.decode(buf, tail)
 
 
 def protocol_of(cls: type[Message]) -> MurmurProtocol:

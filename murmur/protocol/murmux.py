@@ -1,4 +1,4 @@
-"""``/murmur/mux/1.0.0``: murmur's stream muxer on its fast-path records, sans-IO.
+"""``/murmur/mux/2.0.0``: murmur's stream muxer on its fast-path records, sans-IO.
 
 Between two murmur nodes the connection is upgraded to
 ``/murmur/noise-fast/1.0.0`` (large AEAD records, negotiated cipher) and this
@@ -11,7 +11,10 @@ A stream carries *messages*: one DATA frame is one message (murmur's
 protocols are message-oriented), or one write of a byte-stream protocol
 (identify, ping). A message is never split into window-sized pieces, copied
 into a stream buffer and reassembled: the decoded record's payload is what the
-application reads. Stream ids: the dialler opens odd ones, the listener even
+application reads. A message with a large tail comes as a split frame (2.0.0;
+see :mod:`murmur.protocol.framing`) and is queued as a
+:class:`~murmur.protocol.sealed.Split`, its tail still sealed: the application
+opens it where the bytes belong. Stream ids: the dialler opens odd ones, the listener even
 ones, each side in increasing order; 0 is the connection (PING, PONG, CLOSE,
 and the muxer's own negotiation before it).
 
@@ -44,6 +47,7 @@ from dataclasses import dataclass, field
 from murmur.errors import MuxerError, StreamRefused
 from murmur.protocol.budget import PeerBudget
 from murmur.protocol.framing import MAX_STREAM_ID, FrameType
+from murmur.protocol.sealed import SealedTail, Split
 from murmur.protocol.yamux import (
     DataReceived,
     Event,
@@ -55,7 +59,7 @@ from murmur.protocol.yamux import (
     YamuxLimits,
 )
 
-PROTOCOL_ID = "/murmur/mux/1.0.0"
+PROTOCOL_ID = "/murmur/mux/2.0.0"  # 2.0.0: split frames
 STREAM_FRAMES = frozenset({FrameType.DATA, FrameType.OPEN, FrameType.FIN, FrameType.RESET})
 
 MuxLimits = YamuxLimits
@@ -65,7 +69,7 @@ MuxLimits = YamuxLimits
 @dataclass
 class _Stream:
     id: int
-    queue: deque[memoryview] = field(default_factory=deque)
+    queue: deque[memoryview | Split] = field(default_factory=deque)
     buffered: int = 0
     local_fin: bool = False
     remote_fin: bool = False
@@ -73,7 +77,7 @@ class _Stream:
 
 
 class MuxSession:
-    """The streams of one ``/murmur/mux/1.0.0`` connection; ``client`` dialled it.
+    """The streams of one ``/murmur/mux/2.0.0`` connection; ``client`` dialled it.
 
     Feed it the stream frames that arrive (:meth:`on_frame`, returning
     :mod:`~murmur.protocol.yamux` events); the control frames it wants sent
@@ -126,8 +130,8 @@ class MuxSession:
         self.control.append((FrameType.OPEN, stream_id))
         return stream_id
 
-    def read(self, stream_id: int) -> memoryview | None:
-        """The stream's next payload (its bytes released to the budget), or ``None``."""
+    def read(self, stream_id: int) -> memoryview | Split | None:
+        """The stream's next message (its bytes released to the budget), or ``None``."""
         stream = self._streams.get(stream_id)
         if stream is None or not stream.queue:
             return None
@@ -174,10 +178,14 @@ class MuxSession:
 
     # --- receiving -------------------------------------------------------------------
 
-    def on_frame(self, ftype: FrameType, stream_id: int, payload: memoryview) -> list[Event]:
-        """One stream frame from the peer (DATA, OPEN, FIN or RESET)."""
+    def on_frame(self, ftype: FrameType, stream_id: int, payload: memoryview,
+                 tail: SealedTail | None = None) -> list[Event]:
+        """One stream frame from the peer (DATA, OPEN, FIN or RESET; a DATA
+        frame may come with a sealed tail)."""
         if stream_id == 0:
             raise MuxerError(f"{ftype.name} frame on stream 0")
+        if tail is not None and ftype is not FrameType.DATA:
+            raise MuxerError(f"{ftype.name} frame with a tail")
         if ftype is FrameType.OPEN:
             if payload:
                 raise MuxerError("OPEN frame with a payload")
@@ -191,10 +199,12 @@ class MuxSession:
                 raise MuxerError(f"data on stream {stream_id} after its FIN")
             if not stream.reading:
                 return []
-            stream.queue.append(payload)
-            stream.buffered += len(payload)
-            self.budget.charge(len(payload))
-            return [DataReceived(stream_id, len(payload))]
+            message = payload if tail is None else Split(payload, tail)
+            size = len(message)
+            stream.queue.append(message)
+            stream.buffered += size
+            self.budget.charge(size)
+            return [DataReceived(stream_id, size)]
         if payload:
             raise MuxerError(f"{ftype.name} frame with a payload")
         if ftype is FrameType.RESET:
@@ -237,6 +247,9 @@ class MuxSession:
     def _drop_queue(self, stream: _Stream) -> None:
         if stream.buffered:
             self.budget.release(stream.buffered)
+        for message in stream.queue:
+            if isinstance(message, Split):
+                message.tail.discard()  # its buffer back to the frame reader
         stream.queue.clear()
         stream.buffered = 0
 

@@ -174,6 +174,19 @@ class CipherState:
         self.n += 1
         return plaintext
 
+    def reserve(self) -> int:
+        """Take the next nonce for a record opened later (:meth:`open_at`):
+        a split frame's tail, which its reader opens where it wants it."""
+        if self.n >= MAX_NONCE:
+            raise HandshakeError("Noise nonce space exhausted")
+        self.n += 1
+        return self.n - 1
+
+    def open_at(self, n: int, ciphertext: bytes | bytearray | memoryview, out: bytearray | memoryview) -> None:
+        """:meth:`open_into` with a nonce :meth:`reserve` gave (the counter does not move)."""
+        assert self._aead is not None, "open_at needs a keyed CipherState"
+        self._aead.decrypt_into(self._nonce.pack(n), ciphertext, None, out)
+
     def open_into(self, ciphertext: bytes | bytearray | memoryview, out: bytearray | memoryview) -> None:
         """Decrypt (no associated data) into ``out`` (len(ciphertext) - 16).
 

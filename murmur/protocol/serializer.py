@@ -14,6 +14,7 @@ shape) followed by the raw little-endian bytes. Decoding is a read-only
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Callable, Mapping
@@ -179,20 +180,24 @@ _SCAN = (tuple, list, dict, msgpack.Timestamp)
 
 def _reject_timestamps(obj: Any) -> None:
     """msgpack decodes ext -1 (timestamp) itself, bypassing ``ext_hook``; we
-    register no such type, so refuse it. Iterative: nesting may be ~1000 deep."""
-    stack = [obj]
+    register no such type, so refuse it. Iterative: nesting may be ~1000 deep.
+    Plain loops, no generators: it runs on every message received."""
+    stack = [obj] if isinstance(obj, _SCAN) else []
+    push, pop = stack.append, stack.pop
     while stack:
-        item = stack.pop()
+        item = pop()
         if isinstance(item, msgpack.Timestamp):
             raise DecodeError("timestamp ext type is not accepted")
-        if isinstance(item, dict):
-            stack.extend(v for v in item.values() if isinstance(v, _SCAN))
-        elif isinstance(item, (tuple, list)):
-            stack.extend(v for v in item if isinstance(v, _SCAN))
+        for value in item.values() if isinstance(item, dict) else item:
+            if isinstance(value, _SCAN):
+                push(value)
 
 
-def _unpack_options(limits: UnpackLimits) -> dict[str, Any]:
-    return {
+@functools.cache
+def _unpack_options(limits: UnpackLimits) -> Mapping[str, Any]:
+    """msgpack's keyword arguments for ``limits``, built once per limits (a
+    message decode is a few microseconds; building this was one of them)."""
+    return MappingProxyType({
         "raw": False,
         "use_list": False,
         "strict_map_key": True,
@@ -202,7 +207,7 @@ def _unpack_options(limits: UnpackLimits) -> dict[str, Any]:
         "max_array_len": limits.max_array_len,
         "max_map_len": limits.max_map_len,
         "max_ext_len": limits.max_ext_len,
-    }
+    })
 
 
 # ValueError covers FormatError, StackError (nesting), ExtraData, UnicodeDecodeError,

@@ -110,7 +110,7 @@ async def read_record(reader: asyncio.StreamReader, dec: FrameDecoder) -> list:
 async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hs: Libp2pNoiseHandshake,
                   max_frame: int = DEFAULT_MAX_FRAME) -> tuple[FrameEncoder, FrameDecoder]:
     """The whole fast-path upgrade by hand: security negotiated, handshake,
-    ``/murmur/mux/1.0.0`` negotiated on stream 0. Returns the record codec."""
+    ``/murmur/mux/2.0.0`` negotiated on stream 0. Returns the record codec."""
     await negotiate(reader, writer, FAST_SECURITY)
     enc, dec = await noise_handshake(reader, writer, hs, max_frame)
     dialer = multistream.Dialer([murmux.PROTOCOL_ID])
@@ -168,6 +168,11 @@ class RawPeer:
         """Records that carry ``payload`` as one message of ``protocol`` (its stream opened if new)."""
         stream, opening = self.stream_for(protocol)
         return opening + self.frame(FrameType.DATA, payload, stream)
+
+    def split_message(self, head: bytes, tail: bytes, protocol: str) -> bytes:
+        """Records that carry ``head + tail`` as one message of ``protocol``, split (tail sealed alone)."""
+        stream, opening = self.stream_for(protocol)
+        return opening + bytes(self.enc.encode(FrameType.DATA, stream, head, tail=tail))
 
     def frames(self, msg: Message) -> bytes:
         return self.message(encode(msg), protocol_of(type(msg)))

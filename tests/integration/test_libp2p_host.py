@@ -2,7 +2,7 @@
 ping, and hostile peers that get typed faults while a good peer is served.
 
 Every test that does not poke one muxer's internals runs on both paths:
-murmur's fast path (``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/1.0.0``,
+murmur's fast path (``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/2.0.0``,
 what two murmur hosts agree on) and the standard one (``/noise`` +
 ``/yamux/1.0.0``, with ``fast_path`` off)."""
 
@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from murmur.errors import MuxerError, NegotiationError, NoCommonProtocol, PeerFault, StreamRefused
+from murmur.errors import DecryptError, MuxerError, NegotiationError, NoCommonProtocol, PeerFault, StreamRefused
 from murmur.protocol import multistream
 from murmur.protocol.identity import Identity
 from murmur.protocol.libp2p import (
@@ -28,11 +28,16 @@ from murmur.protocol.libp2p import (
 from murmur.protocol.identify import IdentifyInfo
 from murmur.protocol.libp2p.host import MAX_OBSERVED_ADDRS, HostConfig
 from murmur.protocol.multiaddr import AnyMultiaddr
+from murmur.protocol.framing import SPLIT_MIN_TAIL
+from murmur.protocol.framing import FrameType as RecordType
 from murmur.protocol.transport import TransportLimits
 from murmur.protocol.yamux import HEADER, FrameType
+from murmur.testnet.hostile import RawPeer
 from tests.integration.cluster import wait_until
 
 ECHO = "/murmur-test/echo/1.0.0"
+WHOLE = "/murmur-test/whole/1.0.0"
+PARTS = "/murmur-test/parts/1.0.0"
 MIB = 1024 * 1024
 PATHS = {"fast": FastConnection, "standard": YamuxConnection}
 
@@ -129,6 +134,59 @@ async def test_four_mib_echo_hundred_concurrent_streams_and_a_reset(path: str) -
         await wait_until(lambda: conn.budget.used <= 2 * MIB, 5, "windows given back")
         assert faults.seen == [] and not conn.closed
     finally:
+        await client.close()
+        await server.close()
+
+
+@paths
+async def test_a_message_with_a_large_tail_arrives_whole_or_with_its_tail_sealed(path: str) -> None:
+    """The fast path seals a message's large last part as a split frame's
+    tail: a reader of messages gets the message joined, a reader of parts
+    (the delta assembler's way) the tail still sealed, to open where it
+    belongs. The standard path hands both the message whole."""
+    server, client, conn, faults, _ = await _pair(path=path)
+    got: asyncio.Queue[object] = asyncio.Queue()
+
+    async def whole(stream) -> None:  # type: ignore[no-untyped-def]
+        got.put_nowait(bytes(await stream.recv_message()))
+
+    async def parts(stream) -> None:  # type: ignore[no-untyped-def]
+        got.put_nowait(await stream.recv_parts())
+
+    server.set_handler(WHOLE, whole)
+    server.set_handler(PARTS, parts)
+    head, tail = b"envelope", os.urandom(SPLIT_MIN_TAIL + 1)
+    try:
+        await (await conn.open_stream(WHOLE)).send_message(head, tail)
+        assert await asyncio.wait_for(got.get(), 5) == head + tail
+        await (await conn.open_stream(PARTS)).send_message(head, tail)
+        first, sealed = await asyncio.wait_for(got.get(), 5)  # type: ignore[misc]
+        if path == "fast":
+            assert bytes(first) == head and sealed.nbytes == len(tail)
+            opened = bytearray(len(tail))
+            sealed.open_into(memoryview(opened))
+            assert opened == tail
+        else:
+            assert sealed is None and bytes(first) == head + tail
+        assert faults.seen == [] and not conn.closed
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_a_forged_tail_drops_its_connection_when_opened_while_a_good_peer_is_served() -> None:
+    server, client, conn, faults, addr = await _pair()
+    peer = await RawPeer.connect(addr)
+    try:
+        stream, opening = peer.stream_for(ECHO)
+        forged = peer.enc.encode(RecordType.DATA, stream, b"head", tail=os.urandom(SPLIT_MIN_TAIL))
+        forged[-1] ^= 1  # the tail's tag: the head authenticates, the tail does not
+        peer.write(opening + bytes(forged))
+        await wait_until(lambda: faults.of(DecryptError), 5, "the forged tail is a fault")
+        await asyncio.wait_for(peer.reader.read(), 5)  # the server hung up
+        assert len(server.connections) == 1 and await _echo(conn, b"still here") == b"still here"
+    finally:
+        peer.close()
         await client.close()
         await server.close()
 

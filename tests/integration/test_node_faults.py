@@ -201,9 +201,12 @@ BadFrame = Callable[[RawPeer], bytes]
          False, DecodeError),  # well-formed msgpack, invalid UTF-8 topic
         (lambda p: p.frame(FrameType.DATA, b"x", 99), False, MuxerError),  # a stream never opened
         (lambda p: p.frame(FrameType.OPEN, stream=4), False, MuxerError),  # the victim's parity
+        (lambda p: p.frame(FrameType.SPLIT, b"head", 1), True, FrameError),  # a split frame's head, no tail
+        (lambda p: p.split_message(encode(p.gossip(b"g")), b"t" * 100, MurmurProtocol.GOSSIP), False,
+         SchemaError),  # a kind with no tail, split
     ],
     ids=["truncated-frame", "oversized-frame", "bad-aead", "undecodable", "bad-utf8", "unknown-stream",
-         "wrong-parity"],
+         "wrong-parity", "head-without-tail", "split-untailed-kind"],
 )
 async def test_bad_frames_in_session(victim: Victim, make: BadFrame, eof: bool, fault: type) -> None:
     before = victim.faults()

@@ -53,7 +53,7 @@ async def test_identify_lands_in_the_peer_table_on_either_path(tmp_path: Path, f
         a.subscribe(TOPIC, lambda _origin, payload: got.append(payload))
         session = await b.connect(a.addrs, a.peer_id)
         assert type(session.conn) is (FastConnection if fast_path else YamuxConnection)
-        assert session.conn.muxer == ("/murmur/mux/1.0.0" if fast_path else "/yamux/1.0.0")
+        assert session.conn.muxer == ("/murmur/mux/2.0.0" if fast_path else "/yamux/1.0.0")
         await wait_until(lambda: a.session(b.peer_id) is not None, 2.0, "a has b's session")
         assert await b.publish(TOPIC, b"over " + session.conn.security.encode()) == 1
         await wait_until(lambda: got == [b"over " + session.conn.security.encode()], 2.0, "gossip over the path")

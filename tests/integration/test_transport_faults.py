@@ -333,7 +333,7 @@ def test_inbound_caps_per_subnet_and_eviction_when_full(caplog: pytest.LogCaptur
 
 
 def test_a_fast_path_listener_that_refuses_the_muxer_is_dropped_after_the_lazy_dial() -> None:
-    """The dialler takes ``/murmur/mux/1.0.0`` as agreed with handshake message 3
+    """The dialler takes ``/murmur/mux/2.0.0`` as agreed with handshake message 3
     (no round trip for the echo); a listener that answers ``na`` instead, or
     sends anything but the echo first, costs it the connection."""
 
@@ -363,7 +363,7 @@ def test_a_fast_path_listener_that_refuses_the_muxer_is_dropped_after_the_lazy_d
         async with host(on_fault=lambda peer, fault: faults.append(fault)) as client:
             for expected in (NoCommonProtocol, NegotiationError):
                 conn = await client.dial(Multiaddr("127.0.0.1", port, mallory.peer_id))
-                assert conn.muxer == "/murmur/mux/1.0.0"  # lazily: before the listener said anything
+                assert conn.muxer == "/murmur/mux/2.0.0"  # lazily: before the listener said anything
                 await asyncio.wait_for(conn.wait_closed(), 2.0)
                 assert type(conn.fault) is expected and faults[-1] is conn.fault
         server.close()

@@ -8,7 +8,7 @@ import blake3
 import numpy as np
 import pytest
 
-from murmur.errors import DecodeError, LimitExceeded, PeerFault, ReplayError, SignatureError
+from murmur.errors import ConnectionClosed, DecodeError, LimitExceeded, PeerFault, ReplayError, SignatureError
 from murmur.protocol import codecs
 from murmur.protocol.codecs import INT8_BLOCK, DeltaCodec
 from murmur.protocol.delta import (
@@ -26,6 +26,7 @@ from murmur.protocol.delta import (
 )
 from murmur.protocol.identity import Identity
 from murmur.protocol.messages import DeltaChunk, DeltaEnd, DeltaStart, decode
+from tests.sealing import sealed_tail
 
 ALICE = Identity.from_seed(b"a" * 32)
 BOB = Identity.from_seed(b"b" * 32)
@@ -108,6 +109,35 @@ def test_fp32_result_is_a_view_of_the_assembly_buffer() -> None:
     buffer = np.frombuffer(assembler.buffer_view(ALICE.peer_id, msgs[0].transfer_id), np.uint8)
     done = assembler.feed(ALICE.peer_id, msgs[-1])
     assert np.shares_memory(done.array, buffer)
+
+
+def _sealed_chunks(msgs: list[Any], forged_seq: int | None = None) -> list[Any]:
+    """``msgs`` with each chunk's payload as the sealed tail of a split frame."""
+    return [replace(msg, data=sealed_tail(bytes(msg.data), forged=msg.seq == forged_seq))
+            if isinstance(msg, DeltaChunk) else msg for msg in msgs]
+
+
+def test_a_sealed_chunk_is_opened_straight_into_the_landing_buffer() -> None:
+    array = delta(5000)
+    _, msgs = send(array)
+    sealed = _sealed_chunks(msgs)
+    assembler = DeltaAssembler(BOB.peer_id)
+    feed_all(assembler, sealed[:-1])
+    assert all(msg.data.opened for msg in sealed if isinstance(msg, DeltaChunk))
+    landed = np.frombuffer(assembler.buffer_view(ALICE.peer_id, msgs[0].transfer_id), np.float32)
+    assert np.array_equal(landed, array)  # opened in place: nothing else wrote the landing buffer
+    done = assembler.feed(ALICE.peer_id, sealed[-1])
+    assert np.array_equal(done.array, array) and np.shares_memory(done.array, landed)
+
+
+def test_a_forged_sealed_chunk_closes_the_connection_and_never_completes() -> None:
+    _, msgs = send(delta(5000))
+    assembler = DeltaAssembler(BOB.peer_id)
+    with pytest.raises(ConnectionClosed):
+        feed_all(assembler, _sealed_chunks(msgs, forged_seq=2))
+    assert assembler.active(ALICE.peer_id) == 1  # left for the connection's end to abandon (abandon_peer)
+    assembler.abandon_peer(ALICE.peer_id)
+    assert assembler.buffered_bytes == 0
 
 
 def test_large_delta_lands_in_a_prefaulted_mapping_that_outlives_the_assembler() -> None:

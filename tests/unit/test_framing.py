@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from murmur.errors import DecryptError, FrameError, FrameTooLarge
+from murmur.errors import ConnectionClosed, DecryptError, FrameError, FrameTooLarge
 from murmur.protocol.budget import BytePool
 from murmur.protocol.framing import (
     FRAME_LENGTH,
     FRAME_OVERHEAD,
+    LOOKAHEAD_BYTES,
     Frame,
     FrameDecoder,
     FrameEncoder,
@@ -48,6 +49,96 @@ def test_roundtrip_any_read_boundaries(payloads: list[bytes], cuts: list[int]) -
     assert [f.payload for f in frames] == payloads
     assert all(f.type is FrameType.DATA for f in frames)
     dec.at_eof()
+
+
+def _message(frame: Frame) -> bytes:
+    """A frame's whole message: its tail, if it came split, opened behind the head."""
+    if frame.tail is None:
+        return bytes(frame.payload)
+    head = len(frame.payload)
+    out = bytearray(head + frame.tail.nbytes)
+    out[:head] = frame.payload
+    frame.tail.open_into(memoryview(out)[head:])
+    return bytes(out)
+
+
+def _encode(enc: FrameEncoder, head: bytes, tail: bytes) -> bytearray:
+    return enc.encode(FrameType.DATA, 1, head, tail=tail) if tail else enc.encode(FrameType.DATA, 1, head)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    messages=st.lists(st.tuples(st.binary(max_size=300), st.binary(max_size=9000)), max_size=10),
+    cuts=st.lists(st.integers(min_value=1, max_value=20000), max_size=30),
+)
+def test_split_frames_round_trip_at_any_read_boundaries(messages: list[tuple[bytes, bytes]], cuts: list[int]) -> None:
+    """Tails in the scratch and tails over it (their own buffer), opened in
+    any order: each has the nonce it came with."""
+    enc, dec = pair()
+    wire = b"".join(_encode(enc, head, tail) for head, tail in messages)
+    frames, pos = [], 0
+    for cut in cuts + [len(wire)]:
+        frames += dec.feed(wire[pos : pos + cut])
+        pos += cut
+    assert [f.type for f in frames] == [FrameType.DATA] * len(messages)  # a split frame comes out as DATA
+    assert [f.tail is not None for f in frames] == [bool(tail) for _, tail in messages]
+    assert [_message(f) for f in reversed(frames)] == [head + tail for head, tail in reversed(messages)]
+    dec.at_eof()
+
+
+def test_a_forged_tail_fails_where_it_is_opened_and_faults_the_connection() -> None:
+    enc, dec = pair()
+    faults: list[Exception] = []
+    dec.on_tail_fault = faults.append
+    wire = bytearray(enc.encode(FrameType.DATA, 1, b"head", tail=os.urandom(8000)))
+    wire[-1] ^= 1  # in the tail's tag
+    wire += enc.encode(FrameType.DATA, 1, b"after")  # the nonces went on past the tail
+    split, after = dec.feed(wire)
+    assert split.payload == b"head" and after.payload == b"after" and not faults  # the head authenticated
+    with pytest.raises(ConnectionClosed):
+        split.tail.open_into(memoryview(bytearray(8000)))
+    assert [type(f) for f in faults] == [DecryptError]
+    assert split.tail.opened
+    with pytest.raises(RuntimeError):  # once, whatever came of it
+        split.tail.open_into(memoryview(bytearray(8000)))
+
+
+def test_a_split_frame_is_one_message_of_at_most_max_frame() -> None:
+    wide = FrameEncoder(CipherState(KEY), 2 * MAX_FRAME)  # each record fits, the two together do not
+    _, dec = pair()
+    with pytest.raises(FrameTooLarge):
+        dec.feed(wide.encode(FrameType.DATA, 1, bytes(MAX_FRAME // 2), tail=bytes(MAX_FRAME // 2 + 1)))
+    enc = pair()[0]
+    with pytest.raises(ValueError):
+        enc.encode(FrameType.DATA, 1, bytes(MAX_FRAME // 2), tail=bytes(MAX_FRAME // 2 + 1))
+    with pytest.raises(ValueError):  # only DATA goes split, and only with a tail
+        enc.encode(FrameType.PING, 0, b"p", tail=b"x")
+    with pytest.raises(ValueError):
+        enc.encode(FrameType.DATA, 1, b"h", tail=b"")
+
+
+def test_a_connection_closed_between_head_and_tail_is_truncated() -> None:
+    enc, dec = pair()
+    wire = enc.encode(FrameType.DATA, 1, b"head", tail=b"tail" * 10)
+    head_record = FRAME_LENGTH.size + FRAME_OVERHEAD + len(b"head")
+    assert dec.feed(wire[:head_record]) == []
+    with pytest.raises(FrameError):
+        dec.at_eof()
+
+
+def test_a_large_tail_is_paid_for_while_it_arrives_then_handed_over() -> None:
+    """The budget pays for the tail's buffer up front, as for any large
+    record; once the tail is out, the charge is the muxer's to make (for the
+    whole message, while it waits to be read)."""
+    budget = BytePool(10 * MAX_FRAME).budget(limit=4 * MAX_FRAME, reserve=0)
+    enc = FrameEncoder(CipherState(KEY), MAX_FRAME)
+    dec = FrameDecoder(CipherState(KEY), MAX_FRAME, SCRATCH, budget=budget)
+    tail = os.urandom(MAX_FRAME - 10)
+    wire = enc.encode(FrameType.DATA, 1, b"head", tail=tail)
+    assert dec.feed(wire[:-1]) == []
+    assert budget.used >= len(tail)
+    (frame,) = dec.feed(wire[-1:])
+    assert budget.used == 0 and _message(frame) == b"head" + tail
 
 
 def test_max_frame_exact_and_control_types() -> None:
@@ -244,7 +335,7 @@ def test_a_large_frame_waits_for_its_budget_then_completes() -> None:
     assert dec.feed(wire[:SCRATCH]) == [] and dec.blocked and budget.used == 0
     with pytest.raises(BufferError):  # feeding cannot wait: the caller must stop reading
         dec.feed(wire[SCRATCH:])
-    buffer = MAX_FRAME + FRAME_OVERHEAD + FRAME_LENGTH.size  # the record, and room for the next prefix
+    buffer = MAX_FRAME + FRAME_OVERHEAD + FRAME_LENGTH.size + LOOKAHEAD_BYTES  # the record, and room behind it
     hog.release(buffer)
     assert dec.poll() == [] and not dec.blocked
     assert budget.used == buffer  # the whole buffer, paid up front

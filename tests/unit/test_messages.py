@@ -16,6 +16,7 @@ from murmur.protocol import messages as m
 from murmur.protocol.codecs import DeltaCodec
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.serializer import pack
+from tests.sealing import sealed_tail
 
 PEERS = [Identity.from_seed(bytes([i]) * 32).peer_id for i in range(1, 4)]
 P = PEERS[0]
@@ -146,6 +147,20 @@ def test_chunk_payload_is_a_tail_never_copied_by_either_side() -> None:
     back = m.decode(wire)
     assert back.data == data.tobytes() and back.data.readonly
     assert back.data.obj is wire  # a view of the received message, not a copy
+
+
+def test_a_split_chunk_decodes_to_its_sealed_tail_and_only_a_tailed_kind_may_come_split() -> None:
+    data = bytes(range(256)) * 300
+    head, _ = m.encode_parts(m.DeltaChunk(transfer_id=5, seq=3, data=data))
+    tail = sealed_tail(data)
+    back = m.decode(head, tail)
+    assert (back.transfer_id, back.seq) == (5, 3) and back.data is tail and len(back.data) == len(data)
+    with pytest.raises(m.SchemaError, match="no tail"):
+        m.decode(m.encode(GOSSIP), sealed_tail(b"x" * 100))
+    with pytest.raises(DecodeError, match="extra data"):  # the head of a split message is its envelope alone
+        m.decode(head + b"more", sealed_tail(data))
+    with pytest.raises(m.SchemaError, match="outside"):  # the tail's length is checked like a received one's
+        m.decode(head, sealed_tail(bytes(m.MAX_CHUNK_BYTES + 1)))
 
 
 def test_a_tail_on_an_untailed_kind_is_refused() -> None:

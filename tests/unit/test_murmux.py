@@ -1,4 +1,4 @@
-"""``/murmur/mux/1.0.0``, sans-IO: stream lifecycle, memory drawn from the peer
+"""``/murmur/mux/2.0.0``, sans-IO: stream lifecycle, memory drawn from the peer
 budget and given back, and every way a peer can misbehave (typed, bounded, fuzzed)."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 
 from murmur.errors import MuxerError, StreamRefused
 from murmur.protocol.budget import BytePool, PeerBudget
-from murmur.protocol.framing import FrameType
+from murmur.protocol.framing import FrameDecoder, FrameEncoder, FrameType
 from murmur.protocol.murmux import MuxLimits, MuxSession
+from murmur.protocol.noise import CipherState
+from murmur.protocol.sealed import Split
 from murmur.protocol.yamux import DataReceived, Refused, StreamEnded, StreamError, StreamOpened, StreamReset
 
 MIB = 1024 * 1024
@@ -56,6 +58,25 @@ def test_close_read_and_reset_give_the_budget_back_and_drop_what_comes() -> None
     assert server.budget.used == 0 and server.control == [(FrameType.RESET, 3)] and not server.is_live(3)
     assert server.on_frame(FrameType.DATA, 3, b"in flight") == []  # late frames of a stream we reset
     assert server.on_frame(FrameType.RESET, 1, b"") == [StreamReset(1)] and not server.is_live(1)
+
+
+def test_a_split_message_is_charged_whole_until_read_and_dropped_with_its_stream() -> None:
+    key = bytes(32)
+    enc, dec = FrameEncoder(CipherState(key), MIB), FrameDecoder(CipherState(key), MIB)
+    wire = b"".join(bytes(enc.encode(FrameType.DATA, 1, b"head", tail=bytes([n]) * 300_000)) for n in (1, 2))
+    first, second = dec.feed(wire)
+    server = _server()
+    server.on_frame(FrameType.OPEN, 1, b"")
+    assert server.on_frame(FrameType.DATA, 1, first.payload, first.tail) == [DataReceived(1, 300_004)]
+    server.on_frame(FrameType.DATA, 1, second.payload, second.tail)
+    assert server.budget.used == 2 * 300_004
+    message = server.read(1)
+    assert isinstance(message, Split) and message.tail is first.tail and server.budget.used == 300_004
+    assert bytes(message.join()) == b"head" + bytes([1]) * 300_000
+    server.reset(1)
+    assert server.budget.used == 0 and second.tail.opened  # dropped unopened, its buffer freed
+    with pytest.raises(MuxerError):  # a tail goes with DATA only
+        server.on_frame(FrameType.OPEN, 3, b"", second.tail)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 :mod:`murmur.protocol.libp2p.wire` upgrades the TCP connection (security and
 muxer, each chosen by multistream-select) and hands over one of:
 
-* :class:`FastConnection`: ``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/1.0.0``,
+* :class:`FastConnection`: ``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/2.0.0``,
   murmur's fast path: one AEAD record per stream frame, a stream frame per
   message (:mod:`murmur.protocol.murmux`), receive memory bounded by pausing
   the socket when the peer's budget is spent;
@@ -47,10 +47,19 @@ from murmur.errors import (
 )
 from murmur.protocol import multistream, murmux, uvarint, yamux
 from murmur.protocol.budget import PeerBudget
-from murmur.protocol.framing import FRAME_LENGTH, FRAME_OVERHEAD, FrameDecoder, FrameEncoder, FrameType
+from murmur.protocol.framing import (
+    FRAME_LENGTH,
+    FRAME_OVERHEAD,
+    SPLIT_MIN_TAIL,
+    SPLIT_OVERHEAD,
+    FrameDecoder,
+    FrameEncoder,
+    FrameType,
+)
 from murmur.protocol.identify import IdentifyInfo
 from murmur.protocol.identity import PeerId
 from murmur.protocol.noise_channel import NoiseChannel
+from murmur.protocol.sealed import SealedTail, Split
 from murmur.protocol.transport import RATE_BURST_S, TokenBucket, TransportLimits
 from murmur.tasks import TaskManager
 
@@ -185,6 +194,14 @@ class Stream:
         :class:`~murmur.protocol.framing.Frame`), valid as long as it is held."""
         raise NotImplementedError
 
+    async def recv_parts(self) -> tuple[bytes | memoryview, SealedTail | None] | None:
+        """:meth:`recv_message` for a reader that has a place of its own for a
+        large tail: the message as its head and, where it came split, its
+        tail still sealed (:class:`~murmur.protocol.sealed.SealedTail`), for
+        the reader to open straight where it belongs. ``None`` at the end."""
+        message = await self.recv_message()
+        return None if message is None else (message, None)
+
     # --- ends ----------------------------------------------------------------------
 
     async def close_write(self) -> None:
@@ -243,12 +260,13 @@ class Stream:
 
 
 class MuxStream(Stream):
-    """A ``/murmur/mux/1.0.0`` stream: each write is one frame, each message one frame."""
+    """A ``/murmur/mux/2.0.0`` stream: each write is one frame, each message one frame."""
 
     conn: FastConnection
 
     def _take(self) -> memoryview | None:
-        return self.conn._read_stream(self.id)
+        message = self.conn._read_stream(self.id)
+        return message.join() if isinstance(message, Split) else message
 
     def _at_eof(self) -> bool:
         return self.conn._session.at_eof(self.id)
@@ -261,19 +279,33 @@ class MuxStream(Stream):
             await self.conn._send_frame(self.id, (view[start : start + limit],), None)
 
     async def send_message(self, *parts: bytes | bytearray | memoryview, deadline: float | None = None) -> None:
+        """A last part of ``SPLIT_MIN_TAIL`` bytes or more (a delta chunk's
+        payload) goes as a split frame's tail, sealed from where it lies."""
         self._check_writable()
-        await self.conn._send_frame(self.id, parts, deadline)
+        tail = None
+        if len(parts) > 1 and memoryview(parts[-1]).nbytes >= SPLIT_MIN_TAIL:
+            parts, tail = parts[:-1], parts[-1]
+        await self.conn._send_frame(self.id, parts, deadline, tail)
 
     async def recv_message(self) -> bytes | memoryview | None:
+        parts = await self.recv_parts()
+        if parts is None:
+            return None
+        head, tail = parts
+        return head if tail is None else Split(memoryview(head), tail).join()
+
+    async def recv_parts(self) -> tuple[bytes | memoryview, SealedTail | None] | None:
         if self._pushback:  # what followed a negotiation in the same frame
             data, self._pushback = self._pushback, b""
-            return data
+            return data, None
         while True:
             if self._reset:
                 raise StreamResetError(f"stream {self.id} was reset")
-            data = self._take()
-            if data is not None:
-                return data
+            message = self.conn._read_stream(self.id)
+            if isinstance(message, Split):
+                return message.head, message.tail
+            if message is not None:
+                return message, None
             if self._at_eof():
                 return None
             self._readable.clear()
@@ -768,7 +800,7 @@ class _WireLike:
 
 
 class FastConnection(Libp2pConnection):
-    """``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/1.0.0``: AEAD records, one per stream frame."""
+    """``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/2.0.0``: AEAD records, one per stream frame."""
 
     security = "/murmur/noise-fast/1.0.0"
     muxer = murmux.PROTOCOL_ID
@@ -782,6 +814,7 @@ class FastConnection(Libp2pConnection):
         self._encoder = encoder
         self._decoder = decoder
         self._session = murmux.MuxSession(outbound, budget, self.limits.yamux())
+        decoder.on_tail_fault = self._fail  # a split frame's tail fails where its reader opens it
         self._buffered = 0  # stream payload bytes waiting to be read
         self._pong_owed: memoryview | None = None
         self._large_frames_seen = 0
@@ -790,17 +823,19 @@ class FastConnection(Libp2pConnection):
     # --- sending ----------------------------------------------------------------------
 
     async def _send_frame(self, stream_id: int, parts: Sequence[bytes | bytearray | memoryview],
-                          deadline: float | None) -> None:
-        """One DATA frame of ``stream_id``: written whole or not at all, so a
-        cancelled or timed-out send leaves nothing half-sent."""
+                          deadline: float | None, tail: bytes | bytearray | memoryview | None = None) -> None:
+        """One DATA frame of ``stream_id`` (split, given a ``tail``): written
+        whole or not at all, so a cancelled or timed-out send leaves nothing
+        half-sent."""
         await self._wait_writable(deadline)
         if not self._session.can_send(stream_id):
             raise StreamResetError(f"stream {stream_id} is closed for writing")
-        frame = self._encoder.encode(FrameType.DATA, stream_id, *parts)
+        frame = self._encoder.encode(FrameType.DATA, stream_id, *parts, tail=tail)
         self._write(frame)
         if not self._tr.get_write_buffer_size():  # all of it is in the kernel already
             self._encoder.recycle(frame)
-        self.bytes_sent += len(frame) - FRAME_LENGTH.size - FRAME_OVERHEAD
+        overhead = FRAME_LENGTH.size + FRAME_OVERHEAD + (0 if tail is None else SPLIT_OVERHEAD)
+        self.bytes_sent += len(frame) - overhead
 
     def _flush(self) -> None:
         """Write the control frames the muxer queued (OPEN, FIN, RESET)."""
@@ -835,7 +870,7 @@ class FastConnection(Libp2pConnection):
 
     # --- streams ----------------------------------------------------------------------
 
-    def _read_stream(self, stream_id: int) -> memoryview | None:
+    def _read_stream(self, stream_id: int) -> memoryview | Split | None:
         payload = self._session.read(stream_id)
         if payload is not None:
             self._buffered -= len(payload)
@@ -883,10 +918,10 @@ class FastConnection(Libp2pConnection):
                 ftype = frame.type
                 if ftype in murmux.STREAM_FRAMES:
                     before = self.budget.used
-                    events += self._session.on_frame(ftype, frame.stream, frame.payload)
+                    events += self._session.on_frame(ftype, frame.stream, frame.payload, frame.tail)
                     self._buffered += self.budget.used - before
                     if ftype is FrameType.DATA:
-                        self.bytes_received += len(frame.payload)
+                        self.bytes_received += len(frame.payload) + (0 if frame.tail is None else frame.tail.nbytes)
                     continue
                 if frame.stream != 0:
                     raise MuxerError(f"{ftype.name} frame on stream {frame.stream}")

@@ -11,7 +11,7 @@ listener (``TransportLimits.fast_path`` off leaves only the second):
   :class:`~murmur.protocol.noise.Libp2pNoiseHandshake` (libp2p-noise's
   identity payload, the cipher negotiated inside it) and then the large AEAD
   records of :mod:`murmur.protocol.framing`; its muxer is
-  ``/murmur/mux/1.0.0``, negotiated on stream 0 of those records;
+  ``/murmur/mux/2.0.0``, negotiated on stream 0 of those records;
 * ``/noise``: :class:`~murmur.protocol.noise.StandardNoiseHandshake` and the
   libp2p-noise channel; its muxer is ``/yamux/1.0.0``.
 
@@ -20,7 +20,7 @@ and takes it as agreed at once (multistream-select's lazy form, for a single
 proposal): its first streams follow the proposal without waiting a round trip
 for the echo, which it checks when it arrives (no other record may come
 before it). A peer that speaks ``/murmur/noise-fast/1.0.0`` speaks
-``/murmur/mux/1.0.0``; one that answers ``na`` is dropped.
+``/murmur/mux/2.0.0``; one that answers ``na`` is dropped.
 
 No plaintext protocol is offered or accepted, ever: an unknown or plaintext
 proposal gets ``na``, and after ``max_negotiation_attempts`` of them the
@@ -310,7 +310,7 @@ class Wire(asyncio.BufferedProtocol):
                 self._reader.feed(leftover)
                 self._on_noise()
 
-    # --- the fast path: murmur's handshake, records, /murmur/mux/1.0.0 ---------------------
+    # --- the fast path: murmur's handshake, records, /murmur/mux/2.0.0 ---------------------
 
     def _write_handshake(self, message: bytes | None) -> None:
         if message is not None:
@@ -364,7 +364,7 @@ class Wire(asyncio.BufferedProtocol):
                 for frame in frames:
                     if mss.done:
                         break
-                    if frame.type is not FrameType.DATA or frame.stream != 0:
+                    if frame.type is not FrameType.DATA or frame.stream != 0 or frame.tail is not None:
                         raise NegotiationError(f"{frame.type.name} record on stream {frame.stream} before the "
                                                "muxer's echo")
                     mss.feed(frame.payload)  # NoCommonProtocol if the peer refuses it
@@ -375,7 +375,7 @@ class Wire(asyncio.BufferedProtocol):
             self.conn._on_frames(frames)
         else:
             for i, frame in enumerate(frames):
-                if frame.type is not FrameType.DATA or frame.stream != 0:
+                if frame.type is not FrameType.DATA or frame.stream != 0 or frame.tail is not None:
                     raise NegotiationError(f"{frame.type.name} record on stream {frame.stream} before the muxer")
                 self._on_muxer_negotiation(frame.payload)
                 if self.conn is not None:
