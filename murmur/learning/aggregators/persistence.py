@@ -93,6 +93,16 @@ lost from 0.9 down to 0.8 of the median: a Sybil's mean is the shorter one)
 cut backdoor at 4 Sybils to 0.352, but it did nothing at 8 (0.877). A fixed
 offset of 0.1 honest spread (diversify 0.1) got past it: weight 0.193,
 attack 0.657.
+
+Nor does a behavioural check. SybilWall's probe (each neighbour's loss on
+our own training sample), which the round engine leaves out under privacy
+because weights may depend on released data only, was let in for a test:
+at boost 4 with 4 diversified Sybils the attack rate stayed 0.846 (label
+flip) and 0.979 (backdoor), Sybil weight 0.11 (one run of 300 rounds each,
+against 0.84-0.88 and 0.99-1.00 without it). At the honest mean plus a push
+under the noise, a Sybil's model does no worse on our data than an honest
+neighbour's; the damage is the push's sum over hundreds of rounds, which
+nothing honest trains back.
 """
 
 from __future__ import annotations
