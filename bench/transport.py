@@ -14,7 +14,7 @@
     comes; murmur's receiver runs in another, which calls
     ``tune_allocator`` first as a daemon does.
 (b) murmur: the fast path two murmur nodes agree on (multistream-select offers
-    ``/murmur/noise-fast/1.0.0`` and ``/murmur/mux/2.0.0`` first: Noise
+    ``/murmur/noise-fast/2.0.0`` and ``/murmur/mux/2.0.0`` first: Noise
     handshake, large AEAD records, one per stream message, a chunk's as a split
     frame whose payload is sealed from the array and opened in its landing
     place), carrying a

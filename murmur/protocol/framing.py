@@ -4,7 +4,7 @@ Wire format of one record::
 
     u32 big-endian L | AEAD( type:u8 || stream:u32 || payload )   (L = 5 + len(payload) + 16)
 
-These records are both the secure channel of ``/murmur/noise-fast/1.0.0``
+These records are both the secure channel of ``/murmur/noise-fast/2.0.0``
 and the frames of its muxer ``/murmur/mux/2.0.0`` (see
 :mod:`murmur.protocol.murmux`): the muxer's header (frame type and stream id)
 rides inside the AEAD record, so one message costs one seal and one open,

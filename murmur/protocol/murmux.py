@@ -1,7 +1,7 @@
 """``/murmur/mux/2.0.0``: murmur's stream muxer on its fast-path records, sans-IO.
 
 Between two murmur nodes the connection is upgraded to
-``/murmur/noise-fast/1.0.0`` (large AEAD records, negotiated cipher) and this
+``/murmur/noise-fast/2.0.0`` (large AEAD records, negotiated cipher) and this
 muxer, both offered first by multistream-select; a libp2p peer that offers only
 ``/noise`` and ``/yamux/1.0.0`` gets those instead. Its frames are the records
 of :mod:`murmur.protocol.framing`: ``type | stream id | payload`` inside one

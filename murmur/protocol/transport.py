@@ -1,7 +1,7 @@
 """The bounds of every connection, and the process-wide pieces the network stack shares.
 
 The connections themselves are :mod:`murmur.protocol.libp2p`: TCP upgraded
-with multistream-select to murmur's fast path (``/murmur/noise-fast/1.0.0`` +
+with multistream-select to murmur's fast path (``/murmur/noise-fast/2.0.0`` +
 ``/murmur/mux/2.0.0``) or the standard libp2p path (``/noise`` +
 ``/yamux/1.0.0``), one stream per protocol. What this module names once,
 and the host enforces on both paths, is everything a stranger can make a node
@@ -79,7 +79,7 @@ class TransportLimits:
     # Noise ciphers, most preferred first: offered in this order when dialling,
     # the set allowed when accepting. AESGCM leads where AES is in hardware.
     ciphers: tuple[NoiseCipher, ...] = field(default_factory=default_ciphers)
-    # murmur's fast path (/murmur/noise-fast/1.0.0 + /murmur/mux/2.0.0), offered first when
+    # murmur's fast path (/murmur/noise-fast/2.0.0 + /murmur/mux/2.0.0), offered first when
     # dialling and accepted when listening; off, the node speaks only /noise + /yamux/1.0.0.
     fast_path: bool = True
     negotiate_timeout_s: float = 10.0  # one stream's multistream-select

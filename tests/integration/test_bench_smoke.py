@@ -34,7 +34,7 @@ def test_transport_bench_reports_every_variant() -> None:
     assert 0 < out["ratio_ceiling_1"] <= 1
     assert out["connect_handshake_ms_median"] > 0 and out["standard_connect_handshake_ms_median"] > 0
     assert out["cipher"] == "Noise_XX_25519_AESGCM_SHA256"
-    assert out["fast_path"] == ["/murmur/noise-fast/1.0.0", "/murmur/mux/2.0.0"]
+    assert out["fast_path"] == ["/murmur/noise-fast/2.0.0", "/murmur/mux/2.0.0"]
     assert out["standard_path"] == ["/noise", "/yamux/1.0.0"]
 
 

@@ -2,7 +2,7 @@
 ping, and hostile peers that get typed faults while a good peer is served.
 
 Every test that does not poke one muxer's internals runs on both paths:
-murmur's fast path (``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/2.0.0``,
+murmur's fast path (``/murmur/noise-fast/2.0.0`` + ``/murmur/mux/2.0.0``,
 what two murmur hosts agree on) and the standard one (``/noise`` +
 ``/yamux/1.0.0``, with ``fast_path`` off)."""
 

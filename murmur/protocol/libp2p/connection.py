@@ -3,7 +3,7 @@
 :mod:`murmur.protocol.libp2p.wire` upgrades the TCP connection (security and
 muxer, each chosen by multistream-select) and hands over one of:
 
-* :class:`FastConnection`: ``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/2.0.0``,
+* :class:`FastConnection`: ``/murmur/noise-fast/2.0.0`` + ``/murmur/mux/2.0.0``,
   murmur's fast path: one AEAD record per stream frame, a stream frame per
   message (:mod:`murmur.protocol.murmux`), receive memory bounded by pausing
   the socket when the peer's budget is spent;
@@ -800,9 +800,12 @@ class _WireLike:
 
 
 class FastConnection(Libp2pConnection):
-    """``/murmur/noise-fast/1.0.0`` + ``/murmur/mux/2.0.0``: AEAD records, one per stream frame."""
+    """``/murmur/noise-fast/2.0.0`` + ``/murmur/mux/2.0.0``: AEAD records, one per stream frame."""
 
-    security = "/murmur/noise-fast/1.0.0"
+    # 2.0.0 (both ids): split frames. A node of the 1.0.0 release answers na to
+    # this security id, and the two fall back to /noise + /yamux/1.0.0 instead
+    # of failing at the muxer.
+    security = "/murmur/noise-fast/2.0.0"
     muxer = murmux.PROTOCOL_ID
     _stream_class = MuxStream
 

@@ -7,7 +7,7 @@
 Security, offered in this order by a murmur dialler and accepted by a murmur
 listener (``TransportLimits.fast_path`` off leaves only the second):
 
-* ``/murmur/noise-fast/1.0.0``: murmur's fast path, the XX handshake of
+* ``/murmur/noise-fast/2.0.0``: murmur's fast path, the XX handshake of
   :class:`~murmur.protocol.noise.Libp2pNoiseHandshake` (libp2p-noise's
   identity payload, the cipher negotiated inside it) and then the large AEAD
   records of :mod:`murmur.protocol.framing`; its muxer is
@@ -19,7 +19,7 @@ On the fast path the dialler proposes its one muxer with handshake message 3
 and takes it as agreed at once (multistream-select's lazy form, for a single
 proposal): its first streams follow the proposal without waiting a round trip
 for the echo, which it checks when it arrives (no other record may come
-before it). A peer that speaks ``/murmur/noise-fast/1.0.0`` speaks
+before it). A peer that speaks ``/murmur/noise-fast/2.0.0`` speaks
 ``/murmur/mux/2.0.0``; one that answers ``na`` is dropped.
 
 No plaintext protocol is offered or accepted, ever: an unknown or plaintext
@@ -66,7 +66,7 @@ from murmur.protocol.transport import send_high_water
 if TYPE_CHECKING:
     from murmur.protocol.libp2p.host import Libp2pHost
 
-FAST_SECURITY = FastConnection.security  # /murmur/noise-fast/1.0.0
+FAST_SECURITY = FastConnection.security  # /murmur/noise-fast/2.0.0
 NOISE = YamuxConnection.security  # /noise
 RAW_READ_BYTES = 4096  # the clear-text security negotiation reads here
 
