@@ -20,10 +20,12 @@ from murmur.protocol.libp2p import FastConnection, Libp2pConnection, Libp2pHost,
 from murmur.protocol.libp2p.host import HostConfig
 from murmur.protocol.multiaddr import DialAddr
 from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayRefused, RelayService, read_message
+from murmur.protocol.framing import SPLIT_MIN_TAIL
 from murmur.protocol.transport import TransportLimits
 from tests.integration.cluster import wait_until
 
 ECHO = "/murmur-test/echo/1.0.0"
+PARTS = "/murmur-test/parts/1.0.0"
 PATHS = {"fast": FastConnection, "standard": YamuxConnection}
 
 
@@ -100,6 +102,35 @@ async def test_echo_through_the_relay(trios, path: str) -> None:  # type: ignore
     assert conn.identify is not None and ECHO in conn.identify.protocols
     await conn.close()
     await wait_until(lambda: trio.relay.circuits == 0, 5, "circuit released")
+
+
+async def test_split_messages_cross_the_relay_with_their_tails_sealed(trios) -> None:  # type: ignore[no-untyped-def]
+    """The fast path over a members' circuit (what learning neighbours get): a
+    delta chunk's split frame goes through the relay's streams as bytes and
+    reaches the reader still sealed, whether its tail fits the frame reader's
+    scratch or gets a buffer of its own."""
+    trio = await trios()
+    trio.relay.config = RelayConfig(learning_peers=frozenset({trio.private.peer_id, trio.dialler.peer_id}),
+                                    learning_circuit_data_bytes=4 << 20)
+    got: asyncio.Queue[object] = asyncio.Queue()
+
+    async def parts(stream) -> None:  # type: ignore[no-untyped-def]
+        while (message := await stream.recv_parts()) is not None:
+            got.put_nowait(message)
+
+    trio.private.set_handler(PARTS, parts)
+    await trio.private_client.reserve(trio.private_to_relay)
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)
+    assert type(conn) is FastConnection and conn.relay == trio.relay_host.peer_id
+    stream = await conn.open_stream(PARTS)
+    for size in (SPLIT_MIN_TAIL + 1000, DEFAULT_SCRATCH_BYTES + 50_000):
+        tail = os.urandom(size)
+        await stream.send_message(b"envelope", tail)
+        head, sealed = await asyncio.wait_for(got.get(), 5)  # type: ignore[misc]
+        opened = bytearray(size)
+        sealed.open_into(memoryview(opened))
+        assert bytes(head) == b"envelope" and opened == tail
+    assert trio.relay.stats["cut_data"] == 0 and not conn.closed
 
 
 async def test_no_reservation_is_refused(trios) -> None:  # type: ignore[no-untyped-def]
