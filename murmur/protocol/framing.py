@@ -82,7 +82,7 @@ FRAME_LENGTH = struct.Struct(">I")
 FRAME_HEADER = struct.Struct(">BI")  # frame type, stream id: the first plaintext bytes of every record
 HEADER_LEN = FRAME_HEADER.size
 FRAME_OVERHEAD = HEADER_LEN + TAG_LEN  # ciphertext bytes beyond the payload
-SPLIT_OVERHEAD = 4 + TAG_LEN  # a split frame's second length prefix and tag
+SPLIT_OVERHEAD = FRAME_LENGTH.size + TAG_LEN  # a split frame's second length prefix and tag
 # Tails from here on travel split: below it, the copy a split saves costs
 # less than the second record's tag, nonce and Python calls.
 SPLIT_MIN_TAIL = 64 * 1024

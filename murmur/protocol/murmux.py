@@ -249,7 +249,7 @@ class MuxSession:
             self.budget.release(stream.buffered)
         for message in stream.queue:
             if isinstance(message, Split):
-                message.tail.discard()  # its buffer back to the frame reader
+                message.tail.discard()  # its ciphertext buffer freed now, not when the queue is collected
         stream.queue.clear()
         stream.buffered = 0
 

@@ -151,8 +151,9 @@ class RawPeer:
             raise
         return cls(reader, writer, identity, enc, dec)
 
-    def frame(self, ftype: FrameType, payload: bytes = b"", stream: int = 0) -> bytes:
-        return bytes(self.enc.encode(ftype, stream, payload))
+    def frame(self, ftype: FrameType, payload: bytes = b"", stream: int = 0, tail: bytes | None = None) -> bytes:
+        """One record (two, given a ``tail``: a split DATA frame, the tail sealed alone)."""
+        return bytes(self.enc.encode(ftype, stream, payload, tail=tail))
 
     def stream_for(self, protocol: str) -> tuple[int, bytes]:
         """Our stream for ``protocol``, and the records that open it if it is new."""
@@ -164,15 +165,11 @@ class RawPeer:
         proposal = multistream.Dialer([protocol]).start()
         return stream, self.frame(FrameType.OPEN, stream=stream) + self.frame(FrameType.DATA, proposal, stream)
 
-    def message(self, payload: bytes, protocol: str) -> bytes:
-        """Records that carry ``payload`` as one message of ``protocol`` (its stream opened if new)."""
+    def message(self, payload: bytes, protocol: str, tail: bytes | None = None) -> bytes:
+        """Records that carry ``payload`` (and ``tail``, split) as one message of
+        ``protocol`` (its stream opened if new)."""
         stream, opening = self.stream_for(protocol)
-        return opening + self.frame(FrameType.DATA, payload, stream)
-
-    def split_message(self, head: bytes, tail: bytes, protocol: str) -> bytes:
-        """Records that carry ``head + tail`` as one message of ``protocol``, split (tail sealed alone)."""
-        stream, opening = self.stream_for(protocol)
-        return opening + bytes(self.enc.encode(FrameType.DATA, stream, head, tail=tail))
+        return opening + self.frame(FrameType.DATA, payload, stream, tail)
 
     def frames(self, msg: Message) -> bytes:
         return self.message(encode(msg), protocol_of(type(msg)))

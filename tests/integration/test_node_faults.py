@@ -202,7 +202,7 @@ BadFrame = Callable[[RawPeer], bytes]
         (lambda p: p.frame(FrameType.DATA, b"x", 99), False, MuxerError),  # a stream never opened
         (lambda p: p.frame(FrameType.OPEN, stream=4), False, MuxerError),  # the victim's parity
         (lambda p: p.frame(FrameType.SPLIT, b"head", 1), True, FrameError),  # a split frame's head, no tail
-        (lambda p: p.split_message(encode(p.gossip(b"g")), b"t" * 100, MurmurProtocol.GOSSIP), False,
+        (lambda p: p.message(encode(p.gossip(b"g")), MurmurProtocol.GOSSIP, tail=b"t" * 100), False,
          SchemaError),  # a kind with no tail, split
     ],
     ids=["truncated-frame", "oversized-frame", "bad-aead", "undecodable", "bad-utf8", "unknown-stream",

@@ -288,24 +288,26 @@ class MuxStream(Stream):
         await self.conn._send_frame(self.id, parts, deadline, tail)
 
     async def recv_message(self) -> bytes | memoryview | None:
-        parts = await self.recv_parts()
-        if parts is None:
-            return None
-        head, tail = parts
-        return head if tail is None else Split(memoryview(head), tail).join()
+        message = await self._next_message()
+        return message.join() if isinstance(message, Split) else message
 
     async def recv_parts(self) -> tuple[bytes | memoryview, SealedTail | None] | None:
+        message = await self._next_message()
+        if isinstance(message, Split):
+            return message.head, message.tail
+        return None if message is None else (message, None)
+
+    async def _next_message(self) -> bytes | memoryview | Split | None:
+        """The next message as the muxer queued it (a split one unopened)."""
         if self._pushback:  # what followed a negotiation in the same frame
             data, self._pushback = self._pushback, b""
-            return data, None
+            return data
         while True:
             if self._reset:
                 raise StreamResetError(f"stream {self.id} was reset")
             message = self.conn._read_stream(self.id)
-            if isinstance(message, Split):
-                return message.head, message.tail
             if message is not None:
-                return message, None
+                return message
             if self._at_eof():
                 return None
             self._readable.clear()
