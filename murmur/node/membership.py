@@ -218,7 +218,7 @@ class Membership:
                 desc = self.sampler.descriptor(peer) or self._neighbour_descriptor(peer)
                 if desc is not None and peer not in self._dialling:
                     self._tasks.spawn(f"link-{peer.short()}", lambda d=desc: self._dial_neighbour(d), replace=True)
-            elif not session.link_out:
+            elif not session.link_out and session.greeted:  # else our greeting is still on its way: next tick
                 await self._set_link(session, True, chosen=True)
         now = time.monotonic()
         for session in self.host.sessions():
@@ -236,6 +236,13 @@ class Membership:
         return None
 
     async def _set_link(self, session: PeerSession, active: bool, chosen: bool = False) -> None:
+        """Ask for (or accept) a learning edge, or end or refuse one. A request
+        or an acceptance goes only after our greeting (Hello, LearnerInfo),
+        which travels on the same stream: the peer judges a Link by our
+        LearnerInfo, and one that came first was refused, and the sampler
+        then shunned the peer for ``failed_memory_s``."""
+        if active and not await session.speaks_murmur():
+            return
         was = session.linked
         session.link_out = active
         session.chosen = active and chosen

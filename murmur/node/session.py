@@ -145,6 +145,11 @@ class PeerSession:
         return await asyncio.shield(self._murmur)
 
     @property
+    def greeted(self) -> bool:
+        """Our greeting is on its way and the peer took it (see :meth:`speaks_murmur`)."""
+        return self._murmur.done() and self._murmur.result()
+
+    @property
     def closed(self) -> bool:
         return self.conn.closed
 

@@ -6,12 +6,14 @@ each with a plug-in trainer named the way a user names their own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from murmur.node.learner import NodeLearner
 from tests.integration.cluster import Cluster
 
 TRAINER = "tests.trainers:VectorTrainer"
@@ -69,3 +71,30 @@ async def test_a_node_whose_rounds_cannot_keep_up_says_it_is_stalled(tmp_path: P
         learning_status = slow.status()["learning"]
         assert "the round loop is in phase train_s" in learning_status["stall_reason"]
         assert slow.metrics.value("murmur_learning_stalled") == 1
+
+
+async def test_a_slow_greeting_does_not_cost_the_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each node's ``LearnerInfo`` leaves 1.5 s after its ``Hello`` (a loaded
+    machine), longer than a maintain tick: the Link it chose to send still
+    follows its LearnerInfo on the hello stream, so the peer does not refuse
+    it for want of one. (A Link sent between the two was refused, the sampler
+    shunned the peer for 300 s, and two nodes never learnt together: a CI
+    failure of the NAT test, one run in fifty.)"""
+    greet = NodeLearner.greet
+
+    async def slow_greet(self: NodeLearner, front: Any, session: Any) -> None:
+        await asyncio.sleep(1.5)
+        await greet(self, front, session)
+
+    monkeypatch.setattr(NodeLearner, "greet", slow_greet)
+    async with Cluster(1, tmp_path, learning(size=21)) as cluster:
+        other = await cluster.add_node(bootstrap=True)
+        nodes = [cluster.node(0), other]
+        await cluster.wait_until(lambda: all(len(cluster.neighbours(n)) == 1 for n in nodes), 10.0,
+                                 "a learning edge between the two")
+        rounds = {id(n): n.learner.round for n in nodes}
+        await cluster.wait_until(lambda: all(n.learner.round >= rounds[id(n)] + 3 for n in nodes), 10.0,
+                                 "three rounds each")
+        for node in nodes:
+            assert node.membership.links_refused == 0
+            assert node.status()["faults"] == {}
