@@ -132,7 +132,7 @@ class Membership:
         # a peer re-learnt from a third node's shuffle can be chosen again before
         # it answered (a node busy with a big model answers late), and answers
         # come in order on one connection.
-        self._shuffles: dict[PeerId, deque[list[Descriptor]]] = {}
+        self._shuffles: dict[PeerId, deque[tuple[Descriptor, list[Descriptor]]]] = {}
         self._pex_asked: set[PeerId] = set()
         self._dialling: set[PeerId] = set()
         self._dial_slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
@@ -441,7 +441,7 @@ class Membership:
         if session is None:
             return
         pending = self._shuffles.setdefault(target.peer, deque(maxlen=MAX_PENDING_SHUFFLES))
-        pending.append(entries)
+        pending.append((target, entries))
         try:
             await session.send(ShuffleRequest(entries=tuple(self._wire(entries))))
         except ConnectionClosed:
@@ -484,10 +484,10 @@ class Membership:
         pending = self._shuffles.get(session.peer)
         if not pending:
             raise LimitExceeded("unsolicited shuffle response")
-        sent = pending.popleft()
+        target, sent = pending.popleft()
         if not pending:
             del self._shuffles[session.peer]
-        self.sampler.on_shuffle_response(sent, self._descriptors(msg.entries))
+        self.sampler.on_shuffle_response(sent, self._descriptors(msg.entries), target)
 
     def status(self) -> dict[str, Any]:
         return {

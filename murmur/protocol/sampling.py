@@ -26,7 +26,10 @@ Cyclon (Voulgaris et al., 2005), as implemented:
   refreshed or found dead in bounded time, which is what evicts dead peers.
 * ``on_shuffle_request(sender, entries)``: reply with up to l random entries
   (never the sender), then merge what was received.
-* ``on_shuffle_response(sent, received)``: merge.
+* ``on_shuffle_response(sent, received, target)``: merge; then Q itself goes
+  back, fresh, into a slot the merge left free (a view with free slots is a
+  network smaller than the view: there, the swap would leave Q's only peer
+  without an entry half of the time).
 * merge: ignore our own id, failed/blocked peers and peers already in the view
   (for those only the younger age is kept; addresses are *not* replaced, so
   nobody can redirect an entry we hold to another address); fill empty slots
@@ -311,9 +314,21 @@ class CyclonSampler:
         self._merge(entries, reply)
         return reply
 
-    def on_shuffle_response(self, entries_sent: Sequence[Descriptor], entries_received: Sequence[Descriptor]) -> None:
-        """Merge the reply to our shuffle; slots of what we sent are reused."""
+    def on_shuffle_response(self, entries_sent: Sequence[Descriptor], entries_received: Sequence[Descriptor],
+                            target: Descriptor | None = None) -> None:
+        """Merge the reply to our shuffle; slots of what we sent are reused.
+
+        ``target`` (the peer that answered) goes back into the view, fresh,
+        if the reply left a slot free. Cyclon hands our entry to it and takes
+        its entry from us; in a network smaller than the view (two nodes: the
+        user's first pair) the reply has nothing to fill that slot, so each
+        node's view held its only peer half of the time, and a neighbour set,
+        filled from the view, could stay empty for good when its maintenance
+        ticks fell in the other half (a CI failure). A full view keeps the
+        Cyclon swap as it is."""
         self._merge(entries_received, entries_sent)
+        if target is not None and len(self._view) < self.config.view_size:
+            self._merge([replace(target, age=0)], ())
 
     def _merge(self, received: Sequence[Descriptor], sent: Sequence[Descriptor]) -> None:
         replaceable = [d.peer for d in sent if d.peer != self.self_id]

@@ -79,7 +79,7 @@ class Network:
                 node.on_failure(target.peer)  # dial/timeout failed
                 continue
             reply = self.nodes[target.peer].on_shuffle_request(p, wire(sent, self.config))
-            node.on_shuffle_response(sent, wire(reply, self.config))
+            node.on_shuffle_response(sent, wire(reply, self.config), target)
             node.on_alive(target.peer)
 
     def ping_neighbours(self, k: int) -> None:
@@ -158,6 +158,41 @@ def test_merge_fills_empty_slots_then_replaces_sent_entries_and_ignores_self():
     assert peers == {pid(10), pid(11), pid(12)} | ({pid(i) for i in range(1, 5)} - sent_others - {target.peer})
     # one empty slot, then both sent entries replaced; nothing left to replace for pid(13)
     assert len(node) == 4
+
+
+def test_two_nodes_keep_each_other_in_view_through_every_shuffle():
+    """A network of two, the pair a user starts first. Cyclon's swap takes
+    the target's entry out of the initiator's view and the reply has nothing
+    to put back: each view held its only peer half of the time, and a node
+    whose neighbour ticks fell in the empty half never chose a neighbour.
+    The target that answered goes back into the free slot."""
+    config = SamplerConfig(view_size=20, shuffle_length=5, neighbours=1)
+    a = CyclonSampler(pid(1), [Multiaddr("198.18.1.1", 4731)], config, random.Random(1), FakeClock())
+    b = CyclonSampler(pid(2), [Multiaddr("198.18.2.1", 4731)], config, random.Random(2), FakeClock())
+    assert a.add(b.self_id, b.self_addrs) and b.add(a.self_id, a.self_addrs)
+    for initiator, responder in [(a, b), (a, b), (b, a), (a, b), (b, a), (b, a)]:
+        started = initiator.start_shuffle()
+        assert started is not None, "an empty view: the peer was lost"
+        target, sent = started
+        assert target.peer == responder.self_id
+        reply = responder.on_shuffle_request(initiator.self_id, wire(sent, config))
+        initiator.on_shuffle_response(sent, wire(reply, config), target)
+        for node, other in ((a, b), (b, a)):
+            assert [d.peer for d in node.view()] == [other.self_id]
+            assert node.neighbours(1) == [other.self_id]
+
+
+def test_a_full_view_keeps_the_cyclon_swap():
+    """With no slot free after the merge, the target stays out (it now holds
+    our fresh entry): the swap that keeps in-degrees even is unchanged."""
+    config = SamplerConfig(view_size=3, shuffle_length=2, allow_loopback_flood=True)
+    node = make_node(config)
+    for i in range(1, 4):
+        node.add(pid(i), [Multiaddr("127.0.0.1", 4000 + i)], age=i)
+    target, sent = node.start_shuffle()  # type: ignore[misc]
+    addr = (Multiaddr("127.0.0.1", 5000),)
+    node.on_shuffle_response(sent, [Descriptor(pid(10), addr, 0)], target)
+    assert target.peer not in node and pid(10) in node and len(node) == 3
 
 
 def test_duplicate_keeps_younger_age_but_never_new_address():
@@ -414,7 +449,7 @@ def test_sampler_invariants_hold_for_any_operation_sequence(ops):
             if started is not None:
                 target, sent = started
                 assert target.peer not in node and len(sent) <= config.shuffle_length
-                node.on_shuffle_response(sent, [_desc(e) for e in op[1]])
+                node.on_shuffle_response(sent, [_desc(e) for e in op[1]], target)
         elif op[0] == "fail":
             node.on_failure(pid(op[1]))
             failed.add(pid(op[1]))
