@@ -153,6 +153,10 @@ class Membership:
         }
 
     def start(self) -> None:
+        unresolvable = [a for a in self.config.bootstrap if a.is_circuit and a.dns]
+        if unresolvable:
+            log.info("bootstrap circuits through a DNS name are not dialled", extra={
+                "event": "bootstrap_circuits", "addrs": [str(a) for a in unresolvable]})
         self._tasks.spawn("bootstrap", self._bootstrap)
         self._tasks.periodic("maintain-neighbours", self.config.maintain_interval_s, self.maintain)
         self._tasks.periodic(
@@ -382,12 +386,7 @@ class Membership:
         names are resolved on every try; a relay circuit is dialled through its
         relay (one whose relay is a DNS name is kept but not dialled: resolve it
         in the config)."""
-        unresolvable = [a for a in self.config.bootstrap if a.is_circuit and a.dns]
-        if unresolvable:
-            log.info("bootstrap circuits through a DNS name are not dialled", extra={
-                "event": "bootstrap_circuits", "addrs": [str(a) for a in unresolvable]})
-        dialable = [a for a in self.config.bootstrap if a not in unresolvable and a.peer_id != self.host.peer_id
-                    and not (a.is_circuit and a.peer_id is None)]  # CONNECT must name its target
+        dialable = self._dialable_bootstrap()
         if not dialable:
             return
         attempt = 0
@@ -407,6 +406,10 @@ class Membership:
                 return
             await asyncio.sleep(BOOTSTRAP_BACKOFF_S[min(attempt, len(BOOTSTRAP_BACKOFF_S) - 1)])
             attempt += 1
+
+    def _dialable_bootstrap(self) -> list[DialAddr]:
+        return [a for a in self.config.bootstrap if not (a.is_circuit and a.dns) and a.peer_id != self.host.peer_id
+                and not (a.is_circuit and a.peer_id is None)]  # CONNECT must name its target
 
     async def request_peers(self, session: PeerSession) -> None:
         self._pex_asked.add(session.peer)
@@ -454,6 +457,9 @@ class Membership:
         shuffle again and be forgotten: put the peers we are connected to back
         in it, and ask one of them for peers (peer exchange)."""
         sessions = [s for s in self.host.sessions() if not s.closed and s.hello is not None]
+        if not sessions:
+            self._rebootstrap()
+            return
         for session in sessions:
             self.sampler.on_alive(session.peer)
             if session.addrs:
@@ -463,6 +469,17 @@ class Membership:
                 await self.request_peers(self._rng.choice(sessions))
             except ConnectionClosed:
                 pass
+
+    def _rebootstrap(self) -> None:
+        """Nobody left (the peers we knew left or failed, say the one public
+        node a NATed node dialled restarted): dial the bootstrap peers again,
+        with their back-off, until somebody answers. The peers cannot dial a
+        node they never learnt, or one behind a NAT: without this it stayed
+        alone for good."""
+        if "bootstrap" in self._tasks or not self._dialable_bootstrap():
+            return
+        log.info("no peers left; dialling the bootstrap peers again", extra={"event": "rebootstrap"})
+        self._tasks.spawn("bootstrap", self._bootstrap)
 
     @staticmethod
     def _wire(entries: Iterable[Descriptor]) -> list[tuple[PeerId, tuple[str, ...], int]]:

@@ -14,6 +14,7 @@ import pytest
 
 from murmur.protocol.identity import PeerId
 from murmur.node.daemon import Node
+from murmur.node.state import PEERS_FILE
 from tests.integration.cluster import Cluster, node_config, wait_until
 
 N = 8
@@ -200,3 +201,21 @@ async def test_mdns_finds_peers_without_bootstrap(tmp_path) -> None:
     finally:
         for node in nodes:
             await node.stop()
+
+
+async def test_a_node_that_lost_every_peer_dials_its_bootstrap_again(tmp_path: Path) -> None:
+    """Two nodes; only the second can dial (the first forgets it: as if it sat
+    behind a NAT). The first crashes and stays down past the second's redial;
+    when it is back, the second finds it again through its bootstrap address
+    instead of sitting alone with an empty view for good."""
+    async with Cluster(1, tmp_path, network__neighbours=1) as cluster:
+        lone = await cluster.add_node(bootstrap=True)
+        first = cluster.node(0).peer_id
+        await cluster.wait_until(lambda: cluster.neighbours(lone) == {first}, CONVERGE_S, "the two linked")
+        await cluster.crash(0)
+        await cluster.wait_until(lambda: not lone.sessions() and len(lone.sampler) == 0, RECOVER_S,
+                                 "the second alone, its redial failed")
+        (cluster.members[0].data_dir / PEERS_FILE).unlink(missing_ok=True)  # it cannot dial the second
+        restarted = await cluster.restart(0)
+        await cluster.wait_until(lambda: cluster.neighbours(lone) == {first} and cluster.neighbours(restarted)
+                                 == {lone.peer_id}, REJOIN_S + 5.0, "the two linked again")
