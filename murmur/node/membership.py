@@ -240,16 +240,22 @@ class Membership:
         return None
 
     async def _set_link(self, session: PeerSession, active: bool, chosen: bool = False) -> None:
-        """Ask for (or accept) a learning edge, or end or refuse one. A request
-        or an acceptance goes only after our greeting (Hello, LearnerInfo),
-        which travels on the same stream: the peer judges a Link by our
-        LearnerInfo, and one that came first was refused, and the sampler
-        then shunned the peer for ``failed_memory_s``."""
-        if active and not await session.speaks_murmur():
-            return
+        """Ask for (or accept) a learning edge, or end or refuse one.
+
+        The state changes at once, with the caller's room check (no await in
+        between: two requests cannot both take the last slot). A request or an
+        acceptance goes on the wire only after our greeting (Hello, then
+        LearnerInfo, on the same stream): the peer judges a Link by our
+        LearnerInfo, and one that overtook it was refused, and the peer's
+        sampler shunned us for ``failed_memory_s``."""
         was = session.linked
         session.link_out = active
         session.chosen = active and chosen
+        if active and not session.greeted:
+            if not await session.speaks_murmur():
+                return  # the connection ended (or it speaks no murmur) before our greeting went
+            if not session.link_out:
+                return  # withdrawn meanwhile: that Link(active=0) already went
         try:
             await session.send(Link(active=int(active), degree=self.degree()))
         except ConnectionClosed:
