@@ -15,9 +15,9 @@ from tests.integration.daemons import Daemon, DaemonPool
 from tests.integration.emulation import require_internet
 from tests.integration.test_internet_nodes import (
     LEARNED_S,
-    ROUNDS,
     TOGETHER,
     _established_from,
+    all_rounds_run,
     meet_through_relay,
     _rounds,
     _status,
@@ -51,8 +51,7 @@ async def test_two_nodes_behind_eim_nats_punch_a_hole_and_learn_over_it(pool: Da
             assert net.plan.public_address("a") in _established_from(net, "b")
             await wait_until(lambda: _circuits(net, relay), 10, "the circuit closed on the relay")
 
-            await wait_until(lambda: all(_rounds(d) and _rounds(d)[-1]["round"] == ROUNDS - 1 for d in (a, b)),
-                             LEARNED_S, f"{ROUNDS} rounds on both nodes")
+            await all_rounds_run(net, {"a": a, "b": b})
             with_other = {d.peer_id: [r["round"] for r in _rounds(d) if o.peer_id in r.get("neighbours", [])]
                           for d, o in ((a, b), (b, a))}
             assert all(len(rounds) >= TOGETHER for rounds in with_other.values()), with_other

@@ -59,6 +59,28 @@ def _rounds(daemon: Daemon) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.endswith("}")]
 
 
+async def all_rounds_run(net: Internet, daemons: Mapping[str, Daemon]) -> None:
+    """Until every daemon (by host) wrote its last round. On a timeout the
+    error says where each one stood (rounds, links, view, faults): a CI run
+    shows only the assertion, and "not reached" alone once took a loop of
+    fifty runs and a state dump to explain."""
+    try:
+        await wait_until(lambda: all(_rounds(d) and _rounds(d)[-1]["round"] == ROUNDS - 1 for d in daemons.values()),
+                         LEARNED_S, f"{ROUNDS} rounds on both nodes")
+    except AssertionError as exc:
+        stood = {}
+        for host, daemon in daemons.items():
+            try:
+                status = await _status(net, host, daemon)
+            except (OSError, aiohttp.ClientError, TimeoutError) as error:
+                stood[host] = repr(error)
+                continue
+            stood[host] = {"round": status["learning"]["round"], "neighbours": len(status["neighbours"]),
+                           "view": status["view"], "connections": status["connection_types"],
+                           "evictions": status["evictions"], "faults": status["faults"]}
+        raise AssertionError(f"{exc}; where each stood: {stood}") from None
+
+
 def _established_from(net: Internet, host: str) -> set[str]:
     """The remote addresses of the TCP connections to ``host``'s listen port, as its kernel sees them."""
     out = subprocess.run([*net.exec_prefix(host), "ss", "-Htn", "state", "established", f"( sport = :{PORT} )"],
@@ -90,8 +112,7 @@ async def test_a_node_behind_nat_learns_with_a_public_node(pool: DaemonPool) -> 
             # every round ran on both (a state reached whatever the load), then: most of them with the
             # other's delta, which crossed the NAT (the first may run before the connection is up, and
             # a round may miss its deadline on a loaded machine)
-            await wait_until(lambda: all(_rounds(d) and _rounds(d)[-1]["round"] == ROUNDS - 1
-                                         for d in (public, behind)), LEARNED_S, f"{ROUNDS} rounds on both nodes")
+            await all_rounds_run(net, {"pub": public, "home": behind})
             with_other = {d.peer_id: [r["round"] for r in _rounds(d) if o.peer_id in r.get("neighbours", [])]
                           for d, o in ((public, behind), (behind, public))}
             assert all(len(rounds) >= TOGETHER for rounds in with_other.values()), with_other
@@ -115,8 +136,7 @@ async def test_two_nodes_behind_symmetric_nats_learn_through_a_public_relay(pool
             # its own network's learning traffic: circuits between a and b in the relay's learning class
             a, b, relay = await meet_through_relay(pool, net, lambda ids: {"learning_peers": ids})
             a_id = a.peer_id
-            await wait_until(lambda: all(_rounds(d) and _rounds(d)[-1]["round"] == ROUNDS - 1 for d in (a, b)),
-                             LEARNED_S, f"{ROUNDS} rounds on both nodes")
+            await all_rounds_run(net, {"a": a, "b": b})
             with_other = {d.peer_id: [r["round"] for r in _rounds(d) if o.peer_id in r.get("neighbours", [])]
                           for d, o in ((a, b), (b, a))}
             assert all(len(rounds) >= TOGETHER for rounds in with_other.values()), with_other
