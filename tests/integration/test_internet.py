@@ -107,7 +107,10 @@ def test_symmetric_nat_maps_each_destination_to_another_port(symmetric: Internet
     seen = _mappings(symmetric, "a", [("s1", PORT), ("s2", PORT), ("s1", PORT + 1), ("s2", PORT + 1)])
     assert {addr for addr, _ in seen} == {wan}
     ports = [port for _, port in seen]
-    assert len(set(ports)) == len(ports)  # endpoint-dependent: nothing to predict for a hole punch
+    # Endpoint-dependent: nothing to predict for a hole punch. The ports are
+    # random, so two of the four may match by chance (a CI rehearsal drew
+    # 64001 twice); an endpoint-independent NAT would give one port for all.
+    assert len(set(ports)) >= len(ports) - 1, ports
     assert SRC_PORT not in ports
 
 
