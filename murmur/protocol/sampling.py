@@ -325,9 +325,9 @@ class CyclonSampler:
         node's view held its only peer half of the time, and a neighbour set,
         filled from the view, could stay empty for good when its maintenance
         ticks fell in the other half (a CI failure). A full view keeps the
-        Cyclon swap as it is."""
+        Cyclon swap as it is: a merge with nothing sent to replace evicts nobody."""
         self._merge(entries_received, entries_sent)
-        if target is not None and len(self._view) < self.config.view_size:
+        if target is not None:
             self._merge([replace(target, age=0)], ())
 
     def _merge(self, received: Sequence[Descriptor], sent: Sequence[Descriptor]) -> None:

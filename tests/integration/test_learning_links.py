@@ -77,9 +77,9 @@ async def test_a_slow_greeting_does_not_cost_the_link(tmp_path: Path, monkeypatc
     """Each node's ``LearnerInfo`` leaves 1.5 s after its ``Hello`` (a loaded
     machine), longer than a maintain tick: the Link it chose to send still
     follows its LearnerInfo on the hello stream, so the peer does not refuse
-    it for want of one. (A Link sent between the two was refused, the sampler
-    shunned the peer for 300 s, and two nodes never learnt together: a CI
-    failure of the NAT test, one run in fifty.)"""
+    it for want of one. (A Link sent between the two was refused, and the
+    asker's sampler shunned the peer for 300 s; found while chasing a CI
+    failure of the NAT test.)"""
     greet = NodeLearner.greet
 
     async def slow_greet(self: NodeLearner, front: Any, session: Any) -> None:
