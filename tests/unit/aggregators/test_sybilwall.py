@@ -222,6 +222,20 @@ def test_the_honest_teller_of_a_twins_record_pays_one_round_not_the_hold() -> No
     assert min(honest[10:]) == 1.0
 
 
+def test_a_teller_of_a_twin_we_already_hold_goes_free() -> None:
+    """Honest neighbours beside a Sybil's twins tell of them round after
+    round. Known answer (recovery 1/4 a round): the tellers of rounds 1 and 7
+    pay (round 1's and 7's records are compared in two rounds each); from
+    round 7 s is held on two observers' records, so the tellers of rounds 10
+    and 13 tell us nothing we do not hold and keep their trust, while s stays
+    held. Before this rule they paid again each time (trust 0 in rounds 10
+    and 13), and under privacy an honest neighbour weighed down leaves its
+    pairwise noise uncancelled too."""
+    _, sybil, honest = _lone_sybil((1, 7, 10, 13), 16, accuser_pays=True)
+    assert honest == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert sybil[6:] == [0.0] * 9
+
+
 def test_one_observer_alone_never_holds_a_peer() -> None:
     """A twin only one observer vouches for may be made up (a Sybil signs as
     the twin and as its observer): caught twice on records of that one
