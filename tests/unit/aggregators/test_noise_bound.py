@@ -24,10 +24,12 @@ def _along(length: float, axis: int) -> torch.Tensor:
     return out
 
 
-def test_each_pull_is_clipped_to_ratio_times_our_own_step() -> None:
-    """Our step 2, ratio 1.5: offsets of length 1 and 3 pass, 6 keeps half (3 / 6)."""
-    ups = updates({"a": _along(1.0, 1), "b": _along(3.0, 2), "c": _along(6.0, 3)})
-    assert noise_scales(_along(2.0, 0), ups, 1.5).tolist() == pytest.approx([1.0, 1.0, 0.5])
+def test_weight_falls_from_ratio_times_our_own_step_to_none_at_twice_that() -> None:
+    """Our step 2, ratio 1.5 (tau 3): offsets of length 1 and 3 keep their
+    weight, 4.5 keeps half (2 - 4.5 / 3), 6 and 9 none."""
+    ups = updates({"a": _along(1.0, 1), "b": _along(3.0, 2), "c": _along(4.5, 3), "d": _along(6.0, 4),
+                   "e": _along(9.0, 5)})
+    assert noise_scales(_along(2.0, 0), ups, 1.5).tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])
 
 
 def test_no_step_of_our_own_bounds_nothing() -> None:
@@ -42,17 +44,17 @@ def test_no_step_of_our_own_bounds_nothing() -> None:
 
 def _weights(noised: bool, **opts: object) -> dict[str, float]:
     """One round of SybilWall: two honest offsets as long as our own (noised)
-    step, and one three times as long."""
+    step, and one 2.25 times as long."""
     agg = get_aggregator("sybilwall", self_id="me", clip=None, persistence=None, **opts)
     assert isinstance(agg, SybilWallAggregator)
     agg.noised = noised
     dirs = [d / d.norm() for d in orthogonalish(4, DIM, 7)]
-    return agg.weigh(2.0 * dirs[0], updates({"h0": 2.0 * dirs[1], "h1": 2.0 * dirs[2], "far": 6.0 * dirs[3]}), 3)
+    return agg.weigh(2.0 * dirs[0], updates({"h0": 2.0 * dirs[1], "h1": 2.0 * dirs[2], "far": 4.5 * dirs[3]}), 3)
 
 
 def test_sybilwall_bounds_pulls_by_its_own_step_only_when_its_messages_are_noised() -> None:
     """Everything else equal, the far peer's weight relative to an honest one's
-    is cut to 1.5 * 2 / 6 = 0.5 of what it is without the bound."""
+    is cut to 2 - 4.5 / (1.5 * 2) = 0.5 of what it is without the bound."""
     plain, noised = _weights(False), _weights(True)
     assert noised["far"] / noised["h0"] == pytest.approx(0.5 * plain["far"] / plain["h0"], rel=1e-9)
     assert noised["h1"] / noised["h0"] == pytest.approx(plain["h1"] / plain["h0"], rel=1e-9)
@@ -61,21 +63,22 @@ def test_sybilwall_bounds_pulls_by_its_own_step_only_when_its_messages_are_noise
 
 
 def test_under_noise_the_bound_replaces_the_rounds_median_clip() -> None:
-    """Offsets 2, 2 and 6 along their own axes, our step 2 along a fourth:
-    the median clip (distances from our step: sqrt 8, sqrt 8, sqrt 40) would
-    cut the far peer to sqrt(8 / 40) of its weight; noised, the noise bound
-    alone cuts it to 3 / 6 and the median clip is not applied on top."""
+    """Offsets 2, 2 and 4.5 along their own axes, our step 2 along a fourth:
+    the median clip (distances from our step: sqrt 8, sqrt 8, sqrt 24.25)
+    would cut the far peer to sqrt(8 / 24.25) of its weight; noised, the
+    noise bound alone cuts it to 2 - 4.5 / 3 = 0.5 and the median clip is
+    not applied on top."""
     def weights(noised: bool, clip: float | None) -> dict[str, float]:
         agg = get_aggregator("sybilwall", self_id="me", clip=clip, persistence=None)
         assert isinstance(agg, SybilWallAggregator)
         agg.noised = noised
         return agg.weigh(_along(2.0, 0), updates({"h0": _along(2.0, 1), "h1": _along(2.0, 2),
-                                                 "far": _along(6.0, 3)}), 3)
+                                                 "far": _along(4.5, 3)}), 3)
 
     bare = weights(False, None)
     ratio = bare["far"] / bare["h0"]
     clipped = weights(False, 1.0)
-    assert clipped["far"] / clipped["h0"] == pytest.approx(ratio * (8 / 40) ** 0.5, rel=1e-6)
+    assert clipped["far"] / clipped["h0"] == pytest.approx(ratio * (8 / 24.25) ** 0.5, rel=1e-6)
     noised = weights(True, 1.0)
-    assert noised["far"] / noised["h0"] == pytest.approx(ratio * 3 / 6, rel=1e-6)
+    assert noised["far"] / noised["h0"] == pytest.approx(ratio * 0.5, rel=1e-6)
     assert noised == pytest.approx(weights(True, None))
