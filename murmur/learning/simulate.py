@@ -302,7 +302,10 @@ class _SimAttacker:
             for t in targets:
                 if self.plan.tactic is Tactic.UNSCORED:
                     # a clean-looking increment; the model comes by re-sync, as the receiver asks after a gap
-                    engines[t].set_replica(sybil, self.shaper.publics[sybil] - sent_mimic, r - 1)
+                    try:
+                        engines[t].set_replica(sybil, self.shaper.publics[sybil] - sent_mimic, r - 1)
+                    except ValueError:
+                        pass  # a model it cannot use (non-finite once plain averaging diverged): refused, as a daemon does
                     engines[t].offer(sybil, r, sent_mimic)
                 else:
                     engines[t].offer(sybil, r, increments[sybil])

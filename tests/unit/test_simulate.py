@@ -108,3 +108,21 @@ def test_compressed_sybils_send_only_what_their_wire_format_carries(tactic: str,
         outside = torch.ones_like(increment, dtype=torch.bool)
         outside[torch.from_numpy(fmt.mask(increment.numel(), round_, peer.encode()))] = False
         assert not increment[outside].any(), (peer, round_, int(increment[outside].count_nonzero()))
+
+
+def test_a_resync_the_receiver_cannot_use_is_refused_not_fatal() -> None:
+    """The unscored attacker serves its Sybils' models by re-sync. Under
+    plain averaging a boosted attacker makes the network diverge, its models
+    overflow, and the receivers' engines refuse them (a daemon answers such a
+    model with a DecodeError), and the run goes on. It ended the whole
+    privacy bench once (bench/sybil.py --privacy 1, unscored at 8 Sybils,
+    mean)."""
+    from murmur.learning.adversary import AttackPlan, Tactic
+
+    torch.set_num_threads(1)
+    result = run_simulation(SimConfig(
+        trainer="digits-mlp", nodes=4, degree=2, aggregator="mean", rounds=4, seed=0, eval_every=4,
+        attack=SybilAttack("label_flip", sybils=2, edges_per_sybil=2,
+                           plan=AttackPlan(Tactic.UNSCORED, boost=1e38, fresh=0.0)),
+    ))
+    assert len(result.rows) == 1 and 0.0 <= result.final.mean_accuracy <= 1.0
