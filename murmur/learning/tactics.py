@@ -96,13 +96,16 @@ TUNED: Mapping[Tactic, AttackPlan] = {
 # and pushes its poison below the noise is as long, as persistent and as
 # unlike its twins as an honest peer; see aggregators/persistence.py for
 # what was tried. unscored and sleeper send what diversified does (sleeper
-# after its sleep), so they take its setting; forged_records was not tuned
-# under privacy and keeps its setting without.
+# after its sleep), so they take its setting. forged_records, tuned under
+# privacy (43 settings, from its setting without): the same boost and fresh
+# offset, four twins a round, mean 0.906; its setting without (far-off
+# models) scored 0.009 there.
 TUNED_UNDER_PRIVACY: Mapping[Tactic, AttackPlan] = {
     **TUNED,
     Tactic.DIVERSIFIED: AttackPlan(Tactic.DIVERSIFIED, boost=4.0, diversify=0.0, fresh=1.0),
     Tactic.UNSCORED: AttackPlan(Tactic.UNSCORED, boost=4.0, diversify=0.0, fresh=1.0),
     Tactic.SLEEPER: AttackPlan(Tactic.SLEEPER, boost=4.0, diversify=0.0, fresh=1.0, sleep_rounds=3),
+    Tactic.FORGED_RECORDS: AttackPlan(Tactic.FORGED_RECORDS, boost=4.0, diversify=0.0, fresh=1.0, forged_per_round=4),
 }
 
 
