@@ -639,8 +639,8 @@ class SybilWallAggregator(Aggregator):
         implicates the neighbour who told it as much as the accused: either
         the accused is one of an attacker's clones, or the teller made the
         twin up. A gossiped record never weighs more than the direct
-        observation of the peer who brought it. Not where our own data
-        already holds the accused ``guilty`` (:meth:`_guilty`)."""
+        observation of the peer who brought it. Not where we already hold
+        the accused ``guilty`` (:meth:`_guilty`)."""
         for i, subject in enumerate(names):
             info = held[subject].info
             teller = info.received_from
