@@ -379,6 +379,11 @@ class RoundEngine:
             raise RuntimeError(f"round {self.round} is still open")
         if isinstance(self.aggregator, RoundAware):
             self.aggregator.begin_round(self.round)
+        if isinstance(self.aggregator, NoiseAware):
+            # A mixing-only round adds no noise, ours nor anyone's: a bound set
+            # by our noised step would judge every neighbour by a step of ~0
+            # (a lossy codec's residue) and keep none of them.
+            self.aggregator.noised = self.perturber is not None and update.from_data
         peers = list(committed if committed is not None else neighbours)
         if self.compressor is not None:
             message = self._compress(update, peers)

@@ -1055,6 +1055,28 @@ def test_sybilwalls_probe_reads_our_data_only_without_privacy(private: bool) -> 
         assert probed is not None and len(probed.losses) == 2 and probed.losses[1] > probed.losses[0]
 
 
+def test_a_mixing_only_round_is_not_judged_as_noised() -> None:
+    """In the mixing rounds after training nobody adds noise, and our own
+    step is ~0 (a lossy codec's residue): SybilWall's noise bound, judging
+    every neighbour by it, gave them none of the weight and the mixing rounds
+    mixed nothing (a default testnet node: self 1.0 in 4 of its 5). The
+    engine says noised only for a round whose message it noised."""
+    from murmur.learning.trainers.digits import DigitsMLPTrainer
+
+    aggregator = get_aggregator("sybilwall")
+    engine = RoundEngine(DigitsMLPTrainer(TrainerContext(0, 2, 0, device="cpu")), aggregator,
+                         perturber=_AddNothing())
+    engine.begin_round({"n1": 1})
+    assert aggregator.noised is True  # type: ignore[attr-defined]
+    engine.offer("n1", 0, torch.full((engine.num_params,), 1e-3))
+    engine.finish_round()
+    engine.begin_mixing_round({"n1": 1})
+    assert aggregator.noised is False  # type: ignore[attr-defined]
+    engine.offer("n1", 1, torch.full((engine.num_params,), 1e-3))
+    report = engine.finish_round()
+    assert report.weights["n1"] == pytest.approx(0.5)  # SybilWall's own weight 1, a full-trust peer 1
+
+
 class _StayPut(MeanAggregator):
     """Mean weights, but every neighbour's model mixed as our own (no pull at all)."""
 
