@@ -1063,16 +1063,21 @@ def test_a_mixing_only_round_is_not_judged_as_noised() -> None:
     engine says noised only for a round whose message it noised."""
     from murmur.learning.trainers.digits import DigitsMLPTrainer
 
+    def fp16(stacked: torch.Tensor) -> torch.Tensor:  # a lossy codec: our step in a mixing round is its residue
+        return stacked.to(torch.float16).to(torch.float32)
+
     aggregator = get_aggregator("sybilwall")
     engine = RoundEngine(DigitsMLPTrainer(TrainerContext(0, 2, 0, device="cpu")), aggregator,
-                         perturber=_AddNothing())
-    engine.begin_round({"n1": 1})
+                         perturber=_AddNothing(), wire=fp16)
+    g = torch.Generator().manual_seed(5)
+    ours = engine.begin_round({"n1": 1}).increment
     assert aggregator.noised is True  # type: ignore[attr-defined]
-    engine.offer("n1", 0, torch.full((engine.num_params,), 1e-3))
-    engine.finish_round()
+    near = ours + 0.01 * torch.randn(engine.num_params, generator=g)  # close enough to mix: a consensus step
+    engine.offer("n1", 0, fp16(near[None])[0])
+    assert engine.finish_round().consensus_norm > 0
     engine.begin_mixing_round({"n1": 1})
     assert aggregator.noised is False  # type: ignore[attr-defined]
-    engine.offer("n1", 1, torch.full((engine.num_params,), 1e-3))
+    engine.offer("n1", 1, torch.zeros(engine.num_params))
     report = engine.finish_round()
     assert report.weights["n1"] == pytest.approx(0.5)  # SybilWall's own weight 1, a full-trust peer 1
 
