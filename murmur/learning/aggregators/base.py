@@ -156,6 +156,14 @@ class Aggregator(ABC):
 # Shared input handling
 
 
+def falloff(over: torch.Tensor) -> torch.Tensor:
+    """Weight factor for a measure in units of its allowance: full up to 1,
+    none from 2, linear between. The one shape of SybilWall's bounds (noise,
+    persistence, probe): what an honest peer reaches keeps its weight, and
+    nothing is cut off at a cliff an attacker can sit just under."""
+    return (2.0 - over).clamp(0.0, 1.0)
+
+
 def check_inputs(own: torch.Tensor, updates: Sequence[PeerUpdate]) -> None:
     """Reject contract violations by the caller (the node validates network input
     into this shape before calling; a mismatch here is a programming error)."""

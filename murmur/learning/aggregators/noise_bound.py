@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
-from murmur.learning.aggregators.base import PeerUpdate
+from murmur.learning.aggregators.base import PeerUpdate, falloff
 
 DEFAULT_NOISE_RATIO = 1.5  # times our own step's length: what an honest neighbour's offset reaches (1.41 measured)
 
@@ -61,4 +61,4 @@ def noise_scales(own: torch.Tensor, updates: Sequence[PeerUpdate], ratio: float)
     if not updates or tau <= 0:
         return out
     lengths = torch.stack([torch.linalg.vector_norm(u.delta) for u in updates]).to(torch.float64).cpu()
-    return (2.0 - lengths / tau).clamp(0.0, 1.0)
+    return falloff(lengths / tau)

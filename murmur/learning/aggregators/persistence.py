@@ -135,7 +135,7 @@ from typing import Any
 
 import torch
 
-from murmur.learning.aggregators.base import PeerUpdate
+from murmur.learning.aggregators.base import PeerUpdate, falloff
 
 DEFAULT_PERSISTENCE = 0.98  # weight of the past in each pull's moving average: ~50 rounds
 DEFAULT_PULL_RADIUS = 1.0  # a peer keeps full weight up to this times the round's median persistent pull
@@ -199,7 +199,7 @@ class PersistentPull:
         tau = self.radius * float((trusted if trusted.numel() else pulls).median())
         if tau <= 0:
             return out
-        out[judged] = (2.0 - pulls / tau).clamp(0.0, 1.0)
+        out[judged] = falloff(pulls / tau)
         return out
 
     # checkpointing -------------------------------------------------------

@@ -186,6 +186,7 @@ from murmur.learning.aggregators.base import (
     ModelProbe,
     PeerUpdate,
     check_inputs,
+    falloff,
     register_aggregator,
     require,
 )
@@ -837,7 +838,7 @@ class SybilWallAggregator(Aggregator):
         assert self.options.probe_margin is not None
         ours, theirs = probed.losses[0], torch.tensor(probed.losses[1:], dtype=torch.float64)
         excess = theirs - ours
-        return (2.0 - excess / self.options.probe_margin).clamp(0.0, 1.0)
+        return falloff(excess / self.options.probe_margin)
 
     def score_of(self) -> dict[str, float]:
         """Neighbour id -> current trust (diagnostics)."""
