@@ -457,7 +457,7 @@ class PrivacySection:
     epsilon: float = 10.0
     delta: float = 1e-5
     clip: float = 1.0
-    rounds: int = 1000
+    rounds: int = 0  # 0: learning.rounds (see NodeConfig.privacy_rounds)
     budget: float = 0.0
     assumed_degree: int = 0
     objective: NoiseObjective = NoiseObjective.AUTO
@@ -466,6 +466,12 @@ class PrivacySection:
     def effective_budget(self) -> float:
         """The ε at which the node stops contributing; 0 in the file means ``epsilon``."""
         return self.budget or self.epsilon
+
+
+OPEN_ENDED_PRIVACY_ROUNDS = 1000
+"""The noise's horizon for a node that trains until stopped (``learning.rounds
+= 0``) and names none (``privacy.rounds = 0``): it stops sending deltas once
+these rounds spent the budget."""
 
 
 @dataclass(frozen=True)
@@ -522,6 +528,17 @@ class NodeConfig:
     compression: CompressionSection = field(default_factory=CompressionSection)
     outer: OuterSection = field(default_factory=OuterSection)
     link: LinkSection = field(default_factory=LinkSection)
+
+    @property
+    def privacy_rounds(self) -> int:
+        """The rounds T the privacy noise is calibrated for: ``privacy.rounds``,
+        else the rounds the node trains (``learning.rounds``), else
+        OPEN_ENDED_PRIVACY_ROUNDS. Why not a fixed 1000 for everyone: the noise
+        grows with T, and a node that trains 100 rounds paid for 1000 (about
+        three times the noise a round, the same epsilon at the end)."""
+        if self.privacy.rounds:
+            return self.privacy.rounds
+        return self.learning.rounds or OPEN_ENDED_PRIVACY_ROUNDS
 
 
 # --------------------------------------------------------------------- constraints
@@ -677,7 +694,7 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "privacy.epsilon": finite_positive,
         "privacy.delta": between(0.0, 1.0, lo_open=True),
         "privacy.clip": finite_positive,
-        "privacy.rounds": at_least(1),
+        "privacy.rounds": at_least(0),
         "privacy.budget": at_least(0.0),
         "privacy.assumed_degree": at_least(0),
         "learning.checkpoint_every_rounds": at_least(0),

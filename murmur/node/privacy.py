@@ -633,7 +633,7 @@ class NodePrivacy:
         graph = assumed_graph(learning.num_nodes, degree, learning.seed)
         step = dp_sgd_step(trainer, learning.local_steps) if section.level is PrivacyLevel.EXAMPLE else None
         plan = calibrate(
-            section.scheme, epsilon=section.epsilon, delta=section.delta, rounds=section.rounds,
+            section.scheme, epsilon=section.epsilon, delta=section.delta, rounds=cfg.privacy_rounds,
             clip=section.clip, graph=graph, level=section.level,
             sampling_rate=step.sampling_rate if step else None, sensitivity=step.sensitivity if step else None,
             budget=section.effective_budget, min_edges=min(degree, learning.num_nodes - 1),

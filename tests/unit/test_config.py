@@ -15,6 +15,7 @@ from murmur.node.config import (
     DEFAULT_NUM_NODES,
     Codec,
     LogFormat,
+    OPEN_ENDED_PRIVACY_ROUNDS,
     NodeConfig,
     PrivacyScheme,
     TransportSection,
@@ -290,6 +291,19 @@ def test_unsound_compression_with_privacy_is_one_config_error_naming_the_reason(
 def test_sound_compression_with_privacy_is_accepted(overrides: dict[str, object]) -> None:
     cfg = load_config(None, {"privacy.enabled": True, **overrides})
     assert cfg.privacy.enabled
+
+
+def test_privacy_noise_is_calibrated_for_the_rounds_the_node_trains() -> None:
+    """A node that trains 100 rounds used to pay noise for 1000 (three times
+    the noise a round): unless privacy.rounds names a horizon, it is the
+    node's own rounds, and 1000 only for a node that trains until stopped."""
+    assert load_config(None, {}).privacy.rounds == 0
+    assert load_config(None, {}).privacy_rounds == 100  # learning.rounds' default
+    assert load_config(None, {"learning.rounds": 40}).privacy_rounds == 40
+    assert load_config(None, {"learning.rounds": 0}).privacy_rounds == OPEN_ENDED_PRIVACY_ROUNDS
+    assert load_config(None, {"learning.rounds": 40, "privacy.rounds": 500}).privacy_rounds == 500
+    with pytest.raises(ConfigError, match="privacy.rounds"):
+        load_config(None, {"privacy.rounds": -1})
 
 
 def test_top_k_without_privacy_is_fine_but_not_in_gossip_mode() -> None:
