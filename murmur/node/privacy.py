@@ -91,6 +91,7 @@ from murmur.learning.privacy.noise import (
     make_round_commit,
     verify_round_commit,
 )
+from murmur.learning.privacy.outlook import NoiseOutlook, outlook
 from murmur.learning.privacy.seeds import EdgeSecret, PairwiseSeeds, SignedKeyShare
 from murmur.learning.rounds import MAX_FUTURE_ROUNDS
 from murmur.learning.topology import Graph, complete, edges, metropolis_hastings, random_regularish
@@ -116,6 +117,13 @@ one, so it is not running the protocol (privacy off, or a Sybil), and
 waiting for it would cost every round half the commit budget."""
 KEPT_ROUNDS = 4
 """Rounds whose pairwise sums and commits are kept (inspection, late arrivals)."""
+FALLBACK_STREAK = 3
+FALLBACK_WARN_EVERY = 100
+"""A node whose rounds keep falling back to LDP noise says so after
+FALLBACK_STREAK such rounds in a row and then once per this many more: a
+node in a network smaller or sparser than its plan assumes falls back every
+round, and what to change is the same each time. A lone fallback (a
+neighbour's commit came late at start-up, churn) is only counted."""
 _EXAMPLE_LOG_RHO_RANGE = (math.log(1e-12), math.log(1e6))
 _EXAMPLE_LOG_RHO_XTOL = 1e-6
 _RUN_SCALE_GRID = 80  # log grid of edge-variance scales swept by the RUN objective
@@ -606,9 +614,12 @@ class NodePrivacy:
     uses it to kill a node at exactly that point).
     """
 
-    def __init__(self, node: Node, stage: PrivacyStage, seeds: PairwiseSeeds, commit_wait_s: float) -> None:
+    def __init__(self, node: Node, stage: PrivacyStage, seeds: PairwiseSeeds, commit_wait_s: float,
+                 noise_outlook: NoiseOutlook | None = None) -> None:
         self.node = node
         self.stage = stage
+        self.outlook = noise_outlook  # None where the model's size was not known (no trainer)
+        self._fallback_streak = 0  # rounds in a row sent with the fallback's noise
         self.seeds = seeds
         self.commit_wait_s = commit_wait_s
         self._commits = _Commits()
@@ -653,9 +664,17 @@ class NodePrivacy:
             "privacy calibrated",
             extra={"event": "privacy_plan", "scheme": plan.scheme.value, "level": plan.level.value,
                    "sigma_cdp": noise.sigma_cdp if noise else 0.0, "sigma_ldp": plan.sigma_ldp,
-                   "rdp_coef": plan.rdp_coef, "objective": section.objective.resolve(section.level).value, "min_edges": plan.min_edges, "residual_ratio": plan.residual_ratio},
+                   "rdp_coef": plan.rdp_coef, "objective": section.objective.resolve(section.level).value,
+                   "min_edges": plan.min_edges, "residual_ratio": plan.residual_ratio,
+                   "rounds": cfg.privacy_rounds},
         )
-        return cls(node, stage, seeds, wait)
+        seen = None
+        if trainer is not None and noise is not None:
+            bound = plan.clip if step is None else min(plan.clip, step.sensitivity * step.batch_size)
+            seen = outlook(noise.sigma_cdp, plan.sigma_ldp, int(trainer.num_params()), bound,
+                           learning.num_nodes, learning.rounds or cfg.privacy_rounds)
+            _tell_outlook(seen, plan, cfg.privacy_rounds)
+        return cls(node, stage, seeds, wait, seen)
 
     # -- learner hooks
 
@@ -672,9 +691,30 @@ class NodePrivacy:
         if accountant is not None:  # on disk before the message leaves
             self.node.state.save_privacy_ledger([e.to_json() for e in _merged(accountant.ledger())])
         self._metrics.active_edges.set(len(committed))
-        if self.stage.counters.fallback_rounds > before:
+        fallbacks = self.stage.counters.fallback_rounds
+        if fallbacks > before:
             self._metrics.fallback.inc()
+            self._fallback_streak += 1
+            if self._fallback_streak % FALLBACK_WARN_EVERY == FALLBACK_STREAK:
+                self._warn_fallback(round, len(committed), fallbacks)
+        else:
+            self._fallback_streak = 0
         return sent
+
+    def _warn_fallback(self, round_: int, active: int, fallbacks: int) -> None:
+        plan = self.stage.plan
+        seen = self.outlook
+        log.warning(
+            f"round {round_} had {active} active noise edges, the privacy plan needs {plan.min_edges}: like the "
+            f"{self._fallback_streak - 1} rounds before it, it used "
+            f"noise private on its own ({plan.sigma_ldp:.3g} per coordinate instead of "
+            f"{plan.noise.sigma_cdp if plan.noise else 0.0:.3g})"
+            + (f", a noise-to-signal of {seen.fallback_rho:.2g} over the run instead of {seen.rho:.2g}" if seen else "")
+            + ". A network smaller or sparser than the plan assumes does this every round: set learning.num_nodes"
+            " and privacy.assumed_degree to its size and degree (fallback_rounds in `murmur status` counts them)",
+            extra={"event": "privacy_fallback", "round": round_, "active_edges": active, "min_edges": plan.min_edges,
+                   "fallback_rounds": fallbacks},
+        )
 
     async def commit(self, round_: int, neighbours: Mapping[str, int]) -> list[str]:
         """Agree with the neighbours which edges add their pairwise term in ``round_``.
@@ -751,6 +791,8 @@ class NodePrivacy:
             "late_commits": self.late_commits,
             "share_timeouts": self.share_timeouts,
             "edges_with_secret": len(self.seeds.peers()),
+            **({} if self.outlook is None else {
+                "noise_to_signal": self.outlook.rho, "noise_to_signal_fallback": self.outlook.fallback_rho}),
         }
 
     # -- network
@@ -811,6 +853,29 @@ class NodePrivacy:
             if session.peer.raw in mine.peers and self.node.peer_id.raw in data.peers:
                 self.late_commits += 1
         await self._notify()
+
+
+def _tell_outlook(seen: NoiseOutlook, plan: PrivacyPlan, rounds: int) -> None:
+    """Log the plan's noise-to-signal (:mod:`murmur.learning.privacy.outlook`);
+    a WARNING, with what to change, where the run cannot learn."""
+    extra = {"event": "privacy_outlook", "noise_to_signal": seen.rho, "noise_to_signal_fallback": seen.fallback_rho,
+             "noise_per_round": seen.per_round}
+    if not seen.hopeless:
+        log.info(f"privacy noise-to-signal over the run {seen.rho:.2g} (learning needs well under 1)", extra=extra)
+        return
+    advice = (
+        'level = "user" protects each node\'s whole data set and needs many nodes: level = "example" (DP-SGD, '
+        "see the config's comments) protects each example at a small part of the noise"
+        if plan.level is PrivacyLevel.USER else
+        "a larger privacy.epsilon or more nodes lower it, and so does privacy.rounds no larger than the rounds "
+        "the node trains"
+    )
+    log.warning(
+        f"privacy noise will drown the learning: over the run it is {seen.rho:.2g} times the most all updates could "
+        f"move the mean model (one round's noise is {seen.per_round:.3g} times an update; noise calibrated for "
+        f"{rounds} rounds). The model will not learn. {advice}",
+        extra=extra,
+    )
 
 
 @dataclass(frozen=True)

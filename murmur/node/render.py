@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from murmur.learning.privacy.outlook import HOPELESS_RHO
 from murmur.units import fmt_bytes, fmt_number, fmt_seconds
 
 LABEL_WIDTH = 13
@@ -37,7 +38,15 @@ def _privacy(learning: Mapping[str, Any]) -> str | None:
     spent = learning.get("epsilon_spent", learning.get("epsilon"))
     delta = learning.get("delta")
     text = f"ε spent {fmt_number(spent, 2)} of budget {fmt_number(budget, 2)}"
-    return text + (f" (δ = {delta:g})" if isinstance(delta, (int, float)) else "")
+    text += f" (δ = {delta:g})" if isinstance(delta, (int, float)) else ""
+    stage = learning.get("privacy") or {}
+    rho = stage.get("noise_to_signal")
+    if isinstance(rho, (int, float)):
+        text += f", noise-to-signal {rho:.2g}" + (" (too noisy to learn: see the log)" if rho >= HOPELESS_RHO else "")
+    fallbacks, sent = stage.get("fallback_rounds"), stage.get("rounds_sent")
+    if fallbacks:
+        text += f", {fallbacks} of {sent} rounds with fallback noise (too few edges)"
+    return text
 
 
 def _phases(learning: Mapping[str, Any]) -> str | None:

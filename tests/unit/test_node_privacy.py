@@ -8,6 +8,7 @@ here what is under test is what the layer does with a verified peer's bytes.
 
 from __future__ import annotations
 
+import logging
 import math
 import dataclasses
 from collections.abc import AsyncIterator
@@ -364,3 +365,68 @@ def test_the_ledger_composes_what_earlier_runs_spent() -> None:
     example.step(20)
     assert example.epsilon_spent() == pytest.approx(
         Accountant(rdp_coef=0.5, delta=1e-5, budget=100.0, sampling_rate=0.1, steps=40).epsilon_spent(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- telling the user
+
+
+def _small_network_config(tmp_path: Path, level: PrivacyLevel) -> NodeConfig:
+    """A hand-started node of a four-node network, privacy on, the rest as the user left it."""
+    cfg = _example_level_config(tmp_path) if level is PrivacyLevel.EXAMPLE else node_config(tmp_path / "n")
+    learning = dataclasses.replace(cfg.learning, enabled=True, trainer="digits-mlp", num_nodes=4, rounds=100)
+    privacy = dataclasses.replace(cfg.privacy, enabled=True, level=level, epsilon=10.0, rounds=0, assumed_degree=3)
+    return dataclasses.replace(cfg, learning=learning, privacy=privacy)
+
+
+@pytest.mark.parametrize("level", [PrivacyLevel.USER, PrivacyLevel.EXAMPLE])
+async def test_a_node_says_when_its_privacy_noise_drowns_the_learning(
+    tmp_path: Path, level: PrivacyLevel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """User level on four nodes (measured: accuracy 0.11, chance) is told to
+    the user as a WARNING with the figure and the way out; example level on
+    the same network (measured: 0.84) is not, and both figures are the
+    outlook's formula on the node's own plan and model size."""
+    node = Node(_small_network_config(tmp_path, level))
+    with caplog.at_level(logging.INFO, logger="murmur.node.privacy"):
+        await node.start()
+    try:
+        privacy = node.learner.privacy
+        assert privacy is not None and privacy.outlook is not None
+        plan = privacy.stage.plan
+        assert plan.noise is not None
+        dim = node.learner.trainer.num_params()
+        bound = plan.clip if level is PrivacyLevel.USER else plan.sensitivity * 16  # lr * dp_clip, batch 16
+        expected = plan.noise.sigma_cdp * math.sqrt(dim) / (bound * math.sqrt(4 * 100))
+        assert privacy.outlook.rho == pytest.approx(expected)
+        assert node.status()["learning"]["privacy"]["noise_to_signal"] == pytest.approx(expected)
+    finally:
+        await node.stop()
+    warned = [r for r in caplog.records if getattr(r, "event", None) == "privacy_outlook" and r.levelno == logging.WARNING]
+    if level is PrivacyLevel.USER:
+        assert expected > 5
+        assert len(warned) == 1 and 'level = "example"' in warned[0].getMessage()
+    else:
+        assert expected < 0.2
+        assert not warned
+
+
+async def test_rounds_that_keep_falling_back_are_told_once_a_streak(
+    node_privacy: NodePrivacy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No active edge where the plan needs four: every round falls back. The
+    WARNING comes at the third in a row, not before (a late commit at start
+    is no news) and not again within the streak; a round with its edges
+    ends the streak."""
+    stage = node_privacy.stage
+    assert stage.plan.min_edges > 0
+    zero = torch.zeros(DIM)
+    with caplog.at_level(logging.WARNING, logger="murmur.node.privacy"):
+        for r in range(2):
+            node_privacy.perturb(zero, r, [])
+        assert not caplog.records
+        for r in range(2, 10):
+            node_privacy.perturb(zero, r, [])
+    warned = [r for r in caplog.records if getattr(r, "event", None) == "privacy_fallback"]
+    assert [r.round for r in warned] == [2]  # type: ignore[attr-defined]
+    assert stage.counters.fallback_rounds == 10
+    assert "learning.num_nodes" in warned[0].getMessage() and "privacy.assumed_degree" in warned[0].getMessage()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from murmur.node.render import render_peers
+from murmur.node.render import render_peers, render_status
 
 MURMUR_PEER = {
     "peer_id": "12D3KooWMurmurPeerAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "addrs": ["/ip4/10.0.0.2/tcp/4731"],
@@ -29,3 +29,20 @@ def test_peers_table_shows_agent_protocols_and_observed_address() -> None:
 def test_a_peer_not_yet_identified_prints_dashes() -> None:
     row = render_peers([{"peer_id": "12D3KooWQuietCCCCCCCCCC", "addrs": [], "connected": False}]).splitlines()[1]
     assert row.split()[4:8] == ["–", "–", "–", "–"]
+
+
+def _privacy_line(stage: dict) -> str:
+    status = {"peer_id": "p", "learning": {"round": 100, "epsilon_budget": 10.0, "epsilon_spent": 10.0,
+                                           "delta": 1e-5, "privacy": stage}}
+    return next(line for line in render_status(status).splitlines() if line.startswith("privacy"))
+
+
+def test_status_says_when_privacy_noise_drowns_the_learning_and_rounds_fell_back() -> None:
+    """What the log WARNs at start shows in ``murmur status`` too: the run's
+    noise-to-signal, and how many rounds went out with the fallback noise."""
+    bad = _privacy_line({"noise_to_signal": 14.3, "fallback_rounds": 100, "rounds_sent": 100})
+    assert "noise-to-signal 14 (too noisy to learn: see the log)" in bad
+    assert "100 of 100 rounds with fallback noise (too few edges)" in bad
+    fine = _privacy_line({"noise_to_signal": 0.068, "fallback_rounds": 0, "rounds_sent": 100})
+    assert fine.endswith("(δ = 1e-05), noise-to-signal 0.068")
+    assert _privacy_line({}).endswith("(δ = 1e-05)")  # a node without a model size to judge by
