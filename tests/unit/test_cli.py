@@ -20,7 +20,7 @@ import uvloop
 from murmur.node import cli
 from murmur.node.api import StatusApi
 from murmur.node.config import LogLevel, NodeConfig, load_config
-from murmur.node.logs import configure_logging
+from murmur.node.logs import ABSL_LOGGER, configure_logging
 from murmur.node.metrics import NodeMetrics
 from murmur.node.render import render_status
 from murmur.node.state import ApiInfo, StateDir
@@ -253,6 +253,21 @@ def test_text_logs_are_readable_and_respect_level(restore_logging):
     log.warning("peer dropped", extra={"peer": "12D3KooWx", "reason": "bad frame"})
     (line,) = stream.getvalue().splitlines()
     assert line.split(" ", 1)[1] == 'WARNING murmur.test: peer dropped peer=12D3KooWx reason="bad frame"'
+
+
+def test_dp_accountings_convergence_notes_stay_out_of_the_log(restore_logging):
+    """dp_accounting WARNs through absl whenever one Renyi order does not
+    converge (every example-level start); its errors still get through."""
+    stream = io.StringIO()
+    configure_logging(LogLevel.INFO, "text", stream)
+    absl = logging.getLogger(ABSL_LOGGER)
+    try:
+        absl.warning("_compute_log_a_frac failed to converge after 1000 iterations")
+        absl.error("real trouble")
+    finally:
+        absl.setLevel(logging.NOTSET)
+    (line,) = stream.getvalue().splitlines()
+    assert "real trouble" in line
 
 
 def _leaf_commands(parser: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
