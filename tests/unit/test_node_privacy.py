@@ -27,7 +27,7 @@ from murmur.learning.privacy.seeds import PairwiseSeeds
 from murmur.learning.rounds import TrainFrom
 from murmur.learning.topology import Graph, complete, edges, metropolis_hastings, ring, torus
 from murmur.node.config import NodeConfig, PrivacyLevel, PrivacyScheme
-from murmur.node.daemon import Node
+from murmur.node.daemon import PEER_LOG_BUDGET, Node
 from murmur.node.privacy import (
     NodePrivacy,
     NoiseObjective,
@@ -430,3 +430,33 @@ async def test_rounds_that_keep_falling_back_are_told_once_a_streak(
     assert [r.round for r in warned] == [2]  # type: ignore[attr-defined]
     assert stage.counters.fallback_rounds == 10
     assert "learning.num_nodes" in warned[0].getMessage() and "privacy.assumed_degree" in warned[0].getMessage()
+
+
+async def test_a_neighbour_that_never_delivers_is_logged_within_the_peer_log_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A committed neighbour whose delta never arrives leaves our pairwise
+    term un-cancelled every round. It is counted every round, and logged as
+    often as the node's budget for peer-caused lines allows (PEER_LOG_BUDGET
+    per key), not once a round."""
+    node = Node(node_config(tmp_path / "n"))
+    await node.start()
+    try:
+        seeds = _edge_network(3)
+        peers = [s.me for s in seeds]
+        plan = calibrate(PrivacyScheme.DECOR, graph=complete(3), peers=peers, **ANCHOR)
+        secrets = {p: seeds[0].secret(p) for p in seeds[0].peers()}
+        privacy = NodePrivacy(node, PrivacyStage(peers[0], plan, secrets, resolve=PeerId.from_string), seeds[0],
+                              commit_wait_s=0.2)
+        committed, silent = [str(p) for p in peers[1:]], [str(peers[1])]
+        rounds = PEER_LOG_BUDGET.per_key + 3
+        with caplog.at_level(logging.WARNING, logger="murmur.node.privacy"):
+            for r in range(rounds):
+                privacy.perturb(torch.zeros(DIM), r, committed)
+                privacy.after_round(r, committed, silent)
+    finally:
+        await node.stop()
+    told = [r for r in caplog.records if getattr(r, "event", None) == "uncancelled_noise"]
+    assert len(told) == PEER_LOG_BUDGET.per_key
+    assert privacy.stage.counters.uncancelled_rounds == rounds
+    assert node.peer_log.suppressed_total == rounds - PEER_LOG_BUDGET.per_key
