@@ -481,3 +481,17 @@ def test_adamw_inner_optimizer_is_an_option() -> None:
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
     with pytest.raises(ConfigError, match="optimizer"):
         _digits(options={"optimizer": "lion"})
+
+
+def test_the_transformer_says_why_only_for_the_options_it_refused() -> None:
+    """A user asking for example-level privacy (dp_clip) was told that width
+    must be a multiple of heads, which they had not touched."""
+    from murmur.learning.trainers.transformer import TransformerOptions
+
+    with pytest.raises(ConfigError) as dp:
+        TransformerOptions(dp_clip=1.0).validate()
+    assert "dp_clip=1.0" in str(dp.value) and 'level = "user"' in str(dp.value)
+    assert "heads" not in str(dp.value)
+    with pytest.raises(ConfigError) as shape:
+        TransformerOptions(width=10, heads=4).validate()
+    assert "width must be a multiple of heads" in str(shape.value) and "dp_clip" not in str(shape.value)

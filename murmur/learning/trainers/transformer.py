@@ -64,11 +64,21 @@ class TransformerOptions(TorchOptions):
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
+            # Say why only for what failed: a user who set dp_clip alone was
+            # told that width must be a multiple of heads.
+            reasons = [_WHY_REFUSED[name] for name in bad if name in _WHY_REFUSED]
             raise ConfigError(
                 "invalid trainer option(s): "
                 + ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
-                + " (width must be a multiple of heads; dp_clip is not supported by shakespeare-transformer)"
+                + (f" ({'; '.join(reasons)})" if reasons else "")
             )
+
+
+_WHY_REFUSED = {
+    "width": "width must be a multiple of heads",
+    "dp_clip": 'shakespeare-transformer has no per-example clipping, so no privacy.level = "example" either: '
+               'use level = "user"',
+}
 
 
 class CharTransformer(nn.Module):
