@@ -863,7 +863,7 @@ def _tell_outlook(seen: NoiseOutlook, plan: PrivacyPlan, rounds: int) -> None:
     a WARNING, with what to change, where the run cannot learn."""
     extra = {"event": "privacy_outlook", "noise_to_signal": seen.rho, "noise_to_signal_fallback": seen.fallback_rho,
              "noise_per_round": seen.per_round}
-    if not seen.hopeless:
+    if not seen.outweighs:
         log.info(f"privacy noise-to-signal over the run {seen.rho:.2g} (learning needs well under 1)", extra=extra)
         return
     advice = (
@@ -874,9 +874,9 @@ def _tell_outlook(seen: NoiseOutlook, plan: PrivacyPlan, rounds: int) -> None:
         "the node trains"
     )
     log.warning(
-        f"privacy noise will drown the learning: over the run it is {seen.rho:.2g} times the most all updates could "
+        f"privacy noise outweighs the learning: over the run it is {seen.rho:.2g} times the most all updates could "
         f"move the mean model (one round's noise is {seen.per_round:.3g} times an update; noise calibrated for "
-        f"{rounds} rounds). The model will not learn. {advice}",
+        f"{rounds} rounds). Expect little of the model. {advice}",
         extra=extra,
     )
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from murmur.learning.privacy.outlook import HOPELESS_RHO, outlook, run_noise_to_signal
+from murmur.learning.privacy.outlook import OUTWEIGHS_RHO, outlook, run_noise_to_signal
 
 DIGITS_MLP = 4810  # weights of digits-mlp: 64*64 + 64 + 64*10 + 10
 
@@ -32,8 +32,8 @@ def test_the_outlook_carries_both_noises_and_says_when_it_is_hopeless() -> None:
     seen = outlook(0.5, 2.0, 400, 1.0, nodes=4, rounds=25)
     assert seen.per_round == pytest.approx(10.0)
     assert seen.rho == pytest.approx(1.0) and seen.fallback_rho == pytest.approx(4.0)
-    assert seen.hopeless and HOPELESS_RHO == 1.0
-    assert not outlook(0.49, 2.0, 400, 1.0, nodes=4, rounds=25).hopeless
+    assert seen.outweighs and OUTWEIGHS_RHO == 1.0
+    assert not outlook(0.49, 2.0, 400, 1.0, nodes=4, rounds=25).outweighs
 
 
 @pytest.mark.parametrize("args", [(1.0, 0, 1.0, 1, 1), (1.0, 1, 0.0, 1, 1), (1.0, 1, 1.0, 0, 1), (1.0, 1, 1.0, 1, 0),

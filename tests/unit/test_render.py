@@ -41,7 +41,7 @@ def test_status_says_when_privacy_noise_drowns_the_learning_and_rounds_fell_back
     """What the log WARNs at start shows in ``murmur status`` too: the run's
     noise-to-signal, and how many rounds went out with the fallback noise."""
     bad = _privacy_line({"noise_to_signal": 14.3, "fallback_rounds": 100, "rounds_sent": 100})
-    assert "noise-to-signal 14 (too noisy to learn: see the log)" in bad
+    assert "noise-to-signal 14 (the noise outweighs the learning: see the log)" in bad
     assert "100 of 100 rounds with fallback noise (too few edges)" in bad
     fine = _privacy_line({"noise_to_signal": 0.068, "fallback_rounds": 0, "rounds_sent": 100})
     assert fine.endswith("(δ = 1e-05), noise-to-signal 0.068")
