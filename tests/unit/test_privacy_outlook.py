@@ -28,7 +28,7 @@ def test_rho_scales_as_the_formula_says() -> None:
     assert run_noise_to_signal(0.0, 100, 1.0, nodes=1, rounds=1) == 0.0
 
 
-def test_the_outlook_carries_both_noises_and_says_when_it_is_hopeless() -> None:
+def test_the_outlook_carries_both_noises_and_says_when_noise_outweighs() -> None:
     seen = outlook(0.5, 2.0, 400, 1.0, nodes=4, rounds=25)
     assert seen.per_round == pytest.approx(10.0)
     assert seen.rho == pytest.approx(1.0) and seen.fallback_rho == pytest.approx(4.0)
