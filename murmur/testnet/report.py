@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from murmur.fsutil import atomic_write_bytes, atomic_write_json
+from murmur.learning.privacy.outlook import OUTWEIGHS_RHO
 from murmur.testnet.reporting import page
 from murmur.testnet.reporting.panels import PANELS, Panel, Table
 from murmur.testnet.reporting.run import (
@@ -161,6 +162,9 @@ def summarize(run: RunData) -> dict[str, Any]:
     mixes = [nodes[n]["connections"] for n in honest if nodes[n]["connections"] is not None]
     attempts = sum(nodes[n]["punch_attempts"] for n in run.rows)
     successes = sum(nodes[n]["punch_successes"] for n in run.rows)
+    stages = [((run.status.get(n) or {}).get("learning") or {}).get("privacy") or {} for n in honest]
+    rhos = finite([st.get("noise_to_signal") for st in stages])
+    fell_back = [st["fallback_rounds"] for st in stages if isinstance(st.get("fallback_rounds"), int)]
     return {
         "scenario": run.scenario.name,
         "honest_nodes": len(honest),
@@ -177,6 +181,10 @@ def summarize(run: RunData) -> dict[str, Any]:
         "final_metric_spread": max(final_metric) - min(final_metric) if len(final_metric) > 1 else None,
         "final_epsilon": max(final_eps) if final_eps else None,
         "epsilon_budget": run.epsilon_budget,
+        # the privacy plan's noise against what the run could learn (murmur.learning.privacy.outlook), worst node
+        "privacy_noise_to_signal": max(rhos) if rhos else None,
+        # rounds an honest node sent with the stronger noise of too few active edges, all nodes together
+        "privacy_fallback_rounds": sum(fell_back) if fell_back else None,
         "bytes_sent_total": sum(nodes[n]["bytes_sent"] or 0 for n in run.rows),
         "bytes_sent_mean": statistics.fmean(sent) if sent else None,
         "mean_round_s": sum(phase_means.values()) if phase_means else None,
@@ -212,6 +220,19 @@ def links_label(scenario: Scenario) -> str | None:
     return f"emulated by each node's token buckets (not a network emulator): {rates}"
 
 
+def privacy_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The privacy plan's outlook, where the nodes reported one (privacy on)."""
+    rho = summary.get("privacy_noise_to_signal")
+    if rho is None:
+        return []
+    rows = [("Privacy noise-to-signal (worst honest node)", f"{rho:.2g}"
+             + (" (the noise outweighs what the run could learn)" if rho >= OUTWEIGHS_RHO else ""))]
+    if summary.get("privacy_fallback_rounds"):
+        rows.append(("Rounds sent with fallback noise (too few edges; all honest nodes)",
+                     fmt_number(summary["privacy_fallback_rounds"])))
+    return rows
+
+
 def summary_rows(summary: Mapping[str, Any], attackers: bool) -> list[tuple[str, str]]:
     """The summary as the page shows it: labelled, with units."""
     metric = summary["metric"]["name"]
@@ -229,6 +250,7 @@ def summary_rows(summary: Mapping[str, Any], attackers: bool) -> list[tuple[str,
         (f"Final spread of {metric} (max − min)", fmt_number(summary["final_metric_spread"])),
         ("ε spent (most of any honest node)", fmt_number(summary["final_epsilon"], 2)
          + (f" of budget {summary['epsilon_budget']:g}" if summary["epsilon_budget"] is not None else " (privacy off)")),
+        *privacy_rows(summary),
         ("Bytes sent (all nodes)", fmt_bytes(summary["bytes_sent_total"])),
         ("Bytes sent per honest node (mean)", fmt_bytes(summary["bytes_sent_mean"])),
         ("Time per round (honest mean)", fmt_seconds(summary["mean_round_s"])

@@ -344,3 +344,25 @@ def test_partitions_and_units() -> None:
 def test_weight_split_excludes_self() -> None:
     row = {"weights": {"A": 0.1, "B": 0.4, "self": 0.5}}
     assert weight_split(row, {"A"}) == (0.1, 0.4)
+
+
+def test_the_privacy_outlook_from_the_nodes_last_status(tmp_path: Path) -> None:
+    """The worst honest node's noise-to-signal and the fallback rounds of all
+    honest nodes, from their last status; an attacker's and a dead node's
+    status count for nothing, and a run without privacy has no such rows."""
+    metrics, status, ids = _metrics()
+    for name, rho, fell_back in (("node0", 0.4, 2), ("node1", 1.7, 5), ("sybil0-0", 9.0, 40)):
+        status[name]["learning"]["privacy"] = {"noise_to_signal": rho, "fallback_rounds": fell_back}
+    out = write_report(tmp_path / "private", metrics, status, parse_scenario(SCENARIO), [], peer_ids=ids)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy_noise_to_signal"] == pytest.approx(1.7)
+    assert summary["privacy_fallback_rounds"] == 7
+    index = (out / "index.html").read_text()
+    assert "1.7 (the noise outweighs what the run could learn)" in index
+    assert "Rounds sent with fallback noise" in index
+
+    metrics, status, ids = _metrics()
+    out = write_report(tmp_path / "plain", metrics, status, parse_scenario(NO_ATTACKERS), [], peer_ids=ids)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy_noise_to_signal"] is None and summary["privacy_fallback_rounds"] is None
+    assert "noise-to-signal" not in (out / "index.html").read_text()
