@@ -860,7 +860,7 @@ class NodePrivacy:
 
 def _tell_outlook(seen: NoiseOutlook, plan: PrivacyPlan, rounds: int) -> None:
     """Log the plan's noise-to-signal (:mod:`murmur.learning.privacy.outlook`);
-    a WARNING, with what to change, where the run cannot learn."""
+    a WARNING, with what to change, where the noise outweighs what the run could learn."""
     extra = {"event": "privacy_outlook", "noise_to_signal": seen.rho, "noise_to_signal_fallback": seen.fallback_rho,
              "noise_per_round": seen.per_round}
     if not seen.outweighs:
