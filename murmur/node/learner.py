@@ -409,6 +409,9 @@ class NodeLearner:
         return [s for front in self.fronts for s in front.membership.learning_neighbours()
                 if s.peer not in self._front_ids and (muted or not self.silence.muted(str(s.peer)))]
 
+    def _budget_spent(self) -> bool:
+        return self.privacy is not None and self.privacy.budget_exhausted()
+
     async def _run_rounds(self) -> None:
         await self._run()
         await self._announce_finished()
@@ -429,17 +432,32 @@ class NodeLearner:
             await self._wait_for(lambda: len(self._neighbours()) >= wanted, self.cfg.start_wait_s)
             self._starting = False
             self.stalls.rounds_begin()
+        told_spent = False
         while self.cfg.runs_round(self.engine.round):  # learning.rounds = 0: until stopped
-            training = self.cfg.trains_in(self.engine.round)
-            if training and self.privacy is not None and self.privacy.budget_exhausted():
-                log.warning(
-                    "privacy budget spent; no longer sending deltas",
-                    extra={"event": "budget_exhausted", "epsilon": self.privacy.epsilon_spent()},
-                )
-                return
+            if self.cfg.trains_in(self.engine.round) and self._budget_spent():
+                if self.cfg.until_stopped:
+                    log.warning(
+                        "privacy budget spent; no longer sending deltas",
+                        extra={"event": "budget_exhausted", "epsilon": self.privacy.epsilon_spent()},  # type: ignore[union-attr]
+                    )
+                    return
+                if not told_spent:
+                    told_spent = True
+                    log.warning(
+                        f"privacy budget spent before round {self.engine.round} of {self.cfg.rounds}: the rounds "
+                        "left only mix (a node that re-ran rounds after a restart spent them twice)",
+                        extra={"event": "budget_exhausted", "epsilon": self.privacy.epsilon_spent(),  # type: ignore[union-attr]
+                               "round": self.engine.round},
+                    )
             if await self._maybe_catch_up() and not self.cfg.runs_round(self.engine.round):
                 return  # the adopted model already finished: nothing left to run
-            training = self.cfg.trains_in(self.engine.round)
+            # A node whose budget ran out before its last training round (it
+            # re-ran rounds from its checkpoint after a restart, and the noise
+            # is calibrated for exactly learning.rounds) mixes through to the
+            # end like the mixing rounds after training: no update, no noise,
+            # no epsilon, and its neighbours keep it. Ending the loop instead
+            # dropped it from the last rounds' averages and mixing rounds.
+            training = self.cfg.trains_in(self.engine.round) and not self._budget_spent()
             timer = self._timer = PhaseTimer()
             started = time.monotonic()
             with timer.phase("train_s"):

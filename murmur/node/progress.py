@@ -23,7 +23,8 @@ class Progress(enum.StrEnum):
     TRAINING = "training"  # rounds that train (and, with privacy, spend ε)
     MIXING = "mixing"  # learning.mixing_rounds: only averaging public models
     DONE = "done"  # every round ran; the node serves on (relays, answers model requests)
-    BUDGET_SPENT = "budget_spent"  # privacy budget spent: the node stopped sending
+    BUDGET_SPENT = "budget_spent"  # privacy budget spent before the training rounds ended: the rest only mix
+    #                                (learning.rounds = 0: the node stopped sending)
 
 
 def target_rounds(cfg: LearningSection) -> int | None:
@@ -41,11 +42,11 @@ def progress(learning: Mapping[str, Any], cfg: LearningSection, privacy: Privacy
     target = target_rounds(cfg)
     if target is not None and isinstance(round_, int) and round_ >= target and learning.get("finished", True):
         state = Progress.DONE  # the last round recorded too (its row on disk), not only aggregated; whatever ε is left
-    elif learning.get("budget_exhausted"):
-        state = Progress.BUDGET_SPENT
     elif isinstance(round_, int) and not cfg.trains_in(min(round_, target - 1) if target else round_):
         # (the last round, aggregated and not yet recorded, is still the phase it was)
-        state = Progress.MIXING
+        state = Progress.MIXING  # also when the budget is spent: noise calibrated for exactly the training rounds
+    elif learning.get("budget_exhausted"):
+        state = Progress.BUDGET_SPENT
     else:
         state = Progress.TRAINING
     spent = learning.get("epsilon")

@@ -41,3 +41,6 @@ def test_done_waits_for_the_last_round_to_be_recorded() -> None:
     # a node that ran every round and spent its whole ε on them is done, not stopped short
     assert progress({"round": 12, "finished": True, "budget_exhausted": True}, cfg, privacy)["done"]
     assert progress({"round": 5, "finished": True, "budget_exhausted": True}, cfg, privacy)["state"] == Progress.BUDGET_SPENT
+    # the noise is calibrated for exactly the training rounds: in the mixing rounds after them the
+    # budget is spent as planned, and the node is mixing (it said budget_spent there)
+    assert progress({"round": 11, "finished": False, "budget_exhausted": True}, cfg, privacy)["state"] == Progress.MIXING
