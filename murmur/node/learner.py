@@ -445,7 +445,8 @@ class NodeLearner:
                     told_spent = True
                     log.warning(
                         f"privacy budget spent before round {self.engine.round} of {self.cfg.rounds}: the rounds "
-                        "left only mix (a node that re-ran rounds after a restart spent them twice)",
+                        "left only mix (privacy.rounds is below learning.rounds, or rounds re-run after a restart "
+                        "were spent twice)",
                         extra={"event": "budget_exhausted", "epsilon": self.privacy.epsilon_spent(),  # type: ignore[union-attr]
                                "round": self.engine.round},
                     )
