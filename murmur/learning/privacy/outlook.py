@@ -26,8 +26,9 @@ more than others, so a model can keep something at rho > 1, but not much.
 Measured with digits-mlp (4810 weights; 0.95 without privacy), 100 rounds on
 four hand-started nodes (rho of the noise the rounds went out with): 0.09
 gave accuracy 0.84; 0.20 (every round with the fallback's noise) 0.79; 0.52
-(the same, noise calibrated for 1000 rounds) 0.40; 14 and 20 gave 0.14 and
-0.11 (chance is 0.10); on two nodes, 20 rounds, 13 gave 0.34.
+(the same, noise calibrated for 1000 rounds) 0.40; 20 gave 0.11 (chance is
+0.10); 25 (user level, every round with the fallback's noise) gave 0.14,
+and 0.34 on two nodes over 20 rounds; 79 (the same over 1000 rounds) 0.23.
 
 It is a bound on the mean model, not on one node's: a node's own model also
 carries its neighbours' pairwise terms until mixing averages them out (the
