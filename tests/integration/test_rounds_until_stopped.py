@@ -8,7 +8,9 @@ in-process daemons on loopback (Noise, Cyclon, signed deltas), digits-mlp.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -60,9 +62,25 @@ async def test_rounds_zero_trains_until_stopped(tmp_path: Path, mode: str) -> No
 async def test_rounds_zero_with_privacy_stops_when_the_budget_is_spent(tmp_path: Path) -> None:
     """Privacy has a horizon of its own (privacy.rounds, the budget): with
     rounds = 0 a node trains until it has spent the budget, then sends nothing."""
-    budget_rounds = 3
-    overrides = {**LEARNING, "privacy.enabled": True, "privacy.scheme": "decor", "privacy.rounds": budget_rounds,
-                 "privacy.epsilon": 1.0}
+    async with _private_pair(tmp_path, learning_rounds=0) as nodes:
+        await wait_until(lambda: all(n.status()["learning"]["budget_exhausted"] for n in nodes), RUN_TIMEOUT_S,
+                         "every budget spent")
+        await wait_until(lambda: not any("rounds" in n.tasks for n in nodes), 10.0, "round loops ended")
+        for node in nodes:
+            stage = node.learner.privacy.stage
+            assert stage.counters.rounds_sent == BUDGET_ROUNDS
+            assert stage.epsilon_spent() <= 1.0 + 1e-9
+            assert node.learner._finished  # told its neighbours not to wait for it
+
+
+BUDGET_ROUNDS = 3  # the privacy horizon of _private_pair's nodes
+
+
+@contextlib.asynccontextmanager
+async def _private_pair(tmp_path: Path, learning_rounds: int) -> AsyncIterator[list[Node]]:
+    """Two linked nodes with DECOR noise calibrated for BUDGET_ROUNDS rounds at epsilon 1."""
+    overrides = {**LEARNING, "learning.rounds": learning_rounds, "privacy.enabled": True, "privacy.scheme": "decor",
+                 "privacy.rounds": BUDGET_ROUNDS, "privacy.epsilon": 1.0}
     nodes: list[Node] = []
     try:
         bootstrap: tuple = ()
@@ -72,14 +90,7 @@ async def test_rounds_zero_with_privacy_stops_when_the_budget_is_spent(tmp_path:
             await node.start()
             nodes.append(node)
             bootstrap = bootstrap or (node.addrs[0],)
-        await wait_until(lambda: all(n.status()["learning"]["budget_exhausted"] for n in nodes), RUN_TIMEOUT_S,
-                         "every budget spent")
-        await wait_until(lambda: not any("rounds" in n.tasks for n in nodes), 10.0, "round loops ended")
-        for node in nodes:
-            stage = node.learner.privacy.stage
-            assert stage.counters.rounds_sent == budget_rounds
-            assert stage.epsilon_spent() <= 1.0 + 1e-9
-            assert node.learner._finished  # told its neighbours not to wait for it
+        yield nodes
     finally:
         await asyncio.gather(*(n.stop() for n in nodes))
 
@@ -96,25 +107,13 @@ async def test_a_budget_spent_before_the_last_training_round_leaves_the_rest_to_
     rounds, then mixes through to its last round with nothing sent from its
     data (the loop used to end at the budget, and the node left its
     neighbours' averages)."""
-    budget_rounds, rounds = 3, 6
-    overrides = {**LEARNING, "learning.rounds": rounds, "privacy.enabled": True, "privacy.scheme": "decor",
-                 "privacy.rounds": budget_rounds, "privacy.epsilon": 1.0}
-    nodes: list[Node] = []
-    try:
-        bootstrap: tuple = ()
-        for i in range(2):
-            node = Node(node_config(tmp_path / f"m{i}", bootstrap=bootstrap,
-                                    overrides={**overrides, "learning.node_index": i}))
-            await node.start()
-            nodes.append(node)
-            bootstrap = bootstrap or (node.addrs[0],)
+    rounds = 2 * BUDGET_ROUNDS
+    async with _private_pair(tmp_path, learning_rounds=rounds) as nodes:
         await wait_until(lambda: all(n.status()["learning"]["done"] for n in nodes), RUN_TIMEOUT_S, "every node done")
         for node in nodes:
             stage = node.learner.privacy.stage
-            assert stage.counters.rounds_sent == budget_rounds
+            assert stage.counters.rounds_sent == BUDGET_ROUNDS
             assert stage.epsilon_spent() <= 1.0 + 1e-9
             rows = node.state.read_metrics()
             assert [r["round"] for r in rows] == list(range(rounds))
             assert rows[-1]["received"] > 0  # still mixing with its neighbour in the last round
-    finally:
-        await asyncio.gather(*(n.stop() for n in nodes))
