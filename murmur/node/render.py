@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from murmur.learning.privacy.outlook import OUTWEIGHS_RHO
+from murmur.learning.privacy.outlook import outweighs
 from murmur.units import fmt_bytes, fmt_number, fmt_seconds
 
 LABEL_WIDTH = 13
@@ -42,7 +42,7 @@ def _privacy(learning: Mapping[str, Any]) -> str | None:
     stage = learning.get("privacy") or {}
     rho = stage.get("noise_to_signal")
     if isinstance(rho, (int, float)):
-        text += f", noise-to-signal {rho:.2g}" + (" (the noise outweighs the learning: see the log)" if rho >= OUTWEIGHS_RHO else "")
+        text += f", noise-to-signal {rho:.2g}" + (" (the noise outweighs the learning: see the log)" if outweighs(rho) else "")
     fallbacks, sent = stage.get("fallback_rounds"), stage.get("rounds_sent")
     if fallbacks:
         text += f", {fallbacks} of {sent} rounds with fallback noise (too few edges)"

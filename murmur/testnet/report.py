@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from murmur.fsutil import atomic_write_bytes, atomic_write_json
-from murmur.learning.privacy.outlook import OUTWEIGHS_RHO
+from murmur.learning.privacy.outlook import outweighs
 from murmur.testnet.reporting import page
 from murmur.testnet.reporting.panels import PANELS, Panel, Table
 from murmur.testnet.reporting.run import (
@@ -226,7 +226,7 @@ def privacy_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     if rho is None:
         return []
     rows = [("Privacy noise-to-signal (worst honest node)", f"{rho:.2g}"
-             + (" (the noise outweighs what the run could learn)" if rho >= OUTWEIGHS_RHO else ""))]
+             + (" (the noise outweighs what the run could learn)" if outweighs(rho) else ""))]
     if summary.get("privacy_fallback_rounds"):
         rows.append(("Rounds sent with fallback noise (too few edges; all honest nodes)",
                      fmt_number(summary["privacy_fallback_rounds"])))

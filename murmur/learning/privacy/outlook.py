@@ -44,6 +44,12 @@ OUTWEIGHS_RHO = 1.0
 """At or above this, the noise in the mean model is longer than the most the run could learn."""
 
 
+def outweighs(rho: float) -> bool:
+    """Whether a run's noise-to-signal says the noise outweighs the learning
+    (the node's WARNING, ``murmur status`` and the testnet report ask this)."""
+    return rho >= OUTWEIGHS_RHO
+
+
 @dataclass(frozen=True)
 class NoiseOutlook:
     """Per round and over the run, for the noise with and without the pairwise
@@ -55,7 +61,7 @@ class NoiseOutlook:
 
     @property
     def outweighs(self) -> bool:
-        return self.rho >= OUTWEIGHS_RHO
+        return outweighs(self.rho)
 
 
 def run_noise_to_signal(sigma: float, dim: int, update_bound: float, nodes: int, rounds: int) -> float:
