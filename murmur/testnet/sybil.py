@@ -51,6 +51,10 @@ from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.messages import HistoryRecord
 
 ATTACKER_AGGREGATOR = "mean"
+HELD_KEPT = 2
+"""What replicas hold of an identity after each of its last this many
+messages is kept (one model copy per message and identity): a message that
+came late everywhere leaves them at the one before."""
 UNSCORED_EVERY = 2
 """An ``unscored`` identity sends one round message in this many rounds: a
 gap before each, so that every replica of it is re-synced from the model it
@@ -97,9 +101,11 @@ class ShapedFronts:
         self._honest: list[str] = []  # the round's honest neighbours (their replicas are what it copies)
         self._twins: dict[tuple[PeerId, str], Identity] = {}
         # What a re-sync installs of each identity (its public model and the
-        # round it reflects), and what its replicas hold after its last message.
+        # round it reflects), and what its replicas hold after each of its last
+        # HELD_KEPT messages (by round, oldest first): a message that reached
+        # no neighbour before its rounds ended leaves replicas one message behind.
         self._states: dict[PeerId, tuple[torch.Tensor, int]] = {}
-        self._held: dict[PeerId, tuple[torch.Tensor, int]] = {}
+        self._held: dict[PeerId, dict[int, torch.Tensor]] = {}
         self._seen: dict[str, tuple[torch.Tensor, int]] = {}  # unscored: honest replicas at the last round
         self._mimic: torch.Tensor | None = None  # unscored: the latest mean honest increment
 
@@ -115,7 +121,8 @@ class ShapedFronts:
         out = {}
         for front, name in self.names.items():
             public = self.shaper.publics[name]
-            self._states[front] = self._held[front] = (public, round_)
+            self._states[front] = (public, round_)
+            self._hold(front, public, round_)
             out[front] = FrontMessage(Message(increments[name], sent.get(name)), public)
         return out
 
@@ -138,7 +145,8 @@ class ShapedFronts:
             clean = wire(name, mimic)  # what its neighbours decode of the honest-looking increment
             served = self.shaper.publics[name] - clean  # the public model before it, served on re-sync
             public = self.shaper.publics[name] = served.clone().add_(clean)  # as every replica adds it
-            self._states[front], self._held[front] = (served, round_ - 1), (public, round_)
+            self._states[front] = (served, round_ - 1)
+            self._hold(front, public, round_)
             out[front] = FrontMessage(Message(clean, sent.get(name)), public)
         return out
 
@@ -160,10 +168,20 @@ class ShapedFronts:
         state = self._states.get(front)
         return None if state is None else (state[0].clone(), state[1])
 
-    def replica_state(self, front: PeerId) -> tuple[torch.Tensor, int] | None:
-        """What every replica of ``front`` holds after its last message, and that message's round."""
+    def _hold(self, front: PeerId, public: torch.Tensor, round_: int) -> None:
+        held = self._held.setdefault(front, {})
+        held[round_] = public
+        while len(held) > HELD_KEPT:
+            del held[min(held)]
+
+    def replica_state(self, front: PeerId, round_: int | None = None) -> tuple[torch.Tensor, int] | None:
+        """What every replica of ``front`` holds after its message of ``round_``
+        (its last one by default; one of its last HELD_KEPT), and that round."""
         held = self._held.get(front)
-        return None if held is None else (held[0].clone(), held[1])
+        if not held:
+            return None
+        round_ = max(held) if round_ is None else round_
+        return None if round_ not in held else (held[round_].clone(), round_)
 
     def records(self, front: Identity, peer: PeerId, engine: RoundEngine) -> Sequence[HistoryRecord]:
         """``forged_records``: ``forged_per_round`` first-hand records of

@@ -84,20 +84,25 @@ async def test_adaptive_fronts_hold_their_own_models_and_sybilwall_keeps_them_li
 
         # Every replica an honest node holds of an identity is that identity's
         # public model as the attacker tracks it, bit for bit, at the same round
-        # (unscored: the model it served on re-sync plus its last message).
+        # (unscored: the model it served on re-sync plus its message). Under
+        # load an identity's last message can reach no honest node before its
+        # rounds end: its replicas then hold the message before, kept too.
         fronts = {str(f.peer_id): f.peer_id for f in attacker.fronts}
         compared: dict[str, torch.Tensor] = {}
         for node in nodes:
             for name, peer in fronts.items():
                 replica = node.learner.engine.replica(name)
-                state = shaping.replica_state(peer)
-                if replica is None or state is None or replica[1] != state[1]:
-                    continue  # not a neighbour of this identity, or its last message came late
+                if replica is None:
+                    continue  # not a neighbour of this identity
+                state = shaping.replica_state(peer, replica[1])
+                assert state is not None, (node.peer_id, name, replica[1], shaping.replica_state(peer))
                 assert torch.equal(replica[0], state[0]), (node.peer_id, name)
-                served = shaping.public_state(peer)
-                assert served is not None and served[1] == (state[1] - 1 if tactic is Tactic.UNSCORED else state[1])
                 compared[name] = replica[0]
-        assert set(compared) == set(fronts), "no honest replica of some identity at its last round"
+        assert set(compared) == set(fronts), "no honest replica of some identity"
+        for peer in fronts.values():  # a re-sync serves the model before its last message (unscored)
+            last, served = shaping.replica_state(peer), shaping.public_state(peer)
+            assert last is not None and served is not None
+            assert served[1] == (last[1] - 1 if tactic is Tactic.UNSCORED else last[1])
         for a, b in itertools.combinations(compared, 2):
             assert not torch.equal(compared[a], compared[b]), "two identities sent the same model"
 
