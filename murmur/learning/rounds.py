@@ -677,8 +677,9 @@ class RoundEngine:
             # in whole sums (SybilWall's coordinate bound: bench/sybil.py --privacy 10, 100 rounds,
             # no attack, accuracy 0.53-0.56 -> 0.43-0.46 over three runs each).
             bounded = None if self.perturber is not None else self.aggregator.mixed_offsets(own, updates)
-            if bounded is not None:
-                models = [reference + offset for offset in bounded]
+            if bounded is not None:  # fresh tensors of the aggregator's: made models in place
+                models = [offset.add_(reference) for offset in bounded]
+            del updates, bounded  # the offsets: n model copies fewer while the steps are summed
             consensus = _weighted_offsets(models, peers, weights, self.public)
             private_step = _weighted_offsets(models, peers, weights, private_half) if separate_private else consensus
         if not (bool(torch.isfinite(consensus).all()) and bool(torch.isfinite(private_step).all())):

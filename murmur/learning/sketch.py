@@ -24,6 +24,7 @@ subject's stated sketch against its own within :data:`SKETCH_RTOL`.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +35,14 @@ SKETCH_RTOL = 1e-4
 """Relative tolerance (to the sketch's largest entry) within which an
 observer's sketch of its replica must match the subject's statement."""
 
+LOCAL_SKETCH_ELEMENTS = 1 << 15
+"""Entries of the sketch SybilWall keeps of each model past its round (steps,
+moving averages, persistent pulls), which never travels: 128 KB however big
+the model, instead of a whole copy per neighbour and view. Models of up to
+this many parameters (digits-mlp, the bench's narrow mnist-cnn) are embedded
+exactly; above, squared distances are off by about ``sqrt(2 / 32768)``, 0.8%."""
+LOCAL_SKETCH_SEED = 0x10CA15
+
 
 CHUNK = 1 << 20
 """Coordinates sketched at a time: buckets and signs are drawn per chunk
@@ -41,47 +50,58 @@ from a seed of their own (never held for the whole model: a 10M-parameter
 model's would take more memory than the model), and the float64 sums touch
 one chunk's copy at a time."""
 
+CACHED_CHUNKS = 2
+
 
 @functools.lru_cache(maxsize=8)
-def _cached_projection(num_params: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _cached_projection(elements: int, seed: int, num_params: int, start: int,
+                       length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first chunks' projections, kept (12 bytes a coordinate, CACHED_CHUNKS
-    chunks at most): drawing them is most of a sketch's time, and a node
-    sketches its model, its neighbours' and its references every round."""
-    return _draw_projection(num_params, start, length)
+    chunks at most per sketch): drawing them is most of a sketch's time, and
+    a node sketches its model, its neighbours' and its references every round."""
+    return _draw_projection(elements, seed, num_params, start, length)
 
 
-def _chunk_projection(num_params: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if start // CHUNK < CACHED_CHUNKS:
-        return _cached_projection(num_params, start, length)
-    return _draw_projection(num_params, start, length)
-
-
-def _draw_projection(num_params: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw_projection(elements: int, seed: int, num_params: int, start: int,
+                     length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(bucket, sign) of coordinates ``start .. start+length`` of a model of
-    ``num_params``: a pure function of the size and the chunk."""
-    g = torch.Generator().manual_seed(SKETCH_SEED + 7919 * num_params + start // CHUNK)
-    if num_params <= SKETCH_ELEMENTS:  # distinct buckets: distances kept exactly
-        buckets = torch.randperm(SKETCH_ELEMENTS, generator=g)[:length]
+    ``num_params``: a pure function of the sketch, the size and the chunk."""
+    g = torch.Generator().manual_seed(seed + 7919 * num_params + start // CHUNK)
+    if num_params <= elements:  # distinct buckets: distances kept exactly
+        buckets = torch.randperm(elements, generator=g)[:length]
     else:
-        buckets = torch.randint(0, SKETCH_ELEMENTS, (length,), generator=g)
+        buckets = torch.randint(0, elements, (length,), generator=g)
     signs = torch.randint(0, 2, (length,), generator=g).to(torch.float64).mul_(2.0).sub_(1.0)
     return buckets, signs
 
 
-CACHED_CHUNKS = 2
+@dataclass(frozen=True)
+class CountSketch:
+    """A CountSketch of ``elements`` buckets drawn from ``seed``: linear, so
+    sketches of offsets, steps and moving averages are the offsets, steps and
+    averages of sketches."""
+
+    elements: int
+    seed: int
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        """The float32 sketch (``elements`` entries) of a flat model or offset."""
+        if flat.dim() != 1:
+            raise ValueError("model_sketch: a flat (1-D) tensor expected")
+        n = flat.numel()
+        out = torch.zeros(self.elements, dtype=torch.float64)
+        for start in range(0, n, CHUNK):
+            length = min(CHUNK, n - start)
+            draw = _cached_projection if start // CHUNK < CACHED_CHUNKS else _draw_projection
+            buckets, signs = draw(self.elements, self.seed, n, start, length)
+            out.index_add_(0, buckets, flat[start:start + length].detach().to("cpu", torch.float64) * signs)
+        return out.to(torch.float32)
 
 
-def model_sketch(flat: torch.Tensor) -> torch.Tensor:
-    """The float32 sketch (``SKETCH_ELEMENTS`` entries) of a flat model or offset."""
-    if flat.dim() != 1:
-        raise ValueError("model_sketch: a flat (1-D) tensor expected")
-    n = flat.numel()
-    out = torch.zeros(SKETCH_ELEMENTS, dtype=torch.float64)
-    for start in range(0, n, CHUNK):
-        length = min(CHUNK, n - start)
-        buckets, signs = _chunk_projection(n, start, length)
-        out.index_add_(0, buckets, flat[start:start + length].detach().to("cpu", torch.float64) * signs)
-    return out.to(torch.float32)
+model_sketch = CountSketch(SKETCH_ELEMENTS, SKETCH_SEED)
+"""The sketch a history record carries and a subject states (the same on every node)."""
+local_sketch = CountSketch(LOCAL_SKETCH_ELEMENTS, LOCAL_SKETCH_SEED)
+"""The sketch a node keeps of models past their round (LOCAL_SKETCH_ELEMENTS)."""
 
 
 def sketches_agree(stated: torch.Tensor, ours: torch.Tensor) -> bool:

@@ -135,8 +135,9 @@ class Aggregator(ABC):
         mix, in :meth:`weigh`'s frame (offsets from the round's reference, in
         ``updates``' order): None, the default, mixes every model as it is; an
         aggregator that bounds a neighbour's pull coordinate by coordinate
-        (SybilWall's ``coordinate_bound``) returns the bounded offsets. Call
-        after :meth:`weigh` of the same inputs. The round engine does not call
+        (SybilWall's ``coordinate_bound``) returns the bounded offsets, fresh
+        tensors the engine may write to (it turns them into models in place).
+        Call after :meth:`weigh` of the same inputs. The round engine does not call
         it under privacy (correlated noise cancels only in whole sums)."""
         return None
 

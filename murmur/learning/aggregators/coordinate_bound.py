@@ -128,6 +128,7 @@ def bound_offsets(own: torch.Tensor, offsets: Sequence[torch.Tensor], factor: fl
         pulls = torch.stack([o[lo:hi] - own[lo:hi] for o in offsets])
         typical[lo:hi], up[lo:hi], down[lo:hi] = _medians(pulls)
     low, high = _range(typical, up, down, factor, quiet)
+    del typical  # one model-sized buffer fewer while the bounded offsets are made
     out = []
     for o in offsets:
         pull = o - own

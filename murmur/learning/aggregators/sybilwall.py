@@ -192,16 +192,17 @@ from murmur.learning.aggregators.base import (
 )
 from murmur.learning.aggregators.coordinate_bound import DEFAULT_COORDINATE_BOUND, bound_offsets
 from murmur.learning.aggregators.noise_bound import DEFAULT_NOISE_RATIO, noise_scales
-from murmur.learning.aggregators.persistence import DEFAULT_PERSISTENCE, PersistentPull
+from murmur.learning.aggregators.persistence import DEFAULT_PERSISTENCE, STATE_PREFIX, PersistentPull
 from murmur.learning.aggregators.similarity import (
     DEFAULT_KAPPA,
     anchored_similarity,
     distance_similarity,
     foolsgold_weights,
     gram_matrix,
+    pairwise_gram,
 )
 from murmur.learning.probe import ProbeResult
-from murmur.learning.sketch import model_sketch
+from murmur.learning.sketch import local_sketch, model_sketch
 from murmur.protocol.messages import SKETCH_ELEMENTS
 
 DEFAULT_MEMORY = 0.9  # ~10 rounds
@@ -229,6 +230,7 @@ DEFAULT_MAX_DISTANCE = 4
 GOSSIP_LAMBDA = 0.8
 RECORDS_PER_SENDER_PER_ROUND = 1
 NEIGHBOUR_MEMORY_ROUNDS = 2  # a peer we aggregated this many rounds ago still counts as a neighbour for records
+PULLS_KEY = f"{STATE_PREFIX}pulls"  # the persistent pulls in a checkpoint's state (sketched from version 6)
 COMPARED_ROUNDS = 2  # a record is compared with our neighbours' models of its own round: this one or the last
 FLAG_SIMILARITY = 0.5  # a record this close to one of our neighbours counts against it (flags_per_observer)
 DIRECT = 1  # hop distance of our own observations
@@ -359,12 +361,38 @@ class _Standing:
 
 @dataclass
 class _Held:
-    """One model of one round: a neighbour's (direct: its offset and the
-    offset's sketch) or a record's (its sketch only)."""
+    """One model of one round: a neighbour's or ours (direct: its offset while
+    its round is scored, its local sketch after, and its record sketch) or a
+    record's (its record sketch only).
 
-    offset: torch.Tensor | None  # None for a record
-    sketch: torch.Tensor
+    Past its round a direct model is kept as its local sketch alone
+    (:data:`~murmur.learning.sketch.local_sketch`, 128 KB): holding the
+    offsets of the last round, each neighbour's moving average and
+    persistent pull in full took 11 model copies with 3 neighbours, 420 MB
+    for a 10M-parameter model, on top of what the engine holds. The sketch
+    is linear, so the steps and averages of sketches are the sketches of the
+    steps and averages, and it embeds models of up to 32768 parameters
+    exactly."""
+
+    offset: torch.Tensor | None  # the round's offset while it is scored; None past it, and for a record
+    sketch: torch.Tensor  # model_sketch: what a record carries
     info: RecordInfo
+    local: torch.Tensor | None = None  # local_sketch of a direct model; None for a record
+
+    @property
+    def direct(self) -> bool:
+        return self.local is not None
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """Its local sketch (direct models only)."""
+        assert self.local is not None, "a record has no local sketch"
+        return self.local
+
+    @property
+    def exact(self) -> torch.Tensor:
+        """The offset while its round is scored, its local sketch after (direct models only)."""
+        return self.kept if self.offset is None else self.offset
 
 
 @dataclass
@@ -387,7 +415,7 @@ class SybilWallAggregator(Aggregator):
         self._held: dict[int, dict[str, _Held]] = {}  # round -> subject -> its model of that round
         self._own: dict[int, _Held] = {}  # round -> our own model of that round (the similarity's anchor)
         self._own_memory: torch.Tensor | None = None  # our own moving average, as _memory's
-        self._memory: dict[str, torch.Tensor] = {}  # neighbour -> moving average of its offsets
+        self._memory: dict[str, torch.Tensor] = {}  # neighbour -> moving average of its offsets' local sketches
         # peer -> round it was caught as a clone -> whose evidence (OWN_EVIDENCE or a record's observer)
         self._catches: dict[str, dict[int, set[str]]] = {}
         # observer -> our neighbours its records resembled -> round first seen (flags_per_observer)
@@ -453,14 +481,18 @@ class SybilWallAggregator(Aggregator):
             raise ValueError("sybilwall: model dimension changed")
         now = self._round.round
         held = self._held.setdefault(now, {})
+        info = RecordInfo(now, DIRECT, self.options.self_id or SELF)
+        own_local, kept = local_sketch(own), {u.peer: local_sketch(u.delta) for u in updates}
         for u in updates:
-            held[u.peer] = _Held(u.delta, model_sketch(u.delta), RecordInfo(now, DIRECT, self.options.self_id or SELF))
-        self._own[now] = _Held(own, model_sketch(own), RecordInfo(now, DIRECT, self.options.self_id or SELF))
-        self._fold_memory(own, updates)
-        if self._pull is not None:
-            self._pull.observe(own, updates)
+            held[u.peer] = _Held(u.delta, model_sketch(u.delta), info, kept[u.peer])
+        own_held = self._own[now] = _Held(own, model_sketch(own), info, own_local)
+        self._fold_memory(own_local, kept)
+        if self._pull is not None:  # on local sketches: only each pull's length is used
+            self._pull.observe(own_local, [PeerUpdate(p, sketch) for p, sketch in kept.items()])
         probed = self._run_probe(own, updates)
         scores = self._score(peers, probed)
+        for h in (*held.values(), own_held):
+            h.offset = None  # past its round a model is its local sketch: the offsets are the engine's
         trust = self._update_trust(peers, scores, now)
         self._round = _Round(now + 1)
         self._forget_old_rounds()
@@ -525,12 +557,12 @@ class SybilWallAggregator(Aggregator):
         then the neighbours' pairs set from their exact distances. Anchored
         on our own model of that round where we have it
         (:func:`anchored_similarity`)."""
-        direct = [i for i, s in enumerate(names) if held[s].offset is not None]
+        direct = [i for i, s in enumerate(names) if held[s].direct]
         if len(direct) == len(names):
-            return _alike([held[s].offset for s in names], None if own is None else own.offset)
+            return _alike([held[s].exact for s in names], None if own is None else own.exact)
         sim = _alike([held[s].sketch for s in names], None if own is None else own.sketch)
         if len(direct) >= 2:
-            exact = _alike([held[names[i]].offset for i in direct], None if own is None else own.offset)
+            exact = _alike([held[names[i]].exact for i in direct], None if own is None else own.exact)
             idx = torch.tensor(direct)
             sim[idx[:, None], idx[None, :]] = exact
         return sim
@@ -598,17 +630,18 @@ class SybilWallAggregator(Aggregator):
         sources = set().union(*rounds.values())
         return OWN_EVIDENCE in sources or len(sources) >= 2
 
-    def _fold_memory(self, own: torch.Tensor, updates: Sequence[PeerUpdate]) -> None:
-        """Each neighbour's moving average of its offsets (``memory``), and ours."""
+    def _fold_memory(self, own: torch.Tensor, offsets: Mapping[str, torch.Tensor]) -> None:
+        """Each neighbour's moving average of its offsets (``memory``), and
+        ours: of their local sketches, the sketches of the averages."""
         beta = self.options.memory
         if beta <= 0:
             return
-        for u in updates:
-            row = self._memory.get(u.peer)
+        for peer, offset in offsets.items():
+            row = self._memory.get(peer)
             if row is None:
-                self._memory[u.peer] = u.delta.clone()
+                self._memory[peer] = offset.clone()
             else:
-                row.mul_(beta).add_(u.delta, alpha=1.0 - beta)
+                row.mul_(beta).add_(offset, alpha=1.0 - beta)
         if self._own_memory is None:
             self._own_memory = own.clone()
         else:
@@ -623,11 +656,11 @@ class SybilWallAggregator(Aggregator):
         out: list[tuple[torch.Tensor, list[str]]] = []
         now = self._round.round
         current, last = self._held.get(now, {}), self._held.get(now - 1, {})
-        stepped = [p for p in peers if p in last and last[p].offset is not None]
+        stepped = [p for p in peers if p in last and last[p].direct]
         own_now, own_last = self._own.get(now), self._own.get(now - 1)
-        own_step = None if own_now is None or own_last is None else own_now.offset - own_last.offset  # type: ignore[operator]
-        if len(stepped) >= 2:
-            out.append((_alike([current[p].offset - last[p].offset for p in stepped], own_step), stepped))  # type: ignore[operator]
+        own_step = None if own_now is None or own_last is None else own_now.kept - own_last.kept
+        if len(stepped) >= 2:  # on local sketches: the last round's offsets are not kept
+            out.append((_alike([current[p].kept - last[p].kept for p in stepped], own_step), stepped))
         remembered = [p for p in peers if p in self._memory]
         if self.options.memory > 0 and len(remembered) >= 2:
             out.append((_alike([self._memory[p] for p in remembered], self._own_memory), remembered))
@@ -988,15 +1021,17 @@ class SybilWallAggregator(Aggregator):
 
     # checkpointing ---------------------------------------------------------------
 
-    STATE_VERSION = 5
-    """5: also the record rules' memory: which of our neighbours each observer's records resembled, and
+    STATE_VERSION = 6
+    """6: the persistent pulls are local sketches (:class:`_Held`); older
+    checkpoints' whole-model pulls are sketched as they load (the sketch is linear).
+    5: also the record rules' memory: which of our neighbours each observer's records resembled, and
     which observers' counted records take up the share (``_flags``, ``_record_flagged``). Without them a
     restarted node heard a discredited observer again and gave forged records a fresh share: a forger
     that made its victim restart (a crash, an update) muted more honest peers each time.
     4: each clone catch with whose evidence it was, and when each peer's records count. v3 and v4 still
     load (v3: its catches as our own evidence, every peer vouched for; both: no flags yet).
     Not kept: the models of the last COMPARED_ROUNDS rounds, and ``memory``'s moving averages
-    (a model-sized tensor per neighbour, rebuilt in ~1 / (1 - memory) rounds)."""
+    (rebuilt in ~1 / (1 - memory) rounds)."""
 
     def state_dict(self) -> dict[str, Any]:
         peers = sorted(self._standing)
@@ -1017,7 +1052,7 @@ class SybilWallAggregator(Aggregator):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         version = int(state.get("version", 1))
-        if version not in (3, 4, self.STATE_VERSION):
+        if version not in (3, 4, 5, self.STATE_VERSION):
             raise ValueError("sybilwall: state of another version")
         self._round = _Round(int(state["round"]))
         self._held, self._own = {}, {}
@@ -1037,6 +1072,9 @@ class SybilWallAggregator(Aggregator):
         self._flags = _nested(state.get("record_flags", {}))
         self._record_flagged = _nested(state.get("record_flagged", {}))
         if self._pull is not None:
+            pulls = state.get(PULLS_KEY)
+            if version < 6 and isinstance(pulls, torch.Tensor) and pulls.dim() == 2:
+                state = {**state, PULLS_KEY: torch.stack([local_sketch(row) for row in pulls])}
             self._pull.load_state_dict(state)
 
 
@@ -1051,8 +1089,8 @@ def _alike(rows: Sequence[torch.Tensor], anchor: torch.Tensor | None) -> torch.T
     to us, were then the one close pair, scored as clones, and we learned
     alone (bench/sybil.py --quick, 8 diversified Sybils: a node at 0.70)."""
     if anchor is None:
-        return distance_similarity(gram_matrix(torch.stack(list(rows)))).cpu()
-    return anchored_similarity(gram_matrix(torch.stack([anchor, *rows]))).cpu()
+        return distance_similarity(pairwise_gram(list(rows))).cpu()
+    return anchored_similarity(pairwise_gram([anchor, *rows])).cpu()
 
 
 def _nested(rounds: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:

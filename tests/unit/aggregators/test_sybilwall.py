@@ -15,9 +15,9 @@ from scipy.stats import chisquare
 
 from murmur.errors import ConfigError, DecodeError
 from murmur.learning.aggregators import HistoryRecordData, get_aggregator
-from murmur.learning.aggregators.sybilwall import RecordVerdict, SybilWallAggregator
+from murmur.learning.aggregators.sybilwall import PULLS_KEY, RecordVerdict, SybilWallAggregator
 from murmur.learning.probe import ProbeResult
-from murmur.learning.sketch import model_sketch
+from murmur.learning.sketch import LOCAL_SKETCH_ELEMENTS, local_sketch, model_sketch
 from murmur.protocol.messages import SKETCH_ELEMENTS
 
 from .conftest import orthogonalish, updates
@@ -682,6 +682,70 @@ def test_state_dict_round_trip_and_identical_continuation() -> None:
     r1, r2 = agg.aggregate(own, nxt, 2), clone.aggregate(own, nxt, 2)
     assert r1.weights == r2.weights
     torch.testing.assert_close(r1.delta, r2.delta)
+
+
+def _tensors(obj: object, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Every tensor reachable from ``obj`` through attributes, containers and dataclasses."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        items: list[object] = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__"):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for item in items for t in _tensors(item, seen)]
+
+
+def test_past_its_round_the_wall_keeps_no_model_sized_tensor() -> None:
+    """Steps, moving averages and persistent pulls live on local sketches:
+    with a model bigger than the sketch, nothing the wall holds between
+    rounds is model-sized (it held 11 model copies with 3 neighbours)."""
+    dim = 4 * LOCAL_SKETCH_ELEMENTS
+    agg = make()
+    g = torch.Generator().manual_seed(3)
+    base = {p: torch.randn(dim, generator=g) for p in ("a", "b", "c")}
+    for r in range(4):
+        own = torch.randn(dim, generator=g)
+        agg.aggregate(own, updates({p: o + 0.1 * torch.randn(dim, generator=g) for p, o in base.items()}), 3)
+    held = _tensors(agg)
+    assert held and max(t.numel() for t in held) <= LOCAL_SKETCH_ELEMENTS, sorted(t.numel() for t in held)[-3:]
+    assert agg.trust("a") > 0  # it did score them
+
+
+def test_a_small_models_steps_and_averages_are_judged_exactly() -> None:
+    """Up to LOCAL_SKETCH_ELEMENTS parameters the local sketch embeds a model
+    exactly (a signed permutation): distances of steps and averages are the
+    models' own, to float32 rounding."""
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(LOCAL_SKETCH_ELEMENTS, generator=g), torch.randn(LOCAL_SKETCH_ELEMENTS, generator=g)
+    torch.testing.assert_close(torch.linalg.vector_norm(local_sketch(a) - local_sketch(b)),
+                               torch.linalg.vector_norm(a - b))
+    assert torch.equal(local_sketch(a), local_sketch(a.clone()))  # clones: distance 0
+
+
+def test_state_of_version_5_sketches_its_whole_model_pulls() -> None:
+    """A checkpoint from before the pulls were sketched keeps each peer's pull
+    length (exactly for a small model): a muted lone Sybil stays judged."""
+    agg = make()
+    g = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        agg.aggregate(torch.zeros(DIM), updates({"a": torch.randn(DIM, generator=g), "b": torch.randn(DIM, generator=g)}), 2)
+    state = agg.state_dict()
+    pulls = torch.stack([torch.full((DIM,), 1.0), torch.full((DIM,), 3.0)])  # as version 5 kept them: whole models
+    old = {**state, "version": 5, PULLS_KEY: pulls}
+    restarted = make()
+    restarted.load_state_dict(old)
+    assert restarted._pull is not None
+    for peer, row in zip(state["persistence_peers"], pulls, strict=True):
+        assert restarted._pull.pull(peer) == pytest.approx(float(row.norm()), rel=1e-5)
+    assert restarted.state_dict()[PULLS_KEY].shape == (2, LOCAL_SKETCH_ELEMENTS)
 
 
 def test_state_of_version_3_loads_its_catches_as_our_own_evidence() -> None:
