@@ -390,7 +390,7 @@ class LearningSection:
     # meanwhile gets ahead of the others (a link made later still joins).
     start_wait_s: float = 2.0
     quorum: float = 1.0
-    aggregator: str = "mean"
+    aggregator: str = "sybilwall"
     aggregator_options: Mapping[str, Any] = field(default_factory=_frozen_map)
     mode: LearningMode = LearningMode.DSGD
     codec: Codec = Codec.FP32

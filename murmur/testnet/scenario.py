@@ -253,7 +253,7 @@ class PartitionSpec:
 
 @dataclass(frozen=True)
 class AggregatorSpec:
-    name: str = _checked("mean", _non_empty)
+    name: str = _checked("sybilwall", _non_empty)  # the node's default: NodeConfig.learning.aggregator
     options: Mapping[str, Any] = field(default_factory=_empty_map)
 
 
