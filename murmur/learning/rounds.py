@@ -344,7 +344,7 @@ class RoundEngine:
         what was released only, or the accountant's bound would not hold."""
         if self.perturber is not None:
             return None
-        return self.trainer.probe_models([self._reference + offset for offset in offsets])
+        return self.trainer.probe_models(ShiftedModels(self._reference, offsets))
 
     # -- the round --------------------------------------------------------------
 
@@ -863,6 +863,24 @@ def _advance(public: torch.Tensor, increment: torch.Tensor) -> None:
     use (sender and replicas once rounded differently, ``s + c + Δ̃`` against
     ``s += c + Δ̃``, and drifted apart by float32 rounding every round)."""
     public.add_(increment)
+
+
+class ShiftedModels(Sequence[torch.Tensor]):
+    """``reference + offset`` for each offset, each made as it is read: a
+    trainer's probe reads one model at a time, and the whole list at once was
+    one more model copy per neighbour while a round was aggregated."""
+
+    def __init__(self, reference: torch.Tensor, offsets: Sequence[torch.Tensor]) -> None:
+        self._reference = reference
+        self._offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._reference + offset for offset in self._offsets[index]]
+        return self._reference + self._offsets[index]
 
 
 def _weighted_offsets(

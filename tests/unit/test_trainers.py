@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from murmur.errors import ConfigError
+from murmur.learning.rounds import ShiftedModels
 from murmur.learning.trainers.base import (
     Batch,
     Metric,
@@ -249,6 +250,11 @@ def test_probe_reports_each_models_loss_and_outputs_on_the_probe_sample() -> Non
     assert result.losses == pytest.approx([float(F.cross_entropy(o, probe.y)) for o in result.outputs], rel=1e-5)
     assert trainer.probe_losses([initial, trained]) == result.losses
     assert result.losses[1] < result.losses[0]
+    # the engine hands the probe its models as a reference plus offsets, each made as it is read
+    shifted = ShiftedModels(initial, [torch.zeros_like(initial), trained - initial])
+    assert len(shifted) == 2 and torch.equal(shifted[0], initial) and torch.equal(shifted[-1], initial + (trained - initial))
+    assert [torch.equal(a, b) for a, b in zip(shifted[:2], [shifted[0], shifted[1]], strict=True)] == [True, True]
+    assert trainer.probe_losses(shifted) == pytest.approx(result.losses, rel=1e-5)
 
 
 def test_unknown_attack_is_a_config_error() -> None:
