@@ -103,6 +103,15 @@ CATCH_UP_GAP = 2
 CATCH_UP_QUORUM = Fraction(2, 3)  # share of neighbours ahead that moves a node with no vouched claim (catch_up_target)
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
+HELD_BACK_STREAK = 10
+HELD_BACK_WARN_EVERY = 100
+"""A node with neighbours more than CATCH_UP_GAP rounds ahead that it may not
+adopt from (catch_up_target: they are at most two thirds of its neighbours and
+it never weighed them) WARNs after HELD_BACK_STREAK such rounds in a row, then
+once per this many more. Two groups of nodes that started apart (a pair, then
+two more a few seconds later, each with rounds of tens of milliseconds) keep
+their distance for good: each side's neighbours are half ahead or half behind,
+and a claim of being ahead is what a Sybil would make."""
 MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
 GOSSIP_INBOX_MAX = 16  # models waiting to be merged; more in one period are dropped
 MODEL_SERVE_BURST = 3  # public models served to one peer before rate limiting
@@ -224,6 +233,7 @@ class NodeLearner:
         self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
         self.attack_rate: float | None = None
         self.catch_ups = 0
+        self._held_back = 0  # rounds in a row with neighbours ahead that we may not adopt from
         # Called with the new round each time ours moves (a round closed, a
         # catch-up): the testnet worker pushes node rounds to its controller
         # from here, so churn events fire at the round they name.
@@ -764,20 +774,24 @@ class NodeLearner:
 
     # -- catch-up --------------------------------------------------------------------
 
-    def _catch_up_target(self) -> PeerId | None:
+    def _claimed_rounds(self) -> dict[PeerId, int]:
         # Every neighbour votes, muted ones too: silence must not hand the
         # majority to Sybils that claim rounds far ahead.
-        claimed = {
+        return {
             s.peer: max(self._peer_rounds.get(s.peer, -1), s.hello.round if s.hello is not None else -1)
             for s in self._sessions(muted=True)
         }
-        return catch_up_target(claimed, self.engine.round, self._trust)
+
+    def _catch_up_target(self) -> PeerId | None:
+        return catch_up_target(self._claimed_rounds(), self.engine.round, self._trust)
 
     async def _maybe_catch_up(self) -> bool:
         """Adopt the model of a neighbour far ahead of us; True iff we did."""
         peer = self._catch_up_target()
         if peer is None:
+            self._note_held_back()
             return False
+        self._held_back = 0
         routes = self._routes.get(str(peer)) or [(self.node, peer)]
         session = routes[0][0].session(peer)
         if session is None:
@@ -806,6 +820,26 @@ class NodeLearner:
         log.info("caught up", extra={"event": "catch_up", "peer": str(peer), "round": state_round + 1,
                                      "accuracy": round(self.last_eval[1], 4)})
         return True
+
+    def _note_held_back(self) -> None:
+        """Count the rounds we stay behind neighbours we may not adopt from,
+        and say so (HELD_BACK_STREAK): the node keeps learning with the
+        neighbours at its round, and those ahead stop hearing from it."""
+        own = self.engine.round
+        ahead = sorted(r for r in self._claimed_rounds().values() if r > own + CATCH_UP_GAP)
+        if not ahead:
+            self._held_back = 0
+            return
+        self._held_back += 1
+        if self._held_back % HELD_BACK_WARN_EVERY != HELD_BACK_STREAK % HELD_BACK_WARN_EVERY:
+            return
+        log.warning(
+            f"{len(ahead)} of {len(self._claimed_rounds())} neighbours are ahead (rounds {ahead[0]}-{ahead[-1]}, ours "
+            f"{own}) and this node never weighed them: it adopts the model of a neighbour it has no trust in only "
+            "when more than two thirds of its neighbours are ahead (a Sybil claims rounds ahead too). Until then the "
+            "two groups learn apart. Start nodes within learning.start_wait_s of each other, or one after another",
+            extra={"event": "held_back", "round": own, "ahead": len(ahead), "rounds_held_back": self._held_back},
+        )
 
     def _public_model(self, done: CompletedDelta) -> tuple[torch.Tensor, int]:
         state_round = done.meta.get("state_round")
@@ -1060,6 +1094,7 @@ class NodeLearner:
             # taken, before that round is evaluated and recorded)
             "finished": self._finished,
             "catch_ups": self.catch_ups,
+            "rounds_held_back": self._held_back,
             "late_dropped": self.engine.late_dropped,
             **self.stalls.status(),
         }

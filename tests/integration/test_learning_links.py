@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from murmur.node.learner import NodeLearner
+from murmur.node.learner import CATCH_UP_GAP, HELD_BACK_STREAK, NodeLearner
 from tests.integration.cluster import Cluster
 
 TRAINER = "tests.trainers:VectorTrainer"
@@ -98,3 +99,32 @@ async def test_a_slow_greeting_does_not_cost_the_link(tmp_path: Path, monkeypatc
         for node in nodes:
             assert node.membership.links_refused == 0
             assert node.status()["faults"] == {}
+
+
+async def test_two_pairs_started_apart_learn_apart_and_say_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pair of nodes runs ahead; a second pair, started later on its own,
+    then links to it. Each node of the late pair has its partner level with it
+    and two neighbours ahead that it never weighed: two thirds, not more, so it
+    does not adopt their model (a Sybil claims rounds ahead too), and the pairs
+    learn apart. It says so, once a streak, and its status counts the rounds."""
+    caplog.set_level(logging.INFO, logger="murmur")
+    overrides = {**learning(size=64), "learning.num_nodes": 4, "network.neighbours": 3}
+    async with Cluster(2, tmp_path / "ahead", overrides) as ahead:
+        await ahead.wait_until(lambda: all(n.learner.round >= 20 for n in ahead), 30.0, "the first pair's rounds")
+        async with Cluster(2, tmp_path / "behind", overrides) as behind:
+            first = ahead.node(0)
+            await behind.node(0).connect(first.addrs, first.peer_id)
+            await behind.wait_until(lambda: all(n.learner._held_back >= HELD_BACK_STREAK for n in behind), 60.0,
+                                    "the late pair held back")
+            for node in behind:
+                status = node.status()["learning"]
+                assert status["rounds_held_back"] >= HELD_BACK_STREAK and status["catch_ups"] == 0, status
+                assert node.learner.round + CATCH_UP_GAP < min(n.learner.round for n in ahead)
+            warned = events(caplog, "held_back")
+            assert {r.name for r in warned} == {"murmur.node.learner"} and len(warned) >= 2, warned
+            # (its neighbours ahead: both of the first pair, or the one it met first)
+            assert all(r.levelno == logging.WARNING and re.search(r"(2 of 3|1 of 2) neighbours are ahead", r.getMessage())
+                       for r in warned), [r.getMessage() for r in warned]
+            assert all(r.rounds_held_back == HELD_BACK_STREAK for r in warned)  # once a streak, not every round
