@@ -1,4 +1,6 @@
-"""A model's sketch: what a SybilWall history record carries instead of the model.
+"""A model's sketch: what a SybilWall history record carries instead of the
+model (:data:`model_sketch`), and what SybilWall keeps of models past their
+round (:data:`local_sketch`, a larger one that never travels).
 
 A record lets a node compare a peer it does not observe with the peers it
 does (a lone Sybil among our neighbours meets its twins). It used to carry
@@ -19,6 +21,10 @@ every node; no node chooses them. The sums run in float64 and the result is
 float32: two nodes sketching bit-identical models (a replica and its
 original) agree to rounding, and the observer of a record checks the
 subject's stated sketch against its own within :data:`SKETCH_RTOL`.
+
+The local sketch is the same construction with ``LOCAL_SKETCH_ELEMENTS``
+buckets and a seed of its own: SybilWall compares steps and moving averages
+of its neighbours' models on it, which needs no agreement between nodes.
 """
 
 from __future__ import annotations
