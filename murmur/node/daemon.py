@@ -975,9 +975,10 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
                 learning, auto = node.config.learning, config.learning.node_index == AUTO
                 log.info(
                     f"learning {learning.trainer} on data share {learning.node_index} of {learning.num_nodes}"
-                    + (" (node_index auto: from the peer id)" if auto else ""),
+                    + (" (node_index auto: from the peer id)" if auto else "")
+                    + f", aggregating with {learning.aggregator}",
                     extra={"event": "learning", "trainer": learning.trainer, "node_index": learning.node_index,
-                           "num_nodes": learning.num_nodes, "auto_index": auto},
+                           "num_nodes": learning.num_nodes, "auto_index": auto, "aggregator": learning.aggregator},
                 )
             await node.serve_until(stop)
     finally:

@@ -1078,6 +1078,7 @@ class NodeLearner:
         loss, accuracy = self.last_eval if self.last_eval is not None else (None, None)
         return {
             "mode": self.cfg.mode.value,
+            "aggregator": self.cfg.aggregator,
             "round": self.round,
             "accuracy": accuracy,
             "loss": loss,

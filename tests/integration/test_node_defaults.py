@@ -94,6 +94,7 @@ async def test_node_from_config_default_learns_on_its_own_data_share(tmp_path: P
     assert status["learning_off"] is None
     learning = status["learning"]
     assert learning is not None and learning["mode"] == "dsgd" and learning["role"] == "honest"
+    assert learning["aggregator"] == "sybilwall"  # Sybil-resilient without a word in the config
     peer = PeerId.from_string(status["peer_id"])
     share = auto_node_index(peer, DEFAULT_NUM_NODES)
 
@@ -103,8 +104,9 @@ async def test_node_from_config_default_learns_on_its_own_data_share(tmp_path: P
     await wait_until(lambda: learning_line() is not None, START_S, "the learning log line")
     line = learning_line()
     assert line is not None
-    assert (line["trainer"], line["node_index"], line["num_nodes"], line["auto_index"]) == (
-        "digits-mlp", share, DEFAULT_NUM_NODES, True)
+    assert (line["trainer"], line["node_index"], line["num_nodes"], line["auto_index"], line["aggregator"]) == (
+        "digits-mlp", share, DEFAULT_NUM_NODES, True, "sybilwall")
+    assert line["msg"].endswith(", aggregating with sybilwall")
     assert not [entry for entry in daemon.lines() if entry["level"] in ("warning", "error")]
     daemon.stop()
 
