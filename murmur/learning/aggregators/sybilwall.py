@@ -192,7 +192,12 @@ from murmur.learning.aggregators.base import (
 )
 from murmur.learning.aggregators.coordinate_bound import DEFAULT_COORDINATE_BOUND, bound_offsets
 from murmur.learning.aggregators.noise_bound import DEFAULT_NOISE_RATIO, noise_scales
-from murmur.learning.aggregators.persistence import DEFAULT_PERSISTENCE, STATE_PREFIX, PersistentPull
+from murmur.learning.aggregators.persistence import (
+    DEFAULT_PERSISTENCE,
+    FORGET_ROUNDS,
+    STATE_PREFIX,
+    PersistentPull,
+)
 from murmur.learning.aggregators.similarity import (
     DEFAULT_KAPPA,
     anchored_similarity,
@@ -202,7 +207,7 @@ from murmur.learning.aggregators.similarity import (
     pairwise_gram,
 )
 from murmur.learning.probe import ProbeResult
-from murmur.learning.sketch import local_sketch, model_sketch
+from murmur.learning.sketch import LOCAL_SKETCH_ELEMENTS, local_sketch, model_sketch
 from murmur.protocol.messages import SKETCH_ELEMENTS
 
 DEFAULT_MEMORY = 0.9  # ~10 rounds
@@ -230,6 +235,7 @@ DEFAULT_MAX_DISTANCE = 4
 GOSSIP_LAMBDA = 0.8
 RECORDS_PER_SENDER_PER_ROUND = 1
 NEIGHBOUR_MEMORY_ROUNDS = 2  # a peer we aggregated this many rounds ago still counts as a neighbour for records
+MEMORY_FORGET_ROUNDS = FORGET_ROUNDS  # a neighbour's moving average outlives its last round by this many
 PULLS_KEY = f"{STATE_PREFIX}pulls"  # the persistent pulls in a checkpoint's state (sketched from version 6)
 COMPARED_ROUNDS = 2  # a record is compared with our neighbours' models of its own round: this one or the last
 FLAG_SIMILARITY = 0.5  # a record this close to one of our neighbours counts against it (flags_per_observer)
@@ -416,6 +422,7 @@ class SybilWallAggregator(Aggregator):
         self._own: dict[int, _Held] = {}  # round -> our own model of that round (the similarity's anchor)
         self._own_memory: torch.Tensor | None = None  # our own moving average, as _memory's
         self._memory: dict[str, torch.Tensor] = {}  # neighbour -> moving average of its offsets' local sketches
+        self._memory_seen: dict[str, int] = {}  # neighbour -> last round folded into its average
         # peer -> round it was caught as a clone -> whose evidence (OWN_EVIDENCE or a record's observer)
         self._catches: dict[str, dict[int, set[str]]] = {}
         # observer -> our neighbours its records resembled -> round first seen (flags_per_observer)
@@ -636,12 +643,17 @@ class SybilWallAggregator(Aggregator):
         beta = self.options.memory
         if beta <= 0:
             return
+        now = self._round.round
         for peer, offset in offsets.items():
             row = self._memory.get(peer)
             if row is None:
                 self._memory[peer] = offset.clone()
             else:
                 row.mul_(beta).add_(offset, alpha=1.0 - beta)
+            self._memory_seen[peer] = now
+        # a peer gone this long starts afresh when it returns, and churn does not grow the memory
+        for peer in [p for p, seen in self._memory_seen.items() if seen < now - MEMORY_FORGET_ROUNDS]:
+            del self._memory[peer], self._memory_seen[peer]
         if self._own_memory is None:
             self._own_memory = own.clone()
         else:
@@ -1024,14 +1036,15 @@ class SybilWallAggregator(Aggregator):
     STATE_VERSION = 6
     """6: the persistent pulls are local sketches (:class:`_Held`); older
     checkpoints' whole-model pulls are sketched as they load (the sketch is linear).
+    And ``memory``'s moving averages, local sketches too (a restarted node's
+    averages took ~1 / (1 - memory) rounds to mean anything again).
     5: also the record rules' memory: which of our neighbours each observer's records resembled, and
     which observers' counted records take up the share (``_flags``, ``_record_flagged``). Without them a
     restarted node heard a discredited observer again and gave forged records a fresh share: a forger
     that made its victim restart (a crash, an update) muted more honest peers each time.
     4: each clone catch with whose evidence it was, and when each peer's records count. v3 and v4 still
     load (v3: its catches as our own evidence, every peer vouched for; both: no flags yet).
-    Not kept: the models of the last COMPARED_ROUNDS rounds, and ``memory``'s moving averages
-    (rebuilt in ~1 / (1 - memory) rounds)."""
+    Not kept: the models of the last COMPARED_ROUNDS rounds."""
 
     def state_dict(self) -> dict[str, Any]:
         peers = sorted(self._standing)
@@ -1047,8 +1060,36 @@ class SybilWallAggregator(Aggregator):
                               for p, rounds in sorted(self._catches.items())},
             "record_flags": _nested(self._flags),
             "record_flagged": _nested(self._record_flagged),
+            **self._memory_state(),
             **({} if self._pull is None else self._pull.state_dict()),
         }
+
+    def _memory_state(self) -> dict[str, Any]:
+        peers = sorted(self._memory)
+        state: dict[str, Any] = {"memory_peers": peers, "memory_seen": [self._memory_seen[p] for p in peers]}
+        if peers:
+            state["memory"] = torch.stack([self._memory[p] for p in peers]).clone()
+        if self._own_memory is not None:
+            state["own_memory"] = self._own_memory.clone()
+        return state
+
+    def _load_memory(self, state: Mapping[str, Any]) -> None:
+        """``memory``'s averages as :meth:`_memory_state` wrote them; none
+        from a checkpoint before version 6 (they start afresh)."""
+        self._memory, self._memory_seen, self._own_memory = {}, {}, None
+        peers = [str(p) for p in state.get("memory_peers", ())]
+        seen = [int(r) for r in state.get("memory_seen", ())]
+        rows, own = state.get("memory"), state.get("own_memory")
+        if peers:
+            if not isinstance(rows, torch.Tensor) or rows.shape != (len(peers), LOCAL_SKETCH_ELEMENTS) \
+                    or len(seen) != len(peers) or not bool(torch.isfinite(rows).all()):
+                raise ValueError("sybilwall: memory must be one finite local sketch and round per peer")
+            self._memory = {p: rows[i].to(torch.float32).clone() for i, p in enumerate(peers)}
+            self._memory_seen = dict(zip(peers, seen, strict=True))
+        if isinstance(own, torch.Tensor):
+            if own.shape != (LOCAL_SKETCH_ELEMENTS,) or not bool(torch.isfinite(own).all()):
+                raise ValueError("sybilwall: own memory must be one finite local sketch")
+            self._own_memory = own.to(torch.float32).clone()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         version = int(state.get("version", 1))
@@ -1071,6 +1112,7 @@ class SybilWallAggregator(Aggregator):
         }
         self._flags = _nested(state.get("record_flags", {}))
         self._record_flagged = _nested(state.get("record_flagged", {}))
+        self._load_memory(state)
         if self._pull is not None:
             pulls = state.get(PULLS_KEY)
             if version < 6 and isinstance(pulls, torch.Tensor) and pulls.dim() == 2:

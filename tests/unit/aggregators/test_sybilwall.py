@@ -15,7 +15,12 @@ from scipy.stats import chisquare
 
 from murmur.errors import ConfigError, DecodeError
 from murmur.learning.aggregators import HistoryRecordData, get_aggregator
-from murmur.learning.aggregators.sybilwall import PULLS_KEY, RecordVerdict, SybilWallAggregator
+from murmur.learning.aggregators.sybilwall import (
+    MEMORY_FORGET_ROUNDS,
+    PULLS_KEY,
+    RecordVerdict,
+    SybilWallAggregator,
+)
 from murmur.learning.probe import ProbeResult
 from murmur.learning.sketch import LOCAL_SKETCH_ELEMENTS, local_sketch, model_sketch
 from murmur.protocol.messages import SKETCH_ELEMENTS
@@ -766,6 +771,35 @@ def _through_checkpoint(agg: SybilWallAggregator, **options: Any) -> SybilWallAg
     clone = make(**options)
     clone.load_state_dict({**meta, **{k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}})
     return clone
+
+
+def test_moving_averages_survive_a_restart() -> None:
+    """The memory view's averages are checkpointed (as local sketches): a
+    restarted node judges the next round exactly as it would have."""
+    agg = make()
+    g = torch.Generator().manual_seed(8)
+    peers = {p: torch.randn(DIM, generator=g) for p in ("a", "b", "c")}
+    for r in range(5):
+        agg.aggregate(torch.randn(DIM, generator=g), updates(moving(peers, r)), 3)
+    clone = _through_checkpoint(agg)
+    assert set(clone._memory) == {"a", "b", "c"} and clone._own_memory is not None
+    for peer, row in agg._memory.items():
+        assert torch.equal(clone._memory[peer], row)
+    own, nxt = torch.randn(DIM, generator=g), updates(moving(peers, 5))
+    r1, r2 = agg.aggregate(own, nxt, 3), clone.aggregate(own, nxt, 3)
+    assert r1.weights == r2.weights
+
+
+def test_moving_averages_of_peers_long_gone_are_dropped() -> None:
+    """Churn does not grow the memory: a neighbour unseen for
+    MEMORY_FORGET_ROUNDS rounds loses its average (it starts afresh if it returns)."""
+    agg = make()
+    g = torch.Generator().manual_seed(9)
+    for r in range(MEMORY_FORGET_ROUNDS + 20):
+        fresh = {f"p{r}-{k}": torch.randn(DIM, generator=g) for k in range(2)}
+        agg.aggregate(torch.randn(DIM, generator=g), updates(fresh), 2)
+    assert len(agg._memory) == len(agg._memory_seen) <= 2 * (MEMORY_FORGET_ROUNDS + 1)
+    assert "p0-0" not in agg._memory and f"p{MEMORY_FORGET_ROUNDS + 19}-0" in agg._memory
 
 
 def test_a_discredited_forger_stays_discredited_across_a_restart() -> None:
