@@ -75,7 +75,7 @@ from murmur.node.records import (
     sketch_bytes,
 )
 from murmur.node.silence import SilenceTracker
-from murmur.node.stalls import StallMonitor
+from murmur.node.stalls import HELD_BACK_STREAK, HELD_BACK_WARN_EVERY, StallMonitor
 from murmur.protocol.codecs import DeltaCodec
 from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender, PreparedDelta
 from murmur.protocol.layout import TransferKind, TransferLayout
@@ -103,15 +103,6 @@ CATCH_UP_GAP = 2
 CATCH_UP_QUORUM = Fraction(2, 3)  # share of neighbours ahead that moves a node with no vouched claim (catch_up_target)
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
-HELD_BACK_STREAK = 10
-HELD_BACK_WARN_EVERY = 100
-"""A node with neighbours more than CATCH_UP_GAP rounds ahead that it may not
-adopt from (catch_up_target: they are at most two thirds of its neighbours and
-it never weighed them) WARNs after HELD_BACK_STREAK such rounds in a row, then
-once per this many more. Two groups of nodes that started apart (a pair, then
-two more a few seconds later, each with rounds of tens of milliseconds) keep
-their distance for good: each side's neighbours are half ahead or half behind,
-and a claim of being ahead is what a Sybil would make."""
 MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
 GOSSIP_INBOX_MAX = 16  # models waiting to be merged; more in one period are dropped
 MODEL_SERVE_BURST = 3  # public models served to one peer before rate limiting

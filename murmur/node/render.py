@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from murmur.learning.privacy.outlook import outweighs
+from murmur.node.stalls import HELD_BACK_STREAK
 from murmur.units import fmt_bytes, fmt_number, fmt_seconds
 
 LABEL_WIDTH = 13
@@ -95,6 +96,7 @@ def render_status(status: Mapping[str, Any]) -> str:
         accuracy += f" (recorded at round {learning['evaluated_round']}, before the restart)"
     lines.append(_line("accuracy", accuracy))
     lines.append(_line("loss", fmt_number(learning.get("loss"))))
+    lines.append(_line("aggregator", str(learning.get("aggregator") or "–")))
     if learning.get("attack_rate") is not None:
         lines.append(_line("attack rate", fmt_number(learning.get("attack_rate"))))
     for label, text in (("privacy", _privacy(learning)), ("last round", _phases(learning))):
@@ -102,6 +104,10 @@ def render_status(status: Mapping[str, Any]) -> str:
             lines.append(_line(label, text))
     if learning.get("stalled"):
         lines.append(_line("STALLED", str(learning.get("stall_reason") or "")))
+    held = int(learning.get("rounds_held_back") or 0)
+    if held >= HELD_BACK_STREAK:
+        lines.append(_line("HELD BACK", f"{held} rounds behind neighbours it never weighed, which it does not "
+                                        "follow (see the log)"))
     return "\n".join(lines) + "\n"
 
 

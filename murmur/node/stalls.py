@@ -24,6 +24,15 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+HELD_BACK_STREAK = 10
+HELD_BACK_WARN_EVERY = 100
+"""A node with neighbours more than CATCH_UP_GAP rounds ahead that it may not
+adopt from (catch_up_target: they are at most two thirds of its neighbours and
+it never weighed them) WARNs after HELD_BACK_STREAK such rounds in a row, then
+once per this many more. Two groups of nodes that started apart (a pair, then
+two more a few seconds later, each with rounds of tens of milliseconds) keep
+their distance for good: each side's neighbours are half ahead or half behind,
+and a claim of being ahead is what a Sybil would make."""
 STALL_ROUNDS = 3
 """Consecutive rounds with neighbours and no usable message before a node
 says it is stalled: one such round is normal (a neighbour restarting), three

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from murmur.node.learner import CATCH_UP_GAP, HELD_BACK_STREAK, NodeLearner
+from murmur.node.learner import CATCH_UP_GAP, NodeLearner
+from murmur.node.stalls import HELD_BACK_STREAK
 from tests.integration.cluster import Cluster
 
 TRAINER = "tests.trainers:VectorTrainer"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from murmur.node.render import render_peers, render_status
+from murmur.node.stalls import HELD_BACK_STREAK
 
 MURMUR_PEER = {
     "peer_id": "12D3KooWMurmurPeerAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "addrs": ["/ip4/10.0.0.2/tcp/4731"],
@@ -46,3 +47,16 @@ def test_status_says_when_privacy_noise_drowns_the_learning_and_rounds_fell_back
     fine = _privacy_line({"noise_to_signal": 0.068, "fallback_rounds": 0, "rounds_sent": 100})
     assert fine.endswith("(δ = 1e-05), noise-to-signal 0.068")
     assert _privacy_line({}).endswith("(δ = 1e-05)")  # a node without a model size to judge by
+
+
+def test_status_names_the_aggregator_and_says_when_the_node_is_held_back() -> None:
+    """A node behind neighbours it may not follow says so in ``murmur status``
+    from the round its log WARNs, not before (a round or two behind is normal)."""
+    def lines(learning: dict) -> list[str]:
+        return render_status({"peer_id": "p", "learning": {"round": 40, **learning}}).splitlines()
+
+    quiet = lines({"aggregator": "sybilwall", "rounds_held_back": HELD_BACK_STREAK - 1})
+    assert ["aggregator", "sybilwall"] in [line.split() for line in quiet]
+    assert not [line for line in quiet if line.startswith("HELD BACK")]
+    (held,) = [line for line in lines({"rounds_held_back": HELD_BACK_STREAK}) if line.startswith("HELD BACK")]
+    assert f"{HELD_BACK_STREAK} rounds behind neighbours it never weighed" in held
