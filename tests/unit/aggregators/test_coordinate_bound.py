@@ -10,7 +10,7 @@ import torch
 from murmur.errors import ConfigError
 from murmur.learning.aggregators import get_aggregator
 from murmur.learning.aggregators.base import SELF
-from murmur.learning.aggregators.coordinate_bound import bound_offsets, coordinate_bounds
+from murmur.learning.aggregators.coordinate_bound import NETWORK_ROWS, bound_offsets, coordinate_bounds, lower_median
 
 from .conftest import orthogonalish, updates
 
@@ -146,3 +146,18 @@ def test_sybilwall_mixes_whole_models_without_the_bound() -> None:
 def test_sybilwall_rejects_a_bad_coordinate_bound() -> None:
     with pytest.raises(ConfigError):
         get_aggregator("sybilwall", coordinate_bound=0.0)
+
+
+@pytest.mark.parametrize("k", range(1, NETWORK_ROWS + 3))
+def test_the_sorting_network_median_is_torchs_lower_median(k: int) -> None:
+    """The same values as ``torch.median`` (lower of the middle two), ties and
+    zeros included, and the rows are left as they were."""
+    g = torch.Generator().manual_seed(k)
+    rows = torch.randn(k, 4000, generator=g)
+    rows[:, :500] = 0.0  # every upward part of a pull that went down
+    rows[0, 500:900] = rows[-1, 500:900]  # ties
+    before = rows.clone()
+    median = lower_median(rows)
+    assert torch.equal(median, rows.median(dim=0).values)
+    median.mul_(2.0)  # callers scale it in place
+    assert torch.equal(rows, before)
