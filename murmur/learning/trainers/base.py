@@ -297,6 +297,9 @@ class TorchTrainer(Trainer):
     Options: ClassVar[type[TorchOptions]] = TorchOptions
     #: False for trainers whose inputs are not images (see ``attacks``).
     supports_attacks: ClassVar[bool] = True
+    #: Examples of the training data :meth:`probe_models` scores each model on
+    #: (SybilWall, the default aggregator, probes every neighbour every round).
+    probe_samples: ClassVar[int] = PROBE_SAMPLES
 
     def __init__(self, ctx: TrainerContext) -> None:
         super().__init__(ctx)
@@ -453,11 +456,11 @@ class TorchTrainer(Trainer):
         return attacks.success_rate(torch.cat(predictions).numpy(), target)
 
     def probe_models(self, models: Sequence[torch.Tensor]) -> ProbeResult:
-        """Cross-entropy and logits of each model on ``PROBE_SAMPLES`` of our (possibly
+        """Cross-entropy and logits of each model on ``probe_samples`` of our (possibly
         poisoned) training examples, drawn once with the node's seed; the
         model's own parameters are left alone (``torch.func.functional_call``)."""
         if self._probe is None:
-            count = min(PROBE_SAMPLES, len(self._y_train))
+            count = min(self.probe_samples, len(self._y_train))
             gen = torch.Generator().manual_seed(_shuffle_seed(self.ctx.seed, self.ctx.node_index) ^ _PROBE_STREAM)
             idx = torch.randperm(len(self._y_train), generator=gen)[:count].to(self.device)
             self._probe = Batch(self._x_train[idx], self._y_train[idx])
