@@ -56,16 +56,19 @@ from a seed of their own (never held for the whole model: a 10M-parameter
 model's would take more memory than the model), and the float64 sums touch
 one chunk's copy at a time."""
 
-CACHED_CHUNKS = 2
+CACHED_CHUNKS = 4
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4 * CACHED_CHUNKS)
 def _cached_projection(elements: int, seed: int, num_params: int, start: int,
                        length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first chunks' projections, kept (12 bytes a coordinate, CACHED_CHUNKS
-    chunks at most per sketch): drawing them is most of a sketch's time, and
-    a node sketches its model, its neighbours' and its references every round."""
-    return _draw_projection(elements, seed, num_params, start, length)
+    """The first chunks' projections, kept (5 bytes a coordinate: int32
+    buckets, int8 signs; CACHED_CHUNKS chunks at most per sketch and model
+    size): drawing them is most of a sketch's time, and a node sketches its
+    model, its neighbours' and its references every round, twice (the record
+    sketch and the local one)."""
+    buckets, signs = _draw_projection(elements, seed, num_params, start, length)
+    return buckets.to(torch.int32), signs.to(torch.int8)
 
 
 def _draw_projection(elements: int, seed: int, num_params: int, start: int,
