@@ -112,11 +112,11 @@ def next_characters(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class ShakespeareTransformerTrainer(TorchTrainer):
     name: ClassVar[str] = "shakespeare-transformer"
     metric: ClassVar[Metric] = Metric.PERPLEXITY
-    # 16 windows, every position scored: 1024 predictions, 8 times an image
+    # 8 windows, every position scored: 512 predictions, 4 times an image
     # trainer's. 128 windows took 0.8 s a model on one CPU thread, so
     # SybilWall's probe made a round with one neighbour 2 s longer (0.3 s of
-    # training), with three 3 s.
-    probe_samples: ClassVar[int] = PROBE_SAMPLES // 8
+    # training); 8 take 0.05 s.
+    probe_samples: ClassVar[int] = PROBE_SAMPLES // 16
     Options: ClassVar[type[TorchOptions]] = TransformerOptions
     supports_attacks: ClassVar[bool] = False
     options: TransformerOptions
