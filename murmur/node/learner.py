@@ -816,8 +816,8 @@ class NodeLearner:
         """Count the rounds we stay behind neighbours we may not adopt from,
         and say so (HELD_BACK_STREAK): the node keeps learning with the
         neighbours at its round, and those ahead stop hearing from it."""
-        own = self.engine.round
-        ahead = sorted(r for r in self._claimed_rounds().values() if r > own + CATCH_UP_GAP)
+        own, claimed = self.engine.round, self._claimed_rounds()
+        ahead = sorted(r for r in claimed.values() if r > own + CATCH_UP_GAP)
         if not ahead:
             self._held_back = 0
             return
@@ -825,10 +825,10 @@ class NodeLearner:
         if self._held_back % HELD_BACK_WARN_EVERY != HELD_BACK_STREAK % HELD_BACK_WARN_EVERY:
             return
         log.warning(
-            f"{len(ahead)} of {len(self._claimed_rounds())} neighbours are ahead (rounds {ahead[0]}-{ahead[-1]}, ours "
-            f"{own}) and this node never weighed them: it adopts the model of a neighbour it has no trust in only "
-            "when more than two thirds of its neighbours are ahead (a Sybil claims rounds ahead too). Until then the "
-            "two groups learn apart. Start nodes within learning.start_wait_s of each other, or one after another",
+            f"{len(ahead)} of {len(claimed)} neighbours are ahead (rounds {ahead[0]}-{ahead[-1]}, ours {own}) and "
+            "this node never gave them weight: it adopts the model of a neighbour it has no trust in only when more "
+            "than two thirds of its neighbours are ahead (a Sybil claims rounds ahead too). Until then it learns with "
+            "the neighbours at its round. Start nodes within learning.start_wait_s of each other, or one after another",
             extra={"event": "held_back", "round": own, "ahead": len(ahead), "rounds_held_back": self._held_back},
         )
 
