@@ -778,9 +778,10 @@ class NodeLearner:
 
     async def _maybe_catch_up(self) -> bool:
         """Adopt the model of a neighbour far ahead of us; True iff we did."""
-        peer = self._catch_up_target()
+        claimed = self._claimed_rounds()
+        peer = catch_up_target(claimed, self.engine.round, self._trust)
         if peer is None:
-            self._note_held_back()
+            self._note_held_back(claimed)
             return False
         self._held_back = 0
         routes = self._routes.get(str(peer)) or [(self.node, peer)]
@@ -812,11 +813,12 @@ class NodeLearner:
                                      "accuracy": round(self.last_eval[1], 4)})
         return True
 
-    def _note_held_back(self) -> None:
-        """Count the rounds we stay behind neighbours we may not adopt from,
-        and say so (HELD_BACK_STREAK): the node keeps learning with the
-        neighbours at its round, and those ahead stop hearing from it."""
-        own, claimed = self.engine.round, self._claimed_rounds()
+    def _note_held_back(self, claimed: Mapping[PeerId, int]) -> None:
+        """Count the rounds we stay behind neighbours we may not adopt from
+        (``claimed``: each neighbour's round, as catch-up read them), and say
+        so (HELD_BACK_STREAK): the node keeps learning with the neighbours at
+        its round, and those ahead stop hearing from it."""
+        own = self.engine.round
         ahead = sorted(r for r in claimed.values() if r > own + CATCH_UP_GAP)
         if not ahead:
             self._held_back = 0

@@ -106,8 +106,8 @@ def render_status(status: Mapping[str, Any]) -> str:
         lines.append(_line("STALLED", str(learning.get("stall_reason") or "")))
     held = int(learning.get("rounds_held_back") or 0)
     if held >= HELD_BACK_STREAK:
-        lines.append(_line("HELD BACK", f"{held} rounds behind neighbours it never weighed, which it does not "
-                                        "follow (see the log)"))
+        lines.append(_line("HELD BACK", f"{held} rounds behind neighbours it never gave weight, which it does "
+                                        "not follow (see the log)"))
     return "\n".join(lines) + "\n"
 
 

@@ -59,4 +59,4 @@ def test_status_names_the_aggregator_and_says_when_the_node_is_held_back() -> No
     assert ["aggregator", "sybilwall"] in [line.split() for line in quiet]
     assert not [line for line in quiet if line.startswith("HELD BACK")]
     (held,) = [line for line in lines({"rounds_held_back": HELD_BACK_STREAK}) if line.startswith("HELD BACK")]
-    assert f"{HELD_BACK_STREAK} rounds behind neighbours it never weighed" in held
+    assert f"{HELD_BACK_STREAK} rounds behind neighbours it never gave weight" in held
