@@ -9,7 +9,7 @@ per-example sensitivity lr·C_ex/B, so the noise the privacy stage adds to the
 delta *is* DP-SGD noise on the gradient. ε is example level: Poisson rate
 q = B / local dataset size, T = rounds, δ = 1e-5, composed with dp_accounting
 (``calibrate(level=EXAMPLE)``). Each honest node's noise comes from the same
-:class:`~murmur.node.privacy.PrivacyStage` the daemon runs, with edge secrets
+:class:`~murmur.learning.privacy.stage.PrivacyStage` the daemon runs, with edge secrets
 from real signed X25519 key shares (exchanged in memory).
 
 Model and data (a proxy, stated): multinomial logistic regression (d = 7850)
@@ -87,13 +87,15 @@ from murmur.learning.topology import Graph, random_regularish, torus  # noqa: E4
 from murmur.learning.trainers.base import TorchTrainer, TrainerContext  # noqa: E402
 from murmur.learning.trainers.fashion import FashionCNNTrainer  # noqa: E402
 from murmur.learning.trainers.registry import load_trainer  # noqa: E402
-from murmur.node.config import NoiseObjective, PrivacyLevel, PrivacyScheme  # noqa: E402
-from murmur.node.privacy import (  # noqa: E402
+from murmur.learning.privacy.calibration import (  # noqa: E402
+    NoiseObjective,
+    PrivacyLevel,
     PrivacyPlan,
-    PrivacyStage,
+    PrivacyScheme,
     calibrate,
     residual_ratio_of,
 )
+from murmur.learning.privacy.stage import PrivacyStage  # noqa: E402
 from murmur.protocol.identity import Identity, PeerId  # noqa: E402
 
 C_EX = 1.0  # per-example gradient clip

@@ -74,8 +74,7 @@ from murmur.learning.simulate import PerturberFactory, SimConfig, SimResult, Syb
 from murmur.learning.topology import Graph, random_regularish
 from murmur.learning.trainers.base import TrainerContext
 from murmur.learning.trainers.registry import load_trainer
-from murmur.node.config import NoiseObjective, PrivacyLevel, PrivacyScheme
-from murmur.node.privacy import calibrate
+from murmur.learning.privacy.calibration import NoiseObjective, PrivacyLevel, PrivacyScheme, calibrate
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -11,10 +11,14 @@ Gaussian noise of std σ_ex·C_ex/batch (the sensitivity of the mean).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+from murmur.errors import ConfigError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -131,3 +135,42 @@ def linear_clipped_mean_grad(
         if layer.bias is not None:
             out[names[id(layer.bias)]] = sg.sum(dim=0)
     return out, loss.detach()
+
+
+@dataclass(frozen=True)
+class DpSgdStep:
+    """What example-level accounting needs to know of the trainer's one step per round."""
+
+    sampling_rate: float  # q = batch / local dataset size
+    batch_size: int
+    sensitivity: float  # lr · dp_clip / batch: one example's reach into the round delta
+
+
+def dp_sgd_step(trainer: Any, local_steps: int) -> DpSgdStep:
+    """Check that a round is exactly one DP-SGD step and return its accounting terms.
+
+    Example-level ε holds only if the round delta is −lr·(mean of per-example
+    clipped gradients): one local step (E steps would each be taken at a point
+    that already depends on the data), momentum 0 (the buffer carries
+    un-noised earlier gradients) and ``dp_clip`` > 0. Then one example moves
+    the delta by at most lr·dp_clip/batch, and the delta clip C, a projection,
+    cannot increase that. The engine must also train from the public model
+    (:class:`~murmur.learning.rounds.TrainFrom`); the learner sees to that.
+    """
+    options = getattr(trainer, "options", None)
+    batch = getattr(options, "batch_size", None)
+    size = getattr(trainer, "train_size", None)
+    if not isinstance(batch, int) or not isinstance(size, int) or size <= 0:
+        raise ConfigError("example-level privacy needs a trainer with options.batch_size and train_size")
+    steps = local_steps or getattr(options, "local_steps", 1)
+    dp_clip = float(getattr(options, "dp_clip", 0.0) or 0.0)
+    momentum = float(getattr(options, "momentum", 0.0) or 0.0)
+    lr = float(getattr(options, "lr", 0.0) or 0.0)
+    optimizer = getattr(options, "optimizer", "sgd")
+    if steps != 1 or momentum != 0.0 or dp_clip <= 0.0 or lr <= 0.0 or optimizer != "sgd":
+        raise ConfigError(
+            'privacy.level = "example" needs one DP-SGD step per round: learning.local_steps = 1 and trainer '
+            f'options optimizer = "sgd", momentum = 0, dp_clip > 0 (got local_steps={steps}, '
+            f"optimizer={optimizer}, momentum={momentum}, dp_clip={dp_clip})"
+        )
+    return DpSgdStep(min(1.0, batch / size), batch, lr * dp_clip / batch)
