@@ -316,6 +316,7 @@ class Node:
 
         self.membership.on_linked = on_linked
         self.membership.on_unlinked = on_unlinked
+        self.membership.extra_choices = learner.extra_choices
 
     def refuse_learning(self, peer: PeerId, reason: str) -> None:
         """``peer`` runs another model: never a learning neighbour, and out of

@@ -225,6 +225,7 @@ class NodeLearner:
         self.attack_rate: float | None = None
         self.catch_ups = 0
         self._held_back = 0  # rounds in a row with neighbours ahead that we may not adopt from
+        self._told_edgeless: frozenset[PeerId] = frozenset()  # chosen neighbours without a noise edge, last told
         # Called with the new round each time ours moves (a round closed, a
         # catch-up): the testnet worker pushes node rounds to its controller
         # from here, so churn events fire at the round they name.
@@ -357,12 +358,39 @@ class NodeLearner:
             self.outbox.start((front.peer_id, session.peer, TransferKind.ROUND),
                               self._send_delta(front, session.peer, opened.round, opened.delta_for(front),
                                                opened.metas[front.peer_id]))
+        if self.privacy is not None:  # after the round's message: that must not wait for a key share
+            await self.privacy.on_linked(session.peer)
 
     def on_unlinked(self, front: Node, session: PeerSession) -> None:
         """``session`` is no longer a learning edge: the open round stops waiting for it."""
         if not any(s.peer == session.peer for f in self.fronts for s in f.membership.learning_neighbours()):
             self.engine.drop_neighbour(str(session.peer))
             self._arrived.set()
+
+    def extra_choices(self) -> int:
+        """How many more neighbours membership should choose: those of our
+        choices that carry no noise edge (privacy on, and they never answered
+        our key share). The privacy plan needs ``min_edges`` active edges a
+        round, and with a Sybil that runs no privacy among a node's k choices
+        that node sent with the fallback's noise every round (two of eight
+        nodes in the default testnet, 16% of its rounds); the neighbour is
+        kept, it only stops counting towards k."""
+        if self.privacy is None:
+            return 0
+        # the sampler's choices: a peer that linked to us first shows as
+        # accepted even once we chose it too (PeerSession.chosen)
+        choices = {d.peer for d in self.node.sampler.neighbour_descriptors()}
+        chosen = [s.peer for s in self.node.membership.learning_neighbours() if s.peer in choices]
+        edgeless = frozenset(self.privacy.edgeless(chosen))
+        if edgeless - self._told_edgeless:
+            log.info(
+                f"{len(edgeless)} of the {len(chosen)} neighbours this node chose run no privacy protocol (no key "
+                "share): no pairwise noise on their edges, so they do not count towards network.neighbours and it "
+                f"chooses {len(edgeless)} more",
+                extra={"event": "edgeless_neighbours", "peers": sorted(str(p) for p in edgeless)},
+            )
+        self._told_edgeless = edgeless
+        return len(edgeless)
 
     async def _announce_finished(self) -> None:
         """Our rounds are over: neighbours still in theirs must not wait for us."""

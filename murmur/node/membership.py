@@ -103,7 +103,11 @@ class Membership:
     runs each time a session becomes a learning edge (the learner brings a
     new neighbour into its open round), ``on_unlinked`` when it stops being one.
     ``pinned`` says whether an unlinked session must stay open all the same
-    (the node's relay layer uses its connection: a reservation, circuits)."""
+    (the node's relay layer uses its connection: a reservation, circuits).
+    ``extra_choices`` says how many more neighbours to choose than the
+    configured k, up to k more: chosen neighbours the learner cannot use
+    for what it needs k of (with privacy on, a neighbour that never sent a
+    key share carries no noise edge)."""
 
     def __init__(
         self,
@@ -117,8 +121,10 @@ class Membership:
         pinned: SessionPredicate = lambda session: False,
         on_linked: LinkListener = _no_listener,
         on_unlinked: LinkListener = _no_listener,
+        extra_choices: Callable[[], int] = lambda: 0,
     ) -> None:
         self.host = host
+        self.extra_choices = extra_choices
         self.learning_peer = learning_peer
         self.pinned = pinned
         self.on_linked = on_linked
@@ -184,7 +190,7 @@ class Membership:
             return False
         linked = [s for s in self.learning_neighbours() if s is not session]
         # Our own k choices keep their slots: accepted requests fill the rest.
-        if sum(1 for s in linked if not s.chosen) >= self.max_links - self.config.neighbours:
+        if sum(1 for s in linked if not s.chosen) >= self.max_links - self.chosen_target():
             return False
         limit = self.config.links_per_subnet
         if limit and not self._subnet_exempt(session):
@@ -208,13 +214,19 @@ class Membership:
         log.info("unlinked", extra={"event": "unlinked", "peer": str(session.peer), "reason": reason})
         await self._set_link(session, False)
 
+    def chosen_target(self) -> int:
+        """How many neighbours we choose: k, plus those of our choices that do
+        not count (``extra_choices``), at most 2k."""
+        k = self.config.neighbours
+        return k + max(0, min(k, self.extra_choices()))
+
     def degree(self) -> int:
         return len(self.learning_neighbours())
 
     async def maintain(self) -> None:
         """Keep a link to each of the sampler's k neighbours; drop stale links
         and idle transient connections."""
-        targets = self.sampler.neighbours(self.config.neighbours)
+        targets = self.sampler.neighbours(self.chosen_target())
         target_set = set(targets)
         for peer in targets:
             session = self.host.session(peer)

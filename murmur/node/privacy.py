@@ -50,7 +50,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -358,6 +358,16 @@ class NodePrivacy:
     def budget_exhausted(self) -> bool:
         return self.stage.budget_exhausted()
 
+    def edgeless(self, peers: Iterable[PeerId]) -> list[PeerId]:
+        """Those of ``peers`` our KeyShare reached more than SHARE_GRACE_ROUNDS
+        rounds ago that never sent theirs: they run no privacy protocol
+        (privacy off, or an attacker's identity), so no pairwise noise goes
+        on their edge, however long we keep them."""
+        if not self.stage.plan.uses_edges:
+            return []
+        return [p for p in peers if not self.seeds.has(p)
+                and self._shared_round.get(p, self._current) < self._current - SHARE_GRACE_ROUNDS]
+
     def status(self) -> dict[str, Any]:
         c = self.stage.counters
         plan = self.stage.plan
@@ -374,11 +384,21 @@ class NodePrivacy:
             "late_commits": self.late_commits,
             "share_timeouts": self.share_timeouts,
             "edges_with_secret": len(self.seeds.peers()),
+            "neighbours_without_edge": len(self.edgeless(s.peer for s in self.node.membership.learning_neighbours())),
             **({} if self.outlook is None else {
                 "noise_to_signal": self.outlook.rho, "noise_to_signal_fallback": self.outlook.fallback_rho}),
         }
 
     # -- network
+
+    async def on_linked(self, peer: PeerId) -> None:
+        """A new learning edge gets our KeyShare at once, not at our next
+        commit: its answer is then usually in before that commit waits for
+        it. Sent at commit time only, every node of the default testnet
+        waited out half its commit budget at round 0 and then sent with
+        the fallback's noise."""
+        if self.stage.plan.uses_edges:
+            await self._share_with(peer)
 
     async def _share_with(self, peer: PeerId) -> None:
         session = self.node.session(peer)

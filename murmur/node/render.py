@@ -47,6 +47,9 @@ def _privacy(learning: Mapping[str, Any]) -> str | None:
     fallbacks, sent = stage.get("fallback_rounds"), stage.get("rounds_sent")
     if fallbacks:
         text += f", {fallbacks} of {sent} rounds with fallback noise (too few edges)"
+    edgeless = stage.get("neighbours_without_edge")
+    if edgeless:
+        text += f", {edgeless} neighbours without a noise edge (they run no privacy)"
     return text
 
 

@@ -21,6 +21,7 @@ from murmur.learning.privacy.accountant import epsilon_from_rdp_coef
 from murmur.learning.privacy.seeds import edge_noise_np
 from murmur.node.daemon import Node
 from murmur.node.state import StateDir
+from murmur.protocol.identity import PeerId
 from murmur.node.privacy import SHARE_GRACE_ROUNDS, NodePrivacy
 from tests.integration.cluster import Cluster, wait_until
 
@@ -249,6 +250,40 @@ async def test_a_neighbour_without_privacy_is_not_waited_for_every_round(tmp_pat
             # the round the share went out, the grace, one more for a session
             # re-established under load; waiting every round gave 7 of 8 here
             assert timeouts <= SHARE_GRACE_ROUNDS + 2, (str(node.peer_id), timeouts)
+
+
+async def test_a_chosen_neighbour_without_privacy_does_not_count_towards_k(tmp_path: Path) -> None:
+    """A neighbour a node chose that never answers its KeyShare (privacy off
+    here; a Sybil in the wild) carries no noise edge. Among k = 3 choices it
+    left the node 2 edges, below the 3 its plan needs, and unless another
+    node happened to link to it, every round went out with the fallback's
+    noise (two of the default testnet's eight nodes did: 16% of its rounds).
+    The node now chooses one more and keeps the silent one."""
+    k = 3
+    overrides = {**BASE, "learning.rounds": 1000, "privacy.scheme": "decor", "network.neighbours": k}
+    # the silent node first: every private node bootstraps from it and meets it first
+    async with Cluster(1, tmp_path, overrides={**overrides, "privacy.enabled": False}) as cluster:
+        silent = cluster.node(0)
+        private = [await cluster.add_node(bootstrap=True, privacy__enabled=True) for _ in range(4)]
+
+        def choices(node: Node) -> set[PeerId]:
+            linked = {s.peer for s in node.membership.learning_neighbours()}
+            return {d.peer for d in node.sampler.neighbour_descriptors()} & linked
+
+        def chose_silent(node: Node) -> bool:
+            return silent.peer_id in choices(node)
+
+        def edged_choices(node: Node) -> int:
+            return sum(1 for peer in choices(node) if privacy(node).seeds.has(peer))
+
+        await wait_until(lambda: any(chose_silent(n) for n in private)
+                         and all(edged_choices(n) >= k for n in private), ROUNDS_S,
+                         "k choices with a noise edge at every private node")
+        for node in private:
+            if chose_silent(node):
+                assert node.membership.chosen_target() == k + 1
+                assert node.status()["learning"]["privacy"]["neighbours_without_edge"] >= 1
+            assert privacy(node).stage.plan.min_edges == k
 
 
 async def test_a_restarted_node_keeps_the_epsilon_it_spent(tmp_path: Path) -> None:

@@ -47,6 +47,10 @@ def test_status_says_when_privacy_noise_drowns_the_learning_and_rounds_fell_back
     fine = _privacy_line({"noise_to_signal": 0.068, "fallback_rounds": 0, "rounds_sent": 100})
     assert fine.endswith("(δ = 1e-05), noise-to-signal 0.068")
     assert _privacy_line({}).endswith("(δ = 1e-05)")  # a node without a model size to judge by
+    edgeless = _privacy_line({"noise_to_signal": 0.068, "fallback_rounds": 3, "rounds_sent": 100,
+                              "neighbours_without_edge": 1})
+    assert edgeless.endswith("3 of 100 rounds with fallback noise (too few edges), "
+                             "1 neighbours without a noise edge (they run no privacy)")
 
 
 def test_status_names_the_aggregator_and_says_when_the_node_is_held_back() -> None:
