@@ -414,6 +414,8 @@ class NodeLearner:
             self.engine.forget(str(session.peer))  # a returning peer re-syncs its replica
             self._records.forget(session.peer)
             self.silence.forget(str(session.peer))
+            if self.privacy is not None:
+                self.privacy.forget(session.peer)
             self._arrived.set()  # the open round no longer waits for it
 
     # -- the round loop ------------------------------------------------------------

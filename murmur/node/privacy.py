@@ -205,6 +205,7 @@ class NodePrivacy:
         self._commits = _Commits()
         self._shared: dict[PeerId, PeerSession] = {}  # the session our KeyShare went out on
         self._shared_round: dict[PeerId, int] = {}  # the round it went out in
+        self._leaving: dict[PeerId, int] = {}  # peers whose session closed -> our round then (see forget)
         self._changed = asyncio.Condition()
         self._my_commits: dict[int, CommitData] = {}
         self._current = 0
@@ -348,6 +349,7 @@ class NodePrivacy:
                        "norm": round(report.norm, 4), "expected_norm": round(math.sqrt(report.variance), 4)},
             )
         self._commits.prune(round_ + 1 - KEPT_ROUNDS)
+        self._forget_secrets(round_)
         for r in [r for r in self._my_commits if r < round_ + 1 - KEPT_ROUNDS]:
             del self._my_commits[r]
         self._current = round_ + 1
@@ -390,6 +392,26 @@ class NodePrivacy:
         }
 
     # -- network
+
+    def forget(self, peer: PeerId) -> None:
+        """``peer`` has no session left: drop what we sent it now, and its
+        secret once the rounds we keep are past (a round it committed to and
+        never delivered still needs the secret: :meth:`after_round` measures
+        the noise left behind). A returning peer exchanges shares again on its
+        new session (both ends forget at the close). Kept, secrets grew with
+        every peer ever met, and the session each share went out on was held
+        after it closed."""
+        self._shared.pop(peer, None)
+        self._shared_round.pop(peer, None)
+        self._leaving[peer] = self._current
+
+    def _forget_secrets(self, round_: int) -> None:
+        for peer, since in list(self._leaving.items()):
+            if self.node.session(peer) is not None:
+                del self._leaving[peer]  # back: its new share replaces the secret
+            elif since <= round_ + 1 - KEPT_ROUNDS:
+                del self._leaving[peer]
+                self.seeds.forget(peer)
 
     async def on_linked(self, peer: PeerId) -> None:
         """A new learning edge gets our KeyShare at once, not at our next

@@ -19,6 +19,7 @@ import torch
 
 from murmur.learning.privacy.accountant import epsilon_from_rdp_coef
 from murmur.learning.privacy.seeds import edge_noise_np
+from murmur.learning.privacy.stage import KEPT_ROUNDS
 from murmur.node.daemon import Node
 from murmur.node.state import StateDir
 from murmur.protocol.identity import PeerId
@@ -284,6 +285,38 @@ async def test_a_chosen_neighbour_without_privacy_does_not_count_towards_k(tmp_p
                 assert node.membership.chosen_target() == k + 1
                 assert node.status()["learning"]["privacy"]["neighbours_without_edge"] >= 1
             assert privacy(node).stage.plan.min_edges == k
+
+
+async def test_a_peer_that_left_leaves_nothing_in_the_privacy_layer_and_its_return_pairs_again(
+        tmp_path: Path) -> None:
+    """A node used to keep the edge secret of every peer it ever met, and the
+    session its key share went out on, after the session closed: memory that
+    grew with churn. Now a closed session takes the share's bookkeeping with
+    it at once and the secret once the rounds kept are past (a round the
+    peer committed to may still need it), and the peer's next session
+    exchanges shares again: the edge is back, both ends agree."""
+    overrides = {**BASE, "learning.rounds": 1000, "privacy.scheme": "decor", "network.neighbours": 2,
+                 "learning.num_nodes": 3}
+    async with Cluster(3, tmp_path, overrides=overrides) as cluster:
+        a, b = cluster.node(0), cluster.node(2)
+
+        def paired() -> bool:
+            return privacy(a).seeds.has(b.peer_id) and privacy(b).seeds.has(a.peer_id)
+
+        await wait_until(paired, ROUNDS_S, "a and b share an edge secret")
+        secret = privacy(a).seeds.secret(b.peer_id)
+        await cluster.stop(2)
+        await wait_until(lambda: a.session(b.peer_id) is None, ROUNDS_S, "a sees b's session close")
+        assert b.peer_id not in privacy(a)._shared and b.peer_id not in privacy(a)._shared_round
+        left_at = a.learner.round
+        # a goes on with its third node; the secret goes once the kept rounds are past
+        await wait_until(lambda: not privacy(a).seeds.has(b.peer_id), ROUNDS_S, "a forgets b's secret")
+        assert a.learner.round >= left_at + KEPT_ROUNDS - 1
+        b = await cluster.restart(2)
+        await wait_until(paired, ROUNDS_S, "a and the restarted b share an edge secret again")
+        # b's X25519 key is fresh for each start: a new secret, the same at both ends
+        assert privacy(a).seeds.secret(b.peer_id) != secret
+        assert privacy(a).seeds.secret(b.peer_id) == privacy(b).seeds.secret(a.peer_id)
 
 
 async def test_a_restarted_node_keeps_the_epsilon_it_spent(tmp_path: Path) -> None:
