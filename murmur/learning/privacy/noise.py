@@ -170,6 +170,15 @@ class DropoutReport:
     norm: float  # the actual ‖Σ_{missing} v_ij‖ (the sender can regenerate it)
 
 
+def fresh_generator(device: torch.device) -> torch.Generator:
+    """A generator for local noise, seeded from the OS: local noise must be
+    unpredictable to every peer, unlike the pairwise terms, which both ends
+    of an edge derive from their shared secret."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(os.urandom(8), "big"))
+    return gen
+
+
 class PrivacyNoise:
     """Privatises one node's outgoing delta. Local noise comes from a torch
     generator seeded from ``os.urandom`` (never from a shared seed)."""
@@ -185,8 +194,7 @@ class PrivacyNoise:
         self.config = config
         self._secrets = secrets
         self.device = torch.device(device)
-        self._local = torch.Generator(device=self.device)
-        self._local.manual_seed(int.from_bytes(os.urandom(8), "big"))
+        self._local = fresh_generator(self.device)
 
     def _edge(self, peer: PeerId, round_: int, dim: int) -> torch.Tensor:
         std = self.config.edge_scale.std(self.me, peer)

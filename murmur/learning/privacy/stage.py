@@ -10,7 +10,6 @@ directly.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 
 from murmur.learning.privacy.accountant import Accountant
 from murmur.learning.privacy.calibration import PrivacyPlan
-from murmur.learning.privacy.noise import DropoutReport, PrivacyNoise, clip_to_norm
+from murmur.learning.privacy.noise import DropoutReport, PrivacyNoise, clip_to_norm, fresh_generator
 from murmur.protocol.identity import PeerId
 
 KEPT_ROUNDS = 4
@@ -60,8 +59,7 @@ class PrivacyStage:
         self.resolve = resolve
         self.device = torch.device(device)
         self._noise = PrivacyNoise(me, plan.noise, secrets, self.device) if plan.noise is not None else None
-        self._local = torch.Generator(device=self.device)
-        self._local.manual_seed(int.from_bytes(os.urandom(8), "big"))
+        self._local = fresh_generator(self.device)
         self.accountant: Accountant | None = None
         if plan.noise is not None:
             self.accountant = Accountant(plan.rdp_coef, plan.delta, plan.budget, plan.sampling_rate)
