@@ -75,7 +75,7 @@ from murmur.node.records import (
     sketch_bytes,
 )
 from murmur.node.silence import SilenceTracker
-from murmur.node.stalls import HELD_BACK_STREAK, HELD_BACK_WARN_EVERY, StallMonitor
+from murmur.node.stalls import HELD_BACK_STREAK, HELD_BACK_WARN_EVERY, StallMonitor, Streak
 from murmur.protocol.codecs import DeltaCodec
 from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender, PreparedDelta
 from murmur.protocol.layout import TransferKind, TransferLayout
@@ -224,7 +224,7 @@ class NodeLearner:
         self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
         self.attack_rate: float | None = None
         self.catch_ups = 0
-        self._held_back = 0  # rounds in a row with neighbours ahead that we may not adopt from
+        self._held_back = Streak(HELD_BACK_STREAK, HELD_BACK_WARN_EVERY)  # neighbours ahead we may not adopt from
         self._told_edgeless: frozenset[PeerId] = frozenset()  # chosen neighbours without a noise edge, last told
         # Called with the new round each time ours moves (a round closed, a
         # catch-up): the testnet worker pushes node rounds to its controller
@@ -813,7 +813,7 @@ class NodeLearner:
         if peer is None:
             self._note_held_back(claimed)
             return False
-        self._held_back = 0
+        self._held_back.reset()
         routes = self._routes.get(str(peer)) or [(self.node, peer)]
         session = routes[0][0].session(peer)
         if session is None:
@@ -851,17 +851,16 @@ class NodeLearner:
         own = self.engine.round
         ahead = sorted(r for r in claimed.values() if r > own + CATCH_UP_GAP)
         if not ahead:
-            self._held_back = 0
+            self._held_back.reset()
             return
-        self._held_back += 1
-        if self._held_back % HELD_BACK_WARN_EVERY != HELD_BACK_STREAK % HELD_BACK_WARN_EVERY:
+        if not self._held_back.hit():
             return
         log.warning(
             f"{len(ahead)} of {len(claimed)} neighbours are ahead (rounds {ahead[0]}-{ahead[-1]}, ours {own}) and "
             "this node never gave them weight: it adopts the model of a neighbour it has no trust in only when more "
             "than two thirds of its neighbours are ahead (a Sybil claims rounds ahead too). Until then it learns with "
             "the neighbours at its round. Start nodes within learning.start_wait_s of each other, or one after another",
-            extra={"event": "held_back", "round": own, "ahead": len(ahead), "rounds_held_back": self._held_back},
+            extra={"event": "held_back", "round": own, "ahead": len(ahead), "rounds_held_back": self._held_back.count},
         )
 
     def _public_model(self, done: CompletedDelta) -> tuple[torch.Tensor, int]:
@@ -1118,7 +1117,7 @@ class NodeLearner:
             # taken, before that round is evaluated and recorded)
             "finished": self._finished,
             "catch_ups": self.catch_ups,
-            "rounds_held_back": self._held_back,
+            "rounds_held_back": self._held_back.count,
             "late_dropped": self.engine.late_dropped,
             **self.stalls.status(),
         }

@@ -72,6 +72,7 @@ from murmur.learning.privacy.seeds import EdgeSecret, PairwiseSeeds, SignedKeySh
 from murmur.learning.privacy.stage import KEPT_ROUNDS, PrivacyStage
 from murmur.learning.rounds import MAX_FUTURE_ROUNDS
 from murmur.node.config import PrivacySection
+from murmur.node.stalls import Streak
 from murmur.protocol.identity import PeerId
 from murmur.protocol.messages import KeyShare, RoundCommit
 from murmur.protocol.transport import ConnectionClosed
@@ -199,7 +200,7 @@ class NodePrivacy:
         self.node = node
         self.stage = stage
         self.outlook = noise_outlook  # None where the model's size was not known (no trainer)
-        self._fallback_streak = 0  # rounds in a row sent with the fallback's noise
+        self._fallback_streak = Streak(FALLBACK_STREAK, FALLBACK_WARN_EVERY)  # rounds sent with the fallback's noise
         self.seeds = seeds
         self.commit_wait_s = commit_wait_s
         self._commits = _Commits()
@@ -275,11 +276,10 @@ class NodePrivacy:
         fallbacks = self.stage.counters.fallback_rounds
         if fallbacks > before:
             self._metrics.fallback.inc()
-            self._fallback_streak += 1
-            if self._fallback_streak % FALLBACK_WARN_EVERY == FALLBACK_STREAK:
+            if self._fallback_streak.hit():
                 self._warn_fallback(round, len(committed), fallbacks)
         else:
-            self._fallback_streak = 0
+            self._fallback_streak.reset()
         return sent
 
     def _warn_fallback(self, round_: int, active: int, fallbacks: int) -> None:
@@ -287,7 +287,7 @@ class NodePrivacy:
         seen = self.outlook
         log.warning(
             f"round {round_} had {active} active noise edges, the privacy plan needs {plan.min_edges}: like the "
-            f"{self._fallback_streak - 1} rounds before it, it used "
+            f"{self._fallback_streak.count - 1} rounds before it, it used "
             f"noise private on its own ({plan.sigma_ldp:.3g} per coordinate instead of "
             f"{plan.noise.sigma_cdp if plan.noise else 0.0:.3g})"
             + (f", a noise-to-signal of {seen.fallback_rho:.2g} over the run instead of {seen.rho:.2g}" if seen else "")

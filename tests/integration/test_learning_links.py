@@ -117,7 +117,7 @@ async def test_two_pairs_started_apart_learn_apart_and_say_why(
         async with Cluster(2, tmp_path / "behind", overrides) as behind:
             first = ahead.node(0)
             await behind.node(0).connect(first.addrs, first.peer_id)
-            await behind.wait_until(lambda: all(n.learner._held_back >= HELD_BACK_STREAK for n in behind), 60.0,
+            await behind.wait_until(lambda: all(n.learner._held_back.count >= HELD_BACK_STREAK for n in behind), 60.0,
                                     "the late pair held back")
             for node in behind:
                 status = node.status()["learning"]

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from murmur.errors import LimitExceeded
-from murmur.node.stalls import STALL_DEADLINES, STALL_ROUNDS, StallMonitor
+from murmur.node.stalls import STALL_DEADLINES, STALL_ROUNDS, StallMonitor, Streak
 from murmur.protocol.layout import ShapeMismatch
 
 
@@ -76,3 +76,14 @@ def test_the_wait_for_the_first_neighbours_is_no_stall() -> None:
     clock.now += STALL_DEADLINES * 2.0 + 1
     monitor.watch(deadline_s=2.0, connected=2, phase="train_s")
     assert monitor.stalled
+
+
+def test_a_streak_is_told_at_its_first_round_then_once_per_every_more() -> None:
+    """Rounds 3, 103, 203 of one streak are told; a reset starts it over."""
+    streak = Streak(first=3, every=100)
+    told = [r for r in range(1, 251) if streak.hit()]
+    assert told == [3, 103, 203] and streak.count == 250
+    streak.reset()
+    assert [streak.hit() for _ in range(3)] == [False, False, True]
+    every_hundredth = Streak(first=100, every=100)
+    assert [r for r in range(1, 251) if every_hundredth.hit()] == [100, 200]
