@@ -191,7 +191,7 @@ from murmur.learning.aggregators.base import (
     require,
 )
 from murmur.learning.aggregators.coordinate_bound import DEFAULT_COORDINATE_BOUND, bound_offsets
-from murmur.learning.aggregators.noise_bound import DEFAULT_NOISE_RATIO, noise_scales
+from murmur.learning.aggregators.noise_bound import DEFAULT_NOISE_FLOOR, DEFAULT_NOISE_RATIO, noise_scales
 from murmur.learning.aggregators.persistence import (
     DEFAULT_PERSISTENCE,
     FORGET_ROUNDS,
@@ -314,6 +314,8 @@ class SybilWallOptions:
     functional: bool = True  # also compare neighbours by their outputs on our probe sample (needs a probe)
     persistence: float | None = DEFAULT_PERSISTENCE  # None: no bound on persistent pull (.persistence)
     noise_ratio: float | None = DEFAULT_NOISE_RATIO  # under privacy: pull <= this x our own step (.noise_bound)
+    # under privacy (with noise_ratio): offset >= this x the shorter of our step and the median offset (.noise_bound)
+    noise_floor: float | None = DEFAULT_NOISE_FLOOR
     coordinate_bound: float | None = DEFAULT_COORDINATE_BOUND  # None: mix whole models (.coordinate_bound)
     recovery_rounds: int = DEFAULT_RECOVERY_ROUNDS
     initial_trust: float = DEFAULT_INITIAL_TRUST
@@ -340,6 +342,8 @@ class SybilWallOptions:
         require(self.exempt_margin is None or self.exempt_margin > 0, "sybilwall: exempt_margin must be > 0")
         require(self.persistence is None or 0.0 <= self.persistence < 1.0, "sybilwall: persistence must be in [0, 1)")
         require(self.noise_ratio is None or self.noise_ratio > 0, "sybilwall: noise_ratio must be > 0")
+        require(self.noise_floor is None or 0 < self.noise_floor < (self.noise_ratio or math.inf),
+                "sybilwall: noise_floor must be > 0 and below noise_ratio")
         require(self.coordinate_bound is None or self.coordinate_bound > 0, "sybilwall: coordinate_bound must be > 0")
         require(self.recovery_rounds >= 1, "sybilwall: recovery_rounds must be >= 1")
         require(0.0 <= self.initial_trust <= 1.0, "sybilwall: initial_trust must be in [0, 1]")
@@ -511,7 +515,7 @@ class SybilWallAggregator(Aggregator):
             # Replaces the round's clip: honest noised offsets bunch around
             # the median, which cut those above it every round (no attack,
             # epsilon 1: 0.689 with both, 0.734 without the clip).
-            factors *= noise_scales(own, updates, noise_ratio)
+            factors *= noise_scales(own, updates, noise_ratio, self.options.noise_floor)
         elif self.options.clip is not None:
             factors *= self._clip_scales(own, updates, trust)
         if self._pull is not None:

@@ -42,6 +42,56 @@ def test_no_step_of_our_own_bounds_nothing() -> None:
         get_aggregator("sybilwall", noise_ratio=0.0)
 
 
+def test_floor_takes_weight_from_offsets_shorter_than_the_noise() -> None:
+    """Our step 2, offsets 1.2, 1.5, 2, 2.2 and 3 (median 2, so the
+    yardstick is 2), floor 0.8: full weight from 1.6 up, none at 1.4 and
+    below, 1.5 keeps (1.5 / 1.6 - 0.875) / 0.125 = 0.5. The ceiling (tau 3)
+    cuts nothing here."""
+    ups = updates({"a": _along(1.2, 1), "b": _along(1.5, 2), "c": _along(2.0, 3), "d": _along(2.2, 4),
+                   "e": _along(3.0, 5)})
+    assert noise_scales(_along(2.0, 0), ups, 1.5, 0.8).tolist() == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0])
+    assert noise_scales(_along(2.0, 0), ups, 1.5).tolist() == pytest.approx([1.0] * 5)
+
+
+def test_floor_is_set_by_the_median_offset_where_our_own_step_is_longer() -> None:
+    """Our step 4 (more noise edges than our neighbours, or a round of ours
+    that fell back): offsets 1.5, 2, 2 and 2.2 are judged against their
+    median 2, not against our step (which would cut them all): 1.5 keeps
+    0.5, the rest full weight."""
+    ups = updates({"a": _along(1.5, 1), "b": _along(2.0, 2), "c": _along(2.0, 3), "d": _along(2.2, 4)})
+    assert noise_scales(_along(4.0, 0), ups, 1.5, 0.8).tolist() == pytest.approx([0.5, 1.0, 1.0, 1.0])
+
+
+def test_floor_must_sit_below_the_ratio() -> None:
+    ups = updates({"a": _along(1.0, 1)})
+    for floor in (0.0, 1.5, 2.0):
+        with pytest.raises(ValueError):
+            noise_scales(_along(1.0, 0), ups, 1.5, floor)
+    with pytest.raises(ConfigError):
+        get_aggregator("sybilwall", noise_floor=1.5)
+    with pytest.raises(ConfigError):
+        get_aggregator("sybilwall", noise_floor=0.0)
+
+
+def test_sybilwall_mutes_a_noiseless_neighbour_only_when_its_messages_are_noised() -> None:
+    """Two offsets as long as our noised step and one a quarter as long (a
+    Sybil that adds no noise): noised, it keeps no weight; not noised, or
+    with ``noise_floor`` off, it keeps what it had."""
+    def weights(noised: bool, **opts: object) -> dict[str, float]:
+        agg = get_aggregator("sybilwall", self_id="me", clip=None, persistence=None, **opts)
+        assert isinstance(agg, SybilWallAggregator)
+        agg.noised = noised
+        dirs = [d / d.norm() for d in orthogonalish(4, DIM, 7)]
+        return agg.weigh(2.0 * dirs[0], updates({"h0": 2.0 * dirs[1], "h1": 2.0 * dirs[2], "quiet": 0.5 * dirs[3]}), 3)
+
+    plain, noised = weights(False), weights(True)
+    assert plain["quiet"] > 0
+    assert noised["quiet"] == 0.0
+    assert noised["h1"] / noised["h0"] == pytest.approx(plain["h1"] / plain["h0"], rel=1e-9)
+    off = weights(True, noise_floor=None)
+    assert off["quiet"] / off["h0"] == pytest.approx(plain["quiet"] / plain["h0"], rel=1e-9)
+
+
 def _weights(noised: bool, **opts: object) -> dict[str, float]:
     """One round of SybilWall: two honest offsets as long as our own (noised)
     step, and one 2.25 times as long."""
