@@ -135,13 +135,16 @@ from typing import Any
 
 import torch
 
+from murmur.learning.aggregators.averages import FORGET_ROUNDS, PeerAverages
 from murmur.learning.aggregators.base import PeerUpdate, falloff
 
 DEFAULT_PERSISTENCE = 0.98  # weight of the past in each pull's moving average: ~50 rounds
 DEFAULT_PULL_RADIUS = 1.0  # a peer keeps full weight up to this times the round's median persistent pull
 WARMUP_ROUNDS = 10  # rounds a peer's mean must cover before it is judged by it
-FORGET_ROUNDS = 50  # a peer unseen this long starts a fresh average when it returns
 STATE_PREFIX = "persistence_"  # this bound's keys in its aggregator's checkpoint state (see state_dict)
+PULLS_KEY = f"{STATE_PREFIX}pulls"  # the means themselves in that state
+
+__all__ = ["DEFAULT_PERSISTENCE", "FORGET_ROUNDS", "PULLS_KEY", "STATE_PREFIX", "WARMUP_ROUNDS", "PersistentPull"]
 
 
 class PersistentPull:
@@ -155,9 +158,8 @@ class PersistentPull:
             raise ValueError("pull radius must be > 0")
         self.beta = beta
         self.radius = radius
-        self._pulls: dict[str, torch.Tensor] = {}
-        self._seen: dict[str, int] = {}
-        self._count: dict[str, int] = {}  # rounds folded into each average (the mean until 1 / (1 - beta))
+        # the mean until 1 / (1 - beta) rounds: the length judged from WARMUP_ROUNDS must not be the first offset's
+        self._means = PeerAverages(beta, warm_up=True, name="persistence")
         self._round = 0
 
     def observe(self, own: torch.Tensor, updates: Sequence[PeerUpdate]) -> None:
@@ -166,21 +168,12 @@ class PersistentPull:
         offset of this round)."""
         self._round += 1
         for u in updates:
-            pull = self._pulls.get(u.peer)
-            if pull is None or self._seen.get(u.peer, 0) < self._round - FORGET_ROUNDS:
-                self._pulls[u.peer] = u.delta - own
-                self._count[u.peer] = 1
-            else:
-                count = self._count[u.peer] = self._count[u.peer] + 1
-                fresh = max(1.0 - self.beta, 1.0 / count)
-                pull.mul_(1.0 - fresh).add_(u.delta - own, alpha=fresh)
-            self._seen[u.peer] = self._round
-        for peer in [p for p, seen in self._seen.items() if seen < self._round - FORGET_ROUNDS]:
-            del self._pulls[peer], self._seen[peer], self._count[peer]
+            self._means.fold(u.peer, u.delta - own, self._round)
+        self._means.forget(self._round)
 
     def pull(self, peer: str) -> float | None:
         """Length of ``peer``'s persistent pull (diagnostics, tests)."""
-        pull = self._pulls.get(peer)
+        pull = self._means.get(peer)
         return None if pull is None else float(torch.linalg.vector_norm(pull))
 
     def scales(self, updates: Sequence[PeerUpdate], trust: torch.Tensor) -> torch.Tensor:
@@ -190,10 +183,10 @@ class PersistentPull:
         every judged peer when we trust none of them; 1 for a peer not yet
         judged. Call after :meth:`observe` of the same updates."""
         out = torch.ones(len(updates), dtype=torch.float64)
-        judged = [i for i, u in enumerate(updates) if self._count.get(u.peer, 0) >= WARMUP_ROUNDS]
+        judged = [i for i, u in enumerate(updates) if self._means.count(u.peer) >= WARMUP_ROUNDS]
         if not judged:
             return out
-        pulls = torch.stack([torch.linalg.vector_norm(self._pulls[updates[i].peer]) for i in judged])
+        pulls = torch.stack([torch.linalg.vector_norm(self._means.get(updates[i].peer)) for i in judged])
         pulls = pulls.to(torch.float64).cpu()
         trusted = pulls[trust[judged] > 0]
         tau = self.radius * float((trusted if trusted.numel() else pulls).median())
@@ -210,35 +203,10 @@ class PersistentPull:
         stores the tensor apart from the rest). Without them a restarted node
         judges no peer for WARMUP_ROUNDS rounds, and a Sybil that had
         already been muted is heard in full meanwhile."""
-        peers = sorted(self._pulls)
-        state: dict[str, Any] = {
-            f"{STATE_PREFIX}round": self._round,
-            f"{STATE_PREFIX}peers": peers,
-            f"{STATE_PREFIX}seen": [self._seen[p] for p in peers],
-            f"{STATE_PREFIX}count": [self._count[p] for p in peers],
-        }
-        if peers:
-            state[f"{STATE_PREFIX}pulls"] = torch.stack([self._pulls[p] for p in peers]).clone()
-        return state
+        return {f"{STATE_PREFIX}round": self._round, **self._means.state_dict(STATE_PREFIX, PULLS_KEY)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` wrote; a state without its keys
         (a checkpoint from before they were kept) starts every mean afresh."""
-        self._pulls, self._seen, self._count = {}, {}, {}
         self._round = int(state.get(f"{STATE_PREFIX}round", 0))
-        peers = [str(p) for p in state.get(f"{STATE_PREFIX}peers", ())]
-        if not peers:
-            return
-        pulls = state[f"{STATE_PREFIX}pulls"]
-        if not isinstance(pulls, torch.Tensor) or pulls.dim() != 2 or pulls.shape[0] != len(peers):
-            raise ValueError("persistence checkpoint: pulls must be (len(peers), d)")
-        if not bool(torch.isfinite(pulls).all()):
-            raise ValueError("persistence checkpoint: non-finite pull")
-        seen = [int(r) for r in state[f"{STATE_PREFIX}seen"]]
-        count = [int(c) for c in state[f"{STATE_PREFIX}count"]]
-        if len(seen) != len(peers) or len(count) != len(peers) or min(count) < 1:
-            raise ValueError("persistence checkpoint: seen and count must give each peer a round and a count >= 1")
-        for i, peer in enumerate(peers):
-            self._pulls[peer] = pulls[i].to(torch.float32).clone()
-            self._seen[peer] = seen[i]
-            self._count[peer] = count[i]
+        self._means.load_state_dict(state, STATE_PREFIX, PULLS_KEY)

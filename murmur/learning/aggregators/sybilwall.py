@@ -192,12 +192,8 @@ from murmur.learning.aggregators.base import (
 )
 from murmur.learning.aggregators.coordinate_bound import DEFAULT_COORDINATE_BOUND, bound_offsets
 from murmur.learning.aggregators.noise_bound import DEFAULT_NOISE_FLOOR, DEFAULT_NOISE_RATIO, noise_scales
-from murmur.learning.aggregators.persistence import (
-    DEFAULT_PERSISTENCE,
-    FORGET_ROUNDS,
-    STATE_PREFIX,
-    PersistentPull,
-)
+from murmur.learning.aggregators.averages import FORGET_ROUNDS, PeerAverages
+from murmur.learning.aggregators.persistence import DEFAULT_PERSISTENCE, PULLS_KEY, PersistentPull
 from murmur.learning.aggregators.similarity import (
     DEFAULT_KAPPA,
     anchored_similarity,
@@ -236,7 +232,7 @@ GOSSIP_LAMBDA = 0.8
 RECORDS_PER_SENDER_PER_ROUND = 1
 NEIGHBOUR_MEMORY_ROUNDS = 2  # a peer we aggregated this many rounds ago still counts as a neighbour for records
 MEMORY_FORGET_ROUNDS = FORGET_ROUNDS  # a neighbour's moving average outlives its last round by this many
-PULLS_KEY = f"{STATE_PREFIX}pulls"  # the persistent pulls in a checkpoint's state (sketched from version 6)
+MEMORY_PREFIX = "memory_"  # the memory view's keys in the checkpoint state (its rows under "memory")
 COMPARED_ROUNDS = 2  # a record is compared with our neighbours' models of its own round: this one or the last
 FLAG_SIMILARITY = 0.5  # a record this close to one of our neighbours counts against it (flags_per_observer)
 DIRECT = 1  # hop distance of our own observations
@@ -425,8 +421,9 @@ class SybilWallAggregator(Aggregator):
         self._held: dict[int, dict[str, _Held]] = {}  # round -> subject -> its model of that round
         self._own: dict[int, _Held] = {}  # round -> our own model of that round (the similarity's anchor)
         self._own_memory: torch.Tensor | None = None  # our own moving average, as _memory's
-        self._memory: dict[str, torch.Tensor] = {}  # neighbour -> moving average of its offsets' local sketches
-        self._memory_seen: dict[str, int] = {}  # neighbour -> last round folded into its average
+        # neighbour -> moving average of its offsets' local sketches (a plain one: it compares directions)
+        self._memory = PeerAverages(self.options.memory, warm_up=False, forget_rounds=MEMORY_FORGET_ROUNDS,
+                                    name="sybilwall memory")
         # peer -> round it was caught as a clone -> whose evidence (OWN_EVIDENCE or a record's observer)
         self._catches: dict[str, dict[int, set[str]]] = {}
         # observer -> our neighbours its records resembled -> round first seen (flags_per_observer)
@@ -649,15 +646,8 @@ class SybilWallAggregator(Aggregator):
             return
         now = self._round.round
         for peer, offset in offsets.items():
-            row = self._memory.get(peer)
-            if row is None:
-                self._memory[peer] = offset.clone()
-            else:
-                row.mul_(beta).add_(offset, alpha=1.0 - beta)
-            self._memory_seen[peer] = now
-        # a peer gone this long starts afresh when it returns, and churn does not grow the memory
-        for peer in [p for p, seen in self._memory_seen.items() if seen < now - MEMORY_FORGET_ROUNDS]:
-            del self._memory[peer], self._memory_seen[peer]
+            self._memory.fold(peer, offset, now)
+        self._memory.forget(now)  # a peer gone this long starts afresh when it returns; churn does not grow it
         if self._own_memory is None:
             self._own_memory = own.clone()
         else:
@@ -679,7 +669,7 @@ class SybilWallAggregator(Aggregator):
             out.append((_alike([current[p].kept - last[p].kept for p in stepped], own_step), stepped))
         remembered = [p for p in peers if p in self._memory]
         if self.options.memory > 0 and len(remembered) >= 2:
-            out.append((_alike([self._memory[p] for p in remembered], self._own_memory), remembered))
+            out.append((_alike([self._memory.get(p) for p in remembered], self._own_memory), remembered))
         return out
 
     @staticmethod
@@ -1069,10 +1059,7 @@ class SybilWallAggregator(Aggregator):
         }
 
     def _memory_state(self) -> dict[str, Any]:
-        peers = sorted(self._memory)
-        state: dict[str, Any] = {"memory_peers": peers, "memory_seen": [self._memory_seen[p] for p in peers]}
-        if peers:
-            state["memory"] = torch.stack([self._memory[p] for p in peers]).clone()
+        state = self._memory.state_dict(MEMORY_PREFIX, "memory")
         if self._own_memory is not None:
             state["own_memory"] = self._own_memory.clone()
         return state
@@ -1080,16 +1067,9 @@ class SybilWallAggregator(Aggregator):
     def _load_memory(self, state: Mapping[str, Any]) -> None:
         """``memory``'s averages as :meth:`_memory_state` wrote them; none
         from a checkpoint before version 6 (they start afresh)."""
-        self._memory, self._memory_seen, self._own_memory = {}, {}, None
-        peers = [str(p) for p in state.get("memory_peers", ())]
-        seen = [int(r) for r in state.get("memory_seen", ())]
-        rows, own = state.get("memory"), state.get("own_memory")
-        if peers:
-            if not isinstance(rows, torch.Tensor) or rows.shape != (len(peers), LOCAL_SKETCH_ELEMENTS) \
-                    or len(seen) != len(peers) or not bool(torch.isfinite(rows).all()):
-                raise ValueError("sybilwall: memory must be one finite local sketch and round per peer")
-            self._memory = {p: rows[i].to(torch.float32).clone() for i, p in enumerate(peers)}
-            self._memory_seen = dict(zip(peers, seen, strict=True))
+        self._own_memory = None
+        self._memory.load_state_dict(state, MEMORY_PREFIX, "memory", width=LOCAL_SKETCH_ELEMENTS)
+        own = state.get("own_memory")
         if isinstance(own, torch.Tensor):
             if own.shape != (LOCAL_SKETCH_ELEMENTS,) or not bool(torch.isfinite(own).all()):
                 raise ValueError("sybilwall: own memory must be one finite local sketch")
