@@ -37,6 +37,21 @@ neighbour's drift from us, and nothing bounds the drift: the round engine
 tells the aggregator whether its messages are noised (``noised``), and the
 bound holds only then.
 
+When we are the one apart. The bound assumes our model sits among our
+neighbours', as it does once rounds are under way. A node whose first
+rounds ran alone does not: four daemons of eight started by hand (example
+level, k = 3) heard no neighbour in time for their first 7 rounds, and the
+one that then rejoined at the same round had trained and noised its own way
+for 7 rounds: every neighbour's offset was that gap, all three beyond twice
+the bound, and it gave them no weight for the next 8 rounds (self weight
+1.0 from round 7 to 14). Where the median offset is itself beyond
+``2 tau``, more than half of our neighbours agree that it is our model that
+is apart, so the median sets ``tau``: the neighbours up to it keep their
+weight and we rejoin them. Sybils move that median only where they are
+half of our neighbours or more (there the bound holds nothing anyway), and
+an honest majority never sends it there: honest offsets stay within 1.41
+times our step once we are among them.
+
 The floor (``floor``, SybilWall's ``noise_floor``). Every honest message
 carries its own fresh noise, so no honest offset is much *shorter* than the
 noise either. A Sybil that adds none (it need not follow the protocol) and
@@ -91,7 +106,9 @@ def noise_scales(own: torch.Tensor, updates: Sequence[PeerUpdate], ratio: float,
                  floor: float | None = None) -> torch.Tensor:
     """Weight factor per update (float64, in [0, 1]): 1 while ``|delta_j|``
     is at most ``tau = ratio * |own|``, 0 from ``2 tau`` on, linear between
-    (the persistence bound's and the probe's shape). With ``floor``, also 1
+    (the persistence bound's and the probe's shape); where the median
+    ``|delta_j|`` is ``2 tau`` or more, ``tau`` is that median instead (our
+    model is the one apart). With ``floor``, also 1
     only from ``floor * yard`` up and 0 at ``(1 - FLOOR_RAMP) * floor * yard``
     and below, linear between, where ``yard`` is the shorter of our own step
     and the median offset (see the module doc). All ones when our step is
@@ -105,9 +122,12 @@ def noise_scales(own: torch.Tensor, updates: Sequence[PeerUpdate], ratio: float,
     if not updates or step <= 0:
         return out
     lengths = torch.stack([torch.linalg.vector_norm(u.delta) for u in updates]).to(torch.float64).cpu()
-    out = falloff(lengths / (ratio * step))
+    median = float(lengths.median())
+    # We are the one apart (see the module doc): judged by our step, the median neighbour would count for nothing.
+    tau = median if median >= 2.0 * ratio * step else ratio * step
+    out = falloff(lengths / tau)
     if floor is not None:
-        yard = min(step, float(lengths.median()))
+        yard = min(step, median)
         if yard > 0:
             out *= ((lengths / (floor * yard) - (1.0 - FLOOR_RAMP)) / FLOOR_RAMP).clamp(0.0, 1.0)
     return out

@@ -32,6 +32,34 @@ def test_weight_falls_from_ratio_times_our_own_step_to_none_at_twice_that() -> N
     assert noise_scales(_along(2.0, 0), ups, 1.5).tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])
 
 
+def test_where_most_neighbours_are_beyond_the_bound_their_median_sets_it() -> None:
+    """Our step 1, ratio 1.5 (tau 1.5): offsets 4, 4.5 and 5 are all
+    beyond 2 tau = 3, and so is their median 4.5: our model is the one apart
+    (rounds run alone), and the median is the bound: 4 and 4.5 keep their
+    weight, 5 keeps 2 - 5 / 4.5. Offsets 1, 1.2 and 5 (median 1.2) are
+    judged by our step: 5 keeps nothing."""
+    far = updates({"a": _along(4.0, 1), "b": _along(4.5, 2), "c": _along(5.0, 3)})
+    assert noise_scales(_along(1.0, 0), far, 1.5).tolist() == pytest.approx([1.0, 1.0, 2.0 - 5.0 / 4.5])
+    one_far = updates({"a": _along(1.0, 1), "b": _along(1.2, 2), "c": _along(5.0, 3)})
+    assert noise_scales(_along(1.0, 0), one_far, 1.5).tolist() == pytest.approx([1.0, 1.0, 0.0])
+    # at the edge: a median of exactly 2 tau is ours apart, one just under is not
+    assert noise_scales(_along(1.0, 0), updates({"a": _along(3.0, 1)}), 1.5).tolist() == [1.0]
+    assert noise_scales(_along(1.0, 0), updates({"a": _along(2.9, 1)}), 1.5).tolist() == pytest.approx([2.0 - 2.9 / 1.5])
+
+
+def test_sybilwall_rejoins_neighbours_its_own_model_drifted_away_from() -> None:
+    """Under noise, three neighbours 8, 8.5 and 9 from us where our step is
+    2 (our model trained alone for a while): judged by our step alone every
+    one is cut and we keep our own model (self weight 1); judged by their
+    median each keeps weight."""
+    agg = get_aggregator("sybilwall", self_id="me", clip=None, persistence=None)
+    assert isinstance(agg, SybilWallAggregator)
+    agg.noised = True
+    dirs = [d / d.norm() for d in orthogonalish(4, DIM, 11)]
+    weights = agg.weigh(2.0 * dirs[0], updates({"h0": 8.0 * dirs[1], "h1": 8.5 * dirs[2], "h2": 9.0 * dirs[3]}), 3)
+    assert weights["self"] < 0.5 and min(weights["h0"], weights["h1"], weights["h2"]) > 0.1
+
+
 def test_no_step_of_our_own_bounds_nothing() -> None:
     ups = updates({"a": _along(1.0, 1), "b": _along(6.0, 2)})
     assert noise_scales(torch.zeros(DIM), ups, 1.5).tolist() == [1.0, 1.0]
