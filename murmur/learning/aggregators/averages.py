@@ -66,6 +66,9 @@ class PeerAverages:
     def get(self, peer: str) -> torch.Tensor | None:
         return self._rows.get(peer)
 
+    def __getitem__(self, peer: str) -> torch.Tensor:
+        return self._rows[peer]
+
     def count(self, peer: str) -> int:
         """Rounds folded into ``peer``'s average since it (re)started; 0 when none."""
         return self._count.get(peer, 0)

@@ -39,10 +39,10 @@ bound holds only then.
 
 When we are the one apart. The bound assumes our model sits among our
 neighbours', as it does once rounds are under way. A node whose first
-rounds ran alone does not: four daemons of eight started by hand (example
-level, k = 3) heard no neighbour in time for their first 7 rounds, and the
-one that then rejoined at the same round had trained and noised its own way
-for 7 rounds: every neighbour's offset was that gap, all three beyond twice
+rounds ran alone does not: one of eight daemons started by hand (example
+level, k = 3) heard no neighbour in time for its first 7 rounds and then
+rejoined them at the same round, having trained and noised its own way
+meanwhile: every neighbour's offset was that gap, all three beyond twice
 the bound, and it gave them no weight for the next 8 rounds (self weight
 1.0 from round 7 to 14). Where the median offset is itself beyond
 ``2 tau``, more than half of our neighbours agree that it is our model that
@@ -74,14 +74,14 @@ node with more edges than its neighbours would find them all short, and a
 node whose own round fell back to local noise sends a different amount
 again. The median answers for both. Sybils can move the yardstick only
 down (it is never above our own step), which loosens the floor, and only
-where they are half of our neighbours (there they are held as clones, or
-not at all). The daemon's
-degrees vary more than the bench's: in the default testnet (privacy on,
-k = 3 plus the links others chose) 3.4% of honest offsets were under 0.8
-times the yardstick and 0.24% under 0.7, which cost honest neighbours 1.2%
-of their weight on average; a floor of 0.7 cost 0.2% but let the backdoor
-through (0.144). A peer that runs with privacy off in a network that runs
-with it sends no noise and loses its weight the same way.
+where they are half of our neighbours or more (there they are held as
+clones, or not at all). The daemon's degrees vary more than the bench's:
+in the default testnet (privacy on, k = 3 plus the links others chose)
+3.4% of honest offsets were under 0.8 times the yardstick and 0.24% under
+0.7, which cost honest neighbours 1.2% of their weight on average; a floor
+of 0.7 cost 0.2% but let the backdoor through (0.144). A peer that runs
+with privacy off in a network that runs with it sends no noise and loses
+its weight the same way.
 
 An attacker that adds noise of its own to clear the floor is the one tuned
 under privacy (``fresh`` offsets of the honest spread each round): the

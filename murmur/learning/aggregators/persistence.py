@@ -186,7 +186,7 @@ class PersistentPull:
         judged = [i for i, u in enumerate(updates) if self._means.count(u.peer) >= WARMUP_ROUNDS]
         if not judged:
             return out
-        pulls = torch.stack([torch.linalg.vector_norm(self._means.get(updates[i].peer)) for i in judged])
+        pulls = torch.stack([torch.linalg.vector_norm(self._means[updates[i].peer]) for i in judged])
         pulls = pulls.to(torch.float64).cpu()
         trusted = pulls[trust[judged] > 0]
         tau = self.radius * float((trusted if trusted.numel() else pulls).median())

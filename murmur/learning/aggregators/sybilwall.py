@@ -178,6 +178,7 @@ from typing import Any
 import torch
 
 from murmur.errors import ConfigError, DecodeError
+from murmur.learning.aggregators.averages import FORGET_ROUNDS, PeerAverages
 from murmur.learning.aggregators.base import (
     DTYPE,
     SELF,
@@ -192,7 +193,6 @@ from murmur.learning.aggregators.base import (
 )
 from murmur.learning.aggregators.coordinate_bound import DEFAULT_COORDINATE_BOUND, bound_offsets
 from murmur.learning.aggregators.noise_bound import DEFAULT_NOISE_FLOOR, DEFAULT_NOISE_RATIO, noise_scales
-from murmur.learning.aggregators.averages import FORGET_ROUNDS, PeerAverages
 from murmur.learning.aggregators.persistence import DEFAULT_PERSISTENCE, PULLS_KEY, PersistentPull
 from murmur.learning.aggregators.similarity import (
     DEFAULT_KAPPA,
@@ -669,7 +669,7 @@ class SybilWallAggregator(Aggregator):
             out.append((_alike([current[p].kept - last[p].kept for p in stepped], own_step), stepped))
         remembered = [p for p in peers if p in self._memory]
         if self.options.memory > 0 and len(remembered) >= 2:
-            out.append((_alike([self._memory.get(p) for p in remembered], self._own_memory), remembered))
+            out.append((_alike([self._memory[p] for p in remembered], self._own_memory), remembered))
         return out
 
     @staticmethod

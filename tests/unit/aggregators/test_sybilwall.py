@@ -784,7 +784,7 @@ def test_moving_averages_survive_a_restart() -> None:
     clone = _through_checkpoint(agg)
     assert set(clone._memory) == {"a", "b", "c"} and clone._own_memory is not None
     for peer in agg._memory:
-        assert torch.equal(clone._memory.get(peer), agg._memory.get(peer))
+        assert torch.equal(clone._memory[peer], agg._memory[peer])
     own, nxt = torch.randn(DIM, generator=g), updates(moving(peers, 5))
     r1, r2 = agg.aggregate(own, nxt, 3), clone.aggregate(own, nxt, 3)
     assert r1.weights == r2.weights
