@@ -31,7 +31,7 @@ import random
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -377,10 +377,7 @@ class NodeLearner:
         kept, it only stops counting towards k."""
         if self.privacy is None:
             return 0
-        # the sampler's choices: a peer that linked to us first shows as
-        # accepted even once we chose it too (PeerSession.chosen)
-        choices = {d.peer for d in self.node.sampler.neighbour_descriptors()}
-        chosen = [s.peer for s in self.node.membership.learning_neighbours() if s.peer in choices]
+        chosen = [s.peer for s in self.node.membership.learning_neighbours() if s.peer in self._choices()]
         edgeless = frozenset(self.privacy.edgeless(chosen))
         if edgeless - self._told_edgeless:
             log.info(
@@ -391,6 +388,13 @@ class NodeLearner:
             )
         self._told_edgeless = edgeless
         return len(edgeless)
+
+    def _choices(self) -> frozenset[PeerId]:
+        """The peer sampler's current choices of neighbours (``network.neighbours``
+        of them, and more while some cannot be used): a peer that linked to
+        us first shows as accepted even once we chose it too
+        (``PeerSession.chosen``), so the sampler, not the session, says."""
+        return frozenset(d.peer for d in self.node.sampler.neighbour_descriptors())
 
     async def _announce_finished(self) -> None:
         """Our rounds are over: neighbours still in theirs must not wait for us."""
@@ -804,14 +808,14 @@ class NodeLearner:
         }
 
     def _catch_up_target(self) -> PeerId | None:
-        return catch_up_target(self._claimed_rounds(), self.engine.round, self._trust)
+        return catch_up_target(self._claimed_rounds(), self.engine.round, self._trust, self._choices())
 
     async def _maybe_catch_up(self) -> bool:
         """Adopt the model of a neighbour far ahead of us; True iff we did."""
-        claimed = self._claimed_rounds()
-        peer = catch_up_target(claimed, self.engine.round, self._trust)
+        claimed, choices = self._claimed_rounds(), self._choices()
+        peer = catch_up_target(claimed, self.engine.round, self._trust, choices)
         if peer is None:
-            self._note_held_back(claimed)
+            self._note_held_back(voters(claimed, choices))
             return False
         self._held_back.reset()
         routes = self._routes.get(str(peer)) or [(self.node, peer)]
@@ -1177,7 +1181,30 @@ class _OpenRound:
         return prepared
 
 
-def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mapping[PeerId, float]) -> PeerId | None:
+def voters(claimed: Mapping[PeerId, int], choices: Collection[PeerId] = ()) -> dict[PeerId, int]:
+    """The neighbours whose claims decide whether most of them are ahead:
+    those we chose (``choices``, the peer sampler's) when any of them is a
+    neighbour, else all of them.
+
+    Why the chosen ones. A peer links to us at will, so counting the
+    neighbours that linked to us let them decide both ways. Eight daemons
+    started together on 2 cores (start_wait_s 75, k = 3): the four that
+    were up first began their rounds, and three of the late ones had chosen
+    three of them, all ahead, but also had two late ones link to them, level:
+    3 of 5 ahead is not more than two thirds, so none caught up, each ran two
+    rounds alone at the 30 s deadline (their neighbours' messages too far
+    ahead to buffer), and the three then learnt as a group of their own to
+    the end (accuracy 0.69-0.76 against 0.80 in the first group, which
+    finished a minute earlier). The other way, Sybils that link to a node
+    count towards the two thirds that move it; only those it chose can now,
+    and its choices are the peer sampler's, whose subnet-bucket limits are
+    the defence against an eclipse."""
+    chosen = {peer: r for peer, r in claimed.items() if peer in choices}
+    return chosen or dict(claimed)
+
+
+def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mapping[PeerId, float],
+                    choices: Collection[PeerId] = ()) -> PeerId | None:
     """Whom to adopt a model from, or None.
 
     A neighbour's round is only its claim and the model it would hand us is
@@ -1186,7 +1213,8 @@ def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mappin
     model outright. Only neighbours more than ``CATCH_UP_GAP`` rounds ahead
     count, and then:
 
-    * when more than two thirds of our neighbours are ahead, any of them but
+    * when more than two thirds of our neighbours are ahead (of those we
+      chose, ``choices``, when any is a neighbour: :func:`voters`), any of them but
       those our aggregator gave no weight the last time they took part
       (SybilWall gives Sybils 0), unless that leaves none: a late joiner or a
       restarted node, whose neighbours all moved on. Two thirds, not half: two
@@ -1202,11 +1230,14 @@ def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mappin
     """
     ahead = {peer: r for peer, r in claimed.items() if r > own_round + CATCH_UP_GAP}
     eligible = [peer for peer in ahead if trust.get(peer, 0.0) > 0.0]
-    if CATCH_UP_QUORUM.denominator * len(ahead) > CATCH_UP_QUORUM.numerator * len(claimed):
+    voting = voters(claimed, choices)
+    ahead_voting = [peer for peer in voting if peer in ahead]
+    if CATCH_UP_QUORUM.denominator * len(ahead_voting) > CATCH_UP_QUORUM.numerator * len(voting):
         # Krum, say, gives most honest peers 0 in any one round: when every
         # neighbour ahead has 0, a node left behind must still move.
-        eligible += [peer for peer in ahead if peer not in trust]
-        eligible = eligible or list(ahead)
+        # Only the voters: a peer that linked to us unasked must not be the one we adopt from.
+        eligible += [peer for peer in ahead_voting if peer not in trust]
+        eligible = eligible or ahead_voting
     if not eligible:
         return None
     return max(eligible, key=lambda peer: (trust.get(peer, 0.0), -ahead[peer]))

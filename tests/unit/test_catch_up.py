@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from murmur.node.learner import CATCH_UP_GAP, catch_up_target
+from murmur.node.learner import CATCH_UP_GAP, catch_up_target, voters
 from murmur.protocol.identity import Identity
 
 A, B, C, SYBIL = (Identity.generate().peer_id for _ in range(4))
@@ -50,3 +50,22 @@ def test_two_sybils_ahead_of_a_starting_node_with_one_honest_neighbour_move_noth
     assert catch_up_target({A: 0, SYBIL: FAR, sybil2: FAR}, 0, {}) is None
     assert catch_up_target({A: 0, B: 0, SYBIL: FAR, sybil2: FAR}, 0, {}) is None
     assert catch_up_target({A: 30, B: 30, C: 30}, 0, {}) in {A, B, C}
+
+
+def test_the_neighbours_we_chose_decide_when_any_is_a_neighbour() -> None:
+    """A late starter chose A, B and C, all far ahead, and two other late
+    starters (D, E) linked to it, level: 3 of 5 is not more than two thirds,
+    but 3 of the 3 it chose is, and it adopts from one of them. The other
+    way, two Sybils that linked to it unasked, ahead, move nothing where its
+    choices are level, and are never the one adopted from."""
+    d, e, sybil2 = (Identity.generate().peer_id for _ in range(3))
+    late = {A: 30, B: 31, C: 30, d: 0, e: 0}
+    assert catch_up_target(late, 0, {}) is None  # every neighbour votes: held back
+    assert catch_up_target(late, 0, {}, choices={A, B, C}) in {A, C}
+    assert voters(late, {A, B, C}) == {A: 30, B: 31, C: 30}
+    pushed = {A: 0, B: 0, SYBIL: FAR, sybil2: FAR}
+    assert catch_up_target(pushed, 0, {}, choices={A, B}) is None
+    assert catch_up_target({A: 30, B: 30, SYBIL: 29}, 0, {}, choices={A, B}) in {A, B}  # not the lesser claim
+    # no choice of ours is a neighbour (all linked to us): every neighbour votes, as before
+    assert voters(late, {Identity.generate().peer_id}) == late
+    assert catch_up_target({A: 30, B: 30, C: 30}, 0, {}, choices=set()) in {A, B, C}
