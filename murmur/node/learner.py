@@ -100,6 +100,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CATCH_UP_GAP = 2
+MIN_CHOSEN_VOTERS = 2  # chosen neighbours that must be linked before they alone vote on catch-up (voters)
 CATCH_UP_QUORUM = Fraction(2, 3)  # share of neighbours ahead that moves a node with no vouched claim (catch_up_target)
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
@@ -377,7 +378,8 @@ class NodeLearner:
         kept, it only stops counting towards k."""
         if self.privacy is None:
             return 0
-        chosen = [s.peer for s in self.node.membership.learning_neighbours() if s.peer in self._choices()]
+        choices = self._choices()
+        chosen = [s.peer for s in self.node.membership.learning_neighbours() if s.peer in choices]
         edgeless = frozenset(self.privacy.edgeless(chosen))
         if edgeless - self._told_edgeless:
             log.info(
@@ -1183,8 +1185,10 @@ class _OpenRound:
 
 def voters(claimed: Mapping[PeerId, int], choices: Collection[PeerId] = ()) -> dict[PeerId, int]:
     """The neighbours whose claims decide whether most of them are ahead:
-    those we chose (``choices``, the peer sampler's) when any of them is a
-    neighbour, else all of them.
+    those we chose (``choices``, the peer sampler's) when at least
+    MIN_CHOSEN_VOTERS of them are neighbours, else all of them (a lone
+    choice linked early, ahead, must not outvote the level peers that
+    linked to us meanwhile).
 
     Why the chosen ones. A peer links to us at will, so counting the
     neighbours that linked to us let them decide both ways. Eight daemons
@@ -1200,7 +1204,7 @@ def voters(claimed: Mapping[PeerId, int], choices: Collection[PeerId] = ()) -> d
     and its choices are the peer sampler's, whose subnet-bucket limits are
     the defence against an eclipse."""
     chosen = {peer: r for peer, r in claimed.items() if peer in choices}
-    return chosen or dict(claimed)
+    return chosen if len(chosen) >= MIN_CHOSEN_VOTERS else dict(claimed)
 
 
 def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mapping[PeerId, float],

@@ -66,6 +66,8 @@ def test_the_neighbours_we_chose_decide_when_any_is_a_neighbour() -> None:
     pushed = {A: 0, B: 0, SYBIL: FAR, sybil2: FAR}
     assert catch_up_target(pushed, 0, {}, choices={A, B}) is None
     assert catch_up_target({A: 30, B: 30, SYBIL: 29}, 0, {}, choices={A, B}) in {A, B}  # not the lesser claim
-    # no choice of ours is a neighbour (all linked to us): every neighbour votes, as before
+    # no choice of ours is a neighbour (all linked to us), or only one is: every neighbour votes, as before
     assert voters(late, {Identity.generate().peer_id}) == late
+    assert voters(late, {A}) == late
+    assert catch_up_target({A: 30, d: 0, e: 0}, 0, {}, choices={A}) is None  # a lone early choice ahead
     assert catch_up_target({A: 30, B: 30, C: 30}, 0, {}, choices=set()) in {A, B, C}
