@@ -1218,7 +1218,8 @@ def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mappin
     count, and then:
 
     * when more than two thirds of our neighbours are ahead (of those we
-      chose, ``choices``, when any is a neighbour: :func:`voters`), any of them but
+      chose, ``choices``, once MIN_CHOSEN_VOTERS of them are neighbours:
+      :func:`voters`), any of them but
       those our aggregator gave no weight the last time they took part
       (SybilWall gives Sybils 0), unless that leaves none: a late joiner or a
       restarted node, whose neighbours all moved on. Two thirds, not half: two

@@ -152,13 +152,10 @@ class PersistentPull:
     factor they give (see the module doc)."""
 
     def __init__(self, beta: float = DEFAULT_PERSISTENCE, radius: float = DEFAULT_PULL_RADIUS) -> None:
-        if not 0.0 <= beta < 1.0:
-            raise ValueError("persistence must be in [0, 1)")
         if not radius > 0:
             raise ValueError("pull radius must be > 0")
-        self.beta = beta
         self.radius = radius
-        # the mean until 1 / (1 - beta) rounds: the length judged from WARMUP_ROUNDS must not be the first offset's
+        # PeerAverages checks beta; the mean until 1 / (1 - beta) rounds: the length judged from WARMUP_ROUNDS must not be the first offset's
         self._means = PeerAverages(beta, warm_up=True, name="persistence")
         self._round = 0
 
