@@ -128,6 +128,7 @@ MESSAGE_LIMITS = UnpackLimits(
     max_str_len=64 * 1024,
     max_array_len=4096,
     max_map_len=64,
+    max_objects=8192,  # the largest message, a full shuffle, is ~900
 )
 
 # --------------------------------------------------------------------------- errors

@@ -301,6 +301,26 @@ def test_oversized_buffer_is_refused_before_parsing() -> None:
         m.decode(b"\x93" + b"\x00" * (m.MAX_MESSAGE_BYTES + 1))
 
 
+def test_the_largest_messages_fit_the_object_budget() -> None:
+    addrs = tuple(f"/ip4/198.18.0.{i}/tcp/4001" for i in range(m.MAX_ADDRS_PER_PEER))
+    full = m.ShuffleRequest(tuple((P, addrs, 7) for _ in range(m.MAX_PEERS_PER_MESSAGE)))
+    assert_same(m.decode(m.encode(full)), full)
+    commit_peers = tuple(Identity.from_seed(i.to_bytes(32, "big")).peer_id for i in range(1, m.MAX_COMMIT_PEERS + 1))
+    commit = m.RoundCommit(round=3, peers=commit_peers, signature=b"s" * m.SIGNATURE_LEN)
+    assert_same(m.decode(m.encode(commit)), commit)
+
+
+def test_a_frame_of_tiny_containers_is_refused_before_it_is_built() -> None:
+    """4 MiB of empty maps in arrays (one byte each on the wire, ~64 as a
+    dict) within every per-container cap: refused by the object budget,
+    not decoded into ~4 million dicts (288 MiB, 2.2 s before the budget)."""
+    inner = b"\xdc" + (4096).to_bytes(2, "big") + b"\x80" * 4096
+    n = (m.MAX_MESSAGE_BYTES - 16) // len(inner)
+    buf = b"\x93\x02\x01\xdc" + n.to_bytes(2, "big") + inner * n
+    with pytest.raises(DecodeError, match="too many objects"):
+        m.decode(buf)
+
+
 def check_decode(buf: bytes) -> None:
     """The fuzz property: a valid message (which re-encodes) or DecodeError."""
     try:

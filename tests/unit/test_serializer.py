@@ -137,6 +137,18 @@ def test_limits_are_enforced_before_allocation() -> None:
         unpack(b"\xc6\xff\xff\xff\xff", limits)
 
 
+def test_the_object_budget_counts_containers_and_items_over_the_whole_object() -> None:
+    limits = UnpackLimits(max_objects=10)
+    # (1, (2, 3), {"a": 4}): the inner array 1+2, the map 1+2, the outer 1+3 = 10
+    assert unpack(pack([1, [2, 3], {"a": 4}]), limits) == (1, (2, 3), {"a": 4})
+    with pytest.raises(DecodeError, match="too many objects"):
+        unpack(pack([1, [2, 3], {"a": 4}, 5]), limits)
+    # every container within the per-container caps, their total over the budget
+    many_empty_maps = b"\xdc" + struct.pack(">H", 4096) + b"\x80" * 4096
+    with pytest.raises(DecodeError, match="too many objects"):
+        unpack(many_empty_maps, UnpackLimits(max_objects=4096))
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=256))
 def test_arbitrary_bytes_never_raise_anything_but_decode_error(buf: bytes) -> None:
