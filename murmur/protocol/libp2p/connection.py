@@ -820,7 +820,7 @@ class FastConnection(Libp2pConnection):
         self._decoder = decoder
         self._session = murmux.MuxSession(outbound, budget, self.limits.yamux())
         decoder.on_tail_fault = self._fail  # a split frame's tail fails where its reader opens it
-        self._buffered = 0  # stream payload bytes waiting to be read
+        self._buffered = 0  # what waiting stream messages hold of the budget (payloads and queue slots)
         self._pong_owed: memoryview | None = None
         self._large_frames_seen = 0
         self._frames_sent_seen = 0
@@ -876,9 +876,10 @@ class FastConnection(Libp2pConnection):
     # --- streams ----------------------------------------------------------------------
 
     def _read_stream(self, stream_id: int) -> memoryview | Split | None:
+        before = self.budget.used
         payload = self._session.read(stream_id)
         if payload is not None:
-            self._buffered -= len(payload)
+            self._buffered -= before - self.budget.used  # the payload and its queue slot
             self._try_resume()
         return payload
 
