@@ -103,7 +103,7 @@ class Offer(enum.Enum):
     DUPLICATE = "duplicate"  # a round we already have from this peer
     TOO_EARLY = "too_early"  # further ahead than max_future_rounds: we are behind
     NOT_NEIGHBOUR = "not_neighbour"  # sender is not a neighbour this round
-    BAD_SHAPE = "bad_shape"  # wrong length or dtype, or non-finite values
+    BAD_SHAPE = "bad_shape"  # wrong length or dtype, non-finite values, or a model they overflow
     NEEDS_SYNC = "needs_sync"  # no replica of this peer or a gap: fetch its public model
 
 
@@ -364,6 +364,13 @@ class RoundEngine:
         delta -= before  # in place: one model-sized vector less at real sizes
         # Rewind to x^t: the round's step is applied in finish_round().
         self.trainer.set_flat(before)
+        if not bool(torch.isfinite(delta).all()):
+            # Training diverged (a learning rate too large for the model, or a
+            # model already at float32's edge): a NaN step would make our model
+            # NaN for good, and every neighbour refuses what we then send.
+            log.error("local training diverged (non-finite step); this round's step is skipped",
+                      extra={"event": "training_diverged", "round": self.round, "loss": stats.loss})
+            delta.zero_()
         return LocalUpdate(delta, float(stats.loss))
 
     def open_round(
@@ -472,6 +479,12 @@ class RoundEngine:
         device = replica.model.device
         increment = increment.to(device, copy=True)  # its own memory: the received buffer is released now
         replica.advance(increment)
+        if not bool(torch.isfinite(replica.model).all()):
+            # Finite increments can still sum past float32's range. A replica
+            # at inf made every later consensus step non-finite, so each was
+            # skipped, honest neighbours' with it: one peer cut us off from all.
+            del self._replicas[peer]
+            return Offer.BAD_SHAPE
         replica.round = round
         return self._file(peer, round, _Contribution(increment, replica.snapshot()))
 

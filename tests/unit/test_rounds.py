@@ -393,6 +393,45 @@ def test_bad_shape_leaves_no_trace(bad: torch.Tensor) -> None:
         engine.finish_round()
 
 
+def test_increments_that_overflow_a_replica_are_refused_and_mixing_goes_on() -> None:
+    """Each increment finite, their sum past float32's range: the replica
+    would hold inf, and every later consensus step (honest neighbours' with
+    it) would be non-finite and skipped. The offer is refused instead, and
+    the peer's replica dropped (it must resync)."""
+    engines = _engines("median")
+    huge = torch.full((DIM,), 3.0e38)
+    for round_ in range(3):
+        messages = _open_all(engines)
+        for sender in (2, 3):
+            assert engines[1].offer(_name(sender), round_, messages[sender].increment) is Offer.ACCEPTED
+        outcome = engines[1].offer(_name(0), round_, huge)
+        assert outcome is (Offer.ACCEPTED if round_ == 0 else Offer.BAD_SHAPE if round_ == 1 else Offer.NEEDS_SYNC)
+        report = engines[1].finish_round()
+        for i in (0, 2, 3):
+            engines[i].finish_round()
+        assert math.isfinite(report.consensus_norm) and report.consensus_norm > 0, round_
+        assert bool(torch.isfinite(engines[1].trainer.get_flat()).all())
+
+
+class DivergingTrainer(LinearTrainer):
+    def train(self, steps: int | None = None) -> TrainStats:
+        stats = super().train(steps)
+        with torch.no_grad():
+            self._w.fill_(math.nan)
+        return stats
+
+
+def test_a_diverged_local_step_is_skipped_not_applied() -> None:
+    engine = RoundEngine(DivergingTrainer(_ctx(0)), get_aggregator("mean"), RoundConfig(local_steps=STEPS))
+    before = engine.trainer.get_flat()
+    update = engine.local_update()
+    assert torch.equal(update.delta, torch.zeros(DIM))
+    message = engine.open_round(_neighbours(0), update)
+    assert bool(torch.isfinite(message.increment).all())
+    engine.finish_round()
+    assert torch.equal(engine.trainer.get_flat(), before)
+
+
 # ------------------------------------------------------------------ quorum
 
 
