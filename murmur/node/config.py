@@ -507,17 +507,16 @@ Check = Callable[[Any], None]
 
 def at_least(lo: float) -> Check:
     def check(v: Any) -> None:
-        if v < lo:
+        if not v >= lo:  # not "v < lo": TOML's nan compares false both ways
             raise _Invalid(f"must be >= {lo}, got {v}")
 
     return check
 
 
-def between(lo: float, hi: float, *, lo_open: bool = False) -> Check:
+def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
     def check(v: Any) -> None:
-        if v > hi or v < lo or (lo_open and v == lo):
-            left = "(" if lo_open else "["
-            raise _Invalid(f"must be in {left}{lo}, {hi}], got {v}")
+        if not ((v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):  # nan fails both
+            raise _Invalid(f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v}")
 
     return check
 
@@ -646,7 +645,7 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "learning.quorum": between(0.0, 1.0, lo_open=True),
         "learning.aggregator": non_empty,
         "privacy.epsilon": finite_positive,
-        "privacy.delta": between(0.0, 1.0, lo_open=True),
+        "privacy.delta": between(0.0, 1.0, lo_open=True, hi_open=True),  # 1 promises nothing; calibration needs < 1
         "privacy.clip": finite_positive,
         "privacy.rounds": at_least(0),
         "privacy.budget": at_least(0.0),

@@ -172,16 +172,16 @@ Check = Callable[[Any], None]
 
 def _at_least(lo: float) -> Check:
     def check(v: Any) -> None:
-        if v is not None and v < lo:
+        if v is not None and not v >= lo:  # nan compares false both ways
             raise _Invalid(f"must be >= {lo}, got {v}")
 
     return check
 
 
-def _in_range(lo: float, hi: float, *, lo_open: bool = False) -> Check:
+def _in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
     def check(v: Any) -> None:
-        if v is not None and (v > hi or v < lo or (lo_open and v == lo)):
-            raise _Invalid(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
+        if v is not None and not ((v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
+            raise _Invalid(f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v}")
 
     return check
 
@@ -262,7 +262,7 @@ class PrivacySpec:
     enabled: bool = False
     scheme: PrivacyScheme = PrivacyScheme.DECOR
     epsilon: float = _checked(10.0, _finite_positive)
-    delta: float = _checked(1e-5, _in_range(0.0, 1.0, lo_open=True))
+    delta: float = _checked(1e-5, _in_range(0.0, 1.0, lo_open=True, hi_open=True))
     clip: float = _checked(1.0, _finite_positive)
     rounds: int | None = _checked(None, _at_least(1))  # accounting horizon; default: duration.rounds
     level: PrivacyLevel = PrivacyLevel.USER  # "example": DP-SGD guarantee (needs the trainer's dp_clip)

@@ -147,6 +147,10 @@ def test_zero_steps_and_default_steps() -> None:
         ({"batch_size": 3.0}, "batch_size must be int"),
         ({"batch_size": True}, "batch_size must be int"),
         ({"lr": -1}, "lr=-1.0"),
+        ({"lr": float("inf")}, "lr=inf"),  # TOML writes inf: it trained a NaN model without a word
+        ({"lr": float("nan")}, "lr=nan"),
+        ({"weight_decay": float("inf")}, "weight_decay=inf"),
+        ({"dp_clip": float("inf")}, "dp_clip=inf"),
         ({"momentum": 1.0}, "momentum=1.0"),
         ({"hidden": 0}, "hidden=0"),
         ({"data_dir": "/tmp"}, "unknown trainer option.*data_dir"),

@@ -209,14 +209,16 @@ class TorchOptions:
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values that type-check but make no sense."""
         checks = {
-            "lr": self.lr > 0,
+            # TOML writes inf and nan: both pass a bare comparison (or fail it
+            # silently), and an infinite lr trains a NaN model without a word.
+            "lr": 0 < self.lr < math.inf,
             "batch_size": self.batch_size >= 1,
             "local_steps": self.local_steps >= 1,
             "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
+            "weight_decay": 0 <= self.weight_decay < math.inf,
             "eval_batch_size": self.eval_batch_size >= 1,
             "max_test_samples": self.max_test_samples >= 0,
-            "dp_clip": self.dp_clip >= 0,
+            "dp_clip": 0 <= self.dp_clip < math.inf,
             "optimizer": self.optimizer in INNER_OPTIMIZERS,
         }
         bad = [name for name, ok in checks.items() if not ok]
