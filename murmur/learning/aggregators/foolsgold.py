@@ -195,19 +195,30 @@ class FoolsGoldAggregator(Aggregator):
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._round = int(state["round"])
+        """Restore :meth:`state_dict`'s output, all or nothing: a malformed
+        state, or one written with another ``memory``, raises ValueError
+        and leaves this aggregator as it was (the node then starts without
+        it). Loading part of one made every later round raise."""
+        round_ = int(state["round"])
         if "ids" not in state:
-            self._hist, self._window = None, None
-            self._count, self._last_seen = {}, {}
+            self._hist, self._window, self._count, self._last_seen, self._round = None, None, {}, {}, round_
             return
         ids = [str(p) for p in state["ids"]]
-        self._hist = HistoryMatrix.from_state({"ids": ids, "histories": state["histories"]})
-        self._window = None
+        hist = HistoryMatrix.from_state({"ids": ids, "histories": state["histories"]})
+        if not bool(torch.isfinite(hist.matrix()).all()):
+            raise ValueError("foolsgold checkpoint: histories must be finite")
+        window = None
         if self.options.memory is not None:
             if "window" not in state:
                 raise ValueError("foolsgold checkpoint lacks the memory window")
-            self._window = HistoryMatrix.from_state({"ids": ids, "histories": state["window"]})
-        self._count = dict(zip(ids, (int(c) for c in state["count"]), strict=True))
-        self._last_seen = {
-            p: int(r) for p, r in zip(ids, state["last_seen"], strict=True) if int(r) >= 0
-        }
+            window = HistoryMatrix.from_state({"ids": ids, "histories": state["window"]})
+            if window.dim != self.options.memory * hist.dim or not bool(torch.isfinite(window.matrix()).all()):
+                raise ValueError(f"foolsgold checkpoint: a finite window of memory={self.options.memory} rounds "
+                                 "expected (written with another memory?)")
+        count = [int(c) for c in state["count"]]
+        last_seen = [int(r) for r in state["last_seen"]]
+        if len(count) != len(ids) or len(last_seen) != len(ids) or any(c < 0 for c in count):
+            raise ValueError("foolsgold checkpoint: one count >= 0 and one last round per peer")
+        self._round, self._hist, self._window = round_, hist, window
+        self._count = dict(zip(ids, count, strict=True))
+        self._last_seen = {p: r for p, r in zip(ids, last_seen, strict=True) if r >= 0}

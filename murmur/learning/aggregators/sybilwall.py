@@ -417,6 +417,14 @@ class SybilWallAggregator(Aggregator):
 
     def __init__(self, options: SybilWallOptions | None = None) -> None:
         super().__init__(options)
+        self._forget_all()
+        self._dim: int | None = None
+        self._rng = random.Random(self.options.seed)
+        self.probe: ModelProbe | None = None  # set by the round engine when its trainer can probe
+        self.noised = False  # set by the round engine: whether messages are noised (privacy on)
+
+    def _forget_all(self) -> None:
+        """What a checkpoint restores, fresh (a new aggregator, or a checkpoint that failed to load)."""
         self._standing: dict[str, _Standing] = {}
         self._held: dict[int, dict[str, _Held]] = {}  # round -> subject -> its model of that round
         self._own: dict[int, _Held] = {}  # round -> our own model of that round (the similarity's anchor)
@@ -430,11 +438,7 @@ class SybilWallAggregator(Aggregator):
         self._flags: dict[str, dict[str, int]] = {}
         # neighbour -> observer of a record that counted and resembled it -> last round it did (record_share)
         self._record_flagged: dict[str, dict[str, int]] = {}
-        self._dim: int | None = None
         self._round = _Round(0)
-        self._rng = random.Random(self.options.seed)
-        self.probe: ModelProbe | None = None  # set by the round engine when its trainer can probe
-        self.noised = False  # set by the round engine: whether messages are noised (privacy on)
         self._pull = None if self.options.persistence is None else PersistentPull(self.options.persistence)
 
     # rounds ----------------------------------------------------------------
@@ -1076,6 +1080,15 @@ class SybilWallAggregator(Aggregator):
             self._own_memory = own.to(torch.float32).clone()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (or an older version's), all or
+        nothing: a malformed state raises and leaves the aggregator fresh."""
+        try:
+            self._load(state)
+        except Exception:
+            self._forget_all()
+            raise
+
+    def _load(self, state: Mapping[str, Any]) -> None:
         version = int(state.get("version", 1))
         if version not in (3, 4, 5, self.STATE_VERSION):
             raise ValueError("sybilwall: state of another version")
@@ -1094,6 +1107,9 @@ class SybilWallAggregator(Aggregator):
             for p, seen, trust, score, since in zip(peers, state["last_seen"], state["trust"], state["scores"],
                                                     vouched, strict=True)
         }
+        if not all(0.0 <= s.trust <= 1.0 and 0.0 <= s.score <= 1.0 for s in self._standing.values()):
+            # A trust of -5 gave negative self weights and 2.7 to one peer, every round.
+            raise ValueError("sybilwall checkpoint: trust and scores must be in [0, 1]")
         self._flags = _nested(state.get("record_flags", {}))
         self._record_flagged = _nested(state.get("record_flagged", {}))
         self._load_memory(state)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -90,6 +91,26 @@ def test_state_dict_round_trip_through_torch_save_weights_only() -> None:
     r2, _, _ = run_rounds(clone, 1, seed=9)
     assert r1.weights == r2.weights
     torch.testing.assert_close(r1.delta, r2.delta)
+
+
+def test_a_checkpoint_it_cannot_use_is_refused_whole() -> None:
+    """Another memory, non-finite histories or a short count: ValueError, and
+    the aggregator stays as it was. Before, a checkpoint of memory 3 loaded
+    into memory 5 and every later round raised; a short count was refused
+    after the histories were replaced, and every later round raised too."""
+    source = get_aggregator("foolsgold", memory=3)
+    run_rounds(source, 2)
+    good = source.state_dict()
+    bad_states = [
+        (get_aggregator("foolsgold", memory=5), good),
+        (get_aggregator("foolsgold", memory=3), {**good, "histories": torch.full_like(good["histories"], math.nan)}),
+        (get_aggregator("foolsgold", memory=3), {**good, "count": good["count"][:-1]}),
+    ]
+    for agg, state in bad_states:
+        with pytest.raises(ValueError):
+            agg.load_state_dict(state)
+        assert agg.state_dict() == {"round": 0}  # nothing of it loaded
+        run_rounds(agg, 1)  # and it still aggregates
 
 
 def test_max_peers_forgets_least_recently_seen() -> None:

@@ -762,6 +762,20 @@ def test_state_of_version_3_loads_its_catches_as_our_own_evidence() -> None:
     assert agg.trust("s") == 0.0  # held: it would have climbed back by 1/4
 
 
+@pytest.mark.parametrize("trust", [-5.0, 2.0, math.nan])
+def test_a_checkpoint_with_trust_out_of_range_is_refused_and_leaves_it_fresh(trust: float) -> None:
+    """A trust of -5 loaded and gave negative self weights and 2.7 to one peer, every round."""
+    agg = make()
+    agg.aggregate(torch.zeros(DIM), updates({"a": torch.ones(DIM)}), 1)
+    state = {**agg.state_dict(), "trust": [trust]}
+    restarted = make()
+    with pytest.raises(ValueError, match="trust"):
+        restarted.load_state_dict(state)
+    assert restarted.round == 0 and restarted.score_of() == {}
+    weights = restarted.aggregate(torch.zeros(DIM), updates({"a": torch.ones(DIM), "b": -torch.ones(DIM)}), 2).weights
+    assert all(0.0 <= w <= 1.0 for w in weights.values())
+
+
 def _through_checkpoint(agg: SybilWallAggregator, **options: Any) -> SybilWallAggregator:
     """``agg`` as a restarted node gets it back: its state written as the
     node writes it (tensors apart, the rest through msgpack) and read into a
