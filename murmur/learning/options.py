@@ -12,6 +12,7 @@ model or binds a port.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -69,3 +70,21 @@ def parse_options(cls: type[O], raw: Mapping[str, Any], what: str) -> O:
     if callable(validate):
         validate()
     return options
+
+
+MAX_SEED = 2**32 - 1
+"""Seeds are 32-bit: numpy refused a negative one, torch one of 2**64, and
+derived seeds (the sketch's, the compressor's) add to them."""
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""What a trainer runs on: ``auto`` (the first available of cuda, mps, cpu),
+or one of these, cuda with an optional index (``cuda:1``). torch knows more
+(``meta``, ``xpu``...), and ``meta`` passed every check, then crashed the
+first round."""
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(name: str) -> None:
+    """ConfigError unless ``name`` is a device trainers run on (see DEVICE_TYPES)."""
+    if not _DEVICE.fullmatch(name):
+        raise ConfigError(f"device {name!r} is not one of auto, {', '.join(DEVICE_TYPES)} (or cuda:N)")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from murmur.errors import ConfigError, OptionError
+from murmur.learning.options import MAX_SEED, check_device
 from murmur.learning.privacy.schemes import NoiseObjective, PrivacyLevel, PrivacyScheme
 from murmur.protocol.budget import least_peer_limit
 from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, DialAddr, Multiaddr
@@ -541,6 +542,13 @@ def non_empty(v: Any) -> None:
         raise _Invalid("must not be empty")
 
 
+def device_name(v: Any) -> None:
+    try:
+        check_device(v)
+    except ConfigError as exc:
+        raise _Invalid(str(exc)) from None
+
+
 def index_or_auto(v: Any) -> None:
     if v != AUTO:
         at_least(0)(v)
@@ -632,7 +640,9 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "api.host": loopback_ip,
         "api.port": between(0, 65535),
         "learning.trainer": non_empty,
-        "learning.device": non_empty,
+        "learning.device": device_name,
+        "learning.seed": between(0, MAX_SEED),
+        "learning.threads": at_least(0),
         "learning.node_index": index_or_auto,
         "learning.num_nodes": at_least(1),
         "learning.alpha": finite_positive,

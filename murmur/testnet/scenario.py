@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from murmur.errors import ConfigError, OptionError
+from murmur.learning.options import MAX_SEED, check_device
 from murmur.learning.tactics import AttackPlan, Tactic, with_strength
 from murmur.node.config import (
     Codec,
@@ -201,6 +202,13 @@ def _checked(default: Any, check: Check) -> Any:
     return field(default=default, metadata={"check": check})
 
 
+def _device(v: Any) -> None:
+    try:
+        check_device(v)
+    except ConfigError as exc:
+        raise _Invalid(str(exc)) from None
+
+
 def _string_values(v: Any) -> None:
     bad = [k for k, x in v.items() if not isinstance(x, str)]
     if bad:
@@ -240,7 +248,7 @@ class Duration:
 class TrainerSpec:
     spec: str = _checked("digits-mlp", _non_empty)  # built-in name, module:Class or entry point
     local_steps: int = _checked(10, _at_least(1))
-    device: str = "cpu"
+    device: str = _checked("cpu", _device)
     options: Mapping[str, Any] = field(default_factory=_empty_map)
 
 
@@ -421,12 +429,25 @@ class NetworkSpec:
     links: tuple[HostLinkSpec, ...] = ()
 
 
+MAX_NODES = 4096
+"""Honest nodes of one testnet: each needs a port of one block of free ones
+(ports.PORT_RANGE), and 20000 failed there with a traceback."""
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _run_name(v: Any) -> None:
+    """The name starts the run directory's: a path in it put the report
+    outside reports/testnet (name = "x/../../../escaped")."""
+    if not _RUN_NAME.fullmatch(v):
+        raise _Invalid(f"must be 1-64 letters, digits, '.', '_' or '-' (not first), got {v!r}")
+
+
 @dataclass(frozen=True)
 class Scenario:
-    name: str = "scenario"
-    nodes: int = _checked(8, _at_least(1))  # honest nodes
+    name: str = _checked("scenario", _run_name)
+    nodes: int = _checked(8, _in_range(1, MAX_NODES))  # honest nodes
     nodes_per_process: int = _checked(1, _at_least(1))
-    seed: int = 0
+    seed: int = _checked(0, _in_range(0, MAX_SEED))
     codec: Codec = Codec.FP32
     topology: Topology = field(default_factory=Topology)
     duration: Duration = field(default_factory=lambda: Duration(rounds=30))

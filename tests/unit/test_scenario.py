@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 from pathlib import Path
 
@@ -210,6 +211,27 @@ def test_errors_name_line_and_field(tmp_path: Path, snippet: str, needle: str, m
         load_scenario(path)
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if needle in text)
     assert str(info.value) == f"{path}:{line}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("top", "message"),
+    [
+        ('name = "x/../../../escaped"', "name: must be 1-64 letters, digits, '.', '_' or '-' (not first), got"),
+        ('name = ".hidden"', "name: must be 1-64 letters"),
+        ("seed = -1", "seed: must be in [0, 4294967295], got -1"),  # workers started, then every node failed
+        ("nodes = 20000", "nodes: must be in [1, 4096], got 20000"),  # a traceback after 12000 identities
+    ],
+)
+def test_top_level_fields_are_checked_before_anything_starts(tmp_path: Path, top: str, message: str) -> None:
+    path = _write(tmp_path, top + "\n" + BASE.replace("nodes = 4\n", "" if top.startswith("nodes") else "nodes = 4\n"))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:1: {message}")):
+        load_scenario(path)
+
+
+def test_the_trainer_device_is_one_trainers_run_on(tmp_path: Path) -> None:
+    path = _write(tmp_path, BASE + '\n[trainer]\ndevice = "meta"\n')
+    with pytest.raises(ConfigError, match="trainer.device: device 'meta' is not one of auto, cpu, cuda, mps"):
+        load_scenario(path)
 
 
 def test_an_attackers_tactic_runs_at_its_tuned_strength_unless_the_scenario_sets_one() -> None:

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from murmur.errors import ConfigError
 from murmur.learning import attacks, partition
 from murmur.learning.data import ArrayDataset
+from murmur.learning.options import check_device
 from murmur.learning.options import parse_options as _parse_options
 from murmur.learning.privacy import dpsgd
 from murmur.learning.probe import ProbeResult
@@ -107,10 +108,8 @@ def resolve_device(requested: str | None = None) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError as exc:
-        raise ConfigError(f"invalid device {requested!r}: {exc}") from None
+    check_device(requested)
+    device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {requested!r} requested but CUDA is not available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
