@@ -33,9 +33,11 @@ import enum
 import importlib
 import inspect
 import json
+import math
 import os
 import signal
 import sys
+import urllib.parse
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -252,13 +254,39 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def _api_url(args: argparse.Namespace) -> str:
     if args.api:
-        return str(args.api).rstrip("/")
+        return _checked_api_url(str(args.api))
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else _config(args).node.data_dir
     state = StateDir(data_dir)
     info = state.read_api_info()
     if not _pid_alive(info.pid):
         raise CliError(f"the node (pid {info.pid}) in {data_dir} is not running; {state.api_path} is stale")
     return info.url
+
+
+def _seconds(text: str) -> float:
+    """A ``--timeout``: a finite number of seconds > 0 (aiohttp reads 0 as
+    no limit at all: ``node health --timeout 0`` waited forever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
+def _checked_api_url(text: str) -> str:
+    """``--api`` as given, if it is an http(s) URL with a host and a valid
+    port: aiohttp's own errors for 127.0.0.1:5001 (no scheme) or port 99999
+    came out as tracebacks."""
+    parsed = urllib.parse.urlsplit(text)
+    try:
+        port_ok = parsed.port is None or parsed.port > 0
+    except ValueError:
+        port_ok = False
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or not port_ok:
+        raise CliError(f"--api must be a URL such as http://127.0.0.1:5001, got {text!r}")
+    return text.rstrip("/")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -289,6 +317,8 @@ async def _request(base: str, path: str, timeout_s: float = HTTP_TIMEOUT_S,
                 return resp.status, await resp.json()
     except aiohttp.ClientConnectionError as exc:
         raise CliError(f"cannot reach the node API at {base} ({exc}); is the node running?") from exc
+    except aiohttp.InvalidURL as exc:
+        raise CliError(f"{url}: not a URL the API can be reached at ({exc})") from exc
     except (aiohttp.ContentTypeError, json.JSONDecodeError) as exc:
         raise CliError(f"{url}: not a murmur API (bad JSON)") from exc
     except asyncio.TimeoutError as exc:
@@ -460,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "exited. Exit code 1 when no node runs there or it does not stop in time.",
                  [f"{PROG} node stop --data-dir ~/.murmur", f"{PROG} node stop --config node.toml --timeout 60"])
     _add_state_args(p)
-    p.add_argument("--timeout", type=float, default=STOP_TIMEOUT_S, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds, default=STOP_TIMEOUT_S, metavar="SECONDS",
                    help="how long to wait for the daemon to exit")
     p.set_defaults(handler=cmd_node_stop)
 
@@ -470,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "monitors; needs no curl.",
                  [f"{PROG} node health --data-dir /var/lib/murmur"])
     _add_api_args(p, output=False)
-    p.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT_S, metavar="SECONDS", help="how long to wait for an answer")
+    p.add_argument("--timeout", type=_seconds, default=HEALTH_TIMEOUT_S, metavar="SECONDS",
+                   help="how long to wait for an answer")
     p.set_defaults(handler=cmd_node_health)
 
     p = _command(sub, "status", "status of a running node",

@@ -81,6 +81,10 @@ class ArrayBundle:
     source: Path
 
 
+MAX_PID = 2**22
+"""Linux's largest pid_max."""
+
+
 @dataclass(frozen=True)
 class ApiInfo:
     """Contents of ``api.json``."""
@@ -246,6 +250,7 @@ class StateDir:
         self.path = Path(path)
         self._lock_fd: int | None = None
         self._written: dict[Path, FileIdentity | None] = {}  # array files as this process last wrote them
+        self._metrics_line_ended = False  # checked once per run: see append_metrics
 
     # -- layout
     @property
@@ -392,7 +397,12 @@ class StateDir:
     def read_api_info(self) -> ApiInfo:
         try:
             doc = json.loads(self.api_path.read_text())
-            return ApiInfo(host=str(doc["host"]), port=int(doc["port"]), pid=int(doc["pid"]), peer_id=str(doc["peer_id"]))
+            info = ApiInfo(host=str(doc["host"]), port=int(doc["port"]), pid=int(doc["pid"]), peer_id=str(doc["peer_id"]))
+            if not (0 < info.pid <= MAX_PID and 0 < info.port <= 65535):
+                # os.kill(0 or -1, 0) asks about a process group (always "alive"); a
+                # pid past C's int raised OverflowError out of `murmur status`.
+                raise ValueError(f"pid {info.pid} or port {info.port} out of range")
+            return info
         except FileNotFoundError:
             raise StateError(f"no running node found: {self.api_path} does not exist") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -418,10 +428,19 @@ class StateDir:
     # -- metrics log
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line. A crash can at worst leave a partial last
-        line, which :meth:`read_metrics` skips."""
+        line, which :meth:`read_metrics` skips: the first append of a run
+        ends such a line first (else the run's first row was glued to it,
+        and lost with it)."""
         line = json.dumps(record, sort_keys=True, default=str) + "\n"
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(line)
+        with open(self.metrics_path, "a+b") as fh:
+            if not self._metrics_line_ended:
+                size = fh.seek(0, os.SEEK_END)
+                if size:
+                    fh.seek(size - 1)
+                    if fh.read(1) != b"\n":
+                        line = "\n" + line
+                self._metrics_line_ended = True
+            fh.write(line.encode())
 
     def last_metrics(self) -> dict[str, Any] | None:
         """The last intact metrics row, read from the end of the file (a

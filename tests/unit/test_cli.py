@@ -145,6 +145,23 @@ def test_status_without_node_or_with_stale_api_file(tmp_path, capsys):
     assert f"(pid {dead.pid})" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:5001", "garbage", "http://127.0.0.1:99999", "ftp://127.0.0.1:5"])
+def test_a_malformed_api_url_is_one_line(url, capsys):
+    """aiohttp's errors for these came out as tracebacks."""
+    for command in (["status"], ["peers"], ["node", "health"]):
+        assert cli.main([*command, "--api", url]) == 1
+        assert capsys.readouterr().err == f"murmur: --api must be a URL such as http://127.0.0.1:5001, got {url!r}\n"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_timeout_must_be_seconds_above_zero(value, capsys):
+    """aiohttp reads a total of 0 as no limit: `node health --timeout 0` waited forever."""
+    for command in (["node", "health"], ["node", "stop"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*command, "--timeout", value])
+        assert exit_.value.code == 2 and "argument --timeout" in capsys.readouterr().err
+
+
 def _fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: Any) -> None:
     """Install a stand-in for a module written elsewhere (daemon, testnet) to
     test only the CLI's side of the contract."""

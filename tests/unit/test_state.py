@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -172,6 +173,28 @@ def test_metrics_log_skips_partial_last_line(tmp_path):
     with open(state.metrics_path, "a") as fh:
         fh.write('{"round": 3, "ac')  # crash mid-write
     assert [r["round"] for r in state.read_metrics()] == [1, 2]
+
+
+def test_the_next_run_ends_a_torn_last_line_before_its_first_row(tmp_path):
+    state = StateDir(tmp_path).create()
+    state.append_metrics({"round": 1})
+    with open(state.metrics_path, "a") as fh:
+        fh.write('{"round": 2, "ac')  # the last run crashed mid-write
+    restarted = StateDir(tmp_path)
+    restarted.append_metrics({"round": 2})
+    restarted.append_metrics({"round": 3})
+    assert [r["round"] for r in restarted.read_metrics()] == [1, 2, 3]  # the first new row was glued on, and lost
+    assert state.metrics_path.read_text().count("\n") == 4
+
+
+def test_api_info_with_a_pid_or_port_out_of_range_is_unreadable(tmp_path):
+    """A pid past C's int raised OverflowError out of `murmur status`; 0 and
+    -1 name process groups, which os.kill reports alive."""
+    state = StateDir(tmp_path).create()
+    for pid, port in ((99999999999, 5), (0, 5), (-1, 5), (7, 0), (7, 70000)):
+        state.api_path.write_text(json.dumps({"host": "127.0.0.1", "port": port, "pid": pid, "peer_id": "p"}))
+        with pytest.raises(StateError, match="out of range"):
+            state.read_api_info()
 
 
 def test_identity_created_once_in_state_dir(tmp_path):
