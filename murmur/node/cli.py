@@ -14,7 +14,8 @@
 ``murmur --version``
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage or a
-damaged identity key (:class:`~murmur.errors.StateDamaged`), 141 (as
+state file a restart cannot mend (:class:`~murmur.errors.StateDamaged`: the
+identity key, both checkpoints, the privacy ledger), 141 (as
 if killed by SIGPIPE) when stdout's reader went away (``murmur config check |
 head``). Every failure is one ``murmur: ...`` line on stderr. ``node start``
 and ``config check`` run :mod:`murmur.node.preflight` after loading the

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from murmur.errors import ConfigError, DecodeError, LimitExceeded, PeerFault
+from murmur.errors import ConfigError, DecodeError, LimitExceeded, PeerFault, StateError
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdict, SybilWallAggregator
 from murmur.learning.compression import Compressor
@@ -1090,7 +1090,11 @@ class NodeLearner:
         state.update({key: tensor(key) for key in OPTIONAL_STATE if arrays.get(key) is not None and arrays[key].size == n})
         self.engine.restore(tensor("model"), state)
         self._checkpointed = (self.engine.round, time.monotonic())
-        history = self.node.state.load_history()
+        try:
+            history = self.node.state.load_history()
+        except StateError as exc:  # as an unreadable one below: the aggregator starts without it
+            log.warning("aggregator history damaged; starting without it", extra={"error": str(exc)})
+            history = None
         if history is not None:
             aggregator_state: dict[str, Any] = dict(history.meta)
             aggregator_state.update({k: torch.from_numpy(np.array(v)) for k, v in history.arrays.items()})

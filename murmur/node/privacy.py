@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from prometheus_client import Counter, Gauge
 
-from murmur.errors import ReplayError, StateError
+from murmur.errors import ReplayError, StateDamaged
 from murmur.learning.privacy.accountant import Spent
 from murmur.learning.privacy.calibration import PrivacyLevel, PrivacyPlan, assumed_graph, calibrate
 from murmur.learning.privacy.dpsgd import dp_sgd_step
@@ -73,6 +73,7 @@ from murmur.learning.privacy.stage import KEPT_ROUNDS, PrivacyStage
 from murmur.learning.rounds import MAX_FUTURE_ROUNDS
 from murmur.node.config import PrivacySection
 from murmur.node.stalls import Streak
+from murmur.node.state import LEDGER_ADVICE
 from murmur.protocol.identity import PeerId
 from murmur.protocol.messages import KeyShare, RoundCommit
 from murmur.protocol.transport import ConnectionClosed
@@ -238,8 +239,8 @@ class NodePrivacy:
             try:
                 stage.accountant.prior = tuple(Spent.from_json(e) for e in node.state.load_privacy_ledger())
             except (ValueError, TypeError) as exc:
-                raise StateError(f"privacy ledger {node.state.privacy_path} is damaged ({exc}); "
-                                 "refusing to start from epsilon 0") from None
+                raise StateDamaged(f"privacy ledger {node.state.privacy_path} is damaged ({exc}); "
+                                   f"{LEDGER_ADVICE}") from None
         wait = min(COMMIT_WAIT_MAX_S, learning.round_deadline_s * COMMIT_WAIT_DEADLINE_FRACTION)
         noise = plan.noise
         log.info(

@@ -43,7 +43,7 @@ from typing import IO, Any
 import msgpack
 import numpy as np
 
-from murmur.errors import StateError
+from murmur.errors import StateDamaged, StateError
 from murmur.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_parts
 from murmur.protocol.identity import KEY_FILE_NAME, Identity
 
@@ -81,6 +81,8 @@ class ArrayBundle:
     source: Path
 
 
+LEDGER_ADVICE = ("refusing to start from epsilon 0; restore it from a backup (removing it would spend the "
+                 "privacy budget again)")
 MAX_PID = 2**22
 """Linux's largest pid_max."""
 
@@ -236,7 +238,10 @@ def read_array_file(path: Path) -> ArrayBundle | None:
             continue
         return bundle
     if errors:
-        raise StateError("no usable file: " + "; ".join(errors))
+        # StateDamaged (exit 2): a restart cannot mend it, and under systemd's
+        # Restart=on-failure a plain failure restarted every 5 s for good.
+        raise StateDamaged("no usable file: " + "; ".join(errors)
+                           + f"; restore {path.name} from a backup, or move it away to start afresh")
     return None
 
 
@@ -308,10 +313,10 @@ class StateDir:
         except FileNotFoundError:
             return []
         except (OSError, ValueError) as exc:
-            raise StateError(f"privacy ledger {self.privacy_path} is unreadable ({exc}); "
-                             "refusing to start from epsilon 0") from None
+            raise StateDamaged(f"privacy ledger {self.privacy_path} is unreadable ({exc}); {LEDGER_ADVICE}") from None
         if not isinstance(doc, dict) or doc.get("format") != PRIVACY_FORMAT or not isinstance(doc.get("ledger"), list):
-            raise StateError(f"privacy ledger {self.privacy_path} is not a format-{PRIVACY_FORMAT} ledger")
+            raise StateDamaged(f"privacy ledger {self.privacy_path} is not a format-{PRIVACY_FORMAT} ledger; "
+                               f"{LEDGER_ADVICE}")
         return doc["ledger"]
 
     def create(self) -> StateDir:

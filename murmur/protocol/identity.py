@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from murmur.errors import SignatureError, StateDamaged, StateError
+from murmur.errors import SignatureError, StateDamaged
 from murmur.fsutil import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class Identity:
         if path.exists():
             mode = path.stat().st_mode & 0o777
             if mode & 0o077:
-                raise StateError(f"{path} has mode {mode:o}; it must not be readable by others (chmod 600)")
+                raise StateDamaged(f"{path} has mode {mode:o}; it must not be readable by others (chmod 600)")
             data = path.read_bytes()
             if len(data) == LEGACY_KEY_FILE_LEN:
                 identity = cls.from_seed(data)

@@ -13,7 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from murmur.errors import StateError
+from murmur.errors import StateDamaged, StateError
 from murmur.node.state import (
     ARRAY_FILE_MAGIC,
     ApiInfo,
@@ -84,14 +84,24 @@ def test_torn_checkpoint_falls_back_and_does_not_evict_good_prev(tmp_path):
     assert state.load_checkpoint().meta == {"round": 1}
 
 
-def test_both_checkpoints_damaged_is_a_state_error(tmp_path):
+def test_both_checkpoints_damaged_is_a_damaged_state(tmp_path):
+    """StateDamaged, which the CLI reports with exit 2 like a bad config: a
+    restart cannot mend it (systemd's Restart=on-failure restarted a plain
+    failure every 5 s for good)."""
     state = StateDir(tmp_path).create()
     state.save_checkpoint(arrays(1), {"round": 1})
     state.save_checkpoint(arrays(2), {"round": 2})
     state.checkpoint_path.write_bytes(b"garbage")
     state.checkpoint_path.with_name("checkpoint.bin.prev").write_bytes(ARRAY_FILE_MAGIC)
-    with pytest.raises(StateError, match="no usable file"):
+    with pytest.raises(StateDamaged, match="no usable file.*restore checkpoint.bin from a backup, or move it away"):
         state.load_checkpoint()
+
+
+def test_a_damaged_privacy_ledger_is_a_damaged_state(tmp_path):
+    state = StateDir(tmp_path).create()
+    state.privacy_path.write_text('{"format": 1, "ledger": [')
+    with pytest.raises(StateDamaged, match="refusing to start from epsilon 0; restore it from a backup"):
+        state.load_privacy_ledger()
 
 
 def test_checksummed_but_hostile_content_is_refused(tmp_path):
