@@ -796,6 +796,8 @@ def _convert(tp: Any, value: Any, key: str, base_dir: Path) -> Any:
     if tp is str:
         return value
     if tp is Path:
+        if not value.strip():  # Path("") is the current directory: the key and state would land there
+            raise _Invalid("must not be empty")
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base_dir / path).resolve()
     if tp is Multiaddr or tp is DialAddr:

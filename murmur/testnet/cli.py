@@ -15,6 +15,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from murmur.errors import ConfigError
 from murmur.testnet.controller import RunEnd, RunOptions, RunResult, Testnet
@@ -73,6 +74,19 @@ def with_cluster(scenario: Scenario, choice: tuple[str, str | None] | None) -> S
         scenario.cluster, backend=Backend(backend), address=address or scenario.cluster.address))
 
 
+def unusable_run_dir(out: Path) -> str | None:
+    """Why ``out`` cannot hold a new run, or None (it is then created). A
+    run dir already used made the nodes resume from its checkpoints, and
+    the old run's results were reported as the new one's."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return f"run directory {out} is not empty (a run there would resume its nodes); pick another --out"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create run directory {out}: {exc.strerror or exc}"
+    return None
+
+
 def ray_missing() -> bool:
     """Whether Ray cannot be imported (murmur[ray] not installed)."""
     try:
@@ -102,6 +116,10 @@ def run_testnet(ns: argparse.Namespace) -> int:
         print(f"murmur: a Ray cluster run needs Ray: {RAY_INSTALL}", file=sys.stderr)
         return EXIT_USAGE
     out = args.out or DEFAULT_OUT_ROOT / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    problem = unusable_run_dir(out)
+    if problem is not None:
+        print(f"murmur: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     options = RunOptions(out=out, nodes_per_process=args.nodes_per_process, dashboard=not args.no_dashboard,
                          dashboard_port=args.dashboard_port, fork_server=not args.no_fork_server)
     testnet = Testnet(scenario, options)
@@ -115,6 +133,9 @@ def run_testnet(ns: argparse.Namespace) -> int:
     except ConfigError as exc:  # a cluster that cannot be joined or cannot hold the run
         print(f"murmur: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # the dashboard's port taken, the run dir's disk full: every node is stopped
+        print(f"murmur: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         # the supervisor stopped every process on the way out; say what is left behind
         print(f"\ninterrupted; every node stopped. Run dir: {testnet.run_dir}", file=sys.stderr)

@@ -22,6 +22,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    """A TCP port, 0 for any: 70000 was taken modulo 65536, -1 raised deep in asyncio."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
 CLUSTER_BACKENDS = ("local", "ray")  # murmur.testnet.scenario.Backend's values (not imported: it is heavy)
 
 
@@ -41,7 +49,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="pack K nodes into one process (default: the scenario's)")
     p.add_argument("--out", type=Path, metavar="DIR", help=f"run directory (default: {DEFAULT_OUT_ROOT}/<scenario>-<time>)")
     p.add_argument("--no-dashboard", action="store_true", help="do not serve the live dashboard")
-    p.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="dashboard port on 127.0.0.1 (0: any)")
+    p.add_argument("--dashboard-port", type=port, default=0, metavar="PORT", help="dashboard port on 127.0.0.1 (0: any)")
     p.add_argument("--no-fork-server", action="store_true",
                    help="start every worker as a fresh interpreter instead of forking it from one that imported once")
     p.add_argument("--cluster", type=cluster_choice, metavar="BACKEND[=ADDRESS]",

@@ -82,6 +82,7 @@ def test_constraint_table_names_only_real_fields():
         ("[privacy]\nscheme = 'magic'\n", 2, "privacy.scheme", "'decor'"),
         ("[privacy]\ndelta = 1.0\n", 2, "privacy.delta", "(0.0, 1.0)"),  # passed, then calibration raised
         ("[learning]\nseed = -1\n", 2, "learning.seed", "must be in [0, 4294967295]"),  # a traceback at start
+        ("[node]\ndata_dir = ''\n", 2, "node.data_dir", "must not be empty"),  # was the current directory
         ("[learning]\nthreads = -1\n", 2, "learning.threads", "must be >= 0"),
         ("[learning]\ndevice = 'meta'\n", 2, "learning.device", "not one of auto, cpu, cuda, mps"),
         ("transport.max_frame = 10\n", 1, "transport.max_frame", "must be in [1024"),
