@@ -11,7 +11,7 @@ a traceback or a line on stdout with exit code 1.
 Every check raises :class:`~murmur.errors.OptionError` naming the option to
 change; :meth:`~murmur.node.config.ConfigSource.located` adds the file and
 line. ``murmur node start`` and ``murmur config check`` run
-:func:`check_node`; the testnet runs :func:`check_learning` on every scenario
+:func:`check_node`; the testnet runs :func:`check_learner` on every scenario
 before it starts a process. No data set is loaded and no model built: the
 checks take milliseconds, plus importing torch and the trainer's module for a
 node that learns.
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from murmur.errors import ConfigError, OptionError
+from murmur.learning.privacy.schemes import PrivacyLevel
 from murmur.node.config import Attack, LearningSection, NodeConfig
 
 T = TypeVar("T")
@@ -37,27 +38,42 @@ def check_node(cfg: NodeConfig) -> None:
     """Everything below, cheapest first."""
     check_data_dir(cfg.node.data_dir)
     check_ports(cfg)
-    check_learning(cfg.learning)
+    check_learner(cfg)
+
+
+def check_learner(cfg: NodeConfig) -> None:
+    """:func:`check_learning`, then what privacy needs of the trainer's
+    options: example-level privacy is one DP-SGD step per round. Left to the
+    daemon, `config check` passed what `node start` then refused."""
+    options = check_learning(cfg.learning)
+    if options is not None and cfg.privacy.enabled and cfg.privacy.level is PrivacyLevel.EXAMPLE:
+        from murmur.learning.privacy.dpsgd import one_step_problem
+
+        problem = one_step_problem(options, cfg.learning.local_steps)
+        if problem is not None:
+            raise OptionError("privacy.level", f'"example" {problem}')
 
 
 # ---------------------------------------------------------------- learning
 
 
-def check_learning(section: LearningSection) -> None:
+def check_learning(section: LearningSection) -> Any:
     """Trainer and aggregator names always (a typo must not wait until
     learning is switched on); with learning on, also what resolving them
     needs: the trainer's module, its options, the attacks it supports, the
-    device, and the aggregator's options."""
+    device, and the aggregator's options. Returns the trainer's options
+    (None: learning off, or a trainer without typed options)."""
     if not section.enabled:
         _check_names(section)
-        return
+        return None
     trainer = _blame("learning.trainer", _load_trainer, section.trainer)
     options_cls = getattr(trainer, "Options", None)
+    options = None
     if dataclasses.is_dataclass(options_cls) and isinstance(options_cls, type):
         from murmur.learning.options import parse_options
 
-        _blame("learning.trainer_options", parse_options, options_cls, section.trainer_options,
-               f"trainer {section.trainer!r}")
+        options = _blame("learning.trainer_options", parse_options, options_cls, section.trainer_options,
+                         f"trainer {section.trainer!r}")
     for key, attack in (("learning.attack", section.attack), ("learning.eval_attack", section.eval_attack)):
         if attack is not Attack.NONE and not getattr(trainer, "supports_attacks", True):
             raise OptionError(key, f"trainer {section.trainer!r} does not support the {attack.value} attack")
@@ -69,6 +85,7 @@ def check_learning(section: LearningSection) -> None:
     _blame("learning.aggregator", aggregators.aggregator_class, section.aggregator)
     _blame("learning.aggregator_options", lambda: aggregators.aggregator_options(
         section.aggregator, **dict(section.aggregator_options)))
+    return options
 
 
 def _check_names(section: LearningSection) -> None:
@@ -129,16 +146,15 @@ def check_identity_dir(cfg: NodeConfig) -> None:
 
 
 def check_ports(cfg: NodeConfig) -> None:
-    """Every fixed port the node will listen on (the peer listeners and the
-    API) is free now. Port 0 always is."""
+    """Every address the node will listen on (the peer listeners and the
+    API) is this machine's, and every fixed port on it is free now (port 0
+    is bound too: /ip4/10.99.99.99/tcp/0 passed, then start refused it)."""
     for addr in cfg.node.listen:
         _check_bindable("node.listen", addr.host, addr.port, str(addr))
     _check_bindable("api.port", cfg.api.host, cfg.api.port, f"{cfg.api.host}:{cfg.api.port}")
 
 
 def _check_bindable(key: str, host: str, port: int, shown: str) -> None:
-    if port == 0:
-        return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:

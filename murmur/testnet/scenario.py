@@ -1078,6 +1078,7 @@ SCENARIO_FIELDS: Mapping[str, tuple[str | int, ...]] = types.MappingProxyType({
     "learning.eval_attack": ("attackers", 0, "kind"),
     "learning.aggregator": ("aggregator", "name"),
     "learning.aggregator_options": ("aggregator", "options"),
+    "privacy.level": ("privacy", "level"),
     "compression.sparsifier": ("compression", "sparsifier"),
     "compression.mask": ("compression", "mask"),
     "network": ("network",),
@@ -1091,7 +1092,7 @@ def check_scenario(scenario: Scenario) -> None:
     node and one Sybil as :mod:`murmur.node.preflight` checks a node: raises
     :class:`OptionError` keyed by the node option (see :data:`SCENARIO_FIELDS`)."""
     from murmur.node.config import load_config
-    from murmur.node.preflight import check_learning
+    from murmur.node.preflight import check_learner
 
     specs = scenario.node_specs()
     for spec in [specs[0], *(s for s in specs if s.role is Role.ATTACKER)][:2]:
@@ -1106,7 +1107,7 @@ def check_scenario(scenario: Scenario) -> None:
             if key is None:
                 raise
             raise OptionError(key, str(exc).split(f"{key}: ", 1)[1]) from None
-        check_learning(config.learning)
+        check_learner(config)
     if scenario.network is not None:
         check_network()
 

@@ -288,7 +288,7 @@ def load_checked(path: Path) -> NodeConfig:
     cfg, source = load_config_with_source(path)
     try:
         node_preflight.check_data_dir(cfg.node.data_dir)
-        node_preflight.check_learning(cfg.learning)
+        node_preflight.check_learner(cfg)
     except OptionError as exc:
         raise source.located(exc) from None
     return cfg

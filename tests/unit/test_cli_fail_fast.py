@@ -80,6 +80,10 @@ def listener() -> Iterator[int]:
         (["learning.enabled=false", "learning.trainer=nope"], "learning.trainer", "unknown trainer 'nope'"),
         (["learning.enabled=false", "learning.aggregator=meen"], "learning.aggregator", "unknown aggregator"),
         (["learning.mode=gossip", "privacy.enabled=true"], "privacy.enabled", 'needs learning.mode = "dsgd"'),
+        # passed config check, then node start refused them
+        (["privacy.enabled=true", "privacy.level=example"], "privacy.level",
+         '"example" needs one DP-SGD step per round: learning.local_steps = 1'),
+        (["node.listen=/ip4/10.99.99.99/tcp/0"], "node.listen", "no such address on this machine"),
     ],
 )
 def test_config_check_refuses_what_the_node_could_not_run(tmp_path: Path, overrides: list[str], key: str,

@@ -343,6 +343,8 @@ def test_small_networks_get_configs_their_nodes_accept(tmp_path: Path, nodes: in
         ('[trainer]\ndevice = "cuda:99"\n', "trainer.device", "device 'cuda:99' requested but"),
         ('[aggregator]\nname = "sybilwal"\n', "aggregator.name", "unknown aggregator 'sybilwal'"),
         ('[aggregator]\nname = "krum"\noptions = { f = "1" }\n', "aggregator.options", "option f must be int"),
+        # workers were started, and then every node refused it
+        ('[privacy]\nenabled = true\nlevel = "example"\n', "privacy.level", '"example" needs one DP-SGD step'),
     ],
 )
 def test_runnable_scenario_names_the_line_of_what_its_nodes_would_refuse(

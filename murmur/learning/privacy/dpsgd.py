@@ -162,15 +162,24 @@ def dp_sgd_step(trainer: Any, local_steps: int) -> DpSgdStep:
     size = getattr(trainer, "train_size", None)
     if not isinstance(batch, int) or not isinstance(size, int) or size <= 0:
         raise ConfigError("example-level privacy needs a trainer with options.batch_size and train_size")
+    problem = one_step_problem(options, local_steps)
+    if problem is not None:
+        raise ConfigError(f'privacy.level = "example" {problem}')
+    lr, dp_clip = float(options.lr), float(options.dp_clip)
+    return DpSgdStep(min(1.0, batch / size), batch, lr * dp_clip / batch)
+
+
+def one_step_problem(options: Any, local_steps: int) -> str | None:
+    """Why a round of a trainer with ``options`` (and ``learning.local_steps``,
+    0 for the trainer's own) is not one DP-SGD step, or None. Needs no data,
+    so a node's preflight (``config check``) asks it too."""
     steps = local_steps or getattr(options, "local_steps", 1)
     dp_clip = float(getattr(options, "dp_clip", 0.0) or 0.0)
     momentum = float(getattr(options, "momentum", 0.0) or 0.0)
     lr = float(getattr(options, "lr", 0.0) or 0.0)
     optimizer = getattr(options, "optimizer", "sgd")
     if steps != 1 or momentum != 0.0 or dp_clip <= 0.0 or lr <= 0.0 or optimizer != "sgd":
-        raise ConfigError(
-            'privacy.level = "example" needs one DP-SGD step per round: learning.local_steps = 1 and trainer '
-            f'options optimizer = "sgd", momentum = 0, dp_clip > 0 (got local_steps={steps}, '
-            f"optimizer={optimizer}, momentum={momentum}, dp_clip={dp_clip})"
-        )
-    return DpSgdStep(min(1.0, batch / size), batch, lr * dp_clip / batch)
+        return ('needs one DP-SGD step per round: learning.local_steps = 1 and trainer '
+                f'options optimizer = "sgd", momentum = 0, dp_clip > 0 (got local_steps={steps}, '
+                f"optimizer={optimizer}, momentum={momentum}, dp_clip={dp_clip})")
+    return None
