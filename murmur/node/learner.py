@@ -753,7 +753,13 @@ class NodeLearner:
     # -- receiving deltas ------------------------------------------------------------
 
     async def _on_delta_message(self, front: Node, session: PeerSession, msg: DeltaStart | DeltaChunk | DeltaEnd) -> None:
-        done = self._assemblers[front.peer_id].feed(session.peer, msg)
+        assembler = self._assemblers[front.peer_id]
+        if isinstance(msg, DeltaStart) and not self._may_send_deltas(session, msg):
+            # Strangers (connected, never linked) held the whole assembly budget
+            # with stalled transfers, so every neighbour's next message was refused.
+            assembler.refuse(session.peer, msg.transfer_id)
+            raise LimitExceeded("delta from a peer that is not a learning neighbour")
+        done = assembler.feed(session.peer, msg)
         if done is None:
             return
         kind = self.layout.kind_of(done.meta)  # the assembler checked its shape against our layout
@@ -875,6 +881,20 @@ class NodeLearner:
             raise DecodeError("model transfer without a valid state_round or of the wrong shape")
         array = done.array if done.array.flags.writeable else done.array.copy()
         return torch.from_numpy(array), state_round
+
+    def _may_send_deltas(self, session: PeerSession, start: DeltaStart) -> bool:
+        """Whether ``session`` may start this transfer: a round message from a
+        peer we asked for a learning edge or that asked us for one (its
+        acceptance and its first round message travel on different streams,
+        so the edge need not be mutual yet here), a model we asked it for, or,
+        in gossip learning, a model from any peer (each node sends to a peer
+        its sampler draws)."""
+        kind = self.layout.kind_of(start.meta)
+        if kind is TransferKind.MODEL:
+            return session.peer in self._model_requests
+        if kind is TransferKind.GOSSIP:
+            return self.gossip is not None
+        return session.link_out or session.link_in
 
     def _answers_our_request(self, start: DeltaStart) -> bool:
         """A model transfer from a peer we asked for one (see DeltaAssembler's

@@ -414,6 +414,10 @@ DeltaMessage = DeltaStart | DeltaChunk | DeltaEnd
 Solicited = Callable[[DeltaStart], bool]
 
 
+REFUSED_MEMORY = 256
+"""Refused transfers remembered, to drop what follows their start quietly."""
+
+
 def _unsolicited(start: DeltaStart) -> bool:
     return False
 
@@ -454,6 +458,12 @@ class DeltaAssembler:
         self.replay_guard = replay_guard if replay_guard is not None else ReplayGuard(limits.replay_window)
         self._clock = clock
         self._transfers: dict[TransferKey, _Transfer] = {}
+        # Transfers whose start was refused: their chunks and end are dropped
+        # quietly. Before, each was "no transfer in progress" (a DecodeError
+        # that drops the connection), so an honest neighbour whose start met
+        # a full budget was penalised, dropped and in the end banned.
+        self._refused: OrderedDict[TransferKey, None] = OrderedDict()
+        self.refused_for_room = 0  # starts refused because the node-wide budget was full (no one's fault)
         self._buffered = 0
         self._landing = LandingPool(limits.landing_pool_bytes)
         self._handlers: Mapping[type, Callable[[PeerId, Any], CompletedDelta | None]] = MappingProxyType(
@@ -480,12 +490,29 @@ class DeltaAssembler:
         handler = self._handlers.get(type(msg))
         if handler is None:
             raise TypeError(f"not a delta message: {type(msg).__name__}")
+        key = (sender, msg.transfer_id)
+        if isinstance(msg, DeltaStart):
+            self._refused.pop(key, None)  # the id starts afresh
+        elif key in self._refused:
+            if isinstance(msg, DeltaEnd):
+                del self._refused[key]
+            return None
         try:
             return handler(sender, msg)
         except PeerFault:
-            if not isinstance(msg, DeltaStart):  # a bad Start never got a slot
+            if isinstance(msg, DeltaStart):  # a bad Start never got a slot; what follows it is dropped
+                self.refuse(sender, msg.transfer_id)
+            else:
                 self.abandon(sender, msg.transfer_id)
             raise
+
+    def refuse(self, sender: PeerId, transfer_id: int) -> None:
+        """Drop the chunks and end of a transfer whose start was not taken
+        (kept for the last :data:`REFUSED_MEMORY` such transfers)."""
+        self._refused[(sender, transfer_id)] = None
+        self._refused.move_to_end((sender, transfer_id))
+        while len(self._refused) > REFUSED_MEMORY:
+            self._refused.popitem(last=False)
 
     def abandon(self, sender: PeerId, transfer_id: int) -> bool:
         """Drop a transfer and free its buffer (abort, timeout, disconnect)."""
@@ -538,7 +565,11 @@ class DeltaAssembler:
         if self.active(sender) >= limits.max_concurrent_per_peer:
             raise LimitExceeded(f"{sender.short()} has {limits.max_concurrent_per_peer} transfers in flight")
         if self._buffered + msg.nbytes > limits.max_total_buffered_bytes:
-            raise LimitExceeded("total delta buffer budget exhausted")
+            # Within its own allowance the sender is at no fault: the message is
+            # lost for this round, nobody is penalised.
+            self.refuse(sender, msg.transfer_id)
+            self.refused_for_room += 1
+            return None
         buffer = self._landing.take(msg.nbytes)
         # A dense payload is checked as it lands; a sparse round format's
         # (indices, packed values) only as a whole, by the layout.

@@ -1,4 +1,5 @@
-"""History records reach SybilWall only through the node's gossip rules:
+"""What a stranger (connected, never a learning neighbour) sends a learning
+node is not taken. History records reach SybilWall only through the node's gossip rules:
 against a live learning node, a stranger that is not a learning neighbour
 sends records whose signatures all hold (it is their observer, and it made
 up their subjects, whose keys it has): none of them is kept.
@@ -17,7 +18,8 @@ import numpy as np
 from murmur.learning.aggregators.sybilwall import SybilWallAggregator
 from murmur.node.records import Statement, describe, observe, sign_statement
 from murmur.protocol.identity import Identity
-from murmur.protocol.messages import Hello, LearnerInfo
+from murmur.protocol.layout import TransferKind
+from murmur.protocol.messages import DeltaStart, Hello, LearnerInfo
 from tests.integration.cluster import Cluster
 from tests.integration.handpeer import HandPeer
 from tests.integration.test_hostile_neighbours import LEARNING
@@ -52,3 +54,35 @@ async def test_records_from_a_peer_we_do_not_learn_from_are_not_kept(tmp_path: P
         assert learner.aggregator.known_peers() == []
         assert len(learner._records) == 0
         await peer.hang_up()
+
+
+async def test_strangers_cannot_take_the_room_of_a_neighbours_round_messages(tmp_path: Path) -> None:
+    """Strangers that announce round messages and never send them held the
+    node's whole assembly budget, so the neighbour's next message was
+    refused, the neighbour penalised, dropped and banned. A stranger's start
+    is now refused (a LimitExceeded, charged to it); the neighbour learns on."""
+    async with Cluster(2, tmp_path, LEARNING) as cluster:
+        victim, neighbour = cluster.node(0), cluster.node(1)
+        learner = victim.learner
+        await cluster.wait_until(lambda: learner.round >= 2, 30.0, "warm-up rounds")
+        layout = learner.layout
+        assembler = learner._assemblers[victim.peer_id]
+        strangers = [Identity.generate() for _ in range(4)]
+        info = learner._info()
+        for stranger in strangers:
+            peer = await HandPeer.connect_to(victim, stranger)
+            hello = Hello(listen_addrs=("/ip4/127.0.0.1/tcp/9",), agent="stranger", round=learner.round, degree=1)
+            starts = [DeltaStart(tid, learner.round, stranger.peer_id, victim.peer_id, learner.codec, "float32",
+                                 layout.shape(TransferKind.ROUND), layout.payload_bytes(TransferKind.ROUND, learner.codec),
+                                 layout.meta(TransferKind.ROUND, degree=1)) for tid in (1, 2)]
+            await peer.send([hello, LearnerInfo(fingerprint=info.fingerprint, model=info.model, next_round=0), *starts])
+        await cluster.wait_until(
+            lambda: (victim.metrics.value("murmur_messages_total", direction="in", kind="DeltaStart") or 0)
+            >= 2 * len(strangers), 10.0, "every start read")
+        assert all(assembler.active(s.peer_id) == 0 for s in strangers)  # before: two each, held until they timed out
+        tracked = [s.peer_id for s in strangers if s.peer_id in victim.table]  # the table bounds strangers per address
+        assert tracked and all(victim.table.score(p) < 0 for p in tracked)
+        start = learner.round
+        await cluster.wait_until(lambda: learner.round >= start + 3, 30.0, "rounds with the neighbour go on")
+        assert victim.table.score(neighbour.peer_id) >= 0
+        assert victim.session(neighbour.peer_id) is not None

@@ -415,14 +415,34 @@ def test_too_many_concurrent_transfers_per_peer() -> None:
     assert feed_all(assembler, streams[2]) is not None
 
 
-def test_total_buffer_budget_across_peers() -> None:
+def test_total_buffer_budget_across_peers_refuses_quietly() -> None:
+    """A start that meets a full node-wide budget is refused, and what follows
+    it dropped, without a fault: within its own allowance the sender did
+    nothing wrong. (It was a LimitExceeded, then its chunks were DecodeErrors
+    that dropped the connection: strangers filling the budget got an honest
+    neighbour penalised, dropped and banned.) Its next transfer is taken."""
     limits = AssemblerLimits(max_total_buffered_bytes=600)
     assembler = DeltaAssembler(BOB.peer_id, limits)
-    assembler.feed(ALICE.peer_id, send(delta(100))[1][0])  # 400 bytes
-    carol = DeltaSender(CAROL, BOB.peer_id, 5, delta(100), DeltaCodec.FP32)
-    with pytest.raises(LimitExceeded):
-        assembler.feed(CAROL.peer_id, decode(b"".join(next(iter(carol)))))
-    assert assembler.buffered_bytes == 400
+    first = send(delta(100))[1]
+    assembler.feed(ALICE.peer_id, first[0])  # 400 bytes
+    carol = [decode(b"".join(parts)) for parts in DeltaSender(CAROL, BOB.peer_id, 5, delta(100), DeltaCodec.FP32)]
+    for msg in carol:
+        assert assembler.feed(CAROL.peer_id, msg) is None
+    assert assembler.buffered_bytes == 400 and assembler.refused_for_room == 1
+    assert feed_all(assembler, first[1:]) is not None  # Alice's transfer completes, and frees the room
+    again = [decode(b"".join(parts)) for parts in DeltaSender(CAROL, BOB.peer_id, 6, delta(100), DeltaCodec.FP32)]
+    assert feed_all(assembler, again, CAROL) is not None
+
+
+def test_what_follows_a_refused_start_is_dropped_not_faulted() -> None:
+    assembler = DeltaAssembler(BOB.peer_id)
+    _, msgs = send(delta(100), round=5)
+    bad = replace(msgs[0], recipient=CAROL.peer_id)
+    with pytest.raises(PeerFault):
+        assembler.feed(ALICE.peer_id, bad)
+    assert all(assembler.feed(ALICE.peer_id, msg) is None for msg in msgs[1:])
+    with pytest.raises(DecodeError, match="no transfer"):  # an end nobody started is still a fault
+        assembler.feed(ALICE.peer_id, msgs[-1])
 
 
 def test_limit_exceeded_does_not_ask_to_drop_the_connection() -> None:
