@@ -1,4 +1,4 @@
-"""A budget of requests a peer may make of us (public models served).
+"""A budget of requests a peer may make of us (public models served, gossip forwarded).
 
 Why not the transport's :class:`~murmur.protocol.transport.TokenBucket`: that
 bucket goes into debt by design (the bytes it meters have already arrived, and
@@ -30,12 +30,13 @@ class RequestBudget:
         self._tokens = float(burst)
         self._stamp = clock()
 
-    def take(self) -> bool:
-        """Grant one request (and charge it) if the budget holds one; a refusal costs nothing."""
+    def take(self, cost: float = 1.0) -> bool:
+        """Grant a request of ``cost`` tokens (and charge it) if the budget
+        holds them; a refusal costs nothing."""
         now = self._clock()
         self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) / self.refill_s)
         self._stamp = now
-        if self._tokens < 1.0:
+        if self._tokens < cost:
             return False
-        self._tokens -= 1.0
+        self._tokens -= cost
         return True

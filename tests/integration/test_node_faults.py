@@ -281,6 +281,26 @@ async def test_unsolicited_responses_are_penalised_not_dropped(victim: Victim) -
     peer.close()
 
 
+async def test_gossip_beyond_its_budget_is_penalised_and_not_forwarded(victim: Victim) -> None:
+    """Every gossip message is forwarded to every session: unmetered, one
+    peer's 19 MiB of fresh ids made 324 MiB across five nodes, at no cost
+    to it. Past its budget a peer's gossip is dropped and charged."""
+    from murmur.node.daemon import GOSSIP_BURST, GOSSIP_UNIT_BYTES
+
+    before = victim.faults()
+    peer = await RawPeer.to(victim.node)
+    big = GOSSIP_UNIT_BYTES * 8  # costs 9 units
+    sent = 3 * (GOSSIP_BURST // 9)  # three bursts' worth, at once
+    for i in range(sent):
+        peer.push(peer.gossip(bytes([i]) * big))
+    await wait_until(lambda: len(victim.delivered) + victim.faults().get("LimitExceeded", 0)
+                     - before.get("LimitExceeded", 0) == sent, 5.0, "every message read")
+    assert GOSSIP_BURST // 9 <= len(victim.delivered) < sent  # the burst (and what refilled meanwhile), not all
+    assert victim.node.table.score(peer.peer_id) < 0
+    await victim.serves_good_peer()
+    peer.close()
+
+
 async def test_answers_to_overlapping_shuffles_are_solicited(victim: Victim, monkeypatch: pytest.MonkeyPatch) -> None:
     """A peer re-learnt from a third node's shuffle may be shuffled with again
     before it answered the first request (a node busy with a big model answers
