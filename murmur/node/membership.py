@@ -293,10 +293,14 @@ class Membership:
                 return None
 
     def report_failure(self, peer: PeerId, reason: str) -> None:
+        neighbour = any(desc.peer == peer for desc in self.sampler.neighbour_descriptors())
         replacements = self.sampler.on_failure(peer)
         self.table.mark_failure(peer)
         self.evictions += 1
-        log.info(
+        # INFO only for a neighbour of ours: any stranger, or a stream of fresh
+        # identities saying goodbye, caused one line each (300 in a second).
+        log.log(
+            logging.INFO if neighbour else logging.DEBUG,
             "peer evicted",
             extra={"event": "evicted", "peer": str(peer), "reason": reason, "replacements": [str(p) for p in replacements]},
         )

@@ -20,7 +20,8 @@ import pytest
 
 from murmur.node.daemon import PEER_LOG_BUDGET, Node
 from murmur.protocol.identity import Identity
-from murmur.protocol.messages import LearnerInfo, Message, PeerExchangeResponse, ShuffleResponse
+from murmur.protocol.messages import Goodbye, LearnerInfo, Message, PeerExchangeResponse, ShuffleResponse
+from murmur.testnet.hostile import hello
 from tests.integration.cluster import Cluster, wait_until
 from tests.integration.handpeer import CLOSED_S, HandPeer
 
@@ -104,3 +105,18 @@ async def test_a_handler_bug_reached_again_and_again_by_one_peer_logs_few_traceb
     (summary,) = _summaries(caplog)
     assert (summary.suppressed, summary.keys) == (tries - PEER_LOG_BUDGET.per_key, 1)
     assert str(identity.peer_id) in summary.top
+
+
+async def test_fresh_identities_saying_goodbye_write_no_info_lines(
+        victim: Node, caplog: pytest.LogCaptureFixture) -> None:
+    """Connect, greet, say goodbye, as many identities as one likes: each was
+    three INFO lines (connection open, peer said goodbye with a reason of the
+    peer's choosing, peer evicted), 820 lines a second from one address."""
+    caplog.set_level(logging.DEBUG, logger="murmur")
+    for i in range(20):
+        peer = await HandPeer.connect_to(victim, Identity.generate())
+        await peer.send([hello(), Goodbye(reason="x" * 200)])
+        await peer.closed()
+    assert len([r for r in caplog.records if r.getMessage() == "peer said goodbye"]) == 20  # read, at DEBUG
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert loud == [], [r.getMessage() for r in loud[:5]]

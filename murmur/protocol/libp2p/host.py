@@ -467,7 +467,7 @@ class Libp2pHost:
     def _connection_up(self, wire: Wire, conn: Libp2pConnection) -> None:
         """The wire finished its upgrade: before any stream of ``conn`` is served."""
         self._conns.add(conn)
-        log.info("connection open", extra={
+        log.debug("connection open", extra={  # DEBUG: one a connection, any stranger's included
             "event": "connected", "conn": conn.name, "peer": str(conn.peer_id),
             "remote": f"{conn.remote[0]}:{conn.remote[1]}", "outbound": conn.outbound,
             "security": conn.security, "muxer": conn.muxer})
