@@ -52,15 +52,26 @@ def clipped_mean_grad(
     grads = per_example_grads(model, loss_fn, inputs, targets)
     batch = inputs.shape[0]
     sq = sum(g.reshape(batch, -1).pow(2).sum(dim=1) for g in grads.values())
-    scale = torch.clamp(clip / (sq.sqrt() + 1e-12), max=1.0)
+    kept = torch.isfinite(sq)
+    scale = clip_scales(sq, kept, clip)
     out: dict[str, torch.Tensor] = {}
     for name, g in grads.items():
-        mean = (g * scale.view(batch, *([1] * (g.dim() - 1)))).mean(dim=0)
+        shape = (batch, *([1] * (g.dim() - 1)))
+        mean = (torch.where(kept.view(shape), g, 0.0) * scale.view(shape)).mean(dim=0)
         if noise_multiplier > 0:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             mean = mean + noise * (noise_multiplier * clip / batch)
         out[name] = mean
     return out
+
+
+def clip_scales(sq: torch.Tensor, kept: torch.Tensor, clip: float) -> torch.Tensor:
+    """Each example's clip factor min(1, C/‖g‖) from its squared norm, 0 for
+    an example whose gradient is not finite (``kept`` False). Such an
+    example made the whole mean NaN, and the round's step was then skipped:
+    one example moved the step by lr·C instead of the accounted 2·lr·C/B.
+    Counted as a zero gradient, it moves it by at most C/B like any other."""
+    return torch.where(kept, torch.clamp(clip / (sq.sqrt() + 1e-12), max=1.0), 0.0)
 
 
 def apply_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
@@ -126,12 +137,13 @@ def linear_clipped_mean_grad(
         sq += gn * a.pow(2).sum(dim=1)
         if layer.bias is not None:
             sq += gn
-    scale = torch.clamp(clip / (sq.sqrt() + 1e-12), max=1.0)
+    kept = torch.isfinite(sq)
+    scale = clip_scales(sq, kept, clip)
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, torch.Tensor] = {}
     for layer, g in zip(used, dz, strict=True):
-        sg = g * scale.unsqueeze(1) / batch
-        out[names[id(layer.weight)]] = sg.t() @ acts[layer]
+        sg = torch.where(kept.unsqueeze(1), g, 0.0) * scale.unsqueeze(1) / batch
+        out[names[id(layer.weight)]] = sg.t() @ torch.where(kept.unsqueeze(1), acts[layer], 0.0)
         if layer.bias is not None:
             out[names[id(layer.bias)]] = sg.sum(dim=0)
     return out, loss.detach()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from murmur.learning.privacy.dpsgd import apply_grads, clipped_mean_grad, per_example_grads
+from murmur.learning.privacy.dpsgd import apply_grads, clipped_mean_grad, linear_clipped_mean_grad, per_example_grads
 
 
 def tiny() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -70,3 +72,27 @@ def test_apply_grads_feeds_an_optimizer() -> None:
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     for b, (k, p) in zip(before, model.named_parameters()):
         torch.testing.assert_close(p.detach(), b - 0.1 * grads[k])
+
+
+@pytest.mark.parametrize("value", [3e38, math.nan])
+@pytest.mark.parametrize("fast", [False, True], ids=["vmap", "linear"])
+def test_an_example_with_a_non_finite_gradient_counts_as_zero(fast: bool, value: float) -> None:
+    """One input at 3e38 (finite in the data) made the clipped mean NaN, the
+    round's step was then skipped, and one example moved the step by lr·C,
+    not the accounted 2·lr·C/B. It now contributes a zero gradient: the
+    others' clipped mean over the whole batch, finite."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    torch.manual_seed(0)
+    x, y = torch.randn(9, 5) * 3, torch.randint(0, 3, (9,))
+    bad = x.clone()
+    bad[4] = value
+    clip = 0.5
+    if fast:
+        got, _ = linear_clipped_mean_grad(model, nn.CrossEntropyLoss(), bad, y, clip)
+    else:
+        got = clipped_mean_grad(model, nn.CrossEntropyLoss(), bad, y, clip)
+    others = torch.cat([torch.arange(4), torch.arange(5, 9)])
+    ref, _ = reference(model, x[others], y[others], clip)
+    for k in ref:
+        assert bool(torch.isfinite(got[k]).all())
+        torch.testing.assert_close(got[k], ref[k] * 8 / 9, rtol=1e-5, atol=1e-6)  # eight of nine, over nine
