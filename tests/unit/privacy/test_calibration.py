@@ -18,7 +18,9 @@ from murmur.learning.privacy.calibration import (
     PrivacyLevel,
     PrivacyPlan,
     PrivacyScheme,
+    assumed_graph,
     calibrate,
+    edges_needed,
     run_residual,
 )
 from murmur.learning.privacy.seeds import PairwiseSeeds
@@ -190,3 +192,11 @@ def test_auto_objective_follows_the_privacy_level() -> None:
     auto = calibrate(PrivacyScheme.DECOR, graph=torus(4), objective=NoiseObjective.AUTO, **ANCHOR)
     one_step = calibrate(PrivacyScheme.DECOR, graph=torus(4), objective=NoiseObjective.ONE_STEP, **ANCHOR)
     assert auto == one_step
+
+
+@pytest.mark.parametrize(("degree", "nodes", "need"), [(1, 10, 2), (2, 10, 2), (6, 10, 6), (6, 4, 3), (1, 2, 1), (3, 1, 0)])
+def test_a_round_needs_as_many_edges_as_the_graph_it_was_calibrated_on(degree: int, nodes: int, need: int) -> None:
+    """Degree 1 is calibrated on a ring (two edges a node): a node with one
+    active edge must fall back, not send with the ring's smaller noise."""
+    graph = assumed_graph(nodes, degree, seed=0)
+    assert edges_needed(degree, nodes, graph) == need
