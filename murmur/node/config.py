@@ -401,6 +401,7 @@ class LearningSection:
             device=self.device_or_none,
             options=self.trainer_options,
             attack=None if self.attack is Attack.NONE else self.attack.value,
+            secret_batches=True,  # a node's DP-SGD batches: nobody can predict them
         )
 
 

@@ -23,6 +23,7 @@ from murmur.learning.trainers.base import (
     TorchTrainer,
     Trainer,
     TrainerContext,
+    _PoissonSampler,
     resolve_device,
 )
 from murmur.learning.trainers.checked import checked
@@ -506,3 +507,37 @@ def test_the_transformer_says_why_only_for_the_options_it_refused() -> None:
     with pytest.raises(ConfigError) as shape:
         TransformerOptions(width=10, heads=4).validate()
     assert "width must be a multiple of heads" in str(shape.value) and "dp_clip" not in str(shape.value)
+
+
+def test_dp_sgd_batches_are_poisson_draws_nobody_can_predict() -> None:
+    """With dp_clip > 0 every example is in each batch on its own with
+    probability batch/n (what the accountant assumes), and a node's draws
+    come from fresh OS randomness: seeded epochs of fixed-size batches were
+    reproducible by anyone from the network's seed, and amplified nothing."""
+    options = {"dp_clip": 1.0, "batch_size": 16, "momentum": 0.0}
+    public = [_digits(options=options)._batches for _ in range(2)]
+    assert isinstance(public[0], _PoissonSampler) and public[0].expected == 16
+    assert all(torch.equal(public[0].next(), public[1].next()) for _ in range(5))  # simulations: reproducible
+    secret = [_digits(options=options, secret_batches=True)._batches for _ in range(2)]
+    draws = [[s.next() for _ in range(200)] for s in secret]
+    assert not all(torch.equal(a, b) for a, b in zip(*draws, strict=True))  # a node's: its own, unpredictable
+    sizes = torch.tensor([len(d) for d in draws[0]], dtype=torch.float64)
+    assert sizes.std() > 1.0 and abs(float(sizes.mean()) - 16) < 1.5  # Binomial(n, 16/n), not 16 every time
+    n = secret[0]._n
+    hits = torch.zeros(n)
+    for d in draws[0]:
+        hits[d] += 1
+    assert abs(float(hits.mean()) - 200 * 16 / n) < 0.5  # each example about q of the time
+
+
+def test_a_dp_sgd_step_divides_by_the_expected_batch() -> None:
+    """One example moves the step by at most lr·C/batch whatever a draw's
+    size: the clipped sum is divided by the expected size."""
+    from murmur.learning.privacy.dpsgd import clipped_mean_grad
+
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+    mean = clipped_mean_grad(model, torch.nn.CrossEntropyLoss(), x, y, 0.5)
+    over_eight = clipped_mean_grad(model, torch.nn.CrossEntropyLoss(), x, y, 0.5, denominator=8)
+    for name in mean:
+        torch.testing.assert_close(over_eight[name], mean[name] * 5 / 8)

@@ -43,10 +43,13 @@ def clipped_mean_grad(
     clip: float,
     noise_multiplier: float = 0.0,
     generator: torch.Generator | None = None,
+    denominator: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean of per-example gradients, each clipped to L2 norm ``clip`` (over all
     parameters jointly), plus N(0, (σ_ex·C_ex/B)²) per coordinate when
-    ``noise_multiplier`` σ_ex > 0."""
+    ``noise_multiplier`` σ_ex > 0. ``denominator``: divide the sum by it
+    instead of the batch's size (Poisson sampling: the expected size, so
+    that one example moves the result by at most C/denominator)."""
     if clip <= 0:
         raise ValueError("clip must be positive")
     grads = per_example_grads(model, loss_fn, inputs, targets)
@@ -55,12 +58,13 @@ def clipped_mean_grad(
     kept = torch.isfinite(sq)
     scale = clip_scales(sq, kept, clip)
     out: dict[str, torch.Tensor] = {}
+    divide = batch if denominator is None else denominator
     for name, g in grads.items():
         shape = (batch, *([1] * (g.dim() - 1)))
-        mean = (torch.where(kept.view(shape), g, 0.0) * scale.view(shape)).mean(dim=0)
+        mean = (torch.where(kept.view(shape), g, 0.0) * scale.view(shape)).sum(dim=0) / divide
         if noise_multiplier > 0:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            mean = mean + noise * (noise_multiplier * clip / batch)
+            mean = mean + noise * (noise_multiplier * clip / divide)
         out[name] = mean
     return out
 
@@ -92,7 +96,8 @@ def linear_only(model: nn.Module) -> bool:
 
 
 def linear_clipped_mean_grad(
-    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, clip: float
+    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, clip: float,
+    denominator: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Exactly :func:`clipped_mean_grad` (no noise) for a :func:`linear_only`
     model (each layer called once per forward), plus the batch's mean loss, in one forward and one backward pass.
@@ -142,7 +147,7 @@ def linear_clipped_mean_grad(
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, torch.Tensor] = {}
     for layer, g in zip(used, dz, strict=True):
-        sg = torch.where(kept.unsqueeze(1), g, 0.0) * scale.unsqueeze(1) / batch
+        sg = torch.where(kept.unsqueeze(1), g, 0.0) * scale.unsqueeze(1) / (batch if denominator is None else denominator)
         out[names[id(layer.weight)]] = sg.t() @ torch.where(kept.unsqueeze(1), acts[layer], 0.0)
         if layer.bias is not None:
             out[names[id(layer.bias)]] = sg.sum(dim=0)

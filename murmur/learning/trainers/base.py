@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import math
+import secrets
 import types
 import warnings
 from abc import ABC, abstractmethod
@@ -63,6 +64,9 @@ class TrainerContext:
     device: str | None = None  # None: cuda > mps > cpu
     options: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
     attack: str | None = None  # "label_flip" | "backdoor": poison this node's data
+    # DP-SGD's batches (dp_clip > 0) from fresh OS randomness: a node's, which
+    # nobody can predict. Else from ``seed`` (simulations, reproducible).
+    secret_batches: bool = False
 
 
 @dataclass(frozen=True)
@@ -268,6 +272,31 @@ class _BatchSampler:
         return idx
 
 
+class _PoissonSampler:
+    """DP-SGD's batches: every example in with probability q = batch/n, on
+    its own, each draw (Poisson sampling, what the example-level accountant
+    assumes). Fixed-size batches of seeded epochs were what ran: each
+    example in a known 7-10 of 100 batches, reproducible by anyone from the
+    network's seed, so the sampling amplified nothing (ε 23.9 where 10 was
+    reported, in the audit's 4-node digits run). ``expected`` (= batch) is
+    what a step's gradient sum is divided by, whatever a draw's size."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self._n = n
+        self.expected = min(batch_size, n)
+        self._q = self.expected / n
+        self._gen = generator
+
+    def next(self) -> torch.Tensor:
+        return torch.nonzero(torch.rand(self._n, generator=self._gen) < self._q).flatten()
+
+
+def _batch_generator(ctx: TrainerContext) -> torch.Generator:
+    """Seeded from fresh OS randomness (``secret_batches``) or from the network's seed."""
+    seed = secrets.randbits(63) if ctx.secret_batches else _shuffle_seed(ctx.seed, ctx.node_index)
+    return torch.Generator().manual_seed(seed)
+
+
 def _shuffle_seed(seed: int, node_index: int) -> int:
     state = np.random.SeedSequence([_SHUFFLE_STREAM, seed, node_index]).generate_state(2)
     return int(state[0]) << 32 | int(state[1])
@@ -354,9 +383,9 @@ class TorchTrainer(Trainer):
         self._x_test_np, self._y_test_np = self._test_subset(dataset)
         self._x_test = self._to_device(self._x_test_np)
         self._y_test = self._to_device(self._y_test_np)
-        self._batches = _BatchSampler(
-            len(y_train), self.options.batch_size, _shuffle_seed(ctx.seed, ctx.node_index)
-        )
+        self._batches: _BatchSampler | _PoissonSampler = (
+            _PoissonSampler(len(y_train), self.options.batch_size, _batch_generator(ctx)) if self.options.dp_clip > 0
+            else _BatchSampler(len(y_train), self.options.batch_size, _shuffle_seed(ctx.seed, ctx.node_index)))
         self._probe: Batch | None = None  # drawn on first use (probe_losses)
 
     # -- subclass interface
@@ -385,10 +414,14 @@ class TorchTrainer(Trainer):
 
     def _dp_clipped_gradients(self, batch: Batch) -> torch.Tensor:
         clip = self.options.dp_clip
+        expected = self._batches.expected if isinstance(self._batches, _PoissonSampler) else len(batch.y)
+        if len(batch.y) == 0:  # a Poisson draw of no example: a zero gradient
+            dpsgd.apply_grads(self.model, {n: torch.zeros_like(p) for n, p in self.model.named_parameters()})
+            return torch.zeros((), device=self.device)
         if self._dp_linear:
-            grads, loss = dpsgd.linear_clipped_mean_grad(self.model, self.loss_fn, batch.x, batch.y, clip)
+            grads, loss = dpsgd.linear_clipped_mean_grad(self.model, self.loss_fn, batch.x, batch.y, clip, expected)
         else:
-            grads = dpsgd.clipped_mean_grad(self.model, self.loss_fn, batch.x, batch.y, clip)
+            grads = dpsgd.clipped_mean_grad(self.model, self.loss_fn, batch.x, batch.y, clip, denominator=expected)
             with torch.no_grad():
                 loss = self.loss_fn(self.model(batch.x), batch.y)
         dpsgd.apply_grads(self.model, grads)
