@@ -2,7 +2,11 @@
 for them, metrics and what the node tells its user.
 
 Threat model (SPECS §4): honest-but-curious peers that may collude (Sybils
-included) and know only the seeds of their own edges. What a node sends is
+included) and know only the seeds of their own edges. The accounting can
+take such a coalition into account (:class:`~murmur.learning.privacy.accountant.TrustAssumption`),
+but a node calibrates with none: the ε it reports holds against whoever
+knows no edge seed, and is weaker against neighbours that subtract their
+own edge's term (README, known limits, has the figures). What a node sends is
 
     Δ̃_i = clip(Δ_i, C) + Σ_{j ∈ active(t)} v_ij^t + v̄_i,   v̄_i ~ N(0, σ_local² I)
 
