@@ -467,7 +467,9 @@ class Libp2pHost:
     def _connection_up(self, wire: Wire, conn: Libp2pConnection) -> None:
         """The wire finished its upgrade: before any stream of ``conn`` is served."""
         self._conns.add(conn)
-        log.debug("connection open", extra={  # DEBUG: one a connection, any stranger's included
+        # INFO for the connections we dial; DEBUG for inbound ones, which any
+        # stranger (or a stream of fresh identities) opens at will.
+        log.log(logging.INFO if conn.outbound else logging.DEBUG, "connection open", extra={
             "event": "connected", "conn": conn.name, "peer": str(conn.peer_id),
             "remote": f"{conn.remote[0]}:{conn.remote[1]}", "outbound": conn.outbound,
             "security": conn.security, "muxer": conn.muxer})
