@@ -145,6 +145,7 @@ class Membership:
         self.evictions = 0
         self.links_refused = 0  # inbound link requests we had no room for
         self._cooldown: dict[PeerId, float] = {}  # peer -> refuse its link requests until (monotonic)
+        self._loopback_hinted = False  # the allow_loopback hint is said once a run
 
     # -- wiring ------------------------------------------------------------------
 
@@ -196,11 +197,25 @@ class Membership:
         if limit and not self._subnet_exempt(session):
             subnet = subnet_of(session.conn.remote[0])
             if sum(1 for s in linked if subnet_of(s.conn.remote[0]) == subnet) >= limit:
+                self._hint_loopback(session, "refused a learning edge from a node on this machine")
                 return False
         return True
 
     def _subnet_exempt(self, session: PeerSession) -> bool:
         return self.sampler.config.allow_loopback_flood and is_loopback(session.conn.remote[0])
+
+    def _hint_loopback(self, session: PeerSession, what: str) -> None:
+        """Say once why nodes on one machine do not all link. Four daemons
+        started on one machine without allow_loopback: one of them had every
+        learning edge refused (the others were full of 127.0.0.0/24), gave up
+        on each for the sampler's failure memory, and trained alone for the
+        whole run, with nothing in its log to say why."""
+        if self._loopback_hinted or self._subnet_exempt(session) or not is_loopback(session.conn.remote[0]):
+            return
+        self._loopback_hinted = True
+        log.warning(f"{what}: the Sybil limits count all of 127.0.0.0/24 as one operator "
+                    "(network.subnet_bucket_size); nodes on one machine need network.allow_loopback = true",
+                    extra={"event": "loopback_hint", "peer": str(session.peer)})
 
     async def unlink(self, session: PeerSession, cooldown_s: float | None = None, reason: str = "") -> None:
         """End a learning edge from our side (a neighbour that sends nothing
@@ -392,6 +407,8 @@ class Membership:
                 # It refused our request or left the edge: the sampler picks
                 # someone else for a while (no penalty: a full node is no fault).
                 self.sampler.on_failure(session.peer)
+                if not was:  # a refusal of our request, not an edge it left
+                    self._hint_loopback(session, "a node on this machine refused our learning edge")
             session.link_out = session.chosen = False
         await self._notify(session, was)
 

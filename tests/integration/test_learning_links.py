@@ -129,3 +129,25 @@ async def test_two_pairs_started_apart_learn_apart_and_say_why(
             assert all(r.levelno == logging.WARNING and re.search(r"(2 of 3|1 of 2) neighbours are ahead", r.getMessage())
                        for r in warned), [r.getMessage() for r in warned]
             assert all(r.rounds_held_back == HELD_BACK_STREAK for r in warned)  # once a streak, not every round
+
+
+async def test_nodes_on_one_machine_without_allow_loopback_say_why_they_do_not_all_link(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four daemons started on one machine without network.allow_loopback:
+    the subnet limits take 127.0.0.0/24 for one operator, so one node had
+    every edge refused and trained alone for the whole run, saying nothing.
+    It (or the node that refused it) now says what to set, once."""
+    caplog.set_level(logging.INFO, logger="murmur")
+    overrides = {**learning(size=21), "learning.num_nodes": 4, "network.neighbours": 3,
+                 "network.allow_loopback": False}
+    async with Cluster(4, tmp_path, overrides):
+        hints: list[logging.LogRecord] = []
+        for _ in range(100):
+            hints = events(caplog, "loopback_hint")
+            if hints:
+                break
+            await asyncio.sleep(0.1)
+        assert hints, "no node said why"
+        assert "network.allow_loopback = true" in hints[0].getMessage()
+        assert hints[0].levelno == logging.WARNING
