@@ -406,7 +406,7 @@ class Membership:
             if session.link_out and session.chosen:
                 # It refused our request or left the edge: the sampler picks
                 # someone else for a while (no penalty: a full node is no fault).
-                self.sampler.on_failure(session.peer)
+                self.sampler.on_refused(session.peer)
                 if not was:  # a refusal of our request, not an edge it left
                     self._hint_loopback(session, "a node on this machine refused our learning edge")
             session.link_out = session.chosen = False

@@ -82,6 +82,9 @@ class SamplerConfig:
     allow_loopback_flood: bool = False   # exempt 127.0.0.0/8 and ::1 from b (local testnets)
     neighbour_rotation_rounds: int = 0   # 0 = keep neighbours while alive
     failed_memory_s: float = 300.0       # how long a failed peer is refused back
+    # How long a peer that refused a learning edge (it is full) is passed over:
+    # shorter, for it is up, and in a small network it may be everyone there is.
+    refused_memory_s: float = 30.0
     max_failed_memory: int = 4096        # bound on that memory
     max_entry_addrs: int = 4             # addresses kept per descriptor
 
@@ -260,11 +263,21 @@ class CyclonSampler:
     def on_failure(self, peer: PeerId) -> list[PeerId]:
         """``peer`` did not answer: drop it everywhere, refuse it back for a
         while, and return the neighbours added in its place (connect to them)."""
+        return self._pass_over(peer, self.config.failed_memory_s)
+
+    def on_refused(self, peer: PeerId) -> list[PeerId]:
+        """``peer`` is up but refused (or left) our learning edge: as
+        :meth:`on_failure`, for ``refused_memory_s`` only. With the failure
+        memory, a node in a network of three or four that all happened to
+        refuse it once passed over every one of them for five minutes."""
+        return self._pass_over(peer, self.config.refused_memory_s)
+
+    def _pass_over(self, peer: PeerId, memory_s: float) -> list[PeerId]:
         known = self.descriptor(peer)
         direct_only = known is None or not any(a.is_circuit for a in known.addrs)
         self._view.pop(peer, None)
         was_neighbour = self._neighbours.pop(peer, None) is not None
-        self._failed[peer] = (self._clock() + self.config.failed_memory_s, direct_only)
+        self._failed[peer] = (self._clock() + memory_s, direct_only)
         self._failed.move_to_end(peer)
         while len(self._failed) > self.config.max_failed_memory:
             self._failed.popitem(last=False)

@@ -264,6 +264,25 @@ def test_failed_peer_is_refused_back_until_memory_expires_or_alive():
     assert node.add(pid(1), addrs)
 
 
+def test_a_refusal_is_remembered_for_less_than_a_failure():
+    """A peer that refused our learning edge is up: passed over for
+    refused_memory_s, not the failure memory (in a network of three or four,
+    five minutes without any of them)."""
+    clock = FakeClock()
+    node = CyclonSampler(pid(0), [Multiaddr("127.0.0.1", 1)],
+                         SamplerConfig(failed_memory_s=300, refused_memory_s=30), random.Random(1), clock)
+    refusing, failing = [Multiaddr("10.0.0.1", 1)], [Multiaddr("10.0.1.1", 1)]
+    node.add(pid(1), refusing)
+    node.add(pid(2), failing)
+    node.on_refused(pid(1))
+    node.on_failure(pid(2))
+    assert pid(1) not in node and not node.add(pid(1), refusing)
+    clock.t = 31
+    assert node.add(pid(1), refusing) and not node.add(pid(2), failing)
+    clock.t = 301
+    assert node.add(pid(2), failing)
+
+
 def test_subnet_buckets_ipv4_24_and_ipv6_48():
     assert subnet_of(Multiaddr("10.1.2.3", 1)) == subnet_of(Multiaddr("10.1.2.200", 1))
     assert subnet_of(Multiaddr("10.1.2.3", 1)) != subnet_of(Multiaddr("10.1.3.3", 1))
