@@ -500,8 +500,9 @@ class NodeConfig:
 # --------------------------------------------------------------------- constraints
 
 
-class _Invalid(Exception):
-    """A value failed a check; the message is the problem, the key is added later."""
+class InvalidValue(Exception):
+    """A value failed a check; the message is the problem, the key is added
+    later. The testnet's scenario checks raise it too (they are these checks)."""
 
 
 Check = Callable[[Any], None]
@@ -510,7 +511,7 @@ Check = Callable[[Any], None]
 def at_least(lo: float) -> Check:
     def check(v: Any) -> None:
         if not v >= lo:  # not "v < lo": TOML's nan compares false both ways
-            raise _Invalid(f"must be >= {lo}, got {v}")
+            raise InvalidValue(f"must be >= {lo}, got {v}")
 
     return check
 
@@ -518,36 +519,36 @@ def at_least(lo: float) -> Check:
 def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
     def check(v: Any) -> None:
         if not ((v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):  # nan fails both
-            raise _Invalid(f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v}")
+            raise InvalidValue(f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v}")
 
     return check
 
 
 def positive(v: Any) -> None:
     if not v > 0:
-        raise _Invalid(f"must be > 0, got {v}")
+        raise InvalidValue(f"must be > 0, got {v}")
 
 
 def finite_positive(v: Any) -> None:
     if not (v > 0 and math.isfinite(v)):
-        raise _Invalid(f"must be a finite number > 0, got {v}")
+        raise InvalidValue(f"must be a finite number > 0, got {v}")
 
 
 def finite_non_negative(v: Any) -> None:
     if not (v >= 0 and math.isfinite(v)):
-        raise _Invalid(f"must be a finite number >= 0, got {v}")
+        raise InvalidValue(f"must be a finite number >= 0, got {v}")
 
 
 def non_empty(v: Any) -> None:
     if not v:
-        raise _Invalid("must not be empty")
+        raise InvalidValue("must not be empty")
 
 
 def device_name(v: Any) -> None:
     try:
         check_device(v)
     except ConfigError as exc:
-        raise _Invalid(str(exc)) from None
+        raise InvalidValue(str(exc)) from None
 
 
 def index_or_auto(v: Any) -> None:
@@ -562,14 +563,14 @@ def peer_ids(v: Any) -> None:
         try:
             PeerId.from_string(text)
         except ValueError:
-            raise _Invalid(f"{text!r} is not an Ed25519 peer id (12D3KooW…)") from None
+            raise InvalidValue(f"{text!r} is not an Ed25519 peer id (12D3KooW…)") from None
 
 
 def relay_addrs(v: Any) -> None:
     """A relay to reserve on is dialled directly and must be named (its /p2p/<id>)."""
     for addr in v:
         if addr.is_circuit or addr.peer_id is None:
-            raise _Invalid(f"{addr} must be a relay's direct address ending in /p2p/<relay id>")
+            raise InvalidValue(f"{addr} must be a relay's direct address ending in /p2p/<relay id>")
 
 
 def loopback_ip(v: Any) -> None:
@@ -577,9 +578,9 @@ def loopback_ip(v: Any) -> None:
     try:
         ip = ipaddress.ip_address(v)
     except ValueError:
-        raise _Invalid(f"must be an IP address, got {v!r}") from None
+        raise InvalidValue(f"must be an IP address, got {v!r}") from None
     if not ip.is_loopback:
-        raise _Invalid(f"must be a loopback address (the API has no authentication), got {v}")
+        raise InvalidValue(f"must be a loopback address (the API has no authentication), got {v}")
 
 
 #: Per-field range checks, by dotted key. Types are checked from the dataclass
@@ -752,65 +753,65 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(tp: Any, value: Any, key: str, base_dir: Path) -> Any:
-    """Convert one TOML value to field type ``tp``; raise ``_Invalid`` on mismatch."""
+    """Convert one TOML value to field type ``tp``; raise ``InvalidValue`` on mismatch."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):  # the first arm that takes the value
         for arm in typing.get_args(tp):
             try:
                 return _convert(arm, value, key, base_dir)
-            except _Invalid:
+            except InvalidValue:
                 continue
-        raise _Invalid(f"must be {_type_name(tp)}, got {value!r}")
+        raise InvalidValue(f"must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if isinstance(value, str) and value in typing.get_args(tp):
             return value
-        raise _Invalid(f"must be {_type_name(tp)}, got {value!r}")
+        raise InvalidValue(f"must be {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp) and tp not in (Multiaddr, DialAddr):
         if not isinstance(value, dict):
-            raise _Invalid(f"must be a table, got {type(value).__name__}")
+            raise InvalidValue(f"must be a table, got {type(value).__name__}")
         return _build(tp, value, key, base_dir)
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise _Invalid(f"must be a list, got {type(value).__name__}")
+            raise InvalidValue(f"must be a list, got {type(value).__name__}")
         return tuple(_convert_keyed(item_tp, v, f"{key}[{i}]", base_dir) for i, v in enumerate(value))
     if origin is Mapping:
         if not isinstance(value, dict):
-            raise _Invalid(f"must be a table, got {type(value).__name__}")
+            raise InvalidValue(f"must be a table, got {type(value).__name__}")
         return types.MappingProxyType(dict(value))
     if tp is bool:
         if not isinstance(value, bool):
-            raise _Invalid(f"must be true or false, got {value!r}")
+            raise InvalidValue(f"must be true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"must be an integer, got {value!r}")
+            raise InvalidValue(f"must be an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(f"must be a number, got {value!r}")
+            raise InvalidValue(f"must be a number, got {value!r}")
         if math.isnan(value):
-            raise _Invalid("must be a number, got nan")
+            raise InvalidValue("must be a number, got nan")
         return float(value)
     if not isinstance(value, str):
-        raise _Invalid(f"must be {_type_name(tp)}, got {value!r}")
+        raise InvalidValue(f"must be {_type_name(tp)}, got {value!r}")
     if tp is str:
         return value
     if tp is Path:
         if not value.strip():  # Path("") is the current directory: the key and state would land there
-            raise _Invalid("must not be empty")
+            raise InvalidValue("must not be empty")
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base_dir / path).resolve()
     if tp is Multiaddr or tp is DialAddr:
         try:
             return tp.parse(value)
         except ValueError as exc:
-            raise _Invalid(str(exc)) from None
+            raise InvalidValue(str(exc)) from None
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value)
         except ValueError:
-            raise _Invalid(f"must be {_type_name(tp)}, got {value!r}") from None
+            raise InvalidValue(f"must be {_type_name(tp)}, got {value!r}") from None
     raise TypeError(f"config field {key} has unsupported type {tp!r}")  # programming error
 
 
@@ -828,7 +829,7 @@ def _convert_keyed(tp: Any, value: Any, key: str, base_dir: Path) -> Any:
         if check is not None:
             check(result)
         return result
-    except _Invalid as exc:
+    except InvalidValue as exc:
         raise _KeyedError(key, str(exc)) from None
 
 

@@ -28,16 +28,18 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from murmur.errors import ConfigError, OptionError
-from murmur.learning.options import MAX_SEED, check_device
+from murmur.learning.options import MAX_SEED
 from murmur.learning.tactics import AttackPlan, Tactic, with_strength
 from murmur.node.config import (
+    Check,
     Codec,
+    InvalidValue,
     MaskName,
     NetworkSection,
     OuterName,
@@ -46,6 +48,11 @@ from murmur.node.config import (
     PrivacyScheme,
     RoundingName,
     SparsifierName,
+    at_least,
+    between,
+    device_name,
+    finite_positive,
+    non_empty,
 )
 from murmur.testnet import internet
 
@@ -164,37 +171,26 @@ DOWN_ACTIONS = frozenset({Action.CRASH, Action.STOP})
 # -------------------------------------------------------------------- checks
 
 
-class _Invalid(Exception):
-    """A value failed a check; the field path is added by the caller."""
+def _optional(check: Check) -> Check:
+    """The node config's ``check`` (:mod:`murmur.node.config`), for a field
+    that may be left out (None)."""
 
+    def run(v: Any) -> None:
+        if v is not None:
+            check(v)
 
-Check = Callable[[Any], None]
+    return run
 
 
 def _at_least(lo: float) -> Check:
-    def check(v: Any) -> None:
-        if v is not None and not v >= lo:  # nan compares false both ways
-            raise _Invalid(f"must be >= {lo}, got {v}")
-
-    return check
+    return _optional(at_least(lo))
 
 
 def _in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
-    def check(v: Any) -> None:
-        if v is not None and not ((v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
-            raise _Invalid(f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v}")
-
-    return check
+    return _optional(between(lo, hi, lo_open=lo_open, hi_open=hi_open))
 
 
-def _finite_positive(v: Any) -> None:
-    if v is not None and not (v > 0 and math.isfinite(v)):
-        raise _Invalid(f"must be a finite number > 0, got {v}")
-
-
-def _non_empty(v: Any) -> None:
-    if not v:
-        raise _Invalid("must not be empty")
+_finite_positive = _optional(finite_positive)
 
 
 def _checked(default: Any, check: Check) -> Any:
@@ -202,17 +198,10 @@ def _checked(default: Any, check: Check) -> Any:
     return field(default=default, metadata={"check": check})
 
 
-def _device(v: Any) -> None:
-    try:
-        check_device(v)
-    except ConfigError as exc:
-        raise _Invalid(str(exc)) from None
-
-
 def _string_values(v: Any) -> None:
     bad = [k for k, x in v.items() if not isinstance(x, str)]
     if bad:
-        raise _Invalid(f"values must be strings, {bad[0]!r} is not")
+        raise InvalidValue(f"values must be strings, {bad[0]!r} is not")
 
 
 def _empty_map() -> Mapping[str, Any]:
@@ -246,9 +235,9 @@ class Duration:
 
 @dataclass(frozen=True)
 class TrainerSpec:
-    spec: str = _checked("digits-mlp", _non_empty)  # built-in name, module:Class or entry point
+    spec: str = _checked("digits-mlp", non_empty)  # built-in name, module:Class or entry point
     local_steps: int = _checked(10, _at_least(1))
-    device: str = _checked("cpu", _device)
+    device: str = _checked("cpu", device_name)
     options: Mapping[str, Any] = field(default_factory=_empty_map)
 
 
@@ -261,7 +250,7 @@ class PartitionSpec:
 
 @dataclass(frozen=True)
 class AggregatorSpec:
-    name: str = _checked("sybilwall", _non_empty)  # the node's default: NodeConfig.learning.aggregator
+    name: str = _checked("sybilwall", non_empty)  # the node's default: NodeConfig.learning.aggregator
     options: Mapping[str, Any] = field(default_factory=_empty_map)
 
 
@@ -439,7 +428,7 @@ def _run_name(v: Any) -> None:
     """The name starts the run directory's: a path in it put the report
     outside reports/testnet (name = "x/../../../escaped")."""
     if not _RUN_NAME.fullmatch(v):
-        raise _Invalid(f"must be 1-64 letters, digits, '.', '_' or '-' (not first), got {v!r}")
+        raise InvalidValue(f"must be 1-64 letters, digits, '.', '_' or '-' (not first), got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -638,7 +627,7 @@ def _build(cls: type, table: Mapping[str, Any], path: tuple[str | int, ...]) -> 
         if check is not None:
             try:
                 check(value)
-            except _Invalid as exc:
+            except InvalidValue as exc:
                 raise _FieldError((*path, name), str(exc)) from None
         kwargs[name] = value
     return cls(**kwargs)
