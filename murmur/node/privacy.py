@@ -63,7 +63,7 @@ from prometheus_client import Counter, Gauge
 
 from murmur.errors import ReplayError, StateDamaged
 from murmur.learning.privacy.accountant import Spent
-from murmur.learning.privacy.calibration import PrivacyLevel, PrivacyPlan, assumed_graph, calibrate, edges_needed
+from murmur.learning.privacy.calibration import PrivacyLevel, PrivacyPlan, assumed_graph, calibrate
 from murmur.learning.privacy.dpsgd import dp_sgd_step
 from murmur.learning.privacy.noise import (
     RoundCommit as CommitData,
@@ -234,7 +234,7 @@ class NodePrivacy:
             section.scheme, epsilon=section.epsilon, delta=section.delta, rounds=cfg.privacy_rounds,
             clip=section.clip, graph=graph, level=section.level,
             sampling_rate=step.sampling_rate if step else None, sensitivity=step.sensitivity if step else None,
-            budget=section.effective_budget, min_edges=edges_needed(degree, learning.num_nodes, graph),
+            budget=section.effective_budget, min_edges=min(degree, learning.num_nodes - 1),
             objective=section.objective.resolve(section.level),
         )
         seeds = PairwiseSeeds(node.identity)

@@ -73,16 +73,6 @@ def assumed_graph(num_nodes: int, degree: int, seed: int) -> Graph:
     return random_regularish(num_nodes, max(2, degree), seed)
 
 
-def edges_needed(degree: int, num_nodes: int, graph: Graph) -> int:
-    """Active noise edges a round needs to go out with the correlated noise:
-    ``degree`` (at most ``num_nodes - 1``), and never fewer than a node of
-    the graph calibrated on has. With degree 1 the plan is calibrated on a
-    ring (two edges each), and a node with its one edge sent with the
-    ring's smaller noise: ε 12.6 (user level) or 43.7 (example level) where
-    10 was reported, for five linked pairs."""
-    return max(min(degree, num_nodes - 1), min((len(g) for g in graph), default=0))
-
-
 def example_rdp_coef(epsilon: float, delta: float, steps: int, sampling_rate: float) -> float:
     """The per-round ρ whose Poisson-subsampled composition over ``steps``
     rounds spends ``epsilon`` (Brent's method in log ρ; ε is monotone in ρ):
@@ -152,7 +142,12 @@ def calibrate(
     eps_equiv = epsilon_from_rdp_coef(rho, rounds, delta)  # the user-level ε with the same ρ
     s_ldp = sens * math.sqrt(2.0 / rho)
     n = len(graph)
-    degree_need = min_edges if min_edges is not None else min((len(g) for g in graph), default=0)
+    # Never fewer than a node of the graph calibrated on has: with degree 1
+    # the plan is calibrated on a ring (two edges each), and a node sending
+    # with the ring's noise on its one edge spent ε 12.6 (user level) or 43.7
+    # (example level) where 10 was reported, for five linked pairs.
+    graph_degree = min((len(g) for g in graph), default=0)
+    degree_need = graph_degree if min_edges is None else max(min_edges, graph_degree)
     noise: NoiseConfig | None
     ratio = 1.0
     if scheme is PrivacyScheme.NONE:

@@ -20,7 +20,6 @@ from murmur.learning.privacy.calibration import (
     PrivacyScheme,
     assumed_graph,
     calibrate,
-    edges_needed,
     run_residual,
 )
 from murmur.learning.privacy.seeds import PairwiseSeeds
@@ -194,9 +193,11 @@ def test_auto_objective_follows_the_privacy_level() -> None:
     assert auto == one_step
 
 
-@pytest.mark.parametrize(("degree", "nodes", "need"), [(1, 10, 2), (2, 10, 2), (6, 10, 6), (6, 4, 3), (1, 2, 1), (3, 1, 0)])
+@pytest.mark.parametrize(("degree", "nodes", "need"), [(1, 10, 2), (2, 10, 2), (6, 10, 6), (6, 4, 3), (1, 2, 1)])
 def test_a_round_needs_as_many_edges_as_the_graph_it_was_calibrated_on(degree: int, nodes: int, need: int) -> None:
     """Degree 1 is calibrated on a ring (two edges a node): a node with one
-    active edge must fall back, not send with the ring's smaller noise."""
-    graph = assumed_graph(nodes, degree, seed=0)
-    assert edges_needed(degree, nodes, graph) == need
+    active edge must fall back, not send with the ring's smaller noise,
+    whatever smaller min_edges the caller asks for."""
+    plan = calibrate(PrivacyScheme.DECOR, epsilon=10.0, delta=1e-5, rounds=100, clip=1.0,
+                     graph=assumed_graph(nodes, degree, seed=0), min_edges=min(degree, nodes - 1))
+    assert plan.min_edges == need
