@@ -210,16 +210,17 @@ class _ObjectBudget:
         self.left = limit
 
     def array(self, items: tuple[Any, ...]) -> tuple[Any, ...]:
-        self.left -= len(items) + 1
-        if self.left < 0:
-            raise DecodeError("message holds too many objects")
+        self._spend(len(items) + 1)
         return items
 
     def map(self, items: dict[Any, Any]) -> dict[Any, Any]:
-        self.left -= 2 * len(items) + 1
+        self._spend(2 * len(items) + 1)
+        return items
+
+    def _spend(self, objects: int) -> None:
+        self.left -= objects
         if self.left < 0:
             raise DecodeError("message holds too many objects")
-        return items
 
 
 def _budgeted(limits: UnpackLimits, size: int) -> Mapping[str, Any]:

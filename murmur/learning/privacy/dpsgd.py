@@ -144,10 +144,11 @@ def linear_clipped_mean_grad(
             sq += gn
     kept = torch.isfinite(sq)
     scale = clip_scales(sq, kept, clip)
+    divide = batch if denominator is None else denominator
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, torch.Tensor] = {}
     for layer, g in zip(used, dz, strict=True):
-        sg = torch.where(kept.unsqueeze(1), g, 0.0) * scale.unsqueeze(1) / (batch if denominator is None else denominator)
+        sg = torch.where(kept.unsqueeze(1), g, 0.0) * scale.unsqueeze(1) / divide
         out[names[id(layer.weight)]] = sg.t() @ torch.where(kept.unsqueeze(1), acts[layer], 0.0)
         if layer.bias is not None:
             out[names[id(layer.bias)]] = sg.sum(dim=0)

@@ -258,7 +258,7 @@ class _BatchSampler:
 
     def __init__(self, n: int, batch_size: int, seed: int) -> None:
         self._n = n
-        self._batch = min(batch_size, n)
+        self._batch = self.expected = min(batch_size, n)
         self._gen = torch.Generator().manual_seed(seed)
         self._order = torch.randperm(n, generator=self._gen)
         self._pos = 0
@@ -414,7 +414,7 @@ class TorchTrainer(Trainer):
 
     def _dp_clipped_gradients(self, batch: Batch) -> torch.Tensor:
         clip = self.options.dp_clip
-        expected = self._batches.expected if isinstance(self._batches, _PoissonSampler) else len(batch.y)
+        expected = self._batches.expected  # a Poisson draw's size varies; what a step is divided by does not
         if len(batch.y) == 0:  # a Poisson draw of no example: a zero gradient
             dpsgd.apply_grads(self.model, {n: torch.zeros_like(p) for n, p in self.model.named_parameters()})
             return torch.zeros((), device=self.device)
