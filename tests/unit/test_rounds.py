@@ -1142,3 +1142,16 @@ def test_the_engine_mixes_what_mixed_offsets_returns_without_privacy(private: bo
     half = np.stack([_half_step(i, _initial_model(SEED)) for i in GRAPH])
     np.testing.assert_allclose(_models(engines), _reference(1) if private else half, atol=ATOL)
     assert not np.allclose(_reference(1), half, atol=ATOL)
+
+
+@pytest.mark.parametrize(("value", "finite"), [(1.0, True), (3e20, True), (math.nan, False), (math.inf, False),
+                                                (-math.inf, False)])
+def test_the_fast_finite_check_is_exact(value: float, finite: bool) -> None:
+    """A sum of squares in one pass; 3e20 overflows it while finite, and
+    the exact check then decides."""
+    from murmur.learning.rounds import _all_finite
+
+    t = torch.ones(1000)
+    t[500] = value
+    assert _all_finite(t) is finite
+    assert _all_finite(torch.empty(0)) is True
