@@ -1149,6 +1149,8 @@ class NodeLearner:
             "catch_ups": self.catch_ups,
             "rounds_held_back": self._held_back.count,
             "late_dropped": self.engine.late_dropped,
+            # neighbours' messages refused because the node's assembly budget was full (no one's fault)
+            "deltas_refused_for_room": sum(a.refused_for_room for a in self._assemblers.values()),
             **self.stalls.status(),
         }
 

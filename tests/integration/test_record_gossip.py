@@ -85,4 +85,5 @@ async def test_strangers_cannot_take_the_room_of_a_neighbours_round_messages(tmp
         start = learner.round
         await cluster.wait_until(lambda: learner.round >= start + 3, 30.0, "rounds with the neighbour go on")
         assert victim.table.score(neighbour.peer_id) >= 0
+        assert learner.status()["deltas_refused_for_room"] == 0  # the strangers took none of the room
         assert victim.session(neighbour.peer_id) is not None
