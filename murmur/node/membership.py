@@ -384,8 +384,8 @@ class Membership:
         self.sampler.on_alive(session.peer)
         self.table.observe(session.peer, addrs)
         self.table.mark_alive(session.peer)
-        if addrs:
-            self.sampler.add(session.peer, addrs)
+        if addrs and not self.sampler.add(session.peer, addrs) and len(self.sampler) < self.sampler.config.view_size:
+            self._hint_loopback(session, "a node on this machine was left out of the peer view")
 
     async def _on_link(self, session: PeerSession, msg: Link) -> None:
         """A request (or its acceptance) when ``active``, else a refusal or a
