@@ -35,6 +35,13 @@ from murmur.errors import ConfigError
 _PARTITION_STREAM = 0x5A17
 
 
+class TooManyNodes(ConfigError):
+    """The training pool has fewer samples (or groups) than the network has
+    nodes, so some node would get no data. Its own type so that whoever knows
+    where ``num_nodes`` came from (the node's config, a scenario) can say so:
+    the data set's size is only known here, once it is loaded."""
+
+
 class PartitionKind(ParsedEnum):
     IID = "iid"
     DIRICHLET = "dirichlet"
@@ -87,7 +94,7 @@ def _shards(
 ) -> list[np.ndarray]:
     total = num_nodes * per_node
     if total > len(labels):
-        raise ConfigError(
+        raise TooManyNodes(
             f"{num_nodes} nodes x {per_node} shards needs at least {total} samples, "
             f"have {len(labels)}"
         )
@@ -121,7 +128,7 @@ def partition_all(
     if groups is not None:
         return _partition_groups(labels, np.asarray(groups), num_nodes, seed, spec)
     if len(labels) < num_nodes:
-        raise ConfigError(f"{len(labels)} samples cannot fill {num_nodes} nodes")
+        raise TooManyNodes(f"{len(labels)} training samples cannot fill {num_nodes} nodes")
     rng = _rng(seed, num_nodes)
     if spec.kind is PartitionKind.IID:
         parts = _iid(len(labels), num_nodes, rng)
@@ -138,7 +145,7 @@ def _partition_groups(
     """Partition whole groups, using each group's majority label as its label."""
     group_ids, inverse = np.unique(groups, return_inverse=True)
     if len(group_ids) < num_nodes:
-        raise ConfigError(f"{len(group_ids)} clients cannot fill {num_nodes} nodes")
+        raise TooManyNodes(f"{len(group_ids)} clients in the training data cannot fill {num_nodes} nodes")
     counts = np.zeros((len(group_ids), int(labels.max()) + 1), dtype=np.int64)
     np.add.at(counts, (inverse, labels), 1)
     group_labels = counts.argmax(axis=1)

@@ -39,12 +39,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from murmur.errors import ConfigError, DecodeError, LimitExceeded, PeerFault, StateError
+from murmur.errors import ConfigError, DecodeError, LimitExceeded, OptionError, PeerFault, StateError
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdict, SybilWallAggregator
 from murmur.learning.compression import Compressor
 from murmur.learning.fingerprint import ModelFingerprint
 from murmur.learning.outer import OuterConfig, OuterOptimizer
+from murmur.learning.partition import TooManyNodes
 from murmur.learning.rounds import (
     GossipModel,
     LocalUpdate,
@@ -153,7 +154,10 @@ class NodeLearner:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.trainer = create_trainer(cfg.trainer, cfg.trainer_context())
+        try:
+            self.trainer = create_trainer(cfg.trainer, cfg.trainer_context())
+        except TooManyNodes as exc:  # the data set's size is known only once it is loaded
+            raise OptionError("learning.num_nodes", f"{exc}; each node needs a share of the data set") from None
         self.aggregator = get_aggregator(cfg.aggregator, self_id=str(node.peer_id), **dict(cfg.aggregator_options))
         self.codec: DeltaCodec = cfg.codec.wire()
         self.privacy: Any = None  # murmur.node.privacy.NodePrivacy when privacy is on
