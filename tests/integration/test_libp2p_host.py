@@ -302,6 +302,26 @@ async def test_wrong_peer_id_is_refused_before_streams() -> None:
         await server.close()
 
 
+@paths
+async def test_identify_pushes_leave_no_stream_open(path: str) -> None:
+    """A push is one message on a stream of its own: the receiver closes its
+    side once read, so pushes past ``max_streams`` over one connection all go
+    through and neither muxer keeps a stream of them (before, each push left
+    a half-open stream on both ends until the pusher could open none)."""
+    limits = {"max_streams": 8}
+    server, client, conn, faults, _addr = await _pair(config(path, **limits), path)
+    try:
+        await asyncio.wait_for(conn.identified.wait(), 5)
+        served = next(iter(server.connections))
+        for _ in range(3 * limits["max_streams"]):
+            await client.push_identify(conn)
+            await wait_until(lambda: not conn._streams and not served._streams, 5, "the push stream closed")
+        assert not faults.seen and not conn.closed
+    finally:
+        await client.close()
+        await server.close()
+
+
 async def test_window_update_starved_by_the_pool_goes_out_when_the_pool_frees() -> None:
     """A stream reads its window while someone else takes the node's pool: the
     window update cannot be paid, the sender stops, the reader waits. When the

@@ -580,8 +580,13 @@ class Libp2pHost:
             self._on_identified(conn)
 
     async def _serve_identify_push(self, stream: Stream) -> None:
+        """Read one push and close our side too: the pusher only writes, so
+        a stream left open here would stay live in both muxers for the
+        connection's lifetime, one more per push, until the pusher could
+        open no stream at all (``max_streams``)."""
         async with asyncio.timeout(self.config.limits.identify_timeout_s):
             info = await self._read_identify(stream)
+        await stream.close_write()
         self._learn(stream.conn, info)
 
     async def push_identify(self, conn: Libp2pConnection) -> None:
