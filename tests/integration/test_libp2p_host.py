@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 
 import pytest
 
@@ -108,6 +109,24 @@ async def test_upgrade_identify_both_ways_ping_and_clean_close(path: str) -> Non
         await conn.close()
         await wait_until(lambda: not server.connections, 5, "server sees the close")
         assert faults.seen == []
+    finally:
+        await client.close()
+        await server.close()
+
+
+@paths
+async def test_sockets_have_nagle_off_on_any_event_loop(path: str) -> None:
+    """asyncio's own loop (this test's) turns Nagle off only on sockets made
+    with ``proto=IPPROTO_TCP``; the host's are made with ``proto=0``, so it
+    sets ``TCP_NODELAY`` itself, on dialled and accepted sockets. Without it
+    every stream's negotiation waited out a delayed ACK (~88 ms per stream
+    opened on loopback instead of ~0.3 ms)."""
+    server, client, conn, _faults, _addr = await _pair(config(path), path)
+    try:
+        accepted = next(iter(server.connections))
+        for end in (conn, accepted):
+            sock = end._tr.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), end
     finally:
         await client.close()
         await server.close()

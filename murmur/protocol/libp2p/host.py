@@ -238,8 +238,16 @@ class Libp2pHost:
         return await asyncio.shield(wire.ready)  # the wire's own timer bounds the upgrade
 
     def _new_socket(self, family: int) -> socket.socket:
-        """A TCP socket of this host's network namespace (see ``make_socket``)."""
-        return self._make_socket(family) if self._make_socket is not None else socket.socket(family, socket.SOCK_STREAM)
+        """A TCP socket of this host's network namespace (see ``make_socket``),
+        with Nagle's algorithm off (accepted sockets inherit it from the
+        listener). Set here, not left to the event loop: asyncio's loop sets
+        ``TCP_NODELAY`` only on sockets made with ``proto=IPPROTO_TCP``, and
+        ours are made with ``proto=0``, so on that loop every multistream
+        round (two small writes, then a read) waited out the peer's delayed
+        ACK: ~88 ms per stream opened on loopback instead of ~0.3 ms."""
+        sock = self._make_socket(family) if self._make_socket is not None else socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def _bind_for_dial(self, sock: socket.socket, family: int, dest: str) -> bool:
         """Bind ``sock`` to our listen address and port (SO_REUSEPORT, as the
