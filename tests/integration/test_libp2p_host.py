@@ -26,7 +26,7 @@ from murmur.protocol.libp2p import (
     YamuxConnection,
     echo_handler,
 )
-from murmur.protocol.identify import IdentifyInfo
+from murmur.protocol.identify import IDENTIFY_PUSH, IdentifyInfo
 from murmur.protocol.libp2p.host import MAX_OBSERVED_ADDRS, HostConfig
 from murmur.protocol.multiaddr import AnyMultiaddr
 from murmur.protocol.framing import SPLIT_MIN_TAIL
@@ -382,18 +382,52 @@ async def test_window_update_starved_by_the_pool_goes_out_when_the_pool_frees() 
 
 
 async def test_observed_addresses_a_peer_claims_are_tallied_within_a_bound() -> None:
-    """Identify's observed address is whatever the peer says: one peer pushing
-    a new one each time must not grow the host's tally without bound."""
+    """Identify's observed address is whatever the peer says: peers claiming a
+    new one each time must not grow the host's tally without bound, and one
+    peer changing its claim moves its one vote."""
     server, client, conn, _faults, _addr = await _pair()
     try:
         await asyncio.wait_for(conn.identified.wait(), 5)
         for port in range(1, 3 * MAX_OBSERVED_ADDRS):
-            client._learn(conn, IdentifyInfo(observed_addr=AnyMultiaddr.parse(f"/ip4/198.18.0.9/tcp/{port}")))
+            client._observed(Identity.generate().peer_id, AnyMultiaddr.parse(f"/ip4/198.18.0.9/tcp/{port}"))
         assert len(client.observed_addrs) == MAX_OBSERVED_ADDRS
-        known = next(iter(client.observed_addrs))
+        known = list(client.observed_addrs)[-1]  # one the connection's peer did not claim
         before = client.observed_addrs[known]
         client._learn(conn, IdentifyInfo(observed_addr=known))
         assert client.observed_addrs[known] == before + 1  # a known address is still counted
+        moved = AnyMultiaddr.parse("/ip4/198.18.0.9/tcp/1")
+        client._learn(conn, IdentifyInfo(observed_addr=moved))
+        assert client.observed_addrs[known] == before and known != moved  # the same peer's vote moved
     finally:
         await client.close()
         await server.close()
+
+
+async def test_one_peer_pushing_an_observed_address_again_and_again_casts_one_vote() -> None:
+    """The tally orders DCUtR's CONNECT addresses (most common first): a peer
+    repeating identify push with a made-up observed address must not outvote
+    the peers that saw our real one (before, each push was one more vote: 50
+    pushes put the made-up address first)."""
+    server = Libp2pHost(Identity.generate())
+    addrs = await server.listen("127.0.0.1", 0)
+    honest = [Libp2pHost(Identity.generate()) for _ in range(2)]
+    attacker = Libp2pHost(Identity.generate())
+    try:
+        for peer in honest:
+            await asyncio.wait_for((await peer.dial(addrs[0])).identified.wait(), 5)
+        await wait_until(lambda: sum(server.observed_addrs.values()) == 2, 5, "both honest votes")
+        real = server.observed_addrs.most_common(1)[0][0]
+        conn = await attacker.dial(addrs[0])
+        await asyncio.wait_for(conn.identified.wait(), 5)
+        made_up = AnyMultiaddr.parse("/ip4/203.0.113.7/tcp/80")
+        for _ in range(50):
+            stream = await conn.open_stream(IDENTIFY_PUSH)
+            await stream.write(IdentifyInfo(observed_addr=made_up).encode())
+            await stream.close_write()
+        await wait_until(lambda: made_up in server.observed_addrs, 5, "the attacker's claim")
+        await wait_until(lambda: not conn._streams, 5, "every push read")
+        assert server.observed_addrs[made_up] == 1
+        assert server.observed_addrs.most_common(1)[0][0] == real
+    finally:
+        for host in (attacker, *honest, server):
+            await host.close()

@@ -46,7 +46,7 @@ import logging
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = "ipfs/0.1.0"
 MAX_PING_STREAMS = 2  # per connection (ping spec: the listener SHOULD accept at most two)
 MAX_OBSERVED_ADDRS = 32  # distinct addresses peers said they saw us at, tallied; further ones ignored
+MAX_OBSERVERS = 1024  # peers whose latest observed-address vote the tally keeps (the oldest forgotten)
 
 OnConnection = Callable[[Libp2pConnection], Awaitable[None] | None]
 OnFault = Callable[[PeerId | None, PeerFault], None]
@@ -130,10 +131,14 @@ class Libp2pHost:
         self.listen_addrs: list[Multiaddr] = []  # what identify tells peers (the node sets what it advertises)
         # and after them, where our relay reservations reach us now (read at each identify)
         self.circuit_addrs: Callable[[], Sequence[AnyMultiaddr]] = tuple
-        # How peers saw us, by how many said so: a bare tally for the host's
-        # users; the node's reachability votes go through ReachabilityTracker,
-        # which limits Sybils. Bounded, since any peer can claim any address.
+        # How peers saw us, by how many peers say so now: a bare tally for the
+        # host's users (DCUtR's CONNECT lists it most common first); the node's
+        # reachability votes go through ReachabilityTracker, which limits
+        # Sybils. One vote per peer, its latest (a peer repeating a claim, as
+        # identify push lets it, must not outvote the others), and bounded,
+        # since any peer can claim any address.
         self.observed_addrs: Counter[AnyMultiaddr] = Counter()
+        self._observed_by: OrderedDict[PeerId, AnyMultiaddr] = OrderedDict()
         self.faults: Counter[str] = Counter()
         self.evictions: Counter[str] = Counter()  # inbound connections evicted, by reason
         self.cooloff = Cooloff()  # addresses refused at accept for a while after repeated fault drops
@@ -576,9 +581,8 @@ class Libp2pHost:
             # A peer behind a circuit saw the relay, not us: its claim is no vote on our address.
             info = dataclasses.replace(info, observed_addr=None)
         conn.identify = info if conn.identify is None else conn.identify.merged(info)
-        observed = info.observed_addr
-        if observed is not None and (observed in self.observed_addrs or len(self.observed_addrs) < MAX_OBSERVED_ADDRS):
-            self.observed_addrs[observed] += 1
+        if info.observed_addr is not None:
+            self._observed(conn.peer_id, info.observed_addr)
         conn.identified.set()
         log.info("peer identified", extra={
             "event": "identified", "conn": conn.name, "peer": str(conn.peer_id),
@@ -586,6 +590,24 @@ class Libp2pHost:
             "observed": str(info.observed_addr) if info.observed_addr else None})
         if self._on_identified is not None:
             self._on_identified(conn)
+
+    def _observed(self, peer: PeerId, addr: AnyMultiaddr) -> None:
+        """Count ``peer``'s vote for ``addr`` in :attr:`observed_addrs`, in
+        place of its previous one; an address past :data:`MAX_OBSERVED_ADDRS`
+        distinct ones is not counted (the peer's previous vote is withdrawn)."""
+        self._withdraw(self._observed_by.pop(peer, None))
+        if addr in self.observed_addrs or len(self.observed_addrs) < MAX_OBSERVED_ADDRS:
+            self.observed_addrs[addr] += 1
+            self._observed_by[peer] = addr
+        while len(self._observed_by) > MAX_OBSERVERS:
+            self._withdraw(self._observed_by.popitem(last=False)[1])
+
+    def _withdraw(self, addr: AnyMultiaddr | None) -> None:
+        if addr is None:
+            return
+        self.observed_addrs[addr] -= 1
+        if self.observed_addrs[addr] <= 0:
+            del self.observed_addrs[addr]
 
     async def _serve_identify_push(self, stream: Stream) -> None:
         """Read one push and close our side too: the pusher only writes, so
