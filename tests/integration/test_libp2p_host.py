@@ -9,6 +9,7 @@ what two murmur hosts agree on) and the standard one (``/noise`` +
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 
@@ -219,6 +220,41 @@ async def test_unknown_protocol_is_no_common_protocol(path: str) -> None:
         assert await _echo(conn, b"still here") == b"still here"
     finally:
         await client.close()
+        await server.close()
+
+
+async def test_identify_pushes_are_not_logged_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer pushes identify at will, one stream each: a flood of pushes with
+    long protocol ids must not write one INFO line (12 KiB) per push, or it
+    rotates the node's log files away in seconds; what is logged of a peer's
+    protocols is bounded too."""
+    server = Libp2pHost(Identity.generate())
+    addrs = await server.listen("127.0.0.1", 0)
+    pusher = Libp2pHost(Identity.generate())
+    long_ids = tuple(f"/x/{'a' * 900}/{i}" for i in range(16))
+    try:
+        caplog.set_level(logging.INFO)
+        conn = await pusher.dial(addrs[0])
+        await asyncio.wait_for(conn.identified.wait(), 5)
+        for _ in range(20):
+            stream = await conn.open_stream(IDENTIFY_PUSH)
+            await stream.write(IdentifyInfo(protocols=long_ids, has_protocols=True).encode())
+            await stream.close_write()
+        served = next(iter(server.connections))
+        await wait_until(lambda: served.identify is not None and served.identify.protocols == long_ids, 5,
+                         "the pushes read")
+        await wait_until(lambda: not conn._streams, 5, "every push read")
+        about_pusher = [r for r in caplog.records
+                        if getattr(r, "event", None) == "identified" and r.peer == str(pusher.peer_id)]
+        assert not [r for r in about_pusher if r.levelno >= logging.INFO]
+        caplog.set_level(logging.DEBUG)
+        await pusher.push_identify(conn)
+        await wait_until(lambda: len([r for r in caplog.records if getattr(r, "event", None) == "identified"
+                                      and r.peer == str(pusher.peer_id)]) > len(about_pusher), 5, "a push logged")
+        assert all(len(p) <= 64 for r in caplog.records if getattr(r, "event", None) == "identified"
+                   for p in r.protocols)
+    finally:
+        await pusher.close()
         await server.close()
 
 

@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = "ipfs/0.1.0"
 MAX_PING_STREAMS = 2  # per connection (ping spec: the listener SHOULD accept at most two)
 MAX_OBSERVED_ADDRS = 32  # distinct addresses peers said they saw us at, tallied; further ones ignored
+LOGGED_PROTOCOLS = 16  # of a peer's protocol ids, shown in its "peer identified" line
+LOGGED_PROTOCOL_CHARS = 64  # of each (an id may be 1 KiB)
 MAX_OBSERVERS = 1024  # peers whose latest observed-address vote the tally keeps (the oldest forgotten)
 
 OnConnection = Callable[[Libp2pConnection], Awaitable[None] | None]
@@ -580,13 +582,19 @@ class Libp2pHost:
         if conn.relay is not None and info.observed_addr is not None:
             # A peer behind a circuit saw the relay, not us: its claim is no vote on our address.
             info = dataclasses.replace(info, observed_addr=None)
-        conn.identify = info if conn.identify is None else conn.identify.merged(info)
+        first = conn.identify is None
+        conn.identify = info if first else conn.identify.merged(info)
         if info.observed_addr is not None:
             self._observed(conn.peer_id, info.observed_addr)
         conn.identified.set()
-        log.info("peer identified", extra={
-            "event": "identified", "conn": conn.name, "peer": str(conn.peer_id),
-            "agent": conn.identify.agent_version, "protocols": list(conn.identify.protocols)[:16],
+        # INFO once for a connection we dialled; DEBUG for inbound ones and for
+        # pushes, which a peer sends at will (one stream each): at INFO a push
+        # flood wrote ~580 lines (12 KiB each) a second and rotated the node's
+        # whole log file budget away in seconds.
+        log.log(logging.INFO if first and conn.outbound else logging.DEBUG, "peer identified", extra={
+            "event": "identified", "conn": conn.name, "peer": str(conn.peer_id), "push": not first,
+            "agent": conn.identify.agent_version,
+            "protocols": [p[:LOGGED_PROTOCOL_CHARS] for p in conn.identify.protocols[:LOGGED_PROTOCOLS]],
             "observed": str(info.observed_addr) if info.observed_addr else None})
         if self._on_identified is not None:
             self._on_identified(conn)
