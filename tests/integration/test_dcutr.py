@@ -202,6 +202,34 @@ async def test_repeated_connects_past_the_attempts_are_a_limit(pair: Pair) -> No
     assert pair.a.punch.stats["attempts"] == CONFIG.attempts
 
 
+async def test_connects_on_one_relayed_connection_are_bounded_across_its_streams(pair: Pair) -> None:
+    """Streams are cheap: a peer closing each DCUtR stream after its
+    ``attempts`` rounds and opening the next made a dial its addresses four
+    times a round without end (1200-2600 dials a second, no fault). All
+    streams of one relayed connection together get ``connection_rounds``
+    (an upgrade and its retries); the round past them is a limit, undialled."""
+    a = pair.a
+    target = Multiaddr("127.0.0.1", 9)
+    connect, sync = dcutr.connect([target]).encode(), dcutr.SYNC.encode()
+    _, conn = await pair.relayed()
+    rounds = CONFIG.attempts * (1 + len(CONFIG.retry_delays_s))  # what our own driver may take: the default
+    streams = -(-rounds // CONFIG.attempts) + 1
+    for _ in range(streams):
+        try:
+            stream = await conn.open_stream(dcutr.PROTOCOL)
+            for _ in range(CONFIG.attempts):
+                await stream.write(connect)
+                await stream.write(sync)
+            await stream.close_write()
+            while await stream.read():  # a's answers, then its FIN: a is done with this stream
+                pass
+        except (StreamResetError, ConnectionClosed):
+            break
+    (fault,) = await _faults_of(pair, LimitExceeded)
+    assert "relayed connection" in str(fault) and not fault.drop
+    assert a.punch.stats["attempts"] == rounds
+
+
 async def test_a_sync_out_of_turn_is_a_decode_error(pair: Pair) -> None:
     await _drive(pair, dcutr.SYNC.encode())
     (fault,) = await _faults_of(pair, DecodeError)
