@@ -208,7 +208,7 @@ class Choice:
 
 
 def choose(addrs: Sequence[bytes], requester_host: str, *, families: frozenset[int] = frozenset({4, 6}),
-           allow_private: bool = False) -> Choice | None:
+           allow_private: bool = False, relayed: bool = False) -> Choice | None:
     """The first address of ``addrs`` this server will dial, or None (E_DIAL_REFUSED).
 
     Willing means: a plain TCP address (``/ip4|ip6/.../tcp/...``, an optional
@@ -217,7 +217,12 @@ def choose(addrs: Sequence[bytes], requester_host: str, *, families: frozenset[i
     ``allow_private`` (the spec: a server SHOULD NOT dial private addresses;
     a LAN or loopback test network allows them). Never loopback or
     unspecified addresses of another machine: a request naming 127.0.0.1 would
-    make the server dial itself."""
+    make the server dial itself.
+
+    ``relayed``: the request came over a circuit, so ``requester_host`` is the
+    relay's address, not the requester's: every address then costs the price
+    (taken as the requester's IP, any port of the relay's would be dialled
+    for free)."""
     requester = _ip(requester_host)
     for index, raw in enumerate(addrs[:MAX_ADDRS]):
         try:
@@ -232,7 +237,7 @@ def choose(addrs: Sequence[bytes], requester_host: str, *, families: frozenset[i
         where = scope(addr.host)
         local_ok = allow_private and where is Scope.LOOPBACK and requester is not None and requester.is_loopback
         if where is Scope.PUBLIC or (allow_private and where in (Scope.SHARED, Scope.PRIVATE)) or local_ok:
-            return Choice(index, addr, needs_data=requester is None or ip != requester)
+            return Choice(index, addr, needs_data=relayed or requester is None or ip != requester)
     return None
 
 

@@ -18,8 +18,8 @@ from murmur.protocol.identity import Identity
 from murmur.protocol.libp2p import Libp2pHost
 from murmur.protocol.libp2p.connection import StreamResetError
 from murmur.protocol.libp2p.autonat import AutoNATClient, AutoNATConfig, AutoNATServer
-from murmur.protocol.libp2p.relay import read_message
-from murmur.protocol.multiaddr import Multiaddr
+from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayService, read_message
+from murmur.protocol.multiaddr import DialAddr, Multiaddr
 
 LOOPBACK = AutoNATConfig(allow_private=True, per_peer_interval_s=0.0, request_timeout_s=5.0, dial_timeout_s=2.0)
 
@@ -148,3 +148,29 @@ async def test_a_dial_back_with_a_nonce_we_never_sent_is_discarded(hosts) -> Non
     with pytest.raises(StreamResetError):  # no DialBackResponse for a nonce not ours
         await stream.read()
     assert client.stats["nonce_mismatch"] == 1
+
+
+async def test_over_a_circuit_every_address_costs_the_price(hosts) -> None:  # type: ignore[no-untyped-def]
+    """A request that came through a relay has no observed IP of its own: the
+    connection's remote address is the relay's. Taken as the requester's, any
+    port of the relay's IP was dialled for free (an amplifier aimed at the
+    relay); now every address costs the price."""
+    relay_host, server_host, client_host = hosts(), hosts(), hosts()
+    RelayService(relay_host, RelayConfig())
+    (relay_addr,) = await relay_host.listen("127.0.0.2", 0)
+    await server_host.listen("127.0.0.1", 0)
+    await client_host.listen("127.0.0.3", 0)  # dials leave from 127.0.0.3: another IP than the relay's
+    server = AutoNATServer(server_host, LOOPBACK)
+    client = AutoNATClient(client_host, LOOPBACK)
+    server_relay, client_relay = RelayClient(server_host), RelayClient(client_host)
+    try:
+        await server_relay.reserve(await server_host.dial(relay_addr))
+        conn = await client_relay.dial_addr(DialAddr.parse(f"{relay_addr}/p2p-circuit/p2p/{server_host.peer_id}"))
+        port = _free_port()
+        result = await client.check(conn, [Multiaddr("127.0.0.2", port)])  # a port of the relay's IP
+        assert server.stats["paid_for"] == 1, "dialled the relay's IP for free"
+        assert result.reachable is False and server.stats["dial_error"] == 1
+    finally:
+        await server_relay.close()
+        await client_relay.close()
+        await server.close()

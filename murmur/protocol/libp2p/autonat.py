@@ -14,7 +14,9 @@ one request per peer every ``per_peer_interval_s`` (later ones get
 ``E_REQUEST_REJECTED``), ``max_concurrent`` dial-backs in flight in all
 (past that, rejected at once, never queued), each request within
 ``request_timeout_s``, and a dial to an IP other than the requester's only
-after it paid ``dial_data_bytes`` (see the spec's amplification rule).
+after it paid ``dial_data_bytes`` (see the spec's amplification rule); a
+request over a relayed connection has no IP of its own (the remote address
+is the relay's), so every address costs that.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ class AutoNATServer:
 
     async def _handle(self, stream: Stream, msg: DialRequest) -> None:
         choice = autonat.choose(msg.addrs, stream.conn.remote[0], families=self._families(),
-                                allow_private=self.config.allow_private)
+                                allow_private=self.config.allow_private, relayed=stream.conn.relay is not None)
         if choice is None:
             self.stats["refused"] += 1
             await self._answer(stream, DialResponse(ResponseStatus.E_DIAL_REFUSED))
