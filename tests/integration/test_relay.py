@@ -353,6 +353,28 @@ async def test_circuit_flood_from_one_peer_is_bounded(trios) -> None:  # type: i
     assert await _echo(conn, b"x") == b"x"
 
 
+async def test_a_stranger_holding_a_members_circuits_leaves_the_members_theirs(trios) -> None:  # type: ignore[no-untyped-def]
+    """One stranger, one connection, took every circuit a reserved member may
+    have (``max_circuits_per_peer``, in 0.08 s at the default 16) and held it
+    for the circuit's duration, again and again: every member dialling that
+    member was refused. The per-peer bound is counted in each class apart."""
+    trio = await trios()
+    members = frozenset({trio.private.peer_id, trio.dialler.peer_id})
+    trio.relay.config = RelayConfig(max_circuits_per_peer=2, learning_peers=members)
+    await trio.private_client.reserve(trio.private_to_relay)
+    stranger = Libp2pHost(Identity.generate())
+    trio.hosts.append(stranger)
+    stranger_client = RelayClient(stranger)
+    link = await stranger.dial(trio.relay_addr)
+    held = [await stranger_client.dial(link, trio.private.peer_id) for _ in range(2)]
+    with pytest.raises(RelayRefused) as refused:  # the stranger's share of the member is bounded
+        await stranger_client.dial(link, trio.private.peer_id)
+    assert refused.value.status is Status.RESOURCE_LIMIT_EXCEEDED
+    conn = await trio.dialler_client.dial(trio.dialler_to_relay, trio.private.peer_id)  # a member still gets in
+    assert await _echo(conn, b"member") == b"member"
+    assert trio.relay.learning_circuits == 1 and trio.relay.circuits == len(held) + 1
+
+
 async def test_malformed_and_unexpected_hop_messages_get_their_status(trios) -> None:  # type: ignore[no-untyped-def]
     trio = await trios()
 

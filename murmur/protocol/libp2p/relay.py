@@ -26,7 +26,8 @@ are members, so a member cannot lend them to a stranger. Members' reservations
 and circuits are counted in pools of their own (``learning_max_reservations``,
 ``learning_max_circuits``), so a flood of strangers cannot crowd them out, nor
 members take the strangers' room; per peer and per IP the limits are the same
-for both. Every limit stays bounded: a member that misbehaves (or a Sybil that
+for both, and counted in each class apart (a stranger holding every circuit a
+member may have with strangers leaves its circuits with members free). Every limit stays bounded: a member that misbehaves (or a Sybil that
 merely greeted, with ``learning_greeted``) costs at most the learning class's
 pool. A cut circuit is redialled by its client (a neighbour gets a redial).
 """
@@ -143,7 +144,11 @@ class RelayService:
         self.config = config
         self.greeted = greeted
         self._reservations: dict[PeerId, _Reservation] = {}
-        self._circuits_by_peer: Counter[PeerId] = Counter()
+        # Live circuits per (peer, class), as source or destination: a member's
+        # circuits with members are counted apart from its circuits with
+        # strangers, or one stranger holding max_circuits_per_peer circuits to a
+        # member would cut it off from every other member too.
+        self._circuits_by_peer: Counter[tuple[PeerId, bool]] = Counter()
         self.circuits = 0  # live now, both classes
         self.learning_circuits = 0  # of which between members
         # reservations_total, circuits_total, bytes_relayed (all), learning_<those> (the members' part),
@@ -160,7 +165,7 @@ class RelayService:
     def serving(self, peer: PeerId) -> bool:
         """Whether ``peer`` holds a live reservation here or is an end of a live circuit."""
         self._prune(time.time())
-        return peer in self._reservations or self._circuits_by_peer[peer] > 0
+        return peer in self._reservations or any(self._circuits_by_peer[peer, c] > 0 for c in (False, True))
 
     @property
     def reservations(self) -> dict[PeerId, float]:
@@ -248,15 +253,15 @@ class RelayService:
         learning = self.member(src) and self.member(dst)
         live = self.learning_circuits if learning else self.circuits - self.learning_circuits
         if (live >= (cfg.learning_max_circuits if learning else cfg.max_circuits)
-                or self._circuits_by_peer[src] >= cfg.max_circuits_per_peer
-                or self._circuits_by_peer[dst] >= cfg.max_circuits_per_peer):
+                or self._circuits_by_peer[src, learning] >= cfg.max_circuits_per_peer
+                or self._circuits_by_peer[dst, learning] >= cfg.max_circuits_per_peer):
             await self._reply(stream, Status.RESOURCE_LIMIT_EXCEEDED)
             return
         limit = cfg.learning_limit() if learning else cfg.stranger_limit()
         self.circuits += 1
         self.learning_circuits += learning
-        self._circuits_by_peer[src] += 1
-        self._circuits_by_peer[dst] += 1
+        self._circuits_by_peer[src, learning] += 1
+        self._circuits_by_peer[dst, learning] += 1
         stop: Stream | None = None
         try:
             try:
@@ -285,9 +290,9 @@ class RelayService:
             self.circuits -= 1
             self.learning_circuits -= learning
             for peer in (src, dst):
-                self._circuits_by_peer[peer] -= 1
-                if not self._circuits_by_peer[peer]:
-                    del self._circuits_by_peer[peer]
+                self._circuits_by_peer[peer, learning] -= 1
+                if not self._circuits_by_peer[peer, learning]:
+                    del self._circuits_by_peer[peer, learning]
 
     async def _bridge(self, a: Stream, b: Stream, limit: Limit, learning: bool) -> None:
         """Copy both ways until both sides closed; reset both when a limit is reached or either resets."""
