@@ -5,17 +5,28 @@ subparser parsed (options declared once, in :mod:`murmur.testnet.options`);
 also runnable as ``python -m murmur.testnet.cli ...``. Exit codes: 0 the run
 completed (or ran its time), 1 training stalled or no node could start, 2 bad
 scenario or usage (also when every worker refused its config), 130
-interrupted. Errors are one ``murmur: ...`` line on stderr.
+interrupted (Ctrl-C), 143 terminated (SIGTERM). Errors are one ``murmur: ...``
+line on stderr.
+
+Ctrl-C and SIGTERM stop a run the same way (:func:`run_until_signalled`): the
+first cancels it, and the run stops every node gracefully and removes the
+emulated internet; a further one while that cleanup runs only says so. Without
+this a SIGTERM (``kill``, ``timeout``, a CI job cancelled) killed the controller
+outright, its nodes with it by SIGKILL and its network namespaces left behind,
+and a second Ctrl-C broke off the cleanup half-way.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from murmur.errors import ConfigError
 from murmur.testnet.controller import RunEnd, RunOptions, RunResult, Testnet
@@ -30,6 +41,7 @@ EXIT_STALLED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_FAILED = 1
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RAY_INSTALL = "pip install 'murmur[ray]'"
 EXIT_CODES = {RunEnd.COMPLETED: EXIT_OK, RunEnd.TIME_UP: EXIT_OK, RunEnd.STALLED: EXIT_STALLED,
               RunEnd.INTERRUPTED: EXIT_INTERRUPTED, RunEnd.FAILED: EXIT_FAILED}
@@ -87,6 +99,53 @@ def unusable_run_dir(out: Path) -> str | None:
     return None
 
 
+class RunStopped(Exception):
+    """A stop signal ended the run (after it stopped every node): which one."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process the signal ended
+
+
+async def run_until_signalled(run: Coroutine[Any, Any, RunResult]) -> RunResult:
+    """Await ``run``; the first SIGINT or SIGTERM cancels it (it cleans up in
+    its ``finally``) and turns into :class:`RunStopped`. Later signals leave
+    the cleanup alone: it is bounded (the supervisor's grace, then SIGKILL),
+    and cutting it short leaves namespaces behind. A signal this process was
+    started ignoring (a shell's background job ignores SIGINT) stays ignored."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if not received:
+            task.cancel()
+        elif len(received) == 1:
+            print("\nstill stopping every node; a moment", file=sys.stderr)
+        received.append(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    handled = [sig for sig, handler in previous.items() if handler is not signal.SIG_IGN]
+    for sig in handled:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await run
+    except asyncio.CancelledError:
+        if received:
+            raise RunStopped(received[0]) from None
+        raise
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+            if previous[sig] is not None:  # None: set outside Python; the loop left the default
+                signal.signal(sig, previous[sig])
+
+
 def ray_missing() -> bool:
     """Whether Ray cannot be imported (murmur[ray] not installed)."""
     try:
@@ -126,7 +185,7 @@ def run_testnet(ns: argparse.Namespace) -> int:
     import uvloop
 
     try:
-        result = uvloop.run(testnet.run())
+        result = uvloop.run(run_until_signalled(testnet.run()))
     except InternetError as exc:  # building the emulated internet failed (everything it made is gone)
         print(f"murmur: emulated internet: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -136,8 +195,11 @@ def run_testnet(ns: argparse.Namespace) -> int:
     except OSError as exc:  # the dashboard's port taken, the run dir's disk full: every node is stopped
         print(f"murmur: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        # the supervisor stopped every process on the way out; say what is left behind
+    except RunStopped as stopped:  # the run stopped every process on the way out; say what is left behind
+        print(f"\n{'interrupted' if stopped.signum == signal.SIGINT else 'terminated'}; every node stopped. "
+              f"Run dir: {testnet.run_dir}", file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:  # a Ctrl-C before the run began
         print(f"\ninterrupted; every node stopped. Run dir: {testnet.run_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print_result(result)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import signal
 
 import pytest
 
 from murmur.testnet import cli as testnet_cli
 from murmur.testnet.options import port
+from murmur.testnet.scenario import load_scenario
 
 
 def test_a_used_run_dir_is_refused_and_an_empty_or_new_one_taken(tmp_path):
@@ -40,3 +44,66 @@ def test_the_dashboard_port_is_a_port(text):
     with pytest.raises(argparse.ArgumentTypeError, match=r"must be in \[0, 65535\]"):
         port(text)
     assert port("0") == 0 and port("65535") == 65535
+
+
+class _StopsSlowly:
+    """A Testnet whose run lasts until cancelled, then cleans up (as the real
+    one stops its nodes and removes its namespaces) while a second signal
+    arrives; records how far the cleanup got."""
+
+    RUN_S = 10.0  # far beyond the signal's delivery: a run that ends on its own was never cancelled
+    CLEANUP_STEPS = 20  # loop iterations the cleanup spans; the second signal lands in the first
+
+    def __init__(self, first: int, second: int, log: list[str]) -> None:
+        self.first, self.second, self.log = first, second, log
+
+    def __call__(self, scenario, options):  # stands in for the Testnet class
+        self.run_dir = options.out
+        return self
+
+    async def run(self):
+        try:
+            os.kill(os.getpid(), self.first)
+            await asyncio.sleep(self.RUN_S)
+            self.log.append("ran to the end")
+        finally:
+            os.kill(os.getpid(), self.second)
+            for _ in range(self.CLEANUP_STEPS):
+                await asyncio.sleep(0.01)  # the cleanup's own work, not a synchronisation
+            self.log.append("cleaned up")
+        raise AssertionError("a run that was never stopped")
+
+
+@pytest.mark.parametrize(("first", "second", "code", "word"), [
+    (signal.SIGTERM, signal.SIGTERM, 143, "terminated"),
+    (signal.SIGINT, signal.SIGINT, 130, "interrupted"),
+    (signal.SIGTERM, signal.SIGINT, 143, "terminated"),
+])
+def test_a_stop_signal_stops_the_run_and_a_second_does_not_cut_its_cleanup_short(
+        tmp_path, monkeypatch, capsys, first, second, code, word):
+    """SIGTERM killed the controller outright (exit -15, its nodes SIGKILLed,
+    its network namespaces left behind); a second Ctrl-C raised
+    KeyboardInterrupt in the middle of the cleanup, before the emulated
+    internet was removed (6 namespaces left of a 4-node NAT run)."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('nodes = 3\n[topology]\ndegree = 2\n[duration]\nrounds = 3\n', encoding="utf-8")
+    log: list[str] = []
+    monkeypatch.setattr(testnet_cli, "Testnet", _StopsSlowly(first, second, log))
+    monkeypatch.setattr(testnet_cli, "load_runnable_scenario", load_scenario)
+    caught: list[int] = []
+    # unfixed, a SIGTERM would end pytest; SIGINT keeps Python's KeyboardInterrupt
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    try:
+        parser = argparse.ArgumentParser()
+        testnet_cli.add_run_arguments(parser)
+        ns = parser.parse_args([str(scenario), "--out", str(tmp_path / "run"), "--no-dashboard"])
+        assert testnet_cli.run_testnet(ns) == code
+        # the handlers from before the run are back
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert log == ["cleaned up"] and not caught
+    err = capsys.readouterr().err
+    assert f"{word}; every node stopped. Run dir: {tmp_path / 'run'}" in err
+    assert "still stopping every node" in err
