@@ -86,6 +86,31 @@ def with_cluster(scenario: Scenario, choice: tuple[str, str | None] | None) -> S
         scenario.cluster, backend=Backend(backend), address=address or scenario.cluster.address))
 
 
+MAX_SAME_SECOND_RUNS = 100  # runs of one scenario started within one second that each get a run dir of their own
+
+
+def new_run_dir(root: Path, name: str, stamp: str) -> Path | str:
+    """A new, empty run directory ``root/<name>-<stamp>`` (``-2``, ``-3``...
+    when taken), created here so that no other run can have it; or why none
+    could be made. Two runs of one scenario started within the same second
+    (two shells, a script) were given the same directory: the later one was
+    refused as 'not empty' (exit 2), or, when both checked it before either
+    wrote, both ran in it, each resuming the other's nodes."""
+    base = root / f"{name}-{stamp}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for n in range(1, MAX_SAME_SECOND_RUNS + 1):
+            out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            try:
+                out.mkdir()
+            except FileExistsError:
+                continue
+            return out
+    except OSError as exc:
+        return f"cannot create run directory {base}: {exc.strerror or exc}"
+    return f"{MAX_SAME_SECOND_RUNS} run directories {base}* exist already; pick one with --out"
+
+
 def unusable_run_dir(out: Path) -> str | None:
     """Why ``out`` cannot hold a new run, or None (it is then created). A
     run dir already used made the nodes resume from its checkpoints, and
@@ -174,8 +199,11 @@ def run_testnet(ns: argparse.Namespace) -> int:
     if scenario.cluster.backend is Backend.RAY and ray_missing():
         print(f"murmur: a Ray cluster run needs Ray: {RAY_INSTALL}", file=sys.stderr)
         return EXIT_USAGE
-    out = args.out or DEFAULT_OUT_ROOT / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    problem = unusable_run_dir(out)
+    if args.out is not None:
+        out, problem = args.out, unusable_run_dir(args.out)
+    else:
+        made = new_run_dir(DEFAULT_OUT_ROOT, scenario.name, time.strftime("%Y%m%d-%H%M%S"))
+        out, problem = (made, None) if isinstance(made, Path) else (DEFAULT_OUT_ROOT, made)
     if problem is not None:
         print(f"murmur: {problem}", file=sys.stderr)
         return EXIT_USAGE

@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
 from murmur.testnet import cli as testnet_cli
+from murmur.testnet.controller import RunEnd, RunResult
 from murmur.testnet.options import port
 from murmur.testnet.scenario import load_scenario
 
@@ -107,3 +109,45 @@ def test_a_stop_signal_stops_the_run_and_a_second_does_not_cut_its_cleanup_short
     err = capsys.readouterr().err
     assert f"{word}; every node stopped. Run dir: {tmp_path / 'run'}" in err
     assert "still stopping every node" in err
+
+
+class _WritesItsRunDir:
+    """Stands in for Testnet: writes into its run dir as a real run does first (its configs)."""
+
+    def __init__(self, outs: list[Path]) -> None:
+        self.outs = outs
+
+    def __call__(self, scenario, options):
+        self.run_dir = options.out
+        return self
+
+    async def run(self) -> RunResult:
+        assert not any(self.run_dir.iterdir()), "a run dir with another run's files in it"
+        (self.run_dir / "configs").mkdir()
+        self.outs.append(self.run_dir)
+        return RunResult(self.run_dir, None, RunEnd.COMPLETED, 0.0, 3, [], None, None)
+
+
+def test_runs_of_one_scenario_started_in_the_same_second_get_run_dirs_of_their_own(tmp_path, monkeypatch):
+    """Without --out, two runs of a scenario started within one second (two
+    shells) were given the same reports/testnet/<name>-<time>: the second
+    was refused as 'not empty' (exit 2), or both ran in it."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('name = "twice"\nnodes = 3\n[topology]\ndegree = 2\n[duration]\nrounds = 3\n', encoding="utf-8")
+    outs: list[Path] = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(testnet_cli, "Testnet", _WritesItsRunDir(outs))
+    monkeypatch.setattr(testnet_cli, "load_runnable_scenario", load_scenario)
+    monkeypatch.setattr(testnet_cli.time, "strftime", lambda fmt: "20260102-030405")  # one second for all
+    parser = argparse.ArgumentParser()
+    testnet_cli.add_run_arguments(parser)
+    for _ in range(3):
+        assert testnet_cli.run_testnet(parser.parse_args([str(scenario), "--no-dashboard"])) == 0
+    root = Path("reports") / "testnet"
+    assert outs == [root / "twice-20260102-030405", root / "twice-20260102-030405-2", root / "twice-20260102-030405-3"]
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "reports").write_text("a file where the runs' folder goes")
+    assert testnet_cli.new_run_dir(tmp_path / "reports" / "testnet", "x", "1") == (
+        f"cannot create run directory {tmp_path / 'reports' / 'testnet' / 'x-1'}: Not a directory")
