@@ -312,6 +312,32 @@ def test_a_node_that_caught_up_counts_with_the_model_its_status_holds(tmp_path: 
     assert summary["final_min_accuracy"] == pytest.approx(0.87)
 
 
+def test_a_node_the_churn_took_down_for_good_leaves_the_final_numbers(tmp_path: Path) -> None:
+    """Its last row is from the round it died in: node3, crashed at round 1
+    of 25, made the run's 'worst' 0.173 while the three nodes up ended at
+    0.80-0.83. A node taken down and brought back counts (node1); the node
+    table still lists the dead one."""
+    names = ["node0", "node1", "node2", "node3"]
+    ids = {n: str(Identity.generate().peer_id) for n in names}
+    last = {"node0": 12, "node1": 12, "node2": 12, "node3": 2}
+    acc = {"node0": 0.8, "node1": 0.84, "node2": 0.82, "node3": 0.17}
+    rows = {n: [{"ts": T0 + r, "round": r, "accuracy": acc[n], "attack_rate": 0.5 if n == "node3" else 0.0,
+                 "bytes_in": 1, "bytes_out": 1} for r in range(last[n])] for n in names}
+    status = {n: {"peer_id": ids[n]} for n in names} | {"node3": None}
+    events = [{"round": 2, "action": "crash", "nodes": ["node3"], "ts": T0 + 2},
+              {"round": 3, "action": "stop", "nodes": ["node1"], "ts": T0 + 3},
+              {"round": 4, "action": "latency", "nodes": ["node0"], "ts": T0 + 4, "skipped": "no netem"},
+              {"round": 5, "action": "restart", "nodes": ["node1"], "ts": T0 + 5}]
+    scenario = parse_scenario(NO_ATTACKERS.replace("nodes = 11", "nodes = 4").replace("nodes = [0, 1, 2]", "nodes = [0]"))
+    summary = json.loads((write_report(tmp_path, rows, status, scenario, events, peer_ids=ids) / "summary.json")
+                         .read_text())
+    assert summary["final_mean_accuracy"] == pytest.approx((0.8 + 0.84 + 0.82) / 3)
+    assert summary["final_worst_metric"] == pytest.approx(0.8)
+    assert summary["final_metric_spread"] == pytest.approx(0.04)
+    assert summary["final_attack_rate"] == 0.0
+    assert summary["nodes"]["node3"]["accuracy"] == 0.17 and summary["nodes"]["node3"]["alive"] is False
+
+
 def test_cumulative_bytes_and_network_mean() -> None:
     rows = [{"ts": T0, "round": 0, "bytes_in": 100, "bytes_out": 200},
             {"ts": T0 + 2, "round": 1, "bytes_in": 300, "bytes_out": 600},

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from murmur.testnet.scenario import Action, Role, Scenario
+from murmur.testnet.scenario import DOWN_ACTIONS, Action, Role, Scenario
 from murmur.units import natural_sorted
 
 Row = Mapping[str, Any]
@@ -91,6 +91,11 @@ class RunData:
         return {n: r for n, r in self.rows.items() if self.roles.get(n, Role.HONEST) is Role.HONEST}
 
     @property
+    def down_at_end(self) -> set[str]:
+        """Nodes the churn took down (crash, stop) and did not bring back."""
+        return down_at_end(self.events)
+
+    @property
     def attackers(self) -> list[str]:
         return [n for n in self.rows if self.roles.get(n) is Role.ATTACKER]
 
@@ -106,6 +111,29 @@ class RunData:
     def epsilon_budget(self) -> float | None:
         privacy = self.scenario.privacy
         return privacy.epsilon if privacy.enabled else None
+
+
+#: Churn actions that bring named nodes (back) up.
+UP_ACTIONS = frozenset({Action.RESTART, Action.JOIN})
+
+
+def down_at_end(events: Sequence[Mapping[str, Any]]) -> set[str]:
+    """The nodes whose last applied churn event naming them took them down
+    (crash, stop), in the order the events were applied; skipped ones count for nothing."""
+    down: set[str] = set()
+    for ev in events:
+        if ev.get("skipped"):
+            continue
+        try:
+            action = Action(ev.get("action"))
+        except ValueError:
+            continue
+        names = [n for n in ev.get("nodes") or () if isinstance(n, str)]
+        if action in DOWN_ACTIONS:
+            down.update(names)
+        elif action in UP_ACTIONS:
+            down.difference_update(names)
+    return down
 
 
 def roles(scenario: Scenario, node_status: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Role]:
