@@ -35,6 +35,10 @@ def run(script: str, *args: str, venv: Path, cwd: Path) -> subprocess.CompletedP
                           timeout=SCRIPT_TIMEOUT_S, env={**os.environ, "MURMUR_VENV": str(venv)})
 
 
+def installs(log: Path) -> list[str]:
+    return [line for line in log.read_text(encoding="utf-8").splitlines() if "pip install" in line]
+
+
 def test_scripts_testnet_runs_where_it_is_called_with_the_callers_paths(tmp_path: Path) -> None:
     """It cd'd to the repository first: `scripts/testnet my.toml` from the
     directory holding my.toml said 'my.toml: cannot read'."""
@@ -45,3 +49,14 @@ def test_scripts_testnet_runs_where_it_is_called_with_the_callers_paths(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert f"{here}|testnet run my.toml --out out" in log.read_text(encoding="utf-8").splitlines()
 
+
+def test_setup_without_extras_keeps_an_install_with_extras(tmp_path: Path) -> None:
+    """scripts/testnet (no extras) after scripts/test (dev) reinstalled
+    murmur, and scripts/test after it again: 9 s in pip each time."""
+    venv, log = fake_venv(tmp_path, "dev")
+    assert run("setup", venv=venv, cwd=tmp_path).returncode == 0
+    assert not log.exists() or not installs(log)
+    assert run("setup", "dev", venv=venv, cwd=tmp_path).returncode == 0  # what it has
+    assert not log.exists() or not installs(log)
+    assert run("setup", "ray", venv=venv, cwd=tmp_path).returncode == 0  # extras it lacks: installed
+    assert any("install -q -e" in line and "[ray]" in line for line in installs(log))
