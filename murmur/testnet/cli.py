@@ -8,12 +8,14 @@ scenario or usage (also when every worker refused its config), 130
 interrupted (Ctrl-C), 143 terminated (SIGTERM). Errors are one ``murmur: ...``
 line on stderr.
 
-Ctrl-C and SIGTERM stop a run the same way (:func:`run_until_signalled`): the
-first cancels it, and the run stops every node gracefully and removes the
-emulated internet; a further one while that cleanup runs only says so. Without
-this a SIGTERM (``kill``, ``timeout``, a CI job cancelled) killed the controller
-outright, its nodes with it by SIGKILL and its network namespaces left behind,
-and a second Ctrl-C broke off the cleanup half-way.
+Ctrl-C and SIGTERM stop a run the same way (:func:`run_until_signalled`):
+once its rounds began, the first ends it as if it were done (every node
+stopped gracefully, the report of the rounds so far written, the emulated
+internet removed); during start-up it cancels the run, which stops what it
+started. A further signal while that goes on only says so. Without this a
+SIGTERM (``kill``, ``timeout``, a CI job cancelled) killed the controller
+outright, its nodes with it by SIGKILL and its network namespaces left
+behind, and a second Ctrl-C broke off the cleanup half-way.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import dataclasses
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +138,20 @@ class RunStopped(Exception):
         return 128 + self.signum  # what a shell reports for a process the signal ended
 
 
-async def run_until_signalled(run: Coroutine[Any, Any, RunResult]) -> RunResult:
-    """Await ``run``; the first SIGINT or SIGTERM cancels it (it cleans up in
-    its ``finally``) and turns into :class:`RunStopped`. Later signals leave
-    the cleanup alone: it is bounded (the supervisor's grace, then SIGKILL),
-    and cutting it short leaves namespaces behind. A signal this process was
-    started ignoring (a shell's background job ignores SIGINT) stays ignored."""
+def stopped_line(signum: int, run_dir: Path) -> str:
+    return f"{'interrupted' if signum == signal.SIGINT else 'terminated'}; every node stopped. Run dir: {run_dir}"
+
+
+async def run_until_signalled(run: Coroutine[Any, Any, RunResult],
+                              stop: Callable[[], bool]) -> tuple[RunResult, int | None]:
+    """Await ``run``, and the first stop signal (SIGINT, SIGTERM) it gets, if
+    any. That signal calls ``stop`` (the run then ends early, with its
+    report); where ``stop`` declines (False: still starting) it cancels the
+    run (which cleans up in its ``finally``) and turns into :class:`RunStopped`.
+    Later signals leave the ending alone: it is bounded (the supervisor's
+    grace, then SIGKILL), and cutting it short leaves namespaces behind. A
+    signal this process was started ignoring (a shell's background job
+    ignores SIGINT) stays ignored."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -149,7 +159,10 @@ async def run_until_signalled(run: Coroutine[Any, Any, RunResult]) -> RunResult:
 
     def on_signal(signum: int) -> None:
         if not received:
-            task.cancel()
+            if stop():
+                print("\nstopping every node, then the report of the rounds so far", file=sys.stderr)
+            else:
+                task.cancel()
         elif len(received) == 1:
             print("\nstill stopping every node; a moment", file=sys.stderr)
         received.append(signum)
@@ -159,7 +172,7 @@ async def run_until_signalled(run: Coroutine[Any, Any, RunResult]) -> RunResult:
     for sig in handled:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        return await run
+        return await run, (received[0] if received else None)
     except asyncio.CancelledError:
         if received:
             raise RunStopped(received[0]) from None
@@ -213,7 +226,7 @@ def run_testnet(ns: argparse.Namespace) -> int:
     import uvloop
 
     try:
-        result = uvloop.run(run_until_signalled(testnet.run()))
+        result, signum = uvloop.run(run_until_signalled(testnet.run(), testnet.stop))
     except InternetError as exc:  # building the emulated internet failed (everything it made is gone)
         print(f"murmur: emulated internet: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -224,8 +237,7 @@ def run_testnet(ns: argparse.Namespace) -> int:
         print(f"murmur: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except RunStopped as stopped:  # the run stopped every process on the way out; say what is left behind
-        print(f"\n{'interrupted' if stopped.signum == signal.SIGINT else 'terminated'}; every node stopped. "
-              f"Run dir: {testnet.run_dir}", file=sys.stderr)
+        print(f"\n{stopped_line(stopped.signum, testnet.run_dir)}", file=sys.stderr)
         return stopped.exit_code
     except KeyboardInterrupt:  # a Ctrl-C before the run began
         print(f"\ninterrupted; every node stopped. Run dir: {testnet.run_dir}", file=sys.stderr)
@@ -235,6 +247,9 @@ def run_testnet(ns: argparse.Namespace) -> int:
     if failure is not None:
         print(f"murmur: {failure.message} (worker {failure.proc}, log {failure.log})", file=sys.stderr)
         return EXIT_USAGE if failure.code == EXIT_USAGE else EXIT_FAILED
+    if signum is not None:  # stopped early (or as it ended): every node stopped, the report written
+        print(stopped_line(signum, testnet.run_dir), file=sys.stderr)
+        return RunStopped(signum).exit_code
     return EXIT_CODES[result.end]
 
 

@@ -276,6 +276,8 @@ class Testnet:
         self._by_peer: dict[str, int] = {}  # peer id -> node index
         self._moved = asyncio.Event()  # set (and replaced) when a round or status arrives: see _wake_loop
         self._exited: list[WorkerProc] = []  # processes that exited on their own, in the order seen
+        self._rounds_began = False  # the loop runs: stop() can end the run with a report
+        self._stop_asked = False  # stop() was called: the loop ends the run as INTERRUPTED
         self.failure: WorkerFailure | None = None
         self._worker_env: dict[str, str] | None = None
         self._ray: RayLauncher | None = None  # [cluster] backend = "ray": where the worker processes run
@@ -626,12 +628,26 @@ class Testnet:
         return RunResult(self.run_dir, report_dir, end, wall, self._front, self.events, summary, self.dashboard_url,
                          self.failure)
 
+    def stop(self) -> bool:
+        """Ask the run to end at its next decision as :attr:`RunEnd.INTERRUPTED`,
+        its nodes stopped and its report written (a Ctrl-C after many rounds
+        left no report of them). False before its rounds began (start-up):
+        there is nothing to report, so cancel the run instead."""
+        if not self._rounds_began:
+            return False
+        self._stop_asked = True
+        self._wake_loop()
+        return True
+
     async def _loop(self) -> RunEnd:
         """Decide, each time a round or a status poll comes in (and at least
         every poll interval): fire due churn events, print progress, end the run."""
         sc = self.scenario
         stall_s = self.options.stall_s or max(MIN_STALL_S, STALL_DEADLINES * sc.duration.round_deadline_s)
+        self._rounds_began = True
         while True:
+            if self._stop_asked:
+                return RunEnd.INTERRUPTED
             moved = self._moved  # taken before deciding: what arrives meanwhile wakes the wait below
             if self._nobody_started():
                 self._fail(self._exited[0])

@@ -106,7 +106,7 @@ def test_sigterm_stops_every_node_gracefully(tmp_path: Path) -> None:
     controller outright: exit -15, no word, its nodes SIGKILLed by their
     parent-death signal before any could stop (no last checkpoint), and on
     an emulated internet its namespaces left behind. It now stops the run as
-    Ctrl-C does."""
+    Ctrl-C does, and the rounds that ran are reported."""
     out = tmp_path / "run"
     proc = subprocess.Popen([*MURMUR, "testnet", "run", str(scenario(tmp_path, 3, rounds=1000)), "--out", str(out),
                              "--no-dashboard"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,6 +121,7 @@ def test_sigterm_stops_every_node_gracefully(tmp_path: Path) -> None:
         assert proc.wait(STOP_EXIT_S) == 128 + signal.SIGTERM
         assert proc.stderr is not None
         assert f"terminated; every node stopped. Run dir: {out}" in proc.stderr.read()
+        assert proc.stdout.read().startswith("run interrupted in ")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -129,3 +130,7 @@ def test_sigterm_stops_every_node_gracefully(tmp_path: Path) -> None:
     stops = [json.loads(line) for line in (out / "logs" / "nodes-0-1-2.log").read_text().splitlines()
              if '"event": "stopped"' in line]
     assert len(stops) == 3, "a node was killed instead of stopped"
+    # the rounds it ran are reported
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    last = max(read_metrics(out / "nodes" / f"node{i}")[-1]["round"] for i in range(3))
+    assert summary["rounds"] == last + 1 > 1

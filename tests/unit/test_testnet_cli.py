@@ -63,6 +63,9 @@ class _StopsSlowly:
         self.run_dir = options.out
         return self
 
+    def stop(self) -> bool:
+        return False  # still starting: nothing to report, the run is cancelled
+
     async def run(self):
         try:
             os.kill(os.getpid(), self.first)
@@ -111,6 +114,60 @@ def test_a_stop_signal_stops_the_run_and_a_second_does_not_cut_its_cleanup_short
     assert "still stopping every node" in err
 
 
+class _EndsWithAReport:
+    """Stands in for a Testnet whose rounds began: the first signal asks it
+    to stop (its loop then ends the run, stops the nodes and writes the
+    report); a second one arrives while it does so."""
+
+    def __init__(self, first: int, second: int) -> None:
+        self.first, self.second = first, second
+        self.asked = asyncio.Event()
+
+    def __call__(self, scenario, options):
+        self.run_dir = options.out
+        return self
+
+    def stop(self) -> bool:
+        self.asked.set()
+        return True
+
+    async def run(self) -> RunResult:
+        os.kill(os.getpid(), self.first)
+        await asyncio.wait_for(self.asked.wait(), _StopsSlowly.RUN_S)
+        os.kill(os.getpid(), self.second)
+        for _ in range(_StopsSlowly.CLEANUP_STEPS):
+            await asyncio.sleep(0.01)  # the nodes' stop and the report: work, not a synchronisation
+        report = self.run_dir / "report"
+        report.mkdir()
+        return RunResult(self.run_dir, report, RunEnd.INTERRUPTED, 1.0, 5, [], None, None)
+
+
+@pytest.mark.parametrize(("first", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
+                                                      (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_after_the_rounds_began_ends_the_run_with_its_report(tmp_path, monkeypatch, capsys, first, code, word):
+    """A Ctrl-C after many rounds left no report of them, only the run dir."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('nodes = 3\n[topology]\ndegree = 2\n[duration]\nrounds = 3\n', encoding="utf-8")
+    monkeypatch.setattr(testnet_cli, "Testnet", _EndsWithAReport(first, signal.SIGINT))
+    monkeypatch.setattr(testnet_cli, "load_runnable_scenario", load_scenario)
+    caught: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    try:
+        parser = argparse.ArgumentParser()
+        testnet_cli.add_run_arguments(parser)
+        ns = parser.parse_args([str(scenario), "--out", str(tmp_path / "run"), "--no-dashboard"])
+        assert testnet_cli.run_testnet(ns) == code
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not caught
+    out, err = capsys.readouterr()
+    assert "run interrupted in 1.0 s; network round 5" in out
+    assert f"report: {tmp_path / 'run' / 'report' / 'index.html'}" in out
+    assert "stopping every node, then the report of the rounds so far" in err
+    assert "still stopping every node" in err
+    assert f"{word}; every node stopped. Run dir: {tmp_path / 'run'}" in err
+
+
 class _WritesItsRunDir:
     """Stands in for Testnet: writes into its run dir as a real run does first (its configs)."""
 
@@ -120,6 +177,9 @@ class _WritesItsRunDir:
     def __call__(self, scenario, options):
         self.run_dir = options.out
         return self
+
+    def stop(self) -> bool:
+        return False
 
     async def run(self) -> RunResult:
         assert not any(self.run_dir.iterdir()), "a run dir with another run's files in it"
