@@ -230,10 +230,10 @@ def run_testnet(ns: argparse.Namespace) -> int:
     except InternetError as exc:  # building the emulated internet failed (everything it made is gone)
         print(f"murmur: emulated internet: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except ConfigError as exc:  # a cluster that cannot be joined or cannot hold the run
+    except ConfigError as exc:  # a cluster that cannot be joined or cannot hold the run, the dashboard's port taken
         print(f"murmur: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:  # the dashboard's port taken, the run dir's disk full: every node is stopped
+    except OSError as exc:  # the run dir's disk full: every node is stopped
         print(f"murmur: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except RunStopped as stopped:  # the run stopped every process on the way out; say what is left behind

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import aiohttp
 
-from murmur.errors import StateError
+from murmur.errors import ConfigError, StateError
 from murmur.node.state import METRICS_FILE, StateDir
 from murmur.protocol.identity import KEY_FILE_NAME
 from murmur.testnet import internet
@@ -563,20 +563,24 @@ class Testnet:
     # -- run -------------------------------------------------------------------------
 
     async def run(self) -> RunResult:
-        if not self.procs:
-            self.prepare()
+        # the dashboard first: a port already taken stops the run before it writes
+        # a thing (it wrote configs and identities, and the same command with
+        # another port was then refused: 'run directory ... is not empty')
+        server = await self._serve_dashboard() if self.options.dashboard else None
+        try:
+            if not self.procs:
+                self.prepare()
+        except BaseException:
+            if server is not None:
+                await server.stop()
+            raise
         end = RunEnd.INTERRUPTED
         final: dict[str, dict[str, Any] | None] = {}
-        server: DashboardServer | None = None
         fork_server = (ForkServer(WORKER_MODULE, env=self._env(), log_path=self.run_dir / "logs" / "forkserver.log",
                                   tag=str(self.run_dir)) if self.options.fork_server and self._ray is None else None)
         self._supervisor = Supervisor(self.run_dir / "logs", fork_server=self._ray or fork_server)
         launched = time.monotonic()
         try:
-            if self.options.dashboard:
-                server = DashboardServer(self.dashboard, self.options.dashboard_port)
-                self.dashboard_url = await server.start()
-                self._say(f"dashboard: {self.dashboard_url}")
             self._say(f"run dir: {self.run_dir}  ({len(self.nodes)} nodes in {len(self.procs)} processes)")
             if self.plan is not None:
                 self._internet = internet.Internet(self.plan)
@@ -627,6 +631,18 @@ class Testnet:
             report_dir, summary = await asyncio.to_thread(self.write_report, final)
         return RunResult(self.run_dir, report_dir, end, wall, self._front, self.events, summary, self.dashboard_url,
                          self.failure)
+
+    async def _serve_dashboard(self) -> DashboardServer:
+        server = DashboardServer(self.dashboard, self.options.dashboard_port)
+        try:
+            self.dashboard_url = await server.start()
+        except OSError as exc:
+            await server.stop()
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(f"dashboard port {self.options.dashboard_port} on 127.0.0.1: {why}; pick another "
+                              "with --dashboard-port (0: any free one)") from None
+        self._say(f"dashboard: {self.dashboard_url}")
+        return server
 
     def stop(self) -> bool:
         """Ask the run to end at its next decision as :attr:`RunEnd.INTERRUPTED`,

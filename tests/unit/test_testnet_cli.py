@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,25 @@ def test_a_run_dir_that_cannot_be_made_is_one_line(tmp_path):
     (tmp_path / "reports").write_text("a file where the runs' folder goes")
     assert testnet_cli.new_run_dir(tmp_path / "reports" / "testnet", "x", "1") == (
         f"cannot create run directory {tmp_path / 'reports' / 'testnet' / 'x-1'}: Not a directory")
+
+
+def test_a_taken_dashboard_port_is_one_line_and_leaves_the_run_dir_empty(tmp_path, monkeypatch, capsys):
+    """It wrote the run's configs and identities first, then failed with
+    asyncio's '[Errno 98] error while attempting to bind on address ...'
+    (exit 1); the same command with another port was refused: 'run
+    directory ... is not empty'."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('nodes = 3\n[topology]\ndegree = 2\n[duration]\nrounds = 3\n', encoding="utf-8")
+    monkeypatch.setattr(testnet_cli, "load_runnable_scenario", load_scenario)
+    out = tmp_path / "run"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        parser = argparse.ArgumentParser()
+        testnet_cli.add_run_arguments(parser)
+        assert testnet_cli.run_testnet(parser.parse_args([str(scenario), "--out", str(out),
+                                                          "--dashboard-port", str(port)])) == 2
+    assert capsys.readouterr().err == (f"murmur: dashboard port {port} on 127.0.0.1: Address already in use; pick "
+                                       "another with --dashboard-port (0: any free one)\n")
+    assert not any(out.iterdir())  # the same command with a free port may run there
