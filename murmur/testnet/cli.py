@@ -5,10 +5,10 @@ subparser parsed (options declared once, in :mod:`murmur.testnet.options`);
 also runnable as ``python -m murmur.testnet.cli ...``. Exit codes: 0 the run
 completed (or ran its time), 1 training stalled or no node could start, 2 bad
 scenario or usage (also when every worker refused its config), 130
-interrupted (Ctrl-C), 143 terminated (SIGTERM). Errors are one ``murmur: ...``
-line on stderr.
+interrupted (Ctrl-C), 143 terminated (SIGTERM), 129 hung up (SIGHUP). Errors
+are one ``murmur: ...`` line on stderr.
 
-Ctrl-C and SIGTERM stop a run the same way (:func:`run_until_signalled`):
+Ctrl-C, SIGTERM and SIGHUP stop a run the same way (:func:`run_until_signalled`):
 once its rounds began, the first ends it as if it were done (every node
 stopped gracefully, the report of the rounds so far written, the emulated
 internet removed); during start-up it cancels the run, which stops what it
@@ -43,7 +43,9 @@ EXIT_STALLED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_FAILED = 1
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Ctrl-C, kill/timeout/CI cancel, the terminal closed: each ends the run as Ctrl-C does (a
+#: SIGHUP killed it outright, leaving its 6 namespaces; nohup's ignored one stays ignored).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 RAY_INSTALL = "pip install 'murmur[ray]'"
 EXIT_CODES = {RunEnd.COMPLETED: EXIT_OK, RunEnd.TIME_UP: EXIT_OK, RunEnd.STALLED: EXIT_STALLED,
               RunEnd.INTERRUPTED: EXIT_INTERRUPTED, RunEnd.FAILED: EXIT_FAILED}
@@ -139,13 +141,14 @@ class RunStopped(Exception):
 
 
 def stopped_line(signum: int, run_dir: Path) -> str:
-    return f"{'interrupted' if signum == signal.SIGINT else 'terminated'}; every node stopped. Run dir: {run_dir}"
+    how = {signal.SIGINT: "interrupted", signal.SIGHUP: "hung up"}.get(signal.Signals(signum), "terminated")
+    return f"{how}; every node stopped. Run dir: {run_dir}"
 
 
 async def run_until_signalled(run: Coroutine[Any, Any, RunResult],
                               stop: Callable[[], bool]) -> tuple[RunResult, int | None]:
-    """Await ``run``, and the first stop signal (SIGINT, SIGTERM) it gets, if
-    any. That signal calls ``stop`` (the run then ends early, with its
+    """Await ``run``, and the first stop signal (:data:`STOP_SIGNALS`) it
+    gets, if any. That signal calls ``stop`` (the run then ends early, with its
     report); where ``stop`` declines (False: still starting) it cancels the
     run (which cleans up in its ``finally``) and turns into :class:`RunStopped`.
     Later signals leave the ending alone: it is bounded (the supervisor's
