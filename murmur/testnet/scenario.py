@@ -700,8 +700,34 @@ def _cross_checks(sc: Scenario) -> Iterable[tuple[tuple[str | int, ...], str]]:
                 if i in joined:
                     yield ("churn", e, "nodes"), f"node {i} joins twice"
             joined.update(ev.nodes)
+    yield from _round_counter_checks(sc)
     if sc.network is not None:
         yield from _network_checks(sc, sc.network)
+
+
+def _round_counter_checks(sc: Scenario) -> Iterable[tuple[tuple[str | int, ...], str]]:
+    """An ``at_round`` event counts the rounds of the live honest nodes (of
+    one, with ``round_of = "nodeK"``); events fire in file order. Where the
+    events before it leave no such node up (every honest node joins late, or
+    all were crashed), it can never fire, nor can any event after it: the run
+    sat for the stall bound (60 s) and ended 'stalled' (exit 1)."""
+    late = {i for ev in sc.churn if ev.action is Action.JOIN for i in ev.nodes}
+    up = {i for i in range(sc.nodes) if i not in late}
+    for e, ev in enumerate(sc.churn):
+        if ev.at_round is not None:
+            named = ev.reference.node
+            if named is not None and named not in up:
+                yield ("churn", e, "round_of"), (f"node{named} is not up when this event is due (the events "
+                                                 "before it leave it down or not yet joined): it would never fire")
+            elif named is None and not up:
+                yield ("churn", e, "at_round"), ("no honest node is up to count rounds when this event is due "
+                                                 "(the events before it leave every one down or not yet joined): "
+                                                 "it would never fire; give it at_s instead")
+        honest = {i for i in ev.nodes if 0 <= i < sc.nodes}
+        if ev.action in DOWN_ACTIONS:
+            up -= honest
+        elif ev.action in (Action.RESTART, Action.JOIN):
+            up |= honest
 
 
 def _network_checks(sc: Scenario, net: NetworkSpec) -> Iterable[tuple[tuple[str | int, ...], str]]:

@@ -213,6 +213,48 @@ def test_errors_name_line_and_field(tmp_path: Path, snippet: str, needle: str, m
     assert str(info.value) == f"{path}:{line}: {message}"
 
 
+NO_COUNTER = ("no honest node is up to count rounds when this event is due (the events before it leave every one "
+              "down or not yet joined): it would never fire; give it at_s instead")
+
+
+@pytest.mark.parametrize(
+    ("churn", "needle", "message"),
+    [
+        ('[[churn]]\nat_round = 2\naction = "join"\nnodes = [0, 1, 2, 3]\n', "at_round = 2",
+         f"churn[0].at_round: {NO_COUNTER}"),
+        ('[[churn]]\nat_round = 3\naction = "crash"\nnodes = [0, 1, 2, 3]\n'
+         '[[churn]]\nat_round = 6\naction = "restart"\nnodes = [0, 1, 2, 3]\n', "at_round = 6",
+         f"churn[1].at_round: {NO_COUNTER}"),
+        ('[[churn]]\nat_round = 3\naction = "stop"\nnodes = [0]\n'
+         '[[churn]]\nat_round = 6\nround_of = "node0"\naction = "heal"\n', "round_of",
+         "churn[1].round_of: node0 is not up when this event is due (the events before it leave it down or not yet "
+         "joined): it would never fire"),
+    ],
+)
+def test_an_event_no_live_honest_node_can_count_rounds_for_is_refused(
+        tmp_path: Path, churn: str, needle: str, message: str) -> None:
+    """Such an event never fired, nor any after it: the run sat out the
+    stall bound (60 s) and ended 'stalled' (exit 1)."""
+    path = _write(tmp_path, BASE + "\n" + churn)
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if needle in text)
+    assert str(info.value) == f"{path}:{line}: {message}"
+
+
+@pytest.mark.parametrize("churn", [
+    '[[churn]]\nat_round = 3\naction = "crash"\nnodes = [0, 1, 2]\n'  # node3 counts on
+    '[[churn]]\nat_round = 6\naction = "restart"\nnodes = [0, 1, 2]\n',
+    '[[churn]]\nat_s = 1.0\naction = "join"\nnodes = [0, 1, 2, 3]\n'  # time needs no counter
+    '[[churn]]\nat_round = 6\naction = "heal"\n',
+    '[[churn]]\nat_round = 3\naction = "crash"\nnodes = [0, 1, 2, 3]\n'
+    '[[churn]]\nat_s = 9.0\naction = "restart"\nnodes = [0, 1, 2, 3]\n'
+    '[[churn]]\nat_round = 12\nround_of = "node2"\naction = "heal"\n',
+])
+def test_events_some_live_honest_node_counts_rounds_for_are_accepted(tmp_path: Path, churn: str) -> None:
+    load_scenario(_write(tmp_path, BASE + "\n" + churn))
+
+
 @pytest.mark.parametrize(
     ("top", "message"),
     [
