@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -284,6 +285,9 @@ class Testnet:
         self.hosts: dict[str, str] = {}  # node name -> its host's address (cluster runs)
         self.plan: internet.Plan | None = None  # the emulated internet's layout, with [network]
         self._internet: internet.Internet | None = None
+        # the control sockets' folder in /tmp when the run dir's path is too long for
+        # them: removed when the run ends (every run left one, 101 of them in /tmp here)
+        self._ctl_tmp: Path | None = None
         self._host_http: dict[str, aiohttp.ClientSession] = {}  # namespace -> a client whose sockets start there
         self._actions: dict[Action, Callable[[ChurnEvent], Coroutine[Any, Any, str | None]]] = {
             Action.CRASH: self._crash, Action.STOP: self._stop, Action.RESTART: self._start_nodes,
@@ -307,7 +311,7 @@ class Testnet:
         paths = {spec.index: self.run_dir / "configs" / f"{spec.name}.toml" for spec in specs}
         ctl_dir = self.run_dir / "ctl"
         if len(str(ctl_dir)) + 40 > MAX_UNIX_PATH:  # + "/<name[:24]>.<gen>.sock"
-            ctl_dir = Path(tempfile.mkdtemp(prefix="murmur-ctl-"))
+            ctl_dir = self._ctl_tmp = Path(tempfile.mkdtemp(prefix="murmur-ctl-"))
         ctl_dir.mkdir(exist_ok=True)
         groups: dict[str, list[int]] = {}
         for group in process_groups(sc, self.options.nodes_per_process):
@@ -621,6 +625,8 @@ class Testnet:
             await asyncio.shield(asyncio.to_thread(self._supervisor.close))
             if self._ray is not None:  # the nodes' metrics and the logs come home; the cluster is left clean
                 await asyncio.shield(self._ray.finish(self._node_files()))
+            if self._ctl_tmp is not None:  # no process serves a socket there any more
+                shutil.rmtree(self._ctl_tmp, ignore_errors=True)
             if self._internet is not None:  # after the workers: nothing runs inside any more
                 await asyncio.shield(asyncio.to_thread(self._internet.close))
             if server is not None:

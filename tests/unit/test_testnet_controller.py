@@ -6,6 +6,8 @@ import asyncio
 import threading
 from pathlib import Path
 
+import pytest
+
 from murmur.testnet import internet
 from murmur.testnet import controller
 from murmur.testnet.scenario import parse_scenario
@@ -65,3 +67,25 @@ def test_a_run_cancelled_while_building_its_internet_tears_it_down_after_the_bui
 
     asyncio.run(cancel_mid_build())
     assert _SlowInternet.log == ["built", "closed"]
+
+
+class _BrokenInternet(_SlowInternet):
+    def start(self) -> None:
+        raise internet.InternetError("ip netns add: exit 1: Operation not permitted")
+
+
+def test_the_control_sockets_folder_made_for_a_long_run_dir_is_removed_at_the_end(
+        tmp_path: Path, monkeypatch) -> None:
+    """A run dir whose path leaves no room for a socket name puts the control
+    sockets in a folder of /tmp: every such run left its folder there (101
+    murmur-ctl-* in /tmp after a day of test runs, pytest's paths being long)."""
+    monkeypatch.setattr(internet, "Internet", _BrokenInternet)
+    out = tmp_path / ("long-" * 12) / "run"
+    testnet = controller.Testnet(parse_scenario(NAT_SCENARIO), controller.RunOptions(out=out, dashboard=False,
+                                                                                      progress=None))
+    testnet.prepare()
+    (ctl_dir,) = {proc.ctl_dir for proc in testnet.procs.values()}
+    assert ctl_dir.is_dir() and not ctl_dir.is_relative_to(out)
+    with pytest.raises(internet.InternetError):
+        asyncio.run(testnet.run())
+    assert not ctl_dir.exists()
