@@ -686,7 +686,8 @@ class Testnet:
             self._progress()
             if sc.duration.seconds is not None and elapsed >= sc.duration.seconds:
                 return RunEnd.TIME_UP
-            if sc.duration.last_round is not None and self._all_done(sc.duration.last_round):
+            # bounded by seconds too: nodes whose privacy budget ran out stop (see the learner)
+            if self._all_done(sc.duration.last_round):
                 return RunEnd.COMPLETED
             if time.monotonic() - self._front_at > stall_s:
                 self._say(f"\nno round completed for {stall_s:.0f} s: stopping (see {self.run_dir / 'logs'})")
@@ -728,14 +729,18 @@ class Testnet:
     def _all_answered(self) -> bool:
         return all(h.last_seen is not None or h.round is not None for h in self._expected_up())
 
-    def _all_done(self, rounds: int) -> bool:
+    def _all_done(self, rounds: int | None) -> bool:
+        """Every live honest node says it is done, past ``rounds`` if given
+        (None: a run bounded by seconds, where only a spent budget ends them)."""
         honest = [h for h in self._expected_up() if h.spec.role is Role.HONEST]
         if self.schedule.pending or not honest:
             return False
         # "done", not only round >= rounds: a node's round moves when it takes the last aggregate,
         # and stopping it then (while it evaluates) loses the last round's row from the report
-        return all(h.status is not None and _round(h.status) is not None and _round(h.status) >= rounds  # type: ignore[operator]
-                   and (h.status.get("learning") or {}).get("done", True) for h in honest)
+        return all(h.status is not None and _round(h.status) is not None and (
+            (h.status.get("learning") or {}).get("finished", False) if rounds is None
+            else _round(h.status) >= rounds and (h.status.get("learning") or {}).get("done", True))  # type: ignore[operator]
+            for h in honest)
 
     # -- polling ---------------------------------------------------------------------
 

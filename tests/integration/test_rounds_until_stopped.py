@@ -17,6 +17,7 @@ import pytest
 
 from murmur.errors import ConfigError
 from murmur.node.daemon import Node
+from murmur.node.learner import SPENT_MIXING_ROUNDS
 from tests.integration.cluster import node_config, wait_until
 
 PAST = 6  # more rounds than any count the loop could have stopped at by mistake (0, or mixing_rounds)
@@ -70,6 +71,23 @@ async def test_rounds_zero_with_privacy_stops_when_the_budget_is_spent(tmp_path:
             stage = node.learner.privacy.stage
             assert stage.counters.rounds_sent == BUDGET_ROUNDS
             assert stage.epsilon_spent() <= 1.0 + 1e-9
+            assert node.learner._finished  # told its neighbours not to wait for it
+
+
+async def test_a_budget_spent_long_before_the_last_round_mixes_a_bounded_stretch_then_stops(tmp_path: Path) -> None:
+    """With privacy.rounds far below learning.rounds (as a testnet bounded by
+    seconds has it) a spent node used to mix to the last round: hundreds of
+    rounds where nothing honest trains back what Sybils push. It now mixes
+    SPENT_MIXING_ROUNDS, then stops and says so."""
+    rounds = BUDGET_ROUNDS + SPENT_MIXING_ROUNDS + PAST
+    async with _private_pair(tmp_path, learning_rounds=rounds) as nodes:
+        await wait_until(lambda: all(n.status()["learning"]["finished"] for n in nodes), RUN_TIMEOUT_S,
+                         "every node finished")
+        for node in nodes:
+            assert node.status()["learning"]["state"] == "budget_spent"
+            assert node.learner.privacy.stage.counters.rounds_sent == BUDGET_ROUNDS
+            rows = node.state.read_metrics()
+            assert [r["round"] for r in rows] == list(range(BUDGET_ROUNDS + SPENT_MIXING_ROUNDS))
             assert node.learner._finished  # told its neighbours not to wait for it
 
 
