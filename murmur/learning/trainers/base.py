@@ -39,6 +39,7 @@ from murmur.learning.options import check_device
 from murmur.learning.options import parse_options as _parse_options
 from murmur.learning.privacy import dpsgd
 from murmur.learning.probe import ProbeResult
+from murmur.learning.trainers.fit import check_fit
 
 #: Stream tag for the per-node shuffling seed (kept apart from other uses of
 #: the network seed, e.g. the partition's).
@@ -383,6 +384,10 @@ class TorchTrainer(Trainer):
         self._x_test_np, self._y_test_np = self._test_subset(dataset)
         self._x_test = self._to_device(self._x_test_np)
         self._y_test = self._to_device(self._y_test_np)
+        # A model that cannot take its data fails here, naming itself, not in round 1 (trainers/fit.py).
+        fit_x, fit_y = (self._x_train, self._y_train) if len(y_train) else (self._x_test, self._y_test)
+        check_fit(f"trainer {type(self).__name__}", self.model, dataset, fit_x, fit_y,
+                  lambda logits, x, y: self.probe_loss(logits, Batch(x, y)))
         self._batches: _BatchSampler | _PoissonSampler = (
             _PoissonSampler(len(y_train), self.options.batch_size, _batch_generator(ctx)) if self.options.dp_clip > 0
             else _BatchSampler(len(y_train), self.options.batch_size, _shuffle_seed(ctx.seed, ctx.node_index)))
