@@ -331,6 +331,20 @@ class Node:
             log.warning("peer runs a different model; not learning with it",
                         extra={"event": "incompatible_peer", "peer": str(peer), "reason": reason})
 
+    def accept_learning(self, peer: PeerId) -> None:
+        """``peer`` now runs our model (restarted with its config fixed): a
+        learning candidate again, and no longer reported as incompatible."""
+        self._incompatible.pop(peer, None)
+
+    def _incompatible_status(self) -> dict[str, Any] | None:
+        """How many peers this node does not learn with, and the latest one's
+        reason (another model, or no murmur protocol): what tells a user
+        whose node trains alone why, in ``murmur status``. Null when none."""
+        if not self._incompatible:
+            return None
+        peer, reason = next(reversed(self._incompatible.items()))
+        return {"peers": len(self._incompatible), "peer": str(peer), "reason": reason}
+
     def _not_learning(self, peer: PeerId, reason: str) -> bool:
         """Keep ``peer`` out of learning and the sampler; False if it already was."""
         if peer in self._incompatible:
@@ -826,6 +840,7 @@ class Node:
             "health": self.health(),
             "learning": self._learning_status(),
             "learning_off": self.learning_off,
+            "incompatible": self._incompatible_status(),
             "relay": self._relay_status(),
             "relay_client": self.autorelay.status(),
             "autonat": self.autonat.status() | (

@@ -347,6 +347,7 @@ class NodeLearner:
             front.refuse_learning(session.peer, f"theirs: {msg.model}; ours: {self.fingerprint.describe()}")
             return
         session.learner_info = msg
+        front.accept_learning(session.peer)
         self.engine.note_next_round(str(session.peer), msg.next_round)
         self._arrived.set()  # may complete the open round's quorum
 

@@ -71,6 +71,27 @@ def _reachability(reach: Mapping[str, Any]) -> str:
     return text + (f"; peers see it at {', '.join(str(a) for a in observed)}" if observed else "")
 
 
+def _incompatible(status: Mapping[str, Any]) -> str | None:
+    """Peers this node will not learn with, and the latest one's reason."""
+    incompatible = status.get("incompatible") or {}
+    if not incompatible.get("peers"):
+        return None
+    peer = str(incompatible.get("peer", "–"))[:SHORT_PEER] + "…"
+    return f"{incompatible['peers']} peers not learned with; latest {peer}: {incompatible.get('reason', '–')}"
+
+
+def _alone(status: Mapping[str, Any], learning: Mapping[str, Any]) -> str | None:
+    """Why a node that has run rounds has no learning neighbour, if it has none:
+    without a neighbour it trains on its own data only, and looks busy."""
+    if status.get("neighbours") or not learning.get("round") or learning.get("done"):
+        return None
+    if (status.get("incompatible") or {}).get("peers"):
+        return "no learning neighbour: the peers it met run another model (see incompatible, and the log)"
+    if not status.get("connections"):
+        return "no learning neighbour: no peer connected (network.bootstrap; can peers reach this node?)"
+    return f"no learning neighbour among {fmt_number(status.get('connections'))} connected peers yet"
+
+
 def render_status(status: Mapping[str, Any]) -> str:
     health = status.get("health") or {}
     failed = health.get("failed_tasks") or []
@@ -89,6 +110,9 @@ def render_status(status: Mapping[str, Any]) -> str:
     faults = status.get("faults") or {}
     if faults:
         lines.append(_line("peer faults", ", ".join(f"{k} {v}" for k, v in sorted(faults.items()))))
+    incompatible = _incompatible(status)
+    if incompatible is not None:
+        lines.append(_line("incompatible", incompatible))
     learning = status.get("learning")
     if not learning:
         lines.append(_line("learning", f"off ({status.get('learning_off') or 'no learner'})"))
@@ -107,6 +131,9 @@ def render_status(status: Mapping[str, Any]) -> str:
             lines.append(_line(label, text))
     if learning.get("stalled"):
         lines.append(_line("STALLED", str(learning.get("stall_reason") or "")))
+    alone = _alone(status, learning)
+    if alone is not None:
+        lines.append(_line("ALONE", alone))
     held = int(learning.get("rounds_held_back") or 0)
     if held >= HELD_BACK_STREAK:
         lines.append(_line("HELD BACK", f"{held} rounds behind neighbours it never gave weight, which it does "

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from murmur.node.learner import CATCH_UP_GAP, NodeLearner
+from murmur.node.render import render_status
 from murmur.node.stalls import HELD_BACK_STREAK
 from tests.integration.cluster import Cluster
 
@@ -61,6 +62,32 @@ async def test_nodes_with_different_models_refuse_each_other_once(
             assert node.status()["faults"] == {}
         opened = [r for r in caplog.records if getattr(r, "event", None) == "connected"]
         assert len(opened) <= 4, f"{len(opened)} connections: a reconnect loop"  # one each way at most
+
+
+async def test_status_says_why_a_node_trains_alone_until_its_peer_runs_its_model(tmp_path: Path) -> None:
+    """A user whose two nodes run different models saw only health ok and
+    "0 learning neighbours" in ``murmur status`` (the reason was one log line):
+    status now counts the peers it does not learn with and names the latest
+    one's reason, and says the node is alone. Once that peer restarts with
+    the same model they link, and the stale reason is gone."""
+    async with Cluster(1, tmp_path, learning(size=21)) as cluster:
+        first = cluster.node(0)
+        other = await cluster.add_node(bootstrap=True, learning__trainer_options={"size": 31})
+        await cluster.wait_until(lambda: first.status()["incompatible"] is not None and first.learner.round >= 2,
+                                 10.0, "a refusal and two rounds")
+        incompatible = first.status()["incompatible"]
+        assert incompatible["peers"] == 1 and incompatible["peer"] == str(other.peer_id)
+        assert "theirs: trainer tests.trainers:VectorTrainer, 31 parameters" in incompatible["reason"]
+        shown = render_status(first.status())
+        assert "incompatible 1 peers not learned with; latest " in " ".join(shown.split())
+        assert "ALONE        no learning neighbour: the peers it met run another model" in shown
+
+        fixed = len(cluster.members) - 1
+        await cluster.stop(fixed)
+        restarted = await cluster.restart(fixed)  # the cluster's own options: size 21, as the first node
+        await cluster.wait_until(lambda: restarted.peer_id in cluster.neighbours(first), 10.0, "the link")
+        assert first.status()["incompatible"] is None
+        assert "ALONE" not in render_status(first.status())
 
 
 async def test_a_node_whose_rounds_cannot_keep_up_says_it_is_stalled(tmp_path: Path) -> None:
