@@ -189,3 +189,30 @@ def test_create_trainer_checks_a_real_trainer_and_keeps_its_attributes():
     flat = trainer.get_flat()
     assert flat.shape == (trainer.num_params(),) and flat.dtype == torch.float32
     assert 0.0 <= trainer.evaluate().accuracy <= 1.0
+
+
+def test_the_model_fingerprint_tells_models_of_equal_size_apart():
+    """Peers compare a fingerprint of the model's shapes before learning
+    together. Behind the contract checks the trainer's shapes were lost (one
+    flat vector), so two different models of equal size exchanged deltas."""
+    from murmur.learning.fingerprint import ModelFingerprint
+
+    class Split(Toy):
+        def param_shapes(self):
+            return ((1,), (2,))
+
+    prints = [ModelFingerprint("mine:Model", checked(t).param_shapes(), "fp32") for t in (Toy(), Split())]
+    assert prints[0].shapes == ((3,),) and prints[1].shapes == ((1,), (2,))
+    assert prints[0].digest != prints[1].digest
+    digits = create_trainer("digits-mlp", TrainerContext(0, 1, 0, device="cpu"))
+    assert digits.param_shapes() == digits.inner.param_shapes() and len(digits.param_shapes()) > 1
+
+
+def test_shapes_that_do_not_add_up_to_the_parameters_are_a_trainer_error():
+    class Wrong(Toy):
+        def param_shapes(self):
+            return ((2,),)
+
+    with pytest.raises(TrainerError, match=r"Wrong.param_shapes\(\) returned shapes of 2 values, expected "
+                                           r"num_params\(\) = 3"):
+        checked(Wrong()).param_shapes()

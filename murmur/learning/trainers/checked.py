@@ -16,6 +16,7 @@ parameter count is asked of the trainer once and then remembered.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -87,6 +88,22 @@ class CheckedTrainer(Trainer):
             raise self._fail("num_params", f"returned {n}, expected a positive int")
         self._num_params = int(n)
         return self._num_params
+
+    def param_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The inner trainer's shapes: the model fingerprint peers compare is
+        built from them (without this the wrapper answered Trainer's default,
+        one flat vector, and two models of equal size but different layers
+        learned together)."""
+        shapes = self._inner.param_shapes()
+        if not isinstance(shapes, tuple) or not all(
+            isinstance(shape, tuple) and all(_is_count(dim) for dim in shape) for shape in shapes
+        ):
+            raise self._fail("param_shapes", f"returned {shapes!r}, expected a tuple of shapes (tuples of ints)")
+        total = sum(math.prod(shape) for shape in shapes)
+        if total != self.num_params():
+            raise self._fail("param_shapes", f"returned shapes of {total} values, expected num_params() = "
+                                             f"{self.num_params()}")
+        return shapes
 
     def get_flat(self) -> torch.Tensor:
         flat = self._inner.get_flat()
