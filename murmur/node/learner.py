@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from murmur.errors import ConfigError, DecodeError, LimitExceeded, OptionError, PeerFault, StateError
+from murmur.errors import ConfigError, DecodeError, LimitExceeded, OptionError, PeerFault, StateError, TrainerError
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdict, SybilWallAggregator
 from murmur.learning.compression import Compressor
@@ -311,7 +311,14 @@ class NodeLearner:
         self._stopped = True
         self.node.tasks.cancel("rounds")
         await self.outbox.close()
-        await self._checkpoint()
+        try:
+            await self._checkpoint()
+        except TrainerError as exc:
+            # The trainer broke its contract (what usually stopped the node): its
+            # model is not written over the last good checkpoint, and the error,
+            # already reported once with its traceback, is not told again as one.
+            log.warning("no checkpoint at stop: the trainer broke its contract; the last checkpoint is kept",
+                        extra={"event": "checkpoint_skipped", "error": str(exc)})
 
     async def _expire(self) -> None:
         for assembler in self._assemblers.values():

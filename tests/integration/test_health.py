@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -44,6 +45,17 @@ class BadTrainer(DigitsMLPTrainer):
     def train(self, steps=None):
         stats = super().train(steps)
         return {"loss": stats.loss, "steps": stats.steps}
+
+
+class GrowingTrainer(DigitsMLPTrainer):
+    """Trains, then its parameters change size: get_flat() no longer fits num_params()."""
+
+    def train(self, steps=None):
+        stats = super().train(steps)
+        import torch
+
+        self._params = [*self._params, torch.nn.Parameter(torch.zeros(1))]
+        return stats
 '''
 EXPECTED_ERROR = "TrainerError: BadTrainer.train() returned dict, expected TrainStats"
 CRASH_S = 20.0  # in-process: start, the neighbour wait, one training step; generous for a loaded 2-core box
@@ -255,3 +267,20 @@ async def test_daemon_process_exits_1_or_keeps_serving_unhealthy(plugin_dir, tmp
     serves.send_signal(signal.SIGTERM)  # an asked-for stop is still a clean exit
     await wait_until(lambda: serves.poll() is not None, STOP_S + 5, "SIGTERM exit")
     assert serves.returncode == 0, serves_log.read_text()[-3000:]
+
+
+async def test_a_trainer_broken_for_good_is_reported_once_and_not_checkpointed_at_stop(plugin_dir, tmp_path, caplog):
+    """A model whose parameters changed size crashes the rounds (one traceback,
+    the user's to read). The stop that follows used to try the checkpoint with
+    that trainer and log a second traceback ("learner did not stop cleanly")
+    of the same error; now it keeps the last checkpoint and says so in one line."""
+    caplog.set_level(logging.INFO, logger="murmur")
+    config = node_config(tmp_path / "node", overrides={**LEARNING, "learning.trainer": f"{PLUGIN_MODULE}:GrowingTrainer"})
+    node = Node(config)
+    with pytest.raises(TaskCrashed, match=r"GrowingTrainer.get_flat\(\) returned"):
+        async with node:
+            await asyncio.wait_for(node.serve_until(asyncio.Event()), CRASH_S)
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert [r.getMessage() for r in tracebacks] == ["task crashed"], [r.getMessage() for r in tracebacks]
+    [skipped] = [r for r in caplog.records if getattr(r, "event", None) == "checkpoint_skipped"]
+    assert skipped.levelno == logging.WARNING and "GrowingTrainer.get_flat() returned" in skipped.error
