@@ -133,6 +133,7 @@ class LocalUpdate:
     delta: torch.Tensor
     loss: float
     from_data: bool = True  # False: a mixing-only round's zero step, which reveals nothing
+    diverged: bool = False  # True: training gave a non-finite step, replaced by a zero one
 
     @classmethod
     def mixing_only(cls, num_params: int, device: torch.device | str = "cpu") -> LocalUpdate:
@@ -385,6 +386,7 @@ class RoundEngine:
             log.error("local training diverged (non-finite step); this round's step is skipped",
                       extra={"event": "training_diverged", "round": self.round, "loss": stats.loss})
             delta.zero_()
+            return LocalUpdate(delta, float(stats.loss), diverged=True)
         return LocalUpdate(delta, float(stats.loss))
 
     def open_round(

@@ -131,6 +131,11 @@ def render_status(status: Mapping[str, Any]) -> str:
             lines.append(_line(label, text))
     if learning.get("stalled"):
         lines.append(_line("STALLED", str(learning.get("stall_reason") or "")))
+    diverged = int(learning.get("rounds_diverged") or 0)
+    if diverged:
+        lines.append(_line("DIVERGED", f"local training gave a non-finite step in the last {diverged} rounds; each "
+                                       "was skipped, so the node only averages its neighbours' models: lower the "
+                                       "learning rate (learning.trainer_options.lr)"))
     alone = _alone(status, learning)
     if alone is not None:
         lines.append(_line("ALONE", alone))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,24 @@ async def test_status_says_why_a_node_trains_alone_until_its_peer_runs_its_model
         await cluster.wait_until(lambda: restarted.peer_id in cluster.neighbours(first), 10.0, "the link")
         assert first.status()["incompatible"] is None
         assert "ALONE" not in render_status(first.status())
+
+
+async def test_status_says_when_local_training_diverges(tmp_path: Path) -> None:
+    """A learning rate far too large makes every local step non-finite: the
+    engine skips it (logging an ERROR) and the node only averages its
+    neighbours' models, while status said health ok and showed the evaluation
+    loss of that average. Status now counts the diverged rounds in a row and
+    says what to change; a node that trains sanely shows none."""
+    async with Cluster(1, tmp_path, learning(size=21)) as cluster:
+        sane = cluster.node(0)
+        wild = await cluster.add_node(bootstrap=True, learning__trainer_options={"size": 21, "lr": math.inf})
+        await cluster.wait_until(lambda: wild.learner.round >= 3 and sane.learner.round >= 3, 15.0, "three rounds")
+        assert wild.status()["learning"]["rounds_diverged"] >= 3
+        assert sane.status()["learning"]["rounds_diverged"] == 0
+        shown = render_status(wild.status())
+        assert "DIVERGED     local training gave a non-finite step in the last " in shown
+        assert "lower the learning rate (learning.trainer_options.lr)" in shown
+        assert "DIVERGED" not in render_status(sane.status())
 
 
 async def test_a_node_whose_rounds_cannot_keep_up_says_it_is_stalled(tmp_path: Path) -> None:
