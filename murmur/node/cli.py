@@ -64,6 +64,7 @@ from murmur.node.logs import configure_logging
 from murmur.node.operate import STOP_TIMEOUT_S, follow, stop_node, tail_lines
 from murmur.node.render import render_peers, render_status
 from murmur.node.state import StateDir
+from murmur.protocol.addresses import advertised
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.testnet.options import add_run_arguments as add_testnet_run_arguments
 
@@ -190,7 +191,10 @@ def cmd_id(args: argparse.Namespace) -> int:
     state = StateDir(cfg.node.data_dir)
     identity = state.identity()
     peer = identity.peer_id
-    addrs = [str(Multiaddr(a.host, a.port, peer)) for a in cfg.node.listen]
+    # What the node will advertise: a wildcard listener (the default config's
+    # 0.0.0.0) as this machine's interface addresses, as the daemon does; the
+    # wildcard itself is no address another machine can dial.
+    addrs = [str(a) for listen in cfg.node.listen for a in advertised(Multiaddr(listen.host, listen.port, peer))]
     running = _running_node_addrs(state)
     _print_json(
         {

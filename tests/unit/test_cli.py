@@ -74,6 +74,21 @@ def test_murmur_id_creates_identity_and_is_stable(tmp_path):
     assert json.loads(other.stdout)["ID"] != doc["ID"]
 
 
+def test_murmur_id_prints_dialable_addresses_for_a_wildcard_listener(tmp_path, capsys):
+    """The default config listens on /ip4/0.0.0.0/tcp/4731, and `murmur id`
+    (README: "peer id and addresses") printed that wildcard, which no other
+    machine can dial, for users to hand out as a bootstrap address. It now
+    prints what the node will advertise: this machine's interface addresses."""
+    from murmur.protocol.addresses import advertised
+    from murmur.protocol.multiaddr import Multiaddr
+
+    assert cli.main(["id", "--data-dir", str(tmp_path), "--set", "node.listen=/ip4/0.0.0.0/tcp/4731"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    peer = PeerId.from_string(doc["ID"])
+    assert doc["Addresses"] == [str(a) for a in advertised(Multiaddr("0.0.0.0", 4731, peer))]
+    assert doc["Addresses"] and not [a for a in doc["Addresses"] if "/0.0.0.0/" in a]
+
+
 def test_bad_config_exits_2_with_one_line(tmp_path):
     config = tmp_path / "node.toml"
     config.write_text("[node]\nlog_level = 'info'\n\n[transport]\nmax_frame = 12\n")
