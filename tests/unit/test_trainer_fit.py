@@ -72,3 +72,47 @@ def test_a_model_that_fits_trains_and_keeps_its_mode() -> None:
     batchnorm = trainer.model[1]
     assert int(batchnorm.num_batches_tracked) == 0
     assert trainer.train(5).steps == 5
+
+
+MISSING_DATA = '''
+import numpy as np
+from torch import nn
+
+from murmur.learning.trainers.base import TorchTrainer
+
+
+class MyTrainer(TorchTrainer):
+    def load_dataset(self):
+        return np.load("{path}")  # the user's data file, not there
+
+    def build_model(self, dataset):
+        return nn.Linear(4, 3)
+'''
+
+
+def test_a_trainer_that_cannot_be_built_is_one_config_error_naming_the_users_line(tmp_path, monkeypatch):
+    """A missing data file in a user's load_dataset() escaped the daemon as a
+    57-line traceback and exit code 1 (restarted in a loop by systemd); it is
+    one line naming the trainer, the error and the user's line, exit 2."""
+    from murmur.learning.trainers.registry import create_trainer
+
+    missing = tmp_path / "missing.npz"
+    module = tmp_path / "mytrainer_missing.py"
+    module.write_text(MISSING_DATA.format(path=missing), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        create_trainer("mytrainer_missing:MyTrainer", TrainerContext(0, 1, 0, device="cpu"))
+    assert str(err.value) == (
+        f"trainer 'mytrainer_missing:MyTrainer' could not be built: FileNotFoundError: [Errno 2] No such file or "
+        f"directory: '{missing}' (at {module}:10 in load_dataset)")
+    assert isinstance(err.value.__cause__, FileNotFoundError)
+
+
+def test_a_config_error_of_the_trainer_itself_is_not_wrapped(monkeypatch):
+    """What murmur already words (the fit check, a built-in's missing data
+    set) reaches the user as it is."""
+    from murmur.learning.trainers import registry
+
+    monkeypatch.setattr(registry, "load_trainer", lambda spec: type("MyTrainer", (_UserTrainer,), {"outputs": 2}))
+    with pytest.raises(ConfigError, match=r"^trainer MyTrainer: the model's output for 2 training inputs"):
+        registry.create_trainer("mine:MyTrainer", TrainerContext(0, 1, 0, device="cpu"))

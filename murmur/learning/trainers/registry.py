@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from murmur.errors import ConfigError
+from murmur.errors import ConfigError, MurmurError
 
 if TYPE_CHECKING:
     from murmur.learning.trainers.base import Trainer, TrainerContext
@@ -125,10 +125,42 @@ def load_trainer(spec: str) -> type[Trainer]:
 
 def create_trainer(spec: str, ctx: TrainerContext) -> Trainer:
     """A trainer named by ``spec`` for ``ctx``, its return values checked
-    (a contract violation is a ``TrainerError`` naming the method)."""
+    (a contract violation is a ``TrainerError`` naming the method).
+
+    A trainer that cannot be built (its data file is missing, its model
+    fails) is a :class:`ConfigError` naming the trainer, the error and the
+    line of the user's code it came from: a node cannot run with it, and
+    restarting it changes nothing. It used to escape the daemon as a
+    57-line traceback with exit code 1, which a supervisor restarts in a
+    loop. The original exception stays chained to it."""
     from murmur.learning.trainers.checked import checked  # torch: only where a trainer is built
 
-    return checked(load_trainer(spec)(ctx))
+    cls = load_trainer(spec)
+    try:
+        trainer = cls(ctx)
+    except MurmurError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"trainer {spec!r} could not be built: {type(exc).__name__}: {exc}{_where(exc)}") from exc
+    return checked(trainer)
+
+
+def _where(exc: BaseException) -> str:
+    """`` (at FILE:LINE in FUNCTION)`` for the innermost frame of ``exc`` in
+    code of the user's, not murmur's, an installed package's or the standard
+    library's (the innermost of all when there is none)."""
+    import sysconfig
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    paths = sysconfig.get_paths()
+    library = tuple(os.path.realpath(paths[key]) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+    ours = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))) + os.sep  # murmur/
+    user = [f for f in frames if not os.path.realpath(f.filename).startswith((*library, ours))]
+    frame = (user or frames)[-1]
+    return f" (at {frame.filename}:{frame.lineno} in {frame.name})"
 
 
 def check_trainer_name(spec: str) -> None:
