@@ -116,3 +116,15 @@ def test_a_config_error_of_the_trainer_itself_is_not_wrapped(monkeypatch):
     monkeypatch.setattr(registry, "load_trainer", lambda spec: type("MyTrainer", (_UserTrainer,), {"outputs": 2}))
     with pytest.raises(ConfigError, match=r"^trainer MyTrainer: the model's output for 2 training inputs"):
         registry.create_trainer("mine:MyTrainer", TrainerContext(0, 1, 0, device="cpu"))
+
+
+def test_example_level_privacy_refuses_a_model_with_batchnorm():
+    """DP-SGD's per-example clipping means nothing under BatchNorm (a batch's
+    statistics mix its examples), and its first step used to crash the
+    rounds with a torch.func error about in-place operations."""
+    with pytest.raises(ConfigError) as err:
+        type("MyTrainer", (_UserTrainer,), {})(TrainerContext(0, 1, 0, device="cpu", options={"dp_clip": 1.0}))
+    assert str(err.value) == ("trainer MyTrainer: example-level privacy (dp_clip > 0) cannot train a model with "
+                              "BatchNorm (layers 1): its batch statistics mix examples, so per-example clipping "
+                              "does not bound one example's influence; use GroupNorm or LayerNorm")
+    assert _build().train(1).steps == 1  # without dp_clip the same model trains

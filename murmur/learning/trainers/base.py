@@ -39,7 +39,7 @@ from murmur.learning.options import check_device
 from murmur.learning.options import parse_options as _parse_options
 from murmur.learning.privacy import dpsgd
 from murmur.learning.probe import ProbeResult
-from murmur.learning.trainers.fit import check_fit
+from murmur.learning.trainers.fit import check_fit, check_per_example
 
 #: Stream tag for the per-node shuffling seed (kept apart from other uses of
 #: the network seed, e.g. the partition's).
@@ -388,6 +388,8 @@ class TorchTrainer(Trainer):
         fit_x, fit_y = (self._x_train, self._y_train) if len(y_train) else (self._x_test, self._y_test)
         check_fit(f"trainer {type(self).__name__}", self.model, dataset, fit_x, fit_y,
                   lambda logits, x, y: self.probe_loss(logits, Batch(x, y)))
+        if self.options.dp_clip > 0:
+            check_per_example(f"trainer {type(self).__name__}", self.model)
         self._batches: _BatchSampler | _PoissonSampler = (
             _PoissonSampler(len(y_train), self.options.batch_size, _batch_generator(ctx)) if self.options.dp_clip > 0
             else _BatchSampler(len(y_train), self.options.batch_size, _shuffle_seed(ctx.seed, ctx.node_index)))

@@ -35,6 +35,23 @@ BatchNorm layer in training mode refuses a batch of one; the check runs in
 eval mode anyway)."""
 
 
+def check_per_example(label: str, model: nn.Module) -> None:
+    """A model DP-SGD (``dp_clip`` > 0) can train: no BatchNorm. Its batch
+    statistics mix the examples of a batch, so clipping each example's
+    gradient no longer bounds what one example does to the step (the privacy
+    accounting's premise), and torch.func refuses its in-place updates of the
+    running statistics: a 3.6 M-parameter MLP with BatchNorm crashed its
+    first DP-SGD step with "During a grad (vjp, jvp, grad, etc) transform, the
+    function provided attempted to call in-place operation (aten::add_.Tensor)
+    that would mutate a captured Tensor"."""
+    batchnorm = [name or type(module).__name__ for name, module in model.named_modules()
+                 if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if batchnorm:
+        raise ConfigError(f"{label}: example-level privacy (dp_clip > 0) cannot train a model with BatchNorm "
+                          f"(layers {', '.join(batchnorm)}): its batch statistics mix examples, so per-example "
+                          f"clipping does not bound one example's influence; use GroupNorm or LayerNorm")
+
+
 def check_labels(label: str, dataset: ArrayDataset) -> None:
     """Every label of the training pool and test set is an integer class
     ``0 .. num_classes-1``."""
