@@ -86,7 +86,7 @@ def _alone(status: Mapping[str, Any], learning: Mapping[str, Any]) -> str | None
     if status.get("neighbours") or not learning.get("round") or learning.get("done"):
         return None
     if (status.get("incompatible") or {}).get("peers"):
-        return "no learning neighbour: the peers it met run another model (see incompatible, and the log)"
+        return "no learning neighbour: the peers it met run another model or no murmur (see incompatible)"
     if not status.get("connections"):
         return "no learning neighbour: no peer connected (network.bootstrap; can peers reach this node?)"
     return f"no learning neighbour among {fmt_number(status.get('connections'))} connected peers yet"

@@ -81,7 +81,7 @@ async def test_status_says_why_a_node_trains_alone_until_its_peer_runs_its_model
         assert "theirs: trainer tests.trainers:VectorTrainer, 31 parameters" in incompatible["reason"]
         shown = render_status(first.status())
         assert "incompatible 1 peers not learned with; latest " in " ".join(shown.split())
-        assert "ALONE        no learning neighbour: the peers it met run another model" in shown
+        assert "ALONE        no learning neighbour: the peers it met run another model or no murmur" in shown
 
         fixed = len(cluster.members) - 1
         await cluster.stop(fixed)
