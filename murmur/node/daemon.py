@@ -130,6 +130,9 @@ class Node:
         self._reachable: frozenset[PeerId] | None = None  # None: no partition (see set_partition)
         # Peers that run another model (see refuse_learning), oldest first, bounded.
         self._incompatible: dict[PeerId, str] = {}
+        # Peers we WARNed of as incompatible, oldest first, bounded: one that
+        # switches models back and forth (each Hello) is told of once.
+        self._warned_incompatible: dict[PeerId, None] = {}
         self._resumed: dict[str, Any] | None = None  # the last metrics row before this start (see status)
 
     # -- lifetime ------------------------------------------------------------------
@@ -327,7 +330,10 @@ class Node:
         """``peer`` runs another model: never a learning neighbour, and out of
         the sampler's view so it is not picked (and refused) again and again.
         Not a fault: nobody is penalised for running a different model."""
-        if self._not_learning(peer, reason):
+        if self._not_learning(peer, reason) and peer not in self._warned_incompatible:
+            self._warned_incompatible[peer] = None
+            while len(self._warned_incompatible) > MAX_INCOMPATIBLE_PEERS:
+                del self._warned_incompatible[next(iter(self._warned_incompatible))]
             log.warning("peer runs a different model; not learning with it",
                         extra={"event": "incompatible_peer", "peer": str(peer), "reason": reason})
 

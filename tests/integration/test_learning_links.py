@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
+from murmur.node.daemon import Node
 from murmur.node.learner import CATCH_UP_GAP, NodeLearner
 from murmur.node.render import render_status
 from murmur.node.stalls import HELD_BACK_STREAK
-from tests.integration.cluster import Cluster
+from murmur.protocol.identity import Identity
+from tests.integration.cluster import Cluster, node_config
 
 TRAINER = "tests.trainers:VectorTrainer"
 
@@ -89,6 +91,27 @@ async def test_status_says_why_a_node_trains_alone_until_its_peer_runs_its_model
         await cluster.wait_until(lambda: restarted.peer_id in cluster.neighbours(first), 10.0, "the link")
         assert first.status()["incompatible"] is None
         assert "ALONE" not in render_status(first.status())
+
+
+async def test_a_peer_switching_models_back_and_forth_is_warned_of_once(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A peer that runs our model again leaves the incompatible set (above),
+    so one whose Hellos alternate between two models would re-enter it with
+    each: one WARNING per Hello, a log flood at the peer's pace."""
+    node = Node(node_config(tmp_path))
+    await node.start()
+    try:
+        peer = Identity.generate().peer_id
+        with caplog.at_level(logging.WARNING, logger="murmur.node.daemon"):
+            for _ in range(50):
+                node.refuse_learning(peer, "theirs: another model")
+                node.accept_learning(peer)
+            node.refuse_learning(peer, "theirs: another model")
+        warned = [r.getMessage() for r in caplog.records].count("peer runs a different model; not learning with it")
+        assert warned == 1
+        assert node.status()["incompatible"]["peers"] == 1  # still said in status, where it costs nothing
+    finally:
+        await node.stop()
 
 
 async def test_status_says_when_local_training_diverges(tmp_path: Path) -> None:
