@@ -279,6 +279,12 @@ class _Pending:
     departed: list[str] = field(default_factory=list)  # left mid-round without delivering (see forget)
 
 
+def _power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
 class RoundEngine:
     """One node's synchronous D-SGD rounds over a changing neighbourhood."""
 
@@ -307,6 +313,7 @@ class RoundEngine:
         self.round = start_round
         self.num_params = self.trainer.num_params()
         self.late_dropped = 0
+        self.diverged_streak = 0  # rounds in a row whose local step was not finite (see local_update)
         initial = self.trainer.get_flat()
         self._initial = initial.clone()  # every node starts here (seeded), so round-0 replicas need no sync
         self.public = initial.clone()  # s_i, as of our last message
@@ -383,10 +390,17 @@ class RoundEngine:
             # Training diverged (a learning rate too large for the model, or a
             # model already at float32's edge): a NaN step would make our model
             # NaN for good, and every neighbour refuses what we then send.
-            log.error("local training diverged (non-finite step); this round's step is skipped",
-                      extra={"event": "training_diverged", "round": self.round, "loss": stats.loss})
+            # Logged at the 1st, 10th, 100th... round in a row, not every
+            # round: a setting that diverges does so each round (307 lines in
+            # 45 s once), and the node's status counts the streak.
+            self.diverged_streak += 1
+            if _power_of_ten(self.diverged_streak):
+                log.error("local training diverged (non-finite step); this round's step is skipped",
+                          extra={"event": "training_diverged", "round": self.round, "loss": stats.loss,
+                                 "rounds_in_a_row": self.diverged_streak})
             delta.zero_()
             return LocalUpdate(delta, float(stats.loss), diverged=True)
+        self.diverged_streak = 0
         return LocalUpdate(delta, float(stats.loss))
 
     def open_round(

@@ -237,10 +237,6 @@ class NodeLearner:
         self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
         self.attack_rate: float | None = None
         self.catch_ups = 0
-        # Training rounds in a row whose local step was non-finite and skipped
-        # (RoundEngine.local_update): the node then only averages its
-        # neighbours' models, while its evaluation still looks plausible.
-        self.rounds_diverged = 0
         self._held_back = Streak(HELD_BACK_STREAK, HELD_BACK_WARN_EVERY)  # neighbours ahead we may not adopt from
         self._told_edgeless: frozenset[PeerId] = frozenset()  # chosen neighbours without a noise edge, last told
         # Called with the new round each time ours moves (a round closed, a
@@ -533,8 +529,6 @@ class NodeLearner:
                     await asyncio.to_thread(self.engine.local_update) if training
                     else LocalUpdate.mixing_only(self.engine.num_params, self.engine.public.device)
                 )
-            if training:  # a mixing round trains nothing: it neither diverges nor recovers
-                self.rounds_diverged = self.rounds_diverged + 1 if update.diverged else 0
             neighbours = self._neighbours()
             round_ = self.engine.round
             committed = None
@@ -1180,7 +1174,9 @@ class NodeLearner:
             "finished": self._finished,
             "catch_ups": self.catch_ups,
             "rounds_held_back": self._held_back.count,
-            "rounds_diverged": self.rounds_diverged,
+            # training rounds in a row whose local step was non-finite and skipped: the node then
+            # only averages its neighbours' models, while its evaluation still looks plausible
+            "rounds_diverged": self.engine.diverged_streak,
             "late_dropped": self.engine.late_dropped,
             # neighbours' messages refused because the node's assembly budget was full (no one's fault)
             "deltas_refused_for_room": sum(a.refused_for_room for a in self._assemblers.values()),

@@ -14,6 +14,7 @@ A node that did not hear from j in a round leaves W_ij on its own weight.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -430,6 +431,16 @@ def test_a_diverged_local_step_is_skipped_not_applied() -> None:
     assert bool(torch.isfinite(message.increment).all())
     engine.finish_round()
     assert torch.equal(engine.trainer.get_flat(), before)
+
+
+def test_a_diverging_setting_is_logged_at_the_1st_10th_and_100th_round_in_a_row(
+        caplog: pytest.LogCaptureFixture) -> None:
+    engine = RoundEngine(DivergingTrainer(_ctx(0)), get_aggregator("mean"), RoundConfig(local_steps=STEPS))
+    with caplog.at_level(logging.ERROR, logger="murmur.learning.rounds"):
+        for _ in range(150):
+            engine.local_update()
+    assert [r.rounds_in_a_row for r in caplog.records] == [1, 10, 100]  # type: ignore[attr-defined]
+    assert engine.diverged_streak == 150
 
 
 # ------------------------------------------------------------------ quorum
