@@ -41,8 +41,10 @@ into the run dir before the report is written.
 Partitions are application-level (a control command to each worker, which
 calls ``Node.set_partition``): the nodes share the loopback interface, which
 routes cannot split. Latency and loss need per-node interfaces (network
-namespaces and tc netem); on a loopback testnet they are skipped with a
-warning and recorded as skipped in the report's event list.
+namespaces) and tc netem; they are not applied on either kind of testnet
+yet (the emulated internet shapes rates only, with tc tbf, and the kernel
+this was built on has no netem to test delay and loss with): skipped with a
+warning naming why, and recorded as skipped in the report's event list.
 """
 
 from __future__ import annotations
@@ -1026,7 +1028,8 @@ class Testnet:
         from murmur.testnet import internet
 
         caps = await asyncio.to_thread(internet.probe)
-        reason = caps.netem or "nodes share the loopback interface (no per-node netns)"
+        reason = caps.netem or ("latency and loss are not applied on the emulated internet yet" if self.scenario.network
+                                else "nodes share the loopback interface (no per-node netns)")
         internet.skipped(f"{ev.action.value} on {list(ev.nodes) or 'all nodes'}", reason)
         return reason
 
