@@ -4,6 +4,7 @@ Layout (all under one directory, mode 0700)::
 
     identity.key      Ed25519 seed, peer id, checksum (protocol.identity.Identity.load_or_create)
     node.lock         flock()ed by the running daemon; never deleted
+    .NAME.tmp-PID     a write in progress (fsutil); one whose writer died is removed at the next start
     node.pid          pid of the daemon holding the lock
     api.json          where the local HTTP API listens (for `murmur status`)
     peers.json        peer table (protocol.peertable)
@@ -44,7 +45,7 @@ import msgpack
 import numpy as np
 
 from murmur.errors import StateDamaged, StateError
-from murmur.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_parts
+from murmur.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_parts, remove_stale_temps
 from murmur.protocol.identity import KEY_FILE_NAME, Identity
 
 log = logging.getLogger(__name__)
@@ -366,6 +367,10 @@ class StateDir:
         self._lock_fd = fd
         try:
             self.api_path.unlink(missing_ok=True)  # left by a daemon that died: stale by definition
+            stale = remove_stale_temps(self.path)  # what a write interrupted by kill -9 left
+            if stale:
+                log.info("removed temp files of interrupted writes",
+                         extra={"event": "stale_temps", "files": sorted(p.name for p in stale)})
             atomic_write_bytes(self.pid_path, f"{os.getpid()}\n".encode())
         except OSError as exc:
             self._lock_fd = None

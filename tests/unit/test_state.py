@@ -263,3 +263,41 @@ def test_array_file_parts_are_views_and_decode_to_the_same_arrays(tmp_path: Path
         assert bundle.arrays[name].shape == array.shape and bundle.arrays[name].dtype == array.dtype
         np.testing.assert_array_equal(bundle.arrays[name], array)
     assert b"".join(parts) == encode_arrays(stored, {"round": 7})
+
+
+def test_a_write_killed_midway_leaves_no_temp_file_after_the_next_start(tmp_path):
+    # The writer is killed -9 between writing its temp file and renaming it
+    # (held there at fsync); every restart had a new pid, so these piled up.
+    writer = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os, sys
+            import numpy as np
+            from murmur.node.state import StateDir
+            def hold(fd):
+                print("writing", flush=True)
+                sys.stdin.read()
+            os.fsync = hold
+            state = StateDir({str(tmp_path)!r}).create()
+            state.save_checkpoint({{"model": np.zeros(100_000, np.float32)}}, {{"round": 1}})
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+    finally:
+        writer.kill()
+        writer.wait()
+    left = list(tmp_path.glob(".checkpoint.bin.tmp-*"))
+    assert [p.name for p in left] == [f".checkpoint.bin.tmp-{writer.pid}"]
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        in_progress = tmp_path / f".identity.key.tmp-{live.pid}"  # a live process's write is not touched
+        in_progress.write_bytes(b"x")
+        with StateDir(tmp_path):
+            assert not left[0].exists()
+            assert in_progress.exists()
+    finally:
+        live.kill()
+        live.wait()
+    with StateDir(tmp_path):
+        assert not in_progress.exists()
