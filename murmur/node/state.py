@@ -401,8 +401,14 @@ class StateDir:
 
     # -- api.json
     def write_api_info(self, info: ApiInfo) -> None:
-        atomic_write_json(self.api_path, {"host": info.host, "port": info.port, "pid": info.pid,
-                                          "peer_id": info.peer_id, "url": info.url})
+        """A :class:`StateError` if it cannot be written: on a full disk
+        (node.pid, a few bytes, still fitted) `murmur node start` died with
+        an OSError traceback instead of one line."""
+        try:
+            atomic_write_json(self.api_path, {"host": info.host, "port": info.port, "pid": info.pid,
+                                              "peer_id": info.peer_id, "url": info.url})
+        except OSError as exc:
+            raise StateError(f"cannot write {self.api_path}: {exc.strerror or exc}") from None
 
     def read_api_info(self) -> ApiInfo:
         try:

@@ -176,6 +176,13 @@ def test_api_info_roundtrip_and_missing(tmp_path):
     assert ApiInfo("::1", 1, 1, "p").url == "http://[::1]:1"
 
 
+def test_an_api_info_that_cannot_be_written_is_a_state_error(tmp_path):
+    state = StateDir(tmp_path).create()
+    state.api_path.mkdir()  # what the rename lands on fails as a full disk's write does: an OSError
+    with pytest.raises(StateError, match=r"cannot write .*api\.json: Is a directory"):
+        state.write_api_info(ApiInfo(host="127.0.0.1", port=45123, pid=77, peer_id="12D3KooWx"))
+
+
 def test_metrics_log_skips_partial_last_line(tmp_path):
     state = StateDir(tmp_path).create()
     state.append_metrics({"round": 1, "acc": 0.5})
