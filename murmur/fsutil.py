@@ -49,7 +49,13 @@ def atomic_write_parts(
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        # A rename refused (the target a directory, permissions changed under
+        # us) left the whole temp file behind, every write attempt a new one.
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(target.parent)
 
 

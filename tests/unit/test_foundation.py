@@ -70,3 +70,11 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     assert target.read_bytes() == b"b" * 10
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert [p.name for p in target.parent.iterdir()] == ["state.bin"]
+
+
+def test_a_refused_rename_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "api.json"
+    target.mkdir()  # a file cannot be renamed over a directory
+    with pytest.raises(IsADirectoryError):
+        atomic_write_bytes(target, b"{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["api.json"]
