@@ -120,8 +120,9 @@ class TaskManager:
             del self._tasks[name]
 
     def periodic(self, name: str, interval_s: float, fn: Callable[[], Awaitable[Any]], *, delay_s: float = 0.0) -> asyncio.Task[Any]:
-        """Call ``fn`` every ``interval_s`` seconds; an exception in one call is
-        logged and does not stop the next."""
+        """Call ``fn`` every ``interval_s`` seconds; an exception in one call
+        does not stop the next. A run of failures is logged with bounded
+        volume (see :meth:`_log_periodic_failure`)."""
 
         async def loop() -> None:
             if delay_s:
@@ -132,11 +133,13 @@ class TaskManager:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.exception("periodic task failed", extra={"task": name, "owner": self.owner})
-                    self._periodic_failed(name, exc)
+                    self._log_periodic_failure(name, exc, self._periodic_failed(name, exc))
                 else:
                     record = self._periodic.get(name)
                     if record is not None:
+                        if record.consecutive >= FAILING_AFTER:
+                            log.info("periodic task works again",
+                                     extra={"task": name, "owner": self.owner, "failed_calls": record.consecutive})
                         record.consecutive = 0
                 await asyncio.sleep(interval_s)
 
@@ -172,7 +175,22 @@ class TaskManager:
             except Exception:
                 log.exception("crash listener failed", extra={"task": name, "owner": self.owner})
 
-    def _periodic_failed(self, name: str, exc: BaseException) -> None:
+    def _log_periodic_failure(self, name: str, exc: BaseException, repeated: bool) -> None:
+        """The traceback of a run's first failure, and of each new error in
+        it; the same error again only at 2, 4, 8, ... calls in a row, one
+        line. Each call's traceback made a task failing every second
+        (maintain-neighbours) write 86,400 of them a day, and the log's
+        rotation then kept only the last hours of them."""
+        record = self._periodic[name]
+        extra = {"task": name, "owner": self.owner, "failed_calls": record.consecutive}
+        if not repeated:
+            log.error("periodic task failed", extra=extra, exc_info=exc)
+        elif record.consecutive & (record.consecutive - 1) == 0:
+            log.error(f"periodic task still failing: {record.last} (the same error: "
+                      "logged again after twice as many calls)", extra=extra)
+
+    def _periodic_failed(self, name: str, exc: BaseException) -> bool:
+        """Count a failed call; whether it repeats the run's previous error."""
         self.error_count += 1
         record = self._periodic.get(name)
         if record is None:
@@ -181,9 +199,12 @@ class TaskManager:
                 del self._periodic[next(iter(self._periodic))]
         if record.consecutive == 0:
             record.since = time.time()
+        error = describe(exc)
+        repeated = record.consecutive > 0 and error == record.last
         record.errors += 1
         record.consecutive += 1
-        record.last = describe(exc)
+        record.last = error
+        return repeated
 
     def crashes(self) -> list[TaskFailure]:
         """Tasks that ended with an exception and were not restarted, oldest first."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -129,3 +130,29 @@ async def test_finished_tasks_leave_the_registry():
     await asyncio.sleep(0)
     assert "same" not in tasks._tasks
     await tasks.shutdown()
+
+
+async def test_a_periodic_task_failing_every_call_logs_a_bounded_number_of_lines(caplog):
+    tasks = TaskManager("test")
+    calls = 0
+    total = 64
+
+    async def broken() -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= total:
+            raise RuntimeError("maintain bug")
+        if calls == total + 1:
+            raise ValueError("another bug")
+
+    with caplog.at_level(logging.INFO, logger="murmur.tasks"):
+        tasks.periodic("maintain", 0.0, broken)
+        await wait_until(lambda: calls > total + 2, BOUND_S, "every periodic call")
+        await tasks.shutdown()
+    lines = [(r.levelname, r.getMessage().split(":")[0], r.exc_info is not None) for r in caplog.records]
+    assert lines[0] == ("ERROR", "periodic task failed", True)  # the first: with its traceback
+    # the same error again only at 2, 4, ..., 64 in a row, without one: 6 lines, not 63 tracebacks
+    assert lines[1:7] == [("ERROR", "periodic task still failing", False)] * 6
+    assert lines[7] == ("ERROR", "periodic task failed", True)  # a new error is shown whole
+    assert lines[8:] == [("INFO", "periodic task works again", False)]
+    assert tasks.error_count == total + 1
