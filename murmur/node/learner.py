@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -99,6 +99,7 @@ if TYPE_CHECKING:
     from murmur.node.session import Handler, PeerSession
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CATCH_UP_GAP = 2
 MIN_CHOSEN_VOTERS = 2  # chosen neighbours that must be linked before they alone vote on catch-up (voters)
@@ -222,6 +223,7 @@ class NodeLearner:
         self._routes: dict[str, list[tuple[Node, PeerId]]] = {}
         self._stopped = False
         self._write_lock = threading.Lock()  # see _write_snapshot
+        self._training: asyncio.Future[Any] | None = None  # the worker thread's training, see _train_in_thread
         self._arrived = asyncio.Event()
         # Public-model requests in flight: peer -> future for a catch-up we
         # await, or None for a replica re-sync installed on arrival.
@@ -310,7 +312,11 @@ class NodeLearner:
             return
         self._stopped = True
         self.node.tasks.cancel("rounds")
+        interrupt = getattr(self.trainer, "interrupt", None)  # TorchTrainer's; a plug-in may have none
+        if callable(interrupt):
+            interrupt()
         await self.outbox.close()
+        await self._training_ended()
         try:
             await self._checkpoint()
         except TrainerError as exc:
@@ -319,6 +325,27 @@ class NodeLearner:
             # already reported once with its traceback, is not told again as one.
             log.warning("no checkpoint at stop: the trainer broke its contract; the last checkpoint is kept",
                         extra={"event": "checkpoint_skipped", "error": str(exc)})
+
+    async def _train_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (training: it changes the model) in a worker thread
+        that :meth:`stop` can wait for. Cancelling the round does not stop a
+        thread: the final checkpoint was taken from a model the thread was
+        still changing (or rewinding), and the process could not exit until
+        the round's local steps were all done."""
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._training = work
+        return await asyncio.shield(work)
+
+    async def _training_ended(self) -> None:
+        """Wait for the training thread of a round that stop() cancelled
+        (interrupted, it ends at its next step; the round is abandoned)."""
+        work = self._training
+        if work is None or work.done():
+            return
+        try:
+            await work
+        except Exception:
+            log.debug("the cancelled round's training failed", exc_info=True)
 
     async def _expire(self) -> None:
         for assembler in self._assemblers.values():
@@ -526,7 +553,7 @@ class NodeLearner:
             started = time.monotonic()
             with timer.phase("train_s"):
                 update: LocalUpdate = (
-                    await asyncio.to_thread(self.engine.local_update) if training
+                    await self._train_in_thread(self.engine.local_update) if training
                     else LocalUpdate.mixing_only(self.engine.num_params, self.engine.public.device)
                 )
             neighbours = self._neighbours()
@@ -576,7 +603,7 @@ class NodeLearner:
                     self.gossip.merge(peer, model, age)
                     self.gossip_merges += 1
             with timer.phase("train_s"):
-                loss = await asyncio.to_thread(self.gossip.step, self.cfg.local_steps or None)
+                loss = await self._train_in_thread(self.gossip.step, self.cfg.local_steps or None)
             with timer.phase("send_s"):
                 for peer in self.node.sampler.sample(1, rng):
                     await self._gossip_to(peer)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import math
 import secrets
+import threading
 import types
 import warnings
 from abc import ABC, abstractmethod
@@ -334,6 +335,7 @@ class TorchTrainer(Trainer):
 
     def __init__(self, ctx: TrainerContext) -> None:
         super().__init__(ctx)
+        self._interrupted = threading.Event()  # see interrupt()
         self.options = parse_options(self.Options, ctx.options)
         self.device = resolve_device(ctx.device)
         self._attack = self._parse_attack(ctx.attack) if ctx.attack is not None else None
@@ -466,7 +468,10 @@ class TorchTrainer(Trainer):
         self.model.train()
         total = torch.zeros((), device=self.device)
         examples = 0
+        done = 0
         for _ in range(steps):
+            if self._interrupted.is_set():
+                break
             idx = self._batches.next().to(self.device, non_blocking=True)
             batch = Batch(self._x_train[idx], self._y_train[idx])
             self.optimizer.zero_grad(set_to_none=True)
@@ -476,8 +481,17 @@ class TorchTrainer(Trainer):
             self._scaler.step(self.optimizer)
             self._scaler.update()
             examples += len(idx)
-        mean_loss = float(total.item()) / steps if steps else 0.0
-        return TrainStats(loss=mean_loss, examples=examples, steps=steps)
+            done += 1
+        mean_loss = float(total.item()) / done if done else 0.0
+        return TrainStats(loss=mean_loss, examples=examples, steps=done)
+
+    def interrupt(self) -> None:
+        """End a :meth:`train` running in another thread at its next step, and
+        every later one at once: the node is stopping. Its worker thread
+        otherwise trained on after SIGTERM, for as long as a round's local
+        steps take (52 s for 60,000 digits steps), and the process could not
+        exit until it was done."""
+        self._interrupted.set()
 
     def evaluate(self) -> EvalStats:
         loss_sum, correct = 0.0, 0
