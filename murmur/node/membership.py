@@ -440,7 +440,14 @@ class Membership:
                 except (OSError, PeerFault, ConnectionClosed) as exc:
                     log.info("bootstrap dial failed", extra={"addr": str(addr), "error": str(exc)})
                     continue
-                await self.request_peers(session)
+                try:
+                    await self.request_peers(session)
+                except (PeerFault, ConnectionClosed) as exc:
+                    # The session went between the dial and the request (the
+                    # peer was killed, or closed this connection as the
+                    # duplicate of one it dialled us on): unhandled, it ended the
+                    # bootstrap task as a crash, and the daemon with exit 1.
+                    log.info("bootstrap peer exchange failed", extra={"addr": str(addr), "error": str(exc)})
             if len(self.sampler) > 0 or self.host.sessions():
                 return
             await asyncio.sleep(BOOTSTRAP_BACKOFF_S[min(attempt, len(BOOTSTRAP_BACKOFF_S) - 1)])
