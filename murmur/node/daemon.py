@@ -171,7 +171,7 @@ class Node:
 
             self.attach_learner(NodeLearner(self))
             self._resumed = self.state.last_metrics()
-            self.metrics.resume(self._resumed)
+            self.metrics.resume(self._resumed, self.learner.epsilon_spent())
         self.host = Libp2pHost(
             self.identity, HostConfig(limits=cfg.transport.limits(), agent_version=AGENT),
             on_connection=self._on_connection, on_fault=self._on_host_fault, on_identified=self._on_identified,

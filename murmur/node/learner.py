@@ -493,6 +493,10 @@ class NodeLearner:
         return [s for front in self.fronts for s in front.membership.learning_neighbours()
                 if s.peer not in self._front_ids and (muted or not self.silence.muted(str(s.peer)))]
 
+    def epsilon_spent(self) -> float | None:
+        """ε spent by this node over all its runs (its privacy ledger); None without privacy."""
+        return self.privacy.epsilon_spent() if self.privacy is not None else None
+
     def _budget_spent(self) -> bool:
         return self.privacy is not None and self.privacy.budget_exhausted()
 

@@ -135,9 +135,15 @@ class NodeMetrics:
         self.round_seconds.observe(sum(seconds.values()))
         self.last_phases = seconds
 
-    def resume(self, row: Mapping[str, object] | None) -> None:
+    def resume(self, row: Mapping[str, object] | None, epsilon_spent: float | None = None) -> None:
         """After a restart, what the last metrics row recorded (round, test
-        accuracy and loss, ε), until the first round back replaces it."""
+        accuracy and loss, ε), until the first round back replaces it.
+        ``epsilon_spent``: the privacy ledger's, which wins over the row's:
+        the ledger is written before a round's message leaves, the row after
+        the round, so a node killed in between (most of a round) exported a
+        round's ε less, and for good if no round came back."""
+        if epsilon_spent is not None:
+            self.epsilon_spent.set(epsilon_spent)
         if row is None:
             return
         if isinstance(row.get("round"), int):
@@ -147,7 +153,7 @@ class NodeMetrics:
         self.set_eval(Split.TEST, loss=loss if isinstance(loss, (int, float)) else None,
                       accuracy=accuracy if isinstance(accuracy, (int, float)) else None,
                       perplexity=perplexity if isinstance(perplexity, (int, float)) else None)
-        if isinstance(epsilon, (int, float)) and math.isfinite(epsilon):
+        if epsilon_spent is None and isinstance(epsilon, (int, float)) and math.isfinite(epsilon):
             self.epsilon_spent.set(epsilon)
 
     def set_aggregation_weights(self, weights: Mapping[str, float]) -> None:
