@@ -908,6 +908,11 @@ class NodeLearner:
         # /status must describe the model we now hold, not the one we dropped
         # (no metrics row: we did not run the rounds we skipped).
         self.last_eval = await asyncio.to_thread(self._evaluate)
+        # A jump of many rounds at once: checkpointed only after the next round
+        # ran, a node killed before that (a slow round) resumed rounds behind,
+        # ran them again (spending ε again) and caught up again.
+        if self._checkpoint_due():
+            await self._checkpoint()
         log.info("caught up", extra={"event": "catch_up", "peer": str(peer), "round": state_round + 1,
                                      "accuracy": round(self.last_eval[1], 4)})
         return True
