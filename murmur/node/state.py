@@ -61,6 +61,11 @@ METRICS_FILE = "metrics.jsonl"
 PRIVACY_FILE = "privacy.json"  # the privacy ledger: what this node's ε was spent on, across restarts
 PRIVACY_FORMAT = 1
 METRICS_TAIL_BYTES = 64 * 1024  # more than any one metrics row
+# metrics.jsonl moves to metrics.jsonl.1 (.1 to .2, ...) once it holds this
+# much: a row is ~0.6 KiB, so a node training a round a second until stopped
+# wrote ~55 MB a day, for good, until the disk was full and the node stopped.
+METRICS_FILE_BYTES = 32 * 1024 * 1024  # ~50,000 rows
+METRICS_FILE_BACKUPS = 3  # metrics.jsonl.1 .. .3 kept: at most 128 MiB per node
 LOG_FILE = "murmur.log"  # `murmur node start` logs here too (rotated: murmur.log.1, ...)
 PREV_SUFFIX = ".prev"
 
@@ -449,32 +454,47 @@ class StateDir:
         and lost with it)."""
         line = json.dumps(record, sort_keys=True, default=str) + "\n"
         with open(self.metrics_path, "a+b") as fh:
+            size = fh.seek(0, os.SEEK_END)
             if not self._metrics_line_ended:
-                size = fh.seek(0, os.SEEK_END)
                 if size:
                     fh.seek(size - 1)
                     if fh.read(1) != b"\n":
                         line = "\n" + line
                 self._metrics_line_ended = True
             fh.write(line.encode())
+        if size + len(line) >= METRICS_FILE_BYTES:
+            self._rotate_metrics()
+
+    def _rotate_metrics(self) -> None:
+        """metrics.jsonl becomes metrics.jsonl.1, and so on up to
+        METRICS_FILE_BACKUPS (the oldest dropped), as the node's log rotates;
+        the next row starts a new file. Only whole rows move: the row that
+        filled the file was just written."""
+        base = self.metrics_path
+        for i in range(METRICS_FILE_BACKUPS, 0, -1):
+            older = base.with_name(f"{base.name}.{i - 1}") if i > 1 else base
+            if older.exists():
+                os.replace(older, base.with_name(f"{base.name}.{i}"))
 
     def last_metrics(self) -> dict[str, Any] | None:
         """The last intact metrics row, read from the end of the file (a
-        long run's file is not read whole for one row); None if there is none."""
-        try:
-            with open(self.metrics_path, "rb") as fh:
-                size = fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, size - METRICS_TAIL_BYTES))
-                tail = fh.read()
-        except FileNotFoundError:
-            return None
-        for line in reversed(tail.splitlines()):
+        long run's file is not read whole for one row), or of the one it was
+        rotated to when it has none yet; None if there is none."""
+        for path in (self.metrics_path, self.metrics_path.with_name(f"{METRICS_FILE}.1")):
             try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue  # a torn last line, or the cut first one
-            if isinstance(row, dict):
-                return row
+                with open(path, "rb") as fh:
+                    size = fh.seek(0, os.SEEK_END)
+                    fh.seek(max(0, size - METRICS_TAIL_BYTES))
+                    tail = fh.read()
+            except FileNotFoundError:
+                continue
+            for line in reversed(tail.splitlines()):
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue  # a torn last line, or the cut first one
+                if isinstance(row, dict):
+                    return row
         return None
 
     def read_metrics(self) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from murmur.errors import StateDamaged, StateError
+from murmur.node import state as state_module
 from murmur.node.state import (
     ARRAY_FILE_MAGIC,
     ApiInfo,
@@ -308,3 +309,22 @@ def test_a_write_killed_midway_leaves_no_temp_file_after_the_next_start(tmp_path
         live.wait()
     with StateDir(tmp_path):
         assert not in_progress.exists()
+
+
+def test_metrics_rotate_at_their_size_and_keep_a_bounded_number_of_files(tmp_path, monkeypatch):
+    """A node training until stopped appended ~55 MB of rows a day, for good."""
+    monkeypatch.setattr(state_module, "METRICS_FILE_BYTES", 1000)
+    state = StateDir(tmp_path).create()
+    row = {"round": 0, "pad": "x" * 80}
+    for r in range(200):
+        state.append_metrics(row | {"round": r})
+    files = sorted(p.name for p in tmp_path.glob("metrics.jsonl*") if p.name != "metrics.jsonl")
+    assert files == [f"metrics.jsonl.{i}" for i in range(1, state_module.METRICS_FILE_BACKUPS + 1)]
+    assert all(p.stat().st_size < 1000 + 200 for p in tmp_path.glob("metrics.jsonl*"))
+    rows = [r["round"] for p in (f"metrics.jsonl.{i}" for i in range(3, 0, -1))
+            for r in map(json.loads, (tmp_path / p).read_text().splitlines())] + \
+        [r["round"] for r in state.read_metrics()]
+    assert rows == list(range(rows[0], 200))  # whole rows, in order, none lost between the files
+    assert state.last_metrics()["round"] == 199
+    (tmp_path / "metrics.jsonl").write_text("")  # just rotated: the last row is in .1
+    assert state.last_metrics()["round"] == json.loads((tmp_path / "metrics.jsonl.1").read_text().splitlines()[-1])["round"]
