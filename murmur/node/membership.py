@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from murmur.errors import DecodeError, LimitExceeded, PeerFault
+from murmur.node.ratelimit import RequestBudget
 from murmur.protocol.identity import PeerId
 from murmur.protocol.messages import (
     Hello,
@@ -62,6 +63,12 @@ MAX_COOLDOWNS = 4096  # peers remembered as not to be re-linked for a while
 PEX_MAX_PEERS = 32
 MAX_CONCURRENT_DIALS = 8
 MAX_PENDING_SHUFFLES = 4  # unanswered shuffles kept per peer; past that the oldest is forgotten
+SHUFFLE_BURST = 3
+"""Shuffle requests one peer may make of us at once; one more per shuffle
+interval. An honest node starts one shuffle per interval, with one peer
+(its oldest entry), so it never comes near; one attacker identity sent 20
+requests a second, each replacing up to l view entries with records it made
+up, and held 15 of a victim's 19 view slots within 4 s."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,7 @@ class Membership:
         # come in order on one connection.
         self._shuffles: dict[PeerId, deque[tuple[Descriptor, list[Descriptor]]]] = {}
         self._pex_asked: set[PeerId] = set()
+        self._shuffle_budgets: dict[PeerId, RequestBudget] = {}  # per connected peer
         self._dialling: set[PeerId] = set()
         self._dial_slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
         self.evictions = 0
@@ -323,6 +331,7 @@ class Membership:
     async def on_session_closed(self, session: PeerSession) -> None:
         """A connection ended. A neighbour gets one redial before it is evicted."""
         self._shuffles.pop(session.peer, None)
+        self._shuffle_budgets.pop(session.peer, None)
         if not session.link_out:
             return
         desc = self._neighbour_descriptor(session.peer) or self.sampler.descriptor(session.peer)
@@ -531,14 +540,28 @@ class Membership:
     def _wire(entries: Iterable[Descriptor]) -> list[tuple[PeerId, tuple[str, ...], int]]:
         return [(d.peer, tuple(str(a) for a in d.addrs), d.age) for d in entries]
 
-    def _descriptors(self, entries: Iterable[tuple[PeerId, tuple[str, ...], int]]) -> list[Descriptor]:
+    def _descriptors(self, entries: Sequence[tuple[PeerId, tuple[str, ...], int]]) -> list[Descriptor]:
+        """The first ``shuffle_length`` entries (a shuffle carries l, the
+        sender's own first): the 64 a message may hold filled a view's free
+        slots with one stranger's records at once."""
         out: dict[PeerId, Descriptor] = {}
-        for peer, addr_texts, age in entries:
+        for peer, addr_texts, age in entries[: self.sampler.config.shuffle_length]:
             peer_id, addrs = parse_peer_entry(peer.raw, list(addr_texts), self.sampler.config.max_entry_addrs)
             out.setdefault(peer_id, Descriptor(peer_id, addrs, age))
         return list(out.values())
 
+    def _shuffle_budget(self, peer: PeerId) -> RequestBudget:
+        budget = self._shuffle_budgets.get(peer)
+        if budget is None:
+            budget = self._shuffle_budgets[peer] = RequestBudget(SHUFFLE_BURST, self.config.shuffle_interval_s)
+        return budget
+
     async def _on_shuffle_request(self, session: PeerSession, msg: ShuffleRequest) -> None:
+        if not self._shuffle_budget(session.peer).take():
+            # Over its budget: answered (its sender waits for one answer per request), nothing merged.
+            log.debug("shuffle request over the sender's budget ignored", extra={"peer": str(session.peer)})
+            await session.send(ShuffleResponse(entries=()))
+            return
         received = self._descriptors(msg.entries)
         reply = self.sampler.on_shuffle_request(session.peer, received)
         await session.send(ShuffleResponse(entries=tuple(self._wire(reply))))
