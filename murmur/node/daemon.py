@@ -88,6 +88,14 @@ PEER_LOG_BUDGET = LogBudget(per_key=3, total=30, window_s=60.0)
 GOSSIP_UNIT_BYTES = 16 * 1024  # a gossip message costs 1 + payload // this
 GOSSIP_BURST = 64  # units a peer may send at once: four messages of the largest payload
 GOSSIP_REFILL_S = 0.05  # then one unit every this often: 20 a second, ~320 KiB/s of payload
+GOSSIP_OUT_BURST = GOSSIP_BURST // 2
+GOSSIP_OUT_REFILL_S = GOSSIP_REFILL_S * 2
+# What we send one peer (our own and what we forward), at most: half of what
+# it takes from us before it charges us. Forwarding is the sum of everybody's
+# gossip, not our own doing: two peers publishing 12 messages a second each
+# (well within their budgets) through a node had it banned by its other
+# neighbour in 14 s, for traffic it only passed on. The half left over
+# absorbs messages that arrive bunched (a stalled connection, then all at once).
 """Lines a peer's faults and the handler failures it causes may write (per
 peer, and all peers together, per minute); the rest are counted, and one
 summary line per minute says how many and from whom."""
@@ -119,6 +127,8 @@ class Node:
         self._dials: dict[PeerId, asyncio.Future[PeerSession]] = {}
         self._subscribers: dict[str, list[GossipSubscriber]] = {}
         self._gossip_budgets: dict[PeerId, RequestBudget] = {}  # per session: what it may make us forward
+        self._gossip_out: dict[PeerId, RequestBudget] = {}  # per session: what we may send it
+        self.gossip_held_back = 0  # sends skipped, over a peer's GOSSIP_OUT budget
         self._faults: dict[str, int] = {}
         self.peer_log = RateLimitedLog("peer faults", log, PEER_LOG_BUDGET)
         self._api: StatusApi | None = None
@@ -646,6 +656,7 @@ class Node:
             return False
         del self._sessions[session.peer]
         self._gossip_budgets.pop(session.peer, None)
+        self._gossip_out.pop(session.peer, None)
         self.metrics.peers_connected.set(len(self.sessions()))
         return True
 
@@ -789,10 +800,15 @@ class Node:
         if msg is None:
             return 0
         wire = Gossip(msg_id=msg.msg_id, origin=msg.origin, ttl=msg.ttl, topic=msg.topic, payload=msg.payload)
+        cost = 1 + len(msg.payload) // GOSSIP_UNIT_BYTES
         sent = 0
         for peer in targets:
             session = self.session(peer)
             if session is None:
+                continue
+            out = self._gossip_out.setdefault(peer, RequestBudget(GOSSIP_OUT_BURST, GOSSIP_OUT_REFILL_S))
+            if not out.take(cost):
+                self.gossip_held_back += 1  # flood gossip: the peer hears it from others, or it was too much
                 continue
             try:
                 await session.send(wire)
