@@ -224,6 +224,11 @@ SERVICE_TYPE = "_murmur._tcp.local."
 TXT_ID_KEY = "id"
 TXT_ADDR_PREFIX = "a"  # a0, a1, ...: one multiaddr each (a TXT string holds <= 255 bytes)
 MAX_TXT_ADDRS = 8
+MAX_RESOLVING = 16
+"""Announced names resolved at once, at most; others are passed over until
+announced again. Each resolve sends queries for up to ``resolve_timeout_ms``:
+40 multicast packets naming 2000 made-up services had 1900 resolves under
+way at once, and the node multicast about 3800 queries for them."""
 
 FoundCallback = Callable[[PeerId, tuple[Multiaddr, ...]], None]
 
@@ -257,6 +262,8 @@ class MdnsDiscovery:
         self._browser: Any = None
         self._info: Any = None
         self._tasks = TaskManager(f"mdns:{peer_id.short()}")
+        self._resolving: set[str] = set()  # names whose resolve is under way
+        self.passed_over = 0  # announcements not resolved: MAX_RESOLVING were under way
 
     @property
     def instance_name(self) -> str:
@@ -317,6 +324,12 @@ class MdnsDiscovery:
 
         if state_change not in (ServiceStateChange.Added, ServiceStateChange.Updated) or name == self.instance_name:
             return
+        if name in self._resolving:
+            return  # the resolve under way reads the updated records
+        if len(self._resolving) >= MAX_RESOLVING:
+            self.passed_over += 1  # unauthenticated multicast: a flood must not fan out into tasks and queries
+            return
+        self._resolving.add(name)
         self._tasks.spawn(f"resolve:{name}", lambda: self._resolve(service_type, name), replace=True)
 
     async def _resolve(self, service_type: str, name: str) -> None:
@@ -324,9 +337,14 @@ class MdnsDiscovery:
 
         zc = self._zc
         if zc is None:
+            self._resolving.discard(name)
             return
         info = AsyncServiceInfo(service_type, name)
-        if not await info.async_request(zc.zeroconf, self.config.resolve_timeout_ms):
+        try:
+            resolved = await info.async_request(zc.zeroconf, self.config.resolve_timeout_ms)
+        finally:
+            self._resolving.discard(name)
+        if not resolved:
             log.debug("mDNS: %s did not resolve", name)
             return
         try:

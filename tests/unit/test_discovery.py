@@ -183,3 +183,53 @@ async def test_mdns_two_nodes_find_each_other_on_loopback():
         await second.close()
     late = [found.get_nowait() for _ in range(found.qsize())]
     assert all(peer == {"a": b, "b": a}[who] for who, peer, _ in late)  # nobody ever reports itself
+
+
+async def test_mdns_flood_of_made_up_services_is_resolved_a_few_at_a_time():
+    """Anyone on the link can announce services: 40 packets naming 2000
+    made-up ones had 1900 resolves under way at once and the node multicast
+    ~3800 queries. At most MAX_RESOLVING are resolved at once; the rest are
+    passed over until announced again."""
+    import socket
+
+    from zeroconf import DNSOutgoing, DNSPointer, ServiceBrowser, ServiceStateChange
+    from zeroconf import const
+
+    from murmur.protocol.discovery import MAX_RESOLVING, SERVICE_TYPE
+
+    names = [f"fake{i}-{random.getrandbits(32)}.{SERVICE_TYPE}" for i in range(10 * MAX_RESOLVING)]
+    me = Identity.generate().peer_id
+    mdns = MdnsDiscovery(me, [Multiaddr("127.0.0.1", 4103)], lambda p, a: None,
+                         MdnsConfig(enabled=True, interfaces=("127.0.0.1",)))
+    try:
+        await mdns.start()
+    except OSError as exc:
+        await mdns.close()
+        pytest.skip(f"zeroconf cannot open multicast sockets on loopback here: {exc}")
+    seen: set[str] = set()  # what the node's zeroconf read, through a second browser of ours
+
+    def saw(zeroconf: object, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        seen.add(name)
+
+    browser = ServiceBrowser(mdns._zc.zeroconf, SERVICE_TYPE, handlers=[saw])
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    try:
+        out = DNSOutgoing(const._FLAGS_QR_RESPONSE | const._FLAGS_AA)
+        for name in names:
+            out.add_answer_at_time(DNSPointer(SERVICE_TYPE, const._TYPE_PTR, const._CLASS_IN, 4500, name), 0)
+        for packet in out.packets():
+            sender.sendto(packet, ("224.0.0.251", 5353))
+        for _ in range(500):  # until the node read every announcement (bounded: 5 s)
+            if seen >= set(names):
+                break
+            await asyncio.sleep(0.01)
+        assert seen >= set(names)
+        # Each resolve waits resolve_timeout_ms (3 s) for answers nobody sends: all still under way.
+        resolving = [t for t in asyncio.all_tasks() if t.get_name().startswith(f"mdns:{me.short()}:resolve:")]
+        assert len(resolving) <= MAX_RESOLVING
+        assert mdns.passed_over >= len(names) - MAX_RESOLVING
+    finally:
+        sender.close()
+        browser.cancel()
+        await mdns.close()
