@@ -645,7 +645,9 @@ class Node:
                 self.learner.on_session_closed(self, session)
             if self._started:
                 if session.said_goodbye:
-                    self.membership.report_failure(session.peer, reason="left (goodbye)")
+                    # Leaving is no fault: an honest node stopped and started again 26
+                    # times (a config being tuned) had fallen to -104 and was banned.
+                    self.membership.report_failure(session.peer, reason="left (goodbye)", penalise=False)
                 else:
                     await self.membership.on_session_closed(session)
 

@@ -315,10 +315,14 @@ class Membership:
                 self.report_failure(peer, reason=f"{type(exc).__name__}: {exc}")
                 return None
 
-    def report_failure(self, peer: PeerId, reason: str) -> None:
+    def report_failure(self, peer: PeerId, reason: str, penalise: bool = True) -> None:
+        """``peer`` is gone: out of the view and the neighbours (replaced at
+        once), and, with ``penalise``, a failure on its score (a dial or a
+        request that failed; not a peer that said goodbye)."""
         neighbour = any(desc.peer == peer for desc in self.sampler.neighbour_descriptors())
         replacements = self.sampler.on_failure(peer)
-        self.table.mark_failure(peer)
+        if penalise:
+            self.table.mark_failure(peer)
         self.evictions += 1
         # INFO only for a neighbour of ours: any stranger, or a stream of fresh
         # identities saying goodbye, caused one line each (300 in a second).
