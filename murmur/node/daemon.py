@@ -949,6 +949,9 @@ class Node:
                     "peer_id": str(record.peer_id),
                     "addrs": [str(a) for a in record.addrs],
                     "score": round(self.table.score(record.peer_id), 3),
+                    # A banned peer is refused and never dialled: without this a user
+                    # saw only a low score and "no" under connected, whatever it did.
+                    "banned_for_s": round(max(0.0, record.banned_until - time.time()), 1),
                     "connected": record.peer_id in libp2p,
                     "murmur": session is not None if record.peer_id in libp2p else None,
                     "neighbour": bool(session and session.linked),

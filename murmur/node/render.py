@@ -9,6 +9,7 @@ answers with less, never makes this fail.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -156,12 +157,20 @@ def _protocols(peer: Mapping[str, Any]) -> str:
     return f"{len(protocols)}" + (" murmur" if murmur else "")
 
 
+def _connected(peer: Mapping[str, Any]) -> str:
+    """"yes", "no", or how long it stays banned (refused and never dialled till then)."""
+    if peer.get("connected"):
+        return "yes"
+    banned_for = peer.get("banned_for_s") or 0
+    return f"banned:{math.ceil(banned_for / 60)}min" if banned_for > 0 else "no"  # one token: a column
+
+
 def render_peers(peers: Sequence[Mapping[str, Any]]) -> str:
     """One row per known peer: connected and learning neighbours first; what
     its identify said (agent, protocols, the address it observed us at)."""
     header = ("peer", "connected", "neighbour", "score", "agent", "protocols", "observed-us", "addresses")
     rows = [
-        (str(p.get("peer_id", "–"))[:SHORT_PEER] + "…", "yes" if p.get("connected") else "no",
+        (str(p.get("peer_id", "–"))[:SHORT_PEER] + "…", _connected(p),
          "yes" if p.get("neighbour") else "no", fmt_number(p.get("score"), 2),
          str(p.get("agent") or "–"), _protocols(p), str(p.get("observed") or "–"),
          " ".join(str(a) for a in p.get("addrs") or []) or "–")
@@ -170,5 +179,6 @@ def render_peers(peers: Sequence[Mapping[str, Any]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in [header, *rows]]
     out.append(f"{len(rows)} known, {sum(1 for p in peers if p.get('connected'))} connected, "
-               f"{sum(1 for p in peers if p.get('neighbour'))} neighbours")
+               f"{sum(1 for p in peers if p.get('neighbour'))} neighbours"
+               + (f", {banned} banned" if (banned := sum(1 for p in peers if p.get("banned_for_s"))) else ""))
     return "\n".join(out) + "\n"

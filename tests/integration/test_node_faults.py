@@ -361,6 +361,8 @@ async def test_repeated_small_faults_end_in_a_ban_and_a_drop(victim: Victim) -> 
     peer.close()
     assert "TimeoutFault" not in victim.faults()
     assert peer.peer_id not in victim.node.sampler, "a banned peer stays out of the Cyclon view"
+    shown = {p["peer_id"]: p for p in victim.node.peers()}[str(peer.peer_id)]  # murmur peers says so
+    assert 0 < shown["banned_for_s"] <= victim.node.table.config.ban_duration_s
     with pytest.raises(ConnectionClosed):
         await victim.node.connect([fake_addr], peer.peer_id)  # and is never dialled
     assert victim.node.session(peer.peer_id) is None

@@ -64,3 +64,13 @@ def test_status_names_the_aggregator_and_says_when_the_node_is_held_back() -> No
     assert not [line for line in quiet if line.startswith("HELD BACK")]
     (held,) = [line for line in lines({"rounds_held_back": HELD_BACK_STREAK}) if line.startswith("HELD BACK")]
     assert f"{HELD_BACK_STREAK} rounds behind neighbours it never gave weight" in held
+
+
+def test_peers_table_says_which_peers_are_banned_and_for_how_long() -> None:
+    """A banned peer is refused and never dialled; the table said only "no"
+    under connected and a low score."""
+    banned = {**LIBP2P_PEER, "connected": False, "score": -104.0, "banned_for_s": 3550.0}
+    lines = render_peers([MURMUR_PEER, banned]).splitlines()
+    assert lines[2].split()[1] == "banned:60min"
+    assert lines[1].split()[1] == "yes"
+    assert lines[-1] == "2 known, 1 connected, 1 neighbours, 1 banned"
