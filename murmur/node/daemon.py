@@ -85,6 +85,10 @@ LEARNING_OFF = "learning.enabled = false: this node only relays (membership, gos
 """Why a node has no learner, in its WARNING at start and in its status."""
 
 PEER_LOG_BUDGET = LogBudget(per_key=3, total=30, window_s=60.0)
+"""Lines a peer's faults and the handler failures it causes may write (per
+peer, and all peers together, per minute); the rest are counted, and one
+summary line per minute says how many and from whom."""
+
 GOSSIP_UNIT_BYTES = 16 * 1024  # a gossip message costs 1 + payload // this
 GOSSIP_BURST = 64  # units a peer may send at once: four messages of the largest payload
 GOSSIP_REFILL_S = 0.05  # then one unit every this often: 20 a second, ~320 KiB/s of payload
@@ -96,9 +100,6 @@ GOSSIP_OUT_REFILL_S = GOSSIP_REFILL_S * 2
 # (well within their budgets) through a node had it banned by its other
 # neighbour in 14 s, for traffic it only passed on. The half left over
 # absorbs messages that arrive bunched (a stalled connection, then all at once).
-"""Lines a peer's faults and the handler failures it causes may write (per
-peer, and all peers together, per minute); the rest are counted, and one
-summary line per minute says how many and from whom."""
 
 GossipSubscriber = Callable[[PeerId, bytes], None]
 
