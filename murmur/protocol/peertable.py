@@ -8,10 +8,11 @@ in the daemon, because ``last_seen`` and ``banned_until`` are written to disk
 and must stay meaningful across restarts.
 
 Scoring. Every peer starts at 0. Good behaviour (``mark_alive``) adds a little,
-faults (``penalise`` with a :class:`~murmur.errors.PeerFault`'s ``penalty``,
-``mark_failure``) subtract. Scores decay exponentially toward 0 with a
-half-life, so old sins and old merits both fade: a peer that misbehaved once a
-day ago is not punished forever. A peer whose score falls below
+faults (``penalise`` with a :class:`~murmur.errors.PeerFault`'s ``penalty``)
+and failures (``mark_failure``, down to ``failure_floor`` only) subtract.
+Scores decay exponentially toward 0 with a half-life, so old sins and old
+merits both fade: a peer that misbehaved once a day ago is not punished
+forever. A peer whose score falls below
 ``ban_threshold`` is banned for ``ban_duration_s``; banned peers are never
 handed out for dialling or peer exchange.
 
@@ -101,6 +102,13 @@ class PeerTableConfig:
     max_score: float = 100.0
     alive_reward: float = 1.0
     failure_penalty: float = 5.0
+    # How low failures alone take a score (faults go on below it, to a ban):
+    # a dial that fails says the peer is unreachable, not that it misbehaved,
+    # and anyone can make our dials to an honest peer fail by telling us a
+    # dead address for it in a shuffle (measured: one such record every 5
+    # minutes held an honest peer's score at about -89, one real failure from
+    # a ban). Low enough that such a peer is dialled last and evicted first.
+    failure_floor: float | None = None  # None: half of ban_threshold
     ban_threshold: float = -100.0
     ban_duration_s: float = 3600.0
     repute_successes: int = 3
@@ -116,6 +124,13 @@ class PeerTableConfig:
             raise ValueError("score_half_life_s must be > 0 and ban_duration_s >= 0")
         if self.ban_threshold >= 0:
             raise ValueError("ban_threshold must be negative (new peers start at 0)")
+        if not self.ban_threshold < self.floor <= 0:
+            raise ValueError("failure_floor must be in (ban_threshold, 0]: failures alone never ban")
+
+    @property
+    def floor(self) -> float:
+        """``failure_floor``, or half of ``ban_threshold``."""
+        return self.ban_threshold / 2 if self.failure_floor is None else self.failure_floor
         if self.repute_successes < 1 or self.repute_age_s < 0 or self.success_interval_s < 0:
             raise ValueError("repute_successes must be >= 1, repute_age_s and success_interval_s >= 0")
 
@@ -362,12 +377,18 @@ class PeerTable:
         return record.banned(now)
 
     def mark_failure(self, peer: PeerId) -> bool:
-        """A dial or request to ``peer`` failed; returns True iff now banned."""
+        """A dial or request to ``peer`` failed: its score falls by
+        ``failure_penalty``, but not below ``failure_floor`` (nor lower than
+        it already was), so failures alone never ban. Returns True iff the
+        peer is banned (by its faults)."""
         record = self.add(peer)
         if record is None:
             return False
         record.failures += 1
-        return self.penalise(peer, self.config.failure_penalty)
+        now = self._clock()
+        current = self._decayed(record, now)
+        points = min(self.config.failure_penalty, current - self.config.floor)
+        return self.penalise(peer, points) if points > 0 else record.banned(now)
 
     def mark_alive(self, peer: PeerId) -> None:
         """A dial or request succeeded: reset failures, small reward, seen now,

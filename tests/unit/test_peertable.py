@@ -77,15 +77,32 @@ def test_penalty_below_threshold_bans_for_a_while_then_expires():
 
 def test_failures_count_penalise_and_alive_resets():
     clock = FakeClock()
-    table = PeerTable(PeerTableConfig(failure_penalty=30, ban_threshold=-80), clock)
+    table = PeerTable(PeerTableConfig(failure_penalty=30, failure_floor=-70, ban_threshold=-80), clock)
     assert not table.mark_failure(pid(1))
     assert not table.mark_failure(pid(1))
     assert table.get(pid(1)).failures == 2  # type: ignore[union-attr]
     table.mark_alive(pid(1))
     assert table.get(pid(1)).failures == 0  # type: ignore[union-attr]
     assert table.score(pid(1)) == pytest.approx(-59)
-    assert table.mark_failure(pid(1)) is True  # -89 < -80: banned
+    assert not table.mark_failure(pid(1))  # -70 at most: failures alone never ban
+    assert table.score(pid(1)) == pytest.approx(-70)
     assert table.get(pid(1)).failures == 1  # type: ignore[union-attr]
+    assert table.penalise(pid(1), 15)  # a fault on top of them does (-85 < -80)
+
+
+def test_failures_by_made_up_addresses_never_ban_an_honest_peer():
+    """Anyone can make our dials to an honest peer fail by telling us a dead
+    address for it; one such failure every five minutes (the failure memory)
+    held its score near -89 with the default settings, one step from a ban."""
+    clock = FakeClock()
+    table = PeerTable(PeerTableConfig(), clock)
+    for _ in range(24 * 12):  # a day of it
+        assert not table.mark_failure(pid(1))
+        clock.t += 300
+    assert table.score(pid(1)) >= PeerTableConfig().floor == -50
+    assert not table.mark_failure(pid(1)) and not table.is_banned(pid(1))
+    with pytest.raises(ValueError, match="failure_floor"):
+        PeerTableConfig(failure_floor=-200.0)
 
 
 def test_bounded_size_evicts_worst_and_keeps_reputable_peers_under_flood():
