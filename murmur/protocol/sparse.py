@@ -54,6 +54,8 @@ MAX_INDEXED = 1 << 32  # top-k indices are uint32: models up to 2^32 parameters
 _INDEX = np.dtype("<u4")
 _U64 = struct.Struct(">Q")
 _CANDIDATE_HEADROOM = 1.25  # random-k draws this many candidates per wanted index, then tops up
+_NEVER = np.iinfo(np.int64).max  # random_mask: a coordinate not drawn (yet)
+_SCATTER_FROM = 16  # random_mask scatters (O(d) memory) once k >= d / this, else sorts (O(k))
 
 
 class SparseDecodeError(DecodeError):
@@ -93,17 +95,49 @@ def random_mask(seed: int, round: int, sender: bytes, d: int, k: int) -> np.ndar
     if k == 0:
         return np.empty(0, dtype=np.int64)
     stream = blake3.blake3(MASK_DOMAIN + _U64.pack(seed % (1 << 64)) + _U64.pack(round) + sender)
+    first_batch = int(k * _CANDIDATE_HEADROOM) + 64
+    if k * _SCATTER_FROM < d:
+        return _first_distinct_sorting(stream, d, k, first_batch)
+    return _first_distinct_scattering(stream, d, k, first_batch)
+
+
+def _words(stream: blake3.blake3, start: int, count: int, d: int) -> np.ndarray:
+    """Stream words ``start .. start+count`` (u64 LE) mod d."""
+    return np.frombuffer(stream.digest(length=8 * count, seek=8 * start), dtype="<u8") % np.uint64(d)
+
+
+def _first_distinct_sorting(stream: blake3.blake3, d: int, k: int, want: int) -> np.ndarray:
+    """:func:`random_mask`'s coordinates by sorting what was drawn: memory
+    and time of the order of k, for k small against d."""
     drawn = np.empty(0, dtype=np.uint64)
-    offset = 0
-    want = int(k * _CANDIDATE_HEADROOM) + 64
     while True:
-        words = np.frombuffer(stream.digest(length=8 * want, seek=offset), dtype="<u8")
-        offset += 8 * want
-        drawn = np.concatenate([drawn, words % np.uint64(d)])
+        drawn = np.concatenate([drawn, _words(stream, drawn.size, want, d)])
         unique, first = np.unique(drawn, return_index=True)
         if unique.size >= k:
             chosen = unique[np.argsort(first, kind="stable")[:k]]
             return np.sort(chosen.astype(np.int64))
+        want = k
+
+
+def _first_distinct_scattering(stream: blake3.blake3, d: int, k: int, want: int) -> np.ndarray:
+    """The same coordinates as :func:`_first_distinct_sorting`, without a
+    sort: for k a sizeable fraction of d, sorting everything drawn took
+    14.6 s for a 10M-parameter model at ratio 0.5 (2.7 s at 0.3), once per
+    neighbour per round. ``first[c]`` is the stream position of coordinate
+    c's first draw; the k wanted are those first drawn no later than the k-th
+    new coordinate. Linear time, 8 bytes a coordinate."""
+    first = np.full(d, _NEVER, dtype=np.int64)
+    drawn = found = 0
+    while True:
+        coords = _words(stream, drawn, want, d).astype(np.int64)
+        positions = np.arange(drawn, drawn + want, dtype=np.int64)
+        np.minimum.at(first, coords, positions)  # earlier batches hold smaller positions: they keep theirs
+        new = np.flatnonzero(first[coords] == positions)  # this batch's first draws, in stream order
+        drawn += want
+        if found + new.size >= k:
+            last = positions[new[k - found - 1]]
+            return np.flatnonzero(first <= last)  # sorted, k of them
+        found += new.size
         want = k
 
 
