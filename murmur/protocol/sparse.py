@@ -141,6 +141,18 @@ def _first_distinct_scattering(stream: blake3.blake3, d: int, k: int, want: int)
         want = k
 
 
+def _exact(ratio: float) -> str:
+    """``ratio`` as short as it reads back exactly: ``:g`` (what networks
+    already agree on, "0.01", "1") unless that rounds it. Rounded, 1/3 and
+    0.333333 both read "0.333333" and their fingerprints matched, yet at 10M
+    parameters one sends k = 3333333 values and the other expects 3333330:
+    every round message between the two honest nodes was refused as a
+    malformed transfer, a peer fault, instead of the link being refused once,
+    saying why."""
+    text = f"{ratio:g}"
+    return text if float(text) == ratio else repr(ratio)
+
+
 @dataclass(frozen=True)
 class RoundFormat:
     """The payload layout of one network's round messages (see the module
@@ -187,7 +199,7 @@ class RoundFormat:
         if not self.sparse:
             return "dense"
         scope = f",{self.scope.value}" if self.sparsifier is Sparsifier.RANDK else ""
-        return f"{self.sparsifier.value}({self.ratio:g}{scope})"
+        return f"{self.sparsifier.value}({_exact(self.ratio)}{scope})"
 
     # -- sender
 

@@ -230,6 +230,22 @@ def test_the_sender_refuses_bad_indices_and_counts() -> None:
         TOPK.encode(np.arange(49), values[:49], DeltaCodec.FP32, D)
 
 
+def test_formats_that_size_messages_differently_never_describe_alike() -> None:
+    """The description enters the model fingerprint: two nodes whose formats
+    would size a message differently must not agree on it, or every message
+    between them is a malformed transfer (a peer fault) and not one refused
+    link. 1/3 and 0.333333 read alike to six digits; at 10M parameters they
+    carry 3333333 and 3333330 values."""
+    d = 10_000_000
+    for sparsifier in (Sparsifier.TOPK, Sparsifier.RANDK):
+        generated, typed = RoundFormat(sparsifier, 1 / 3), RoundFormat(sparsifier, 0.333333)
+        assert generated.nbytes(DeltaCodec.FP32, d) != typed.nbytes(DeltaCodec.FP32, d)
+        assert generated.describe() != typed.describe()
+    # What networks already run with describes as it did (fingerprints unchanged).
+    assert [RoundFormat(Sparsifier.TOPK, r).describe() for r in (0.01, 1.0, 0.5, 1e-06)] == [
+        "topk(0.01)", "topk(1)", "topk(0.5)", "topk(1e-06)"]
+
+
 # --------------------------------------------------------------------------- through a transfer
 
 
