@@ -471,8 +471,16 @@ class Membership:
                 and not (a.is_circuit and a.peer_id is None)]  # CONNECT must name its target
 
     async def request_peers(self, session: PeerSession) -> None:
+        """Ask ``session``'s peer for peers; raises ConnectionClosed (and
+        expects no answer) when the request could not be sent."""
         self._pex_asked.add(session.peer)
-        await session.send(PeerExchangeRequest(max_peers=PEX_MAX_PEERS))
+        try:
+            await session.send(PeerExchangeRequest(max_peers=PEX_MAX_PEERS))
+        except ConnectionClosed:
+            # Not asked: the peer's other connection (the duplicate that was
+            # kept) must not look as if an answer were coming (_reseed waits).
+            self._pex_asked.discard(session.peer)
+            raise
 
     async def _on_pex_request(self, session: PeerSession, msg: PeerExchangeRequest) -> None:
         view = [d for d in self.sampler.view() if d.peer != session.peer]
