@@ -5,7 +5,6 @@ and every malformed payload a typed DecodeError."""
 from __future__ import annotations
 
 import struct
-import time
 
 import blake3
 import numpy as np
@@ -100,28 +99,6 @@ def test_large_masks_keep_their_derivation(k: int) -> None:
     """Large masks are drawn another way (a scatter, not a sort): still the
     first k distinct words of the same stream, or networks split."""
     np.testing.assert_array_equal(random_mask(5, 6, b"peer", D, k), _first_distinct_by_hand(5, 6, b"peer", D, k))
-
-
-def _fastest_of(runs: int, fn: object) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()  # type: ignore[operator]
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def test_a_large_random_k_mask_costs_a_few_sorts_of_it_not_a_sort_of_all_drawn() -> None:
-    """Every receiver derives each sender's mask every round. Sorting all
-    words drawn (np.unique) cost 33-58x one sort of the k coordinates at
-    ratio 0.5 (14.6 s per mask for 10M parameters, once per neighbour per
-    round); the scatter costs 3-5x."""
-    d = 2_000_000
-    k = d // 2
-    rng = np.random.default_rng(0)
-    reference = _fastest_of(3, lambda: np.sort(rng.integers(0, d, k)))
-    mask = _fastest_of(3, lambda: random_mask(1, 2, b"x", d, k))
-    assert mask < 15 * reference, (mask, reference)
 
 
 # --------------------------------------------------------------------------- sizes and round trips
