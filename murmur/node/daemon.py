@@ -42,7 +42,7 @@ from murmur.errors import LimitExceeded, OptionError, PeerFault, TaskCrashed
 from murmur.node.api import StatusApi
 from murmur.node.autonat import AutoNATProber
 from murmur.node.autorelay import AutoRelay
-from murmur.node.config import AUTO, NodeConfig
+from murmur.node.config import AUTO, NodeConfig, compression_advice
 from murmur.node.dialrace import CIRCUIT_DIAL_DELAY_S, Lane, first_of
 from murmur.node.links import LinkPacer
 from murmur.node.membership import Membership, MembershipConfig
@@ -1036,6 +1036,8 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
                     extra={"event": "learning", "trainer": learning.trainer, "node_index": learning.node_index,
                            "num_nodes": learning.num_nodes, "auto_index": auto, "aggregator": learning.aggregator},
                 )
+                for advice in compression_advice(node.config):
+                    log.warning(advice, extra={"event": "compression_advice"})
             await node.serve_until(stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

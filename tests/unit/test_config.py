@@ -20,6 +20,7 @@ from murmur.node.config import (
     PrivacyScheme,
     TransportSection,
     auto_node_index,
+    compression_advice,
     config_keys,
     config_to_dict,
     default_config_text,
@@ -296,6 +297,26 @@ def test_unsound_compression_with_privacy_is_one_config_error_naming_the_reason(
 def test_sound_compression_with_privacy_is_accepted(overrides: dict[str, object]) -> None:
     cfg = load_config(None, {"privacy.enabled": True, **overrides})
     assert cfg.privacy.enabled
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        ({"learning.codec": "int2"}, "falls to chance"),
+        ({"compression.sparsifier": "randk", "compression.ratio": 0.01}, "then diverges"),
+        ({"compression.sparsifier": "topk", "compression.ratio": 1.0}, "4-byte index"),
+        ({"learning.codec": "int2", "compression.consensus_step": 0.1}, None),
+        ({"compression.sparsifier": "randk", "compression.ratio": 0.01, "compression.consensus_step": 0.01}, None),
+        ({"compression.sparsifier": "topk", "compression.ratio": 0.01}, None),
+        ({"learning.codec": "int4"}, None),
+    ],
+    ids=["int2-step1", "randk-step1", "topk-ratio1", "int2-step0.1", "randk-step-ratio", "topk-0.01", "int4"],
+)
+def test_compression_that_defeats_itself_is_warned_of(overrides: dict[str, object], said: str | None) -> None:
+    """Measured on real daemons: int2 with step 1 fell to chance by round 10,
+    top-k at ratio 1 sent twice fp32's bytes; both ran without a word."""
+    advice = compression_advice(load_config(None, overrides))
+    assert (advice == []) if said is None else (len(advice) == 1 and said in advice[0]), advice
 
 
 def test_privacy_noise_is_calibrated_for_the_rounds_the_node_trains() -> None:
