@@ -81,6 +81,7 @@ DIAL_FAILURES = (OSError, PeerFault, ConnectionClosed, RelayRefused, TimeoutErro
 AUTONAT_FIRST_CHECK_S = 5.0  # the first dial-back check: peers connected and identified by then
 
 MAX_INCOMPATIBLE_PEERS = 4096  # peers remembered as running another model
+NO_MURMUR = "speaks no murmur protocol"  # why a libp2p peer is no learning neighbour (see _keep_foreign)
 LEARNING_OFF = "learning.enabled = false: this node only relays (membership, gossip) and trains nothing"
 """Why a node has no learner, in its WARNING at start and in its status."""
 
@@ -233,7 +234,9 @@ class Node:
             self.peer_id,
             self.addrs,
             net.sampler_config(),
-            is_blocked=lambda peer: self.table.is_banned(peer) or self.partitioned_off(peer) or peer in self._incompatible,
+            is_blocked=lambda peer: (self.table.is_banned(peer) or self.partitioned_off(peer)
+                                     or self._incompatible.get(peer) == NO_MURMUR),
+            may_neighbour=lambda peer: peer not in self._incompatible,
         )
         for record in self.table.usable():  # what we knew before a restart
             if record.addrs:
@@ -338,9 +341,10 @@ class Node:
         self.membership.extra_choices = learner.extra_choices
 
     def refuse_learning(self, peer: PeerId, reason: str) -> None:
-        """``peer`` runs another model: never a learning neighbour, and out of
-        the sampler's view so it is not picked (and refused) again and again.
-        Not a fault: nobody is penalised for running a different model."""
+        """``peer`` runs another model: never a learning neighbour (the
+        sampler does not pick it, so it is not refused again and again),
+        though still a member of the network that shuffles hand on. Not a
+        fault: nobody is penalised for running a different model."""
         if self._not_learning(peer, reason) and peer not in self._warned_incompatible:
             self._warned_incompatible[peer] = None
             while len(self._warned_incompatible) > MAX_INCOMPATIBLE_PEERS:
@@ -363,13 +367,19 @@ class Node:
         return {"peers": len(self._incompatible), "peer": str(peer), "reason": reason}
 
     def _not_learning(self, peer: PeerId, reason: str) -> bool:
-        """Keep ``peer`` out of learning and the sampler; False if it already was."""
+        """Keep ``peer`` out of learning; False if it already was. A peer
+        that speaks no murmur protocol leaves the sampler's view too (it
+        cannot shuffle); one that runs another model stays in it, so that
+        the view hands it on to peers that may run its model."""
         if peer in self._incompatible:
             return False
         self._incompatible[peer] = reason
         while len(self._incompatible) > MAX_INCOMPATIBLE_PEERS:
             del self._incompatible[next(iter(self._incompatible))]
-        self.sampler.on_failure(peer)
+        if reason == NO_MURMUR:
+            self.sampler.on_failure(peer)
+        else:
+            self.sampler.drop_neighbour(peer)
         return True
 
     async def stop(self) -> None:
@@ -668,7 +678,7 @@ class Node:
         network layer (identify, ping, later relaying), never a learning
         neighbour. Its connection stays until either side ends it."""
         peer = conn.peer_id
-        if self._not_learning(peer, "speaks no murmur protocol"):
+        if self._not_learning(peer, NO_MURMUR):
             log.info("peer speaks no murmur protocol; kept for identify and ping",
                      extra={"event": "foreign_peer", "peer": str(peer),
                             "agent": conn.identify.agent_version if conn.identify else None})

@@ -141,7 +141,11 @@ class CyclonSampler:
 
     ``rng`` drives every random choice (seed it for reproducible simulations);
     ``clock`` only times the failed-peer memory; ``is_blocked`` (e.g.
-    ``PeerTable.is_banned``) keeps peers out of view and neighbours.
+    ``PeerTable.is_banned``) keeps peers out of view and neighbours;
+    ``may_neighbour`` keeps peers out of the neighbours only: a peer that runs
+    another model is no learning neighbour, but it is a member of the
+    network all the same, and the view hands it on (two nodes whose one
+    common peer ran another model never met while it dropped them).
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class CyclonSampler:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         is_blocked: Callable[[PeerId], bool] = lambda _peer: False,
+        may_neighbour: Callable[[PeerId], bool] = lambda _peer: True,
     ) -> None:
         self.self_id = self_id
         self.config = config or SamplerConfig()
@@ -159,6 +164,7 @@ class CyclonSampler:
         self._rng = rng or random.Random()
         self._clock = clock
         self._is_blocked = is_blocked
+        self._may_neighbour = may_neighbour
         self._view: dict[PeerId, Descriptor] = {}
         self._neighbours: dict[PeerId, Descriptor] = {}  # insertion order = tenure order
         self._target_k = self.config.neighbours
@@ -244,6 +250,8 @@ class CyclonSampler:
                 break
             if desc.peer in self._neighbours or desc.peer in exclude or not self._admissible(desc.peer, desc.addrs):
                 continue
+            if not self._may_neighbour(desc.peer):
+                continue
             if not self._subnet_ok(desc, self._neighbours.values(), replacing=None):
                 continue
             self._neighbours[desc.peer] = desc
@@ -258,6 +266,14 @@ class CyclonSampler:
         desc = self._neighbours.pop(oldest)
         if not self._fill_neighbours(exclude=frozenset({oldest})):
             self._neighbours[oldest] = desc  # nobody to swap with: keep it
+
+    def drop_neighbour(self, peer: PeerId) -> list[PeerId]:
+        """``peer`` may no longer be a neighbour (``may_neighbour`` says so
+        now): out of the neighbours, kept in the view; returns the
+        neighbours added in its place (connect to them)."""
+        if self._neighbours.pop(peer, None) is None:
+            return []
+        return self._fill_neighbours()
 
     # -- failure detection ---------------------------------------------------
     def on_failure(self, peer: PeerId) -> list[PeerId]:

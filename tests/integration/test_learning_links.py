@@ -93,6 +93,22 @@ async def test_status_says_why_a_node_trains_alone_until_its_peer_runs_its_model
         assert "ALONE" not in render_status(first.status())
 
 
+async def test_two_nodes_whose_one_common_peer_runs_another_model_still_meet(tmp_path: Path) -> None:
+    """Two nodes bootstrapped to one node that runs another model (another
+    codec, say) never met: the bootstrap node dropped each from its view as
+    it refused to learn with them, so no shuffle handed one to the other, and
+    each trained alone at its round deadline. It keeps them in its view (only
+    not as learning neighbours), and they link to each other."""
+    async with Cluster(1, tmp_path, learning(size=21)) as cluster:
+        first = cluster.node(0)
+        a = await cluster.add_node(bootstrap=True, learning__trainer_options={"size": 31})
+        b = await cluster.add_node(bootstrap=True, learning__trainer_options={"size": 31})
+        await cluster.wait_until(lambda: b.peer_id in cluster.neighbours(a) and a.peer_id in cluster.neighbours(b),
+                                 30.0, "the two nodes of one model linked")
+        assert not cluster.neighbours(first)
+        assert first.status()["incompatible"]["peers"] == 2
+
+
 async def test_a_peer_switching_models_back_and_forth_is_warned_of_once(tmp_path: Path,
                                                                            caplog: pytest.LogCaptureFixture) -> None:
     """A peer that runs our model again leaves the incompatible set (above),
