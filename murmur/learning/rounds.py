@@ -265,8 +265,13 @@ class _Replica:
 
 @dataclass
 class _Contribution:
-    increment: torch.Tensor  # the peer's public increment for the round (what its aggregator scores)
-    model: torch.Tensor  # snapshot of its public half-step model for the round (see _Replica.lent)
+    """A neighbour's message for a round, as the round uses it: the snapshot
+    of its public half-step model (see _Replica.lent), which is what the
+    aggregator scores. The increment itself is not kept: it has advanced the
+    replica, and holding it was one more model copy per neighbour for the
+    whole round (and one more copy per offer)."""
+
+    model: torch.Tensor
 
 
 @dataclass
@@ -506,9 +511,8 @@ class RoundEngine:
             return Offer.DUPLICATE
         if round > replica.round + 1:
             return self._hold(peer, round, increment)
-        device = replica.model.device
-        increment = increment.to(device, copy=True)  # its own memory: the received buffer is released now
-        replica.advance(increment)
+        # Added into the replica and not kept: the received buffer is the driver's to release.
+        replica.advance(increment.to(replica.model.device))
         if not _all_finite(replica.model):
             # Finite increments can still sum past float32's range. A replica
             # at inf made every later consensus step non-finite, so each was
@@ -516,7 +520,7 @@ class RoundEngine:
             del self._replicas[peer]
             return Offer.BAD_SHAPE
         replica.round = round
-        return self._file(peer, round, _Contribution(increment, replica.snapshot()))
+        return self._file(peer, round, _Contribution(replica.snapshot()))
 
     def _file(self, peer: str, round: int, contribution: _Contribution) -> Offer:
         pending = self._pending
@@ -560,8 +564,7 @@ class RoundEngine:
         if held_round == round + 1:
             return self.offer(peer, held_round, increment)
         if held_round == round:
-            device = replica.model.device
-            return self._file(peer, held_round, _Contribution(increment.to(device, copy=True), replica.snapshot()))
+            return self._file(peer, held_round, _Contribution(replica.snapshot()))
         return None  # older than the model (it moved on) or still a gap
 
     def forget(self, peer: str) -> None:

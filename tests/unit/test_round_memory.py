@@ -1,0 +1,88 @@
+"""How many model-sized tensors the round engine keeps, between rounds and
+in an open round, with SybilWall and k neighbours.
+
+At real model sizes every model copy the engine keeps is a model's worth of
+a node's memory (a user's 3.6 M-parameter model, 14 MB, ran at 1.05-1.23 GB
+a daemon). These tests count the distinct storages of at least half a model
+reachable from the engine, its aggregator and its pending round (the
+trainer's own model excluded: it is the trainer's), so a copy kept by
+mistake shows up as a count, not as a slow drift in a benchmark."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from murmur.learning.aggregators import get_aggregator
+from murmur.learning.rounds import RoundConfig, RoundEngine
+from murmur.learning.trainers.base import TrainerContext
+from tests.trainers import VectorTrainer
+
+SIZE = 100_000  # 400 KB: far above SybilWall's sketches (128 KB), so only model-sized buffers count
+MODEL_BYTES = 4 * SIZE
+ROUNDS = 3
+
+
+def _engine() -> RoundEngine:
+    trainer = VectorTrainer(TrainerContext(node_index=0, num_nodes=2, seed=3, options={"size": SIZE}))
+    return RoundEngine(trainer, get_aggregator("sybilwall"), RoundConfig(local_steps=1))
+
+
+def _model_sized(root: Any, skip: set[int]) -> set[int]:
+    """Data pointers of the storages of at least half a model reachable from ``root``."""
+    found: set[int] = set()
+    seen: set[int] = set(skip)
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.untyped_storage().nbytes() >= MODEL_BYTES // 2:
+                found.add(obj.untyped_storage().data_ptr())
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif type(obj).__module__.startswith(("murmur.", "tests.")) and hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+    return found
+
+
+def _held(engine: RoundEngine, *exclude: torch.Tensor) -> int:
+    """Model-sized storages the engine holds, apart from its trainer's and ``exclude``'s."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    return len(_model_sized(engine, {id(engine.trainer)}) - excluded)
+
+
+def _run(engine: RoundEngine, k: int, rounds: int) -> None:
+    """``rounds`` rounds with ``k`` neighbours whose messages are random increments."""
+    gen = torch.Generator().manual_seed(7)
+    peers = {f"peer{i}": k for i in range(k)}
+    for _ in range(rounds):
+        round_ = engine.round
+        engine.begin_round(peers)
+        for peer in peers:
+            engine.offer(peer, round_, torch.randn(SIZE, generator=gen) * 0.01)
+        engine.finish_round()
+
+
+def _held_in_open_round(k: int) -> int:
+    engine = _engine()
+    _run(engine, k, ROUNDS)
+    gen = torch.Generator().manual_seed(8)
+    peers = {f"peer{i}": k for i in range(k)}
+    round_ = engine.round
+    message = engine.begin_round(peers)
+    for peer in peers:
+        engine.offer(peer, round_, torch.randn(SIZE, generator=gen) * 0.01)
+    return _held(engine, message.increment)
+
+
+def test_each_neighbour_costs_one_model_copy_in_an_open_round() -> None:
+    """A neighbour's message advances its replica and is scored through the
+    replica's snapshot: the increment itself was kept too, one more model per
+    neighbour for the whole round."""
+    assert _held_in_open_round(4) - _held_in_open_round(2) == 2
