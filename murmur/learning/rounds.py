@@ -91,7 +91,9 @@ REFERENCE_ROUNDS = 3
 """How many rounds' references (the point each round scored against) the
 engine keeps, so a gossiped record of a peer's public model a round or two
 old is scored against the reference of its own round, not today's: the
-shared drift between the two would make stale records look alike."""
+shared drift between the two would make stale records look alike. Past
+rounds' references are kept as their record sketches only (a record carries
+a sketch, never a model): whole ones were two more model copies per node."""
 
 
 class Offer(enum.Enum):
@@ -119,6 +121,14 @@ def _all_finite(t: torch.Tensor) -> bool:
     if flat.numel() == 0 or math.isfinite(float(torch.dot(flat, flat))):
         return True
     return bool(torch.isfinite(flat).all())
+
+
+@runtime_checkable
+class TakesRecords(Protocol):
+    """Aggregators that score gossiped history records (SybilWall): the
+    engine keeps its past references' sketches for them."""
+
+    def receive_record(self, from_peer: str, record: Any) -> Any: ...
 
 
 @runtime_checkable
@@ -325,9 +335,11 @@ class RoundEngine:
         # r_i: the model our last round mixed to (s_i + c_i), what WEIGHTS
         # aggregators score neighbours' public models against (finish_round).
         self._reference = initial.clone()
-        # Past references by round, for gossiped records of a peer's public
-        # model at an earlier round (relative_to_reference).
-        self._references: dict[int, torch.Tensor] = {start_round: self._reference}
+        self._reference_round = start_round
+        # Record sketches of the references of the last REFERENCE_ROUNDS
+        # rounds by round, for gossiped records of a peer's public model at an
+        # earlier round (relative_sketch): made once a round, not per record.
+        self._reference_sketches: dict[int, torch.Tensor] = {}
         self.last_sent_round = -1
         self._consensus = torch.zeros_like(initial)  # c_i of the last closed round, not yet published
         # With a compressor: e_i, what the messages so far left unsent (a
@@ -797,12 +809,15 @@ class RoundEngine:
         return consensus if separate_private else model - half
 
     def _set_reference(self, reference: torch.Tensor, round: int) -> None:
-        """The point round ``round`` scores against; the last
-        ``REFERENCE_ROUNDS`` of them are kept for gossiped records."""
-        self._reference = reference
-        self._references[round] = reference
-        for old in [r for r in self._references if r <= round - REFERENCE_ROUNDS]:
-            del self._references[old]
+        """The point round ``round`` scores against. The sketches of the last
+        ``REFERENCE_ROUNDS`` of them are kept for gossiped records, made now
+        for an aggregator that takes records (the whole reference is
+        replaced next round), and on first use otherwise."""
+        self._reference, self._reference_round = reference, round
+        if isinstance(self.aggregator, TakesRecords):
+            self._reference_sketches[round] = model_sketch(reference)
+        for old in [r for r in self._reference_sketches if r <= round - REFERENCE_ROUNDS]:
+            del self._reference_sketches[old]
 
     def replica(self, peer: str) -> tuple[torch.Tensor, int] | None:
         """Our replica of ``peer``'s public model and the round of its last
@@ -812,26 +827,20 @@ class RoundEngine:
             return None
         return replica.model, replica.round
 
-    def relative_to_reference(self, model: torch.Tensor, round: int) -> torch.Tensor | None:
-        """A peer's public model as of its message ``round`` (a gossiped
-        record), as the offset our aggregator scores for that round: ``model``
-        minus the point we mixed to before that round. None when we no longer
-        (or never) held that round's reference: a record older than
-        ``REFERENCE_ROUNDS`` rounds, or from the future."""
-        reference = self._references.get(round)
-        if reference is None or model.numel() != self.num_params:
-            return None
-        return model.to(reference.device, torch.float32) - reference
-
     def relative_sketch(self, sketch: torch.Tensor, round: int) -> torch.Tensor | None:
         """A gossiped record's sketch of a peer's public model as of its
         message ``round``, as the sketch of the offset our aggregator scores
         for that round (sketches are linear: ``sketch(model) -
-        sketch(reference)``). None as for :meth:`relative_to_reference`."""
-        reference = self._references.get(round)
+        sketch(reference)``, the reference being the point we mixed to
+        before that round). None when we no longer (or never) held that
+        round's reference: a record older than ``REFERENCE_ROUNDS`` rounds,
+        or from the future."""
+        reference = self._reference_sketches.get(round)
+        if reference is None and round == self._reference_round:
+            reference = self._reference_sketches[round] = model_sketch(self._reference)
         if reference is None:
             return None
-        return sketch.to(torch.float32) - model_sketch(reference)
+        return sketch.to(torch.float32) - reference
 
     def _return_snapshots(self) -> None:
         """The closed round's contributions are gone: a replica whose model no
@@ -859,7 +868,7 @@ class RoundEngine:
         self._carry = None
         if self.outer is not None:
             self.outer.reset()
-        self._references.clear()
+        self._reference_sketches.clear()
         self._set_reference(self.public.clone(), round)
         self.last_sent_round = round - 1
         self.round = round
@@ -900,7 +909,7 @@ class RoundEngine:
         self._carry = None if carry is None else carry.to(device, torch.float32).clone()
         if self.outer is not None:
             self.outer.restore(dict(state), device)
-        self._references.clear()
+        self._reference_sketches.clear()
         self._set_reference(self.public + self._consensus, self.round)
 
 

@@ -369,15 +369,18 @@ def deliver_record(
     distance: int,
 ) -> RecordVerdict | None:
     """Hand ``receiver`` a record as its node would after checking signatures
-    (a sketch of the subject's model, made from its offset here: sketches are linear)."""
+    (the subject's model sketch, made relative to the sketch of the
+    receiver's reference of that round: sketches are linear)."""
     aggregator = receiver.aggregator
     if not isinstance(aggregator, SybilWallAggregator):
         return None
-    offset = receiver.relative_to_reference(payload.model, payload.round)
+    if payload.model.numel() != receiver.num_params:
+        return None
+    offset = receiver.relative_sketch(model_sketch(payload.model), payload.round)  # as a node does (learner)
     if offset is None:
         return None
     verdict = aggregator.receive_record(
-        sender, HistoryRecordData(subject, payload.round, model_sketch(offset), payload.observer, distance))
+        sender, HistoryRecordData(subject, payload.round, offset, payload.observer, distance))
     if verdict is RecordVerdict.KEPT:
         store[subject] = payload
     known = set(aggregator.known_peers())

@@ -86,3 +86,14 @@ def test_each_neighbour_costs_one_model_copy_in_an_open_round() -> None:
     replica's snapshot: the increment itself was kept too, one more model per
     neighbour for the whole round."""
     assert _held_in_open_round(4) - _held_in_open_round(2) == 2
+
+
+def test_between_rounds_the_engine_keeps_one_reference_not_three() -> None:
+    """Between rounds: the public model, the reference, the consensus step,
+    the initial model and one replica per neighbour. Past references are for
+    gossiped records, which carry sketches: two more whole models were kept
+    for them."""
+    k = 2
+    engine = _engine()
+    _run(engine, k, ROUNDS)
+    assert _held(engine) == 4 + k
