@@ -287,8 +287,7 @@ class _Contribution:
 @dataclass
 class _Pending:
     neighbours: dict[str, int]  # peer -> its degree
-    own_delta: torch.Tensor  # clean Δ_i (kept)
-    sent: torch.Tensor  # q_i, our public increment (what neighbours got and score)
+    own_delta: torch.Tensor  # clean Δ_i (kept); q_i, what we sent, is the driver's to keep
     train_loss: float
     received: dict[str, _Contribution] = field(default_factory=dict)
     departed: list[str] = field(default_factory=list)  # left mid-round without delivering (see forget)
@@ -341,7 +340,9 @@ class RoundEngine:
         # earlier round (relative_sketch): made once a round, not per record.
         self._reference_sketches: dict[int, torch.Tensor] = {}
         self.last_sent_round = -1
-        self._consensus = torch.zeros_like(initial)  # c_i of the last closed round, not yet published
+        # c_i of the last closed round, not yet published; None once the open
+        # round's message published it (a zero model held all round otherwise).
+        self._consensus: torch.Tensor | None = torch.zeros_like(initial)
         # With a compressor: e_i, what the messages so far left unsent (a
         # function of what was published: public models and noised updates).
         self._residual = torch.zeros_like(initial) if compressor is not None else None
@@ -446,13 +447,14 @@ class RoundEngine:
                 sent = update.delta
             else:
                 sent = self.perturber.perturb(update.delta, self.round, peers)
+            assert self._consensus is not None  # set by every close, adopt and restore
             message = Message(self._consensus + sent)
             if self.wire is not None:  # a lossy codec: advance by what the receivers' replicas will hold
                 message = Message(self.wire(message.stacked())[0])
         _advance(self.public, message.increment)  # exactly as every neighbour's replica of it (offer)
-        self._consensus = torch.zeros_like(self._consensus)
+        self._consensus = None  # published: nothing more to keep until the round closes
         self.last_sent_round = self.round
-        self._pending = _Pending(dict(neighbours), update.delta, message.increment, update.loss)
+        self._pending = _Pending(dict(neighbours), update.delta, update.loss)
         for peer, contribution in self._future.pop(self.round, {}).items():
             if peer in self._pending.neighbours:
                 self._pending.received[peer] = contribution
@@ -486,6 +488,7 @@ class RoundEngine:
                 clean = clean.clone() if clean is update.delta else clean
                 clean[mask] -= self.perturber.clip(values)
                 self._carry = clean
+        assert self._consensus is not None
         v = self._residual + self._consensus
         v += published
         compressed = compressor.compress(v, self.round, mask)
@@ -881,7 +884,7 @@ class RoundEngine:
         state: dict[str, Any] = {
             "round": self.round,
             "public": self.public.clone(),
-            "consensus": self._consensus.clone(),
+            "consensus": torch.zeros_like(self.public) if self._consensus is None else self._consensus.clone(),
             "last_sent_round": self.last_sent_round,
         }
         if self._residual is not None:

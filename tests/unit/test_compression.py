@@ -184,13 +184,13 @@ def test_error_feedback_carries_exactly_the_untransmitted_remainder(key: str) ->
         total += (consensus + update.delta).double()
         np.testing.assert_allclose((node.public.double() + node._residual.double()).numpy(), total.numpy(),
                                    atol=1e-4)
+        messages = {1: message}
         for i, engine in enumerate(engines):
             if i != 1:
-                engine.begin_round(_neighbours(i))
+                messages[i] = engine.begin_round(_neighbours(i))
         for i in GRAPH:
             for j in GRAPH[i]:
-                sender = engines[i]
-                assert engines[j].offer(_name(i), round_, sender._pending.sent) is Offer.ACCEPTED
+                assert engines[j].offer(_name(i), round_, messages[i].increment) is Offer.ACCEPTED
         for engine in engines:
             engine.finish_round()
 

@@ -97,3 +97,16 @@ def test_between_rounds_the_engine_keeps_one_reference_not_three() -> None:
     engine = _engine()
     _run(engine, k, ROUNDS)
     assert _held(engine) == 4 + k
+
+
+def test_an_open_round_keeps_no_zero_consensus_step() -> None:
+    """Opening a round publishes the consensus step in its message; the
+    engine then keeps its own clean update for the round, and nothing else
+    new: a fresh zero consensus step was held all round (the message is the
+    driver's, and excluded here)."""
+    k = 2
+    engine = _engine()
+    _run(engine, k, ROUNDS)
+    between = _held(engine)
+    message = engine.begin_round({f"peer{i}": k for i in range(k)})
+    assert _held(engine, message.increment) == between  # the consensus step gone, the clean update kept
