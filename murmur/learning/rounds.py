@@ -737,10 +737,9 @@ class RoundEngine:
             # privacy: there every pull is mostly noise, and correlated noise (DECOR) cancels only
             # in whole sums (SybilWall's coordinate bound: bench/sybil.py --privacy 10, 100 rounds,
             # no attack, accuracy 0.53-0.56 -> 0.43-0.46 over three runs each).
-            bounded = None if self.perturber is not None else self.aggregator.mixed_offsets(own, updates)
-            if bounded is not None:  # fresh tensors of the aggregator's: made models in place
-                models = [offset.add_(reference) for offset in bounded]
-            del updates, bounded  # the offsets: n model copies fewer while the steps are summed
+            if self.perturber is None and self.aggregator.mix_offsets_in_place(own, updates):
+                models = [u.delta.add_(reference) for u in updates]  # our offsets, bounded: made models in place
+            del updates  # the offsets (unless bounded): n model copies fewer while the steps are summed
             consensus = _weighted_offsets(models, peers, weights, self.public)
             private_step = _weighted_offsets(models, peers, weights, private_half) if separate_private else consensus
         if not (_all_finite(consensus) and _all_finite(private_step)):

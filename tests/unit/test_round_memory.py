@@ -10,11 +10,13 @@ mistake shows up as a count, not as a slow drift in a benchmark."""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
+import pytest
 import torch
 
-from murmur.learning.aggregators import get_aggregator
+from murmur.learning.aggregators import get_aggregator, sybilwall
 from murmur.learning.rounds import RoundConfig, RoundEngine
 from murmur.learning.trainers.base import TrainerContext
 from tests.trainers import VectorTrainer
@@ -110,3 +112,39 @@ def test_an_open_round_keeps_no_zero_consensus_step() -> None:
     between = _held(engine)
     message = engine.begin_round({f"peer{i}": k for i in range(k)})
     assert _held(engine, message.increment) == between  # the consensus step gone, the clean update kept
+
+
+def _live_model_sized() -> int:
+    """Model-sized storages alive in the whole process (gc sees every tensor object)."""
+    return len({o.untyped_storage().data_ptr() for o in gc.get_objects()
+                if issubclass(type(o), torch.Tensor) and o.untyped_storage().nbytes() >= MODEL_BYTES // 2})
+
+
+def test_the_coordinate_bound_adds_no_model_copy_per_neighbour(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a round's peak the engine holds each neighbour's offset from the
+    reference (SybilWall scores them); the coordinate bound wrote its
+    bounded offsets into fresh tensors next to them, one more model per
+    neighbour (8 neighbours: 8 of the peak's ~27 models)."""
+    k = 4
+    engine = _engine()
+    _run(engine, k, ROUNDS)
+    gen = torch.Generator().manual_seed(9)
+    peers = {f"peer{i}": k for i in range(k)}
+    round_ = engine.round
+    engine.begin_round(peers)  # the message dropped, as a driver does once it is sent
+    for peer in peers:
+        engine.offer(peer, round_, torch.randn(SIZE, generator=gen) * 0.01)
+    gc.collect()
+    before = _live_model_sized()
+    seen: list[int] = []
+    real = sybilwall.bound_offsets
+
+    def counting(*args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        out = real(*args, **kwargs)
+        seen.append(_live_model_sized())
+        return out
+
+    monkeypatch.setattr(sybilwall, "bound_offsets", counting)
+    engine.finish_round()
+    # Besides what the open round held: our own offset, our half step, one offset per neighbour.
+    assert seen and seen[0] - before == 2 + k

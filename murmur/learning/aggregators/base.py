@@ -141,6 +141,20 @@ class Aggregator(ABC):
         it under privacy (correlated noise cancels only in whole sums)."""
         return None
 
+    def mix_offsets_in_place(self, own: torch.Tensor, updates: Sequence[PeerUpdate]) -> bool:
+        """:meth:`mixed_offsets`, written into ``updates``' deltas, which the
+        caller made for this round and hands over; False (nothing written)
+        where every model is mixed as it is. What the round engine calls: the
+        fresh tensors of :meth:`mixed_offsets` were, next to the offsets they
+        came from, one more model copy per neighbour at the round's peak.
+        Override it where the bound can be computed in place (SybilWall)."""
+        bounded = self.mixed_offsets(own, updates)
+        if bounded is None:
+            return False
+        for update, offset in zip(updates, bounded, strict=True):
+            update.delta.copy_(offset)
+        return True
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``),
         fresh ones, never views of live state: the node writes them to disk in

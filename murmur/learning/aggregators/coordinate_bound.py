@@ -137,10 +137,12 @@ def _range(typical: torch.Tensor, up: torch.Tensor, down: torch.Tensor, factor: 
 
 
 def bound_offsets(own: torch.Tensor, offsets: Sequence[torch.Tensor], factor: float = DEFAULT_COORDINATE_BOUND,
-                  quiet: float = DEFAULT_QUIET) -> list[torch.Tensor]:
+                  quiet: float = DEFAULT_QUIET, *, in_place: bool = False) -> list[torch.Tensor]:
     """Each offset (a neighbour's model minus the round's reference, as
     ``own`` is ours), its pull ``offset - own`` clamped to
-    :func:`coordinate_bounds`, returned as an offset from that reference."""
+    :func:`coordinate_bounds`, returned as an offset from that reference.
+    ``in_place``: written into ``offsets`` themselves (the same operations,
+    so the same values), which are returned: no model copy per offset."""
     if not offsets:
         return []
     d = own.numel()
@@ -153,7 +155,7 @@ def bound_offsets(own: torch.Tensor, offsets: Sequence[torch.Tensor], factor: fl
     del typical  # one model-sized buffer fewer while the bounded offsets are made
     out = []
     for o in offsets:
-        pull = o - own
+        pull = o.sub_(own) if in_place else o - own
         torch.maximum(pull, low, out=pull)
         torch.minimum(pull, high, out=pull)
         out.append(pull.add_(own))

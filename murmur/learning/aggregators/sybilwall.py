@@ -481,6 +481,13 @@ class SybilWallAggregator(Aggregator):
             return None
         return bound_offsets(own, [u.delta for u in updates], self.options.coordinate_bound)
 
+    def mix_offsets_in_place(self, own: torch.Tensor, updates: Sequence[PeerUpdate]) -> bool:
+        """:meth:`mixed_offsets` into the updates' own deltas (no copy per neighbour)."""
+        if self.options.coordinate_bound is None:
+            return False
+        bound_offsets(own, [u.delta for u in updates], self.options.coordinate_bound, in_place=True)
+        return True
+
     def weigh(self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int) -> dict[str, float]:
         """Score this round's neighbours (similarity, trust, clip, probe) and weigh them."""
         check_inputs(own, updates)

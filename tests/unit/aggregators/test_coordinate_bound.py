@@ -90,6 +90,17 @@ def test_an_honest_neighbour_that_moves_a_busy_coordinate_more_keeps_it() -> Non
     assert float(out[2][7]) == float(pulls[2, 7])
 
 
+def test_in_place_gives_the_same_bits_into_the_offsets_given() -> None:
+    """The round engine has the bound written into its own offsets (no copy
+    per neighbour): the same operations, so the same values, bit for bit."""
+    own, *offsets = orthogonalish(5, 1000, 4)
+    fresh = bound_offsets(own, offsets, 1.5)
+    mine = [o.clone() for o in offsets]
+    out = bound_offsets(own, mine, 1.5, in_place=True)
+    assert all(a is b for a, b in zip(out, mine, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(fresh, mine, strict=True))
+
+
 def test_chunks_give_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Big models are bounded a chunk of coordinates at a time (bounded
     temporaries); the result is the one-pass answer."""
