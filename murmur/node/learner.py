@@ -61,6 +61,7 @@ from murmur.learning.trainers.registry import create_trainer
 from murmur.node.config import Attack, LearningMode, OuterName, OuterSection, PrivacyLevel
 from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
+from murmur.node.heap import release_free_heap
 from murmur.node.outbox import Outbox
 from murmur.node.ratelimit import RequestBudget
 from murmur.node.records import (
@@ -733,6 +734,9 @@ class NodeLearner:
         with timer.phase("eval_s"):
             loss, accuracy = await asyncio.to_thread(self._evaluate)
         self.last_eval = (loss, accuracy)
+        # The round's model-sized temporaries are freed: hand their pages back
+        # (a model under 32 MB leaves them as holes in the heap, see heap.py).
+        await asyncio.to_thread(release_free_heap)
         metrics = self.node.metrics
         metrics.round.set(self.engine.round)
         metrics.set_eval(Split.TRAIN, loss=report.train_loss, accuracy=float("nan"))
