@@ -707,8 +707,6 @@ class RoundEngine:
             raise RuntimeError("no round is open")
         peers = list(pending.received)
         models = [pending.received[p].model for p in peers]  # ŝ_j, public half-step models
-        private_half = self.trainer.get_flat()
-        private_half += pending.own_delta  # x_i + Δ_i, never noised
         # A separate private model exists only when what we send is noised and we train from our own model.
         separate_private = self.perturber is not None and self.config.train_from is TrainFrom.PRIVATE
         if self.aggregator.combine is Combine.VALUES:
@@ -718,6 +716,7 @@ class RoundEngine:
 
             public_result = combine(self.public)
             consensus, weights = public_result.delta, public_result.weights
+            private_half = self._private_half(pending)
             private_step = combine(private_half).delta if separate_private else consensus
         else:
             # Score what is mixed: every neighbour's public model (everything it
@@ -739,7 +738,8 @@ class RoundEngine:
             # no attack, accuracy 0.53-0.56 -> 0.43-0.46 over three runs each).
             if self.perturber is None and self.aggregator.mix_offsets_in_place(own, updates):
                 models = [u.delta.add_(reference) for u in updates]  # our offsets, bounded: made models in place
-            del updates  # the offsets (unless bounded): n model copies fewer while the steps are summed
+            del updates, own  # the offsets (unless bounded): n model copies fewer while the steps are summed
+            private_half = self._private_half(pending)  # made now, not held through the scoring's peak
             consensus = _weighted_offsets(models, peers, weights, self.public)
             private_step = _weighted_offsets(models, peers, weights, private_half) if separate_private else consensus
         if not (_all_finite(consensus) and _all_finite(private_step)):
@@ -774,6 +774,12 @@ class RoundEngine:
         for stale in [r for r in self._future if r < self.round]:
             self.late_dropped += len(self._future.pop(stale))
         return report
+
+    def _private_half(self, pending: _Pending) -> torch.Tensor:
+        """x_i + Δ_i, our own half step, never noised (a fresh vector)."""
+        half = self.trainer.get_flat()
+        half += pending.own_delta
+        return half
 
     def _apply_round(
         self, pending: _Pending, private_half: torch.Tensor, consensus: torch.Tensor, private_step: torch.Tensor,
