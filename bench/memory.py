@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.trainers: the vector trainer the tests plug in
 
 from murmur.learning.aggregators import get_aggregator  # noqa: E402
+from murmur.learning.footprint import model_sized  # noqa: E402
 from murmur.learning.rounds import RoundConfig, RoundEngine  # noqa: E402
 from murmur.learning.trainers.base import TrainerContext  # noqa: E402
 from tests.trainers import VectorTrainer  # noqa: E402
@@ -76,30 +77,6 @@ def peak_of(step: Callable[[], object]) -> int:
     return peak_rss()
 
 
-def model_sized(root: object, model_bytes: int, skip: set[int]) -> int:
-    """Distinct storages of at least half a model reachable from ``root``
-    (through murmur and test objects, dicts and sequences)."""
-    found: set[int] = set()
-    seen = set(skip)
-    stack = [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if issubclass(type(obj), torch.Tensor):
-            storage = obj.untyped_storage()  # type: ignore[attr-defined]
-            if storage.nbytes() >= model_bytes // 2:
-                found.add(storage.data_ptr())
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend(obj)
-        elif type(obj).__module__.startswith(("murmur.", "tests.")) and hasattr(obj, "__dict__"):
-            stack.extend(vars(obj).values())
-    return len(found)
-
-
 def trainer(params: int) -> VectorTrainer:
     return VectorTrainer(TrainerContext(node_index=0, num_nodes=2, seed=1, options={"size": params}))
 
@@ -128,7 +105,7 @@ def run_engine(params: int, k: int, rounds: int, start: int) -> dict[str, float]
 
     peaks = [peak_of(one_round) for _ in range(rounds)]
     gc.collect()
-    held = model_sized(engine, size, {id(engine.trainer)})
+    held = len(model_sized(engine, size, {id(engine.trainer)}))
     return {"k": k, "steady_held": held, "steady_rss": (rss() - start) / size,
             "peak_rss": (max(peaks[1:] or peaks) - start) / size}
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from murmur.learning.aggregators import get_aggregator, sybilwall
+from murmur.learning.footprint import model_sized
 from murmur.learning.rounds import RoundConfig, RoundEngine
 from murmur.learning.trainers.base import TrainerContext
 from tests.trainers import VectorTrainer
@@ -31,32 +32,10 @@ def _engine() -> RoundEngine:
     return RoundEngine(trainer, get_aggregator("sybilwall"), RoundConfig(local_steps=1))
 
 
-def _model_sized(root: Any, skip: set[int]) -> set[int]:
-    """Data pointers of the storages of at least half a model reachable from ``root``."""
-    found: set[int] = set()
-    seen: set[int] = set(skip)
-    stack = [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            if obj.untyped_storage().nbytes() >= MODEL_BYTES // 2:
-                found.add(obj.untyped_storage().data_ptr())
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend(obj)
-        elif type(obj).__module__.startswith(("murmur.", "tests.")) and hasattr(obj, "__dict__"):
-            stack.extend(vars(obj).values())
-    return found
-
-
 def _held(engine: RoundEngine, *exclude: torch.Tensor) -> int:
     """Model-sized storages the engine holds, apart from its trainer's and ``exclude``'s."""
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    return len(_model_sized(engine, {id(engine.trainer)}) - excluded)
+    return len(model_sized(engine, MODEL_BYTES, {id(engine.trainer)}) - excluded)
 
 
 def _run(engine: RoundEngine, k: int, rounds: int) -> None:
@@ -120,21 +99,28 @@ def _live_model_sized() -> int:
                 if issubclass(type(o), torch.Tensor) and o.untyped_storage().nbytes() >= MODEL_BYTES // 2})
 
 
+def _engine_with_an_open_round(k: int) -> RoundEngine:
+    """An engine past ROUNDS rounds, its next one open with every neighbour's
+    message in (its own message dropped, as a driver does once it is sent)."""
+    engine = _engine()
+    _run(engine, k, ROUNDS)
+    gen = torch.Generator().manual_seed(9)
+    peers = {f"peer{i}": k for i in range(k)}
+    round_ = engine.round
+    engine.begin_round(peers)
+    for peer in peers:
+        engine.offer(peer, round_, torch.randn(SIZE, generator=gen) * 0.01)
+    gc.collect()
+    return engine
+
+
 def test_the_coordinate_bound_adds_no_model_copy_per_neighbour(monkeypatch: pytest.MonkeyPatch) -> None:
     """At a round's peak the engine holds each neighbour's offset from the
     reference (SybilWall scores them); the coordinate bound wrote its
     bounded offsets into fresh tensors next to them, one more model per
     neighbour (8 neighbours: 8 of the peak's ~27 models)."""
     k = 4
-    engine = _engine()
-    _run(engine, k, ROUNDS)
-    gen = torch.Generator().manual_seed(9)
-    peers = {f"peer{i}": k for i in range(k)}
-    round_ = engine.round
-    engine.begin_round(peers)  # the message dropped, as a driver does once it is sent
-    for peer in peers:
-        engine.offer(peer, round_, torch.randn(SIZE, generator=gen) * 0.01)
-    gc.collect()
+    engine = _engine_with_an_open_round(k)
     before = _live_model_sized()
     seen: list[int] = []
     real = sybilwall.bound_offsets
@@ -155,15 +141,7 @@ def test_our_half_step_is_not_held_while_neighbours_are_scored(monkeypatch: pyte
     bounded; our private half step x + Δ is needed only once the weights are
     known, and was made before (one model more at the peak)."""
     k = 4
-    engine = _engine()
-    _run(engine, k, ROUNDS)
-    gen = torch.Generator().manual_seed(9)
-    peers = {f"peer{i}": k for i in range(k)}
-    round_ = engine.round
-    engine.begin_round(peers)
-    for peer in peers:
-        engine.offer(peer, round_, torch.randn(SIZE, generator=gen) * 0.01)
-    gc.collect()
+    engine = _engine_with_an_open_round(k)
     before = _live_model_sized()
     seen: list[int] = []
     real = engine.aggregator.weigh
