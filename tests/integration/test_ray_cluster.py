@@ -146,7 +146,8 @@ def test_a_scenario_runs_on_a_ray_cluster(tmp_path: Path) -> None:
         else:  # it caught up past its last row (adopted a model after the heal): the report reads its status
             assert node["round"] > rows[-1]["round"], (name, node, rows[-1])
         assert node["alive"] is (name != "node4")  # its last /status, read on its host; node4 was stopped
-        finals.append(node["accuracy"])
+        if name != "node4":  # the final numbers are the nodes up at the end's
+            finals.append(node["accuracy"])
         reported = json.loads((run_dir / "report" / "metrics" / f"{name}.json").read_text(encoding="utf-8"))
         assert [r["round"] for r in reported] == [r["round"] for r in rows]
     assert summary["final_mean_accuracy"] == pytest.approx(statistics.fmean(finals))

@@ -83,3 +83,7 @@ def test_one_neighbour_ahead_moves_a_starting_node_only_where_it_looks_for_one()
     assert catch_up_target({A: 30, B: 30}, 0, {}, min_voters=2) in {A, B}  # a late joiner, everyone ahead
     assert catch_up_target({A: 30}, 0, {}, min_voters=1) is A  # a network of two
     assert catch_up_target({A: 30}, 0, {A: 0.4}, min_voters=2) is A  # a claim vouched for by trust needs no vote
+    sybil2 = Identity.generate().peer_id
+    # two Sybils that dialled it (not its choices) are two voters, but not ours
+    assert catch_up_target({SYBIL: FAR, sybil2: FAR}, 0, {}, choices={A, B}, min_voters=2) is None
+    assert catch_up_target({SYBIL: FAR, sybil2: FAR, A: 30, B: 30}, 0, {}, choices={A, B}, min_voters=2) in {A, B}
