@@ -128,3 +128,24 @@ class RateLimitedLog:
 
 
 __all__ = ["OTHER_KEYS", "LogBudget", "RateLimitedLog"]
+
+
+@dataclass
+class Streak:
+    """Rounds in a row of one condition a node should tell its user about,
+    and when to: at the ``first`` such round, then once per ``every`` more (a
+    condition that lasts for good, a network sparser than the privacy plan
+    or a group started apart, would otherwise fill the log, and the advice
+    is the same each time)."""
+
+    first: int
+    every: int
+    count: int = 0
+
+    def hit(self) -> bool:
+        """One more such round; True when this one is to be told."""
+        self.count += 1
+        return self.count % self.every == self.first % self.every
+
+    def reset(self) -> None:
+        self.count = 0

@@ -78,9 +78,11 @@ from murmur.learning.probe import ProbeResult
 from murmur.learning.sketch import model_sketch
 from murmur.learning.trainers.base import EvalStats, Trainer
 from murmur.learning.trainers.checked import checked
+from murmur.ratelog import Streak
 
 log = logging.getLogger(__name__)
 
+DIVERGED_LOG_EVERY = 100  # rounds in a row of diverged training between two ERROR lines
 MAX_FUTURE_ROUNDS = 2
 """How far ahead of us a neighbour may be and still have its delta buffered.
 A faster peer is normal (it closed its round at quorum before we did); one
@@ -293,12 +295,6 @@ class _Pending:
     departed: list[str] = field(default_factory=list)  # left mid-round without delivering (see forget)
 
 
-def _power_of_ten(n: int) -> bool:
-    while n >= 10 and n % 10 == 0:
-        n //= 10
-    return n == 1
-
-
 class RoundEngine:
     """One node's synchronous D-SGD rounds over a changing neighbourhood."""
 
@@ -327,7 +323,8 @@ class RoundEngine:
         self.round = start_round
         self.num_params = self.trainer.num_params()
         self.late_dropped = 0
-        self.diverged_streak = 0  # rounds in a row whose local step was not finite (see local_update)
+        # Rounds in a row whose local step was not finite (see local_update).
+        self._diverged = Streak(first=1, every=DIVERGED_LOG_EVERY)
         initial = self.trainer.get_flat()
         self._initial = initial.clone()  # every node starts here (seeded), so round-0 replicas need no sync
         self.public = initial.clone()  # s_i, as of our last message
@@ -408,18 +405,22 @@ class RoundEngine:
             # Training diverged (a learning rate too large for the model, or a
             # model already at float32's edge): a NaN step would make our model
             # NaN for good, and every neighbour refuses what we then send.
-            # Logged at the 1st, 10th, 100th... round in a row, not every
-            # round: a setting that diverges does so each round (307 lines in
-            # 45 s once), and the node's status counts the streak.
-            self.diverged_streak += 1
-            if _power_of_ten(self.diverged_streak):
+            # Logged at the first round in a row, then once per
+            # DIVERGED_LOG_EVERY: a setting that diverges does so each round
+            # (307 lines in 45 s once), and the node's status counts the streak.
+            if self._diverged.hit():
                 log.error("local training diverged (non-finite step); this round's step is skipped",
                           extra={"event": "training_diverged", "round": self.round, "loss": stats.loss,
-                                 "rounds_in_a_row": self.diverged_streak})
+                                 "rounds_in_a_row": self._diverged.count})
             delta.zero_()
             return LocalUpdate(delta, float(stats.loss), diverged=True)
-        self.diverged_streak = 0
+        self._diverged.reset()
         return LocalUpdate(delta, float(stats.loss))
+
+    @property
+    def diverged_streak(self) -> int:
+        """Training rounds in a row whose local step was not finite (skipped)."""
+        return self._diverged.count
 
     def open_round(
         self, neighbours: Mapping[str, int], update: LocalUpdate, committed: Sequence[str] | None = None

@@ -77,7 +77,8 @@ from murmur.node.records import (
     sketch_bytes,
 )
 from murmur.node.silence import SilenceTracker
-from murmur.node.stalls import HELD_BACK_STREAK, HELD_BACK_WARN_EVERY, StallMonitor, Streak
+from murmur.node.stalls import HELD_BACK_STREAK, HELD_BACK_WARN_EVERY, StallMonitor
+from murmur.ratelog import Streak
 from murmur.protocol.codecs import DeltaCodec
 from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender, PreparedDelta
 from murmur.protocol.layout import TransferKind, TransferLayout

@@ -76,7 +76,7 @@ from murmur.learning.privacy.seeds import EdgeSecret, PairwiseSeeds, SignedKeySh
 from murmur.learning.privacy.stage import KEPT_ROUNDS, PrivacyStage
 from murmur.learning.rounds import MAX_FUTURE_ROUNDS
 from murmur.node.config import PrivacySection
-from murmur.node.stalls import Streak
+from murmur.ratelog import Streak
 from murmur.node.state import LEDGER_ADVICE
 from murmur.protocol.identity import PeerId
 from murmur.protocol.messages import KeyShare, RoundCommit

@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from murmur.errors import LimitExceeded
-from murmur.node.stalls import STALL_DEADLINES, STALL_ROUNDS, StallMonitor, Streak
+from murmur.node.stalls import STALL_DEADLINES, STALL_ROUNDS, StallMonitor
+from murmur.ratelog import Streak
 from murmur.protocol.layout import ShapeMismatch
 
 
