@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from murmur.node.state import StateDir
 from murmur.protocol.multiaddr import Multiaddr
 from tests.integration.cluster import wait_until
@@ -100,6 +102,16 @@ class Daemon:
     @property
     def state(self) -> StateDir:
         return StateDir(self.data_dir)
+
+    def describe(self, tail: int = 4000) -> str:
+        """Whether its process is up, and the end of its log: what a CI
+        failure needs to say when a daemon's API stopped answering."""
+        if self.proc is None:
+            return "never started"
+        rc = self.proc.poll()
+        state = "running" if rc is None else f"exited {rc}"
+        text = self.log[-1].read_text(encoding="utf-8", errors="replace")[-tail:] if self.log else ""
+        return f"process {self.proc.pid} {state}; log tail:\n{text}"
 
     def addr(self, port: int) -> str:
         """Its multiaddr on loopback with ``/p2p/`` (its identity exists before it starts)."""
@@ -194,6 +206,9 @@ def peak_rss_bytes(pid: int) -> int:
 async def api_get(http: Any, daemon: Daemon, path: str) -> Any:
     """GET ``path`` from a daemon's status API (``http``: an aiohttp session);
     JSON, or text for /metrics. Anything but 200 fails."""
-    async with http.get(f"{daemon.api}{path}") as resp:
-        assert resp.status == 200, f"{path}: HTTP {resp.status}"
-        return await resp.text() if path == "/metrics" else await resp.json()
+    try:
+        async with http.get(f"{daemon.api}{path}") as resp:
+            assert resp.status == 200, f"{path}: HTTP {resp.status}"
+            return await resp.text() if path == "/metrics" else await resp.json()
+    except aiohttp.ClientConnectorError as exc:
+        raise AssertionError(f"node {daemon.index}: {path} unreachable ({exc}); {daemon.describe()}") from exc
