@@ -154,7 +154,8 @@ class MuxerError(PeerFault):
 
 class StreamRefused(LimitExceeded):
     """The peer opened a stream past the per-connection limits (streams,
-    accept backlog, receive memory): the stream is reset, the connection stays."""
+    accept backlog, receive memory, open rate): the stream is reset, the
+    connection stays."""
 
 
 class TimeoutFault(PeerFault):

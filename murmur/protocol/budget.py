@@ -28,6 +28,7 @@ path, yamux's receive windows are acquired ahead (a window update is
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 FRAME_SLACK = 64
@@ -161,3 +162,76 @@ class PeerBudget:
 
     def __repr__(self) -> str:
         return f"<PeerBudget {self.used}/{self.limit} reserve {self.reserve}>"
+
+
+class RequestBudget:
+    """``burst`` requests at once, one more every ``refill_s`` seconds.
+
+    Why not the transport's :class:`~murmur.protocol.transport.TokenBucket`:
+    that bucket goes into debt by design (the bytes it meters have already
+    arrived, and reading pauses until the debt is repaid), so a refused
+    request would still be charged. Used as a request limit, a peer asking
+    slightly faster than the refill rate then sinks deeper with every refusal
+    and is refused forever: in the churn testnet a node that joined behind
+    asked its neighbour for a model every 1.5 s (catch-up, plus replica
+    re-syncs), was refused from then on, never caught up, and held its
+    neighbours (quorum 1) to full-deadline rounds for the rest of the run.
+    Here only what is granted is charged: over-asking is refused until the
+    budget refills, then served again. (The node's request limits, public
+    models served and gossip forwarded, and the muxers' stream opens,
+    :class:`StreamOpens`, all use it.)
+    """
+
+    def __init__(self, burst: int, refill_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if burst < 1 or not refill_s > 0:
+            raise ValueError("a request budget needs burst >= 1 and refill_s > 0")
+        self.burst = burst
+        self.refill_s = refill_s
+        self._clock = clock
+        self._tokens = float(burst)
+        self._stamp = clock()
+
+    def take(self, cost: float = 1.0) -> bool:
+        """Grant a request of ``cost`` tokens (and charge it) if the budget
+        holds them; a refusal costs nothing."""
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) / self.refill_s)
+        self._stamp = now
+        if self._tokens < cost:
+            return False
+        self._tokens -= cost
+        return True
+
+
+FLOOD_REFUSAL_REFILL_S = 1.0
+"""A peer refused for opening streams too fast is forgiven one such refusal
+per second: an honest peer that overshoots now and then is refused a few
+streams and stays, one that keeps opening as fast as it can is dropped."""
+
+
+class StreamOpens:
+    """How fast one connection's peer may open streams: ``burst`` at once,
+    one more every ``refill_s``; after ``max_refused`` refusals beyond what
+    :data:`FLOOD_REFUSAL_REFILL_S` forgives, :meth:`refuse` says the peer floods.
+
+    Why: a stream the peer opens costs us a task, a multistream-select
+    negotiation and its bookkeeping whether or not the peer ever uses it.
+    The muxers' live-stream and refused-in-a-row bounds do not limit the
+    *rate*: a peer that opened and reset streams as fast as it could
+    (30,000 a second over loopback) held 25-65% of the victim's core with no
+    fault on its score. Honest peers open a handful per connection (one per
+    murmur protocol, identify, pings, a relay's circuits), far below this."""
+
+    def __init__(self, burst: int, refill_s: float, max_refused: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._opens = RequestBudget(burst, refill_s, clock)
+        self._refusals = RequestBudget(max_refused, FLOOD_REFUSAL_REFILL_S, clock)
+
+    def admit(self) -> bool:
+        """One inbound stream open: granted (and charged) or refused."""
+        return self._opens.take()
+
+    def refuse(self) -> bool:
+        """Count a refusal for rate; False once the peer has been refused more
+        than it is forgiven (a flood: drop the connection)."""
+        return self._refusals.take()

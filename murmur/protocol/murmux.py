@@ -34,6 +34,9 @@ What a peer can make it do is bounded, and every violation is typed:
   :class:`~murmur.errors.StreamRefused`, no drop), and after
   ``max_refused_streams`` refusals in a row the peer is dropped
   (:class:`~murmur.errors.MuxerError`: a stream flood);
+* stream opens are limited in rate as on yamux (``max_open_burst``,
+  ``open_refill_s``, :class:`~murmur.protocol.budget.StreamOpens`): an OPEN
+  beyond is refused, and a peer that keeps opening is dropped;
 * an OPEN of the wrong parity or not above the peer's last one, a stream
   frame on stream 0, a frame for a stream never opened, or DATA after the
   peer's FIN is a :class:`~murmur.errors.MuxerError` (drop); frames for a
@@ -42,7 +45,9 @@ What a peer can make it do is bounded, and every violation is typed:
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from murmur.errors import MuxerError, StreamRefused
@@ -92,10 +97,12 @@ class MuxSession:
     DATA frames are the owner's to write (straight from the application's
     buffers)."""
 
-    def __init__(self, client: bool, budget: PeerBudget, limits: MuxLimits = MuxLimits()) -> None:
+    def __init__(self, client: bool, budget: PeerBudget, limits: MuxLimits = MuxLimits(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.budget = budget
         self.limits = limits
+        self._opens = limits.stream_opens(clock)  # the peer's stream-open rate (yamux.OPEN_BURST)
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if client else 2
         self._last_remote_id = 0
@@ -232,6 +239,10 @@ class MuxSession:
         reason = None
         if self.going_away:
             reason = "session is going away"
+        elif not self._opens.admit():
+            reason = "streams opened too fast"
+            if not self._opens.refuse():
+                raise MuxerError("stream open flood: refused for rate more than it is forgiven")
         elif len(self._streams) >= self.limits.max_streams:
             reason = f"stream limit {self.limits.max_streams} reached"
         if reason is not None:

@@ -31,6 +31,11 @@ What a peer can make it hold is bounded, and every violation is typed:
   (:class:`~murmur.errors.StreamRefused`, no drop), and after
   ``max_refused_streams`` refusals in a row the session gives up on the
   peer (:class:`~murmur.errors.MuxerError`: a stream flood);
+* **stream opens**: at most ``max_open_burst`` at once and one more every
+  ``open_refill_s`` (:class:`~murmur.protocol.budget.StreamOpens`); an open
+  beyond is refused the same way, and a peer that keeps opening past the
+  refusals it is forgiven is a :class:`~murmur.errors.MuxerError` (drop),
+  even when every one of its streams is reset at once;
 * **control frames**: a ping owes one pong, and only the latest is owed
   (``data_to_send(control=False)`` holds it back while the socket is full),
   so pings that are never read cannot queue answers;
@@ -47,11 +52,13 @@ from __future__ import annotations
 
 import enum
 import struct
+import time
+from collections.abc import Callable
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from murmur.errors import ConnectionClosed, MuxerError, PeerFault, StreamRefused
-from murmur.protocol.budget import PeerBudget
+from murmur.protocol.budget import PeerBudget, StreamOpens
 
 PROTOCOL_ID = "/yamux/1.0.0"
 HEADER = struct.Struct(">BBHII")
@@ -66,6 +73,11 @@ SMALL_PIECE = 4096
 (up to :data:`MAX_MERGED`) rather than kept one object each: a window filled
 with 1-byte DATA frames held 42 times the bytes the budget was charged."""
 MAX_MERGED = 64 * 1024
+OPEN_BURST = 128
+"""Streams a peer may open at once on one connection (both muxers)."""
+OPEN_REFILL_S = 1 / 64
+"""And one more every this many seconds (64 a second): honest peers open a
+few per connection, a flooder opened 30,000 a second (see StreamOpens)."""
 
 
 class FrameType(enum.IntEnum):
@@ -106,12 +118,19 @@ class YamuxLimits:
     max_stream_window: int = 4 * 1024 * 1024  # a stream's receive window grows up to this while read promptly
     max_refused_streams: int = 256  # refusals in a row (no stream accepted between) before the peer is dropped
     max_frame_payload: int = 256 * 1024  # bytes of one DATA frame we send
+    max_open_burst: int = OPEN_BURST  # streams the peer may open at once,
+    open_refill_s: float = OPEN_REFILL_S  # and one more every this many seconds
 
     def __post_init__(self) -> None:
         if self.max_stream_window < INITIAL_WINDOW or self.max_stream_window > MAX_WINDOW:
             raise ValueError(f"max_stream_window must be in [{INITIAL_WINDOW}, {MAX_WINDOW}]")
-        if min(self.max_streams, self.max_ack_backlog, self.max_refused_streams, self.max_frame_payload) <= 0:
+        if min(self.max_streams, self.max_ack_backlog, self.max_refused_streams, self.max_frame_payload,
+               self.max_open_burst, self.open_refill_s) <= 0:
             raise ValueError("yamux limits must be positive")
+
+    def stream_opens(self, clock: Callable[[], float] = time.monotonic) -> StreamOpens:
+        """The rate limit on the peer's stream opens, one per session."""
+        return StreamOpens(self.max_open_burst, self.open_refill_s, self.max_refused_streams, clock)
 
 
 # --- events --------------------------------------------------------------------
@@ -203,10 +222,12 @@ class _Stream:
 class YamuxSession:
     """One yamux session; ``client`` is the side that dialled the connection."""
 
-    def __init__(self, client: bool, budget: PeerBudget, limits: YamuxLimits = YamuxLimits()) -> None:
+    def __init__(self, client: bool, budget: PeerBudget, limits: YamuxLimits = YamuxLimits(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.budget = budget
         self.limits = limits
+        self._opens = limits.stream_opens(clock)
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if client else 2
         self._last_remote_id = 0
@@ -506,6 +527,10 @@ class YamuxSession:
         reason = None
         if self.local_goaway:
             reason = "session is going away"
+        elif not self._opens.admit():
+            reason = "streams opened too fast"
+            if not self._opens.refuse():
+                raise MuxerError("stream open flood: refused for rate more than it is forgiven")
         elif len(self._streams) >= self.limits.max_streams:
             reason = f"stream limit {self.limits.max_streams} reached"
         elif self._backlog >= self.limits.max_ack_backlog:

@@ -9,6 +9,7 @@ what two murmur hosts agree on) and the standard one (``/noise`` +
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -33,7 +34,7 @@ from murmur.protocol.multiaddr import AnyMultiaddr
 from murmur.protocol.framing import SPLIT_MIN_TAIL
 from murmur.protocol.framing import FrameType as RecordType
 from murmur.protocol.transport import TransportLimits
-from murmur.protocol.yamux import HEADER, FrameType
+from murmur.protocol.yamux import HEADER, FrameType, StreamError
 from murmur.testnet.hostile import RawPeer
 from tests.integration.cluster import wait_until
 
@@ -336,6 +337,32 @@ async def test_stream_flood_refused_then_dropped(path: str, caplog: pytest.LogCa
         # 20+ faults from one peer, at most warnings_per_subnet lines in the log
         lines = [r for r in caplog.records if getattr(r, "event", None) == "libp2p_fault"]
         assert sum(faults.values()) > 20 and len(lines) <= server_config.limits.warnings_per_subnet
+    finally:
+        await client.close()
+        await server.close()
+
+
+@paths
+async def test_streams_opened_and_reset_as_fast_as_possible_drop_the_flooder(path: str) -> None:
+    """Each stream is reset at once, so none reaches max_streams or the
+    refused-in-a-row bound: before the open rate was limited, 30,000 a
+    second held 25-65% of the victim's core and left no fault on its score."""
+    server, client, conn, faults, addr = await _pair(config(path), path)
+    good = await client.dial(addr)
+    try:
+        session = conn._session
+        with contextlib.suppress(StreamError):  # the victim's goodbye (GO_AWAY) ends the flood
+            for _ in range(100):
+                if conn.closed:
+                    break
+                for _ in range(64):
+                    session.reset(session.open_stream())
+                conn._flush()
+                await asyncio.sleep(0)
+        await wait_until(lambda: faults.of(MuxerError), 5, "the flood is cut")
+        await wait_until(lambda: conn.closed, 5, "the flooder is dropped")
+        assert faults.of(StreamRefused)
+        assert await _echo(good, b"served") == b"served"
     finally:
         await client.close()
         await server.close()

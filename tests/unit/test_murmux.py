@@ -135,6 +135,29 @@ def test_a_stream_flood_is_refused_then_cut() -> None:
         server.on_frame(FrameType.OPEN, 15, b"")
 
 
+def test_streams_opened_too_fast_are_refused_and_a_peer_that_keeps_on_is_dropped() -> None:
+    """Opened and reset at once, streams never reach max_streams or the
+    refused-in-a-row bound: only the open rate stops a flood of them."""
+    now = [0.0]
+    server = MuxSession(False, _budget(), MuxLimits(max_open_burst=4, open_refill_s=1.0, max_refused_streams=3),
+                        lambda: now[0])
+    ids = iter(range(1, 1000, 2))
+
+    def open_and_reset() -> type:
+        sid = next(ids)
+        (event,) = server.on_frame(FrameType.OPEN, sid, b"")
+        server.on_frame(FrameType.RESET, sid, b"")
+        return type(event)
+
+    assert [open_and_reset() for _ in range(4)] == [StreamOpened] * 4  # the burst
+    (event,) = server.on_frame(FrameType.OPEN, next(ids), b"")
+    assert isinstance(event, Refused) and isinstance(event.fault, StreamRefused) and "too fast" in str(event.fault)
+    now[0] = 1.0  # one more open, and one refusal forgiven
+    assert [open_and_reset() for _ in range(4)] == [StreamOpened, Refused, Refused, Refused]
+    with pytest.raises(MuxerError, match="open flood"):
+        open_and_reset()
+
+
 def test_our_own_streams_are_bounded_and_end_with_go_away() -> None:
     client = MuxSession(True, _budget(), MuxLimits(max_streams=8))
     for _ in range(8):

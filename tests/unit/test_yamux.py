@@ -303,6 +303,41 @@ def test_stream_flood_refused_then_dropped_while_good_streams_keep_working() -> 
         server.receive(_frame(FrameType.WINDOW_UPDATE, Flag.SYN, 999, 0))
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_streams_opened_too_fast_are_refused_and_a_peer_that_keeps_on_is_dropped() -> None:
+    """Opened and reset at once, streams never reach max_streams or the
+    refused-in-a-row bound: only the open rate stops a flood of them."""
+    clock = _Clock()
+    server = YamuxSession(False, _budget(), YamuxLimits(max_open_burst=4, open_refill_s=1.0, max_refused_streams=3),
+                          clock)
+    ids = iter(range(1, 1000, 2))
+
+    def open_and_reset() -> list[type]:
+        sid = next(ids)
+        events = server.receive(_frame(FrameType.WINDOW_UPDATE, Flag.SYN, sid, 0)
+                                + _frame(FrameType.WINDOW_UPDATE, Flag.RST, sid, 0))
+        return [type(e) for e in events if not isinstance(e, StreamReset)]
+
+    assert [open_and_reset() for _ in range(4)] == [[StreamOpened]] * 4  # the burst
+    events = server.receive(_frame(FrameType.WINDOW_UPDATE, Flag.SYN, next(ids), 0))
+    assert len(events) == 1 and isinstance(events[0], Refused) and isinstance(events[0].fault, StreamRefused)
+    assert "too fast" in str(events[0].fault) and not events[0].fault.drop
+    clock.now = 1.0  # one more open, and one refusal forgiven
+    assert open_and_reset() == [StreamOpened]
+    assert open_and_reset() == [Refused]
+    assert open_and_reset() == [Refused]
+    assert open_and_reset() == [Refused]
+    with pytest.raises(MuxerError, match="open flood"):
+        open_and_reset()
+
+
 def test_accept_backlog_bounds_streams_the_application_has_not_taken() -> None:
     server = YamuxSession(False, _budget(), YamuxLimits(max_ack_backlog=2))
     events = server.receive(b"".join(_frame(FrameType.WINDOW_UPDATE, Flag.SYN, 2 * i + 1, 0) for i in range(3)))
