@@ -92,23 +92,27 @@ async def _raw_request(conn, addrs: list[Multiaddr], nonce: int = 5):  # type: i
 
 
 async def test_a_client_that_never_pays_holds_nothing_and_others_are_served(hosts) -> None:  # type: ignore[no-untyped-def]
-    config = AutoNATConfig(allow_private=True, per_peer_interval_s=0.0, request_timeout_s=1.0, max_concurrent=1)
+    """A request takes its dial-back slot only once paid: a requester that
+    never pays used to hold the one slot for request_timeout_s (20 s by
+    default) while every free check was rejected."""
+    config = AutoNATConfig(allow_private=True, per_peer_interval_s=0.0, request_timeout_s=30.0, pay_timeout_s=1.0,
+                           max_concurrent=1, max_paying=1)
     server, client, conn, addr = await _pair(hosts, server_config=config, listen="0.0.0.0")
     stream = await _raw_request(conn, [Multiaddr("127.0.0.2", addr.port)])
     asked = autonat.decode(await read_message(stream, 2.0, autonat.message_length, "autonat"))
     assert asked == autonat.DialDataRequest(0, autonat.DIAL_DATA_BYTES)
-    # it never pays: the one slot is held for at most request_timeout_s, then freed
     other_host = hosts()
     other = AutoNATClient(other_host, LOOPBACK)
     (other_addr,) = await other_host.listen("127.0.0.1", 0)
     other_conn = await other_host.dial(next(iter(server.host.listen_addrs)))
-    busy = await other.check(other_conn, [other_addr])
-    assert busy.reachable is None and busy.status is ResponseStatus.E_REQUEST_REJECTED
-    with pytest.raises(StreamResetError):  # the server gave up on the unpaid request, with a penalty
-        await stream.read()
-    assert server.stats["timed_out"] == 1
-    served = await other.check(other_conn, [other_addr])
+    served = await other.check(other_conn, [other_addr])  # its own IP: free, and served while the other waits
     assert served.reachable is True and server.stats["dialed_ok"] == 1
+    second = await _raw_request(other_conn, [Multiaddr("127.0.0.2", addr.port)])  # the one place to pay is taken
+    rejected = autonat.decode(await read_message(second, 2.0, autonat.message_length, "autonat"))
+    assert rejected == DialResponse(ResponseStatus.E_REQUEST_REJECTED)
+    with pytest.raises(StreamResetError):  # pay_timeout_s, not request_timeout_s: given up on, with a penalty
+        await asyncio.wait_for(stream.read(), 5.0)
+    assert server.stats["timed_out"] == 1 and server._paying == 0 and server._in_flight == 0
     await server.close()
 
 

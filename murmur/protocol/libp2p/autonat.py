@@ -16,7 +16,10 @@ one request per peer every ``per_peer_interval_s`` (later ones get
 ``request_timeout_s``, and a dial to an IP other than the requester's only
 after it paid ``dial_data_bytes`` (see the spec's amplification rule); a
 request over a relayed connection has no IP of its own (the remote address
-is the relay's), so every address costs that.
+is the relay's), so every address costs that. A request waiting for its
+payment holds no dial-back slot: it holds one of ``max_paying`` places for
+at most ``pay_timeout_s`` (see :data:`PAY_TIMEOUT_S`), and takes a slot
+only once paid.
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ from murmur.protocol.multiaddr import Multiaddr
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_PEERS = 4096  # requesters whose last request time the server keeps (oldest forgotten)
+PAY_TIMEOUT_S = 5.0
+"""How long a requester has to pay its dial data once asked (40 kB: 64 kbit/s
+will do). Requests used to take their dial-back slot before they were asked
+to pay, and hold it to ``request_timeout_s``: four requesters that never paid
+held all four slots for 20 s at a time, and an honest check of its own IP,
+which costs nothing, was rejected 40 times in a row until they timed out."""
+MAX_PAYING = 16
+"""Requests waiting for their payment at once (all requesters together): what
+non-payers can hold is these places, never a dial-back slot."""
 _DATA_CHUNK = bytes(autonat.MAX_DATA_CHUNK)  # what a client pays with: zeros, serialised once
 
 
@@ -61,10 +73,13 @@ class AutoNATConfig:
     dial_timeout_s: float = 5.0  # the dial-back's connect and upgrade
     dial_data_bytes: int = autonat.DIAL_DATA_BYTES
     max_pay_bytes: int = autonat.MAX_DIAL_DATA_BYTES  # the most this node pays a server for one request
+    pay_timeout_s: float = PAY_TIMEOUT_S  # a requester asked for dial data pays it within this
+    max_paying: int = MAX_PAYING  # requests waiting for their payment at once
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1 or not self.per_peer_interval_s >= 0 or not self.request_timeout_s > 0 \
-                or not self.dial_timeout_s > 0 or self.dial_data_bytes < 0 or self.max_pay_bytes < 0:
+                or not self.dial_timeout_s > 0 or self.dial_data_bytes < 0 or self.max_pay_bytes < 0 \
+                or not self.pay_timeout_s > 0 or self.max_paying < 1:
             raise ValueError(f"invalid autonat config {self}")
 
 
@@ -86,7 +101,8 @@ class AutoNATServer:
         self.config = config
         self.stats: Counter[str] = Counter()
         self._last: OrderedDict[PeerId, float] = OrderedDict()
-        self._in_flight = 0
+        self._in_flight = 0  # dial-back slots taken (requests paid for, or free)
+        self._paying = 0  # requests waiting for their payment
         self._dialer: Libp2pHost | None = None  # made at the first dial-back
         host.set_handler(autonat.DIAL_REQUEST, self._serve)
 
@@ -116,9 +132,10 @@ class AutoNATServer:
     async def _serve(self, stream: Stream) -> None:
         try:
             await self._request(stream)
-        except TimeoutError:  # it held a request (and perhaps a dial-back slot) past the bound
+        except TimeoutError:  # it held a request (or a place among the payers) past the bound
             self.stats["timed_out"] += 1
-            raise TimeoutFault(f"autonat request not done in {self.config.request_timeout_s}s") from None
+            raise TimeoutFault(f"autonat request not done in time ({self.config.request_timeout_s}s in all, "
+                               f"{self.config.pay_timeout_s}s to pay)") from None
 
     async def _request(self, stream: Stream) -> None:
         async with asyncio.timeout(self.config.request_timeout_s):
@@ -126,14 +143,13 @@ class AutoNATServer:
             if not isinstance(msg, DialRequest):
                 raise DecodeError(f"autonat stream opened with {type(msg).__name__}, not DialRequest")
             if not self._admit(stream.peer_id, time.monotonic()):
-                self.stats["rejected"] += 1
-                await self._answer(stream, DialResponse(ResponseStatus.E_REQUEST_REJECTED))
+                await self._reject(stream)
                 return
-            self._in_flight += 1
-            try:
-                await self._handle(stream, msg)
-            finally:
-                self._in_flight -= 1
+            await self._handle(stream, msg)
+
+    async def _reject(self, stream: Stream) -> None:
+        self.stats["rejected"] += 1
+        await self._answer(stream, DialResponse(ResponseStatus.E_REQUEST_REJECTED))
 
     async def _handle(self, stream: Stream, msg: DialRequest) -> None:
         choice = autonat.choose(msg.addrs, stream.conn.remote[0], families=self._families(),
@@ -143,17 +159,36 @@ class AutoNATServer:
             await self._answer(stream, DialResponse(ResponseStatus.E_DIAL_REFUSED))
             return
         if choice.needs_data and self.config.dial_data_bytes:
-            await stream.write(autonat.encode(DialDataRequest(choice.index, self.config.dial_data_bytes)))
-            paid = 0
-            while paid < self.config.dial_data_bytes:
-                got = await _read(stream, self.config.request_timeout_s)
-                if not isinstance(got, DialDataResponse):
-                    raise DecodeError(f"{type(got).__name__} while paying for a dial, not DialDataResponse")
-                paid += got.data_len
+            if self._paying >= self.config.max_paying:
+                await self._reject(stream)
+                return
+            self._paying += 1
+            try:
+                async with asyncio.timeout(self.config.pay_timeout_s):
+                    await self._collect(stream, choice.index)
+            finally:
+                self._paying -= 1
             self.stats["paid_for"] += 1
-        status = await self._dial_back(choice.addr, msg.nonce)
+        if self._in_flight >= self.config.max_concurrent:  # taken while it paid
+            await self._reject(stream)
+            return
+        self._in_flight += 1
+        try:
+            status = await self._dial_back(choice.addr, msg.nonce)
+        finally:
+            self._in_flight -= 1
         self.stats["served"] += 1
         await self._answer(stream, DialResponse(ResponseStatus.OK, choice.index, status))
+
+    async def _collect(self, stream: Stream, index: int) -> None:
+        """Ask for ``dial_data_bytes`` and read them (the caller's deadline bounds it)."""
+        await stream.write(autonat.encode(DialDataRequest(index, self.config.dial_data_bytes)))
+        paid = 0
+        while paid < self.config.dial_data_bytes:
+            got = await _read(stream, self.config.pay_timeout_s)
+            if not isinstance(got, DialDataResponse):
+                raise DecodeError(f"{type(got).__name__} while paying for a dial, not DialDataResponse")
+            paid += got.data_len
 
     async def _answer(self, stream: Stream, response: DialResponse) -> None:
         await stream.write(autonat.encode(response))
