@@ -375,6 +375,43 @@ async def test_a_stranger_holding_a_members_circuits_leaves_the_members_theirs(t
     assert trio.relay.learning_circuits == 1 and trio.relay.circuits == len(held) + 1
 
 
+async def _dial_until_refused(client: RelayClient, link: Libp2pConnection, dst: Libp2pHost,
+                              most: int) -> list[Libp2pConnection]:
+    held = []
+    for _ in range(most):
+        try:
+            held.append(await client.dial(link, dst.peer_id))
+        except RelayRefused as exc:
+            assert exc.status is Status.RESOURCE_LIMIT_EXCEEDED
+            break
+    return held
+
+
+async def test_one_source_cannot_take_every_circuit_of_a_reserved_stranger(trios) -> None:  # type: ignore[no-untyped-def]
+    """Per-peer circuits are counted per class, but strangers share one:
+    one stranger took all max_circuits_per_peer (16) circuits of a reserved
+    stranger, and everyone else dialling it was refused for the circuits'
+    duration. A source peer now holds at most max_circuits_per_pair of one
+    destination's circuits, and a source IP max_circuits_per_ip_pair."""
+    trio = await trios()
+    cfg = trio.relay.config
+    await trio.private_client.reserve(trio.private_to_relay)
+    flooder = Libp2pHost(Identity.generate())
+    sybils = [Libp2pHost(Identity.generate()) for _ in range(3)]
+    honest = Libp2pHost(Identity.generate())
+    trio.hosts += [flooder, *sybils, honest]
+    held = await _dial_until_refused(RelayClient(flooder), await flooder.dial(trio.relay_addr), trio.private,
+                                     cfg.max_circuits_per_peer)
+    assert len(held) == cfg.max_circuits_per_pair < cfg.max_circuits_per_peer
+    for sybil in sybils:  # more identities from the same address
+        held += await _dial_until_refused(RelayClient(sybil), await sybil.dial(trio.relay_addr), trio.private,
+                                          cfg.max_circuits_per_peer)
+    assert len(held) == cfg.max_circuits_per_ip_pair < cfg.max_circuits_per_peer
+    await honest.listen("127.0.0.2", 0)  # dials leave from 127.0.0.2: another address
+    conn = await RelayClient(honest).dial(await honest.dial(trio.relay_addr), trio.private.peer_id)
+    assert await _echo(conn, b"still reachable") == b"still reachable"
+
+
 async def test_malformed_and_unexpected_hop_messages_get_their_status(trios) -> None:  # type: ignore[no-untyped-def]
     trio = await trios()
 

@@ -8,7 +8,8 @@ the two streams. Each end then upgrades its stream like a TCP connection
 
 What a stranger can make the relay hold is bounded by :class:`RelayConfig`
 (defaults as go-libp2p's for strangers): reservations in all, per peer (one,
-refreshed in place) and per IP address; circuits in all and per peer; and each
+refreshed in place) and per IP address; circuits in all and per peer, and of
+one destination's circuits per source peer and per source IP; and each
 circuit's duration and bytes (per direction; past either the circuit is
 reset). The copy holds at most one read (``READ_BYTES``) per direction, and
 what waits unread stays in the stream windows charged to each connection's
@@ -54,6 +55,16 @@ log = logging.getLogger(__name__)
 
 READ_BYTES = 16 * 1024  # one read per direction of a circuit is all the relay holds itself
 MIN_REFRESH_S = 0.5  # a client refreshes a reservation no more often than this
+MAX_CIRCUITS_PER_PAIR = 4
+"""Live circuits one source peer may hold to one destination (per class). A
+peer needs one to reach another (two while a redial races the old one).
+Counted per peer alone, one stranger held all 16 circuits a reserved
+stranger may have, and everyone else dialling it was refused for the
+circuits' whole duration."""
+MAX_CIRCUITS_PER_IP_PAIR = 8
+"""Live circuits the peers of one source IP may hold to one destination (per
+class): identities are free, an address is not, so half of a destination's
+default ``max_circuits_per_peer`` stays for peers from other addresses."""
 
 
 class RelayRefused(MurmurError):
@@ -74,6 +85,8 @@ class RelayConfig:
     max_reservations_per_ip: int = 8  # per class
     max_circuits: int = 256  # strangers' live circuits in all
     max_circuits_per_peer: int = 16  # live circuits per peer, as source or destination
+    max_circuits_per_pair: int = MAX_CIRCUITS_PER_PAIR  # of one destination's, one source peer's
+    max_circuits_per_ip_pair: int = MAX_CIRCUITS_PER_IP_PAIR  # of one destination's, one source IP's
     circuit_duration_s: int = 120  # per circuit, for strangers
     circuit_data_bytes: int = 128 * 1024  # per circuit and direction, for strangers
     message_timeout_s: float = 10.0  # reading one hop/stop message, the STOP round trip
@@ -149,6 +162,9 @@ class RelayService:
         # strangers, or one stranger holding max_circuits_per_peer circuits to a
         # member would cut it off from every other member too.
         self._circuits_by_peer: Counter[tuple[PeerId, bool]] = Counter()
+        # Of those, a destination's circuits per source peer and per source IP
+        # (see MAX_CIRCUITS_PER_PAIR): one source cannot take all of them.
+        self._circuits_by_pair: Counter[tuple[PeerId | str, PeerId, bool]] = Counter()
         self.circuits = 0  # live now, both classes
         self.learning_circuits = 0  # of which between members
         # reservations_total, circuits_total, bytes_relayed (all), learning_<those> (the members' part),
@@ -252,9 +268,12 @@ class RelayService:
             return
         learning = self.member(src) and self.member(dst)
         live = self.learning_circuits if learning else self.circuits - self.learning_circuits
+        pairs = [(src, dst, learning), (stream.conn.remote[0], dst, learning)]
         if (live >= (cfg.learning_max_circuits if learning else cfg.max_circuits)
                 or self._circuits_by_peer[src, learning] >= cfg.max_circuits_per_peer
-                or self._circuits_by_peer[dst, learning] >= cfg.max_circuits_per_peer):
+                or self._circuits_by_peer[dst, learning] >= cfg.max_circuits_per_peer
+                or self._circuits_by_pair[pairs[0]] >= cfg.max_circuits_per_pair
+                or self._circuits_by_pair[pairs[1]] >= cfg.max_circuits_per_ip_pair):
             await self._reply(stream, Status.RESOURCE_LIMIT_EXCEEDED)
             return
         limit = cfg.learning_limit() if learning else cfg.stranger_limit()
@@ -262,6 +281,7 @@ class RelayService:
         self.learning_circuits += learning
         self._circuits_by_peer[src, learning] += 1
         self._circuits_by_peer[dst, learning] += 1
+        self._circuits_by_pair.update(pairs)
         stop: Stream | None = None
         try:
             try:
@@ -293,6 +313,10 @@ class RelayService:
                 self._circuits_by_peer[peer, learning] -= 1
                 if not self._circuits_by_peer[peer, learning]:
                     del self._circuits_by_peer[peer, learning]
+            for pair in pairs:
+                self._circuits_by_pair[pair] -= 1
+                if not self._circuits_by_pair[pair]:
+                    del self._circuits_by_pair[pair]
 
     async def _bridge(self, a: Stream, b: Stream, limit: Limit, learning: bool) -> None:
         """Copy both ways until both sides closed; reset both when a limit is reached or either resets."""
