@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from murmur import __version__
-from murmur.errors import LimitExceeded, OptionError, PeerFault, TaskCrashed
+from murmur.errors import LimitExceeded, OptionError, PeerFault, SendTimeout, TaskCrashed
 from murmur.node.api import StatusApi
 from murmur.node.autonat import AutoNATProber
 from murmur.node.autorelay import AutoRelay
@@ -47,6 +47,7 @@ from murmur.node.dialrace import CIRCUIT_DIAL_DELAY_S, Lane, first_of
 from murmur.node.links import LinkPacer
 from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
+from murmur.node.outbox import Outbox
 from murmur.node.preflight import bind_problem
 from murmur.node.progress import progress, resumed_eval
 from murmur.node.ratelimit import RequestBudget
@@ -101,6 +102,18 @@ GOSSIP_OUT_REFILL_S = GOSSIP_REFILL_S * 2
 # (well within their budgets) through a node had it banned by its other
 # neighbour in 14 s, for traffic it only passed on. The half left over
 # absorbs messages that arrive bunched (a stalled connection, then all at once).
+GOSSIP_SEND_TIMEOUT_S = 2.0
+"""How long one forward to one peer may take, its stream's negotiation
+included. Forwards went to one target after another without a deadline: a
+neighbour that never answered multistream-select held every forward, and the
+stream of the peer the gossip came from, until negotiate_timeout_s gave up
+on it (three messages reached the other neighbours after 10.0 s)."""
+GOSSIP_WAIT_S = 0.25
+"""How long a forward waits for its per-peer sends (each its own task, see
+:class:`~murmur.node.outbox.Outbox`) before it moves on; a send still running
+then finishes alone, and its peer skips the messages forwarded meanwhile
+(flood gossip: it hears them from others). Honest sends are done in
+microseconds, so a burst keeps its order to every peer that keeps up."""
 
 GossipSubscriber = Callable[[PeerId, bytes], None]
 
@@ -130,7 +143,8 @@ class Node:
         self._subscribers: dict[str, list[GossipSubscriber]] = {}
         self._gossip_budgets: dict[PeerId, RequestBudget] = {}  # per session: what it may make us forward
         self._gossip_out: dict[PeerId, RequestBudget] = {}  # per session: what we may send it
-        self.gossip_held_back = 0  # sends skipped, over a peer's GOSSIP_OUT budget
+        self.gossip_held_back = 0  # sends skipped: over a peer's GOSSIP_OUT budget, or its last send still running
+        self._gossip_sends = Outbox()  # one forward at a time per peer, none waiting on another (GOSSIP_SEND_TIMEOUT_S)
         self._faults: dict[str, int] = {}
         self.peer_log = RateLimitedLog("peer faults", log, PEER_LOG_BUDGET)
         self._api: StatusApi | None = None
@@ -394,6 +408,7 @@ class Node:
             except Exception:
                 log.exception("learner did not stop cleanly")
         await self.tasks.shutdown()
+        await self._gossip_sends.close()
         if hasattr(self, "relay_client"):
             await self.relay_client.close()
         if getattr(self, "autonat_server", None) is not None:
@@ -814,21 +829,31 @@ class Node:
             return 0
         wire = Gossip(msg_id=msg.msg_id, origin=msg.origin, ttl=msg.ttl, topic=msg.topic, payload=msg.payload)
         cost = 1 + len(msg.payload) // GOSSIP_UNIT_BYTES
-        sent = 0
+        deadline = time.monotonic() + GOSSIP_SEND_TIMEOUT_S
+        delivered: list[PeerId] = []
+        sends = []
         for peer in targets:
             session = self.session(peer)
             if session is None:
                 continue
             out = self._gossip_out.setdefault(peer, RequestBudget(GOSSIP_OUT_BURST, GOSSIP_OUT_REFILL_S))
-            if not out.take(cost):
+            if self._gossip_sends.busy(peer) or not out.take(cost):
                 self.gossip_held_back += 1  # flood gossip: the peer hears it from others, or it was too much
                 continue
-            try:
-                await session.send(wire)
-                sent += 1
-            except ConnectionClosed:
-                pass
-        return sent
+            sends.append(self._gossip_sends.start(peer, self._send_gossip(session, wire, deadline, delivered)))
+        await Outbox.wait(sends, GOSSIP_WAIT_S)
+        return len(delivered)
+
+    @staticmethod
+    async def _send_gossip(session: PeerSession, wire: Gossip, deadline: float, delivered: list[PeerId]) -> None:
+        """One forward, by ``deadline``; a peer that is gone or had no room
+        misses it (a stalled one is cut by the transport's drain timeout, one
+        that never negotiates by its negotiate timeout, each with its fault)."""
+        try:
+            await session.send(wire, deadline)
+        except (ConnectionClosed, SendTimeout):
+            return
+        delivered.append(session.peer)
 
     async def _on_gossip(self, session: PeerSession, msg: Gossip) -> None:
         # What we forward goes to every session: unmetered, one peer's 19 MiB
