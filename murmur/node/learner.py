@@ -39,7 +39,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
-from murmur.errors import ConfigError, DecodeError, LimitExceeded, OptionError, PeerFault, StateError, TrainerError
+from murmur.errors import (
+    ConfigError,
+    DecodeError,
+    LimitExceeded,
+    OptionError,
+    PeerFault,
+    SendTimeout,
+    StateError,
+    TrainerError,
+)
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdict, SybilWallAggregator
 from murmur.learning.compression import Compressor
@@ -123,6 +132,12 @@ MODEL_SERVE_REFILL_S = 2.0  # one more allowed per this many seconds
 MODEL_SERVE_NODE_BURST = 8  # public models served to all peers together before the node-wide limit
 MODEL_SERVE_NODE_RATE = 2.0  # per second, all peers together: a flood of requesters cannot multiply our upload
 MODEL_REQUEST_TIMEOUT_S = 5.0  # an unanswered re-sync request may be repeated after this
+ANNOUNCE_TIMEOUT_S = 2.0
+"""How long telling every peer our progress (after a catch-up, at the end)
+may take, all peers at once. It went to one session after another without a
+deadline: one peer that never answered the stream's negotiation held the
+announcement, and after a catch-up the round loop with it, for the
+transport's negotiate_timeout_s (9.5 s measured), once per such peer."""
 
 
 class PhaseTimer:
@@ -456,10 +471,16 @@ class NodeLearner:
         """Tell every peer from which round on we send (after a jump: a
         catch-up skipped rounds neighbours may be waiting in, or the end)."""
         info = self._info()
-        for front in self.fronts:
-            for session in front.sessions():
-                with contextlib.suppress(ConnectionClosed):
-                    await session.send(info)
+        deadline = time.monotonic() + ANNOUNCE_TIMEOUT_S
+        await asyncio.gather(*(self._tell(session, info, deadline)
+                               for front in self.fronts for session in front.sessions()))
+
+    @staticmethod
+    async def _tell(session: PeerSession, info: LearnerInfo, deadline: float) -> None:
+        """One peer's copy of the announcement; a peer gone, or without room
+        by ``deadline``, misses it (and is the transport's to cut)."""
+        with contextlib.suppress(ConnectionClosed, SendTimeout):
+            await session.send(info, deadline)
 
     def on_session_closed(self, front: Node, session: PeerSession) -> None:
         self._assemblers[front.peer_id].abandon_peer(session.peer)
