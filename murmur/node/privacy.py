@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from prometheus_client import Counter, Gauge
 
-from murmur.errors import ReplayError, StateDamaged
+from murmur.errors import ReplayError, SendTimeout, StateDamaged
 from murmur.learning.privacy.accountant import Spent
 from murmur.learning.privacy.calibration import PrivacyLevel, PrivacyPlan, assumed_graph, calibrate
 from murmur.learning.privacy.dpsgd import dp_sgd_step
@@ -316,7 +316,10 @@ class NodePrivacy:
             return []
         end = time.monotonic() + self.commit_wait_s
         peers = [PeerId.from_string(p) for p in neighbours]
-        await asyncio.gather(*(self._share_with(p) for p in peers))
+        # Each send by the step's own bound: sent without one, a neighbour that
+        # never answered the stream's negotiation held the commit for the
+        # transport's negotiate_timeout_s (10.0 s against a budget of 1 s).
+        await asyncio.gather(*(self._share_with(p, end - self.commit_wait_s / 2) for p in peers))
         awaited = [p for p in peers if self._shared_round.get(p, round_) >= round_ - SHARE_GRACE_ROUNDS]
         if not await self._wait(lambda: all(self.seeds.has(p) for p in awaited), end - self.commit_wait_s / 2):
             self.share_timeouts += 1
@@ -326,7 +329,7 @@ class NodePrivacy:
         self._my_commits[round_] = my_commit
         wire = RoundCommit(round=round_, peers=tuple(PeerId.from_bytes(p) for p in my_commit.peers),
                            signature=my_commit.signature)
-        await asyncio.gather(*(self._send(p, wire) for p in peers))
+        await asyncio.gather(*(self._send(p, wire, end) for p in peers))
         for listener in list(self.commit_listeners):
             await listener(round_)
         await self._wait(lambda: all(p in self._commits.get(round_) for p in mine), end)
@@ -427,24 +430,26 @@ class NodePrivacy:
         if self.stage.plan.uses_edges:
             await self._share_with(peer)
 
-    async def _share_with(self, peer: PeerId) -> None:
+    async def _share_with(self, peer: PeerId, deadline: float | None = None) -> None:
         session = self.node.session(peer)
         if session is None or self._shared.get(peer) is session:
             return
         share = self.seeds.share_for(peer)
         self._shared[peer] = session
         self._shared_round[peer] = self._current
-        if not await self._send(peer, KeyShare(x25519_pub=share.x25519_pub, signature=share.signature)):
+        if not await self._send(peer, KeyShare(x25519_pub=share.x25519_pub, signature=share.signature), deadline):
             self._shared.pop(peer, None)
             self._shared_round.pop(peer, None)
 
-    async def _send(self, peer: PeerId, msg: KeyShare | RoundCommit) -> bool:
+    async def _send(self, peer: PeerId, msg: KeyShare | RoundCommit, deadline: float | None = None) -> bool:
+        """Whether ``msg`` went to ``peer`` (by ``deadline``, if given: a peer
+        without room by then misses it, and the transport cuts one that stays so)."""
         session = self.node.session(peer)
         if session is None:
             return False
         try:
-            await session.send(msg)
-        except ConnectionClosed:
+            await session.send(msg, deadline)
+        except (ConnectionClosed, SendTimeout):
             return False
         return True
 
