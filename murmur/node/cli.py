@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import enum
 import importlib
 import inspect
@@ -39,7 +40,7 @@ import os
 import signal
 import sys
 import urllib.parse
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -50,6 +51,7 @@ from murmur.errors import ConfigError, MurmurError, OptionError, StateDamaged, S
 from murmur.fastexit import exit_after_shutdown
 from murmur.node import preflight
 from murmur.node.config import (
+    ConfigSource,
     NodeConfig,
     LogFormat,
     LogLevel,
@@ -159,12 +161,22 @@ def _config(args: argparse.Namespace, *checks: Callable[[NodeConfig], None]) -> 
     :mod:`murmur.node.preflight`); what they find is located in the file (line
     and key) or on the command line, like the schema's own errors."""
     cfg, source = load_config_with_source(getattr(args, "config", None), _overrides(args))
-    try:
+    with _located(source):
         for check in checks:
             check(cfg)
+    return cfg
+
+
+@contextlib.contextmanager
+def _located(source: ConfigSource) -> Iterator[None]:
+    """An :class:`OptionError` raised inside, located in the file (line and
+    key) or on the command line. The daemon raises some of its own at start
+    (``learning.num_nodes`` too large for the data set it loaded): located
+    here, ``node start`` prints the line ``config check`` prints."""
+    try:
+        yield
     except OptionError as exc:
         raise source.located(exc) from None
-    return cfg
 
 
 def _write(text: str) -> None:
@@ -223,11 +235,13 @@ def _running_node_addrs(state: StateDir) -> list[str] | None:
 
 
 def cmd_node_start(args: argparse.Namespace) -> int:
-    cfg = _config(args, preflight.check_node)
-    state = StateDir(cfg.node.data_dir).create()  # preflight found it writable
-    configure_logging(cfg.node.log_level, cfg.node.log_format, log_file=state.log_path)
-    run_node = load_entry(*DAEMON_ENTRY, what="start the node")
-    return _call_entry(run_node, cfg)
+    cfg, source = load_config_with_source(getattr(args, "config", None), _overrides(args))
+    with _located(source):
+        preflight.check_node(cfg)
+        state = StateDir(cfg.node.data_dir).create()  # preflight found it writable
+        configure_logging(cfg.node.log_level, cfg.node.log_format, log_file=state.log_path)
+        run_node = load_entry(*DAEMON_ENTRY, what="start the node")
+        return _call_entry(run_node, cfg)
 
 
 def _state_dir(args: argparse.Namespace) -> StateDir:
@@ -380,8 +394,9 @@ def cmd_config_default(_args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     """What ``node start`` would refuse, refused here (the ports included:
-    a port in use now is one the node could not listen on now)."""
-    _print_json(config_to_dict(_config(args, preflight.check_node)))
+    a port in use now is one the node could not listen on now), the trainer
+    built as the daemon builds it (its data loaded, its model's fit checked)."""
+    _print_json(config_to_dict(_config(args, preflight.check_node, preflight.check_trainer_builds)))
     return EXIT_OK
 
 
@@ -537,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                  [f"{PROG} config default > node.toml"])
     p.set_defaults(handler=cmd_config_default)
     p = _command(config, "check", "validate a config as node start would and print it resolved (JSON)",
-                 "Check a config as `node start` would (schema, trainer, options, device, data dir, ports) "
+                 "Check a config as `node start` would (schema, trainer, options, device, data dir, ports; the trainer is "
+                 "built, its data loaded and its model run on two examples) "
                  "and print it resolved as JSON; a problem is one line naming the file, line and key.",
                  [f"{PROG} config check --config node.toml", f"{PROG} config check --set learning.codec=int8"])
     _add_config_args(p)

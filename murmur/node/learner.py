@@ -43,7 +43,6 @@ from murmur.errors import (
     ConfigError,
     DecodeError,
     LimitExceeded,
-    OptionError,
     PeerFault,
     SendTimeout,
     StateError,
@@ -54,7 +53,6 @@ from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdi
 from murmur.learning.compression import Compressor
 from murmur.learning.fingerprint import ModelFingerprint
 from murmur.learning.outer import OuterConfig, OuterOptimizer
-from murmur.learning.partition import TooManyNodes
 from murmur.learning.rounds import (
     GossipModel,
     LocalUpdate,
@@ -66,7 +64,7 @@ from murmur.learning.rounds import (
     TrainFrom,
 )
 from murmur.learning.trainers.base import Metric
-from murmur.learning.trainers.registry import create_trainer
+from murmur.node.preflight import build_trainer
 from murmur.node.config import Attack, LearningMode, OuterName, OuterSection, PrivacyLevel
 from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
@@ -180,10 +178,7 @@ class NodeLearner:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        try:
-            self.trainer = create_trainer(cfg.trainer, cfg.trainer_context())
-        except TooManyNodes as exc:  # the data set's size is known only once it is loaded
-            raise OptionError("learning.num_nodes", f"{exc}; each node needs a share of the data set") from None
+        self.trainer = build_trainer(cfg)  # the same build `murmur config check` runs
         self.aggregator = get_aggregator(cfg.aggregator, self_id=str(node.peer_id), **dict(cfg.aggregator_options))
         self.codec: DeltaCodec = cfg.codec.wire()
         self.privacy: Any = None  # murmur.node.privacy.NodePrivacy when privacy is on

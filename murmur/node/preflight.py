@@ -15,21 +15,35 @@ line. ``murmur node start`` and ``murmur config check`` run
 before it starts a process. No data set is loaded and no model built: the
 checks take milliseconds, plus importing torch and the trainer's module for a
 node that learns.
+
+``murmur config check`` also runs :func:`check_trainer_builds`: it builds the
+trainer as the daemon does (:func:`build_trainer`, the one function both
+call), which loads the data set and runs a ``TorchTrainer``'s fit check
+(:mod:`murmur.learning.trainers.fit`). Without it a trainer whose data file
+was missing or whose model did not fit its data passed ``config check`` and
+was refused only by ``node start``. ``node start`` does not run it: building
+the trainer is the first thing its learner does, before any port is bound,
+and doing it twice would double the start of a large trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from murmur.errors import ConfigError, OptionError
 from murmur.learning.privacy.schemes import PrivacyLevel
-from murmur.node.config import Attack, LearningSection, NodeConfig
+from murmur.node.config import AUTO, Attack, LearningSection, NodeConfig
+
+if TYPE_CHECKING:
+    from murmur.learning.trainers.base import Trainer
 
 T = TypeVar("T")
 
@@ -55,6 +69,44 @@ def check_learner(cfg: NodeConfig) -> None:
 
 
 # ---------------------------------------------------------------- learning
+
+
+def build_trainer(section: LearningSection) -> Trainer:
+    """The trainer ``section`` names, built and behind the contract checks:
+    what the daemon's learner trains, and what ``config check`` builds to
+    refuse what ``node start`` would. ``section.node_index`` must be resolved
+    (not ``"auto"``). A data set too small for ``learning.num_nodes`` is known
+    only once it is loaded, and is blamed on that option."""
+    from murmur.learning.partition import TooManyNodes
+    from murmur.learning.trainers.registry import create_trainer
+
+    try:
+        return create_trainer(section.trainer, section.trainer_context())
+    except TooManyNodes as exc:
+        raise OptionError("learning.num_nodes", f"{exc}; each node needs a share of the data set") from None
+
+
+def check_trainer_builds(cfg: NodeConfig) -> None:
+    """Build the trainer (:func:`build_trainer`) as ``node start`` will, and
+    what example-level privacy asks of it, so that ``config check`` refuses
+    a trainer that fails to build or whose model does not fit its data with
+    the same line and exit code as ``node start``. The data share is the
+    config's ``node_index``, or share 0 for ``"auto"`` (the share is drawn
+    from the peer id, which ``config check`` does not create): every share is
+    cut from the same loaded pool, and the fit check is the same on each."""
+    section = cfg.learning
+    if not section.enabled:
+        return
+    if section.node_index == AUTO:
+        section = dataclasses.replace(section, node_index=0)
+    # The user's code may print ("loading my.csv..."): on stderr here, where
+    # it cannot break the JSON `config check` prints on stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer = build_trainer(section)
+    if cfg.privacy.enabled and cfg.privacy.level is PrivacyLevel.EXAMPLE:
+        from murmur.learning.privacy.dpsgd import dp_sgd_step
+
+        dp_sgd_step(trainer, section.local_steps)
 
 
 def check_learning(section: LearningSection) -> Any:

@@ -1,5 +1,5 @@
 """What `murmur node start` can only find out once it loads its data set is
-still one line naming the key to change, and exit 2 (not restarted by the
+still one line naming the file, line and key to change, and exit 2 (not restarted by the
 systemd unit), from a real daemon process."""
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ def test_more_nodes_than_samples_names_num_nodes(pool: DaemonPool) -> None:
     assert daemon.proc is not None
     assert daemon.proc.wait(EXIT_S) == EXIT_CONFIG
     last = daemon.log[-1].read_text().splitlines()[-1]
-    assert last.startswith("murmur: config error: learning.num_nodes: "), last
+    # located like any other config error: the file and line to edit
+    assert last.startswith(f"murmur: config error: {daemon.config}:"), last
+    assert ": learning.num_nodes: " in last, last
     assert f"{DIGITS_TRAIN} training samples cannot fill {DIGITS_TRAIN + 1} nodes" in last, last
     assert not daemon.state.api_path.exists()

@@ -11,6 +11,7 @@ timeout turns into a failure.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import socket
 import subprocess
@@ -182,6 +183,78 @@ def test_data_dir_below_a_file_is_one_line(tmp_path: Path) -> None:
     blocker.write_text("")
     proc = murmur("id", "--data-dir", str(blocker / "state"))
     refused(proc, "<command line>: node.data_dir: ", f"cannot be created: {blocker} is not a directory")
+
+
+USER_TRAINER = '''
+from functools import cache
+
+import numpy as np
+from torch import nn
+
+from murmur.learning.data import ArrayDataset
+from murmur.learning.trainers.base import TorchTrainer
+
+
+@cache
+def my_data():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=120)
+    x = (rng.normal(size=(120, 2)) + 3.0 * np.eye(3, 2)[y]).astype(np.float32)
+    return ArrayDataset(x[:100], y[:100], x[100:], y[100:], num_classes=3)
+
+
+class MyTrainer(TorchTrainer):
+    outputs = 3
+
+    def load_dataset(self):
+        return my_data()
+
+    def build_model(self, dataset):
+        return nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, self.outputs))
+
+
+class TwoOutputs(MyTrainer):
+    outputs = 2  # three classes
+
+
+class NoData(MyTrainer):
+    def load_dataset(self):
+        return np.load("no-such-data.npz")
+
+
+class Chatty(MyTrainer):
+    def load_dataset(self):
+        print("loading my data")
+        return my_data()
+'''
+
+
+@pytest.mark.parametrize(
+    ("trainer", "config", "fragment"),
+    [
+        ("TwoOutputs", "", "has shape (2, 2); expected (2, 3): one logit per class"),
+        ("NoData", "", "could not be built: FileNotFoundError"),
+        ("MyTrainer", "num_nodes = 500\n", "node.toml:4: learning.num_nodes: 100 training samples cannot fill 500"),
+    ],
+)
+def test_config_check_builds_the_trainer_as_node_start_does(tmp_path: Path, trainer: str, config: str,
+                                                          fragment: str) -> None:
+    """A user's trainer that fails to build (its data file missing), whose
+    model does not fit its data, or whose data cannot fill learning.num_nodes
+    passed `config check` (exit 0) and was refused only by `node start`:
+    both now refuse it with the same line and exit code 2."""
+    (tmp_path / "mymod.py").write_text(USER_TRAINER)
+    path = tmp_path / "node.toml"
+    path.write_text(f'[learning]\ntrainer = "mymod:{trainer}"\nnode_index = 1\n{config}')
+    args = ("--config", str(path), "--data-dir", str(tmp_path / "state"))
+    check = refused(murmur("config", "check", *args, *_sets(LOOPBACK_ANY_PORT), cwd=tmp_path), "", fragment)
+    start = refused(murmur("node", "start", *args, "--listen", "/ip4/127.0.0.1/tcp/0", cwd=tmp_path), "", fragment)
+    assert check == start
+    ok = murmur("config", "check", *args, *_sets(LOOPBACK_ANY_PORT, "learning.trainer=mymod:Chatty",
+                                                 "learning.num_nodes=2"), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["learning"]["trainer"] == "mymod:Chatty"  # what the user's code printed
+    assert ok.stderr == "loading my data\n"  # is on stderr, out of the JSON
 
 
 PLUGIN = '''
