@@ -49,9 +49,23 @@ class TrainerError(MurmurError):
     (see ``murmur.learning.trainers.checked``)."""
 
 
+class TrainerFailed(TrainerError):
+    """The trainer's own code raised (a shape bug on a later batch, the
+    user's NaN assertion, CUDA out of memory) and raised again when the node
+    tried once more. The message names the trainer, the method, the round and
+    the line of the user's code; the original exception is chained."""
+
+
 class TaskCrashed(MurmurError):
     """A supervised task of the node ended with an exception; the daemon shut
     down (exit code 1) because ``node.keep_serving_after_crash`` is off."""
+
+
+class TrainerCrashed(TaskCrashed):
+    """The node's rounds ended because its trainer failed
+    (:class:`TrainerError`: it raised twice running, or broke its contract).
+    Exit code 3, which the documented systemd unit does not restart: the same
+    code fails the same way after a restart, and each restart re-ran rounds."""
 
 
 class ConnectionClosed(MurmurError):

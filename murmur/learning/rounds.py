@@ -396,7 +396,15 @@ class RoundEngine:
         runs it in a worker thread while messages keep arriving on the loop.
         """
         before = self.trainer.get_flat()
-        stats = self.trainer.train(self.config.local_steps)
+        try:
+            stats = self.trainer.train(self.config.local_steps)
+        except BaseException:
+            # The trainer's code raised mid-way (a bug on a later batch, an
+            # out-of-memory): its model is wherever the failed step left it,
+            # NaN even. Rewound, a retry starts from x^t and the checkpoint
+            # written at stop holds x^t, not the broken model.
+            self.trainer.set_flat(before)
+            raise
         delta = self.trainer.get_flat()
         delta -= before  # in place: one model-sized vector less at real sizes
         # Rewind to x^t: the round's step is applied in finish_round().
@@ -994,6 +1002,13 @@ class GossipModel:
             self.merge_hook(peer, share)
 
     def step(self, steps: int | None = None) -> float:
-        stats = self.trainer.train(steps)
+        """Train in place; a ``train`` that raises leaves the model as it was
+        (see :meth:`RoundEngine.local_update`)."""
+        before = self.trainer.get_flat()
+        try:
+            stats = self.trainer.train(steps)
+        except BaseException:
+            self.trainer.set_flat(before)
+            raise
         self.age += stats.steps
         return float(stats.loss)

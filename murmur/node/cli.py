@@ -15,7 +15,8 @@
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage or a
 state file a restart cannot mend (:class:`~murmur.errors.StateDamaged`: the
-identity key, both checkpoints, the privacy ledger), 141 (as
+identity key, both checkpoints, the privacy ledger), 3 the node's trainer
+failed while it ran (:class:`~murmur.errors.TrainerCrashed`), 141 (as
 if killed by SIGPIPE) when stdout's reader went away (``murmur config check |
 head``). Every failure is one ``murmur: ...`` line on stderr. ``node start``
 and ``config check`` run :mod:`murmur.node.preflight` after loading the
@@ -47,7 +48,7 @@ from typing import Any, NoReturn, TypeVar
 import uvloop
 
 from murmur import __version__
-from murmur.errors import ConfigError, MurmurError, OptionError, StateDamaged, StateError
+from murmur.errors import ConfigError, MurmurError, OptionError, StateDamaged, StateError, TrainerCrashed
 from murmur.fastexit import exit_after_shutdown
 from murmur.node import preflight
 from murmur.node.config import (
@@ -75,6 +76,11 @@ DIST_NAME = "murmur"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_TRAINER = 3
+"""The node's trainer failed (:class:`~murmur.errors.TrainerCrashed`): its code
+raised twice running or broke its contract. Apart from 1 so that a
+supervisor can leave it stopped (the unit's ``RestartPreventExitStatus``):
+restarted, the same code fails the same way."""
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 HTTP_TIMEOUT_S = 5.0
@@ -598,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     except StateDamaged as exc:  # the operator must restore or remove a file, as with a bad config
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except TrainerCrashed as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_TRAINER
     except MurmurError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from murmur import __version__
-from murmur.errors import LimitExceeded, OptionError, PeerFault, SendTimeout, TaskCrashed
+from murmur.errors import LimitExceeded, OptionError, PeerFault, SendTimeout, TaskCrashed, TrainerCrashed
 from murmur.node.api import StatusApi
 from murmur.node.autonat import AutoNATProber
 from murmur.node.autorelay import AutoRelay
@@ -304,7 +304,9 @@ class Node:
         """Serve until ``stop`` is set. A crashed supervised task ends it
         early with :class:`TaskCrashed` (the caller's ``async with`` then
         stops the node gracefully, and the CLI exits 1): a daemon whose round
-        loop died must not sit there looking alive. With
+        loop died must not sit there looking alive. Rounds ended by the
+        trainer (:mod:`murmur.node.trainercalls`) are a
+        :class:`TrainerCrashed` (exit 3: not restarted). With
         ``node.keep_serving_after_crash`` it serves on, unhealthy."""
         if self.config.node.keep_serving_after_crash:
             await stop.wait()
@@ -316,6 +318,10 @@ class Node:
             for waiter in waits:
                 waiter.cancel()
         crashes = self.tasks.crashes()
+        failure = getattr(self.learner, "trainer_failure", None)
+        if failure is not None:  # the user's code: a restart fails the same way (exit 3, see cli.py)
+            raise TrainerCrashed(f"{failure}; node stopped (node.keep_serving_after_crash = true keeps it "
+                                 "serving)")
         if crashes:
             more = f" (and {len(crashes) - 1} more)" if len(crashes) > 1 else ""
             raise TaskCrashed(

@@ -31,7 +31,7 @@ import random
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -65,6 +65,7 @@ from murmur.learning.rounds import (
 )
 from murmur.learning.trainers.base import Metric
 from murmur.node.preflight import build_trainer
+from murmur.node.trainercalls import TrainerCalls
 from murmur.node.config import Attack, LearningMode, OuterName, OuterSection, PrivacyLevel
 from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
@@ -236,6 +237,8 @@ class NodeLearner:
         self._stopped = False
         self._write_lock = threading.Lock()  # see _write_snapshot
         self._training: asyncio.Future[Any] | None = None  # the worker thread's training, see _train_in_thread
+        self.trainer_failure: TrainerError | None = None  # what ended the rounds, see _call_trainer
+        self._trainer_calls = TrainerCalls(cfg.trainer)
         self._arrived = asyncio.Event()
         # Public-model requests in flight: peer -> future for a catch-up we
         # await, or None for a replica re-sync installed on arrival.
@@ -337,6 +340,18 @@ class NodeLearner:
             # already reported once with its traceback, is not told again as one.
             log.warning("no checkpoint at stop: the trainer broke its contract; the last checkpoint is kept",
                         extra={"event": "checkpoint_skipped", "error": str(exc)})
+
+    async def _call_trainer(self, method: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, tried once more if the trainer's code raised
+        (:class:`~murmur.node.trainercalls.TrainerCalls`). A failure that
+        ends the rounds (it raised again, or the trainer broke its contract)
+        is kept in :attr:`trainer_failure`, from which the daemon takes its
+        exit code."""
+        try:
+            return await self._trainer_calls.call(method, self.round, call)  # gossip: its cycle
+        except TrainerError as exc:
+            self.trainer_failure = exc
+            raise
 
     async def _train_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` (training: it changes the model) in a worker thread
@@ -574,8 +589,8 @@ class NodeLearner:
             started = time.monotonic()
             with timer.phase("train_s"):
                 update: LocalUpdate = (
-                    await self._train_in_thread(self.engine.local_update) if training
-                    else LocalUpdate.mixing_only(self.engine.num_params, self.engine.public.device)
+                    await self._call_trainer("train", lambda: self._train_in_thread(self.engine.local_update))
+                    if training else LocalUpdate.mixing_only(self.engine.num_params, self.engine.public.device)
                 )
             neighbours = self._neighbours()
             round_ = self.engine.round
@@ -624,7 +639,8 @@ class NodeLearner:
                     self.gossip.merge(peer, model, age)
                     self.gossip_merges += 1
             with timer.phase("train_s"):
-                loss = await self._train_in_thread(self.gossip.step, self.cfg.local_steps or None)
+                loss = await self._call_trainer(
+                    "train", lambda: self._train_in_thread(self.gossip.step, self.cfg.local_steps or None))
             with timer.phase("send_s"):
                 for peer in self.node.sampler.sample(1, rng):
                     await self._gossip_to(peer)
@@ -749,7 +765,7 @@ class NodeLearner:
             del self._trust[next(iter(self._trust))]
         self._peer_rounds = {peer: r for peer, r in self._peer_rounds.items() if peer in current}
         with timer.phase("eval_s"):
-            loss, accuracy = await asyncio.to_thread(self._evaluate)
+            loss, accuracy = await self._call_trainer("evaluate", lambda: asyncio.to_thread(self._evaluate))
         self.last_eval = (loss, accuracy)
         # The round's model-sized temporaries are freed: hand their pages back
         # (a model under 32 MB leaves them as holes in the heap, see heap.py).
@@ -938,7 +954,7 @@ class NodeLearner:
         await self._announce_progress()  # neighbours in the rounds we skipped stop waiting for us
         # /status must describe the model we now hold, not the one we dropped
         # (no metrics row: we did not run the rounds we skipped).
-        self.last_eval = await asyncio.to_thread(self._evaluate)
+        self.last_eval = await self._call_trainer("evaluate", lambda: asyncio.to_thread(self._evaluate))
         # A jump of many rounds at once: checkpointed only after the next round
         # ran, a node killed before that (a slow round) resumed rounds behind,
         # ran them again (spending ε again) and caught up again.

@@ -5,7 +5,8 @@ test's tmp dir) whose ``train()`` returns a dict instead of ``TrainStats``.
 Before, the ``rounds`` task died with a log line while ``/healthz`` kept
 answering ``{"ok": true}`` and status showed round 0 and no error. Now:
 ``/healthz`` answers 503, status carries the error under ``health``, and the
-daemon exits 1 unless ``node.keep_serving_after_crash``.
+daemon exits (3: the trainer failed, see murmur/node/trainercalls.py) unless
+``node.keep_serving_after_crash``.
 
 Tested on an in-process :class:`Node` (the cluster.py way) and on real
 ``murmur node start`` processes.
@@ -29,7 +30,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from murmur.errors import TaskCrashed
+from murmur.errors import TaskCrashed, TrainerCrashed
+from murmur.node.cli import EXIT_TRAINER
 from murmur.node.daemon import Node
 from murmur.node.state import StateDir
 from tests.integration.cluster import node_config, wait_until
@@ -142,11 +144,12 @@ async def test_crashed_learner_stops_the_node_with_task_crashed(plugin_dir, tmp_
     assert config.node.keep_serving_after_crash is False  # the default
     stop = asyncio.Event()
     node = Node(config)
-    with pytest.raises(TaskCrashed) as crashed:
+    with pytest.raises(TrainerCrashed) as crashed:  # a TaskCrashed the CLI exits 3 for
         async with node:
             await asyncio.wait_for(node.serve_until(stop), CRASH_S)
     assert str(crashed.value) == (
-        f"task 'rounds' crashed: {EXPECTED_ERROR}; node stopped (node.keep_serving_after_crash = true keeps it serving)"
+        f"{EXPECTED_ERROR.removeprefix('TrainerError: ')}; node stopped "
+        "(node.keep_serving_after_crash = true keeps it serving)"
     )
     _assert_rounds_crashed(dict(node.health()))
     crash_at = node.tasks.crashes()[0].since
@@ -225,9 +228,9 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
             proc.wait(10)
 
 
-async def test_daemon_process_exits_1_or_keeps_serving_unhealthy(plugin_dir, tmp_path, http, procs):
+async def test_daemon_process_exits_3_or_keeps_serving_unhealthy(plugin_dir, tmp_path, http, procs):
     """Two ``murmur node start`` daemons with the same broken trainer, side by
-    side: the default one exits 1 with the reason; the one told to keep
+    side: the default one exits 3 (a trainer's failure) with the reason; the one told to keep
     serving stays up with /healthz 503 and the error in ``murmur status``."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])}
     daemons = {}
@@ -244,9 +247,10 @@ async def test_daemon_process_exits_1_or_keeps_serving_unhealthy(plugin_dir, tmp
     exits, _, exits_log = daemons["exits"]
     await wait_until(lambda: exits.poll() is not None, PROCESS_EXIT_S, "the crashed daemon's exit")
     output = exits_log.read_text()
-    assert exits.returncode == 1, output[-3000:]
-    assert f"murmur: task 'rounds' crashed: {EXPECTED_ERROR}; node stopped" in output, output[-3000:]
-    print(f"crashed daemon exited 1 after {time.monotonic() - started:.1f}s (bound {PROCESS_EXIT_S:.0f}s)")
+    # a broken contract recurs every round: exit 3, which the systemd unit does not restart
+    assert exits.returncode == EXIT_TRAINER, output[-3000:]
+    assert f"murmur: {EXPECTED_ERROR.removeprefix('TrainerError: ')}; node stopped" in output, output[-3000:]
+    print(f"crashed daemon exited {exits.returncode} after {time.monotonic() - started:.1f}s (bound {PROCESS_EXIT_S:.0f}s)")
 
     serves, serves_dir, serves_log = daemons["serves"]
     state = StateDir(serves_dir)

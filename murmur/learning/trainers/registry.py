@@ -141,11 +141,11 @@ def create_trainer(spec: str, ctx: TrainerContext) -> Trainer:
     except MurmurError:
         raise
     except Exception as exc:
-        raise ConfigError(f"trainer {spec!r} could not be built: {type(exc).__name__}: {exc}{_where(exc)}") from exc
+        raise ConfigError(f"trainer {spec!r} could not be built: {type(exc).__name__}: {exc}{where(exc)}") from exc
     return checked(trainer)
 
 
-def _where(exc: BaseException) -> str:
+def where(exc: BaseException) -> str:
     """`` (at FILE:LINE in FUNCTION)`` for the innermost frame of ``exc`` in
     code of the user's, not murmur's, an installed package's or the standard
     library's (the innermost of all when there is none)."""
