@@ -1195,6 +1195,21 @@ class NodeLearner:
             if history or history_meta:
                 self.node.state.save_history(history, history_meta)
 
+    def _set_aside(self, meta: Mapping[str, Any], model: np.ndarray | None, source: Any) -> None:
+        """A checkpoint of another model (the user changed their trainer or
+        an option that shapes its model): moved aside, not written over, and
+        the node starts fresh saying what it found and where it put it."""
+        size = model.size if model is not None else 0
+        round_ = meta.get("round")
+        label = f"{size}-params-round-{round_ if isinstance(round_, int) else 'unknown'}"
+        aside = self.node.state.set_aside_checkpoint(label)
+        log.warning(
+            f"checkpoint {source} holds another model (trainer {meta.get('trainer')!r}, {size} parameters, round "
+            f"{round_}) than this node runs ({self.cfg.trainer!r}, {self.engine.num_params} parameters): moved it "
+            f"to {aside.name} and starting fresh (move it back, with the trainer it came from, to resume it)",
+            extra={"event": "checkpoint_set_aside", "source": str(source), "aside": str(aside)},
+        )
+
     def _restore(self) -> None:
         bundle = self.node.state.load_checkpoint()
         if bundle is None:
@@ -1205,7 +1220,7 @@ class NodeLearner:
             bundle.meta.get("trainer") != self.cfg.trainer
             or any(arrays.get(k) is None or arrays[k].size != n for k in ("model", "public", "consensus"))
         ):
-            log.warning("checkpoint does not match this trainer; starting fresh", extra={"source": str(bundle.source)})
+            self._set_aside(bundle.meta, arrays.get("model"), bundle.source)
             return
 
         def tensor(key: str) -> torch.Tensor:

@@ -440,6 +440,24 @@ class StateDir:
         """The newest intact checkpoint (falls back to ``checkpoint.bin.prev``), or None."""
         return read_array_file(self.checkpoint_path)
 
+    def set_aside_checkpoint(self, label: str) -> Path:
+        """Move ``checkpoint.bin`` and its ``.prev`` to ``checkpoint-<label>.bin``
+        (and ``.prev``); returns the new path. For a checkpoint of another
+        model than the node now runs (the user changed their trainer): starting
+        fresh used to write the new model over both files within two
+        checkpoints, and the trained model was gone. ``label`` must be a
+        plain file-name part."""
+        stem, dot, ext = CHECKPOINT_FILE.partition(".")
+        aside = self.path / f"{stem}-{label}{dot}{ext}"
+        for source, target in ((self.checkpoint_path, aside),
+                               (self.checkpoint_path.with_name(CHECKPOINT_FILE + PREV_SUFFIX),
+                                aside.with_name(aside.name + PREV_SUFFIX))):
+            try:
+                os.replace(source, target)
+            except FileNotFoundError:
+                continue
+        return aside
+
     def save_history(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         self._write_arrays(self.history_path, arrays, meta)
 
