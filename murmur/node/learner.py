@@ -238,7 +238,7 @@ class NodeLearner:
         self._write_lock = threading.Lock()  # see _write_snapshot
         self._training: asyncio.Future[Any] | None = None  # the worker thread's training, see _train_in_thread
         self.trainer_failure: TrainerError | None = None  # what ended the rounds, see _call_trainer
-        self._trainer_calls = TrainerCalls(cfg.trainer)
+        self._trainer_calls = TrainerCalls(cfg.trainer, type(getattr(self.trainer, "inner", self.trainer)))
         self._arrived = asyncio.Event()
         # Public-model requests in flight: peer -> future for a catch-up we
         # await, or None for a replica re-sync installed on arrival.

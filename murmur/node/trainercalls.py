@@ -46,11 +46,13 @@ try) before the node stops all the same: a bug that hits one batch of every
 round passes every retry, and would otherwise log an error a round for ever."""
 
 
-def trainer_failed(spec: str, method: str, round_: int, exc: BaseException) -> TrainerFailed:
-    """One line: the trainer, the method and round, the error, the user's line."""
+def trainer_failed(spec: str, method: str, round_: int, exc: BaseException,
+                   trainer: type | None = None) -> TrainerFailed:
+    """One line: the trainer, the method and round, the error, the user's
+    line (in ``trainer``'s own code first, see :func:`where`)."""
     text = " ".join(str(exc).split())
     error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return TrainerFailed(f"trainer {spec!r} raised in {method}() at round {round_}: {error}{where(exc)}")
+    return TrainerFailed(f"trainer {spec!r} raised in {method}() at round {round_}: {error}{where(exc, trainer)}")
 
 
 def _free_accelerator_memory() -> None:
@@ -63,10 +65,12 @@ def _free_accelerator_memory() -> None:
 
 
 class TrainerCalls:
-    """One node's calls into its trainer ``spec``, with the policy above."""
+    """One node's calls into its trainer ``spec`` (of class ``trainer``),
+    with the policy above."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, trainer: type | None = None) -> None:
         self.spec = spec
+        self.trainer = trainer
         self._failing: dict[str, int] = {}  # method -> calls in a row that raised once
 
     async def call(self, method: str, round_: int, call: Callable[[], Awaitable[T]]) -> T:
@@ -82,7 +86,7 @@ class TrainerCalls:
             except MurmurError:
                 raise
             except Exception as exc:
-                failed, cause = trainer_failed(self.spec, method, round_, exc), exc
+                failed, cause = trainer_failed(self.spec, method, round_, exc, self.trainer), exc
                 if attempt == TRAINER_ATTEMPTS:
                     raise failed from exc
                 log.error(f"{failed}; trying once more", extra={"event": "trainer_error", "method": method,

@@ -75,3 +75,38 @@ async def test_murmurs_own_error_is_raised_as_it_is() -> None:
     with pytest.raises(TrainerError, match=r"^MyTrainer.train\(\) returned dict"):
         await TrainerCalls(SPEC).call("train", 0, script)
     assert script.calls == 1
+
+
+INSTALLED = '''
+import json
+
+
+class Installed:
+    def train(self):
+        return json.loads("{")  # the user's bug, raised inside the standard library
+'''
+
+
+def test_an_installed_trainers_own_line_is_named(tmp_path, monkeypatch) -> None:
+    """A trainer pip-installed into the node's environment: every frame is an
+    installed package's, and its error was reported at the innermost frame of
+    all (torch's linear.py:134 for a shape bug of its own), not at its line."""
+    import sysconfig
+
+    from murmur.node.trainercalls import trainer_failed
+
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "fh_installed.py").write_text(INSTALLED, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(site))
+    paths = {**sysconfig.get_paths(), "purelib": str(site), "platlib": str(site)}
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *args, **kwargs: paths)
+    import fh_installed
+
+    try:
+        fh_installed.Installed().train()
+    except ValueError as exc:
+        error = exc
+    named = str(trainer_failed(SPEC, "train", 0, error, fh_installed.Installed))
+    assert named.endswith(f"(at {site / 'fh_installed.py'}:7 in train)"), named
+    assert "fh_installed.py" not in str(trainer_failed(SPEC, "train", 0, error))  # without the class

@@ -141,14 +141,18 @@ def create_trainer(spec: str, ctx: TrainerContext) -> Trainer:
     except MurmurError:
         raise
     except Exception as exc:
-        raise ConfigError(f"trainer {spec!r} could not be built: {type(exc).__name__}: {exc}{where(exc)}") from exc
+        raise ConfigError(f"trainer {spec!r} could not be built: {type(exc).__name__}: {exc}{where(exc, cls)}") from exc
     return checked(trainer)
 
 
-def where(exc: BaseException) -> str:
+def where(exc: BaseException, trainer: type | None = None) -> str:
     """`` (at FILE:LINE in FUNCTION)`` for the innermost frame of ``exc`` in
-    code of the user's, not murmur's, an installed package's or the standard
-    library's (the innermost of all when there is none)."""
+    the code of ``trainer`` (the files of the modules, or packages, its
+    classes come from, murmur's excepted), else in code of the user's, not
+    murmur's, an installed package's or the standard library's (the innermost
+    of all when there is none). With ``trainer``, a trainer pip-installed into
+    the node's environment is named too: a shape bug of its own in a torch
+    call was reported at torch/nn/modules/linear.py:134 in forward."""
     import sysconfig
     import traceback
 
@@ -158,9 +162,30 @@ def where(exc: BaseException) -> str:
     paths = sysconfig.get_paths()
     library = tuple(os.path.realpath(paths[key]) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib"))
     ours = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))) + os.sep  # murmur/
-    user = [f for f in frames if not os.path.realpath(f.filename).startswith((*library, ours))]
+    homes = _homes(trainer) if trainer is not None else ()
+    own = [f for f in frames if homes and os.path.realpath(f.filename).startswith(homes)]
+    user = own or [f for f in frames if not os.path.realpath(f.filename).startswith((*library, ours))]
     frame = (user or frames)[-1]
     return f" (at {frame.filename}:{frame.lineno} in {frame.name})"
+
+
+def _homes(trainer: type) -> tuple[str, ...]:
+    """Where ``trainer``'s own code lives: for each class of its MRO not
+    murmur's, its module's file, or the directory of the package that module
+    is in (a helper module of the same package is the user's code too)."""
+    homes = []
+    for cls in trainer.__mro__:
+        top = cls.__module__.partition(".")[0]
+        if top in ("murmur", "builtins", "abc"):
+            continue
+        package = sys.modules.get(top)
+        file = getattr(package, "__file__", None)
+        if not file:
+            continue
+        file = os.path.realpath(file)
+        is_package = hasattr(package, "__path__")
+        homes.append(os.path.dirname(file) + os.sep if is_package else file)
+    return tuple(dict.fromkeys(homes))
 
 
 def check_trainer_name(spec: str) -> None:
