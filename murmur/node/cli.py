@@ -458,6 +458,21 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                         "(--set node.listen=/ip4/0.0.0.0/tcp/4731) or a TOML list")
 
 
+def _add_node_config_args(p: argparse.ArgumentParser) -> None:
+    """Every option that changes the config ``node start`` runs with, declared
+    once for it and for ``config check``: a user checks exactly the command
+    line they will start (``--trainer X`` was a usage error in ``config check``)."""
+    _add_config_args(p)
+    p.add_argument("--listen", action="append", metavar="MULTIADDR",
+                   help="listen address (repeatable), e.g. /ip4/0.0.0.0/tcp/4731 (default: node.listen)")
+    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="bootstrap peer (repeatable)")
+    p.add_argument("--api-port", type=int, metavar="PORT", help="status API port on 127.0.0.1 (default: api.port, 0 = any)")
+    p.add_argument("--trainer", metavar="SPEC", help="trainer name or package.module:Class (default: learning.trainer)")
+    p.add_argument("--log-level", choices=[v.value for v in LogLevel], help="log level (default: node.log_level)")
+    p.add_argument("--log-format", choices=[v.value for v in LogFormat],
+                   help="log lines as text or JSON, on stderr and in murmur.log (default: node.log_format)")
+
+
 def _add_state_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", type=Path, metavar="FILE", help="node config file, to find its data dir")
     p.add_argument("--data-dir", metavar="DIR", help="state dir of the node (default: the config's node.data_dir)")
@@ -499,15 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                  [f"{PROG} node start --config node.toml",
                   f"{PROG} node start --listen /ip4/0.0.0.0/tcp/4731 --bootstrap /ip4/192.0.2.7/tcp/4731/p2p/12D3KooW...",
                   f"{PROG} node start --set learning.rounds=0 --set privacy.enabled=true"])
-    _add_config_args(p)
-    p.add_argument("--listen", action="append", metavar="MULTIADDR",
-                   help="listen address (repeatable), e.g. /ip4/0.0.0.0/tcp/4731 (default: node.listen)")
-    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="bootstrap peer (repeatable)")
-    p.add_argument("--api-port", type=int, metavar="PORT", help="status API port on 127.0.0.1 (default: api.port, 0 = any)")
-    p.add_argument("--trainer", metavar="SPEC", help="trainer name or package.module:Class (default: learning.trainer)")
-    p.add_argument("--log-level", choices=[v.value for v in LogLevel], help="log level (default: node.log_level)")
-    p.add_argument("--log-format", choices=[v.value for v in LogFormat],
-                   help="log lines as text or JSON, on stderr and in murmur.log (default: node.log_format)")
+    _add_node_config_args(p)
     p.set_defaults(handler=cmd_node_start)
 
     p = _command(node, "stop", "stop a running daemon gracefully",
@@ -558,11 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
                  [f"{PROG} config default > node.toml"])
     p.set_defaults(handler=cmd_config_default)
     p = _command(config, "check", "validate a config as node start would and print it resolved (JSON)",
-                 "Check a config as `node start` would (schema, trainer, options, device, data dir, ports; the trainer is "
+                 "Check a config as `node start` would, with the same options (schema, trainer, options, device, data dir, ports; the trainer is "
                  "built, its data loaded and its model run on two examples) "
                  "and print it resolved as JSON; a problem is one line naming the file, line and key.",
-                 [f"{PROG} config check --config node.toml", f"{PROG} config check --set learning.codec=int8"])
-    _add_config_args(p)
+                 [f"{PROG} config check --config node.toml", f"{PROG} config check --set learning.codec=int8",
+                  f"{PROG} config check --trainer mnist-cnn --listen /ip4/0.0.0.0/tcp/4731"])
+    _add_node_config_args(p)
     p.set_defaults(handler=cmd_config_check)
 
     testnet = _group(sub, "testnet", "local testnets", "testnet_command")

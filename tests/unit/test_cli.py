@@ -258,6 +258,26 @@ def test_config_default_prints_loadable_defaults(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["learning"]["codec"] == "int8"
 
 
+def _options(parser: Any) -> set[str]:
+    return {o for a in parser._actions for o in a.option_strings} - {"-h", "--help"}
+
+
+def test_config_check_takes_every_option_of_node_start(tmp_path, capsys):
+    """A user checks the command line they will start: ``config check
+    --trainer X`` was a usage error (exit 2) while ``node start --trainer X``
+    ran. ``node start``'s options all change the config, so all of them are
+    ``config check``'s, with what they set visible in the resolved config."""
+    leaves = dict(_leaf_commands(cli.build_parser()))
+    assert _options(leaves[("node", "start")]) <= _options(leaves[("config", "check")])
+    assert cli.main(["config", "check", "--data-dir", str(tmp_path), *_NO_DEFAULT_PORTS, "--trainer", "digits-mlp",
+                     "--bootstrap", "/ip4/192.0.2.7/tcp/4731/p2p/12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp",
+                     "--api-port", "0", "--log-level", "debug", "--log-format", "json"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["learning"]["trainer"] == "digits-mlp"
+    assert resolved["node"]["log_level"] == "debug" and resolved["node"]["log_format"] == "json"
+    assert len(resolved["network"]["bootstrap"]) == 1
+
+
 def test_json_logs_carry_extra_fields(restore_logging):
     stream = io.StringIO()
     configure_logging("debug", "json", stream)
