@@ -36,6 +36,15 @@ class StateError(MurmurError):
     """A persistent state file is missing, unreadable or inconsistent."""
 
 
+class StateInUse(StateError):
+    """Another daemon holds the state dir's lock. Exit code 2, like a bad
+    config: only the operator ends it (stop that daemon, or choose another
+    data dir). Under systemd the unit's own old process is gone before its
+    new one starts (stop, then start; the cgroup killed), so a holder is a
+    daemon outside the unit, and a restart every ``RestartSec`` would only
+    re-import torch and fail again, for ever."""
+
+
 class StateDamaged(StateError):
     """A state file the node cannot run without failed its integrity check
     (the identity key): the node refuses to start rather than run as

@@ -15,7 +15,8 @@
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage or a
 state file a restart cannot mend (:class:`~murmur.errors.StateDamaged`: the
-identity key, both checkpoints, the privacy ledger), 3 the node's trainer
+identity key, both checkpoints, the privacy ledger) or a state dir another
+daemon holds (:class:`~murmur.errors.StateInUse`), 3 the node's trainer
 failed while it ran (:class:`~murmur.errors.TrainerCrashed`), 141 (as
 if killed by SIGPIPE) when stdout's reader went away (``murmur config check |
 head``). Every failure is one ``murmur: ...`` line on stderr. ``node start``
@@ -48,7 +49,7 @@ from typing import Any, NoReturn, TypeVar
 import uvloop
 
 from murmur import __version__
-from murmur.errors import ConfigError, MurmurError, OptionError, StateDamaged, StateError, TrainerCrashed
+from murmur.errors import ConfigError, MurmurError, OptionError, StateDamaged, StateError, StateInUse, TrainerCrashed
 from murmur.fastexit import exit_after_shutdown
 from murmur.node import preflight
 from murmur.node.config import (
@@ -609,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except StateDamaged as exc:  # the operator must restore or remove a file, as with a bad config
+    except (StateDamaged, StateInUse) as exc:  # the operator must act (restore a file, stop a daemon), as with a bad config
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except TrainerCrashed as exc:

@@ -44,7 +44,7 @@ from typing import IO, Any
 import msgpack
 import numpy as np
 
-from murmur.errors import StateDamaged, StateError
+from murmur.errors import StateDamaged, StateError, StateInUse
 from murmur.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_parts, remove_stale_temps
 from murmur.protocol.identity import KEY_FILE_NAME, Identity
 
@@ -349,7 +349,7 @@ class StateDir:
 
     def acquire(self) -> None:
         """Take the exclusive lock and write ``node.pid``; raises
-        :class:`StateError` at once if another daemon holds it."""
+        :class:`StateInUse` at once if another daemon holds it."""
         if self._lock_fd is not None:
             raise StateError(f"state dir {self.path} is already locked by this object")
         self.create()
@@ -364,7 +364,7 @@ class StateDir:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 holder = self.read_pid()
                 who = f" (pid {holder})" if holder else ""
-                raise StateError(
+                raise StateInUse(
                     f"state dir {self.path} is in use by another murmur daemon{who}; "
                     "stop it or choose another --data-dir"
                 ) from None

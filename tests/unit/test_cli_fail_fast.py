@@ -306,3 +306,21 @@ def test_closed_stdout_is_a_quiet_exit(tmp_path: Path, command: list[str]) -> No
     err = proc.stderr.read()
     assert proc.wait(TIMEOUT_S) == EXIT_BROKEN_PIPE, err.decode()[-2000:]
     assert err == b""
+
+
+def test_state_dir_another_daemon_holds_is_exit_2(tmp_path: Path) -> None:
+    """A second ``node start`` on a state dir whose lock another daemon holds
+    (one started by hand, one by systemd) exited 1, which the unit
+    (``Restart=on-failure``, ``RestartPreventExitStatus=2 3``) restarted every
+    5 s for ever, each try importing torch again (2.5 s of CPU) to fail the
+    same way. systemd stops a unit's old process before it starts the new one,
+    so the holder is never the unit's own: exit 2, which it leaves stopped."""
+    from murmur.node.state import StateDir
+
+    with StateDir(tmp_path / "state"):  # the real flock a running daemon holds
+        proc = murmur("node", "start", "--data-dir", str(tmp_path / "state"), *_sets(LOOPBACK_ANY_PORT, "api.port=0"))
+    assert proc.returncode == EXIT_CONFIG, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.splitlines() == [f"murmur: state dir {tmp_path / 'state'} is in use by another murmur daemon "
+                                        f"(pid {os.getpid()}); stop it or choose another --data-dir"]
+    unit = (Path(__file__).parents[2] / "deploy" / "murmur.service").read_text()
+    assert f"RestartPreventExitStatus={EXIT_CONFIG} " in unit
