@@ -49,7 +49,7 @@ from murmur.node.membership import Membership, MembershipConfig
 from murmur.node.metrics import NodeMetrics
 from murmur.node.outbox import Outbox
 from murmur.node.preflight import bind_problem
-from murmur.node.progress import progress, resumed_eval
+from murmur.node.progress import ROUNDS_TASK, progress, resumed_eval
 from murmur.node.ratelimit import RequestBudget
 from murmur.node.session import Dispatcher, PeerSession, ProtocolNotSupported
 from murmur.node.state import ApiInfo, StateDir
@@ -946,7 +946,18 @@ class Node:
         learning = dict(self.learner.status())
         learning |= resumed_eval(learning, self._resumed)
         learning["last_round_s"] = dict(self.metrics.last_phases)  # phase -> seconds of the last round
-        return learning | progress(learning, self.config.learning, self.config.privacy)
+        return learning | progress(learning, self.config.learning, self.config.privacy, self._rounds_stopped())
+
+    def _rounds_stopped(self) -> str | None:
+        """Why the learner's rounds ended early (the task crashed; the node
+        serves on with ``node.keep_serving_after_crash``), None while they run:
+        the trainer's failure in the words of its exit-3 line (the user's file
+        and line), else the crash's error."""
+        crash = next((f for f in self.tasks.crashes() if f.task == ROUNDS_TASK), None)
+        if crash is None:
+            return None
+        failure = getattr(self.learner, "trainer_failure", None)
+        return str(failure) if failure is not None else crash.error
 
     def _failed_tasks(self) -> list[dict[str, Any]]:
         return [

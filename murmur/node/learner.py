@@ -71,6 +71,7 @@ from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
 from murmur.node.heap import release_free_heap
 from murmur.node.outbox import Outbox
+from murmur.node.progress import ROUNDS_TASK
 from murmur.node.ratelimit import RequestBudget
 from murmur.node.records import (
     SKETCH_META_KEY,
@@ -318,7 +319,7 @@ class NodeLearner:
         # a restored node with no rounds left is over at once: its last row is on disk
         self._finished = not (self.cfg.trains_in(self._cycle) if self.gossip is not None
                               else self.cfg.runs_round(self.engine.round))
-        self.node.tasks.spawn("rounds", self._run_gossip if self.gossip is not None else self._run_rounds)
+        self.node.tasks.spawn(ROUNDS_TASK, self._run_gossip if self.gossip is not None else self._run_rounds)
         self.node.tasks.periodic("expire-transfers", 10.0, self._expire)
         self.node.tasks.periodic("stall-watch", max(1.0, self.cfg.round_deadline_s / 2), self._watch_stalls)
 
@@ -326,7 +327,7 @@ class NodeLearner:
         if self._stopped:  # every front of an attacker calls this
             return
         self._stopped = True
-        self.node.tasks.cancel("rounds")
+        self.node.tasks.cancel(ROUNDS_TASK)
         interrupt = getattr(self.trainer, "interrupt", None)  # TorchTrainer's; a plug-in may have none
         if callable(interrupt):
             interrupt()

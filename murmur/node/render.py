@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from murmur.learning.privacy.outlook import outweighs
+from murmur.node.progress import Progress
 from murmur.node.stalls import HELD_BACK_STREAK
 from murmur.units import fmt_bytes, fmt_number, fmt_seconds
 
@@ -30,6 +31,8 @@ def _rounds(learning: Mapping[str, Any]) -> str:
     target = learning.get("target_rounds")
     of = f" of {target}" if target is not None else " (until stopped)"
     state = learning.get("state")
+    if state == Progress.STOPPED:  # kept serving after the rounds crashed: say so, and why, not "training"
+        return f"{fmt_number(learning.get('round'))}{of}, STOPPED: {learning.get('stopped_reason') or 'crashed'}"
     return f"{fmt_number(learning.get('round'))}{of}" + (f", {state}" if state else "")
 
 

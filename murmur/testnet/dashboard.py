@@ -65,7 +65,7 @@ class NodeView:
     alive: bool = False
     round: int | None = None
     target_rounds: int | None = None
-    state: str | None = None  # training, mixing, done, budget_spent
+    state: str | None = None  # training, mixing, done, budget_spent, stopped
     accuracy: float | None = None
     attack_rate: float | None = None
     epsilon: float | None = None

@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from murmur.errors import TaskCrashed, TrainerCrashed
 from murmur.node.cli import EXIT_TRAINER
 from murmur.node.daemon import Node
+from murmur.node.render import render_status
 from murmur.node.state import StateDir
 from tests.integration.cluster import node_config, wait_until
 
@@ -129,6 +130,11 @@ async def test_crashed_learner_fails_healthz_and_status_while_kept_serving(plugi
         assert status == 200
         _assert_rounds_crashed(body["health"])
         assert body["learning"]["round"] == 0  # what status showed before, now with the reason next to it
+        # the rounds stopped, and say why: before, "state" stayed "training" for as long as the node served on
+        assert (body["learning"]["state"], body["learning"]["done"]) == ("stopped", False)
+        assert body["learning"]["stopped_reason"] == EXPECTED_ERROR.removeprefix("TrainerError: ")
+        [rounds] = [line for line in render_status(body).splitlines() if line.startswith("rounds")]
+        assert rounds.split(None, 1)[1] == f"0 of 100, STOPPED: {EXPECTED_ERROR.removeprefix('TrainerError: ')}"
         _, metrics = await _get(http, f"{api}/metrics")
         assert (_metric(metrics, "murmur_healthy"), _metric(metrics, "murmur_failed_tasks")) == (0.0, 1.0)
 
@@ -266,6 +272,10 @@ async def test_daemon_process_exits_3_or_keeps_serving_unhealthy(plugin_dir, tmp
     cli = subprocess.run([*MURMUR, "status", "--data-dir", str(serves_dir)], capture_output=True, timeout=30, check=False)
     assert cli.returncode == 0, cli.stderr.decode()[-2000:]
     _assert_rounds_crashed(json.loads(cli.stdout)["health"])
+    human = subprocess.run([*MURMUR, "status", "--data-dir", str(serves_dir), "-o", "human"], capture_output=True,
+                           timeout=30, check=False, text=True)
+    [rounds] = [line for line in human.stdout.splitlines() if line.startswith("rounds")]
+    assert "STOPPED: BadTrainer.train() returned dict" in rounds and "training" not in rounds, human.stdout
     assert serves.poll() is None, "the keep-serving daemon exited"
 
     serves.send_signal(signal.SIGTERM)  # an asked-for stop is still a clean exit
