@@ -220,6 +220,8 @@ class TransportSection:
     max_negotiation_attempts: int = 16
     max_streams: int = 256
     max_refused_streams: int = 256
+    max_open_burst: int = 128
+    open_refill_s: float = 1 / 64
 
     def limits(self) -> Any:
         """The equivalent ``TransportLimits`` (imported late: config must load
@@ -243,6 +245,8 @@ class RelaySection:
     max_reservations_per_ip: int = 8
     max_circuits: int = 256
     max_circuits_per_peer: int = 16
+    max_circuits_per_pair: int = 4  # of one destination's, per source peer
+    max_circuits_per_ip_pair: int | Literal["auto"] = AUTO  # of one destination's, per source IP; auto: half of per_peer
     circuit_duration_s: int = 120
     circuit_data_bytes: int = 128 * 1024
     message_timeout_s: float = 10.0
@@ -269,6 +273,8 @@ class RelaySection:
         for client_side in ("service", "use", "auto", "max_relays", "check_interval_s"):
             del fields[client_side]
         fields["learning_peers"] = frozenset(PeerId.from_string(p) for p in self.learning_peers)
+        if self.max_circuits_per_ip_pair == AUTO:
+            fields["max_circuits_per_ip_pair"] = None  # RelayConfig derives it from max_circuits_per_peer
         return RelayConfig(**fields)
 
 
@@ -285,6 +291,8 @@ class AutoNATSection:
     dial_timeout_s: float = 5.0
     dial_data_bytes: int = 40_000
     max_pay_bytes: int = 100_000
+    pay_timeout_s: float = 5.0
+    max_paying: int = 16
     client: bool = True  # ask peers to dial our addresses back
     check_interval_s: float = 60.0
     servers_per_check: int = 4
@@ -556,6 +564,11 @@ def index_or_auto(v: Any) -> None:
         at_least(0)(v)
 
 
+def count_or_auto(v: Any) -> None:
+    if v != AUTO:
+        at_least(1)(v)
+
+
 def peer_ids(v: Any) -> None:
     from murmur.protocol.identity import PeerId
 
@@ -614,11 +627,15 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "transport.max_negotiation_attempts": between(1, 1024),
         "transport.max_streams": between(8, 65536),
         "transport.max_refused_streams": at_least(1),
+        "transport.max_open_burst": between(1, 65536),
+        "transport.open_refill_s": finite_positive,
         "relay.reservation_ttl_s": at_least(1),
         "relay.max_reservations": at_least(0),
         "relay.max_reservations_per_ip": at_least(0),
         "relay.max_circuits": at_least(0),
         "relay.max_circuits_per_peer": at_least(0),
+        "relay.max_circuits_per_pair": at_least(1),
+        "relay.max_circuits_per_ip_pair": count_or_auto,
         "relay.circuit_duration_s": between(1, 2**32 - 1),
         "relay.circuit_data_bytes": between(1, 2**63 - 1),
         "relay.message_timeout_s": finite_positive,
@@ -637,6 +654,8 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "autonat.dial_timeout_s": finite_positive,
         "autonat.dial_data_bytes": between(0, 1_000_000),
         "autonat.max_pay_bytes": between(0, 1_000_000),
+        "autonat.pay_timeout_s": finite_positive,
+        "autonat.max_paying": between(1, 1024),
         "autonat.check_interval_s": finite_positive,
         "autonat.servers_per_check": between(1, 16),
         "api.host": loopback_ip,

@@ -49,7 +49,7 @@ from murmur.errors import ConnectionClosed
 from murmur.protocol.budget import least_peer_limit
 from murmur.protocol.framing import FRAME_LENGTH, FRAME_OVERHEAD
 from murmur.protocol.noise import NoiseCipher, default_ciphers
-from murmur.protocol.yamux import YamuxLimits
+from murmur.protocol.yamux import OPEN_BURST, OPEN_REFILL_S, YamuxLimits
 
 __all__ = ["ConnectionClosed", "TokenBucket", "TransportLimits", "send_high_water", "tune_allocator"]
 
@@ -87,6 +87,8 @@ class TransportLimits:
     max_negotiation_attempts: int = 16  # proposals one multistream-select channel may make
     max_streams: int = 256  # live streams per connection, both directions
     max_refused_streams: int = 256  # streams refused in a row before the peer is dropped (a flood)
+    max_open_burst: int = OPEN_BURST  # streams a peer may open at once on one connection,
+    open_refill_s: float = OPEN_REFILL_S  # and one more every this many seconds (yamux.OPEN_BURST)
 
     def __post_init__(self) -> None:
         if not self.ciphers or len(set(self.ciphers)) != len(self.ciphers):
@@ -104,13 +106,14 @@ class TransportLimits:
         if self.peer_reserve_bytes > self.max_peer_buffered_bytes:
             raise ValueError("peer_reserve_bytes must be <= max_peer_buffered_bytes")
         if min(self.negotiate_timeout_s, self.identify_timeout_s, self.max_negotiation_attempts, self.max_streams,
-               self.max_refused_streams) <= 0:
+               self.max_refused_streams, self.max_open_burst, self.open_refill_s) <= 0:
             raise ValueError("negotiation, identify and stream bounds must be positive")
 
     def yamux(self) -> YamuxLimits:
         """The muxers' stream bounds (yamux's windows keep their defaults)."""
         return YamuxLimits(max_streams=self.max_streams, max_ack_backlog=min(self.max_streams, 256),
-                           max_refused_streams=self.max_refused_streams)
+                           max_refused_streams=self.max_refused_streams, max_open_burst=self.max_open_burst,
+                           open_refill_s=self.open_refill_s)
 
 
 def send_high_water(limits: TransportLimits) -> int:

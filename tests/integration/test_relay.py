@@ -31,6 +31,7 @@ from murmur.protocol.multiaddr import DialAddr
 from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayRefused, RelayService, read_message
 from murmur.protocol.framing import SPLIT_MIN_TAIL
 from murmur.protocol.transport import TransportLimits
+from murmur.node.config import load_config_with_source
 from tests.integration.cluster import wait_until
 
 ECHO = "/murmur-test/echo/1.0.0"
@@ -387,14 +388,23 @@ async def _dial_until_refused(client: RelayClient, link: Libp2pConnection, dst: 
     return held
 
 
-async def test_one_source_cannot_take_every_circuit_of_a_reserved_stranger(trios) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("overrides", "per_pair", "per_ip_pair"), [
+    ({}, 4, 8),
+    # an operator who raises max_circuits_per_peer: the IP's share follows (it stayed 8), and the
+    # pair limit is the operator's to set (it was a constant, 4, whatever the config said)
+    ({"relay.max_circuits_per_peer": 24, "relay.max_circuits_per_pair": 5}, 5, 12),
+])
+async def test_one_source_cannot_take_every_circuit_of_a_reserved_stranger(
+        trios, overrides: dict[str, int], per_pair: int, per_ip_pair: int) -> None:  # type: ignore[no-untyped-def]
     """Per-peer circuits are counted per class, but strangers share one:
     one stranger took all max_circuits_per_peer (16) circuits of a reserved
     stranger, and everyone else dialling it was refused for the circuits'
     duration. A source peer now holds at most max_circuits_per_pair of one
-    destination's circuits, and a source IP max_circuits_per_ip_pair."""
-    trio = await trios()
-    cfg = trio.relay.config
+    destination's circuits, and a source IP max_circuits_per_ip_pair; both
+    from the node's ``[relay]`` config, as the daemon builds it."""
+    cfg = load_config_with_source(None, overrides)[0].relay.relay_config()
+    trio = await trios(cfg)
+    assert (cfg.max_circuits_per_pair, cfg.ip_pair_limit()) == (per_pair, per_ip_pair)
     await trio.private_client.reserve(trio.private_to_relay)
     flooder = Libp2pHost(Identity.generate())
     sybils = [Libp2pHost(Identity.generate()) for _ in range(3)]
@@ -406,7 +416,7 @@ async def test_one_source_cannot_take_every_circuit_of_a_reserved_stranger(trios
     for sybil in sybils:  # more identities from the same address
         held += await _dial_until_refused(RelayClient(sybil), await sybil.dial(trio.relay_addr), trio.private,
                                           cfg.max_circuits_per_peer)
-    assert len(held) == cfg.max_circuits_per_ip_pair < cfg.max_circuits_per_peer
+    assert len(held) == cfg.ip_pair_limit() < cfg.max_circuits_per_peer
     await honest.listen("127.0.0.2", 0)  # dials leave from 127.0.0.2: another address
     conn = await RelayClient(honest).dial(await honest.dial(trio.relay_addr), trio.private.peer_id)
     assert await _echo(conn, b"still reachable") == b"still reachable"

@@ -18,6 +18,8 @@ from murmur.node.config import (
     OPEN_ENDED_PRIVACY_ROUNDS,
     NodeConfig,
     PrivacyScheme,
+    AutoNATSection,
+    RelaySection,
     TransportSection,
     auto_node_index,
     compression_advice,
@@ -355,3 +357,34 @@ def test_relay_section_defaults_match_the_relay_config():
 
     assert NodeConfig().relay.relay_config() == RelayConfig()
     assert NodeConfig().relay.service is False
+
+
+def test_every_relay_autonat_and_stream_open_bound_is_an_option():
+    """The relay's per-pair circuit limits, AutoNAT's pay deadline and the
+    muxers' stream-open rate were constants the config could not reach: an
+    operator who raised ``relay.max_circuits_per_peer`` to 64 still got 4
+    circuits per pair and 8 per source IP, and ``--set
+    relay.max_circuits_per_pair=8`` was an unknown option (exit 2)."""
+    from murmur.protocol.libp2p.autonat import AutoNATConfig
+    from murmur.protocol.libp2p.relay import RelayConfig
+
+    assert {f.name for f in dataclasses.fields(RelayConfig)} <= {f.name for f in dataclasses.fields(RelaySection)}
+    assert {f.name for f in dataclasses.fields(AutoNATConfig)} <= {f.name for f in dataclasses.fields(AutoNATSection)}
+    assert NodeConfig().autonat.autonat_config() == AutoNATConfig()
+
+    raised = load_config(None, {"relay.max_circuits_per_peer": 64}).relay.relay_config()
+    assert (raised.max_circuits_per_pair, raised.ip_pair_limit()) == (4, 32)  # the IP's share follows per-peer
+    assert NodeConfig().relay.relay_config().ip_pair_limit() == 8  # the default as it was
+    cfg = load_config(None, {"relay.max_circuits_per_pair": 8, "relay.max_circuits_per_ip_pair": 12,
+                             "transport.max_open_burst": 512, "transport.open_refill_s": 0.001,
+                             "autonat.pay_timeout_s": 12.5, "autonat.max_paying": 4})
+    relay = cfg.relay.relay_config()
+    assert (relay.max_circuits_per_pair, relay.ip_pair_limit()) == (8, 12)
+    mux = cfg.transport.limits().yamux()
+    assert (mux.max_open_burst, mux.open_refill_s) == (512, 0.001)
+    autonat = cfg.autonat.autonat_config()
+    assert (autonat.pay_timeout_s, autonat.max_paying) == (12.5, 4)
+    for bad in ({"relay.max_circuits_per_ip_pair": 0}, {"relay.max_circuits_per_ip_pair": "some"},
+                {"transport.open_refill_s": 0}, {"autonat.max_paying": 0}):
+        with pytest.raises(ConfigError):
+            load_config(None, bad)

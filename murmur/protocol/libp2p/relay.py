@@ -61,10 +61,13 @@ peer needs one to reach another (two while a redial races the old one).
 Counted per peer alone, one stranger held all 16 circuits a reserved
 stranger may have, and everyone else dialling it was refused for the
 circuits' whole duration."""
-MAX_CIRCUITS_PER_IP_PAIR = 8
+IP_PAIR_SHARE = 2
 """Live circuits the peers of one source IP may hold to one destination (per
-class): identities are free, an address is not, so half of a destination's
-default ``max_circuits_per_peer`` stays for peers from other addresses."""
+class), unless configured: ``max_circuits_per_peer // IP_PAIR_SHARE`` (8 of
+the default 16), and never fewer than ``max_circuits_per_pair``. Identities are free, an address is not, so half of a
+destination's circuits stays for peers from other addresses, at whatever
+``max_circuits_per_peer`` the operator chose (a fixed 8 held a raised one
+back: 8 of 64 for a destination many peers behind one NAT reach)."""
 
 
 class RelayRefused(MurmurError):
@@ -86,7 +89,7 @@ class RelayConfig:
     max_circuits: int = 256  # strangers' live circuits in all
     max_circuits_per_peer: int = 16  # live circuits per peer, as source or destination
     max_circuits_per_pair: int = MAX_CIRCUITS_PER_PAIR  # of one destination's, one source peer's
-    max_circuits_per_ip_pair: int = MAX_CIRCUITS_PER_IP_PAIR  # of one destination's, one source IP's
+    max_circuits_per_ip_pair: int | None = None  # of one destination's, one source IP's (None: see IP_PAIR_SHARE)
     circuit_duration_s: int = 120  # per circuit, for strangers
     circuit_data_bytes: int = 128 * 1024  # per circuit and direction, for strangers
     message_timeout_s: float = 10.0  # reading one hop/stop message, the STOP round trip
@@ -101,6 +104,13 @@ class RelayConfig:
     learning_max_circuits: int = 256
     learning_circuit_duration_s: int = 3600
     learning_circuit_data_bytes: int = 1 << 30
+
+    def ip_pair_limit(self) -> int:
+        """Circuits the peers of one source IP may hold to one destination."""
+        if self.max_circuits_per_ip_pair is not None:
+            return self.max_circuits_per_ip_pair
+        # never below one peer's own share: one peer is one address
+        return max(self.max_circuits_per_pair, self.max_circuits_per_peer // IP_PAIR_SHARE)
 
     def stranger_limit(self) -> Limit:
         return Limit(self.circuit_duration_s, self.circuit_data_bytes)
@@ -273,7 +283,7 @@ class RelayService:
                 or self._circuits_by_peer[src, learning] >= cfg.max_circuits_per_peer
                 or self._circuits_by_peer[dst, learning] >= cfg.max_circuits_per_peer
                 or self._circuits_by_pair[pairs[0]] >= cfg.max_circuits_per_pair
-                or self._circuits_by_pair[pairs[1]] >= cfg.max_circuits_per_ip_pair):
+                or self._circuits_by_pair[pairs[1]] >= cfg.ip_pair_limit()):
             await self._reply(stream, Status.RESOURCE_LIMIT_EXCEEDED)
             return
         limit = cfg.learning_limit() if learning else cfg.stranger_limit()
