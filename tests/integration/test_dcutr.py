@@ -254,3 +254,60 @@ async def test_dials_leave_from_the_listen_port_and_another_listener_is_still_re
     finally:
         for host in (a, b, other):
             await host.close()
+
+
+# --- what silent peers can hold -----------------------------------------------------------
+
+
+async def test_peers_silent_on_dcutr_hold_no_session_and_our_own_upgrade_runs() -> None:
+    """A peer we dialled through a relay may open ``/libp2p/dcutr`` and say
+    nothing. Each such stream took one of ``max_sessions`` (8, both roles
+    together) for ``message_timeout_s`` (10 s), and re-opened when it timed
+    out: eight of them refused every upgrade of ours (``refused`` counted, the
+    honest peer left relayed). Waiting for the first CONNECT now holds no
+    session (one waiting stream per peer); the upgrade runs at once."""
+    config = DcutrConfig(allow_loopback=True)  # the defaults: 8 sessions, 10 s per message
+    relay = Libp2pHost(Identity.generate())
+    RelayService(relay, RelayConfig(max_reservations_per_ip=32))
+    victim, honest = _peer(config), _peer(config)
+    silent = [_peer(config) for _ in range(config.max_sessions)]
+    try:
+        (relay_addr,) = await relay.listen("127.0.0.1", 0)
+        for peer in (victim, honest, *silent):
+            await peer.host.listen("127.0.0.1", 0)
+            relay_conn = await peer.host.dial(relay_addr)
+            if peer is not honest:
+                await peer.relay.reserve(relay_conn)
+        streams = []
+        for peer in silent:  # the victim dials them through the relay; each opens DCUtR and stays silent
+            await victim.relay.dial_addr(DialAddr.parse(f"{relay_addr}/p2p-circuit/p2p/{peer.host.peer_id}"))
+            await wait_until(lambda p=peer: any(c.relay is not None for c in p.host.connections), 5, "relayed")
+            conn = next(c for c in peer.host.connections if c.relay is not None)
+            streams.append(await conn.open_stream(dcutr.PROTOCOL))
+        punch = victim.punch
+        await wait_until(lambda: len(punch._active) + len(getattr(punch, "_waiting", ())) == len(silent), 5,
+                         "the victim serves every silent stream")
+
+        await honest.relay.dial_addr(DialAddr.parse(f"{relay_addr}/p2p-circuit/p2p/{victim.host.peer_id}"))
+        await wait_until(lambda: any(c.relay is not None and c.peer_id == honest.host.peer_id
+                                     for c in victim.host.connections), 5, "the victim has the relayed connection")
+        inbound = next(c for c in victim.host.connections if c.relay is not None and c.peer_id == honest.host.peer_id)
+        direct = await punch.upgrade(inbound)
+        assert punch.stats["refused"] == 0
+        assert direct is not None and direct.punched and direct.peer_id == honest.host.peer_id
+        assert not punch._active  # the silent peers still hold their streams, and no session
+
+        # one waiting stream per peer: a second one from a silent peer is refused at once
+        relayed = next(c for c in silent[0].host.connections if c.relay is not None)
+        with pytest.raises((StreamResetError, ConnectionClosed)):
+            second = await relayed.open_stream(dcutr.PROTOCOL)
+            await second.readexactly(1)
+        assert punch.stats["refused"] == 1
+        for stream in streams:
+            stream.reset()
+    finally:
+        for peer in (victim, honest, *silent):
+            await peer.punch.close()
+            await peer.relay.close()
+        for host in (victim.host, honest.host, relay, *(p.host for p in silent)):
+            await host.close()

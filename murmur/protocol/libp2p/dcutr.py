@@ -40,7 +40,9 @@ closing the relayed one is the application's (the node's session table does
 it, see node/daemon.py).
 
 What a peer can make us do is bounded: one DCUtR exchange per peer at a
-time and ``max_sessions`` in all (more streams are reset), at most
+time and ``max_sessions`` in all (more streams are reset; a stream we
+answer takes its session at its first CONNECT, so that peers silent on
+their streams hold none: one waiting stream per peer), at most
 ``attempts`` CONNECT rounds per stream and ``connection_rounds`` per relayed
 connection, all its streams together (a further CONNECT is a
 :class:`~murmur.errors.LimitExceeded`), at most ``max_dial_addrs`` dials per
@@ -132,6 +134,13 @@ class HolePuncher:
         self.on_direct = on_direct
         self.stats: Counter[str] = Counter()
         self._active: set[PeerId] = set()
+        # Peers whose DCUtR stream we serve and that have not sent their first
+        # CONNECT yet: one stream each, and no session. A session taken at the
+        # stream's open was held by a peer that stayed silent for all of
+        # message_timeout_s, and opened the next stream: eight such peers we
+        # had dialled through relays held every session and refused all our
+        # upgrades, for as long as they liked.
+        self._waiting: set[PeerId] = set()
         self._answered: dict[Libp2pConnection, int] = {}  # CONNECT rounds answered per relayed connection
         self._tasks = TaskManager(f"dcutr {host.peer_id.short()}")
         host.set_handler(dcutr.PROTOCOL, self._serve)
@@ -282,23 +291,38 @@ class HolePuncher:
             self.stats["refused"] += 1
             self.host._report(conn, UnexpectedProtocol("DCUtR on a direct connection"))
             return
-        if conn.outbound is False or peer in self._active or len(self._active) >= self.config.max_sessions:
+        if conn.outbound is False or peer in self._active or peer in self._waiting:
             # the peer dialled us through the relay: the upgrade is ours to drive; or one runs already
+            stream.reset()
+            self.stats["refused"] += 1
+            return
+        self._waiting.add(peer)
+        try:
+            first = await self._read(stream, conn)  # before it takes a session: see _waiting
+        except (ConnectionClosed, OSError, TimeoutError, PeerFault):
+            stream.reset()
+            return
+        finally:
+            self._waiting.discard(peer)
+        if first is None:
+            await _close(stream)
+            return
+        if peer in self._active or len(self._active) >= self.config.max_sessions:
             stream.reset()
             self.stats["refused"] += 1
             return
         self._active.add(peer)
         try:
-            await self._answer(stream, conn)
+            await self._answer(stream, conn, first)
         except (ConnectionClosed, OSError, TimeoutError, PeerFault):
             stream.reset()
         finally:
             self._active.discard(peer)
 
-    async def _answer(self, stream: Stream, conn: Libp2pConnection) -> None:
+    async def _answer(self, stream: Stream, conn: Libp2pConnection, first: HolePunch) -> None:
         peer, rounds = conn.peer_id, 0
+        msg: HolePunch | None = first
         while True:
-            msg = await self._read(stream, conn)
             if msg is None:  # B gave up (or is done)
                 break
             if msg.type is not HolePunchType.CONNECT:
@@ -325,6 +349,7 @@ class HolePuncher:
                 self._done(conn, direct, punched=True)
                 await _close(stream)
                 return
+            msg = await self._read(stream, conn)
         if rounds:
             self.stats["failures"] += 1
         await _close(stream)
