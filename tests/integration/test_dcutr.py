@@ -9,6 +9,7 @@ inbound connection, or both ends would wait as responders."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from murmur.protocol import dcutr, uvarint
 from murmur.protocol.dcutr import HolePunchType
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.libp2p import Libp2pConnection, Libp2pHost
-from murmur.protocol.libp2p.connection import StreamResetError
+from murmur.protocol.libp2p.connection import Stream, StreamResetError
 from murmur.protocol.libp2p.dcutr import DcutrConfig, HolePuncher
 from murmur.protocol.libp2p.host import HostConfig
 from murmur.protocol.libp2p.relay import RelayClient, RelayConfig, RelayService
@@ -259,13 +260,18 @@ async def test_dials_leave_from_the_listen_port_and_another_listener_is_still_re
 # --- what silent peers can hold -----------------------------------------------------------
 
 
+def _exchanges(punch: HolePuncher) -> int:
+    """Peers with a DCUtR exchange running (``_active`` before the fix, which were sessions too)."""
+    return len(getattr(punch, "_exchanging", getattr(punch, "_active", ())))
+
+
 async def test_peers_silent_on_dcutr_hold_no_session_and_our_own_upgrade_runs() -> None:
     """A peer we dialled through a relay may open ``/libp2p/dcutr`` and say
     nothing. Each such stream took one of ``max_sessions`` (8, both roles
     together) for ``message_timeout_s`` (10 s), and re-opened when it timed
     out: eight of them refused every upgrade of ours (``refused`` counted, the
     honest peer left relayed). Waiting for the first CONNECT now holds no
-    session (one waiting stream per peer); the upgrade runs at once."""
+    session (one exchange per peer); the upgrade runs at once."""
     config = DcutrConfig(allow_loopback=True)  # the defaults: 8 sessions, 10 s per message
     relay = Libp2pHost(Identity.generate())
     RelayService(relay, RelayConfig(max_reservations_per_ip=32))
@@ -285,8 +291,7 @@ async def test_peers_silent_on_dcutr_hold_no_session_and_our_own_upgrade_runs() 
             conn = next(c for c in peer.host.connections if c.relay is not None)
             streams.append(await conn.open_stream(dcutr.PROTOCOL))
         punch = victim.punch
-        await wait_until(lambda: len(punch._active) + len(getattr(punch, "_waiting", ())) == len(silent), 5,
-                         "the victim serves every silent stream")
+        await wait_until(lambda: _exchanges(punch) == len(silent), 5, "the victim serves every silent stream")
 
         await honest.relay.dial_addr(DialAddr.parse(f"{relay_addr}/p2p-circuit/p2p/{victim.host.peer_id}"))
         await wait_until(lambda: any(c.relay is not None and c.peer_id == honest.host.peer_id
@@ -295,7 +300,7 @@ async def test_peers_silent_on_dcutr_hold_no_session_and_our_own_upgrade_runs() 
         direct = await punch.upgrade(inbound)
         assert punch.stats["refused"] == 0
         assert direct is not None and direct.punched and direct.peer_id == honest.host.peer_id
-        assert not punch._active  # the silent peers still hold their streams, and no session
+        assert _exchanges(punch) == len(silent)  # the silent peers still hold their streams, and no session
 
         # one waiting stream per peer: a second one from a silent peer is refused at once
         relayed = next(c for c in silent[0].host.connections if c.relay is not None)
@@ -310,4 +315,60 @@ async def test_peers_silent_on_dcutr_hold_no_session_and_our_own_upgrade_runs() 
             await peer.punch.close()
             await peer.relay.close()
         for host in (victim.host, honest.host, relay, *(p.host for p in silent)):
+            await host.close()
+
+
+async def test_strangers_silent_on_our_dcutr_stream_hold_no_session() -> None:
+    """The other role: anyone may dial us through a relay, and we open
+    ``/libp2p/dcutr`` to drive the upgrade. A peer that accepts the stream
+    and never answers our CONNECT held a session for ``message_timeout_s``
+    (10 s), each relayed connection again: eight strangers refused every
+    other upgrade, ours and the ones we answer. Sessions now bound the
+    dialling phases only; waiting for a peer's message holds none."""
+    config = DcutrConfig(allow_loopback=True)  # the defaults: 8 sessions, 10 s per message
+    relay = Libp2pHost(Identity.generate())
+    RelayService(relay, RelayConfig(max_reservations_per_ip=32, max_circuits_per_ip_pair=32))  # all on 127.0.0.1
+    victim, honest = _peer(config), _peer(config)
+    strangers = [Libp2pHost(Identity.generate()) for _ in range(config.max_sessions)]
+    held: list[Stream] = []
+
+    async def silent(stream: Stream) -> None:  # accepts DCUtR, reads our CONNECT, never answers
+        held.append(stream)
+        while await stream.read():
+            pass
+
+    upgrades = []
+    try:
+        (relay_addr,) = await relay.listen("127.0.0.1", 0)
+        for host in (victim.host, honest.host, *strangers):
+            await host.listen("127.0.0.1", 0)
+            relay_conn = await host.dial(relay_addr)
+            if host is victim.host:
+                await victim.relay.reserve(relay_conn)
+        circuit = DialAddr.parse(f"{relay_addr}/p2p-circuit/p2p/{victim.host.peer_id}")
+        for host in strangers:
+            host.set_handler(dcutr.PROTOCOL, silent)
+            await RelayClient(host).dial_addr(circuit)
+        await wait_until(lambda: sum(c.relay is not None for c in victim.host.connections) == len(strangers), 5,
+                         "the strangers' relayed connections")
+        punch = victim.punch
+        upgrades = [asyncio.ensure_future(punch.upgrade(c)) for c in victim.host.connections if c.relay is not None]
+        await wait_until(lambda: len(held) == len(strangers), 5, "every stranger holds our DCUtR stream")
+
+        await honest.relay.dial_addr(circuit)
+        await wait_until(lambda: any(c.relay is not None and c.peer_id == honest.host.peer_id
+                                     for c in victim.host.connections), 5, "the victim has the relayed connection")
+        inbound = next(c for c in victim.host.connections if c.relay is not None and c.peer_id == honest.host.peer_id)
+        direct = await punch.upgrade(inbound)
+        assert punch.stats["refused"] == 0
+        assert direct is not None and direct.punched and direct.peer_id == honest.host.peer_id
+        assert not any(u.done() for u in upgrades)  # the strangers' upgrades still wait for their answers
+    finally:
+        for upgrade in upgrades:
+            upgrade.cancel()
+        await asyncio.gather(*upgrades, return_exceptions=True)
+        for peer in (victim, honest):
+            await peer.punch.close()
+            await peer.relay.close()
+        for host in (victim.host, honest.host, relay, *strangers):
             await host.close()

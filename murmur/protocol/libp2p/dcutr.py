@@ -40,9 +40,9 @@ closing the relayed one is the application's (the node's session table does
 it, see node/daemon.py).
 
 What a peer can make us do is bounded: one DCUtR exchange per peer at a
-time and ``max_sessions`` in all (more streams are reset; a stream we
-answer takes its session at its first CONNECT, so that peers silent on
-their streams hold none: one waiting stream per peer), at most
+time (more streams are reset), ``max_sessions`` exchanges *dialling* at
+once (a unilateral upgrade's dials, a punch; past it the exchange is
+refused), at most
 ``attempts`` CONNECT rounds per stream and ``connection_rounds`` per relayed
 connection, all its streams together (a further CONNECT is a
 :class:`~murmur.errors.LimitExceeded`), at most ``max_dial_addrs`` dials per
@@ -55,10 +55,11 @@ relayed, garbage, or a message out of turn is a typed fault for the peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from murmur.errors import ConnectionClosed, DecodeError, LimitExceeded, PeerFault, UnexpectedProtocol
@@ -88,7 +89,7 @@ CONNECTION_ROUNDS = 3 * (1 + len(RETRY_DELAYS_S))
 class DcutrConfig:
     attempts: int = 3  # CONNECT/SYNC rounds per upgrade (the spec: B retries twice)
     max_dial_addrs: int = 4  # of the peer's addresses, dialled per round
-    max_sessions: int = 8  # DCUtR exchanges at once, both roles together
+    max_sessions: int = 8  # DCUtR exchanges dialling at once, both roles together (waiting for the peer: none)
     message_timeout_s: float = 10.0  # waiting for the peer's next message
     unilateral: bool = True  # dial a peer's public listen addresses before punching
     allow_loopback: bool = False  # punch to loopback addresses (nodes sharing one machine, in tests)
@@ -133,14 +134,15 @@ class HolePuncher:
         self.own_addrs = own_addrs
         self.on_direct = on_direct
         self.stats: Counter[str] = Counter()
-        self._active: set[PeerId] = set()
-        # Peers whose DCUtR stream we serve and that have not sent their first
-        # CONNECT yet: one stream each, and no session. A session taken at the
-        # stream's open was held by a peer that stayed silent for all of
-        # message_timeout_s, and opened the next stream: eight such peers we
-        # had dialled through relays held every session and refused all our
-        # upgrades, for as long as they liked.
-        self._waiting: set[PeerId] = set()
+        self._exchanging: set[PeerId] = set()  # a DCUtR exchange runs with them, either role: one per peer
+        # Exchanges dialling now (at most max_sessions). A session held for a
+        # whole exchange was held by a peer that stayed silent for
+        # message_timeout_s, and again on its next stream or relayed
+        # connection: eight peers that opened /libp2p/dcutr (or dialled us
+        # through a relay) and never answered refused every upgrade, ours and
+        # the ones we answer, for as long as they liked. A peer's silence now
+        # holds its own exchange only; a session is dials, bounded by their timeouts.
+        self._dialling = 0
         self._answered: dict[Libp2pConnection, int] = {}  # CONNECT rounds answered per relayed connection
         self._tasks = TaskManager(f"dcutr {host.peer_id.short()}")
         host.set_handler(dcutr.PROTOCOL, self._serve)
@@ -217,14 +219,27 @@ class HolePuncher:
         direct = self._direct(peer)
         if direct is not None:
             return direct
-        if peer in self._active or len(self._active) >= self.config.max_sessions:
+        if peer in self._exchanging:
             self.stats["refused"] += 1
             return None
-        self._active.add(peer)
+        self._exchanging.add(peer)
         try:
             return await self._upgrade(conn)
         finally:
-            self._active.discard(peer)
+            self._exchanging.discard(peer)
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[bool]:
+        """One of ``max_sessions`` for a dialling phase, if one is free (False: refused, counted)."""
+        if self._dialling >= self.config.max_sessions:
+            self.stats["refused"] += 1
+            yield False
+            return
+        self._dialling += 1
+        try:
+            yield True
+        finally:
+            self._dialling -= 1
 
     async def _upgrade(self, conn: Libp2pConnection) -> Libp2pConnection | None:
         cfg, peer = self.config, conn.peer_id
@@ -234,14 +249,9 @@ class HolePuncher:
             pass
         if cfg.unilateral and conn.identify is not None:
             public = [a.to_tcp() for a in conn.identify.listen_addrs if not a.is_circuit]
-            for addr in [a for a in public if a is not None and _public(a.host)][: cfg.max_dial_addrs]:
-                try:
-                    direct = await self.host.dial(Multiaddr(addr.host, addr.port, peer))
-                except (OSError, PeerFault, ConnectionClosed) as exc:
-                    log.debug("unilateral upgrade failed", extra={"event": "dcutr_unilateral_failed",
-                                                                  "peer": str(peer), "addr": str(addr),
-                                                                  "error": repr(exc)})
-                    continue
+            addrs = [a for a in public if a is not None and _public(a.host)][: cfg.max_dial_addrs]
+            direct = await self._unilateral(addrs, peer) if addrs else None
+            if direct is not None:
                 self.stats["unilateral"] += 1
                 return self._done(conn, direct, punched=False)
         stream = await conn.open_stream(dcutr.PROTOCOL, timeout_s=cfg.message_timeout_s)
@@ -260,7 +270,9 @@ class HolePuncher:
                     raise self._fault(conn, DecodeError(f"DCUtR: {answer.type.name} where a CONNECT was due"))
                 rtt = time.monotonic() - started
                 targets = self._targets(answer)
-                with self.host.expecting_punch(peer, targets, initiator=True):  # before A may dial
+                with self._session() as free, self.host.expecting_punch(peer, targets, initiator=True):
+                    if not free:  # (expecting before A may dial)
+                        break
                     await stream.write(dcutr.SYNC.encode())
                     self.stats["attempts"] += 1
                     await asyncio.sleep(rtt / 2)  # the spec's timer: A dials as our SYNC reaches it
@@ -282,6 +294,20 @@ class HolePuncher:
         self.stats["failures"] += 1
         return None
 
+    async def _unilateral(self, addrs: Sequence[Multiaddr], peer: PeerId) -> Libp2pConnection | None:
+        """The first of ``addrs`` (the peer's public listen addresses) that a plain dial reaches, in a session."""
+        with self._session() as free:
+            if not free:
+                return None
+            for addr in addrs:
+                try:
+                    return await self.host.dial(Multiaddr(addr.host, addr.port, peer))
+                except (OSError, PeerFault, ConnectionClosed) as exc:
+                    log.debug("unilateral upgrade failed", extra={"event": "dcutr_unilateral_failed",
+                                                                  "peer": str(peer), "addr": str(addr),
+                                                                  "error": repr(exc)})
+        return None
+
     # --- A: the outbound side answers ---------------------------------------------------
 
     async def _serve(self, stream: Stream) -> None:
@@ -291,38 +317,23 @@ class HolePuncher:
             self.stats["refused"] += 1
             self.host._report(conn, UnexpectedProtocol("DCUtR on a direct connection"))
             return
-        if conn.outbound is False or peer in self._active or peer in self._waiting:
+        if conn.outbound is False or peer in self._exchanging:
             # the peer dialled us through the relay: the upgrade is ours to drive; or one runs already
             stream.reset()
             self.stats["refused"] += 1
             return
-        self._waiting.add(peer)
+        self._exchanging.add(peer)
         try:
-            first = await self._read(stream, conn)  # before it takes a session: see _waiting
-        except (ConnectionClosed, OSError, TimeoutError, PeerFault):
-            stream.reset()
-            return
-        finally:
-            self._waiting.discard(peer)
-        if first is None:
-            await _close(stream)
-            return
-        if peer in self._active or len(self._active) >= self.config.max_sessions:
-            stream.reset()
-            self.stats["refused"] += 1
-            return
-        self._active.add(peer)
-        try:
-            await self._answer(stream, conn, first)
+            await self._answer(stream, conn)
         except (ConnectionClosed, OSError, TimeoutError, PeerFault):
             stream.reset()
         finally:
-            self._active.discard(peer)
+            self._exchanging.discard(peer)
 
-    async def _answer(self, stream: Stream, conn: Libp2pConnection, first: HolePunch) -> None:
+    async def _answer(self, stream: Stream, conn: Libp2pConnection) -> None:
         peer, rounds = conn.peer_id, 0
-        msg: HolePunch | None = first
         while True:
+            msg = await self._read(stream, conn)
             if msg is None:  # B gave up (or is done)
                 break
             if msg.type is not HolePunchType.CONNECT:
@@ -342,14 +353,17 @@ class HolePuncher:
                     break
                 if sync.type is not HolePunchType.SYNC:
                     raise self._fault(conn, DecodeError(f"DCUtR: {sync.type.name} where a SYNC was due"))
-                self.stats["attempts"] += 1
-                direct = await self._punch(targets, peer, initiator=False)
+                with self._session() as free:
+                    if not free:  # B punches alone
+                        stream.reset()
+                        return
+                    self.stats["attempts"] += 1
+                    direct = await self._punch(targets, peer, initiator=False)
             if direct is not None:
                 self.stats["successes"] += 1
                 self._done(conn, direct, punched=True)
                 await _close(stream)
                 return
-            msg = await self._read(stream, conn)
         if rounds:
             self.stats["failures"] += 1
         await _close(stream)
