@@ -89,6 +89,7 @@ from murmur.node.silence import SilenceTracker
 from murmur.node.stalls import HELD_BACK_STREAK, HELD_BACK_WARN_EVERY, StallMonitor
 from murmur.ratelog import Streak
 from murmur.protocol.codecs import DeltaCodec
+from murmur.node.decoding import OffLoopDecoder
 from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender, PreparedDelta
 from murmur.protocol.layout import TransferKind, TransferLayout
 from murmur.protocol.sparse import RoundFormat
@@ -244,6 +245,7 @@ class NodeLearner:
         # Public-model requests in flight: peer -> future for a catch-up we
         # await, or None for a replica re-sync installed on arrival.
         self._model_requests: dict[PeerId, asyncio.Future[CompletedDelta] | None] = {}
+        self._decoder = OffLoopDecoder()  # received payloads, decoded in a worker thread
         self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
         self._model_budgets: dict[PeerId, RequestBudget] = {}
         self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
@@ -853,9 +855,11 @@ class NodeLearner:
             # with stalled transfers, so every neighbour's next message was refused.
             assembler.refuse(session.peer, msg.transfer_id)
             raise LimitExceeded("delta from a peer that is not a learning neighbour")
-        done = assembler.feed(session.peer, msg)
-        if done is None:
+        verified = assembler.feed_verified(session.peer, msg)
+        if verified is None:
             return
+        done = await self._decoder.decode(verified)  # off the loop when it costs anything
+        assembler.accept(verified)
         kind = self.layout.kind_of(done.meta)  # the assembler checked its shape against our layout
         if kind is TransferKind.MODEL:
             self._on_model(session.peer, done)

@@ -469,11 +469,17 @@ class LandingDecoder:
             _require_finite_output(self._values[self._checked : stop])
             self._checked = stop
 
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`decode` is free: the payload's values, all checked as they landed."""
+        values = self._values
+        return values is not None and self._checked == values.size == self.params.count
+
     def decode(self) -> np.ndarray:
         """The payload decoded, as :func:`decode` would (same errors)."""
-        values = self._values
-        if values is not None and self._checked == values.size == self.params.count:
-            return values
+        if self.ready:
+            assert self._values is not None
+            return self._values
         return decode(self._payload, self.params)
 
 

@@ -8,14 +8,17 @@ bytes is what the compressed format promises."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from murmur.node.decoding import DECODE_WORKERS
 from murmur.node.state import StateDir
 from murmur.protocol.codecs import DeltaCodec
+from murmur.protocol.layout import TransferLayout
 from murmur.protocol.sparse import MaskScope, RoundFormat, Sparsifier
 from tests.integration.cluster import Cluster
 from tests.integration.test_model_sizes import assert_learnt_together, trainer_options
@@ -155,3 +158,29 @@ async def test_sybilwall_vouches_for_and_weighs_what_compressed_messages_decode_
                 assert record is not None, f"{peer.short()}'s statement does not match our replica of it"
             weights = learner.last_report.weights
             assert all(weights.get(str(peer), 0.0) > 0.0 for peer in peers), weights
+
+
+async def test_received_compressed_payloads_decode_off_the_event_loop(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A random-k payload decodes in a worker thread, never on the event
+    loop (at 10 M parameters and ratio 0.5 a decode took ~1 s, during which
+    the daemon served nothing: keepalives, other peers, its API), and no
+    more than DECODE_WORKERS at once (each holds a decoded model)."""
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    decode = TransferLayout.decode
+
+    def recording(self: TransferLayout, *args: Any, **kwargs: Any) -> np.ndarray:
+        threads.append(threading.get_ident())
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransferLayout, "decode", recording)
+    overrides = learning(3, rounds=2, **{"compression.sparsifier": "randk", "compression.ratio": 0.5,
+                                         "compression.consensus_step": 0.5, "learning.codec": "int8"})
+    async with Cluster(3, tmp_path, overrides) as cluster:
+        await run_rounds(cluster, 2)
+        assert threads, "no compressed payload was decoded"
+        assert loop_thread not in threads, f"{threads.count(loop_thread)} of {len(threads)} decoded on the loop"
+        for node in cluster:
+            assert 1 <= node.learner._decoder.most_in_flight <= DECODE_WORKERS
+
