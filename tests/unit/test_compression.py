@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from murmur.learning.aggregators import get_aggregator
-from murmur.learning.compression import Compressor
+from murmur.learning.compression import Compressor, top_k_indices
 from murmur.learning.outer import OuterConfig, OuterOptimizer
 from murmur.learning.rounds import Message, Offer, RoundConfig, RoundEngine, TrainFrom
 from murmur.learning.trainers.base import EvalStats, Trainer, TrainerContext, TrainStats
@@ -404,3 +404,39 @@ def test_a_boosting_testnet_attacker_sends_random_k_messages() -> None:
     mask = torch.from_numpy(fmt.mask(DIM, 0, _name(1).encode()))
     torch.testing.assert_close(message.increment[mask], 3.0 * update.delta[mask])
     assert torch.count_nonzero(node._carry[mask]) == 0  # all of it went out, boosted
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7, 8])
+def test_top_k_takes_the_largest_magnitudes_and_the_lowest_indices_among_ties(k: int) -> None:
+    """The k largest |v|, sorted; at the k-th largest magnitude, ties go to
+    the lowest indices (topk's choice among them was unspecified)."""
+    v = torch.tensor([0.5, -2.0, 0.5, 1.0, -0.5, 3.0, 0.5, -1.0])
+    expected = {1: [5], 3: [1, 3, 5], 5: [1, 3, 5, 7, 0], 7: [0, 1, 2, 3, 4, 5, 7], 8: list(range(8))}[k]
+    assert top_k_indices(v, k).tolist() == sorted(expected)
+
+
+def test_top_k_among_many_ties_is_the_lowest_indices_at_real_sizes() -> None:
+    """A residual whose magnitudes mostly tie (one value repeated): the
+    selection is the larger values, then the lowest tied indices, whatever
+    the ratio; exactly k of them, strictly increasing."""
+    d = 200_000
+    v = torch.full((d,), 0.25)
+    v[::1000] = -4.0  # 200 clear winners
+    for k in (100, 200, 5_000, 100_000):
+        chosen = top_k_indices(v, k)
+        assert chosen.numel() == k and bool((chosen[1:] > chosen[:-1]).all())
+        winners = torch.arange(0, d, 1000)
+        if k <= winners.numel():
+            assert chosen.tolist() == winners[:k].tolist()
+        else:
+            rest = torch.tensor(sorted(set(range(d)) - set(winners.tolist()))[: k - winners.numel()])
+            assert chosen.tolist() == sorted(winners.tolist() + rest.tolist())
+
+
+def test_a_top_k_message_breaks_ties_toward_the_lower_index() -> None:
+    """Same vector, same message, whatever torch's topk does with ties."""
+    compressor = Compressor(RoundFormat(Sparsifier.TOPK, 0.375), DeltaCodec.FP32, b"me")
+    v = torch.tensor([0.5, -2.0, 0.5, 1.0, -0.5, 3.0, 0.5, -1.0])
+    compressed = compressor.compress(v.clone(), 0)
+    assert torch.nonzero(compressed.dense).squeeze(1).tolist() == [1, 3, 5]
+
