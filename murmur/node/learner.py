@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -597,6 +598,8 @@ class NodeLearner:
                 )
             neighbours = self._neighbours()
             round_ = self.engine.round
+            if self.compressor is not None:  # its random-k mask, drawn off the loop (open_round takes it)
+                await self._decoder.run(partial(self.compressor.prepare_mask, round_, self.engine.num_params))
             committed = None
             with timer.phase("commit_s"):
                 if training and self.privacy is not None:  # a zero update adds no noise: nothing to commit

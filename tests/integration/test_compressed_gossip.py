@@ -184,3 +184,24 @@ async def test_received_compressed_payloads_decode_off_the_event_loop(tmp_path: 
         for node in cluster:
             assert 1 <= node.learner._decoder.most_in_flight <= DECODE_WORKERS
 
+
+async def test_a_random_k_sender_draws_its_mask_off_the_event_loop(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender's own random-k mask (~0.6 s at 10 M parameters, ratio 0.5)
+    is drawn in a worker thread before open_round takes it, not inside
+    open_round on the event loop; receivers draw it off the loop too."""
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    mask = RoundFormat.mask
+
+    def recording(self: RoundFormat, *args: Any, **kwargs: Any) -> np.ndarray:
+        threads.append(threading.get_ident())
+        return mask(self, *args, **kwargs)
+
+    monkeypatch.setattr(RoundFormat, "mask", recording)
+    overrides = learning(3, rounds=2, **{"compression.sparsifier": "randk", "compression.ratio": 0.5,
+                                         "compression.consensus_step": 0.5})
+    async with Cluster(3, tmp_path, overrides) as cluster:
+        await run_rounds(cluster, 2)
+        assert threads, "no random-k mask was drawn"
+        assert loop_thread not in threads, f"{threads.count(loop_thread)} of {len(threads)} masks drawn on the loop"

@@ -440,3 +440,14 @@ def test_a_top_k_message_breaks_ties_toward_the_lower_index() -> None:
     compressed = compressor.compress(v.clone(), 0)
     assert torch.nonzero(compressed.dense).squeeze(1).tolist() == [1, 3, 5]
 
+
+def test_a_prepared_random_k_mask_is_the_one_the_round_uses_and_only_for_its_round() -> None:
+    fmt = RoundFormat(Sparsifier.RANDK, 0.3, seed=5)
+    compressor = Compressor(fmt, DeltaCodec.FP32, b"me")
+    compressor.prepare_mask(4, 1000)
+    drawn = compressor._drawn
+    assert drawn is not None
+    assert compressor.mask(4, 1000).tolist() == fmt.mask(1000, 4, b"me").tolist()
+    assert compressor._drawn is drawn  # taken, not drawn again
+    assert compressor.mask(5, 1000).tolist() == fmt.mask(1000, 5, b"me").tolist()  # another round: its own
+    assert compressor.mask(5, 999).tolist() == fmt.mask(999, 5, b"me").tolist()
