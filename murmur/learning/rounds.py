@@ -836,6 +836,13 @@ class RoundEngine:
         for old in [r for r in self._reference_sketches if r <= round - REFERENCE_ROUNDS]:
             del self._reference_sketches[old]
 
+    def holds(self, peer: str, round: int) -> bool:
+        """Whether our replica of ``peer`` already holds its message
+        ``round``: :meth:`offer` would call any message for it a duplicate,
+        so a driver need not decode one."""
+        replica = self._replicas.get(peer)
+        return replica is not None and round <= replica.round
+
     def replica(self, peer: str) -> tuple[torch.Tensor, int] | None:
         """Our replica of ``peer``'s public model and the round of its last
         message in it (what a history record describes), or None."""

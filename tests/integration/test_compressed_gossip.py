@@ -12,13 +12,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 
 from murmur.node.decoding import DECODE_WORKERS
 from murmur.node.state import StateDir
 from murmur.protocol.codecs import DeltaCodec
-from murmur.protocol.layout import TransferLayout
+from murmur.protocol.delta import DeltaSender, PreparedDelta
+from murmur.protocol.layout import TransferKind, TransferLayout
 from murmur.protocol.sparse import MaskScope, RoundFormat, Sparsifier
 from tests.integration.cluster import Cluster
 from tests.integration.test_model_sizes import assert_learnt_together, trainer_options
@@ -205,3 +207,42 @@ async def test_a_random_k_sender_draws_its_mask_off_the_event_loop(tmp_path: Pat
         await run_rounds(cluster, 2)
         assert threads, "no random-k mask was drawn"
         assert loop_thread not in threads, f"{threads.count(loop_thread)} of {len(threads)} masks drawn on the loop"
+
+
+async def test_a_resent_round_a_replica_already_holds_is_not_decoded(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Distinct bytes for a round are no replay, and offer() calls any
+    message for a round the replica holds a duplicate: decoding one first
+    (a random-k mask: ~1 s of CPU at 10 M parameters, ratio 0.5) let a
+    neighbour that resends old rounds keep the decoder busy, honest
+    messages queued behind. Such a message is now refused undecoded."""
+    rounds: list[int] = []  # of every round message decoded
+    decode = TransferLayout.decode
+
+    def counting(self: TransferLayout, kind: TransferKind, payload: Any, codec: DeltaCodec, round: int,
+                 sender: bytes) -> np.ndarray:
+        rounds.append(round)
+        return decode(self, kind, payload, codec, round, sender)
+
+    monkeypatch.setattr(TransferLayout, "decode", counting)
+    overrides = learning(2, rounds=0, **{"compression.sparsifier": "randk", "compression.ratio": 0.5,
+                                         "compression.consensus_step": 0.5})
+    async with Cluster(2, tmp_path, overrides) as cluster:
+        sender, receiver = cluster.node(0), cluster.node(1)
+        await cluster.wait_until(lambda: receiver.learner.engine.replica(str(sender.peer_id)) is not None, RUN_S,
+                                 "the receiver's replica holds round 0")
+        guard = receiver.learner._assemblers[receiver.peer_id].replay_guard
+        before = rounds.count(0)
+        fmt = receiver.learner.layout.round_format
+        d = receiver.learner.engine.num_params
+        k = fmt.count(d)
+        payload, _ = fmt.encode(None, np.full(k, 0.125, np.float32), DeltaCodec.FP32, d)  # new bytes for round 0
+        session = sender.session(receiver.peer_id)
+        assert session is not None
+        meta = sender.learner.layout.meta(TransferKind.ROUND, degree=1)
+        for data in DeltaSender(sender.identity, receiver.peer_id, 0, PreparedDelta.of_payload(payload, DeltaCodec.FP32,
+                                                                                               (1, d)), meta=meta):
+            await session.send_encoded(data, "Delta")
+        resent = (sender.peer_id, 0, blake3.blake3(payload).digest())
+        await cluster.wait_until(lambda: resent in guard._seen, RUN_S, "the resent round received")
+        assert rounds.count(0) == before, "a round the replica holds was decoded"
