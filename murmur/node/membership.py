@@ -395,6 +395,7 @@ class Membership:
         addrs = self.observed_addrs(session, msg.listen_addrs)
         session.addrs = addrs
         self.sampler.on_alive(session.peer)
+        self.sampler.on_contact(session.peer, addrs)
         self.table.observe(session.peer, addrs)
         self.table.mark_alive(session.peer)
         if addrs and not self.sampler.add(session.peer, addrs) and len(self.sampler) < self.sampler.config.view_size:

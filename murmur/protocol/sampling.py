@@ -10,9 +10,15 @@ Two sets of peers live here, with different jobs:
   D-SGD. They must be *stable*: averaging weights are computed from degrees and
   pairwise privacy noise needs both ends of an edge to persist. Policy: a
   neighbour is kept for as long as it is alive; when one is reported failed it
-  is replaced *immediately* by the freshest (lowest-age, i.e. most recently
-  heard from) view entry that is not already a neighbour and keeps the subnet
-  limit. Optionally (``neighbour_rotation_rounds > 0``) the longest-held
+  is replaced *immediately* by a view entry that is not already a neighbour
+  and keeps the subnet limit: a peer we have spoken with first (``on_contact``:
+  it proved its identity on a connection; the latest contact first, kept
+  apart from the view, which a stranger's shuffles may have emptied of them),
+  and only when there is none, the freshest (lowest-age, i.e. most recently
+  heard from) view entry, which is hearsay. A shuffle's entries are the sender's word: an
+  attacker sends records of age 0 for ids it made up, which the age order
+  alone put first, so the slots that opened went to them, each lost again
+  only after a failed dial (see tests/integration/test_hearsay_neighbours.py). Optionally (``neighbour_rotation_rounds > 0``) the longest-held
   neighbour is swapped for a fresh one every that many shuffle rounds; this
   is off by default and exists for networks started from one bootstrap peer,
   where nodes that fill their neighbour set at once all pick the bootstrap
@@ -82,6 +88,7 @@ class SamplerConfig:
     allow_loopback_flood: bool = False   # exempt 127.0.0.0/8 and ::1 from b (local testnets)
     neighbour_rotation_rounds: int = 0   # 0 = keep neighbours while alive
     failed_memory_s: float = 300.0       # how long a failed peer is refused back
+    max_contacts: int = 4096             # peers remembered as spoken with (neighbour candidates first)
     # How long a peer that refused a learning edge (it is full) is passed over:
     # shorter, for it is up, and in a small network it may be everyone there is.
     refused_memory_s: float = 30.0
@@ -170,6 +177,8 @@ class CyclonSampler:
         self._target_k = self.config.neighbours
         # peer -> (refuse until, whether we knew no relay circuit of it when it failed)
         self._failed: OrderedDict[PeerId, tuple[float, bool]] = OrderedDict()
+        # Peers we have spoken with and where (see on_contact), oldest contact first.
+        self._contacts: OrderedDict[PeerId, tuple[PeerAddr, ...]] = OrderedDict()
         self.rounds = 0
 
     # -- view ----------------------------------------------------------------
@@ -244,8 +253,11 @@ class CyclonSampler:
         added: list[PeerId] = []
         if len(self._neighbours) >= self._target_k:
             return added
-        # Freshest first: the lowest age is the most recent sign of life.
-        for desc in sorted(self._view.values(), key=lambda d: d.age):
+        # Peers we have spoken with first (the latest contact first), then hearsay,
+        # freshest first: the lowest age is the most recent sign of life.
+        contacts = [Descriptor(peer, addrs) for peer, addrs in reversed(self._contacts.items())]
+        hearsay = sorted((d for d in self._view.values() if d.peer not in self._contacts), key=lambda d: d.age)
+        for desc in (*contacts, *hearsay):
             if len(self._neighbours) >= self._target_k:
                 break
             if desc.peer in self._neighbours or desc.peer in exclude or not self._admissible(desc.peer, desc.addrs):
@@ -293,6 +305,8 @@ class CyclonSampler:
         direct_only = known is None or not any(a.is_circuit for a in known.addrs)
         self._view.pop(peer, None)
         was_neighbour = self._neighbours.pop(peer, None) is not None
+        if memory_s >= self.config.failed_memory_s:  # gone; a refusal (it is up) keeps the contact
+            self._contacts.pop(peer, None)
         self._failed[peer] = (self._clock() + memory_s, direct_only)
         self._failed.move_to_end(peer)
         while len(self._failed) > self.config.max_failed_memory:
@@ -302,6 +316,20 @@ class CyclonSampler:
     def on_alive(self, peer: PeerId) -> None:
         """Direct evidence ``peer`` is up (it connected, answered): forget a failure."""
         self._failed.pop(peer, None)
+
+    def on_contact(self, peer: PeerId, addrs: Sequence[PeerAddr]) -> None:
+        """We have spoken with ``peer``, which listens at ``addrs`` (as we
+        observed them): it proved its identity on a connection (it dialled us
+        or answered our dial). It goes before hearsay when a neighbour slot
+        is filled (see the module doc); a failure forgets it. Bounded by
+        ``max_contacts`` (the oldest contact goes)."""
+        held = tuple(a.without_peer() for a in addrs)[: self.config.max_entry_addrs]
+        if peer == self.self_id or not held:
+            return
+        self._contacts[peer] = held
+        self._contacts.move_to_end(peer)
+        while len(self._contacts) > self.config.max_contacts:
+            self._contacts.popitem(last=False)
 
     def _admissible(self, peer: PeerId, addrs: Sequence[PeerAddr] = ()) -> bool:
         """Not us, not blocked, and not a recent failure, unless it failed while

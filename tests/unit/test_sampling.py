@@ -359,6 +359,40 @@ def test_neighbours_are_stable_while_alive_and_replaced_immediately_on_failure()
     assert [p for p in after if p != added[0]] == [p for p in before[net.ids[5]] if p != lost]  # others kept
 
 
+def test_open_slots_go_to_peers_spoken_with_before_fresher_hearsay():
+    """A stranger's shuffle brings records of age 0 it made up; a peer we
+    spoke with, aged and even swapped out of the view by those records,
+    still takes the open slot first. Hearsay fills what no contact can."""
+    config = SamplerConfig(view_size=6, shuffle_length=4, neighbours=2, max_per_subnet=2)
+    node = CyclonSampler(pid(0), [Multiaddr("10.0.0.1", 4000)], config, random.Random(1), FakeClock())
+    for i in (1, 2, 3):
+        node.add(pid(i), [Multiaddr(f"10.{i}.0.1", 4000)], age=5)
+        node.on_contact(pid(i), [Multiaddr(f"10.{i}.0.1", 4000)])
+        if i == 2:
+            assert set(node.neighbours()) == {pid(1), pid(2)}
+    # The attacker's request: fresh made-up records take the slots of the entries we replied with.
+    made_up = [Descriptor(pid(100 + j), (Multiaddr(f"10.{100 + j}.0.1", 4000),), 0) for j in range(4)]
+    node.on_shuffle_request(pid(99), made_up)
+    assert sum(d.peer in {m.peer for m in made_up} for d in node.view()) >= 3
+    replaced = node.on_failure(pid(1))
+    assert replaced == [pid(3)], f"{replaced}: hearsay took the slot of a peer we spoke with"
+    replaced = node.on_failure(pid(3))
+    assert len(replaced) == 1 and replaced[0] in {d.peer for d in made_up}, "no contact left: hearsay fills"
+
+
+def test_contacts_keep_the_subnet_limit_and_are_bounded():
+    config = SamplerConfig(view_size=6, shuffle_length=4, neighbours=3, max_per_subnet=1, max_contacts=3)
+    node = CyclonSampler(pid(0), [Multiaddr("10.0.0.1", 4000)], config, random.Random(1), FakeClock())
+    for i in range(1, 6):  # five identities of one /24 spoke with us: one neighbour slot is theirs
+        node.on_contact(pid(i), [Multiaddr("10.9.9.1", 4000 + i)])
+    assert node.neighbours() == [pid(5)]  # the latest contact; the bound kept three of them
+    node.on_failure(pid(5))
+    assert node.neighbours() == [pid(4)]
+    node.on_failure(pid(4))
+    node.on_failure(pid(3))
+    assert node.neighbours() == [], "contacts past max_contacts were forgotten"
+
+
 def test_killed_nodes_vanish_from_all_views_within_bounded_rounds():
     k = SMALL.neighbours
     net = converged_network()
