@@ -79,6 +79,15 @@ AGENT = f"murmur/{__version__}"
 GOODBYE_TIMEOUT_S = 1.0
 # What a failed dial of one address raises: the next address (or lane) is tried.
 DIAL_FAILURES = (OSError, PeerFault, ConnectionClosed, RelayRefused, TimeoutError)
+
+
+class CircuitRefused(ConnectionClosed):
+    """Every address of a dial failed, the last one a relay circuit the relay
+    refused (say NO_RESERVATION: the peer behind it was killed). For the
+    caller the peer is unreachable like any other: ``RelayRefused`` is no
+    ``OSError``, ``PeerFault`` or ``ConnectionClosed``, and escaped from
+    :meth:`Node.connect` past membership's handlers, which ended the
+    ``bootstrap`` or a ``link-*`` task as a crash, and the daemon with exit 1."""
 AUTONAT_FIRST_CHECK_S = 5.0  # the first dial-back check: peers connected and identified by then
 
 MAX_INCOMPATIBLE_PEERS = 4096  # peers remembered as running another model
@@ -492,7 +501,9 @@ class Node:
 
     async def connect(self, addrs: Sequence[PeerAddr], peer: PeerId | None = None) -> PeerSession:
         """A session with ``peer`` (at one of ``addrs``), dialling if needed.
-        Concurrent calls for one peer share one dial; a banned peer is never dialled."""
+        Concurrent calls for one peer share one dial; a banned peer is never dialled.
+        A failed dial raises ``OSError``, a :class:`~murmur.errors.PeerFault` or a
+        :class:`ConnectionClosed` (:class:`CircuitRefused` for a refused circuit)."""
         if peer is not None and self.table.is_banned(peer):
             raise ConnectionClosed(f"{peer.short()} is banned")
         if peer is not None and self.partitioned_off(peer):
@@ -545,7 +556,10 @@ class Node:
             Lane([functools.partial(self.host.dial, Multiaddr(a.host, a.port, peer)) for a in direct]),
             Lane([functools.partial(self._dial_circuit, a, peer) for a in circuits], CIRCUIT_DIAL_DELAY_S),
         ]
-        conn = await first_of(lanes, DIAL_FAILURES)
+        try:
+            conn = await first_of(lanes, DIAL_FAILURES)
+        except RelayRefused as exc:
+            raise CircuitRefused(str(exc)) from exc
         _raise_if_cancelling()
         return await self._greeted(conn)
 
