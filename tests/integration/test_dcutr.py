@@ -265,6 +265,18 @@ def _exchanges(punch: HolePuncher) -> int:
     return len(getattr(punch, "_exchanging", getattr(punch, "_active", ())))
 
 
+async def _upgrade_is_punched(victim: Peer, honest: Peer, circuit: DialAddr) -> None:
+    """``honest`` dials ``victim`` at ``circuit``; the victim's upgrade of that
+    relayed connection is refused nothing and punched to a direct one."""
+    await honest.relay.dial_addr(circuit)
+    await wait_until(lambda: any(c.relay is not None and c.peer_id == honest.host.peer_id
+                                 for c in victim.host.connections), 5, "the victim has the relayed connection")
+    inbound = next(c for c in victim.host.connections if c.relay is not None and c.peer_id == honest.host.peer_id)
+    direct = await victim.punch.upgrade(inbound)
+    assert victim.punch.stats["refused"] == 0
+    assert direct is not None and direct.punched and direct.peer_id == honest.host.peer_id
+
+
 async def test_peers_silent_on_dcutr_hold_no_session_and_our_own_upgrade_runs() -> None:
     """A peer we dialled through a relay may open ``/libp2p/dcutr`` and say
     nothing. Each such stream took one of ``max_sessions`` (8, both roles
@@ -293,13 +305,7 @@ async def test_peers_silent_on_dcutr_hold_no_session_and_our_own_upgrade_runs() 
         punch = victim.punch
         await wait_until(lambda: _exchanges(punch) == len(silent), 5, "the victim serves every silent stream")
 
-        await honest.relay.dial_addr(DialAddr.parse(f"{relay_addr}/p2p-circuit/p2p/{victim.host.peer_id}"))
-        await wait_until(lambda: any(c.relay is not None and c.peer_id == honest.host.peer_id
-                                     for c in victim.host.connections), 5, "the victim has the relayed connection")
-        inbound = next(c for c in victim.host.connections if c.relay is not None and c.peer_id == honest.host.peer_id)
-        direct = await punch.upgrade(inbound)
-        assert punch.stats["refused"] == 0
-        assert direct is not None and direct.punched and direct.peer_id == honest.host.peer_id
+        await _upgrade_is_punched(victim, honest, DialAddr.parse(f"{relay_addr}/p2p-circuit/p2p/{victim.host.peer_id}"))
         assert _exchanges(punch) == len(silent)  # the silent peers still hold their streams, and no session
 
         # one waiting stream per peer: a second one from a silent peer is refused at once
@@ -355,13 +361,7 @@ async def test_strangers_silent_on_our_dcutr_stream_hold_no_session() -> None:
         upgrades = [asyncio.ensure_future(punch.upgrade(c)) for c in victim.host.connections if c.relay is not None]
         await wait_until(lambda: len(held) == len(strangers), 5, "every stranger holds our DCUtR stream")
 
-        await honest.relay.dial_addr(circuit)
-        await wait_until(lambda: any(c.relay is not None and c.peer_id == honest.host.peer_id
-                                     for c in victim.host.connections), 5, "the victim has the relayed connection")
-        inbound = next(c for c in victim.host.connections if c.relay is not None and c.peer_id == honest.host.peer_id)
-        direct = await punch.upgrade(inbound)
-        assert punch.stats["refused"] == 0
-        assert direct is not None and direct.punched and direct.peer_id == honest.host.peer_id
+        await _upgrade_is_punched(victim, honest, circuit)
         assert not any(u.done() for u in upgrades)  # the strangers' upgrades still wait for their answers
     finally:
         for upgrade in upgrades:
