@@ -17,6 +17,19 @@ from murmur.testnet.options import port
 from murmur.testnet.scenario import load_scenario
 
 
+@pytest.fixture(autouse=True)
+def _python_sigint():
+    """Python's own Ctrl-C handler, whatever pytest inherited: a suite run in
+    the background (``scripts/test &``) starts with SIGINT ignored, and the
+    signal tests below then failed (their Ctrl-C never arrived, and the
+    handler restored after a run was SIG_IGN)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_a_used_run_dir_is_refused_and_an_empty_or_new_one_taken(tmp_path):
     """A run into an earlier run's directory resumed its nodes from their
     checkpoints and reported the old run's results as new."""
