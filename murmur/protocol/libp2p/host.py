@@ -46,7 +46,7 @@ import logging
 import os
 import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -78,6 +78,7 @@ the stream is reset and the peer gets a ``LimitExceeded``. Pings are for
 liveness (a libp2p peer sends one every few seconds, ``ping(conn, n)`` a few
 back to back): one stream writing 32-byte pings as fast as TCP took them had
 30,000 a second echoed, 17% of the victim's core, with no fault to its score."""
+MAX_HELD_SOCKETS = 16  # sockets kept open so their descriptor numbers are not reused (Libp2pHost._stale_descriptor)
 MAX_OBSERVED_ADDRS = 32  # distinct addresses peers said they saw us at, tallied; further ones ignored
 LOGGED_PROTOCOLS = 16  # of a peer's protocol ids, shown in its "peer identified" line
 LOGGED_PROTOCOL_CHARS = 64  # of each (an id may be 1 KiB)
@@ -126,6 +127,7 @@ class Libp2pHost:
         self._handlers: dict[str, Handler] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._reuse: dict[int, tuple[str, int]] = {}  # family -> the listen (address, port) our dials leave from
+        self._held_sockets: deque[socket.socket] = deque(maxlen=MAX_HELD_SOCKETS)  # see _stale_descriptor
         # Hole punches under way: (address, port) we dial -> the peer and our
         # upgrade role there, for a SYN of theirs that our listener accepts.
         self._punch_roles: dict[tuple[str, int], tuple[PeerId, bool]] = {}
@@ -294,6 +296,8 @@ class Libp2pHost:
                 if punch and not bound:
                     raise OSError(errno.EADDRNOTAVAIL, "a hole punch must leave from the listen port")
                 await loop.sock_connect(sock, (addr.host, addr.port))
+            except RuntimeError as exc:
+                raise self._stale_descriptor(sock, exc) from None
             except OSError as exc:
                 sock.close()
                 if reuse and not punch and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
@@ -302,8 +306,26 @@ class Libp2pHost:
             except BaseException:
                 sock.close()
                 raise
-            return await loop.create_connection(factory, sock=sock)
+            try:
+                return await loop.create_connection(factory, sock=sock)
+            except RuntimeError as exc:
+                raise self._stale_descriptor(sock, exc) from None
         raise AssertionError("unreachable")
+
+    def _stale_descriptor(self, sock: socket.socket, exc: RuntimeError) -> OSError:
+        """uvloop refuses a socket whose descriptor number it still maps to a
+        transport it never let go of ("File descriptor 19 is used by transport
+        <TCPTransport closed=False ...>", a known uvloop defect: the number was
+        closed under that transport and handed to our new socket). In a CI
+        run this RuntimeError went up through a ``link-*`` task and ended the
+        daemon (exit 1) while its peers were being killed around it. It is a
+        failed dial: the socket is kept open (up to :data:`MAX_HELD_SOCKETS`,
+        the oldest closed first) so that the next socket gets another number
+        instead of failing on the same one for every dial."""
+        self._held_sockets.append(sock)
+        log.warning("dial failed: the event loop still maps this socket's descriptor to a closed transport",
+                    extra={"event": "stale_descriptor", "fd": sock.fileno(), "error": str(exc)[:200]})
+        return OSError(errno.EBADF, f"event loop refused the socket: {exc}")
 
     @contextlib.contextmanager
     def expecting_punch(self, peer: PeerId, addrs: Sequence[Multiaddr], initiator: bool) -> Iterator[None]:
@@ -372,6 +394,8 @@ class Libp2pHost:
             await server.wait_closed()
         self._servers.clear()
         self._warnings.close()
+        while self._held_sockets:
+            self._held_sockets.popleft().close()
 
     async def abort(self, timeout_s: float = 2.0) -> None:
         """Die like ``kill -9`` would: stop listening and dialling, reset every
