@@ -162,6 +162,19 @@ async def test_sybilwall_vouches_for_and_weighs_what_compressed_messages_decode_
             assert all(weights.get(str(peer), 0.0) > 0.0 for peer in peers), weights
 
 
+def _threads_calling(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[int]:
+    """The threads that call ``cls.name`` from now on, one entry per call."""
+    threads: list[int] = []
+    method = getattr(cls, name)
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.get_ident())
+        return method(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, recording)
+    return threads
+
+
 async def test_received_compressed_payloads_decode_off_the_event_loop(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A random-k payload decodes in a worker thread, never on the event
@@ -169,14 +182,7 @@ async def test_received_compressed_payloads_decode_off_the_event_loop(tmp_path: 
     the daemon served nothing: keepalives, other peers, its API), and no
     more than DECODE_WORKERS at once (each holds a decoded model)."""
     loop_thread = threading.get_ident()
-    threads: list[int] = []
-    decode = TransferLayout.decode
-
-    def recording(self: TransferLayout, *args: Any, **kwargs: Any) -> np.ndarray:
-        threads.append(threading.get_ident())
-        return decode(self, *args, **kwargs)
-
-    monkeypatch.setattr(TransferLayout, "decode", recording)
+    threads = _threads_calling(monkeypatch, TransferLayout, "decode")
     overrides = learning(3, rounds=2, **{"compression.sparsifier": "randk", "compression.ratio": 0.5,
                                          "compression.consensus_step": 0.5, "learning.codec": "int8"})
     async with Cluster(3, tmp_path, overrides) as cluster:
@@ -193,14 +199,7 @@ async def test_a_random_k_sender_draws_its_mask_off_the_event_loop(tmp_path: Pat
     is drawn in a worker thread before open_round takes it, not inside
     open_round on the event loop; receivers draw it off the loop too."""
     loop_thread = threading.get_ident()
-    threads: list[int] = []
-    mask = RoundFormat.mask
-
-    def recording(self: RoundFormat, *args: Any, **kwargs: Any) -> np.ndarray:
-        threads.append(threading.get_ident())
-        return mask(self, *args, **kwargs)
-
-    monkeypatch.setattr(RoundFormat, "mask", recording)
+    threads = _threads_calling(monkeypatch, RoundFormat, "mask")
     overrides = learning(3, rounds=2, **{"compression.sparsifier": "randk", "compression.ratio": 0.5,
                                          "compression.consensus_step": 0.5})
     async with Cluster(3, tmp_path, overrides) as cluster:
