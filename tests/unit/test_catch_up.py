@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from murmur.node.learner import CATCH_UP_GAP, catch_up_target, voters
+from murmur.node.learner import CATCH_UP_GAP, catch_up_sources, catch_up_target, voters
 from murmur.protocol.identity import Identity
 
 A, B, C, SYBIL = (Identity.generate().peer_id for _ in range(4))
@@ -87,3 +87,15 @@ def test_one_neighbour_ahead_moves_a_starting_node_only_where_it_looks_for_one()
     # two Sybils that dialled it (not its choices) are two voters, but not ours
     assert catch_up_target({SYBIL: FAR, sybil2: FAR}, 0, {}, choices={A, B}, min_voters=2) is None
     assert catch_up_target({SYBIL: FAR, sybil2: FAR, A: 30, B: 30}, 0, {}, choices={A, B}, min_voters=2) in {A, B}
+
+
+def test_several_sources_are_ranked_most_trusted_then_least_extreme() -> None:
+    """Catch-up asks several neighbours ahead for their models (and adopts their
+    median): the same peers the single choice would consider, best first."""
+    claimed = {A: 20, B: 21, C: 22, SYBIL: FAR}
+    trust = {A: 0.2, B: 0.3, C: 0.2, SYBIL: 0.9}
+    assert catch_up_sources(claimed, 4, trust) == [SYBIL, B, A, C]
+    assert catch_up_sources(claimed, 4, trust, limit=2) == [SYBIL, B]
+    assert catch_up_sources(claimed, 4, {SYBIL: 0.0}) == [A, B, C]  # never one given no weight
+    assert catch_up_sources({A: 5, B: 5, C: 30}, 5, {A: 0.3, B: 0.3, C: 0.2}) == [C]  # a lone vouched claim
+    assert catch_up_sources({A: 5, B: 5, SYBIL: FAR}, 5, {}) == []

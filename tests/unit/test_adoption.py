@@ -1,0 +1,50 @@
+"""adoption: the model a node far behind takes from several neighbours' public models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from murmur.learning.adoption import MIN_ROBUST_SOURCES, PublicModel, adoption
+
+
+def _honest(seed: int, rounds: int) -> PublicModel:
+    g = torch.Generator().manual_seed(seed)
+    return PublicModel(torch.randn(1000, generator=g) * 0.1, rounds)
+
+
+def test_one_poisoned_model_of_three_stays_outside() -> None:
+    """Ranked first (the most trusted), far off and claiming a far round: the
+    adopted model lies, coordinate by coordinate, between the honest two, and
+    its round is theirs."""
+    a, b = _honest(1, 40), _honest(2, 41)
+    sybil = PublicModel(torch.full((1000,), 1e30), 10_000)
+    chosen = adoption([sybil, a, b])
+    assert torch.equal(chosen.model, torch.maximum(a.model, b.model))  # known answer: the sybil is above both
+    assert chosen.state_round == 41
+    flipped = adoption([PublicModel(-sybil.model, 0), a, b])
+    assert torch.equal(flipped.model, torch.minimum(a.model, b.model))
+    assert flipped.state_round == 40
+
+
+def test_two_poisoned_of_five_and_an_even_count() -> None:
+    honest = [_honest(i, 30) for i in range(3)]
+    low, high = (torch.minimum(torch.minimum(*(h.model for h in honest[:2])), honest[2].model),
+                 torch.maximum(torch.maximum(*(h.model for h in honest[:2])), honest[2].model))
+    sybils = [PublicModel(torch.full((1000,), 3e38), 99), PublicModel(torch.full((1000,), -3e38), 99)]
+    chosen = adoption(sybils + honest)
+    assert bool(((chosen.model >= low) & (chosen.model <= high)).all())
+    assert chosen.state_round == 30
+    # of four, the three most trusted: one poisoned of four still stays outside
+    four = adoption(sybils[:1] + honest)
+    assert torch.equal(four.model, torch.maximum(honest[0].model, honest[1].model))
+    assert four.state_round == 30
+
+
+def test_with_fewer_than_three_the_most_trusted_is_adopted_as_before() -> None:
+    assert MIN_ROBUST_SOURCES == 3
+    a, b = _honest(1, 5), _honest(2, 6)
+    assert adoption([a]) is a
+    assert adoption([b, a]) is b
+    with pytest.raises(ValueError):
+        adoption([])
