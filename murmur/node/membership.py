@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from murmur.errors import DecodeError, LimitExceeded, PeerFault
+from murmur.errors import DecodeError, LimitExceeded, PeerFault, SendTimeout
 from murmur.node.ratelimit import RequestBudget
 from murmur.protocol.identity import PeerId
 from murmur.protocol.messages import (
@@ -69,6 +69,16 @@ interval. An honest node starts one shuffle per interval, with one peer
 (its oldest entry), so it never comes near; one attacker identity sent 20
 requests a second, each replacing up to l view entries with records it made
 up, and held 15 of a victim's 19 view slots within 4 s."""
+SHUFFLE_SEND_TIMEOUT_S = 2.0
+"""How long our shuffle request may wait for its stream (the target's
+answer to multistream-select) and for room on the connection. Shuffles run
+one after another; without a deadline a target that took the connection and
+then answered nothing held that shuffle, and every later one, for the
+transport's negotiate_timeout_s (10.0 s measured), and one that read
+nothing until the drain watch cut it (20 s). Its negotiation goes on in the
+background and costs it a :class:`~murmur.errors.TimeoutFault` when that
+runs out; the shuffle loop moves on now (Cyclon already took the target
+out of the view)."""
 
 
 @dataclass(frozen=True)
@@ -514,10 +524,24 @@ class Membership:
         pending = self._shuffles.setdefault(target.peer, deque(maxlen=MAX_PENDING_SHUFFLES))
         pending.append((target, entries))
         try:
-            await session.send(ShuffleRequest(entries=tuple(self._wire(entries))))
+            await session.send(ShuffleRequest(entries=tuple(self._wire(entries))),
+                               time.monotonic() + SHUFFLE_SEND_TIMEOUT_S)
         except ConnectionClosed:
             self._shuffles.pop(target.peer, None)
             self.report_failure(target.peer, reason="closed during shuffle")
+        except SendTimeout as exc:
+            # Not sent: no answer is coming. No failure report: a slow link (a
+            # big delta in its send buffer) is no dead peer, and a neighbour
+            # must not be replaced for it; a silent one pays its own timeout.
+            self._forget_shuffle(target.peer, pending)
+            log.debug("shuffle request not sent by its deadline", extra={"peer": str(target.peer), "error": str(exc)})
+
+    def _forget_shuffle(self, peer: PeerId, pending: deque[tuple[Descriptor, list[Descriptor]]]) -> None:
+        """Drop the newest pending shuffle of ``peer`` (one that never went out)."""
+        if pending:
+            pending.pop()
+        if not pending and self._shuffles.get(peer) is pending:
+            del self._shuffles[peer]
 
     async def _reseed(self) -> None:
         """An empty view (every peer it knew failed: say, a node behind NAT that
