@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -600,7 +600,7 @@ class Membership:
             await session.send(ShuffleResponse(entries=()))
             return
         received = self._descriptors(msg.entries)
-        reply = self.sampler.on_shuffle_request(session.peer, received)
+        reply = self.sampler.on_shuffle_request(session.peer, received, self._source_key(session))
         await session.send(ShuffleResponse(entries=tuple(self._wire(reply))))
 
     async def _on_shuffle_response(self, session: PeerSession, msg: ShuffleResponse) -> None:
@@ -610,7 +610,17 @@ class Membership:
         target, sent = pending.popleft()
         if not pending:
             del self._shuffles[session.peer]
-        self.sampler.on_shuffle_response(sent, self._descriptors(msg.entries), target)
+        self.sampler.on_shuffle_response(sent, self._descriptors(msg.entries), target, self._source_key(session))
+
+    def _source_key(self, session: PeerSession) -> Hashable:
+        """Whose word a shuffle's records are, for the sampler's share per
+        source (``max_per_source``): the /24 (/48) the peer talks from, as
+        the subnet buckets count, so identities one host mints share one
+        share; the peer itself over a relay (the address is the relay's) or
+        where loopback is exempted (a local testnet: every node is 127.0.0.1)."""
+        if session.conn.relay is not None or self._subnet_exempt(session):
+            return session.peer
+        return subnet_of(session.conn.remote[0])
 
     def status(self) -> dict[str, Any]:
         return {

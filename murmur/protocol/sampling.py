@@ -39,7 +39,13 @@ Cyclon (Voulgaris et al., 2005), as implemented:
 * merge: ignore our own id, failed/blocked peers and peers already in the view
   (for those only the younger age is kept; addresses are *not* replaced, so
   nobody can redirect an entry we hold to another address); fill empty slots
-  first, then replace entries we sent to the other side.
+  first, then replace entries we sent to the other side. At most
+  ``max_per_source`` entries (default l) brought by one source (a shuffle
+  partner; the caller may key partners by subnet) are held at once, its own
+  descriptor not counted: one connected attacker within its request budget
+  made up a record per slot and held 92% of a victim's view (100% after 12
+  s; tests/integration/test_view_share.py), and so most of whom the victim
+  shuffled with and sampled.
 
 Failure detection is the caller's: it reports ``on_failure(peer)`` when a dial,
 shuffle or ping fails. The peer leaves the view and the neighbour set and is
@@ -63,7 +69,7 @@ import ipaddress
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -94,12 +100,20 @@ class SamplerConfig:
     refused_memory_s: float = 30.0
     max_failed_memory: int = 4096        # bound on that memory
     max_entry_addrs: int = 4             # addresses kept per descriptor
+    max_per_source: int = 0              # view entries one shuffle source may have brought; 0: shuffle_length
 
     def __post_init__(self) -> None:
         if self.view_size < 1 or self.shuffle_length < 1 or self.shuffle_length > self.view_size:
             raise ValueError("need 1 <= shuffle_length <= view_size")
         if self.neighbours < 0 or self.max_per_subnet < 1 or self.neighbour_rotation_rounds < 0:
             raise ValueError("neighbours >= 0, max_per_subnet >= 1, neighbour_rotation_rounds >= 0")
+        if self.max_per_source < 0:
+            raise ValueError("max_per_source >= 0")
+
+    @property
+    def source_cap(self) -> int:
+        """View entries one source may have brought (see :meth:`CyclonSampler.on_shuffle_request`)."""
+        return self.max_per_source or self.shuffle_length
 
 
 @dataclass(frozen=True)
@@ -173,6 +187,7 @@ class CyclonSampler:
         self._is_blocked = is_blocked
         self._may_neighbour = may_neighbour
         self._view: dict[PeerId, Descriptor] = {}
+        self._sources: dict[PeerId, Hashable] = {}  # view entry -> the source whose shuffle brought it
         self._neighbours: dict[PeerId, Descriptor] = {}  # insertion order = tenure order
         self._target_k = self.config.neighbours
         # peer -> (refuse until, whether we knew no relay circuit of it when it failed)
@@ -363,16 +378,19 @@ class CyclonSampler:
             self._rotate_neighbour()
         return target, [self.self_descriptor(), *others]
 
-    def on_shuffle_request(self, sender: PeerId, entries: Sequence[Descriptor]) -> list[Descriptor]:
+    def on_shuffle_request(self, sender: PeerId, entries: Sequence[Descriptor],
+                           source: Hashable | None = None) -> list[Descriptor]:
         """Answer a shuffle from ``sender``: up to l random entries of ours
-        (never the sender itself), then merge what it sent."""
+        (never the sender itself), then merge what it sent. What it brings
+        counts against ``source`` (by default the sender): at most
+        ``max_per_source`` entries of the view came from one source."""
         pool = [d for d in self._view.values() if d.peer != sender]
         reply = self._rng.sample(pool, min(self.config.shuffle_length, len(pool)))
-        self._merge(entries, reply)
+        self._merge(entries, reply, sender, sender if source is None else source)
         return reply
 
     def on_shuffle_response(self, entries_sent: Sequence[Descriptor], entries_received: Sequence[Descriptor],
-                            target: Descriptor | None = None) -> None:
+                            target: Descriptor | None = None, source: Hashable | None = None) -> None:
         """Merge the reply to our shuffle; slots of what we sent are reused.
 
         ``target`` (the peer that answered) goes back into the view, fresh,
@@ -382,17 +400,26 @@ class CyclonSampler:
         node's view held its only peer half of the time, and a neighbour set,
         filled from the view, could stay empty for good when its maintenance
         ticks fell in the other half (a CI failure). A full view keeps the
-        Cyclon swap as it is: a merge with nothing sent to replace evicts nobody."""
-        self._merge(entries_received, entries_sent)
+        Cyclon swap as it is: a merge with nothing sent to replace evicts nobody.
+        What the reply brings counts against ``source`` (by default the target)."""
+        sender = None if target is None else target.peer
+        self._merge(entries_received, entries_sent, sender, sender if source is None else source)
         if target is not None:
             self._merge([replace(target, age=0)], ())
 
-    def _merge(self, received: Sequence[Descriptor], sent: Sequence[Descriptor]) -> None:
+    def _merge(self, received: Sequence[Descriptor], sent: Sequence[Descriptor], sender: PeerId | None = None,
+               source: Hashable | None = None) -> None:
         replaceable = [d.peer for d in sent if d.peer != self.self_id]
+        for peer in [p for p in self._sources if p not in self._view]:  # left the view since
+            del self._sources[peer]
+        brought = sum(1 for s in self._sources.values() if s == source) if source is not None else 0
         for entry in received:
             if not entry.addrs or not self._admissible(entry.peer, entry.addrs):
                 continue
             held = self._view.get(entry.peer)
+            counted = source is not None and entry.peer != sender  # the sender's own descriptor is no hearsay
+            if held is None and counted and brought >= self.config.source_cap:
+                continue
             if held is not None:
                 if entry.age < held.age:
                     # A fresher entry may name circuits the peer reserved since ours was made
@@ -416,7 +443,12 @@ class CyclonSampler:
                 continue
             if victim is not None:
                 del self._view[victim]
+                if source is not None and self._sources.pop(victim, None) == source:
+                    brought -= 1
             self._view[entry.peer] = entry
+            if counted:
+                self._sources[entry.peer] = source
+                brought += 1
 
     # -- subnet buckets ------------------------------------------------------
     def _bucket(self, desc: Descriptor) -> SubnetKey | None:
