@@ -61,6 +61,13 @@ mesh again after 3 of them crashed. Strangers that take the room are muted
 and unlinked (node/silence.py) and never hold a round (probation)."""
 MAX_COOLDOWNS = 4096  # peers remembered as not to be re-linked for a while
 PEX_MAX_PEERS = 32
+PEX_BURST = 2
+"""Peer-exchange requests one peer may make of us at once; one more per
+shuffle interval; past that it is answered with no peers. An honest node asks
+once per connection it bootstraps or reseeds from. Each request was answered
+with up to 32 entries of the view, unbudgeted: one peer sent 20,000 requests
+(300 KB) in 3 s and had 5.6 MB sent back (a view of 5 entries; a full view
+of 20 makes each answer four times that)."""
 MAX_CONCURRENT_DIALS = 8
 MAX_PENDING_SHUFFLES = 4  # unanswered shuffles kept per peer; past that the oldest is forgotten
 SHUFFLE_BURST = 3
@@ -158,6 +165,7 @@ class Membership:
         self._shuffles: dict[PeerId, deque[tuple[Descriptor, list[Descriptor]]]] = {}
         self._pex_asked: set[PeerId] = set()
         self._shuffle_budgets: dict[PeerId, RequestBudget] = {}  # per connected peer
+        self._pex_budgets: dict[PeerId, RequestBudget] = {}  # per connected peer
         self._dialling: set[PeerId] = set()
         self._dial_slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
         self.evictions = 0
@@ -346,6 +354,7 @@ class Membership:
         """A connection ended. A neighbour gets one redial before it is evicted."""
         self._shuffles.pop(session.peer, None)
         self._shuffle_budgets.pop(session.peer, None)
+        self._pex_budgets.pop(session.peer, None)
         if not session.link_out:
             return
         desc = self._neighbour_descriptor(session.peer) or self.sampler.descriptor(session.peer)
@@ -494,6 +503,14 @@ class Membership:
             raise
 
     async def _on_pex_request(self, session: PeerSession, msg: PeerExchangeRequest) -> None:
+        budget = self._pex_budgets.get(session.peer)
+        if budget is None:
+            budget = self._pex_budgets[session.peer] = RequestBudget(PEX_BURST, self.config.shuffle_interval_s)
+        if not budget.take():
+            # Answered (its sender waits for one answer per request), with nobody: no fault,
+            # as for shuffles over budget (an honest node reseeding twice in a row may ask early).
+            await session.send(PeerExchangeResponse(peers=()))
+            return
         view = [d for d in self.sampler.view() if d.peer != session.peer]
         chosen = self._rng.sample(view, min(msg.max_peers, len(view)))
         peers = [(d.peer, tuple(str(a) for a in d.addrs)) for d in chosen]
