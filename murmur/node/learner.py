@@ -6,6 +6,9 @@ with real connections:
 * heavy work (local training, evaluation) runs in a worker thread; every
   touch of the engine's round state happens on the event loop, so deltas that
   arrive while we train are filed safely (buffered for the round they name);
+  closing a round (aggregation, the new model: O(model size), over a second
+  at 10 M parameters) runs in a worker thread too, and every engine call the
+  loop makes meanwhile waits until it is done (:class:`EngineGuard`);
 * each delta goes out as a signed, chunked stream (:mod:`murmur.protocol.delta`)
   to each neighbour; what arrives is verified and offered to the engine;
 * a round closes once a quorum of this round's neighbours delivered, or at
@@ -51,7 +54,7 @@ from murmur.errors import (
 )
 from murmur.learning.adoption import PublicModel, adoption
 from murmur.learning.aggregators.base import get_aggregator
-from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordVerdict, SybilWallAggregator
+from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordChoice, RecordVerdict, SybilWallAggregator
 from murmur.learning.compression import Compressor
 from murmur.learning.fingerprint import ModelFingerprint
 from murmur.learning.outer import OuterConfig, OuterOptimizer
@@ -92,6 +95,7 @@ from murmur.node.stalls import HELD_BACK_STREAK, HELD_BACK_WARN_EVERY, StallMoni
 from murmur.ratelog import Streak
 from murmur.protocol.codecs import DeltaCodec
 from murmur.node.decoding import OffLoopDecoder
+from murmur.node.engineguard import EngineGuard
 from murmur.protocol.delta import AssemblerLimits, CompletedDelta, DeltaAssembler, DeltaSender, PreparedDelta
 from murmur.protocol.layout import TransferKind, TransferLayout
 from murmur.protocol.sparse import RoundFormat
@@ -258,6 +262,9 @@ class NodeLearner:
         # await, or None for a replica re-sync installed on arrival.
         self._model_requests: dict[PeerId, asyncio.Future[CompletedDelta] | None] = {}
         self._decoder = OffLoopDecoder()  # received payloads, decoded in a worker thread
+        # Every engine (and aggregator) call made from the loop goes through it:
+        # while the round's close runs in a worker thread, they wait for it.
+        self._guard = EngineGuard()
         self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
         self._model_budgets: dict[PeerId, RequestBudget] = {}
         self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
@@ -348,6 +355,9 @@ class NodeLearner:
             interrupt()
         await self.outbox.close()
         await self._training_ended()
+        # A round being closed in a worker thread is closed to the end (it
+        # cannot be stopped): the checkpoint below must not hold half of it.
+        await self._guard.settled()
         try:
             await self._checkpoint()
         except TrainerError as exc:
@@ -425,7 +435,7 @@ class NodeLearner:
             return
         session.learner_info = msg
         front.accept_learning(session.peer)
-        self.engine.note_next_round(str(session.peer), msg.next_round)
+        self._guard.call(partial(self.engine.note_next_round, str(session.peer), msg.next_round))
         self._arrived.set()  # may complete the open round's quorum
 
     async def on_linked(self, front: Node, session: PeerSession) -> None:
@@ -440,7 +450,7 @@ class NodeLearner:
             await session.send(self._info())
         if session.peer in self._front_ids or self.silence.muted(str(session.peer)):
             return
-        self.engine.add_neighbour(str(session.peer), max(1, session.peer_degree))
+        self._guard.call(partial(self.engine.add_neighbour, str(session.peer), max(1, session.peer_degree)))
         self._arrived.set()
         opened = self._open
         if (opened is not None and opened.round == self.engine.round and front.peer_id not in opened.silent
@@ -455,7 +465,7 @@ class NodeLearner:
     def on_unlinked(self, front: Node, session: PeerSession) -> None:
         """``session`` is no longer a learning edge: the open round stops waiting for it."""
         if not any(s.peer == session.peer for f in self.fronts for s in f.membership.learning_neighbours()):
-            self.engine.drop_neighbour(str(session.peer))
+            self._guard.call(partial(self.engine.drop_neighbour, str(session.peer)))
             self._arrived.set()
 
     def extra_choices(self) -> int:
@@ -513,7 +523,7 @@ class NodeLearner:
         self._model_requests.pop(session.peer, None)
         self._model_budgets.pop(session.peer, None)
         if not any(f.session(session.peer) for f in self.fronts):
-            self.engine.forget(str(session.peer))  # a returning peer re-syncs its replica
+            self._guard.call(partial(self.engine.forget, str(session.peer)))  # a returning peer re-syncs its replica
             self._records.forget(session.peer)
             self.silence.forget(str(session.peer))
             if self.privacy is not None:
@@ -631,13 +641,20 @@ class NodeLearner:
                 await self._wait_for(lambda: (self.engine.has_neighbours() and self.engine.quorum_reached())
                                      or self._catch_up_target() is not None, max(0.0, remaining))
             missing = self.engine.missing()
-            with timer.phase("aggregate_s"):
-                report = self.engine.finish_round()
+            # Closed from here on: a neighbour linked meanwhile gets the next round's message.
             self._open = None
-            self._round_moved()
-            if training and self.privacy is not None:
-                self.privacy.after_round(round_, committed or [], missing)
+            with timer.phase("aggregate_s"):
+                report = await self._guard.off_loop(
+                    self.engine.finish_round, lambda _: self._round_closed(round_, training, committed, missing))
             await self._after_round(report, timer)
+
+    def _round_closed(self, round_: int, training: bool, committed: Sequence[str] | None, missing: Sequence[str]) -> None:
+        """On the loop, right after the engine closed ``round_`` and before
+        any engine call that waited for it: even when the round loop was
+        cancelled (stopping) while the close ran in its thread."""
+        self._round_moved()
+        if training and self.privacy is not None:
+            self.privacy.after_round(round_, committed or [], missing)
 
     async def _run_gossip(self) -> None:
         """Asynchronous gossip learning (SPECS §1): every period, merge what
@@ -878,6 +895,7 @@ class NodeLearner:
             return
         start = verified.start
         kind = self.layout.kind_of(start.meta)  # the assembler checked its shape against our layout
+        # (A read the engine allows while a round closes in its thread: a close never moves a replica.)
         if kind is TransferKind.ROUND and self.engine.holds(str(session.peer), start.round):
             # Our replica of it already holds that round: offer() would find a
             # duplicate whatever the bytes. Distinct bytes for a round are not
@@ -890,13 +908,14 @@ class NodeLearner:
             done = await self._decoder.decode(verified)  # off the loop when it costs anything
             assembler.accept(verified)
             if kind is TransferKind.MODEL:
-                self._on_model(session.peer, done)
+                await self._on_model(session.peer, done)
                 return
             if kind is TransferKind.GOSSIP:
                 self._on_gossip_model(session.peer, done)
                 return
             array = done.array if done.array.flags.writeable else done.array.copy()
-            outcome = self.engine.offer(str(session.peer), start.round, torch.from_numpy(array)[0])
+            outcome = await self._guard.run(
+                partial(self.engine.offer, str(session.peer), start.round, torch.from_numpy(array)[0]))
         degree = start.meta.get("degree")
         if isinstance(degree, int) and degree > 0:
             session.peer_degree = degree
@@ -1118,7 +1137,7 @@ class NodeLearner:
         :meth:`_on_model` refuses model transfers nobody asked for."""
         return self.layout.kind_of(start.meta) is TransferKind.MODEL and start.sender in self._model_requests
 
-    def _on_model(self, sender: PeerId, done: CompletedDelta) -> None:
+    async def _on_model(self, sender: PeerId, done: CompletedDelta) -> None:
         if sender not in self._model_requests:
             raise LimitExceeded("unsolicited model transfer")
         waiting = self._model_requests[sender]
@@ -1128,8 +1147,8 @@ class NodeLearner:
             return
         del self._model_requests[sender]
         model, state_round = self._public_model(done)
-        try:
-            self.engine.set_replica(str(sender), model, state_round)  # files the message that needed it
+        try:  # files the message that needed it
+            await self._guard.run(partial(self.engine.set_replica, str(sender), model, state_round))
         except ValueError as exc:
             raise DecodeError(str(exc)) from None
         self._arrived.set()
@@ -1157,8 +1176,7 @@ class NodeLearner:
     async def _serve_model(self, front: Node, session: PeerSession) -> None:
         # The public model only: it is built from what we already sent (noisy
         # updates and consensus steps), so serving it reveals nothing new.
-        mine = self.shaping.public_state(front.peer_id) if self.shaping is not None else None
-        public, state_round = self.engine.public_state() if mine is None else mine
+        public, state_round = await self._guard.run(partial(self._served_state, front))
         model = public.detach().to("cpu").numpy()
         self.layout.check_outgoing(TransferKind.MODEL, model.shape)
         meta = self.layout.meta(TransferKind.MODEL, state_round=state_round)
@@ -1167,23 +1185,29 @@ class NodeLearner:
             for data in sender:
                 await session.send_encoded(data, "Model")
 
+    def _served_state(self, front: Node) -> tuple[torch.Tensor, int]:
+        """The public model (a copy) and its round that ``front`` serves."""
+        mine = self.shaping.public_state(front.peer_id) if self.shaping is not None else None
+        return self.engine.public_state() if mine is None else mine
+
     # -- SybilWall history gossip ---------------------------------------------------------
 
     async def _send_record(self, front: Node, peer: PeerId) -> None:
         """One record for ``peer`` this round, if the aggregator picks one we
-        can vouch for (and an attacker's shaping's records for it)."""
+        can vouch for (and an attacker's shaping's records for it). Chosen
+        with the engine idle: the aggregator's history is what a round's
+        close, in its thread, rewrites."""
+        forged, choice = await self._guard.run(partial(self._records_to_send, front, peer))
         session = front.session(peer)
-        if self.shaping is not None and session is not None:
-            for forged in self.shaping.records(front.identity, peer, self.engine):
-                with contextlib.suppress(ConnectionClosed):
-                    await session.send(forged)
-        if not self._gossips_records:
+        if session is None:
             return
-        choice = self.aggregator.records_to_send(str(peer))
-        if choice is None or session is None:
+        for record in forged:
+            with contextlib.suppress(ConnectionClosed):
+                await session.send(record)
+        if choice is None:
             return
         if choice.distance == 1:
-            message = self._observed_record(front, choice.subject)
+            message = await self._observed_record(front, choice.subject)
         else:
             held = self._records.record(choice.subject)
             message = None if held is None else HistoryRecord(
@@ -1194,19 +1218,38 @@ class NodeLearner:
         with contextlib.suppress(ConnectionClosed):
             await session.send(message)
 
-    def _observed_record(self, front: Node, subject_text: str) -> HistoryRecord | None:
-        """A first-hand record of a neighbour: our replica of its public model,
-        its own statement of that model, our signature as the observer."""
+    def _records_to_send(self, front: Node, peer: PeerId) -> tuple[list[HistoryRecord], RecordChoice | None]:
+        """The shaping's forged records for ``peer`` and the aggregator's choice of our own."""
+        if front.session(peer) is None:
+            return [], None
+        forged = list(self.shaping.records(front.identity, peer, self.engine)) if self.shaping is not None else []
+        if not self._gossips_records:
+            return forged, None
+        return forged, self.aggregator.records_to_send(str(peer))
+
+    def _replica_copy(self, subject_text: str) -> tuple[np.ndarray, int] | None:
+        """A copy of our replica of ``subject_text`` and the round it holds
+        (the replica itself moves with the subject's next message)."""
         replica = self.engine.replica(subject_text)
         if replica is None:
             return None
-        subject = PeerId.from_string(subject_text)
         model, round_ = replica
+        return model.detach().to("cpu", torch.float32).numpy().copy(), round_
+
+    async def _observed_record(self, front: Node, subject_text: str) -> HistoryRecord | None:
+        """A first-hand record of a neighbour: our replica of its public
+        model, its own statement of that model, our signature as the
+        observer. The replica's digest and sketch (a quarter of a second at
+        10 M parameters) are made off the loop, from a copy."""
+        replica = await self._guard.run(partial(self._replica_copy, subject_text))
+        if replica is None:
+            return None
+        model, round_ = replica
+        subject = PeerId.from_string(subject_text)
         statement = self._records.statement(subject, round_)
         if statement is None:
             return None
-        record = observe(front.identity, subject, round_, model.detach().to("cpu", torch.float32).numpy().copy(),
-                         statement)
+        record = await self._decoder.run(partial(observe, front.identity, subject, round_, model, statement))
         if record is None:
             self._records.forget(subject)  # what it sent is not what it states: nothing to vouch for
         return record
@@ -1219,10 +1262,19 @@ class NodeLearner:
         if not session.linked:
             log.debug("history record from a non-neighbour ignored", extra={"peer": str(session.peer)})
             return
+        # Its budget first, then its signatures (a flood is refused before it costs a verify); the
+        # aggregator's round moves only as a round opens, on the round loop, never while it closes.
         if not self._records.take_intake(session.peer, self.aggregator.round):
             log.debug("history record over the sender's budget ignored", extra={"peer": str(session.peer)})
             return
         sketch = check_record(msg)
+        await self._guard.run(partial(self._take_record, session, msg, sketch))
+
+    def _take_record(self, session: PeerSession, msg: HistoryRecord, sketch: np.ndarray) -> None:
+        """Score a checked record and keep it to relay: with the engine idle
+        (the reference sketches and the aggregator's history are what a
+        round's close, in its thread, rewrites)."""
+        assert isinstance(self.aggregator, SybilWallAggregator)
         if msg.subject in self._front_ids:
             return
         offset = self.engine.relative_sketch(torch.from_numpy(sketch.copy()), msg.round)
