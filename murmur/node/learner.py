@@ -248,6 +248,7 @@ class NodeLearner:
         # An attacker whose identities each send a message of their own (set before start()).
         self.shaping: FrontShaping | None = None
         self._open: _OpenRound | None = None  # the open round's message, for neighbours linked mid-round
+        self._sends: list[tuple[PeerId, asyncio.Task[None] | None]] = []  # its transfers, for the round loop to wait on
         self._timer: PhaseTimer | None = None  # the open round's, for the stall reason
         # neighbour key -> (front, peer) for every front linked to it: an
         # attacker may reach one honest peer through several identities.
@@ -353,11 +354,13 @@ class NodeLearner:
         interrupt = getattr(self.trainer, "interrupt", None)  # TorchTrainer's; a plug-in may have none
         if callable(interrupt):
             interrupt()
+        # A round being opened or closed in a worker thread is finished (a
+        # thread cannot be stopped), and what waited for it run: the
+        # checkpoint below must not hold half a round, and whatever that
+        # started (the round's transfers) is cancelled with the others.
+        await self._guard.settled()
         await self.outbox.close()
         await self._training_ended()
-        # A round being closed in a worker thread is closed to the end (it
-        # cannot be stopped): the checkpoint below must not hold half of it.
-        await self._guard.settled()
         try:
             await self._checkpoint()
         except TrainerError as exc:
@@ -450,8 +453,16 @@ class NodeLearner:
             await session.send(self._info())
         if session.peer in self._front_ids or self.silence.muted(str(session.peer)):
             return
-        self._guard.call(partial(self.engine.add_neighbour, str(session.peer), max(1, session.peer_degree)))
+        # One call, so that a link made while the round opens or closes in its thread joins the round
+        # (and gets its message) as if it were made right after: never added without the message.
+        self._guard.call(partial(self._join_round, front, session))
         self._arrived.set()
+        if self.privacy is not None:  # after the round's message: that must not wait for a key share
+            await self.privacy.on_linked(session.peer)
+
+    def _join_round(self, front: Node, session: PeerSession) -> None:
+        """Add a new neighbour to our open round and send it the round's message."""
+        self.engine.add_neighbour(str(session.peer), max(1, session.peer_degree))
         opened = self._open
         if (opened is not None and opened.round == self.engine.round and front.peer_id not in opened.silent
                 and (front.peer_id, session.peer) not in opened.sent):
@@ -459,8 +470,6 @@ class NodeLearner:
             self.outbox.start((front.peer_id, session.peer, TransferKind.ROUND),
                               self._send_delta(front, session.peer, opened.round, opened.delta_for(front),
                                                opened.metas[front.peer_id]))
-        if self.privacy is not None:  # after the round's message: that must not wait for a key share
-            await self.privacy.on_linked(session.peer)
 
     def on_unlinked(self, front: Node, session: PeerSession) -> None:
         """``session`` is no longer a learning edge: the open round stops waiting for it."""
@@ -628,7 +637,11 @@ class NodeLearner:
                     committed = await self.privacy.commit(round_, neighbours)
             with timer.phase("send_s"):
                 sent = self.engine.open_round(neighbours, update, committed)
-                await self._send_round(round_, sent, neighbours, started + deadline_s)
+                # Our statement of the public model the message makes (its digest and sketch: ~0.25 s
+                # at 10 M parameters) is made in a thread; the round is published (its message kept for
+                # neighbours that link meanwhile) before any engine call that waited for it.
+                await self._guard.off_loop(self._describe_public, partial(self._publish_round, round_, sent, neighbours))
+                await self._send_round(started + deadline_s)
             with timer.phase("wait_s"):
                 remaining = deadline_s - (time.monotonic() - started)
                 # Alone, a round takes its whole deadline: the network's pace is
@@ -732,16 +745,21 @@ class NodeLearner:
                 pass
         return True
 
-    async def _send_round(self, round_: int, sent: Message, neighbours: Mapping[str, int], deadline: float) -> None:
-        """Send the round's message to every neighbour, each transfer its own
-        task (:class:`Outbox`), waiting for them only until ``deadline``: a
-        neighbour that reads slowly delays only its own copy."""
+    def _describe_public(self) -> tuple[bytes, np.ndarray]:
+        """Our public model's digest and sketch, in a worker thread while the
+        engine is busy (nothing moves the public model meanwhile)."""
+        return describe(self.engine.public.detach().to("cpu").numpy())
+
+    def _publish_round(self, round_: int, sent: Message, neighbours: Mapping[str, int],
+                       own: tuple[bytes, np.ndarray]) -> None:
+        """Start sending the round's message to every neighbour, each transfer
+        its own task (:class:`Outbox`), and keep it for neighbours that link
+        while the round is open. ``own``: our public model's digest and sketch."""
         shape = (Message.ROWS, self.engine.num_params)
         self.layout.check_outgoing(TransferKind.ROUND, shape)
         # Each identity states (signs) the public model this message makes,
         # for its neighbours to vouch for in history records (node/records.py).
         shaped = self.shaping.shape(round_, self.engine, list(neighbours)) if self.shaping is not None else {}
-        own = describe(self.engine.public_state()[0].detach().to("cpu").numpy())
         metas = {}
         for front in self.fronts:
             mine = shaped.get(front.peer_id)
@@ -757,12 +775,17 @@ class NodeLearner:
                                          self.node.peer_id, self.compressor,
                                          {front: mine.message for front, mine in shaped.items() if mine.message is not None},
                                          silent)
-        if not routes:
+        self._sends = [(peer, self.outbox.start((front.peer_id, peer, TransferKind.ROUND),
+                                                self._send_to(front, peer, round_, opened.delta_for(front),
+                                                              metas[front.peer_id])))
+                       for front, peer in routes]
+
+    async def _send_round(self, deadline: float) -> None:
+        """Wait for the round's transfers :meth:`_publish_round` started only
+        until ``deadline``: a neighbour that reads slowly delays only its own copy."""
+        sends, self._sends = self._sends, []
+        if not sends:
             return
-        sends = [(peer, self.outbox.start((front.peer_id, peer, TransferKind.ROUND),
-                                          self._send_to(front, peer, round_, opened.delta_for(front),
-                                                        metas[front.peer_id])))
-                 for front, peer in routes]
         # A neighbour on probation never holds a round with its message
         # (RoundEngine): nor with ours. A stranger that linked and answers
         # nothing (not even a stream's negotiation) held each round to its

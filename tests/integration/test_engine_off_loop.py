@@ -31,6 +31,8 @@ SIZE = CACHED_CHUNKS * CHUNK  # 4.2 M parameters: every sketch projection chunk 
 ROUNDS = 3
 RUN_S = 240.0  # two nodes of 4 M parameters, three rounds, on a loaded 2-core machine
 TICK_S = 0.01
+HELD_S = 30.0  # how long a test holds a round's close in its thread, at most
+STOP_WAIT_S = 1.0  # a stop that returned within this while the close was held did not wait for it
 LAG_SHARE = 0.5
 """The loop's longest stall may be at most this share of the longest round
 close: inline, it was the whole close (a ratio of 1 or more)."""
@@ -151,3 +153,34 @@ async def test_messages_arriving_while_a_round_closes_are_filed_after_it_bit_exa
             public, sent_round = theirs.learner.engine.public_state()
             assert round_ == sent_round == ROUNDS - 1
             assert np.array_equal(model.numpy(), public.numpy())  # bit for bit
+
+
+async def test_a_stop_while_a_round_closes_waits_for_the_close_and_checkpoints_all_of_it(tmp_path: Path) -> None:
+    """The close cannot be stopped in its thread: the node's stop waits for
+    it, and the checkpoint it writes holds the closed round whole (the
+    round moved on, the model it closed to), never a model half written."""
+    warm_sketches()
+    async with Cluster(2, tmp_path, overrides=learning(rounds=10)) as cluster:
+        a = cluster.node(0)
+        engine = a.learner.engine
+        closing, release = threading.Event(), threading.Event()
+        finish_round = engine.finish_round
+
+        def held_finish(evaluate: bool = False) -> Any:
+            if engine.round == 1:
+                closing.set()
+                release.wait(HELD_S)  # in the worker thread; bounded, so the code before this fix fails, not hangs
+            return finish_round(evaluate)
+
+        engine.finish_round = held_finish  # type: ignore[method-assign]
+        await wait_until(closing.is_set, RUN_S, "node 0 closing round 1")
+        stopping = asyncio.create_task(cluster.stop(0))
+        done, _ = await asyncio.wait({stopping}, timeout=STOP_WAIT_S)
+        assert not done, "the stop did not wait for the round being closed"
+        release.set()
+        await stopping
+        bundle = a.state.load_checkpoint()
+        assert bundle is not None
+        assert bundle.meta["round"] == 2 == engine.round
+        assert np.array_equal(bundle.arrays["model"], a.learner.trainer.get_flat().numpy())
+        assert np.array_equal(bundle.arrays["public"], engine.public.numpy())
