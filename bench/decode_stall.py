@@ -20,16 +20,19 @@ STALL_S, summed; also as a share of the run, which is what compares
 between phases of different lengths), and the compressed phase's against
 the baseline's.
 
-Received payloads decode off the loop (murmur/node/decoding.py); what
-remains of the stalls in both phases is mostly the round engine's own work
-on the loop (open_round, finish_round's aggregation: ~1.3 s at 10M).
+Received payloads decode off the loop (murmur/node/decoding.py), and so
+do a round's close (finish_round's aggregation, ~1.3 s at 10M) and the
+statement of the public model (murmur/node/engineguard.py): the dense
+baseline went from 64-81% of the run stalled (longest wait 4-9 s) to 7-12%
+(0.4-1.6 s); what remains is smaller loop work (open_round, offers, the
+message's encoding and hash) and the machine's load. bench/engine_stall.py
+times the close alone, inline against off the loop, in one process.
 
     .venv/bin/python bench/decode_stall.py [--params 10000000] [--ratio 0.5] [--daemons [--rounds 3]]
 
 Prints a human line per measurement and, last, one JSON object. Tens of
 seconds in process; the daemons take a few minutes on 2 cores, and their
-stalls are mostly the round engine's own loop work (see above), noisy on
-a shared machine.
+stalls are noisy on a shared machine.
 """
 
 from __future__ import annotations
