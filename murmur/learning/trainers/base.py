@@ -18,6 +18,7 @@ Reproducibility rules, and why:
 from __future__ import annotations
 
 import enum
+import importlib
 import math
 import secrets
 import threading
@@ -124,6 +125,24 @@ def resolve_device(requested: str | None = None) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {requested!r} requested but MPS is not available")
     return device
+
+
+OPTIMIZER_SUPPORT = "torch._dynamo"
+"""What every ``torch.optim`` optimizer imports on first use: its
+``add_param_group``, ``zero_grad`` and ``step`` are wrapped by torch's dynamo
+guards, which import it unconditionally (``TORCH_COMPILE_DISABLE`` does not
+skip it), 1.9-2.3 s of CPU on a 2-core box."""
+
+
+def import_optimizer_support() -> None:
+    """Import :data:`OPTIMIZER_SUPPORT`, so that a node's first train step
+    does not: ``node start`` runs this in a thread once it listens, while it
+    links to its first neighbours and waits for them
+    (``learning.start_wait_s``). Only after the node's own imports are done:
+    two threads importing modules that import each other can get a
+    half-initialised module. A second importer of the same module waits for
+    the first, so a train step that needs it sooner is still correct."""
+    importlib.import_module(OPTIMIZER_SUPPORT)
 
 
 class Trainer(ABC):
@@ -336,6 +355,8 @@ class TorchTrainer(Trainer):
     def __init__(self, ctx: TrainerContext) -> None:
         super().__init__(ctx)
         self._interrupted = threading.Event()  # see interrupt()
+        self._optimizer: torch.optim.Optimizer | None = None  # built on first use (see optimizer)
+        self._optimizer_lock = threading.Lock()
         self.options = parse_options(self.Options, ctx.options)
         self.device = resolve_device(ctx.device)
         self._attack = self._parse_attack(ctx.attack) if ctx.attack is not None else None
@@ -350,18 +371,6 @@ class TorchTrainer(Trainer):
         self.model: nn.Module = model.to(self.device)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.loss_fn: nn.Module = nn.CrossEntropyLoss()
-        self.optimizer: torch.optim.Optimizer
-        if self.options.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(
-                self._params, lr=self.options.lr, betas=ADAMW_BETAS, weight_decay=self.options.weight_decay
-            )
-        else:
-            self.optimizer = torch.optim.SGD(
-                self._params,
-                lr=self.options.lr,
-                momentum=self.options.momentum,
-                weight_decay=self.options.weight_decay,
-            )
         self._amp = self.options.amp and self.device.type == "cuda"
         # An overridden gradient hook, or dp_clip, writes true gradients, so loss
         # scaling is off for it (also when it calls super().compute_gradients()).
@@ -396,6 +405,45 @@ class TorchTrainer(Trainer):
             _PoissonSampler(len(y_train), self.options.batch_size, _batch_generator(ctx)) if self.options.dp_clip > 0
             else _BatchSampler(len(y_train), self.options.batch_size, _shuffle_seed(ctx.seed, ctx.node_index)))
         self._probe: Batch | None = None  # drawn on first use (probe_losses)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The inner optimizer (``options.optimizer``), built on first use.
+
+        Why not in ``__init__``: building any ``torch.optim`` optimizer imports
+        ``torch._dynamo`` (``add_param_group`` and ``step`` are wrapped by
+        torch's dynamo guards, with no flag to skip the import), 1.9-2.3 s of
+        CPU on a 2-core box. ``murmur config check`` builds the trainer only to
+        check that it fits its data, so it paid that for an optimizer it never
+        uses (3.4-4.8 s for the default digits-mlp, 2.5-3.5 s without);
+        ``node start`` imports it ahead in a thread while it waits for its
+        first neighbours (:func:`import_optimizer_support`), else the first
+        step, in a worker thread, imports it. The
+        optimizer holds the same parameter objects and starts with empty state
+        either way, so training is bit-for-bit the same. A subclass may assign
+        its own optimizer (``self.optimizer = ...``) after ``super().__init__``.
+        """
+        with self._optimizer_lock:  # the first train() and a hook of the user's may race
+            if self._optimizer is None:
+                self._optimizer = self._new_optimizer()
+            return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        with self._optimizer_lock:
+            self._optimizer = optimizer
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        if self.options.optimizer == "adamw":
+            return torch.optim.AdamW(
+                self._params, lr=self.options.lr, betas=ADAMW_BETAS, weight_decay=self.options.weight_decay
+            )
+        return torch.optim.SGD(
+            self._params,
+            lr=self.options.lr,
+            momentum=self.options.momentum,
+            weight_decay=self.options.weight_decay,
+        )
 
     # -- subclass interface
 
