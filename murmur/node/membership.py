@@ -86,6 +86,16 @@ nothing until the drain watch cut it (20 s). Its negotiation goes on in the
 background and costs it a :class:`~murmur.errors.TimeoutFault` when that
 runs out; the shuffle loop moves on now (Cyclon already took the target
 out of the view)."""
+LINK_SEND_TIMEOUT_S = 2.0
+"""How long a Link or Unlink of ours may wait for room on the peer's
+connection. :meth:`Membership.maintain` sends them one after another, and
+the round loop unlinks silent neighbours: a send to a neighbour whose
+connection held more than the write buffer's mark (a big round message
+queued to a peer that stopped reading, or to a slow one) held maintenance,
+or the rounds, until it drained or the drain watch cut it (22.2 s measured
+with an 8 MB model). Not sent by then, the change is undone, as if never
+asked: the next :meth:`Membership.maintain` asks again, and a slow peer is
+not dropped for being slow."""
 
 
 @dataclass(frozen=True)
@@ -301,7 +311,7 @@ class Membership:
         LearnerInfo, on the same stream): the peer judges a Link by our
         LearnerInfo, and one that overtook it was refused, and the peer's
         sampler shunned us for ``failed_memory_s``."""
-        was = session.linked
+        was, was_out, was_chosen = session.linked, session.link_out, session.chosen
         session.link_out = active
         session.chosen = active and chosen
         if active and not session.greeted:
@@ -310,8 +320,15 @@ class Membership:
             if not session.link_out:
                 return  # withdrawn meanwhile: that Link(active=0) already went
         try:
-            await session.send(Link(active=int(active), degree=self.degree()))
+            await session.send(Link(active=int(active), degree=self.degree()), time.monotonic() + LINK_SEND_TIMEOUT_S)
         except ConnectionClosed:
+            return
+        except SendTimeout as exc:
+            # Not sent: undone, unless changed meanwhile (LINK_SEND_TIMEOUT_S).
+            if session.link_out is active and session.chosen is (active and chosen):
+                session.link_out, session.chosen = was_out, was_chosen
+            log.debug("link change not sent by its deadline", extra={"peer": str(session.peer), "active": active,
+                                                                      "error": str(exc)})
             return
         await self._notify(session, was)
 
