@@ -94,8 +94,10 @@ connection held more than the write buffer's mark (a big round message
 queued to a peer that stopped reading, or to a slow one) held maintenance,
 or the rounds, until it drained or the drain watch cut it (22.2 s measured
 with an 8 MB model). Not sent by then, the change is undone, as if never
-asked: the next :meth:`Membership.maintain` asks again, and a slow peer is
-not dropped for being slow."""
+asked: a later :meth:`Membership.maintain` asks again, once the peer's
+connection has room (until then it skips the peer at no cost: a deadline
+each tick made every tick 2 s longer per such peer), and a slow peer is not
+dropped for being slow."""
 
 
 @dataclass(frozen=True)
@@ -285,11 +287,13 @@ class Membership:
                 desc = self.sampler.descriptor(peer) or self._neighbour_descriptor(peer)
                 if desc is not None and peer not in self._dialling:
                     self._tasks.spawn(f"link-{peer.short()}", lambda d=desc: self._dial_neighbour(d), replace=True)
-            elif not session.link_out and session.greeted:  # else our greeting is still on its way: next tick
+            elif not session.link_out and session.greeted and session.conn.has_write_room:
+                # (else our greeting is still on its way, or the peer has not read what we sent: next tick)
                 await self._set_link(session, True, chosen=True)
         now = time.monotonic()
         for session in self.host.sessions():
-            if session.link_out and session.chosen and session.peer not in target_set:
+            if (session.link_out and session.chosen and session.peer not in target_set
+                    and session.conn.has_write_room):  # else a later tick, see LINK_SEND_TIMEOUT_S
                 await self._set_link(session, False)  # the sampler moved on (a link we accepted stays)
             idle = now - session.last_message_at
             if (not session.linked and session.peer not in self._shuffles and idle > self.config.transient_ttl_s

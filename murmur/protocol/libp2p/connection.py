@@ -460,6 +460,12 @@ class Libp2pConnection:
         """Memory held for this peer now: its receive budget and our unsent bytes."""
         return self.budget.used + (0 if self.closed else self._tr.get_write_buffer_size())
 
+    @property
+    def has_write_room(self) -> bool:
+        """A send now would not wait for room: the socket's write buffer is
+        under its high-water mark (:func:`~murmur.protocol.transport.send_high_water`)."""
+        return self._writable.is_set() and not self.closed
+
     async def wait_closed(self) -> None:
         await self._closed_event.wait()
 
