@@ -750,12 +750,19 @@ class RoundEngine:
             # privacy: there every pull is mostly noise, and correlated noise (DECOR) cancels only
             # in whole sums (SybilWall's coordinate bound: bench/sybil.py --privacy 10, 100 rounds,
             # no attack, accuracy 0.53-0.56 -> 0.43-0.46 over three runs each).
-            if self.perturber is None and self.aggregator.mix_offsets_in_place(own, updates):
+            bounded = self.perturber is None and self.aggregator.mix_offsets_in_place(own, updates)
+            if bounded:
                 models = [u.delta.add_(reference) for u in updates]  # our offsets, bounded: made models in place
             del updates, own  # the offsets (unless bounded): n model copies fewer while the steps are summed
-            private_half = self._private_half(pending)  # made now, not held through the scoring's peak
-            consensus = _weighted_offsets(models, peers, weights, self.public)
-            private_step = _weighted_offsets(models, peers, weights, private_half) if separate_private else consensus
+            if separate_private:
+                private_half = self._private_half(pending)  # made now, not held through the scoring's peak
+                consensus = _weighted_offsets(models, peers, weights, self.public)
+                private_step = _weighted_offsets(models, peers, weights, private_half)
+            else:
+                # Bounded models are ours and summed once: each is its own scratch (see _weighted_offsets).
+                consensus = private_step = _weighted_offsets(models, peers, weights, self.public, spend=bounded)
+                del models  # spent: the bounded ones are freed before our half step is made
+                private_half = self._private_half(pending)
         if not (_all_finite(consensus) and _all_finite(private_step)):
             # An aggregator must never poison the model; keep our own step instead.
             log.error("consensus step is not finite; skipping it", extra={"round": self.round})
@@ -982,14 +989,22 @@ class ShiftedModels(Sequence[torch.Tensor]):
 
 
 def _weighted_offsets(
-    models: Sequence[torch.Tensor], peers: Sequence[str], weights: Mapping[str, float], base: torch.Tensor
+    models: Sequence[torch.Tensor], peers: Sequence[str], weights: Mapping[str, float], base: torch.Tensor,
+    *, spend: bool = False,
 ) -> torch.Tensor:
-    """Σ_j w_j (model_j − base): the step that moves ``base`` to the weighted average."""
+    """Σ_j w_j (model_j − base): the step that moves ``base`` to the weighted average.
+
+    ``spend``: the models are the caller's to overwrite (SybilWall's bounded
+    models, made for this round), so each holds its own offset instead of a
+    scratch vector: the same operations, the same values, one model-sized
+    buffer fewer when every neighbour's model is alive (bench/memory.py).
+    Never for replicas, which must stay the senders' models bit for bit."""
     step = torch.zeros_like(base)
-    offset = torch.empty_like(base)  # one scratch vector, not a temporary per neighbour
+    scratch = None if spend else torch.empty_like(base)  # one scratch vector, not a temporary per neighbour
     for peer, model in zip(peers, models, strict=True):
         weight = weights.get(peer, 0.0)
         if weight:
+            offset = model if scratch is None else scratch
             torch.sub(model, base, out=offset)
             step.add_(offset, alpha=weight)
     return step

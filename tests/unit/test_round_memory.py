@@ -11,12 +11,16 @@ mistake shows up as a count, not as a slow drift in a benchmark."""
 from __future__ import annotations
 
 import gc
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from murmur.learning.aggregators import get_aggregator, sybilwall
+from murmur.learning import sketch
+from murmur.learning.aggregators import coordinate_bound, get_aggregator, sybilwall
 from murmur.learning.footprint import model_sized
 from murmur.learning.rounds import RoundConfig, RoundEngine
 from murmur.learning.trainers.base import TrainerContext
@@ -27,8 +31,8 @@ MODEL_BYTES = 4 * SIZE
 ROUNDS = 3
 
 
-def _engine() -> RoundEngine:
-    trainer = VectorTrainer(TrainerContext(node_index=0, num_nodes=2, seed=3, options={"size": SIZE}))
+def _engine(size: int = SIZE) -> RoundEngine:
+    trainer = VectorTrainer(TrainerContext(node_index=0, num_nodes=2, seed=3, options={"size": size}))
     return RoundEngine(trainer, get_aggregator("sybilwall"), RoundConfig(local_steps=1))
 
 
@@ -46,7 +50,7 @@ def _run(engine: RoundEngine, k: int, rounds: int) -> None:
         round_ = engine.round
         engine.begin_round(peers)
         for peer in peers:
-            engine.offer(peer, round_, torch.randn(SIZE, generator=gen) * 0.01)
+            engine.offer(peer, round_, torch.randn(engine.num_params, generator=gen) * 0.01)
         engine.finish_round()
 
 
@@ -99,17 +103,17 @@ def _live_model_sized() -> int:
                 if issubclass(type(o), torch.Tensor) and o.untyped_storage().nbytes() >= MODEL_BYTES // 2})
 
 
-def _engine_with_an_open_round(k: int) -> RoundEngine:
+def _engine_with_an_open_round(k: int, size: int = SIZE) -> RoundEngine:
     """An engine past ROUNDS rounds, its next one open with every neighbour's
     message in (its own message dropped, as a driver does once it is sent)."""
-    engine = _engine()
+    engine = _engine(size)
     _run(engine, k, ROUNDS)
     gen = torch.Generator().manual_seed(9)
     peers = {f"peer{i}": k for i in range(k)}
     round_ = engine.round
     engine.begin_round(peers)
     for peer in peers:
-        engine.offer(peer, round_, torch.randn(SIZE, generator=gen) * 0.01)
+        engine.offer(peer, round_, torch.randn(size, generator=gen) * 0.01)
     gc.collect()
     return engine
 
@@ -153,3 +157,41 @@ def test_our_half_step_is_not_held_while_neighbours_are_scored(monkeypatch: pyte
     monkeypatch.setattr(engine.aggregator, "weigh", counting)
     engine.finish_round()
     assert seen and seen[0] - before == 1 + k  # our own offset and one per neighbour
+
+
+def _peak_allocated(step: Callable[[], object], trace: Path) -> float:
+    """The most bytes torch's CPU allocator held at once while ``step`` ran,
+    above what it held when it began, in bytes. Every allocation and free
+    counts, the transients inside one call too (a count of live tensors at
+    chosen points misses those): torch's profiler records each one, as a
+    ``[memory]`` event of its trace."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    prof.export_chrome_trace(str(trace))
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    assert events, "the profiler recorded no allocation"
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e["ts"]):
+        live += event["args"]["Bytes"]
+        peak = max(peak, live)
+    return peak
+
+
+def test_a_round_close_peaks_at_the_offsets_plus_two_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """While a round closes, the engine needs our own offset and each
+    neighbour's (SybilWall scores them, the bound clamps them into the mixed
+    models), and one model more: the coordinate bound's typical pull. The
+    bound kept three whole-model medians, and the weighted sum a scratch
+    vector and our half step next to the k mixed models: about k + 4.5
+    models at the peak here (k + 5 at 10M parameters, bench/memory.py),
+    k + 2 and the chunks' temporaries now. A model of 1M parameters and
+    chunks of 1/64 of it, as they are against a real model (10M: a bound's
+    chunk is 1/38 of it), keep SybilWall's sketches (128 KB) and the
+    chunks' temporaries from weighing like models."""
+    size = 1_000_000
+    monkeypatch.setattr(coordinate_bound, "CHUNK", size // 64)
+    monkeypatch.setattr(sketch, "CHUNK", size // 64)
+    k = 4
+    engine = _engine_with_an_open_round(k, size)
+    peak = _peak_allocated(engine.finish_round, tmp_path / "trace.json") / (4 * size)
+    assert peak <= k + 3, peak

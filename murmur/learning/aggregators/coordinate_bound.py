@@ -127,13 +127,32 @@ def lower_median(rows: torch.Tensor) -> torch.Tensor:
 
 def _range(typical: torch.Tensor, up: torch.Tensor, down: torch.Tensor, factor: float,
            quiet: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(factor, quiet)
+    return _clamps(typical > quiet * _rms(typical), up, down, factor)
+
+
+def _check(factor: float, quiet: float) -> None:
     if not factor > 0 or not quiet > 0:
         raise ValueError("coordinate bound: factor and quiet must be > 0")
-    rms = float(torch.linalg.vector_norm(typical)) / typical.numel() ** 0.5
-    busy = typical > quiet * rms
+
+
+def _rms(typical: torch.Tensor) -> float:
+    """The round's root-mean-square typical pull, over the whole model at once."""
+    return float(torch.linalg.vector_norm(typical)) / typical.numel() ** 0.5
+
+
+def _clamps(busy: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+            factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)`` from the medians of the upward and downward parts
+    (scaled in place): unbounded where ``busy``."""
     high = up.mul_(factor).masked_fill_(busy, INF)
     low = down.mul_(-factor).masked_fill_(busy, -INF)
     return low, high
+
+
+def _pulls(own: torch.Tensor, offsets: Sequence[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """The offsets' pulls ``offset - own`` on coordinates ``lo .. hi``, one row each."""
+    return torch.stack([o[lo:hi] - own[lo:hi] for o in offsets])
 
 
 def bound_offsets(own: torch.Tensor, offsets: Sequence[torch.Tensor], factor: float = DEFAULT_COORDINATE_BOUND,
@@ -142,21 +161,35 @@ def bound_offsets(own: torch.Tensor, offsets: Sequence[torch.Tensor], factor: fl
     ``own`` is ours), its pull ``offset - own`` clamped to
     :func:`coordinate_bounds`, returned as an offset from that reference.
     ``in_place``: written into ``offsets`` themselves (the same operations,
-    so the same values), which are returned: no model copy per offset."""
+    so the same values), which are returned: no model copy per offset.
+
+    Two passes over chunks of coordinates. Only the typical pull is kept for
+    the whole model (the round's RMS, which says which coordinates are
+    quiet, is over all of them); the medians of the upward and downward
+    parts are taken chunk by chunk in the second pass, where each chunk is
+    clamped as soon as its range is known. The three whole-model medians
+    were two model-sized buffers more at the round's peak, next to every
+    neighbour's offset (bench/memory.py, 10M parameters). Every step is
+    elementwise or picks one of its inputs, so chunking changes no value."""
     if not offsets:
         return []
+    _check(factor, quiet)
     d = own.numel()
-    typical, up, down = torch.empty_like(own), torch.empty_like(own), torch.empty_like(own)
+    typical = torch.empty_like(own)
     for lo in range(0, d, CHUNK):
         hi = min(d, lo + CHUNK)
-        pulls = torch.stack([o[lo:hi] - own[lo:hi] for o in offsets])
-        typical[lo:hi], up[lo:hi], down[lo:hi] = _medians(pulls)
-    low, high = _range(typical, up, down, factor, quiet)
-    del typical  # one model-sized buffer fewer while the bounded offsets are made
-    out = []
-    for o in offsets:
-        pull = o.sub_(own) if in_place else o - own
-        torch.maximum(pull, low, out=pull)
-        torch.minimum(pull, high, out=pull)
-        out.append(pull.add_(own))
+        typical[lo:hi] = lower_median(_pulls(own, offsets, lo, hi).abs_())
+    threshold = quiet * _rms(typical)
+    out = list(offsets) if in_place else [torch.empty_like(o) for o in offsets]
+    for lo in range(0, d, CHUNK):
+        hi = min(d, lo + CHUNK)
+        pulls = _pulls(own, offsets, lo, hi)
+        up = lower_median(pulls.clamp(min=0))
+        down = lower_median(pulls.neg().clamp_(min=0))
+        low, high = _clamps(typical[lo:hi] > threshold, up, down, factor)
+        torch.maximum(pulls, low, out=pulls)
+        torch.minimum(pulls, high, out=pulls)
+        pulls.add_(own[lo:hi])
+        for row, target in zip(pulls, out, strict=True):
+            target[lo:hi] = row
     return out
