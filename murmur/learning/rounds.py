@@ -73,6 +73,7 @@ from murmur.learning.aggregators.base import (
     Probed,
 )
 from murmur.learning.compression import Compressed, Compressor
+from murmur.learning.heap import release_free_heap
 from murmur.learning.outer import OuterOptimizer
 from murmur.learning.probe import ProbeResult
 from murmur.learning.sketch import model_sketch
@@ -716,6 +717,11 @@ class RoundEngine:
         O(model size) (over a second at 10 M parameters): the node runs it
         in a worker thread, holding every other call on the engine back
         meanwhile (``murmur.node.engineguard``)."""
+        report = self._close_round(evaluate)
+        release_free_heap()  # the round's temporaries, all freed now, left holes the heap keeps (heap.py)
+        return report
+
+    def _close_round(self, evaluate: bool) -> RoundReport:
         pending = self._pending
         if pending is None:
             raise RuntimeError("no round is open")
