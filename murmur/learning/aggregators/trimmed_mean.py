@@ -22,7 +22,6 @@ from murmur.learning.aggregators.base import (
     check_inputs,
     register_aggregator,
     require,
-    stack_candidates,
     weights_dict,
 )
 from murmur.learning.aggregators.median import sorted_band_mean
@@ -47,8 +46,8 @@ class TrimmedMeanAggregator(Aggregator):
         self, own: torch.Tensor, updates: Sequence[PeerUpdate], own_degree: int
     ) -> AggregationResult:
         check_inputs(own, updates)
-        rows = stack_candidates(own, updates)
-        n = rows.shape[0]
+        candidates = [own, *(u.delta for u in updates)]
+        n = len(candidates)
         k = min(int(self.options.beta * n), (n - 1) // 2)
-        delta, weights = sorted_band_mean(rows, k, n - k)
+        delta, weights = sorted_band_mean(candidates, k, n - k, whole=True)  # whole: see sorted_band_mean
         return AggregationResult(delta, weights_dict(candidate_ids(updates), weights))
