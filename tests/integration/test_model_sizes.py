@@ -127,17 +127,19 @@ BIG_RUN_S = 300.0
 MODEL_MIB = BIG * 4 / 2**20  # one float32 copy of the model: 38 MiB
 BASE_MIB = 400  # interpreter, torch, murmur, the daemon (258 MiB measured with a 1,000-parameter model)
 # Model-sized vectors a node holds at its peak (1 = MODEL_MIB):
-OWN_COPIES = 16  # trainer: model, target, optimum (3); engine: initial, public, consensus (3); local update:
+OWN_COPIES = 15  # trainer: model, target, optimum (3); engine: initial, public, consensus (3); local update:
 #                  start point, delta (2); outgoing round message, 2 rows (2); aggregation: private half step,
-#                  step, scratch (3); checkpoint snapshot written by a thread: model, public, consensus (3)
-#                  (a node alone peaked at 801 MiB = base + 14.2 copies)
+#                  step (2; SybilWall's bounded models are the weighted sum's scratch); checkpoint snapshot
+#                  written by a thread: model, public, consensus (3) (a node alone peaked at 801 MiB = base +
+#                  14.2 copies)
 PER_NEIGHBOUR = 7  # replica (1); filed contribution: update, model snapshot (2); landing buffers: the
 #                    assembler's max_concurrent_per_peer (2) transfers of the layout's largest payload, a
 #                    2-row round message (4)
-# SybilWall, the default aggregator, adds while a round is aggregated: its coordinate bounds (2) and
-# each neighbour's bounded offset, made the mixed model in place (1 per neighbour). Between rounds it
-# keeps sketches only (it kept 11 copies with 3 neighbours, and this test's nodes peaked at 2.3 GB).
-WALL_COPIES = 2
+# SybilWall, the default aggregator, adds while a round is aggregated: its coordinate bound's typical
+# pull (1; the up and down medians are taken a chunk at a time) and each neighbour's bounded offset, made
+# the mixed model in place (1 per neighbour). Between rounds it keeps sketches only (it kept 11 copies
+# with 3 neighbours, and this test's nodes peaked at 2.3 GB). Measured: 1155-1384 MiB, bound 1926.
+WALL_COPIES = 1
 WALL_PER_NEIGHBOUR = 1
 
 
