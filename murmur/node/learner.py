@@ -54,6 +54,7 @@ from murmur.errors import (
     TrainerError,
 )
 from murmur.learning.adoption import PublicModel, adoption
+from murmur.learning.heap import release_free_heap
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordChoice, RecordVerdict, SybilWallAggregator
 from murmur.learning.compression import Compressor
@@ -75,7 +76,6 @@ from murmur.node.trainercalls import TrainerCalls
 from murmur.node.config import Attack, LearningMode, OuterName, OuterSection, PrivacyLevel
 from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
-from murmur.node.heap import release_free_heap
 from murmur.node.outbox import Outbox
 from murmur.node.progress import ROUNDS_TASK
 from murmur.node.ratelimit import RequestBudget
@@ -843,9 +843,10 @@ class NodeLearner:
         with timer.phase("eval_s"):
             loss, accuracy = await self._call_trainer("evaluate", lambda: asyncio.to_thread(self._evaluate))
         self.last_eval = (loss, accuracy)
-        # The round's model-sized temporaries are freed: hand their pages back
-        # (a model under 32 MB leaves them as holes in the heap, see heap.py).
-        await asyncio.to_thread(release_free_heap)
+        if self.gossip is not None:
+            # A round's close hands the heap's free pages back (RoundEngine.finish_round);
+            # gossip learning's merges free model-sized temporaries as well (learning/heap.py).
+            await asyncio.to_thread(release_free_heap)
         metrics = self.node.metrics
         metrics.round.set(self.engine.round)
         metrics.set_eval(Split.TRAIN, loss=report.train_loss, accuracy=float("nan"))

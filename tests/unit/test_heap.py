@@ -1,4 +1,4 @@
-"""The heap's freed pages go back to the OS after a round (murmur.node.heap).
+"""The heap's freed pages go back to the OS after a round (murmur.learning.heap).
 
 Run in a fresh interpreter: what a heap retains depends on everything the
 process allocated before, and pytest's own process has its own history."""
@@ -11,14 +11,14 @@ import sys
 
 import pytest
 
-from murmur.node.heap import release_free_heap
+from murmur.learning.heap import release_free_heap
 
 MODEL = 3_600_000  # a 14 MB fp32 model: under glibc's largest mmap threshold (32 MB)
 COPIES = 20
 
 SCRIPT = f"""
 import os, torch
-from murmur.node.heap import release_free_heap
+from murmur.learning.heap import release_free_heap
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * page
