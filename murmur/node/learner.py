@@ -250,6 +250,7 @@ class NodeLearner:
         # An attacker whose identities each send a message of their own (set before start()).
         self.shaping: FrontShaping | None = None
         self._open: _OpenRound | None = None  # the open round's message, for neighbours linked mid-round
+        self._closing: int | None = None  # the round closing in a worker thread (see .round)
         self._sends: list[tuple[PeerId, asyncio.Task[None] | None]] = []  # its transfers, for the round loop to wait on
         self._timer: PhaseTimer | None = None  # the open round's, for the stall reason
         # neighbour key -> (front, peer) for every front linked to it: an
@@ -303,7 +304,14 @@ class NodeLearner:
 
     @property
     def round(self) -> int:
-        return self._cycle if self.gossip is not None else self.engine.round
+        """The round this node is in. While a round closes in its worker
+        thread (the engine's own counter moves there, before the close is
+        done), still the closing round: it moves when the close is done on
+        the loop (:meth:`_round_closed`), with the round listeners and the
+        privacy stage's report of the round, never before them."""
+        if self.gossip is not None:
+            return self._cycle
+        return self._closing if self._closing is not None else self.engine.round
 
     def add_round_listener(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(round)`` on the event loop each time :attr:`round` moves."""
@@ -675,14 +683,20 @@ class NodeLearner:
             # Closed from here on: a neighbour linked meanwhile gets the next round's message.
             self._open = None
             with timer.phase("aggregate_s"):
-                report = await self._guard.off_loop(
-                    self.engine.finish_round, lambda _: self._round_closed(round_, training, committed, missing))
+                self._closing = round_  # what .round says until _round_closed
+                try:
+                    report = await self._guard.off_loop(
+                        self.engine.finish_round, lambda _: self._round_closed(round_, training, committed, missing))
+                except Exception:  # the close failed: no then-step will clear it
+                    self._closing = None
+                    raise
             await self._after_round(report, timer)
 
     def _round_closed(self, round_: int, training: bool, committed: Sequence[str] | None, missing: Sequence[str]) -> None:
         """On the loop, right after the engine closed ``round_`` and before
         any engine call that waited for it: even when the round loop was
         cancelled (stopping) while the close ran in its thread."""
+        self._closing = None
         self._round_moved()
         if training and self.privacy is not None:
             self.privacy.after_round(round_, committed or [], missing)

@@ -184,3 +184,38 @@ async def test_a_stop_while_a_round_closes_waits_for_the_close_and_checkpoints_a
         assert bundle.meta["round"] == 2 == engine.round
         assert np.array_equal(bundle.arrays["model"], a.learner.trainer.get_flat().numpy())
         assert np.array_equal(bundle.arrays["public"], engine.public.numpy())
+
+
+async def test_the_round_moves_when_its_close_is_done_on_the_loop(tmp_path: Path) -> None:
+    """The engine's own counter moves in the worker thread, before the close
+    is done on the loop (round listeners, the privacy stage's report of the
+    round). ``learner.round`` said the next round meanwhile: a test that
+    waited for it saw a partner past the round whose privacy report was not
+    made yet (a CI-like full run). It says the closing round until the
+    close is done, and moves with the listeners."""
+    small = {**learning(rounds=10), "learning.trainer_options": {"size": 1000}}
+    async with Cluster(2, tmp_path, overrides=small) as cluster:
+        a = cluster.node(0)
+        engine = a.learner.engine
+        closed, release = threading.Event(), threading.Event()
+        finish_round = engine.finish_round
+        heard: list[int] = []
+        a.learner.add_round_listener(heard.append)
+
+        def held_after_finish(evaluate: bool = False) -> Any:
+            report = finish_round(evaluate)
+            if engine.round == 2:  # round 1 closed in this thread; its then-step waits for us
+                closed.set()
+                release.wait(HELD_S)
+            return report
+
+        engine.finish_round = held_after_finish  # type: ignore[method-assign]
+        await wait_until(closed.is_set, RUN_S, "node 0 closed round 1 in its thread")
+        try:
+            assert engine.round == 2
+            assert a.learner.round == 1, "the round moved before its close was done on the loop"
+            assert 2 not in heard
+        finally:
+            release.set()
+        await wait_until(lambda: a.learner.round >= 2, RUN_S, "the close done on the loop")
+        assert 2 in heard
