@@ -25,7 +25,6 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,32 +37,10 @@ from murmur.learning.aggregators.base import get_aggregator  # noqa: E402
 from murmur.learning.rounds import RoundConfig, RoundEngine  # noqa: E402
 from murmur.learning.trainers.base import TrainerContext  # noqa: E402
 from murmur.node.engineguard import EngineGuard  # noqa: E402
+from bench.decode_stall import longest_lag  # noqa: E402  (the same ticker, one definition)
 from tests.trainers import VectorTrainer  # noqa: E402
 
 NODES = 3
-TICK_S = 0.005
-
-
-async def timed(call: Any) -> tuple[float, float]:
-    """(longest loop lag, wall time) of awaiting ``call()``."""
-    longest = 0.0
-    done = asyncio.Event()
-
-    async def tick() -> None:
-        nonlocal longest
-        while not done.is_set():
-            started = time.perf_counter()
-            await asyncio.sleep(TICK_S)
-            longest = max(longest, time.perf_counter() - started - TICK_S)
-
-    ticker = asyncio.create_task(tick())
-    await asyncio.sleep(TICK_S)  # the ticker is waiting when the call starts
-    started = time.perf_counter()
-    await call()
-    elapsed = time.perf_counter() - started
-    done.set()
-    await ticker
-    return longest, elapsed
 
 
 async def main() -> None:
@@ -97,7 +74,7 @@ async def main() -> None:
             else:
                 async def close(engine: RoundEngine = engine) -> None:
                     await EngineGuard().off_loop(engine.finish_round)
-            rows[path].append(await timed(close))
+            rows[path].append(await longest_lag(close))
         assert torch.equal(twin.trainer.get_flat(), engines[0].trainer.get_flat())  # the same math either way
         del twin
         for engine in engines[1:]:

@@ -109,6 +109,12 @@ def _engine_with_an_open_round(k: int, size: int = SIZE) -> RoundEngine:
     message in (its own message dropped, as a driver does once it is sent)."""
     engine = _engine(size)
     _run(engine, k, ROUNDS)
+    _open_round(engine, k, size)
+    return engine
+
+
+def _open_round(engine: RoundEngine, k: int, size: int) -> None:
+    """Open ``engine``'s next round with a message in from each of ``k`` neighbours."""
     gen = torch.Generator().manual_seed(9)
     peers = {f"peer{i}": k for i in range(k)}
     round_ = engine.round
@@ -116,7 +122,6 @@ def _engine_with_an_open_round(k: int, size: int = SIZE) -> RoundEngine:
     for peer in peers:
         engine.offer(peer, round_, torch.randn(size, generator=gen) * 0.01)
     gc.collect()
-    return engine
 
 
 def test_the_coordinate_bound_adds_no_model_copy_per_neighbour(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -252,12 +257,6 @@ def test_a_median_round_holds_no_sorted_stack_of_the_candidates(monkeypatch: pyt
     trainer = VectorTrainer(TrainerContext(node_index=0, num_nodes=2, seed=3, options={"size": size}))
     engine = RoundEngine(trainer, get_aggregator("median"), RoundConfig(local_steps=1))
     _run(engine, k, 1)
-    gen = torch.Generator().manual_seed(9)
-    peers = {f"peer{i}": k for i in range(k)}
-    round_ = engine.round
-    engine.begin_round(peers)
-    for peer in peers:
-        engine.offer(peer, round_, torch.randn(size, generator=gen) * 0.01)
-    gc.collect()
+    _open_round(engine, k, size)
     peak = _peak_allocated(engine.finish_round, tmp_path / "trace.json") / (4 * size)
     assert peak <= k + 3, peak
