@@ -1012,7 +1012,7 @@ class NodeLearner:
         use is muted, and in time unlinked, as one that sends nothing."""
         assembler.refuse(session.peer, start.transfer_id)
         self.far_ahead_refused += 1
-        self._guard.call(partial(self.engine.hear, str(session.peer), start.round))  # queued while a round closes
+        self.engine.hear(str(session.peer), start.round)
         self._peer_rounds[session.peer] = max(self._peer_rounds.get(session.peer, -1), start.round)
         log.debug("round message far ahead refused", extra={"event": "far_ahead", "peer": str(session.peer),
                                                              "round": start.round, "own_round": self.engine.round})
