@@ -854,20 +854,6 @@ class RoundEngine:
         for old in [r for r in self._reference_sketches if r <= round - REFERENCE_ROUNDS]:
             del self._reference_sketches[old]
 
-    def beyond_buffer(self, round: int, slack: int = 0) -> bool:
-        """Whether a message for ``round`` is further ahead than the engine
-        buffers, by more than ``slack`` rounds (ours may move on while it
-        arrives): :meth:`offer` would only hold it until the sender's model
-        is fetched, or advance a replica no round of ours uses before we
-        catch up. A driver may refuse it undecoded and :meth:`hear` its round."""
-        return round > self.round + self.config.max_future_rounds + slack
-
-    def hear(self, peer: str, round: int) -> None:
-        """``peer`` sent its message for ``round`` and we refused it (see
-        :meth:`beyond_buffer`): it is done with our open round all the same
-        (the quorum must not wait for it, as :meth:`offer` notes)."""
-        self._heard[peer] = max(self._heard.get(peer, -1), round)
-
     def holds(self, peer: str, round: int) -> bool:
         """Whether our replica of ``peer`` already holds its message
         ``round``: :meth:`offer` would call any message for it a duplicate,

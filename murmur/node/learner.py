@@ -130,11 +130,6 @@ CATCH_UP_SOURCES = 5
 first): their coordinate-wise median is adopted (murmur.learning.adoption),
 which two poisoned models among five cannot move outside the honest ones'
 range. A rare event: five model transfers, five models held until adopted."""
-FAR_AHEAD_SLACK = 1
-"""Rounds past what the engine buffers (``max_future_rounds``) that a
-neighbour's round message may still claim at its start and be taken in:
-our own round may close while it arrives. One further ahead is refused at
-its DeltaStart, undecoded (see :meth:`Learner._refuse_far_ahead`)."""
 MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
 SPENT_MIXING_ROUNDS = 10
 """Rounds a node whose privacy budget ran out before its last training round
@@ -272,7 +267,6 @@ class NodeLearner:
         self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
         self._model_budgets: dict[PeerId, RequestBudget] = {}
         self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
-        self.far_ahead_refused = 0  # round messages refused undecoded: far ahead of ours (_refuse_far_ahead)
         # Each neighbour's weight in the latest of our aggregations it took part
         # in: what vouches for a lone neighbour ahead of us (catch_up_target).
         self._trust: dict[PeerId, float] = {}
@@ -943,9 +937,6 @@ class NodeLearner:
             # with stalled transfers, so every neighbour's next message was refused.
             assembler.refuse(session.peer, msg.transfer_id)
             raise LimitExceeded("delta from a peer that is not a learning neighbour")
-        if isinstance(msg, DeltaStart) and self._far_ahead(front, session, msg):
-            self._refuse_far_ahead(assembler, session, msg)
-            return
         verified = assembler.feed_verified(session.peer, msg)
         if verified is None:
             return
@@ -987,35 +978,6 @@ class NodeLearner:
         self._peer_rounds[session.peer] = max(self._peer_rounds.get(session.peer, -1), start.round)
         if outcome is Offer.NEEDS_SYNC:
             await self._request_resync(session)
-        self._arrived.set()
-
-    def _far_ahead(self, front: Node, session: PeerSession, start: DeltaStart) -> bool:
-        """A round message of the peer's own, to us, for a round further ahead
-        than the engine buffers (and ``FAR_AHEAD_SLACK``). Anything else goes
-        on to the assembler, which checks sender and recipient as before."""
-        return (self.layout.kind_of(start.meta) is TransferKind.ROUND and start.sender == session.peer
-                and start.recipient == front.peer_id and self.engine.beyond_buffer(start.round, FAR_AHEAD_SLACK))
-
-    def _refuse_far_ahead(self, assembler: DeltaAssembler, session: PeerSession, start: DeltaStart) -> None:
-        """Refuse a round message far ahead of us before it is assembled or
-        decoded. The engine would only have held it (fetching the sender's
-        model) or advanced a replica of it no round of ours uses before we
-        catch up, and each was decoded first, in the node's one decode slot
-        (~0.5 s of CPU at 10M parameters, random-k 0.5): a neighbour sending
-        rounds far ahead as fast as its link allows had every one decoded
-        (40 of 40), our other neighbours' messages queued behind them. Its
-        round is noted (catch-up votes; the quorum does not wait for it); our
-        replica of it, now behind, is fetched again once its messages are
-        within reach (NEEDS_SYNC). No fault: an honest neighbour may be far
-        ahead (we restarted, or are slow), and catch-up is for that. Nor is it
-        usable (SilenceTracker): a neighbour that only sends rounds we cannot
-        use is muted, and in time unlinked, as one that sends nothing."""
-        assembler.refuse(session.peer, start.transfer_id)
-        self.far_ahead_refused += 1
-        self.engine.hear(str(session.peer), start.round)
-        self._peer_rounds[session.peer] = max(self._peer_rounds.get(session.peer, -1), start.round)
-        log.debug("round message far ahead refused", extra={"event": "far_ahead", "peer": str(session.peer),
-                                                             "round": start.round, "own_round": self.engine.round})
         self._arrived.set()
 
     async def _request_resync(self, session: PeerSession) -> None:
@@ -1491,8 +1453,6 @@ class NodeLearner:
             "late_dropped": self.engine.late_dropped,
             # neighbours' messages refused because the node's assembly budget was full (no one's fault)
             "deltas_refused_for_room": sum(a.refused_for_room for a in self._assemblers.values()),
-            # neighbours' round messages refused undecoded: further ahead of ours than the engine buffers
-            "deltas_refused_far_ahead": self.far_ahead_refused,
             **self.stalls.status(),
         }
 
