@@ -26,6 +26,7 @@ from murmur.learning.footprint import model_sized
 from murmur.learning.rounds import RoundConfig, RoundEngine
 from murmur.learning.trainers.base import TrainerContext
 from tests.trainers import VectorTrainer
+from tests.unit.test_heap import GLIBC
 
 SIZE = 100_000  # 400 KB: far above SybilWall's sketches (128 KB), so only model-sized buffers count
 MODEL_BYTES = 4 * SIZE
@@ -215,7 +216,7 @@ def _heap_resident() -> int:
     return resident
 
 
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc's heap only")
+@pytest.mark.skipif(not GLIBC, reason="glibc's heap only")  # CI (Debian, glibc 2.36) runs it; mallinfo2 is 2.33+
 def test_a_closed_round_leaves_no_free_heap_pages_resident() -> None:
     """A model below glibc's largest mmap threshold (32 MB: 8M parameters)
     lives in the heap once a freed one has raised the threshold, and so do a
