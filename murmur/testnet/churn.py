@@ -22,7 +22,10 @@ joining at round 10 of 40 would arrive after the end. So an event seen more
 than ``LATE_SLACK_ROUNDS`` late shifts every later round trigger by its
 lateness (:attr:`ChurnSchedule.lag`), but never past the run's last round
 but one: the nodes stop there by their own config, and an event due after
-it would never fire.
+it would never fire. The same holds for rounds that pass while an event is
+applied (:meth:`ChurnSchedule.took_effect`): a partition relayed to every
+worker through a Ray cluster's relays can take seconds, and a heal due six
+rounds after it must still find six rounds of partition, not none.
 """
 
 from __future__ import annotations
@@ -74,6 +77,15 @@ class ChurnSchedule:
             out.append(ev)
             self._next += 1
         return out
+
+    def took_effect(self, fired_at: int | None, now: int | None) -> None:
+        """An event that fired when its reference was at round ``fired_at``
+        took effect at round ``now`` (the same reference, read once every
+        worker applied it; None: unknown). Rounds that passed meanwhile, past
+        the slack, count as lateness like a schedule seen late: the next
+        event keeps its spacing from when this one took effect."""
+        if fired_at is not None and now is not None and now - fired_at > LATE_SLACK_ROUNDS:
+            self.lag += now - fired_at
 
     @property
     def pending(self) -> int:

@@ -683,8 +683,8 @@ class Testnet:
             for ev in self.schedule.due(self._schedule_rounds(), elapsed):
                 await self._apply(ev)
             if self.schedule.lag > lag:
-                self._say(f"\nthe schedule saw its rounds {self.schedule.lag} rounds late (nodes started ahead of "
-                          f"the controller's view): later events move as much, up to the last round")
+                self._say(f"\nthe schedule runs {self.schedule.lag} rounds late (nodes ran ahead of the controller's "
+                          f"view, or of an event being applied): later events move as much, up to the last round")
             self._progress()
             if sc.duration.seconds is not None and elapsed >= sc.duration.seconds:
                 return RunEnd.TIME_UP
@@ -919,6 +919,11 @@ class Testnet:
         skipped = await self._actions[ev.action](ev)
         names = [self.nodes[i].spec.name for i in ev.nodes]
         record: dict[str, Any] = fired | {"action": ev.action.value, "nodes": names}
+        if ev.at_round is not None:  # the rounds it took to apply move the schedule on (churn.py)
+            rounds = await self._snapshot_rounds()
+            record["applied_rounds"] = {self.nodes[i].spec.name: r for i, r in sorted(rounds.items())}
+            record["applied_round"] = reference_round(ev.reference, self._schedule_rounds())
+            self.schedule.took_effect(fired["round"], record["applied_round"])
         if ev.ms is not None:
             record["ms"] = ev.ms
         if ev.percent is not None:
@@ -936,7 +941,9 @@ class Testnet:
         saw it then: at_round, or later by what it saw late); then, read from
         the workers right after, every live node's round (``rounds``) and
         the front and slowest live honest node; ``fired_t``, when it fired
-        (seconds since the start; ``t``/``ts`` are once it was applied)."""
+        (seconds since the start; ``t``/``ts`` are once it was applied, and
+        for a round trigger ``applied_rounds``, every live node's round then,
+        and ``applied_round``, the round of ``round_of`` then)."""
         decided = reference_round(ev.reference, self._honest_rounds())
         fired_t = round(time.monotonic() - self._t0, 3)
         rounds = await self._snapshot_rounds()

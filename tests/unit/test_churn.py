@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from murmur.testnet.churn import ChurnSchedule, reference_round
+from murmur.testnet.churn import LATE_SLACK_ROUNDS, ChurnSchedule, reference_round
 from murmur.testnet.scenario import Action, ChurnEvent, Reference, RoundOf
 
 FRONT, MEDIAN, SLOWEST = RoundOf(Reference.FRONT), RoundOf(Reference.MEDIAN), RoundOf(Reference.SLOWEST)
@@ -68,6 +68,22 @@ def test_a_schedule_seen_late_keeps_its_spacing() -> None:
     assert schedule.due({0: 40, 1: 41}, 0.0) == [partition]
     assert schedule.due({0: 45, 1: 45}, 0.0) == []
     assert schedule.due({0: 46, 1: 46}, 0.0) == [end] and schedule.lag == 26
+
+
+def test_rounds_spent_applying_an_event_move_the_next_one() -> None:
+    """A partition fired at 14 took effect at 19 (relayed to every worker):
+    the heal due at 20 waits until 25, six rounds of partition as the file
+    says, not one; an event applied within the slack moves nothing."""
+    partition, end, later = heal(14), heal(20), heal(30)
+    schedule = ChurnSchedule([partition, end, later], last_round=40)
+    assert schedule.due({0: 14, 1: 14}, 0.0) == [partition]
+    schedule.took_effect(14, 19)
+    assert schedule.lag == 5 and schedule.trigger(end) == 25
+    assert schedule.due({0: 24, 1: 24}, 0.0) == []
+    assert schedule.due({0: 25, 1: 25}, 0.0) == [end]
+    schedule.took_effect(25, 25 + LATE_SLACK_ROUNDS)
+    schedule.took_effect(None, 40)
+    assert schedule.lag == 5 and schedule.trigger(later) == 35
 
 
 def test_a_late_schedule_never_moves_an_event_past_the_last_round() -> None:
