@@ -40,11 +40,13 @@ into the run dir before the report is written.
 
 Partitions are application-level (a control command to each worker, which
 calls ``Node.set_partition``): the nodes share the loopback interface, which
-routes cannot split. Latency and loss need per-node interfaces (network
-namespaces) and tc netem; they are not applied on either kind of testnet
-yet (the emulated internet shapes rates only, with tc tbf, and the kernel
-this was built on has no netem to test delay and loss with): skipped with a
-warning naming why, and recorded as skipped in the report's event list.
+routes cannot split. Loss and latency need per-node interfaces (network
+namespaces): on the emulated internet a loss step drops that share of each
+named node's packets, each way, with nftables on its host (a later step
+with ``percent = 0`` ends it); latency needs tc netem, which the kernel
+this was built on lacks, and is not applied. What is not applied (latency
+anywhere, loss on loopback) is skipped with a warning naming why, and
+recorded as skipped in the report's event list.
 """
 
 from __future__ import annotations
@@ -1032,12 +1034,26 @@ class Testnet:
         await asyncio.gather(*(one(p) for p in pending))
 
     async def _impair(self, ev: ChurnEvent) -> str | None:
-        from murmur.testnet import internet
-
-        caps = await asyncio.to_thread(internet.probe)
-        reason = caps.netem or ("latency and loss are not applied on the emulated internet yet" if self.scenario.network
-                                else "nodes share the loopback interface (no per-node netns)")
-        internet.skipped(f"{ev.action.value} on {list(ev.nodes) or 'all nodes'}", reason)
+        """Loss on the emulated internet: nftables on each named node's host
+        (every host when none is named). Anything else is skipped, saying why."""
+        what = f"{ev.action.value} on {list(ev.nodes) or 'all nodes'}"
+        net = self._internet
+        if ev.action is Action.LOSS and net is not None:
+            assert ev.percent is not None
+            percent = ev.percent
+            hosts = sorted({host_name(self.nodes[i].spec) for i in (ev.nodes or self.nodes)})
+            try:
+                await asyncio.to_thread(lambda: [net.set_loss(host, percent) for host in hosts])
+            except internet.InternetError as exc:
+                internet.skipped(what, str(exc))
+                return str(exc)
+            return None
+        if self.scenario.network is None:
+            reason = "nodes share the loopback interface (no per-node netns)"
+        else:
+            caps = await asyncio.to_thread(internet.probe)
+            reason = caps.netem or "latency is not applied on the emulated internet yet"
+        internet.skipped(what, reason)
         return reason
 
     # -- output ----------------------------------------------------------------------

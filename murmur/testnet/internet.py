@@ -19,8 +19,11 @@ public address with nftables:
 Either router drops what arrives unsolicited on its WAN side (no answer, as
 a home router does), so only connections its LAN opened come back in.
 Per-host link rates are ``tc tbf`` qdiscs: the upload on the host's own
-interface, the download on the far end of its cable (``tc netem``, for delay
-and loss, is not available on every kernel; :func:`probe` says).
+interface, the download on the far end of its cable. Packet loss is an
+nftables rule at each end of the host's cable that drops a random share of
+what enters there (``numgen random``), so it works where ``tc netem`` does
+not (not every kernel has it; :func:`probe` says); delay needs netem and
+is not applied.
 
 Containment: the public segment lives in a namespace of its own, so not one
 interface is added to the machine's own namespace, nothing routes to its
@@ -83,6 +86,8 @@ WAN_IFACE = "wan0"
 LAN_BRIDGE = "lan0"
 PUBLIC_BRIDGE = "br0"
 NFT_TABLE = "murmur"
+LOSS_TABLE = "murmur_loss"  # + "_<iface>": one direction of a host's packet loss, removed whole to end it
+LOSS_SCALE = 10_000  # loss is drawn per packet out of this many: percent to two decimals
 COMMAND_TIMEOUT_S = 10.0
 TBF_LATENCY_MS = 50  # the longest a packet may queue in a rate-limited link
 TBF_MIN_BURST_BYTES = 32 * 1024  # well above one 1514-byte frame; GSO packets beyond it are segmented
@@ -378,6 +383,37 @@ def rate_commands(host: HostPlan, rate: LinkRate) -> list[Command]:
     return cmds
 
 
+def loss_commands(host: HostPlan, percent: float) -> list[Command]:
+    """Drop ``percent`` % of ``host``'s packets, each way, independently per
+    packet (0: none again), as a lossy cable would: what it sends is dropped
+    where it enters the far end of its cable, what it receives where it
+    enters its own interface (nftables ``netdev`` ingress, so neither sender
+    is told: a drop on a host's own output would fail its ``send`` instead).
+    Its loopback (the node's API) is never touched."""
+    if not 0.0 <= percent <= 100.0:
+        raise InternetError(f"host {host.name}: loss must be 0-100 %, got {percent}")
+    drawn = round(percent / 100.0 * LOSS_SCALE)
+    return _loss_at(host.far_ns, host.far_iface, drawn) + _loss_at(host.ns, HOST_IFACE, drawn)
+
+
+def _loss_at(ns: str, iface: str, drawn: int) -> list[Command]:
+    """Drop ``drawn`` in LOSS_SCALE of the packets entering ``iface`` in
+    ``ns``; the table of the previous setting goes first (the ``-``: there
+    may be none), and 0 leaves none."""
+    nft = ["ip", "netns", "exec", ns, "nft"]
+    table = f"{LOSS_TABLE}_{iface}"  # several hosts' cables end in one namespace
+    cmds = [["-", *nft, "delete", "table", "netdev", table]]
+    if drawn:
+        cmds += [
+            [*nft, "add", "table", "netdev", table],
+            [*nft, "add", "chain", "netdev", table, "ingress",
+             f"{{ type filter hook ingress device {iface} priority filter ; policy accept ; }}"],
+            [*nft, "add", "rule", "netdev", table, "ingress",
+             "numgen", "random", "mod", str(LOSS_SCALE), "<", str(drawn), "drop"],
+        ]
+    return cmds
+
+
 def setup_commands(p: Plan) -> list[Command]:
     """Everything :class:`Internet` runs to build ``p``, in order."""
     inet = p.inet_ns
@@ -509,6 +545,10 @@ class Internet:
     def set_rate(self, host: str, rate: LinkRate) -> None:
         run(rate_commands(self.plan.hosts[host], rate), self._runner)
 
+    def set_loss(self, host: str, percent: float) -> None:
+        """Drop ``percent`` % of ``host``'s packets each way (0: none)."""
+        run(loss_commands(self.plan.hosts[host], percent), self._runner)
+
     def start(self) -> None:
         cleanup_stale()
         self._up = True  # from the first command on, close() has something to remove
@@ -614,7 +654,7 @@ class Capabilities:
     netns: str | None  # namespaces, veth, bridges (iproute2)
     nat: str | None  # nftables masquerade
     rate: str | None  # tc tbf
-    netem: str | None  # tc netem (delay, loss)
+    netem: str | None  # tc netem (delay; loss is nftables, see loss_commands)
 
     @property
     def internet(self) -> str | None:

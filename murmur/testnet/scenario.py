@@ -89,7 +89,7 @@ class Action(enum.StrEnum):
     PARTITION = "partition"  # split: `nodes` on one side, everybody else on the other
     HEAL = "heal"  # undo every partition
     LATENCY = "latency"  # add `ms` one-way delay on `nodes` (all when empty)
-    LOSS = "loss"  # drop `percent` % of packets on `nodes` (all when empty)
+    LOSS = "loss"  # drop `percent` % of packets each way on `nodes` (all when empty; 0: none again)
     JOIN = "join"  # start a late node for the first time
 
 
@@ -352,7 +352,7 @@ class ChurnEvent:
     round_of: RoundOf | None = None  # whose round at_round counts; None: DEFAULT_ROUND_OF
     nodes: tuple[int, ...] = ()
     ms: float | None = _checked(None, _at_least(0.0))  # latency
-    percent: float | None = _checked(None, _in_range(0.0, 100.0, lo_open=True))  # loss
+    percent: float | None = _checked(None, _in_range(0.0, 100.0))  # loss (0: none again)
 
     @property
     def reference(self) -> RoundOf:

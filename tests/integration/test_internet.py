@@ -3,6 +3,7 @@ plain TCP between its hosts. Root only (skipped otherwise, with the reason)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import subprocess
@@ -30,6 +31,8 @@ SRC_PORT = 40000
 PUNCH_TRIES = 20  # the issue's bar: direct in >= 95% of 20 tries; every one of them connects here
 DROPPED_S = 0.5  # how long a dial into a router waits before we call it dropped
 RATED_S = 3  # how long each transfer at a set rate lasts
+LOSS_DATAGRAMS = 2000
+LOSS_QUIET_S = 0.5  # no datagram for this long: the rest were dropped
 RATE_TOLERANCE = (0.8, 1.05)  # TCP goodput against the tbf rate: 0.96-0.98 measured (headers), less under load
 
 
@@ -221,6 +224,53 @@ def test_tbf_holds_each_host_to_its_rate(eim: Internet) -> None:
     eim.set_rate("a", LinkRate())  # back to unlimited: both qdiscs go
     assert "tbf" not in subprocess.run(["tc", "-n", eim.ns("a"), "qdisc", "show", "dev", "eth0"],
                                        capture_output=True, text=True).stdout
+
+
+def _datagrams_through(net: Internet, sender: str, receiver: str, port: int, count: int) -> int:
+    """How many of ``count`` numbered UDP datagrams from ``sender`` reach
+    ``receiver`` (both public), paced so that no socket buffer overflows."""
+    rx = internet.socket_in(net.ns(receiver), type=socket.SOCK_DGRAM)
+    tx = internet.socket_in(net.ns(sender), type=socket.SOCK_DGRAM)
+    try:
+        rx.bind((net.address(receiver), port))
+        got = set()
+        for i in range(count):
+            tx.sendto(i.to_bytes(4, "big"), (net.address(receiver), port))
+            if i % 50 == 49:  # drain as we go: 50 small datagrams always fit
+                got |= _drain(rx, block=False)
+        return len(got | _drain(rx, block=True))
+    finally:
+        rx.close()
+        tx.close()
+
+
+def _drain(rx: socket.socket, *, block: bool) -> set[int]:
+    """What is queued at ``rx`` (``block``: and what comes until it is quiet)."""
+    got = set()
+    rx.settimeout(LOSS_QUIET_S if block else 0.0)
+    with contextlib.suppress(BlockingIOError, TimeoutError):
+        while True:
+            got.add(int.from_bytes(rx.recv(16), "big"))
+    return got
+
+
+def test_loss_drops_its_share_of_a_hosts_packets_each_way_and_zero_ends_it(eim: Internet) -> None:
+    """30 % loss on s1: about 30 % of 2,000 datagrams from it and to it never
+    arrive (binomial: 5.6 standard deviations either side of 600 is 500-700),
+    and its sends never fail (the loss is on the wire, not in its stack);
+    none are lost before, nor once it is set back to 0."""
+    n = LOSS_DATAGRAMS
+    assert _datagrams_through(eim, "s1", "s2", PORT, n) == n
+    eim.set_loss("s1", 30.0)
+    out, into = _datagrams_through(eim, "s1", "s2", PORT, n), _datagrams_through(eim, "s2", "s1", PORT, n)
+    print(f"\n30 % loss: {n - out} of {n} lost going out, {n - into} coming in")
+    assert 1300 <= out <= 1500 and 1300 <= into <= 1500, (out, into)
+    eim.set_loss("s1", 0.0)
+    assert _datagrams_through(eim, "s1", "s2", PORT, n) == n
+    s1 = eim.plan.hosts["s1"]
+    for ns in (s1.ns, s1.far_ns):  # both ends of its cable are clean again
+        assert "murmur_loss" not in subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"],
+                                                   capture_output=True, text=True, check=True).stdout
 
 
 def test_socket_in_reaches_a_hosts_own_loopback(eim: Internet) -> None:

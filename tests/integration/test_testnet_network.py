@@ -80,6 +80,10 @@ def test_nodes_behind_nats_learn_on_the_emulated_internet(tmp_path: Path) -> Non
             '"event": "relay_circuit"' in (out / "logs" / f"{n}.log").read_text() for n in ("node0", "node1"))
     for name in ("node0", "node1"):
         assert summary["nodes"][name]["connections"]["relayed"] == 0  # public: everyone dials them
+    # node4's line lost 10 % of its packets from round 5 to 15, applied (not skipped), and it still learnt
+    losses = [e for e in summary["events"] if e["action"] == "loss"]
+    assert [(e["at_round"], e["percent"], e["nodes"], "skipped" in e) for e in losses] == [
+        (5, 10, ["node4"], False), (15, 0, ["node4"], False)], losses
     alone = sorted(n for n, peers in learned_with.items() if not peers)
     print(f"\nlearned with: { {n: sorted(p) for n, p in learned_with.items()} }; alone: {alone}")
 

@@ -99,6 +99,30 @@ def test_nat_rules_masquerade_out_and_drop_unsolicited_in() -> None:
     assert rules == [["meta", "l4proto", "tcp", "reject", "with", "tcp", "reset"], ["reject"]] * 2
 
 
+def test_loss_drops_a_share_of_what_enters_each_end_of_the_cable_and_zero_removes_it() -> None:
+    b = internet.plan(_topology(), owner=OWNER).hosts["b"]
+    router, host = ["ip", "netns", "exec", f"{NS}r-home", "nft"], ["ip", "netns", "exec", f"{NS}h-b", "nft"]
+
+    def side(nft: list[str], iface: str) -> list[list[str]]:
+        table = f"murmur_loss_{iface}"
+        return [
+            ["-", *nft, "delete", "table", "netdev", table],  # the previous setting, if any
+            [*nft, "add", "table", "netdev", table],
+            [*nft, "add", "chain", "netdev", table, "ingress",
+             f"{{ type filter hook ingress device {iface} priority filter ; policy accept ; }}"],
+            [*nft, "add", "rule", "netdev", table, "ingress", "numgen", "random", "mod", "10000", "<", "250", "drop"],
+        ]
+
+    # what b sends, at the router's end of its cable (port p2); what it receives, at its eth0
+    assert internet.loss_commands(b, 2.5) == side(router, "p2") + side(host, "eth0")
+    assert internet.loss_commands(b, 100.0)[3][-2:] == ["10000", "drop"]
+    assert internet.loss_commands(b, 0.0) == [side(router, "p2")[0], side(host, "eth0")[0]]
+    assert internet.loss_commands(b, 0.001) == internet.loss_commands(b, 0.0)  # below what a draw can say
+    for bad in (-1.0, 100.5, float("nan")):
+        with pytest.raises(InternetError):
+            internet.loss_commands(b, bad)
+
+
 def test_rates_shape_upload_at_the_host_and_download_at_the_far_end() -> None:
     b = internet.plan(_topology(), owner=OWNER).hosts["b"]
     cmds = internet.rate_commands(b, LinkRate(up_mbit=5, down_mbit=20))
