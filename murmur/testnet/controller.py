@@ -81,6 +81,7 @@ from murmur.testnet.ports import find_free_port_block
 from murmur.testnet.procs import Supervisor, last_error
 from murmur.testnet.worker import attacker_arguments
 from murmur.testnet.report import write_report
+from murmur.testnet.reporting.run import describe_event
 from murmur.testnet.scenario import (
     Action,
     Backend,
@@ -933,7 +934,7 @@ class Testnet:
         if skipped:
             record["skipped"] = skipped
         self._record(record)
-        what = f"{ev.action.value} {' '.join(names)}".strip()
+        what = describe_event({k: v for k, v in record.items() if k != "skipped"})
         self._say(f"\nevent at round {fired['round']} of {fired['round_of']} (front {fired['front']}, slowest "
                   f"{fired['slowest']}): {what}" + (f" (skipped: {skipped})" if skipped else ""))
 
