@@ -47,7 +47,11 @@ training.
 Also: SybilWall with example-level DECOR in the 8-node Sybil scenario
 (:func:`sybil_check`).
 
-Usage: python bench/privacy.py [--quick] [--rounds T] [--lr LR] [--no-sybil | --sybil-only]; last line is JSON.
+``--colluders K`` calibrates the DECOR and CorN rows against any K nodes
+pooling the seeds of their edges (the node's ``privacy.colluders``): what
+the guarantee against curious neighbours costs in accuracy.
+
+Usage: python bench/privacy.py [--quick] [--rounds T] [--lr LR] [--colluders K] [--no-sybil | --sybil-only]; last line is JSON.
 """
 
 from __future__ import annotations
@@ -150,6 +154,7 @@ class Setup:
     epsilons: tuple[float, ...]
     max_test_samples: int  # 0: the whole test set
     mixing_rounds: int = 0  # after training, rounds that only mix public models (free: no data, no noise)
+    colluders: int = 0  # DECOR and CorN calibrated against this many nodes pooling their seeds
 
     def trainer_options(self) -> dict[str, object]:
         return {"lr": self.lr, "batch_size": BATCH, "momentum": 0.0, "local_steps": 1, "dp_clip": C_EX,
@@ -231,7 +236,7 @@ def plan_for(scheme: Scheme, eps: float, graph: Graph, peers: Sequence[PeerId], 
         central = NoiseConfig(clip, ldp.sigma_ldp / math.sqrt(len(graph)), UniformEdgeScale(0.0))
         return dataclasses.replace(ldp, noise=central, min_edges=0)
     node_scheme, objective = NODE_SCHEME[scheme]
-    return calibrate(node_scheme, objective=objective, **common)  # type: ignore[arg-type]
+    return calibrate(node_scheme, objective=objective, colluders=setup.colluders, **common)  # type: ignore[arg-type]
 
 
 def factory(plan: PrivacyPlan | None, peers: Sequence[PeerId], seeds: list[PairwiseSeeds]) -> PerturberFactory:
@@ -374,6 +379,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--mixing-rounds", type=int, default=DEFAULT_MIXING_ROUNDS,
                     help="rounds after training that only mix public models (every scheme alike)")
+    ap.add_argument("--colluders", type=int, default=0,
+                    help="calibrate DECOR and CorN against this many colluding nodes (privacy.colluders)")
     ap.add_argument("--no-sybil", action="store_true")
     ap.add_argument("--sybil-only", action="store_true", help="only the SybilWall-with-privacy rows")
     args = ap.parse_args()
@@ -385,6 +392,7 @@ def main() -> None:
         epsilons=QUICK_EPSILONS if args.quick else EPSILONS,
         max_test_samples=QUICK_TEST_SAMPLES if args.quick else 0,
         mixing_rounds=args.mixing_rounds,
+        colluders=args.colluders,
     )
     t0 = time.time()
     if args.sybil_only:
@@ -394,7 +402,8 @@ def main() -> None:
     tables, ratios, q = accuracy_table(setup)
     print(f"\nexample-level ε, δ={DELTA}, T={setup.rounds}, B={BATCH}, q={q:.4f}, C_ex={C_EX}, lr={setup.lr}; "
           f"16 nodes torus(4), Fashion-MNIST logistic regression, 1 DP-SGD step per round, "
-          f"then {setup.mixing_rounds} mixing-only rounds")
+          f"then {setup.mixing_rounds} mixing-only rounds; DECOR and CorN calibrated against "
+          f"{setup.colluders} colluders")
     header = "".join(f"{'ε=' + str(e):>9s}" for e in setup.epsilons)
     for kind in MODEL_KINDS:
         print(f"\n{kind + ' model':13s}{header}")
@@ -408,6 +417,7 @@ def main() -> None:
     print(f"target (within 2 points of central at ε≥0.1 and above LDP): {met}")
     sybil = None if args.no_sybil else sybil_check(args.quick)
     print(json.dumps({"bench": "privacy", "level": "example", "rounds": setup.rounds, "mixing_rounds": setup.mixing_rounds, "batch": BATCH, "q": q,
+                      "colluders": setup.colluders,
                       "lr": setup.lr, "clip_example": C_EX, "delta": DELTA, "trainer": "fashion-linear",
                       "topology": "torus(4)", "accuracy": tables, "residual_ratio": ratios, "target_met": met,
                       "sybilwall": sybil, "seconds": round(time.time() - t0, 1)}))

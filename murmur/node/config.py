@@ -425,6 +425,7 @@ class PrivacySection:
     budget: float = 0.0
     assumed_degree: int = 0
     objective: NoiseObjective = NoiseObjective.AUTO
+    colluders: int = 0  # the ε holds against this many nodes pooling their pairwise seeds (0: outsiders only)
 
     @property
     def effective_budget(self) -> float:
@@ -681,6 +682,7 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "privacy.rounds": at_least(0),
         "privacy.budget": at_least(0.0),
         "privacy.assumed_degree": at_least(0),
+        "privacy.colluders": at_least(0),
         "learning.checkpoint_every_rounds": at_least(0),
         "learning.checkpoint_every_s": finite_non_negative,
         "compression.ratio": between(0.0, 1.0, lo_open=True),

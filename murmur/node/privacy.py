@@ -2,11 +2,12 @@
 for them, metrics and what the node tells its user.
 
 Threat model (SPECS §4): honest-but-curious peers that may collude (Sybils
-included) and know only the seeds of their own edges. The accounting can
-take such a coalition into account (:class:`~murmur.learning.privacy.accountant.TrustAssumption`),
-but a node calibrates with none: the ε it reports holds against whoever
-knows no edge seed, and is weaker against neighbours that subtract their
-own edge's term (README, known limits, has the figures). What a node sends is
+included) and know only the seeds of their own edges. A node calibrates
+against ``privacy.colluders`` of them (:mod:`~murmur.learning.privacy.collusion`:
+the worst coalition of that many nodes pooling their edges' seeds); with 0,
+the default, the ε it reports holds against whoever knows no edge seed, and
+is weaker against neighbours that subtract their own edge's term (README,
+known limits, has the figures). What a node sends is
 
     Δ̃_i = clip(Δ_i, C) + Σ_{j ∈ active(t)} v_ij^t + v̄_i,   v̄_i ~ N(0, σ_local² I)
 
@@ -235,7 +236,7 @@ class NodePrivacy:
             clip=section.clip, graph=graph, level=section.level,
             sampling_rate=step.sampling_rate if step else None, sensitivity=step.sensitivity if step else None,
             budget=section.effective_budget, min_edges=min(degree, learning.num_nodes - 1),
-            objective=section.objective.resolve(section.level),
+            objective=section.objective.resolve(section.level), colluders=section.colluders,
         )
         seeds = PairwiseSeeds(node.identity)
         stage = PrivacyStage(node.peer_id, plan, SeedView(seeds), device=getattr(trainer, "device", "cpu"))
@@ -253,7 +254,7 @@ class NodePrivacy:
                    "sigma_cdp": noise.sigma_cdp if noise else 0.0, "sigma_ldp": plan.sigma_ldp,
                    "rdp_coef": plan.rdp_coef, "objective": section.objective.resolve(section.level).value,
                    "min_edges": plan.min_edges, "residual_ratio": plan.residual_ratio,
-                   "rounds": cfg.privacy_rounds},
+                   "rounds": cfg.privacy_rounds, "colluders": section.colluders},
         )
         seen = None
         if trainer is not None and noise is not None:
@@ -386,6 +387,7 @@ class NodePrivacy:
             "level": plan.level.value,
             "sigma_cdp": plan.noise.sigma_cdp if plan.noise else 0.0,
             "sigma_ldp": plan.sigma_ldp,
+            "colluders": self.node.config.privacy.colluders,  # whom the reported ε holds against (0: outsiders)
             "rounds_sent": c.rounds_sent,
             "fallback_rounds": c.fallback_rounds,
             "uncancelled_rounds": c.uncancelled_rounds,

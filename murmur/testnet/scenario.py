@@ -263,6 +263,7 @@ class PrivacySpec:
     clip: float = _checked(1.0, _finite_positive)
     rounds: int | None = _checked(None, _at_least(1))  # accounting horizon; default: duration.rounds
     level: PrivacyLevel = PrivacyLevel.USER  # "example": DP-SGD guarantee (needs the trainer's dp_clip)
+    colluders: int = _checked(0, _at_least(0))  # ε holds against this many nodes pooling their seeds
 
 
 @dataclass(frozen=True)
@@ -1042,7 +1043,7 @@ def privacy_table(scenario: Scenario) -> dict[str, Any]:
     return {
         "enabled": priv.enabled, "scheme": priv.scheme.value, "epsilon": priv.epsilon,
         "delta": priv.delta, "clip": priv.clip, "rounds": priv.rounds or scenario.duration.rounds or UNBOUNDED_ROUNDS,
-        "level": priv.level.value,
+        "level": priv.level.value, "colluders": priv.colluders,
     }
 
 

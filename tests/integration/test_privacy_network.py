@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from murmur.learning.privacy.accountant import epsilon_from_rdp_coef
+from murmur.learning.privacy.calibration import assumed_graph, calibrate
+from murmur.learning.privacy.schemes import PrivacyScheme
 from murmur.learning.privacy.seeds import edge_noise_np
 from murmur.learning.privacy.stage import KEPT_ROUNDS
 from murmur.node.daemon import Node
@@ -137,6 +139,30 @@ async def test_without_seeds_sent_noise_has_the_accounted_variance(tmp_path: Pat
                 epsilon_from_rdp_coef(2 * 1.0**2 / sigma**2, 2, stage.plan.delta), rel=1e-9
             )
             assert not any(stage.active.values()), "no pairwise terms without seeds"
+
+
+async def test_a_network_calibrated_against_a_colluder_adds_the_noise_of_that_plan(tmp_path: Path) -> None:
+    """``privacy.colluders = 1``: every node runs the plan whose ρ holds
+    against any one node pooling its seeds (more local noise than the plan
+    for outsiders, the same ρ charged a round), and says so in its status."""
+    overrides = {**BASE, "learning.rounds": 2, "privacy.scheme": "decor", "privacy.colluders": 1}
+    async with Cluster(N, tmp_path, overrides=overrides) as cluster:
+        await wait_until(lambda: rounds_done(cluster, 1), ROUNDS_S, "2 rounds at every node")
+        node = cluster.node(0)
+        cfg = node.config
+        degree = cfg.network.neighbours
+        graph = assumed_graph(N, degree, cfg.learning.seed)
+        common = dict(epsilon=10.0, delta=cfg.privacy.delta, rounds=1000, clip=1.0, graph=graph,
+                      min_edges=degree)
+        outsiders, one = (calibrate(PrivacyScheme.DECOR, colluders=k, **common) for k in (0, 1))  # type: ignore[arg-type]
+        assert outsiders.noise is not None and one.noise is not None
+        assert one.noise.sigma_cdp > outsiders.noise.sigma_cdp * 1.01
+        for n in cluster:
+            plan = privacy(n).stage.plan
+            assert plan.noise is not None
+            assert plan.noise.sigma_cdp == pytest.approx(one.noise.sigma_cdp, rel=1e-9)
+            assert plan.rdp_coef == pytest.approx(outsiders.rdp_coef, rel=1e-12)  # the same budget a round
+            assert n.status()["learning"]["privacy"]["colluders"] == 1
 
 
 async def test_neighbour_dying_after_commit_leaves_reported_noise(tmp_path: Path) -> None:

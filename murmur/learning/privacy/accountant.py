@@ -46,6 +46,7 @@ import numpy as np
 from dp_accounting.rdp import RdpAccountant
 from scipy.optimize import brentq, minimize_scalar
 
+from murmur.learning.privacy.collusion import CollusionBound, strips_a_node
 from murmur.learning.topology import Graph, laplacian, metropolis_hastings
 
 SENSITIVITY_FACTOR = 2.0  # replace-one sensitivity 2C → RDP coefficient 2C²·[Σ⁻¹]_ii
@@ -191,6 +192,7 @@ def calibrate_decor(
     graph: Graph,
     trust: TrustAssumption = TrustAssumption(),
     sigma_cor_max: float | None = None,
+    colluders: int = 0,
 ) -> DecorCalibration:
     """Choose (σ_cdp, σ_cor) for a user-level (ε, δ) budget over ``steps`` rounds.
 
@@ -199,7 +201,9 @@ def calibrate_decor(
     and Σ the noise actually injected (all n nodes, full Laplacian), then
     refines around the best grid point. On a complete graph the residual keeps
     falling as σ_cor grows (W = J/n cancels all pairwise noise), so the result
-    sits at the cap with σ_cdp → σ_central.
+    sits at the cap with σ_cdp → σ_central. ``colluders`` > 0 binds σ_cdp
+    against the worst coalition of that many nodes instead (see
+    :mod:`murmur.learning.privacy.collusion`; ``trust`` names one fixed set).
     """
     n = len(graph)
     rho = rdp_coef_from_epsilon(epsilon, steps, delta)
@@ -208,10 +212,18 @@ def calibrate_decor(
     mixing = metropolis_hastings(graph)
     full_lap = laplacian(graph)
     eye = np.eye(n)
+    ldp_resid = residual_noise(s_ldp**2 * eye, mixing)
+    ldp = DecorCalibration(s_ldp, 0.0, s_ldp, s_ldp / math.sqrt(n), rho, ldp_resid, ldp_resid)
+    if strips_a_node(graph, colluders):  # no pairwise noise can help
+        return ldp
+    bound = CollusionBound(graph, full_lap, colluders) if colluders else None
 
     def objective(log_cor: float) -> tuple[float, float]:
         s_cor = math.exp(log_cor)
-        s_cdp = decor_sigma_cdp(s_cor, rho, clip, graph, trust)
+        if bound is None:
+            s_cdp = decor_sigma_cdp(s_cor, rho, clip, graph, trust)
+        else:
+            s_cdp = bound.bind_local_std(rho / (SENSITIVITY_FACTOR * clip**2), s_ldp, s_cor**2)
         return residual_noise(s_cdp**2 * eye + s_cor**2 * full_lap, mixing), s_cdp
 
     grid = np.linspace(math.log(cap) - math.log(1e4), math.log(cap), _SIGMA_COR_GRID_POINTS)
@@ -224,10 +236,9 @@ def calibrate_decor(
         if res.success and res.fun <= values[k]:
             best_log = float(res.x)
     resid, s_cdp = objective(best_log)
-    ldp_resid = residual_noise(s_ldp**2 * eye, mixing)
     # LDP (σ_cor = 0) is always admissible; never return worse than it.
     if ldp_resid <= resid:
-        return DecorCalibration(s_ldp, 0.0, s_ldp, s_ldp / math.sqrt(n), rho, ldp_resid, ldp_resid)
+        return ldp
     return DecorCalibration(s_cdp, math.exp(best_log), s_ldp, s_ldp / math.sqrt(n), rho, resid, ldp_resid)
 
 

@@ -22,13 +22,14 @@ from scipy.optimize import brentq, minimize_scalar
 
 from murmur.errors import ConfigError
 from murmur.learning.privacy.accountant import (
+    SENSITIVITY_FACTOR,
     calibrate_decor,
     epsilon_from_rdp_coef,
     example_level_epsilon,
     rdp_coef_from_epsilon,
-    rdp_coef_of_covariance,
     residual_noise,
 )
+from murmur.learning.privacy.collusion import CollusionBound, strips_a_node
 from murmur.learning.privacy.corn import CovarianceKind, corn_mu, solve_covariance
 from murmur.learning.privacy.noise import EdgeScale, NoiseConfig, PerEdgeScale, UniformEdgeScale
 from murmur.learning.privacy.schemes import NoiseObjective, PrivacyLevel, PrivacyScheme
@@ -38,6 +39,7 @@ from murmur.protocol.identity import PeerId
 _EXAMPLE_LOG_RHO_RANGE = (math.log(1e-12), math.log(1e6))
 _EXAMPLE_LOG_RHO_XTOL = 1e-6
 _RUN_SCALE_GRID = 80  # log grid of edge-variance scales swept by the RUN objective
+_LDP_RTOL = 1e-6  # a local std this close to σ_ldp is σ_ldp (the root finder's tolerance)
 _RUN_SCALE_SPAN = (1e-4, 1e3)  # edge variance relative to σ_ldp², low and high end
 
 
@@ -109,6 +111,7 @@ def calibrate(
     min_edges: int | None = None,
     peers: Sequence[PeerId] | None = None,
     objective: NoiseObjective = NoiseObjective.ONE_STEP,
+    colluders: int = 0,
 ) -> PrivacyPlan:
     """Choose the noise for a budget of (ε, δ) over ``rounds`` rounds.
 
@@ -128,7 +131,15 @@ def calibrate(
     ``objective`` RUN (see :class:`NoiseObjective`) keeps the pairwise *shape*
     (DECOR: the unweighted Laplacian; CorN: its solved per-edge variances) and
     re-chooses its magnitude, binding σ_cdp to the same ρ.
+
+    ``colluders`` k > 0: ρ holds against any coalition of k nodes pooling the
+    seeds of their edges, not only against an outside observer (see
+    :mod:`murmur.learning.privacy.collusion`): DECOR's sweep binds σ_cdp
+    against the worst coalition; CorN's solved edge variances are kept and
+    its local std re-bound against it.
     """
+    if colluders < 0:
+        raise ConfigError("colluders must be >= 0")
     objective = objective.resolve(level)
     if level is PrivacyLevel.EXAMPLE:
         if sampling_rate is None or not 0 < sampling_rate <= 1:
@@ -152,10 +163,11 @@ def calibrate(
     ratio = 1.0
     if scheme is PrivacyScheme.NONE:
         noise, rho = None, math.inf
-    elif scheme is PrivacyScheme.LDP:
+    elif scheme is PrivacyScheme.LDP or strips_a_node(graph, colluders):
+        # (a coalition holding all of some node's edges leaves it its local noise alone)
         noise = NoiseConfig(clip, s_ldp, UniformEdgeScale(0.0))
     elif scheme is PrivacyScheme.DECOR:
-        cal = calibrate_decor(eps_equiv, delta, rounds, sens, graph)
+        cal = calibrate_decor(eps_equiv, delta, rounds, sens, graph, colluders=colluders)
         noise = NoiseConfig(clip, cal.sigma_cdp, UniformEdgeScale(cal.sigma_cor))
         ratio = cal.residual_ratio
     elif scheme is PrivacyScheme.CORN:
@@ -163,14 +175,18 @@ def calibrate(
         ratio = sol.ratio
         noise = _corn_noise(sol, clip, s_ldp, graph, peers)
         # The SDP meets the constraint only to solver tolerance (and the pairwise
-        # read-back rounds): re-bind the local std so ρ is never exceeded.
-        bound = _bind_local_std(_edge_laplacian(noise, graph, peers), rho, sens, s_ldp)
-        if bound > noise.sigma_cdp:
-            noise = NoiseConfig(clip, bound, noise.edge_scale)
+        # read-back rounds), and with no coalition: re-bind the local std so ρ
+        # is never exceeded, against ``colluders`` too.
+        bound = CollusionBound(graph, _edge_laplacian(noise, graph, peers), colluders)
+        local = bound.bind_local_std(_inverse_diag_target(rho, sens), s_ldp)
+        if local >= s_ldp * (1 - _LDP_RTOL):  # a coalition can strip a node of all its edges: they would only add noise
+            noise, ratio = NoiseConfig(clip, s_ldp, UniformEdgeScale(0.0)), 1.0
+        elif local > noise.sigma_cdp:
+            noise = NoiseConfig(clip, local, noise.edge_scale)
     else:  # pragma: no cover - the enum is exhaustive
         raise ConfigError(f"unknown privacy scheme {scheme}")
     if objective is NoiseObjective.RUN and noise is not None and scheme in (PrivacyScheme.DECOR, PrivacyScheme.CORN):
-        noise, ratio = _rescale_for_run(noise, graph, peers, rho, sens, s_ldp, rounds)
+        noise, ratio = _rescale_for_run(noise, graph, peers, rho, sens, s_ldp, rounds, colluders)
     if noise is None or noise.sigma_cdp >= s_ldp:
         degree_need = 0  # no correlated part: nothing to fall back from
     return PrivacyPlan(
@@ -201,17 +217,9 @@ def _uniform_var(noise: NoiseConfig) -> float:
     return float(getattr(scale, "default_std", 0.0)) ** 2
 
 
-def _bind_local_std(edge_lap: np.ndarray, rho: float, sens: float, s_ldp: float) -> float:
-    """Smallest σ with 2·sens²·max_i [(σ²I + edge_lap)⁻¹]_ii ≤ ρ (σ_ldp always suffices)."""
-    eye = np.eye(edge_lap.shape[0])
-
-    def gap(log_s: float) -> float:
-        return math.log(rdp_coef_of_covariance(math.exp(2 * log_s) * eye + edge_lap, sens)) - math.log(rho)
-
-    lower = s_ldp * 1e-6
-    if gap(math.log(lower)) <= 0:
-        return lower
-    return math.exp(brentq(gap, math.log(lower), math.log(s_ldp) + 1e-9, xtol=1e-12, rtol=1e-10))
+def _inverse_diag_target(rho: float, sens: float) -> float:
+    """The bound on max [Σ⁻¹]_ii that spends ρ per round at sensitivity ``sens``."""
+    return rho / (SENSITIVITY_FACTOR * sens**2)
 
 
 def run_residual(sigma: np.ndarray, mixing: np.ndarray, rounds: int) -> float:
@@ -228,10 +236,11 @@ def run_residual(sigma: np.ndarray, mixing: np.ndarray, rounds: int) -> float:
 
 def _rescale_for_run(
     noise: NoiseConfig, graph: Graph, peers: Sequence[PeerId] | None, rho: float, sens: float, s_ldp: float,
-    rounds: int,
+    rounds: int, colluders: int = 0,
 ) -> tuple[NoiseConfig, float]:
-    """Scale the pairwise shape of ``noise`` by k ≥ 0 (σ_cdp bound to ρ) to
-    minimise :func:`run_residual`; returns the noise and its one-step ratio."""
+    """Scale the pairwise shape of ``noise`` by k ≥ 0 (σ_cdp bound to ρ, against
+    ``colluders``) to minimise :func:`run_residual`; returns the noise and its
+    one-step ratio."""
     n = len(graph)
     mixing = metropolis_hastings(graph)
     shape = _edge_laplacian(noise, graph, peers)
@@ -240,10 +249,12 @@ def _rescale_for_run(
         return noise, 1.0
     shape = shape / top  # unit: the largest node's total edge variance
     eye = np.eye(n)
+    bound = CollusionBound(graph, shape, colluders)
+    target = _inverse_diag_target(rho, sens)
 
     def score(log_k: float) -> float:
         k = math.exp(log_k)
-        local = _bind_local_std(k * shape, rho, sens, s_ldp)
+        local = bound.bind_local_std(target, s_ldp, k)
         return run_residual(local**2 * eye + k * shape, mixing, rounds)
 
     lo, hi = (math.log(f * s_ldp**2) for f in _RUN_SCALE_SPAN)
@@ -259,7 +270,7 @@ def _rescale_for_run(
     k = math.exp(best_log)
     if run_residual(s_ldp**2 * eye, mixing, rounds) <= score(best_log):
         return NoiseConfig(noise.clip, s_ldp, UniformEdgeScale(0.0)), 1.0
-    local = _bind_local_std(k * shape, rho, sens, s_ldp)
+    local = bound.bind_local_std(target, s_ldp, k)
     factor = math.sqrt(k / top)  # every edge std scales by this
     scale: EdgeScale
     if isinstance(noise.edge_scale, PerEdgeScale):
