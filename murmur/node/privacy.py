@@ -64,7 +64,7 @@ from prometheus_client import Counter, Gauge
 
 from murmur.errors import ReplayError, SendTimeout, StateDamaged
 from murmur.learning.privacy.accountant import Spent
-from murmur.learning.privacy.calibration import PrivacyLevel, PrivacyPlan, assumed_graph, calibrate
+from murmur.learning.privacy.calibration import PrivacyLevel, PrivacyPlan, assumed_graph, calibrate, epsilon_against
 from murmur.learning.privacy.dpsgd import dp_sgd_step
 from murmur.learning.privacy.noise import (
     RoundCommit as CommitData,
@@ -93,6 +93,11 @@ COMMIT_WAIT_MAX_S = 1.0
 COMMIT_WAIT_DEADLINE_FRACTION = 1.0 / 3.0
 """The commit exchange may take at most min(1 s, deadline/3) of a round: the
 rest of the deadline is for the deltas themselves."""
+EXPOSURE_COALITIONS = (1, 2, 3)
+"""Coalition sizes a node reports its run's ε against (beyond its own
+``privacy.colluders``): a neighbour knows its edge's seed, so one curious
+neighbour, or a few (Sybils among them), see more than an outsider; the
+user sees how much more before choosing ``colluders``."""
 SHARE_GRACE_ROUNDS = 1
 """A neighbour that has not answered our KeyShare this many rounds after it
 went out is not waited for: a node with privacy answers the moment it gets
@@ -202,10 +207,12 @@ class NodePrivacy:
     """
 
     def __init__(self, node: Node, stage: PrivacyStage, seeds: PairwiseSeeds, commit_wait_s: float,
-                 noise_outlook: NoiseOutlook | None = None) -> None:
+                 noise_outlook: NoiseOutlook | None = None, exposure: Mapping[int, float] | None = None) -> None:
         self.node = node
         self.stage = stage
         self.outlook = noise_outlook  # None where the model's size was not known (no trainer)
+        # the run's ε against coalitions of k > privacy.colluders nodes pooling their seeds (k -> ε)
+        self.exposure = dict(exposure or {})
         self._fallback_streak = Streak(FALLBACK_STREAK, FALLBACK_WARN_EVERY)  # rounds sent with the fallback's noise
         self.seeds = seeds
         self.commit_wait_s = commit_wait_s
@@ -248,13 +255,17 @@ class NodePrivacy:
                                    f"{LEDGER_ADVICE}") from None
         wait = min(COMMIT_WAIT_MAX_S, learning.round_deadline_s * COMMIT_WAIT_DEADLINE_FRACTION)
         noise = plan.noise
+        exposure = {k: eps for k in EXPOSURE_COALITIONS if k > section.colluders
+                    and (eps := epsilon_against(plan, graph, k, cfg.privacy_rounds)) is not None}
         log.info(
             "privacy calibrated",
             extra={"event": "privacy_plan", "scheme": plan.scheme.value, "level": plan.level.value,
                    "sigma_cdp": noise.sigma_cdp if noise else 0.0, "sigma_ldp": plan.sigma_ldp,
                    "rdp_coef": plan.rdp_coef, "objective": section.objective.resolve(section.level).value,
                    "min_edges": plan.min_edges, "residual_ratio": plan.residual_ratio,
-                   "rounds": cfg.privacy_rounds, "colluders": section.colluders},
+                   "rounds": cfg.privacy_rounds, "colluders": section.colluders,
+                   # the run's ε against k colluders (k -> ε), where the budget holds against `colluders`
+                   "epsilon_against": {str(k): round(v, 3) for k, v in exposure.items()}},
         )
         seen = None
         if trainer is not None and noise is not None:
@@ -262,7 +273,7 @@ class NodePrivacy:
             seen = outlook(noise.sigma_cdp, plan.sigma_ldp, int(trainer.num_params()), bound,
                            learning.num_nodes, learning.rounds or cfg.privacy_rounds)
             _tell_outlook(seen, plan, cfg.privacy_rounds)
-        return cls(node, stage, seeds, wait, seen)
+        return cls(node, stage, seeds, wait, seen, exposure)
 
     # -- learner hooks
 
@@ -388,6 +399,8 @@ class NodePrivacy:
             "sigma_cdp": plan.noise.sigma_cdp if plan.noise else 0.0,
             "sigma_ldp": plan.sigma_ldp,
             "colluders": self.node.config.privacy.colluders,  # whom the reported ε holds against (0: outsiders)
+            # the whole run's ε against k nodes pooling their seeds (the budget holds against `colluders`)
+            "epsilon_against": {str(k): v for k, v in self.exposure.items()},
             "rounds_sent": c.rounds_sent,
             "fallback_rounds": c.fallback_rounds,
             "uncancelled_rounds": c.uncancelled_rounds,

@@ -144,8 +144,11 @@ async def test_without_seeds_sent_noise_has_the_accounted_variance(tmp_path: Pat
 async def test_a_network_calibrated_against_a_colluder_adds_the_noise_of_that_plan(tmp_path: Path) -> None:
     """``privacy.colluders = 1``: every node runs the plan whose ρ holds
     against any one node pooling its seeds (more local noise than the plan
-    for outsiders, the same ρ charged a round), and says so in its status."""
-    overrides = {**BASE, "learning.rounds": 2, "privacy.scheme": "decor", "privacy.colluders": 1}
+    for outsiders, the same ρ charged a round), and says so in its status.
+    Four neighbours: at the cluster's three the plan against one colluder is
+    plain LDP (the pairwise terms no longer pay), which would show nothing."""
+    overrides = {**BASE, "learning.rounds": 2, "privacy.scheme": "decor", "privacy.colluders": 1,
+                 "network.neighbours": 4}
     async with Cluster(N, tmp_path, overrides=overrides) as cluster:
         await wait_until(lambda: rounds_done(cluster, 1), ROUNDS_S, "2 rounds at every node")
         node = cluster.node(0)
@@ -156,13 +159,17 @@ async def test_a_network_calibrated_against_a_colluder_adds_the_noise_of_that_pl
                       min_edges=degree)
         outsiders, one = (calibrate(PrivacyScheme.DECOR, colluders=k, **common) for k in (0, 1))  # type: ignore[arg-type]
         assert outsiders.noise is not None and one.noise is not None
-        assert one.noise.sigma_cdp > outsiders.noise.sigma_cdp * 1.01
+        assert outsiders.noise.sigma_cdp * 1.01 < one.noise.sigma_cdp < one.sigma_ldp
         for n in cluster:
             plan = privacy(n).stage.plan
             assert plan.noise is not None
             assert plan.noise.sigma_cdp == pytest.approx(one.noise.sigma_cdp, rel=1e-9)
             assert plan.rdp_coef == pytest.approx(outsiders.rdp_coef, rel=1e-12)  # the same budget a round
-            assert n.status()["learning"]["privacy"]["colluders"] == 1
+            status = n.status()["learning"]["privacy"]
+            assert status["colluders"] == 1
+            # and what the run's budget means against larger coalitions (the budget holds against 1)
+            against = status["epsilon_against"]
+            assert sorted(against) == ["2", "3"] and 10.0 < against["2"] < against["3"], against
 
 
 async def test_neighbour_dying_after_commit_leaves_reported_noise(tmp_path: Path) -> None:

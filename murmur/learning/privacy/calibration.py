@@ -29,7 +29,7 @@ from murmur.learning.privacy.accountant import (
     rdp_coef_from_epsilon,
     residual_noise,
 )
-from murmur.learning.privacy.collusion import CollusionBound, strips_a_node
+from murmur.learning.privacy.collusion import CollusionBound, TooManyCoalitions, strips_a_node
 from murmur.learning.privacy.corn import CovarianceKind, corn_mu, solve_covariance
 from murmur.learning.privacy.noise import EdgeScale, NoiseConfig, PerEdgeScale, UniformEdgeScale
 from murmur.learning.privacy.schemes import NoiseObjective, PrivacyLevel, PrivacyScheme
@@ -303,6 +303,25 @@ def _corn_noise(sol: Any, clip: float, s_ldp: float, graph: Graph, peers: Sequen
         a = max(0.0, float(diag[k] - b * lap_diag[k]))
         return NoiseConfig(clip, math.sqrt(a), UniformEdgeScale(math.sqrt(b)))
     return NoiseConfig(clip, s_ldp, UniformEdgeScale(0.0))
+
+
+def epsilon_against(plan: PrivacyPlan, graph: Graph, k: int, rounds: int,
+                    peers: Sequence[PeerId] | None = None) -> float | None:
+    """The ε ``plan`` spends over ``rounds`` rounds on ``graph`` against the
+    worst coalition of ``k`` nodes pooling their edges' seeds (see
+    :mod:`~murmur.learning.privacy.collusion`), where ``plan.budget`` is what
+    it spends against outsiders (or against ``privacy.colluders``). None: no
+    noise, or too many coalitions to weigh."""
+    if plan.noise is None or rounds <= 0:
+        return None
+    try:
+        bound = CollusionBound(graph, _edge_laplacian(plan.noise, graph, peers), k)
+    except TooManyCoalitions:
+        return None
+    rho = SENSITIVITY_FACTOR * plan.sensitivity**2 * bound.max_inverse_diag(plan.noise.sigma_cdp**2)
+    if plan.sampling_rate is not None:
+        return example_level_epsilon(rho, plan.sampling_rate, rounds, plan.delta)
+    return epsilon_from_rdp_coef(rho, rounds, plan.delta)
 
 
 def residual_ratio_of(plan: PrivacyPlan, graph: Graph, peers: Sequence[PeerId]) -> float:

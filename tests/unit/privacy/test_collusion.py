@@ -16,7 +16,7 @@ from murmur.learning.privacy.accountant import (
     epsilon_from_rdp_coef,
     example_level_epsilon,
 )
-from murmur.learning.privacy.calibration import _edge_laplacian, assumed_graph, calibrate
+from murmur.learning.privacy.calibration import _edge_laplacian, assumed_graph, calibrate, epsilon_against
 from murmur.learning.privacy.collusion import (
     CollusionBound,
     coalitions,
@@ -112,6 +112,22 @@ def test_a_plan_against_k_colluders_spends_its_budget_against_every_coalition_of
         assert _spent(plan, graph, _every(10, k)) == pytest.approx(EPS, rel=1e-2)  # bound, not loose
         assert previous < plan.noise.sigma_cdp < plan.sigma_ldp  # dearer, and still better than LDP
         previous = plan.noise.sigma_cdp
+
+
+@pytest.mark.parametrize("level", [PrivacyLevel.USER, PrivacyLevel.EXAMPLE])
+def test_epsilon_against_a_coalition_is_what_the_plan_spends_against_the_worst_one(level: PrivacyLevel) -> None:
+    """What a node reports of its run against k colluders (status, start-up
+    log): the exhaustive worst case, e.g. 10.7 against one neighbour for the
+    default user-level plan calibrated for outsiders."""
+    graph = assumed_graph(10, 6, 0)
+    plan = _plan(graph, level, 0)
+    assert epsilon_against(plan, graph, 0, ROUNDS) == pytest.approx(EPS, rel=1e-3)
+    for k in (1, 2, 3):
+        assert epsilon_against(plan, graph, k, ROUNDS) == pytest.approx(_spent(plan, graph, _every(10, k)), rel=1e-9)
+    assert epsilon_against(plan, graph, 1, ROUNDS) == pytest.approx(10.72 if level is PrivacyLevel.USER else 11.31,
+                                                                    abs=0.01)
+    big = assumed_graph(200, 8, 0)
+    assert epsilon_against(_plan(big, level, 0), big, 2, ROUNDS) is None  # too many coalitions to weigh
 
 
 def test_a_coalition_that_can_hold_all_of_a_nodes_edges_leaves_local_noise_only() -> None:
