@@ -29,7 +29,13 @@ from murmur.learning.privacy.accountant import (
     rdp_coef_from_epsilon,
     residual_noise,
 )
-from murmur.learning.privacy.collusion import CollusionBound, TooManyCoalitions, strips_a_node
+from murmur.learning.privacy.collusion import (
+    CollusionBound,
+    TooManyCoalitions,
+    coalitions,
+    strips_a_node,
+    worst_inverse_diag,
+)
 from murmur.learning.privacy.corn import CovarianceKind, corn_mu, solve_covariance
 from murmur.learning.privacy.noise import EdgeScale, NoiseConfig, PerEdgeScale, UniformEdgeScale
 from murmur.learning.privacy.schemes import NoiseObjective, PrivacyLevel, PrivacyScheme
@@ -315,10 +321,12 @@ def epsilon_against(plan: PrivacyPlan, graph: Graph, k: int, rounds: int,
     if plan.noise is None or rounds <= 0:
         return None
     try:
-        bound = CollusionBound(graph, _edge_laplacian(plan.noise, graph, peers), k)
+        candidates = coalitions(graph, k)
     except TooManyCoalitions:
         return None
-    rho = SENSITIVITY_FACTOR * plan.sensitivity**2 * bound.max_inverse_diag(plan.noise.sigma_cdp**2)
+    # one σ to try: a direct inverse per coalition is cheaper than CollusionBound's eigen-decompositions
+    worst = worst_inverse_diag(_edge_laplacian(plan.noise, graph, peers), plan.noise.sigma_cdp**2, candidates)
+    rho = SENSITIVITY_FACTOR * plan.sensitivity**2 * worst
     if plan.sampling_rate is not None:
         return example_level_epsilon(rho, plan.sampling_rate, rounds, plan.delta)
     return epsilon_from_rdp_coef(rho, rounds, plan.delta)

@@ -144,7 +144,8 @@ class CollusionBound:
 
 def worst_inverse_diag(edge_lap: np.ndarray, local_var: float, candidates: Sequence[frozenset[int]]) -> float:
     """:meth:`CollusionBound.max_inverse_diag` over ``candidates`` by direct
-    inversion (tests and audits: no eigen-decomposition to trust)."""
+    inversion: for one σ (a plan's exposure) cheaper than the bound's
+    eigen-decompositions, and what tests check the bound against."""
     worst = 0.0
     for coalition in candidates:
         lap = hidden_laplacian(edge_lap, coalition)
