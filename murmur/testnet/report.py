@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -170,6 +171,7 @@ def summarize(run: RunData) -> dict[str, Any]:
     stages = [((run.status.get(n) or {}).get("learning") or {}).get("privacy") or {} for n in honest]
     rhos = finite([st.get("noise_to_signal") for st in stages])
     fell_back = [st["fallback_rounds"] for st in stages if isinstance(st.get("fallback_rounds"), int)]
+    exposure = _exposure(stages)
     return {
         "scenario": run.scenario.name,
         "honest_nodes": len(honest),
@@ -190,6 +192,10 @@ def summarize(run: RunData) -> dict[str, Any]:
         "privacy_noise_to_signal": max(rhos) if rhos else None,
         # rounds an honest node sent with the stronger noise of too few active edges, all nodes together
         "privacy_fallback_rounds": sum(fell_back) if fell_back else None,
+        # what the run's budget comes to against k nodes pooling their seeds (k -> worst honest node's ε)
+        "privacy_epsilon_against": exposure or None,
+        "privacy_colluders": max((st["colluders"] for st in stages if isinstance(st.get("colluders"), int)),
+                                 default=None),
         "bytes_sent_total": sum(nodes[n]["bytes_sent"] or 0 for n in run.rows),
         "bytes_sent_mean": statistics.fmean(sent) if sent else None,
         "mean_round_s": sum(phase_means.values()) if phase_means else None,
@@ -225,6 +231,17 @@ def links_label(scenario: Scenario) -> str | None:
     return f"emulated by each node's token buckets (not a network emulator): {rates}"
 
 
+def _exposure(stages: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The worst honest node's ε against each coalition size its status reports."""
+    out: dict[str, float] = {}
+    for stage in stages:
+        against = stage.get("epsilon_against")
+        for k, eps in (against.items() if isinstance(against, Mapping) else ()):
+            if isinstance(eps, (int, float)) and math.isfinite(eps):
+                out[str(k)] = max(out.get(str(k), eps), float(eps))
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0))
+
+
 def privacy_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The privacy plan's outlook, where the nodes reported one (privacy on)."""
     rho = summary.get("privacy_noise_to_signal")
@@ -235,6 +252,11 @@ def privacy_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     if summary.get("privacy_fallback_rounds"):
         rows.append(("Rounds sent with fallback noise (too few edges; all honest nodes)",
                      fmt_number(summary["privacy_fallback_rounds"])))
+    against = summary.get("privacy_epsilon_against")
+    if against:
+        holds = summary.get("privacy_colluders") or 0
+        rows.append((f"ε budget against colluding nodes (holds against {holds}; worst honest node, whole run)",
+                     ", ".join(f"{fmt_number(eps, 1)} against {k}" for k, eps in against.items())))
     return rows
 
 

@@ -378,17 +378,23 @@ def test_the_privacy_outlook_from_the_nodes_last_status(tmp_path: Path) -> None:
     status count for nothing, and a run without privacy has no such rows."""
     metrics, status, ids = _metrics()
     for name, rho, fell_back in (("node0", 0.4, 2), ("node1", 1.7, 5), ("sybil0-0", 9.0, 40)):
-        status[name]["learning"]["privacy"] = {"noise_to_signal": rho, "fallback_rounds": fell_back}
+        status[name]["learning"]["privacy"] = {"noise_to_signal": rho, "fallback_rounds": fell_back, "colluders": 0,
+                                               "epsilon_against": {"1": 10 + rho, "2": 50 + rho}}
     out = write_report(tmp_path / "private", metrics, status, parse_scenario(SCENARIO), [], peer_ids=ids)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy_noise_to_signal"] == pytest.approx(1.7)
     assert summary["privacy_fallback_rounds"] == 7
+    # the budget against colluders: the worst honest node's, the attacker's status left out
+    assert summary["privacy_epsilon_against"] == {"1": pytest.approx(11.7), "2": pytest.approx(51.7)}
+    assert summary["privacy_colluders"] == 0
     index = (out / "index.html").read_text()
     assert "1.7 (the noise outweighs what the run could learn)" in index
     assert "Rounds sent with fallback noise" in index
+    assert "11.7 against 1, 51.7 against 2" in index
 
     metrics, status, ids = _metrics()
     out = write_report(tmp_path / "plain", metrics, status, parse_scenario(NO_ATTACKERS), [], peer_ids=ids)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy_noise_to_signal"] is None and summary["privacy_fallback_rounds"] is None
+    assert summary["privacy_epsilon_against"] is None
     assert "noise-to-signal" not in (out / "index.html").read_text()
