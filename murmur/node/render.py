@@ -54,6 +54,11 @@ def _privacy(learning: Mapping[str, Any]) -> str | None:
     edgeless = stage.get("neighbours_without_edge")
     if edgeless:
         text += f", {edgeless} neighbours without a noise edge (they run no privacy)"
+    against = stage.get("epsilon_against")
+    if isinstance(against, Mapping) and against:
+        holds = stage.get("colluders") or 0
+        text += (f"; the budget holds against {holds} colluding nodes and comes to "
+                 + ", ".join(f"{fmt_number(eps, 1)} against {k}" for k, eps in against.items()))
     return text
 
 
