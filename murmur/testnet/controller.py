@@ -1043,8 +1043,13 @@ class Testnet:
             assert ev.percent is not None
             percent = ev.percent
             hosts = sorted({host_name(self.nodes[i].spec) for i in (ev.nodes or self.nodes)})
+
+            def apply() -> None:
+                for host in hosts:
+                    net.set_loss(host, percent)
+
             try:
-                await asyncio.to_thread(lambda: [net.set_loss(host, percent) for host in hosts])
+                await asyncio.to_thread(apply)
             except internet.InternetError as exc:
                 internet.skipped(what, str(exc))
                 return str(exc)
