@@ -192,6 +192,11 @@ def calibrate(
     else:  # pragma: no cover - the enum is exhaustive
         raise ConfigError(f"unknown privacy scheme {scheme}")
     if objective is NoiseObjective.RUN and noise is not None and scheme in (PrivacyScheme.DECOR, PrivacyScheme.CORN):
+        if scheme is PrivacyScheme.DECOR and _uniform_var(noise) == 0.0 and not strips_a_node(graph, colluders):
+            # DECOR's shape is the graph's Laplacian whatever the one-step sweep chose: when
+            # that sweep found no σ_cor worth it (LDP), the run's objective may still find one
+            # (50 nodes of degree 6 against one colluder: σ_local 0.27 of σ_ldp, not LDP)
+            noise = NoiseConfig(clip, s_ldp, UniformEdgeScale(1.0))
         noise, ratio = _rescale_for_run(noise, graph, peers, rho, sens, s_ldp, rounds, colluders)
     if noise is None or noise.sigma_cdp >= s_ldp:
         degree_need = 0  # no correlated part: nothing to fall back from

@@ -130,6 +130,18 @@ def test_epsilon_against_a_coalition_is_what_the_plan_spends_against_the_worst_o
     assert epsilon_against(_plan(big, level, 0), big, 2, ROUNDS) is None  # too many coalitions to weigh
 
 
+def test_the_run_objective_keeps_decors_edges_when_the_one_step_sweep_finds_none_worth_it() -> None:
+    """50 nodes of degree 6 at example level against one colluder: the
+    one-step sweep finds no σ_cor better than LDP, and the plan was LDP; the
+    run's objective (the node's at example level) still finds the pairwise
+    terms worth it, within the budget against every single colluder."""
+    graph = assumed_graph(50, 6, 0)
+    plan = _plan(graph, PrivacyLevel.EXAMPLE, 1)
+    assert plan.noise is not None
+    assert plan.noise.sigma_cdp < 0.35 * plan.sigma_ldp  # LDP before
+    assert _spent(plan, graph, _every(50, 1)) <= EPS * (1 + 1e-6)
+
+
 def test_a_coalition_that_can_hold_all_of_a_nodes_edges_leaves_local_noise_only() -> None:
     graph = assumed_graph(10, 6, 0)
     for scheme in (PrivacyScheme.DECOR, PrivacyScheme.CORN):
