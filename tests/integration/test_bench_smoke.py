@@ -86,3 +86,16 @@ def test_sybil_bench_privacy_row_runs_on_fashion_by_default(tmp_path: Path) -> N
     assert out["privacy_epsilon"] == 1.0 and out["problems"] == []
     cells = out["cells"]
     assert isinstance(cells, list) and len(cells) == 1 and 0.0 <= cells[0]["accuracy"] <= 1.0
+
+
+@pytest.mark.timeout(150)
+def test_collusion_bench_holds_the_budget_against_each_k() -> None:
+    """Every plan calibrated against k colluders spends exactly its budget
+    against the worst coalition of k, and the baseline plan (k = 0) more."""
+    out = _last_json("collusion.py", "--graphs", "10x6", "--max-k", "2", "--rounds", "50")
+    rows = out["rows"]
+    assert {(r["level"], r["k"]) for r in rows} == {(lvl, k) for lvl in ("user", "example") for k in (0, 1, 2)}
+    for r in rows:
+        assert r["epsilon_vs_k"] == pytest.approx(10.0, rel=1e-3), r
+        assert r["k"] == 0 or r["base_epsilon_vs_k"] > 10.05, r
+        assert 0 < r["local_over_ldp"] <= 1.0 and r["seconds"] > 0
