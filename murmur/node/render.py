@@ -57,8 +57,8 @@ def _privacy(learning: Mapping[str, Any]) -> str | None:
     against = stage.get("epsilon_against")
     if isinstance(against, Mapping) and against:
         holds = stage.get("colluders") or 0
-        text += (f"; the budget holds against {holds} colluding nodes and comes to "
-                 + ", ".join(f"{fmt_number(eps, 1)} against {k}" for k, eps in against.items()))
+        text += (f"; ε of the run against colluding nodes (the budget holds against {holds}): "
+                 + ", ".join(f"{fmt_number(eps, 1)} with {k}" for k, eps in against.items()))
     return text
 
 

@@ -52,8 +52,8 @@ def test_status_says_when_privacy_noise_drowns_the_learning_and_rounds_fell_back
     assert edgeless.endswith("3 of 100 rounds with fallback noise (too few edges), "
                              "1 neighbours without a noise edge (they run no privacy)")
     exposed = _privacy_line({"noise_to_signal": 0.068, "colluders": 0, "epsilon_against": {"1": 13.93, "2": 57.404}})
-    assert exposed.endswith("noise-to-signal 0.068; the budget holds against 0 colluding nodes and comes to "
-                            "13.9 against 1, 57.4 against 2")
+    assert exposed.endswith("noise-to-signal 0.068; ε of the run against colluding nodes (the budget holds "
+                            "against 0): 13.9 with 1, 57.4 with 2")
 
 
 def test_status_names_the_aggregator_and_says_when_the_node_is_held_back() -> None:
