@@ -190,7 +190,9 @@ action = "heal"
 def assert_recorded(events: list[dict[str, Any]]) -> None:
     """Each event's record says what fired it and when: the round of its
     round_of (at_round or past it), every live node's round read as it fired,
-    the front and the slowest, the time it fired and the time it was applied."""
+    the front and the slowest, the time it fired and the time it was applied,
+    and for a round trigger every live node's round once applied (rounds only
+    move on: the schedule counts what passed meanwhile as lateness)."""
     for e in events:
         if e["action"] == "exited":
             continue
@@ -198,6 +200,8 @@ def assert_recorded(events: list[dict[str, Any]]) -> None:
         assert e["slowest"] == min(e["rounds"].values()) and e["front"] == max(e["rounds"].values()), e
         if "at_round" in e:
             assert e["round"] >= e["at_round"], e
+            applied = e["applied_rounds"]
+            assert all(applied[n] >= r for n, r in e["rounds"].items() if n in applied), e
 
 
 def began_ts(event: dict[str, Any]) -> float:
