@@ -43,7 +43,8 @@ MAX_COALITION_WORK = 30_000_000
 """Coalitions × n² a calibration may weigh: each coalition is one eigen-
 decomposition at start and n² work per σ tried, and a calibration tries
 thousands (100 nodes of degree 8 against 2 colluders, 2,800 coalitions, is
-about this, ~30 s). A plan that would need more is refused."""
+about this: 46-58 s on a busy 2-core machine). A plan that would need more is
+refused."""
 
 
 class TooManyCoalitions(ConfigError):
