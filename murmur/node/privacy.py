@@ -238,6 +238,10 @@ class NodePrivacy:
         degree = section.assumed_degree or cfg.network.neighbours
         graph = assumed_graph(learning.num_nodes, degree, learning.seed)
         step = dp_sgd_step(trainer, learning.local_steps) if section.level is PrivacyLevel.EXAMPLE else None
+        if section.colluders:  # seconds to a minute on large graphs: say why the start waits
+            log.info("calibrating the privacy noise against colluders",
+                     extra={"event": "privacy_calibrating", "colluders": section.colluders,
+                            "nodes": learning.num_nodes, "degree": degree})
         plan = calibrate(
             section.scheme, epsilon=section.epsilon, delta=section.delta, rounds=cfg.privacy_rounds,
             clip=section.clip, graph=graph, level=section.level,
