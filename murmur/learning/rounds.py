@@ -854,6 +854,13 @@ class RoundEngine:
         for old in [r for r in self._reference_sketches if r <= round - REFERENCE_ROUNDS]:
             del self._reference_sketches[old]
 
+    def beyond_buffer(self, round: int, slack: int = 0) -> bool:
+        """Whether a message for ``round`` is further ahead than the engine
+        buffers, by more than ``slack`` rounds: :meth:`offer` only advances
+        the sender's replica with it (TOO_EARLY), which no round of ours uses
+        soon. (A read the engine allows while a round closes in its thread.)"""
+        return round > self.round + self.config.max_future_rounds + slack
+
     def holds(self, peer: str, round: int) -> bool:
         """Whether our replica of ``peer`` already holds its message
         ``round``: :meth:`offer` would call any message for it a duplicate,

@@ -130,6 +130,11 @@ CATCH_UP_SOURCES = 5
 first): their coordinate-wise median is adopted (murmur.learning.adoption),
 which two poisoned models among five cannot move outside the honest ones'
 range. A rare event: five model transfers, five models held until adopted."""
+FAR_AHEAD_SLACK = 1
+"""Rounds past what the engine buffers (``max_future_rounds``) that a
+neighbour's round message may claim and still be decoded as urgent: our own
+round may close while it waits. Further ahead, it is decoded after every
+urgent job (murmur/node/decoding.py)."""
 MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
 SPENT_MIXING_ROUNDS = 10
 """Rounds a node whose privacy budget ran out before its last training round
@@ -952,7 +957,10 @@ class NodeLearner:
             assembler.accept(verified)
             outcome = Offer.DUPLICATE
         else:
-            done = await self._decoder.decode(verified)  # off the loop when it costs anything
+            # Off the loop when it costs anything; one further ahead than the engine buffers
+            # waits for every urgent decode (our round's messages, our own mask) to go first.
+            far_ahead = kind is TransferKind.ROUND and self.engine.beyond_buffer(start.round, FAR_AHEAD_SLACK)
+            done = await self._decoder.decode(verified, urgent=not far_ahead)
             assembler.accept(verified)
             if kind is TransferKind.MODEL:
                 await self._on_model(session.peer, done)

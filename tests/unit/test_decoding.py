@@ -101,3 +101,45 @@ async def test_a_payload_that_does_not_decode_is_a_decode_error_and_is_not_remem
     with pytest.raises(DecodeError):
         await OffLoopDecoder().decode(verified)
     assert len(assembler.replay_guard) == 0
+
+
+async def test_an_urgent_decode_overtakes_deferred_ones_and_a_cancelled_waiter_passes_its_turn_on() -> None:
+    """One slot, busy. Two deferred jobs (neighbours' rounds far ahead) queue,
+    then an urgent one (a message for our round): the urgent runs next, then
+    the deferred in their order; a waiter cancelled in the queue is skipped,
+    and the slot is free again at the end (a FIFO slot ran the urgent job
+    last, behind every far-ahead decode already waiting)."""
+    decoder = OffLoopDecoder(workers=1)
+    gate = threading.Event()
+    order: list[str] = []
+
+    def job(name: str):  # noqa: ANN202 - a work callable
+        def work() -> str:
+            if name == "busy":
+                gate.wait(10)
+            order.append(name)
+            return name
+        return work
+
+    busy = asyncio.create_task(decoder.run(job("busy")))
+    while decoder.in_flight == 0:
+        await asyncio.sleep(0)
+    late = [asyncio.create_task(decoder.run(job(f"far{i}"), urgent=False)) for i in range(3)]
+    await asyncio.sleep(0)
+    gone = late.pop(1)  # far1: its connection closed while it waited
+    gone.cancel()
+    urgent = asyncio.create_task(decoder.run(job("ours")))
+    await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(busy, urgent, *late) == ["busy", "ours", "far0", "far2"]
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert order == ["busy", "ours", "far0", "far2"]
+    assert decoder.in_flight == 0
+    assert await asyncio.wait_for(decoder.run(job("after"), urgent=False), 5) == "after"  # the slot came back
+
+
+async def test_a_deferred_decode_runs_at_once_when_nothing_waits() -> None:
+    decoder = OffLoopDecoder(workers=1)
+    assert await asyncio.wait_for(decoder.run(lambda: 7, urgent=False), 5) == 7
+    assert decoder.in_flight == 0

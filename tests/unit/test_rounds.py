@@ -303,6 +303,9 @@ def test_too_early_beyond_max_future_rounds() -> None:
         sender.finish_round()
         outcomes.append(receiver.offer("n1", round_, message.increment))
     assert outcomes == [Offer.ACCEPTED, Offer.BUFFERED, Offer.BUFFERED, Offer.TOO_EARLY]
+    # what the node decodes after every urgent job: the rounds offer() calls TOO_EARLY (past a slack)
+    assert [receiver.beyond_buffer(r) for r in range(4)] == [False, False, False, True]
+    assert [receiver.beyond_buffer(r, slack=1) for r in range(5)] == [False] * 4 + [True]
 
 
 def test_max_future_rounds_zero_buffers_nothing_ahead() -> None:
