@@ -115,8 +115,8 @@ async def test_messages_arriving_while_a_round_closes_are_filed_after_it_bit_exa
         held: list[int] = []
         decode = a.learner._decoder.decode
 
-        async def recorded_decode(verified: Any) -> Any:
-            done = await decode(verified)
+        async def recorded_decode(verified: Any, **how: Any) -> Any:
+            done = await decode(verified, **how)
             decoded.append(verified.start.round)  # its offer follows, with no await between
             return done
 
