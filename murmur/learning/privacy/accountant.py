@@ -46,7 +46,7 @@ import numpy as np
 from dp_accounting.rdp import RdpAccountant
 from scipy.optimize import brentq, minimize_scalar
 
-from murmur.learning.privacy.collusion import CollusionBound, strips_a_node
+from murmur.learning.privacy.collusion import CollusionBound, hidden_laplacian, strips_a_node
 from murmur.learning.topology import Graph, laplacian, metropolis_hastings
 
 SENSITIVITY_FACTOR = 2.0  # replace-one sensitivity 2C → RDP coefficient 2C²·[Σ⁻¹]_ii
@@ -107,10 +107,7 @@ class TrustAssumption:
 
 def secret_edge_laplacian(graph: Graph, trust: TrustAssumption = TrustAssumption()) -> np.ndarray:
     """Laplacian (over honest nodes only) of the edges whose seeds the adversary lacks."""
-    honest = trust.honest(len(graph))
-    index = {node: k for k, node in enumerate(honest)}
-    sub: Graph = [{index[j] for j in graph[i] if j in index} for i in honest]
-    return laplacian(sub)
+    return hidden_laplacian(laplacian(graph), trust.colluders)
 
 
 def decor_covariance(
