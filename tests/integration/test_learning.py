@@ -91,13 +91,19 @@ async def test_accuracy_and_sybil_resilience(tmp_path: Path) -> None:
     # Plain averaging lets the Sybils' flipped model in. Their weight is steady
     # (0.11-0.13 in 10 runs); the attack rate of the final models is not, since
     # it hangs on which neighbours the last rounds drew: 0.12-0.56 in the same
-    # 10 runs on an idle machine, 0.077 once under CI load. Clean and SybilWall
-    # runs score 0.000, so the two bounds below still separate the two cases.
-    assert attacked_mean.sybil_weight > 0.05, attacked_mean
+    # 10 runs on an idle machine, 0.077 once under CI load. Clean runs score
+    # 0.000; the weight is what separates plain averaging from SybilWall below.
+    assert attacked_mean.sybil_weight > 0.08, attacked_mean
     assert attacked_mean.attack_rate >= 0.05, attacked_mean
-    # SybilWall finds the identical histories and gives them no weight.
-    assert attacked_wall.sybil_weight <= 0.01, attacked_wall
-    assert attacked_wall.attack_rate <= 0.03, attacked_wall
+    # SybilWall finds the identical models and gives them no weight, except
+    # where a node has one Sybil among its neighbours: that one has no twin
+    # there until a record of one reaches the node, and holds weight until then
+    # (the sybilwall module's docstring). 1 run in ~90 ended with weight 0.038
+    # and attack rate 0.042 (its files were not kept; 60 others printed 0.000
+    # and 0.000). The bounds: the project's target for the attack rate (0.05),
+    # and less than half the weight plain averaging gives the Sybils.
+    assert attacked_wall.sybil_weight <= 0.05, attacked_wall
+    assert attacked_wall.attack_rate <= 0.05, attacked_wall
     assert clean.accuracy - attacked_wall.accuracy <= 0.03, (clean, attacked_wall)
 
 
