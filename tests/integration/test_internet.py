@@ -380,10 +380,14 @@ def test_the_machines_own_namespace_is_untouched_and_everything_goes_at_the_end(
 
 
 def test_a_failing_block_or_setup_still_removes_everything() -> None:
-    with pytest.raises(RuntimeError, match="test failed"), Internet(_homes(NatKind.EIM)) as net:
-        names = net.plan.namespaces
+    wired = Topology(hosts=(Host("s1", delay_line=True), Host("a", router="home", delay_line=True)),
+                     routers=(Router("home"),))
+    with pytest.raises(RuntimeError, match="test failed"), Internet(wired) as net:
+        names, pids = net.plan.namespaces, net.delay_line_pids
+        assert len(pids) == 2  # one on the public segment, one in the router
         raise RuntimeError("test failed")
     assert not set(names) & set(internet.owned_namespaces())
+    assert not any(_alive(p) for p in pids)
 
     def breaks_on_the_router_nat(cmd: list[str]) -> subprocess.CompletedProcess[str]:
         if "masquerade" in cmd:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +170,44 @@ def test_the_loop_keeps_order_when_the_delay_drops(running: tuple[_Wire, int, _R
     _set(control, out, SetDelay("h", 0.0, 0.0).line())
     wire.host.send(b"second")
     assert [wire.bridge.recv(64), wire.bridge.recv(64)] == [b"first", b"second"]
+
+
+# ------------------------------------------------------------------ the handle
+
+# a stand-in child that speaks the protocol: ready, then "ok" to each set line
+_SPEAKER = """
+import sys
+print("ready", flush=True)
+for line in sys.stdin:
+    words = line.split()
+    print("ok " + " ".join(words[1:]) if words[1] != "refuse" else "error no link named 'refuse'", flush=True)
+"""
+
+
+def test_the_handle_waits_for_ready_and_each_reply_and_reaps_the_process() -> None:
+    line = delayline.DelayLine.start([sys.executable, "-c", _SPEAKER], log_path=None, timeout_s=10.0)
+    try:
+        line.set(SetDelay("h", 40.0, 40.0))
+        with pytest.raises(delayline.DelayLineError, match="error no link named 'refuse'"):
+            line.set(SetDelay("refuse", 1.0, 1.0))
+    finally:
+        assert line.close() == 0  # its stdin closed: it ended by itself
+    assert line.proc.returncode == 0
+    with pytest.raises(delayline.DelayLineError, match="is gone"):
+        line.set(SetDelay("h", 1.0, 1.0))
+
+
+def test_a_line_that_does_not_start_is_an_error_naming_its_exit_and_log(tmp_path: Path) -> None:
+    log_path = tmp_path / "delayline.log"
+    argv = [sys.executable, "-c", "import sys; print('no packet sockets', file=sys.stderr); sys.exit(3)"]
+    with pytest.raises(delayline.DelayLineError, match=rf"did not start: exit 3, said None \(see {log_path}\)"):
+        delayline.DelayLine.start(argv, log_path=log_path, timeout_s=10.0)
+    assert log_path.read_text() == "no packet sockets\n"
+
+
+def test_a_silent_line_is_killed_after_the_timeout() -> None:
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    started = time.monotonic()
+    with pytest.raises(delayline.DelayLineError, match="did not start"):
+        delayline.DelayLine.start(argv, log_path=None, timeout_s=0.5)
+    assert time.monotonic() - started < 0.5 + delayline.FAILED_START_GRACE_S + 2  # killed, not waited for
