@@ -43,10 +43,13 @@ calls ``Node.set_partition``): the nodes share the loopback interface, which
 routes cannot split. Loss and latency need per-node interfaces (network
 namespaces): on the emulated internet a loss step drops that share of each
 named node's packets, each way, with nftables on its host (a later step
-with ``percent = 0`` ends it); latency needs tc netem, which the kernel
-this was built on lacks, and is not applied. What is not applied (latency
-anywhere, loss on loopback) is skipped with a warning naming why, and
-recorded as skipped in the report's event list.
+with ``percent = 0`` ends it), and a latency step delays each named node's
+packets by ``ms`` each way in the delay line of its host's cable
+(:mod:`~murmur.testnet.delayline`, planned for the hosts latency steps name;
+``ms = 0`` ends it), so its round trip to anyone grows by 2 ``ms``; no tc
+netem is needed. On loopback both are skipped with a warning naming why,
+and recorded as skipped in the report's event list; so is a step that
+failed to apply.
 """
 
 from __future__ import annotations
@@ -592,7 +595,7 @@ class Testnet:
         try:
             self._say(f"run dir: {self.run_dir}  ({len(self.nodes)} nodes in {len(self.procs)} processes)")
             if self.plan is not None:
-                self._internet = internet.Internet(self.plan)
+                self._internet = internet.Internet(self.plan, log_dir=self.run_dir / "logs")
                 await _finish_in_thread(self._internet.start)
                 nats = ", ".join(f"{r.name} {r.nat.value}" for r in self.plan.routers.values()) or "no routers"
                 public = sum(1 for h in self.plan.hosts.values() if h.router is None)
@@ -1035,32 +1038,38 @@ class Testnet:
         await asyncio.gather(*(one(p) for p in pending))
 
     async def _impair(self, ev: ChurnEvent) -> str | None:
-        """Loss on the emulated internet: nftables on each named node's host
-        (every host when none is named). Anything else is skipped, saying why."""
+        """Loss or latency on the emulated internet, on each named node's host
+        (every host when none is named): loss with nftables, latency with the
+        host's delay line (planned for it, see ``latency_hosts``). On
+        loopback both are skipped, saying why."""
         what = f"{ev.action.value} on {list(ev.nodes) or 'all nodes'}"
         net = self._internet
-        if ev.action is Action.LOSS and net is not None:
+        if net is None:
+            reason = "nodes share the loopback interface (no per-node netns)"
+            internet.skipped(what, reason)
+            return reason
+        hosts = sorted({host_name(self.nodes[i].spec) for i in (ev.nodes or self.nodes)})
+        if ev.action is Action.LOSS:
             assert ev.percent is not None
             percent = ev.percent
-            hosts = sorted({host_name(self.nodes[i].spec) for i in (ev.nodes or self.nodes)})
 
             def apply() -> None:
                 for host in hosts:
                     net.set_loss(host, percent)
-
-            try:
-                await asyncio.to_thread(apply)
-            except internet.InternetError as exc:
-                internet.skipped(what, str(exc))
-                return str(exc)
-            return None
-        if self.scenario.network is None:
-            reason = "nodes share the loopback interface (no per-node netns)"
         else:
-            caps = await asyncio.to_thread(internet.probe)
-            reason = caps.netem or "latency is not applied on the emulated internet yet"
-        internet.skipped(what, reason)
-        return reason
+            assert ev.ms is not None
+            ms = ev.ms
+
+            def apply() -> None:
+                for host in hosts:
+                    net.set_latency(host, ms)
+
+        try:
+            await asyncio.to_thread(apply)
+        except internet.InternetError as exc:
+            internet.skipped(what, str(exc))
+            return str(exc)
+        return None
 
     # -- output ----------------------------------------------------------------------
 

@@ -21,9 +21,13 @@ a home router does), so only connections its LAN opened come back in.
 Per-host link rates are ``tc tbf`` qdiscs: the upload on the host's own
 interface, the download on the far end of its cable. Packet loss is an
 nftables rule at each end of the host's cable that drops a random share of
-what enters there (``numgen random``), so it works where ``tc netem`` does
-not (not every kernel has it; :func:`probe` says); delay needs netem and
-is not applied.
+what enters there (``numgen random``). Delay is a userspace delay line
+(:mod:`murmur.testnet.delayline`) spliced into the cable of each host
+planned with one (``Host.delay_line``; the others' cables stay plain veth
+and pay nothing): ``eth0`` to ``<p>h`` in the far namespace, the delay line
+process, then ``<p>b`` to the bridge port ``<p>``, where rate and loss stay.
+So neither needs ``tc netem``, which not every kernel has (this one has
+neither netem nor fq nor etf).
 
 Containment: the public segment lives in a namespace of its own, so not one
 interface is added to the machine's own namespace, nothing routes to its
@@ -58,6 +62,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +70,8 @@ from pathlib import Path
 from types import TracebackType
 
 from murmur.errors import MurmurError
+from murmur.testnet import delayline
+from murmur.testnet.delayline import DelayLine, DelayLineError, LinkSpec, SetDelay
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,11 @@ COMMAND_TIMEOUT_S = 10.0
 TBF_LATENCY_MS = 50  # the longest a packet may queue in a rate-limited link
 TBF_MIN_BURST_BYTES = 32 * 1024  # well above one 1514-byte frame; GSO packets beyond it are segmented
 TBF_BURST_S = 0.004  # burst = what the rate sends in 4 ms (a 250 Hz kernel tick), at least the minimum
+WIRE_HOST_SUFFIX = "h"  # <far_iface>h: a delay line's end facing the host's eth0
+WIRE_BRIDGE_SUFFIX = "b"  # <far_iface>b: its end facing the bridge port <far_iface>
+WIRE_TABLE = "murmur_wire"  # + "_<far_iface>": drops what enters a delay line's ends, for the far stack
+IFNAME_MAX = 15  # IFNAMSIZ - 1
+DELAY_LINE_MODULE = "murmur.testnet.delayline"
 CLONE_NEWNET = 0x40000000  # <linux/sched.h>
 
 
@@ -152,6 +164,7 @@ class Host:
     router: str | None = None
     rate: LinkRate = field(default_factory=LinkRate)
     address: str | None = None  # public hosts only; default: the next free /24
+    delay_line: bool = False  # its cable gets a delay line: Internet.set_latency works on it
 
 
 @dataclass(frozen=True)
@@ -164,6 +177,22 @@ class Topology:
 
 
 @dataclass(frozen=True)
+class Wire:
+    """The two interfaces of a host's delay line, both in its far namespace."""
+
+    host_side: str  # peer of the host's eth0: what the host sends arrives here
+    bridge_side: str  # peer of the bridge port far_iface
+
+
+def wire_for(far_iface: str) -> Wire:
+    """Named after the bridge port, which is unique in its namespace, as
+    these then are (several hosts' cables end in one namespace)."""
+    wire = Wire(far_iface + WIRE_HOST_SUFFIX, far_iface + WIRE_BRIDGE_SUFFIX)
+    assert max(len(wire.host_side), len(wire.bridge_side)) <= IFNAME_MAX, wire
+    return wire
+
+
+@dataclass(frozen=True)
 class HostPlan:
     name: str
     ns: str
@@ -173,7 +202,8 @@ class HostPlan:
     router: str | None
     rate: LinkRate
     far_ns: str  # where the other end of its cable is (the router, or the public segment)
-    far_iface: str
+    far_iface: str  # its cable's port on the bridge there
+    wire: Wire | None = None  # its delay line's interfaces (None: a plain cable)
 
 
 @dataclass(frozen=True)
@@ -291,7 +321,7 @@ def plan(topology: Topology, owner: str | None = None) -> Plan:
         if h.router is None:
             address, port = public(h.address)
             hosts[h.name] = HostPlan(h.name, f"{base}h-{h.name}", address, PUBLIC_NET.prefixlen, None, None,
-                                     h.rate, f"{base}inet", port)
+                                     h.rate, f"{base}inet", port, wire_for(port) if h.delay_line else None)
             continue
         router = routers.get(h.router)
         if router is None:
@@ -303,7 +333,7 @@ def plan(topology: Topology, owner: str | None = None) -> Plan:
             raise InternetError(f"router {h.router}: lan {router.lan} has no room for host {h.name}")
         hosts[h.name] = HostPlan(h.name, f"{base}h-{h.name}", str(router.lan.network_address + 1 + i),
                                  router.lan.prefixlen, str(router.lan.network_address + 1), h.router, h.rate,
-                                 router.ns, f"p{i}")
+                                 router.ns, f"p{i}", wire_for(f"p{i}") if h.delay_line else None)
     return Plan(owner, f"{base}inet", hosts, routers)
 
 
@@ -334,6 +364,32 @@ def _cable(ns: str, iface: str, far_ns: str, far_iface: str, bridge: str) -> lis
         ["ip", "-n", far_ns, "link", "set", far_iface, "master", bridge],
         ["ip", "-n", far_ns, "link", "set", far_iface, "up"],
         ["ip", "-n", ns, "link", "set", iface, "up"],
+    ]
+
+
+def _wired_cable(host: HostPlan, bridge: str) -> list[Command]:
+    """A host's cable with a delay line spliced in: ``eth0`` to the wire's
+    host side, and a second pair from its bridge side to the bridge port
+    ``far_iface`` (so rate and loss act where they do on a plain cable).
+    Neither wire end has an address, and nftables drops whatever enters
+    them before the far namespace's stack sees it (the delay line's packet
+    sockets got it already): a router must not answer ARP on them."""
+    assert host.wire is not None
+    far, w = host.far_ns, host.wire
+    nft = ["ip", "netns", "exec", far, "nft"]
+    table = f"{WIRE_TABLE}_{host.far_iface}"
+    cmds = [
+        ["ip", "-n", host.ns, "link", "add", HOST_IFACE, "type", "veth", "peer", "name", w.host_side, "netns", far],
+        ["ip", "-n", far, "link", "add", w.bridge_side, "type", "veth", "peer", "name", host.far_iface],
+        [*nft, "add", "table", "netdev", table],
+    ]
+    for iface in (w.host_side, w.bridge_side):  # a chain per device, named after it
+        cmds.append([*nft, "add", "chain", "netdev", table, iface,
+                     f"{{ type filter hook ingress device {iface} priority filter ; policy drop ; }}"])
+    return cmds + [
+        ["ip", "-n", far, "link", "set", host.far_iface, "master", bridge],
+        *(["ip", "-n", far, "link", "set", iface, "up"] for iface in (host.far_iface, w.bridge_side, w.host_side)),
+        ["ip", "-n", host.ns, "link", "set", HOST_IFACE, "up"],
     ]
 
 
@@ -431,7 +487,8 @@ def setup_commands(p: Plan) -> list[Command]:
         ] + nat_commands(r)
     for h in p.hosts.values():
         bridge = PUBLIC_BRIDGE if h.router is None else LAN_BRIDGE
-        cmds += _namespace(h.ns) + _cable(h.ns, HOST_IFACE, h.far_ns, h.far_iface, bridge) + [
+        cable = _cable(h.ns, HOST_IFACE, h.far_ns, h.far_iface, bridge) if h.wire is None else _wired_cable(h, bridge)
+        cmds += _namespace(h.ns) + cable + [
             ["ip", "-n", h.ns, "addr", "add", f"{h.address}/{h.prefix_len}", "dev", HOST_IFACE],
         ]
         if h.gateway is not None:
@@ -443,6 +500,29 @@ def setup_commands(p: Plan) -> list[Command]:
 def exec_prefix(ns: str) -> Command:
     """Prepend to an argv so that it runs inside namespace ``ns``."""
     return ["ip", "netns", "exec", ns]
+
+
+def delay_line_commands(p: Plan, python: str = sys.executable) -> dict[str, Command]:
+    """Far namespace -> the delay line process to start there, one for all
+    the wired hosts whose cables end in it (so at most one per router, and
+    one on the public segment)."""
+    links: dict[str, list[str]] = {}
+    for h in p.hosts.values():
+        if h.wire is not None:
+            links.setdefault(h.far_ns, []).append(LinkSpec(h.name, h.wire.host_side, h.wire.bridge_side).arg())
+    return {ns: [*exec_prefix(ns), python, "-m", DELAY_LINE_MODULE, *(a for arg in args for a in ("--link", arg))]
+            for ns, args in links.items()}
+
+
+def latency_command(host: HostPlan, ms: float) -> SetDelay:
+    """``ms`` of one-way delay each way on ``host``'s link: what it sends
+    and what it receives (its round trip to anyone grows by 2 ``ms``)."""
+    if host.wire is None:
+        raise InternetError(f"host {host.name} has no delay line (plan it with Host(..., delay_line=True))")
+    try:
+        return SetDelay.parse(SetDelay(host.name, ms, ms).line())  # the delay line's own bounds
+    except ValueError as exc:
+        raise InternetError(f"host {host.name}: {exc}") from None
 
 
 # ------------------------------------------------------------------- running
@@ -526,12 +606,17 @@ class Internet:
     it down (processes still inside are killed), whatever ends the block.
 
     ``net.plan`` has every name and address; ``net.ns(host)`` the namespace
-    to run a host's processes in."""
+    to run a host's processes in. The delay lines (one per far namespace
+    with wired hosts) log to ``log_dir/delayline-<far>.log`` when given,
+    else to this process's stderr."""
 
-    def __init__(self, topology: Topology | Plan, runner: Runner = _default_runner) -> None:
+    def __init__(self, topology: Topology | Plan, runner: Runner = _default_runner, *,
+                 log_dir: Path | None = None) -> None:
         self.plan = topology if isinstance(topology, Plan) else plan(topology)
         self._runner = runner
+        self._log_dir = log_dir
         self._up = False
+        self._lines: dict[str, DelayLine] = {}  # far namespace -> its delay line
 
     def ns(self, host: str) -> str:
         return self.plan.hosts[host].ns
@@ -549,24 +634,65 @@ class Internet:
         """Drop ``percent`` % of ``host``'s packets each way (0: none)."""
         run(loss_commands(self.plan.hosts[host], percent), self._runner)
 
+    def set_latency(self, host: str, ms: float) -> None:
+        """Delay ``host``'s packets by ``ms`` each way (0: none); returns once
+        its delay line took it. Only a host planned with ``delay_line``."""
+        h = self.plan.hosts[host]
+        cmd = latency_command(h, ms)
+        line = self._lines.get(h.far_ns)
+        if line is None:
+            raise InternetError(f"host {host}: its delay line is not running")
+        try:
+            line.set(cmd)
+        except DelayLineError as exc:
+            raise InternetError(str(exc)) from None
+
+    @property
+    def delay_line_pids(self) -> list[int]:
+        return [line.pid for line in self._lines.values()]
+
     def start(self) -> None:
         cleanup_stale()
         self._up = True  # from the first command on, close() has something to remove
         try:
             run(setup_commands(self.plan), self._runner)
+            self._start_delay_lines()
         except BaseException:
             self.close(quiet=True)
             raise
         log.info("emulated internet up", extra={"hosts": len(self.plan.hosts), "routers": len(self.plan.routers),
                                                 "owner": self.plan.owner})
 
+    def _start_delay_lines(self) -> None:
+        base = f"{NS_PREFIX}{self.plan.owner}-"
+        for ns, argv in delay_line_commands(self.plan).items():
+            log_path = None if self._log_dir is None else self._log_dir / f"delayline-{ns.removeprefix(base)}.log"
+            try:
+                self._lines[ns] = DelayLine.start(argv, log_path=log_path, timeout_s=COMMAND_TIMEOUT_S)
+            except DelayLineError as exc:
+                raise InternetError(str(exc)) from None
+            log.info("delay line up", extra={"ns": ns, "pid": self._lines[ns].pid, "argv": argv})
+
+    def _stop_delay_lines(self) -> list[str]:
+        problems = []
+        lines, self._lines = self._lines, {}
+        for ns, line in lines.items():
+            code = line.close()
+            if code != 0:
+                problems.append(f"delay line {line.pid} in {ns}: exit {code}")
+        return problems
+
     def close(self, *, quiet: bool = False) -> None:
         """Remove everything; a namespace that would not go raises
-        :class:`InternetError` after the others went (``quiet``: logged)."""
+        :class:`InternetError` after the others went (``quiet``: logged).
+        The delay lines go first (reaped here, whatever
+        :func:`remove_namespaces` would kill), and one that did not exit
+        cleanly is reported too."""
         if not self._up:
             return
         self._up = False
-        problems = remove_namespaces(self.plan.namespaces, self._runner)
+        problems = self._stop_delay_lines()
+        problems += remove_namespaces(self.plan.namespaces, self._runner)
         if problems and quiet:
             log.error("emulated internet not fully removed", extra={"problems": problems})
         elif problems:
@@ -654,7 +780,7 @@ class Capabilities:
     netns: str | None  # namespaces, veth, bridges (iproute2)
     nat: str | None  # nftables masquerade
     rate: str | None  # tc tbf
-    netem: str | None  # tc netem (delay; loss is nftables, see loss_commands)
+    delay: str | None  # the delay line: packet sockets with virtio_net_hdr, nftables netdev ingress
 
     @property
     def internet(self) -> str | None:
@@ -688,11 +814,28 @@ def probe(runner: Runner = _default_runner) -> Capabilities:
         nat = ("nft not installed (apt-get install nftables)" if shutil.which("nft") is None else
                attempt([_in(ns, "nft", "add", "table", "ip", NFT_TABLE)], "nftables unavailable"))
         rate = attempt(_rate(ns, "lo", 10.0), "tc tbf unavailable")
-        netem = attempt([["tc", "-n", ns, "qdisc", "replace", "dev", "lo", "root", "netem", "delay", "1ms"]],
-                        "tc netem unavailable (kernel module sch_netem?)")
+        delay = nat or attempt([_in(ns, "nft", "add", "table", "netdev", WIRE_TABLE),
+                                _in(ns, "nft", "add", "chain", "netdev", WIRE_TABLE, "probe",
+                                    "{ type filter hook ingress device lo priority filter ; policy accept ; }")],
+                               "nftables netdev ingress unavailable") or _probe_packet_socket(ns)
     finally:
         remove_namespaces([ns], runner)
-    return Capabilities(None, nat, rate, netem)
+    return Capabilities(None, nat, rate, delay)
+
+
+def _probe_packet_socket(ns: str) -> str | None:
+    """Why the delay line's packet socket cannot be made in ``ns`` (None: it can)."""
+    try:
+        sock = socket_in(ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(delayline.ETH_P_ALL))
+    except OSError as exc:
+        return f"packet sockets unavailable: {exc}"
+    with sock:
+        try:
+            sock.setsockopt(delayline.SOL_PACKET, delayline.PACKET_VNET_HDR, 1)
+            sock.setsockopt(delayline.SOL_PACKET, delayline.PACKET_IGNORE_OUTGOING, 1)
+        except OSError as exc:
+            return f"packet sockets without virtio_net_hdr or ignore-outgoing (Linux 4.20+): {exc}"
+    return None
 
 
 def skipped(what: str, reason: str) -> None:

@@ -1125,17 +1125,21 @@ def check_scenario(scenario: Scenario) -> None:
             raise OptionError(key, str(exc).split(f"{key}: ", 1)[1]) from None
         check_learner(config)
     if scenario.network is not None:
-        check_network()
+        check_network(latency=bool(latency_hosts(scenario)))
 
 
-def check_network(capabilities: internet.Capabilities | None = None) -> None:
+def check_network(capabilities: internet.Capabilities | None = None, *, latency: bool = False) -> None:
     """Refuse ``[network]`` where the emulated internet cannot run (not root,
     no nftables, ...; ``capabilities``: this machine's, probed when None):
-    never a silent fallback to loopback."""
-    reason = (capabilities or internet.probe()).internet
-    if reason is not None:
-        raise OptionError("network", f"the emulated internet cannot run here: {reason} "
+    never a silent fallback to loopback. With ``latency`` steps, refuse it
+    where their delay line cannot run as well: they would not be applied."""
+    caps = capabilities or internet.probe()
+    if caps.internet is not None:
+        raise OptionError("network", f"the emulated internet cannot run here: {caps.internet} "
                                      "(run as root, or remove [network] to run every node on loopback)")
+    if latency and caps.delay is not None:
+        raise OptionError("network", f"latency steps need the emulated internet's delay line, which cannot run "
+                                     f"here: {caps.delay}")
 
 
 # ------------------------------------------------------------ emulated internet
@@ -1156,11 +1160,24 @@ def routers_of(network: NetworkSpec) -> dict[int, int]:
     return {i: r for r, router in enumerate(network.routers) for i in router.nodes}
 
 
+def latency_hosts(scenario: Scenario) -> set[str]:
+    """The hosts a latency step names (every host when one names no nodes):
+    decided before the run, since only these get a delay line in their
+    cable, and the others keep a plain one."""
+    steps = [ev for ev in scenario.churn if ev.action is Action.LATENCY]
+    named = {i for ev in steps for i in ev.nodes}
+    every = any(not ev.nodes for ev in steps)
+    return {host_name(s) for s in scenario.node_specs() if every or s.index in named}
+
+
 def network_topology(scenario: Scenario) -> internet.Topology:
-    """The emulated internet of a scenario with ``[network]``."""
+    """The emulated internet of a scenario with ``[network]``: a host per
+    honest node and per attacker, with a delay line where latency steps
+    need one (:func:`latency_hosts`)."""
     net = scenario.network
     assert net is not None
     router_of = routers_of(net)
+    delayed = latency_hosts(scenario)
     link_of = {i: link for link in net.links for i in link.nodes}
     hosts: dict[str, internet.Host] = {}
     for spec in scenario.node_specs():
@@ -1172,7 +1189,7 @@ def network_topology(scenario: Scenario) -> internet.Topology:
         down = link.down_mbit if link is not None and link.down_mbit is not None else net.down_mbit
         router = router_of.get(spec.index)
         hosts[name] = internet.Host(name, router=None if router is None else router_name(router),
-                                    rate=internet.LinkRate(up, down))
+                                    rate=internet.LinkRate(up, down), delay_line=name in delayed)
     routers = tuple(internet.Router(router_name(r), nat=router.nat, unsolicited=router.unsolicited)
                     for r, router in enumerate(net.routers))
     return internet.Topology(tuple(hosts.values()), routers)

@@ -348,7 +348,7 @@ async def test_partition_and_heal(tmp_path: Path) -> None:
     assert result.end is RunEnd.COMPLETED, result.events
     part, heal, latency = result.events
     assert part["action"] == "partition" and heal["action"] == "heal"
-    assert latency["action"] == "latency" and latency["skipped"]  # no per-node netem on loopback
+    assert latency["action"] == "latency" and latency["skipped"]  # no per-node netns on loopback: skipped
     assert [e["round_of"] for e in result.events] == ["node5", "median", "slowest"]
     assert_recorded(result.events)
     side_of = {h.peer_id: (0 if h.spec.index < 4 else 1) for h in testnet.nodes.values()}

@@ -84,6 +84,16 @@ def test_nodes_behind_nats_learn_on_the_emulated_internet(tmp_path: Path) -> Non
     losses = [e for e in summary["events"] if e["action"] == "loss"]
     assert [(e["at_round"], e["percent"], e["nodes"], "skipped" in e) for e in losses] == [
         (5, 10, ["node4"], False), (15, 0, ["node4"], False)], losses
+    # node3's line was 40 ms longer each way from round 5 to 15: applied by the delay line in its cable
+    delays = [e for e in summary["events"] if e["action"] == "latency"]
+    assert [(e["at_round"], e["ms"], e["nodes"], "skipped" in e) for e in delays] == [
+        (5, 40, ["node3"], False), (15, 0, ["node3"], False)], delays
+    line_log = [json.loads(x) for x in (out / "logs" / "delayline-r-router0.log").read_text().splitlines()]
+    assert [(r["link"], r["up_ms"], r["down_ms"]) for r in line_log if r["msg"] == "delay set"] == [
+        ("node3", 40.0, 40.0), ("node3", 0.0, 0.0)]
+    (counts,) = [r["counts"] for r in line_log if r["msg"] == "delay line exiting"]
+    assert counts["node3 up"]["forwarded"] > 0 and counts["node3 down"]["forwarded"] > 0, counts
+    assert not (out / "logs" / "delayline-inet.log").exists()  # no public host was named: no line there
     alone = sorted(n for n, peers in learned_with.items() if not peers)
     print(f"\nlearned with: { {n: sorted(p) for n, p in learned_with.items()} }; alone: {alone}")
 

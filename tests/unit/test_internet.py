@@ -191,5 +191,73 @@ def test_probe_reports_honestly() -> None:
 
 def test_skipped_is_a_clear_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="murmur.testnet.internet"):
-        internet.skipped("latency 100ms on node3", "tc netem unavailable")
-    assert caplog.messages == ["skipped: latency 100ms on node3: tc netem unavailable"]
+        internet.skipped("loss 5% on node3", "nodes share the loopback interface")
+    assert caplog.messages == ["skipped: loss 5% on node3: nodes share the loopback interface"]
+
+
+def _wired() -> internet.Plan:
+    """``pub`` and ``b`` (behind home) get delay lines; the others plain cables."""
+    return internet.plan(Topology(
+        hosts=(Host("pub", delay_line=True), Host("pub2"), Host("a", router="home"),
+               Host("b", router="home", delay_line=True), Host("c", router="home", delay_line=True)),
+        routers=(Router("home"),)), owner=OWNER)
+
+
+def test_only_hosts_planned_with_a_delay_line_get_a_wire_named_after_their_port() -> None:
+    p = _wired()
+    assert {n: h.wire for n, h in p.hosts.items()} == {
+        "pub": internet.Wire("p2h", "p2b"), "pub2": None, "a": None,
+        "b": internet.Wire("p2h", "p2b"), "c": internet.Wire("p3h", "p3b")}
+    # the same names in two namespaces, never twice in one
+    assert (p.hosts["pub"].far_ns, p.hosts["b"].far_ns) == (f"{NS}inet", f"{NS}r-home")
+    most = internet.wire_for(f"p{internet.MAX_PUBLIC_ENDPOINTS}")
+    assert max(len(most.host_side), len(most.bridge_side)) <= internet.IFNAME_MAX
+
+
+def test_a_wired_cable_splices_the_delay_lines_ends_between_eth0_and_the_bridge_port() -> None:
+    cmds = internet.setup_commands(_wired())
+    far, b = ["ip", "-n", f"{NS}r-home"], ["ip", "-n", f"{NS}h-b"]
+    nft = ["ip", "netns", "exec", f"{NS}r-home", "nft"]
+    start = cmds.index([*b, "link", "add", "eth0", "type", "veth", "peer", "name", "p2h", "netns", f"{NS}r-home"])
+    assert cmds[start:start + 10] == [
+        [*b, "link", "add", "eth0", "type", "veth", "peer", "name", "p2h", "netns", f"{NS}r-home"],
+        [*far, "link", "add", "p2b", "type", "veth", "peer", "name", "p2"],
+        [*nft, "add", "table", "netdev", "murmur_wire_p2"],
+        [*nft, "add", "chain", "netdev", "murmur_wire_p2", "p2h",
+         "{ type filter hook ingress device p2h priority filter ; policy drop ; }"],
+        [*nft, "add", "chain", "netdev", "murmur_wire_p2", "p2b",
+         "{ type filter hook ingress device p2b priority filter ; policy drop ; }"],
+        [*far, "link", "set", "p2", "master", "lan0"],  # the bridge port keeps its name: rate and loss apply
+        [*far, "link", "set", "p2", "up"],
+        [*far, "link", "set", "p2b", "up"],
+        [*far, "link", "set", "p2h", "up"],
+        [*b, "link", "set", "eth0", "up"],
+    ]
+    # a is cabled as ever: its eth0's peer is its bridge port
+    assert ["ip", "-n", f"{NS}h-a", "link", "add", "eth0", "type", "veth", "peer", "name", "p1", "netns",
+            f"{NS}r-home"] in cmds
+    assert sum(1 for c in cmds if "veth" in c) == 6 + 3  # a pair per host and router, a second per wired host
+    # loss and rate still act on the bridge port and on eth0
+    b_plan = _wired().hosts["b"]
+    assert [c[-1].split()[6] for c in internet.loss_commands(b_plan, 1.0) if "chain" in c] == ["p2", "eth0"]
+    assert [c[6] for c in internet.rate_commands(b_plan, LinkRate(1, 2))] == ["eth0", "p2"]
+
+
+def test_one_delay_line_per_far_namespace_carries_its_wired_hosts() -> None:
+    lines = internet.delay_line_commands(_wired(), python="/py")
+    assert lines == {
+        f"{NS}inet": ["ip", "netns", "exec", f"{NS}inet", "/py", "-m", "murmur.testnet.delayline",
+                      "--link", "pub:p2h:p2b"],
+        f"{NS}r-home": ["ip", "netns", "exec", f"{NS}r-home", "/py", "-m", "murmur.testnet.delayline",
+                        "--link", "b:p2h:p2b", "--link", "c:p3h:p3b"],
+    }
+    assert internet.delay_line_commands(internet.plan(_topology(), owner=OWNER)) == {}  # nobody pays for none
+
+
+def test_latency_is_one_way_each_way_and_only_on_a_wired_host() -> None:
+    p = _wired()
+    assert internet.latency_command(p.hosts["b"], 40.0).line() == "set b 40 40\n"
+    with pytest.raises(InternetError, match=r"host a has no delay line \(plan it with Host\(..., delay_line=True\)\)"):
+        internet.latency_command(p.hosts["a"], 40.0)
+    with pytest.raises(InternetError, match="host b: a delay must be 0-60000 ms, got -1"):
+        internet.latency_command(p.hosts["b"], -1.0)

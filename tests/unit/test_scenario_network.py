@@ -77,6 +77,35 @@ def test_network_section_places_hosts_behind_routers_with_rates() -> None:
     internet.plan(topology)  # a topology the emulated internet builds
 
 
+LATENCY = """
+[[churn]]
+at_round = 2
+action = "latency"
+nodes = [2, 6]
+ms = 40
+
+[[churn]]
+at_round = 3
+action = "latency"
+nodes = [2]
+ms = 0
+"""
+
+
+def test_only_the_hosts_latency_steps_name_get_a_delay_line() -> None:
+    """Node 6 is a Sybil: its attacker's host gets it. A step naming
+    nobody names every host; no step, no host."""
+    def wired(extra: str) -> list[str]:
+        return [h.name for h in network_topology(_scenario(NETWORK + extra)).hosts if h.delay_line]
+
+    assert wired("") == []
+    assert wired(LATENCY) == ["node2", "attacker0"]
+    assert wired(LATENCY.replace("nodes = [2, 6]\n", "")) == ["node0", "node1", "node2", "node3", "node4",
+                                                               "attacker0"]
+    p = internet.plan(network_topology(_scenario(NETWORK + LATENCY)))
+    assert sorted(n for n, h in p.hosts.items() if h.wire is not None) == ["attacker0", "node2"]
+
+
 def test_without_a_network_section_nothing_changes() -> None:
     sc = parse_scenario(BASE)
     assert sc.network is None
@@ -222,7 +251,13 @@ def test_network_errors_name_line_and_field(tmp_path: Path, network: str, needle
 
 
 def test_check_network_refuses_with_the_reason_never_falls_back() -> None:
-    check_network(Capabilities(None, None, None, "tc netem unavailable"))  # netem is not needed
+    no_delay = Capabilities(None, None, None, "packet sockets unavailable: EPERM")
+    check_network(no_delay)  # without latency steps the delay line is not needed
+    with pytest.raises(OptionError) as info:
+        check_network(no_delay, latency=True)
+    assert (info.value.key, info.value.problem) == (
+        "network", "latency steps need the emulated internet's delay line, which cannot run here: "
+                   "packet sockets unavailable: EPERM")
     with pytest.raises(OptionError) as info:
         check_network(Capabilities(None, "nft not installed (apt-get install nftables)", None, None))
     assert info.value.key == "network"

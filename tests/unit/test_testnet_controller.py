@@ -10,7 +10,7 @@ import pytest
 
 from murmur.testnet import internet
 from murmur.testnet import controller
-from murmur.testnet.scenario import parse_scenario
+from murmur.testnet.scenario import Action, ChurnEvent, parse_scenario
 
 NAT_SCENARIO = """
 nodes = 3
@@ -34,7 +34,7 @@ class _SlowInternet:
     entered = threading.Event()
     release = threading.Event()
 
-    def __init__(self, plan: internet.Plan) -> None:
+    def __init__(self, plan: internet.Plan, log_dir: Path | None = None) -> None:
         self.plan = plan
 
     def start(self) -> None:
@@ -89,3 +89,38 @@ def test_the_control_sockets_folder_made_for_a_long_run_dir_is_removed_at_the_en
     with pytest.raises(internet.InternetError):
         asyncio.run(testnet.run())
     assert not ctl_dir.exists()
+
+
+class _RecordingInternet:
+    """Stands in for a running internet.Internet: records each impairment;
+    node0's host has no delay line."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float]] = []
+
+    def set_loss(self, host: str, percent: float) -> None:
+        self.calls.append(("loss", host, percent))
+
+    def set_latency(self, host: str, ms: float) -> None:
+        if host == "node0":
+            raise internet.InternetError("host node0 has no delay line")
+        self.calls.append(("latency", host, ms))
+
+
+def test_latency_and_loss_steps_go_to_each_named_host_and_a_failure_is_recorded_as_skipped(tmp_path: Path) -> None:
+    testnet = controller.Testnet(parse_scenario(NAT_SCENARIO),
+                                 controller.RunOptions(out=tmp_path / "run", dashboard=False, progress=None))
+    testnet.prepare()
+    net = _RecordingInternet()
+    testnet._internet = net  # type: ignore[assignment]
+
+    def impair(action: Action, nodes: tuple[int, ...], **value: float) -> str | None:
+        return asyncio.run(testnet._impair(ChurnEvent(action, at_round=1, nodes=nodes, **value)))
+
+    assert impair(Action.LATENCY, (1, 2), ms=40.0) is None
+    assert impair(Action.LOSS, (), percent=5.0) is None  # no nodes: every host
+    assert impair(Action.LATENCY, (0,), ms=40.0) == "host node0 has no delay line"
+    assert net.calls == [("latency", "node1", 40.0), ("latency", "node2", 40.0),
+                         ("loss", "node0", 5.0), ("loss", "node1", 5.0), ("loss", "node2", 5.0)]
+    testnet._internet = None  # loopback: nothing to apply it on
+    assert impair(Action.LATENCY, (1,), ms=40.0) == "nodes share the loopback interface (no per-node netns)"
