@@ -122,6 +122,9 @@ async def _works(conn: Libp2pConnection, outcome: str) -> str:
     return outcome
 
 
+# Slow (45 s on 2 cores): every pair of NAT kinds. The default suite keeps one
+# punch behind EIM NATs (test_internet_node_dcutr.py) and the retries (test_internet_dcutr_retry.py).
+@pytest.mark.slow
 async def test_connectivity_matrix(net: Internet) -> None:
     relay = ns_host(net, "relay")
     RelayService(relay, RelayConfig(max_reservations_per_ip=64))

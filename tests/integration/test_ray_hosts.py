@@ -36,7 +36,9 @@ from tests.integration import raynet
 pytest.importorskip("ray", reason="Ray is not installed (pip install 'murmur[ray]'); the Ray cluster run is not tested")
 _WHY_NOT = raynet.can_make_namespaces()
 # Skipped only without root; as root (CI) a namespace that cannot be made fails the tests instead.
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason=f"three Ray hosts: {_WHY_NOT}")]
+# Slow (two minutes together on 2 cores): CI runs them; test_ray_cluster.py keeps
+# a Ray run in the default suite.
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason=f"three Ray hosts: {_WHY_NOT}"), pytest.mark.slow]
 
 ROOT = str(Path(__file__).resolve().parents[2])
 RUN_TIMEOUT_S = 240

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.integration.emulation import require_internet, run_testnet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +29,9 @@ RUN_TIMEOUT_S = 240
 ACCURACY = 0.8
 
 
+# Slow (50 s on 2 cores): the default suite keeps nat.toml's run, relays and NATs
+# included (test_testnet_network.py), and relayed learning (test_internet_nodes.py).
+@pytest.mark.slow
 def test_every_honest_node_behind_nat_learns_through_one_public_relay(tmp_path: Path) -> None:
     require_internet()
     out = tmp_path / "run"
