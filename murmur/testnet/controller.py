@@ -1051,18 +1051,14 @@ class Testnet:
         hosts = sorted({host_name(self.nodes[i].spec) for i in (ev.nodes or self.nodes)})
         if ev.action is Action.LOSS:
             assert ev.percent is not None
-            percent = ev.percent
-
-            def apply() -> None:
-                for host in hosts:
-                    net.set_loss(host, percent)
+            setting, value = net.set_loss, ev.percent
         else:
             assert ev.ms is not None
-            ms = ev.ms
+            setting, value = net.set_latency, ev.ms
 
-            def apply() -> None:
-                for host in hosts:
-                    net.set_latency(host, ms)
+        def apply() -> None:
+            for host in hosts:
+                setting(host, value)
 
         try:
             await asyncio.to_thread(apply)
