@@ -43,7 +43,11 @@ def adoption(models: Sequence[PublicModel]) -> PublicModel:
     """What to adopt from ``models``, ranked most trusted first.
 
     Fewer than MIN_ROBUST_SOURCES: the first (the most trusted, as catch-up
-    always did). Otherwise the coordinate-wise median of an odd number of
+    always did), and of two at the lower of their rounds: a Sybil ranked
+    first that names a far round (10^9 ended a node's run: past
+    ``learning.rounds``) moves the node no further than the honest one
+    beside it, and an honest pair a round apart costs the node one round
+    run again. Otherwise the coordinate-wise median of an odd number of
     them (of four, the three most trusted: the median of four withstands one
     poisoned model, as that of three does) at the median of their rounds: a
     Sybil's claim of a far round moves the round no more than its model
@@ -54,8 +58,10 @@ def adoption(models: Sequence[PublicModel]) -> PublicModel:
     """
     if not models:
         raise ValueError("adoption needs at least one model")
-    if len(models) < MIN_ROBUST_SOURCES:
+    if len(models) == 1:
         return models[0]
+    if len(models) < MIN_ROBUST_SOURCES:
+        return PublicModel(models[0].model, min(m.state_round for m in models))
     voting = models[: len(models) - (len(models) + 1) % 2]
     median = lower_median(torch.stack([m.model.to(torch.float32) for m in voting]))
     rounds = sorted(m.state_round for m in voting)

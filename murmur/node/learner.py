@@ -1098,6 +1098,13 @@ class NodeLearner:
             except DecodeError as exc:
                 log.info("catch-up: unusable model", extra={"peer": str(peer), "error": str(exc)})
                 continue
+            if state_round < self.engine.round:
+                # It claimed a round ahead of ours; adopted, a model of our
+                # round or before would move us nowhere or back (rounds run,
+                # and their noise spent, again), and the others decide.
+                log.info("catch-up: model not ahead of us", extra={"peer": str(peer), "state_round": state_round,
+                                                                   "round": self.engine.round})
+                continue
             arrived[peer] = PublicModel(model, state_round)
         return arrived
 

@@ -130,14 +130,18 @@ async def test_a_trusted_sybil_among_three_neighbours_ahead_does_not_hand_over_i
 
 
 @pytest.mark.timeout(3 * RUN_S)
-async def test_a_model_answer_without_a_valid_round_does_not_end_the_rounds(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("state_round", [-5, -1], ids=["invalid", "not-ahead"])
+async def test_a_model_answer_without_a_round_ahead_is_left_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state_round: int) -> None:
     """The neighbour asked for its model answers with a state round below -1:
     read in the round loop, the DecodeError ended the node's rounds task
-    (the daemon stops on a crashed task). The answer is left out, and the
-    other two models decide (two: the more trusted one's, outright)."""
+    (the daemon stops on a crashed task). Or with a valid round that is not
+    ahead of the late node's, after claiming one that was: adopted with the
+    others (the median of three) it would have moved the node nowhere. Either
+    answer is left out, and the other two models decide (two: the more
+    trusted one's, outright)."""
     adopted, late = await _catch_up_next_to(
-        tmp_path, monkeypatch, lambda model, r: (model, -5),
+        tmp_path, monkeypatch, lambda model, r: (model, state_round),
         lambda late: late.learner.catch_ups >= 1 or bool(late.tasks.crashes()))
     assert not late.tasks.crashes(), late.tasks.crashes()
     model, then = adopted[0]

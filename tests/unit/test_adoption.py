@@ -41,10 +41,15 @@ def test_two_poisoned_of_five_and_an_even_count() -> None:
     assert four.state_round == 30
 
 
-def test_with_fewer_than_three_the_most_trusted_is_adopted_as_before() -> None:
+def test_with_fewer_than_three_the_most_trusted_is_adopted_at_the_lower_round() -> None:
     assert MIN_ROBUST_SOURCES == 3
     a, b = _honest(1, 5), _honest(2, 6)
     assert adoption([a]) is a
-    assert adoption([b, a]) is b
+    two = adoption([b, a])
+    assert two.model is b.model and two.state_round == 5
+    # A Sybil ranked first that names a far round: its model, but the honest round.
+    sybil = PublicModel(torch.full((1000,), 1e30), 10**9)
+    chosen = adoption([sybil, a])
+    assert chosen.model is sybil.model and chosen.state_round == 5
     with pytest.raises(ValueError):
         adoption([])
