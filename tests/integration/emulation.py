@@ -4,9 +4,11 @@ processes: :func:`murmur.testnet.internet.socket_in`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -22,6 +24,7 @@ from murmur.testnet import internet
 from murmur.testnet.internet import Internet
 
 IO_TIMEOUT_S = 10.0
+RTT_PROBES = 9  # UDP round trips a measured RTT is the median of
 APT_TIMEOUT_S = 300.0
 
 
@@ -162,6 +165,37 @@ def transfer(net: Internet, client: str, server: str, nbytes: int, port: int, *,
     (measured,) = [r for r in result if isinstance(r, Transfer)]
     assert measured.nbytes == nbytes
     return measured
+
+
+def rtt_ms(net: Internet, client: str, server: str, port: int, probes: int = RTT_PROBES) -> float:
+    """The median round trip of RTT_PROBES UDP datagrams from ``client`` to
+    an echo in ``server`` (median of ``probes``): the sockets are made first, so only the wire is timed."""
+    echo = internet.socket_in(net.ns(server), type=socket.SOCK_DGRAM)
+    probe = internet.socket_in(net.ns(client), type=socket.SOCK_DGRAM)
+    echo.bind((net.address(server), port))
+    echo.settimeout(IO_TIMEOUT_S)
+    probe.settimeout(IO_TIMEOUT_S)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(probes):
+                data, peer = echo.recvfrom(16)
+                echo.sendto(data, peer)
+
+    thread = threading.Thread(target=serve, name="echo", daemon=True)
+    thread.start()
+    rtts = []
+    try:
+        for i in range(probes):
+            started = time.monotonic()
+            probe.sendto(i.to_bytes(4, "big"), (net.address(server), port))
+            assert probe.recv(16) == i.to_bytes(4, "big")
+            rtts.append((time.monotonic() - started) * 1000)
+    finally:
+        probe.close()
+        echo.close()
+        thread.join(IO_TIMEOUT_S)
+    return statistics.median(rtts)
 
 
 def ns_host(net: Internet, name: str, connect_timeout_s: float = 1.0) -> Libp2pHost:

@@ -5,6 +5,7 @@ seconds: real processes, sockets and crypto, figures only sanity-checked."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,13 @@ def test_collusion_bench_holds_the_budget_against_each_k() -> None:
         assert r["epsilon_vs_k"] == pytest.approx(10.0, rel=1e-3), r
         assert r["k"] == 0 or r["base_epsilon_vs_k"] > 10.05, r
         assert 0 < r["local_over_ldp"] <= 1.0 and r["seconds"] > 0
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(os.geteuid() != 0, reason="the emulated internet needs root (network namespaces, nftables, tc)")
+def test_delayline_bench_adds_the_round_trip_it_sets() -> None:
+    out = _last_json("delayline.py", "--mib", "8", "--rated-s", "1", "--tries", "1", "--ms", "20", "--mbit", "20")
+    assert out["line_mbit"] > 0 and out["plain_mbit"] > 0 and 0 <= out["line_cpu"] <= 2.0
+    assert 0.5 <= out["rated_line_vs_plain"] <= 1.5, out  # both held to the same tbf rate
+    assert out["rtt_expected_ms"] == 40.0
+    assert 38.0 <= out["rtt_added_ms"] <= 80.0, out  # 20 ms each way; the line wakes late by a ms or so

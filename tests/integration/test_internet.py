@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-import statistics
 import subprocess
 import threading
 import time
@@ -26,7 +25,7 @@ from murmur.testnet.internet import (
     Topology,
     Unsolicited,
 )
-from tests.integration.emulation import IO_TIMEOUT_S, dial, listen, require_internet, seen_from, transfer
+from tests.integration.emulation import IO_TIMEOUT_S, dial, listen, require_internet, rtt_ms, seen_from, transfer
 
 PORT = 7000
 SRC_PORT = 40000
@@ -36,7 +35,6 @@ RATED_S = 3  # how long each transfer at a set rate lasts
 LOSS_DATAGRAMS = 2000
 LOSS_QUIET_S = 0.5  # no datagram for this long: the rest were dropped
 RATE_TOLERANCE = (0.8, 1.05)  # TCP goodput against the tbf rate: 0.96-0.98 measured (headers), less under load
-RTT_PROBES = 9
 RTT_ADDED_MS = (95.0, 160.0)  # 50 ms each way adds 100 ms; the loop wakes late by a ms or so, more under load
 RTT_BACK_MS = 5.0  # at 0 ms the line adds tens of microseconds
 BULK_BYTES = 4 << 20
@@ -294,37 +292,6 @@ def test_socket_in_reaches_a_hosts_own_loopback(eim: Internet) -> None:
             socket.create_connection(server.getsockname(), timeout=1.0).close()
 
 
-def _rtt_ms(net: Internet, client: str, server: str, port: int) -> float:
-    """The median round trip of RTT_PROBES UDP datagrams from ``client`` to
-    an echo in ``server``: the sockets are made first, so only the wire is timed."""
-    echo = internet.socket_in(net.ns(server), type=socket.SOCK_DGRAM)
-    probe = internet.socket_in(net.ns(client), type=socket.SOCK_DGRAM)
-    echo.bind((net.address(server), port))
-    echo.settimeout(IO_TIMEOUT_S)
-    probe.settimeout(IO_TIMEOUT_S)
-
-    def serve() -> None:
-        with contextlib.suppress(OSError):
-            for _ in range(RTT_PROBES):
-                data, peer = echo.recvfrom(16)
-                echo.sendto(data, peer)
-
-    thread = threading.Thread(target=serve, name="echo", daemon=True)
-    thread.start()
-    rtts = []
-    try:
-        for i in range(RTT_PROBES):
-            started = time.monotonic()
-            probe.sendto(i.to_bytes(4, "big"), (net.address(server), port))
-            assert probe.recv(16) == i.to_bytes(4, "big")
-            rtts.append((time.monotonic() - started) * 1000)
-    finally:
-        probe.close()
-        echo.close()
-        thread.join(IO_TIMEOUT_S)
-    return statistics.median(rtts)
-
-
 def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
@@ -338,15 +305,15 @@ def test_latency_delays_a_hosts_link_each_way_and_zero_ends_it() -> None:
     with Internet(Topology(hosts=(Host("s1"), Host("s2", delay_line=True), Host("s3")))) as net:
         names, pids = net.plan.namespaces, net.delay_line_pids
         assert len(pids) == 1 and all(_alive(p) for p in pids)
-        base = _rtt_ms(net, "s1", "s2", PORT)
+        base = rtt_ms(net, "s1", "s2", PORT)
         plain = transfer(net, "s1", "s3", BULK_BYTES, PORT + 1, upload=True)
         lined = transfer(net, "s1", "s2", BULK_BYTES, PORT + 2, upload=True)  # 0 ms: through the line at once
         net.set_latency("s2", delay_ms)
-        delayed = _rtt_ms(net, "s1", "s2", PORT + 3)
+        delayed = rtt_ms(net, "s1", "s2", PORT + 3)
         up = transfer(net, "s2", "s1", BULK_BYTES, PORT + 4, upload=True)
         down = transfer(net, "s2", "s1", BULK_BYTES, PORT + 5, upload=False)
         net.set_latency("s2", 0.0)
-        after = _rtt_ms(net, "s1", "s2", PORT + 6)
+        after = rtt_ms(net, "s1", "s2", PORT + 6)
         print(f"\nrtt {base:.2f} ms, with {delay_ms:g} ms each way {delayed:.2f} ms, back at 0 {after:.2f} ms; "
               f"bulk plain {plain.mbit_s:.0f} Mbit/s, through the line at 0 ms {lined.mbit_s:.0f}, "
               f"delayed up {up.mbit_s:.0f} down {down.mbit_s:.0f}")
