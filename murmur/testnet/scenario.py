@@ -658,9 +658,22 @@ def _cross_checks(sc: Scenario) -> Iterable[tuple[tuple[str | int, ...], str]]:
                 yield ("links", "overrides", o, "nodes"), f"node index {i} out of range (0..{total - 1})"
     down: set[int] = set()
     joined: set[int] = set()
+    latest: dict[RoundOf | None, tuple[float, int]] = {}  # per trigger (None: at_s): the latest so far, and where
     for e, ev in enumerate(sc.churn):
         if (ev.at_round is None) == (ev.at_s is None):
             yield ("churn", e), "give exactly one of at_round or at_s"
+        # Events fire in file order: one listed after a later one of the same
+        # trigger waits for it (nat.toml's latency at round 5, listed after a
+        # loss step at 15, fired at 15).
+        trigger, at = (ev.reference, ev.at_round) if ev.at_round is not None else (None, ev.at_s)
+        if at is not None:
+            before = latest.get(trigger)
+            if before is not None and at < before[0]:
+                what = "at_round" if trigger is not None else "at_s"
+                yield ("churn", e, what), (f"{at:g} comes after churn[{before[1]}] at {before[0]:g}: events fire in "
+                                           f"file order, so this one would wait for that one; list them in order")
+            else:
+                latest[trigger] = (at, e)
         if d.rounds is not None and ev.at_round is not None and ev.at_round >= d.rounds:
             yield ("churn", e, "at_round"), f"must be < duration.rounds ({d.rounds})"
         if d.seconds is not None and ev.at_s is not None and ev.at_s >= d.seconds:

@@ -203,6 +203,12 @@ nodes = [2]
          "churn[0].round_of: names no honest node (node0..node3)"),
         ("[[churn]]\nat_s = 3.0\nround_of = \"front\"\naction = \"heal\"\n", "round_of",
          "churn[0].round_of: only applies to at_round"),
+        ("[[churn]]\nat_round = 15\naction = \"heal\"\n[[churn]]\nat_round = 7\naction = \"heal\"\n", "at_round = 7",
+         "churn[1].at_round: 7 comes after churn[0] at 15: events fire in file order, so this one would wait "
+         "for that one; list them in order"),
+        ("[[churn]]\nat_s = 9.5\naction = \"heal\"\n[[churn]]\nat_s = 2.5\naction = \"heal\"\n", "at_s = 2.5",
+         "churn[1].at_s: 2.5 comes after churn[0] at 9.5: events fire in file order, so this one would wait "
+         "for that one; list them in order"),
     ],
 )
 def test_errors_name_line_and_field(tmp_path: Path, snippet: str, needle: str, message: str) -> None:
@@ -443,3 +449,27 @@ def test_unsound_compression_with_privacy_names_the_scenario_line(tmp_path: Path
         load_runnable_scenario(path)
     assert str(info.value).startswith(f"{path}:{line}: compression.sparsifier: "), str(info.value)
     assert "reveals which ones moved" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_events_in_order_per_trigger_are_accepted() -> None:
+    """Only a step back on one trigger is refused: rounds of different
+    references, and round and time triggers, do not order each other."""
+    sc = parse_scenario(BASE + textwrap.dedent("""
+        [[churn]]
+        at_round = 8
+        round_of = "front"
+        action = "heal"
+
+        [[churn]]
+        at_round = 3
+        action = "heal"
+
+        [[churn]]
+        at_round = 3
+        action = "heal"
+
+        [[churn]]
+        at_s = 1.0
+        action = "heal"
+    """))
+    assert [ev.at_round for ev in sc.churn] == [8, 3, 3, None]
