@@ -32,6 +32,7 @@ class Outcome:
     sybil_weight: float  # mean weight honest nodes gave a Sybil they aggregated
     rounds: list[int]
     catch_ups: int  # models honest nodes adopted from a neighbour ahead
+    sybil_weights_by_node: dict[int, list[float]]  # in the last round: who gave which Sybil weight (for a failure's message)
 
 
 async def run_network(
@@ -70,6 +71,8 @@ async def run_network(
             sybil_weight=sum(sybil_w) / len(sybil_w) if sybil_w else 0.0,
             rounds=[s["round"] for s in statuses],
             catch_ups=sum(n.learner.catch_ups for n in nodes),
+            sybil_weights_by_node={i: [round(w, 3) for p, w in s["weights"].items() if p in sybil_ids]
+                                   for i, s in enumerate(statuses) if any(p in sybil_ids for p in s["weights"])},
         )
     finally:
         if attacker is not None:
