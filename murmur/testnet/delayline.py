@@ -160,6 +160,11 @@ class SetDelay:
     up_ms: float
     down_ms: float
 
+    def __post_init__(self) -> None:
+        for ms in (self.up_ms, self.down_ms):
+            if not 0.0 <= ms <= MAX_DELAY_MS:  # also refuses nan
+                raise ValueError(f"a delay must be 0-{MAX_DELAY_MS:g} ms, got {ms}")
+
     def line(self) -> str:
         return f"{SET} {self.link} {self.up_ms:g} {self.down_ms:g}\n"
 
@@ -172,9 +177,6 @@ class SetDelay:
             up, down = float(words[2]), float(words[3])
         except ValueError:
             raise ValueError(f"delays must be numbers of ms, got {words[2]!r} {words[3]!r}") from None
-        for ms in (up, down):
-            if not 0.0 <= ms <= MAX_DELAY_MS:  # also refuses nan
-                raise ValueError(f"a delay must be 0-{MAX_DELAY_MS:g} ms, got {ms}")
         return cls(words[1], up, down)
 
 

@@ -520,7 +520,7 @@ def latency_command(host: HostPlan, ms: float) -> SetDelay:
     if host.wire is None:
         raise InternetError(f"host {host.name} has no delay line (plan it with Host(..., delay_line=True))")
     try:
-        return SetDelay.parse(SetDelay(host.name, ms, ms).line())  # the delay line's own bounds
+        return SetDelay(host.name, ms, ms)
     except ValueError as exc:
         raise InternetError(f"host {host.name}: {exc}") from None
 

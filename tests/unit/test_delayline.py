@@ -75,6 +75,8 @@ def test_set_lines_round_trip_and_bad_ones_are_refused() -> None:
                      ("set node4 nan 2", "0-60000 ms"), ("set node4 1 1e9", "0-60000 ms")]:
         with pytest.raises(ValueError, match=why):
             SetDelay.parse(bad)
+    with pytest.raises(ValueError, match="0-60000 ms"):
+        SetDelay("node4", 1.0, -0.5)  # made in this process, not parsed: the same bounds
 
 
 def test_link_args_round_trip() -> None:
