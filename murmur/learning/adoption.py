@@ -18,7 +18,7 @@ would.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,19 +66,3 @@ def adoption(models: Sequence[PublicModel]) -> PublicModel:
     median = lower_median(torch.stack([m.model.to(torch.float32) for m in voting]))
     rounds = sorted(m.state_round for m in voting)
     return PublicModel(median, rounds[len(rounds) // 2])
-
-
-def within_claims(chosen: PublicModel, others: Iterable[int], own_round: int) -> PublicModel:
-    """A lone answer's round, bounded by what the other neighbours claim.
-
-    With one model arrived, its sender names the round alone: a Sybil
-    answering 10^9 ended the node's run. Where other neighbours claim rounds
-    ahead of ours (in their hellos and round messages) but did not answer in
-    time, the furthest of those claims bounds it (a neighbour at round R
-    sent message R, the round a model of state R reflects). With none ahead
-    but the sender (a lone neighbour ahead, a healed partition's one bridge),
-    nothing checks it, and it stands."""
-    ahead = [r for r in others if r > own_round]
-    if not ahead or chosen.state_round <= max(ahead):
-        return chosen
-    return PublicModel(chosen.model, max(ahead))

@@ -53,7 +53,7 @@ from murmur.errors import (
     StateError,
     TrainerError,
 )
-from murmur.learning.adoption import PublicModel, adoption, within_claims
+from murmur.learning.adoption import PublicModel, adoption
 from murmur.learning.heap import release_free_heap
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordChoice, RecordVerdict, SybilWallAggregator
@@ -1050,8 +1050,6 @@ class NodeLearner:
             return False
         # Off the loop: a median of five large models is seconds of CPU (1.3 s at 11M parameters).
         chosen = await self._decoder.run(partial(adoption, list(arrived.values())))
-        if len(arrived) == 1:
-            chosen = within_claims(chosen, [r for p, r in claimed.items() if p not in arrived], self.engine.round)
         # The chosen model reflects message ``state_round``: we run the next round.
         self.engine.adopt(chosen.model, chosen.state_round + 1)
         for peer, public in arrived.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from murmur.learning.adoption import MIN_ROBUST_SOURCES, PublicModel, adoption, within_claims
+from murmur.learning.adoption import MIN_ROBUST_SOURCES, PublicModel, adoption
 
 
 def _honest(seed: int, rounds: int) -> PublicModel:
@@ -53,14 +53,3 @@ def test_with_fewer_than_three_the_most_trusted_is_adopted_at_the_lower_round() 
     assert chosen.model is sybil.model and chosen.state_round == 5
     with pytest.raises(ValueError):
         adoption([])
-
-
-def test_a_lone_answer_is_bounded_by_the_furthest_other_claim_ahead() -> None:
-    """Known answers: own round 10; one model arrived, naming round 10^9."""
-    lone = PublicModel(torch.zeros(3), 10**9)
-    bounded = within_claims(lone, [12, 40, 7], own_round=10)
-    assert bounded.state_round == 40 and bounded.model is lone.model
-    assert within_claims(PublicModel(lone.model, 30), [12, 40], own_round=10).state_round == 30  # within: as is
-    # no other neighbour ahead of us: nothing to check it against, it stands
-    assert within_claims(lone, [10, 9], own_round=10) is lone
-    assert within_claims(lone, [], own_round=10) is lone
