@@ -125,6 +125,12 @@ MIN_CHOSEN_VOTERS = 2  # chosen neighbours that must be linked before they alone
 CATCH_UP_QUORUM = Fraction(2, 3)  # share of neighbours ahead that moves a node with no vouched claim (catch_up_target)
 """Rounds a neighbour may be ahead before we fetch its model instead of
 trying to keep up: beyond this its deltas are no longer buffered for us."""
+BEHIND_LIVE_DEADLINES = 2.0
+"""A neighbour behind us counts towards pacing us (:func:`ahead_of_network`)
+only while its round messages keep coming: one heard within this many round
+deadlines. A crashed peer whose connection lingers, or one that linked and
+went quiet, claims its last round for good, and must not hold us to the
+deadline's pace until its session ends."""
 CATCH_UP_SOURCES = 5
 """Neighbours ahead a catch-up asks for their model at once (the most trusted
 first): their coordinate-wise median is adopted (murmur.learning.adoption),
@@ -272,6 +278,9 @@ class NodeLearner:
         self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
         self._model_budgets: dict[PeerId, RequestBudget] = {}
         self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
+        self._peer_heard: dict[PeerId, float] = {}  # when it last sent us a round message (monotonic)
+        self._pacing = False  # the last round waited for neighbours behind (logged once a run)
+        self.rounds_paced = 0  # rounds that waited their deadline for neighbours behind (ahead_of_network)
         # Each neighbour's weight in the latest of our aggregations it took part
         # in: what vouches for a lone neighbour ahead of us (catch_up_target).
         self._trust: dict[PeerId, float] = {}
@@ -676,8 +685,11 @@ class NodeLearner:
                 # A catch-up that became due (a restarted node learning how far
                 # ahead its neighbours are) ends the wait: no message of theirs
                 # can still come for this round, the next one adopts a model.
-                await self._wait_for(lambda: (self.engine.has_neighbours() and self.engine.quorum_reached())
+                # Most neighbours behind us: the deadline, for them to come level (ahead_of_network).
+                await self._wait_for(lambda: (self.engine.has_neighbours() and self.engine.quorum_reached()
+                                              and not self._ahead_of_network())
                                      or self._catch_up_target() is not None, max(0.0, remaining))
+                self._note_paced(round_)
             missing = self.engine.missing()
             # Closed from here on: a neighbour linked meanwhile gets the next round's message.
             self._open = None
@@ -853,6 +865,7 @@ class NodeLearner:
         while len(self._trust) > MAX_TRUSTED_PEERS:
             del self._trust[next(iter(self._trust))]
         self._peer_rounds = {peer: r for peer, r in self._peer_rounds.items() if peer in current}
+        self._peer_heard = {peer: t for peer, t in self._peer_heard.items() if peer in current}
         with timer.phase("eval_s"):
             loss, accuracy = await self._call_trainer("evaluate", lambda: asyncio.to_thread(self._evaluate))
         self.last_eval = (loss, accuracy)
@@ -984,6 +997,7 @@ class NodeLearner:
         if outcome is Offer.BAD_SHAPE:
             raise DecodeError(f"round message with non-finite values for round {start.round}")
         self._peer_rounds[session.peer] = max(self._peer_rounds.get(session.peer, -1), start.round)
+        self._peer_heard[session.peer] = time.monotonic()
         if outcome is Offer.NEEDS_SYNC:
             await self._request_resync(session)
         self._arrived.set()
@@ -1017,6 +1031,25 @@ class NodeLearner:
     def _catch_up_target(self) -> PeerId | None:
         return catch_up_target(self._claimed_rounds(), self.engine.round, self._trust, self._choices(),
                                self._min_voters())
+
+    def _ahead_of_network(self) -> bool:
+        horizon = time.monotonic() - BEHIND_LIVE_DEADLINES * self.cfg.round_deadline_s
+        live = {peer for peer, heard in self._peer_heard.items() if heard >= horizon}
+        return ahead_of_network(self._claimed_rounds(), self.engine.round, live, self._choices())
+
+    def _note_paced(self, round_: int) -> None:
+        """Count a round that waited for neighbours behind, and say so when a run of them begins."""
+        if not self._ahead_of_network():
+            self._pacing = False
+            return
+        self.rounds_paced += 1
+        if self._pacing:
+            return
+        self._pacing = True
+        behind = sorted(r for r in voters(self._claimed_rounds(), self._choices()).values()
+                        if r + CATCH_UP_GAP < round_)
+        log.info(f"most neighbours are behind (rounds {behind[0]}-{behind[-1]}, ours {round_}): rounds wait their "
+                 "deadline for them to come level", extra={"event": "pacing", "round": round_, "behind": len(behind)})
 
     def _wanted_neighbours(self) -> int:
         """The learning neighbours this node looks for (a network of
@@ -1462,6 +1495,7 @@ class NodeLearner:
             "finished": self._finished,
             "catch_ups": self.catch_ups,
             "rounds_held_back": self._held_back.count,
+            "rounds_paced": self.rounds_paced,  # rounds that waited their deadline for neighbours behind
             # training rounds in a row whose local step was non-finite and skipped: the node then
             # only averages its neighbours' models, while its evaluation still looks plausible
             "rounds_diverged": self.engine.diverged_streak,
@@ -1548,6 +1582,42 @@ def voters(claimed: Mapping[PeerId, int], choices: Collection[PeerId] = ()) -> d
     the defence against an eclipse."""
     chosen = {peer: r for peer, r in claimed.items() if peer in choices}
     return chosen if len(chosen) >= MIN_CHOSEN_VOTERS else dict(claimed)
+
+
+def ahead_of_network(claimed: Mapping[PeerId, int], own_round: int, live: Collection[PeerId],
+                     choices: Collection[PeerId] = ()) -> bool:
+    """Whether most of the neighbours that vote (:func:`voters`) are more
+    than CATCH_UP_GAP rounds behind us and still sending (``live``): then a
+    round waits its whole deadline for them instead of closing on its quorum.
+
+    Why. A round closes once a quorum of the neighbours it waits for
+    delivered, and one behind us cannot deliver our round; after a few
+    rounds without its message it is muted and no longer waited for. So a
+    node ahead ran at the pace of whoever was level with it, and nothing
+    brought the two sides together: neighbours behind catch up only when
+    more than two thirds of theirs are ahead or one ahead earned their
+    trust. In the default testnet the node in a process of its own was up
+    first, had only a Sybil linked when its start wait ended, and raced it
+    to round 10 (rounds of 70 ms, the Sybil answering at once) before its
+    honest neighbours linked at round 0; it then kept that lead to the end,
+    its rounds made of its own step and the Sybil's message (accuracy
+    0.11-0.25 against 0.36-0.49), and two neighbours 7 rounds behind at the
+    end adopted its model (3 of 4 runs had a node 8-11 rounds ahead of the
+    median). Two pairs started apart kept their distance for good the same
+    way. Waiting out the deadline gives the neighbours behind (which count
+    our later rounds as delivered, see RoundEngine.quorum_reached) the time
+    to come level.
+
+    Only neighbours still sending count as behind, and the rest of the
+    vote stays in the count: a crashed peer whose connection lingers is
+    left out. The chosen neighbours decide when enough of them are linked,
+    as for catch-up: peers that linked to us unasked (a Sybil claiming low
+    rounds) cannot hold us by themselves, and those we chose can at most
+    slow us to the deadline's pace."""
+    voting = voters(claimed, choices)
+    behind = [peer for peer, r in voting.items() if r + CATCH_UP_GAP < own_round]
+    gone = sum(1 for peer in behind if peer not in live)
+    return 2 * (len(behind) - gone) > len(voting) - gone
 
 
 def catch_up_target(claimed: Mapping[PeerId, int], own_round: int, trust: Mapping[PeerId, float],

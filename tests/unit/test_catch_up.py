@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from murmur.node.learner import CATCH_UP_GAP, catch_up_sources, catch_up_target, voters
+from murmur.node.learner import CATCH_UP_GAP, ahead_of_network, catch_up_sources, catch_up_target, voters
 from murmur.protocol.identity import Identity
 
 A, B, C, SYBIL = (Identity.generate().peer_id for _ in range(4))
@@ -99,3 +99,42 @@ def test_several_sources_are_ranked_most_trusted_then_least_extreme() -> None:
     assert catch_up_sources(claimed, 4, {SYBIL: 0.0}) == [A, B, C]  # never one given no weight
     assert catch_up_sources({A: 5, B: 5, C: 30}, 5, {A: 0.3, B: 0.3, C: 0.2}) == [C]  # a lone vouched claim
     assert catch_up_sources({A: 5, B: 5, SYBIL: FAR}, 5, {}) == []
+
+
+def test_a_node_waits_for_most_of_its_neighbours_when_they_are_behind_and_sending() -> None:
+    """Ours is round 20. Two of three neighbours more than CATCH_UP_GAP behind
+    and still sending: most are behind, the round waits its deadline. One of
+    three, or within the gap, or exactly half: it closes on its quorum."""
+    behind = 20 - CATCH_UP_GAP - 1
+    everyone = {A, B, C}
+    assert ahead_of_network({A: behind, B: behind, C: 20}, 20, everyone)
+    assert ahead_of_network({A: 0, B: 1, C: 2}, 20, everyone)
+    assert not ahead_of_network({A: behind, B: 20, C: 20}, 20, everyone)
+    assert not ahead_of_network({A: 20 - CATCH_UP_GAP, B: 20 - CATCH_UP_GAP, C: 20}, 20, everyone)
+    assert not ahead_of_network({A: behind, B: 20}, 20, everyone)  # half is not most
+    assert not ahead_of_network({}, 20, everyone)
+
+
+def test_neighbours_behind_that_stopped_sending_leave_the_vote() -> None:
+    """A crashed peer whose connection lingers claims its last round for
+    good: it neither holds us (behind, silent) nor counts against the rest.
+    Two of three silent behind, the third level: we run on. Two sending
+    behind and one silent behind: two of the two that count are behind."""
+    assert not ahead_of_network({A: 3, B: 3, C: 20}, 20, {C})
+    assert ahead_of_network({A: 3, B: 3, C: 3}, 20, {A, B})
+    assert not ahead_of_network({A: 3, B: 3, C: 20}, 20, {A})  # one of the two that count
+
+
+def test_neighbours_that_linked_unasked_cannot_hold_a_node_by_themselves() -> None:
+    """Sybils that linked to us (not chosen) and keep sending rounds far
+    behind: once two we chose are linked, only those vote, and they are
+    level."""
+    sybil2 = Identity.generate().peer_id
+    claimed = {A: 20, B: 20, SYBIL: 0, sybil2: 0}
+    live = {A, B, SYBIL, sybil2}
+    assert not ahead_of_network(claimed, 20, live, choices={A, B})
+    assert not ahead_of_network(claimed, 20, live, choices={A})  # one choice: everyone votes, 2 of 4 is not most
+    sybil3 = Identity.generate().peer_id
+    crowd = {**claimed, sybil3: 0}
+    assert ahead_of_network(crowd, 20, live | {sybil3}, choices={A})  # 3 of 5: they slow us to the deadline's pace
+    assert not ahead_of_network(crowd, 20, live | {sybil3}, choices={A, B})
