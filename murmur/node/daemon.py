@@ -204,7 +204,14 @@ class Node:
             # privacy setting it cannot meet, fail while nobody can connect yet.
             from murmur.node.learner import NodeLearner  # torch is only loaded by learning nodes
 
-            self.attach_learner(NodeLearner(self))
+            # Off the loop: loading the trainer and calibrating the privacy
+            # noise are seconds of CPU (1.8 s a node at the default testnet's
+            # example level), and the nodes already up in this process (a
+            # testnet worker) must go on answering their peers meanwhile. On
+            # the loop, a worker's first node could not complete a handshake
+            # until its last was built; the node that dialled it linked only
+            # to a Sybil up before everyone, and ran its first rounds with it.
+            self.attach_learner(await asyncio.to_thread(NodeLearner, self))
             self._resumed = self.state.last_metrics()
             self.metrics.resume(self._resumed, self.learner.epsilon_spent())
         self.host = Libp2pHost(

@@ -257,12 +257,18 @@ async def _running(configs: Sequence[NodeConfig], attacker: AttackPlan | None) -
         async with SybilAttacker(configs, attacker) as sybils:
             yield list(sybils.fronts)
         return
+    # All at once: each start builds its learner in a thread (seconds of CPU,
+    # see Node._start), so the nodes of a worker come up together instead of
+    # one after another; the first of them started its rounds while the last
+    # was still being built, and found only whoever was up first to link to.
     nodes: list[Node] = []
     try:
         for cfg in configs:
-            node = Node(cfg)
-            await node.start()
-            nodes.append(node)
+            nodes.append(Node(cfg))
+        started = await asyncio.gather(*(node.start() for node in nodes), return_exceptions=True)
+        failed = [outcome for outcome in started if isinstance(outcome, BaseException)]
+        if failed:
+            raise failed[0]
         yield nodes
     finally:
         # all at once: K nodes stopping one after the other would overrun the
