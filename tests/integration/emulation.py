@@ -168,8 +168,8 @@ def transfer(net: Internet, client: str, server: str, nbytes: int, port: int, *,
 
 
 def rtt_ms(net: Internet, client: str, server: str, port: int, probes: int = RTT_PROBES) -> float:
-    """The median round trip of RTT_PROBES UDP datagrams from ``client`` to
-    an echo in ``server`` (median of ``probes``): the sockets are made first, so only the wire is timed."""
+    """The median round trip of ``probes`` UDP datagrams from ``client`` to
+    an echo in ``server``: the sockets are made first, so only the wire is timed."""
     echo = internet.socket_in(net.ns(server), type=socket.SOCK_DGRAM)
     probe = internet.socket_in(net.ns(client), type=socket.SOCK_DGRAM)
     echo.bind((net.address(server), port))
