@@ -1,7 +1,7 @@
 """Starting a node leaves the event loop to the nodes already up in its process.
 
 Building a learner (the trainer's data, the privacy calibration: 1.8 s of
-CPU a node at the default testnet's example level) ran on the event loop. A
+CPU a node when four started at once) ran on the event loop. A
 testnet worker starts several nodes in one process, so its first node could
 not complete a handshake until its last one was built; in the default
 testnet the node that dialled it linked only to a Sybil that was up before

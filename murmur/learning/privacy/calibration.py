@@ -84,8 +84,9 @@ def assumed_graph(num_nodes: int, degree: int, seed: int) -> Graph:
 def example_rdp_coef(epsilon: float, delta: float, steps: int, sampling_rate: float) -> float:
     """The per-round ρ whose Poisson-subsampled composition over ``steps``
     rounds spends ``epsilon`` (Brent's method in log ρ; ε is monotone in ρ):
-    each ε is a full RDP composition, so the ~10 evaluations Brent needs
-    instead of bisection's ~30 are most of a node's start-up. The returned ρ
+    each ε needs one round's subsampled RDP series (~20 ms), so the ~20
+    evaluations (brackets and Brent's steps) are most of a node's start-up
+    (the series are cached: a process's later nodes reuse them). The returned ρ
     is the bracket's lower end, so it never spends more than ``epsilon``."""
     def gap(log_rho: float) -> float:
         return example_level_epsilon(math.exp(log_rho), sampling_rate, steps, delta) - epsilon
