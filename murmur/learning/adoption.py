@@ -18,7 +18,7 @@ would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,3 +66,25 @@ def adoption(models: Sequence[PublicModel]) -> PublicModel:
     median = lower_median(torch.stack([m.model.to(torch.float32) for m in voting]))
     rounds = sorted(m.state_round for m in voting)
     return PublicModel(median, rounds[len(rounds) // 2])
+
+
+def within_claims(chosen: PublicModel, claims_ahead: Collection[int]) -> PublicModel:
+    """A lone answer's round, bounded by the lower median of the rounds the
+    voting neighbours ahead of us claim (``claims_ahead``, the sender's own
+    claim among them where it votes).
+
+    With one model arrived its sender names the round alone, and a Sybil
+    answering 10^9 while the honest neighbours ahead were slow to answer
+    ended the node's run (past ``learning.rounds``). The claims are what
+    the neighbours said in their hellos and round messages, so a Sybil can
+    claim 10^9 there too: the lower median, not the furthest claim, holds
+    as long as fewer than half of the voters ahead are Sybils (the bound
+    :func:`adoption`'s median keeps for three models and more). Honest
+    neighbours a round or two apart cost the node those rounds run again.
+    With no voter ahead (a lone neighbour vouched for by weight), nothing
+    checks it, and it stands."""
+    if not claims_ahead:
+        return chosen
+    ordered = sorted(claims_ahead)
+    bound = ordered[(len(ordered) - 1) // 2]
+    return chosen if chosen.state_round <= bound else PublicModel(chosen.model, bound)

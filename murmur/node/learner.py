@@ -53,7 +53,7 @@ from murmur.errors import (
     StateError,
     TrainerError,
 )
-from murmur.learning.adoption import PublicModel, adoption
+from murmur.learning.adoption import PublicModel, adoption, within_claims
 from murmur.learning.heap import release_free_heap
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordChoice, RecordVerdict, SybilWallAggregator
@@ -1083,6 +1083,8 @@ class NodeLearner:
             return False
         # Off the loop: a median of five large models is seconds of CPU (1.3 s at 11M parameters).
         chosen = await self._decoder.run(partial(adoption, list(arrived.values())))
+        if len(arrived) == 1:
+            chosen = within_claims(chosen, claims_ahead(claimed, self.engine.round, choices))
         # The chosen model reflects message ``state_round``: we run the next round.
         self.engine.adopt(chosen.model, chosen.state_round + 1)
         for peer, public in arrived.items():
@@ -1582,6 +1584,14 @@ def voters(claimed: Mapping[PeerId, int], choices: Collection[PeerId] = ()) -> d
     the defence against an eclipse."""
     chosen = {peer: r for peer, r in claimed.items() if peer in choices}
     return chosen if len(chosen) >= MIN_CHOSEN_VOTERS else dict(claimed)
+
+
+def claims_ahead(claimed: Mapping[PeerId, int], own_round: int, choices: Collection[PeerId] = ()) -> list[int]:
+    """The rounds the voting neighbours (:func:`voters`) more than
+    CATCH_UP_GAP rounds ahead of ``own_round`` claim: what a lone catch-up
+    answer's round is held to (:func:`murmur.learning.adoption.within_claims`).
+    Voters only: peers that linked to us unasked must not set the bound."""
+    return [r for r in voters(claimed, choices).values() if r > own_round + CATCH_UP_GAP]
 
 
 def ahead_of_network(claimed: Mapping[PeerId, int], own_round: int, live: Collection[PeerId],

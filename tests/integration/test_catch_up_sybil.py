@@ -49,9 +49,11 @@ Sybil = Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]  # its true publ
 
 
 async def _catch_up_next_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sybil_serves: Sybil,
-                            done: Callable[[Node], bool]) -> tuple[list[tuple[torch.Tensor, Served]], Node]:
+                            done: Callable[[Node], bool], honest_answer: bool = True,
+                            ) -> tuple[list[tuple[torch.Tensor, Served]], Node]:
     """Three daemons run LEAD_ROUNDS, the last a Sybil serving
-    ``sybil_serves(its public model, its state round)``; then a late node
+    ``sybil_serves(its public model, its state round)`` (the other two
+    answer no model request unless ``honest_answer``); then a late node
     that trusts the Sybil most starts, until ``done(late)``. Returns each
     model it adopted with every model each of the three had served by then."""
     ahead: list[Node] = []
@@ -71,6 +73,10 @@ async def _catch_up_next_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syb
         served: Served = {}
         for name, node in (("a", honest_a), ("b", honest_b)):
             node.learner.engine.public_state = _recording(served, name, node.learner.engine.public_state)
+            if not honest_answer:
+                async def silent(*_: object) -> None:
+                    return None
+                node.learner._on_model_request = silent
         true_state = sybil.learner.engine.public_state
 
         def poisoned() -> tuple[torch.Tensor, int]:
@@ -146,3 +152,15 @@ async def test_a_model_answer_without_a_round_ahead_is_left_out(
     assert not late.tasks.crashes(), late.tasks.crashes()
     model, then = adopted[0]
     assert any(torch.equal(model, served) for name in ("a", "b") for served in then.get(name, []))
+
+
+@pytest.mark.timeout(3 * RUN_S)
+async def test_a_lone_answer_naming_a_far_round_is_held_to_the_neighbours_claims(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two honest neighbours ahead do not answer in time; the Sybil,
+    alone in answering, names round 10^9. The late node took that round and
+    its run was over (past learning.rounds); now the lower median of what
+    the three claim holds it, and the node goes on running rounds."""
+    _, late = await _catch_up_next_to(tmp_path, monkeypatch, lambda model, r: (model, 10**9),
+                                      lambda late: late.learner.catch_ups >= 1, honest_answer=False)
+    assert LEAD_ROUNDS <= late.learner.round < 10**6, late.learner.round

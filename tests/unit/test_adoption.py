@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from murmur.learning.adoption import MIN_ROBUST_SOURCES, PublicModel, adoption
+from murmur.learning.adoption import MIN_ROBUST_SOURCES, PublicModel, adoption, within_claims
 
 
 def _honest(seed: int, rounds: int) -> PublicModel:
@@ -53,3 +53,15 @@ def test_with_fewer_than_three_the_most_trusted_is_adopted_at_the_lower_round() 
     assert chosen.model is sybil.model and chosen.state_round == 5
     with pytest.raises(ValueError):
         adoption([])
+
+
+def test_a_lone_answer_is_held_to_the_lower_median_of_the_claims_ahead() -> None:
+    """Known answers: one model arrived, naming round 10^9."""
+    lone = PublicModel(torch.zeros(3), 10**9)
+    # two honest voters ahead at 40 and 41, the Sybil claiming 10^9 too: the middle one
+    held = within_claims(lone, [41, 10**9, 40])
+    assert held.state_round == 41 and held.model is lone.model
+    assert within_claims(lone, [40, 10**9]).state_round == 40  # half the voters ahead are not enough
+    assert within_claims(lone, [10**9, 10**9, 40]).state_round == 10**9  # most of them are
+    assert within_claims(PublicModel(lone.model, 30), [40, 41]).state_round == 30  # within: as is
+    assert within_claims(lone, []) is lone  # no voter ahead: nothing to check it against

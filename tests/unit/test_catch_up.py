@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from murmur.node.learner import CATCH_UP_GAP, ahead_of_network, catch_up_sources, catch_up_target, voters
+from murmur.node.learner import (
+    CATCH_UP_GAP,
+    ahead_of_network,
+    catch_up_sources,
+    catch_up_target,
+    claims_ahead,
+    voters,
+)
 from murmur.protocol.identity import Identity
 
 A, B, C, SYBIL = (Identity.generate().peer_id for _ in range(4))
@@ -138,3 +145,12 @@ def test_neighbours_that_linked_unasked_cannot_hold_a_node_by_themselves() -> No
     crowd = {**claimed, sybil3: 0}
     assert ahead_of_network(crowd, 20, live | {sybil3}, choices={A})  # 3 of 5: they slow us to the deadline's pace
     assert not ahead_of_network(crowd, 20, live | {sybil3}, choices={A, B})
+
+
+def test_the_claims_that_hold_a_lone_answer_are_the_voters_ahead() -> None:
+    """A Sybil that linked to us unasked claims 10^9; only the neighbours we
+    chose vote once two of them are linked, and those not ahead of us do not count."""
+    claimed = {A: 40, B: 41, C: 5 + CATCH_UP_GAP, SYBIL: FAR}
+    assert sorted(claims_ahead(claimed, 5, choices={A, B, C})) == [40, 41]
+    assert sorted(claims_ahead(claimed, 5)) == [40, 41, FAR]  # choices unknown: every neighbour votes
+    assert claims_ahead(claimed, 50, choices={A, B, C}) == []
