@@ -668,7 +668,8 @@ class NodeLearner:
             committed = None
             with timer.phase("commit_s"):
                 if training and self.privacy is not None:  # a zero update adds no noise: nothing to commit
-                    committed = await self.privacy.commit(round_, neighbours)
+                    committed = await self.privacy.commit(
+                        round_, neighbours, {str(p) for p in out_of_step(self._claimed_rounds(), round_)})
             with timer.phase("send_s"):
                 sent = self.engine.open_round(neighbours, update, committed)
                 # Our statement of the public model the message makes (its digest and sketch: ~0.25 s
@@ -1592,6 +1593,16 @@ def claims_ahead(claimed: Mapping[PeerId, int], own_round: int, choices: Collect
     answer's round is held to (:func:`murmur.learning.adoption.within_claims`).
     Voters only: peers that linked to us unasked must not set the bound."""
     return [r for r in voters(claimed, choices).values() if r > own_round + CATCH_UP_GAP]
+
+
+def out_of_step(claimed: Mapping[PeerId, int], round_: int) -> set[PeerId]:
+    """Neighbours whose privacy commit for ``round_`` is not worth waiting
+    for: those that claim a later round than the next (a node commits a
+    round before it sends it, so theirs is here already or never comes: they
+    moved on, and committed only to the neighbours they had then), and those
+    more than CATCH_UP_GAP rounds behind (not there within a commit budget
+    of a second). See :meth:`murmur.node.privacy.NodePrivacy.commit`."""
+    return {peer for peer, r in claimed.items() if r > round_ + 1 or r + CATCH_UP_GAP < round_}
 
 
 def ahead_of_network(claimed: Mapping[PeerId, int], own_round: int, live: Collection[PeerId],

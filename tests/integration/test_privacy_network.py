@@ -373,3 +373,33 @@ async def test_a_restarted_node_keeps_the_epsilon_it_spent(tmp_path: Path) -> No
         assert stage.epsilon_spent() > spent
         ledger = StateDir(cluster.members[2].data_dir).load_privacy_ledger()
         assert sum(entry[2] for entry in ledger) >= rounds_on_disk + 2
+
+
+async def test_a_neighbour_rounds_ahead_is_not_waited_for_its_commit(tmp_path: Path) -> None:
+    """A node far behind its neighbour waited out the commit budget in
+    every round for the neighbour's commit of that round, which it made long
+    before, to the neighbours it had then: in the default testnet four nodes
+    that started 2 s late ran at 0.9 s a round against the others' 0.1 s and
+    never came level. Both sides now skip the wait while they are out of
+    step (the one ahead would wait for a commit that comes rounds later)."""
+    deadline_s = 1.5
+    overrides = {**BASE, "learning.rounds": 1000, "privacy.scheme": "decor", "learning.start_wait_s": 0.0,
+                 "learning.round_deadline_s": deadline_s}
+    async with Cluster(1, tmp_path, overrides=overrides) as cluster:
+        ahead = cluster.node(0)
+        await wait_until(lambda: ahead.learner.round >= 6, ROUNDS_S, "the first node's rounds alone")
+        behind = await cluster.add_node(bootstrap=True, learning__node_index=1)
+        budget = privacy(behind).commit_wait_s
+        assert budget == pytest.approx(deadline_s / 3)
+
+        def edged() -> bool:
+            return privacy(behind).seeds.has(ahead.peer_id) and privacy(ahead).seeds.has(behind.peer_id)
+
+        await wait_until(edged, ROUNDS_S, "a noise edge between the two")
+        start = behind.learner.round
+        await wait_until(lambda: behind.learner.round >= start + 3, ROUNDS_S, "three rounds of the late node")
+        gap = ahead.learner.round - behind.learner.round
+        assert gap > 2, f"the two came level ({gap} apart): nothing was out of step"
+        rows = [row for row in behind.state.read_metrics() if row["round"] >= start and row["neighbour_count"] == 1]
+        assert rows, "no round of the late node had its neighbour"
+        assert all(row["commit_s"] < budget / 2 for row in rows), [(r["round"], r["commit_s"]) for r in rows]

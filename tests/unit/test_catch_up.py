@@ -8,6 +8,7 @@ from murmur.node.learner import (
     catch_up_sources,
     catch_up_target,
     claims_ahead,
+    out_of_step,
     voters,
 )
 from murmur.protocol.identity import Identity
@@ -154,3 +155,13 @@ def test_the_claims_that_hold_a_lone_answer_are_the_voters_ahead() -> None:
     assert sorted(claims_ahead(claimed, 5, choices={A, B, C})) == [40, 41]
     assert sorted(claims_ahead(claimed, 5)) == [40, 41, FAR]  # choices unknown: every neighbour votes
     assert claims_ahead(claimed, 50, choices={A, B, C}) == []
+
+
+def test_commits_not_worth_waiting_for_are_those_past_the_round_or_far_behind() -> None:
+    """Round 10: a neighbour at 11 may still have its commit of 10 in flight,
+    one at 12 made it long ago; one at 10 - CATCH_UP_GAP comes within a
+    round or two, one further behind does not."""
+    claimed = {A: 10, B: 11, C: 12, SYBIL: 10 - CATCH_UP_GAP - 1}
+    assert out_of_step(claimed, 10) == {C, SYBIL}
+    assert out_of_step({A: 10 - CATCH_UP_GAP}, 10) == set()
+    assert out_of_step({}, 10) == set()
