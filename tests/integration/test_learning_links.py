@@ -232,6 +232,39 @@ async def test_two_pairs_started_apart_come_level_and_say_why(
             assert paced and all("most neighbours are behind" in r.getMessage() for r in paced), paced
 
 
+async def test_two_groups_met_through_a_minority_of_links_come_level(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three nodes run ahead; three more, started later, link among
+    themselves and then to the first three through a node of each. Every
+    node has at most a third of its neighbours on the other side: too few
+    for the late ones to adopt a model (two thirds, and more), too few for
+    the first ones to wait out their deadlines (most of them). Both sides
+    kept their distance for good (the default testnet's split runs); now a
+    node with any neighbour behind and sending runs at half pace
+    (lagging_neighbour), and the late group, at its full pace, comes level."""
+    caplog.set_level(logging.INFO, logger="murmur")
+    overrides = {**learning(size=64), "learning.num_nodes": 6, "network.neighbours": 3}
+    async with Cluster(3, tmp_path / "ahead", overrides) as ahead:
+        await ahead.wait_until(lambda: all(n.learner.round >= 20 for n in ahead), 30.0, "the first group's rounds")
+        async with Cluster(3, tmp_path / "behind", overrides) as behind:
+            await behind.wait_until(lambda: all(len(n.membership.learning_neighbours()) >= 2 for n in behind), 30.0,
+                                    "the late group linked among itself")
+            first = ahead.node(0)
+            await behind.node(0).connect(first.addrs, first.peer_id)
+            nodes = [*ahead, *behind]
+
+            def level() -> bool:
+                rounds = [n.learner.round for n in nodes]
+                return max(rounds) - min(rounds) <= CATCH_UP_GAP
+
+            await behind.wait_until(level, 60.0, "the two groups' rounds level")
+            assert all(n.status()["learning"]["catch_ups"] == 0 for n in nodes)  # no model was handed over
+            paced = events(caplog, "pacing")
+            assert any("a neighbour is behind" in r.getMessage() and r.half for r in paced), \
+                [r.getMessage() for r in paced]
+
+
 async def test_nodes_on_one_machine_without_allow_loopback_say_why_they_do_not_all_link(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8,6 +8,7 @@ from murmur.node.learner import (
     catch_up_sources,
     catch_up_target,
     claims_ahead,
+    lagging_neighbour,
     out_of_step,
     voters,
 )
@@ -165,3 +166,13 @@ def test_commits_not_worth_waiting_for_are_those_past_the_round_or_far_behind() 
     assert out_of_step(claimed, 10) == {C, SYBIL}
     assert out_of_step({A: 10 - CATCH_UP_GAP}, 10) == set()
     assert out_of_step({}, 10) == set()
+
+
+def test_any_neighbour_behind_and_sending_halves_the_pace() -> None:
+    """Any neighbour, chosen or not, more than CATCH_UP_GAP behind and heard
+    from lately; one that stopped sending (crashed, finished) does not count."""
+    claimed = {A: 20, B: 20, C: 20 - CATCH_UP_GAP - 1}
+    assert lagging_neighbour(claimed, 20, live={A, B, C})
+    assert not lagging_neighbour(claimed, 20, live={A, B})  # C went quiet
+    assert not lagging_neighbour({A: 20, B: 20 - CATCH_UP_GAP}, 20, live={A, B})  # within the gap
+    assert not lagging_neighbour({}, 20, live=set())
