@@ -187,6 +187,17 @@ async def test_a_slow_greeting_does_not_cost_the_link(tmp_path: Path, monkeypatc
             assert node.status()["faults"] == {}
 
 
+async def come_level_without_a_handover(cluster: Cluster, nodes: list[Node], timeout_s: float) -> None:
+    """Wait until ``nodes`` run rounds within CATCH_UP_GAP of each other, and
+    check that none of them got there by adopting another's model."""
+    def level() -> bool:
+        rounds = [n.learner.round for n in nodes]
+        return max(rounds) - min(rounds) <= CATCH_UP_GAP
+
+    await cluster.wait_until(level, timeout_s, "the two groups' rounds level")
+    assert all(n.status()["learning"]["catch_ups"] == 0 for n in nodes)  # no model was handed over
+
+
 async def test_two_pairs_started_apart_come_level_and_say_why(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -219,14 +230,7 @@ async def test_two_pairs_started_apart_come_level_and_say_why(
                        for r in warned), [r.getMessage() for r in warned]
             assert all(r.rounds_held_back == HELD_BACK_STREAK for r in warned)  # once a streak, not every round
 
-            nodes = [*ahead, *behind]
-
-            def level() -> bool:
-                rounds = [n.learner.round for n in nodes]
-                return max(rounds) - min(rounds) <= CATCH_UP_GAP
-
-            await behind.wait_until(level, 30.0, "the two pairs' rounds level")
-            assert all(n.status()["learning"]["catch_ups"] == 0 for n in nodes)  # no model was handed over
+            await come_level_without_a_handover(behind, [*ahead, *behind], 30.0)
             assert all(n.status()["learning"]["rounds_paced"] > 0 for n in ahead)
             paced = events(caplog, "pacing")
             assert paced and all("most neighbours are behind" in r.getMessage() for r in paced), paced
@@ -252,14 +256,7 @@ async def test_two_groups_met_through_a_minority_of_links_come_level(
                                     "the late group linked among itself")
             first = ahead.node(0)
             await behind.node(0).connect(first.addrs, first.peer_id)
-            nodes = [*ahead, *behind]
-
-            def level() -> bool:
-                rounds = [n.learner.round for n in nodes]
-                return max(rounds) - min(rounds) <= CATCH_UP_GAP
-
-            await behind.wait_until(level, 60.0, "the two groups' rounds level")
-            assert all(n.status()["learning"]["catch_ups"] == 0 for n in nodes)  # no model was handed over
+            await come_level_without_a_handover(behind, [*ahead, *behind], 60.0)
             paced = events(caplog, "pacing")
             assert any("a neighbour is behind" in r.getMessage() and r.half for r in paced), \
                 [r.getMessage() for r in paced]
