@@ -325,8 +325,8 @@ class NodePrivacy:
         2. wait (within the commit budget) for the neighbours' secrets;
         3. sign and send RoundCommit(round, peers we hold a secret for);
         4. wait (rest of the budget) for the commits of those peers, but not
-           of those ``out_of_step`` (already past ``round_``, or too far
-           behind to reach it in time: their commit is here or never comes);
+           of those ``out_of_step`` (already past ``round_``: their commit is
+           here or never comes);
         5. return the peers whose commit lists us (``edge_active``).
 
         Why step 4 skips them: a neighbour ahead of us committed this round

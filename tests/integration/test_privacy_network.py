@@ -380,8 +380,8 @@ async def test_a_neighbour_rounds_ahead_is_not_waited_for_its_commit(tmp_path: P
     every round for the neighbour's commit of that round, which it made long
     before, to the neighbours it had then: in the default testnet four nodes
     that started 2 s late ran at 0.9 s a round against the others' 0.1 s and
-    never came level. Both sides now skip the wait while they are out of
-    step (the one ahead would wait for a commit that comes rounds later)."""
+    never came level. It no longer waits for the commit of a neighbour
+    past the round."""
     deadline_s = 1.5
     overrides = {**BASE, "learning.rounds": 1000, "privacy.scheme": "decor", "learning.start_wait_s": 0.0,
                  "learning.round_deadline_s": deadline_s}

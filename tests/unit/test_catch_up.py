@@ -158,13 +158,12 @@ def test_the_claims_that_hold_a_lone_answer_are_the_voters_ahead() -> None:
     assert claims_ahead(claimed, 50, choices={A, B, C}) == []
 
 
-def test_commits_not_worth_waiting_for_are_those_past_the_round_or_far_behind() -> None:
+def test_commits_not_worth_waiting_for_are_those_past_the_round() -> None:
     """Round 10: a neighbour at 11 may still have its commit of 10 in flight,
-    one at 12 made it long ago; one at 10 - CATCH_UP_GAP comes within a
-    round or two, one further behind does not."""
+    one at 12 made it long ago; one behind, however far, may reach round 10
+    within the budget (testnet rounds are ~0.1 s)."""
     claimed = {A: 10, B: 11, C: 12, SYBIL: 10 - CATCH_UP_GAP - 1}
-    assert out_of_step(claimed, 10) == {C, SYBIL}
-    assert out_of_step({A: 10 - CATCH_UP_GAP}, 10) == set()
+    assert out_of_step(claimed, 10) == {C}
     assert out_of_step({}, 10) == set()
 
 
