@@ -110,3 +110,12 @@ def test_delayline_bench_adds_the_round_trip_it_sets() -> None:
     assert 0.5 <= out["rated_line_vs_plain"] <= 1.5, out  # both held to the same tbf rate
     assert out["rtt_expected_ms"] == 40.0
     assert 38.0 <= out["rtt_added_ms"] <= 80.0, out  # 20 ms each way; the line wakes late by a ms or so
+
+
+@pytest.mark.timeout(150)
+def test_accounting_bench_checks_the_cache_against_dp_accounting() -> None:
+    """The bench exits non-zero where the cached ε differs from dp_accounting's;
+    at a few rounds the cache must already be the faster."""
+    out = _last_json("accounting.py", "--rounds", "5", "--repeats", "1")
+    assert out["rounds"] == 5 and out["direct_s"] > 0 and out["cached_s"] > 0
+    assert out["ratio"] > 1 and out["calibration_warm_s"] < out["calibration_cold_s"]
