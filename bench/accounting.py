@@ -18,27 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
 
-from murmur.learning.privacy.accountant import RDP_ORDERS, Accountant, _one_step_rdp
-from murmur.learning.privacy.calibration import assumed_graph, calibrate
-from murmur.learning.privacy.schemes import NoiseObjective, PrivacyLevel, PrivacyScheme
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.masks
+
+from bench.masks import fastest_of  # noqa: E402  (one timer for the benches)
+from murmur.learning.privacy.accountant import RDP_ORDERS, Accountant, _one_step_rdp  # noqa: E402
+from murmur.learning.privacy.calibration import assumed_graph, calibrate  # noqa: E402
+from murmur.learning.privacy.schemes import NoiseObjective, PrivacyLevel, PrivacyScheme  # noqa: E402
 
 DELTA = 1e-5
 RHO = 0.553  # the default testnet's per-round coefficient (ε = 10 over 40 rounds at q = 32/180)
-
-
-def fastest_of(repeats: int, fn: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def direct(rounds: int, rate: float) -> list[float]:
