@@ -205,10 +205,11 @@ class Node:
             from murmur.node.learner import NodeLearner  # torch is only loaded by learning nodes
 
             # Off the loop: loading the trainer and calibrating the privacy
-            # noise are up to seconds of CPU (the calibration 0.45 s alone at
-            # the default testnet's example level, 1.8 s in a worker starting
-            # four nodes; later nodes of a process reuse its RDP series), and the nodes already up in this process (a
-            # testnet worker) must go on answering their peers meanwhile. On
+            # noise are up to seconds of CPU (the calibration 0.35-0.45 s at
+            # the default testnet's example level, 1.8 s a node in a worker
+            # starting four before its RDP series were cached), and the nodes
+            # already up in this process (a testnet worker) must go on
+            # answering their peers meanwhile. On
             # the loop, a worker's first node could not complete a handshake
             # until its last was built; the node that dialled it linked only
             # to a Sybil up before everyone, and ran its first rounds with it.
