@@ -207,7 +207,8 @@ async def test_two_pairs_started_apart_come_level_and_say_why(
     does not adopt their model (a Sybil claims rounds ahead too). It says so,
     once a streak, and its status counts the rounds. The first pair, most of
     whose neighbours are now behind and sending, waits out its deadlines
-    (ahead_of_network) until the late pair, which counts their later rounds
+    (ahead_of_network; at half pace while only one late node is linked:
+    lagging_neighbour) until the late pair, which counts their later rounds
     as delivered, comes level: the four run the same rounds. (They kept
     their distance for good before: each side ran at the pace of its
     partner.)"""
@@ -232,8 +233,10 @@ async def test_two_pairs_started_apart_come_level_and_say_why(
 
             await come_level_without_a_handover(behind, [*ahead, *behind], 30.0)
             assert all(n.status()["learning"]["rounds_paced"] > 0 for n in ahead)
-            paced = events(caplog, "pacing")
-            assert paced and all("most neighbours are behind" in r.getMessage() for r in paced), paced
+            # One line a streak, named by how it began: a node of the first pair
+            # that met one late node before the other began at half pace.
+            paced = [r.getMessage() for r in events(caplog, "pacing")]
+            assert paced and all(re.match(r"(most neighbours are|a neighbour is) behind", m) for m in paced), paced
 
 
 async def test_two_groups_met_through_a_minority_of_links_come_level(
