@@ -39,11 +39,13 @@ class PublicModel:
     state_round: int
 
 
-def adoption(models: Sequence[PublicModel]) -> PublicModel:
+def adoption(models: Sequence[PublicModel], claims_ahead: Collection[int] = ()) -> PublicModel:
     """What to adopt from ``models``, ranked most trusted first.
 
     Fewer than MIN_ROBUST_SOURCES: the first (the most trusted, as catch-up
-    always did), and of two at the lower of their rounds: a Sybil ranked
+    always did); of one at most at the round :func:`within_claims` allows
+    (``claims_ahead``: what the voting neighbours ahead claim), and of two
+    at the lower of their rounds: a Sybil ranked
     first that names a far round (10^9 ended a node's run: past
     ``learning.rounds``) moves the node no further than the honest one
     beside it, and an honest pair a round apart costs the node one round
@@ -59,7 +61,7 @@ def adoption(models: Sequence[PublicModel]) -> PublicModel:
     if not models:
         raise ValueError("adoption needs at least one model")
     if len(models) == 1:
-        return models[0]
+        return within_claims(models[0], claims_ahead)
     if len(models) < MIN_ROBUST_SOURCES:
         return PublicModel(models[0].model, min(m.state_round for m in models))
     voting = models[: len(models) - (len(models) + 1) % 2]

@@ -53,7 +53,7 @@ from murmur.errors import (
     StateError,
     TrainerError,
 )
-from murmur.learning.adoption import PublicModel, adoption, within_claims
+from murmur.learning.adoption import PublicModel, adoption
 from murmur.learning.heap import release_free_heap
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordChoice, RecordVerdict, SybilWallAggregator
@@ -668,8 +668,8 @@ class NodeLearner:
             committed = None
             with timer.phase("commit_s"):
                 if training and self.privacy is not None:  # a zero update adds no noise: nothing to commit
-                    committed = await self.privacy.commit(
-                        round_, neighbours, {str(p) for p in out_of_step(self._claimed_rounds(), round_)})
+                    committed = await self.privacy.commit(round_, neighbours,
+                                                          out_of_step(self._claimed_rounds(), round_))
             with timer.phase("send_s"):
                 sent = self.engine.open_round(neighbours, update, committed)
                 # Our statement of the public model the message makes (its digest and sketch: ~0.25 s
@@ -691,11 +691,12 @@ class NodeLearner:
                                               and not self._ahead_of_network())
                                      or self._catch_up_target() is not None, max(0.0, remaining))
                 # Some neighbour behind, still sending: half our pace (lagging_neighbour).
-                if self._lagging():
+                half = not self._ahead_of_network() and self._lagging()
+                if half:
                     elapsed = time.monotonic() - started
                     await self._wait_for(lambda: self._catch_up_target() is not None,
                                          max(0.0, min(elapsed, deadline_s - elapsed)))
-                self._note_paced(round_)
+                self._note_paced(round_, half)
             missing = self.engine.missing()
             # Closed from here on: a neighbour linked meanwhile gets the next round's message.
             self._open = None
@@ -1049,22 +1050,23 @@ class NodeLearner:
     def _lagging(self) -> bool:
         return lagging_neighbour(self._claimed_rounds(), self.engine.round, self._live())
 
-    def _note_paced(self, round_: int) -> None:
-        """Count a round that waited for neighbours behind, and say so when a run of them begins."""
-        if not self._ahead_of_network() and not self._lagging():
+    def _note_paced(self, round_: int, half: bool) -> None:
+        """Count a round that waited for neighbours behind (its deadline, or
+        as long again as it took where ``half``), and say so when a run of them begins."""
+        most = not half and self._ahead_of_network()
+        if not (half or most):
             self._pacing = False
             return
         self.rounds_paced += 1
         if self._pacing:
             return
         self._pacing = True
-        most = self._ahead_of_network()
         claimed = voters(self._claimed_rounds(), self._choices()) if most else self._claimed_rounds()
         behind = sorted(r for r in claimed.values() if r + CATCH_UP_GAP < round_) or [round_]
         what = ("most neighbours are behind", "rounds wait their deadline") if most else \
             ("a neighbour is behind", "rounds run at half pace")
         log.info(f"{what[0]} (rounds {behind[0]}-{behind[-1]}, ours {round_}): {what[1]} for them to come level",
-                 extra={"event": "pacing", "round": round_, "behind": len(behind), "half": not most})
+                 extra={"event": "pacing", "round": round_, "behind": len(behind), "half": half})
 
     def _wanted_neighbours(self) -> int:
         """The learning neighbours this node looks for (a network of
@@ -1097,9 +1099,8 @@ class NodeLearner:
             log.info("catch-up failed", extra={"peers": [str(p) for p in peers]})
             return False
         # Off the loop: a median of five large models is seconds of CPU (1.3 s at 11M parameters).
-        chosen = await self._decoder.run(partial(adoption, list(arrived.values())))
-        if len(arrived) == 1:
-            chosen = within_claims(chosen, claims_ahead(claimed, self.engine.round, choices))
+        chosen = await self._decoder.run(partial(adoption, list(arrived.values()),
+                                                 claims_ahead(claimed, self.engine.round, choices)))
         # The chosen model reflects message ``state_round``: we run the next round.
         self.engine.adopt(chosen.model, chosen.state_round + 1)
         for peer, public in arrived.items():

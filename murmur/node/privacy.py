@@ -318,7 +318,8 @@ class NodePrivacy:
                    "fallback_rounds": fallbacks},
         )
 
-    async def commit(self, round_: int, neighbours: Mapping[str, int], out_of_step: Collection[str] = ()) -> list[str]:
+    async def commit(self, round_: int, neighbours: Mapping[str, int],
+                     out_of_step: Collection[PeerId] = ()) -> list[str]:
         """Agree with the neighbours which edges add their pairwise term in ``round_``.
 
         1. send our KeyShare on every neighbour session that has not had it;
@@ -358,7 +359,7 @@ class NodePrivacy:
         await asyncio.gather(*(self._send(p, wire, end) for p in peers))
         for listener in list(self.commit_listeners):
             await listener(round_)
-        expected = [p for p in mine if str(p) not in out_of_step]
+        expected = [p for p in mine if p not in out_of_step]
         await self._wait(lambda: all(p in self._commits.get(round_) for p in expected), end)
         self._closed_round = max(self._closed_round, round_)
         got = {p: c for p, c in self._commits.get(round_).items() if p in set(mine)}

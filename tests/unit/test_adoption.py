@@ -65,3 +65,6 @@ def test_a_lone_answer_is_held_to_the_lower_median_of_the_claims_ahead() -> None
     assert within_claims(lone, [10**9, 10**9, 40]).state_round == 10**9  # most of them are
     assert within_claims(PublicModel(lone.model, 30), [40, 41]).state_round == 30  # within: as is
     assert within_claims(lone, []) is lone  # no voter ahead: nothing to check it against
+    assert adoption([lone], [41, 10**9, 40]).state_round == 41  # what catch-up calls, one model arrived
+    two = adoption([lone, PublicModel(torch.ones(3), 50)], [41, 10**9, 40])
+    assert two.state_round == 50  # of two, the lower of their rounds: the claims are not consulted
