@@ -31,6 +31,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from murmur.errors import MuxerError
+
 FRAME_SLACK = 64
 """Bytes a frame occupies beyond its payload, rounded up (4 of length, 1 of
 type, 16 of tag): what :func:`least_peer_limit` adds per frame."""
@@ -210,28 +212,69 @@ streams and stays, one that keeps opening as fast as it can is dropped."""
 
 
 class StreamOpens:
-    """How fast one connection's peer may open streams: ``burst`` at once,
-    one more every ``refill_s``; after ``max_refused`` refusals beyond what
-    :data:`FLOOD_REFUSAL_REFILL_S` forgives, :meth:`refuse` says the peer floods.
+    """The streams one connection's peer opens, as both muxers police them:
+    their ids (the peer's parity, each above the last), their rate
+    (``burst`` at once, one more every ``refill_s``; after ``max_refused``
+    refusals for rate beyond what :data:`FLOOD_REFUSAL_REFILL_S` forgives,
+    the peer floods), the live-stream bound and the refusals in a row
+    (``max_refused`` of them with no stream accepted between: a stream
+    flood). A muxer asks :meth:`open` first, adds refusals of its own
+    (yamux: the accept backlog, the receive budget), then reports the
+    outcome (:meth:`refused` or :meth:`accepted`).
 
-    Why: a stream the peer opens costs us a task, a multistream-select
+    Why the rate: a stream the peer opens costs us a task, a multistream-select
     negotiation and its bookkeeping whether or not the peer ever uses it.
-    The muxers' live-stream and refused-in-a-row bounds do not limit the
+    The live-stream and refused-in-a-row bounds do not limit the
     *rate*: a peer that opened and reset streams as fast as it could
     (30,000 a second over loopback) held 25-65% of the victim's core with no
     fault on its score. Honest peers open a handful per connection (one per
-    murmur protocol, identify, pings, a relay's circuits), far below this."""
+    murmur protocol, identify, pings, a relay's circuits), far below this.
+    Why in one place: the two muxers (yamux for libp2p peers, murmur's own
+    on the fast path) must hold a peer to the same rules."""
 
-    def __init__(self, burst: int, refill_s: float, max_refused: int,
+    def __init__(self, client: bool, burst: int, refill_s: float, max_refused: int, max_live: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self._parity = 0 if client else 1  # of the ids the peer opens: the dialler's are odd
+        self.last_id = 0  # the peer's last stream id
+        self._max_live = max_live
+        self._max_refused = max_refused
+        self._refused_in_a_row = 0
         self._opens = RequestBudget(burst, refill_s, clock)
         self._refusals = RequestBudget(max_refused, FLOOD_REFUSAL_REFILL_S, clock)
 
-    def admit(self) -> bool:
-        """One inbound stream open: granted (and charged) or refused."""
-        return self._opens.take()
+    def open(self, stream_id: int, live: int, going_away: bool) -> str | None:
+        """The peer opens ``stream_id`` while ``live`` streams are: why it is
+        refused (None: not for any shared reason). A
+        :class:`~murmur.errors.MuxerError` for an id of the wrong parity or
+        not above the last, and for a rate flood; a stream refused for rate
+        is charged no open."""
+        if stream_id % 2 != self._parity or stream_id <= self.last_id:
+            raise MuxerError(f"peer opened stream {stream_id}: wrong parity or not increasing")
+        self.last_id = stream_id
+        if going_away:
+            return "session is going away"
+        if not self._opens.take():
+            if not self._refusals.take():
+                raise MuxerError("stream open flood: refused for rate more than it is forgiven")
+            return "streams opened too fast"
+        if live >= self._max_live:
+            return f"stream limit {self._max_live} reached"
+        return None
 
-    def refuse(self) -> bool:
-        """Count a refusal for rate; False once the peer has been refused more
-        than it is forgiven (a flood: drop the connection)."""
-        return self._refusals.take()
+    def refused(self) -> None:
+        """The open was refused: a :class:`~murmur.errors.MuxerError` once
+        more than ``max_refused`` were in a row."""
+        self._refused_in_a_row += 1
+        if self._refused_in_a_row > self._max_refused:
+            raise MuxerError(f"stream flood: {self._refused_in_a_row} streams refused in a row")
+
+    def accepted(self) -> None:
+        self._refused_in_a_row = 0
+
+    def never_opened(self, stream_id: int, next_local_id: int) -> bool:
+        """Whether a frame for ``stream_id`` (not live now) names a stream
+        neither side ever opened: ours from ``next_local_id`` on, or the
+        peer's above its last (a protocol error; one that was live is a late frame)."""
+        if stream_id % 2 == next_local_id % 2:
+            return stream_id >= next_local_id
+        return stream_id > self.last_id

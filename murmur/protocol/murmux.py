@@ -102,11 +102,9 @@ class MuxSession:
         self.client = client
         self.budget = budget
         self.limits = limits
-        self._opens = limits.stream_opens(clock)  # the peer's stream-open rate (yamux.OPEN_BURST)
+        self._opens = limits.stream_opens(client, clock)  # the peer's stream opens (yamux's rules)
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if client else 2
-        self._last_remote_id = 0
-        self._refused_in_a_row = 0
         self.control: list[tuple[FrameType, int]] = []
         self.going_away = False
 
@@ -232,33 +230,18 @@ class MuxSession:
         return [StreamEnded(stream_id)]
 
     def _on_open(self, stream_id: int) -> list[Event]:
-        remote_parity = 0 if self.client else 1
-        if stream_id % 2 != remote_parity or stream_id <= self._last_remote_id:
-            raise MuxerError(f"peer opened stream {stream_id}: wrong parity or not increasing")
-        self._last_remote_id = stream_id
-        reason = None
-        if self.going_away:
-            reason = "session is going away"
-        elif not self._opens.admit():
-            reason = "streams opened too fast"
-            if not self._opens.refuse():
-                raise MuxerError("stream open flood: refused for rate more than it is forgiven")
-        elif len(self._streams) >= self.limits.max_streams:
-            reason = f"stream limit {self.limits.max_streams} reached"
+        reason = self._opens.open(stream_id, len(self._streams), self.going_away)
         if reason is not None:
-            self._refused_in_a_row += 1
-            if self._refused_in_a_row > self.limits.max_refused_streams:
-                raise MuxerError(f"stream flood: {self._refused_in_a_row} streams refused in a row")
+            self._opens.refused()
             self.control.append((FrameType.RESET, stream_id))
             return [Refused(stream_id, StreamRefused(f"stream {stream_id} refused: {reason}"))]
-        self._refused_in_a_row = 0
+        self._opens.accepted()
         self._streams[stream_id] = _Stream(stream_id)
         return [StreamOpened(stream_id)]
 
     def _stale(self, stream_id: int) -> None:
         """A frame for a stream that is not live: fine if it was (late frames), else a violation."""
-        ours = stream_id % 2 == self._next_id % 2
-        if (ours and stream_id >= self._next_id) or (not ours and stream_id > self._last_remote_id):
+        if self._opens.never_opened(stream_id, self._next_id):
             raise MuxerError(f"frame for stream {stream_id}, which was never opened")
 
     # --- stream lifetime ---------------------------------------------------------------

@@ -128,9 +128,10 @@ class YamuxLimits:
                self.max_open_burst, self.open_refill_s) <= 0:
             raise ValueError("yamux limits must be positive")
 
-    def stream_opens(self, clock: Callable[[], float] = time.monotonic) -> StreamOpens:
-        """The rate limit on the peer's stream opens, one per session."""
-        return StreamOpens(self.max_open_burst, self.open_refill_s, self.max_refused_streams, clock)
+    def stream_opens(self, client: bool, clock: Callable[[], float] = time.monotonic) -> StreamOpens:
+        """The rules on the peer's stream opens, one per session (``client``: we dialled)."""
+        return StreamOpens(client, self.max_open_burst, self.open_refill_s, self.max_refused_streams,
+                           self.max_streams, clock)
 
 
 # --- events --------------------------------------------------------------------
@@ -227,13 +228,11 @@ class YamuxSession:
         self.client = client
         self.budget = budget
         self.limits = limits
-        self._opens = limits.stream_opens(clock)
+        self._opens = limits.stream_opens(client, clock)
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if client else 2
-        self._last_remote_id = 0
         self._graveyard: OrderedDict[int, int] = OrderedDict()  # reset stream -> data it may still carry
         self._backlog = 0  # inbound streams not yet taken
-        self._refused_in_a_row = 0
         self._out = bytearray()
         self._owed_pong: int | None = None
         self._pings: set[int] = set()
@@ -520,33 +519,19 @@ class YamuxSession:
             self._end_body(events)
 
     def _on_syn(self, stream_id: int, events: list[Event]) -> _Stream | None:
-        remote_parity = 0 if self.client else 1
-        if stream_id % 2 != remote_parity or stream_id <= self._last_remote_id:
-            raise MuxerError(f"peer opened stream {stream_id}: wrong parity or not increasing")
-        self._last_remote_id = stream_id
-        reason = None
-        if self.local_goaway:
-            reason = "session is going away"
-        elif not self._opens.admit():
-            reason = "streams opened too fast"
-            if not self._opens.refuse():
-                raise MuxerError("stream open flood: refused for rate more than it is forgiven")
-        elif len(self._streams) >= self.limits.max_streams:
-            reason = f"stream limit {self.limits.max_streams} reached"
-        elif self._backlog >= self.limits.max_ack_backlog:
+        reason = self._opens.open(stream_id, len(self._streams), self.local_goaway)
+        if reason is None and self._backlog >= self.limits.max_ack_backlog:
             reason = f"accept backlog {self.limits.max_ack_backlog} full"
         window = self._acquire_window() if reason is None else None
         if reason is None and window is None:
             reason = "receive budget exhausted"
         if window is None:
-            self._refused_in_a_row += 1
-            if self._refused_in_a_row > self.limits.max_refused_streams:
-                raise MuxerError(f"stream flood: {self._refused_in_a_row} streams refused in a row")
+            self._opens.refused()
             self._frame(FrameType.WINDOW_UPDATE, Flag.RST, stream_id, 0)
             self._graveyard_add(stream_id, INITIAL_WINDOW)
             events.append(Refused(stream_id, StreamRefused(f"stream {stream_id} refused: {reason}")))
             return None
-        self._refused_in_a_row = 0
+        self._opens.accepted()
         stream = self._streams[stream_id] = _Stream(stream_id, recv_window=window)
         self._backlog += 1
         # Accepted at once: the backlog bound, not a delayed ACK, is what holds an opener back.
@@ -556,8 +541,7 @@ class YamuxSession:
 
     def _stale_frame(self, ftype: FrameType, flags: int, stream_id: int, length: int) -> None:
         """A frame for a stream that is not live: legitimate if it was live."""
-        ours = stream_id % 2 == self._next_id % 2
-        if (ours and stream_id >= self._next_id) or (not ours and stream_id > self._last_remote_id):
+        if self._opens.never_opened(stream_id, self._next_id):
             raise MuxerError(f"frame for stream {stream_id}, which was never opened")
         if ftype is FrameType.DATA and length:
             credit = self._graveyard.get(stream_id)

@@ -1,10 +1,12 @@
-"""Per-peer byte budgets drawing from one node-wide pool: known answers."""
+"""Per-peer byte budgets drawing from one node-wide pool, and the rules on a
+peer's stream opens that both muxers share: known answers."""
 
 from __future__ import annotations
 
 import pytest
 
-from murmur.protocol.budget import FRAME_SLACK, BytePool, least_peer_limit
+from murmur.errors import MuxerError
+from murmur.protocol.budget import FRAME_SLACK, BytePool, StreamOpens, least_peer_limit
 
 
 def test_reserve_is_the_peers_own_and_the_rest_draws_from_the_pool() -> None:
@@ -74,3 +76,67 @@ def test_bounds_are_checked() -> None:
     with pytest.raises(ValueError):
         BytePool(10).budget(limit=10, reserve=11)
     assert least_peer_limit(1000) == 2 * (1000 + FRAME_SLACK)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _opens(client: bool = True, burst: int = 4, max_refused: int = 3, max_live: int = 2) -> tuple[StreamOpens, _Clock]:
+    clock = _Clock()
+    return StreamOpens(client, burst, 1.0, max_refused, max_live, clock), clock
+
+
+def test_the_peers_stream_ids_are_of_its_parity_and_increasing() -> None:
+    opens, _ = _opens(client=True)  # we dialled: the peer opens even ids
+    with pytest.raises(MuxerError, match="wrong parity"):
+        opens.open(1, live=0, going_away=False)
+    assert opens.open(2, live=0, going_away=False) is None
+    with pytest.raises(MuxerError, match="not increasing"):
+        opens.open(2, live=0, going_away=False)
+    server, _ = _opens(client=False)
+    assert server.open(1, live=0, going_away=False) is None
+
+
+def test_an_open_is_refused_going_away_past_the_live_bound_and_for_rate() -> None:
+    opens, clock = _opens(burst=2, max_live=1)
+    assert opens.open(2, live=0, going_away=True) == "session is going away"
+    assert opens.open(4, live=1, going_away=False) == "stream limit 1 reached"
+    assert opens.open(6, live=0, going_away=False) is None
+    assert opens.open(8, live=0, going_away=False) == "streams opened too fast"  # the burst of 2 is spent
+    clock.now += 1.0  # one more a second
+    assert opens.open(10, live=0, going_away=False) is None
+
+
+def test_refusals_for_rate_beyond_what_is_forgiven_are_a_flood() -> None:
+    opens, _ = _opens(burst=1, max_refused=2)
+    assert opens.open(2, live=0, going_away=False) is None
+    assert opens.open(4, live=0, going_away=False) == "streams opened too fast"
+    assert opens.open(6, live=0, going_away=False) == "streams opened too fast"
+    with pytest.raises(MuxerError, match="open flood"):
+        opens.open(8, live=0, going_away=False)
+
+
+def test_refusals_in_a_row_are_a_flood_and_an_accepted_stream_ends_the_streak() -> None:
+    opens, _ = _opens(max_refused=2)
+    opens.refused()
+    opens.refused()
+    opens.accepted()
+    opens.refused()
+    opens.refused()
+    with pytest.raises(MuxerError, match="3 streams refused in a row"):
+        opens.refused()
+
+
+def test_a_frame_names_a_stream_never_opened_by_either_side() -> None:
+    opens, _ = _opens(client=True)  # our ids odd, next 5: 1 and 3 were ours
+    opens.open(4, live=0, going_away=False)
+    assert not opens.never_opened(3, next_local_id=5)
+    assert opens.never_opened(5, next_local_id=5)
+    assert not opens.never_opened(4, next_local_id=5)
+    assert not opens.never_opened(2, next_local_id=5)
+    assert opens.never_opened(6, next_local_id=5)
