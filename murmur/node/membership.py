@@ -103,7 +103,7 @@ dropped for being slow."""
 @dataclass(frozen=True)
 class MembershipConfig:
     neighbours: int = 4
-    max_links: int = 0  # learning neighbours at most, chosen and accepted; 0: 2 x neighbours
+    max_links: int = 0  # learning neighbours at most, chosen and accepted; 0: LINK_FAN_IN (3) x neighbours
     links_per_subnet: int = 0  # learning neighbours per /24 (IPv4) or /48 (IPv6); 0: no limit
     link_cooldown_s: float = 60.0  # a peer we unlinked for silence is not accepted again for this long
     shuffle_interval_s: float = 10.0
