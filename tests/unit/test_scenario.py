@@ -372,11 +372,11 @@ def test_the_dpsgd_example_is_one_dp_sgd_step_per_round() -> None:
     assert sc.trainer.options["dp_clip"] > 0 and sc.trainer.options["momentum"] == 0
 
 
-@pytest.mark.parametrize("nodes", [3, 4, 7])
+@pytest.mark.parametrize("nodes", [2, 3, 4, 7])
 def test_small_networks_get_configs_their_nodes_accept(tmp_path: Path, nodes: int) -> None:
     """Under 8 nodes the view is smaller than the default shuffle length: the
     nodes refused their own configs (network.shuffle_length) and never started."""
-    sc = parse_scenario(BASE.replace("nodes = 4", f"nodes = {nodes}"))
+    sc = parse_scenario(BASE.replace("nodes = 4", f"nodes = {nodes}").replace("degree = 2", f"degree = {min(2, nodes - 1)}"))
     for cfg in node_configs(sc, tmp_path, base_port=46000):
         network = load_config(_dump(tmp_path, cfg)).network
         assert network.shuffle_length <= network.view_size == nodes
