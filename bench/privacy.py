@@ -1,8 +1,8 @@
 """Accuracy against example-level ε: no noise, central DP, LDP, DECOR, CorN.
 
-Regime (SPECS §4, DECOR's example-level experiments): 16 nodes on a 4×4
-torus, D-SGD with Metropolis–Hastings mixing, and per round exactly one
-DP-SGD step per node — per-example gradients clipped to C_ex inside the
+Regime (the DECOR paper's example-level experiments, Allouah et al., ICML
+2024): 16 nodes on a 4×4 torus, D-SGD with Metropolis–Hastings mixing, and
+per round exactly one DP-SGD step per node — per-example gradients clipped to C_ex inside the
 trainer (``TorchOptions.dp_clip``), mean over a batch of B, plain SGD
 (momentum 0, ``local_steps=1``). The round delta is then −lr·ḡ with
 per-example sensitivity lr·C_ex/B, so the noise the privacy stage adds to the
@@ -19,8 +19,8 @@ a convex linear model keeps every mechanism identical (per-example clipping,
 subsampled-RDP accounting, pairwise terms, mixing) while a step costs ~2 ms on
 a shared core, so T in the hundreds-to-thousand fits the time budget.
 Fashion-MNIST is harder than MNIST (logreg tops out ≈ 0.84, not ≈ 0.92), so
-absolute numbers are not the SPECS anchors; the *gaps* between schemes are
-what the bench measures. Batches are shuffled fixed-size batches, accounted as
+absolute numbers are not the DECOR paper's MNIST accuracies; the *gaps*
+between schemes are what the bench measures. Batches are shuffled fixed-size batches, accounted as
 Poisson at q = B/N (the usual DP-SGD practice; a strict reading needs
 Poisson sampling).
 
@@ -31,7 +31,7 @@ objective, for comparison. Central DP is simulated as every node adding
 σ_ldp/√n local noise (the same noise in the network mean as a trusted
 curator's; it protects no single message — the reference only). Residual
 ratios are tr(WΣWᵀ) relative to LDP for the noise each scheme injects on the
-torus (SPECS §4).
+torus (the CorN paper's measure, Rodio, Chen, Larsson 2025).
 
 Every run trains from the public model (``TrainFrom.PUBLIC``, DECOR's
 algorithm): example-level accounting holds only for gradients taken at a point

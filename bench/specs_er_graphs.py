@@ -1,8 +1,8 @@
 """Regenerate tests/unit/privacy/data/specs_er_graphs.json: the reference's own ER graphs.
 
-The SPECS §4 residual table (n = 20 Erdős–Rényi p, CorN vs pairwise vs LDP)
-comes from the CorN paper's code (arodio/WhisperDSGD). Its graph generator
-seeds Python's ``random`` with the run seed, then draws
+The CorN paper's (Rodio et al. 2025) n = 20 Erdős–Rényi residual table (CorN vs
+pairwise vs LDP) comes from that paper's code (arodio/WhisperDSGD). Its graph
+generator seeds Python's ``random`` with the run seed, then draws
 ``igraph.Graph.Erdos_Renyi(n, p)`` (python-igraph uses ``random`` as its RNG)
 until the graph is connected, at most 100 tries; its experiment scripts run the
 seeds below. The residual ratios depend on the graph alone (the SDP is

@@ -3,13 +3,14 @@
 Rows: an attack (label flip 0<->1, or a 3x3 backdoor patch -> class 1) and a
 number of Sybil identities; columns: the honest nodes' mean test accuracy and
 the attack rate (accuracy on the flipped / backdoored test set, averaged over
-honest nodes) for each aggregator. Setup as in SPECS section 2, scaled to a
-shared 2-core CPU: one attacker, each Sybil with ``edges_per_sybil`` (<= 7)
-random honest neighbours; honest nodes on a random regular-ish graph with
-Dirichlet non-IID data. ``--tactics`` picks what the attacker's Sybils send
+honest nodes) for each aggregator. Setup as in the SybilWall paper's
+evaluation (Werthenbach & Pouwelse 2023), scaled to a shared 2-core CPU: one
+attacker, each Sybil with ``edges_per_sybil`` (<= 7) random honest
+neighbours; honest nodes on a random regular-ish graph with Dirichlet non-IID
+data. ``--tactics`` picks what the attacker's Sybils send
 (:mod:`murmur.learning.adversary`, each at its tuned strength): ``identical``
-(SPECS section 2: all send its one poisoned model, the default), or the
-adaptive ``diversified``, ``unscored``, ``forged_records`` and ``sleeper``.
+(as in the SybilWall paper: all send its one poisoned model, the default), or
+the adaptive ``diversified``, ``unscored``, ``forged_records`` and ``sleeper``.
 
 Every cell is one :func:`murmur.learning.simulate.run_simulation`: the real
 round engine, aggregators and trainers, many nodes in one process. The
@@ -84,7 +85,8 @@ AGGREGATORS: tuple[str, ...] = ("mean", "krum", "median", "foolsgold", "sybilwal
 SYBIL_COUNTS: tuple[int, ...] = (0, 2, 4, 8, 16)
 QUICK_SYBIL_COUNTS: tuple[int, ...] = (0, 4)
 MAX_EDGES_PER_SYBIL = 7
-"""SPECS section 2: every Sybil has at most 7 attack edges."""
+"""As in the SybilWall paper's evaluation (Werthenbach & Pouwelse 2023):
+every Sybil has at most 7 attack edges."""
 TORCH_THREADS = 1
 """One intra-op thread: the box has 2 cores shared by several people, and a
 29k-parameter CNN at batch 32 gains little from a second thread."""

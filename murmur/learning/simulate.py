@@ -50,7 +50,8 @@ Sybils receive; otherwise its poisoned delta would be trivially far off."""
 @dataclass(frozen=True)
 class SybilAttack:
     """One attacker running ``sybils`` identities; ``plan`` says what each
-    identity sends (default: all send its one model, SPECS section 2)."""
+    identity sends (default: all send its one model, as in the SybilWall paper's
+    evaluation, Werthenbach & Pouwelse 2023)."""
 
     kind: str  # "label_flip" | "backdoor"
     sybils: int

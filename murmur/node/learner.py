@@ -720,9 +720,9 @@ class NodeLearner:
             self.privacy.after_round(round_, committed or [], missing)
 
     async def _run_gossip(self) -> None:
-        """Asynchronous gossip learning (SPECS §1): every period, merge what
-        arrived (age-weighted), train, and push the model to one peer drawn
-        uniformly from the Cyclon view. No rounds to agree on, no quorum."""
+        """Asynchronous gossip learning (Ormándi, Hegedűs, Jelasity 2013): every
+        period, merge what arrived (age-weighted), train, and push the model to
+        one peer drawn uniformly from the Cyclon view. No rounds to agree on, no quorum."""
         assert self.gossip is not None
         rng = random.Random()
         while self.cfg.trains_in(self._cycle):

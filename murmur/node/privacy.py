@@ -1,8 +1,9 @@
 """The privacy layer of a node on the network: seeds, round commits, the wait
 for them, metrics and what the node tells its user.
 
-Threat model (SPECS §4): honest-but-curious peers that may collude (Sybils
-included) and know only the seeds of their own edges. A node calibrates
+Threat model (DECOR's SecLDP, Allouah et al., ICML 2024): honest-but-curious
+peers that may collude (Sybils included) and know only the seeds of their own
+edges. A node calibrates
 against ``privacy.colluders`` of them (:mod:`~murmur.learning.privacy.collusion`:
 the worst coalition of that many nodes pooling their edges' seeds); with 0,
 the default, the ε it reports holds against whoever knows no edge seed, and

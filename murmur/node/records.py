@@ -1,8 +1,8 @@
 """What makes a SybilWall history record checkable and small, and what a node keeps to send them.
 
-A record tells a neighbour of a third peer's public model (SPECS section 2's
-history gossip; :mod:`murmur.learning.aggregators.sybilwall` scores it). It
-carries no model: the model's BLAKE3 digest and its sketch
+A record tells a neighbour of a third peer's public model (SybilWall's history
+gossip, Werthenbach & Pouwelse 2023; :mod:`murmur.learning.aggregators.sybilwall`
+scores it). It carries no model: the model's BLAKE3 digest and its sketch
 (:mod:`murmur.learning.sketch`, ``SKETCH_ELEMENTS`` float32s: distances
 between models survive it), about 1.3 KB with both signatures whatever the
 model's size (a whole fp32 model per neighbour per round wiped out

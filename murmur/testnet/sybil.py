@@ -10,8 +10,9 @@ ones to be worth attacking with.
 
 What each identity sends is the attacker's :class:`~murmur.learning.tactics.AttackPlan`:
 
-* ``identical`` (SPECS §2): the learner's one model delta under every
-  identity, its update scaled by ``boost`` (:class:`BoostedUpdate`);
+* ``identical`` (the SybilWall paper's attacker, Werthenbach & Pouwelse 2023):
+  the learner's one model delta under every identity, its update scaled by
+  ``boost`` (:class:`BoostedUpdate`);
 * ``diversified``, ``forged_records`` and ``sleeper``: each identity its own
   round message, built by the simulator's
   :class:`~murmur.learning.adversary.SybilShaper` from the attacker's model

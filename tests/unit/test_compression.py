@@ -1,5 +1,6 @@
 """Compressed gossip with error feedback in the round engine (CHOCO-SGD,
-SPECS §8), the outer optimizer, and how compression meets privacy.
+Koloskova, Stich, Jaggi, ICML 2019), the outer optimizer, and how compression
+meets privacy.
 
 Every message here crosses the real wire format: the sender's payload is
 decoded by a receiver-side TransferLayout exactly as the node's assembler

@@ -3,7 +3,7 @@
 The trainer is a real (tiny) one: least squares on a fixed per-node data set,
 full-batch gradient descent through torch autograd and ``torch.optim.SGD`` -
 deterministic, so every expected model can be computed independently, in
-float64 numpy, from the formulas of SPECS section 1:
+float64 numpy, from the D-SGD formulas (Lian et al., NeurIPS 2017):
 
     x_i^{t+1/2} = x_i^t - lr * E steps of grad,   x_i^{t+1} = sum_j W_ij x_j^{t+1/2}
 

@@ -1,8 +1,9 @@
 """The in-process simulator end to end: real digits trainers, real aggregators,
-a label-flip attacker whose Sybils all send its one model (SPECS section 2).
+a label-flip attacker whose Sybils all send its one model (as in the SybilWall
+paper's evaluation, Werthenbach & Pouwelse 2023).
 
-Each Sybil gets 7 attack edges (the SPECS maximum) so nearly every honest node
-hears several Sybils directly from round 0: their histories are then identical,
+Each Sybil gets 7 attack edges (the SybilWall paper's maximum) so nearly every
+honest node hears several Sybils directly from round 0: their histories are then identical,
 SybilWall's cosine is 1 and their weight is exactly 0 in every round. (With 2
 edges a node may see one Sybil and only a stale gossiped record of another, and
 then gives it a small weight for a while: that is SybilWall's documented

@@ -1,4 +1,4 @@
-"""ClippedGossip and centered clipping (SPECS section 3).
+"""ClippedGossip and centered clipping (He, Karimireddy, Jaggi 2022; Karimireddy, He, Jaggi, ICML 2021).
 
 ClippedGossip (He, Karimireddy, Jaggi 2022) on deltas:
     result = own + sum_j W_ij * CLIP(delta_j - own, tau),  CLIP(z, tau) = min(1, tau/|z|) z

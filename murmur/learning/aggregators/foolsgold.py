@@ -7,7 +7,7 @@ weight 1 and renormalises:
 
     result = (own + sum_j w_j delta_j) / (1 + sum_j w_j)
 
-Options (SPECS section 2, "FoolsGold ... options"):
+Options (the paper's memory window and importance feature mask, and variants):
 - ``memory``: None sums every past update; k sums only the last k (a ring
   buffer of k deltas per peer, so it costs k * d floats per peer - opt in).
 - ``feature_mask``: fixed non-negative per-coordinate weights of the inner

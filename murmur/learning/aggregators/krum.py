@@ -1,4 +1,4 @@
-"""Krum and Multi-Krum (Blanchard et al. 2017; SPECS section 3).
+"""Krum and Multi-Krum (Blanchard et al., NeurIPS 2017).
 
 score(i) = sum of the n - f - 2 smallest squared distances from candidate i to
 the others; Krum returns the argmin, Multi-Krum the mean of the m best.

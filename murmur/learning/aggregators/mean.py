@@ -1,4 +1,4 @@
-"""Plain decentralized averaging with Metropolis-Hastings weights (SPECS section 1).
+"""Plain decentralized averaging with Metropolis-Hastings weights (D-SGD, Lian et al., NeurIPS 2017).
 
 W_ij = 1 / (max(deg_i, deg_j) + 1) for each neighbour j that delivered, and
 W_ii = 1 - sum_j W_ij. The matrix is symmetric and doubly stochastic, so the

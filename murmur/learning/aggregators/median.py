@@ -1,4 +1,4 @@
-"""Coordinate-wise median (Yin et al. 2018; SPECS section 3).
+"""Coordinate-wise median (Yin et al., ICML 2018).
 
 Candidates are the own delta and every peer delta (documented choice: the own
 update is one vote, so a node with few neighbours still gets a median). With an

@@ -1,4 +1,4 @@
-"""FoolsGold similarity core (SPECS section 2, steps 1-5), shared by FoolsGold and SybilWall.
+"""FoolsGold similarity core (Fung, Yoon, Beschastnikh, RAID 2020), shared by FoolsGold and SybilWall.
 
 Input is a set of accumulated update histories, one per row. Sybils controlled by
 one attacker push the model in the same direction every round, so their

@@ -1,4 +1,4 @@
-"""SybilWall: Sybil-resilient aggregation for decentralized learning (SPECS section 2),
+"""SybilWall: Sybil-resilient aggregation for decentralized learning,
 scored on what is mixed, with every identity's influence bounded.
 
 Werthenbach & Pouwelse, "Towards Sybil Resilience in Decentralized Learning"
@@ -899,9 +899,9 @@ class SybilWallAggregator(Aggregator):
     def records_to_send(self, neighbour: str, rng: random.Random | None = None) -> RecordChoice | None:
         """At most one record for ``neighbour`` this round: a peer we observed
         last round or a record we hold, drawn with p ~ lambda*exp(-lambda(d-1))
-        (SPECS section 2) times :meth:`_suspicion`, never about ``neighbour`` and never one it told us
-        or observed; None when nothing is eligible or it was served this
-        round. The node sends the subject's public model with the subject's
+        (SybilWall's history gossip, Werthenbach & Pouwelse 2023) times :meth:`_suspicion`, never
+        about ``neighbour`` and never one it told us or observed; None when nothing is eligible or
+        it was served this round. The node sends the subject's public model with the subject's
         signed statement of it and, for a peer we observe, our signature as
         its observer."""
         self._require_self_id()

@@ -1,4 +1,4 @@
-"""Coordinate-wise trimmed mean (Yin et al. 2018; SPECS section 3).
+"""Coordinate-wise trimmed mean (Yin et al., ICML 2018).
 
 Per coordinate, drop the floor(beta * n) largest and smallest values and average
 the rest (beta = 0.2 per side by default). Candidates include the own delta, as

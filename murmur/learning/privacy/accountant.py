@@ -1,4 +1,4 @@
-"""SecLDP accounting for pairwise-correlated noise (DECOR, SPECS §4).
+"""SecLDP accounting for pairwise-correlated noise (DECOR, Allouah et al., ICML 2024).
 
 Threat model: honest-but-curious peers that may collude (Sybils included); a
 coalition knows its own noise and the seeds of every edge touching one of its
@@ -31,7 +31,7 @@ exact accountant reproduces those values). An analytic replacement is needed
 in a node, so :func:`calibrate_decor` sweeps σ_cor, sets σ_cdp so the privacy
 constraint binds exactly, and minimises the noise left after one
 Metropolis–Hastings mixing step, tr(WΣWᵀ)/n — the same residual CorN
-minimises (SPECS §4), so DECOR and CorN are compared on one scale.
+minimises (Rodio, Chen, Larsson 2025), so DECOR and CorN are compared on one scale.
 """
 
 from __future__ import annotations

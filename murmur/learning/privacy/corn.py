@@ -4,7 +4,7 @@ Threat model: honest-but-curious, possibly colluding peers (Sybils included)
 that know only the seeds of their own edges; the constraint below protects
 every node against the others seeing all messages.
 
-Problem (SPECS §4, Rodio et al. 2025): with μ = (√(ln 1/δ + ε) − √(ln 1/δ))² /
+Problem (Rodio, Chen, Larsson 2025): with μ = (√(ln 1/δ + ε) − √(ln 1/δ))² /
 (2TC²), require [Σ⁻¹]_ii ≤ μ for every node i, written as the LMI
 [[Σ, e_i], [e_iᵀ, μ]] ⪰ 0 (Schur complement), and minimise tr(WΣWᵀ), the
 noise left after one Metropolis–Hastings mixing step. Variants:

@@ -18,7 +18,8 @@ gives each edge its own variance c_e (a weighted Laplacian). Both are an
 :class:`EdgeScale`. Scales are looked up by the unordered pair, so s_ij = s_ji
 holds by construction (a requirement for cancellation). Mixing weights are not
 multiplied in here: what is added is exactly what the accountant accounts for
-(SPECS §4 notes the reference code's deviation).
+(DECOR's reference code, elfirdoussilab1/DECOR, scales edge noise by W_ij
+while its accountant assumes it unscaled; murmur does not).
 """
 
 from __future__ import annotations

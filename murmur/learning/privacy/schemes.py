@@ -9,7 +9,7 @@ import enum
 
 
 class PrivacyScheme(enum.StrEnum):
-    DECOR = "decor"  # pairwise correlated noise (SPECS §4)
+    DECOR = "decor"  # pairwise correlated noise (Allouah et al., ICML 2024)
     CORN = "corn"  # optimised per-edge correlated noise
     LDP = "ldp"  # independent local Gaussian noise only
     NONE = "none"
@@ -25,9 +25,9 @@ class NoiseObjective(enum.StrEnum):
     constraint max_i [Σ⁻¹]_ii is the same for both).
 
     ONE_STEP: tr(WΣWᵀ), the noise left after one mixing step (CorN's objective,
-    SPECS §4). It prices pairwise noise as if it were left in the models, so on
-    sparse graphs it keeps σ_cor small and σ_cdp far above central DP (torus:
-    σ_cdp ≈ 0.65·σ_ldp vs central 0.25·σ_ldp).
+    Rodio, Chen, Larsson 2025). It prices pairwise noise as if it were left in
+    the models, so on sparse graphs it keeps σ_cor small and σ_cdp far above
+    central DP (torus: σ_cdp ≈ 0.65·σ_ldp vs central 0.25·σ_ldp).
 
     RUN: the noise left in the models after all T rounds of D-SGD mixing,
     (1/n)·Σ_{k=1..T} tr(W^k Σ W^k) (the gradient's own contraction ignored).

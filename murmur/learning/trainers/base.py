@@ -227,7 +227,7 @@ class TorchOptions:
     #: at most dp_clip/batch_size per example; the trainer adds no noise — the
     #: node's privacy stage adds it to the round delta. With local_steps=1 and
     #: momentum=0 the delta is −lr·(clipped mean gradient), so noise on the
-    #: delta is DP-SGD noise on the gradient (SPECS §4, example level).
+    #: delta is DP-SGD noise on the gradient (Abadi et al., CCS 2016; example level).
     dp_clip: float = 0.0
 
     def validate(self) -> None:

@@ -1,4 +1,5 @@
-"""SecLDP accountant: SPECS §4 anchors and the reference's own (σ_cdp, σ_cor, ε) rows."""
+"""SecLDP accountant: the DECOR paper's (Allouah et al., ICML 2024) user-level numbers and the
+(σ_cdp, σ_cor, ε) rows of its reference code (elfirdoussilab1/DECOR)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Privacy calibration and the sans-IO stage (murmur.learning.privacy): the
-SPECS §4 anchors through :func:`calibrate`, the RUN objective, the stage's
-fallback to σ_ldp, and the exact DP-SGD step example-level accounting rests on.
+DECOR paper's (Allouah et al., ICML 2024) user-level numbers through
+:func:`calibrate`, the RUN objective, the stage's fallback to σ_ldp, and the
+exact DP-SGD step example-level accounting rests on.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from murmur.protocol.identity import Identity, PeerId
 
 absl_logging.set_verbosity(absl_logging.ERROR)
 
-# SPECS §4 anchor: n = 16, C = 1, T = 3500, δ = 1e-5, ε = 10 (user level).
+# The DECOR paper's (Allouah et al., ICML 2024) user-level setting: n = 16, C = 1, T = 3500,
+# δ = 1e-5, ε = 10.
 ANCHOR = {"epsilon": 10.0, "delta": 1e-5, "rounds": 3500, "clip": 1.0}
 SIGMA_LDP_ANCHOR = 67.2
 SIGMA_CENTRAL_ANCHOR = 16.8
@@ -114,7 +116,7 @@ def test_run_objective_keeps_the_budget_and_nears_central(scheme: PrivacyScheme)
     for plan in (run, one):
         rho = rdp_coef_of_covariance(_injected_covariance(plan, graph, peers), plan.sensitivity)
         assert rho <= plan.rdp_coef * (1 + 1e-6)
-    # The RUN split puts σ_cdp within 10% of central DP (SPECS anchor grid: 17.8–23), one-step far above.
+    # The RUN split puts σ_cdp within 10% of central DP (DECOR paper's grid: 17.8–23), one-step far above.
     assert SIGMA_CENTRAL_ANCHOR <= run.noise.sigma_cdp <= 1.1 * SIGMA_CENTRAL_ANCHOR
     assert one.noise.sigma_cdp > 2 * SIGMA_CENTRAL_ANCHOR
     mixing = metropolis_hastings(graph)

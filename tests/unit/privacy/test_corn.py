@@ -1,4 +1,4 @@
-"""CorN covariance optimisation: constraint holds, variants nest, solver exact, SPECS residual table."""
+"""CorN covariance optimisation: constraint holds, variants nest, solver exact, CorN paper's residuals."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_solver_failure_falls_back_and_logs(monkeypatch, caplog) -> None:
     assert any("using LDP" in rec.getMessage() for rec in caplog.records)
 
 
-# --------------------------------------------------------------------------- SPECS §4 table
+# ---------------------------- the CorN paper's (Rodio et al. 2025) n = 20 Erdős–Rényi residual table
 #
 # n = 20 Erdős–Rényi, ε = 10, δ = 1e-5, C = 0.1, T = 1000 (ratios do not depend
 # on μ: the SDP is homogeneous). Graphs: the reference's own draws
