@@ -30,8 +30,8 @@ from murmur.protocol.identity import Identity, PeerId
 
 absl_logging.set_verbosity(absl_logging.ERROR)
 
-# The DECOR paper's (Allouah et al., ICML 2024) user-level setting: n = 16, C = 1, T = 3500,
-# δ = 1e-5, ε = 10.
+# The user-level setting of the DECOR paper's experiments and code (Allouah et al., ICML 2024):
+# n = 16, C = 1, T = 3500, δ = 1e-5, ε = 10.
 ANCHOR = {"epsilon": 10.0, "delta": 1e-5, "rounds": 3500, "clip": 1.0}
 SIGMA_LDP_ANCHOR = 67.2
 SIGMA_CENTRAL_ANCHOR = 16.8
