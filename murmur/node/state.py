@@ -44,7 +44,7 @@ from typing import IO, Any
 import msgpack
 import numpy as np
 
-from murmur.errors import StateDamaged, StateError, StateInUse
+from murmur.errors import OptionError, StateDamaged, StateError, StateInUse
 from murmur.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_parts, remove_stale_temps
 from murmur.protocol.identity import KEY_FILE_NAME, Identity
 
@@ -327,12 +327,14 @@ class StateDir:
 
     def create(self) -> StateDir:
         """Create the directory (0700: it holds the private key) if missing."""
+        # The option's error (exit 2, naming node.data_dir), as preflight's:
+        # a dir that only fails here (mkdir under /proc) exited 1 as a state fault.
         try:
             self.path.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
         except OSError as exc:
-            raise StateError(f"cannot create state dir {self.path}: {exc.strerror}") from exc
+            raise OptionError("node.data_dir", f"cannot create {self.path}: {exc.strerror}") from exc
         if not self.path.is_dir():
-            raise StateError(f"state dir {self.path} is not a directory")
+            raise OptionError("node.data_dir", f"{self.path} is not a directory")
         return self
 
     def identity(self) -> Identity:

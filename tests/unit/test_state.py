@@ -13,7 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from murmur.errors import StateDamaged, StateError
+from murmur.errors import OptionError, StateDamaged, StateError
 from murmur.node import state as state_module
 from murmur.node.state import (
     ARRAY_FILE_MAGIC,
@@ -328,3 +328,14 @@ def test_metrics_rotate_at_their_size_and_keep_a_bounded_number_of_files(tmp_pat
     assert state.last_metrics()["round"] == 199
     (tmp_path / "metrics.jsonl").write_text("")  # just rotated: the last row is in .1
     assert state.last_metrics()["round"] == json.loads((tmp_path / "metrics.jsonl.1").read_text().splitlines()[-1])["round"]
+
+
+def test_a_state_dir_that_cannot_be_created_is_the_options_error(tmp_path: Path) -> None:
+    """Exit 2 naming node.data_dir, like preflight's refusals, not a state fault (exit 1)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x", encoding="utf-8")
+    with pytest.raises(OptionError, match="cannot create") as caught:
+        StateDir(blocker / "state").create()
+    assert caught.value.key == "node.data_dir"
+    with pytest.raises(OptionError, match="File exists"):  # a file where the dir should be
+        StateDir(blocker).create()
