@@ -18,10 +18,11 @@ from murmur.learning.aggregators import get_aggregator
 from murmur.learning.compression import Compressor, top_k_indices
 from murmur.learning.outer import OuterConfig, OuterOptimizer
 from murmur.learning.rounds import Message, Offer, RoundConfig, RoundEngine, TrainFrom
-from murmur.learning.trainers.base import EvalStats, Trainer, TrainerContext, TrainStats
+from murmur.learning.trainers.base import TrainerContext
 from murmur.protocol.codecs import DeltaCodec, Rounding
 from murmur.protocol.layout import TransferKind, TransferLayout
 from murmur.protocol.sparse import MaskScope, RoundFormat, Sparsifier
+from tests.trainers import LeastSquaresTrainer
 
 DIM = 64
 SAMPLES = 40
@@ -31,51 +32,9 @@ SEED = 3
 GRAPH: dict[int, list[int]] = {0: [1], 1: [0, 2, 3], 2: [1, 3], 3: [1, 2]}
 
 
-class QuadTrainer(Trainer):
-    """Least squares on fixed per-node data, full-batch gradient descent: deterministic."""
-
+class QuadTrainer(LeastSquaresTrainer):
     name = "quad-test"
-
-    def __init__(self, ctx: TrainerContext) -> None:
-        super().__init__(ctx)
-        self.device = torch.device("cpu")
-        rng = np.random.default_rng(100 + ctx.node_index)
-        self._x = torch.tensor(rng.standard_normal((SAMPLES, DIM)), dtype=torch.float32)
-        self._y = torch.tensor(rng.standard_normal(SAMPLES) + ctx.node_index, dtype=torch.float32)
-        init = np.random.default_rng(ctx.seed).standard_normal(DIM)
-        self._w = torch.tensor(init, dtype=torch.float32, requires_grad=True)
-        self._opt = torch.optim.SGD([self._w], lr=LR)
-
-    def _loss(self) -> torch.Tensor:
-        return 0.5 * ((self._x @ self._w - self._y) ** 2).mean()
-
-    def num_params(self) -> int:
-        return DIM
-
-    def get_flat(self) -> torch.Tensor:
-        return self._w.detach().clone()
-
-    def set_flat(self, flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            self._w.copy_(flat)
-
-    def train(self, steps: int | None = None) -> TrainStats:
-        steps = STEPS if steps is None else steps
-        total = 0.0
-        for _ in range(steps):
-            self._opt.zero_grad()
-            loss = self._loss()
-            loss.backward()
-            self._opt.step()
-            total += float(loss.detach())
-        return TrainStats(loss=total / max(steps, 1), examples=steps * SAMPLES, steps=steps)
-
-    def evaluate(self) -> EvalStats:
-        with torch.no_grad():
-            return EvalStats(loss=float(self._loss()), accuracy=0.0, n=SAMPLES)
-
-    def attack_success_rate(self, attack: str) -> float:
-        return 0.0
+    dim, samples, lr, steps, data_seed = DIM, SAMPLES, LR, STEPS, 100
 
 
 def _name(i: int) -> str:

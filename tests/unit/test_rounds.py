@@ -28,7 +28,8 @@ from murmur.learning.aggregators.mean import MeanAggregator
 from murmur.learning.aggregators.median import MedianAggregator
 from murmur.learning.sketch import model_sketch
 from murmur.learning.rounds import MAX_FUTURE_ROUNDS, GossipModel, Message, Offer, RoundConfig, RoundEngine, TrainFrom
-from murmur.learning.trainers.base import EvalStats, Trainer, TrainerContext, TrainStats
+from murmur.learning.trainers.base import TrainerContext, TrainStats
+from tests.trainers import LeastSquaresTrainer
 
 DIM = 5
 SAMPLES = 12
@@ -44,63 +45,13 @@ GRAPH: dict[int, list[int]] = {0: [1], 1: [0, 2, 3], 2: [1, 3], 3: [1, 2]}
 # ------------------------------------------------------------------ the trainer
 
 
-def _node_data(index: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(1000 + index)
-    x = rng.standard_normal((SAMPLES, DIM))
-    y = rng.standard_normal(SAMPLES) + index  # node-specific optimum: the nodes disagree
-    return x, y
-
-
-def _initial_model(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(DIM)
-
-
-class LinearTrainer(Trainer):
-    """Least squares 0.5 * mean((X w - y)^2), full-batch SGD: no randomness at all."""
-
+class LinearTrainer(LeastSquaresTrainer):
     name = "linear-test"
+    dim, samples, lr, steps, data_seed = DIM, SAMPLES, LR, STEPS, 1000
 
-    def __init__(self, ctx: TrainerContext) -> None:
-        super().__init__(ctx)
-        self.device = torch.device("cpu")
-        x, y = _node_data(ctx.node_index)
-        self._x = torch.tensor(x, dtype=torch.float32)
-        self._y = torch.tensor(y, dtype=torch.float32)
-        self._w = torch.tensor(_initial_model(ctx.seed), dtype=torch.float32, requires_grad=True)
-        self._opt = torch.optim.SGD([self._w], lr=LR)
 
-    def _loss(self) -> torch.Tensor:
-        return 0.5 * ((self._x @ self._w - self._y) ** 2).mean()
-
-    def num_params(self) -> int:
-        return DIM
-
-    def get_flat(self) -> torch.Tensor:
-        return self._w.detach().clone()
-
-    def set_flat(self, flat: torch.Tensor) -> None:
-        if flat.shape != (DIM,):
-            raise ValueError("wrong size")
-        with torch.no_grad():
-            self._w.copy_(flat)
-
-    def train(self, steps: int | None = None) -> TrainStats:
-        steps = STEPS if steps is None else steps
-        total = 0.0
-        for _ in range(steps):
-            self._opt.zero_grad()
-            loss = self._loss()
-            loss.backward()
-            self._opt.step()
-            total += float(loss.detach())
-        return TrainStats(loss=total / max(steps, 1), examples=steps * SAMPLES, steps=steps)
-
-    def evaluate(self) -> EvalStats:
-        with torch.no_grad():
-            return EvalStats(loss=float(self._loss()), accuracy=0.0, n=SAMPLES)
-
-    def attack_success_rate(self, attack: str) -> float:
-        return 0.0
+_node_data = LinearTrainer.node_data
+_initial_model = LinearTrainer.initial_model
 
 
 def _ctx(index: int, seed: int = SEED) -> TrainerContext:
