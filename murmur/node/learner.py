@@ -691,12 +691,13 @@ class NodeLearner:
                                               and not self._ahead_of_network())
                                      or self._catch_up_target() is not None, max(0.0, remaining))
                 # Some neighbour behind, still sending: half our pace (lagging_neighbour).
-                half = not self._ahead_of_network() and self._lagging()
+                lagging = [] if self._ahead_of_network() else self._lagging()
+                half = bool(lagging)
                 if half:
                     elapsed = time.monotonic() - started
                     await self._wait_for(lambda: self._catch_up_target() is not None,
                                          max(0.0, min(elapsed, deadline_s - elapsed)))
-                self._note_paced(round_, half)
+                self._note_paced(round_, lagging)
             missing = self.engine.missing()
             # Closed from here on: a neighbour linked meanwhile gets the next round's message.
             self._open = None
@@ -1047,12 +1048,20 @@ class NodeLearner:
     def _ahead_of_network(self) -> bool:
         return ahead_of_network(self._claimed_rounds(), self.engine.round, self._live(), self._choices())
 
-    def _lagging(self) -> bool:
-        return lagging_neighbour(self._claimed_rounds(), self.engine.round, self._live())
+    def _lagging(self) -> list[int]:
+        """The rounds of the live neighbours far enough behind to halve our pace (none: full pace)."""
+        claimed, live = self._claimed_rounds(), self._live()
+        if not lagging_neighbour(claimed, self.engine.round, live):
+            return []
+        return sorted(r for peer, r in claimed.items() if r + CATCH_UP_GAP < self.engine.round and peer in live)
 
-    def _note_paced(self, round_: int, half: bool) -> None:
+    def _note_paced(self, round_: int, lagging: Sequence[int]) -> None:
         """Count a round that waited for neighbours behind (its deadline, or
-        as long again as it took where ``half``), and say so when a run of them begins."""
+        as long again as it took at half pace: ``lagging``, their rounds when
+        it decided), and say so when a run of them begins. The half-pace line
+        names the rounds it decided on: read after the wait, a neighbour
+        that came level meanwhile made it say "rounds 21-21, ours 21"."""
+        half = bool(lagging)
         most = not half and self._ahead_of_network()
         if not (half or most):
             self._pacing = False
@@ -1061,8 +1070,11 @@ class NodeLearner:
         if self._pacing:
             return
         self._pacing = True
-        claimed = voters(self._claimed_rounds(), self._choices()) if most else self._claimed_rounds()
-        behind = sorted(r for r in claimed.values() if r + CATCH_UP_GAP < round_) or [round_]
+        if most:
+            claimed = voters(self._claimed_rounds(), self._choices())
+            behind = sorted(r for r in claimed.values() if r + CATCH_UP_GAP < round_) or [round_]
+        else:
+            behind = list(lagging)
         what = ("most neighbours are behind", "rounds wait their deadline") if most else \
             ("a neighbour is behind", "rounds run at half pace")
         log.info(f"{what[0]} (rounds {behind[0]}-{behind[-1]}, ours {round_}): {what[1]} for them to come level",

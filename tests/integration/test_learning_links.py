@@ -263,6 +263,11 @@ async def test_two_groups_met_through_a_minority_of_links_come_level(
             paced = events(caplog, "pacing")
             assert any("a neighbour is behind" in r.getMessage() and r.half for r in paced), \
                 [r.getMessage() for r in paced]
+            # Each line names rounds that were behind when the node decided (read
+            # after the wait it said "rounds 21-21, ours 21" of one come level meanwhile).
+            for r in paced:
+                found = re.search(r"rounds (\d+)-(\d+), ours (\d+)", r.getMessage())
+                assert found is not None and int(found[2]) + CATCH_UP_GAP < int(found[3]), r.getMessage()
 
 
 async def test_nodes_on_one_machine_without_allow_loopback_say_why_they_do_not_all_link(
