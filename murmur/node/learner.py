@@ -1049,11 +1049,7 @@ class NodeLearner:
         return ahead_of_network(self._claimed_rounds(), self.engine.round, self._live(), self._choices())
 
     def _lagging(self) -> list[int]:
-        """The rounds of the live neighbours far enough behind to halve our pace (none: full pace)."""
-        claimed, live = self._claimed_rounds(), self._live()
-        if not lagging_neighbour(claimed, self.engine.round, live):
-            return []
-        return sorted(r for peer, r in claimed.items() if r + CATCH_UP_GAP < self.engine.round and peer in live)
+        return lagging_neighbour(self._claimed_rounds(), self.engine.round, self._live())
 
     def _note_paced(self, round_: int, lagging: Sequence[int]) -> None:
         """Count a round that waited for neighbours behind (its deadline, or
@@ -1636,11 +1632,12 @@ def out_of_step(claimed: Mapping[PeerId, int], round_: int) -> set[PeerId]:
     return {peer for peer, r in claimed.items() if r > round_ + 1}
 
 
-def lagging_neighbour(claimed: Mapping[PeerId, int], own_round: int, live: Collection[PeerId]) -> bool:
-    """Whether any neighbour still sending (``live``) is more than
-    CATCH_UP_GAP rounds behind us: then the round loop halves its pace (each
-    round lasts twice as long as it took, within its deadline), so that the
-    neighbour, at its full pace, comes level.
+def lagging_neighbour(claimed: Mapping[PeerId, int], own_round: int, live: Collection[PeerId]) -> list[int]:
+    """The rounds (ascending) of the neighbours still sending (``live``) that
+    are more than CATCH_UP_GAP rounds behind us; any at all: the round loop
+    halves its pace (each round lasts twice as long as it took, within its
+    deadline), so that the neighbour, at its full pace, comes level. The
+    rounds are what the pacing line names, as the round decided on them.
 
     Why any, not most (:func:`ahead_of_network`, which waits out the
     deadline): two groups that started apart and met through a minority of
@@ -1654,7 +1651,7 @@ def lagging_neighbour(claimed: Mapping[PeerId, int], own_round: int, live: Colle
     Half the pace, not the deadline: any neighbour, one that linked to us
     unasked too (the first group's voters are its own), so a Sybil claiming
     to be behind can halve our pace, no more."""
-    return any(r + CATCH_UP_GAP < own_round and peer in live for peer, r in claimed.items())
+    return sorted(r for peer, r in claimed.items() if r + CATCH_UP_GAP < own_round and peer in live)
 
 
 def ahead_of_network(claimed: Mapping[PeerId, int], own_round: int, live: Collection[PeerId],

@@ -171,7 +171,8 @@ def test_any_neighbour_behind_and_sending_halves_the_pace() -> None:
     """Any neighbour, chosen or not, more than CATCH_UP_GAP behind and heard
     from lately; one that stopped sending (crashed, finished) does not count."""
     claimed = {A: 20, B: 20, C: 20 - CATCH_UP_GAP - 1}
-    assert lagging_neighbour(claimed, 20, live={A, B, C})
-    assert not lagging_neighbour(claimed, 20, live={A, B})  # C went quiet
-    assert not lagging_neighbour({A: 20, B: 20 - CATCH_UP_GAP}, 20, live={A, B})  # within the gap
-    assert not lagging_neighbour({}, 20, live=set())
+    assert lagging_neighbour(claimed, 20, live={A, B, C}) == [20 - CATCH_UP_GAP - 1]
+    assert lagging_neighbour({**claimed, B: 3}, 20, live={A, B, C}) == [3, 20 - CATCH_UP_GAP - 1]  # ascending
+    assert lagging_neighbour(claimed, 20, live={A, B}) == []  # C went quiet
+    assert lagging_neighbour({A: 20, B: 20 - CATCH_UP_GAP}, 20, live={A, B}) == []  # within the gap
+    assert lagging_neighbour({}, 20, live=set()) == []
