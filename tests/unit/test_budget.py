@@ -7,6 +7,7 @@ import pytest
 
 from murmur.errors import MuxerError
 from murmur.protocol.budget import FRAME_SLACK, BytePool, StreamOpens, least_peer_limit
+from tests.clocks import ManualClock
 
 
 def test_reserve_is_the_peers_own_and_the_rest_draws_from_the_pool() -> None:
@@ -78,16 +79,9 @@ def test_bounds_are_checked() -> None:
     assert least_peer_limit(1000) == 2 * (1000 + FRAME_SLACK)
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _opens(client: bool = True, burst: int = 4, max_refused: int = 3, max_live: int = 2) -> tuple[StreamOpens, _Clock]:
-    clock = _Clock()
+def _opens(client: bool = True, burst: int = 4, max_refused: int = 3,
+           max_live: int = 2) -> tuple[StreamOpens, ManualClock]:
+    clock = ManualClock()
     return StreamOpens(client, burst, 1.0, max_refused, max_live, clock), clock
 
 

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 from murmur.protocol.cooloff import Cooloff
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clocks import ManualClock
 
 
 def test_offences_within_the_window_cool_the_address_for_a_while() -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     c = Cooloff(offences=3, window_s=30.0, cool_s=10.0, clock=clock)
     assert not c.offence("198.18.0.5") and not c.offence("198.18.0.5")
     assert not c.cooling("198.18.0.5")  # two drops: still welcome
@@ -27,7 +20,7 @@ def test_offences_within_the_window_cool_the_address_for_a_while() -> None:
 
 
 def test_offences_spread_beyond_the_window_never_cool() -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     c = Cooloff(offences=3, window_s=30.0, clock=clock)
     for _ in range(10):
         assert not c.offence("198.18.0.5")

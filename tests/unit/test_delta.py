@@ -27,18 +27,11 @@ from murmur.protocol.delta import (
 from murmur.protocol.identity import Identity
 from murmur.protocol.messages import DeltaChunk, DeltaEnd, DeltaStart, decode
 from tests.sealing import sealed_tail
+from tests.clocks import ManualClock
 
 ALICE = Identity.from_seed(b"a" * 32)
 BOB = Identity.from_seed(b"b" * 32)
 CAROL = Identity.from_seed(b"c" * 32)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def delta(n: int = 3 * INT8_BLOCK + 17, seed: int = 0) -> np.ndarray:
@@ -508,7 +501,7 @@ def test_abandon_and_peer_disconnect_free_memory() -> None:
 
 
 def test_idle_transfers_expire() -> None:
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     assembler = DeltaAssembler(BOB.peer_id, AssemblerLimits(transfer_timeout_s=30), clock=clock)
     slow, fast = send(delta(100), transfer_id=1)[1], send(delta(100), transfer_id=2)[1]
     assembler.feed(ALICE.peer_id, slow[0])

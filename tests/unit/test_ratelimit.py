@@ -6,18 +6,11 @@ import pytest
 
 from murmur.node.learner import MODEL_SERVE_BURST, MODEL_SERVE_REFILL_S
 from murmur.node.ratelimit import RequestBudget
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clocks import ManualClock
 
 
 def test_a_burst_then_one_per_refill() -> None:
-    clock = Clock()
+    clock = ManualClock()
     budget = RequestBudget(3, 2.0, clock)
     assert [budget.take() for _ in range(4)] == [True, True, True, False]
     clock.now = 1.9
@@ -35,7 +28,7 @@ def test_a_peer_asking_a_little_too_often_is_still_served_at_the_refill_rate() -
     charged too (a debt-keeping bucket), the node sank deeper with every
     request and was refused from the 10th on, for good: it never caught up.
     Only what is served may count."""
-    clock = Clock()
+    clock = ManualClock()
     budget = RequestBudget(MODEL_SERVE_BURST, MODEL_SERVE_REFILL_S, clock)
     served, refused_in_a_row, worst = 0, 0, 0
     for i in range(400):  # 10 minutes, one request every 1.5 s

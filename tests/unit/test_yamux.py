@@ -30,6 +30,7 @@ from murmur.protocol.yamux import (
     YamuxLimits,
     YamuxSession,
 )
+from tests.clocks import ManualClock
 
 MIB = 1024 * 1024
 
@@ -303,18 +304,10 @@ def test_stream_flood_refused_then_dropped_while_good_streams_keep_working() -> 
         server.receive(_frame(FrameType.WINDOW_UPDATE, Flag.SYN, 999, 0))
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_streams_opened_too_fast_are_refused_and_a_peer_that_keeps_on_is_dropped() -> None:
     """Opened and reset at once, streams never reach max_streams or the
     refused-in-a-row bound: only the open rate stops a flood of them."""
-    clock = _Clock()
+    clock = ManualClock()
     server = YamuxSession(False, _budget(), YamuxLimits(max_open_burst=4, open_refill_s=1.0, max_refused_streams=3),
                           clock)
     ids = iter(range(1, 1000, 2))
