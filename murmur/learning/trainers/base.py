@@ -11,8 +11,10 @@ Reproducibility rules, and why:
   only comparable if they start from the same point in round 0.
 * Data shuffling is seeded from ``(ctx.seed, ctx.node_index)``: nodes draw
   different batch orders, yet a rerun of the same network is identical.
-* Model construction happens inside :func:`torch.random.fork_rng`, so building
-  a trainer never disturbs another trainer's (or the caller's) RNG state.
+* Model construction happens inside :func:`.globalrng.forked_global_rng`, so
+  building a trainer never disturbs another trainer's (or the caller's) RNG
+  state, and two trainers built at once in one process do not interleave
+  their draws.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from murmur.learning.options import parse_options as _parse_options
 from murmur.learning.privacy import dpsgd
 from murmur.learning.probe import ProbeResult
 from murmur.learning.trainers.fit import check_fit, check_per_example
+from murmur.learning.trainers.globalrng import forked_global_rng
 
 #: Stream tag for the per-node shuffling seed (kept apart from other uses of
 #: the network seed, e.g. the partition's).
@@ -365,8 +368,7 @@ class TorchTrainer(Trainer):
         )
 
         dataset = self.load_dataset()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.seed)
+        with forked_global_rng(ctx.seed):  # one build at a time in this process (see globalrng)
             model = self.build_model(dataset)
         self.model: nn.Module = model.to(self.device)
         self._params = [p for p in self.model.parameters() if p.requires_grad]

@@ -28,6 +28,7 @@ from torch import nn
 
 from murmur.errors import ConfigError
 from murmur.learning.data import ArrayDataset
+from murmur.learning.trainers.globalrng import forked_global_rng
 
 FIT_SAMPLES = 2
 """Training examples the model is run on at construction (two, not one: a
@@ -88,7 +89,7 @@ def check_fit(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), forked_global_rng():
             try:
                 logits = model(x)
             except Exception as exc:  # the user's model: any error is theirs to read
