@@ -76,6 +76,7 @@ from murmur.learning.aggregators.base import (
     Probed,
 )
 from murmur.learning.compression import Compressed, Compressor
+from murmur.learning.fingerprint import initial_digest
 from murmur.learning.heap import release_free_heap
 from murmur.learning.outer import OuterOptimizer
 from murmur.learning.probe import ProbeResult
@@ -268,6 +269,7 @@ class _Replica:
     # usually send round r+1 after we aggregated round r, so most rounds
     # copy nothing: one model-sized vector per neighbour less at real sizes.
     lent: bool = False
+    assumed: bool = False  # made from our own start (round 0), not from the peer's model
 
     def snapshot(self) -> torch.Tensor:
         self.lent = True
@@ -368,6 +370,10 @@ class RoundEngine:
         # on probation and never holds a round that a proven neighbour's
         # message already makes (see _done_with_round).
         self._proven: set[str] = set()
+        # Peers whose rounds started from another model than ours (see
+        # started_elsewhere): their round 0 is not replayed from our start.
+        self._elsewhere: set[str] = set()
+        self._initial_digest: bytes | None = None
         self._late_this_round = 0
         if isinstance(aggregator, Probed):
             aggregator.probe = self._probe_models
@@ -532,9 +538,9 @@ class RoundEngine:
         self._heard[peer] = max(self._heard.get(peer, -1), round)
         replica = self._replicas.get(peer)
         if replica is None:
-            if round != 0:
+            if round != 0 or peer in self._elsewhere:
                 return self._hold(peer, round, increment)
-            replica = self._replicas[peer] = _Replica(self._initial.clone(), -1)
+            replica = self._replicas[peer] = _Replica(self._initial.clone(), -1, assumed=True)
         if round <= replica.round:
             return Offer.DUPLICATE
         if round > replica.round + 1:
@@ -595,9 +601,30 @@ class RoundEngine:
             return self._file(peer, held_round, _Contribution(replica.snapshot()))
         return None  # older than the model (it moved on) or still a gap
 
+    @property
+    def initial_digest(self) -> bytes:
+        """The hash of the model our rounds started from (:func:`initial_digest`),
+        what neighbours compare with theirs (:meth:`started_elsewhere`)."""
+        if self._initial_digest is None:
+            self._initial_digest = initial_digest(self._initial)
+        return self._initial_digest
+
+    def started_elsewhere(self, peer: str) -> None:
+        """``peer``'s rounds started from another model than ours: its round
+        0 is held for its model (NEEDS_SYNC, then :meth:`set_replica`) like
+        any later round of a peer we hold no replica of, instead of replayed
+        from our own start. A replica made from our start before we knew
+        stays wrong by the difference of the two starts, so it is dropped."""
+        if peer not in self._elsewhere:
+            self._elsewhere.add(peer)
+            replica = self._replicas.get(peer)
+            if replica is not None and replica.assumed:
+                del self._replicas[peer]
+
     def forget(self, peer: str) -> None:
         """A neighbour left: drop its replica (memory), and stop waiting for
         it in the open round unless its message is already in."""
+        self._elsewhere.discard(peer)
         self._replicas.pop(peer, None)
         self._heard.pop(peer, None)
         self._held.pop(peer, None)

@@ -458,6 +458,7 @@ class NodeLearner:
             fingerprint=self.fingerprint.digest,
             model=self.fingerprint.describe(),
             next_round=NO_MORE_ROUNDS if self._finished else self.engine.round,
+            initial=self.engine.initial_digest,
         )
 
     async def greet(self, front: Node, session: PeerSession) -> None:
@@ -470,7 +471,15 @@ class NodeLearner:
             session.learner_info = None
             front.refuse_learning(session.peer, f"theirs: {msg.model}; ours: {self.fingerprint.describe()}")
             return
+        told = session.learner_info
         session.learner_info = msg
+        if msg.initial != self.engine.initial_digest and (told is None or told.initial != msg.initial):
+            # Before the link is accepted: no round message of it is filed yet.
+            self._guard.call(partial(self.engine.started_elsewhere, str(session.peer)))
+            self.node.peer_log.warning(
+                log, session.peer, "neighbour started from another initial model (another learning.seed, or "
+                "another torch): its model is fetched, not replayed from ours",
+                extra={"event": "initial_model_differs", "peer": str(session.peer)})
         front.accept_learning(session.peer)
         self._guard.call(partial(self.engine.note_next_round, str(session.peer), msg.next_round))
         self._arrived.set()  # may complete the open round's quorum

@@ -788,12 +788,16 @@ class LearnerInfo:
     ``next_round`` is the first round whose message the sender will send
     the receiver from now on (``NO_MORE_ROUNDS`` when it sends none): a
     neighbour linked after the sender opened its round, or one whose rounds
-    are over, is then never waited for."""
+    are over, is then never waited for. ``initial`` is a hash of the model
+    the sender's rounds started from: a receiver replays a neighbour's round
+    0 from its own start only where the two are equal, and fetches the
+    neighbour's model otherwise (another ``learning.seed``, another torch)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.LEARNER_INFO
     fingerprint: Annotated[bytes, BytesSpec(HASH_LEN, HASH_LEN)]
     model: Annotated[str, StrSpec(MAX_MODEL_DESCRIPTION)]
     next_round: U64
+    initial: Annotated[bytes, BytesSpec(HASH_LEN, HASH_LEN)]
 
 
 REGISTRY.freeze()

@@ -253,7 +253,7 @@ def _claims(target: Target) -> list[Message]:
     info = target.learner_info
     out: list[Message] = [hello()]
     if info is not None:  # the victim's own fingerprint: looks like a learning peer
-        out.append(LearnerInfo(fingerprint=info.fingerprint, model=info.model, next_round=0))
+        out.append(LearnerInfo(fingerprint=info.fingerprint, model=info.model, next_round=0, initial=info.initial))
     return out
 
 

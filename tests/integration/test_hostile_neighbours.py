@@ -46,7 +46,7 @@ async def _stranger(victim: Node, *messages: Any) -> HandPeer:
     peer = await HandPeer.connect_to(victim, identity)
     info = victim.learner._info()  # the victim's own fingerprint: the stranger claims the same model
     hello = Hello(listen_addrs=("/ip4/127.0.0.1/tcp/9",), agent="stranger", round=victim.learner.round, degree=1)
-    await peer.send([hello, LearnerInfo(fingerprint=info.fingerprint, model=info.model, next_round=0), *messages])
+    await peer.send([hello, LearnerInfo(fingerprint=info.fingerprint, model=info.model, next_round=0, initial=info.initial), *messages])
     return peer
 
 

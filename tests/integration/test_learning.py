@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from murmur.node.daemon import Node
 from murmur.testnet.sybil import SybilAttacker
@@ -151,6 +152,36 @@ async def test_privacy_refuses_gossip_mode(tmp_path: Path) -> None:
     # refused by the config's own checks, before a node exists (so by `murmur config check` too)
     with pytest.raises(ConfigError, match="privacy.enabled: needs learning.mode = \"dsgd\""):
         node_config(tmp_path / "p", overrides={**LEARNING, "learning.mode": "gossip", "privacy.enabled": True})
+
+
+async def test_neighbours_started_from_different_models_fetch_each_other(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Two nodes with another ``learning.seed`` each (another start, as two
+    trainers whose builds interleaved had): each replica of the other must
+    be the other's public model exactly, fetched once, not replayed from its
+    own start (which left it off by the two starts' difference all run)."""
+    nodes: list[Node] = []
+    try:
+        bootstrap: tuple = ()
+        for i in range(2):
+            overrides = {**LEARNING, "learning.node_index": i, "learning.num_nodes": 2, "learning.rounds": 3,
+                         "learning.round_deadline_s": 2.0, "learning.seed": i}
+            node = Node(node_config(tmp_path / f"s{i}", bootstrap=bootstrap, overrides=overrides))
+            await node.start()
+            nodes.append(node)
+            bootstrap = bootstrap or (node.addrs[0],)
+        assert nodes[0].learner.engine.initial_digest != nodes[1].learner.engine.initial_digest
+        await wait_until(lambda: all(n.learner.round >= 3 for n in nodes), RUN_TIMEOUT_S, "both nodes done")
+        for me, other in (nodes, nodes[::-1]):
+            held = me.learner.engine.replica(str(other.peer_id))
+            assert held is not None, "no replica of the neighbour"
+            public, sent = other.learner.engine.public_state()
+            assert held[1] == sent and torch.equal(held[0], public)
+            assert me.status()["faults"] == {}, me.status()["faults"]
+        told = [r for r in caplog.records if getattr(r, "event", None) == "initial_model_differs"]
+        assert len(told) == 2, [r.getMessage() for r in told]
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes))
 
 
 async def test_asking_a_neighbour_twice_for_its_model_is_not_a_replay(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ async def test_a_handler_bug_reached_again_and_again_by_one_peer_logs_few_traceb
     tries = 40
     for _ in range(tries):
         peer = await HandPeer.connect_to(victim, identity)
-        await peer.send([LearnerInfo(fingerprint=bytes(32), model="m", next_round=0)])
+        await peer.send([LearnerInfo(fingerprint=bytes(32), model="m", next_round=0, initial=bytes(32))])
         await peer.closed()
     await wait_until(lambda: victim.session(identity.peer_id) is None, CLOSED_S, "last connection gone")
     tracebacks = [r for r in caplog.records if "handler failed" in r.getMessage() and r.exc_info]

@@ -47,7 +47,7 @@ async def test_records_from_a_peer_we_do_not_learn_from_are_not_kept(tmp_path: P
             record = observe(stranger, subject.peer_id, round_, model, statement)
             assert record is not None
             records.append(record)
-        await peer.send([hello, LearnerInfo(fingerprint=info.fingerprint, model=info.model, next_round=0), *records])
+        await peer.send([hello, LearnerInfo(fingerprint=info.fingerprint, model=info.model, next_round=0, initial=info.initial), *records])
         await cluster.wait_until(
             lambda: (victim.metrics.value("murmur_messages_total", direction="in", kind="HistoryRecord") or 0)
             >= RECORDS, 10.0, "every record read")
@@ -75,7 +75,7 @@ async def test_strangers_cannot_take_the_room_of_a_neighbours_round_messages(tmp
             starts = [DeltaStart(tid, learner.round, stranger.peer_id, victim.peer_id, learner.codec, "float32",
                                  layout.shape(TransferKind.ROUND), layout.payload_bytes(TransferKind.ROUND, learner.codec),
                                  layout.meta(TransferKind.ROUND, degree=1)) for tid in (1, 2)]
-            await peer.send([hello, LearnerInfo(fingerprint=info.fingerprint, model=info.model, next_round=0), *starts])
+            await peer.send([hello, LearnerInfo(fingerprint=info.fingerprint, model=info.model, next_round=0, initial=info.initial), *starts])
         await cluster.wait_until(
             lambda: (victim.metrics.value("murmur_messages_total", direction="in", kind="DeltaStart") or 0)
             >= 2 * len(strangers), 10.0, "every start read")

@@ -317,6 +317,47 @@ def test_gap_after_a_known_round_needs_sync() -> None:
     assert receiver.offer("n1", 2, third.increment) is Offer.NEEDS_SYNC
 
 
+def test_a_neighbour_that_started_elsewhere_is_fetched_not_replayed_from_our_start() -> None:
+    """Round-0 replicas are our own start plus the neighbour's first message:
+    right only when both started from one model. Node 1 starts from another
+    (another seed); each side learns it from the other's digest, holds the
+    other's round 0 for its model, and then holds exactly the other's public
+    model. Without the digest the replica stays off by the two starts'
+    difference for good (a testnet node ended 0.3 below its neighbours)."""
+    engines = _engines()
+    engines[1] = RoundEngine(LinearTrainer(_ctx(1, seed=SEED + 1)), get_aggregator("mean"), RoundConfig(local_steps=STEPS))
+    assert engines[0].initial_digest == engines[2].initial_digest != engines[1].initial_digest
+    unmarked = _engines()
+    unmarked[1] = RoundEngine(LinearTrainer(_ctx(1, seed=SEED + 1)), get_aggregator("mean"), RoundConfig(local_steps=STEPS))
+    for group in (engines, unmarked):
+        messages = _open_all(group)
+        if group is engines:  # what each node does on the other's LearnerInfo
+            for j in GRAPH[1]:
+                group[j].started_elsewhere("n1")
+                group[1].started_elsewhere(_name(j))
+            for i in GRAPH:
+                for j in GRAPH[i]:
+                    expected = Offer.NEEDS_SYNC if 1 in (i, j) else Offer.ACCEPTED
+                    assert group[j].offer(_name(i), 0, messages[i].increment) is expected
+            for i, j in ((i, j) for i in GRAPH for j in GRAPH[i] if 1 in (i, j)):
+                public, sent = group[i].public_state()
+                assert group[j].set_replica(_name(i), public, sent) is Offer.ACCEPTED  # the held round 0, filed
+        else:
+            _deliver(group, messages, 0)
+        for engine in group:
+            engine.finish_round()
+    messages = _open_all(engines)
+    _deliver(engines, messages, 1)  # round 1 replays on the fetched replicas
+    off = _open_all(unmarked)
+    _deliver(unmarked, off, 1)
+    for j in GRAPH[1]:
+        replica, _ = engines[j].replica("n1")
+        assert torch.equal(replica, engines[1].public_state()[0])
+        wrong, _ = unmarked[j].replica("n1")
+        assert float((wrong - unmarked[1].public_state()[0]).norm()) > 0.1
+    assert torch.equal(engines[1].replica("n0")[0], engines[0].public_state()[0])
+
+
 def test_set_replica_refuses_bad_models() -> None:
     engine = _engines()[0]
     with pytest.raises(ValueError):
