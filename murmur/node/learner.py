@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import random
 import logging
+import math
 import sys
 import threading
 import time
@@ -156,6 +157,9 @@ MODEL_SERVE_REFILL_S = 2.0  # one more allowed per this many seconds
 MODEL_SERVE_NODE_BURST = 8  # public models served to all peers together before the node-wide limit
 MODEL_SERVE_NODE_RATE = 2.0  # per second, all peers together: a flood of requesters cannot multiply our upload
 MODEL_REQUEST_TIMEOUT_S = 5.0  # an unanswered re-sync request may be repeated after this
+# A replica that disagrees with its owner's signed statement is fetched again at most this often
+# (well inside what a neighbour serves us: MODEL_SERVE_REFILL_S).
+REPLICA_REFETCH_S = 30.0
 ANNOUNCE_TIMEOUT_S = 2.0
 OPTIMIZER_IMPORT_TASK = "optimizer-import"  # see _import_optimizer_support
 """How long telling every peer our progress (after a catch-up, at the end)
@@ -277,6 +281,7 @@ class NodeLearner:
         # while the round's close runs in a worker thread, they wait for it.
         self._guard = EngineGuard()
         self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
+        self._refetched: dict[PeerId, float] = {}  # when a replica found off its owner's statement was last fetched
         self._model_budgets: dict[PeerId, RequestBudget] = {}
         self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
         self._peer_heard: dict[PeerId, float] = {}  # when it last sent us a round message (monotonic)
@@ -575,6 +580,8 @@ class NodeLearner:
         self._assemblers[front.peer_id].abandon_peer(session.peer)
         self._model_requests.pop(session.peer, None)
         self._model_budgets.pop(session.peer, None)
+        self._refetched.pop(session.peer, None)
+        self._resync_sent.pop(session.peer, None)
         if not any(f.session(session.peer) for f in self.fronts):
             self._guard.call(partial(self.engine.forget, str(session.peer)))  # a returning peer re-syncs its replica
             self._records.forget(session.peer)
@@ -1354,7 +1361,25 @@ class NodeLearner:
         record = await self._decoder.run(partial(observe, front.identity, subject, round_, model, statement))
         if record is None:
             self._records.forget(subject)  # what it sent is not what it states: nothing to vouch for
+            await self._refetch_replica(front, subject, round_)
         return record
+
+    async def _refetch_replica(self, front: Node, peer: PeerId, round_: int) -> None:
+        """Our replica of ``peer`` is not the model ``peer`` signed for
+        ``round_``: either it stated something else than it sent, or our
+        replica went off (a start we did not share, which replayed every
+        round on the wrong base and went unnoticed for whole runs). Fetch
+        its model again, at most every REPLICA_REFETCH_S: a replica is only
+        ever right again by a fetch, and a peer that lies pays the upload."""
+        session = front.session(peer)
+        now = time.monotonic()
+        if session is None or now - self._refetched.get(peer, -math.inf) < REPLICA_REFETCH_S:
+            return
+        self._refetched[peer] = now
+        self.node.peer_log.warning(
+            log, peer, "our replica of a neighbour is not the model it signed: fetching its model",
+            extra={"event": "replica_disagrees", "peer": str(peer), "round": round_})
+        await self._request_resync(session)
 
     async def _on_history_record(self, session: PeerSession, msg: HistoryRecord) -> None:
         """Check a record's signatures, score it against our reference of its

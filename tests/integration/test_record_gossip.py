@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 from murmur.learning.aggregators.sybilwall import SybilWallAggregator
 from murmur.node.records import Statement, describe, observe, sign_statement
@@ -87,3 +89,28 @@ async def test_strangers_cannot_take_the_room_of_a_neighbours_round_messages(tmp
         assert victim.table.score(neighbour.peer_id) >= 0
         assert learner.status()["deltas_refused_for_room"] == 0  # the strangers took none of the room
         assert victim.session(neighbour.peer_id) is not None
+
+
+async def test_a_replica_that_went_off_its_owners_statement_is_fetched_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Fault injection: node 0's replica of node 1 is shifted (as a start the
+    two did not share left it, unnoticed, for whole runs). Checking it
+    against node 1's signed statement before vouching for it finds it off,
+    and node 0 fetches node 1's model again: the replica is exact after."""
+    overrides = {**LEARNING, "learning.aggregator": "sybilwall", "learning.num_nodes": 3, "network.neighbours": 2}
+    async with Cluster(3, tmp_path, overrides) as cluster:
+        me, other = cluster.node(0), cluster.node(1)
+        peer = str(other.peer_id)
+        await cluster.wait_until(lambda: me.learner.engine.replica(peer) is not None and me.learner.round >= 2,
+                                 30.0, "node 0 holds a replica of node 1")
+        await me.learner._guard.run(lambda: me.learner.engine.replica(peer)[0].add_(0.5))  # type: ignore[index]
+
+        def exact() -> bool:
+            held, public = me.learner.engine.replica(peer), other.learner.engine.public_state()
+            return held is not None and held[1] == public[1] and torch.equal(held[0], public[0])
+
+        await cluster.wait_until(
+            lambda: any(getattr(r, "event", None) == "replica_disagrees" for r in caplog.records), 30.0,
+            "the shifted replica found off node 1's statement")
+        await cluster.wait_until(exact, 30.0, "node 0's replica of node 1 exact again")
+        assert me.status()["faults"] == {}, me.status()["faults"]
