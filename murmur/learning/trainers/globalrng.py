@@ -29,8 +29,10 @@ from collections.abc import Iterator
 
 import torch
 
-_LOCK = threading.Lock()
-"""Process-wide, as torch's global generator is."""
+_LOCK = threading.RLock()
+"""Process-wide, as torch's global generator is; re-entrant, so that a
+trainer whose build_model builds another model (or trainer) does not wait
+on itself."""
 
 
 @contextlib.contextmanager
