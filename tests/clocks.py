@@ -1,6 +1,6 @@
 """A clock a test sets by hand (``clock.now = 2.0``), for the components that
 take ``clock: Callable[[], float]``: rate limits, cool-offs, muxers, delta
-transfers."""
+transfers, the peer table, peer sampling, gossip caches, discovery, log budgets."""
 
 from __future__ import annotations
 

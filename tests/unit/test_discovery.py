@@ -24,6 +24,7 @@ from murmur.protocol.discovery import (
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.multiaddr import Multiaddr
 from murmur.protocol.peertable import PeerTable
+from tests.clocks import ManualClock
 
 _IDS: dict[int, PeerId] = {}
 
@@ -32,14 +33,6 @@ def pid(i: int) -> PeerId:
     if i not in _IDS:
         _IDS[i] = Identity.from_seed((i + 900).to_bytes(32, "big")).peer_id
     return _IDS[i]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 # -- bootstrap ----------------------------------------------------------------
@@ -86,7 +79,7 @@ def test_bootstrap_dial_schedule():
 
 # -- peer exchange ------------------------------------------------------------
 
-def make_table(clock: FakeClock) -> PeerTable:
+def make_table(clock: ManualClock) -> PeerTable:
     table = PeerTable(clock=clock, self_id=pid(0))
     for i in range(1, 21):
         table.observe(pid(i), [Multiaddr(f"10.0.{i}.1", 4000)])
@@ -98,7 +91,7 @@ def make_table(clock: FakeClock) -> PeerTable:
 
 
 def test_choose_shares_only_seen_unbanned_reachable_peers_at_random():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     table = make_table(clock)
     pex = PeerExchange(pid(0), PeerExchangeConfig(max_peers=8))
     rng = random.Random(5)
@@ -111,7 +104,7 @@ def test_choose_shares_only_seen_unbanned_reachable_peers_at_random():
 
 
 def test_validate_roundtrip_drops_self_and_banned():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     table = make_table(clock)
     pex = PeerExchange(pid(0))
     entries = [(pid(0), (Multiaddr("10.9.9.9", 1),)), (pid(1), (Multiaddr("10.9.9.8", 1),)),

@@ -18,6 +18,7 @@ from murmur.protocol.gossip import (
     message_id,
 )
 from murmur.protocol.identity import Identity, PeerId
+from tests.clocks import ManualClock
 
 _IDS: dict[int, PeerId] = {}
 
@@ -26,14 +27,6 @@ def pid(i: int) -> PeerId:
     if i not in _IDS:
         _IDS[i] = Identity.from_seed((i + 500).to_bytes(32, "big")).peer_id
     return _IDS[i]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def test_message_id_is_blake2b_128_and_binds_every_field():
@@ -47,7 +40,7 @@ def test_message_id_is_blake2b_128_and_binds_every_field():
 
 
 def test_seen_cache_is_bounded_lru():
-    cache = SeenCache(capacity=100, ttl_s=1e9, clock=FakeClock())
+    cache = SeenCache(capacity=100, ttl_s=1e9, clock=ManualClock())
     for i in range(10_000):
         assert cache.add(i)
         assert len(cache) <= 100
@@ -58,15 +51,15 @@ def test_seen_cache_is_bounded_lru():
 
 
 def test_seen_cache_expires_after_ttl_and_refresh_extends():
-    clock = FakeClock()
+    clock = ManualClock()
     cache = SeenCache(capacity=10, ttl_s=5.0, clock=clock)
     cache.add("a")
     cache.add("b")
-    clock.t = 4.0
+    clock.now = 4.0
     assert not cache.add("b")  # duplicate, refreshed until t=9
-    clock.t = 5.0
+    clock.now = 5.0
     assert "a" not in cache and "b" in cache and len(cache) == 1
-    clock.t = 9.0
+    clock.now = 9.0
     assert len(cache) == 0
     assert cache.add("b")
 
@@ -101,7 +94,7 @@ def from_wire(buf: bytes) -> GossipMessage:
 def flood(graph: dict[int, set[int]], config: GossipConfig, seed: int, publisher: int = 0):
     """Deliver every transmission through msgpack in a random (asynchronous) order."""
     rng = random.Random(seed)
-    nodes = {i: FloodGossip(pid(i), config, FakeClock(), random.Random(seed + i)) for i in graph}
+    nodes = {i: FloodGossip(pid(i), config, ManualClock(), random.Random(seed + i)) for i in graph}
     neighbours = {i: [pid(j) for j in sorted(graph[i])] for i in graph}
     index = {pid(i): i for i in graph}
     delivered: Counter[int] = Counter()
@@ -139,7 +132,7 @@ def test_message_reaches_all_30_nodes_exactly_once(seed: int):
 
 def test_ttl_limits_the_flood_radius():
     path = {i: {j for j in (i - 1, i + 1) if 0 <= j < 10} for i in range(10)}
-    nodes = {i: FloodGossip(pid(i), GossipConfig(), FakeClock()) for i in path}
+    nodes = {i: FloodGossip(pid(i), GossipConfig(), ManualClock()) for i in path}
     action = nodes[0].publish("t", b"p", [pid(1)], ttl=3)
     reached = []
     msg, hop = action.forward, 1
@@ -154,7 +147,7 @@ def test_ttl_limits_the_flood_radius():
 
 
 def test_should_forward_marks_seen_and_respects_ttl():
-    g = FloodGossip(pid(0), GossipConfig(), FakeClock())
+    g = FloodGossip(pid(0), GossipConfig(), ManualClock())
     mid = message_id(pid(1), 1, "t", b"")
     assert g.should_forward(mid, 3)
     assert not g.should_forward(mid, 3)
@@ -162,7 +155,7 @@ def test_should_forward_marks_seen_and_respects_ttl():
 
 
 def test_fanout_excludes_sender_origin_and_self_and_is_bounded():
-    g = FloodGossip(pid(0), GossipConfig(fanout=3), FakeClock(), random.Random(4))
+    g = FloodGossip(pid(0), GossipConfig(fanout=3), ManualClock(), random.Random(4))
     peers = [pid(i) for i in range(10)]
     msg = GossipMessage(message_id(pid(1), 1, "t", b""), pid(1), 5, "t", b"")
     chosen = set()
@@ -176,7 +169,7 @@ def test_fanout_excludes_sender_origin_and_self_and_is_bounded():
 
 
 def test_bad_messages_are_typed_peer_faults_and_ttl_is_clamped():
-    g = FloodGossip(pid(0), GossipConfig(default_ttl=2, max_ttl=4, max_payload_bytes=10), FakeClock())
+    g = FloodGossip(pid(0), GossipConfig(default_ttl=2, max_ttl=4, max_payload_bytes=10), ManualClock())
     good_id = message_id(pid(1), 1, "t", b"")
     with pytest.raises(DecodeError):
         g.on_message(GossipMessage(b"short", pid(1), 3, "t", b""), pid(1), [])

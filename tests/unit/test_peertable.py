@@ -15,18 +15,11 @@ from murmur.errors import DecodeError, LimitExceeded, StateError
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.multiaddr import MAX_CIRCUIT_ADDRS, CircuitAddr, Multiaddr
 from murmur.protocol.peertable import FILE_VERSION, PeerTable, PeerTableConfig, parse_peer_entry
+from tests.clocks import ManualClock
 
 
 def pid(i: int) -> PeerId:
     return Identity.from_seed(i.to_bytes(32, "big")).peer_id
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def addr(i: int, host: str = "10.0.0.1") -> Multiaddr:
@@ -34,12 +27,12 @@ def addr(i: int, host: str = "10.0.0.1") -> Multiaddr:
 
 
 def test_add_observe_merge_addresses_and_ignore_self():
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     table = PeerTable(PeerTableConfig(max_addrs_per_peer=2), clock, self_id=pid(0))
     assert table.add(pid(0), [addr(0)]) is None and len(table) == 0
     rec = table.add(pid(1), [addr(1)])
     assert rec is not None and rec.last_seen == 0.0  # hearing of a peer is not seeing it
-    clock.t = 1500.0
+    clock.now = 1500.0
     table.observe(pid(1), [addr(9, "192.0.2.7")])
     rec = table.get(pid(1))
     assert rec is not None and rec.last_seen == 1500.0
@@ -49,34 +42,34 @@ def test_add_observe_merge_addresses_and_ignore_self():
 
 
 def test_scores_decay_toward_zero_with_half_life():
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     table = PeerTable(PeerTableConfig(score_half_life_s=100.0), clock)
     table.penalise(pid(1), 40)
     for _ in range(8):
         table.mark_alive(pid(2))
     assert table.score(pid(1)) == pytest.approx(-40)
-    clock.t += 100
+    clock.now += 100
     assert table.score(pid(1)) == pytest.approx(-20)
     assert table.score(pid(2)) == pytest.approx(4)
-    clock.t += 1000
+    clock.now += 1000
     assert abs(table.score(pid(1))) < 0.1 and 0 < table.score(pid(2)) < 0.01
 
 
 def test_penalty_below_threshold_bans_for_a_while_then_expires():
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     table = PeerTable(PeerTableConfig(ban_threshold=-50, ban_duration_s=600, score_half_life_s=60), clock)
     table.add(pid(1), [addr(1)])
     assert not table.penalise(pid(1), 30)
     assert table.penalise(pid(1), 30)
     assert table.is_banned(pid(1)) and pid(1) not in {r.peer_id for r in table.usable()}
-    clock.t += 599
+    clock.now += 599
     assert table.is_banned(pid(1))
-    clock.t += 2
+    clock.now += 2
     assert not table.is_banned(pid(1)) and pid(1) in {r.peer_id for r in table.usable()}
 
 
 def test_failures_count_penalise_and_alive_resets():
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     table = PeerTable(PeerTableConfig(failure_penalty=30, failure_floor=-70, ban_threshold=-80), clock)
     assert not table.mark_failure(pid(1))
     assert not table.mark_failure(pid(1))
@@ -94,11 +87,11 @@ def test_failures_by_made_up_addresses_never_ban_an_honest_peer():
     """Anyone can make our dials to an honest peer fail by telling us a dead
     address for it; one such failure every five minutes (the failure memory)
     held its score near -89 with the default settings, one step from a ban."""
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     table = PeerTable(PeerTableConfig(), clock)
     for _ in range(24 * 12):  # a day of it
         assert not table.mark_failure(pid(1))
-        clock.t += 300
+        clock.now += 300
     assert table.score(pid(1)) >= PeerTableConfig().floor == -50
     assert not table.mark_failure(pid(1)) and not table.is_banned(pid(1))
     with pytest.raises(ValueError, match="failure_floor"):
@@ -106,7 +99,7 @@ def test_failures_by_made_up_addresses_never_ban_an_honest_peer():
 
 
 def test_bounded_size_evicts_worst_and_keeps_reputable_peers_under_flood():
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     table = PeerTable(PeerTableConfig(max_peers=20), clock)
     good = [pid(i) for i in range(1, 6)]
     for p in good:
@@ -115,7 +108,7 @@ def test_bounded_size_evicts_worst_and_keeps_reputable_peers_under_flood():
     bad = pid(6)
     table.penalise(bad, 10)
     for i in range(100, 400):  # a flood of fresh Sybil ids
-        clock.t += 1
+        clock.now += 1
         table.add(pid(i), [addr(i % 50)])
         assert len(table) <= 20
     assert all(p in table for p in good)
@@ -124,7 +117,7 @@ def test_bounded_size_evicts_worst_and_keeps_reputable_peers_under_flood():
 
 
 def test_save_load_roundtrip(tmp_path: Path):
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     table = PeerTable(PeerTableConfig(), clock)
     for i in range(1, 30):
         table.observe(pid(i), [addr(i), Multiaddr("::1", 5000 + i)])
@@ -221,13 +214,13 @@ def test_parse_peer_entry_validates_network_input():
 DAY = 86400.0
 
 
-def _earn_standing(table: PeerTable, clock: FakeClock, peer: PeerId, host: str = "10.9.9.9",
+def _earn_standing(table: PeerTable, clock: ManualClock, peer: PeerId, host: str = "10.9.9.9",
                    visits: int = 10, every_s: float = 3 * 3600) -> None:
     """``visits`` Hellos ``every_s`` apart: known for a while, seen again and again."""
     for _ in range(visits):
         table.observe(peer, [Multiaddr(host, 4001)])
         table.mark_alive(peer)
-        clock.t += every_s
+        clock.now += every_s
 
 
 def _hello(table: PeerTable, peer: PeerId, host: str) -> None:
@@ -237,16 +230,16 @@ def _hello(table: PeerTable, peer: PeerId, host: str) -> None:
 
 
 def test_a_reputed_peer_survives_a_hello_flood_of_fresh_ids_in_memory_and_on_disk(tmp_path: Path):
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     config = PeerTableConfig(max_peers=64, max_new_per_subnet=64)
     table = PeerTable(config, clock)
     honest = pid(1)
     _earn_standing(table, clock, honest)
     assert table.is_reputed(honest)
-    clock.t += DAY  # away for a day: its score has decayed to nothing
+    clock.now += DAY  # away for a day: its score has decayed to nothing
     assert table.score(honest) < 0.01
     for i in range(1000, 1000 + 5 * config.max_peers):  # each fresh id says Hello (score 1, seen now)
-        clock.t += 0.01
+        clock.now += 0.01
         _hello(table, pid(i), f"10.{i % 200}.{i // 200}.1")
         assert len(table) <= config.max_peers
     assert honest in table and table.is_reputed(honest)
@@ -257,29 +250,29 @@ def test_a_reputed_peer_survives_a_hello_flood_of_fresh_ids_in_memory_and_on_dis
 
 
 def test_standing_takes_time_reconnecting_in_a_loop_earns_nothing():
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     table = PeerTable(PeerTableConfig(repute_successes=3, repute_age_s=3600, success_interval_s=60), clock)
     for _ in range(100):  # a hundred Hellos in ten seconds
         _hello(table, pid(1), "10.0.0.1")
-        clock.t += 0.1
+        clock.now += 0.1
     assert table.get(pid(1)).successes == 1 and not table.is_reputed(pid(1))  # type: ignore[union-attr]
     for _ in range(5):  # five more minutes apart: enough successes, not enough time
-        clock.t += 61
+        clock.now += 61
         _hello(table, pid(1), "10.0.0.1")
     assert not table.is_reputed(pid(1))
-    clock.t += 3600
+    clock.now += 3600
     _hello(table, pid(1), "10.0.0.1")
     assert table.is_reputed(pid(1))
 
 
 def test_one_subnet_cannot_flush_the_new_peers_of_others():
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     table = PeerTable(PeerTableConfig(max_peers=100, max_new_per_subnet=10), clock)
     others = [pid(i) for i in range(1, 21)]
     for i, peer in enumerate(others):
         _hello(table, peer, f"192.0.{i}.1")  # twenty subnets, one peer each
     for i in range(1000, 1500):  # 500 ids from one /24
-        clock.t += 1
+        clock.now += 1
         _hello(table, pid(i), f"198.51.100.{i % 250}")
     assert all(p in table for p in others)
     assert len(table) == 20 + 10
@@ -287,14 +280,14 @@ def test_one_subnet_cannot_flush_the_new_peers_of_others():
 
 
 def test_loopback_can_be_exempt_for_local_testnets():
-    table = PeerTable(PeerTableConfig(max_peers=100, max_new_per_subnet=10, exempt_loopback=True), FakeClock())
+    table = PeerTable(PeerTableConfig(max_peers=100, max_new_per_subnet=10, exempt_loopback=True), ManualClock(1000.0))
     for i in range(1, 51):
         _hello(table, pid(i), "127.0.0.1")
     assert len(table) == 50
 
 
 def test_a_full_reputed_tier_admits_only_more_standing_and_demotes_the_weakest():
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     table = PeerTable(PeerTableConfig(max_peers=10, max_reputed=2, max_new_per_subnet=10), clock)
     _earn_standing(table, clock, pid(1), visits=5)
     _earn_standing(table, clock, pid(2), visits=8)
@@ -307,7 +300,7 @@ def test_a_full_reputed_tier_admits_only_more_standing_and_demotes_the_weakest()
 
 
 def test_a_ban_costs_the_standing():
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     table = PeerTable(PeerTableConfig(max_peers=10, max_new_per_subnet=10), clock)
     _earn_standing(table, clock, pid(1))
     assert table.is_reputed(pid(1))
@@ -323,7 +316,7 @@ def test_a_version_1_file_loads_and_is_saved_as_version_2(tmp_path: Path):
     record = {"peer_id": pid(1).text, "addrs": ["/ip4/10.0.0.1/tcp/4001"], "score": 3.0, "score_time": 900.0,
               "last_seen": 950.0, "failures": 0, "banned_until": 0.0}
     path.write_text(json.dumps({"version": 1, "peers": [record]}))
-    table = PeerTable(PeerTableConfig(), FakeClock())
+    table = PeerTable(PeerTableConfig(), ManualClock(1000.0))
     assert table.load(path) is None and pid(1) in table and not table.is_reputed(pid(1))
     table.save(path)
     doc = json.loads(path.read_text())
@@ -334,10 +327,10 @@ def test_eviction_rank_orders_as_the_decayed_score_at_any_time():
     import random
 
     rng = random.Random(7)
-    clock = FakeClock(1.7e9)  # wall-clock magnitudes, as in the daemon
+    clock = ManualClock(1.7e9)  # wall-clock magnitudes, as in the daemon
     table = PeerTable(PeerTableConfig(max_peers=400, max_new_per_subnet=400, score_half_life_s=3600), clock)
     for i in range(1, 300):
-        clock.t += rng.uniform(0, 600)
+        clock.now += rng.uniform(0, 600)
         table.add(pid(i), [addr(i)])
         points = rng.choice([0.0, 0.5, 3.0, 40.0, -2.0, -60.0])
         if points > 0:
@@ -345,7 +338,7 @@ def test_eviction_rank_orders_as_the_decayed_score_at_any_time():
         elif points < 0:
             table.penalise(pid(i), -points)
     for later in (0.0, 3600.0, 30 * DAY):
-        now = clock.t + later
+        now = clock.now + later
         records = list(table)
         by_decay = sorted(records, key=lambda r: (table._decayed(r, now), r.successes, r.last_seen))
         by_rank = sorted(records, key=lambda r: table._rank[r.peer_id])

@@ -7,16 +7,9 @@ import logging
 import pytest
 
 from murmur.ratelog import OTHER_KEYS, LogBudget, RateLimitedLog
+from tests.clocks import ManualClock
 
 LOG = logging.getLogger("murmur.test.ratelog")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def _lines(caplog: pytest.LogCaptureFixture, msg: str) -> list[logging.LogRecord]:
@@ -29,7 +22,7 @@ def _summaries(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 def test_budgets_per_key_and_in_total_then_one_summary_per_window(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="murmur.test")
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     limited = RateLimitedLog("probe", LOG, LogBudget(per_key=2, total=5, window_s=10.0), clock)
     for _ in range(100):
         limited.warning(LOG, "a", "line", extra={"k": 1})
@@ -38,10 +31,10 @@ def test_budgets_per_key_and_in_total_then_one_summary_per_window(caplog: pytest
     lines = _lines(caplog, "line")
     assert [getattr(r, "k", None) for r in lines[:2]] == [1, 1]  # extras pass through
     assert len(lines) == 5 and not _summaries(caplog)  # a: 2, then b, c, d: the total is spent
-    clock.t += 9.9
+    clock.now += 9.9
     limited.flush()
     assert not _summaries(caplog)  # the window has not ended
-    clock.t += 0.1
+    clock.now += 0.1
     limited.flush()
     (summary,) = _summaries(caplog)
     assert (summary.suppressed, summary.keys, summary.what) == (98 + 4, 5, "probe")
@@ -57,11 +50,11 @@ def test_budgets_per_key_and_in_total_then_one_summary_per_window(caplog: pytest
 def test_an_ended_window_is_summarised_by_the_next_line_and_close_summarises_the_rest(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="murmur.test")
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     limited = RateLimitedLog("probe", LOG, LogBudget(per_key=1, total=10, window_s=5.0), clock)
     for _ in range(3):
         limited.warning(LOG, "a", "line")
-    clock.t += 6
+    clock.now += 6
     assert limited.warning(LOG, "a", "line")
     assert [s.suppressed for s in _summaries(caplog)] == [2]
     assert not limited.warning(LOG, "a", "line")
@@ -71,7 +64,7 @@ def test_an_ended_window_is_summarised_by_the_next_line_and_close_summarises_the
 
 def test_keys_beyond_max_keys_are_counted_together(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="murmur.test")
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     limited = RateLimitedLog("probe", LOG, LogBudget(per_key=1, total=1000, max_keys=3, top_keys=10), clock)
     for key in range(10):
         limited.warning(LOG, key, "line")
@@ -85,7 +78,7 @@ def test_keys_beyond_max_keys_are_counted_together(caplog: pytest.LogCaptureFixt
 
 def test_a_level_the_logger_drops_is_not_charged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="murmur.test")
-    limited = RateLimitedLog("probe", LOG, LogBudget(per_key=1, total=1), FakeClock())
+    limited = RateLimitedLog("probe", LOG, LogBudget(per_key=1, total=1), ManualClock(100.0))
     assert not limited.log(LOG, logging.DEBUG, "a", "quiet")
     assert limited.warning(LOG, "a", "loud")
     limited.close()

@@ -20,6 +20,7 @@ from murmur.errors import DecodeError, LimitExceeded
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.multiaddr import CircuitAddr, Multiaddr
 from murmur.protocol.sampling import CyclonSampler, Descriptor, SamplerConfig, decode_descriptors, subnet_of
+from tests.clocks import ManualClock
 
 _IDS: dict[int, PeerId] = {}
 
@@ -28,14 +29,6 @@ def pid(i: int) -> PeerId:
     if i not in _IDS:
         _IDS[i] = Identity.from_seed(i.to_bytes(32, "big")).peer_id
     return _IDS[i]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def wire(entries: Sequence[Descriptor], config: SamplerConfig) -> list[Descriptor]:
@@ -51,7 +44,7 @@ class Network:
                  seed: int = 7) -> None:
         self.config = config
         self.rng = random.Random(seed)
-        self.clock = FakeClock()
+        self.clock = ManualClock()
         self.ids = [pid(i) for i in range(n)]
         self.nodes = {
             p: CyclonSampler(p, [Multiaddr(host_of(i), 4000 + i)], config, random.Random(seed * 1000 + i), self.clock)
@@ -66,7 +59,7 @@ class Network:
         return [p for p in self.ids if p in self.alive]
 
     def shuffle_round(self) -> None:
-        self.clock.t += 1.0
+        self.clock.now += 1.0
         order = self.live()
         self.rng.shuffle(order)
         for p in order:
@@ -122,7 +115,7 @@ SMALL = SamplerConfig(view_size=10, shuffle_length=5, neighbours=4, max_per_subn
 # -- mechanics ----------------------------------------------------------------
 
 def make_node(config: SamplerConfig = SMALL, host: str = "127.0.0.1") -> CyclonSampler:
-    return CyclonSampler(pid(0), [Multiaddr(host, 4000)], config, random.Random(1), FakeClock())
+    return CyclonSampler(pid(0), [Multiaddr(host, 4000)], config, random.Random(1), ManualClock())
 
 
 def test_start_shuffle_ages_picks_oldest_and_sends_self_fresh():
@@ -167,8 +160,8 @@ def test_two_nodes_keep_each_other_in_view_through_every_shuffle():
     whose neighbour ticks fell in the empty half never chose a neighbour.
     The target that answered goes back into the free slot."""
     config = SamplerConfig(view_size=20, shuffle_length=5, neighbours=1)
-    a = CyclonSampler(pid(1), [Multiaddr("198.18.1.1", 4731)], config, random.Random(1), FakeClock())
-    b = CyclonSampler(pid(2), [Multiaddr("198.18.2.1", 4731)], config, random.Random(2), FakeClock())
+    a = CyclonSampler(pid(1), [Multiaddr("198.18.1.1", 4731)], config, random.Random(1), ManualClock())
+    b = CyclonSampler(pid(2), [Multiaddr("198.18.2.1", 4731)], config, random.Random(2), ManualClock())
     assert a.add(b.self_id, b.self_addrs) and b.add(a.self_id, a.self_addrs)
     for initiator, responder in [(a, b), (a, b), (b, a), (a, b), (b, a), (b, a)]:
         started = initiator.start_shuffle()
@@ -248,7 +241,7 @@ def test_decode_descriptors_rejects_bad_input():
 
 
 def test_failed_peer_is_refused_back_until_memory_expires_or_alive():
-    clock = FakeClock()
+    clock = ManualClock()
     node = CyclonSampler(pid(0), [Multiaddr("127.0.0.1", 1)], SamplerConfig(failed_memory_s=10), random.Random(1),
                          clock)
     addrs = [Multiaddr("10.0.0.1", 1)]
@@ -257,7 +250,7 @@ def test_failed_peer_is_refused_back_until_memory_expires_or_alive():
     assert pid(1) not in node
     node.on_shuffle_request(pid(2), [Descriptor(pid(1), tuple(addrs), 0)])
     assert pid(1) not in node and not node.add(pid(1), addrs)
-    clock.t = 11
+    clock.now = 11
     assert node.add(pid(1), addrs)
     node.on_failure(pid(1))
     node.on_alive(pid(1))
@@ -268,7 +261,7 @@ def test_a_refusal_is_remembered_for_less_than_a_failure():
     """A peer that refused our learning edge is up: passed over for
     refused_memory_s, not the failure memory (in a network of three or four,
     five minutes without any of them)."""
-    clock = FakeClock()
+    clock = ManualClock()
     node = CyclonSampler(pid(0), [Multiaddr("127.0.0.1", 1)],
                          SamplerConfig(failed_memory_s=300, refused_memory_s=30), random.Random(1), clock)
     refusing, failing = [Multiaddr("10.0.0.1", 1)], [Multiaddr("10.0.1.1", 1)]
@@ -277,9 +270,9 @@ def test_a_refusal_is_remembered_for_less_than_a_failure():
     node.on_refused(pid(1))
     node.on_failure(pid(2))
     assert pid(1) not in node and not node.add(pid(1), refusing)
-    clock.t = 31
+    clock.now = 31
     assert node.add(pid(1), refusing) and not node.add(pid(2), failing)
-    clock.t = 301
+    clock.now = 301
     assert node.add(pid(2), failing)
 
 
@@ -364,7 +357,7 @@ def test_open_slots_go_to_peers_spoken_with_before_fresher_hearsay():
     spoke with, aged and even swapped out of the view by those records,
     still takes the open slot first. Hearsay fills what no contact can."""
     config = SamplerConfig(view_size=6, shuffle_length=4, neighbours=2, max_per_subnet=2)
-    node = CyclonSampler(pid(0), [Multiaddr("10.0.0.1", 4000)], config, random.Random(1), FakeClock())
+    node = CyclonSampler(pid(0), [Multiaddr("10.0.0.1", 4000)], config, random.Random(1), ManualClock())
     for i in (1, 2, 3):
         node.add(pid(i), [Multiaddr(f"10.{i}.0.1", 4000)], age=5)
         node.on_contact(pid(i), [Multiaddr(f"10.{i}.0.1", 4000)])
@@ -382,7 +375,7 @@ def test_open_slots_go_to_peers_spoken_with_before_fresher_hearsay():
 
 def test_contacts_keep_the_subnet_limit_and_are_bounded():
     config = SamplerConfig(view_size=6, shuffle_length=4, neighbours=3, max_per_subnet=1, max_contacts=3)
-    node = CyclonSampler(pid(0), [Multiaddr("10.0.0.1", 4000)], config, random.Random(1), FakeClock())
+    node = CyclonSampler(pid(0), [Multiaddr("10.0.0.1", 4000)], config, random.Random(1), ManualClock())
     for i in range(1, 6):  # five identities of one /24 spoke with us: one neighbour slot is theirs
         node.on_contact(pid(i), [Multiaddr("10.9.9.1", 4000 + i)])
     assert node.neighbours() == [pid(5)]  # the latest contact; the bound kept three of them
@@ -486,11 +479,11 @@ def _desc(entry: tuple[int, int, int]) -> Descriptor:
 @given(st.lists(_op, max_size=60))
 def test_sampler_invariants_hold_for_any_operation_sequence(ops):
     config = SamplerConfig(view_size=6, shuffle_length=3, neighbours=3, max_per_subnet=2)
-    clock = FakeClock()
+    clock = ManualClock()
     node = CyclonSampler(pid(0), [Multiaddr("10.9.9.9", 1)], config, random.Random(0), clock)
     failed: set[PeerId] = set()
     for op in ops:
-        clock.t += 1
+        clock.now += 1
         if op[0] == "add":
             d = _desc(op[1])
             node.add(d.peer, d.addrs, d.age)
