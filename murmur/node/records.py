@@ -117,6 +117,23 @@ def check_record(msg: HistoryRecord) -> np.ndarray:
     return sketch
 
 
+def _signed(subject: PeerId, round_: int, digest: bytes, sketch: np.ndarray, signature: bytes) -> bool:
+    try:
+        subject.verify(signature, statement_input(subject, round_, digest, sketch))
+    except PeerFault:
+        return False
+    return True
+
+
+def states_model(subject: PeerId, round_: int, model: np.ndarray, statement: Statement) -> bool:
+    """Whether ``statement`` is ``subject``'s signature of exactly ``model``
+    (our replica of its public model after its message ``round_``). Only the
+    digest is ours to compute; the sketch is the one it stated, checked by
+    the signature (ours would cost a quarter of a second at 10 M parameters)."""
+    return statement.round == round_ and _signed(subject, round_, model_digest(model), statement.sketch,
+                                                 statement.signature)
+
+
 def observe(observer: Identity, subject: PeerId, round_: int, model: np.ndarray,
             statement: Statement) -> HistoryRecord | None:
     """A first-hand record of ``subject``'s ``model`` (our replica of its
@@ -127,9 +144,7 @@ def observe(observer: Identity, subject: PeerId, round_: int, model: np.ndarray,
     stated = np.asarray(statement.sketch, dtype=np.float32)
     if statement.round != round_ or not sketches_agree(torch.from_numpy(stated), torch.from_numpy(ours)):
         return None
-    try:
-        subject.verify(statement.signature, statement_input(subject, round_, digest, stated))
-    except PeerFault:
+    if not _signed(subject, round_, digest, stated, statement.signature):
         return None
     signature = observer.sign(observation_input(observer.peer_id, subject, round_, digest, stated))
     return HistoryRecord(subject=subject, observer=observer.peer_id, round=round_, distance=1, digest=digest,

@@ -23,6 +23,7 @@ from murmur.node.records import (
     read_statement,
     sign_statement,
     sketch_bytes,
+    states_model,
 )
 from murmur.protocol import messages as m
 from murmur.protocol.identity import Identity
@@ -96,6 +97,18 @@ def test_an_observer_signs_only_what_its_subject_stated() -> None:
     digest, sketch = describe(MODEL)
     lying = Statement(7, sign_statement(SUBJECT, 7, digest, sketch + 1.0), sketch + 1.0)
     assert observe(OBSERVER, SUBJECT.peer_id, 7, MODEL.copy(), lying) is None
+
+
+def test_a_replica_is_checked_against_the_statement_its_owner_signed() -> None:
+    """What the node checks of one neighbour's replica a round: exactly the
+    stated model, by that subject, for that round (a bit off is off)."""
+    statement = _statement()
+    assert states_model(SUBJECT.peer_id, 7, MODEL.copy(), statement)
+    shifted = MODEL.copy()
+    shifted[3] = np.nextafter(shifted[3], np.float32(np.inf))
+    assert not states_model(SUBJECT.peer_id, 7, shifted, statement)
+    assert not states_model(SYBIL.peer_id, 7, MODEL.copy(), statement)
+    assert not states_model(SUBJECT.peer_id, 8, MODEL.copy(), statement)
 
 
 def test_a_relay_cannot_pass_itself_off_as_the_observer() -> None:
