@@ -71,6 +71,7 @@ from murmur.learning.aggregators.base import (
     AggregationResult,
     Aggregator,
     Combine,
+    MixingAware,
     NoiseAware,
     PeerUpdate,
     Probed,
@@ -458,6 +459,8 @@ class RoundEngine:
             # by our noised step would judge every neighbour by a step of ~0
             # (a lossy codec's residue) and keep none of them.
             self.aggregator.noised = self.perturber is not None and update.from_data
+        if isinstance(self.aggregator, MixingAware):
+            self.aggregator.mixing = not update.from_data
         peers = list(committed if committed is not None else neighbours)
         if self.compressor is not None:
             message = self._compress(update, peers)

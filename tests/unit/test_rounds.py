@@ -358,6 +358,21 @@ def test_a_neighbour_that_started_elsewhere_is_fetched_not_replayed_from_our_sta
     assert torch.equal(engines[1].replica("n0")[0], engines[0].public_state()[0])
 
 
+def test_the_engine_tells_the_aggregator_which_rounds_only_mix() -> None:
+    """SybilWall keeps its trust in mixing-only rounds (converging models look
+    alike); the engine says which rounds those are, round by round."""
+    engines = _engines("sybilwall")
+    seen = []
+    for mixing in (False, True, False):
+        for i, engine in enumerate(engines):
+            open_round = engine.begin_mixing_round if mixing else engine.begin_round
+            open_round(_neighbours(i))
+        seen.append(engines[0].aggregator.mixing)  # type: ignore[attr-defined]
+        for engine in engines:
+            engine.finish_round()
+    assert seen == [False, True, False]
+
+
 def test_set_replica_refuses_bad_models() -> None:
     engine = _engines()[0]
     with pytest.raises(ValueError):

@@ -83,6 +83,16 @@ class NoiseAware(Protocol):
     noised: bool
 
 
+@runtime_checkable
+class MixingAware(Protocol):
+    """Aggregators that judge peers differently in mixing-only rounds (no
+    training, no noise: models only converge): the round engine sets
+    ``mixing`` for each round it opens (SybilWall keeps its trust as
+    training left it)."""
+
+    mixing: bool
+
+
 class Combine(enum.Enum):
     """How the round engine turns an aggregator's output into a model update.
 

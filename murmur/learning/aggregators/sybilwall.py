@@ -422,6 +422,7 @@ class SybilWallAggregator(Aggregator):
         self._rng = random.Random(self.options.seed)
         self.probe: ModelProbe | None = None  # set by the round engine when its trainer can probe
         self.noised = False  # set by the round engine: whether messages are noised (privacy on)
+        self.mixing = False  # set by the round engine: a mixing-only round (see _kept_trust)
 
     def _forget_all(self) -> None:
         """What a checkpoint restores, fresh (a new aggregator, or a checkpoint that failed to load)."""
@@ -508,11 +509,13 @@ class SybilWallAggregator(Aggregator):
         self._fold_memory(own_local, kept)
         if self._pull is not None:  # on local sketches: only each pull's length is used
             self._pull.observe(own_local, [PeerUpdate(p, sketch) for p, sketch in kept.items()])
-        probed = self._run_probe(own, updates)
-        scores = self._score(peers, probed)
+        if self.mixing:
+            trust, probed = self._kept_trust(peers, now), None
+        else:
+            probed = self._run_probe(own, updates)
+            trust = self._update_trust(peers, self._score(peers, probed), now)
         for h in (*held.values(), own_held):
             h.offset = None  # past its round a model is its local sketch: the offsets are the engine's
-        trust = self._update_trust(peers, scores, now)
         self._round = _Round(now + 1)
         self._forget_old_rounds()
         if not updates:
@@ -796,15 +799,37 @@ class SybilWallAggregator(Aggregator):
             return 0.0
         return observer.trust
 
+    def _kept_trust(self, peers: Sequence[str], now: int) -> torch.Tensor:
+        """Trust as training left it, in a mixing-only round: no one trains
+        or adds noise and honest models only converge, and converging models
+        look alike, to the clone test most of all. Scored, honest neighbours
+        that had converged together were muted as clones while Sybils with
+        a fresh offset each round stood out as unlike: a default testnet node
+        gave its two Sybils 0.67 of its weight in the last mixing rounds. Nor
+        does trust climb back: a muted peer stays muted. A peer first met now
+        starts at ``initial_trust``, as in training."""
+        out = []
+        for peer in peers:
+            standing, _ = self._standing_of(peer, now)
+            standing.last_seen = now
+            out.append(standing.trust)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def _standing_of(self, peer: str, now: int) -> tuple[_Standing, bool]:
+        """``peer``'s standing, and whether we met it only now (then at ``initial_trust``)."""
+        standing = self._standing.get(peer)
+        if standing is not None:
+            return standing, False
+        standing = self._standing[peer] = _Standing(now, self.options.initial_trust,
+                                                    vouched_from=now + self.options.vouch_rounds)
+        return standing, True
+
     def _update_trust(self, peers: Sequence[str], scores: torch.Tensor, now: int) -> torch.Tensor:
         step = 1.0 / self.options.recovery_rounds
         out = []
         for peer, score in zip(peers, scores.tolist(), strict=True):
-            standing = self._standing.get(peer)
-            if standing is None:
-                standing = self._standing[peer] = _Standing(now, self.options.initial_trust,
-                                                            vouched_from=now + self.options.vouch_rounds)
-            elif not self._held_as_clone(peer, now):  # a clone climbs back only clone_hold_rounds after
+            standing, new = self._standing_of(peer, now)
+            if not new and not self._held_as_clone(peer, now):  # a clone climbs back only clone_hold_rounds after
                 standing.trust = min(1.0, standing.trust + step)
             standing.trust = min(standing.trust, score)
             standing.score = score

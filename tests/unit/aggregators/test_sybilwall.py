@@ -150,6 +150,29 @@ def test_trust_drops_at_once_climbs_back_slowly_and_starts_at_initial_trust() ->
     assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
 
 
+def test_a_mixing_round_keeps_trust_as_training_left_it() -> None:
+    """Mixing-only rounds: models converge and look alike, to the clone test
+    most of all; neighbours that converged together lost all their trust
+    to it while Sybils with a fresh offset kept theirs. Trust stays as the
+    last training round left it: no drop for looking alike, no climb back."""
+    dirs = orthogonalish(4, DIM, 5)
+    agg = make(clip=None, recovery_rounds=4, initial_trust=0.5, memory=0.0, clone_hold_rounds=0)
+    agg.aggregate(torch.zeros(DIM), updates(moving({"a": dirs[0], "b": dirs[1], "c": dirs[2]}, 0)), 3)
+    agg.aggregate(torch.zeros(DIM), updates(moving({"a": dirs[0], "b": dirs[1], "c": dirs[2]}, 1)), 3)
+    before = {p: agg.trust(p) for p in "abc"}
+    assert before == {"a": 0.75, "b": 0.75, "c": 0.75}
+    agg.mixing = True
+    for r in range(2, 6):  # a and b converged to one model: in training, clones
+        converged = moving({"a": dirs[0], "b": dirs[1], "c": dirs[2]}, r)
+        converged["b"] = converged["a"].clone()
+        weights = agg.aggregate(torch.zeros(DIM), updates(converged | {"d": dirs[3]}), 4).weights
+        assert {p: agg.trust(p) for p in "abc"} == before
+        assert agg.trust("d") == 0.5 and weights["a"] == weights["b"] == weights["c"] > 0
+    agg.mixing = False
+    agg.aggregate(torch.zeros(DIM), updates(converged), 3)
+    assert agg.trust("a") == agg.trust("b") == 0.0  # scored again: clones
+
+
 def _lone_sybil(twin_records_at: tuple[int, ...], rounds: int, accuser_pays: bool = False,
                 observers: tuple[str, ...] = ("h0", "h1"), vouch_rounds: int = 0,
                 record_hold_rounds: int | None = None,
