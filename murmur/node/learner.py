@@ -1373,21 +1373,27 @@ class NodeLearner:
         whatever the aggregator (SybilWall's records check the ones they
         vouch for as well). A replica is bit-exact by construction; this is
         what shows one that is not, for a digest of it a round (~15 ms at
-        10 M parameters, off the loop)."""
+        10 M parameters), hashed in place in a worker thread while the
+        engine is held (no model-sized copy, nothing on the loop)."""
         peers = sorted(p for p in report.weights if p != "self")
         if not peers:
             return
         subject_text = peers[report.round % len(peers)]
-        replica = await self._guard.run(partial(self._replica_copy, subject_text))
-        if replica is None:
-            return
-        model, round_ = replica
         subject = PeerId.from_string(subject_text)
-        statement = self._records.statement(subject, round_)
-        if statement is None or await self._decoder.run(partial(states_model, subject, round_, model, statement)):
+        held = await self._guard.run(partial(self.engine.replica, subject_text))
+        statement = None if held is None else self._records.statement(subject, held[1])
+        if statement is None:
             return
-        self._records.forget(subject)
-        await self._refetch_replica(self.fronts[0], subject, round_)
+
+        def agrees() -> bool | None:
+            now = self.engine.replica(subject_text)
+            if now is None or now[1] != statement.round:
+                return None  # it moved on meanwhile: next time
+            return states_model(subject, statement.round, now[0].detach().to("cpu").numpy(), statement)
+
+        if await self._guard.off_loop(agrees) is False:
+            self._records.forget(subject)
+            await self._refetch_replica(self.fronts[0], subject, statement.round)
 
     async def _refetch_replica(self, front: Node, peer: PeerId, round_: int) -> None:
         """Our replica of ``peer`` is not the model ``peer`` signed for
