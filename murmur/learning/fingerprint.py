@@ -18,10 +18,8 @@ from dataclasses import dataclass
 
 import blake3
 import numpy as np
-import torch
 
 FINGERPRINT_DOMAIN = b"murmur-model-v1"
-INITIAL_DOMAIN = b"murmur-initial-model-v1"
 
 
 @dataclass(frozen=True)
@@ -53,12 +51,12 @@ class ModelFingerprint:
                 f"tensor{'s' if tensors != 1 else ''}, codec {self.codec}")[:256]
 
 
-def initial_digest(flat: torch.Tensor) -> bytes:
-    """32 bytes naming the model a node's rounds started from (its float32
-    values, little-endian). Nodes of one network build it from the seed they
-    share, so a round-0 replica of a neighbour is our own start plus its
-    first message; where the digests differ (another ``learning.seed``,
-    another torch, a build disturbed by another thread) that replica is
-    wrong by the difference for the whole run, and must be fetched."""
-    values = flat.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
-    return blake3.blake3(INITIAL_DOMAIN + np.ascontiguousarray(values).tobytes()).digest()
+
+def model_digest(model: np.ndarray) -> bytes:
+    """BLAKE3-256 of a float32 model's bytes: what a node's statements of its
+    public model sign, and what neighbours compare of the model their rounds
+    started from (``LearnerInfo.initial``: a round-0 replica is our own start
+    plus the neighbour's first message, right only where the two starts are
+    one model; another ``learning.seed``, another torch or a build another
+    thread disturbed gives another)."""
+    return blake3.blake3(memoryview(np.ascontiguousarray(model, dtype=np.float32)).cast("B")).digest()

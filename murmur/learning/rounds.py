@@ -77,7 +77,7 @@ from murmur.learning.aggregators.base import (
     Probed,
 )
 from murmur.learning.compression import Compressed, Compressor
-from murmur.learning.fingerprint import initial_digest
+from murmur.learning.fingerprint import model_digest
 from murmur.learning.heap import release_free_heap
 from murmur.learning.outer import OuterOptimizer
 from murmur.learning.probe import ProbeResult
@@ -270,7 +270,6 @@ class _Replica:
     # usually send round r+1 after we aggregated round r, so most rounds
     # copy nothing: one model-sized vector per neighbour less at real sizes.
     lent: bool = False
-    assumed: bool = False  # made from our own start (round 0), not from the peer's model
 
     def snapshot(self) -> torch.Tensor:
         self.lent = True
@@ -374,7 +373,8 @@ class RoundEngine:
         # Peers whose rounds started from another model than ours (see
         # started_elsewhere): their round 0 is not replayed from our start.
         self._elsewhere: set[str] = set()
-        self._initial_digest: bytes | None = None
+        # What neighbours compare with theirs (LearnerInfo.initial, see started_elsewhere).
+        self.initial_digest = model_digest(self._initial.detach().cpu().numpy())
         self._late_this_round = 0
         if isinstance(aggregator, Probed):
             aggregator.probe = self._probe_models
@@ -543,7 +543,7 @@ class RoundEngine:
         if replica is None:
             if round != 0 or peer in self._elsewhere:
                 return self._hold(peer, round, increment)
-            replica = self._replicas[peer] = _Replica(self._initial.clone(), -1, assumed=True)
+            replica = self._replicas[peer] = _Replica(self._initial.clone(), -1)
         if round <= replica.round:
             return Offer.DUPLICATE
         if round > replica.round + 1:
@@ -604,25 +604,14 @@ class RoundEngine:
             return self._file(peer, held_round, _Contribution(replica.snapshot()))
         return None  # older than the model (it moved on) or still a gap
 
-    @property
-    def initial_digest(self) -> bytes:
-        """The hash of the model our rounds started from (:func:`initial_digest`),
-        what neighbours compare with theirs (:meth:`started_elsewhere`)."""
-        if self._initial_digest is None:
-            self._initial_digest = initial_digest(self._initial)
-        return self._initial_digest
-
     def started_elsewhere(self, peer: str) -> None:
         """``peer``'s rounds started from another model than ours: its round
         0 is held for its model (NEEDS_SYNC, then :meth:`set_replica`) like
         any later round of a peer we hold no replica of, instead of replayed
-        from our own start. A replica made from our start before we knew
-        stays wrong by the difference of the two starts, so it is dropped."""
-        if peer not in self._elsewhere:
-            self._elsewhere.add(peer)
-            replica = self._replicas.get(peer)
-            if replica is not None and replica.assumed:
-                del self._replicas[peer]
+        from our own start (and a replica we hold of it is dropped: built
+        on our start, it would stay off by the two starts' difference)."""
+        self._elsewhere.add(peer)
+        self._replicas.pop(peer, None)
 
     def forget(self, peer: str) -> None:
         """A neighbour left: drop its replica (memory), and stop waiting for

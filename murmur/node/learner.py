@@ -239,7 +239,6 @@ class NodeLearner:
             compressor=self.compressor,
             outer=outer_optimizer(node.config.outer),
         )
-        self.engine.initial_digest  # hashed here, in the builder's thread, not on the loop at the first greeting
         # What every transfer of ours looks like, for this model: what we send
         # is built from it and what we accept is checked and sized by it.
         self.layout = TransferLayout.for_model(self.engine.num_params, Message.ROWS, self.round_format)

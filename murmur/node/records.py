@@ -34,11 +34,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import blake3
 import numpy as np
 import torch
 
 from murmur.errors import DecodeError, PeerFault
+from murmur.learning.fingerprint import model_digest
 from murmur.learning.sketch import model_sketch, sketches_agree
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.messages import SKETCH_ELEMENTS, HistoryRecord
@@ -51,11 +51,6 @@ RECORDS_CHECKED_PER_SENDER_PER_ROUND = 2
 """Records of one sender we check in one of our rounds: an honest neighbour
 sends one a round, two when its round is one ahead of ours."""
 _U64 = struct.Struct(">Q")
-
-
-def model_digest(model: np.ndarray) -> bytes:
-    """BLAKE3-256 of a float32 model's bytes (what statements and observations sign)."""
-    return blake3.blake3(memoryview(np.ascontiguousarray(model, dtype=np.float32)).cast("B")).digest()
 
 
 def sketch_bytes(sketch: np.ndarray) -> bytes:
