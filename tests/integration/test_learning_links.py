@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from murmur.node.daemon import Node
-from murmur.node.learner import CATCH_UP_GAP, NodeLearner
+from murmur.node.catchup import CATCH_UP_GAP
+from murmur.node.learner import NodeLearner
 from murmur.node.render import render_status
 from murmur.node.stalls import HELD_BACK_STREAK
 from murmur.protocol.identity import Identity

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from murmur.node.learner import (
+from murmur.node.catchup import (
     CATCH_UP_GAP,
     ahead_of_network,
     catch_up_sources,
