@@ -34,7 +34,6 @@ import random
 import logging
 import math
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +49,6 @@ from murmur.errors import (
     LimitExceeded,
     PeerFault,
     SendTimeout,
-    StateError,
     TrainerError,
 )
 from murmur.learning.adoption import PublicModel, adoption
@@ -85,6 +83,7 @@ from murmur.node.catchup import (
     out_of_step,
     voters,
 )
+from murmur.node.checkpoints import LearnerCheckpoints
 from murmur.node.config import Attack, LearningMode, OuterName, OuterSection, PrivacyLevel
 from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
@@ -249,7 +248,6 @@ class NodeLearner:
         self._model_serving = RequestBudget(MODEL_SERVE_NODE_BURST, 1.0 / MODEL_SERVE_NODE_RATE)
         wire_format = self.compressor.describe() if self.compressor is not None else cfg.codec.value
         self.fingerprint = ModelFingerprint(cfg.trainer, self.trainer.param_shapes(), wire_format)
-        self._checkpointed = (self.engine.round, time.monotonic())  # (round, when) of the last checkpoint
         # Records carry a digest and a sketch, never the model: any size gossips them.
         self._gossips_records = isinstance(self.aggregator, SybilWallAggregator)
         self._finished = False  # our rounds are over: we send no more round messages
@@ -263,7 +261,6 @@ class NodeLearner:
         # attacker may reach one honest peer through several identities.
         self._routes: dict[str, list[tuple[Node, PeerId]]] = {}
         self._stopped = False
-        self._write_lock = threading.Lock()  # see _write_snapshot
         self._training: asyncio.Future[Any] | None = None  # the worker thread's training, see _train_in_thread
         self.trainer_failure: TrainerError | None = None  # what ended the rounds, see _call_trainer
         self._trainer_calls = TrainerCalls(cfg.trainer, type(getattr(self.trainer, "inner", self.trainer)))
@@ -307,7 +304,8 @@ class NodeLearner:
                     "which pairwise noise on deltas does not protect"
                 )
             self.gossip = GossipModel(self.trainer)
-        self._restore()
+        self.checkpoints = LearnerCheckpoints(node.state, cfg, self.trainer, self.engine, self.aggregator)
+        self.checkpoints.restore()
 
     # -- wiring --------------------------------------------------------------------
 
@@ -397,7 +395,7 @@ class NodeLearner:
         await self.outbox.close()
         await self._training_ended()
         try:
-            await self._checkpoint()
+            await self.checkpoints.save()
         except TrainerError as exc:
             # The trainer broke its contract (what usually stopped the node): its
             # model is not written over the last good checkpoint, and the error,
@@ -907,8 +905,8 @@ class NodeLearner:
         # row, never records the round twice (a restart resumes after it).
         # Between checkpoints a restart resumes from the last one and runs
         # (and records) the rounds since again.
-        if self._checkpoint_due():
-            await self._checkpoint()
+        if self.checkpoints.due():
+            await self.checkpoints.save()
         bytes_in, bytes_out = self.node.traffic()
         self.node.state.append_metrics(
             {
@@ -1136,8 +1134,8 @@ class NodeLearner:
         # A jump of many rounds at once: checkpointed only after the next round
         # ran, a node killed before that (a slow round) resumed rounds behind,
         # ran them again (spending ε again) and caught up again.
-        if self._checkpoint_due():
-            await self._checkpoint()
+        if self.checkpoints.due():
+            await self.checkpoints.save()
         log.info("caught up", extra={"event": "catch_up", "peer": str(next(iter(arrived))), "round": chosen.state_round + 1,
                                      "sources": len(arrived), "asked": len(peers),
                                      "accuracy": round(self.last_eval[1], 4)})
@@ -1444,119 +1442,6 @@ class NodeLearner:
                                           msg.subject_sig, msg.observer_sig))
         self._records.prune(set(self.aggregator.known_peers()))
 
-    # -- persistence ----------------------------------------------------------------------
-
-    def _checkpoint_due(self) -> bool:
-        """Whether ``learning.checkpoint_every_rounds`` rounds or
-        ``checkpoint_every_s`` seconds passed since the last checkpoint.
-        Writing one every round cost a round on the 1M-parameter model
-        0.15 -> 0.45 s; shutdown always writes one."""
-        cfg = self.cfg
-        last_round, last_time = self._checkpointed
-        by_rounds = cfg.checkpoint_every_rounds > 0 and self.engine.round - last_round >= cfg.checkpoint_every_rounds
-        by_time = cfg.checkpoint_every_s > 0 and time.monotonic() - last_time >= cfg.checkpoint_every_s
-        return by_rounds or by_time
-
-    async def _checkpoint(self) -> None:
-        """Persist model, replicas and aggregator history. The snapshot is
-        taken here, on the loop, between rounds; the writing (two atomic
-        files, each checked, written and fsynced) runs in a thread, so a slow
-        disk does not stall the connections and rounds of the nodes sharing
-        this event loop (in a busy 8-node testnet worker, checkpointing took
-        28% of the loop thread's samples)."""
-        snapshot = self._snapshot()
-        self._checkpointed = (self.engine.round, time.monotonic())
-        await asyncio.to_thread(self._write_snapshot, *snapshot)
-
-    def _snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
-        """Copies, not views, so the next round cannot change what is being
-        written — made by the sources, whose contracts promise them
-        (``Trainer.get_flat``, ``RoundEngine.state``, ``Aggregator.state_dict``):
-        copying again here would copy the model twice more every round."""
-        model = self.trainer.get_flat().detach().to("cpu").numpy()
-        engine = self.engine.state()
-        arrays = {
-            "model": model,
-            "public": engine["public"].detach().cpu().numpy(),
-            "consensus": engine["consensus"].detach().cpu().numpy(),
-        }
-        for key in OPTIONAL_STATE:  # compression residuals, outer momentum: present when in use
-            if key in engine:
-                arrays[key] = engine[key].detach().cpu().numpy()
-        meta = {
-            "round": engine["round"],
-            "last_sent_round": engine["last_sent_round"],
-            "trainer": self.cfg.trainer,
-            "num_params": int(model.size),
-        }
-        state = self.aggregator.state_dict()
-        history = {k: v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
-        history_meta = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-        return arrays, meta, history, history_meta
-
-    def _write_snapshot(
-        self, arrays: dict[str, np.ndarray], meta: dict[str, Any], history: dict[str, np.ndarray], history_meta: dict[str, Any]
-    ) -> None:
-        # One writer at a time, in snapshot order: a round's write still in its
-        # thread when stop() cancels the round task must finish before the final one.
-        with self._write_lock:
-            self.node.state.save_checkpoint(arrays, meta)
-            if history or history_meta:
-                self.node.state.save_history(history, history_meta)
-
-    def _set_aside(self, meta: Mapping[str, Any], model: np.ndarray | None, source: Any) -> None:
-        """A checkpoint of another model (the user changed their trainer or
-        an option that shapes its model): moved aside, not written over, and
-        the node starts fresh saying what it found and where it put it."""
-        size = model.size if model is not None else 0
-        round_ = meta.get("round")
-        label = f"{size}-params-round-{round_ if isinstance(round_, int) else 'unknown'}"
-        aside = self.node.state.set_aside_checkpoint(label)
-        log.warning(
-            f"checkpoint {source} holds another model (trainer {meta.get('trainer')!r}, {size} parameters, round "
-            f"{round_}) than this node runs ({self.cfg.trainer!r}, {self.engine.num_params} parameters): moved it "
-            f"to {aside.name} and starting fresh (move it back, with the trainer it came from, to resume it)",
-            extra={"event": "checkpoint_set_aside", "source": str(source), "aside": str(aside)},
-        )
-
-    def _restore(self) -> None:
-        bundle = self.node.state.load_checkpoint()
-        if bundle is None:
-            return
-        arrays = bundle.arrays
-        n = self.engine.num_params
-        if (
-            bundle.meta.get("trainer") != self.cfg.trainer
-            or any(arrays.get(k) is None or arrays[k].size != n for k in ("model", "public", "consensus"))
-        ):
-            self._set_aside(bundle.meta, arrays.get("model"), bundle.source)
-            return
-
-        def tensor(key: str) -> torch.Tensor:
-            return torch.from_numpy(np.array(arrays[key], dtype=np.float32))
-
-        state: dict[str, Any] = {
-            "public": tensor("public"), "consensus": tensor("consensus"),
-            "round": int(bundle.meta["round"]), "last_sent_round": int(bundle.meta["last_sent_round"]),
-        }
-        # A checkpoint written without compression or outer optimizer has none of these: they start at zero.
-        state.update({key: tensor(key) for key in OPTIONAL_STATE if arrays.get(key) is not None and arrays[key].size == n})
-        self.engine.restore(tensor("model"), state)
-        self._checkpointed = (self.engine.round, time.monotonic())
-        try:
-            history = self.node.state.load_history()
-        except StateError as exc:  # as an unreadable one below: the aggregator starts without it
-            log.warning("aggregator history damaged; starting without it", extra={"error": str(exc)})
-            history = None
-        if history is not None:
-            aggregator_state: dict[str, Any] = dict(history.meta)
-            aggregator_state.update({k: torch.from_numpy(np.array(v)) for k, v in history.arrays.items()})
-            try:
-                self.aggregator.load_state_dict(aggregator_state)
-            except (KeyError, ValueError, TypeError) as exc:
-                log.warning("aggregator history unreadable; starting without it", extra={"error": str(exc)})
-        log.info("restored checkpoint", extra={"event": "restored", "round": self.engine.round})
-
     # -- status ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -1590,11 +1475,6 @@ class NodeLearner:
             "deltas_refused_for_room": sum(a.refused_for_room for a in self._assemblers.values()),
             **self.stalls.status(),
         }
-
-
-OPTIONAL_STATE = ("residual", "carry", "outer_momentum")
-"""Engine state a checkpoint holds when the node uses it (compression, privacy
-with random-k at user level, an outer optimizer), each one model-sized vector."""
 
 
 def outer_optimizer(section: OuterSection) -> OuterOptimizer | None:

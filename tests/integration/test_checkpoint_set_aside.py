@@ -1,5 +1,5 @@
 """A node restarted with another model than its checkpoint's keeps that
-checkpoint aside instead of writing over it (murmur/node/learner.py _set_aside).
+checkpoint aside instead of writing over it (murmur/node/checkpoints.py).
 
 A user iterating on their model (here digits-mlp's ``hidden`` 64 -> 16, as a
 user changes their own trainer) restarts the node on the same state dir. It
