@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import random
 import logging
-import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -54,7 +53,6 @@ from murmur.errors import (
 from murmur.learning.adoption import PublicModel, adoption
 from murmur.learning.heap import release_free_heap
 from murmur.learning.aggregators.base import get_aggregator
-from murmur.learning.aggregators.sybilwall import HistoryRecordData, RecordChoice, RecordVerdict, SybilWallAggregator
 from murmur.learning.compression import Compressor
 from murmur.learning.fingerprint import ModelFingerprint
 from murmur.learning.outer import OuterConfig, OuterOptimizer
@@ -84,6 +82,7 @@ from murmur.node.catchup import (
     voters,
 )
 from murmur.node.checkpoints import LearnerCheckpoints
+from murmur.node.recordgossip import RecordGossip
 from murmur.node.config import Attack, LearningMode, OuterName, OuterSection, PrivacyLevel
 from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
@@ -93,15 +92,10 @@ from murmur.node.ratelimit import RequestBudget
 from murmur.node.records import (
     SKETCH_META_KEY,
     STATEMENT_META_KEY,
-    HeldRecord,
-    RecordBook,
-    check_record,
     describe,
-    observe,
     read_statement,
     sign_statement,
     sketch_bytes,
-    states_model,
 )
 from murmur.node.silence import SilenceTracker
 from murmur.node.stalls import HELD_BACK_STREAK, HELD_BACK_WARN_EVERY, StallMonitor
@@ -152,9 +146,6 @@ MODEL_SERVE_REFILL_S = 2.0  # one more allowed per this many seconds
 MODEL_SERVE_NODE_BURST = 8  # public models served to all peers together before the node-wide limit
 MODEL_SERVE_NODE_RATE = 2.0  # per second, all peers together: a flood of requesters cannot multiply our upload
 MODEL_REQUEST_TIMEOUT_S = 5.0  # an unanswered re-sync request may be repeated after this
-# A replica that disagrees with its owner's signed statement is fetched again at most this often
-# (well inside what a neighbour serves us: MODEL_SERVE_REFILL_S).
-REPLICA_REFETCH_S = 30.0
 ANNOUNCE_TIMEOUT_S = 2.0
 OPTIMIZER_IMPORT_TASK = "optimizer-import"  # see _import_optimizer_support
 """How long telling every peer our progress (after a catch-up, at the end)
@@ -248,8 +239,6 @@ class NodeLearner:
         self._model_serving = RequestBudget(MODEL_SERVE_NODE_BURST, 1.0 / MODEL_SERVE_NODE_RATE)
         wire_format = self.compressor.describe() if self.compressor is not None else cfg.codec.value
         self.fingerprint = ModelFingerprint(cfg.trainer, self.trainer.param_shapes(), wire_format)
-        # Records carry a digest and a sketch, never the model: any size gossips them.
-        self._gossips_records = isinstance(self.aggregator, SybilWallAggregator)
         self._finished = False  # our rounds are over: we send no more round messages
         # An attacker whose identities each send a message of their own (set before start()).
         self.shaping: FrontShaping | None = None
@@ -273,7 +262,6 @@ class NodeLearner:
         # while the round's close runs in a worker thread, they wait for it.
         self._guard = EngineGuard()
         self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
-        self._refetched: dict[PeerId, float] = {}  # when a replica found off its owner's statement was last fetched
         self._model_budgets: dict[PeerId, RequestBudget] = {}
         self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
         self._peer_heard: dict[PeerId, float] = {}  # when it last sent us a round message (monotonic)
@@ -282,7 +270,8 @@ class NodeLearner:
         # Each neighbour's weight in the latest of our aggregations it took part
         # in: what vouches for a lone neighbour ahead of us (catch_up_target).
         self._trust: dict[PeerId, float] = {}
-        self._records = RecordBook()
+        self.records = RecordGossip(self.engine, self.aggregator, self._guard, self._decoder,
+                                    frozenset(self._front_ids), node.peer_log, self._request_resync)
         self.last_report: RoundReport | None = None
         self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
         self.attack_rate: float | None = None
@@ -343,7 +332,7 @@ class NodeLearner:
             await self._on_model_request(front, session, msg)
 
         async def on_record(session: PeerSession, msg: HistoryRecord) -> None:
-            await self._on_history_record(session, msg)
+            await self.records.receive(session, msg)
 
         async def on_info(session: PeerSession, msg: LearnerInfo) -> None:
             self._on_learner_info(front, session, msg)
@@ -573,11 +562,11 @@ class NodeLearner:
         self._assemblers[front.peer_id].abandon_peer(session.peer)
         self._model_requests.pop(session.peer, None)
         self._model_budgets.pop(session.peer, None)
-        self._refetched.pop(session.peer, None)
+        self.records.session_closed(session.peer)
         self._resync_sent.pop(session.peer, None)
         if not any(f.session(session.peer) for f in self.fronts):
             self._guard.call(partial(self.engine.forget, str(session.peer)))  # a returning peer re-syncs its replica
-            self._records.forget(session.peer)
+            self.records.forget(session.peer)
             self.silence.forget(str(session.peer))
             if self.privacy is not None:
                 self.privacy.forget(session.peer)
@@ -885,7 +874,7 @@ class NodeLearner:
         self._peer_rounds = {peer: r for peer, r in self._peer_rounds.items() if peer in current}
         self._peer_heard = {peer: t for peer, t in self._peer_heard.items() if peer in current}
         if self.gossip is None and self.shaping is None:
-            await self._check_a_replica(report)
+            await self.records.check_a_replica(self.fronts[0], report)
         with timer.phase("eval_s"):
             loss, accuracy = await self._call_trainer("evaluate", lambda: asyncio.to_thread(self._evaluate))
         self.last_eval = (loss, accuracy)
@@ -1009,7 +998,7 @@ class NodeLearner:
             session.peer_degree = degree
         statement = read_statement(start.round, start.meta.get(STATEMENT_META_KEY), start.meta.get(SKETCH_META_KEY))
         if statement is not None and outcome is not Offer.BAD_SHAPE:
-            self._records.note_statement(session.peer, statement)
+            self.records.note_statement(session.peer, statement)
         if outcome is not Offer.BAD_SHAPE and self.silence.on_usable(str(session.peer)):
             log.info("neighbour unmuted: it sends again", extra={"event": "unmuted", "peer": str(session.peer)})
         log.debug("round message", extra={"event": "offer", "peer": str(session.peer), "round": start.round,
@@ -1294,153 +1283,21 @@ class NodeLearner:
         mine = self.shaping.public_state(front.peer_id) if self.shaping is not None else None
         return self.engine.public_state() if mine is None else mine
 
-    # -- SybilWall history gossip ---------------------------------------------------------
+    # -- history records ---------------------------------------------------------------
 
     async def _send_record(self, front: Node, peer: PeerId) -> None:
-        """One record for ``peer`` this round, if the aggregator picks one we
-        can vouch for (and an attacker's shaping's records for it). Chosen
-        with the engine idle: the aggregator's history is what a round's
-        close, in its thread, rewrites."""
-        forged, choice = await self._guard.run(partial(self._records_to_send, front, peer))
+        """An attacker's shaping's records for ``peer`` (made with the engine
+        idle), then our own record for it this round, if there is one."""
         session = front.session(peer)
         if session is None:
             return
-        for record in forged:
+        shaping = self.shaping
+        forged = [] if shaping is None else await self._guard.run(
+            lambda: list(shaping.records(front.identity, peer, self.engine)))
+        record = await self.records.record_for(front, peer)
+        for message in [*forged, *([record] if record is not None else [])]:
             with contextlib.suppress(ConnectionClosed):
-                await session.send(record)
-        if choice is None:
-            return
-        if choice.distance == 1:
-            message = await self._observed_record(front, choice.subject)
-        else:
-            held = self._records.record(choice.subject)
-            message = None if held is None else HistoryRecord(
-                subject=held.subject, observer=held.observer, round=held.round, distance=choice.distance,
-                digest=held.digest, sketch=held.sketch, subject_sig=held.subject_sig, observer_sig=held.observer_sig)
-        if message is None:
-            return
-        with contextlib.suppress(ConnectionClosed):
-            await session.send(message)
-
-    def _records_to_send(self, front: Node, peer: PeerId) -> tuple[list[HistoryRecord], RecordChoice | None]:
-        """The shaping's forged records for ``peer`` and the aggregator's choice of our own."""
-        if front.session(peer) is None:
-            return [], None
-        forged = list(self.shaping.records(front.identity, peer, self.engine)) if self.shaping is not None else []
-        if not self._gossips_records:
-            return forged, None
-        return forged, self.aggregator.records_to_send(str(peer))
-
-    def _replica_copy(self, subject_text: str) -> tuple[np.ndarray, int] | None:
-        """A copy of our replica of ``subject_text`` and the round it holds
-        (the replica itself moves with the subject's next message)."""
-        replica = self.engine.replica(subject_text)
-        if replica is None:
-            return None
-        model, round_ = replica
-        return model.detach().to("cpu", torch.float32).numpy().copy(), round_
-
-    async def _observed_record(self, front: Node, subject_text: str) -> HistoryRecord | None:
-        """A first-hand record of a neighbour: our replica of its public
-        model, its own statement of that model, our signature as the
-        observer. The replica's digest and sketch (a quarter of a second at
-        10 M parameters) are made off the loop, from a copy."""
-        replica = await self._guard.run(partial(self._replica_copy, subject_text))
-        if replica is None:
-            return None
-        model, round_ = replica
-        subject = PeerId.from_string(subject_text)
-        statement = self._records.statement(subject, round_)
-        if statement is None:
-            return None
-        record = await self._decoder.run(partial(observe, front.identity, subject, round_, model, statement))
-        if record is None:
-            self._records.forget(subject)  # what it sent is not what it states: nothing to vouch for
-            await self._refetch_replica(front, subject, round_)
-        return record
-
-    async def _check_a_replica(self, report: RoundReport) -> None:
-        """One neighbour a round, in turn (those the round mixed): our replica
-        of its public model against the statement it signed of that model,
-        whatever the aggregator (SybilWall's records check the ones they
-        vouch for as well). A replica is bit-exact by construction; this is
-        what shows one that is not, for a digest of it a round (~15 ms at
-        10 M parameters), hashed in place in a worker thread while the
-        engine is held (no model-sized copy, nothing on the loop)."""
-        peers = sorted(p for p in report.weights if p != "self")
-        if not peers:
-            return
-        subject_text = peers[report.round % len(peers)]
-        subject = PeerId.from_string(subject_text)
-        held = await self._guard.run(partial(self.engine.replica, subject_text))
-        statement = None if held is None else self._records.statement(subject, held[1])
-        if statement is None:
-            return
-
-        def agrees() -> bool | None:
-            now = self.engine.replica(subject_text)
-            if now is None or now[1] != statement.round:
-                return None  # it moved on meanwhile: next time
-            return states_model(subject, statement.round, now[0].detach().to("cpu").numpy(), statement)
-
-        if await self._guard.off_loop(agrees) is False:
-            self._records.forget(subject)
-            await self._refetch_replica(self.fronts[0], subject, statement.round)
-
-    async def _refetch_replica(self, front: Node, peer: PeerId, round_: int) -> None:
-        """Our replica of ``peer`` is not the model ``peer`` signed for
-        ``round_``: either it stated something else than it sent, or our
-        replica went off (a start we did not share, which replayed every
-        round on the wrong base and went unnoticed for whole runs). Fetch
-        its model again, at most every REPLICA_REFETCH_S: a replica is only
-        ever right again by a fetch, and a peer that lies pays the upload."""
-        session = front.session(peer)
-        now = time.monotonic()
-        if session is None or now - self._refetched.get(peer, -math.inf) < REPLICA_REFETCH_S:
-            return
-        self._refetched[peer] = now
-        self.node.peer_log.warning(
-            log, peer, "our replica of a neighbour is not the model it signed: fetching its model",
-            extra={"event": "replica_disagrees", "peer": str(peer), "round": round_})
-        await self._request_resync(session)
-
-    async def _on_history_record(self, session: PeerSession, msg: HistoryRecord) -> None:
-        """Check a record's signatures, score it against our reference of its
-        round (the aggregator's rules decide whether it counts), keep it to relay."""
-        if not isinstance(self.aggregator, SybilWallAggregator) or not self._gossips_records:
-            return
-        if not session.linked:
-            log.debug("history record from a non-neighbour ignored", extra={"peer": str(session.peer)})
-            return
-        # Its budget first, then its signatures (a flood is refused before it costs a verify); the
-        # aggregator's round moves only as a round opens, on the round loop, never while it closes.
-        if not self._records.take_intake(session.peer, self.aggregator.round):
-            log.debug("history record over the sender's budget ignored", extra={"peer": str(session.peer)})
-            return
-        sketch = check_record(msg)
-        await self._guard.run(partial(self._take_record, session, msg, sketch))
-
-    def _take_record(self, session: PeerSession, msg: HistoryRecord, sketch: np.ndarray) -> None:
-        """Score a checked record and keep it to relay: with the engine idle
-        (the reference sketches and the aggregator's history are what a
-        round's close, in its thread, rewrites)."""
-        assert isinstance(self.aggregator, SybilWallAggregator)
-        if msg.subject in self._front_ids:
-            return
-        offset = self.engine.relative_sketch(torch.from_numpy(sketch.copy()), msg.round)
-        if offset is None:
-            return  # a round we hold no reference for (ahead of us, or too old to compare)
-        verdict = self.aggregator.receive_record(
-            str(session.peer),
-            HistoryRecordData(subject=str(msg.subject), round=msg.round, offset=offset, observer=str(msg.observer),
-                              distance=msg.distance),
-        )
-        if verdict.misbehaviour:
-            raise LimitExceeded(f"history record refused: {verdict.value}")
-        if verdict is RecordVerdict.KEPT:
-            self._records.keep(HeldRecord(msg.subject, msg.observer, msg.round, msg.digest, sketch.copy(),
-                                          msg.subject_sig, msg.observer_sig))
-        self._records.prune(set(self.aggregator.known_peers()))
+                await session.send(message)
 
     # -- status ---------------------------------------------------------------------------
 

@@ -156,7 +156,7 @@ async def test_sybilwall_vouches_for_and_weighs_what_compressed_messages_decode_
             peers = [s.peer for s in node.membership.learning_neighbours()]
             assert len(peers) == 2
             for peer in peers:
-                record = await learner._observed_record(node, str(peer))
+                record = await learner.records.observed(node, str(peer))
                 assert record is not None, f"{peer.short()}'s statement does not match our replica of it"
             weights = learner.last_report.weights
             assert all(weights.get(str(peer), 0.0) > 0.0 for peer in peers), weights

@@ -54,7 +54,7 @@ async def test_records_from_a_peer_we_do_not_learn_from_are_not_kept(tmp_path: P
             lambda: (victim.metrics.value("murmur_messages_total", direction="in", kind="HistoryRecord") or 0)
             >= RECORDS, 10.0, "every record read")
         assert learner.aggregator.known_peers() == []
-        assert len(learner._records) == 0
+        assert len(learner.records.book) == 0
         await peer.hang_up()
 
 
