@@ -50,7 +50,7 @@ from murmur.errors import (
     SendTimeout,
     TrainerError,
 )
-from murmur.learning.adoption import PublicModel, adoption
+from murmur.learning.adoption import adoption
 from murmur.learning.heap import release_free_heap
 from murmur.learning.aggregators.base import get_aggregator
 from murmur.learning.compression import Compressor
@@ -83,12 +83,12 @@ from murmur.node.catchup import (
 )
 from murmur.node.checkpoints import LearnerCheckpoints
 from murmur.node.recordgossip import RecordGossip
+from murmur.node.modelexchange import ModelExchange
 from murmur.node.config import Attack, LearningMode, OuterName, OuterSection, PrivacyLevel
 from murmur.node.membership import LINK_FAN_IN
 from murmur.node.metrics import Split
 from murmur.node.outbox import Outbox
 from murmur.node.progress import ROUNDS_TASK
-from murmur.node.ratelimit import RequestBudget
 from murmur.node.records import (
     SKETCH_META_KEY,
     STATEMENT_META_KEY,
@@ -141,11 +141,6 @@ left by a ``privacy.rounds`` far below ``learning.rounds`` (a testnet bounded
 by seconds): there nothing honest trains back what Sybils push, and a
 testnet's attack rate went from 0.02-0.18 to 0.85-0.90 over 145 such rounds."""
 GOSSIP_INBOX_MAX = 16  # models waiting to be merged; more in one period are dropped
-MODEL_SERVE_BURST = 3  # public models served to one peer before rate limiting
-MODEL_SERVE_REFILL_S = 2.0  # one more allowed per this many seconds
-MODEL_SERVE_NODE_BURST = 8  # public models served to all peers together before the node-wide limit
-MODEL_SERVE_NODE_RATE = 2.0  # per second, all peers together: a flood of requesters cannot multiply our upload
-MODEL_REQUEST_TIMEOUT_S = 5.0  # an unanswered re-sync request may be repeated after this
 ANNOUNCE_TIMEOUT_S = 2.0
 OPTIMIZER_IMPORT_TASK = "optimizer-import"  # see _import_optimizer_support
 """How long telling every peer our progress (after a catch-up, at the end)
@@ -228,15 +223,10 @@ class NodeLearner:
         # is built from it and what we accept is checked and sized by it.
         self.layout = TransferLayout.for_model(self.engine.num_params, Message.ROWS, self.round_format)
         limits = AssemblerLimits.for_layout(self.layout, peers=LINK_FAN_IN * node.config.network.neighbours + 1)
-        self._assemblers = {
-            front.peer_id: DeltaAssembler(front.peer_id, limits, solicited=self._answers_our_request, layout=self.layout)
-            for front in self.fronts
-        }
         self.stalls = StallMonitor()
         self._starting = False  # in the wait for the first neighbours (learning.start_wait_s)
         self.silence = SilenceTracker()
         self.outbox = Outbox()
-        self._model_serving = RequestBudget(MODEL_SERVE_NODE_BURST, 1.0 / MODEL_SERVE_NODE_RATE)
         wire_format = self.compressor.describe() if self.compressor is not None else cfg.codec.value
         self.fingerprint = ModelFingerprint(cfg.trainer, self.trainer.param_shapes(), wire_format)
         self._finished = False  # our rounds are over: we send no more round messages
@@ -254,15 +244,10 @@ class NodeLearner:
         self.trainer_failure: TrainerError | None = None  # what ended the rounds, see _call_trainer
         self._trainer_calls = TrainerCalls(cfg.trainer, type(getattr(self.trainer, "inner", self.trainer)))
         self._arrived = asyncio.Event()
-        # Public-model requests in flight: peer -> future for a catch-up we
-        # await, or None for a replica re-sync installed on arrival.
-        self._model_requests: dict[PeerId, asyncio.Future[CompletedDelta] | None] = {}
         self._decoder = OffLoopDecoder()  # received payloads, decoded in a worker thread
         # Every engine (and aggregator) call made from the loop goes through it:
         # while the round's close runs in a worker thread, they wait for it.
         self._guard = EngineGuard()
-        self._resync_sent: dict[PeerId, float] = {}  # when we last asked for a re-sync
-        self._model_budgets: dict[PeerId, RequestBudget] = {}
         self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
         self._peer_heard: dict[PeerId, float] = {}  # when it last sent us a round message (monotonic)
         self._pacing = False  # the last round waited for neighbours behind (logged once a run)
@@ -270,8 +255,15 @@ class NodeLearner:
         # Each neighbour's weight in the latest of our aggregations it took part
         # in: what vouches for a lone neighbour ahead of us (catch_up_target).
         self._trust: dict[PeerId, float] = {}
+        # An attacker's identities asking it to re-sync them (the unscored tactic) are served beyond the budgets.
+        self.models = ModelExchange(self.engine, self._guard, self.layout, self.outbox, self._served_state,
+                                    budgeted=lambda: self.shaping is None, on_replica=self._arrived.set)
+        self._assemblers = {
+            front.peer_id: DeltaAssembler(front.peer_id, limits, solicited=self.models.solicited, layout=self.layout)
+            for front in self.fronts
+        }
         self.records = RecordGossip(self.engine, self.aggregator, self._guard, self._decoder,
-                                    frozenset(self._front_ids), node.peer_log, self._request_resync)
+                                    frozenset(self._front_ids), node.peer_log, self.models.resync)
         self.last_report: RoundReport | None = None
         self.last_eval: tuple[float, float] | None = None  # (loss, accuracy)
         self.attack_rate: float | None = None
@@ -329,7 +321,7 @@ class NodeLearner:
                 raise
 
         async def on_model_request(session: PeerSession, msg: ModelRequest) -> None:
-            await self._on_model_request(front, session, msg)
+            await self.models.on_request(front, session, msg)
 
         async def on_record(session: PeerSession, msg: HistoryRecord) -> None:
             await self.records.receive(session, msg)
@@ -560,10 +552,8 @@ class NodeLearner:
 
     def on_session_closed(self, front: Node, session: PeerSession) -> None:
         self._assemblers[front.peer_id].abandon_peer(session.peer)
-        self._model_requests.pop(session.peer, None)
-        self._model_budgets.pop(session.peer, None)
+        self.models.session_closed(session.peer)
         self.records.session_closed(session.peer)
-        self._resync_sent.pop(session.peer, None)
         if not any(f.session(session.peer) for f in self.fronts):
             self._guard.call(partial(self.engine.forget, str(session.peer)))  # a returning peer re-syncs its replica
             self.records.forget(session.peer)
@@ -985,7 +975,7 @@ class NodeLearner:
             done = await self._decoder.decode(verified, urgent=not far_ahead)
             assembler.accept(verified)
             if kind is TransferKind.MODEL:
-                await self._on_model(session.peer, done)
+                await self.models.on_model(session.peer, done)
                 return
             if kind is TransferKind.GOSSIP:
                 self._on_gossip_model(session.peer, done)
@@ -1008,24 +998,8 @@ class NodeLearner:
         self._peer_rounds[session.peer] = max(self._peer_rounds.get(session.peer, -1), start.round)
         self._peer_heard[session.peer] = time.monotonic()
         if outcome is Offer.NEEDS_SYNC:
-            await self._request_resync(session)
+            await self.models.resync(session)
         self._arrived.set()
-
-    async def _request_resync(self, session: PeerSession) -> None:
-        """Ask ``session.peer`` for its public model (our replica of it has a gap).
-        One request in flight per peer; an unanswered one is repeated after a timeout."""
-        peer = session.peer
-        now = time.monotonic()
-        if peer in self._model_requests and now - self._resync_sent.get(peer, 0.0) < MODEL_REQUEST_TIMEOUT_S:
-            return
-        if self._model_requests.get(peer) is not None:
-            return  # a catch-up from this peer is in flight; it installs the replica too
-        self._model_requests[peer] = None
-        self._resync_sent[peer] = now
-        try:
-            await session.send(ModelRequest(round=self.engine.round))
-        except ConnectionClosed:
-            self._model_requests.pop(peer, None)
 
     # -- catch-up --------------------------------------------------------------------
 
@@ -1103,7 +1077,8 @@ class NodeLearner:
             self._note_held_back(voters(claimed, choices))
             return False
         self._held_back.reset()
-        arrived = await self._fetch_public_models(peers)
+        sessions = {peer: session for peer in peers if (session := self._session_to(peer)) is not None}
+        arrived = await self.models.fetch(sessions, self.cfg.round_deadline_s)
         if not arrived:
             log.info("catch-up failed", extra={"peers": [str(p) for p in peers]})
             return False
@@ -1130,56 +1105,10 @@ class NodeLearner:
                                      "accuracy": round(self.last_eval[1], 4)})
         return True
 
-    async def _fetch_public_models(self, peers: Sequence[PeerId]) -> dict[PeerId, PublicModel]:
-        """Ask ``peers`` for their public models at once; those that arrived
-        within a round deadline, valid, in the order of ``peers``. A peer that
-        answers with a model we cannot use is left out (the others decide)."""
-        loop = asyncio.get_running_loop()
-        waiting: dict[PeerId, asyncio.Future[CompletedDelta]] = {}
-        sessions = {peer: session for peer in peers if (session := self._session_to(peer)) is not None}
-        for peer in sessions:
-            waiting[peer] = self._model_requests[peer] = loop.create_future()
-        try:
-            deadline = time.monotonic() + self.cfg.round_deadline_s
-            sent = await asyncio.gather(*(self._ask_model(session, deadline) for session in sessions.values()))
-            asked = {peer for peer, ok in zip(waiting, sent, strict=True) if ok}
-            if asked:
-                await asyncio.wait([waiting[peer] for peer in asked], timeout=max(0.0, deadline - time.monotonic()))
-        finally:
-            for peer, fut in waiting.items():
-                if self._model_requests.get(peer) is fut:  # else its session closed meanwhile
-                    del self._model_requests[peer]
-        arrived: dict[PeerId, PublicModel] = {}
-        for peer, fut in waiting.items():
-            if not fut.done() or fut.cancelled():
-                continue
-            try:
-                model, state_round = self._public_model(fut.result())
-            except DecodeError as exc:
-                log.info("catch-up: unusable model", extra={"peer": str(peer), "error": str(exc)})
-                continue
-            if state_round < self.engine.round:
-                # It claimed a round ahead of ours; adopted, a model of our
-                # round or before would move us nowhere or back (rounds run,
-                # and their noise spent, again), and the others decide.
-                log.info("catch-up: model not ahead of us", extra={"peer": str(peer), "state_round": state_round,
-                                                                   "round": self.engine.round})
-                continue
-            arrived[peer] = PublicModel(model, state_round)
-        return arrived
-
     def _session_to(self, peer: PeerId) -> PeerSession | None:
         """The session a request to ``peer`` goes on (the first route to it)."""
         routes = self._routes.get(str(peer)) or [(self.node, peer)]
         return routes[0][0].session(peer)
-
-    async def _ask_model(self, session: PeerSession, deadline: float) -> bool:
-        """Send ``session``'s peer a model request; False when it could not go out."""
-        try:
-            await session.send(ModelRequest(round=self.engine.round), deadline)
-        except (ConnectionClosed, SendTimeout):
-            return False
-        return True
 
     def _note_held_back(self, claimed: Mapping[PeerId, int]) -> None:
         """Count the rounds we stay behind neighbours we may not adopt from
@@ -1201,13 +1130,6 @@ class NodeLearner:
             extra={"event": "held_back", "round": own, "ahead": len(ahead), "rounds_held_back": self._held_back.count},
         )
 
-    def _public_model(self, done: CompletedDelta) -> tuple[torch.Tensor, int]:
-        state_round = done.meta.get("state_round")
-        if not isinstance(state_round, int) or state_round < -1 or done.array.shape != (self.engine.num_params,):
-            raise DecodeError("model transfer without a valid state_round or of the wrong shape")
-        array = done.array if done.array.flags.writeable else done.array.copy()
-        return torch.from_numpy(array), state_round
-
     def _may_send_deltas(self, session: PeerSession, start: DeltaStart) -> bool:
         """Whether ``session`` may start this transfer: a round message from a
         peer we asked for a learning edge or that asked us for one (its
@@ -1217,66 +1139,10 @@ class NodeLearner:
         its sampler draws)."""
         kind = self.layout.kind_of(start.meta)
         if kind is TransferKind.MODEL:
-            return session.peer in self._model_requests
+            return self.models.asked(session.peer)
         if kind is TransferKind.GOSSIP:
             return self.gossip is not None
         return session.link_out or session.link_in
-
-    def _answers_our_request(self, start: DeltaStart) -> bool:
-        """A model transfer from a peer we asked for one (see DeltaAssembler's
-        ``solicited``): asked twice while its model stands still, a peer
-        answers twice with the same signed bytes, which the replay guard
-        would take for a replay, dropping and penalising an honest peer.
-        :meth:`_on_model` refuses model transfers nobody asked for."""
-        return self.layout.kind_of(start.meta) is TransferKind.MODEL and start.sender in self._model_requests
-
-    async def _on_model(self, sender: PeerId, done: CompletedDelta) -> None:
-        if sender not in self._model_requests:
-            raise LimitExceeded("unsolicited model transfer")
-        waiting = self._model_requests[sender]
-        if waiting is not None:  # a catch-up: _maybe_catch_up adopts it
-            if not waiting.done():
-                waiting.set_result(done)
-            return
-        del self._model_requests[sender]
-        model, state_round = self._public_model(done)
-        try:  # files the message that needed it
-            await self._guard.run(partial(self.engine.set_replica, str(sender), model, state_round))
-        except ValueError as exc:
-            raise DecodeError(str(exc)) from None
-        self._arrived.set()
-
-    async def _on_model_request(self, front: Node, session: PeerSession, msg: ModelRequest) -> None:
-        """Serve our public model to a learning neighbour (a re-sync, a
-        catch-up): never to strangers (a request is a few bytes, the answer
-        the whole model), at most one transfer in flight per peer, under a
-        per-peer and a node-wide rate. A request over the node-wide rate is
-        dropped without penalty: the asker retries after its timeout."""
-        if not session.linked or session.learner_info is None:
-            log.debug("model request from a non-neighbour ignored", extra={"peer": str(session.peer)})
-            return
-        # An evaluation attacker whose identities ask to be re-synced (the
-        # unscored tactic, murmur.node.fronts) serves them beyond the budgets.
-        budgeted = self.shaping is None
-        budget = self._model_budgets.setdefault(session.peer, RequestBudget(MODEL_SERVE_BURST, MODEL_SERVE_REFILL_S))
-        if budgeted and not budget.take():
-            raise LimitExceeded("public model requested too often")
-        key = (front.peer_id, session.peer, TransferKind.MODEL)
-        if self.outbox.busy(key) or (budgeted and not self._model_serving.take()):
-            return
-        self.outbox.start(key, self._serve_model(front, session))
-
-    async def _serve_model(self, front: Node, session: PeerSession) -> None:
-        # The public model only: it is built from what we already sent (noisy
-        # updates and consensus steps), so serving it reveals nothing new.
-        public, state_round = await self._guard.run(partial(self._served_state, front))
-        model = public.detach().to("cpu").numpy()
-        self.layout.check_outgoing(TransferKind.MODEL, model.shape)
-        meta = self.layout.meta(TransferKind.MODEL, state_round=state_round)
-        sender = DeltaSender(front.identity, session.peer, max(state_round, 0), model, DeltaCodec.FP32, meta=meta)
-        with contextlib.suppress(ConnectionClosed):
-            for data in sender:
-                await session.send_encoded(data, "Model")
 
     def _served_state(self, front: Node) -> tuple[torch.Tensor, int]:
         """The public model (a copy) and its round that ``front`` serves."""

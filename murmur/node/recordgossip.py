@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 REPLICA_REFETCH_S = 30.0
 """A replica that disagrees with its owner's signed statement is fetched again
 at most this often (well inside what a neighbour serves us:
-``MODEL_SERVE_REFILL_S`` in the learner)."""
+``MODEL_SERVE_REFILL_S``, murmur.node.modelexchange)."""
 
 
 class RecordGossip:

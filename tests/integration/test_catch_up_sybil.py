@@ -76,7 +76,7 @@ async def _catch_up_next_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syb
             if not honest_answer:
                 async def silent(*_: object) -> None:
                     return None
-                node.learner._on_model_request = silent
+                node.learner.models.on_request = silent  # type: ignore[method-assign]
         true_state = sybil.learner.engine.public_state
 
         def poisoned() -> tuple[torch.Tensor, int]:

@@ -204,8 +204,8 @@ async def test_asking_a_neighbour_twice_for_its_model_is_not_a_replay(tmp_path: 
         session = asker.session(neighbour.peer_id)
         assert session is not None
         for attempt in range(2):
-            await asker.learner._request_resync(session)  # the path a replica gap takes
-            await wait_until(lambda: neighbour.peer_id not in asker.learner._model_requests, 10.0, f"answer {attempt}")
+            await asker.learner.models.resync(session)  # the path a replica gap takes
+            await wait_until(lambda: not asker.learner.models.asked(neighbour.peer_id), 10.0, f"answer {attempt}")
         assert asker.status()["faults"] == {}, asker.status()["faults"]
         assert asker.session(neighbour.peer_id) is session and not session.closed
     finally:

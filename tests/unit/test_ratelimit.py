@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from murmur.node.learner import MODEL_SERVE_BURST, MODEL_SERVE_REFILL_S
+from murmur.node.modelexchange import MODEL_SERVE_BURST, MODEL_SERVE_REFILL_S
 from murmur.node.ratelimit import RequestBudget
 from tests.clocks import ManualClock
 
