@@ -14,16 +14,22 @@ with real connections:
 * a round closes once a quorum of this round's neighbours delivered, or at
   the deadline; absent peers never stall it, and a round without any
   neighbour lasts its deadline;
-* a node behind its neighbours (late join, restart) asks one of them for its
-  model and adopts it (catch-up);
+* a node behind its neighbours (late join, restart) asks up to five of
+  them for their models and adopts from what arrives (catch-up: the rules
+  over neighbours' round claims in :mod:`murmur.node.catchup`, the requests
+  in :mod:`murmur.node.modelexchange`, which also serves our model and
+  re-syncs a replica with a gap);
 * every round message carries a signed statement of our public model (its
   digest and sketch), and SybilWall history records (a neighbour's digest
   and sketch, its statement and our signature as its observer; never a
-  model) are gossiped one per neighbour per round;
+  model) are gossiped one per neighbour per round
+  (:mod:`murmur.node.recordgossip`, which also checks a neighbour's replica
+  against its statement each round);
 * model, round and aggregator histories (and with compression the
   residuals, with an outer optimizer its momentum) are checkpointed
   atomically every ``learning.checkpoint_every_rounds`` rounds or
-  ``checkpoint_every_s`` seconds and at shutdown, and restored at start.
+  ``checkpoint_every_s`` seconds and at shutdown, and restored at start
+  (:mod:`murmur.node.checkpoints`).
 """
 
 from __future__ import annotations
