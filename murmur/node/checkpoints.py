@@ -17,7 +17,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,13 +50,14 @@ class LearnerCheckpoints:
     """Checkpoints of one learner's model, round state and aggregator history."""
 
     def __init__(self, state: StateDir, cfg: LearningSection, trainer: Trainer, engine: RoundEngine,
-                 aggregator: Aggregator) -> None:
+                 aggregator: Aggregator, clock: Callable[[], float] = time.monotonic) -> None:
         self._state = state
         self._cfg = cfg
         self._trainer = trainer
         self._engine = engine
         self._aggregator = aggregator
-        self._last = (engine.round, time.monotonic())  # (round, when) of the last checkpoint
+        self._clock = clock
+        self._last = (engine.round, clock())  # (round, when) of the last checkpoint
         self._write_lock = threading.Lock()  # see _write
 
     def due(self) -> bool:
@@ -67,7 +68,7 @@ class LearnerCheckpoints:
         cfg = self._cfg
         last_round, last_time = self._last
         by_rounds = cfg.checkpoint_every_rounds > 0 and self._engine.round - last_round >= cfg.checkpoint_every_rounds
-        by_time = cfg.checkpoint_every_s > 0 and time.monotonic() - last_time >= cfg.checkpoint_every_s
+        by_time = cfg.checkpoint_every_s > 0 and self._clock() - last_time >= cfg.checkpoint_every_s
         return by_rounds or by_time
 
     async def save(self) -> None:
@@ -78,7 +79,7 @@ class LearnerCheckpoints:
         this event loop (in a busy 8-node testnet worker, checkpointing took
         28% of the loop thread's samples)."""
         snapshot = self._snapshot()
-        self._last = (self._engine.round, time.monotonic())
+        self._last = (self._engine.round, self._clock())
         await asyncio.to_thread(self._write, snapshot)
 
     def _snapshot(self) -> _Snapshot:
@@ -141,7 +142,7 @@ class LearnerCheckpoints:
         # A checkpoint written without compression or outer optimizer has none of these: they start at zero.
         state.update({key: tensor(key) for key in OPTIONAL_STATE if arrays.get(key) is not None and arrays[key].size == n})
         self._engine.restore(tensor("model"), state)
-        self._last = (self._engine.round, time.monotonic())
+        self._last = (self._engine.round, self._clock())
         try:
             history = self._state.load_history()
         except StateError as exc:  # as an unreadable one below: the aggregator starts without it
