@@ -104,7 +104,7 @@ async def run_once(tmp: Path, args: argparse.Namespace, seed: int) -> dict[str, 
         trust = {sybil.peer_id: 0.6, ahead[0].peer_id: 0.2, ahead[1].peer_id: 0.2}
 
         async def start_trusting(learner: NodeLearner) -> None:
-            learner._trust.update(trust)
+            learner.neighbour_rounds.trust.update(trust)
             await original_start(learner)
         NodeLearner.start = start_trusting  # type: ignore[method-assign]
         late = Node(node_config(tmp / "late", bootstrap=bootstrap, overrides={

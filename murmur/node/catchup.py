@@ -12,7 +12,8 @@ learner (murmur/node/learner.py) gathers the claims and acts.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from fractions import Fraction
 
 from murmur.protocol.identity import PeerId
@@ -33,6 +34,56 @@ CATCH_UP_SOURCES = 5
 first): their coordinate-wise median is adopted (murmur.learning.adoption),
 which two poisoned models among five cannot move outside the honest ones'
 range. A rare event: five model transfers, five models held until adopted."""
+
+
+MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
+
+
+class NeighbourRounds:
+    """What the rules below read about the neighbours: the latest round each
+    sent us a message for and when (its claim, and whether it still sends),
+    and the weight our aggregation last gave each (``trust``: what vouches
+    for a lone neighbour ahead, :func:`catch_up_sources`).
+
+    Rounds are kept for current neighbours only; trust outlives a session
+    (a healed partition's other side comes back with the weight it had),
+    for the MAX_TRUSTED_PEERS peers weighed most recently."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
+        self._heard: dict[PeerId, float] = {}  # when it last sent us a round message
+        self.trust: dict[PeerId, float] = {}  # oldest-weighed first
+
+    def heard(self, peer: PeerId, round_: int) -> None:
+        """A round message of ``peer``'s for ``round_`` arrived."""
+        self._rounds[peer] = max(self._rounds.get(peer, -1), round_)
+        self._heard[peer] = self._clock()
+
+    def weighed(self, weights: Mapping[str, float], current: Collection[PeerId]) -> None:
+        """A round closed with ``weights`` (peer id text -> weight); ``current``
+        are our neighbours now: the others' rounds are forgotten."""
+        for peer in current:
+            weight = weights.get(str(peer))
+            if weight is not None:
+                self.trust.pop(peer, None)  # re-inserted last: the dict is oldest-first
+                self.trust[peer] = weight
+        while len(self.trust) > MAX_TRUSTED_PEERS:
+            del self.trust[next(iter(self.trust))]
+        self._rounds = {peer: r for peer, r in self._rounds.items() if peer in current}
+        self._heard = {peer: t for peer, t in self._heard.items() if peer in current}
+
+    def claimed(self, hellos: Mapping[PeerId, int]) -> dict[PeerId, int]:
+        """Each neighbour's claim (``hellos``: every neighbour, with the round
+        its hello named, -1 for none): the later of that and its latest
+        message. Every neighbour votes, muted ones too: silence must not hand
+        the majority to Sybils that claim rounds far ahead."""
+        return {peer: max(self._rounds.get(peer, -1), hello) for peer, hello in hellos.items()}
+
+    def live(self, within_s: float) -> set[PeerId]:
+        """Neighbours we heard a round message from within ``within_s``."""
+        horizon = self._clock() - within_s
+        return {peer for peer, heard in self._heard.items() if heard >= horizon}
 
 
 def voters(claimed: Mapping[PeerId, int], choices: Collection[PeerId] = ()) -> dict[PeerId, int]:

@@ -79,6 +79,7 @@ from murmur.node.catchup import (
     BEHIND_LIVE_DEADLINES,
     CATCH_UP_GAP,
     MIN_CHOSEN_VOTERS,
+    NeighbourRounds,
     ahead_of_network,
     catch_up_sources,
     catch_up_target,
@@ -137,7 +138,6 @@ FAR_AHEAD_SLACK = 1
 neighbour's round message may claim and still be decoded as urgent: our own
 round may close while it waits. Further ahead, it is decoded after every
 urgent job (murmur/node/decoding.py)."""
-MAX_TRUSTED_PEERS = 4096  # past neighbours whose last aggregation weight we remember
 SPENT_MIXING_ROUNDS = 10
 """Rounds a node whose privacy budget ran out before its last training round
 still mixes (then its ``mixing_rounds``, then it stops): enough for the
@@ -254,13 +254,9 @@ class NodeLearner:
         # Every engine (and aggregator) call made from the loop goes through it:
         # while the round's close runs in a worker thread, they wait for it.
         self._guard = EngineGuard()
-        self._peer_rounds: dict[PeerId, int] = {}  # the latest round each neighbour sent us
-        self._peer_heard: dict[PeerId, float] = {}  # when it last sent us a round message (monotonic)
+        self.neighbour_rounds = NeighbourRounds()  # their claims, and the weight we last gave each
         self._pacing = False  # the last round waited for neighbours behind (logged once a run)
         self.rounds_paced = 0  # rounds that waited for neighbours behind (ahead_of_network, lagging_neighbour)
-        # Each neighbour's weight in the latest of our aggregations it took part
-        # in: what vouches for a lone neighbour ahead of us (catch_up_target).
-        self._trust: dict[PeerId, float] = {}
         # An attacker's identities asking it to re-sync them (the unscored tactic) are served beyond the budgets.
         self.models = ModelExchange(self.engine, self._guard, self.layout, self.outbox, self._served_state,
                                     budgeted=lambda: self.shaping is None, on_replica=self._arrived.set)
@@ -860,15 +856,7 @@ class NodeLearner:
             self._export_stalls()
             await self._track_silence(report)
         current = {session.peer for session in self._sessions(muted=True)}
-        for peer in current:
-            weight = report.weights.get(str(peer))
-            if weight is not None:
-                self._trust.pop(peer, None)  # re-inserted last: the dict is oldest-first
-                self._trust[peer] = weight
-        while len(self._trust) > MAX_TRUSTED_PEERS:
-            del self._trust[next(iter(self._trust))]
-        self._peer_rounds = {peer: r for peer, r in self._peer_rounds.items() if peer in current}
-        self._peer_heard = {peer: t for peer, t in self._peer_heard.items() if peer in current}
+        self.neighbour_rounds.weighed(report.weights, current)
         if self.gossip is None and self.shaping is None:
             await self.records.check_a_replica(self.fronts[0], report)
         with timer.phase("eval_s"):
@@ -1001,8 +989,7 @@ class NodeLearner:
                                            "outcome": outcome.value, "own_round": self.engine.round})
         if outcome is Offer.BAD_SHAPE:
             raise DecodeError(f"round message with non-finite values for round {start.round}")
-        self._peer_rounds[session.peer] = max(self._peer_rounds.get(session.peer, -1), start.round)
-        self._peer_heard[session.peer] = time.monotonic()
+        self.neighbour_rounds.heard(session.peer, start.round)
         if outcome is Offer.NEEDS_SYNC:
             await self.models.resync(session)
         self._arrived.set()
@@ -1010,21 +997,16 @@ class NodeLearner:
     # -- catch-up --------------------------------------------------------------------
 
     def _claimed_rounds(self) -> dict[PeerId, int]:
-        # Every neighbour votes, muted ones too: silence must not hand the
-        # majority to Sybils that claim rounds far ahead.
-        return {
-            s.peer: max(self._peer_rounds.get(s.peer, -1), s.hello.round if s.hello is not None else -1)
-            for s in self._sessions(muted=True)
-        }
+        return self.neighbour_rounds.claimed(
+            {s.peer: s.hello.round if s.hello is not None else -1 for s in self._sessions(muted=True)})
 
     def _catch_up_target(self) -> PeerId | None:
-        return catch_up_target(self._claimed_rounds(), self.engine.round, self._trust, self._choices(),
+        return catch_up_target(self._claimed_rounds(), self.engine.round, self.neighbour_rounds.trust, self._choices(),
                                self._min_voters())
 
     def _live(self) -> set[PeerId]:
         """Neighbours we heard a round message from within BEHIND_LIVE_DEADLINES deadlines."""
-        horizon = time.monotonic() - BEHIND_LIVE_DEADLINES * self.cfg.round_deadline_s
-        return {peer for peer, heard in self._peer_heard.items() if heard >= horizon}
+        return self.neighbour_rounds.live(BEHIND_LIVE_DEADLINES * self.cfg.round_deadline_s)
 
     def _ahead_of_network(self) -> bool:
         return ahead_of_network(self._claimed_rounds(), self.engine.round, self._live(), self._choices())
@@ -1078,7 +1060,7 @@ class NodeLearner:
         arrived gets it as our replica of it, at its own round, so its next
         messages apply to exactly what it holds."""
         claimed, choices = self._claimed_rounds(), self._choices()
-        peers = catch_up_sources(claimed, self.engine.round, self._trust, choices, self._min_voters())
+        peers = catch_up_sources(claimed, self.engine.round, self.neighbour_rounds.trust, choices, self._min_voters())
         if not peers:
             self._note_held_back(voters(claimed, choices))
             return False

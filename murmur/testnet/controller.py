@@ -500,7 +500,7 @@ class Testnet:
         proc.wanted_up = True  # the process is alive and about to bring its nodes up
         proc.incarnation += 1
         proc.sync_partition = self._partition is not None
-        task = asyncio.create_task(self._start_standby(proc, self._supervisor[proc.child]))
+        task = asyncio.create_task(self._start_standby(proc, self._supervisor[proc.child]), name=f"standby-{proc.name}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -91,7 +91,7 @@ async def _catch_up_next_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syb
         original_start = NodeLearner.start
 
         async def start_trusting(learner: NodeLearner) -> None:
-            learner._trust.update(trust)
+            learner.neighbour_rounds.trust.update(trust)
             await original_start(learner)
         monkeypatch.setattr(NodeLearner, "start", start_trusting)
         late_cfg = node_config(tmp_path / "late", bootstrap=bootstrap, overrides={

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from murmur.node.catchup import (
     CATCH_UP_GAP,
+    MAX_TRUSTED_PEERS,
+    NeighbourRounds,
     ahead_of_network,
     catch_up_sources,
     catch_up_target,
@@ -13,6 +15,7 @@ from murmur.node.catchup import (
     voters,
 )
 from murmur.protocol.identity import Identity
+from tests.clocks import ManualClock
 
 A, B, C, SYBIL = (Identity.generate().peer_id for _ in range(4))
 FAR = 10_000
@@ -176,3 +179,44 @@ def test_any_neighbour_behind_and_sending_halves_the_pace() -> None:
     assert lagging_neighbour(claimed, 20, live={A, B}) == []  # C went quiet
     assert lagging_neighbour({A: 20, B: 20 - CATCH_UP_GAP}, 20, live={A, B}) == []  # within the gap
     assert lagging_neighbour({}, 20, live=set()) == []
+
+
+def test_a_claim_is_the_later_of_the_hello_and_the_latest_message() -> None:
+    """A message never lowers a claim (one for an old round arriving late),
+    a hello names the round a neighbour was at when it linked, and a
+    neighbour we heard nothing from claims what its hello said (-1: none)."""
+    rounds = NeighbourRounds(ManualClock())
+    rounds.heard(A, 7)
+    rounds.heard(A, 5)
+    rounds.heard(B, 3)
+    assert rounds.claimed({A: 2, B: 9, C: -1}) == {A: 7, B: 9, C: -1}
+
+
+def test_live_neighbours_are_those_heard_lately_and_neighbours_gone_are_forgotten() -> None:
+    clock = ManualClock(100.0)
+    rounds = NeighbourRounds(clock)
+    rounds.heard(A, 1)
+    clock.now = 105.0
+    rounds.heard(B, 1)
+    assert rounds.live(within_s=10.0) == {A, B}
+    assert rounds.live(within_s=3.0) == {B}
+    rounds.weighed({str(A): 0.5}, current={A})  # B's session ended
+    assert rounds.live(within_s=10.0) == {A}
+    assert rounds.claimed({A: -1, B: -1}) == {A: 1, B: -1}
+
+
+def test_trust_is_each_neighbours_last_weight_and_outlives_its_session_within_a_bound() -> None:
+    """The weight of the latest aggregation a neighbour took part in (one it
+    missed keeps the old weight); a peer gone keeps its trust (the other
+    side of a healed partition); the oldest weighed are dropped past
+    MAX_TRUSTED_PEERS."""
+    rounds = NeighbourRounds(ManualClock())
+    rounds.weighed({str(A): 0.25, str(B): 0.0}, current={A, B})
+    rounds.weighed({str(A): 0.5}, current={A, B})
+    assert rounds.trust == {B: 0.0, A: 0.5}
+    rounds.weighed({}, current=set())
+    assert rounds.trust == {B: 0.0, A: 0.5}
+    others = [Identity.generate().peer_id for _ in range(MAX_TRUSTED_PEERS - 1)]
+    for peer in others:
+        rounds.weighed({str(peer): 1.0}, current={peer})
+    assert len(rounds.trust) == MAX_TRUSTED_PEERS and B not in rounds.trust and A in rounds.trust
