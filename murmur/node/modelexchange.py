@@ -93,7 +93,12 @@ class ModelExchange:
         return self._layout.kind_of(start.meta) is TransferKind.MODEL and start.sender in self._requests
 
     def session_closed(self, peer: PeerId) -> None:
-        self._requests.pop(peer, None)
+        """``peer``'s session closed: a request to it will not be answered on
+        it. A catch-up's :meth:`fetch` stops waiting for it (it waited out
+        its whole deadline for a neighbour that had left)."""
+        waiting = self._requests.pop(peer, None)
+        if waiting is not None:
+            waiting.cancel()
         self._budgets.pop(peer, None)
         self._resync_sent.pop(peer, None)
 

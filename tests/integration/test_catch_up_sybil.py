@@ -13,7 +13,9 @@ two honest ones, not the poisoned one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ import torch
 
 from murmur.node.daemon import Node
 from murmur.node.learner import NodeLearner
+from murmur.node.session import PeerSession
+from murmur.protocol.messages import ModelRequest
 from tests.integration.cluster import node_config, wait_until
 
 LEAD_ROUNDS = 6  # how far the three run before the late node starts: more than CATCH_UP_GAP
@@ -46,14 +50,19 @@ def _recording(served: Served, name: str,
 
 
 Sybil = Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]  # its true public state -> what it serves
+Request = Callable[[Node, PeerSession, ModelRequest], Awaitable[None]]  # an honest node's model-request handler
+
+
+async def silent(front: Node, session: PeerSession, msg: ModelRequest) -> None:
+    """An honest neighbour that never answers a model request (too slow, say)."""
 
 
 async def _catch_up_next_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sybil_serves: Sybil,
-                            done: Callable[[Node], bool], honest_answer: bool = True,
+                            done: Callable[[Node], bool], honest_request: Request | None = None,
                             ) -> tuple[list[tuple[torch.Tensor, Served]], Node]:
     """Three daemons run LEAD_ROUNDS, the last a Sybil serving
     ``sybil_serves(its public model, its state round)`` (the other two
-    answer no model request unless ``honest_answer``); then a late node
+    answer a model request with ``honest_request`` where given); then a late node
     that trusts the Sybil most starts, until ``done(late)``. Returns each
     model it adopted with every model each of the three had served by then."""
     ahead: list[Node] = []
@@ -73,10 +82,8 @@ async def _catch_up_next_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syb
         served: Served = {}
         for name, node in (("a", honest_a), ("b", honest_b)):
             node.learner.engine.public_state = _recording(served, name, node.learner.engine.public_state)
-            if not honest_answer:
-                async def silent(*_: object) -> None:
-                    return None
-                node.learner.models.on_request = silent  # type: ignore[method-assign]
+            if honest_request is not None:
+                node.learner.models.on_request = honest_request  # type: ignore[method-assign]
         true_state = sybil.learner.engine.public_state
 
         def poisoned() -> tuple[torch.Tensor, int]:
@@ -162,5 +169,29 @@ async def test_a_lone_answer_naming_a_far_round_is_held_to_the_neighbours_claims
     its run was over (past learning.rounds); now the lower median of what
     the three claim holds it, and the node goes on running rounds."""
     _, late = await _catch_up_next_to(tmp_path, monkeypatch, lambda model, r: (model, 10**9),
-                                      lambda late: late.learner.catch_ups >= 1, honest_answer=False)
+                                      lambda late: late.learner.catch_ups >= 1, honest_request=silent)
     assert LEAD_ROUNDS <= late.learner.round < 10**6, late.learner.round
+
+
+@pytest.mark.timeout(3 * RUN_S)
+async def test_a_catch_up_does_not_wait_for_neighbours_that_left_when_asked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The two honest neighbours ahead close the connection when asked for
+    their model (they crashed, or left). The catch-up waited out its round
+    deadline (5 s here) for answers that could no longer come; the
+    departure now ends the wait for them, and the one answer that came
+    decides at once."""
+    caplog.set_level(logging.INFO, logger="murmur.node.learner")  # the "caught up" line is INFO
+    asked: list[float] = []
+
+    async def leave(front: Node, session: PeerSession, msg: ModelRequest) -> None:
+        asked.append(time.time())
+        await session.close()
+
+    _, late = await _catch_up_next_to(tmp_path, monkeypatch, lambda model, r: (model, r),
+                                      lambda late: late.learner.catch_ups >= 1, honest_request=leave)
+    caught = [r for r in caplog.records if getattr(r, "event", None) == "catch_up"]
+    assert asked and caught, (asked, caught)
+    deadline = late.config.learning.round_deadline_s
+    waited = caught[0].created - min(asked)
+    assert waited < deadline / 2, f"the catch-up took {waited:.2f} s after the first request (deadline {deadline} s)"
