@@ -39,6 +39,7 @@ from typing import Any
 
 from murmur import __version__
 from murmur.errors import LimitExceeded, OptionError, PeerFault, SendTimeout, TaskCrashed, TrainerCrashed
+from murmur.node.startgate import StartGate
 from murmur.node.api import StatusApi
 from murmur.node.autonat import AutoNATProber
 from murmur.node.autorelay import AutoRelay
@@ -130,8 +131,9 @@ GossipSubscriber = Callable[[PeerId, bytes], None]
 class Node:
     """One murmur peer."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, start_gate: StartGate | None = None) -> None:
         self.config = config
+        self.start_gate = start_gate  # holds the learner's first round (a testnet's; None: not held)
         self.state = StateDir(config.node.data_dir)
         self.metrics = NodeMetrics()
         # Emulated link rates ([link]): every session paces through these node-wide buckets.

@@ -89,6 +89,7 @@ from murmur.node.catchup import (
     voters,
 )
 from murmur.node.checkpoints import LearnerCheckpoints
+from murmur.node.startgate import StartGate
 from murmur.node.recordgossip import RecordGossip
 from murmur.node.modelexchange import ModelExchange
 from murmur.node.config import Attack, LearningMode, OuterName, OuterSection, PrivacyLevel
@@ -231,6 +232,7 @@ class NodeLearner:
         limits = AssemblerLimits.for_layout(self.layout, peers=LINK_FAN_IN * node.config.network.neighbours + 1)
         self.stalls = StallMonitor()
         self._starting = False  # in the wait for the first neighbours (learning.start_wait_s)
+        self.start_gate: StartGate | None = node.start_gate  # holds the first round (a testnet's)
         self.silence = SilenceTracker()
         self.outbox = Outbox()
         wire_format = self.compressor.describe() if self.compressor is not None else cfg.codec.value
@@ -345,7 +347,7 @@ class NodeLearner:
         # (behind its CheckedTrainer: a TorchTrainer builds a torch.optim optimizer at its first step)
         if isinstance(getattr(self.trainer, "inner", self.trainer), TorchTrainer) and OPTIMIZER_SUPPORT not in sys.modules:
             self.node.tasks.spawn(OPTIMIZER_IMPORT_TASK, self._import_optimizer_support)
-        self.node.tasks.spawn(ROUNDS_TASK, self._run_gossip if self.gossip is not None else self._run_rounds)
+        self.node.tasks.spawn(ROUNDS_TASK, self._rounds)
         self.node.tasks.periodic("expire-transfers", 10.0, self._expire)
         self.node.tasks.periodic("stall-watch", max(1.0, self.cfg.round_deadline_s / 2), self._watch_stalls)
 
@@ -593,9 +595,24 @@ class NodeLearner:
     def _budget_spent(self) -> bool:
         return self.privacy is not None and self.privacy.budget_exhausted()
 
-    async def _run_rounds(self) -> None:
-        await self._run()
-        await self._announce_finished()
+    async def _rounds(self) -> None:
+        """The round loop (gossip learning's cycles), past the start gate if
+        there is one (:mod:`murmur.node.startgate`): linked to our neighbours
+        (or having waited ``learning.start_wait_s`` for them), we arrive, and
+        begin when every learner the gate holds has."""
+        gate = self.start_gate
+        if gate is not None and not gate.opened.is_set():
+            self._starting = True  # held at the start is no stall
+            if self.gossip is None and self.engine.round == 0:
+                wanted = self._wanted_neighbours()
+                await self._wait_for(lambda: len(self._neighbours()) >= wanted, self.cfg.start_wait_s)
+            await gate.passed()
+            self._starting = False
+        if self.gossip is not None:
+            await self._run_gossip()
+        else:
+            await self._run()
+            await self._announce_finished()
 
     async def _run(self) -> None:
         deadline_s = self.cfg.round_deadline_s

@@ -119,6 +119,8 @@ WORKER_MODULE = "murmur.testnet.worker"
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STARTING = frozenset({Action.RESTART, Action.JOIN})  # events that (re)start nodes
 STANDBY_START_TIMEOUT_S = 120.0  # a standby still importing after this is replaced by a cold start
+UP_TIMEOUT_S = 60.0  # the first workers' rounds begin without one whose nodes are not up after this
+UP_WAIT_S = 5.0  # how long one up request is held
 
 
 class RunEnd(enum.StrEnum):
@@ -528,8 +530,43 @@ class Testnet:
             self._fail(dead[0])
             return False
         self._say(f"workers ready in {time.monotonic() - started:.1f} s; starting the nodes")
-        await asyncio.gather(*(self._start_standby(proc, self._supervisor[proc.child]) for proc in procs))
+        supervisor = self._supervisor
+        await asyncio.gather(*(self._start_standby(proc, supervisor[proc.child], hold_rounds=True) for proc in procs))
+        await self._begin_together(procs)
         return True
+
+    async def _begin_together(self, procs: list[WorkerProc]) -> None:
+        """Once every worker's nodes are up and linked to their neighbours
+        (or done waiting for them), their rounds begin, all at once
+        (:mod:`murmur.node.startgate`): no group of them runs rounds ahead of
+        the rest. A worker whose nodes are not there within UP_TIMEOUT_S is
+        not waited for; a worker begins its rounds by itself if no ``begin``
+        comes (murmur.testnet.worker.HOLD_ROUNDS_MAX_S)."""
+        started = time.monotonic()
+        up = await asyncio.gather(*(self._await_up(proc) for proc in procs))
+        await asyncio.gather(*(self._begin(proc) for proc in procs), return_exceptions=True)
+        late = [proc.name for proc, ok in zip(procs, up, strict=True) if not ok]
+        self._say(f"nodes up and linked in {time.monotonic() - started:.1f} s; their rounds begin together"
+                  + (f" (not waiting for {', '.join(late)})" if late else ""))
+
+    async def _await_up(self, proc: WorkerProc) -> bool:
+        """Until ``proc``'s nodes are up and at the start gate (True), or it died or UP_TIMEOUT_S passed (False)."""
+        assert self._supervisor is not None
+        deadline = time.monotonic() + UP_TIMEOUT_S
+        while time.monotonic() < deadline and self._supervisor[proc.child].alive():
+            try:
+                reply = await send_control(proc.control, {"cmd": "up", "wait_s": UP_WAIT_S},
+                                           UP_WAIT_S + CONTROL_TIMEOUT_S)
+            except (OSError, asyncio.TimeoutError, json.JSONDecodeError):
+                await asyncio.sleep(self.options.poll_interval_s)
+                continue
+            if reply.get("up"):
+                return True
+        return False
+
+    async def _begin(self, proc: WorkerProc) -> None:
+        with contextlib.suppress(OSError, asyncio.TimeoutError, json.JSONDecodeError):
+            await send_control(proc.control, {"cmd": "begin"})
 
     def _fail(self, proc: WorkerProc) -> None:
         assert self._supervisor is not None
@@ -552,13 +589,14 @@ class Testnet:
                 pass
             await asyncio.sleep(self.options.poll_interval_s)  # polling for the socket to appear
 
-    async def _start_standby(self, proc: WorkerProc, child: Any) -> None:
-        """Send ``start`` once the standby serves its control socket; launch
-        cold if it died or never answered (and the schedule still wants it)."""
+    async def _start_standby(self, proc: WorkerProc, child: Any, *, hold_rounds: bool = False) -> None:
+        """Send ``start`` once the standby serves its control socket (with
+        ``hold_rounds``, its nodes' rounds wait for ``begin``); launch cold
+        if it died or never answered (and the schedule still wants it)."""
         deadline = time.monotonic() + STANDBY_START_TIMEOUT_S
         while child.alive() and time.monotonic() < deadline:
             try:
-                reply = await send_control(proc.control, {"cmd": "start"})
+                reply = await send_control(proc.control, {"cmd": "start", "hold_rounds": hold_rounds})
             except (OSError, asyncio.TimeoutError, json.JSONDecodeError):
                 await asyncio.sleep(self.options.poll_interval_s)  # polling for the socket to appear
                 continue

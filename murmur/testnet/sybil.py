@@ -47,6 +47,7 @@ from murmur.node.config import Attack, NodeConfig
 from murmur.node.daemon import Node
 from murmur.node.fronts import FrontMessage
 from murmur.node.learner import NodeLearner
+from murmur.node.startgate import StartGate
 from murmur.node.records import Statement, describe, observe, sign_statement
 from murmur.protocol.identity import Identity, PeerId
 from murmur.protocol.messages import HistoryRecord
@@ -219,13 +220,15 @@ class ShapedFronts:
 class SybilAttacker:
     """``async with SybilAttacker(configs, plan) as attacker:`` one identity per config."""
 
-    def __init__(self, configs: Sequence[NodeConfig], plan: AttackPlan = AttackPlan(), lead_rounds: int = 0) -> None:
+    def __init__(self, configs: Sequence[NodeConfig], plan: AttackPlan = AttackPlan(), lead_rounds: int = 0,
+                 *, start_gate: StartGate | None = None) -> None:
         if not configs:
             raise ValueError("a Sybil attacker needs at least one identity")
         if not 0 <= lead_rounds < configs[0].learning.rounds:
             raise ValueError("lead_rounds must be in [0, learning.rounds)")
         self.plan = plan
         self.lead_rounds = lead_rounds
+        self.start_gate = start_gate  # holds the learner's first round (None: not held)
         self._poisoned = configs[0].learning  # what the attacker trains on once awake
         self.configs = [self._front_config(cfg, asleep=plan.sleeping(0)) for cfg in configs]
         self.fronts: list[Node] = []
@@ -243,7 +246,7 @@ class SybilAttacker:
     async def __aenter__(self) -> SybilAttacker:
         try:
             for cfg in self.configs:
-                front = Node(cfg)
+                front = Node(cfg, start_gate=self.start_gate)
                 await front.start()
                 self.fronts.append(front)
             learner = self.learner = NodeLearner(self.fronts[0], fronts=self.fronts)

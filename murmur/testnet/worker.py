@@ -23,6 +23,9 @@ checkpoint, data) instead of ~10-30 s of interpreter imports on a loaded
 2-core box, during which a fast network would finish its remaining rounds.
 A standby process has not touched the node's state: what comes up on
 ``start`` is a fresh process reading its data dir, as after any restart.
+The first workers of a run are started with ``hold_rounds``: their nodes'
+first round waits behind a :class:`~murmur.node.startgate.StartGate` until
+the controller, once every worker answered ``up``, sends ``begin``.
 Without ``--standby`` the same imports happen before the first node listens,
 so a node never accepts connections while its loop is blocked importing.
 Partitions are applied at the application level (``Node.set_partition``): all
@@ -60,6 +63,7 @@ from murmur.node import preflight as node_preflight
 from murmur.node.config import NodeConfig, load_config_with_source
 from murmur.node.daemon import Node
 from murmur.node.logs import configure_logging
+from murmur.node.startgate import StartGate
 from murmur.protocol.identity import PeerId
 from murmur.testnet.procs import FATAL_PREFIX
 
@@ -79,11 +83,18 @@ class Command(enum.StrEnum):
     PARTITION = "partition"
     HEAL = "heal"
     PING = "ping"
-    START = "start"  # a --standby worker starts its nodes (replies at once)
+    START = "start"  # a --standby worker starts its nodes (replies at once); "hold_rounds": behind a start gate
+    UP = "up"  # replies once the nodes are up and their learners at the gate, or after "wait_s"
+    BEGIN = "begin"  # opens the start gate: the learners' rounds begin
     ROUNDS = "rounds"
 
 
-MAX_ROUNDS_WAIT_S = 30.0  # the longest a rounds request may ask to be held
+MAX_ROUNDS_WAIT_S = 30.0  # the longest a rounds or up request may ask to be held
+HOLD_ROUNDS_MAX_S = 60.0
+"""Rounds held at the start (``start`` with ``hold_rounds``,
+:mod:`murmur.node.startgate`) begin by themselves this long after the nodes
+are up, if no ``begin`` came: a controller that died or lost a worker must
+not leave the others idle."""
 
 
 class ControlError(MurmurError):
@@ -95,8 +106,11 @@ class Worker:
     """The nodes of this process (for an attacker: its identities)."""
 
     nodes: list[Node] = field(default_factory=list)
+    learners: int = 0  # the learners of its nodes (an attacker's identities share one)
     go: asyncio.Event = field(default_factory=asyncio.Event)  # start the nodes (standby ends)
+    gate: StartGate | None = None  # set by a start that holds the rounds; begin opens it
     ready: bool = False  # the nodes are up: partition commands can be applied
+    up_event: asyncio.Event = field(default_factory=asyncio.Event)  # set with ready (an up request waits on it)
     # Set (and replaced) whenever a node's round moves or the nodes come up:
     # a rounds request waits on the one it saw, so no move is missed.
     moved: asyncio.Event = field(default_factory=asyncio.Event)
@@ -107,6 +121,7 @@ class Worker:
     def bring_up(self, nodes: list[Node]) -> None:
         """The nodes are up: control commands apply to them, their rounds are reported."""
         self.nodes, self.ready = nodes, True
+        self.up_event.set()
         for node in nodes:
             if node.learner is not None:  # an attacker's identities share one learner (added once)
                 node.learner.add_round_listener(self._round_moved)
@@ -127,8 +142,37 @@ class Worker:
             # not ok: the controller keeps the partition pending and resends it
             raise ControlError("nodes not started yet")
 
-    async def start(self, _request: Mapping[str, Any]) -> dict[str, Any]:
+    async def start(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        if not self.go.is_set() and request.get("hold_rounds"):
+            self.gate = StartGate(self.learners)
         self.go.set()
+        return {"ok": True}
+
+    def _at_gate(self) -> bool:
+        return self.ready and (self.gate is None or self.gate.all_arrived.is_set())
+
+    async def up(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``{"ok": true, "up": bool}``: whether the nodes are up and their
+        learners at the start gate (linked to their neighbours, or done
+        waiting for them), once they are or after ``wait_s`` (at most
+        MAX_ROUNDS_WAIT_S)."""
+        wait_s = request.get("wait_s", 0.0)
+        if not isinstance(wait_s, (int, float)):
+            raise ControlError("up takes 'wait_s' (seconds)")
+
+        async def at_gate() -> None:
+            await self.up_event.wait()
+            if self.gate is not None:
+                await self.gate.all_arrived.wait()
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(at_gate(), min(max(0.0, float(wait_s)), MAX_ROUNDS_WAIT_S))
+        return {"ok": True, "up": self._at_gate()}
+
+    async def begin(self, _request: Mapping[str, Any]) -> dict[str, Any]:
+        """Open the start gate: the learners' rounds begin."""
+        if self.gate is not None:
+            self.gate.open()
         return {"ok": True}
 
     async def partition(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -205,7 +249,8 @@ class Worker:
 
     def handlers(self) -> dict[Command, Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]]:
         return {Command.PARTITION: self.partition, Command.HEAL: self.heal, Command.PING: self.ping,
-                Command.START: self.start, Command.ROUNDS: self.rounds}
+                Command.START: self.start, Command.UP: self.up, Command.BEGIN: self.begin,
+                Command.ROUNDS: self.rounds}
 
     async def handle(self, line: bytes) -> dict[str, Any]:
         try:
@@ -249,12 +294,14 @@ class Worker:
 
 
 @contextlib.asynccontextmanager
-async def _running(configs: Sequence[NodeConfig], attacker: AttackPlan | None) -> AsyncIterator[list[Node]]:
-    """Start the nodes (all or none) and stop them on exit, in reverse order."""
+async def _running(configs: Sequence[NodeConfig], attacker: AttackPlan | None,
+                   gate: StartGate | None) -> AsyncIterator[list[Node]]:
+    """Start the nodes (all or none), their first round behind ``gate``,
+    and stop them on exit, in reverse order."""
     if attacker is not None:
         from murmur.testnet.sybil import SybilAttacker
 
-        async with SybilAttacker(configs, attacker) as sybils:
+        async with SybilAttacker(configs, attacker, start_gate=gate) as sybils:
             yield list(sybils.fronts)
         return
     # All at once: each start builds its learner in a thread (seconds of CPU,
@@ -264,7 +311,7 @@ async def _running(configs: Sequence[NodeConfig], attacker: AttackPlan | None) -
     nodes: list[Node] = []
     try:
         for cfg in configs:
-            nodes.append(Node(cfg))
+            nodes.append(Node(cfg, start_gate=gate))
         started = await asyncio.gather(*(node.start() for node in nodes), return_exceptions=True)
         failed = [outcome for outcome in started if isinstance(outcome, BaseException)]
         if failed:
@@ -316,6 +363,13 @@ def preload(configs: Sequence[NodeConfig]) -> None:
         from murmur.node import privacy  # noqa: F401 - accountant, noise, cvxpy
 
 
+def _release_held_rounds(gate: StartGate | None) -> None:
+    if gate is not None and not gate.opened.is_set():
+        log.warning(f"no begin came {HOLD_ROUNDS_MAX_S:.0f} s after the nodes were up: their rounds begin now",
+                    extra={"event": "rounds_released"})
+        gate.open()
+
+
 async def _first(*events: asyncio.Event) -> None:
     waits = [asyncio.ensure_future(e.wait()) for e in events]
     try:
@@ -330,7 +384,7 @@ async def serve(configs: Sequence[NodeConfig], *, attacker: AttackPlan | None, c
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    worker = Worker()
+    worker = Worker(learners=1 if attacker is not None else sum(1 for cfg in configs if cfg.learning.enabled))
     if not standby:
         worker.go.set()
     server = await worker.serve_control(control) if control is not None else None
@@ -340,10 +394,15 @@ async def serve(configs: Sequence[NodeConfig], *, attacker: AttackPlan | None, c
             await _first(worker.go, stop)
             if stop.is_set():
                 return
-        async with _running(configs, attacker) as nodes:
+        async with _running(configs, attacker, worker.gate) as nodes:
             worker.bring_up(nodes)
-            log.info("worker ready", extra={"event": "worker_ready", "peers": [str(n.peer_id) for n in nodes]})
-            await stop.wait()
+            log.info("worker ready", extra={"event": "worker_ready", "peers": [str(n.peer_id) for n in nodes],
+                                            "rounds_held": worker.gate is not None})
+            release = loop.call_later(HOLD_ROUNDS_MAX_S, _release_held_rounds, worker.gate)
+            try:
+                await stop.wait()
+            finally:
+                release.cancel()
             worker.ready = False
     finally:
         if server is not None:
