@@ -295,7 +295,7 @@ class Worker:
 
 @contextlib.asynccontextmanager
 async def _running(configs: Sequence[NodeConfig], attacker: AttackPlan | None,
-                   gate: StartGate | None) -> AsyncIterator[list[Node]]:
+                   gate: StartGate | None = None) -> AsyncIterator[list[Node]]:
     """Start the nodes (all or none), their first round behind ``gate``,
     and stop them on exit, in reverse order."""
     if attacker is not None:
