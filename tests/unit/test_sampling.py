@@ -51,6 +51,7 @@ class Network:
             for i, p in enumerate(self.ids)
         }
         self.alive = set(self.ids)
+        self.cut: Callable[[PeerId, PeerId], bool] = lambda _p, _q: False  # a partition: True across it
         boot = self.nodes[self.ids[0]]
         for p in self.ids[1:]:
             assert self.nodes[p].add(boot.self_id, boot.self_addrs)
@@ -68,7 +69,7 @@ class Network:
             if started is None:
                 continue
             target, sent = started
-            if target.peer not in self.alive:
+            if target.peer not in self.alive or self.cut(p, target.peer):
                 node.on_failure(target.peer)  # dial/timeout failed
                 continue
             reply = self.nodes[target.peer].on_shuffle_request(p, wire(sent, self.config))
@@ -79,7 +80,7 @@ class Network:
         for p in self.live():
             node = self.nodes[p]
             for q in node.neighbours(k):
-                if q not in self.alive:
+                if q not in self.alive or self.cut(p, q):
                     node.on_failure(q)
 
     def neighbour_graph(self, k: int) -> dict[PeerId, list[PeerId]]:
@@ -454,6 +455,44 @@ def test_bootstrap_hub_without_rotation_and_its_dissolution_with_rotation():
     print(f"max neighbour in-degree after 60 rounds: sticky={sticky} rotating={rotating}")
     assert sticky >= 40  # everyone kept the bootstrap node
     assert rotating <= 3 * k
+
+
+def test_a_healed_partition_links_across_again_only_with_rotation():
+    """During a partition each side's nodes replace the neighbours across it
+    with peers of their own side; once it heals (a peer across is heard of
+    again, as a reconnect to a bootstrap peer brings it), neighbours kept
+    while alive never cross again, and the two sides learn apart for good
+    (the daemon's policy: README known limits). Rotating the longest-held
+    neighbour every few shuffles links them again here, where the swap draws
+    from a view the heal refilled; in a testnet it linked the sides again in
+    one run of three (a swap fills from recent contacts first, the own side's)."""
+    k = SMALL.neighbours
+
+    def crossing_after_heal(config: SamplerConfig) -> int:
+        net = Network(16, config)
+        side = {p: i % 2 for i, p in enumerate(net.ids)}
+        for _ in range(20):
+            net.ping_neighbours(k)
+            net.shuffle_round()
+        net.cut = lambda p, q: side[p] != side[q]
+        for _ in range(20):
+            net.ping_neighbours(k)
+            net.shuffle_round()
+        graph = net.neighbour_graph(k)
+        assert all(side[q] == side[p] for p, qs in graph.items() for q in qs)  # each side on its own
+        net.cut = lambda _p, _q: False
+        net.clock.now += config.failed_memory_s  # the failures across are forgotten
+        a, b = net.ids[0], net.ids[1]  # one peer hears of one across
+        net.nodes[a].add(b, net.nodes[b].self_addrs)
+        for _ in range(40):
+            net.ping_neighbours(k)
+            net.shuffle_round()
+        return sum(side[q] != side[p] for p, qs in net.neighbour_graph(k).items() for q in qs)
+
+    assert crossing_after_heal(SMALL) == 0
+    rotating = crossing_after_heal(SamplerConfig(**{**SMALL.__dict__, "neighbour_rotation_rounds": 3}))
+    print(f"neighbour edges across the healed partition after 40 shuffles: rotating={rotating}")
+    assert rotating >= 4
 
 
 # -- invariants under arbitrary operation sequences ----------------------------
