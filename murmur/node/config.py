@@ -177,6 +177,7 @@ class NetworkSection:
     shuffle_length: int = 8
     shuffle_interval_s: float = 10.0
     subnet_bucket_size: int = 2
+    neighbour_rotation_shuffles: int = 0  # swap the longest-held neighbour every this many shuffles (0: never)
     allow_loopback: bool = False
     hole_punching: bool = True  # DCUtR: upgrade a relayed connection to a direct one (protocol/libp2p/dcutr.py)
 
@@ -189,6 +190,7 @@ class NetworkSection:
             shuffle_length=self.shuffle_length,
             neighbours=self.neighbours,
             max_per_subnet=self.subnet_bucket_size,
+            neighbour_rotation_rounds=self.neighbour_rotation_shuffles,
             allow_loopback_flood=self.allow_loopback,
         )
 
@@ -607,6 +609,7 @@ CONSTRAINTS: Mapping[str, Check] = types.MappingProxyType(
         "network.shuffle_length": at_least(1),
         "network.shuffle_interval_s": finite_positive,
         "network.subnet_bucket_size": at_least(1),
+        "network.neighbour_rotation_shuffles": at_least(0),
         "transport.max_frame": between(1024, 1 << 30),
         "transport.connect_timeout_s": finite_positive,
         "transport.handshake_timeout_s": finite_positive,

@@ -19,10 +19,12 @@ Two sets of peers live here, with different jobs:
   attacker sends records of age 0 for ids it made up, which the age order
   alone put first, so the slots that opened went to them, each lost again
   only after a failed dial (see tests/integration/test_hearsay_neighbours.py). Optionally (``neighbour_rotation_rounds > 0``) the longest-held
-  neighbour is swapped for a fresh one every that many shuffle rounds; this
-  is off by default and exists for networks started from one bootstrap peer,
-  where nodes that fill their neighbour set at once all pick the bootstrap
-  node and make it a hub (see the tests for measured in-degrees).
+  neighbour is swapped every that many shuffle rounds for a view entry drawn
+  uniformly; this is off by default. It dissolves the hub a network started
+  from one bootstrap peer makes of it (nodes that fill their neighbour set at
+  once all pick it; see the tests for measured in-degrees), and it is what
+  links the sides of a healed partition again: each side refilled its
+  neighbours on its own side, and kept while alive they never cross again.
 
 Cyclon (Voulgaris et al., 2005), as implemented:
 
@@ -286,13 +288,28 @@ class CyclonSampler:
         return added
 
     def _rotate_neighbour(self) -> None:
-        """Swap the longest-held neighbour for the freshest candidate, if any."""
+        """Swap the longest-held neighbour for a view entry drawn uniformly
+        (one that may be a neighbour, within the subnet limit), if any.
+
+        Uniformly from the view, not as a failed neighbour is replaced (our
+        latest contacts first): after a partition a node's latest contacts
+        are its own side, and a swap filled from them never linked across
+        once it healed (in a testnet, one run of three). Cyclon keeps the
+        view a near-uniform sample of the live network, and at most
+        ``max_per_source`` of its entries come from one shuffle partner; the
+        draw ignores ages, which a shuffle's sender makes up."""
         if not self._neighbours or len(self._neighbours) < self._target_k:
             return
         oldest = next(iter(self._neighbours))
-        desc = self._neighbours.pop(oldest)
-        if not self._fill_neighbours(exclude=frozenset({oldest})):
-            self._neighbours[oldest] = desc  # nobody to swap with: keep it
+        rest = [d for p, d in self._neighbours.items() if p != oldest]
+        candidates = [d for d in self._view.values()
+                      if d.peer not in self._neighbours and self._admissible(d.peer, d.addrs)
+                      and self._may_neighbour(d.peer) and self._subnet_ok(d, rest, replacing=None)]
+        if not candidates:
+            return  # nobody to swap with: keep it
+        fresh = self._rng.choice(sorted(candidates, key=lambda d: d.peer.raw))
+        del self._neighbours[oldest]
+        self._neighbours[fresh.peer] = fresh
 
     def drop_neighbour(self, peer: PeerId) -> list[PeerId]:
         """``peer`` may no longer be a neighbour (``may_neighbour`` says so

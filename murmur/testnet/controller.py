@@ -1055,8 +1055,9 @@ class Testnet:
         for proc in self.procs.values():
             proc.sync_partition = proc.wanted_up
         await self._sync_partitions()
-        self._say("  (each side keeps the learning neighbours it found during the partition: the sides may "
-                  "learn apart to the end, see the README's known limits)")
+        if self.scenario.topology.rotation_shuffles == 0:
+            self._say("  (each side keeps the learning neighbours it found during the partition: the sides may "
+                      "learn apart to the end; [topology] rotation_shuffles swaps neighbours, see the README)")
         return None
 
     async def _sync_partitions(self) -> None:

@@ -214,6 +214,9 @@ def _empty_map() -> Mapping[str, Any]:
 @dataclass(frozen=True)
 class Topology:
     degree: int = _checked(3, _at_least(1))  # neighbours per honest node
+    # every node swaps its longest-held neighbour every this many shuffles
+    # (network.neighbour_rotation_shuffles; 0: never): the sides of a healed partition link again
+    rotation_shuffles: int = _checked(0, _at_least(0))
 
 
 @dataclass(frozen=True)
@@ -1028,6 +1031,7 @@ def node_configs(scenario: Scenario, workdir: str | Path, base_port: int = 0,
                 # every node shares 127.0.0.0/24 (on the emulated internet: the nodes behind
                 # one router share its address): subnet limits would cap the view at a few peers
                 "subnet_bucket_size": total, "shuffle_interval_s": SHUFFLE_INTERVAL_S,
+                "neighbour_rotation_shuffles": scenario.topology.rotation_shuffles,
             },
             "transport": {"max_inbound_per_subnet": max(16, total)}
             | ({"connect_timeout_s": NETWORK_CONNECT_TIMEOUT_S} if plan is not None else {}),

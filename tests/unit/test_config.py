@@ -219,14 +219,19 @@ def test_error_lines_never_leak_python_reprs_of_types(tmp_path):
 
 def test_network_section_maps_onto_sampler_config():
     sampling = pytest.importorskip("murmur.protocol.sampling")
-    cfg = load_config(None, {"network.view_size": 12, "network.subnet_bucket_size": 3, "network.allow_loopback": True})
+    cfg = load_config(None, {"network.view_size": 12, "network.subnet_bucket_size": 3, "network.allow_loopback": True,
+                             "network.neighbour_rotation_shuffles": 5})
     sampler = cfg.network.sampler_config()
     assert isinstance(sampler, sampling.SamplerConfig)
     assert (sampler.view_size, sampler.max_per_subnet, sampler.allow_loopback_flood) == (12, 3, True)
+    assert sampler.neighbour_rotation_rounds == 5  # counted in shuffles, as the sampler counts its rounds
     defaults = sampling.SamplerConfig()
     ours = NodeConfig().network
-    assert (ours.view_size, ours.shuffle_length, ours.neighbours, ours.subnet_bucket_size) == (
-        defaults.view_size, defaults.shuffle_length, defaults.neighbours, defaults.max_per_subnet)
+    assert (ours.view_size, ours.shuffle_length, ours.neighbours, ours.subnet_bucket_size,
+            ours.neighbour_rotation_shuffles) == (defaults.view_size, defaults.shuffle_length, defaults.neighbours,
+                                                  defaults.max_per_subnet, defaults.neighbour_rotation_rounds)
+    with pytest.raises(ConfigError, match="neighbour_rotation_shuffles"):
+        load_config(None, {"network.neighbour_rotation_shuffles": -1})
 
 
 def test_learning_section_maps_onto_trainer_context_and_codec():

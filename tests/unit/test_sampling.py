@@ -463,9 +463,10 @@ def test_a_healed_partition_links_across_again_only_with_rotation():
     again, as a reconnect to a bootstrap peer brings it), neighbours kept
     while alive never cross again, and the two sides learn apart for good
     (the daemon's policy: README known limits). Rotating the longest-held
-    neighbour every few shuffles links them again here, where the swap draws
-    from a view the heal refilled; in a testnet it linked the sides again in
-    one run of three (a swap fills from recent contacts first, the own side's)."""
+    neighbour every few shuffles for a view entry drawn uniformly links them
+    again. (Filled as a failed neighbour is, from our latest contacts first,
+    the swap picked the own side again: in a testnet the sides linked again
+    in one run of three.)"""
     k = SMALL.neighbours
 
     def crossing_after_heal(config: SamplerConfig) -> int:
@@ -478,6 +479,9 @@ def test_a_healed_partition_links_across_again_only_with_rotation():
         for _ in range(20):
             net.ping_neighbours(k)
             net.shuffle_round()
+            for p in net.live():  # a node talks with its neighbours: they are its latest contacts
+                for q in net.nodes[p].neighbours(k):
+                    net.nodes[p].on_contact(q, net.nodes[q].self_addrs)
         graph = net.neighbour_graph(k)
         assert all(side[q] == side[p] for p, qs in graph.items() for q in qs)  # each side on its own
         net.cut = lambda _p, _q: False

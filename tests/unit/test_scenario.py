@@ -20,6 +20,7 @@ from murmur.testnet.scenario import (
     Reference,
     Role,
     RoundOf,
+    default_scenario_text,
     dump_toml,
     find_line,
     load_runnable_scenario,
@@ -473,3 +474,17 @@ def test_events_in_order_per_trigger_are_accepted() -> None:
         action = "heal"
     """))
     assert [ev.at_round for ev in sc.churn] == [8, 3, 3, None]
+
+
+def test_topology_rotation_reaches_every_nodes_sampler(tmp_path: Path) -> None:
+    """``[topology] rotation_shuffles`` is each node's network.neighbour_rotation_shuffles
+    (0 by default: neighbours kept while alive); a negative one is refused at its line."""
+    text = default_scenario_text().replace("[topology]\ndegree = 3", "[topology]\ndegree = 3\nrotation_shuffles = 4")
+    sc = parse_scenario(text)
+    assert sc.topology.rotation_shuffles == 4 and load_scenario(None).topology.rotation_shuffles == 0
+    for i, cfg in enumerate(node_configs(sc, tmp_path, base_port=45000)):
+        path = tmp_path / f"n{i}.toml"
+        path.write_text(dump_toml(cfg))
+        assert load_config(path).network.neighbour_rotation_shuffles == 4
+    with pytest.raises(ConfigError, match="rotation_shuffles"):
+        parse_scenario(text.replace("rotation_shuffles = 4", "rotation_shuffles = -1"))
