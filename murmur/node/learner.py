@@ -596,39 +596,36 @@ class NodeLearner:
         return self.privacy is not None and self.privacy.budget_exhausted()
 
     async def _rounds(self) -> None:
-        """The round loop (gossip learning's cycles), past the start gate if
-        there is one (:mod:`murmur.node.startgate`): linked to our neighbours
-        (or having waited ``learning.start_wait_s`` for them), we arrive, and
-        begin when every learner the gate holds has."""
+        """The round loop (gossip learning's cycles), once started.
+
+        Let the first links form before the first round, so that nodes
+        started together begin together (a link made later still joins the
+        open round, see on_linked, but a node that trains a round alone
+        meanwhile can get ahead of the others). A node restored mid-run does
+        not wait: its network is running, and it catches up with it (2 s of
+        waiting left a restarted node of a fast testnet to find the run
+        over). Behind a start gate (:mod:`murmur.node.startgate`) the node
+        arrives once linked (or done waiting), and begins when every learner
+        the gate holds has: once, not a second start wait after it."""
         gate = self.start_gate
-        if gate is not None and not gate.opened.is_set():
-            self._starting = True  # held at the start is no stall
-            if self.gossip is None and self.engine.round == 0:
-                wanted = self._wanted_neighbours()
-                await self._wait_for(lambda: len(self._neighbours()) >= wanted, self.cfg.start_wait_s)
+        first = self.gossip is None and self.engine.round == 0
+        self._starting = True  # waiting for neighbours, or held at the gate, is no stall
+        if first:
+            wanted = self._wanted_neighbours()
+            await self._wait_for(lambda: len(self._neighbours()) >= wanted, self.cfg.start_wait_s)
+        if gate is not None:
             await gate.passed()
-            self._starting = False
+        self._starting = False
         if self.gossip is not None:
             await self._run_gossip()
-        else:
-            await self._run()
-            await self._announce_finished()
+            return
+        if first:
+            self.stalls.rounds_begin()
+        await self._run()
+        await self._announce_finished()
 
     async def _run(self) -> None:
         deadline_s = self.cfg.round_deadline_s
-        # Let the first links form before the first round, so that nodes
-        # started together begin together (a link made later still joins the
-        # open round, see on_linked, but a node that trains a round alone
-        # meanwhile can get ahead of the others).
-        # A node restored mid-run does not wait: its network is running, and
-        # it catches up with it (2 s of waiting left a restarted node of a
-        # fast testnet to find the run over).
-        wanted = self._wanted_neighbours()
-        if self.engine.round == 0:
-            self._starting = True  # waiting for neighbours is no stall
-            await self._wait_for(lambda: len(self._neighbours()) >= wanted, self.cfg.start_wait_s)
-            self._starting = False
-            self.stalls.rounds_begin()
         mixing_until: int | None = None  # once the budget ran out early: the round the node stops at
         while self.cfg.runs_round(self.engine.round):  # learning.rounds = 0: until stopped
             if mixing_until is not None and self.engine.round >= mixing_until:

@@ -10,9 +10,11 @@ both learners arrived; ``begin`` opens it and both run.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from murmur.node.daemon import Node
+from murmur.node.startgate import StartGate
 from murmur.testnet.controller import send_control
 from murmur.testnet.worker import Worker
 from tests.integration.cluster import node_config, wait_until
@@ -76,3 +78,32 @@ async def test_a_worker_started_without_hold_has_no_gate(tmp_path: Path) -> None
     finally:
         server.close()
         await worker.close_clients()
+
+
+async def test_learners_short_of_neighbours_begin_at_once_when_the_gate_opens(tmp_path: Path) -> None:
+    """Two nodes that each want two neighbours (a network planned for three)
+    wait out their start wait before they arrive; once the gate opens they
+    begin at once. They waited it out a second time after the gate, and
+    began that much later than the learners that had their neighbours."""
+    start_wait_s = 6.0
+    overrides = {**LEARNING, "learning.num_nodes": 3, "network.neighbours": 2,
+                 "learning.start_wait_s": start_wait_s}
+    gate = StartGate(2)
+    nodes: list[Node] = []
+    try:
+        first = Node(node_config(tmp_path / "first", overrides=overrides), start_gate=gate)
+        await first.start()
+        nodes.append(first)
+        second = Node(node_config(tmp_path / "second", bootstrap=(first.addrs[0],), overrides=overrides),
+                      start_gate=gate)
+        await second.start()
+        nodes.append(second)
+        await wait_until(lambda: gate.all_arrived.is_set(), 3 * start_wait_s, "both learners at the gate")
+        opened = time.monotonic()
+        gate.open()
+        await wait_until(lambda: all(n.learner is not None and n.learner.round >= 1 for n in nodes),
+                         3 * start_wait_s, "a round after the gate opened")
+        assert time.monotonic() - opened < start_wait_s / 2, "the start wait ran again after the gate"
+    finally:
+        for node in reversed(nodes):
+            await node.stop()
